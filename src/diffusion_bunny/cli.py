@@ -1,0 +1,104 @@
+"""The ``bunny`` command line.
+
+Exit status 0 on success, 2 on a user error (bad path, bad input file, bad config) with one
+clear line on standard error and no traceback, 1 only for a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from diffusion_bunny.errors import UserError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bunny",
+        description="Turn a movie into a character-labelled, captioned training set.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the stages headless on a movie or a folder of movies")
+    run.add_argument("target", help="a movie file, or a folder whose video files are all processed")
+    run.add_argument("--out", help="run folder (one movie) or parent of the run folders (a folder)")
+    run.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting (repeatable), e.g. --set extraction.threshold=30",
+    )
+    run.add_argument("--stages", help="comma-separated stage names (default: all), e.g. extract")
+    run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", help="build the built-in demo movie once and run every stage on it")
+    demo.add_argument("--out", help="run folder (default data/output/demo)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    demo.add_argument("--force", action="store_true", help="rebuild the movie and rerun every stage")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from diffusion_bunny.runner import overrides_from_args, run_target
+
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    reports = run_target(
+        args.target,
+        config_path=config_path,
+        overrides=overrides_from_args(args.overrides),
+        stages=args.stages,
+        out=args.out,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    failed = [r for r in reports if r.error]
+    for r in reports:
+        if not r.error:
+            print(f"{r.movie.name}: {r.run_dir}")
+    if failed:
+        print(
+            f"error: {len(failed)} of {len(reports)} movies failed (see the messages above)", file=sys.stderr
+        )
+        return 2
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from diffusion_bunny.demo_run import run_demo
+    from diffusion_bunny.runner import overrides_from_args
+
+    summary = run_demo(
+        out=Path(args.out) if args.out else None,
+        overrides=overrides_from_args(args.overrides),
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bunny`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_demo(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

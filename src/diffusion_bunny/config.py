@@ -1,0 +1,252 @@
+"""Layered, validated configuration.
+
+Layers, later wins: the defaults below (mirrored, with comments, in ``config/main.yaml``), then
+``config/main.yaml`` itself, then ``config/local_*.yaml`` (git-ignored, written by widgets), then an
+explicit ``--config FILE``, then ``--set section.key=value`` overrides (papermill passes the same
+overrides dict). Secrets never live here: they come from the environment or ``.env``.
+
+The merged dict is validated into frozen pydantic models with ``extra="forbid"`` so that a typo
+is an error that names the key instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffusion_bunny.errors import ConfigError
+
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".m4v",
+    ".mkv",
+    ".mov",
+    ".avi",
+    ".webm",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".wmv",
+    ".flv",
+)
+
+# Each PySceneDetect detector measures something different, so each has its own default and range.
+DETECTOR_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    # name: (default, minimum, maximum)
+    "content": (27.0, 0.0, 255.0),
+    "adaptive": (3.0, 0.0, 255.0),
+    "threshold": (12.0, 0.0, 255.0),
+    "hash": (0.35, 0.0, 1.0),
+    "histogram": (0.20, 0.0, 1.0),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunConfig(_Section):
+    """Settings of a whole run, shared by every stage."""
+
+    output_dir: str = "data/output"
+    seed: int = Field(0, ge=0)
+    video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    kernel: str = "python3"
+
+
+class ExtractionConfig(_Section):
+    """Settings of stage 01 (decode, shot detection, keyframe choice)."""
+
+    method: Literal["shots", "interval", "keyframe"] = "shots"
+    detector: Literal["content", "adaptive", "threshold", "hash", "histogram"] = "content"
+    threshold: float | None = None
+    min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)
+    analysis_width: int = Field(256, ge=32, le=1920)
+    motion_threshold: float = Field(1.5, ge=0.0, le=255.0)
+    keyframe_window_seconds: float = Field(0.5, gt=0.0, le=30.0)
+    interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _threshold_in_detector_range(self) -> ExtractionConfig:
+        if self.threshold is not None:
+            _, low, high = DETECTOR_THRESHOLDS[self.detector]
+            if not low <= self.threshold <= high:
+                raise ValueError(
+                    f"threshold {self.threshold} is out of range for detector "
+                    f"'{self.detector}': allowed {low} to {high}, or null for the default "
+                    f"({DETECTOR_THRESHOLDS[self.detector][0]})"
+                )
+        return self
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold in force: the configured one, or the detector's own default."""
+        if self.threshold is None:
+            return DETECTOR_THRESHOLDS[self.detector][0]
+        return self.threshold
+
+
+class Config(_Section):
+    """The whole validated configuration."""
+
+    run: RunConfig = RunConfig()
+    extraction: ExtractionConfig = ExtractionConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections, so a stage reruns only when its own settings move."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sorted(sections)}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from (editable install), else the nearest parent of the
+    working directory that holds ``config/main.yaml``; None when neither exists."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "config" / "main.yaml").is_file():
+        return here
+    for parent in [Path.cwd(), *Path.cwd().parents]:
+        if (parent / "config" / "main.yaml").is_file():
+            return parent
+    return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is read as YAML so numbers, booleans, null and
+    lists keep their types (``--set extraction.threshold=30``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or "." not in key or not all(key.split(".")):
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """Turn ``{"extraction.threshold": 30}`` or ``["extraction.threshold=30"]`` into nested dicts."""
+    if not overrides:
+        return {}
+    pairs = (
+        [parse_override(item) for item in overrides]
+        if isinstance(overrides, list | tuple)
+        else list(overrides.items())
+    )
+    tree: dict[str, Any] = {}
+    for dotted, value in pairs:
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}' conflicts with another override")
+        node[leaf] = value
+    return tree
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _format_validation_error(exc: ValidationError, merged: dict[str, Any]) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in loc) or "config"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Config, loc)
+        return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, dict):
+        return f"config error: {key}: {msg}"
+    return f"config error: {key} = {value!r}: {msg}"
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    """Validate a merged dict, raising :class:`ConfigError` with one line naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping of sections")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, data)) from None
+
+
+def load_config(
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    root: Path | None = None,
+    use_local: bool = True,
+) -> Config:
+    """Load every layer and validate. ``root`` defaults to :func:`project_root`."""
+    from dotenv import load_dotenv
+
+    root = root if root is not None else project_root()
+    merged: dict[str, Any] = {}
+    if root is not None:
+        main = root / "config" / "main.yaml"
+        if main.is_file():
+            merged = _deep_merge(merged, _read_yaml(main))
+        if use_local:
+            for local in sorted((root / "config").glob("local_*.yaml")):
+                merged = _deep_merge(merged, _read_yaml(local))
+        # Secrets for later stages (API keys) come from .env into the environment, never into
+        # the config object, so they cannot leak into manifests or notebooks.
+        load_dotenv(root / ".env", override=False)
+    if config_path:
+        merged = _deep_merge(merged, _read_yaml(Path(config_path)))
+    merged = _deep_merge(merged, overrides_to_tree(overrides))
+    return validate_config(merged)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, for the run folder (it holds no secrets by construction)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,65 @@
+"""``bunny demo``: build the demo movie once, run every stage on it, and compare with its
+ground truth, so a new user sees in one command what the workspace does and how well."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.config import project_root
+from diffusion_bunny.demo import DemoMovie, build_demo_movie
+from diffusion_bunny.metrics import match_boundaries
+from diffusion_bunny.run import Run
+
+
+def demo_dir() -> Path:
+    """Where the demo movie is built: ``data/demo`` of the checkout (or of the working folder)."""
+    root = project_root()
+    return (root if root is not None else Path.cwd()) / "data" / "demo"
+
+
+def demo_movie(*, force: bool = False, progress: bool = True) -> DemoMovie:
+    """The demo movie, built on first use."""
+    return build_demo_movie(demo_dir(), force=force, progress=progress)
+
+
+def summarize(run: Run, truth: dict[str, Any]) -> str:
+    """Lines comparing the run's tables with the demo's ground truth."""
+    lines = [f"demo run folder: {run.run_dir}"]
+    if run.has_table("shots"):
+        shots = run.read_table("shots")
+        found = shots["start_frame"].to_list()[1:]
+        score = match_boundaries(found, truth["cuts"], tolerance=1)
+        kinds = {s["shot_id"]: s["kind"] for s in truth["shots"]}
+        agree = sum(
+            1
+            for row in shots.iter_rows(named=True)
+            if any(
+                t["start_frame"] == row["start_frame"] and kinds[t["shot_id"]] == row["kind"]
+                for t in truth["shots"]
+            )
+        )
+        frames = run.read_table("frames")
+        lines.append(
+            f"extract: {shots.height} shots (ground truth {len(truth['shots'])}), cuts within 1 frame: "
+            f"precision {score.precision:.2f} recall {score.recall:.2f}; static/dynamic right for "
+            f"{agree} of {len(truth['shots'])} shots; {frames.height} frames kept"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    *,
+    out: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> str:
+    """Build the demo movie (once) and run every stage on it; returns a summary."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.runner import _default_output, run_target
+
+    demo = demo_movie(force=force, progress=progress)
+    run_dir = out if out is not None else _default_output(load_config(None, overrides)) / "demo"
+    run_target(demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
+    return summarize(Run.open(run_dir), demo.ground_truth())

@@ -1,0 +1,48 @@
+"""Accuracy measures for shot boundaries, shared by tests, the demo summary and the
+evaluation scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BoundaryScore:
+    """Precision, recall and F1 of detected shot boundaries against ground truth."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def match_boundaries(found: Sequence[int], truth: Sequence[int], tolerance: int = 0) -> BoundaryScore:
+    """TRECVID-style greedy one-to-one matching: pairs are taken closest first, each detected and
+    each true boundary used at most once, and a pair counts if within ``tolerance`` frames."""
+    pairs = sorted(
+        (abs(f - t), i, j)
+        for i, f in enumerate(found)
+        for j, t in enumerate(truth)
+        if abs(f - t) <= tolerance
+    )
+    used_f: set[int] = set()
+    used_t: set[int] = set()
+    for _, i, j in pairs:
+        if i not in used_f and j not in used_t:
+            used_f.add(i)
+            used_t.add(j)
+    tp = len(used_f)
+    return BoundaryScore(tp=tp, fp=len(found) - tp, fn=len(truth) - tp)

@@ -1,0 +1,30 @@
+"""Small helpers that keep the stage notebooks thin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusion_bunny.config import Config
+from diffusion_bunny.run import Run, movie_id
+
+
+def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) -> Run:
+    """The run a notebook works on.
+
+    With a movie, its run folder is created if needed (``run_dir`` or
+    ``<run.output_dir>/<movie_id>``); with only ``run_dir``, the existing run is opened; with
+    neither, the built-in demo movie is built (once) and used, so a notebook opened in
+    JupyterLab works straight away.
+    """
+    from diffusion_bunny.runner import _default_output
+    from diffusion_bunny.video import probe_video
+
+    if movie is None and run_dir is not None:
+        return Run.open(run_dir)
+    if movie is None:
+        from diffusion_bunny.demo_run import demo_movie
+
+        movie = demo_movie(progress=True).path
+        run_dir = run_dir or _default_output(cfg) / "demo"
+    probe_video(movie)
+    return Run.create(run_dir or _default_output(cfg) / movie_id(movie), movie)

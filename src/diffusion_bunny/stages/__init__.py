@@ -1,0 +1,147 @@
+"""The stage registry and the one function that runs a stage with skip-on-rerun.
+
+Each stage declares the config sections it depends on, the tables it writes and how to
+fingerprint its inputs; :func:`run_stage` then decides whether to skip, computes, writes the
+tables atomically and records the manifest. Notebooks, ``bunny run`` and tests all call the same
+function, so a stage behaves the same with or without papermill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from diffusion_bunny.config import Config
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.run import Run, StageState, build_manifest, manifest_state
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage's compute function returns."""
+
+    tables: dict[str, pl.DataFrame]
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage: its name, number, notebook and dependencies."""
+
+    name: str
+    number: int
+    notebook: str
+    version: int
+    sections: tuple[str, ...]
+    outputs: tuple[str, ...]
+    inputs: Callable[[Run], dict[str, Any]]
+    compute: Callable[[Run, Config, bool], StageOutput]
+
+
+def _extract_inputs(run: Run) -> dict[str, Any]:
+    from diffusion_bunny.run import file_fingerprint
+
+    movie = run.movie
+    if not movie.is_file():
+        raise StageError(f"the movie of this run is gone: {movie}; put it back or rerun on its new path")
+    return {"movie": file_fingerprint(movie)}
+
+
+def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.extract import extract_frames
+
+    result = extract_frames(
+        run.movie, cfg.extraction, run.run_dir, movie_key=run.movie_key, progress=progress
+    )
+    counts = {
+        "shots": result.shots.height,
+        "frames": result.frames.height,
+        "static_shots": int((result.shots["kind"] == "static").sum()),
+        "dynamic_shots": int((result.shots["kind"] == "dynamic").sum()),
+        "decoded_frames": result.info["decoded_frames"],
+    }
+    return StageOutput(
+        tables={"shots": result.shots, "frames": result.frames, "keyframe_candidates": result.candidates},
+        counts=counts,
+        warnings=result.warnings,
+        facts=result.info,
+    )
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            name="extract",
+            number=1,
+            notebook="01_extract_frames.ipynb",
+            version=1,
+            sections=("extraction",),
+            outputs=("shots", "frames", "keyframe_candidates"),
+            inputs=_extract_inputs,
+            compute=_extract_compute,
+        ),
+    )
+}
+
+
+def stage_names() -> list[str]:
+    """Stage names in pipeline order."""
+    return [s.name for s in sorted(STAGES.values(), key=lambda s: s.number)]
+
+
+def get_stage(name: str) -> StageSpec:
+    """The spec of ``name``; an unknown name is a user error that lists the known ones."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise StageError(f"unknown stage '{name}' (available: {', '.join(stage_names())})") from None
+
+
+def stage_state(run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
+    """``done``/``stale``/``missing`` for one stage of a run, with the reason."""
+    spec = get_stage(name)
+    return manifest_state(
+        run, name, spec.version, cfg.section_hash(*spec.sections), spec.inputs(run), spec.outputs
+    )
+
+
+def run_stage(
+    run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
+) -> dict[str, pl.DataFrame]:
+    """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
+    spec = get_stage(name)
+    inputs = spec.inputs(run)
+    config_hash = cfg.section_hash(*spec.sections)
+    state, _ = manifest_state(run, name, spec.version, config_hash, inputs, spec.outputs)
+    if state == "done" and not force:
+        return {table: run.read_table(table) for table in spec.outputs}
+    started = datetime.now(UTC)
+    out = spec.compute(run, cfg, progress)
+    for table, df in out.tables.items():
+        run.write_table(table, df)
+    manifest = build_manifest(
+        name,
+        spec.version,
+        config_hash,
+        {section: getattr(cfg, section).model_dump(mode="json") for section in spec.sections},
+        inputs,
+        out.tables,
+        out.counts,
+        seed=cfg.run.seed,
+        started=started,
+        warnings=out.warnings,
+        facts=out.facts,
+    )
+    run.write_manifest(name, manifest)
+    for warning in out.warnings:
+        import warnings
+
+        warnings.warn(warning, stacklevel=2)
+    return out.tables

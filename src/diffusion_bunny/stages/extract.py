@@ -1,0 +1,479 @@
+"""Stage 01 ``extract``: one decode pass gives shots, per-shot motion and well-chosen frames.
+
+Everything happens in a single streaming pass with bounded memory:
+
+* the analysis copy of each frame (see :mod:`diffusion_bunny.video`) feeds a PySceneDetect
+  detector, a motion measure (mean absolute difference of a tiny grayscale copy) and a cheap
+  sharpness measure (variance of the Laplacian) used only to pick the best frame of a window;
+* frames pass through a short delay line as long as the detector's own look-behind, so a cut the
+  detector reports late still splits the shots at the right frame;
+* each open shot keeps only a handful of candidate frames (best of its start window, best per
+  bucket for its middle, a sliding best for its end); when the shot closes its candidates are
+  saved as small thumbnails and the ones chosen for the current motion threshold as full JPEGs.
+
+Scores are computed once and the threshold is applied separately (:func:`classify_shots`,
+:func:`select_keyframes`), so notebook 01's slider can re-classify shots without decoding again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from diffusion_bunny.config import ExtractionConfig
+from diffusion_bunny.video import Decoded, VideoReader, frame_to_rgb, rotate_image
+
+# Buckets kept for a shot's middle frame: the middle is only known once the shot ends, so the
+# shot is covered by at most this many buckets (each holding its sharpest frame) that merge
+# pairwise as the shot grows. 32 full frames bound the memory (about 45 MB at 720p) whatever
+# the shot length, and place the middle within 1/64 of the shot's length.
+MIDDLE_BUCKETS = 32
+
+SHOTS_SCHEMA = {
+    "shot_id": pl.Int64,
+    "start_frame": pl.Int64,
+    "end_frame": pl.Int64,
+    "start_s": pl.Float64,
+    "end_s": pl.Float64,
+    "n_frames": pl.Int64,
+    "motion": pl.Float64,
+    "kind": pl.Utf8,
+}
+CANDIDATES_SCHEMA = {
+    "shot_id": pl.Int64,
+    "role": pl.Utf8,
+    "frame_index": pl.Int64,
+    "timestamp_s": pl.Float64,
+    "analysis_sharpness": pl.Float64,
+    "thumb_path": pl.Utf8,
+}
+FRAMES_SCHEMA = {
+    "frame_id": pl.Utf8,
+    "frame_index": pl.Int64,
+    "timestamp_s": pl.Float64,
+    "shot_id": pl.Int64,
+    "path": pl.Utf8,
+    "width": pl.Int64,
+    "height": pl.Int64,
+    "role": pl.Utf8,
+}
+
+
+@dataclass
+class _Cand:
+    index: int
+    time_s: float
+    sharp: float
+    frame: Any  # av.VideoFrame, held only while it may still be chosen
+    small: np.ndarray
+
+
+@dataclass
+class _Shot:
+    shot_id: int
+    start: int
+    start_s: float
+    window: int
+    last: int = -1
+    last_s: float = 0.0
+    motion_sum: float = 0.0
+    motion_n: int = 0
+    start_best: _Cand | None = None
+    end_window: deque[_Cand] = field(default_factory=deque)
+    buckets: list[_Cand] = field(default_factory=list)
+    bucket_size: int = 1
+
+    def add(self, cand: _Cand, diff: float | None) -> None:
+        self.last, self.last_s = cand.index, cand.time_s
+        if diff is not None and cand.index != self.start:
+            self.motion_sum += diff
+            self.motion_n += 1
+        if cand.index < self.start + self.window and (
+            self.start_best is None or cand.sharp > self.start_best.sharp
+        ):
+            self.start_best = cand
+        # Sliding maximum of sharpness over the last `window` frames (monotonic deque).
+        end = self.end_window
+        while end and end[-1].sharp <= cand.sharp:
+            end.pop()
+        end.append(cand)
+        while end[0].index <= cand.index - self.window:
+            end.popleft()
+        # Middle buckets: one best frame per `bucket_size` frames of the shot.
+        slot = (cand.index - self.start) // self.bucket_size
+        if slot < len(self.buckets):
+            if cand.sharp > self.buckets[-1].sharp:
+                self.buckets[-1] = cand
+        else:
+            self.buckets.append(cand)
+            if len(self.buckets) > MIDDLE_BUCKETS:
+                merged = [
+                    max(self.buckets[i : i + 2], key=lambda c: c.sharp)
+                    for i in range(0, len(self.buckets), 2)
+                ]
+                self.buckets = merged
+                self.bucket_size *= 2
+
+    @property
+    def motion(self) -> float:
+        return self.motion_sum / self.motion_n if self.motion_n else 0.0
+
+    def candidates(self) -> dict[str, _Cand]:
+        """The start, middle and end candidates of the closed shot."""
+        mid = (self.start + self.last) / 2.0
+        half = max(self.window / 2.0, self.bucket_size / 2.0)
+        near = [c for c in self.buckets if abs(c.index - mid) <= half]
+        if near:
+            # Sharpest first; among equals (a truly still shot) the one closest to the middle.
+            middle = max(near, key=lambda c: (c.sharp, -abs(c.index - mid)))
+        else:
+            middle = min(self.buckets, key=lambda c: abs(c.index - mid))
+        out = {"middle": middle}
+        if self.start_best is not None:
+            out["start"] = self.start_best
+        out["end"] = self.end_window[0]
+        return out
+
+
+def make_detector(cfg: ExtractionConfig, fps: float) -> Any:
+    """The configured PySceneDetect detector, with the minimum shot length in frames."""
+    from scenedetect.detectors import (
+        AdaptiveDetector,
+        ContentDetector,
+        HashDetector,
+        HistogramDetector,
+        ThresholdDetector,
+    )
+
+    min_len = max(1, round(cfg.min_shot_seconds * fps))
+    thr = cfg.effective_threshold
+    if cfg.detector == "content":
+        return ContentDetector(threshold=thr, min_scene_len=min_len)
+    if cfg.detector == "adaptive":
+        return AdaptiveDetector(adaptive_threshold=thr, min_scene_len=min_len)
+    if cfg.detector == "threshold":
+        return ThresholdDetector(threshold=thr, min_scene_len=min_len)
+    if cfg.detector == "hash":
+        return HashDetector(threshold=thr, min_scene_len=min_len)
+    return HistogramDetector(threshold=thr, min_scene_len=min_len)
+
+
+def classify_shots(shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame:
+    """Set ``kind``: shots whose motion is under the threshold are static, the others dynamic."""
+    kind = pl.when(pl.col("motion") < motion_threshold).then(pl.lit("static"))
+    return shots.with_columns(kind.otherwise(pl.lit("dynamic")).alias("kind"))
+
+
+def select_keyframes(candidates: pl.DataFrame, shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame:
+    """The candidates to keep: a static shot keeps its middle frame, a dynamic one start, middle
+    and end (one frame kept once if windows overlap). Interval and codec-keyframe candidates are
+    all kept. Pure over the tables, so a slider can call it on every move."""
+    kinds = classify_shots(shots, motion_threshold).select("shot_id", "kind")
+    joined = candidates.join(kinds, on="shot_id", how="left")
+    keep = pl.col("role").is_in(["interval", "keyframe", "middle"]) | (
+        (pl.col("kind") == "dynamic") & pl.col("role").is_in(["start", "end"])
+    )
+    return (
+        joined.filter(keep)
+        .unique(subset=["frame_index"], keep="first", maintain_order=True)
+        .sort("frame_index")
+    )
+
+
+def _sharpness(gray: np.ndarray) -> float:
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+
+
+@dataclass
+class ExtractResult:
+    """Tables and facts produced by :func:`extract_frames`."""
+
+    shots: pl.DataFrame
+    frames: pl.DataFrame
+    candidates: pl.DataFrame
+    info: dict[str, Any]
+    warnings: list[str]
+
+
+class _Writer:
+    """Encodes kept frames to JPEG on a small thread pool: OpenCV releases the GIL while it
+    encodes, so the decode loop keeps going."""
+
+    def __init__(self, quality: int):
+        self.params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
+        self.pending: deque[Future[None]] = deque()
+
+    def _write(self, path: Path, bgr: np.ndarray) -> None:
+        ok, buf = cv2.imencode(".jpg", bgr, self.params)
+        if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
+            raise RuntimeError(f"JPEG encoding failed for {path}")
+        path.write_bytes(buf.tobytes())
+
+    def submit(self, path: Path, make_bgr: Callable[[], np.ndarray]) -> None:
+        while len(self.pending) > 16:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(lambda: self._write(path, make_bgr())))
+
+    def close(self) -> None:
+        try:
+            for fut in self.pending:
+                fut.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def frame_id_for(movie_key: str, index: int) -> str:
+    """Frame ids carry the movie key so they stay unique when runs are combined into a library."""
+    return f"{movie_key}_{index:07d}"
+
+
+def extract_frames(
+    movie: str | Path,
+    cfg: ExtractionConfig,
+    run_dir: str | Path,
+    *,
+    movie_key: str | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Decode ``movie`` once and write ``frames/`` and ``thumbs/`` under ``run_dir``.
+
+    The images are first written to staging folders that replace the old ones only when the
+    pass completes, so a failure leaves the previous results as they were.
+    """
+    run_dir = Path(run_dir)
+    reader = VideoReader(movie, cfg.analysis_width, keyframes_only=cfg.method == "keyframe")
+    info = reader.info
+    fps = info.fps
+    if movie_key is None:
+        movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
+    window = max(1, round(cfg.keyframe_window_seconds * fps))
+    detector = make_detector(cfg, fps)
+    from scenedetect.common import FrameTimecode
+
+    delay = max(1, int(detector.event_buffer_length) + 1)
+    stage_frames = run_dir / f".frames.tmp{os.getpid()}"
+    stage_thumbs = run_dir / f".thumbs.tmp{os.getpid()}"
+    for d in (stage_frames, stage_thumbs):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    writer = _Writer(cfg.jpeg_quality)
+    out_w, out_h = info.display_size
+
+    shots: list[dict[str, Any]] = []
+    cand_rows: list[dict[str, Any]] = []
+    frame_rows: list[dict[str, Any]] = []
+    pending_cuts: list[int] = []
+    line: deque[tuple[Decoded, float, float | None]] = deque()
+    current: _Shot | None = None
+    interval_next = 0.0
+    interval_window = min(cfg.keyframe_window_seconds, cfg.interval_seconds)
+    interval_best: _Cand | None = None
+    prev_tiny: np.ndarray | None = None
+
+    def save_full(c: _Cand, shot_id: int, role: str) -> None:
+        fid = frame_id_for(movie_key, c.index)
+        rel = f"frames/{fid}.jpg"
+        frame = c.frame
+        writer.submit(
+            stage_frames / f"{fid}.jpg",
+            lambda: cv2.cvtColor(frame_to_rgb(frame, info.rotation), cv2.COLOR_RGB2BGR),
+        )
+        frame_rows.append(
+            {
+                "frame_id": fid,
+                "frame_index": c.index,
+                "timestamp_s": c.time_s,
+                "shot_id": shot_id,
+                "path": rel,
+                "width": out_w,
+                "height": out_h,
+                "role": role,
+            }
+        )
+
+    def save_candidate(c: _Cand, shot_id: int, role: str) -> None:
+        name = f"{frame_id_for(movie_key, c.index)}.jpg"
+        small = c.small
+        writer.submit(stage_thumbs / name, lambda: rotate_image(small, info.rotation))
+        cand_rows.append(
+            {
+                "shot_id": shot_id,
+                "role": role,
+                "frame_index": c.index,
+                "timestamp_s": c.time_s,
+                "analysis_sharpness": c.sharp,
+                "thumb_path": f"thumbs/{name}",
+            }
+        )
+
+    def close_shot(shot: _Shot, end_index: int, end_s: float) -> None:
+        motion = shot.motion
+        kind = "static" if motion < cfg.motion_threshold else "dynamic"
+        shots.append(
+            {
+                "shot_id": shot.shot_id,
+                "start_frame": shot.start,
+                "end_frame": end_index,
+                "start_s": shot.start_s,
+                "end_s": end_s,
+                "n_frames": end_index - shot.start,
+                "motion": motion,
+                "kind": kind,
+            }
+        )
+        if cfg.method == "shots":
+            picks = shot.candidates()
+            saved: set[int] = set()
+            for role in ("start", "middle", "end"):
+                c = picks.get(role)
+                if c is None:
+                    continue
+                save_candidate(c, shot.shot_id, role)
+                wanted = role == "middle" or kind == "dynamic"
+                if wanted and c.index not in saved:
+                    saved.add(c.index)
+                    save_full(c, shot.shot_id, role)
+
+    def flush_interval() -> None:
+        nonlocal interval_best
+        if interval_best is not None and current is not None:
+            save_candidate(interval_best, current.shot_id, "interval")
+            save_full(interval_best, current.shot_id, "interval")
+            interval_best = None
+
+    def commit(d: Decoded, sharp: float, diff: float | None) -> None:
+        nonlocal current, interval_next, interval_best
+        while pending_cuts and pending_cuts[0] <= d.index:
+            cut = pending_cuts.pop(0)
+            if current is not None and cut > current.start:
+                flush_interval()
+                # The new shot starts at this frame; with keyframe-only decoding the reported
+                # cut may fall between two decoded frames, and shots must stay contiguous.
+                close_shot(current, d.index, d.time_s)
+                current = None
+        if current is None:
+            current = _Shot(len(shots), d.index, d.time_s, window)
+        cand = _Cand(d.index, d.time_s, sharp, d.frame, d.small_bgr)
+        current.add(cand, diff)
+        if cfg.method == "keyframe":
+            save_candidate(cand, current.shot_id, "keyframe")
+            save_full(cand, current.shot_id, "keyframe")
+        elif cfg.method == "interval":
+            # One frame per tick: the sharpest within the keyframe window after the tick.
+            if interval_best is not None and d.time_s >= interval_best.time_s + interval_window:
+                flush_interval()
+            if interval_best is None and d.time_s >= interval_next:
+                interval_best = cand
+                interval_next = (d.time_s // cfg.interval_seconds + 1) * cfg.interval_seconds
+            elif interval_best is not None and sharp > interval_best.sharp:
+                interval_best = cand
+
+    started = time.perf_counter()
+    bar = tqdm(
+        total=info.declared_frames,
+        unit="frame",
+        desc=f"extract {info.path.name}",
+        disable=not progress,
+        mininterval=0.5,
+    )
+    last_time = 0.0
+    last_index = -1
+    try:
+        tiny_size = None
+        for n, d in enumerate(reader.frames()):
+            gray = d.small_gray
+            if tiny_size is None:
+                tiny_size = (max(8, gray.shape[1] // 4), max(8, gray.shape[0] // 4))
+            tiny = cv2.resize(gray, tiny_size, interpolation=cv2.INTER_AREA)
+            diff = None if prev_tiny is None else float(cv2.norm(tiny, prev_tiny, cv2.NORM_L1)) / tiny.size
+            prev_tiny = tiny
+            cuts = detector.process_frame(FrameTimecode(d.index, fps=fps), d.small_bgr)
+            pending_cuts.extend(c.frame_num for c in cuts)
+            pending_cuts.sort()
+            line.append((d, _sharpness(gray), diff))
+            while len(line) > delay:
+                commit(*line.popleft())
+            last_time, last_index = d.time_s, d.index
+            if n % 32 == 31:
+                bar.update(32)
+        bar.update(reader.report.decoded % 32)
+        if last_index >= 0:
+            final = detector.post_process(FrameTimecode(last_index, fps=fps))
+            pending_cuts.extend(c.frame_num for c in final)
+            pending_cuts.sort()
+        while line:
+            commit(*line.popleft())
+        if current is not None:
+            flush_interval()
+            end_index = last_index + 1
+            close_shot(current, end_index, last_time + 1.0 / fps)
+        writer.close()
+    except BaseException:
+        writer.pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(stage_frames, ignore_errors=True)
+        shutil.rmtree(stage_thumbs, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+    if reader.report.decoded == 0:
+        shutil.rmtree(stage_frames, ignore_errors=True)
+        shutil.rmtree(stage_thumbs, ignore_errors=True)
+        from diffusion_bunny.errors import BadInputError
+
+        raise BadInputError(f"{info.path}: no frame could be decoded; the file is corrupt")
+
+    for final_dir, staged in ((run_dir / "frames", stage_frames), (run_dir / "thumbs", stage_thumbs)):
+        old = run_dir / f".{final_dir.name}.old{os.getpid()}"
+        if final_dir.exists():
+            final_dir.rename(old)
+        staged.rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    warnings = []
+    loss = reader.loss_message()
+    if loss:
+        warnings.append(loss)
+    elapsed = time.perf_counter() - started
+    facts = {
+        "movie": str(info.path),
+        "container": info.container,
+        "codec": info.codec,
+        "coded_width": info.width,
+        "coded_height": info.height,
+        "width": out_w,
+        "height": out_h,
+        "rotation": info.rotation,
+        "fps": fps,
+        "duration_s": info.duration_s,
+        "declared_frames": info.declared_frames,
+        "decoded_frames": reader.report.decoded,
+        "decoded_until_s": round(last_time, 3),
+        "analysis_step": reader.analysis_step,
+        "detector": cfg.detector,
+        "threshold": cfg.effective_threshold,
+        "method": cfg.method,
+        "seconds": round(elapsed, 3),
+        "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
+    }
+    return ExtractResult(
+        shots=pl.DataFrame(shots, schema=SHOTS_SCHEMA),
+        frames=pl.DataFrame(frame_rows, schema=FRAMES_SCHEMA).sort("frame_index"),
+        candidates=pl.DataFrame(cand_rows, schema=CANDIDATES_SCHEMA),
+        info=facts,
+        warnings=warnings,
+    )

@@ -1,0 +1,269 @@
+"""Probe and stream-decode a movie once, with memory independent of its length.
+
+PyAV (FFmpeg's libraries) decodes with frame threading, as fast as the ``ffmpeg`` command. The
+expensive part after decoding is colour conversion: turning every 720p frame into an RGB array
+costs more than decoding it. So the analysis copy of each frame is taken straight from the
+decoded YUV planes by integer-stride sampling (no conversion of the full frame), and only the
+frames that are kept are ever converted to full-size RGB (:func:`frame_to_rgb`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from diffusion_bunny.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+# 8-bit planar YUV layouts whose planes can be sampled directly; anything else (10-bit, RGB,
+# NV12 from some decoders) goes through libswscale at analysis size, slower but correct.
+_PLANAR_YUV = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the video stream, before decoding it."""
+
+    path: Path
+    container: str
+    codec: str
+    width: int
+    height: int
+    rotation: int
+    fps: float
+    duration_s: float | None
+    declared_frames: int | None
+    pix_fmt: str | None
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """Width and height after applying rotation metadata."""
+        if self.rotation % 180:
+            return self.height, self.width
+        return self.width, self.height
+
+
+def _fail(path: Path, what: str) -> BadInputError:
+    return BadInputError(f"{path}: {what}")
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Open ``path`` and describe its first video stream.
+
+    Every way a user can hand over a bad file ends here in one :class:`BadInputError` that says
+    what is wrong: missing path, directory, zero-byte file, not a media file, no video stream,
+    or a stream that does not yield a single frame.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such file; check the path")
+    if path.is_dir():
+        raise _fail(path, "is a folder, not a video file")
+    if path.stat().st_size == 0:
+        raise _fail(path, "the file is empty (0 bytes); it is not a video")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise _fail(
+            path,
+            f"not a video FFmpeg can read ({exc.strerror or exc}); the file may be corrupt, "
+            "truncated or of another type",
+        ) from None
+    with container:
+        if not container.streams.video:
+            raise _fail(path, "holds no video stream (audio only, or not a movie)")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        duration_s = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / av.time_base
+        rotation = 0
+        first_frame = None
+        try:
+            for frame in container.decode(stream):
+                first_frame = frame
+                break
+        except av.error.FFmpegError as exc:
+            raise _fail(path, f"the video stream cannot be decoded ({exc.strerror or exc})") from None
+        if first_frame is None:
+            raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
+        rotation = round(first_frame.rotation or 0) % 360
+        if not fps or not math.isfinite(fps):
+            fps = 25.0
+        return VideoInfo(
+            path=path,
+            container=container.format.name,
+            codec=ctx.name,
+            width=first_frame.width,
+            height=first_frame.height,
+            rotation=rotation,
+            fps=fps,
+            duration_s=duration_s,
+            declared_frames=stream.frames or None,
+            pix_fmt=first_frame.format.name,
+        )
+
+
+@dataclass
+class Decoded:
+    """One decoded frame: its place in the stream and its small analysis copies."""
+
+    index: int
+    time_s: float
+    frame: av.VideoFrame
+    small_bgr: np.ndarray
+    small_gray: np.ndarray
+    key: bool
+
+
+def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
+    plane = frame.planes[i]
+    buf = np.frombuffer(plane, np.uint8)
+    return buf.reshape(plane.height, plane.line_size)[:, : plane.width]
+
+
+def analysis_copy(frame: av.VideoFrame, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small BGR and grayscale copies of ``frame``, sampled every ``step`` pixels.
+
+    Stride sampling reads about 1/step^2 of the pixels, which is why it is nearly free next to
+    decoding; PySceneDetect's own downscaling is a nearest/linear resize by an integer factor
+    too, so its detectors see the same kind of image.
+    """
+    name = frame.format.name
+    if name in _PLANAR_YUV:
+        y = _plane(frame, 0)[::step, ::step]
+        h, w = y.shape
+        u_full, v_full = _plane(frame, 1), _plane(frame, 2)
+        cstep_y = max(1, round(step * u_full.shape[0] / frame.height))
+        cstep_x = max(1, round(step * u_full.shape[1] / frame.width))
+        u = u_full[::cstep_y, ::cstep_x][:h, :w]
+        v = v_full[::cstep_y, ::cstep_x][:h, :w]
+        if u.shape != y.shape:
+            u = cv2.resize(np.ascontiguousarray(u), (w, h), interpolation=cv2.INTER_NEAREST)
+            v = cv2.resize(np.ascontiguousarray(v), (w, h), interpolation=cv2.INTER_NEAREST)
+        gray = np.ascontiguousarray(y)
+        bgr = cv2.cvtColor(
+            cv2.merge([gray, np.ascontiguousarray(v), np.ascontiguousarray(u)]), cv2.COLOR_YCrCb2BGR
+        )
+        return bgr, gray
+    w = max(1, frame.width // step)
+    h = max(1, frame.height // step)
+    bgr = frame.reformat(width=w, height=h, format="bgr24").to_ndarray()
+    return bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+
+
+def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply display-matrix rotation the way players (and ``ffmpeg``'s autorotate) do.
+
+    FFmpeg reports the angle counter-clockwise; a frame tagged 90 must be turned 90 degrees
+    clockwise to display upright, which is ``np.rot90`` with k=-1.
+    """
+    k = (rotation // 90) % 4
+    if k == 0:
+        return img
+    return np.ascontiguousarray(np.rot90(img, k=k))
+
+
+def frame_to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+    """Full-size upright RGB array of a kept frame (the only full conversion we pay for)."""
+    return rotate_image(frame.to_ndarray(format="rgb24"), rotation)
+
+
+@dataclass
+class DecodeReport:
+    """How the decode went, filled in while :meth:`VideoReader.frames` runs."""
+
+    decoded: int = 0
+    last_time_s: float = 0.0
+    stopped_by_error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class VideoReader:
+    """Streams a movie once: yields :class:`Decoded` frames in presentation order.
+
+    Timestamps are presentation times (pts * time_base) relative to the stream start, so
+    variable-frame-rate footage keeps its real timing; ``index`` counts decoded frames. A stream
+    that breaks part-way (truncated or corrupt data) ends the iteration instead of raising; the
+    :attr:`report` says how much was decoded and :meth:`loss_message` how much was lost.
+    """
+
+    def __init__(self, path: str | Path, analysis_width: int = 256, keyframes_only: bool = False):
+        self.info = probe_video(path)
+        self.analysis_step = max(1, self.info.width // analysis_width)
+        self.keyframes_only = keyframes_only
+        self.report = DecodeReport()
+
+    def frames(self) -> Iterator[Decoded]:
+        """Decode the whole stream once."""
+        info = self.info
+        report = self.report
+        container = av.open(str(info.path), metadata_errors="ignore")
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if self.keyframes_only:
+                stream.codec_context.skip_frame = "NONKEY"
+            tb = float(stream.time_base) if stream.time_base else None
+            start = stream.start_time * tb if (stream.start_time is not None and tb) else None
+            index = 0
+            iterator = container.decode(stream)
+            while True:
+                try:
+                    frame = next(iterator)
+                except StopIteration:
+                    break
+                except av.error.FFmpegError as exc:
+                    report.stopped_by_error = str(exc.strerror or exc)
+                    break
+                t = frame.time
+                if t is None:
+                    t = index / info.fps
+                else:
+                    if start is None:
+                        start = t
+                    t = max(0.0, round(t - start, 6))
+                if self.keyframes_only:
+                    # Only keyframes come out of the decoder; their index in the full stream is
+                    # recovered from the presentation time.
+                    index = round(t * info.fps)
+                small_bgr, small_gray = analysis_copy(frame, self.analysis_step)
+                report.decoded += 1
+                report.last_time_s = t
+                yield Decoded(index, t, frame, small_bgr, small_gray, bool(frame.key_frame))
+                index += 1
+        finally:
+            container.close()
+
+    def loss_message(self) -> str | None:
+        """One sentence on how much of the movie could not be decoded, or None if nothing was."""
+        info, report = self.info, self.report
+        frame_s = 1.0 / info.fps
+        expected_s = info.duration_s
+        got_s = report.last_time_s + frame_s
+        lost_s = (expected_s - got_s) if expected_s else 0.0
+        if report.stopped_by_error is None and lost_s <= max(0.5, 3 * frame_s):
+            return None
+        if expected_s and lost_s > 0:
+            pct = 100.0 * lost_s / expected_s
+            msg = (
+                f"{info.path.name}: decoding stopped at {got_s:.1f} s of {expected_s:.1f} s; "
+                f"the last {lost_s:.1f} s ({pct:.0f}%) were lost"
+            )
+        else:
+            msg = f"{info.path.name}: decoding stopped early after {report.decoded} frames"
+        if report.stopped_by_error:
+            msg += f" (FFmpeg: {report.stopped_by_error})"
+        return msg + "; the file is truncated or corrupt, frames before that point were kept"

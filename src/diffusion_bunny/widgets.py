@@ -1,0 +1,124 @@
+"""Notebook widgets that move a threshold over scores already computed.
+
+The widget logic is a plain class whose state can be set from Python (``set_threshold``), so
+tests drive it exactly as a slider would, and a headless run can build it without a browser.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import polars as pl
+import yaml
+
+from diffusion_bunny.config import project_root
+from diffusion_bunny.run import Run, atomic_write_bytes
+from diffusion_bunny.stages.extract import classify_shots, select_keyframes
+
+
+def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
+    """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
+    a headless rerun reproduce what a person chose in a widget."""
+    root = root if root is not None else project_root()
+    if root is None:
+        root = Path.cwd()
+    path = root / "config" / f"local_{name}.yaml"
+    current: dict[str, Any] = {}
+    if path.is_file():
+        current = yaml.safe_load(path.read_text()) or {}
+    for section, values in settings.items():
+        current.setdefault(section, {}).update(values)
+    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
+    return path
+
+
+class MotionThresholdExplorer:
+    """Slider over the per-shot motion score: re-classifies shots and shows which keyframes each
+    would give, from the stored candidates and thumbnails, without decoding the movie again."""
+
+    def __init__(self, run: Run, threshold: float, *, max_shots: int = 30, config_root: Path | None = None):
+        self.run = run
+        self.shots = run.read_table("shots")
+        self.candidates = run.read_table("keyframe_candidates")
+        self.max_shots = max_shots
+        self.config_root = config_root
+        top = max(5.0, float(self.shots["motion"].max() or 0.0) * 1.1)
+        self.slider = widgets.FloatSlider(
+            value=threshold,
+            min=0.0,
+            max=round(top, 1),
+            step=0.05,
+            description="motion",
+            continuous_update=False,
+        )
+        self.counts = widgets.HTML()
+        self.plot_out = widgets.Output()
+        self.sheet_out = widgets.Output()
+        self.save_button = widgets.Button(description="use this threshold", icon="save")
+        self.saved = widgets.HTML()
+        self.slider.observe(lambda change: self._update(), names="value")
+        self.save_button.on_click(lambda _: self.save())
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.slider, self.save_button]),
+                self.counts,
+                self.saved,
+                self.plot_out,
+                self.sheet_out,
+            ]
+        )
+        self._update()
+
+    @property
+    def threshold(self) -> float:
+        return float(self.slider.value)
+
+    def set_threshold(self, value: float) -> None:
+        """Move the slider from Python (same path as a person dragging it)."""
+        self.slider.value = value
+
+    def classified(self) -> pl.DataFrame:
+        """Shots with ``kind`` under the current threshold."""
+        return classify_shots(self.shots, self.threshold)
+
+    def picks(self) -> pl.DataFrame:
+        """Keyframe candidates that the current threshold would keep."""
+        return select_keyframes(self.candidates, self.shots, self.threshold)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        shots = self.classified()
+        return {
+            "static": int((shots["kind"] == "static").sum()),
+            "dynamic": int((shots["kind"] == "dynamic").sum()),
+            "keyframes": self.picks().height,
+        }
+
+    def _update(self) -> None:
+        from diffusion_bunny.plots import contact_sheet, motion_plot
+
+        s = self.summary
+        self.counts.value = (
+            f"<b>{s['static']}</b> static shots, <b>{s['dynamic']}</b> dynamic shots, "
+            f"<b>{s['keyframes']}</b> keyframes"
+        )
+        with self.plot_out:
+            self.plot_out.clear_output(wait=True)
+            motion_plot(self.shots, self.threshold).draw(show=True)
+        with self.sheet_out:
+            import matplotlib.pyplot as plt
+
+            self.sheet_out.clear_output(wait=True)
+            fig = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
+            plt.show()
+            plt.close(fig)
+
+    def save(self) -> Path:
+        """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""
+        path = save_local_settings(
+            "extraction", {"extraction": {"motion_threshold": self.threshold}}, self.config_root
+        )
+        self.saved.value = f"saved to <code>{path}</code>; rerun stage 01 to extract with it"
+        return path
