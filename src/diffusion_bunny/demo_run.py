@@ -18,9 +18,9 @@ def demo_dir() -> Path:
     return (root if root is not None else Path.cwd()) / "data" / "demo"
 
 
-def demo_movie(*, force: bool = False, progress: bool = True) -> DemoMovie:
-    """The demo movie, built on first use."""
-    return build_demo_movie(demo_dir(), force=force, progress=progress)
+def demo_movie(*, force: bool = False, progress: bool = True, movie_dir: Path | None = None) -> DemoMovie:
+    """The demo movie, built on first use (in ``movie_dir``, default :func:`demo_dir`)."""
+    return build_demo_movie(movie_dir or demo_dir(), force=force, progress=progress)
 
 
 def summarize(run: Run, truth: dict[str, Any]) -> str:
@@ -54,12 +54,13 @@ def run_demo(
     overrides: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
+    movie_dir: Path | None = None,
 ) -> str:
-    """Build the demo movie (once) and run every stage on it; returns a summary."""
+    """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
     from diffusion_bunny.config import load_config
     from diffusion_bunny.runner import _default_output, run_target
 
-    demo = demo_movie(force=force, progress=progress)
+    demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
     run_dir = out if out is not None else _default_output(load_config(None, overrides)) / "demo"
     run_target(demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())

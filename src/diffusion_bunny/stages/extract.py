@@ -194,7 +194,10 @@ def select_keyframes(candidates: pl.DataFrame, shots: pl.DataFrame, motion_thres
 
 
 def _sharpness(gray: np.ndarray) -> float:
-    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+    """Variance of the Laplacian (16-bit Laplacian + OpenCV's meanStdDev: same value as
+    ``Laplacian(CV_32F).var()`` at a third of the cost, which matters once per decoded frame)."""
+    std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_16S))[1][0, 0]
+    return float(std * std)
 
 
 @dataclass
@@ -262,7 +265,11 @@ def extract_frames(
         movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
     window = max(1, round(cfg.keyframe_window_seconds * fps))
     detector = make_detector(cfg, fps)
+    from fractions import Fraction
+
     from scenedetect.common import FrameTimecode
+
+    rate = Fraction(fps).limit_denominator(100_000)
 
     delay = max(1, int(detector.event_buffer_length) + 1)
     stage_frames = run_dir / f".frames.tmp{os.getpid()}"
@@ -281,6 +288,7 @@ def extract_frames(
     current: _Shot | None = None
     interval_next = 0.0
     interval_window = min(cfg.keyframe_window_seconds, cfg.interval_seconds)
+    interval_window_end = 0.0
     interval_best: _Cand | None = None
     prev_tiny: np.ndarray | None = None
 
@@ -356,7 +364,7 @@ def extract_frames(
             interval_best = None
 
     def commit(d: Decoded, sharp: float, diff: float | None) -> None:
-        nonlocal current, interval_next, interval_best
+        nonlocal current, interval_next, interval_best, interval_window_end
         while pending_cuts and pending_cuts[0] <= d.index:
             cut = pending_cuts.pop(0)
             if current is not None and cut > current.start:
@@ -374,10 +382,11 @@ def extract_frames(
             save_full(cand, current.shot_id, "keyframe")
         elif cfg.method == "interval":
             # One frame per tick: the sharpest within the keyframe window after the tick.
-            if interval_best is not None and d.time_s >= interval_best.time_s + interval_window:
+            if interval_best is not None and d.time_s >= interval_window_end:
                 flush_interval()
             if interval_best is None and d.time_s >= interval_next:
                 interval_best = cand
+                interval_window_end = d.time_s + interval_window
                 interval_next = (d.time_s // cfg.interval_seconds + 1) * cfg.interval_seconds
             elif interval_best is not None and sharp > interval_best.sharp:
                 interval_best = cand
@@ -401,7 +410,7 @@ def extract_frames(
             tiny = cv2.resize(gray, tiny_size, interpolation=cv2.INTER_AREA)
             diff = None if prev_tiny is None else float(cv2.norm(tiny, prev_tiny, cv2.NORM_L1)) / tiny.size
             prev_tiny = tiny
-            cuts = detector.process_frame(FrameTimecode(d.index, fps=fps), d.small_bgr)
+            cuts = detector.process_frame(FrameTimecode(d.index, fps=rate), d.small_bgr)
             pending_cuts.extend(c.frame_num for c in cuts)
             pending_cuts.sort()
             line.append((d, _sharpness(gray), diff))
@@ -412,7 +421,7 @@ def extract_frames(
                 bar.update(32)
         bar.update(reader.report.decoded % 32)
         if last_index >= 0:
-            final = detector.post_process(FrameTimecode(last_index, fps=fps))
+            final = detector.post_process(FrameTimecode(last_index, fps=rate))
             pending_cuts.extend(c.frame_num for c in final)
             pending_cuts.sort()
         while line:

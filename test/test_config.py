@@ -1,0 +1,119 @@
+"""Config layering and validation: errors name the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion_bunny.cli import main
+from diffusion_bunny.config import Config, load_config, overrides_to_tree, parse_override, project_root
+from diffusion_bunny.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_yaml_documents_every_default():
+    """config/main.yaml holds exactly the model defaults, each key with a comment above it."""
+    text = (ROOT / "config" / "main.yaml").read_text()
+    assert yaml.safe_load(text) == Config().model_dump(mode="json")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:
+            assert lines[i - 1].strip().startswith("#"), f"setting without a comment: {line.strip()}"
+
+
+def test_project_root_is_the_checkout():
+    assert project_root() == ROOT
+
+
+def test_layers_later_wins(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "main.yaml").write_text(
+        "extraction:\n  motion_threshold: 1.0\n  jpeg_quality: 80\n"
+    )
+    (tmp_path / "config" / "local_a.yaml").write_text("extraction:\n  motion_threshold: 2.0\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("extraction:\n  jpeg_quality: 70\n")
+    cfg = load_config(extra, ["extraction.detector=adaptive"], root=tmp_path)
+    assert cfg.extraction.motion_threshold == 2.0
+    assert cfg.extraction.jpeg_quality == 70
+    assert cfg.extraction.detector == "adaptive"
+    assert cfg.extraction.effective_threshold == 3.0
+    assert (
+        load_config(extra, {"extraction.motion_threshold": 9}, root=tmp_path).extraction.motion_threshold == 9
+    )
+    assert load_config(root=tmp_path, use_local=False).extraction.motion_threshold == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["extraction.treshold=3"], "unknown key 'extraction.treshold' (allowed here: analysis_width,"),
+        (["extractoin.threshold=3"], "unknown key 'extractoin' (allowed here: extraction, run)"),
+        (
+            ["extraction.method=frames"],
+            "extraction.method = 'frames': Input should be 'shots', 'interval' or",
+        ),
+        (
+            ["extraction.jpeg_quality=0"],
+            "extraction.jpeg_quality = 0: Input should be greater than or equal to 1",
+        ),
+        (
+            ["extraction.threshold=300"],
+            "threshold 300.0 is out of range for detector 'content': allowed 0.0 to 255.0",
+        ),
+        (["extraction.detector=hash", "extraction.threshold=2"], "allowed 0.0 to 1.0"),
+        (
+            ["extraction.motion_threshold=abc"],
+            "extraction.motion_threshold = 'abc': Input should be a valid number",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_override_parsing():
+    assert parse_override("extraction.threshold=30") == ("extraction.threshold", 30)
+    assert parse_override("run.video_extensions=[.mp4, .mkv]") == ("run.video_extensions", [".mp4", ".mkv"])
+    assert parse_override("extraction.threshold=null") == ("extraction.threshold", None)
+    assert overrides_to_tree({"a.b": 1, "a.c": 2}) == {"a": {"b": 1, "c": 2}}
+    for bad in ("threshold=3", "extraction.threshold", ".x=1"):
+        with pytest.raises(ConfigError, match=r"section\.key=value"):
+            parse_override(bad)
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extraction: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_section_hash_moves_only_with_its_section():
+    a = load_config()
+    b = load_config(None, ["run.seed=5"])
+    c = load_config(None, ["extraction.motion_threshold=3"])
+    assert a.section_hash("extraction") == b.section_hash("extraction")
+    assert a.section_hash("extraction") != c.section_hash("extraction")
+
+
+def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
+    movie = tmp_path / "x.mp4"
+    movie.write_bytes(b"x")
+    assert main(["run", str(movie), "--set", "extraction.treshold=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config error: unknown key 'extraction.treshold'")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
+    assert "unknown stage 'bogus' (available: extract)" in capsys.readouterr().err

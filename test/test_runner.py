@@ -1,0 +1,148 @@
+"""Headless runs through the CLI and papermill: skip-on-rerun, --force, folders, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nbformat
+import polars as pl
+import pytest
+from clips import write_clip
+
+from diffusion_bunny.cli import main
+from diffusion_bunny.config import load_config
+from diffusion_bunny.demo_run import run_demo
+from diffusion_bunny.errors import UserError
+from diffusion_bunny.run import Run, movie_id
+from diffusion_bunny.runner import execute_stage_notebook, find_movies, parse_stages
+from diffusion_bunny.stages import run_stage, stage_state
+
+
+def finished(run_dir) -> str:
+    return json.loads((run_dir / "manifests" / "extract.json").read_text())["finished"]
+
+
+def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
+    path, cuts = cut_clip
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    shots = pl.read_parquet(out / "tables" / "shots.parquet")
+    assert shots["start_frame"].to_list()[1:] == cuts
+    nb = nbformat.read(out / "notebooks" / "01_extract_frames.ipynb", as_version=4)
+    assert nb.metadata["papermill"]["parameters"]["run_dir"] == str(out.resolve())
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    manifest = json.loads((out / "manifests" / "extract.json").read_text())
+    assert manifest["counts"]["shots"] == 4 and manifest["facts"]["detector"] == "content"
+    first = finished(out)
+    capsys.readouterr()
+
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    assert "extract is up to date, skipped" in capsys.readouterr().err
+    assert finished(out) == first
+
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--force", "--quiet"]) == 0
+    second = finished(out)
+    assert second != first
+
+    args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
+    assert main(args) == 0
+    assert "its config changed" in capsys.readouterr().err
+    assert pl.read_parquet(out / "tables" / "shots.parquet")["kind"].unique().to_list() == ["static"]
+    assert len(list((out / "frames").glob("*.jpg"))) == 4
+
+
+def test_folder_runs_every_movie_and_reports_bad_ones(tmp_path, capsys):
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(11, 20, 0.0), (12, 20, 0.0)])
+    write_clip(folder / "b.mkv", [(13, 20, 0.0), (14, 20, 2.0)], codec="libx264")
+    (folder / "broken.avi").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a movie, not even looked at")
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--out", str(out), "--stages", "extract", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.avi: the file is empty" in err and "1 of 3 movies failed" in err
+    for name in ("a.mp4", "b.mkv"):
+        run_dir = out / movie_id(folder / name)
+        assert pl.read_parquet(run_dir / "tables" / "shots.parquet").height == 2
+    assert not (out / movie_id(folder / "broken.avi")).exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such file or folder"),
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (lambda p: p.write_text("not a movie"), "not a video FFmpeg can read"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, make, message):
+    movie = tmp_path / "film.mp4"
+    make(movie)
+    out = tmp_path / "run"
+    assert main(["run", str(movie), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path):
+    src, _ = cut_clip
+    movie = tmp_path / "gone.mp4"
+    shutil.copy(src, movie)
+    run = Run.create(tmp_path / "run", movie)
+    movie.unlink()
+    with pytest.raises(UserError, match=r"gone.mp4: no such file; check the path"):
+        execute_stage_notebook(run, "extract", None, {}, "python3", progress=False)
+    assert not run.has_table("shots")
+
+
+def test_stage_callable_without_papermill(cut_clip, tmp_path):
+    path, _ = cut_clip
+    cfg = load_config()
+    run = Run.create(tmp_path / "run", path)
+    assert stage_state(run, "extract", cfg) == ("missing", "never ran")
+    tables = run_stage(run, "extract", cfg, progress=False)
+    assert set(tables) == {"shots", "frames", "keyframe_candidates"}
+    assert stage_state(run, "extract", cfg)[0] == "done"
+    assert stage_state(run, "extract", load_config(None, ["extraction.detector=adaptive"]))[0] == "stale"
+    run.table_path("frames").unlink()
+    assert stage_state(run, "extract", cfg) == ("missing", "a table is missing")
+
+
+def test_find_movies_and_stage_lists(tmp_path):
+    cfg = load_config()
+    with pytest.raises(UserError, match="holds no video file"):
+        find_movies(tmp_path, cfg)
+    assert parse_stages(None) == ["extract"]
+    assert parse_stages("extract") == ["extract"]
+    with pytest.raises(UserError, match="--stages is empty"):
+        parse_stages(" , ")
+
+
+def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
+    summary = run_demo(out=tmp_path / "demo_run", movie_dir=demo.path.parent, progress=False)
+    truth = demo.ground_truth()
+    shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")
+    assert shots["start_frame"].to_list()[1:] == truth["cuts"]
+    assert shots["kind"].to_list() == [s["kind"] for s in truth["shots"]]
+    assert f"{len(truth['shots'])} shots (ground truth {len(truth['shots'])})" in summary
+    assert "precision 1.00 recall 1.00" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # shot lengths, motion with threshold, contact sheet
+
+
+def test_open_run_for_notebooks(cut_clip, tmp_path):
+    from diffusion_bunny.nbtools import open_run
+
+    path, _ = cut_clip
+    cfg = load_config()
+    run = open_run(tmp_path / "r", path, cfg)
+    assert run.movie == path.resolve() and (tmp_path / "r" / "run.json").is_file()
+    assert open_run(tmp_path / "r", None, cfg).movie == path.resolve()
+    with pytest.raises(UserError, match="is not a run folder"):
+        open_run(tmp_path / "nothing", None, cfg)
+    with pytest.raises(UserError, match="no such file"):
+        open_run(None, tmp_path / "missing.mp4", cfg)

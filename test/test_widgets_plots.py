@@ -1,0 +1,67 @@
+"""Notebook 01's slider and figures, driven from Python."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pytest
+import yaml
+
+from diffusion_bunny.config import load_config
+from diffusion_bunny.metrics import match_boundaries
+from diffusion_bunny.plots import contact_sheet, motion_plot, shot_length_plot
+from diffusion_bunny.run import Run
+from diffusion_bunny.stages import run_stage
+from diffusion_bunny.widgets import MotionThresholdExplorer, save_local_settings
+
+
+@pytest.fixture(scope="module")
+def clip_run(cut_clip, tmp_path_factory):
+    path, _ = cut_clip
+    run = Run.create(tmp_path_factory.mktemp("wrun"), path)
+    run_stage(run, "extract", load_config(), progress=False)
+    return run
+
+
+def test_slider_reclassifies_without_decoding(clip_run, tmp_path):
+    explorer = MotionThresholdExplorer(clip_run, 1.5, config_root=tmp_path)
+    assert explorer.summary == {"static": 2, "dynamic": 2, "keyframes": 8}
+    explorer.set_threshold(explorer.slider.max)
+    assert explorer.summary == {"static": 4, "dynamic": 0, "keyframes": 4}
+    assert "<b>4</b> static shots" in explorer.counts.value
+    explorer.set_threshold(0.0)
+    assert explorer.summary["dynamic"] == 4
+    assert explorer.picks()["frame_index"].n_unique() == explorer.picks().height
+    explorer.set_threshold(5.0)
+    path = explorer.save()
+    assert yaml.safe_load(path.read_text()) == {"extraction": {"motion_threshold": 5.0}}
+    cfg = load_config(root=tmp_path)
+    assert cfg.extraction.motion_threshold == 5.0
+
+
+def test_save_local_settings_merges(tmp_path):
+    save_local_settings("x", {"extraction": {"jpeg_quality": 80}}, tmp_path)
+    path = save_local_settings("x", {"extraction": {"motion_threshold": 2.0}}, tmp_path)
+    assert yaml.safe_load(path.read_text()) == {"extraction": {"jpeg_quality": 80, "motion_threshold": 2.0}}
+
+
+def test_figures_render(clip_run, tmp_path):
+    shots = clip_run.read_table("shots")
+    frames = clip_run.read_table("frames")
+    for i, plot in enumerate([shot_length_plot(shots), motion_plot(shots, 1.5)]):
+        out = tmp_path / f"p{i}.png"
+        plot.save(out, verbose=False)
+        assert out.stat().st_size > 5_000
+    fig = contact_sheet(clip_run.run_dir, frames, shots, path_column="path")
+    assert len([ax for ax in fig.axes if ax.images]) == frames.height
+    fig2 = contact_sheet(clip_run.run_dir, clip_run.read_table("keyframe_candidates"), shots, max_shots=2)
+    assert len(fig2.axes) == 2 * 3
+    plt.close("all")
+
+
+def test_boundary_matching_is_one_to_one():
+    s = match_boundaries([10, 11, 50], [10, 30], tolerance=1)
+    assert (s.tp, s.fp, s.fn) == (1, 2, 1)
+    assert s.precision == pytest.approx(1 / 3) and s.recall == 0.5
+    assert match_boundaries([12], [10], tolerance=2).f1 == 1.0
+    assert match_boundaries([12], [10], tolerance=1).f1 == 0.0
+    assert match_boundaries([], []).f1 == 1.0
