@@ -84,7 +84,7 @@ def test_threshold_is_applied_by_pure_functions(cut_clip, tmp_path):
 def test_middle_buckets_stay_bounded_and_centred():
     shot = _Shot(0, 0, 0.0, window=12)
     for i in range(10_000):
-        shot.add(_Cand(i, i / 25, sharp=float(i % 7), frame=None, small=None), diff=1.0)
+        shot.add(_Cand(i, i / 25, sharp=float(i % 7), frame=None), diff=1.0)
     assert len(shot.buckets) <= MIDDLE_BUCKETS + 1
     middle = shot.candidates()["middle"]
     assert abs(middle.index - 5000) <= 10_000 / MIDDLE_BUCKETS

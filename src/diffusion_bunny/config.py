@@ -69,6 +69,8 @@ class ExtractionConfig(_Section):
     threshold: float | None = None
     min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)
     analysis_width: int = Field(256, ge=32, le=1920)
+    detect_width: int = Field(128, ge=32, le=1920)
+    thumb_width: int = Field(320, ge=32, le=1920)
     motion_threshold: float = Field(1.5, ge=0.0, le=255.0)
     keyframe_window_seconds: float = Field(0.5, gt=0.0, le=30.0)
     interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)

@@ -4,7 +4,7 @@ PyAV (FFmpeg's libraries) decodes with frame threading, as fast as the ``ffmpeg`
 expensive part after decoding is colour conversion: turning every 720p frame into an RGB array
 costs more than decoding it. So the analysis copy of each frame is taken straight from the
 decoded YUV planes by integer-stride sampling (no conversion of the full frame), and only the
-frames that are kept are ever converted to full-size RGB (:func:`frame_to_rgb`).
+frames that are kept are ever converted to full-size RGB (:func:`frame_to_bgr`).
 """
 
 from __future__ import annotations
@@ -134,41 +134,57 @@ def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
     return buf.reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
-def analysis_copy(frame: av.VideoFrame, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Small BGR and grayscale copies of ``frame``, sampled every ``step`` pixels.
+def analysis_copy(frame: av.VideoFrame, step: int, detect_factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Small copies of ``frame``: BGR for the shot detector and grayscale for sharpness and
+    motion, sampled straight from the decoded planes.
 
-    Stride sampling reads about 1/step^2 of the pixels, which is why it is nearly free next to
-    decoding; PySceneDetect's own downscaling is a nearest/linear resize by an integer factor
-    too, so its detectors see the same kind of image.
+    The gray copy takes every ``step``-th pixel of the luma plane; the detector's BGR copy every
+    ``step * detect_factor``-th pixel of luma and chroma. Stride sampling reads a small fraction
+    of the pixels and converts no full frame, which is why it hides behind decoding;
+    PySceneDetect's own downscaling is an integer-factor resize too, so its detectors see the
+    same kind of image. Detection runs on the smaller copy because its HSV conversion is the
+    most expensive per-frame step, and colour statistics of a 128-pixel-wide frame still tell
+    shots apart.
     """
     name = frame.format.name
     if name in _PLANAR_YUV:
-        y = _plane(frame, 0)[::step, ::step]
+        y_full = _plane(frame, 0)
+        gray = np.ascontiguousarray(y_full[::step, ::step])
+        dstep = step * detect_factor
+        y = gray[::detect_factor, ::detect_factor] if detect_factor > 1 else gray
         h, w = y.shape
         u_full, v_full = _plane(frame, 1), _plane(frame, 2)
-        cstep_y = max(1, round(step * u_full.shape[0] / frame.height))
-        cstep_x = max(1, round(step * u_full.shape[1] / frame.width))
+        cstep_y = max(1, round(dstep * u_full.shape[0] / frame.height))
+        cstep_x = max(1, round(dstep * u_full.shape[1] / frame.width))
         u = u_full[::cstep_y, ::cstep_x][:h, :w]
         v = v_full[::cstep_y, ::cstep_x][:h, :w]
         if u.shape != y.shape:
             u = cv2.resize(np.ascontiguousarray(u), (w, h), interpolation=cv2.INTER_NEAREST)
             v = cv2.resize(np.ascontiguousarray(v), (w, h), interpolation=cv2.INTER_NEAREST)
-        gray = np.ascontiguousarray(y)
-        bgr = cv2.cvtColor(
-            cv2.merge([gray, np.ascontiguousarray(v), np.ascontiguousarray(u)]), cv2.COLOR_YCrCb2BGR
-        )
-        return bgr, gray
+        ycrcb = cv2.merge([np.ascontiguousarray(y), np.ascontiguousarray(v), np.ascontiguousarray(u)])
+        return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR), gray
     w = max(1, frame.width // step)
     h = max(1, frame.height // step)
     bgr = frame.reformat(width=w, height=h, format="bgr24").to_ndarray()
-    return bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    if detect_factor > 1:
+        bgr = np.ascontiguousarray(bgr[::detect_factor, ::detect_factor])
+    return bgr, gray
+
+
+def thumbnail(frame: av.VideoFrame, width: int, rotation: int) -> np.ndarray:
+    """Upright BGR thumbnail ``width`` pixels wide (before rotation), scaled by libswscale."""
+    height = max(2, round(frame.height * width / frame.width / 2) * 2)
+    small = frame.reformat(width=width, height=height, format="bgr24", interpolation="AREA").to_ndarray()
+    return rotate_image(small, rotation)
 
 
 def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
     """Apply display-matrix rotation the way players (and ``ffmpeg``'s autorotate) do.
 
-    FFmpeg reports the angle counter-clockwise; a frame tagged 90 must be turned 90 degrees
-    clockwise to display upright, which is ``np.rot90`` with k=-1.
+    PyAV's ``frame.rotation`` is the display matrix's angle, counter-clockwise; turning the
+    stored picture by that angle (``np.rot90`` with k = angle / 90) shows it upright. The tests
+    compare the result with ffmpeg's own autorotated decode.
     """
     k = (rotation // 90) % 4
     if k == 0:
@@ -176,9 +192,9 @@ def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, k=k))
 
 
-def frame_to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
-    """Full-size upright RGB array of a kept frame (the only full conversion we pay for)."""
-    return rotate_image(frame.to_ndarray(format="rgb24"), rotation)
+def frame_to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+    """Full-size upright BGR array of a kept frame (the only full conversion we pay for)."""
+    return rotate_image(frame.to_ndarray(format="bgr24"), rotation)
 
 
 @dataclass
@@ -200,9 +216,17 @@ class VideoReader:
     :attr:`report` says how much was decoded and :meth:`loss_message` how much was lost.
     """
 
-    def __init__(self, path: str | Path, analysis_width: int = 256, keyframes_only: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        analysis_width: int = 256,
+        keyframes_only: bool = False,
+        detect_width: int | None = None,
+    ):
         self.info = probe_video(path)
         self.analysis_step = max(1, self.info.width // analysis_width)
+        detect_step = max(1, self.info.width // (detect_width or analysis_width))
+        self.detect_factor = max(1, detect_step // self.analysis_step)
         self.keyframes_only = keyframes_only
         self.report = DecodeReport()
 
@@ -239,7 +263,7 @@ class VideoReader:
                     # Only keyframes come out of the decoder; their index in the full stream is
                     # recovered from the presentation time.
                     index = round(t * info.fps)
-                small_bgr, small_gray = analysis_copy(frame, self.analysis_step)
+                small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 report.decoded += 1
                 report.last_time_s = t
                 yield Decoded(index, t, frame, small_bgr, small_gray, bool(frame.key_frame))

@@ -108,12 +108,12 @@ class MotionThresholdExplorer:
             self.plot_out.clear_output(wait=True)
             motion_plot(self.shots, self.threshold).draw(show=True)
         with self.sheet_out:
-            import matplotlib.pyplot as plt
+            from IPython.display import display
 
             self.sheet_out.clear_output(wait=True)
-            fig = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
-            plt.show()
-            plt.close(fig)
+            display(
+                contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
+            )
 
     def save(self) -> Path:
         """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""

@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExtractionConfig
-from diffusion_bunny.video import Decoded, VideoReader, frame_to_rgb, rotate_image
+from diffusion_bunny.video import Decoded, VideoReader, frame_to_bgr, thumbnail
 
 # Buckets kept for a shot's middle frame: the middle is only known once the shot ends, so the
 # shot is covered by at most this many buckets (each holding its sharpest frame) that merge
@@ -78,7 +77,6 @@ class _Cand:
     time_s: float
     sharp: float
     frame: Any  # av.VideoFrame, held only while it may still be chosen
-    small: np.ndarray
 
 
 @dataclass
@@ -212,8 +210,10 @@ class ExtractResult:
 
 
 class _Writer:
-    """Encodes kept frames to JPEG on a small thread pool: OpenCV releases the GIL while it
-    encodes, so the decode loop keeps going."""
+    """Encodes kept frames to JPEG and writes them on a small thread pool: OpenCV releases the
+    GIL while it encodes, so the decode loop keeps going. Only numpy arrays cross into the pool:
+    PyAV conversions stay on the decoding thread (concurrent swscale calls from several threads
+    were seen to deadlock)."""
 
     def __init__(self, quality: int):
         self.params = [cv2.IMWRITE_JPEG_QUALITY, quality]
@@ -226,10 +226,10 @@ class _Writer:
             raise RuntimeError(f"JPEG encoding failed for {path}")
         path.write_bytes(buf.tobytes())
 
-    def submit(self, path: Path, make_bgr: Callable[[], np.ndarray]) -> None:
+    def submit(self, path: Path, bgr: np.ndarray) -> None:
         while len(self.pending) > 16:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(lambda: self._write(path, make_bgr())))
+        self.pending.append(self.pool.submit(self._write, path, bgr))
 
     def close(self) -> None:
         try:
@@ -258,7 +258,9 @@ def extract_frames(
     pass completes, so a failure leaves the previous results as they were.
     """
     run_dir = Path(run_dir)
-    reader = VideoReader(movie, cfg.analysis_width, keyframes_only=cfg.method == "keyframe")
+    reader = VideoReader(
+        movie, cfg.analysis_width, keyframes_only=cfg.method == "keyframe", detect_width=cfg.detect_width
+    )
     info = reader.info
     fps = info.fps
     if movie_key is None:
@@ -295,11 +297,7 @@ def extract_frames(
     def save_full(c: _Cand, shot_id: int, role: str) -> None:
         fid = frame_id_for(movie_key, c.index)
         rel = f"frames/{fid}.jpg"
-        frame = c.frame
-        writer.submit(
-            stage_frames / f"{fid}.jpg",
-            lambda: cv2.cvtColor(frame_to_rgb(frame, info.rotation), cv2.COLOR_RGB2BGR),
-        )
+        writer.submit(stage_frames / f"{fid}.jpg", frame_to_bgr(c.frame, info.rotation))
         frame_rows.append(
             {
                 "frame_id": fid,
@@ -315,8 +313,7 @@ def extract_frames(
 
     def save_candidate(c: _Cand, shot_id: int, role: str) -> None:
         name = f"{frame_id_for(movie_key, c.index)}.jpg"
-        small = c.small
-        writer.submit(stage_thumbs / name, lambda: rotate_image(small, info.rotation))
+        writer.submit(stage_thumbs / name, thumbnail(c.frame, cfg.thumb_width, info.rotation))
         cand_rows.append(
             {
                 "shot_id": shot_id,
@@ -375,7 +372,7 @@ def extract_frames(
                 current = None
         if current is None:
             current = _Shot(len(shots), d.index, d.time_s, window)
-        cand = _Cand(d.index, d.time_s, sharp, d.frame, d.small_bgr)
+        cand = _Cand(d.index, d.time_s, sharp, d.frame)
         current.add(cand, diff)
         if cfg.method == "keyframe":
             save_candidate(cand, current.shot_id, "keyframe")
@@ -473,6 +470,7 @@ def extract_frames(
         "decoded_frames": reader.report.decoded,
         "decoded_until_s": round(last_time, 3),
         "analysis_step": reader.analysis_step,
+        "detect_step": reader.analysis_step * reader.detect_factor,
         "detector": cfg.detector,
         "threshold": cfg.effective_threshold,
         "method": cfg.method,
