@@ -16,8 +16,8 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     neither, the built-in demo movie is built (once) and used, so a notebook opened in
     JupyterLab works straight away.
     """
+    from diffusion_bunny.probe import probe_video
     from diffusion_bunny.runner import _default_output
-    from diffusion_bunny.video import probe_video
 
     if movie is None and run_dir is not None:
         return Run.open(run_dir)

@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Literal
 
 from diffusion_bunny.errors import StageError
+
+if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
+    import polars as pl
 
 StageState = Literal["done", "stale", "missing"]
 
@@ -164,6 +165,8 @@ class Run:
 
     def read_table(self, name: str) -> pl.DataFrame:
         """Read a stage table; a missing one names the stage to run first."""
+        import polars as pl
+
         path = self.table_path(name)
         if not path.is_file():
             raise StageError(
@@ -189,6 +192,10 @@ class Run:
         """Hash of a table file, so a later stage notices when an earlier one rewrote it."""
         data = self.table_path(name).read_bytes()
         return {"table": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+    def progress_path(self, stage: str) -> Path:
+        """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""
+        return self.run_dir / f".progress-{stage}.json"
 
     def manifest_path(self, stage: str) -> Path:
         return self.manifests_dir / f"{stage}.json"
@@ -220,9 +227,13 @@ def build_manifest(
     facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest a stage writes after its tables."""
-    import av
-    import numpy
-    import scenedetect
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:  # pragma: no cover - every listed package is a dependency
+            return "missing"
 
     finished = datetime.now(UTC)
     return {
@@ -242,10 +253,10 @@ def build_manifest(
         "versions": {
             "diffusion_bunny": package_version(),
             "python": platform.python_version(),
-            "polars": pl.__version__,
-            "numpy": numpy.__version__,
-            "av": av.__version__,
-            "scenedetect": scenedetect.__version__,
+            **{
+                dist: _version(dist)
+                for dist in ("polars", "numpy", "av", "scenedetect-headless", "opencv-python-headless")
+            },
         },
     }
 

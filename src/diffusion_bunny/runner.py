@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, project_root
 from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
+from diffusion_bunny.probe import probe_video
+from diffusion_bunny.progress import follow
 from diffusion_bunny.run import Run, movie_id
 from diffusion_bunny.stages import get_stage, stage_names, stage_state
-from diffusion_bunny.video import probe_video
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +117,21 @@ def execute_stage_notebook(
         "force": True,
         "interactive": False,
     }
+    stop = threading.Event()
+    watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
+    if progress:
+        watcher.start()
     try:
         papermill.execute_notebook(
             str(source),
             str(target),
             parameters=params,
             kernel_name=kernel,
-            progress_bar=progress,
+            progress_bar=False,  # the stage's own bar (frames, not cells) is followed instead
             cwd=str(source.parent),
+            # ipykernel warns on every start that its local TCP sockets are unencrypted; that is
+            # noise on a user's terminal. Errors in cells still come back through papermill.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except PapermillExecutionError as exc:
         if exc.ename in USER_ERROR_NAMES:
@@ -131,6 +140,11 @@ def execute_stage_notebook(
             f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
             f"the executed notebook is {target}"
         ) from None
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        run.progress_path(stage).unlink(missing_ok=True)
     return target
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.run import Run, StageState, build_manifest, manifest_state
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,12 @@ def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     from diffusion_bunny.stages.extract import extract_frames
 
     result = extract_frames(
-        run.movie, cfg.extraction, run.run_dir, movie_key=run.movie_key, progress=progress
+        run.movie,
+        cfg.extraction,
+        run.run_dir,
+        movie_key=run.movie_key,
+        progress=progress,
+        progress_path=run.progress_path("extract"),
     )
     counts = {
         "shots": result.shots.height,

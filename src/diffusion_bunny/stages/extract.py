@@ -33,6 +33,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExtractionConfig
+from diffusion_bunny.progress import ProgressFile
 from diffusion_bunny.video import Decoded, VideoReader, frame_to_bgr, thumbnail
 
 # Buckets kept for a shot's middle frame: the middle is only known once the shot ends, so the
@@ -251,6 +252,7 @@ def extract_frames(
     *,
     movie_key: str | None = None,
     progress: bool = True,
+    progress_path: Path | None = None,
 ) -> ExtractResult:
     """Decode ``movie`` once and write ``frames/`` and ``thumbs/`` under ``run_dir``.
 
@@ -392,10 +394,11 @@ def extract_frames(
     bar = tqdm(
         total=info.declared_frames,
         unit="frame",
-        desc=f"extract {info.path.name}",
+        desc=(desc := f"extract {info.path.name}"),
         disable=not progress,
         mininterval=0.5,
     )
+    reporter = ProgressFile(progress_path, desc, info.declared_frames, "frame")
     last_time = 0.0
     last_index = -1
     try:
@@ -416,7 +419,9 @@ def extract_frames(
             last_time, last_index = d.time_s, d.index
             if n % 32 == 31:
                 bar.update(32)
+                reporter.update(n + 1)
         bar.update(reader.report.decoded % 32)
+        reporter.update(reader.report.decoded, force=True)
         if last_index >= 0:
             final = detector.post_process(FrameTimecode(last_index, fps=rate))
             pending_cuts.extend(c.frame_num for c in final)
@@ -435,6 +440,7 @@ def extract_frames(
         raise
     finally:
         bar.close()
+        reporter.close()
 
     if reader.report.decoded == 0:
         shutil.rmtree(stage_frames, ignore_errors=True)

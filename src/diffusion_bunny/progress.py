@@ -1,0 +1,64 @@
+"""Progress of a stage that runs inside a papermill kernel, shown on the terminal of ``bunny run``.
+
+A notebook's tqdm bar lives in the kernel (as a widget in the executed notebook), so the command
+line cannot see it. The stage therefore also writes its progress, a few times a second, to a
+small JSON file in the run folder, and the runner follows that file with a terminal bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class ProgressFile:
+    """Throttled writer of ``{"done", "total", "unit", "desc"}`` for one stage."""
+
+    def __init__(self, path: Path | None, desc: str, total: int | None, unit: str, interval: float = 0.25):
+        self.path, self.desc, self.total, self.unit, self.interval = path, desc, total, unit, interval
+        self._last = 0.0
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        """Record ``done`` items (written at most every ``interval`` seconds unless forced)."""
+        now = time.monotonic()
+        if self.path is None or (not force and now - self._last < self.interval):
+            return
+        self._last = now
+        data = json.dumps({"done": done, "total": self.total, "unit": self.unit, "desc": self.desc})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(data)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        """Remove the file: a finished stage leaves nothing behind in the run folder."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
+    """Mirror ``path`` in a terminal tqdm bar until ``stop`` is set (run in a thread)."""
+    bar: tqdm | None = None
+    done = 0
+    try:
+        while True:
+            finished = stop.wait(interval)
+            try:
+                data = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                data = None
+            if data is not None:
+                if bar is None:
+                    bar = tqdm(total=data["total"], unit=data["unit"], desc=data["desc"], leave=False)
+                bar.update(max(0, data["done"] - done))
+                done = max(done, data["done"])
+            if finished:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        path.unlink(missing_ok=True)
