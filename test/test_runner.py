@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nbformat
 import polars as pl
@@ -17,6 +18,8 @@ from diffusion_bunny.errors import UserError
 from diffusion_bunny.run import Run, movie_id
 from diffusion_bunny.runner import execute_stage_notebook, find_movies, parse_stages
 from diffusion_bunny.stages import run_stage, stage_state
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def finished(run_dir) -> str:
@@ -146,3 +149,27 @@ def test_open_run_for_notebooks(cut_clip, tmp_path):
         open_run(tmp_path / "nothing", None, cfg)
     with pytest.raises(UserError, match="no such file"):
         open_run(None, tmp_path / "missing.mp4", cfg)
+
+
+def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):
+    """The slider cell, as JupyterLab runs it (interactive=True), runs in a kernel and its
+    widget state is saved with the executed notebook."""
+    import papermill
+
+    path, _ = cut_clip
+    run = Run.create(tmp_path / "run", path)
+    run_stage(run, "extract", load_config(), progress=False)
+    out = tmp_path / "nb.ipynb"
+    nb = papermill.execute_notebook(
+        str(ROOT / "notebook" / "01_extract_frames.ipynb"),
+        str(out),
+        parameters={"run_dir": str(run.run_dir), "interactive": True},
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=120,
+        cwd=str(ROOT / "notebook"),
+    )
+    last = nb.cells[-1]
+    views = [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1
+    assert "widgets" in json.dumps(nb.metadata)  # widget state saved with the notebook

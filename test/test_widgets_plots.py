@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import numpy as np
 import polars as pl
 import pytest
 import yaml
+from PIL import Image
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.metrics import match_boundaries
@@ -26,8 +29,22 @@ def clip_run(cut_clip, tmp_path_factory):
 def test_slider_reclassifies_without_decoding(clip_run, tmp_path):
     explorer = MotionThresholdExplorer(clip_run, 1.5, config_root=tmp_path)
     assert explorer.summary == {"static": 2, "dynamic": 2, "keyframes": 8}
+    # No Output widgets: headless executors (papermill/nbclient) hang on images inside them.
+    import ipywidgets
+
+    def walk(w):
+        yield w
+        for child in getattr(w, "children", ()):
+            yield from walk(child)
+
+    assert not any(isinstance(w, ipywidgets.Output) for w in walk(explorer.widget))
+    sheet_before = bytes(explorer.sheet_img.value)
+    assert bytes(explorer.plot_img.value).startswith(b"\x89PNG") and sheet_before.startswith(b"\xff\xd8")
     explorer.set_threshold(explorer.slider.max)
     assert explorer.summary == {"static": 4, "dynamic": 0, "keyframes": 4}
+    # The contact sheet now holds one keyframe per shot: a narrower picture, redrawn.
+    width = Image.open(BytesIO(bytes(explorer.sheet_img.value))).width
+    assert width < Image.open(BytesIO(sheet_before)).width
     assert "<b>4</b> static shots" in explorer.counts.value
     explorer.set_threshold(0.0)
     assert explorer.summary["dynamic"] == 4

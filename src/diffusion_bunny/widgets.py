@@ -54,8 +54,11 @@ class MotionThresholdExplorer:
             continuous_update=False,
         )
         self.counts = widgets.HTML()
-        self.plot_out = widgets.Output()
-        self.sheet_out = widgets.Output()
+        # Image widgets updated in place rather than Output widgets: the picture travels as one
+        # binary buffer, and headless executors (nbclient) were seen to hang until their timeout
+        # on a cell that displays images inside an Output widget.
+        self.plot_img = widgets.Image(format="png", layout=widgets.Layout(max_width="720px"))
+        self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
         self.save_button = widgets.Button(description="use this threshold", icon="save")
         self.saved = widgets.HTML()
         self.slider.observe(lambda change: self._update(), names="value")
@@ -65,8 +68,8 @@ class MotionThresholdExplorer:
                 widgets.HBox([self.slider, self.save_button]),
                 self.counts,
                 self.saved,
-                self.plot_out,
-                self.sheet_out,
+                self.plot_img,
+                self.sheet_img,
             ]
         )
         self._update()
@@ -97,6 +100,10 @@ class MotionThresholdExplorer:
         }
 
     def _update(self) -> None:
+        import io
+
+        import matplotlib.pyplot as plt
+
         from diffusion_bunny.plots import contact_sheet, motion_plot
 
         s = self.summary
@@ -104,16 +111,15 @@ class MotionThresholdExplorer:
             f"<b>{s['static']}</b> static shots, <b>{s['dynamic']}</b> dynamic shots, "
             f"<b>{s['keyframes']}</b> keyframes"
         )
-        with self.plot_out:
-            self.plot_out.clear_output(wait=True)
-            motion_plot(self.shots, self.threshold).draw(show=True)
-        with self.sheet_out:
-            from IPython.display import display
-
-            self.sheet_out.clear_output(wait=True)
-            display(
-                contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
-            )
+        fig = motion_plot(self.shots, self.threshold).draw()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=72)
+        plt.close(fig)
+        self.plot_img.value = buf.getvalue()
+        sheet = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
+        buf = io.BytesIO()
+        sheet.save(buf, format="JPEG", quality=85)
+        self.sheet_img.value = buf.getvalue()
 
     def save(self) -> Path:
         """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""
