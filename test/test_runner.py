@@ -49,6 +49,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
     assert second != first
 
     args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
+    args += ["--stages", "extract"]
     assert main(args) == 0
     assert "its config changed" in capsys.readouterr().err
     assert pl.read_parquet(out / "tables" / "shots.parquet")["kind"].unique().to_list() == ["static"]
@@ -118,8 +119,9 @@ def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(None) == ["extract"]
+    assert parse_stages(None) == ["extract", "quality"]
     assert parse_stages("extract") == ["extract"]
+    assert parse_stages("quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
         parse_stages(" , ")
 
@@ -135,6 +137,59 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 3  # shot lengths, motion with threshold, contact sheet
+    # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
+    n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
+    assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
+    assert "1 too_dark, 1 blurry, 1 duplicate" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # histograms with thresholds, kept/rejected grid
+
+
+def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):
+    path, _ = cut_clip
+    out = tmp_path / "run"
+    args = ["run", str(path), "--out", str(out), "--stages", "extract,quality", "--quiet"]
+    assert main(args) == 0
+    quality = pl.read_parquet(out / "tables" / "quality.parquet")
+    frames = pl.read_parquet(out / "tables" / "frames.parquet")
+    assert quality["frame_id"].to_list() == frames["frame_id"].to_list()
+    assert quality["readable"].all() and quality["sharpness"].min() > 0
+    manifest = json.loads((out / "manifests" / "quality.json").read_text())
+    assert manifest["inputs"]["frames"]["table"] == "frames"
+    nb = nbformat.read(out / "notebooks" / "02_filter_quality.ipynb", as_version=4)
+    assert nb.metadata["papermill"]["parameters"]["interactive"] is False
+    capsys.readouterr()
+    # A filtering threshold moves: extract is skipped, quality reruns and applies it.
+    # (The clip's static shots are flat colour fields: blurry at any positive threshold.)
+    assert main([*args, "--set", "filtering.min_sharpness=0", "--set", "filtering.dup_distance=64"]) == 0
+    err = capsys.readouterr().err
+    assert "extract is up to date, skipped" in err and "quality (its config changed)" in err
+    quality = pl.read_parquet(out / "tables" / "quality.parquet")
+    assert quality["keep"].sum() == 1 and set(quality["reject_reason"].drop_nulls()) == {"duplicate"}
+
+
+def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
+    """Notebook 02's slider cell, as JupyterLab runs it, runs in a kernel without hanging."""
+    import papermill
+
+    run = Run.create(tmp_path / "run", demo.path)
+    cfg = load_config()
+    run_stage(run, "extract", cfg, progress=False)
+    out = tmp_path / "nb.ipynb"
+    nb = papermill.execute_notebook(
+        str(ROOT / "notebook" / "02_filter_quality.ipynb"),
+        str(out),
+        parameters={"run_dir": str(run.run_dir), "interactive": True},
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=120,
+        cwd=str(ROOT / "notebook"),
+    )
+    assert run.has_table("quality")
+    last = nb.cells[-1]
+    views = [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1
 
 
 def test_open_run_for_notebooks(cut_clip, tmp_path):

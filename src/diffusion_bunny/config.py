@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffusion_bunny.errors import ConfigError
 
@@ -71,7 +71,7 @@ class ExtractionConfig(_Section):
     analysis_width: int = Field(256, ge=32, le=1920)
     detect_width: int = Field(128, ge=32, le=1920)
     thumb_width: int = Field(320, ge=32, le=1920)
-    motion_threshold: float = Field(1.5, ge=0.0, le=255.0)
+    motion_threshold: float = Field(1.0, ge=0.0, le=255.0)
     keyframe_window_seconds: float = Field(0.5, gt=0.0, le=30.0)
     interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
     jpeg_quality: int = Field(95, ge=1, le=100)
@@ -96,11 +96,40 @@ class ExtractionConfig(_Section):
         return self.threshold
 
 
+class FilteringConfig(_Section):
+    """Thresholds of stage 02 (``quality``), applied to scores computed once per frame."""
+
+    min_sharpness: float = Field(50.0, ge=0.0, le=100_000.0)
+    min_brightness: float = Field(35.0, ge=0.0, le=255.0)
+    max_brightness: float = Field(230.0, ge=0.0, le=255.0)
+    max_clipped: float = Field(0.6, ge=0.0, le=1.0)
+    dup_distance: int = Field(4, ge=0, le=64)
+    batch: Literal["shot"] | int = "shot"
+    best_per_batch: int | None = Field(None, ge=1)
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_is_shot_or_positive(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's two (one per member of the union).
+        if value == "shot" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be 'shot' or a positive number of consecutive frames")
+
+    @model_validator(mode="after")
+    def _brightness_window(self) -> FilteringConfig:
+        if self.min_brightness >= self.max_brightness:
+            raise ValueError(
+                f"min_brightness ({self.min_brightness}) must be under max_brightness ({self.max_brightness})"
+            )
+        return self
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
     run: RunConfig = RunConfig()
     extraction: ExtractionConfig = ExtractionConfig()
+    filtering: FilteringConfig = FilteringConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

@@ -23,6 +23,22 @@ def demo_movie(*, force: bool = False, progress: bool = True, movie_dir: Path | 
     return build_demo_movie(movie_dir or demo_dir(), force=force, progress=progress)
 
 
+def expected_reasons(truth: dict[str, Any]) -> dict[int, str | None]:
+    """What stage 02 should say about each shot of the demo: ``blurry`` for the out-of-focus
+    shot, ``too_dark`` for the under-exposed one, ``duplicate`` for the repeat, None (kept) else."""
+    out: dict[int, str | None] = {}
+    for shot in truth["shots"]:
+        reason = None
+        if shot["blurred"]:
+            reason = "blurry"
+        elif shot["dark"]:
+            reason = "too_dark"
+        elif shot["repeat_of"] is not None:
+            reason = "duplicate"
+        out[shot["shot_id"]] = reason
+    return out
+
+
 def summarize(run: Run, truth: dict[str, Any]) -> str:
     """Lines comparing the run's tables with the demo's ground truth."""
     lines = [f"demo run folder: {run.run_dir}"]
@@ -45,6 +61,21 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
             f"precision {score.precision:.2f} recall {score.recall:.2f}; static/dynamic right for "
             f"{agree} of {len(truth['shots'])} shots; {frames.height} frames kept"
         )
+    if run.has_table("quality") and run.has_table("frames"):
+        from diffusion_bunny.stages.quality import reason_counts
+
+        quality = run.read_table("quality").join(
+            run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+        )
+        expected = expected_reasons(truth)
+        right = 0
+        for row in quality.iter_rows(named=True):
+            shot = next(
+                (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
+            )
+            right += shot is not None and expected[shot["shot_id"]] == row["reject_reason"]
+        counts = ", ".join(f"{n} {reason}" for reason, n in reason_counts(quality).items())
+        lines.append(f"quality: {counts}; verdict as the ground truth for {right} of {quality.height} frames")
     return "\n".join(lines)
 
 

@@ -80,6 +80,32 @@ def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _quality_inputs(run: Run) -> dict[str, Any]:
+    if not run.has_table("frames"):
+        raise StageError(
+            f"table 'frames' is missing in {run.run_dir}; run stage extract first "
+            "(bunny run MOVIE --stages extract,quality)"
+        )
+    return {"frames": run.table_fingerprint("frames")}
+
+
+def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.quality import quality_stage, reason_counts
+
+    frames = run.read_table("frames")
+    table, facts = quality_stage(
+        run.run_dir, frames, cfg.filtering, progress=progress, progress_path=run.progress_path("quality")
+    )
+    counts = {"frames": table.height, **reason_counts(table)}
+    warnings = []
+    if counts.get("unreadable"):
+        warnings.append(
+            f"{counts['unreadable']} frame file(s) missing or unreadable (reject_reason 'unreadable'); "
+            "rerun stage extract with --force to write them again"
+        )
+    return StageOutput(tables={"quality": table}, counts=counts, warnings=warnings, facts=facts)
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -92,6 +118,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("shots", "frames", "keyframe_candidates"),
             inputs=_extract_inputs,
             compute=_extract_compute,
+        ),
+        StageSpec(
+            name="quality",
+            number=2,
+            notebook="02_filter_quality.ipynb",
+            version=1,
+            sections=("filtering",),
+            outputs=("quality",),
+            inputs=_quality_inputs,
+            compute=_quality_compute,
         ),
     )
 }
