@@ -169,27 +169,33 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     assert quality["keep"].sum() == 1 and set(quality["reject_reason"].drop_nulls()) == {"duplicate"}
 
 
-def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
-    """Notebook 02's slider cell, as JupyterLab runs it, runs in a kernel without hanging."""
+def _execute_interactive(notebook: str, run: Run, tmp_path: Path) -> nbformat.NotebookNode:
+    """Run a stage notebook in a kernel as JupyterLab would (interactive=True, widgets built)."""
     import papermill
 
-    run = Run.create(tmp_path / "run", demo.path)
-    cfg = load_config()
-    run_stage(run, "extract", cfg, progress=False)
-    out = tmp_path / "nb.ipynb"
-    nb = papermill.execute_notebook(
-        str(ROOT / "notebook" / "02_filter_quality.ipynb"),
-        str(out),
+    return papermill.execute_notebook(
+        str(ROOT / "notebook" / notebook),
+        str(tmp_path / "nb.ipynb"),
         parameters={"run_dir": str(run.run_dir), "interactive": True},
         kernel_name="python3",
         progress_bar=False,
         execution_timeout=120,
         cwd=str(ROOT / "notebook"),
     )
-    assert run.has_table("quality")
+
+
+def _widget_views(nb: nbformat.NotebookNode) -> list[dict]:
     last = nb.cells[-1]
-    views = [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(views) == 1
+    return [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
+def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
+    """Notebook 02's slider cell, as JupyterLab runs it, runs in a kernel."""
+    run = Run.create(tmp_path / "run", demo.path)
+    run_stage(run, "extract", load_config(), progress=False)
+    nb = _execute_interactive("02_filter_quality.ipynb", run, tmp_path)
+    assert run.has_table("quality")
+    assert len(_widget_views(nb)) == 1
 
 
 def test_open_run_for_notebooks(cut_clip, tmp_path):
@@ -209,22 +215,9 @@ def test_open_run_for_notebooks(cut_clip, tmp_path):
 def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):
     """The slider cell, as JupyterLab runs it (interactive=True), runs in a kernel and its
     widget state is saved with the executed notebook."""
-    import papermill
-
     path, _ = cut_clip
     run = Run.create(tmp_path / "run", path)
     run_stage(run, "extract", load_config(), progress=False)
-    out = tmp_path / "nb.ipynb"
-    nb = papermill.execute_notebook(
-        str(ROOT / "notebook" / "01_extract_frames.ipynb"),
-        str(out),
-        parameters={"run_dir": str(run.run_dir), "interactive": True},
-        kernel_name="python3",
-        progress_bar=False,
-        execution_timeout=120,
-        cwd=str(ROOT / "notebook"),
-    )
-    last = nb.cells[-1]
-    views = [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(views) == 1
+    nb = _execute_interactive("01_extract_frames.ipynb", run, tmp_path)
+    assert len(_widget_views(nb)) == 1
     assert "widgets" in json.dumps(nb.metadata)  # widget state saved with the notebook
