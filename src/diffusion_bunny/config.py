@@ -150,6 +150,19 @@ def project_root() -> Path | None:
     return None
 
 
+def workspace_root() -> Path:
+    """Where ``data/`` and ``config/local_*.yaml`` live: the checkout, else the working folder."""
+    root = project_root()
+    return root if root is not None else Path.cwd()
+
+
+def output_root(cfg: Config) -> Path:
+    """The folder that holds one run folder per movie (``run.output_dir``, relative to the
+    workspace unless absolute)."""
+    out = Path(cfg.run.output_dir)
+    return out if out.is_absolute() else workspace_root() / out
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -226,7 +239,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _format_validation_error(exc: ValidationError, merged: dict[str, Any]) -> str:
+def _format_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
     key = ".".join(str(p) for p in loc) or "config"
@@ -247,7 +260,7 @@ def validate_config(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, data)) from None
+        raise ConfigError(_format_validation_error(exc)) from None
 
 
 def load_config(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.config import project_root
+from diffusion_bunny.config import load_config, output_root, workspace_root
 from diffusion_bunny.demo import DemoMovie, build_demo_movie
 from diffusion_bunny.metrics import match_boundaries
 from diffusion_bunny.run import Run
@@ -14,8 +14,7 @@ from diffusion_bunny.run import Run
 
 def demo_dir() -> Path:
     """Where the demo movie is built: ``data/demo`` of the checkout (or of the working folder)."""
-    root = project_root()
-    return (root if root is not None else Path.cwd()) / "data" / "demo"
+    return workspace_root() / "data" / "demo"
 
 
 def demo_movie(*, force: bool = False, progress: bool = True, movie_dir: Path | None = None) -> DemoMovie:
@@ -88,10 +87,9 @@ def run_demo(
     movie_dir: Path | None = None,
 ) -> str:
     """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
-    from diffusion_bunny.config import load_config
-    from diffusion_bunny.runner import _default_output, run_target
+    from diffusion_bunny.runner import run_target
 
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
-    run_dir = out if out is not None else _default_output(load_config(None, overrides)) / "demo"
+    run_dir = out if out is not None else output_root(load_config(None, overrides)) / "demo"
     run_target(demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion_bunny.config import Config
+from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.run import Run, movie_id
 
 
@@ -17,7 +17,6 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     JupyterLab works straight away.
     """
     from diffusion_bunny.probe import probe_video
-    from diffusion_bunny.runner import _default_output
 
     if movie is None and run_dir is not None:
         return Run.open(run_dir)
@@ -25,6 +24,6 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
         from diffusion_bunny.demo_run import demo_movie
 
         movie = demo_movie(progress=True).path
-        run_dir = run_dir or _default_output(cfg) / "demo"
+        run_dir = run_dir or output_root(cfg) / "demo"
     probe_video(movie)
-    return Run.create(run_dir or _default_output(cfg) / movie_id(movie), movie)
+    return Run.create(run_dir or output_root(cfg) / movie_id(movie), movie)

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import Config, load_config, project_root
+from diffusion_bunny.config import Config, load_config, output_root, project_root
 from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
 from diffusion_bunny.probe import probe_video
 from diffusion_bunny.progress import follow
@@ -161,7 +161,7 @@ def run_movie(
 ) -> MovieReport:
     """Run the chosen stages on one movie, skipping the ones that are up to date."""
     probe_video(movie)
-    run_dir = out if out is not None else _default_output(cfg) / movie_id(movie)
+    run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
     run = Run.create(run_dir, movie)
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     for stage in stages:
@@ -182,14 +182,6 @@ def run_movie(
         for warning in stage_report.warnings:
             _say(f"{movie.name}: warning: {warning}")
     return report
-
-
-def _default_output(cfg: Config) -> Path:
-    out = Path(cfg.run.output_dir)
-    if out.is_absolute():
-        return out
-    root = project_root()
-    return (root if root is not None else Path.cwd()) / out
 
 
 def _say(text: str) -> None:

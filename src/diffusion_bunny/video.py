@@ -9,9 +9,8 @@ frames that are kept are ever converted to full-size RGB (:func:`frame_to_bgr`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -21,8 +20,6 @@ import numpy as np
 from diffusion_bunny.probe import VideoInfo, probe_video
 
 __all__ = ["Decoded", "VideoInfo", "VideoReader", "analysis_copy", "frame_to_bgr", "probe_video", "thumbnail"]
-
-log = logging.getLogger(__name__)
 
 # 8-bit planar YUV layouts whose planes can be sampled directly; anything else (10-bit, RGB,
 # NV12 from some decoders) goes through libswscale at analysis size, slower but correct.
@@ -38,7 +35,6 @@ class Decoded:
     frame: av.VideoFrame
     small_bgr: np.ndarray
     small_gray: np.ndarray
-    key: bool
 
 
 def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
@@ -117,7 +113,6 @@ class DecodeReport:
     decoded: int = 0
     last_time_s: float = 0.0
     stopped_by_error: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 class VideoReader:
@@ -179,7 +174,7 @@ class VideoReader:
                 small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 report.decoded += 1
                 report.last_time_s = t
-                yield Decoded(index, t, frame, small_bgr, small_gray, bool(frame.key_frame))
+                yield Decoded(index, t, frame, small_bgr, small_gray)
                 index += 1
         finally:
             container.close()

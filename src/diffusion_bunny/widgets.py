@@ -16,7 +16,7 @@ import polars as pl
 import yaml
 from pydantic import ValidationError
 
-from diffusion_bunny.config import FilteringConfig, project_root
+from diffusion_bunny.config import FilteringConfig, workspace_root
 from diffusion_bunny.run import Run, atomic_write_bytes
 from diffusion_bunny.stages.extract import classify_shots, select_keyframes
 from diffusion_bunny.stages.quality import apply_quality_rules, reason_counts
@@ -25,9 +25,7 @@ from diffusion_bunny.stages.quality import apply_quality_rules, reason_counts
 def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
     """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
     a headless rerun reproduce what a person chose in a widget."""
-    root = root if root is not None else project_root()
-    if root is None:
-        root = Path.cwd()
+    root = root if root is not None else workspace_root()
     path = root / "config" / f"local_{name}.yaml"
     current: dict[str, Any] = {}
     if path.is_file():
