@@ -51,7 +51,10 @@ def test_layers_later_wins(tmp_path):
     ("overrides", "message"),
     [
         (["extraction.treshold=3"], "unknown key 'extraction.treshold' (allowed here: analysis_width,"),
-        (["extractoin.threshold=3"], "unknown key 'extractoin' (allowed here: extraction, filtering, run)"),
+        (
+            ["extractoin.threshold=3"],
+            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run)",
+        ),
         (
             ["extraction.method=frames"],
             "extraction.method = 'frames': Input should be 'shots', 'interval' or",
@@ -116,4 +119,4 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.startswith("error: config error: unknown key 'extraction.treshold'")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
-    assert "unknown stage 'bogus' (available: extract, quality)" in capsys.readouterr().err
+    assert "unknown stage 'bogus' (available: extract, quality, characters)" in capsys.readouterr().err

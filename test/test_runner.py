@@ -119,7 +119,7 @@ def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(None) == ["extract", "quality"]
+    assert parse_stages(None) == ["extract", "quality", "characters"]
     assert parse_stages("extract") == ["extract"]
     assert parse_stages("quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
@@ -144,6 +144,12 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 2  # histograms with thresholds, kept/rejected grid
+    # Stage 03 named both people from the demo's reference portraits, in every frame searched.
+    kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "face_frames.parquet").height
+    assert f"the named characters match the ground truth in {kept} of {kept} frames" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "03_detect_characters.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # faces per character, screen-time timeline, face grid
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):
@@ -195,6 +201,18 @@ def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
     run_stage(run, "extract", load_config(), progress=False)
     nb = _execute_interactive("02_filter_quality.ipynb", run, tmp_path)
     assert run.has_table("quality")
+    assert len(_widget_views(nb)) == 1
+
+
+def test_notebook_03_interactive_path_runs_headless(demo, tmp_path):
+    """Notebook 03's naming widget, as JupyterLab builds it, runs in a kernel (no references: the
+    two demo faces come out as two clusters to name)."""
+    run = Run.create(tmp_path / "run", demo.path)
+    cfg = load_config(root=tmp_path / "noroot")
+    for stage in ("extract", "quality"):
+        run_stage(run, stage, cfg, progress=False)
+    nb = _execute_interactive("03_detect_characters.ipynb", run, tmp_path)
+    assert run.read_table("faces")["cluster"].n_unique() == 2
     assert len(_widget_views(nb)) == 1
 
 

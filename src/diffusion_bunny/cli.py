@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_bunny.errors import UserError
+from diffusion_bunny.errors import BadInputError, UserError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="override one setting (repeatable), e.g. --set extraction.threshold=30",
     )
     run.add_argument("--stages", help="comma-separated stage names (default: all), e.g. extract")
+    run.add_argument(
+        "--characters",
+        metavar="DIR",
+        help="reference images: one sub-folder per character (folder name = name), photos inside",
+    )
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -49,10 +54,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from diffusion_bunny.runner import overrides_from_args, run_target
 
     config_path = str(Path(args.config).resolve()) if args.config else None
+    overrides = overrides_from_args(args.overrides)
+    if args.characters:
+        characters = Path(args.characters).expanduser().resolve()
+        if not characters.is_dir():
+            what = "is not a folder" if characters.exists() else "does not exist"
+            raise BadInputError(
+                f"--characters {args.characters}: {characters} {what}; give a folder with one "
+                "sub-folder of reference images per character"
+            )
+        overrides["characters.reference_dir"] = str(characters)
     reports = run_target(
         args.target,
         config_path=config_path,
-        overrides=overrides_from_args(args.overrides),
+        overrides=overrides,
         stages=args.stages,
         out=args.out,
         force=args.force,

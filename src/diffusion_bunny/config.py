@@ -124,12 +124,43 @@ class FilteringConfig(_Section):
         return self
 
 
+class CharactersConfig(_Section):
+    """Settings of stage 03 (``characters``): face detection, encodings, naming and tracks."""
+
+    reference_dir: str | None = None
+    frames: Literal["kept", "all"] = "kept"
+    model: Literal["hog", "cnn"] = "hog"
+    detect_width: int = Field(640, ge=0, le=8192)
+    upsample: int = Field(1, ge=0, le=4)
+    num_jitters: int = Field(1, ge=1, le=100)
+    landmarks: Literal["large", "small"] = "large"
+    min_face_px: int = Field(40, ge=0, le=4096)
+    tolerance: float = Field(0.6, gt=0.0, le=2.0)
+    adaptive_thresholds: bool = True
+    min_threshold: float = Field(0.45, gt=0.0, le=2.0)
+    threshold_margin: float = Field(0.1, ge=0.0, le=1.0)
+    low_confidence_margin: float = Field(0.05, ge=0.0, le=1.0)
+    track_distance: float = Field(0.5, gt=0.0, le=2.0)
+    track_iou: float = Field(0.0, ge=0.0, le=1.0)
+    cluster_threshold: float = Field(0.5, gt=0.0, le=2.0)
+    workers: int = Field(0, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _threshold_window(self) -> CharactersConfig:
+        if self.min_threshold > self.tolerance:
+            raise ValueError(
+                f"min_threshold ({self.min_threshold}) must not exceed tolerance ({self.tolerance})"
+            )
+        return self
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
     run: RunConfig = RunConfig()
     extraction: ExtractionConfig = ExtractionConfig()
     filtering: FilteringConfig = FilteringConfig()
+    characters: CharactersConfig = CharactersConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

@@ -25,6 +25,7 @@ The recipe below covers every case later stages are graded on:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -501,3 +502,34 @@ def build_demo_movie(dest_dir: Path, force: bool = False, progress: bool = True)
     gt["movie_sha256"] = digest
     _atomic_write_bytes(movie.ground_truth_path, (json.dumps(gt, indent=2) + "\n").encode())
     return movie
+
+
+# --------------------------------------------------------------------------------------------
+# Character references
+# --------------------------------------------------------------------------------------------
+
+#: Reference portraits for stage 03: (source, crop box x0, y0, x1, y1 in the source image).  They
+#: are mirrored crops of the same photos the movie films, so the demo shows naming at work on
+#: faces seen from the other side, at another scale, without any download.
+REFERENCE_CROPS = {
+    "astronaut": ("astronaut", (120, 20, 330, 250)),
+    "grace_hopper": ("grace_hopper", (110, 70, 430, 420)),
+}
+
+
+def build_demo_references(dest_dir: Path) -> Path:
+    """Write ``dest_dir/<character>/<character>.png`` for the demo's two people (once) and return
+    ``dest_dir``, the folder ``characters.reference_dir`` points at in ``bunny demo``."""
+    from PIL import Image
+
+    dest_dir = Path(dest_dir)
+    for name, (source, (x0, y0, x1, y1)) in REFERENCE_CROPS.items():
+        path = dest_dir / name / f"{name}.png"
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crop = np.ascontiguousarray(load_source(source)[y0:y1, x0:x1, :][:, ::-1])
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, format="PNG")
+        _atomic_write_bytes(path, buf.getvalue())
+    return dest_dir

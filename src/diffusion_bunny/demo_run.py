@@ -75,7 +75,35 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
             right += shot is not None and expected[shot["shot_id"]] == row["reject_reason"]
         counts = ", ".join(f"{n} {reason}" for reason, n in reason_counts(quality).items())
         lines.append(f"quality: {counts}; verdict as the ground truth for {right} of {quality.height} frames")
+    if run.has_table("faces") and run.has_table("face_frames"):
+        lines.append(characters_line(run, truth))
     return "\n".join(lines)
+
+
+def characters_line(run: Run, truth: dict[str, Any]) -> str:
+    """How many scanned frames have exactly the named characters the ground truth puts in their
+    shot (a face missed, a wrong name or an extra name all count as wrong)."""
+    faces = run.read_table("faces")
+    scanned = run.read_table("face_frames").join(
+        run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+    )
+    named: dict[str, set[str]] = {}
+    for row in faces.filter(faces["character"].is_not_null()).iter_rows(named=True):
+        named.setdefault(row["frame_id"], set()).add(row["character"])
+    right = 0
+    for row in scanned.iter_rows(named=True):
+        shot = next(
+            (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
+        )
+        right += shot is not None and set(shot["faces"]) == named.get(row["frame_id"], set())
+    per_char = ", ".join(
+        f"{name} {n}"
+        for name, n in faces["character"].fill_null("unknown").value_counts(sort=True).iter_rows()
+    )
+    return (
+        f"characters: {faces.height} faces ({per_char or 'none'}); the named characters match the "
+        f"ground truth in {right} of {scanned.height} frames"
+    )
 
 
 def run_demo(
@@ -87,9 +115,16 @@ def run_demo(
     movie_dir: Path | None = None,
 ) -> str:
     """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
+    from diffusion_bunny.demo import build_demo_references
     from diffusion_bunny.runner import run_target
 
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
+    overrides = dict(overrides or {})
+    # The demo names its two people from reference portraits written next to the movie, unless
+    # the caller points stage 03 elsewhere.
+    overrides.setdefault(
+        "characters.reference_dir", str(build_demo_references(demo.path.parent / "characters"))
+    )
     run_dir = out if out is not None else output_root(load_config(None, overrides)) / "demo"
     run_target(demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())

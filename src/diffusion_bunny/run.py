@@ -15,7 +15,7 @@ import platform
 import re
 import tempfile
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,10 +188,20 @@ class Run:
             raise
         return path
 
-    def table_fingerprint(self, name: str) -> dict[str, Any]:
-        """Hash of a table file, so a later stage notices when an earlier one rewrote it."""
-        data = self.table_path(name).read_bytes()
-        return {"table": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+    def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
+        """Hash of a table file, so a later stage notices when an earlier one rewrote it.
+
+        With ``columns``, only those columns' values are hashed: stage 03 depends on which frames
+        stage 02 kept, not on the ``face_sharpness`` column stage 03 itself fills in.
+        """
+        if columns is None:
+            data = self.table_path(name).read_bytes()
+            return {"table": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+        import polars as pl
+
+        df = pl.read_parquet(self.table_path(name), columns=list(columns))
+        blob = df.write_csv().encode()
+        return {"table": name, "columns": list(columns), "sha256": hashlib.sha256(blob).hexdigest()[:16]}
 
     def progress_path(self, stage: str) -> Path:
         """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""

@@ -41,11 +41,11 @@ class StageSpec:
     version: int
     sections: tuple[str, ...]
     outputs: tuple[str, ...]
-    inputs: Callable[[Run], dict[str, Any]]
+    inputs: Callable[[Run, Config], dict[str, Any]]
     compute: Callable[[Run, Config, bool], StageOutput]
 
 
-def _extract_inputs(run: Run) -> dict[str, Any]:
+def _extract_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     from diffusion_bunny.run import file_fingerprint
 
     movie = run.movie
@@ -80,7 +80,7 @@ def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
-def _quality_inputs(run: Run) -> dict[str, Any]:
+def _quality_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     if not run.has_table("frames"):
         raise StageError(
             f"table 'frames' is missing in {run.run_dir}; run stage extract first "
@@ -96,6 +96,11 @@ def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     table, facts = quality_stage(
         run.run_dir, frames, cfg.filtering, progress=progress, progress_path=run.progress_path("quality")
     )
+    if run.has_table("faces"):
+        # Stage 03 already ran: keep the face sharpness it measured (the faces did not change).
+        from diffusion_bunny.stages.characters import fill_face_sharpness
+
+        table = fill_face_sharpness(table, run.read_table("faces"))
     counts = {"frames": table.height, **reason_counts(table)}
     warnings = []
     if counts.get("unreadable"):
@@ -104,6 +109,50 @@ def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
             "rerun stage extract with --force to write them again"
         )
     return StageOutput(tables={"quality": table}, counts=counts, warnings=warnings, facts=facts)
+
+
+def _characters_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    from diffusion_bunny.faces import references_fingerprint
+    from diffusion_bunny.stages.characters import reference_dir
+
+    if not run.has_table("frames"):
+        raise StageError(
+            f"table 'frames' is missing in {run.run_dir}; run stage extract first "
+            "(bunny run MOVIE --stages extract,quality,characters)"
+        )
+    inputs: dict[str, Any] = {"frames": run.table_fingerprint("frames")}
+    if run.has_table("quality"):
+        # Which frames stage 02 kept, not the face_sharpness column stage 03 fills in itself.
+        inputs["quality"] = run.table_fingerprint("quality", ["frame_id", "keep"])
+    inputs["references"] = references_fingerprint(reference_dir(run.run_dir, cfg.characters))
+    return inputs
+
+
+def _characters_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.characters import characters_stage
+
+    previous = None
+    if run.has_table("faces") and run.has_table("face_frames"):
+        previous = (run.read_table("faces"), run.read_table("face_frames"))
+    quality = run.read_table("quality") if run.has_table("quality") else None
+    result = characters_stage(
+        run.run_dir,
+        run.read_table("frames"),
+        quality,
+        cfg.characters,
+        previous=previous,
+        progress=progress,
+        progress_path=run.progress_path("characters"),
+    )
+    if result.quality is not None:
+        # Stage 02 leaves face_sharpness empty; it is filled here, where the faces are known.
+        run.write_table("quality", result.quality)
+    return StageOutput(
+        tables={"faces": result.faces, "face_frames": result.face_frames},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
 
 
 STAGES: dict[str, StageSpec] = {
@@ -129,6 +178,16 @@ STAGES: dict[str, StageSpec] = {
             inputs=_quality_inputs,
             compute=_quality_compute,
         ),
+        StageSpec(
+            name="characters",
+            number=3,
+            notebook="03_detect_characters.ipynb",
+            version=1,
+            sections=("characters",),
+            outputs=("faces", "face_frames"),
+            inputs=_characters_inputs,
+            compute=_characters_compute,
+        ),
     )
 }
 
@@ -150,7 +209,7 @@ def stage_state(run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
     """``done``/``stale``/``missing`` for one stage of a run, with the reason."""
     spec = get_stage(name)
     return manifest_state(
-        run, name, spec.version, cfg.section_hash(*spec.sections), spec.inputs(run), spec.outputs
+        run, name, spec.version, cfg.section_hash(*spec.sections), spec.inputs(run, cfg), spec.outputs
     )
 
 
@@ -159,7 +218,7 @@ def run_stage(
 ) -> dict[str, pl.DataFrame]:
     """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
     spec = get_stage(name)
-    inputs = spec.inputs(run)
+    inputs = spec.inputs(run, cfg)
     config_hash = cfg.section_hash(*spec.sections)
     state, _ = manifest_state(run, name, spec.version, config_hash, inputs, spec.outputs)
     if state == "done" and not force:

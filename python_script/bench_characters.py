@@ -1,0 +1,133 @@
+"""Benchmark stage 03's face detection plus encoding at 720p against face_recognition's own way.
+
+What it measures, on the same frames in the same run (best of ``--repeat``):
+
+1. the reference: face_recognition as its README and examples use it, one frame after another:
+   ``face_locations(frame)`` (HOG, one upsampling, on the full 1280x720 frame) and
+   ``face_encodings(frame, boxes)``;
+2. stage 03's :func:`~diffusion_bunny.stages.characters.detect_faces` with its defaults (HOG on a
+   640 px copy with one upsampling, boxes mapped back, encodings on the full frame), in one
+   process and on a pool of one worker process per core.
+
+It prints frames/s for each, the ratio to the reference, and how many faces each found (the
+downscaled detection must not lose faces the reference finds). The target is at least 10 frames/s
+for stage 03 on all cores.
+
+The frames are real footage with faces: the frames of ``short_hamilton_clip.mp4`` (from
+``../shared/testdata``, when present) and of the demo movie, scaled up to 1280x720 and saved as
+JPEGs the way stage 01 saves them. Exit status 0 even when the target is missed (a measurement).
+
+    uv run python python_script/bench_characters.py [--frames 120] [--repeat 2] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import polars as pl
+
+from diffusion_bunny.faces import DetectSettings, face_recognition_module
+from diffusion_bunny.stages.characters import detect_faces
+
+ROOT = Path(__file__).resolve().parents[1]
+HAMILTON = ROOT.parent / "shared" / "testdata" / "face_recognition_examples" / "short_hamilton_clip.mp4"
+WIDTH, HEIGHT = 1280, 720
+
+
+def _movie_frames(path: Path, step: int) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [
+            f.to_ndarray(format="bgr24") for i, f in enumerate(container.decode(video=0)) if i % step == 0
+        ]
+
+
+def make_frames(folder: Path, n: int) -> pl.DataFrame:
+    """``n`` 720p JPEGs of real faces under ``folder/frames`` and their frames table."""
+    from diffusion_bunny.demo_run import demo_movie
+
+    sources: list[np.ndarray] = []
+    if HAMILTON.is_file():
+        sources += _movie_frames(HAMILTON, 3)
+    sources += _movie_frames(demo_movie(progress=False).path, 8)
+    (folder / "frames").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        frame = cv2.resize(sources[(i * 7) % len(sources)], (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
+        rel = f"frames/f{i:05d}.jpg"
+        cv2.imwrite(str(folder / rel), frame, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        rows.append({"frame_id": f"f{i:05d}", "path": rel})
+    return pl.DataFrame(rows)
+
+
+def reference_pass(folder: Path, frames: pl.DataFrame) -> int:
+    """face_recognition's documented use, frame by frame; returns the number of faces."""
+    fr = face_recognition_module()
+    faces = 0
+    for rel in frames["path"]:
+        image = fr.load_image_file(str(folder / rel))
+        boxes = fr.face_locations(image)
+        faces += len(fr.face_encodings(image, boxes))
+    return faces
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the JPEGs (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_characters_"))
+    try:
+        frames = make_frames(work, args.frames)
+        cores = os.cpu_count() or 1
+        source = "Hamilton and demo" if HAMILTON.is_file() else "demo only"
+        print(f"{frames.height} frames at {WIDTH}x{HEIGHT} ({source})")
+        for rel in frames["path"]:
+            (work / rel).read_bytes()
+        settings = DetectSettings()
+        results: dict[str, tuple[float, int]] = {}
+
+        def timed(name: str, fn: Callable[[], int]) -> None:
+            best, found = float("inf"), 0
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                found = fn()
+                best = min(best, time.perf_counter() - start)
+            results[name] = (best, found)
+            print(f"  {name:<44} {frames.height / best:6.1f} frames/s  {found} faces")
+
+        timed("face_recognition (full 720p, 1 process)", lambda: reference_pass(work, frames))
+        timed(
+            "stage 03 detect_faces, 1 process",
+            lambda: detect_faces(work, frames, settings, workers=1, progress=False)[0].height,
+        )
+        timed(
+            f"stage 03 detect_faces, {cores} processes",
+            lambda: detect_faces(work, frames, settings, workers=cores, progress=False)[0].height,
+        )
+        ref_time, ref_faces = results["face_recognition (full 720p, 1 process)"]
+        best_time, best_faces = results[f"stage 03 detect_faces, {cores} processes"]
+        fps = frames.height / best_time
+        print(
+            f"stage 03 on {cores} cores: {fps:.1f} frames/s ({ref_time / best_time:.2f}x face_recognition's "
+            f"own loop); faces found {best_faces} vs {ref_faces}; target >= 10 frames/s: "
+            f"{'met' if fps >= 10 else 'MISSED'}"
+        )
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
