@@ -418,3 +418,14 @@ def test_hamilton_performer_named_and_audience_not(hamilton, tmp_path):
     assert frames_with_face >= 10, figures
     assert named >= 0.9 * frames_with_face, figures
     assert audience.height >= 1 and figures["audience_named_lin"] == 0, figures
+
+
+def test_cnn_detector_option_finds_the_same_face(tmp_path):
+    """``characters.model: cnn`` runs dlib's CNN detector (slow on a CPU, so a small photo)."""
+    rgb = read_rgb(_examples() / "obama.jpg")
+    small = cv2.resize(rgb, (240, round(240 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA)
+    hog = detect_and_encode(small, DetectSettings(upsample=0, min_face_px=0))
+    cnn = detect_and_encode(small, DetectSettings(model="cnn", upsample=0, min_face_px=0))
+    assert len(hog) == len(cnn) == 1
+    assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
+    assert cnn[0].sharpness > 0

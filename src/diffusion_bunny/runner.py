@@ -177,7 +177,12 @@ def run_movie(
             stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
         )
         report.stages.append(stage_report)
-        counts = ", ".join(f"{k} {v}" for k, v in stage_report.counts.items())
+        counts = ", ".join(
+            f"{k} ({', '.join(f'{n} {c}' for n, c in v.items()) or 'none'})"
+            if isinstance(v, dict)
+            else f"{k} {v}"
+            for k, v in stage_report.counts.items()
+        )
         _say(f"{movie.name}: {stage} done: {counts}")
         for warning in stage_report.warnings:
             _say(f"{movie.name}: warning: {warning}")
