@@ -59,7 +59,10 @@ def detect(path, detector, model, **kw):
     det = make_boundaries(cfg, reader.info.fps, model)
     found, last = [], -1
     for d in reader.frames():
-        found += det.push(d.index, d.small_bgr)
+        new = det.push(d.index, d.small_bgr)
+        # Stage 01's delay line is lookahead + 1 frames long: no answer may come later.
+        assert all(d.index - b <= det.lookahead for b in new), (new, d.index, det.lookahead)
+        found += new
         last = d.index
     found += det.finish(last)
     return sorted(found), det

@@ -254,9 +254,11 @@ class CascadeBoundaries(Boundaries):
         self.probs: dict[int, float] = {}
         self.model_frames = 0
         self.model_seconds = 0.0
-        # A gradual candidate is known LAG + LAG frames after its middle; its window needs
-        # CONTEXT + MARGIN more frames; its boundary may lie MARGIN frames before it.
-        self.lookahead = 2 * LAG + CONTEXT + 2 * MARGIN + HARD_AHEAD + 2
+        # A candidate at c is proposed HARD_AHEAD (hard) or 2.5 LAG (gradual) frames after c and
+        # judged once CONTEXT + MARGIN frames after c have arrived; the boundary it gives may lie
+        # MARGIN frames before c. Every frame held here is a decoded frame in stage 01's delay
+        # line (1.4 MB at 720p), so the look-ahead is no longer than that.
+        self.lookahead = max(CONTEXT + MARGIN, 2 * LAG + LAG // 2, HARD_AHEAD) + MARGIN + 2
         self.order = _InOrder(min_len, self.lookahead)
 
     # -- signals -------------------------------------------------------------------------------
