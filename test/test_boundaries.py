@@ -135,6 +135,25 @@ def test_cascade_cost_follows_candidates_not_length(tmp_path, model, ffmpeg_bin)
     assert model.frames_run == before
 
 
+def test_cascade_loads_the_model_only_when_a_candidate_needs_it(clips, cut_clip, model):
+    calls = []
+
+    def loader(device):
+        calls.append(device)
+        return model
+
+    handle = transnet.ModelHandle("cpu", loader, start=False)
+    found, det = detect(clips["cut"].path, "cascade", handle, accept_threshold=None)
+    assert found == clips["cut"].boundaries and calls == ["cpu"]
+    assert det.facts()["model_loaded"] is True
+    # Clean cuts only: every candidate is accepted at once and the model is never loaded.
+    handle = transnet.ModelHandle("cpu", loader, start=False)
+    found, det = detect(cut_clip[0], "cascade", handle)
+    assert found == cut_clip[1] and calls == ["cpu"]
+    facts = det.facts()
+    assert facts["model_loaded"] is False and facts["candidates_accepted_fast"] == 3
+
+
 def test_windowed_predictor_matches_the_package(clips, model):
     """Our streaming windows give the package's own predict_frames probabilities."""
     import torch

@@ -310,8 +310,13 @@ class CascadeBoundaries(Boundaries):
             cand.decision, cand.boundary = "accepted_fast", c
             self.order.add(c, s)
         else:
-            self.queue.append(cand)
+            self._enqueue(cand)
         self.candidates.append(cand)
+
+    def _enqueue(self, cand: Candidate) -> None:
+        if isinstance(self.model, ModelHandle):
+            self.model.start()  # ~35 frames before the first window needs it
+        self.queue.append(cand)
 
     def _peak(self, arr: np.ndarray, c: int) -> bool:
         """``arr[c]`` is the first maximum within +-2 frames."""
@@ -348,7 +353,7 @@ class CascadeBoundaries(Boundaries):
             return
         far = [float(self.dk[v % RING]) for v in (u - 2 * LAG, u + 2 * LAG) if LAG <= v < self.n]
         cand = Candidate(middle, "gradual", s, float(np.mean(far)) if far else 0.0, colour_score=h)
-        self.queue.append(cand)
+        self._enqueue(cand)
         self.candidates.append(cand)
 
     def _gradual_shape(self, lagged: np.ndarray, step: np.ndarray, u: int, ratio: float) -> bool:

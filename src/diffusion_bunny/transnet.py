@@ -160,23 +160,42 @@ def load_model(device: str = "auto") -> TransNetModel:
 
 
 class ModelHandle:
-    """Loads the model on a background thread, so importing torch and reading the weights (a few
-    seconds) overlaps with the first seconds of decoding; :meth:`get` waits for it. Whether the
-    package is installed is checked at once, so a missing model fails before any decoding."""
+    """Loads the model on a background thread, so importing torch and reading the weights (about
+    3 s) overlaps with decoding; :meth:`get` waits for it. Whether the package is installed is
+    checked at once, so a missing model fails before any decoding. With ``start=False`` loading
+    begins only at :meth:`start` (the cascade calls it on its first doubtful candidate, so a
+    movie whose every cut is unmistakable never pays for torch)."""
 
-    def __init__(self, device: str = "auto", loader: Callable[[str], TransNetModel] = load_model):
+    def __init__(
+        self,
+        device: str = "auto",
+        loader: Callable[[str], TransNetModel] = load_model,
+        *,
+        start: bool = True,
+    ):
         weights_path()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transnet-load")
-        self._future: Future[TransNetModel] = self._pool.submit(loader, device)
-        self._pool.shutdown(wait=False)
+        self.device = device
+        self._loader = loader
+        self._future: Future[TransNetModel] | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin loading (once)."""
+        if self._future is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transnet-load")
+            self._future = pool.submit(self._loader, self.device)
+            pool.shutdown(wait=False)
 
     def get(self) -> TransNetModel:
         """The loaded model (raises the loading error, if any)."""
+        self.start()
+        assert self._future is not None
         return self._future.result()
 
     def ready(self) -> bool:
         """Whether loading has finished."""
-        return self._future.done()
+        return self._future is not None and self._future.done()
 
 
 class WindowedPredictor:
@@ -249,11 +268,12 @@ def describe(model: TransNetModel | None, frames_run: int, seconds: float) -> di
     """Facts about the model for the manifest: ``frames_run`` and ``seconds`` are one detector's
     own use of it (the loaded model is shared by the whole process)."""
     if model is None:
-        return {"model_device": None, "model_frames_run": 0, "model_seconds": 0.0}
+        return {"model_loaded": False, "model_device": None, "model_frames_run": 0, "model_seconds": 0.0}
     import torch
 
     return {
         "model": f"TransNetV2 ({PACKAGE} weights)",
+        "model_loaded": True,
         "model_device": model.device,
         "model_load_s": round(model.load_s, 3),
         "model_frames_run": frames_run,

@@ -293,7 +293,9 @@ def extract_frames(
     from diffusion_bunny.boundaries import make_boundaries
     from diffusion_bunny.transnet import ModelHandle
 
-    model = ModelHandle(cfg.device) if cfg.uses_transnetv2 else None
+    # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
+    # cascade starts loading it at its first doubtful candidate.
+    model = ModelHandle(cfg.device, start=cfg.detector == "transnetv2") if cfg.uses_transnetv2 else None
     detector = make_boundaries(cfg, fps, model)
     delay = max(1, detector.lookahead + 1)
     stage_frames = run_dir / f".frames.tmp{os.getpid()}"
