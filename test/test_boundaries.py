@@ -17,7 +17,6 @@ import pytest
 
 from diffusion_bunny import transnet
 from diffusion_bunny.boundaries import (
-    WINDOW_LEN,
     CascadeBoundaries,
     TransNetV2Boundaries,
     _InOrder,
@@ -122,7 +121,7 @@ def test_cascade_without_fast_accept_still_agrees(clips, model):
     assert facts["candidates_accepted_fast"] == 0
     assert facts["candidates_confirmed"] == 2
     # The network ran on windows around the candidates only: its cost follows the candidates.
-    assert 0 < facts["model_frames_run"] <= facts["candidates_proposed"] * WINDOW_LEN
+    assert 0 < facts["model_frames_run"] <= facts["candidates_proposed"] * 2 * transnet.WINDOW
 
 
 def test_cascade_cost_follows_candidates_not_length(tmp_path, model, ffmpeg_bin):
@@ -306,6 +305,6 @@ def test_detectors_report_their_lookahead(model):
     cascade = make_boundaries(xcfg(), 25.0, model)
     alone = make_boundaries(xcfg(detector="transnetv2"), 25.0, model)
     assert isinstance(cascade, CascadeBoundaries) and isinstance(alone, TransNetV2Boundaries)
-    # The delay line must cover the confirmation window: 25 frames of context and the margin.
-    assert cascade.lookahead >= transnet.CONTEXT + (WINDOW_LEN - 2 * transnet.CONTEXT) // 2
+    # The delay line must cover the confirmation windows (75 frames after a window's start).
+    assert cascade.lookahead >= transnet.WINDOW - transnet.CONTEXT
     assert alone.lookahead > transnet.WINDOW - transnet.CONTEXT

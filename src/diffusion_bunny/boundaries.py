@@ -34,7 +34,16 @@ import cv2
 import numpy as np
 
 from diffusion_bunny.config import ExtractionConfig
-from diffusion_bunny.transnet import CONTEXT, ModelHandle, TransNetModel, WindowedPredictor, describe, rgb48
+from diffusion_bunny.transnet import (
+    CONTEXT,
+    STEP,
+    WINDOW,
+    ModelHandle,
+    TransNetModel,
+    WindowedPredictor,
+    describe,
+    rgb48,
+)
 
 #: A run of probabilities over the threshold longer than this is closed by force, so the delay
 #: stays bounded; at 24-30 fps this is longer than any ordinary dissolve's peak.
@@ -216,14 +225,17 @@ class CascadeBoundaries(Boundaries):
     Verdicts: a hard candidate that jumps by at least ``accept_threshold`` and
     :data:`ACCEPT_RATIO` times its surroundings, with no other candidate near it, and whose next
     frames do not come back towards the frame before it (a flash or an occlusion does), is
-    accepted at once. On two CPU cores the network costs about 0.4 s per candidate window, so
+    accepted at once. On two CPU cores the network costs about 0.7 s per 100-frame window, so
     asking it about the unmistakable cuts of a movie with a hundred shots would double stage 01's
     time; on a GPU, ``accept_threshold: null`` sends every candidate to it. Every other candidate
-    goes to TransNetV2, which runs on ``[c - 25 - MARGIN, c + 25 + MARGIN]`` (25 frames of context
-    on each side, as in the network's own windows) and confirms it if a run of probabilities over
-    the threshold lies within ``MARGIN`` frames; the boundary is then placed as TransNetV2 alone
-    places it. Cost: ``51 + 2 * MARGIN`` network frames per doubtful candidate (nearby ones share
-    a window), none for the frames in between.
+    goes to TransNetV2, which runs on the very windows TransNetV2 alone would run over
+    ``c +- MARGIN`` (one, or two when ``c`` is near a window's edge; 100 frames each, 50 predicted
+    with at least 25 frames of context on each side) and confirms it if a run of probabilities
+    over the threshold lies within ``MARGIN`` frames; the boundary is then placed as TransNetV2
+    alone places it. So wherever the cascade asks, it gets TransNetV2's own answer (a shorter
+    window centred on the candidate moved probabilities by up to 0.1 and flipped a cut). Cost:
+    100-200 network frames per doubtful candidate (nearby ones share windows), none for the
+    frames in between.
     """
 
     name = "cascade"
@@ -251,14 +263,14 @@ class CascadeBoundaries(Boundaries):
         self.first = 0  # index of the first frame (stream indices are consecutive)
         self.candidates: list[Candidate] = []
         self.queue: list[Candidate] = []
-        self.probs: dict[int, float] = {}
+        self.blocks: dict[int, np.ndarray] = {}
         self.model_frames = 0
         self.model_seconds = 0.0
         # A candidate at c is proposed HARD_AHEAD (hard) or 2.5 LAG (gradual) frames after c and
-        # judged once CONTEXT + MARGIN frames after c have arrived; the boundary it gives may lie
-        # MARGIN frames before c. Every frame held here is a decoded frame in stage 01's delay
-        # line (1.4 MB at 720p), so the look-ahead is no longer than that.
-        self.lookahead = max(CONTEXT + MARGIN, 2 * LAG + LAG // 2, HARD_AHEAD) + MARGIN + 2
+        # judged once the last window covering c + MARGIN is complete (at most MARGIN + 74
+        # frames after c); the boundary it gives may lie MARGIN frames before c. Every frame of
+        # look-ahead is a decoded frame held in stage 01's delay line (1.4 MB at 720p).
+        self.lookahead = max(MARGIN + WINDOW - CONTEXT - 1, 2 * LAG + LAG // 2, HARD_AHEAD) + MARGIN + 2
         self.order = _InOrder(min_len, self.lookahead)
 
     # -- signals -------------------------------------------------------------------------------
@@ -372,45 +384,50 @@ class CascadeBoundaries(Boundaries):
 
     # -- verdicts ------------------------------------------------------------------------------
 
+    def _blocks(self, c: Candidate) -> range:
+        """The network's own windows that predict the frames within ``MARGIN`` of ``c``:
+        window ``k`` predicts frames ``50k .. 50k+49`` from frames ``50k-25 .. 50k+74``."""
+        return range(max(0, c.frame - MARGIN) // STEP, (c.frame + MARGIN) // STEP + 1)
+
+    def _block_ready(self, k: int, final: bool) -> bool:
+        return final or self.n >= STEP * k + WINDOW - CONTEXT
+
     def _score_ready(self, final: bool) -> None:
-        ready = [c for c in self.queue if final or c.frame + MARGIN + CONTEXT < self.n]
+        ready = [c for c in self.queue if all(self._block_ready(k, final) for k in self._blocks(c))]
         if not ready:
             return
         self.queue = [c for c in self.queue if c not in ready]
-        todo = [c for c in ready if any(f not in self.probs for f in self._span(c))]
-        if todo:
-            # Nearby candidates share one window; the others are batched into one call.
-            windows, starts = [], []
-            covered: set[int] = set()
-            for c in todo:
-                if all(f in covered for f in self._span(c)):
-                    continue
-                start = c.frame - MARGIN - CONTEXT
-                windows.append(self._window(start, start + WINDOW_LEN))
-                starts.append(start)
-                covered.update(self._span(c))
+        needed = sorted(
+            {k for c in ready for k in self._blocks(c) if k not in self.blocks and STEP * k < self.n}
+        )
+        if needed:
+            # Exactly the windows TransNetV2 alone would run (frames before the first and after
+            # the last repeated, as the package pads), so its verdict on a candidate is the one
+            # TransNetV2 alone gives there; nearby candidates share windows.
+            windows = [self._window(STEP * k - CONTEXT, STEP * k - CONTEXT + WINDOW) for k in needed]
             model = self.model.get() if isinstance(self.model, ModelHandle) else self.model
             started = time.perf_counter()
             probs = model.predict(np.stack(windows))
             self.model_seconds += time.perf_counter() - started
-            self.model_frames += len(windows) * WINDOW_LEN
-            for start, p in zip(starts, probs, strict=True):
-                for k in range(CONTEXT, CONTEXT + 2 * MARGIN + 1):
-                    f = start + k
-                    if 0 <= f < self.n:
-                        self.probs[f] = max(self.probs.get(f, 0.0), float(p[k]))
+            self.model_frames += len(windows) * WINDOW
+            for k, p in zip(needed, probs, strict=True):
+                self.blocks[k] = p[CONTEXT : CONTEXT + STEP].astype(np.float32)
         for c in ready:
             self._decide(c)
-        # Forget probabilities no window can reach again.
-        for f in [f for f in self.probs if f < self.n - RING]:
-            del self.probs[f]
+        # Forget windows no candidate can reach again.
+        for k in [k for k in self.blocks if STEP * (k + 2) < self.n - RING]:
+            del self.blocks[k]
+
+    def _prob(self, f: int) -> float:
+        block = self.blocks.get(f // STEP)
+        return 0.0 if block is None else float(block[f % STEP])
 
     def _span(self, c: Candidate) -> range:
         return range(max(0, c.frame - MARGIN), min(self.n, c.frame + MARGIN + 1))
 
     def _decide(self, c: Candidate) -> None:
         span = list(self._span(c))
-        ps = [self.probs.get(f, 0.0) for f in span]
+        ps = [self._prob(f) for f in span]
         c.model_score = max(ps) if ps else 0.0
         best: tuple[float, int] | None = None
         # The run over the threshold nearest to the candidate: its peak gives the boundary.
@@ -520,7 +537,6 @@ LAG = 8
 BASE = 8
 HARD_AHEAD = 8
 MARGIN = 8
-WINDOW_LEN = 2 * CONTEXT + 2 * MARGIN + 1
 COHERENCE = 0.6
 GRADUAL_RATIO = 1.3
 HIST_BINS = 64
