@@ -50,7 +50,10 @@ def test_layers_later_wins(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["extraction.treshold=3"], "unknown key 'extraction.treshold' (allowed here: analysis_width,"),
+        (
+            ["extraction.treshold=3"],
+            "unknown key 'extraction.treshold' (allowed here: accept_threshold, analysis_width,",
+        ),
         (
             ["extractoin.threshold=3"],
             "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run)",
@@ -64,7 +67,7 @@ def test_layers_later_wins(tmp_path):
             "extraction.jpeg_quality = 0: Input should be greater than or equal to 1",
         ),
         (
-            ["extraction.threshold=300"],
+            ["extraction.detector=content", "extraction.threshold=300"],
             "threshold 300.0 is out of range for detector 'content': allowed 0.0 to 255.0",
         ),
         (["extraction.detector=hash", "extraction.threshold=2"], "allowed 0.0 to 1.0"),

@@ -36,7 +36,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
     assert nb.metadata["papermill"]["parameters"]["run_dir"] == str(out.resolve())
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     manifest = json.loads((out / "manifests" / "extract.json").read_text())
-    assert manifest["counts"]["shots"] == 4 and manifest["facts"]["detector"] == "content"
+    assert manifest["counts"]["shots"] == 4 and manifest["facts"]["detector"] == "cascade"
     first = finished(out)
     capsys.readouterr()
 
@@ -108,7 +108,7 @@ def test_stage_callable_without_papermill(cut_clip, tmp_path):
     run = Run.create(tmp_path / "run", path)
     assert stage_state(run, "extract", cfg) == ("missing", "never ran")
     tables = run_stage(run, "extract", cfg, progress=False)
-    assert set(tables) == {"shots", "frames", "keyframe_candidates"}
+    assert set(tables) == {"shots", "frames", "keyframe_candidates", "boundary_candidates"}
     assert stage_state(run, "extract", cfg)[0] == "done"
     assert stage_state(run, "extract", load_config(None, ["extraction.detector=adaptive"]))[0] == "stale"
     run.table_path("frames").unlink()

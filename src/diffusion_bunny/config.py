@@ -38,6 +38,7 @@ VIDEO_EXTENSIONS = (
 )
 
 # Each PySceneDetect detector measures something different, so each has its own default and range.
+# ``transnetv2`` and ``cascade`` use ``transnetv2_threshold`` and the ``candidate_*`` keys instead.
 DETECTOR_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     # name: (default, minimum, maximum)
     "content": (27.0, 0.0, 255.0),
@@ -65,8 +66,16 @@ class ExtractionConfig(_Section):
     """Settings of stage 01 (decode, shot detection, keyframe choice)."""
 
     method: Literal["shots", "interval", "keyframe"] = "shots"
-    detector: Literal["content", "adaptive", "threshold", "hash", "histogram"] = "content"
+    detector: Literal["cascade", "transnetv2", "content", "adaptive", "threshold", "hash", "histogram"] = (
+        "cascade"
+    )
     threshold: float | None = None
+    transnetv2_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    candidate_threshold: float = Field(10.0, ge=0.0, le=255.0)
+    candidate_ratio: float = Field(2.0, ge=1.0, le=100.0)
+    gradual_threshold: float = Field(10.0, ge=0.0, le=255.0)
+    accept_threshold: float | None = Field(40.0, ge=0.0, le=255.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)
     analysis_width: int = Field(256, ge=32, le=1920)
     detect_width: int = Field(128, ge=32, le=1920)
@@ -78,6 +87,11 @@ class ExtractionConfig(_Section):
 
     @model_validator(mode="after")
     def _threshold_in_detector_range(self) -> ExtractionConfig:
+        if self.threshold is not None and self.detector not in DETECTOR_THRESHOLDS:
+            raise ValueError(
+                f"threshold applies to the PySceneDetect detectors only; detector '{self.detector}' "
+                "uses transnetv2_threshold (and candidate_threshold, gradual_threshold for cascade)"
+            )
         if self.threshold is not None:
             _, low, high = DETECTOR_THRESHOLDS[self.detector]
             if not low <= self.threshold <= high:
@@ -89,8 +103,16 @@ class ExtractionConfig(_Section):
         return self
 
     @property
+    def uses_transnetv2(self) -> bool:
+        """Whether the detector needs the TransNetV2 model."""
+        return self.detector in ("transnetv2", "cascade")
+
+    @property
     def effective_threshold(self) -> float:
-        """The threshold in force: the configured one, or the detector's own default."""
+        """The threshold in force: the configured one, or the detector's own default (for
+        ``transnetv2`` and ``cascade``: the model's ``transnetv2_threshold``)."""
+        if self.uses_transnetv2:
+            return self.transnetv2_threshold
         if self.threshold is None:
             return DETECTOR_THRESHOLDS[self.detector][0]
         return self.threshold

@@ -25,4 +25,10 @@ class StageError(UserError):
     """A stage cannot run because something it needs (an earlier stage's table) is missing."""
 
 
-USER_ERROR_NAMES = frozenset(cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError))
+class ModelError(UserError):
+    """A model a stage needs is not installed, cannot be loaded, or its device is unavailable."""
+
+
+USER_ERROR_NAMES = frozenset(
+    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError)
+)

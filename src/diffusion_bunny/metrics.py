@@ -29,14 +29,27 @@ class BoundaryScore:
         return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def match_boundaries(found: Sequence[int], truth: Sequence[int], tolerance: int = 0) -> BoundaryScore:
+def boundary_distance(found: int, truth: int | tuple[int, int]) -> int:
+    """Frames between a detected boundary and a true one; a true gradual transition is a span
+    ``(first, last)`` of frames where a split is right, and a detection inside it is at 0."""
+    if isinstance(truth, tuple):
+        first, last = truth
+        return 0 if first <= found <= last else min(abs(found - first), abs(found - last))
+    return abs(found - truth)
+
+
+def match_boundaries(
+    found: Sequence[int], truth: Sequence[int | tuple[int, int]], tolerance: int = 0
+) -> BoundaryScore:
     """TRECVID-style greedy one-to-one matching: pairs are taken closest first, each detected and
-    each true boundary used at most once, and a pair counts if within ``tolerance`` frames."""
+    each true boundary used at most once, and a pair counts if within ``tolerance`` frames.
+    True boundaries are frames (hard cuts) or ``(first, last)`` spans (gradual transitions, see
+    :func:`boundary_distance`)."""
     pairs = sorted(
-        (abs(f - t), i, j)
+        (dist, i, j)
         for i, f in enumerate(found)
         for j, t in enumerate(truth)
-        if abs(f - t) <= tolerance
+        if (dist := boundary_distance(f, t)) <= tolerance
     )
     used_f: set[int] = set()
     used_t: set[int] = set()

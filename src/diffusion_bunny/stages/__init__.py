@@ -71,9 +71,15 @@ def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
         "static_shots": int((result.shots["kind"] == "static").sum()),
         "dynamic_shots": int((result.shots["kind"] == "dynamic").sum()),
         "decoded_frames": result.info["decoded_frames"],
+        "boundary_candidates": result.boundary_candidates.height,
     }
     return StageOutput(
-        tables={"shots": result.shots, "frames": result.frames, "keyframe_candidates": result.candidates},
+        tables={
+            "shots": result.shots,
+            "frames": result.frames,
+            "keyframe_candidates": result.candidates,
+            "boundary_candidates": result.boundary_candidates,
+        },
         counts=counts,
         warnings=result.warnings,
         facts=result.info,
@@ -162,9 +168,9 @@ STAGES: dict[str, StageSpec] = {
             name="extract",
             number=1,
             notebook="01_extract_frames.ipynb",
-            version=1,
+            version=2,
             sections=("extraction",),
-            outputs=("shots", "frames", "keyframe_candidates"),
+            outputs=("shots", "frames", "keyframe_candidates", "boundary_candidates"),
             inputs=_extract_inputs,
             compute=_extract_compute,
         ),

@@ -2,11 +2,14 @@
 
 Everything happens in a single streaming pass with bounded memory:
 
-* the analysis copy of each frame (see :mod:`diffusion_bunny.video`) feeds a PySceneDetect
-  detector, a motion measure (mean absolute difference of a tiny grayscale copy) and a cheap
-  sharpness measure (variance of the Laplacian) used only to pick the best frame of a window;
-* frames pass through a short delay line as long as the detector's own look-behind, so a cut the
-  detector reports late still splits the shots at the right frame;
+* the analysis copy of each frame (see :mod:`diffusion_bunny.video`) feeds the shot-boundary
+  detector (:mod:`diffusion_bunny.boundaries`: the TransNetV2 cascade by default, TransNetV2
+  alone, or a PySceneDetect detector), a motion measure (mean absolute difference of a tiny
+  grayscale copy) and a cheap sharpness measure (variance of the Laplacian) used only to pick
+  the best frame of a window;
+* frames pass through a delay line as long as the detector's look-ahead (the cascade waits for
+  TransNetV2's right-hand context), so a cut the detector reports late still splits the shots at
+  the right frame; only the current frames are held, so memory does not grow with the movie;
 * each open shot keeps only a handful of candidate frames (best of its start window, best per
   bucket for its middle, a sliding best for its end); when the shot closes its candidates are
   saved as small thumbnails and the ones chosen for the current motion threshold as full JPEGs.
@@ -59,6 +62,17 @@ CANDIDATES_SCHEMA = {
     "timestamp_s": pl.Float64,
     "analysis_sharpness": pl.Float64,
     "thumb_path": pl.Utf8,
+}
+BOUNDARY_CANDIDATES_SCHEMA = {
+    "frame_index": pl.Int64,
+    "kind": pl.Utf8,
+    "fast_score": pl.Float64,
+    "baseline": pl.Float64,
+    "colour_score": pl.Float64,
+    "flash_like": pl.Boolean,
+    "model_score": pl.Float64,
+    "decision": pl.Utf8,
+    "boundary": pl.Int64,
 }
 FRAMES_SCHEMA = {
     "frame_id": pl.Utf8,
@@ -208,6 +222,9 @@ class ExtractResult:
     candidates: pl.DataFrame
     info: dict[str, Any]
     warnings: list[str]
+    boundary_candidates: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema=BOUNDARY_CANDIDATES_SCHEMA)
+    )
 
 
 class _Writer:
@@ -268,14 +285,19 @@ def extract_frames(
     if movie_key is None:
         movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
     window = max(1, round(cfg.keyframe_window_seconds * fps))
-    detector = make_detector(cfg, fps)
-    from fractions import Fraction
+    requested = cfg.detector
+    if cfg.uses_transnetv2 and cfg.method == "keyframe":
+        # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
+        # consecutive frames, so the content detector compares the keyframes instead.
+        cfg = cfg.model_copy(update={"detector": "content"})
+    from diffusion_bunny.boundaries import make_boundaries
+    from diffusion_bunny.transnet import ModelHandle
 
-    from scenedetect.common import FrameTimecode
-
-    rate = Fraction(fps).limit_denominator(100_000)
-
-    delay = max(1, int(detector.event_buffer_length) + 1)
+    # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
+    # cascade starts loading it at its first doubtful candidate.
+    model = ModelHandle(cfg.device, start=cfg.detector == "transnetv2") if cfg.uses_transnetv2 else None
+    detector = make_boundaries(cfg, fps, model)
+    delay = max(1, detector.lookahead + 1)
     stage_frames = run_dir / f".frames.tmp{os.getpid()}"
     stage_thumbs = run_dir / f".thumbs.tmp{os.getpid()}"
     for d in (stage_frames, stage_thumbs):
@@ -410,9 +432,10 @@ def extract_frames(
             tiny = cv2.resize(gray, tiny_size, interpolation=cv2.INTER_AREA)
             diff = None if prev_tiny is None else float(cv2.norm(tiny, prev_tiny, cv2.NORM_L1)) / tiny.size
             prev_tiny = tiny
-            cuts = detector.process_frame(FrameTimecode(d.index, fps=rate), d.small_bgr)
-            pending_cuts.extend(c.frame_num for c in cuts)
-            pending_cuts.sort()
+            cuts = detector.push(d.index, d.small_bgr)
+            if cuts:
+                pending_cuts.extend(cuts)
+                pending_cuts.sort()
             line.append((d, _sharpness(gray), diff))
             while len(line) > delay:
                 commit(*line.popleft())
@@ -423,8 +446,7 @@ def extract_frames(
         bar.update(reader.report.decoded % 32)
         reporter.update(reader.report.decoded, force=True)
         if last_index >= 0:
-            final = detector.post_process(FrameTimecode(last_index, fps=rate))
-            pending_cuts.extend(c.frame_num for c in final)
+            pending_cuts.extend(detector.finish(last_index))
             pending_cuts.sort()
         while line:
             commit(*line.popleft())
@@ -478,15 +500,18 @@ def extract_frames(
         "analysis_step": reader.analysis_step,
         "detect_step": reader.analysis_step * reader.detect_factor,
         "detector": cfg.detector,
+        "detector_requested": requested,
         "threshold": cfg.effective_threshold,
         "method": cfg.method,
         "seconds": round(elapsed, 3),
         "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
     }
+    facts.update(detector.facts())
     return ExtractResult(
         shots=pl.DataFrame(shots, schema=SHOTS_SCHEMA),
         frames=pl.DataFrame(frame_rows, schema=FRAMES_SCHEMA).sort("frame_index"),
         candidates=pl.DataFrame(cand_rows, schema=CANDIDATES_SCHEMA),
         info=facts,
         warnings=warnings,
+        boundary_candidates=pl.DataFrame(detector.candidate_rows(), schema=BOUNDARY_CANDIDATES_SCHEMA),
     )
