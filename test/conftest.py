@@ -48,3 +48,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     from diffusion_bunny.demo import build_demo_movie
 
     return build_demo_movie(tmp_path_factory.mktemp("demo"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo, tmp_path_factory):
+    """The demo movie through stages 01 and 02, in-process, once per session. Tests read it;
+    a test that changes a run copies it first."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    run = Run.create(tmp_path_factory.mktemp("demo_run") / "run", demo.path)
+    cfg = load_config(root=tmp_path_factory.mktemp("noconfig"))
+    run_stage(run, "extract", cfg, progress=False)
+    run_stage(run, "quality", cfg, progress=False)
+    return run

@@ -223,16 +223,6 @@ def test_cli_empty_reference_folder_fails_the_movie_with_one_line(tmp_path, cut_
 # The stage on the demo movie
 
 
-@pytest.fixture(scope="module")
-def base_run(demo, tmp_path_factory):
-    """The demo movie through stages 01 and 02 (copied by each test that changes it)."""
-    run = Run.create(tmp_path_factory.mktemp("cdemo") / "run", demo.path)
-    cfg = load_config(root=tmp_path_factory.mktemp("noconfig"))
-    run_stage(run, "extract", cfg, progress=False)
-    run_stage(run, "quality", cfg, progress=False)
-    return run
-
-
 def _copy(run: Run, tmp_path: Path) -> Run:
     shutil.copytree(run.run_dir, tmp_path / "run")
     return Run.open(tmp_path / "run")
@@ -242,8 +232,8 @@ def _cfg(tmp_path: Path, **characters) -> object:
     return load_config(None, {f"characters.{k}": v for k, v in characters.items()}, root=tmp_path / "noroot")
 
 
-def test_demo_faces_named_from_references_and_cached(base_run, demo, tmp_path):
-    run = _copy(base_run, tmp_path)
+def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
+    run = _copy(demo_run, tmp_path)
     refs_dir = build_demo_references(tmp_path / "refs")
     cfg = _cfg(tmp_path, reference_dir=str(refs_dir))
     faces = run_stage(run, "characters", cfg, progress=False)["faces"]
@@ -279,8 +269,8 @@ def test_demo_faces_named_from_references_and_cached(base_run, demo, tmp_path):
     assert run.read_table("quality")["face_sharpness"].drop_nulls().len() == len(with_face)
 
 
-def test_discovery_clusters_then_naming_relabels(base_run, tmp_path):
-    run = _copy(base_run, tmp_path)
+def test_discovery_clusters_then_naming_relabels(demo_run, tmp_path):
+    run = _copy(demo_run, tmp_path)
     cfg = _cfg(tmp_path)
     faces = run_stage(run, "characters", cfg, progress=False)["faces"]
     assert faces["character"].is_null().all()
@@ -302,8 +292,8 @@ def test_discovery_clusters_then_naming_relabels(base_run, tmp_path):
     assert stage_state(run, "characters", cfg)[0] == "done"
 
 
-def test_failed_frame_is_logged_and_skipped(base_run, tmp_path):
-    run = _copy(base_run, tmp_path)
+def test_failed_frame_is_logged_and_skipped(demo_run, tmp_path):
+    run = _copy(demo_run, tmp_path)
     frames = run.read_table("frames")
     kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"]
     victim = frames.filter(pl.col("frame_id").is_in(kept.implode())).row(0, named=True)
@@ -317,17 +307,17 @@ def test_failed_frame_is_logged_and_skipped(base_run, tmp_path):
     assert status.filter(pl.col("status") == "ok").height == kept.len() - 1
 
 
-def test_frames_to_scan_needs_quality_unless_all(base_run):
-    frames = base_run.read_table("frames")
+def test_frames_to_scan_needs_quality_unless_all(demo_run):
+    frames = demo_run.read_table("frames")
     with pytest.raises(StageError, match=r"characters\.frames=all"):
         frames_to_scan(frames, None, CharactersConfig())
     assert frames_to_scan(frames, None, CharactersConfig(frames="all")).height == frames.height
 
 
-def test_cluster_namer_widget(base_run, tmp_path):
+def test_cluster_namer_widget(demo_run, tmp_path):
     from diffusion_bunny.widgets import ClusterNamer
 
-    run = _copy(base_run, tmp_path)
+    run = _copy(demo_run, tmp_path)
     run_stage(run, "characters", _cfg(tmp_path), progress=False)
     namer = ClusterNamer(run, overrides={})
     assert namer.clusters().height == 2 and len(namer.rows.children) == 2
@@ -339,10 +329,10 @@ def test_cluster_namer_widget(base_run, tmp_path):
     assert "no cluster is left to name" in namer.rows.children[0].value
 
 
-def test_character_figures_render(base_run, tmp_path):
+def test_character_figures_render(demo_run, tmp_path):
     from diffusion_bunny.plots import character_counts_plot, face_sheet, screen_time_plot
 
-    run = _copy(base_run, tmp_path)
+    run = _copy(demo_run, tmp_path)
     refs_dir = build_demo_references(tmp_path / "refs")
     faces = run_stage(run, "characters", _cfg(tmp_path, reference_dir=str(refs_dir)), progress=False)["faces"]
     frames, shots = run.read_table("frames"), run.read_table("shots")

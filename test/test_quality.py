@@ -238,16 +238,6 @@ def test_nearest_distances_match_brute_force():
     assert nearest_distances(hashes[:1]).tolist() == [64]
 
 
-@pytest.fixture(scope="module")
-def demo_run(demo, tmp_path_factory):
-    """The demo movie through stages 01 and 02, in-process."""
-    run = Run.create(tmp_path_factory.mktemp("qdemo") / "run", demo.path)
-    cfg = load_config(root=tmp_path_factory.mktemp("noconfig"))
-    run_stage(run, "extract", cfg, progress=False)
-    run_stage(run, "quality", cfg, progress=False)
-    return run
-
-
 def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     truth = demo.ground_truth()
     quality = demo_run.read_table("quality")

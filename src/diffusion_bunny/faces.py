@@ -22,7 +22,7 @@ import itertools
 import json
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     # References are portraits, often small; they need no minimum face size.
-    ref_settings = DetectSettings(**{**asdict(settings), "min_face_px": 0})
+    ref_settings = replace(settings, min_face_px=0)
     for name, files in reference_images(ref_dir).items():
         usable = 0
         index = len(refs.names)

@@ -27,7 +27,7 @@ import types
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +304,7 @@ def detect_faces(
     )
     facts = {
         "detect_key": key,
-        "detect_settings": settings.__dict__,
+        "detect_settings": asdict(settings),
         "workers": n_workers if use_pool else 1,
         "frames_detected": len(jobs),
         "frames_cached": len(cached_ids),
@@ -572,8 +572,6 @@ def promote_faces(
     in ``target``; only crops in which the detector again finds exactly one face are kept."""
     import cv2
 
-    from diffusion_bunny.faces import detect_and_encode as _detect
-
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
@@ -582,7 +580,7 @@ def promote_faces(
     )
     target.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    ref_settings = DetectSettings(**{**settings.__dict__, "min_face_px": 0})
+    ref_settings = replace(settings, min_face_px=0)
     for row in ranked.iter_rows(named=True):
         if len(written) >= max_faces:
             break
@@ -590,7 +588,7 @@ def promote_faces(
         if rgb is None:
             continue
         crop = face_crop(rgb, (row["top"], row["right"], row["bottom"], row["left"]))
-        if len(_detect(np.ascontiguousarray(crop), ref_settings)) != 1:
+        if len(detect_and_encode(np.ascontiguousarray(crop), ref_settings)) != 1:
             continue
         out = target / f"{row['face_id']}.png"
         tmp = out.with_name(f".{out.name}.tmp.png")
