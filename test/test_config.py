@@ -56,7 +56,7 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run)",
+            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run, scenes)",
         ),
         (
             ["extraction.method=frames"],
