@@ -76,7 +76,6 @@ def build_timeline(run: Run, level: str = "scene"):
     movie = run.movie
     reel = _reel(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
-    timeline.global_start_time = otio.opentime.RationalTime(round(3600 * fps), fps)  # record TC 01:00:00:00
     track = otio.schema.Track(name="V1", kind=otio.schema.TrackKind.Video)
     timeline.tracks.append(track)
     by_shot = shots.select("shot_id", "start_frame", "end_frame").rows_by_key("shot_id", unique=True)

@@ -295,11 +295,7 @@ def _assign_new(
 ):
     """Same space and thresholds as last time: keep every old frame's cluster, assign only the
     frames that are new against the existing exemplars."""
-    old = dict(
-        prev_clusters.filter((pl.col("level") == "scene") & (~pl.col("manual")))
-        .select("frame_id", "cluster_id")
-        .iter_rows()
-    )
+    old = dict(prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows())
     old_sims = dict(
         prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "similarity").iter_rows()
     )
