@@ -1,1 +1,19 @@
-"""diffusion-bunny."""
+"""diffusion-bunny.
+
+The package root stays light (the CLI imports it before anything heavy); the few functions a
+notebook user calls by name are imported from their modules on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["move_to_cluster"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "move_to_cluster":
+        from diffusion_bunny.scenes import move_to_cluster
+
+        return move_to_cluster
+    raise AttributeError(f"module 'diffusion_bunny' has no attribute {name!r}")

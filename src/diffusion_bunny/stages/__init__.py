@@ -161,6 +161,61 @@ def _characters_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _scenes_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    for table, stage in (("frames", "extract"), ("quality", "quality")):
+        if not run.has_table(table):
+            raise StageError(
+                f"table '{table}' is missing in {run.run_dir}; run stage {stage} first "
+                "(bunny run MOVIE --stages extract,quality,characters,scenes)"
+            )
+    inputs: dict[str, Any] = {
+        "frames": run.table_fingerprint("frames"),
+        "quality": run.table_fingerprint("quality", ["frame_id", "keep"]),
+    }
+    if run.has_table("faces"):
+        inputs["faces"] = run.table_fingerprint("faces", ["frame_id", "character"])
+    if run.has_table("feedback") and run.read_table("feedback").height:
+        # A person's corrections: the adapter learns from them, so new ones make the stage stale.
+        inputs["feedback"] = run.table_fingerprint("feedback", ["event_id"])
+    return inputs
+
+
+def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.scenes import read_feedback, scenes_lock
+    from diffusion_bunny.stages.scenes import scenes_stage
+
+    previous = {
+        t: run.read_table(t) for t in ("embeddings", "clusters", "scene_exemplars") if run.has_table(t)
+    }
+    manifest = run.read_manifest("scenes")
+    with scenes_lock(run.run_dir):
+        feedback = read_feedback(run.run_dir)
+        if not run.has_table("feedback"):
+            run.write_table("feedback", feedback)  # the empty, append-only table, so its schema is fixed
+    result = scenes_stage(
+        run.run_dir,
+        run.movie_key,
+        run.read_table("frames"),
+        run.read_table("quality"),
+        run.read_table("faces") if run.has_table("faces") else None,
+        feedback,
+        cfg.scenes,
+        previous=previous,
+        previous_facts=(manifest or {}).get("facts"),
+        progress=progress,
+    )
+    return StageOutput(
+        tables={
+            "embeddings": result.embeddings,
+            "clusters": result.clusters,
+            "scene_exemplars": result.exemplars,
+        },
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -193,6 +248,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("faces", "face_frames"),
             inputs=_characters_inputs,
             compute=_characters_compute,
+        ),
+        StageSpec(
+            name="scenes",
+            number=4,
+            notebook="04_cluster_scenes.ipynb",
+            version=1,
+            sections=("scenes",),
+            outputs=("embeddings", "clusters", "scene_exemplars"),
+            inputs=_scenes_inputs,
+            compute=_scenes_compute,
         ),
     )
 }
