@@ -206,22 +206,26 @@ def kernel_idle(lab: Lab, notebook: str) -> bool:
     )
 
 
-def open_and_run_all(page, lab: Lab, notebook: str, ready: str, timeout_s: float = 300.0) -> None:
-    """Open ``notebook`` in JupyterLab, run every cell from the **Run** menu, and wait until
-    ``ready`` (a CSS selector) is on the page; a cell's error output fails at once with its text."""
+def run_all(
+    page, lab: Lab, notebook: str, ready: str, *, start: bool = True, timeout_s: float = 300.0
+) -> None:
+    """Open ``notebook`` in JupyterLab and run every cell from the **Run** menu (``start``; else
+    only wait, after the caller started a run some other way), until ``ready`` (a CSS selector)
+    is on the page. A cell's error output or an unexpected dialog fails at once with its text."""
     page.set_default_timeout(60_000)
-    page.goto(lab.lab_url(notebook), wait_until="domcontentloaded", timeout=180_000)
-    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=180_000)
-    # Run All before the page is connected to the kernel asks which kernel to start. The page
-    # shows "idle" for a moment before it even connects, so the server's word counts first.
-    deadline = time.monotonic() + 180
-    while not kernel_idle(lab, notebook):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the kernel of {notebook} did not start:\n{lab.log_tail()}")
-        page.wait_for_timeout(500)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    if start:
+        page.goto(lab.lab_url(notebook), wait_until="domcontentloaded", timeout=180_000)
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=180_000)
+        # Run All before the page is connected to the kernel asks which kernel to start. The page
+        # shows "idle" for a moment before it even connects, so the server's word counts first.
+        deadline = time.monotonic() + 180
+        while not kernel_idle(lab, notebook):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the kernel of {notebook} did not start:\n{lab.log_tail()}")
+            page.wait_for_timeout(500)
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     accepted = 0
     deadline = time.monotonic() + timeout_s
     while True:
