@@ -89,7 +89,9 @@ def test_hnsw_index_agrees_with_exact_search():
     counts_exact, best_exact = neighbour_stats(vecs, 0.85, use_index=False)
     counts_idx, best_idx = neighbour_stats(vecs, 0.85, use_index=True)
     assert np.array_equal(counts_exact, counts_idx)  # blobs of 30 < HNSW_K: no saturation
-    assert np.allclose(best_exact, best_idx, atol=1e-4)
+    # Approximate search: the nearest neighbour of a lone outlier may be missed, never a blob mate's.
+    in_blob = counts_exact > 0
+    assert np.allclose(best_exact[in_blob], best_idx[in_blob], atol=1e-4)
 
 
 def test_incremental_assignment_leaves_old_clusters_alone():
