@@ -122,4 +122,6 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.startswith("error: config error: unknown key 'extraction.treshold'")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
-    assert "unknown stage 'bogus' (available: extract, quality, characters, scenes)" in capsys.readouterr().err
+    assert (
+        "unknown stage 'bogus' (available: extract, quality, characters, scenes)" in capsys.readouterr().err
+    )

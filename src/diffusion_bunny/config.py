@@ -187,7 +187,7 @@ class ScenesConfig(_Section):
     frames: Literal["kept", "all"] = "kept"
     assign_threshold: float = Field(0.85, gt=-1.0, le=1.0)
     noise_threshold: float = Field(0.5, ge=-1.0, lt=1.0)
-    index_min_frames: int = Field(2000, ge=0, le=100_000_000)
+    index_min_frames: int = Field(50_000, ge=0, le=100_000_000)
     library_dir: str | None = None
     adapter: Literal["auto", "off"] = "auto"
     adapter_hidden: int = Field(0, ge=0, le=4096)
