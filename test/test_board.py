@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -240,3 +241,36 @@ def test_front_end_files_ship_inside_the_package():
         assert hook in js
     assert (STATIC / "board.css").read_text().count(".db-") > 10
     assert str(ReviewBoard._esm) == (STATIC / "board.js").read_text()
+
+
+def test_notebook_04_runs_headless_with_the_board(board_run, tmp_path):
+    """Notebook 04 as JupyterLab runs it (interactive=True) in a kernel: the stage is up to date
+    (same overrides), the summary prints, and the last cell displays one board."""
+    import nbformat
+    import papermill
+
+    from diffusion_bunny.board import __file__ as board_file
+
+    run, overrides = board_run
+    finished = run.read_manifest("scenes")["finished"]
+    root = Path(board_file).resolve().parents[2]
+    nb = papermill.execute_notebook(
+        str(root / "notebook" / "04_cluster_scenes.ipynb"),
+        str(tmp_path / "nb.ipynb"),
+        parameters={"run_dir": str(run.run_dir), "overrides": overrides, "interactive": True},
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=180,
+        cwd=str(root / "notebook"),
+    )
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    noise = run.read_table("clusters").filter(
+        (pl.col("level") == "scene") & (pl.col("cluster_id") == "noise")
+    )
+    assert f"{noise.height} in the noise bucket; 0 correction(s) by hand so far" in text
+    views = [
+        o for o in nb.cells[-1].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert len(views) == 1
+    assert run.read_manifest("scenes")["finished"] == finished  # skipped: up to date
+    nbformat.validate(nb)
