@@ -201,7 +201,9 @@ function render({ model, el: host }) {
     if (folder.id === "noise") node.classList.add("db-noise");
     const head = el("div", "db-folder-head");
     if (folder.key) head.appendChild(el("span", "db-key", folder.key));
-    head.appendChild(el("span", "db-name", folder.name));
+    const name = el("span", "db-name", folder.name);
+    name.title = `${folder.name} (${folder.id})`;
+    head.appendChild(name);
     const count = el("span", "db-count", String(folder.count));
     count.dataset.role = "count";
     head.appendChild(count);
