@@ -507,3 +507,57 @@ def test_simulated_reviewer_raises_ari_on_untouched_frames(scenes_run):
     assert curve["corrections"][0] == 0
     start, end = curve["ari_untouched"][0], curve["ari_untouched"][-1]
     assert start < 0.95 and end > start + 0.1
+
+
+def test_plots_and_sheet_of_the_clusters(scenes_run):
+    from diffusion_bunny.plots import (
+        cluster_sheet,
+        cluster_sizes_plot,
+        learning_curve_plot,
+        similarity_histogram,
+    )
+
+    run, cfg = scenes_run
+    clusters = run.read_table("clusters")
+    n_scene = clusters.filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))[
+        "cluster_id"
+    ].n_unique()
+    sizes = cluster_sizes_plot(clusters)
+    assert f"scene clusters: {n_scene}," in sizes.labels.title
+    assert len(sizes.data) == clusters.filter(pl.col("level") == "scene")["cluster_id"].n_unique()
+    hist = similarity_histogram(clusters, cfg.scenes.assign_threshold, cfg.scenes.noise_threshold)
+    assert "0.85" in hist.labels.title
+    curve = pl.DataFrame({"corrections": [0, 1], "ari_untouched": [0.5, 0.8], "ari_all": [0.5, 0.9]})
+    assert len(learning_curve_plot(curve).data) == 4
+    for plot in (sizes, hist, learning_curve_plot(curve)):
+        assert plot.draw() is not None
+    sheet = cluster_sheet(run.run_dir, clusters, run.read_table("frames"))
+    groups = clusters.filter(pl.col("level") == "scene")["cluster_id"].n_unique()
+    assert sheet.height == groups * (22 + 63 + 14 + 4)
+    # Thumbnails were pasted: the sheet is not blank white.
+    assert len(set(sheet.resize((64, 64)).getdata())) > 50
+
+
+def test_shots_like_this_one(scenes_run):
+    from diffusion_bunny.scenes import shots_like, text_search
+
+    run, cfg = scenes_run
+    places = demo_places(run)
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    # A frame of the place seen most often: its nearest frames are of the same place.
+    biggest = (
+        scene.group_by("cluster_id").len().filter(pl.col("cluster_id") != NOISE).sort("len")[-1, "cluster_id"]
+    )
+    frame = scene.filter(pl.col("cluster_id") == biggest)["frame_id"][0]
+    found = shots_like(run.run_dir, frame, k=3)
+    assert found.height == 3 and frame not in found["frame_id"].to_list()
+    assert places[found["frame_id"][0]] == places[frame]
+    assert found["similarity"].to_list() == sorted(found["similarity"].to_list(), reverse=True)
+    assert {"shot_id", "timestamp_s", "cluster_id", "thumb"} <= set(found.columns)
+    assert Path(found["thumb"][0]).is_file()
+    with pytest.raises(BadInputError, match="has no embedding"):
+        shots_like(run.run_dir, "nope")
+    from diffusion_bunny.errors import UserError
+
+    with pytest.raises(UserError, match="set scenes.embedder: clip"):
+        text_search(run.run_dir, "a woman at a table", cfg.scenes)

@@ -624,3 +624,76 @@ def ensure_frames_exist(frame_ids: Sequence[str], known: set[str]) -> None:
         raise BadInputError(
             f"frame {missing[0]!r} is not in this run's embeddings; pick one from the clusters table"
         )
+
+
+def _search_table(run, frame_ids: Sequence[str], sims: Sequence[float]) -> pl.DataFrame:
+    found = pl.DataFrame(
+        {"frame_id": list(frame_ids), "similarity": list(sims)},
+        schema={"frame_id": pl.String, "similarity": pl.Float32},
+    )
+    frames = run.read_table("frames").select("frame_id", "shot_id", "timestamp_s", "path")
+    out = found.join(frames, on="frame_id", how="left", maintain_order="left")
+    if run.has_table("clusters"):
+        scene = (
+            run.read_table("clusters")
+            .filter(pl.col("level") == "scene")
+            .select("frame_id", "cluster_id", "name")
+        )
+        out = out.join(scene, on="frame_id", how="left", maintain_order="left")
+    return out.with_columns(
+        pl.struct("frame_id", "path")
+        .map_elements(
+            lambda r: str(_thumb_path(run.run_dir, r["frame_id"], r["path"])), return_dtype=pl.String
+        )
+        .alias("thumb")
+    )
+
+
+def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
+    if not run.has_table("embeddings"):
+        raise BadInputError(f"no embeddings in {run.run_dir}: run stage scenes first (notebook 04)")
+    emb = run.read_table("embeddings")
+    vectors = normalise(np.asarray(emb["vector"].to_list(), dtype=np.float32))
+    adapter_path = run.run_dir / "models" / "scene_adapter.npz"
+    if adapted and adapter_path.is_file():
+        from diffusion_bunny.scene_adapter import Adapter
+
+        vectors = Adapter.load(adapter_path).transform(vectors)
+    return emb["frame_id"].to_list(), vectors
+
+
+def shots_like(run_dir: str | Path, frame_id: str, k: int = 8) -> pl.DataFrame:
+    """The ``k`` frames most like ``frame_id`` ("shots like this one"), best first, in the space
+    the clusters were made in (through the adapter when corrections trained one)."""
+    run = _tables(run_dir)
+    ids, vectors = _run_vectors(run, adapted=True)
+    if frame_id not in ids:
+        raise BadInputError(
+            f"frame {frame_id!r} has no embedding in {run.run_dir}; pick one from the clusters table"
+        )
+    found = similar_frames(vectors, ids, vectors[ids.index(frame_id)], k=k, exclude=frame_id)
+    return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())
+
+
+def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame:
+    """Frames that match a description ("a woman at a table"), best first; needs
+    ``scenes.embedder: clip`` (the image and text towers share one space)."""
+    from diffusion_bunny.embeddings import make_embedder
+    from diffusion_bunny.errors import UserError
+
+    if cfg.embedder != "clip":
+        raise UserError(
+            "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), then rerun stage scenes"
+        )
+    run = _tables(run_dir)
+    ids, vectors = _run_vectors(run, adapted=False)
+    embedder = make_embedder(cfg)
+    stored = run.read_table("embeddings")["embedder"][0]
+    if stored != embedder.name:
+        raise UserError(
+            f"this run's embeddings were made by {stored}, not {embedder.name}; rerun stage scenes with the "
+            "current scenes settings first"
+        )
+    query = embedder.embed_texts([text])[0]
+    found = similar_frames(vectors, ids, query, k=k)
+    return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())
