@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from diffusion_bunny.config import load_config, output_root, workspace_root
 from diffusion_bunny.demo import DemoMovie, build_demo_movie
 from diffusion_bunny.metrics import match_boundaries
@@ -77,7 +79,36 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         lines.append(f"quality: {counts}; verdict as the ground truth for {right} of {quality.height} frames")
     if run.has_table("faces") and run.has_table("face_frames"):
         lines.append(characters_line(run, truth))
+    if run.has_table("clusters"):
+        lines.append(scenes_line(run, truth))
     return "\n".join(lines)
+
+
+def scenes_line(run: Run, truth: dict[str, Any]) -> str:
+    """Scene clusters against the ground truth's places (each shot's source picture): adjusted Rand
+    index, with every noise frame its own group."""
+    from diffusion_bunny.scene_adapter import adjusted_rand
+
+    scene = (
+        run.read_table("clusters")
+        .filter(pl.col("level") == "scene")
+        .join(run.read_table("frames").select("frame_id", "frame_index"), on="frame_id")
+    )
+    places, labels = [], []
+    for row in scene.iter_rows(named=True):
+        shot = next(
+            (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
+        )
+        if shot is not None:
+            places.append(shot["source"])
+            labels.append(row["cluster_id"])
+    clusters = len({c for c in labels if c != "noise"})
+    noise = labels.count("noise")
+    return (
+        f"scenes: {len(labels)} frames in {clusters} clusters and {noise} in the noise bucket "
+        f"({len(set(places))} places in the ground truth); adjusted Rand index "
+        f"{adjusted_rand(places, labels):.2f}"
+    )
 
 
 def characters_line(run: Run, truth: dict[str, Any]) -> str:

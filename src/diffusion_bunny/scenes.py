@@ -683,7 +683,8 @@ def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame
 
     if cfg.embedder != "clip":
         raise UserError(
-            "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), then rerun stage scenes"
+            "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), "
+            "then rerun stage scenes"
         )
     run = _tables(run_dir)
     ids, vectors = _run_vectors(run, adapted=False)
