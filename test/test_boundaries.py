@@ -137,7 +137,7 @@ def test_cascade_cost_follows_candidates_not_length(tmp_path, model, ffmpeg_bin)
 def test_cascade_loads_the_model_only_when_a_candidate_needs_it(clips, cut_clip, model):
     calls = []
 
-    def loader(device):
+    def loader(device, runtime="auto"):
         calls.append(device)
         return model
 
@@ -154,7 +154,8 @@ def test_cascade_loads_the_model_only_when_a_candidate_needs_it(clips, cut_clip,
 
 
 def test_windowed_predictor_matches_the_package(clips, model):
-    """Our streaming windows give the package's own predict_frames probabilities."""
+    """Our streaming windows (through ONNX Runtime, the CPU default) give the package's own
+    predict_frames probabilities (torch)."""
     import torch
 
     reader = VideoReader(clips["dissolve"].path, 256, detect_width=128)
@@ -166,7 +167,8 @@ def test_windowed_predictor_matches_the_package(clips, model):
     got.update(pred.finish())
     assert sorted(got) == list(range(len(frames)))
     with torch.inference_mode():
-        ref = model.net.predict_frames(torch.from_numpy(np.stack(frames)), quiet=True)[0].numpy()
+        net = transnet.load_model("cpu", "torch").net
+        ref = net.predict_frames(torch.from_numpy(np.stack(frames)), quiet=True)[0].numpy()
     assert np.allclose([got[i] for i in range(len(frames))], ref, atol=1e-4)
 
 
@@ -308,3 +310,48 @@ def test_detectors_report_their_lookahead(model):
     # The delay line must cover the confirmation windows (75 frames after a window's start).
     assert cascade.lookahead >= transnet.WINDOW - transnet.CONTEXT
     assert alone.lookahead > transnet.WINDOW - transnet.CONTEXT
+
+
+def test_onnx_runtime_gives_the_torch_probabilities_without_importing_torch(tmp_path, cut_clip):
+    """On the CPU the network runs through ONNX Runtime, converted once from the package's weights
+    (into the cache a child process fills); same numbers as torch, and the stage never imports
+    torch."""
+    import json
+    import subprocess
+    import sys
+
+    frames = np.random.default_rng(0).integers(0, 255, (2, transnet.WINDOW, 27, 48, 3), dtype=np.uint8)
+    onnx = transnet.load_model("cpu", "onnx")
+    assert isinstance(onnx, transnet.OnnxTransNetModel)
+    assert transnet.onnx_model_path().is_file()
+    torch_model = transnet.load_model("cpu", "torch")
+    assert np.abs(onnx.predict(frames) - torch_model.predict(frames)).max() < 1e-4
+    # A whole stage 01 with the cascade in a fresh process: torch stays out of it.
+    code = (
+        "import json, sys\n"
+        "from diffusion_bunny.config import load_config\n"
+        "from diffusion_bunny.run import Run\n"
+        "from diffusion_bunny.stages import run_stage\n"
+        "cfg = load_config(None, {'extraction.accept_threshold': None}, use_local=False)\n"
+        f"run = Run.create({str(tmp_path / 'run')!r}, {str(cut_clip[0])!r})\n"
+        "run_stage(run, 'extract', cfg, progress=False)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False}
+    facts = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())["facts"]
+    assert facts["model_runtime"] == "onnx" and facts["model_loaded"]
+    assert facts["candidates_confirmed"] >= 1
+
+
+def test_a_broken_onnx_cache_file_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path))
+    path = transnet.onnx_model_path()
+    path.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match=r"could not be opened .* delete it and rerun") as err:
+        transnet.OnnxTransNetModel()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelError, match="runs on the CPU only"):
+        transnet.resolve_runtime("cuda", "onnx")
+    assert transnet.resolve_runtime("cuda", "auto") == "torch"
+    assert transnet.resolve_runtime("cpu", "auto") == "onnx"

@@ -76,6 +76,7 @@ class ExtractionConfig(_Section):
     gradual_threshold: float = Field(10.0, ge=0.0, le=255.0)
     accept_threshold: float | None = Field(40.0, ge=0.0, le=255.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtime: Literal["auto", "onnx", "torch"] = "auto"
     min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)
     analysis_width: int = Field(256, ge=32, le=1920)
     detect_width: int = Field(128, ge=32, le=1920)

@@ -295,7 +295,11 @@ def extract_frames(
 
     # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
     # cascade starts loading it at its first doubtful candidate.
-    model = ModelHandle(cfg.device, start=cfg.detector == "transnetv2") if cfg.uses_transnetv2 else None
+    model = (
+        ModelHandle(cfg.device, runtime=cfg.runtime, start=cfg.detector == "transnetv2")
+        if cfg.uses_transnetv2
+        else None
+    )
     detector = make_boundaries(cfg, fps, model)
     delay = max(1, detector.lookahead + 1)
     stage_frames = run_dir / f".frames.tmp{os.getpid()}"
