@@ -150,6 +150,17 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "03_detect_characters.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 3  # faces per character, screen-time timeline, face grid
+    # Stage 04 grouped the frames by place; its notebook drew its figures, the learning curve and the
+    # exports.
+    assert "scenes: " in summary and "adjusted Rand index" in summary
+    ari = float(summary.split("adjusted Rand index ")[1].split()[0])
+    assert ari > 0.8
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "04_cluster_scenes.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 4  # cluster sizes, similarity histogram, cluster sheet, learning curve
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "through the adapter" in text and "TITLE:" in text
+    assert (tmp_path / "demo_run" / "export" / "clusters_scene.edl").is_file()
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):
