@@ -12,7 +12,7 @@ What it measures, in one run on the same vectors, each timed with ``time.perf_co
    (``eps = 1 - assign_threshold``), and its agreement with ours.
 
 Vectors: without ``--embeddings``, synthetic unit vectors shaped like the descriptor embedder's
-(164 dimensions): ``--places`` places, each a random direction with frames spread around it so
+(313 dimensions): ``--places`` places, each a random direction with frames spread around it so
 that frames of one place score about 0.9 against each other, plus ``--noise-share`` lone frames.
 The adjusted Rand index against those true places is printed for both tools. With
 ``--embeddings PARQUET`` (an ``embeddings`` table of a run), its vectors are tiled with a little
@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=20_000)
     parser.add_argument("--places", type=int, default=400)
     parser.add_argument("--noise-share", type=float, default=0.03)
-    parser.add_argument("--dim", type=int, default=164, help="dimensions of the synthetic vectors")
+    parser.add_argument("--dim", type=int, default=313, help="dimensions of the synthetic vectors")
     parser.add_argument("--new", type=int, default=2_000, help="frames added incrementally")
     parser.add_argument(
         "--embeddings", type=Path, help="an embeddings table to tile instead of synthetic vectors"
