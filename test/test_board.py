@@ -269,9 +269,7 @@ def test_notebook_04_runs_headless_with_the_board(board_run, tmp_path):
     )
     assert f"{noise.height} in the noise bucket; 0 correction(s) by hand so far" in text
     board_cell = next(c for c in nb.cells if "ReviewBoard(" in c.source)
-    views = [
-        o for o in board_cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
-    ]
+    views = [o for o in board_cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(views) == 1
     assert run.read_manifest("scenes")["finished"] == finished  # skipped: up to date
     nbformat.validate(nb)
