@@ -380,17 +380,10 @@ CLIP_HINT = (
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is a
-    :class:`ModelError` naming ``scenes.device``."""
-    import torch
+    :class:`ModelError` naming ``scenes.device`` (the same rule as stage 01's model)."""
+    from diffusion_bunny.transnet import resolve_device as resolve
 
-    has_cuda = torch.cuda.is_available()
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device == "cuda" and not has_cuda:
-        raise ModelError(
-            "scenes.device is 'cuda' but torch sees no CUDA GPU here; set scenes.device to auto or cpu"
-        )
-    return device
+    return resolve(device, "scenes.device")
 
 
 def _short_reason(exc: BaseException) -> str:

@@ -168,6 +168,21 @@ def train_adapter(
     return Adapter(dim, hidden, weights, len(triplets), losses)
 
 
+def train_adapter_for(vectors: np.ndarray, triplets: Sequence[Triplet], cfg) -> Adapter:
+    """:func:`train_adapter` with the ``scenes`` settings (the stage and the simulated reviewer
+    must train alike, or the learning curve would show another adapter than the stage uses)."""
+    return train_adapter(
+        vectors,
+        triplets,
+        hidden=cfg.adapter_hidden,
+        epochs=cfg.adapter_epochs,
+        lr=cfg.adapter_lr,
+        margin=cfg.adapter_margin,
+        identity_weight=cfg.adapter_identity_weight,
+        seed=cfg.seed,
+    )
+
+
 def _ari_labels(labels: Sequence[str]) -> list[str]:
     # Every noise frame is its own singleton: the noise bucket is not a group of alike frames.
     return [f"{NOISE}:{i}" if label == NOISE else label for i, label in enumerate(labels)]
@@ -202,17 +217,7 @@ def recluster(
         labels_now.update({a: t for a, _, t in moves})
         triplets = triplets_from_feedback(fb, frame_ids, labels_now)
         if triplets:
-            adapter = train_adapter(
-                vectors,
-                triplets,
-                hidden=cfg.adapter_hidden,
-                epochs=cfg.adapter_epochs,
-                lr=cfg.adapter_lr,
-                margin=cfg.adapter_margin,
-                identity_weight=cfg.adapter_identity_weight,
-                seed=cfg.seed,
-            )
-            space = adapter.transform(vectors)
+            space = train_adapter_for(vectors, triplets, cfg).transform(vectors)
     result = cluster_scenes(
         space,
         frame_ids,

@@ -102,9 +102,10 @@ def cuda_driver_sees_gpu() -> bool:
         return False
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is an error.
-    Without a GPU in the driver, ``auto`` is ``cpu`` at once, without importing torch."""
+def resolve_device(device: str, setting: str = "extraction.device") -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is a
+    :class:`ModelError` naming ``setting``. Without a GPU in the driver, ``auto`` is ``cpu`` at
+    once, without importing torch."""
     if device == "auto" and not cuda_driver_sees_gpu():
         return "cpu"
     if device == "cpu":
@@ -115,10 +116,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if has_cuda else "cpu"
     if device == "cuda" and not has_cuda:
-        raise ModelError(
-            "extraction.device is 'cuda' but torch sees no CUDA GPU here; "
-            "set extraction.device to auto or cpu"
-        )
+        raise ModelError(f"{setting} is 'cuda' but torch sees no CUDA GPU here; set {setting} to auto or cpu")
     return device
 
 

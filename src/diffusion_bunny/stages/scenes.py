@@ -166,21 +166,12 @@ def scenes_stage(
     adapter_path = run_dir / ADAPTER_FILE
     library = library_path(cfg)
     if cfg.adapter == "auto" and not feedback.is_empty() and library is None:
-        from diffusion_bunny.scene_adapter import train_adapter, triplets_from_feedback
+        from diffusion_bunny.scene_adapter import train_adapter_for, triplets_from_feedback
 
         labels = current_scene or {f: NOISE for f in fids}
         triplets = triplets_from_feedback(feedback, fids, labels)
         if triplets:
-            adapter = train_adapter(
-                raw,
-                triplets,
-                hidden=cfg.adapter_hidden,
-                epochs=cfg.adapter_epochs,
-                lr=cfg.adapter_lr,
-                margin=cfg.adapter_margin,
-                identity_weight=cfg.adapter_identity_weight,
-                seed=cfg.seed,
-            )
+            adapter = train_adapter_for(raw, triplets, cfg)
             adapter.save(adapter_path)
             vectors = adapter.transform(raw)
             adapter_key = _feedback_key(feedback)
