@@ -257,10 +257,15 @@ def test_notebook_04_runs_headless_with_the_board(board_run, tmp_path):
     nb = papermill.execute_notebook(
         str(root / "notebook" / "04_cluster_scenes.ipynb"),
         str(tmp_path / "nb.ipynb"),
-        parameters={"run_dir": str(run.run_dir), "overrides": overrides, "interactive": True},
+        parameters={
+            "run_dir": str(run.run_dir),
+            "overrides": overrides,
+            "interactive": True,
+            "simulate_reviewer": False,  # the demo test covers it; here only the board matters
+        },
         kernel_name="python3",
         progress_bar=False,
-        execution_timeout=180,
+        execution_timeout=600,
         cwd=str(root / "notebook"),
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))

@@ -40,7 +40,12 @@ def prepare_notebook(run_dir: Path, overrides: dict, dest: Path) -> None:
     papermill.execute_notebook(
         str(ROOT / "notebook" / NOTEBOOK),
         str(dest),
-        parameters={"run_dir": str(run_dir), "overrides": overrides, "interactive": True},
+        parameters={
+            "run_dir": str(run_dir),
+            "overrides": overrides,
+            "interactive": True,
+            "simulate_reviewer": False,
+        },
         prepare_only=True,
         kernel_name="python3",
         progress_bar=False,
