@@ -144,6 +144,9 @@ def faces_table(rows):
 def test_character_sub_clusters_follow_stage_03_names():
     chars = frame_characters(faces_table([("a", "ann"), ("a", "bob"), ("b", "ann"), ("c", None)]))
     assert chars == {"a": ("ann", "bob"), "b": ("ann",), "c": ("unknown",)}
+    # Stage 03 searched a-d only: e was never looked at, d was and shows nobody.
+    searched = frame_characters(faces_table([("a", "ann")]), ["a", "d", "e"], scanned={"a", "b", "c", "d"})
+    assert searched == {"a": ("ann",), "e": ("unscanned",)}
     table = clusters_table(
         ["a", "b", "c", "d", "e"],
         ["s001", "s001", "s001", "s002", NOISE],

@@ -45,6 +45,7 @@ NEW = "new"
 LEVELS = ("scene", "character")
 NOBODY = "nobody"
 UNKNOWN = "unknown"
+UNSCANNED = "unscanned"
 #: Frames compared at once in the exact path: a 1024 x n float32 block (80 MB at n = 20,000).
 BLOCK = 1024
 #: Neighbours asked of the HNSW index per frame when counting density; the count saturates there,
@@ -327,18 +328,26 @@ def stable_ids(labels: Sequence[str], frame_ids: Sequence[str], previous: dict[s
 # ----------------------------------------------------------------------------- tables
 
 
-def frame_characters(faces: pl.DataFrame | None) -> dict[str, tuple[str, ...]]:
+def frame_characters(
+    faces: pl.DataFrame | None, frames: Sequence[str] = (), scanned: set[str] | None = None
+) -> dict[str, tuple[str, ...]]:
     """Frame id -> sorted names of the characters stage 03 named in it; ``("unknown",)`` when it
-    found faces but named none."""
-    if faces is None or faces.is_empty():
-        return {}
+    found faces but named none; ``("unscanned",)`` for those of ``frames`` stage 03 did not search
+    (``scanned``: the frames it did; None: treat every frame as searched). Without the last, a
+    frame stage 03 never looked at (say ``scenes.frames: all`` with stage 03 on the kept ones)
+    would read as showing nobody."""
     out: dict[str, set[str]] = defaultdict(set)
-    for fid, name in faces.select("frame_id", "character").iter_rows():
-        out[fid].add(name if name else UNKNOWN)
-    result = {}
+    if faces is not None and not faces.is_empty():
+        for fid, name in faces.select("frame_id", "character").iter_rows():
+            out[fid].add(name if name else UNKNOWN)
+    result: dict[str, tuple[str, ...]] = {}
     for fid, names in out.items():
         named = sorted(n for n in names if n != UNKNOWN)
         result[fid] = tuple(named) if named else (UNKNOWN,)
+    if scanned is not None:
+        for fid in frames:
+            if fid not in scanned and fid not in result:
+                result[fid] = (UNSCANNED,)
     return result
 
 

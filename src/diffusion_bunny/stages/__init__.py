@@ -174,6 +174,8 @@ def _scenes_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     }
     if run.has_table("faces"):
         inputs["faces"] = run.table_fingerprint("faces", ["frame_id", "character"])
+    if run.has_table("face_frames"):
+        inputs["face_frames"] = run.table_fingerprint("face_frames", ["frame_id", "status"])
     if run.has_table("feedback") and run.read_table("feedback").height:
         # A person's corrections: the adapter learns from them, so new ones make the stage stale.
         inputs["feedback"] = run.table_fingerprint("feedback", ["event_id"])
@@ -200,6 +202,7 @@ def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
         run.read_table("faces") if run.has_table("faces") else None,
         feedback,
         cfg.scenes,
+        face_frames=run.read_table("face_frames") if run.has_table("face_frames") else None,
         previous=previous,
         previous_facts=(manifest or {}).get("facts"),
         progress=progress,

@@ -135,6 +135,7 @@ def scenes_stage(
     feedback: pl.DataFrame,
     cfg: ScenesConfig,
     *,
+    face_frames: pl.DataFrame | None = None,
     previous: dict[str, pl.DataFrame] | None = None,
     previous_facts: dict[str, Any] | None = None,
     progress: bool = False,
@@ -224,7 +225,10 @@ def scenes_stage(
         )
         mode = "full"
 
-    clusters = clusters_table(fids, labels, sims, shot_ids, frame_characters(faces))
+    scanned = None
+    if face_frames is not None:
+        scanned = set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+    clusters = clusters_table(fids, labels, sims, shot_ids, frame_characters(faces, fids, scanned))
     vec_by_frame = dict(zip(fids, vectors, strict=True))
     moved_before = len(latest_moves(feedback))
     clusters = apply_feedback(clusters, feedback, vec_by_frame)
