@@ -627,14 +627,6 @@ def similar_frames(
     return pl.DataFrame(rows, schema={"frame_id": pl.String, "similarity": pl.Float32}, orient="row")
 
 
-def ensure_frames_exist(frame_ids: Sequence[str], known: set[str]) -> None:
-    missing = [f for f in frame_ids if f not in known]
-    if missing:
-        raise BadInputError(
-            f"frame {missing[0]!r} is not in this run's embeddings; pick one from the clusters table"
-        )
-
-
 def _search_table(run, frame_ids: Sequence[str], sims: Sequence[float]) -> pl.DataFrame:
     found = pl.DataFrame(
         {"frame_id": list(frame_ids), "similarity": list(sims)},
