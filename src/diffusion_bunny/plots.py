@@ -33,6 +33,8 @@ from plotnine import (
     theme_minimal,
 )
 
+from diffusion_bunny.run import frame_image_path
+
 if TYPE_CHECKING:
     from diffusion_bunny.config import FilteringConfig
 
@@ -215,12 +217,6 @@ def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> ggplot:
         + theme_minimal()
         + theme(figure_size=(10, 5.5))
     )
-
-
-def frame_image_path(run_dir: Path, frame_id: str, path: str) -> Path:
-    """The small thumbnail stage 01 saved for a frame when there is one, else the frame itself."""
-    thumb = run_dir / "thumbs" / f"{frame_id}.jpg"
-    return thumb if thumb.is_file() else run_dir / path
 
 
 def quality_sheet(

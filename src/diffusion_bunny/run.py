@@ -78,6 +78,13 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"size": size, "head": _head_hash(path, size)[:16], "tail": tail}
 
 
+def frame_image_path(run_dir: Path, frame_id: str, path: str | None) -> Path:
+    """The small thumbnail stage 01 saved for a frame (``thumbs/<frame_id>.jpg``) when there is
+    one, else the frame itself (``path``, relative to the run folder)."""
+    thumb = run_dir / "thumbs" / f"{frame_id}.jpg"
+    return thumb if thumb.is_file() or path is None else run_dir / path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ import numpy as np
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.run import Run, frame_image_path
 
 NOISE = "noise"
 NEW = "new"
@@ -480,12 +481,6 @@ def cluster_centroids(
 # ----------------------------------------------------------------------------- moves
 
 
-def _tables(run_dir: str | Path):
-    from diffusion_bunny.run import Run
-
-    return Run.open(run_dir)
-
-
 @contextlib.contextmanager
 def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
     """The lock every writer of ``clusters``/``feedback`` holds (also across processes: two
@@ -505,7 +500,7 @@ def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
 
 
 def read_feedback(run_dir: str | Path) -> pl.DataFrame:
-    run = _tables(run_dir)
+    run = Run.open(run_dir)
     return run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
 
 
@@ -522,7 +517,7 @@ def move_to_cluster(
     """
     if level not in LEVELS:
         raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
-    run = _tables(run_dir)
+    run = Run.open(run_dir)
     with scenes_lock(run.run_dir):
         if not run.has_table("clusters"):
             raise BadInputError(
@@ -582,7 +577,7 @@ def board_state(run_dir: str | Path, level: str = "scene") -> list[dict[str, Any
     each with its frames (best fitting first) and their thumbnails."""
     if level not in LEVELS:
         raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
-    run = _tables(run_dir)
+    run = Run.open(run_dir)
     if not run.has_table("clusters"):
         raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
     clusters = run.read_table("clusters").filter(pl.col("level") == level)
@@ -594,7 +589,7 @@ def board_state(run_dir: str | Path, level: str = "scene") -> list[dict[str, Any
         items = [
             {
                 "frame_id": r["frame_id"],
-                "thumb": str(_thumb_path(run.run_dir, r["frame_id"], r["path"])),
+                "thumb": str(frame_image_path(run.run_dir, r["frame_id"], r["path"])),
                 "similarity": None if r["similarity"] is None else round(float(r["similarity"]), 3),
                 "shot_id": r["shot_id"],
                 "timestamp_s": r["timestamp_s"],
@@ -605,13 +600,6 @@ def board_state(run_dir: str | Path, level: str = "scene") -> list[dict[str, Any
         folders.append({"id": cid, "name": scene_name(cid), "count": len(items), "frames": items})
     folders.sort(key=lambda f: (f["id"] == NOISE, -f["count"], f["id"]))
     return folders
-
-
-def _thumb_path(run_dir: Path, frame_id: str, frame_path: str | None) -> Path:
-    thumb = run_dir / "thumbs" / f"{frame_id}.jpg"
-    if thumb.is_file() or frame_path is None:
-        return thumb
-    return run_dir / frame_path
 
 
 # ----------------------------------------------------------------------------- search
@@ -644,7 +632,7 @@ def _search_table(run, frame_ids: Sequence[str], sims: Sequence[float]) -> pl.Da
     return out.with_columns(
         pl.struct("frame_id", "path")
         .map_elements(
-            lambda r: str(_thumb_path(run.run_dir, r["frame_id"], r["path"])), return_dtype=pl.String
+            lambda r: str(frame_image_path(run.run_dir, r["frame_id"], r["path"])), return_dtype=pl.String
         )
         .alias("thumb")
     )
@@ -666,7 +654,7 @@ def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
 def shots_like(run_dir: str | Path, frame_id: str, k: int = 8) -> pl.DataFrame:
     """The ``k`` frames most like ``frame_id`` ("shots like this one"), best first, in the space
     the clusters were made in (through the adapter when corrections trained one)."""
-    run = _tables(run_dir)
+    run = Run.open(run_dir)
     ids, vectors = _run_vectors(run, adapted=True)
     if frame_id not in ids:
         raise BadInputError(
@@ -687,7 +675,7 @@ def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame
             "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), "
             "then rerun stage scenes"
         )
-    run = _tables(run_dir)
+    run = Run.open(run_dir)
     ids, vectors = _run_vectors(run, adapted=False)
     embedder = make_embedder(cfg)
     stored = run.read_table("embeddings")["embedder"][0]
