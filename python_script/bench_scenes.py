@@ -37,7 +37,6 @@ import numpy as np
 
 from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.scenes import (
-    EXEMPLAR_INDEX_MIN,
     NOISE,
     ExemplarIndex,
     assign_incremental,
@@ -141,7 +140,7 @@ def main() -> int:
         alt, t_alt = timed(lambda: cluster_scenes(vecs[old], ids[old], index_min_frames=other, **params))
         rows.append((f"stage 04 clustering ({'usearch HNSW' if other else 'exact'})", t_alt, alt.labels))
 
-    index = ExemplarIndex(vecs.shape[1], EXEMPLAR_INDEX_MIN)
+    index = ExemplarIndex.for_frames(vecs.shape[1], cfg.index_min_frames)
     for cid, vec in ours.exemplar_vectors.items():
         index.add(cid, vec)
     inc, t_inc = timed(

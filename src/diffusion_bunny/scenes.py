@@ -145,6 +145,13 @@ class ExemplarIndex:
     handles without rebuilding).
     """
 
+    @classmethod
+    def for_frames(cls, dim: int, index_min_frames: int) -> ExemplarIndex:
+        """The index a clustering with ``scenes.index_min_frames`` uses: an HNSW index from
+        ``EXEMPLAR_INDEX_MIN`` exemplars on (or earlier, when frames go indexed sooner), never when
+        ``index_min_frames`` is 0 (exact)."""
+        return cls(dim, min(index_min_frames, EXEMPLAR_INDEX_MIN) if index_min_frames > 0 else 0)
+
     def __init__(self, dim: int, index_min: int):
         self.dim = dim
         self.index_min = index_min
@@ -244,8 +251,7 @@ def assign_incremental(
     by_id = sorted(range(n), key=lambda i: frame_ids[i])
     density, _ = neighbour_stats(vectors, assign_threshold, use_index=use_index, order=by_id)
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    exemplar_min = min(index_min_frames, EXEMPLAR_INDEX_MIN) if index_min_frames > 0 else 0
-    index = exemplars if exemplars is not None else ExemplarIndex(dim, exemplar_min)
+    index = exemplars if exemplars is not None else ExemplarIndex.for_frames(dim, index_min_frames)
     labels = [NOISE] * n
     similarity = np.full(n, np.nan, dtype=np.float32)
     new_exemplars: dict[str, str] = {}
@@ -451,7 +457,10 @@ def _refresh_similarity(
     changed = out["cluster_id"] != before["cluster_id"]
     sims = out["similarity"].to_list()
     if changed.any():
-        centroids = cluster_centroids(out, vectors) if vectors else {}
+        moved = out.filter(changed)
+        # Only the clusters frames moved into: a move on the board must not average every cluster.
+        wanted = set(moved.select("level", "cluster_id").iter_rows())
+        centroids = cluster_centroids(out, vectors, wanted) if vectors else {}
         for i in np.flatnonzero(changed.to_numpy()):
             fid, level, cid = out["frame_id"][int(i)], out["level"][int(i)], out["cluster_id"][int(i)]
             c = centroids.get((level, cid))
@@ -463,12 +472,13 @@ def _refresh_similarity(
 
 
 def cluster_centroids(
-    clusters: pl.DataFrame, vectors: dict[str, np.ndarray]
+    clusters: pl.DataFrame, vectors: dict[str, np.ndarray], wanted: set[tuple[str, str]] | None = None
 ) -> dict[tuple[str, str], np.ndarray]:
-    """(level, cluster id) -> unit mean vector of its members (noise has none)."""
+    """(level, cluster id) -> unit mean vector of its members (noise has none), for the clusters in
+    ``wanted`` (None: all)."""
     groups: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
     for fid, level, cid in clusters.select("frame_id", "level", "cluster_id").iter_rows():
-        if cid != NOISE and fid in vectors:
+        if cid != NOISE and fid in vectors and (wanted is None or (level, cid) in wanted):
             groups[(level, cid)].append(vectors[fid])
     out = {}
     for key, members in groups.items():

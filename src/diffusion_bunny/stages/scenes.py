@@ -272,10 +272,11 @@ def _exemplar_rows(
     return pl.DataFrame(rows, schema=EXEMPLAR_SCHEMA)
 
 
-def _index_from(exemplars: pl.DataFrame, dim: int, index_min: int) -> ExemplarIndex:
-    index = ExemplarIndex(dim, index_min)
-    for cid, vec in exemplars.select("cluster_id", "vector").iter_rows():
-        index.add(cid, normalise(np.asarray([vec], dtype=np.float32))[0])
+def _index_from(exemplars: pl.DataFrame, dim: int, index_min_frames: int) -> ExemplarIndex:
+    index = ExemplarIndex.for_frames(dim, index_min_frames)
+    vectors = normalise(np.asarray(exemplars["vector"].to_list(), dtype=np.float32).reshape(-1, dim))
+    for cid, vec in zip(exemplars["cluster_id"].to_list(), vectors, strict=True):
+        index.add(cid, vec)
     return index
 
 
@@ -290,10 +291,9 @@ def _assign_new(
 ):
     """Same space and thresholds as last time: keep every old frame's cluster, assign only the
     frames that are new against the existing exemplars."""
-    old = dict(prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows())
-    old_sims = dict(
-        prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "similarity").iter_rows()
-    )
+    scene = prev_clusters.filter(pl.col("level") == "scene")
+    old = dict(zip(scene["frame_id"].to_list(), scene["cluster_id"].to_list(), strict=True))
+    old_sims = dict(zip(scene["frame_id"].to_list(), scene["similarity"].to_list(), strict=True))
     new_rows = [i for i, f in enumerate(fids) if f not in old]
     labels = [old.get(f, NOISE) for f in fids]
     sims = np.array([np.nan if old_sims.get(f) is None else old_sims[f] for f in fids], dtype=np.float32)
