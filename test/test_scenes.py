@@ -468,6 +468,22 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
     )
     assert again == first
     assert pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet").equals(lib)
+    # A correction in library mode is kept as a placement; the adapter (per run) is not trained.
+    from diffusion_bunny.scenes import move_to_cluster
+
+    frame = next(iter(again))
+    move_to_cluster(second.run_dir, frame, "noise")
+    # An adapter this run trained before it joined the library no longer applies.
+    stale = second.run_dir / "models" / "scene_adapter.npz"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"an adapter from before")
+    with pytest.warns(UserWarning, match="learns per run only"):
+        run_stage(second, "scenes", cfg, progress=False)
+    assert second.read_manifest("scenes")["facts"]["adapter"]["triplets"] == 0 and not stale.exists()
+    placed = second.read_table("clusters").filter(
+        (pl.col("frame_id") == frame) & (pl.col("level") == "scene")
+    )
+    assert placed["cluster_id"][0] == "noise" and placed["manual"][0]
 
 
 def test_export_csv_and_edl_read_back(scenes_run):

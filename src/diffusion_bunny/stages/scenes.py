@@ -180,9 +180,9 @@ def scenes_stage(
                 "triplets": len(triplets),
                 "final_loss": adapter.losses[-1] if adapter.losses else None,
             }
-    if adapter_key is None and adapter_path.exists():
-        adapter_path.unlink()
-    elif library is not None and not feedback.is_empty():
+    if adapter_key is None:
+        adapter_path.unlink(missing_ok=True)  # an adapter from earlier corrections no longer applies
+    if library is not None and not feedback.is_empty():
         warnings.append(
             "scenes.library_dir is set: corrections are kept as manual placements, but the adapter "
             "learns per run only (unset library_dir to learn from them)"
