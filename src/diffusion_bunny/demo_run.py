@@ -40,6 +40,11 @@ def expected_reasons(truth: dict[str, Any]) -> dict[int, str | None]:
     return out
 
 
+def truth_shot(truth: dict[str, Any], frame_index: int) -> dict[str, Any] | None:
+    """The ground-truth shot holding ``frame_index`` (None outside every shot)."""
+    return next((t for t in truth["shots"] if t["start_frame"] <= frame_index < t["end_frame"]), None)
+
+
 def summarize(run: Run, truth: dict[str, Any]) -> str:
     """Lines comparing the run's tables with the demo's ground truth."""
     lines = [f"demo run folder: {run.run_dir}"]
@@ -71,9 +76,7 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         expected = expected_reasons(truth)
         right = 0
         for row in quality.iter_rows(named=True):
-            shot = next(
-                (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
-            )
+            shot = truth_shot(truth, row["frame_index"])
             right += shot is not None and expected[shot["shot_id"]] == row["reject_reason"]
         counts = ", ".join(f"{n} {reason}" for reason, n in reason_counts(quality).items())
         lines.append(f"quality: {counts}; verdict as the ground truth for {right} of {quality.height} frames")
@@ -96,9 +99,7 @@ def scenes_line(run: Run, truth: dict[str, Any]) -> str:
     )
     places, labels = [], []
     for row in scene.iter_rows(named=True):
-        shot = next(
-            (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
-        )
+        shot = truth_shot(truth, row["frame_index"])
         if shot is not None:
             places.append(shot["source"])
             labels.append(row["cluster_id"])
@@ -123,9 +124,7 @@ def characters_line(run: Run, truth: dict[str, Any]) -> str:
         named.setdefault(row["frame_id"], set()).add(row["character"])
     right = 0
     for row in scanned.iter_rows(named=True):
-        shot = next(
-            (t for t in truth["shots"] if t["start_frame"] <= row["frame_index"] < t["end_frame"]), None
-        )
+        shot = truth_shot(truth, row["frame_index"])
         right += shot is not None and set(shot["faces"]) == named.get(row["frame_id"], set())
     per_char = ", ".join(
         f"{name} {n}"
