@@ -45,6 +45,19 @@ class StageSpec:
     compute: Callable[[Run, Config, bool], StageOutput]
 
 
+def _require_tables(run: Run, stage: str, tables: dict[str, str]) -> None:
+    """One clear error for the first missing input table (``tables``: table -> the stage that
+    writes it), naming the command that runs everything up to ``stage``."""
+    for table, producer in tables.items():
+        if not run.has_table(table):
+            names = stage_names()
+            upto = ",".join(names[: names.index(stage) + 1])
+            raise StageError(
+                f"table '{table}' is missing in {run.run_dir}; run stage {producer} first "
+                f"(bunny run MOVIE --stages {upto})"
+            )
+
+
 def _extract_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     from diffusion_bunny.run import file_fingerprint
 
@@ -87,11 +100,7 @@ def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
 
 
 def _quality_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    if not run.has_table("frames"):
-        raise StageError(
-            f"table 'frames' is missing in {run.run_dir}; run stage extract first "
-            "(bunny run MOVIE --stages extract,quality)"
-        )
+    _require_tables(run, "quality", {"frames": "extract"})
     return {"frames": run.table_fingerprint("frames")}
 
 
@@ -121,11 +130,7 @@ def _characters_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     from diffusion_bunny.faces import references_fingerprint
     from diffusion_bunny.stages.characters import reference_dir
 
-    if not run.has_table("frames"):
-        raise StageError(
-            f"table 'frames' is missing in {run.run_dir}; run stage extract first "
-            "(bunny run MOVIE --stages extract,quality,characters)"
-        )
+    _require_tables(run, "characters", {"frames": "extract"})
     inputs: dict[str, Any] = {"frames": run.table_fingerprint("frames")}
     if run.has_table("quality"):
         # Which frames stage 02 kept, not the face_sharpness column stage 03 fills in itself.
@@ -162,12 +167,7 @@ def _characters_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
 
 
 def _scenes_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    for table, stage in (("frames", "extract"), ("quality", "quality")):
-        if not run.has_table(table):
-            raise StageError(
-                f"table '{table}' is missing in {run.run_dir}; run stage {stage} first "
-                "(bunny run MOVIE --stages extract,quality,characters,scenes)"
-            )
+    _require_tables(run, "scenes", {"frames": "extract", "quality": "quality"})
     inputs: dict[str, Any] = {
         "frames": run.table_fingerprint("frames"),
         "quality": run.table_fingerprint("quality", ["frame_id", "keep"]),
