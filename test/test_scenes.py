@@ -610,3 +610,9 @@ def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
     query = make_embedder(cfg.scenes).embed_texts(["a woman at a table"])[0]
     best = emb["frame_id"][int(np.argmax(vectors @ query))]
     assert found["frame_id"][0] == best
+    # A rerun whose embeddings are all cached never loads the model (here: no longer there).
+    import shutil
+
+    shutil.rmtree(model)
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert run.read_manifest("scenes")["counts"]["embedded_now"] == 0

@@ -151,6 +151,12 @@ class Embedder(Protocol):
         ...
 
 
+def embedder_name(cfg: ScenesConfig) -> str:
+    """The ``embedder`` column value ``make_embedder(cfg)`` will write, known without loading a
+    model (so a rerun whose embeddings are all cached never loads CLIP)."""
+    return DESCRIPTOR_VERSION if cfg.embedder == "descriptor" else f"clip:{cfg.clip_model}"
+
+
 def make_embedder(cfg: ScenesConfig) -> Embedder:
     """The embedder ``cfg.embedder`` names. CLIP loads its model here, so a missing model fails
     before any frame is read."""
@@ -405,7 +411,7 @@ class ClipEmbedder:
         self.model_id = model
         self.batch_size = int(batch_size)
         self.device = resolve_device(device)
-        self.name = f"clip:{model}"
+        self.name = f"clip:{model}"  # as embedder_name()
         path = Path(model).expanduser()
         source = str(path) if path.exists() else model
         if path.exists() and not path.is_dir():

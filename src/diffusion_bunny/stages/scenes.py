@@ -87,24 +87,24 @@ def embed_frames(
 ) -> tuple[pl.DataFrame, int]:
     """The ``embeddings`` rows of ``frames`` (reusing ``previous`` ones that still match) and how
     many were computed now."""
-    from diffusion_bunny.embeddings import make_embedder
+    from diffusion_bunny.embeddings import embedder_name, make_embedder
 
-    embedder = make_embedder(cfg)
+    name = embedder_name(cfg)
     paths = [run_dir / p for p in frames["path"].to_list()]
     sizes = [p.stat().st_size if p.is_file() else -1 for p in paths]
     cache: dict[tuple[str, int], list[float]] = {}
     if previous is not None and not previous.is_empty():
-        same = previous.filter(pl.col("embedder") == embedder.name)
+        same = previous.filter(pl.col("embedder") == name)
         cache = {(f, b): v for f, b, v in same.select("frame_id", "file_bytes", "vector").iter_rows()}
     fids = frames["frame_id"].to_list()
     todo = [i for i, (f, b) in enumerate(zip(fids, sizes, strict=True)) if (f, b) not in cache]
     vectors: list[Any] = [cache.get((f, b)) for f, b in zip(fids, sizes, strict=True)]
-    if todo:
-        fresh = embedder.embed_images([paths[i] for i in todo], progress=progress)
+    if todo:  # the embedder (for CLIP: the model) is loaded only when a frame needs it
+        fresh = make_embedder(cfg).embed_images([paths[i] for i in todo], progress=progress)
         for i, vec in zip(todo, fresh, strict=True):
             vectors[i] = vec.astype(np.float32).tolist()
     table = pl.DataFrame(
-        {"frame_id": fids, "embedder": [embedder.name] * len(fids), "file_bytes": sizes, "vector": vectors},
+        {"frame_id": fids, "embedder": [name] * len(fids), "file_bytes": sizes, "vector": vectors},
         schema=EMBEDDING_SCHEMA,
     )
     return table, len(todo)
