@@ -315,6 +315,13 @@ def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     after = run.read_table("clusters").filter(pl.col("frame_id") == frame)
     assert after.filter(pl.col("level") == "scene")["cluster_id"][0] == ids[1]
     assert after.filter(pl.col("level") == "scene")["manual"][0]
+    # Its similarity is now to the centroid of the cluster it joined.
+    emb = run.read_table("embeddings")
+    vec = dict(zip(emb["frame_id"], normalise(np.asarray(emb["vector"].to_list())), strict=True))
+    members = scene_map(run.read_table("clusters"))
+    centroid = normalise(np.mean([vec[f] for f, c in members.items() if c == ids[1]], axis=0)[None])[0]
+    sim = after.filter(pl.col("level") == "scene")["similarity"][0]
+    assert sim == pytest.approx(float(vec[frame] @ centroid), abs=1e-5)
     assert after.filter(pl.col("level") == "character")["cluster_id"][0].startswith(ids[1] + "/")
     folder = next(f for f in board_state(run.run_dir) if f["id"] == ids[1])
     assert frame in [item["frame_id"] for item in folder["frames"]]

@@ -565,7 +565,15 @@ def move_to_cluster(
         feedback = run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
         feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
         run.write_table("feedback", feedback)
-        vectors = _vectors(run) if run.has_table("embeddings") else None
+        vectors = None
+        if run.has_table("embeddings") and cluster_id != NOISE:
+            # The frame's new similarity needs only the vectors of the scene it lands in (its
+            # character sub-clusters included), not the whole table on every move.
+            scene = cluster_id.partition("/")[0]
+            members = clusters.filter((pl.col("level") == "scene") & (pl.col("cluster_id") == scene))[
+                "frame_id"
+            ]
+            vectors = _vectors(run, {frame_id, *members.to_list()})
         run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors))
     return event
 
@@ -574,8 +582,15 @@ def _new_id(existing: set[str]) -> str:
     return cluster_id(next_cluster_number(sorted(existing)))
 
 
-def _vectors(run) -> dict[str, np.ndarray]:
-    emb = run.read_table("embeddings")
+def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
+    emb = (
+        pl.scan_parquet(run.table_path("embeddings"))
+        .filter(pl.col("frame_id").is_in(list(frame_ids)))
+        .select("frame_id", "vector")
+        .collect()
+    )
+    if emb.is_empty():
+        return {}
     return dict(zip(emb["frame_id"].to_list(), normalise(np.asarray(emb["vector"].to_list())), strict=True))
 
 
