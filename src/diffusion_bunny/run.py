@@ -78,6 +78,21 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"size": size, "head": _head_hash(path, size)[:16], "tail": tail}
 
 
+def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
+    """Write ``df`` to ``path`` atomically (temporary parquet file beside it, then rename), so a
+    reader never sees half a table and a crash leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def frame_image_path(run_dir: Path, frame_id: str, path: str | None) -> Path:
     """The small thumbnail stage 01 saved for a frame (``thumbs/<frame_id>.jpg``) when there is
     one, else the frame itself (``path``, relative to the run folder)."""
@@ -183,17 +198,7 @@ class Run:
 
     def write_table(self, name: str, df: pl.DataFrame) -> Path:
         """Write a table atomically (temporary parquet file, then rename)."""
-        path = self.table_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".parquet.tmp")
-        os.close(fd)
-        try:
-            df.write_parquet(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_parquet(self.table_path(name), df)
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Hash of a table file, so a later stage notices when an earlier one rewrote it.

@@ -326,7 +326,7 @@ def _assign_library(
     adding the clusters it opens to the library, under the library's lock."""
     from filelock import FileLock
 
-    from diffusion_bunny.run import atomic_write_bytes
+    from diffusion_bunny.run import atomic_write_parquet
 
     library.mkdir(parents=True, exist_ok=True)
     path = library / "scene_exemplars.parquet"
@@ -354,10 +354,6 @@ def _assign_library(
             result.exemplars, result.exemplar_vectors, movie_id, space.split("+")[0], space
         )
         lib = pl.concat([lib, added])
-        import io
-
-        buf = io.BytesIO()
-        lib.write_parquet(buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_parquet(path, lib)
     mine = lib.filter(pl.col("movie_id") == movie_id)
     return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
