@@ -119,7 +119,7 @@ def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(None) == ["extract", "quality", "characters", "scenes"]
+    assert parse_stages(None) == ["extract", "quality", "characters", "scenes", "captions"]
     assert parse_stages("extract") == ["extract"]
     assert parse_stages("quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
@@ -161,6 +161,13 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "through the adapter" in text and "TITLE:" in text
     assert (tmp_path / "demo_run" / "export" / "clusters_scene.edl").is_file()
+    # Stage 05 captioned every kept frame offline, naming exactly the people of each shot.
+    n_kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "captions.parquet").height
+    assert f"captions: {n_kept} of {n_kept} frames captioned (template {n_kept})" in summary
+    assert f"the caption names the ground truth's people in {n_kept} of {n_kept}" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "05_caption.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # caption lengths, word frequencies
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):

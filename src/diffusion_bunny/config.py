@@ -209,6 +209,101 @@ class ScenesConfig(_Section):
         return self
 
 
+CAPTION_PROVIDERS = ("template", "bedrock", "openai", "anthropic", "local")
+
+
+class OpenAIProviderConfig(_Section):
+    """The OpenAI chat API (key in ``OPENAI_API_KEY``)."""
+
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+
+
+class AnthropicProviderConfig(_Section):
+    """The Anthropic messages API (key in ``ANTHROPIC_API_KEY``)."""
+
+    model: str = "claude-3-5-haiku-latest"
+    base_url: str | None = None
+
+
+class LocalProviderConfig(_Section):
+    """Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio) at ``base_url``."""
+
+    model: str = "qwen2.5-vl-7b-instruct"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "LOCAL_LLM_API_KEY"
+
+
+class BedrockProviderConfig(_Section):
+    """AWS Bedrock's Converse API through boto3 (credentials from the environment or a profile)."""
+
+    model_id: str = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+    region: str | None = None
+    profile: str | None = None
+
+
+class CaptioningConfig(_Section):
+    """Settings of stage 05 (``captions``): which provider writes the captions, how hard it may be
+    called, and how the offline template describes a frame."""
+
+    provider: Literal["template", "bedrock", "openai", "anthropic", "local"] = "template"
+    fallback: list[Literal["template", "bedrock", "openai", "anthropic", "local"]] = []
+    trigger_word: str = Field("bunnystyle", min_length=1, max_length=64)
+    frames: Literal["kept", "all"] = "kept"
+    concurrency: int = Field(4, ge=1, le=256)
+    requests_per_minute: float = Field(60.0, gt=0.0, le=100_000.0)
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
+    max_retries: int = Field(4, ge=0, le=20)
+    backoff_base_s: float = Field(1.0, ge=0.0, le=600.0)
+    backoff_max_s: float = Field(30.0, ge=0.0, le=3600.0)
+    breaker_failures: int = Field(5, ge=1, le=10_000)
+    max_tokens: int = Field(300, ge=16, le=8192)
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    image_max_side: int = Field(768, ge=64, le=4096)
+    cache_dir: str | None = None
+    close_up_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    medium_ratio: float = Field(0.12, gt=0.0, le=1.0)
+    dark_below: float = Field(60.0, ge=0.0, le=255.0)
+    bright_above: float = Field(180.0, ge=0.0, le=255.0)
+    scene_names: dict[str, str] = {}
+    openai: OpenAIProviderConfig = OpenAIProviderConfig()
+    anthropic: AnthropicProviderConfig = AnthropicProviderConfig()
+    local: LocalProviderConfig = LocalProviderConfig()
+    bedrock: BedrockProviderConfig = BedrockProviderConfig()
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _one_token(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError("must be a word without leading or trailing spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _orders(self) -> CaptioningConfig:
+        if self.medium_ratio >= self.close_up_ratio:
+            raise ValueError(
+                f"medium_ratio ({self.medium_ratio}) must be under close_up_ratio ({self.close_up_ratio})"
+            )
+        if self.dark_below >= self.bright_above:
+            raise ValueError(
+                f"dark_below ({self.dark_below}) must be under bright_above ({self.bright_above})"
+            )
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) must be at least backoff_base_s "
+                f"({self.backoff_base_s})"
+            )
+        return self
+
+    def chain(self) -> list[str]:
+        """The providers in the order they are tried: the chosen one, then the fallbacks."""
+        out: list[str] = []
+        for name in [self.provider, *self.fallback]:
+            if name not in out:
+                out.append(name)
+        return out
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
@@ -217,6 +312,7 @@ class Config(_Section):
     filtering: FilteringConfig = FilteringConfig()
     characters: CharactersConfig = CharactersConfig()
     scenes: ScenesConfig = ScenesConfig()
+    captioning: CaptioningConfig = CaptioningConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

@@ -84,7 +84,31 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         lines.append(characters_line(run, truth))
     if run.has_table("clusters"):
         lines.append(scenes_line(run, truth))
+    if run.has_table("captions"):
+        lines.append(captions_line(run, truth))
     return "\n".join(lines)
+
+
+def captions_line(run: Run, truth: dict[str, Any]) -> str:
+    """Captions written, by provider, and how many name exactly the people the ground truth puts
+    in the frame's shot (a missing or an extra name counts as wrong)."""
+    captions = run.read_table("captions").join(
+        run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+    )
+    names = {n for s in truth["shots"] for n in s["faces"]}
+    right = 0
+    for row in captions.filter(pl.col("caption").is_not_null()).iter_rows(named=True):
+        shot = truth_shot(truth, row["frame_index"])
+        said = {n for n in names if n in row["caption"]}
+        right += shot is not None and said == set(shot["faces"])
+    done = int(captions["caption"].is_not_null().sum())
+    by = ", ".join(
+        f"{p} {n}" for p, n in captions["provider"].drop_nulls().value_counts(sort=True).iter_rows()
+    )
+    return (
+        f"captions: {done} of {captions.height} frames captioned ({by or 'none'}); the caption names "
+        f"the ground truth's people in {right} of {done}"
+    )
 
 
 def scenes_line(run: Run, truth: dict[str, Any]) -> str:

@@ -29,6 +29,11 @@ class ModelError(UserError):
     """A model a stage needs is not installed, cannot be loaded, or its device is unavailable."""
 
 
+class ProviderError(UserError):
+    """A caption provider cannot be used: its key is missing, its server is unreachable, or it
+    refused every request."""
+
+
 USER_ERROR_NAMES = frozenset(
-    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError)
+    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError, ProviderError)
 )

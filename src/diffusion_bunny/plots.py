@@ -555,3 +555,37 @@ def cluster_sheet(
             draw.text((x, y + thumb_h), f"{sim:.2f}" if sim is not None else "-", fill="#444444", font=small)
         top += header_h + thumb_h + label_h + gap
     return sheet
+
+
+def caption_length_plot(lengths: pl.DataFrame) -> ggplot:
+    """Words per caption, one colour per provider (``captions.caption_lengths``): long captions
+    get cut at the text encoder's 77 tokens, very short ones teach little."""
+    data = lengths.to_pandas()
+    return (
+        ggplot(data, aes("words", fill="provider"))
+        + geom_histogram(binwidth=1, position="stack")
+        + geom_vline(xintercept=50, color="#E45756", linetype="dashed")
+        + labs(
+            x="words per caption",
+            y="captions",
+            title=f"{lengths.height} captions, median {lengths['words'].median() or 0:.0f} words "
+            "(dashed: about CLIP's 77-token limit)",
+        )
+        + theme_minimal()
+        + theme(figure_size=(7, 3))
+    )
+
+
+def word_frequency_plot(freq: pl.DataFrame) -> ggplot:
+    """The most frequent caption words (``captions.word_frequencies``), most frequent on top."""
+    order = freq["word"].to_list()[::-1]
+    data = freq.to_pandas()
+    data["word"] = pd_categorical(data["word"], order)
+    return (
+        ggplot(data, aes("word", "count"))
+        + geom_col(fill="#4C78A8")
+        + coord_flip()
+        + labs(x="", y="captions containing it", title="most frequent words")
+        + theme_minimal()
+        + theme(figure_size=(6, max(2.5, 0.22 * len(order))))
+    )

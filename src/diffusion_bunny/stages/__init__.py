@@ -219,6 +219,50 @@ def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _captions_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    _require_tables(run, "captions", {"frames": "extract", "quality": "quality"})
+    inputs: dict[str, Any] = {
+        "frames": run.table_fingerprint("frames"),
+        "quality": run.table_fingerprint("quality", ["frame_id", "keep", "brightness"]),
+    }
+    if run.has_table("shots"):
+        inputs["shots"] = run.table_fingerprint("shots", ["shot_id", "kind"])
+    if run.has_table("faces"):
+        inputs["faces"] = run.table_fingerprint("faces", ["frame_id", "character", "top", "bottom"])
+    if run.has_table("clusters"):
+        inputs["clusters"] = run.table_fingerprint("clusters", ["frame_id", "level", "cluster_id"])
+    if run.has_table("caption_edits"):
+        # A person's edits: re-applied on top of every rerun.
+        inputs["caption_edits"] = run.table_fingerprint("caption_edits", ["event_id"])
+    return inputs
+
+
+def _captions_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.captions import captions_stage
+
+    def table(name: str) -> pl.DataFrame | None:
+        return run.read_table(name) if run.has_table(name) else None
+
+    result = captions_stage(
+        run.run_dir,
+        run.read_table("frames"),
+        cfg.captioning,
+        quality=table("quality"),
+        faces=table("faces"),
+        shots=table("shots"),
+        clusters=table("clusters"),
+        seed=cfg.run.seed,
+        progress=progress,
+        progress_path=run.progress_path("captions"),
+    )
+    return StageOutput(
+        tables={"captions": result.captions, "caption_calls": result.calls},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -261,6 +305,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("embeddings", "clusters", "scene_exemplars"),
             inputs=_scenes_inputs,
             compute=_scenes_compute,
+        ),
+        StageSpec(
+            name="captions",
+            number=5,
+            notebook="05_caption.ipynb",
+            version=1,
+            sections=("captioning",),
+            outputs=("captions", "caption_calls"),
+            inputs=_captions_inputs,
+            compute=_captions_compute,
         ),
     )
 }
