@@ -157,12 +157,11 @@ def select_items(
             "edited); check the captioning.* settings and rerun stage captions (notebook 05)"
         )
     rows = frames.join(usable, on="frame_id").sort("frame_index")
-    named = pl.DataFrame(schema={"frame_id": pl.String})
-    if faces is not None and faces.height:
-        named = faces.filter(pl.col("character").is_not_null())
     by_frame: dict[str, list[dict[str, Any]]] = {}
-    for face in named.sort("face_id").iter_rows(named=True):
-        by_frame.setdefault(face["frame_id"], []).append(face)
+    if faces is not None and faces.height:  # no faces table: stage 03 did not run
+        named = faces.filter(pl.col("character").is_not_null()).sort("face_id")
+        for face in named.iter_rows(named=True):
+            by_frame.setdefault(face["frame_id"], []).append(face)
 
     items: list[dict[str, Any]] = []
     counts = {"kept_frames": kept.height, "captioned_frames": rows.height, "small_faces": 0, "no_room": 0}
@@ -266,8 +265,8 @@ def shot_groups(items: pl.DataFrame, quality: pl.DataFrame, distance: int | None
 def assign_split(
     items: pl.DataFrame, groups: dict[int, int], fraction: float, seed: int
 ) -> tuple[pl.DataFrame, list[str]]:
-    """Add ``split`` (``train``/``validation``): whole groups drawn in a seeded order until the
-    validation share reaches ``fraction`` of the pictures. A group goes to validation only if it
+    """Add ``split`` (``train``/``validation``): whole groups drawn in a seeded order (those showing
+    a named character first) until the validation share reaches ``fraction`` of the pictures. A group goes to validation only if it
     brings the share closer to the target (when every group overshoots, the smallest one that
     holds at most half the pictures), and never when it holds a character's last training
     pictures or all of them."""
@@ -309,6 +308,8 @@ def assign_split(
                 train_left[c] -= k
 
         order = [group_ids[int(i)] for i in np.random.default_rng(seed).permutation(len(group_ids))]
+        # Groups that show a named character first: validation should measure the characters.
+        order.sort(key=lambda g: g not in chars_in)
         for group in order:
             if taken >= target:
                 break
