@@ -252,6 +252,17 @@ def test_one_shot_gives_no_validation_and_says_why():
     assert "no validation pictures" in warnings[0]
 
 
+def test_when_every_shot_overshoots_the_smallest_goes_to_validation():
+    frames, quality, faces, captions = small_tables(n_shots=4, per_shot=3)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items = items.filter(pl.col("shot_id") != 3).vstack(items.filter(pl.col("shot_id") == 3).head(2))
+    split, warnings = assign_split(items, {s: s for s in range(4)}, 0.05, 0)
+    # Target 1 picture: no shot brings the share closer, so the smallest eligible one (shot 3, two
+    # pictures of bob) is taken rather than none; anna's shots stay for training.
+    assert split.filter(pl.col("split") == "validation")["shot_id"].unique().to_list() == [3]
+    assert not warnings
+
+
 def test_balancing_gives_smaller_characters_more_repeats():
     concepts = ["anna"] * 12 + ["bob"] * 4 + ["cleo"] * 1 + ["scene"] * 30 + ["bob"] * 2
     chars = [[c] if c != "scene" else [] for c in concepts]
@@ -431,6 +442,45 @@ def test_demo_export_reruns_only_when_a_caption_changes(export_copy):
         assert (kohya / row["file_name"]).with_suffix(".txt").read_text() == "bunnystyle, edited by hand\n"
 
 
+def test_demo_export_as_png_with_jsonl_and_no_kohya(export_copy, tmp_path, monkeypatch):
+    import diffusion_bunny.stages.export as stage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    run, overrides, _ = export_copy
+    settings = {"export.image_format": "png", "export.metadata_format": "jsonl", "export.max_side": 200}
+    cfg = load_config(None, {**overrides, **settings}, root=tmp_path)
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(stage.os, "link", no_links)
+    with pytest.warns(UserWarning):
+        items = run_stage(run, "export", cfg, progress=False)["dataset_items"]
+    hf = dataset_dir(run.run_dir) / "hf"
+    assert (hf / "train" / "metadata.jsonl").is_file() and not (hf / "train" / "metadata.parquet").exists()
+    for row in items.iter_rows(named=True):
+        assert row["file_name"].endswith(".png") and max(row["width"], row["height"]) <= 200
+        with Image.open(hf / row["split"] / row["file_name"]) as image:
+            assert image.format == "PNG" and image.size == (row["width"], row["height"])
+    full = items.filter(pl.col("crop") == "full").row(0, named=True)
+    assert (full["width"], full["height"]) == (200, 112)  # 640x360 shrunk, aspect kept (112.5 rounds to even)
+    # Copies instead of hard links, same bytes.
+    train = items.filter(pl.col("split") == "train").row(0, named=True)
+    copy = dataset_dir(run.run_dir) / "kohya" / f"{train['repeats']}_{train['concept']}" / train["file_name"]
+    assert copy.read_bytes() == (hf / "train" / train["file_name"]).read_bytes()
+    assert copy.stat().st_ino != (hf / "train" / train["file_name"]).stat().st_ino
+    ds = load_dataset("imagefolder", data_dir=str(hf), cache_dir=str(tmp_path / "cache"))
+    assert ds["train"].num_rows + ds["validation"].num_rows == items.height
+    # Without kohya, only the imagefolder is written.
+    cfg = load_config(None, {**overrides, **settings, "export.kohya": False}, root=tmp_path)
+    with pytest.warns(UserWarning):
+        run_stage(run, "export", cfg, progress=False)
+    assert not (dataset_dir(run.run_dir) / "kohya").exists()
+    assert "kohya" not in (dataset_dir(run.run_dir) / "README.md").read_text()
+
+
 def test_empty_or_missing_captions_leave_the_dataset_intact(export_copy):
     run, _, cfg = export_copy
     before = sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*"))
@@ -494,6 +544,26 @@ def test_a_swap_cut_short_is_repaired(tmp_path):
     (run_dir / ".dataset-old").mkdir()
     recover_dataset(run_dir)
     assert (run_dir / "dataset" / "hf").is_dir() and not (run_dir / ".dataset-old").exists()
+
+
+def test_dataset_figures(export_run):
+    from diffusion_bunny.plots import NO_CHARACTER, dataset_counts_plot, dataset_sheet
+
+    run, _, _ = export_run
+    items = run.read_table("dataset_items")
+    plot = dataset_counts_plot(items)
+    data = plot.data
+    # One bar per character and split; pictures without a character have their own bar.
+    assert int(data["pictures"].sum()) == items["characters"].list.len().clip(1).sum()
+    assert NO_CHARACTER in set(data["character"].astype(str))
+    assert f"{items.height} pictures" in plot.labels.title
+    sheet = dataset_sheet(dataset_dir(run.run_dir), items, side=64)
+    concepts = items["concept"].n_unique()
+    assert sheet.height == concepts * (22 + 64 + 14 + 4)
+    # Validation pictures are framed in orange.
+    n_val_rows = items.filter(pl.col("split") == "validation")["concept"].n_unique()
+    orange = int((np.asarray(sheet) == (245, 133, 24)).all(axis=2).sum())
+    assert (orange > 0) == (n_val_rows > 0)
 
 
 def test_notebook_06_runs_headless(export_run, tmp_path, monkeypatch):
