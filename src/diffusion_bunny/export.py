@@ -265,11 +265,11 @@ def shot_groups(items: pl.DataFrame, quality: pl.DataFrame, distance: int | None
 def assign_split(
     items: pl.DataFrame, groups: dict[int, int], fraction: float, seed: int
 ) -> tuple[pl.DataFrame, list[str]]:
-    """Add ``split`` (``train``/``validation``): whole groups drawn in a seeded order (those showing
-    a named character first) until the validation share reaches ``fraction`` of the pictures. A group goes to validation only if it
-    brings the share closer to the target (when every group overshoots, the smallest one that
-    holds at most half the pictures), and never when it holds a character's last training
-    pictures or all of them."""
+    """Add ``split`` (``train``/``validation``): whole groups drawn in a seeded order (those
+    showing a named character first) until the validation share reaches ``fraction`` of the
+    pictures. A group goes to validation only if it brings the share closer to the target (when
+    every group overshoots, the smallest one that holds at most half the pictures), and never
+    when it holds a character's last training pictures or all of them."""
     items = items.with_columns(
         pl.col("shot_id").replace_strict(groups, return_dtype=pl.Int64).alias("split_group")
     )
