@@ -304,6 +304,68 @@ class CaptioningConfig(_Section):
         return out
 
 
+class ExportConfig(_Section):
+    """Settings of stage 06 (``export``): which crops, how the training set is balanced and split,
+    and how the images are written (Hugging Face imagefolder + kohya folders)."""
+
+    crops: tuple[Literal["full", "face", "half_body"], ...] = ("full", "face")
+    face_margin: float = Field(0.5, ge=0.0, le=5.0)
+    half_body_face_heights: float = Field(4.0, ge=1.5, le=20.0)
+    half_body_aspect: float = Field(0.75, ge=0.25, le=4.0)
+    min_face_px: int = Field(64, ge=0, le=4096)
+    face_tag: str = "close-up"
+    half_body_tag: str = "upper body"
+    include_unnamed: bool = True
+    unnamed_concept: str = "scene"
+    balance: bool = True
+    base_repeats: int = Field(1, ge=1, le=1000)
+    max_repeats: int = Field(10, ge=1, le=1000)
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    split_phash_distance: int | None = Field(10, ge=0, le=64)
+    seed: int = Field(0, ge=0)
+    max_side: int = Field(1024, ge=64, le=8192)
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    metadata_format: Literal["parquet", "jsonl"] = "parquet"
+    kohya: bool = True
+
+    @field_validator("crops")
+    @classmethod
+    def _crops_listed_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("list at least one crop: full, face or half_body")
+        if len(set(value)) != len(value):
+            raise ValueError("each crop may be listed once")
+        return value
+
+    @field_validator("face_tag", "half_body_tag")
+    @classmethod
+    def _tag_one_line(cls, value: str) -> str:
+        if "\n" in value or "," in value:
+            raise ValueError("must be one short phrase without commas or line breaks ('' adds nothing)")
+        return value.strip()
+
+    @field_validator("unnamed_concept")
+    @classmethod
+    def _concept_is_a_folder_name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[\w][\w .'-]{0,63}", value.strip()):
+            raise ValueError(
+                "must be usable as a folder name: letters, digits, spaces, '.', \"'\", '-' or '_' "
+                "(at most 64, not starting with a symbol)"
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _repeats_window(self) -> ExportConfig:
+        if self.max_repeats < self.base_repeats:
+            raise ValueError(
+                f"max_repeats ({self.max_repeats}) must be at least base_repeats ({self.base_repeats})"
+            )
+        return self
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
@@ -313,6 +375,7 @@ class Config(_Section):
     characters: CharactersConfig = CharactersConfig()
     scenes: ScenesConfig = ScenesConfig()
     captioning: CaptioningConfig = CaptioningConfig()
+    export: ExportConfig = ExportConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

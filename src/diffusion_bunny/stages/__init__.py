@@ -263,6 +263,43 @@ def _captions_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _export_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    _require_tables(run, "export", {"frames": "extract", "quality": "quality", "captions": "captions"})
+    inputs: dict[str, Any] = {
+        "frames": run.table_fingerprint("frames"),
+        # Which frames were kept, and their hashes (shots the movie cuts back to share a split).
+        "quality": run.table_fingerprint("quality", ["frame_id", "keep", "phash"]),
+        # A caption a person edited in notebook 05 makes the dataset stale.
+        "captions": run.table_fingerprint("captions", ["frame_id", "caption", "status"]),
+    }
+    if run.has_table("faces"):
+        inputs["faces"] = run.table_fingerprint(
+            "faces", ["face_id", "frame_id", "character", "top", "right", "bottom", "left"]
+        )
+    return inputs
+
+
+def _export_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.export import export_stage
+
+    result = export_stage(
+        run.run_dir,
+        run.read_table("frames"),
+        run.read_table("quality"),
+        run.read_table("faces") if run.has_table("faces") else None,
+        run.read_table("captions"),
+        cfg.export,
+        progress=progress,
+        progress_path=run.progress_path("export"),
+    )
+    return StageOutput(
+        tables={"dataset_items": result.items},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -315,6 +352,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("captions", "caption_calls"),
             inputs=_captions_inputs,
             compute=_captions_compute,
+        ),
+        StageSpec(
+            name="export",
+            number=6,
+            notebook="06_export_dataset.ipynb",
+            version=1,
+            sections=("export",),
+            outputs=("dataset_items",),
+            inputs=_export_inputs,
+            compute=_export_compute,
         ),
     )
 }
