@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from diffusion_bunny.captions import CAPTION_SCHEMA
 from diffusion_bunny.config import ExportConfig, load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError
 from diffusion_bunny.export import (
@@ -28,20 +29,6 @@ from diffusion_bunny.export import (
 from diffusion_bunny.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
 from diffusion_bunny.stages.export import ITEMS_COLUMNS, dataset_dir, recover_dataset, write_metadata
-
-CAPTION_SCHEMA = {
-    "frame_id": pl.String,
-    "caption": pl.String,
-    "tags": pl.List(pl.String),
-    "provider": pl.String,
-    "model": pl.String,
-    "status": pl.String,
-    "error": pl.String,
-    "prompt_version": pl.String,
-    "latency_s": pl.Float64,
-    "input_tokens": pl.Int64,
-    "output_tokens": pl.Int64,
-}
 
 
 def captions_table(frame_ids: list[str], status: dict[str, str] | None = None) -> pl.DataFrame:

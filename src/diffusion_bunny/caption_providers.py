@@ -401,9 +401,19 @@ def _require_key(provider: str, variable: str) -> str:
     return value
 
 
-def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
+def _dspy_lm(model: str, cfg: CaptioningConfig, key: str, base: str | None) -> Any:
+    """A dspy LM on dspy's own HTTP engine, without dspy's cache or retries (both are ours)."""
     import dspy
 
+    kwargs: dict[str, Any] = {"api_key": key, "timeout": cfg.timeout_s}
+    if base:
+        kwargs["api_base"] = base
+    return dspy.LM(
+        model, cache=False, num_retries=0, max_tokens=cfg.max_tokens, temperature=cfg.temperature, **kwargs
+    )
+
+
+def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
     if name == "openai":
         key = _require_key(name, KEY_VARIABLES[name])
         model, base = cfg.openai.model, cfg.openai.base_url
@@ -416,17 +426,7 @@ def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
         probe_base = base.rstrip("/")
     if not model:
         raise ConfigError(f"config error: captioning.{name}.model is empty; name the model to ask")
-    kwargs: dict[str, Any] = {"api_key": key, "timeout": cfg.timeout_s}
-    if base:
-        kwargs["api_base"] = base
-    lm = dspy.LM(
-        f"openai/{model}",
-        cache=False,
-        num_retries=0,
-        max_tokens=cfg.max_tokens,
-        temperature=cfg.temperature,
-        **kwargs,
-    )
+    lm = _dspy_lm(f"openai/{model}", cfg, key, base)
 
     def preflight() -> None:
         _probe_http(
@@ -437,20 +437,8 @@ def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
 
 
 def _anthropic(cfg: CaptioningConfig) -> DspyProvider:
-    import dspy
-
     key = _require_key("anthropic", KEY_VARIABLES["anthropic"])
-    kwargs: dict[str, Any] = {"api_key": key, "timeout": cfg.timeout_s}
-    if cfg.anthropic.base_url:
-        kwargs["api_base"] = cfg.anthropic.base_url
-    lm = dspy.LM(
-        f"anthropic/{cfg.anthropic.model}",
-        cache=False,
-        num_retries=0,
-        max_tokens=cfg.max_tokens,
-        temperature=cfg.temperature,
-        **kwargs,
-    )
+    lm = _dspy_lm(f"anthropic/{cfg.anthropic.model}", cfg, key, cfg.anthropic.base_url)
     root = (cfg.anthropic.base_url or "https://api.anthropic.com").rstrip("/")
     if root.endswith("/v1"):
         root = root[: -len("/v1")]
