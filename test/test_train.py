@@ -272,6 +272,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
     assert (out / "checkpoint-4" / "training_state.pt").is_file()
     facts = run.read_manifest("train")["facts"]
     assert facts["family"] == "sd1" and facts["resolution"] == 64 and facts["resumed_from"] is None
+    check_figures(log, validation)
     assert len(facts["buckets"]) >= 2  # landscape, portrait and square images
     latents = sorted((run.run_dir / "cache" / "latents").iterdir())
     assert len(latents) == 5
@@ -290,6 +291,27 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
         log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert log["step"].to_list() == [1, 2, 3, 4]
     assert not (out / "checkpoint-6").exists()
+
+
+def check_figures(log: pl.DataFrame, validation: pl.DataFrame) -> None:
+    """The notebook's figures: the loss curve (points + running mean) and the validation grid
+    (a row per step, a column per prompt; a missing picture becomes a grey box, not an error)."""
+    from diffusion_bunny.train_plots import loss_curve_plot, validation_grid
+
+    plot = loss_curve_plot(log.with_columns(prior_loss=pl.col("loss") / 2))
+    assert set(plot.data["series"]) == {"training loss", "prior (class images) loss"}
+    assert plot.draw() is not None
+    grid = validation_grid(validation, thumb=40)
+    assert grid.size == (90 + 40, 36 + 3 * 40)
+    first = Image.open(validation["path"][0]).convert("RGB").resize((40, 40))
+    assert (
+        np.abs(np.asarray(grid.crop((90, 36, 130, 76)), dtype=int) - np.asarray(first, dtype=int)).max() == 0
+    )
+    Path(validation["path"][1]).unlink()
+    assert (
+        np.asarray(validation_grid(validation, thumb=40).crop((95, 36 + 40 + 20, 100, 36 + 40 + 25))).min()
+        > 200
+    )
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -388,12 +410,15 @@ def test_missing_base_model_names_the_setting(tmp_path, monkeypatch):
 
 
 def test_tiny_presets_are_the_same_every_time(tmp_path):
+    from transformers import CLIPTokenizer
+
     from diffusion_bunny.sd_models import build_tiny_pipeline, resolve_base_model
 
     ref = resolve_base_model("tiny")
-    assert (
-        ref.source == "preset" and ref.family == "sd1" and (ref.path / "tokenizer" / "vocab.json").is_file()
-    )
+    assert ref.source == "preset" and ref.family == "sd1"
+    tokenizer = CLIPTokenizer.from_pretrained(ref.path / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    assert len(tokenizer("cat").input_ids) == 3  # start, the merged word, end (BPE merges applied)
     assert resolve_base_model("tiny", "sdxl").name == "tiny-sdxl"
     again = build_tiny_pipeline(tmp_path / "again", "sd1")
     for part in ("unet", "vae", "text_encoder"):

@@ -310,7 +310,8 @@ class LoraTrainer:
             self.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 for encoder in self.text_encoders:
-                    encoder.gradient_checkpointing_enable()
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()  # renamed in transformers 5
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=1e-2)
         lr_scheduler = get_scheduler(
