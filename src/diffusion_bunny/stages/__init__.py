@@ -300,6 +300,29 @@ def _export_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _train_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    _require_tables(run, "train", {"dataset_items": "export"})
+    return {"dataset_items": run.table_fingerprint("dataset_items")}
+
+
+def _train_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.train import train_stage
+
+    result = train_stage(
+        run.run_dir,
+        run.read_table("dataset_items"),
+        cfg.training,
+        progress=progress,
+        progress_path=run.progress_path("train"),
+    )
+    return StageOutput(
+        tables={"training_log": result.log, "training_validation": result.validation},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -362,6 +385,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("dataset_items",),
             inputs=_export_inputs,
             compute=_export_compute,
+        ),
+        StageSpec(
+            name="train",
+            number=7,
+            notebook="07_finetune_lora.ipynb",
+            version=1,
+            sections=("training",),
+            outputs=("training_log", "training_validation"),
+            inputs=_train_inputs,
+            compute=_train_compute,
         ),
     )
 }
