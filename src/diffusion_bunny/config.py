@@ -363,6 +363,7 @@ class ExportConfig(_Section):
             raise ValueError(
                 f"max_repeats ({self.max_repeats}) must be at least base_repeats ({self.base_repeats})"
             )
+        return self
 
 
 class TrainingConfig(_Section):
