@@ -56,7 +56,8 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, generation, run, scenes)",
+            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, generation, run, "
+            "scenes, training)",
         ),
         (
             ["extraction.method=frames"],
@@ -123,6 +124,6 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     assert (
-        "unknown stage 'bogus' (available: extract, quality, characters, scenes, generate)"
+        "unknown stage 'bogus' (available: extract, quality, characters, scenes, train, generate)"
         in capsys.readouterr().err
     )

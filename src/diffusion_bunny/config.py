@@ -210,6 +210,48 @@ class ScenesConfig(_Section):
         return self
 
 
+class TrainingConfig(_Section):
+    """Settings of stage 07 (``train``): a LoRA on the UNet (and optionally the text encoders) of a
+    Stable Diffusion 1.x or SDXL base model, on the dataset stage 06 exported."""
+
+    base_model: str = "tiny"
+    family: Literal["auto", "sd1", "sdxl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resolution: int | None = Field(None, ge=64, le=4096)
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float = Field(4.0, gt=0.0, le=4096.0)
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    max_train_steps: int = Field(30, ge=1, le=10_000_000)
+    train_batch_size: int = Field(2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    buckets: bool = True
+    min_snr_gamma: float | None = Field(None, gt=0.0, le=100.0)
+    train_text_encoder: bool = False
+    prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    num_class_images: int = Field(8, ge=1, le=100_000)
+    prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0)
+    checkpoint_every: int = Field(10, ge=1, le=10_000_000)
+    validation_every: int = Field(15, ge=0, le=10_000_000)
+    validation_prompts: tuple[str, ...] = ()
+    validation_inference_steps: int = Field(8, ge=1, le=1000)
+    output_dir: str | None = None
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _prior_needs_a_class_prompt(self) -> TrainingConfig:
+        if self.prior_preservation and not (self.class_prompt or "").strip():
+            raise ValueError("prior_preservation needs class_prompt (e.g. 'a photo of a person')")
+        return self
+
+
 #: The placeholders a generation prompt template may use.
 PROMPT_FIELDS = ("trigger", "character")
 
@@ -311,6 +353,7 @@ class Config(_Section):
     filtering: FilteringConfig = FilteringConfig()
     characters: CharactersConfig = CharactersConfig()
     scenes: ScenesConfig = ScenesConfig()
+    training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -219,6 +219,29 @@ def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _train_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    _require_tables(run, "train", {"dataset_items": "export"})
+    return {"dataset_items": run.table_fingerprint("dataset_items")}
+
+
+def _train_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.train import train_stage
+
+    result = train_stage(
+        run.run_dir,
+        run.read_table("dataset_items"),
+        cfg.training,
+        progress=progress,
+        progress_path=run.progress_path("train"),
+    )
+    return StageOutput(
+        tables={"training_log": result.log, "training_validation": result.validation},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 def _generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
     from diffusion_bunny.stages.generate import generate_inputs
 
@@ -279,6 +302,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("embeddings", "clusters", "scene_exemplars"),
             inputs=_scenes_inputs,
             compute=_scenes_compute,
+        ),
+        StageSpec(
+            name="train",
+            number=7,
+            notebook="07_finetune_lora.ipynb",
+            version=1,
+            sections=("training",),
+            outputs=("training_log", "training_validation"),
+            inputs=_train_inputs,
+            compute=_train_compute,
         ),
         StageSpec(
             name="generate",

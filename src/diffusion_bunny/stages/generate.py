@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.config import Config, workspace_root
+from diffusion_bunny.config import Config
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.generate import Checkpoint, GenerateResult, find_checkpoints, select_checkpoints
 from diffusion_bunny.run import Run, file_fingerprint
@@ -22,13 +22,11 @@ DEFAULT_TRIGGER = "bunnystyle"
 
 
 def checkpoint_dir(run: Run, cfg: Config) -> Path:
-    """Stage 07's output folder: ``training.output_dir`` (relative to the workspace), else
-    ``checkpoint/<run folder name>/`` (the CONTRACT's layout)."""
-    configured = cfg.training.output_dir
-    if configured:
-        path = Path(configured).expanduser()
-        return path if path.is_absolute() else workspace_root() / path
-    return workspace_root() / "checkpoint" / run.run_dir.name
+    """Stage 07's output folder (``training.output_dir``, else ``checkpoint/<run folder name>/``),
+    by stage 07's own rule."""
+    from diffusion_bunny.stages.train import checkpoint_dir as training_dir
+
+    return training_dir(run.run_dir, cfg.training)
 
 
 def base_model_setting(cfg: Config) -> tuple[str, str, str]:
