@@ -526,3 +526,144 @@ def test_config_rejects_bad_generation_settings():
     )
     with pytest.raises(ConfigError, match=r"generation.seeds = .*lists a value twice"):
         load_config(None, {"generation.seeds": [1, 1]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on a run, and notebook 08
+
+
+@pytest.fixture(scope="module")
+def trained_output(tmp_path_factory, demo_refs):
+    """A LoRA trained by stage 07's own trainer (a few steps on the demo's two portraits, a
+    checkpoint every 2 steps): the real layout stage 08 reads."""
+    from diffusion_bunny.config import TrainingConfig
+    from diffusion_bunny.lora_train import TrainImage, train_lora
+
+    images = [
+        TrainImage(demo_refs / name / f"{name}.png", f"bunnystyle {name}, close-up portrait")
+        for name in ("astronaut", "grace_hopper")
+    ]
+    cfg = TrainingConfig(
+        resolution=64,
+        device="cpu",
+        max_train_steps=4,
+        checkpoint_every=2,
+        validation_every=0,
+        train_batch_size=2,
+        learning_rate=1e-2,
+    )
+    out = tmp_path_factory.mktemp("trained") / "lora"
+    train_lora(images, cfg, out, progress=False)
+    return out
+
+
+def stage_overrides(run_overrides: dict, lora_dir: Path, **extra) -> dict:
+    return {
+        **run_overrides,
+        "training.output_dir": str(lora_dir),
+        "training.resolution": 64,
+        "generation.prompts": ["{trigger} {character}, close-up portrait"],
+        "generation.seeds": [0],
+        "generation.lora_scales": [0.0, 1.0],
+        "generation.steps": 2,
+        "generation.device": "cpu",
+        **extra,
+    }
+
+
+@pytest.fixture
+def generate_run(board_run):
+    """A private copy of the demo run through stage 03 (named from the demo's portraits)."""
+    return board_run
+
+
+def test_stage_generates_from_the_trained_lora_and_skips_when_up_to_date(generate_run, trained_output):
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages import run_stage
+
+    run, overrides = generate_run
+    cfg = load_config(None, stage_overrides(overrides, trained_output))
+    assert [c.name for c in find_checkpoints(trained_output)] == ["checkpoint-2", "checkpoint-4", FINAL]
+    tables = run_stage(run, "generate", cfg, progress=False)
+    gen = tables["generations"]
+    assert set(gen["character"]) == {"astronaut", "grace_hopper"}
+    assert gen.height == 2 * (1 + 3)  # per character: base + 3 checkpoints at scale 1
+    assert all((run.run_dir / p).is_file() for p in gen["path"])
+    manifest = run.read_manifest("generate")
+    facts = manifest["facts"]
+    assert facts["best_checkpoint"] in ("checkpoint-2", "checkpoint-4", FINAL)
+    assert facts["resolution"] == 64 and facts["trigger_word"] == "bunnystyle"
+    assert set(manifest["inputs"]["checkpoints"]) == {"checkpoint-2", "checkpoint-4", FINAL}
+    # references: the reference photo and the movie's faces stage 03 named
+    assert facts["references"]["astronaut"]["reference_images"] == 1
+    assert facts["references"]["astronaut"]["movie_faces"] > 0
+    assert tables["generation_scores"].filter(pl.col("best"))["checkpoint"].to_list() == [
+        facts["best_checkpoint"]
+    ]
+    assert run.read_table("generations").equals(gen)
+    # Up to date: skipped. A new seed: only the new pictures are drawn.
+    run_stage(run, "generate", cfg, progress=False)
+    assert run.read_manifest("generate")["finished"] == manifest["finished"]
+    more = load_config(None, stage_overrides(overrides, trained_output, **{"generation.seeds": [0, 1]}))
+    run_stage(run, "generate", more, progress=False)
+    counts = run.read_manifest("generate")["counts"]
+    assert counts["reused"] == gen.height and counts["rendered_now"] == gen.height
+
+
+def test_missing_training_output_and_base_model_are_one_clear_error(generate_run, trained_output, tmp_path):
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.errors import StageError
+    from diffusion_bunny.stages import run_stage
+
+    run, overrides = generate_run
+    empty = load_config(None, stage_overrides(overrides, tmp_path / "no_lora"))
+    with pytest.raises(
+        StageError, match=r"no trained LoRA in .*no_lora .*run stage train first \(bunny run MOVIE"
+    ):
+        run_stage(run, "generate", empty, progress=False)
+    missing = load_config(
+        None, stage_overrides(overrides, trained_output, **{"training.base_model": str(tmp_path / "sd15")})
+    )
+    with pytest.raises(ModelError, match=r"^training.base_model = '.*sd15': no such folder"):
+        run_stage(run, "generate", missing, progress=False)
+    other = load_config(
+        None, stage_overrides(overrides, trained_output, **{"generation.base_model": "someone/not-cached"})
+    )
+    with pytest.raises(
+        ModelError, match=r"^generation.base_model = 'someone/not-cached' is not in the local"
+    ):
+        run_stage(run, "generate", other, progress=False)
+    assert not (run.run_dir / "generated").exists() and not run.has_table("generations")
+
+
+def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monkeypatch):
+    """Notebook 08 in a kernel, as `bunny run` executes it, on the demo run with a trained LoRA:
+    summary, score plot, one grid per character and the loading code."""
+    import nbformat
+    import papermill
+
+    from diffusion_bunny.generate import __file__ as generate_file
+
+    run, overrides = generate_run
+    root = Path(generate_file).resolve().parents[2]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
+    nb = papermill.execute_notebook(
+        str(root / "notebook" / "08_generate.ipynb"),
+        str(tmp_path / "nb.ipynb"),
+        parameters={
+            "run_dir": str(run.run_dir),
+            "overrides": stage_overrides(overrides, trained_output),
+            "interactive": False,
+        },
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=600,
+        cwd=str(root / "notebook"),
+    )
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "8 pictures (8 drawn now, 0 reused) of 2 character(s)" in text
+    best = run.read_manifest("generate")["facts"]["best_checkpoint"]
+    assert f"best checkpoint: {best}" in text and "pipe.load_lora_weights(" in text
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # score plot + a grid per character
+    nbformat.validate(nb)
