@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -408,6 +409,99 @@ class TrainingConfig(_Section):
         return self
 
 
+#: The placeholders a generation prompt template may use.
+PROMPT_FIELDS = ("trigger", "character")
+
+
+class GenerationConfig(_Section):
+    """Settings of stage 08 (``generate``): a grid of images per character (prompts x seeds x LoRA
+    scales x checkpoints), scored by face identity and, where configured, CLIP."""
+
+    prompts: tuple[str, ...] = (
+        "{trigger} {character}, close-up portrait",
+        "{trigger} {character}, full body",
+    )
+    negative_prompt: str = ""
+    trigger_word: str | None = None
+    characters: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1)
+    lora_scales: tuple[float, ...] = (0.0, 0.5, 1.0)
+    checkpoints: Literal["all", "final"] | tuple[str, ...] = "all"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    resolution: int | None = Field(None, ge=64, le=4096)
+    base_model: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    clip_model: str | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_templates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import string
+
+        if not value:
+            raise ValueError("give at least one prompt template, e.g. '{trigger} {character}, portrait'")
+        for template in value:
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            except ValueError as exc:
+                raise ValueError(f"prompt {template!r} is not a valid template ({exc})") from None
+            unknown = [f for f in fields if f not in PROMPT_FIELDS]
+            if unknown:
+                raise ValueError(
+                    f"prompt {template!r} uses {{{unknown[0]}}}; the placeholders are {{trigger}} and "
+                    "{character}"
+                )
+        return value
+
+    @field_validator("seeds", "lora_scales")
+    @classmethod
+    def _non_empty_unique(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not value:
+            raise ValueError("must list at least one value")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a value twice")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in value):
+            raise ValueError("seeds must be 0 or more")
+        return value
+
+    @field_validator("lora_scales")
+    @classmethod
+    def _scales_in_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not -4.0 <= s <= 4.0 for s in value):
+            raise ValueError(
+                "LoRA scales must lie between -4 and 4 (0: the base model, 1: the LoRA as trained)"
+            )
+        return value
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _checkpoint_names(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's one per member of the union.
+        if value in ("all", "final"):
+            return value
+        if isinstance(value, list | tuple) and value:
+            names = []
+            for item in value:
+                name = f"checkpoint-{item}" if isinstance(item, int) and not isinstance(item, bool) else item
+                if not isinstance(name, str) or not (
+                    name == "final" or re.fullmatch(r"checkpoint-\d+", name)
+                ):
+                    raise ValueError(
+                        f"unknown checkpoint {item!r}: list 'final', 'checkpoint-<step>' or training steps"
+                    )
+                names.append(name)
+            return tuple(names)
+        raise ValueError(
+            "must be 'all', 'final' or a list of checkpoints ('checkpoint-<step>', 'final' or steps)"
+        )
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
@@ -419,6 +513,7 @@ class Config(_Section):
     captioning: CaptioningConfig = CaptioningConfig()
     export: ExportConfig = ExportConfig()
     training: TrainingConfig = TrainingConfig()
+    generation: GenerationConfig = GenerationConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

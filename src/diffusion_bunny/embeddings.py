@@ -404,7 +404,17 @@ class ClipEmbedder:
     a local folder. Loading happens in the constructor so a missing model fails before any work.
     """
 
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 32):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        batch_size: int = 32,
+        *,
+        setting: str = "scenes.clip_model",
+        hint: str = CLIP_HINT,
+    ):
+        # ``setting``/``hint``: the config key a load failure names (stage 08 loads its CLIP from
+        # generation.clip_model through this same code) and what the message suggests.
         import torch
         from transformers import AutoProcessor, CLIPModel
 
@@ -415,7 +425,7 @@ class ClipEmbedder:
         path = Path(model).expanduser()
         source = str(path) if path.exists() else model
         if path.exists() and not path.is_dir():
-            raise ModelError(f"scenes.clip_model '{model}' is a file, not a model folder; {CLIP_HINT}")
+            raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=True)
             self.processor = AutoProcessor.from_pretrained(source, local_files_only=True)
@@ -427,15 +437,14 @@ class ClipEmbedder:
                 if path.exists()
                 else "(no such folder here, and not in the local Hugging Face cache; nothing is downloaded)"
             )
-            message = f"cannot load the CLIP model scenes.clip_model='{model}' {where}; {CLIP_HINT}"
+            message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"
             raise ModelError(message) from None
         if (
             getattr(self.processor, "tokenizer", None) is None
             or getattr(self.processor, "image_processor", None) is None
         ):
             raise ModelError(
-                f"scenes.clip_model='{model}' has no tokenizer or image processor next to the weights; "
-                f"{CLIP_HINT}"
+                f"{setting}='{model}' has no tokenizer or image processor next to the weights; {hint}"
             )
         # transformers 5 builds an empty tokenizer when vocab.json/merges.txt/tokenizer.json are
         # missing instead of failing, and every text would then embed to the same vector. A
@@ -443,9 +452,9 @@ class ClipEmbedder:
         vocab = len(self.processor.tokenizer)
         if not 256 <= vocab <= int(self.model.config.text_config.vocab_size):
             raise ModelError(
-                f"scenes.clip_model='{model}' has no usable tokenizer ({vocab} tokens for a model of "
+                f"{setting}='{model}' has no usable tokenizer ({vocab} tokens for a model of "
                 f"{self.model.config.text_config.vocab_size}; are vocab.json and merges.txt or "
-                f"tokenizer.json missing?); {CLIP_HINT}"
+                f"tokenizer.json missing?); {hint}"
             )
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.projection_dim)

@@ -323,6 +323,24 @@ def _train_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+def _generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    from diffusion_bunny.stages.generate import generate_inputs
+
+    return generate_inputs(run, cfg)
+
+
+def _generate_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.stages.generate import generate_run
+
+    result = generate_run(run, cfg, progress=progress)
+    return StageOutput(
+        tables={"generations": result.generations, "generation_scores": result.scores},
+        counts=result.counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -395,6 +413,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("training_log", "training_validation"),
             inputs=_train_inputs,
             compute=_train_compute,
+        ),
+        StageSpec(
+            name="generate",
+            number=8,
+            notebook="08_generate.ipynb",
+            version=1,
+            sections=("generation",),
+            outputs=("generations", "generation_scores"),
+            inputs=_generate_inputs,
+            compute=_generate_compute,
         ),
     )
 }
