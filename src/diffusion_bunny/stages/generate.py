@@ -17,6 +17,7 @@ from diffusion_bunny.errors import StageError
 from diffusion_bunny.generate import Checkpoint, GenerateResult, find_checkpoints, select_checkpoints
 from diffusion_bunny.run import Run, file_fingerprint
 
+
 def checkpoint_dir(run: Run, cfg: Config) -> Path:
     """Stage 07's output folder (``training.output_dir``, else ``checkpoint/<run folder name>/``),
     by stage 07's own rule."""
