@@ -29,6 +29,10 @@ class ModelError(UserError):
     """A model a stage needs is not installed, cannot be loaded, or its device is unavailable."""
 
 
+class EngineError(UserError):
+    """The engine that runs many movies (a Ray cluster) cannot start or cannot be reached."""
+
+
 USER_ERROR_NAMES = frozenset(
-    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError)
+    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError, EngineError)
 )
