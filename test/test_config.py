@@ -56,7 +56,8 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run, scenes)",
+            "unknown key 'extractoin' (allowed here: characters, engine, extraction, filtering, report, run, "
+            "scenes)",
         ),
         (
             ["extraction.method=frames"],
@@ -123,5 +124,6 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     assert (
-        "unknown stage 'bogus' (available: extract, quality, characters, scenes)" in capsys.readouterr().err
+        "unknown stage 'bogus' (available: extract, quality, characters, scenes, report)"
+        in capsys.readouterr().err
     )

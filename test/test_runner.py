@@ -119,7 +119,7 @@ def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(None) == ["extract", "quality", "characters", "scenes"]
+    assert parse_stages(None) == ["extract", "quality", "characters", "scenes", "report"]
     assert parse_stages("extract") == ["extract"]
     assert parse_stages("quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):

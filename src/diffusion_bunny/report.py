@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -789,8 +791,6 @@ def _html_output(html: str) -> Any:
 def table_html(df: pl.DataFrame, links: tuple[str, ...] = ()) -> str:
     """A plain HTML table (escaped), for the report's tables; values of the ``links`` columns are
     relative paths shown as links."""
-    from html import escape
-
     head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
     body = "".join(
         "<tr>"
@@ -805,8 +805,6 @@ def table_html(df: pl.DataFrame, links: tuple[str, ...] = ()) -> str:
 
 
 def _cell(value: Any) -> str:
-    from html import escape
-
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -845,11 +843,15 @@ def report_document(
             outputs.append(_html_output(tables[key]))
         for row in rows.filter(pl.col("figure").is_not_null()).iter_rows(named=True):
             outputs.append(_png_output((run_dir / row["path"]).read_bytes()))
+            nb.metadata.setdefault("figure_titles", []).append(row["figure_title"] or row["figure"])
         if outputs:
             cell = nbformat.v4.new_code_cell("")
             cell.outputs = outputs
             nb.cells.append(cell)
     return nb
+
+
+_NBCONVERT_ALT = 'alt="No description has been provided for this image"'
 
 
 def render_report_html(notebook: Any, out_html: str | Path) -> Path:
@@ -864,7 +866,14 @@ def render_report_html(notebook: Any, out_html: str | Path) -> Path:
     exporter.exclude_input = True
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
+    # nbconvert fills a placeholder alternative text into every image and logs a warning about
+    # it; the report's figures get their titles instead (kept in the document's metadata).
+    quiet = logging.getLogger("diffusion_bunny.report.nbconvert")
+    quiet.setLevel(logging.ERROR)
+    exporter.log = quiet
     body, _ = exporter.from_notebook_node(notebook)
+    for alt in notebook.metadata.get("figure_titles", []):
+        body = body.replace(_NBCONVERT_ALT, f'alt="{escape(alt, quote=True)}"', 1)
     out_html = Path(out_html)
     atomic_write_bytes(out_html, body.encode("utf-8"))
     return out_html
