@@ -85,6 +85,8 @@ def start_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     engine = cfg.engine
+    if engine.address:
+        _check_reachable(engine.address)
     try:
         if engine.address:
             ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
@@ -106,6 +108,25 @@ def start_ray(cfg: Config) -> bool:
         )
         raise EngineError(f"could not {where} ({first}); {hint}") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in a second on a ``host:port`` nobody listens at: Ray itself retries its connection
+    20 times for about 40 s each before it gives up."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", or another form Ray understands: let Ray judge it
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EngineError(
+            f"could not join the Ray cluster at {address} (nothing answers there: {reason}); "
+            "check --address (ray start --head prints it) or leave it out for a local cluster"
+        ) from None
 
 
 def _ray_task(movie: Path, run_dir: Path | None, kwargs: dict[str, Any]) -> MovieReport:

@@ -929,8 +929,8 @@ def relative_link(target: Path, start: Path) -> str:
 
 def movies_table(reports: list[Any], cfg: Config, start: Path | None = None) -> pl.DataFrame:
     """One row per movie of a batch (``runner.MovieReport``\\ s): its run folder, error, counts
-    (frames extracted and kept, shots, faces, named characters), the link to its report
-    (relative to ``start`` when given) and one state column per stage (done/stale/missing)."""
+    (frames extracted and kept, shots, faces, named characters), ``report_html`` (its report,
+    relative to ``start`` when given) and one state column per stage (done/stale/missing)."""
     from diffusion_bunny.stages import stage_names
     from diffusion_bunny.status import run_status
 
@@ -947,7 +947,7 @@ def movies_table(reports: list[Any], cfg: Config, start: Path | None = None) -> 
             "shots": None,
             "faces": None,
             "characters": None,
-            "report": None,
+            "report_html": None,
         }
         is_run = run_dir is not None and (run_dir / "run.json").is_file()
         if is_run:
@@ -964,7 +964,7 @@ def movies_table(reports: list[Any], cfg: Config, start: Path | None = None) -> 
                 row["characters"] = names.drop_nulls().n_unique()
             html = report_dir(run.run_dir) / "index.html"
             if html.is_file():
-                row["report"] = relative_link(html, start) if start else str(html)
+                row["report_html"] = relative_link(html, start) if start else str(html)
         states = run_status(run_dir, cfg, stages) if is_run else [(s, "missing", "never ran") for s in stages]
         row.update({stage: state for stage, state, _ in states})
         rows.append(row)
@@ -977,7 +977,7 @@ def movies_table(reports: list[Any], cfg: Config, start: Path | None = None) -> 
         "shots": pl.Int64,
         "faces": pl.Int64,
         "characters": pl.Int64,
-        "report": pl.Utf8,
+        "report_html": pl.Utf8,
         **dict.fromkeys(stages, pl.Utf8),
     }
     return pl.DataFrame(rows, schema=schema)
@@ -1033,6 +1033,6 @@ def write_combined_report(out_dir: str | Path, reports: list[Any], cfg: Config) 
         figures,
         title=f"QA report: {movies.height} movies",
         intro=f"Output folder `{Path(out_dir).resolve()}`. Each movie's own report is linked in the table.",
-        tables={"movies": table_html(movies.drop("run_dir"), links=("report",))},
+        tables={"movies": table_html(movies.drop("run_dir"), links=("report_html",))},
     )
     return render_report_html(doc, folder / "index.html")
