@@ -161,6 +161,11 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "through the adapter" in text and "TITLE:" in text
     assert (tmp_path / "demo_run" / "export" / "clusters_scene.edl").is_file()
+    # Stage 09 made the QA report: every section of stages 01-04 with figures.
+    assert f"report: 8 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 8  # funnel, quality, 2 shot figures, screen time, 2 contact sheets, clusters
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):

@@ -84,7 +84,18 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         lines.append(characters_line(run, truth))
     if run.has_table("clusters"):
         lines.append(scenes_line(run, truth))
+    if run.has_table("report_figures"):
+        lines.append(report_line(run))
     return "\n".join(lines)
+
+
+def report_line(run: Run) -> str:
+    """Where the QA report is, how many figures it has and which stages it could not show."""
+    counts = (run.read_manifest("report") or {}).get("counts", {})
+    missing = counts.get("stages_not_run") or []
+    return f"report: {counts.get('figures', 0)} figures in {run.run_dir / 'report' / 'index.html'}" + (
+        f"; stages that did not run: {', '.join(missing)}" if missing else ""
+    )
 
 
 def scenes_line(run: Run, truth: dict[str, Any]) -> str:
