@@ -127,6 +127,10 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(movies, ra
     first = {name: _finished(out_ray / movie_id(movies / name)) for name in ("a.mp4", "b.mp4")}
     assert main(args) == 0
     assert {name: _finished(out_ray / movie_id(movies / name)) for name in ("a.mp4", "b.mp4")} == first
+    # One movie on Ray, its run folder given with --out as for a single movie: up to date too.
+    single = ["run", str(movies / "a.mp4"), "--out", str(out_ray / movie_id(movies / "a.mp4"))]
+    assert main([*single, "--stages", STAGES, "--engine", "ray", "--quiet"]) == 0
+    assert _finished(out_ray / movie_id(movies / "a.mp4")) == first["a.mp4"]
 
     # A broken movie next to good ones: reported, the others still done, exit status 2.
     mixed = tmp_path / "mixed"

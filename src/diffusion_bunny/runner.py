@@ -181,6 +181,8 @@ def run_movie(
         counts = ", ".join(
             f"{k} ({', '.join(f'{n} {c}' for n, c in v.items()) or 'none'})"
             if isinstance(v, dict)
+            else f"{k} ({', '.join(map(str, v)) or 'none'})"
+            if isinstance(v, list)
             else f"{k} {v}"
             for k, v in stage_report.counts.items()
         )
