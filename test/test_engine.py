@@ -27,7 +27,7 @@ STAGES = "extract,quality,report"
 
 @pytest.fixture(scope="module")
 def movies(tmp_path_factory) -> Path:
-    """Two short clips (2 and 3 shots) and a broken file, in one folder."""
+    """Two short clips (2 and 3 shots) in one folder."""
     folder = tmp_path_factory.mktemp("movies")
     write_clip(folder / "a.mp4", [(31, 20, 0.0), (32, 20, 0.0)])
     write_clip(folder / "b.mp4", [(33, 15, 0.0), (34, 15, 3.0), (35, 15, 0.0)])
@@ -89,6 +89,15 @@ def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, tmp_
     err = capsys.readouterr().err
     assert err.count("is up to date, skipped") == 6
     assert {name: _finished(out / movie_id(movies / name)) for name in ("a.mp4", "b.mp4")} == first
+    # A broken movie beside a finished one: reported in one line, the other skipped, exit status 2.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.mp4").write_bytes((movies / "a.mp4").read_bytes())
+    (mixed / "broken.mp4").write_bytes(b"")
+    assert main(["run", str(mixed), "--out", str(out), "--stages", "extract", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.mp4: the file is empty" in err and "1 of 2 movies failed" in err
+    assert _finished(out / movie_id(movies / "a.mp4")) == first["a.mp4"]
 
 
 def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
@@ -105,6 +114,12 @@ def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "could not join the Ray cluster at 127.0.0.1:1" in err and "--address" in err
+    # --address alone means Ray; with --engine local it is a mistake, said in one line.
+    assert main(["run", str(folder), "--address", "127.0.0.1:1", "--out", str(tmp_path / "o")]) == 2
+    assert "could not join the Ray cluster" in capsys.readouterr().err
+    assert main(["run", str(folder), "--engine", "local", "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "use it with --engine ray" in err and err.count("\n") == 1
 
 
 def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(movies, ray_cluster, tmp_path, capsys):

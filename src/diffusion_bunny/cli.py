@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--address",
-        help="with --engine ray: join the Ray cluster at this address (default: a local cluster)",
+        help="join the Ray cluster at this address (implies --engine ray; default: a local cluster)",
     )
 
     status = sub.add_parser(
@@ -84,6 +84,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "sub-folder of reference images per character"
             )
         overrides["characters.reference_dir"] = str(characters)
+    engine = args.engine
+    if args.address and engine is None:
+        engine = "ray"  # an address only means something to Ray
+    if args.address and engine != "ray":
+        raise UserError(f"--address {args.address} joins a Ray cluster: use it with --engine ray")
     reports = run_target(
         args.target,
         config_path=config_path,
@@ -92,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         force=args.force,
         progress=not args.quiet,
-        engine=args.engine,
+        engine=engine,
         address=args.address,
     )
     failed = [r for r in reports if r.error]
