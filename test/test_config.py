@@ -56,8 +56,8 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: captioning, characters, export, extraction, filtering, "
-            "generation, run, scenes, training)",
+            "unknown key 'extractoin' (allowed here: captioning, characters, engine, export, extraction, "
+            "filtering, generation, report, run, scenes, training)",
         ),
         (
             ["extraction.method=frames"],
@@ -123,5 +123,5 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.startswith("error: config error: unknown key 'extraction.treshold'")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
-    available = "extract, quality, characters, scenes, captions, export, train, generate"
+    available = "extract, quality, characters, scenes, captions, export, train, generate, report"
     assert f"unknown stage 'bogus' (available: {available})" in capsys.readouterr().err

@@ -128,6 +128,7 @@ def test_find_movies_and_stage_lists(tmp_path):
         "export",
         "train",
         "generate",
+        "report",
     ]
     assert parse_stages("extract") == ["extract"]
     assert parse_stages("quality, extract") == ["extract", "quality"]
@@ -136,7 +137,13 @@ def test_find_movies_and_stage_lists(tmp_path):
 
 
 def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
-    summary = run_demo(out=tmp_path / "demo_run", movie_dir=demo.path.parent, progress=False)
+    lora = tmp_path / "lora"  # not the workspace's checkpoint/ folder
+    summary = run_demo(
+        out=tmp_path / "demo_run",
+        movie_dir=demo.path.parent,
+        progress=False,
+        overrides={"training.output_dir": str(lora)},
+    )
     truth = demo.ground_truth()
     shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")
     assert shots["start_frame"].to_list()[1:] == truth["cuts"]
@@ -177,6 +184,24 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "05_caption.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 2  # caption lengths, word frequencies
+    # Stages 06-08 exported the dataset, trained the tiny LoRA and drew the grids, through their notebooks.
+    items = pl.read_parquet(tmp_path / "demo_run" / "tables" / "dataset_items.parquet")
+    assert (
+        f"export: {items.height} pictures" in summary and (tmp_path / "demo_run" / "dataset" / "hf").is_dir()
+    )
+    assert "train: 30 steps" in summary and (lora / "pytorch_lora_weights.safetensors").is_file()
+    generations = pl.read_parquet(tmp_path / "demo_run" / "tables" / "generations.parquet")
+    assert generations.height > 0 and generations["best"].any() and "generate: " in summary
+    for name in ("06_export_dataset", "07_finetune_lora", "08_generate"):
+        nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
+    # Stage 09 made the QA report: every section of stages 01-04 with figures.
+    assert f"report: 10 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    # funnel, quality, 2 shot figures, screen time, 2 contact sheets, clusters, caption lengths, training
+    # loss (identity per checkpoint has no face to score on the tiny model's noise)
+    assert len(pngs) == 10
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):

@@ -41,6 +41,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: one movie after another (default, engine.kind); ray: one Ray task per movie",
+    )
+    run.add_argument(
+        "--address",
+        help="join the Ray cluster at this address (implies --engine ray; default: a local cluster)",
+    )
+
+    status = sub.add_parser(
+        "status", help="each stage's state per movie (done, stale and why, missing), from the manifests"
+    )
+    status.add_argument(
+        "target",
+        help="a run folder, a folder of run folders (e.g. data/output), a movie or a folder of movies",
+    )
+    status.add_argument("--out", help="where the movies' run folders are, as given to bunny run --out")
+    status.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
+    status.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     demo = sub.add_parser("demo", help="build the built-in demo movie once and run every stage on it")
     demo.add_argument("--out", help="run folder (default data/output/demo)")
@@ -64,6 +84,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "sub-folder of reference images per character"
             )
         overrides["characters.reference_dir"] = str(characters)
+    engine = args.engine
+    if args.address and engine is None:
+        engine = "ray"  # an address only means something to Ray
+    if args.address and engine != "ray":
+        raise UserError(f"--address {args.address} joins a Ray cluster: use it with --engine ray")
     reports = run_target(
         args.target,
         config_path=config_path,
@@ -72,6 +97,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         force=args.force,
         progress=not args.quiet,
+        engine=engine,
+        address=args.address,
     )
     failed = [r for r in reports if r.error]
     for r in reports:
@@ -81,7 +108,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"error: {len(failed)} of {len(reports)} movies failed (see the messages above)", file=sys.stderr
         )
-        return 2
+        return 1 if any(r.bug for r in failed) else 2
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.runner import overrides_from_args
+    from diffusion_bunny.status import format_status, resolve_runs, status_table
+
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    cfg = load_config(config_path, overrides_from_args(args.overrides))
+    print(format_status(status_table(resolve_runs(args.target, cfg, args.out), cfg)))
     return 0
 
 
@@ -106,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "status":
+            return _cmd_status(args)
         return _cmd_demo(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -502,6 +502,26 @@ class GenerationConfig(_Section):
         )
 
 
+class ReportConfig(_Section):
+    """Settings of stage 09 (``report``): the figures of the QA report and its contact sheets."""
+
+    dpi: int = Field(100, ge=30, le=600)
+    contact_sheet_faces: int = Field(24, ge=1, le=1000)
+    max_characters: int = Field(12, ge=1, le=1000)
+
+
+class EngineConfig(_Section):
+    """How ``bunny run`` processes the movies of a folder: one after another in this process
+    (``local``) or as one Ray task per movie (``ray``). Not part of any stage's config hash, so
+    switching engines never makes a stage stale."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, le=4096)
+    cpus_per_movie: float = Field(1.0, gt=0.0, le=4096.0)
+    object_store_mb: int = Field(256, ge=75, le=1_000_000)
+
+
 class Config(_Section):
     """The whole validated configuration."""
 
@@ -514,6 +534,8 @@ class Config(_Section):
     export: ExportConfig = ExportConfig()
     training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
+    report: ReportConfig = ReportConfig()
+    engine: EngineConfig = EngineConfig()
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, so a stage reruns only when its own settings move."""

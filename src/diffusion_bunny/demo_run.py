@@ -86,7 +86,37 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         lines.append(scenes_line(run, truth))
     if run.has_table("captions"):
         lines.append(captions_line(run, truth))
+    lines.extend(lora_lines(run))
+    if run.has_table("report_figures"):
+        lines.append(report_line(run))
     return "\n".join(lines)
+
+
+def lora_lines(run: Run) -> list[str]:
+    """One line each for stages 06-08 from their manifests: what was exported, trained and drawn."""
+    out = []
+    if (m := run.read_manifest("export")) is not None:
+        c = m["counts"]
+        out.append(
+            f"export: {c['items']} pictures ({c['train']} train, {c['validation']} validation; "
+            f"{c['crop_full']} full, {c['crop_face']} face, {c['crop_half_body']} half-body) "
+            f"in {m['facts']['dataset_dir']}"
+        )
+    if (m := run.read_manifest("train")) is not None:
+        c, f = m["counts"], m["facts"]
+        out.append(
+            f"train: {c['steps']} steps on {c['images']} pictures ({f['base_model']}, {f['device']}), "
+            f"final loss {c['final_loss']:.3f}; LoRA in {f['lora_path']}"
+        )
+    if (m := run.read_manifest("generate")) is not None:
+        c, f = m["counts"], m["facts"]
+        best = f.get("best_identity_distance")
+        score = f"identity distance {best:.2f}" if best is not None else f.get("no_face", "no face scored")
+        out.append(
+            f"generate: {c['images']} images over {c['checkpoints']} checkpoints; "
+            f"best {f['best_checkpoint']} ({score})"
+        )
+    return out
 
 
 def captions_line(run: Run, truth: dict[str, Any]) -> str:
@@ -108,6 +138,15 @@ def captions_line(run: Run, truth: dict[str, Any]) -> str:
     return (
         f"captions: {done} of {captions.height} frames captioned ({by or 'none'}); the caption names "
         f"the ground truth's people in {right} of {done}"
+    )
+
+
+def report_line(run: Run) -> str:
+    """Where the QA report is, how many figures it has and which stages it could not show."""
+    counts = (run.read_manifest("report") or {}).get("counts", {})
+    missing = counts.get("stages_not_run") or []
+    return f"report: {counts.get('figures', 0)} figures in {run.run_dir / 'report' / 'index.html'}" + (
+        f"; stages that did not run: {', '.join(missing)}" if missing else ""
     )
 
 

@@ -34,6 +34,11 @@ class ProviderError(UserError):
     refused every request."""
 
 
+class EngineError(UserError):
+    """The engine that runs many movies (a Ray cluster) cannot start or cannot be reached."""
+
+
 USER_ERROR_NAMES = frozenset(
-    cls.__name__ for cls in (UserError, ConfigError, BadInputError, StageError, ModelError, ProviderError)
+    cls.__name__
+    for cls in (UserError, ConfigError, BadInputError, StageError, ModelError, ProviderError, EngineError)
 )

@@ -48,6 +48,7 @@ class MovieReport:
     run_dir: Path | None
     stages: list[StageReport] = field(default_factory=list)
     error: str | None = None
+    bug: bool = False  # the error was a bug (only the Ray engine reports those instead of raising)
 
 
 def find_movies(target: str | Path, cfg: Config) -> list[Path]:
@@ -180,6 +181,8 @@ def run_movie(
         counts = ", ".join(
             f"{k} ({', '.join(f'{n} {c}' for n, c in v.items()) or 'none'})"
             if isinstance(v, dict)
+            else f"{k} ({', '.join(map(str, v)) or 'none'})"
+            if isinstance(v, list)
             else f"{k} {v}"
             for k, v in stage_report.counts.items()
         )
@@ -202,48 +205,47 @@ def run_target(
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    engine: str | None = None,
+    address: str | None = None,
 ) -> list[MovieReport]:
-    """``bunny run``: one movie, or every movie of a folder one after another.
+    """``bunny run``: one movie, or every movie of a folder on an engine (``local``: one after
+    another, ``ray``: one Ray task per movie; default ``engine.kind``).
 
     In a folder, a bad movie is reported and the others still run; the caller turns the
-    failures into exit status 2.
+    failures into exit status 2. A folder run ends with a combined report across its movies
+    (``<out>/report/index.html`` and ``movies.parquet``; ``out`` defaults to ``run.output_dir``).
     """
+    from diffusion_bunny.engine import run_movies
+
     overrides = dict(overrides or {})
+    if engine is not None:
+        overrides["engine.kind"] = engine
+    if address is not None:
+        overrides["engine.address"] = address
     cfg = load_config(config_path, overrides)
     chosen = parse_stages(stages)
     movies = find_movies(target, cfg)
-    if len(movies) == 1 and Path(target).is_file():
-        return [
-            run_movie(
-                movies[0],
-                stages=chosen,
-                cfg=cfg,
-                config_path=config_path,
-                overrides=overrides,
-                out=Path(out) if out else None,
-                force=force,
-                progress=progress,
-            )
-        ]
-    reports = []
-    for movie in tqdm(movies, desc="movies", unit="movie", disable=not progress):
-        run_dir = Path(out) / movie_id(movie) if out else None
-        try:
-            reports.append(
-                run_movie(
-                    movie,
-                    stages=chosen,
-                    cfg=cfg,
-                    config_path=config_path,
-                    overrides=overrides,
-                    out=run_dir,
-                    force=force,
-                    progress=progress,
-                )
-            )
-        except UserError as exc:
-            _say(f"error: {exc}")
-            reports.append(MovieReport(movie=movie, run_dir=run_dir, error=str(exc)))
+    single = len(movies) == 1 and Path(target).is_file()
+    common = {
+        "stages": chosen,
+        "cfg": cfg,
+        "config_path": config_path,
+        "overrides": overrides,
+        "force": force,
+        "progress": progress,
+    }
+    if single and cfg.engine.kind == "local":
+        return [run_movie(movies[0], out=Path(out) if out else None, **common)]
+    if single:
+        jobs = [(movies[0], Path(out) if out else None)]
+    else:
+        jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in movies]
+    reports = run_movies(jobs, engine=cfg.engine.kind, **common)
+    if not single:
+        from diffusion_bunny.report import write_combined_report
+
+        html = write_combined_report(Path(out) if out else output_root(cfg), reports, cfg)
+        _say(f"combined report of {len(reports)} movies: {html}")
     return reports
 
 

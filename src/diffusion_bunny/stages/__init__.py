@@ -341,6 +341,28 @@ def _generate_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
 
 
+#: Tables stage 09 writes itself (never its own input).
+REPORT_TABLES = ("report_figures", "report_funnel")
+
+
+def _report_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    # Every table the run has (whichever stages ran): a changed table makes the report stale. No
+    # table is required: sections of stages that did not run say so.
+    names = sorted(p.stem for p in run.tables_dir.glob("*.parquet")) if run.tables_dir.is_dir() else []
+    return {name: run.table_fingerprint(name) for name in names if name not in REPORT_TABLES}
+
+
+def _report_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
+    from diffusion_bunny.report import report_stage
+
+    figures, funnel, counts = report_stage(run, cfg)
+    return StageOutput(
+        tables={"report_figures": figures, "report_funnel": funnel},
+        counts=counts,
+        facts={"html": str((run.run_dir / "report" / "index.html").relative_to(run.run_dir))},
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -423,6 +445,16 @@ STAGES: dict[str, StageSpec] = {
             outputs=("generations", "generation_scores"),
             inputs=_generate_inputs,
             compute=_generate_compute,
+        ),
+        StageSpec(
+            name="report",
+            number=9,
+            notebook="09_qa_report.ipynb",
+            version=1,
+            sections=("report",),
+            outputs=REPORT_TABLES,
+            inputs=_report_inputs,
+            compute=_report_compute,
         ),
     )
 }
