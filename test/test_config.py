@@ -56,7 +56,8 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run, scenes, training)",
+            "unknown key 'extractoin' (allowed here: characters, extraction, filtering, run, scenes, "
+            "training)",
         ),
         (
             ["extraction.method=frames"],
@@ -122,6 +123,5 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.startswith("error: config error: unknown key 'extraction.treshold'")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
-    assert (
-        "unknown stage 'bogus' (available: extract, quality, characters, scenes, train)" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "unknown stage 'bogus' (available: extract, quality, characters, scenes, train)" in err
