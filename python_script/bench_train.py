@@ -33,7 +33,9 @@ loading, the first step's set-up and our latent caching are excluded) to the las
 child's CPU time (user + system, from ``/proc``) over the same steps gives steps per CPU-second,
 which other work on a shared machine disturbs far less than wall time; the best run of each tool
 is kept for both. The total wall time of each process (including loading and caching) is printed
-as well. Peak memory is the child's ``ru_maxrss``.
+as well. Peak memory is the child's ``ru_maxrss``. Each process runs torch on ``--threads`` CPU
+threads (default 1): with two threads on a 2-core machine that other processes share, OpenMP's
+spinning threads wait on each other and both wall and CPU time swing by 2x and more run to run.
 
 Exit status 0 even when a target is missed (a measurement, not a test).
 """
@@ -130,10 +132,10 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> Path:
     return folder.parent
 
 
-def run_measured(cmd: list[str], warmup: int, log_path: Path) -> dict:
+def run_measured(cmd: list[str], warmup: int, log_path: Path, threads: int) -> dict:
     """Run ``cmd``, timestamp every step its tqdm bar prints, return steps/s after ``warmup``,
     total wall time and peak RSS."""
-    env = {**os.environ, "TQDM_MININTERVAL": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TQDM_MININTERVAL": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stamps: dict[int, float] = {}
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads of each training process (OMP_NUM_THREADS)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the work folder here (logs)")
     args = parser.parse_args(argv)
 
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"base model {ref.name} ({ref.family}, {ref.path}); {args.images} images, {args.resolution} px, "
         f"batch {args.batch_size}, rank {args.rank}, {args.steps} steps, steps/s from step {warmup}; "
-        f"{args.device}, torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers "
+        f"{args.device}, torch {torch.__version__} ({args.threads} thread(s) per process), diffusers "
         f"{diffusers.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
     print(f"reference: {script}")
@@ -301,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, dict] = {}
     for i in range(args.repeats):
         for name, make in tools.items():
-            result = run_measured(make(i), warmup, work / f"log_{i}_{len(best)}_{name.split()[0]}.txt")
+            result = run_measured(
+                make(i), warmup, work / f"log_{i}_{name.split()[0]}_{len(best)}.txt", args.threads
+            )
             print(
                 f"  run {i + 1}: {name:<40} {result['steps_per_s']:6.2f} steps/s  "
                 f"{result['steps_per_cpu_s']:6.2f} steps/CPU-s  "

@@ -429,7 +429,8 @@ def test_tiny_presets_are_the_same_every_time(tmp_path):
 
 def test_sdxl_prior_preservation_text_encoder_min_snr_accumulation(tmp_path):
     """The optional paths together on the SDXL preset: LoRA on both text encoders, gradient
-    accumulation, Min-SNR weighting, prior preservation with generated class images."""
+    accumulation and checkpointing, Min-SNR weighting, prior preservation with generated class
+    images, bf16 mixed precision (on the CPU)."""
     from safetensors import safe_open
 
     from diffusion_bunny.lora_train import read_dataset, train_lora
@@ -449,11 +450,13 @@ def test_sdxl_prior_preservation_text_encoder_min_snr_accumulation(tmp_path):
         prior_preservation=True,
         class_prompt="a photo of a cat",
         num_class_images=2,
+        mixed_precision="bf16",
     )
     result = train_lora(images, cfg, tmp_path / "out", progress=False)
     assert result.log["step"].to_list() == [1, 2]
     assert result.log["prior_loss"].is_not_null().all()
     assert result.facts["family"] == "sdxl" and result.facts["class_images"] == 2
+    assert result.facts["mixed_precision"] == "bf16" and result.log["loss"].is_finite().all()
     with safe_open(str(result.lora_path), "pt") as f:
         prefixes = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
