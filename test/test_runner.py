@@ -291,3 +291,21 @@ def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):
     nb = _execute_interactive("01_extract_frames.ipynb", run, tmp_path)
     assert len(_widget_views(nb)) == 1
     assert "widgets" in json.dumps(nb.metadata)  # widget state saved with the notebook
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Run outputs are readable like any file the user writes (mkstemp alone would make them 0600)."""
+    import os
+    import stat
+
+    from diffusion_bunny.run import atomic_write_bytes, atomic_write_parquet
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_write_parquet(tmp_path / "t.parquet", pl.DataFrame({"a": [1]}))
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "t.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert pl.read_parquet(tmp_path / "t.parquet")["a"].to_list() == [1]

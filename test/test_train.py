@@ -490,3 +490,24 @@ def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the loss curve and the validation grid
     assert run.read_table("training_validation")["step"].to_list() == [0, 2, 4]
+
+
+def test_class_images_from_a_folder(tmp_path):
+    from diffusion_bunny.lora_train import class_images
+
+    folder = tmp_path / "class"
+    cfg = training_cfg(prior_preservation=True, class_prompt="a photo of a cat", class_data_dir=str(folder))
+    with pytest.raises(BadInputError, match=r"training\.class_data_dir = .* is not a folder"):
+        class_images(None, cfg, 64)
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.raises(BadInputError, match="holds no images"):
+        class_images(None, cfg, 64)
+    for i in range(3):
+        write_image(folder / f"{i}.png", (64, 64), i)
+    found = class_images(None, cfg.model_copy(update={"num_class_images": 2}), 64)
+    assert [p.path.name for p in found] == ["0.png", "1.png"] and {p.text for p in found} == {
+        "a photo of a cat"
+    }
+    with pytest.raises(StageError, match="class images need the base model"):
+        class_images(None, cfg.model_copy(update={"class_data_dir": None}), 64)

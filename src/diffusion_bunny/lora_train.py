@@ -697,7 +697,10 @@ def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: i
 
     prompt = str(cfg.class_prompt)
     if cfg.class_data_dir:
+        from diffusion_bunny.config import workspace_root
+
         folder = Path(cfg.class_data_dir).expanduser()
+        folder = folder if folder.is_absolute() else workspace_root() / folder
         if not folder.is_dir():
             raise BadInputError(
                 f"training.class_data_dir = {cfg.class_data_dir!r} is not a folder; fix it or set it to null"

@@ -78,6 +78,14 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"size": size, "head": _head_hash(path, size)[:16], "tail": tail}
 
 
+def _umask_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (mkstemp's 0600 would hide run outputs,
+    the report and the dataset from other users of a shared workspace)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
     """Write ``df`` to ``path`` atomically (temporary parquet file beside it, then rename), so a
     reader never sees half a table and a crash leaves the old one."""
@@ -86,6 +94,7 @@ def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
     os.close(fd)
     try:
         df.write_parquet(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,6 +118,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
