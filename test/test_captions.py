@@ -337,7 +337,7 @@ def test_circuit_breaker_falls_back_in_order(cap_run, tmp_path, monkeypatch):
             captioning__provider="local",
             captioning__fallback=["anthropic", "template"],
             captioning__local__base_url=bad.base_url,
-            captioning__anthropic__base_url=good.base_url,
+            captioning__anthropic__base_url=good.root_url,  # /v1 is added
             captioning__max_retries=1,
             captioning__breaker_failures=2,
             captioning__concurrency=1,
@@ -352,7 +352,7 @@ def test_circuit_breaker_falls_back_in_order(cap_run, tmp_path, monkeypatch):
         manifest = run.read_manifest("captions")
         assert "local" in manifest["facts"]["open_circuits"]
         assert any("circuit opened" in w for w in manifest["warnings"])
-    # Both servers gone: anthropic's preflight fails before any work, naming the setting.
+    # A server nobody answers at: the preflight fails before any work, naming the setting.
     with pytest.raises(ProviderError, match=r"cannot reach.*captioning\.local\.base_url"):
         run_stage(
             run,

@@ -438,10 +438,13 @@ def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
 
 def _anthropic(cfg: CaptioningConfig) -> DspyProvider:
     key = _require_key("anthropic", KEY_VARIABLES["anthropic"])
-    lm = _dspy_lm(f"anthropic/{cfg.anthropic.model}", cfg, key, cfg.anthropic.base_url)
-    root = (cfg.anthropic.base_url or "https://api.anthropic.com").rstrip("/")
-    if root.endswith("/v1"):
-        root = root[: -len("/v1")]
+    # dspy's Anthropic engine posts to <base>/messages, its own base ending in /v1: a base URL
+    # given as the server root gets the /v1 the engine (and the preflight) expect.
+    base = cfg.anthropic.base_url.rstrip("/") if cfg.anthropic.base_url else None
+    if base and not base.endswith("/v1"):
+        base += "/v1"
+    lm = _dspy_lm(f"anthropic/{cfg.anthropic.model}", cfg, key, base)
+    root = (base or "https://api.anthropic.com/v1")[: -len("/v1")]
 
     def preflight() -> None:
         _probe_http(

@@ -206,7 +206,8 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
 
 
 def apply_edits(captions: pl.DataFrame, edits: pl.DataFrame) -> pl.DataFrame:
-    """Captions with each frame's latest edit in place (``status edited``, provider ``person``)."""
+    """Captions with each frame's latest edit in place (``status edited``; ``provider`` and
+    ``model`` stay those of the caption the person started from)."""
     if not edits.height:
         return captions
     latest = (

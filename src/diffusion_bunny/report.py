@@ -221,11 +221,14 @@ def funnel_table(
         usable = ok.height
         step("captioned", "captions", usable, {"failed": captions.height - usable})
     if dataset_items is not None:
-        splits = dict(dataset_items.group_by("split").len().iter_rows())
+        # Frames, not pictures: a frame's face and half-body crops are extra rows of the same frame
+        # (all in the frame's split, which is drawn per shot group).
+        frames_out = dataset_items.unique("frame_id")
+        splits = dict(frames_out.group_by("split").len().iter_rows())
         source = usable if usable is not None else (kept_ids.len() if kept_ids is not None else None)
-        lost = {"not exported": source - dataset_items.height} if source is not None else {}
+        lost = {"not exported": source - frames_out.height} if source is not None else {}
         passed = {s: splits[s] for s in ("train", "validation") if s in splits}
-        step("exported", "export", dataset_items.height, lost, passed or {"train": 0})
+        step("exported", "export", frames_out.height, lost, passed or {"train": 0})
     table = pl.DataFrame(
         rows,
         schema={

@@ -484,5 +484,5 @@ class CaptionEditor:
 
         table = edit_caption(self.run.run_dir, frame_id, caption)
         self.status.value = f"saved {frame_id}: marked edited, kept on every rerun"
-        self.refresh()
+        self.go(self.page)  # the row may have left a "failed only" page
         return table

@@ -217,12 +217,19 @@ def caption_frames(
                 bar.update(1)
                 pfile.update(len(rows))
         else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption") as pool:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
+            try:
                 futures = [pool.submit(one, rec) for rec in records]
                 for fut in as_completed(futures):
                     rows.append(fut.result())
                     bar.update(1)
                     pfile.update(len(rows))
+            except BaseException:
+                # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
+                # still queued must not go on being asked (and paid for) behind the error.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
     finally:
         bar.close()
         pfile.close()

@@ -71,7 +71,10 @@ def generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
         "detect": DetectSettings.from_config(cfg.characters).key(),
     }
     if run.has_table("faces"):
-        inputs["faces"] = run.table_fingerprint("faces", ["frame_id", "character"])
+        # The references are the confidently named faces: a relabel of stage 03 changes them.
+        inputs["faces"] = run.table_fingerprint(
+            "faces", ["face_id", "frame_id", "character", "low_confidence"]
+        )
     return inputs
 
 
