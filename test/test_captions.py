@@ -692,6 +692,7 @@ def test_cache_key_changes_with_prompt_inputs(tmp_path):
         CaptionCache.key("sha", "local", "m2", facts, "bunnystyle"),
         CaptionCache.key("sha", "local", "m", {"characters": ["a"]}, "bunnystyle"),
         CaptionCache.key("sha", "local", "m", facts, "otherword"),
+        CaptionCache.key("sha", "local", "m", facts, "bunnystyle", 1024),
     ):
         assert other != key
     cache = CaptionCache(tmp_path / "c")

@@ -247,10 +247,18 @@ class CaptionCache:
         self._cache = diskcache.Cache(str(self.directory))
 
     @staticmethod
-    def key(image_sha: str, provider: str, model: str, facts: dict[str, Any], trigger_word: str) -> str:
-        """Image hash + prompt version + provider + model + the prompt's other inputs."""
+    def key(
+        image_sha: str,
+        provider: str,
+        model: str,
+        facts: dict[str, Any],
+        trigger_word: str,
+        max_side: int = 768,
+    ) -> str:
+        """Image hash + the size it is sent at + prompt version + provider + model + the prompt's
+        other inputs (a frame sent larger is another question)."""
         chars = ",".join(sorted(facts.get("characters") or []))
-        return f"{PROMPT_VERSION}|{provider}|{model}|{image_sha}|{chars}|{trigger_word}"
+        return f"{PROMPT_VERSION}|{provider}|{model}|{image_sha}@{max_side}|{chars}|{trigger_word}"
 
     def get(self, key: str) -> dict[str, Any] | None:
         value = self._cache.get(key)

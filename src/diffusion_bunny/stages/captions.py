@@ -124,7 +124,11 @@ def caption_frames(
             return row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
         last_error = ""
         for prov in providers:
-            key = CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word) if prov.paid else ""
+            key = (
+                CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word, cfg.image_max_side)
+                if prov.paid
+                else ""
+            )
             if prov.paid and (hit := cache.get(key)) is not None:
                 log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
                 return row(
@@ -292,7 +296,12 @@ def _uncached(
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             continue
-        if cache.get(CaptionCache.key(sha, first.name, first.model, rec, cfg.trigger_word)) is None:
+        if (
+            cache.get(
+                CaptionCache.key(sha, first.name, first.model, rec, cfg.trigger_word, cfg.image_max_side)
+            )
+            is None
+        ):
             missing += 1
     return missing
 
