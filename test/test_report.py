@@ -13,7 +13,6 @@ import pytest
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.report import (
-    caption_length_plot,
     checkpoint_order,
     figure_png,
     funnel_plot,
@@ -22,7 +21,6 @@ from diffusion_bunny.report import (
     identity_table,
     render_report_html,
     report_document,
-    training_loss_plot,
     write_report_figures,
 )
 from diffusion_bunny.run import Run
@@ -196,11 +194,14 @@ def test_contract_tables_make_figures():
     """Caption lengths, training loss and identity per checkpoint from tables in the contract's
     shape (stages 05, 07, 08 are built on other branches)."""
     captions = captions_table([f"f{i}" for i in range(8)])
-    plot = caption_length_plot(captions)
+    from diffusion_bunny.plots import caption_length_plot
+    from diffusion_bunny.train_plots import loss_curve_plot
+
+    plot = caption_length_plot(captions, by="status")
     assert "7 of 8 frames captioned (1 failed)" in plot.labels.title
     assert figure_png(plot).startswith(PNG)
-    loss = training_loss_plot(training_log_table())
-    assert "40 logged steps, last 40" in loss.labels.title
+    loss = loss_curve_plot(training_log_table())
+    assert len(loss.data) == 40
     assert figure_png(loss, dpi=50).startswith(PNG)
     assert checkpoint_order(["final", "checkpoint-1000", "checkpoint-200"]) == [
         "checkpoint-200",

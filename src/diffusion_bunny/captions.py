@@ -260,12 +260,16 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
 
 def caption_lengths(captions: pl.DataFrame) -> pl.DataFrame:
     """Words and characters per usable caption (for the length plots of notebooks 05 and 09)."""
-    usable = captions.filter(pl.col("caption").is_not_null())
+    usable = captions.filter(pl.col("caption").is_not_null() & pl.col("status").is_in(["ok", "edited"]))
     return usable.select(
         "frame_id",
         "provider",
         "status",
-        pl.col("caption").str.split(" ").list.len().alias("words"),
+        pl.col("caption")
+        .str.split(" ")
+        .list.eval(pl.element().filter(pl.element() != ""))
+        .list.len()
+        .alias("words"),
         pl.col("caption").str.len_chars().alias("chars"),
     )
 

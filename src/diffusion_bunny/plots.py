@@ -557,22 +557,28 @@ def cluster_sheet(
     return sheet
 
 
-def caption_length_plot(lengths: pl.DataFrame) -> ggplot:
-    """Words per caption, one colour per provider (``captions.caption_lengths``): long captions
+def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> ggplot:
+    """Words per caption of a ``captions`` table, coloured by ``provider`` (notebook 05) or
+    ``status`` (the report: written vs edited); the title counts the failed ones. Long captions
     get cut at the text encoder's 77 tokens, very short ones teach little."""
-    data = lengths.to_pandas()
+    from diffusion_bunny.captions import caption_lengths
+
+    lengths = caption_lengths(captions)
+    failed = captions.height - lengths.height
+    median = float(lengths["words"].median() or 0)
     return (
-        ggplot(data, aes("words", fill="provider"))
+        ggplot(lengths.to_pandas(), aes("words", fill=by))
         + geom_histogram(binwidth=1, position="stack")
         + geom_vline(xintercept=50, color="#E45756", linetype="dashed")
         + labs(
             x="words per caption",
             y="captions",
-            title=f"{lengths.height} captions, median {lengths['words'].median() or 0:.0f} words "
-            "(dashed: about CLIP's 77-token limit)",
+            fill="",
+            title=f"{lengths.height} of {captions.height} frames captioned ({failed} failed), median "
+            f"{median:.0f} words (dashed: about CLIP's 77-token limit)",
         )
         + theme_minimal()
-        + theme(figure_size=(7, 3))
+        + theme(figure_size=(8, 3.2))
     )
 
 

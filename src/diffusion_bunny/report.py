@@ -369,59 +369,6 @@ def usable_captions(captions: pl.DataFrame) -> pl.DataFrame:
     return captions.filter(pl.col("caption").is_not_null() & pl.col("status").is_in(["ok", "edited"]))
 
 
-def caption_length_plot(captions: pl.DataFrame) -> ggplot:
-    """Words per usable caption, coloured by status (``ok`` as written by the model or template,
-    ``edited`` by a person); the title counts the failed ones."""
-    from plotnine import aes, geom_histogram, ggplot, labs, scale_fill_manual, theme, theme_minimal
-
-    ok = usable_captions(captions).with_columns(
-        pl.col("caption")
-        .str.split(" ")
-        .list.eval(pl.element().filter(pl.element() != ""))
-        .list.len()
-        .alias("words")
-    )
-    failed = captions.height - ok.height
-    median = float(ok["words"].median() or 0.0)
-    return (
-        ggplot(ok.select("words", "status").to_pandas(), aes("words", fill="status"))
-        + geom_histogram(bins=max(5, min(30, ok.height)), colour="white", size=0.2)
-        + scale_fill_manual(values={"ok": "#4C78A8", "edited": "#F58518"})
-        + labs(
-            x="words per caption",
-            y="frames",
-            fill="",
-            title=f"{ok.height} of {captions.height} frames captioned ({failed} failed), "
-            f"median {median:.0f} words",
-        )
-        + theme_minimal()
-        + theme(figure_size=(8, 3.2))
-    )
-
-
-def training_loss_plot(log: pl.DataFrame) -> ggplot:
-    """Loss per step (thin) and its moving average over a tenth of the steps (thick)."""
-    from plotnine import aes, geom_line, ggplot, labs, theme, theme_minimal
-
-    log = log.sort("step")
-    window = max(1, log.height // 10)
-    smooth = log.with_columns(pl.col("loss").rolling_mean(window, min_samples=1).alias("loss"))
-    last = float(smooth["loss"][-1]) if log.height else float("nan")
-    return (
-        ggplot(log.to_pandas(), aes("step", "loss"))
-        + geom_line(colour="#9ECAE9")
-        + geom_line(data=smooth.to_pandas(), colour="#1F4E79", size=1.2)
-        + labs(
-            x="step",
-            y="training loss",
-            title=f"{log.height} logged steps, last {int(log['step'].max() or 0)}; "
-            f"moving average at the end {last:.4f}",
-        )
-        + theme_minimal()
-        + theme(figure_size=(8, 3.2))
-    )
-
-
 def checkpoint_order(names: list[str]) -> list[str]:
     """Checkpoints by training step (``checkpoint-200`` before ``checkpoint-1000``); names
     without a number (the final weights) last."""
@@ -643,6 +590,8 @@ def _scenes_section(run: Run, cfg: Config) -> Section:
 
 
 def _captions_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.plots import caption_length_plot
+
     captions = run.read_table("captions")
     ok = usable_captions(captions)
     if not ok.height:
@@ -651,11 +600,13 @@ def _captions_section(run: Run, cfg: Config) -> Section:
         "captions",
         "ok",
         f"{ok.height} of {captions.height} frames captioned",
-        [Figure("caption_lengths", "Caption lengths", caption_length_plot(captions))],
+        [Figure("caption_lengths", "Caption lengths", caption_length_plot(captions, by="status"))],
     )
 
 
 def _train_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.train_plots import loss_curve_plot
+
     log = run.read_table("training_log").drop_nulls("loss")
     if not log.height:
         return Section("train", "empty", "the training log holds no step")
@@ -663,7 +614,7 @@ def _train_section(run: Run, cfg: Config) -> Section:
         "train",
         "ok",
         f"{log.height} logged steps",
-        [Figure("training_loss", "Training loss", training_loss_plot(log))],
+        [Figure("training_loss", "Training loss", loss_curve_plot(log))],
     )
 
 
