@@ -17,7 +17,6 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -46,7 +45,7 @@ def _images_in(body: dict[str, Any]) -> list[bytes]:
     return found
 
 
-def caption_text(digest: str, characters: str = "") -> str:
+def caption_text(digest: str) -> str:
     """The caption the server gives an image (a test can predict it from the image alone)."""
     return f"frame {digest} seen by the fake server"
 
@@ -61,7 +60,6 @@ class FakeLLMServer:
     hang_s: float = 30.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     answered: Counter = field(default_factory=Counter)
-    on_request: Callable[[int], None] | None = None
     model_name: str = "fake-vision-1"
 
     def __post_init__(self) -> None:
@@ -107,8 +105,6 @@ class FakeLLMServer:
                             "behaviour": behaviour,
                         }
                     )
-                if server.on_request is not None:
-                    server.on_request(index)
                 anthropic = self.path.rstrip("/").endswith("/messages")
                 if behaviour == "hang":
                     server._stop.wait(server.hang_s)

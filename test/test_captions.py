@@ -28,7 +28,7 @@ from diffusion_bunny.caption_providers import (
     RateLimiter,
     backoff_delay,
     classify,
-    prepare_image,
+    scaled_jpeg,
 )
 from diffusion_bunny.captions import (
     caption_facts,
@@ -76,9 +76,8 @@ def _digests(run: Run) -> dict[str, str]:
     frames = run.read_table("frames")
     kept = run.read_table("quality").filter("keep")["frame_id"].to_list()
     for rec in frames.filter(pl.col("frame_id").is_in(kept)).iter_rows(named=True):
-        image, _ = prepare_image(
-            frame_image_path(run.run_dir, rec["frame_id"], rec["path"]), cfg.image_max_side
-        )
+        path = frame_image_path(run.run_dir, rec["frame_id"], rec["path"])
+        image = scaled_jpeg(path.read_bytes(), cfg.image_max_side)
         out[rec["frame_id"]] = image_digest(image)
     return out
 

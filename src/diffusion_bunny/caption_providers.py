@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -43,6 +43,10 @@ from urllib.parse import urlparse
 from diffusion_bunny.captions import template_caption
 from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import ConfigError, ProviderError
+
+# dspy is imported only through this module (lazily); at first use it would fetch litellm's model
+# cost map over the network. Keep it offline.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 # The prompt. Changing any of these texts changes PROMPT_VERSION, hence every cache key, so a new
 # prompt is asked again instead of answered from the cache of the old one.
@@ -604,30 +608,15 @@ def make_provider(name: str, cfg: CaptioningConfig, *, bedrock: Any | None = Non
     )
 
 
-def prepare_image(path: Path, max_side: int) -> tuple[bytes, str]:
-    """The JPEG bytes to send (scaled to ``max_side`` on the long side) and the SHA-256 of the
-    frame file itself (the cache key: the same frame file is the same question)."""
+def scaled_jpeg(raw: bytes, max_side: int) -> bytes:
+    """The JPEG bytes to send: the frame scaled to ``max_side`` on its long side (cost and speed).
+    A file Pillow cannot decode raises ``OSError`` (``UnidentifiedImageError``)."""
     from PIL import Image
 
-    raw = path.read_bytes()
-    sha = hashlib.sha256(raw).hexdigest()
     with Image.open(io.BytesIO(raw)) as img:
         img = img.convert("RGB")
         if max(img.size) > max_side:
             img.thumbnail((max_side, max_side))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue(), sha
-
-
-@dataclass
-class ProviderStats:
-    """Per-provider counters for the summary."""
-
-    calls: int = 0
-    failures: int = 0
-    retries: int = 0
-    cached: int = 0
-    latencies: list[float] = field(default_factory=list)
-    input_tokens: int = 0
-    output_tokens: int = 0
+    return buf.getvalue()

@@ -12,7 +12,6 @@ even with another provider, never overwrites what a person wrote.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -303,4 +302,3 @@ def load_dotenv_once() -> None:
         env = folder / ".env"
         if env.is_file():
             load_dotenv(env, override=False)
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

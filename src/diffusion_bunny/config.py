@@ -210,9 +210,6 @@ class ScenesConfig(_Section):
         return self
 
 
-CAPTION_PROVIDERS = ("template", "bedrock", "openai", "anthropic", "local")
-
-
 class OpenAIProviderConfig(_Section):
     """The OpenAI chat API (key in ``OPENAI_API_KEY``)."""
 

@@ -34,7 +34,7 @@ from diffusion_bunny.caption_providers import (
     backoff_delay,
     classify,
     make_provider,
-    prepare_image,
+    scaled_jpeg,
     short_error,
 )
 from diffusion_bunny.captions import CAPTION_SCHEMA, apply_edits, caption_facts, captions_lock, read_edits
@@ -87,13 +87,17 @@ def caption_frames(
     providers: list[Provider],
     cfg: CaptioningConfig,
     cache: CaptionCache,
+    hashes: dict[str, str | None],
     *,
     seed: int = 0,
     progress: bool = True,
     progress_path: Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> CaptionRun:
-    """Caption every frame of ``facts`` through the provider chain (see the module docstring)."""
+    """Caption every frame of ``facts`` through the provider chain (see the module docstring).
+    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider). A frame
+    is decoded and scaled only when a paid provider is actually asked, never for a cache hit or
+    the template."""
     from tqdm.auto import tqdm
 
     log = _Log()
@@ -115,20 +119,25 @@ def caption_frames(
     def one(rec: dict[str, Any]) -> dict[str, Any]:
         fid = rec["frame_id"]
         path = frame_image_path(run_dir, fid, rec["path"])
-        try:
-            image, sha = prepare_image(path, cfg.image_max_side)
-        except OSError as exc:
+
+        def unreadable(exc: OSError) -> dict[str, Any]:
             log.add(
                 frame_id=fid, provider="-", model="-", attempt=0, outcome="unreadable", error=short_error(exc)
             )
             return row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
+
+        if not path.is_file():
+            return unreadable(FileNotFoundError(f"no such file: {path}"))
+        sha = hashes.get(fid)
+        image = b""  # what the template gets: it reads the tables, not the pixels
+        scaled = False
         last_error = ""
         for prov in providers:
-            key = (
-                CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word, cfg.image_max_side)
-                if prov.paid
-                else ""
-            )
+            key = ""
+            if prov.paid:
+                if sha is None:
+                    return unreadable(OSError(f"cannot read {path}"))
+                key = CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word, cfg.image_max_side)
             if prov.paid and (hit := cache.get(key)) is not None:
                 log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
                 return row(
@@ -143,6 +152,11 @@ def caption_frames(
                     output_tokens=hit.get("output_tokens"),
                 )
             breaker = breakers[prov.name]
+            if prov.paid and not scaled and not breaker.open:
+                try:
+                    image, scaled = scaled_jpeg(path.read_bytes(), cfg.image_max_side), True
+                except OSError as exc:
+                    return unreadable(exc)
             for attempt in range(cfg.max_retries + 1):
                 if breaker.open:
                     last_error = last_error or f"{prov.name}: circuit open ({breaker.reason})"
@@ -279,22 +293,38 @@ class CaptionsResult:
     facts: dict[str, Any]
 
 
-def _uncached(
-    run_dir: Path, facts: pl.DataFrame, providers: list[Provider], cfg: CaptioningConfig, cache
-) -> int:
-    """Frames the first paid provider of the chain has no cached answer for."""
+def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
+    """SHA-256 of every frame file (the cache key: the same file is the same question), None for
+    a file that cannot be read. Read once per run, before anything is asked."""
     import hashlib
 
+    out: dict[str, str | None] = {}
+    for rec in facts.iter_rows(named=True):
+        try:
+            data = frame_image_path(run_dir, rec["frame_id"], rec["path"]).read_bytes()
+        except OSError:
+            out[rec["frame_id"]] = None
+            continue
+        out[rec["frame_id"]] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _uncached(
+    facts: pl.DataFrame,
+    hashes: dict[str, str | None],
+    providers: list[Provider],
+    cfg: CaptioningConfig,
+    cache: CaptionCache,
+) -> int:
+    """Frames the first paid provider of the chain has no cached answer for."""
     paid = [p for p in providers if p.paid]
     if not paid:
         return 0
     first = paid[0]
     missing = 0
     for rec in facts.iter_rows(named=True):
-        path = frame_image_path(run_dir, rec["frame_id"], rec["path"])
-        try:
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
+        sha = hashes.get(rec["frame_id"])
+        if sha is None:
             continue
         if (
             cache.get(
@@ -333,7 +363,9 @@ def captions_stage(
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
     cache = CaptionCache(cache_dir(run_dir, cfg))
     try:
-        to_ask = _uncached(run_dir, facts, providers, cfg, cache)
+        # Hashes only matter to the cache of paid providers: a template run reads no frame file.
+        hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
+        to_ask = _uncached(facts, hashes, providers, cfg, cache)
         if to_ask:
             for prov in providers:
                 if prov.paid:
@@ -344,6 +376,7 @@ def captions_stage(
             providers,
             cfg,
             cache,
+            hashes,
             seed=seed,
             progress=progress,
             progress_path=progress_path,
