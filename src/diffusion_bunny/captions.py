@@ -257,10 +257,23 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
     return captions
 
 
+#: Caption statuses a dataset may use (the contract): written by a provider, or by a person.
+USABLE_STATUSES = ("ok", "edited")
+
+
+def usable_captions(captions: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``captions`` a dataset can use: caption set and not blank, status ``ok`` or
+    ``edited``. Stage 06 exports exactly these; the report and the plots count them."""
+    return captions.filter(
+        pl.col("caption").is_not_null()
+        & (pl.col("caption").str.strip_chars() != "")
+        & pl.col("status").is_in(USABLE_STATUSES)
+    )
+
+
 def caption_lengths(captions: pl.DataFrame) -> pl.DataFrame:
     """Words and characters per usable caption (for the length plots of notebooks 05 and 09)."""
-    usable = captions.filter(pl.col("caption").is_not_null() & pl.col("status").is_in(["ok", "edited"]))
-    return usable.select(
+    return usable_captions(captions).select(
         "frame_id",
         "provider",
         "status",

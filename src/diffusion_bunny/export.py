@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from diffusion_bunny.captions import usable_captions
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import StageError
 
 CROPS = ("full", "face", "half_body")
-USABLE_STATUSES = ("ok", "edited")
 SPLITS = ("train", "validation")
 
 ITEM_SCHEMA = {
@@ -61,15 +61,6 @@ class ExportPlan:
     items: pl.DataFrame
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-def usable_captions(captions: pl.DataFrame) -> pl.DataFrame:
-    """``frame_id, caption`` of the captions a dataset can use (set, not blank, ``ok``/``edited``)."""
-    return captions.filter(
-        pl.col("caption").is_not_null()
-        & (pl.col("caption").str.strip_chars() != "")
-        & pl.col("status").is_in(USABLE_STATUSES)
-    ).select("frame_id", pl.col("caption").str.strip_chars())
 
 
 def clamp_box(cx: float, cy: float, w: float, h: float, width: int, height: int) -> Box:
@@ -148,7 +139,7 @@ def select_items(
             "filtering.* thresholds (notebook 02) and rerun stage quality"
         )
     kept_caps = captions.join(kept, on="frame_id", how="semi")
-    usable = usable_captions(kept_caps)
+    usable = usable_captions(kept_caps).select("frame_id", pl.col("caption").str.strip_chars())
     if usable.is_empty():
         failed = int((kept_caps["status"] == "failed").sum()) if kept_caps.height else 0
         raise StageError(

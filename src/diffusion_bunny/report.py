@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from diffusion_bunny.captions import usable_captions
 from diffusion_bunny.run import Run, atomic_write_bytes, slugify
 
 if TYPE_CHECKING:
@@ -217,8 +218,7 @@ def funnel_table(
         step("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
     usable = None
     if captions is not None:
-        ok = captions.filter(pl.col("caption").is_not_null() & pl.col("status").is_in(["ok", "edited"]))
-        usable = ok.height
+        usable = usable_captions(captions).height
         step("captioned", "captions", usable, {"failed": captions.height - usable})
     if dataset_items is not None:
         # Frames, not pictures: a frame's face and half-body crops are extra rows of the same frame
@@ -362,11 +362,6 @@ def shot_length_histogram(shots: pl.DataFrame) -> ggplot:
         + theme_minimal()
         + theme(figure_size=(8, 3.2))
     )
-
-
-def usable_captions(captions: pl.DataFrame) -> pl.DataFrame:
-    """Captions a dataset can use: text present and status ``ok`` or ``edited`` (the contract)."""
-    return captions.filter(pl.col("caption").is_not_null() & pl.col("status").is_in(["ok", "edited"]))
 
 
 def checkpoint_order(names: list[str]) -> list[str]:
