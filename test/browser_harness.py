@@ -63,6 +63,21 @@ class Lab:
         return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
 
 
+def browser_marks() -> list:
+    """The marks of a browser test module: ``browser``, ``slow``, and a skip naming the package
+    to install where Debian's chromium is missing (``.ci/run`` installs it, so CI runs them)."""
+    import pytest
+
+    return [
+        pytest.mark.browser,
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            chromium_path() is None,
+            reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does this)",
+        ),
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

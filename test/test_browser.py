@@ -14,21 +14,13 @@ import shutil
 from pathlib import Path
 
 import polars as pl
-import pytest
-from browser_harness import chromium_page, chromium_path, jupyter_lab, run_all
+from browser_harness import browser_marks, chromium_page, jupyter_lab, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS = ROOT / "data" / "screens"
 NOTEBOOK = "04_cluster_scenes.ipynb"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        chromium_path() is None,
-        reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does this)",
-    ),
-]
+pytestmark = browser_marks()
 
 
 def prepare_notebook(run_dir: Path, overrides: dict, dest: Path) -> None:

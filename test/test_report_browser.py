@@ -11,8 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-from browser_harness import chromium_page, chromium_path
+from browser_harness import browser_marks, chromium_page
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.report import SECTIONS
@@ -22,14 +21,7 @@ from diffusion_bunny.stages import run_stage
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS = ROOT / "data" / "screens"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        chromium_path() is None,
-        reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does this)",
-    ),
-]
+pytestmark = browser_marks()
 
 
 def test_report_opens_in_chromium_with_every_section(scenes_demo_run, tmp_path):
