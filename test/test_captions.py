@@ -532,6 +532,18 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     )
     kept = run.read_table("quality").filter("keep").height
     seen: list[dict] = []
+
+    def caption_with_bedrock():
+        return captions_stage(
+            run.run_dir,
+            run.read_table("frames"),
+            cfg.captioning,
+            quality=run.read_table("quality"),
+            faces=run.read_table("faces"),
+            progress=False,
+            bedrock_client=client,
+        )
+
     with Stubber(client) as stub:
         stub.add_client_error("converse", service_error_code="ThrottlingException", http_status_code=429)
         for i in range(kept):
@@ -565,15 +577,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
             seen.append(params)
 
         client.meta.events.register("provide-client-params.bedrock-runtime.Converse", record)
-        result = captions_stage(
-            run.run_dir,
-            run.read_table("frames"),
-            cfg.captioning,
-            quality=run.read_table("quality"),
-            faces=run.read_table("faces"),
-            progress=False,
-            bedrock_client=client,
-        )
+        result = caption_with_bedrock()
         stub.assert_no_pending_responses()
     captions = result.captions
     assert captions["caption"].to_list() == [f"bunnystyle, frame {i}" for i in range(kept)]
@@ -586,15 +590,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     assert seen[0]["system"][0]["text"].startswith("Your input fields are")
     # Cached: a second run with a client that would fail on any call makes none.
     with Stubber(client):
-        again = captions_stage(
-            run.run_dir,
-            run.read_table("frames"),
-            cfg.captioning,
-            quality=run.read_table("quality"),
-            faces=run.read_table("faces"),
-            progress=False,
-            bedrock_client=client,
-        )
+        again = caption_with_bedrock()
     assert again.captions["caption"].to_list() == captions["caption"].to_list()
 
 

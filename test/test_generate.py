@@ -400,17 +400,21 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
         device="cpu",
     )
     cks = select_checkpoints(find_checkpoints(training_output), cfg.checkpoints)
-    result = generate_stage(
-        tmp_path / "run",
-        cfg,
-        pipe_loader=lambda: pipe,
-        checkpoints=cks,
-        references=references,
-        detect=DetectSettings(),
-        trigger="bunnystyle",
-        resolution=64,
-        base_model="tiny",
-    )
+
+    def run_generate():
+        return generate_stage(
+            tmp_path / "run",
+            cfg,
+            pipe_loader=lambda: pipe,
+            checkpoints=cks,
+            references=references,
+            detect=DetectSettings(),
+            trigger="bunnystyle",
+            resolution=64,
+            base_model="tiny",
+        )
+
+    result = run_generate()
     gen = result.generations
     assert gen.columns[:8] == [
         "character",
@@ -445,17 +449,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     assert sheet.width >= 2 * 160 and sheet.height >= 2 * 160  # 2 rows (seeds) x 2 columns (scales)
 
     # Everything on disk: a rerun renders nothing and scores the same.
-    again = generate_stage(
-        tmp_path / "run",
-        cfg,
-        pipe_loader=lambda: pipe,
-        checkpoints=cks,
-        references=references,
-        detect=DetectSettings(),
-        trigger="bunnystyle",
-        resolution=64,
-        base_model="tiny",
-    )
+    again = run_generate()
     assert again.counts["rendered_now"] == 0 and again.counts["reused"] == gen.height
     assert again.generations.equals(gen)
 

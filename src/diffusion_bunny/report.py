@@ -419,10 +419,6 @@ def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> ggplot:
 # ------------------------------------------------------------------------------------- sections
 
 
-def _optional(run: Run, name: str) -> pl.DataFrame | None:
-    return run.read_table(name) if run.has_table(name) else None
-
-
 def _filtering_config(run: Run, cfg: Config) -> Any:
     """The thresholds stage 02 last ran with (from its manifest), else the current ones."""
     from diffusion_bunny.config import FilteringConfig
@@ -486,13 +482,13 @@ def run_funnel(run: Run, decoded: int | None = None) -> pl.DataFrame:
     return funnel_table(
         decoded=decoded,
         candidates=candidates,
-        frames=_optional(run, "frames"),
-        quality=_optional(run, "quality"),
+        frames=run.optional_table("frames"),
+        quality=run.optional_table("quality"),
         faces=faces,
-        face_frames=_optional(run, "face_frames"),
-        clusters=_optional(run, "clusters"),
-        captions=_optional(run, "captions"),
-        dataset_items=_optional(run, "dataset_items"),
+        face_frames=run.optional_table("face_frames"),
+        clusters=run.optional_table("clusters"),
+        captions=run.optional_table("captions"),
+        dataset_items=run.optional_table("dataset_items"),
     )
 
 

@@ -206,6 +206,10 @@ class Run:
             )
         return pl.read_parquet(path)
 
+    def optional_table(self, name: str) -> pl.DataFrame | None:
+        """A table an earlier stage may not have written (its stage is optional or did not run)."""
+        return self.read_table(name) if self.has_table(name) else None
+
     def write_table(self, name: str, df: pl.DataFrame) -> Path:
         """Write a table atomically (temporary parquet file, then rename)."""
         return atomic_write_parquet(self.table_path(name), df)

@@ -145,7 +145,7 @@ def _characters_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     previous = None
     if run.has_table("faces") and run.has_table("face_frames"):
         previous = (run.read_table("faces"), run.read_table("face_frames"))
-    quality = run.read_table("quality") if run.has_table("quality") else None
+    quality = run.optional_table("quality")
     result = characters_stage(
         run.run_dir,
         run.read_table("frames"),
@@ -199,10 +199,10 @@ def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
         run.movie_key,
         run.read_table("frames"),
         run.read_table("quality"),
-        run.read_table("faces") if run.has_table("faces") else None,
+        run.optional_table("faces"),
         feedback,
         cfg.scenes,
-        face_frames=run.read_table("face_frames") if run.has_table("face_frames") else None,
+        face_frames=run.optional_table("face_frames"),
         previous=previous,
         previous_facts=(manifest or {}).get("facts"),
         progress=progress,
@@ -240,17 +240,14 @@ def _captions_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 def _captions_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     from diffusion_bunny.stages.captions import captions_stage
 
-    def table(name: str) -> pl.DataFrame | None:
-        return run.read_table(name) if run.has_table(name) else None
-
     result = captions_stage(
         run.run_dir,
         run.read_table("frames"),
         cfg.captioning,
-        quality=table("quality"),
-        faces=table("faces"),
-        shots=table("shots"),
-        clusters=table("clusters"),
+        quality=run.optional_table("quality"),
+        faces=run.optional_table("faces"),
+        shots=run.optional_table("shots"),
+        clusters=run.optional_table("clusters"),
         seed=cfg.run.seed,
         progress=progress,
         progress_path=run.progress_path("captions"),
@@ -286,7 +283,7 @@ def _export_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
         run.run_dir,
         run.read_table("frames"),
         run.read_table("quality"),
-        run.read_table("faces") if run.has_table("faces") else None,
+        run.optional_table("faces"),
         run.read_table("captions"),
         cfg.export,
         progress=progress,

@@ -90,7 +90,7 @@ def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateRes
     ref = resolve_base_model(base, family, setting=setting)
     checkpoints = selected_checkpoints(run, cfg)
     detect = DetectSettings.from_config(cfg.characters)
-    faces = run.read_table("faces") if run.has_table("faces") else None
+    faces = run.optional_table("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
     result = generate_stage(
         run.run_dir,
