@@ -6,7 +6,7 @@ reference once):
 1. the reference: face_recognition as its README and examples use it, one frame after another:
    ``face_locations(frame)`` (HOG, one upsampling, on the full 1280x720 frame) and
    ``face_encodings(frame, boxes)``;
-2. stage 03's :func:`~diffusion_bunny.stages.characters.detect_faces` with its defaults (HOG on a
+2. stage 03's :func:`~diffusion_bunny.stages.characters.stage.detect_faces` with its defaults (HOG on a
    640 px copy with one upsampling, boxes mapped back, encodings on the full frame), in one
    process and on a pool of one worker process per core.
 
@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.faces import DetectSettings, face_recognition_module
-from diffusion_bunny.stages.characters import detect_faces
+from diffusion_bunny.models.faces import DetectSettings, face_recognition_module
+from diffusion_bunny.stages.characters.stage import detect_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 HAMILTON = ROOT.parent / "shared" / "testdata" / "face_recognition_examples" / "short_hamilton_clip.mp4"
@@ -56,7 +56,7 @@ def _movie_frames(path: Path, step: int) -> list[np.ndarray]:
 
 def make_frames(folder: Path, n: int) -> pl.DataFrame:
     """``n`` 720p JPEGs of real faces under ``folder/frames`` and their frames table."""
-    from diffusion_bunny.demo_run import demo_movie
+    from diffusion_bunny.demo.run import demo_movie
 
     sources: list[np.ndarray] = []
     if HAMILTON.is_file():

@@ -483,7 +483,7 @@ def child_stage_main(movie: str, outdir: str, detector: str = "") -> int:
     """Body of ``--child-stage``: run stage 01 in this process and print timings as JSON."""
     started = time.perf_counter()
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.run import Run
+    from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
     imported = time.perf_counter()
@@ -590,7 +590,7 @@ def score_shots(outdir: Path, movie: Path) -> str | None:
         return None
     import polars as pl
 
-    from diffusion_bunny.metrics import match_boundaries
+    from diffusion_bunny.demo.metrics import match_boundaries
 
     truth = json.loads(truth_file.read_text())["cuts"]
     found = pl.read_parquet(shots_file)["start_frame"].to_list()[1:]

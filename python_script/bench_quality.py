@@ -4,7 +4,7 @@ Stage 02 reads every extracted frame once. What it measures, in one run on the s
 
 1. ``naive``: what one would write first, one frame after the other: full decode in colour
    (``cv2.imread``), gray conversion, area resize to the score width, then the same scores;
-2. ``stage, 1 thread``: :func:`~diffusion_bunny.stages.quality.score_frames` with one worker
+2. ``stage, 1 thread``: :func:`~diffusion_bunny.stages.quality.stage.score_frames` with one worker
    (reduced-scale JPEG decoding alone);
 3. ``stage``: ``score_frames`` on every core (what the stage runs).
 
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.stages.quality import SCORE_WIDTH, phash, score_frames
+from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, phash, score_frames
 
 WIDTH, HEIGHT = 1280, 720
 TARGET_FPS = 200.0

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_bunny.config import ScenesConfig
-from diffusion_bunny.scenes import (
-    NOISE,
+from diffusion_bunny.stages.scenes.clustering import (
     ExemplarIndex,
     assign_incremental,
     cluster_scenes,
     normalise,
 )
+from diffusion_bunny.stages.scenes.tables import NOISE
 
 TARGET_S = 60.0
 

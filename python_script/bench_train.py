@@ -79,7 +79,8 @@ import json, sys
 from pathlib import Path
 import polars as pl
 from diffusion_bunny.config import TrainingConfig
-from diffusion_bunny.lora_train import read_dataset, train_lora
+from diffusion_bunny.stages.train.data import read_dataset
+from diffusion_bunny.stages.train.lora import train_lora
 
 run_dir, out_dir, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 images, _ = read_dataset(run_dir, pl.read_parquet(run_dir / "tables" / "dataset_items.parquet"))
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import torch
 
-    from diffusion_bunny.sd_models import resolve_base_model
+    from diffusion_bunny.models.diffusion import resolve_base_model
 
     script = args.diffusers_script.resolve()
     if not script.is_file():

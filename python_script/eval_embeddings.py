@@ -10,7 +10,8 @@ script measures them on footage with known places:
   shots, cuts at frames 20, 82, 211; place = shot), skipped with a note when absent.
 
 Every ``--step``-th frame is written as a JPEG (quality 95, as stage 01 writes) and embedded with
-:class:`diffusion_bunny.embeddings.DescriptorEmbedder`. Reported per set: similarity of all pairs
+:class:`~diffusion_bunny.stages.scenes.embeddings.DescriptorEmbedder`.
+Reported per set: similarity of all pairs
 of frames of the same place and of different places (5th percentile, median, 95th percentile;
 share >= 0.85 and share < 0.5); then robustness (similarity of a frame to a changed copy of
 itself: brightness, crop, shift, resolution) and speed (frames/s, JPEG decoding included, at
@@ -32,8 +33,8 @@ import av
 import cv2
 import numpy as np
 
-from diffusion_bunny.demo_run import demo_movie
-from diffusion_bunny.embeddings import DescriptorEmbedder, describe
+from diffusion_bunny.demo.run import demo_movie
+from diffusion_bunny.stages.scenes.embeddings import DescriptorEmbedder, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 HAMILTON = ROOT.parent / "shared" / "testdata" / "face_recognition_examples" / "short_hamilton_clip.mp4"

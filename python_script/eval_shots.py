@@ -2,12 +2,12 @@
 
 Detectors: PySceneDetect ``content`` and ``adaptive`` (default thresholds), TransNetV2 alone and
 the cascade (stage 01's default), each fed exactly as stage 01 feeds it: one PyAV decode pass,
-analysis copies taken from the decoded planes (:class:`diffusion_bunny.video.VideoReader`),
-frames pushed to :func:`diffusion_bunny.boundaries.make_boundaries`.
+analysis copies taken from the decoded planes (:class:`diffusion_bunny.media.video.VideoReader`),
+frames pushed to :func:`diffusion_bunny.stages.extract.detectors.base.make_boundaries`.
 
 Sets:
 
-* synthetic clips made here with ffmpeg (:mod:`diffusion_bunny.synthclips`; ``--variants`` clips
+* synthetic clips made here with ffmpeg (:mod:`diffusion_bunny.demo.synthclips`; ``--variants`` clips
   per kind, each with other pictures and camera moves): hard cuts; dissolves (``xfade``), fades
   through black and wipes, also pooled as ``gradual``; camera flashes (between hard cuts; a flash
   is not a boundary); fast pans (between hard cuts);
@@ -15,7 +15,7 @@ Sets:
   at frames 20, 82, 211), skipped with a note when that folder is absent.
 
 Scoring: precision, recall and F1 with TRECVID-style greedy one-to-one matching
-(:func:`diffusion_bunny.metrics.match_boundaries`) at each ``--tolerances`` (frames). A gradual
+(:func:`diffusion_bunny.demo.metrics.match_boundaries`) at each ``--tolerances`` (frames). A gradual
 transition's truth is the span from its first blended frame to the first frame of the new shot
 alone; a detection inside the span is at distance 0, outside it the distance to the span's
 nearer end, so the same tolerance means the same thing for cuts and transitions.
@@ -75,7 +75,7 @@ class Item:
 
 def make_items(work: Path, variants: int) -> list[Item]:
     """Render (or reuse) the synthetic clips and add the real clip."""
-    from diffusion_bunny.synthclips import KINDS, make_clip
+    from diffusion_bunny.demo.synthclips import KINDS, make_clip
 
     items = []
     for kind in KINDS:
@@ -93,9 +93,9 @@ def make_items(work: Path, variants: int) -> list[Item]:
 
 def detect(path: Path, detector: str | None, model) -> tuple[list[int], float, int, int]:
     """One stage-01-style pass: boundaries found, seconds, frames decoded, model frames run."""
-    from diffusion_bunny.boundaries import make_boundaries
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.video import VideoReader
+    from diffusion_bunny.media.video import VideoReader
+    from diffusion_bunny.stages.extract.detectors import make_boundaries
 
     overrides = {"extraction.detector": detector or "content"}
     cfg = load_config(None, overrides, use_local=False).extraction
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from diffusion_bunny.metrics import BoundaryScore, match_boundaries
-    from diffusion_bunny.transnet import load_model
+    from diffusion_bunny.demo.metrics import BoundaryScore, match_boundaries
+    from diffusion_bunny.stages.extract.detectors.transnet import load_model
 
     items = make_items(work, args.variants)
     model = load_model("auto") if any(d in ("transnetv2", "cascade") for d in detectors) else None

@@ -10,9 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = ROOT.parent / "shared" / "testdata"
-HAMILTON = TESTDATA / "face_recognition_examples" / "short_hamilton_clip.mp4"
+from paths import HAMILTON
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +43,7 @@ def cut_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory):
     """The built-in demo movie, built once per test session."""
-    from diffusion_bunny.demo import build_demo_movie
+    from diffusion_bunny.demo.movie import build_demo_movie
 
     return build_demo_movie(tmp_path_factory.mktemp("demo"), progress=False)
 
@@ -55,7 +53,7 @@ def demo_run(demo, tmp_path_factory):
     """The demo movie through stages 01 and 02, in-process, once per session. Tests read it;
     a test that changes a run copies it first."""
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.run import Run
+    from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
     run = Run.create(tmp_path_factory.mktemp("demo_run") / "run", demo.path)
@@ -78,8 +76,8 @@ def scenes_demo_run(demo_run, demo, tmp_path_factory):
     :data:`BOARD_OVERRIDES`, once per session; returns ``(run, overrides)``. Tests that move
     frames work on a copy (:func:`board_run`)."""
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.demo import build_demo_references
-    from diffusion_bunny.run import Run
+    from diffusion_bunny.demo.movie import build_demo_references
+    from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
     refs = build_demo_references(tmp_path_factory.mktemp("demo_refs"))
@@ -96,7 +94,7 @@ def scenes_demo_run(demo_run, demo, tmp_path_factory):
 @pytest.fixture
 def board_run(scenes_demo_run, tmp_path):
     """A private copy of :func:`scenes_demo_run` that a test may change; ``(run, overrides)``."""
-    from diffusion_bunny.run import Run
+    from diffusion_bunny.pipeline.run import Run
 
     run, overrides = scenes_demo_run
     shutil.copytree(run.run_dir, tmp_path / "run")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusion_bunny.tiny_clip import tiny_clip_vocab, write_clip_tokenizer
+from diffusion_bunny.models.tiny_clip import tiny_clip_vocab, write_clip_tokenizer
 
 
 def write_tiny_clip(folder: Path, seed: int = 0) -> Path:

@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from diffusion_bunny.runner import overrides_from_args, run_target
+    from diffusion_bunny.pipeline.engine import run_target
+    from diffusion_bunny.pipeline.runner import overrides_from_args
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     overrides = overrides_from_args(args.overrides)
@@ -114,8 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.runner import overrides_from_args
-    from diffusion_bunny.status import format_status, resolve_runs, status_table
+    from diffusion_bunny.pipeline.runner import overrides_from_args
+    from diffusion_bunny.pipeline.status import format_status, resolve_runs, status_table
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     cfg = load_config(config_path, overrides_from_args(args.overrides))
@@ -124,8 +125,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from diffusion_bunny.demo_run import run_demo
-    from diffusion_bunny.runner import overrides_from_args
+    from diffusion_bunny.demo.run import run_demo
+    from diffusion_bunny.pipeline.runner import overrides_from_args
 
     summary = run_demo(
         out=Path(args.out) if args.out else None,

@@ -697,3 +697,19 @@ def load_config(
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, for the run folder (it holds no secrets by construction)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
+    """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
+    a headless rerun reproduce what a person chose in a widget."""
+    from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+
+    root = root if root is not None else workspace_root()
+    path = root / "config" / f"local_{name}.yaml"
+    current: dict[str, Any] = {}
+    if path.is_file():
+        current = yaml.safe_load(path.read_text()) or {}
+    for section, values in settings.items():
+        current.setdefault(section, {}).update(values)
+    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
+    return path

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.run import Run, StageState, build_manifest, manifest_state
+from diffusion_bunny.pipeline.run import Run, StageState, build_manifest, manifest_state
 
 if TYPE_CHECKING:
     import polars as pl
@@ -59,7 +59,7 @@ def _require_tables(run: Run, stage: str, tables: dict[str, str]) -> None:
 
 
 def _extract_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    from diffusion_bunny.run import file_fingerprint
+    from diffusion_bunny.pipeline.run import file_fingerprint
 
     movie = run.movie
     if not movie.is_file():
@@ -68,7 +68,7 @@ def _extract_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _extract_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.extract import extract_frames
+    from diffusion_bunny.stages.extract.stage import extract_frames
 
     result = extract_frames(
         run.movie,
@@ -105,7 +105,8 @@ def _quality_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.quality import quality_stage, reason_counts
+    from diffusion_bunny.stages.quality.rules import reason_counts
+    from diffusion_bunny.stages.quality.stage import quality_stage
 
     frames = run.read_table("frames")
     table, facts = quality_stage(
@@ -113,7 +114,7 @@ def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
     )
     if run.has_table("faces"):
         # Stage 03 already ran: keep the face sharpness it measured (the faces did not change).
-        from diffusion_bunny.stages.characters import fill_face_sharpness
+        from diffusion_bunny.stages.characters.identify import fill_face_sharpness
 
         table = fill_face_sharpness(table, run.read_table("faces"))
     counts = {"frames": table.height, **reason_counts(table)}
@@ -127,8 +128,8 @@ def _quality_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
 
 
 def _characters_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    from diffusion_bunny.faces import references_fingerprint
-    from diffusion_bunny.stages.characters import reference_dir
+    from diffusion_bunny.models.faces import references_fingerprint
+    from diffusion_bunny.stages.characters.tables import reference_dir
 
     _require_tables(run, "characters", {"frames": "extract"})
     inputs: dict[str, Any] = {"frames": run.table_fingerprint("frames")}
@@ -140,7 +141,7 @@ def _characters_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _characters_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.characters import characters_stage
+    from diffusion_bunny.stages.characters.stage import characters_stage
 
     previous = None
     if run.has_table("faces") and run.has_table("face_frames"):
@@ -183,8 +184,7 @@ def _scenes_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _scenes_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.scenes import read_feedback, scenes_lock
-    from diffusion_bunny.stages.scenes import scenes_stage
+    from diffusion_bunny.stages.scenes.stage import read_feedback, scenes_lock, scenes_stage
 
     previous = {
         t: run.read_table(t) for t in ("embeddings", "clusters", "scene_exemplars") if run.has_table(t)
@@ -238,7 +238,7 @@ def _captions_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _captions_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.captions import captions_stage
+    from diffusion_bunny.stages.captions.stage import captions_stage
 
     result = captions_stage(
         run.run_dir,
@@ -277,7 +277,7 @@ def _export_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _export_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.export import export_stage
+    from diffusion_bunny.stages.export.stage import export_stage
 
     result = export_stage(
         run.run_dir,
@@ -303,7 +303,7 @@ def _train_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _train_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.train import train_stage
+    from diffusion_bunny.stages.train.stage import train_stage
 
     result = train_stage(
         run.run_dir,
@@ -321,13 +321,13 @@ def _train_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
 
 
 def _generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    from diffusion_bunny.stages.generate import generate_inputs
+    from diffusion_bunny.stages.generate.stage import generate_inputs
 
     return generate_inputs(run, cfg)
 
 
 def _generate_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.stages.generate import generate_run
+    from diffusion_bunny.stages.generate.stage import generate_run
 
     result = generate_run(run, cfg, progress=progress)
     return StageOutput(
@@ -350,7 +350,7 @@ def _report_inputs(run: Run, cfg: Config) -> dict[str, Any]:
 
 
 def _report_compute(run: Run, cfg: Config, progress: bool) -> StageOutput:
-    from diffusion_bunny.report import report_stage
+    from diffusion_bunny.stages.report.stage import report_stage
 
     figures, funnel, counts = report_stage(run, cfg)
     return StageOutput(

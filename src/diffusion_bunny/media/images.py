@@ -1,0 +1,110 @@
+"""Picture files and measures on pictures that several stages share.
+
+Stage 01 judges sharpness on its analysis copies, stage 02 on the saved frames, stage 03 on face
+crops: the same measure (:func:`laplacian_variance`) everywhere, so the numbers compare. Stage 02
+and stage 04 both read thousands of JPEGs and must tell a truncated file from a dull picture
+(:func:`jpeg_truncated`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffusion_bunny.errors import BadInputError
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Variance of the Laplacian (16-bit Laplacian + meanStdDev: the value of
+    ``Laplacian(CV_32F).var()`` at a third of the cost, which matters once per decoded frame)."""
+    std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_16S))[1][0, 0]
+    return float(std * std)
+
+
+def jpeg_truncated(data: np.ndarray) -> bool:
+    """Whether the bytes of a JPEG file lack its end marker (FF D9): libjpeg fills a truncated
+    JPEG with grey and only warns, so such a frame would pass for a dull one. Stage 01 writes
+    plain JPEGs that end with the marker."""
+    if data.size < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    return b"\xff\xd9" not in data[-32:].tobytes()
+
+
+#: The JPEG is decoded at the largest libjpeg reduction that leaves at least this many pixels on
+#: its short side, so the final area resize always averages a pixel or more of real data.
+MIN_DECODE_SIDE = 96
+
+_REDUCED_COLOR = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading frames
+# --------------------------------------------------------------------------------------------
+
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker, without decoding; None for other formats."""
+    buf = data.tobytes()
+    if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    i = 2
+    while i + 9 < len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = (buf[i + 5] << 8) | buf[i + 6]
+            width = (buf[i + 7] << 8) | buf[i + 8]
+            return width, height
+        i += 2 + length
+    return None
+
+
+def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
+    """Decode ``path`` as BGR ``uint8`` at the smallest libjpeg reduction (1/2, 1/4, 1/8) that keeps
+    at least ``min_side`` pixels on the short side (full size for other formats).
+
+    Raises :class:`BadInputError` naming the file when it is missing, empty, truncated or not an
+    image: the frames are the stage's inputs, and skipping one would misalign rows.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise BadInputError(f"cannot read frame image {path}: {exc.strerror or exc}") from None
+    if data.size == 0:
+        raise BadInputError(f"frame image {path} is empty; rerun stage extract with --force")
+    if jpeg_truncated(data):
+        raise BadInputError(f"frame image {path} is a truncated JPEG; rerun stage extract with --force")
+    flag = cv2.IMREAD_COLOR
+    size = jpeg_size(data)
+    if size is not None:
+        short = min(size)
+        for factor, reduced in _REDUCED_COLOR:
+            if short // factor >= min_side:
+                flag = reduced
+                break
+    image = cv2.imdecode(data, flag)
+    if image is None or image.size == 0:
+        raise BadInputError(
+            f"frame image {path} cannot be decoded as an image; rerun stage extract with --force"
+        )
+    return image
+
+
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,158 @@
+"""CLIP through transformers, from a local folder or the Hugging Face cache only: stage 04's
+``clip`` embedder (images and text in one space) and stage 08's CLIP score. A missing or broken
+model is one :class:`~diffusion_bunny.errors.ModelError` naming the setting."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffusion_bunny.errors import ModelError
+from diffusion_bunny.media.images import l2_rows, read_image
+from diffusion_bunny.models.device import resolve_device
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------
+
+CLIP_HINT = (
+    "download it once on a machine with network (`hf download openai/clip-vit-base-patch32`, then "
+    "copy the Hugging Face cache or the folder here), or set scenes.clip_model to a local folder "
+    "holding a CLIP model, or use scenes.embedder: descriptor"
+)
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class ClipEmbedder:
+    """A ``transformers`` CLIP model: image and text features, L2-normalised.
+
+    ``model`` is a hub id (read from the local Hugging Face cache only; nothing is downloaded) or
+    a local folder. Loading happens in the constructor so a missing model fails before any work.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        batch_size: int = 32,
+        *,
+        setting: str = "scenes.clip_model",
+        hint: str = CLIP_HINT,
+    ):
+        # ``setting``/``hint``: the config key a load failure names (stage 08 loads its CLIP from
+        # generation.clip_model through this same code) and what the message suggests.
+        import torch
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model_id = model
+        self.batch_size = int(batch_size)
+        self.device = resolve_device(device, "scenes.device")
+        self.name = f"clip:{model}"  # as embedder_name()
+        path = Path(model).expanduser()
+        source = str(path) if path.exists() else model
+        if path.exists() and not path.is_dir():
+            raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
+        try:
+            self.model = CLIPModel.from_pretrained(source, local_files_only=True)
+            self.processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+        except Exception as exc:  # every failure mode of from_pretrained means "no usable model"
+            # transformers' own text for a missing hub id talks about the internet connection,
+            # which misleads offline; for a folder that exists, its reason names what is broken.
+            where = (
+                f"from that folder: {_short_reason(exc)}"
+                if path.exists()
+                else "(no such folder here, and not in the local Hugging Face cache; nothing is downloaded)"
+            )
+            message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"
+            raise ModelError(message) from None
+        if (
+            getattr(self.processor, "tokenizer", None) is None
+            or getattr(self.processor, "image_processor", None) is None
+        ):
+            raise ModelError(
+                f"{setting}='{model}' has no tokenizer or image processor next to the weights; {hint}"
+            )
+        # transformers 5 builds an empty tokenizer when vocab.json/merges.txt/tokenizer.json are
+        # missing instead of failing, and every text would then embed to the same vector. A
+        # byte-level BPE holds at least its 256 byte symbols, and no id may exceed the model's table.
+        vocab = len(self.processor.tokenizer)
+        if not 256 <= vocab <= int(self.model.config.text_config.vocab_size):
+            raise ModelError(
+                f"{setting}='{model}' has no usable tokenizer ({vocab} tokens for a model of "
+                f"{self.model.config.text_config.vocab_size}; are vocab.json and merges.txt or "
+                f"tokenizer.json missing?); {hint}"
+            )
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.projection_dim)
+        self._torch = torch
+        crop = getattr(self.processor.image_processor, "crop_size", None) or {}
+        # Decode at a reduction that still leaves twice the model's input size, so the processor's
+        # own resize (not libjpeg's DCT scaling) decides the pixels the model sees.
+        self._min_side = 2 * int(max(crop.get("height", 224), crop.get("width", 224)) if crop else 224)
+
+    @property
+    def supports_text(self) -> bool:
+        """True: CLIP embeds text into the image space."""
+        return True
+
+    @staticmethod
+    def _features(out: Any) -> Any:
+        # transformers 5 returns a model output whose pooler_output is the projected feature;
+        # 4.x returned the tensor itself.
+        return out if hasattr(out, "shape") else out.pooler_output
+
+    def embed_images(self, paths: Sequence[Path], progress: bool = False) -> np.ndarray:
+        """Image features of ``paths``, batched by ``batch_size``, float32 ``[n, dim]``."""
+        torch = self._torch
+        out = np.zeros((len(paths), self.dim), dtype=np.float32)
+        bar = tqdm(total=len(paths), unit="frame", desc="embed (clip)", disable=not progress, mininterval=0.5)
+        workers = min(max(len(paths), 1), os.cpu_count() or 1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed") as pool:
+                for start in range(0, len(paths), self.batch_size):
+                    chunk = [Path(p) for p in paths[start : start + self.batch_size]]
+                    images = list(pool.map(self._read_rgb, chunk))
+                    inputs = self.processor(images=images, return_tensors="pt")
+                    with torch.inference_mode():
+                        feats = self._features(
+                            self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+                        )
+                    out[start : start + len(chunk)] = feats.float().cpu().numpy()
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+        return l2_rows(out)
+
+    def _read_rgb(self, path: Path) -> np.ndarray:
+        return cv2.cvtColor(read_image(path, self._min_side), cv2.COLOR_BGR2RGB)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text features, batched by ``batch_size``, float32 ``[n, dim]``."""
+        torch = self._torch
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [str(t) for t in texts[start : start + self.batch_size]]
+            tokens = self.processor.tokenizer(
+                chunk, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+            )
+            with torch.inference_mode():
+                feats = self._features(
+                    self.model.get_text_features(
+                        input_ids=tokens["input_ids"].to(self.device),
+                        attention_mask=tokens["attention_mask"].to(self.device),
+                    )
+                )
+            out[start : start + len(chunk)] = feats.float().cpu().numpy()
+        return l2_rows(out)

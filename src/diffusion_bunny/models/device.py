@@ -1,0 +1,47 @@
+"""Which device a model runs on: the GPU when there is one, asked cheaply.
+
+Stage 01's TransNetV2, stage 04's CLIP and stages 07-08's diffusion models all take a
+``device`` setting (``auto``/``cpu``/``cuda``); the same rules apply to each, and the message of
+a refused ``cuda`` names the setting the user has to change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from diffusion_bunny.errors import ModelError
+
+
+def cuda_driver_sees_gpu() -> bool:
+    """Whether the NVIDIA driver reports a GPU, asked of ``libcuda`` directly: answering this
+    through torch would import it (3 s, 500 MB) on every CPU-only machine just to learn "no"."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except AttributeError:  # pragma: no cover - a libcuda without the driver API
+        return False
+
+
+def resolve_device(device: str, setting: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` (or ``cuda:N``) without
+    one is a :class:`ModelError` naming ``setting`` (e.g. ``training.device``). Without a GPU in
+    the driver, ``auto`` is ``cpu`` at once, without importing torch."""
+    if device == "cpu" or (device == "auto" and not cuda_driver_sees_gpu()):
+        return "cpu"
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda") and not has_cuda:
+        raise ModelError(
+            f"{setting} is '{device}' but torch sees no CUDA GPU here; set {setting} to auto or cpu"
+        )
+    return device

@@ -1,0 +1,249 @@
+"""Engines for many movies: one after another in this process, or one Ray task per movie.
+
+Both engines call the same per-movie function (:func:`run_one`, i.e. ``runner.run_movie``: the
+stage notebooks through papermill, each stage skipped when its manifest matches), so run
+folders, manifests and executed notebooks are the same whichever engine made them, a batch
+interrupted on one engine resumes on the other, and a bad movie is reported while the others
+still run.
+
+Ray (``--engine ray``) starts a local cluster on this machine unless ``--address`` names one to
+join. Ray's workers on a local cluster run this process's Python (the project's venv), so the
+papermill kernel they start is the project's ``python3`` kernel as well. Ray's hook for
+``uv run`` (which would copy the checkout into a fresh virtual environment per session, ~45 s
+here) is switched off: the workers already have the environment. Joining a cluster needs every
+node to have this project installed at the same path and to see the movies and the output
+folder at the same paths (a shared file system).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from diffusion_bunny.config import Config, load_config, output_root
+from diffusion_bunny.errors import EngineError, UserError
+from diffusion_bunny.pipeline.run import movie_id
+from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
+
+
+def run_one(
+    movie: Path,
+    run_dir: Path | None,
+    *,
+    stages: list[str],
+    cfg: Config,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    force: bool,
+    progress: bool,
+) -> MovieReport:
+    """One movie through the chosen stages; a user error (bad file, missing model...) becomes the
+    report's ``error`` instead of stopping the batch."""
+    try:
+        return run_movie(
+            movie,
+            stages=stages,
+            cfg=cfg,
+            config_path=config_path,
+            overrides=overrides,
+            out=run_dir,
+            force=force,
+            progress=progress,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
+
+
+def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
+    """``--engine local``: the movies one after another in this process."""
+    progress = kwargs["progress"]
+    return [
+        run_one(movie, run_dir, **kwargs)
+        for movie, run_dir in tqdm(jobs, desc="movies", unit="movie", disable=not progress)
+    ]
+
+
+def _prepare_ray_environment() -> None:
+    # Before ray is imported: no copy of the checkout into a per-session venv (the workers run this
+    # venv's Python already), and no usage statistics sent anywhere.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_ray(cfg: Config) -> bool:
+    """Connect to the cluster ``engine.address`` names, or start a local one; returns whether
+    this call started Ray (and should shut it down). An already initialised Ray (a caller's own
+    cluster, as the tests make) is used as it is."""
+    _prepare_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    engine = cfg.engine
+    if engine.address:
+        _check_reachable(engine.address)
+    try:
+        if engine.address:
+            ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
+        else:
+            ray.init(
+                num_cpus=engine.num_cpus,
+                include_dashboard=False,
+                object_store_memory=engine.object_store_mb * 1024 * 1024,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"join the Ray cluster at {engine.address}" if engine.address else "start a local Ray cluster"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            "check --address (ray start --head prints it) or leave it out for a local cluster"
+            if engine.address
+            else "check engine.num_cpus and engine.object_store_mb, or use --engine local"
+        )
+        raise EngineError(f"could not {where} ({first}); {hint}") from None
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in a second on a ``host:port`` nobody listens at: Ray itself retries its connection
+    20 times for about 40 s each before it gives up."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", or another form Ray understands: let Ray judge it
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EngineError(
+            f"could not join the Ray cluster at {address} (nothing answers there: {reason}); "
+            "check --address (ray start --head prints it) or leave it out for a local cluster"
+        ) from None
+
+
+def _ray_task(movie: Path, run_dir: Path | None, kwargs: dict[str, Any]) -> MovieReport:
+    """What one Ray worker does for one movie: exactly what the local engine does."""
+    return run_one(movie, run_dir, **kwargs)
+
+
+def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
+    """``--engine ray``: one task per movie (``engine.cpus_per_movie`` CPUs each) on a local or
+    joined cluster; reports come back in the movies' order. A task that died of a bug is
+    reported with ``bug`` set, after the other movies finished."""
+    cfg: Config = kwargs["cfg"]
+    progress = kwargs["progress"]
+    started = start_ray(cfg)
+    import ray
+
+    try:
+        task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
+        # Workers draw no terminal bars (their stderr is forwarded line by line).
+        remote_kwargs = {**kwargs, "progress": False}
+        refs = {task.remote(movie, run_dir, remote_kwargs): i for i, (movie, run_dir) in enumerate(jobs)}
+        results: dict[int, MovieReport] = {}
+        pending = list(refs)
+        bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = refs[ref]
+                movie, run_dir = jobs[i]
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    lines = str(cause).strip().splitlines() or [""]
+                    text = f"{type(cause).__name__}: {lines[-1]}"
+                    print(f"error: {movie.name}: failed with a bug on Ray ({text})", file=sys.stderr)
+                    results[i] = MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
+                bar.update(1)
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return [results[i] for i in range(len(jobs))]
+
+
+def run_movies(
+    jobs: Sequence[tuple[Path, Path | None]],
+    *,
+    engine: str,
+    stages: list[str],
+    cfg: Config,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    force: bool,
+    progress: bool,
+) -> list[MovieReport]:
+    """Run ``(movie, run folder or None for the default)`` jobs on ``engine`` (``local``/``ray``)."""
+    kwargs = {
+        "stages": stages,
+        "cfg": cfg,
+        "config_path": config_path,
+        "overrides": overrides,
+        "force": force,
+        "progress": progress,
+    }
+    if engine == "ray":
+        return run_ray(jobs, **kwargs)
+    return run_local(jobs, **kwargs)
+
+
+def run_target(
+    target: str | Path,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    stages: str | Sequence[str] | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    engine: str | None = None,
+    address: str | None = None,
+) -> list[MovieReport]:
+    """``bunny run``: one movie, or every movie of a folder on an engine (``local``: one after
+    another, ``ray``: one Ray task per movie; default ``engine.kind``).
+
+    In a folder, a bad movie is reported and the others still run; the caller turns the
+    failures into exit status 2. A folder run ends with a combined report across its movies
+    (``<out>/report/index.html`` and ``movies.parquet``; ``out`` defaults to ``run.output_dir``).
+    """
+    overrides = dict(overrides or {})
+    if engine is not None:
+        overrides["engine.kind"] = engine
+    if address is not None:
+        overrides["engine.address"] = address
+    cfg = load_config(config_path, overrides)
+    chosen = parse_stages(stages)
+    movies = find_movies(target, cfg)
+    single = len(movies) == 1 and Path(target).is_file()
+    common = {
+        "stages": chosen,
+        "cfg": cfg,
+        "config_path": config_path,
+        "overrides": overrides,
+        "force": force,
+        "progress": progress,
+    }
+    if single and cfg.engine.kind == "local":
+        return [run_movie(movies[0], out=Path(out) if out else None, **common)]
+    if single:
+        jobs = [(movies[0], Path(out) if out else None)]
+    else:
+        jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in movies]
+    reports = run_movies(jobs, engine=cfg.engine.kind, **common)
+    if not single:
+        from diffusion_bunny.stages.report.combined import write_combined_report
+
+        html = write_combined_report(Path(out) if out else output_root(cfg), reports, cfg)
+        _say(f"combined report of {len(reports)} movies: {html}")
+    return reports

@@ -1,0 +1,207 @@
+"""Headless runs: execute the stage notebooks with papermill on one movie or a folder of movies.
+
+The runner decides per stage whether the manifest still matches (then the stage is skipped
+without starting a kernel), executes the notebook otherwise, keeps the executed copy in
+``<run>/notebooks/`` and turns a user error raised inside the kernel back into a
+:class:`~diffusion_bunny.errors.UserError` with the kernel's message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from diffusion_bunny.config import Config, output_root, project_root
+from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
+from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.pipeline.progress import follow
+from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.stages import get_stage, stage_names, stage_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageReport:
+    """What happened to one stage of one movie."""
+
+    stage: str
+    status: str  # "ran", "skipped"
+    reason: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MovieReport:
+    """What happened to one movie."""
+
+    movie: Path
+    run_dir: Path | None
+    stages: list[StageReport] = field(default_factory=list)
+    error: str | None = None
+    bug: bool = False  # the error was a bug (only the Ray engine reports those instead of raising)
+
+
+def find_movies(target: str | Path, cfg: Config) -> list[Path]:
+    """The movie itself, or every video file directly inside a folder (sorted by name)."""
+    target = Path(target)
+    if not target.exists():
+        raise BadInputError(f"{target}: no such file or folder; check the path")
+    if target.is_file():
+        return [target]
+    exts = {e.lower() for e in cfg.run.video_extensions}
+    movies = sorted(
+        p for p in target.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+    )
+    if not movies:
+        raise BadInputError(
+            f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))})"
+        )
+    return movies
+
+
+def parse_stages(text: str | Sequence[str] | None) -> list[str]:
+    """``"extract,quality"`` -> ordered list of known stage names; None means all stages."""
+    if text is None:
+        return stage_names()
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise StageError(f"--stages is empty (available: {', '.join(stage_names())})")
+    for name in names:
+        get_stage(name)
+    order = stage_names()
+    return sorted(set(names), key=order.index)
+
+
+def notebook_dir() -> Path:
+    """The ``notebook/`` folder of the checkout."""
+    root = project_root()
+    if root is None or not (root / "notebook").is_dir():
+        raise UserError("the stage notebooks were not found: run bunny from a diffusion-bunny checkout")
+    return root / "notebook"
+
+
+def execute_stage_notebook(
+    run: Run,
+    stage: str,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    kernel: str,
+    progress: bool,
+) -> Path:
+    """Execute one stage notebook headless and keep the executed copy in the run folder."""
+    # papermill -> nbformat -> jsonschema imports rfc3987_syntax, which builds a parser grammar
+    # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
+    # notebook validation never uses; jsonschema skips that checker when the import fails.
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    spec = get_stage(stage)
+    source = notebook_dir() / spec.notebook
+    target = run.notebooks_dir / spec.notebook
+    target.parent.mkdir(parents=True, exist_ok=True)
+    params = {
+        "run_dir": str(run.run_dir),
+        "config_path": config_path,
+        "overrides": overrides,
+        "movie": str(run.movie),
+        "force": True,
+        "interactive": False,
+    }
+    stop = threading.Event()
+    watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
+    if progress:
+        watcher.start()
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(target),
+            parameters=params,
+            kernel_name=kernel,
+            progress_bar=False,  # the stage's own bar (frames, not cells) is followed instead
+            cwd=str(source.parent),
+            # ipykernel warns on every start that its local TCP sockets are unencrypted; that is
+            # noise on a user's terminal. Errors in cells still come back through papermill.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+    except PapermillExecutionError as exc:
+        if exc.ename in USER_ERROR_NAMES:
+            raise UserError(exc.evalue) from None
+        raise RuntimeError(
+            f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
+            f"the executed notebook is {target}"
+        ) from None
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        run.progress_path(stage).unlink(missing_ok=True)
+    return target
+
+
+def run_movie(
+    movie: Path,
+    *,
+    stages: list[str],
+    cfg: Config,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    out: Path | None,
+    force: bool,
+    progress: bool = True,
+) -> MovieReport:
+    """Run the chosen stages on one movie, skipping the ones that are up to date."""
+    probe_video(movie)
+    run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
+    run = Run.create(run_dir, movie)
+    report = MovieReport(movie=movie, run_dir=run.run_dir)
+    for stage in stages:
+        state, reason = stage_state(run, stage, cfg)
+        if state == "done" and not force:
+            report.stages.append(StageReport(stage, "skipped", "up to date"))
+            _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
+            continue
+        _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
+        execute_stage_notebook(run, stage, config_path, overrides, cfg.run.kernel, progress)
+        manifest = run.read_manifest(stage) or {}
+        stage_report = StageReport(
+            stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
+        )
+        report.stages.append(stage_report)
+        counts = ", ".join(
+            f"{k} ({', '.join(f'{n} {c}' for n, c in v.items()) or 'none'})"
+            if isinstance(v, dict)
+            else f"{k} ({', '.join(map(str, v)) or 'none'})"
+            if isinstance(v, list)
+            else f"{k} {v}"
+            for k, v in stage_report.counts.items()
+        )
+        _say(f"{movie.name}: {stage} done: {counts}")
+        for warning in stage_report.warnings:
+            _say(f"{movie.name}: warning: {warning}")
+    return report
+
+
+def _say(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
+
+
+def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["extraction.threshold=30"]`` -> ``{"extraction.threshold": 30}`` (JSON-safe for papermill)."""
+    from diffusion_bunny.config import parse_override
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, value = parse_override(item)
+        out[key] = json.loads(json.dumps(value, default=str))
+    return out

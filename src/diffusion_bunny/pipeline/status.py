@@ -1,0 +1,119 @@
+"""``bunny status``: each stage's state per movie, read from the manifests.
+
+A run folder, a folder of run folders (``data/output``), a movie or a folder of movies (mapped
+to their run folders as ``bunny run`` would) all work. Nothing is computed and no kernel starts:
+each stage's inputs are fingerprinted (file sizes and hashes of small tables) and compared with
+its manifest by :func:`diffusion_bunny.stages.stage_state`, the same check ``bunny run`` makes
+before it decides to skip a stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from diffusion_bunny.config import Config, output_root
+from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.stages import stage_names, stage_state
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A movie's run folder (which may not exist yet) and the movie's name."""
+
+    movie: str
+    run_dir: Path
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "run.json").is_file()
+
+
+def _movie_name(run_dir: Path) -> str:
+    meta = Run(run_dir).meta() or {}
+    return Path(meta.get("movie", run_dir.name)).name
+
+
+def resolve_runs(target: str | Path, cfg: Config, out: str | Path | None = None) -> list[RunRef]:
+    """The run folders ``target`` stands for: itself (a run folder), its sub-folders that are
+    run folders, or the run folders of a movie / of the movies in a folder (under ``out``, else
+    ``run.output_dir``, as ``bunny run`` names them)."""
+    target = Path(target).expanduser()
+    if not target.exists():
+        raise BadInputError(f"{target}: no such file or folder; check the path")
+    exts = {e.lower() for e in cfg.run.video_extensions}
+    root = Path(out) if out else output_root(cfg)
+
+    def of_movie(movie: Path, single: bool) -> RunRef:
+        run_dir = Path(out) if (out and single) else root / movie_id(movie)
+        return RunRef(movie.name, run_dir.resolve())
+
+    if target.is_dir() and _is_run(target):
+        return [RunRef(_movie_name(target), target.resolve())]
+    if target.is_file() and target.suffix.lower() in exts:
+        return [of_movie(target, single=True)]
+    if target.is_dir():
+        runs = [
+            RunRef(_movie_name(p), p.resolve()) for p in sorted(target.iterdir()) if p.is_dir() and _is_run(p)
+        ]
+        movies = sorted(
+            p
+            for p in target.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+        )
+        refs = runs + [of_movie(m, single=False) for m in movies]
+        if refs:
+            return refs
+    raise BadInputError(
+        f"{target}: neither a run folder (with run.json), a folder of run folders, a movie nor a folder "
+        "of movies; give one of those"
+    )
+
+
+def run_status(run_dir: Path, cfg: Config, stages: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """``(stage, state, reason)`` for each stage of one run folder; a folder that does not exist
+    yet has every stage missing."""
+    stages = stages or stage_names()
+    if not _is_run(run_dir):
+        return [(stage, "missing", "never ran") for stage in stages]
+    run = Run.open(run_dir)
+    out = []
+    for stage in stages:
+        try:
+            state, reason = stage_state(run, stage, cfg)
+        except UserError as exc:
+            # An input is missing (an earlier stage never ran, the movie moved): the stage cannot
+            # be up to date; the message says what to do.
+            state = "stale" if run.read_manifest(stage) else "missing"
+            reason = str(exc)
+        out.append((stage, state, reason))
+    return out
+
+
+def status_table(refs: list[RunRef], cfg: Config) -> pl.DataFrame:
+    """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``."""
+    rows = [
+        {"movie": ref.movie, "run_dir": str(ref.run_dir), "stage": stage, "state": state, "reason": reason}
+        for ref in refs
+        for stage, state, reason in run_status(ref.run_dir, cfg)
+    ]
+    return pl.DataFrame(
+        rows,
+        schema={"movie": pl.Utf8, "run_dir": pl.Utf8, "stage": pl.Utf8, "state": pl.Utf8, "reason": pl.Utf8},
+    )
+
+
+def format_status(table: pl.DataFrame) -> str:
+    """Plain text for the terminal: one block per movie, one line per stage."""
+    lines = []
+    width = max([len(s) for s in table["stage"].to_list()] + [5])
+    for (movie, run_dir), part in table.group_by(["movie", "run_dir"], maintain_order=True):
+        done = int((part["state"] == "done").sum())
+        lines.append(f"{movie}  ({run_dir}; {done} of {part.height} stages done)")
+        for row in part.iter_rows(named=True):
+            reason = "" if row["state"] == "done" else f"  ({row['reason']})"
+            lines.append(f"  {row['stage']:<{width}}  {row['state']}{reason}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Stage 05's tables: what each frame shows (facts), the offline template caption, and edits.
+
+The facts of a frame (who is in it, how close the camera is, whether the shot moves, which scene
+cluster it belongs to, how light it is) come from the tables of stages 01-04 and feed both the
+``template`` provider and the prompt of the LLM providers (the known characters). They are pure
+functions over tables, so notebook 05 can show them and a test can check them without a provider.
+
+A person's edit of a caption is an append-only row in ``caption_edits`` (like stage 04's
+``feedback``): the stage re-applies the latest edit of each frame after every run, so a rerun,
+even with another provider, never overwrites what a person wrote.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from diffusion_bunny.config import CaptioningConfig
+
+FACT_SCHEMA: dict[str, pl.DataType] = {
+    "frame_id": pl.String,
+    "path": pl.String,
+    "characters": pl.List(pl.String),
+    "unknown_faces": pl.Int64,
+    "framing": pl.String,
+    "motion": pl.String,
+    "scene": pl.String,
+    "light": pl.String,
+}
+
+
+def framing_of(face_ratio: float | None, cfg: CaptioningConfig) -> str:
+    """``close-up``, ``medium shot`` or ``wide shot`` from the largest face's height over the
+    frame's height (no face: wide): a cheap, explainable proxy for the camera distance."""
+    if face_ratio is None or face_ratio < cfg.medium_ratio:
+        return "wide shot"
+    if face_ratio >= cfg.close_up_ratio:
+        return "close-up"
+    return "medium shot"
+
+
+def light_of(brightness: float | None, cfg: CaptioningConfig) -> str:
+    """``dark``, ``bright`` or ``""`` (ordinary light) from stage 02's mean brightness."""
+    if brightness is None:
+        return ""
+    if brightness < cfg.dark_below:
+        return "dark"
+    if brightness > cfg.bright_above:
+        return "bright"
+    return ""
+
+
+def caption_facts(
+    frames: pl.DataFrame,
+    cfg: CaptioningConfig,
+    *,
+    quality: pl.DataFrame | None = None,
+    faces: pl.DataFrame | None = None,
+    shots: pl.DataFrame | None = None,
+    clusters: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One row per frame to caption (``captioning.frames``: the kept ones, or all) with what the
+    earlier stages know about it. Tables that are absent leave their facts empty."""
+    table = frames.select("frame_id", "path", "shot_id", "height")
+    if quality is not None:
+        q = quality.select("frame_id", "keep", "brightness")
+        table = table.join(q, on="frame_id", how="left")
+        if cfg.frames == "kept":
+            table = table.filter(pl.col("keep").fill_null(False))
+    else:
+        table = table.with_columns(pl.lit(None, pl.Float64).alias("brightness"))
+    table = table.sort("frame_id")
+
+    per_frame: dict[str, tuple[list[str], int, float | None]] = {}
+    if faces is not None and faces.height:
+        heights = dict(zip(table["frame_id"].to_list(), table["height"].to_list(), strict=True))
+        for fid, group in faces.filter(pl.col("frame_id").is_in(table["frame_id"].implode())).group_by(
+            "frame_id"
+        ):
+            names = sorted({c for c in group["character"].to_list() if c})
+            unknown = int(group["character"].is_null().sum())
+            face_h = (group["bottom"] - group["top"]).max()
+            height = heights.get(fid[0]) or 0
+            ratio = float(face_h) / height if height and face_h is not None else None
+            per_frame[fid[0]] = (names, unknown, ratio)
+
+    motion: dict[int, str] = {}
+    if shots is not None:
+        motion = {
+            int(s): ("moving shot" if k == "dynamic" else "static shot")
+            for s, k in zip(shots["shot_id"].to_list(), shots["kind"].to_list(), strict=True)
+        }
+    scene: dict[str, str] = {}
+    if clusters is not None and clusters.height:
+        level = clusters.filter(pl.col("level") == "scene")
+        scene = dict(zip(level["frame_id"].to_list(), level["cluster_id"].to_list(), strict=True))
+
+    rows = []
+    for rec in table.iter_rows(named=True):
+        names, unknown, ratio = per_frame.get(rec["frame_id"], ([], 0, None))
+        rows.append(
+            {
+                "frame_id": rec["frame_id"],
+                "path": rec["path"],
+                "characters": names,
+                "unknown_faces": unknown,
+                "framing": framing_of(ratio, cfg),
+                "motion": motion.get(int(rec["shot_id"]), "") if rec["shot_id"] is not None else "",
+                "scene": scene.get(rec["frame_id"], ""),
+                "light": light_of(rec["brightness"], cfg),
+            }
+        )
+    return pl.DataFrame(rows, schema=FACT_SCHEMA)
+
+
+def _scene_phrase(scene: str, cfg: CaptioningConfig) -> str:
+    if not scene or scene == "noise":
+        return ""
+    name = cfg.scene_names.get(scene)
+    return f"in the {name}" if name else f"scene {scene}"
+
+
+def template_caption(facts: dict, cfg: CaptioningConfig) -> tuple[str, list[str]]:
+    """The offline caption of one frame (a row of :func:`caption_facts`) and its tags.
+
+    Order follows what LoRA trainers expect (trigger word first, then who, then how it is shot):
+    ``bunnystyle, astronaut and grace_hopper, close-up, static shot, dark, in the kitchen``.
+    """
+    names = list(facts["characters"] or [])
+    unknown = int(facts["unknown_faces"] or 0)
+    if names:
+        who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        if unknown:
+            who += f" and {unknown} other {'person' if unknown == 1 else 'people'}"
+    elif unknown:
+        who = "a person" if unknown == 1 else f"{unknown} people"
+    else:
+        who = "no people"
+    parts = [cfg.trigger_word, who, facts["framing"], facts["motion"], facts["light"]]
+    parts.append(_scene_phrase(facts["scene"], cfg))
+    caption = ", ".join(p for p in parts if p)
+    tags = [*names, facts["framing"], facts["motion"], facts["light"]]
+    if facts["scene"]:
+        tags.append(f"scene:{facts['scene']}")
+    if not names:
+        tags.append("no named character" if unknown else "no people")
+    return caption, [t for t in tags if t]

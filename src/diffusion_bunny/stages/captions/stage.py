@@ -1,0 +1,502 @@
+"""Stage 05 ``captions``: a caption for every kept frame, from the configured provider chain.
+
+The loop (:func:`caption_frames`) walks the chain per frame: an answer already in the cache is
+taken as it is (no call); a provider whose circuit is open is skipped; otherwise the provider is
+asked, with retries on transient failures. A paid answer goes into the cache *before* anything
+else happens, so killing the process at any point loses at most the requests in flight, and
+the next run asks only for what is not in the cache. Every request is logged in the
+``caption_calls`` table (provider, attempt, outcome, latency, tokens), from which notebook 05
+draws the per-provider summary.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diffusion_bunny.config import CaptioningConfig
+from diffusion_bunny.errors import BadInputError, ProviderError, StageError
+from diffusion_bunny.pipeline.atomic import atomic_write_parquet
+from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.stages.captions.facts import caption_facts
+from diffusion_bunny.stages.captions.providers import (
+    PROMPT_VERSION,
+    PROVIDER_DOWN,
+    RETRY,
+    CaptionCache,
+    CircuitBreaker,
+    Provider,
+    RateLimiter,
+    backoff_delay,
+    classify,
+    make_provider,
+    scaled_jpeg,
+    short_error,
+)
+from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA, EDIT_SCHEMA, apply_edits
+from diffusion_bunny.stages.extract.tables import frame_image_path
+
+CALL_SCHEMA: dict[str, pl.DataType] = {
+    "frame_id": pl.String,
+    "provider": pl.String,
+    "model": pl.String,
+    "attempt": pl.Int64,
+    "outcome": pl.String,
+    "error": pl.String,
+    "latency_s": pl.Float64,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "ts": pl.Datetime("us", "UTC"),
+}
+
+
+@dataclass
+class CaptionRun:
+    """What :func:`caption_frames` produced."""
+
+    captions: pl.DataFrame
+    calls: pl.DataFrame
+    breakers: dict[str, str] = field(default_factory=dict)
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def add(self, **row: Any) -> None:
+        row.setdefault("error", None)
+        row.setdefault("latency_s", None)
+        row.setdefault("input_tokens", None)
+        row.setdefault("output_tokens", None)
+        row["ts"] = datetime.now(UTC)
+        with self.lock:
+            self.rows.append(row)
+
+
+def caption_frames(
+    run_dir: Path,
+    facts: pl.DataFrame,
+    providers: list[Provider],
+    cfg: CaptioningConfig,
+    cache: CaptionCache,
+    hashes: dict[str, str | None],
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    progress_path: Path | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CaptionRun:
+    """Caption every frame of ``facts`` through the provider chain (see the module docstring).
+    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider). A frame
+    is decoded and scaled only when a paid provider is actually asked, never for a cache hit or
+    the template."""
+    from tqdm.auto import tqdm
+
+    log = _Log()
+    breakers = {p.name: CircuitBreaker(cfg.breaker_failures) for p in providers}
+    limiters = {p.name: RateLimiter(cfg.requests_per_minute, cfg.concurrency, sleep=sleep) for p in providers}
+    rng = random.Random(seed)
+    rng_lock = threading.Lock()
+
+    def jitter(attempt: int) -> float:
+        with rng_lock:
+            return backoff_delay(attempt, cfg.backoff_base_s, cfg.backoff_max_s, rng)
+
+    def row(fid: str, **values: Any) -> dict[str, Any]:
+        base = dict.fromkeys(CAPTION_SCHEMA)
+        base.update(frame_id=fid, tags=[], prompt_version=PROMPT_VERSION)
+        base.update(values)
+        return base
+
+    def one(rec: dict[str, Any]) -> dict[str, Any]:
+        fid = rec["frame_id"]
+        path = frame_image_path(run_dir, fid, rec["path"])
+
+        def unreadable(exc: OSError) -> dict[str, Any]:
+            log.add(
+                frame_id=fid, provider="-", model="-", attempt=0, outcome="unreadable", error=short_error(exc)
+            )
+            return row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
+
+        if not path.is_file():
+            return unreadable(FileNotFoundError(f"no such file: {path}"))
+        sha = hashes.get(fid)
+        image = b""  # what the template gets: it reads the tables, not the pixels
+        scaled = False
+        last_error = ""
+        for prov in providers:
+            key = ""
+            if prov.paid:
+                if sha is None:
+                    return unreadable(OSError(f"cannot read {path}"))
+                key = CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word, cfg.image_max_side)
+            if prov.paid and (hit := cache.get(key)) is not None:
+                log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
+                return row(
+                    fid,
+                    caption=hit["caption"],
+                    tags=list(hit["tags"]),
+                    provider=prov.name,
+                    model=prov.model,
+                    status="ok",
+                    latency_s=hit.get("latency_s"),
+                    input_tokens=hit.get("input_tokens"),
+                    output_tokens=hit.get("output_tokens"),
+                )
+            breaker = breakers[prov.name]
+            if prov.paid and not scaled and not breaker.open:
+                try:
+                    image, scaled = scaled_jpeg(path.read_bytes(), cfg.image_max_side), True
+                except OSError as exc:
+                    return unreadable(exc)
+            for attempt in range(cfg.max_retries + 1):
+                if breaker.open:
+                    last_error = last_error or f"{prov.name}: circuit open ({breaker.reason})"
+                    break
+                if prov.paid:  # the template costs nothing and is not paced
+                    limiters[prov.name].acquire()
+                started = time.monotonic()
+                try:
+                    result = prov.caption(image, rec)
+                except Exception as exc:  # every failure is classified; none stops the run
+                    latency = time.monotonic() - started
+                    kind = classify(exc)
+                    will_retry = kind == RETRY and attempt < cfg.max_retries
+                    log.add(
+                        frame_id=fid,
+                        provider=prov.name,
+                        model=prov.model,
+                        attempt=attempt,
+                        outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
+                        error=short_error(exc),
+                        latency_s=latency,
+                    )
+                    if will_retry:
+                        sleep(jitter(attempt))
+                        continue
+                    breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
+                    last_error = f"{prov.name}: {short_error(exc)}"
+                    break
+                latency = time.monotonic() - started
+                if prov.paid:
+                    # Paid for: into the cache before anything else can go wrong.
+                    cache.set(
+                        key,
+                        {
+                            "caption": result.caption,
+                            "tags": list(result.tags),
+                            "latency_s": latency,
+                            "input_tokens": result.input_tokens,
+                            "output_tokens": result.output_tokens,
+                            "ts": datetime.now(UTC).isoformat(),
+                        },
+                    )
+                breaker.success()
+                log.add(
+                    frame_id=fid,
+                    provider=prov.name,
+                    model=prov.model,
+                    attempt=attempt,
+                    outcome="ok",
+                    latency_s=latency,
+                    input_tokens=result.input_tokens,
+                    output_tokens=result.output_tokens,
+                )
+                return row(
+                    fid,
+                    caption=result.caption,
+                    tags=list(result.tags),
+                    provider=prov.name,
+                    model=prov.model,
+                    status="ok",
+                    latency_s=latency,
+                    input_tokens=result.input_tokens,
+                    output_tokens=result.output_tokens,
+                )
+        return row(fid, status="failed", error=last_error or "no provider could caption the frame")
+
+    records = list(facts.iter_rows(named=True))
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(records), desc="captions", unit="frame", disable=not progress)
+    pfile = ProgressFile(progress_path, "captions", len(records), "frame")
+    try:
+        workers = cfg.concurrency if any(p.paid for p in providers) else 1
+        if workers == 1:
+            for rec in records:
+                rows.append(one(rec))
+                bar.update(1)
+                pfile.update(len(rows))
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
+            try:
+                futures = [pool.submit(one, rec) for rec in records]
+                for fut in as_completed(futures):
+                    rows.append(fut.result())
+                    bar.update(1)
+                    pfile.update(len(rows))
+            except BaseException:
+                # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
+                # still queued must not go on being asked (and paid for) behind the error.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+    finally:
+        bar.close()
+        pfile.close()
+    captions = pl.DataFrame(rows, schema=CAPTION_SCHEMA).sort("frame_id")
+    calls = pl.DataFrame(log.rows, schema=CALL_SCHEMA) if log.rows else pl.DataFrame(schema=CALL_SCHEMA)
+    return CaptionRun(captions, calls, {n: b.reason for n, b in breakers.items() if b.open})
+
+
+def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
+    """Per provider: requests made, failures, retries, cache hits, latency and tokens."""
+    real = pl.col("outcome").is_in(["ok", "retry", "failed", "down"])
+    return (
+        calls.filter(pl.col("provider") != "-")
+        .group_by("provider", "model")
+        .agg(
+            real.sum().alias("requests"),
+            (pl.col("outcome") == "ok").sum().alias("answered"),
+            pl.col("outcome").is_in(["retry", "failed", "down"]).sum().alias("failures"),
+            (pl.col("outcome") == "retry").sum().alias("retries"),
+            (pl.col("outcome") == "cached").sum().alias("cache_hits"),
+            pl.col("latency_s").filter(real).mean().alias("mean_latency_s"),
+            pl.col("latency_s").filter(real).quantile(0.95).alias("p95_latency_s"),
+            pl.col("input_tokens").sum().alias("input_tokens"),
+            pl.col("output_tokens").sum().alias("output_tokens"),
+        )
+        .sort("provider")
+    )
+
+
+def cache_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
+    """``captioning.cache_dir`` or ``<run>/cache/captions``."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "cache" / "captions"
+
+
+@dataclass
+class CaptionsResult:
+    """What the stage returns to :func:`diffusion_bunny.stages.run_stage`."""
+
+    captions: pl.DataFrame
+    calls: pl.DataFrame
+    counts: dict[str, Any]
+    warnings: list[str]
+    facts: dict[str, Any]
+
+
+def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
+    """SHA-256 of every frame file (the cache key: the same file is the same question), None for
+    a file that cannot be read. Read once per run, before anything is asked."""
+    import hashlib
+
+    out: dict[str, str | None] = {}
+    for rec in facts.iter_rows(named=True):
+        try:
+            data = frame_image_path(run_dir, rec["frame_id"], rec["path"]).read_bytes()
+        except OSError:
+            out[rec["frame_id"]] = None
+            continue
+        out[rec["frame_id"]] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _uncached(
+    facts: pl.DataFrame,
+    hashes: dict[str, str | None],
+    providers: list[Provider],
+    cfg: CaptioningConfig,
+    cache: CaptionCache,
+) -> int:
+    """Frames the first paid provider of the chain has no cached answer for."""
+    paid = [p for p in providers if p.paid]
+    if not paid:
+        return 0
+    first = paid[0]
+    missing = 0
+    for rec in facts.iter_rows(named=True):
+        sha = hashes.get(rec["frame_id"])
+        if sha is None:
+            continue
+        if (
+            cache.get(
+                CaptionCache.key(sha, first.name, first.model, rec, cfg.trigger_word, cfg.image_max_side)
+            )
+            is None
+        ):
+            missing += 1
+    return missing
+
+
+def captions_stage(
+    run_dir: Path,
+    frames: pl.DataFrame,
+    cfg: CaptioningConfig,
+    *,
+    quality: pl.DataFrame | None = None,
+    faces: pl.DataFrame | None = None,
+    shots: pl.DataFrame | None = None,
+    clusters: pl.DataFrame | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    progress_path: Path | None = None,
+    bedrock_client: Any | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CaptionsResult:
+    """Stage 05: build the providers (keys checked), check the servers when there is anything
+    to ask, caption, then put every edit a person made back on top."""
+    run_dir = Path(run_dir)
+    facts = caption_facts(frames, cfg, quality=quality, faces=faces, shots=shots, clusters=clusters)
+    if not facts.height:
+        raise StageError(
+            "no frames to caption: stage 02 kept none (see tables/quality.parquet's reject_reason); "
+            "loosen the filtering thresholds or set captioning.frames: all"
+        )
+    providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
+    cache = CaptionCache(cache_dir(run_dir, cfg))
+    try:
+        # Hashes only matter to the cache of paid providers: a template run reads no frame file.
+        hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
+        to_ask = _uncached(facts, hashes, providers, cfg, cache)
+        if to_ask:
+            for prov in providers:
+                if prov.paid:
+                    prov.preflight()
+        result = caption_frames(
+            run_dir,
+            facts,
+            providers,
+            cfg,
+            cache,
+            hashes,
+            seed=seed,
+            progress=progress,
+            progress_path=progress_path,
+            sleep=sleep,
+        )
+    finally:
+        cache.close()
+    captions = result.captions
+    paid = [p.name for p in providers if p.paid]
+    ok = captions.filter(pl.col("status") == "ok")
+    failed = captions.filter(pl.col("status") == "failed")
+    if not ok.height and failed.height:
+        first = failed["error"][0]
+        raise ProviderError(
+            f"no frame could be captioned ({failed.height} failed; first: {first}); fix the provider "
+            "or add template to captioning.fallback. Answers already received are cached and will not "
+            "be paid again"
+        )
+    with captions_lock(run_dir):
+        captions = apply_edits(captions, read_edits(run_dir))
+    counts = {
+        "frames": captions.height,
+        "captioned": int(captions["caption"].is_not_null().sum()),
+        "failed": failed.height,
+        "edited": int((captions["status"] == "edited").sum()),
+        **{f"by_{k}": v for k, v in captions.group_by("provider").len().iter_rows() if k},
+        "paid_requests": int(
+            result.calls.filter(pl.col("provider").is_in(paid))["outcome"]
+            .is_in(["ok", "retry", "failed", "down"])
+            .sum()
+        ),
+        "cache_hits": int((result.calls["outcome"] == "cached").sum()),
+    }
+    warnings = []
+    if failed.height:
+        warnings.append(
+            f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}); rerun stage captions "
+            "with --force to retry them (answers already received are cached and not paid again)"
+        )
+    for name, reason in result.breakers.items():
+        warnings.append(
+            f"provider {name}'s circuit opened ({reason}); later frames went to the next provider"
+        )
+    return CaptionsResult(
+        captions=captions,
+        calls=result.calls,
+        counts=counts,
+        warnings=warnings,
+        facts={
+            "prompt_version": PROMPT_VERSION,
+            "chain": [f"{p.name}:{p.model}" for p in providers],
+            "asked": to_ask,
+            "open_circuits": result.breakers,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A person's edits
+
+
+def _edits_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "tables" / "caption_edits.parquet"
+
+
+@contextmanager
+def captions_lock(run_dir: str | Path) -> Iterator[None]:
+    """A file lock around the captions and edits tables, so an edit from the notebook and a
+    stage run in another process never lose each other's writes."""
+    from filelock import FileLock
+
+    path = Path(run_dir) / "tables" / ".captions.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=120):
+        yield
+
+
+def read_edits(run_dir: str | Path) -> pl.DataFrame:
+    """Every edit so far (empty table with the schema when there are none)."""
+    path = _edits_path(Path(run_dir))
+    if not path.is_file():
+        return pl.DataFrame(schema=EDIT_SCHEMA)
+    return pl.read_parquet(path)
+
+
+def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
+    """Record a person's caption for one frame and update the ``captions`` table at once.
+
+    The edit goes to the append-only ``caption_edits`` table first (the stage re-applies it
+    after any rerun), then into ``captions``; both under :func:`captions_lock`. Returns the
+    updated captions table.
+    """
+    run_dir = Path(run_dir)
+    text = " ".join(str(caption).split())
+    if not text:
+        raise BadInputError(f"the caption of {frame_id} is empty; type a caption (or leave it as it was)")
+    captions_path = run_dir / "tables" / "captions.parquet"
+    with captions_lock(run_dir):
+        if not captions_path.is_file():
+            raise BadInputError(f"no captions in {run_dir}; run stage captions first")
+        captions = pl.read_parquet(captions_path)
+        if frame_id not in set(captions["frame_id"].to_list()):
+            raise BadInputError(
+                f"frame {frame_id} has no caption row in {run_dir}; pick a frame from the table"
+            )
+        row = pl.DataFrame(
+            {
+                "event_id": [uuid.uuid4().hex],
+                "ts": [datetime.now(UTC)],
+                "frame_id": [frame_id],
+                "caption": [text],
+            },
+            schema=EDIT_SCHEMA,
+        )
+        edits = pl.concat([read_edits(run_dir), row])
+        atomic_write_parquet(_edits_path(run_dir), edits)
+        captions = apply_edits(captions, row)
+        atomic_write_parquet(captions_path, captions)
+    return captions

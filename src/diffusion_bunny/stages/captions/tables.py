@@ -1,0 +1,92 @@
+"""Stage 05's tables as other stages rely on them: ``captions`` (and which captions a dataset may
+use), the append-only ``caption_edits``, and the edits applied over a run's captions."""
+
+from __future__ import annotations
+
+import polars as pl
+
+#: Columns of the ``captions`` table (the contract other stages rely on).
+CAPTION_SCHEMA: dict[str, pl.DataType] = {
+    "frame_id": pl.String,
+    "caption": pl.String,
+    "tags": pl.List(pl.String),
+    "provider": pl.String,
+    "model": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+    "prompt_version": pl.String,
+    "latency_s": pl.Float64,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+}
+
+EDIT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String,
+    "ts": pl.Datetime("us", "UTC"),
+    "frame_id": pl.String,
+    "caption": pl.String,
+}
+
+
+def apply_edits(captions: pl.DataFrame, edits: pl.DataFrame) -> pl.DataFrame:
+    """Captions with each frame's latest edit in place (``status edited``; ``provider`` and
+    ``model`` stay those of the caption the person started from)."""
+    if not edits.height:
+        return captions
+    latest = (
+        edits.sort("ts").unique("frame_id", keep="last").select("frame_id", pl.col("caption").alias("_edit"))
+    )
+    out = captions.join(latest, on="frame_id", how="left")
+    edited = pl.col("_edit").is_not_null()
+    return out.with_columns(
+        pl.when(edited).then(pl.col("_edit")).otherwise(pl.col("caption")).alias("caption"),
+        pl.when(edited).then(pl.lit("edited")).otherwise(pl.col("status")).alias("status"),
+        pl.when(edited).then(pl.lit(None, pl.String)).otherwise(pl.col("error")).alias("error"),
+    ).drop("_edit")
+
+
+#: Caption statuses a dataset may use (the contract): written by a provider, or by a person.
+USABLE_STATUSES = ("ok", "edited")
+
+
+def usable_captions(captions: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``captions`` a dataset can use: caption set and not blank, status ``ok`` or
+    ``edited``. Stage 06 exports exactly these; the report and the plots count them."""
+    return captions.filter(
+        pl.col("caption").is_not_null()
+        & (pl.col("caption").str.strip_chars() != "")
+        & pl.col("status").is_in(USABLE_STATUSES)
+    )
+
+
+def caption_lengths(captions: pl.DataFrame) -> pl.DataFrame:
+    """Words and characters per usable caption (for the length plots of notebooks 05 and 09)."""
+    return usable_captions(captions).select(
+        "frame_id",
+        "provider",
+        "status",
+        pl.col("caption")
+        .str.split(" ")
+        .list.eval(pl.element().filter(pl.element() != ""))
+        .list.len()
+        .alias("words"),
+        pl.col("caption").str.len_chars().alias("chars"),
+    )
+
+
+def word_frequencies(captions: pl.DataFrame, *, top: int = 25, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The most frequent words across captions (lower-cased, punctuation stripped)."""
+    usable = captions.filter(pl.col("caption").is_not_null())
+    words = (
+        usable.select(pl.col("caption").str.to_lowercase().str.replace_all(r"[^\w\s:+-]", " ").str.split(" "))
+        .explode("caption")
+        .filter(pl.col("caption").str.len_chars() > 1)
+        .filter(~pl.col("caption").is_in(list(skip)))
+    )
+    return (
+        words.group_by("caption")
+        .len()
+        .rename({"caption": "word", "len": "count"})
+        .sort(["count", "word"], descending=[True, False])
+        .head(top)
+    )

@@ -1,0 +1,289 @@
+"""Stage 03's pure half: encodings to names, without touching a detector.
+
+Per-character thresholds from the references, open-set identification, tracks that follow one
+person through a shot, majority votes along a track, clusters of the unknown faces; naming a
+cluster or changing a threshold re-labels a run in well under a second."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from diffusion_bunny.config import CharactersConfig
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.models.faces import ReferenceSet, face_distances
+from diffusion_bunny.stages.characters.tables import FACES_SCHEMA
+
+
+def character_thresholds(refs: ReferenceSet, cfg: CharactersConfig) -> dict[str, float]:
+    """Each character's acceptance distance.
+
+    The default is ``tolerance`` (0.6, face_recognition's own). A character with several
+    references gets a tighter one where its references agree closely: the largest distance
+    between two of its own references plus ``threshold_margin``, never under ``min_threshold``
+    nor over ``tolerance``. A consistent reference set (one actor, similar light) then rejects
+    look-alikes its loose default would accept, while a varied set keeps the full tolerance.
+    """
+    out: dict[str, float] = {}
+    for index, name in enumerate(refs.names):
+        own = refs.encodings[refs.owners == index]
+        threshold = cfg.tolerance
+        if cfg.adaptive_thresholds and len(own) >= 2:
+            spread = float(face_distances(own, own).max())
+            threshold = min(cfg.tolerance, max(cfg.min_threshold, spread + cfg.threshold_margin))
+        out[name] = round(threshold, 4)
+    return out
+
+
+@dataclass(frozen=True)
+class Identification:
+    """Per face: the accepted character (or None), and the nearest character with its distance."""
+
+    character: list[str | None]
+    nearest: list[str | None]
+    nearest_distance: np.ndarray
+    threshold: np.ndarray
+
+
+def identify(encodings: np.ndarray, refs: ReferenceSet, thresholds: dict[str, float]) -> Identification:
+    """Open-set nearest-reference identification: a face takes the character whose nearest
+    reference is closest, if that distance is within the character's threshold; else unknown."""
+    n = len(encodings)
+    if n == 0 or len(refs) == 0:
+        return Identification([None] * n, [None] * n, np.full(n, np.nan), np.full(n, np.nan))
+    dist = face_distances(np.asarray(encodings, np.float32), refs.encodings)
+    per_char = np.stack([dist[:, refs.owners == i].min(axis=1) for i in range(len(refs.names))], axis=1)
+    best = per_char.argmin(axis=1)
+    best_dist = per_char[np.arange(n), best]
+    limits = np.asarray([thresholds[refs.names[i]] for i in best])
+    nearest = [refs.names[i] for i in best]
+    character = [name if d <= t else None for name, d, t in zip(nearest, best_dist, limits, strict=True)]
+    return Identification(character, nearest, best_dist.astype(np.float64), limits.astype(np.float64))
+
+
+def distances_to(encodings: np.ndarray, refs: ReferenceSet, name: str) -> np.ndarray:
+    """Distance of each encoding to the nearest reference of ``name``."""
+    own = refs.encodings[refs.owners == refs.names.index(name)]
+    return face_distances(np.asarray(encodings, np.float32), own).min(axis=1)
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (top, right, bottom, left) boxes."""
+    top, bottom = max(a[0], b[0]), min(a[2], b[2])
+    left, right = max(a[3], b[3]), min(a[1], b[1])
+    inter = max(0, bottom - top) * max(0, right - left)
+    area = (a[2] - a[0]) * (a[1] - a[3]) + (b[2] - b[0]) * (b[1] - b[3]) - inter
+    return inter / area if area > 0 else 0.0
+
+
+def link_tracks(
+    shot_ids: list[int],
+    frame_indices: list[int],
+    boxes: list[tuple[int, int, int, int]],
+    encodings: np.ndarray,
+    *,
+    max_distance: float,
+    min_iou: float,
+) -> list[int]:
+    """Track id per face: faces of one shot in consecutive sampled frames that are the same
+    person (encodings within ``max_distance``, boxes overlapping by at least ``min_iou``) are
+    linked, one-to-one, closest pairs first, and a track is a chain of such links.
+
+    Sampled frames can be seconds apart, so the encoding is the main evidence and the box only a
+    guard (``min_iou`` 0 turns it off); a face never links to two faces of one frame.
+    """
+    n = len(boxes)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_frame: dict[tuple[int, int], list[int]] = {}
+    for i, (shot, index) in enumerate(zip(shot_ids, frame_indices, strict=True)):
+        by_frame.setdefault((shot, index), []).append(i)
+    keys = sorted(by_frame)
+    for prev, cur in itertools.pairwise(keys):
+        if prev[0] != cur[0]:
+            continue
+        a, b = by_frame[prev], by_frame[cur]
+        dist = face_distances(encodings[a], encodings[b])
+        pairs = sorted((float(dist[i, j]), i, j) for i in range(len(a)) for j in range(len(b)))
+        used_a: set[int] = set()
+        used_b: set[int] = set()
+        for d, i, j in pairs:
+            if d > max_distance or i in used_a or j in used_b:
+                continue
+            if box_iou(boxes[a[i]], boxes[b[j]]) < min_iou:
+                continue
+            used_a.add(i)
+            used_b.add(j)
+            parent[find(b[j])] = find(a[i])
+    roots: dict[int, int] = {}
+    return [roots.setdefault(find(i), len(roots)) for i in range(n)]
+
+
+def vote_tracks(
+    tracks: list[int], characters: list[str | None], distances: np.ndarray
+) -> tuple[list[str | None], list[int]]:
+    """One identity per track by majority vote over its faces (unknown counts as a vote).
+
+    A tie between a name and unknown goes to the name: a match within a character's threshold is
+    positive evidence, an unknown only the absence of it (a turned head, motion blur). A tie
+    between two names goes to the one with the smaller mean distance. Returns the voted character
+    per face and the number of faces in each face's track.
+    """
+    members: dict[int, list[int]] = {}
+    for i, track in enumerate(tracks):
+        members.setdefault(track, []).append(i)
+    voted: list[str | None] = list(characters)
+    sizes = [0] * len(tracks)
+    for faces in members.values():
+        counts = Counter(characters[i] for i in faces)
+        top = max(counts.values())
+        tied = [name for name, count in counts.items() if count == top]
+        named = [name for name in tied if name is not None]
+        if named:
+            winner: str | None = min(
+                named, key=lambda name: float(np.mean([distances[i] for i in faces if characters[i] == name]))
+            )
+        else:
+            winner = None
+        for i in faces:
+            voted[i] = winner
+            sizes[i] = len(faces)
+    return voted, sizes
+
+
+def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
+    """Cluster faces with dlib's Chinese whispers on their tracks' mean encodings, so the faces of
+    one track always share a cluster. Clusters are numbered by size, largest first (0, 1, ...).
+
+    Chinese whispers needs no number of clusters and finds singletons as their own clusters; dlib
+    ships it next to the descriptor it was designed for, with the same 0.5-0.6 edge threshold.
+    """
+    if len(encodings) == 0:
+        return []
+    import dlib
+
+    track_ids = sorted(set(tracks))
+    tracks_arr = np.asarray(tracks)
+    means = [encodings[tracks_arr == t].mean(axis=0) for t in track_ids]
+    labels = dlib.chinese_whispers_clustering(
+        [dlib.vector(m.astype(float).tolist()) for m in means], threshold
+    )
+    per_track = dict(zip(track_ids, labels, strict=True))
+    sizes = Counter(per_track[t] for t in tracks)
+    order = {
+        label: rank for rank, (label, _) in enumerate(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
+    }
+    return [order[per_track[t]] for t in tracks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelling (pure)
+
+
+def label_faces(
+    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersConfig
+) -> pl.DataFrame:
+    """The ``faces`` table: detections with identity, track and cluster columns.
+
+    * ``raw_character``: the face's own open-set match (None when no character is within its
+      threshold), ``nearest`` / ``nearest_distance`` the closest character whatever the distance;
+    * ``character``: the identity of the face's track by majority vote, ``distance`` its distance
+      to that character's nearest reference (both null when unknown);
+    * ``low_confidence``: named, but within ``low_confidence_margin`` of the threshold or only by
+      the vote of its track; the notebook marks these for a person to check;
+    * ``cluster``: ``cluster_NN`` for the faces nobody could name (largest cluster first).
+    """
+    base = detections.join(
+        frames.select("frame_id", "shot_id", "frame_index", "timestamp_s"), on="frame_id", how="left"
+    ).sort("frame_index", "face_id")
+    n = base.height
+    if n == 0:
+        return pl.DataFrame(schema=FACES_SCHEMA)
+    enc = np.asarray(base["embedding"].to_list(), dtype=np.float32).reshape(n, -1)
+    thresholds = character_thresholds(refs, cfg)
+    idn = identify(enc, refs, thresholds)
+    boxes = list(zip(base["top"], base["right"], base["bottom"], base["left"], strict=True))
+    tracks = link_tracks(
+        base["shot_id"].fill_null(-1).to_list(),
+        base["frame_index"].fill_null(-1).to_list(),
+        boxes,
+        enc,
+        max_distance=cfg.track_distance,
+        min_iou=cfg.track_iou,
+    )
+    voted, sizes = vote_tracks(tracks, idn.character, idn.nearest_distance)
+
+    distance = np.full(n, np.nan)
+    threshold = np.full(n, np.nan)
+    for name in {v for v in voted if v is not None}:
+        mask = np.asarray([v == name for v in voted])
+        distance[mask] = distances_to(enc[mask], refs, name)
+        threshold[mask] = thresholds[name]
+    named = ~np.isnan(distance)
+    low = named & (
+        (distance > threshold - cfg.low_confidence_margin)
+        | np.asarray([v != r for v, r in zip(voted, idn.character, strict=True)])
+    )
+    cluster: list[str | None] = [None] * n
+    unknown = np.flatnonzero(~named)
+    if unknown.size:
+        labels = cluster_faces(enc[unknown], [tracks[i] for i in unknown], cfg.cluster_threshold)
+        for i, label in zip(unknown, labels, strict=True):
+            cluster[i] = f"cluster_{label:02d}"
+    return base.with_columns(
+        pl.Series("character", voted, dtype=pl.Utf8),
+        pl.Series("distance", np.where(named, distance, np.nan)).fill_nan(None),
+        pl.Series("raw_character", idn.character, dtype=pl.Utf8),
+        pl.Series("nearest", idn.nearest, dtype=pl.Utf8),
+        pl.Series("nearest_distance", idn.nearest_distance, dtype=pl.Float64).fill_nan(None),
+        pl.Series("threshold", threshold, dtype=pl.Float64).fill_nan(None),
+        pl.Series("low_confidence", low, dtype=pl.Boolean),
+        pl.Series("track_id", tracks, dtype=pl.Int64),
+        pl.Series("track_size", sizes, dtype=pl.Int64),
+        pl.Series("cluster", cluster, dtype=pl.Utf8),
+    ).select(list(FACES_SCHEMA))
+
+
+def frame_face_sharpness(faces: pl.DataFrame) -> pl.DataFrame:
+    """``frame_id, face_sharpness``: the sharpness of each frame's largest face (the subject)."""
+    return (
+        faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
+        .sort("_h", descending=True)
+        .group_by("frame_id", maintain_order=True)
+        .first()
+        .select("frame_id", pl.col("sharpness").alias("face_sharpness"))
+    )
+
+
+def fill_face_sharpness(quality: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
+    """Stage 02's table with ``face_sharpness`` set from stage 03's faces (null without a face)."""
+    return (
+        quality.drop("face_sharpness", strict=False)
+        .join(frame_face_sharpness(faces), on="frame_id", how="left")
+        .select(
+            quality.columns if "face_sharpness" in quality.columns else [*quality.columns, "face_sharpness"]
+        )
+    )
+
+
+def frames_to_scan(frames: pl.DataFrame, quality: pl.DataFrame | None, cfg: CharactersConfig) -> pl.DataFrame:
+    """The frames stage 03 looks at: those stage 02 kept, or all with ``characters.frames: all``."""
+    if cfg.frames == "all":
+        return frames
+    if quality is None:
+        raise StageError(
+            "table 'quality' is missing; run stage quality first, or set characters.frames=all "
+            "to look for faces in every extracted frame"
+        )
+    kept = quality.filter(pl.col("keep"))["frame_id"]
+    return frames.filter(pl.col("frame_id").is_in(kept.implode()))

@@ -1,0 +1,454 @@
+"""Stage 03 ``characters``: find every face in the kept frames and say whose it is.
+
+Two halves (DESIGN.md: scores once, thresholds separately):
+
+1. :func:`detect_faces` runs face_recognition's detector and encoder once per frame, on a pool of
+   worker processes (dlib holds the GIL, so threads would run one at a time). Results are cached
+   in the run's own tables: the ``face_frames`` table records, per frame, the detector settings
+   and the file size it was computed with, and a rerun reuses every frame whose entry still
+   matches. Naming a cluster or adding a reference image therefore re-labels a run in seconds.
+2. :func:`label_faces` is a pure function of the encodings, the reference set and the
+   ``characters`` settings: open-set nearest-reference identification with per-character
+   thresholds, tracks through a shot by linking faces of consecutive sampled frames, a majority
+   vote per track, and Chinese-whispers clusters of the faces nobody could name.
+
+Naming a cluster (:func:`name_cluster`, the notebook's naming widget) copies the cluster's best
+face crops into the reference folder as new reference images and re-labels the run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import sys
+import time
+import types
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from diffusion_bunny.config import CharactersConfig
+from diffusion_bunny.errors import UserError
+from diffusion_bunny.models.faces import (
+    DetectSettings,
+    ReferenceSet,
+    detect_and_encode,
+    load_references,
+    read_rgb,
+)
+from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.stages.characters.identify import (
+    character_thresholds,
+    fill_face_sharpness,
+    frames_to_scan,
+    label_faces,
+)
+from diffusion_bunny.stages.characters.tables import (
+    DETECTIONS_SCHEMA,
+    FACE_FRAMES_SCHEMA,
+    character_counts,
+    naming_dir,
+    reference_dir,
+)
+
+#: Below this many frames to do, a process pool costs more to start (a second or two per worker
+#: for the interpreter, face_recognition and its models) than it saves.
+MIN_FRAMES_FOR_POOL = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection (expensive, cached)
+
+
+@contextmanager
+def _workers_without_main_script() -> Iterator[None]:
+    """Start spawn workers without re-running the caller's main script.
+
+    Workers are spawned, not forked: a fork copies whatever locks the parent's other threads hold
+    at that instant (OpenCV's and PyAV's pools, a kernel's zmq threads), and a worker hung on one
+    of them was seen here. But spawn re-imports the main module of the parent in every worker,
+    which re-runs a plain script that calls a stage without an ``if __name__ == "__main__"``
+    guard. The workers need only this module, so the main module is hidden from
+    :mod:`multiprocessing` while they start (``pool.map`` submits every job, and with it starts
+    every worker, inside this block).
+    """
+    main = sys.modules.get("__main__")
+    hide = main is not None and getattr(main, "__file__", None) is not None
+    if hide:
+        sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if hide:
+            sys.modules["__main__"] = main
+
+
+def _init_worker() -> None:
+    # One OpenCV thread per process: the pool already uses every core.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _detect_file(job: tuple[str, str, DetectSettings]) -> tuple[str, str, list[tuple], str | None]:
+    """Worker: detect and encode the faces of one frame file (module level so it pickles)."""
+    frame_id, path, settings = job
+    try:
+        rgb = read_rgb(path)
+        if rgb is None:
+            return frame_id, "failed", [], "missing or not a decodable image"
+        faces = detect_and_encode(rgb, settings)
+    except Exception as exc:  # one bad frame must not cost the stage: logged and skipped
+        return frame_id, "failed", [], f"{type(exc).__name__}: {exc}"
+    faces.sort(key=lambda f: (f.left, f.top))
+    return (
+        frame_id,
+        "ok",
+        [(f.top, f.right, f.bottom, f.left, f.encoding, f.sharpness) for f in faces],
+        None,
+    )
+
+
+def detect_faces(
+    run_dir: Path,
+    frames: pl.DataFrame,
+    settings: DetectSettings,
+    *,
+    workers: int = 0,
+    previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
+    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match."""
+    run_dir = Path(run_dir)
+    key = settings.key()
+    rows = frames.select("frame_id", "path").to_dicts()
+    sizes = {}
+    for row in rows:
+        path = run_dir / row["path"]
+        sizes[row["frame_id"]] = path.stat().st_size if path.is_file() else -1
+
+    cached_ids: set[str] = set()
+    cached_faces = pl.DataFrame(schema=DETECTIONS_SCHEMA)
+    if previous is not None:
+        old_faces, old_frames = previous
+        ok = old_frames.filter(
+            (pl.col("status") == "ok") & (pl.col("detect_key") == key) & pl.col("frame_id").is_in(list(sizes))
+        )
+        cached_ids = {
+            fid for fid, size in zip(ok["frame_id"], ok["file_bytes"], strict=True) if sizes.get(fid) == size
+        }
+        cached_faces = old_faces.filter(pl.col("frame_id").is_in(list(cached_ids))).select(
+            list(DETECTIONS_SCHEMA)
+        )
+
+    todo = [r for r in rows if r["frame_id"] not in cached_ids]
+    n_workers = workers or os.cpu_count() or 1
+    use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
+    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings) for r in todo]
+    results: dict[str, tuple[str, list[tuple], str | None]] = {}
+    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, mininterval=0.5)
+    reporter = ProgressFile(progress_path, "faces", len(jobs), "frame")
+    started = time.perf_counter()
+    try:
+        if use_pool:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker) as pool:
+                with _workers_without_main_script():
+                    iterator = pool.map(
+                        _detect_file, jobs, chunksize=max(1, min(8, len(jobs) // (4 * n_workers)))
+                    )
+                for n, (fid, status, faces, error) in enumerate(iterator, start=1):
+                    results[fid] = (status, faces, error)
+                    bar.update(1)
+                    reporter.update(n)
+        else:
+            for n, job in enumerate(jobs, start=1):
+                fid, status, faces, error = _detect_file(job)
+                results[fid] = (status, faces, error)
+                bar.update(1)
+                reporter.update(n)
+        reporter.update(len(jobs), force=True)
+    finally:
+        bar.close()
+        reporter.close()
+    seconds = time.perf_counter() - started
+
+    new_faces: list[dict[str, Any]] = []
+    status_rows: list[dict[str, Any]] = []
+    cached_counts = cached_faces.group_by("frame_id").len() if cached_faces.height else None
+    cached_n = dict(cached_counts.iter_rows()) if cached_counts is not None else {}
+    for row in rows:
+        fid = row["frame_id"]
+        if fid in cached_ids:
+            status_rows.append(
+                {
+                    "frame_id": fid,
+                    "status": "ok",
+                    "n_faces": cached_n.get(fid, 0),
+                    "error": None,
+                    "detect_key": key,
+                    "file_bytes": sizes[fid],
+                }
+            )
+            continue
+        status, faces, error = results[fid]
+        status_rows.append(
+            {
+                "frame_id": fid,
+                "status": status,
+                "n_faces": len(faces),
+                "error": error,
+                "detect_key": key,
+                "file_bytes": sizes[fid],
+            }
+        )
+        for k, (top, right, bottom, left, enc, sharp) in enumerate(faces):
+            new_faces.append(
+                {
+                    "face_id": f"{fid}_{k:02d}",
+                    "frame_id": fid,
+                    "top": top,
+                    "right": right,
+                    "bottom": bottom,
+                    "left": left,
+                    "embedding": np.asarray(enc, np.float32).tolist(),
+                    "sharpness": float(sharp),
+                }
+            )
+    detections = pl.concat([cached_faces, pl.DataFrame(new_faces, schema=DETECTIONS_SCHEMA)])
+    order = {fid: i for i, fid in enumerate(r["frame_id"] for r in rows)}
+    detections = (
+        detections.with_columns(pl.col("frame_id").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
+        .sort("_o", "face_id")
+        .drop("_o")
+    )
+    facts = {
+        "detect_key": key,
+        "detect_settings": asdict(settings),
+        "workers": n_workers if use_pool else 1,
+        "frames_detected": len(jobs),
+        "frames_cached": len(cached_ids),
+        "detect_seconds": round(seconds, 3),
+        "frames_per_second": round(len(jobs) / seconds, 1) if jobs and seconds > 0 else None,
+    }
+    return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA), facts
+
+
+@dataclass
+class CharactersResult:
+    """What :func:`characters_stage` returns."""
+
+    faces: pl.DataFrame
+    face_frames: pl.DataFrame
+    quality: pl.DataFrame | None
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def characters_stage(
+    run_dir: str | Path,
+    frames: pl.DataFrame,
+    quality: pl.DataFrame | None,
+    cfg: CharactersConfig,
+    *,
+    previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> CharactersResult:
+    """Detect (or reuse), identify, track, vote and cluster: stage 03 without the run bookkeeping."""
+    run_dir = Path(run_dir)
+    settings = DetectSettings.from_config(cfg)
+    scan = frames_to_scan(frames, quality, cfg)
+    ref_dir = reference_dir(run_dir, cfg)
+    warnings: list[str] = []
+    refs = ReferenceSet()
+    if ref_dir is not None:
+        refs, ref_warnings = load_references(ref_dir, settings)
+        warnings.extend(ref_warnings)
+        if len(refs) == 0:
+            warnings.append(
+                f"no usable reference image in {ref_dir}: every face stays unknown and is "
+                "clustered for naming"
+            )
+    detections, face_frames, facts = detect_faces(
+        run_dir,
+        scan,
+        settings,
+        workers=cfg.workers,
+        previous=previous,
+        progress=progress,
+        progress_path=progress_path,
+    )
+    failed = face_frames.filter(pl.col("status") == "failed")
+    if failed.height:
+        first = failed.row(0, named=True)
+        warnings.append(
+            f"{failed.height} frame(s) failed face detection and were skipped (first: "
+            f"{first['frame_id']}: {first['error']}); rerun stage extract with --force if frame "
+            "files are damaged"
+        )
+    faces = label_faces(detections, frames, refs, cfg)
+    per_char = character_counts(faces)
+    counts = {
+        "frames_scanned": scan.height,
+        "frames_failed": failed.height,
+        "frames_with_faces": int(faces["frame_id"].n_unique()) if faces.height else 0,
+        "faces": faces.height,
+        "named_faces": int(faces["character"].is_not_null().sum()),
+        "unknown_faces": int(faces["character"].is_null().sum()),
+        "clusters": int(faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0))
+        if faces.height
+        else 0,
+        "characters": {r["character"]: r["faces"] for r in per_char.iter_rows(named=True)},
+        "references": refs.counts(),
+    }
+    facts.update(
+        {
+            "reference_dir": str(ref_dir) if ref_dir else None,
+            "reference_files": refs.files,
+            "thresholds": character_thresholds(refs, cfg),
+        }
+    )
+    updated = fill_face_sharpness(quality, faces) if quality is not None else None
+    return CharactersResult(faces, face_frames, updated, counts, warnings, facts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming clusters
+
+_NAME = re.compile(r"^[\w][\w .'-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """A character name usable as a folder name, or a user error that says what is allowed."""
+    name = name.strip()
+    if not _NAME.match(name) or name in {"unknown", "noise"}:
+        raise UserError(
+            f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-' or '_' "
+            "(at most 64, not starting with a symbol), and not 'unknown' or 'noise'"
+        )
+    return name
+
+
+def face_crop(rgb: np.ndarray, box: tuple[int, int, int, int], *, margin: float = 0.6, min_face: int = 160):
+    """The face with ``margin`` of its size on every side, scaled so the face is at least
+    ``min_face`` pixels tall: a reference the detector finds again without upsampling tricks."""
+    import cv2
+
+    top, right, bottom, left = box
+    h, w = bottom - top, right - left
+    y0, y1 = max(0, round(top - margin * h)), min(rgb.shape[0], round(bottom + margin * h))
+    x0, x1 = max(0, round(left - margin * w)), min(rgb.shape[1], round(right + margin * w))
+    crop = rgb[y0:y1, x0:x1]
+    if h and h < min_face:
+        scale = min_face / h
+        crop = cv2.resize(
+            crop, (round(crop.shape[1] * scale), round(crop.shape[0] * scale)), interpolation=cv2.INTER_CUBIC
+        )
+    return crop
+
+
+def promote_faces(
+    run_dir: Path,
+    faces: pl.DataFrame,
+    frames: pl.DataFrame,
+    target: Path,
+    settings: DetectSettings,
+    *,
+    max_faces: int = 5,
+) -> list[Path]:
+    """Save the best faces of ``faces`` (sharpest of the largest, one per frame) as reference images
+    in ``target``; only crops in which the detector again finds exactly one face are kept."""
+    import cv2
+
+    paths = dict(frames.select("frame_id", "path").iter_rows())
+    ranked = (
+        faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
+        .sort(["_h", "sharpness"], descending=True)
+        .unique("frame_id", keep="first", maintain_order=True)
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    ref_settings = replace(settings, min_face_px=0)
+    for row in ranked.iter_rows(named=True):
+        if len(written) >= max_faces:
+            break
+        rgb = read_rgb(Path(run_dir) / paths.get(row["frame_id"], ""))
+        if rgb is None:
+            continue
+        crop = face_crop(rgb, (row["top"], row["right"], row["bottom"], row["left"]))
+        if len(detect_and_encode(np.ascontiguousarray(crop), ref_settings)) != 1:
+            continue
+        out = target / f"{row['face_id']}.png"
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        cv2.imwrite(str(tmp), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        os.replace(tmp, out)
+        written.append(out)
+    return written
+
+
+def name_cluster(
+    run_dir: str | Path,
+    cluster: str,
+    name: str,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_faces: int = 5,
+) -> dict[str, Any]:
+    """Name an unknown cluster: its best faces become reference images of ``name`` (in
+    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
+    (detections are reused, so this takes seconds). Returns what changed."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    name = check_name(name)
+    run = Run.open(Path(run_dir))
+    cfg = load_config(config_path, overrides)
+    faces = run.read_table("faces")
+    members = faces.filter(pl.col("cluster") == cluster)
+    if members.height == 0:
+        known = sorted(c for c in faces["cluster"].unique().to_list() if c)
+        raise UserError(
+            f"no unknown faces in cluster {cluster!r} (clusters now: {', '.join(known) or 'none'})"
+        )
+    target = naming_dir(run.run_dir, cfg.characters) / name
+    written = promote_faces(
+        run.run_dir,
+        members,
+        run.read_table("frames"),
+        target,
+        DetectSettings.from_config(cfg.characters),
+        max_faces=max_faces,
+    )
+    if not written:
+        raise UserError(
+            f"no face of {cluster} could serve as a reference (the detector does not find them again "
+            "in a crop); add photos of this person to "
+            f"{target} by hand"
+        )
+    tables = run_stage(run, "characters", cfg, progress=False)
+    after = tables["faces"]
+    member_ids = members["face_id"].implode()
+    return {
+        "cluster": cluster,
+        "character": name,
+        "references_added": [str(p) for p in written],
+        "faces_of_cluster_named": int(
+            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
+        ),
+        "cluster_faces": members.height,
+        "named_faces": int((after["character"] == name).sum()),
+    }

@@ -1,0 +1,119 @@
+"""Stage 03's tables and folders as other stages rely on them: ``faces`` and ``face_frames``, and
+where the reference photos of the characters are (``characters.reference_dir``, else the run's
+``references/``, where naming a cluster writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from diffusion_bunny.config import CharactersConfig, workspace_root
+from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.models.faces import (
+    reference_images,
+)
+
+DETECTIONS_SCHEMA = {
+    "face_id": pl.Utf8,
+    "frame_id": pl.Utf8,
+    "top": pl.Int64,
+    "right": pl.Int64,
+    "bottom": pl.Int64,
+    "left": pl.Int64,
+    "embedding": pl.List(pl.Float32),
+    "sharpness": pl.Float64,
+}
+LABEL_SCHEMA = {
+    "shot_id": pl.Int64,
+    "frame_index": pl.Int64,
+    "timestamp_s": pl.Float64,
+    "character": pl.Utf8,
+    "distance": pl.Float64,
+    "raw_character": pl.Utf8,
+    "nearest": pl.Utf8,
+    "nearest_distance": pl.Float64,
+    "threshold": pl.Float64,
+    "low_confidence": pl.Boolean,
+    "track_id": pl.Int64,
+    "track_size": pl.Int64,
+    "cluster": pl.Utf8,
+}
+FACES_SCHEMA = {**DETECTIONS_SCHEMA, **LABEL_SCHEMA}
+FACE_FRAMES_SCHEMA = {
+    "frame_id": pl.Utf8,
+    "status": pl.Utf8,
+    "n_faces": pl.Int64,
+    "error": pl.Utf8,
+    "detect_key": pl.Utf8,
+    "file_bytes": pl.Int64,
+}
+#: Name of the reference folder inside a run, used when ``characters.reference_dir`` is not set
+#: and a person names a cluster in notebook 03.
+RUN_REFERENCES = "references"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference folder
+
+
+def configured_reference_dir(cfg: CharactersConfig) -> Path | None:
+    """``characters.reference_dir`` as an absolute path (relative ones are under the workspace)."""
+    if not cfg.reference_dir:
+        return None
+    path = Path(cfg.reference_dir).expanduser()
+    return path if path.is_absolute() else workspace_root() / path
+
+
+def reference_dir(run_dir: Path, cfg: CharactersConfig) -> Path | None:
+    """The reference folder in force: the configured one (which must exist), else the run's own
+    ``references/`` once a person has named a cluster, else None (discovery only)."""
+    configured = configured_reference_dir(cfg)
+    if configured is not None:
+        if not configured.is_dir():
+            what = "is not a folder" if configured.exists() else "does not exist"
+            raise BadInputError(
+                f"reference folder {configured} {what} (characters.reference_dir or --characters); "
+                "give a folder with one sub-folder of images per character"
+            )
+        if not any(reference_images(configured).values()):
+            raise BadInputError(
+                f"reference folder {configured} holds no images in character sub-folders; add one "
+                "sub-folder per character (its name is the character's) with photos of that face, "
+                "or unset characters.reference_dir to discover characters without references"
+            )
+        return configured
+    own = Path(run_dir) / RUN_REFERENCES
+    return own if own.is_dir() and any(reference_images(own).values()) else None
+
+
+def naming_dir(run_dir: Path, cfg: CharactersConfig) -> Path:
+    """Where naming a cluster writes its reference images."""
+    return configured_reference_dir(cfg) or Path(run_dir) / RUN_REFERENCES
+
+
+def character_counts(faces: pl.DataFrame) -> pl.DataFrame:
+    """Per character (``unknown`` last): faces, frames, shots and low-confidence faces."""
+    if faces.height == 0:
+        return pl.DataFrame(
+            schema={
+                "character": pl.Utf8,
+                "faces": pl.UInt32,
+                "frames": pl.UInt32,
+                "shots": pl.UInt32,
+                "low_confidence": pl.UInt32,
+            }
+        )
+    return (
+        faces.with_columns(pl.col("character").fill_null("unknown"))
+        .group_by("character")
+        .agg(
+            pl.len().alias("faces"),
+            pl.col("frame_id").n_unique().alias("frames"),
+            pl.col("shot_id").n_unique().alias("shots"),
+            pl.col("low_confidence").sum().cast(pl.UInt32).alias("low_confidence"),
+        )
+        .with_columns((pl.col("character") == "unknown").alias("_u"))
+        .sort("_u", "faces", "character", descending=[False, True, False])
+        .drop("_u")
+    )

@@ -1,0 +1,106 @@
+"""Notebook 03's widget: name the clusters of unknown faces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+import polars as pl
+
+from diffusion_bunny.errors import UserError
+from diffusion_bunny.media.figures import png_bytes
+from diffusion_bunny.pipeline.run import Run
+
+
+class ClusterNamer:
+    """Name the characters stage 03 could not: one row per cluster of unknown faces (largest
+    first) with its faces, a text box and a **name** button.
+
+    Naming copies the cluster's best faces into the reference folder (``characters.reference_dir``,
+    or the run's own ``references/``) and re-labels the run from the stored encodings (no face is
+    detected again), then the rows are rebuilt: faces of other clusters that the new references
+    now match leave the list too. :meth:`name` does the same from Python.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        config_path: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        max_clusters: int = 12,
+        max_faces: int = 16,
+    ):
+        self.run = run
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.max_clusters = max_clusters
+        self.max_faces = max_faces
+        self.status = widgets.HTML()
+        self.rows = widgets.VBox()
+        self.widget = widgets.VBox([self.status, self.rows])
+        self.named: list[dict[str, Any]] = []
+        self.refresh()
+
+    def clusters(self) -> pl.DataFrame:
+        """``cluster, faces, frames`` of the unknown faces, largest cluster first."""
+        faces = self.run.read_table("faces")
+        return (
+            faces.filter(pl.col("cluster").is_not_null())
+            .group_by("cluster")
+            .agg(pl.len().alias("faces"), pl.col("frame_id").n_unique().alias("frames"))
+            .sort(["faces", "cluster"], descending=[True, False])
+        )
+
+    def refresh(self) -> None:
+        """Rebuild one row per cluster from the faces table as it is on disk now."""
+        from diffusion_bunny.stages.characters.plots import face_sheet
+
+        faces = self.run.read_table("faces")
+        frames = self.run.read_table("frames")
+        clusters = self.clusters()
+        children: list[Any] = []
+        for row in clusters.head(self.max_clusters).iter_rows(named=True):
+            cluster = row["cluster"]
+            members = faces.filter(pl.col("cluster") == cluster)
+            sheet = face_sheet(
+                self.run.run_dir, members, frames, group="cluster", max_per_group=self.max_faces, columns=8
+            )
+            text = widgets.Text(placeholder="character name", layout=widgets.Layout(width="220px"))
+            button = widgets.Button(description="name", icon="tag", layout=widgets.Layout(width="90px"))
+            button.on_click(lambda _, c=cluster, t=text: self.name(c, t.value))
+            children.append(
+                widgets.VBox(
+                    [
+                        widgets.HTML(f"<b>{cluster}</b>: {row['faces']} faces in {row['frames']} frames"),
+                        widgets.Image(
+                            value=png_bytes(sheet), format="png", layout=widgets.Layout(max_width="900px")
+                        ),
+                        widgets.HBox([text, button]),
+                    ]
+                )
+            )
+        if clusters.height > self.max_clusters:
+            children.append(widgets.HTML(f"... and {clusters.height - self.max_clusters} smaller clusters"))
+        if not children:
+            children.append(widgets.HTML("every face found has a name; no cluster is left to name"))
+        self.rows.children = children
+
+    def name(self, cluster: str, name: str) -> dict[str, Any] | None:
+        """Name ``cluster`` (as the button does); the result, or None after a user error (shown)."""
+        from diffusion_bunny.stages.characters.stage import name_cluster
+
+        try:
+            result = name_cluster(
+                self.run.run_dir, cluster, name, config_path=self.config_path, overrides=self.overrides
+            )
+        except UserError as exc:
+            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            return None
+        self.named.append(result)
+        self.status.value = (
+            f"named {cluster} <b>{result['character']}</b>: {len(result['references_added'])} reference "
+            f"image(s) added; {result['named_faces']} faces are now {result['character']}"
+        )
+        self.refresh()
+        return result

@@ -1,0 +1,397 @@
+"""The rules of stage 06 (``export``): which pictures a LoRA dataset gets, how they are cropped,
+split and balanced. Pure functions over the run's tables, so tests and notebook 06 can look at a
+plan before any image is written.
+
+* **Items.** Every frame stage 02 kept that has a usable caption (``caption`` set and ``status``
+  ``ok`` or ``edited``: a failed caption would teach the model nothing) gives a ``full`` picture;
+  every named face of such a frame can also give a ``face`` crop (a square centred on stage 03's
+  box, with ``export.face_margin`` around it) and a ``half_body`` crop (``half_body_face_heights``
+  face heights tall, ``half_body_aspect`` wide, half a face height of head room). Crops are
+  clamped to the frame: shifted inside it first, shrunk only when the frame is too small.
+  An item's ``characters`` are the named faces whose box centre lies inside its crop.
+* **Split.** Validation takes whole groups of shots: frames of one shot are near copies of each
+  other, and a shot the movie cuts back to (same set-up: perceptual hashes within
+  ``split_phash_distance`` bits) joins the same group, so near-identical pictures never sit on
+  both sides. Groups are drawn in a seeded order until the validation share is reached, never
+  taking a character's last training pictures.
+* **Balance.** kohya repeats a folder ``<repeats>`` times per epoch. A concept (the characters of
+  a picture, joined by ``+``) with fewer training pictures gets more repeats, so each contributes
+  about as many steps as the largest one, capped by ``max_repeats``; pictures without a named
+  character keep ``base_repeats`` (they teach the style, not a person).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diffusion_bunny.config import ExportConfig
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
+
+
+@dataclass
+class ExportPlan:
+    """What the export will write: one row per picture, with split, repeats and file name."""
+
+    items: pl.DataFrame
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def clamp_box(cx: float, cy: float, w: float, h: float, width: int, height: int) -> Box:
+    """A ``w`` x ``h`` box centred on (``cx``, ``cy``), shrunk (keeping its aspect) only if the
+    frame is smaller, then shifted to lie inside the ``width`` x ``height`` frame."""
+    scale = min(1.0, width / w, height / h)
+    w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    left = min(max(round(cx - w / 2), 0), width - w)
+    top = min(max(round(cy - h / 2), 0), height - h)
+    return left, top, left + w, top + h
+
+
+def face_box(face: Box, width: int, height: int, margin: float) -> Box | None:
+    """A square around the face with ``margin`` x its size on every side, inside the frame; None
+    when the frame cannot hold the whole face in a square (a face larger than the frame's short
+    side)."""
+    left, top, right, bottom = face
+    size = max(right - left, bottom - top)
+    if size > min(width, height):
+        return None
+    side = size * (1 + 2 * margin)
+    return clamp_box((left + right) / 2, (top + bottom) / 2, side, side, width, height)
+
+
+def half_body_box(face: Box, width: int, height: int, face_heights: float, aspect: float) -> Box | None:
+    """A portrait box ``face_heights`` face heights tall and ``aspect`` x as wide, the face at the
+    top (half a face height of head room), inside the frame. Shrunk to fit, keeping the face at
+    the top; None when it would then hold less than two face heights (it would be a face crop)."""
+    left, top, right, bottom = face
+    face_h = bottom - top
+    h = face_h * face_heights
+    w = h * aspect
+    scale = min(1.0, width / w, height / h)
+    if h * scale < 2 * face_h:
+        return None
+    h, w = h * scale, w * scale
+    cy = top - 0.5 * face_h * scale + h / 2
+    return clamp_box((left + right) / 2, cy, w, h, width, height)
+
+
+def crop_caption(caption: str, tag: str) -> str:
+    """The frame's caption for a crop: ``tag`` (``close-up``, ``upper body``) added at the end,
+    since the frame's caption describes the framing of the whole frame."""
+    if not tag:
+        return caption
+    return f"{caption.rstrip(' ,.;')}, {tag}"
+
+
+def concept_of(characters: list[str], unnamed: str) -> str:
+    """kohya concept of a picture: its characters joined by ``+`` (names cannot hold ``+``), or
+    ``unnamed`` when it shows none."""
+    return "+".join(sorted(characters)) if characters else unnamed
+
+
+def _inside(face: Box, box: Box) -> bool:
+    cx, cy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+
+
+def select_items(
+    frames: pl.DataFrame,
+    quality: pl.DataFrame,
+    faces: pl.DataFrame | None,
+    captions: pl.DataFrame,
+    cfg: ExportConfig,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The pictures to export (``ITEM_SCHEMA``) and counts of what was left out and why.
+
+    Raises one :class:`StageError` when nothing can be exported (no kept frame, no usable caption,
+    or settings that leave no picture), before anything is written.
+    """
+    kept = quality.filter(pl.col("keep")).select("frame_id")
+    if kept.is_empty():
+        raise StageError(
+            f"no frame to export: stage 02 kept none of the {quality.height} frames; loosen the "
+            "filtering.* thresholds (notebook 02) and rerun stage quality"
+        )
+    kept_caps = captions.join(kept, on="frame_id", how="semi")
+    usable = usable_captions(kept_caps).select("frame_id", pl.col("caption").str.strip_chars())
+    if usable.is_empty():
+        failed = int((kept_caps["status"] == "failed").sum()) if kept_caps.height else 0
+        raise StageError(
+            f"no frame to export: none of the {kept.height} kept frames has a usable caption "
+            f"({kept_caps.height} captioned, {failed} failed; usable = caption set and status ok or "
+            "edited); check the captioning.* settings and rerun stage captions (notebook 05)"
+        )
+    rows = frames.join(usable, on="frame_id").sort("frame_index")
+    by_frame: dict[str, list[dict[str, Any]]] = {}
+    if faces is not None and faces.height:  # no faces table: stage 03 did not run
+        named = faces.filter(pl.col("character").is_not_null()).sort("face_id")
+        for face in named.iter_rows(named=True):
+            by_frame.setdefault(face["frame_id"], []).append(face)
+
+    items: list[dict[str, Any]] = []
+    counts = {"kept_frames": kept.height, "captioned_frames": rows.height, "small_faces": 0, "no_room": 0}
+    counts["uncaptioned_frames"] = kept.height - rows.height
+    counts["unnamed_frames_dropped"] = 0
+    for frame in rows.iter_rows(named=True):
+        width, height = frame["width"], frame["height"]
+        frame_faces = by_frame.get(frame["frame_id"], [])
+        boxes = [(f, (f["left"], f["top"], f["right"], f["bottom"])) for f in frame_faces]
+        base = {
+            "frame_id": frame["frame_id"],
+            "frame_index": frame["frame_index"],
+            "shot_id": frame["shot_id"],
+            "path": frame["path"],
+        }
+
+        def add(crop: str, box: Box, face_id: str | None, text: str, *, base=base, boxes=boxes) -> None:
+            chars = sorted({f["character"] for f, fb in boxes if _inside(fb, box)})
+            concept = concept_of(chars, cfg.unnamed_concept)
+            left, top, right, bottom = box
+            items.append(
+                {
+                    **base,
+                    "face_id": face_id,
+                    "crop": crop,
+                    "characters": chars,
+                    "concept": concept,
+                    "text": text,
+                    "left": left,
+                    "top": top,
+                    "right": right,
+                    "bottom": bottom,
+                }
+            )
+
+        if "full" in cfg.crops:
+            if boxes or cfg.include_unnamed:
+                add("full", (0, 0, width, height), None, frame["caption"])
+            else:
+                counts["unnamed_frames_dropped"] += 1
+        for face, fb in boxes:
+            wanted = [c for c in ("face", "half_body") if c in cfg.crops]
+            if not wanted:
+                break
+            if fb[3] - fb[1] < cfg.min_face_px:
+                counts["small_faces"] += 1
+                continue
+            for crop in wanted:
+                if crop == "face":
+                    box = face_box(fb, width, height, cfg.face_margin)
+                    tag = cfg.face_tag
+                else:
+                    box = half_body_box(fb, width, height, cfg.half_body_face_heights, cfg.half_body_aspect)
+                    tag = cfg.half_body_tag
+                if box is None:
+                    counts["no_room"] += 1
+                    continue
+                add(crop, box, face["face_id"], crop_caption(frame["caption"], tag))
+    if not items:
+        raise StageError(
+            f"no picture to export from the {rows.height} captioned frames with export.crops = "
+            f"{list(cfg.crops)}: no named face of at least export.min_face_px ({cfg.min_face_px}) px"
+            + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
+            + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
+        )
+    return pl.DataFrame(items, schema=ITEM_SCHEMA), counts
+
+
+def shot_groups(items: pl.DataFrame, quality: pl.DataFrame, distance: int | None) -> dict[int, int]:
+    """Shot id -> group id (the group's smallest shot id). Shots are grouped when two of their
+    frames have perceptual hashes within ``distance`` bits (None: every shot alone)."""
+    shots = sorted(set(items["shot_id"].to_list()))
+    parent = {s: s for s in shots}
+
+    def find(s: int) -> int:
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    if distance is not None and "phash" in quality.columns:
+        frames = (
+            items.select("frame_id", "shot_id")
+            .unique("frame_id")
+            .join(quality.select("frame_id", "phash"), on="frame_id")
+            .filter(pl.col("phash").is_not_null())
+            .sort("frame_id")
+        )
+        hashes = frames["phash"].cast(pl.UInt64).to_numpy()
+        shot_of = frames["shot_id"].to_numpy()
+        for start in range(0, len(hashes), 1024):  # blocked: memory stays small for long movies
+            block = hashes[start : start + 1024, None] ^ hashes[None, :]
+            near = np.argwhere(np.bitwise_count(block) <= distance)
+            for i, j in near:
+                a, b = find(int(shot_of[start + i])), find(int(shot_of[j]))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return {s: find(s) for s in shots}
+
+
+def assign_split(
+    items: pl.DataFrame, groups: dict[int, int], fraction: float, seed: int
+) -> tuple[pl.DataFrame, list[str]]:
+    """Add ``split`` (``train``/``validation``): whole groups drawn in a seeded order (those
+    showing a named character first) until the validation share reaches ``fraction`` of the
+    pictures. A group goes to validation only if it brings the share closer to the target (when
+    every group overshoots, the smallest one that holds at most half the pictures), and never
+    when it holds a character's last training pictures or all of them."""
+    items = items.with_columns(
+        pl.col("shot_id").replace_strict(groups, return_dtype=pl.Int64).alias("split_group")
+    )
+    warnings: list[str] = []
+    n = items.height
+    group_ids = sorted(set(groups.values()))
+    validation: set[int] = set()
+    if fraction > 0:
+        target = max(1, round(fraction * n))
+        sizes = dict(items.group_by("split_group").len().iter_rows())
+        per_char = (
+            items.select("split_group", "characters")
+            .explode("characters")
+            .drop_nulls("characters")
+            .group_by("characters", "split_group")
+            .len()
+        )
+        totals = per_char.group_by("characters").agg(pl.col("len").sum())
+        train_left = {c: int(k) for c, k in totals.iter_rows()}
+        chars_in: dict[int, dict[str, int]] = {}
+        for char, group, k in per_char.iter_rows():
+            chars_in.setdefault(group, {})[char] = k
+        taken = 0
+
+        def eligible(group: int) -> bool:
+            # Train keeps at least one picture, and every character at least one training picture.
+            return taken + sizes[group] < n and all(
+                train_left[c] - k > 0 for c, k in chars_in.get(group, {}).items()
+            )
+
+        def take(group: int) -> None:
+            nonlocal taken
+            validation.add(group)
+            taken += sizes[group]
+            for c, k in chars_in.get(group, {}).items():
+                train_left[c] -= k
+
+        order = [group_ids[int(i)] for i in np.random.default_rng(seed).permutation(len(group_ids))]
+        # Groups that show a named character first: validation should measure the characters.
+        order.sort(key=lambda g: g not in chars_in)
+        for group in order:
+            if taken >= target:
+                break
+            if abs(taken + sizes[group] - target) < abs(taken - target) and eligible(group):
+                take(group)
+        if not validation:  # every group overshoots: the smallest one, if it is not half the set
+            fallback = sorted((g for g in order if eligible(g)), key=lambda g: sizes[g])
+            if fallback and sizes[fallback[0]] <= n / 2:
+                take(fallback[0])
+        if not validation:
+            warnings.append(
+                f"no validation pictures: the {len(group_ids)} group(s) of shots cannot be split without "
+                "taking all of the pictures (or all of a character's); export.validation_fraction "
+                f"= {fraction} asks for {target}"
+            )
+    split = pl.when(pl.col("split_group").is_in(sorted(validation))).then(pl.lit("validation"))
+    return items.with_columns(split.otherwise(pl.lit("train")).alias("split")), warnings
+
+
+def balance_repeats(items: pl.DataFrame, cfg: ExportConfig) -> pl.DataFrame:
+    """Add ``repeats``: per concept over the training pictures, ``base_repeats`` x (pictures of the
+    largest named concept / pictures of this one), rounded, within [base_repeats, max_repeats].
+    Pictures without a named character and validation pictures get ``base_repeats`` / 1."""
+    train = items.filter(pl.col("split") == "train")
+    sizes = dict(train.filter(pl.col("characters").list.len() > 0).group_by("concept").len().iter_rows())
+    largest = max(sizes.values(), default=0)
+    repeats: dict[str, int] = {}
+    for concept, size in sizes.items():
+        ratio = largest / size if cfg.balance else 1.0
+        repeats[concept] = int(min(cfg.max_repeats, max(cfg.base_repeats, round(cfg.base_repeats * ratio))))
+    column = (
+        pl.when(pl.col("split") == "validation")
+        .then(pl.lit(1))
+        .otherwise(pl.col("concept").replace_strict(repeats, default=cfg.base_repeats, return_dtype=pl.Int64))
+    )
+    return items.with_columns(column.cast(pl.Int64).alias("repeats"))
+
+
+def file_names(items: pl.DataFrame, image_format: str) -> pl.DataFrame:
+    """Add ``file_name``: ``<frame_id>.<ext>`` for a whole frame, ``<face_id>_<crop>.<ext>`` for
+    a crop (face ids are ``<frame_id>_NN``, so names sort by frame and never collide)."""
+    name = (
+        pl.when(pl.col("crop") == "full")
+        .then(pl.col("frame_id"))
+        .otherwise(pl.col("face_id") + "_" + pl.col("crop"))
+    )
+    return items.with_columns((name + f".{image_format}").alias("file_name"))
+
+
+def kohya_folder(repeats: int, concept: str) -> str:
+    """kohya's ``<repeats>_<concept>`` folder name (sd-scripts reads the number before the first
+    ``_`` as the repeats; the rest only names the folder, since every picture has its .txt)."""
+    return f"{repeats}_{concept}"
+
+
+def output_size(box: Box, max_side: int) -> tuple[int, int]:
+    """Width and height of a crop once shrunk to ``max_side`` (never enlarged)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    scale = min(1.0, max_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def plan_export(
+    frames: pl.DataFrame,
+    quality: pl.DataFrame,
+    faces: pl.DataFrame | None,
+    captions: pl.DataFrame,
+    cfg: ExportConfig,
+) -> ExportPlan:
+    """Everything the export decides, before writing: items with ``split``, ``repeats``,
+    ``file_name``, ``width`` and ``height`` (of the written picture), in frame order."""
+    items, counts = select_items(frames, quality, faces, captions, cfg)
+    groups = shot_groups(items, quality, cfg.split_phash_distance)
+    items, warnings = assign_split(items, groups, cfg.validation_fraction, cfg.seed)
+    items = file_names(balance_repeats(items, cfg), cfg.image_format)
+    sizes = [output_size(b, cfg.max_side) for b in items.select("left", "top", "right", "bottom").iter_rows()]
+    items = items.with_columns(
+        pl.Series("width", [s[0] for s in sizes], dtype=pl.Int64),
+        pl.Series("height", [s[1] for s in sizes], dtype=pl.Int64),
+    ).sort("frame_index", "crop", "file_name")
+    if counts["uncaptioned_frames"]:
+        warnings.append(
+            f"{counts['uncaptioned_frames']} kept frame(s) left out: no usable caption (failed or missing); "
+            "fix them in notebook 05 or rerun stage captions"
+        )
+    n_val = int((items["split"] == "validation").sum())
+    counts.update(
+        {
+            "items": items.height,
+            "train": items.height - n_val,
+            "validation": n_val,
+            "split_groups": len(set(groups.values())),
+            "shots": len(groups),
+            **{f"crop_{c}": int((items["crop"] == c).sum()) for c in CROPS},
+        }
+    )
+    return ExportPlan(items=items, counts=counts, warnings=warnings)
+
+
+def concept_table(items: pl.DataFrame) -> pl.DataFrame:
+    """Per kohya concept: training pictures, repeats, steps per epoch (pictures x repeats) and the
+    folder name, largest first (notebook 06's repeats table)."""
+    train = items.filter(pl.col("split") == "train")
+    return (
+        train.group_by("concept")
+        .agg(pl.len().alias("pictures"), pl.col("repeats").first())
+        .with_columns(
+            (pl.col("pictures") * pl.col("repeats")).alias("steps_per_epoch"),
+            pl.format("{}_{}", pl.col("repeats"), pl.col("concept")).alias("kohya_folder"),
+        )
+        .sort(["pictures", "concept"], descending=[True, False])
+    )

@@ -1,0 +1,238 @@
+"""Stage 06 (``export``): write the LoRA dataset of a run to ``<run>/dataset/``.
+
+Two layouts of the same pictures, planned by :func:`diffusion_bunny.stages.export.plan.plan_export`:
+
+* ``dataset/hf/train/`` and ``dataset/hf/validation/``: a Hugging Face *imagefolder*, pictures
+  plus one metadata file per split (``file_name``, ``text``, ``characters``, ``shot_id``,
+  ``frame_id``, ``crop``, ``repeats``), so ``datasets.load_dataset("imagefolder",
+  data_dir=".../dataset/hf")`` loads both splits as they are. The metadata is parquet by default:
+  datasets infers a JSON Lines file's column types from its first rows, and a split in which no
+  picture names a character then types ``characters`` as a list of nulls and the two splits
+  refuse to load together (``export.metadata_format: jsonl`` writes JSON Lines all the same).
+* ``dataset/kohya/<repeats>_<concept>/``: the training pictures (hard links to the same files when
+  the file system allows) with a same-stem ``.txt`` caption, as kohya's sd-scripts read them
+  (pass ``--caption_extension .txt``).
+
+Everything is written into a staging folder beside ``dataset/`` and swapped in at the end, so a
+killed or failed export leaves the previous dataset as it was; a crash in the middle of the swap
+itself is repaired by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffusion_bunny.config import ExportConfig
+from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
+from diffusion_bunny.stages.export.tables import (
+    ITEMS_COLUMNS,
+    METADATA_COLUMNS,
+    SPLITS,
+    dataset_dir,
+)
+
+_OLD = ".dataset-old"
+_STAGING_PREFIX = ".dataset-staging-"
+_SAVE_OPTIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+@dataclass
+class ExportResult:
+    """What stage 06 wrote: the ``dataset_items`` table and the manifest's counts and facts."""
+
+    items: pl.DataFrame
+    counts: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def recover_dataset(run_dir: Path) -> None:
+    """Undo what a crash left: put back the previous dataset if the swap stopped halfway, and
+    remove unfinished staging folders."""
+    run_dir = Path(run_dir)
+    old = run_dir / _OLD
+    if old.is_dir():
+        if dataset_dir(run_dir).exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, dataset_dir(run_dir))
+    for staging in run_dir.glob(f"{_STAGING_PREFIX}*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(run_dir: Path, staging: Path) -> None:
+    target = dataset_dir(run_dir)
+    old = run_dir / _OLD
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_options(cfg: ExportConfig) -> dict[str, Any]:
+    fmt = _SAVE_OPTIONS[cfg.image_format]
+    if fmt == "PNG":
+        return {"format": fmt, "compress_level": 6}
+    return {"format": fmt, "quality": cfg.jpeg_quality}
+
+
+def _write_frame(
+    run_dir: Path, rows: list[dict[str, Any]], root: Path, cfg: ExportConfig, kohya: bool
+) -> int:
+    """Every picture of one frame (the frame file is decoded once); returns the bytes written."""
+    path = run_dir / rows[0]["path"]
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"frame file {path} cannot be read ({exc.__class__.__name__}); rerun stage extract with --force"
+        ) from None
+    options = _save_options(cfg)
+    written = 0
+    for row in rows:
+        crop = image.crop((row["left"], row["top"], row["right"], row["bottom"]))
+        if crop.size != (row["width"], row["height"]):
+            crop = crop.resize((row["width"], row["height"]), Image.Resampling.LANCZOS)
+        target = root / "hf" / row["split"] / row["file_name"]
+        crop.save(target, **options)
+        written += target.stat().st_size
+        if kohya and row["split"] == "train":
+            folder = root / "kohya" / kohya_folder(row["repeats"], row["concept"])
+            linked = folder / row["file_name"]
+            try:
+                os.link(target, linked)
+            except OSError:  # a file system without hard links: a copy
+                shutil.copyfile(target, linked)
+            linked.with_suffix(".txt").write_text(row["text"] + "\n", encoding="utf-8")
+    return written
+
+
+def write_metadata(folder: Path, items: pl.DataFrame, metadata_format: str) -> Path:
+    """The imagefolder metadata of one split (``metadata.parquet`` or ``metadata.jsonl``)."""
+    table = items.select(METADATA_COLUMNS)
+    if metadata_format == "parquet":
+        path = folder / "metadata.parquet"
+        table.write_parquet(path)
+        return path
+    path = folder / "metadata.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for row in table.iter_rows(named=True):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def _readme(plan_items: pl.DataFrame, cfg: ExportConfig, root: Path) -> str:
+    counts = {s: int((plan_items["split"] == s).sum()) for s in SPLITS}
+    lines = [
+        "# LoRA dataset written by diffusion-bunny (stage 06, export)",
+        "",
+        f"{plan_items.height} pictures: {counts['train']} train, {counts['validation']} validation "
+        f"(crops: {', '.join(cfg.crops)}; whole shots never straddle the two).",
+        "",
+        "Hugging Face datasets:",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'dataset = load_dataset("imagefolder", data_dir="{root / "hf"}")',
+        "```",
+        "",
+        "Columns: image, text (the caption), characters, shot_id, frame_id, crop, repeats.",
+    ]
+    if cfg.kohya:
+        lines += [
+            "",
+            "kohya sd-scripts: `--train_data_dir` = the kohya folder beside this file, "
+            "`--caption_extension .txt`; each folder is `<repeats>_<concept>`:",
+            "",
+            *[
+                f"- {row['kohya_folder']}: {row['pictures']} pictures x {row['repeats']}"
+                for row in concept_table(plan_items).iter_rows(named=True)
+            ],
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def export_stage(
+    run_dir: Path,
+    frames: pl.DataFrame,
+    quality: pl.DataFrame,
+    faces: pl.DataFrame | None,
+    captions: pl.DataFrame,
+    cfg: ExportConfig,
+    *,
+    progress: bool = False,
+    progress_path: Path | None = None,
+) -> ExportResult:
+    """Plan the dataset, check the frame files, write both layouts into a staging folder and swap
+    it in as ``<run>/dataset``; returns the ``dataset_items`` table."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    plan = plan_export(frames, quality, faces, captions, cfg)
+    items = plan.items
+    missing = sorted({p for p in items["path"].unique().to_list() if not (run_dir / p).is_file()})
+    if missing:
+        raise BadInputError(
+            f"{len(missing)} frame file(s) are missing in {run_dir} (first: {missing[0]}); "
+            "rerun stage extract with --force"
+        )
+    recover_dataset(run_dir)
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=_STAGING_PREFIX))
+    try:
+        for split in SPLITS:
+            if (items["split"] == split).any():
+                (staging / "hf" / split).mkdir(parents=True)
+        if cfg.kohya:
+            train = items.filter(pl.col("split") == "train")
+            for repeats, concept in train.select("repeats", "concept").unique().iter_rows():
+                (staging / "kohya" / kohya_folder(repeats, concept)).mkdir(parents=True)
+        by_frame = items.partition_by("frame_id", maintain_order=True, as_dict=False)
+        jobs = [frame.to_dicts() for frame in by_frame]
+        bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, mininterval=0.5)
+        reporter = ProgressFile(progress_path, "export", len(jobs), "frame")
+        written = 0
+        try:
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                for done, size in enumerate(
+                    pool.map(lambda rows: _write_frame(run_dir, rows, staging, cfg, cfg.kohya), jobs), 1
+                ):
+                    written += size
+                    bar.update(1)
+                    reporter.update(done)
+        finally:
+            bar.close()
+            reporter.close()
+        for split in SPLITS:
+            part = items.filter(pl.col("split") == split)
+            if part.height:
+                write_metadata(staging / "hf" / split, part, cfg.metadata_format)
+        (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
+        _swap_in(run_dir, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    table = items.select(ITEMS_COLUMNS)
+    facts = {
+        "dataset_dir": str(dataset_dir(run_dir)),
+        "image_format": cfg.image_format,
+        "metadata_format": cfg.metadata_format,
+        "seed": cfg.seed,
+        "bytes": written,
+        "seconds": round(time.perf_counter() - started, 3),
+        "concepts": concept_table(items).to_dicts(),
+    }
+    return ExportResult(items=table, counts=plan.counts, facts=facts, warnings=plan.warnings)

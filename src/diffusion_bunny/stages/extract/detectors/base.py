@@ -1,0 +1,108 @@
+"""Shot-boundary detectors fed one frame at a time from stage 01's single decode pass.
+
+Each detector takes the small BGR copy of every decoded frame (:meth:`push`) and reports the
+boundaries it has become sure of, as the index of the first frame of a new shot, at most
+:attr:`lookahead` frames after that frame; stage 01 delays its frames by that much, so a late
+answer still splits the shots at the right frame. Three kinds:
+
+* :class:`SceneDetectBoundaries`: a PySceneDetect detector (``content``, ``adaptive``, ...).
+* :class:`TransNetV2Boundaries`: TransNetV2 on every frame, with the network's own windowing
+  (:class:`~diffusion_bunny.stages.extract.detectors.transnet.WindowedPredictor`). Accurate, but
+  on two CPU cores it runs
+  at 130-180 frames/s, several times slower than decoding.
+* :class:`CascadeBoundaries` (the default): cheap signals on the 48x27 frames propose
+  candidates with high recall, TransNetV2 looks only at windows around the ones that are not
+  clear-cut, so its cost grows with the number of doubtful candidates, not with the length of
+  the movie. See the class for the rules.
+
+How a transition becomes a boundary (both TransNetV2 detectors): the frames whose single-frame
+probability exceeds ``transnetv2_threshold`` form runs; each run gives one boundary, the frame
+after its most probable frame. For a hard cut the network peaks on the last frame of the old
+shot, so the boundary is the first frame of the new one; for a dissolve or fade it peaks in the
+middle of the transition, so the transition's frames are split between the two shots at its
+middle. Boundaries closer than ``min_shot_seconds`` to the previous one are dropped (as
+PySceneDetect's ``min_scene_len`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: A run of probabilities over the threshold longer than this is closed by force, so the delay
+#: stays bounded; at 24-30 fps this is longer than any ordinary dissolve's peak.
+MAX_RUN = 48
+
+
+class InOrder:
+    """Holds boundaries found out of order until no earlier one can still come, then applies
+    the minimum shot length in frame order."""
+
+    def __init__(self, min_len: int, lookahead: int):
+        self.min_len = min_len
+        self.lookahead = lookahead
+        self.held: dict[int, float] = {}
+        self.last = 0
+        self.emitted: list[int] = []
+
+    def add(self, frame: int, score: float) -> None:
+        self.held[frame] = max(score, self.held.get(frame, 0.0))
+
+    def release(self, upto: int | None) -> list[int]:
+        out = []
+        for frame in sorted(self.held):
+            if upto is not None and frame > upto:
+                break
+            del self.held[frame]
+            if frame - self.last >= self.min_len:
+                out.append(frame)
+                self.last = frame
+        self.emitted += out
+        return out
+
+
+class RunTracker:
+    """Turns probabilities that arrive in frame order into boundaries (one per run over the
+    threshold: the frame after its peak)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.best: tuple[float, int] | None = None
+        self.length = 0
+
+    def feed(self, index: int, p: float) -> tuple[int, float] | None:
+        if p > self.threshold:
+            if self.best is None or p > self.best[0]:
+                self.best = (p, index)
+            self.length += 1
+            if self.length < MAX_RUN:
+                return None
+        return self.close()
+
+    def close(self) -> tuple[int, float] | None:
+        best, self.best, self.length = self.best, None, 0
+        if best is None:
+            return None
+        return best[1] + 1, best[0]
+
+
+class Boundaries:
+    """Common interface of the detectors (see the module doc)."""
+
+    name = "base"
+    lookahead = 0
+
+    def push(self, index: int, small_bgr: np.ndarray) -> list[int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finish(self, last_index: int) -> list[int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def facts(self) -> dict[str, Any]:
+        """What the manifest records about the detection."""
+        return {"detector": self.name}
+
+    def candidate_rows(self) -> list[dict[str, Any]]:
+        """Per-candidate scores (cascade only)."""
+        return []

@@ -1,0 +1,112 @@
+"""Notebook 01's widget: the motion-threshold slider that re-classifies shots and shows the
+keyframes at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import polars as pl
+
+from diffusion_bunny.config import save_local_settings
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
+
+
+class MotionThresholdExplorer:
+    """Slider over the per-shot motion score: re-classifies shots and shows which keyframes each
+    would give, from the stored candidates and thumbnails, without decoding the movie again."""
+
+    def __init__(self, run: Run, threshold: float, *, max_shots: int = 30, config_root: Path | None = None):
+        self.run = run
+        self.shots = run.read_table("shots")
+        self.candidates = run.read_table("keyframe_candidates")
+        self.max_shots = max_shots
+        self.config_root = config_root
+        top = max(5.0, float(self.shots["motion"].max() or 0.0) * 1.1)
+        self.slider = widgets.FloatSlider(
+            value=threshold,
+            min=0.0,
+            max=round(top, 1),
+            step=0.05,
+            description="motion",
+            continuous_update=False,
+        )
+        self.counts = widgets.HTML()
+        # Image widgets updated in place rather than Output widgets: the picture travels as one
+        # binary buffer, and headless executors (nbclient) were seen to hang until their timeout
+        # on a cell that displays images inside an Output widget.
+        self.plot_img = widgets.Image(format="png", layout=widgets.Layout(max_width="720px"))
+        self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
+        self.save_button = widgets.Button(
+            description="use this threshold", icon="save", layout=widgets.Layout(width="auto")
+        )
+        self.saved = widgets.HTML()
+        self.slider.observe(lambda change: self._update(), names="value")
+        self.save_button.on_click(lambda _: self.save())
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.slider, self.save_button]),
+                self.counts,
+                self.saved,
+                self.plot_img,
+                self.sheet_img,
+            ]
+        )
+        self._update()
+
+    @property
+    def threshold(self) -> float:
+        return float(self.slider.value)
+
+    def set_threshold(self, value: float) -> None:
+        """Move the slider from Python (same path as a person dragging it)."""
+        self.slider.value = value
+
+    def classified(self) -> pl.DataFrame:
+        """Shots with ``kind`` under the current threshold."""
+        return classify_shots(self.shots, self.threshold)
+
+    def picks(self) -> pl.DataFrame:
+        """Keyframe candidates that the current threshold would keep."""
+        return select_keyframes(self.candidates, self.shots, self.threshold)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        shots = self.classified()
+        return {
+            "static": int((shots["kind"] == "static").sum()),
+            "dynamic": int((shots["kind"] == "dynamic").sum()),
+            "keyframes": self.picks().height,
+        }
+
+    def _update(self) -> None:
+        import io
+
+        import matplotlib.pyplot as plt
+
+        from diffusion_bunny.stages.extract.plots import contact_sheet, motion_plot
+
+        s = self.summary
+        self.counts.value = (
+            f"<b>{s['static']}</b> static shots, <b>{s['dynamic']}</b> dynamic shots, "
+            f"<b>{s['keyframes']}</b> keyframes"
+        )
+        fig = motion_plot(self.shots, self.threshold).draw()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=72)
+        plt.close(fig)
+        self.plot_img.value = buf.getvalue()
+        sheet = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
+        buf = io.BytesIO()
+        sheet.save(buf, format="JPEG", quality=85)
+        self.sheet_img.value = buf.getvalue()
+
+    def save(self) -> Path:
+        """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""
+        path = save_local_settings(
+            "extraction", {"extraction": {"motion_threshold": self.threshold}}, self.config_root
+        )
+        self.saved.value = f"saved to <code>{path}</code>; rerun stage 01 to extract with it"
+        return path

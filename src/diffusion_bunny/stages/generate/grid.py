@@ -1,0 +1,124 @@
+"""What stage 08 draws, pure: the checkpoints stage 07 left, the characters, and the grid of
+prompts x seeds x LoRA scales x checkpoints (scale 0 planned once, as checkpoint ``base``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER
+from diffusion_bunny.stages.train.tables import LORA_FILE
+
+if TYPE_CHECKING:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One LoRA file stage 07 wrote: ``checkpoint-<step>`` or ``final``."""
+
+    name: str
+    step: int | None
+    path: Path
+
+
+def find_checkpoints(out_dir: Path) -> list[Checkpoint]:
+    """The LoRA files of a training output folder, in training order: every
+    ``checkpoint-<step>/pytorch_lora_weights.safetensors`` by step, then the final
+    ``pytorch_lora_weights.safetensors`` (its step: the last checkpoint's, when known)."""
+    out_dir = Path(out_dir)
+    found: list[Checkpoint] = []
+    if out_dir.is_dir():
+        for sub in out_dir.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
+            if m and (sub / LORA_FILE).is_file():
+                found.append(Checkpoint(sub.name, int(m.group(1)), sub / LORA_FILE))
+    found.sort(key=lambda c: c.step or 0)
+    final = out_dir / LORA_FILE
+    if final.is_file():
+        found.append(Checkpoint(FINAL, found[-1].step if found else None, final))
+    return found
+
+
+def select_checkpoints(found: Sequence[Checkpoint], which: str | Sequence[str]) -> list[Checkpoint]:
+    """The checkpoints ``generation.checkpoints`` asks for (``all``, ``final`` or names), in
+    training order; a name the training output does not hold is a ConfigError listing those it does."""
+    if which == "all":
+        return list(found)
+    names = [FINAL] if which == FINAL else list(which)
+    by_name = {c.name: c for c in found}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ConfigError(
+            f"generation.checkpoints: {missing[0]} is not in the training output (it has: "
+            f"{', '.join(by_name) or 'nothing'}); list those, or set all"
+        )
+    return [c for c in found if c.name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def render_prompt(template: str, trigger: str, character: str) -> str:
+    """A prompt from its template; without a character (:data:`NO_CHARACTER`) the placeholder is
+    dropped and the spaces and commas around it tidied."""
+    name = "" if character == NO_CHARACTER else character
+    text = template.format(trigger=trigger, character=name)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+,", ",", text)
+    return text.strip(" ,")
+
+
+@dataclass(frozen=True)
+class GridItem:
+    """One image of the grid."""
+
+    character: str
+    prompt_index: int
+    prompt: str
+    seed: int
+    lora_scale: float
+    checkpoint: str
+    step: int | None
+
+    @property
+    def rel_path(self) -> str:
+        """Where the image lives, relative to the run folder."""
+        char = re.sub(r"[^\w.-]+", "_", self.character).strip("_") or "none"
+        scale = f"{self.lora_scale:+.2f}".replace("+", "").replace("-", "m")
+        return f"generated/{self.checkpoint}/{char}/p{self.prompt_index:02d}_seed{self.seed}_scale{scale}.png"
+
+
+def plan_grid(
+    characters: Sequence[str],
+    templates: Sequence[str],
+    trigger: str,
+    seeds: Sequence[int],
+    scales: Sequence[float],
+    checkpoints: Sequence[Checkpoint],
+) -> list[GridItem]:
+    """Every image of the grid: characters x prompts x seeds x scales x checkpoints, with scale 0
+    planned once, as checkpoint :data:`BASE` (it does not depend on the LoRA)."""
+    items: list[GridItem] = []
+    for character in characters:
+        for p, template in enumerate(templates):
+            prompt = render_prompt(template, trigger, character)
+            for seed in seeds:
+                for scale in scales:
+                    if scale == 0:
+                        items.append(GridItem(character, p, prompt, seed, 0.0, BASE, None))
+                        continue
+                    items.extend(
+                        GridItem(character, p, prompt, seed, float(scale), c.name, c.step)
+                        for c in checkpoints
+                    )
+    return items

@@ -1,0 +1,206 @@
+"""How well a checkpoint draws a character: face-encoding distance of the pictures' faces to the
+character's references (stage 03's reference photos and its confidently named faces), an optional
+CLIP score, and the pure choice of the best checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from diffusion_bunny.errors import ConfigError, StageError
+from diffusion_bunny.models.faces import DetectSettings, detect_and_encode, read_rgb
+from diffusion_bunny.stages.generate.grid import GridItem
+from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
+
+if TYPE_CHECKING:
+    pass
+
+
+#: Generated images at most this many pixels on their short side are searched for faces once
+#: more with one more upsampling when the first pass finds none (HOG's window is 80 px).
+SMALL_IMAGE_SIDE = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+
+
+@dataclass
+class CharacterReferences:
+    """Face encodings per character that a generated face is compared with, and where they came
+    from (reference photos, named faces of the movie)."""
+
+    encodings: dict[str, np.ndarray] = field(default_factory=dict)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.encodings)
+
+
+def character_references(
+    ref_dir: Path | None, faces: pl.DataFrame | None, settings: DetectSettings
+) -> tuple[CharacterReferences, list[str]]:
+    """The encodings of each named character: stage 03's reference photos (encoded again, as stage
+    03 does) and the faces of the movie stage 03 named after it, leaving out low-confidence ones.
+    Returns the references and the reference folder's warnings."""
+    from diffusion_bunny.models.faces import load_references
+
+    out = CharacterReferences()
+    warnings: list[str] = []
+    per_char: dict[str, list[np.ndarray]] = {}
+    if ref_dir is not None:
+        refs, warnings = load_references(ref_dir, settings)
+        for i, name in enumerate(refs.names):
+            own = refs.encodings[refs.owners == i]
+            per_char[name] = [own]
+            out.sources[name] = {"reference_images": len(own), "movie_faces": 0}
+    if faces is not None and faces.height:
+        named = faces.filter(pl.col("character").is_not_null())
+        if "low_confidence" in named.columns:
+            named = named.filter(~pl.col("low_confidence").fill_null(False))
+        for name in sorted(named["character"].unique().to_list()):
+            vecs = np.asarray(named.filter(pl.col("character") == name)["embedding"].to_list(), np.float32)
+            per_char.setdefault(name, []).append(vecs.reshape(len(vecs), -1))
+            out.sources.setdefault(name, {"reference_images": 0, "movie_faces": 0})["movie_faces"] = len(vecs)
+    out.encodings = {name: np.concatenate(parts).astype(np.float32) for name, parts in per_char.items()}
+    return out, warnings
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    faces: int
+    distance: float | None
+
+
+def score_identity(rgb: np.ndarray, references: np.ndarray | None, settings: DetectSettings) -> IdentityScore:
+    """Find the faces of a generated image and return how many, and the distance of the best one to
+    the nearest of ``references`` (None without a face or without references)."""
+    faces = detect_and_encode(rgb, settings)
+    if not faces and min(rgb.shape[:2]) <= SMALL_IMAGE_SIDE:
+        faces = detect_and_encode(rgb, settings, upsample=settings.upsample + 1)
+    if not faces or references is None or len(references) == 0:
+        return IdentityScore(len(faces), None)
+    enc = np.stack([f.encoding for f in faces]).astype(np.float32)
+    dist = np.sqrt(((enc[:, None, :] - references[None, :, :]) ** 2).sum(-1))
+    return IdentityScore(len(faces), float(dist.min()))
+
+
+def score_images(
+    run_dir: Path,
+    items: Sequence[GridItem],
+    references: CharacterReferences,
+    settings: DetectSettings,
+    *,
+    progress: bool = False,
+) -> list[IdentityScore]:
+    """:func:`score_identity` for every image of the grid (faces need no minimum size here: a
+    generated portrait may be small)."""
+    settings = replace(settings, min_face_px=0)
+    out: list[IdentityScore] = []
+    for item in tqdm(items, unit="image", desc="identity", disable=not progress):
+        rgb = read_rgb(run_dir / item.rel_path)
+        if rgb is None:
+            raise StageError(f"generated image {run_dir / item.rel_path} cannot be read; rerun with --force")
+        out.append(score_identity(rgb, references.encodings.get(item.character), settings))
+    return out
+
+
+def clip_scores(
+    paths: Sequence[Path], prompts: Sequence[str], embedder: Any, *, progress: bool = False
+) -> list[float]:
+    """CLIP score per image: 100 x cosine of its image and prompt embeddings, floored at 0 (as
+    torchmetrics' ``CLIPScore``). ``embedder`` is an :class:`embeddings.ClipEmbedder`."""
+    images = embedder.embed_images(list(paths), progress=progress)
+    unique = sorted(set(prompts))
+    texts = dict(zip(unique, embedder.embed_texts(unique), strict=True))
+    return [max(0.0, 100.0 * float(img @ texts[p])) for img, p in zip(images, prompts, strict=True)]
+
+
+def load_clip(model: str, device: str) -> Any:
+    """The CLIP model of ``generation.clip_model`` through the loading code of stage 04 (local
+    files only); a failure is one ModelError naming ``generation.clip_model``."""
+    from diffusion_bunny.models.clip import ClipEmbedder
+
+    hint = (
+        "download it once where there is network, or set generation.clip_model to a local CLIP "
+        "folder, or to null for no CLIP score"
+    )
+    return ClipEmbedder(model, device=device, setting="generation.clip_model", hint=hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the checkpoint (pure)
+
+
+def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.DataFrame:
+    """Per checkpoint (``base`` first, then ``order``): images, images with a face and their share,
+    mean identity distance over the images with a face (lower is better), mean CLIP score, and
+    which checkpoint is best (:func:`pick_best`; ``base`` never is)."""
+    rows = []
+    for rank, name in enumerate([BASE, *order]):
+        sub = generations.filter(pl.col("checkpoint") == name)
+        if sub.height == 0:
+            continue
+        with_face = int(sub["face_found"].sum())
+        dist = sub["identity_distance"].drop_nulls()
+        clip = sub["clip_score"].drop_nulls()
+        rows.append(
+            {
+                "checkpoint": name,
+                "step": sub["step"][0],
+                "order": rank - 1,
+                "images": sub.height,
+                "with_face": with_face,
+                "face_share": with_face / sub.height,
+                "identity_distance": float(dist.mean()) if dist.len() else None,
+                "clip_score": float(clip.mean()) if clip.len() else None,
+                "best": False,
+            }
+        )
+    scores = pl.DataFrame(rows, schema=SCORES_SCHEMA)
+    best = pick_best(scores)
+    return scores.with_columns((pl.col("checkpoint") == best).alias("best"))
+
+
+def pick_best(scores: pl.DataFrame) -> str | None:
+    """The checkpoint with the lowest mean identity distance; on a tie, or when no checkpoint has a
+    scored face, the latest one (highest ``order``). ``base`` is not a candidate; None without any
+    checkpoint."""
+    cand = scores.filter(pl.col("checkpoint") != BASE).sort("order")
+    if cand.height == 0:
+        return None
+    scored = cand.filter(pl.col("identity_distance").is_not_null())
+    if scored.height == 0:
+        return cand["checkpoint"][-1]
+    best = scored["identity_distance"].min()
+    return scored.filter(pl.col("identity_distance") == best)["checkpoint"][-1]
+
+
+def characters_to_draw(
+    references: CharacterReferences, wanted: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The characters of the grid (``generation.characters``, or every named one) and warnings.
+    A configured name stage 03 does not know is a ConfigError (a typo would otherwise cost a grid
+    of unscorable images); nobody named means one grid with the trigger word alone."""
+    known = references.names
+    if wanted is not None:
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"generation.characters: {unknown[0]!r} is not a character of this run (known: "
+                f"{', '.join(known) or 'none'}); fix the name or set null for all"
+            )
+        return list(wanted), []
+    if not known:
+        return [NO_CHARACTER], [
+            "no named characters (stage 03 has no references and no named faces): the grid uses the "
+            "trigger word alone and cannot score identity; name characters in notebook 03 for that"
+        ]
+    return list(known), []

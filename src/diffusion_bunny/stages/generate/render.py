@@ -1,0 +1,216 @@
+"""Stage 08 (``generate``): what the trained LoRA draws, and which checkpoint draws the characters
+best.
+
+For each character (every name stage 03 knows, or ``generation.characters``) the stage renders a
+grid: prompt templates (``{trigger} {character}, close-up portrait``) x seeds x LoRA scales x
+training checkpoints. Each seed drives its own ``torch.Generator`` (on the CPU, so a seed gives
+the same starting noise on any device), so the images of one seed differ only by what the LoRA,
+its scale and its checkpoint change. Scale 0 is the base model alone: it is the same for every
+checkpoint, so it is rendered once per prompt and seed and filed as checkpoint ``base`` (the
+reference column of every grid).
+
+Scores, computed once per image (DESIGN: scores once, choices by pure functions):
+
+* **identity distance**: stage 03's face code (face_recognition HOG + ResNet encodings) finds the
+  faces of the image; the distance of the best face to the character is its encoding distance to
+  the nearest of that character's references: the reference photos stage 03 used and the faces of
+  the movie stage 03 named after the character (confident ones only). 0.6 is face_recognition's
+  "same person" tolerance; lower is more alike. No face: ``identity_distance`` null,
+  ``face_found`` false (a random tiny model draws noise, so on the demo most images have none:
+  that is reported, never an error);
+* **CLIP score** (``generation.clip_model``): 100 x cosine of the CLIP image and prompt
+  embeddings, floored at 0, as torchmetrics' ``CLIPScore``. Its own setting rather than
+  ``scenes.clip_model``: that one always holds a hub id (its default), and scoring with a model
+  that is not in the local cache would fail a default run; here null means "no CLIP score".
+
+A checkpoint's score is the mean identity distance over its images with a face (scale > 0), next
+to the share of its images with a face. The best checkpoint has the lowest mean distance; a tie,
+or no face anywhere, goes to the latest checkpoint (the final LoRA when it is in the grid).
+
+Every image is written atomically as a PNG that carries its settings key in a text chunk; a
+rerun (after a kill, or with more seeds) renders only images whose file is missing or was made
+with other settings. Before any image is rendered, the base model is loaded (a missing one is
+one ModelError naming the setting) and every selected LoRA file is checked against it (one
+ModelError naming the file that does not fit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.run import file_fingerprint
+from diffusion_bunny.stages.generate.grid import Checkpoint, GridItem
+from diffusion_bunny.stages.generate.tables import BASE
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: PNG text chunk holding an image's settings key (what makes a rerun skip it).
+PNG_KEY = "diffusion_bunny"
+#: Bump when rendering changes what an image of the same settings looks like.
+RENDER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What, besides the prompt, seed, scale and LoRA file, decides an image."""
+
+    base_model: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    def key(self, item: GridItem, lora: dict[str, Any] | None) -> str:
+        """The settings key stored in the image's PNG: a rerun reuses an image only when it matches."""
+        blob = json.dumps(
+            {
+                "render": RENDER_VERSION,
+                "settings": self.__dict__,
+                "prompt": item.prompt,
+                "seed": item.seed,
+                "scale": item.lora_scale,
+                "lora": lora,
+            },
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def default_size(pipe: Any) -> int:
+    """The base model's own image size: UNet sample size x the VAE's scale factor."""
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def render(pipe: Any, prompt: str, seed: int, settings: RenderSettings) -> Image.Image:
+    """One image. The seed drives a fresh CPU ``torch.Generator``, so the same seed gives the same
+    starting noise on any device and for any LoRA (scales and checkpoints are then comparable)."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    out = pipe(
+        prompt=prompt,
+        negative_prompt=settings.negative_prompt or None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        width=settings.width,
+        height=settings.height,
+        generator=generator,
+    )
+    return out.images[0]
+
+
+def stored_key(path: Path) -> str | None:
+    """The settings key of an image written by this stage, or None (missing, unreadable, foreign)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "text", {}).get(PNG_KEY)
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def save_png(path: Path, image: Image.Image, key: str) -> None:
+    """Write ``image`` atomically as a PNG carrying ``key``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, key)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def check_loras(pipe: Any, checkpoints: Sequence[Checkpoint]) -> None:
+    """Every LoRA file must fit the base model: checked before any image is rendered, so a LoRA
+    trained on another base model stops the stage at once with one message naming the file."""
+    from diffusion_bunny.models.diffusion import load_lora, lora_mismatches, read_lora_state_dict
+
+    for ck in checkpoints:
+        n_layers, problems = lora_mismatches(pipe, read_lora_state_dict(pipe, ck.path))
+        if n_layers == 0 or problems:
+            load_lora(pipe, ck.path)  # raises its one-line ModelError before loading anything
+            raise AssertionError(
+                "load_lora accepted a LoRA that lora_mismatches rejected"
+            )  # pragma: no cover
+
+
+def generate_images(
+    pipe: Any,
+    run_dir: Path,
+    items: Sequence[GridItem],
+    checkpoints: Sequence[Checkpoint],
+    settings: RenderSettings,
+    *,
+    progress: bool = False,
+    progress_path: Path | None = None,
+) -> tuple[int, int]:
+    """Render every item whose PNG is missing or was made with other settings; returns (rendered
+    now, reused). Base images first (no LoRA loaded), then one checkpoint at a time, its LoRA
+    loaded once and its scale changed per image."""
+    from diffusion_bunny.models.diffusion import load_lora
+
+    lora_fp = {c.name: file_fingerprint(c.path) for c in checkpoints}
+    todo: list[tuple[GridItem, str]] = []
+    reused = 0
+    for item in items:
+        key = settings.key(item, lora_fp.get(item.checkpoint))
+        if stored_key(run_dir / item.rel_path) == key:
+            reused += 1
+        else:
+            todo.append((item, key))
+    order = {BASE: -1, **{c.name: i for i, c in enumerate(checkpoints)}}
+    todo.sort(key=lambda t: (order[t[0].checkpoint], t[0].lora_scale))
+    paths = {c.name: c.path for c in checkpoints}
+    bar = tqdm(total=len(todo), unit="image", desc="generate", disable=not progress)
+    report = ProgressFile(progress_path, "generate", len(todo), "image")
+    loaded: str | None = None
+    scale: float | None = None
+    try:
+        for done, (item, key) in enumerate(todo):
+            if item.checkpoint != BASE and item.checkpoint != loaded:
+                load_lora(pipe, paths[item.checkpoint], item.lora_scale, adapter_name="generate")
+                loaded, scale = item.checkpoint, item.lora_scale
+            elif item.checkpoint != BASE and item.lora_scale != scale:
+                pipe.set_adapters(["generate"], adapter_weights=[item.lora_scale])
+                scale = item.lora_scale
+            save_png(run_dir / item.rel_path, render(pipe, item.prompt, item.seed, settings), key)
+            bar.update()
+            report.update(done + 1)
+    finally:
+        bar.close()
+        report.close()
+        if loaded is not None:
+            pipe.delete_adapters("generate")
+    return len(todo), reused
+
+
+def loading_snippet(facts: dict[str, Any], base_path: str | None = None) -> str:
+    """Python that loads the best checkpoint into a diffusers pipeline (notebook 08 prints it)."""
+    lora = facts.get("best_lora")
+    base = base_path or facts.get("base_model")
+    if not lora:
+        return "# no LoRA checkpoint was compared"
+    return (
+        "import torch\n"
+        "from diffusers import AutoPipelineForText2Image\n\n"
+        f"pipe = AutoPipelineForText2Image.from_pretrained({str(base)!r}, local_files_only=True)\n"
+        f"pipe.load_lora_weights({lora!r})\n"
+        "image = pipe(\n"
+        f"    {facts.get('trigger_word', '')!r} + ' ' + 'CHARACTER, close-up portrait',\n"
+        "    generator=torch.Generator('cpu').manual_seed(0),\n"
+        f"    width={facts.get('resolution')}, height={facts.get('resolution')},\n"
+        ").images[0]"
+    )

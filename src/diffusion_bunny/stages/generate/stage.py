@@ -1,0 +1,256 @@
+"""Stage 08 (``generate``) on a run: where the LoRA files and references are, what the stage's
+inputs are, and the call into :mod:`diffusion_bunny.stages.generate.render`.
+
+Inputs (a change in any makes the stage stale): the LoRA files compared (size and content hashes),
+the base model setting, the trigger word, the image size, stage 03's reference folder (content
+hash) and face detector settings, and which faces stage 03 named (``faces``: frame_id,
+character). The ``generation`` section is the stage's own config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from diffusion_bunny.config import Config, GenerationConfig
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.models.faces import DetectSettings
+from diffusion_bunny.pipeline.run import Run, file_fingerprint
+from diffusion_bunny.stages.generate.grid import Checkpoint, find_checkpoints, plan_grid, select_checkpoints
+from diffusion_bunny.stages.generate.identity import (
+    CharacterReferences,
+    characters_to_draw,
+    checkpoint_scores,
+    clip_scores,
+    load_clip,
+    pick_best,
+    score_images,
+)
+from diffusion_bunny.stages.generate.render import RenderSettings, check_loras, default_size, generate_images
+from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
+
+
+def checkpoint_dir(run: Run, cfg: Config) -> Path:
+    """Stage 07's output folder (``training.output_dir``, else ``checkpoint/<run folder name>/``),
+    by stage 07's own rule."""
+    from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
+
+    return training_dir(run.run_dir, cfg.training)
+
+
+def base_model_setting(cfg: Config) -> tuple[str, str, str]:
+    """(base model, family, the setting that names it): ``generation.base_model`` when set, else
+    the model training used (``training.base_model`` / ``training.family``)."""
+    if cfg.generation.base_model:
+        return cfg.generation.base_model, "auto", "generation.base_model"
+    return cfg.training.base_model, cfg.training.family, "training.base_model"
+
+
+def trigger_word(cfg: Config) -> str:
+    """``generation.trigger_word``, else the captions' (``captioning.trigger_word``): the word the
+    LoRA learned the movie's look under."""
+    return cfg.generation.trigger_word or cfg.captioning.trigger_word
+
+
+def selected_checkpoints(run: Run, cfg: Config) -> list[Checkpoint]:
+    """The LoRA files to compare; none at all is a StageError naming stage train."""
+    from diffusion_bunny.stages import stage_names
+
+    folder = checkpoint_dir(run, cfg)
+    found = find_checkpoints(folder)
+    if not found:
+        names = stage_names()
+        upto = ",".join(names[: names.index("generate") + 1])
+        raise StageError(
+            f"no trained LoRA in {folder} (pytorch_lora_weights.safetensors); run stage train first "
+            f"(bunny run MOVIE --stages {upto}), or point training.output_dir at a training output"
+        )
+    return select_checkpoints(found, cfg.generation.checkpoints)
+
+
+def generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
+    """The fingerprints :func:`stages.run_stage` compares with the last manifest."""
+    from diffusion_bunny.models.faces import DetectSettings, references_fingerprint
+    from diffusion_bunny.stages.characters.tables import reference_dir
+
+    base, family, _ = base_model_setting(cfg)
+    inputs: dict[str, Any] = {
+        "checkpoints": {c.name: file_fingerprint(c.path) for c in selected_checkpoints(run, cfg)},
+        "base_model": {"name": base, "family": family},
+        "trigger_word": trigger_word(cfg),
+        "resolution": cfg.generation.resolution or cfg.training.resolution,
+        "references": references_fingerprint(reference_dir(run.run_dir, cfg.characters)),
+        "detect": DetectSettings.from_config(cfg.characters).key(),
+    }
+    if run.has_table("faces"):
+        # The references are the confidently named faces: a relabel of stage 03 changes them.
+        inputs["faces"] = run.table_fingerprint(
+            "faces", ["face_id", "frame_id", "character", "low_confidence"]
+        )
+    return inputs
+
+
+def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateResult:
+    """Stage 08 on a run: resolve the base model (a missing one fails here, first), find the LoRA
+    files and the references, then render, score and choose."""
+    from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+    from diffusion_bunny.models.faces import DetectSettings
+    from diffusion_bunny.stages.characters.tables import reference_dir
+    from diffusion_bunny.stages.generate.identity import character_references
+    from diffusion_bunny.stages.generate.stage import generate_stage
+
+    base, family, setting = base_model_setting(cfg)
+    ref = resolve_base_model(base, family, setting=setting)
+    checkpoints = selected_checkpoints(run, cfg)
+    detect = DetectSettings.from_config(cfg.characters)
+    faces = run.optional_table("faces")
+    references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
+    result = generate_stage(
+        run.run_dir,
+        cfg.generation,
+        pipe_loader=lambda: load_pipeline(ref, device=cfg.generation.device, setting=setting),
+        checkpoints=checkpoints,
+        references=references,
+        detect=detect,
+        trigger=trigger_word(cfg),
+        resolution=cfg.generation.resolution or cfg.training.resolution,
+        base_model=ref.name,
+        progress=progress,
+        progress_path=run.progress_path("generate"),
+    )
+    result.warnings[:0] = ref_warnings
+    result.facts["base_model_path"] = str(ref.path)
+    result.facts["base_model_family"] = ref.family
+    return result
+
+
+if TYPE_CHECKING:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class GenerateResult:
+    """What :func:`generate_stage` returns."""
+
+    generations: pl.DataFrame
+    scores: pl.DataFrame
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def generate_stage(
+    run_dir: Path,
+    cfg: GenerationConfig,
+    *,
+    pipe_loader: Any,
+    checkpoints: Sequence[Checkpoint],
+    references: CharacterReferences,
+    detect: DetectSettings,
+    trigger: str,
+    resolution: int | None,
+    base_model: str,
+    progress: bool = False,
+    progress_path: Path | None = None,
+) -> GenerateResult:
+    """Stage 08 without the run bookkeeping: check the LoRA files, render the grid (resuming),
+    score every image and pick the best checkpoint.
+
+    ``pipe_loader()`` loads the base model (called first: a missing model fails before anything
+    else); ``checkpoints`` are the LoRA files to compare, in training order.
+    """
+    run_dir = Path(run_dir)
+    warnings: list[str] = []
+    characters, char_warnings = characters_to_draw(references, cfg.characters)
+    warnings.extend(char_warnings)
+    if not checkpoints and any(s != 0 for s in cfg.lora_scales):
+        raise StageError("no LoRA checkpoint to generate with; run stage train first")
+    pipe = pipe_loader()
+    check_loras(pipe, checkpoints)
+    clip = None
+    if cfg.clip_model:
+        from diffusion_bunny.models.device import resolve_device
+
+        clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generation.device"))
+    size = resolution or default_size(pipe)
+    settings = RenderSettings(
+        base_model=base_model,
+        negative_prompt=cfg.negative_prompt,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        width=size,
+        height=size,
+    )
+    items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
+    rendered, reused = generate_images(
+        pipe, run_dir, items, checkpoints, settings, progress=progress, progress_path=progress_path
+    )
+    del pipe
+    ids = score_images(run_dir, items, references, detect, progress=progress)
+    clips: list[float | None] = [None] * len(items)
+    if clip is not None:
+        clips = list(clip_scores([run_dir / i.rel_path for i in items], [i.prompt for i in items], clip))
+    generations = pl.DataFrame(
+        [
+            {
+                "character": it.character,
+                "prompt_index": it.prompt_index,
+                "prompt": it.prompt,
+                "seed": it.seed,
+                "lora_scale": it.lora_scale,
+                "checkpoint": it.checkpoint,
+                "step": it.step,
+                "path": it.rel_path,
+                "faces": sc.faces,
+                "face_found": sc.faces > 0,
+                "identity_distance": sc.distance,
+                "clip_score": cs,
+                "best": False,
+            }
+            for it, sc, cs in zip(items, ids, clips, strict=True)
+        ],
+        schema=GENERATIONS_SCHEMA,
+    )
+    scores = checkpoint_scores(generations, [c.name for c in checkpoints])
+    best = pick_best(scores)
+    generations = generations.with_columns((pl.col("checkpoint") == best).alias("best"))
+    with_face = int(generations["face_found"].sum())
+    if with_face < generations.height:
+        warnings.append(
+            f"no face in {generations.height - with_face} of {generations.height} generated images "
+            "(identity_distance is null there); a base model that draws people, or more training, "
+            "gives the identity score more to measure"
+        )
+    best_ck = next((c for c in checkpoints if c.name == best), None)
+    counts = {
+        "images": generations.height,
+        "rendered_now": rendered,
+        "reused": reused,
+        "with_face": with_face,
+        "characters": len(characters),
+        "checkpoints": len(checkpoints),
+    }
+    facts = {
+        "best_checkpoint": best,
+        "best_lora": str(best_ck.path) if best_ck else None,
+        "best_identity_distance": (
+            scores.filter(pl.col("best"))["identity_distance"][0] if best is not None else None
+        ),
+        "base_model": base_model,
+        "resolution": size,
+        "trigger_word": trigger,
+        "characters": characters,
+        "checkpoints": {c.name: str(c.path) for c in checkpoints},
+        "references": references.sources,
+        "clip_model": cfg.clip_model,
+        "no_face": f"no face in {generations.height - with_face} of {generations.height} images",
+    }
+    return GenerateResult(generations, scores, counts, warnings, facts)

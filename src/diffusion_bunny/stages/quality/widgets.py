@@ -1,0 +1,173 @@
+"""Notebook 02's widget: one slider per quality threshold over the stored scores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import polars as pl
+from pydantic import ValidationError
+
+from diffusion_bunny.config import FilteringConfig, save_local_settings
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+
+
+class QualityThresholdExplorer:
+    """One slider per threshold of stage 02 over the stored ``quality`` scores: the counts, the
+    histograms and the kept/rejected grid follow every move, and no frame is read again (the rules
+    are a pure function of the table; only the thumbnails of the grid are opened)."""
+
+    def __init__(
+        self,
+        run: Run,
+        cfg: FilteringConfig,
+        *,
+        max_per_group: int = 24,
+        config_root: Path | None = None,
+    ):
+        self.run = run
+        self.base = cfg
+        self.scores = run.read_table("quality")
+        self.frames = run.read_table("frames")
+        self.max_per_group = max_per_group
+        self.config_root = config_root
+        top_sharp = float(self.scores["sharpness"].max() or 1000.0)
+        style = {"description_width": "120px"}
+        layout = widgets.Layout(width="480px")
+
+        def slider(cls: type, name: str, **kw: Any) -> Any:
+            return cls(description=name, continuous_update=False, style=style, layout=layout, **kw)
+
+        self.sliders: dict[str, Any] = {
+            "min_sharpness": slider(
+                widgets.FloatLogSlider,
+                "min sharpness",
+                value=max(cfg.min_sharpness, 0.1),
+                base=10,
+                min=-1,
+                max=round(math.log10(max(top_sharp, 10.0)) + 0.3, 2),
+                step=0.02,
+            ),
+            "min_brightness": slider(
+                widgets.FloatSlider, "min brightness", value=cfg.min_brightness, min=0, max=255, step=1
+            ),
+            "max_brightness": slider(
+                widgets.FloatSlider, "max brightness", value=cfg.max_brightness, min=0, max=255, step=1
+            ),
+            "max_clipped": slider(
+                widgets.FloatSlider, "max clipped", value=cfg.max_clipped, min=0, max=1, step=0.01
+            ),
+            "dup_distance": slider(widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=32),
+            "best_per_batch": slider(
+                widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
+            ),
+        }
+        self.counts = widgets.HTML()
+        # Image widgets, not Output widgets: headless executors (nbclient) hang on a cell that
+        # shows images inside an Output widget (see MotionThresholdExplorer).
+        self.plot_img = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
+        self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
+        self.save_button = widgets.Button(
+            description="use these thresholds", icon="save", layout=widgets.Layout(width="auto")
+        )
+        self.saved = widgets.HTML()
+        self._hold = False
+        for s in self.sliders.values():
+            s.observe(lambda change: self._update(), names="value")
+        self.save_button.on_click(lambda _: self.save())
+        batch = "shot" if cfg.batch == "shot" else f"{cfg.batch} consecutive frames"
+        self.widget = widgets.VBox(
+            [
+                *self.sliders.values(),
+                widgets.HTML(
+                    f"best per batch: 0 keeps all; a batch is a {batch} (<code>filtering.batch</code>)"
+                ),
+                widgets.HBox([self.save_button, self.saved]),
+                self.counts,
+                self.plot_img,
+                self.sheet_img,
+            ]
+        )
+        self._update()
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The slider values as ``filtering`` settings (best per batch 0 means keep all: null)."""
+        out = {name: s.value for name, s in self.sliders.items()}
+        out["dup_distance"] = int(out["dup_distance"])
+        out["best_per_batch"] = int(out["best_per_batch"]) or None
+        return out
+
+    @property
+    def filtering(self) -> FilteringConfig:
+        """The base config with the sliders' values; raises ValueError for an impossible
+        combination (minimum brightness over the maximum)."""
+        return FilteringConfig.model_validate({**self.base.model_dump(), **self.values})
+
+    def set_thresholds(self, **values: Any) -> None:
+        """Move sliders from Python (same path as a person dragging them), redrawing once."""
+        unknown = set(values) - set(self.sliders)
+        if unknown:
+            raise KeyError(f"no slider for {sorted(unknown)} (sliders: {', '.join(self.sliders)})")
+        self._hold = True
+        try:
+            for name, value in values.items():
+                self.sliders[name].value = 0 if name == "best_per_batch" and value is None else value
+        finally:
+            self._hold = False
+        self._update()
+
+    def table(self) -> pl.DataFrame:
+        """The quality table under the current sliders."""
+        return apply_quality_rules(self.scores, self.frames, self.filtering)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """``{"kept": n, "<reason>": n}`` under the current sliders."""
+        return reason_counts(self.table())
+
+    def _update(self) -> None:
+        if self._hold:
+            return
+        import io
+
+        import matplotlib.pyplot as plt
+
+        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
+
+        try:
+            cfg = self.filtering
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            self.counts.value = f"<b style='color:#C0392B'>{message}</b>"
+            return
+        table = apply_quality_rules(self.scores, self.frames, cfg)
+        counts = reason_counts(table)
+        rejected = ", ".join(f"{n} {reason}" for reason, n in counts.items() if reason != "kept")
+        self.counts.value = (
+            f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
+        )
+        fig = quality_histograms(table, cfg).draw()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=72)
+        plt.close(fig)
+        self.plot_img.value = buf.getvalue()
+        sheet = quality_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group)
+        buf = io.BytesIO()
+        sheet.save(buf, format="JPEG", quality=85)
+        self.sheet_img.value = buf.getvalue()
+
+    def save(self) -> Path:
+        """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
+        ``bunny run``) applies them, so a headless rerun reproduces this choice."""
+        cfg = self.filtering
+        keys = ("min_sharpness", "min_brightness", "max_brightness", "max_clipped", "dup_distance")
+        settings = {key: getattr(cfg, key) for key in keys}
+        settings["min_sharpness"] = round(settings["min_sharpness"], 3)
+        settings["best_per_batch"] = cfg.best_per_batch
+        path = save_local_settings("thresholds", {"filtering": settings}, self.config_root)
+        self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
+        return path

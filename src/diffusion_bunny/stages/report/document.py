@@ -1,0 +1,148 @@
+"""The report page: a small notebook document built from the sections (markdown per heading, the
+PNGs and tables as outputs) converted with nbconvert's ``HTMLExporter``, code hidden."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.stages.report.sections import SECTIONS
+
+if TYPE_CHECKING:
+    pass
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def figure_png(image: Any, dpi: int = 100) -> bytes:
+    """PNG bytes of a plotnine chart (drawn, saved and closed, so a notebook does not show it a
+    second time) or of a Pillow image."""
+    buf = io.BytesIO()
+    if hasattr(image, "draw"):
+        import matplotlib.pyplot as plt
+
+        fig = image.draw()
+        try:
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+        finally:
+            plt.close(fig)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- HTML
+
+
+def _png_output(png: bytes) -> Any:
+    import nbformat
+
+    return nbformat.v4.new_output(
+        "display_data", data={"image/png": base64.b64encode(png).decode("ascii"), "text/plain": "<figure>"}
+    )
+
+
+def _html_output(html: str) -> Any:
+    import nbformat
+
+    return nbformat.v4.new_output("display_data", data={"text/html": html, "text/plain": "<table>"})
+
+
+def table_html(df: pl.DataFrame, links: tuple[str, ...] = ()) -> str:
+    """A plain HTML table (escaped), for the report's tables; values of the ``links`` columns are
+    relative paths shown as links."""
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td><a href="{escape(v)}">open</a></td>' if c in links and v else f"<td>{_cell(v)}</td>"
+            for c, v in zip(df.columns, row, strict=True)
+        )
+        + "</tr>"
+        for row in df.iter_rows()
+    )
+    return f'<table class="bunny-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}"
+    return escape(str(value))
+
+
+def report_document(
+    run_dir: str | Path,
+    figures: pl.DataFrame,
+    *,
+    title: str,
+    intro: str = "",
+    tables: dict[str, str] | None = None,
+) -> Any:
+    """A notebook document of the report: a markdown cell per section (heading, what it shows,
+    its message), then a code cell with no source whose outputs are the section's PNGs (read
+    from disk) and, for sections named in ``tables``, that HTML table (:func:`table_html`).
+    nbconvert turns it into HTML with the (empty) code hidden."""
+    import nbformat
+
+    run_dir = Path(run_dir)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["title"] = title
+    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {title}\n\n{intro}".strip()))
+    tables = tables or {}
+    for key in figures.sort("order")["section"].unique(maintain_order=True).to_list():
+        rows = figures.filter(pl.col("section") == key).sort("order")
+        first = rows.row(0, named=True)
+        about = SECTIONS[key][2] if key in SECTIONS else ""
+        status = "" if first["status"] == "ok" else "**"
+        text = f"## {first['title']}\n\n{about}\n\n{status}{first['message']}{status}"
+        nb.cells.append(nbformat.v4.new_markdown_cell(text))
+        outputs = []
+        if key in tables:
+            outputs.append(_html_output(tables[key]))
+        for row in rows.filter(pl.col("figure").is_not_null()).iter_rows(named=True):
+            outputs.append(_png_output((run_dir / row["path"]).read_bytes()))
+            nb.metadata.setdefault("figure_titles", []).append(row["figure_title"] or row["figure"])
+        if outputs:
+            cell = nbformat.v4.new_code_cell("")
+            cell.outputs = outputs
+            nb.cells.append(cell)
+    return nb
+
+
+_NBCONVERT_ALT = 'alt="No description has been provided for this image"'
+
+
+def render_report_html(notebook: Any, out_html: str | Path) -> Path:
+    """Convert a notebook (an executed one, or :func:`report_document`'s) to one self-contained
+    HTML file with nbconvert, code and prompts hidden, pictures embedded; written atomically."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    if isinstance(notebook, str | Path):
+        notebook = nbformat.read(str(notebook), as_version=4)
+    exporter = HTMLExporter(template_name="lab")
+    exporter.exclude_input = True
+    exporter.exclude_input_prompt = True
+    exporter.exclude_output_prompt = True
+    # nbconvert fills a placeholder alternative text into every image and logs a warning about
+    # it; the report's figures get their titles instead (kept in the document's metadata).
+    quiet = logging.getLogger("diffusion_bunny.stages.report.stage.nbconvert")
+    quiet.setLevel(logging.ERROR)
+    exporter.log = quiet
+    body, _ = exporter.from_notebook_node(notebook)
+    for alt in notebook.metadata.get("figure_titles", []):
+        body = body.replace(_NBCONVERT_ALT, f'alt="{escape(alt, quote=True)}"', 1)
+    out_html = Path(out_html)
+    atomic_write_bytes(out_html, body.encode("utf-8"))
+    return out_html

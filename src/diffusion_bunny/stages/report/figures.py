@@ -1,0 +1,101 @@
+"""The report's own figures (the other sections reuse each stage's plots): the shot-length
+histogram and the identity of generated pictures per checkpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+if TYPE_CHECKING:
+    from plotnine import ggplot
+
+
+# ------------------------------------------------------------------------------- other figures
+
+
+def shot_length_histogram(shots: pl.DataFrame) -> ggplot:
+    """Distribution of shot lengths, static and dynamic shots stacked, the median as a line."""
+    from plotnine import (
+        aes,
+        geom_histogram,
+        geom_vline,
+        ggplot,
+        labs,
+        scale_fill_manual,
+        theme,
+        theme_minimal,
+    )
+
+    from diffusion_bunny.stages.extract.plots import KIND_COLOURS
+
+    df = shots.with_columns((pl.col("end_s") - pl.col("start_s")).alias("length_s"))
+    median = float(df["length_s"].median() or 0.0)
+    return (
+        ggplot(df.to_pandas(), aes("length_s", fill="kind"))
+        + geom_histogram(bins=max(5, min(30, df.height)), colour="white", size=0.2)
+        + geom_vline(xintercept=median, linetype="dashed", colour="#C0392B")
+        + scale_fill_manual(values=KIND_COLOURS)
+        + labs(
+            x="shot length (s)",
+            y="shots",
+            fill="shot",
+            title=f"{df.height} shots, median {median:.1f} s (dashed)",
+        )
+        + theme_minimal()
+        + theme(figure_size=(8, 3.2))
+    )
+
+
+def checkpoint_order(names: list[str]) -> list[str]:
+    """Checkpoints by training step (``checkpoint-200`` before ``checkpoint-1000``); names
+    without a number (the final weights) last."""
+
+    def key(name: str) -> tuple[int, int, str]:
+        numbers = re.findall(r"\d+", Path(name).name)
+        return (0, int(numbers[-1]), name) if numbers else (1, 0, name)
+
+    return sorted(set(names), key=key)
+
+
+def identity_table(generations: pl.DataFrame) -> pl.DataFrame:
+    """Per checkpoint and character: pictures, faces found, mean identity distance (faces found
+    only; lower is closer to the references)."""
+    return (
+        generations.group_by("checkpoint", "character")
+        .agg(
+            pl.len().alias("pictures"),
+            pl.col("face_found").sum().cast(pl.Int64).alias("faces_found"),
+            pl.col("identity_distance").drop_nulls().mean().alias("identity_distance"),
+        )
+        .sort("checkpoint", "character")
+    )
+
+
+def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> ggplot:
+    """Mean identity distance per checkpoint (in training order), one line per character."""
+    from plotnine import aes, geom_hline, geom_line, geom_point, ggplot, labs, theme, theme_minimal
+
+    from diffusion_bunny.media.figures import categorical
+
+    table = identity_table(generations)
+    order = checkpoint_order(table["checkpoint"].to_list())
+    df = table.filter(pl.col("identity_distance").is_not_null()).to_pandas()
+    df["checkpoint"] = categorical(df["checkpoint"], order)
+    found = int(table["faces_found"].sum())
+    return (
+        ggplot(df, aes("checkpoint", "identity_distance", colour="character", group="character"))
+        + geom_line()
+        + geom_point(size=2.5)
+        + geom_hline(yintercept=tolerance, linetype="dashed", colour="#C0392B")
+        + labs(
+            x="checkpoint",
+            y="identity distance (lower is closer)",
+            colour="",
+            title=f"{generations.height} generated pictures, a face found in {found}",
+        )
+        + theme_minimal()
+        + theme(figure_size=(8, 3.2))
+    )

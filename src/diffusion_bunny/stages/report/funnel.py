@@ -1,0 +1,210 @@
+"""The report's funnel, pure over the tables: frames that reached each step of the pipeline, with
+the reasons the others were dropped, as a table and as bars of shares."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from diffusion_bunny.stages.captions.tables import usable_captions
+
+if TYPE_CHECKING:
+    from plotnine import ggplot
+
+
+PASSED = "#54A24B"
+REASON_COLOURS = {
+    "kept": PASSED,
+    "train": PASSED,
+    "validation": "#A0D38F",
+    "unreadable": "#000000",
+    "too_dark": "#3B3B98",
+    "too_bright": "#F2CF5B",
+    "clipped": "#B279A2",
+    "blurry": "#9D755D",
+    "duplicate": "#E45756",
+    "not_best": "#BAB0AC",
+    "noise": "#BBBBBB",
+    "failed": "#E45756",
+}
+_OTHER_COLOURS = ["#4C78A8", "#F58518", "#72B7B2", "#FF9DA6", "#9D755D", "#EECA3B", "#79706E"]
+
+
+# --------------------------------------------------------------------------------------- funnel
+
+
+def funnel_table(
+    *,
+    decoded: int | None = None,
+    candidates: pl.DataFrame | None = None,
+    frames: pl.DataFrame | None = None,
+    quality: pl.DataFrame | None = None,
+    faces: pl.DataFrame | None = None,
+    face_frames: pl.DataFrame | None = None,
+    clusters: pl.DataFrame | None = None,
+    captions: pl.DataFrame | None = None,
+    dataset_items: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Frames in and out of each step, with the reasons for the ones dropped.
+
+    One row per (step, outcome): ``step`` (ordered as the pipeline), ``stage``, ``outcome``
+    (``kept``/``train``/``validation`` for frames that went on, else the reason they were
+    dropped), ``frames`` and ``passed`` (bool). A step appears only when its stage's table is
+    given, so a partial run gives a shorter funnel rather than an error.
+    """
+    rows: list[tuple[str, str, str, int, bool]] = []
+
+    def step(name: str, stage: str, kept: int, dropped: dict[str, int], passed: dict[str, int] | None = None):
+        for outcome, n in (passed or {"kept": kept}).items():
+            rows.append((name, stage, outcome, int(n), True))
+        for reason, n in dropped.items():
+            if n > 0:
+                rows.append((name, stage, reason, int(n), False))
+
+    if decoded is not None:
+        step("decoded", "extract", decoded, {})
+    if candidates is not None:
+        lost = {"not a candidate": decoded - candidates.height} if decoded is not None else {}
+        step("keyframe candidates", "extract", candidates.height, lost)
+    if frames is not None:
+        lost = {"not chosen": candidates.height - frames.height} if candidates is not None else {}
+        step("extracted", "extract", frames.height, lost)
+    kept_ids: pl.Series | None = None
+    if quality is not None:
+        kept_ids = quality.filter(pl.col("keep"))["frame_id"]
+        reasons = dict(quality.filter(~pl.col("keep")).group_by("reject_reason").len().iter_rows())
+        order = [r for r in REASON_COLOURS if r in reasons] + sorted(
+            str(r) for r in reasons if r not in REASON_COLOURS
+        )
+        step("kept by quality", "quality", kept_ids.len(), {r: reasons.get(r, 0) for r in order})
+    if faces is not None and kept_ids is not None:
+        kept_set = set(kept_ids.to_list())
+        on_kept = faces.filter(pl.col("frame_id").is_in(kept_set))
+        named = set(on_kept.filter(pl.col("character").is_not_null())["frame_id"].to_list())
+        with_faces = set(on_kept["frame_id"].to_list())
+        searched = set(face_frames["frame_id"].to_list()) & kept_set if face_frames is not None else kept_set
+        step(
+            "with a named character",
+            "characters",
+            len(named),
+            {
+                "unknown faces only": len(with_faces - named),
+                "no face": len(searched - with_faces),
+                "not searched": len(kept_set - searched - with_faces),
+            },
+        )
+    if clusters is not None:
+        scene = clusters.filter(pl.col("level") == "scene")
+        noise = int((scene["cluster_id"] == "noise").sum())
+        step("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
+    usable = None
+    if captions is not None:
+        usable = usable_captions(captions).height
+        step("captioned", "captions", usable, {"failed": captions.height - usable})
+    if dataset_items is not None:
+        # Frames, not pictures: a frame's face and half-body crops are extra rows of the same frame
+        # (all in the frame's split, which is drawn per shot group).
+        frames_out = dataset_items.unique("frame_id")
+        splits = dict(frames_out.group_by("split").len().iter_rows())
+        source = usable if usable is not None else (kept_ids.len() if kept_ids is not None else None)
+        lost = {"not exported": source - frames_out.height} if source is not None else {}
+        passed = {s: splits[s] for s in ("train", "validation") if s in splits}
+        step("exported", "export", frames_out.height, lost, passed or {"train": 0})
+    table = pl.DataFrame(
+        rows,
+        schema={
+            "step": pl.Utf8,
+            "stage": pl.Utf8,
+            "outcome": pl.Utf8,
+            "frames": pl.Int64,
+            "passed": pl.Boolean,
+        },
+        orient="row",
+    )
+    return table
+
+
+def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
+    """One row per step: frames in, frames out, and the dropped ones by reason as text."""
+    steps = funnel["step"].unique(maintain_order=True).to_list()
+    out = []
+    for name in steps:
+        part = funnel.filter(pl.col("step") == name)
+        passed = part.filter(pl.col("passed"))
+        dropped = part.filter(~pl.col("passed"))
+        out.append(
+            {
+                "step": name,
+                "stage": part["stage"][0],
+                "frames in": int(part["frames"].sum()),
+                "frames out": int(passed["frames"].sum()),
+                "dropped": ", ".join(f"{n} {o}" for o, n in dropped.select("outcome", "frames").iter_rows())
+                or "-",
+            }
+        )
+    return pl.DataFrame(
+        out,
+        schema={
+            "step": pl.Utf8,
+            "stage": pl.Utf8,
+            "frames in": pl.Int64,
+            "frames out": pl.Int64,
+            "dropped": pl.Utf8,
+        },
+    )
+
+
+def funnel_plot(funnel: pl.DataFrame) -> ggplot:
+    """One bar per step (first step on top), as shares of the frames that reached it: green went
+    on, the dropped ones stacked after, one colour per reason; the counts (in -> out) are written
+    beside each bar. Shares, not counts: a movie decodes thousands of frames and keeps dozens, so
+    on one count axis every later step would be a sliver."""
+    from plotnine import (
+        aes,
+        coord_flip,
+        geom_col,
+        geom_text,
+        ggplot,
+        labs,
+        scale_fill_manual,
+        scale_y_continuous,
+        theme,
+        theme_minimal,
+    )
+
+    from diffusion_bunny.media.figures import categorical
+
+    steps = funnel["step"].unique(maintain_order=True).to_list()
+    outcomes = funnel["outcome"].unique(maintain_order=True).to_list()
+    passed = [o for o in outcomes if o in ("kept", "train", "validation")]
+    order = passed + [o for o in outcomes if o not in passed]
+    extra = iter(_OTHER_COLOURS * 4)
+    colours = {o: REASON_COLOURS.get(o) or next(extra) for o in order}
+    shares = funnel.with_columns(
+        (pl.col("frames") / pl.col("frames").sum().over("step").clip(lower_bound=1)).alias("share")
+    )
+    summary = funnel_summary(funnel)
+    labels = summary.select(
+        "step", pl.format("{} -> {}", pl.col("frames in"), pl.col("frames out")).alias("label")
+    ).to_pandas()
+    df = shares.to_pandas()
+    for frame in (df, labels):
+        frame["step"] = categorical(frame["step"], steps[::-1])
+    labels["share"] = 1.02
+    df["outcome"] = categorical(df["outcome"], order[::-1])  # what went on nearest the axis
+    first = int(summary["frames in"][0]) if steps else 0
+    last = int(summary["frames out"][-1]) if steps else 0
+    return (
+        ggplot(df, aes("step", "share"))
+        + geom_col(aes(fill="outcome"), position="stack")
+        + geom_text(labels, aes("step", "share", label="label"), ha="left", size=9)
+        + coord_flip()
+        + scale_fill_manual(values=colours, breaks=order)
+        + scale_y_continuous(
+            limits=(0, 1.32), breaks=[0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25%", "50%", "75%", "100%"]
+        )
+        + labs(x="", y="share of the frames that reached the step", fill="", title=f"{first} in, {last} out")
+        + theme_minimal()
+        + theme(figure_size=(9, max(2.2, 0.45 * len(steps) + 1.2)))
+    )

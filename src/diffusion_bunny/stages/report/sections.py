@@ -1,0 +1,322 @@
+"""The report's sections: one per stage, each with its figures, or a line saying the stage did not
+run (so the report works after any subset of the stages)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from diffusion_bunny.pipeline.run import Run, slugify
+from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
+from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
+
+if TYPE_CHECKING:
+    from diffusion_bunny.config import Config
+
+
+#: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
+#: The table whose absence means a section's stage did not run.
+SECTION_TABLES = {
+    "quality": "quality",
+    "shots": "shots",
+    "characters": "faces",
+    "scenes": "clusters",
+    "captions": "captions",
+    "train": "training_log",
+    "generate": "generations",
+}
+
+SECTIONS: dict[str, tuple[str, str, str]] = {
+    "funnel": (
+        "Frames in and out of each stage",
+        "extract",
+        "Each bar is the frames that reached a step: green went on, the other colours were dropped, "
+        "with the reason. Steps of stages that did not run are left out.",
+    ),
+    "quality": (
+        "Sharpness and brightness",
+        "quality",
+        "Every quality score of stage 02 with its threshold (dashed), coloured by outcome; the "
+        "thresholds are the ones the stage last ran with.",
+    ),
+    "shots": (
+        "Shot lengths",
+        "extract",
+        "How long the shots are (static shots give one keyframe, dynamic ones three), and where they "
+        "fall in the movie.",
+    ),
+    "characters": (
+        "Characters on screen",
+        "characters",
+        "A bar over every shot in which a sampled frame shows the character, a dot at each frame "
+        "where the face was found; then each character's contact sheet (best matches first, "
+        "low-confidence ones framed in orange).",
+    ),
+    "scenes": (
+        "Scene clusters",
+        "scenes",
+        "Frames per scene cluster, largest first; the grey bar is the noise bucket.",
+    ),
+    "captions": (
+        "Caption lengths",
+        "captions",
+        "Words per usable caption (status ok or edited); failed captions are counted in the title.",
+    ),
+    "train": (
+        "Training loss",
+        "train",
+        "The LoRA's training loss per step, with a moving average.",
+    ),
+    "generate": (
+        "Identity per checkpoint",
+        "generate",
+        "Face-encoding distance between each generated picture and the character's references, "
+        "per checkpoint (lower is closer; the dashed line is the naming tolerance).",
+    ),
+}
+
+
+@dataclass
+class Figure:
+    """One figure of a section: a plotnine chart or a Pillow image."""
+
+    name: str
+    title: str
+    image: Any
+
+
+@dataclass
+class Section:
+    """One section of the report: its figures, or why it has none."""
+
+    key: str
+    status: str  # "ok", "empty" (the stage ran, nothing to show) or "absent" (the stage did not run)
+    message: str
+    figures: list[Figure] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return SECTIONS[self.key][0] if self.key in SECTIONS else self.key.replace("_", " ").capitalize()
+
+
+def did_not_run(stage: str, table: str) -> str:
+    """The one line a section shows for a stage that did not run."""
+    return f"stage {stage} did not run (no tables/{table}.parquet)"
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+def _filtering_config(run: Run, cfg: Config) -> Any:
+    """The thresholds stage 02 last ran with (from its manifest), else the current ones."""
+    from diffusion_bunny.config import FilteringConfig
+
+    manifest = run.read_manifest("quality") or {}
+    try:
+        return FilteringConfig(**manifest["config"]["filtering"])
+    except (KeyError, TypeError, ValueError):
+        return cfg.filtering
+
+
+def build_sections(run: Run, cfg: Config) -> list[Section]:
+    """Every section of the report, in order, from the tables the run has."""
+    builders: dict[str, Callable[[Run, Config], Section]] = {
+        "funnel": _funnel_section,
+        "quality": _quality_section,
+        "shots": _shots_section,
+        "characters": _characters_section,
+        "scenes": _scenes_section,
+        "captions": _captions_section,
+        "train": _train_section,
+        "generate": _generate_section,
+    }
+    sections = []
+    for key, build in builders.items():
+        table = SECTION_TABLES.get(key)
+        if table is not None and not run.has_table(table):
+            sections.append(Section(key, "absent", did_not_run(SECTIONS[key][1], table)))
+            continue
+        sections.append(build(run, cfg))
+    return sections
+
+
+def _funnel_section(run: Run, cfg: Config) -> Section:
+    if not run.has_table("frames"):
+        return Section("funnel", "absent", did_not_run("extract", "frames"))
+    decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
+    funnel = run_funnel(run, decoded)
+    summary = funnel_summary(funnel)
+    last = summary.row(-1, named=True)
+    return Section(
+        "funnel",
+        "ok",
+        f"{summary['frames in'][0]} frames in, {last['frames out']} out after '{last['step']}'",
+        [Figure("funnel", "Frames per step", funnel_plot(funnel))],
+    )
+
+
+def run_funnel(run: Run, decoded: int | None = None) -> pl.DataFrame:
+    """:func:`funnel_table` over the run's tables (the ones present)."""
+    candidates = (
+        pl.read_parquet(run.table_path("keyframe_candidates"), columns=["frame_index"])
+        if run.has_table("keyframe_candidates")
+        else None
+    )
+    faces = (
+        pl.read_parquet(run.table_path("faces"), columns=["frame_id", "character"])
+        if run.has_table("faces")
+        else None
+    )
+    return funnel_table(
+        decoded=decoded,
+        candidates=candidates,
+        frames=run.optional_table("frames"),
+        quality=run.optional_table("quality"),
+        faces=faces,
+        face_frames=run.optional_table("face_frames"),
+        clusters=run.optional_table("clusters"),
+        captions=run.optional_table("captions"),
+        dataset_items=run.optional_table("dataset_items"),
+    )
+
+
+def _quality_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.quality.plots import quality_histograms
+
+    quality = run.read_table("quality")
+    if not quality.height:
+        return Section("quality", "empty", "stage quality ran on no frame")
+    kept = int(quality["keep"].sum())
+    return Section(
+        "quality",
+        "ok",
+        f"{kept} of {quality.height} frames kept",
+        [
+            Figure(
+                "quality",
+                "Quality scores and thresholds",
+                quality_histograms(quality, _filtering_config(run, cfg)),
+            )
+        ],
+    )
+
+
+def _shots_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.extract.plots import shot_length_plot
+
+    shots = run.read_table("shots")
+    if not shots.height:
+        return Section("shots", "empty", "stage extract found no shot")
+    return Section(
+        "shots",
+        "ok",
+        f"{shots.height} shots",
+        [
+            Figure("shot_lengths", "Shot-length histogram", shot_length_histogram(shots)),
+            Figure("shot_timeline", "Shots along the movie", shot_length_plot(shots)),
+        ],
+    )
+
+
+def _characters_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
+
+    faces = run.read_table("faces")
+    if not faces.height:
+        return Section("characters", "empty", "stage characters found no face")
+    figures = []
+    if run.has_table("shots"):
+        figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
+    named = faces.filter(pl.col("character").is_not_null())
+    counts = named.group_by("character").len().sort(["len", "character"], descending=[True, False])
+    frames = run.read_table("frames")
+    shown = counts.head(cfg.report.max_characters)
+    for name in shown["character"].to_list():
+        members = named.filter(pl.col("character") == name)
+        sheet = face_sheet(
+            run.run_dir,
+            members,
+            frames,
+            max_per_group=cfg.report.contact_sheet_faces,
+            columns=max(1, min(12, members.height)),
+        )
+        figures.append(Figure(f"contact_{slugify(name)}", f"Contact sheet: {name}", sheet))
+    unknown = faces.height - named.height
+    more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
+    message = (
+        f"{faces.height} faces: {counts.height} named characters{more}, {unknown} {UNKNOWN} faces"
+        if counts.height
+        else f"{faces.height} faces, none named (name them in notebook 03)"
+    )
+    return Section("characters", "ok", message, figures)
+
+
+def _scenes_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.scenes.plots import cluster_sizes_plot
+
+    clusters = run.read_table("clusters")
+    scene = clusters.filter(pl.col("level") == "scene")
+    if not scene.height:
+        return Section("scenes", "empty", "stage scenes clustered no frame")
+    noise = int((scene["cluster_id"] == "noise").sum())
+    n = scene.filter(pl.col("cluster_id") != "noise")["cluster_id"].n_unique()
+    return Section(
+        "scenes",
+        "ok",
+        f"{scene.height} frames in {n} scene clusters; noise {noise} ({noise / scene.height:.0%})",
+        [Figure("cluster_sizes", "Cluster sizes", cluster_sizes_plot(clusters, "scene"))],
+    )
+
+
+def _captions_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.captions.plots import caption_length_plot
+
+    captions = run.read_table("captions")
+    ok = usable_captions(captions)
+    if not ok.height:
+        return Section("captions", "empty", f"no usable caption among {captions.height} frames")
+    return Section(
+        "captions",
+        "ok",
+        f"{ok.height} of {captions.height} frames captioned",
+        [Figure("caption_lengths", "Caption lengths", caption_length_plot(captions, by="status"))],
+    )
+
+
+def _train_section(run: Run, cfg: Config) -> Section:
+    from diffusion_bunny.stages.train.plots import loss_curve_plot
+
+    log = run.read_table("training_log").drop_nulls("loss")
+    if not log.height:
+        return Section("train", "empty", "the training log holds no step")
+    return Section(
+        "train",
+        "ok",
+        f"{log.height} logged steps",
+        [Figure("training_loss", "Training loss", loss_curve_plot(log))],
+    )
+
+
+def _generate_section(run: Run, cfg: Config) -> Section:
+    generations = run.read_table("generations")
+    if not generations.height or generations["identity_distance"].is_null().all():
+        return Section(
+            "generate", "empty", f"{generations.height} generated pictures, no face found in any of them"
+        )
+    n = generations["checkpoint"].n_unique()
+    return Section(
+        "generate",
+        "ok",
+        f"{generations.height} generated pictures from {n} checkpoint(s)",
+        [
+            Figure(
+                "identity_per_checkpoint",
+                "Identity per checkpoint",
+                identity_plot(generations, cfg.characters.tolerance),
+            )
+        ],
+    )

@@ -1,0 +1,577 @@
+"""Stage 04 (``scenes``): embeddings, two-level clusters, corrections applied and learned from.
+
+What a run of the stage does, in order:
+
+1. Picks the frames (those stage 02 kept, or all with ``scenes.frames: all``).
+2. Embeds the frames that have no embedding yet for this embedder (an embedding is reused while
+   the frame file keeps its size: the frame ids of a run are stable, so a rerun or a new frame
+   costs only the new frames).
+3. With corrections in ``feedback`` and ``scenes.adapter: auto``, trains the adapter on them
+   (:mod:`diffusion_bunny.stages.scenes.adapter`) and clusters in the adapted space.
+4. Clusters: incrementally (new frames against the existing exemplars, old clusters untouched)
+   when nothing but the set of frames changed since the last run, or against a shared library
+   (``scenes.library_dir``); otherwise afresh, with the previous ids kept for the clusters it
+   reproduces.
+5. Adds the character level from stage 03's names and applies every correction (latest wins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diffusion_bunny.config import ScenesConfig, workspace_root
+from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.extract.tables import frame_image_path
+from diffusion_bunny.stages.scenes.clustering import (
+    ExemplarIndex,
+    apply_feedback,
+    assign_incremental,
+    cluster_scenes,
+    clusters_table,
+    frame_characters,
+    latest_moves,
+    new_cluster_id,
+    next_cluster_number,
+    normalise,
+    renumber_by_size,
+    scene_name,
+    similar_frames,
+    stable_ids,
+)
+from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA, LEVELS, NEW, NOISE, empty_feedback
+
+EMBEDDING_SCHEMA = {
+    "frame_id": pl.String,
+    "embedder": pl.String,
+    "file_bytes": pl.Int64,
+    "vector": pl.List(pl.Float32),
+}
+EXEMPLAR_SCHEMA = {
+    "cluster_id": pl.String,
+    "frame_id": pl.String,
+    "movie_id": pl.String,
+    "embedder": pl.String,
+    "space": pl.String,
+    "vector": pl.List(pl.Float32),
+}
+ADAPTER_FILE = "models/scene_adapter.npz"
+
+
+@dataclass
+class ScenesResult:
+    embeddings: pl.DataFrame
+    clusters: pl.DataFrame
+    exemplars: pl.DataFrame
+    counts: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def frames_to_cluster(frames: pl.DataFrame, quality: pl.DataFrame | None, which: str) -> pl.DataFrame:
+    """The frames stage 04 works on, in frame order."""
+    if which == "kept" and quality is not None:
+        kept = quality.filter(pl.col("keep")).select("frame_id")
+        frames = frames.join(kept, on="frame_id", how="semi")
+    return frames.sort("frame_index")
+
+
+def embed_frames(
+    run_dir: Path,
+    frames: pl.DataFrame,
+    cfg: ScenesConfig,
+    previous: pl.DataFrame | None,
+    *,
+    progress: bool = False,
+) -> tuple[pl.DataFrame, int]:
+    """The ``embeddings`` rows of ``frames`` (reusing ``previous`` ones that still match) and how
+    many were computed now."""
+    from diffusion_bunny.stages.scenes.embeddings import embedder_name, make_embedder
+
+    name = embedder_name(cfg)
+    paths = [run_dir / p for p in frames["path"].to_list()]
+    sizes = [p.stat().st_size if p.is_file() else -1 for p in paths]
+    cache: dict[tuple[str, int], list[float]] = {}
+    if previous is not None and not previous.is_empty():
+        same = previous.filter(pl.col("embedder") == name)
+        cache = {(f, b): v for f, b, v in same.select("frame_id", "file_bytes", "vector").iter_rows()}
+    fids = frames["frame_id"].to_list()
+    todo = [i for i, (f, b) in enumerate(zip(fids, sizes, strict=True)) if (f, b) not in cache]
+    vectors: list[Any] = [cache.get((f, b)) for f, b in zip(fids, sizes, strict=True)]
+    if todo:  # the embedder (for CLIP: the model) is loaded only when a frame needs it
+        fresh = make_embedder(cfg).embed_images([paths[i] for i in todo], progress=progress)
+        for i, vec in zip(todo, fresh, strict=True):
+            vectors[i] = vec.astype(np.float32).tolist()
+    table = pl.DataFrame(
+        {"frame_id": fids, "embedder": [name] * len(fids), "file_bytes": sizes, "vector": vectors},
+        schema=EMBEDDING_SCHEMA,
+    )
+    return table, len(todo)
+
+
+def _space(embedder: str, adapter_key: str | None) -> str:
+    return embedder if adapter_key is None else f"{embedder}+adapter:{adapter_key}"
+
+
+def _feedback_key(feedback: pl.DataFrame) -> str:
+    blob = feedback.select("anchor_id", "from_cluster", "to_cluster", "level").write_csv().encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def library_path(cfg: ScenesConfig) -> Path | None:
+    if cfg.library_dir is None:
+        return None
+    path = Path(cfg.library_dir).expanduser()
+    return path if path.is_absolute() else workspace_root() / path
+
+
+def scenes_stage(
+    run_dir: Path,
+    movie_id: str,
+    frames: pl.DataFrame,
+    quality: pl.DataFrame | None,
+    faces: pl.DataFrame | None,
+    feedback: pl.DataFrame,
+    cfg: ScenesConfig,
+    *,
+    face_frames: pl.DataFrame | None = None,
+    previous: dict[str, pl.DataFrame] | None = None,
+    previous_facts: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> ScenesResult:
+    """Stage 04 on one run's tables (see the module docstring for the steps)."""
+    previous = previous or {}
+    warnings: list[str] = []
+    chosen = frames_to_cluster(frames, quality, cfg.frames)
+    if chosen.is_empty():
+        raise StageError(
+            "no frames to cluster: stage 02 kept none (see notebook 02, or set scenes.frames: all)"
+        )
+    embeddings, computed = embed_frames(run_dir, chosen, cfg, previous.get("embeddings"), progress=progress)
+    fids = embeddings["frame_id"].to_list()
+    raw = normalise(np.asarray(embeddings["vector"].to_list(), dtype=np.float32))
+    embedder_name = embeddings["embedder"][0]
+    shot_ids = chosen["shot_id"].to_list()
+
+    # The current state a person sees: the previous clusters with all corrections applied.
+    prev_clusters = previous.get("clusters")
+    current_scene: dict[str, str] = {}
+    if prev_clusters is not None and not prev_clusters.is_empty():
+        scene_rows = apply_feedback(prev_clusters, feedback).filter(pl.col("level") == "scene")
+        current_scene = dict(scene_rows.select("frame_id", "cluster_id").iter_rows())
+
+    adapter_key = None
+    vectors = raw
+    adapter_facts: dict[str, Any] = {"triplets": 0}
+    adapter_path = run_dir / ADAPTER_FILE
+    library = library_path(cfg)
+    if cfg.adapter == "auto" and not feedback.is_empty() and library is None:
+        from diffusion_bunny.stages.scenes.adapter import train_adapter_for, triplets_from_feedback
+
+        labels = current_scene or {f: NOISE for f in fids}
+        triplets = triplets_from_feedback(feedback, fids, labels)
+        if triplets:
+            adapter = train_adapter_for(raw, triplets, cfg)
+            adapter.save(adapter_path)
+            vectors = adapter.transform(raw)
+            adapter_key = _feedback_key(feedback)
+            adapter_facts = {
+                "triplets": len(triplets),
+                "final_loss": adapter.losses[-1] if adapter.losses else None,
+            }
+    if adapter_key is None:
+        adapter_path.unlink(missing_ok=True)  # an adapter from earlier corrections no longer applies
+    if library is not None and not feedback.is_empty():
+        warnings.append(
+            "scenes.library_dir is set: corrections are kept as manual placements, but the adapter "
+            "learns per run only (unset library_dir to learn from them)"
+        )
+    space = _space(embedder_name, adapter_key)
+
+    thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
+    prev_ex = previous.get("scene_exemplars")
+    same_setup = (
+        previous_facts is not None
+        and previous_facts.get("space") == space
+        and previous_facts.get("thresholds") == thresholds
+        and prev_ex is not None
+        and prev_clusters is not None
+    )
+    if library is not None:
+        labels, sims, exemplars, mode = _assign_library(library, movie_id, fids, vectors, space, cfg)
+    elif same_setup:
+        labels, sims, exemplars, mode = _assign_new(
+            fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space
+        )
+    else:
+        result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
+        old_scene = {}
+        if prev_clusters is not None:
+            old_scene = dict(
+                prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows()
+            )
+        mapping = (
+            stable_ids(result.labels, fids, old_scene) if old_scene else renumber_by_size(result.labels, fids)
+        )
+        labels = [mapping.get(label, NOISE) for label in result.labels]
+        sims = result.similarity
+        exemplars = _exemplar_rows(
+            {mapping[c]: f for c, f in result.exemplars.items()},
+            {mapping[c]: v for c, v in result.exemplar_vectors.items()},
+            movie_id,
+            embedder_name,
+            space,
+        )
+        mode = "full"
+
+    scanned = None
+    if face_frames is not None:
+        scanned = set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+    clusters = clusters_table(fids, labels, sims, shot_ids, frame_characters(faces, fids, scanned))
+    vec_by_frame = dict(zip(fids, vectors, strict=True))
+    moved_before = len(latest_moves(feedback))
+    clusters = apply_feedback(clusters, feedback, vec_by_frame)
+    scene = clusters.filter(pl.col("level") == "scene")
+    counts = {
+        "frames": len(fids),
+        "embedded_now": computed,
+        "scene_clusters": scene.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
+        "character_clusters": clusters.filter(
+            (pl.col("level") == "character") & (pl.col("cluster_id") != NOISE)
+        )["cluster_id"].n_unique(),
+        "noise": int((scene["cluster_id"] == NOISE).sum()),
+        "manual": int(clusters["manual"].sum()),
+        "corrections": moved_before,
+    }
+    facts = {
+        "mode": mode,
+        "space": space,
+        "embedder": embedder_name,
+        "thresholds": thresholds,
+        "adapter": adapter_facts,
+        "library": str(library) if library else None,
+    }
+    return ScenesResult(embeddings, clusters, exemplars, counts, facts, warnings)
+
+
+def _exemplar_rows(
+    ids: dict[str, str], vectors: dict[str, np.ndarray], movie_id: str, embedder: str, space: str
+) -> pl.DataFrame:
+    rows = [
+        {
+            "cluster_id": cid,
+            "frame_id": ids[cid],
+            "movie_id": movie_id,
+            "embedder": embedder,
+            "space": space,
+            "vector": vectors[cid].astype(np.float32).tolist(),
+        }
+        for cid in sorted(ids)
+    ]
+    return pl.DataFrame(rows, schema=EXEMPLAR_SCHEMA)
+
+
+def _index_from(exemplars: pl.DataFrame, dim: int, index_min_frames: int) -> ExemplarIndex:
+    index = ExemplarIndex.for_frames(dim, index_min_frames)
+    vectors = normalise(np.asarray(exemplars["vector"].to_list(), dtype=np.float32).reshape(-1, dim))
+    for cid, vec in zip(exemplars["cluster_id"].to_list(), vectors, strict=True):
+        index.add(cid, vec)
+    return index
+
+
+def _assign_new(
+    fids: list[str],
+    vectors: np.ndarray,
+    prev_clusters: pl.DataFrame,
+    prev_ex: pl.DataFrame,
+    cfg: ScenesConfig,
+    movie_id: str,
+    space: str,
+):
+    """Same space and thresholds as last time: keep every old frame's cluster, assign only the
+    frames that are new against the existing exemplars."""
+    scene = prev_clusters.filter(pl.col("level") == "scene")
+    old = dict(zip(scene["frame_id"].to_list(), scene["cluster_id"].to_list(), strict=True))
+    old_sims = dict(zip(scene["frame_id"].to_list(), scene["similarity"].to_list(), strict=True))
+    new_rows = [i for i, f in enumerate(fids) if f not in old]
+    labels = [old.get(f, NOISE) for f in fids]
+    sims = np.array([np.nan if old_sims.get(f) is None else old_sims[f] for f in fids], dtype=np.float32)
+    exemplars = prev_ex
+    if new_rows:
+        index = _index_from(prev_ex, vectors.shape[1], cfg.index_min_frames)
+        result = assign_incremental(
+            vectors[new_rows],
+            [fids[i] for i in new_rows],
+            assign_threshold=cfg.assign_threshold,
+            noise_threshold=cfg.noise_threshold,
+            index_min_frames=cfg.index_min_frames,
+            exemplars=index,
+            first_number=next_cluster_number(prev_ex["cluster_id"].to_list() + list(old.values())),
+        )
+        for j, i in enumerate(new_rows):
+            labels[i] = result.labels[j]
+            sims[i] = result.similarity[j]
+        embedder = prev_ex["embedder"][0] if prev_ex.height else space.split("+")[0]
+        exemplars = pl.concat(
+            [prev_ex, _exemplar_rows(result.exemplars, result.exemplar_vectors, movie_id, embedder, space)]
+        )
+    return labels, sims, exemplars, f"incremental ({len(new_rows)} new frames)"
+
+
+def _assign_library(
+    library: Path, movie_id: str, fids: list[str], vectors: np.ndarray, space: str, cfg: ScenesConfig
+):
+    """Assign this run's frames against the shared library's exemplars (never reclustering them),
+    adding the clusters it opens to the library, under the library's lock."""
+    from filelock import FileLock
+
+    from diffusion_bunny.pipeline.atomic import atomic_write_parquet
+
+    library.mkdir(parents=True, exist_ok=True)
+    path = library / "scene_exemplars.parquet"
+    with FileLock(str(library / ".library.lock"), timeout=120):
+        lib = pl.read_parquet(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
+        if lib.height and lib["space"][0] != space:
+            raise StageError(
+                f"the scene library {library} holds {lib['space'][0]} vectors, this run makes {space}; "
+                "use the library's scenes.embedder or another scenes.library_dir"
+            )
+        # Library clusters are never removed or moved, not even this movie's own from an earlier
+        # run: other movies' frames may have joined them. A rerun finds its exemplars again
+        # (similarity 1), so its frames land where they were.
+        index = _index_from(lib, vectors.shape[1], cfg.index_min_frames)
+        result = assign_incremental(
+            vectors,
+            fids,
+            assign_threshold=cfg.assign_threshold,
+            noise_threshold=cfg.noise_threshold,
+            index_min_frames=cfg.index_min_frames,
+            exemplars=index,
+            first_number=next_cluster_number(lib["cluster_id"].to_list()),
+        )
+        added = _exemplar_rows(
+            result.exemplars, result.exemplar_vectors, movie_id, space.split("+")[0], space
+        )
+        lib = pl.concat([lib, added])
+        atomic_write_parquet(path, lib)
+    mine = lib.filter(pl.col("movie_id") == movie_id)
+    return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
+
+
+# ----------------------------------------------------------------------------- moves
+
+
+@contextlib.contextmanager
+def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
+    """The lock every writer of ``clusters``/``feedback`` holds (also across processes: two
+    notebooks open on one run)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir) / "tables" / ".scenes.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(path), timeout=timeout):
+            yield
+    except Timeout as err:
+        raise StageError(
+            f"another process has held the scenes lock ({path}) for {timeout:.0f} s; close the other "
+            "notebook or stage run, or delete the lock file if no such process is running"
+        ) from err
+
+
+def read_feedback(run_dir: str | Path) -> pl.DataFrame:
+    run = Run.open(run_dir)
+    return run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
+
+
+def move_to_cluster(
+    run_dir: str | Path, frame_id: str, cluster_id: str, level: str = "scene"
+) -> dict[str, Any]:
+    """Move one frame to another cluster, as a person on the review board does.
+
+    Appends one row to ``feedback`` (anchor = the frame, from, to, ``label`` 1: the frame belongs
+    with ``to_cluster`` and not with ``from_cluster``) and updates ``clusters``, both under
+    :func:`scenes_lock` and each written atomically, so nothing is lost when the kernel restarts
+    and two writers never drop a row. ``cluster_id`` may be ``"noise"`` or, at the scene level,
+    ``"new"`` (a new cluster with the next free id). Returns the feedback row.
+    """
+    if level not in LEVELS:
+        raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    run = Run.open(run_dir)
+    with scenes_lock(run.run_dir):
+        if not run.has_table("clusters"):
+            raise BadInputError(
+                f"no clusters in {run.run_dir}: run stage scenes first (notebook 04, or "
+                "bunny run MOVIE --stages scenes)"
+            )
+        clusters = run.read_table("clusters")
+        rows = clusters.filter((pl.col("frame_id") == frame_id) & (pl.col("level") == level))
+        if rows.is_empty():
+            raise BadInputError(
+                f"frame {frame_id!r} is not in this run's clusters ({run.run_dir}); pick a frame_id "
+                "from the clusters table"
+            )
+        existing = set(clusters.filter(pl.col("level") == level)["cluster_id"].unique().to_list())
+        if cluster_id == NEW:
+            if level != "scene":
+                raise BadInputError("a new cluster can only be made at the scene level")
+            cluster_id = new_cluster_id(existing)
+        elif cluster_id != NOISE and cluster_id not in existing:
+            known = ", ".join(sorted(existing - {NOISE})[:12])
+            raise BadInputError(
+                f"cluster {cluster_id!r} does not exist at the {level} level; use one of: {known}, "
+                f"'noise'{', or new' if level == 'scene' else ''}"
+            )
+        source = rows["cluster_id"][0]
+        event = {
+            "event_id": uuid.uuid4().hex,
+            "ts": datetime.now(UTC),
+            "anchor_id": frame_id,
+            "from_cluster": source,
+            "to_cluster": cluster_id,
+            "label": 1,
+            "level": level,
+        }
+        feedback = run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
+        feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
+        run.write_table("feedback", feedback)
+        vectors = None
+        if run.has_table("embeddings") and cluster_id != NOISE:
+            # The frame's new similarity needs only the vectors of the scene it lands in (its
+            # character sub-clusters included), not the whole table on every move.
+            scene = cluster_id.partition("/")[0]
+            members = clusters.filter((pl.col("level") == "scene") & (pl.col("cluster_id") == scene))[
+                "frame_id"
+            ]
+            vectors = _vectors(run, {frame_id, *members.to_list()})
+        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors))
+    return event
+
+
+def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
+    emb = (
+        pl.scan_parquet(run.table_path("embeddings"))
+        .filter(pl.col("frame_id").is_in(list(frame_ids)))
+        .select("frame_id", "vector")
+        .collect()
+    )
+    if emb.is_empty():
+        return {}
+    return dict(zip(emb["frame_id"].to_list(), normalise(np.asarray(emb["vector"].to_list())), strict=True))
+
+
+# ----------------------------------------------------------------------------- board
+
+
+def board_state(run_dir: str | Path, level: str = "scene") -> list[dict[str, Any]]:
+    """The folders of the review board: one per cluster, largest first, the noise bucket last;
+    each with its frames (best fitting first) and their thumbnails."""
+    if level not in LEVELS:
+        raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    run = Run.open(run_dir)
+    if not run.has_table("clusters"):
+        raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
+    clusters = run.read_table("clusters").filter(pl.col("level") == level)
+    frames = run.read_table("frames").select("frame_id", "timestamp_s", "path")
+    table = clusters.join(frames, on="frame_id", how="left")
+    folders = []
+    for (cid,), group in table.group_by("cluster_id", maintain_order=True):
+        group = group.sort(["similarity", "frame_id"], descending=[True, False], nulls_last=True)
+        items = [
+            {
+                "frame_id": r["frame_id"],
+                "thumb": str(frame_image_path(run.run_dir, r["frame_id"], r["path"])),
+                "similarity": None if r["similarity"] is None else round(float(r["similarity"]), 3),
+                "shot_id": r["shot_id"],
+                "timestamp_s": r["timestamp_s"],
+                "manual": bool(r["manual"]),
+            }
+            for r in group.iter_rows(named=True)
+        ]
+        folders.append({"id": cid, "name": scene_name(cid), "count": len(items), "frames": items})
+    folders.sort(key=lambda f: (f["id"] == NOISE, -f["count"], f["id"]))
+    return folders
+
+
+def _search_table(run, frame_ids: Sequence[str], sims: Sequence[float]) -> pl.DataFrame:
+    found = pl.DataFrame(
+        {"frame_id": list(frame_ids), "similarity": list(sims)},
+        schema={"frame_id": pl.String, "similarity": pl.Float32},
+    )
+    frames = run.read_table("frames").select("frame_id", "shot_id", "timestamp_s", "path")
+    out = found.join(frames, on="frame_id", how="left", maintain_order="left")
+    if run.has_table("clusters"):
+        scene = (
+            run.read_table("clusters")
+            .filter(pl.col("level") == "scene")
+            .select("frame_id", "cluster_id", "name")
+        )
+        out = out.join(scene, on="frame_id", how="left", maintain_order="left")
+    return out.with_columns(
+        pl.struct("frame_id", "path")
+        .map_elements(
+            lambda r: str(frame_image_path(run.run_dir, r["frame_id"], r["path"])), return_dtype=pl.String
+        )
+        .alias("thumb")
+    )
+
+
+def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
+    if not run.has_table("embeddings"):
+        raise BadInputError(f"no embeddings in {run.run_dir}: run stage scenes first (notebook 04)")
+    emb = run.read_table("embeddings")
+    vectors = normalise(np.asarray(emb["vector"].to_list(), dtype=np.float32))
+    adapter_path = run.run_dir / "models" / "scene_adapter.npz"
+    if adapted and adapter_path.is_file():
+        from diffusion_bunny.stages.scenes.adapter import Adapter
+
+        vectors = Adapter.load(adapter_path).transform(vectors)
+    return emb["frame_id"].to_list(), vectors
+
+
+def shots_like(run_dir: str | Path, frame_id: str, k: int = 8) -> pl.DataFrame:
+    """The ``k`` frames most like ``frame_id`` ("shots like this one"), best first, in the space
+    the clusters were made in (through the adapter when corrections trained one)."""
+    run = Run.open(run_dir)
+    ids, vectors = _run_vectors(run, adapted=True)
+    if frame_id not in ids:
+        raise BadInputError(
+            f"frame {frame_id!r} has no embedding in {run.run_dir}; pick one from the clusters table"
+        )
+    found = similar_frames(vectors, ids, vectors[ids.index(frame_id)], k=k, exclude=frame_id)
+    return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())
+
+
+def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame:
+    """Frames that match a description ("a woman at a table"), best first; needs
+    ``scenes.embedder: clip`` (the image and text towers share one space)."""
+    from diffusion_bunny.errors import UserError
+    from diffusion_bunny.stages.scenes.embeddings import make_embedder
+
+    if cfg.embedder != "clip":
+        raise UserError(
+            "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), "
+            "then rerun stage scenes"
+        )
+    run = Run.open(run_dir)
+    ids, vectors = _run_vectors(run, adapted=False)
+    embedder = make_embedder(cfg)
+    stored = run.read_table("embeddings")["embedder"][0]
+    if stored != embedder.name:
+        raise UserError(
+            f"this run's embeddings were made by {stored}, not {embedder.name}; rerun stage scenes with the "
+            "current scenes settings first"
+        )
+    query = embedder.embed_texts([text])[0]
+    found = similar_frames(vectors, ids, query, k=k)
+    return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())

@@ -1,0 +1,138 @@
+"""Clusters out to an editor: a CSV table and a CMX3600 EDL.
+
+The EDL is written by OpenTimelineIO's ``cmx_3600`` adapter rather than by string formatting of
+our own: timecode arithmetic (drop frame, fractional rates), reel-name limits and the comment
+conventions NLEs read (``* FROM CLIP NAME:``, ``* LOC:``) are exactly what that well-kept library
+is for, and its reader lets the tests parse the file back.
+
+Layout of the EDL: one video track, the clusters one after another (largest first, the noise
+bucket last), and inside a cluster its shots in movie order; each event is the whole shot
+(source in/out from stage 01's ``shots`` table), named ``<cluster id> <cluster name> shot N``, with
+a locator at the first event of every cluster. Imported into an NLE it is a sequence of the movie
+regrouped by place (or by place and character), ready for an editor to scrub through.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import polars as pl
+
+from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.scenes.tables import LEVELS, NOISE
+
+
+def _reel(movie: Path) -> str:
+    # CMX3600 reel names: at most 8 characters, letters, digits and underscores.
+    reel = re.sub(r"[^A-Z0-9_]", "", movie.stem.upper().replace("-", "_").replace(" ", "_"))
+    return (reel or "AX")[:8]
+
+
+def cluster_rows(run: Run, level: str) -> pl.DataFrame:
+    """The clusters of ``level`` joined with frame times: one row per frame, in export order."""
+    if level not in LEVELS:
+        raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if not run.has_table("clusters"):
+        raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
+    clusters = run.read_table("clusters").filter(pl.col("level") == level)
+    frames = run.read_table("frames").select("frame_id", "frame_index", "timestamp_s", "path")
+    table = clusters.join(frames, on="frame_id", how="left")
+    sizes = table.group_by("cluster_id").len("size")
+    return (
+        table.join(sizes, on="cluster_id")
+        .with_columns((pl.col("cluster_id") == NOISE).alias("_noise"))
+        .sort(["_noise", "size", "cluster_id", "frame_index"], descending=[False, True, False, False])
+        .drop("_noise")
+    )
+
+
+def write_clusters_csv(run: Run, path: Path, level: str = "scene") -> Path:
+    rows = cluster_rows(run, level).select(
+        "cluster_id",
+        "name",
+        "frame_id",
+        "shot_id",
+        "frame_index",
+        "timestamp_s",
+        "similarity",
+        "manual",
+        "characters",
+        "path",
+    )
+    atomic_write_bytes(path, rows.write_csv().encode())
+    return path
+
+
+def build_timeline(run: Run, level: str = "scene"):
+    """An OpenTimelineIO timeline of the clusters' shots (see the module docstring)."""
+    import opentimelineio as otio
+
+    shots = run.read_table("shots")
+    facts = (run.read_manifest("extract") or {}).get("facts", {})
+    fps = float(facts.get("fps") or _fps_from_frames(run))
+    rows = cluster_rows(run, level)
+    movie = run.movie
+    reel = _reel(movie)
+    timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
+    track = otio.schema.Track(name="V1", kind=otio.schema.TrackKind.Video)
+    timeline.tracks.append(track)
+    by_shot = shots.select("shot_id", "start_frame", "end_frame").rows_by_key("shot_id", unique=True)
+    for (cid,), group in rows.group_by("cluster_id", maintain_order=True):
+        name = group["name"][0]
+        first = True
+        for shot_id in group.sort("frame_index")["shot_id"].unique(maintain_order=True).to_list():
+            start, end = by_shot[shot_id]
+            clip = otio.schema.Clip(
+                name=f"{cid} {name} shot {shot_id}",
+                media_reference=otio.schema.ExternalReference(target_url=str(movie)),
+                source_range=otio.opentime.TimeRange(
+                    otio.opentime.RationalTime(start, fps),
+                    otio.opentime.RationalTime(max(end - start, 1), fps),
+                ),
+            )
+            clip.metadata["cmx_3600"] = {"reel": reel}
+            clip.metadata["diffusion_bunny"] = {"cluster_id": cid, "shot_id": int(shot_id), "level": level}
+            if first:
+                clip.markers.append(
+                    otio.schema.Marker(
+                        name=f"{cid} {name}",
+                        marked_range=otio.opentime.TimeRange(
+                            otio.opentime.RationalTime(start, fps), otio.opentime.RationalTime(1, fps)
+                        ),
+                        color=otio.schema.MarkerColor.RED if cid == NOISE else otio.schema.MarkerColor.GREEN,
+                    )
+                )
+                first = False
+            track.append(clip)
+    return timeline
+
+
+def _fps_from_frames(run: Run) -> float:
+    frames = run.read_table("frames").filter(pl.col("timestamp_s") > 0)
+    if frames.is_empty():
+        return 24.0
+    return float((frames["frame_index"] / frames["timestamp_s"]).median())
+
+
+def write_edl(run: Run, path: Path, level: str = "scene") -> Path:
+    import opentimelineio as otio
+
+    text = otio.adapters.write_to_string(build_timeline(run, level), "cmx_3600")
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def export_clusters(
+    run_dir: str | Path, level: str = "scene", out_dir: str | Path | None = None
+) -> dict[str, Path]:
+    """Write ``clusters_<level>.csv`` and ``clusters_<level>.edl`` (default: ``<run>/export/``)."""
+    run = Run.open(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "csv": write_clusters_csv(run, out / f"clusters_{level}.csv", level),
+        "edl": write_edl(run, out / f"clusters_{level}.edl", level),
+    }

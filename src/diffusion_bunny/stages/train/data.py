@@ -1,0 +1,189 @@
+"""Stage 07's data side, pure of models: the exported pictures and captions, aspect-ratio buckets,
+centre crops to a bucket, the seeded batch order of each epoch (so a resumed run sees the batches
+the killed one would have), and the fingerprint of the data a checkpoint may resume with."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from diffusion_bunny.errors import BadInputError, StageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    """One training image: its file, caption, and how often it appears per epoch."""
+
+    path: Path
+    text: str
+    repeats: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+
+
+def read_dataset(run_dir: Path, items: pl.DataFrame) -> tuple[list[TrainImage], list[str]]:
+    """The training images of the ``dataset_items`` table (files under ``<run>/dataset/hf/<split>/``)
+    and the captions of its validation split. An empty train split is a StageError and a missing
+    image file a BadInputError naming it, both before any model is loaded."""
+    hf = Path(run_dir) / "dataset" / "hf"
+    train_rows = items.filter(pl.col("split") == "train")
+    if train_rows.height == 0:
+        raise StageError(
+            f"the dataset of {run_dir} has no training images (dataset_items has no 'train' rows); "
+            "check that stages captions and export kept some frames, then rerun stage export"
+        )
+    images: list[TrainImage] = []
+    repeats = train_rows["repeats"] if "repeats" in train_rows.columns else None
+    for i, row in enumerate(train_rows.iter_rows(named=True)):
+        path = hf / "train" / row["file_name"]
+        if not path.is_file():
+            raise BadInputError(
+                f"training image {path} is missing; rerun stage export (bunny run --stages export --force)"
+            )
+        text = str(row.get("text") or "")
+        images.append(
+            TrainImage(path=path, text=text, repeats=max(1, int(repeats[i])) if repeats is not None else 1)
+        )
+    validation = [str(t) for t in items.filter(pl.col("split") == "validation")["text"].to_list() if t]
+    return images, validation
+
+
+def class_images_from_dir(folder: Path, class_prompt: str, limit: int) -> list[TrainImage]:
+    """Up to ``limit`` images of a class folder (sorted by name), captioned with the class prompt."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [TrainImage(path=p, text=class_prompt) for p in files[:limit]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets and image preparation
+
+
+def bucket_step(resolution: int, vae_scale: int) -> int:
+    """Bucket sides are multiples of this: 64 px for real models (kohya's default), smaller at
+    tiny resolutions so there is more than one bucket, and always a multiple of the VAE's factor."""
+    step = min(64, max(vae_scale, resolution // 4))
+    return max(vae_scale, step - step % vae_scale)
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) buckets: for every width that is a multiple of ``step``, the largest height
+    (a multiple of ``step``) that keeps the area within ``resolution``², aspect at most ``max_ratio``."""
+    area = resolution * resolution
+    buckets = set()
+    width = step
+    while width <= resolution * max_ratio:
+        height = (area // width) // step * step
+        if height >= step and max(width / height, height / width) <= max_ratio:
+            buckets.add((width, height))
+        width += step
+    buckets.add((resolution - resolution % step, resolution - resolution % step))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log scale) the image's; larger area on a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def prepare_image(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """The image scaled to cover ``size`` (width, height) and centre-cropped, as a [-1, 1] tensor
+    (3, H, W), with its original (height, width) and the crop's (top, left) in the scaled image:
+    the numbers SDXL is conditioned on."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"training image {path} cannot be read ({exc}); replace it or rerun stage export"
+        ) from None
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image_resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    crop = image_resized.crop((left, top, left + width, top + height))
+    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (image.height, image.width), (top, left)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file without decoding it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"training image {path} cannot be read ({exc}); replace it or rerun stage export"
+        ) from None
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (the latent cache key: a changed image is encoded again)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:24]
+
+
+def epoch_batches(
+    bucket_of: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """The batches of one epoch (lists of sample indices; one bucket per batch): samples shuffled
+    within their bucket, chunked, and the chunks shuffled. A function of (seed, epoch) only, which
+    is what lets a resumed run see the batches the killed one would have seen."""
+    import random
+
+    rng = random.Random(seed * 100_003 + epoch)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(bucket_of):
+        groups.setdefault(bucket, []).append(index)
+    batches: list[list[int]] = []
+    for bucket in sorted(groups):
+        members = groups[bucket]
+        rng.shuffle(members)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class Sample:
+    """One training sample after bucketing: image, caption, bucket (width, height)."""
+
+    image: TrainImage
+    bucket: tuple[int, int]
+
+
+def dataset_key(images: Sequence[TrainImage]) -> str:
+    """A fingerprint of the training data (captions, repeats, file sizes), part of the resume key."""
+    digest = hashlib.sha256()
+    for image in images:
+        size = image.path.stat().st_size if image.path.exists() else -1
+        digest.update(f"{image.path.name}|{image.text}|{image.repeats}|{size}\n".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,772 @@
+"""LoRA fine-tuning of a Stable Diffusion 1.x or SDXL base model (stage 07), resumable.
+
+The loop is the one of diffusers' example scripts (``train_text_to_image_lora.py``, its SDXL
+sibling and ``train_dreambooth_lora.py``), rebuilt around what this workspace needs:
+
+- peft LoRA adapters on the UNet's attention projections (``to_q``, ``to_k``, ``to_v``,
+  ``to_out.0``) and optionally on the text encoders' (``q_proj``, ``k_proj``, ``v_proj``,
+  ``out_proj``); everything else frozen. accelerate does mixed precision, gradient accumulation
+  and clipping.
+- Aspect-ratio buckets: every image goes to the bucket (width x height, multiples of the bucket
+  step, about ``resolution``² pixels) whose aspect is nearest its own, is scaled to cover it and
+  centre-cropped; a batch holds images of one bucket only.
+- Cached latents: each image is encoded once by the VAE and the Gaussian it maps to (mean and log
+  variance) is kept on disk, keyed by the image's bytes, the VAE's weights and the bucket size; a
+  step samples from it, as the uncached path does from the VAE's output. The frozen text
+  encoders' outputs are kept in memory per caption.
+- Checkpoints: every ``checkpoint_every`` steps ``checkpoint-<step>/`` gets the LoRA in diffusers
+  format plus ``training_state.pt`` (adapter weights, optimizer, learning-rate schedule, the
+  noise generator, the position in the epoch, the log so far), written to a temporary folder and
+  renamed, so a killed process leaves either a whole checkpoint or none. A rerun with the same
+  settings continues from the latest one: the batch order of an epoch is a function of the seed
+  and the epoch number, so the resumed run sees the batches the killed one would have.
+- Optional Min-SNR-gamma weighting, DreamBooth prior preservation (class images from a folder, or
+  generated once by the base model into the user cache), validation images every
+  ``validation_every`` steps (and before the first step, the base model's own picture).
+- Output: ``pytorch_lora_weights.safetensors`` (diffusers format, loads with
+  ``pipe.load_lora_weights``) and ``<name>_kohya.safetensors`` (kohya/A1111 key names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from diffusion_bunny.errors import BadInputError, ModelError, StageError
+from diffusion_bunny.stages.train.data import (
+    Sample,
+    TrainImage,
+    bucket_step,
+    class_images_from_dir,
+    dataset_key,
+    epoch_batches,
+    file_hash,
+    image_size,
+    make_buckets,
+    nearest_bucket,
+    prepare_image,
+)
+from diffusion_bunny.stages.train.tables import LORA_FILE, TRAINING_LOG_SCHEMA, VALIDATION_SCHEMA
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffusion_bunny.config import TrainingConfig
+    from diffusion_bunny.models.diffusion import BaseModelRef
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_lora` leaves behind."""
+
+    output_dir: Path
+    lora_path: Path
+    kohya_path: Path
+    log: pl.DataFrame
+    validation: pl.DataFrame
+    resumed_from: int | None
+    facts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class LoraTrainer:
+    """A base model with LoRA adapters, its optimizer and schedule, and one training step.
+
+    Built once per training run; :func:`train_lora` drives it. Tests use it directly for a
+    fixed batch (``make_batch`` + ``loss`` + ``step``)."""
+
+    def __init__(self, cfg: TrainingConfig, *, cache_dir: Path | None = None, device: str | None = None):
+        import torch
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+
+        from diffusion_bunny.models.device import resolve_device
+        from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+
+        self.cfg = cfg
+        self.ref: BaseModelRef = resolve_base_model(cfg.base_model, cfg.family)
+        self.device = resolve_device(device or cfg.device, "training.device")
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "fp16" if self.device.startswith("cuda") else "no"
+        if mixed == "fp16" and not self.device.startswith("cuda"):
+            raise ModelError("training.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
+        self.mixed_precision = mixed
+        # accelerate keeps process-wide singletons; a second trainer in the same kernel (another
+        # mixed_precision, another accumulation) would otherwise be refused or inherit the first's.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=mixed,
+            cpu=not self.device.startswith("cuda"),
+        )
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        torch.manual_seed(cfg.seed)
+        pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
+        self.pipe = pipe
+        self.family = self.ref.family
+        self.unet, self.vae = pipe.unet, pipe.vae
+        if self.weight_dtype != torch.float32:
+            self.vae.to(torch.float32)  # kept in fp32 as in diffusers' SDXL example (fp16 VAEs overflow)
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family == "sdxl" else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.ref.path, subfolder="scheduler")
+        self.vae_scale = int(pipe.vae_scale_factor)
+        self.resolution = int(cfg.resolution or self.unet.config.sample_size * self.vae_scale)
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+
+        self.unet_lora_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS
+        )
+        self.unet.add_adapter(self.unet_lora_config)
+        self.text_lora_config = None
+        if cfg.train_text_encoder:
+            self.text_lora_config = LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS
+            )
+            for encoder in self.text_encoders:
+                encoder.add_adapter(self.text_lora_config)
+        trained = [self.unet, *(self.text_encoders if cfg.train_text_encoder else [])]
+        for module in trained:
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()  # LoRA weights train in fp32 under mixed precision
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for encoder in self.text_encoders:
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()  # renamed in transformers 5
+        self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=1e-2)
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps,
+        )
+        # Prepared by accelerate so fp16 loss scaling and accumulation apply to the step.
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.latent_cache_dir = Path(cache_dir) / "latents" if cache_dir is not None else None
+        self._vae_key: str | None = None
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # Cached latents once read, so a step after the first epoch touches neither disk nor hash.
+        self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
+        self._pending_keys: dict[str, tuple] = {}
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def vae_key(self) -> str:
+        """A fingerprint of the VAE (config + a few weights), part of every latent-cache key."""
+        if self._vae_key is None:
+            digest = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+            params = list(self.vae.parameters())
+            for p in (params[0], params[len(params) // 2], params[-1]):
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+            self._vae_key = digest.hexdigest()[:16]
+        return self._vae_key
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent Gaussian (mean and log variance, stacked on channels) of a batch."""
+        import torch
+
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
+
+    def _cached_latents(self, image: TrainImage, size: tuple[int, int]) -> tuple[Any, Path | None]:
+        """(found entry or None, the cache file to write) for one image, from memory or disk."""
+        from safetensors.torch import load_file
+
+        cache = self.latent_cache_dir
+        if cache is None or not self.cfg.cache_latents:
+            return None, None
+        stat = image.path.stat()
+        memo_key = (str(image.path), stat.st_size, stat.st_mtime_ns, size)
+        if memo_key in self._latent_memory:
+            return self._latent_memory[memo_key], None
+        path = cache / f"{file_hash(image.path)}-{self.vae_key()}-{size[0]}x{size[1]}.safetensors"
+        if path.is_file():
+            try:
+                data = load_file(path)
+                found = (data["parameters"], tuple(data["original"].tolist()), tuple(data["crop"].tolist()))
+                self._latent_memory[memo_key] = found
+                return found, None
+            except Exception:
+                path.unlink(missing_ok=True)  # a damaged cache file is simply encoded again
+        self._pending_keys[str(path)] = memo_key
+        return None, path
+
+    def latent_batch(
+        self, images: Sequence[TrainImage], size: tuple[int, int]
+    ) -> list[tuple[Any, tuple, tuple]]:
+        """(latent Gaussian parameters, original size, crop) of each image at ``size``. With
+        ``cache_latents`` they come from the disk cache (encoded and stored the first time, then
+        kept in memory too: about 130 KB per image at SD 1.5's 512 px); images not cached are
+        encoded together in one VAE pass."""
+        import torch
+        from safetensors.torch import save_file
+
+        found: list[Any] = []
+        missing: list[tuple[int, Path | None]] = []
+        for i, image in enumerate(images):
+            entry, path = self._cached_latents(image, size)
+            found.append(entry)
+            if entry is None:
+                missing.append((i, path))
+        if missing:
+            prepared = [prepare_image(images[i].path, size) for i, _ in missing]
+            params = self.encode_images(torch.stack([p[0] for p in prepared])).cpu()
+            for (i, path), (_, original, crop), param in zip(missing, prepared, params, strict=True):
+                found[i] = (param, original, crop)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+                    tensors = {"parameters": param.contiguous(), "original": torch.tensor(original)}
+                    save_file({**tensors, "crop": torch.tensor(crop)}, tmp)
+                    os.replace(tmp, path)
+                    self._latent_memory[self._pending_keys.pop(str(path))] = found[i]
+        return found
+
+    def _encode_text_now(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            if self.family == "sd1":
+                hidden_states.append(encoder(ids, return_dict=False)[0])
+            else:
+                out = encoder(ids, output_hidden_states=True, return_dict=False)
+                pooled = out[0]  # the last encoder's pooled (projected) embedding
+                hidden_states.append(out[-1][-2])  # SDXL conditions on the penultimate layer
+        return torch_cat(hidden_states, dim=-1), pooled
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder hidden states (and SDXL's pooled embedding) for a batch of captions; with
+        frozen encoders and ``cache_latents`` they are computed once per caption and kept."""
+        import torch
+
+        if self.cfg.train_text_encoder:
+            return self._encode_text_now(texts)
+        if not self.cfg.cache_latents:
+            with torch.no_grad():
+                return self._encode_text_now(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                hidden, pooled = self._encode_text_now(missing)
+            for i, text in enumerate(missing):
+                self._text_cache[text] = (hidden[i], pooled[i] if pooled is not None else None)
+        hidden = torch.stack([self._text_cache[t][0] for t in texts])
+        pooled = None if self.family == "sd1" else torch.stack([self._text_cache[t][1] for t in texts])  # type: ignore[misc]
+        return hidden, pooled
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def make_batch(self, images: Sequence[TrainImage], size: tuple[int, int]) -> dict[str, Any]:
+        """A batch at one bucket size: latent Gaussians, captions, and SDXL's size/crop numbers."""
+        import torch
+
+        parts = self.latent_batch(images, size)
+        return {
+            "parameters": torch.stack([p[0] for p in parts]),
+            "texts": [image.text for image in images],
+            "time_ids": torch.tensor([[*p[1], *p[2], size[1], size[0]] for p in parts], dtype=torch.float32),
+        }
+
+    def loss(self, batch: dict[str, Any], n_prior: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoising loss of a batch (noise and timesteps drawn from the trainer's generator);
+        with ``n_prior`` class images at the end of the batch, (instance loss + weighted prior
+        loss, prior loss)."""
+        import torch
+        import torch.nn.functional as F
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.training_utils import compute_snr
+
+        dist = DiagonalGaussianDistribution(batch["parameters"].to(self.device, torch.float32))
+        gen = self.generator
+        eps = torch.randn(dist.mean.shape, generator=gen).to(self.device)
+        latents = (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+        latents = latents.to(self.weight_dtype)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device, latents.dtype)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen)
+        timesteps = timesteps.to(self.device).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden, pooled = self.encode_text(batch["texts"])
+        added = None
+        if self.family == "sdxl":
+            added = {
+                "text_embeds": pooled.to(self.weight_dtype),
+                "time_ids": batch["time_ids"].to(self.device, self.weight_dtype),
+            }
+        with self.accelerator.autocast():
+            pred = self.unet(
+                noisy, timesteps, hidden.to(self.weight_dtype), added_cond_kwargs=added, return_dict=False
+            )[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.min_snr_gamma is not None:
+            # Min-SNR-gamma (Hang et al. 2023, section 3.4), in the noise-prediction form of section 4.2.
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=self.cfg.min_snr_gamma)
+            weights = (
+                weights / (snr + 1)
+                if self.noise_scheduler.config.prediction_type == "v_prediction"
+                else weights / snr
+            )
+            per_sample = per_sample * weights
+        if n_prior:
+            instance, prior = per_sample[:-n_prior].mean(), per_sample[-n_prior:].mean()
+            return instance + self.cfg.prior_loss_weight * prior, prior.detach()
+        return per_sample.mean(), None
+
+    def step(self, batch: dict[str, Any], n_prior: int = 0) -> tuple[float, float | None, bool]:
+        """One micro-batch: forward, backward, and (at the end of an accumulation cycle) clip,
+        optimizer and schedule step. Returns (loss, prior loss, whether the optimizer stepped)."""
+        self.unet.train()
+        with self.accelerator.accumulate(self.unet):
+            loss, prior = self.loss(batch, n_prior)
+            self.accelerator.backward(loss)
+            stepped = self.accelerator.sync_gradients
+            if stepped:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), (float(prior) if prior is not None else None), stepped
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def peft_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trained adapter weights per component, in peft's key format (fp32, on the CPU)."""
+        from peft.utils import get_peft_model_state_dict
+
+        out = {"unet": get_peft_model_state_dict(self.unet)}
+        if self.cfg.train_text_encoder:
+            for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders, strict=False):
+                out[name] = get_peft_model_state_dict(encoder)
+        return {c: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()} for c, sd in out.items()}
+
+    def load_peft_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Put saved adapter weights (from :meth:`peft_state`) back into the models."""
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state["unet"])
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders, strict=False):
+            if name in state:
+                set_peft_model_state_dict(encoder, state[name])
+
+    def save_lora(self, folder: Path, kohya_name: str | None = None) -> tuple[Path, Path | None]:
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers format, with the LoRA configs as
+        metadata so alpha survives) into ``folder``, and a kohya/A1111 copy when ``kohya_name``."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        from diffusion_bunny.models.diffusion import pipeline_class
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.peft_state()
+        kwargs: dict[str, Any] = {
+            "unet_lora_layers": convert_state_dict_to_diffusers(state["unet"]),
+            "unet_lora_adapter_metadata": self.unet_lora_config.to_dict(),
+        }
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in state:
+                kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state[name])
+                kwargs[f"{name}_lora_adapter_metadata"] = self.text_lora_config.to_dict()  # type: ignore[union-attr]
+        pipeline_class(self.family).save_lora_weights(folder, safe_serialization=True, **kwargs)
+        kohya_path = None
+        if kohya_name is not None:
+            kohya_path = folder / f"{kohya_name}_kohya.safetensors"
+            save_kohya(state, kohya_path, alpha=self.cfg.alpha)
+        return folder / LORA_FILE, kohya_path
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def validation_images(self, prompts: Sequence[str], seed: int, size: int) -> list[Any]:
+        """One image per prompt from the base model with the current LoRA (fixed seeds, so images
+        of different checkpoints compare)."""
+        import torch
+
+        self.unet.eval()
+        for encoder in self.text_encoders:
+            encoder.eval()
+        images = []
+        with torch.no_grad(), self.accelerator.autocast():
+            for i, prompt in enumerate(prompts):
+                generator = torch.Generator(device="cpu").manual_seed(seed + i)
+                out = self.pipe(
+                    prompt,
+                    num_inference_steps=self.cfg.validation_inference_steps,
+                    height=size,
+                    width=size,
+                    generator=generator,
+                )
+                images.append(out.images[0])
+        self.unet.train()
+        return images
+
+
+def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` (kept apart so the module imports without torch)."""
+    import torch
+
+    return torch.cat(tensors, dim=dim)
+
+
+def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: float) -> Path:
+    """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``, ``lora_te1_``,
+    ``lora_te2_``, an ``alpha`` per layer; diffusers' converter writes alpha = rank, so the real
+    alpha is put back), atomically."""
+    import torch
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    flat = {f"{component}.{key}": value for component, sd in state.items() for key, value in sd.items()}
+    kohya = convert_state_dict_to_kohya(flat)
+    kohya = {
+        k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(kohya, tmp, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``output_dir`` (those with their state file), ascending."""
+    steps = []
+    if Path(output_dir).is_dir():
+        for child in Path(output_dir).iterdir():
+            name = child.name
+            if name.startswith("checkpoint-") and name[11:].isdigit() and (child / STATE_FILE).is_file():
+                steps.append(int(name[11:]))
+    return sorted(steps)
+
+
+def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
+    """What must not change for a checkpoint to be resumed: the base model, the adapters' shape,
+    the data and everything that changes what a step computes. Step counts, checkpoint and
+    validation settings may change (more steps continue the run)."""
+    keep = cfg.model_dump(
+        mode="json",
+        exclude={
+            "max_train_steps",
+            "checkpoint_every",
+            "validation_every",
+            "validation_prompts",
+            "validation_inference_steps",
+            "output_dir",
+            "device",
+        },
+    )
+    blob = json.dumps({"cfg": keep, "data": dataset_key}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _write_checkpoint(output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any]) -> Path:
+    import torch
+
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_lora(tmp)
+    torch.save(
+        {
+            **state,
+            "peft": trainer.peft_state(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "lr_scheduler": trainer.lr_scheduler.state_dict(),
+            "generator": trainer.generator.get_state(),
+        },
+        tmp / STATE_FILE,
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _read_checkpoint(folder: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: int) -> list[TrainImage]:
+    """Prior-preservation images: from ``class_data_dir`` when set, else generated once by the base
+    model (no LoRA) into the user cache, keyed by model, prompt, count, size and seed."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    prompt = str(cfg.class_prompt)
+    if cfg.class_data_dir:
+        from diffusion_bunny.config import workspace_root
+
+        folder = Path(cfg.class_data_dir).expanduser()
+        folder = folder if folder.is_absolute() else workspace_root() / folder
+        if not folder.is_dir():
+            raise BadInputError(
+                f"training.class_data_dir = {cfg.class_data_dir!r} is not a folder; fix it or set it to null"
+            )
+        found = class_images_from_dir(folder, prompt, cfg.num_class_images)
+        if not found:
+            raise BadInputError(
+                f"training.class_data_dir {folder} holds no images; add some or set it to null"
+            )
+        return found
+    if trainer is None:
+        raise StageError(
+            "training.class_data_dir is not set, and class images need the base model to generate them"
+        )
+    blob = json.dumps(
+        [
+            str(trainer.ref.path),
+            prompt,
+            cfg.num_class_images,
+            resolution,
+            cfg.seed,
+            cfg.validation_inference_steps,
+        ]
+    ).encode()
+    folder = cache_dir() / "class_images" / hashlib.sha256(blob).hexdigest()[:16]
+    files = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
+    missing = [i for i, f in enumerate(files) if not f.is_file()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Called before any step or resumed state: the adapters' B matrices are still zero (peft's
+        # gaussian init), so these are the base model's own pictures.
+        for i in missing:
+            image = trainer.validation_images([prompt], cfg.seed + 1000 + i, resolution)[0]
+            tmp = files[i].with_suffix(".tmp.png")
+            image.save(tmp)
+            os.replace(tmp, files[i])
+    return [TrainImage(path=f, text=prompt) for f in files]
+
+
+def train_lora(
+    images: Sequence[TrainImage],
+    cfg: TrainingConfig,
+    output_dir: Path,
+    *,
+    validation_prompts: Sequence[str] = (),
+    progress: bool = True,
+    progress_path: Path | None = None,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    """Train (or continue training) a LoRA on ``images`` and write everything into ``output_dir``.
+
+    Resumes from the latest complete checkpoint when its settings match (else starts over and
+    says so in a warning). Latents are cached under ``cache_dir`` (default ``output_dir``)."""
+    from tqdm.auto import tqdm
+
+    from diffusion_bunny.pipeline.progress import ProgressFile
+
+    if not images:
+        raise StageError("no training images; check the dataset (stage export)")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    data_key = dataset_key(images)
+    key = resume_key(cfg, data_key)
+
+    # Find what to resume from before loading any model.
+    resume_state: dict[str, Any] | None = None
+    resumed_from: int | None = None
+    for step in reversed(checkpoint_steps(output_dir)):
+        folder = output_dir / f"checkpoint-{step}"
+        try:
+            state = _read_checkpoint(folder)
+        except Exception:
+            warnings.append(f"checkpoint {folder} is damaged and was skipped")
+            continue
+        if state.get("resume_key") != key:
+            warnings.append(
+                f"checkpoints in {output_dir} were made with other training settings or data; "
+                "training starts over"
+            )
+            for old in checkpoint_steps(output_dir):
+                shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
+            break
+        if step > cfg.max_train_steps:
+            continue
+        resume_state, resumed_from = state, step
+        break
+    for leftover in output_dir.glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # a checkpoint the killed process never finished
+
+    trainer = LoraTrainer(cfg, cache_dir=cache_dir or output_dir, device=device)
+    resolution = trainer.resolution
+    buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []
+    square = (resolution - resolution % trainer.vae_scale,) * 2
+    samples: list[Sample] = []
+    for image in images:
+        bucket = nearest_bucket(*image_size(image.path), buckets) if cfg.buckets else square
+        samples += [Sample(image, bucket)] * image.repeats
+    prior: list[TrainImage] = class_images(trainer, cfg, resolution) if cfg.prior_preservation else []
+
+    prompts = list(validation_prompts) if cfg.validation_every else []
+    name = output_dir.name
+    log_rows: list[dict[str, Any]] = []
+    validation_rows: list[dict[str, Any]] = []
+    step, epoch, batch_index, elapsed_before = 0, 0, 0, 0.0
+    if resume_state is not None:
+        trainer.load_peft_state(resume_state["peft"])
+        trainer.optimizer.load_state_dict(resume_state["optimizer"])
+        trainer.lr_scheduler.load_state_dict(resume_state["lr_scheduler"])
+        trainer.generator.set_state(resume_state["generator"])
+        step, epoch, batch_index = resume_state["step"], resume_state["epoch"], resume_state["batch_index"]
+        elapsed_before = float(resume_state["elapsed_s"])
+        log_rows = list(resume_state["log"])
+        validation_rows = list(resume_state["validation"])
+
+    def validate(at: int) -> None:
+        if not prompts:
+            return
+        folder = output_dir / "validation" / f"step-{at:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(trainer.validation_images(prompts, cfg.seed, resolution)):
+            path = folder / f"{i:02d}.png"
+            image.save(path)
+            validation_rows.append(
+                {"step": at, "index": i, "prompt": prompts[i], "seed": cfg.seed + i, "path": str(path)}
+            )
+
+    if step == 0 and cfg.validation_every:
+        validate(0)
+    reporter = ProgressFile(progress_path, "train", cfg.max_train_steps, "step")
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train steps", unit="step", disable=not progress)
+    started = time.monotonic() - elapsed_before
+    micro_losses: list[float] = []
+    micro_prior: list[float] = []
+    prior_cursor = step * cfg.gradient_accumulation_steps * cfg.train_batch_size
+    while step < cfg.max_train_steps:
+        batches = epoch_batches([s.bucket for s in samples], cfg.train_batch_size, cfg.seed, epoch)
+        while batch_index < len(batches) and step < cfg.max_train_steps:
+            members = [samples[i] for i in batches[batch_index]]
+            size = members[0].bucket
+            batch_images = [m.image for m in members]
+            n_prior = 0
+            if prior:
+                n_prior = len(batch_images)
+                batch_images += [prior[(prior_cursor + j) % len(prior)] for j in range(n_prior)]
+                prior_cursor += n_prior
+            loss, prior_loss, stepped = trainer.step(trainer.make_batch(batch_images, size), n_prior)
+            batch_index += 1
+            micro_losses.append(loss)
+            if prior_loss is not None:
+                micro_prior.append(prior_loss)
+            if not stepped:
+                continue
+            step += 1
+            log_rows.append(
+                {
+                    "step": step,
+                    "loss": sum(micro_losses) / len(micro_losses),
+                    "lr": float(trainer.lr_scheduler.get_last_lr()[0]),
+                    "epoch": epoch,
+                    "elapsed_s": time.monotonic() - started,
+                    "prior_loss": (sum(micro_prior) / len(micro_prior)) if micro_prior else None,
+                }
+            )
+            micro_losses, micro_prior = [], []
+            bar.update(1)
+            bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
+            reporter.update(step)
+            if cfg.validation_every and step % cfg.validation_every == 0:
+                validate(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_train_steps:
+                if step == cfg.max_train_steps and cfg.validation_every and step % cfg.validation_every:
+                    validate(step)
+                _write_checkpoint(
+                    output_dir,
+                    trainer,
+                    step,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "batch_index": batch_index,
+                        "elapsed_s": time.monotonic() - started,
+                        "log": log_rows,
+                        "validation": validation_rows,
+                        "resume_key": key,
+                        "seed": cfg.seed,
+                    },
+                )
+        if batch_index >= len(batches):
+            epoch, batch_index = epoch + 1, 0
+    bar.close()
+    reporter.close()
+
+    lora_path, kohya_path = trainer.save_lora(output_dir, kohya_name=name)
+    log = (
+        pl.DataFrame(log_rows, schema=TRAINING_LOG_SCHEMA)
+        if log_rows
+        else pl.DataFrame(schema=TRAINING_LOG_SCHEMA)
+    )
+    validation = (
+        pl.DataFrame(validation_rows, schema=VALIDATION_SCHEMA)
+        if validation_rows
+        else pl.DataFrame(schema=VALIDATION_SCHEMA)
+    )
+    facts = {
+        "base_model": trainer.ref.name,
+        "base_model_path": str(trainer.ref.path),
+        "family": trainer.family,
+        "device": trainer.device,
+        "mixed_precision": trainer.mixed_precision,
+        "resolution": resolution,
+        "buckets": sorted({f"{s.bucket[0]}x{s.bucket[1]}" for s in samples}),
+        "samples_per_epoch": len(samples),
+        "class_images": len(prior),
+        "resumed_from": resumed_from,
+        "output_dir": str(output_dir),
+        "lora_path": str(lora_path),
+        "kohya_path": str(kohya_path),
+        "trainable_parameters": sum(p.numel() for p in trainer.params),
+    }
+    return TrainResult(
+        output_dir=output_dir,
+        lora_path=lora_path,
+        kohya_path=kohya_path,  # type: ignore[arg-type]
+        log=log,
+        validation=validation,
+        resumed_from=resumed_from,
+        facts=facts,
+        warnings=warnings,
+    )

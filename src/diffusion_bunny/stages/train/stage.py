@@ -1,0 +1,78 @@
+"""Stage 07 (``train``): a LoRA fine-tuned on the dataset stage 06 exported.
+
+Reads the ``dataset_items`` table and the images under ``<run>/dataset/hf/`` (never the kohya
+copy), trains with :func:`diffusion_bunny.stages.train.lora.train_lora` into ``checkpoint/<run
+folder name>/`` (or ``training.output_dir``) and returns the ``training_log`` and
+``training_validation`` tables. Everything a user can get wrong (an empty dataset, a missing
+image, a base model that is not there) fails here in one line before a model is loaded or a step
+runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diffusion_bunny.config import TrainingConfig
+from diffusion_bunny.stages.train.data import read_dataset
+from diffusion_bunny.stages.train.lora import train_lora
+from diffusion_bunny.stages.train.tables import checkpoint_dir
+
+#: Captions of the validation split used as validation prompts when none are configured.
+DEFAULT_VALIDATION_PROMPTS = 2
+
+
+@dataclass
+class TrainStageResult:
+    """The tables of stage 07 and what goes into its manifest."""
+
+    log: pl.DataFrame
+    validation: pl.DataFrame
+    counts: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_texts: list[str]) -> list[str]:
+    """The configured prompts, else up to two captions of the validation split, else the first
+    training caption (a dataset too small to hold out a validation split still gets a picture)."""
+    if cfg.validation_prompts:
+        return list(cfg.validation_prompts)
+    texts = validation_texts or train_texts[:1]
+    return list(dict.fromkeys(texts))[:DEFAULT_VALIDATION_PROMPTS]
+
+
+def train_stage(
+    run_dir: Path,
+    items: pl.DataFrame,
+    cfg: TrainingConfig,
+    *,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> TrainStageResult:
+    """Train (or resume) the LoRA of a run and return its tables."""
+    from diffusion_bunny.models.diffusion import resolve_base_model
+
+    images, validation_texts = read_dataset(run_dir, items)
+    resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
+    prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
+    result = train_lora(
+        images,
+        cfg,
+        checkpoint_dir(run_dir, cfg),
+        validation_prompts=prompts,
+        progress=progress,
+        progress_path=progress_path,
+        cache_dir=Path(run_dir) / "cache",
+    )
+    log = result.log
+    counts = {
+        "images": len(images),
+        "steps": int(log["step"].max()) if log.height else 0,
+        "final_loss": float(log["loss"].tail(10).mean()) if log.height else None,
+        "validation_images": result.validation.height,
+    }
+    return TrainStageResult(log, result.validation, counts, result.facts, result.warnings)

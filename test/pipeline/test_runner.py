@@ -1,0 +1,310 @@
+"""Headless runs through the CLI and papermill: skip-on-rerun, --force, folders, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import pytest
+from clips import write_clip
+from paths import ROOT
+
+from diffusion_bunny.cli import main
+from diffusion_bunny.config import load_config
+from diffusion_bunny.demo.run import run_demo
+from diffusion_bunny.errors import UserError
+from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.runner import execute_stage_notebook, find_movies, parse_stages
+from diffusion_bunny.stages import run_stage, stage_state
+
+
+def finished(run_dir) -> str:
+    return json.loads((run_dir / "manifests" / "extract.json").read_text())["finished"]
+
+
+def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
+    path, cuts = cut_clip
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    shots = pl.read_parquet(out / "tables" / "shots.parquet")
+    assert shots["start_frame"].to_list()[1:] == cuts
+    nb = nbformat.read(out / "notebooks" / "01_extract_frames.ipynb", as_version=4)
+    assert nb.metadata["papermill"]["parameters"]["run_dir"] == str(out.resolve())
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    manifest = json.loads((out / "manifests" / "extract.json").read_text())
+    assert manifest["counts"]["shots"] == 4 and manifest["facts"]["detector"] == "cascade"
+    first = finished(out)
+    capsys.readouterr()
+
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    assert "extract is up to date, skipped" in capsys.readouterr().err
+    assert finished(out) == first
+
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--force", "--quiet"]) == 0
+    second = finished(out)
+    assert second != first
+
+    args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
+    args += ["--stages", "extract"]
+    assert main(args) == 0
+    assert "its config changed" in capsys.readouterr().err
+    assert pl.read_parquet(out / "tables" / "shots.parquet")["kind"].unique().to_list() == ["static"]
+    assert len(list((out / "frames").glob("*.jpg"))) == 4
+
+
+def test_folder_runs_every_movie_and_reports_bad_ones(tmp_path, capsys):
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(11, 20, 0.0), (12, 20, 0.0)])
+    write_clip(folder / "b.mkv", [(13, 20, 0.0), (14, 20, 2.0)], codec="libx264")
+    (folder / "broken.avi").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a movie, not even looked at")
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--out", str(out), "--stages", "extract", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.avi: the file is empty" in err and "1 of 3 movies failed" in err
+    for name in ("a.mp4", "b.mkv"):
+        run_dir = out / movie_id(folder / name)
+        assert pl.read_parquet(run_dir / "tables" / "shots.parquet").height == 2
+    assert not (out / movie_id(folder / "broken.avi")).exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such file or folder"),
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (lambda p: p.write_text("not a movie"), "not a video FFmpeg can read"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, make, message):
+    movie = tmp_path / "film.mp4"
+    make(movie)
+    out = tmp_path / "run"
+    assert main(["run", str(movie), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path):
+    src, _ = cut_clip
+    movie = tmp_path / "gone.mp4"
+    shutil.copy(src, movie)
+    run = Run.create(tmp_path / "run", movie)
+    movie.unlink()
+    with pytest.raises(UserError, match=r"gone.mp4: no such file; check the path"):
+        execute_stage_notebook(run, "extract", None, {}, "python3", progress=False)
+    assert not run.has_table("shots")
+
+
+def test_stage_callable_without_papermill(cut_clip, tmp_path):
+    path, _ = cut_clip
+    cfg = load_config()
+    run = Run.create(tmp_path / "run", path)
+    assert stage_state(run, "extract", cfg) == ("missing", "never ran")
+    tables = run_stage(run, "extract", cfg, progress=False)
+    assert set(tables) == {"shots", "frames", "keyframe_candidates", "boundary_candidates"}
+    assert stage_state(run, "extract", cfg)[0] == "done"
+    assert stage_state(run, "extract", load_config(None, ["extraction.detector=adaptive"]))[0] == "stale"
+    run.table_path("frames").unlink()
+    assert stage_state(run, "extract", cfg) == ("missing", "a table is missing")
+
+
+def test_find_movies_and_stage_lists(tmp_path):
+    cfg = load_config()
+    with pytest.raises(UserError, match="holds no video file"):
+        find_movies(tmp_path, cfg)
+    assert parse_stages(None) == [
+        "extract",
+        "quality",
+        "characters",
+        "scenes",
+        "captions",
+        "export",
+        "train",
+        "generate",
+        "report",
+    ]
+    assert parse_stages("extract") == ["extract"]
+    assert parse_stages("quality, extract") == ["extract", "quality"]
+    with pytest.raises(UserError, match="--stages is empty"):
+        parse_stages(" , ")
+
+
+def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
+    lora = tmp_path / "lora"  # not the workspace's checkpoint/ folder
+    summary = run_demo(
+        out=tmp_path / "demo_run",
+        movie_dir=demo.path.parent,
+        progress=False,
+        overrides={"training.output_dir": str(lora)},
+    )
+    truth = demo.ground_truth()
+    shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")
+    assert shots["start_frame"].to_list()[1:] == truth["cuts"]
+    assert shots["kind"].to_list() == [s["kind"] for s in truth["shots"]]
+    assert f"{len(truth['shots'])} shots (ground truth {len(truth['shots'])})" in summary
+    assert "precision 1.00 recall 1.00" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # shot lengths, motion with threshold, contact sheet
+    # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
+    n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
+    assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
+    assert "1 too_dark, 1 blurry, 1 duplicate" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # histograms with thresholds, kept/rejected grid
+    # Stage 03 named both people from the demo's reference portraits, in every frame searched.
+    kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "face_frames.parquet").height
+    assert f"the named characters match the ground truth in {kept} of {kept} frames" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "03_detect_characters.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # faces per character, screen-time timeline, face grid
+    # Stage 04 grouped the frames by place; its notebook drew its figures, the learning curve and the
+    # exports.
+    assert "scenes: " in summary and "adjusted Rand index" in summary
+    ari = float(summary.split("adjusted Rand index ")[1].split()[0])
+    assert ari > 0.8
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "04_cluster_scenes.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 4  # cluster sizes, similarity histogram, cluster sheet, learning curve
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "through the adapter" in text and "TITLE:" in text
+    assert (tmp_path / "demo_run" / "export" / "clusters_scene.edl").is_file()
+    # Stage 05 captioned every kept frame offline, naming exactly the people of each shot.
+    n_kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "captions.parquet").height
+    assert f"captions: {n_kept} of {n_kept} frames captioned (template {n_kept})" in summary
+    assert f"the caption names the ground truth's people in {n_kept} of {n_kept}" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "05_caption.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # caption lengths, word frequencies
+    # Stages 06-08 exported the dataset, trained the tiny LoRA and drew the grids, through their notebooks.
+    items = pl.read_parquet(tmp_path / "demo_run" / "tables" / "dataset_items.parquet")
+    assert (
+        f"export: {items.height} pictures" in summary and (tmp_path / "demo_run" / "dataset" / "hf").is_dir()
+    )
+    assert "train: 30 steps" in summary and (lora / "pytorch_lora_weights.safetensors").is_file()
+    generations = pl.read_parquet(tmp_path / "demo_run" / "tables" / "generations.parquet")
+    assert generations.height > 0 and generations["best"].any() and "generate: " in summary
+    for name in ("06_export_dataset", "07_finetune_lora", "08_generate"):
+        nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
+    # Stage 09 made the QA report: every section of stages 01-04 with figures.
+    assert f"report: 10 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    # funnel, quality, 2 shot figures, screen time, 2 contact sheets, clusters, caption lengths, training
+    # loss (identity per checkpoint has no face to score on the tiny model's noise)
+    assert len(pngs) == 10
+
+
+def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):
+    path, _ = cut_clip
+    out = tmp_path / "run"
+    args = ["run", str(path), "--out", str(out), "--stages", "extract,quality", "--quiet"]
+    assert main(args) == 0
+    quality = pl.read_parquet(out / "tables" / "quality.parquet")
+    frames = pl.read_parquet(out / "tables" / "frames.parquet")
+    assert quality["frame_id"].to_list() == frames["frame_id"].to_list()
+    assert quality["readable"].all() and quality["sharpness"].min() > 0
+    manifest = json.loads((out / "manifests" / "quality.json").read_text())
+    assert manifest["inputs"]["frames"]["table"] == "frames"
+    nb = nbformat.read(out / "notebooks" / "02_filter_quality.ipynb", as_version=4)
+    assert nb.metadata["papermill"]["parameters"]["interactive"] is False
+    capsys.readouterr()
+    # A filtering threshold moves: extract is skipped, quality reruns and applies it.
+    # (The clip's static shots are flat colour fields: blurry at any positive threshold.)
+    assert main([*args, "--set", "filtering.min_sharpness=0", "--set", "filtering.dup_distance=64"]) == 0
+    err = capsys.readouterr().err
+    assert "extract is up to date, skipped" in err and "quality (its config changed)" in err
+    quality = pl.read_parquet(out / "tables" / "quality.parquet")
+    assert quality["keep"].sum() == 1 and set(quality["reject_reason"].drop_nulls()) == {"duplicate"}
+
+
+def _execute_interactive(notebook: str, run: Run, tmp_path: Path) -> nbformat.NotebookNode:
+    """Run a stage notebook in a kernel as JupyterLab would (interactive=True, widgets built)."""
+    import papermill
+
+    return papermill.execute_notebook(
+        str(ROOT / "notebook" / notebook),
+        str(tmp_path / "nb.ipynb"),
+        parameters={"run_dir": str(run.run_dir), "interactive": True},
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=120,
+        cwd=str(ROOT / "notebook"),
+    )
+
+
+def _widget_views(nb: nbformat.NotebookNode) -> list[dict]:
+    last = nb.cells[-1]
+    return [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
+def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
+    """Notebook 02's slider cell, as JupyterLab runs it, runs in a kernel."""
+    run = Run.create(tmp_path / "run", demo.path)
+    run_stage(run, "extract", load_config(), progress=False)
+    nb = _execute_interactive("02_filter_quality.ipynb", run, tmp_path)
+    assert run.has_table("quality")
+    assert len(_widget_views(nb)) == 1
+
+
+def test_notebook_03_interactive_path_runs_headless(demo, tmp_path):
+    """Notebook 03's naming widget, as JupyterLab builds it, runs in a kernel (no references: the
+    two demo faces come out as two clusters to name)."""
+    run = Run.create(tmp_path / "run", demo.path)
+    cfg = load_config(root=tmp_path / "noroot")
+    for stage in ("extract", "quality"):
+        run_stage(run, stage, cfg, progress=False)
+    nb = _execute_interactive("03_detect_characters.ipynb", run, tmp_path)
+    assert run.read_table("faces")["cluster"].n_unique() == 2
+    assert len(_widget_views(nb)) == 1
+
+
+def test_open_run_for_notebooks(cut_clip, tmp_path):
+    from diffusion_bunny.nbtools import open_run
+
+    path, _ = cut_clip
+    cfg = load_config()
+    run = open_run(tmp_path / "r", path, cfg)
+    assert run.movie == path.resolve() and (tmp_path / "r" / "run.json").is_file()
+    assert open_run(tmp_path / "r", None, cfg).movie == path.resolve()
+    with pytest.raises(UserError, match="is not a run folder"):
+        open_run(tmp_path / "nothing", None, cfg)
+    with pytest.raises(UserError, match="no such file"):
+        open_run(None, tmp_path / "missing.mp4", cfg)
+
+
+def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):
+    """The slider cell, as JupyterLab runs it (interactive=True), runs in a kernel and its
+    widget state is saved with the executed notebook."""
+    path, _ = cut_clip
+    run = Run.create(tmp_path / "run", path)
+    run_stage(run, "extract", load_config(), progress=False)
+    nb = _execute_interactive("01_extract_frames.ipynb", run, tmp_path)
+    assert len(_widget_views(nb)) == 1
+    assert "widgets" in json.dumps(nb.metadata)  # widget state saved with the notebook
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Run outputs are readable like any file the user writes (mkstemp alone would make them 0600)."""
+    import os
+    import stat
+
+    from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_write_parquet(tmp_path / "t.parquet", pl.DataFrame({"a": [1]}))
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "t.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert pl.read_parquet(tmp_path / "t.parquet")["a"].to_list() == [1]

@@ -1,0 +1,98 @@
+"""``bunny status``: each stage's state per movie from the manifests (done, stale and why,
+missing), for a run folder, a folder of run folders, a movie or a folder of movies."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from clips import write_clip
+
+from diffusion_bunny.cli import main
+from diffusion_bunny.config import load_config
+from diffusion_bunny.errors import UserError
+from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.status import resolve_runs, run_status
+from diffusion_bunny.stages import run_stage, stage_names
+
+
+def _states(run_dir, cfg) -> dict[str, tuple[str, str]]:
+    return {stage: (state, reason) for stage, state, reason in run_status(run_dir, cfg)}
+
+
+def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys):
+    path, _ = cut_clip
+    cfg = load_config(root=tmp_path / "noconfig")
+    run = Run.create(tmp_path / "out" / "run", path)
+    run_stage(run, "extract", cfg, progress=False)
+    states = _states(run.run_dir, cfg)
+    assert states["extract"] == ("done", "up to date")
+    assert states["quality"] == ("missing", "never ran")
+    # Stage 04 cannot even fingerprint its inputs (no quality table): missing, saying what to run.
+    assert states["scenes"][0] == "missing" and "run stage quality first" in states["scenes"][1]
+    assert states["report"] == ("missing", "never ran")
+
+    changed = load_config(None, {"extraction.motion_threshold": 200}, root=tmp_path / "noconfig")
+    assert _states(run.run_dir, changed)["extract"] == ("stale", "its config changed")
+
+    assert main(["status", str(run.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"cuts.mp4  ({run.run_dir}; 1 of {len(stage_names())} stages done)" in out
+    assert "  extract     done\n" in out and "  quality     missing  (never ran)" in out
+    assert main(["status", str(run.run_dir), "--set", "extraction.motion_threshold=200"]) == 0
+    assert "  extract     stale  (its config changed)" in capsys.readouterr().out
+
+    # A rewritten input table makes the next stage stale.
+    run_stage(run, "quality", cfg, progress=False)
+    assert _states(run.run_dir, cfg)["quality"] == ("done", "up to date")
+    run_stage(run, "extract", cfg, force=True, progress=False)  # same frames, new file
+    frames = run.read_table("frames")
+    run.write_table("frames", frames.head(frames.height - 1))
+    assert _states(run.run_dir, cfg)["quality"] == ("stale", "its inputs changed")
+    # A table gone: missing again.
+    run.table_path("quality").unlink()
+    assert _states(run.run_dir, cfg)["quality"] == ("missing", "a table is missing")
+
+
+def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):
+    path, _ = cut_clip
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    shutil.copy(path, movies / "one.mp4")
+    write_clip(movies / "two.mp4", [(21, 15, 0.0), (22, 15, 0.0)])
+    out = tmp_path / "out"
+    done = Run.create(out / movie_id(movies / "one.mp4"), movies / "one.mp4")
+    run_stage(done, "extract", cfg, progress=False)
+
+    # A folder of movies maps to their run folders under --out; "two" has none yet.
+    refs = resolve_runs(movies, cfg, out)
+    assert [(r.movie, r.run_dir) for r in refs] == [
+        ("one.mp4", done.run_dir),
+        ("two.mp4", (out / movie_id(movies / "two.mp4")).resolve()),
+    ]
+    assert main(["status", str(movies), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = len(stage_names())
+    assert "one.mp4" in text and f"1 of {n} stages done" in text and "two.mp4" in text
+    assert f"0 of {n} stages done" in text
+    assert not (out / movie_id(movies / "two.mp4")).exists()  # status never creates anything
+
+    # A folder of run folders (data/output), and one movie with --out as its run folder.
+    assert [r.movie for r in resolve_runs(out, cfg)] == ["one.mp4"]
+    assert [r.run_dir for r in resolve_runs(movies / "one.mp4", cfg, done.run_dir)] == [done.run_dir]
+
+    for bad, message in [
+        (tmp_path / "nothing", "no such file or folder"),
+        (tmp_path / "notes.txt", "neither a run folder"),
+        (tmp_path / "empty", "neither a run folder"),
+    ]:
+        if bad.name == "notes.txt":
+            bad.write_text("hello")
+        elif bad.name == "empty":
+            bad.mkdir()
+        with pytest.raises(UserError, match=message):
+            resolve_runs(bad, cfg)
+        assert main(["status", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err

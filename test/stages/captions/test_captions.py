@@ -1,0 +1,733 @@
+"""Stage 05 captions: the template, the providers over real HTTP (a scripted fake server on
+127.0.0.1) and boto3 (botocore's Stubber), retries, the circuit breaker and fallback order, the
+disk cache that makes every paid answer happen once (also across a kill), edits, and secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import polars as pl
+import pytest
+from fake_llm_server import FakeLLMServer, caption_text, image_digest
+from paths import ROOT
+
+from diffusion_bunny.config import CaptioningConfig, load_config
+from diffusion_bunny.errors import BadInputError, ConfigError, ProviderError, StageError
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.captions.facts import caption_facts, framing_of, light_of, template_caption
+from diffusion_bunny.stages.captions.providers import (
+    PROMPT_VERSION,
+    PROVIDER_DOWN,
+    RETRY,
+    CaptionCache,
+    CircuitBreaker,
+    RateLimiter,
+    backoff_delay,
+    classify,
+    scaled_jpeg,
+)
+from diffusion_bunny.stages.captions.stage import edit_caption, read_edits
+from diffusion_bunny.stages.captions.tables import word_frequencies
+from diffusion_bunny.stages.extract.tables import frame_image_path
+
+FAST = {  # retries in milliseconds, no pacing: the tests are about what happens, not when
+    "captioning.backoff_base_s": 0.01,
+    "captioning.backoff_max_s": 0.05,
+    "captioning.requests_per_minute": 60000,
+    "captioning.timeout_s": 2,
+}
+
+
+@pytest.fixture
+def cap_run(scenes_demo_run, tmp_path, monkeypatch):
+    """A private copy of the demo run through stage 04; no provider key in the environment."""
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "LOCAL_LLM_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    run, overrides = scenes_demo_run
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    return Run.open(tmp_path / "run"), overrides
+
+
+def _cfg(tmp_path, base: dict, **over):
+    return load_config(
+        None, {**base, **{k.replace("__", "."): v for k, v in over.items()}}, root=tmp_path / "nocfg"
+    )
+
+
+def _digests(run: Run) -> dict[str, str]:
+    """frame id -> the digest the fake server computes of what it was sent."""
+    cfg = CaptioningConfig()
+    out = {}
+    frames = run.read_table("frames")
+    kept = run.read_table("quality").filter("keep")["frame_id"].to_list()
+    for rec in frames.filter(pl.col("frame_id").is_in(kept)).iter_rows(named=True):
+        path = frame_image_path(run.run_dir, rec["frame_id"], rec["path"])
+        image = scaled_jpeg(path.read_bytes(), cfg.image_max_side)
+        out[rec["frame_id"]] = image_digest(image)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_framing_light_and_template_caption():
+    cfg = CaptioningConfig(scene_names={"s002": "kitchen"})
+    assert framing_of(None, cfg) == "wide shot"
+    assert framing_of(0.05, cfg) == "wide shot"
+    assert framing_of(0.2, cfg) == "medium shot"
+    assert framing_of(0.5, cfg) == "close-up"
+    assert light_of(20, cfg) == "dark" and light_of(220, cfg) == "bright" and light_of(120, cfg) == ""
+    facts = {
+        "characters": ["astronaut", "grace_hopper"],
+        "unknown_faces": 1,
+        "framing": "close-up",
+        "motion": "static shot",
+        "scene": "s002",
+        "light": "dark",
+    }
+    text, tags = template_caption(facts, cfg)
+    assert text == (
+        "bunnystyle, astronaut and grace_hopper and 1 other person, close-up, static shot, dark, "
+        "in the kitchen"
+    )
+    assert tags[:2] == ["astronaut", "grace_hopper"] and "scene:s002" in tags
+    empty = {**facts, "characters": [], "unknown_faces": 0, "scene": "noise", "light": ""}
+    text, tags = template_caption(empty, cfg)
+    assert text == "bunnystyle, no people, close-up, static shot" and "no people" in tags
+
+
+def test_caption_facts_from_tables():
+    cfg = CaptioningConfig()
+    frames = pl.DataFrame(
+        {
+            "frame_id": ["a", "b", "c"],
+            "path": ["a.jpg", "b.jpg", "c.jpg"],
+            "shot_id": [0, 1, 1],
+            "height": [100] * 3,
+        }
+    )
+    quality = pl.DataFrame(
+        {"frame_id": ["a", "b", "c"], "keep": [True, True, False], "brightness": [30.0, 120, 90]}
+    )
+    faces = pl.DataFrame(
+        {
+            "frame_id": ["a", "a", "b"],
+            "character": ["zoe", None, None],
+            "top": [0, 0, 10],
+            "bottom": [40, 10, 25],
+        }
+    )
+    shots = pl.DataFrame({"shot_id": [0, 1], "kind": ["static", "dynamic"]})
+    clusters = pl.DataFrame(
+        {"frame_id": ["a", "b"], "level": ["scene", "scene"], "cluster_id": ["s001", "noise"]}
+    )
+    facts = caption_facts(frames, cfg, quality=quality, faces=faces, shots=shots, clusters=clusters)
+    assert facts["frame_id"].to_list() == ["a", "b"]  # c was not kept
+    a, b = facts.to_dicts()
+    assert (a["characters"], a["unknown_faces"], a["framing"], a["motion"], a["light"], a["scene"]) == (
+        ["zoe"],
+        1,
+        "close-up",
+        "static shot",
+        "dark",
+        "s001",
+    )
+    assert (b["characters"], b["unknown_faces"], b["framing"], b["motion"]) == (
+        [],
+        1,
+        "medium shot",
+        "moving shot",
+    )
+    everything = caption_facts(frames, CaptioningConfig(frames="all"), quality=quality)
+    assert everything.height == 3 and everything["framing"].to_list() == ["wide shot"] * 3
+
+
+def test_rate_limiter_paces_requests():
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(60, burst=2, clock=lambda: now[0], sleep=sleep)
+    waits = [limiter.acquire() for _ in range(5)]
+    assert waits[:2] == [0.0, 0.0]  # the burst
+    assert all(w == pytest.approx(1.0) for w in waits[2:])  # then one a second
+    assert now[0] == pytest.approx(3.0)
+
+
+def test_backoff_is_capped_full_jitter():
+    import random
+
+    rng = random.Random(1)
+    for attempt in range(8):
+        values = [backoff_delay(attempt, 0.5, 4.0, rng) for _ in range(200)]
+        assert min(values) >= 0 and max(values) <= min(4.0, 0.5 * 2**attempt)
+    assert max(backoff_delay(6, 0.5, 4.0, rng) for _ in range(200)) > 2.0  # spread, not constant
+
+
+def test_circuit_breaker_opens_after_consecutive_failures():
+    breaker = CircuitBreaker(3)
+    breaker.failure("x")
+    breaker.failure("x")
+    breaker.success()  # a success resets the run of failures
+    breaker.failure("x")
+    breaker.failure("x")
+    assert not breaker.open
+    breaker.failure("third")
+    assert breaker.open and breaker.reason == "third"
+    fatal = CircuitBreaker(10)
+    fatal.failure("key refused", fatal=True)
+    assert fatal.open
+
+
+def test_errors_are_classified():
+    from botocore.exceptions import ClientError, ReadTimeoutError
+    from dspy.utils.exceptions import AdapterParseError, LMAuthError, LMRateLimitError, LMServerError
+
+    assert classify(LMRateLimitError("slow down")) == RETRY
+    assert classify(LMServerError("boom")) == RETRY
+    assert classify(LMAuthError("bad key")) == PROVIDER_DOWN
+    assert classify(ReadTimeoutError(endpoint_url="https://x")) == RETRY
+    throttled = ClientError({"Error": {"Code": "ThrottlingException", "Message": "m"}}, "Converse")
+    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "m"}}, "Converse")
+    assert classify(throttled) == RETRY and classify(denied) == PROVIDER_DOWN
+    try:  # dspy wraps what an engine raises: the cause decides
+        try:
+            raise throttled
+        except ClientError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert classify(outer) == RETRY
+    from diffusion_bunny.stages.captions.providers import caption_signature
+
+    parse = AdapterParseError(adapter_name="ChatAdapter", signature=caption_signature(), lm_response="x")
+    assert classify(parse) == "item_failed"
+
+
+def test_config_rejects_unknown_provider_and_bad_orders(tmp_path):
+    with pytest.raises(ConfigError, match=r"captioning\.provider.*'gpt'"):
+        load_config(None, {"captioning.provider": "gpt"}, root=tmp_path)
+    with pytest.raises(ConfigError, match=r"captioning\.fallback"):
+        load_config(None, {"captioning.fallback": ["template", "nope"]}, root=tmp_path)
+    with pytest.raises(ConfigError, match="medium_ratio"):
+        load_config(None, {"captioning.medium_ratio": 0.5}, root=tmp_path)
+    cfg = load_config(
+        None, {"captioning.provider": "local", "captioning.fallback": ["local", "template"]}, root=tmp_path
+    )
+    assert cfg.captioning.chain() == ["local", "template"]
+
+
+def test_word_frequencies():
+    captions = pl.DataFrame({"caption": ["bunnystyle, a cat, close-up", "bunnystyle, cat on mat", None]})
+    freq = word_frequencies(captions, skip=("bunnystyle",))
+    assert freq.row(0) == ("cat", 2)
+    assert "bunnystyle" not in freq["word"].to_list()
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def test_template_stage_captions_every_kept_frame_offline(cap_run, tmp_path):
+    run, overrides = cap_run
+    cfg = _cfg(tmp_path, overrides)
+    captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+    kept = run.read_table("quality").filter("keep")["frame_id"].sort().to_list()
+    assert captions["frame_id"].to_list() == kept
+    assert (captions["status"] == "ok").all() and (captions["provider"] == "template").all()
+    assert captions["caption"].str.starts_with("bunnystyle, ").all()
+    faces = run.read_table("faces").filter(pl.col("character").is_not_null())
+    for fid, name in zip(faces["frame_id"], faces["character"], strict=True):
+        assert name in captions.filter(pl.col("frame_id") == fid)["caption"][0]
+    assert set(captions.columns) >= {"frame_id", "caption", "provider", "model", "status", "tags"}
+    manifest = run.read_manifest("captions")
+    assert manifest["counts"]["paid_requests"] == 0 and manifest["facts"]["prompt_version"] == PROMPT_VERSION
+    assert stage_state(run, "captions", cfg)[0] == "done"
+
+
+def test_missing_tables_and_no_kept_frames(tmp_path, demo_run):
+    empty = Run.create(tmp_path / "empty", demo_run.movie)
+    with pytest.raises(StageError, match=r"table 'frames' is missing.*run stage extract"):
+        run_stage(empty, "captions", load_config(root=tmp_path))
+    shutil.copytree(demo_run.run_dir, tmp_path / "r")
+    run = Run.open(tmp_path / "r")
+    run.write_table("quality", run.read_table("quality").with_columns(pl.lit(False).alias("keep")))
+    with pytest.raises(StageError, match=r"no frames to caption.*captioning\.frames: all"):
+        run_stage(run, "captions", load_config(root=tmp_path))
+
+
+def test_local_server_with_faults_captions_every_frame_exactly_once(cap_run, tmp_path):
+    """429, 500 and a hung request among the answers, 4 requests in flight: every frame gets the
+    server's caption, each image is answered (paid) exactly once, the failures are retried and
+    logged; a forced rerun makes no request at all (the cache)."""
+    run, overrides = cap_run
+    digests = _digests(run)
+    with FakeLLMServer(script=["429", "500", "hang", "ok", "429", "500"], hang_s=10) as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__local__base_url=srv.base_url,
+            captioning__concurrency=4,
+        )
+        tables = run_stage(run, "captions", cfg, progress=False)
+        captions, calls = tables["captions"], tables["caption_calls"]
+        assert (captions["status"] == "ok").all() and (captions["provider"] == "local").all()
+        for rec in captions.iter_rows(named=True):
+            assert rec["caption"] == "bunnystyle, " + caption_text(digests[rec["frame_id"]])
+            assert rec["tags"] == ["fake", digests[rec["frame_id"]]] and rec["input_tokens"] == 120
+        assert set(srv.answered) == set(digests.values())
+        assert all(n == 1 for n in srv.answered.values())  # paid once each
+        assert sorted(srv.behaviours()).count("429") == 2 and "hang" in srv.behaviours()
+        assert (calls["outcome"] == "retry").sum() == 5
+        assert (
+            calls.filter(pl.col("outcome") == "retry")["error"]
+            .str.contains("Timeout|timed out|429|500")
+            .all()
+        )
+        from diffusion_bunny.stages.captions.stage import provider_summary
+
+        summary = provider_summary(calls).row(0, named=True)
+        assert (summary["requests"], summary["answered"], summary["retries"]) == (
+            len(digests) + 5,
+            len(digests),
+            5,
+        )
+        assert summary["input_tokens"] == 120 * len(digests)
+        sent = srv.requests[-1]["body"]
+        assert sent["model"] == "qwen2.5-vl-7b-instruct"
+        assert "bunnystyle" in json.dumps(sent["messages"])  # the trigger word is in the prompt
+        n = len(srv.requests)
+        again = run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == n  # no new request: every answer came from the cache
+        assert again["captions"]["caption"].to_list() == captions["caption"].to_list()
+        assert (again["caption_calls"]["outcome"] == "cached").sum() == len(digests)
+
+
+def test_circuit_breaker_falls_back_in_order(cap_run, tmp_path, monkeypatch):
+    """The local server always fails: after ``breaker_failures`` frames its circuit opens and
+    the rest of the run goes straight to the next provider (anthropic on a second server),
+    then the template closes the chain."""
+    run, overrides = cap_run
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    digests = _digests(run)
+    with FakeLLMServer(default="500") as bad, FakeLLMServer() as good:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__fallback=["anthropic", "template"],
+            captioning__local__base_url=bad.base_url,
+            captioning__anthropic__base_url=good.root_url,  # /v1 is added
+            captioning__max_retries=1,
+            captioning__breaker_failures=2,
+            captioning__concurrency=1,
+        )
+        tables = run_stage(run, "captions", cfg, progress=False)
+        captions = tables["captions"]
+        assert (captions["provider"] == "anthropic").all()
+        assert len(bad.requests) == 2 * 2  # two frames x (1 try + 1 retry), then the circuit is open
+        assert all(r["path"].endswith("/v1/messages") for r in good.requests)
+        assert good.requests[0]["headers"].get("x-api-key") == "sk-ant-test"
+        assert set(good.answered) == set(digests.values())
+        manifest = run.read_manifest("captions")
+        assert "local" in manifest["facts"]["open_circuits"]
+        assert any("circuit opened" in w for w in manifest["warnings"])
+    # A server nobody answers at: the preflight fails before any work, naming the setting.
+    with pytest.raises(ProviderError, match=r"cannot reach.*captioning\.local\.base_url"):
+        run_stage(
+            run,
+            "captions",
+            _cfg(
+                tmp_path,
+                {**overrides, **FAST},
+                captioning__provider="local",
+                captioning__local__base_url="http://127.0.0.1:9/v1",
+            ),
+            progress=False,
+        )
+
+
+def test_unusable_answers_fall_back_to_the_template_and_are_recorded(cap_run, tmp_path):
+    run, overrides = cap_run
+    with FakeLLMServer(default="garbage") as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__fallback=["template"],
+            captioning__local__base_url=srv.base_url,
+            captioning__breaker_failures=1000,
+            captioning__concurrency=2,
+        )
+        tables = run_stage(run, "captions", cfg, progress=False)
+        captions, calls = tables["captions"], tables["caption_calls"]
+        assert (captions["provider"] == "template").all() and (captions["status"] == "ok").all()
+        assert len(srv.requests) == captions.height  # one request each: no hidden second try
+        failed = calls.filter(pl.col("outcome") == "failed")
+        assert failed.height == captions.height and failed["error"].str.contains("Parse").all()
+
+
+def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_run, tmp_path):
+    run, overrides = cap_run
+    run_stage(run, "captions", _cfg(tmp_path, overrides), progress=False)
+    before = run.read_table("captions")
+    with FakeLLMServer(default="500") as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__local__base_url=srv.base_url,
+            captioning__max_retries=0,
+        )
+        with pytest.raises(
+            ProviderError, match=r"no frame could be captioned.*template to captioning\.fallback"
+        ):
+            run_stage(run, "captions", cfg, progress=False)
+    assert run.read_table("captions").equals(before)
+
+
+def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_path):
+    run, overrides = cap_run
+    with pytest.raises(ProviderError, match="needs the environment variable OPENAI_API_KEY"):
+        run_stage(run, "captions", _cfg(tmp_path, overrides, captioning__provider="openai"), progress=False)
+    with pytest.raises(ProviderError, match="ANTHROPIC_API_KEY"):
+        run_stage(
+            run, "captions", _cfg(tmp_path, overrides, captioning__fallback=["anthropic"]), progress=False
+        )
+    cfg = _cfg(
+        tmp_path, overrides, captioning__provider="local", captioning__local__base_url="http://127.0.0.1:9/v1"
+    )
+    with pytest.raises(
+        ProviderError, match=r"cannot reach the caption server at http://127.0.0.1:9/v1.*local\.base_url"
+    ):
+        run_stage(run, "captions", cfg, progress=False)
+    assert not run.has_table("captions")
+
+
+def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
+    """A server that answers 401 to the preflight: the key is named, nothing else is asked."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        run, overrides = cap_run
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+        cfg = _cfg(
+            tmp_path,
+            overrides,
+            captioning__provider="openai",
+            captioning__openai__base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+        )
+        with pytest.raises(
+            ProviderError, match=r"captioning\.openai\.base_url.*refused the key \(HTTP 401\)"
+        ):
+            run_stage(run, "captions", cfg, progress=False)
+    finally:
+        httpd.shutdown()
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+    import json
+    from pathlib import Path
+    overrides = json.loads(sys.argv[2])
+    cfg = load_config(None, overrides, root=Path(sys.argv[3]))
+    run_stage(Run.open(sys.argv[1]), "captions", cfg, progress=False)
+    """
+)
+
+
+def test_kill_in_the_middle_then_resume_pays_each_frame_once(cap_run, tmp_path):
+    """A run is killed (SIGKILL) while its 5th request hangs; the rerun asks only for what is not
+    in the cache: over both runs every image was answered exactly once."""
+    run, overrides = cap_run
+    digests = _digests(run)
+    assert len(digests) > 6
+    script = tmp_path / "cap.py"
+    script.write_text(KILL_SCRIPT)
+    answered = {}
+    with FakeLLMServer(script=["ok"] * 4 + ["hang"], hang_s=60) as srv:
+        over = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.concurrency": 1,
+            "captioning.timeout_s": 60,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(run.run_dir), json.dumps(over), str(tmp_path / "nocfg")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        while len(srv.requests) < 5 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(srv.requests) == 5, proc.communicate()[1].decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered.update(srv.answered)
+    assert not run.has_table("captions") and run.read_manifest("captions") is None
+    with FakeLLMServer() as srv2:
+        cfg = _cfg(tmp_path, over, captioning__local__base_url=srv2.base_url)
+        captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+        calls = run.read_table("caption_calls")
+        assert (calls["outcome"] == "cached").sum() == 4
+        for digest, n in srv2.answered.items():
+            answered[digest] = answered.get(digest, 0) + n
+    assert sorted(answered) == sorted(digests.values())
+    assert set(answered.values()) == {1}
+    assert (captions["status"] == "ok").all() and captions.height == len(digests)
+
+
+def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
+    """The Converse request carries the image bytes, the system prompt and the inference settings;
+    a ThrottlingException is retried; the answer's tokens are recorded; a second run is cached."""
+    import boto3
+    from botocore.stub import ANY, Stubber
+
+    from diffusion_bunny.stages.captions.stage import captions_stage
+
+    run, overrides = cap_run
+    cfg = _cfg(tmp_path, {**overrides, **FAST}, captioning__provider="bedrock", captioning__concurrency=1)
+    client = boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="AKIDTEST",
+        aws_secret_access_key="secret",
+    )
+    kept = run.read_table("quality").filter("keep").height
+    seen: list[dict] = []
+
+    def caption_with_bedrock():
+        return captions_stage(
+            run.run_dir,
+            run.read_table("frames"),
+            cfg.captioning,
+            quality=run.read_table("quality"),
+            faces=run.read_table("faces"),
+            progress=False,
+            bedrock_client=client,
+        )
+
+    with Stubber(client) as stub:
+        stub.add_client_error("converse", service_error_code="ThrottlingException", http_status_code=429)
+        for i in range(kept):
+            stub.add_response(
+                "converse",
+                {
+                    "output": {
+                        "message": {
+                            "role": "assistant",
+                            "content": [
+                                {
+                                    "text": f"[[ ## caption ## ]]\nbunnystyle, frame {i}\n\n"
+                                    f'[[ ## tags ## ]]\n["t{i}"]\n\n[[ ## completed ## ]]'
+                                }
+                            ],
+                        }
+                    },
+                    "stopReason": "end_turn",
+                    "usage": {"inputTokens": 900, "outputTokens": 12, "totalTokens": 912},
+                    "metrics": {"latencyMs": 5},
+                },
+                expected_params={
+                    "modelId": cfg.captioning.bedrock.model_id,
+                    "messages": ANY,
+                    "system": ANY,
+                    "inferenceConfig": {"maxTokens": 300, "temperature": 0.2},
+                },
+            )
+
+        def record(params, **kwargs):
+            seen.append(params)
+
+        client.meta.events.register("provide-client-params.bedrock-runtime.Converse", record)
+        result = caption_with_bedrock()
+        stub.assert_no_pending_responses()
+    captions = result.captions
+    assert captions["caption"].to_list() == [f"bunnystyle, frame {i}" for i in range(kept)]
+    assert (captions["provider"] == "bedrock").all() and (captions["input_tokens"] == 900).all()
+    assert (result.calls["outcome"] == "retry").sum() == 1
+    content = seen[0]["messages"][0]["content"]
+    image = next(b["image"] for b in content if "image" in b)
+    assert image["format"] == "jpeg" and image["source"]["bytes"][:2] == b"\xff\xd8"
+    assert "bunnystyle" in json.dumps([b.get("text", "") for b in content])
+    assert seen[0]["system"][0]["text"].startswith("Your input fields are")
+    # Cached: a second run with a client that would fail on any call makes none.
+    with Stubber(client):
+        again = caption_with_bedrock()
+    assert again.captions["caption"].to_list() == captions["caption"].to_list()
+
+
+def test_bedrock_settings_missing_are_named(tmp_path, monkeypatch):
+    from diffusion_bunny.stages.captions.providers import bedrock_client
+
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ProviderError, match=r"needs a region: set captioning\.bedrock\.region or AWS_REGION"):
+        bedrock_client(CaptioningConfig(provider="bedrock"))
+    with pytest.raises(ProviderError, match=r"captioning\.bedrock\.profile"):
+        bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"profile": "nope"}))
+    with pytest.raises(ProviderError, match=r"no AWS credentials.*AWS_ACCESS_KEY_ID"):
+        bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"region": "us-east-1"}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    client = bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"region": "eu-west-1"}))
+    assert client.meta.region_name == "eu-west-1" and client.meta.config.retries["total_max_attempts"] == 1
+
+
+def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
+    run, overrides = cap_run
+    cfg = _cfg(tmp_path, overrides)
+    captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+    fid = captions["frame_id"][0]
+    edited = edit_caption(run.run_dir, fid, "  bunnystyle,   my own   words ")
+    row = edited.filter(pl.col("frame_id") == fid).row(0, named=True)
+    assert (row["caption"], row["status"]) == ("bunnystyle, my own words", "edited")
+    assert read_edits(run.run_dir).height == 1
+    assert stage_state(run, "captions", cfg)[0] == "stale"  # an edit is an input
+    with FakeLLMServer() as srv:  # even another provider on a forced rerun keeps it
+        other = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__local__base_url=srv.base_url,
+        )
+        again = run_stage(run, "captions", other, progress=False, force=True)["captions"]
+    kept = again.filter(pl.col("frame_id") == fid).row(0, named=True)
+    assert (kept["caption"], kept["status"]) == ("bunnystyle, my own words", "edited")
+    assert (again.filter(pl.col("frame_id") != fid)["provider"] == "local").all()
+    assert run.read_manifest("captions")["counts"]["edited"] == 1
+    with pytest.raises(BadInputError, match="empty"):
+        edit_caption(run.run_dir, fid, "   ")
+    with pytest.raises(BadInputError, match="no caption row"):
+        edit_caption(run.run_dir, "nope", "x")
+
+
+def test_caption_editor_widget_saves_an_edit(cap_run, tmp_path):
+    from diffusion_bunny.stages.captions.widgets import CaptionEditor
+
+    run, overrides = cap_run
+    run_stage(run, "captions", _cfg(tmp_path, overrides), progress=False)
+    editor = CaptionEditor(run, page_size=5)
+    assert len(editor.rows.children) == 5 and editor.pages() == -(-run.read_table("captions").height // 5)
+    first = editor.rows.children[0]
+    picture, (info, box, button) = first.children[0], first.children[1].children
+    assert type(picture).__name__ == "Image" and picture.value[:4] == b"\x89PNG"
+    fid = run.read_table("captions")["frame_id"][0]
+    assert fid in info.value
+    box.value = "bunnystyle, typed in the box"
+    button.click()
+    assert "saved" in editor.status.value
+    assert run.read_table("captions").filter(pl.col("frame_id") == fid)["status"][0] == "edited"
+    box2 = editor.rows.children[0].children[1].children[1]
+    box2.value = " "
+    editor.rows.children[0].children[1].children[2].click()
+    assert "empty" in editor.status.value
+    editor.go(99)
+    assert editor.page == editor.pages() - 1
+    editor.only_failed.value = True
+    assert editor.rows.children == ()
+
+
+def test_cache_key_changes_with_prompt_inputs(tmp_path):
+    facts = {"characters": ["b", "a"]}
+    key = CaptionCache.key("sha", "local", "m", facts, "bunnystyle")
+    assert key == CaptionCache.key("sha", "local", "m", {"characters": ["a", "b"]}, "bunnystyle")
+    assert key.startswith(PROMPT_VERSION)
+    for other in (
+        CaptionCache.key("sha2", "local", "m", facts, "bunnystyle"),
+        CaptionCache.key("sha", "openai", "m", facts, "bunnystyle"),
+        CaptionCache.key("sha", "local", "m2", facts, "bunnystyle"),
+        CaptionCache.key("sha", "local", "m", {"characters": ["a"]}, "bunnystyle"),
+        CaptionCache.key("sha", "local", "m", facts, "otherword"),
+        CaptionCache.key("sha", "local", "m", facts, "bunnystyle", 1024),
+    ):
+        assert other != key
+    cache = CaptionCache(tmp_path / "c")
+    cache.set(key, {"caption": "x", "tags": []})
+    cache.close()
+    assert CaptionCache(tmp_path / "c").get(key)["caption"] == "x"  # on disk, across instances
+
+
+def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_path, monkeypatch):
+    """Keys planted in the environment are used (the server sees them) but written nowhere: not
+    in the executed notebook, the manifest, any table, log or cache file of the run."""
+    import papermill
+
+    run, overrides = cap_run
+    canary = "sk-CANARY-7f3a9c1e5b"
+    monkeypatch.setenv("LOCAL_LLM_API_KEY", canary)
+    monkeypatch.setenv("OPENAI_API_KEY", canary + "-openai")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary + "-aws")
+    with FakeLLMServer(script=["500"]) as srv:
+        over = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+        }
+        out_nb = run.run_dir / "notebooks" / "05_caption.ipynb"
+        out_nb.parent.mkdir(parents=True, exist_ok=True)
+        papermill.execute_notebook(
+            str(ROOT / "notebook" / "05_caption.ipynb"),
+            str(out_nb),
+            parameters={"run_dir": str(run.run_dir), "overrides": over, "interactive": True},
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=600,
+            cwd=str(ROOT / "notebook"),
+        )
+        assert srv.requests and all(
+            r["headers"].get("Authorization") == f"Bearer {canary}" for r in srv.requests
+        )
+    text = out_nb.read_text()
+    assert "paid request(s) this run" in text and "failed only" in text
+    leaks = []
+    for path in run.run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if canary.encode() in data or base64.b64encode(canary.encode()) in data:
+                leaks.append(str(path))
+    assert leaks == []
+    assert (run.run_dir / "manifests" / "captions.json").is_file()

@@ -1,0 +1,422 @@
+"""Stage 03 ``characters``: identification logic on synthetic encodings, references and their bad
+inputs, the stage on the demo movie (cache, naming, failed frames), and accuracy on real photos
+and footage from ../shared/testdata (not tuned on)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import pytest
+from paths import ROOT
+
+from diffusion_bunny.cli import main
+from diffusion_bunny.config import CharactersConfig, load_config
+from diffusion_bunny.demo.movie import build_demo_references
+from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
+from diffusion_bunny.models.faces import (
+    DetectSettings,
+    ReferenceSet,
+    detect_and_encode,
+    load_references,
+    read_rgb,
+)
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.characters.identify import (
+    box_iou,
+    character_thresholds,
+    cluster_faces,
+    frames_to_scan,
+    identify,
+    link_tracks,
+    vote_tracks,
+)
+from diffusion_bunny.stages.characters.stage import check_name, name_cluster
+from diffusion_bunny.stages.characters.tables import FACES_SCHEMA, character_counts, reference_dir
+
+EXAMPLES = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
+
+
+def _examples() -> Path:
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"real photos not available here: {EXAMPLES} (they ship beside the project, not in it)")
+    return EXAMPLES
+
+
+def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    v = rng.normal(size=(n, 128)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _refs(groups: dict[str, np.ndarray]) -> ReferenceSet:
+    refs = ReferenceSet()
+    encs, owners = [], []
+    for i, (name, enc) in enumerate(groups.items()):
+        refs.names.append(name)
+        encs.append(enc)
+        owners += [i] * len(enc)
+        refs.files += [f"{name}/{k}.png" for k in range(len(enc))]
+    refs.encodings = np.concatenate(encs).astype(np.float32)
+    refs.owners = np.asarray(owners)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure identification logic
+
+
+def test_thresholds_tighten_only_for_consistent_reference_sets():
+    rng = np.random.default_rng(0)
+    centre = _unit(rng)[0]
+    tight = centre + 0.05 * _unit(rng, 3)  # three references within ~0.1 of each other
+    loose = _unit(rng, 2)  # two references ~1.4 apart
+    single = _unit(rng, 1)
+    refs = _refs({"tight": tight, "loose": loose, "single": single})
+    cfg = CharactersConfig()
+    th = character_thresholds(refs, cfg)
+    assert th["single"] == cfg.tolerance and th["loose"] == cfg.tolerance
+    assert th["tight"] == cfg.min_threshold  # spread + margin is under the floor
+    assert character_thresholds(refs, CharactersConfig(adaptive_thresholds=False))["tight"] == cfg.tolerance
+
+
+def test_identify_is_open_set():
+    rng = np.random.default_rng(1)
+    a, b = _unit(rng, 2)
+    refs = _refs({"a": a[None], "b": b[None]})
+    near_a = a + 0.3 * _unit(rng)[0]
+    stranger = _unit(rng)[0]
+    idn = identify(np.stack([near_a, stranger, b]), refs, {"a": 0.6, "b": 0.6})
+    assert idn.character == ["a", None, "b"]
+    assert idn.nearest[1] in {"a", "b"} and idn.nearest_distance[1] > 0.6
+    assert idn.nearest_distance[0] == pytest.approx(np.linalg.norm(near_a - a), abs=1e-5)
+    # A character's own tighter threshold applies to it alone.
+    assert identify(near_a[None], refs, {"a": 0.2, "b": 0.6}).character == [None]
+    empty = identify(np.stack([near_a]), ReferenceSet(), {})
+    assert empty.character == [None] and np.isnan(empty.nearest_distance[0])
+
+
+def test_tracks_link_consecutive_frames_of_a_shot_one_to_one():
+    rng = np.random.default_rng(2)
+    p, q = _unit(rng, 2)
+    jitter = lambda v: v + 0.05 * _unit(rng)[0]  # noqa: E731
+    box_l, box_r = (10, 60, 60, 10), (10, 200, 60, 150)
+    # shot 0: frames 0, 5, 9 with p left and q right; shot 1: frame 20 shows p again.
+    shots = [0, 0, 0, 0, 0, 1]
+    frames = [0, 0, 5, 5, 9, 20]
+    boxes = [box_l, box_r, box_l, box_r, box_r, box_l]
+    enc = np.stack([jitter(p), jitter(q), jitter(p), jitter(q), jitter(q), jitter(p)])
+    tracks = link_tracks(shots, frames, boxes, enc, max_distance=0.5, min_iou=0.0)
+    assert tracks[0] == tracks[2] and tracks[1] == tracks[3]
+    assert tracks[0] != tracks[1]
+    assert tracks[5] not in {tracks[0], tracks[1]}  # never across a cut
+    # frame 9 shows only q, in p's place: the encoding decides, not the position
+    boxes[4] = box_l
+    assert link_tracks(shots, frames, boxes, enc, max_distance=0.5, min_iou=0.0)[4] == tracks[1]
+    # ...unless the box guard is on
+    guarded = link_tracks(shots, frames, boxes, enc, max_distance=0.5, min_iou=0.3)
+    assert guarded[4] not in {guarded[0], guarded[1]}
+    assert box_iou(box_l, box_l) == 1.0 and box_iou(box_l, box_r) == 0.0
+
+
+def test_vote_majority_with_ties_going_to_the_name():
+    chars = ["a", "a", None, "b", None, None, "c", None, "c", "d"]
+    dist = np.asarray([0.3, 0.4, 0.7, 0.5, 0.8, 0.9, 0.4, 0.7, 0.5, 0.2])
+    tracks = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    voted, sizes = vote_tracks(tracks, chars, dist)
+    assert voted[:3] == ["a", "a", "a"]  # 2 of 3
+    assert voted[3:6] == [None, None, None]  # unknown wins 2 to 1
+    assert voted[6:8] == ["c", "c"]  # 1-1 tie between a name and unknown: the name
+    assert voted[8:] == ["d", "d"]  # tie between names: the nearer one
+    assert sizes == [3, 3, 3, 3, 3, 3, 2, 2, 2, 2]
+
+
+def test_clusters_keep_tracks_together_and_are_numbered_by_size():
+    rng = np.random.default_rng(3)
+    p, q = _unit(rng, 2)
+    enc = np.stack(
+        [p + 0.03 * _unit(rng)[0] for _ in range(3)] + [q + 0.03 * _unit(rng)[0] for _ in range(2)]
+    )
+    labels = cluster_faces(enc, [0, 0, 1, 2, 3], threshold=0.5)
+    assert labels == [0, 0, 0, 1, 1]
+    assert cluster_faces(np.zeros((0, 128)), [], 0.5) == []
+
+
+def test_names_must_be_usable_folder_names():
+    assert check_name("  Grace Hopper ") == "Grace Hopper"
+    for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65):
+        with pytest.raises(UserError, match="not usable"):
+            check_name(bad)
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match=r"characters: min_threshold \(0.7\) must not exceed tolerance"):
+        load_config(None, {"characters.min_threshold": 0.7}, root=ROOT / "test")
+    with pytest.raises(ConfigError, match=r"characters\.model"):
+        load_config(None, {"characters.model": "mtcnn"}, root=ROOT / "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+
+
+def test_reference_folder_bad_inputs_are_named_and_left_out(tmp_path):
+    ex = _examples()
+    refs_dir = tmp_path / "refs"
+    (refs_dir / "obama").mkdir(parents=True)
+    shutil.copy(ex / "obama.jpg", refs_dir / "obama" / "obama.jpg")
+    (refs_dir / "obama" / "broken.jpg").write_bytes(b"\xff\xd8not really a jpeg")
+    (refs_dir / "obama" / "notes.txt").write_text("not an image")
+    (refs_dir / "obama" / ".DS_Store").write_bytes(b"ignored")
+    (refs_dir / "pair").mkdir()
+    shutil.copy(ex / "two_people.jpg", refs_dir / "pair" / "two.jpg")
+    (refs_dir / "wall").mkdir()
+    cv2.imwrite(str(refs_dir / "wall" / "grey.png"), np.full((300, 300, 3), 128, np.uint8))
+    (refs_dir / "nobody").mkdir()
+    refs, warns = load_references(refs_dir, DetectSettings())
+    assert refs.counts() == {"obama": 1}
+    text = "\n".join(warns)
+    assert "broken.jpg cannot be read as an image; left out" in text
+    assert "notes.txt is not an image (.txt); left out" in text
+    assert "two.jpg shows 2 faces (a reference must show exactly one)" in text
+    assert "grey.png shows no face" in text
+    assert "character 'pair' has no usable reference image" in text
+    assert f"character folder {refs_dir / 'nobody'} is empty" in text
+    assert ".DS_Store" not in text
+
+
+def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
+    missing = CharactersConfig(reference_dir=str(tmp_path / "nope"))
+    with pytest.raises(BadInputError, match="does not exist"):
+        reference_dir(tmp_path, missing)
+    (tmp_path / "empty" / "someone").mkdir(parents=True)
+    with pytest.raises(BadInputError, match="holds no images in character sub-folders"):
+        reference_dir(tmp_path, CharactersConfig(reference_dir=str(tmp_path / "empty")))
+    assert reference_dir(tmp_path, CharactersConfig()) is None  # discovery only
+    # On the command line: one line, exit status 2, and no run folder made.
+    path, _ = cut_clip
+    out = tmp_path / "run"
+    code = main(["run", str(path), "--out", str(out), "--characters", str(tmp_path / "nope"), "--quiet"])
+    assert code == 2 and not out.exists()
+
+
+def test_cli_empty_reference_folder_fails_the_movie_with_one_line(tmp_path, cut_clip, capsys):
+    path, _ = cut_clip
+    (tmp_path / "refs").mkdir()
+    out = tmp_path / "run"
+    args = ["run", str(path), "--out", str(out), "--stages", "extract,quality,characters"]
+    code = main([*args, "--characters", str(tmp_path / "refs"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "holds no images in character sub-folders" in err and "Traceback" not in err
+    assert (out / "tables" / "quality.parquet").is_file()  # earlier stages' results are kept
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on the demo movie
+
+
+def _copy(run: Run, tmp_path: Path) -> Run:
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    return Run.open(tmp_path / "run")
+
+
+def _cfg(tmp_path: Path, **characters) -> object:
+    return load_config(None, {f"characters.{k}": v for k, v in characters.items()}, root=tmp_path / "noroot")
+
+
+def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
+    run = _copy(demo_run, tmp_path)
+    refs_dir = build_demo_references(tmp_path / "refs")
+    cfg = _cfg(tmp_path, reference_dir=str(refs_dir))
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    assert faces.schema == pl.Schema(FACES_SCHEMA)
+    truth = {s["shot_id"]: set(s["faces"]) for s in demo.ground_truth()["shots"]}
+    frames = run.read_table("frames")
+    kept = run.read_table("quality").filter(pl.col("keep"))
+    for row in frames.filter(pl.col("frame_id").is_in(kept["frame_id"].implode())).iter_rows(named=True):
+        names = set(faces.filter(pl.col("frame_id") == row["frame_id"])["character"].drop_nulls())
+        assert names == truth[row["shot_id"]], row
+    assert faces["distance"].max() < 0.6 and faces["cluster"].is_null().all()
+    # Boxes are full-resolution pixels inside the 640x360 frame.
+    assert faces["top"].min() >= 0 and faces["bottom"].max() <= 360 and faces["right"].max() <= 640
+    # Stage 02's face sharpness is filled for frames with a face, null for the others, and the
+    # rewrite does not make stage 03 stale.
+    quality = run.read_table("quality")
+    with_face = set(faces["frame_id"])
+    for row in quality.iter_rows(named=True):
+        assert (row["face_sharpness"] is not None) == (row["frame_id"] in with_face)
+    assert stage_state(run, "characters", cfg)[0] == "done"
+    manifest = run.read_manifest("characters")
+    assert manifest["counts"]["characters"] == {"astronaut": 4, "grace_hopper": 4}
+    assert manifest["facts"]["frames_detected"] == kept.height
+    # A new reference image: stale, and the rerun labels from cached detections.
+    shutil.copy(refs_dir / "astronaut" / "astronaut.png", refs_dir / "astronaut" / "again.png")
+    assert stage_state(run, "characters", cfg) == ("stale", "its inputs changed")
+    again = run_stage(run, "characters", cfg, progress=False)["faces"]
+    facts = run.read_manifest("characters")["facts"]
+    assert facts["frames_detected"] == 0 and facts["frames_cached"] == kept.height
+    assert again["character"].to_list() == faces["character"].to_list()
+    # A rerun of stage 02 keeps the face sharpness stage 03 measured.
+    run_stage(run, "quality", cfg, force=True, progress=False)
+    assert run.read_table("quality")["face_sharpness"].drop_nulls().len() == len(with_face)
+
+
+def test_discovery_clusters_then_naming_relabels(demo_run, tmp_path):
+    run = _copy(demo_run, tmp_path)
+    cfg = _cfg(tmp_path)
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    assert faces["character"].is_null().all()
+    # Two people, two clusters, each holding only frames of one person's shots.
+    assert faces["cluster"].n_unique() == 2
+    counts = character_counts(faces)
+    assert counts.row(0, named=True)["character"] == "unknown"
+    biggest = faces.filter(pl.col("cluster") == "cluster_00")
+    with pytest.raises(UserError, match="no unknown faces in cluster 'cluster_99'"):
+        name_cluster(run.run_dir, "cluster_99", "x", overrides={"characters.workers": 1})
+    result = name_cluster(run.run_dir, "cluster_00", "first person", overrides={})
+    refs = sorted((run.run_dir / "references" / "first person").glob("*.png"))
+    assert len(refs) == len(result["references_added"]) >= 1
+    assert result["faces_of_cluster_named"] == biggest.height == result["named_faces"]
+    after = run.read_table("faces")
+    assert set(after.filter(pl.col("character") == "first person")["face_id"]) == set(biggest["face_id"])
+    assert after.filter(pl.col("character").is_null())["cluster"].n_unique() == 1
+    # The run's own references are now an input: the next plain run is up to date.
+    assert stage_state(run, "characters", cfg)[0] == "done"
+
+
+def test_failed_frame_is_logged_and_skipped(demo_run, tmp_path):
+    run = _copy(demo_run, tmp_path)
+    frames = run.read_table("frames")
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"]
+    victim = frames.filter(pl.col("frame_id").is_in(kept.implode())).row(0, named=True)
+    (run.run_dir / victim["path"]).write_bytes(b"garbage")
+    cfg = _cfg(tmp_path, workers=1)
+    with pytest.warns(UserWarning, match="1 frame\\(s\\) failed face detection"):
+        run_stage(run, "characters", cfg, progress=False)
+    status = run.read_table("face_frames")
+    bad = status.filter(pl.col("frame_id") == victim["frame_id"]).row(0, named=True)
+    assert bad["status"] == "failed" and "not a decodable image" in bad["error"]
+    assert status.filter(pl.col("status") == "ok").height == kept.len() - 1
+
+
+def test_frames_to_scan_needs_quality_unless_all(demo_run):
+    frames = demo_run.read_table("frames")
+    with pytest.raises(StageError, match=r"characters\.frames=all"):
+        frames_to_scan(frames, None, CharactersConfig())
+    assert frames_to_scan(frames, None, CharactersConfig(frames="all")).height == frames.height
+
+
+def test_cluster_namer_widget(demo_run, tmp_path):
+    from diffusion_bunny.stages.characters.widgets import ClusterNamer
+
+    run = _copy(demo_run, tmp_path)
+    run_stage(run, "characters", _cfg(tmp_path), progress=False)
+    namer = ClusterNamer(run, overrides={})
+    assert namer.clusters().height == 2 and len(namer.rows.children) == 2
+    assert namer.name("cluster_01", "../evil") is None and "not usable" in namer.status.value
+    result = namer.name("cluster_01", "second")
+    assert result is not None and "second" in namer.status.value
+    assert namer.clusters().height == 1 and len(namer.rows.children) == 1
+    namer.name("cluster_00", "first")
+    assert "no cluster is left to name" in namer.rows.children[0].value
+
+
+def test_character_figures_render(demo_run, tmp_path):
+    from diffusion_bunny.stages.characters.plots import (
+        character_counts_plot,
+        face_sheet,
+        screen_time_plot,
+    )
+
+    run = _copy(demo_run, tmp_path)
+    refs_dir = build_demo_references(tmp_path / "refs")
+    faces = run_stage(run, "characters", _cfg(tmp_path, reference_dir=str(refs_dir)), progress=False)["faces"]
+    frames, shots = run.read_table("frames"), run.read_table("shots")
+    for figure in (character_counts_plot(character_counts(faces)), screen_time_plot(faces, shots)):
+        figure.draw()
+    sheet = face_sheet(run.run_dir, faces, frames, max_per_group=6, side=64)
+    assert sheet.width == 6 * 68 + 4 and sheet.height == 2 * (22 + 64 + 14 + 4)
+    # the crops are faces, not blank tiles
+    assert np.asarray(sheet)[30:80, 10:60].std() > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy on real photos and footage (../shared/testdata; nothing here was tuned on them)
+
+KNN_TRUTH = {
+    "obama1.jpg": {"obama"},
+    "alex_lacamoire1.jpg": {"alex_lacamoire"},
+    "johnsnow_test1.jpg": {"kit_harington"},
+    "kit_with_rose.jpg": {"kit_harington", "rose_leslie"},
+    "obama_and_biden.jpg": {"obama", "biden"},
+}
+
+
+def test_knn_examples_every_known_face_named_and_none_wrong():
+    base = _examples() / "knn_examples"
+    cfg = CharactersConfig()
+    settings = DetectSettings.from_config(cfg)
+    refs, warns = load_references(base / "train", settings)
+    assert not warns
+    assert set(refs.names) == {"alex_lacamoire", "biden", "kit_harington", "obama", "rose_leslie"}
+    thresholds = character_thresholds(refs, cfg)
+    report = {}
+    for name, expected in KNN_TRUTH.items():
+        faces = detect_and_encode(read_rgb(base / "test" / name), settings)
+        idn = identify(np.stack([f.encoding for f in faces]), refs, thresholds)
+        found = [c for c in idn.character if c is not None]
+        report[name] = (found, [round(float(d), 3) for d in idn.nearest_distance])
+        assert set(found) == expected, report  # everyone named, nobody else named
+        assert len(found) == len(set(found)), report  # no name given to two faces of one photo
+
+
+def test_hamilton_performer_named_and_audience_not(hamilton, tmp_path):
+    refs_dir = tmp_path / "refs" / "lin-manuel-miranda"
+    refs_dir.mkdir(parents=True)
+    shutil.copy(_examples() / "lin-manuel-miranda.png", refs_dir)
+    # Sample every 0.25 s so the performer's shot (frames 82-210) gives ~17 frames to judge, and
+    # search all of them (stage 02 drops most as near-duplicates of each other: a locked-off shot).
+    cfg = load_config(
+        None,
+        {
+            "characters.reference_dir": str(tmp_path / "refs"),
+            "extraction.method": "interval",
+            "extraction.interval_seconds": 0.25,
+            "characters.frames": "all",
+        },
+        root=tmp_path / "noroot",
+    )
+    run = Run.create(tmp_path / "run", hamilton)
+    for stage in ("extract", "quality", "characters"):
+        run_stage(run, stage, cfg, progress=False)
+    faces = run.read_table("faces")
+    performer = faces.filter(pl.col("frame_index").is_between(82, 210))
+    frames_with_face = performer["frame_id"].n_unique()
+    named = performer.filter(pl.col("character") == "lin-manuel-miranda")["frame_id"].n_unique()
+    audience = faces.filter(pl.col("frame_index") >= 211)
+    figures = {
+        "performer_frames_with_face": frames_with_face,
+        "performer_frames_named": named,
+        "audience_faces": audience.height,
+        "audience_named_lin": int((audience["character"] == "lin-manuel-miranda").sum()),
+    }
+    print("hamilton figures:", json.dumps(figures))
+    assert frames_with_face >= 10, figures
+    assert named >= 0.9 * frames_with_face, figures
+    assert audience.height >= 1 and figures["audience_named_lin"] == 0, figures
+
+
+def test_cnn_detector_option_finds_the_same_face(tmp_path):
+    """``characters.model: cnn`` runs dlib's CNN detector (slow on a CPU, so a small photo)."""
+    rgb = read_rgb(_examples() / "obama.jpg")
+    small = cv2.resize(rgb, (240, round(240 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA)
+    hog = detect_and_encode(small, DetectSettings(upsample=0, min_face_px=0))
+    cnn = detect_and_encode(small, DetectSettings(model="cnn", upsample=0, min_face_px=0))
+    assert len(hog) == len(cnn) == 1
+    assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
+    assert cnn[0].sharpness > 0

@@ -1,0 +1,588 @@
+"""Stage 06 (``export``): crops, split by shot, balancing, empty inputs, and the dataset written for
+the demo movie loading through ``datasets`` and kohya's folder layout."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from diffusion_bunny.config import ExportConfig, load_config
+from diffusion_bunny.errors import BadInputError, ConfigError, StageError
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA
+from diffusion_bunny.stages.export.plan import (
+    assign_split,
+    balance_repeats,
+    clamp_box,
+    concept_table,
+    crop_caption,
+    face_box,
+    half_body_box,
+    plan_export,
+    select_items,
+    shot_groups,
+)
+from diffusion_bunny.stages.export.stage import recover_dataset, write_metadata
+from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
+
+
+def captions_table(frame_ids: list[str], status: dict[str, str] | None = None) -> pl.DataFrame:
+    """A ``captions`` table as stage 05 writes it (CONTRACT.md): a template caption per frame;
+    ``status`` marks frames ``failed`` (caption null) or ``edited``."""
+    status = status or {}
+    rows = []
+    for fid in frame_ids:
+        st = status.get(fid, "ok")
+        rows.append(
+            {
+                "frame_id": fid,
+                "caption": None if st == "failed" else f"bunnystyle, frame {fid}",
+                "tags": ["frame"],
+                "provider": "template",
+                "model": "template",
+                "status": st,
+                "error": "provider down" if st == "failed" else None,
+                "prompt_version": "1",
+                "latency_s": 0.0,
+                "input_tokens": None,
+                "output_tokens": None,
+            }
+        )
+    return pl.DataFrame(rows, schema=CAPTION_SCHEMA)
+
+
+# ------------------------------------------------------------------------------ small tables
+
+
+def small_tables(n_shots: int = 6, per_shot: int = 2):
+    """Frames 640x360 in ``n_shots`` shots; shot 0 shows anna (two frames), shot 1 anna and bob,
+    shots 2+ bob; every frame kept and captioned, each with a distinct perceptual hash."""
+    ids = [f"m_{i:07d}" for i in range(n_shots * per_shot)]
+    frames = pl.DataFrame(
+        {
+            "frame_id": ids,
+            "frame_index": list(range(len(ids))),
+            "shot_id": [i // per_shot for i in range(len(ids))],
+            "path": [f"frames/{f}.jpg" for f in ids],
+            "width": [640] * len(ids),
+            "height": [360] * len(ids),
+        }
+    )
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=len(ids), dtype=np.int64).astype(np.uint64)
+    quality = pl.DataFrame({"frame_id": ids, "keep": [True] * len(ids), "phash": pl.Series(hashes)})
+    faces = []
+    for i, fid in enumerate(ids):
+        shot = i // per_shot
+        names = ["anna"] if shot == 0 else ["anna", "bob"] if shot == 1 else ["bob"]
+        for k, name in enumerate(names):
+            left = 100 + 300 * k
+            faces.append(
+                {
+                    "face_id": f"{fid}_{k:02d}",
+                    "frame_id": fid,
+                    "top": 60,
+                    "right": left + 100,
+                    "bottom": 160,
+                    "left": left,
+                    "character": name,
+                }
+            )
+    return frames, quality, pl.DataFrame(faces), captions_table(ids)
+
+
+def test_crop_boxes_stay_inside_the_frame():
+    # A face in the middle: a square centred on it, margin 0.5 -> twice the face's size.
+    assert face_box((300, 100, 400, 200), 640, 360, 0.5) == (250, 50, 450, 250)
+    # Near the top-left corner: shifted inside, still square and as large.
+    box = face_box((0, 0, 80, 100), 640, 360, 0.5)
+    assert box == (0, 0, 200, 200)
+    # Larger than the frame's short side allows: shrunk to the frame, still holding the face.
+    box = face_box((200, 20, 440, 340), 640, 360, 0.5)
+    assert box[3] - box[1] == 360 and box[2] - box[0] == 360 and box[0] <= 200 and box[2] >= 440
+    # A face larger than the short side cannot be cropped square.
+    assert face_box((0, 0, 400, 360), 640, 300, 0.2) is None
+    for box in [face_box((600, 330, 640, 360), 640, 360, 1.0), clamp_box(-50, 500, 300, 200, 640, 360)]:
+        assert box is not None
+        assert 0 <= box[0] < box[2] <= 640 and 0 <= box[1] < box[3] <= 360
+
+
+def test_half_body_box_is_a_portrait_with_the_face_at_the_top():
+    face = (300, 100, 340, 150)  # 50 px tall
+    box = half_body_box(face, 1920, 1080, 4.0, 0.75)
+    assert box[3] - box[1] == 200 and box[2] - box[0] == 150
+    assert box[1] == 75  # half a face height of head room
+    assert (box[0] + box[2]) / 2 == 320  # centred on the face
+    # Low in a small frame: shrunk to the frame's height and shifted up, the face still inside.
+    assert half_body_box((300, 200, 400, 300), 640, 360, 4.0, 0.75) == (215, 0, 485, 360)
+    # Room enough below: not shrunk, the bottom reaches the frame's edge exactly.
+    assert half_body_box((300, 150, 360, 210), 640, 360, 4.0, 0.75) == (240, 120, 420, 360)
+    # A face that fills most of the frame leaves no room for a body.
+    assert half_body_box((200, 0, 440, 300), 640, 360, 4.0, 0.75) is None
+
+
+def test_items_take_kept_frames_with_usable_captions_and_named_faces():
+    frames, quality, faces, _ = small_tables(n_shots=3)
+    ids = frames["frame_id"].to_list()
+    quality = quality.with_columns(pl.col("frame_id").is_in([ids[5]]).not_().alias("keep"))
+    captions = captions_table(ids, {ids[0]: "failed", ids[1]: "edited"})
+    cfg = ExportConfig(crops=("full", "face", "half_body"), min_face_px=50)
+    items, counts = select_items(frames, quality, faces, captions, cfg)
+    assert ids[0] not in items["frame_id"].to_list()  # failed caption
+    assert ids[5] not in items["frame_id"].to_list()  # rejected by stage 02
+    assert counts["uncaptioned_frames"] == 1 and counts["kept_frames"] == 5
+    assert set(items["crop"]) == {"full", "face", "half_body"}
+    full = items.filter((pl.col("frame_id") == ids[2]) & (pl.col("crop") == "full")).row(0, named=True)
+    assert full["characters"] == ["anna", "bob"] and full["concept"] == "anna+bob"
+    assert (full["left"], full["top"], full["right"], full["bottom"]) == (0, 0, 640, 360)
+    # A face crop holds only the face it is centred on, and says it is a close-up.
+    face = items.filter((pl.col("face_id") == f"{ids[2]}_01") & (pl.col("crop") == "face")).row(0, named=True)
+    assert face["characters"] == ["bob"] and face["text"] == f"bunnystyle, frame {ids[2]}, close-up"
+    half = items.filter(pl.col("crop") == "half_body")["text"].to_list()
+    assert all(t.endswith(", upper body") for t in half)
+    # Faces under min_face_px give no crop: only the full frames remain.
+    items, counts = select_items(
+        frames, quality, faces, captions, cfg.model_copy(update={"min_face_px": 101})
+    )
+    assert set(items["crop"]) == {"full"} and counts["small_faces"] > 0
+    # Frames without a named character: their own concept, or dropped.
+    no_names = faces.filter(pl.col("frame_id") != ids[3])
+    items, _ = select_items(frames, quality, no_names, captions, cfg)
+    assert items.filter(pl.col("frame_id") == ids[3])["concept"].to_list() == ["scene"]
+    strict = cfg.model_copy(update={"include_unnamed": False})
+    items, counts = select_items(frames, quality, no_names, captions, strict)
+    assert ids[3] not in items["frame_id"].to_list() and counts["unnamed_frames_dropped"] == 1
+
+
+def test_crop_caption_tag():
+    assert crop_caption("a woman at a desk.", "close-up") == "a woman at a desk, close-up"
+    assert crop_caption("a woman", "") == "a woman"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("no_kept", "stage 02 kept none of the 6 frames; loosen the filtering.*"),
+        ("all_failed", "none of the 6 kept frames has a usable caption (6 captioned, 6 failed"),
+        ("blank", "none of the 6 kept frames has a usable caption (6 captioned, 0 failed"),
+        ("faces_only", "no picture to export from the 6 captioned frames with export.crops = ['face']"),
+    ],
+)
+def test_empty_dataset_is_one_clear_error(change, message):
+    frames, quality, faces, captions = small_tables(n_shots=3)
+    cfg = ExportConfig()
+    if change == "no_kept":
+        quality = quality.with_columns(pl.lit(False).alias("keep"))
+    elif change == "all_failed":
+        captions = captions_table(frames["frame_id"].to_list(), dict.fromkeys(frames["frame_id"], "failed"))
+    elif change == "blank":
+        captions = captions.with_columns(pl.lit("  ").alias("caption"))
+    else:
+        faces = faces.head(0)
+        cfg = ExportConfig(crops=("face",))
+    with pytest.raises(StageError) as err:
+        plan_export(frames, quality, faces, captions, cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_near_identical_shots_are_grouped():
+    frames, quality, faces, captions = small_tables(n_shots=4)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    hashes = quality["phash"].to_list()
+    # Shot 3's second frame is shot 0's first with 3 bits flipped (the movie cut back to it).
+    near = quality.with_columns(pl.Series("phash", [*hashes[:7], hashes[0] ^ 0b10101], dtype=pl.UInt64))
+    assert shot_groups(items, near, 4) == {0: 0, 1: 1, 2: 2, 3: 0}
+    assert shot_groups(items, near, 2) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert shot_groups(items, near, None) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_validation_split_never_straddles_a_group(seed):
+    frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full", "face")))
+    # Shots 4 and 9 are one group (near-identical), as shot_groups would make them.
+    groups = {s: (4 if s == 9 else s) for s in range(20)}
+    split, warnings = assign_split(items, groups, 0.2, seed)
+    assert not warnings
+    sides = split.group_by("split_group").agg(pl.col("split").n_unique())
+    assert sides["split"].max() == 1
+    share = float((split["split"] == "validation").mean())
+    assert 0.1 <= share <= 0.3
+    # anna is in shots 0 and 1 only: she keeps training pictures whatever the draw.
+    train_chars = split.filter(pl.col("split") == "train")["characters"].explode().to_list()
+    assert "anna" in train_chars and "bob" in train_chars
+    # The same seed gives the same split.
+    again, _ = assign_split(items, groups, 0.2, seed)
+    assert again["split"].to_list() == split["split"].to_list()
+
+
+def test_split_seeds_differ_and_fraction_zero_keeps_everything_for_training():
+    frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    groups = {s: s for s in range(20)}
+    picks = {tuple(assign_split(items, groups, 0.2, seed)[0]["split"].to_list()) for seed in range(5)}
+    assert len(picks) > 1
+    split, _ = assign_split(items, groups, 0.0, 0)
+    assert set(split["split"]) == {"train"}
+
+
+def test_one_shot_gives_no_validation_and_says_why():
+    frames, quality, faces, captions = small_tables(n_shots=1, per_shot=4)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    split, warnings = assign_split(items, {0: 0}, 0.2, 0)
+    assert set(split["split"]) == {"train"}
+    assert "no validation pictures" in warnings[0]
+
+
+def test_when_every_shot_overshoots_the_smallest_goes_to_validation():
+    frames, quality, faces, captions = small_tables(n_shots=4, per_shot=3)
+    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items = items.filter(pl.col("shot_id") != 3).vstack(items.filter(pl.col("shot_id") == 3).head(2))
+    split, warnings = assign_split(items, {s: s for s in range(4)}, 0.05, 0)
+    # Target 1 picture: no shot brings the share closer, so the smallest eligible one (shot 3, two
+    # pictures of bob) is taken rather than none; anna's shots stay for training.
+    assert split.filter(pl.col("split") == "validation")["shot_id"].unique().to_list() == [3]
+    assert not warnings
+
+
+def test_balancing_gives_smaller_characters_more_repeats():
+    concepts = ["anna"] * 12 + ["bob"] * 4 + ["cleo"] * 1 + ["scene"] * 30 + ["bob"] * 2
+    chars = [[c] if c != "scene" else [] for c in concepts]
+    split = ["train"] * 47 + ["validation"] * 2
+    items = pl.DataFrame({"concept": concepts, "characters": chars, "split": split})
+    cfg = ExportConfig(base_repeats=2, max_repeats=12)
+    out = balance_repeats(items, cfg)
+    repeats = dict(out.filter(pl.col("split") == "train").select("concept", "repeats").unique().iter_rows())
+    # anna is the largest character (12): base; bob 12/4 -> 3x base; cleo 12x base, capped at 12.
+    assert repeats == {"anna": 2, "bob": 6, "cleo": 12, "scene": 2}
+    assert set(out.filter(pl.col("split") == "validation")["repeats"]) == {1}
+    flat = balance_repeats(items, cfg.model_copy(update={"balance": False}))
+    assert set(flat.filter(pl.col("split") == "train")["repeats"]) == {2}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["export.crops=[]"], "export.crops = []: list at least one crop"),
+        (["export.crops=[full, full]"], "each crop may be listed once"),
+        (["export.crops=[body]"], "export.crops = 'body': Input should be 'full', 'face' or 'half_body'"),
+        (["export.max_repeats=2", "export.base_repeats=3"], "max_repeats (2) must be at least base_repeats"),
+        (["export.validation_fraction=0.7"], "export.validation_fraction = 0.7: Input should be less than"),
+        (["export.unnamed_concept=../x"], "export.unnamed_concept = '../x': must be usable as a folder name"),
+        (["export.face_tag=a, b"], "export.face_tag = 'a, b': must be one short phrase"),
+    ],
+)
+def test_bad_export_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert message in str(err.value)
+
+
+def test_jsonl_metadata_loads_through_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    rows = {"train": [["anna"], ["anna", "bob"]], "validation": [["bob"]]}
+    for split, chars in rows.items():
+        (tmp_path / split).mkdir()
+        names = [f"{split}{i}.jpg" for i in range(len(chars))]
+        for name in names:
+            Image.new("RGB", (16, 12), "red").save(tmp_path / split / name)
+        items = pl.DataFrame(
+            {
+                "file_name": names,
+                "text": [f"caption {n}" for n in names],
+                "characters": chars,
+                "shot_id": list(range(len(names))),
+                "frame_id": names,
+                "crop": ["full"] * len(names),
+                "repeats": [1] * len(names),
+            }
+        )
+        assert write_metadata(tmp_path / split, items, "jsonl").name == "metadata.jsonl"
+    ds = load_dataset("imagefolder", data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert ds["train"]["characters"] == [["anna"], ["anna", "bob"]]
+    assert ds["validation"][0]["text"] == "caption validation0.jpg"
+
+
+# --------------------------------------------------------------------------- the demo movie
+
+
+EXPORT_OVERRIDES = {"export.crops": ["full", "face", "half_body"], "export.validation_fraction": 0.15}
+
+
+def add_captions(run: Run, status: dict[str, str] | None = None) -> pl.DataFrame:
+    """Write the ``captions`` table stage 05 would write (every frame stage 02 kept)."""
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].to_list()
+    table = captions_table(kept, status)
+    run.write_table("captions", table)
+    return table
+
+
+@pytest.fixture(scope="module")
+def export_run(scenes_demo_run, tmp_path_factory):
+    """The demo through stages 01-04, captions written per the contract (one failed), exported
+    with every crop; ``(run, overrides, cfg)``."""
+    run, overrides = scenes_demo_run
+    run_dir = tmp_path_factory.mktemp("export_run") / "run"
+    shutil.copytree(run.run_dir, run_dir)
+    run = Run.open(run_dir)
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].to_list()
+    add_captions(run, {kept[1]: "failed"})
+    overrides = {**overrides, **EXPORT_OVERRIDES}
+    cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
+    with pytest.warns(UserWarning, match="1 kept frame"):
+        run_stage(run, "export", cfg, progress=False)
+    return run, overrides, cfg
+
+
+@pytest.fixture
+def export_copy(export_run, tmp_path):
+    run, overrides, cfg = export_run
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    return Run.open(tmp_path / "run"), overrides, cfg
+
+
+def test_demo_export_loads_through_datasets(export_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    run, _, _ = export_run
+    items = run.read_table("dataset_items")
+    assert tuple(items.columns) == ITEMS_COLUMNS
+    kept = run.read_table("quality").filter(pl.col("keep")).height
+    assert items.filter(pl.col("crop") == "full").height == kept - 1  # the failed caption is left out
+    assert set(items["crop"]) == {"full", "face", "half_body"}
+    named = run.read_table("faces").filter(pl.col("character").is_not_null())
+    assert set(items["characters"].explode().drop_nulls()) == set(named["character"])
+    counts = {s: int((items["split"] == s).sum()) for s in ("train", "validation")}
+    assert counts["validation"] >= 1 and counts["train"] > counts["validation"]
+    # Near-identical frames never straddle: no shot on both sides.
+    sides = items.group_by("shot_id").agg(pl.col("split").n_unique())
+    assert sides["split"].max() == 1
+
+    hf = dataset_dir(run.run_dir) / "hf"
+    ds = load_dataset("imagefolder", data_dir=str(hf), cache_dir=str(tmp_path / "cache"))
+    assert set(ds) == {"train", "validation"}
+    for split, n in counts.items():
+        part = ds[split]
+        assert part.num_rows == n
+        assert {"image", "text", "characters", "shot_id", "crop", "repeats"} <= set(part.column_names)
+        expected = items.filter(pl.col("split") == split).sort("file_name")
+        got = sorted(zip(*(list(part[c]) for c in ("frame_id", "crop", "text", "characters")), strict=True))
+        want = sorted(expected.select("frame_id", "crop", "text", "characters").rows())
+        assert got == want
+    # The pictures are the crops at the recorded size (none larger than max_side).
+    first = items.row(0, named=True)
+    with Image.open(hf / first["split"] / first["file_name"]) as image:
+        assert image.size == (first["width"], first["height"])
+    face = items.filter(pl.col("crop") == "face").row(0, named=True)
+    assert face["width"] == face["height"]
+
+
+def test_demo_kohya_folders_hold_train_pictures_with_captions(export_run):
+    run, _, _ = export_run
+    items = run.read_table("dataset_items")
+    kohya = dataset_dir(run.run_dir) / "kohya"
+    train = items.filter(pl.col("split") == "train")
+    for row in train.iter_rows(named=True):
+        folder = kohya / f"{row['repeats']}_{row['concept']}"
+        assert (folder / row["file_name"]).is_file()
+        assert (folder / row["file_name"]).with_suffix(".txt").read_text() == row["text"] + "\n"
+    pictures = [p for p in kohya.rglob("*") if p.suffix == ".jpg"]
+    assert len(pictures) == train.height  # validation pictures stay out of the training folders
+    assert {p.parent.name for p in pictures} == set(concept_table(items)["kohya_folder"])
+    # The two characters of the demo are balanced: equal steps per epoch, or max_repeats reached.
+    table = concept_table(items).filter(pl.col("concept") != "scene")
+    steps = table["steps_per_epoch"].to_list()
+    assert max(steps) <= 1.5 * min(steps) or table["repeats"].max() == 10
+
+
+def test_demo_export_reruns_only_when_a_caption_changes(export_copy):
+    run, _, cfg = export_copy
+    assert stage_state(run, "export", cfg)[0] == "done"
+    captions = run.read_table("captions")
+    frame = run.read_table("dataset_items").filter(pl.col("crop") == "full")["frame_id"][0]
+    edited = captions.with_columns(
+        pl.when(pl.col("frame_id") == frame)
+        .then(pl.lit("bunnystyle, edited by hand"))
+        .otherwise(pl.col("caption"))
+        .alias("caption"),
+        pl.when(pl.col("frame_id") == frame)
+        .then(pl.lit("edited"))
+        .otherwise(pl.col("status"))
+        .alias("status"),
+    )
+    run.write_table("captions", edited)
+    assert stage_state(run, "export", cfg) == ("stale", "its inputs changed")
+    with pytest.warns(UserWarning):
+        items = run_stage(run, "export", cfg, progress=False)["dataset_items"]
+    row = items.filter((pl.col("frame_id") == frame) & (pl.col("crop") == "full")).row(0, named=True)
+    assert row["text"] == "bunnystyle, edited by hand"
+    kohya = dataset_dir(run.run_dir) / "kohya" / f"{row['repeats']}_{row['concept']}"
+    if row["split"] == "train":
+        assert (kohya / row["file_name"]).with_suffix(".txt").read_text() == "bunnystyle, edited by hand\n"
+
+
+def test_demo_export_as_png_with_jsonl_and_no_kohya(export_copy, tmp_path, monkeypatch):
+    import diffusion_bunny.stages.export.stage as stage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    run, overrides, _ = export_copy
+    settings = {"export.image_format": "png", "export.metadata_format": "jsonl", "export.max_side": 200}
+    cfg = load_config(None, {**overrides, **settings}, root=tmp_path)
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(stage.os, "link", no_links)
+    with pytest.warns(UserWarning):
+        items = run_stage(run, "export", cfg, progress=False)["dataset_items"]
+    hf = dataset_dir(run.run_dir) / "hf"
+    assert (hf / "train" / "metadata.jsonl").is_file() and not (hf / "train" / "metadata.parquet").exists()
+    for row in items.iter_rows(named=True):
+        assert row["file_name"].endswith(".png") and max(row["width"], row["height"]) <= 200
+        with Image.open(hf / row["split"] / row["file_name"]) as image:
+            assert image.format == "PNG" and image.size == (row["width"], row["height"])
+    full = items.filter(pl.col("crop") == "full").row(0, named=True)
+    assert (full["width"], full["height"]) == (200, 112)  # 640x360 shrunk, aspect kept (112.5 rounds to even)
+    # Copies instead of hard links, same bytes.
+    train = items.filter(pl.col("split") == "train").row(0, named=True)
+    copy = dataset_dir(run.run_dir) / "kohya" / f"{train['repeats']}_{train['concept']}" / train["file_name"]
+    assert copy.read_bytes() == (hf / "train" / train["file_name"]).read_bytes()
+    assert copy.stat().st_ino != (hf / "train" / train["file_name"]).stat().st_ino
+    ds = load_dataset("imagefolder", data_dir=str(hf), cache_dir=str(tmp_path / "cache"))
+    assert ds["train"].num_rows + ds["validation"].num_rows == items.height
+    # Without kohya, only the imagefolder is written.
+    cfg = load_config(None, {**overrides, **settings, "export.kohya": False}, root=tmp_path)
+    with pytest.warns(UserWarning):
+        run_stage(run, "export", cfg, progress=False)
+    assert not (dataset_dir(run.run_dir) / "kohya").exists()
+    assert "kohya" not in (dataset_dir(run.run_dir) / "README.md").read_text()
+
+
+def test_empty_or_missing_captions_leave_the_dataset_intact(export_copy):
+    run, _, cfg = export_copy
+    before = sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*"))
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].to_list()
+    add_captions(run, dict.fromkeys(kept, "failed"))
+    with pytest.raises(StageError, match="has a usable caption"):
+        run_stage(run, "export", cfg, progress=False)
+    run.table_path("captions").unlink()
+    with pytest.raises(StageError, match=r"table 'captions' is missing in .*; run stage captions first"):
+        run_stage(run, "export", cfg, progress=False)
+    assert sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*")) == before
+    assert not list(run.run_dir.glob(".dataset-*"))
+
+
+def test_a_failed_export_keeps_the_previous_dataset(export_copy, monkeypatch):
+    import diffusion_bunny.stages.export.stage as stage
+
+    run, _, cfg = export_copy
+    readme = (dataset_dir(run.run_dir) / "README.md").read_text()
+    before = sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*"))
+    # A frame file broken since stage 01: the export stops with one clear error...
+    path = (
+        run.run_dir
+        / run.read_table("dataset_items").join(run.read_table("frames"), on="frame_id")["path"][-1]
+    )
+    original = path.read_bytes()
+    path.write_bytes(b"not a jpeg")
+    with pytest.raises(BadInputError, match=r"cannot be read .*rerun stage extract with --force"):
+        run_stage(run, "export", cfg, progress=False, force=True)
+    # ...and a missing one before anything is written.
+    path.unlink()
+    with pytest.raises(BadInputError, match="1 frame file\\(s\\) are missing"):
+        run_stage(run, "export", cfg, progress=False, force=True)
+    path.write_bytes(original)
+    # An interruption while pictures are written (Ctrl-C) leaves the old dataset too.
+    calls = {"n": 0}
+    real = stage._write_frame
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_write_frame", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run, "export", cfg, progress=False, force=True)
+    assert sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*")) == before
+    assert (dataset_dir(run.run_dir) / "README.md").read_text() == readme
+    assert not list(run.run_dir.glob(".dataset-*"))
+
+
+def test_a_swap_cut_short_is_repaired(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".dataset-old" / "hf").mkdir(parents=True)
+    (run_dir / ".dataset-staging-x" / "hf").mkdir(parents=True)
+    recover_dataset(run_dir)
+    assert (run_dir / "dataset" / "hf").is_dir()
+    assert not (run_dir / ".dataset-old").exists() and not (run_dir / ".dataset-staging-x").exists()
+    # Both present: the swap finished, only the old copy is left to remove.
+    (run_dir / ".dataset-old").mkdir()
+    recover_dataset(run_dir)
+    assert (run_dir / "dataset" / "hf").is_dir() and not (run_dir / ".dataset-old").exists()
+
+
+def test_dataset_figures(export_run):
+    from diffusion_bunny.stages.export.plots import NO_CHARACTER, dataset_counts_plot, dataset_sheet
+
+    run, _, _ = export_run
+    items = run.read_table("dataset_items")
+    plot = dataset_counts_plot(items)
+    data = plot.data
+    # One bar per character and split; pictures without a character have their own bar.
+    assert int(data["pictures"].sum()) == items["characters"].list.len().clip(1).sum()
+    assert NO_CHARACTER in set(data["character"].astype(str))
+    assert f"{items.height} pictures" in plot.labels.title
+    sheet = dataset_sheet(dataset_dir(run.run_dir), items, side=64)
+    concepts = items["concept"].n_unique()
+    assert sheet.height == concepts * (22 + 64 + 14 + 4)
+    # Validation pictures are framed in orange.
+    n_val_rows = items.filter(pl.col("split") == "validation")["concept"].n_unique()
+    orange = int((np.asarray(sheet) == (245, 133, 24)).all(axis=2).sum())
+    assert (orange > 0) == (n_val_rows > 0)
+
+
+def test_notebook_06_runs_headless(export_run, tmp_path, monkeypatch):
+    """Notebook 06 as ``bunny run`` executes it: the stage is up to date, the summary, the figures and
+    the ``datasets`` load print."""
+    import nbformat
+    import papermill
+    from paths import ROOT as root
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    run, overrides, _ = export_run
+    finished = run.read_manifest("export")["finished"]
+    items = run.read_table("dataset_items")
+    nb = papermill.execute_notebook(
+        str(root / "notebook" / "06_export_dataset.ipynb"),
+        str(tmp_path / "nb.ipynb"),
+        parameters={"run_dir": str(run.run_dir), "overrides": overrides, "interactive": False},
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=600,
+        cwd=str(root / "notebook"),
+    )
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    n_val = int((items["split"] == "validation").sum())
+    assert f"{items.height} pictures from" in text
+    assert f"{items.height - n_val} train, {n_val} validation" in text
+    assert "WARNING: 1 kept frame(s) left out" in text
+    assert "DatasetDict" in text and f"num_rows: {n_val}" in text
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # pictures per character and split, the contact sheet
+    tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert len(tables) >= 2  # repeats, captions
+    assert run.read_manifest("export")["finished"] == finished  # skipped: up to date
+    nbformat.validate(nb)

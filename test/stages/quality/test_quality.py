@@ -1,0 +1,366 @@
+"""Stage 02 ``quality``: the scores, each rule on small tables, bad input, the demo movie's ground
+truth, and notebook 02's sliders driven from Python."""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from PIL import Image
+
+from diffusion_bunny.config import FilteringConfig, load_config
+from diffusion_bunny.demo.run import expected_reasons
+from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.scores import hamming, nearest_distances, score_frames, score_image
+
+# Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
+FAR = [int(h) for h in np.random.default_rng(7).integers(0, 2**63, size=12, dtype=np.uint64)]
+
+
+def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A score table and its frames table from short rows; unspecified scores are clean."""
+    full = []
+    for i, row in enumerate(rows):
+        full.append(
+            {
+                "frame_id": f"f{i}",
+                "readable": True,
+                "sharpness": 500.0,
+                "brightness": 120.0,
+                "contrast": 50.0,
+                "clipped": 0.0,
+                "phash": FAR[i],
+                "nearest_distance": None,
+                "face_sharpness": None,
+                "shot_id": 0,
+                **row,
+            }
+        )
+    table = pl.DataFrame(full).with_columns(pl.col("phash").cast(pl.UInt64))
+    frames = table.select(
+        "frame_id", pl.int_range(pl.len()).mul(10).alias("frame_index"), pl.col("shot_id").cast(pl.Int64)
+    )
+    return table.drop("shot_id"), frames
+
+
+def test_far_hashes_are_far():
+    d = hamming(np.array(FAR, np.uint64)[:, None], np.array(FAR, np.uint64)[None, :])
+    assert d[~np.eye(len(FAR), dtype=bool)].min() >= 20
+
+
+def reasons(table: pl.DataFrame) -> list[str | None]:
+    return table["reject_reason"].to_list()
+
+
+def test_exposure_and_sharpness_rules_in_order():
+    cfg = FilteringConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
+    table, frames = scores(
+        [
+            {"readable": False, "sharpness": None, "brightness": None, "clipped": None, "phash": None},
+            {"brightness": 20.0, "sharpness": 10.0},  # dark and therefore also "blurred": dark wins
+            {"brightness": 240.0},
+            {"clipped": 0.7},
+            {"sharpness": 39.9},
+            {"sharpness": 40.0, "brightness": 35.0},  # thresholds are inclusive for keeping
+            {},
+        ]
+    )
+    out = apply_quality_rules(table, frames, cfg)
+    assert reasons(out) == ["unreadable", "too_dark", "too_bright", "clipped", "blurry", None, None]
+    assert out["keep"].to_list() == [False] * 5 + [True] * 2
+    assert reason_counts(out) == {
+        "kept": 2,
+        "unreadable": 1,
+        "too_dark": 1,
+        "too_bright": 1,
+        "clipped": 1,
+        "blurry": 1,
+    }
+    # Pure: the same inputs give the same table, the inputs are untouched, row order is irrelevant.
+    assert out.equals(apply_quality_rules(table, frames, cfg))
+    shuffled = apply_quality_rules(table.sample(fraction=1.0, shuffle=True, seed=1), frames, cfg)
+    assert shuffled.equals(out)
+    assert "keep" not in table.columns
+
+
+def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
+    cfg = FilteringConfig(dup_distance=4)
+    same = 0x123456789ABCDEF0
+    table, frames = scores(
+        [
+            {"phash": same, "sharpness": 300.0},
+            {},
+            {},
+            {"phash": same ^ 0b1011, "sharpness": 900.0},  # 3 bits away, far in time, sharper
+            {},
+            {"phash": same ^ 0b11111, "sharpness": 100.0},  # 5 bits from f0 and 2 from f3
+            {"phash": same, "sharpness": 5.0},  # blurred copy: rejected as blurry, not a duplicate
+        ]
+    )
+    out = apply_quality_rules(table, frames, cfg)
+    assert reasons(out) == ["duplicate", None, None, None, None, "duplicate", "blurry"]
+    assert out["duplicate_of"].to_list() == ["f3", None, None, None, None, "f3", None]
+    # At distance 1 only (nearly) identical hashes would be duplicates: none here.
+    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=1)))[:6] == [None] * 6
+
+
+def test_blurred_frame_never_removes_its_sharp_copy():
+    same = 0x0F0F0F0F0F0F0F0F
+    table, frames = scores([{"phash": same, "sharpness": 10.0}, {"phash": same, "sharpness": 200.0}])
+    assert reasons(apply_quality_rules(table, frames, FilteringConfig())) == ["blurry", None]
+    # With the blur rule off, the sharper copy wins, wherever it is.
+    loose = apply_quality_rules(table, frames, FilteringConfig(min_sharpness=0))
+    assert reasons(loose) == ["duplicate", None] and loose["duplicate_of"][0] == "f1"
+
+
+def test_duplicate_chain_and_sharpness_ties():
+    a = 0
+    b = 0b111  # 3 bits from a
+    c = 0b111111  # 6 bits from a, 3 from b
+    table, frames = scores(
+        [{"phash": a, "sharpness": 900.0}, {"phash": b, "sharpness": 800.0}, {"phash": c, "sharpness": 700.0}]
+    )
+    # Only kept frames remove others: b goes as a's duplicate, c (far from a) stays.
+    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=3))) == [
+        None,
+        "duplicate",
+        None,
+    ]
+    # A repeat that is sharper only by encoding noise does not displace the first appearance.
+    table, frames = scores([{"phash": a, "sharpness": 649.5}, {}, {"phash": a, "sharpness": 650.9}])
+    out = apply_quality_rules(table, frames, FilteringConfig())
+    assert reasons(out) == [None, None, "duplicate"] and out["duplicate_of"][2] == "f0"
+
+
+def test_best_n_per_shot_and_per_consecutive_frames():
+    sharp = [100.0, 300.0, 200.0, 50.0, 400.0, 410.0, 90.0]
+    shots = [0, 0, 0, 1, 1, 1, 2]
+    table, frames = scores([{"sharpness": s, "shot_id": k} for s, k in zip(sharp, shots, strict=True)])
+    keep_all = apply_quality_rules(table, frames, FilteringConfig())
+    assert keep_all["keep"].all()
+    per_shot = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=1))
+    assert per_shot["keep"].to_list() == [False, True, False, False, False, True, True]
+    assert set(reasons(per_shot)) == {None, "not_best"}
+    two = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=2))
+    assert two["keep"].to_list() == [False, True, True, False, True, True, True]
+    # Batches of 2 consecutive frames: (0,1) (2,3) (4,5) (6).
+    pairs = apply_quality_rules(table, frames, FilteringConfig(batch=2, best_per_batch=1))
+    assert pairs["keep"].to_list() == [False, True, True, False, False, True, True]
+    # Rejected frames do not take a place: with f1 blurred, f2 is the best of shot 0.
+    blurred = table.with_columns(
+        pl.when(pl.col("frame_id") == "f1").then(1.0).otherwise(pl.col("sharpness")).alias("sharpness")
+    )
+    out = apply_quality_rules(blurred, frames, FilteringConfig(best_per_batch=1))
+    assert reasons(out)[:3] == ["not_best", "blurry", None]
+
+
+def test_config_out_of_range_is_one_line_naming_the_key():
+    cases = {
+        "filtering.dup_distance=65": "filtering.dup_distance = 65: Input should be less than or equal to 64",
+        "filtering.max_clipped=1.5": "filtering.max_clipped = 1.5",
+        "filtering.min_sharpness=-1": "filtering.min_sharpness = -1",
+        "filtering.batch=0": "filtering.batch = 0: must be 'shot' or a positive number",
+        "filtering.batch=scene": "filtering.batch = 'scene'",
+        "filtering.best_per_batch=0": "filtering.best_per_batch = 0",
+        "filtering.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
+        "filtering.dup_dist=3": "unknown key 'filtering.dup_dist' (allowed here: batch, best_per_batch,",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert message in str(info.value) and "\n" not in str(info.value)
+    assert load_config(None, ["filtering.batch=12"]).filtering.batch == 12
+
+
+def _picture(width: int, height: int) -> np.ndarray:
+    """The same scene at any size: the astronaut brought to 1280x720, then area-resized."""
+    import skimage.data
+
+    src = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)[:288]
+    scene = cv2.resize(src, (1280, 720), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(scene, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def test_scores_of_images(tmp_path):
+    def save(name: str, img: np.ndarray) -> Path:
+        path = tmp_path / name
+        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        return path
+
+    big = score_image(save("big.jpg", _picture(1280, 720)), 1280)
+    small = score_image(save("small.jpg", _picture(640, 360)), 640)
+    # Scores compare across resolutions: measured on the same fixed-width gray copy.
+    assert small["sharpness"] == pytest.approx(big["sharpness"], rel=0.15)
+    blurred = score_image(save("blur.jpg", cv2.GaussianBlur(_picture(640, 360), (0, 0), 5)), 640)
+    dark = score_image(save("dark.jpg", (_picture(640, 360) * 0.15).astype(np.uint8)), 640)
+    white = score_image(save("white.jpg", np.full((90, 160, 3), 255, np.uint8)))
+    assert blurred["sharpness"] < big["sharpness"] / 10
+    assert big["brightness"] == pytest.approx(small["brightness"], abs=1.0)
+    assert dark["brightness"] < 25 < big["brightness"]
+    assert white["clipped"] == 1.0 and white["brightness"] > 250 and white["contrast"] < 1
+    assert hamming(big["phash"], small["phash"]) <= 2
+    assert hamming(big["phash"], dark["phash"]) <= 4  # same picture, darker
+    assert hamming(big["phash"], score_image(save("flip.jpg", _picture(640, 360)[::-1]))["phash"]) > 16
+    assert isinstance(big["phash"], int) and 0 <= big["phash"] < 2**64
+
+    good = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    for name in ("missing.jpg", "truncated.jpg", "empty.jpg", "text.jpg"):
+        assert score_image(tmp_path / name, 1280) is None, name
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=37, dtype=np.uint64)
+    hashes[5] = hashes[20]
+    brute = hamming(hashes[:, None], hashes[None, :]).astype(int)
+    np.fill_diagonal(brute, 99)
+    assert nearest_distances(hashes, block=8).tolist() == brute.min(axis=1).tolist()
+    assert nearest_distances(hashes[:1]).tolist() == [64]
+
+
+def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
+    truth = demo.ground_truth()
+    quality = demo_run.read_table("quality")
+    frames = demo_run.read_table("frames")
+    assert quality.height == frames.height and quality["frame_id"].to_list() == frames["frame_id"].to_list()
+    assert quality.schema["phash"] == pl.UInt64 and quality["face_sharpness"].is_null().all()
+    expected = expected_reasons(truth)
+    got = quality.join(frames.select("frame_id", "shot_id"), on="frame_id")
+    for row in got.iter_rows(named=True):
+        assert row["reject_reason"] == expected[row["shot_id"]], (row["shot_id"], row)
+        assert row["keep"] == (expected[row["shot_id"]] is None)
+    repeat = next(s for s in truth["shots"] if s["repeat_of"] is not None)
+    dup = got.filter(pl.col("shot_id") == repeat["shot_id"])["duplicate_of"].item()
+    assert frames.filter(pl.col("frame_id") == dup)["shot_id"].item() == repeat["repeat_of"]
+    manifest = demo_run.read_manifest("quality")
+    assert manifest["counts"]["kept"] == int(quality["keep"].sum())
+    assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames")}
+    assert manifest["facts"]["workers"] >= 1
+
+
+def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monkeypatch):
+    import ipywidgets
+
+    from diffusion_bunny.stages.quality import scores as quality_module
+    from diffusion_bunny.stages.quality.widgets import QualityThresholdExplorer
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a slider must not read frames again")
+
+    monkeypatch.setattr(quality_module, "score_image", no_scoring)
+    frames = demo_run.read_table("frames")
+    shot_of = dict(frames.select("frame_id", "shot_id").iter_rows())
+    explorer = QualityThresholdExplorer(demo_run, FilteringConfig(), config_root=tmp_path)
+
+    def walk(w):
+        yield w
+        for child in getattr(w, "children", ()):
+            yield from walk(child)
+
+    assert not any(isinstance(w, ipywidgets.Output) for w in walk(explorer.widget))
+    assert bytes(explorer.plot_img.value).startswith(b"\x89PNG")
+    sheet_before = bytes(explorer.sheet_img.value)
+    assert sheet_before.startswith(b"\xff\xd8")
+    base = explorer.summary
+    assert base == {"kept": base["kept"], "too_dark": 1, "blurry": 1, "duplicate": 1}
+
+    def rejected(reason: str) -> set[int]:
+        t = explorer.table().filter(pl.col("reject_reason") == reason)
+        return {shot_of[f] for f in t["frame_id"]}
+
+    # Shot 7 (Grace Hopper, static) re-frames the first frame of shot 2 by a few pixels: 8 bits
+    # apart, kept at the default distance, a duplicate at 8.
+    explorer.set_thresholds(dup_distance=8)
+    assert rejected("duplicate") == {7, 9}
+    assert f"<b>{base['kept'] - 1}</b> of" in explorer.counts.value
+    explorer.set_thresholds(dup_distance=4, min_brightness=10)
+    assert rejected("too_dark") == set() and rejected("blurry") == {3, 8}
+    explorer.set_thresholds(min_brightness=35, min_sharpness=500)
+    assert {4, 10} <= rejected("blurry")  # the dusk rocket and the soft cat are the softest sharp shots
+    explorer.set_thresholds(min_sharpness=50, best_per_batch=1)
+    kept = explorer.table().filter(pl.col("keep"))
+    assert sorted(shot_of[f] for f in kept["frame_id"]) == [0, 1, 2, 4, 5, 6, 7, 10]
+    assert bytes(explorer.sheet_img.value) != sheet_before  # the grid was redrawn
+    assert (
+        Image.open(BytesIO(bytes(explorer.sheet_img.value))).width == Image.open(BytesIO(sheet_before)).width
+    )
+    explorer.set_thresholds(min_brightness=240)  # above max_brightness: said, not applied
+    assert "must be under max_brightness" in explorer.counts.value
+    with pytest.raises(KeyError, match="no slider"):
+        explorer.set_thresholds(sharpness=3)
+
+    explorer.set_thresholds(min_brightness=30, dup_distance=6, best_per_batch=None, min_sharpness=50)
+    path = explorer.save()
+    assert path == tmp_path / "config" / "local_thresholds.yaml"
+    saved = yaml.safe_load(path.read_text())["filtering"]
+    assert saved["dup_distance"] == 6 and saved["best_per_batch"] is None
+    # A headless rerun reads the saved layer and reproduces the widget's choice.
+    cfg = load_config(root=tmp_path).filtering
+    headless = apply_quality_rules(demo_run.read_table("quality"), frames, cfg)
+    assert headless["keep"].to_list() == explorer.table()["keep"].to_list()
+    assert cfg.min_sharpness == pytest.approx(50, rel=1e-3)
+
+
+def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
+    import shutil
+
+    run = Run.create(tmp_path / "run", demo_run.movie)
+    for name in ("tables", "manifests", "frames", "thumbs"):
+        shutil.copytree(demo_run.run_dir / name, run.run_dir / name)
+    frames = run.read_table("frames")
+    gone, broken = frames["path"][0], frames["path"][1]
+    (run.run_dir / gone).unlink()
+    (run.run_dir / broken).write_bytes((run.run_dir / broken).read_bytes()[:500])
+    cfg = load_config(root=tmp_path)
+    with pytest.warns(UserWarning, match="2 frame file"):
+        quality = run_stage(run, "quality", cfg, force=True, progress=False)["quality"]
+    assert quality["reject_reason"].to_list()[:2] == ["unreadable", "unreadable"]
+    assert quality["readable"].to_list()[:2] == [False, False] and quality["sharpness"][:2].is_null().all()
+    assert quality["keep"].sum() >= 10
+    assert run.read_manifest("quality")["counts"]["unreadable"] == 2
+    assert not (run.run_dir / ".progress-quality.json").exists()
+    # The stage is up to date now, and stale when its own settings move.
+    assert stage_state(run, "quality", cfg)[0] == "done"
+    moved = load_config(None, ["filtering.dup_distance=9"], root=tmp_path)
+    assert stage_state(run, "quality", moved) == ("stale", "its config changed")
+    assert stage_state(run, "quality", load_config(None, ["extraction.jpeg_quality=80"], root=tmp_path))[
+        0
+    ] == ("done")
+    scored = score_frames(run.run_dir, frames.head(3), workers=2, progress=False)
+    assert scored["readable"].to_list() == [False, False, True]
+    assert json.loads(json.dumps(run.read_manifest("quality")["warnings"]))
+
+
+def test_quality_needs_the_frames_table(cut_clip, tmp_path):
+    from diffusion_bunny.errors import StageError
+
+    path, _ = cut_clip
+    run = Run.create(tmp_path / "run", path)
+    with pytest.raises(StageError, match=r"table 'frames' is missing .* run stage extract first"):
+        run_stage(run, "quality", load_config(), progress=False)
+
+
+def test_quality_figures_render(demo_run, tmp_path):
+    quality = demo_run.read_table("quality")
+    frames = demo_run.read_table("frames")
+    out = tmp_path / "hist.png"
+    quality_histograms(quality, FilteringConfig()).save(out, verbose=False, dpi=50)
+    assert out.stat().st_size > 5_000
+    sheet = quality_sheet(demo_run.run_dir, quality, frames, columns=4, thumb_width=100)
+    kept_rows = -(-int(quality["keep"].sum()) // 4)
+    assert sheet.size == (4 + 4 * 104, 24 * 2 + (kept_rows + 1) * (round(100 * 180 / 320) + 15 + 4))
+    few = quality_sheet(demo_run.run_dir, quality, frames, max_per_group=2)
+    assert few.size[1] < sheet.size[1] * 2

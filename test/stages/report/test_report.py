@@ -1,0 +1,342 @@
+"""Stage 09 ``report``: figures from small tables, sections of stages that did not run say so,
+the HTML has every section and no code, and notebook 09 runs headless on the demo run."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import pytest
+
+from diffusion_bunny.config import load_config
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document
+from diffusion_bunny.stages.report.figures import checkpoint_order, identity_table
+from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
+from diffusion_bunny.stages.report.stage import write_report_figures
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cfg(tmp_path: Path, **overrides):
+    return load_config(None, overrides, root=tmp_path / "noconfig")
+
+
+def _frames(n: int) -> pl.DataFrame:
+    return pl.DataFrame({"frame_id": [f"m_{i:07d}" for i in range(n)], "shot_id": [i // 2 for i in range(n)]})
+
+
+def captions_table(frame_ids: list[str]) -> pl.DataFrame:
+    """A ``captions`` table in the contract's shape (stage 05 is not on this branch): the last
+    frame failed, one was edited by a person."""
+    n = len(frame_ids)
+    status = ["ok"] * (n - 1) + ["failed"]
+    status[0] = "edited"
+    return pl.DataFrame(
+        {
+            "frame_id": frame_ids,
+            "caption": [f"bunnystyle, {'word ' * (3 + i)}".strip() for i in range(n - 1)] + [None],
+            "tags": [["a", "b"]] * n,
+            "provider": ["template"] * n,
+            "model": ["template-v1"] * n,
+            "status": status,
+            "error": [None] * (n - 1) + ["provider down"],
+            "prompt_version": ["1"] * n,
+            "latency_s": [0.01] * n,
+            "input_tokens": [None] * n,
+            "output_tokens": [None] * n,
+        },
+        schema_overrides={"input_tokens": pl.Int64, "output_tokens": pl.Int64},
+    )
+
+
+def dataset_items_table(frame_ids: list[str]) -> pl.DataFrame:
+    n = len(frame_ids)
+    return pl.DataFrame(
+        {
+            "frame_id": frame_ids,
+            "split": ["validation"] + ["train"] * (n - 1),
+            "file_name": [f"{f}.png" for f in frame_ids],
+            "text": ["bunnystyle"] * n,
+            "characters": [["astronaut"]] * n,
+            "shot_id": list(range(n)),
+            "crop": ["full"] * n,
+            "repeats": [1] * n,
+            "width": [512] * n,
+            "height": [512] * n,
+        }
+    )
+
+
+def training_log_table(steps: int = 40) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "step": list(range(1, steps + 1)),
+            "loss": [0.5 / (1 + 0.1 * s) for s in range(steps)],
+            "lr": [1e-4] * steps,
+            "epoch": [s // 10 for s in range(steps)],
+            "elapsed_s": [0.5 * s for s in range(steps)],
+        }
+    )
+
+
+def generations_table() -> pl.DataFrame:
+    rows = []
+    for checkpoint, base in (("checkpoint-1000", 0.4), ("checkpoint-200", 0.7), ("final", 0.35)):
+        for character in ("astronaut", "grace_hopper"):
+            for seed in (0, 1):
+                found = not (checkpoint == "checkpoint-200" and seed == 1)
+                rows.append(
+                    {
+                        "character": character,
+                        "prompt": f"bunnystyle, {character}",
+                        "seed": seed,
+                        "lora_scale": 1.0,
+                        "checkpoint": checkpoint,
+                        "path": f"generated/{checkpoint}_{character}_{seed}.png",
+                        "identity_distance": base + 0.01 * seed if found else None,
+                        "face_found": found,
+                        "clip_score": None,
+                        "best": False,
+                    }
+                )
+    return pl.DataFrame(rows, schema_overrides={"clip_score": pl.Float64})
+
+
+def test_funnel_counts_every_step_with_reasons():
+    frames = _frames(10)
+    ids = frames["frame_id"].to_list()
+    quality = pl.DataFrame(
+        {
+            "frame_id": ids,
+            "keep": [True] * 6 + [False] * 4,
+            "reject_reason": [None] * 6 + ["blurry", "blurry", "too_dark", "duplicate"],
+        }
+    )
+    faces = pl.DataFrame(
+        {
+            "frame_id": [ids[0], ids[0], ids[1], ids[2], ids[7]],  # ids[7] was rejected: not counted
+            "character": ["astronaut", None, None, "grace_hopper", "astronaut"],
+        }
+    )
+    face_frames = pl.DataFrame({"frame_id": ids[:5]})  # ids[5] never searched
+    clusters = pl.DataFrame(
+        {
+            "frame_id": ids[:6] * 2,
+            "level": ["scene"] * 6 + ["character"] * 6,
+            "cluster_id": ["s001", "s001", "s002", "noise", "s002", "s001"] + ["x"] * 6,
+        }
+    )
+    captions = captions_table(ids[:6])
+    items = dataset_items_table(ids[:4])
+    # A face crop of frame 1 is a second picture of the same frame: the funnel counts frames.
+    items = pl.concat([items, items.slice(1, 1).with_columns(pl.lit("face").alias("crop"))])
+    table = funnel_table(
+        decoded=500,
+        candidates=pl.DataFrame({"frame_index": range(30)}),
+        frames=frames,
+        quality=quality,
+        faces=faces,
+        face_frames=face_frames,
+        clusters=clusters,
+        captions=captions,
+        dataset_items=items,
+    )
+    summary = {r["step"]: r for r in funnel_summary(table).iter_rows(named=True)}
+    assert list(summary) == [
+        "decoded",
+        "keyframe candidates",
+        "extracted",
+        "kept by quality",
+        "with a named character",
+        "in a scene cluster",
+        "captioned",
+        "exported",
+    ]
+    assert (summary["keyframe candidates"]["frames in"], summary["keyframe candidates"]["frames out"]) == (
+        500,
+        30,
+    )
+    assert summary["extracted"]["dropped"] == "20 not chosen"
+    assert summary["kept by quality"]["frames out"] == 6
+    assert summary["kept by quality"]["dropped"] == "1 too_dark, 2 blurry, 1 duplicate"  # rule order
+    # Named in frames 0 and 2; frame 1 only an unknown face; 3 and 4 searched, no face; 5 never searched.
+    assert summary["with a named character"]["dropped"] == "1 unknown faces only, 2 no face, 1 not searched"
+    assert (
+        summary["in a scene cluster"]["frames out"] == 5
+        and summary["in a scene cluster"]["dropped"] == "1 noise"
+    )
+    assert summary["captioned"]["frames out"] == 5 and summary["captioned"]["dropped"] == "1 failed"
+    exported = table.filter(pl.col("step") == "exported")
+    assert dict(exported.select("outcome", "frames").iter_rows()) == {
+        "train": 3,
+        "validation": 1,
+        "not exported": 1,
+    }
+    assert figure_png(funnel_plot(table)).startswith(PNG)
+    # Only the stages given: a run that went through stage 01 alone has a 3-step funnel.
+    short = funnel_table(decoded=100, candidates=pl.DataFrame({"frame_index": range(9)}), frames=frames)
+    assert funnel_summary(short)["step"].to_list() == ["decoded", "keyframe candidates", "extracted"]
+
+
+def test_contract_tables_make_figures():
+    """Caption lengths, training loss and identity per checkpoint from tables in the contract's
+    shape (stages 05, 07, 08 are built on other branches)."""
+    captions = captions_table([f"f{i}" for i in range(8)])
+    from diffusion_bunny.stages.captions.plots import caption_length_plot
+    from diffusion_bunny.stages.train.plots import loss_curve_plot
+
+    plot = caption_length_plot(captions, by="status")
+    assert "7 of 8 frames captioned (1 failed)" in plot.labels.title
+    assert figure_png(plot).startswith(PNG)
+    loss = loss_curve_plot(training_log_table())
+    assert len(loss.data) == 40
+    assert figure_png(loss, dpi=50).startswith(PNG)
+    assert checkpoint_order(["final", "checkpoint-1000", "checkpoint-200"]) == [
+        "checkpoint-200",
+        "checkpoint-1000",
+        "final",
+    ]
+    table = identity_table(generations_table())
+    row = table.filter((pl.col("checkpoint") == "checkpoint-200") & (pl.col("character") == "astronaut"))
+    # One of the two pictures had no face: the mean is over the face found only.
+    assert row["pictures"][0] == 2 and row["faces_found"][0] == 1
+    assert row["identity_distance"][0] == pytest.approx(0.7)
+
+
+def _copy_run(run: Run, dest: Path) -> Run:
+    shutil.copytree(run.run_dir, dest)
+    return Run.open(dest)
+
+
+def _rows(run: Run) -> dict[str, dict]:
+    figures = run.read_table("report_figures")
+    return {r["section"]: r for r in figures.iter_rows(named=True)}
+
+
+def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
+    """After stages 01-02 only, the report has the funnel, quality and shot sections, and says
+    which stages did not run; tables of stages 05-08 (contract shape) make it stale, and the
+    rerun shows their sections."""
+    run = _copy_run(demo_run, tmp_path / "run")
+    cfg = _cfg(tmp_path)
+    assert stage_state(run, "report", cfg) == ("missing", "never ran")
+    run_stage(run, "report", cfg, progress=False)
+    rows = _rows(run)
+    for key, stage, table in [
+        ("characters", "characters", "faces"),
+        ("scenes", "scenes", "clusters"),
+        ("captions", "captions", "captions"),
+        ("train", "train", "training_log"),
+        ("generate", "generate", "generations"),
+    ]:
+        assert rows[key]["status"] == "absent"
+        assert rows[key]["message"] == f"stage {stage} did not run (no tables/{table}.parquet)"
+    figures = run.read_table("report_figures")
+    assert set(figures["figure"].drop_nulls()) == {"funnel", "quality", "shot_lengths", "shot_timeline"}
+    for path in figures["path"].drop_nulls():
+        assert (run.run_dir / path).read_bytes().startswith(PNG)
+    manifest = run.read_manifest("report")
+    assert manifest["counts"]["stages_not_run"] == ["captions", "characters", "generate", "scenes", "train"]
+    funnel = run.read_table("report_funnel")
+    assert funnel_summary(funnel)["step"].to_list() == [
+        "decoded",
+        "keyframe candidates",
+        "extracted",
+        "kept by quality",
+    ]
+    assert stage_state(run, "report", cfg)[0] == "done"
+    html = (run.run_dir / "report" / "index.html").read_text()
+    assert "stage captions did not run" in html
+
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].to_list()
+    run.write_table("captions", captions_table(kept))
+    run.write_table("dataset_items", dataset_items_table(kept[:-2]))
+    run.write_table("training_log", training_log_table())
+    run.write_table("generations", generations_table())
+    assert stage_state(run, "report", cfg) == ("stale", "its inputs changed")
+    run_stage(run, "report", cfg, progress=False)
+    rows = _rows(run)
+    assert {k: rows[k]["status"] for k in ("captions", "train", "generate")} == dict.fromkeys(
+        ("captions", "train", "generate"), "ok"
+    )
+    assert rows["captions"]["message"] == f"{len(kept) - 1} of {len(kept)} frames captioned"
+    names = set(run.read_table("report_figures")["figure"].drop_nulls())
+    assert {"caption_lengths", "training_loss", "identity_per_checkpoint"} <= names
+    steps = funnel_summary(run.read_table("report_funnel"))
+    assert steps["step"].to_list()[-2:] == ["captioned", "exported"]
+    assert steps.filter(pl.col("step") == "exported")["frames out"][0] == len(kept) - 2
+
+
+def test_html_has_every_section_and_no_code(scenes_demo_run, tmp_path):
+    """On the demo through stage 04: screen time, a contact sheet per named character, cluster
+    sizes; the HTML holds each section's heading and every figure, and no code."""
+    src, overrides = scenes_demo_run
+    run = _copy_run(src, tmp_path / "run")
+    cfg = _cfg(tmp_path, **overrides, **{"report.contact_sheet_faces": 3})
+    paths = write_report_figures(run.run_dir, cfg)
+    assert {"screen_time", "contact_astronaut", "contact_grace-hopper", "cluster_sizes"} <= set(paths)
+    assert all(p.read_bytes().startswith(PNG) for p in paths.values())
+
+    run_stage(run, "report", cfg, progress=False)
+    html = (run.run_dir / "report" / "index.html").read_text()
+    figures = run.read_table("report_figures")
+    for title in figures["title"].unique():
+        assert f"{title}</h2>" in html or f">{title}<" in html, title
+    images = re.findall(r'<img[^>]+src="data:image/png;base64,', html)
+    assert len(images) == figures["figure"].is_not_null().sum()
+    body = html.split("<body", 1)[1]  # the page's CSS names every class; the body must use none
+    assert "jp-InputArea-editor" not in body and "jp-InputPrompt" not in body  # markdown only, no code
+    assert "jp-OutputPrompt" not in body and "No description has been provided" not in body
+    assert 'alt="Contact sheet: astronaut"' in body
+    assert "did not run" in html  # captions, training, generation
+    assert "with a named character" in html  # the funnel table
+    # Re-rendering a notebook with real code hides it too.
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("secret_variable = 42"))
+    out = render_report_html(nb, tmp_path / "code.html")
+    assert "secret_variable" not in out.read_text()
+    # A figure dropped from the report (fewer characters now) leaves no PNG behind.
+    small = _cfg(tmp_path, **overrides, **{"report.max_characters": 1})
+    after = write_report_figures(run.run_dir, small)
+    assert len([n for n in after if n.startswith("contact_")]) == 1
+    assert len(list((run.run_dir / "report" / "figures").glob("contact_*.png"))) == 1
+
+
+def test_report_document_without_figures(tmp_path):
+    figures = pl.DataFrame(
+        {
+            "order": [0],
+            "section": ["captions"],
+            "title": ["Caption lengths"],
+            "status": ["absent"],
+            "figure": [None],
+            "figure_title": [None],
+            "path": [None],
+            "message": ["stage captions did not run (no tables/captions.parquet)"],
+        },
+        schema_overrides={"figure": pl.Utf8, "figure_title": pl.Utf8, "path": pl.Utf8},
+    )
+    nb = report_document(tmp_path, figures, title="QA report: nothing")
+    assert [c.cell_type for c in nb.cells] == ["markdown", "markdown"]
+    html = render_report_html(nb, tmp_path / "r" / "index.html").read_text()
+    assert "stage captions did not run" in html and "QA report: nothing" in html
+
+
+def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
+    """bunny run's path: notebook 09 through papermill writes the report and shows its figures."""
+    from diffusion_bunny.pipeline.runner import execute_stage_notebook
+
+    run = _copy_run(demo_run, tmp_path / "run")
+    executed = execute_stage_notebook(run, "report", None, {}, "python3", progress=False)
+    nb = nbformat.read(executed, as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "stages that did not run: captions, characters, generate, scenes, train" in text
+    assert (run.run_dir / "report" / "index.html").is_file()
+    assert run.read_manifest("report")["counts"]["figures"] == 4

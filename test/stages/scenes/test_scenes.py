@@ -1,0 +1,625 @@
+"""Stage 04 (``scenes``): clustering rules, corrections, the adapter, search and export."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter, triplets_from_feedback
+from diffusion_bunny.stages.scenes.clustering import (
+    apply_feedback,
+    assign_incremental,
+    cluster_scenes,
+    clusters_table,
+    frame_characters,
+    neighbour_stats,
+    normalise,
+    renumber_by_size,
+    similar_frames,
+    stable_ids,
+)
+from diffusion_bunny.stages.scenes.tables import NOISE
+
+
+def blobs(n_per: int, centres: int, dim: int = 32, spread: float = 0.05, seed: int = 0, outliers: int = 0):
+    """Unit vectors around ``centres`` random directions (similarity within a blob ~0.95, across
+    ~0), plus ``outliers`` lone random directions."""
+    rng = np.random.default_rng(seed)
+    c = normalise(rng.normal(size=(centres, dim)))
+    vecs = np.repeat(c, n_per, axis=0) + rng.normal(scale=spread, size=(centres * n_per, dim))
+    truth = np.repeat(np.arange(centres), n_per)
+    if outliers:
+        vecs = np.vstack([vecs, rng.normal(size=(outliers, dim))])
+        truth = np.concatenate([truth, -1 - np.arange(outliers)])
+    ids = [f"m_{i:07d}" for i in range(len(vecs))]
+    return normalise(vecs), ids, truth
+
+
+def partition(labels, ids):
+    groups: dict[str, set[str]] = {}
+    for label, fid in zip(labels, ids, strict=True):
+        groups.setdefault(label, set()).add(fid)
+    return {frozenset(g) for label, g in groups.items() if label != NOISE}, {
+        f for label, f in zip(labels, ids, strict=True) if label == NOISE
+    }
+
+
+def test_blobs_become_clusters_and_lone_frames_noise():
+    vecs, ids, truth = blobs(6, 4, outliers=3)
+    result = cluster_scenes(vecs, ids)
+    groups, noise = partition(result.labels, ids)
+    expected = {frozenset(f for f, t in zip(ids, truth, strict=True) if t == k) for k in range(4)}
+    assert groups == expected
+    assert noise == {f for f, t in zip(ids, truth, strict=True) if t < 0}
+    assert all(result.similarity[i] >= 0.85 for i, label in enumerate(result.labels) if label != NOISE)
+    assert all(np.isnan(result.similarity[i]) for i, label in enumerate(result.labels) if label == NOISE)
+
+
+def test_middling_lone_frame_opens_its_own_cluster():
+    # A frame at similarity ~0.7 to a cluster: not close enough to join, too close for noise.
+    base = normalise(np.array([[1.0, 0.0, 0.0]] * 3 + [[0.7, 0.714, 0.0]]))
+    result = cluster_scenes(base, ["a", "b", "c", "d"])
+    assert result.labels[:3] == [result.labels[0]] * 3
+    assert result.labels[3] not in (NOISE, result.labels[0])
+    far = normalise(np.array([[1.0, 0.0, 0.0]] * 3 + [[0.3, 0.0, 0.954]]))
+    assert cluster_scenes(far, ["a", "b", "c", "d"]).labels[3] == NOISE
+
+
+@pytest.mark.parametrize(("seed", "index_min"), [(1, 0), (2, 0), (3, 0), (4, 10), (5, 10)])
+def test_result_does_not_depend_on_frame_order(seed, index_min):
+    # Overlapping blobs (spread 0.25): a leader pass in table order would split them differently
+    # for every order.
+    vecs, ids, _ = blobs(8, 5, dim=16, spread=0.25, seed=7, outliers=4)
+    reference = partition(cluster_scenes(vecs, ids, index_min_frames=index_min).labels, ids)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = cluster_scenes(vecs[perm], [ids[i] for i in perm], index_min_frames=index_min)
+    assert partition(shuffled.labels, [ids[i] for i in perm]) == reference
+
+
+def test_hnsw_index_agrees_with_exact_search():
+    vecs, ids, _ = blobs(30, 40, dim=48, spread=0.04, seed=3, outliers=20)
+    exact = cluster_scenes(vecs, ids, index_min_frames=0)
+    indexed = cluster_scenes(vecs, ids, index_min_frames=100)
+    assert partition(indexed.labels, ids) == partition(exact.labels, ids)
+    counts_exact, best_exact = neighbour_stats(vecs, 0.85, use_index=False)
+    counts_idx, best_idx = neighbour_stats(vecs, 0.85, use_index=True)
+    # Blobs of 30 < HNSW_K: no saturation; the search is approximate, so allow a rare miss.
+    assert (counts_exact == counts_idx).mean() > 0.99
+    # Approximate search: the nearest neighbour of a lone outlier may be missed, never a blob mate's.
+    in_blob = counts_exact > 0
+    assert np.allclose(best_exact[in_blob], best_idx[in_blob], atol=1e-4)
+
+
+def test_incremental_assignment_leaves_old_clusters_alone():
+    vecs, ids, _ = blobs(5, 3, seed=4)
+    first = cluster_scenes(vecs[:10], ids[:10])  # blobs 0 and 1
+    from diffusion_bunny.stages.scenes.clustering import ExemplarIndex
+
+    index = ExemplarIndex(vecs.shape[1], 0)
+    for cid, vec in first.exemplar_vectors.items():
+        index.add(cid, vec)
+    more = assign_incremental(
+        vecs[10:],
+        ids[10:],
+        assign_threshold=0.85,
+        noise_threshold=0.5,
+        index_min_frames=0,
+        exemplars=index,
+        first_number=3,
+    )
+    assert set(more.labels) == {"s003"}  # blob 2 is a new cluster after s001, s002
+    # A new frame of blob 0 joins blob 0's existing cluster.
+    again = assign_incremental(
+        vecs[:1] * 0.999,
+        ["new_0"],
+        assign_threshold=0.85,
+        noise_threshold=0.5,
+        index_min_frames=0,
+        exemplars=index,
+        first_number=4,
+    )
+    assert again.labels == [first.labels[0]]
+    assert not again.exemplars
+
+
+def test_ids_by_size_and_kept_across_reclustering():
+    labels = ["x", "y", "y", "y", NOISE, "x"]
+    ids = list("abcdef")
+    assert renumber_by_size(labels, ids) == {"y": "s001", "x": "s002"}
+    previous = {"a": "s007", "f": "s007", "b": "s002", "c": "s002", "d": "s002"}
+    # The reclustering splits y: the larger part keeps s002, the rest gets a fresh id.
+    mapping = stable_ids(["p", "q", "q", "r", NOISE, "p"], ids, previous)
+    assert mapping["p"] == "s007" and mapping["q"] == "s002" and mapping["r"] == "s008"
+
+
+def faces_table(rows):
+    return pl.DataFrame(rows, schema={"frame_id": pl.String, "character": pl.String}, orient="row")
+
+
+def test_character_sub_clusters_follow_stage_03_names():
+    chars = frame_characters(faces_table([("a", "ann"), ("a", "bob"), ("b", "ann"), ("c", None)]))
+    assert chars == {"a": ("ann", "bob"), "b": ("ann",), "c": ("unknown",)}
+    # Stage 03 searched a-d only: e was never looked at, d was and shows nobody.
+    searched = frame_characters(faces_table([("a", "ann")]), ["a", "d", "e"], scanned={"a", "b", "c", "d"})
+    assert searched == {"a": ("ann",), "e": ("unscanned",)}
+    table = clusters_table(
+        ["a", "b", "c", "d", "e"],
+        ["s001", "s001", "s001", "s002", NOISE],
+        np.full(5, 0.9),
+        [0, 0, 1, 2, 3],
+        chars,
+    )
+    char = dict(table.filter(pl.col("level") == "character").select("frame_id", "cluster_id").iter_rows())
+    assert char == {"a": "s001/ann+bob", "b": "s001/ann", "c": "s001/unknown", "d": "s002/nobody", "e": NOISE}
+    assert table.filter(pl.col("cluster_id") == NOISE)["similarity"].null_count() == 2
+    assert table.filter(pl.col("frame_id") == "a")["name"].to_list() == ["scene 01", "scene 01 · ann, bob"]
+
+
+def feedback_rows(*moves):
+    from datetime import UTC, datetime, timedelta
+
+    from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    return pl.DataFrame(
+        [
+            {
+                "event_id": f"e{i}",
+                "ts": t0 + timedelta(seconds=i),
+                "anchor_id": a,
+                "from_cluster": f,
+                "to_cluster": t,
+                "label": 1,
+                "level": lvl,
+            }
+            for i, (a, f, t, lvl) in enumerate(moves)
+        ],
+        schema=FEEDBACK_SCHEMA,
+    )
+
+
+def test_latest_correction_wins_and_moves_both_levels():
+    chars = {"a": ("ann",), "b": ("bob",)}
+    table = clusters_table(["a", "b", "c"], ["s001", "s002", NOISE], np.full(3, 0.9), [0, 1, 2], chars)
+    fb = feedback_rows(
+        ("a", "s001", "s002", "scene"),
+        ("c", NOISE, "s001", "scene"),
+        ("c", "s001", "s002", "scene"),  # changed their mind: the later move wins
+        ("b", "s002/bob", "s001/bob", "character"),
+    )
+    out = apply_feedback(table, fb)
+    got = {(f, lvl): c for f, lvl, c in out.select("frame_id", "level", "cluster_id").iter_rows()}
+    assert got[("a", "scene")] == "s002" and got[("a", "character")] == "s002/ann"
+    assert got[("c", "scene")] == "s002" and got[("c", "character")] == "s002/nobody"
+    assert got[("b", "scene")] == "s001" and got[("b", "character")] == "s001/bob"
+    assert out.filter(pl.col("manual"))["frame_id"].unique().sort().to_list() == ["a", "b", "c"]
+
+
+def test_adapter_starts_as_identity_and_learns_a_move():
+    vecs, ids, _ = blobs(4, 3, dim=16, seed=5)
+    ident = train_adapter(vecs, [], epochs=5)
+    assert np.allclose(ident.transform(vecs), vecs, atol=1e-6)
+    # Move one frame of blob 0 into blob 1: the adapter pulls it (and its blob mates) towards blob 1.
+    labels = {fid: f"s{int(i // 4) + 1:03d}" for i, fid in enumerate(ids)}
+    labels[ids[0]] = "s002"
+    triplets = triplets_from_feedback(feedback_rows((ids[0], "s001", "s002", "scene")), ids, labels)
+    assert len(triplets) == 1 and triplets[0].anchor == 0 and set(triplets[0].negatives) == {1, 2, 3}
+    for hidden in (0, 8):
+        adapter = train_adapter(vecs, triplets, hidden=hidden, epochs=200, lr=0.05, identity_weight=0.1)
+        out = adapter.transform(vecs)
+        centroid_b = normalise(out[4:8].mean(0, keepdims=True))[0]
+        before = normalise(vecs[4:8].mean(0, keepdims=True))[0]
+        assert out[0] @ centroid_b > vecs[0] @ before + 0.2
+        assert adapter.losses[-1] < adapter.losses[0]
+
+
+def test_adapter_round_trips_through_a_file(tmp_path):
+    vecs, ids, _ = blobs(3, 2, dim=8, seed=6)
+    labels = {fid: ("s001" if i < 3 else "s002") for i, fid in enumerate(ids)}
+    labels[ids[0]] = "s002"
+    triplets = triplets_from_feedback(feedback_rows((ids[0], "s001", "s002", "scene")), ids, labels)
+    adapter = train_adapter(vecs, triplets, hidden=4, epochs=20)
+    adapter.save(tmp_path / "a.npz")
+    again = Adapter.load(tmp_path / "a.npz")
+    assert np.allclose(again.transform(vecs), adapter.transform(vecs))
+
+
+def test_similar_frames_best_first():
+    vecs, ids, _ = blobs(3, 2, dim=8, seed=8)
+    table = similar_frames(vecs, ids, vecs[0], k=3, exclude=ids[0])
+    # The query's two blob mates come first (in either order), then a frame of the other blob.
+    assert set(table["frame_id"][:2]) == {ids[1], ids[2]} and table["frame_id"][2] in ids[3:]
+    assert table["similarity"].to_list() == sorted(table["similarity"].to_list(), reverse=True)
+
+
+# ----------------------------------------------------------------------------- the stage on the demo
+
+
+@pytest.fixture
+def scenes_run(demo_run, tmp_path):
+    """A copy of the demo run (stages 01-02) with stage 04 done."""
+    import shutil
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    shutil.copytree(demo_run.run_dir, tmp_path / "run")
+    run = Run.open(tmp_path / "run")
+    cfg = load_config(root=tmp_path)
+    run_stage(run, "scenes", cfg, progress=False)
+    return run, cfg
+
+
+def demo_places(run) -> dict[str, str]:
+    """Frame id -> the demo ground truth's place (the source picture of the frame's shot)."""
+    from diffusion_bunny.demo.reviewer import ground_truth_places
+
+    places = ground_truth_places(run.movie)
+    return {
+        fid: places[i] for fid, i in run.read_table("frames").select("frame_id", "frame_index").iter_rows()
+    }
+
+
+def scene_map(clusters: pl.DataFrame) -> dict[str, str]:
+    """Frame id -> its scene cluster."""
+    return dict(clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows())
+
+
+def test_stage_clusters_the_demo_by_place(scenes_run):
+    from sklearn.metrics import adjusted_rand_score
+
+    run, _ = scenes_run
+    clusters = run.read_table("clusters")
+    emb = run.read_table("embeddings")
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].sort().to_list()
+    assert sorted(emb["frame_id"].to_list()) == kept
+    assert emb["embedder"].unique().to_list() == ["descriptor-v1"]
+    assert set(clusters["level"].unique()) == {"scene", "character"}
+    assert clusters.group_by("level").len()["len"].to_list() == [len(kept)] * 2
+    scene = clusters.filter(pl.col("level") == "scene")
+    places = demo_places(run)
+    # Every cluster holds one place (precision); places seen in several shots may still be split.
+    for (cid,), group in scene.filter(pl.col("cluster_id") != NOISE).group_by("cluster_id"):
+        assert len({places[f] for f in group["frame_id"]}) == 1, cid
+    ari = adjusted_rand_score([places[f] for f in scene["frame_id"]], scene["cluster_id"].to_list())
+    assert ari > 0.6
+    # The exemplar table names one frame per cluster, each in its own cluster at similarity 1.
+    ex = run.read_table("scene_exemplars")
+    assert set(ex["cluster_id"]) == set(scene["cluster_id"]) - {NOISE}
+
+
+def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
+    from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import board_state
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    ids = sorted(set(scene["cluster_id"]) - {NOISE})
+    frame = scene.filter(pl.col("cluster_id") == ids[0])["frame_id"][0]
+    row = move_to_cluster(run.run_dir, frame, ids[1])
+    assert (row["anchor_id"], row["from_cluster"], row["to_cluster"], row["label"]) == (
+        frame,
+        ids[0],
+        ids[1],
+        1,
+    )
+    feedback = run.read_table("feedback")
+    assert feedback.height == 1 and feedback["event_id"][0] == row["event_id"]
+    after = run.read_table("clusters").filter(pl.col("frame_id") == frame)
+    assert after.filter(pl.col("level") == "scene")["cluster_id"][0] == ids[1]
+    assert after.filter(pl.col("level") == "scene")["manual"][0]
+    # Its similarity is now to the centroid of the cluster it joined.
+    emb = run.read_table("embeddings")
+    vec = dict(zip(emb["frame_id"], normalise(np.asarray(emb["vector"].to_list())), strict=True))
+    members = scene_map(run.read_table("clusters"))
+    centroid = normalise(np.mean([vec[f] for f, c in members.items() if c == ids[1]], axis=0)[None])[0]
+    sim = after.filter(pl.col("level") == "scene")["similarity"][0]
+    assert sim == pytest.approx(float(vec[frame] @ centroid), abs=1e-5)
+    assert after.filter(pl.col("level") == "character")["cluster_id"][0].startswith(ids[1] + "/")
+    folder = next(f for f in board_state(run.run_dir) if f["id"] == ids[1])
+    assert frame in [item["frame_id"] for item in folder["frames"]]
+    assert all(Path(item["thumb"]).is_file() for item in folder["frames"])
+    # The correction makes the stage stale; the rerun learns from it and keeps it.
+    run_stage(run, "scenes", cfg, progress=False)
+    manifest = run.read_manifest("scenes")
+    assert manifest["counts"]["corrections"] == 1 and manifest["facts"]["mode"] == "full"
+    assert manifest["facts"]["adapter"]["triplets"] == 1
+    assert (run.run_dir / "models" / "scene_adapter.npz").is_file()
+    assert "+adapter:" in manifest["facts"]["space"]
+    final = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
+    assert final["cluster_id"][0] == ids[1] and final["manual"][0]
+    # A move to a new cluster: nothing to pull towards, so no triplet and no adapter.
+    current = set(run.read_table("clusters")["cluster_id"].str.split("/").list.first())
+    new = move_to_cluster(run.run_dir, frame, "new")
+    assert new["to_cluster"] not in current and new["from_cluster"] == ids[1]
+    run_stage(run, "scenes", cfg, progress=False)
+    manifest = run.read_manifest("scenes")
+    assert manifest["facts"]["adapter"]["triplets"] == 0
+    assert not (run.run_dir / "models" / "scene_adapter.npz").exists()
+    final = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
+    assert final["cluster_id"][0] == new["to_cluster"] and final["manual"][0]
+    assert run.read_table("feedback").height == 2  # the stage never rewrites feedback
+
+
+def test_bad_moves_are_clear_errors(scenes_run):
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, _ = scenes_run
+    frame = run.read_table("clusters")["frame_id"][0]
+    with pytest.raises(BadInputError, match="frame 'nope' is not in this run's clusters"):
+        move_to_cluster(run.run_dir, "nope", "s001")
+    with pytest.raises(BadInputError, match="cluster 's999' does not exist at the scene level"):
+        move_to_cluster(run.run_dir, frame, "s999")
+    with pytest.raises(BadInputError, match="level must be one of"):
+        move_to_cluster(run.run_dir, frame, "s001", level="shot")
+    with pytest.raises(BadInputError, match="only be made at the scene level"):
+        move_to_cluster(run.run_dir, frame, "new", level="character")
+    assert not run.has_table("feedback") or run.read_table("feedback").is_empty()
+
+
+def _mover(run_dir, frames, targets, barrier):
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    barrier.wait()
+    for i, frame in enumerate(frames):
+        move_to_cluster(run_dir, frame, targets[i % len(targets)])
+
+
+def test_two_writers_never_lose_a_feedback_row(scenes_run):
+    run, _ = scenes_run
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    frames = scene["frame_id"].to_list()
+    # Only targets that always exist: a cluster may empty out as frames leave it.
+    targets = [NOISE, "new"]
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    jobs = [
+        ctx.Process(
+            target=_mover, args=(str(run.run_dir), frames[k::2] * 3, targets[k:] + targets[:k], barrier)
+        )
+        for k in (0, 1)
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+        assert job.exitcode == 0
+    feedback = run.read_table("feedback")
+    assert feedback.height == len(frames) * 3
+    assert feedback["event_id"].n_unique() == feedback.height
+    # clusters agrees with the last move of every frame
+    last = feedback.sort("ts").unique("anchor_id", keep="last")
+    now = scene_map(run.read_table("clusters"))
+    assert all(now[a] == t for a, t in last.select("anchor_id", "to_cluster").iter_rows())
+
+
+def test_new_frames_are_assigned_incrementally(scenes_run):
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    quality = run.read_table("quality")
+    before = run.read_table("clusters")
+    kept = quality.filter(pl.col("keep"))["frame_id"].to_list()
+    # Stage 02 had dropped one frame at first; now it keeps it.
+    dropped = kept[len(kept) // 2]
+    run.write_table(
+        "quality",
+        quality.with_columns(
+            pl.when(pl.col("frame_id") == dropped).then(False).otherwise(pl.col("keep")).alias("keep")
+        ),
+    )
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    # Same embeddings and thresholds: the remaining frames keep their clusters.
+    assert run.read_manifest("scenes")["facts"]["mode"] == "incremental (0 new frames)"
+    without = scene_map(run.read_table("clusters"))
+    run.write_table("quality", quality)
+    run_stage(run, "scenes", cfg, progress=False)
+    manifest = run.read_manifest("scenes")
+    assert manifest["facts"]["mode"] == "incremental (1 new frames)"
+    assert manifest["counts"]["embedded_now"] == 1  # only the frame that came back is embedded
+    now = scene_map(run.read_table("clusters"))
+    assert {f: c for f, c in now.items() if f != dropped} == without
+    first = scene_map(before)
+    assert now[dropped] == first[dropped] or now[dropped] not in without.values()
+
+
+def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
+    import shutil
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    run, _ = scenes_run
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(tmp_path / "library")})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    lib = pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet")
+    first = scene_map(run.read_table("clusters"))
+    # The "second movie": the same frames under another movie key (a re-release, say).
+    shutil.copytree(run.run_dir, tmp_path / "second")
+    second = Run.open(tmp_path / "second")
+    meta = second.meta()
+    meta["movie_key"] = "0ther000"
+    (second.run_dir / "run.json").write_text(__import__("json").dumps(meta))
+    run_stage(second, "scenes", cfg, progress=False, force=True)
+    assert second.read_manifest("scenes")["facts"]["mode"] == "library (0 new clusters)"
+    again = scene_map(second.read_table("clusters"))
+    assert again == first
+    assert pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet").equals(lib)
+    # A correction in library mode is kept as a placement; the adapter (per run) is not trained.
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    frame = next(iter(again))
+    move_to_cluster(second.run_dir, frame, "noise")
+    # An adapter this run trained before it joined the library no longer applies.
+    stale = second.run_dir / "models" / "scene_adapter.npz"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"an adapter from before")
+    with pytest.warns(UserWarning, match="learns per run only"):
+        run_stage(second, "scenes", cfg, progress=False)
+    assert second.read_manifest("scenes")["facts"]["adapter"]["triplets"] == 0 and not stale.exists()
+    placed = second.read_table("clusters").filter(
+        (pl.col("frame_id") == frame) & (pl.col("level") == "scene")
+    )
+    assert placed["cluster_id"][0] == "noise" and placed["manual"][0]
+
+
+def test_export_csv_and_edl_read_back(scenes_run):
+    import opentimelineio as otio
+
+    from diffusion_bunny.stages.scenes.timeline import export_clusters
+
+    run, _ = scenes_run
+    paths = export_clusters(run.run_dir)
+    csv = pl.read_csv(paths["csv"])
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    assert csv.height == scene.height and set(csv["cluster_id"]) == set(scene["cluster_id"])
+    timeline = otio.adapters.read_from_file(str(paths["edl"]), adapter_name="cmx_3600")
+    clips = list(timeline.find_clips())
+    shots = run.read_table("shots").rows_by_key("shot_id", unique=True, named=True)
+    pairs = scene.select("cluster_id", "shot_id").unique()
+    assert len(clips) == pairs.height
+    for clip in clips:
+        _, _, rest = clip.name.partition(" ")
+        shot = shots[int(rest.rsplit(" ", 1)[1])]
+        assert clip.source_range.start_time.to_frames() == shot["start_frame"]
+        assert clip.source_range.duration.to_frames() == shot["end_frame"] - shot["start_frame"]
+    text = paths["edl"].read_text()
+    assert text.startswith("TITLE:") and "* FROM CLIP NAME:" in text
+
+
+def test_simulated_reviewer_on_the_run_frames(scenes_run):
+    from diffusion_bunny.demo.reviewer import simulate_reviewer
+
+    run, cfg = scenes_run
+    emb = run.read_table("embeddings")
+    places = demo_places(run)
+    curve = simulate_reviewer(
+        np.asarray(emb["vector"].to_list(), np.float32),
+        emb["frame_id"].to_list(),
+        [places[f] for f in emb["frame_id"]],
+        cfg.scenes,
+        steps=4,
+    )
+    assert curve["corrections"][0] == 0
+    assert curve["ari_untouched"][0] == curve["ari_untouched_without"][0] == curve["ari_all"][0]
+    # The reviewer stops when every untouched frame is in its place's cluster.
+    assert curve["ari_untouched"][-1] == pytest.approx(1.0)
+
+
+def test_learning_from_corrections_beats_corrections_alone(demo, tmp_path):
+    """The demo movie sampled every 8th frame, ground truth as the reviewer, a strict
+    assign_threshold (0.95) so that pans and zooms split places: after 8 corrections the frames
+    nobody touched cluster better through the adapter than as first clustered."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.demo.reviewer import learning_curve
+
+    cfg = load_config(root=tmp_path, overrides={"scenes.assign_threshold": 0.95})
+    curve = learning_curve(
+        demo.path, cfg.scenes, every=8, steps=8, seeds=(0, 1), work_dir=tmp_path / "frames"
+    )
+    last = curve.group_by("seed").agg(pl.all().last())
+    assert last["corrections"].to_list() == [8, 8]
+    assert (last["ari_untouched"] > last["ari_untouched_without"] + 0.02).all()
+    assert curve.filter(pl.col("corrections") == 0)["ari_untouched"].max() < 0.9
+
+
+def test_plots_and_sheet_of_the_clusters(scenes_run):
+    from diffusion_bunny.stages.scenes.plots import (
+        cluster_sheet,
+        cluster_sizes_plot,
+        learning_curve_plot,
+        similarity_histogram,
+    )
+
+    run, cfg = scenes_run
+    clusters = run.read_table("clusters")
+    n_scene = clusters.filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))[
+        "cluster_id"
+    ].n_unique()
+    sizes = cluster_sizes_plot(clusters)
+    assert f"scene clusters: {n_scene}," in sizes.labels.title
+    assert len(sizes.data) == clusters.filter(pl.col("level") == "scene")["cluster_id"].n_unique()
+    hist = similarity_histogram(clusters, cfg.scenes.assign_threshold, cfg.scenes.noise_threshold)
+    assert "0.85" in hist.labels.title
+    curve = pl.DataFrame(
+        {
+            "corrections": [0, 1],
+            "ari_untouched": [0.5, 0.8],
+            "ari_untouched_without": [0.5, 0.6],
+            "seed": [0, 0],
+        }
+    )
+    assert len(learning_curve_plot(curve).data) == 4
+    for plot in (sizes, hist, learning_curve_plot(curve)):
+        assert plot.draw() is not None
+    sheet = cluster_sheet(run.run_dir, clusters, run.read_table("frames"))
+    groups = clusters.filter(pl.col("level") == "scene")["cluster_id"].n_unique()
+    assert sheet.height == groups * (22 + 63 + 14 + 4)
+    # Thumbnails were pasted: the sheet is not blank white.
+    assert len(np.unique(np.asarray(sheet.resize((64, 64))).reshape(-1, 3), axis=0)) > 50
+
+
+def test_shots_like_this_one(scenes_run):
+    from diffusion_bunny.stages.scenes.stage import shots_like, text_search
+
+    run, cfg = scenes_run
+    places = demo_places(run)
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    # A frame of the place seen most often: its nearest frames are of the same place.
+    biggest = (
+        scene.group_by("cluster_id").len().filter(pl.col("cluster_id") != NOISE).sort("len")[-1, "cluster_id"]
+    )
+    frame = scene.filter(pl.col("cluster_id") == biggest)["frame_id"][0]
+    found = shots_like(run.run_dir, frame, k=3)
+    assert found.height == 3 and frame not in found["frame_id"].to_list()
+    assert places[found["frame_id"][0]] == places[frame]
+    assert found["similarity"].to_list() == sorted(found["similarity"].to_list(), reverse=True)
+    assert {"shot_id", "timestamp_s", "cluster_id", "thumb"} <= set(found.columns)
+    assert Path(found["thumb"][0]).is_file()
+    with pytest.raises(BadInputError, match="has no embedding"):
+        shots_like(run.run_dir, "nope")
+    from diffusion_bunny.errors import UserError
+
+    with pytest.raises(UserError, match=r"set scenes\.embedder: clip"):
+        text_search(run.run_dir, "a woman at a table", cfg.scenes)
+
+
+def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
+    from tiny_models import write_tiny_clip
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import text_search
+
+    run, _ = scenes_run
+    model = write_tiny_clip(tmp_path / "tiny-clip")
+    cfg = load_config(root=tmp_path, overrides={"scenes.embedder": "clip", "scenes.clip_model": str(model)})
+    run_stage(run, "scenes", cfg, progress=False)
+    emb = run.read_table("embeddings")
+    assert emb["embedder"].unique().to_list() == [f"clip:{model}"]
+    vectors = np.asarray(emb["vector"].to_list())
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert run.read_manifest("scenes")["facts"]["mode"] == "full"  # a new space: clustered afresh
+    found = text_search(run.run_dir, "a woman at a table", cfg.scenes, k=4)
+    assert found.height == 4
+    assert found["similarity"].to_list() == sorted(found["similarity"].to_list(), reverse=True)
+    # The ranking is the model's: the text tower's vector against the stored image vectors.
+    from diffusion_bunny.stages.scenes.embeddings import make_embedder
+
+    query = make_embedder(cfg.scenes).embed_texts(["a woman at a table"])[0]
+    best = emb["frame_id"][int(np.argmax(vectors @ query))]
+    assert found["frame_id"][0] == best
+    # A rerun whose embeddings are all cached never loads the model (here: no longer there).
+    import shutil
+
+    shutil.rmtree(model)
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert run.read_manifest("scenes")["counts"]["embedded_now"] == 0

@@ -1,0 +1,516 @@
+"""Stage 07: LoRA training on the tiny presets, checkpoints and resume, saved files, bad input.
+
+Every test trains the real loop (diffusers + peft + accelerate) on the ``tiny`` base model built in
+code (random weights, tokenizer files written by the code), on the CPU, at 64 px. The dataset is
+written here in the layout stage 06 exports (``dataset_items`` + ``<run>/dataset/hf/<split>/``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from diffusion_bunny.config import TrainingConfig, load_config
+from diffusion_bunny.errors import BadInputError, ModelError, StageError
+from diffusion_bunny.pipeline.run import Run
+
+pytestmark = pytest.mark.slow
+
+SIZES = [(96, 64), (64, 96), (80, 80), (120, 60)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory):
+    """One preset cache for the module (the tiny models are built once, as once per machine)."""
+    folder = tmp_path_factory.mktemp("bunny_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSION_BUNNY_CACHE", str(folder))
+        yield folder
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    """A picture with structure (a background gradient and a few shapes), not noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.random(3)[None, None, :]
+    image = Image.fromarray(np.broadcast_to(base, (h, w, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        draw.ellipse((x, y, x + int(rng.integers(8, 30)), y + int(rng.integers(8, 30))), fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=95)
+
+
+def make_dataset(
+    run_dir: Path, n_train: int = 6, n_val: int = 1, images: list[Path] | None = None
+) -> pl.DataFrame:
+    """``dataset_items`` + image files as stage 06 writes them; from ``images`` when given."""
+    rows = []
+    for split, count, offset in (("train", n_train, 0), ("validation", n_val, n_train)):
+        for i in range(count):
+            name = f"{split}_{i:03d}.jpg"
+            target = run_dir / "dataset" / "hf" / split / name
+            if images:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(images[(offset + i) % len(images)], target)
+            else:
+                write_image(target, SIZES[(offset + i) % len(SIZES)], offset + i)
+            with Image.open(target) as im:
+                width, height = im.size
+            rows.append(
+                {
+                    "frame_id": f"f{offset + i:04d}",
+                    "split": split,
+                    "file_name": name,
+                    "text": f"bunnystyle, a photo of the cat {i}",
+                    "characters": ["cat"],
+                    "shot_id": i,
+                    "crop": "full",
+                    "repeats": 1,
+                    "width": width,
+                    "height": height,
+                }
+            )
+    table = pl.DataFrame(rows, schema_overrides={"characters": pl.List(pl.Utf8)})
+    (run_dir / "tables").mkdir(parents=True, exist_ok=True)
+    table.write_parquet(run_dir / "tables" / "dataset_items.parquet")
+    return table
+
+
+def make_run(tmp_path: Path, demo_movie: Path | None = None, **kw) -> Run:
+    """A run folder with a dataset (the movie file only has to exist for ``Run.create``)."""
+    movie = demo_movie or tmp_path / "movie.mp4"
+    if demo_movie is None:
+        movie.write_bytes(b"not read by stage 07")
+    run = Run.create(tmp_path / "run", movie)
+    make_dataset(run.run_dir, **kw)
+    return run
+
+
+def fast_overrides(tmp_path: Path, **extra) -> dict:
+    return {
+        "training.output_dir": str(tmp_path / "lora"),
+        "training.resolution": 64,
+        "training.max_train_steps": 4,
+        "training.checkpoint_every": 2,
+        "training.validation_every": 0,
+        "training.validation_inference_steps": 2,
+        "training.device": "cpu",
+        **{f"training.{k}": v for k, v in extra.items()},
+    }
+
+
+def training_cfg(**kw) -> TrainingConfig:
+    base = {"resolution": 64, "device": "cpu", "validation_every": 0, "validation_inference_steps": 2}
+    return TrainingConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_buckets_keep_the_area_and_group_batches_by_bucket():
+    from diffusion_bunny.stages.train.data import bucket_step, epoch_batches, make_buckets, nearest_bucket
+
+    assert bucket_step(512, 8) == 64 and bucket_step(64, 8) == 16 and bucket_step(1024, 8) == 64
+    buckets = make_buckets(512, 64)
+    assert (512, 512) in buckets and (640, 384) in buckets and (384, 640) in buckets
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and max(w / h, h / w) <= 2.0
+    assert nearest_bucket(1920, 1080, buckets) == (640, 384)  # 1.67, nearest 16:9
+    assert nearest_bucket(1080, 1920, buckets) == (384, 640)
+    assert nearest_bucket(1000, 1000, buckets) == (512, 512)
+
+    bucket_of = [(64, 64)] * 5 + [(80, 48)] * 3
+    batches = epoch_batches(bucket_of, 2, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len({bucket_of[i] for i in b}) == 1 for b in batches)
+    assert batches == epoch_batches(bucket_of, 2, seed=0, epoch=0)  # what resume relies on
+    assert batches != epoch_batches(bucket_of, 2, seed=0, epoch=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps, saving, loading
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trainer after a few steps on one fixed batch (lr 5e-3, alpha != rank), the loss before and
+    after on that batch with the same noise, and its LoRA saved."""
+    from diffusion_bunny.stages.train.data import TrainImage
+    from diffusion_bunny.stages.train.lora import LoraTrainer
+
+    tmp = tmp_path_factory.mktemp("trained")
+    make_dataset(tmp, n_train=2, n_val=0)
+    images = [
+        TrainImage(p, "bunnystyle, a photo of the cat") for p in sorted((tmp / "dataset/hf/train").iterdir())
+    ]
+    trainer = LoraTrainer(training_cfg(learning_rate=5e-3, rank=4, alpha=8.0), cache_dir=tmp)
+    batch = trainer.make_batch(images, (64, 64))
+    before = {k: v.clone() for k, v in trainer.peft_state()["unet"].items()}
+
+    def fixed_loss() -> float:
+        trainer.generator.manual_seed(123)
+        with torch.no_grad():
+            return float(trainer.loss(batch)[0])
+
+    loss_before = fixed_loss()
+    for _ in range(20):
+        trainer.generator.manual_seed(123)
+        trainer.step(batch)
+    loss_after = fixed_loss()
+    lora_path, kohya_path = trainer.save_lora(tmp / "out", kohya_name="cat")
+    return trainer, before, loss_before, loss_after, lora_path, kohya_path
+
+
+def test_steps_change_the_lora_and_lower_the_loss(trained):
+    trainer, before, loss_before, loss_after, *_ = trained
+    after = trainer.peft_state()["unet"]
+    assert (
+        set(after) == set(before) and len(after) == 2 * 4 * 12
+    )  # A, B of q, k, v, out in 12 attention layers
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(changed) == len(after)
+    assert all(before[k].abs().max() == 0 for k in before if "lora_B" in k)  # B starts at zero
+    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), context).sample
+
+
+def test_saved_lora_reloads_to_the_same_outputs(trained):
+    from diffusion_bunny.models.diffusion import load_lora, load_pipeline
+
+    trainer, *_, lora_path, kohya_path = trained
+    trainer.unet.eval()
+    expected = unet_output(trainer.unet)
+    plain = unet_output(load_pipeline("tiny").unet)
+    assert (expected - plain).abs().max() > 1e-3  # the LoRA does something
+
+    for path in (lora_path, kohya_path):
+        pipe = load_pipeline("tiny")
+        assert load_lora(pipe, path) == "default"
+        assert torch.allclose(unet_output(pipe.unet), expected, atol=1e-5), path
+    # Plain diffusers loads the diffusers file as it is (alpha 8 / rank 4 from the file's metadata).
+    pipe = load_pipeline("tiny")
+    pipe.load_lora_weights(str(lora_path.parent))
+    assert torch.allclose(unet_output(pipe.unet), expected, atol=1e-5)
+    # Scale 0 is the base model.
+    load_lora(pipe, lora_path, scale=0.0)
+    assert torch.allclose(unet_output(pipe.unet), plain, atol=1e-6)
+
+
+def test_kohya_copy_has_kohya_keys_and_the_real_alpha(trained):
+    from safetensors import safe_open
+
+    *_, kohya_path = trained
+    assert kohya_path.name == "cat_kohya.safetensors"
+    with safe_open(str(kohya_path), "pt") as f:
+        keys = list(f.keys())
+        alphas = [float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")]
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(
+        k.endswith(".lora_up.weight") for k in keys
+    )
+    assert len(alphas) == 4 * 12 and set(alphas) == {8.0}
+
+
+def test_lora_of_another_base_model_is_refused_before_loading(trained):
+    from diffusion_bunny.models.diffusion import load_lora, load_pipeline
+
+    *_, lora_path, _ = trained
+    pipe = load_pipeline("tiny-sdxl")
+    with pytest.raises(ModelError, match=r"does not match base model 'tiny-sdxl' \(sdxl\)") as err:
+        load_lora(pipe, lora_path)
+    assert str(lora_path) in str(err.value)
+    assert not pipe.get_list_adapters()  # nothing was loaded
+    broken = lora_path.with_name("broken.safetensors")
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="cannot be read as a LoRA"):
+        load_lora(pipe, broken)
+    with pytest.raises(ModelError, match="LoRA file not found"):
+        load_lora(pipe, lora_path.with_name("nope.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
+    from diffusion_bunny.stages import run_stage
+
+    run = make_run(tmp_path, n_train=5, n_val=1)
+    overrides = fast_overrides(tmp_path, validation_every=2)
+    cfg = load_config(None, overrides, root=tmp_path)
+    tables = run_stage(run, "train", cfg, progress=False)
+    log, validation = tables["training_log"], tables["training_validation"]
+    assert log["step"].to_list() == [1, 2, 3, 4]
+    assert log["loss"].is_finite().all() and (log["lr"] == 1e-4).all()
+    assert validation["step"].to_list() == [0, 2, 4]
+    assert all(Path(p).is_file() for p in validation["path"])
+    out = tmp_path / "lora"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-4" / "training_state.pt").is_file()
+    facts = run.read_manifest("train")["facts"]
+    assert facts["family"] == "sd1" and facts["resolution"] == 64 and facts["resumed_from"] is None
+    check_figures(log, validation)
+    assert len(facts["buckets"]) >= 2  # landscape, portrait and square images
+    latents = sorted((run.run_dir / "cache" / "latents").iterdir())
+    assert len(latents) == 5
+    stamps = [p.stat().st_mtime_ns for p in latents]
+
+    # More steps: the run continues from checkpoint-4 and reuses every cached latent.
+    cfg = load_config(None, {**overrides, "training.max_train_steps": 6}, root=tmp_path)
+    log = run_stage(run, "train", cfg, progress=False)["training_log"]
+    assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
+    assert run.read_manifest("train")["facts"]["resumed_from"] == 4
+    assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
+
+    # Other settings (rank): the old checkpoints do not fit; training starts over and says so.
+    cfg = load_config(None, {**overrides, "training.rank": 2}, root=tmp_path)
+    with pytest.warns(UserWarning, match="training starts over"):
+        log = run_stage(run, "train", cfg, progress=False)["training_log"]
+    assert log["step"].to_list() == [1, 2, 3, 4]
+    assert not (out / "checkpoint-6").exists()
+
+
+def check_figures(log: pl.DataFrame, validation: pl.DataFrame) -> None:
+    """The notebook's figures: the loss curve (points + running mean) and the validation grid
+    (a row per step, a column per prompt; a missing picture becomes a grey box, not an error)."""
+    from diffusion_bunny.stages.train.plots import loss_curve_plot, validation_grid
+
+    plot = loss_curve_plot(log.with_columns(prior_loss=pl.col("loss") / 2))
+    assert set(plot.data["series"]) == {"training loss", "prior (class images) loss"}
+    assert plot.draw() is not None
+    grid = validation_grid(validation, thumb=40)
+    assert grid.size == (90 + 40, 36 + 3 * 40)
+    first = Image.open(validation["path"][0]).convert("RGB").resize((40, 40))
+    assert (
+        np.abs(np.asarray(grid.crop((90, 36, 130, 76)), dtype=int) - np.asarray(first, dtype=int)).max() == 0
+    )
+    Path(validation["path"][1]).unlink()
+    assert (
+        np.asarray(validation_grid(validation, thumb=40).crop((95, 36 + 40 + 20, 100, 36 + 40 + 25))).min()
+        > 200
+    )
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    overrides = {k: (int(v) if v.isdigit() else v) for k, v in overrides.items()}
+    run_stage(Run.open(sys.argv[1]), "train", load_config(None, overrides), progress=False)
+    """
+)
+
+
+def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
+    from diffusion_bunny.stages import run_stage
+
+    run = make_run(tmp_path, n_train=4, n_val=0)
+    overrides = fast_overrides(tmp_path, max_train_steps=400, checkpoint_every=3)
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    out = tmp_path / "lora"
+    proc = subprocess.Popen([sys.executable, str(script), str(run.run_dir), *args], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-3" / "training_state.pt").is_file():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert 3 <= done < 400 and not run.has_table("training_log")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+    final = done + 2
+    cfg = load_config(None, {**overrides, "training.max_train_steps": final}, root=tmp_path)
+    log = run_stage(run, "train", cfg, progress=False)["training_log"]
+    assert run.read_manifest("train")["facts"]["resumed_from"] == done
+    assert log["step"].to_list() == list(range(1, final + 1))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_empty_dataset_and_missing_inputs_fail_in_one_line(tmp_path):
+    from diffusion_bunny.stages import run_stage
+
+    cfg = load_config(None, fast_overrides(tmp_path), root=tmp_path)
+    movie = tmp_path / "m.mp4"
+    movie.write_bytes(b"x")
+    run = Run.create(tmp_path / "run", movie)
+    with pytest.raises(StageError, match=r"table 'dataset_items' is missing.*run stage export"):
+        run_stage(run, "train", cfg, progress=False)
+    make_dataset(run.run_dir, n_train=0, n_val=2)
+    with pytest.raises(StageError, match="no training images"):
+        run_stage(run, "train", cfg, progress=False)
+    make_dataset(run.run_dir, n_train=2, n_val=0)
+    (run.run_dir / "dataset" / "hf" / "train" / "train_001.jpg").unlink()
+    with pytest.raises(BadInputError, match=r"train_001\.jpg is missing"):
+        run_stage(run, "train", cfg, progress=False)
+    assert not (tmp_path / "lora").exists() and not (run.run_dir / "cache").exists()
+
+
+def test_missing_base_model_names_the_setting(tmp_path, monkeypatch):
+    from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+    from diffusion_bunny.stages import run_stage
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    cfg = load_config(
+        None, {**fast_overrides(tmp_path), "training.base_model": "someone/not-cached"}, root=tmp_path
+    )
+    with pytest.raises(ModelError, match=r"training\.base_model = 'someone/not-cached' is not in the local"):
+        run_stage(run, "train", cfg, progress=False)
+    assert not (run.run_dir / "cache").exists()  # failed before any image was encoded
+    with pytest.raises(ModelError, match=r"training\.base_model = '\./nowhere': no such folder"):
+        resolve_base_model("./nowhere")
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ModelError, match="not a diffusers Stable Diffusion pipeline folder"):
+        resolve_base_model(str(tmp_path / "notamodel"))
+    with pytest.raises(ModelError, match=r"is an sd1 model but generation\.family = sdxl"):
+        resolve_base_model(str(resolve_base_model("tiny").path), "sdxl", setting="generation.base_model")
+    # A damaged weight file: one line naming the setting, not a safetensors traceback.
+    broken = tmp_path / "broken_model"
+    shutil.copytree(resolve_base_model("tiny").path, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"damaged")
+    with pytest.raises(ModelError, match=r"training\.base_model = .*could not be loaded"):
+        load_pipeline(str(broken))
+
+
+def test_tiny_presets_are_the_same_every_time(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from diffusion_bunny.models.diffusion import resolve_base_model
+    from diffusion_bunny.models.tiny import build_tiny_pipeline
+
+    ref = resolve_base_model("tiny")
+    assert ref.source == "preset" and ref.family == "sd1"
+    tokenizer = CLIPTokenizer.from_pretrained(ref.path / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    assert len(tokenizer("cat").input_ids) == 3  # start, the merged word, end (BPE merges applied)
+    assert resolve_base_model("tiny", "sdxl").name == "tiny-sdxl"
+    again = build_tiny_pipeline(tmp_path / "again", "sd1")
+    for part in ("unet", "vae", "text_encoder"):
+        (a,) = (ref.path / part).glob("*.safetensors")
+        (b,) = (again / part).glob("*.safetensors")
+        assert a.read_bytes() == b.read_bytes(), part
+
+
+def test_sdxl_prior_preservation_text_encoder_min_snr_accumulation(tmp_path):
+    """The optional paths together on the SDXL preset: LoRA on both text encoders, gradient
+    accumulation and checkpointing, Min-SNR weighting, prior preservation with generated class
+    images, bf16 mixed precision (on the CPU)."""
+    from safetensors import safe_open
+
+    from diffusion_bunny.models.diffusion import load_lora, load_pipeline
+    from diffusion_bunny.stages.train.data import read_dataset
+    from diffusion_bunny.stages.train.lora import train_lora
+
+    make_dataset(tmp_path, n_train=3, n_val=0)
+    images, _ = read_dataset(tmp_path, pl.read_parquet(tmp_path / "tables" / "dataset_items.parquet"))
+    cfg = training_cfg(
+        base_model="tiny-sdxl",
+        max_train_steps=2,
+        checkpoint_every=1,
+        train_batch_size=1,
+        gradient_accumulation_steps=2,
+        train_text_encoder=True,
+        gradient_checkpointing=True,
+        min_snr_gamma=5.0,
+        prior_preservation=True,
+        class_prompt="a photo of a cat",
+        num_class_images=2,
+        mixed_precision="bf16",
+    )
+    result = train_lora(images, cfg, tmp_path / "out", progress=False)
+    assert result.log["step"].to_list() == [1, 2]
+    assert result.log["prior_loss"].is_not_null().all()
+    assert result.facts["family"] == "sdxl" and result.facts["class_images"] == 2
+    assert result.facts["mixed_precision"] == "bf16" and result.log["loss"].is_finite().all()
+    with safe_open(str(result.lora_path), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    with safe_open(str(result.kohya_path), "pt") as f:
+        assert {k.split("_")[1] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"unet", "te1", "te2"}
+    pipe = load_pipeline("tiny-sdxl")
+    load_lora(pipe, result.lora_path)
+    image = pipe("bunnystyle", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
+    import nbformat
+
+    from diffusion_bunny.pipeline.runner import execute_stage_notebook
+
+    frames = demo_run.read_table("frames")
+    paths = [demo_run.run_dir / p for p in frames["path"].to_list()[:6]]
+    run = Run.create(tmp_path / "demo_copy", demo_run.movie)
+    make_dataset(run.run_dir, n_train=5, n_val=1, images=paths)
+    overrides = fast_overrides(tmp_path, max_train_steps=4, validation_every=2)
+    target = execute_stage_notebook(run, "train", None, overrides, "python3", progress=False)
+    nb = nbformat.read(target, as_version=4)
+    text = "\n".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+    assert "4 steps on 5 images" in text and "pytorch_lora_weights.safetensors" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the loss curve and the validation grid
+    assert run.read_table("training_validation")["step"].to_list() == [0, 2, 4]
+
+
+def test_class_images_from_a_folder(tmp_path):
+    from diffusion_bunny.stages.train.lora import class_images
+
+    folder = tmp_path / "class"
+    cfg = training_cfg(prior_preservation=True, class_prompt="a photo of a cat", class_data_dir=str(folder))
+    with pytest.raises(BadInputError, match=r"training\.class_data_dir = .* is not a folder"):
+        class_images(None, cfg, 64)
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.raises(BadInputError, match="holds no images"):
+        class_images(None, cfg, 64)
+    for i in range(3):
+        write_image(folder / f"{i}.png", (64, 64), i)
+    found = class_images(None, cfg.model_copy(update={"num_class_images": 2}), 64)
+    assert [p.path.name for p in found] == ["0.png", "1.png"] and {p.text for p in found} == {
+        "a photo of a cat"
+    }
+    with pytest.raises(StageError, match="class images need the base model"):
+        class_images(None, cfg.model_copy(update={"class_data_dir": None}), 64)
