@@ -73,6 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from diffusion_bunny.pipeline.engine import run_target
     from diffusion_bunny.pipeline.runner import overrides_from_args
+    from diffusion_bunny.stages import PIPELINE
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     overrides = overrides_from_args(args.overrides)
@@ -91,6 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.address and engine != "ray":
         raise UserError(f"--address {args.address} joins a Ray cluster: use it with --engine ray")
     reports = run_target(
+        PIPELINE,
         args.target,
         config_path=config_path,
         overrides=overrides,
@@ -117,10 +119,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.config import load_config
     from diffusion_bunny.pipeline.runner import overrides_from_args
     from diffusion_bunny.pipeline.status import format_status, resolve_runs, status_table
+    from diffusion_bunny.stages import PIPELINE
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     cfg = load_config(config_path, overrides_from_args(args.overrides))
-    print(format_status(status_table(resolve_runs(args.target, cfg, args.out), cfg)))
+    print(format_status(status_table(PIPELINE, resolve_runs(args.target, cfg, args.out), cfg)))
     return 0
 
 

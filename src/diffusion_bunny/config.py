@@ -534,10 +534,20 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     engine: EngineConfig = EngineConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named sections, so a stage reruns only when its own settings move."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sorted(sections)}
-        blob = json.dumps(payload, sort_keys=True).encode()
+    def section_values(self, *declared: str) -> dict[str, Any]:
+        """The values of whole sections (``filtering``) and single keys (``run.seed``), as JSON:
+        what a stage's manifest records of the settings it declared."""
+        out: dict[str, Any] = {}
+        for name in sorted(declared):
+            section, _, key = name.partition(".")
+            value = getattr(self, section).model_dump(mode="json")
+            out[name] = value[key] if key else value
+        return out
+
+    def section_hash(self, *declared: str) -> str:
+        """A stable hash of the declared sections and keys, so a stage reruns only when its own
+        settings move."""
+        blob = json.dumps(self.section_values(*declared), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

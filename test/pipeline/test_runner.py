@@ -18,7 +18,7 @@ from diffusion_bunny.demo.run import run_demo
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
 from diffusion_bunny.pipeline.runner import execute_stage_notebook, find_movies, parse_stages
-from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 
 
 def finished(run_dir) -> str:
@@ -97,7 +97,7 @@ def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path)
     run = Run.create(tmp_path / "run", movie)
     movie.unlink()
     with pytest.raises(UserError, match=r"gone.mp4: no such file; check the path"):
-        execute_stage_notebook(run, "extract", None, {}, "python3", progress=False)
+        execute_stage_notebook(PIPELINE, run, "extract", None, {}, "python3", progress=False)
     assert not run.has_table("shots")
 
 
@@ -111,14 +111,14 @@ def test_stage_callable_without_papermill(cut_clip, tmp_path):
     assert stage_state(run, "extract", cfg)[0] == "done"
     assert stage_state(run, "extract", load_config(None, ["extraction.detector=adaptive"]))[0] == "stale"
     run.table_path("frames").unlink()
-    assert stage_state(run, "extract", cfg) == ("missing", "a table is missing")
+    assert stage_state(run, "extract", cfg) == ("missing", "table frames is gone")
 
 
 def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(None) == [
+    assert parse_stages(PIPELINE, None) == [
         "extract",
         "quality",
         "characters",
@@ -129,10 +129,10 @@ def test_find_movies_and_stage_lists(tmp_path):
         "generate",
         "report",
     ]
-    assert parse_stages("extract") == ["extract"]
-    assert parse_stages("quality, extract") == ["extract", "quality"]
+    assert parse_stages(PIPELINE, "extract") == ["extract"]
+    assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
-        parse_stages(" , ")
+        parse_stages(PIPELINE, " , ")
 
 
 def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
@@ -147,7 +147,8 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")
     assert shots["start_frame"].to_list()[1:] == truth["cuts"]
     assert shots["kind"].to_list() == [s["kind"] for s in truth["shots"]]
-    assert f"{len(truth['shots'])} shots (ground truth {len(truth['shots'])})" in summary
+    assert f"extract: {len(truth['shots'])} shots (" in summary
+    assert f"against the ground truth ({len(truth['shots'])} shots)" in summary
     assert "precision 1.00 recall 1.00" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
@@ -155,7 +156,7 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
     n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
     assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
-    assert "1 too_dark, 1 blurry, 1 duplicate" in summary
+    assert ": 14 kept, 1 too_dark, 1 blurry, 1 duplicate" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 2  # histograms with thresholds, kept/rejected grid

@@ -13,11 +13,11 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
 from diffusion_bunny.pipeline.status import resolve_runs, run_status
-from diffusion_bunny.stages import run_stage, stage_names
+from diffusion_bunny.stages import PIPELINE, run_stage, stage_names
 
 
 def _states(run_dir, cfg) -> dict[str, tuple[str, str]]:
-    return {stage: (state, reason) for stage, state, reason in run_status(run_dir, cfg)}
+    return {stage: (state, reason) for stage, state, reason in run_status(PIPELINE, run_dir, cfg)}
 
 
 def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys):
@@ -48,10 +48,16 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     run_stage(run, "extract", cfg, force=True, progress=False)  # same frames, new file
     frames = run.read_table("frames")
     run.write_table("frames", frames.head(frames.height - 1))
-    assert _states(run.run_dir, cfg)["quality"] == ("stale", "its inputs changed")
+    states = _states(run.run_dir, cfg)
+    assert states["quality"] == ("stale", "its inputs changed (frames)")
+    # Stage 01's own manifest notices that its table was changed behind its back.
+    assert states["extract"] == ("stale", "its output changed since it ran (frames)")
     # A table gone: missing again.
     run.table_path("quality").unlink()
-    assert _states(run.run_dir, cfg)["quality"] == ("missing", "a table is missing")
+    assert _states(run.run_dir, cfg)["quality"] == ("missing", "table quality is gone")
+    # A folder a stage owns gone: the stage is missing, though all its tables are there.
+    shutil.rmtree(run.run_dir / "frames")
+    assert _states(run.run_dir, cfg)["extract"] == ("missing", "its output frames/ is gone")
 
 
 def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):

@@ -46,82 +46,65 @@ def truth_shot(truth: dict[str, Any], frame_index: int) -> dict[str, Any] | None
 
 
 def summarize(run: Run, truth: dict[str, Any]) -> str:
-    """Lines comparing the run's tables with the demo's ground truth."""
-    lines = [f"demo run folder: {run.run_dir}"]
-    if run.has_table("shots"):
-        shots = run.read_table("shots")
-        found = shots["start_frame"].to_list()[1:]
-        score = match_boundaries(found, truth["cuts"], tolerance=1)
-        kinds = {s["shot_id"]: s["kind"] for s in truth["shots"]}
-        agree = sum(
-            1
-            for row in shots.iter_rows(named=True)
-            if any(
-                t["start_frame"] == row["start_frame"] and kinds[t["shot_id"]] == row["kind"]
-                for t in truth["shots"]
-            )
-        )
-        frames = run.read_table("frames")
-        lines.append(
-            f"extract: {shots.height} shots (ground truth {len(truth['shots'])}), cuts within 1 frame: "
-            f"precision {score.precision:.2f} recall {score.recall:.2f}; static/dynamic right for "
-            f"{agree} of {len(truth['shots'])} shots; {frames.height} frames kept"
-        )
-    if run.has_table("quality") and run.has_table("frames"):
-        from diffusion_bunny.stages.quality.rules import reason_counts
+    """One line per stage that ran: the stage's own summary, then how it compares with the demo's
+    ground truth where there is one."""
+    from diffusion_bunny.stages import PIPELINE
 
-        quality = run.read_table("quality").join(
-            run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
-        )
-        expected = expected_reasons(truth)
-        right = 0
-        for row in quality.iter_rows(named=True):
-            shot = truth_shot(truth, row["frame_index"])
-            right += shot is not None and expected[shot["shot_id"]] == row["reject_reason"]
-        counts = ", ".join(f"{n} {reason}" for reason, n in reason_counts(quality).items())
-        lines.append(f"quality: {counts}; verdict as the ground truth for {right} of {quality.height} frames")
-    if run.has_table("faces") and run.has_table("face_frames"):
-        lines.append(characters_line(run, truth))
-    if run.has_table("clusters"):
-        lines.append(scenes_line(run, truth))
-    if run.has_table("captions"):
-        lines.append(captions_line(run, truth))
-    lines.extend(lora_lines(run))
-    if run.has_table("report_figures"):
-        lines.append(report_line(run))
+    compare = {
+        "extract": extract_truth,
+        "quality": quality_truth,
+        "characters": characters_truth,
+        "scenes": scenes_truth,
+        "captions": captions_truth,
+    }
+    lines = [f"demo run folder: {run.run_dir}"]
+    for stage in PIPELINE.stages:
+        manifest = run.read_manifest(stage.name)
+        if manifest is None:
+            continue
+        line = f"{stage.name}: {stage.summary(manifest)}"
+        if stage.name in compare:
+            line += f"; {compare[stage.name](run, truth)}"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def lora_lines(run: Run) -> list[str]:
-    """One line each for stages 06-08 from their manifests: what was exported, trained and drawn."""
-    out = []
-    if (m := run.read_manifest("export")) is not None:
-        c = m["counts"]
-        out.append(
-            f"export: {c['items']} pictures ({c['train']} train, {c['validation']} validation; "
-            f"{c['crop_full']} full, {c['crop_face']} face, {c['crop_half_body']} half-body) "
-            f"in {m['facts']['dataset_dir']}"
+def extract_truth(run: Run, truth: dict[str, Any]) -> str:
+    """Cuts found against the true ones (within a frame), and static/dynamic shots as made."""
+    shots = run.read_table("shots")
+    score = match_boundaries(shots["start_frame"].to_list()[1:], truth["cuts"], tolerance=1)
+    kinds = {s["shot_id"]: s["kind"] for s in truth["shots"]}
+    agree = sum(
+        1
+        for row in shots.iter_rows(named=True)
+        if any(
+            t["start_frame"] == row["start_frame"] and kinds[t["shot_id"]] == row["kind"]
+            for t in truth["shots"]
         )
-    if (m := run.read_manifest("train")) is not None:
-        c, f = m["counts"], m["facts"]
-        out.append(
-            f"train: {c['steps']} steps on {c['images']} pictures ({f['base_model']}, {f['device']}), "
-            f"final loss {c['final_loss']:.3f}; LoRA in {f['lora_path']}"
-        )
-    if (m := run.read_manifest("generate")) is not None:
-        c, f = m["counts"], m["facts"]
-        best = f.get("best_identity_distance")
-        score = f"identity distance {best:.2f}" if best is not None else f.get("no_face", "no face scored")
-        out.append(
-            f"generate: {c['images']} images over {c['checkpoints']} checkpoints; "
-            f"best {f['best_checkpoint']} ({score})"
-        )
-    return out
+    )
+    n = len(truth["shots"])
+    return (
+        f"against the ground truth ({n} shots): cuts within 1 frame precision {score.precision:.2f} "
+        f"recall {score.recall:.2f}, static/dynamic right for {agree} of {n} shots"
+    )
 
 
-def captions_line(run: Run, truth: dict[str, Any]) -> str:
-    """Captions written, by provider, and how many name exactly the people the ground truth puts
-    in the frame's shot (a missing or an extra name counts as wrong)."""
+def quality_truth(run: Run, truth: dict[str, Any]) -> str:
+    """Frames whose verdict (kept, or the reason) is the one the demo's shot was made for."""
+    quality = run.read_table("quality").join(
+        run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+    )
+    expected = expected_reasons(truth)
+    right = 0
+    for row in quality.iter_rows(named=True):
+        shot = truth_shot(truth, row["frame_index"])
+        right += shot is not None and expected[shot["shot_id"]] == row["reject_reason"]
+    return f"verdict as the ground truth for {right} of {quality.height} frames"
+
+
+def captions_truth(run: Run, truth: dict[str, Any]) -> str:
+    """How many captions name exactly the people the ground truth puts in the frame's shot (a
+    missing or an extra name counts as wrong)."""
     captions = run.read_table("captions").join(
         run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
     )
@@ -132,25 +115,10 @@ def captions_line(run: Run, truth: dict[str, Any]) -> str:
         said = {n for n in names if n in row["caption"]}
         right += shot is not None and said == set(shot["faces"])
     done = int(captions["caption"].is_not_null().sum())
-    by = ", ".join(
-        f"{p} {n}" for p, n in captions["provider"].drop_nulls().value_counts(sort=True).iter_rows()
-    )
-    return (
-        f"captions: {done} of {captions.height} frames captioned ({by or 'none'}); the caption names "
-        f"the ground truth's people in {right} of {done}"
-    )
+    return f"the caption names the ground truth's people in {right} of {done}"
 
 
-def report_line(run: Run) -> str:
-    """Where the QA report is, how many figures it has and which stages it could not show."""
-    counts = (run.read_manifest("report") or {}).get("counts", {})
-    missing = counts.get("stages_not_run") or []
-    return f"report: {counts.get('figures', 0)} figures in {run.run_dir / 'report' / 'index.html'}" + (
-        f"; stages that did not run: {', '.join(missing)}" if missing else ""
-    )
-
-
-def scenes_line(run: Run, truth: dict[str, Any]) -> str:
+def scenes_truth(run: Run, truth: dict[str, Any]) -> str:
     """Scene clusters against the ground truth's places (each shot's source picture): adjusted Rand
     index, with every noise frame its own group."""
     from diffusion_bunny.demo.metrics import adjusted_rand
@@ -166,16 +134,13 @@ def scenes_line(run: Run, truth: dict[str, Any]) -> str:
         if shot is not None:
             places.append(shot["source"])
             labels.append(row["cluster_id"])
-    clusters = len({c for c in labels if c != "noise"})
-    noise = labels.count("noise")
     return (
-        f"scenes: {len(labels)} frames in {clusters} clusters and {noise} in the noise bucket "
-        f"({len(set(places))} places in the ground truth); adjusted Rand index "
+        f"against the ground truth's {len(set(places))} places: adjusted Rand index "
         f"{adjusted_rand(places, labels):.2f}"
     )
 
 
-def characters_line(run: Run, truth: dict[str, Any]) -> str:
+def characters_truth(run: Run, truth: dict[str, Any]) -> str:
     """How many scanned frames have exactly the named characters the ground truth puts in their
     shot (a face missed, a wrong name or an extra name all count as wrong)."""
     faces = run.read_table("faces")
@@ -189,14 +154,7 @@ def characters_line(run: Run, truth: dict[str, Any]) -> str:
     for row in scanned.iter_rows(named=True):
         shot = truth_shot(truth, row["frame_index"])
         right += shot is not None and set(shot["faces"]) == named.get(row["frame_id"], set())
-    per_char = ", ".join(
-        f"{name} {n}"
-        for name, n in faces["character"].fill_null("unknown").value_counts(sort=True).iter_rows()
-    )
-    return (
-        f"characters: {faces.height} faces ({per_char or 'none'}); the named characters match the "
-        f"ground truth in {right} of {scanned.height} frames"
-    )
+    return f"the named characters match the ground truth in {right} of {scanned.height} frames"
 
 
 def run_demo(
@@ -210,6 +168,7 @@ def run_demo(
     """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
     from diffusion_bunny.demo.movie import build_demo_references
     from diffusion_bunny.pipeline.engine import run_target
+    from diffusion_bunny.stages import PIPELINE
 
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
     overrides = dict(overrides or {})
@@ -219,5 +178,5 @@ def run_demo(
         "characters.reference_dir", str(build_demo_references(demo.path.parent / "characters"))
     )
     run_dir = out if out is not None else output_root(load_config(None, overrides)) / "demo"
-    run_target(demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
+    run_target(PIPELINE, demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())

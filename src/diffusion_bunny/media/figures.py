@@ -1,23 +1,36 @@
-"""Helpers the stages' figures share: fonts for the Pillow sheets and ordered categories for plotnine."""
+"""What every stage's figures share: fonts, ordered categories for plotnine, PNG bytes for
+widgets, and :func:`tile_sheet`, the one contact-sheet builder.
+
+Every stage shows pictures in a grid: keyframes per shot (01), kept and rejected frames (02), faces
+per character (03), frames per cluster (04), exported pictures per concept (06), validation
+images per step (07), generated pictures per seed and scale (08). They are all pasted together
+with Pillow by :func:`tile_sheet`: a hundred matplotlib axes take seconds to lay out, the mosaic a
+fraction of that, and Jupyter shows a PIL image as it is. Each stage only says what goes where.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
-    pass
+    import pandas as pd
 
 
 def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` (no font file needed)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # pragma: no cover - Pillow built without FreeType
         return ImageFont.load_default()
 
 
-def categorical(values: Any, categories: list[str]) -> Any:
+def categorical(values: Any, categories: list[str]) -> pd.Categorical:
     """Ordered pandas categorical (plotnine orders axes by it)."""
     import pandas as pd
 
@@ -31,3 +44,151 @@ def png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@dataclass
+class Tile:
+    """One picture of a sheet: the file it comes from (None: a grey placeholder), an optional box
+    to crop from it, and how it is labelled and framed."""
+
+    path: Path | None
+    label: str = ""
+    label_colour: str = "#444444"
+    #: A frame drawn inside the tile (low-confidence faces, frames a person placed, validation).
+    outline: str | None = None
+    crop: tuple[int, int, int, int] | None = None
+    #: What a placeholder says when the file cannot be read.
+    missing: str = "missing"
+
+
+@dataclass
+class Block:
+    """A group of tiles under a title line, or beside a label of one or more lines at the left
+    (as a contact sheet labels each shot)."""
+
+    tiles: list[Tile]
+    title: str | None = None
+    title_colour: str = "black"
+    side: Sequence[str] = ()
+    side_colour: str = "black"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The geometry of a sheet (pixels). Tiles wrap after ``columns``; a block takes at least one
+    row. ``label_above`` puts each tile's label over the picture instead of under it."""
+
+    tile: tuple[int, int]
+    columns: int
+    gap: int = 4
+    label_h: int = 14
+    label_above: bool = False
+    title_h: int = 22
+    side_width: int = 0
+    #: A gap before the first column (sheets with a side label start right after it).
+    lead_gap: bool = True
+    header_h: int = 0
+    column_title_h: int = 0
+    fit: str = "stretch"  # or "contain": keep the aspect, centred on a light tile
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+
+
+@dataclass
+class _Cache:
+    images: dict[Path, Image.Image | None] = field(default_factory=dict)
+
+    def get(self, path: Path) -> Image.Image | None:
+        if path not in self.images:
+            try:
+                with Image.open(path) as img:
+                    self.images[path] = img.convert("RGB")
+            except (OSError, TypeError, ValueError):
+                self.images[path] = None
+        return self.images[path]
+
+
+def tile_sheet(
+    blocks: Sequence[Block],
+    layout: Layout,
+    *,
+    header: Sequence[str] = (),
+    column_titles: Sequence[str] = (),
+) -> Image.Image:
+    """The blocks' pictures pasted into one image (see the module docstring); ``header`` lines go
+    above everything (the first in the larger font), ``column_titles`` over the columns."""
+    lay = layout
+    tile_w, tile_h = lay.tile
+    font, small = load_font(13), load_font(11)
+    lead = lay.gap if lay.lead_gap else 0
+    cell_w, cell_h = tile_w + lay.gap, tile_h + lay.label_h + lay.gap
+
+    def rows_of(block: Block) -> int:
+        return max(1, math.ceil(len(block.tiles) / lay.columns))
+
+    heights = [(lay.title_h if b.title is not None else 0) + rows_of(b) * cell_h for b in blocks]
+    width = lay.side_width + lead + lay.columns * cell_w
+    height = lay.header_h + lay.column_title_h + sum(heights)
+    sheet = Image.new("RGB", (width, max(height, lay.title_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(header):
+        draw.text(
+            (4, 4 + 16 * i), line, fill="black" if i == 0 else "#444444", font=font if i == 0 else small
+        )
+    chars = max(8, tile_w // 6)
+    for c, text in enumerate(column_titles):
+        x = lay.side_width + lead + c * cell_w + 4
+        draw.text((x, lay.header_h + 4), text[:chars], fill="black", font=small)
+        draw.text((x, lay.header_h + 18), text[chars : 2 * chars], fill="black", font=small)
+    cache = _Cache()
+    top = lay.header_h + lay.column_title_h
+    for block, block_h in zip(blocks, heights, strict=True):
+        if block.title is not None:
+            draw.text((lay.gap, top + 4), block.title, fill=block.title_colour, font=font)
+        first = top + (lay.title_h if block.title is not None else 0)
+        picture_top = first + (lay.label_h if lay.label_above else 0)
+        for i, line in enumerate(block.side):
+            y = picture_top + tile_h // 2 - 14 + 16 * i
+            draw.text((4, y), line, fill=block.side_colour, font=font if i == 0 else small)
+        for k, item in enumerate(block.tiles):
+            x = lay.side_width + lead + (k % lay.columns) * cell_w
+            y = first + (k // lay.columns) * cell_h
+            image_y = y + lay.label_h if lay.label_above else y
+            sheet.paste(_picture(item, lay, cache, small), (x, image_y))
+            if item.label:
+                label_y = y + 1 if lay.label_above else y + tile_h
+                draw.text((x, label_y), item.label, fill=item.label_colour, font=small)
+        top += block_h
+    return sheet
+
+
+def _picture(item: Tile, lay: Layout, cache: _Cache, font: Any) -> Image.Image:
+    size = lay.tile
+    source = cache.get(item.path) if item.path is not None else None
+    if source is None:
+        out = Image.new("RGB", size, "#DDDDDD")
+        ImageDraw.Draw(out).text((8, 8), item.missing, fill="black", font=font)
+    else:
+        if item.crop is not None:
+            source = source.crop(item.crop)
+        if lay.fit == "contain":
+            thumb = source.copy()
+            thumb.thumbnail(size, lay.resample)
+            out = Image.new("RGB", size, "#F4F4F4")
+            out.paste(thumb, ((size[0] - thumb.width) // 2, (size[1] - thumb.height) // 2))
+        else:
+            out = source.resize(size, lay.resample)
+    if item.outline:
+        ImageDraw.Draw(out).rectangle((0, 0, size[0] - 1, size[1] - 1), outline=item.outline, width=4)
+    return out
+
+
+def aspect_height(path: Path | None, width: int, default: float = 9 / 16) -> int:
+    """The tile height that keeps the aspect of the picture at ``path`` at ``width`` (16:9 when
+    it cannot be read)."""
+    if path is not None:
+        try:
+            with Image.open(path) as img:
+                return round(width * img.height / img.width)
+        except (OSError, TypeError, ValueError, ZeroDivisionError):
+            pass
+    return round(width * default)

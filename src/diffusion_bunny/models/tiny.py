@@ -8,13 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from diffusion_bunny.models.cache import cache_dir
-
-if TYPE_CHECKING:
-    pass
-
 
 #: The model families this workspace trains (diffusers' pipeline classes differ per family).
 Family = Literal["sd1", "sdxl"]

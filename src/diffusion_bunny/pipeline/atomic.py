@@ -1,10 +1,24 @@
-"""Atomic writes: a temporary file beside the target, flushed, then renamed over it, so a reader
-never sees half a file and a killed process leaves the previous version."""
+"""Atomic writes: a file or a whole folder is written beside its target under a temporary name,
+flushed, then renamed over it, so a reader never sees half of it and a killed process leaves the
+previous version.
+
+Files (:func:`atomic_write_bytes`, :func:`atomic_write_parquet`) go through a temporary file in
+the same folder. Folders a stage owns (``frames/``, ``thumbs/``, ``dataset/``) go through
+:func:`staged_folder`: the new content is written into a staging folder beside the target and
+swapped in only when it is complete. A process killed during the swap leaves an ``.old`` folder
+that :func:`recover_folder` puts back; leftovers of processes that are gone are removed, those of a
+process still running are left alone (two processes may work on one run folder).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,14 +34,23 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
-    """Write ``df`` to ``path`` atomically (temporary parquet file beside it, then rename), so a
-    reader never sees half a table and a crash leaves the old one."""
+    """Write ``df`` to ``path`` atomically (temporary parquet file beside it, flushed to disk, then
+    renamed), so a reader never sees half a table and a crash leaves the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet.tmp")
     os.close(fd)
     try:
         df.write_parquet(tmp)
+        _fsync(tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -37,7 +60,7 @@ def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
+    """Write to a temporary file in the same folder, flushed to disk, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -50,3 +73,71 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _leftover_name(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftovers(final: Path, kind: str) -> list[tuple[Path, int]]:
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.{kind}-(\d+)-[0-9a-f]+$")
+    found = []
+    if final.parent.is_dir():
+        for path in final.parent.iterdir():
+            m = pattern.match(path.name)
+            if m:
+                found.append((path, int(m.group(1))))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's process
+        return True
+    return True
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging``: the old folder is renamed aside first, so at every moment
+    either the old or the new one is complete on disk."""
+    old = _leftover_name(final, "old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: Path) -> None:
+    """Undo what a killed process left around ``final``: a swap cut short (the folder gone, its old
+    copy beside it) gets the old copy back; staging and old folders of processes that are gone are
+    removed. A process that still runs keeps its own."""
+    final = Path(final)
+    olds = [(p, pid) for p, pid in _leftovers(final, "old") if not process_alive(pid)]
+    if olds and not final.exists():
+        newest = max(olds, key=lambda o: o[0].stat().st_mtime)[0]
+        os.replace(newest, final)
+        olds = [o for o in olds if o[0] != newest]
+    for path, _ in olds + [(p, pid) for p, pid in _leftovers(final, "staging") if not process_alive(pid)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A fresh staging folder beside ``final`` to write the new content into; swapped in as
+    ``final`` when the block ends normally, removed (``final`` untouched) when it raises."""
+    final = Path(final)
+    recover_folder(final)
+    staging = _leftover_name(final, "staging")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_in(staging, final)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError
+from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
 
@@ -35,6 +36,7 @@ def run_one(
     movie: Path,
     run_dir: Path | None,
     *,
+    pipeline: Pipeline,
     stages: list[str],
     cfg: Config,
     config_path: str | None,
@@ -47,6 +49,7 @@ def run_one(
     try:
         return run_movie(
             movie,
+            pipeline=pipeline,
             stages=stages,
             cfg=cfg,
             config_path=config_path,
@@ -177,6 +180,7 @@ def run_movies(
     jobs: Sequence[tuple[Path, Path | None]],
     *,
     engine: str,
+    pipeline: Pipeline,
     stages: list[str],
     cfg: Config,
     config_path: str | None,
@@ -186,6 +190,7 @@ def run_movies(
 ) -> list[MovieReport]:
     """Run ``(movie, run folder or None for the default)`` jobs on ``engine`` (``local``/``ray``)."""
     kwargs = {
+        "pipeline": pipeline,
         "stages": stages,
         "cfg": cfg,
         "config_path": config_path,
@@ -199,6 +204,7 @@ def run_movies(
 
 
 def run_target(
+    pipeline: Pipeline,
     target: str | Path,
     *,
     config_path: str | None = None,
@@ -223,10 +229,11 @@ def run_target(
     if address is not None:
         overrides["engine.address"] = address
     cfg = load_config(config_path, overrides)
-    chosen = parse_stages(stages)
+    chosen = parse_stages(pipeline, stages)
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and Path(target).is_file()
     common = {
+        "pipeline": pipeline,
         "stages": chosen,
         "cfg": cfg,
         "config_path": config_path,
@@ -241,9 +248,7 @@ def run_target(
     else:
         jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in movies]
     reports = run_movies(jobs, engine=cfg.engine.kind, **common)
-    if not single:
-        from diffusion_bunny.stages.report.combined import write_combined_report
-
-        html = write_combined_report(Path(out) if out else output_root(cfg), reports, cfg)
+    if not single and pipeline.batch_report is not None:
+        html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg, pipeline)
         _say(f"combined report of {len(reports)} movies: {html}")
     return reports

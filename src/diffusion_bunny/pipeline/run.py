@@ -1,41 +1,28 @@
 """The run folder: where a movie's tables, frames, manifests and executed notebooks live.
 
-A stage's manifest records what produced its tables (config hash of the stage's own settings,
-fingerprints of its inputs, code version, counts). A stage whose manifest still matches is
-skipped; every write is atomic (temporary file, then rename), so a killed run never leaves a
-half-written table or manifest behind.
+:class:`Run` names every place in it (``tables/``, ``manifests/``, ``notebooks/``, progress
+files); what a manifest holds is :mod:`~diffusion_bunny.pipeline.manifest`'s business. Every write
+is atomic (:mod:`~diffusion_bunny.pipeline.atomic`), so a killed run never leaves a half-written
+table or manifest behind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
+from diffusion_bunny.pipeline.manifest import table_fingerprint
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
     import polars as pl
-
-StageState = Literal["done", "stale", "missing"]
-
-
-def package_version() -> str:
-    """Installed version of diffusion-bunny (recorded in every manifest)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("diffusion-bunny")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
-        return "0+unknown"
 
 
 def slugify(text: str) -> str:
@@ -64,17 +51,6 @@ def movie_id(path: str | Path) -> str:
     ``episode1.mkv`` in different folders never share a run folder."""
     path = Path(path)
     return f"{slugify(path.stem)}-{movie_key(path)}"
-
-
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Size and hashes of the first and last megabyte of an input file: content-based (a moved
-    or touched movie is not re-extracted) yet instant on a 50 GB file."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        fh.seek(max(0, size - (1 << 20)))
-        tail = hashlib.sha256(fh.read()).hexdigest()[:16]
-    return {"size": size, "head": _head_hash(path, size)[:16], "tail": tail}
 
 
 @dataclass(frozen=True)
@@ -167,19 +143,9 @@ class Run:
         return atomic_write_parquet(self.table_path(name), df)
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
-        """Hash of a table file, so a later stage notices when an earlier one rewrote it.
-
-        With ``columns``, only those columns' values are hashed: stage 03 depends on which frames
-        stage 02 kept, not on the ``face_sharpness`` column stage 03 itself fills in.
-        """
-        if columns is None:
-            data = self.table_path(name).read_bytes()
-            return {"table": name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
-        import polars as pl
-
-        df = pl.read_parquet(self.table_path(name), columns=list(columns))
-        blob = df.write_csv().encode()
-        return {"table": name, "columns": list(columns), "sha256": hashlib.sha256(blob).hexdigest()[:16]}
+        """Fingerprint of a table (of ``columns`` only, when given): see
+        :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`."""
+        return {"table": name, **table_fingerprint(self.table_path(name), columns)}
 
     def progress_path(self, stage: str) -> Path:
         """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""
@@ -198,76 +164,3 @@ class Run:
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.manifest_path(stage), json.dumps(manifest, indent=2, default=str).encode())
-
-
-def build_manifest(
-    stage: str,
-    stage_version: int,
-    config_hash: str,
-    config: dict[str, Any],
-    inputs: dict[str, Any],
-    outputs: Iterable[str],
-    counts: dict[str, Any],
-    *,
-    seed: int,
-    started: datetime,
-    warnings: list[str],
-    facts: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest a stage writes after its tables."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def _version(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:  # pragma: no cover - every listed package is a dependency
-            return "missing"
-
-    finished = datetime.now(UTC)
-    return {
-        "stage": stage,
-        "stage_version": stage_version,
-        "config_hash": config_hash,
-        "config": config,
-        "inputs": inputs,
-        "outputs": sorted(outputs),
-        "counts": counts,
-        "seed": seed,
-        "warnings": warnings,
-        "facts": facts or {},
-        "started": started.isoformat(),
-        "finished": finished.isoformat(),
-        "duration_s": round((finished - started).total_seconds(), 3),
-        "versions": {
-            "diffusion_bunny": package_version(),
-            "python": platform.python_version(),
-            **{
-                dist: _version(dist)
-                for dist in ("polars", "numpy", "av", "scenedetect-headless", "opencv-python-headless")
-            },
-        },
-    }
-
-
-def manifest_state(
-    run: Run,
-    stage: str,
-    stage_version: int,
-    config_hash: str,
-    inputs: dict[str, Any],
-    outputs: Iterable[str],
-) -> tuple[StageState, str]:
-    """Whether a stage's outputs are ``done`` (manifest matches), ``stale`` (something changed,
-    with the reason) or ``missing``."""
-    manifest = run.read_manifest(stage)
-    if manifest is None:
-        return "missing", "never ran"
-    if any(not run.has_table(name) for name in outputs):
-        return "missing", "a table is missing"
-    if manifest.get("stage_version") != stage_version:
-        return "stale", "the stage's code changed"
-    if manifest.get("config_hash") != config_hash:
-        return "stale", "its config changed"
-    if manifest.get("inputs") != json.loads(json.dumps(inputs, default=str)):
-        return "stale", "its inputs changed"
-    return "done", "up to date"

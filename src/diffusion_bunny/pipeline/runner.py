@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from diffusion_bunny.config import Config, output_root, project_root
 from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
 from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow
 from diffusion_bunny.pipeline.run import Run, movie_id
-from diffusion_bunny.stages import get_stage, stage_names, stage_state
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,16 @@ def find_movies(target: str | Path, cfg: Config) -> list[Path]:
     return movies
 
 
-def parse_stages(text: str | Sequence[str] | None) -> list[str]:
+def parse_stages(pipeline: Pipeline, text: str | Sequence[str] | None) -> list[str]:
     """``"extract,quality"`` -> ordered list of known stage names; None means all stages."""
     if text is None:
-        return stage_names()
+        return pipeline.names()
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
-        raise StageError(f"--stages is empty (available: {', '.join(stage_names())})")
+        raise StageError(f"--stages is empty (available: {', '.join(pipeline.names())})")
     for name in names:
-        get_stage(name)
-    order = stage_names()
+        pipeline.get(name)
+    order = pipeline.names()
     return sorted(set(names), key=order.index)
 
 
@@ -91,6 +91,7 @@ def notebook_dir() -> Path:
 
 
 def execute_stage_notebook(
+    pipeline: Pipeline,
     run: Run,
     stage: str,
     config_path: str | None,
@@ -106,7 +107,7 @@ def execute_stage_notebook(
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    spec = get_stage(stage)
+    spec = pipeline.get(stage)
     source = notebook_dir() / spec.notebook
     target = run.notebooks_dir / spec.notebook
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,7 @@ def execute_stage_notebook(
 def run_movie(
     movie: Path,
     *,
+    pipeline: Pipeline,
     stages: list[str],
     cfg: Config,
     config_path: str | None,
@@ -166,27 +168,19 @@ def run_movie(
     run = Run.create(run_dir, movie)
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     for stage in stages:
-        state, reason = stage_state(run, stage, cfg)
+        state, reason = stage_state(pipeline, run, stage, cfg)
         if state == "done" and not force:
             report.stages.append(StageReport(stage, "skipped", "up to date"))
             _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
             continue
         _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
-        execute_stage_notebook(run, stage, config_path, overrides, cfg.run.kernel, progress)
+        execute_stage_notebook(pipeline, run, stage, config_path, overrides, cfg.run.kernel, progress)
         manifest = run.read_manifest(stage) or {}
         stage_report = StageReport(
             stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
         )
         report.stages.append(stage_report)
-        counts = ", ".join(
-            f"{k} ({', '.join(f'{n} {c}' for n, c in v.items()) or 'none'})"
-            if isinstance(v, dict)
-            else f"{k} ({', '.join(map(str, v)) or 'none'})"
-            if isinstance(v, list)
-            else f"{k} {v}"
-            for k, v in stage_report.counts.items()
-        )
-        _say(f"{movie.name}: {stage} done: {counts}")
+        _say(f"{movie.name}: {stage} done: {pipeline.get(stage).summary(manifest) if manifest else reason}")
         for warning in stage_report.warnings:
             _say(f"{movie.name}: warning: {warning}")
     return report

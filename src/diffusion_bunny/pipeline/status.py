@@ -3,7 +3,7 @@
 A run folder, a folder of run folders (``data/output``), a movie or a folder of movies (mapped
 to their run folders as ``bunny run`` would) all work. Nothing is computed and no kernel starts:
 each stage's inputs are fingerprinted (file sizes and hashes of small tables) and compared with
-its manifest by :func:`diffusion_bunny.stages.stage_state`, the same check ``bunny run`` makes
+its manifest by :func:`diffusion_bunny.pipeline.contract.stage_state`, the same check ``bunny run`` makes
 before it decides to skip a stage.
 """
 
@@ -16,8 +16,8 @@ import polars as pl
 
 from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.run import Run, movie_id
-from diffusion_bunny.stages import stage_names, stage_state
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,19 @@ def resolve_runs(target: str | Path, cfg: Config, out: str | Path | None = None)
     )
 
 
-def run_status(run_dir: Path, cfg: Config, stages: list[str] | None = None) -> list[tuple[str, str, str]]:
+def run_status(
+    pipeline: Pipeline, run_dir: Path, cfg: Config, stages: list[str] | None = None
+) -> list[tuple[str, str, str]]:
     """``(stage, state, reason)`` for each stage of one run folder; a folder that does not exist
     yet has every stage missing."""
-    stages = stages or stage_names()
+    stages = stages or pipeline.names()
     if not _is_run(run_dir):
         return [(stage, "missing", "never ran") for stage in stages]
     run = Run.open(run_dir)
     out = []
     for stage in stages:
         try:
-            state, reason = stage_state(run, stage, cfg)
+            state, reason = stage_state(pipeline, run, stage, cfg)
         except UserError as exc:
             # An input is missing (an earlier stage never ran, the movie moved): the stage cannot
             # be up to date; the message says what to do.
@@ -93,12 +95,12 @@ def run_status(run_dir: Path, cfg: Config, stages: list[str] | None = None) -> l
     return out
 
 
-def status_table(refs: list[RunRef], cfg: Config) -> pl.DataFrame:
+def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: Config) -> pl.DataFrame:
     """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``."""
     rows = [
         {"movie": ref.movie, "run_dir": str(ref.run_dir), "stage": stage, "state": state, "reason": reason}
         for ref in refs
-        for stage, state, reason in run_status(ref.run_dir, cfg)
+        for stage, state, reason in run_status(pipeline, ref.run_dir, cfg)
     ]
     return pl.DataFrame(
         rows,

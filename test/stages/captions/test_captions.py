@@ -573,10 +573,10 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
         client.meta.events.register("provide-client-params.bedrock-runtime.Converse", record)
         result = caption_with_bedrock()
         stub.assert_no_pending_responses()
-    captions = result.captions
+    captions = result.tables["captions"]
     assert captions["caption"].to_list() == [f"bunnystyle, frame {i}" for i in range(kept)]
     assert (captions["provider"] == "bedrock").all() and (captions["input_tokens"] == 900).all()
-    assert (result.calls["outcome"] == "retry").sum() == 1
+    assert (result.tables["caption_calls"]["outcome"] == "retry").sum() == 1
     content = seen[0]["messages"][0]["content"]
     image = next(b["image"] for b in content if "image" in b)
     assert image["format"] == "jpeg" and image["source"]["bytes"][:2] == b"\xff\xd8"
@@ -585,7 +585,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     # Cached: a second run with a client that would fail on any call makes none.
     with Stubber(client):
         again = caption_with_bedrock()
-    assert again.captions["caption"].to_list() == captions["caption"].to_list()
+    assert again.tables["captions"]["caption"].to_list() == captions["caption"].to_list()
 
 
 def test_bedrock_settings_missing_are_named(tmp_path, monkeypatch):

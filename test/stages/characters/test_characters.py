@@ -27,6 +27,7 @@ from diffusion_bunny.models.faces import (
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.characters import name_cluster
 from diffusion_bunny.stages.characters.identify import (
     box_iou,
     character_thresholds,
@@ -36,7 +37,7 @@ from diffusion_bunny.stages.characters.identify import (
     link_tracks,
     vote_tracks,
 )
-from diffusion_bunny.stages.characters.stage import check_name, name_cluster
+from diffusion_bunny.stages.characters.stage import check_name
 from diffusion_bunny.stages.characters.tables import FACES_SCHEMA, character_counts, reference_dir
 
 EXAMPLES = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
@@ -244,26 +245,25 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert faces["distance"].max() < 0.6 and faces["cluster"].is_null().all()
     # Boxes are full-resolution pixels inside the 640x360 frame.
     assert faces["top"].min() >= 0 and faces["bottom"].max() <= 360 and faces["right"].max() <= 640
-    # Stage 02's face sharpness is filled for frames with a face, null for the others, and the
-    # rewrite does not make stage 03 stale.
-    quality = run.read_table("quality")
+    # Each searched frame's face sharpness (its largest face) is in stage 03's own face_frames,
+    # null without a face; stage 02's table is stage 02's alone.
+    face_frames = run.read_table("face_frames")
     with_face = set(faces["frame_id"])
-    for row in quality.iter_rows(named=True):
+    for row in face_frames.iter_rows(named=True):
         assert (row["face_sharpness"] is not None) == (row["frame_id"] in with_face)
+    assert "face_sharpness" not in run.read_table("quality").columns
     assert stage_state(run, "characters", cfg)[0] == "done"
     manifest = run.read_manifest("characters")
     assert manifest["counts"]["characters"] == {"astronaut": 4, "grace_hopper": 4}
     assert manifest["facts"]["frames_detected"] == kept.height
     # A new reference image: stale, and the rerun labels from cached detections.
     shutil.copy(refs_dir / "astronaut" / "astronaut.png", refs_dir / "astronaut" / "again.png")
-    assert stage_state(run, "characters", cfg) == ("stale", "its inputs changed")
+    assert stage_state(run, "characters", cfg) == ("stale", "its inputs changed (references)")
     again = run_stage(run, "characters", cfg, progress=False)["faces"]
     facts = run.read_manifest("characters")["facts"]
     assert facts["frames_detected"] == 0 and facts["frames_cached"] == kept.height
     assert again["character"].to_list() == faces["character"].to_list()
-    # A rerun of stage 02 keeps the face sharpness stage 03 measured.
-    run_stage(run, "quality", cfg, force=True, progress=False)
-    assert run.read_table("quality")["face_sharpness"].drop_nulls().len() == len(with_face)
+    assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
 
 
 def test_discovery_clusters_then_naming_relabels(demo_run, tmp_path):

@@ -27,7 +27,7 @@ from diffusion_bunny.stages.export.plan import (
     select_items,
     shot_groups,
 )
-from diffusion_bunny.stages.export.stage import recover_dataset, write_metadata
+from diffusion_bunny.stages.export.stage import write_metadata
 from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
 
 
@@ -419,7 +419,7 @@ def test_demo_export_reruns_only_when_a_caption_changes(export_copy):
         .alias("status"),
     )
     run.write_table("captions", edited)
-    assert stage_state(run, "export", cfg) == ("stale", "its inputs changed")
+    assert stage_state(run, "export", cfg) == ("stale", "its inputs changed (captions)")
     with pytest.warns(UserWarning):
         items = run_stage(run, "export", cfg, progress=False)["dataset_items"]
     row = items.filter((pl.col("frame_id") == frame) & (pl.col("crop") == "full")).row(0, named=True)
@@ -479,7 +479,7 @@ def test_empty_or_missing_captions_leave_the_dataset_intact(export_copy):
     with pytest.raises(StageError, match=r"table 'captions' is missing in .*; run stage captions first"):
         run_stage(run, "export", cfg, progress=False)
     assert sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*")) == before
-    assert not list(run.run_dir.glob(".dataset-*"))
+    assert not list(run.run_dir.glob(".dataset.*"))
 
 
 def test_a_failed_export_keeps_the_previous_dataset(export_copy, monkeypatch):
@@ -517,20 +517,7 @@ def test_a_failed_export_keeps_the_previous_dataset(export_copy, monkeypatch):
         run_stage(run, "export", cfg, progress=False, force=True)
     assert sorted(p.relative_to(run.run_dir) for p in dataset_dir(run.run_dir).rglob("*")) == before
     assert (dataset_dir(run.run_dir) / "README.md").read_text() == readme
-    assert not list(run.run_dir.glob(".dataset-*"))
-
-
-def test_a_swap_cut_short_is_repaired(tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / ".dataset-old" / "hf").mkdir(parents=True)
-    (run_dir / ".dataset-staging-x" / "hf").mkdir(parents=True)
-    recover_dataset(run_dir)
-    assert (run_dir / "dataset" / "hf").is_dir()
-    assert not (run_dir / ".dataset-old").exists() and not (run_dir / ".dataset-staging-x").exists()
-    # Both present: the swap finished, only the old copy is left to remove.
-    (run_dir / ".dataset-old").mkdir()
-    recover_dataset(run_dir)
-    assert (run_dir / "dataset" / "hf").is_dir() and not (run_dir / ".dataset-old").exists()
+    assert not list(run.run_dir.glob(".dataset.*"))
 
 
 def test_dataset_figures(export_run):

@@ -207,7 +207,7 @@ def test_missing_model_package_is_one_clear_line(monkeypatch, cut_clip, tmp_path
     assert not (tmp_path / "run" / "frames").exists()
     # The PySceneDetect detectors do not need it.
     result = extract_frames(cut_clip[0], xcfg(detector="content"), tmp_path / "run2", progress=False)
-    assert result.shots.height == 4
+    assert result.tables["shots"].height == 4
 
 
 def test_broken_model_package_is_one_clear_line(monkeypatch):
@@ -243,16 +243,16 @@ def test_manifest_records_the_detector(cut_clip, tmp_path):
 
 def test_transnetv2_alone_in_stage_01(cut_clip, tmp_path):
     result = extract_frames(cut_clip[0], xcfg(detector="transnetv2"), tmp_path, progress=False)
-    assert result.shots["start_frame"].to_list()[1:] == cut_clip[1]
-    assert result.info["detector"] == "transnetv2"
-    assert result.info["model_frames_run"] >= 125
-    assert result.boundary_candidates.height == 0
+    assert result.tables["shots"]["start_frame"].to_list()[1:] == cut_clip[1]
+    assert result.facts["detector"] == "transnetv2"
+    assert result.facts["model_frames_run"] >= 125
+    assert result.tables["boundary_candidates"].height == 0
 
 
 def test_keyframe_method_falls_back_to_content(cut_clip, tmp_path):
     result = extract_frames(cut_clip[0], xcfg(method="keyframe"), tmp_path, progress=False)
-    assert result.info["detector"] == "content"
-    assert result.info["detector_requested"] == "cascade"
+    assert result.facts["detector"] == "content"
+    assert result.facts["detector_requested"] == "cascade"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ def cfg(**kw) -> ExtractionConfig:
 
 
 def starts(result) -> list[int]:
-    return result.shots["start_frame"].to_list()[1:]
+    return result.tables["shots"]["start_frame"].to_list()[1:]
 
 
 @pytest.mark.parametrize("detector", ["content", "adaptive", "hash", "histogram"])
@@ -40,45 +40,47 @@ def test_cuts_found_exactly_on_synthetic_clip(cut_clip, tmp_path, detector):
     assert match_boundaries(starts(result), cuts, tolerance=1).f1 == 1.0
     if detector == "content":
         assert starts(result) == cuts
-    shots = result.shots
+    shots = result.tables["shots"]
     assert shots["start_frame"][0] == 0 and shots["end_frame"][-1] == 125
     assert (shots["end_frame"][:-1] == shots["start_frame"][1:]).all()
-    assert result.info["detector"] == detector
+    assert result.facts["detector"] == detector
 
 
 def test_static_and_dynamic_keyframes(cut_clip, tmp_path):
     path, _ = cut_clip
     result = extract_frames(path, cfg(), tmp_path, progress=False)
-    assert result.shots["kind"].to_list() == ["static", "dynamic", "static", "dynamic"]
-    per_shot = result.frames.group_by("shot_id").len().sort("shot_id")["len"].to_list()
+    assert result.tables["shots"]["kind"].to_list() == ["static", "dynamic", "static", "dynamic"]
+    per_shot = result.tables["frames"].group_by("shot_id").len().sort("shot_id")["len"].to_list()
     assert per_shot == [1, 3, 1, 3]
-    roles = result.frames.filter(pl.col("shot_id") == 1)["role"].to_list()
+    roles = result.tables["frames"].filter(pl.col("shot_id") == 1)["role"].to_list()
     assert roles == ["start", "middle", "end"]
     # The static shot's keyframe sits near its middle (frames 0-29), the windows are respected.
-    middle = result.frames.filter(pl.col("shot_id") == 0)["frame_index"][0]
+    middle = result.tables["frames"].filter(pl.col("shot_id") == 0)["frame_index"][0]
     assert abs(middle - 14.5) <= 6.5
-    start, _, end = result.frames.filter(pl.col("shot_id") == 1)["frame_index"].to_list()
+    start, _, end = result.tables["frames"].filter(pl.col("shot_id") == 1)["frame_index"].to_list()
     assert 30 <= start < 30 + 13 and 70 - 13 <= end < 70
-    for row in result.frames.iter_rows(named=True):
+    for row in result.tables["frames"].iter_rows(named=True):
         img = Image.open(tmp_path / row["path"])
         assert img.size == (320, 180) == (row["width"], row["height"])
-    assert result.frames["frame_id"].is_unique().all()
+    assert result.tables["frames"]["frame_id"].is_unique().all()
     # Every candidate has a thumbnail, so the notebook's slider needs no decoding.
-    for rel in result.candidates["thumb_path"]:
+    for rel in result.tables["keyframe_candidates"]["thumb_path"]:
         assert (tmp_path / rel).is_file()
 
 
 def test_threshold_is_applied_by_pure_functions(cut_clip, tmp_path):
     path, _ = cut_clip
     result = extract_frames(path, cfg(), tmp_path, progress=False)
-    assert classify_shots(result.shots, 1000.0)["kind"].unique().to_list() == ["static"]
-    assert select_keyframes(result.candidates, result.shots, 1000.0).height == 4
-    assert classify_shots(result.shots, 0.0)["kind"].unique().to_list() == ["dynamic"]
-    everything = select_keyframes(result.candidates, result.shots, 0.0)
-    assert everything.height == result.candidates["frame_index"].n_unique()
+    assert classify_shots(result.tables["shots"], 1000.0)["kind"].unique().to_list() == ["static"]
+    assert select_keyframes(result.tables["keyframe_candidates"], result.tables["shots"], 1000.0).height == 4
+    assert classify_shots(result.tables["shots"], 0.0)["kind"].unique().to_list() == ["dynamic"]
+    everything = select_keyframes(result.tables["keyframe_candidates"], result.tables["shots"], 0.0)
+    assert everything.height == result.tables["keyframe_candidates"]["frame_index"].n_unique()
     # At the configured threshold the selection equals what was saved as full frames.
-    picked = select_keyframes(result.candidates, result.shots, cfg().motion_threshold)
-    assert picked["frame_index"].to_list() == result.frames["frame_index"].to_list()
+    picked = select_keyframes(
+        result.tables["keyframe_candidates"], result.tables["shots"], cfg().motion_threshold
+    )
+    assert picked["frame_index"].to_list() == result.tables["frames"]["frame_index"].to_list()
 
 
 def test_middle_buckets_stay_bounded_and_centred():
@@ -96,7 +98,7 @@ def test_middle_buckets_stay_bounded_and_centred():
 def test_hamilton_clip_cuts_match_readme(hamilton, tmp_path):
     result = extract_frames(hamilton, cfg(), tmp_path, progress=False)
     assert starts(result) == [20, 82, 211]
-    assert result.info["decoded_frames"] == 275
+    assert result.facts["decoded_frames"] == 275
     assert result.warnings == []
 
 
@@ -106,7 +108,7 @@ def test_rotation_metadata_is_applied(cut_clip, tmp_path, ffmpeg_bin):
     ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
     assert probe_video(rotated).rotation in (90, 270)
     result = extract_frames(rotated, cfg(), tmp_path / "run", progress=False)
-    row = result.frames.row(0, named=True)
+    row = result.tables["frames"].row(0, named=True)
     assert (row["width"], row["height"]) == (180, 320)
     ours = np.asarray(Image.open(tmp_path / "run" / row["path"]).convert("RGB"), dtype=np.float32)
     # ffmpeg itself autorotates when decoding: its picture of the same frame must match ours.
@@ -126,8 +128,8 @@ def test_variable_frame_rate_keeps_presentation_times(tmp_path):
     cuts = write_clip(path, [(5, 40, 0.0), (6, 20, 0.0)], times=times)
     result = extract_frames(path, cfg(min_shot_seconds=0.2), tmp_path / "run", progress=False)
     assert starts(result) == cuts == [40]
-    assert result.shots["start_s"][1] == pytest.approx(times[40], abs=1e-3)
-    for row in result.frames.iter_rows(named=True):
+    assert result.tables["shots"]["start_s"][1] == pytest.approx(times[40], abs=1e-3)
+    for row in result.tables["frames"].iter_rows(named=True):
         assert row["timestamp_s"] == pytest.approx(times[row["frame_index"]], abs=1e-3)
 
 
@@ -150,18 +152,18 @@ def test_containers_and_codecs(cut_clip, tmp_path, ffmpeg_bin, name, args):
     ffmpeg("-i", str(src), *args, str(path))
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
     assert match_boundaries(starts(result), cuts, tolerance=1).f1 == 1.0
-    assert result.frames.height == 8
+    assert result.tables["frames"].height == 8
 
 
 def test_interval_method(cut_clip, tmp_path):
     path, _ = cut_clip
     result = extract_frames(path, cfg(method="interval", interval_seconds=1.0), tmp_path, progress=False)
-    times = result.frames["timestamp_s"].to_list()
+    times = result.tables["frames"]["timestamp_s"].to_list()
     assert len(times) == 5  # 5.0 s of video, one frame per second
     for k, t in enumerate(times):
         assert k <= t < k + 0.5
-    assert set(result.frames["role"]) == {"interval"}
-    assert result.shots.height == 4
+    assert set(result.tables["frames"]["role"]) == {"interval"}
+    assert result.tables["shots"].height == 4
 
 
 def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path, ffmpeg_bin):
@@ -171,9 +173,9 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path, ffmpeg
         "-i", str(src), "-c:v", "libx264", "-g", "10", "-keyint_min", "10", "-sc_threshold", "0", str(path)
     )
     result = extract_frames(path, cfg(method="keyframe"), tmp_path / "run", progress=False)
-    assert result.frames["frame_index"].to_list() == list(range(0, 125, 10))
-    assert result.info["decoded_frames"] == 13
-    assert set(result.frames["role"]) == {"keyframe"}
+    assert result.tables["frames"]["frame_index"].to_list() == list(range(0, 125, 10))
+    assert result.facts["decoded_frames"] == 13
+    assert set(result.tables["frames"]["role"]) == {"keyframe"}
 
 
 @pytest.mark.parametrize(
@@ -223,10 +225,10 @@ def test_truncated_video_is_processed_up_to_the_break(cut_clip, tmp_path, ffmpeg
     path = tmp_path / f"half{suffix}"
     path.write_bytes(data[: int(len(data) * 0.55)])
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
-    decoded = result.info["decoded_frames"]
+    decoded = result.facts["decoded_frames"]
     assert 20 < decoded < 125
     assert len(result.warnings) == 1 and "were lost" in result.warnings[0]
-    assert result.shots["end_frame"][-1] == decoded
+    assert result.tables["shots"]["end_frame"][-1] == decoded
 
 
 def test_reader_reports_no_loss_on_a_whole_file(cut_clip):

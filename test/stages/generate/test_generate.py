@@ -414,7 +414,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
         )
 
     result = run_generate()
-    gen = result.generations
+    gen = result.tables["generations"]
     assert gen.columns[:8] == [
         "character",
         "prompt_index",
@@ -440,9 +440,9 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     assert result.counts["rendered_now"] == gen.height and result.counts["reused"] == 0
     if result.counts["with_face"] < gen.height:
         assert any("no face in" in w for w in result.warnings)
-    assert result.scores["checkpoint"].to_list() == [BASE, "checkpoint-10", "final"]
+    assert result.tables["generation_scores"]["checkpoint"].to_list() == [BASE, "checkpoint-10", "final"]
 
-    plot = checkpoint_scores_plot(result.scores)
+    plot = checkpoint_scores_plot(result.tables["generation_scores"])
     plot.draw()
     sheet = generation_grid(tmp_path / "run", gen, "astronaut", best)
     assert sheet.width >= 2 * 160 and sheet.height >= 2 * 160  # 2 rows (seeds) x 2 columns (scales)
@@ -450,7 +450,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     # Everything on disk: a rerun renders nothing and scores the same.
     again = run_generate()
     assert again.counts["rendered_now"] == 0 and again.counts["reused"] == gen.height
-    assert again.generations.equals(gen)
+    assert again.tables["generations"].equals(gen)
 
 
 def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_path):
@@ -468,8 +468,8 @@ def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_pat
         resolution=64,
         base_model="tiny",
     )
-    assert result.generations["character"].to_list() == [NO_CHARACTER]
-    assert result.generations["prompt"].to_list() == ["bunnystyle, portrait"]
+    assert result.tables["generations"]["character"].to_list() == [NO_CHARACTER]
+    assert result.tables["generations"]["prompt"].to_list() == ["bunnystyle, portrait"]
     assert any("no named characters" in w for w in result.warnings)
     assert result.facts["best_checkpoint"] == FINAL
     with pytest.raises(ConfigError, match=r"generation.characters: 'bob' is not a character of this run"):
@@ -653,9 +653,9 @@ def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monke
         cwd=str(root / "notebook"),
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "8 pictures (8 drawn now, 0 reused) of 2 character(s)" in text
+    assert "8 images (8 drawn now, 0 reused) over" in text
     best = run.read_manifest("generate")["facts"]["best_checkpoint"]
-    assert f"best checkpoint: {best}" in text and "pipe.load_lora_weights(" in text
+    assert f"best {best} (" in text and "pipe.load_lora_weights(" in text
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 3  # score plot + a grid per character
     nbformat.validate(nb)

@@ -41,7 +41,6 @@ def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
                 "clipped": 0.0,
                 "phash": FAR[i],
                 "nearest_distance": None,
-                "face_sharpness": None,
                 "shot_id": 0,
                 **row,
             }
@@ -236,7 +235,7 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     quality = demo_run.read_table("quality")
     frames = demo_run.read_table("frames")
     assert quality.height == frames.height and quality["frame_id"].to_list() == frames["frame_id"].to_list()
-    assert quality.schema["phash"] == pl.UInt64 and quality["face_sharpness"].is_null().all()
+    assert quality.schema["phash"] == pl.UInt64 and "face_sharpness" not in quality.columns
     expected = expected_reasons(truth)
     got = quality.join(frames.select("frame_id", "shot_id"), on="frame_id")
     for row in got.iter_rows(named=True):
@@ -247,7 +246,8 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     assert frames.filter(pl.col("frame_id") == dup)["shot_id"].item() == repeat["repeat_of"]
     manifest = demo_run.read_manifest("quality")
     assert manifest["counts"]["kept"] == int(quality["keep"].sum())
-    assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames")}
+    declared = ["frame_id", "frame_index", "shot_id", "path", "width"]
+    assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames", declared)}
     assert manifest["facts"]["workers"] >= 1
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document
 from diffusion_bunny.stages.report.figures import checkpoint_order, identity_table
 from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
@@ -258,7 +258,10 @@ def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
     run.write_table("dataset_items", dataset_items_table(kept[:-2]))
     run.write_table("training_log", training_log_table())
     run.write_table("generations", generations_table())
-    assert stage_state(run, "report", cfg) == ("stale", "its inputs changed")
+    assert stage_state(run, "report", cfg) == (
+        "stale",
+        "its inputs changed (captions, dataset_items, generations, training_log)",
+    )
     run_stage(run, "report", cfg, progress=False)
     rows = _rows(run)
     assert {k: rows[k]["status"] for k in ("captions", "train", "generate")} == dict.fromkeys(
@@ -332,7 +335,7 @@ def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     from diffusion_bunny.pipeline.runner import execute_stage_notebook
 
     run = _copy_run(demo_run, tmp_path / "run")
-    executed = execute_stage_notebook(run, "report", None, {}, "python3", progress=False)
+    executed = execute_stage_notebook(PIPELINE, run, "report", None, {}, "python3", progress=False)
     nb = nbformat.read(executed, as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4

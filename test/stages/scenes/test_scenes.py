@@ -474,7 +474,7 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
 def test_export_csv_and_edl_read_back(scenes_run):
     import opentimelineio as otio
 
-    from diffusion_bunny.stages.scenes.timeline import export_clusters
+    from diffusion_bunny.stages.scenes.stage import export_clusters
 
     run, _ = scenes_run
     paths = export_clusters(run.run_dir)

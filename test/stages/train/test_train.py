@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from diffusion_bunny.config import TrainingConfig, load_config
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import PIPELINE
 
 pytestmark = pytest.mark.slow
 
@@ -481,7 +482,7 @@ def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
     run = Run.create(tmp_path / "demo_copy", demo_run.movie)
     make_dataset(run.run_dir, n_train=5, n_val=1, images=paths)
     overrides = fast_overrides(tmp_path, max_train_steps=4, validation_every=2)
-    target = execute_stage_notebook(run, "train", None, overrides, "python3", progress=False)
+    target = execute_stage_notebook(PIPELINE, run, "train", None, overrides, "python3", progress=False)
     nb = nbformat.read(target, as_version=4)
     text = "\n".join(
         out.get("text", "")

@@ -1,1 +1,57 @@
-"""Stage captions."""
+"""Stage 05 ``captions``: a caption per frame, offline from the tables or from a vision LLM
+(OpenAI, Anthropic, a local OpenAI-compatible server, AWS Bedrock), never paid for twice, editable
+by hand.
+
+* :mod:`.facts`: what each frame shows (who, how close, moving or not, which scene, how light),
+  pure over the tables of stages 01-04, and the offline template caption built from it;
+* :mod:`.providers`: the providers behind one interface, with rate limits, retries, circuit
+  breakers and the answer cache;
+* :mod:`.stage`: the stage on a run, and the edit API notebook 05 calls
+  (:func:`~diffusion_bunny.stages.captions.stage.edit_caption`);
+* :mod:`.tables`: ``captions``, ``caption_edits`` and which captions a dataset may use;
+* :mod:`.plots`, :mod:`.widgets`: notebook 05's figures and caption editor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.captions.stage import compute
+
+    return compute(ctx)
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 05: captioned, failed, edited, and what was paid for."""
+    c, f = manifest["counts"], manifest["facts"]
+    by = ", ".join(f"{k.removeprefix('by_')} {v}" for k, v in c.items() if k.startswith("by_"))
+    return (
+        f"{c['captioned']} of {c['frames']} frames captioned ({by or 'none'}), {c['failed']} failed, "
+        f"{c['edited']} edited by hand; {c['paid_requests']} paid request(s) this run, "
+        f"{c['cache_hits']} answer(s) from the cache; prompt {f['prompt_version']}"
+    )
+
+
+STAGE = Stage(
+    name="captions",
+    number=5,
+    notebook="05_caption.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(
+        Reads("frames", "extract", ("frame_id", "path", "shot_id", "height")),
+        Reads("quality", "quality", ("frame_id", "keep", "brightness")),
+        Reads("shots", "extract", ("shot_id", "kind"), optional=True),
+        Reads("faces", "characters", ("frame_id", "character", "top", "bottom"), optional=True),
+        Reads("clusters", "scenes", ("frame_id", "level", "cluster_id"), optional=True),
+        # A person's edits: re-applied on top of every rerun.
+        Reads("caption_edits", "captions", ("event_id",), optional=True, nonempty=True),
+    ),
+    config=("captioning", "run.seed"),
+    writes=("captions", "caption_calls"),
+)

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import plotnine as p9
 import polars as pl
-from plotnine import (
-    aes,
-    coord_flip,
-    geom_col,
-    geom_histogram,
-    geom_vline,
-    ggplot,
-    labs,
-    theme,
-    theme_minimal,
-)
-
-if TYPE_CHECKING:
-    pass
 
 from diffusion_bunny.media.figures import categorical
 
 
-def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> ggplot:
+def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> p9.ggplot:
     """Words per caption of a ``captions`` table, coloured by ``provider`` (notebook 05) or
     ``status`` (the report: written vs edited); the title counts the failed ones. Long captions
     get cut at the text encoder's 77 tokens, very short ones teach little."""
@@ -33,31 +18,31 @@ def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> ggplot:
     failed = captions.height - lengths.height
     median = float(lengths["words"].median() or 0)
     return (
-        ggplot(lengths.to_pandas(), aes("words", fill=by))
-        + geom_histogram(binwidth=1, position="stack")
-        + geom_vline(xintercept=50, color="#E45756", linetype="dashed")
-        + labs(
+        p9.ggplot(lengths.to_pandas(), p9.aes("words", fill=by))
+        + p9.geom_histogram(binwidth=1, position="stack")
+        + p9.geom_vline(xintercept=50, color="#E45756", linetype="dashed")
+        + p9.labs(
             x="words per caption",
             y="captions",
             fill="",
             title=f"{lengths.height} of {captions.height} frames captioned ({failed} failed), median "
             f"{median:.0f} words (dashed: about CLIP's 77-token limit)",
         )
-        + theme_minimal()
-        + theme(figure_size=(8, 3.2))
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(8, 3.2))
     )
 
 
-def word_frequency_plot(freq: pl.DataFrame) -> ggplot:
+def word_frequency_plot(freq: pl.DataFrame) -> p9.ggplot:
     """The most frequent caption words (``captions.word_frequencies``), most frequent on top."""
     order = freq["word"].to_list()[::-1]
     data = freq.to_pandas()
     data["word"] = categorical(data["word"], order)
     return (
-        ggplot(data, aes("word", "count"))
-        + geom_col(fill="#4C78A8")
-        + coord_flip()
-        + labs(x="", y="captions containing it", title="most frequent words")
-        + theme_minimal()
-        + theme(figure_size=(6, max(2.5, 0.22 * len(order))))
+        p9.ggplot(data, p9.aes("word", "count"))
+        + p9.geom_col(fill="#4C78A8")
+        + p9.coord_flip()
+        + p9.labs(x="", y="captions containing it", title="most frequent words")
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(6, max(2.5, 0.22 * len(order))))
     )

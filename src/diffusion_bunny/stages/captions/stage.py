@@ -28,6 +28,7 @@ import polars as pl
 from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import BadInputError, ProviderError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_parquet
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
@@ -85,6 +86,199 @@ class _Log:
             self.rows.append(row)
 
 
+class _Captioner:
+    """One run's captioning: the provider chain with a circuit breaker and a rate limiter per
+    provider, the answer cache, and the log of every request (and cache hit)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        providers: list[Provider],
+        cfg: CaptioningConfig,
+        cache: CaptionCache,
+        hashes: dict[str, str | None],
+        *,
+        seed: int,
+        sleep: Callable[[float], None],
+    ):
+        self.run_dir = run_dir
+        self.providers = providers
+        self.cfg = cfg
+        self.cache = cache
+        self.hashes = hashes
+        self.sleep = sleep
+        self.log = _Log()
+        self.breakers = {p.name: CircuitBreaker(cfg.breaker_failures) for p in providers}
+        self.limiters = {
+            p.name: RateLimiter(cfg.requests_per_minute, cfg.concurrency, sleep=sleep) for p in providers
+        }
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+
+    def jitter(self, attempt: int) -> float:
+        with self._rng_lock:
+            return backoff_delay(attempt, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng)
+
+    @staticmethod
+    def row(fid: str, **values: Any) -> dict[str, Any]:
+        base = dict.fromkeys(CAPTION_SCHEMA)
+        base.update(frame_id=fid, tags=[], prompt_version=PROMPT_VERSION)
+        base.update(values)
+        return base
+
+    def unreadable(self, fid: str, path: Path, exc: OSError) -> dict[str, Any]:
+        self.log.add(
+            frame_id=fid, provider="-", model="-", attempt=0, outcome="unreadable", error=short_error(exc)
+        )
+        return self.row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
+
+    def caption(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """One frame through the chain: the first provider that answers (from the cache when a
+        paid provider already did) gives the caption; a frame is decoded and scaled only when a
+        paid provider is really asked."""
+        fid = rec["frame_id"]
+        path = frame_image_path(self.run_dir, fid, rec["path"])
+        if not path.is_file():
+            return self.unreadable(fid, path, FileNotFoundError(f"no such file: {path}"))
+        sha = self.hashes.get(fid)
+        image = b""  # what the template gets: it reads the tables, not the pixels
+        scaled = False
+        last_error = ""
+        for prov in self.providers:
+            key = ""
+            if prov.paid:
+                if sha is None:
+                    return self.unreadable(fid, path, OSError(f"cannot read {path}"))
+                key = CaptionCache.key(
+                    sha, prov.name, prov.model, rec, self.cfg.trigger_word, self.cfg.image_max_side
+                )
+                hit = self.cache.get(key)
+                if hit is not None:
+                    self.log.add(
+                        frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached"
+                    )
+                    return self._answer(fid, prov, hit, hit.get("latency_s"))
+                if not scaled and not self.breakers[prov.name].open:
+                    try:
+                        image, scaled = scaled_jpeg(path.read_bytes(), self.cfg.image_max_side), True
+                    except OSError as exc:
+                        return self.unreadable(fid, path, exc)
+            answer, error, circuit_open = self._ask(fid, prov, image, rec, key)
+            if answer is not None:
+                return answer
+            # A provider whose circuit is open says so only when nothing failed before it.
+            last_error = (last_error or error) if circuit_open else error
+        return self.row(fid, status="failed", error=last_error or "no provider could caption the frame")
+
+    def _answer(self, fid: str, prov: Provider, result: Any, latency: float | None) -> dict[str, Any]:
+        get = result.get if isinstance(result, dict) else lambda k: getattr(result, k)
+        return self.row(
+            fid,
+            caption=get("caption"),
+            tags=list(get("tags")),
+            provider=prov.name,
+            model=prov.model,
+            status="ok",
+            latency_s=latency,
+            input_tokens=get("input_tokens"),
+            output_tokens=get("output_tokens"),
+        )
+
+    def _ask(
+        self, fid: str, prov: Provider, image: bytes, rec: dict[str, Any], key: str
+    ) -> tuple[dict[str, Any] | None, str, bool]:
+        """Ask one provider, with retries on passing faults: ``(row, "", False)`` on an answer,
+        ``(None, the error, whether the circuit was open)`` when this provider gave up (the chain
+        moves on)."""
+        breaker = self.breakers[prov.name]
+        for attempt in range(self.cfg.max_retries + 1):
+            if breaker.open:
+                return None, f"{prov.name}: circuit open ({breaker.reason})", True
+            if prov.paid:  # the template costs nothing and is not paced
+                self.limiters[prov.name].acquire()
+            started = time.monotonic()
+            try:
+                result = prov.caption(image, rec)
+            except Exception as exc:  # every failure is classified; none stops the run
+                kind = classify(exc)
+                will_retry = kind == RETRY and attempt < self.cfg.max_retries
+                self.log.add(
+                    frame_id=fid,
+                    provider=prov.name,
+                    model=prov.model,
+                    attempt=attempt,
+                    outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
+                    error=short_error(exc),
+                    latency_s=time.monotonic() - started,
+                )
+                if will_retry:
+                    self.sleep(self.jitter(attempt))
+                    continue
+                breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
+                return None, f"{prov.name}: {short_error(exc)}", False
+            latency = time.monotonic() - started
+            if prov.paid:
+                # Paid for: into the cache before anything else can go wrong.
+                self.cache.set(
+                    key,
+                    {
+                        "caption": result.caption,
+                        "tags": list(result.tags),
+                        "latency_s": latency,
+                        "input_tokens": result.input_tokens,
+                        "output_tokens": result.output_tokens,
+                        "ts": datetime.now(UTC).isoformat(),
+                    },
+                )
+            breaker.success()
+            self.log.add(
+                frame_id=fid,
+                provider=prov.name,
+                model=prov.model,
+                attempt=attempt,
+                outcome="ok",
+                latency_s=latency,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+            )
+            return self._answer(fid, prov, result, latency), "", False
+        return None, "", False  # pragma: no cover - the loop always returns
+
+    def run(
+        self, records: list[dict[str, Any]], progress: bool, progress_path: Path | None
+    ) -> list[dict[str, Any]]:
+        """Every frame, on ``captioning.concurrency`` threads when a paid provider is in the chain."""
+        from tqdm.auto import tqdm
+
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(total=len(records), desc="captions", unit="frame", disable=not progress)
+        pfile = ProgressFile(progress_path, "captions", len(records), "frame")
+        try:
+            workers = self.cfg.concurrency if any(p.paid for p in self.providers) else 1
+            if workers == 1:
+                for rec in records:
+                    rows.append(self.caption(rec))
+                    bar.update(1)
+                    pfile.update(len(rows))
+                return rows
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
+            try:
+                for fut in as_completed([pool.submit(self.caption, rec) for rec in records]):
+                    rows.append(fut.result())
+                    bar.update(1)
+                    pfile.update(len(rows))
+            except BaseException:
+                # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
+                # still queued must not go on being asked (and paid for) behind the error.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+            return rows
+        finally:
+            bar.close()
+            pfile.close()
+
+
 def caption_frames(
     run_dir: Path,
     facts: pl.DataFrame,
@@ -99,164 +293,13 @@ def caption_frames(
     sleep: Callable[[float], None] = time.sleep,
 ) -> CaptionRun:
     """Caption every frame of ``facts`` through the provider chain (see the module docstring).
-    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider). A frame
-    is decoded and scaled only when a paid provider is actually asked, never for a cache hit or
-    the template."""
-    from tqdm.auto import tqdm
-
-    log = _Log()
-    breakers = {p.name: CircuitBreaker(cfg.breaker_failures) for p in providers}
-    limiters = {p.name: RateLimiter(cfg.requests_per_minute, cfg.concurrency, sleep=sleep) for p in providers}
-    rng = random.Random(seed)
-    rng_lock = threading.Lock()
-
-    def jitter(attempt: int) -> float:
-        with rng_lock:
-            return backoff_delay(attempt, cfg.backoff_base_s, cfg.backoff_max_s, rng)
-
-    def row(fid: str, **values: Any) -> dict[str, Any]:
-        base = dict.fromkeys(CAPTION_SCHEMA)
-        base.update(frame_id=fid, tags=[], prompt_version=PROMPT_VERSION)
-        base.update(values)
-        return base
-
-    def one(rec: dict[str, Any]) -> dict[str, Any]:
-        fid = rec["frame_id"]
-        path = frame_image_path(run_dir, fid, rec["path"])
-
-        def unreadable(exc: OSError) -> dict[str, Any]:
-            log.add(
-                frame_id=fid, provider="-", model="-", attempt=0, outcome="unreadable", error=short_error(exc)
-            )
-            return row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
-
-        if not path.is_file():
-            return unreadable(FileNotFoundError(f"no such file: {path}"))
-        sha = hashes.get(fid)
-        image = b""  # what the template gets: it reads the tables, not the pixels
-        scaled = False
-        last_error = ""
-        for prov in providers:
-            key = ""
-            if prov.paid:
-                if sha is None:
-                    return unreadable(OSError(f"cannot read {path}"))
-                key = CaptionCache.key(sha, prov.name, prov.model, rec, cfg.trigger_word, cfg.image_max_side)
-            if prov.paid and (hit := cache.get(key)) is not None:
-                log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
-                return row(
-                    fid,
-                    caption=hit["caption"],
-                    tags=list(hit["tags"]),
-                    provider=prov.name,
-                    model=prov.model,
-                    status="ok",
-                    latency_s=hit.get("latency_s"),
-                    input_tokens=hit.get("input_tokens"),
-                    output_tokens=hit.get("output_tokens"),
-                )
-            breaker = breakers[prov.name]
-            if prov.paid and not scaled and not breaker.open:
-                try:
-                    image, scaled = scaled_jpeg(path.read_bytes(), cfg.image_max_side), True
-                except OSError as exc:
-                    return unreadable(exc)
-            for attempt in range(cfg.max_retries + 1):
-                if breaker.open:
-                    last_error = last_error or f"{prov.name}: circuit open ({breaker.reason})"
-                    break
-                if prov.paid:  # the template costs nothing and is not paced
-                    limiters[prov.name].acquire()
-                started = time.monotonic()
-                try:
-                    result = prov.caption(image, rec)
-                except Exception as exc:  # every failure is classified; none stops the run
-                    latency = time.monotonic() - started
-                    kind = classify(exc)
-                    will_retry = kind == RETRY and attempt < cfg.max_retries
-                    log.add(
-                        frame_id=fid,
-                        provider=prov.name,
-                        model=prov.model,
-                        attempt=attempt,
-                        outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
-                        error=short_error(exc),
-                        latency_s=latency,
-                    )
-                    if will_retry:
-                        sleep(jitter(attempt))
-                        continue
-                    breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
-                    last_error = f"{prov.name}: {short_error(exc)}"
-                    break
-                latency = time.monotonic() - started
-                if prov.paid:
-                    # Paid for: into the cache before anything else can go wrong.
-                    cache.set(
-                        key,
-                        {
-                            "caption": result.caption,
-                            "tags": list(result.tags),
-                            "latency_s": latency,
-                            "input_tokens": result.input_tokens,
-                            "output_tokens": result.output_tokens,
-                            "ts": datetime.now(UTC).isoformat(),
-                        },
-                    )
-                breaker.success()
-                log.add(
-                    frame_id=fid,
-                    provider=prov.name,
-                    model=prov.model,
-                    attempt=attempt,
-                    outcome="ok",
-                    latency_s=latency,
-                    input_tokens=result.input_tokens,
-                    output_tokens=result.output_tokens,
-                )
-                return row(
-                    fid,
-                    caption=result.caption,
-                    tags=list(result.tags),
-                    provider=prov.name,
-                    model=prov.model,
-                    status="ok",
-                    latency_s=latency,
-                    input_tokens=result.input_tokens,
-                    output_tokens=result.output_tokens,
-                )
-        return row(fid, status="failed", error=last_error or "no provider could caption the frame")
-
-    records = list(facts.iter_rows(named=True))
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(records), desc="captions", unit="frame", disable=not progress)
-    pfile = ProgressFile(progress_path, "captions", len(records), "frame")
-    try:
-        workers = cfg.concurrency if any(p.paid for p in providers) else 1
-        if workers == 1:
-            for rec in records:
-                rows.append(one(rec))
-                bar.update(1)
-                pfile.update(len(rows))
-        else:
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
-            try:
-                futures = [pool.submit(one, rec) for rec in records]
-                for fut in as_completed(futures):
-                    rows.append(fut.result())
-                    bar.update(1)
-                    pfile.update(len(rows))
-            except BaseException:
-                # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
-                # still queued must not go on being asked (and paid for) behind the error.
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
-    finally:
-        bar.close()
-        pfile.close()
+    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider)."""
+    captioner = _Captioner(Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep)
+    rows = captioner.run(list(facts.iter_rows(named=True)), progress, progress_path)
     captions = pl.DataFrame(rows, schema=CAPTION_SCHEMA).sort("frame_id")
-    calls = pl.DataFrame(log.rows, schema=CALL_SCHEMA) if log.rows else pl.DataFrame(schema=CALL_SCHEMA)
+    log = captioner.log.rows
+    calls = pl.DataFrame(log, schema=CALL_SCHEMA) if log else pl.DataFrame(schema=CALL_SCHEMA)
+    breakers = captioner.breakers
     return CaptionRun(captions, calls, {n: b.reason for n, b in breakers.items() if b.open})
 
 
@@ -281,20 +324,10 @@ def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def cache_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
-    """``captioning.cache_dir`` or ``<run>/cache/captions``."""
+def answers_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
+    """Where paid answers are kept: ``captioning.cache_dir``, else ``<run>/cache/captions`` (a
+    run's own cache; converted models live in :func:`diffusion_bunny.models.cache.cache_dir`)."""
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "cache" / "captions"
-
-
-@dataclass
-class CaptionsResult:
-    """What the stage returns to :func:`diffusion_bunny.stages.run_stage`."""
-
-    captions: pl.DataFrame
-    calls: pl.DataFrame
-    counts: dict[str, Any]
-    warnings: list[str]
-    facts: dict[str, Any]
 
 
 def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
@@ -354,7 +387,7 @@ def captions_stage(
     progress_path: Path | None = None,
     bedrock_client: Any | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> CaptionsResult:
+) -> StageOutput:
     """Stage 05: build the providers (keys checked), check the servers when there is anything
     to ask, caption, then put every edit a person made back on top."""
     run_dir = Path(run_dir)
@@ -365,7 +398,7 @@ def captions_stage(
             "loosen the filtering thresholds or set captioning.frames: all"
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
-    cache = CaptionCache(cache_dir(run_dir, cfg))
+    cache = CaptionCache(answers_dir(run_dir, cfg))
     try:
         # Hashes only matter to the cache of paid providers: a template run reads no frame file.
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
@@ -424,9 +457,8 @@ def captions_stage(
         warnings.append(
             f"provider {name}'s circuit opened ({reason}); later frames went to the next provider"
         )
-    return CaptionsResult(
-        captions=captions,
-        calls=result.calls,
+    return StageOutput(
+        tables={"captions": captions, "caption_calls": result.calls},
         counts=counts,
         warnings=warnings,
         facts={
@@ -435,6 +467,22 @@ def captions_stage(
             "asked": to_ask,
             "open_circuits": result.breakers,
         },
+    )
+
+
+def compute(ctx: Context) -> StageOutput:
+    """Stage 05 on a run."""
+    return captions_stage(
+        ctx.run_dir,
+        ctx.table("frames"),
+        ctx.cfg.captioning,
+        quality=ctx.table("quality"),
+        faces=ctx.optional("faces"),
+        shots=ctx.optional("shots"),
+        clusters=ctx.optional("clusters"),
+        seed=ctx.cfg.run.seed,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
     )
 
 

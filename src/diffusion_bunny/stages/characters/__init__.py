@@ -1,1 +1,108 @@
-"""Stage characters."""
+"""Stage 03 ``characters``: every face found, encoded and named from reference photos, or
+clustered for a person to name.
+
+* :mod:`.stage`: detection and encoding on a process pool with a per-frame cache, and naming a
+  cluster (its faces become reference photos, the run is re-labelled in seconds);
+* :mod:`.identify`: encodings to names, pure (thresholds, open-set matching, tracks, votes,
+  clusters of unknown faces);
+* :mod:`.tables`: ``faces``, ``face_frames`` and where the reference photos are;
+* :mod:`.plots`, :mod:`.widgets`: notebook 03's figures and the naming rows.
+
+The face model itself (dlib's detector and encoder, reference loading) is
+:mod:`diffusion_bunny.models.faces`: stage 08 scores generated faces with it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.models.faces import references_fingerprint
+from diffusion_bunny.pipeline.contract import (
+    ConfigView,
+    Context,
+    Pipeline,
+    Reads,
+    Stage,
+    StageOutput,
+    run_stage,
+)
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.characters.tables import reference_dir
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.characters.stage import compute
+
+    return compute(ctx)
+
+
+def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
+    # The reference photos in force (a config value, or the run's own references/): naming a
+    # cluster adds photos there, which makes the stage stale.
+    return {"references": references_fingerprint(reference_dir(run.run_dir, cfg.characters))}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 03: faces found, named and left for a person to name."""
+    c, f = manifest["counts"], manifest["facts"]
+    speed = f" at {f['frames_per_second']} frames/s" if f.get("frames_per_second") else ""
+    per_char = ", ".join(f"{name} {n}" for name, n in (c.get("characters") or {}).items())
+    return (
+        f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
+        f"{c['faces']} faces in {c['frames_with_faces']} frames ({per_char or 'none'}); "
+        f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} clusters"
+    )
+
+
+STAGE = Stage(
+    name="characters",
+    number=3,
+    notebook="03_detect_characters.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(
+        Reads("frames", "extract", ("frame_id", "frame_index", "timestamp_s", "shot_id", "path")),
+        # Which frames stage 02 kept (characters.frames: kept); not needed with characters.frames: all.
+        Reads("quality", "quality", ("frame_id", "keep"), optional=True),
+    ),
+    config=("characters",),
+    writes=("faces", "face_frames"),
+    inputs=_inputs,
+)
+
+
+def name_cluster(
+    run_dir: str | Path,
+    cluster: str,
+    name: str,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_faces: int = 5,
+) -> dict[str, Any]:
+    """Name an unknown cluster: its best faces become reference images of ``name`` (in
+    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
+    (detections are reused, so this takes seconds). Returns what changed."""
+    import polars as pl
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages.characters.stage import promote_cluster
+
+    run = Run.open(Path(run_dir))
+    cfg = load_config(config_path, overrides)
+    written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
+    name = name.strip()
+    after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
+    member_ids = members["face_id"].implode()
+    return {
+        "cluster": cluster,
+        "character": name,
+        "references_added": [str(p) for p in written],
+        "faces_of_cluster_named": int(
+            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
+        ),
+        "cluster_faces": members.height,
+        "named_faces": int((after["character"] == name).sum()),
+    }

@@ -265,17 +265,6 @@ def frame_face_sharpness(faces: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def fill_face_sharpness(quality: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
-    """Stage 02's table with ``face_sharpness`` set from stage 03's faces (null without a face)."""
-    return (
-        quality.drop("face_sharpness", strict=False)
-        .join(frame_face_sharpness(faces), on="frame_id", how="left")
-        .select(
-            quality.columns if "face_sharpness" in quality.columns else [*quality.columns, "face_sharpness"]
-        )
-    )
-
-
 def frames_to_scan(frames: pl.DataFrame, quality: pl.DataFrame | None, cfg: CharactersConfig) -> pl.DataFrame:
     """The frames stage 03 looks at: those stage 02 kept, or all with ``characters.frames: all``."""
     if cfg.frames == "all":

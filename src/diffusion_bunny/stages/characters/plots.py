@@ -4,31 +4,13 @@ or cluster.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import plotnine as p9
 import polars as pl
-from PIL import Image, ImageDraw
-from plotnine import (
-    aes,
-    coord_flip,
-    geom_col,
-    geom_point,
-    geom_segment,
-    ggplot,
-    labs,
-    scale_fill_manual,
-    scale_shape_manual,
-    scale_x_continuous,
-    theme,
-    theme_minimal,
-)
+from PIL import Image
 
-if TYPE_CHECKING:
-    pass
-
-from diffusion_bunny.media.figures import categorical, load_font
+from diffusion_bunny.media.figures import Block, Layout, Tile, categorical, tile_sheet
 
 # ---------------------------------------------------------------------------------------------
 # Stage 03: characters
@@ -36,7 +18,7 @@ from diffusion_bunny.media.figures import categorical, load_font
 UNKNOWN = "unknown"
 
 
-def character_counts_plot(counts: pl.DataFrame) -> ggplot:
+def character_counts_plot(counts: pl.DataFrame) -> p9.ggplot:
     """Faces per character (from :func:`~diffusion_bunny.stages.characters.stage.character_counts`),
     the low-confidence share darker, unknown faces in gray."""
     order = counts["character"].to_list()[::-1]
@@ -52,17 +34,17 @@ def character_counts_plot(counts: pl.DataFrame) -> ggplot:
     df["character"] = categorical(df["character"], order)
     df["match"] = categorical(df["match"], ["low confidence", "confident"])
     return (
-        ggplot(df, aes(x="character", y="n", fill="match"))
-        + geom_col()
-        + coord_flip()
-        + scale_fill_manual(values={"confident": "#4C78A8", "low confidence": "#F58518"})
-        + labs(x="", y="faces", fill="", title=f"{int(counts['faces'].sum())} faces")
-        + theme_minimal()
-        + theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
+        p9.ggplot(df, p9.aes(x="character", y="n", fill="match"))
+        + p9.geom_col()
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values={"confident": "#4C78A8", "low confidence": "#F58518"})
+        + p9.labs(x="", y="faces", fill="", title=f"{int(counts['faces'].sum())} faces")
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
     )
 
 
-def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> ggplot:
+def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
     """Character by time: a bar over every shot in which a sampled frame shows the character, a
     dot at each frame where the face was found (hollow for low-confidence matches)."""
     named = faces.with_columns(pl.col("character").fill_null(UNKNOWN))
@@ -85,16 +67,21 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> ggplot:
     title = "screen time: " + ", ".join(f"{c} {seconds[c]:.0f}s" for c in order[::-1])
     points["match"] = points["low_confidence"].map({True: "low confidence", False: "confident"})
     return (
-        ggplot()
-        + geom_segment(
-            spans, aes(x="start_s", xend="end_s", y="character", yend="character"), size=6, colour="#9ECAE9"
+        p9.ggplot()
+        + p9.geom_segment(
+            spans,
+            p9.aes(x="start_s", xend="end_s", y="character", yend="character"),
+            size=6,
+            colour="#9ECAE9",
         )
-        + geom_point(points, aes(x="timestamp_s", y="character", shape="match"), size=2.2, colour="#1F4E79")
-        + scale_shape_manual(values={"confident": "o", "low confidence": "x"})
-        + scale_x_continuous(limits=(0, max(total, 1e-6)))
-        + labs(x="time in the movie (s)", y="", shape="", title=title)
-        + theme_minimal()
-        + theme(figure_size=(9, max(2.0, 0.5 * len(order) + 1.2)))
+        + p9.geom_point(
+            points, p9.aes(x="timestamp_s", y="character", shape="match"), size=2.2, colour="#1F4E79"
+        )
+        + p9.scale_shape_manual(values={"confident": "o", "low confidence": "x"})
+        + p9.scale_x_continuous(limits=(0, max(total, 1e-6)))
+        + p9.labs(x="time in the movie (s)", y="", shape="", title=title)
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(9, max(2.0, 0.5 * len(order) + 1.2)))
     )
 
 
@@ -108,7 +95,7 @@ def face_sheet(
     columns: int = 12,
     side: int = 96,
 ) -> Image.Image:
-    """One row block per character (or per cluster with ``group="cluster"``): face crops, each
+    """One block per character (or per cluster with ``group="cluster"``): face crops, each
     labelled with its distance; low-confidence matches get an orange frame.
 
     Crops come from the full frames (boxes are full-resolution pixels); each frame file is opened
@@ -119,54 +106,31 @@ def face_sheet(
         frames.select("frame_id", "path"), on="frame_id", how="left"
     )
     sizes = rows.group_by(group).len().sort(["len", group], descending=[True, False])
-    groups = [g for g in sizes[group].to_list() if g != UNKNOWN] + (
+    names = [g for g in sizes[group].to_list() if g != UNKNOWN] + (
         [UNKNOWN] if UNKNOWN in set(sizes[group]) else []
     )
-    gap, label_h, header_h = 4, 14, 22
-    per_row = min(columns, max_per_group)
     blocks = []
-    for name in groups:
+    for name in names:
         members = rows.filter(pl.col(group) == name)
         if "distance" in members.columns:
             members = members.sort("distance", nulls_last=True)
-        blocks.append((name, members))
-    height = sum(
-        header_h + math.ceil(min(m.height, max_per_group) / per_row) * (side + label_h + gap)
-        for _, m in blocks
-    )
-    width = per_row * (side + gap) + gap
-    sheet = Image.new("RGB", (width, max(height, header_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font, small = load_font(14), load_font(10)
-    cache: dict[str, Image.Image | None] = {}
-    top = 0
-    for name, members in blocks:
         low = int(members["low_confidence"].sum()) if "low_confidence" in members.columns else 0
-        shown = f"{min(members.height, max_per_group)} of {members.height}"
-        draw.text((gap, top + 4), f"{name}  ({shown} faces, {low} low confidence)", fill="black", font=font)
-        for k, row in enumerate(members.head(max_per_group).iter_rows(named=True)):
-            x = gap + (k % per_row) * (side + gap)
-            y = top + header_h + (k // per_row) * (side + label_h + gap)
-            path = row["path"]
-            if path not in cache:
-                try:
-                    with Image.open(run_dir / path) as img:
-                        cache[path] = img.convert("RGB")
-                except (OSError, TypeError):
-                    cache[path] = None
-            img = cache[path]
-            if img is None:
-                crop = Image.new("RGB", (side, side), "#DDDDDD")
-            else:
-                pad = round(0.15 * (row["bottom"] - row["top"]))
-                box = (row["left"] - pad, row["top"] - pad, row["right"] + pad, row["bottom"] + pad)
-                crop = img.crop(box).resize((side, side), Image.Resampling.BILINEAR)
-            if row.get("low_confidence"):
-                ImageDraw.Draw(crop).rectangle((0, 0, side - 1, side - 1), outline="#F58518", width=4)
-            sheet.paste(crop, (x, y))
+        tiles = []
+        for row in members.head(max_per_group).iter_rows(named=True):
+            pad = round(0.15 * (row["bottom"] - row["top"]))
+            box = (row["left"] - pad, row["top"] - pad, row["right"] + pad, row["bottom"] + pad)
             distance = row.get("distance")
             label = f"{distance:.2f}" if distance is not None else f"~{row.get('nearest_distance') or 0:.2f}"
-            colour = "#F58518" if row.get("low_confidence") else "#444444"
-            draw.text((x, y + side), f"{label} s{row['shot_id']}", fill=colour, font=small)
-        top += header_h + math.ceil(min(members.height, max_per_group) / per_row) * (side + label_h + gap)
-    return sheet
+            flagged = bool(row.get("low_confidence"))
+            tiles.append(
+                Tile(
+                    run_dir / row["path"] if row["path"] else None,
+                    label=f"{label} s{row['shot_id']}",
+                    label_colour="#F58518" if flagged else "#444444",
+                    outline="#F58518" if flagged else None,
+                    crop=box,
+                )
+            )
+        shown = f"{min(members.height, max_per_group)} of {members.height}"
+        blocks.append(Block(tiles, title=f"{name}  ({shown} faces, {low} low confidence)"))
+    return tile_sheet(blocks, Layout((side, side), min(columns, max_per_group)))

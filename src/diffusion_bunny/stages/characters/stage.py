@@ -27,7 +27,7 @@ import types
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import CharactersConfig
+from diffusion_bunny.config import Config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -44,10 +44,12 @@ from diffusion_bunny.models.faces import (
     load_references,
     read_rgb,
 )
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.identify import (
     character_thresholds,
-    fill_face_sharpness,
+    frame_face_sharpness,
     frames_to_scan,
     label_faces,
 )
@@ -117,48 +119,35 @@ def _detect_file(job: tuple[str, str, DetectSettings]) -> tuple[str, str, list[t
     )
 
 
-def detect_faces(
-    run_dir: Path,
-    frames: pl.DataFrame,
-    settings: DetectSettings,
-    *,
-    workers: int = 0,
-    previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
-    progress: bool = True,
-    progress_path: Path | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
-    """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
-    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match."""
-    run_dir = Path(run_dir)
-    key = settings.key()
-    rows = frames.select("frame_id", "path").to_dicts()
-    sizes = {}
-    for row in rows:
-        path = run_dir / row["path"]
-        sizes[row["frame_id"]] = path.stat().st_size if path.is_file() else -1
+def _reusable(
+    previous: tuple[pl.DataFrame, pl.DataFrame] | None, key: str, sizes: dict[str, int]
+) -> tuple[set[str], pl.DataFrame]:
+    """Frames whose detections from the last run still hold (same detector settings, same file
+    size) and those detections."""
+    if previous is None:
+        return set(), pl.DataFrame(schema=DETECTIONS_SCHEMA)
+    old_faces, old_frames = previous
+    ok = old_frames.filter(
+        (pl.col("status") == "ok") & (pl.col("detect_key") == key) & pl.col("frame_id").is_in(list(sizes))
+    )
+    cached = {
+        fid for fid, size in zip(ok["frame_id"], ok["file_bytes"], strict=True) if sizes.get(fid) == size
+    }
+    return cached, old_faces.filter(pl.col("frame_id").is_in(list(cached))).select(list(DETECTIONS_SCHEMA))
 
-    cached_ids: set[str] = set()
-    cached_faces = pl.DataFrame(schema=DETECTIONS_SCHEMA)
-    if previous is not None:
-        old_faces, old_frames = previous
-        ok = old_frames.filter(
-            (pl.col("status") == "ok") & (pl.col("detect_key") == key) & pl.col("frame_id").is_in(list(sizes))
-        )
-        cached_ids = {
-            fid for fid, size in zip(ok["frame_id"], ok["file_bytes"], strict=True) if sizes.get(fid) == size
-        }
-        cached_faces = old_faces.filter(pl.col("frame_id").is_in(list(cached_ids))).select(
-            list(DETECTIONS_SCHEMA)
-        )
 
-    todo = [r for r in rows if r["frame_id"] not in cached_ids]
-    n_workers = workers or os.cpu_count() or 1
-    use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
-    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings) for r in todo]
+def _run_jobs(
+    jobs: list[tuple[str, str, DetectSettings]],
+    n_workers: int,
+    use_pool: bool,
+    progress: bool,
+    progress_path: Path | None,
+) -> dict[str, tuple[str, list[tuple], str | None]]:
+    """Detect and encode the faces of every job's frame, on a spawned process pool when it pays
+    (dlib holds the GIL, so threads would not help)."""
     results: dict[str, tuple[str, list[tuple], str | None]] = {}
     bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, mininterval=0.5)
     reporter = ProgressFile(progress_path, "faces", len(jobs), "frame")
-    started = time.perf_counter()
     try:
         if use_pool:
             ctx = multiprocessing.get_context("spawn")
@@ -181,32 +170,49 @@ def detect_faces(
     finally:
         bar.close()
         reporter.close()
+    return results
+
+
+def detect_faces(
+    run_dir: Path,
+    frames: pl.DataFrame,
+    settings: DetectSettings,
+    *,
+    workers: int = 0,
+    previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
+    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match."""
+    run_dir = Path(run_dir)
+    key = settings.key()
+    rows = frames.select("frame_id", "path").to_dicts()
+    sizes = {}
+    for row in rows:
+        path = run_dir / row["path"]
+        sizes[row["frame_id"]] = path.stat().st_size if path.is_file() else -1
+    cached_ids, cached_faces = _reusable(previous, key, sizes)
+    todo = [r for r in rows if r["frame_id"] not in cached_ids]
+    n_workers = workers or os.cpu_count() or 1
+    use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
+    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings) for r in todo]
+    started = time.perf_counter()
+    results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
     seconds = time.perf_counter() - started
 
+    cached_n = dict(cached_faces.group_by("frame_id").len().iter_rows()) if cached_faces.height else {}
     new_faces: list[dict[str, Any]] = []
     status_rows: list[dict[str, Any]] = []
-    cached_counts = cached_faces.group_by("frame_id").len() if cached_faces.height else None
-    cached_n = dict(cached_counts.iter_rows()) if cached_counts is not None else {}
     for row in rows:
         fid = row["frame_id"]
-        if fid in cached_ids:
-            status_rows.append(
-                {
-                    "frame_id": fid,
-                    "status": "ok",
-                    "n_faces": cached_n.get(fid, 0),
-                    "error": None,
-                    "detect_key": key,
-                    "file_bytes": sizes[fid],
-                }
-            )
-            continue
-        status, faces, error = results[fid]
+        status, faces, error = ("ok", [], None) if fid in cached_ids else results[fid]
+        n_faces = cached_n.get(fid, 0) if fid in cached_ids else len(faces)
         status_rows.append(
             {
                 "frame_id": fid,
                 "status": status,
-                "n_faces": len(faces),
+                "n_faces": n_faces,
                 "error": error,
                 "detect_key": key,
                 "file_bytes": sizes[fid],
@@ -244,30 +250,19 @@ def detect_faces(
     return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA), facts
 
 
-@dataclass
-class CharactersResult:
-    """What :func:`characters_stage` returns."""
-
-    faces: pl.DataFrame
-    face_frames: pl.DataFrame
-    quality: pl.DataFrame | None
-    counts: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)
-
-
-def characters_stage(
-    run_dir: str | Path,
-    frames: pl.DataFrame,
-    quality: pl.DataFrame | None,
-    cfg: CharactersConfig,
-    *,
-    previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
-    progress: bool = True,
-    progress_path: Path | None = None,
-) -> CharactersResult:
-    """Detect (or reuse), identify, track, vote and cluster: stage 03 without the run bookkeeping."""
-    run_dir = Path(run_dir)
+def compute(ctx: Context) -> StageOutput:
+    """Detect (or reuse the detections of frames that did not change), identify, track, vote and
+    cluster: the ``faces`` and ``face_frames`` tables."""
+    run_dir, frames, quality, cfg = (
+        ctx.run_dir,
+        ctx.table("frames"),
+        ctx.optional("quality"),
+        ctx.cfg.characters,
+    )
+    previous = None
+    old_faces, old_frames = ctx.own_previous("faces"), ctx.own_previous("face_frames")
+    if old_faces is not None and old_frames is not None:
+        previous = (old_faces, old_frames)
     settings = DetectSettings.from_config(cfg)
     scan = frames_to_scan(frames, quality, cfg)
     ref_dir = reference_dir(run_dir, cfg)
@@ -287,8 +282,8 @@ def characters_stage(
         settings,
         workers=cfg.workers,
         previous=previous,
-        progress=progress,
-        progress_path=progress_path,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     if failed.height:
@@ -320,8 +315,16 @@ def characters_stage(
             "thresholds": character_thresholds(refs, cfg),
         }
     )
-    updated = fill_face_sharpness(quality, faces) if quality is not None else None
-    return CharactersResult(faces, face_frames, updated, counts, warnings, facts)
+    # The sharpness of each searched frame's largest face (the subject), beside its status: stage
+    # 03's own table, for whoever judges frames by their faces.
+    face_frames = (
+        face_frames.drop("face_sharpness", strict=False)
+        .join(frame_face_sharpness(faces), on="frame_id", how="left")
+        .select(list(FACE_FRAMES_SCHEMA))
+    )
+    return StageOutput(
+        tables={"faces": faces, "face_frames": face_frames}, counts=counts, warnings=warnings, facts=facts
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,25 +401,14 @@ def promote_faces(
     return written
 
 
-def name_cluster(
-    run_dir: str | Path,
-    cluster: str,
-    name: str,
-    *,
-    config_path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    max_faces: int = 5,
-) -> dict[str, Any]:
-    """Name an unknown cluster: its best faces become reference images of ``name`` (in
-    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
-    (detections are reused, so this takes seconds). Returns what changed."""
-    from diffusion_bunny.config import load_config
-    from diffusion_bunny.pipeline.run import Run
-    from diffusion_bunny.stages import run_stage
-
+def promote_cluster(
+    run: Run, cluster: str, name: str, cfg: Config, *, max_faces: int = 5
+) -> tuple[list[Path], pl.DataFrame]:
+    """The run-folder half of naming a cluster: its best faces written as reference images of
+    ``name`` (in ``characters.reference_dir``, or the run's own ``references/``); returns the files
+    written and the cluster's faces. :func:`diffusion_bunny.stages.characters.name_cluster` then
+    re-labels the run."""
     name = check_name(name)
-    run = Run.open(Path(run_dir))
-    cfg = load_config(config_path, overrides)
     faces = run.read_table("faces")
     members = faces.filter(pl.col("cluster") == cluster)
     if members.height == 0:
@@ -439,16 +431,4 @@ def name_cluster(
             "in a crop); add photos of this person to "
             f"{target} by hand"
         )
-    tables = run_stage(run, "characters", cfg, progress=False)
-    after = tables["faces"]
-    member_ids = members["face_id"].implode()
-    return {
-        "cluster": cluster,
-        "character": name,
-        "references_added": [str(p) for p in written],
-        "faces_of_cluster_named": int(
-            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
-        ),
-        "cluster_faces": members.height,
-        "named_faces": int((after["character"] == name).sum()),
-    }
+    return written, members

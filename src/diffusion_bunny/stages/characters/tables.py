@@ -47,6 +47,8 @@ FACE_FRAMES_SCHEMA = {
     "error": pl.Utf8,
     "detect_key": pl.Utf8,
     "file_bytes": pl.Int64,
+    #: Sharpness of the frame's largest face (null without a face).
+    "face_sharpness": pl.Float64,
 }
 #: Name of the reference folder inside a run, used when ``characters.reference_dir`` is not set
 #: and a person names a cluster in notebook 03.

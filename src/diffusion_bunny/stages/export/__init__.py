@@ -1,1 +1,64 @@
-"""Stage export."""
+"""Stage 06 ``export``: a training set a LoRA trainer loads as it is, a Hugging Face imagefolder
+and a kohya folder, with face crops, balanced repeats and a validation split by shot.
+
+* :mod:`.plan`: what goes in, pure over the tables (crops, the split that never puts near-identical
+  pictures on both sides, repeats per concept, file names);
+* :mod:`.stage`: writing the pictures and captions into a staging folder swapped in at the end;
+* :mod:`.tables`: ``dataset_items`` and the ``dataset/`` layout;
+* :mod:`.plots`: notebook 06's figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.export.tables import dataset_dir
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.export.stage import compute
+
+    return compute(ctx)
+
+
+def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
+    return {"dataset/": dataset_dir(run.run_dir)}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 06: pictures by crop and split, and where they are."""
+    c, f = manifest["counts"], manifest["facts"]
+    return (
+        f"{c['items']} pictures from {c['captioned_frames']} captioned frames ({c['train']} train, "
+        f"{c['validation']} validation; {c['crop_full']} full, {c['crop_face']} face, "
+        f"{c['crop_half_body']} half-body) in {f['dataset_dir']}"
+    )
+
+
+STAGE = Stage(
+    name="export",
+    number=6,
+    notebook="06_export_dataset.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(
+        Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path", "width", "height")),
+        # Which frames were kept, and their hashes (shots the movie cuts back to share a split).
+        Reads("quality", "quality", ("frame_id", "keep", "phash")),
+        # A caption a person edited in notebook 05 makes the dataset stale.
+        Reads("captions", "captions", ("frame_id", "caption", "status")),
+        Reads(
+            "faces",
+            "characters",
+            ("face_id", "frame_id", "character", "top", "right", "bottom", "left"),
+            optional=True,
+        ),
+    ),
+    config=("export",),
+    writes=("dataset_items",),
+    owns=_owns,
+)

@@ -102,18 +102,11 @@ def _inside(face: Box, box: Box) -> bool:
     return box[0] <= cx < box[2] and box[1] <= cy < box[3]
 
 
-def select_items(
-    frames: pl.DataFrame,
-    quality: pl.DataFrame,
-    faces: pl.DataFrame | None,
-    captions: pl.DataFrame,
-    cfg: ExportConfig,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The pictures to export (``ITEM_SCHEMA``) and counts of what was left out and why.
-
-    Raises one :class:`StageError` when nothing can be exported (no kept frame, no usable caption,
-    or settings that leave no picture), before anything is written.
-    """
+def _usable_frames(
+    frames: pl.DataFrame, quality: pl.DataFrame, captions: pl.DataFrame
+) -> tuple[int, pl.DataFrame]:
+    """The kept frames with a usable caption (their rows of ``frames`` plus ``caption``) and how
+    many frames were kept; one :class:`StageError` when there are none."""
     kept = quality.filter(pl.col("keep")).select("frame_id")
     if kept.is_empty():
         raise StageError(
@@ -129,70 +122,94 @@ def select_items(
             f"({kept_caps.height} captioned, {failed} failed; usable = caption set and status ok or "
             "edited); check the captioning.* settings and rerun stage captions (notebook 05)"
         )
-    rows = frames.join(usable, on="frame_id").sort("frame_index")
-    by_frame: dict[str, list[dict[str, Any]]] = {}
-    if faces is not None and faces.height:  # no faces table: stage 03 did not run
-        named = faces.filter(pl.col("character").is_not_null()).sort("face_id")
-        for face in named.iter_rows(named=True):
-            by_frame.setdefault(face["frame_id"], []).append(face)
+    return kept.height, frames.join(usable, on="frame_id").sort("frame_index")
 
-    items: list[dict[str, Any]] = []
-    counts = {"kept_frames": kept.height, "captioned_frames": rows.height, "small_faces": 0, "no_room": 0}
-    counts["uncaptioned_frames"] = kept.height - rows.height
-    counts["unnamed_frames_dropped"] = 0
-    for frame in rows.iter_rows(named=True):
-        width, height = frame["width"], frame["height"]
-        frame_faces = by_frame.get(frame["frame_id"], [])
-        boxes = [(f, (f["left"], f["top"], f["right"], f["bottom"])) for f in frame_faces]
-        base = {
-            "frame_id": frame["frame_id"],
-            "frame_index": frame["frame_index"],
-            "shot_id": frame["shot_id"],
-            "path": frame["path"],
+
+def _named_faces(faces: pl.DataFrame | None) -> dict[str, list[dict[str, Any]]]:
+    """Named faces per frame (none without a ``faces`` table: stage 03 did not run)."""
+    by_frame: dict[str, list[dict[str, Any]]] = {}
+    if faces is not None and faces.height:
+        for face in faces.filter(pl.col("character").is_not_null()).sort("face_id").iter_rows(named=True):
+            by_frame.setdefault(face["frame_id"], []).append(face)
+    return by_frame
+
+
+def _frame_items(
+    frame: dict[str, Any], faces: list[dict[str, Any]], cfg: ExportConfig, counts: dict[str, int]
+) -> list[dict[str, Any]]:
+    """The pictures one frame gives: the full frame, and a face and a half-body crop per named
+    face that is large enough and has room around it (``counts`` records what was left out)."""
+    width, height = frame["width"], frame["height"]
+    boxes = [(f, (f["left"], f["top"], f["right"], f["bottom"])) for f in faces]
+    base = {k: frame[k] for k in ("frame_id", "frame_index", "shot_id", "path")}
+
+    def item(crop: str, box: Box, face_id: str | None, text: str) -> dict[str, Any]:
+        chars = sorted({f["character"] for f, fb in boxes if _inside(fb, box)})
+        left, top, right, bottom = box
+        return {
+            **base,
+            "face_id": face_id,
+            "crop": crop,
+            "characters": chars,
+            "concept": concept_of(chars, cfg.unnamed_concept),
+            "text": text,
+            "left": left,
+            "top": top,
+            "right": right,
+            "bottom": bottom,
         }
 
-        def add(crop: str, box: Box, face_id: str | None, text: str, *, base=base, boxes=boxes) -> None:
-            chars = sorted({f["character"] for f, fb in boxes if _inside(fb, box)})
-            concept = concept_of(chars, cfg.unnamed_concept)
-            left, top, right, bottom = box
-            items.append(
-                {
-                    **base,
-                    "face_id": face_id,
-                    "crop": crop,
-                    "characters": chars,
-                    "concept": concept,
-                    "text": text,
-                    "left": left,
-                    "top": top,
-                    "right": right,
-                    "bottom": bottom,
-                }
-            )
-
-        if "full" in cfg.crops:
-            if boxes or cfg.include_unnamed:
-                add("full", (0, 0, width, height), None, frame["caption"])
+    out = []
+    if "full" in cfg.crops:
+        if boxes or cfg.include_unnamed:
+            out.append(item("full", (0, 0, width, height), None, frame["caption"]))
+        else:
+            counts["unnamed_frames_dropped"] += 1
+    wanted = [c for c in ("face", "half_body") if c in cfg.crops]
+    for face, fb in boxes if wanted else []:
+        if fb[3] - fb[1] < cfg.min_face_px:
+            counts["small_faces"] += 1
+            continue
+        for crop in wanted:
+            if crop == "face":
+                box, tag = face_box(fb, width, height, cfg.face_margin), cfg.face_tag
             else:
-                counts["unnamed_frames_dropped"] += 1
-        for face, fb in boxes:
-            wanted = [c for c in ("face", "half_body") if c in cfg.crops]
-            if not wanted:
-                break
-            if fb[3] - fb[1] < cfg.min_face_px:
-                counts["small_faces"] += 1
+                box = half_body_box(fb, width, height, cfg.half_body_face_heights, cfg.half_body_aspect)
+                tag = cfg.half_body_tag
+            if box is None:
+                counts["no_room"] += 1
                 continue
-            for crop in wanted:
-                if crop == "face":
-                    box = face_box(fb, width, height, cfg.face_margin)
-                    tag = cfg.face_tag
-                else:
-                    box = half_body_box(fb, width, height, cfg.half_body_face_heights, cfg.half_body_aspect)
-                    tag = cfg.half_body_tag
-                if box is None:
-                    counts["no_room"] += 1
-                    continue
-                add(crop, box, face["face_id"], crop_caption(frame["caption"], tag))
+            out.append(item(crop, box, face["face_id"], crop_caption(frame["caption"], tag)))
+    return out
+
+
+def select_items(
+    frames: pl.DataFrame,
+    quality: pl.DataFrame,
+    faces: pl.DataFrame | None,
+    captions: pl.DataFrame,
+    cfg: ExportConfig,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The pictures to export (``ITEM_SCHEMA``) and counts of what was left out and why.
+
+    Raises one :class:`StageError` when nothing can be exported (no kept frame, no usable caption,
+    or settings that leave no picture), before anything is written.
+    """
+    n_kept, rows = _usable_frames(frames, quality, captions)
+    by_frame = _named_faces(faces)
+    counts = {
+        "kept_frames": n_kept,
+        "captioned_frames": rows.height,
+        "small_faces": 0,
+        "no_room": 0,
+        "uncaptioned_frames": n_kept - rows.height,
+        "unnamed_frames_dropped": 0,
+    }
+    items = [
+        item
+        for frame in rows.iter_rows(named=True)
+        for item in _frame_items(frame, by_frame.get(frame["frame_id"], []), cfg, counts)
+    ]
     if not items:
         raise StageError(
             f"no picture to export from the {rows.height} captioned frames with export.crops = "

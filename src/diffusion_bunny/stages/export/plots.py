@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import plotnine as p9
 import polars as pl
-from PIL import Image, ImageDraw
-from plotnine import (
-    aes,
-    coord_flip,
-    geom_col,
-    ggplot,
-    labs,
-    scale_fill_manual,
-    theme,
-    theme_minimal,
-)
+from PIL import Image
 
-if TYPE_CHECKING:
-    pass
-
-from diffusion_bunny.media.figures import categorical, load_font
+from diffusion_bunny.media.figures import Block, Layout, Tile, categorical, tile_sheet
 
 # ----------------------------------------------------------------------------- stage 06
 
@@ -29,7 +16,7 @@ SPLIT_COLOURS = {"train": "#4C78A8", "validation": "#F58518"}
 NO_CHARACTER = "(no character)"
 
 
-def dataset_counts_plot(items: pl.DataFrame) -> ggplot:
+def dataset_counts_plot(items: pl.DataFrame) -> p9.ggplot:
     """Pictures per character and split (a picture with two characters counts for both), the
     pictures without a named character as their own bar: shows at a glance who dominates the
     training set and whether every character has validation pictures."""
@@ -48,13 +35,13 @@ def dataset_counts_plot(items: pl.DataFrame) -> ggplot:
     data["split"] = categorical(data["split"], ["validation", "train"])
     n_val = int((items["split"] == "validation").sum())
     return (
-        ggplot(data, aes(x="character", y="pictures", fill="split"))
-        + geom_col()
-        + coord_flip()
-        + scale_fill_manual(values=SPLIT_COLOURS)
-        + labs(x="", y="pictures", fill="", title=f"{items.height} pictures: {n_val} for validation")
-        + theme_minimal()
-        + theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
+        p9.ggplot(data, p9.aes(x="character", y="pictures", fill="split"))
+        + p9.geom_col()
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values=SPLIT_COLOURS)
+        + p9.labs(x="", y="pictures", fill="", title=f"{items.height} pictures: {n_val} for validation")
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
     )
 
 
@@ -65,31 +52,19 @@ def dataset_sheet(
     them (crops included), each labelled with its crop; validation pictures get an orange frame."""
     dataset_dir = Path(dataset_dir)
     sizes = items.group_by("concept").len().sort(["len", "concept"], descending=[True, False])
-    gap, label_h, header_h = 4, 14, 22
-    width = max_per_group * (side + gap) + gap
-    height = sizes.height * (header_h + side + label_h + gap)
-    sheet = Image.new("RGB", (width, max(height, header_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font, small = load_font(14), load_font(10)
-    top = 0
+    blocks = []
     for concept, count in sizes.iter_rows():
         members = items.filter(pl.col("concept") == concept).sort("split", "frame_id", "crop")
         repeats = members.filter(pl.col("split") == "train")["repeats"]
         times = f", x{repeats[0]} per epoch" if repeats.len() else ""
-        draw.text((gap, top + 4), f"{concept}  ({count} pictures{times})", fill="black", font=font)
-        for k, row in enumerate(members.head(max_per_group).iter_rows(named=True)):
-            x, y = gap + k * (side + gap), top + header_h
-            try:
-                with Image.open(dataset_dir / "hf" / row["split"] / row["file_name"]) as img:
-                    thumb = img.convert("RGB")
-                    thumb.thumbnail((side, side), Image.Resampling.BILINEAR)
-            except OSError:
-                thumb = Image.new("RGB", (side, side), "#DDDDDD")
-            tile = Image.new("RGB", (side, side), "#F4F4F4")
-            tile.paste(thumb, ((side - thumb.width) // 2, (side - thumb.height) // 2))
-            if row["split"] == "validation":
-                ImageDraw.Draw(tile).rectangle((0, 0, side - 1, side - 1), outline="#F58518", width=4)
-            sheet.paste(tile, (x, y))
-            draw.text((x, y + side), f"{row['crop']} s{row['shot_id']}", fill="#444444", font=small)
-        top += header_h + side + label_h + gap
-    return sheet
+        tiles = [
+            Tile(
+                dataset_dir / "hf" / row["split"] / row["file_name"],
+                label=f"{row['crop']} s{row['shot_id']}",
+                outline="#F58518" if row["split"] == "validation" else None,
+                missing="",
+            )
+            for row in members.head(max_per_group).iter_rows(named=True)
+        ]
+        blocks.append(Block(tiles, title=f"{concept}  ({count} pictures{times})"))
+    return tile_sheet(blocks, Layout((side, side), max_per_group, fit="contain"))

@@ -23,10 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.pipeline.atomic import staged_folder
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.tables import (
@@ -45,42 +45,7 @@ from diffusion_bunny.stages.export.tables import (
     dataset_dir,
 )
 
-_OLD = ".dataset-old"
-_STAGING_PREFIX = ".dataset-staging-"
 _SAVE_OPTIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-@dataclass
-class ExportResult:
-    """What stage 06 wrote: the ``dataset_items`` table and the manifest's counts and facts."""
-
-    items: pl.DataFrame
-    counts: dict[str, Any]
-    facts: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-
-def recover_dataset(run_dir: Path) -> None:
-    """Undo what a crash left: put back the previous dataset if the swap stopped halfway, and
-    remove unfinished staging folders."""
-    run_dir = Path(run_dir)
-    old = run_dir / _OLD
-    if old.is_dir():
-        if dataset_dir(run_dir).exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, dataset_dir(run_dir))
-    for staging in run_dir.glob(f"{_STAGING_PREFIX}*"):
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(run_dir: Path, staging: Path) -> None:
-    target = dataset_dir(run_dir)
-    old = run_dir / _OLD
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_options(cfg: ExportConfig) -> dict[str, Any]:
@@ -177,7 +142,7 @@ def export_stage(
     *,
     progress: bool = False,
     progress_path: Path | None = None,
-) -> ExportResult:
+) -> StageOutput:
     """Plan the dataset, check the frame files, write both layouts into a staging folder and swap
     it in as ``<run>/dataset``; returns the ``dataset_items`` table."""
     run_dir = Path(run_dir)
@@ -190,9 +155,7 @@ def export_stage(
             f"{len(missing)} frame file(s) are missing in {run_dir} (first: {missing[0]}); "
             "rerun stage extract with --force"
         )
-    recover_dataset(run_dir)
-    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=_STAGING_PREFIX))
-    try:
+    with staged_folder(dataset_dir(run_dir)) as staging:
         for split in SPLITS:
             if (items["split"] == split).any():
                 (staging / "hf" / split).mkdir(parents=True)
@@ -221,10 +184,6 @@ def export_stage(
             if part.height:
                 write_metadata(staging / "hf" / split, part, cfg.metadata_format)
         (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
-        _swap_in(run_dir, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     table = items.select(ITEMS_COLUMNS)
     facts = {
         "dataset_dir": str(dataset_dir(run_dir)),
@@ -235,4 +194,20 @@ def export_stage(
         "seconds": round(time.perf_counter() - started, 3),
         "concepts": concept_table(items).to_dicts(),
     }
-    return ExportResult(items=table, counts=plan.counts, facts=facts, warnings=plan.warnings)
+    return StageOutput(
+        tables={"dataset_items": table}, counts=plan.counts, warnings=plan.warnings, facts=facts
+    )
+
+
+def compute(ctx: Context) -> StageOutput:
+    """Stage 06 on a run."""
+    return export_stage(
+        ctx.run_dir,
+        ctx.table("frames"),
+        ctx.table("quality"),
+        ctx.optional("faces"),
+        ctx.table("captions"),
+        ctx.cfg.export,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
+    )

@@ -3,11 +3,10 @@
 Everything happens in a single streaming pass with bounded memory:
 
 * the analysis copy of each frame (see :mod:`diffusion_bunny.media.video`) feeds the shot-boundary
-  detector (:mod:`diffusion_bunny.stages.extract.detectors.base`: the TransNetV2 cascade by
-  default, TransNetV2
-  alone, or a PySceneDetect detector), a motion measure (mean absolute difference of a tiny
-  grayscale copy) and a cheap sharpness measure (variance of the Laplacian) used only to pick
-  the best frame of a window;
+  detector (:mod:`.detectors`: the TransNetV2 cascade by default, TransNetV2 alone, or a
+  PySceneDetect detector), a motion measure (mean absolute difference of a tiny grayscale copy)
+  and a cheap sharpness measure (variance of the Laplacian) used only to pick the best frame of a
+  window;
 * frames pass through a delay line as long as the detector's look-ahead (the cascade waits for
   TransNetV2's right-hand context), so a cut the detector reports late still splits the shots at
   the right frame; only the current frames are held, so memory does not grow with the movie;
@@ -15,19 +14,18 @@ Everything happens in a single streaming pass with bounded memory:
   bucket for its middle, a sliding best for its end); when the shot closes its candidates are
   saved as small thumbnails and the ones chosen for the current motion threshold as full JPEGs.
 
-Scores are computed once and the threshold is applied separately (:func:`classify_shots`,
-:func:`select_keyframes`), so notebook 01's slider can re-classify shots without decoding again.
+Scores are computed once and the threshold is applied separately
+(:func:`~.keyframes.classify_shots`, :func:`~.keyframes.select_keyframes`), so notebook 01's
+slider can re-classify shots without decoding again. ``frames/`` and ``thumbs/`` are written into
+staging folders swapped in only when the pass completes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,11 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExtractionConfig
+from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.media.video import Decoded, VideoReader, frame_to_bgr, thumbnail
+from diffusion_bunny.pipeline.atomic import staged_folder
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.extract.keyframes import FrameCandidate, OpenShot
 from diffusion_bunny.stages.extract.tables import (
@@ -48,20 +49,6 @@ from diffusion_bunny.stages.extract.tables import (
     SHOTS_SCHEMA,
     frame_id_for,
 )
-
-
-@dataclass
-class ExtractResult:
-    """Tables and facts produced by :func:`extract_frames`."""
-
-    shots: pl.DataFrame
-    frames: pl.DataFrame
-    candidates: pl.DataFrame
-    info: dict[str, Any]
-    warnings: list[str]
-    boundary_candidates: pl.DataFrame = field(
-        default_factory=lambda: pl.DataFrame(schema=BOUNDARY_CANDIDATES_SCHEMA)
-    )
 
 
 class _Writer:
@@ -94,87 +81,65 @@ class _Writer:
             self.pool.shutdown(wait=True)
 
 
-def extract_frames(
-    movie: str | Path,
-    cfg: ExtractionConfig,
-    run_dir: str | Path,
-    *,
-    movie_key: str | None = None,
-    progress: bool = True,
-    progress_path: Path | None = None,
-) -> ExtractResult:
-    """Decode ``movie`` once and write ``frames/`` and ``thumbs/`` under ``run_dir``.
+class _ShotAssembler:
+    """Turns the frames leaving the delay line into shots, keyframe candidates and saved frames.
 
-    The images are first written to staging folders that replace the old ones only when the
-    pass completes, so a failure leaves the previous results as they were.
+    It holds what the pass knows between two frames: the open shot, the cuts reported but not yet
+    reached, the interval method's pick, and the rows of the tables so far.
     """
-    run_dir = Path(run_dir)
-    reader = VideoReader(
-        movie, cfg.analysis_width, keyframes_only=cfg.method == "keyframe", detect_width=cfg.detect_width
-    )
-    info = reader.info
-    fps = info.fps
-    if movie_key is None:
-        movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
-    window = max(1, round(cfg.keyframe_window_seconds * fps))
-    requested = cfg.detector
-    if cfg.uses_transnetv2 and cfg.method == "keyframe":
-        # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
-        # consecutive frames, so the content detector compares the keyframes instead.
-        cfg = cfg.model_copy(update={"detector": "content"})
-    from diffusion_bunny.stages.extract.detectors import make_boundaries
-    from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle
 
-    # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
-    # cascade starts loading it at its first doubtful candidate.
-    model = (
-        ModelHandle(cfg.device, runtime=cfg.runtime, start=cfg.detector == "transnetv2")
-        if cfg.uses_transnetv2
-        else None
-    )
-    detector = make_boundaries(cfg, fps, model)
-    delay = max(1, detector.lookahead + 1)
-    stage_frames = run_dir / f".frames.tmp{os.getpid()}"
-    stage_thumbs = run_dir / f".thumbs.tmp{os.getpid()}"
-    for d in (stage_frames, stage_thumbs):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    writer = _Writer(cfg.jpeg_quality)
-    out_w, out_h = info.display_size
+    def __init__(
+        self,
+        cfg: ExtractionConfig,
+        movie_key: str,
+        info: Any,
+        folders: tuple[Path, Path],
+        writer: _Writer,
+    ):
+        self.cfg = cfg
+        self.movie_key = movie_key
+        self.rotation = info.rotation
+        self.size = info.display_size
+        self.frames_dir, self.thumbs_dir = folders
+        self.writer = writer
+        self.window = max(1, round(cfg.keyframe_window_seconds * info.fps))
+        self.shots: list[dict[str, Any]] = []
+        self.cand_rows: list[dict[str, Any]] = []
+        self.frame_rows: list[dict[str, Any]] = []
+        self.pending_cuts: list[int] = []
+        self.current: OpenShot | None = None
+        # Interval method: one frame per tick, the sharpest within the keyframe window after it.
+        self.interval_next = 0.0
+        self.interval_window = min(cfg.keyframe_window_seconds, cfg.interval_seconds)
+        self.interval_window_end = 0.0
+        self.interval_best: FrameCandidate | None = None
 
-    shots: list[dict[str, Any]] = []
-    cand_rows: list[dict[str, Any]] = []
-    frame_rows: list[dict[str, Any]] = []
-    pending_cuts: list[int] = []
-    line: deque[tuple[Decoded, float, float | None]] = deque()
-    current: OpenShot | None = None
-    interval_next = 0.0
-    interval_window = min(cfg.keyframe_window_seconds, cfg.interval_seconds)
-    interval_window_end = 0.0
-    interval_best: FrameCandidate | None = None
-    prev_tiny: np.ndarray | None = None
+    def add_cuts(self, cuts: list[int]) -> None:
+        if cuts:
+            self.pending_cuts.extend(cuts)
+            self.pending_cuts.sort()
 
-    def save_full(c: FrameCandidate, shot_id: int, role: str) -> None:
-        fid = frame_id_for(movie_key, c.index)
-        rel = f"frames/{fid}.jpg"
-        writer.submit(stage_frames / f"{fid}.jpg", frame_to_bgr(c.frame, info.rotation))
-        frame_rows.append(
+    def save_full(self, c: FrameCandidate, shot_id: int, role: str) -> None:
+        fid = frame_id_for(self.movie_key, c.index)
+        self.writer.submit(self.frames_dir / f"{fid}.jpg", frame_to_bgr(c.frame, self.rotation))
+        width, height = self.size
+        self.frame_rows.append(
             {
                 "frame_id": fid,
                 "frame_index": c.index,
                 "timestamp_s": c.time_s,
                 "shot_id": shot_id,
-                "path": rel,
-                "width": out_w,
-                "height": out_h,
+                "path": f"frames/{fid}.jpg",
+                "width": width,
+                "height": height,
                 "role": role,
             }
         )
 
-    def save_candidate(c: FrameCandidate, shot_id: int, role: str) -> None:
-        name = f"{frame_id_for(movie_key, c.index)}.jpg"
-        writer.submit(stage_thumbs / name, thumbnail(c.frame, cfg.thumb_width, info.rotation))
-        cand_rows.append(
+    def save_candidate(self, c: FrameCandidate, shot_id: int, role: str) -> None:
+        name = f"{frame_id_for(self.movie_key, c.index)}.jpg"
+        self.writer.submit(self.thumbs_dir / name, thumbnail(c.frame, self.cfg.thumb_width, self.rotation))
+        self.cand_rows.append(
             {
                 "shot_id": shot_id,
                 "role": role,
@@ -185,10 +150,10 @@ def extract_frames(
             }
         )
 
-    def close_shot(shot: OpenShot, end_index: int, end_s: float) -> None:
+    def close_shot(self, shot: OpenShot, end_index: int, end_s: float) -> None:
         motion = shot.motion
-        kind = "static" if motion < cfg.motion_threshold else "dynamic"
-        shots.append(
+        kind = "static" if motion < self.cfg.motion_threshold else "dynamic"
+        self.shots.append(
             {
                 "shot_id": shot.shot_id,
                 "start_frame": shot.start,
@@ -200,67 +165,105 @@ def extract_frames(
                 "kind": kind,
             }
         )
-        if cfg.method == "shots":
-            picks = shot.candidates()
-            saved: set[int] = set()
-            for role in ("start", "middle", "end"):
-                c = picks.get(role)
-                if c is None:
-                    continue
-                save_candidate(c, shot.shot_id, role)
-                wanted = role == "middle" or kind == "dynamic"
-                if wanted and c.index not in saved:
-                    saved.add(c.index)
-                    save_full(c, shot.shot_id, role)
+        if self.cfg.method != "shots":
+            return
+        picks = shot.candidates()
+        saved: set[int] = set()
+        for role in ("start", "middle", "end"):
+            c = picks.get(role)
+            if c is None:
+                continue
+            self.save_candidate(c, shot.shot_id, role)
+            wanted = role == "middle" or kind == "dynamic"
+            if wanted and c.index not in saved:
+                saved.add(c.index)
+                self.save_full(c, shot.shot_id, role)
 
-    def flush_interval() -> None:
-        nonlocal interval_best
-        if interval_best is not None and current is not None:
-            save_candidate(interval_best, current.shot_id, "interval")
-            save_full(interval_best, current.shot_id, "interval")
-            interval_best = None
+    def flush_interval(self) -> None:
+        if self.interval_best is not None and self.current is not None:
+            self.save_candidate(self.interval_best, self.current.shot_id, "interval")
+            self.save_full(self.interval_best, self.current.shot_id, "interval")
+            self.interval_best = None
 
-    def commit(d: Decoded, sharp: float, diff: float | None) -> None:
-        nonlocal current, interval_next, interval_best, interval_window_end
-        while pending_cuts and pending_cuts[0] <= d.index:
-            cut = pending_cuts.pop(0)
-            if current is not None and cut > current.start:
-                flush_interval()
+    def commit(self, d: Decoded, sharp: float, diff: float | None) -> None:
+        """One frame leaves the delay line: close the shot if a cut was reported at or before it,
+        then add it to the open shot."""
+        while self.pending_cuts and self.pending_cuts[0] <= d.index:
+            cut = self.pending_cuts.pop(0)
+            if self.current is not None and cut > self.current.start:
+                self.flush_interval()
                 # The new shot starts at this frame; with keyframe-only decoding the reported
                 # cut may fall between two decoded frames, and shots must stay contiguous.
-                close_shot(current, d.index, d.time_s)
-                current = None
-        if current is None:
-            current = OpenShot(len(shots), d.index, d.time_s, window)
+                self.close_shot(self.current, d.index, d.time_s)
+                self.current = None
+        if self.current is None:
+            self.current = OpenShot(len(self.shots), d.index, d.time_s, self.window)
         cand = FrameCandidate(d.index, d.time_s, sharp, d.frame)
-        current.add(cand, diff)
-        if cfg.method == "keyframe":
-            save_candidate(cand, current.shot_id, "keyframe")
-            save_full(cand, current.shot_id, "keyframe")
-        elif cfg.method == "interval":
-            # One frame per tick: the sharpest within the keyframe window after the tick.
-            if interval_best is not None and d.time_s >= interval_window_end:
-                flush_interval()
-            if interval_best is None and d.time_s >= interval_next:
-                interval_best = cand
-                interval_window_end = d.time_s + interval_window
-                interval_next = (d.time_s // cfg.interval_seconds + 1) * cfg.interval_seconds
-            elif interval_best is not None and sharp > interval_best.sharp:
-                interval_best = cand
+        self.current.add(cand, diff)
+        if self.cfg.method == "keyframe":
+            self.save_candidate(cand, self.current.shot_id, "keyframe")
+            self.save_full(cand, self.current.shot_id, "keyframe")
+        elif self.cfg.method == "interval":
+            self._interval(cand, d.time_s)
 
-    started = time.perf_counter()
-    bar = tqdm(
-        total=info.declared_frames,
-        unit="frame",
-        desc=(desc := f"extract {info.path.name}"),
-        disable=not progress,
-        mininterval=0.5,
+    def _interval(self, cand: FrameCandidate, time_s: float) -> None:
+        if self.interval_best is not None and time_s >= self.interval_window_end:
+            self.flush_interval()
+        if self.interval_best is None and time_s >= self.interval_next:
+            self.interval_best = cand
+            self.interval_window_end = time_s + self.interval_window
+            step = self.cfg.interval_seconds
+            self.interval_next = (time_s // step + 1) * step
+        elif self.interval_best is not None and cand.sharp > self.interval_best.sharp:
+            self.interval_best = cand
+
+    def finish(self, last_index: int, last_time: float, fps: float) -> None:
+        """Close the last shot at the end of the movie."""
+        if self.current is not None:
+            self.flush_interval()
+            self.close_shot(self.current, last_index + 1, last_time + 1.0 / fps)
+
+
+def _detector(cfg: ExtractionConfig, fps: float) -> tuple[ExtractionConfig, Any]:
+    """The configured boundary detector (and the config it really runs with)."""
+    from diffusion_bunny.stages.extract.detectors import make_boundaries
+    from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle
+
+    if cfg.uses_transnetv2 and cfg.method == "keyframe":
+        # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
+        # consecutive frames, so the content detector compares the keyframes instead.
+        cfg = cfg.model_copy(update={"detector": "content"})
+    # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
+    # cascade starts loading it at its first doubtful candidate.
+    model = (
+        ModelHandle(cfg.device, runtime=cfg.runtime, start=cfg.detector == "transnetv2")
+        if cfg.uses_transnetv2
+        else None
     )
+    return cfg, make_boundaries(cfg, fps, model)
+
+
+def _decode(
+    reader: VideoReader,
+    detector: Any,
+    assembler: _ShotAssembler,
+    *,
+    progress: bool,
+    progress_path: Path | None,
+) -> tuple[int, float]:
+    """The single pass: every decoded frame feeds the detector and the motion and sharpness
+    measures, then waits in the delay line until no cut can still be reported before it.
+    Returns the index and time of the last frame decoded."""
+    info = reader.info
+    delay = max(1, detector.lookahead + 1)
+    line: deque[tuple[Decoded, float, float | None]] = deque()
+    desc = f"extract {info.path.name}"
+    bar = tqdm(total=info.declared_frames, unit="frame", desc=desc, disable=not progress, mininterval=0.5)
     reporter = ProgressFile(progress_path, desc, info.declared_frames, "frame")
-    last_time = 0.0
-    last_index = -1
+    last_time, last_index = 0.0, -1
+    prev_tiny: np.ndarray | None = None
+    tiny_size: tuple[int, int] | None = None
     try:
-        tiny_size = None
         for n, d in enumerate(reader.frames()):
             gray = d.small_gray
             if tiny_size is None:
@@ -268,13 +271,10 @@ def extract_frames(
             tiny = cv2.resize(gray, tiny_size, interpolation=cv2.INTER_AREA)
             diff = None if prev_tiny is None else float(cv2.norm(tiny, prev_tiny, cv2.NORM_L1)) / tiny.size
             prev_tiny = tiny
-            cuts = detector.push(d.index, d.small_bgr)
-            if cuts:
-                pending_cuts.extend(cuts)
-                pending_cuts.sort()
+            assembler.add_cuts(detector.push(d.index, d.small_bgr))
             line.append((d, laplacian_variance(gray), diff))
             while len(line) > delay:
-                commit(*line.popleft())
+                assembler.commit(*line.popleft())
             last_time, last_index = d.time_s, d.index
             if n % 32 == 31:
                 bar.update(32)
@@ -282,44 +282,72 @@ def extract_frames(
         bar.update(reader.report.decoded % 32)
         reporter.update(reader.report.decoded, force=True)
         if last_index >= 0:
-            pending_cuts.extend(detector.finish(last_index))
-            pending_cuts.sort()
+            assembler.add_cuts(detector.finish(last_index))
         while line:
-            commit(*line.popleft())
-        if current is not None:
-            flush_interval()
-            end_index = last_index + 1
-            close_shot(current, end_index, last_time + 1.0 / fps)
-        writer.close()
-    except BaseException:
-        writer.pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(stage_frames, ignore_errors=True)
-        shutil.rmtree(stage_thumbs, ignore_errors=True)
-        raise
+            assembler.commit(*line.popleft())
     finally:
         bar.close()
         reporter.close()
+    return last_index, last_time
 
-    if reader.report.decoded == 0:
-        shutil.rmtree(stage_frames, ignore_errors=True)
-        shutil.rmtree(stage_thumbs, ignore_errors=True)
-        from diffusion_bunny.errors import BadInputError
 
-        raise BadInputError(f"{info.path}: no frame could be decoded; the file is corrupt")
+def extract_frames(
+    movie: str | Path,
+    cfg: ExtractionConfig,
+    run_dir: str | Path,
+    *,
+    movie_key: str | None = None,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> StageOutput:
+    """Decode ``movie`` once and write ``frames/`` and ``thumbs/`` under ``run_dir``.
 
-    for final_dir, staged in ((run_dir / "frames", stage_frames), (run_dir / "thumbs", stage_thumbs)):
-        old = run_dir / f".{final_dir.name}.old{os.getpid()}"
-        if final_dir.exists():
-            final_dir.rename(old)
-        staged.rename(final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-
-    warnings = []
-    loss = reader.loss_message()
-    if loss:
-        warnings.append(loss)
+    The images are first written to staging folders that replace the old ones only when the
+    pass completes, so a failure leaves the previous results as they were.
+    """
+    run_dir = Path(run_dir)
+    reader = VideoReader(
+        movie, cfg.analysis_width, keyframes_only=cfg.method == "keyframe", detect_width=cfg.detect_width
+    )
+    info = reader.info
+    if movie_key is None:
+        movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
+    requested = cfg.detector
+    cfg, detector = _detector(cfg, info.fps)
+    started = time.perf_counter()
+    with staged_folder(run_dir / "frames") as frames_dir, staged_folder(run_dir / "thumbs") as thumbs_dir:
+        writer = _Writer(cfg.jpeg_quality)
+        try:
+            assembler = _ShotAssembler(cfg, movie_key, info, (frames_dir, thumbs_dir), writer)
+            last_index, last_time = _decode(
+                reader, detector, assembler, progress=progress, progress_path=progress_path
+            )
+            assembler.finish(last_index, last_time, info.fps)
+            writer.close()
+        except BaseException:
+            writer.pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        if reader.report.decoded == 0:
+            raise BadInputError(f"{info.path}: no frame could be decoded; the file is corrupt")
     elapsed = time.perf_counter() - started
     facts = {
+        **_movie_facts(reader, last_time),
+        "detector": cfg.detector,
+        "detector_requested": requested,
+        "threshold": cfg.effective_threshold,
+        "method": cfg.method,
+        "seconds": round(elapsed, 3),
+        "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
+        **detector.facts(),
+    }
+    loss = reader.loss_message()
+    return _output(assembler, detector, facts, [loss] if loss else [])
+
+
+def _movie_facts(reader: VideoReader, last_time: float) -> dict[str, Any]:
+    info = reader.info
+    out_w, out_h = info.display_size
+    return {
         "movie": str(info.path),
         "container": info.container,
         "codec": info.codec,
@@ -328,26 +356,50 @@ def extract_frames(
         "width": out_w,
         "height": out_h,
         "rotation": info.rotation,
-        "fps": fps,
+        "fps": info.fps,
         "duration_s": info.duration_s,
         "declared_frames": info.declared_frames,
         "decoded_frames": reader.report.decoded,
         "decoded_until_s": round(last_time, 3),
         "analysis_step": reader.analysis_step,
         "detect_step": reader.analysis_step * reader.detect_factor,
-        "detector": cfg.detector,
-        "detector_requested": requested,
-        "threshold": cfg.effective_threshold,
-        "method": cfg.method,
-        "seconds": round(elapsed, 3),
-        "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
     }
-    facts.update(detector.facts())
-    return ExtractResult(
-        shots=pl.DataFrame(shots, schema=SHOTS_SCHEMA),
-        frames=pl.DataFrame(frame_rows, schema=FRAMES_SCHEMA).sort("frame_index"),
-        candidates=pl.DataFrame(cand_rows, schema=CANDIDATES_SCHEMA),
-        info=facts,
+
+
+def _output(
+    assembler: _ShotAssembler, detector: Any, facts: dict[str, Any], warnings: list[str]
+) -> StageOutput:
+    shots_table = pl.DataFrame(assembler.shots, schema=SHOTS_SCHEMA)
+    frames_table = pl.DataFrame(assembler.frame_rows, schema=FRAMES_SCHEMA).sort("frame_index")
+    boundary_table = pl.DataFrame(detector.candidate_rows(), schema=BOUNDARY_CANDIDATES_SCHEMA)
+    counts = {
+        "shots": shots_table.height,
+        "frames": frames_table.height,
+        "static_shots": int((shots_table["kind"] == "static").sum()),
+        "dynamic_shots": int((shots_table["kind"] == "dynamic").sum()),
+        "decoded_frames": facts["decoded_frames"],
+        "boundary_candidates": boundary_table.height,
+    }
+    return StageOutput(
+        tables={
+            "shots": shots_table,
+            "frames": frames_table,
+            "keyframe_candidates": pl.DataFrame(assembler.cand_rows, schema=CANDIDATES_SCHEMA),
+            "boundary_candidates": boundary_table,
+        },
+        counts=counts,
         warnings=warnings,
-        boundary_candidates=pl.DataFrame(detector.candidate_rows(), schema=BOUNDARY_CANDIDATES_SCHEMA),
+        facts=facts,
+    )
+
+
+def compute(ctx: Context) -> StageOutput:
+    """Stage 01 on a run: its movie, decoded once."""
+    return extract_frames(
+        ctx.run.movie,
+        ctx.cfg.extraction,
+        ctx.run_dir,
+        movie_key=ctx.run.movie_key,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
     )

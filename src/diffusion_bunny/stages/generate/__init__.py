@@ -1,1 +1,87 @@
-"""Stage generate."""
+"""Stage 08 ``generate``: what the trained LoRA draws, and which checkpoint draws the characters
+best.
+
+* :mod:`.grid`: the checkpoints stage 07 left and the grid of prompts x seeds x scales (pure);
+* :mod:`.render`: drawing the grid with the base model and each LoRA, resumable picture by picture;
+* :mod:`.identity`: face-encoding distance to each character's references, CLIP score, the best
+  checkpoint (pure choice);
+* :mod:`.stage`: the stage on a run; :mod:`.tables`: ``generations``, ``generation_scores``;
+* :mod:`.plots`: notebook 08's score plot and grids.
+
+Its settings are its own section and the few of other stages it reads: the base model and LoRA
+folder of ``training``, the trigger word of ``captioning`` and the face detector and references
+of ``characters``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.models.faces import references_fingerprint
+from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.manifest import file_fingerprint
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.characters.tables import reference_dir
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.generate.stage import compute
+
+    return compute(ctx)
+
+
+def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
+    from diffusion_bunny.stages.generate.stage import selected_checkpoints
+
+    return {
+        # The LoRA files compared (a retrained one makes the stage stale).
+        "checkpoints": {c.name: file_fingerprint(c.path) for c in selected_checkpoints(run, cfg)},
+        "references": references_fingerprint(reference_dir(run.run_dir, cfg.characters)),
+    }
+
+
+def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
+    return {"generated/": run.run_dir / "generated"}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 08: pictures drawn, and the best checkpoint and its score."""
+    c, f = manifest["counts"], manifest["facts"]
+    best = f.get("best_identity_distance")
+    score = f"identity distance {best:.2f}" if best is not None else f.get("no_face", "no face scored")
+    return (
+        f"{c['images']} images ({c['rendered_now']} drawn now, {c['reused']} reused) over "
+        f"{c['checkpoints']} checkpoints; best {f['best_checkpoint']} ({score})"
+    )
+
+
+STAGE = Stage(
+    name="generate",
+    number=8,
+    notebook="08_generate.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(
+        # The references are also the confidently named faces: a relabel of stage 03 changes them.
+        Reads(
+            "faces",
+            "characters",
+            ("face_id", "frame_id", "character", "low_confidence", "embedding"),
+            optional=True,
+        ),
+    ),
+    config=(
+        "generation",
+        "training.base_model",
+        "training.family",
+        "training.output_dir",
+        "training.resolution",
+        "captioning.trigger_word",
+        "characters",
+    ),
+    writes=("generations", "generation_scores"),
+    owns=_owns,
+    inputs=_inputs,
+)

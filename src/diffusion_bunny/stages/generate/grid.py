@@ -7,15 +7,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER
 from diffusion_bunny.stages.train.tables import LORA_FILE
-
-if TYPE_CHECKING:
-    pass
-
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -17,10 +17,6 @@ from diffusion_bunny.errors import ConfigError, StageError
 from diffusion_bunny.models.faces import DetectSettings, detect_and_encode, read_rgb
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Generated images at most this many pixels on their short side are searched for faces once
 #: more with one more upsampling when the first pass finds none (HOG's window is 80 px).

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import plotnine as p9
 import polars as pl
-from PIL import Image, ImageDraw
-from plotnine import (
-    aes,
-    facet_wrap,
-    geom_line,
-    geom_point,
-    ggplot,
-    labs,
-    scale_colour_manual,
-    theme,
-    theme_bw,
-)
+from PIL import Image
 
-from diffusion_bunny.media.figures import categorical, load_font
+from diffusion_bunny.media.figures import (
+    Block,
+    Layout,
+    Tile,
+    categorical,
+    tile_sheet,
+)
 from diffusion_bunny.stages.generate.tables import BASE
 
 _METRICS = {
@@ -33,7 +29,7 @@ _METRICS = {
 }
 
 
-def checkpoint_scores_plot(scores: pl.DataFrame) -> ggplot:
+def checkpoint_scores_plot(scores: pl.DataFrame) -> p9.ggplot:
     """One panel per score (identity distance, share of images with a face, CLIP score when
     computed) over the checkpoints in training order, ``base`` (the model without LoRA) first; the
     best checkpoint is marked. Panels whose score is null everywhere (no face found, no CLIP model)
@@ -60,14 +56,14 @@ def checkpoint_scores_plot(scores: pl.DataFrame) -> ggplot:
     )
     lora = frame[frame["checkpoint"] != BASE]
     return (
-        ggplot(frame, aes("checkpoint", "value"))
-        + geom_line(aes(group="metric"), data=lora, colour="#888888")
-        + geom_point(aes(colour="kind"), size=3)
-        + scale_colour_manual(values={"best": "#D62728", "checkpoint": "#1F77B4", "base model": "#555555"})
-        + facet_wrap("metric", ncol=1, scales="free_y")
-        + labs(x="checkpoint (training order)", y="", colour="", title="Scores per checkpoint")
-        + theme_bw()
-        + theme(figure_size=(7, 2.2 * len(rows) + 0.6))
+        p9.ggplot(frame, p9.aes("checkpoint", "value"))
+        + p9.geom_line(p9.aes(group="metric"), data=lora, colour="#888888")
+        + p9.geom_point(p9.aes(colour="kind"), size=3)
+        + p9.scale_colour_manual(values={"best": "#D62728", "checkpoint": "#1F77B4", "base model": "#555555"})
+        + p9.facet_wrap("metric", ncol=1, scales="free_y")
+        + p9.labs(x="checkpoint (training order)", y="", colour="", title="Scores per checkpoint")
+        + p9.theme_bw()
+        + p9.theme(figure_size=(7, 2.2 * len(rows) + 0.6))
     )
 
 
@@ -90,35 +86,27 @@ def generation_grid(
     keys = rows.select("prompt_index", "seed").unique().sort("prompt_index", "seed").rows()
     prompts = dict(rows.select("prompt_index", "prompt").unique().iter_rows())
     by_cell = {(r["prompt_index"], r["seed"], r["lora_scale"]): r for r in rows.iter_rows(named=True)}
-    font, small = load_font(13), load_font(11)
-    label_w, gap, caption_h = 110, 4, 15
-    header = 22 + 15 * len(prompts) + 18
-    width = label_w + max(1, len(scales)) * (cell + gap)
-    height = header + max(1, len(keys)) * (cell + caption_h + gap)
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((4, 4), f"{character} · {checkpoint}", fill="black", font=font)
-    for i, (p, text) in enumerate(sorted(prompts.items())):
-        draw.text((4, 22 + 15 * i), f"p{p}: {text}", fill="#444444", font=small)
-    for c, scale in enumerate(scales):
-        name = "base model" if scale == 0 else f"LoRA x{scale:g}"
-        draw.text((label_w + c * (cell + gap), header - 16), name, fill="black", font=small)
-    for r, (p, seed) in enumerate(keys):
-        top = header + r * (cell + caption_h + gap)
-        draw.text((4, top + cell // 2), f"p{p} seed {seed}", fill="black", font=small)
-        for c, scale in enumerate(scales):
-            left = label_w + c * (cell + gap)
+    blocks = []
+    for p, seed in keys:
+        tiles = []
+        for scale in scales:
             row = by_cell.get((p, seed, scale))
-            try:
-                if row is None:
-                    raise OSError
-                with Image.open(run_dir / row["path"]) as img:
-                    pic = img.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
-            except OSError:
-                pic = Image.new("RGB", (cell, cell), "#DDDDDD")
-            sheet.paste(pic, (left, top))
-            if row is not None:
-                d = row["identity_distance"]
-                text = "no face" if not row["face_found"] else ("face" if d is None else f"distance {d:.2f}")
-                draw.text((left, top + cell + 1), text, fill="#444444", font=small)
-    return sheet
+            if row is None:
+                tiles.append(Tile(None, missing=""))
+                continue
+            d = row["identity_distance"]
+            text = "no face" if not row["face_found"] else ("face" if d is None else f"distance {d:.2f}")
+            tiles.append(Tile(run_dir / row["path"], label=text, missing=""))
+        blocks.append(Block(tiles, side=(f"p{p} seed {seed}",)))
+    header = [f"{character} · {checkpoint}", *(f"p{p}: {text}" for p, text in sorted(prompts.items()))]
+    layout = Layout(
+        (cell, cell),
+        max(1, len(scales)),
+        label_h=15,
+        side_width=110,
+        lead_gap=False,
+        header_h=8 + 16 * len(header),
+        column_title_h=20,
+    )
+    names = ["base model" if scale == 0 else f"LoRA x{scale:g}" for scale in scales]
+    return tile_sheet(blocks, layout, header=header, column_titles=names)

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import ProgressFile
-from diffusion_bunny.pipeline.run import file_fingerprint
 from diffusion_bunny.stages.generate.grid import Checkpoint, GridItem
 from diffusion_bunny.stages.generate.tables import BASE
 

@@ -1,25 +1,19 @@
-"""Stage 08 (``generate``) on a run: where the LoRA files and references are, what the stage's
-inputs are, and the call into :mod:`diffusion_bunny.stages.generate.render`.
-
-Inputs (a change in any makes the stage stale): the LoRA files compared (size and content hashes),
-the base model setting, the trigger word, the image size, stage 03's reference folder (content
-hash) and face detector settings, and which faces stage 03 named (``faces``: frame_id,
-character). The ``generation`` section is the stage's own config.
-"""
+"""Stage 08 (``generate``) on a run: find the LoRA files and the references, render the grid
+(resuming), score every picture and pick the best checkpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.config import Config, GenerationConfig
+from diffusion_bunny.config import GenerationConfig
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.models.faces import DetectSettings
-from diffusion_bunny.pipeline.run import Run, file_fingerprint
+from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
+from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.generate.grid import Checkpoint, find_checkpoints, plan_grid, select_checkpoints
 from diffusion_bunny.stages.generate.identity import (
     CharacterReferences,
@@ -32,17 +26,16 @@ from diffusion_bunny.stages.generate.identity import (
 )
 from diffusion_bunny.stages.generate.render import RenderSettings, check_loras, default_size, generate_images
 from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
+from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
 
 
-def checkpoint_dir(run: Run, cfg: Config) -> Path:
+def checkpoint_dir(run: Run, cfg: ConfigView) -> Path:
     """Stage 07's output folder (``training.output_dir``, else ``checkpoint/<run folder name>/``),
     by stage 07's own rule."""
-    from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
-
     return training_dir(run.run_dir, cfg.training)
 
 
-def base_model_setting(cfg: Config) -> tuple[str, str, str]:
+def base_model_setting(cfg: ConfigView) -> tuple[str, str, str]:
     """(base model, family, the setting that names it): ``generation.base_model`` when set, else
     the model training used (``training.base_model`` / ``training.family``)."""
     if cfg.generation.base_model:
@@ -50,53 +43,28 @@ def base_model_setting(cfg: Config) -> tuple[str, str, str]:
     return cfg.training.base_model, cfg.training.family, "training.base_model"
 
 
-def trigger_word(cfg: Config) -> str:
+def trigger_word(cfg: ConfigView) -> str:
     """``generation.trigger_word``, else the captions' (``captioning.trigger_word``): the word the
     LoRA learned the movie's look under."""
     return cfg.generation.trigger_word or cfg.captioning.trigger_word
 
 
-def selected_checkpoints(run: Run, cfg: Config) -> list[Checkpoint]:
+def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
     """The LoRA files to compare; none at all is a StageError naming stage train."""
-    from diffusion_bunny.stages import stage_names
-
     folder = checkpoint_dir(run, cfg)
     found = find_checkpoints(folder)
     if not found:
-        names = stage_names()
-        upto = ",".join(names[: names.index("generate") + 1])
         raise StageError(
             f"no trained LoRA in {folder} (pytorch_lora_weights.safetensors); run stage train first "
-            f"(bunny run MOVIE --stages {upto}), or point training.output_dir at a training output"
+            "(bunny run MOVIE runs every stage up to it), or point training.output_dir at a training output"
         )
     return select_checkpoints(found, cfg.generation.checkpoints)
 
 
-def generate_inputs(run: Run, cfg: Config) -> dict[str, Any]:
-    """The fingerprints :func:`stages.run_stage` compares with the last manifest."""
-    from diffusion_bunny.models.faces import DetectSettings, references_fingerprint
-    from diffusion_bunny.stages.characters.tables import reference_dir
-
-    base, family, _ = base_model_setting(cfg)
-    inputs: dict[str, Any] = {
-        "checkpoints": {c.name: file_fingerprint(c.path) for c in selected_checkpoints(run, cfg)},
-        "base_model": {"name": base, "family": family},
-        "trigger_word": trigger_word(cfg),
-        "resolution": cfg.generation.resolution or cfg.training.resolution,
-        "references": references_fingerprint(reference_dir(run.run_dir, cfg.characters)),
-        "detect": DetectSettings.from_config(cfg.characters).key(),
-    }
-    if run.has_table("faces"):
-        # The references are the confidently named faces: a relabel of stage 03 changes them.
-        inputs["faces"] = run.table_fingerprint(
-            "faces", ["face_id", "frame_id", "character", "low_confidence"]
-        )
-    return inputs
-
-
-def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateResult:
+def compute(ctx: Context) -> StageOutput:
     """Stage 08 on a run: resolve the base model (a missing one fails here, first), find the LoRA
     files and the references, then render, score and choose."""
+    run, cfg, progress = ctx.run, ctx.cfg, ctx.progress
     from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
     from diffusion_bunny.models.faces import DetectSettings
     from diffusion_bunny.stages.characters.tables import reference_dir
@@ -107,7 +75,7 @@ def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateRes
     ref = resolve_base_model(base, family, setting=setting)
     checkpoints = selected_checkpoints(run, cfg)
     detect = DetectSettings.from_config(cfg.characters)
-    faces = run.optional_table("faces")
+    faces = ctx.optional("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
     result = generate_stage(
         run.run_dir,
@@ -120,7 +88,7 @@ def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateRes
         resolution=cfg.generation.resolution or cfg.training.resolution,
         base_model=ref.name,
         progress=progress,
-        progress_path=run.progress_path("generate"),
+        progress_path=ctx.progress_path,
     )
     result.warnings[:0] = ref_warnings
     result.facts["base_model_path"] = str(ref.path)
@@ -128,23 +96,8 @@ def generate_run(run: Run, cfg: Config, *, progress: bool = True) -> GenerateRes
     return result
 
 
-if TYPE_CHECKING:
-    pass
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-@dataclass
-class GenerateResult:
-    """What :func:`generate_stage` returns."""
-
-    generations: pl.DataFrame
-    scores: pl.DataFrame
-    counts: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def generate_stage(
@@ -160,7 +113,7 @@ def generate_stage(
     base_model: str,
     progress: bool = False,
     progress_path: Path | None = None,
-) -> GenerateResult:
+) -> StageOutput:
     """Stage 08 without the run bookkeeping: check the LoRA files, render the grid (resuming),
     score every image and pick the best checkpoint.
 
@@ -173,52 +126,31 @@ def generate_stage(
     warnings.extend(char_warnings)
     if not checkpoints and any(s != 0 for s in cfg.lora_scales):
         raise StageError("no LoRA checkpoint to generate with; run stage train first")
-    pipe = pipe_loader()
+    pipe = pipe_loader()  # first: a missing base model fails before anything else
     check_loras(pipe, checkpoints)
     clip = None
-    if cfg.clip_model:
+    if cfg.clip_model:  # loaded before any picture is drawn: a missing model fails here too
         from diffusion_bunny.models.device import resolve_device
 
         clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generation.device"))
-    size = resolution or default_size(pipe)
-    settings = RenderSettings(
-        base_model=base_model,
-        negative_prompt=cfg.negative_prompt,
-        steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        width=size,
-        height=size,
+    items, size, rendered, reused = _draw(
+        run_dir,
+        cfg,
+        pipe,
+        checkpoints,
+        characters,
+        trigger,
+        resolution,
+        base_model,
+        progress,
+        progress_path,
     )
-    items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
-    rendered, reused = generate_images(
-        pipe, run_dir, items, checkpoints, settings, progress=progress, progress_path=progress_path
-    )
-    del pipe
+    del pipe  # the base model's memory back before the faces are scored
     ids = score_images(run_dir, items, references, detect, progress=progress)
     clips: list[float | None] = [None] * len(items)
     if clip is not None:
         clips = list(clip_scores([run_dir / i.rel_path for i in items], [i.prompt for i in items], clip))
-    generations = pl.DataFrame(
-        [
-            {
-                "character": it.character,
-                "prompt_index": it.prompt_index,
-                "prompt": it.prompt,
-                "seed": it.seed,
-                "lora_scale": it.lora_scale,
-                "checkpoint": it.checkpoint,
-                "step": it.step,
-                "path": it.rel_path,
-                "faces": sc.faces,
-                "face_found": sc.faces > 0,
-                "identity_distance": sc.distance,
-                "clip_score": cs,
-                "best": False,
-            }
-            for it, sc, cs in zip(items, ids, clips, strict=True)
-        ],
-        schema=GENERATIONS_SCHEMA,
-    )
+    generations = _generations_table(items, ids, clips)
     scores = checkpoint_scores(generations, [c.name for c in checkpoints])
     best = pick_best(scores)
     generations = generations.with_columns((pl.col("checkpoint") == best).alias("best"))
@@ -253,4 +185,65 @@ def generate_stage(
         "clip_model": cfg.clip_model,
         "no_face": f"no face in {generations.height - with_face} of {generations.height} images",
     }
-    return GenerateResult(generations, scores, counts, warnings, facts)
+    return StageOutput(
+        tables={"generations": generations, "generation_scores": scores},
+        counts=counts,
+        warnings=warnings,
+        facts=facts,
+    )
+
+
+def _draw(
+    run_dir: Path,
+    cfg: GenerationConfig,
+    pipe: Any,
+    checkpoints: Sequence[Checkpoint],
+    characters: list[str],
+    trigger: str,
+    resolution: int | None,
+    base_model: str,
+    progress: bool,
+    progress_path: Path | None,
+) -> tuple[list[Any], int, int, int]:
+    """Render what is missing of the grid with the loaded base model. Returns the grid, the
+    picture size, and the counts of pictures drawn now and reused."""
+    size = resolution or default_size(pipe)
+    settings = RenderSettings(
+        base_model=base_model,
+        negative_prompt=cfg.negative_prompt,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        width=size,
+        height=size,
+    )
+    items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
+    rendered, reused = generate_images(
+        pipe, run_dir, items, checkpoints, settings, progress=progress, progress_path=progress_path
+    )
+    return items, size, rendered, reused
+
+
+def _generations_table(
+    items: Sequence[Any], ids: Sequence[Any], clips: Sequence[float | None]
+) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "character": it.character,
+                "prompt_index": it.prompt_index,
+                "prompt": it.prompt,
+                "seed": it.seed,
+                "lora_scale": it.lora_scale,
+                "checkpoint": it.checkpoint,
+                "step": it.step,
+                "path": it.rel_path,
+                "faces": sc.faces,
+                "face_found": sc.faces > 0,
+                "identity_distance": sc.distance,
+                "clip_score": cs,
+                "best": False,
+            }
+            for it, sc, cs in zip(items, ids, clips, strict=True)
+        ],
+        schema=GENERATIONS_SCHEMA,
+    )

@@ -3,13 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import polars as pl
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Checkpoint name of the images rendered with LoRA scale 0 (the base model alone).
 BASE = "base"

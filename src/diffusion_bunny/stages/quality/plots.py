@@ -6,26 +6,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import plotnine as p9
 import polars as pl
-from PIL import Image, ImageDraw
-from plotnine import (
-    aes,
-    facet_wrap,
-    geom_histogram,
-    geom_vline,
-    ggplot,
-    labs,
-    scale_fill_manual,
-    theme,
-    theme_minimal,
-)
+from PIL import Image
 
+from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, tile_sheet
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 if TYPE_CHECKING:
     from diffusion_bunny.config import FilteringConfig
 
-from diffusion_bunny.media.figures import load_font
 
 #: One colour per outcome of stage 02, in rule order.
 OUTCOME_COLOURS = {
@@ -40,7 +30,7 @@ OUTCOME_COLOURS = {
 }
 
 
-def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> ggplot:
+def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> p9.ggplot:
     """One histogram per quality score, bars coloured by outcome, thresholds as dashed lines.
 
     Sharpness is shown as log10: it spans three decades, and on a linear axis every blurred frame
@@ -80,14 +70,14 @@ def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> ggplot:
     vlines["score"] = pd.Categorical(vlines["score"], categories=order)
     kept = int(table["keep"].sum())
     return (
-        ggplot(df, aes(x="value", fill="outcome"))
-        + geom_histogram(bins=30, colour="white", size=0.1)
-        + geom_vline(vlines, aes(xintercept="value"), linetype="dashed", colour="#C0392B", size=0.7)
-        + facet_wrap("score", scales="free", ncol=3)
-        + scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
-        + labs(x="", y="frames", fill="outcome", title=f"{kept} of {table.height} frames kept")
-        + theme_minimal()
-        + theme(figure_size=(10, 5.5))
+        p9.ggplot(df, p9.aes(x="value", fill="outcome"))
+        + p9.geom_histogram(bins=30, colour="white", size=0.1)
+        + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour="#C0392B", size=0.7)
+        + p9.facet_wrap("score", scales="free", ncol=3)
+        + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
+        + p9.labs(x="", y="frames", fill="outcome", title=f"{kept} of {table.height} frames kept")
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(10, 5.5))
     )
 
 
@@ -100,7 +90,7 @@ def quality_sheet(
     columns: int = 6,
     thumb_width: int = 160,
 ) -> Image.Image:
-    """Kept frames, then rejected ones labelled with their reason, as one Pillow mosaic.
+    """Kept frames, then rejected ones labelled with their reason, as one mosaic.
 
     Rejected frames are grouped by reason in rule order, so the frames a threshold just pushed
     out sit together. Thumbnails from ``thumbs/`` are used where stage 01 saved them.
@@ -111,48 +101,28 @@ def quality_sheet(
     rows = rows.with_columns(
         pl.col("reject_reason").fill_null("kept").replace_strict(rank, default=99).alias("_rank")
     ).sort("_rank", "frame_index")
-    kept = rows.filter(pl.col("keep"))
-    rejected = rows.filter(~pl.col("keep"))
-    thumb_h = round(thumb_width * 9 / 16)
-    for row in rows.head(1).iter_rows(named=True):
-        try:
-            with Image.open(frame_image_path(run_dir, row["frame_id"], row["path"])) as img:
-                thumb_h = round(thumb_width * img.height / img.width)
-        except OSError:
-            pass
-    gap, label_h, header_h = 4, 15, 24
-    sections = [("kept", kept), ("rejected", rejected)]
-    heights = [
-        header_h + max(1, math.ceil(min(g.height, max_per_group) / columns)) * (thumb_h + label_h + gap)
-        for _, g in sections
-    ]
-    width = columns * (thumb_width + gap) + gap
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font, small = load_font(14), load_font(11)
-    top = 0
-    for (title, group), height in zip(sections, heights, strict=True):
+    first = rows.head(1).to_dicts()
+    thumb_h = aspect_height(
+        frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
+    )
+    blocks = []
+    for title, group in (("kept", rows.filter(pl.col("keep"))), ("rejected", rows.filter(~pl.col("keep")))):
         shown = (
             f"first {max_per_group} of {group.height}" if group.height > max_per_group else str(group.height)
         )
-        draw.text(
-            (gap, top + 4),
-            f"{title} ({shown})",
-            fill=OUTCOME_COLOURS["kept"] if title == "kept" else "#C0392B",
-            font=font,
-        )
-        for k, row in enumerate(group.head(max_per_group).iter_rows(named=True)):
-            left = gap + (k % columns) * (thumb_width + gap)
-            y = top + header_h + (k // columns) * (thumb_h + label_h + gap)
+        tiles = []
+        for row in group.head(max_per_group).iter_rows(named=True):
             reason = row["reject_reason"] or ""
-            label = f"#{row['frame_index']} shot {row['shot_id']} {reason}"
-            draw.text((left, y), label, fill=OUTCOME_COLOURS.get(reason or "kept", "#444444"), font=small)
-            try:
-                with Image.open(frame_image_path(run_dir, row["frame_id"], row["path"])) as img:
-                    thumb = img.convert("RGB").resize((thumb_width, thumb_h), Image.Resampling.BILINEAR)
-            except (OSError, TypeError):
-                thumb = Image.new("RGB", (thumb_width, thumb_h), "#DDDDDD")
-                ImageDraw.Draw(thumb).text((8, 8), "unreadable", fill="black", font=small)
-            sheet.paste(thumb, (left, y + label_h))
-        top += height
-    return sheet
+            path = frame_image_path(run_dir, row["frame_id"], row["path"]) if row["path"] else None
+            tiles.append(
+                Tile(
+                    path,
+                    label=f"#{row['frame_index']} shot {row['shot_id']} {reason}",
+                    label_colour=OUTCOME_COLOURS.get(reason or "kept", "#444444"),
+                    missing="unreadable",
+                )
+            )
+        colour = OUTCOME_COLOURS["kept"] if title == "kept" else "#C0392B"
+        blocks.append(Block(tiles, title=f"{title} ({shown})", title_colour=colour))
+    layout = Layout((thumb_width, thumb_h), columns, label_h=15, label_above=True, title_h=24)
+    return tile_sheet(blocks, layout)

@@ -38,28 +38,21 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-from typing import Any
 
-import polars as pl
-
-from diffusion_bunny.config import FilteringConfig
-from diffusion_bunny.stages.quality.rules import apply_quality_rules
+from diffusion_bunny.pipeline.contract import Context, StageOutput
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
 from diffusion_bunny.stages.quality.scores import SCORE_VERSION, SCORE_WIDTH, score_frames
 
 
-def quality_stage(
-    run_dir: str | Path,
-    frames: pl.DataFrame,
-    cfg: FilteringConfig,
-    *,
-    progress: bool = True,
-    progress_path: Path | None = None,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Score the frames and apply the rules: the ``quality`` table and facts for the manifest."""
+def compute(ctx: Context) -> StageOutput:
+    """Score the frames stage 01 kept, once, then apply the rules: the ``quality`` table."""
+    frames = ctx.table("frames")
+    cfg = ctx.cfg.filtering
     started = time.perf_counter()
     workers = os.cpu_count() or 1
-    scores = score_frames(run_dir, frames, workers=workers, progress=progress, progress_path=progress_path)
+    scores = score_frames(
+        ctx.run_dir, frames, workers=workers, progress=ctx.progress, progress_path=ctx.progress_path
+    )
     scored = time.perf_counter() - started
     table = apply_quality_rules(scores, frames, cfg)
     facts = {
@@ -69,4 +62,11 @@ def quality_stage(
         "scoring_seconds": round(scored, 3),
         "frames_per_second": round(frames.height / scored, 1) if scored > 0 and frames.height else None,
     }
-    return table, facts
+    counts = {"frames": table.height, **reason_counts(table)}
+    warnings = []
+    if counts.get("unreadable"):
+        warnings.append(
+            f"{counts['unreadable']} frame file(s) missing or unreadable (reject_reason 'unreadable'); "
+            "rerun stage extract with --force to write them again"
+        )
+    return StageOutput(tables={"quality": table}, counts=counts, warnings=warnings, facts=facts)

@@ -16,6 +16,5 @@ SCORES_SCHEMA = {
     "clipped": pl.Float64,
     "phash": pl.UInt64,
     "nearest_distance": pl.Int64,
-    "face_sharpness": pl.Float64,
 }
 RULE_COLUMNS = {"keep": pl.Boolean, "reject_reason": pl.Utf8, "duplicate_of": pl.Utf8}

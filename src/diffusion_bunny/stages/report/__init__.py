@@ -1,1 +1,59 @@
-"""Stage report."""
+"""Stage 09 ``report``: a QA report of one run, and one across the movies of a batch.
+
+* :mod:`.sections`: one section per stage with its figures (each stage's own plots), or a line
+  saying the stage did not run;
+* :mod:`.funnel`, :mod:`.figures`: the report's own figures (frames in and out of each step,
+  identity per checkpoint), pure over the tables;
+* :mod:`.document`: the page, built as a small notebook document and converted by nbconvert;
+* :mod:`.combined`: the batch report's figure; :mod:`.stage`: the stage on a run, and the batch
+  report's writer.
+
+Every table of the run is its input: any change makes it stale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.pipeline.contract import ConfigView, Context, Stage, StageOutput
+from diffusion_bunny.pipeline.run import Run
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.report.stage import compute
+
+    return compute(ctx)
+
+
+def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
+    return {"report/": run.run_dir / "report"}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 09: where the page is, and which stages it could not show."""
+    c, f = manifest["counts"], manifest["facts"]
+    missing = c.get("stages_not_run") or []
+    line = f"{c['figures']} figures in {f.get('html_path', f['html'])}"
+    return line + (f"; stages that did not run: {', '.join(missing)}" if missing else "")
+
+
+def batch_report(out_dir: Path, reports: list[Any], cfg: Any, pipeline: Any) -> Path:
+    """The report across the movies of a batch (``<out>/report/index.html``)."""
+    from diffusion_bunny.stages.report.stage import write_combined_report
+
+    return write_combined_report(out_dir, reports, cfg, pipeline)
+
+
+STAGE = Stage(
+    name="report",
+    number=9,
+    notebook="09_qa_report.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    config=("report", "characters.tolerance"),
+    writes=("report_figures", "report_funnel"),
+    owns=_owns,
+    reads_every_table=True,
+)

@@ -9,16 +9,12 @@ import logging
 import math
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.stages.report.sections import SECTIONS
-
-if TYPE_CHECKING:
-    pass
-
 
 # ------------------------------------------------------------------------------------- writing
 

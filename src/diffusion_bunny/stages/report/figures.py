@@ -10,42 +10,33 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 if TYPE_CHECKING:
-    from plotnine import ggplot
+    import plotnine as p9
 
 
 # ------------------------------------------------------------------------------- other figures
 
 
-def shot_length_histogram(shots: pl.DataFrame) -> ggplot:
+def shot_length_histogram(shots: pl.DataFrame) -> p9.ggplot:
     """Distribution of shot lengths, static and dynamic shots stacked, the median as a line."""
-    from plotnine import (
-        aes,
-        geom_histogram,
-        geom_vline,
-        ggplot,
-        labs,
-        scale_fill_manual,
-        theme,
-        theme_minimal,
-    )
+    import plotnine as p9
 
     from diffusion_bunny.stages.extract.plots import KIND_COLOURS
 
     df = shots.with_columns((pl.col("end_s") - pl.col("start_s")).alias("length_s"))
     median = float(df["length_s"].median() or 0.0)
     return (
-        ggplot(df.to_pandas(), aes("length_s", fill="kind"))
-        + geom_histogram(bins=max(5, min(30, df.height)), colour="white", size=0.2)
-        + geom_vline(xintercept=median, linetype="dashed", colour="#C0392B")
-        + scale_fill_manual(values=KIND_COLOURS)
-        + labs(
+        p9.ggplot(df.to_pandas(), p9.aes("length_s", fill="kind"))
+        + p9.geom_histogram(bins=max(5, min(30, df.height)), colour="white", size=0.2)
+        + p9.geom_vline(xintercept=median, linetype="dashed", colour="#C0392B")
+        + p9.scale_fill_manual(values=KIND_COLOURS)
+        + p9.labs(
             x="shot length (s)",
             y="shots",
             fill="shot",
             title=f"{df.height} shots, median {median:.1f} s (dashed)",
         )
-        + theme_minimal()
-        + theme(figure_size=(8, 3.2))
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(8, 3.2))
     )
 
 
@@ -74,9 +65,9 @@ def identity_table(generations: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> ggplot:
+def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> p9.ggplot:
     """Mean identity distance per checkpoint (in training order), one line per character."""
-    from plotnine import aes, geom_hline, geom_line, geom_point, ggplot, labs, theme, theme_minimal
+    import plotnine as p9
 
     from diffusion_bunny.media.figures import categorical
 
@@ -86,16 +77,16 @@ def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> ggplot:
     df["checkpoint"] = categorical(df["checkpoint"], order)
     found = int(table["faces_found"].sum())
     return (
-        ggplot(df, aes("checkpoint", "identity_distance", colour="character", group="character"))
-        + geom_line()
-        + geom_point(size=2.5)
-        + geom_hline(yintercept=tolerance, linetype="dashed", colour="#C0392B")
-        + labs(
+        p9.ggplot(df, p9.aes("checkpoint", "identity_distance", colour="character", group="character"))
+        + p9.geom_line()
+        + p9.geom_point(size=2.5)
+        + p9.geom_hline(yintercept=tolerance, linetype="dashed", colour="#C0392B")
+        + p9.labs(
             x="checkpoint",
             y="identity distance (lower is closer)",
             colour="",
             title=f"{generations.height} generated pictures, a face found in {found}",
         )
-        + theme_minimal()
-        + theme(figure_size=(8, 3.2))
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(8, 3.2))
     )

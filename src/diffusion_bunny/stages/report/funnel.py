@@ -8,23 +8,18 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.quality.plots import OUTCOME_COLOURS
 
 if TYPE_CHECKING:
-    from plotnine import ggplot
+    import plotnine as p9
 
 
-PASSED = "#54A24B"
+PASSED = OUTCOME_COLOURS["kept"]
+#: Stage 02's colours per outcome, plus the other steps' (split, noise, failed captions).
 REASON_COLOURS = {
-    "kept": PASSED,
+    **OUTCOME_COLOURS,
     "train": PASSED,
     "validation": "#A0D38F",
-    "unreadable": "#000000",
-    "too_dark": "#3B3B98",
-    "too_bright": "#F2CF5B",
-    "clipped": "#B279A2",
-    "blurry": "#9D755D",
-    "duplicate": "#E45756",
-    "not_best": "#BAB0AC",
     "noise": "#BBBBBB",
     "failed": "#E45756",
 }
@@ -155,23 +150,12 @@ def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def funnel_plot(funnel: pl.DataFrame) -> ggplot:
+def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     """One bar per step (first step on top), as shares of the frames that reached it: green went
     on, the dropped ones stacked after, one colour per reason; the counts (in -> out) are written
     beside each bar. Shares, not counts: a movie decodes thousands of frames and keeps dozens, so
     on one count axis every later step would be a sliver."""
-    from plotnine import (
-        aes,
-        coord_flip,
-        geom_col,
-        geom_text,
-        ggplot,
-        labs,
-        scale_fill_manual,
-        scale_y_continuous,
-        theme,
-        theme_minimal,
-    )
+    import plotnine as p9
 
     from diffusion_bunny.media.figures import categorical
 
@@ -196,15 +180,17 @@ def funnel_plot(funnel: pl.DataFrame) -> ggplot:
     first = int(summary["frames in"][0]) if steps else 0
     last = int(summary["frames out"][-1]) if steps else 0
     return (
-        ggplot(df, aes("step", "share"))
-        + geom_col(aes(fill="outcome"), position="stack")
-        + geom_text(labels, aes("step", "share", label="label"), ha="left", size=9)
-        + coord_flip()
-        + scale_fill_manual(values=colours, breaks=order)
-        + scale_y_continuous(
+        p9.ggplot(df, p9.aes("step", "share"))
+        + p9.geom_col(p9.aes(fill="outcome"), position="stack")
+        + p9.geom_text(labels, p9.aes("step", "share", label="label"), ha="left", size=9)
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values=colours, breaks=order)
+        + p9.scale_y_continuous(
             limits=(0, 1.32), breaks=[0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25%", "50%", "75%", "100%"]
         )
-        + labs(x="", y="share of the frames that reached the step", fill="", title=f"{first} in, {last} out")
-        + theme_minimal()
-        + theme(figure_size=(9, max(2.2, 0.45 * len(steps) + 1.2)))
+        + p9.labs(
+            x="", y="share of the frames that reached the step", fill="", title=f"{first} in, {last} out"
+        )
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(9, max(2.2, 0.45 * len(steps) + 1.2)))
     )

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.pipeline.run import Run, slugify
+from diffusion_bunny.pipeline.contract import ConfigView
+from diffusion_bunny.pipeline.run import slugify
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
 from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
-
-if TYPE_CHECKING:
-    from diffusion_bunny.config import Config
-
 
 #: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
 #: The table whose absence means a section's stage did not run.
@@ -103,6 +101,32 @@ class Section:
         return SECTIONS[self.key][0] if self.key in SECTIONS else self.key.replace("_", " ").capitalize()
 
 
+@dataclass(frozen=True)
+class ReportData:
+    """What the sections read: the run's tables (as the stage received them), the manifests of the
+    other stages (the thresholds stage 02 ran with, the frames stage 01 decoded) and the run folder
+    (where the pictures of the contact sheets are). The sections never open the run themselves."""
+
+    run_dir: Path
+    tables: dict[str, pl.DataFrame | None]
+    manifests: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+    def has_table(self, name: str) -> bool:
+        return self.tables.get(name) is not None
+
+    def read_table(self, name: str) -> pl.DataFrame:
+        table = self.tables.get(name)
+        if table is None:
+            raise KeyError(f"the report has no table {name}")
+        return table
+
+    def optional_table(self, name: str) -> pl.DataFrame | None:
+        return self.tables.get(name)
+
+    def read_manifest(self, stage: str) -> dict[str, Any] | None:
+        return self.manifests.get(stage)
+
+
 def did_not_run(stage: str, table: str) -> str:
     """The one line a section shows for a stage that did not run."""
     return f"stage {stage} did not run (no tables/{table}.parquet)"
@@ -111,20 +135,21 @@ def did_not_run(stage: str, table: str) -> str:
 # ------------------------------------------------------------------------------------- sections
 
 
-def _filtering_config(run: Run, cfg: Config) -> Any:
-    """The thresholds stage 02 last ran with (from its manifest), else the current ones."""
+def _filtering_config(run: ReportData, cfg: ConfigView) -> Any:
+    """The thresholds stage 02 last ran with (from its manifest; the defaults for a manifest
+    without them)."""
     from diffusion_bunny.config import FilteringConfig
 
     manifest = run.read_manifest("quality") or {}
     try:
         return FilteringConfig(**manifest["config"]["filtering"])
     except (KeyError, TypeError, ValueError):
-        return cfg.filtering
+        return FilteringConfig()
 
 
-def build_sections(run: Run, cfg: Config) -> list[Section]:
+def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:
     """Every section of the report, in order, from the tables the run has."""
-    builders: dict[str, Callable[[Run, Config], Section]] = {
+    builders: dict[str, Callable[[ReportData, ConfigView], Section]] = {
         "funnel": _funnel_section,
         "quality": _quality_section,
         "shots": _shots_section,
@@ -144,7 +169,7 @@ def build_sections(run: Run, cfg: Config) -> list[Section]:
     return sections
 
 
-def _funnel_section(run: Run, cfg: Config) -> Section:
+def _funnel_section(run: ReportData, cfg: ConfigView) -> Section:
     if not run.has_table("frames"):
         return Section("funnel", "absent", did_not_run("extract", "frames"))
     decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
@@ -159,18 +184,14 @@ def _funnel_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def run_funnel(run: Run, decoded: int | None = None) -> pl.DataFrame:
+def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:
     """:func:`funnel_table` over the run's tables (the ones present)."""
     candidates = (
-        pl.read_parquet(run.table_path("keyframe_candidates"), columns=["frame_index"])
+        run.read_table("keyframe_candidates").select("frame_index")
         if run.has_table("keyframe_candidates")
         else None
     )
-    faces = (
-        pl.read_parquet(run.table_path("faces"), columns=["frame_id", "character"])
-        if run.has_table("faces")
-        else None
-    )
+    faces = run.read_table("faces").select("frame_id", "character") if run.has_table("faces") else None
     return funnel_table(
         decoded=decoded,
         candidates=candidates,
@@ -184,7 +205,7 @@ def run_funnel(run: Run, decoded: int | None = None) -> pl.DataFrame:
     )
 
 
-def _quality_section(run: Run, cfg: Config) -> Section:
+def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.quality.plots import quality_histograms
 
     quality = run.read_table("quality")
@@ -205,7 +226,7 @@ def _quality_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def _shots_section(run: Run, cfg: Config) -> Section:
+def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.extract.plots import shot_length_plot
 
     shots = run.read_table("shots")
@@ -222,7 +243,7 @@ def _shots_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def _characters_section(run: Run, cfg: Config) -> Section:
+def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
 
     faces = run.read_table("faces")
@@ -255,7 +276,7 @@ def _characters_section(run: Run, cfg: Config) -> Section:
     return Section("characters", "ok", message, figures)
 
 
-def _scenes_section(run: Run, cfg: Config) -> Section:
+def _scenes_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.scenes.plots import cluster_sizes_plot
 
     clusters = run.read_table("clusters")
@@ -272,7 +293,7 @@ def _scenes_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def _captions_section(run: Run, cfg: Config) -> Section:
+def _captions_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.captions.plots import caption_length_plot
 
     captions = run.read_table("captions")
@@ -287,7 +308,7 @@ def _captions_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def _train_section(run: Run, cfg: Config) -> Section:
+def _train_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.train.plots import loss_curve_plot
 
     log = run.read_table("training_log").drop_nulls("loss")
@@ -301,7 +322,7 @@ def _train_section(run: Run, cfg: Config) -> Section:
     )
 
 
-def _generate_section(run: Run, cfg: Config) -> Section:
+def _generate_section(run: ReportData, cfg: ConfigView) -> Section:
     generations = run.read_table("generations")
     if not generations.height or generations["identity_distance"].is_null().all():
         return Section(

@@ -26,10 +26,19 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.report.combined import movies_plot, relative_link
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document, table_html
 from diffusion_bunny.stages.report.funnel import funnel_summary, funnel_table
-from diffusion_bunny.stages.report.sections import SECTIONS, Section, build_sections, run_funnel
+from diffusion_bunny.stages.report.sections import (
+    SECTIONS,
+    Figure,
+    ReportData,
+    Section,
+    build_sections,
+    run_funnel,
+)
 
 if TYPE_CHECKING:
     from diffusion_bunny.config import Config
@@ -95,7 +104,8 @@ def write_report_figures(run_dir: str | Path, cfg: Config | None = None) -> dict
 
     cfg = cfg or load_config()
     run = Run.open(run_dir)
-    table = save_sections(run.run_dir, build_sections(run, cfg), cfg.report.dpi)
+    tables = {p.stem: run.read_table(p.stem) for p in sorted(run.tables_dir.glob("*.parquet"))}
+    table = save_sections(run.run_dir, build_sections(report_data(run, tables), cfg), cfg.report.dpi)
     return {
         row["figure"]: run.run_dir / row["path"]
         for row in table.iter_rows(named=True)
@@ -103,13 +113,21 @@ def write_report_figures(run_dir: str | Path, cfg: Config | None = None) -> dict
     }
 
 
-def report_stage(run: Run, cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+def report_data(run: Run, tables: dict[str, pl.DataFrame | None]) -> ReportData:
+    """The sections' view of a run: its tables and the other stages' manifests."""
+    manifests = {p.stem: run.read_manifest(p.stem) for p in sorted(run.manifests_dir.glob("*.json"))}
+    return ReportData(run.run_dir, tables, manifests)
+
+
+def compute(ctx: Context) -> StageOutput:
     """What stage 09 does: every section's figures as PNG, the funnel table, and
-    ``<run>/report/index.html``. Returns (``report_figures``, ``report_funnel``, counts)."""
-    sections = build_sections(run, cfg)
+    ``<run>/report/index.html``."""
+    run, cfg = ctx.run, ctx.cfg
+    data = report_data(run, ctx.tables)
+    sections = build_sections(data, cfg)
     figures = save_sections(run.run_dir, sections, cfg.report.dpi)
-    decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
-    funnel = run_funnel(run, decoded) if run.has_table("frames") else funnel_table()
+    decoded = ((data.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
+    funnel = run_funnel(data, decoded) if data.has_table("frames") else funnel_table()
     meta = run.meta() or {}
     movie = Path(meta.get("movie", run.run_dir.name)).name
     doc = report_document(
@@ -119,14 +137,18 @@ def report_stage(run: Run, cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame, dic
         intro=f"Run folder `{run.run_dir}`. Figures are also in `report/figures/` as PNG.",
         tables={"funnel": table_html(funnel_summary(funnel))} if funnel.height else None,
     )
-    render_report_html(doc, report_dir(run.run_dir) / "index.html")
+    html = render_report_html(doc, report_dir(run.run_dir) / "index.html")
     absent = [SECTIONS[k][1] for k in figures.filter(pl.col("status") == "absent")["section"].to_list()]
     counts = {
         "figures": int(figures["figure"].is_not_null().sum()),
         "sections": figures["section"].n_unique(),
         "stages_not_run": sorted(set(absent)),
     }
-    return figures, funnel, counts
+    return StageOutput(
+        tables={"report_figures": figures, "report_funnel": funnel},
+        counts=counts,
+        facts={"html": str(Path(html).relative_to(run.run_dir)), "html_path": str(html)},
+    )
 
 
 def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> None:
@@ -141,3 +163,100 @@ def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> Non
     display(Markdown(rows["message"][0] if rows["status"][0] == "ok" else f"**{rows['message'][0]}**"))
     for path in rows["path"].drop_nulls().to_list():
         display(IPImage(filename=str(Path(run_dir) / path)))
+
+
+# ------------------------------------------------------------------------------ across movies
+
+
+def movies_table(
+    reports: list[Any], cfg: Config, pipeline: Pipeline, start: Path | None = None
+) -> pl.DataFrame:
+    """One row per movie of a batch (``runner.MovieReport``\\ s): its run folder, error, counts
+    (frames extracted and kept, shots, faces, named characters), ``report_html`` (its report,
+    relative to ``start`` when given) and one state column per stage (done/stale/missing)."""
+    from diffusion_bunny.pipeline.status import run_status
+
+    stages = pipeline.names()
+    rows = []
+    for rep in reports:
+        run_dir = Path(rep.run_dir) if rep.run_dir is not None else None
+        row: dict[str, Any] = {
+            "movie": Path(rep.movie).name,
+            "run_dir": str(run_dir) if run_dir else None,
+            "error": rep.error,
+            "frames": None,
+            "kept": None,
+            "shots": None,
+            "faces": None,
+            "characters": None,
+            "report_html": None,
+        }
+        is_run = run_dir is not None and (run_dir / "run.json").is_file()
+        if is_run:
+            run = Run.open(run_dir)
+            if run.has_table("frames"):
+                row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"]).height
+            if run.has_table("quality"):
+                row["kept"] = int(pl.read_parquet(run.table_path("quality"), columns=["keep"])["keep"].sum())
+            if run.has_table("shots"):
+                row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"]).height
+            if run.has_table("faces"):
+                names = pl.read_parquet(run.table_path("faces"), columns=["character"])["character"]
+                row["faces"] = names.len()
+                row["characters"] = names.drop_nulls().n_unique()
+            html = report_dir(run.run_dir) / "index.html"
+            if html.is_file():
+                row["report_html"] = relative_link(html, start) if start else str(html)
+        states = (
+            run_status(pipeline, run_dir, cfg, stages)
+            if is_run
+            else [(s, "missing", "never ran") for s in stages]
+        )
+        row.update({stage: state for stage, state, _ in states})
+        rows.append(row)
+    schema = {
+        "movie": pl.Utf8,
+        "run_dir": pl.Utf8,
+        "error": pl.Utf8,
+        "frames": pl.Int64,
+        "kept": pl.Int64,
+        "shots": pl.Int64,
+        "faces": pl.Int64,
+        "characters": pl.Int64,
+        "report_html": pl.Utf8,
+        **dict.fromkeys(stages, pl.Utf8),
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def write_combined_report(out_dir: str | Path, reports: list[Any], cfg: Config, pipeline: Pipeline) -> Path:
+    """The report across the movies of a batch: ``<out>/report/movies.parquet`` (see
+    :func:`movies_table`), ``<out>/report/figures/movies.png`` and ``<out>/report/index.html``
+    (a table with each movie's counts, stage states and a link to its own report)."""
+    folder = report_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    movies = movies_table(reports, cfg, pipeline, start=folder)
+    from diffusion_bunny.pipeline.atomic import atomic_write_parquet
+
+    atomic_write_parquet(folder / "movies.parquet", movies)
+    counted = movies.filter(pl.col("frames").is_not_null())
+    figures = save_sections(
+        out_dir,
+        [
+            Section(
+                "movies",
+                "ok" if counted.height else "empty",
+                f"{movies.height} movies, {movies['error'].is_not_null().sum()} failed",
+                [Figure("movies", "Per movie", movies_plot(counted))] if counted.height else [],
+            )
+        ],
+        cfg.report.dpi,
+    )
+    doc = report_document(
+        out_dir,
+        figures,
+        title=f"QA report: {movies.height} movies",
+        intro=f"Output folder `{Path(out_dir).resolve()}`. Each movie's own report is linked in the table.",
+        tables={"movies": table_html(movies.drop("run_dir"), links=("report_html",))},
+    )
+    return render_report_html(doc, folder / "index.html")

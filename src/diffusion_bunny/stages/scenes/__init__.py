@@ -1,1 +1,69 @@
-"""Stage scenes."""
+"""Stage 04 ``scenes``: frames grouped by place and by who is in them, corrected by a person on
+a review board, learning from the corrections.
+
+* :mod:`.embeddings`: one vector per frame (a colour-and-texture descriptor with no model, or
+  CLIP from :mod:`diffusion_bunny.models.clip`);
+* :mod:`.clustering`: order-independent threshold clustering by exemplars, character
+  sub-clusters, stable ids, corrections applied over any clustering (pure);
+* :mod:`.adapter`: the small model trained from the corrections (triplet loss);
+* :mod:`.timeline`: the clusters as CSV and a CMX3600 EDL for an editor;
+* :mod:`.stage`: the stage on a run, and the corrections API the board calls
+  (:func:`~diffusion_bunny.stages.scenes.stage.move_to_cluster`), shots like a frame, text search;
+* :mod:`.tables`: ``clusters``, ``feedback`` and the cluster ids;
+* :mod:`.board` (+ ``static/``), :mod:`.plots`: notebook 04's review board and figures.
+
+``feedback`` belongs to the corrections API: the board creates it with the first move; the stage
+only reads it (a non-empty one makes the stage stale, so the next run learns from it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.scenes.tables import ADAPTER_FILE
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.scenes.stage import compute
+
+    return compute(ctx)
+
+
+def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
+    return {ADAPTER_FILE: run.run_dir / ADAPTER_FILE}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 04: clusters, noise and the corrections it applied."""
+    c, f = manifest["counts"], manifest["facts"]
+    adapter = (f.get("adapter") or {}).get("triplets") or 0
+    return (
+        f"{c['frames']} frames in {c['scene_clusters']} scenes ({c['character_clusters']} character "
+        f"sub-clusters), {c['noise']} in the noise bucket; {c['corrections']} correction(s) by hand so "
+        f"far, {'an adapter trained on ' + str(adapter) + ' of them' if adapter else 'no adapter'} "
+        f"({f['mode']}, {f['embedder']})"
+    )
+
+
+STAGE = Stage(
+    name="scenes",
+    number=4,
+    notebook="04_cluster_scenes.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(
+        Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path")),
+        Reads("quality", "quality", ("frame_id", "keep")),
+        Reads("faces", "characters", ("frame_id", "character"), optional=True),
+        Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
+        # A person's corrections: the adapter learns from them, so new ones make the stage stale.
+        Reads("feedback", "scenes", ("event_id",), optional=True, nonempty=True),
+    ),
+    config=("scenes",),
+    writes=("embeddings", "clusters", "scene_exemplars"),
+    owns=_owns,
+)

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import polars as pl
 
 from diffusion_bunny.config import ScenesConfig, workspace_root
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.extract.tables import frame_image_path
 from diffusion_bunny.stages.scenes.clustering import (
@@ -49,7 +50,14 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
-from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA, LEVELS, NEW, NOISE, empty_feedback
+from diffusion_bunny.stages.scenes.tables import (
+    ADAPTER_FILE,
+    FEEDBACK_SCHEMA,
+    LEVELS,
+    NEW,
+    NOISE,
+    empty_feedback,
+)
 
 EMBEDDING_SCHEMA = {
     "frame_id": pl.String,
@@ -65,17 +73,6 @@ EXEMPLAR_SCHEMA = {
     "space": pl.String,
     "vector": pl.List(pl.Float32),
 }
-ADAPTER_FILE = "models/scene_adapter.npz"
-
-
-@dataclass
-class ScenesResult:
-    embeddings: pl.DataFrame
-    clusters: pl.DataFrame
-    exemplars: pl.DataFrame
-    counts: dict[str, Any]
-    facts: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
 
 def frames_to_cluster(frames: pl.DataFrame, quality: pl.DataFrame | None, which: str) -> pl.DataFrame:
@@ -135,6 +132,80 @@ def library_path(cfg: ScenesConfig) -> Path | None:
     return path if path.is_absolute() else workspace_root() / path
 
 
+def _adapted_vectors(
+    raw: np.ndarray,
+    fids: list[str],
+    feedback: pl.DataFrame,
+    prev_clusters: pl.DataFrame | None,
+    cfg: ScenesConfig,
+    adapter_path: Path,
+    *,
+    learn: bool,
+) -> tuple[np.ndarray, str | None, dict[str, Any]]:
+    """The vectors to cluster: through an adapter trained on the corrections when there are
+    usable ones (``scenes.adapter: auto``), else the embeddings as they are. Returns the vectors,
+    the key of the corrections the adapter learned from (None without one) and its facts."""
+    if cfg.adapter == "auto" and not feedback.is_empty() and learn:
+        from diffusion_bunny.stages.scenes.adapter import train_adapter_for, triplets_from_feedback
+
+        # Where a person sees each frame now: the previous clusters with every correction applied.
+        labels = {f: NOISE for f in fids}
+        if prev_clusters is not None and not prev_clusters.is_empty():
+            scene_rows = apply_feedback(prev_clusters, feedback).filter(pl.col("level") == "scene")
+            labels = dict(scene_rows.select("frame_id", "cluster_id").iter_rows()) or labels
+        triplets = triplets_from_feedback(feedback, fids, labels)
+        if triplets:
+            adapter = train_adapter_for(raw, triplets, cfg)
+            adapter.save(adapter_path)
+            facts = {"triplets": len(triplets), "final_loss": adapter.losses[-1] if adapter.losses else None}
+            return adapter.transform(raw), _feedback_key(feedback), facts
+    adapter_path.unlink(missing_ok=True)  # an adapter from earlier corrections no longer applies
+    return raw, None, {"triplets": 0}
+
+
+def _fresh_clusters(
+    vectors: np.ndarray,
+    fids: list[str],
+    prev_clusters: pl.DataFrame | None,
+    cfg: ScenesConfig,
+    movie_id: str,
+    embedder_name: str,
+    space: str,
+    thresholds: dict[str, float],
+) -> tuple[list[str], np.ndarray, pl.DataFrame]:
+    """Cluster from scratch, keeping the ids (and so the board's folders) of the clusters a
+    previous run made when it reproduces them."""
+    result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
+    old_scene = {}
+    if prev_clusters is not None:
+        old_scene = dict(
+            prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows()
+        )
+    mapping = (
+        stable_ids(result.labels, fids, old_scene) if old_scene else renumber_by_size(result.labels, fids)
+    )
+    labels = [mapping.get(label, NOISE) for label in result.labels]
+    exemplars = _exemplar_rows(
+        {mapping[c]: f for c, f in result.exemplars.items()},
+        {mapping[c]: v for c, v in result.exemplar_vectors.items()},
+        movie_id,
+        embedder_name,
+        space,
+    )
+    return labels, result.similarity, exemplars
+
+
+def _cluster_counts(clusters: pl.DataFrame) -> dict[str, int]:
+    scene = clusters.filter(pl.col("level") == "scene")
+    character = clusters.filter(pl.col("level") == "character")
+    return {
+        "scene_clusters": scene.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
+        "character_clusters": character.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
+        "noise": int((scene["cluster_id"] == NOISE).sum()),
+        "manual": int(clusters["manual"].sum()),
+    }
+
+
 def scenes_stage(
     run_dir: Path,
     movie_id: str,
@@ -148,7 +219,7 @@ def scenes_stage(
     previous: dict[str, pl.DataFrame] | None = None,
     previous_facts: dict[str, Any] | None = None,
     progress: bool = False,
-) -> ScenesResult:
+) -> StageOutput:
     """Stage 04 on one run's tables (see the module docstring for the steps)."""
     previous = previous or {}
     warnings: list[str] = []
@@ -163,34 +234,11 @@ def scenes_stage(
     embedder_name = embeddings["embedder"][0]
     shot_ids = chosen["shot_id"].to_list()
 
-    # The current state a person sees: the previous clusters with all corrections applied.
     prev_clusters = previous.get("clusters")
-    current_scene: dict[str, str] = {}
-    if prev_clusters is not None and not prev_clusters.is_empty():
-        scene_rows = apply_feedback(prev_clusters, feedback).filter(pl.col("level") == "scene")
-        current_scene = dict(scene_rows.select("frame_id", "cluster_id").iter_rows())
-
-    adapter_key = None
-    vectors = raw
-    adapter_facts: dict[str, Any] = {"triplets": 0}
-    adapter_path = run_dir / ADAPTER_FILE
     library = library_path(cfg)
-    if cfg.adapter == "auto" and not feedback.is_empty() and library is None:
-        from diffusion_bunny.stages.scenes.adapter import train_adapter_for, triplets_from_feedback
-
-        labels = current_scene or {f: NOISE for f in fids}
-        triplets = triplets_from_feedback(feedback, fids, labels)
-        if triplets:
-            adapter = train_adapter_for(raw, triplets, cfg)
-            adapter.save(adapter_path)
-            vectors = adapter.transform(raw)
-            adapter_key = _feedback_key(feedback)
-            adapter_facts = {
-                "triplets": len(triplets),
-                "final_loss": adapter.losses[-1] if adapter.losses else None,
-            }
-    if adapter_key is None:
-        adapter_path.unlink(missing_ok=True)  # an adapter from earlier corrections no longer applies
+    vectors, adapter_key, adapter_facts = _adapted_vectors(
+        raw, fids, feedback, prev_clusters, cfg, run_dir / ADAPTER_FILE, learn=library is None
+    )
     if library is not None and not feedback.is_empty():
         warnings.append(
             "scenes.library_dir is set: corrections are kept as manual placements, but the adapter "
@@ -214,23 +262,8 @@ def scenes_stage(
             fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space
         )
     else:
-        result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
-        old_scene = {}
-        if prev_clusters is not None:
-            old_scene = dict(
-                prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows()
-            )
-        mapping = (
-            stable_ids(result.labels, fids, old_scene) if old_scene else renumber_by_size(result.labels, fids)
-        )
-        labels = [mapping.get(label, NOISE) for label in result.labels]
-        sims = result.similarity
-        exemplars = _exemplar_rows(
-            {mapping[c]: f for c, f in result.exemplars.items()},
-            {mapping[c]: v for c, v in result.exemplar_vectors.items()},
-            movie_id,
-            embedder_name,
-            space,
+        labels, sims, exemplars = _fresh_clusters(
+            vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds
         )
         mode = "full"
 
@@ -241,16 +274,10 @@ def scenes_stage(
     vec_by_frame = dict(zip(fids, vectors, strict=True))
     moved_before = len(latest_moves(feedback))
     clusters = apply_feedback(clusters, feedback, vec_by_frame)
-    scene = clusters.filter(pl.col("level") == "scene")
     counts = {
         "frames": len(fids),
         "embedded_now": computed,
-        "scene_clusters": scene.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
-        "character_clusters": clusters.filter(
-            (pl.col("level") == "character") & (pl.col("cluster_id") != NOISE)
-        )["cluster_id"].n_unique(),
-        "noise": int((scene["cluster_id"] == NOISE).sum()),
-        "manual": int(clusters["manual"].sum()),
+        **_cluster_counts(clusters),
         "corrections": moved_before,
     }
     facts = {
@@ -261,7 +288,31 @@ def scenes_stage(
         "adapter": adapter_facts,
         "library": str(library) if library else None,
     }
-    return ScenesResult(embeddings, clusters, exemplars, counts, facts, warnings)
+    return StageOutput(
+        tables={"embeddings": embeddings, "clusters": clusters, "scene_exemplars": exemplars},
+        counts=counts,
+        warnings=warnings,
+        facts=facts,
+    )
+
+
+def compute(ctx: Context) -> StageOutput:
+    """Stage 04 on a run: embed (reusing the embeddings of unchanged frames), cluster, apply every
+    correction a person made."""
+    previous = {name: df for name in ctx.writes if (df := ctx.own_previous(name)) is not None}
+    return scenes_stage(
+        ctx.run_dir,
+        ctx.run.movie_key,
+        ctx.table("frames"),
+        ctx.table("quality"),
+        ctx.optional("faces"),
+        ctx.optional("feedback") if ctx.optional("feedback") is not None else empty_feedback(),
+        ctx.cfg.scenes,
+        face_frames=ctx.optional("face_frames"),
+        previous=previous,
+        previous_facts=(ctx.previous or {}).get("facts"),
+        progress=ctx.progress,
+    )
 
 
 def _exemplar_rows(
@@ -531,7 +582,7 @@ def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
         raise BadInputError(f"no embeddings in {run.run_dir}: run stage scenes first (notebook 04)")
     emb = run.read_table("embeddings")
     vectors = normalise(np.asarray(emb["vector"].to_list(), dtype=np.float32))
-    adapter_path = run.run_dir / "models" / "scene_adapter.npz"
+    adapter_path = run.run_dir / ADAPTER_FILE
     if adapted and adapter_path.is_file():
         from diffusion_bunny.stages.scenes.adapter import Adapter
 
@@ -575,3 +626,32 @@ def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame
     query = embedder.embed_texts([text])[0]
     found = similar_frames(vectors, ids, query, k=k)
     return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())
+
+
+def export_clusters(
+    run_dir: str | Path, level: str = "scene", out_dir: str | Path | None = None
+) -> dict[str, Path]:
+    """Write ``clusters_<level>.csv`` and ``clusters_<level>.edl`` (default: ``<run>/export/``) for
+    an editor (:mod:`.timeline`)."""
+    from diffusion_bunny.stages.scenes.timeline import (
+        build_timeline,
+        cluster_rows,
+        clusters_csv,
+        edl_text,
+        fps_from_frames,
+    )
+
+    run = Run.open(run_dir)
+    if not run.has_table("clusters"):
+        raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
+    frames = run.read_table("frames")
+    rows = cluster_rows(run.read_table("clusters"), frames, level)
+    facts = (run.read_manifest("extract") or {}).get("facts", {})
+    fps = float(facts.get("fps") or fps_from_frames(frames))
+    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / f"clusters_{level}.csv", "edl": out / f"clusters_{level}.edl"}
+    atomic_write_bytes(paths["csv"], clusters_csv(rows).encode())
+    atomic_write_bytes(paths["edl"], edl_text(timeline).encode())
+    return paths

@@ -35,3 +35,7 @@ CLUSTER_SCHEMA = {
 
 def empty_feedback() -> pl.DataFrame:
     return pl.DataFrame(schema=FEEDBACK_SCHEMA)
+
+
+#: The adapter learned from the corrections, beside the tables (when there are corrections).
+ADAPTER_FILE = "models/scene_adapter.npz"

@@ -16,30 +16,42 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.scenes.tables import LEVELS, NOISE
 
+#: The CSV's columns, in order.
+CSV_COLUMNS = (
+    "cluster_id",
+    "name",
+    "frame_id",
+    "shot_id",
+    "frame_index",
+    "timestamp_s",
+    "similarity",
+    "manual",
+    "characters",
+    "path",
+)
 
-def _reel(movie: Path) -> str:
-    # CMX3600 reel names: at most 8 characters, letters, digits and underscores.
+
+def reel_name(movie: Path) -> str:
+    """CMX3600 reel names: at most 8 characters, letters, digits and underscores."""
     reel = re.sub(r"[^A-Z0-9_]", "", movie.stem.upper().replace("-", "_").replace(" ", "_"))
     return (reel or "AX")[:8]
 
 
-def cluster_rows(run: Run, level: str) -> pl.DataFrame:
-    """The clusters of ``level`` joined with frame times: one row per frame, in export order."""
+def cluster_rows(clusters: pl.DataFrame, frames: pl.DataFrame, level: str) -> pl.DataFrame:
+    """The clusters of ``level`` joined with frame times: one row per frame, in export order
+    (largest cluster first, the noise bucket last, frames in movie order)."""
     if level not in LEVELS:
         raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
-    if not run.has_table("clusters"):
-        raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
-    clusters = run.read_table("clusters").filter(pl.col("level") == level)
-    frames = run.read_table("frames").select("frame_id", "frame_index", "timestamp_s", "path")
-    table = clusters.join(frames, on="frame_id", how="left")
+    table = clusters.filter(pl.col("level") == level).join(
+        frames.select("frame_id", "frame_index", "timestamp_s", "path"), on="frame_id", how="left"
+    )
     sizes = table.group_by("cluster_id").len("size")
     return (
         table.join(sizes, on="cluster_id")
@@ -49,33 +61,26 @@ def cluster_rows(run: Run, level: str) -> pl.DataFrame:
     )
 
 
-def write_clusters_csv(run: Run, path: Path, level: str = "scene") -> Path:
-    rows = cluster_rows(run, level).select(
-        "cluster_id",
-        "name",
-        "frame_id",
-        "shot_id",
-        "frame_index",
-        "timestamp_s",
-        "similarity",
-        "manual",
-        "characters",
-        "path",
-    )
-    atomic_write_bytes(path, rows.write_csv().encode())
-    return path
+def clusters_csv(rows: pl.DataFrame) -> str:
+    """The CSV an editor or a spreadsheet reads: one row per frame (:data:`CSV_COLUMNS`)."""
+    return rows.select(CSV_COLUMNS).write_csv()
 
 
-def build_timeline(run: Run, level: str = "scene"):
+def fps_from_frames(frames: pl.DataFrame) -> float:
+    """The frame rate the frames' indices and times imply (when no manifest says it)."""
+    timed = frames.filter(pl.col("timestamp_s") > 0)
+    if timed.is_empty():
+        return 24.0
+    return float((timed["frame_index"] / timed["timestamp_s"]).median())
+
+
+def build_timeline(
+    rows: pl.DataFrame, shots: pl.DataFrame, fps: float, movie: Path, level: str = "scene"
+) -> Any:
     """An OpenTimelineIO timeline of the clusters' shots (see the module docstring)."""
     import opentimelineio as otio
 
-    shots = run.read_table("shots")
-    facts = (run.read_manifest("extract") or {}).get("facts", {})
-    fps = float(facts.get("fps") or _fps_from_frames(run))
-    rows = cluster_rows(run, level)
-    movie = run.movie
-    reel = _reel(movie)
+    reel = reel_name(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
     track = otio.schema.Track(name="V1", kind=otio.schema.TrackKind.Video)
     timeline.tracks.append(track)
@@ -110,29 +115,8 @@ def build_timeline(run: Run, level: str = "scene"):
     return timeline
 
 
-def _fps_from_frames(run: Run) -> float:
-    frames = run.read_table("frames").filter(pl.col("timestamp_s") > 0)
-    if frames.is_empty():
-        return 24.0
-    return float((frames["frame_index"] / frames["timestamp_s"]).median())
-
-
-def write_edl(run: Run, path: Path, level: str = "scene") -> Path:
+def edl_text(timeline: Any) -> str:
+    """The timeline as a CMX3600 EDL, by OpenTimelineIO's adapter."""
     import opentimelineio as otio
 
-    text = otio.adapters.write_to_string(build_timeline(run, level), "cmx_3600")
-    atomic_write_bytes(path, text.encode())
-    return path
-
-
-def export_clusters(
-    run_dir: str | Path, level: str = "scene", out_dir: str | Path | None = None
-) -> dict[str, Path]:
-    """Write ``clusters_<level>.csv`` and ``clusters_<level>.edl`` (default: ``<run>/export/``)."""
-    run = Run.open(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    return {
-        "csv": write_clusters_csv(run, out / f"clusters_{level}.csv", level),
-        "edl": write_edl(run, out / f"clusters_{level}.edl", level),
-    }
+    return otio.adapters.write_to_string(timeline, "cmx_3600")

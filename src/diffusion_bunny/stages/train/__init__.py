@@ -1,1 +1,58 @@
-"""Stage train."""
+"""Stage 07 ``train``: a LoRA fine-tuned on the dataset stage 06 exported, with diffusers, peft
+and accelerate, resumable after a kill.
+
+* :mod:`.data`: the pictures and captions, aspect-ratio buckets, the seeded batch order;
+* :mod:`.lora`: the training loop (cached latents, checkpoints, validation images, resume);
+* :mod:`.stage`: the stage on a run;
+* :mod:`.tables`: ``training_log``, ``training_validation`` and where the LoRA files go;
+* :mod:`.plots`: notebook 07's loss curve and validation grid.
+
+Base models (presets built in code, the hub cache, a local folder) are
+:mod:`diffusion_bunny.models.diffusion`'s business; stage 08 loads the LoRA with it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.train.tables import checkpoint_dir
+
+
+def _compute(ctx: Context) -> StageOutput:
+    from diffusion_bunny.stages.train.stage import compute
+
+    return compute(ctx)
+
+
+def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
+    # The LoRA files, checkpoints and validation pictures (training.output_dir, else
+    # checkpoint/<run folder name>/ in the workspace).
+    return {"LoRA folder": checkpoint_dir(run.run_dir, cfg.training)}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a run of stage 07: steps, data, base model, loss and where the LoRA is."""
+    c, f = manifest["counts"], manifest["facts"]
+    loss = f"{c['final_loss']:.3f}" if c.get("final_loss") is not None else "none"
+    resumed = f", resumed from checkpoint-{f['resumed_from']}" if f.get("resumed_from") else ""
+    return (
+        f"{c['steps']} steps on {c['images']} images ({f['base_model']}, {f['device']}){resumed}, "
+        f"final loss {loss}; LoRA in {f['lora_path']}"
+    )
+
+
+STAGE = Stage(
+    name="train",
+    number=7,
+    notebook="07_finetune_lora.ipynb",
+    package=__name__,
+    compute=_compute,
+    summary=summary,
+    reads=(Reads("dataset_items", "export"),),
+    config=("training",),
+    writes=("training_log", "training_validation"),
+    owns=_owns,
+)

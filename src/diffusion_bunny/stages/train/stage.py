@@ -10,30 +10,18 @@ runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from diffusion_bunny.config import TrainingConfig
+from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.train.data import read_dataset
 from diffusion_bunny.stages.train.lora import train_lora
 from diffusion_bunny.stages.train.tables import checkpoint_dir
 
 #: Captions of the validation split used as validation prompts when none are configured.
 DEFAULT_VALIDATION_PROMPTS = 2
-
-
-@dataclass
-class TrainStageResult:
-    """The tables of stage 07 and what goes into its manifest."""
-
-    log: pl.DataFrame
-    validation: pl.DataFrame
-    counts: dict[str, Any]
-    facts: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
 
 def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_texts: list[str]) -> list[str]:
@@ -52,7 +40,7 @@ def train_stage(
     *,
     progress: bool = True,
     progress_path: Path | None = None,
-) -> TrainStageResult:
+) -> StageOutput:
     """Train (or resume) the LoRA of a run and return its tables."""
     from diffusion_bunny.models.diffusion import resolve_base_model
 
@@ -75,4 +63,20 @@ def train_stage(
         "final_loss": float(log["loss"].tail(10).mean()) if log.height else None,
         "validation_images": result.validation.height,
     }
-    return TrainStageResult(log, result.validation, counts, result.facts, result.warnings)
+    return StageOutput(
+        tables={"training_log": log, "training_validation": result.validation},
+        counts=counts,
+        warnings=result.warnings,
+        facts=result.facts,
+    )
+
+
+def compute(ctx: Context) -> StageOutput:
+    """Stage 07 on a run."""
+    return train_stage(
+        ctx.run_dir,
+        ctx.table("dataset_items"),
+        ctx.cfg.training,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
+    )

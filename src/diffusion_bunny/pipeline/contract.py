@@ -1,0 +1,415 @@
+"""The stage contract: what a stage declares, and the one function that runs any stage.
+
+A stage is a declaration (:class:`Stage`), in the spirit of kedro's nodes: the tables it reads
+(:class:`Reads`: which stage writes each, the columns it depends on, required or optional), the
+settings it reads (whole config sections, or single keys such as ``run.seed``), the tables it
+writes, the folders and files it owns beside them, a ``compute`` that receives the tables it
+declared (:class:`Context`) and returns the tables it writes (:class:`StageOutput`), and a
+``summary`` that turns its manifest into one line for people.
+
+:func:`run_stage` does everything else, the same way for every stage, so that notebooks, ``bunny
+run`` and tests behave alike: it checks that the required tables exist (the "run stage X first"
+message comes from the declaration), fingerprints the declared inputs, skips the stage when its
+manifest matches, otherwise invalidates the manifest, reads the declared tables, computes, writes
+the tables atomically and records the manifest with fingerprints of everything written
+(:mod:`~diffusion_bunny.pipeline.manifest`).
+
+The stage sees the configuration only through :class:`ConfigView`, which refuses any setting the
+stage did not declare: a manifest's settings are then exactly what the stage read, and a setting a
+stage starts to read without declaring it fails its tests instead of silently never making it
+stale.
+
+This module knows no stage: the ordered collection of them is a :class:`Pipeline`, built in
+:mod:`diffusion_bunny.stages` and handed to the runner, the engines and ``bunny status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffusion_bunny.config import Config
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.pipeline.manifest import (
+    StageState,
+    build_manifest,
+    code_hash,
+    path_fingerprint,
+    plain,
+    table_fingerprint,
+)
+from diffusion_bunny.pipeline.run import Run
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+class UndeclaredSetting(AttributeError):
+    """A stage read a setting it did not declare: a bug in the stage's declaration (exit 1)."""
+
+
+class ConfigView:
+    """The settings one stage declared, and only those: ``view.filtering`` when the stage
+    declared the ``filtering`` section, ``view.run.seed`` when it declared ``run.seed``; anything
+    else raises :class:`UndeclaredSetting`."""
+
+    def __init__(self, cfg: Config, declared: Sequence[str], stage: str):
+        self._cfg = cfg
+        self._stage = stage
+        self._sections = {d for d in declared if "." not in d}
+        self._keys: dict[str, set[str]] = {}
+        for d in declared:
+            if "." in d:
+                section, _, key = d.partition(".")
+                self._keys.setdefault(section, set()).add(key)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._sections:
+            return getattr(self._cfg, name)
+        if name in self._keys:
+            return _SectionView(getattr(self._cfg, name), self._keys[name], f"{self._stage}: {name}")
+        raise UndeclaredSetting(
+            f"stage {self._stage} read the setting section '{name}' without declaring it; add it "
+            "to the stage's config declaration"
+        )
+
+
+class _SectionView:
+    def __init__(self, section: Any, keys: set[str], where: str):
+        self._section = section
+        self._keys = keys
+        self._where = where
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._keys:
+            return getattr(self._section, name)
+        raise UndeclaredSetting(
+            f"{self._where}.{name} was read without being declared; add it to the stage's config declaration"
+        )
+
+
+@dataclass(frozen=True)
+class Reads:
+    """A table a stage reads.
+
+    ``columns`` are the ones the stage depends on (only they are fingerprinted: a column another
+    stage adds does not make this one stale); ``optional`` tables may be absent (the stage then
+    gets None); ``nonempty`` marks tables of corrections a person appends to (``feedback``,
+    ``caption_edits``): an empty one counts as absent, so creating it changes nothing.
+    """
+
+    table: str
+    producer: str
+    columns: tuple[str, ...] | None = None
+    optional: bool = False
+    nonempty: bool = False
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage's ``compute`` returns: the tables it writes and what goes into its manifest."""
+
+    tables: dict[str, pl.DataFrame]
+    counts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What ``compute`` receives: the run, the declared settings, the declared tables."""
+
+    stage: str
+    run: Run
+    cfg: ConfigView
+    tables: dict[str, pl.DataFrame | None]
+    progress: bool = True
+    #: The stage's manifest of its last run (read before this run invalidated it), or None.
+    previous: dict[str, Any] | None = None
+    writes: tuple[str, ...] = ()
+
+    def table(self, name: str) -> pl.DataFrame:
+        """A declared table (an optional one that is absent is a bug to ask for here)."""
+        df = self.tables[name]
+        if df is None:
+            raise KeyError(f"table {name} is absent; use Context.optional for optional tables")
+        return df
+
+    def optional(self, name: str) -> pl.DataFrame | None:
+        """A declared table, or None when the run does not have it."""
+        return self.tables[name]
+
+    def own_previous(self, name: str) -> pl.DataFrame | None:
+        """This stage's own table from its last run (a cache of work done: faces per frame,
+        embeddings), before this run replaces it; None when there is none."""
+        if name not in self.writes:
+            raise KeyError(f"stage {self.stage} does not write table {name}")
+        return self.run.optional_table(name)
+
+    @property
+    def progress_path(self) -> Path:
+        """Where the stage reports progress for ``bunny run``'s terminal bar."""
+        return self.run.progress_path(self.stage)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration (see the module docstring)."""
+
+    name: str
+    number: int
+    notebook: str
+    #: The package whose source makes the code hash (``diffusion_bunny.stages.<name>``).
+    package: str
+    compute: Callable[[Context], StageOutput]
+    summary: Callable[[dict[str, Any]], str]
+    reads: tuple[Reads, ...] = ()
+    config: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    #: Folders and files the stage writes beside its tables, by label (``frames/``): fingerprinted
+    #: in its manifest, so deleting one makes the stage ``missing``.
+    owns: Callable[[Run, ConfigView], dict[str, Path]] | None = None
+    #: What else the stage reads that is not a table (the movie, reference photos, LoRA files).
+    inputs: Callable[[Run, ConfigView], dict[str, Any]] | None = None
+    #: The report: every table of the run is an input (any change makes it stale).
+    reads_every_table: bool = False
+
+    def package_dir(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a packaging bug
+            raise RuntimeError(f"stage {self.name}: package {self.package} not found")
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def view(self, cfg: Config) -> ConfigView:
+        return ConfigView(cfg, self.config, self.name)
+
+    def code(self) -> str:
+        return code_hash(self.package_dir())
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The stages in order, and what a batch of movies does at its end."""
+
+    stages: tuple[Stage, ...]
+    #: Called with ``(out_dir, movie_reports, cfg, pipeline)`` after a folder of movies ran.
+    batch_report: Callable[..., Path] | None = None
+
+    def names(self) -> list[str]:
+        return [s.name for s in sorted(self.stages, key=lambda s: s.number)]
+
+    def get(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise StageError(f"unknown stage '{name}' (available: {', '.join(self.names())})")
+
+    def upto(self, name: str) -> str:
+        """``extract,quality,...,name``: the ``--stages`` that make ``name``'s inputs."""
+        names = self.names()
+        return ",".join(names[: names.index(name) + 1])
+
+
+# ------------------------------------------------------------------------------- manifests
+
+
+def output_fingerprints(run: Run, tables: Sequence[str], owned: dict[str, Path]) -> dict[str, Any]:
+    """What a stage wrote, as recorded in its manifest: every table, every owned folder or file
+    (None for an owned path the stage did not write this time, e.g. an adapter without
+    corrections)."""
+    return {
+        "tables": {name: table_fingerprint(run.table_path(name)) for name in tables},
+        "owned": {label: path_fingerprint(path) for label, path in owned.items()},
+    }
+
+
+def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(stored) | set(fresh) if stored.get(k) != fresh.get(k))
+
+
+def manifest_state(
+    run: Run,
+    stage: str,
+    *,
+    code: str,
+    config_hash: str,
+    inputs: dict[str, Any],
+    tables: Sequence[str],
+    owned: dict[str, Path],
+) -> tuple[StageState, str]:
+    """``done`` (the manifest matches the present), ``stale`` (something changed; the reason says
+    what) or ``missing`` (never ran, or an output is gone)."""
+    manifest = run.read_manifest(stage)
+    if manifest is None:
+        return "missing", "never ran"
+    gone = [name for name in tables if not run.has_table(name)]
+    if gone:
+        return "missing", f"table {gone[0]} is gone"
+    recorded = manifest.get("outputs") or {}
+    if not isinstance(recorded, dict):  # a manifest written before outputs were fingerprinted
+        return "stale", "its manifest predates output fingerprints"
+    recorded_owned = recorded.get("owned") or {}
+    for label, path in owned.items():
+        if recorded_owned.get(label) is not None and not path.exists():
+            return "missing", f"its output {label} is gone"
+    if manifest.get("code_hash") != code:
+        return "stale", "its code changed"
+    if manifest.get("config_hash") != config_hash:
+        return "stale", "its config changed"
+    changed = _changed(manifest.get("inputs") or {}, plain(inputs))
+    if changed:
+        return "stale", f"its inputs changed ({', '.join(changed)})"
+    fresh = plain(output_fingerprints(run, tables, owned))
+    changed = _changed(recorded.get("tables") or {}, fresh["tables"])
+    changed += _changed(recorded_owned, fresh["owned"])
+    if changed:
+        return "stale", f"its output changed since it ran ({', '.join(sorted(changed))})"
+    return "done", "up to date"
+
+
+def remove_manifest(run: Run, stage: str) -> None:
+    """Invalidate a stage before it computes: a run killed halfway leaves it ``missing``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(run.manifest_path(stage))
+
+
+# --------------------------------------------------------------------------------- running
+
+
+def _missing_input(run: Run, pipeline: Pipeline, stage: Stage, reads: Reads) -> StageError:
+    return StageError(
+        f"table '{reads.table}' is missing in {run.run_dir}; run stage {reads.producer} first "
+        f"(bunny run MOVIE --stages {pipeline.upto(stage.name)})"
+    )
+
+
+def _present(run: Run, reads: Reads) -> bool:
+    if not run.has_table(reads.table):
+        return False
+    if reads.nonempty:
+        import polars as pl
+
+        return pl.scan_parquet(run.table_path(reads.table)).select(pl.len()).collect().item() > 0
+    return True
+
+
+def _own_tables(stage: Stage, pipeline: Pipeline) -> set[str]:
+    """Tables no stage writes but the report (its own outputs) are left out of its inputs."""
+    return set(stage.writes)
+
+
+def declared_inputs(run: Run, pipeline: Pipeline, stage: Stage, view: ConfigView) -> dict[str, Any]:
+    """Fingerprints of everything the stage declared it reads; a required table that is missing
+    is one :class:`StageError` naming the stage that writes it."""
+    inputs: dict[str, Any] = {}
+    for reads in stage.reads:
+        if _present(run, reads):
+            inputs[reads.table] = run.table_fingerprint(reads.table, reads.columns)
+        elif not reads.optional:
+            raise _missing_input(run, pipeline, stage, reads)
+    if stage.reads_every_table and run.tables_dir.is_dir():
+        own = _own_tables(stage, pipeline)
+        for path in sorted(run.tables_dir.glob("*.parquet")):
+            if path.stem not in own:
+                inputs[path.stem] = run.table_fingerprint(path.stem)
+    if stage.inputs is not None:
+        inputs.update(stage.inputs(run, view))
+    return inputs
+
+
+def owned_paths(run: Run, stage: Stage, view: ConfigView) -> dict[str, Path]:
+    return stage.owns(run, view) if stage.owns is not None else {}
+
+
+def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
+    """``done``/``stale``/``missing`` for one stage of a run, with the reason."""
+    stage = pipeline.get(name)
+    view = stage.view(cfg)
+    return manifest_state(
+        run,
+        name,
+        code=stage.code(),
+        config_hash=cfg.section_hash(*stage.config),
+        inputs=declared_inputs(run, pipeline, stage, view),
+        tables=stage.writes,
+        owned=owned_paths(run, stage, view),
+    )
+
+
+def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
+    tables: dict[str, pl.DataFrame | None] = {}
+    for reads in stage.reads:
+        tables[reads.table] = run.read_table(reads.table) if _present(run, reads) else None
+    if stage.reads_every_table and run.tables_dir.is_dir():
+        own = set(stage.writes)
+        for path in sorted(run.tables_dir.glob("*.parquet")):
+            if path.stem not in own and path.stem not in tables:
+                tables[path.stem] = run.read_table(path.stem)
+    return tables
+
+
+def run_stage(
+    pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
+) -> dict[str, pl.DataFrame]:
+    """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
+    stage = pipeline.get(name)
+    view = stage.view(cfg)
+    inputs = declared_inputs(run, pipeline, stage, view)
+    config_hash = cfg.section_hash(*stage.config)
+    code = stage.code()
+    owned = owned_paths(run, stage, view)
+    state, _ = manifest_state(
+        run, name, code=code, config_hash=config_hash, inputs=inputs, tables=stage.writes, owned=owned
+    )
+    if state == "done" and not force:
+        return {table: run.read_table(table) for table in stage.writes}
+    previous = run.read_manifest(name)
+    remove_manifest(run, name)  # from here on a killed run leaves the stage missing, never done
+    started = datetime.now(UTC)
+    context = Context(
+        stage=name,
+        run=run,
+        cfg=view,
+        tables=_read_declared(run, stage),
+        progress=progress,
+        previous=previous,
+        writes=stage.writes,
+    )
+    out = stage.compute(context)
+    unexpected = set(out.tables) - set(stage.writes)
+    if unexpected:  # pragma: no cover - a declaration bug
+        raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
+    for table in stage.writes:
+        run.write_table(table, out.tables[table])
+    manifest = build_manifest(
+        name,
+        code=code,
+        config_hash=config_hash,
+        config=cfg.section_values(*stage.config),
+        inputs=inputs,
+        outputs=output_fingerprints(run, stage.writes, owned_paths(run, stage, view)),
+        counts=out.counts,
+        seed=cfg.run.seed,
+        started=started,
+        warnings=out.warnings,
+        facts=out.facts,
+    )
+    run.write_manifest(name, manifest)
+    for warning in out.warnings:
+        warnings.warn(warning, stacklevel=3)
+    return out.tables

@@ -1,0 +1,163 @@
+"""Manifests that cannot lie: what a stage read, with which settings and code, and what it wrote.
+
+A stage's manifest (``<run>/manifests/<stage>.json``) records
+
+* ``code_hash``: a hash of the stage's own package source (:func:`code_hash`), so "its code
+  changed" is a fact about the files, not a version number someone had to remember to bump;
+* ``config_hash`` and ``config``: the settings the stage declared (whole sections or single
+  keys), and nothing else;
+* ``inputs``: fingerprints of the tables it declared (only the columns it depends on) and of
+  anything else it reads (the movie, reference photos, LoRA files);
+* ``outputs``: fingerprints of every table it wrote and of the folders and files it owns
+  (``frames/``, ``dataset/``, the LoRA files...), so a deleted or changed output is noticed.
+
+:func:`~diffusion_bunny.pipeline.contract.manifest_state` compares a manifest with the present:
+``missing`` when the stage never ran or an output is gone, ``stale`` (with the reason) when its
+code, settings, inputs or outputs changed, ``done`` otherwise. The manifest is removed before a
+stage computes and written after its outputs, so a stage killed halfway is never ``done``.
+
+Fingerprints are cheap enough for ``bunny status`` on a folder of runs: tables are hashed whole
+(they are small), folders by the names and sizes of their files (a deleted, added or rewritten
+file of another size changes it; reading thousands of JPEGs would not be cheap), big files by size
+and their first and last megabyte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+StageState = Literal["done", "stale", "missing"]
+
+#: Files of a stage package that never change what it writes (compiled caches).
+_SKIP_PARTS = {"__pycache__"}
+#: Files over this size are fingerprinted by size and their ends, not hashed whole.
+_WHOLE_HASH_MAX = 64 << 20
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def package_version() -> str:
+    """Installed version of diffusion-bunny (recorded in every manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusion-bunny")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "0+unknown"
+
+
+def code_hash(package_dir: Path) -> str:
+    """Hash of every source file of a stage's package (its ``.py`` modules, the board's ``static/``
+    files): editing any of them makes the stage ``stale``."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in package_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(package_dir)
+        if _SKIP_PARTS & set(rel.parts) or path.suffix in (".pyc", ".pyo"):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size and hashes of the first and last megabyte: content-based (a moved or touched movie is
+    not re-extracted) yet instant on a 50 GB file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = hashlib.sha256(str(size).encode() + fh.read(1 << 20)).hexdigest()[:16]
+        fh.seek(max(0, size - (1 << 20)))
+        tail = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return {"size": size, "head": head, "tail": tail}
+
+
+def path_fingerprint(path: Path) -> dict[str, Any] | None:
+    """A folder: count, total size and a hash of its files' relative names and sizes; a file: its
+    size and content hash (ends only for big files); None when it does not exist."""
+    if path.is_dir():
+        entries = sorted(
+            (p.relative_to(path).as_posix(), p.stat().st_size)
+            for p in path.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+        blob = "\n".join(f"{name}\t{size}" for name, size in entries).encode()
+        return {"files": len(entries), "bytes": sum(s for _, s in entries), "sha256": _digest(blob)}
+    if path.is_file():
+        size = path.stat().st_size
+        if size > _WHOLE_HASH_MAX:
+            return file_fingerprint(path)
+        return {"size": size, "sha256": _digest(path.read_bytes())}
+    return None
+
+
+def table_fingerprint(path: Path, columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """Hash of a table file; with ``columns``, of those columns' values only (stage 03 depends on
+    which frames stage 02 kept, not on every score)."""
+    if columns is None:
+        return {"sha256": _digest(path.read_bytes())}
+    import polars as pl
+
+    # JSON lines, not CSV: a declared column may hold lists (face encodings), which CSV cannot.
+    df = pl.read_parquet(path, columns=list(columns))
+    return {"columns": list(columns), "sha256": _digest(df.write_ndjson().encode())}
+
+
+def plain(value: Any) -> Any:
+    """The JSON form a value takes in a manifest file (so fresh and stored values compare)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def build_manifest(
+    stage: str,
+    *,
+    code: str,
+    config_hash: str,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    counts: dict[str, Any],
+    seed: int,
+    started: datetime,
+    warnings: list[str],
+    facts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest a stage writes after its outputs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:  # pragma: no cover - every listed package is a dependency
+            return "missing"
+
+    finished = datetime.now(UTC)
+    return {
+        "stage": stage,
+        "code_hash": code,
+        "config_hash": config_hash,
+        "config": config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "counts": counts,
+        "seed": seed,
+        "warnings": warnings,
+        "facts": facts or {},
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "duration_s": round((finished - started).total_seconds(), 3),
+        "versions": {
+            "diffusion_bunny": package_version(),
+            "python": platform.python_version(),
+            **{
+                dist: _version(dist)
+                for dist in ("polars", "numpy", "av", "scenedetect-headless", "opencv-python-headless")
+            },
+        },
+    }

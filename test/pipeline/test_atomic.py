@@ -1,0 +1,71 @@
+"""Atomic writes of files and whole folders: a crash leaves the previous version, and what a killed
+process left behind is repaired (or removed) by the next one, never what a live one is writing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from diffusion_bunny.pipeline.atomic import (
+    atomic_write_bytes,
+    atomic_write_parquet,
+    process_alive,
+    recover_folder,
+    staged_folder,
+)
+
+
+def dead_pid() -> int:
+    """The id of a process that has just ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_file_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
+    atomic_write_bytes(tmp_path / "a" / "x.bin", b"one")
+    atomic_write_bytes(tmp_path / "a" / "x.bin", b"two")
+    atomic_write_parquet(tmp_path / "a" / "t.parquet", pl.DataFrame({"n": [1, 2]}))
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"two"
+    assert pl.read_parquet(tmp_path / "a" / "t.parquet")["n"].to_list() == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["t.parquet", "x.bin"]
+    # A write that fails leaves the old file and no temporary file.
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "a" / "x.bin", "not bytes")  # type: ignore[arg-type]
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"two"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["t.parquet", "x.bin"]
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    final = tmp_path / "dataset"
+    with staged_folder(final) as staging:
+        (staging / "a.txt").write_text("first")
+    assert (final / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), staged_folder(final) as staging:
+        (staging / "b.txt").write_text("half")
+        raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in final.iterdir()) == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
+def test_leftovers_of_dead_processes_are_repaired_and_a_live_ones_kept(tmp_path):
+    final = tmp_path / "frames"
+    dead = dead_pid()
+    assert not process_alive(dead) and process_alive(os.getpid())
+    # A swap cut short: the folder is gone, its old copy lies beside it.
+    (tmp_path / f".frames.old-{dead}-00aa" / "x").mkdir(parents=True)
+    (tmp_path / f".frames.staging-{dead}-00bb").mkdir()
+    # Another process, still running, is writing its own staging folder.
+    mine = tmp_path / f".frames.staging-{os.getpid()}-00cc"
+    mine.mkdir()
+    recover_folder(final)
+    assert (final / "x").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "frames"]
+    # Both present: the swap finished; only the old copy is left to remove.
+    (tmp_path / f".frames.old-{dead}-00dd").mkdir()
+    recover_folder(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "frames"]

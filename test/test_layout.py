@@ -1,0 +1,185 @@
+"""The package's layout rules, checked on its imports (every ``import`` statement in every module,
+including those inside functions and under ``TYPE_CHECKING``: a cycle hidden in a function is
+still a cycle a reader has to untangle).
+
+* no import cycle anywhere;
+* ``pipeline``, ``media`` and ``models`` know no stage (and ``media``/``models`` no pipeline);
+* a stage imports another stage only through what that stage declares: its package (the
+  declaration), its ``tables`` module (schemas, folders and helpers on its tables) or, for the
+  report that shows every stage, its ``plots``; never its ``stage.py`` or other internals.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+from paths import ROOT
+
+PACKAGE = ROOT / "src" / "diffusion_bunny"
+#: What one stage may import of another (the module after ``diffusion_bunny.stages.<other>``).
+DECLARED = {"", "tables"}
+#: The report stage draws every stage's figures with that stage's own plot code.
+REPORT_MAY_USE = DECLARED | {"plots"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that ``path`` imports (``from a import b`` counts as ``a.b`` when that
+    is a module, else ``a``); relative imports are resolved against the module's package."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in modules and n != me)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    return {name: imports_of(path, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, it = work[-1]
+            nxt = next(it, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter
+                    counter += 1
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    out.append(sorted(component))
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_walker_sees_imports_inside_functions(tmp_path):
+    modules = package_modules()
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "def f():\n    from diffusion_bunny.pipeline import run\n    import diffusion_bunny.errors\n"
+    )
+    # A file outside the package is named relative to it only for the check below.
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.add(f"{node.module}.{node.names[0].name}")
+        elif isinstance(node, ast.Import):
+            found.add(node.names[0].name)
+    assert found <= set(modules) and {"diffusion_bunny.pipeline.run", "diffusion_bunny.errors"} == found
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_machinery_knows_no_stage():
+    bad = defaultdict(set)
+    for module, targets in import_graph().items():
+        mine = layer(module)
+        for target in targets:
+            theirs = layer(target)
+            if mine in ("pipeline", "media", "models") and theirs in ("stages", "demo", "cli", "nbtools"):
+                bad[module].add(target)
+            if mine in ("media", "models") and theirs == "pipeline":
+                bad[module].add(target)
+    assert not bad, dict(bad)
+
+
+def test_stages_import_each_other_only_through_declarations():
+    bad = []
+    for module, targets in import_graph().items():
+        parts = module.split(".")
+        if len(parts) < 4 or parts[1] != "stages":
+            continue
+        mine = parts[2]
+        allowed = REPORT_MAY_USE if mine == "report" else DECLARED
+        for target in targets:
+            tparts = target.split(".")
+            if len(tparts) < 3 or tparts[1] != "stages" or tparts[2] == mine:
+                continue
+            rest = ".".join(tparts[3:])
+            if rest not in allowed:
+                bad.append(f"{module} -> {target}")
+    assert not bad, "a stage reaches into another stage's internals:\n" + "\n".join(sorted(bad))
+
+
+def test_every_stage_has_its_folder_and_files():
+    names = [
+        "extract",
+        "quality",
+        "characters",
+        "scenes",
+        "captions",
+        "export",
+        "train",
+        "generate",
+        "report",
+    ]
+    for name in names:
+        folder = PACKAGE / "stages" / name
+        assert (folder / "__init__.py").is_file(), name
+        assert (folder / "stage.py").is_file(), name
