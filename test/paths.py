@@ -8,3 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
 HAMILTON = TESTDATA / "face_recognition_examples" / "short_hamilton_clip.mp4"
+
+# The nine stages in the order users know them (notebooks 01-09); tests compare the package with it.
+STAGE_ORDER = (
+    "extract",
+    "quality",
+    "characters",
+    "scenes",
+    "captions",
+    "export",
+    "train",
+    "generate",
+    "report",
+)

@@ -15,7 +15,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-from paths import ROOT
+from paths import ROOT, STAGE_ORDER
 
 PACKAGE = ROOT / "src" / "diffusion_bunny"
 #: What one stage may import of another (the module after ``diffusion_bunny.stages.<other>``).
@@ -168,18 +168,7 @@ def test_stages_import_each_other_only_through_declarations():
 
 
 def test_every_stage_has_its_folder_and_files():
-    names = [
-        "extract",
-        "quality",
-        "characters",
-        "scenes",
-        "captions",
-        "export",
-        "train",
-        "generate",
-        "report",
-    ]
-    for name in names:
+    for name in STAGE_ORDER:
         folder = PACKAGE / "stages" / name
         assert (folder / "__init__.py").is_file(), name
         assert (folder / "stage.py").is_file(), name

@@ -10,7 +10,7 @@ import nbformat
 import polars as pl
 import pytest
 from clips import write_clip
-from paths import ROOT
+from paths import ROOT, STAGE_ORDER
 
 from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
@@ -118,17 +118,7 @@ def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
     with pytest.raises(UserError, match="holds no video file"):
         find_movies(tmp_path, cfg)
-    assert parse_stages(PIPELINE, None) == [
-        "extract",
-        "quality",
-        "characters",
-        "scenes",
-        "captions",
-        "export",
-        "train",
-        "generate",
-        "report",
-    ]
+    assert parse_stages(PIPELINE, None) == list(STAGE_ORDER)
     assert parse_stages(PIPELINE, "extract") == ["extract"]
     assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
