@@ -70,8 +70,9 @@ def test_transition_types_found_and_cascade_agrees(clips, model, kind):
     truth = clip.truth()
     assert len(truth) == 2
     alone, _ = detect(clip.path, "transnetv2", model)
-    # With every candidate sent to the network, the cascade gives TransNetV2's own answer.
-    strict, _ = detect(clip.path, "cascade", model, accept_threshold=None)
+    # With every candidate sent to the network and the network trusted where it is unsure, the
+    # cascade gives TransNetV2's own answer (its stretches predict what its windows do).
+    strict, _ = detect(clip.path, "cascade", model, accept_threshold=None, transnetv2_unsure=0.0)
     assert strict == alone
     # The default cascade finds the boundaries (cuts exactly, gradual transitions inside their
     # span: tolerance 0 either way) and nothing else, at least as well as TransNetV2 alone.
@@ -79,12 +80,15 @@ def test_transition_types_found_and_cascade_agrees(clips, model, kind):
     score, score_alone = match_boundaries(cascade, truth, 0), match_boundaries(alone, truth, 0)
     assert score.precision == score_alone.precision == 1.0, (cascade, alone, truth)
     assert score.f1 >= score_alone.f1
+    assert score.f1 == 1.0, (cascade, truth)
     if kind == "flash":
         # The second cut of this clip (a panning shot into another) scores 0.40-0.43 in
-        # TransNetV2, under its 0.5 threshold; the cascade defers to it there.
-        assert score.tp >= 1
+        # TransNetV2, under its 0.5 threshold: TransNetV2 alone misses it, the cascade weighs
+        # the colour jump there too and finds it.
+        assert score_alone.tp == 1
+        row = pl.DataFrame(det.candidate_rows()).filter(pl.col("boundary") == truth[1])
+        assert row["decision"].to_list() in (["confirmed"], ["accepted_fast"])
     else:
-        assert score.f1 == 1.0, (cascade, truth)
         assert cascade == alone
     rows = pl.DataFrame(det.candidate_rows())
     if kind == "flash":
@@ -341,3 +345,71 @@ def test_a_broken_onnx_cache_file_is_one_clear_line(tmp_path, monkeypatch):
         transnet.resolve_runtime("cuda", "onnx")
     assert transnet.resolve_runtime("cuda", "auto") == "torch"
     assert transnet.resolve_runtime("cpu", "auto") == "onnx"
+
+
+def test_stretches_run_each_block_once_and_wait_until_settled():
+    """The network's input is planned in stretches of touching 50-frame blocks: a stretch waits
+    until no later candidate can extend it, is cut at MAX_RUN_BLOCKS, and the movie's end runs
+    what is left."""
+    from diffusion_bunny.stages.extract.detectors.cascade import MAX_RUN_BLOCKS, closed_stretches
+
+    step = transnet.STEP
+    # Blocks 2-3 are wanted; block 4 could still be wanted by a candidate proposed later.
+    assert closed_stretches({2, 3}, 4 * step + transnet.CONTEXT, final=False) == []
+    # Once the frames are far enough on, the stretch runs as one.
+    assert closed_stretches({2, 3}, 6 * step, final=False) == [(2, 3)]
+    # Two stretches apart are run apart; touching blocks never split below the cap.
+    assert closed_stretches({1, 2, 5}, 9 * step, final=False) == [(1, 2), (5, 5)]
+    many = set(range(10, 10 + 2 * MAX_RUN_BLOCKS + 1))
+    runs = closed_stretches(many, 40 * step, final=False)
+    assert [b - a + 1 for a, b in runs] == [MAX_RUN_BLOCKS, MAX_RUN_BLOCKS, 1]
+    covered = [k for a, b in runs for k in range(a, b + 1)]
+    assert sorted(covered) == sorted(many) and len(covered) == len(set(covered))
+    # A full stretch runs as soon as its right-hand context is there.
+    full = set(range(MAX_RUN_BLOCKS))
+    assert closed_stretches(full, MAX_RUN_BLOCKS * step + transnet.CONTEXT, final=False) == [
+        (0, MAX_RUN_BLOCKS - 1)
+    ]
+    assert closed_stretches({7}, 7 * step + 1, final=True) == [(7, 7)]
+
+
+def test_the_network_never_runs_a_frame_twice_on_real_cuts(model):
+    """On the real Hamilton clip with every candidate sent to the network, the stretches it ran
+    cover each frame once at most (the package's windows would run each frame twice), and the
+    real cuts are found."""
+    from paths import HAMILTON
+
+    if not HAMILTON.is_file():
+        pytest.skip(f"{HAMILTON} is absent (../shared/testdata)")
+    found, det = detect(HAMILTON, "cascade", model, accept_threshold=None)
+    assert match_boundaries(found, [20, 82, 211], 1).f1 == 1.0
+    facts = det.facts()
+    decoded = 275
+    assert facts["model_runs"] >= 1
+    # One stretch per run of touching blocks, 25 frames of context at each end.
+    assert facts["model_frames_run"] <= decoded + 2 * transnet.CONTEXT * facts["model_runs"]
+    assert facts["model_frames_per_decoded"] == round(facts["model_frames_run"] / decoded, 4)
+
+
+def test_real_hard_cuts_are_accepted_without_the_network(model):
+    """The Hamilton clip's three cuts are between shots of one stage (a jump of 17-65, not the
+    40 and 4x of a cut between unlike pictures): the colour rule accepts them at once, and a
+    movie of such cuts no longer pays the network for each of them."""
+    from paths import HAMILTON
+
+    if not HAMILTON.is_file():
+        pytest.skip(f"{HAMILTON} is absent (../shared/testdata)")
+    found, det = detect(HAMILTON, "cascade", model)
+    assert match_boundaries(found, [20, 82, 211], 1).f1 == 1.0
+    rows = pl.DataFrame(det.candidate_rows())
+    at_cuts = rows.filter(pl.col("boundary").is_in([20, 82, 211]))
+    assert at_cuts["decision"].to_list() == ["accepted_fast"] * 3
+    # The first cut is a colour jump between moving sides (2.8x): without the colour rule it
+    # goes to the network; the other two stand 5x above still sides.
+    _, no_colour = detect(HAMILTON, "cascade", model, accept_colour_threshold=None)
+    rows = pl.DataFrame(no_colour.candidate_rows())
+    assert rows.filter(pl.col("frame_index") == 20)["decision"].to_list() == ["confirmed"]
+    assert no_colour.facts()["candidates_accepted_fast"] == 2
+    # The rule of a cut between unlike pictures alone (issue 9's) accepted none of them.
+    _, old = detect(HAMILTON, "cascade", model, accept_colour_threshold=None, accept_threshold=40.0)
+    assert all(r["fast_score"] < 40 for r in old.candidate_rows())

