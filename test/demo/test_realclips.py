@@ -1,0 +1,63 @@
+"""The looped real-footage movie (demo/realclips.py): exact cut truth, every repeat new to the
+duplicate search, deterministic by seed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from paths import HAMILTON
+
+from diffusion_bunny.demo import realclips
+from diffusion_bunny.media.video import VideoReader
+from diffusion_bunny.stages.quality.scores import hamming
+
+pytestmark = pytest.mark.skipif(not HAMILTON.is_file(), reason=f"{HAMILTON} is absent (../shared/testdata)")
+
+
+def test_loop_movie_has_exact_cuts_and_varied_repeats(tmp_path):
+    params = realclips.Params(minutes=0.3, width=160, height=90, seed=3)
+    movie = realclips.make_movie(params, tmp_path, HAMILTON)
+    truth = json.loads(realclips.truth_path(movie).read_text())
+    plans = truth["repeats"]
+    assert len(plans) >= 2
+    # Every shot start but the first is a cut: three inside each repeat, one at each junction.
+    assert len(truth["cuts"]) == 4 * len(plans) - 1
+    frames = [f.to_ndarray(format="gray") for f in _decode(movie)]
+    assert len(frames) == truth["frames"]
+    diffs = np.array([np.abs(frames[i].astype(int) - frames[i - 1]).mean() for i in range(1, len(frames))])
+    at_cuts = diffs[np.array(truth["cuts"]) - 1]
+    # A cut is a jump: it stands above the median frame-to-frame change of the movie.
+    assert np.median(at_cuts) > 3 * np.median(diffs)
+    # Each repeat was drawn until its probes were at least min_phash_distance from earlier ones.
+    assert all(r["min_distance"] >= params.min_phash_distance for r in plans[1:])
+    # Same seed, same plan (the cached file is reused; a fresh plan matches it).
+    source = realclips.load_source(HAMILTON)
+    again = realclips.plan_movie(params, source)
+    assert [p.frames for p in again] == [sum(s["frames"] for s in r["shots"]) for r in plans]
+    assert realclips.make_movie(params, tmp_path, HAMILTON) == movie
+
+
+def _decode(movie):
+    import av
+
+    with av.open(str(movie)) as c:
+        yield from c.decode(c.streams.video[0])
+
+
+def test_probe_hashes_differ_between_repeats():
+    source = realclips.load_source(HAMILTON)
+    params = realclips.Params(minutes=0.3, width=160, height=90, seed=3)
+    shots = source.shots()
+    a = realclips.probe_hashes(source, realclips.draw_repeat(0, params, shots, source.size))
+    b = realclips.probe_hashes(source, realclips.draw_repeat(1, params, shots, source.size))
+    assert a.shape == (4, realclips.PROBES)
+    assert int(hamming(a, b).min()) >= 0 and not np.array_equal(a, b)
+
+
+def test_reader_sees_the_movie_at_its_size(tmp_path):
+    params = realclips.Params(minutes=0.2, width=160, height=90, seed=4)
+    movie = realclips.make_movie(params, tmp_path, HAMILTON)
+    info = VideoReader(movie, 64).info
+    assert (info.width, info.height) == (160, 90)
