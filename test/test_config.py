@@ -52,7 +52,8 @@ def test_layers_later_wins(tmp_path):
     [
         (
             ["extraction.treshold=3"],
-            "unknown key 'extraction.treshold' (allowed here: accept_colour_threshold, accept_threshold, analysis_width,",
+            "unknown key 'extraction.treshold' (allowed here: accept_colour_threshold, accept_threshold, "
+            "analysis_width,",
         ),
         (
             ["extractoin.threshold=3"],
