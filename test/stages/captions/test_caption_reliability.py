@@ -147,7 +147,6 @@ def test_answer_store_is_plain_json_in_sqlite_and_never_imports_diskcache(tmp_pa
         CaptionCache.key("sha", "local", "m", facts, "w", max_tokens=301),
         CaptionCache.key("sha", "local", "m", facts, "w", temperature=0.3),
         CaptionCache.key("sha", "local", "m", facts, "w", 1024),
-        CaptionCache.key("sha", "local", "m", facts, "w", base_url="http://other/v1"),
     ):
         assert other != key
     cache = CaptionCache(tmp_path / "c")

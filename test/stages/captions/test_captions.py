@@ -705,7 +705,8 @@ def test_cache_key_changes_with_prompt_inputs(tmp_path):
 
 def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_path, monkeypatch):
     """Keys planted in the environment are used (the server sees them) but written nowhere: not
-    in the executed notebook, the manifest, any table, log or cache file of the run."""
+    in the executed notebook, the manifest, any table, log or cache file of the run, even when
+    the server's failure answer echoes the request headers (the key among them)."""
     import papermill
 
     run, overrides = cap_run
@@ -713,7 +714,7 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
     monkeypatch.setenv("LOCAL_LLM_API_KEY", canary)
     monkeypatch.setenv("OPENAI_API_KEY", canary + "-openai")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary + "-aws")
-    with FakeLLMServer(script=["500"]) as srv:
+    with FakeLLMServer(script=["echo"]) as srv:
         over = {
             **overrides,
             **FAST,
@@ -736,6 +737,8 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
         )
     text = out_nb.read_text()
     assert "paid request(s) this run" in text and "failed only" in text
+    calls = run.read_table("caption_calls")
+    assert calls["error"].drop_nulls().str.contains(r"\[redacted\]").any()  # the echo was stored
     leaks = []
     for path in run.run_dir.rglob("*"):
         if path.is_file():

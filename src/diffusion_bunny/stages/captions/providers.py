@@ -401,22 +401,20 @@ class CaptionCache:
         *,
         max_tokens: int = 300,
         temperature: float = 0.2,
-        base_url: str | None = None,
     ) -> str:
         """Everything that changes the answer: image hash + the size it is sent at + prompt
-        version + provider (+ the server it is at) + model + the prompt's other inputs + the
-        sampling settings (``max_tokens`` cuts an answer short, ``temperature`` changes it)."""
+        version + provider + model + the prompt's other inputs + the sampling settings
+        (``max_tokens`` cuts an answer short, ``temperature`` changes it). Not the server's URL:
+        the same model behind a restarted server (another port) gives the same answers."""
         chars = ",".join(sorted(facts.get("characters") or []))
-        where = f"{provider}@{base_url}" if base_url else provider
         return (
-            f"{PROMPT_VERSION}|{where}|{model}|{image_sha}@{max_side}|{chars}|{trigger_word}"
+            f"{PROMPT_VERSION}|{provider}|{model}|{image_sha}@{max_side}|{chars}|{trigger_word}"
             f"|max_tokens={max_tokens}|temperature={temperature!r}"
         )
 
     @classmethod
     def key_for(cls, image_sha: str, provider: Provider, facts: dict[str, Any], cfg: CaptioningConfig) -> str:
         """:meth:`key` with every setting taken from the configuration."""
-        base = cfg.local.base_url if provider.name == "local" else None
         return cls.key(
             image_sha,
             provider.name,
@@ -426,7 +424,6 @@ class CaptionCache:
             cfg.image_max_side,
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
-            base_url=base,
         )
 
     def get(self, key: str) -> dict[str, Any] | None:
