@@ -4,7 +4,8 @@ Tests of stage 05 talk to it over real HTTP through the same client code that ta
 provider (dspy -> its HTTP engine). Each request is answered by a *behaviour* taken from a
 script: ``ok`` (a caption in dspy's chat-adapter format, derived from the image so every frame
 gets its own), ``429`` / ``500`` (an error status), ``hang`` (hold the connection until the client
-gives up), ``garbage`` (an answer without the fields asked for). The server records every request
+gives up), ``garbage`` (an answer without the fields asked for), ``echo`` (a 500 whose message
+repeats the request headers, keys included, as a careless proxy does). The server records every request
 and, for answered ones, which image it captioned, so a test can count paid calls per image.
 """
 
@@ -58,6 +59,8 @@ class FakeLLMServer:
     script: list[str] = field(default_factory=list)
     default: str = "ok"
     hang_s: float = 30.0
+    #: Seconds every answered request takes (lets a test hold requests in flight).
+    delay_s: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     answered: Counter = field(default_factory=Counter)
     model_name: str = "fake-vision-1"
@@ -109,12 +112,20 @@ class FakeLLMServer:
                 if behaviour == "hang":
                     server._stop.wait(server.hang_s)
                     return
+                if behaviour == "echo":
+                    headers = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+                    self._send(
+                        500, {"error": {"message": f"bad request, headers {headers}", "type": "api_error"}}
+                    )
+                    return
                 if behaviour in {"429", "500", "503"}:
                     status = int(behaviour)
                     kind = "rate_limit_error" if status == 429 else "api_error"
                     self._send(status, {"error": {"message": f"scripted {status}", "type": kind}})
                     return
                 digest = images[0] if images else "noimage"
+                if server.delay_s:
+                    time.sleep(server.delay_s)
                 if behaviour == "garbage":
                     text = "I cannot follow the format."
                 else:

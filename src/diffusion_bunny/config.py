@@ -212,11 +212,32 @@ class ScenesConfig(_Section):
         return self
 
 
+def _no_credentials_in_url(value: str | None) -> str | None:
+    """A base URL must not carry ``user:token@``: it would be written into manifests and notebook
+    parameters. Keys belong in the environment (or ``.env``)."""
+    if value:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            has_credentials = parts.username is not None or parts.password is not None
+        except ValueError:
+            has_credentials = "@" in value.split("/")[2] if value.count("/") >= 2 else False
+        if has_credentials:
+            raise ValueError(
+                "must not carry credentials (user:token@host); remove them and put the key in the "
+                "environment or .env (the provider's key variable)"
+            )
+    return value
+
+
 class OpenAIProviderConfig(_Section):
     """The OpenAI chat API (key in ``OPENAI_API_KEY``)."""
 
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
 
 
 class AnthropicProviderConfig(_Section):
@@ -225,6 +246,8 @@ class AnthropicProviderConfig(_Section):
     model: str = "claude-3-5-haiku-latest"
     base_url: str | None = None
 
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
+
 
 class LocalProviderConfig(_Section):
     """Any OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio) at ``base_url``."""
@@ -232,6 +255,8 @@ class LocalProviderConfig(_Section):
     model: str = "qwen2.5-vl-7b-instruct"
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "LOCAL_LLM_API_KEY"
+
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
 
 
 class BedrockProviderConfig(_Section):
@@ -257,6 +282,7 @@ class CaptioningConfig(_Section):
     backoff_base_s: float = Field(1.0, ge=0.0, le=600.0)
     backoff_max_s: float = Field(30.0, ge=0.0, le=3600.0)
     breaker_failures: int = Field(5, ge=1, le=10_000)
+    breaker_cooldown_s: float = Field(60.0, ge=0.0, le=86_400.0)
     max_tokens: int = Field(300, ge=16, le=8192)
     temperature: float = Field(0.2, ge=0.0, le=2.0)
     image_max_side: int = Field(768, ge=64, le=4096)
@@ -663,7 +689,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    if isinstance(value, dict):
+    # A value refused for carrying credentials is not repeated (the error may be stored).
+    if isinstance(value, dict) or "must not carry credentials" in msg:
         return f"config error: {key}: {msg}"
     return f"config error: {key} = {value!r}: {msg}"
 

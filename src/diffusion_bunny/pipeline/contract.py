@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     import polars as pl
 
 
+#: What :attr:`StageOutput.commit` returns: entered around the writes, yields the tables to write.
+TablesCommit = contextlib.AbstractContextManager["dict[str, pl.DataFrame]"]
+
+
 class UndeclaredSetting(AttributeError):
     """A stage read a setting it did not declare: a bug in the stage's declaration (exit 1)."""
 
@@ -124,6 +128,11 @@ class StageOutput:
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    #: For a table a person also edits while the stage runs: a context manager factory the
+    #: runner enters around the table writes. It takes the table's lock and yields the tables
+    #: to write (the stage re-reads the edits there), so an edit made during the stage is not
+    #: lost. None: the tables are written as they are.
+    commit: Callable[[dict[str, pl.DataFrame]], TablesCommit] | None = None
 
 
 @dataclass
@@ -394,8 +403,9 @@ def run_stage(
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
-    for table in stage.writes:
-        run.write_table(table, out.tables[table])
+    with out.commit(out.tables) if out.commit is not None else contextlib.nullcontext(out.tables) as tables:
+        for table in stage.writes:
+            run.write_table(table, tables[table])
     manifest = build_manifest(
         name,
         code=code,
@@ -412,4 +422,4 @@ def run_stage(
     run.write_manifest(name, manifest)
     for warning in out.warnings:
         warnings.warn(warning, stacklevel=3)
-    return out.tables
+    return tables

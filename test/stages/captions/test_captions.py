@@ -33,11 +33,9 @@ from diffusion_bunny.stages.captions.providers import (
     RateLimiter,
     backoff_delay,
     classify,
-    scaled_jpeg,
 )
 from diffusion_bunny.stages.captions.stage import edit_caption, read_edits
 from diffusion_bunny.stages.captions.tables import word_frequencies
-from diffusion_bunny.stages.extract.tables import frame_image_path
 
 FAST = {  # retries in milliseconds, no pacing: the tests are about what happens, not when
     "captioning.backoff_base_s": 0.01,
@@ -63,16 +61,31 @@ def _cfg(tmp_path, base: dict, **over):
     )
 
 
-def _digests(run: Run) -> dict[str, str]:
-    """frame id -> the digest the fake server computes of what it was sent."""
-    cfg = CaptioningConfig()
+def _expected_image(run: Run, rel_path: str, max_side: int) -> bytes:
+    """What a paid provider must be sent for a frame, computed here from ``frames.path`` with
+    Pillow alone (not with the code under test): the full frame, long side scaled to
+    ``max_side``, as a quality-90 JPEG."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(run.run_dir / rel_path) as img:
+        img = img.convert("RGB")
+        if max(img.size) > max_side:
+            img.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _digests(run: Run, max_side: int | None = None) -> dict[str, str]:
+    """frame id -> the digest the fake server computes of what it must be sent."""
+    max_side = max_side or CaptioningConfig().image_max_side
     out = {}
     frames = run.read_table("frames")
     kept = run.read_table("quality").filter("keep")["frame_id"].to_list()
     for rec in frames.filter(pl.col("frame_id").is_in(kept)).iter_rows(named=True):
-        path = frame_image_path(run.run_dir, rec["frame_id"], rec["path"])
-        image = scaled_jpeg(path.read_bytes(), cfg.image_max_side)
-        out[rec["frame_id"]] = image_digest(image)
+        out[rec["frame_id"]] = image_digest(_expected_image(run, rec["path"], max_side))
     return out
 
 
@@ -692,7 +705,8 @@ def test_cache_key_changes_with_prompt_inputs(tmp_path):
 
 def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_path, monkeypatch):
     """Keys planted in the environment are used (the server sees them) but written nowhere: not
-    in the executed notebook, the manifest, any table, log or cache file of the run."""
+    in the executed notebook, the manifest, any table, log or cache file of the run, even when
+    the server's failure answer echoes the request headers (the key among them)."""
     import papermill
 
     run, overrides = cap_run
@@ -700,7 +714,7 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
     monkeypatch.setenv("LOCAL_LLM_API_KEY", canary)
     monkeypatch.setenv("OPENAI_API_KEY", canary + "-openai")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary + "-aws")
-    with FakeLLMServer(script=["500"]) as srv:
+    with FakeLLMServer(script=["echo"]) as srv:
         over = {
             **overrides,
             **FAST,
@@ -723,6 +737,8 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
         )
     text = out_nb.read_text()
     assert "paid request(s) this run" in text and "failed only" in text
+    calls = run.read_table("caption_calls")
+    assert calls["error"].drop_nulls().str.contains(r"\[redacted\]").any()  # the echo was stored
     leaks = []
     for path in run.run_dir.rglob("*"):
         if path.is_file():

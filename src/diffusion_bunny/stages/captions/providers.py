@@ -14,22 +14,27 @@ Robustness lives here, not in the client libraries (dspy's engine never retries 
 we keep it that way so there is exactly one retry policy): a requests-per-minute token bucket
 (:class:`RateLimiter`), exponential backoff with full jitter on 429, 5xx, timeouts and dropped
 connections (:func:`backoff_delay`), a circuit breaker per provider (:class:`CircuitBreaker`)
-that sends the rest of the run to the next provider, and a disk cache (:class:`CaptionCache`,
-diskcache/SQLite) keyed by image hash, prompt version, provider, model and the prompt's inputs.
-Every answer is in the cache before the next request starts, so a rerun or a resume after a kill
-never pays for the same frame twice. Secrets are read from the environment (or ``.env``) when a
-provider is built and handed straight to the client; they are never stored on this side.
+that sends the rest of the run to the next provider until a probe after a cool-down succeeds,
+and a disk cache (:class:`CaptionCache`, plain JSON in stdlib sqlite3, never evicting) keyed by
+everything that changes the answer. The *raw* answer is in the cache before it is parsed and
+before the next request starts, so a rerun or a resume after a kill never pays for the same
+frame twice, not even for an answer that did not parse. Secrets are read from the environment
+(or ``.env``) when a provider is built and handed straight to the client; every stored string
+goes through :func:`redact`, which hides every secret value the process knows.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -157,9 +162,68 @@ def classify(exc: BaseException) -> str:
 
 
 def short_error(exc: BaseException) -> str:
-    """One line for the table: the exception's class and the first line of its message."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+    """One line for the table: the exception's class and the first line of its message, with
+    every secret the process knows replaced (a server may echo the request headers)."""
+    text = redact(str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+REDACTED = "[redacted]"
+#: Variables whose values are secrets whatever their name (provider keys, AWS credentials).
+SECRET_VARIABLES = {
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "LOCAL_LLM_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+}
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+_extra_secrets: set[str] = set()
+_extra_lock = threading.Lock()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret read from somewhere other than the environment (an AWS profile's keys,
+    a configured key variable), so :func:`redact` hides it too."""
+    if value and len(value) >= 6:
+        with _extra_lock:
+            _extra_secrets.add(value)
+
+
+def known_secrets() -> list[str]:
+    """Every secret value this process knows: the provider and AWS variables, any variable whose
+    name says key/token/secret/password, and what :func:`register_secret` was given. Longest
+    first, so a secret containing another is hidden whole. Values under 6 characters are left
+    alone (they would redact ordinary words)."""
+    found = set()
+    for name, value in os.environ.items():
+        if (name in SECRET_VARIABLES or _SECRET_NAME.search(name)) and len(value.strip()) >= 6:
+            found.add(value.strip())
+    with _extra_lock:
+        found |= _extra_secrets
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with every known secret (also in base64, as in a Basic auth header) replaced by
+    ``[redacted]``; applied to every string the stage stores (errors, warnings)."""
+    if not text:
+        return text
+    for secret in known_secrets():
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+        encoded = base64.b64encode(secret.encode()).decode().rstrip("=")
+        if len(encoded) >= 8 and encoded in text:
+            text = text.replace(encoded, REDACTED)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,28 +275,74 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 
 
 class CircuitBreaker:
-    """Opens after ``threshold`` frames in a row failed on a provider (or at once when the
-    provider refuses the key or the model); an open circuit stays open for the rest of the run,
-    and the frames go to the next provider of the chain."""
+    """Closed, open, half-open. Opens after ``threshold`` frames in a row failed on a provider (or
+    at once when the provider refuses the key or the model); the frames then go to the next
+    provider of the chain. After ``cooldown_s`` an open circuit lets exactly one probe request
+    through (half-open): a success closes it, a failure opens it for another cool-down. So one
+    bad minute does not send the rest of a long run to the fallback.
 
-    def __init__(self, threshold: int):
+    A refused key or model (``fatal``) stays open for the run: it will not be accepted a minute
+    later, and probing it would only repeat the refusal."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(
+        self, threshold: int, cooldown_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
         self.failures = 0
-        self.open = False
+        self.state = self.CLOSED
+        self.fatal = False
         self.reason = ""
+        self.opened_at = 0.0
+        self.times_opened = 0
         self.lock = threading.Lock()
+
+    @property
+    def open(self) -> bool:
+        """Whether the circuit is not closed (open, or half-open with its probe out)."""
+        return self.state != self.CLOSED
+
+    def blocked(self) -> bool:
+        """Open, and no probe would be let through now (a look that changes nothing)."""
+        with self.lock:
+            if self.state == self.HALF_OPEN:
+                return True
+            return self.state == self.OPEN and (self.fatal or self.clock() - self.opened_at < self.cooldown_s)
+
+    def allow(self) -> str:
+        """May a request go to this provider now? ``"closed"`` when closed; when open and the
+        cool-down has passed, ``"probe"`` once (the circuit turns half-open until the probe is
+        answered: report it with :meth:`success` or :meth:`failure`, no retries); else ``""``."""
+        with self.lock:
+            if self.state == self.CLOSED:
+                return "closed"
+            if (
+                self.state == self.OPEN
+                and not self.fatal
+                and self.clock() - self.opened_at >= self.cooldown_s
+            ):
+                self.state = self.HALF_OPEN
+                return "probe"
+            return ""
 
     def success(self) -> None:
         with self.lock:
             self.failures = 0
+            self.state = self.CLOSED
 
     def failure(self, reason: str, *, fatal: bool = False) -> None:
         with self.lock:
             self.failures += 1
-            if fatal or self.failures >= self.threshold:
-                if not self.open:
+            if self.state == self.HALF_OPEN or fatal or self.failures >= self.threshold:
+                if self.state == self.CLOSED:
                     self.reason = reason
-                self.open = True
+                    self.times_opened += 1
+                self.fatal = self.fatal or fatal
+                self.state = self.OPEN
+                self.opened_at = self.clock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,15 +350,45 @@ class CircuitBreaker:
 
 
 class CaptionCache:
-    """Answers of paid providers on disk (diskcache: SQLite, safe across threads and processes,
-    each ``set`` committed before it returns, so a kill right after loses nothing)."""
+    """Raw answers of paid providers on disk: plain JSON values in a stdlib ``sqlite3`` table.
+
+    Why not diskcache (which this used before): it unpickles its values by default, is no longer
+    maintained, and evicts at 1 GB by default, so paid answers could silently disappear. This
+    store never evicts, holds only JSON, and commits each ``set`` before it returns (WAL mode,
+    safe across threads and processes), so a kill right after a paid answer loses nothing.
+
+    A cache folder written by the old diskcache store (``cache.db``) is not read (it holds
+    pickles): those frames are asked again once, and :attr:`legacy` says so for the warning."""
+
+    FILE = "answers.sqlite3"
 
     def __init__(self, directory: str | Path):
-        import diskcache
-
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._cache = diskcache.Cache(str(self.directory))
+        path = self.directory / self.FILE
+        #: The old diskcache database when it is there and this store is new.
+        self.legacy = (self.directory / "cache.db") if (self.directory / "cache.db").is_file() else None
+        self._local = threading.local()
+        self._path = path
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.commit()
+        if self.legacy is not None and len(self):
+            self.legacy = None  # already rebuilt once: nothing more to say
+
+    def _db(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections must not cross threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._path, timeout=60.0, check_same_thread=False)
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
 
     @staticmethod
     def key(
@@ -258,24 +398,59 @@ class CaptionCache:
         facts: dict[str, Any],
         trigger_word: str,
         max_side: int = 768,
+        *,
+        max_tokens: int = 300,
+        temperature: float = 0.2,
     ) -> str:
-        """Image hash + the size it is sent at + prompt version + provider + model + the prompt's
-        other inputs (a frame sent larger is another question)."""
+        """Everything that changes the answer: image hash + the size it is sent at + prompt
+        version + provider + model + the prompt's other inputs + the sampling settings
+        (``max_tokens`` cuts an answer short, ``temperature`` changes it). Not the server's URL:
+        the same model behind a restarted server (another port) gives the same answers."""
         chars = ",".join(sorted(facts.get("characters") or []))
-        return f"{PROMPT_VERSION}|{provider}|{model}|{image_sha}@{max_side}|{chars}|{trigger_word}"
+        return (
+            f"{PROMPT_VERSION}|{provider}|{model}|{image_sha}@{max_side}|{chars}|{trigger_word}"
+            f"|max_tokens={max_tokens}|temperature={temperature!r}"
+        )
+
+    @classmethod
+    def key_for(cls, image_sha: str, provider: Provider, facts: dict[str, Any], cfg: CaptioningConfig) -> str:
+        """:meth:`key` with every setting taken from the configuration."""
+        return cls.key(
+            image_sha,
+            provider.name,
+            provider.model,
+            facts,
+            cfg.trigger_word,
+            cfg.image_max_side,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+        )
 
     def get(self, key: str) -> dict[str, Any] | None:
-        value = self._cache.get(key)
-        return dict(value) if isinstance(value, dict) else None
+        row = self._db().execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        value = json.loads(row[0])
+        return value if isinstance(value, dict) else None
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        self._cache.set(key, value)
+        db = self._db()
+        with db:  # commits before returning
+            db.execute(
+                "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
+                (key, json.dumps(value, sort_keys=True)),
+            )
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return int(self._db().execute("SELECT count(*) FROM answers").fetchone()[0])
 
     def close(self) -> None:
-        self._cache.close()
+        with self._lock:
+            for db in self._connections:
+                with contextlib.suppress(sqlite3.ProgrammingError):
+                    db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,8 +495,9 @@ def caption_signature() -> type:
     )
 
 
-def _usage(prediction: Any) -> tuple[int | None, int | None]:
-    usage = prediction.get_lm_usage() or {}
+def _usage(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """Input and output tokens from dspy's usage record (``{model: {...tokens...}}``)."""
+    usage = usage or {}
     inp = out = None
     for entry in usage.values():
         entry = entry or {}
@@ -360,25 +536,70 @@ class DspyProvider:
     def preflight(self) -> None:
         self._preflight()
 
-    def caption(self, image: bytes, facts: dict[str, Any]) -> CaptionResult:
+    def caption(
+        self, image: bytes, facts: dict[str, Any], on_raw: Callable[[RawAnswer], None] | None = None
+    ) -> CaptionResult:
+        """Ask for one caption. ``on_raw`` is given the raw answer text (and its tokens) as soon
+        as it arrives, *before* it is parsed: the caller caches it there, so an answer that does
+        not parse is still paid only once (a rerun parses the cached text again)."""
         import dspy
+        from dspy.utils.usage_tracker import track_usage
 
         # No JSON-adapter fallback: it would send a second (paid) request behind our back when an
         # answer does not parse; a bad answer is one failed attempt, counted and logged as such.
-        adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-        with dspy.context(lm=self.lm, adapter=adapter, track_usage=True):
+        adapter = _raw_first_adapter(on_raw)
+        with dspy.context(lm=self.lm, adapter=adapter), track_usage() as tracker:
+            adapter.tracker = tracker
             pred = self.predict(
                 # A data URI is sent as it is; raw bytes would be decoded and re-encoded by dspy.
                 image=dspy.Image("data:image/jpeg;base64," + base64.b64encode(image).decode()),
                 characters=list(facts.get("characters") or []),
                 trigger_word=self.cfg.trigger_word,
             )
-        caption = str(pred.caption or "").strip()
+        inp, out = _usage(tracker.get_total_tokens())
+        return self._result(pred.caption, pred.tags, inp, out)
+
+    def parse(self, raw: RawAnswer) -> CaptionResult:
+        """The caption in a raw answer (one from the cache): parsed exactly as a fresh one is,
+        without asking anything. Raises dspy's ``AdapterParseError`` when it does not parse."""
+        import dspy
+
+        adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        fields = adapter.parse(self.predict.signature, raw.text)
+        return self._result(fields.get("caption"), fields.get("tags"), raw.input_tokens, raw.output_tokens)
+
+    def _result(self, caption: Any, tags: Any, inp: int | None, out: int | None) -> CaptionResult:
+        caption = str(caption or "").strip()
         if not caption:
             raise ValueError("the answer had an empty caption")
-        tags = [str(t).strip() for t in (pred.tags or []) if str(t).strip()]
-        inp, out = _usage(pred)
+        tags = [str(t).strip() for t in (tags or []) if str(t).strip()]
         return CaptionResult(_with_trigger(caption, self.cfg.trigger_word), tags, inp, out)
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """A paid answer as the provider sent it, before parsing: what the cache keeps."""
+
+    text: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def _raw_first_adapter(on_raw: Callable[[RawAnswer], None] | None) -> Any:
+    """dspy's chat adapter, with a hook that hands the raw completion to ``on_raw`` before it is
+    parsed (dspy calls ``parse`` right after the model answered; the usage is recorded by then)."""
+    import dspy
+
+    class RawFirstAdapter(dspy.ChatAdapter):
+        tracker: Any = None
+
+        def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+            if on_raw is not None:
+                usage = self.tracker.get_total_tokens() if self.tracker is not None else None
+                on_raw(RawAnswer(str(completion), *_usage(usage)))
+            return super().parse(signature, completion)
+
+    return RawFirstAdapter(use_json_adapter_fallback=False)
 
 
 def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float) -> None:
@@ -433,6 +654,8 @@ def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
         probe_base = (base or "https://api.openai.com/v1").rstrip("/")
     else:
         key = os.environ.get(cfg.local.api_key_env, "").strip() or "not-needed"
+        if key != "not-needed":
+            register_secret(key)  # whatever the variable is called
         model, base = cfg.local.model, cfg.local.base_url
         setting = "captioning.local.base_url"
         probe_base = base.rstrip("/")
@@ -560,6 +783,9 @@ def bedrock_client(cfg: CaptioningConfig) -> Any:
             "captioning.provider 'bedrock' found no AWS credentials; set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (environment or .env), AWS_PROFILE, or captioning.bedrock.profile"
         )
+    frozen = credentials.get_frozen_credentials()
+    for secret in (frozen.secret_key, frozen.token, frozen.access_key):
+        register_secret(secret)  # a profile's keys are not in the environment
     boto = BotoConfig(
         retries={"total_max_attempts": 1, "mode": "standard"},
         read_timeout=cfg.timeout_s,

@@ -39,14 +39,15 @@ from diffusion_bunny.stages.captions.providers import (
     CircuitBreaker,
     Provider,
     RateLimiter,
+    RawAnswer,
     backoff_delay,
     classify,
     make_provider,
+    redact,
     scaled_jpeg,
     short_error,
 )
 from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA, EDIT_SCHEMA, apply_edits
-from diffusion_bunny.stages.extract.tables import frame_image_path
 
 CALL_SCHEMA: dict[str, pl.DataType] = {
     "frame_id": pl.String,
@@ -68,7 +69,8 @@ class CaptionRun:
 
     captions: pl.DataFrame
     calls: pl.DataFrame
-    breakers: dict[str, str] = field(default_factory=dict)
+    #: Every provider whose circuit opened: (the reason, still open at the end, times opened).
+    breakers: dict[str, tuple[str, bool, int]] = field(default_factory=dict)
 
 
 class _Log:
@@ -100,6 +102,7 @@ class _Captioner:
         *,
         seed: int,
         sleep: Callable[[float], None],
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.run_dir = run_dir
         self.providers = providers
@@ -108,7 +111,12 @@ class _Captioner:
         self.hashes = hashes
         self.sleep = sleep
         self.log = _Log()
-        self.breakers = {p.name: CircuitBreaker(cfg.breaker_failures) for p in providers}
+        self.breakers = {
+            p.name: CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s, clock=clock)
+            for p in providers
+        }
+        self._inflight: dict[str, list[Any]] = {}
+        self._inflight_guard = threading.Lock()
         self.limiters = {
             p.name: RateLimiter(cfg.requests_per_minute, cfg.concurrency, sleep=sleep) for p in providers
         }
@@ -137,51 +145,88 @@ class _Captioner:
         paid provider already did) gives the caption; a frame is decoded and scaled only when a
         paid provider is really asked."""
         fid = rec["frame_id"]
-        path = frame_image_path(self.run_dir, fid, rec["path"])
+        path = full_frame_path(self.run_dir, rec)
         if not path.is_file():
             return self.unreadable(fid, path, FileNotFoundError(f"no such file: {path}"))
         sha = self.hashes.get(fid)
-        image = b""  # what the template gets: it reads the tables, not the pixels
-        scaled = False
         last_error = ""
         for prov in self.providers:
-            key = ""
-            if prov.paid:
+            if not prov.paid:
+                # The template reads the tables, not the pixels.
+                answer, error, circuit_open = self._ask(fid, prov, b"", rec, "")
+            else:
                 if sha is None:
                     return self.unreadable(fid, path, OSError(f"cannot read {path}"))
-                key = CaptionCache.key(
-                    sha, prov.name, prov.model, rec, self.cfg.trigger_word, self.cfg.image_max_side
-                )
-                hit = self.cache.get(key)
-                if hit is not None:
-                    self.log.add(
-                        frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached"
-                    )
-                    return self._answer(fid, prov, hit, hit.get("latency_s"))
-                if not scaled and not self.breakers[prov.name].open:
-                    try:
-                        image, scaled = scaled_jpeg(path.read_bytes(), self.cfg.image_max_side), True
-                    except OSError as exc:
-                        return self.unreadable(fid, path, exc)
-            answer, error, circuit_open = self._ask(fid, prov, image, rec, key)
+                key = CaptionCache.key_for(sha, prov, rec, self.cfg)
+                # Identical requests (the same frame file twice, say) are asked once: the
+                # second waits here for the first and then finds its answer in the cache.
+                with self._key_lock(key):
+                    answer, error, circuit_open = self._paid(fid, prov, path, rec, key)
+                if isinstance(answer, OSError):
+                    return self.unreadable(fid, path, answer)
             if answer is not None:
                 return answer
             # A provider whose circuit is open says so only when nothing failed before it.
             last_error = (last_error or error) if circuit_open else error
         return self.row(fid, status="failed", error=last_error or "no provider could caption the frame")
 
+    @contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        with self._inflight_guard:
+            entry = self._inflight.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._inflight_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._inflight[key]
+
+    def _paid(
+        self, fid: str, prov: Provider, path: Path, rec: dict[str, Any], key: str
+    ) -> tuple[Any, str, bool]:
+        """A paid provider for one frame: its cached raw answer parsed again when there is one
+        (no request), else the full frame scaled to ``image_max_side`` and asked."""
+        hit = self.cache.get(key)
+        if hit is not None and "raw" in hit:
+            raw = RawAnswer(hit["raw"], hit.get("input_tokens"), hit.get("output_tokens"))
+            try:
+                result = prov.parse(raw)
+            except Exception as exc:  # paid for and kept; it just does not parse
+                error = f"{prov.name}: cached answer unusable: {short_error(exc)}"
+                self.log.add(
+                    frame_id=fid,
+                    provider=prov.name,
+                    model=prov.model,
+                    attempt=0,
+                    outcome="cached_failed",
+                    error=short_error(exc),
+                )
+                return None, error, False
+            self.log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
+            return self._answer(fid, prov, result, hit.get("latency_s")), "", False
+        breaker = self.breakers[prov.name]
+        if breaker.blocked():  # no need to decode the frame
+            return None, f"{prov.name}: circuit open ({breaker.reason})", True
+        try:
+            image = scaled_jpeg(path.read_bytes(), self.cfg.image_max_side)
+        except OSError as exc:
+            return exc, "", False
+        return self._ask(fid, prov, image, rec, key)
+
     def _answer(self, fid: str, prov: Provider, result: Any, latency: float | None) -> dict[str, Any]:
-        get = result.get if isinstance(result, dict) else lambda k: getattr(result, k)
         return self.row(
             fid,
-            caption=get("caption"),
-            tags=list(get("tags")),
+            caption=result.caption,
+            tags=list(result.tags),
             provider=prov.name,
             model=prov.model,
             status="ok",
             latency_s=latency,
-            input_tokens=get("input_tokens"),
-            output_tokens=get("output_tokens"),
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
         )
 
     def _ask(
@@ -189,19 +234,44 @@ class _Captioner:
     ) -> tuple[dict[str, Any] | None, str, bool]:
         """Ask one provider, with retries on passing faults: ``(row, "", False)`` on an answer,
         ``(None, the error, whether the circuit was open)`` when this provider gave up (the chain
-        moves on)."""
+        moves on). A paid answer is cached raw, before it is parsed. A probe of a half-open
+        circuit is not retried: its outcome alone closes or reopens the circuit."""
         breaker = self.breakers[prov.name]
         for attempt in range(self.cfg.max_retries + 1):
-            if breaker.open:
+            permit = breaker.allow()
+            if not permit:
                 return None, f"{prov.name}: circuit open ({breaker.reason})", True
             if prov.paid:  # the template costs nothing and is not paced
                 self.limiters[prov.name].acquire()
             started = time.monotonic()
+            cache_failure: list[BaseException] = []
+
+            def keep(
+                raw: RawAnswer, started: float = started, cache_failure: list[BaseException] = cache_failure
+            ) -> None:
+                # Paid for: into the cache before it is parsed or anything else can go wrong.
+                try:
+                    self.cache.set(
+                        key,
+                        {
+                            "raw": raw.text,
+                            "latency_s": time.monotonic() - started,
+                            "input_tokens": raw.input_tokens,
+                            "output_tokens": raw.output_tokens,
+                            "ts": datetime.now(UTC).isoformat(),
+                        },
+                    )
+                except BaseException as exc:  # a full disk under the cache must stop the run
+                    cache_failure.append(exc)
+                    raise
+
             try:
-                result = prov.caption(image, rec)
+                result = prov.caption(image, rec, keep) if prov.paid else prov.caption(image, rec)
             except Exception as exc:  # every failure is classified; none stops the run
+                if cache_failure:
+                    raise cache_failure[0] from None
                 kind = classify(exc)
-                will_retry = kind == RETRY and attempt < self.cfg.max_retries
+                will_retry = kind == RETRY and attempt < self.cfg.max_retries and permit != "probe"
                 self.log.add(
                     frame_id=fid,
                     provider=prov.name,
@@ -217,19 +287,6 @@ class _Captioner:
                 breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
                 return None, f"{prov.name}: {short_error(exc)}", False
             latency = time.monotonic() - started
-            if prov.paid:
-                # Paid for: into the cache before anything else can go wrong.
-                self.cache.set(
-                    key,
-                    {
-                        "caption": result.caption,
-                        "tags": list(result.tags),
-                        "latency_s": latency,
-                        "input_tokens": result.input_tokens,
-                        "output_tokens": result.output_tokens,
-                        "ts": datetime.now(UTC).isoformat(),
-                    },
-                )
             breaker.success()
             self.log.add(
                 frame_id=fid,
@@ -291,16 +348,18 @@ def caption_frames(
     progress: bool = True,
     progress_path: Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> CaptionRun:
     """Caption every frame of ``facts`` through the provider chain (see the module docstring).
     ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider)."""
-    captioner = _Captioner(Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep)
+    captioner = _Captioner(Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep, clock=clock)
     rows = captioner.run(list(facts.iter_rows(named=True)), progress, progress_path)
     captions = pl.DataFrame(rows, schema=CAPTION_SCHEMA).sort("frame_id")
     log = captioner.log.rows
     calls = pl.DataFrame(log, schema=CALL_SCHEMA) if log else pl.DataFrame(schema=CALL_SCHEMA)
     breakers = captioner.breakers
-    return CaptionRun(captions, calls, {n: b.reason for n, b in breakers.items() if b.open})
+    opened = {n: (b.reason, b.open, b.times_opened) for n, b in breakers.items() if b.times_opened}
+    return CaptionRun(captions, calls, opened)
 
 
 def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
@@ -330,15 +389,23 @@ def answers_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "cache" / "captions"
 
 
+def full_frame_path(run_dir: Path, rec: dict[str, Any]) -> Path:
+    """The full-resolution frame stage 01 saved (``frames.path``), never the 320-px thumbnail:
+    a paid model is sent the frame scaled to ``captioning.image_max_side``, and a thumbnail would
+    make that setting meaningless (the picture would be about 320 px whatever it says)."""
+    path = rec.get("path")
+    return Path(run_dir) / path if path else Path(run_dir) / "frames" / f"{rec['frame_id']}.missing"
+
+
 def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
-    """SHA-256 of every frame file (the cache key: the same file is the same question), None for
-    a file that cannot be read. Read once per run, before anything is asked."""
+    """SHA-256 of every full frame file (the cache key: the same file is the same question), None
+    for a file that cannot be read. Read once per run, before anything is asked."""
     import hashlib
 
     out: dict[str, str | None] = {}
     for rec in facts.iter_rows(named=True):
         try:
-            data = frame_image_path(run_dir, rec["frame_id"], rec["path"]).read_bytes()
+            data = full_frame_path(run_dir, rec).read_bytes()
         except OSError:
             out[rec["frame_id"]] = None
             continue
@@ -363,12 +430,7 @@ def _uncached(
         sha = hashes.get(rec["frame_id"])
         if sha is None:
             continue
-        if (
-            cache.get(
-                CaptionCache.key(sha, first.name, first.model, rec, cfg.trigger_word, cfg.image_max_side)
-            )
-            is None
-        ):
+        if cache.get(CaptionCache.key_for(sha, first, rec, cfg)) is None:
             missing += 1
     return missing
 
@@ -399,6 +461,7 @@ def captions_stage(
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
     cache = CaptionCache(answers_dir(run_dir, cfg))
+    legacy = cache.legacy
     try:
         # Hashes only matter to the cache of paid providers: a template run reads no frame file.
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
@@ -421,17 +484,20 @@ def captions_stage(
         )
     finally:
         cache.close()
-    captions = result.captions
+    # Every string this stage stores goes through redact (a server may echo the request headers).
+    captions = result.captions.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
+    calls = result.calls.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
     paid = [p.name for p in providers if p.paid]
     ok = captions.filter(pl.col("status") == "ok")
     failed = captions.filter(pl.col("status") == "failed")
     if not ok.height and failed.height:
         first = failed["error"][0]
         raise ProviderError(
-            f"no frame could be captioned ({failed.height} failed; first: {first}); fix the provider "
+            f"no frame could be captioned ({failed.height} failed; first: {redact(first)}); fix the provider "
             "or add template to captioning.fallback. Answers already received are cached and will not "
             "be paid again"
         )
+    # Edits made so far, for the counts; the runner re-applies them under the lock as it writes.
     with captions_lock(run_dir):
         captions = apply_edits(captions, read_edits(run_dir))
     counts = {
@@ -441,33 +507,53 @@ def captions_stage(
         "edited": int((captions["status"] == "edited").sum()),
         **{f"by_{k}": v for k, v in captions.group_by("provider").len().iter_rows() if k},
         "paid_requests": int(
-            result.calls.filter(pl.col("provider").is_in(paid))["outcome"]
+            calls.filter(pl.col("provider").is_in(paid))["outcome"]
             .is_in(["ok", "retry", "failed", "down"])
             .sum()
         ),
-        "cache_hits": int((result.calls["outcome"] == "cached").sum()),
+        "cache_hits": int(calls["outcome"].is_in(["cached", "cached_failed"]).sum()),
     }
     warnings = []
+    if legacy is not None:
+        warnings.append(
+            f"the answer cache at {legacy.parent} was written by an older version (diskcache, "
+            f"{legacy.name}), "
+            f"which is no longer read; its frames were asked again once into {CaptionCache.FILE}. "
+            f"Delete {legacy.name} and its .val files there to free the space"
+        )
     if failed.height:
         warnings.append(
             f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}); rerun stage captions "
-            "with --force to retry them (answers already received are cached and not paid again)"
+            "with --force to retry them (answers already received, also ones that did not parse, are "
+            "cached and not paid again)"
         )
-    for name, reason in result.breakers.items():
-        warnings.append(
-            f"provider {name}'s circuit opened ({reason}); later frames went to the next provider"
+    for name, (reason, still_open, times) in result.breakers.items():
+        after = (
+            "later frames went to the next provider"
+            if still_open
+            else "frames went to the next provider until a probe succeeded and closed it"
         )
+        warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}")
     return StageOutput(
-        tables={"captions": captions, "caption_calls": result.calls},
+        tables={"captions": captions, "caption_calls": calls},
         counts=counts,
-        warnings=warnings,
+        warnings=[redact(w) for w in warnings],
         facts={
             "prompt_version": PROMPT_VERSION,
             "chain": [f"{p.name}:{p.model}" for p in providers],
             "asked": to_ask,
-            "open_circuits": result.breakers,
+            "open_circuits": {n: r for n, (r, still_open, _) in result.breakers.items() if still_open},
         },
+        commit=lambda tables: _commit(run_dir, tables),
     )
+
+
+@contextmanager
+def _commit(run_dir: Path, tables: dict[str, pl.DataFrame]) -> Iterator[dict[str, pl.DataFrame]]:
+    """The runner writes ``captions`` inside this: under :func:`captions_lock`, with every edit
+    re-read and applied, so an edit saved while the stage was captioning is kept."""
+    with captions_lock(run_dir):
+        yield {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir))}
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -495,15 +581,26 @@ def _edits_path(run_dir: Path) -> Path:
 
 
 @contextmanager
-def captions_lock(run_dir: str | Path) -> Iterator[None]:
+def captions_lock(run_dir: str | Path, timeout: float = 120.0) -> Iterator[None]:
     """A file lock around the captions and edits tables, so an edit from the notebook and a
-    stage run in another process never lose each other's writes."""
-    from filelock import FileLock
+    stage run in another process never lose each other's writes. A lock not had within
+    ``timeout`` is one clear error (exit status 2), not filelock's traceback."""
+    from filelock import FileLock, Timeout
 
     path = Path(run_dir) / "tables" / ".captions.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path), timeout=120):
+    try:
+        lock = FileLock(str(path), timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        raise StageError(
+            f"another process has held the captions lock ({path}) for {timeout:.0f} s; close the other "
+            "notebook or stage run, or delete the lock file if no such process is running"
+        ) from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def read_edits(run_dir: str | Path) -> pl.DataFrame:
