@@ -22,15 +22,6 @@ def hamilton() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ffmpeg_bin() -> str:
-    """Debian's ffmpeg, needed to make rotated and container-variant clips (.ci/run installs it)."""
-    path = shutil.which("ffmpeg")
-    if path is None:
-        pytest.fail("ffmpeg is not installed: `apt-get install ffmpeg` (.ci/run does this)")
-    return path
-
-
-@pytest.fixture(scope="session")
 def cut_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     """Four shots with hard cuts: static, panning, static, panning."""
     from clips import write_clip
