@@ -2,7 +2,7 @@
 
 Two halves (DESIGN.md: scores once, thresholds separately):
 
-1. :func:`detect_faces` runs face_recognition's detector and encoder once per frame, on a pool of
+1. :func:`detect_faces` runs dlib's detector and encoder once per frame, on a pool of
    worker processes (dlib holds the GIL, so threads would run one at a time). Results are cached
    in the run's own tables: the ``face_frames`` table records, per frame, the detector settings
    and the file size it was computed with, and a rerun reuses every frame whose entry still
@@ -62,7 +62,7 @@ from diffusion_bunny.stages.characters.tables import (
 )
 
 #: Below this many frames to do, a process pool costs more to start (a second or two per worker
-#: for the interpreter, face_recognition and its models) than it saves.
+#: for the interpreter, dlib and its models) than it saves.
 MIN_FRAMES_FOR_POOL = 12
 
 
