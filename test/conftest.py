@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from paths import HAMILTON
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``bunny`` commands run by the tests log to a temporary folder, not the checkout's log/."""
+    os.environ["DIFFUSION_BUNNY_LOG_DIR"] = str(tmp_path_factory.mktemp("log"))
 
 
 @pytest.fixture(scope="session")

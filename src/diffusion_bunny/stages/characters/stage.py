@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import UserError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
@@ -146,7 +147,7 @@ def _run_jobs(
     """Detect and encode the faces of every job's frame, on a spawned process pool when it pays
     (dlib holds the GIL, so threads would not help)."""
     results: dict[str, tuple[str, list[tuple], str | None]] = {}
-    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, "faces", len(jobs), "frame")
     try:
         if use_pool:
