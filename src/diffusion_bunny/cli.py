@@ -178,7 +178,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
-    from diffusion_bunny.logs import FILE_ONLY, start_cli_log
+    from diffusion_bunny.logs import FILE_ONLY, start_cli_log, stop_cli_log
 
     args = _build_parser().parse_args(argv)
     path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0)
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("bug: %s", exc, extra=FILE_ONLY)
         print(f"error: bug: {type(exc).__name__}: {exc} (the traceback is in {path})", file=sys.stderr)
         return 1
+    finally:
+        stop_cli_log()
 
 
 if __name__ == "__main__":  # pragma: no cover

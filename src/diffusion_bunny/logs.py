@@ -89,7 +89,7 @@ def _file_handler(path: Path) -> logging.FileHandler:
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.set_name(f"{LOGGER}-file")
+    handler.set_name(f"{LOGGER}-file")  # attach_from_env's handler too: stop_cli_log removes both
     return handler
 
 
@@ -117,10 +117,35 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
     for h in logger.handlers:
         if (h.get_name() or "").startswith(LOGGER):
             warn_logger.addHandler(h)
+    global _previous_env, last_path
+    _previous_env = os.environ.get(ENV)
     os.environ[ENV] = str(path)
+    last_path = path
     quiet_bars()
     logger.info("bunny %s: %s", version(), " ".join(sys.argv[1:]))
     return path
+
+
+#: The file of the last command started in this process (for tests and the Python API).
+last_path: Path | None = None
+
+
+def stop_cli_log() -> None:
+    """Close this command's handlers and take :data:`ENV` back out of the environment, so a later
+    ``bunny`` command or Python call in the same process (the tests) does not write to this file."""
+    global _previous_env
+    for lg in (logging.getLogger(LOGGER), logging.getLogger("py.warnings")):
+        for h in [h for h in lg.handlers if (h.get_name() or "").startswith(LOGGER)]:
+            lg.removeHandler(h)
+            h.close()
+    logging.captureWarnings(False)
+    if _previous_env is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = _previous_env
+
+
+_previous_env: str | None = None
 
 
 def say(logger: logging.Logger, text: str) -> None:

@@ -89,7 +89,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, make, message):
     assert main(["run", str(movie), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert f"(log: {os.environ[logs.ENV]})" in err  # the line names the command's log file
+    assert f"(log: {logs.last_path})" in err  # the line names the command's log file
     assert not out.exists()
 
 
@@ -217,7 +217,7 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     # --quiet: nothing but errors on the terminal; what ran and why is in the command's log file,
     # with the records of the stage notebook's kernel (another process) appended to it.
     assert capsys.readouterr().err == ""
-    log_file = Path(os.environ[logs.ENV])
+    log_file = logs.last_path
     assert log_file.parent == Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])
     text = log_file.read_text()
     assert "extract is up to date, skipped" in text and "quality (its config changed)" in text
