@@ -3,9 +3,10 @@
 What it measures, on the same frames in the same run (stage 03 best of ``--repeat``; the slow
 reference once):
 
-1. the reference: face_recognition as its README and examples use it, one frame after another:
-   ``face_locations(frame)`` (HOG, one upsampling, on the full 1280x720 frame) and
-   ``face_encodings(frame, boxes)``;
+1. the reference: face_recognition's documented loop (its README and examples), one frame after
+   another: ``face_locations(frame)`` (HOG, one upsampling, on the full 1280x720 frame) and
+   ``face_encodings(frame, boxes)``, through :mod:`diffusion_bunny.models.dlib_faces` (the same dlib
+   calls as face_recognition 1.3, which is no longer installed);
 2. stage 03's :func:`~diffusion_bunny.stages.characters.stage.detect_faces` with its defaults (HOG on a
    640 px copy with one upsampling, boxes mapped back, encodings on the full frame), in one
    process and on a pool of one worker process per core.
@@ -39,7 +40,8 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.models.faces import DetectSettings, face_recognition_module
+from diffusion_bunny.models import dlib_faces
+from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.stages.characters.stage import detect_faces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def make_frames(folder: Path, n: int) -> pl.DataFrame:
 
 def reference_pass(folder: Path, frames: pl.DataFrame) -> int:
     """face_recognition's documented use, frame by frame; returns the number of faces."""
-    fr = face_recognition_module()
+    fr = dlib_faces
     faces = 0
     for rel in frames["path"]:
         image = fr.load_image_file(str(folder / rel))

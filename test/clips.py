@@ -1,8 +1,15 @@
-"""Synthetic clips with known ground truth, made in the tests with PyAV and ffmpeg."""
+"""Synthetic clips with known ground truth, made in the tests with PyAV alone.
+
+PyAV's wheel bundles FFmpeg's libraries with libx264, libx265, libvpx and the native MPEG-4 and
+AAC encoders, so every container and codec the tests need is written here without the ``ffmpeg``
+program (a fresh machine has none): :func:`remux` is ``ffmpeg -c copy`` (optionally with a
+display-matrix rotation, as ``-metadata:s:v:0 rotate=N`` writes it), :func:`transcode` is
+``ffmpeg -c:v CODEC``, :func:`write_tone` an audio-only file and :func:`count_frames` the
+frame count ``ffprobe -count_frames`` reports.
+"""
 
 from __future__ import annotations
 
-import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -79,6 +86,85 @@ def write_clip(
     return cuts
 
 
-def ffmpeg(*args: str) -> None:
-    """Run Debian's ffmpeg quietly, failing the test on error."""
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+def remux(
+    src: Path,
+    dst: Path,
+    *,
+    rotation: int | None = None,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Copy the video packets of ``src`` into ``dst`` (container from its suffix), like
+    ``ffmpeg -i src -c copy dst``. ``rotation``: a display matrix turning the picture by that many
+    degrees counter-clockwise (``rotation=90`` gives the file ``ffmpeg -metadata:s:v:0 rotate=90``
+    writes: same ffprobe output, PyAV reads ``frame.rotation == 90``). ``options``: muxer options,
+    e.g. ``{"movflags": "+faststart"}``."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options=options or {}) as out:
+        in_stream = inp.streams.video[0]
+        stream = out.add_stream_from_template(in_stream)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for packet in inp.demux(in_stream):
+            if packet.dts is None:  # the demuxer's empty flush packet
+                continue
+            packet.stream = stream
+            out.mux(packet)
+    return dst
+
+
+def transcode(
+    src: Path,
+    dst: Path,
+    codec: str,
+    *,
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    gop: int | None = None,
+    qscale: int | None = None,
+) -> Path:
+    """Decode ``src`` and encode every frame again with ``codec`` into ``dst``, like
+    ``ffmpeg -i src -c:v CODEC [-pix_fmt] [-g] [-q:v] dst``."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        in_stream = inp.streams.video[0]
+        rate = in_stream.average_rate or 25
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = in_stream.width, in_stream.height, pix_fmt
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        if qscale is not None:  # -q:v N: constant quantiser N (global_quality in lambda units)
+            stream.codec_context.qscale = True
+            options = {**(options or {}), "global_quality": str(qscale * 118)}
+        stream.options = options or {}
+        for i, frame in enumerate(inp.decode(in_stream)):
+            frame.pts, frame.time_base = i, 1 / Fraction(rate)
+            frame.pict_type = av.video.frame.PictureType.NONE  # let the encoder choose
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return dst
+
+
+def write_tone(path: Path, seconds: float = 1.0, frequency: float = 440.0, rate: int = 44100) -> Path:
+    """An audio-only file (AAC sine tone), like ``ffmpeg -f lavfi -i sine=frequency=440:duration=1``."""
+    t = np.arange(round(seconds * rate)) / rate
+    samples = (0.125 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        for start in range(0, len(samples), 1024):
+            chunk = samples[None, start : start + 1024]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="flt", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def count_frames(path: Path) -> tuple[int, int]:
+    """``(packets, frames)`` of the first video stream: packets demuxed (no decoding) and frames
+    decoded by a plain single-threaded decode, independent of :class:`VideoReader` (which
+    decodes with frame threading and may stop early); ``ffprobe -count_frames`` reports the
+    second."""
+    with av.open(str(path)) as c:
+        packets = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    with av.open(str(path)) as c:
+        frames = sum(1 for _ in c.decode(c.streams.video[0]))
+    return packets, frames

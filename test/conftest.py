@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,21 +14,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from paths import HAMILTON
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``bunny`` commands run by the tests log to a temporary folder, not the checkout's log/."""
+    os.environ["DIFFUSION_BUNNY_LOG_DIR"] = str(tmp_path_factory.mktemp("log"))
+
+
 @pytest.fixture(scope="session")
 def hamilton() -> Path:
     """The real stage clip with known cuts (frames 20, 82, 211)."""
     if not HAMILTON.is_file():
         pytest.skip(f"real footage not available here: {HAMILTON} (it ships beside the project, not in it)")
     return HAMILTON
-
-
-@pytest.fixture(scope="session")
-def ffmpeg_bin() -> str:
-    """Debian's ffmpeg, needed to make rotated and container-variant clips (.ci/run installs it)."""
-    path = shutil.which("ffmpeg")
-    if path is None:
-        pytest.fail("ffmpeg is not installed: `apt-get install ffmpeg` (.ci/run does this)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,48 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.logs import version
+
+#: Stage names in pipeline order, for ``--help`` without importing the stages (about a second of
+#: start-up); test/test_conventions.py checks it against :func:`diffusion_bunny.stages.stage_names`.
+STAGE_NAMES = (
+    "extract",
+    "quality",
+    "characters",
+    "scenes",
+    "captions",
+    "export",
+    "train",
+    "generate",
+    "report",
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bunny",
         description="Turn a movie into a character-labelled, captioned training set.",
+        epilog="Each command writes log/bunny-<timestamp>-<pid>.log (INFO: what ran, config hashes, "
+        "timings, warnings, tracebacks of bugs).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    talk = common.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-v", "--verbose", action="store_true", help="show the log's INFO lines on the terminal"
+    )
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars; only errors and the final lines"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the stages headless on a movie or a folder of movies")
+    run = sub.add_parser(
+        "run", parents=[common], help="run the stages headless on a movie or a folder of movies"
+    )
     run.add_argument("target", help="a movie file, or a folder whose video files are all processed")
     run.add_argument("--out", help="run folder (one movie) or parent of the run folders (a folder)")
     run.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
@@ -33,14 +62,17 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one setting (repeatable), e.g. --set extraction.threshold=30",
     )
-    run.add_argument("--stages", help="comma-separated stage names (default: all), e.g. extract")
+    run.add_argument(
+        "--stages",
+        metavar="NAMES",
+        help=f"comma-separated stage names (default: all, in this order): {', '.join(STAGE_NAMES)}",
+    )
     run.add_argument(
         "--characters",
         metavar="DIR",
         help="reference images: one sub-folder per character (folder name = name), photos inside",
     )
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -52,7 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     status = sub.add_parser(
-        "status", help="each stage's state per movie (done, stale and why, missing), from the manifests"
+        "status",
+        parents=[common],
+        help="each stage's state per movie (done, stale and why, missing), from the manifests",
     )
     status.add_argument(
         "target",
@@ -62,11 +96,12 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
     status.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
-    demo = sub.add_parser("demo", help="build the built-in demo movie once and run every stage on it")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="build the built-in demo movie once and run every stage on it"
+    )
     demo.add_argument("--out", help="run folder (default data/output/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.add_argument("--force", action="store_true", help="rebuild the movie and rerun every stage")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -143,20 +178,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from diffusion_bunny.logs import FILE_ONLY, start_cli_log, stop_cli_log
+
     args = _build_parser().parse_args(argv)
+    path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0)
+    log = logging.getLogger("diffusion_bunny.cli")
+    started = time.monotonic()
     try:
         if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "status":
-            return _cmd_status(args)
-        return _cmd_demo(args)
+            code = _cmd_run(args)
+        elif args.command == "status":
+            code = _cmd_status(args)
+        else:
+            code = _cmd_demo(args)
+        log.info("exit status %d after %.1f s", code, time.monotonic() - started)
+        return code
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.info("user error: %s", exc)
+        print(f"error: {exc} (log: {path})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        log.info("interrupted after %.1f s", time.monotonic() - started)
         print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        log.exception("bug: %s", exc, extra=FILE_ONLY)
+        print(f"error: bug: {type(exc).__name__}: {exc} (the traceback is in {path})", file=sys.stderr)
+        return 1
+    finally:
+        stop_cli_log()
 
 
 if __name__ == "__main__":  # pragma: no cover

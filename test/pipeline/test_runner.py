@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from clips import write_clip
 from paths import ROOT, STAGE_ORDER
 
+from diffusion_bunny import logs
 from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.run import run_demo
@@ -40,7 +42,9 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
     capsys.readouterr()
 
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
-    assert "extract is up to date, skipped" in capsys.readouterr().err
+    # --quiet: what ran and why is in the command's log file, not on the terminal.
+    assert capsys.readouterr().err == ""
+    assert "extract is up to date, skipped" in logs.last_path.read_text()
     assert finished(out) == first
 
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--force", "--quiet"]) == 0
@@ -50,7 +54,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
     args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
     args += ["--stages", "extract"]
     assert main(args) == 0
-    assert "its config changed" in capsys.readouterr().err
+    assert "its config changed" in logs.last_path.read_text()
     assert pl.read_parquet(out / "tables" / "shots.parquet")["kind"].unique().to_list() == ["static"]
     assert len(list((out / "frames").glob("*.jpg"))) == 4
 
@@ -87,6 +91,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, make, message):
     assert main(["run", str(movie), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert f"(log: {logs.last_path})" in err  # the line names the command's log file
     assert not out.exists()
 
 
@@ -211,8 +216,17 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     # A filtering threshold moves: extract is skipped, quality reruns and applies it.
     # (The clip's static shots are flat colour fields: blurry at any positive threshold.)
     assert main([*args, "--set", "filtering.min_sharpness=0", "--set", "filtering.dup_distance=64"]) == 0
-    err = capsys.readouterr().err
-    assert "extract is up to date, skipped" in err and "quality (its config changed)" in err
+    # --quiet: nothing but errors on the terminal; what ran and why is in the command's log file,
+    # with the records of the stage notebook's kernel (another process) appended to it.
+    assert capsys.readouterr().err == ""
+    log_file = logs.last_path
+    assert log_file.parent == Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])
+    text = log_file.read_text()
+    assert "extract is up to date, skipped" in text and "quality (its config changed)" in text
+    kernel_lines = [line for line in text.splitlines() if "diffusion_bunny.pipeline.contract" in line]
+    assert any(": quality starts (" in line and "config " in line for line in kernel_lines)
+    assert any(": quality done in " in line for line in kernel_lines)
+    assert "exit status 0 after" in text
     quality = pl.read_parquet(out / "tables" / "quality.parquet")
     assert quality["keep"].sum() == 1 and set(quality["reject_reason"].drop_nulls()) == {"duplicate"}
 

@@ -1,10 +1,11 @@
-"""Short synthetic clips with known shot boundaries, one kind of transition each, made with ffmpeg.
+"""Short synthetic clips with known shot boundaries, one kind of transition each, made with FFmpeg's
+filters through PyAV (no ffmpeg program needed).
 
 Shot detectors are judged on what they get wrong: gradual transitions they miss, and flashes
 or fast camera moves they mistake for cuts. This module films the still pictures that ship
 inside installed packages (the demo movie's sources, :func:`diffusion_bunny.demo.movie.load_source`)
-with a moving virtual camera and light film grain, and joins the shots with ffmpeg's own
-transitions, so the ground truth is exact by construction:
+with a moving virtual camera and light film grain, and joins the shots with FFmpeg's own
+transitions (libavfilter, from the PyAV wheel), so the ground truth is exact by construction:
 
 * ``cut``: hard cuts (one of them between two framings of the same picture);
 * ``dissolve``: cross-dissolves (``xfade=fade``); ``fadeblack``: fades through black
@@ -23,13 +24,11 @@ span as exact.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 KINDS = ("cut", "dissolve", "fadeblack", "wipe", "flash", "pan")
@@ -53,33 +52,92 @@ class Clip:
         return [b if isinstance(b, int) else (b[0], b[1]) for b in self.boundaries]
 
 
-def _source_png(folder: Path, name: str) -> Path:
-    from diffusion_bunny.demo.movie import load_source
-
-    path = folder / f"{name}.png"
-    if not path.is_file():
-        cv2.imwrite(str(path), cv2.cvtColor(np.asarray(load_source(name)), cv2.COLOR_RGB2BGR))
-    return path
+Filter = tuple[str, str]  # (libavfilter name, its options string)
 
 
-def _shot_graph(idx: int, frames: int, width: int, height: int, fast: bool, variant: int) -> str:
-    """Filter chain for input ``idx``: a moving camera over the still picture, with grain."""
+def _shot_filters(frames: int, width: int, height: int, fast: bool, variant: int) -> list[Filter]:
+    """Filter chain of one shot: a moving camera over the still picture, with grain."""
     if fast:
         # The camera sweeps across a picture four frames wide: a sixth of the frame per frame
         # at 24-25 frames of shot, a whip pan for a detector.
-        scale = f"scale={width * 4}:{height * 2}"
+        scale = f"{width * 4}:{height * 2}"
         x = f"(iw-ow)*n/{max(frames - 1, 1)}"
         y = "(ih-oh)/2"
     else:
         # A slow pan (one direction or the other) over a picture a third wider than the frame.
-        scale = f"scale={round(width * 1.35)}:{round(height * 1.35)}"
+        scale = f"{round(width * 1.35)}:{round(height * 1.35)}"
         direction = "n" if variant % 2 == 0 else f"({frames}-n)"
         x = f"(iw-ow)*{direction}/{frames}"
         y = f"(ih-oh)*{0.3 + 0.1 * (variant % 4):.2f}"
-    return (
-        f"[{idx}:v]{scale},crop={width}:{height}:x='{x}':y='{y}',"
-        f"noise=alls=4:allf=t,trim=end_frame={frames},setpts=PTS-STARTPTS,format=yuv420p,setsar=1"
-    )
+    return [
+        ("scale", scale),
+        ("crop", f"{width}:{height}:x='{x}':y='{y}'"),
+        ("noise", "alls=4:allf=t"),
+        ("trim", f"end_frame={frames}"),
+        ("setpts", "PTS-STARTPTS"),
+        ("format", "yuv420p"),
+        ("setsar", "1"),
+    ]
+
+
+class _Graph:
+    """A libavfilter graph built node by node through PyAV (the same filters the ``ffmpeg``
+    command would run from a ``-filter_complex`` string, with FFmpeg's libraries from the PyAV
+    wheel: no ffmpeg program needed)."""
+
+    def __init__(self) -> None:
+        import av.filter
+
+        self.graph = av.filter.Graph()
+        self.sources: list[tuple[object, np.ndarray]] = []
+
+    def source(self, rgb: np.ndarray, fps: int) -> object:
+        """A still picture looped at ``fps`` (``ffmpeg -loop 1 -framerate fps -i picture``)."""
+        height, width = rgb.shape[:2]
+        node = self.graph.add(
+            "buffer",
+            video_size=f"{width}x{height}",
+            pix_fmt="rgb24",
+            time_base=f"1/{fps}",
+            frame_rate=f"{fps}/1",
+            pixel_aspect="1/1",
+        )
+        self.sources.append((node, rgb))
+        return node
+
+    def chain(self, node: object, filters: list[Filter]) -> object:
+        for name, args in filters:
+            nxt = self.graph.add(name, args)
+            node.link_to(nxt)
+            node = nxt
+        return node
+
+    def join(self, name: str, args: str, a: object, b: object) -> object:
+        node = self.graph.add(name, args)
+        a.link_to(node, 0, 0)
+        b.link_to(node, 0, 1)
+        return node
+
+    def run(self, last: object, n_frames: int, loop_frames: int) -> list[object]:
+        """Feed ``loop_frames`` copies of each picture, return the first ``n_frames`` output frames."""
+        import av
+
+        sink = self.graph.add("buffersink")
+        last.link_to(sink)
+        self.graph.configure()
+        for node, rgb in self.sources:
+            for i in range(loop_frames):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = i
+                node.push(frame)
+            node.push(None)
+        out = []
+        while len(out) < n_frames:
+            try:
+                out.append(sink.pull())
+            except (av.error.EOFError, BlockingIOError):
+                break
+        return out
 
 
 def make_clip(
@@ -93,56 +151,50 @@ def make_clip(
     height: int = 180,
     fps: int = 25,
     seed: int = 0,
-    ffmpeg: str | None = None,
 ) -> Clip:
     """Render a clip of ``shots`` shots joined by transitions of ``kind`` (see the module doc);
     the truth is written beside it as ``<name>.truth.json``."""
+    import av
+
+    from diffusion_bunny.demo.movie import load_source
+
     if kind not in KINDS:
         raise ValueError(f"unknown clip kind {kind!r} (known: {', '.join(KINDS)})")
-    ffmpeg = ffmpeg or shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise FileNotFoundError("ffmpeg is not installed (Debian: apt-get install ffmpeg)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    src_dir = path.parent / "sources"
-    src_dir.mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     names = [SOURCES[i] for i in rng.permutation(len(SOURCES))]
     picks = [names[i % len(names)] for i in range(shots)]
     if kind == "cut" and shots >= 3:
         picks[2] = picks[1]  # a cut between two framings of the same picture
-    inputs: list[str] = []
-    graphs: list[str] = []
+    g = _Graph()
+    streams = []
     for i, name in enumerate(picks):
-        inputs += ["-loop", "1", "-framerate", str(fps), "-i", str(_source_png(src_dir, name))]
-        chain = _shot_graph(i, shot_frames, width, height, fast=kind == "pan", variant=seed + i)
+        chain = _shot_filters(shot_frames, width, height, fast=kind == "pan", variant=seed + i)
         if kind == "cut" and i == 2:
             # Same picture, other framing: zoomed in on another part of it.
-            chain = chain.replace(
-                f"scale={round(width * 1.35)}:{round(height * 1.35)}", f"scale={width * 2}:{height * 2}"
-            )
-        graphs.append(chain + f"[s{i}]")
+            chain[0] = ("scale", f"{width * 2}:{height * 2}")
+        streams.append(g.chain(g.source(np.ascontiguousarray(load_source(name)), fps), chain))
     flashes: list[int] = []
     boundaries: list[int | list[int]] = []
-    acc, length = "s0", shot_frames
+    acc, length = streams[0], shot_frames
     d = transition_frames
     for i in range(1, shots):
-        out = f"a{i}"
         if kind in GRADUAL:
             offset = length - d
-            graphs.append(
-                f"[{acc}][s{i}]xfade=transition={GRADUAL[kind]}:duration={d / fps:.6f}:"
-                f"offset={offset / fps:.6f}[{out}]"
+            acc = g.join(
+                "xfade",
+                f"transition={GRADUAL[kind]}:duration={d / fps:.6f}:offset={offset / fps:.6f}",
+                acc,
+                streams[i],
             )
             # xfade blends frames offset .. offset+d-1; the new shot is alone from offset+d on.
             boundaries.append([offset, offset + d])
             length = offset + shot_frames
         else:
-            graphs.append(f"[{acc}][s{i}]concat=n=2:v=1:a=0[{out}]")
+            acc = g.join("concat", "n=2:v=1:a=0", acc, streams[i])
             boundaries.append(length)
             length += shot_frames
-        acc = out
-    final = acc
     if kind == "flash":
         # Two flashes per shot after the first: two frames almost white, then one half as bright.
         enables = []
@@ -153,19 +205,25 @@ def make_clip(
                 enables.append((at, at + 1, at + 2))
         strong = "+".join(f"between(n,{a},{b})" for a, b, _ in enables)
         weak = "+".join(f"eq(n,{c})" for _, _, c in enables)
-        graphs.append(
-            f"[{acc}]lutyuv=y='min(255,val*0.4+200)':u=128:v=128:enable='{strong}',"
-            f"lutyuv=y='min(255,val*0.7+90)':enable='{weak}'[fl]"
+        acc = g.chain(
+            acc,
+            [
+                ("lutyuv", f"y='min(255,val*0.4+200)':u=128:v=128:enable='{strong}'"),
+                ("lutyuv", f"y='min(255,val*0.7+90)':enable='{weak}'"),
+            ],
         )
-        final = "fl"
-    cmd = [
-        ffmpeg, "-nostdin", "-v", "error", "-y", *inputs,
-        "-filter_complex", ";".join(graphs), "-map", f"[{final}]",
-        "-frames:v", str(length), "-r", str(fps),
-        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-threads", "2",
-        str(path),
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    frames = g.run(acc, length, shot_frames)
+    if len(frames) != length:
+        raise RuntimeError(f"the filter graph gave {len(frames)} frames, {length} expected")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        stream.codec_context.thread_count = 2
+        for i, frame in enumerate(frames):
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
     clip = Clip(path=path, kind=kind, frames=length, fps=fps, boundaries=boundaries, flashes=flashes)
     path.with_suffix(".truth.json").write_text(json.dumps(_doc(clip), indent=1) + "\n")
     return clip

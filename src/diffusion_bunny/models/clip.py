@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
 
@@ -116,7 +117,9 @@ class ClipEmbedder:
         """Image features of ``paths``, batched by ``batch_size``, float32 ``[n, dim]``."""
         torch = self._torch
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
-        bar = tqdm(total=len(paths), unit="frame", desc="embed (clip)", disable=not progress, mininterval=0.5)
+        bar = tqdm(
+            total=len(paths), unit="frame", desc="embed (clip)", disable=not progress, **bar_options(0.5)
+        )
         workers = min(max(len(paths), 1), os.cpu_count() or 1)
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed") as pool:

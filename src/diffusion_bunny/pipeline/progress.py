@@ -53,7 +53,15 @@ def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
                 data = None
             if data is not None:
                 if bar is None:
-                    bar = tqdm(total=data["total"], unit=data["unit"], desc=data["desc"], leave=False)
+                    from diffusion_bunny.logs import bar_options
+
+                    bar = tqdm(
+                        total=data["total"],
+                        unit=data["unit"],
+                        desc=data["desc"],
+                        leave=False,
+                        **bar_options(),
+                    )
                 bar.update(max(0, data["done"] - done))
                 done = max(done, data["done"])
             if finished:

@@ -12,12 +12,11 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, output_root, project_root
 from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
@@ -174,7 +173,11 @@ def run_movie(
             _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
             continue
         _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
+        t0 = time.monotonic()
         execute_stage_notebook(pipeline, run, stage, config_path, overrides, cfg.run.kernel, progress)
+        log.info(
+            "%s: %s notebook took %.1f s (kernel start included)", movie.name, stage, time.monotonic() - t0
+        )
         manifest = run.read_manifest(stage) or {}
         stage_report = StageReport(
             stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
@@ -187,7 +190,10 @@ def run_movie(
 
 
 def _say(text: str) -> None:
-    tqdm.write(text, file=sys.stderr)
+    """One line for the terminal (unless --quiet) and the log file (diffusion_bunny.logs)."""
+    from diffusion_bunny.logs import say
+
+    say(log, text)
 
 
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Shot-boundary detectors: TransNetV2 from its package (offline), the cascade, transition types.
 
-The synthetic clips are made with ffmpeg (:mod:`diffusion_bunny.demo.synthclips`) at 160x90: the
-network sees 48x27 frames anyway, and small clips keep TransNetV2 on the CPU (~150 frames/s)
-within a few seconds per clip.
+The synthetic clips are made with FFmpeg's filters through PyAV (:mod:`diffusion_bunny.demo.synthclips`)
+at 160x90: the network sees 48x27 frames anyway, and small clips keep TransNetV2 on the CPU
+(~150 frames/s) within a few seconds per clip.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory, ffmpeg_bin):
+def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("transitions")
     out = {}
     for kind in ("cut", "dissolve", "fadeblack", "wipe", "flash", "pan"):
@@ -125,7 +125,7 @@ def test_cascade_without_fast_accept_still_agrees(clips, model):
     assert 0 < facts["model_frames_run"] <= facts["candidates_proposed"] * 2 * transnet.WINDOW
 
 
-def test_cascade_cost_follows_candidates_not_length(tmp_path, model, ffmpeg_bin):
+def test_cascade_cost_follows_candidates_not_length(tmp_path, model):
     """A long single shot under a slow pan proposes nothing: the network never runs."""
     clip = make_clip(tmp_path / "one.mp4", "cut", shots=1, shot_frames=400, seed=2, **SIZE)
     before = model.frames_run

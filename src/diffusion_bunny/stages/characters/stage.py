@@ -2,7 +2,7 @@
 
 Two halves (DESIGN.md: scores once, thresholds separately):
 
-1. :func:`detect_faces` runs face_recognition's detector and encoder once per frame, on a pool of
+1. :func:`detect_faces` runs dlib's detector and encoder once per frame, on a pool of
    worker processes (dlib holds the GIL, so threads would run one at a time). Results are cached
    in the run's own tables: the ``face_frames`` table records, per frame, the detector settings
    and the file size it was computed with, and a rerun reuses every frame whose entry still
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import UserError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
@@ -62,7 +63,7 @@ from diffusion_bunny.stages.characters.tables import (
 )
 
 #: Below this many frames to do, a process pool costs more to start (a second or two per worker
-#: for the interpreter, face_recognition and its models) than it saves.
+#: for the interpreter, dlib and its models) than it saves.
 MIN_FRAMES_FOR_POOL = 12
 
 
@@ -146,7 +147,7 @@ def _run_jobs(
     """Detect and encode the faces of every job's frame, on a spawned process pool when it pays
     (dlib holds the GIL, so threads would not help)."""
     results: dict[str, tuple[str, list[tuple], str | None]] = {}
-    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, "faces", len(jobs), "frame")
     try:
         if use_pool:

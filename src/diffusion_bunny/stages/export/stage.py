@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -165,7 +166,7 @@ def export_stage(
                 (staging / "kohya" / kohya_folder(repeats, concept)).mkdir(parents=True)
         by_frame = items.partition_by("frame_id", maintain_order=True, as_dict=False)
         jobs = [frame.to_dicts() for frame in by_frame]
-        bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, mininterval=0.5)
+        bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, **bar_options(0.5))
         reporter = ProgressFile(progress_path, "export", len(jobs), "frame")
         written = 0
         try:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.media.video import Decoded, VideoReader, frame_to_bgr, thumbnail
 from diffusion_bunny.pipeline.atomic import staged_folder
@@ -258,7 +259,7 @@ def _decode(
     delay = max(1, detector.lookahead + 1)
     line: deque[tuple[Decoded, float, float | None]] = deque()
     desc = f"extract {info.path.name}"
-    bar = tqdm(total=info.declared_frames, unit="frame", desc=desc, disable=not progress, mininterval=0.5)
+    bar = tqdm(total=info.declared_frames, unit="frame", desc=desc, disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, desc, info.declared_frames, "frame")
     last_time, last_index = 0.0, -1
     prev_tiny: np.ndarray | None = None

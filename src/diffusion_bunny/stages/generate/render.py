@@ -11,7 +11,7 @@ reference column of every grid).
 
 Scores, computed once per image (DESIGN: scores once, choices by pure functions):
 
-* **identity distance**: stage 03's face code (face_recognition HOG + ResNet encodings) finds the
+* **identity distance**: stage 03's face code (dlib HOG + ResNet encodings) finds the
   faces of the image; the distance of the best face to the character is its encoding distance to
   the nearest of that character's references: the reference photos stage 03 used and the faces of
   the movie stage 03 named after the character (confident ones only). 0.6 is face_recognition's

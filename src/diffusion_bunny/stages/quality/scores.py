@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import jpeg_truncated, laplacian_variance
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
@@ -129,7 +130,7 @@ def score_frames(
     run_dir = Path(run_dir)
     rows = frames.select("frame_id", "path", "width").to_dicts()
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(rows), unit="frame", desc="quality", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=len(rows), unit="frame", desc="quality", disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, "quality", len(rows), "frame")
     out: list[dict[str, Any]] = []
     try:

@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.errors import UserError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import read_image
 from diffusion_bunny.models.clip import ClipEmbedder
 
@@ -166,7 +167,7 @@ def _map_images(
     """``fn`` over ``paths`` on a thread pool, in order, with a tqdm bar."""
     workers = min(len(paths), os.cpu_count() or 1) or 1
     out: list[np.ndarray] = []
-    bar = tqdm(total=len(paths), unit="frame", desc=desc, disable=not progress, mininterval=0.5)
+    bar = tqdm(total=len(paths), unit="frame", desc=desc, disable=not progress, **bar_options(0.5))
     try:
         if workers == 1:
             for p in paths:

@@ -1,0 +1,198 @@
+"""Logs: ``log/bunny-<timestamp>.log`` through the standard ``logging`` module.
+
+Design (issue 18):
+
+* ``bunny`` calls :func:`start_cli_log` first thing: every record of the ``diffusion_bunny``
+  loggers at INFO and up, and every Python warning (``logging.captureWarnings``), goes to one new
+  file ``<workspace>/log/bunny-<YYYYmmdd-HHMMSS>-<pid>.log`` (the pid keeps two runs started in
+  the same second apart); the terminal shows WARNING and up (``--verbose``: INFO,
+  ``--quiet``: ERROR), as plain ``warning: ...`` lines without logger names.
+* The file's path is put in the environment (:data:`ENV`) before any kernel or Ray worker
+  starts: papermill's kernels (jupyter_client copies ``os.environ`` into the kernel process) and
+  the workers of a local Ray cluster inherit it, and :func:`attach_from_env` (called by
+  ``run_stage``, so by every stage notebook, idempotent) appends their records to the same file,
+  each line naming its process. A notebook opened in JupyterLab has no such variable and logs
+  nowhere but its own output. Appends of one record are a single ``write`` on an ``O_APPEND``
+  file, so the processes' lines do not tear each other.
+* Progress bars: when standard error is not a terminal (CI, ``| tee``), :func:`quiet_bars` sets
+  ``TQDM_MININTERVAL`` (tqdm >= 4.66 reads ``TQDM_*`` defaults from the environment when it is
+  imported), so every bar in this process's children prints at most once per
+  :data:`NON_TTY_INTERVAL_S` seconds; bars of this process take :func:`bar_options`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ENV = "DIFFUSION_BUNNY_LOG"
+LOGGER = "diffusion_bunny"
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
+NON_TTY_INTERVAL_S = 5.0
+
+
+class _SayFilter(logging.Filter):
+    """The terminal shows records at its level and up, plus INFO records marked ``say`` (the
+    runner's one line per stage: what it does and what came out), unless quiet."""
+
+    def __init__(self, level: int, quiet: bool):
+        super().__init__()
+        self.level, self.quiet = level, quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
+        return record.levelno >= self.level or (not self.quiet and getattr(record, "say", False))
+
+
+class _TerminalHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so a line never breaks a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+SAY = {"say": True}  # log.info(..., extra=SAY): also on the terminal unless --quiet
+FILE_ONLY = {"file_only": True}  # e.g. a traceback the terminal sums up in one line
+
+
+class _TerminalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {msg}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {msg}"
+        return msg
+
+
+def log_dir() -> Path:
+    """``$DIFFUSION_BUNNY_LOG_DIR``, else ``log/`` of the workspace (the checkout, else the
+    working folder); the tests point the variable at a temporary folder."""
+    env = os.environ.get("DIFFUSION_BUNNY_LOG_DIR")
+    if env:
+        return Path(env)
+    from diffusion_bunny.config import workspace_root
+
+    return workspace_root() / "log"
+
+
+def _file_handler(path: Path) -> logging.FileHandler:
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.set_name(f"{LOGGER}-file")  # attach_from_env's handler too: stop_cli_log removes both
+    return handler
+
+
+def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
+    """Open this command's log file and the terminal handler; ``verbosity``: -1 quiet, 0, 1
+    verbose. Returns the file's path (also exported as :data:`ENV` for child processes)."""
+    folder = folder or log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"bunny-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.INFO)
+    warn_logger = logging.getLogger("py.warnings")
+    for lg in (logger, warn_logger):  # a second main() in one process (tests) starts afresh
+        for h in [h for h in lg.handlers if (h.get_name() or "").startswith(LOGGER)]:
+            lg.removeHandler(h)
+            h.close()
+    logger.addHandler(_file_handler(path))
+    terminal = _TerminalHandler(sys.stderr)
+    level = {-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO)
+    terminal.addFilter(_SayFilter(level, quiet=verbosity < 0))
+    terminal.setFormatter(_TerminalFormatter())
+    terminal.set_name(f"{LOGGER}-terminal")
+    logger.addHandler(terminal)
+    logging.captureWarnings(True)
+    for h in logger.handlers:
+        if (h.get_name() or "").startswith(LOGGER):
+            warn_logger.addHandler(h)
+    global _previous_env, last_path
+    _previous_env = os.environ.get(ENV)
+    os.environ[ENV] = str(path)
+    last_path = path
+    quiet_bars()
+    logger.info("bunny %s: %s", version(), " ".join(sys.argv[1:]))
+    return path
+
+
+#: The file of the last command started in this process (for tests and the Python API).
+last_path: Path | None = None
+
+
+def stop_cli_log() -> None:
+    """Close this command's handlers and take :data:`ENV` back out of the environment, so a later
+    ``bunny`` command or Python call in the same process (the tests) does not write to this file."""
+    global _previous_env
+    for lg in (logging.getLogger(LOGGER), logging.getLogger("py.warnings")):
+        for h in [h for h in lg.handlers if (h.get_name() or "").startswith(LOGGER)]:
+            lg.removeHandler(h)
+            h.close()
+    logging.captureWarnings(False)
+    if _previous_env is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = _previous_env
+
+
+_previous_env: str | None = None
+
+
+def say(logger: logging.Logger, text: str) -> None:
+    """One INFO line for the log file and the terminal (unless --quiet); outside ``bunny`` (no
+    terminal handler: the Python API, tests) it goes to standard error as before."""
+    if any((h.get_name() or "") == f"{LOGGER}-terminal" for h in logging.getLogger(LOGGER).handlers):
+        logger.info(text, extra=SAY)
+        return
+    logger.info(text)
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def attach_from_env() -> Path | None:
+    """In a kernel or worker started by ``bunny``: append this process's records to the
+    command's log file (once; a no-op without :data:`ENV`)."""
+    value = os.environ.get(ENV)
+    if not value:
+        return None
+    path = Path(value)
+    logger = logging.getLogger(LOGGER)
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
+        return path
+    logger.setLevel(logging.INFO)
+    logger.addHandler(_file_handler(path))
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(logger.handlers[-1])
+    return path
+
+
+def quiet_bars() -> None:
+    """Bars print once per few seconds when standard error is not a terminal (children too)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", str(NON_TTY_INTERVAL_S))
+
+
+def bar_options(mininterval: float = 0.1) -> dict[str, float]:
+    """tqdm keyword arguments: ``mininterval`` on a terminal, :data:`NON_TTY_INTERVAL_S` elsewhere
+    (an explicit ``mininterval`` would override ``TQDM_MININTERVAL``, hence this helper)."""
+    return {"mininterval": mininterval if sys.stderr.isatty() else max(mininterval, NON_TTY_INTERVAL_S)}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusion-bunny")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
