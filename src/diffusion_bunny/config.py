@@ -354,6 +354,27 @@ class ExportConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     metadata_format: Literal["parquet", "jsonl"] = "parquet"
     kohya: bool = True
+    # Shot clips for a video LoRA (issue 19 item 6); off by default: see stages/export/clips.py.
+    video_clips: bool = False
+    clip_fps: float = Field(16.0, gt=0.0, le=60.0)
+    clip_frames: int = Field(33, ge=1, le=257)
+    clip_width: int = Field(512, ge=64, le=2048)
+    clip_height: int = Field(320, ge=64, le=2048)
+
+    @field_validator("clip_frames")
+    @classmethod
+    def _clip_frames_4n_plus_1(cls, value: int) -> int:
+        # Wan and HunyuanVideo compress 4 frames per latent after the first: 4n+1 frames.
+        if value % 4 != 1:
+            raise ValueError("must be 4n+1 frames (e.g. 17, 33, 49, 81), as Wan/HunyuanVideo need")
+        return value
+
+    @field_validator("clip_width", "clip_height")
+    @classmethod
+    def _clip_side_multiple_of_16(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError("must be a multiple of 16 (the video VAE's and patch's stride)")
+        return value
 
     @field_validator("crops")
     @classmethod

@@ -3,6 +3,7 @@ and a kohya folder, with face crops, balanced repeats and a validation split by 
 
 * :mod:`.plan`: what goes in, pure over the tables (crops, the split that never puts near-identical
   pictures on both sides, repeats per concept, file names);
+* :mod:`.clips`: shot clips for a video LoRA (``export.video_clips``), pure planning;
 * :mod:`.stage`: writing the pictures and captions into a staging folder swapped in at the end;
 * :mod:`.tables`: ``dataset_items`` and the ``dataset/`` layout;
 * :mod:`.plots`: notebook 06's figures.
@@ -26,6 +27,15 @@ def _compute(ctx: Context) -> StageOutput:
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
     return {"dataset/": dataset_dir(run.run_dir)}
+
+
+def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
+    """The movie, only when clips are cut from it."""
+    if not cfg.export.video_clips:
+        return {}
+    from diffusion_bunny.pipeline.manifest import file_fingerprint
+
+    return {"movie": file_fingerprint(run.movie)} if run.movie.is_file() else {"movie": None}
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -57,8 +67,11 @@ STAGE = Stage(
             ("face_id", "frame_id", "character", "top", "right", "bottom", "left"),
             optional=True,
         ),
+        # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.
+        Reads("shots", "extract", ("shot_id", "start_s", "end_s"), optional=True),
     ),
     config=("export",),
-    writes=("dataset_items",),
+    writes=("dataset_items", "clips"),
     owns=_owns,
+    inputs=_inputs,
 )

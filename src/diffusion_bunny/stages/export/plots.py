@@ -68,3 +68,32 @@ def dataset_sheet(
         ]
         blocks.append(Block(tiles, title=f"{concept}  ({count} pictures{times})"))
     return tile_sheet(blocks, Layout((side, side), max_per_group, fit="contain"))
+
+
+def clip_strips(
+    video_dir: Path, clips: pl.DataFrame, height: int = 96, limit: int = 12
+) -> Image.Image | None:
+    """One row per clip: its first, middle and last frames side by side, read back from the
+    written mp4 (what the trainer will see), so a clip that crosses a cut or shows the wrong
+    people is visible at a glance. None when there are no clips."""
+    from diffusion_bunny.media.clips import clip_frames_rgb
+
+    rows = []
+    for clip in clips.head(limit).iter_rows(named=True):
+        info = clip_frames_rgb(Path(video_dir) / f"{clip['clip_id']}.mp4")
+        tiles = [Image.fromarray(info[k]) for k in ("first", "middle", "last")]
+        tiles = [t.resize((max(1, round(t.width * height / t.height)), height)) for t in tiles]
+        row = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), height), "white")
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width + 4
+        rows.append(row)
+    if not rows:
+        return None
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows) - 4), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height + 4
+    return out

@@ -13,6 +13,11 @@ Two layouts of the same pictures, planned by :func:`diffusion_bunny.stages.expor
   the file system allows) with a same-stem ``.txt`` caption, as kohya's sd-scripts read them
   (pass ``--caption_extension .txt``).
 
+* ``dataset/video/<clip_id>.mp4`` + ``<clip_id>.txt`` (``export.video_clips: true``): one clip per
+  kept shot with a named character, cut inside the shot with PyAV (:mod:`.clips` plans it,
+  :mod:`diffusion_bunny.media.clips` cuts it), with ``musubi_dataset.toml`` and
+  ``diffusion_pipe_dataset.toml`` beside them, and the ``clips`` table.
+
 Everything is written into a staging folder beside ``dataset/`` and swapped in at the end, so a
 killed or failed export leaves the previous dataset as it was; a crash in the middle of the swap
 itself is repaired by the next run.
@@ -35,14 +40,19 @@ from tqdm.auto import tqdm
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
+from diffusion_bunny.media.clips import decode_clip, encode_mp4
+from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.tables import (
+    CLIP_SCHEMA,
     ITEMS_COLUMNS,
     METADATA_COLUMNS,
     SPLITS,
+    VIDEO_DIR,
     dataset_dir,
 )
 
@@ -133,6 +143,19 @@ def _readme(plan_items: pl.DataFrame, cfg: ExportConfig, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_clips(movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Path, clip_fps: float) -> None:
+    """Cut every planned clip into ``root/video`` with its caption file and the two dataset
+    configs (paths in them are where the folder lands after the swap, ``dataset_dir/video``)."""
+    video = root / VIDEO_DIR
+    video.mkdir(parents=True)
+    bounds = {r["shot_id"]: (r["start_s"], r["end_s"]) for r in shots.iter_rows(named=True)}
+    for clip in clips.iter_rows(named=True):
+        size = (clip["width"], clip["height"])
+        images = decode_clip(movie, clip["start_s"], clip["frames"], clip_fps, *bounds[clip["shot_id"]], size)
+        encode_mp4(video / f"{clip['clip_id']}.mp4", images, clip_fps)
+        (video / f"{clip['clip_id']}.txt").write_text(clip["caption"] + "\n", encoding="utf-8")
+
+
 def export_stage(
     run_dir: Path,
     frames: pl.DataFrame,
@@ -143,6 +166,8 @@ def export_stage(
     *,
     progress: bool = False,
     progress_path: Path | None = None,
+    shots: pl.DataFrame | None = None,
+    movie: Path | None = None,
 ) -> StageOutput:
     """Plan the dataset, check the frame files, write both layouts into a staging folder and swap
     it in as ``<run>/dataset``; returns the ``dataset_items`` table."""
@@ -156,7 +181,33 @@ def export_stage(
             f"{len(missing)} frame file(s) are missing in {run_dir} (first: {missing[0]}); "
             "rerun stage extract with --force"
         )
+    clips = pl.DataFrame(schema=CLIP_SCHEMA)
+    short = 0
+    size = (cfg.clip_width, cfg.clip_height)
+    if cfg.video_clips:
+        if shots is None or movie is None or not Path(movie).is_file():
+            raise BadInputError(
+                f"export.video_clips needs the run's shots and its movie ({movie}); "
+                "put the movie back or set export.video_clips: false"
+            )
+        src_fps = probe_video(movie).fps
+        clips, short = plan_clips(shots, items, src_fps, cfg.clip_fps, cfg.clip_frames, size)
+        if short:
+            plan.warnings.append(
+                f"{short} shot(s) with a named character are shorter than a clip "
+                f"({cfg.clip_frames} frames at {cfg.clip_fps:g} fps) and give none"
+            )
     with staged_folder(dataset_dir(run_dir)) as staging:
+        if cfg.video_clips:
+            write_clips(Path(movie), shots, clips, staging, cfg.clip_fps)
+            final = dataset_dir(run_dir) / VIDEO_DIR
+            (staging / "musubi_dataset.toml").write_text(
+                musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
+                encoding="utf-8",
+            )
+            (staging / "diffusion_pipe_dataset.toml").write_text(
+                diffusion_pipe_toml(str(final), size, cfg.clip_frames), encoding="utf-8"
+            )
         for split in SPLITS:
             if (items["split"] == split).any():
                 (staging / "hf" / split).mkdir(parents=True)
@@ -196,7 +247,10 @@ def export_stage(
         "concepts": concept_table(items).to_dicts(),
     }
     return StageOutput(
-        tables={"dataset_items": table}, counts=plan.counts, warnings=plan.warnings, facts=facts
+        tables={"dataset_items": table, "clips": clips},
+        counts={**plan.counts, "clips": clips.height, "clip_short_shots": short},
+        warnings=plan.warnings,
+        facts=facts,
     )
 
 
@@ -211,4 +265,6 @@ def compute(ctx: Context) -> StageOutput:
         ctx.cfg.export,
         progress=ctx.progress,
         progress_path=ctx.progress_path,
+        shots=ctx.optional("shots"),
+        movie=ctx.run.movie,
     )

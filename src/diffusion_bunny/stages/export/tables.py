@@ -52,6 +52,21 @@ ITEMS_COLUMNS = (
 METADATA_COLUMNS = ("file_name", "text", "characters", "shot_id", "frame_id", "crop", "repeats")
 
 
+#: The ``clips`` table (``export.video_clips``): one shot clip per row, ``dataset/video/<clip_id>.mp4``.
+CLIP_SCHEMA = {
+    "clip_id": pl.String,
+    "shot_id": pl.Int64,
+    "start_s": pl.Float64,
+    "end_s": pl.Float64,
+    "frames": pl.Int64,
+    "width": pl.Int64,
+    "height": pl.Int64,
+    "characters": pl.List(pl.String),
+    "caption": pl.String,
+}
+VIDEO_DIR = "video"
+
+
 def dataset_dir(run_dir: Path) -> Path:
     """``<run>/dataset``."""
     return Path(run_dir) / DATASET_DIR

@@ -1,0 +1,129 @@
+"""Cutting a shot clip out of the movie with PyAV (no ffmpeg binary): decode, resample, cover-crop
+and encode H.264, for stage 06's ``export.video_clips``.
+
+Resampling picks, for each target time ``t_k = start + k / clip_fps``, the decoded frame nearest to
+it (the last frame whose time is <= t_k + half a source frame, as ffmpeg's ``fps`` filter rounds),
+and never a frame outside ``[shot start, shot end)``: a clip never crosses a cut. Decoding starts
+at a seek to the keyframe before the clip and stops at its last target, so a clip costs its own
+span plus at most one GOP, not the movie. Times are relative to the stream start, as stage 01's
+``shots`` table; the seek adds ``stream.start_time`` back.
+
+Written here rather than with a library: the nearest-frame resampling inside the shot's bounds is
+the point, and PyAV (already a dependency) gives frame times exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` scaled (LANCZOS) to cover ``size`` and centre-cropped to it (no letterbox bars)."""
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def decode_clip(
+    movie: Path,
+    start_s: float,
+    frames: int,
+    clip_fps: float,
+    shot_start_s: float,
+    shot_end_s: float,
+    size: tuple[int, int],
+) -> list[Image.Image]:
+    """The clip's ``frames`` pictures at ``size`` (see the module docstring)."""
+    import av
+
+    targets = [start_s + k / clip_fps for k in range(frames)]
+    picked: list[Any] = [None] * frames
+    with av.open(str(movie)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+        src_fps = float(stream.average_rate or stream.guessed_rate or 25)
+        half = 0.5 / src_fps
+        container.seek(max(0, math.floor((targets[0] + origin - 1.0) / tb)), stream=stream, backward=True)
+        k = 0
+        prev = None  # the last decoded frame inside the shot
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            t = float(frame.time) - origin
+            if t < shot_start_s - 1e-6:
+                continue
+            if t >= shot_end_s - 1e-6:
+                break  # the next shot: never cross the cut
+            while k < frames and prev is not None and t > targets[k] + half:
+                picked[k] = prev  # the frame before is the nearest for target k
+                k += 1
+            prev = frame
+            if k >= frames:
+                break
+        while k < frames and prev is not None:
+            picked[k] = prev
+            k += 1
+    if any(p is None for p in picked):
+        raise ValueError(f"{movie}: no frame of the shot at {shot_start_s:.3f}s could be decoded")
+    cache: dict[int, Image.Image] = {}
+    out = []
+    for frame in picked:  # one source frame may serve two targets (clip_fps > the movie's fps)
+        if id(frame) not in cache:
+            cache[id(frame)] = cover_crop(frame.to_image(), size)
+        out.append(cache[id(frame)])
+    return out
+
+
+def encode_mp4(path: Path, images: list[Image.Image], fps: float, crf: int = 18) -> Path:
+    """H.264 mp4 (yuv420p, every frame at 1 / fps), written to a temporary name and renamed."""
+    import av
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.mp4")
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(tmp), "w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = images[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.codec_context.time_base = 1 / rate
+        for i, img in enumerate(images):
+            frame = av.VideoFrame.from_image(img.convert("RGB"))
+            frame.pts = i
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def clip_frames_rgb(path: Path, which: tuple[str, ...] = ("first", "middle", "last")) -> dict[str, Any]:
+    """Frame count, fps, size, codec and the first/middle/last frames (RGB arrays) of a clip."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        info: dict[str, Any] = {
+            "frames": len(frames),
+            "fps": float(s.average_rate),
+            "width": s.width,
+            "height": s.height,
+            "codec": s.codec_context.name,
+        }
+    pick = {"first": 0, "middle": len(frames) // 2, "last": len(frames) - 1}
+    info.update({name: frames[pick[name]] for name in which})
+    return info

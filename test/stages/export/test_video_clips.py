@@ -1,0 +1,134 @@
+"""Stage 06 shot clips (``export.video_clips``): a real clip cut from footage and from the demo
+movie checked for frame count, fps, size and never spanning a cut; planning and settings."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from diffusion_bunny.config import ExportConfig, load_config
+from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.media.clips import clip_frames_rgb, cover_crop, decode_clip, encode_mp4
+from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.export.clips import clip_span, plan_clips
+from diffusion_bunny.stages.export.plots import clip_strips
+from diffusion_bunny.stages.export.tables import CLIP_SCHEMA, dataset_dir
+
+
+def test_clip_span_lies_inside_the_shot_or_is_none():
+    fps = 30000 / 1001
+    start, end = 82 / fps, 211 / fps
+    t0, t1 = clip_span(start, end, fps, 16.0, 33)
+    assert start <= t0 and t0 + 32 / 16 <= end - 1 / fps + 1e-9 and t1 == pytest.approx(t0 + 33 / 16)
+    assert clip_span(20 / fps, 82 / fps, fps, 16.0, 33) is not None  # 2.03 s usable, 2.0 s clip
+    assert clip_span(20 / fps, 82 / fps, fps, 16.0, 49) is None  # 3.0 s clip
+    assert clip_span(start, end, fps, 16.0, 81) is None  # 5 s
+
+
+def test_plan_clips_takes_named_shots_and_counts_short_ones():
+    shots = pl.DataFrame(
+        {"shot_id": [0, 1, 2, 3], "start_s": [0.0, 4.0, 8.0, 8.5], "end_s": [4.0, 8.0, 8.5, 12.0]}
+    )
+    items = pl.DataFrame(
+        {
+            "shot_id": [0, 0, 1, 2, 3],
+            "frame_index": [10, 20, 100, 200, 210],
+            "crop": ["face", "full", "full", "full", "full"],
+            "characters": [["bob"], ["ann", "bob"], [], ["ann"], ["cy"]],
+            "text": ["face cap", "full cap", "nobody", "short", "three"],
+        }
+    )
+    clips, short = plan_clips(shots, items, 25.0, 16.0, 33, (320, 192))
+    assert clips.schema == pl.Schema(CLIP_SCHEMA)
+    assert clips["shot_id"].to_list() == [0, 3]  # shot 1 names nobody, shot 2 is 0.5 s
+    assert short == 1
+    row = clips.row(0, named=True)
+    assert (row["caption"], row["characters"], row["frames"]) == ("full cap", ["ann", "bob"], 33)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"clip_frames": 32}, "export.clip_frames"),
+        ({"clip_width": 500}, "export.clip_width"),
+        ({"clip_fps": 0}, "export.clip_fps"),
+    ],
+)
+def test_bad_clip_settings_name_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {f"export.{k}": v for k, v in override.items()}, root=tmp_path)
+    assert ExportConfig().video_clips is False
+
+
+def test_real_clip_is_cut_inside_the_shot_resampled_and_encoded(hamilton, tmp_path):
+    """Hamilton: shots begin at frames 20, 82, 211 (29.97 fps). A 16 fps, 33-frame clip of the shot
+    82-210 lies inside it: the frames before the cut (81) and after it (211) differ more from the
+    clip's first and last frames than the shot's own first and last frames do."""
+    import av
+
+    fps = 30000 / 1001
+    start, end = 82 / fps, 211 / fps
+    t0, _ = clip_span(start, end, fps, 16.0, 33)
+    images = decode_clip(hamilton, t0, 33, 16.0, start, end, (320, 176))
+    info = clip_frames_rgb(encode_mp4(tmp_path / "c.mp4", images, 16.0))
+    assert (info["frames"], info["fps"], info["width"], info["height"], info["codec"]) == (
+        33,
+        16.0,
+        320,
+        176,
+        "h264",
+    )
+    with av.open(str(hamilton)) as c:
+        frames = [f.to_image() for i, f in enumerate(c.decode(video=0)) if i in (81, 82, 210, 211)]
+
+    def dist(a, b):
+        return float(
+            np.abs(np.asarray(cover_crop(a, (320, 176)), np.float32) - np.asarray(b, np.float32)).mean()
+        )
+
+    assert dist(frames[1], images[0]) < dist(frames[0], images[0])
+    assert dist(frames[2], images[-1]) < dist(frames[3], images[-1])
+    # A whole shot's length at the movie's own rate: every frame is the shot's, none from the next.
+    whole = decode_clip(hamilton, start, 129, fps, start, end, (320, 176))
+    assert dist(frames[2], whole[-1]) < 1.0
+
+
+def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
+    """The demo through stage 06 with clips on: every clip file has the planned frames, fps and
+    size, lies inside its shot, has a caption file, and the two trainer configs point at them."""
+    run, overrides = scenes_demo_run
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    run = Run.open(tmp_path / "run")
+    kept = run.read_table("quality").filter(pl.col("keep"))["frame_id"].to_list()
+    from test_export import add_captions
+
+    add_captions(run)
+    over = {
+        **overrides,
+        "export.video_clips": True,
+        "export.clip_frames": 17,
+        "export.clip_width": 256,
+        "export.clip_height": 144,
+    }
+    cfg = load_config(None, over, root=tmp_path / "noconfig")
+    run_stage(run, "export", cfg, progress=False)
+    assert kept
+    clips = run.read_table("clips")
+    shots = run.read_table("shots")
+    assert clips.height > 0
+    video = dataset_dir(run.run_dir) / "video"
+    for clip in clips.iter_rows(named=True):
+        shot = shots.filter(pl.col("shot_id") == clip["shot_id"]).row(0, named=True)
+        assert shot["start_s"] <= clip["start_s"] and clip["start_s"] + 16 / 16 < shot["end_s"]
+        info = clip_frames_rgb(video / f"{clip['clip_id']}.mp4")
+        assert (info["frames"], info["fps"], info["width"], info["height"]) == (17, 16.0, 256, 144)
+        assert (video / f"{clip['clip_id']}.txt").read_text().strip() == clip["caption"]
+        assert clip["characters"]
+    for name in ("musubi_dataset.toml", "diffusion_pipe_dataset.toml"):
+        assert str(video) in (dataset_dir(run.run_dir) / name).read_text()
+    strip = clip_strips(video, clips)
+    assert strip is not None and strip.height >= 96
