@@ -37,6 +37,19 @@ as well. Peak memory is the child's ``ru_maxrss``. Each process runs torch on ``
 threads (default 1): with two threads on a 2-core machine that other processes share, OpenMP's
 spinning threads wait on each other and both wall and CPU time swing by 2x and more run to run.
 
+FLUX.1 (issue 19): with ``--base-model tiny-flux`` (or any FLUX.1 folder) the reference is
+diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (pass it as ``--diffusers-script``),
+run on the same imagefolder with ``--dataset_name <folder> --caption_column text`` (a caption per
+image, so it runs CLIP and T5 on every step), ``--guidance_scale 1.0 --weighting_scheme none``,
+T5 length ``--max-sequence-length``, rank = alpha; ours runs ``FlowLoraTrainer`` with
+``weighting_scheme: uniform``, ``flux_guidance: 1.0`` and the same T5 length. Row 2 ("same work")
+runs the VAE and both text encoders every step (``cache_latents: false``); row 3 caches latents
+and text embeddings and drops the text encoders. A fourth row runs the script with its own
+``--cache_latents`` (latents only) for reference.
+
+    uv run --with torchvision --with datasets python python_script/bench_train.py \
+        --diffusers-script /path/to/train_dreambooth_lora_flux.py --base-model tiny-flux
+
 Exit status 0 even when a target is missed (a measurement, not a test).
 """
 
@@ -73,18 +86,22 @@ finally:
     print(f"BENCH_MAXRSS_KB={peak}", file=sys.stderr, flush=True)
 """
 
-#: Our side: train_lora on the dataset folder with the settings passed as JSON.
+#: Our side: train_lora on the dataset folder with the settings passed as JSON (the trainer of
+#: the base model's family: LoraTrainer for SD 1.x/SDXL, FlowLoraTrainer for FLUX.1/SD3.5).
 OURS = """
 import json, sys
 from pathlib import Path
 import polars as pl
 from diffusion_bunny.config import TrainingConfig
 from diffusion_bunny.stages.train.data import read_dataset
+from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import train_lora
 
 run_dir, out_dir, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 images, _ = read_dataset(run_dir, pl.read_parquet(run_dir / "tables" / "dataset_items.parquet"))
-train_lora(images, TrainingConfig(**settings), out_dir, progress=True, cache_dir=out_dir / "cache")
+cfg = TrainingConfig(**settings)
+trainer = trainer_class_for(cfg)
+train_lora(images, cfg, out_dir, progress=True, cache_dir=out_dir / "cache", trainer_class=trainer)
 """
 
 BAR = re.compile(r"(?:Steps|train steps):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
@@ -216,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch CPU threads of each training process (OMP_NUM_THREADS)"
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep the work folder here (logs)")
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=64, help="FLUX.1: T5 tokens per caption (both tools)"
+    )
     args = parser.parse_args(argv)
 
     import diffusers
@@ -257,7 +277,26 @@ def main(argv: list[str] | None = None) -> int:
     ours = work / "ours.py"
     ours.write_text(OURS)
 
+    flux = ref.family == "flux"
+
+    def flux_cmd(out: Path, cache: bool = False) -> list[str]:
+        return [
+            sys.executable, str(wrapper), str(script),
+            "--pretrained_model_name_or_path", str(ref.path),
+            "--dataset_name", str(hf / "train"), "--caption_column", "text", "--image_column", "image",
+            "--instance_prompt", "bunnystyle", "--resolution", str(args.resolution), "--center_crop",
+            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+            "--learning_rate", str(lr), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+            "--rank", str(args.rank), "--lora_alpha", str(args.rank), "--seed", "0",
+            "--mixed_precision", "no", "--dataloader_num_workers", "0",
+            "--checkpointing_steps", str(10 * args.steps), "--report_to", "all",
+            "--guidance_scale", "1.0", "--weighting_scheme", "none",
+            "--max_sequence_length", str(args.max_sequence_length), "--output_dir", str(out),
+        ] + (["--cache_latents"] if cache else [])  # fmt: skip
+
     def diffusers_cmd(out: Path) -> list[str]:
+        if flux:
+            return flux_cmd(out)
         return [
             sys.executable, str(wrapper), str(script),
             "--pretrained_model_name_or_path", str(ref.path),
@@ -297,13 +336,26 @@ def main(argv: list[str] | None = None) -> int:
             "validation_every": 0,
             "seed": 0,
         }
+        if flux:  # the reference's objective: uniform timesteps, guidance 1, the same T5 length
+            settings |= {
+                "weighting_scheme": "uniform",
+                "flux_guidance": 1.0,
+                "max_sequence_length": args.max_sequence_length,
+            }
         return [sys.executable, str(wrapper), str(ours), str(run_dir), str(out), json.dumps(settings)]
 
+    reference_name = f"diffusers {script.name}"
+    plain_name = "ours (VAE + text encoder(s) every step)"
+    cached_name = "ours (cached latents + text)" if flux else "ours (cached latents)"
     tools = {
-        "diffusers train_text_to_image_lora.py": lambda i: diffusers_cmd(work / f"diffusers_{i}"),
-        "ours (VAE + text encoder every step)": lambda i: ours_cmd(work / f"ours_{i}", False),
-        "ours (cached latents)": lambda i: ours_cmd(work / f"ours_cached_{i}", True),
+        reference_name: lambda i: diffusers_cmd(work / f"diffusers_{i}"),
+        plain_name: lambda i: ours_cmd(work / f"ours_{i}", False),
+        cached_name: lambda i: ours_cmd(work / f"ours_cached_{i}", True),
     }
+    if flux:
+        tools["diffusers --cache_latents (latents only)"] = lambda i: flux_cmd(
+            work / f"diffusers_c_{i}", True
+        )
     best: dict[str, dict] = {}
     for i in range(args.repeats):
         for name, make in tools.items():
@@ -311,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 make(i), warmup, work / f"log_{i}_{name.split()[0]}_{len(best)}.txt", args.threads
             )
             print(
-                f"  run {i + 1}: {name:<40} {result['steps_per_s']:6.2f} steps/s  "
+                f"  run {i + 1}: {name:<44} {result['steps_per_s']:6.2f} steps/s  "
                 f"{result['steps_per_cpu_s']:6.2f} steps/CPU-s  "
                 f"total {result['total_s']:6.1f} s  peak RSS {result['maxrss_mb']:7.0f} MB"
             )
@@ -327,20 +379,20 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
 
-    reference = best["diffusers train_text_to_image_lora.py"]["steps_per_s"]
-    ref_cpu = best["diffusers train_text_to_image_lora.py"]["steps_per_cpu_s"]
+    reference = best[reference_name]["steps_per_s"]
+    ref_cpu = best[reference_name]["steps_per_cpu_s"]
     print(
-        f"\n{'tool':<40} {'steps/s':>8} {'ratio':>6} {'steps/CPU-s':>12} {'ratio':>6} {'total s':>8} "
+        f"\n{'tool':<44} {'steps/s':>8} {'ratio':>6} {'steps/CPU-s':>12} {'ratio':>6} {'total s':>8} "
         f"{'peak RSS MB':>12}"
     )
     for name, result in best.items():
         print(
-            f"{name:<40} {result['steps_per_s']:8.2f} {result['steps_per_s'] / reference:5.2f}x "
+            f"{name:<44} {result['steps_per_s']:8.2f} {result['steps_per_s'] / reference:5.2f}x "
             f"{result['steps_per_cpu_s']:12.2f} {result['steps_per_cpu_s'] / ref_cpu:5.2f}x "
             f"{result['total_s']:8.1f} {result['maxrss_mb']:12.0f}"
         )
-    plain = best["ours (VAE + text encoder every step)"]["steps_per_s"] / reference
-    cached = best["ours (cached latents)"]["steps_per_s"] / reference
+    plain = best[plain_name]["steps_per_s"] / reference
+    cached = best[cached_name]["steps_per_s"] / reference
     print(
         "steps/s and steps/CPU-s: best of the runs; total s: shortest; peak RSS: largest. Where the "
         "two ratios disagree, other work on the machine moved the wall-clock figures."

@@ -415,10 +415,14 @@ class ExportConfig(_Section):
 
 class TrainingConfig(_Section):
     """Settings of stage 07 (``train``): a LoRA on the UNet (and optionally the text encoders) of a
-    Stable Diffusion 1.x or SDXL base model, on the dataset stage 06 exported."""
+    Stable Diffusion 1.x or SDXL base model, or on the transformer of a FLUX.1 or SD3.5 base model
+    (the family is read from the model's config), on the dataset stage 06 exported.
+
+    The keys from ``lora_targets`` to ``quantize_base`` apply to FLUX.1 and SD3.5 only (the
+    flow-matching objective of diffusers' ``train_dreambooth_lora_{flux,sd3}.py``)."""
 
     base_model: str = "tiny"
-    family: Literal["auto", "sd1", "sdxl"] = "auto"
+    family: Literal["auto", "sd1", "sdxl", "flux", "sd3"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resolution: int | None = Field(None, ge=64, le=4096)
     rank: int = Field(4, ge=1, le=1024)
@@ -447,6 +451,31 @@ class TrainingConfig(_Section):
     validation_inference_steps: int = Field(8, ge=1, le=1000)
     output_dir: str | None = None
     seed: int = Field(0, ge=0)
+    # FLUX.1 / SD3.5 only (see stages/train/flow.py)
+    lora_targets: Literal["attention", "attention+mlp"] | tuple[str, ...] = "attention"
+    weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = "logit_normal"
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0)
+    logit_std: float = Field(1.0, gt=0.0, le=10.0)
+    mode_scale: float = Field(1.29, ge=0.0, le=10.0)
+    timestep_shift: Literal["auto", "none"] | float = "auto"
+    flux_guidance: float = Field(1.0, ge=0.0, le=100.0)
+    caption_dropout: float = Field(0.0, ge=0.0, le=0.5)
+    max_sequence_length: int | None = Field(None, ge=8, le=512)
+    quantize_base: Literal["none", "nf4"] = "none"
+
+    @field_validator("timestep_shift")
+    @classmethod
+    def _positive_shift(cls, value: Any) -> Any:
+        if isinstance(value, float) and not value > 0:
+            raise ValueError("a fixed timestep_shift must be > 0 (or auto / none)")
+        return value
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if isinstance(value, tuple) and not [v for v in value if str(v).strip()]:
+            raise ValueError("give attention, attention+mlp or a non-empty list of layer names (to_q, ...)")
+        return value
 
     @model_validator(mode="after")
     def _prior_needs_a_class_prompt(self) -> TrainingConfig:
@@ -474,7 +503,8 @@ class GenerationConfig(_Section):
     lora_scales: tuple[float, ...] = (0.0, 0.5, 1.0)
     checkpoints: Literal["all", "final"] | tuple[str, ...] = "all"
     steps: int = Field(20, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    max_sequence_length: int | None = Field(None, ge=8, le=512)
     resolution: int | None = Field(None, ge=64, le=4096)
     base_model: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,11 +1,15 @@
-"""Stable Diffusion base models and LoRA files: where they come from and whether they fit.
+"""Diffusion base models (SD 1.x, SDXL, FLUX.1, SD3.5) and LoRA files: where they come from and
+whether they fit.
 
 Stages 07 (train) and 08 (generate) both start from ``training.base_model`` /
 ``generation.base_model``, which is one of
 
-- a preset built in code: ``tiny`` (Stable Diffusion 1.x layout) or ``tiny-sdxl`` (SDXL layout),
-  a small UNet, VAE and CLIP text encoder(s) with random, seeded weights and a real CLIP tokenizer
-  written by :mod:`diffusion_bunny.models.tiny_clip`. It is saved once per machine with
+- a preset built in code: ``tiny`` (Stable Diffusion 1.x layout), ``tiny-sdxl`` (SDXL layout),
+  ``tiny-flux`` (FLUX.1-dev layout) or ``tiny-sd3`` (SD3.5-medium layout), see
+  :mod:`diffusion_bunny.models.tiny`:
+  a small denoiser (UNet or transformer), VAE and text encoder(s) with random, seeded weights and
+  real CLIP (and T5) tokenizers written by :mod:`diffusion_bunny.models.tiny_clip` /
+  :mod:`diffusion_bunny.models.tiny_t5`. It is saved once per machine with
   ``save_pretrained`` under the user cache, as an ordinary diffusers pipeline folder, so the same
   loading code (and diffusers' own example scripts, given the folder) runs on it as on a real
   model, in seconds on a CPU;
@@ -14,11 +18,11 @@ Stages 07 (train) and 08 (generate) both start from ``training.base_model`` /
 - a local diffusers pipeline folder (one holding ``model_index.json``).
 
 Every way this can go wrong (absent from the cache, a folder that is not a pipeline, a damaged
-weight file, a family that contradicts the folder) ends in one :class:`ModelError` that names the
-setting to change. :func:`load_lora` checks a LoRA file against the loaded pipeline, layer by
-layer, before loading it, so a LoRA trained on another base model fails with one line naming the
-file and the base model instead of a shape error deep in peft (or, worse, silently loading
-nothing).
+weight file, a family that contradicts the folder, a folder of an unsupported family) ends in one
+:class:`ModelError` that names the setting to change. :func:`load_lora` checks a LoRA file
+against the loaded pipeline, layer by layer, before loading it, so a LoRA trained on another
+base model fails with one line naming the file and the base model instead of a shape error deep
+in peft (or, worse, silently loading nothing).
 """
 
 from __future__ import annotations
@@ -38,13 +42,25 @@ if TYPE_CHECKING:
 
 
 #: The pipeline classes whose folders we know how to train and load, by family.
-PIPELINE_CLASSES: dict[Family, str] = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES: dict[Family, str] = {
+    "sd1": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "flux": "FluxPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+}
+FAMILIES: tuple[Family, ...] = ("sd1", "sdxl", "flux", "sd3")
 _FAMILY_OF_CLASS = {
     "StableDiffusionPipeline": "sd1",
     "StableDiffusionImg2ImgPipeline": "sd1",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
 }
+#: A pipeline folder of another class is still recognised by its denoiser's class.
+_FAMILY_OF_TRANSFORMER = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -64,8 +80,9 @@ class BaseModelRef:
 
 
 def family_of_folder(path: Path) -> Family | None:
-    """The family a diffusers pipeline folder holds, from ``model_index.json`` (its class name,
-    else whether it has a second text encoder); None when the file is not a pipeline index."""
+    """The family a diffusers pipeline folder holds, from ``model_index.json``: its class name,
+    else its transformer's class (FLUX.1 / SD3), else whether its UNet has a second text encoder
+    (SDXL / SD 1.x); None when the file is not a pipeline index of a supported family."""
     import json
 
     try:
@@ -75,6 +92,9 @@ def family_of_folder(path: Path) -> Family | None:
     if not isinstance(index, dict):
         return None
     family = _FAMILY_OF_CLASS.get(str(index.get("_class_name", "")))
+    transformer = index.get("transformer")
+    if family is None and isinstance(transformer, list) and transformer:
+        family = _FAMILY_OF_TRANSFORMER.get(str(transformer[-1]))
     if family is None and "unet" in index:
         family = "sdxl" if "text_encoder_2" in index else "sd1"
     return family  # type: ignore[return-value]
@@ -87,17 +107,18 @@ def resolve_base_model(
     preset or looking up the hub cache (never the network). ``setting`` is the config key the
     messages name (``generation.base_model`` for stage 08).
 
-    ``family`` (``auto``/``sd1``/``sdxl``) only picks the preset for ``tiny`` (``tiny`` with
-    ``sdxl`` is ``tiny-sdxl``); for a real model it must agree with the folder.
+    ``family`` (``auto``/``sd1``/``sdxl``/``flux``/``sd3``) only picks the preset for ``tiny``
+    (``tiny`` with ``sdxl`` is ``tiny-sdxl``, with ``flux`` ``tiny-flux``); for a real model it
+    must agree with the folder.
     """
     name = str(base_model).strip()
     family_key = setting.rsplit(".", 1)[0] + ".family"
-    if family not in ("auto", "sd1", "sdxl"):
-        raise ModelError(f"{family_key} = {family!r}: use auto, sd1 or sdxl")
+    if family not in ("auto", *FAMILIES):
+        raise ModelError(f"{family_key} = {family!r}: use auto, sd1, sdxl, flux or sd3")
     if not name:
         raise ModelError(f"{setting} is empty; set it to tiny, a hub id or a local diffusers pipeline folder")
     if name in PRESETS:
-        preset = "tiny-sdxl" if (name == "tiny" and family == "sdxl") else name
+        preset = f"tiny-{family}" if (name == "tiny" and family not in ("auto", "sd1")) else name
         if family != "auto" and PRESETS[preset] != family:
             raise ModelError(
                 f"{setting} = {name!r} is an {PRESETS[preset]} preset but {family_key} = {family}"
@@ -117,8 +138,9 @@ def resolve_base_model(
     found = family_of_folder(path)
     if found is None:
         raise ModelError(
-            f"{setting} = {name!r}: {path} is not a diffusers Stable Diffusion pipeline folder "
-            "(no readable model_index.json naming a UNet); point it at one (save_pretrained layout)"
+            f"{setting} = {name!r}: {path} is not a diffusers pipeline folder of a supported family "
+            "(sd1, sdxl, flux, sd3: a readable model_index.json naming a StableDiffusion, "
+            "StableDiffusionXL, Flux or StableDiffusion3 pipeline); point it at one (save_pretrained layout)"
         )
     if family != "auto" and family != found:
         raise ModelError(
@@ -169,7 +191,8 @@ def load_pipeline(
     *,
     setting: str = "training.base_model",
 ) -> Any:
-    """Load the base model as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` on
+    """Load the base model as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+    ``FluxPipeline`` / ``StableDiffusion3Pipeline`` on
     ``device`` (``auto`` picks the GPU when there is one) in ``dtype`` (torch dtype or
     ``fp32``/``fp16``/``bf16``; default float32), from local files only. The resolved
     :class:`BaseModelRef` is kept on the pipeline as ``pipe.bunny_base``; the safety checker is
@@ -274,13 +297,29 @@ def lora_mismatches(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, list[st
 
 
 def read_lora_state_dict(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A LoRA file's weights in diffusers' key format (kohya/A1111 files are converted by
-    diffusers' own reader); a missing or unreadable file is a ModelError naming it."""
+    """A LoRA file's weights in diffusers' key format; a missing or unreadable file is a
+    ModelError naming it.
+
+    UNet pipelines: kohya/A1111 files are converted by diffusers' own reader. FLUX.1 / SD3.5:
+    kohya files go through :func:`diffusion_bunny.models.lora_keys.kohya_to_diffusers`, because
+    diffusers has no kohya reader for SD3 and its FLUX one hard-codes FLUX.1's layer sizes (it
+    fails on any other transformer, the tiny preset included)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"LoRA file not found: {path}; train one (stage train) or fix the path")
     try:
-        out = type(pipe).lora_state_dict(str(path), unet_config=pipe.unet.config)
+        if getattr(pipe, "unet", None) is not None:
+            out = type(pipe).lora_state_dict(str(path), unet_config=pipe.unet.config)
+        else:
+            from safetensors.torch import load_file
+
+            from diffusion_bunny.models.lora_keys import is_kohya, kohya_to_diffusers
+
+            raw = load_file(str(path))
+            if is_kohya(raw):
+                out = kohya_to_diffusers(raw, pipe.transformer, transformer_family(pipe))
+            else:
+                out = type(pipe).lora_state_dict(str(path))
     except Exception as exc:
         raise ModelError(
             f"LoRA file {path} cannot be read as a LoRA ({type(exc).__name__}); it is damaged or not a "
@@ -320,8 +359,26 @@ def load_lora(
             f"({len(problems)} of {n_layers} LoRA layers do not fit); use the base model it was trained "
             "on (training.base_model / generation.base_model) or another LoRA"
         )
-    if adapter_name in (getattr(pipe, "get_list_adapters", dict)() or {}).get("unet", []):
+    listed = getattr(pipe, "get_list_adapters", dict)() or {}
+    if any(adapter_name in names for names in listed.values()):  # "unet" or "transformer"
         pipe.delete_adapters(adapter_name)
-    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    if getattr(pipe, "unet", None) is None and not _has_peft_keys(path):
+        # a kohya FLUX/SD3 file: load what our converter made of it (alpha already folded into A)
+        pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
+    else:  # by path: a state dict would drop the alpha kept in the file's metadata
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
     return adapter_name
+
+
+def transformer_family(pipe: Any) -> Family:
+    """``flux`` or ``sd3`` for a loaded transformer pipeline (from its class, so it works without
+    ``bunny_base``)."""
+    return "flux" if type(pipe).__name__.startswith("Flux") else "sd3"
+
+
+def _has_peft_keys(path: str | os.PathLike[str]) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.endswith(".lora_A.weight") for k in f.keys())  # noqa: SIM118 (not a dict)

@@ -1,7 +1,15 @@
-"""Tiny Stable Diffusion models built in code (random weights, tiny configs, a tokenizer written by
-the code): the ``tiny`` and ``tiny-sdxl`` presets the demo and the tests train and draw with on a
-CPU in seconds, saved once as ordinary diffusers pipeline folders in the user cache, so diffusers'
-own scripts load them too. Nothing is downloaded."""
+"""Tiny diffusion models built in code (random weights, tiny configs, tokenizers written by the
+code): the ``tiny`` (SD 1.x), ``tiny-sdxl``, ``tiny-flux`` (FLUX.1-dev) and ``tiny-sd3`` (SD3.5
+medium) presets the demo and the tests train and draw with on a CPU in seconds, saved once as
+ordinary diffusers pipeline folders in the user cache, so diffusers' own scripts (among them
+``train_dreambooth_lora_flux.py``, which the benchmark runs) load them too. Nothing is downloaded.
+
+The rectified-flow presets keep every size that matters to the code paths at the real model's
+value, only narrow: a four-level VAE (8x spatial factor) with 16 latent channels, no quant convs
+and the real ``scaling_factor`` / ``shift_factor``; FLUX's ``in_channels`` 64 (16 channels packed
+2x2), guidance embedding, RoPE axes summing to the head size; SD3.5's patch 2, MMDiT-X dual
+attention in block 0 and RMS qk-norm, with the T5 width >= both CLIP widths together (SD3 pads
+the CLIP sequence to the T5 width); the real FlowMatchEuler scheduler configs."""
 
 from __future__ import annotations
 
@@ -13,11 +21,14 @@ from typing import Any, Literal
 from diffusion_bunny.models.cache import cache_dir
 
 #: The model families this workspace trains (diffusers' pipeline classes differ per family).
-Family = Literal["sd1", "sdxl"]
+Family = Literal["sd1", "sdxl", "flux", "sd3"]
+
+#: The rectified-flow transformer families (trained with the flow-matching objective).
+FLOW_FAMILIES: tuple[Family, ...] = ("flux", "sd3")
 
 #: Presets built in code. Bump :data:`PRESET_VERSION` whenever the build changes, so a cached
 #: folder from an older build is not reused.
-PRESETS: dict[str, Family] = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
+PRESETS: dict[str, Family] = {"tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 PRESET_VERSION = 1
 PRESET_SEED = 0
@@ -77,7 +88,8 @@ def _scheduler_kwargs() -> dict[str, Any]:
 
 
 def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET_SEED) -> Path:
-    """Build a small random Stable Diffusion (``sd1``) or SDXL (``sdxl``) pipeline with fixed
+    """Build a small random Stable Diffusion (``sd1``), SDXL (``sdxl``), FLUX.1 (``flux``) or
+    SD3.5 (``sd3``) pipeline with fixed
     seeds and ``save_pretrained`` it into ``folder``; returns ``folder``.
 
     The layout is the real one (UNet with cross-attention blocks, four-level VAE, CLIP text
@@ -90,6 +102,8 @@ def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET
 
     from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
 
+    if family in FLOW_FAMILIES:
+        return build_tiny_flow_pipeline(folder, family, seed=seed)
     folder = Path(folder)
     words = (*DEFAULT_WORDS, "bunnystyle", "bunny", "in", "style", "person", "portrait")
     tok_dir = folder / "_tokenizer_src"
@@ -161,6 +175,173 @@ def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET
         )
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(tok_dir, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Rectified-flow presets (FLUX.1, SD3.5)
+
+#: Real scheduler configs (scheduler/scheduler_config.json of the hub repos).
+FLUX_DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+#: (scaling_factor, shift_factor) of the real VAEs.
+VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+FLOW_WORDS = ("close-up", "full", "body", "upper", "bunnystyle", "bunny", "in", "style", "person", "portrait")
+
+
+def _flow_vae(family: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    scaling, shift = VAE_FACTORS[family]
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip(vocab: dict[str, int], hidden: int, projection: int | None) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        hidden_act="quick_gelu",
+        **({"projection_dim": projection} if projection else {}),
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5(vocab_size: int, d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX.1 and SD3 use
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def build_tiny_flow_pipeline(
+    folder: Path, family: Family = "flux", *, seed: int = PRESET_SEED, guidance_embeds: bool = True
+) -> Path:
+    """Build and ``save_pretrained`` a tiny random FLUX.1 pipeline (dev layout; ``guidance_embeds``
+    False gives schnell's) or SD3.5-medium pipeline into ``folder``; returns ``folder``."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
+    from diffusion_bunny.models.tiny_t5 import write_t5_tokenizer
+
+    folder = Path(folder)
+    words = (*DEFAULT_WORDS, *FLOW_WORDS)
+    src = folder / "_tokenizer_src"
+    vocab = write_clip_tokenizer(src / "clip", model_max_length=77, words=words)
+    t5_vocab = write_t5_tokenizer(src / "t5", model_max_length=512, words=words)
+    clip_tok = CLIPTokenizer.from_pretrained(src / "clip")
+    t5_tok = T5TokenizerFast.from_pretrained(src / "t5")
+
+    torch.manual_seed(seed)
+    vae = _flow_vae(family)
+    if family == "flux":
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        clip_width, t5_width = 32, 32
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_width,
+            pooled_projection_dim=clip_width,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+        sched = FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**sched),
+            vae=vae,
+            text_encoder=_clip(vocab, clip_width, None),
+            tokenizer=clip_tok,
+            text_encoder_2=_t5(t5_vocab, t5_width),
+            tokenizer_2=t5_tok,
+            transformer=transformer,
+        )
+    elif family == "sd3":
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        clip_width, t5_width = 32, 64  # T5 width >= CLIP-L + CLIP-G widths (SD3 pads CLIP to it)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=t5_width,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * clip_width,
+            out_channels=16,
+            pos_embed_max_size=64,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+            vae=vae,
+            text_encoder=_clip(vocab, clip_width, clip_width),
+            tokenizer=clip_tok,
+            text_encoder_2=_clip(vocab, clip_width, clip_width),
+            tokenizer_2=clip_tok,
+            text_encoder_3=_t5(t5_vocab, t5_width),
+            tokenizer_3=t5_tok,
+            transformer=transformer,
+        )
+    else:
+        raise ValueError(f"not a rectified-flow family: {family!r}")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(src, ignore_errors=True)
     return folder
 
 

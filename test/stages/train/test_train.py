@@ -398,7 +398,7 @@ def test_missing_base_model_names_the_setting(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"training\.base_model = '\./nowhere': no such folder"):
         resolve_base_model("./nowhere")
     (tmp_path / "notamodel").mkdir()
-    with pytest.raises(ModelError, match="not a diffusers Stable Diffusion pipeline folder"):
+    with pytest.raises(ModelError, match="not a diffusers pipeline folder of a supported family"):
         resolve_base_model(str(tmp_path / "notamodel"))
     with pytest.raises(ModelError, match=r"is an sd1 model but generation\.family = sdxl"):
         resolve_base_model(str(resolve_base_model("tiny").path), "sdxl", setting="generation.base_model")

@@ -71,13 +71,17 @@ class RenderSettings:
     guidance_scale: float
     width: int
     height: int
+    #: FLUX.1 / SD3.5 only: T5 tokens per prompt (None: the pipeline's default).
+    max_sequence_length: int | None = None
 
     def key(self, item: GridItem, lora: dict[str, Any] | None) -> str:
         """The settings key stored in the image's PNG: a rerun reuses an image only when it matches."""
+        # Settings left at None are not in the key, so images made before they existed are reused.
+        settings = {k: v for k, v in self.__dict__.items() if v is not None or k == "negative_prompt"}
         blob = json.dumps(
             {
                 "render": RENDER_VERSION,
-                "settings": self.__dict__,
+                "settings": settings,
                 "prompt": item.prompt,
                 "seed": item.seed,
                 "scale": item.lora_scale,
@@ -88,9 +92,38 @@ class RenderSettings:
         return hashlib.sha256(blob).hexdigest()[:20]
 
 
+#: ``generation.guidance_scale`` when null: Stable Diffusion's usual 7.5, FLUX.1-dev's distilled
+#: guidance 3.5 (its pipeline's default; schnell ignores it), SD3.5's 7.0 (its model card's).
+DEFAULT_GUIDANCE = {"sd1": 7.5, "sdxl": 7.5, "flux": 3.5, "sd3": 7.0}
+
+
+def pipe_family(pipe: Any) -> str:
+    """sd1 / sdxl / flux / sd3 of a loaded pipeline."""
+    ref = getattr(pipe, "bunny_base", None)
+    if ref is not None:
+        return str(ref.family)
+    name = type(pipe).__name__
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    return "sdxl" if "XL" in name else "sd1"
+
+
 def default_size(pipe: Any) -> int:
-    """The base model's own image size: UNet sample size x the VAE's scale factor."""
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    """The base model's own image size: the UNet's (SD3 transformer's) sample size x the VAE's
+    scale factor; FLUX.1 has none in its config, its pipeline's 1024 px. The tiny presets draw at
+    128 px (what they are built for)."""
+    ref = getattr(pipe, "bunny_base", None)
+    if ref is not None and ref.source == "preset":
+        return 128
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    if getattr(pipe, "unet", None) is not None:
+        return int(pipe.unet.config.sample_size) * scale
+    sample = getattr(pipe.transformer.config, "sample_size", None) or getattr(
+        pipe, "default_sample_size", 128
+    )
+    return int(sample) * scale
 
 
 def render(pipe: Any, prompt: str, seed: int, settings: RenderSettings) -> Image.Image:
@@ -99,14 +132,19 @@ def render(pipe: Any, prompt: str, seed: int, settings: RenderSettings) -> Image
     import torch
 
     generator = torch.Generator("cpu").manual_seed(int(seed))
+    kwargs: dict[str, Any] = {}
+    if getattr(pipe, "unet", None) is None and settings.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = settings.max_sequence_length
+    if pipe_family(pipe) != "flux":  # FLUX.1's guidance is distilled: a negative prompt does nothing
+        kwargs["negative_prompt"] = settings.negative_prompt or None
     out = pipe(
         prompt=prompt,
-        negative_prompt=settings.negative_prompt or None,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         width=settings.width,
         height=settings.height,
         generator=generator,
+        **kwargs,
     )
     return out.images[0]
 

@@ -24,7 +24,14 @@ from diffusion_bunny.stages.generate.identity import (
     pick_best,
     score_images,
 )
-from diffusion_bunny.stages.generate.render import RenderSettings, check_loras, default_size, generate_images
+from diffusion_bunny.stages.generate.render import (
+    DEFAULT_GUIDANCE,
+    RenderSettings,
+    check_loras,
+    default_size,
+    generate_images,
+    pipe_family,
+)
 from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
 from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
 
@@ -208,13 +215,15 @@ def _draw(
     """Render what is missing of the grid with the loaded base model. Returns the grid, the
     picture size, and the counts of pictures drawn now and reused."""
     size = resolution or default_size(pipe)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else DEFAULT_GUIDANCE[pipe_family(pipe)]
     settings = RenderSettings(
         base_model=base_model,
         negative_prompt=cfg.negative_prompt,
         steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
+        guidance_scale=guidance,
         width=size,
         height=size,
+        max_sequence_length=cfg.max_sequence_length,
     )
     items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
     rendered, reused = generate_images(

@@ -1,4 +1,6 @@
-"""LoRA fine-tuning of a Stable Diffusion 1.x or SDXL base model (stage 07), resumable.
+"""LoRA fine-tuning of a Stable Diffusion 1.x or SDXL base model (stage 07), resumable. FLUX.1 and
+SD3.5 train through the same loop with :class:`~diffusion_bunny.stages.train.flow.FlowLoraTrainer`
+(the flow-matching objective), passed as ``trainer_class``.
 
 The loop is the one of diffusers' example scripts (``train_text_to_image_lora.py``, its SDXL
 sibling and ``train_dreambooth_lora.py``), rebuilt around what this workspace needs:
@@ -66,6 +68,19 @@ if TYPE_CHECKING:
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STATE_FILE = "training_state.pt"
+#: The training keys that only FLUX.1 / SD3.5 use.
+FLOW_KEYS = (
+    "lora_targets",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "timestep_shift",
+    "flux_guidance",
+    "caption_dropout",
+    "max_sequence_length",
+    "quantize_base",
+)
 
 
 @dataclass
@@ -100,6 +115,11 @@ class LoraTrainer:
 
         self.cfg = cfg
         self.ref: BaseModelRef = resolve_base_model(cfg.base_model, cfg.family)
+        if self.ref.family not in ("sd1", "sdxl"):
+            raise ModelError(
+                f"training.base_model = {cfg.base_model!r} is a {self.ref.family} model: train it with "
+                "stages.train.flow.FlowLoraTrainer (train_lora(..., trainer_class=trainer_class_for(...)))"
+            )
         self.device = resolve_device(device or cfg.device, "training.device")
         mixed = cfg.mixed_precision
         if mixed == "auto":
@@ -284,6 +304,10 @@ class LoraTrainer:
         hidden = torch.stack([self._text_cache[t][0] for t in texts])
         pooled = None if self.family == "sd1" else torch.stack([self._text_cache[t][1] for t in texts])  # type: ignore[misc]
         return hidden, pooled
+
+    def prepare_texts(self, texts: Sequence[str]) -> None:
+        """Called once before the first step with every caption and validation prompt; the UNet
+        families cache their (small) text embeddings lazily in memory, so nothing to do here."""
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -479,7 +503,13 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
     """What must not change for a checkpoint to be resumed: the base model, the adapters' shape,
     the data and everything that changes what a step computes. Step counts, checkpoint and
-    validation settings may change (more steps continue the run)."""
+    validation settings may change (more steps continue the run). The FLUX.1/SD3.5 keys count
+    only when set away from their defaults, so checkpoints of SD 1.x/SDXL runs made before those
+    keys existed still resume."""
+    from diffusion_bunny.config import TrainingConfig as _Cfg
+
+    defaults = _Cfg()
+    at_default = {k for k in FLOW_KEYS if getattr(cfg, k) == getattr(defaults, k)}
     keep = cfg.model_dump(
         mode="json",
         exclude={
@@ -490,6 +520,7 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
             "validation_inference_steps",
             "output_dir",
             "device",
+            *at_default,
         },
     )
     blob = json.dumps({"cfg": keep, "data": dataset_key}, sort_keys=True).encode()
@@ -588,11 +619,14 @@ def train_lora(
     progress_path: Path | None = None,
     device: str | None = None,
     cache_dir: Path | None = None,
+    trainer_class: type[LoraTrainer] | None = None,
 ) -> TrainResult:
     """Train (or continue training) a LoRA on ``images`` and write everything into ``output_dir``.
 
     Resumes from the latest complete checkpoint when its settings match (else starts over and
-    says so in a warning). Latents are cached under ``cache_dir`` (default ``output_dir``)."""
+    says so in a warning). Latents are cached under ``cache_dir`` (default ``output_dir``).
+    ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
+    (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model)."""
     from tqdm.auto import tqdm
 
     from diffusion_bunny.pipeline.progress import ProgressFile
@@ -630,7 +664,7 @@ def train_lora(
     for leftover in output_dir.glob(".checkpoint-*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)  # a checkpoint the killed process never finished
 
-    trainer = LoraTrainer(cfg, cache_dir=cache_dir or output_dir, device=device)
+    trainer = (trainer_class or LoraTrainer)(cfg, cache_dir=cache_dir or output_dir, device=device)
     resolution = trainer.resolution
     buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []
     square = (resolution - resolution % trainer.vae_scale,) * 2
@@ -641,6 +675,7 @@ def train_lora(
     prior: list[TrainImage] = class_images(trainer, cfg, resolution) if cfg.prior_preservation else []
 
     prompts = list(validation_prompts) if cfg.validation_every else []
+    trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
     name = output_dir.name
     log_rows: list[dict[str, Any]] = []
     validation_rows: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ import polars as pl
 from diffusion_bunny.config import TrainingConfig
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.train.data import read_dataset
+from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import train_lora
 from diffusion_bunny.stages.train.tables import checkpoint_dir
 
@@ -55,6 +56,7 @@ def train_stage(
         progress=progress,
         progress_path=progress_path,
         cache_dir=Path(run_dir) / "cache",
+        trainer_class=trainer_class_for(cfg),
     )
     log = result.log
     counts = {
