@@ -48,7 +48,7 @@ class MovieReport:
     run_dir: Path | None
     stages: list[StageReport] = field(default_factory=list)
     error: str | None = None
-    bug: bool = False  # the error was a bug (only the Ray engine reports those instead of raising)
+    bug: bool = False  # the error was a bug (a folder run reports those on either engine)
 
 
 def find_movies(target: str | Path, cfg: Config) -> list[Path]:
