@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.manifest import table_fingerprint
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
@@ -62,15 +62,21 @@ class Run:
 
     @classmethod
     def create(cls, run_dir: str | Path, movie: str | Path) -> Run:
-        """Open (and create if needed) the run folder of ``movie``."""
+        """Open (and create if needed) the run folder of ``movie``, removing what killed writers
+        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`)."""
         run = cls(Path(run_dir).resolve())
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(run.run_dir)
         meta = {
             "movie": str(Path(movie).resolve()),
             "movie_id": movie_id(movie),
             "movie_key": movie_key(movie),
         }
-        if run.meta() != meta:
+        try:
+            current = run.meta()
+        except StageError:  # damaged (a killed editor, a bad copy): the movie given here rewrites it
+            current = None
+        if current != meta:
             atomic_write_bytes(run.run_dir / "run.json", json.dumps(meta, indent=2).encode())
         return run
 
@@ -89,7 +95,16 @@ class Run:
         path = self.run_dir / "run.json"
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StageError(
+                f"{path} is damaged ({exc}); delete it and rerun stage extract on the movie "
+                "(the stages' tables are kept and reused where they still match)"
+            ) from None
+        if not isinstance(meta, dict) or "movie" not in meta:
+            raise StageError(f"{path} does not describe a run (no movie); delete it and rerun stage extract")
+        return meta
 
     @property
     def movie(self) -> Path:
