@@ -1,7 +1,8 @@
 """The ``bunny`` command line.
 
-Exit status 0 on success, 2 on a user error (bad path, bad input file, bad config) with one
-clear line on standard error and no traceback, 1 only for a bug.
+Exit status 0 on success, 2 on a user error (bad path, bad input file, bad config, a full disk
+or no permission to write, a kernel that died) with one clear line on standard error and no
+traceback, 1 only for a bug.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.errors import BadInputError, UserError, storage_error
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -153,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_demo(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, no permission on --out: the user's to fix, one line
+        storage = storage_error(exc)
+        if storage is None:
+            raise
+        print(f"error: {storage}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)

@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
-from diffusion_bunny.errors import EngineError, UserError
+from diffusion_bunny.errors import EngineError, UserError, storage_error
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
@@ -67,12 +67,22 @@ def run_one(
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
+    except OSError as exc:
+        storage = storage_error(exc)
+        if storage is None:
+            return _bug(movie, run_dir, exc)
+        print(f"error: {movie.name}: {storage}", file=sys.stderr)
+        return MovieReport(movie=movie, run_dir=run_dir, error=str(storage))
     except Exception as exc:  # a bug in one movie must not cost the others their run
-        lines = str(exc).strip().splitlines() or [""]
-        text = f"{type(exc).__name__}: {lines[0]}"
-        log.error("%s failed with a bug", movie, exc_info=True)
-        print(f"error: {movie.name}: failed with a bug ({text}); the other movies go on", file=sys.stderr)
-        return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
+        return _bug(movie, run_dir, exc)
+
+
+def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
+    lines = str(exc).strip().splitlines() or [""]
+    text = f"{type(exc).__name__}: {lines[0]}"
+    log.error("%s failed with a bug", movie, exc_info=exc)
+    print(f"error: {movie.name}: failed with a bug ({text}); the other movies go on", file=sys.stderr)
+    return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
 
 
 def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
