@@ -49,7 +49,7 @@ def run_one(
 ) -> MovieReport:
     """One movie through the chosen stages. A user error (bad file, missing model...) becomes the
     report's ``error``, any other exception (a bug) the report's ``error`` with ``bug`` set and its
-    traceback in the log, instead of stopping the batch: the other movies still run and the
+    traceback in the log at DEBUG level, instead of stopping the batch: the other movies still run and the
     combined report is still written (``bunny run`` then exits 1 for a bug, 2 for a user error).
     Interrupts (Ctrl-C) still stop the batch."""
     try:
@@ -80,7 +80,9 @@ def run_one(
 def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
     lines = str(exc).strip().splitlines() or [""]
     text = f"{type(exc).__name__}: {lines[0]}"
-    log.error("%s failed with a bug", movie, exc_info=exc)
+    # The traceback goes to the log (DEBUG: the run's log file, not the terminal, which gets the
+    # one line below; on Ray a worker's stderr is forwarded to the driver's terminal).
+    log.debug("%s failed with a bug", movie, exc_info=exc)
     print(f"error: {movie.name}: failed with a bug ({text}); the other movies go on", file=sys.stderr)
     return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
 
