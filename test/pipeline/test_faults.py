@@ -114,3 +114,33 @@ def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, tmp_path, capsy
     assert main(["run", str(clip), "--out", str(out / "a"), "--stages", "extract", "--quiet"]) == 0
     assert "is up to date, skipped" in capsys.readouterr().err
     assert json.loads((out / "a" / "run.json").read_text())["movie"] == str(clip.resolve())
+
+
+def test_a_second_runner_on_a_stage_names_the_process_that_holds_it(clip, tmp_path, capsys):
+    """Issue 17.5: a stage of one run folder runs in one process at a time; a second runner
+    stops at once (exit 2) naming the holder, and a killed holder blocks nothing."""
+    out = tmp_path / "run"
+    assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from diffusion_bunny.pipeline.run import Run\n"
+            "with Run.open(sys.argv[1]).stage_lock('quality'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["run", str(clip), "--out", str(out), "--stages", "quality", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"stage quality of {out.resolve()} is being run by process {holder.pid}" in err, err
+        assert "Traceback" not in err
+    finally:
+        holder.kill()  # SIGKILL: the OS releases its lock
+        holder.wait()
+    assert main(["run", str(clip), "--out", str(out), "--stages", "quality", "--quiet"]) == 0

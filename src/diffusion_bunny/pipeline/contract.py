@@ -124,6 +124,12 @@ class StageOutput:
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    #: The lock the stage's tables are written under (the one its correction API takes, e.g.
+    #: stage 04's ``scenes_lock``), so a correction made while the stage computed is not lost.
+    write_lock: contextlib.AbstractContextManager[Any] | None = None
+    #: Called under ``write_lock`` with the tables just before they are written: folds in what
+    #: changed while the stage computed (corrections made meanwhile); returns the tables to write.
+    before_write: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
 
 
 @dataclass
@@ -366,7 +372,18 @@ def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
 def run_stage(
     pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
 ) -> dict[str, pl.DataFrame]:
-    """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
+    """Run one stage (or skip it when its manifest matches) and return the tables it wrote.
+
+    Holds the run's lock for the stage throughout (:meth:`Run.stage_lock`: a second runner on
+    the same stage stops at once, naming the holder), and writes the tables under the stage's
+    ``write_lock`` when its output names one."""
+    with run.stage_lock(name):
+        return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
+
+
+def _run_stage_locked(
+    pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool, progress: bool
+) -> dict[str, pl.DataFrame]:
     stage = pipeline.get(name)
     view = stage.view(cfg)
     inputs = declared_inputs(run, pipeline, stage, view)
@@ -394,8 +411,10 @@ def run_stage(
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
-    for table in stage.writes:
-        run.write_table(table, out.tables[table])
+    with out.write_lock if out.write_lock is not None else contextlib.nullcontext():
+        tables = out.before_write(out.tables) if out.before_write is not None else out.tables
+        for table in stage.writes:
+            run.write_table(table, tables[table])
     manifest = build_manifest(
         name,
         code=code,
@@ -411,5 +430,5 @@ def run_stage(
     )
     run.write_manifest(name, manifest)
     for warning in out.warnings:
-        warnings.warn(warning, stacklevel=3)
-    return out.tables
+        warnings.warn(warning, stacklevel=4)
+    return tables

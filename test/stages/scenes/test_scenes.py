@@ -675,3 +675,26 @@ def test_edl_is_skipped_with_a_warning_when_no_rate_fits():
     assert edl_rate(30000 / 1001)[1] is None
     rate, note = edl_rate(0.0)
     assert rate is None and "not a positive number" in note
+
+
+def test_a_move_made_while_stage_04_computes_is_not_lost(scenes_run, monkeypatch):
+    """Issue 17.5: stage 04 writes ``clusters`` under the lock move_to_cluster takes and places
+    the moves made while it computed, so a board move during a rerun survives the rerun."""
+    import diffusion_bunny.stages.scenes.stage as scenes
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    clusters = run.read_table("clusters").filter(pl.col("level") == "scene")
+    frame = clusters["frame_id"][0]
+    target = next(c for c in clusters["cluster_id"].unique().sort() if c != clusters["cluster_id"][0])
+    real = scenes.embed_frames
+
+    def embed_then_someone_moves(*args, **kwargs):
+        out = real(*args, **kwargs)
+        scenes.move_to_cluster(run.run_dir, frame, target)  # a person on the board, meanwhile
+        return out
+
+    monkeypatch.setattr(scenes, "embed_frames", embed_then_someone_moves)
+    run_stage(run, "scenes", cfg, force=True, progress=False)
+    after = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == frame))
+    assert after["cluster_id"].to_list() == [target] and after["manual"].to_list() == [True]

@@ -289,11 +289,25 @@ def scenes_stage(
         "adapter": adapter_facts,
         "library": str(library) if library else None,
     }
+    seen = feedback.height
+
+    def with_new_moves(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+        # Under scenes_lock, just before the write: a frame moved on the board while the stage
+        # computed (move_to_cluster appends to feedback under the same lock) is placed too, so
+        # the move does not vanish until the next run. The manifest still fingerprints the
+        # feedback the stage read, so the next run also relearns from it.
+        latest = read_feedback(run_dir)
+        if latest.height == seen:
+            return tables
+        return {**tables, "clusters": apply_feedback(tables["clusters"], latest, vec_by_frame)}
+
     return StageOutput(
         tables={"embeddings": embeddings, "clusters": clusters, "scene_exemplars": exemplars},
         counts=counts,
         warnings=warnings,
         facts=facts,
+        write_lock=scenes_lock(run_dir),
+        before_write=with_new_moves,
     )
 
 
