@@ -1,7 +1,8 @@
 """The ``bunny`` command line.
 
-Exit status 0 on success, 2 on a user error (bad path, bad input file, bad config) with one
-clear line on standard error and no traceback, 1 only for a bug.
+Exit status 0 on success, 2 on a user error (bad path, bad input file, bad config, a full disk
+or no permission to write, a kernel that died) with one clear line on standard error and no
+traceback, 1 only for a bug.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.errors import BadInputError, UserError, storage_error
 from diffusion_bunny.logs import version
 
 #: Stage names in pipeline order, for ``--help`` without importing the stages (about a second of
@@ -196,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         log.info("user error: %s", exc)
         print(f"error: {exc} (log: {path})", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, no permission on --out: the user's to fix, one line
+        storage = storage_error(exc)
+        if storage is None:
+            log.exception("bug: %s", exc, extra=FILE_ONLY)
+            print(f"error: bug: {type(exc).__name__}: {exc} (the traceback is in {path})", file=sys.stderr)
+            return 1
+        log.info("storage error: %s", storage)
+        print(f"error: {storage} (log: {path})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         log.info("interrupted after %.1f s", time.monotonic() - started)

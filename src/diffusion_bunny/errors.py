@@ -8,6 +8,9 @@ them by the names listed in :data:`USER_ERROR_NAMES`.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class UserError(Exception):
     """Something the user can fix: a bad path, a bad input file, a bad config value."""
@@ -34,11 +37,55 @@ class ProviderError(UserError):
     refused every request."""
 
 
+class StorageError(UserError):
+    """A file could not be written: the disk or quota is full, no permission, a read-only disk."""
+
+
 class EngineError(UserError):
     """The engine that runs many movies (a Ray cluster) cannot start or cannot be reached."""
 
 
 USER_ERROR_NAMES = frozenset(
     cls.__name__
-    for cls in (UserError, ConfigError, BadInputError, StageError, ModelError, ProviderError, EngineError)
+    for cls in (
+        UserError,
+        ConfigError,
+        BadInputError,
+        StageError,
+        ModelError,
+        ProviderError,
+        EngineError,
+        StorageError,
+    )
 )
+
+
+#: The operating system's answers that are the user's to fix: a full disk or quota, a file-size
+#: limit (``ulimit -f``), no permission, a read-only file system. Any other ``OSError`` is a bug.
+USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
+
+#: How those errors read in a message from inside a notebook kernel (only a class name and text
+#: cross the kernel boundary), by the C library's ``strerror``.
+_USER_OS_TEXTS = tuple(os.strerror(code) for code in sorted(USER_OS_ERRNOS))
+
+
+def storage_error(exc: BaseException) -> StorageError | None:
+    """The one-line user error for an ``OSError`` a user can fix (see :data:`USER_OS_ERRNOS`),
+    or None for any other exception. Earlier results are intact: every write is atomic."""
+    if not isinstance(exc, OSError) or exc.errno not in USER_OS_ERRNOS:
+        return None
+    where = exc.filename or "a file"
+    return StorageError(
+        f"could not write {where}: {exc.strerror}; free some space, or fix the permissions, or choose "
+        "another --out (finished stages are kept)"
+    )
+
+
+def storage_error_from_text(ename: str, evalue: str) -> StorageError | None:
+    """:func:`storage_error` for an error that crossed a kernel boundary as a name and a text."""
+    if ename not in ("OSError", "PermissionError", "IOError") or not any(t in evalue for t in _USER_OS_TEXTS):
+        return None
+    return StorageError(
+        f"could not write: {evalue}; free some space, or fix the permissions, or choose another --out "
+        "(finished stages are kept)"
+    )

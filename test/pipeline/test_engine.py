@@ -102,6 +102,36 @@ def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, tmp_
     assert _finished(out / movie_id(movies / "a.mp4")) == first["a.mp4"]
 
 
+def _break_one_movie(movies: Path, out: Path) -> None:
+    """Both movies through stage 01, then movie b's ``frames`` table replaced by garbage: stage 02
+    on b then fails inside its notebook with an error that is no user error (a bug, as far as
+    the runner can tell), while movie a's stage 02 runs normally."""
+    assert main(["run", str(movies), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    (out / movie_id(movies / "b.mp4") / "tables" / "frames.parquet").write_bytes(b"not a parquet file")
+
+
+def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
+    assert code == 1, err
+    assert "b.mp4: failed with a bug" in err and "1 of 2 movies failed" in err
+    assert "Traceback" not in err
+    assert "quality" in _finished(out / movie_id(movies / "a.mp4"))
+    table = pl.read_parquet(out / "report" / "movies.parquet")
+    assert table["movie"].to_list() == ["a.mp4", "b.mp4"]
+    rows = {r["movie"]: r for r in table.iter_rows(named=True)}
+    assert rows["a.mp4"]["error"] is None and rows["a.mp4"]["quality"] == "done"
+    assert rows["b.mp4"]["error"] and rows["b.mp4"]["quality"] != "done"
+
+
+def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, tmp_path, capsys):
+    """Issue 17.4: any exception in one movie is reported, the other movies finish, the combined
+    report is written, and the exit status is 1 (a bug), not a traceback that ends the batch."""
+    out = tmp_path / "out"
+    _break_one_movie(movies, out)
+    capsys.readouterr()
+    code = main(["run", str(movies), "--out", str(out), "--stages", "quality,report", "--quiet"])
+    _check_bug_isolated(movies, out, code, capsys.readouterr().err)
+
+
 def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     """--address that no cluster answers at: one line naming --address, exit 2, at once (Ray's
     own connection attempts would take minutes)."""
@@ -164,3 +194,12 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(movies, ra
     broken = table.filter(pl.col("movie") == "broken.mp4").row(0, named=True)
     assert "the file is empty" in broken["error"] and broken["extract"] == "missing"
     assert table.filter(pl.col("movie") == "a.mp4")["extract"].to_list() == ["done"]
+
+    # A bug in one movie on Ray: reported, the other finishes, the combined report is written, exit 1.
+    bugs = tmp_path / "bugs"
+    _break_one_movie(movies, bugs)
+    capsys.readouterr()
+    code = main(
+        ["run", str(movies), "--out", str(bugs), "--stages", "quality,report", "--engine", "ray", "--quiet"]
+    )
+    _check_bug_isolated(movies, bugs, code, capsys.readouterr().err)

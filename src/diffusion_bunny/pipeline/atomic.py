@@ -8,6 +8,13 @@ the same folder. Folders a stage owns (``frames/``, ``thumbs/``, ``dataset/``) g
 swapped in only when it is complete. A process killed during the swap leaves an ``.old`` folder
 that :func:`recover_folder` puts back; leftovers of processes that are gone are removed, those of a
 process still running are left alone (two processes may work on one run folder).
+
+Every temporary name carries the writer's process id (``.<name>.tmp-<pid>-<hex>``,
+``.<name>.staging-<pid>-<hex>``, ``.<name>.old-<pid>-<hex>``), so :func:`sweep_leftovers` can tell
+the leftovers of a killed writer (its pid is gone: removed, or an ``.old`` folder put back) from
+the work in progress of a live one (left alone). The run folder is swept each time it is opened
+for a run (:meth:`~diffusion_bunny.pipeline.run.Run.create`). For writers that only take a file
+name (safetensors, diffusers), :func:`atomic_path` hands out such a temporary name.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,41 +48,83 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the new name is in the directory on disk, not only in
+    the page cache), so a power cut after the rename cannot bring back the old file."""
+    with contextlib.suppress(OSError):  # a file system that cannot fsync a directory
+        _fsync(folder)
+
+
+def temp_path(final: Path) -> Path:
+    """A temporary name beside ``final`` that carries this process's id (see the module docstring)."""
+    return _leftover_name(Path(final), "tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A temporary path beside ``final`` for a writer that only takes a file name: when the block
+    ends normally the file is flushed to disk and renamed over ``final``; when it raises, or the
+    process is killed, ``final`` keeps its old content (a killed writer's file is swept later)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
 def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:
     """Write ``df`` to ``path`` atomically (temporary parquet file beside it, flushed to disk, then
     renamed), so a reader never sees half a table and a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.write_parquet(tmp)
-        _fsync(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, flushed to disk, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def _leftover_name(final: Path, kind: str) -> Path:
     return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+#: Any leftover name: ``.<name>.<kind>-<pid>-<hex>``.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def sweep_leftovers(folder: Path) -> list[Path]:
+    """Remove what killed writers left in ``folder`` and below (temporary files, staging folders)
+    and put back an ``.old`` folder whose swap was cut short (:func:`recover_folder`). Names of a
+    process that still runs are left alone. Returns what was removed or put back."""
+    folder = Path(folder)
+    done: list[Path] = []
+    if not folder.is_dir():
+        return done
+    for parent, dirs, files in os.walk(folder):
+        here = Path(parent)
+        for name in [*dirs, *files]:
+            m = _LEFTOVER.match(name)
+            if m is None or process_alive(int(m.group("pid"))):
+                continue
+            path = here / name
+            if m.group("kind") == "old":
+                recover_folder(here / m.group("name"))
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            done.append(path)
+        dirs[:] = [d for d in dirs if not _LEFTOVER.match(d)]  # never walk into a leftover
+    return done
 
 
 def _leftovers(final: Path, kind: str) -> list[tuple[Path, int]]:

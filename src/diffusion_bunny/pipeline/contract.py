@@ -137,6 +137,13 @@ class StageOutput:
     #: to write (the stage re-reads the edits there), so an edit made during the stage is not
     #: lost. None: the tables are written as they are.
     commit: Callable[[dict[str, pl.DataFrame]], TablesCommit] | None = None
+    #: The same need met as a lock plus a function (stage 04; to be folded into ``commit``):
+    #: the lock the stage's tables are written under (the one its correction API takes, e.g.
+    #: stage 04's ``scenes_lock``), so a correction made while the stage computed is not lost.
+    write_lock: contextlib.AbstractContextManager[Any] | None = None
+    #: Called under ``write_lock`` with the tables just before they are written: folds in what
+    #: changed while the stage computed (corrections made meanwhile); returns the tables to write.
+    before_write: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
 
 
 @dataclass
@@ -382,10 +389,20 @@ def run_stage(
     """Run one stage (or skip it when its manifest matches) and return the tables it wrote.
 
     Logs what it does to ``diffusion_bunny``'s logger, and (in a kernel or worker ``bunny``
-    started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`."""
+    started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`. Holds the
+    run's lock for the stage throughout (:meth:`Run.stage_lock`: a second runner on the same
+    stage stops at once, naming the holder), and writes the tables under the stage's
+    ``write_lock`` / ``commit`` when its output names one."""
     from diffusion_bunny.logs import attach_from_env
 
     attach_from_env()
+    with run.stage_lock(name):
+        return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
+
+
+def _run_stage_locked(
+    pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool, progress: bool
+) -> dict[str, pl.DataFrame]:
     stage = pipeline.get(name)
     view = stage.view(cfg)
     inputs = declared_inputs(run, pipeline, stage, view)
@@ -424,9 +441,11 @@ def run_stage(
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
-    with out.commit(out.tables) if out.commit is not None else contextlib.nullcontext(out.tables) as tables:
-        for table in stage.writes:
-            run.write_table(table, tables[table])
+    with out.write_lock if out.write_lock is not None else contextlib.nullcontext():
+        base = out.before_write(out.tables) if out.before_write is not None else out.tables
+        with out.commit(base) if out.commit is not None else contextlib.nullcontext(base) as tables:
+            for table in stage.writes:
+                run.write_table(table, tables[table])
     manifest = build_manifest(
         name,
         code=code,
@@ -443,5 +462,5 @@ def run_stage(
     run.write_manifest(name, manifest)
     log.info("%s: %s done in %.1f s: %s", run.run_dir.name, name, time.monotonic() - t0, out.counts)
     for warning in out.warnings:
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, stacklevel=4)
     return tables

@@ -17,6 +17,7 @@ folder at the same paths (a shared file system).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,11 +27,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
-from diffusion_bunny.errors import EngineError, UserError
+from diffusion_bunny.errors import EngineError, UserError, storage_error
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
+
+log = logging.getLogger(__name__)
 
 
 def run_one(
@@ -45,8 +48,11 @@ def run_one(
     force: bool,
     progress: bool,
 ) -> MovieReport:
-    """One movie through the chosen stages; a user error (bad file, missing model...) becomes the
-    report's ``error`` instead of stopping the batch."""
+    """One movie through the chosen stages. A user error (bad file, missing model...) becomes the
+    report's ``error``, any other exception (a bug) the report's ``error`` with ``bug`` set and its
+    traceback in the log at DEBUG level, instead of stopping the batch: the other movies still run and the
+    combined report is still written (``bunny run`` then exits 1 for a bug, 2 for a user error).
+    Interrupts (Ctrl-C) still stop the batch."""
     try:
         return run_movie(
             movie,
@@ -62,6 +68,24 @@ def run_one(
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
+    except OSError as exc:
+        storage = storage_error(exc)
+        if storage is None:
+            return _bug(movie, run_dir, exc)
+        print(f"error: {movie.name}: {storage}", file=sys.stderr)
+        return MovieReport(movie=movie, run_dir=run_dir, error=str(storage))
+    except Exception as exc:  # a bug in one movie must not cost the others their run
+        return _bug(movie, run_dir, exc)
+
+
+def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
+    lines = str(exc).strip().splitlines() or [""]
+    text = f"{type(exc).__name__}: {lines[0]}"
+    # The traceback goes to the log (DEBUG: the run's log file, not the terminal, which gets the
+    # one line below; on Ray a worker's stderr is forwarded to the driver's terminal).
+    log.debug("%s failed with a bug", movie, exc_info=exc)
+    print(f"error: {movie.name}: failed with a bug ({text}); the other movies go on", file=sys.stderr)
+    return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
 
 
 def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
@@ -142,7 +166,8 @@ def _ray_task(movie: Path, run_dir: Path | None, kwargs: dict[str, Any]) -> Movi
 def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
     """``--engine ray``: one task per movie (``engine.cpus_per_movie`` CPUs each) on a local or
     joined cluster; reports come back in the movies' order. A task that died of a bug is
-    reported with ``bug`` set, after the other movies finished."""
+    reported with ``bug`` set, after the other movies finished: a bug inside :func:`run_one`
+    comes back as such a report, a worker that died (killed, out of memory) as a ``RayError``."""
     cfg: Config = kwargs["cfg"]
     progress = kwargs["progress"]
     started = start_ray(cfg)
@@ -220,9 +245,10 @@ def run_target(
     """``bunny run``: one movie, or every movie of a folder on an engine (``local``: one after
     another, ``ray``: one Ray task per movie; default ``engine.kind``).
 
-    In a folder, a bad movie is reported and the others still run; the caller turns the
-    failures into exit status 2. A folder run ends with a combined report across its movies
-    (``<out>/report/index.html`` and ``movies.parquet``; ``out`` defaults to ``run.output_dir``).
+    In a folder, a bad movie (a user error or a bug) is reported and the others still run, on
+    either engine; the caller turns the failures into exit status 2 (1 if one was a bug). A
+    folder run ends with a combined report across its movies (``<out>/report/index.html`` and
+    ``movies.parquet``; ``out`` defaults to ``run.output_dir``), failed movies included.
     """
     overrides = dict(overrides or {})
     if engine is not None:

@@ -8,17 +8,21 @@ table or manifest behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.manifest import table_fingerprint
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
@@ -62,15 +66,21 @@ class Run:
 
     @classmethod
     def create(cls, run_dir: str | Path, movie: str | Path) -> Run:
-        """Open (and create if needed) the run folder of ``movie``."""
+        """Open (and create if needed) the run folder of ``movie``, removing what killed writers
+        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`)."""
         run = cls(Path(run_dir).resolve())
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(run.run_dir)
         meta = {
             "movie": str(Path(movie).resolve()),
             "movie_id": movie_id(movie),
             "movie_key": movie_key(movie),
         }
-        if run.meta() != meta:
+        try:
+            current = run.meta()
+        except StageError:  # damaged (a killed editor, a bad copy): the movie given here rewrites it
+            current = None
+        if current != meta:
             atomic_write_bytes(run.run_dir / "run.json", json.dumps(meta, indent=2).encode())
         return run
 
@@ -89,7 +99,53 @@ class Run:
         path = self.run_dir / "run.json"
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StageError(
+                f"{path} is damaged ({exc}); rerun on the movie (bunny run MOVIE --out "
+                f"{self.run_dir} rewrites it; the stages' results are kept and reused)"
+            ) from None
+        if not isinstance(meta, dict) or "movie" not in meta:
+            raise StageError(
+                f"{path} does not describe a run (no movie); rerun on the movie (bunny run MOVIE "
+                f"--out {self.run_dir} rewrites it)"
+            )
+        return meta
+
+    @contextlib.contextmanager
+    def stage_lock(self, stage: str) -> Iterator[None]:
+        """Held while one process runs ``stage`` on this run folder, so a notebook and
+        ``bunny run`` (or two runners) never write one stage's results at once.
+
+        A second runner does not wait: it stops at once with a message naming the process that
+        holds the stage (pid, host, since when), because after the wait it would only find the
+        stage done, or redo it for nothing. The lock is an OS file lock (``filelock``): a killed
+        holder releases it, so a stale lock file never blocks the next run."""
+        from filelock import FileLock, Timeout
+
+        folder = self.run_dir / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        holder = folder / f"{stage}.json"
+        lock = FileLock(str(folder / f"{stage}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                who = json.loads(holder.read_text())
+                by = f"process {who['pid']} on {who['host']} (since {who['since']})"
+            except (OSError, ValueError, KeyError):
+                by = "another process"
+            raise StageError(
+                f"stage {stage} of {self.run_dir} is being run by {by}; wait for it to finish (or stop "
+                "it), then run again"
+            ) from None
+        try:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
+            atomic_write_bytes(holder, json.dumps(info).encode())
+            yield
+        finally:
+            lock.release()
 
     @property
     def movie(self) -> Path:

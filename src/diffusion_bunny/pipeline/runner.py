@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.config import Config, output_root, project_root
-from diffusion_bunny.errors import USER_ERROR_NAMES, BadInputError, StageError, UserError
+from diffusion_bunny.errors import (
+    USER_ERROR_NAMES,
+    BadInputError,
+    StageError,
+    UserError,
+    storage_error_from_text,
+)
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow
@@ -47,7 +53,7 @@ class MovieReport:
     run_dir: Path | None
     stages: list[StageReport] = field(default_factory=list)
     error: str | None = None
-    bug: bool = False  # the error was a bug (only the Ray engine reports those instead of raising)
+    bug: bool = False  # the error was a bug (a folder run reports those on either engine)
 
 
 def find_movies(target: str | Path, cfg: Config) -> list[Path]:
@@ -104,6 +110,7 @@ def execute_stage_notebook(
     # notebook validation never uses; jsonschema skips that checker when the import fails.
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     spec = pipeline.get(stage)
@@ -137,9 +144,21 @@ def execute_stage_notebook(
     except PapermillExecutionError as exc:
         if exc.ename in USER_ERROR_NAMES:
             raise UserError(exc.evalue) from None
+        storage = storage_error_from_text(exc.ename, exc.evalue)
+        if storage is not None:
+            raise storage from None
         raise RuntimeError(
             f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
             f"the executed notebook is {target}"
+        ) from None
+    except DeadKernelError as exc:
+        # The kernel process ended under the stage: nearly always the system killing it for
+        # memory. The stage's earlier results are intact (its writes are atomic, its manifest
+        # was removed first, so it simply runs again).
+        raise StageError(
+            f"stage {stage}: the notebook's kernel died ({str(exc).strip() or 'no reason given'}), most "
+            "often because the machine ran out of memory; close other programs or lower the stage's "
+            f"sizes in the config, then rerun (finished stages are kept); the notebook is {target}"
         ) from None
     finally:
         stop.set()

@@ -33,7 +33,10 @@ def _is_run(path: Path) -> bool:
 
 
 def _movie_name(run_dir: Path) -> str:
-    meta = Run(run_dir).meta() or {}
+    try:
+        meta = Run(run_dir).meta() or {}
+    except UserError:  # a damaged run.json: the folder's name, its stages say what is wrong
+        return run_dir.name
     return Path(meta.get("movie", run_dir.name)).name
 
 

@@ -623,3 +623,78 @@ def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
     shutil.rmtree(model)
     run_stage(run, "scenes", cfg, progress=False, force=True)
     assert run.read_manifest("scenes")["counts"]["embedded_now"] == 0
+
+
+@pytest.mark.parametrize(
+    ("rate", "edl_at"),
+    [
+        # An AVI from a capture card: about 15 fps, a rate no SMPTE timecode has (issue 17.2).
+        (__import__("fractions").Fraction(1000000, 66667), 24000 / 1001),
+        (__import__("fractions").Fraction(25, 2), 24000 / 1001),
+        (120, 60.0),
+    ],
+)
+def test_unusual_frame_rate_writes_the_edl_at_the_nearest_timecode_rate(rate, edl_at, tmp_path):
+    """A real movie at an odd rate through stages 01, 02 and 04, then the export: the EDL is
+    written at the nearest SMPTE rate with a note in the file and a warning, every event at the
+    right time (within one timecode frame), instead of ``SMPTE timecode does not support``."""
+    import opentimelineio as otio
+    from clips import write_clip
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import export_clusters
+
+    movie = tmp_path / "capture.avi"
+    write_clip(movie, [(1, 12, 0.0), (2, 12, 0.0), (1, 12, 0.0)], width=160, height=96, fps=rate)
+    run = Run.create(tmp_path / "run", movie)
+    cfg = load_config(root=tmp_path)
+    for stage in ("extract", "quality", "scenes"):
+        run_stage(run, stage, cfg, progress=False)
+    fps = float(run.read_manifest("extract")["facts"]["fps"])
+    assert abs(fps - float(rate)) < 1e-3
+    with pytest.warns(UserWarning, match=r"does not support.*written at"):
+        paths = export_clusters(run.run_dir)
+    text = paths["edl"].read_text()
+    assert "* NOTE: the movie runs at" in text
+    timeline = otio.adapters.read_from_file(str(paths["edl"]), adapter_name="cmx_3600", rate=edl_at)
+    shots = run.read_table("shots").rows_by_key("shot_id", unique=True, named=True)
+    clips = list(timeline.find_clips())
+    assert clips
+    for clip in clips:
+        shot = shots[int(clip.name.rsplit(" ", 1)[1])]
+        start = clip.source_range.start_time.to_seconds()
+        assert abs(start - shot["start_frame"] / fps) <= 1 / edl_at + 1e-6
+
+
+def test_edl_is_skipped_with_a_warning_when_no_rate_fits():
+    from diffusion_bunny.stages.scenes.timeline import edl_rate
+
+    assert edl_rate(25.0) == (25.0, None)
+    assert edl_rate(30000 / 1001)[1] is None
+    rate, note = edl_rate(0.0)
+    assert rate is None and "not a positive number" in note
+
+
+def test_a_move_made_while_stage_04_computes_is_not_lost(scenes_run, monkeypatch):
+    """Issue 17.5: stage 04 writes ``clusters`` under the lock move_to_cluster takes and places
+    the moves made while it computed, so a board move during a rerun survives the rerun."""
+    import diffusion_bunny.stages.scenes.stage as scenes
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    clusters = run.read_table("clusters").filter(pl.col("level") == "scene")
+    frame = clusters["frame_id"][0]
+    target = next(c for c in clusters["cluster_id"].unique().sort() if c != clusters["cluster_id"][0])
+    real = scenes.embed_frames
+
+    def embed_then_someone_moves(*args, **kwargs):
+        out = real(*args, **kwargs)
+        scenes.move_to_cluster(run.run_dir, frame, target)  # a person on the board, meanwhile
+        return out
+
+    monkeypatch.setattr(scenes, "embed_frames", embed_then_someone_moves)
+    run_stage(run, "scenes", cfg, force=True, progress=False)
+    after = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == frame))
+    assert after["cluster_id"].to_list() == [target] and after["manual"].to_list() == [True]

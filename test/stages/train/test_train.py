@@ -515,3 +515,52 @@ def test_class_images_from_a_folder(tmp_path):
     }
     with pytest.raises(StageError, match="class images need the base model"):
         class_images(None, cfg.model_copy(update={"class_data_dir": None}), 64)
+
+
+KILL_AT_LORA_RENAME = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import diffusion_bunny.pipeline.atomic as atomic
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    real = os.replace
+    def replace(src, dst):
+        if Path(dst).name == "pytorch_lora_weights.safetensors" and ".tmp-" in Path(src).name:
+            os.kill(os.getpid(), signal.SIGKILL)  # the new file complete, its rename not done
+        real(src, dst)
+    atomic.os.replace = replace
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    overrides = {k: (int(v) if v.isdigit() else v) for k, v in overrides.items()}
+    run_stage(Run.open(sys.argv[1]), "train", load_config(None, overrides), force=True, progress=False)
+    """
+)
+
+
+def test_final_lora_file_is_replaced_atomically_and_a_killed_writes_leftovers_swept(tmp_path):
+    """Issue 17.6: killed between writing the new LoRA file and renaming it, the previous LoRA
+    stays whole; the next run sweeps the dead process's temporaries and writes the new file."""
+    from diffusion_bunny.stages import run_stage
+
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    overrides = fast_overrides(tmp_path, max_train_steps=2, checkpoint_every=100)
+    cfg = load_config(None, overrides, root=tmp_path)
+    run_stage(run, "train", cfg, progress=False)
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    before = lora.read_bytes()
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_LORA_RENAME)
+    args = [f"{k}={v}" for k, v in {**overrides, "training.max_train_steps": 3}.items()]
+    killed = subprocess.run(
+        [sys.executable, str(script), str(run.run_dir), *args], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert lora.read_bytes() == before
+    leftovers = [p.name for p in lora.parent.rglob(".*") if ".tmp-" in p.name]
+    assert leftovers, "the kill point was not reached"
+    cfg = load_config(None, {**overrides, "training.max_train_steps": 3}, root=tmp_path)
+    run_stage(run, "train", cfg, progress=False)
+    assert [p.name for p in lora.parent.rglob(".*") if ".tmp-" in p.name] == []
+    assert lora.is_file() and lora.read_bytes() != before

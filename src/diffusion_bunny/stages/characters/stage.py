@@ -45,6 +45,7 @@ from diffusion_bunny.models.faces import (
     load_references,
     read_rgb,
 )
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.pipeline.run import Run
@@ -395,9 +396,10 @@ def promote_faces(
         if len(detect_and_encode(np.ascontiguousarray(crop), ref_settings)) != 1:
             continue
         out = target / f"{row['face_id']}.png"
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        cv2.imwrite(str(tmp), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        os.replace(tmp, out)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        if not ok:  # pragma: no cover - OpenCV always encodes an RGB crop
+            continue
+        atomic_write_bytes(out, png.tobytes())  # a temporary named by pid: swept if killed
         written.append(out)
     return written
 

@@ -20,6 +20,7 @@ section (:func:`display_section`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from diffusion_bunny.config import Config
 
 #: The table each optional section needs (its absence means the stage did not run).
+
+log = logging.getLogger(__name__)
 
 
 def report_dir(run_dir: str | Path) -> Path:
@@ -168,14 +171,36 @@ def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> Non
 # ------------------------------------------------------------------------------ across movies
 
 
+def _movie_counts(
+    row: dict[str, Any], run_dir: Path, cfg: Config, pipeline: Pipeline, stages: list[str], start: Path | None
+) -> list[tuple[str, str, str]]:
+    """Fill ``row``'s counts and report link from the run folder; the stages' states."""
+    from diffusion_bunny.pipeline.status import run_status
+
+    run = Run.open(run_dir)
+    if run.has_table("frames"):
+        row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"]).height
+    if run.has_table("quality"):
+        row["kept"] = int(pl.read_parquet(run.table_path("quality"), columns=["keep"])["keep"].sum())
+    if run.has_table("shots"):
+        row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"]).height
+    if run.has_table("faces"):
+        names = pl.read_parquet(run.table_path("faces"), columns=["character"])["character"]
+        row["faces"] = names.len()
+        row["characters"] = names.drop_nulls().n_unique()
+    html = report_dir(run.run_dir) / "index.html"
+    if html.is_file():
+        row["report_html"] = relative_link(html, start) if start else str(html)
+    return run_status(pipeline, run_dir, cfg, stages)
+
+
 def movies_table(
     reports: list[Any], cfg: Config, pipeline: Pipeline, start: Path | None = None
 ) -> pl.DataFrame:
     """One row per movie of a batch (``runner.MovieReport``\\ s): its run folder, error, counts
     (frames extracted and kept, shots, faces, named characters), ``report_html`` (its report,
-    relative to ``start`` when given) and one state column per stage (done/stale/missing)."""
-    from diffusion_bunny.pipeline.status import run_status
-
+    relative to ``start`` when given) and one state column per stage (done/stale/missing, or
+    unreadable for a run folder that cannot be read: the batch's report is written anyway)."""
     stages = pipeline.names()
     rows = []
     for rep in reports:
@@ -192,26 +217,13 @@ def movies_table(
             "report_html": None,
         }
         is_run = run_dir is not None and (run_dir / "run.json").is_file()
-        if is_run:
-            run = Run.open(run_dir)
-            if run.has_table("frames"):
-                row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"]).height
-            if run.has_table("quality"):
-                row["kept"] = int(pl.read_parquet(run.table_path("quality"), columns=["keep"])["keep"].sum())
-            if run.has_table("shots"):
-                row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"]).height
-            if run.has_table("faces"):
-                names = pl.read_parquet(run.table_path("faces"), columns=["character"])["character"]
-                row["faces"] = names.len()
-                row["characters"] = names.drop_nulls().n_unique()
-            html = report_dir(run.run_dir) / "index.html"
-            if html.is_file():
-                row["report_html"] = relative_link(html, start) if start else str(html)
-        states = (
-            run_status(pipeline, run_dir, cfg, stages)
-            if is_run
-            else [(s, "missing", "never ran") for s in stages]
-        )
+        try:
+            states = _movie_counts(row, run_dir, cfg, pipeline, stages, start) if is_run else None
+        except Exception:  # a broken run folder (a corrupt table) must not cost the batch its report
+            log.warning("%s: run folder unreadable for the combined report", run_dir, exc_info=True)
+            states = [(s, "unreadable", "") for s in stages]
+        if states is None:
+            states = [(s, "missing", "never ran") for s in stages]
         row.update({stage: state for stage, state, _ in states})
         rows.append(row)
     schema = {

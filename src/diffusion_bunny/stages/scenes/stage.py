@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,11 +289,25 @@ def scenes_stage(
         "adapter": adapter_facts,
         "library": str(library) if library else None,
     }
+    seen = feedback.height
+
+    def with_new_moves(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+        # Under scenes_lock, just before the write: a frame moved on the board while the stage
+        # computed (move_to_cluster appends to feedback under the same lock) is placed too, so
+        # the move does not vanish until the next run. The manifest still fingerprints the
+        # feedback the stage read, so the next run also relearns from it.
+        latest = read_feedback(run_dir)
+        if latest.height == seen:
+            return tables
+        return {**tables, "clusters": apply_feedback(tables["clusters"], latest, vec_by_frame)}
+
     return StageOutput(
         tables={"embeddings": embeddings, "clusters": clusters, "scene_exemplars": exemplars},
         counts=counts,
         warnings=warnings,
         facts=facts,
+        write_lock=scenes_lock(run_dir),
+        before_write=with_new_moves,
     )
 
 
@@ -632,11 +647,14 @@ def export_clusters(
     run_dir: str | Path, level: str = "scene", out_dir: str | Path | None = None
 ) -> dict[str, Path]:
     """Write ``clusters_<level>.csv`` and ``clusters_<level>.edl`` (default: ``<run>/export/``) for
-    an editor (:mod:`.timeline`)."""
+    an editor (:mod:`.timeline`). At a frame rate CMX3600 does not know, the EDL is written at the
+    nearest one it knows (noted in the file) or skipped (no ``edl`` key), with a warning either
+    way: an export format never fails the stage."""
     from diffusion_bunny.stages.scenes.timeline import (
         build_timeline,
         cluster_rows,
         clusters_csv,
+        edl_rate,
         edl_text,
         fps_from_frames,
     )
@@ -648,10 +666,19 @@ def export_clusters(
     rows = cluster_rows(run.read_table("clusters"), frames, level)
     facts = (run.read_manifest("extract") or {}).get("facts", {})
     fps = float(facts.get("fps") or fps_from_frames(frames))
-    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / f"clusters_{level}.csv", "edl": out / f"clusters_{level}.edl"}
+    paths = {"csv": out / f"clusters_{level}.csv"}
     atomic_write_bytes(paths["csv"], clusters_csv(rows).encode())
-    atomic_write_bytes(paths["edl"], edl_text(timeline).encode())
+    rate, note = edl_rate(fps)
+    edl = out / f"clusters_{level}.edl"
+    if rate is None:
+        edl.unlink(missing_ok=True)  # an EDL of earlier settings would no longer match the CSV
+        warnings.warn(f"clusters_{level}.edl skipped: {note}", stacklevel=2)
+        return paths
+    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level, rate=rate)
+    atomic_write_bytes(edl, edl_text(timeline, note).encode())
+    if note is not None:
+        warnings.warn(f"clusters_{level}.edl: {note}", stacklevel=2)
+    paths["edl"] = edl
     return paths

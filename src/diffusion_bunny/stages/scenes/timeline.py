@@ -10,10 +10,17 @@ bucket last), and inside a cluster its shots in movie order; each event is the w
 (source in/out from stage 01's ``shots`` table), named ``<cluster id> <cluster name> shot N``, with
 a locator at the first event of every cluster. Imported into an NLE it is a sequence of the movie
 regrouped by place (or by place and character), ready for an editor to scrub through.
+
+CMX3600 timecode exists only at the SMPTE rates (:data:`EDL_RATES`). A movie at another rate (an AVI
+at 1000000/66667 fps, 12.5 fps, 120 fps) is written at the nearest of them with every event
+placed by time (a frame of the movie may round to the neighbouring timecode frame), and the file
+says so in a comment; a rate with no sensible neighbour (not a positive number) skips the EDL. An
+export format never fails the stage: :func:`edl_rate` decides, the caller warns.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -74,11 +81,42 @@ def fps_from_frames(frames: pl.DataFrame) -> float:
     return float((timed["frame_index"] / timed["timestamp_s"]).median())
 
 
+#: The rates OpenTimelineIO's CMX3600 writer accepts (SMPTE timecode rates; it refuses the rest
+#: with "SMPTE timecode does not support this rate").
+EDL_RATES = (24000 / 1001, 24.0, 25.0, 30000 / 1001, 30.0, 48000 / 1001, 48.0, 50.0, 60000 / 1001, 60.0)
+
+
+def edl_rate(fps: float) -> tuple[float | None, str | None]:
+    """The timecode rate to write the EDL at, and a note when it is not the movie's own rate:
+    ``(fps, None)`` for a SMPTE rate, ``(nearest SMPTE rate, note)`` otherwise, ``(None, note)``
+    when ``fps`` is no usable rate (the EDL is then skipped)."""
+    if not math.isfinite(fps) or fps <= 0:
+        return None, f"the movie's frame rate ({fps}) is not a positive number, so no EDL timecode fits it"
+    nearest = min(EDL_RATES, key=lambda r: abs(r - fps))
+    if abs(nearest - fps) < 1e-3:
+        return nearest, None
+    return nearest, (
+        f"the movie runs at {fps:.6g} fps, which CMX3600 timecode does not support; this EDL is "
+        f"written at {nearest:.6g} fps with every event placed by time (to the nearest frame)"
+    )
+
+
 def build_timeline(
-    rows: pl.DataFrame, shots: pl.DataFrame, fps: float, movie: Path, level: str = "scene"
+    rows: pl.DataFrame,
+    shots: pl.DataFrame,
+    fps: float,
+    movie: Path,
+    level: str = "scene",
+    rate: float | None = None,
 ) -> Any:
-    """An OpenTimelineIO timeline of the clusters' shots (see the module docstring)."""
+    """An OpenTimelineIO timeline of the clusters' shots (see the module docstring). ``rate``
+    (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it."""
     import opentimelineio as otio
+
+    rate = fps if rate is None else rate
+
+    def at(frame: int) -> int:
+        return frame if rate == fps else round(frame * rate / fps)
 
     reel = reel_name(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
@@ -89,13 +127,13 @@ def build_timeline(
         name = group["name"][0]
         first = True
         for shot_id in group.sort("frame_index")["shot_id"].unique(maintain_order=True).to_list():
-            start, end = by_shot[shot_id]
+            start, end = at(by_shot[shot_id][0]), at(by_shot[shot_id][1])
             clip = otio.schema.Clip(
                 name=f"{cid} {name} shot {shot_id}",
                 media_reference=otio.schema.ExternalReference(target_url=str(movie)),
                 source_range=otio.opentime.TimeRange(
-                    otio.opentime.RationalTime(start, fps),
-                    otio.opentime.RationalTime(max(end - start, 1), fps),
+                    otio.opentime.RationalTime(start, rate),
+                    otio.opentime.RationalTime(max(end - start, 1), rate),
                 ),
             )
             clip.metadata["cmx_3600"] = {"reel": reel}
@@ -105,7 +143,7 @@ def build_timeline(
                     otio.schema.Marker(
                         name=f"{cid} {name}",
                         marked_range=otio.opentime.TimeRange(
-                            otio.opentime.RationalTime(start, fps), otio.opentime.RationalTime(1, fps)
+                            otio.opentime.RationalTime(start, rate), otio.opentime.RationalTime(1, rate)
                         ),
                         color=otio.schema.MarkerColor.RED if cid == NOISE else otio.schema.MarkerColor.GREEN,
                     )
@@ -115,8 +153,13 @@ def build_timeline(
     return timeline
 
 
-def edl_text(timeline: Any) -> str:
-    """The timeline as a CMX3600 EDL, by OpenTimelineIO's adapter."""
+def edl_text(timeline: Any, note: str | None = None) -> str:
+    """The timeline as a CMX3600 EDL, by OpenTimelineIO's adapter; ``note`` becomes a comment
+    (``* NOTE: ...``) of the first event, the one place both editors and the adapter's own reader
+    accept a free comment (a comment line before the first event is a parse error there)."""
     import opentimelineio as otio
 
+    first = next(iter(timeline.find_clips()), None)
+    if note is not None and first is not None:
+        first.metadata["cmx_3600"]["comments"] = [f"NOTE: {note}"]
     return otio.adapters.write_to_string(timeline, "cmx_3600")

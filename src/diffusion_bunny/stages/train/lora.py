@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
+from diffusion_bunny.pipeline.atomic import atomic_path, sweep_leftovers, temp_path
 from diffusion_bunny.stages.train.data import (
     Sample,
     TrainImage,
@@ -260,10 +261,9 @@ class LoraTrainer:
                 found[i] = (param, original, crop)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
                     tensors = {"parameters": param.contiguous(), "original": torch.tensor(original)}
-                    save_file({**tensors, "crop": torch.tensor(crop)}, tmp)
-                    os.replace(tmp, path)
+                    with atomic_path(path) as tmp:
+                        save_file({**tensors, "crop": torch.tensor(crop)}, tmp)
                     self._latent_memory[self._pending_keys.pop(str(path))] = found[i]
         return found
 
@@ -426,7 +426,17 @@ class LoraTrainer:
             if name in state:
                 kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state[name])
                 kwargs[f"{name}_lora_adapter_metadata"] = self.text_lora_config.to_dict()  # type: ignore[union-attr]
-        pipeline_class(self.family).save_lora_weights(folder, safe_serialization=True, **kwargs)
+        # diffusers writes the file in place under a fixed name: it writes into a temporary folder
+        # beside the final file instead, which is flushed and renamed over it (a killed run leaves
+        # the previous LoRA, and the temporary folder is swept by the next run).
+        final = folder / LORA_FILE
+        staging = temp_path(final)
+        try:
+            pipeline_class(self.family).save_lora_weights(staging, safe_serialization=True, **kwargs)
+            with atomic_path(final) as tmp:
+                os.replace(staging / LORA_FILE, tmp)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         kohya_path = None
         if kohya_name is not None:
             kohya_path = folder / f"{kohya_name}_kohya.safetensors"
@@ -479,9 +489,8 @@ def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: flo
     kohya = {
         k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(kohya, tmp, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(kohya, tmp, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
     return path
 
 
@@ -531,8 +540,7 @@ def _write_checkpoint(output_dir: Path, trainer: LoraTrainer, step: int, state: 
     import torch
 
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(final)  # named by pid: a killed run's half checkpoint is swept, a live one's kept
     trainer.save_lora(tmp)
     torch.save(
         {
@@ -603,9 +611,8 @@ def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: i
         # gaussian init), so these are the base model's own pictures.
         for i in missing:
             image = trainer.validation_images([prompt], cfg.seed + 1000 + i, resolution)[0]
-            tmp = files[i].with_suffix(".tmp.png")
-            image.save(tmp)
-            os.replace(tmp, files[i])
+            with atomic_path(files[i]) as tmp:
+                image.save(tmp, format="PNG")
     return [TrainImage(path=f, text=prompt) for f in files]
 
 
@@ -661,8 +668,7 @@ def train_lora(
             continue
         resume_state, resumed_from = state, step
         break
-    for leftover in output_dir.glob(".checkpoint-*.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # a checkpoint the killed process never finished
+    sweep_leftovers(output_dir)  # checkpoints and files the killed process never finished
 
     trainer = (trainer_class or LoraTrainer)(cfg, cache_dir=cache_dir or output_dir, device=device)
     resolution = trainer.resolution
@@ -697,7 +703,8 @@ def train_lora(
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(trainer.validation_images(prompts, cfg.seed, resolution)):
             path = folder / f"{i:02d}.png"
-            image.save(path)
+            with atomic_path(path) as tmp:  # a killed run never leaves half a PNG
+                image.save(tmp, format="PNG")
             validation_rows.append(
                 {"step": at, "index": i, "prompt": prompts[i], "seed": cfg.seed + i, "path": str(path)}
             )
