@@ -68,5 +68,8 @@ def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
                 break
     finally:
         if bar is not None:
+            # Bars refresh seldom when standard error is not a terminal (logs.bar_options): show
+            # the final count once before the bar goes.
+            bar.refresh()
             bar.close()
         path.unlink(missing_ok=True)
