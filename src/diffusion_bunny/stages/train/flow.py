@@ -420,19 +420,9 @@ class FlowLoraTrainer(LoraTrainer):
             return instance + self.cfg.prior_loss_weight * prior, prior.detach()
         return per_sample.mean(), None
 
-    def step(self, batch: dict[str, Any], n_prior: int = 0) -> tuple[float, float | None, bool]:
-        """One micro-batch: forward, backward and (at the end of an accumulation cycle) the update."""
-        self.transformer.train()
-        with self.accelerator.accumulate(self.transformer):
-            loss, prior = self.loss(batch, n_prior)
-            self.accelerator.backward(loss)
-            stepped = self.accelerator.sync_gradients
-            if stepped:
-                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), (float(prior) if prior is not None else None), stepped
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
 
     # -- saving --------------------------------------------------------------------------------
 

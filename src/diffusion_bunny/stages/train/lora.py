@@ -372,11 +372,16 @@ class LoraTrainer:
             return instance + self.cfg.prior_loss_weight * prior, prior.detach()
         return per_sample.mean(), None
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the LoRA trains (the UNet here; FLUX.1/SD3.5's transformer in flow.py)."""
+        return self.unet
+
     def step(self, batch: dict[str, Any], n_prior: int = 0) -> tuple[float, float | None, bool]:
         """One micro-batch: forward, backward, and (at the end of an accumulation cycle) clip,
         optimizer and schedule step. Returns (loss, prior loss, whether the optimizer stepped)."""
-        self.unet.train()
-        with self.accelerator.accumulate(self.unet):
+        self.denoiser.train()
+        with self.accelerator.accumulate(self.denoiser):
             loss, prior = self.loss(batch, n_prior)
             self.accelerator.backward(loss)
             stepped = self.accelerator.sync_gradients
