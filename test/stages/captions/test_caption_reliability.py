@@ -41,15 +41,6 @@ FAST = {
 }
 
 
-@pytest.fixture
-def cap_run(scenes_demo_run, tmp_path, monkeypatch):
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "LOCAL_LLM_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    run, overrides = scenes_demo_run
-    shutil.copytree(run.run_dir, tmp_path / "run")
-    return Run.open(tmp_path / "run"), overrides
-
-
 def _cfg(tmp_path, base: dict, **over):
     return load_config(
         None, {**base, **{k.replace("__", "."): v for k, v in over.items()}}, root=tmp_path / "nocfg"
