@@ -57,9 +57,11 @@ def _tiny_text_config(vocab: dict[str, int], projection_dim: int | None = None) 
     )
 
 
-def _tiny_vae() -> Any:
+def _tiny_vae(latent_channels: int = 4, scaling: float = 0.18215, **flow: Any) -> Any:
     """An AutoencoderKL with SD's four resolution levels (so latents are 1/8 of the image and the
-    bucket arithmetic matches real models), 4 latent channels, and few channels per level."""
+    bucket arithmetic matches real models) and few channels per level; 4 latent channels for SD,
+    16 with the real scaling/shift factors (``flow``: shift_factor, no quant convs) for
+    FLUX.1/SD3.5."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -69,10 +71,11 @@ def _tiny_vae() -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=128,
-        scaling_factor=0.18215,
+        scaling_factor=scaling,
+        **flow,
     )
 
 
@@ -199,24 +202,8 @@ FLOW_WORDS = ("close-up", "full", "body", "upper", "bunnystyle", "bunny", "in", 
 
 
 def _flow_vae(family: str) -> Any:
-    from diffusers import AutoencoderKL
-
     scaling, shift = VAE_FACTORS[family]
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return _tiny_vae(16, scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _clip(vocab: dict[str, int], hidden: int, projection: int | None) -> Any:
