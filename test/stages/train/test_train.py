@@ -178,6 +178,35 @@ def trained(tmp_path_factory):
     return trainer, before, loss_before, loss_after, lora_path, kohya_path
 
 
+def test_prepared_images_are_kept_in_memory_and_prepared_again_when_edited(tmp_path):
+    """Without cached latents every step encodes its batch, but a file is decoded and resized
+    once: the kept copy gives the very pixels a fresh read gives, an edited file is read again,
+    and past the memory budget images are prepared each time and not kept."""
+    from diffusion_bunny.stages.train.data import PixelMemory, prepare_pixels, to_unit_range
+
+    path = tmp_path / "a.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)).save(path)
+    memory = PixelMemory()
+    first, original, crop = memory.prepare(path, (64, 64))
+    assert first.shape == (3, 64, 64) and first.dtype == torch.float32 and original == (90, 160)
+    assert float(first.min()) >= -1.0 and float(first.max()) <= 1.0
+    fresh = to_unit_range(prepare_pixels(path, (64, 64))[0])
+    assert torch.equal(first, fresh) and memory.used == 3 * 64 * 64 and len(memory.items) == 1
+    again, _, crop_again = memory.prepare(path, (64, 64))
+    assert torch.equal(again, first) and crop_again == crop and len(memory.items) == 1
+    # Another size is another entry; an edited file (new mtime) is read again.
+    memory.prepare(path, (32, 64))
+    assert len(memory.items) == 2
+    Image.fromarray(np.zeros((90, 160, 3), np.uint8)).save(path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    edited, _, _ = memory.prepare(path, (64, 64))
+    assert torch.equal(edited, torch.full_like(edited, -1.0))
+    small = PixelMemory(budget_bytes=3 * 64 * 64 - 1)
+    small.prepare(path, (64, 64))
+    assert small.items == {} and small.used == 0
+
+
 def test_steps_change_the_lora_and_lower_the_loss(trained):
     trainer, before, loss_before, loss_after, *_ = trained
     after = trainer.peft_state()["unet"]

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.stages.train.data import PixelMemory
 from diffusion_bunny.stages.train.lora import LoraTrainer
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
@@ -226,6 +227,7 @@ class FlowLoraTrainer(LoraTrainer):
         self._vae_key: str | None = None
         self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
         self._pending_keys: dict[str, tuple] = {}
+        self._pixels = PixelMemory()
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_key: str | None = None
         self.encoders_dropped = False

@@ -46,6 +46,7 @@ import polars as pl
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_path, sweep_leftovers, temp_path
 from diffusion_bunny.stages.train.data import (
+    PixelMemory,
     Sample,
     TrainImage,
     bucket_step,
@@ -56,7 +57,6 @@ from diffusion_bunny.stages.train.data import (
     image_size,
     make_buckets,
     nearest_bucket,
-    prepare_image,
 )
 from diffusion_bunny.stages.train.tables import LORA_FILE, TRAINING_LOG_SCHEMA, VALIDATION_SCHEMA
 
@@ -194,6 +194,7 @@ class LoraTrainer:
         # Cached latents once read, so a step after the first epoch touches neither disk nor hash.
         self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
         self._pending_keys: dict[str, tuple] = {}
+        self._pixels = PixelMemory()
 
     # -- encoding --------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class LoraTrainer:
             if entry is None:
                 missing.append((i, path))
         if missing:
-            prepared = [prepare_image(images[i].path, size) for i, _ in missing]
+            prepared = [self._pixels.prepare(images[i].path, size) for i, _ in missing]
             params = self.encode_images(torch.stack([p[0] for p in prepared])).cpu()
             for (i, path), (_, original, crop), param in zip(missing, prepared, params, strict=True):
                 found[i] = (param, original, crop)
