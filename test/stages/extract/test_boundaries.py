@@ -347,30 +347,43 @@ def test_a_broken_onnx_cache_file_is_one_clear_line(tmp_path, monkeypatch):
     assert transnet.resolve_runtime("cpu", "auto") == "onnx"
 
 
-def test_stretches_run_each_block_once_and_wait_until_settled():
-    """The network's input is planned in stretches of touching 50-frame blocks: a stretch waits
-    until no later candidate can extend it, is cut at MAX_RUN_BLOCKS, and the movie's end runs
-    what is left."""
-    from diffusion_bunny.stages.extract.detectors.cascade import MAX_RUN_BLOCKS, closed_stretches
+def test_runs_predict_each_frame_once_and_wait_until_settled():
+    """The network's input is planned as intervals of the frames candidates need: intervals
+    closer than two contexts are joined, a run waits until no later candidate can join it, is
+    cut at MAX_RUN frames, and the movie's end runs what is left."""
+    from diffusion_bunny.stages.extract.detectors.cascade import (
+        CONTEXT,
+        MARGIN,
+        MAX_RUN,
+        PROPOSE_DELAY,
+        closed_runs,
+    )
 
-    step = transnet.STEP
-    # Blocks 2-3 are wanted; block 4 could still be wanted by a candidate proposed later.
-    assert closed_stretches({2, 3}, 4 * step + transnet.CONTEXT, final=False) == []
-    # Once the frames are far enough on, the stretch runs as one.
-    assert closed_stretches({2, 3}, 6 * step, final=False) == [(2, 3)]
-    # Two stretches apart are run apart; touching blocks never split below the cap.
-    assert closed_stretches({1, 2, 5}, 9 * step, final=False) == [(1, 2), (5, 5)]
-    many = set(range(10, 10 + 2 * MAX_RUN_BLOCKS + 1))
-    runs = closed_stretches(many, 40 * step, final=False)
-    assert [b - a + 1 for a, b in runs] == [MAX_RUN_BLOCKS, MAX_RUN_BLOCKS, 1]
-    covered = [k for a, b in runs for k in range(a, b + 1)]
-    assert sorted(covered) == sorted(many) and len(covered) == len(set(covered))
-    # A full stretch runs as soon as its right-hand context is there.
-    full = set(range(MAX_RUN_BLOCKS))
-    assert closed_stretches(full, MAX_RUN_BLOCKS * step + transnet.CONTEXT, final=False) == [
-        (0, MAX_RUN_BLOCKS - 1)
-    ]
-    assert closed_stretches({7}, 7 * step + 1, final=True) == [(7, 7)]
+    ctx = CONTEXT
+    # Frames 100-116 are wanted: not before their right context is decoded ...
+    assert closed_runs([(100, 116)], 117 + ctx - 1, final=False) == []
+    # ... nor while a candidate still to come could want frames within two contexts of them.
+    settled = 116 + 2 * ctx + 1 + PROPOSE_DELAY + MARGIN + 1
+    assert closed_runs([(100, 116)], settled - 1, final=False) == []
+    assert closed_runs([(100, 116)], settled, final=False) == [(100, 116)]
+    # Close intervals run as one (the gap costs less than a second context); far ones apart.
+    near = [(100, 116), (116 + 2 * ctx + 1, 116 + 2 * ctx + 17)]
+    assert closed_runs(near, 2000, final=False) == [(100, 116 + 2 * ctx + 17)]
+    far = [(100, 116), (116 + 2 * ctx + 2, 116 + 2 * ctx + 18)]
+    assert closed_runs(far, 2000, final=False) == far
+    # A long stretch of candidates is cut into runs of MAX_RUN frames, each frame in one run;
+    # a full run starts as soon as its right context is decoded.
+    long = [(0, 2 * MAX_RUN + 9)]
+    runs = closed_runs(long, 3000, final=False)
+    assert [b - a + 1 for a, b in runs] == [MAX_RUN, MAX_RUN, 10]
+    covered = [f for a, b in runs for f in range(a, b + 1)]
+    assert covered == list(range(0, 2 * MAX_RUN + 10))
+    assert closed_runs(long, MAX_RUN + ctx, final=False) == [(0, MAX_RUN - 1)]
+    # Intervals that would make a run longer than MAX_RUN start the next run.
+    capped = [(0, MAX_RUN - 20), (MAX_RUN - 10, MAX_RUN + 6)]
+    assert closed_runs(capped, 3000, final=False) == capped
+    # At the end of the movie everything runs.
+    assert closed_runs([(700, 716)], 701, final=True) == [(700, 716)]
 
 
 def test_the_network_never_runs_a_frame_twice_on_real_cuts(model):
@@ -381,13 +394,15 @@ def test_the_network_never_runs_a_frame_twice_on_real_cuts(model):
 
     if not HAMILTON.is_file():
         pytest.skip(f"{HAMILTON} is absent (../shared/testdata)")
+    from diffusion_bunny.stages.extract.detectors.cascade import CONTEXT
+
     found, det = detect(HAMILTON, "cascade", model, accept_threshold=None)
     assert match_boundaries(found, [20, 82, 211], 1).f1 == 1.0
     facts = det.facts()
     decoded = 275
     assert facts["model_runs"] >= 1
-    # One stretch per run of touching blocks, 25 frames of context at each end.
-    assert facts["model_frames_run"] <= decoded + 2 * transnet.CONTEXT * facts["model_runs"]
+    # Each frame predicted once, CONTEXT frames of input at each end of a run.
+    assert facts["model_frames_run"] <= decoded + 2 * CONTEXT * facts["model_runs"]
     assert facts["model_frames_per_decoded"] == round(facts["model_frames_run"] / decoded, 4)
 
 

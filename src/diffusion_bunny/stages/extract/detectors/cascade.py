@@ -12,8 +12,9 @@ import numpy as np
 from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.stages.extract.detectors.base import Boundaries, InOrder
 from diffusion_bunny.stages.extract.detectors.transnet import (
-    CONTEXT,
-    STEP,
+    CONTEXT as PACKAGE_CONTEXT,
+)
+from diffusion_bunny.stages.extract.detectors.transnet import (
     ModelHandle,
     TransNetModel,
     describe,
@@ -77,19 +78,25 @@ class CascadeBoundaries(Boundaries):
     network costs about 0.6 s per 100 frames, so asking it about every plain cut of a film
     doubles stage 01's time; on a GPU, ``accept_threshold: null`` sends every candidate to it.
 
-    Every other candidate goes to TransNetV2, on the network's own 50-frame blocks around
-    ``c +- MARGIN`` (block ``k`` predicts frames ``50k .. 50k+49``). Blocks that candidates need
-    and that touch each other are run as one contiguous stretch with 25 frames of context at
-    each end, not as the package's overlapping 100-frame windows: the package's windowing runs
-    every frame twice (as prediction and as the neighbour's context), which on a cut-dense film
-    made the network see 1.8 frames per decoded frame. A stretch is run once no later candidate
-    can extend it (or once it reaches :data:`MAX_RUN_BLOCKS`, which bounds stage 01's delay
-    line: only then do two stretches share 50 frames of context), so the network's frames are
-    at most the movie's plus 25% (normally far fewer: facts ``model_frames_per_decoded``). The
-    network is fully convolutional over time, so a longer stretch gives the same kind of
-    answer; on the eval clips the cuts found did not change. A candidate is confirmed if a run
-    of probabilities over ``transnetv2_threshold`` lies within ``MARGIN`` frames (the boundary
-    is then placed as TransNetV2 places it). Where the network is unsure (its peak is under the
+    Every other candidate goes to TransNetV2, which must predict the frames ``c +- MARGIN``,
+    each with at least :data:`CONTEXT` frames of input on either side (the package's own
+    windows give every prediction they keep at least 25). The frames candidates need are
+    planned as intervals, not as the package's 100-frame windows on a fixed 50-frame grid: the
+    package's windowing runs every frame twice (as prediction and as the neighbour's context),
+    which on a cut-dense film made the network see 1.8 frames per decoded frame, and even run
+    once, grid-aligned blocks cost a lone candidate 100-150 frames where 87 do (on the looped
+    Hamilton movies, 17% fewer network frames for the same candidates). Intervals closer than
+    two contexts are joined into one run (the frames between them cost less than a second
+    context), a run is started once no later candidate can join it (or once it reaches
+    :data:`MAX_RUN` predicted frames, which bounds stage 01's delay line: only then do two runs
+    share context frames), so the network's frames are at most the movie's plus the contexts at
+    such seams (normally far fewer: facts ``model_frames_per_decoded``). The network is
+    convolutional over time, so a shorter or longer input gives the same kind of answer (see
+    :data:`CONTEXT` for how much it moved).
+
+    A candidate is confirmed if a run of probabilities over ``transnetv2_threshold`` lies
+    within ``MARGIN`` frames (the boundary is then placed as TransNetV2 places it). Where the
+    network is unsure (its peak is under the
     threshold by at most ``transnetv2_unsure``), a hard candidate whose colours changed by
     ``accept_colour_threshold`` is confirmed at its own frame: both signals weigh (on the real
     loops the network scored 0.28-0.48 on real cuts out of fast pans).
@@ -122,18 +129,17 @@ class CascadeBoundaries(Boundaries):
         self.first = 0  # index of the first frame (stream indices are consecutive)
         self.candidates: list[Candidate] = []
         self.queue: list[Candidate] = []
-        self.blocks: dict[int, np.ndarray] = {}
-        self.wanted: set[int] = set()  # blocks queued candidates need and the network has not run
+        self.probs: dict[int, float] = {}  # frame -> the network's probability, once run
         self.model_frames = 0
         self.model_seconds = 0.0
         self.model_runs = 0
-        # A candidate at c is proposed at most PROPOSE_DELAY frames after c; the stretch of
-        # blocks it needs is run once no later candidate can extend it (frame
-        # STEP * (last + 2) + CLOSE_AFTER) or once it is MAX_RUN_BLOCKS long, so a verdict comes
-        # at most STEP * (MAX_RUN_BLOCKS + 1) + PROPOSE_DELAY + MARGIN frames after c, and the
-        # boundary it gives may lie MARGIN frames before c. Every frame of look-ahead is a
-        # decoded frame held in stage 01's delay line (1.4 MB at 720p).
-        self.lookahead = STEP * (MAX_RUN_BLOCKS + 1) + PROPOSE_DELAY + 3 * MARGIN + 12
+        # A candidate at c is proposed at most PROPOSE_DELAY frames after c; the run of frames it
+        # needs (up to c + MARGIN) starts once no later candidate can join it (see
+        # closed_runs) or once it is MAX_RUN frames long, so a verdict comes at most
+        # MAX_RUN + 2 * CONTEXT + PROPOSE_DELAY + MARGIN frames after c, and the boundary it gives
+        # may lie MARGIN frames before c. Every frame of look-ahead is a decoded frame held in
+        # stage 01's delay line (1.4 MB at 720p).
+        self.lookahead = MAX_RUN + 2 * CONTEXT + PROPOSE_DELAY + 3 * MARGIN + 12
         self.order = InOrder(min_len, self.lookahead)
 
     # -- signals -------------------------------------------------------------------------------
@@ -241,50 +247,58 @@ class CascadeBoundaries(Boundaries):
 
     # -- verdicts ------------------------------------------------------------------------------
 
-    def _blocks(self, c: Candidate) -> range:
-        """The network's own windows that predict the frames within ``MARGIN`` of ``c``:
-        window ``k`` predicts frames ``50k .. 50k+49`` from frames ``50k-25 .. 50k+74``."""
-        return range(max(0, c.frame - MARGIN) // STEP, (c.frame + MARGIN) // STEP + 1)
+    def _wanted(self) -> list[tuple[int, int]]:
+        """The frames queued candidates need predicted that the network has not run, as
+        inclusive intervals (frames not decoded yet included: a run waits for them)."""
+        frames = sorted(
+            {f for c in self.queue for f in range(max(0, c.frame - MARGIN), c.frame + MARGIN + 1)}
+            - self.probs.keys()
+        )
+        out: list[tuple[int, int]] = []
+        for f in frames:
+            if out and f == out[-1][1] + 1:
+                out[-1] = (out[-1][0], f)
+            else:
+                out.append((f, f))
+        return out
 
     def _score_ready(self, final: bool) -> None:
-        for c in self.queue:
-            self.wanted.update(k for k in self._blocks(c) if k not in self.blocks and STEP * k < self.n)
-        for first, last in closed_stretches(self.wanted, self.n, final):
-            self._run_stretch(first, last)
-        ready = [c for c in self.queue if all(self._scored(k) for k in self._blocks(c))]
+        if not self.queue:
+            return
+        for first, last in closed_runs(self._wanted(), self.n, final):
+            if first < self.n:
+                self._run(first, min(last, self.n - 1))
+        ready = [c for c in self.queue if all(f in self.probs for f in self._span(c, final))]
         if not ready:
             return
         self.queue = [c for c in self.queue if c not in ready]
         for c in ready:
             self._decide(c)
-        # Forget blocks no candidate can reach again.
-        for k in [k for k in self.blocks if STEP * (k + 2) < self.n - RING]:
-            del self.blocks[k]
+        # Forget predictions no candidate can reach again.
+        for f in [f for f in self.probs if f < self.n - RING]:
+            del self.probs[f]
 
-    def _scored(self, k: int) -> bool:
-        return k in self.blocks or STEP * k >= self.n
-
-    def _run_stretch(self, first: int, last: int) -> None:
-        """The network over blocks ``first..last`` as one contiguous input with CONTEXT frames on
-        each side (frames before the movie and after its end repeated, as the package pads)."""
-        frames = self._window(STEP * first - CONTEXT, STEP * (last + 1) + CONTEXT)
+    def _run(self, first: int, last: int) -> None:
+        """The network over frames ``first..last`` with CONTEXT frames of input on each side
+        (frames before the movie and after its end repeated, as the package pads)."""
+        frames = self._window(first - CONTEXT, last + 1 + CONTEXT)
         model = self.model.get() if isinstance(self.model, ModelHandle) else self.model
         started = time.perf_counter()
         probs = model.predict(frames[None])[0]
         self.model_seconds += time.perf_counter() - started
         self.model_frames += len(frames)
         self.model_runs += 1
-        for k in range(first, last + 1):
-            at = CONTEXT + STEP * (k - first)
-            self.blocks[k] = probs[at : at + STEP].astype(np.float32)
-            self.wanted.discard(k)
+        for i, f in enumerate(range(first, last + 1)):
+            self.probs[f] = float(probs[CONTEXT + i])
 
     def _prob(self, f: int) -> float:
-        block = self.blocks.get(f // STEP)
-        return 0.0 if block is None else float(block[f % STEP])
+        return self.probs.get(f, 0.0)
 
-    def _span(self, c: Candidate) -> range:
-        return range(max(0, c.frame - MARGIN), min(self.n, c.frame + MARGIN + 1))
+    def _span(self, c: Candidate, final: bool = True) -> range:
+        """The frames around ``c`` whose probabilities decide it (up to the last decoded frame
+        at the end of the movie; before that, all of them)."""
+        stop = c.frame + MARGIN + 1
+        return range(max(0, c.frame - MARGIN), min(self.n, stop) if final else stop)
 
     def _decide(self, c: Candidate) -> None:
         span = list(self._span(c))
@@ -430,37 +444,57 @@ def unsure_but_clear(c: Candidate, threshold: float, unsure: float, accept_colou
     )
 
 
-def closed_stretches(wanted: set[int], n: int, final: bool) -> list[tuple[int, int]]:
-    """The stretches of touching blocks in ``wanted`` to run now, as ``(first, last)``.
+def closed_runs(wanted: list[tuple[int, int]], n: int, final: bool) -> list[tuple[int, int]]:
+    """The runs of the network to start now, as inclusive frame intervals ``(first, last)`` to
+    predict (the caller adds CONTEXT frames of input on each side).
 
-    A stretch runs once its right context is decoded and no candidate still to come can want the
-    block after it (a candidate is proposed at most PROPOSE_DELAY frames late and wants blocks
-    up to MARGIN frames after it), or once it is MAX_RUN_BLOCKS long (then the next stretch
-    starts after it); at the end of the movie (``final``) every stretch runs. Pure, so the rule
-    that no frame is run twice can be tested on its own.
+    ``wanted``: sorted, disjoint intervals of frames that candidates need and the network has
+    not run. Intervals at most ``2 * CONTEXT`` frames apart are joined (predicting the frames
+    between them costs no more than a second run's context), up to MAX_RUN frames. A run starts
+    once its right context is decoded and either it is full (no candidate's interval of
+    ``2 * MARGIN + 1`` frames fits any more) or no candidate still to come can join it (a
+    candidate is proposed at most PROPOSE_DELAY frames late and wants frames from MARGIN before
+    itself); at the end of the movie (``final``) every run starts. Pure, so the rule that no
+    frame is predicted twice can be tested on its own.
     """
+    # A wanted interval longer than a run (candidates every few frames) is cut into runs.
+    wanted = [piece for lo, hi in wanted for piece in _pieces(lo, hi)]
     out: list[tuple[int, int]] = []
-    blocks = sorted(wanted)
     i = 0
-    while i < len(blocks):
-        first = last = blocks[i]
-        while i + 1 < len(blocks) and blocks[i + 1] == last + 1 and last - first + 1 < MAX_RUN_BLOCKS:
-            i += 1
-            last = blocks[i]
+    while i < len(wanted):
+        first, last = wanted[i]
         i += 1
-        full = last - first + 1 >= MAX_RUN_BLOCKS
-        context_ready = n >= STEP * (last + 1) + CONTEXT
-        settled = n - PROPOSE_DELAY - MARGIN > STEP * (last + 2)
+        capped = False
+        while i < len(wanted) and wanted[i][0] - last <= 2 * CONTEXT + 1:
+            if wanted[i][1] - first + 1 > MAX_RUN:
+                capped = True
+                break
+            last = wanted[i][1]
+            i += 1
+        full = capped or last - first + 1 > MAX_RUN - (2 * MARGIN + 1)
+        context_ready = n >= last + 1 + CONTEXT
+        settled = n - PROPOSE_DELAY - MARGIN > last + 2 * CONTEXT + 1
         if final or (context_ready and (full or settled)):
             out.append((first, last))
     return out
 
 
+def _pieces(lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(a, min(hi, a + MAX_RUN - 1)) for a in range(lo, hi + 1, MAX_RUN)]
+
+
+#: Frames of input on each side of a run. The package's windows give every kept prediction
+#: between 25 and 75; the network compares each frame with those up to 50 away, so a run's
+#: scores move a little with its context. On the looped Hamilton movies (362 candidates sent to
+#: the network) the package's minimum of 25 moved three borderline verdicts (scores 0.54, 0.50
+#: and 0.28 fell to 0.48, 0.48 and 0.25), 35 one (0.502 to 0.497), 45 none; 35 costs 18% more
+#: network frames than 25 and 17% fewer than the 50-frame blocks did.
+CONTEXT = PACKAGE_CONTEXT + 10
 FRAME = (27, 48, 3)
-#: Frames of 48x27 RGB kept (1 MB per 256): a stretch and its context must fit.
+#: Frames of 48x27 RGB kept (1 MB per 256): a run and its context must fit.
 RING = 512
-#: The longest stretch of 50-frame blocks run at once (see :func:`closed_stretches`).
-MAX_RUN_BLOCKS = 4
+#: The most frames one run of the network predicts (see :func:`closed_runs`).
+MAX_RUN = 200
 LAG = 8
 BASE = 8
 HARD_AHEAD = 8
