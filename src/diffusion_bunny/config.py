@@ -78,6 +78,7 @@ class ExtractionConfig(_Section):
     accept_threshold: float | None = Field(40.0, ge=0.0, le=255.0)
     accept_colour_threshold: float | None = Field(0.15, ge=0.0, le=1.0)
     transnetv2_unsure: float = Field(0.25, ge=0.0, lt=1.0)
+    motion_compensation: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: Literal["auto", "onnx", "torch"] = "auto"
     min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)

@@ -33,8 +33,11 @@ BOUNDARY_CANDIDATES_SCHEMA = {
     "baseline": pl.Float64,
     "colour_score": pl.Float64,
     "flash_like": pl.Boolean,
+    "motion_residual": pl.Float64,
+    "motion_contrast": pl.Float64,
     "model_score": pl.Float64,
     "decision": pl.Utf8,
+    "reason": pl.Utf8,
     "boundary": pl.Int64,
 }
 FRAMES_SCHEMA = {
