@@ -65,7 +65,7 @@ def replay(
     from diffusion_bunny.stages.extract.detectors.transnet import load_model
 
     cfg = load_config(None, {f"extraction.{k}": v for k, v in overrides.items()}, use_local=False).extraction
-    det = make_boundaries(cfg, fps, load_model("cpu"))
+    det = make_boundaries(cfg, fps, load_model("cpu", precision=cfg.transnetv2_precision))
     found: list[int] = []
     for i, f in enumerate(frames):
         found += det.push(i, f)

@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timing: best of N passes per clip")
     parser.add_argument("--detectors", default=",".join(DETECTORS), help="detectors to compare")
     parser.add_argument("--work", default=str(ROOT / "data" / "eval_shots"), help="folder for the clips")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=("int8", "fp32"),
+        help="TransNetV2 on ONNX Runtime (default: config)",
+    )
     args = parser.parse_args(argv)
     tolerances = [int(t) for t in args.tolerances.split(",")]
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
@@ -136,9 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_bunny.stages.extract.detectors.transnet import load_model
 
     items = make_items(work, args.variants)
-    model = load_model("auto") if any(d in ("transnetv2", "cascade") for d in detectors) else None
+    from diffusion_bunny.config import load_config
+
+    precision = args.precision or load_config(None, {}, use_local=False).extraction.transnetv2_precision
+    wanted = any(d in ("transnetv2", "cascade") for d in detectors)
+    model = load_model("auto", precision=precision) if wanted else None
     if model is not None:
-        print(f"TransNetV2 on {model.device}, loaded in {model.load_s:.1f} s (not timed below)")
+        print(
+            f"TransNetV2 on {model.device} ({getattr(model, 'precision', 'fp32')}), "
+            f"loaded in {model.load_s:.1f} s (not timed below)"
+        )
 
     found: dict[tuple[str, int], list[int]] = {}
     seconds: dict[str, float] = defaultdict(float)

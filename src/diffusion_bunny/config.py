@@ -81,6 +81,7 @@ class ExtractionConfig(_Section):
     motion_compensation: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runtime: Literal["auto", "onnx", "torch"] = "auto"
+    transnetv2_precision: Literal["int8", "fp32"] = "int8"
     min_shot_seconds: float = Field(0.5, ge=0.0, le=60.0)
     analysis_width: int = Field(256, ge=32, le=1920)
     detect_width: int = Field(128, ge=32, le=1920)

@@ -148,7 +148,7 @@ def test_cascade_cost_follows_candidates_not_length(tmp_path, model):
 def test_cascade_loads_the_model_only_when_a_candidate_needs_it(clips, cut_clip, model):
     calls = []
 
-    def loader(device, runtime="auto"):
+    def loader(device, runtime="auto", precision="fp32"):
         calls.append(device)
         return model
 
@@ -277,6 +277,11 @@ def test_keyframe_method_falls_back_to_content(cut_clip, tmp_path):
         ({"transnetv2_threshold": 1.5}, "extraction.transnetv2_threshold = 1.5"),
         ({"device": "tpu"}, "extraction.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
         ({"accept_threshold": -1}, "extraction.accept_threshold = -1"),
+        (
+            {"transnetv2_precision": "fp16"},
+            "extraction.transnetv2_precision = 'fp16': Input should be 'int8' or 'fp32'",
+        ),
+        ({"motion_compensation": "maybe"}, "extraction.motion_compensation"),
     ],
 )
 def test_detector_settings_are_validated(overrides, message):
@@ -341,6 +346,7 @@ def test_onnx_runtime_gives_the_torch_probabilities_without_importing_torch(tmp_
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False}
     facts = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())["facts"]
     assert facts["model_runtime"] == "onnx" and facts["model_loaded"]
+    assert facts["model_precision"] == "int8"  # the default on ONNX Runtime
     assert facts["candidates_confirmed"] >= 1
 
 
@@ -355,6 +361,42 @@ def test_a_broken_onnx_cache_file_is_one_clear_line(tmp_path, monkeypatch):
         transnet.resolve_runtime("cuda", "onnx")
     assert transnet.resolve_runtime("cuda", "auto") == "torch"
     assert transnet.resolve_runtime("cpu", "auto") == "onnx"
+
+
+def test_int8_network_is_close_to_fp32_on_real_footage():
+    """Stage 01's default int8 network (convolutions but the first block's quantised, ranges
+    calibrated on synthetic clips) on the real Hamilton clip: probabilities within 0.03 of the
+    fp32 network's, no frame on the other side of the threshold."""
+    import onnx
+
+    frames = np.stack(_hamilton_rgb48())[None]
+    fp32 = transnet.load_model("cpu", "onnx", "fp32")
+    int8 = transnet.load_model("cpu", "onnx", "int8")
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    p32, p8 = fp32.predict(frames)[0], int8.predict(frames)[0]
+    assert 0 < np.abs(p32 - p8).max() < 0.03
+    assert ((p32 > 0.5) == (p8 > 0.5)).all()
+    assert sorted(np.flatnonzero(p8 > 0.5) + 1) == [20, 82, 211]  # the clip's cuts (frame after the peak)
+    graph = onnx.load(str(transnet.onnx_model_path("int8"))).graph
+    dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    convs = {n.name: n.input[0] in dequantized for n in graph.node if n.op_type == "Conv"}
+    assert len(convs) == 48
+    assert all(quantised != (transnet.FIRST_BLOCK in name) for name, quantised in convs.items())
+    # torch (on a GPU) has no int8 path: it runs the package's network.
+    assert transnet.load_model("cpu", "torch", "int8").net is not None
+
+
+def test_a_failed_quantisation_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path))
+    transnet.onnx_model_path("fp32").write_bytes(b"not a model")
+    with pytest.raises(
+        ModelError, match=r"could not be quantised for ONNX Runtime .* extraction.runtime"
+    ) as err:
+        transnet.ensure_onnx_model(precision="int8")
+    assert "\n" not in str(err.value)
+    assert not transnet.onnx_model_path("int8").exists()
+    with pytest.raises(ValueError, match="unknown precision"):
+        transnet.onnx_model_path("fp16")
 
 
 def test_runs_predict_each_frame_once_and_wait_until_settled():
@@ -377,8 +419,11 @@ def test_runs_predict_each_frame_once_and_wait_until_settled():
     assert closed_runs([(100, 116)], settled - 1, final=False) == []
     assert closed_runs([(100, 116)], settled, final=False) == [(100, 116)]
     # Close intervals run as one (the gap costs less than a second context); far ones apart.
-    near = [(100, 116), (116 + 2 * ctx + 1, 116 + 2 * ctx + 17)]
-    assert closed_runs(near, 2000, final=False) == [(100, 116 + 2 * ctx + 17)]
+    near = [(100, 116), (130, 146)]
+    assert closed_runs(near, 2000, final=False) == [(100, 146)]
+    assert MAX_RUN < 17 + 2 * ctx + 17  # two contexts apart: joined only within MAX_RUN
+    near_but_long = [(100, 116), (116 + 2 * ctx + 1, 116 + 2 * ctx + 17)]
+    assert closed_runs(near_but_long, 2000, final=False) == near_but_long
     far = [(100, 116), (116 + 2 * ctx + 2, 116 + 2 * ctx + 18)]
     assert closed_runs(far, 2000, final=False) == far
     # A long stretch of candidates is cut into runs of MAX_RUN frames, each frame in one run;

@@ -237,7 +237,12 @@ def _detector(cfg: ExtractionConfig, fps: float) -> tuple[ExtractionConfig, Any]
     # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
     # cascade starts loading it at its first doubtful candidate.
     model = (
-        ModelHandle(cfg.device, runtime=cfg.runtime, start=cfg.detector == "transnetv2")
+        ModelHandle(
+            cfg.device,
+            runtime=cfg.runtime,
+            precision=cfg.transnetv2_precision,
+            start=cfg.detector == "transnetv2",
+        )
         if cfg.uses_transnetv2
         else None
     )

@@ -689,8 +689,12 @@ CONTEXT = PACKAGE_CONTEXT + 10
 FRAME = (27, 48, 3)
 #: Frames of 48x27 RGB kept (1 MB per 256): a run and its context must fit.
 RING = 512
-#: The most frames one run of the network predicts (see :func:`closed_runs`).
-MAX_RUN = 200
+#: The most frames one run of the network predicts (see :func:`closed_runs`). It bounds stage
+#: 01's memory twice: the delay line holds ``lookahead`` decoded frames (1.4 MB each at 720p) and
+#: ONNX Runtime's activations grow with the run (measured: +126 MB for an 87-frame input, +237
+#: MB for 134, +430 MB for 270). At 200 stage 01 peaked at 1.3 GB on a 10-minute 720p movie;
+#: at 64 the real loops cost 2-8% more network frames (more seams between runs).
+MAX_RUN = 64
 LAG = 8
 BASE = 8
 HARD_AHEAD = 8
