@@ -421,7 +421,7 @@ def test_runs_predict_each_frame_once_and_wait_until_settled():
     # Close intervals run as one (the gap costs less than a second context); far ones apart.
     near = [(100, 116), (130, 146)]
     assert closed_runs(near, 2000, final=False) == [(100, 146)]
-    assert MAX_RUN < 17 + 2 * ctx + 17  # two contexts apart: joined only within MAX_RUN
+    assert 17 + 2 * ctx + 17 > MAX_RUN  # two contexts apart: joined only within MAX_RUN
     near_but_long = [(100, 116), (116 + 2 * ctx + 1, 116 + 2 * ctx + 17)]
     assert closed_runs(near_but_long, 2000, final=False) == near_but_long
     far = [(100, 116), (116 + 2 * ctx + 2, 116 + 2 * ctx + 18)]
