@@ -8,8 +8,10 @@ What is measured: LoRA training steps per second and peak GPU memory of
   latents of the right shape; the caption is encoded once by the pipeline's own text encoders
   and cached, then the encoders are dropped (``cache_latents: true``, as a user trains);
 * **reference**: diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py``
-  (pass it as ``--reference-script``; not part of this repository) on four images of the
-  resolution with ``--instance_prompt`` and ``--cache_latents``. bf16 only: the script has no
+  (pass it as ``--reference-script``; not part of this repository; it needs torchvision) on
+  four images of the resolution with ``--instance_prompt``, and ``--cache_latents`` for FLUX.1
+  (the SD3 script's latent cache fails under bf16: its VAE stays fp32 while the pixels are cast to
+  bf16, so it runs without and encodes with the VAE every step). bf16 only: the scripts have no
   quantised base (diffusers' nf4 example, ``research_projects/flux_lora_quantization``, reads a
   hub dataset and precomputed embeddings, so it is not run).
 
@@ -32,9 +34,11 @@ Steps/s: read off each tool's tqdm bar from the end of step ``--warmup`` to the 
 ``bench_train.py`` does (both synchronise the GPU every step when they read the loss). Peak
 memory: ``torch.cuda.max_memory_allocated`` in the training process, two figures: over steps 2..N
 (reset after the first optimizer step; what training needs) and up to the end of step 1 (loading,
-text encoding, latent caching). The reference keeps its text encoders on the GPU and runs them
-every step (``compute_text_embeddings`` in its loop: ``del text_encoder_one`` leaves them in the
-``text_encoders`` list), so its step figure includes T5-XXL; ours drops them after caching.
+text encoding, latent caching). The FLUX.1 script keeps its text encoders on the GPU and runs
+them every step (``compute_text_embeddings`` in its loop: ``del text_encoder_one`` leaves them in
+the ``text_encoders`` list), so its step figure includes T5-XXL; ours drops them after caching.
+``--no-cudnn-attention`` turns cuDNN attention off in both tools' processes (with torch
+2.11+cu130 on an H100 its backward failed on FLUX.1-dev's bf16 shapes in both).
 
     python python_script/bench_train_gpu.py --model flux-dev \\
         --reference-script /path/to/train_dreambooth_lora_flux.py --work /tmp/bench_gpu
@@ -42,7 +46,8 @@ every step (``compute_text_embeddings`` in its loop: ``del text_encoder_one`` le
         --reference-script /path/to/train_dreambooth_lora_sd3.py --work /tmp/bench_gpu
 
 ``--model flux-small`` / ``sd3-small`` build the same layouts at toy size, for checking the
-harness on a CPU (``--device cpu``). Exit status 0 even when a run fails (it is reported).
+harness on a CPU (``--device cpu --threads 1``); ``flux-shallow`` has FLUX.1-dev's layer shapes at
+depth 1 + 1. Exit status 0 even when a run fails (it is reported).
 """
 
 from __future__ import annotations
