@@ -159,6 +159,7 @@ def run_measured(cmd: list[str], warmup: int, log_path: Path, threads: int) -> d
     stamps: dict[int, float] = {}
     cpu: dict[int, float] = {}
     maxrss = [0]
+    extra: dict[str, float] = {}  # other BENCH_<KEY>=<number> lines of the child (GPU memory)
     tick = os.sysconf("SC_CLK_TCK")
 
     def cpu_seconds() -> float:
@@ -189,6 +190,9 @@ def run_measured(cmd: list[str], warmup: int, log_path: Path, threads: int) -> d
                         cpu[int(match.group(1))] = cpu_seconds()
                     elif line.startswith("BENCH_MAXRSS_KB="):
                         maxrss[0] = int(line.split("=")[1])
+                    elif re.match(r"BENCH_[A-Z_]+=[-0-9.e]+$", line.strip()):
+                        key, value = line.strip().split("=")
+                        extra[key[len("BENCH_") :].lower()] = float(value)
                     elif line.strip():
                         tail[:] = [*tail[-20:], line]
 
@@ -212,6 +216,7 @@ def run_measured(cmd: list[str], warmup: int, log_path: Path, threads: int) -> d
         "total_s": total,
         "maxrss_mb": maxrss[0] / 1024,
         "steps": last,
+        **extra,
     }
 
 

@@ -96,6 +96,24 @@ def test_preset_is_an_ordinary_pipeline_folder_detected_from_its_config(family, 
     assert resolve_base_model("tiny", family).name == f"tiny-{family}"
 
 
+def test_a_component_handed_in_is_used_and_the_folders_copy_never_read(tmp_path):
+    """What the NF4 path relies on: the quantised transformer is loaded first and handed to
+    load_pipeline, so the bf16 one in the folder is never read (here it is not even there)."""
+    import shutil
+
+    from diffusion_bunny.models.diffusion import load_pipeline
+
+    pipe = _pipe("flux")
+    folder = tmp_path / "no-transformer-weights"
+    shutil.copytree(pipe.bunny_base.path, folder)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelError, match="could not be loaded"):
+        load_pipeline(str(folder))
+    loaded = load_pipeline(str(folder), components={"transformer": pipe.transformer})
+    assert loaded.transformer is pipe.transformer and loaded.bunny_base.family == "flux"
+
+
 def test_a_folder_of_another_family_is_one_line_naming_the_setting(tmp_path):
     from diffusion_bunny.models.diffusion import resolve_base_model
 

@@ -190,22 +190,24 @@ def load_pipeline(
     device: str = "cpu",
     *,
     setting: str = "training.base_model",
+    components: dict[str, Any] | None = None,
 ) -> Any:
     """Load the base model as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
     ``FluxPipeline`` / ``StableDiffusion3Pipeline`` on
     ``device`` (``auto`` picks the GPU when there is one) in ``dtype`` (torch dtype or
     ``fp32``/``fp16``/``bf16``; default float32), from local files only. The resolved
     :class:`BaseModelRef` is kept on the pipeline as ``pipe.bunny_base``; the safety checker is
-    not loaded (SD 1.x folders that ship one keep it on disk)."""
+    not loaded (SD 1.x folders that ship one keep it on disk). ``components`` are models already
+    loaded (e.g. an NF4 ``transformer``): used as they are, the folder's copies never read."""
     ref = (
         base_model
         if isinstance(base_model, BaseModelRef)
         else resolve_base_model(base_model, family, setting=setting)
     )
     cls = pipeline_class(ref.family)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(components or {})
     if ref.family == "sd1":
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        extra |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         pipe = cls.from_pretrained(ref.path, dtype=_torch_dtype(dtype), local_files_only=True, **extra)
     except ModelError:

@@ -176,11 +176,13 @@ class FlowLoraTrainer(LoraTrainer):
         )
         self.weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
         torch.manual_seed(cfg.seed)
-        pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
+        components = None
         if cfg.quantize_base == "nf4":
-            pipe.transformer = load_nf4_transformer(self.ref.path, self.family, self.weight_dtype).to(
-                self.device
-            )
+            # Loaded (and quantised) first and handed to the pipeline, so the bf16 transformer is
+            # never read: on a GPU that only fits the NF4 one, loading it first would not fit.
+            nf4 = load_nf4_transformer(self.ref.path, self.family, self.weight_dtype)
+            components = {"transformer": nf4.to(self.device)}
+        pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device, components=components)
         self.pipe = pipe
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.unet = None
