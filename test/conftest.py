@@ -11,6 +11,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# One OpenMP thread for torch (and OpenBLAS) in the tests, set before anything imports torch so
+# this process, papermill's kernels, Ray's workers and the tests' subprocesses all inherit it:
+# the tests' tiny models gain nothing from a second thread, and on a 2-core machine whose other
+# core is busy torch's 2 threads spin-wait for each other (a 64 px image took 3.4 s instead of
+# 0.17 s; techContext). A value already in the environment is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from paths import HAMILTON
 
 
