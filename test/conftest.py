@@ -27,6 +27,18 @@ def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DIFFUSION_BUNNY_LOG_DIR"] = str(tmp_path_factory.mktemp("log"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test():
+    """Stage 01's TransNetV2 on torch sets torch's threads to the cores this process may use
+    (right for a user's run); in the test process that would leave every later test on 2
+    spinning threads, so each test ends with torch back on the thread count set above."""
+    yield
+    torch = sys.modules.get("torch")
+    wanted = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if torch is not None and wanted > 0 and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 @pytest.fixture(scope="session")
 def hamilton() -> Path:
     """The real stage clip with known cuts (frames 20, 82, 211)."""
