@@ -11,6 +11,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# One OpenMP thread for torch (and OpenBLAS) in the tests, set before anything imports torch so
+# this process, papermill's kernels, Ray's workers and the tests' subprocesses all inherit it:
+# the tests' tiny models gain nothing from a second thread, and on a 2-core machine whose other
+# core is busy torch's 2 threads spin-wait for each other (a 64 px image took 3.4 s instead of
+# 0.17 s; techContext). A value already in the environment is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from paths import HAMILTON
 
 
@@ -18,6 +25,18 @@ from paths import HAMILTON
 def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """``bunny`` commands run by the tests log to a temporary folder, not the checkout's log/."""
     os.environ["DIFFUSION_BUNNY_LOG_DIR"] = str(tmp_path_factory.mktemp("log"))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test():
+    """Stage 01's TransNetV2 on torch sets torch's threads to the cores this process may use
+    (right for a user's run); in the test process that would leave every later test on 2
+    spinning threads, so each test ends with torch back on the thread count set above."""
+    yield
+    torch = sys.modules.get("torch")
+    wanted = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if torch is not None and wanted > 0 and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ uses; ``bunny run`` then finds Ray initialised and runs on that cluster. Startin
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -79,10 +81,30 @@ def _check_batch(movies: Path, out: Path) -> pl.DataFrame:
     return table
 
 
-def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, tmp_path, capsys):
-    out = tmp_path / "out"
-    args = ["run", str(movies), "--out", str(out), "--stages", STAGES, "--engine", "local", "--quiet"]
-    assert main(args) == 0
+def _local_args(movies: Path, out: Path) -> list[str]:
+    return ["run", str(movies), "--out", str(out), "--stages", STAGES, "--engine", "local", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def local_batch(movies, tmp_path_factory) -> Path:
+    """Both movies through :data:`STAGES` on the local engine, once for the module: the local
+    engine's test checks it, the Ray test compares its tables with it."""
+    out = tmp_path_factory.mktemp("local_batch") / "out"
+    assert main(_local_args(movies, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def extracted(movies, tmp_path_factory) -> Path:
+    """Both movies through stage 01 only, once for the module (tests that break one copy it)."""
+    out = tmp_path_factory.mktemp("extracted") / "out"
+    assert main(["run", str(movies), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    return out
+
+
+def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, local_batch, tmp_path, capsys):
+    out = local_batch
+    args = _local_args(movies, out)
     _check_batch(movies, out)
     first = {name: _finished(out / movie_id(movies / name)) for name in ("a.mp4", "b.mp4")}
     capsys.readouterr()
@@ -102,11 +124,11 @@ def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, tmp_
     assert _finished(out / movie_id(movies / "a.mp4")) == first["a.mp4"]
 
 
-def _break_one_movie(movies: Path, out: Path) -> None:
-    """Both movies through stage 01, then movie b's ``frames`` table replaced by garbage: stage 02
-    on b then fails inside its notebook with an error that is no user error (a bug, as far as
-    the runner can tell), while movie a's stage 02 runs normally."""
-    assert main(["run", str(movies), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+def _break_one_movie(movies: Path, extracted: Path, out: Path) -> None:
+    """A copy of both movies through stage 01 (:func:`extracted`), then movie b's ``frames`` table
+    replaced by garbage: stage 02 on b then fails inside its notebook with an error that is no
+    user error (a bug, as far as the runner can tell), while movie a's stage 02 runs normally."""
+    shutil.copytree(extracted, out)
     (out / movie_id(movies / "b.mp4") / "tables" / "frames.parquet").write_bytes(b"not a parquet file")
 
 
@@ -122,11 +144,11 @@ def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
     assert rows["b.mp4"]["error"] and rows["b.mp4"]["quality"] != "done"
 
 
-def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, tmp_path, capsys):
+def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, extracted, tmp_path, capsys):
     """Issue 17.4: any exception in one movie is reported, the other movies finish, the combined
     report is written, and the exit status is 1 (a bug), not a traceback that ends the batch."""
     out = tmp_path / "out"
-    _break_one_movie(movies, out)
+    _break_one_movie(movies, extracted, out)
     capsys.readouterr()
     code = main(["run", str(movies), "--out", str(out), "--stages", "quality,report", "--quiet"])
     _check_bug_isolated(movies, out, code, capsys.readouterr().err)
@@ -135,9 +157,12 @@ def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, tmp_path
 def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     """--address that no cluster answers at: one line naming --address, exit 2, at once (Ray's
     own connection attempts would take minutes)."""
-    import ray
-
-    assert not ray.is_initialized()  # runs before the module's cluster starts (file order)
+    # Runs before the module's cluster starts (file order). Not `import ray` here: Ray reads its
+    # settings once, when first imported, and start_ray sets two of them first (no per-session
+    # venv copy of the checkout for the workers); imported here, the module's cluster would be
+    # started without them.
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
     folder = tmp_path / "m"
     folder.mkdir()
     write_clip(folder / "a.mp4", [(41, 10, 0.0)])
@@ -154,9 +179,10 @@ def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     assert "use it with --engine ray" in err and err.count("\n") == 1
 
 
-def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(movies, ray_cluster, tmp_path, capsys):
-    out_local, out_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(["run", str(movies), "--out", str(out_local), "--stages", "extract,quality", "--quiet"]) == 0
+def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
+    movies, local_batch, extracted, ray_cluster, tmp_path, capsys
+):
+    out_local, out_ray = local_batch, tmp_path / "ray"
     args = ["run", str(movies), "--out", str(out_ray), "--stages", STAGES, "--engine", "ray", "--quiet"]
     assert main(args) == 0
     table = _check_batch(movies, out_ray)
@@ -197,7 +223,7 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(movies, ra
 
     # A bug in one movie on Ray: reported, the other finishes, the combined report is written, exit 1.
     bugs = tmp_path / "bugs"
-    _break_one_movie(movies, bugs)
+    _break_one_movie(movies, extracted, bugs)
     capsys.readouterr()
     code = main(
         ["run", str(movies), "--out", str(bugs), "--stages", "quality,report", "--engine", "ray", "--quiet"]

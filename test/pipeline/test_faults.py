@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,20 @@ def clip(tmp_path_factory) -> Path:
     return movie
 
 
+@pytest.fixture(scope="module")
+def extracted(clip, tmp_path_factory) -> Path:
+    """The clip through stage 01 by ``bunny run``, once for the module; each test that starts from
+    there works on a copy (:func:`_extracted_copy`)."""
+    out = tmp_path_factory.mktemp("extracted") / "run"
+    assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    return out
+
+
+def _extracted_copy(extracted: Path, out: Path) -> Path:
+    shutil.copytree(extracted, out)
+    return out
+
+
 def _dying_kernel(folder: Path) -> None:
     """A Jupyter kernel named ``dying``: the project's ipykernel, whose ``run_stage`` kills the
     kernel process with SIGKILL the moment a stage starts (as the out-of-memory killer does)."""
@@ -42,9 +57,10 @@ def _dying_kernel(folder: Path) -> None:
     )
 
 
-def test_a_kernel_that_dies_is_one_line_and_keeps_earlier_stages(clip, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+def test_a_kernel_that_dies_is_one_line_and_keeps_earlier_stages(
+    clip, extracted, tmp_path, monkeypatch, capsys
+):
+    out = _extracted_copy(extracted, tmp_path / "run")
     frames = (out / "tables" / "frames.parquet").read_bytes()
     _dying_kernel(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
@@ -88,9 +104,8 @@ def _limited_run(args: list[str], limit: int) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, tmp_path):
-    out = tmp_path / "run"
-    assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, extracted, tmp_path):
+    out = _extracted_copy(extracted, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in (out / "tables").glob("*.parquet")}
     done = _limited_run(
         ["run", str(clip), "--out", str(out), "--stages", "extract", "--force", "--quiet"], 2000
@@ -102,9 +117,9 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "tables").glob("*.parquet")} == before
 
 
-def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, tmp_path, capsys):
+def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, extracted, tmp_path, capsys):
     out = tmp_path / "runs"
-    assert main(["run", str(clip), "--out", str(out / "a"), "--stages", "extract", "--quiet"]) == 0
+    _extracted_copy(extracted, out / "a")
     (out / "a" / "run.json").write_text('{"movie": "/x/tiny.mp4", ')  # cut short
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
@@ -118,11 +133,10 @@ def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, tmp_path, capsy
     assert json.loads((out / "a" / "run.json").read_text())["movie"] == str(clip.resolve())
 
 
-def test_a_second_runner_on_a_stage_names_the_process_that_holds_it(clip, tmp_path, capsys):
+def test_a_second_runner_on_a_stage_names_the_process_that_holds_it(clip, extracted, tmp_path, capsys):
     """Issue 17.5: a stage of one run folder runs in one process at a time; a second runner
     stops at once (exit 2) naming the holder, and a killed holder blocks nothing."""
-    out = tmp_path / "run"
-    assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    out = _extracted_copy(extracted, tmp_path / "run")
     holder = subprocess.Popen(
         [
             sys.executable,

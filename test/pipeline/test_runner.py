@@ -132,11 +132,14 @@ def test_find_movies_and_stage_lists(tmp_path):
 
 def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     lora = tmp_path / "lora"  # not the workspace's checkpoint/ folder
+    # 4 denoising steps per generated image instead of 20: the demo's grid (72 images) is the same
+    # and nothing below depends on how sharp the tiny model's noise is (stage 08's own tests check
+    # the images).
     summary = run_demo(
         out=tmp_path / "demo_run",
         movie_dir=demo.path.parent,
         progress=False,
-        overrides={"training.output_dir": str(lora)},
+        overrides={"training.output_dir": str(lora), "generation.steps": 4},
     )
     truth = demo.ground_truth()
     shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")
@@ -251,22 +254,32 @@ def _widget_views(nb: nbformat.NotebookNode) -> list[dict]:
     return [o for o in last.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
 
 
-def test_notebook_02_interactive_path_runs_headless(demo, tmp_path):
+def _copy_of(run: Run, tmp_path: Path, drop: tuple[str, ...] = ()) -> Run:
+    """A copy of a shared run folder (conftest's ``demo_run``: the demo through stages 01-02),
+    without the tables and manifests of the stages in ``drop``, so that the test runs them."""
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    for stage in drop:
+        spec = PIPELINE.get(stage)
+        for table in spec.writes:
+            (tmp_path / "run" / "tables" / f"{table}.parquet").unlink()
+        (tmp_path / "run" / "manifests" / f"{stage}.json").unlink()
+    return Run.open(tmp_path / "run")
+
+
+def test_notebook_02_interactive_path_runs_headless(demo_run, tmp_path):
     """Notebook 02's slider cell, as JupyterLab runs it, runs in a kernel."""
-    run = Run.create(tmp_path / "run", demo.path)
-    run_stage(run, "extract", load_config(), progress=False)
+    run = _copy_of(demo_run, tmp_path, drop=("quality",))
+    assert not run.has_table("quality")
     nb = _execute_interactive("02_filter_quality.ipynb", run, tmp_path)
     assert run.has_table("quality")
     assert len(_widget_views(nb)) == 1
 
 
-def test_notebook_03_interactive_path_runs_headless(demo, tmp_path):
+def test_notebook_03_interactive_path_runs_headless(demo_run, tmp_path):
     """Notebook 03's naming widget, as JupyterLab builds it, runs in a kernel (no references: the
     two demo faces come out as two clusters to name)."""
-    run = Run.create(tmp_path / "run", demo.path)
-    cfg = load_config(root=tmp_path / "noroot")
-    for stage in ("extract", "quality"):
-        run_stage(run, stage, cfg, progress=False)
+    run = _copy_of(demo_run, tmp_path)
+    assert not run.has_table("faces")
     nb = _execute_interactive("03_detect_characters.ipynb", run, tmp_path)
     assert run.read_table("faces")["cluster"].n_unique() == 2
     assert len(_widget_views(nb)) == 1

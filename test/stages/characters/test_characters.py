@@ -266,10 +266,20 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
 
 
-def test_discovery_clusters_then_naming_relabels(demo_run, tmp_path):
-    run = _copy(demo_run, tmp_path)
+@pytest.fixture(scope="module")
+def discovered(demo_run, tmp_path_factory) -> Run:
+    """The demo run through stage 03 without references (every face unknown, in clusters), once
+    for the module; tests that name clusters work on a copy."""
+    tmp = tmp_path_factory.mktemp("discovered")
+    run = _copy(demo_run, tmp)
+    run_stage(run, "characters", _cfg(tmp), progress=False)
+    return run
+
+
+def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
+    run = _copy(discovered, tmp_path)
     cfg = _cfg(tmp_path)
-    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    faces = run.read_table("faces")
     assert faces["character"].is_null().all()
     # Two people, two clusters, each holding only frames of one person's shots.
     assert faces["cluster"].n_unique() == 2
@@ -311,11 +321,10 @@ def test_frames_to_scan_needs_quality_unless_all(demo_run):
     assert frames_to_scan(frames, None, CharactersConfig(frames="all")).height == frames.height
 
 
-def test_cluster_namer_widget(demo_run, tmp_path):
+def test_cluster_namer_widget(discovered, tmp_path):
     from diffusion_bunny.stages.characters.widgets import ClusterNamer
 
-    run = _copy(demo_run, tmp_path)
-    run_stage(run, "characters", _cfg(tmp_path), progress=False)
+    run = _copy(discovered, tmp_path)
     namer = ClusterNamer(run, overrides={})
     assert namer.clusters().height == 2 and len(namer.rows.children) == 2
     assert namer.name("cluster_01", "../evil") is None and "not usable" in namer.status.value
@@ -326,16 +335,16 @@ def test_cluster_namer_widget(demo_run, tmp_path):
     assert "no cluster is left to name" in namer.rows.children[0].value
 
 
-def test_character_figures_render(demo_run, tmp_path):
+def test_character_figures_render(scenes_demo_run):
     from diffusion_bunny.stages.characters.plots import (
         character_counts_plot,
         face_sheet,
         screen_time_plot,
     )
 
-    run = _copy(demo_run, tmp_path)
-    refs_dir = build_demo_references(tmp_path / "refs")
-    faces = run_stage(run, "characters", _cfg(tmp_path, reference_dir=str(refs_dir)), progress=False)["faces"]
+    run, _ = scenes_demo_run  # stage 03 named from the demo's portraits (conftest), read only
+    faces = run.read_table("faces")
+    assert faces["character"].drop_nulls().n_unique() == 2
     frames, shots = run.read_table("frames"), run.read_table("shots")
     for figure in (character_counts_plot(character_counts(faces)), screen_time_plot(faces, shots)):
         figure.draw()

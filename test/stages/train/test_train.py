@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion_bunny.config import TrainingConfig, load_config
-from diffusion_bunny.errors import BadInputError, ModelError, StageError
+from diffusion_bunny.errors import BadInputError, ConfigError, ModelError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import PIPELINE
 
@@ -285,9 +285,42 @@ def test_lora_of_another_base_model_is_refused_before_loading(trained):
 # The stage
 
 
-def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
+def tensorboard_events(folder: Path) -> dict[str, list]:
+    """What TensorBoard shows of a run folder: ``{tag: [(step, value), ...]}`` for the scalars,
+    ``{tag: [(step, (height, width)), ...]}`` for the images, ``{tag: [step, ...]}`` for text;
+    read back with TensorBoard's own reader (every event kept, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    out: dict[str, list] = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
+    out |= {t: [(e.step, (e.height, e.width)) for e in acc.Images(t)] for t in tags["images"]}
+    out |= {t: [e.step for e in acc.Tensors(t)] for t in tags["tensors"]}  # text summaries
+    return out
+
+
+def check_tensorboard(folder: Path, log: pl.DataFrame, validation: pl.DataFrame, size: int) -> None:
+    """The run's TensorBoard events hold every step of ``training_log`` once (loss, learning rate,
+    epoch) and every validation picture at its step."""
+    events = tensorboard_events(folder)
+    steps = log["step"].to_list()
+    assert [s for s, _ in events["loss"]] == steps and [s for s, _ in events["lr"]] == steps
+    assert np.allclose([v for _, v in events["loss"]], log["loss"].to_list(), rtol=1e-6)
+    assert np.allclose([v for _, v in events["lr"]], log["lr"].to_list(), rtol=1e-6)
+    assert [v for _, v in events["epoch"]] == log["epoch"].to_list()
+    for index in validation["index"].unique().to_list():
+        at = validation.filter(pl.col("index") == index)["step"].to_list()
+        assert events[f"validation/{index:02d}"] == [(s, (size, size)) for s in at]
+    assert "settings/text_summary" in events
+
+
+def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch):
     from diffusion_bunny.stages import run_stage
 
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    board = tmp_path / "log" / "tensorboard" / "lora"  # log/tensorboard/<LoRA folder name>/
     run = make_run(tmp_path, n_train=5, n_val=1)
     overrides = fast_overrides(tmp_path, validation_every=2)
     cfg = load_config(None, overrides, root=tmp_path)
@@ -296,6 +329,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
     assert log["step"].to_list() == [1, 2, 3, 4]
     assert log["loss"].is_finite().all() and (log["lr"] == 1e-4).all()
     assert validation["step"].to_list() == [0, 2, 4]
+    check_tensorboard(board, log, validation, size=64)
     assert all(Path(p).is_file() for p in validation["path"])
     out = tmp_path / "lora"
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
@@ -314,6 +348,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
     assert run.read_manifest("train")["facts"]["resumed_from"] == 4
+    check_tensorboard(board, log, run.read_table("training_validation"), size=64)
     assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
 
     # Other settings (rank): the old checkpoints do not fit; training starts over and says so.
@@ -322,6 +357,40 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path):
         log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert log["step"].to_list() == [1, 2, 3, 4]
     assert not (out / "checkpoint-6").exists()
+    check_tensorboard(board, log, run.read_table("training_validation"), size=64)
+
+
+def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoes(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffusion_bunny.stages.train.data import read_dataset
+    from diffusion_bunny.stages.train.lora import train_lora
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    run = make_run(tmp_path, n_train=3, n_val=0)
+    images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
+    logs = {}
+    for on in (False, True):
+        cfg = training_cfg(max_train_steps=4, checkpoint_every=2, train_batch_size=1, tensorboard=on)
+        result = train_lora(images, cfg, tmp_path / f"lora_{on}", progress=False, cache_dir=tmp_path / "c")
+        logs[on] = result.log.drop("elapsed_s")
+    # The tracker changes nothing in the table the report reads, and off means no event file.
+    assert logs[False].equals(logs[True]) and logs[False].height == 4
+    board = tmp_path / "log" / "tensorboard"
+    assert sorted(p.name for p in board.iterdir()) == ["lora_True"]
+
+    # Fewer steps: training resumes from checkpoint-2 and redoes step 3; TensorBoard shows it once.
+    cfg = training_cfg(max_train_steps=3, checkpoint_every=2, train_batch_size=1)
+    result = train_lora(images, cfg, tmp_path / "lora_True", progress=False, cache_dir=tmp_path / "c")
+    assert result.resumed_from == 2
+    check_tensorboard(board / "lora_True", result.log, result.validation, size=64)
+    raw = EventAccumulator(str(board / "lora_True"), purge_orphaned_data=False)
+    raw.Reload()
+    assert [e.step for e in raw.Scalars("loss")] == [1, 2, 3, 4, 3]  # what the purge hides
+
+    assert load_config(None, {"training.tensorboard": False}, root=tmp_path).training.tensorboard is False
+    with pytest.raises(ConfigError, match=r"training\.tensorboard"):
+        load_config(None, {"training.tensorboard": "sometimes"}, root=tmp_path)
 
 
 def check_figures(log: pl.DataFrame, validation: pl.DataFrame) -> None:
@@ -359,8 +428,10 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
+def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     from diffusion_bunny.stages import run_stage
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))  # the killed child's too
 
     run = make_run(tmp_path, n_train=4, n_val=0)
     overrides = fast_overrides(tmp_path, max_train_steps=400, checkpoint_every=3)
@@ -389,6 +460,10 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert run.read_manifest("train")["facts"]["resumed_from"] == done
     assert log["step"].to_list() == list(range(1, final + 1))
+    # TensorBoard: what the killed run logged after checkpoint `done` is purged; each step once.
+    check_tensorboard(
+        tmp_path / "log" / "tensorboard" / "lora", log, run.read_table("training_validation"), 64
+    )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.stages.train.data import PixelMemory
-from diffusion_bunny.stages.train.lora import LoraTrainer
+from diffusion_bunny.stages.train.lora import LoraTrainer, new_accelerator
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
 if TYPE_CHECKING:
@@ -143,10 +143,15 @@ class FlowLoraTrainer(LoraTrainer):
     one flow-matching step; :func:`~diffusion_bunny.stages.train.lora.train_lora` drives it as it
     drives :class:`LoraTrainer`."""
 
-    def __init__(self, cfg: TrainingConfig, *, cache_dir: Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        *,
+        cache_dir: Path | None = None,
+        device: str | None = None,
+        tracker_dir: Path | None = None,
+    ):
         import torch
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
         from diffusers.optimization import get_scheduler
         from peft import LoraConfig
 
@@ -167,13 +172,7 @@ class FlowLoraTrainer(LoraTrainer):
         if mixed == "auto":
             mixed = "bf16" if self.device.startswith("cuda") else "no"
         self.mixed_precision = mixed
-        AcceleratorState._reset_state(True)  # see LoraTrainer: process-wide singletons
-        GradientState._reset_state()
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=mixed,
-            cpu=not self.device.startswith("cuda"),
-        )
+        self.accelerator = new_accelerator(cfg, mixed, self.device, tracker_dir)
         self.weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
         torch.manual_seed(cfg.seed)
         components = None

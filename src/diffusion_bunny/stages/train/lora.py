@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
@@ -104,9 +105,15 @@ class LoraTrainer:
     Built once per training run; :func:`train_lora` drives it. Tests use it directly for a
     fixed batch (``make_batch`` + ``loss`` + ``step``)."""
 
-    def __init__(self, cfg: TrainingConfig, *, cache_dir: Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        *,
+        cache_dir: Path | None = None,
+        device: str | None = None,
+        tracker_dir: Path | None = None,
+    ):
         import torch
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
         from peft import LoraConfig
@@ -128,17 +135,7 @@ class LoraTrainer:
         if mixed == "fp16" and not self.device.startswith("cuda"):
             raise ModelError("training.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
         self.mixed_precision = mixed
-        # accelerate keeps process-wide singletons; a second trainer in the same kernel (another
-        # mixed_precision, another accumulation) would otherwise be refused or inherit the first's.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=mixed,
-            cpu=not self.device.startswith("cuda"),
-        )
+        self.accelerator = new_accelerator(cfg, mixed, self.device, tracker_dir)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         torch.manual_seed(cfg.seed)
         pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
@@ -482,6 +479,56 @@ def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(tensors, dim=dim)
 
 
+def new_accelerator(cfg: TrainingConfig, mixed_precision: str, device: str, tracker_dir: Path | None):
+    """The trainer's ``Accelerator``; with ``tracker_dir``, its TensorBoard tracker writes under it
+    (:func:`train_lora` starts it with :func:`start_tracker`)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps process-wide singletons; a second trainer in the same kernel (another
+    # mixed_precision, another accumulation) would otherwise be refused or inherit the first's.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        cpu=not device.startswith("cuda"),
+        log_with="tensorboard" if tracker_dir is not None else None,
+        project_dir=str(tracker_dir) if tracker_dir is not None else None,
+    )
+
+
+def tensorboard_dir() -> Path:
+    """``log/tensorboard/`` of the workspace (``$DIFFUSION_BUNNY_LOG_DIR/tensorboard`` when set):
+    one folder per LoRA (run) name below it."""
+    from diffusion_bunny.logs import log_dir
+
+    return log_dir() / "tensorboard"
+
+
+def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainingConfig, resumed_from: int | None) -> Any:
+    """Start the trainer's TensorBoard tracker in ``<tracker_dir>/<run_name>/`` and record the
+    settings as text; None when the trainer has none. Each step shows once: a run that starts
+    over removes the folder's old event files (its checkpoints are gone too), and a resumed run
+    purges what the killed run logged after the checkpoint (``purge_step``, applied by
+    TensorBoard when it reads the folder)."""
+    accelerator = trainer.accelerator
+    if not accelerator.log_with:
+        return None
+    kwargs: dict[str, Any] = {}
+    if resumed_from:
+        kwargs["purge_step"] = resumed_from + 1
+    else:
+        shutil.rmtree(Path(accelerator.logging_dir) / run_name, ignore_errors=True)
+    accelerator.init_trackers(run_name, init_kwargs={"tensorboard": kwargs})
+    tracker = accelerator.get_tracker("tensorboard", unwrap=False)
+    settings = json.dumps(cfg.model_dump(mode="json"), indent=1, sort_keys=True)
+    indented = "\n".join("    " + line for line in settings.splitlines())  # markdown code block
+    header = f"base model {trainer.ref.name} ({trainer.family})"
+    tracker.log({"settings": f"{header}\n\n{indented}"}, step=resumed_from or 0)
+    return tracker
+
+
 def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: float) -> Path:
     """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``, ``lora_te1_``,
     ``lora_te2_``, an ``alpha`` per layer; diffusers' converter writes alpha = rank, so the real
@@ -535,6 +582,7 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
             "validation_inference_steps",
             "output_dir",
             "device",
+            "tensorboard",
             *at_default,
         },
     )
@@ -639,11 +687,10 @@ def train_lora(
     Resumes from the latest complete checkpoint when its settings match (else starts over and
     says so in a warning). Latents are cached under ``cache_dir`` (default ``output_dir``).
     ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
-    (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model)."""
-    from tqdm.auto import tqdm
-
-    from diffusion_bunny.pipeline.progress import ProgressFile
-
+    (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model).
+    With ``training.tensorboard`` the loss, learning rate and validation images also go to
+    TensorBoard in ``log/tensorboard/<output_dir name>/`` (the ``training_log`` table is the same
+    either way)."""
     if not images:
         raise StageError("no training images; check the dataset (stage export)")
     output_dir = Path(output_dir)
@@ -676,7 +723,51 @@ def train_lora(
         break
     sweep_leftovers(output_dir)  # checkpoints and files the killed process never finished
 
-    trainer = (trainer_class or LoraTrainer)(cfg, cache_dir=cache_dir or output_dir, device=device)
+    trainer = (trainer_class or LoraTrainer)(
+        cfg,
+        cache_dir=cache_dir or output_dir,
+        device=device,
+        tracker_dir=tensorboard_dir() if cfg.tensorboard else None,
+    )
+    try:
+        return _train(
+            trainer,
+            images,
+            cfg,
+            output_dir,
+            prompts=validation_prompts,
+            progress=progress,
+            progress_path=progress_path,
+            resume_state=resume_state,
+            resumed_from=resumed_from,
+            key=key,
+            warnings=warnings,
+        )
+    finally:
+        if trainer.accelerator.trackers:
+            trainer.accelerator.end_training()  # closes the TensorBoard writer, also after an error
+
+
+def _train(
+    trainer: LoraTrainer,
+    images: Sequence[TrainImage],
+    cfg: TrainingConfig,
+    output_dir: Path,
+    *,
+    prompts: Sequence[str],
+    progress: bool,
+    progress_path: Path | None,
+    resume_state: dict[str, Any] | None,
+    resumed_from: int | None,
+    key: str,
+    warnings: list[str],
+) -> TrainResult:
+    """The loop of :func:`train_lora` once the trainer is built and the checkpoint to resume from
+    (if any) is read."""
+    from tqdm.auto import tqdm
+
+    from diffusion_bunny.pipeline.progress import ProgressFile
+
     resolution = trainer.resolution
     buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []
     square = (resolution - resolution % trainer.vae_scale,) * 2
@@ -686,9 +777,10 @@ def train_lora(
         samples += [Sample(image, bucket)] * image.repeats
     prior: list[TrainImage] = class_images(trainer, cfg, resolution) if cfg.prior_preservation else []
 
-    prompts = list(validation_prompts) if cfg.validation_every else []
+    prompts = list(prompts) if cfg.validation_every else []
     trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
     name = output_dir.name
+    tracker = start_tracker(trainer, name, cfg, resumed_from)
     log_rows: list[dict[str, Any]] = []
     validation_rows: list[dict[str, Any]] = []
     step, epoch, batch_index, elapsed_before = 0, 0, 0, 0.0
@@ -714,6 +806,10 @@ def train_lora(
             validation_rows.append(
                 {"step": at, "index": i, "prompt": prompts[i], "seed": cfg.seed + i, "path": str(path)}
             )
+            if tracker is not None:
+                tracker.log_images(
+                    {f"validation/{i:02d}": np.asarray(image.convert("RGB"))[None]}, at, dataformats="NHWC"
+                )
 
     if step == 0 and cfg.validation_every:
         validate(0)
@@ -753,6 +849,12 @@ def train_lora(
                 }
             )
             micro_losses, micro_prior = [], []
+            if tracker is not None:
+                row = log_rows[-1]
+                scalars = {"loss": row["loss"], "lr": row["lr"], "epoch": row["epoch"]}
+                if row["prior_loss"] is not None:
+                    scalars["prior_loss"] = row["prior_loss"]
+                tracker.log(scalars, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
             reporter.update(step)
