@@ -1,0 +1,320 @@
+"""The whole ingest at feature length: ``bunny run`` stages 01-06 (and 07) on real footage of 10,
+30 and 60 minutes, per stage: wall time, peak memory, rows in and out, frames per second.
+
+The movie is real footage made long: the Hamilton clip of ``../shared/testdata`` looped to 60
+minutes at 720p by :mod:`diffusion_bunny.demo.realclips` (made once, reused between runs; the 10-
+and 30-minute movies are its first minutes, cut at a keyframe without re-encoding). Looping alone
+would repeat frames, which stage 02 drops as duplicates, so every repeat is varied (crop, roll,
+mirror, colour grade, light, camera moves, speed 0.8-1.25x; redrawn until its frames are at least
+6 pHash bits from every earlier repeat's): every shot is new to the duplicate search and to the
+face and scene stages, and the table says how many frames each stage saw. The performer is
+Lin-Manuel Miranda, so stage 03 gets his portrait (and Alex Lacamoire's) from ``../shared/testdata``
+as references, and stages 06-07 have a named character to export and train on.
+
+Each stage runs as its own ``bunny run MOVIE --stages NAME`` in a child process (the stages
+before it are done, so only it runs), timed with ``time.perf_counter``; peak RSS is ``os.wait4``'s
+``ru_maxrss``: the largest process of the child's tree (the notebook kernel), not a sum. The
+reference is ``ffmpeg -i MOVIE -f null -`` on the same movie, in the same run.
+
+Targets (issue 15): stages 01-06 together within 3x ffmpeg's decode-only time; peak RSS under
+2 GiB; no stage growing faster than linearly with the movie's length (the table prints each
+stage's growth exponent between lengths: 1.0 is linear; pairwise work over all frames, such as
+duplicate search or neighbour counts, would show as 2). Stage 07 (``--train-steps``, tiny preset)
+is timed but not counted in the 3x: its cost is the number of steps, not the movie.
+
+    uv run python python_script/bench_pipeline.py [--lengths 10,30,60] [--train-steps 10]
+        [--work data/bench_pipeline] [--movies data/real] [--set SECTION.KEY=VALUE ...]
+
+Exit status 0 even when a target is missed (a measurement, not a test); 2 when ffmpeg or
+``../shared/testdata`` is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import BenchError, machine_facts, measure, warm_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+INGEST = ("extract", "quality", "characters", "scenes", "captions", "export")
+TARGET_X_DECODE = 3.0
+TARGET_RSS_MIB = 2048.0
+#: (count read as rows in, count read as rows out) of each stage's manifest.
+ROWS = {
+    "extract": ("decoded_frames", "frames"),
+    "quality": ("frames", "kept"),
+    "characters": ("frames_scanned", "faces"),
+    "scenes": ("frames", "scene_clusters"),
+    "captions": ("frames", "captioned"),
+    "export": ("captioned_frames", "items"),
+    "train": ("images", "steps"),
+}
+
+
+@dataclass
+class StageRun:
+    stage: str
+    wall_s: float = math.nan
+    peak_kib: int = 0
+    cpu_s: float = math.nan
+    rows_in: int | None = None
+    rows_out: int | None = None
+    failed: str | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LengthRun:
+    minutes: float
+    movie: Path
+    frames: int
+    ffmpeg_s: float = math.nan
+    ffmpeg_cpu_s: float = math.nan
+    stages: dict[str, StageRun] = field(default_factory=dict)
+
+    def ingest_s(self) -> float:
+        return sum(self.stages[s].wall_s for s in INGEST if s in self.stages)
+
+    def ingest_cpu_s(self) -> float:
+        return sum(self.stages[s].cpu_s for s in INGEST if s in self.stages)
+
+
+def references(work: Path) -> Path:
+    """One folder per character with their portrait from ``../shared/testdata``."""
+    from diffusion_bunny.demo.realclips import TESTDATA
+
+    out = work / "characters"
+    for name in ("lin-manuel-miranda", "alex-lacamoire"):
+        src = TESTDATA / "face_recognition_examples" / f"{name}.png"
+        if not src.is_file():
+            raise BenchError(f"{src} is missing (../shared/testdata holds the reference portraits)")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / name / src.name)
+    return out
+
+
+def long_movie(folder: Path, minutes: float) -> Path:
+    from diffusion_bunny.demo import realclips
+
+    if not realclips.HAMILTON.is_file():
+        raise BenchError(f"{realclips.HAMILTON} is missing: the benchmark needs ../shared/testdata")
+    params = realclips.Params(minutes=minutes, width=1280, height=720, seed=0)
+    print(
+        f"movie: {minutes:g} minutes of looped Hamilton at 1280x720 (made once, then reused) ...", flush=True
+    )
+    return realclips.make_movie(params, folder, realclips.HAMILTON, verbose=True)
+
+
+def cut_movie(source: Path, minutes: float) -> tuple[Path, int]:
+    """The first ``minutes`` of ``source`` (up to the first keyframe after them), copied without
+    re-encoding, with its cut truth; returns the path and its frame count."""
+    import av
+
+    out = source.with_name(f"{source.stem}-first{minutes:g}min.mp4")
+    truth_out = out.with_suffix(".cuts.json")
+    if out.is_file() and truth_out.is_file():
+        return out, int(json.loads(truth_out.read_text())["frames"])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part.mp4")
+    frames = 0
+    with av.open(str(source)) as src, av.open(str(tmp), "w") as dst:
+        stream = src.streams.video[0]
+        copy = dst.add_stream_from_template(stream)
+        limit = Fraction(round(minutes * 60 * 1000), 1000)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            if packet.is_keyframe and packet.pts is not None and packet.pts * stream.time_base >= limit:
+                break
+            packet.stream = copy
+            dst.mux(packet)
+            frames += 1
+    tmp.replace(out)
+    doc = json.loads(source.with_suffix(".cuts.json").read_text())
+    doc.update(
+        movie=out.name, frames=frames, cuts=[c for c in doc["cuts"] if c < frames], cut_from=source.name
+    )
+    doc.pop("repeats", None)
+    truth_out.write_text(json.dumps(doc, indent=1) + "\n")
+    return out, frames
+
+
+def ffmpeg_decode(ffmpeg: str, movie: Path, logs: Path) -> tuple[float, float]:
+    wall, _, rc, _, err, cpu = measure(
+        [ffmpeg, "-nostdin", "-v", "error", "-i", str(movie), "-f", "null", "-"], logs, "ffmpeg"
+    )
+    if rc != 0:
+        raise BenchError(f"ffmpeg could not decode {movie}: {err.strip()[-300:]}")
+    return wall, cpu
+
+
+def run_stages(length: LengthRun, stages: list[str], refs: Path, extra: list[str], work: Path) -> None:
+    bunny = Path(sys.executable).parent / "bunny"
+    out = work / "out" / f"{length.minutes:g}min"
+    shutil.rmtree(out, ignore_errors=True)
+    logs = work / "logs" / f"{length.minutes:g}min"
+    for stage in stages:
+        print(f"  {length.minutes:g} min: {stage} ...", end="", flush=True)
+        cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", stage, "--quiet"]
+        cmd += ["--characters", str(refs), *extra]
+        wall, peak, rc, _, err, cpu = measure(cmd, logs, stage)
+        run = StageRun(stage, wall, peak, cpu)
+        if rc != 0:
+            run.failed = f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+        else:
+            manifest = json.loads((out / "manifests" / f"{stage}.json").read_text())
+            run.counts = manifest.get("counts", {})
+            key_in, key_out = ROWS.get(stage, (None, None))
+            run.rows_in, run.rows_out = run.counts.get(key_in), run.counts.get(key_out)
+        length.stages[stage] = run
+        print(
+            f" {wall:.1f} s, {peak / 1024:.0f} MiB" + (f"  FAILED {run.failed}" if run.failed else ""),
+            flush=True,
+        )
+        if run.failed:
+            break
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def growth(a: LengthRun, b: LengthRun, stage: str) -> float | None:
+    """Exponent k in time ~ length**k between two lengths (1: linear)."""
+    ra, rb = a.stages.get(stage), b.stages.get(stage)
+    if not ra or not rb or ra.failed or rb.failed or ra.wall_s <= 0 or rb.wall_s <= 0:
+        return None
+    return math.log(rb.wall_s / ra.wall_s) / math.log(b.frames / a.frames)
+
+
+def report(runs: list[LengthRun], stages: list[str]) -> None:
+    for r in runs:
+        print(
+            f"\n== {r.minutes:g} minutes: {r.movie.name}, {r.frames} frames; "
+            f"ffmpeg decode-only {r.ffmpeg_s:.1f} s ({r.ffmpeg_cpu_s:.1f} s of CPU)"
+        )
+        print(
+            f"  {'stage':<11}{'wall s':>9}{'x decode':>10}{'peak MiB':>10}{'rows in':>10}{'rows out':>10}"
+            f"{'in/s':>9}{'cpu s':>9}{'x cpu':>7}"
+        )
+        for stage in stages:
+            s = r.stages.get(stage)
+            if s is None:
+                continue
+            if s.failed:
+                print(f"  {stage:<11}  FAILED: {s.failed}")
+                continue
+            rate = f"{s.rows_in / s.wall_s:.1f}" if s.rows_in else "-"
+            print(
+                f"  {stage:<11}{s.wall_s:>9.1f}{s.wall_s / r.ffmpeg_s:>10.2f}{s.peak_kib / 1024:>10.0f}"
+                f"{_n(s.rows_in):>10}{_n(s.rows_out):>10}"
+                f"{rate:>9}{s.cpu_s:>9.1f}{s.cpu_s / r.ffmpeg_cpu_s:>7.2f}"
+            )
+        done = [s for s in INGEST if s in r.stages and not r.stages[s].failed]
+        peak = max((r.stages[s].peak_kib for s in r.stages if not r.stages[s].failed), default=0) / 1024
+        print(
+            f"  stages 01-06 together: {r.ingest_s():.1f} s = {r.ingest_s() / r.ffmpeg_s:.2f}x decode-only "
+            f"(CPU: {r.ingest_cpu_s() / r.ffmpeg_cpu_s:.2f}x; {len(done)} of {len(INGEST)} stages); "
+            f"peak RSS {peak:.0f} MiB"
+        )
+    if len(runs) > 1:
+        print("\n== growth with length (time ~ frames^k; 1.0 = linear)")
+        pairs = list(itertools.pairwise(runs))
+        head = "".join(f"{f'{a.minutes:g}->{b.minutes:g} min':>16}" for a, b in pairs)
+        print(f"  {'stage':<11}{head}")
+        for stage in stages:
+            cells = [growth(a, b, stage) for a, b in pairs]
+            print(f"  {stage:<11}" + "".join(f"{'-' if k is None else f'{k:.2f}':>16}" for k in cells))
+    print("\ntargets")
+    for r in runs:
+        x = r.ingest_s() / r.ffmpeg_s
+        complete = all(s in r.stages and not r.stages[s].failed for s in INGEST)
+        verdict = ("PASS" if x <= TARGET_X_DECODE else "FAIL") if complete else "n/a (a stage failed)"
+        label = f"{r.minutes:g} min: stages 01-06 / ffmpeg decode-only"
+        print(f"  {label} = {x:.2f} (target <= {TARGET_X_DECODE})  {verdict}")
+        peak = max((s.peak_kib for s in r.stages.values() if not s.failed), default=0) / 1024
+        verdict = "PASS" if peak < TARGET_RSS_MIB else "FAIL"
+        print(f"  {r.minutes:g} min: peak RSS = {peak:.0f} MiB (target < {TARGET_RSS_MIB:g})  {verdict}")
+    if len(runs) > 1:
+        worst = [
+            (stage, k)
+            for a, b in itertools.pairwise(runs)
+            for stage in INGEST
+            if (k := growth(a, b, stage)) is not None
+        ]
+        if worst:
+            stage, k = max(worst, key=lambda x: x[1])
+            print(
+                f"  fastest-growing stage: {stage}, exponent {k:.2f} (target: linear; "
+                f"{'PASS' if k <= 1.15 else 'FAIL'} at <= 1.15, which allows timing noise)"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="10,30,60", help="movie lengths in minutes (the longest is made)")
+    ap.add_argument("--train-steps", type=int, default=10, help="stage 07 steps on the tiny preset (0: skip)")
+    ap.add_argument(
+        "--work", type=Path, default=ROOT / "data" / "bench_pipeline", help="run folders and logs"
+    )
+    ap.add_argument("--movies", type=Path, default=ROOT / "data" / "real", help="where the movies are made")
+    ap.add_argument("--set", action="append", default=[], help="extra config override for every stage")
+    args = ap.parse_args(argv)
+    try:
+        return bench(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def bench(args: argparse.Namespace) -> int:
+    ffmpeg = shutil.which("ffmpeg")
+    if not ffmpeg:
+        raise BenchError("ffmpeg must be on PATH (Debian: apt-get install ffmpeg): it is the reference")
+    lengths = sorted(float(x) for x in args.lengths.split(","))
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for line in machine_facts(ffmpeg):
+        print(line)
+    refs = references(work)
+    source = long_movie(args.movies.resolve(), lengths[-1])
+    stages = list(INGEST) + (["train"] if args.train_steps > 0 else [])
+    extra = [x for kv in args.set for x in ("--set", kv)]
+    if args.train_steps > 0:
+        extra += [
+            "--set",
+            "training.base_model=tiny",
+            "--set",
+            f"training.max_train_steps={args.train_steps}",
+        ]
+    runs = []
+    for minutes in lengths:
+        movie, frames = cut_movie(source, minutes) if minutes < lengths[-1] else (source, 0)
+        if not frames:
+            frames = int(json.loads(source.with_suffix(".cuts.json").read_text())["frames"])
+        run = LengthRun(minutes, movie, frames)
+        warm_cache(movie)
+        started = time.perf_counter()
+        run.ffmpeg_s, run.ffmpeg_cpu_s = ffmpeg_decode(ffmpeg, movie, work / "logs" / f"{minutes:g}min")
+        print(f"{minutes:g} min ({frames} frames): ffmpeg decode-only {run.ffmpeg_s:.1f} s", flush=True)
+        run_stages(run, stages, refs, extra, work)
+        print(f"  ({time.perf_counter() - started:.0f} s for this length)", flush=True)
+        runs.append(run)
+    report(runs, stages)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
