@@ -370,9 +370,7 @@ class CascadeBoundaries(Boundaries):
     def _wanted(self) -> list[tuple[int, int]]:
         """The frames queued candidates need predicted that the network has not run, as
         inclusive intervals (frames not decoded yet included: a run waits for them)."""
-        frames = sorted(
-            {f for c in self.queue for f in self._span(c, final=False)} - self.probs.keys()
-        )
+        frames = sorted({f for c in self.queue for f in self._span(c, final=False)} - self.probs.keys())
         out: list[tuple[int, int]] = []
         for f in frames:
             if out and f == out[-1][1] + 1:
