@@ -179,6 +179,44 @@ def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     assert "use it with --engine ray" in err and err.count("\n") == 1
 
 
+class _SlowRay:
+    """Stands in for the ``ray`` module: its first ``fail`` starts time out as Ray's own raylet
+    registration does on a busy machine (a bare Exception after a fixed 30 s)."""
+
+    def __init__(self, fail: int):
+        self.fail, self.inits, self.shutdowns = fail, 0, 0
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        self.inits += 1
+        if self.inits <= self.fail:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_local_ray_start_that_times_out_is_tried_once_more_then_one_line(monkeypatch):
+    from diffusion_bunny.errors import EngineError
+    from diffusion_bunny.pipeline.engine import start_ray
+
+    cfg = load_config(None, {"engine.num_cpus": 2})
+    once = _SlowRay(fail=1)
+    monkeypatch.setitem(sys.modules, "ray", once)
+    assert start_ray(cfg) is True
+    assert (once.inits, once.shutdowns) == (2, 1)
+    always = _SlowRay(fail=5)
+    monkeypatch.setitem(sys.modules, "ray", always)
+    with pytest.raises(EngineError) as err:
+        start_ray(cfg)
+    msg = str(err.value)
+    assert always.inits == 2 and "\n" not in msg
+    assert msg.startswith("could not start a local Ray cluster (The current node timed out during startup.")
+    assert "--engine local" in msg and "busy machine" in msg
+
+
 def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
     movies, local_batch, extracted, ray_cluster, tmp_path, capsys
 ):
