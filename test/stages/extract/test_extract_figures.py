@@ -14,7 +14,13 @@ from diffusion_bunny.config import load_config, save_local_settings
 from diffusion_bunny.demo.metrics import match_boundaries
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
-from diffusion_bunny.stages.extract.plots import contact_sheet, motion_plot, shot_length_plot
+from diffusion_bunny.stages.extract.plots import (
+    contact_sheet,
+    decision_counts,
+    decision_plot,
+    motion_plot,
+    shot_length_plot,
+)
 from diffusion_bunny.stages.extract.widgets import MotionThresholdExplorer
 
 
@@ -80,6 +86,31 @@ def test_figures_render(clip_run, tmp_path):
     assert small.size[1] == 22 + 2 * (90 + 16 + 4)  # header line "first 2 of 4 shots"
     broken = frames.with_columns(pl.lit("frames/missing.jpg").alias("path"))
     assert contact_sheet(clip_run.run_dir, broken, shots, path_column="path").size[0] > 0
+
+
+def test_decision_plot_counts_every_candidate_by_its_rule(clip_run, tmp_path):
+    cands = clip_run.read_table("boundary_candidates")
+    assert cands.height >= 3  # the clip's three cuts are candidates
+    counts = decision_counts(cands)
+    assert int(counts["candidates"].sum()) == cands.height
+    for row in counts.iter_rows(named=True):
+        kind, reason = row["rule"].split(": ", 1)
+        same = cands.filter(
+            (pl.col("kind") == kind)
+            & (pl.col("decision") == row["decision"])
+            & (pl.col("reason").fill_null(pl.col("decision")) == reason)
+        )
+        assert same.height == row["candidates"]
+    facts = clip_run.read_manifest("extract")["facts"]
+    plot = decision_plot(cands, facts)
+    judged = int(cands["decision"].is_in(["confirmed", "rejected"]).sum())
+    assert plot.labels.title == f"{cands.height} boundary candidates, {judged} judged by TransNetV2"
+    assert f"{100 * facts['model_frames_per_decoded']:.1f}% of the decoded frames" in plot.labels.subtitle
+    out = tmp_path / "decisions.png"
+    plot.save(out, verbose=False)
+    assert out.stat().st_size > 5_000
+    # A detector without candidates (PySceneDetect's, TransNetV2 alone): nothing to plot.
+    assert decision_plot(cands.clear()) is None
 
 
 def test_boundary_matching_is_one_to_one():

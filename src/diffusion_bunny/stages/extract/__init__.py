@@ -47,7 +47,8 @@ def summary(manifest: dict[str, Any]) -> str:
     )
     if f.get("candidates_proposed") is not None:
         line += (
-            f": {f['candidates_proposed']} candidates, {f['candidates_accepted_fast']} accepted at once, "
+            f": {f['candidates_proposed']} candidates, {f['candidates_accepted_fast']} accepted and "
+            f"{f.get('candidates_rejected_fast', 0)} rejected at once, "
             f"{f['candidates_confirmed']} confirmed and {f['candidates_rejected']} rejected by TransNetV2 "
             f"({f['model_frames_run']} network frames)"
         )

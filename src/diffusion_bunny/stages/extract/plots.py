@@ -57,6 +57,76 @@ def motion_plot(shots: pl.DataFrame, threshold: float) -> p9.ggplot:
     )
 
 
+DECISION_COLOURS = {
+    "accepted_fast": "#54A24B",
+    "rejected_fast": "#BAB0AC",
+    "confirmed": "#4C78A8",
+    "rejected": "#E45756",
+}
+
+
+def decision_counts(candidates: pl.DataFrame) -> pl.DataFrame:
+    """Candidates counted by verdict and reason (``kind: reason``), most frequent first: which
+    rule settled how many, and how many the network had to judge."""
+    return (
+        candidates.with_columns(
+            pl.concat_str(
+                [pl.col("kind"), pl.lit(": "), pl.col("reason").fill_null(pl.col("decision"))]
+            ).alias("rule")
+        )
+        .group_by("decision", "rule")
+        .len("candidates")
+        .sort(["candidates", "rule"], descending=[True, False])
+    )
+
+
+def decision_plot(candidates: pl.DataFrame, facts: dict | None = None) -> p9.ggplot | None:
+    """The cascade's verdicts on its boundary candidates, one bar per rule, coloured by verdict
+    (accepted or rejected at once, or confirmed or rejected by TransNetV2); the title says how
+    much of the movie the network saw. None where the detector proposes no candidates (the
+    PySceneDetect detectors, TransNetV2 alone)."""
+    if candidates.is_empty():
+        return None
+    import pandas as pd
+
+    counts = decision_counts(candidates)
+    # One bar per rule (a rule such as "hard: network" can end in either verdict: stacked), the
+    # most used at the top.
+    totals = (
+        counts.group_by("rule")
+        .agg(pl.col("candidates").sum())
+        .sort(["candidates", "rule"], descending=[True, False])
+    )
+    order = list(reversed(totals["rule"].to_list()))
+    df, tdf = counts.to_pandas(), totals.to_pandas()
+    df["rule"] = pd.Categorical(df["rule"], categories=order)
+    tdf["rule"] = pd.Categorical(tdf["rule"], categories=order)
+    judged = int(candidates["decision"].is_in(["confirmed", "rejected"]).sum())
+    title = f"{candidates.height} boundary candidates, {judged} judged by TransNetV2"
+    share = (facts or {}).get("model_frames_per_decoded")
+    subtitle = None
+    if share is not None:
+        subtitle = f"the network ran on {100 * float(share):.1f}% of the decoded frames"
+    return (
+        p9.ggplot(df, p9.aes(x="rule", y="candidates", fill="decision"))
+        + p9.geom_col()
+        + p9.geom_text(
+            p9.aes(x="rule", y="candidates", label="candidates"),
+            data=tdf,
+            inherit_aes=False,
+            ha="left",
+            nudge_y=0.5,
+            size=8,
+        )
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values=DECISION_COLOURS)
+        + p9.scale_y_continuous(expand=(0, 0, 0.12, 0))
+        + p9.labs(x="", y="candidates", fill="verdict", title=title, subtitle=subtitle)
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(8, max(2.4, 0.35 * len(tdf) + 1.2)))
+    )
+
+
 def contact_sheet(
     run_dir: str | Path,
     picks: pl.DataFrame,
