@@ -150,7 +150,7 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert "precision 1.00 recall 1.00" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 3  # shot lengths, motion with threshold, contact sheet
+    assert len(pngs) == 4  # shot lengths, motion with threshold, boundary decisions, contact sheet
     # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
     n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
     assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
