@@ -116,40 +116,55 @@ def start_ray(cfg: Config) -> bool:
     engine = cfg.engine
     if engine.address:
         _check_reachable(engine.address)
-    for attempt in (1, 2):
+    # Ray raises a bare Exception when its raylet does not register within its fixed 30 s (seen
+    # on a busy 2-core machine), so any failure of ray.init is caught: it is the machine or the
+    # cluster, not our bug, and deserves one line rather than a traceback.
+    try:
+        _init_ray(ray, engine)
+    except Exception as exc:
+        if engine.address or "timed out" not in _first_line(exc):
+            raise _start_error(engine, exc) from None
+        # A local start that only ran out of time: once more, after cleaning up.
+        log.warning("starting a local Ray cluster timed out (%s); trying once more", _first_line(exc))
+        ray.shutdown()
         try:
-            if engine.address:
-                ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
-            else:
-                ray.init(
-                    num_cpus=engine.num_cpus,
-                    include_dashboard=False,
-                    object_store_memory=engine.object_store_mb * 1024 * 1024,
-                    log_to_driver=True,
-                    configure_logging=False,
-                )
-            return True
-        # Ray raises a bare Exception when its raylet does not register within its fixed 30 s
-        # (seen on a busy 2-core machine), so any failure of ray.init is caught here: it is the
-        # machine or the cluster, not our bug, and deserves one line rather than a traceback.
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if attempt == 1 and not engine.address and "timed out" in first:
-                # A local start that only ran out of time: once more, after cleaning up.
-                log.warning("starting a local Ray cluster timed out (%s); trying once more", first)
-                ray.shutdown()
-                continue
-            where = "start a local Ray cluster"
-            if engine.address:
-                where = f"join the Ray cluster at {engine.address}"
-            hint = (
-                "check --address (ray start --head prints it) or leave it out for a local cluster"
-                if engine.address
-                else "check engine.num_cpus and engine.object_store_mb, or use --engine local"
-                + (" (a busy machine makes Ray's start time out)" if "timed out" in first else "")
-            )
-            raise EngineError(f"could not {where} ({first}); {hint}") from None
-    return True  # pragma: no cover - the loop returns or raises
+            _init_ray(ray, engine)
+        except Exception as again:
+            raise _start_error(engine, again) from None
+    return True
+
+
+def _init_ray(ray: Any, engine: Any) -> None:
+    if engine.address:
+        ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(
+            num_cpus=engine.num_cpus,
+            include_dashboard=False,
+            object_store_memory=engine.object_store_mb * 1024 * 1024,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _start_error(engine: Any, exc: BaseException) -> EngineError:
+    """One line for a Ray that would not start or join, with what to check."""
+    first = _first_line(exc)
+    if engine.address:
+        return EngineError(
+            f"could not join the Ray cluster at {engine.address} ({first}); "
+            "check --address (ray start --head prints it) or leave it out for a local cluster"
+        )
+    busy = " (a busy machine makes Ray's start time out)" if "timed out" in first else ""
+    return EngineError(
+        f"could not start a local Ray cluster ({first}); "
+        f"check engine.num_cpus and engine.object_store_mb, or use --engine local{busy}"
+    )
 
 
 def _check_reachable(address: str) -> None:
