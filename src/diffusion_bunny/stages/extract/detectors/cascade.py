@@ -241,10 +241,7 @@ class CascadeBoundaries(Boundaries):
             self.order.add(c, s)
         elif self.motion and motion_explains(cand):
             cand.decision, cand.reason = "rejected_fast", "motion"
-        elif not (jump or colours) and not (
-            (cand.motion_residual or 0.0) >= MC_CUT_RESIDUAL
-            and (cand.motion_contrast or 0.0) >= MC_ONSET_CONTRAST
-        ):
+        elif not (jump or colours) and not motion_leaves(cand, MC_ONSET_CONTRAST):
             cand.decision, cand.reason = "rejected_fast", "motion onset"
         else:
             self._enqueue(cand)
@@ -584,18 +581,24 @@ def accept_at_once(
         and c.fast_score >= COLOUR_RATIO * c.baseline
     ):
         return "colour jump"
-    if (
-        motion
-        and c.motion_residual is not None
-        and c.motion_contrast is not None
-        and c.fast_score >= COLOUR_JUMP
-        and c.motion_residual >= MC_CUT_RESIDUAL
-        and c.motion_contrast >= MC_CUT_CONTRAST
-    ):
+    if motion and c.fast_score >= COLOUR_JUMP and motion_leaves(c, MC_CUT_CONTRAST):
         # Two sides that are steady once their motion is compensated, and a change between them
         # that no motion explains: a cut into or out of a moving shot.
         return "compensated jump"
     return None
+
+
+def motion_leaves(c: Candidate, contrast: float) -> bool:
+    """Whether a change stays after motion compensation (the flow predicts at most
+    ``1 - MC_CUT_RESIDUAL`` of it) and stands ``contrast`` times above the shot's own
+    compensated change: what no camera motion explains. The three rules that use it differ only
+    in how clear that must be (accept at once, weigh an unsure network, send an onset to it)."""
+    return (
+        c.motion_residual is not None
+        and c.motion_contrast is not None
+        and c.motion_residual >= MC_CUT_RESIDUAL
+        and c.motion_contrast >= contrast
+    )
 
 
 def motion_explains(c: Candidate) -> bool:
@@ -627,13 +630,7 @@ def unsure_but_clear(
         return None
     if accept_colour is not None and c.colour_score >= accept_colour:
         return "network unsure, colours jumped"
-    if (
-        motion
-        and c.motion_residual is not None
-        and c.motion_contrast is not None
-        and c.motion_residual >= MC_CUT_RESIDUAL
-        and c.motion_contrast >= MC_UNSURE_CONTRAST
-    ):
+    if motion and motion_leaves(c, MC_UNSURE_CONTRAST):
         return "network unsure, no motion explains it"
     return None
 
