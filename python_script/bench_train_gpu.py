@@ -66,13 +66,15 @@ from bench_train import run_measured
 
 CAPTION = "bunnystyle person, close-up portrait"
 
+FLUX_DEV: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+
 #: Real configs (the hub repos' transformer/config.json), and toy ones of the same layout.
 TRANSFORMERS: dict[str, dict[str, Any]] = {
-    "flux-dev": dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-    ),
+    "flux-dev": FLUX_DEV,
     "sd35-medium": dict(
         sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -80,11 +82,7 @@ TRANSFORMERS: dict[str, dict[str, Any]] = {
         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
     ),
     # FLUX.1-dev's layer shapes at depth 1 + 1 (for chasing a failure without the 12B build)
-    "flux-shallow": dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-    ),
+    "flux-shallow": {**FLUX_DEV, "num_layers": 1, "num_single_layers": 1},
     "flux-small": dict(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
