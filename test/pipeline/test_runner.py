@@ -215,6 +215,12 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     assert manifest["inputs"]["frames"]["table"] == "frames"
     nb = nbformat.read(out / "notebooks" / "02_filter_quality.ipynb", as_version=4)
     assert nb.metadata["papermill"]["parameters"]["interactive"] is False
+    # Both notebooks ran in one kernel, reset in between: stage 02's executed copy counts from 1.
+    text = logs.last_path.read_text()
+    assert "extract notebook took" in text and "quality notebook took" in text
+    assert "(kernel of the earlier stage, reset)" in text.split("quality notebook took")[1].splitlines()[0]
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1))
     capsys.readouterr()
     # A filtering threshold moves: extract is skipped, quality reruns and applies it.
     # (The clip's static shots are flat colour fields: blurry at any positive threshold.)

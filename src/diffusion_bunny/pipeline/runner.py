@@ -3,7 +3,8 @@
 The runner decides per stage whether the manifest still matches (then the stage is skipped
 without starting a kernel), executes the notebook otherwise, keeps the executed copy in
 ``<run>/notebooks/`` and turns a user error raised inside the kernel back into a
-:class:`~diffusion_bunny.errors.UserError` with the kernel's message.
+:class:`~diffusion_bunny.errors.UserError` with the kernel's message. The notebooks of one
+movie's run share one kernel (:class:`StageKernel`), reset between notebooks.
 """
 
 from __future__ import annotations
@@ -95,16 +96,118 @@ def notebook_dir() -> Path:
     return root / "notebook"
 
 
+#: Run in a shared kernel before each notebook but its first: what a fresh kernel would give a
+#: notebook (an empty namespace and output history, no open figures, execution counts from 1),
+#: keeping only what was imported. ``%reset -f`` also drops the module's dunders, which
+#: multiprocessing's spawn needs (``__main__.__spec__``), so those are put back.
+_FRESH_NAMESPACE = """\
+def _fresh(ip=get_ipython()):
+    import gc, sys
+    dunders = {k: v for k, v in ip.user_ns.items() if k.startswith("__") and k.endswith("__")}
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+    ip.run_line_magic("reset", "-f")
+    ip.user_ns.update(dunders)
+    gc.collect()
+    ip.execution_count = 1
+_fresh()
+"""
+
+
+class StageKernel:
+    """One Jupyter kernel for the stage notebooks of one movie's run.
+
+    Why: a fresh kernel per notebook paid its start and the stage's imports (polars, plotnine,
+    torch: 4-6 s on 2 cores) and the first figure's set-up (~2 s) every time, more than many
+    stages' own work on a short movie and ~70 s of a six-stage run. Between notebooks the kernel
+    is reset (:data:`_FRESH_NAMESPACE`), so a notebook still sees only the names it defines, as
+    a user running it alone in JupyterLab would; imported modules and loaded models stay, which
+    is the saving. nbclient starts the kernel with the first notebook (after papermill has
+    written the notebook's first copy, so a failing write leaves no kernel behind) and leaves it
+    running because it does not own the manager; a kernel that died is replaced.
+    """
+
+    def __init__(self, kernel_name: str):
+        self.kernel_name = kernel_name
+        self._km: Any = None
+        self.notebooks = 0
+        self.fresh = True  # whether the last notebook got a kernel not started before
+
+    def manager(self) -> Any:
+        """The kernel manager for the next notebook: the running kernel, reset, or a new one."""
+        from jupyter_core.utils import run_sync
+
+        if self._km is not None and self._km.has_kernel and not run_sync(self._km.is_alive)():
+            self.close()
+        if self._km is None:
+            self._km = self._new_manager()
+            self.notebooks = 0
+        self.fresh = not self._km.has_kernel
+        if not self.fresh and self.notebooks:
+            self._reset()
+        self.notebooks += 1
+        return self._km
+
+    def _new_manager(self) -> Any:
+        from jupyter_client.kernelspec import NoSuchKernel
+        from jupyter_client.manager import AsyncKernelManager
+
+        km = AsyncKernelManager(kernel_name=self.kernel_name)
+        try:
+            km.kernel_spec  # noqa: B018 - looks the kernel up now, for a clear line
+        except NoSuchKernel:
+            raise StageError(
+                f"run.kernel: no Jupyter kernel named {self.kernel_name!r} is installed; use python3 (the "
+                "project's own environment) or one that `uv run jupyter kernelspec list` shows"
+            ) from None
+        return km
+
+    def _reset(self) -> None:
+        from jupyter_core.utils import run_sync
+
+        async def fresh() -> dict[str, Any]:
+            kc = self._km.client()
+            kc.start_channels()
+            try:
+                await kc.wait_for_ready(timeout=60)
+                return await kc.execute_interactive(
+                    _FRESH_NAMESPACE, store_history=False, timeout=60, output_hook=lambda msg: None
+                )
+            finally:
+                kc.stop_channels()
+
+        reply = run_sync(fresh)()
+        if reply["content"]["status"] != "ok":  # pragma: no cover - IPython's own reset failing
+            raise RuntimeError(f"resetting the stage kernel failed: {reply['content']}")
+
+    def close(self) -> None:
+        """Shut the kernel down (a no-op when none runs)."""
+        from jupyter_core.utils import run_sync
+
+        km, self._km = self._km, None
+        if km is None or not km.has_kernel:
+            return
+        try:
+            if run_sync(km.is_alive)():
+                run_sync(km.shutdown_kernel)(now=False)
+        finally:
+            run_sync(km.cleanup_resources)()
+
+
 def execute_stage_notebook(
     pipeline: Pipeline,
     run: Run,
     stage: str,
     config_path: str | None,
     overrides: dict[str, Any],
-    kernel: str,
+    kernel: str | StageKernel,
     progress: bool,
 ) -> Path:
-    """Execute one stage notebook headless and keep the executed copy in the run folder."""
+    """Execute one stage notebook headless and keep the executed copy in the run folder.
+
+    ``kernel`` is a kernel name (a kernel of its own, shut down after the notebook) or a
+    :class:`StageKernel` shared with the run's other notebooks.
+    """
     # papermill -> nbformat -> jsonschema imports rfc3987_syntax, which builds a parser grammar
     # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
     # notebook validation never uses; jsonschema skips that checker when the import fails.
@@ -125,6 +228,10 @@ def execute_stage_notebook(
         "force": True,
         "interactive": False,
     }
+    shared = isinstance(kernel, StageKernel)
+    engine: dict[str, Any] = (
+        {"kernel_name": kernel.kernel_name, "km": kernel.manager()} if shared else {"kernel_name": kernel}
+    )
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
     if progress:
@@ -134,12 +241,12 @@ def execute_stage_notebook(
             str(source),
             str(target),
             parameters=params,
-            kernel_name=kernel,
             progress_bar=False,  # the stage's own bar (frames, not cells) is followed instead
             cwd=str(source.parent),
             # ipykernel warns on every start that its local TCP sockets are unencrypted; that is
             # noise on a user's terminal. Errors in cells still come back through papermill.
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            **engine,
         )
     except PapermillExecutionError as exc:
         if exc.ename in USER_ERROR_NAMES:
@@ -152,6 +259,8 @@ def execute_stage_notebook(
             f"the executed notebook is {target}"
         ) from None
     except DeadKernelError as exc:
+        if shared:
+            kernel.close()
         # The kernel process ended under the stage: nearly always the system killing it for
         # memory. The stage's earlier results are intact (its writes are atomic, its manifest
         # was removed first, so it simply runs again).
@@ -185,26 +294,35 @@ def run_movie(
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
     run = Run.create(run_dir, movie)
     report = MovieReport(movie=movie, run_dir=run.run_dir)
-    for stage in stages:
-        state, reason = stage_state(pipeline, run, stage, cfg)
-        if state == "done" and not force:
-            report.stages.append(StageReport(stage, "skipped", "up to date"))
-            _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
-            continue
-        _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
-        t0 = time.monotonic()
-        execute_stage_notebook(pipeline, run, stage, config_path, overrides, cfg.run.kernel, progress)
-        log.info(
-            "%s: %s notebook took %.1f s (kernel start included)", movie.name, stage, time.monotonic() - t0
-        )
-        manifest = run.read_manifest(stage) or {}
-        stage_report = StageReport(
-            stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
-        )
-        report.stages.append(stage_report)
-        _say(f"{movie.name}: {stage} done: {pipeline.get(stage).summary(manifest) if manifest else reason}")
-        for warning in stage_report.warnings:
-            _say(f"{movie.name}: warning: {warning}")
+    kernel = StageKernel(cfg.run.kernel)
+    try:
+        for stage in stages:
+            state, reason = stage_state(pipeline, run, stage, cfg)
+            if state == "done" and not force:
+                report.stages.append(StageReport(stage, "skipped", "up to date"))
+                _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
+                continue
+            _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
+            t0 = time.monotonic()
+            execute_stage_notebook(pipeline, run, stage, config_path, overrides, kernel, progress)
+            log.info(
+                "%s: %s notebook took %.1f s (%s)",
+                movie.name,
+                stage,
+                time.monotonic() - t0,
+                "kernel start included" if kernel.fresh else "kernel of the earlier stage, reset",
+            )
+            manifest = run.read_manifest(stage) or {}
+            stage_report = StageReport(
+                stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
+            )
+            report.stages.append(stage_report)
+            summary = pipeline.get(stage).summary(manifest) if manifest else reason
+            _say(f"{movie.name}: {stage} done: {summary}")
+            for warning in stage_report.warnings:
+                _say(f"{movie.name}: warning: {warning}")
+    finally:
+        kernel.close()
     return report
 
 
