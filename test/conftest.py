@@ -59,10 +59,19 @@ def cut_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory):
-    """The built-in demo movie, built once per test session."""
+    """The built-in demo movie, built once per pytest run: under pytest-xdist the workers share
+    one build in the run's common temporary folder (the first builds it under a file lock, the
+    others find it current), as pytest-xdist's documentation shows for session data. Tests only
+    read it; what a test writes beside it goes to its own folders."""
+    from filelock import FileLock
+
     from diffusion_bunny.demo.movie import build_demo_movie
 
-    return build_demo_movie(tmp_path_factory.mktemp("demo"), progress=False)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build_demo_movie(tmp_path_factory.mktemp("demo"), progress=False)
+    shared = tmp_path_factory.getbasetemp().parent
+    with FileLock(str(shared / "demo.lock")):
+        return build_demo_movie(shared / "demo", progress=False)
 
 
 @pytest.fixture(scope="session")

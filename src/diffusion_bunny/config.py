@@ -506,6 +506,11 @@ class GenerationConfig(_Section):
     lora_scales: tuple[float, ...] = (0.0, 0.5, 1.0)
     checkpoints: Literal["all", "final"] | tuple[str, ...] = "all"
     steps: int = Field(20, ge=1, le=1000)
+    #: Images drawn in one pipeline call (same checkpoint and LoRA scale). Each denoising step then
+    #: runs once for the batch: much faster on a CPU and for small models; on a GPU it needs the
+    #: batch's activations in memory (a 1024 px SDXL or FLUX.1 batch of 8 does not fit 24 GB).
+    #: None: 8 for the built-in tiny presets, 1 for a real model.
+    batch_size: int | None = Field(None, ge=1, le=64)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     max_sequence_length: int | None = Field(None, ge=8, le=512)
     resolution: int | None = Field(None, ge=64, le=4096)

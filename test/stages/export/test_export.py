@@ -27,7 +27,7 @@ from diffusion_bunny.stages.export.plan import (
     select_items,
     shot_groups,
 )
-from diffusion_bunny.stages.export.stage import write_metadata
+from diffusion_bunny.stages.export.stage import resized, write_metadata
 from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
 
 
@@ -573,3 +573,16 @@ def test_notebook_06_runs_headless(export_run, tmp_path, monkeypatch):
     assert len(tables) >= 2  # repeats, captions
     assert run.read_manifest("export")["finished"] == finished  # skipped: up to date
     nbformat.validate(nb)
+
+
+def test_resized_averages_when_shrinking_and_keeps_the_size_asked():
+    # Stripes one pixel wide: shrinking by 2 must average them (grey), not pick every other
+    # stripe (aliasing would give all black or all white).
+    stripes = np.zeros((8, 8, 3), np.uint8)
+    stripes[:, ::2] = 255
+    small = np.asarray(resized(Image.fromarray(stripes), (4, 4)))
+    assert small.shape == (4, 4, 3) and np.all(np.abs(small.astype(int) - 128) <= 1)
+    big = resized(Image.fromarray(stripes), (16, 12))
+    assert big.size == (16, 12) and big.mode == "RGB"
+    same = Image.fromarray(stripes)
+    assert resized(same, (8, 8)) is same

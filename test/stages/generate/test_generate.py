@@ -206,6 +206,34 @@ def test_generation_is_deterministic_and_lora_scale_matters(pipe, training_outpu
     assert np.array_equal(base, np.asarray(render(pipe, prompt, 0, FAST)))  # unloaded: base again
 
 
+def test_batched_images_are_the_images_drawn_one_by_one(pipe, training_output, tmp_path):
+    """Batches of 3 over groups of 4 images per checkpoint and scale: a batch never mixes LoRA
+    scales or checkpoints (that would change a picture by far more than the tolerance: see the
+    test above), and each image starts from its own seed's noise."""
+    from PIL import Image
+
+    cks = find_checkpoints(training_output)
+    prompts = ["{trigger} {character}", "{trigger} {character}, full body"]
+    items = plan_grid(["astronaut"], prompts, "bunnystyle", [0, 1], [0.0, 0.5, 1.0], cks)
+    assert generate_images(pipe, tmp_path / "one", items, cks, FAST) == (len(items), 0)
+    assert generate_images(pipe, tmp_path / "three", items, cks, FAST, batch_size=3) == (len(items), 0)
+    for item in items:
+        one = np.asarray(Image.open(tmp_path / "one" / item.rel_path)).astype(int)
+        three = np.asarray(Image.open(tmp_path / "three" / item.rel_path)).astype(int)
+        assert np.abs(one - three).max() <= 2, item  # float sums in another order, nothing more
+    assert stored_key(tmp_path / "one" / items[0].rel_path) == stored_key(
+        tmp_path / "three" / items[0].rel_path
+    )
+
+
+def test_batch_size_defaults_to_the_model_kind(pipe):
+    from diffusion_bunny.stages.generate.render import PRESET_BATCH, batch_size_for
+
+    assert pipe.bunny_base.source == "preset" and batch_size_for(pipe, None) == PRESET_BATCH
+    assert batch_size_for(pipe, 2) == 2
+    assert batch_size_for(object(), None) == 1  # a pipeline of a real model, loaded elsewhere
+
+
 def test_grid_is_written_and_a_rerun_renders_only_what_is_missing(pipe, training_output, tmp_path):
     cks = find_checkpoints(training_output)
     items = plan_grid(["astronaut"], ["{trigger} {character}"], "bunnystyle", [0, 1], [0.0, 1.0], cks)

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import polars as pl
 from PIL import Image
 from tqdm.auto import tqdm
@@ -66,6 +68,21 @@ def _save_options(cfg: ExportConfig) -> dict[str, Any]:
     return {"format": fmt, "quality": cfg.jpeg_quality}
 
 
+def resized(crop: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``crop`` at ``size``: shrunk by pixel-area averaging (OpenCV's ``INTER_AREA``, its method
+    for shrinking: no aliasing), enlarged with a Lanczos filter.
+
+    Why OpenCV rather than Pillow's LANCZOS: shrinking a 720p frame to 1024x576 took 19-25 ms
+    there and 4.4 ms here (mean difference 0.05 grey levels on the looped Hamilton frames); it was
+    most of stage 06's time (50 s of 2,538 frames at 60 minutes).
+    """
+    if crop.size == size:
+        return crop
+    shrink = size[0] <= crop.width and size[1] <= crop.height
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4
+    return Image.fromarray(cv2.resize(np.asarray(crop), size, interpolation=method))
+
+
 def _write_frame(
     run_dir: Path, rows: list[dict[str, Any]], root: Path, cfg: ExportConfig, kohya: bool
 ) -> int:
@@ -81,9 +98,9 @@ def _write_frame(
     options = _save_options(cfg)
     written = 0
     for row in rows:
-        crop = image.crop((row["left"], row["top"], row["right"], row["bottom"]))
-        if crop.size != (row["width"], row["height"]):
-            crop = crop.resize((row["width"], row["height"]), Image.Resampling.LANCZOS)
+        crop = resized(
+            image.crop((row["left"], row["top"], row["right"], row["bottom"])), (row["width"], row["height"])
+        )
         target = root / "hf" / row["split"] / row["file_name"]
         crop.save(target, **options)
         written += target.stat().st_size

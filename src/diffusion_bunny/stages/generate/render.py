@@ -126,27 +126,54 @@ def default_size(pipe: Any) -> int:
     return int(sample) * scale
 
 
+#: ``generation.batch_size`` when null for the built-in tiny presets (128 px, a few MB each).
+PRESET_BATCH = 8
+
+
+def batch_size_for(pipe: Any, setting: int | None) -> int:
+    """``generation.batch_size``, or when null: :data:`PRESET_BATCH` for a tiny preset, 1 for a real
+    model (whose batch must fit the device's memory)."""
+    if setting is not None:
+        return setting
+    ref = getattr(pipe, "bunny_base", None)
+    return PRESET_BATCH if ref is not None and ref.source == "preset" else 1
+
+
 def render(pipe: Any, prompt: str, seed: int, settings: RenderSettings) -> Image.Image:
     """One image. The seed drives a fresh CPU ``torch.Generator``, so the same seed gives the same
     starting noise on any device and for any LoRA (scales and checkpoints are then comparable)."""
+    return render_batch(pipe, [prompt], [seed], settings)[0]
+
+
+def render_batch(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], settings: RenderSettings
+) -> list[Image.Image]:
+    """Several images in one pipeline call: each denoising step runs once for the whole batch,
+    which on a CPU, or a GPU with memory to spare, costs far less than one call per image.
+
+    Each image keeps its own CPU generator (diffusers draws every image's starting noise from
+    its own generator of the list), so an image starts from the same noise as when drawn alone.
+    """
     import torch
 
-    generator = torch.Generator("cpu").manual_seed(int(seed))
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     kwargs: dict[str, Any] = {}
     if getattr(pipe, "unet", None) is None and settings.max_sequence_length is not None:
         kwargs["max_sequence_length"] = settings.max_sequence_length
     if pipe_family(pipe) != "flux":  # FLUX.1's guidance is distilled: a negative prompt does nothing
-        kwargs["negative_prompt"] = settings.negative_prompt or None
+        kwargs["negative_prompt"] = (
+            [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+        )
     out = pipe(
-        prompt=prompt,
+        prompt=list(prompts),
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         width=settings.width,
         height=settings.height,
-        generator=generator,
+        generator=generators,
         **kwargs,
     )
-    return out.images[0]
+    return list(out.images)
 
 
 def stored_key(path: Path) -> str | None:
@@ -192,12 +219,14 @@ def generate_images(
     checkpoints: Sequence[Checkpoint],
     settings: RenderSettings,
     *,
+    batch_size: int = 1,
     progress: bool = False,
     progress_path: Path | None = None,
 ) -> tuple[int, int]:
     """Render every item whose PNG is missing or was made with other settings; returns (rendered
     now, reused). Base images first (no LoRA loaded), then one checkpoint at a time, its LoRA
-    loaded once and its scale changed per image."""
+    loaded once and its scale changed per batch; up to ``batch_size`` images of one checkpoint
+    and scale are drawn in one pipeline call (:func:`render_batch`)."""
     from diffusion_bunny.models.diffusion import load_lora
 
     lora_fp = {c.name: file_fingerprint(c.path) for c in checkpoints}
@@ -211,22 +240,38 @@ def generate_images(
             todo.append((item, key))
     order = {BASE: -1, **{c.name: i for i, c in enumerate(checkpoints)}}
     todo.sort(key=lambda t: (order[t[0].checkpoint], t[0].lora_scale))
+    batches: list[list[tuple[GridItem, str]]] = []
+    for entry in todo:
+        last = batches[-1][0][0] if batches else None
+        same = last is not None and (last.checkpoint, last.lora_scale) == (
+            entry[0].checkpoint,
+            entry[0].lora_scale,
+        )
+        if same and len(batches[-1]) < batch_size:
+            batches[-1].append(entry)
+        else:
+            batches.append([entry])
     paths = {c.name: c.path for c in checkpoints}
     bar = tqdm(total=len(todo), unit="image", desc="generate", disable=not progress)
     report = ProgressFile(progress_path, "generate", len(todo), "image")
     loaded: str | None = None
     scale: float | None = None
+    done = 0
     try:
-        for done, (item, key) in enumerate(todo):
-            if item.checkpoint != BASE and item.checkpoint != loaded:
-                load_lora(pipe, paths[item.checkpoint], item.lora_scale, adapter_name="generate")
-                loaded, scale = item.checkpoint, item.lora_scale
-            elif item.checkpoint != BASE and item.lora_scale != scale:
-                pipe.set_adapters(["generate"], adapter_weights=[item.lora_scale])
-                scale = item.lora_scale
-            save_png(run_dir / item.rel_path, render(pipe, item.prompt, item.seed, settings), key)
-            bar.update()
-            report.update(done + 1)
+        for batch in batches:
+            first = batch[0][0]
+            if first.checkpoint != BASE and first.checkpoint != loaded:
+                load_lora(pipe, paths[first.checkpoint], first.lora_scale, adapter_name="generate")
+                loaded, scale = first.checkpoint, first.lora_scale
+            elif first.checkpoint != BASE and first.lora_scale != scale:
+                pipe.set_adapters(["generate"], adapter_weights=[first.lora_scale])
+                scale = first.lora_scale
+            images = render_batch(pipe, [i.prompt for i, _ in batch], [i.seed for i, _ in batch], settings)
+            for (item, key), image in zip(batch, images, strict=True):
+                save_png(run_dir / item.rel_path, image, key)
+                done += 1
+                bar.update()
+                report.update(done)
     finally:
         bar.close()
         report.close()

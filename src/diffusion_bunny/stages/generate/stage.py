@@ -27,6 +27,7 @@ from diffusion_bunny.stages.generate.identity import (
 from diffusion_bunny.stages.generate.render import (
     DEFAULT_GUIDANCE,
     RenderSettings,
+    batch_size_for,
     check_loras,
     default_size,
     generate_images,
@@ -227,7 +228,14 @@ def _draw(
     )
     items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
     rendered, reused = generate_images(
-        pipe, run_dir, items, checkpoints, settings, progress=progress, progress_path=progress_path
+        pipe,
+        run_dir,
+        items,
+        checkpoints,
+        settings,
+        batch_size=batch_size_for(pipe, cfg.batch_size),
+        progress=progress,
+        progress_path=progress_path,
     )
     return items, size, rendered, reused
 
