@@ -86,10 +86,16 @@ class PhotoDrawing:
         return super().delete_adapters(*args, **kwargs)
 
     def __call__(self, prompt, *, generator, width, height, **kwargs):
-        (character,) = [name for name in ("obama", "biden") if f" {name}," in prompt]
-        seed = generator.initial_seed()
-        self.drawn.append((self.active, character, seed))
-        return SimpleNamespace(images=[photo(DRAWS[self.active][character][seed], (width, height))])
+        # A prompt and a generator per picture, as the stage draws batches (one of each also works).
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        generators = generator if isinstance(generator, list) else [generator]
+        images = []
+        for text, gen in zip(prompts, generators, strict=True):
+            (character,) = [name for name in ("obama", "biden") if f" {name}," in text]
+            seed = gen.initial_seed()
+            self.drawn.append((self.active, character, seed))
+            images.append(photo(DRAWS[self.active][character][seed], (width, height)))
+        return SimpleNamespace(images=images)
 
 
 @pytest.fixture
