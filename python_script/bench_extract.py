@@ -430,7 +430,7 @@ class Sample:
 
 
 def measure(
-    cmd: Sequence[str], log_dir: Path, tag: str, cwd: Path = ROOT
+    cmd: Sequence[str], log_dir: Path, tag: str, cwd: Path = ROOT, env: dict[str, str] | None = None
 ) -> tuple[float, int, int, str, str, float]:
     """Run ``cmd`` as a child; returns wall seconds, peak RSS in KiB (``ru_maxrss`` of the child,
     the largest process of its tree), exit code, stdout, stderr and CPU seconds (user + system of
@@ -439,7 +439,7 @@ def measure(
     out_path, err_path = log_dir / f"{tag}.stdout", log_dir / f"{tag}.stderr"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -178,7 +178,7 @@ def run_stages(length: LengthRun, stages: list[str], refs: Path, extra: list[str
         wall, peak, rc, _, err, cpu = measure(cmd, logs, stage)
         run = StageRun(stage, wall, peak, cpu)
         if rc != 0:
-            run.failed = f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+            run.failed = _failure(rc, err)
         else:
             manifest = json.loads((out / "manifests" / f"{stage}.json").read_text())
             run.counts = manifest.get("counts", {})
@@ -191,6 +191,11 @@ def run_stages(length: LengthRun, stages: list[str], refs: Path, extra: list[str
         )
         if run.failed:
             break
+
+
+def _failure(rc: int, err: str) -> str:
+    """A failed bunny run in one line: its exit status and the last line it printed."""
+    return f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
 
 
 #: The runner's log line per notebook (pipeline/runner.py: run_movie).
@@ -207,18 +212,11 @@ def run_together(length: LengthRun, refs: Path, extra: list[str], work: Path) ->
     print(f"  {length.minutes:g} min: stages 01-06 in one bunny run ...", end="", flush=True)
     cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", ",".join(INGEST), "--quiet"]
     cmd += ["--characters", str(refs), *extra]
-    env_log = os.environ.get("DIFFUSION_BUNNY_LOG_DIR")
-    os.environ["DIFFUSION_BUNNY_LOG_DIR"] = str(logs / "bunny")
-    try:
-        wall, peak, rc, _, err, cpu = measure(cmd, logs, "together")
-    finally:
-        if env_log is None:
-            os.environ.pop("DIFFUSION_BUNNY_LOG_DIR", None)
-        else:
-            os.environ["DIFFUSION_BUNNY_LOG_DIR"] = env_log
+    env = {**os.environ, "DIFFUSION_BUNNY_LOG_DIR": str(logs / "bunny")}  # the log read below
+    wall, peak, rc, _, err, cpu = measure(cmd, logs, "together", env=env)
     length.together = StageRun("together", wall, peak, cpu)
     if rc != 0:
-        length.together.failed = f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+        length.together.failed = _failure(rc, err)
     for log_file in sorted((logs / "bunny").glob("bunny-*.log")):
         for match in NOTEBOOK_TOOK.finditer(log_file.read_text(errors="replace")):
             length.together_stages[match.group(1)] = float(match.group(2))
@@ -369,7 +367,8 @@ def bench(args: argparse.Namespace) -> int:
     refs = references(work)
     source = long_movie(args.movies.resolve(), lengths[-1])
     stages = list(INGEST) + (["train"] if args.train_steps > 0 else [])
-    extra = [x for kv in args.set for x in ("--set", kv)]
+    sets = [x for kv in args.set for x in ("--set", kv)]
+    extra = list(sets)
     if args.train_steps > 0:
         extra += [
             "--set",
@@ -390,7 +389,7 @@ def bench(args: argparse.Namespace) -> int:
         if args.mode in ("both", "separate"):
             run_stages(run, stages, refs, extra, work)
         if args.mode in ("both", "together"):
-            run_together(run, refs, [x for kv in args.set for x in ("--set", kv)], work)
+            run_together(run, refs, sets, work)  # stages 01-06 only: no training settings
         print(f"  ({time.perf_counter() - started:.0f} s for this length)", flush=True)
         runs.append(run)
     report(runs, stages)

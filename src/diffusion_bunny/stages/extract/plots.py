@@ -10,7 +10,7 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, tile_sheet
+from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, categorical, tile_sheet
 
 KIND_COLOURS = {"static": "#4C78A8", "dynamic": "#F58518"}
 
@@ -87,8 +87,6 @@ def decision_plot(candidates: pl.DataFrame, facts: dict | None = None) -> p9.ggp
     PySceneDetect detectors, TransNetV2 alone)."""
     if candidates.is_empty():
         return None
-    import pandas as pd
-
     counts = decision_counts(candidates)
     # One bar per rule (a rule such as "hard: network" can end in either verdict: stacked), the
     # most used at the top.
@@ -99,8 +97,8 @@ def decision_plot(candidates: pl.DataFrame, facts: dict | None = None) -> p9.ggp
     )
     order = list(reversed(totals["rule"].to_list()))
     df, tdf = counts.to_pandas(), totals.to_pandas()
-    df["rule"] = pd.Categorical(df["rule"], categories=order)
-    tdf["rule"] = pd.Categorical(tdf["rule"], categories=order)
+    df["rule"] = categorical(df["rule"], order)
+    tdf["rule"] = categorical(tdf["rule"], order)
     judged = int(candidates["decision"].is_in(["confirmed", "rejected"]).sum())
     title = f"{candidates.height} boundary candidates, {judged} judged by TransNetV2"
     share = (facts or {}).get("model_frames_per_decoded")
