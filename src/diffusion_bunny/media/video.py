@@ -9,6 +9,7 @@ frames that are kept are ever converted to full-size RGB (:func:`frame_to_bgr`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,22 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from diffusion_bunny.media.probe import VideoInfo, probe_video
 
-__all__ = ["Decoded", "VideoInfo", "VideoReader", "analysis_copy", "frame_to_bgr", "probe_video", "thumbnail"]
+__all__ = [
+    "Decoded",
+    "VideoInfo",
+    "VideoReader",
+    "analysis_copy",
+    "decode_threads",
+    "frame_to_bgr",
+    "probe_video",
+    "shrink_upright",
+    "thumbnail",
+    "thumbnail_size",
+]
 
 # 8-bit planar YUV layouts whose planes can be sampled directly; anything else (10-bit, RGB,
 # NV12 from some decoders) goes through libswscale at analysis size, slower but correct.
@@ -81,11 +94,30 @@ def analysis_copy(frame: av.VideoFrame, step: int, detect_factor: int = 1) -> tu
     return bgr, gray
 
 
-def thumbnail(frame: av.VideoFrame, width: int, rotation: int) -> np.ndarray:
-    """Upright BGR thumbnail ``width`` pixels wide (before rotation), scaled by libswscale."""
-    height = max(2, round(frame.height * width / frame.width / 2) * 2)
-    small = frame.reformat(width=width, height=height, format="bgr24", interpolation="AREA").to_ndarray()
+def thumbnail_size(coded_width: int, coded_height: int, width: int) -> tuple[int, int]:
+    """(width, height) of a thumbnail ``width`` pixels wide before rotation (height even)."""
+    return width, max(2, round(coded_height * width / coded_width / 2) * 2)
+
+
+def thumbnail(
+    frame: av.VideoFrame, width: int, rotation: int, reformatter: VideoReformatter | None = None
+) -> np.ndarray:
+    """Upright BGR thumbnail ``width`` pixels wide (before rotation), scaled by libswscale
+    (through ``reformatter`` if given: see :func:`frame_to_bgr`)."""
+    w, h = thumbnail_size(frame.width, frame.height, width)
+    r = reformatter or VideoReformatter()
+    small = r.reformat(frame, width=w, height=h, format="bgr24", interpolation="AREA").to_ndarray()
     return rotate_image(small, rotation)
+
+
+def shrink_upright(bgr: np.ndarray, size: tuple[int, int], rotation: int) -> np.ndarray:
+    """The thumbnail of a frame already converted by :func:`frame_to_bgr` (upright): ``size`` is
+    :func:`thumbnail_size` (before rotation), averaged by OpenCV's area filter. Unlike
+    :func:`thumbnail` it needs no PyAV call, so it can run off the decoding thread."""
+    w, h = size
+    if (rotation // 90) % 2:
+        w, h = h, w
+    return cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
@@ -101,9 +133,31 @@ def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, k=k))
 
 
-def frame_to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
-    """Full-size upright BGR array of a kept frame (the only full conversion we pay for)."""
-    return rotate_image(frame.to_ndarray(format="bgr24"), rotation)
+def frame_to_bgr(
+    frame: av.VideoFrame, rotation: int, reformatter: VideoReformatter | None = None
+) -> np.ndarray:
+    """Full-size upright BGR array of a kept frame (the only full conversion we pay for).
+
+    ``reformatter``: one :class:`av.video.reformatter.VideoReformatter` kept by the caller for
+    all its frames. ``frame.to_ndarray(format=...)`` makes a new one per frame, and with it a
+    new libswscale context: measured on 720p, 1.17 ms a frame against 0.27 ms when the context
+    is reused (same pixels). A reformatter must stay on one thread."""
+    r = reformatter or VideoReformatter()
+    return rotate_image(r.reformat(frame, format="bgr24").to_ndarray(), rotation)
+
+
+def decode_threads() -> int:
+    """Decoder threads for a streaming pass: two more than FFmpeg's own choice (cores + 1).
+
+    With frame threading each thread decodes one frame, and the thread asking for the next
+    frame waits until the oldest one in flight is done. Stage 01's own work on each frame
+    (analysis copies, shot signals, the network now and then) runs between those requests, on
+    the same thread; two more frames in flight let the decoder go on through it instead of
+    idling. Measured on the 10-minute 720p real loop (2 cores, interleaved runs): stage 01 took
+    31.8-36.0 s with FFmpeg's 3 threads, 28.0-30.8 s with 5 (4-8 within noise of 5), while
+    ``ffmpeg -threads 5`` alone decodes no faster than with its default. FFmpeg caps its own
+    choice at 16 threads, and so do we."""
+    return min(16, len(os.sched_getaffinity(0)) + 3)
 
 
 @dataclass
@@ -146,6 +200,7 @@ class VideoReader:
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = decode_threads()
             if self.keyframes_only:
                 stream.codec_context.skip_frame = "NONKEY"
             tb = float(stream.time_base) if stream.time_base else None

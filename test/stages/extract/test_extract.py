@@ -124,6 +124,39 @@ def test_rotation_metadata_is_applied(cut_clip, tmp_path, rotation, turn):
     ref = cv2.rotate(stored, turn).astype(np.float32)
     assert ref.shape == ours.shape
     assert np.abs(ref - ours).mean() < 6.0
+    # Its thumbnail (shrunk from the upright full frame off the decoding thread) is upright too.
+    cands = result.tables["keyframe_candidates"]
+    thumb_path = cands.filter(pl.col("frame_index") == row["frame_index"])["thumb_path"][0]
+    thumb = np.asarray(Image.open(tmp_path / "run" / thumb_path).convert("RGB"), dtype=np.float32)
+    assert thumb.shape == (320, 180, 3)
+    assert np.abs(cv2.resize(ref, (180, 320), interpolation=cv2.INTER_AREA) - thumb).mean() < 6.0
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_thumbnails_from_the_full_frame_match_libswscales(cut_clip, rotation):
+    """A frame saved full gets its thumbnail shrunk from that array by OpenCV (each pixel the
+    mean of the block it covers), one not saved full by libswscale: the two have the same size
+    and orientation, and the reused libswscale context gives the pixels of a fresh one."""
+    from av.video.reformatter import VideoReformatter
+
+    from diffusion_bunny.media.video import frame_to_bgr, shrink_upright, thumbnail, thumbnail_size
+
+    path, _ = cut_clip
+    shared = VideoReformatter()
+    with av.open(str(path)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i % 20:
+                continue
+            full = frame_to_bgr(frame, rotation, shared)
+            assert np.array_equal(full, frame_to_bgr(frame, rotation))
+            size = thumbnail_size(frame.width, frame.height, 160)
+            ours = shrink_upright(full, size, rotation)
+            theirs = thumbnail(frame, 160, rotation, shared)
+            assert np.array_equal(theirs, thumbnail(frame, 160, rotation))
+            assert ours.shape == theirs.shape == ((90, 160, 3) if rotation in (0, 180) else (160, 90, 3))
+            upright = frame_to_bgr(frame, 0, shared)
+            blocks = upright.astype(np.float32).reshape(90, 2, 160, 2, 3).mean(axis=(1, 3))
+            assert np.abs(shrink_upright(upright, size, 0) - blocks).max() <= 1.0
 
 
 def test_variable_frame_rate_keeps_presentation_times(tmp_path):

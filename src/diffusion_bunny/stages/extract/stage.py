@@ -25,20 +25,30 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import polars as pl
+from av.video.reformatter import VideoReformatter
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import laplacian_variance
-from diffusion_bunny.media.video import Decoded, VideoReader, frame_to_bgr, thumbnail
+from diffusion_bunny.media.video import (
+    Decoded,
+    VideoReader,
+    frame_to_bgr,
+    shrink_upright,
+    thumbnail,
+    thumbnail_size,
+)
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -63,16 +73,21 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
         self.pending: deque[Future[None]] = deque()
 
-    def _write(self, path: Path, bgr: np.ndarray) -> None:
+    def _write(self, path: Path, bgr: np.ndarray, shrink: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        if shrink is not None:
+            bgr = shrink(bgr)
         ok, buf = cv2.imencode(".jpg", bgr, self.params)
         if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
             raise RuntimeError(f"JPEG encoding failed for {path}")
         path.write_bytes(buf.tobytes())
 
-    def submit(self, path: Path, bgr: np.ndarray) -> None:
+    def submit(
+        self, path: Path, bgr: np.ndarray, shrink: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> None:
+        """Write ``bgr`` as a JPEG at ``path`` (first shrunk by ``shrink`` on the pool, if given)."""
         while len(self.pending) > 16:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write, path, bgr))
+        self.pending.append(self.pool.submit(self._write, path, bgr, shrink))
 
     def close(self) -> None:
         try:
@@ -103,6 +118,9 @@ class _ShotAssembler:
         self.size = info.display_size
         self.frames_dir, self.thumbs_dir = folders
         self.writer = writer
+        # One libswscale context for every frame converted here (see frame_to_bgr); this object
+        # lives on the decoding thread.
+        self.reformatter = VideoReformatter()
         self.window = max(1, round(cfg.keyframe_window_seconds * info.fps))
         self.shots: list[dict[str, Any]] = []
         self.cand_rows: list[dict[str, Any]] = []
@@ -120,9 +138,11 @@ class _ShotAssembler:
             self.pending_cuts.extend(cuts)
             self.pending_cuts.sort()
 
-    def save_full(self, c: FrameCandidate, shot_id: int, role: str) -> None:
+    def save_full(self, c: FrameCandidate, shot_id: int, role: str) -> np.ndarray:
+        """Write the full frame and add its row; returns the upright BGR array it was made from."""
         fid = frame_id_for(self.movie_key, c.index)
-        self.writer.submit(self.frames_dir / f"{fid}.jpg", frame_to_bgr(c.frame, self.rotation))
+        bgr = frame_to_bgr(c.frame, self.rotation, self.reformatter)
+        self.writer.submit(self.frames_dir / f"{fid}.jpg", bgr)
         width, height = self.size
         self.frame_rows.append(
             {
@@ -136,10 +156,26 @@ class _ShotAssembler:
                 "role": role,
             }
         )
+        return bgr
 
-    def save_candidate(self, c: FrameCandidate, shot_id: int, role: str) -> None:
+    def save_candidate(
+        self, c: FrameCandidate, shot_id: int, role: str, bgr: np.ndarray | None = None
+    ) -> None:
+        """Write the candidate's thumbnail and add its row. With the frame's full ``bgr`` already
+        converted (it is also saved full), the thumbnail is shrunk from it on the writer's pool
+        instead of by libswscale on this thread: this thread also decodes, and every
+        millisecond it spends elsewhere is decoding time lost (issue 15)."""
         name = f"{frame_id_for(self.movie_key, c.index)}.jpg"
-        self.writer.submit(self.thumbs_dir / name, thumbnail(c.frame, self.cfg.thumb_width, self.rotation))
+        if bgr is None:
+            self.writer.submit(
+                self.thumbs_dir / name,
+                thumbnail(c.frame, self.cfg.thumb_width, self.rotation, self.reformatter),
+            )
+        else:
+            size = thumbnail_size(c.frame.width, c.frame.height, self.cfg.thumb_width)
+            self.writer.submit(
+                self.thumbs_dir / name, bgr, partial(shrink_upright, size=size, rotation=self.rotation)
+            )
         self.cand_rows.append(
             {
                 "shot_id": shot_id,
@@ -174,16 +210,17 @@ class _ShotAssembler:
             c = picks.get(role)
             if c is None:
                 continue
-            self.save_candidate(c, shot.shot_id, role)
             wanted = role == "middle" or kind == "dynamic"
+            bgr = None
             if wanted and c.index not in saved:
                 saved.add(c.index)
-                self.save_full(c, shot.shot_id, role)
+                bgr = self.save_full(c, shot.shot_id, role)
+            self.save_candidate(c, shot.shot_id, role, bgr)
 
     def flush_interval(self) -> None:
         if self.interval_best is not None and self.current is not None:
-            self.save_candidate(self.interval_best, self.current.shot_id, "interval")
-            self.save_full(self.interval_best, self.current.shot_id, "interval")
+            bgr = self.save_full(self.interval_best, self.current.shot_id, "interval")
+            self.save_candidate(self.interval_best, self.current.shot_id, "interval", bgr)
             self.interval_best = None
 
     def commit(self, d: Decoded, sharp: float, diff: float | None) -> None:
@@ -202,8 +239,8 @@ class _ShotAssembler:
         cand = FrameCandidate(d.index, d.time_s, sharp, d.frame)
         self.current.add(cand, diff)
         if self.cfg.method == "keyframe":
-            self.save_candidate(cand, self.current.shot_id, "keyframe")
-            self.save_full(cand, self.current.shot_id, "keyframe")
+            bgr = self.save_full(cand, self.current.shot_id, "keyframe")
+            self.save_candidate(cand, self.current.shot_id, "keyframe", bgr)
         elif self.cfg.method == "interval":
             self._interval(cand, d.time_s)
 
