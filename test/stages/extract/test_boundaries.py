@@ -441,6 +441,68 @@ def test_runs_predict_each_frame_once_and_wait_until_settled():
     assert closed_runs([(700, 716)], 701, final=True) == [(700, 716)]
 
 
+def test_run_context_is_short_unless_a_gradual_candidate_needs_the_run():
+    from diffusion_bunny.stages.extract.detectors.cascade import (
+        CONTEXT,
+        HARD_CONTEXT,
+        MARGIN,
+        Candidate,
+        run_context,
+    )
+
+    assert HARD_CONTEXT < CONTEXT
+    hard = Candidate(100, "hard", 30.0, 5.0)
+    gradual = Candidate(200, "gradual", 30.0, 5.0)
+    assert run_context([hard], 97, 103) == HARD_CONTEXT
+    assert run_context([hard, gradual], 97, 103) == HARD_CONTEXT  # the dissolve is far away
+    assert run_context([hard, gradual], 97, 200 - MARGIN) == CONTEXT  # its first frame is in the run
+    assert run_context([gradual], 200 + MARGIN, 260) == CONTEXT
+    assert run_context([gradual], 200 + MARGIN + 1, 260) == HARD_CONTEXT
+    assert run_context([], 0, 10) == HARD_CONTEXT
+
+
+class _SpyModel:
+    """The network, recording the length of every input it is given."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lengths: list[int] = []
+
+    def predict(self, windows):
+        self.lengths.append(int(windows.shape[1]))
+        return self.model.predict(windows)
+
+
+@pytest.mark.parametrize("kind", ["cut", "dissolve"])
+def test_each_run_predicts_new_frames_with_the_context_its_candidates_need(clips, model, monkeypatch, kind):
+    """Every candidate to the network (accept_threshold null): the stretches the network
+    predicts never overlap, and each input is the stretch plus the context its candidates need
+    (the short one where only hard candidates are; the package's 25 frames for a dissolve)."""
+    from diffusion_bunny.stages.extract.detectors import cascade
+
+    runs = []
+    real = cascade.run_context
+
+    def recording(queue, first, last):
+        ctx = real(queue, first, last)
+        runs.append((first, last, ctx))
+        return ctx
+
+    monkeypatch.setattr(cascade, "run_context", recording)
+    spy = _SpyModel(model)
+    found, det = detect(clips[kind].path, "cascade", spy, accept_threshold=None)
+    assert runs and len(runs) == len(spy.lengths) == det.model_runs
+    assert [last - first + 1 + 2 * ctx for first, last, ctx in runs] == spy.lengths
+    predicted = [f for first, last, _ in runs for f in range(first, last + 1)]
+    assert len(predicted) == len(set(predicted))
+    contexts = {ctx for _, _, ctx in runs}
+    if kind == "cut":
+        assert contexts == {cascade.HARD_CONTEXT}
+    else:
+        assert cascade.CONTEXT in contexts
+    assert match_boundaries(found, clips[kind].truth(), 0).f1 == 1.0
+
+
 def test_the_network_never_runs_a_frame_twice_on_real_cuts(model):
     """On the real Hamilton clip with every candidate sent to the network, the stretches it ran
     cover each frame once at most (the package's windows would run each frame twice), and the
@@ -474,9 +536,13 @@ def test_real_hard_cuts_are_accepted_without_the_network(model):
     rows = pl.DataFrame(det.candidate_rows())
     at_cuts = rows.filter(pl.col("boundary").is_in([20, 82, 211]))
     assert at_cuts["decision"].to_list() == ["accepted_fast"] * 3
-    # The first cut is a colour jump between moving sides (2.8x): without the colour rule it
-    # goes to the network; the other two stand 5x above still sides.
+    # The first cut is a colour jump between moving sides (2.8x): without the colour rule the
+    # motion-compensated rule takes it (the flow explains none of the change), and without both
+    # it goes to the network; the other two stand 5x above still sides.
     _, no_colour = detect(HAMILTON, "cascade", model, accept_colour_threshold=None)
+    rows = pl.DataFrame(no_colour.candidate_rows()).filter(pl.col("frame_index") == 20)
+    assert rows["reason"].to_list() == ["unexplained jump"]
+    _, no_colour = detect(HAMILTON, "cascade", model, accept_colour_threshold=None, motion_compensation=False)
     rows = pl.DataFrame(no_colour.candidate_rows())
     assert rows.filter(pl.col("frame_index") == 20)["decision"].to_list() == ["confirmed"]
     assert no_colour.facts()["candidates_accepted_fast"] == 2
@@ -532,12 +598,28 @@ def test_motion_rules_are_pure_and_leave_flashes_to_the_network():
     assert not motion_explains(flash) and accept_at_once(flash, 40.0, 0.15, motion=True) is None
     # A change the flow explains only partly, or that stands out from its neighbours, is judged
     # by the network.
-    assert not motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.45, motion_contrast=2.5))
-    assert not motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.6, motion_contrast=1.0))
+    assert not motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.45, motion_contrast=4.5))
+    assert not motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.65, motion_contrast=1.0))
+    # The second rule: the flow explains a good part (keeps under 0.62) and it stands under 4x.
+    assert motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.6, motion_contrast=3.9))
+    assert motion_explains(Candidate(10, "hard", 25.0, 11.0, motion_residual=0.45, motion_contrast=2.5))
+    # A change the flow explains almost none of, standing 5x above its neighbours, is a cut even
+    # between sides less steady than the first compensated rule asks (8x).
+    unexplained = Candidate(
+        10, "hard", 25.0, 11.0, colour_score=0.05, motion_residual=0.85, motion_contrast=5.5
+    )
+    assert accept_at_once(unexplained, 40.0, 0.15, motion=True) == "unexplained jump"
+    assert accept_at_once(unexplained, 40.0, 0.15) is None
+    for residual, contrast in ((0.8, 7.0), (0.9, 4.5)):  # either short of it: the network decides
+        doubt = Candidate(10, "hard", 25.0, 11.0, motion_residual=residual, motion_contrast=contrast)
+        assert accept_at_once(doubt, 40.0, 0.15, motion=True) is None
+        assert not motion_explains(doubt)
+    small = Candidate(10, "hard", 12.0, 2.0, motion_residual=0.95, motion_contrast=9.0)  # jump under 15
+    assert accept_at_once(small, 40.0, 0.15, motion=True) is None
     assert motion_explains(Candidate(10, "gradual", 30.0, 10.0, motion_residual=0.3))
     assert not motion_explains(Candidate(10, "gradual", 30.0, 10.0, motion_residual=0.7))
     # Where the network is unsure, no-motion evidence weighs like a colour jump.
-    unsure = Candidate(10, "hard", 25.0, 11.0, colour_score=0.05, motion_residual=0.9, motion_contrast=6.0)
+    unsure = Candidate(10, "hard", 25.0, 11.0, colour_score=0.05, motion_residual=0.75, motion_contrast=6.0)
     unsure.model_score = 0.4
     assert unsure_but_clear(unsure, 0.5, 0.25, 0.15) is None
     assert unsure_but_clear(unsure, 0.5, 0.25, 0.15, motion=True) == "network unsure, no motion explains it"
