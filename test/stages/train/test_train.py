@@ -316,6 +316,41 @@ def check_tensorboard(folder: Path, log: pl.DataFrame, validation: pl.DataFrame,
     assert "settings/text_summary" in events
 
 
+def test_resumed_events_are_read_after_the_killed_runs_in_the_same_second(tmp_path):
+    """A resumed run whose event file is stamped with the killed run's second and a smaller pid
+    would be read first by TensorBoard (name order), and the purge of the killed run's steps past
+    its checkpoint would miss; waiting for the next second keeps the new file last."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from diffusion_bunny.stages.train.lora import wait_past_event_files
+
+    killed = SummaryWriter(str(tmp_path))
+    for step in range(1, 7):
+        killed.add_scalar("loss", 1.0, step)
+    killed.close()
+    (old,) = tmp_path.glob("events.out.tfevents.*")
+    parts = old.name.split(".")
+    parts[3] = f"{int(time.time()):010d}"  # this very second
+    parts[5] = f"{os.getpid()}9"  # a child's pid that sorts after ours
+    old.rename(tmp_path / ".".join(parts))
+    wait_past_event_files(tmp_path)
+    resumed = SummaryWriter(str(tmp_path), purge_step=5)
+    for step in (5, 6, 7):
+        resumed.add_scalar("loss", 2.0, step)
+    resumed.close()
+    assert sorted(tmp_path.glob("events.out.tfevents.*"))[-1].name.split(".")[5] == str(os.getpid())
+    assert tensorboard_events(tmp_path)["loss"] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 1.0),
+        (4, 1.0),
+        (5, 2.0),
+        (6, 2.0),
+        (7, 2.0),
+    ]
+    wait_past_event_files(tmp_path / "absent")  # nothing to wait for
+
+
 def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch):
     from diffusion_bunny.stages import run_stage
 

@@ -506,6 +506,27 @@ def tensorboard_dir() -> Path:
     return log_dir() / "tensorboard"
 
 
+def wait_past_event_files(folder: Path) -> None:
+    """Wait until the clock's second is later than that of every event file in ``folder``.
+
+    TensorBoard reads a folder's event files in name order, and a file is named
+    ``events.out.tfevents.<second>.<host>.<pid>.<n>``: a resumed run that starts within the second
+    the killed run started in is ordered by pid, so when its pid is the smaller one TensorBoard
+    reads the new steps first and the killed run's after them, and the purge of what the killed
+    run logged past its checkpoint misses (seen in CI on a fast host). Waiting under a second
+    for the next one keeps the new file last."""
+    stamps = []
+    for path in Path(folder).glob("events.out.tfevents.*"):
+        part = path.name.split(".")[3]
+        if part.isdigit():
+            stamps.append(int(part))
+    if not stamps:
+        return
+    latest = max(stamps)
+    while int(time.time()) <= latest:
+        time.sleep(min(0.05, max(0.001, latest + 1 - time.time())))
+
+
 def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainingConfig, resumed_from: int | None) -> Any:
     """Start the trainer's TensorBoard tracker in ``<tracker_dir>/<run_name>/`` and record the
     settings as text; None when the trainer has none. Each step shows once: a run that starts
@@ -518,6 +539,7 @@ def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainingConfig, resu
     kwargs: dict[str, Any] = {}
     if resumed_from:
         kwargs["purge_step"] = resumed_from + 1
+        wait_past_event_files(Path(accelerator.logging_dir) / run_name)
     else:
         shutil.rmtree(Path(accelerator.logging_dir) / run_name, ignore_errors=True)
     accelerator.init_trackers(run_name, init_kwargs={"tensorboard": kwargs})
