@@ -60,3 +60,63 @@ def test_a_command_logs_to_a_file_named_on_a_bug(tmp_path, monkeypatch, capsys):
     text = path.read_text()
     assert "about to fail" in text and "Traceback" in text and "ZeroDivisionError" in text
     assert logs.last_path == path and logs.ENV not in os.environ  # handlers closed at the end
+
+
+@pytest.mark.parametrize(
+    ("flag", "shown"),
+    [
+        ("--verbose", ["an info line", "stage line", "warning: a warning", "error: an error"]),
+        (None, ["stage line", "warning: a warning", "error: an error"]),
+        ("--quiet", ["error: an error"]),
+    ],
+)
+def test_verbose_and_quiet_choose_what_the_terminal_shows(tmp_path, monkeypatch, capsys, flag, shown):
+    """Issue 18.3: the log file gets INFO and up whatever the flags; the terminal WARNING and up
+    plus the runner's one line per stage, ``--verbose`` INFO too, ``--quiet`` errors only."""
+    from diffusion_bunny import cli, logs
+
+    monkeypatch.setattr(logs, "log_dir", lambda: tmp_path / "log")
+    monkeypatch.delenv(logs.ENV, raising=False)
+
+    def talk(args):
+        log = logging.getLogger("diffusion_bunny.test")
+        log.info("an info line")
+        logs.say(log, "stage line")
+        log.warning("a warning")
+        log.error("an error")
+        log.error("file only", extra=logs.FILE_ONLY)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_status", talk)
+    assert main(["status", str(tmp_path), *([flag] if flag else [])]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    ours = [line for line in lines if "line" in line or "a warning" in line or "error" in line]
+    assert ours == shown  # "file only" never reaches the terminal
+    assert (flag == "--verbose") == any(line.startswith("bunny ") for line in lines)  # the log's INFO
+    (path,) = (tmp_path / "log").glob("bunny-*.log")
+    text = path.read_text()
+    for line in ("an info line", "stage line", "a warning", "an error", "file only"):
+        assert line in text
+
+
+def test_progress_bars_slow_down_when_standard_error_is_no_terminal(monkeypatch):
+    """Issue 18.5: off a terminal every bar prints at most once per NON_TTY_INTERVAL_S seconds
+    (children inherit TQDM_MININTERVAL); on a terminal the bars keep their pace."""
+    import io
+    import sys
+
+    from diffusion_bunny import logs
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr(sys, "stderr", Tty())
+    logs.quiet_bars()
+    assert "TQDM_MININTERVAL" not in os.environ
+    assert logs.bar_options() == {"mininterval": 0.1}
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    logs.quiet_bars()
+    assert float(os.environ["TQDM_MININTERVAL"]) == logs.NON_TTY_INTERVAL_S >= 2
+    assert logs.bar_options() == {"mininterval": logs.NON_TTY_INTERVAL_S}

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from diffusion_bunny import logs
 from diffusion_bunny.errors import BadInputError, UserError, storage_error
 from diffusion_bunny.logs import version
 
@@ -145,7 +146,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{r.movie.name}: {r.run_dir}")
     if failed:
         print(
-            f"error: {len(failed)} of {len(reports)} movies failed (see the messages above)", file=sys.stderr
+            f"error: {len(failed)} of {len(reports)} movies failed (see the messages above; log: "
+            f"{logs.last_path})",
+            file=sys.stderr,
         )
         return 1 if any(r.bug for r in failed) else 2
     return 0

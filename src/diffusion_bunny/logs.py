@@ -177,6 +177,13 @@ def attach_from_env() -> Path | None:
     return path
 
 
+def log_hint(what: str = "log") -> str:
+    """``" (<what>: <this command's log file>)"``, for a one-line error that names where the
+    details are; empty outside ``bunny`` (no file)."""
+    value = os.environ.get(ENV)
+    return f" ({what}: {value})" if value else ""
+
+
 def quiet_bars() -> None:
     """Bars print once per few seconds when standard error is not a terminal (children too)."""
     if not sys.stderr.isatty():

@@ -136,6 +136,13 @@ def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
     assert code == 1, err
     assert "b.mp4: failed with a bug" in err and "1 of 2 movies failed" in err
     assert "Traceback" not in err
+    # Issue 18.3: the lines name the command's log file, which holds the movie's error line and
+    # the bug's traceback (written by the process that ran the movie: this one, or a Ray worker).
+    path = logs.last_path
+    assert path is not None and f"(traceback: {path})" in err and f"log: {path}" in err
+    text = path.read_text()
+    assert "b.mp4: failed with a bug (" in text and "b.mp4 failed with a bug\nTraceback" in text
+    assert "polars.exceptions" in text  # where it broke: reading the garbage table
     assert "quality" in _finished(out / movie_id(movies / "a.mp4"))
     table = pl.read_parquet(out / "report" / "movies.parquet")
     assert table["movie"].to_list() == ["a.mp4", "b.mp4"]

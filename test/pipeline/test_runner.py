@@ -105,6 +105,34 @@ def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path)
     assert not run.has_table("shots")
 
 
+def test_a_bug_inside_the_kernel_is_one_line_and_its_traceback_is_in_the_log(cut_clip, tmp_path, monkeypatch):
+    """Issue 18.3: a bug in a stage's notebook comes back as one line naming the executed
+    notebook, and the command's log file gets the kernel's own traceback (where it broke),
+    without IPython's terminal colours."""
+    from diffusion_bunny.pipeline import runner
+
+    path, _ = cut_clip
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.read(ROOT / "notebook" / "01_extract_frames.ipynb", as_version=4)
+    nb.cells.insert(2, nbformat.v4.new_code_cell("def broken_helper():\n    return 1 / 0\n\nbroken_helper()"))
+    nbformat.write(nb, folder / "01_extract_frames.ipynb")
+    monkeypatch.setattr(runner, "notebook_dir", lambda: folder)
+    log_file = logs.start_cli_log(folder=tmp_path / "log")
+    try:
+        run = Run.create(tmp_path / "run", path)
+        with pytest.raises(RuntimeError) as err:
+            execute_stage_notebook(PIPELINE, run, "extract", None, {}, "python3", progress=False)
+    finally:
+        logs.stop_cli_log()
+    message = str(err.value)
+    assert "\n" not in message and "ZeroDivisionError" in message
+    assert str(run.notebooks_dir / "01_extract_frames.ipynb") in message
+    text = log_file.read_text()
+    assert "stage extract: the kernel's traceback:" in text
+    assert "broken_helper" in text and "ZeroDivisionError" in text and "\x1b[" not in text
+
+
 def test_stage_callable_without_papermill(cut_clip, tmp_path):
     path, _ = cut_clip
     cfg = load_config()

@@ -28,12 +28,16 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError, storage_error
-from diffusion_bunny.logs import bar_options
+from diffusion_bunny.logs import ENV, FILE_ONLY, bar_options, log_hint
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
 
 log = logging.getLogger(__name__)
+# The engine prints its own one-line errors; without a handler of ``bunny``'s (a Ray worker that
+# cannot reach the log file, the Python API) its records would reach logging's last-resort
+# handler and put a traceback on the terminal.
+log.addHandler(logging.NullHandler())
 
 
 def run_one(
@@ -50,9 +54,10 @@ def run_one(
 ) -> MovieReport:
     """One movie through the chosen stages. A user error (bad file, missing model...) becomes the
     report's ``error``, any other exception (a bug) the report's ``error`` with ``bug`` set and its
-    traceback in the log at DEBUG level, instead of stopping the batch: the other movies still run and the
-    combined report is still written (``bunny run`` then exits 1 for a bug, 2 for a user error).
-    Interrupts (Ctrl-C) still stop the batch."""
+    traceback in the command's log file, instead of stopping the batch: the other movies still run
+    and the combined report is still written (``bunny run`` then exits 1 for a bug, 2 for a user
+    error). Each goes to the terminal as one line and to the log file. Interrupts (Ctrl-C) still
+    stop the batch."""
     try:
         return run_movie(
             movie,
@@ -66,13 +71,13 @@ def run_one(
             progress=progress,
         )
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _tell(str(exc))
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
     except OSError as exc:
         storage = storage_error(exc)
         if storage is None:
             return _bug(movie, run_dir, exc)
-        print(f"error: {movie.name}: {storage}", file=sys.stderr)
+        _tell(f"{movie.name}: {storage}")
         return MovieReport(movie=movie, run_dir=run_dir, error=str(storage))
     except Exception as exc:  # a bug in one movie must not cost the others their run
         return _bug(movie, run_dir, exc)
@@ -81,11 +86,18 @@ def run_one(
 def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
     lines = str(exc).strip().splitlines() or [""]
     text = f"{type(exc).__name__}: {lines[0]}"
-    # The traceback goes to the log (DEBUG: the run's log file, not the terminal, which gets the
-    # one line below; on Ray a worker's stderr is forwarded to the driver's terminal).
-    log.debug("%s failed with a bug", movie, exc_info=exc)
-    print(f"error: {movie.name}: failed with a bug ({text}); the other movies go on", file=sys.stderr)
+    # The traceback goes to the command's log file only (a Ray worker appends to the same file);
+    # the terminal gets the one line (on Ray a worker's stderr is forwarded to the driver's).
+    log.error("%s failed with a bug", movie, exc_info=exc, extra=FILE_ONLY)
+    _tell(f"{movie.name}: failed with a bug ({text}); the other movies go on{log_hint('traceback')}")
     return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
+
+
+def _tell(text: str) -> None:
+    """One error line on the terminal and in the log file (printed, not logged to the terminal:
+    outside ``bunny`` there is no terminal handler and the line must still show)."""
+    log.error(text, extra=FILE_ONLY)
+    print(f"error: {text}", file=sys.stderr)
 
 
 def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
@@ -186,8 +198,17 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _ray_task(movie: Path, run_dir: Path | None, kwargs: dict[str, Any]) -> MovieReport:
-    """What one Ray worker does for one movie: exactly what the local engine does."""
+def _ray_task(
+    movie: Path, run_dir: Path | None, kwargs: dict[str, Any], log_file: str | None = None
+) -> MovieReport:
+    """What one Ray worker does for one movie: exactly what the local engine does, logging to
+    the command's file where the worker can reach it (this machine, or a shared file system;
+    the stage kernels it starts inherit the path)."""
+    from diffusion_bunny.logs import attach_from_env
+
+    if log_file and Path(log_file).parent.is_dir():
+        os.environ[ENV] = log_file
+        attach_from_env()
     return run_one(movie, run_dir, **kwargs)
 
 
@@ -205,7 +226,10 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[Mov
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote_kwargs = {**kwargs, "progress": False}
-        refs = {task.remote(movie, run_dir, remote_kwargs): i for i, (movie, run_dir) in enumerate(jobs)}
+        log_file = os.environ.get(ENV)
+        refs = {
+            task.remote(movie, run_dir, remote_kwargs, log_file): i for i, (movie, run_dir) in enumerate(jobs)
+        }
         results: dict[int, MovieReport] = {}
         pending = list(refs)
         bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress, **bar_options())
@@ -220,7 +244,8 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[Mov
                     cause = getattr(exc, "cause", None) or exc
                     lines = str(cause).strip().splitlines() or [""]
                     text = f"{type(cause).__name__}: {lines[-1]}"
-                    print(f"error: {movie.name}: failed with a bug on Ray ({text})", file=sys.stderr)
+                    log.error("%s failed on Ray", movie, exc_info=exc, extra=FILE_ONLY)
+                    _tell(f"{movie.name}: failed with a bug on Ray ({text}){log_hint()}")
                     results[i] = MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
                 bar.update(1)
         bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -27,12 +28,15 @@ from diffusion_bunny.errors import (
     UserError,
     storage_error_from_text,
 )
+from diffusion_bunny.logs import FILE_ONLY
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow
 from diffusion_bunny.pipeline.run import Run, movie_id
 
 log = logging.getLogger(__name__)
+#: Terminal colour codes in IPython's tracebacks (unreadable in a log file).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -254,6 +258,14 @@ def execute_stage_notebook(
         storage = storage_error_from_text(exc.ename, exc.evalue)
         if storage is not None:
             raise storage from None
+        # A bug in the stage: the kernel's own traceback is what a developer needs, and the
+        # runner's (raised below) says only that the notebook failed; both go to the log file.
+        log.error(
+            "stage %s: the kernel's traceback:\n%s",
+            stage,
+            _ANSI.sub("", "\n".join(exc.traceback or [])),
+            extra=FILE_ONLY,
+        )
         raise RuntimeError(
             f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
             f"the executed notebook is {target}"
