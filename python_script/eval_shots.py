@@ -27,11 +27,18 @@ network ran on (windows included): 1.00 for TransNetV2 alone (plus its padding),
 the cascade.
 
     uv run python python_script/eval_shots.py [--variants 3] [--tolerances 0,2] [--repeat 1]
+        [--save-cuts FILE]
+
+``--save-cuts`` writes every detector's cut list per clip as JSON; the one in
+``test/stages/extract/data/eval_cut_lists.json`` (default variants, ``--detectors cascade,content``)
+is what ``test/stages/extract/test_eval_cut_lists.py`` holds stage 01 to: a change to the cascade
+that moves any cut on these clips fails the suite until this file is written again on purpose.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("int8", "fp32"),
         help="TransNetV2 on ONNX Runtime (default: config)",
     )
+    parser.add_argument("--save-cuts", default=None, help="write the cut lists per detector and clip (JSON)")
     args = parser.parse_args(argv)
     tolerances = [int(t) for t in args.tolerances.split(",")]
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
@@ -207,7 +215,36 @@ def main(argv: list[str] | None = None) -> int:
             print(row)
     total = sum(frames[d] for d in detectors) // max(1, len(detectors))
     print(f"\n{len(items)} clips, {total} frames per detector; tolerances in frames; best of {args.repeat}")
+    if args.save_cuts:
+        doc = {
+            "variants": args.variants,
+            "precision": precision,
+            "cuts": {
+                det: {item.path.name: found[(det, k)] for k, item in enumerate(items)} for det in detectors
+            },
+        }
+        Path(args.save_cuts).write_text(_cuts_json(doc))
+        print(f"cut lists written to {args.save_cuts}")
     return 0
+
+
+def _cuts_json(doc: dict) -> str:
+    """JSON with one clip's cut list per line (a diff then shows which clip moved)."""
+    lines = [
+        "{",
+        f' "variants": {doc["variants"]},',
+        f' "precision": {json.dumps(doc["precision"])},',
+        ' "cuts": {',
+    ]
+    dets = list(doc["cuts"])
+    for i, det in enumerate(dets):
+        lines.append(f"  {json.dumps(det)}: {{")
+        clips = list(doc["cuts"][det].items())
+        for j, (name, cuts) in enumerate(clips):
+            lines.append(f"   {json.dumps(name)}: {json.dumps(cuts)}" + ("," if j < len(clips) - 1 else ""))
+        lines.append("  }" + ("," if i < len(dets) - 1 else ""))
+    lines += [" }", "}"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
