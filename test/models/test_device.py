@@ -23,3 +23,33 @@ def test_cuda_without_gpu_is_a_clear_error_naming_the_setting(setting):
         with pytest.raises(ModelError, match=rf"{setting} is '{device}'.*torch sees no CUDA GPU") as err:
             resolve_device(device, setting)
         assert "\n" not in str(err.value)
+
+
+def test_torch_threads_sets_and_restores(monkeypatch):
+    import torch
+
+    from diffusion_bunny.models.device import torch_threads
+    from diffusion_bunny.stages.scenes import adapter
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), torch_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        # Stage 04's adapter trains on one thread (spinning threads on a busy machine: 3x slower).
+        seen = []
+        real = adapter._train_adapter
+        monkeypatch.setattr(
+            adapter, "_train_adapter", lambda *a: seen.append(torch.get_num_threads()) or real(*a)
+        )
+        import numpy as np
+
+        vectors = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+        fitted = adapter.train_adapter(vectors, [adapter.Triplet(0, (1,), (5,))], epochs=3)
+        assert seen == [1] and fitted.triplets == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from diffusion_bunny.errors import ModelError
 
@@ -45,3 +47,22 @@ def resolve_device(device: str, setting: str) -> str:
             f"{setting} is '{device}' but torch sees no CUDA GPU here; set {setting} to auto or cpu"
         )
     return device
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU operations on ``count`` intra-op threads inside the block, then restore.
+
+    Why: on a small problem (stage 04's adapter: a few hundred frames by a few hundred numbers)
+    torch's OpenMP threads wait for one another by spinning, and when another process holds a
+    core (a second stage, a benchmark, the user's browser) each wait costs a scheduler slice:
+    the demo's simulated reviewer took 26.8 s on 2 threads against 9.3 s on one with a video
+    encode running beside it (2 cores), and no gain on a quiet machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -117,7 +117,25 @@ def train_adapter(
     identity_weight: float = 1.0,
     seed: int = 0,
 ) -> Adapter:
-    """Fit the adapter on ``triplets`` over unit ``vectors`` (full batch, Adam, fixed seed)."""
+    """Fit the adapter on ``triplets`` over unit ``vectors`` (full batch, Adam, fixed seed), on
+    one torch thread (:func:`~diffusion_bunny.models.device.torch_threads`: the problem is too
+    small for more, and spinning threads cost several times over on a busy machine)."""
+    from diffusion_bunny.models.device import torch_threads
+
+    with torch_threads(1):
+        return _train_adapter(vectors, triplets, hidden, epochs, lr, margin, identity_weight, seed)
+
+
+def _train_adapter(
+    vectors: np.ndarray,
+    triplets: Sequence[Triplet],
+    hidden: int,
+    epochs: int,
+    lr: float,
+    margin: float,
+    identity_weight: float,
+    seed: int,
+) -> Adapter:
     import torch
 
     x = torch.from_numpy(normalise(vectors))
