@@ -39,7 +39,7 @@ missed (this is a measurement, not a test); 2 when ffmpeg is missing or MOVIE do
 
     uv run python python_script/bench_extract.py [MOVIE] [--minutes 10] [--shots 100]
         [--memory-minutes 30] [--skip-memory] [--repeat 1] [--work DIR]
-        [--detectors cascade,content] [--no-real]
+        [--detectors cascade,content] [--no-real] [--movies data/real]
 """
 
 from __future__ import annotations
@@ -672,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stage 01 detectors to time, comma-separated (the first also runs the memory check)",
     )
     parser.add_argument(
+        "--movies",
+        type=Path,
+        default=ROOT / "data" / "real",
+        help="where the real-footage loops are made (shared with bench_pipeline.py and eval_real_cuts.py)",
+    )
+    parser.add_argument(
         "--no-real",
         action="store_true",
         help="leave out the real-footage movie (the Hamilton clip of ../shared/testdata looped)",
@@ -701,16 +707,17 @@ class MovieBench:
     scenedetect: Sample
 
 
-def real_movie(work: Path, minutes: float, seed: int) -> Path | None:
+def real_movie(folder: Path, minutes: float, seed: int) -> Path | None:
     """The Hamilton clip of ``../shared/testdata`` looped at 720p (every repeat varied; exact cut
-    truth beside it), made once by :mod:`diffusion_bunny.demo.realclips`; None without testdata."""
+    truth beside it), made once by :mod:`diffusion_bunny.demo.realclips` in ``folder`` or cut from a
+    longer loop made there (``bench_pipeline.py``'s 60 minutes); None without testdata."""
     from diffusion_bunny.demo import realclips
 
     if not realclips.HAMILTON.is_file():
         return None
     params = realclips.Params(minutes=minutes, width=WIDTH, height=HEIGHT, seed=seed)
     print(f"real movie: {minutes:g} min of looped Hamilton at {WIDTH}x{HEIGHT} (made once) ...", flush=True)
-    return realclips.make_movie(params, work / "real", realclips.HAMILTON, verbose=True)
+    return realclips.movie_of(params, folder, realclips.HAMILTON, verbose=True)
 
 
 def time_movie(
@@ -872,7 +879,7 @@ def bench(args: argparse.Namespace) -> int:
     else:
         movies.append(("given movie", movie))
     if not args.no_real:
-        real = real_movie(work, args.minutes, args.seed)
+        real = real_movie(args.movies, args.minutes, args.seed)
         if real is None:
             print("note: ../shared/testdata is absent: no real-footage movie (the Hamilton loop) in this run")
         else:
@@ -888,7 +895,7 @@ def bench(args: argparse.Namespace) -> int:
             )
         )
         if not args.no_real:
-            real_long = real_movie(work, args.memory_minutes, args.seed)
+            real_long = real_movie(args.movies, args.memory_minutes, args.seed)
             if real_long is not None:
                 memory_movies.append(("real footage", real_long))
 

@@ -45,7 +45,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -121,40 +120,7 @@ def long_movie(folder: Path, minutes: float) -> Path:
     print(
         f"movie: {minutes:g} minutes of looped Hamilton at 1280x720 (made once, then reused) ...", flush=True
     )
-    return realclips.make_movie(params, folder, realclips.HAMILTON, verbose=True)
-
-
-def cut_movie(source: Path, minutes: float) -> tuple[Path, int]:
-    """The first ``minutes`` of ``source`` (up to the first keyframe after them), copied without
-    re-encoding, with its cut truth; returns the path and its frame count."""
-    import av
-
-    out = source.with_name(f"{source.stem}-first{minutes:g}min.mp4")
-    truth_out = out.with_suffix(".cuts.json")
-    if out.is_file() and truth_out.is_file():
-        return out, int(json.loads(truth_out.read_text())["frames"])
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part.mp4")
-    frames = 0
-    with av.open(str(source)) as src, av.open(str(tmp), "w") as dst:
-        stream = src.streams.video[0]
-        copy = dst.add_stream_from_template(stream)
-        limit = Fraction(round(minutes * 60 * 1000), 1000)
-        for packet in src.demux(stream):
-            if packet.dts is None:
-                continue
-            if packet.is_keyframe and packet.pts is not None and packet.pts * stream.time_base >= limit:
-                break
-            packet.stream = copy
-            dst.mux(packet)
-            frames += 1
-    tmp.replace(out)
-    doc = json.loads(source.with_suffix(".cuts.json").read_text())
-    doc.update(
-        movie=out.name, frames=frames, cuts=[c for c in doc["cuts"] if c < frames], cut_from=source.name
-    )
-    doc.pop("repeats", None)
-    truth_out.write_text(json.dumps(doc, indent=1) + "\n")
-    return out, frames
+    return realclips.movie_of(params, folder, realclips.HAMILTON, verbose=True)
 
 
 def ffmpeg_decode(ffmpeg: str, movie: Path, logs: Path) -> tuple[float, float]:
@@ -376,9 +342,11 @@ def bench(args: argparse.Namespace) -> int:
             "--set",
             f"training.max_train_steps={args.train_steps}",
         ]
+    from diffusion_bunny.demo import realclips
+
     runs = []
     for minutes in lengths:
-        movie, frames = cut_movie(source, minutes) if minutes < lengths[-1] else (source, 0)
+        movie, frames = realclips.first_minutes(source, minutes) if minutes < lengths[-1] else (source, 0)
         if not frames:
             frames = int(json.loads(source.with_suffix(".cuts.json").read_text())["frames"])
         run = LengthRun(minutes, movie, frames)

@@ -61,3 +61,28 @@ def test_reader_sees_the_movie_at_its_size(tmp_path):
     movie = realclips.make_movie(params, tmp_path, HAMILTON)
     info = VideoReader(movie, 64).info
     assert (info.width, info.height) == (160, 90)
+
+
+def test_a_shorter_loop_is_cut_from_a_longer_one_made_before(tmp_path, monkeypatch):
+    """movie_of: a movie begins with every shorter one of its seed, so the benchmarks cut the
+    10- and 30-minute loops from the 60-minute one instead of rendering each (half an hour)."""
+    long_params = realclips.Params(minutes=0.3, width=160, height=90, seed=3)
+    long_movie = realclips.movie_of(long_params, tmp_path)
+    assert long_movie.name == f"{realclips.movie_name(long_params, HAMILTON)}.mp4"
+    rendered = []
+    monkeypatch.setattr(realclips, "make_movie", lambda *a, **k: rendered.append(a) or None)
+    short = realclips.movie_of(realclips.Params(minutes=0.1, width=160, height=90, seed=3), tmp_path)
+    assert not rendered and short.name.endswith("-first0.1min.mp4")
+    truth = json.loads(realclips.truth_path(short).read_text())
+    whole = json.loads(realclips.truth_path(long_movie).read_text())
+    frames = len(list(_decode(short)))
+    assert truth["frames"] == frames and 0.1 * 60 * 29.97 <= frames < whole["frames"]
+    assert truth["cuts"] == [c for c in whole["cuts"] if c < frames] and truth["cut_from"] == long_movie.name
+    # Same pixels as the long movie's first frames (stream copy, no re-encoding).
+    a = [f.to_ndarray(format="gray") for f in _decode(short)]
+    b = [f.to_ndarray(format="gray") for _, f in zip(range(frames), _decode(long_movie), strict=False)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    # Another seed or size is not cut from it: it would be rendered.
+    realclips.movie_of(realclips.Params(minutes=0.1, width=160, height=90, seed=4), tmp_path)
+    realclips.movie_of(realclips.Params(minutes=0.1, width=320, height=180, seed=3), tmp_path)
+    assert len(rendered) == 2

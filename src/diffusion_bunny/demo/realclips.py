@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -518,6 +518,65 @@ def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verb
     tmp.replace(movie)
     truth_path(movie).write_text(json.dumps(doc, indent=1) + "\n")
     return movie
+
+
+def first_minutes(movie: Path, minutes: float) -> tuple[Path, int]:
+    """The first ``minutes`` of ``movie`` (up to the first keyframe after them), copied without
+    re-encoding into ``<stem>-first<minutes>min.mp4`` beside it, with its cut truth (made once);
+    returns the path and its frame count."""
+    import av
+
+    out = movie.with_name(f"{movie.stem}-first{minutes:g}min.mp4")
+    truth_out = truth_path(out)
+    if out.is_file() and truth_out.is_file():
+        return out, int(json.loads(truth_out.read_text())["frames"])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part.mp4")
+    frames = 0
+    with av.open(str(movie)) as src, av.open(str(tmp), "w") as dst:
+        stream = src.streams.video[0]
+        copy = dst.add_stream_from_template(stream)
+        limit = Fraction(round(minutes * 60 * 1000), 1000)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            if packet.is_keyframe and packet.pts is not None and packet.pts * stream.time_base >= limit:
+                break
+            packet.stream = copy
+            dst.mux(packet)
+            frames += 1
+    tmp.replace(out)
+    doc = json.loads(truth_path(movie).read_text())
+    doc.update(
+        movie=out.name, frames=frames, cuts=[c for c in doc["cuts"] if c < frames], cut_from=movie.name
+    )
+    doc.pop("repeats", None)
+    truth_out.write_text(json.dumps(doc, indent=1) + "\n")
+    return out, frames
+
+
+def movie_of(params: Params, out_dir: Path, source_path: Path = HAMILTON, verbose: bool = False) -> Path:
+    """The movie of ``params``: made earlier; else the first minutes of a longer movie made in
+    ``out_dir`` with the same parameters (a movie begins with every shorter one of its seed, so
+    the benchmarks share one rendering: 60 minutes take about half an hour on 2 cores); else
+    rendered now (:func:`make_movie`)."""
+    out_dir = Path(out_dir)
+    exact = out_dir / f"{movie_name(params, source_path)}.mp4"
+    if exact.is_file() and truth_path(exact).is_file():
+        return exact
+    longer: list[tuple[float, Path]] = []
+    prefix = f"hamilton-loop-{params.width}x{params.height}-"
+    for path in out_dir.glob(f"{prefix}*min-seed{params.seed}-*.mp4"):
+        tag = path.name[len(prefix) :].split("min-seed", 1)[0]
+        try:
+            minutes = float(tag.replace("p", "."))
+        except ValueError:
+            continue
+        same = movie_name(replace(params, minutes=minutes), source_path) == path.stem
+        if same and minutes > params.minutes and truth_path(path).is_file():
+            longer.append((minutes, path))
+    if longer:
+        return first_minutes(min(longer)[1], params.minutes)[0]
+    return make_movie(params, out_dir, source_path, verbose=verbose)
 
 
 def _size(text: str) -> tuple[int, int]:
