@@ -53,3 +53,25 @@ def test_torch_threads_sets_and_restores(monkeypatch):
         assert seen == [1] and fitted.triplets == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_tiny_presets_run_on_one_thread_on_the_cpu_and_real_models_keep_theirs(monkeypatch):
+    """Stages 07/08 with a preset on the CPU: one torch thread (spinning threads made the demo's
+    grid 10x slower beside another process); a real model or a GPU keeps torch's threads."""
+    import torch
+
+    from diffusion_bunny.models import device as dev
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: False)
+    try:
+        for source, device, inside in [("preset", "auto", 1), ("preset", "cpu", 1), ("hub", "cpu", 2)]:
+            with dev.cpu_threads_for(source, device):
+                assert torch.get_num_threads() == inside, (source, device)
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: True)
+        with dev.cpu_threads_for("preset", "auto"):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

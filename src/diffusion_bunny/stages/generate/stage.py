@@ -73,6 +73,7 @@ def compute(ctx: Context) -> StageOutput:
     """Stage 08 on a run: resolve the base model (a missing one fails here, first), find the LoRA
     files and the references, then render, score and choose."""
     run, cfg, progress = ctx.run, ctx.cfg, ctx.progress
+    from diffusion_bunny.models.device import cpu_threads_for
     from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
     from diffusion_bunny.models.faces import DetectSettings
     from diffusion_bunny.stages.characters.tables import reference_dir
@@ -85,19 +86,20 @@ def compute(ctx: Context) -> StageOutput:
     detect = DetectSettings.from_config(cfg.characters)
     faces = ctx.optional("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
-    result = generate_stage(
-        run.run_dir,
-        cfg.generation,
-        pipe_loader=lambda: load_pipeline(ref, device=cfg.generation.device, setting=setting),
-        checkpoints=checkpoints,
-        references=references,
-        detect=detect,
-        trigger=trigger_word(cfg),
-        resolution=cfg.generation.resolution or cfg.training.resolution,
-        base_model=ref.name,
-        progress=progress,
-        progress_path=ctx.progress_path,
-    )
+    with cpu_threads_for(ref.source, cfg.generation.device):
+        result = generate_stage(
+            run.run_dir,
+            cfg.generation,
+            pipe_loader=lambda: load_pipeline(ref, device=cfg.generation.device, setting=setting),
+            checkpoints=checkpoints,
+            references=references,
+            detect=detect,
+            trigger=trigger_word(cfg),
+            resolution=cfg.generation.resolution or cfg.training.resolution,
+            base_model=ref.name,
+            progress=progress,
+            progress_path=ctx.progress_path,
+        )
     result.warnings[:0] = ref_warnings
     result.facts["base_model_path"] = str(ref.path)
     result.facts["base_model_family"] = ref.family

@@ -43,21 +43,23 @@ def train_stage(
     progress_path: Path | None = None,
 ) -> StageOutput:
     """Train (or resume) the LoRA of a run and return its tables."""
+    from diffusion_bunny.models.device import cpu_threads_for
     from diffusion_bunny.models.diffusion import resolve_base_model
 
     images, validation_texts = read_dataset(run_dir, items)
-    resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
+    ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
     prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
-    result = train_lora(
-        images,
-        cfg,
-        checkpoint_dir(run_dir, cfg),
-        validation_prompts=prompts,
-        progress=progress,
-        progress_path=progress_path,
-        cache_dir=Path(run_dir) / "cache",
-        trainer_class=trainer_class_for(cfg),
-    )
+    with cpu_threads_for(ref.source, cfg.device):
+        result = train_lora(
+            images,
+            cfg,
+            checkpoint_dir(run_dir, cfg),
+            validation_prompts=prompts,
+            progress=progress,
+            progress_path=progress_path,
+            cache_dir=Path(run_dir) / "cache",
+            trainer_class=trainer_class_for(cfg),
+        )
     log = result.log
     counts = {
         "images": len(images),
