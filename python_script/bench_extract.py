@@ -904,7 +904,7 @@ def bench(args: argparse.Namespace) -> int:
         info = probe_frames(ffprobe, path)
         results.append(time_movie(label, path, info, detectors, args.repeat, work, ffmpeg))
 
-    memory: list[tuple[str, Path, Sample, float]] = []
+    memory: list[tuple[str, Path, Sample, float, Path]] = []
     for kind, long_movie in memory_movies:
         info = probe_frames(ffprobe, long_movie)
         minutes = info["duration_s"] / 60 if info["duration_s"] else info["frames"] / FPS / 60
@@ -912,16 +912,17 @@ def bench(args: argparse.Namespace) -> int:
         print(f"memory check: stage 01 on {long_movie.name} ({info['frames']} frames)", flush=True)
         warm_cache(long_movie)
         tag = "memory" if kind == "synthetic" else "memory-real"
+        outdir = work / "out" / tag
         run_child_stage(
             long_movie,
-            work / "out" / tag,
+            outdir,
             work / "logs",
             tag,
             row,
             Sample(f"{row.name} (child)"),
             detectors[0],
         )
-        memory.append((kind, long_movie, row, minutes))
+        memory.append((kind, long_movie, row, minutes, outdir))
 
     for res in results:
         report_movie(res, detectors, work)
@@ -949,7 +950,7 @@ def bench(args: argparse.Namespace) -> int:
     print("\nmemory")
     if not memory:
         print(f"  stage 01 peak RSS, {TARGET_RSS_MINUTES:g}-min 720p = skipped (--skip-memory)")
-    for kind, long_movie, row, minutes in memory:
+    for kind, long_movie, row, minutes, outdir in memory:
         label = f"stage 01 peak RSS, {TARGET_RSS_MINUTES:g}-min 720p {kind}"
         if not row.ok:
             print(f"  {label:<52} = n/a   (target < {TARGET_RSS_MIB:g} MiB)  n/a: stage 01 failed")
@@ -960,7 +961,7 @@ def bench(args: argparse.Namespace) -> int:
             f"  {label:<52} = {mib:5.0f} MiB (target < {TARGET_RSS_MIB:g} MiB)  "
             f"{_verdict(mib < TARGET_RSS_MIB)}{note}"
         )
-        line = score_shots(work / "out" / ("memory" if kind == "synthetic" else "memory-real"), long_movie)
+        line = score_shots(outdir, long_movie)
         if line:
             print(f"    long {kind} movie, {detectors[0]}: {line}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

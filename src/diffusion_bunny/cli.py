@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from diffusion_bunny import logs
 from diffusion_bunny.errors import BadInputError, UserError, storage_error
-from diffusion_bunny.logs import version
+from diffusion_bunny.logs import log_hint, version
 
 #: Stage names in pipeline order, for ``--help`` without importing the stages (about a second of
 #: start-up); test/test_conventions.py checks it against :func:`diffusion_bunny.stages.stage_names`.
@@ -146,8 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{r.movie.name}: {r.run_dir}")
     if failed:
         print(
-            f"error: {len(failed)} of {len(reports)} movies failed (see the messages above; log: "
-            f"{logs.last_path})",
+            f"error: {len(failed)} of {len(reports)} movies failed (see the messages above){log_hint()}",
             file=sys.stderr,
         )
         return 1 if any(r.bug for r in failed) else 2

@@ -42,10 +42,8 @@ def test_torch_threads_sets_and_restores(monkeypatch):
         assert torch.get_num_threads() == 2
         # Stage 04's adapter trains on one thread (spinning threads on a busy machine: 3x slower).
         seen = []
-        real = adapter._train_adapter
-        monkeypatch.setattr(
-            adapter, "_train_adapter", lambda *a: seen.append(torch.get_num_threads()) or real(*a)
-        )
+        real = adapter.normalise
+        monkeypatch.setattr(adapter, "normalise", lambda v: seen.append(torch.get_num_threads()) or real(v))
         import numpy as np
 
         vectors = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
@@ -67,11 +65,12 @@ def test_tiny_presets_run_on_one_thread_on_the_cpu_and_real_models_keep_theirs(m
     monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: False)
     try:
         for source, device, inside in [("preset", "auto", 1), ("preset", "cpu", 1), ("hub", "cpu", 2)]:
-            with dev.cpu_threads_for(source, device):
+            with dev.cpu_threads_for(source, device, "training.device"):
                 assert torch.get_num_threads() == inside, (source, device)
             assert torch.get_num_threads() == 2
         monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: True)
-        with dev.cpu_threads_for("preset", "auto"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with dev.cpu_threads_for("preset", "auto", "training.device"):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -68,15 +68,15 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def cpu_threads_for(source: str, device: str) -> AbstractContextManager[None]:
+def cpu_threads_for(source: str, device: str, setting: str) -> AbstractContextManager[None]:
     """One torch thread for a tiny preset (``source == "preset"``) on the CPU, else no change.
 
     The presets (the demo's and the tests' models) are a few hundred kilobytes: on 2 cores,
     stage 08's demo grid took 8.5 s on torch's 2 threads and 11.6 s on one with nothing else
     running, but 130.6 s against 12.7 s while a video decode held the cores (their OpenMP threads
     spin-wait; ``OMP_WAIT_POLICY=PASSIVE`` gave 16.3 s quiet). A real model on the CPU keeps every
-    thread: its operations are large enough to share."""
-    on_cpu = device == "cpu" or (device == "auto" and not cuda_driver_sees_gpu())
-    if source == "preset" and on_cpu:
+    thread: its operations are large enough to share. ``device`` is resolved as the stage
+    resolves it (:func:`resolve_device`; ``setting`` names it in the error)."""
+    if source == "preset" and resolve_device(device, setting) == "cpu":
         return torch_threads(1)
     return nullcontext()

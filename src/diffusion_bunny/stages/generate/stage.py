@@ -86,7 +86,7 @@ def compute(ctx: Context) -> StageOutput:
     detect = DetectSettings.from_config(cfg.characters)
     faces = ctx.optional("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
-    with cpu_threads_for(ref.source, cfg.generation.device):
+    with cpu_threads_for(ref.source, cfg.generation.device, "generation.device"):
         result = generate_stage(
             run.run_dir,
             cfg.generation,

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from diffusion_bunny.models.device import torch_threads
 from diffusion_bunny.stages.scenes.clustering import normalise
 from diffusion_bunny.stages.scenes.tables import NEW, NOISE
 
@@ -106,6 +107,7 @@ def triplets_from_feedback(
     return out
 
 
+@torch_threads(1)
 def train_adapter(
     vectors: np.ndarray,
     triplets: Sequence[Triplet],
@@ -120,22 +122,6 @@ def train_adapter(
     """Fit the adapter on ``triplets`` over unit ``vectors`` (full batch, Adam, fixed seed), on
     one torch thread (:func:`~diffusion_bunny.models.device.torch_threads`: the problem is too
     small for more, and spinning threads cost several times over on a busy machine)."""
-    from diffusion_bunny.models.device import torch_threads
-
-    with torch_threads(1):
-        return _train_adapter(vectors, triplets, hidden, epochs, lr, margin, identity_weight, seed)
-
-
-def _train_adapter(
-    vectors: np.ndarray,
-    triplets: Sequence[Triplet],
-    hidden: int,
-    epochs: int,
-    lr: float,
-    margin: float,
-    identity_weight: float,
-    seed: int,
-) -> Adapter:
     import torch
 
     x = torch.from_numpy(normalise(vectors))

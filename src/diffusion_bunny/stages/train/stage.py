@@ -49,7 +49,7 @@ def train_stage(
     images, validation_texts = read_dataset(run_dir, items)
     ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
     prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
-    with cpu_threads_for(ref.source, cfg.device):
+    with cpu_threads_for(ref.source, cfg.device, "training.device"):
         result = train_lora(
             images,
             cfg,

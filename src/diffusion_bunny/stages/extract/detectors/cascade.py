@@ -722,8 +722,10 @@ CONTEXT = PACKAGE_CONTEXT
 #: Frames of input on each side of a run that only hard candidates need (issue 15, 2026-11-23).
 #: On the looped Hamilton movies (seeds 0, 1, 2) 16 instead of 25 gave the same cuts (recall,
 #: precision unchanged on each) for 28% fewer network frames, and the eval_shots table's hard
-#: cuts, flashes, fast pans and Hamilton rows were unchanged; its dissolves lost one of 15 when
-#: gradual candidates had 16 too, hence :func:`run_context`.
+#: cuts, flashes, fast pans and Hamilton rows were unchanged. Gradual candidates keep 25
+#: (:func:`run_context`): before the last rules a dissolve of eval_shots was lost with 16 for
+#: them too; at the final rules (int8) 16 everywhere moved no cut of eval_shots' clips (5
+#: variants), so the 25 is a margin for transitions the network judges from further around.
 HARD_CONTEXT = 16
 FRAME = (27, 48, 3)
 #: Frames of 48x27 RGB kept (1 MB per 256): a run and its context must fit.
