@@ -73,9 +73,35 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
+Region = tuple[int, int, int, int]
+
+
+def crop_region(
+    image: np.ndarray, region: Region | None, full_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The part of ``image`` inside ``region`` = (left, top, right, bottom), given in pixels of
+    the picture at ``full_size`` (width, height; default: the image's own size), so a region of
+    the saved frame crops a copy decoded at reduced scale too. Clamped to the image; never empty."""
+    if region is None:
+        return image
+    h, w = image.shape[:2]
+    fw, fh = full_size or (w, h)
+    sx, sy = w / fw, h / fh
+    left, top, right, bottom = region
+    x0 = min(max(0, round(left * sx)), w - 1)
+    y0 = min(max(0, round(top * sy)), h - 1)
+    x1 = max(x0 + 1, min(w, round(right * sx)))
+    y1 = max(y0 + 1, min(h, round(bottom * sy)))
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return image
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE, region: Region | None = None) -> np.ndarray:
     """Decode ``path`` as BGR ``uint8`` at the smallest libjpeg reduction (1/2, 1/4, 1/8) that keeps
-    at least ``min_side`` pixels on the short side (full size for other formats).
+    at least ``min_side`` pixels on the short side (full size for other formats). With
+    ``region`` (left, top, right, bottom in the file's own pixels: a frame's picture box), only
+    that part is returned, and the reduction is chosen by the region's short side.
 
     Raises :class:`BadInputError` naming the file when it is missing, empty, truncated or not an
     image: the frames are the stage's inputs, and skipping one would misalign rows.
@@ -92,6 +118,8 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
     size = jpeg_size(data)
     if size is not None:
         short = min(size)
+        if region is not None:
+            short = min(short, region[2] - region[0], region[3] - region[1])
         for factor, reduced in _REDUCED_COLOR:
             if short // factor >= min_side:
                 flag = reduced
@@ -101,6 +129,9 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
         raise BadInputError(
             f"frame image {path} cannot be decoded as an image; rerun stage extract with --force"
         )
+    if region is not None:
+        full = size or (image.shape[1], image.shape[0])
+        image = crop_region(image, region, full)
     return image
 
 
