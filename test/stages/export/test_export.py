@@ -126,7 +126,7 @@ def test_crops_stay_inside_the_picture_box_never_in_the_bars():
     box = face_box((700, 300, 1100, 700), picture, 0.5)
     assert box[1] >= 140 and box[3] <= 940 and box[3] - box[1] == 800
     body = half_body_box((900, 600, 1000, 700), picture, 4.0, 0.75)
-    assert body is not None and 140 <= body[1] and body[3] <= 940
+    assert body is not None and body[1] >= 140 and body[3] <= 940
 
 
 def test_half_body_box_is_a_portrait_with_the_face_at_the_top():
