@@ -179,15 +179,28 @@ class Film:
 
     def frames(self) -> Iterator[tuple[int, Segment, np.ndarray]]:
         """(film frame index, segment, RGB frame as shown with its bars)."""
-        w, h = self.variant.display
-        left, top, right, bottom = self.variant.picture
         n = 0
         for seg in TIMELINE:
             for j in range(seg.frames):
-                frame = np.zeros((h, w, 3), np.uint8)
-                frame[top:bottom, left:right] = self.picture(seg, j, n / FPS)
-                yield n, seg, frame
+                yield n, seg, self._framed(seg, j, n)
                 n += 1
+
+    def frame_at(self, index: int) -> np.ndarray:
+        """Frame ``index`` of the film as shown (RGB, with its bars): the truth a decoded frame
+        is compared with."""
+        start = 0
+        for seg in TIMELINE:
+            if index < start + seg.frames:
+                return self._framed(seg, index - start, index)
+            start += seg.frames
+        raise IndexError(f"the film has {start} frames, not {index + 1}")
+
+    def _framed(self, seg: Segment, j: int, n: int) -> np.ndarray:
+        w, h = self.variant.display
+        left, top, right, bottom = self.variant.picture
+        frame = np.zeros((h, w, 3), np.uint8)
+        frame[top:bottom, left:right] = self.picture(seg, j, n / FPS)
+        return frame
 
 
 def load_hamilton(path: Path = HAMILTON) -> np.ndarray:
@@ -218,8 +231,16 @@ def _hdr_frame(rgb: np.ndarray, variant: Variant) -> Any:
     frame = av.VideoFrame(w, h, "yuv420p10le")
     y, cb, cr = planes
     # 4:2:0: chroma averaged over 2x2 blocks.
-    cb = cb.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).round().astype(np.uint16)
-    cr = cr.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).round().astype(np.uint16)
+    cb = (
+        cv2.resize(cb.astype(np.float32), (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        .round()
+        .astype(np.uint16)
+    )
+    cr = (
+        cv2.resize(cr.astype(np.float32), (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        .round()
+        .astype(np.uint16)
+    )
     for plane, data in zip(frame.planes, (y, cb, cr), strict=True):
         view = np.frombuffer(plane, np.uint16).reshape(plane.height, plane.line_size // 2)
         view[:, : data.shape[1]] = data

@@ -165,29 +165,43 @@ def tone_map_rgb(rgb: np.ndarray, transfer: str, peak_nits: float | None = None)
     return cv2.merge([b, g, r])
 
 
-def tone_map_yuv16(planes: np.ndarray, transfer: str, full_range: bool = False) -> np.ndarray:
-    """A ``yuv444p16le`` picture as PyAV gives it (3 x H x W, uint16) to 8-bit SDR BGR."""
-    y, cb, cr = (planes[i].astype(np.float32) / 65535.0 for i in range(3))
+def tone_map_yuv16(yuv: np.ndarray, transfer: str, full_range: bool = False) -> np.ndarray:
+    """A ``yuv444p16le`` picture as PyAV's ``to_ndarray`` gives it (H x W x 3, uint16) to 8-bit
+    SDR BGR."""
+    y, cb, cr = (c.astype(np.float32) * np.float32(1 / 65535) for c in cv2.split(yuv))
     return tone_map_rgb(ycbcr_to_rgb(y, cb, cr, full_range), transfer)
 
 
 def sdr_to_hdr_rgb(rgb8: np.ndarray, transfer: str = "pq") -> np.ndarray:
     """The inverse mapping for test footage: an 8-bit SDR RGB picture (BT.709, gamma 2.4) as
     HDR R'G'B' (0-1, BT.2020, PQ or HLG) with SDR white at reference white (203 nits), as an
-    HDR grade of SDR material places it (ITU-R BT.2408)."""
-    linear = np.power(rgb8.astype(np.float64) / 255.0, 2.4)
-    wide = linear @ np.linalg.inv(BT2020_TO_BT709.astype(np.float64)).T
-    nits = np.clip(wide, 0.0, None) * REFERENCE_WHITE_NITS
+    HDR grade of SDR material places it (ITU-R BT.2408). Curves through tables (8-bit in, 16-bit
+    steps out), so a 720p frame costs milliseconds rather than a NumPy power per pixel."""
+    linear = _decode_table()[rgb8]
+    wide = cv2.transform(linear, np.linalg.inv(BT2020_TO_BT709.astype(np.float64)).astype(np.float32))
+    return _take(_encode_table(transfer), np.sqrt(np.clip(wide, 0.0, 1.0)))
+
+
+@lru_cache(maxsize=1)
+def _decode_table() -> np.ndarray:
+    return np.power(np.arange(256) / 255.0, 2.4).astype(np.float32)
+
+
+@lru_cache(maxsize=2)
+def _encode_table(transfer: str) -> np.ndarray:
+    """Relative linear light (indexed by its square root, for precision near black) -> code."""
+    linear = np.linspace(0.0, 1.0, 65536) ** 2
+    nits = linear * REFERENCE_WHITE_NITS
     if transfer == "pq":
-        return nits_to_pq(nits)
-    return scene_to_hlg(np.power(nits / HLG_PEAK_NITS, 1 / 1.2))
+        return nits_to_pq(nits).astype(np.float32)
+    return scene_to_hlg(np.power(nits / HLG_PEAK_NITS, 1 / 1.2)).astype(np.float32)
 
 
 def rgb_to_ycbcr10(rgb: np.ndarray) -> np.ndarray:
     """R'G'B' (0-1, BT.2020) to limited-range 10-bit Y'CbCr planes (3 x H x W, uint16)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = _KR * r + _KG * g + _KB * b
-    cb = (b - y) / (2 * (1 - _KB))
-    cr = (r - y) / (2 * (1 - _KR))
-    planes = np.stack([64 + 876 * y, 512 + 896 * cb, 512 + 896 * cr])
-    return np.clip(np.round(planes), 0, 1023).astype(np.uint16)
+    kr, kg, kb = _KR, _KG, _KB
+    cb = np.array([-kr, -kg, 1 - kb]) / (2 * (1 - kb))
+    cr = np.array([1 - kr, -kg, -kb]) / (2 * (1 - kr))
+    m = np.array([[876 * kr, 876 * kg, 876 * kb], 896 * cb, 896 * cr], dtype=np.float32)
+    ycc = cv2.transform(rgb.astype(np.float32), m) + np.array([64, 512, 512], np.float32)
+    return np.clip(ycc + 0.5, 0, 1023).astype(np.uint16).transpose(2, 0, 1)
