@@ -593,6 +593,7 @@ class ReportConfig(_Section):
 
     dpi: int = Field(100, ge=30, le=600)
     contact_sheet_faces: int = Field(24, ge=1, le=1000)
+    dataset_sheet_pictures: int = Field(8, ge=1, le=1000)
     max_characters: int = Field(12, ge=1, le=1000)
 
 
