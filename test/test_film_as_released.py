@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import polars as pl
 import pytest
 from paths import TESTDATA
 
@@ -162,3 +163,136 @@ def test_interlaced_video_is_detected_and_deinterlaced(films, extracted, tmp_pat
 def test_progressive_sources_are_not_deinterlaced(extracted):
     for variant in ("sdr", "anamorphic", "hdr"):
         assert not extracted[variant][0].facts["deinterlaced"]
+
+
+# ------------------------------------------------------------------------ the exported dataset
+
+INGEST = ("extract", "quality", "characters", "scenes", "captions", "export")
+
+
+@pytest.fixture(scope="module")
+def datasets(films, tmp_path_factory):
+    """Stages 01-06 (and the report) on the letterboxed 1080p film and on the anamorphic DVD,
+    with the two people's reference photos, as a user runs them: the datasets a LoRA would see."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    out = {}
+    for variant in ("sdr", "anamorphic"):
+        movie = films[variant]
+        folder = tmp_path_factory.mktemp(f"d-{variant}")
+        run = Run.create(folder / "run", movie)
+        overrides = {"characters.reference_dir": str(movie.parent / "refs"), "export.crops": ["full", "face"]}
+        cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
+        for stage in (*INGEST, "report") if variant == "sdr" else INGEST:
+            run_stage(run, stage, cfg, progress=False)
+        out[variant] = (run, truth_of(movie))
+    return out
+
+
+def _items(run):
+    """The exported pictures with the film's shot each comes from (by frame index)."""
+    items = run.read_table("dataset_items")
+    frames = run.read_table("frames").select("frame_id", "frame_index")
+    return items.join(frames, on="frame_id", how="left", suffix="_f")
+
+
+def _shot_of(truth: dict, frame_index: int) -> dict:
+    return next(s for s in truth["shots"] if s["start_frame"] <= frame_index < s["end_frame"])
+
+
+@pytest.mark.parametrize("variant", ["sdr", "anamorphic"])
+def test_the_exported_dataset_holds_no_bar_and_no_text_frame(datasets, variant):
+    run, truth = datasets[variant]
+    items = _items(run)
+    assert items.height > 0
+    left, top, right, bottom = release.VARIANTS[variant].picture
+    root = run.run_dir / "dataset" / "hf"
+    for row in items.iter_rows(named=True):
+        shot = _shot_of(truth, row["frame_index"])
+        # No title card and no credits: a LoRA would learn to write.
+        assert not shot["text"], (row["file_name"], shot)
+        # Every crop lies inside the picture: no letterbox bar in any exported picture.
+        assert left <= row["left"] and top <= row["top"] and row["right"] <= right and row["bottom"] <= bottom
+        image = cv2.imread(str(root / row["split"] / row["file_name"]))
+        assert image is not None and (image.shape[1], image.shape[0]) == (row["width"], row["height"])
+        if row["crop"] == "full":
+            # As wide as the picture is (2.40:1), whatever the stored pixels' shape.
+            assert abs(row["width"] / row["height"] - release.PICTURE_ASPECT) < 0.05, row
+    # The title cards and the credits were found as text (not merely dark): they were dropped
+    # with reason text.
+    quality = run.read_table("quality").join(
+        run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+    )
+    for row in quality.iter_rows(named=True):
+        if _shot_of(truth, row["frame_index"])["text"]:
+            assert row["reject_reason"] == "text", row
+
+
+def test_the_exported_dataset_has_subtitles_cropped_or_dropped(datasets):
+    run, truth = datasets["sdr"]
+    items = _items(run)
+    root = run.run_dir / "dataset" / "hf"
+    subtitled = [s for s in truth["shots"] if s["subtitles"]]
+    assert subtitled
+    from_subtitled = [
+        r for r in items.iter_rows(named=True) if _shot_of(truth, r["frame_index"])["subtitles"]
+    ]
+    for row in from_subtitled:
+        image = cv2.imread(str(root / row["split"] / row["file_name"]))
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        # The subtitles' yellow (hue ~25-35 in OpenCV's 0-180, saturated, bright) is gone.
+        yellow = cv2.inRange(hsv, (20, 120, 150), (40, 255, 255))
+        assert int(yellow.sum() // 255) < 40, row["file_name"]
+
+
+def test_the_named_character_survives_the_dark_scene(datasets):
+    run, truth = datasets["sdr"]
+    items = _items(run)
+    dark = [r for r in items.iter_rows(named=True) if _shot_of(truth, r["frame_index"])["dark"]]
+    assert dark, "no picture of the dark scene was exported"
+    assert any("lin_manuel_miranda" in (r["characters"] or []) for r in dark)
+    # Both people of the film are in the dataset.
+    named = {c for cs in items["characters"].to_list() for c in cs or []}
+    assert {"lin_manuel_miranda", "obama"} <= named
+
+
+def _face_shape(rgb: np.ndarray) -> float:
+    """Eye distance over eye-to-mouth distance of the largest face (dlib's 68 landmarks): 0.69x as
+    wide a face (an anamorphic frame left squeezed) gives 0.69x this ratio."""
+    from diffusion_bunny.models import dlib_faces
+
+    boxes = dlib_faces.face_locations(rgb, 1, "hog")
+    assert boxes, "no face found"
+    box = max(boxes, key=lambda b: (b[2] - b[0]) * (b[1] - b[3]))
+    marks = dlib_faces.face_landmarks(rgb, [box])[0]
+    eyes = [np.asarray(marks[k], dtype=np.float64).mean(axis=0) for k in ("left_eye", "right_eye")]
+    mouth = np.asarray(marks["top_lip"] + marks["bottom_lip"], dtype=np.float64).mean(axis=0)
+    return float(np.linalg.norm(eyes[0] - eyes[1]) / np.linalg.norm((eyes[0] + eyes[1]) / 2 - mouth))
+
+
+def test_faces_of_the_anamorphic_film_are_not_squashed(datasets):
+    run, _ = datasets["anamorphic"]
+    items = run.read_table("dataset_items").filter(
+        (pl.col("crop") == "face") & pl.col("characters").list.contains("lin_manuel_miranda")
+    )
+    assert items.height
+    reference = cv2.cvtColor(cv2.imread(str(release.LIN_REFERENCE)), cv2.COLOR_BGR2RGB)
+    expected = _face_shape(reference)
+    root = run.run_dir / "dataset" / "hf"
+    shapes = [
+        _face_shape(cv2.cvtColor(cv2.imread(str(root / r["split"] / r["file_name"])), cv2.COLOR_BGR2RGB))
+        for r in items.iter_rows(named=True)
+    ]
+    # Within 15% of the reference portrait's shape (a squeezed face would be at 69%).
+    assert 0.85 < float(np.median(shapes)) / expected < 1.15, (shapes, expected)
+
+
+def test_the_report_shows_what_the_lora_will_see(datasets):
+    run, _ = datasets["sdr"]
+    figures = run.read_table("report_figures")
+    section = figures.filter(pl.col("section") == "dataset")
+    assert set(section["figure"].drop_nulls()) == {"dataset_sheet", "dropped"}
+    message = section["message"][0]
+    assert "dropped on the way:" in message and "text " in message
+    assert (run.run_dir / "report" / "figures" / "dataset_sheet.png").is_file()
