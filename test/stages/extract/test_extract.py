@@ -299,3 +299,73 @@ def test_an_independent_count_agrees_on_frame_count(cut_clip):
     reports) agree with the reader's count."""
     path, _ = cut_clip
     assert count_frames(path) == (125, 125)
+
+
+def _write_frames(path, frames, fps=25, sar=None):
+    """Encode RGB frames as they are (H.264), optionally with a sample aspect ratio."""
+    from fractions import Fraction
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = Fraction(sar)
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_an_absurd_sample_aspect_is_treated_as_square_with_a_warning(tmp_path):
+    from clips import render_shot
+
+    path = _write_frames(tmp_path / "sar.mp4", render_shot(3, 20, 160, 96), sar="5/1")
+    info = probe_video(path)
+    assert info.sample_aspect == 1 and "absurd" in info.warnings[0]
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert (result.facts["width"], result.facts["height"]) == (160, 96)
+    assert result.facts["sample_aspect"] == "1:1"
+    assert any("sample aspect ratio 5 is absurd" in w for w in result.warnings)
+
+
+def test_a_movie_black_throughout_uses_the_full_frame_with_a_warning(tmp_path):
+    path = _write_frames(tmp_path / "black.mp4", [np.zeros((96, 160, 3), np.uint8)] * 30)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    shot = result.tables["shots"].row(0, named=True)
+    assert (shot["box_left"], shot["box_top"], shot["box_right"], shot["box_bottom"]) == (0, 0, 160, 96)
+    assert shot["box_source"] == "black (full)"
+    assert any("black throughout" in w and "the full frame" in w for w in result.warnings)
+
+
+def test_a_pillarboxed_insert_in_a_letterboxed_film_gets_its_own_box(tmp_path):
+    """A film that changes aspect: letterboxed shots around a pillarboxed one (an archive insert);
+    each shot gets its own bars, the black first frame of a shot does not shrink its box."""
+    from clips import render_shot
+
+    def framed(frames, box):
+        left, top, right, bottom = box
+        out = []
+        for img in frames:
+            canvas = np.zeros((180, 320, 3), np.uint8)
+            canvas[top:bottom, left:right] = cv2.resize(img, (right - left, bottom - top))
+            out.append(canvas)
+        return out
+
+    scope, archive = (0, 24, 320, 156), (40, 0, 280, 180)
+    frames = framed(render_shot(1, 30, 320, 180, 2.0), scope)
+    frames += [np.zeros((180, 320, 3), np.uint8), *framed(render_shot(2, 29, 320, 180), archive)]
+    frames += framed(render_shot(3, 30, 320, 180, -2.0), scope)
+    path = _write_frames(tmp_path / "aspects.mp4", frames)
+    result = extract_frames(path, cfg(detector="content"), tmp_path / "run", progress=False)
+    shots = result.tables["shots"]
+    assert shots.height == 3
+    boxes = [
+        (r["box_left"], r["box_top"], r["box_right"], r["box_bottom"]) for r in shots.iter_rows(named=True)
+    ]
+    for got, want in zip(boxes, [scope, archive, scope], strict=True):
+        assert all(
+            0 <= (g - w) * (1 if i < 2 else -1) <= 6 for i, (g, w) in enumerate(zip(got, want, strict=True))
+        ), (got, want)
+    assert result.facts["picture_box"]["film_box"][1] >= 24
