@@ -16,10 +16,11 @@ fixed black threshold; this module finds it per shot, from many frames, so that
   with broadly lit rows, and a shot's own bars are believed only in symmetric pairs (bars are
   centred; a dark sky or a subtitle line is one-sided) or where they match the film's.
 
-:func:`decide_boxes` then gives every shot its box: its own confident, symmetric edges; else the
-film's commonest box (the consensus of the shots that were confident); else the full frame. A
-shot that is black throughout has no box of its own and takes the film's (the full frame when
-the film has none), and is counted so stage 01 can warn.
+:func:`decide_boxes` then gives every shot its box, axis by axis: its own confident, symmetric
+edges; else the nearest shot's within a minute (a film changes aspect by scene, and a dark or
+dim shot sits among lit ones of its scene); else the film's commonest box (the consensus of the
+shots that were confident); else the full frame. A shot that is black throughout has no box of
+its own and takes one the same way, and is counted so stage 01 can warn.
 
 Pure over arrays: stage 01 feeds the profiles while it decodes and calls :func:`decide_boxes`
 once at the end of its pass.
@@ -166,13 +167,28 @@ class BoxDecision:
         return sum(1 for s in self.sources if s.startswith("black"))
 
 
-def _axis(edges: Edges, film: tuple[int, int] | None, n: int) -> tuple[tuple[int, int], str]:
+def _own(edges: Edges, film: tuple[int, int] | None, n: int) -> tuple[int, int] | None:
+    """An axis of a shot's own box when it can be believed: confident edges, symmetric bars or
+    the film's own bars."""
     pair = (edges.start, edges.end)
     if edges.confident and (symmetric(edges, n) or _matches(pair, film, n)):
-        return pair, "own"
-    if film is not None:
-        return film, "film"
-    return (0, n), "full"
+        return pair
+    return None
+
+
+def _neighbour(
+    owns: list[tuple[int, int] | None], times: list[float], i: int, window_s: float
+) -> tuple[int, int] | None:
+    """The believed axis of the nearest shot before or after shot ``i`` within ``window_s``
+    seconds (the nearer one when both sides have one and they differ)."""
+    before = next((j for j in range(i - 1, -1, -1) if owns[j] is not None), None)
+    after = next((j for j in range(i + 1, len(owns)) if owns[j] is not None), None)
+    found = [
+        (abs(times[j] - times[i]), owns[j])
+        for j in (before, after)
+        if j is not None and abs(times[j] - times[i]) <= window_s
+    ]
+    return min(found, key=lambda x: x[0])[1] if found else None
 
 
 def _trim(pair: tuple[int, int], n: int) -> tuple[int, int]:
@@ -184,12 +200,25 @@ def _trim(pair: tuple[int, int], n: int) -> tuple[int, int]:
     return start, end
 
 
-def decide_boxes(profiles: list[ShotProfile], weights: list[int], size: tuple[int, int]) -> BoxDecision:
+#: A shot without a believable box of its own takes its neighbours' (a film changes aspect by
+#: scene: an IMAX sequence, an archive insert), looked for this many seconds around it, before
+#: the film's commonest box.
+NEIGHBOUR_S = 60.0
+
+
+def decide_boxes(
+    profiles: list[ShotProfile],
+    weights: list[int],
+    size: tuple[int, int],
+    times: list[float] | None = None,
+) -> BoxDecision:
     """Every shot's picture box ``(left, top, right, bottom)`` in stored pixels (see the module
-    docstring), with its source: ``own`` (both axes its own), ``film`` / ``full`` (an axis taken
-    from the film's consensus / the frame), ``black`` (nothing lit: the film's box or the full
-    frame)."""
+    docstring), with its source: ``own`` (both axes its own), ``near`` (an axis from the nearest
+    shot with a box of its own within :data:`NEIGHBOUR_S` of ``times``, the shots' start times),
+    ``film`` / ``full`` (an axis taken from the film's consensus / the frame), ``black`` (nothing
+    lit: the neighbours', the film's or the full frame)."""
     width, height = size
+    times = times if times is not None else [float(i) for i in range(len(profiles))]
     rows = [own_edges(p.rows) for p in profiles]
     cols = [own_edges(p.cols) for p in profiles]
     film_v = consensus(list(zip(rows, weights, strict=True)), height)
@@ -198,18 +227,31 @@ def decide_boxes(profiles: list[ShotProfile], weights: list[int], size: tuple[in
     if film_v is not None or film_h is not None:
         (x0, x1), (y0, y1) = _trim(film_h or (0, width), width), _trim(film_v or (0, height), height)
         decision.film = (x0, y0, x1, y1)
-    for r, c in zip(rows, cols, strict=True):
-        if not r.lit and not c.lit:
-            box = decision.film or (0, 0, width, height)
-            decision.boxes.append(box)
-            decision.sources.append("black (film)" if decision.film else "black (full)")
-            continue
-        (top, bottom), vs = _axis(r, film_v, height)
-        (left, right), hs = _axis(c, film_h, width)
-        top, bottom = _trim((top, bottom), height)
-        left, right = _trim((left, right), width)
+    own_v = [_own(r, film_v, height) if r.lit else None for r in rows]
+    own_h = [_own(c, film_h, width) if c.lit else None for c in cols]
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        picked = []
+        for owns, film, n in ((own_v, film_v, height), (own_h, film_h, width)):
+            near = _neighbour(owns, times, i, NEIGHBOUR_S)
+            if owns[i] is not None:
+                picked.append((owns[i], "own"))
+            elif near is not None:
+                picked.append((near, "near"))
+            elif film is not None:
+                picked.append((film, "film"))
+            else:
+                picked.append(((0, n), "full"))
+        (top, bottom), vs = _trim(picked[0][0], height), picked[0][1]
+        (left, right), hs = _trim(picked[1][0], width), picked[1][1]
         decision.boxes.append((left, top, right, bottom))
-        decision.sources.append("own" if vs == hs == "own" else ("film" if "film" in (vs, hs) else "full"))
+        if not r.lit and not c.lit:
+            decision.sources.append(
+                f"black ({'full' if vs == hs == 'full' else 'near' if 'near' in (vs, hs) else 'film'})"
+            )
+        elif vs == hs == "own":
+            decision.sources.append("own")
+        else:
+            decision.sources.append(next(k for k in ("near", "film", "full") if k in (vs, hs)))
     return decision
 
 

@@ -285,7 +285,12 @@ class _ShotAssembler:
         if self.cfg.picture_box == "off":
             decision = BoxDecision([(0, 0, *self.stored)] * len(self.shots), ["off"] * len(self.shots), None)
         else:
-            decision = decide_boxes(self.profiles, [s["n_frames"] for s in self.shots], self.stored)
+            decision = decide_boxes(
+                self.profiles,
+                [s["n_frames"] for s in self.shots],
+                self.stored,
+                [s["start_s"] for s in self.shots],
+            )
         for shot, box, source in zip(self.shots, decision.boxes, decision.sources, strict=True):
             shot.update(zip(BOX_COLUMNS, self.shown(box), strict=True), box_source=source)
         return decision
@@ -417,7 +422,7 @@ def extract_frames(
     warnings = list(info.warnings)
     boxes = assembler.boxes
     if boxes.black_shots:
-        whose = "the film's picture box" if boxes.film else "the full frame"
+        whose = "the full frame" if boxes.film is None else "their neighbours' or the film's picture box"
         warnings.append(
             f"{boxes.black_shots} shot(s) are black throughout: no picture box of their own, {whose} is used"
         )

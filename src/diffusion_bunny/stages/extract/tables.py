@@ -25,7 +25,8 @@ SHOTS_SCHEMA = {
     "box_top": pl.Int64,
     "box_right": pl.Int64,
     "box_bottom": pl.Int64,
-    # own (the shot's own bars) | film (the film's commonest box) | full | black (...) | off
+    # own (the shot's own bars) | near (a neighbouring shot's, within a minute) | film (the
+    # film's commonest box) | full | black (...: no light at all; then as the others) | off
     "box_source": pl.Utf8,
 }
 #: The picture box columns, in ``shots`` and in ``frames`` (each frame carries its shot's box).
