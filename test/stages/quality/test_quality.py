@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffusion_bunny.config import FilteringConfig, load_config
+from diffusion_bunny.config import QualityConfig, load_config, save_local_settings
 from diffusion_bunny.demo.run import expected_reasons
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.pipeline.run import Run
@@ -62,7 +62,7 @@ def reasons(table: pl.DataFrame) -> list[str | None]:
 
 
 def test_exposure_and_sharpness_rules_in_order():
-    cfg = FilteringConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
+    cfg = QualityConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
     table, frames = scores(
         [
             {"readable": False, "sharpness": None, "brightness": None, "clipped": None, "phash": None},
@@ -93,7 +93,7 @@ def test_exposure_and_sharpness_rules_in_order():
 
 
 def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
-    cfg = FilteringConfig(dup_distance=4)
+    cfg = QualityConfig(dup_distance=4)
     same = 0x123456789ABCDEF0
     table, frames = scores(
         [
@@ -110,15 +110,15 @@ def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
     assert reasons(out) == ["duplicate", None, None, None, None, "duplicate", "blurry"]
     assert out["duplicate_of"].to_list() == ["f3", None, None, None, None, "f3", None]
     # At distance 1 only (nearly) identical hashes would be duplicates: none here.
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=1)))[:6] == [None] * 6
+    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=1)))[:6] == [None] * 6
 
 
 def test_blurred_frame_never_removes_its_sharp_copy():
     same = 0x0F0F0F0F0F0F0F0F
     table, frames = scores([{"phash": same, "sharpness": 10.0}, {"phash": same, "sharpness": 200.0}])
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig())) == ["blurry", None]
+    assert reasons(apply_quality_rules(table, frames, QualityConfig())) == ["blurry", None]
     # With the blur rule off, the sharper copy wins, wherever it is.
-    loose = apply_quality_rules(table, frames, FilteringConfig(min_sharpness=0))
+    loose = apply_quality_rules(table, frames, QualityConfig(min_sharpness=0))
     assert reasons(loose) == ["duplicate", None] and loose["duplicate_of"][0] == "f1"
 
 
@@ -130,14 +130,14 @@ def test_duplicate_chain_and_sharpness_ties():
         [{"phash": a, "sharpness": 900.0}, {"phash": b, "sharpness": 800.0}, {"phash": c, "sharpness": 700.0}]
     )
     # Only kept frames remove others: b goes as a's duplicate, c (far from a) stays.
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=3))) == [
+    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=3))) == [
         None,
         "duplicate",
         None,
     ]
     # A repeat that is sharper only by encoding noise does not displace the first appearance.
     table, frames = scores([{"phash": a, "sharpness": 649.5}, {}, {"phash": a, "sharpness": 650.9}])
-    out = apply_quality_rules(table, frames, FilteringConfig())
+    out = apply_quality_rules(table, frames, QualityConfig())
     assert reasons(out) == [None, None, "duplicate"] and out["duplicate_of"][2] == "f0"
 
 
@@ -145,40 +145,66 @@ def test_best_n_per_shot_and_per_consecutive_frames():
     sharp = [100.0, 300.0, 200.0, 50.0, 400.0, 410.0, 90.0]
     shots = [0, 0, 0, 1, 1, 1, 2]
     table, frames = scores([{"sharpness": s, "shot_id": k} for s, k in zip(sharp, shots, strict=True)])
-    keep_all = apply_quality_rules(table, frames, FilteringConfig())
+    keep_all = apply_quality_rules(table, frames, QualityConfig())
     assert keep_all["keep"].all()
-    per_shot = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=1))
+    per_shot = apply_quality_rules(table, frames, QualityConfig(best_per_batch=1))
     assert per_shot["keep"].to_list() == [False, True, False, False, False, True, True]
     assert set(reasons(per_shot)) == {None, "not_best"}
-    two = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=2))
+    two = apply_quality_rules(table, frames, QualityConfig(best_per_batch=2))
     assert two["keep"].to_list() == [False, True, True, False, True, True, True]
     # Batches of 2 consecutive frames: (0,1) (2,3) (4,5) (6).
-    pairs = apply_quality_rules(table, frames, FilteringConfig(batch=2, best_per_batch=1))
+    pairs = apply_quality_rules(table, frames, QualityConfig(batch=2, best_per_batch=1))
     assert pairs["keep"].to_list() == [False, True, True, False, False, True, True]
     # Rejected frames do not take a place: with f1 blurred, f2 is the best of shot 0.
     blurred = table.with_columns(
         pl.when(pl.col("frame_id") == "f1").then(1.0).otherwise(pl.col("sharpness")).alias("sharpness")
     )
-    out = apply_quality_rules(blurred, frames, FilteringConfig(best_per_batch=1))
+    out = apply_quality_rules(blurred, frames, QualityConfig(best_per_batch=1))
     assert reasons(out)[:3] == ["not_best", "blurry", None]
 
 
 def test_config_out_of_range_is_one_line_naming_the_key():
     cases = {
-        "filtering.dup_distance=65": "filtering.dup_distance = 65: Input should be less than or equal to 64",
-        "filtering.max_clipped=1.5": "filtering.max_clipped = 1.5",
-        "filtering.min_sharpness=-1": "filtering.min_sharpness = -1",
-        "filtering.batch=0": "filtering.batch = 0: must be 'shot' or a positive number",
-        "filtering.batch=scene": "filtering.batch = 'scene'",
-        "filtering.best_per_batch=0": "filtering.best_per_batch = 0",
-        "filtering.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
-        "filtering.dup_dist=3": "unknown key 'filtering.dup_dist' (allowed here: batch, best_per_batch,",
+        "quality.dup_distance=65": "quality.dup_distance = 65: Input should be less than or equal to 64",
+        "quality.max_clipped=1.5": "quality.max_clipped = 1.5",
+        "quality.min_sharpness=-1": "quality.min_sharpness = -1",
+        "quality.batch=0": "quality.batch = 0: must be 'shot' or a positive number",
+        "quality.batch=scene": "quality.batch = 'scene'",
+        "quality.best_per_batch=0": "quality.best_per_batch = 0",
+        "quality.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
+        "quality.dup_dist=3": "unknown key 'quality.dup_dist' (allowed here: batch, best_per_batch,",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as info:
             load_config(None, [override])
         assert message in str(info.value) and "\n" not in str(info.value)
-    assert load_config(None, ["filtering.batch=12"]).filtering.batch == 12
+    assert load_config(None, ["quality.batch=12"]).quality.batch == 12
+
+
+def test_filtering_is_the_old_name_of_quality(tmp_path):
+    import warnings
+
+    (tmp_path / "config").mkdir()
+    old = tmp_path / "config" / "local_thresholds.yaml"
+    old.write_text("filtering:\n  min_sharpness: 12\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(None, ["filtering.dup_distance=7"], root=tmp_path)
+    lines = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert lines == [
+        f"{old}: the config section 'filtering' is now called 'quality'; write quality.min_sharpness",
+        "--set: the config section 'filtering' is now called 'quality'; write quality.dup_distance",
+    ]
+    assert cfg.quality.min_sharpness == 12 and cfg.quality.dup_distance == 7 and cfg.filtering is cfg.quality
+    # A later layer under the new name wins over an earlier one under the old name, and back.
+    assert load_config(None, ["quality.min_sharpness=20"], root=tmp_path).quality.min_sharpness == 20
+    # The same key under both names in one layer cannot be resolved: one line naming both.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["filtering.dup_distance=7", "quality.dup_distance=8"], root=tmp_path)
+    assert "sets filtering.dup_distance and quality.dup_distance" in str(info.value)
+    # Notebook 02's save moves an old file's settings to the new name.
+    save_local_settings("thresholds", {"quality": {"dup_distance": 3}}, tmp_path)
+    assert yaml.safe_load(old.read_text()) == {"quality": {"dup_distance": 3, "min_sharpness": 12}}
 
 
 def _picture(width: int, height: int) -> np.ndarray:
@@ -263,7 +289,7 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     monkeypatch.setattr(quality_module, "score_image", no_scoring)
     frames = demo_run.read_table("frames")
     shot_of = dict(frames.select("frame_id", "shot_id").iter_rows())
-    explorer = QualityThresholdExplorer(demo_run, FilteringConfig(), config_root=tmp_path)
+    explorer = QualityThresholdExplorer(demo_run, QualityConfig(), config_root=tmp_path)
 
     def walk(w):
         yield w
@@ -305,10 +331,10 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     explorer.set_thresholds(min_brightness=30, dup_distance=6, best_per_batch=None, min_sharpness=50)
     path = explorer.save()
     assert path == tmp_path / "config" / "local_thresholds.yaml"
-    saved = yaml.safe_load(path.read_text())["filtering"]
+    saved = yaml.safe_load(path.read_text())["quality"]
     assert saved["dup_distance"] == 6 and saved["best_per_batch"] is None
     # A headless rerun reads the saved layer and reproduces the widget's choice.
-    cfg = load_config(root=tmp_path).filtering
+    cfg = load_config(root=tmp_path).quality
     headless = apply_quality_rules(demo_run.read_table("quality"), frames, cfg)
     assert headless["keep"].to_list() == explorer.table()["keep"].to_list()
     assert cfg.min_sharpness == pytest.approx(50, rel=1e-3)
@@ -334,7 +360,7 @@ def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
     assert not (run.run_dir / ".progress-quality.json").exists()
     # The stage is up to date now, and stale when its own settings move.
     assert stage_state(run, "quality", cfg)[0] == "done"
-    moved = load_config(None, ["filtering.dup_distance=9"], root=tmp_path)
+    moved = load_config(None, ["quality.dup_distance=9"], root=tmp_path)
     assert stage_state(run, "quality", moved) == ("stale", "its config changed")
     assert stage_state(run, "quality", load_config(None, ["extraction.jpeg_quality=80"], root=tmp_path))[
         0
@@ -357,7 +383,7 @@ def test_quality_figures_render(demo_run, tmp_path):
     quality = demo_run.read_table("quality")
     frames = demo_run.read_table("frames")
     out = tmp_path / "hist.png"
-    quality_histograms(quality, FilteringConfig()).save(out, verbose=False, dpi=50)
+    quality_histograms(quality, QualityConfig()).save(out, verbose=False, dpi=50)
     assert out.stat().st_size > 5_000
     sheet = quality_sheet(demo_run.run_dir, quality, frames, columns=4, thumb_width=100)
     kept_rows = -(-int(quality["keep"].sum()) // 4)

@@ -38,6 +38,6 @@ STAGE = Stage(
     compute=_compute,
     summary=summary,
     reads=(Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path", "width")),),
-    config=("filtering",),
+    config=("quality",),
     writes=("quality",),
 )

@@ -14,7 +14,7 @@ from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, ti
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import FilteringConfig
+    from diffusion_bunny.config import QualityConfig
 
 
 #: One colour per outcome of stage 02, in rule order.
@@ -30,7 +30,7 @@ OUTCOME_COLOURS = {
 }
 
 
-def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> p9.ggplot:
+def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
     """One histogram per quality score, bars coloured by outcome, thresholds as dashed lines.
 
     Sharpness is shown as log10: it spans three decades, and on a linear axis every blurred frame

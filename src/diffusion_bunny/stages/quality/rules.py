@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import FilteringConfig
+from diffusion_bunny.config import QualityConfig
 from diffusion_bunny.stages.quality.scores import hamming
 from diffusion_bunny.stages.quality.tables import REASONS, RULE_COLUMNS, SCORES_SCHEMA
 
@@ -56,7 +56,7 @@ def _duplicate_groups(
     return groups
 
 
-def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: FilteringConfig) -> pl.DataFrame:
+def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: QualityConfig) -> pl.DataFrame:
     """``scores`` with ``keep``, ``reject_reason`` and ``duplicate_of`` set by ``cfg``.
 
     Pure and cheap (no image is read), so a slider can call it on every move. ``frames`` gives

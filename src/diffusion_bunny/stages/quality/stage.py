@@ -11,7 +11,7 @@ Two halves, kept apart on purpose (see DESIGN.md, "scores are computed once"):
   width, not 1280. A thread decodes a 720p frame and scores it in about 3 ms, against 4.6 ms for
   a full colour decode (``python_script/bench_quality.py``).
 * :func:`apply_quality_rules` is a pure function of the score table, the frames table and the
-  ``filtering`` settings. Notebook 02's sliders call it on every move, so no score is recomputed
+  ``quality`` settings. Notebook 02's sliders call it on every move, so no score is recomputed
   when a threshold changes, and a headless run with the saved thresholds gives the same table.
 
 Rules, in order; a frame gets the reason of the first rule it fails:
@@ -47,7 +47,7 @@ from diffusion_bunny.stages.quality.scores import SCORE_VERSION, SCORE_WIDTH, sc
 def compute(ctx: Context) -> StageOutput:
     """Score the frames stage 01 kept, once, then apply the rules: the ``quality`` table."""
     frames = ctx.table("frames")
-    cfg = ctx.cfg.filtering
+    cfg = ctx.cfg.quality
     started = time.perf_counter()
     workers = os.cpu_count() or 1
     scores = score_frames(

@@ -10,7 +10,7 @@ import ipywidgets as widgets
 import polars as pl
 from pydantic import ValidationError
 
-from diffusion_bunny.config import FilteringConfig, save_local_settings
+from diffusion_bunny.config import QualityConfig, save_local_settings
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
 
@@ -23,7 +23,7 @@ class QualityThresholdExplorer:
     def __init__(
         self,
         run: Run,
-        cfg: FilteringConfig,
+        cfg: QualityConfig,
         *,
         max_per_group: int = 24,
         config_root: Path | None = None,
@@ -83,7 +83,7 @@ class QualityThresholdExplorer:
             [
                 *self.sliders.values(),
                 widgets.HTML(
-                    f"best per batch: 0 keeps all; a batch is a {batch} (<code>filtering.batch</code>)"
+                    f"best per batch: 0 keeps all; a batch is a {batch} (<code>quality.batch</code>)"
                 ),
                 widgets.HBox([self.save_button, self.saved]),
                 self.counts,
@@ -95,17 +95,17 @@ class QualityThresholdExplorer:
 
     @property
     def values(self) -> dict[str, Any]:
-        """The slider values as ``filtering`` settings (best per batch 0 means keep all: null)."""
+        """The slider values as ``quality`` settings (best per batch 0 means keep all: null)."""
         out = {name: s.value for name, s in self.sliders.items()}
         out["dup_distance"] = int(out["dup_distance"])
         out["best_per_batch"] = int(out["best_per_batch"]) or None
         return out
 
     @property
-    def filtering(self) -> FilteringConfig:
+    def quality(self) -> QualityConfig:
         """The base config with the sliders' values; raises ValueError for an impossible
         combination (minimum brightness over the maximum)."""
-        return FilteringConfig.model_validate({**self.base.model_dump(), **self.values})
+        return QualityConfig.model_validate({**self.base.model_dump(), **self.values})
 
     def set_thresholds(self, **values: Any) -> None:
         """Move sliders from Python (same path as a person dragging them), redrawing once."""
@@ -122,7 +122,7 @@ class QualityThresholdExplorer:
 
     def table(self) -> pl.DataFrame:
         """The quality table under the current sliders."""
-        return apply_quality_rules(self.scores, self.frames, self.filtering)
+        return apply_quality_rules(self.scores, self.frames, self.quality)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -139,7 +139,7 @@ class QualityThresholdExplorer:
         from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
 
         try:
-            cfg = self.filtering
+            cfg = self.quality
         except ValidationError as exc:
             message = exc.errors()[0]["msg"].removeprefix("Value error, ")
             self.counts.value = f"<b style='color:#C0392B'>{message}</b>"
@@ -163,11 +163,11 @@ class QualityThresholdExplorer:
     def save(self) -> Path:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
         ``bunny run``) applies them, so a headless rerun reproduces this choice."""
-        cfg = self.filtering
+        cfg = self.quality
         keys = ("min_sharpness", "min_brightness", "max_brightness", "max_clipped", "dup_distance")
         settings = {key: getattr(cfg, key) for key in keys}
         settings["min_sharpness"] = round(settings["min_sharpness"], 3)
         settings["best_per_batch"] = cfg.best_per_batch
-        path = save_local_settings("thresholds", {"filtering": settings}, self.config_root)
+        path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
         self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
         return path

@@ -135,16 +135,16 @@ def did_not_run(stage: str, table: str) -> str:
 # ------------------------------------------------------------------------------------- sections
 
 
-def _filtering_config(run: ReportData, cfg: ConfigView) -> Any:
-    """The thresholds stage 02 last ran with (from its manifest; the defaults for a manifest
-    without them)."""
-    from diffusion_bunny.config import FilteringConfig
+def _quality_config(run: ReportData, cfg: ConfigView) -> Any:
+    """The thresholds stage 02 last ran with (from its manifest, which says ``filtering`` when it
+    was written before the section's rename; the defaults for a manifest without them)."""
+    from diffusion_bunny.config import QualityConfig
 
-    manifest = run.read_manifest("quality") or {}
+    settings = ((run.read_manifest("quality") or {}).get("config")) or {}
     try:
-        return FilteringConfig(**manifest["config"]["filtering"])
+        return QualityConfig(**(settings.get("quality") or settings["filtering"]))
     except (KeyError, TypeError, ValueError):
-        return FilteringConfig()
+        return QualityConfig()
 
 
 def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:
@@ -220,7 +220,7 @@ def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
             Figure(
                 "quality",
                 "Quality scores and thresholds",
-                quality_histograms(quality, _filtering_config(run, cfg)),
+                quality_histograms(quality, _quality_config(run, cfg)),
             )
         ],
     )
