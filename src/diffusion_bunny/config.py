@@ -55,7 +55,7 @@ DETECTOR_THRESHOLDS: dict[str, tuple[float, float, float]] = {
 # darker or brighter film moves them with its median, never past the absolute BLACK_FLOOR and
 # WHITE_CEILING. Measured in python_script/calibrate_quality.py (memory_bank/progress.md).
 REFERENCE_BRIGHTNESS = 100.0
-BLACK_FLOOR = 12.0
+BLACK_FLOOR = 10.0
 WHITE_CEILING = 245.0
 #: Width in pixels of the copy of the picture the text detector looks at.
 TEXT_WIDTH = 480
@@ -182,7 +182,8 @@ class QualityConfig(_Section):
             )
         if self.white_ceiling < self.max_brightness:
             raise ValueError(
-                f"white_ceiling ({self.white_ceiling}) must be at least max_brightness ({self.max_brightness})"
+                f"white_ceiling ({self.white_ceiling}) must be at least max_brightness "
+                f"({self.max_brightness})"
             )
         return self
 

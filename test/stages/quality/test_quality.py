@@ -20,7 +20,7 @@ from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
 from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, exposure_thresholds, reason_counts
 from diffusion_bunny.stages.quality.scores import hamming, nearest_distances, score_frames, score_image
 
 # Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
@@ -39,7 +39,7 @@ def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
                 "brightness": 120.0,
                 "contrast": 50.0,
                 "clipped": 0.0,
-                "phash": FAR[i],
+                "phash": FAR[i] if i < len(FAR) else None,
                 "nearest_distance": None,
                 "shot_id": 0,
                 **row,
@@ -50,6 +50,13 @@ def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
         "frame_id", pl.int_range(pl.len()).mul(10).alias("frame_index"), pl.col("shot_id").cast(pl.Int64)
     )
     return table.drop("shot_id"), frames
+
+
+def distinct(rows: list[dict]) -> list[dict]:
+    """``rows`` with random hashes (about 32 bits apart, never within ``dup_distance``), for
+    tables longer than :data:`FAR`."""
+    hashes = np.random.default_rng(11).integers(0, 2**63, size=len(rows), dtype=np.uint64)
+    return [{"phash": int(h), **row} for h, row in zip(hashes, rows, strict=True)]
 
 
 def test_far_hashes_are_far():
@@ -163,6 +170,71 @@ def test_best_n_per_shot_and_per_consecutive_frames():
     assert reasons(out)[:3] == ["not_best", "blurry", None]
 
 
+def test_brightness_is_relative_to_the_film():
+    rng = np.random.default_rng(3)
+    # A dark film: its scenes between 15 and 45 (median ~30), black frames at 1-4, one flash.
+    night = [{"brightness": float(b)} for b in rng.uniform(15, 45, 30)]
+    black = [{"brightness": float(b), "clipped": 0.97} for b in (1.0, 2.5, 4.0)]
+    flash = [{"brightness": 250.0}]
+    table, frames = scores(distinct(night + black + flash))
+    out = apply_quality_rules(table, frames, QualityConfig())
+    got = reasons(out)
+    assert got[:30] == [None] * 30  # every night scene stays
+    assert got[30:] == ["too_dark", "too_dark", "too_dark", "too_bright"]
+    exposure = exposure_thresholds(table, QualityConfig())
+    median = float(np.median([r["brightness"] for r in night]))
+    assert exposure.film_brightness == pytest.approx(median)
+    assert exposure.min_brightness == pytest.approx(max(10.0, 35.0 * median / 100.0))
+    # Absolute thresholds (the old rule): most of the film goes as too dark.
+    absolute = reasons(apply_quality_rules(table, frames, QualityConfig(relative_brightness=False)))
+    assert absolute.count("too_dark") > 20
+    # A film of ordinary exposure keeps the configured thresholds: never tightened.
+    ordinary, ordinary_frames = scores(
+        distinct([{"brightness": b} for b in (90.0, 110.0, 130.0, 120.0, 100.0, 34.0)])
+    )
+    assert reasons(apply_quality_rules(ordinary, ordinary_frames, QualityConfig()))[-1] == "too_dark"
+    assert exposure_thresholds(ordinary, QualityConfig()).min_brightness == 35.0
+    # A bright film (snow): its bright scenes stay, a white frame still goes.
+    snow, snow_frames = scores(
+        distinct([{"brightness": b} for b in (200.0, 235.0, 238.0, 215.0, 225.0, 252.0)])
+    )
+    assert reasons(apply_quality_rules(snow, snow_frames, QualityConfig())) == [None] * 5 + ["too_bright"]
+    # A dark grade crushes shadows in every scene: the film's typical clipped share is allowed.
+    crushed, crushed_frames = scores(
+        distinct([{"brightness": 25.0, "clipped": c} for c in (0.5, 0.62, 0.7, 0.66, 0.97)])
+    )
+    assert reasons(apply_quality_rules(crushed, crushed_frames, QualityConfig())) == [None] * 4 + ["clipped"]
+    with pytest.raises(ValueError, match="black_floor"):
+        QualityConfig(black_floor=40)
+
+
+def test_scores_measure_the_picture_box_not_the_bars(tmp_path):
+    from diffusion_bunny.demo.overlays import letterbox
+    from diffusion_bunny.media.images import read_picture
+
+    picture = cv2.cvtColor(_picture(1280, 536), cv2.COLOR_BGR2RGB)  # 2.39:1
+    framed, box = letterbox(picture, (1920, 1080))
+    assert box == (0, 138, 1920, 942)
+    cv2.imwrite(
+        str(tmp_path / "lb.jpg"), cv2.cvtColor(framed, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
+    cv2.imwrite(
+        str(tmp_path / "pic.jpg"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
+    whole = score_image(tmp_path / "lb.jpg")
+    inside = score_image(tmp_path / "lb.jpg", box=box)
+    alone = score_image(tmp_path / "pic.jpg")
+    assert whole["brightness"] == pytest.approx(804 / 1080 * alone["brightness"], rel=0.03)
+    assert whole["clipped"] > 0.25 > inside["clipped"]
+    assert inside["brightness"] == pytest.approx(alone["brightness"], abs=2.0)
+    assert inside["clipped"] == pytest.approx(alone["clipped"], abs=0.02)
+    assert hamming(inside["phash"], alone["phash"]) <= 4
+    # The shared reader: reduced decode (1/2 here), cropped to the box scaled to it, no bar row.
+    region = read_picture(tmp_path / "lb.jpg", box, min_width=800, gray=True)
+    assert region.shape == (402, 960) and region[0].mean() > 40 and region[-1].mean() > 40
+    assert read_picture(tmp_path / "lb.jpg", box).shape == (804, 1920, 3)
+
+
 def test_config_out_of_range_is_one_line_naming_the_key():
     cases = {
         "quality.dup_distance=65": "quality.dup_distance = 65: Input should be less than or equal to 64",
@@ -272,7 +344,7 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     assert frames.filter(pl.col("frame_id") == dup)["shot_id"].item() == repeat["repeat_of"]
     manifest = demo_run.read_manifest("quality")
     assert manifest["counts"]["kept"] == int(quality["keep"].sum())
-    declared = ["frame_id", "frame_index", "shot_id", "path", "width"]
+    declared = ["frame_id", "frame_index", "shot_id", "path", "width", "height"]
     assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames", declared)}
     assert manifest["facts"]["workers"] >= 1
 

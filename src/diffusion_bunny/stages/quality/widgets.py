@@ -1,4 +1,5 @@
-"""Notebook 02's widget: one slider per quality threshold over the stored scores."""
+"""Notebook 02's widget: one control per quality threshold over the stored scores (exposure
+relative to the film, blur, text and subtitles, duplicates)."""
 
 from __future__ import annotations
 
@@ -64,12 +65,31 @@ class QualityThresholdExplorer:
             "best_per_batch": slider(
                 widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
             ),
+            "relative_brightness": widgets.Checkbox(
+                value=cfg.relative_brightness,
+                description="brightness relative to the film",
+                style=style,
+                layout=layout,
+            ),
+            "text_filter": widgets.Checkbox(
+                value=cfg.text_filter, description="text rules", style=style, layout=layout
+            ),
+            "max_text_share": slider(
+                widgets.FloatSlider, "max text share", value=cfg.max_text_share, min=0, max=1, step=0.01
+            ),
+            "max_text_area": slider(
+                widgets.FloatSlider, "max text area", value=cfg.max_text_area, min=0, max=1, step=0.01
+            ),
+            "subtitles": widgets.Dropdown(
+                options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
+            ),
         }
         self.counts = widgets.HTML()
         # Image widgets, not Output widgets: headless executors (nbclient) hang on a cell that
         # shows images inside an Output widget (see MotionThresholdExplorer).
         self.plot_img = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
         self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
+        self.text_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
         self.save_button = widgets.Button(
             description="use these thresholds", icon="save", layout=widgets.Layout(width="auto")
         )
@@ -89,6 +109,7 @@ class QualityThresholdExplorer:
                 self.counts,
                 self.plot_img,
                 self.sheet_img,
+                self.text_img,
             ]
         )
         self._update()
@@ -97,6 +118,8 @@ class QualityThresholdExplorer:
     def values(self) -> dict[str, Any]:
         """The slider values as ``quality`` settings (best per batch 0 means keep all: null)."""
         out = {name: s.value for name, s in self.sliders.items()}
+        for name in ("max_text_share", "max_text_area", "max_clipped"):
+            out[name] = round(float(out[name]), 4)
         out["dup_distance"] = int(out["dup_distance"])
         out["best_per_batch"] = int(out["best_per_batch"]) or None
         return out
@@ -136,7 +159,9 @@ class QualityThresholdExplorer:
 
         import matplotlib.pyplot as plt
 
-        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
+        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
+        from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
+        from diffusion_bunny.stages.quality.text import unchecked_kept
 
         try:
             cfg = self.quality
@@ -147,8 +172,28 @@ class QualityThresholdExplorer:
         table = apply_quality_rules(self.scores, self.frames, cfg)
         counts = reason_counts(table)
         rejected = ", ".join(f"{n} {reason}" for reason, n in counts.items() if reason != "kept")
+        exposure = exposure_thresholds(with_text_columns(self.scores), cfg)
+        if exposure.film_brightness is not None:
+            film = (
+                f"this film's median brightness is {exposure.film_brightness:.0f} (reference "
+                f"{cfg.reference_brightness:.0f}): too dark under {exposure.min_brightness:.1f}, too "
+                f"bright over {exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f}"
+            )
+        else:
+            film = (
+                f"too dark under {exposure.min_brightness:.1f}, too bright over "
+                f"{exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f} (as configured)"
+            )
+        unchecked = unchecked_kept(table).len() if cfg.text_filter else 0
+        text = (
+            f"<br><span style='color:#C0392B'>{unchecked} kept frame(s) were never looked at for text "
+            "(these thresholds keep frames the stage dropped); rerun stage 02 to look at them</span>"
+            if unchecked
+            else ""
+        )
         self.counts.value = (
             f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
+            f"<br>{film}{text}"
         )
         fig = quality_histograms(table, cfg).draw()
         buf = io.BytesIO()
@@ -159,12 +204,27 @@ class QualityThresholdExplorer:
         buf = io.BytesIO()
         sheet.save(buf, format="JPEG", quality=85)
         self.sheet_img.value = buf.getvalue()
+        sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)
+        buf = io.BytesIO()
+        sheet.save(buf, format="JPEG", quality=85)
+        self.text_img.value = buf.getvalue()
 
     def save(self) -> Path:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
         ``bunny run``) applies them, so a headless rerun reproduces this choice."""
         cfg = self.quality
-        keys = ("min_sharpness", "min_brightness", "max_brightness", "max_clipped", "dup_distance")
+        keys = (
+            "min_sharpness",
+            "min_brightness",
+            "max_brightness",
+            "max_clipped",
+            "dup_distance",
+            "relative_brightness",
+            "text_filter",
+            "max_text_share",
+            "max_text_area",
+            "subtitles",
+        )
         settings = {key: getattr(cfg, key) for key in keys}
         settings["min_sharpness"] = round(settings["min_sharpness"], 3)
         settings["best_per_batch"] = cfg.best_per_batch
