@@ -200,9 +200,8 @@ def part_brightness() -> None:
     ):
         _, per = score(cfg, list(sources))
         print(f"\n{label}")
-        print(
-            f"  {'source':18s} {'grade':12s} {'content kept':>12s} {'black dropped':>13s} {'white dropped':>13s}"
-        )
+        head = f"{'content kept':>12s} {'black dropped':>13s} {'white dropped':>13s}"
+        print(f"  {'source':18s} {'grade':12s} {head}")
         for (name, grade_name), v in per.items():
             print(
                 f"  {name:18s} {grade_name:12s} {v['content kept']:12.3f} {v['black dropped']:13.3f} "
@@ -258,7 +257,11 @@ def text_cases(picture_rgb: np.ndarray, rng: np.random.Generator, fonts: tuple[s
     cases.append({"truth": "text", "what": "title on black", "rgb": img})
     grad = ov.gradient(size, background, tuple(int(c) for c in rng.integers(0, 200, 3)))
     img, _ = ov.title_card(
-        size, ("A FILM BY", "ADA LINDQVIST"), background=grad, font_name=f(), font_size=round(h / rng.uniform(9, 16))
+        size,
+        ("A FILM BY", "ADA LINDQVIST"),
+        background=grad,
+        font_name=f(),
+        font_size=round(h / rng.uniform(9, 16)),
     )
     cases.append({"truth": "text", "what": "title on colour", "rgb": img})
     bg = ov.BLACK if rng.uniform() < 0.5 else background
@@ -330,7 +333,7 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
         for lo, hi in ((18, 22), (22, 26), (26, 30)):
             sel = np.array([c["truth"] == "subtitles" and lo <= c.get("divisor", 0) < hi for c in cases])
             print(f"  1/{lo}-1/{hi}: {sub_found[sel].mean():.3f} of {int(sel.sum())}")
-    width = widths[len(widths) // 2] if not text_width else text_width
+    width = text_width if text_width else widths[len(widths) // 2]
     grid = [
         base.model_copy(update={"max_text_share": share, "max_text_area": area, "subtitle_band": band})
         for share in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -382,7 +385,8 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
         if n:
             print(f"  crops: {good}/{n} leave the whole subtitle out; mean height kept {kept / n:.2f}")
         for case, r in zip(cases, reason, strict=True):
-            if (case["truth"] in ("none", "sign") and r == "text") or (case["truth"] == "text" and r != "text"):
+            false_text = case["truth"] in ("none", "sign") and r == "text"
+            if false_text or (case["truth"] == "text" and r != "text"):
                 print(f"    miss: {case['source']} {case['what']} -> {r}")
 
 
