@@ -14,7 +14,7 @@ from diffusion_bunny.pipeline.contract import ConfigView
 from diffusion_bunny.pipeline.run import slugify
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
-from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
+from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table, subtitles_cropped
 
 #: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
 #: The table whose absence means a section's stage did not run.
@@ -206,24 +206,32 @@ def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:
 
 
 def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.quality.plots import quality_histograms
+    from diffusion_bunny.stages.quality.plots import quality_histograms, text_sheet
 
     quality = run.read_table("quality")
     if not quality.height:
         return Section("quality", "empty", "stage quality ran on no frame")
     kept = int(quality["keep"].sum())
-    return Section(
-        "quality",
-        "ok",
-        f"{kept} of {quality.height} frames kept",
-        [
-            Figure(
-                "quality",
-                "Quality scores and thresholds",
-                quality_histograms(quality, _quality_config(run, cfg)),
+    histograms = quality_histograms(quality, _quality_config(run, cfg))
+    figures = [Figure("quality", "Quality scores and thresholds", histograms)]
+    message = f"{kept} of {quality.height} frames kept"
+    frames = run.optional_table("frames")
+    texts = {r: int((quality["reject_reason"] == r).sum()) for r in ("text", "subtitles")}
+    cropped = subtitles_cropped(quality, frames)
+    if any(texts.values()) or cropped:
+        message += (
+            f"; {texts['text']} dropped as text, {texts['subtitles']} for subtitles, {cropped} kept with "
+            "their subtitles cropped off"
+        )
+        if frames is not None and "crop_top" in quality.columns:
+            figures.append(
+                Figure(
+                    "text",
+                    "Title cards, credits and subtitles",
+                    text_sheet(run.run_dir, quality, frames, max_per_group=cfg.report.contact_sheet_faces),
+                )
             )
-        ],
-    )
+    return Section("quality", "ok", message, figures)
 
 
 def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
