@@ -84,7 +84,7 @@ def make_frames(
             if kind == 0:
                 rgb, _ = overlays.subtitle(rgb, overlays.DIALOGUE[i % len(overlays.DIALOGUE)])
             elif kind == 1:
-                rgb, _ = overlays.title_card((width, height), ("THE LONG NIGHT",))
+                rgb, _ = overlays.title((width, height), ("THE LONG NIGHT",))
             else:
                 rgb, _ = overlays.sign(rgb, overlays.SIGNS[i % len(overlays.SIGNS)])
             frame = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)

@@ -253,10 +253,10 @@ def text_cases(picture_rgb: np.ndarray, rng: np.random.Generator, fonts: tuple[s
             }
         )
     background = tuple(int(c) for c in rng.integers(0, 200, 3))
-    img, _ = ov.title_card(size, ("THE LONG NIGHT",), font_name=f(), font_size=round(h / rng.uniform(7, 14)))
+    img, _ = ov.title(size, ("THE LONG NIGHT",), font_name=f(), font_size=round(h / rng.uniform(7, 14)))
     cases.append({"truth": "text", "what": "title on black", "rgb": img})
     grad = ov.gradient(size, background, tuple(int(c) for c in rng.integers(0, 200, 3)))
-    img, _ = ov.title_card(
+    img, _ = ov.title(
         size,
         ("A FILM BY", "ADA LINDQVIST"),
         background=grad,

@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the movies made here")
     ap.add_argument("--seeds", default="0,1", help="one movie per seed is made when no MOVIE is given")
     ap.add_argument("--size", default="1280x720")
+    ap.add_argument(
+        "--speed",
+        default=None,
+        help="LO,HI playback speeds of the repeats (default realclips' 0.8,1.25); e.g. 0.8,3 gives "
+        "shots of 7-25 frames, shorter than extraction.min_shot_seconds, whose cuts must all stay",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "real")
     ap.add_argument("--tolerance", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extraction KEY=VALUE (JSON value)")
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         width, _, height = args.size.partition("x")
         for seed in (int(s) for s in args.seeds.split(",")):
             params = realclips.Params(minutes=args.minutes, width=int(width), height=int(height), seed=seed)
+            if args.speed:
+                lo, _, hi = args.speed.partition(",")
+                params = realclips.replace(params, speed=(float(lo), float(hi)))
             print(f"movie: {args.minutes:g} min, seed {seed} (made once, then reused) ...", file=sys.stderr)
             movies.append(realclips.make_movie(params, args.work, verbose=True))
     rows = []

@@ -105,6 +105,8 @@ class ExtractionConfig(_Section):
     keyframe_window_seconds: float = Field(0.5, gt=0.0, le=30.0)
     interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
     jpeg_quality: int = Field(95, ge=1, le=100)
+    picture_box: Literal["auto", "off"] = "auto"
+    deinterlace: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _threshold_in_detector_range(self) -> ExtractionConfig:
@@ -631,6 +633,7 @@ class ReportConfig(_Section):
 
     dpi: int = Field(100, ge=30, le=600)
     contact_sheet_faces: int = Field(24, ge=1, le=1000)
+    dataset_sheet_pictures: int = Field(8, ge=1, le=1000)
     max_characters: int = Field(12, ge=1, le=1000)
 
 

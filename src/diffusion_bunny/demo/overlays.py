@@ -2,14 +2,18 @@
 credits lists (scrolling), burned-in subtitles (white or yellow, with a dark outline), a page of
 text (an insert), and signs inside a scene.
 
-Stage 02's tests and calibration draw them on real frames (``python_script/calibrate_quality.py``)
-and the end-to-end "film as released" fixture builds its title card, credits and subtitled shot
-with them, so the truth is known by construction: each function returns the picture and the box
-(``left, top, right, bottom`` in pixels, right/bottom exclusive) of what it drew.
+Two sets, both drawing RGB ``uint8`` arrays (H x W x 3), nothing modified in place, no system
+font needed:
 
-Fonts come with matplotlib (DejaVu, STIX, Computer Modern) or Pillow (its built-in scalable
-font), so no system font is needed. Pictures are RGB ``uint8`` arrays (H x W x 3); nothing is
-modified in place.
+* :func:`title`, :func:`credits_list`, :func:`page`, :func:`subtitle`, :func:`sign`,
+  :func:`gradient`, :func:`letterbox`: stage 02's tests and calibration draw them on real frames
+  (``python_script/calibrate_quality.py``) with many fonts (matplotlib's DejaVu, STIX and Computer
+  Modern, Pillow's own: :func:`font`), sizes and positions; each returns the picture and the box
+  (``left, top, right, bottom`` in pixels, right/bottom exclusive) of what it drew, so the truth
+  is known by construction;
+* :func:`title_card`, :func:`credits_roll`, :func:`burn_subtitles`: the end-to-end "film as
+  released" (:mod:`diffusion_bunny.demo.release`, ``realclips --released``) draws its title
+  cards, end credits and subtitled shots with them, in Pillow's built-in font.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from diffusion_bunny.media.figures import load_font
 
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
@@ -40,8 +46,8 @@ FONTS = {
     "pillow": "",
 }
 
-WHITE: RGB = (255, 255, 255)
-YELLOW: RGB = (255, 230, 40)
+WHITE: RGB = (245, 245, 245)
+YELLOW: RGB = (255, 226, 32)
 BLACK: RGB = (0, 0, 0)
 
 #: A credits list: roles and names, as end credits have them.
@@ -139,7 +145,7 @@ def _draw_lines(
     return boxes
 
 
-def title_card(
+def title(
     size: tuple[int, int],
     lines: Sequence[str] = ("THE LONG NIGHT",),
     *,
@@ -301,3 +307,76 @@ def letterbox(picture: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, B
     left, top = (width - pw) // 2, (height - ph) // 2
     out[top : top + ph, left : left + pw] = small
     return out, (left, top, left + pw, top + ph)
+
+
+# ---------------------------------------------------------------- the film as released's text
+
+
+def _lines(draw: ImageDraw.ImageDraw, lines: Sequence[str], size: int) -> list[tuple[str, int, int]]:
+    font = load_font(size)
+    out = []
+    for line in lines:
+        left, top, right, bottom = draw.textbbox((0, 0), line, font=font)
+        out.append((line, right - left, bottom - top))
+    return out
+
+
+def title_card(
+    size: tuple[int, int],
+    lines: Sequence[str],
+    background: tuple[int, int, int] = (0, 0, 0),
+    colour: tuple[int, int, int] = WHITE,
+) -> np.ndarray:
+    """A title card: ``lines`` centred on a plain ``background`` (RGB array of ``size``)."""
+    w, h = size
+    img = Image.new("RGB", (w, h), background)
+    draw = ImageDraw.Draw(img)
+    text_px = max(12, round(h * 0.09))
+    font = load_font(text_px)
+    measured = _lines(draw, lines, text_px)
+    gap = round(text_px * 0.5)
+    total = sum(lh for _, _, lh in measured) + gap * (len(measured) - 1)
+    y = (h - total) / 2
+    for line, lw, lh in measured:
+        draw.text(((w - lw) / 2, y), line, font=font, fill=colour)
+        y += lh + gap
+    return np.asarray(img)
+
+
+def credits_roll(
+    size: tuple[int, int],
+    lines: Sequence[str],
+    progress: float,
+    background: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """End credits scrolling up: ``progress`` 0 has the list entering from the bottom edge,
+    1 has it half-way up the frame."""
+    w, h = size
+    img = Image.new("RGB", (w, h), background)
+    draw = ImageDraw.Draw(img)
+    text_px = max(10, round(h * 0.06))
+    font = load_font(text_px)
+    gap = round(text_px * 0.6)
+    y = h * (0.5 + 0.5 * (1.0 - progress)) - h * 0.25
+    for line, lw, lh in _lines(draw, lines, text_px):
+        draw.text(((w - lw) / 2, y), line, font=font, fill=WHITE)
+        y += lh + gap
+    return np.asarray(img)
+
+
+def burn_subtitles(
+    picture: np.ndarray, line: str, colour: tuple[int, int, int] = YELLOW, bottom_margin: float = 0.06
+) -> np.ndarray:
+    """``line`` burned into the bottom of ``picture`` (RGB) as DVD and fansub subtitles are:
+    centred, coloured, with a black outline, ``bottom_margin`` of the height above the edge."""
+    h, w = picture.shape[:2]
+    img = Image.fromarray(picture)
+    draw = ImageDraw.Draw(img)
+    text_px = max(10, round(h * 0.055))
+    font = load_font(text_px)
+    left, top, right, bottom = draw.textbbox((0, 0), line, font=font)
+    x = (w - (right - left)) / 2 - left
+    y = h * (1.0 - bottom_margin) - (bottom - top) - top
+    stroke = max(1, text_px // 12)
+    draw.text((x, y), line, font=font, fill=colour, stroke_width=stroke, stroke_fill=(0, 0, 0))
+    return np.asarray(img)

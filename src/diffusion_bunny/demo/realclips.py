@@ -83,6 +83,7 @@ class ShotPlan:
     frames: int  # output frames (after resampling)
     box0: Box
     box1: Box  # == box0 when the camera stands still
+    subtitle: str = ""  # burned into the bottom of the picture (Params.subtitles_p)
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,18 @@ class Params:
     max_tries: int = 60
     crf: int = 23
     preset: str = "veryfast"
+    # A film as released (issue 29): burned-in subtitles over this share of the shots, and title
+    # cards before the first repeat and credits after the last (on black and on colour).
+    subtitles_p: float = 0.0
+    titles: bool = False
 
     def digest(self, source: Path) -> str:
         st = source.stat()
         doc = {**asdict(self), "version": VERSION, "source": [source.name, st.st_size]}
+        # Settings added later leave the names of movies made without them unchanged.
+        for key, default in (("subtitles_p", 0.0), ("titles", False)):
+            if doc[key] == default:
+                del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -221,6 +230,15 @@ def draw_repeat(
     roll = float(rng.uniform(-params.roll, params.roll))
     light = (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, params.light)))
     frame = str(params.frames[int(rng.integers(len(params.frames)))])
+    if params.subtitles_p > 0:
+        # Drawn from a generator of their own, so plans without subtitles stay as they were.
+        sub = np.random.default_rng([params.seed, index, attempt, 29])
+        shots = [
+            replace(shot, subtitle=SUBTITLES[int(sub.integers(len(SUBTITLES)))])
+            if sub.random() < params.subtitles_p
+            else shot
+            for shot in shots
+        ]
     return RepeatPlan(
         index=index,
         mirror=bool(rng.random() < params.mirror_p),
@@ -275,7 +293,31 @@ def gamma_lut(plan: RepeatPlan) -> np.ndarray:
 
 
 #: Inner picture aspect per frame mode (the output frame itself is 16:9 or what ``size`` says).
-FRAME_ASPECT = {"full": None, "letterbox": 2.39, "pillarbox": 4 / 3}
+FRAME_ASPECT = {"full": None, "letterbox": 2.39, "pillarbox": 4 / 3, "scope": 2.40}
+#: Subtitles burned over shots of a film as released (Params.subtitles_p).
+SUBTITLES = (
+    "I am not throwing away my shot!",
+    "Hey yo, I'm just like my country",
+    "I'm young, scrappy and hungry",
+    "The world turned upside down.",
+    "Who lives, who dies, who tells your story?",
+    "Wait for it.",
+)
+#: A film as released opens with two title cards and ends with credits (Params.titles):
+#: (frames, lines, background RGB, scrolling).
+OPENING = (
+    (48, ("A DIFFUSION BUNNY PICTURE",), (0, 0, 0), False),
+    (48, ("HAMILTON", "LOOPED"), (22, 66, 96), False),
+)
+CLOSING = (
+    (
+        96,
+        ("Directed by", "A. Smithee", "Music by", "L.-M. Miranda", "Edited by", "T. Schoonmaker"),
+        (0, 0, 0),
+        True,
+    ),
+    (48, ("THE END",), (110, 24, 30), False),
+)
 
 
 class Renderer:
@@ -331,8 +373,7 @@ class Renderer:
             w, h = w * 0.97, h * 0.97
         return w, h
 
-    def crop(self, img: np.ndarray, box: Box) -> np.ndarray:
-        out_w, out_h = self.size
+    def crop(self, img: np.ndarray, box: Box, subtitle: str = "") -> np.ndarray:
         in_w, in_h = self.inner
         w, h = self.fit(box)
         # Cut at the box's own resolution (not above the output's).
@@ -356,6 +397,16 @@ class Renderer:
         part = cv2.LUT(part, self.lut)
         inter = cv2.INTER_AREA if mid_w > in_w else cv2.INTER_LINEAR
         part = cv2.resize(part, (in_w, in_h), interpolation=inter)
+        if subtitle:
+            from diffusion_bunny.demo.overlays import burn_subtitles
+
+            part = burn_subtitles(part, subtitle)
+        return self.framed(part)
+
+    def framed(self, part: np.ndarray) -> np.ndarray:
+        """A picture of the inner size put in the output frame between its bars."""
+        out_w, out_h = self.size
+        in_w, in_h = self.inner
         if (in_w, in_h) == (out_w, out_h):
             return part
         top, left = (out_h - in_h) // 2, (out_w - in_w) // 2
@@ -369,7 +420,7 @@ class Renderer:
         # Ease in and out, as a camera operator would.
         e = 0.5 - 0.5 * math.cos(math.pi * t)
         box = Box(b0.cx + (b1.cx - b0.cx) * e, b0.cy + (b1.cy - b0.cy) * e, b0.w + (b1.w - b0.w) * e)
-        return self.crop(self.source.frames[source_index(shot, j)], box)
+        return self.crop(self.source.frames[source_index(shot, j)], box, shot.subtitle)
 
     def frames(self) -> Iterator[np.ndarray]:
         for shot in self.plan.shots:
@@ -459,6 +510,32 @@ def _plan_doc(plan: RepeatPlan, start: int) -> dict[str, Any]:
     return doc
 
 
+class _Cards:
+    """Title cards and credits in the film's frame (between the same bars as its pictures)."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+
+    def frames(
+        self, segments: Sequence[tuple[int, tuple[str, ...], tuple[int, int, int], bool]]
+    ) -> Iterator[np.ndarray]:
+        from diffusion_bunny.demo.overlays import credits_roll, title_card
+
+        size = self.renderer.inner
+        for frames, lines, background, scroll in segments:
+            still = None if scroll else self.renderer.framed(title_card(size, lines, background))
+            for j in range(frames):
+                if still is not None:
+                    yield still
+                else:
+                    yield self.renderer.framed(credits_roll(size, lines, j / max(1, frames - 1), background))
+
+
+def _cards(params: Params, source: Source, plan: RepeatPlan) -> _Cards:
+    """Cards framed like the film's first repeat (a film as released is letterboxed throughout)."""
+    return _Cards(Renderer(source, plan, (params.width, params.height)))
+
+
 def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verbose: bool = False) -> Path:
     """Render (or reuse) the movie; returns its path. The truth is written beside it."""
     import av
@@ -481,24 +558,50 @@ def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verb
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"preset": params.preset, "crf": str(params.crf)}
         stream.codec_context.time_base = Fraction(1) / source.fps
+
+        def put(rgb: np.ndarray) -> None:
+            nonlocal n
+            yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            frame.pts = n
+            frame.time_base = stream.codec_context.time_base
+            container.mux(stream.encode(frame))
+            n += 1
+
+        cards = _cards(params, source, plans[0]) if params.titles else None
+        for rgb in cards.frames(OPENING) if cards else ():
+            put(rgb)
         for plan in plans:
             for rgb in Renderer(source, plan, (w, h)).frames():
-                yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-                frame.pts = n
-                frame.time_base = stream.codec_context.time_base
-                container.mux(stream.encode(frame))
-                n += 1
+                put(rgb)
             if verbose:
                 print(f"\rrepeat {plan.index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
+        for rgb in cards.frames(CLOSING) if cards else ():
+            put(rgb)
         container.mux(stream.encode(None))
     if verbose:
         print(file=sys.stderr)
     took = time.perf_counter() - t0
-    starts, at = [], 0
+    intro = sum(seg[0] for seg in OPENING) if params.titles else 0
+    starts, at = [], intro
     for plan in plans:
         starts.append(at)
         at += plan.frames
+    cuts = [intro + c for c in cut_truth(plans)]
+    text_shots: list[list[Any]] = []
+    if params.titles:
+        cuts = [OPENING[0][0], intro, *cuts]
+        text_shots = [[0, OPENING[0][0], "title"], [OPENING[0][0], intro, "title"]]
+        for frames, *_ in CLOSING:
+            cuts.append(at)
+            text_shots.append([at, at + frames, "credits"])
+            at += frames
+    subtitled = [
+        [start + sum(x.frames for x in plan.shots[:k]), start + sum(x.frames for x in plan.shots[: k + 1])]
+        for plan, start in zip(plans, starts, strict=True)
+        for k, shot in enumerate(plan.shots)
+        if shot.subtitle
+    ]
     doc = {
         "movie": movie.name,
         "source": source_path.name,
@@ -507,7 +610,11 @@ def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verb
         "width": w,
         "height": h,
         "frames": n,
-        "cuts": cut_truth(plans),
+        "cuts": cuts,
+        # A film as released: the shots that are text (title cards, credits) and the ones with
+        # burned-in subtitles ([first frame, end frame)).
+        "text_shots": text_shots,
+        "subtitled_shots": subtitled,
         "params": asdict(params),
         "version": VERSION,
         "created_s": round(took, 2),
@@ -579,6 +686,11 @@ def movie_of(params: Params, out_dir: Path, source_path: Path = HAMILTON, verbos
     return make_movie(params, out_dir, source_path, verbose=verbose)
 
 
+def released(params: Params) -> Params:
+    """``params`` made a film as released (see ``--released``)."""
+    return replace(params, frames=("scope",), subtitles_p=0.2, titles=True)
+
+
 def _size(text: str) -> tuple[int, int]:
     w, _, h = text.lower().partition("x")
     return int(w), int(h)
@@ -593,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", default=str(HAMILTON))
     ap.add_argument("--static", action="store_true", help="no moving crop boxes")
     ap.add_argument("--bars", action="store_true", help="also letterboxed and pillarboxed repeats")
+    ap.add_argument(
+        "--released",
+        action="store_true",
+        help="a film as released: scope (2.40:1) letterbox throughout, title cards, credits, "
+        "burned-in subtitles over a fifth of the shots",
+    )
     args = ap.parse_args(argv)
     params = Params(
         minutes=args.minutes,
@@ -602,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         moving_p=0.0 if args.static else Params.moving_p,
         frames=("full", "letterbox", "pillarbox") if args.bars else Params.frames,
     )
+    if args.released:
+        params = released(params)
     t0 = time.perf_counter()
     movie = make_movie(params, Path(args.out), Path(args.source), verbose=True)
     doc = json.loads(truth_path(movie).read_text())

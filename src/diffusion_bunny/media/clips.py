@@ -8,6 +8,10 @@ at a seek to the keyframe before the clip and stops at its last target, so a cli
 span plus at most one GOP, not the movie. Times are relative to the stream start, as stage 01's
 ``shots`` table; the seek adds ``stream.start_time`` back.
 
+Frames are shown as stage 01 shows them (:class:`ClipSource`): square pixels, rotation, HDR
+tone-mapped, interlaced video deinterlaced (decided once per movie, as stage 01 decides it), and
+cropped to the shot's picture box before the cover crop, so a clip never carries letterbox bars.
+
 Written here rather than with a library: the nearest-frame resampling inside the shot's bounds is
 the point, and PyAV (already a dependency) gives frame times exactly.
 """
@@ -33,6 +37,49 @@ def cover_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + w, top + h))
 
 
+class ClipSource:
+    """A movie to cut clips from, shown as stage 01 shows it: the display (square pixels,
+    rotation, HDR tone mapping) and whether it is deinterlaced are decided once per movie."""
+
+    def __init__(self, movie: Path):
+        from diffusion_bunny.media.video import Display, interlace_verdict, probe_video, should_deinterlace
+
+        self.movie = Path(movie)
+        info = probe_video(self.movie)
+        self.display = Display.of(info)
+        flagged = should_deinterlace(info, None)
+        self.deinterlace = flagged and should_deinterlace(info, interlace_verdict(self.movie))
+
+    def clip(
+        self,
+        start_s: float,
+        frames: int,
+        clip_fps: float,
+        shot_start_s: float,
+        shot_end_s: float,
+        size: tuple[int, int],
+        region: tuple[int, int, int, int] | None = None,
+    ) -> list[Image.Image]:
+        """The clip's ``frames`` pictures at ``size``, each the ``region`` (display pixels; None:
+        the whole picture) of the frame nearest its target time."""
+        return decode_clip(
+            self.movie, start_s, frames, clip_fps, shot_start_s, shot_end_s, size, region=region, source=self
+        )
+
+
+def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:
+    from diffusion_bunny.media.video import Deinterlacer
+
+    if not deinterlace:
+        yield from container.decode(stream)
+        return
+    # A fresh deinterlacer after the seek: it reads the first frame's neighbours from what follows.
+    deinterlacer = Deinterlacer(stream)
+    for frame in container.decode(stream):
+        yield from deinterlacer.push(frame)
+    yield from deinterlacer.push(None)
+
+
 def decode_clip(
     movie: Path,
     start_s: float,
@@ -41,10 +88,18 @@ def decode_clip(
     shot_start_s: float,
     shot_end_s: float,
     size: tuple[int, int],
+    *,
+    region: tuple[int, int, int, int] | None = None,
+    source: ClipSource | None = None,
 ) -> list[Image.Image]:
     """The clip's ``frames`` pictures at ``size`` (see the module docstring)."""
     import av
+    from av.video.reformatter import VideoReformatter
 
+    from diffusion_bunny.media.images import crop_region
+    from diffusion_bunny.media.video import frame_to_bgr
+
+    source = source or ClipSource(movie)
     targets = [start_s + k / clip_fps for k in range(frames)]
     picked: list[Any] = [None] * frames
     with av.open(str(movie)) as container:
@@ -57,7 +112,7 @@ def decode_clip(
         container.seek(max(0, math.floor((targets[0] + origin - 1.0) / tb)), stream=stream, backward=True)
         k = 0
         prev = None  # the last decoded frame inside the shot
-        for frame in container.decode(stream):
+        for frame in _decoded(container, stream, source.deinterlace):
             if frame.time is None:
                 continue
             t = float(frame.time) - origin
@@ -78,9 +133,11 @@ def decode_clip(
         raise ValueError(f"{movie}: no frame of the shot at {shot_start_s:.3f}s could be decoded")
     cache: dict[int, Image.Image] = {}
     out = []
+    reformatter = VideoReformatter()
     for frame in picked:  # one source frame may serve two targets (clip_fps > the movie's fps)
         if id(frame) not in cache:
-            cache[id(frame)] = cover_crop(frame.to_image(), size)
+            bgr = crop_region(frame_to_bgr(frame, source.display, reformatter), region)
+            cache[id(frame)] = cover_crop(Image.fromarray(bgr[..., ::-1]), size)
         out.append(cache[id(frame)])
     return out
 

@@ -59,6 +59,10 @@ class Tile:
     crop: tuple[int, int, int, int] | None = None
     #: What a placeholder says when the file cannot be read.
     missing: str = "missing"
+    #: A box drawn on the picture, as shares (0-1) of its width and height: (left, top, right,
+    #: bottom), e.g. a shot's picture box inside letterbox bars.
+    mark: tuple[float, float, float, float] | None = None
+    mark_colour: str = "#E4007C"
 
 
 @dataclass
@@ -177,6 +181,16 @@ def _picture(item: Tile, lay: Layout, cache: _Cache, font: Any) -> Image.Image:
             out.paste(thumb, ((size[0] - thumb.width) // 2, (size[1] - thumb.height) // 2))
         else:
             out = source.resize(size, lay.resample)
+    if item.mark is not None and source is not None:
+        w, h = out.size
+        left, top, right, bottom = item.mark
+        box = (
+            round(left * w),
+            round(top * h),
+            max(round(left * w), round(right * w) - 1),
+            round(bottom * h) - 1,
+        )
+        ImageDraw.Draw(out).rectangle(box, outline=item.mark_colour, width=2)
     if item.outline:
         ImageDraw.Draw(out).rectangle((0, 0, size[0] - 1, size[1] - 1), outline=item.outline, width=4)
     return out

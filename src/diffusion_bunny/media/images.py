@@ -4,13 +4,13 @@ Stage 01 judges sharpness on its analysis copies, stage 02 on the saved frames, 
 crops: the same measure (:func:`laplacian_variance`) everywhere, so the numbers compare. Stage 02
 and stage 04 both read thousands of JPEGs and must tell a truncated file from a dull picture
 (:func:`jpeg_truncated`). Every measure after stage 01 looks at the shot's picture box, never at
-letterbox bars: :func:`decode_picture` / :func:`read_picture` decode a frame at reduced scale
-and crop its box (:func:`frame_box` reads it from a ``frames`` row).
+letterbox bars: :func:`read_image` (with ``region``) and :func:`decode_picture` (bytes, gray or
+colour, None for a bad file: stage 02 scores thousands) decode a frame at reduced scale and crop
+its box with :func:`crop_region` (:func:`frame_box` reads the box from a ``frames`` row).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import cv2
@@ -76,9 +76,35 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
+Region = tuple[int, int, int, int]
+
+
+def crop_region(
+    image: np.ndarray, region: Region | None, full_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The part of ``image`` inside ``region`` = (left, top, right, bottom), given in pixels of
+    the picture at ``full_size`` (width, height; default: the image's own size), so a region of
+    the saved frame crops a copy decoded at reduced scale too. Clamped to the image; never empty."""
+    if region is None:
+        return image
+    h, w = image.shape[:2]
+    fw, fh = full_size or (w, h)
+    sx, sy = w / fw, h / fh
+    left, top, right, bottom = region
+    x0 = min(max(0, round(left * sx)), w - 1)
+    y0 = min(max(0, round(top * sy)), h - 1)
+    x1 = max(x0 + 1, min(w, round(right * sx)))
+    y1 = max(y0 + 1, min(h, round(bottom * sy)))
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return image
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE, region: Region | None = None) -> np.ndarray:
     """Decode ``path`` as BGR ``uint8`` at the smallest libjpeg reduction (1/2, 1/4, 1/8) that keeps
-    at least ``min_side`` pixels on the short side (full size for other formats).
+    at least ``min_side`` pixels on the short side (full size for other formats). With
+    ``region`` (left, top, right, bottom in the file's own pixels: a frame's picture box), only
+    that part is returned, and the reduction is chosen by the region's short side.
 
     Raises :class:`BadInputError` naming the file when it is missing, empty, truncated or not an
     image: the frames are the stage's inputs, and skipping one would misalign rows.
@@ -95,6 +121,8 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
     size = jpeg_size(data)
     if size is not None:
         short = min(size)
+        if region is not None:
+            short = min(short, region[2] - region[0], region[3] - region[1])
         for factor, reduced in _REDUCED_COLOR:
             if short // factor >= min_side:
                 flag = reduced
@@ -104,6 +132,9 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
         raise BadInputError(
             f"frame image {path} cannot be decoded as an image; rerun stage extract with --force"
         )
+    if region is not None:
+        full = size or (image.shape[1], image.shape[0])
+        image = crop_region(image, region, full)
     return image
 
 
@@ -115,7 +146,7 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE) -> np.ndarray:
 #: letterbox or pillarbox bars, in pixels of the saved JPEG, right and bottom exclusive.
 BOX_COLUMNS = ("box_left", "box_top", "box_right", "box_bottom")
 
-Box = tuple[int, int, int, int]
+Box = Region
 
 _REDUCED_GRAY = (
     (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
@@ -154,22 +185,6 @@ def _reduction(size: tuple[int, int] | None, box: Box | None, min_width: int | N
     return 1
 
 
-def crop_box(image: np.ndarray, box: Box | None, full_width: int, full_height: int) -> np.ndarray:
-    """``image`` (a decode of a ``full_width`` x ``full_height`` frame at any scale) cropped to
-    ``box`` (in full-size pixels), scaled to the decoded size and rounded inwards, so no pixel of
-    a bar is kept even where a reduced decode's pixel straddles the edge."""
-    if box is None:
-        return image
-    h, w = image.shape[:2]
-    sx, sy = w / full_width, h / full_height
-    left, top = math.ceil(box[0] * sx - 1e-6), math.ceil(box[1] * sy - 1e-6)
-    right, bottom = math.floor(box[2] * sx + 1e-6), math.floor(box[3] * sy + 1e-6)
-    if right - left < 1 or bottom - top < 1:  # a box smaller than one decoded pixel
-        left, top = min(int(box[0] * sx), w - 1), min(int(box[1] * sy), h - 1)
-        right, bottom = left + 1, top + 1
-    return image[top:bottom, left:right]
-
-
 def decode_picture(
     data: np.ndarray, box: Box | None = None, *, min_width: int | None = None, gray: bool = False
 ) -> np.ndarray | None:
@@ -180,7 +195,8 @@ def decode_picture(
     None when the bytes are empty, a truncated JPEG or not an image: callers that score thousands
     of frames record such a frame instead of failing. The reduced decode is what makes reading
     the picture cheap (libjpeg drops DCT coefficients: a 1080p frame at 1/4 is 480x270 for about
-    a third of a full decode); the crop is exact to a decoded pixel.
+    a third of a full decode). :func:`read_image` with a ``region`` does the same for stages 03-06
+    (chosen by the short side, colour only, errors raised).
     """
     if data.size == 0 or jpeg_truncated(data):
         return None
@@ -193,27 +209,8 @@ def decode_picture(
         return None
     if box is None:
         return image
-    if size is None:
-        size = (image.shape[1], image.shape[0])
-    picture = crop_box(image, box, *size)
+    picture = crop_region(image, box, size or (image.shape[1], image.shape[0]))
     return picture if picture.size else None
-
-
-def read_picture(
-    path: str | Path, box: Box | None = None, *, min_width: int | None = None, gray: bool = False
-) -> np.ndarray:
-    """:func:`decode_picture` of a file; raises :class:`BadInputError` naming the file when it is
-    missing, empty, truncated or not an image (as :func:`read_image`)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise BadInputError(f"cannot read frame image {path}: {exc.strerror or exc}") from None
-    picture = decode_picture(data, box, min_width=min_width, gray=gray)
-    if picture is None:
-        raise BadInputError(
-            f"frame image {path} is empty, truncated or not an image; rerun stage extract with --force"
-        )
-    return picture
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
 
 from diffusion_bunny.errors import BadInputError
+
+#: FFmpeg's transfer characteristics (``AVColorTransferCharacteristic``) of HDR video.
+TRC_PQ, TRC_HLG = 16, 18
+#: FFmpeg's ``AVFieldOrder``: 0 unknown, 1 progressive, 2-5 interlaced (tt, bb, tb, bt).
+FIELD_ORDERS = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}
+#: A sample aspect ratio outside this range is a broken header, not a real anamorphic format
+#: (the widest in use, 2:1 squeeze of anamorphic cinema scans, and the narrowest, 1:2).
+SAR_RANGE = (0.25, 4.0)
 
 
 @dataclass(frozen=True)
@@ -29,13 +38,43 @@ class VideoInfo:
     duration_s: float | None
     declared_frames: int | None
     pix_fmt: str | None
+    #: Shape of one stored pixel (width / height): 1 for square pixels, 16/11 for an anamorphic
+    #: PAL DVD (704x576 shown as 1024x576). Already made 1 when the file's value was absurd.
+    sample_aspect: Fraction = Fraction(1)
+    #: Bits per sample of the luma plane (8, 10, 12).
+    bit_depth: int = 8
+    #: ``pq`` (SMPTE ST 2084) or ``hlg`` (ARIB STD-B67) for HDR video, None for SDR.
+    hdr: str | None = None
+    #: FFmpeg's colour tags of the stream (transfer, primaries, matrix, range), as numbers.
+    color_trc: int = 0
+    color_primaries: int = 0
+    colorspace: int = 0
+    color_range: int = 0
+    #: The container's field order (``progressive``, ``tt``, ``bb``, ...) and whether the first
+    #: frame is flagged interlaced. Flags can lie (telecined film is flagged interlaced): stage 01
+    #: confirms them on the pictures before deinterlacing (:mod:`diffusion_bunny.media.video`).
+    field_order: str = "unknown"
+    interlaced_flag: bool = False
+    #: Things the file says that were not believed (one sentence each), for the stage's warnings.
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """Width and height in square pixels before rotation: the stored width scaled by the
+        sample aspect ratio (rounded to even), the height as stored, as players show it."""
+        width = self.width
+        if self.sample_aspect != 1:
+            width = max(2, round(self.width * float(self.sample_aspect) / 2) * 2)
+        return width, self.height
 
     @property
     def display_size(self) -> tuple[int, int]:
-        """Width and height after applying rotation metadata."""
+        """Width and height as shown: square pixels (sample aspect ratio applied), then the
+        rotation metadata."""
+        width, height = self.upright_size
         if self.rotation % 180:
-            return self.height, self.width
-        return self.width, self.height
+            return height, width
+        return width, height
 
 
 def _fail(path: Path, what: str) -> BadInputError:
@@ -89,6 +128,9 @@ def probe_video(path: str | Path) -> VideoInfo:
         rotation = round(first_frame.rotation or 0) % 360
         if not fps or not math.isfinite(fps):
             fps = 25.0
+        sar, warnings = _sample_aspect(path, stream)
+        trc = int(first_frame.color_trc or ctx.color_trc or 0)
+        bits = max((c.bits for c in first_frame.format.components), default=8)
         return VideoInfo(
             path=path,
             container=container.format.name,
@@ -100,4 +142,32 @@ def probe_video(path: str | Path) -> VideoInfo:
             duration_s=duration_s,
             declared_frames=stream.frames or None,
             pix_fmt=first_frame.format.name,
+            sample_aspect=sar,
+            bit_depth=bits,
+            hdr={TRC_PQ: "pq", TRC_HLG: "hlg"}.get(trc),
+            color_trc=trc,
+            color_primaries=int(first_frame.color_primaries or ctx.color_primaries or 0),
+            colorspace=int(first_frame.colorspace or ctx.colorspace or 0),
+            color_range=int(first_frame.color_range or ctx.color_range or 0),
+            field_order=FIELD_ORDERS.get(int(ctx.field_order or 0), "unknown"),
+            interlaced_flag=bool(first_frame.interlaced_frame),
+            warnings=warnings,
         )
+
+
+def _sample_aspect(path: Path, stream: av.video.stream.VideoStream) -> tuple[Fraction, tuple[str, ...]]:
+    """The stream's sample aspect ratio, or 1 (square) with a warning when it is absurd.
+
+    The container's value wins over the codec's, as in ffprobe and players. A missing value
+    (0/1 or unset) means square pixels, silently: that is what most files say."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if sar is None or sar.numerator == 0:
+        return Fraction(1), ()
+    value = Fraction(sar.numerator, sar.denominator)
+    low, high = SAR_RANGE
+    if not low <= value <= high:
+        return Fraction(1), (
+            f"{path.name}: the file's sample aspect ratio {value} is absurd (outside {low}-{high:g}); "
+            "treated as square pixels",
+        )
+    return value, ()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.images import l2_rows, read_image
+from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
 
 # --------------------------------------------------------------------------------------------
@@ -113,9 +113,13 @@ class ClipEmbedder:
         # 4.x returned the tensor itself.
         return out if hasattr(out, "shape") else out.pooler_output
 
-    def embed_images(self, paths: Sequence[Path], progress: bool = False) -> np.ndarray:
-        """Image features of ``paths``, batched by ``batch_size``, float32 ``[n, dim]``."""
+    def embed_images(
+        self, paths: Sequence[Path], progress: bool = False, regions: Sequence[Region | None] | None = None
+    ) -> np.ndarray:
+        """Image features of ``paths`` (of each one's ``regions`` entry only, when given: a frame's
+        picture box), batched by ``batch_size``, float32 ``[n, dim]``."""
         torch = self._torch
+        boxes = list(regions) if regions is not None else [None] * len(paths)
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
         bar = tqdm(
             total=len(paths), unit="frame", desc="embed (clip)", disable=not progress, **bar_options(0.5)
@@ -125,7 +129,7 @@ class ClipEmbedder:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed") as pool:
                 for start in range(0, len(paths), self.batch_size):
                     chunk = [Path(p) for p in paths[start : start + self.batch_size]]
-                    images = list(pool.map(self._read_rgb, chunk))
+                    images = list(pool.map(self._read_rgb, chunk, boxes[start : start + self.batch_size]))
                     inputs = self.processor(images=images, return_tensors="pt")
                     with torch.inference_mode():
                         feats = self._features(
@@ -137,8 +141,8 @@ class ClipEmbedder:
             bar.close()
         return l2_rows(out)
 
-    def _read_rgb(self, path: Path) -> np.ndarray:
-        return cv2.cvtColor(read_image(path, self._min_side), cv2.COLOR_BGR2RGB)
+    def _read_rgb(self, path: Path, region: Region | None = None) -> np.ndarray:
+        return cv2.cvtColor(read_image(path, self._min_side, region), cv2.COLOR_BGR2RGB)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text features, batched by ``batch_size``, float32 ``[n, dim]``."""

@@ -98,32 +98,49 @@ def small_tables(n_shots: int = 6, per_shot: int = 2):
 
 def test_crop_boxes_stay_inside_the_frame():
     # A face in the middle: a square centred on it, margin 0.5 -> twice the face's size.
-    assert face_box((300, 100, 400, 200), 640, 360, 0.5) == (250, 50, 450, 250)
+    assert face_box((300, 100, 400, 200), (0, 0, 640, 360), 0.5) == (250, 50, 450, 250)
     # Near the top-left corner: shifted inside, still square and as large.
-    box = face_box((0, 0, 80, 100), 640, 360, 0.5)
+    box = face_box((0, 0, 80, 100), (0, 0, 640, 360), 0.5)
     assert box == (0, 0, 200, 200)
     # Larger than the frame's short side allows: shrunk to the frame, still holding the face.
-    box = face_box((200, 20, 440, 340), 640, 360, 0.5)
+    box = face_box((200, 20, 440, 340), (0, 0, 640, 360), 0.5)
     assert box[3] - box[1] == 360 and box[2] - box[0] == 360 and box[0] <= 200 and box[2] >= 440
     # A face larger than the short side cannot be cropped square.
-    assert face_box((0, 0, 400, 360), 640, 300, 0.2) is None
-    for box in [face_box((600, 330, 640, 360), 640, 360, 1.0), clamp_box(-50, 500, 300, 200, 640, 360)]:
+    assert face_box((0, 0, 400, 360), (0, 0, 640, 300), 0.2) is None
+    for box in [
+        face_box((600, 330, 640, 360), (0, 0, 640, 360), 1.0),
+        clamp_box(-50, 500, 300, 200, (0, 0, 640, 360)),
+    ]:
         assert box is not None
         assert 0 <= box[0] < box[2] <= 640 and 0 <= box[1] < box[3] <= 360
 
 
+def test_crops_stay_inside_the_picture_box_never_in_the_bars():
+    # A 2.40:1 picture letterboxed in 1920x1080: bars 140 px above and below.
+    picture = (0, 140, 1920, 940)
+    # A face near the top of the picture: its square is pushed down into the picture, not up
+    # into the bar, and keeps its size.
+    box = face_box((900, 150, 1000, 250), picture, 0.5)
+    assert box == (850, 140, 1050, 340)
+    # Too tall for the picture (taller than 800 px with its margin): shrunk to the picture.
+    box = face_box((700, 300, 1100, 700), picture, 0.5)
+    assert box[1] >= 140 and box[3] <= 940 and box[3] - box[1] == 800
+    body = half_body_box((900, 600, 1000, 700), picture, 4.0, 0.75)
+    assert body is not None and body[1] >= 140 and body[3] <= 940
+
+
 def test_half_body_box_is_a_portrait_with_the_face_at_the_top():
     face = (300, 100, 340, 150)  # 50 px tall
-    box = half_body_box(face, 1920, 1080, 4.0, 0.75)
+    box = half_body_box(face, (0, 0, 1920, 1080), 4.0, 0.75)
     assert box[3] - box[1] == 200 and box[2] - box[0] == 150
     assert box[1] == 75  # half a face height of head room
     assert (box[0] + box[2]) / 2 == 320  # centred on the face
     # Low in a small frame: shrunk to the frame's height and shifted up, the face still inside.
-    assert half_body_box((300, 200, 400, 300), 640, 360, 4.0, 0.75) == (215, 0, 485, 360)
+    assert half_body_box((300, 200, 400, 300), (0, 0, 640, 360), 4.0, 0.75) == (215, 0, 485, 360)
     # Room enough below: not shrunk, the bottom reaches the frame's edge exactly.
-    assert half_body_box((300, 150, 360, 210), 640, 360, 4.0, 0.75) == (240, 120, 420, 360)
+    assert half_body_box((300, 150, 360, 210), (0, 0, 640, 360), 4.0, 0.75) == (240, 120, 420, 360)
     # A face that fills most of the frame leaves no room for a body.
-    assert half_body_box((200, 0, 440, 300), 640, 360, 4.0, 0.75) is None
+    assert half_body_box((200, 0, 440, 300), (0, 0, 640, 360), 4.0, 0.75) is None
 
 
 def test_items_take_kept_frames_with_usable_captions_and_named_faces():

@@ -40,6 +40,12 @@ def test_plan_clips_takes_named_shots_and_counts_short_ones():
             "crop": ["face", "full", "full", "full", "full"],
             "characters": [["bob"], ["ann", "bob"], [], ["ann"], ["cy"]],
             "text": ["face cap", "full cap", "nobody", "short", "three"],
+            # Full pictures are the frames' regions: a letterboxed picture (bars of 140 px in
+            # 1080p), in shot 3 less a subtitle band at its bottom; the face crop is inside it.
+            "left": [900, 0, 0, 0, 0],
+            "top": [300, 140, 140, 140, 140],
+            "right": [1100, 1920, 1920, 1920, 1920],
+            "bottom": [500, 940, 940, 940, 860],
         }
     )
     clips, short = plan_clips(shots, items, 25.0, 16.0, 33, (320, 192))
@@ -48,6 +54,10 @@ def test_plan_clips_takes_named_shots_and_counts_short_ones():
     assert short == 1
     row = clips.row(0, named=True)
     assert (row["caption"], row["characters"], row["frames"]) == ("full cap", ["ann", "bob"], 33)
+    # A clip shows the picture without its bars (the full pictures' region, not a face crop)...
+    assert (row["crop_left"], row["crop_top"], row["crop_right"], row["crop_bottom"]) == (0, 140, 1920, 940)
+    # ...and without a subtitle band cut off its frames.
+    assert clips.row(1, named=True)["crop_bottom"] == 860
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from diffusion_bunny.media.video import VideoReader
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.extract.detectors import make_boundaries, transnet
-from diffusion_bunny.stages.extract.detectors.base import InOrder
+from diffusion_bunny.stages.extract.detectors.base import Blankness, InOrder
 from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries
 from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries
 from diffusion_bunny.stages.extract.stage import extract_frames
@@ -289,14 +289,29 @@ def test_detector_settings_are_validated(overrides, message):
         xcfg(**overrides)
 
 
-def test_boundaries_released_in_order_with_minimum_length():
-    order = InOrder(min_len=10, lookahead=5)
+def test_boundaries_released_in_order_and_none_dropped_for_being_close():
+    order = InOrder(lookahead=5)
     order.add(30, 0.9)
     order.add(12, 0.8)
-    order.add(15, 0.7)  # within 10 frames of 12: dropped
-    assert order.release(20) == [12]
+    order.add(15, 0.7)  # a 3-frame shot: a real cut is never dropped for it (issue 29)
+    order.add(12, 0.95)  # the same boundary found twice is released once
+    assert order.release(20) == [12, 15]
     assert order.release(None) == [30]
-    assert order.emitted == [12, 30]
+    assert order.emitted == [12, 15, 30]
+
+
+def test_the_second_half_of_a_fade_through_black_is_the_same_transition():
+    blank = Blankness(keep=100)
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        # Frames 20-24 are the black bottom of a fade; 40-47 an 8-frame shot of real picture.
+        frame = np.zeros((27, 48, 3), np.uint8) if 20 <= t < 25 else rng.integers(0, 255, (27, 48, 3))
+        blank.add(t, frame.astype(np.uint8))
+    order = InOrder(lookahead=5, min_len=12, blankness=blank)
+    for frame in (18, 26, 40, 48):  # fade out, fade in, a short shot's two cuts
+        order.add(frame, 0.9)
+    assert order.release(None) == [18, 40, 48]
+    assert order.dips == 1
 
 
 def test_match_boundaries_with_spans():

@@ -139,7 +139,7 @@ def test_thumbnails_from_the_full_frame_match_libswscales(cut_clip, rotation):
     and orientation, and the reused libswscale context gives the pixels of a fresh one."""
     from av.video.reformatter import VideoReformatter
 
-    from diffusion_bunny.media.video import frame_to_bgr, shrink_upright, thumbnail, thumbnail_size
+    from diffusion_bunny.media.video import Display, frame_to_bgr, shrink_upright, thumbnail, thumbnail_size
 
     path, _ = cut_clip
     shared = VideoReformatter()
@@ -147,14 +147,15 @@ def test_thumbnails_from_the_full_frame_match_libswscales(cut_clip, rotation):
         for i, frame in enumerate(c.decode(video=0)):
             if i % 20:
                 continue
-            full = frame_to_bgr(frame, rotation, shared)
-            assert np.array_equal(full, frame_to_bgr(frame, rotation))
+            display = Display((frame.width, frame.height), rotation)
+            full = frame_to_bgr(frame, display, shared)
+            assert np.array_equal(full, frame_to_bgr(frame, display))
             size = thumbnail_size(frame.width, frame.height, 160)
             ours = shrink_upright(full, size, rotation)
-            theirs = thumbnail(frame, 160, rotation, shared)
-            assert np.array_equal(theirs, thumbnail(frame, 160, rotation))
+            theirs = thumbnail(frame, 160, display, shared)
+            assert np.array_equal(theirs, thumbnail(frame, 160, display))
             assert ours.shape == theirs.shape == ((90, 160, 3) if rotation in (0, 180) else (160, 90, 3))
-            upright = frame_to_bgr(frame, 0, shared)
+            upright = frame_to_bgr(frame, Display((frame.width, frame.height)), shared)
             blocks = upright.astype(np.float32).reshape(90, 2, 160, 2, 3).mean(axis=(1, 3))
             assert np.abs(shrink_upright(upright, size, 0) - blocks).max() <= 1.0
 

@@ -17,6 +17,7 @@ from PIL import Image
 from diffusion_bunny.config import QualityConfig, load_config, save_local_settings
 from diffusion_bunny.demo.run import expected_reasons
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
 from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
@@ -210,7 +211,7 @@ def test_brightness_is_relative_to_the_film():
 
 def test_scores_measure_the_picture_box_not_the_bars(tmp_path):
     from diffusion_bunny.demo.overlays import letterbox
-    from diffusion_bunny.media.images import read_picture
+    from diffusion_bunny.media.images import decode_picture
 
     picture = cv2.cvtColor(_picture(1280, 536), cv2.COLOR_BGR2RGB)  # 2.39:1
     framed, box = letterbox(picture, (1920, 1080))
@@ -230,9 +231,11 @@ def test_scores_measure_the_picture_box_not_the_bars(tmp_path):
     assert inside["clipped"] == pytest.approx(alone["clipped"], abs=0.02)
     assert hamming(inside["phash"], alone["phash"]) <= 4
     # The shared reader: reduced decode (1/2 here), cropped to the box scaled to it, no bar row.
-    region = read_picture(tmp_path / "lb.jpg", box, min_width=800, gray=True)
+    data = np.fromfile(tmp_path / "lb.jpg", np.uint8)
+    region = decode_picture(data, box, min_width=800, gray=True)
     assert region.shape == (402, 960) and region[0].mean() > 40 and region[-1].mean() > 40
-    assert read_picture(tmp_path / "lb.jpg", box).shape == (804, 1920, 3)
+    assert decode_picture(data, box).shape == (804, 1920, 3)
+    assert decode_picture(data[: data.size // 2], box) is None  # truncated
 
 
 def test_config_out_of_range_is_one_line_naming_the_key():
@@ -344,7 +347,7 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     assert frames.filter(pl.col("frame_id") == dup)["shot_id"].item() == repeat["repeat_of"]
     manifest = demo_run.read_manifest("quality")
     assert manifest["counts"]["kept"] == int(quality["keep"].sum())
-    declared = ["frame_id", "frame_index", "shot_id", "path", "width", "height"]
+    declared = ["frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS]
     assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames", declared)}
     assert manifest["facts"]["workers"] >= 1
 

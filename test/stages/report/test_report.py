@@ -68,6 +68,12 @@ def dataset_items_table(frame_ids: list[str]) -> pl.DataFrame:
             "repeats": [1] * n,
             "width": [512] * n,
             "height": [512] * n,
+            "face_id": [None] * n,
+            "concept": ["astronaut"] * n,
+            "left": [0] * n,
+            "top": [0] * n,
+            "right": [512] * n,
+            "bottom": [512] * n,
         }
     )
 
@@ -248,7 +254,14 @@ def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
     for path in figures["path"].drop_nulls():
         assert (run.run_dir / path).read_bytes().startswith(PNG)
     manifest = run.read_manifest("report")
-    assert manifest["counts"]["stages_not_run"] == ["captions", "characters", "generate", "scenes", "train"]
+    assert manifest["counts"]["stages_not_run"] == [
+        "captions",
+        "characters",
+        "export",
+        "generate",
+        "scenes",
+        "train",
+    ]
     funnel = run.read_table("report_funnel")
     assert funnel_summary(funnel)["step"].to_list() == [
         "decoded",
@@ -277,6 +290,13 @@ def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
     assert rows["captions"]["message"] == f"{len(kept) - 1} of {len(kept)} frames captioned"
     names = set(run.read_table("report_figures")["figure"].drop_nulls())
     assert {"caption_lengths", "training_loss", "identity_per_checkpoint"} <= names
+    # What the LoRA will see: the exported pictures, and every frame dropped on the way by reason
+    # (the demo's dark, blurred and repeated frames among them).
+    assert rows["dataset"]["status"] == "ok"
+    assert {"dataset_sheet", "dropped"} <= names
+    message = rows["dataset"]["message"]
+    assert message.startswith(f"{len(kept) - 2} pictures from {len(kept) - 2} frames; dropped on the way: ")
+    assert "too_dark 1" in message and "duplicate 1" in message
     steps = funnel_summary(run.read_table("report_funnel"))
     assert steps["step"].to_list()[-2:] == ["captioned", "exported"]
     assert steps.filter(pl.col("step") == "exported")["frames out"][0] == len(kept) - 2
@@ -347,6 +367,6 @@ def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "stages that did not run: captions, characters, generate, scenes, train" in text
+    assert "stages that did not run: captions, characters, export, generate, scenes, train" in text
     assert (run.run_dir / "report" / "index.html").is_file()
     assert run.read_manifest("report")["counts"]["figures"] == 4

@@ -647,7 +647,9 @@ def test_unusual_frame_rate_writes_the_edl_at_the_nearest_timecode_rate(rate, ed
     from diffusion_bunny.stages.scenes.stage import export_clusters
 
     movie = tmp_path / "capture.avi"
-    write_clip(movie, [(1, 12, 0.0), (2, 12, 0.0), (1, 12, 0.0)], width=160, height=96, fps=rate)
+    # Shots of at least 0.6 s: shorter ones are kept but give no frame (min_shot_seconds 0.5).
+    n = max(12, round(float(rate) * 0.6))
+    write_clip(movie, [(1, n, 0.0), (2, n, 0.0), (1, n, 0.0)], width=160, height=96, fps=rate)
     run = Run.create(tmp_path / "run", movie)
     cfg = load_config(root=tmp_path)
     for stage in ("extract", "quality", "scenes"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -44,7 +45,7 @@ STAGE = Stage(
     compute=_compute,
     summary=summary,
     reads=(
-        Reads("frames", "extract", ("frame_id", "path", "shot_id", "height")),
+        Reads("frames", "extract", ("frame_id", "path", "shot_id", "width", "height", *BOX_COLUMNS)),
         Reads("quality", "quality", ("frame_id", "keep", "brightness")),
         Reads("shots", "extract", ("shot_id", "kind"), optional=True),
         Reads("faces", "characters", ("frame_id", "character", "top", "bottom"), optional=True),

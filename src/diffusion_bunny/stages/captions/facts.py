@@ -15,6 +15,7 @@ from __future__ import annotations
 import polars as pl
 
 from diffusion_bunny.config import CaptioningConfig
+from diffusion_bunny.stages.extract.tables import REGION_COLUMNS, frame_regions
 
 FACT_SCHEMA: dict[str, pl.DataType] = {
     "frame_id": pl.String,
@@ -25,6 +26,12 @@ FACT_SCHEMA: dict[str, pl.DataType] = {
     "motion": pl.String,
     "scene": pl.String,
     "light": pl.String,
+    # The part of the frame a caption describes (its picture box, or stage 02's crop): what a
+    # paid model is shown, in saved-frame pixels.
+    "crop_left": pl.Int64,
+    "crop_top": pl.Int64,
+    "crop_right": pl.Int64,
+    "crop_bottom": pl.Int64,
 }
 
 
@@ -60,7 +67,9 @@ def caption_facts(
 ) -> pl.DataFrame:
     """One row per frame to caption (``captioning.frames``: the kept ones, or all) with what the
     earlier stages know about it. Tables that are absent leave their facts empty."""
-    table = frames.select("frame_id", "path", "shot_id", "height")
+    table = frames.select("frame_id", "path", "shot_id", "height").join(
+        frame_regions(frames, quality), on="frame_id", how="left"
+    )
     if quality is not None:
         q = quality.select("frame_id", "keep", "brightness")
         table = table.join(q, on="frame_id", how="left")
@@ -72,7 +81,10 @@ def caption_facts(
 
     per_frame: dict[str, tuple[list[str], int, float | None]] = {}
     if faces is not None and faces.height:
-        heights = dict(zip(table["frame_id"].to_list(), table["height"].to_list(), strict=True))
+        # Framing is judged against the picture's height, not the frame's: letterbox bars would
+        # make every close-up look like a medium shot.
+        picture_h = (pl.col("crop_bottom") - pl.col("crop_top")).fill_null(pl.col("height"))
+        heights = dict(table.select("frame_id", picture_h).iter_rows())
         for fid, group in faces.filter(pl.col("frame_id").is_in(table["frame_id"].implode())).group_by(
             "frame_id"
         ):
@@ -107,6 +119,7 @@ def caption_facts(
                 "motion": motion.get(int(rec["shot_id"]), "") if rec["shot_id"] is not None else "",
                 "scene": scene.get(rec["frame_id"], ""),
                 "light": light_of(rec["brightness"], cfg),
+                **{c: rec[c] for c in REGION_COLUMNS},
             }
         )
     return pl.DataFrame(rows, schema=FACT_SCHEMA)

@@ -833,13 +833,16 @@ def make_provider(name: str, cfg: CaptioningConfig, *, bedrock: Any | None = Non
     )
 
 
-def scaled_jpeg(raw: bytes, max_side: int) -> bytes:
-    """The JPEG bytes to send: the frame scaled to ``max_side`` on its long side (cost and speed).
+def scaled_jpeg(raw: bytes, max_side: int, region: tuple[int, int, int, int] | None = None) -> bytes:
+    """The JPEG bytes to send: the frame (its ``region`` only, when given: the picture without
+    letterbox bars or a subtitle band) scaled to ``max_side`` on its long side (cost and speed).
     A file Pillow cannot decode raises ``OSError`` (``UnidentifiedImageError``)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as img:
         img = img.convert("RGB")
+        if region is not None and tuple(region) != (0, 0, *img.size):
+            img = img.crop(region)
         if max(img.size) > max_side:
             img.thumbnail((max_side, max_side))
         buf = io.BytesIO()

@@ -48,6 +48,7 @@ from diffusion_bunny.stages.captions.providers import (
     short_error,
 )
 from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA, EDIT_SCHEMA, apply_edits
+from diffusion_bunny.stages.extract.tables import region_of
 
 CALL_SCHEMA: dict[str, pl.DataType] = {
     "frame_id": pl.String,
@@ -211,7 +212,7 @@ class _Captioner:
         if breaker.blocked():  # no need to decode the frame
             return None, f"{prov.name}: circuit open ({breaker.reason})", True
         try:
-            image = scaled_jpeg(path.read_bytes(), self.cfg.image_max_side)
+            image = scaled_jpeg(path.read_bytes(), self.cfg.image_max_side, region_of(rec))
         except OSError as exc:
             return exc, "", False
         return self._ask(fid, prov, image, rec, key)
@@ -398,8 +399,9 @@ def full_frame_path(run_dir: Path, rec: dict[str, Any]) -> Path:
 
 
 def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
-    """SHA-256 of every full frame file (the cache key: the same file is the same question), None
-    for a file that cannot be read. Read once per run, before anything is asked."""
+    """SHA-256 of every full frame file and of the region of it that is sent (the cache key: the
+    same picture is the same question), None for a file that cannot be read. Read once per run,
+    before anything is asked."""
     import hashlib
 
     out: dict[str, str | None] = {}
@@ -409,7 +411,11 @@ def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
         except OSError:
             out[rec["frame_id"]] = None
             continue
-        out[rec["frame_id"]] = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data)
+        region = region_of(rec)
+        if region is not None:
+            digest.update(("region:" + ",".join(map(str, region))).encode())
+        out[rec["frame_id"]] = digest.hexdigest()
     return out
 
 

@@ -29,6 +29,7 @@ from diffusion_bunny.pipeline.contract import (
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -63,7 +64,11 @@ STAGE = Stage(
     compute=_compute,
     summary=summary,
     reads=(
-        Reads("frames", "extract", ("frame_id", "frame_index", "timestamp_s", "shot_id", "path")),
+        Reads(
+            "frames",
+            "extract",
+            ("frame_id", "frame_index", "timestamp_s", "shot_id", "path", "width", "height", *BOX_COLUMNS),
+        ),
         # Which frames stage 02 kept (characters.frames: kept); not needed with characters.frames: all.
         Reads("quality", "quality", ("frame_id", "keep"), optional=True),
     ),

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.logs import bar_options
+from diffusion_bunny.media.images import crop_region
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
@@ -62,6 +63,7 @@ from diffusion_bunny.stages.characters.tables import (
     naming_dir,
     reference_dir,
 )
+from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
 #: Below this many frames to do, a process pool costs more to start (a second or two per worker
 #: for the interpreter, dlib and its models) than it saves.
@@ -102,44 +104,49 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _detect_file(job: tuple[str, str, DetectSettings]) -> tuple[str, str, list[tuple], str | None]:
-    """Worker: detect and encode the faces of one frame file (module level so it pickles)."""
-    frame_id, path, settings = job
+Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None"]
+
+
+def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
+    """Worker: detect and encode the faces of one frame file (module level so it pickles), inside
+    its region (the picture box without bars or a subtitle band; boxes come back in frame pixels)."""
+    frame_id, path, settings, region = job
     try:
         rgb = read_rgb(path)
         if rgb is None:
             return frame_id, "failed", [], "missing or not a decodable image"
-        faces = detect_and_encode(rgb, settings)
+        left, top = (region[0], region[1]) if region else (0, 0)
+        faces = detect_and_encode(crop_region(rgb, region), settings)
     except Exception as exc:  # one bad frame must not cost the stage: logged and skipped
         return frame_id, "failed", [], f"{type(exc).__name__}: {exc}"
     faces.sort(key=lambda f: (f.left, f.top))
-    return (
-        frame_id,
-        "ok",
-        [(f.top, f.right, f.bottom, f.left, f.encoding, f.sharpness) for f in faces],
-        None,
-    )
+    found = [
+        (f.top + top, f.right + left, f.bottom + top, f.left + left, f.encoding, f.sharpness) for f in faces
+    ]
+    return frame_id, "ok", found, None
 
 
 def _reusable(
-    previous: tuple[pl.DataFrame, pl.DataFrame] | None, key: str, sizes: dict[str, int]
+    previous: tuple[pl.DataFrame, pl.DataFrame] | None, key: str, sizes: dict[str, tuple[int, str]]
 ) -> tuple[set[str], pl.DataFrame]:
     """Frames whose detections from the last run still hold (same detector settings, same file
-    size) and those detections."""
-    if previous is None:
+    size, same region searched) and those detections."""
+    if previous is None or "region" not in previous[1].columns:
         return set(), pl.DataFrame(schema=DETECTIONS_SCHEMA)
     old_faces, old_frames = previous
     ok = old_frames.filter(
         (pl.col("status") == "ok") & (pl.col("detect_key") == key) & pl.col("frame_id").is_in(list(sizes))
     )
     cached = {
-        fid for fid, size in zip(ok["frame_id"], ok["file_bytes"], strict=True) if sizes.get(fid) == size
+        fid
+        for fid, size, region in zip(ok["frame_id"], ok["file_bytes"], ok["region"], strict=True)
+        if sizes.get(fid) == (size, region)
     }
     return cached, old_faces.filter(pl.col("frame_id").is_in(list(cached))).select(list(DETECTIONS_SCHEMA))
 
 
 def _run_jobs(
-    jobs: list[tuple[str, str, DetectSettings]],
+    jobs: list[Job],
     n_workers: int,
     use_pool: bool,
     progress: bool,
@@ -182,23 +189,31 @@ def detect_faces(
     *,
     workers: int = 0,
     previous: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    quality: pl.DataFrame | None = None,
     progress: bool = True,
     progress_path: Path | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
-    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match."""
+    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match. Each
+    frame is searched inside its region (:func:`~diffusion_bunny.stages.extract.tables.frame_regions`:
+    the picture box, or stage 02's crop from ``quality``), never in the bars around it."""
     run_dir = Path(run_dir)
     key = settings.key()
+    regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
-    sizes = {}
+    sizes: dict[str, tuple[int, str]] = {}
     for row in rows:
         path = run_dir / row["path"]
-        sizes[row["frame_id"]] = path.stat().st_size if path.is_file() else -1
+        region = regions.get(row["frame_id"])
+        sizes[row["frame_id"]] = (
+            path.stat().st_size if path.is_file() else -1,
+            ",".join(map(str, region)) if region else "",
+        )
     cached_ids, cached_faces = _reusable(previous, key, sizes)
     todo = [r for r in rows if r["frame_id"] not in cached_ids]
     n_workers = workers or os.cpu_count() or 1
     use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
-    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings) for r in todo]
+    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings, regions.get(r["frame_id"])) for r in todo]
     started = time.perf_counter()
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
     seconds = time.perf_counter() - started
@@ -217,7 +232,8 @@ def detect_faces(
                 "n_faces": n_faces,
                 "error": error,
                 "detect_key": key,
-                "file_bytes": sizes[fid],
+                "file_bytes": sizes[fid][0],
+                "region": sizes[fid][1],
             }
         )
         for k, (top, right, bottom, left, enc, sharp) in enumerate(faces):
@@ -284,6 +300,7 @@ def compute(ctx: Context) -> StageOutput:
         settings,
         workers=cfg.workers,
         previous=previous,
+        quality=quality,
         progress=ctx.progress,
         progress_path=ctx.progress_path,
     )

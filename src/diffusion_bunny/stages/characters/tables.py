@@ -47,6 +47,9 @@ FACE_FRAMES_SCHEMA = {
     "error": pl.Utf8,
     "detect_key": pl.Utf8,
     "file_bytes": pl.Int64,
+    #: The part of the frame searched ("left,top,right,bottom": its picture box, or stage 02's
+    #: crop), part of what a cached detection must match.
+    "region": pl.Utf8,
     #: Sharpness of the frame's largest face (null without a face).
     "face_sharpness": pl.Float64,
 }

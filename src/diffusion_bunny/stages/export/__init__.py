@@ -17,6 +17,7 @@ from typing import Any
 from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.export.tables import dataset_dir
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -56,7 +57,11 @@ STAGE = Stage(
     compute=_compute,
     summary=summary,
     reads=(
-        Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path", "width", "height")),
+        Reads(
+            "frames",
+            "extract",
+            ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS),
+        ),
         # Which frames were kept, and their hashes (shots the movie cuts back to share a split).
         Reads("quality", "quality", ("frame_id", "keep", "phash")),
         # A caption a person edited in notebook 05 makes the dataset stale.
@@ -68,7 +73,7 @@ STAGE = Stage(
             optional=True,
         ),
         # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.
-        Reads("shots", "extract", ("shot_id", "start_s", "end_s"), optional=True),
+        Reads("shots", "extract", ("shot_id", "start_s", "end_s", *BOX_COLUMNS), optional=True),
     ),
     config=("export",),
     writes=("dataset_items", "clips"),

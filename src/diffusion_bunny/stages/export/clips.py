@@ -55,6 +55,7 @@ def plan_clips(
         full = part.filter(pl.col("crop") == "full").sort("frame_index")
         source = full if full.height else part.sort("frame_index")
         caption = source.row(source.height // 2, named=True)["text"]
+        region = _shot_region(shot, full)
         characters = sorted({c for cs in part["characters"].to_list() for c in cs})
         rows.append(
             {
@@ -67,9 +68,25 @@ def plan_clips(
                 "height": size[1],
                 "characters": characters,
                 "caption": caption,
+                **dict(zip(("crop_left", "crop_top", "crop_right", "crop_bottom"), region, strict=True)),
             }
         )
     return pl.DataFrame(rows, schema=CLIP_SCHEMA), short
+
+
+def _shot_region(shot: dict, full: pl.DataFrame) -> tuple[int, int, int, int] | tuple[None, ...]:
+    """The part of the picture a shot's clip shows: the intersection of its exported full
+    pictures' regions (each the shot's picture box, or that less a subtitle band), else the
+    shot's own picture box, else nothing (None: the whole frame)."""
+    if full.height:
+        return (
+            int(full["left"].max()),
+            int(full["top"].max()),
+            int(full["right"].min()),
+            int(full["bottom"].min()),
+        )
+    box = tuple(shot.get(c) for c in ("box_left", "box_top", "box_right", "box_bottom"))
+    return box if None not in box else (None, None, None, None)
 
 
 def musubi_toml(video_dir: str, cache_dir: str, size: tuple[int, int], frames: int) -> str:

@@ -32,6 +32,7 @@ from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
+from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
 
@@ -45,42 +46,45 @@ class ExportPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def clamp_box(cx: float, cy: float, w: float, h: float, width: int, height: int) -> Box:
+def clamp_box(cx: float, cy: float, w: float, h: float, bounds: Box) -> Box:
     """A ``w`` x ``h`` box centred on (``cx``, ``cy``), shrunk (keeping its aspect) only if the
-    frame is smaller, then shifted to lie inside the ``width`` x ``height`` frame."""
+    picture is smaller, then shifted to lie inside ``bounds`` (left, top, right, bottom: the
+    frame's picture box, so no crop ever reaches into letterbox bars or a subtitle band)."""
+    x0, y0, x1, y1 = bounds
+    width, height = x1 - x0, y1 - y0
     scale = min(1.0, width / w, height / h)
     w, h = max(1, round(w * scale)), max(1, round(h * scale))
-    left = min(max(round(cx - w / 2), 0), width - w)
-    top = min(max(round(cy - h / 2), 0), height - h)
+    left = min(max(round(cx - w / 2), x0), x1 - w)
+    top = min(max(round(cy - h / 2), y0), y1 - h)
     return left, top, left + w, top + h
 
 
-def face_box(face: Box, width: int, height: int, margin: float) -> Box | None:
-    """A square around the face with ``margin`` x its size on every side, inside the frame; None
-    when the frame cannot hold the whole face in a square (a face larger than the frame's short
+def face_box(face: Box, bounds: Box, margin: float) -> Box | None:
+    """A square around the face with ``margin`` x its size on every side, inside ``bounds``;
+    None when the picture cannot hold the whole face in a square (a face larger than its short
     side)."""
     left, top, right, bottom = face
     size = max(right - left, bottom - top)
-    if size > min(width, height):
+    if size > min(bounds[2] - bounds[0], bounds[3] - bounds[1]):
         return None
     side = size * (1 + 2 * margin)
-    return clamp_box((left + right) / 2, (top + bottom) / 2, side, side, width, height)
+    return clamp_box((left + right) / 2, (top + bottom) / 2, side, side, bounds)
 
 
-def half_body_box(face: Box, width: int, height: int, face_heights: float, aspect: float) -> Box | None:
+def half_body_box(face: Box, bounds: Box, face_heights: float, aspect: float) -> Box | None:
     """A portrait box ``face_heights`` face heights tall and ``aspect`` x as wide, the face at the
-    top (half a face height of head room), inside the frame. Shrunk to fit, keeping the face at
+    top (half a face height of head room), inside ``bounds``. Shrunk to fit, keeping the face at
     the top; None when it would then hold less than two face heights (it would be a face crop)."""
     left, top, right, bottom = face
     face_h = bottom - top
     h = face_h * face_heights
     w = h * aspect
-    scale = min(1.0, width / w, height / h)
+    scale = min(1.0, (bounds[2] - bounds[0]) / w, (bounds[3] - bounds[1]) / h)
     if h * scale < 2 * face_h:
         return None
     h, w = h * scale, w * scale
     cy = top - 0.5 * face_h * scale + h / 2
-    return clamp_box((left + right) / 2, cy, w, h, width, height)
+    return clamp_box((left + right) / 2, cy, w, h, bounds)
 
 
 def crop_caption(caption: str, tag: str) -> str:
@@ -137,9 +141,10 @@ def _named_faces(faces: pl.DataFrame | None) -> dict[str, list[dict[str, Any]]]:
 def _frame_items(
     frame: dict[str, Any], faces: list[dict[str, Any]], cfg: ExportConfig, counts: dict[str, int]
 ) -> list[dict[str, Any]]:
-    """The pictures one frame gives: the full frame, and a face and a half-body crop per named
-    face that is large enough and has room around it (``counts`` records what was left out)."""
-    width, height = frame["width"], frame["height"]
+    """The pictures one frame gives: the full picture (the frame's region: its picture box, or
+    stage 02's crop), and a face and a half-body crop per named face that is large enough and
+    has room around it inside that region (``counts`` records what was left out)."""
+    bounds = region_of(frame) or (0, 0, frame["width"], frame["height"])
     boxes = [(f, (f["left"], f["top"], f["right"], f["bottom"])) for f in faces]
     base = {k: frame[k] for k in ("frame_id", "frame_index", "shot_id", "path")}
 
@@ -162,7 +167,7 @@ def _frame_items(
     out = []
     if "full" in cfg.crops:
         if boxes or cfg.include_unnamed:
-            out.append(item("full", (0, 0, width, height), None, frame["caption"]))
+            out.append(item("full", bounds, None, frame["caption"]))
         else:
             counts["unnamed_frames_dropped"] += 1
     wanted = [c for c in ("face", "half_body") if c in cfg.crops]
@@ -172,9 +177,9 @@ def _frame_items(
             continue
         for crop in wanted:
             if crop == "face":
-                box, tag = face_box(fb, width, height, cfg.face_margin), cfg.face_tag
+                box, tag = face_box(fb, bounds, cfg.face_margin), cfg.face_tag
             else:
-                box = half_body_box(fb, width, height, cfg.half_body_face_heights, cfg.half_body_aspect)
+                box = half_body_box(fb, bounds, cfg.half_body_face_heights, cfg.half_body_aspect)
                 tag = cfg.half_body_tag
             if box is None:
                 counts["no_room"] += 1
@@ -196,6 +201,7 @@ def select_items(
     or settings that leave no picture), before anything is written.
     """
     n_kept, rows = _usable_frames(frames, quality, captions)
+    rows = rows.join(frame_regions(frames, quality), on="frame_id", how="left")
     by_frame = _named_faces(faces)
     counts = {
         "kept_frames": n_kept,

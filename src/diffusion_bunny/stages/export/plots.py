@@ -49,7 +49,8 @@ def dataset_sheet(
     dataset_dir: str | Path, items: pl.DataFrame, *, max_per_group: int = 8, side: int = 128
 ) -> Image.Image:
     """One row per kohya concept (largest first): the exported pictures as training will see
-    them (crops included), each labelled with its crop; validation pictures get an orange frame."""
+    them (crops included, each at its own aspect), labelled with its crop and size; validation
+    pictures get an orange frame."""
     dataset_dir = Path(dataset_dir)
     sizes = items.group_by("concept").len().sort(["len", "concept"], descending=[True, False])
     blocks = []
@@ -60,7 +61,7 @@ def dataset_sheet(
         tiles = [
             Tile(
                 dataset_dir / "hf" / row["split"] / row["file_name"],
-                label=f"{row['crop']} s{row['shot_id']}",
+                label=f"{row['crop']} {row['width']}x{row['height']} s{row['shot_id']}",
                 outline="#F58518" if row["split"] == "validation" else None,
                 missing="",
             )

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.clips import decode_clip, encode_mp4
+from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
@@ -57,6 +57,7 @@ from diffusion_bunny.stages.export.tables import (
     VIDEO_DIR,
     dataset_dir,
 )
+from diffusion_bunny.stages.extract.tables import region_of
 
 _SAVE_OPTIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -166,9 +167,13 @@ def write_clips(movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Pat
     video = root / VIDEO_DIR
     video.mkdir(parents=True)
     bounds = {r["shot_id"]: (r["start_s"], r["end_s"]) for r in shots.iter_rows(named=True)}
+    source = ClipSource(movie)  # how stage 01 shows the movie: square pixels, deinterlaced, SDR
     for clip in clips.iter_rows(named=True):
         size = (clip["width"], clip["height"])
-        images = decode_clip(movie, clip["start_s"], clip["frames"], clip_fps, *bounds[clip["shot_id"]], size)
+        region = region_of(clip)
+        images = source.clip(
+            clip["start_s"], clip["frames"], clip_fps, *bounds[clip["shot_id"]], size, region
+        )
         encode_mp4(video / f"{clip['clip_id']}.mp4", images, clip_fps)
         (video / f"{clip['clip_id']}.txt").write_text(clip["caption"] + "\n", encoding="utf-8")
 

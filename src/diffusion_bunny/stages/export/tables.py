@@ -63,6 +63,13 @@ CLIP_SCHEMA = {
     "height": pl.Int64,
     "characters": pl.List(pl.String),
     "caption": pl.String,
+    # The part of the movie's picture the clip shows (display pixels): the shot's picture box,
+    # narrowed to the tightest crop of its exported frames (a subtitle band cut off there is cut
+    # off the clip too).
+    "crop_left": pl.Int64,
+    "crop_top": pl.Int64,
+    "crop_right": pl.Int64,
+    "crop_bottom": pl.Int64,
 }
 VIDEO_DIR = "video"
 

@@ -36,14 +36,32 @@ def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
     return {"frames/": run.run_dir / "frames", "thumbs/": run.run_dir / "thumbs"}
 
 
+def _as_released(f: dict[str, Any], c: dict[str, Any]) -> str:
+    """What stage 01 undid of how the film was stored, for the summary line (empty for a plain
+    progressive, square-pixel, SDR movie without bars)."""
+    parts = []
+    if f.get("sample_aspect", "1:1") != "1:1":
+        parts.append(f"stored {f['coded_width']}x{f['coded_height']}, sample aspect {f['sample_aspect']}")
+    if f.get("hdr"):
+        parts.append(f"HDR {f['hdr']} tone-mapped")
+    if f.get("deinterlaced"):
+        parts.append("deinterlaced")
+    film = (f.get("picture_box") or {}).get("film_box")
+    if film and (film[2] - film[0], film[3] - film[1]) != (f["width"], f["height"]):
+        parts.append(f"picture {film[2] - film[0]}x{film[3] - film[1]} inside bars")
+    if c.get("too_short_shots"):
+        parts.append(f"{c['too_short_shots']} shot(s) too short to sample")
+    return "".join(f"; {p}" for p in parts)
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 01, from its manifest."""
     c, f = manifest["counts"], manifest["facts"]
     line = (
         f"{c['shots']} shots ({c['static_shots']} static, {c['dynamic_shots']} dynamic), "
         f"{c['frames']} frames kept of {c['decoded_frames']} decoded "
-        f"({f['width']}x{f['height']}, {f['fps']:.3f} fps, rotation {f['rotation']}); "
-        f"detector {f['detector']}"
+        f"({f['width']}x{f['height']}, {f['fps']:.3f} fps, rotation {f['rotation']}"
+        f"{_as_released(f, c)}); detector {f['detector']}"
     )
     if f.get("candidates_proposed") is not None:
         line += (

@@ -125,6 +125,14 @@ def decision_plot(candidates: pl.DataFrame, facts: dict | None = None) -> p9.ggp
     )
 
 
+def _picture_mark(shot: dict, frame_size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
+    """A shot's picture box as shares of the frame, or None without one."""
+    if frame_size is None or shot.get("box_left") is None:
+        return None
+    w, h = frame_size
+    return (shot["box_left"] / w, shot["box_top"] / h, shot["box_right"] / w, shot["box_bottom"] / h)
+
+
 def contact_sheet(
     run_dir: str | Path,
     picks: pl.DataFrame,
@@ -133,11 +141,15 @@ def contact_sheet(
     path_column: str = "thumb_path",
     max_shots: int = 30,
     thumb_width: int = 240,
+    frame_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Keyframes grouped by shot: one row per shot, labelled with its id, length and kind.
 
     ``picks`` is a frames-like table with ``shot_id``, ``frame_index`` and an image path column
-    relative to ``run_dir`` (thumbnails by default).
+    relative to ``run_dir`` (thumbnails by default). With ``frame_size`` (the frames' width and
+    height as shown) each tile carries its shot's picture box as a magenta frame (what every later
+    stage looks at: the bars outside it are never measured or exported), and a shot too short to
+    sample says so.
     """
     run_dir = Path(run_dir)
     shown = shots.head(max_shots)
@@ -150,12 +162,20 @@ def contact_sheet(
     blocks = []
     for shot in shown.iter_rows(named=True):
         colour = KIND_COLOURS.get(shot["kind"], "#000000")
+        mark = _picture_mark(shot, frame_size)
         tiles = [
-            Tile(run_dir / row[path_column], label=f"#{row['frame_index']} {row.get('role') or ''}")
+            Tile(
+                run_dir / row[path_column], label=f"#{row['frame_index']} {row.get('role') or ''}", mark=mark
+            )
             for row in rows_by_shot[shot["shot_id"]]
         ]
         length = f"{shot['end_s'] - shot['start_s']:.1f}s {shot['kind']}"
-        blocks.append(Block(tiles, side=(f"shot {shot['shot_id']}", length), side_colour=colour))
+        side = [f"shot {shot['shot_id']}", length]
+        if shot.get("too_short"):
+            side.append("too short: no frame")
+        elif mark is not None and mark != (0.0, 0.0, 1.0, 1.0):
+            side.append(f"box {shot['box_right'] - shot['box_left']}x{shot['box_bottom'] - shot['box_top']}")
+        blocks.append(Block(tiles, side=side, side_colour=colour))
     columns = max([len(v) for v in rows_by_shot.values()] + [1])
     truncated = shots.height > max_shots
     layout = Layout(
@@ -170,3 +190,38 @@ def contact_sheet(
     return tile_sheet(
         blocks, layout, header=[f"first {max_shots} of {shots.height} shots"] if truncated else []
     )
+
+
+def source_table(facts: dict, shots: pl.DataFrame | None = None) -> pl.DataFrame:
+    """What the movie stores and how stage 01 showed it (notebook 01's "as stored and as shown"):
+    one row per fact, in words, from the manifest's facts."""
+    box = facts.get("picture_box") or {}
+    film = box.get("film_box")
+    check = facts.get("interlace_check")
+    rows = [
+        ("stored size", f"{facts.get('coded_width')}x{facts.get('coded_height')} ({facts.get('pix_fmt')})"),
+        ("sample aspect", f"{facts.get('sample_aspect', '1:1')} (1:1 = square pixels)"),
+        ("shown as", f"{facts.get('width')}x{facts.get('height')}, rotation {facts.get('rotation', 0)}"),
+        (
+            "HDR",
+            f"{facts['hdr']} ({facts.get('bit_depth')}-bit): tone-mapped to SDR"
+            if facts.get("hdr")
+            else "no (SDR)",
+        ),
+        (
+            "interlaced",
+            ("yes: deinterlaced (bwdif)" if facts.get("deinterlaced") else "no")
+            + f"; field order {facts.get('field_order', 'unknown')}"
+            + (f"; idet {check}" if check else ""),
+        ),
+        (
+            "film picture box",
+            f"{film[2] - film[0]}x{film[3] - film[1]} at ({film[0]}, {film[1]})"
+            if film
+            else "none (full frame)",
+        ),
+        ("shots by box source", ", ".join(f"{k} {v}" for k, v in (box.get("sources") or {}).items())),
+    ]
+    if shots is not None and "too_short" in shots.columns:
+        rows.append(("shots too short to sample", str(int(shots["too_short"].sum()))))
+    return pl.DataFrame(rows, schema=["what", "value"], orient="row")

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+
+#: What stage 02 reads of the frames table: where each frame is, its size and its picture box.
+FRAME_COLUMNS = ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS)
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -50,7 +54,7 @@ STAGE = Stage(
     package=__name__,
     compute=_compute,
     summary=summary,
-    reads=(Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path", "width", "height")),),
+    reads=(Reads("frames", "extract", FRAME_COLUMNS),),
     config=("quality",),
     writes=("quality",),
 )

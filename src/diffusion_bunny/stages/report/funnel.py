@@ -215,3 +215,45 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
         + p9.theme_minimal()
         + p9.theme(figure_size=(9, max(2.2, 0.45 * len(steps) + 1.2)))
     )
+
+
+#: Drops that are no judgement on a frame (a sample not chosen, a frame not searched).
+_NOT_A_REASON = {"not a candidate", "not chosen", "not searched"}
+
+
+def dropped_by_reason(funnel: pl.DataFrame) -> pl.DataFrame:
+    """Frames dropped on the way to the dataset, per reason (``step``, ``reason``, ``frames``),
+    most first: what kept pictures out of what the LoRA will see."""
+    dropped = funnel.filter(~pl.col("passed") & ~pl.col("outcome").is_in(list(_NOT_A_REASON)))
+    return (
+        dropped.select("step", pl.col("outcome").alias("reason"), "frames")
+        .filter(pl.col("frames") > 0)
+        .sort(["frames", "reason"], descending=[True, False])
+    )
+
+
+def dropped_plot(funnel: pl.DataFrame) -> p9.ggplot | None:
+    """One bar per reason a frame was dropped (counts), coloured as in the funnel; None when
+    nothing was dropped."""
+    import plotnine as p9
+
+    from diffusion_bunny.media.figures import categorical
+
+    table = dropped_by_reason(funnel)
+    if not table.height:
+        return None
+    order = table["reason"].to_list()
+    extra = iter(_OTHER_COLOURS * 4)
+    colours = {o: REASON_COLOURS.get(o) or next(extra) for o in order}
+    df = table.to_pandas()
+    df["reason"] = categorical(df["reason"], order[::-1])
+    return (
+        p9.ggplot(df, p9.aes("reason", "frames", fill="reason"))
+        + p9.geom_col(show_legend=False)
+        + p9.geom_text(p9.aes(label="frames"), ha="left", nudge_y=0.2, size=9)
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values=colours)
+        + p9.labs(x="", y="frames dropped", title=f"{int(table['frames'].sum())} frames dropped, by reason")
+        + p9.theme_minimal()
+        + p9.theme(figure_size=(7, max(2.0, 0.4 * len(order) + 1.1)))
+    )

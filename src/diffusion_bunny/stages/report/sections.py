@@ -14,11 +14,19 @@ from diffusion_bunny.pipeline.contract import ConfigView
 from diffusion_bunny.pipeline.run import slugify
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
-from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table, subtitles_cropped
+from diffusion_bunny.stages.report.funnel import (
+    dropped_by_reason,
+    dropped_plot,
+    funnel_plot,
+    funnel_summary,
+    funnel_table,
+    subtitles_cropped,
+)
 
 #: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
 #: The table whose absence means a section's stage did not run.
 SECTION_TABLES = {
+    "dataset": "dataset_items",
     "quality": "quality",
     "shots": "shots",
     "characters": "faces",
@@ -34,6 +42,13 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
         "extract",
         "Each bar is the frames that reached a step: green went on, the other colours were dropped, "
         "with the reason. Steps of stages that did not run are left out.",
+    ),
+    "dataset": (
+        "What the LoRA will see",
+        "export",
+        "The exported pictures as a trainer reads them (each labelled with its crop and size; "
+        "validation pictures framed in orange): the picture only, without letterbox bars, text "
+        "frames or burned-in subtitles. Then every frame that was dropped on the way, by reason.",
     ),
     "quality": (
         "Sharpness and brightness",
@@ -151,6 +166,7 @@ def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:
     """Every section of the report, in order, from the tables the run has."""
     builders: dict[str, Callable[[ReportData, ConfigView], Section]] = {
         "funnel": _funnel_section,
+        "dataset": _dataset_section,
         "quality": _quality_section,
         "shots": _shots_section,
         "characters": _characters_section,
@@ -182,6 +198,30 @@ def _funnel_section(run: ReportData, cfg: ConfigView) -> Section:
         f"{summary['frames in'][0]} frames in, {last['frames out']} out after '{last['step']}'",
         [Figure("funnel", "Frames per step", funnel_plot(funnel))],
     )
+
+
+def _dataset_section(run: ReportData, cfg: ConfigView) -> Section:
+    from diffusion_bunny.stages.export.plots import dataset_sheet
+
+    items = run.read_table("dataset_items")
+    if not items.height:
+        return Section("dataset", "empty", "stage export wrote no picture")
+    decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
+    dropped = dropped_by_reason(run_funnel(run, decoded))
+    figures = [
+        Figure(
+            "dataset_sheet",
+            "Exported pictures",
+            dataset_sheet(run.run_dir / "dataset", items, max_per_group=cfg.report.dataset_sheet_pictures),
+        )
+    ]
+    plot = dropped_plot(run_funnel(run, decoded))
+    if plot is not None:
+        figures.append(Figure("dropped", "Frames dropped, by reason", plot))
+    reasons = ", ".join(f"{r} {n}" for r, n in dropped.select("reason", "frames").iter_rows()) or "none"
+    frames_out = items["frame_id"].n_unique()
+    message = f"{items.height} pictures from {frames_out} frames; dropped on the way: {reasons}"
+    return Section("dataset", "ok", message, figures)
 
 
 def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:

@@ -23,6 +23,7 @@ from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
 from diffusion_bunny.stages.scenes.tables import ADAPTER_FILE
 
 
@@ -56,7 +57,11 @@ STAGE = Stage(
     compute=_compute,
     summary=summary,
     reads=(
-        Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path")),
+        Reads(
+            "frames",
+            "extract",
+            ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS),
+        ),
         Reads("quality", "quality", ("frame_id", "keep")),
         Reads("faces", "characters", ("frame_id", "character"), optional=True),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.images import read_image
+from diffusion_bunny.media.images import Region, read_image
 from diffusion_bunny.models.clip import ClipEmbedder
 
 #: Bump whenever a constant, a block or a weight of the descriptor changes: vectors of two
@@ -131,8 +131,11 @@ class Embedder(Protocol):
     name: str
     dim: int
 
-    def embed_images(self, paths: Sequence[Path], progress: bool = False) -> np.ndarray:
-        """float32 ``[n, dim]``, rows L2-normalised, in the order of ``paths``."""
+    def embed_images(
+        self, paths: Sequence[Path], progress: bool = False, regions: Sequence[Region | None] | None = None
+    ) -> np.ndarray:
+        """float32 ``[n, dim]``, rows L2-normalised, in the order of ``paths``; each image seen
+        through its ``regions`` entry (a frame's picture box, never its bars) when given."""
         ...
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -278,9 +281,15 @@ class DescriptorEmbedder:
         """False: a colour/texture descriptor has no text side."""
         return False
 
-    def embed_images(self, paths: Sequence[Path], progress: bool = False) -> np.ndarray:
-        """Descriptors of ``paths`` (decoded at reduced size on a thread pool), float32 ``[n, dim]``."""
-        rows = _map_images(paths, lambda p: describe(read_image(p)), progress, "embed")
+    def embed_images(
+        self, paths: Sequence[Path], progress: bool = False, regions: Sequence[Region | None] | None = None
+    ) -> np.ndarray:
+        """Descriptors of ``paths`` (decoded at reduced size on a thread pool; of each one's
+        ``regions`` entry only, when given), float32 ``[n, dim]``."""
+        boxes = dict(zip(map(str, paths), regions, strict=True)) if regions is not None else {}
+        rows = _map_images(
+            paths, lambda p: describe(read_image(p, region=boxes.get(str(p)))), progress, "embed"
+        )
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack(rows).astype(np.float32)

@@ -34,7 +34,7 @@ from diffusion_bunny.errors import BadInputError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages.extract.tables import frame_image_path
+from diffusion_bunny.stages.extract.tables import frame_image_path, frame_regions, region_of
 from diffusion_bunny.stages.scenes.clustering import (
     ExemplarIndex,
     apply_feedback,
@@ -64,6 +64,8 @@ EMBEDDING_SCHEMA = {
     "frame_id": pl.String,
     "embedder": pl.String,
     "file_bytes": pl.Int64,
+    # The part of the frame described ("left,top,right,bottom": its picture box or stage 02's crop).
+    "region": pl.Utf8,
     "vector": pl.List(pl.Float32),
 }
 EXEMPLAR_SCHEMA = {
@@ -90,28 +92,45 @@ def embed_frames(
     cfg: ScenesConfig,
     previous: pl.DataFrame | None,
     *,
+    quality: pl.DataFrame | None = None,
     progress: bool = False,
 ) -> tuple[pl.DataFrame, int]:
     """The ``embeddings`` rows of ``frames`` (reusing ``previous`` ones that still match) and how
-    many were computed now."""
+    many were computed now. Each frame is described inside its region (the picture box, or
+    stage 02's crop from ``quality``), never with its bars."""
     from diffusion_bunny.stages.scenes.embeddings import embedder_name, make_embedder
 
     name = embedder_name(cfg)
     paths = [run_dir / p for p in frames["path"].to_list()]
     sizes = [p.stat().st_size if p.is_file() else -1 for p in paths]
-    cache: dict[tuple[str, int], list[float]] = {}
-    if previous is not None and not previous.is_empty():
-        same = previous.filter(pl.col("embedder") == name)
-        cache = {(f, b): v for f, b, v in same.select("frame_id", "file_bytes", "vector").iter_rows()}
+    found = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     fids = frames["frame_id"].to_list()
-    todo = [i for i, (f, b) in enumerate(zip(fids, sizes, strict=True)) if (f, b) not in cache]
-    vectors: list[Any] = [cache.get((f, b)) for f, b in zip(fids, sizes, strict=True)]
+    regions = [found.get(f) for f in fids]
+    keys = [",".join(map(str, r)) if r else "" for r in regions]
+    cache: dict[tuple[str, int, str], list[float]] = {}
+    if previous is not None and not previous.is_empty() and "region" in previous.columns:
+        same = previous.filter(pl.col("embedder") == name)
+        cache = {
+            (f, b, r): v
+            for f, b, r, v in same.select("frame_id", "file_bytes", "region", "vector").iter_rows()
+        }
+    wanted = list(zip(fids, sizes, keys, strict=True))
+    todo = [i for i, k in enumerate(wanted) if k not in cache]
+    vectors: list[Any] = [cache.get(k) for k in wanted]
     if todo:  # the embedder (for CLIP: the model) is loaded only when a frame needs it
-        fresh = make_embedder(cfg).embed_images([paths[i] for i in todo], progress=progress)
+        fresh = make_embedder(cfg).embed_images(
+            [paths[i] for i in todo], progress=progress, regions=[regions[i] for i in todo]
+        )
         for i, vec in zip(todo, fresh, strict=True):
             vectors[i] = vec.astype(np.float32).tolist()
     table = pl.DataFrame(
-        {"frame_id": fids, "embedder": [name] * len(fids), "file_bytes": sizes, "vector": vectors},
+        {
+            "frame_id": fids,
+            "embedder": [name] * len(fids),
+            "file_bytes": sizes,
+            "region": keys,
+            "vector": vectors,
+        },
         schema=EMBEDDING_SCHEMA,
     )
     return table, len(todo)
@@ -229,7 +248,9 @@ def scenes_stage(
         raise StageError(
             "no frames to cluster: stage 02 kept none (see notebook 02, or set scenes.frames: all)"
         )
-    embeddings, computed = embed_frames(run_dir, chosen, cfg, previous.get("embeddings"), progress=progress)
+    embeddings, computed = embed_frames(
+        run_dir, chosen, cfg, previous.get("embeddings"), quality=quality, progress=progress
+    )
     fids = embeddings["frame_id"].to_list()
     raw = normalise(np.asarray(embeddings["vector"].to_list(), dtype=np.float32))
     embedder_name = embeddings["embedder"][0]

@@ -21,7 +21,11 @@ from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Bounda
 def make_boundaries(
     cfg: ExtractionConfig, fps: float, model: ModelHandle | TransNetModel | None
 ) -> Boundaries:
-    """The configured detector. ``model`` is needed for ``transnetv2`` and ``cascade``."""
+    """The configured detector. ``model`` is needed for ``transnetv2`` and ``cascade``, which
+    keep every boundary they confirm (short shots are marked by stage 01, not merged) except the
+    second half of a fade through black shorter than ``min_shot_seconds``; the PySceneDetect
+    detectors merge cuts closer than that (their ``min_scene_len``, part of how they tell a
+    flash from a cut)."""
     min_len = max(1, round(cfg.min_shot_seconds * fps))
     if cfg.detector == "transnetv2":
         assert model is not None

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from diffusion_bunny.config import ExtractionConfig
-from diffusion_bunny.stages.extract.detectors.base import Boundaries, InOrder
+from diffusion_bunny.stages.extract.detectors.base import Blankness, Boundaries, InOrder
 from diffusion_bunny.stages.extract.detectors.transnet import (
     CONTEXT as PACKAGE_CONTEXT,
 )
@@ -152,7 +152,7 @@ class CascadeBoundaries(Boundaries):
         self,
         model: ModelHandle | TransNetModel,
         cfg: ExtractionConfig,
-        min_len: int,
+        min_len: int = 0,
     ):
         self.model = model
         self.threshold = cfg.transnetv2_threshold
@@ -188,7 +188,8 @@ class CascadeBoundaries(Boundaries):
         # may lie MARGIN frames before c. Every frame of look-ahead is a decoded frame held in
         # stage 01's delay line (1.4 MB at 720p).
         self.lookahead = MAX_RUN + 2 * CONTEXT + PROPOSE_DELAY + 3 * MARGIN + 12
-        self.order = InOrder(min_len, self.lookahead)
+        self.blankness = Blankness(self.lookahead + min_len + 2)
+        self.order = InOrder(self.lookahead, min_len, self.blankness)
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -464,6 +465,7 @@ class CascadeBoundaries(Boundaries):
             self.first = index
         f = rgb48(small_bgr)
         self.ring[t % RING] = f
+        self.blankness.add(t, f)
         q = f >> 6
         code = (q[..., 0].astype(np.int32) << 4) | (q[..., 1].astype(np.int32) << 2) | q[..., 2]
         self.hist[t % RING] = np.bincount(code.ravel(), minlength=HIST_BINS) / code.size
@@ -522,6 +524,7 @@ class CascadeBoundaries(Boundaries):
             "candidates_confirmed": by["confirmed"],
             "candidates_rejected": by["rejected"],
             "boundaries": len(self.order.emitted),
+            "fade_dips_merged": self.order.dips,
             **describe(model, self.model_frames, self.model_seconds),
             "model_runs": self.model_runs,
             "model_frames_per_decoded": round(self.model_frames / self.n, 4) if self.n else 0.0,

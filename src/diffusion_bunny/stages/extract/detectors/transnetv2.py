@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_bunny.stages.extract.detectors.base import MAX_RUN, Boundaries, InOrder, RunTracker
+from diffusion_bunny.stages.extract.detectors.base import MAX_RUN, Blankness, Boundaries, InOrder, RunTracker
 from diffusion_bunny.stages.extract.detectors.transnet import (
     ModelHandle,
     TransNetModel,
@@ -21,12 +21,13 @@ class TransNetV2Boundaries(Boundaries):
 
     name = "transnetv2"
 
-    def __init__(self, model: ModelHandle | TransNetModel, threshold: float, min_len: int):
+    def __init__(self, model: ModelHandle | TransNetModel, threshold: float, min_len: int = 0):
         self.model = model
         self.predictor = WindowedPredictor(model)
         self.runs = RunTracker(threshold)
         self.lookahead = self.predictor.lookahead + MAX_RUN + 1
-        self.order = InOrder(min_len, self.lookahead)
+        self.blankness = Blankness(self.lookahead + min_len + 2)
+        self.order = InOrder(self.lookahead, min_len, self.blankness)
         self.threshold = threshold
         self.frames = 0
 
@@ -38,7 +39,9 @@ class TransNetV2Boundaries(Boundaries):
 
     def push(self, index: int, small_bgr: np.ndarray) -> list[int]:
         self.frames += 1
-        self._feed(self.predictor.push(index, rgb48(small_bgr)))
+        small = rgb48(small_bgr)
+        self.blankness.add(index, small)
+        self._feed(self.predictor.push(index, small))
         return self.order.release(index - self.lookahead)
 
     def finish(self, last_index: int) -> list[int]:

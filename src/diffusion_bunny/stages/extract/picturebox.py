@@ -1,0 +1,231 @@
+"""The active picture of each shot: the box inside letterbox, pillarbox or windowbox bars.
+
+A film as released often carries black bars in every frame (a 2.40:1 picture in a 1920x1080
+frame has 140 px of black above and below). Everything after stage 01 must measure and export
+the picture only: bars darken the brightness a frame is judged by, and a LoRA trained on images
+with bars learns to draw bars. ffmpeg's ``cropdetect`` finds the box frame by frame against a
+fixed black threshold; this module finds it per shot, from many frames, so that
+
+* a dark scene, a fade or a black first frame does not shrink the box: a row belongs to the
+  picture when it is lit in *any* sampled frame of the shot (:class:`ShotProfile` keeps the
+  maximum lit share of every stored row and column, :func:`diffusion_bunny.media.video.luma_profiles`);
+* a film that changes aspect (IMAX sequences, a pillarboxed archive insert) gets each shot's own
+  box;
+* content that merely touches the edge dark (a black night sky, burned-in subtitles sitting in
+  the bottom bar) does not move the box: an edge is *confident* only where the picture starts
+  with broadly lit rows, and a shot's own bars are believed only in symmetric pairs (bars are
+  centred; a dark sky or a subtitle line is one-sided) or where they match the film's.
+
+:func:`decide_boxes` then gives every shot its box: its own confident, symmetric edges; else the
+film's commonest box (the consensus of the shots that were confident); else the full frame. A
+shot that is black throughout has no box of its own and takes the film's (the full frame when
+the film has none), and is counted so stage 01 can warn.
+
+Pure over arrays: stage 01 feeds the profiles while it decodes and calls :func:`decide_boxes`
+once at the end of its pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: A row (column) is where the picture starts when at least this share of its pixels is lit in
+#: some sampled frame of the shot.
+EDGE_LIT = 0.25
+#: An edge is confident when the few rows from it inward are this broadly lit: the picture
+#: starts there, not a subtitle line (text lights 10-35% of a row) or a dim corner.
+CONFIDENT_LIT = 0.4
+#: Rows from the edge inward that must be broadly lit for a confident edge.
+CONFIDENT_ROWS = 3
+#: A shot is black throughout when no row has even this share of lit pixels in any frame (a
+#: title on black lights a few per cent of its rows: it is not black, its box is the film's).
+ANY_LIT = 0.005
+#: Two bars are symmetric (or a box matches another) within this share of the frame's side,
+#: and never less than :data:`MIN_TOLERANCE_PX` stored pixels.
+TOLERANCE = 0.01
+MIN_TOLERANCE_PX = 4
+#: A box narrower or lower than this share of the frame is a logo or a title on black, not a
+#: picture: such edges are not believed.
+MIN_SIDE = 0.25
+#: Stored pixels trimmed inward at an edge that has a bar: the row where a bar meets the picture
+#: is a blend of both (codec ringing, chroma bleed), and a thin dark line at the border of every
+#: exported image is what this module exists to prevent.
+EDGE_TRIM = 2
+
+
+@dataclass
+class ShotProfile:
+    """The maximum lit share of every stored row and column over a shot's profiled frames."""
+
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    samples: int = 0
+
+    def add(self, profiles: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if profiles is None:
+            return
+        rows, cols = profiles
+        if self.rows is None or self.rows.shape != rows.shape or self.cols is None:
+            self.rows, self.cols = rows.copy(), cols.copy()
+        else:
+            np.maximum(self.rows, rows, out=self.rows)
+            np.maximum(self.cols, cols, out=self.cols)
+        self.samples += 1
+
+
+@dataclass(frozen=True)
+class Edges:
+    """One axis of a shot's own box, in stored pixels: ``start`` inclusive, ``end`` exclusive,
+    whether each edge is confident, and whether anything was lit at all."""
+
+    start: int
+    end: int
+    start_ok: bool
+    end_ok: bool
+    lit: bool
+
+    @property
+    def confident(self) -> bool:
+        return self.lit and self.start_ok and self.end_ok
+
+
+def _confident(profile: np.ndarray, edge: int, step: int) -> bool:
+    if step > 0:
+        inner = profile[edge : edge + CONFIDENT_ROWS]
+    else:
+        inner = profile[max(0, edge - CONFIDENT_ROWS + 1) : edge + 1]
+    return inner.size > 0 and float(inner.min()) >= CONFIDENT_LIT
+
+
+def own_edges(profile: np.ndarray | None) -> Edges:
+    """Where the picture starts and ends along one axis of a shot (rows or columns)."""
+    if profile is None or profile.size == 0:
+        return Edges(0, 0, False, False, False)
+    n = profile.size
+    lit = np.flatnonzero(profile >= EDGE_LIT)
+    if lit.size == 0:
+        return Edges(0, n, False, False, bool(profile.max() >= ANY_LIT))
+    start, last = int(lit[0]), int(lit[-1])
+    end = last + 1
+    big_enough = end - start >= MIN_SIDE * n
+    return Edges(
+        start,
+        end,
+        big_enough and _confident(profile, start, 1),
+        big_enough and _confident(profile, last, -1),
+        True,
+    )
+
+
+def _tolerance(n: int) -> int:
+    return max(MIN_TOLERANCE_PX, round(TOLERANCE * n))
+
+
+def symmetric(edges: Edges, n: int) -> bool:
+    """The two bars of an axis are about as thick as each other (centred picture)."""
+    return abs(edges.start - (n - edges.end)) <= _tolerance(n)
+
+
+def _matches(pair: tuple[int, int], other: tuple[int, int] | None, n: int) -> bool:
+    tol = _tolerance(n)
+    return other is not None and abs(pair[0] - other[0]) <= tol and abs(pair[1] - other[1]) <= tol
+
+
+def consensus(axes: list[tuple[Edges, int]], n: int) -> tuple[int, int] | None:
+    """The film's commonest (start, end) along one axis among the shots whose edges there are
+    confident and symmetric, weighted by their frame counts; None when no shot qualifies.
+    Positions within the tolerance of each other vote together."""
+    tol = _tolerance(n)
+    votes: Counter[tuple[int, int]] = Counter()
+    examples: dict[tuple[int, int], tuple[int, int]] = {}
+    for edges, weight in axes:
+        if not edges.confident or not symmetric(edges, n):
+            continue
+        key = (round(edges.start / tol), round(edges.end / tol))
+        votes[key] += weight
+        examples.setdefault(key, (edges.start, edges.end))
+    if not votes:
+        return None
+    key, _ = votes.most_common(1)[0]
+    return examples[key]
+
+
+@dataclass
+class BoxDecision:
+    """The boxes of a movie's shots in stored pixels, and how each was decided."""
+
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    film: tuple[int, int, int, int] | None = None
+
+    @property
+    def black_shots(self) -> int:
+        return sum(1 for s in self.sources if s.startswith("black"))
+
+
+def _axis(edges: Edges, film: tuple[int, int] | None, n: int) -> tuple[tuple[int, int], str]:
+    pair = (edges.start, edges.end)
+    if edges.confident and (symmetric(edges, n) or _matches(pair, film, n)):
+        return pair, "own"
+    if film is not None:
+        return film, "film"
+    return (0, n), "full"
+
+
+def _trim(pair: tuple[int, int], n: int) -> tuple[int, int]:
+    start, end = pair
+    if start > 0:
+        start = min(start + EDGE_TRIM, n)
+    if end < n:
+        end = max(end - EDGE_TRIM, start)
+    return start, end
+
+
+def decide_boxes(profiles: list[ShotProfile], weights: list[int], size: tuple[int, int]) -> BoxDecision:
+    """Every shot's picture box ``(left, top, right, bottom)`` in stored pixels (see the module
+    docstring), with its source: ``own`` (both axes its own), ``film`` / ``full`` (an axis taken
+    from the film's consensus / the frame), ``black`` (nothing lit: the film's box or the full
+    frame)."""
+    width, height = size
+    rows = [own_edges(p.rows) for p in profiles]
+    cols = [own_edges(p.cols) for p in profiles]
+    film_v = consensus(list(zip(rows, weights, strict=True)), height)
+    film_h = consensus(list(zip(cols, weights, strict=True)), width)
+    decision = BoxDecision()
+    if film_v is not None or film_h is not None:
+        (x0, x1), (y0, y1) = _trim(film_h or (0, width), width), _trim(film_v or (0, height), height)
+        decision.film = (x0, y0, x1, y1)
+    for r, c in zip(rows, cols, strict=True):
+        if not r.lit and not c.lit:
+            box = decision.film or (0, 0, width, height)
+            decision.boxes.append(box)
+            decision.sources.append("black (film)" if decision.film else "black (full)")
+            continue
+        (top, bottom), vs = _axis(r, film_v, height)
+        (left, right), hs = _axis(c, film_h, width)
+        top, bottom = _trim((top, bottom), height)
+        left, right = _trim((left, right), width)
+        decision.boxes.append((left, top, right, bottom))
+        decision.sources.append("own" if vs == hs == "own" else ("film" if "film" in (vs, hs) else "full"))
+    return decision
+
+
+def to_display(
+    box: tuple[int, int, int, int], stored: tuple[int, int], upright: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A box in stored pixels scaled to the upright (square-pixel) picture, rounded inward to
+    even pixels (chroma-aligned, never a bar pixel more)."""
+    sx, sy = upright[0] / stored[0], upright[1] / stored[1]
+    left, top, right, bottom = box
+
+    def inward(lo: float, hi: float, n: int) -> tuple[int, int]:
+        a = min(n, int(np.ceil(lo / 2 - 1e-9)) * 2)
+        b = max(a, int(np.floor(hi / 2 + 1e-9)) * 2)
+        return a, min(b, n)
+
+    x0, x1 = inward(left * sx, right * sx, upright[0])
+    y0, y1 = inward(top * sy, bottom * sy, upright[1])
+    return x0, y0, x1, y1

@@ -1,0 +1,298 @@
+"""A film as released (issue 29), built from the Hamilton clip and the knn photos by
+:mod:`diffusion_bunny.demo.release` with its truth known by construction: letterboxed 2.40:1 in
+1080p, an anamorphic PAL DVD, 10-bit PQ HDR and interlaced 576i variants, title cards and credits,
+subtitles over one shot, a dark scene with a named face, an 8-frame insert.
+
+Stage 01 is checked on every variant (square pixels, picture boxes, tone mapping, deinterlacing,
+the cuts around a short shot); the exported dataset of the full pipeline is judged in
+``test_the_exported_dataset_*``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import pytest
+from paths import TESTDATA
+
+from diffusion_bunny.config import load_config
+from diffusion_bunny.demo import release
+from diffusion_bunny.stages.extract.stage import extract_frames
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory):
+    """The four variants, built once for the module (about a minute on 2 cores)."""
+    if not release.HAMILTON.is_file() or not (TESTDATA / "face_recognition_examples").is_dir():
+        pytest.skip(f"real footage not available here: {TESTDATA} (it ships beside the project, not in it)")
+    out = tmp_path_factory.mktemp("release")
+    hamilton = release.load_hamilton()
+    return {v: release.build_release(out, v, hamilton) for v in release.VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def extracted(films, tmp_path_factory):
+    """Stage 01 on every variant (progress off)."""
+    cfg = load_config().extraction
+    out = {}
+    for name, movie in films.items():
+        run = tmp_path_factory.mktemp(f"x-{name}")
+        out[name] = (extract_frames(movie, cfg, run, progress=False), run)
+    return out
+
+
+def truth_of(movie: Path) -> dict:
+    return json.loads(movie.with_suffix(".truth.json").read_text())
+
+
+def comb(gray: np.ndarray) -> float:
+    """Interlace combing: how much each line stands out from the two around it in the same
+    direction (the zig-zag of two fields from different instants), mean over the picture."""
+    g = gray.astype(np.float32)
+    mid, up, down = g[1:-1], g[:-2], g[2:]
+    return float(np.maximum(0.0, (mid - up) * (mid - down)).mean())
+
+
+@pytest.mark.parametrize("variant", sorted(release.VARIANTS))
+def test_every_cut_is_found_and_the_short_insert_keeps_both_its_cuts(extracted, films, variant):
+    result, _ = extracted[variant]
+    truth = truth_of(films[variant])
+    shots = result.tables["shots"]
+    found = shots["start_frame"].to_list()[1:]
+    if variant == "interlaced":
+        # A woven frame holds the next instant's field: the frame before a cut is already half
+        # the new shot, and either frame is the cut.
+        assert len(found) == len(truth["cuts"])
+        assert all(c - 1 <= f <= c for f, c in zip(found, truth["cuts"], strict=True)), found
+    else:
+        assert found == truth["cuts"]
+    # The 8-frame insert is a shot of its own, kept and marked, sampled for no frame.
+    index = next(i for i, s in enumerate(truth["shots"]) if s["kind"] == "insert")
+    row = shots.row(index, named=True)
+    assert row["too_short"] and row["end_frame"] - row["start_frame"] == 8
+    assert row["shot_id"] not in set(result.tables["frames"]["shot_id"].to_list())
+    assert result.counts["too_short_shots"] == 1
+
+
+@pytest.mark.parametrize("variant", sorted(release.VARIANTS))
+def test_picture_boxes_hold_the_picture_and_no_bar(extracted, films, variant):
+    result, run = extracted[variant]
+    spec = release.VARIANTS[variant]
+    left, top, right, bottom = spec.picture
+    facts = result.facts
+    assert (facts["width"], facts["height"]) == spec.display
+    for shot in result.tables["shots"].iter_rows(named=True):
+        box = (shot["box_left"], shot["box_top"], shot["box_right"], shot["box_bottom"])
+        # Inside the picture (never a bar row), and losing at most 6 px of it on any side.
+        assert left <= box[0] <= left + 6 and top <= box[1] <= top + 6, (shot, spec.picture)
+        assert right - 6 <= box[2] <= right and bottom - 6 <= box[3] <= bottom, (shot, spec.picture)
+    # The saved frames are the whole frame as shown; inside the box of a shot of the picture (not
+    # a card on black) there is no black bar row.
+    kinds = [s["kind"] for s in truth_of(films[variant])["shots"]]
+    for row in result.tables["frames"].iter_rows(named=True):
+        image = cv2.imread(str(run / row["path"]))
+        assert (image.shape[1], image.shape[0]) == spec.display
+        if kinds[row["shot_id"]] != "picture":
+            continue
+        picture = image[row["box_top"] : row["box_bottom"], row["box_left"] : row["box_right"]]
+        rows_max = picture.max(axis=(1, 2))
+        assert rows_max[0] > 30 and rows_max[-1] > 30, row["frame_id"]
+
+
+def test_anamorphic_frames_are_stored_squeezed_and_shown_square(extracted):
+    result, run = extracted["anamorphic"]
+    facts = result.facts
+    assert (facts["coded_width"], facts["coded_height"], facts["sample_aspect"]) == (704, 576, "16:11")
+    assert (facts["width"], facts["height"]) == (1024, 576)
+    film = release.Film(release.VARIANTS["anamorphic"], release.load_hamilton())
+    row = result.tables["frames"].filter(result.tables["frames"]["shot_id"] == 3).row(0, named=True)
+    saved = cv2.imread(str(run / row["path"]))[..., ::-1].astype(np.float32)
+    truth = film.frame_at(row["frame_index"]).astype(np.float32)
+    # The picture as shown (the squeeze undone): close to the film's own frame, and far from it
+    # when the squeeze is not undone (stretched back naively it would still be 704 wide).
+    assert np.abs(saved - truth).mean() < 8.0
+
+
+def test_hdr_frames_are_tone_mapped_not_washed_out(extracted):
+    result, run = extracted["hdr"]
+    facts = result.facts
+    assert facts["hdr"] == "pq" and facts["tone_mapped"] and facts["bit_depth"] == 10
+    film = release.Film(release.VARIANTS["hdr"], release.load_hamilton())
+    left, top, right, bottom = release.VARIANTS["hdr"].picture
+    for row in result.tables["frames"].iter_rows(named=True):
+        saved = cv2.imread(str(run / row["path"]))[top:bottom, left:right, ::-1].astype(np.float32)
+        truth = film.frame_at(row["frame_index"])[top:bottom, left:right].astype(np.float32)
+        # The SDR grade the HDR was made from comes back: same light and the same contrast...
+        assert np.abs(saved - truth).mean() < 6.0, row["frame_id"]
+        assert saved.std() > 0.9 * truth.std()
+    # ...where reading the PQ code values as SDR gives the washed-out grey of a plain conversion.
+    from diffusion_bunny.media import hdr
+
+    sample = film.frame_at(result.tables["frames"]["frame_index"][0])[top:bottom, left:right]
+    plain = hdr.sdr_to_hdr_rgb(sample) * 255
+    assert plain.std() < 0.8 * sample.astype(np.float32).std()
+
+
+def test_interlaced_video_is_detected_and_deinterlaced(films, extracted, tmp_path):
+    result, run = extracted["interlaced"]
+    facts = result.facts
+    assert facts["deinterlaced"] and facts["field_order"] in ("tt", "tb")
+    assert facts["interlace_check"]["tff"] > facts["interlace_check"]["progressive"]
+    # The same frames without deinterlacing show the combing of two fields from two instants.
+    woven = extract_frames(
+        films["interlaced"], load_config().extraction.model_copy(update={"deinterlace": "off"}),
+        tmp_path, progress=False,
+    )  # fmt: skip
+    assert not woven.facts["deinterlaced"]
+
+    def combing(table, folder):
+        # The performer's shots, where he moves (shots 3 and 6: lit and dark).
+        rows = [r for r in table.iter_rows(named=True) if r["shot_id"] in (3, 6)]
+        assert rows
+        return np.mean([comb(cv2.imread(str(folder / r["path"]), cv2.IMREAD_GRAYSCALE)) for r in rows])
+
+    assert combing(result.tables["frames"], run) < 0.5 * combing(woven.tables["frames"], tmp_path)
+
+
+def test_progressive_sources_are_not_deinterlaced(extracted):
+    for variant in ("sdr", "anamorphic", "hdr"):
+        assert not extracted[variant][0].facts["deinterlaced"]
+
+
+# ------------------------------------------------------------------------ the exported dataset
+
+INGEST = ("extract", "quality", "characters", "scenes", "captions", "export")
+
+
+@pytest.fixture(scope="module")
+def datasets(films, tmp_path_factory):
+    """Stages 01-06 (and the report) on the letterboxed 1080p film and on the anamorphic DVD,
+    with the two people's reference photos, as a user runs them: the datasets a LoRA would see."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    out = {}
+    for variant in ("sdr", "anamorphic"):
+        movie = films[variant]
+        folder = tmp_path_factory.mktemp(f"d-{variant}")
+        run = Run.create(folder / "run", movie)
+        overrides = {"characters.reference_dir": str(movie.parent / "refs"), "export.crops": ["full", "face"]}
+        cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
+        for stage in (*INGEST, "report") if variant == "sdr" else INGEST:
+            run_stage(run, stage, cfg, progress=False)
+        out[variant] = (run, truth_of(movie))
+    return out
+
+
+def _items(run):
+    """The exported pictures with the film's shot each comes from (by frame index)."""
+    items = run.read_table("dataset_items")
+    frames = run.read_table("frames").select("frame_id", "frame_index")
+    return items.join(frames, on="frame_id", how="left", suffix="_f")
+
+
+def _shot_of(truth: dict, frame_index: int) -> dict:
+    return next(s for s in truth["shots"] if s["start_frame"] <= frame_index < s["end_frame"])
+
+
+@pytest.mark.parametrize("variant", ["sdr", "anamorphic"])
+def test_the_exported_dataset_holds_no_bar_and_no_text_frame(datasets, variant):
+    run, truth = datasets[variant]
+    items = _items(run)
+    assert items.height > 0
+    left, top, right, bottom = release.VARIANTS[variant].picture
+    root = run.run_dir / "dataset" / "hf"
+    for row in items.iter_rows(named=True):
+        shot = _shot_of(truth, row["frame_index"])
+        # No title card and no credits: a LoRA would learn to write.
+        assert not shot["text"], (row["file_name"], shot)
+        # Every crop lies inside the picture: no letterbox bar in any exported picture.
+        assert left <= row["left"] and top <= row["top"] and row["right"] <= right and row["bottom"] <= bottom
+        image = cv2.imread(str(root / row["split"] / row["file_name"]))
+        assert image is not None and (image.shape[1], image.shape[0]) == (row["width"], row["height"])
+        if row["crop"] == "full":
+            # As wide as the picture is (2.40:1), whatever the stored pixels' shape.
+            assert abs(row["width"] / row["height"] - release.PICTURE_ASPECT) < 0.05, row
+    # The title cards and the credits were found as text (not merely dark): they were dropped
+    # with reason text.
+    quality = run.read_table("quality").join(
+        run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
+    )
+    for row in quality.iter_rows(named=True):
+        if _shot_of(truth, row["frame_index"])["text"]:
+            assert row["reject_reason"] == "text", row
+
+
+def test_the_exported_dataset_has_subtitles_cropped_or_dropped(datasets):
+    run, truth = datasets["sdr"]
+    items = _items(run)
+    root = run.run_dir / "dataset" / "hf"
+    subtitled = [s for s in truth["shots"] if s["subtitles"]]
+    assert subtitled
+    from_subtitled = [
+        r for r in items.iter_rows(named=True) if _shot_of(truth, r["frame_index"])["subtitles"]
+    ]
+    for row in from_subtitled:
+        image = cv2.imread(str(root / row["split"] / row["file_name"]))
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        # The subtitles' yellow (hue ~25-35 in OpenCV's 0-180, saturated, bright) is gone.
+        yellow = cv2.inRange(hsv, (20, 120, 150), (40, 255, 255))
+        assert int(yellow.sum() // 255) < 40, row["file_name"]
+
+
+def test_the_named_character_survives_the_dark_scene(datasets):
+    run, truth = datasets["sdr"]
+    items = _items(run)
+    dark = [r for r in items.iter_rows(named=True) if _shot_of(truth, r["frame_index"])["dark"]]
+    assert dark, "no picture of the dark scene was exported"
+    assert any("lin_manuel_miranda" in (r["characters"] or []) for r in dark)
+    # Both people of the film are in the dataset.
+    named = {c for cs in items["characters"].to_list() for c in cs or []}
+    assert {"lin_manuel_miranda", "obama"} <= named
+
+
+def _face_shape(rgb: np.ndarray) -> float:
+    """Eye distance over eye-to-mouth distance of the largest face (dlib's 68 landmarks): 0.69x as
+    wide a face (an anamorphic frame left squeezed) gives 0.69x this ratio."""
+    from diffusion_bunny.models import dlib_faces
+
+    boxes = dlib_faces.face_locations(rgb, 1, "hog")
+    assert boxes, "no face found"
+    box = max(boxes, key=lambda b: (b[2] - b[0]) * (b[1] - b[3]))
+    marks = dlib_faces.face_landmarks(rgb, [box])[0]
+    eyes = [np.asarray(marks[k], dtype=np.float64).mean(axis=0) for k in ("left_eye", "right_eye")]
+    mouth = np.asarray(marks["top_lip"] + marks["bottom_lip"], dtype=np.float64).mean(axis=0)
+    return float(np.linalg.norm(eyes[0] - eyes[1]) / np.linalg.norm((eyes[0] + eyes[1]) / 2 - mouth))
+
+
+def test_faces_of_the_anamorphic_film_are_not_squashed(datasets):
+    run, _ = datasets["anamorphic"]
+    items = run.read_table("dataset_items").filter(
+        (pl.col("crop") == "face") & pl.col("characters").list.contains("lin_manuel_miranda")
+    )
+    assert items.height
+    reference = cv2.cvtColor(cv2.imread(str(release.LIN_REFERENCE)), cv2.COLOR_BGR2RGB)
+    expected = _face_shape(reference)
+    root = run.run_dir / "dataset" / "hf"
+    shapes = [
+        _face_shape(cv2.cvtColor(cv2.imread(str(root / r["split"] / r["file_name"])), cv2.COLOR_BGR2RGB))
+        for r in items.iter_rows(named=True)
+    ]
+    # Within 15% of the reference portrait's shape (a squeezed face would be at 69%).
+    assert 0.85 < float(np.median(shapes)) / expected < 1.15, (shapes, expected)
+
+
+def test_the_report_shows_what_the_lora_will_see(datasets):
+    run, _ = datasets["sdr"]
+    figures = run.read_table("report_figures")
+    section = figures.filter(pl.col("section") == "dataset")
+    assert set(section["figure"].drop_nulls()) == {"dataset_sheet", "dropped"}
+    message = section["message"][0]
+    assert "dropped on the way:" in message and "text " in message
+    assert (run.run_dir / "report" / "figures" / "dataset_sheet.png").is_file()
