@@ -403,11 +403,18 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     with pytest.raises(KeyError, match="no slider"):
         explorer.set_thresholds(sharpness=3)
 
+    # The brightness thresholds in force for this film are said; the demo is of ordinary exposure.
+    explorer.set_thresholds(min_brightness=35)
+    assert "median brightness" in explorer.counts.value and "too dark under 35.0" in explorer.counts.value
+    explorer.set_thresholds(relative_brightness=False, subtitles="drop", max_text_share=0.7)
+    assert "(as configured)" in explorer.counts.value
+    assert bytes(explorer.text_img.value).startswith(b"\xff\xd8")
     explorer.set_thresholds(min_brightness=30, dup_distance=6, best_per_batch=None, min_sharpness=50)
     path = explorer.save()
     assert path == tmp_path / "config" / "local_thresholds.yaml"
     saved = yaml.safe_load(path.read_text())["quality"]
     assert saved["dup_distance"] == 6 and saved["best_per_batch"] is None
+    assert (saved["relative_brightness"], saved["subtitles"], saved["max_text_share"]) == (False, "drop", 0.7)
     # A headless rerun reads the saved layer and reproduces the widget's choice.
     cfg = load_config(root=tmp_path).quality
     headless = apply_quality_rules(demo_run.read_table("quality"), frames, cfg)
