@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -780,8 +781,6 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
     """``layer`` with renamed sections (:data:`SECTION_ALIASES`) under their new name, and one
     warning per old name used. A key set under both names in the same layer is a
     :class:`ConfigError` naming both: which one was meant cannot be told."""
-    import warnings
-
     out = layer
     for old, new in SECTION_ALIASES.items():
         if old not in layer:
@@ -801,10 +800,10 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         out = {k: v for k, v in out.items() if k != old}
         out[new] = {**legacy, **current} if isinstance(current, dict) else current
         keys = ", ".join(f"{new}.{k}" for k in legacy) or new
-        warnings.warn(
-            f"{source}: the config section '{old}' is now called '{new}'; write {keys}",
-            FutureWarning,
-            stacklevel=3,
+        # A log record, not a Python warning: the command line shows it as one "warning: ..."
+        # line (a warning would carry its file, line and source line).
+        logging.getLogger(__name__).warning(
+            "%s: the config section '%s' is now called '%s'; write %s", source, old, new, keys
         )
     return out
 

@@ -256,16 +256,13 @@ def test_config_out_of_range_is_one_line_naming_the_key():
     assert load_config(None, ["quality.batch=12"]).quality.batch == 12
 
 
-def test_filtering_is_the_old_name_of_quality(tmp_path):
-    import warnings
-
+def test_filtering_is_the_old_name_of_quality(tmp_path, caplog):
     (tmp_path / "config").mkdir()
     old = tmp_path / "config" / "local_thresholds.yaml"
     old.write_text("filtering:\n  min_sharpness: 12\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level("WARNING", logger="diffusion_bunny.config"):
         cfg = load_config(None, ["filtering.dup_distance=7"], root=tmp_path)
-    lines = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_bunny.config"]
     assert lines == [
         f"{old}: the config section 'filtering' is now called 'quality'; write quality.min_sharpness",
         "--set: the config section 'filtering' is now called 'quality'; write quality.dup_distance",
