@@ -4,6 +4,7 @@ frame with burned-in subtitles."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import cv2
@@ -16,6 +17,7 @@ from diffusion_bunny.demo import overlays
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.quality.plots import text_sheet
 from diffusion_bunny.stages.quality.rules import apply_quality_rules
 from diffusion_bunny.stages.quality.text import measure_text, text_verdict
 
@@ -231,6 +233,20 @@ def test_stage_drops_text_and_crops_subtitles(demo_run, tmp_path, detector):
     looked = facts["text_frames_detected"] + facts["text_frames_reused"]
     assert looked == int(quality["keep"].sum()) + 2 == int(quality["text_lines"].is_not_null().sum())
     assert quality.filter(~pl.col("keep") & (pl.col("reject_reason") != "text"))["text_lines"].is_null().all()
+
+    # Notebook 02's strip: the two text frames, then the subtitled frame as extracted and cropped.
+    sheet = text_sheet(run.run_dir, quality, run.read_table("frames"), columns=4, thumb_width=120)
+    empty = text_sheet(
+        demo_run.run_dir,
+        demo_run.read_table("quality"),
+        demo_run.read_table("frames"),
+        columns=4,
+        thumb_width=120,
+    )
+    if os.environ.get("DIFFUSION_BUNNY_KEEP_SHEETS"):
+        sheet.save(os.environ["DIFFUSION_BUNNY_KEEP_SHEETS"])
+    # Three blocks of one row each either way (an empty block keeps its row); the pictures differ.
+    assert sheet.size == empty.size and sheet.tobytes() != empty.tobytes()
 
     # A threshold moves: the rules run again, no frame is looked at again.
     moved = load_config(None, ["quality.subtitles=drop"], root=tmp_path)
