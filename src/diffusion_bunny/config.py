@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -48,6 +49,21 @@ DETECTOR_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "hash": (0.35, 0.0, 1.0),
     "histogram": (0.20, 0.0, 1.0),
 }
+
+
+# Stage 02's brightness rules (see QualityConfig and stages/quality/rules.py): a film whose median
+# frame brightness is REFERENCE_BRIGHTNESS gets min_brightness and max_brightness as they are; a
+# darker or brighter film moves them with its median, never past the absolute BLACK_FLOOR and
+# WHITE_CEILING. Measured in python_script/calibrate_quality.py (memory_bank/progress.md).
+REFERENCE_BRIGHTNESS = 100.0
+BLACK_FLOOR = 10.0
+WHITE_CEILING = 245.0
+#: Width in pixels of the copy of the picture the text detector looks at.
+TEXT_WIDTH = 480
+
+#: Sections renamed: old name -> new name. The old name still loads (any YAML layer, ``--set``),
+#: mapped to the new one with a warning; the same key under both names in one layer is an error.
+SECTION_ALIASES = {"filtering": "quality"}
 
 
 class _Section(BaseModel):
@@ -126,16 +142,28 @@ class ExtractionConfig(_Section):
         return self.threshold
 
 
-class FilteringConfig(_Section):
-    """Thresholds of stage 02 (``quality``), applied to scores computed once per frame."""
+class QualityConfig(_Section):
+    """Thresholds of stage 02 (``quality``), applied to scores computed once per frame (the
+    section was called ``filtering`` before; that name still loads, with a warning)."""
 
     min_sharpness: float = Field(50.0, ge=0.0, le=100_000.0)
     min_brightness: float = Field(35.0, ge=0.0, le=255.0)
     max_brightness: float = Field(230.0, ge=0.0, le=255.0)
     max_clipped: float = Field(0.6, ge=0.0, le=1.0)
+    relative_brightness: bool = True
+    reference_brightness: float = Field(REFERENCE_BRIGHTNESS, gt=0.0, lt=255.0)
+    black_floor: float = Field(BLACK_FLOOR, ge=0.0, le=255.0)
+    white_ceiling: float = Field(WHITE_CEILING, ge=0.0, le=255.0)
     dup_distance: int = Field(4, ge=0, le=64)
     batch: Literal["shot"] | int = "shot"
     best_per_batch: int | None = Field(None, ge=1)
+    text_filter: bool = True
+    subtitles: Literal["crop", "drop", "keep"] = "crop"
+    text_width: int = Field(TEXT_WIDTH, ge=64, le=4096)
+    max_text_share: float = Field(0.5, ge=0.0, le=1.0)
+    max_text_area: float = Field(0.2, ge=0.0, le=1.0)
+    subtitle_band: float = Field(0.25, gt=0.0, le=0.5)
+    min_crop_height: float = Field(0.6, ge=0.0, le=1.0)
 
     @field_validator("batch", mode="before")
     @classmethod
@@ -146,12 +174,25 @@ class FilteringConfig(_Section):
         raise ValueError("must be 'shot' or a positive number of consecutive frames")
 
     @model_validator(mode="after")
-    def _brightness_window(self) -> FilteringConfig:
+    def _brightness_window(self) -> QualityConfig:
         if self.min_brightness >= self.max_brightness:
             raise ValueError(
                 f"min_brightness ({self.min_brightness}) must be under max_brightness ({self.max_brightness})"
             )
+        if self.black_floor > self.min_brightness:
+            raise ValueError(
+                f"black_floor ({self.black_floor}) must not exceed min_brightness ({self.min_brightness})"
+            )
+        if self.white_ceiling < self.max_brightness:
+            raise ValueError(
+                f"white_ceiling ({self.white_ceiling}) must be at least max_brightness "
+                f"({self.max_brightness})"
+            )
         return self
+
+
+#: The former name of :class:`QualityConfig` (notebooks written before the rename import it).
+FilteringConfig = QualityConfig
 
 
 class CharactersConfig(_Section):
@@ -614,7 +655,7 @@ class Config(_Section):
 
     run: RunConfig = RunConfig()
     extraction: ExtractionConfig = ExtractionConfig()
-    filtering: FilteringConfig = FilteringConfig()
+    quality: QualityConfig = QualityConfig()
     characters: CharactersConfig = CharactersConfig()
     scenes: ScenesConfig = ScenesConfig()
     captioning: CaptioningConfig = CaptioningConfig()
@@ -624,8 +665,13 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     engine: EngineConfig = EngineConfig()
 
+    @property
+    def filtering(self) -> QualityConfig:
+        """The former name of :attr:`quality` (notebooks written before the rename read it)."""
+        return self.quality
+
     def section_values(self, *declared: str) -> dict[str, Any]:
-        """The values of whole sections (``filtering``) and single keys (``run.seed``), as JSON:
+        """The values of whole sections (``quality``) and single keys (``run.seed``), as JSON:
         what a stage's manifest records of the settings it declared."""
         out: dict[str, Any] = {}
         for name in sorted(declared):
@@ -731,6 +777,37 @@ def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str,
     return tree
 
 
+def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """``layer`` with renamed sections (:data:`SECTION_ALIASES`) under their new name, and one
+    warning per old name used. A key set under both names in the same layer is a
+    :class:`ConfigError` naming both: which one was meant cannot be told."""
+    out = layer
+    for old, new in SECTION_ALIASES.items():
+        if old not in layer:
+            continue
+        legacy = layer[old]
+        if legacy is None:
+            legacy = {}
+        if not isinstance(legacy, dict):
+            raise ConfigError(f"config error: {old} must be a mapping of settings (it is now called '{new}')")
+        current = layer.get(new) or {}
+        both = sorted(set(legacy) & set(current)) if isinstance(current, dict) else []
+        if both:
+            raise ConfigError(
+                f"config error: {source} sets {old}.{both[0]} and {new}.{both[0]}; '{old}' is the old "
+                f"name of '{new}': keep only {new}.{both[0]}"
+            )
+        out = {k: v for k, v in out.items() if k != old}
+        out[new] = {**legacy, **current} if isinstance(current, dict) else current
+        keys = ", ".join(f"{new}.{k}" for k in legacy) or new
+        # A log record, not a Python warning: the command line shows it as one "warning: ..."
+        # line (a warning would carry its file, line and source line).
+        logging.getLogger(__name__).warning(
+            "%s: the config section '%s' is now called '%s'; write %s", source, old, new, keys
+        )
+    return out
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
@@ -782,16 +859,16 @@ def load_config(
     if root is not None:
         main = root / "config" / "main.yaml"
         if main.is_file():
-            merged = _deep_merge(merged, _read_yaml(main))
+            merged = _deep_merge(merged, _rename_sections(_read_yaml(main), str(main)))
         if use_local:
             for local in sorted((root / "config").glob("local_*.yaml")):
-                merged = _deep_merge(merged, _read_yaml(local))
+                merged = _deep_merge(merged, _rename_sections(_read_yaml(local), str(local)))
         # Secrets for later stages (API keys) come from .env into the environment, never into
         # the config object, so they cannot leak into manifests or notebooks.
         load_dotenv(root / ".env", override=False)
     if config_path:
-        merged = _deep_merge(merged, _read_yaml(Path(config_path)))
-    merged = _deep_merge(merged, overrides_to_tree(overrides))
+        merged = _deep_merge(merged, _rename_sections(_read_yaml(Path(config_path)), str(config_path)))
+    merged = _deep_merge(merged, _rename_sections(overrides_to_tree(overrides), "--set"))
     return validate_config(merged)
 
 
@@ -810,7 +887,12 @@ def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Pa
     current: dict[str, Any] = {}
     if path.is_file():
         current = yaml.safe_load(path.read_text()) or {}
+    for old, new in SECTION_ALIASES.items():
+        # A file written before a section was renamed: its settings move to the new name (the
+        # values being saved win), so the file never holds a key under both names.
+        if isinstance(current.get(old), dict):
+            current[new] = {**current.pop(old), **(current.get(new) or {})}
     for section, values in settings.items():
-        current.setdefault(section, {}).update(values)
+        current.setdefault(SECTION_ALIASES.get(section, section), {}).update(values)
     atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
     return path

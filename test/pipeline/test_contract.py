@@ -169,8 +169,8 @@ def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy):
 
 def test_a_stage_reads_only_the_settings_it_declared():
     cfg = load_config(None, {}, use_local=False)
-    view = ConfigView(cfg, ("filtering", "run.seed"), "toy")
-    assert view.filtering == cfg.filtering and view.run.seed == cfg.run.seed
+    view = ConfigView(cfg, ("quality", "run.seed"), "toy")
+    assert view.quality == cfg.quality and view.run.seed == cfg.run.seed
     with pytest.raises(UndeclaredSetting, match="stage toy read the setting section 'scenes'"):
         view.scenes  # noqa: B018
     with pytest.raises(UndeclaredSetting, match=r"toy: run\.output_dir was read without being declared"):

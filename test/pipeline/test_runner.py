@@ -177,9 +177,9 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1))
     capsys.readouterr()
-    # A filtering threshold moves: extract is skipped, quality reruns and applies it.
+    # A quality threshold moves: extract is skipped, quality reruns and applies it.
     # (The clip's static shots are flat colour fields: blurry at any positive threshold.)
-    assert main([*args, "--set", "filtering.min_sharpness=0", "--set", "filtering.dup_distance=64"]) == 0
+    assert main([*args, "--set", "quality.min_sharpness=0", "--set", "quality.dup_distance=64"]) == 0
     # --quiet: nothing but errors on the terminal; what ran and why is in the command's log file,
     # with the records of the stage notebook's kernel (another process) appended to it.
     assert capsys.readouterr().err == ""

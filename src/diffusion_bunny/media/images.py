@@ -3,7 +3,10 @@
 Stage 01 judges sharpness on its analysis copies, stage 02 on the saved frames, stage 03 on face
 crops: the same measure (:func:`laplacian_variance`) everywhere, so the numbers compare. Stage 02
 and stage 04 both read thousands of JPEGs and must tell a truncated file from a dull picture
-(:func:`jpeg_truncated`).
+(:func:`jpeg_truncated`). Every measure after stage 01 looks at the shot's picture box, never at
+letterbox bars: :func:`read_image` (with ``region``) and :func:`decode_picture` (bytes, gray or
+colour, None for a bad file: stage 02 scores thousands) decode a frame at reduced scale and crop
+its box with :func:`crop_region` (:func:`frame_box` reads the box from a ``frames`` row).
 """
 
 from __future__ import annotations
@@ -133,6 +136,81 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE, region: Region
         full = size or (image.shape[1], image.shape[0])
         image = crop_region(image, region, full)
     return image
+
+
+# --------------------------------------------------------------------------------------------
+# The picture inside letterbox and pillarbox bars
+# --------------------------------------------------------------------------------------------
+
+#: The ``frames`` columns that hold a frame's picture box (stage 01): the active picture inside
+#: letterbox or pillarbox bars, in pixels of the saved JPEG, right and bottom exclusive.
+BOX_COLUMNS = ("box_left", "box_top", "box_right", "box_bottom")
+
+Box = Region
+
+_REDUCED_GRAY = (
+    (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
+    (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+    (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+)
+
+
+def frame_box(row: dict, width: int | None = None, height: int | None = None) -> Box | None:
+    """The picture box of one ``frames`` row as ``(left, top, right, bottom)``, or None when the
+    table has no box (a run made before stage 01 found boxes) or the row's box is null: then the
+    whole frame is the picture. ``width``/``height`` (the frame's size) clamp the box."""
+    values = [row.get(c) for c in BOX_COLUMNS]
+    if any(v is None for v in values):
+        return None
+    left, top, right, bottom = (int(v) for v in values)
+    if width:
+        left, right = max(0, left), min(int(width), right)
+    if height:
+        top, bottom = max(0, top), min(int(height), bottom)
+    if right <= left or bottom <= top:
+        return None
+    return left, top, right, bottom
+
+
+def _reduction(size: tuple[int, int] | None, box: Box | None, min_width: int | None) -> int:
+    """The largest libjpeg reduction (8, 4, 2 or 1) that leaves the picture at least ``min_width``
+    pixels wide (and 8 high): the picture, not the frame, is what a measure needs."""
+    if size is None or not min_width:
+        return 1
+    width = (box[2] - box[0]) if box else size[0]
+    height = (box[3] - box[1]) if box else size[1]
+    for factor in (8, 4, 2):
+        if width // factor >= min_width and height // factor >= 8:
+            return factor
+    return 1
+
+
+def decode_picture(
+    data: np.ndarray, box: Box | None = None, *, min_width: int | None = None, gray: bool = False
+) -> np.ndarray | None:
+    """The picture of a frame file's bytes: decoded (gray or BGR) at the largest libjpeg reduction
+    that keeps the picture box at least ``min_width`` pixels wide (full size for other formats or
+    without ``min_width``), then cropped to ``box`` (full-size pixels; None: the whole frame).
+
+    None when the bytes are empty, a truncated JPEG or not an image: callers that score thousands
+    of frames record such a frame instead of failing. The reduced decode is what makes reading
+    the picture cheap (libjpeg drops DCT coefficients: a 1080p frame at 1/4 is 480x270 for about
+    a third of a full decode). :func:`read_image` with a ``region`` does the same for stages 03-06
+    (chosen by the short side, colour only, errors raised).
+    """
+    if data.size == 0 or jpeg_truncated(data):
+        return None
+    size = jpeg_size(data)
+    factor = _reduction(size, box, min_width)
+    flags = dict(_REDUCED_GRAY if gray else _REDUCED_COLOR)
+    flag = flags.get(factor, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    image = cv2.imdecode(data, flag)
+    if image is None or image.size == 0:
+        return None
+    if box is None:
+        return image
+    picture = crop_region(image, box, size or (image.shape[1], image.shape[0]))
+    return picture if picture.size else None
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:

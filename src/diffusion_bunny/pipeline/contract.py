@@ -64,8 +64,8 @@ class UndeclaredSetting(AttributeError):
 
 
 class ConfigView:
-    """The settings one stage declared, and only those: ``view.filtering`` when the stage
-    declared the ``filtering`` section, ``view.run.seed`` when it declared ``run.seed``; anything
+    """The settings one stage declared, and only those: ``view.quality`` when the stage
+    declared the ``quality`` section, ``view.run.seed`` when it declared ``run.seed``; anything
     else raises :class:`UndeclaredSetting`."""
 
     def __init__(self, cfg: Config, declared: Sequence[str], stage: str):

@@ -184,7 +184,7 @@ def test_crop_caption_tag():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("no_kept", "stage 02 kept none of the 6 frames; loosen the filtering.*"),
+        ("no_kept", "stage 02 kept none of the 6 frames; loosen the quality.*"),
         ("all_failed", "none of the 6 kept frames has a usable caption (6 captioned, 6 failed"),
         ("blank", "none of the 6 kept frames has a usable caption (6 captioned, 0 failed"),
         ("faces_only", "no picture to export from the 6 captioned frames with export.crops = ['face']"),

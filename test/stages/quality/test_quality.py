@@ -14,13 +14,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffusion_bunny.config import FilteringConfig, load_config
+from diffusion_bunny.config import QualityConfig, load_config, save_local_settings
 from diffusion_bunny.demo.run import expected_reasons
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
 from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, exposure_thresholds, reason_counts
 from diffusion_bunny.stages.quality.scores import hamming, nearest_distances, score_frames, score_image
 
 # Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
@@ -39,7 +40,7 @@ def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
                 "brightness": 120.0,
                 "contrast": 50.0,
                 "clipped": 0.0,
-                "phash": FAR[i],
+                "phash": FAR[i] if i < len(FAR) else None,
                 "nearest_distance": None,
                 "shot_id": 0,
                 **row,
@@ -52,6 +53,13 @@ def scores(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
     return table.drop("shot_id"), frames
 
 
+def distinct(rows: list[dict]) -> list[dict]:
+    """``rows`` with random hashes (about 32 bits apart, never within ``dup_distance``), for
+    tables longer than :data:`FAR`."""
+    hashes = np.random.default_rng(11).integers(0, 2**63, size=len(rows), dtype=np.uint64)
+    return [{"phash": int(h), **row} for h, row in zip(hashes, rows, strict=True)]
+
+
 def test_far_hashes_are_far():
     d = hamming(np.array(FAR, np.uint64)[:, None], np.array(FAR, np.uint64)[None, :])
     assert d[~np.eye(len(FAR), dtype=bool)].min() >= 20
@@ -62,7 +70,7 @@ def reasons(table: pl.DataFrame) -> list[str | None]:
 
 
 def test_exposure_and_sharpness_rules_in_order():
-    cfg = FilteringConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
+    cfg = QualityConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
     table, frames = scores(
         [
             {"readable": False, "sharpness": None, "brightness": None, "clipped": None, "phash": None},
@@ -93,7 +101,7 @@ def test_exposure_and_sharpness_rules_in_order():
 
 
 def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
-    cfg = FilteringConfig(dup_distance=4)
+    cfg = QualityConfig(dup_distance=4)
     same = 0x123456789ABCDEF0
     table, frames = scores(
         [
@@ -110,15 +118,15 @@ def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
     assert reasons(out) == ["duplicate", None, None, None, None, "duplicate", "blurry"]
     assert out["duplicate_of"].to_list() == ["f3", None, None, None, None, "f3", None]
     # At distance 1 only (nearly) identical hashes would be duplicates: none here.
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=1)))[:6] == [None] * 6
+    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=1)))[:6] == [None] * 6
 
 
 def test_blurred_frame_never_removes_its_sharp_copy():
     same = 0x0F0F0F0F0F0F0F0F
     table, frames = scores([{"phash": same, "sharpness": 10.0}, {"phash": same, "sharpness": 200.0}])
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig())) == ["blurry", None]
+    assert reasons(apply_quality_rules(table, frames, QualityConfig())) == ["blurry", None]
     # With the blur rule off, the sharper copy wins, wherever it is.
-    loose = apply_quality_rules(table, frames, FilteringConfig(min_sharpness=0))
+    loose = apply_quality_rules(table, frames, QualityConfig(min_sharpness=0))
     assert reasons(loose) == ["duplicate", None] and loose["duplicate_of"][0] == "f1"
 
 
@@ -130,14 +138,14 @@ def test_duplicate_chain_and_sharpness_ties():
         [{"phash": a, "sharpness": 900.0}, {"phash": b, "sharpness": 800.0}, {"phash": c, "sharpness": 700.0}]
     )
     # Only kept frames remove others: b goes as a's duplicate, c (far from a) stays.
-    assert reasons(apply_quality_rules(table, frames, FilteringConfig(dup_distance=3))) == [
+    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=3))) == [
         None,
         "duplicate",
         None,
     ]
     # A repeat that is sharper only by encoding noise does not displace the first appearance.
     table, frames = scores([{"phash": a, "sharpness": 649.5}, {}, {"phash": a, "sharpness": 650.9}])
-    out = apply_quality_rules(table, frames, FilteringConfig())
+    out = apply_quality_rules(table, frames, QualityConfig())
     assert reasons(out) == [None, None, "duplicate"] and out["duplicate_of"][2] == "f0"
 
 
@@ -145,40 +153,130 @@ def test_best_n_per_shot_and_per_consecutive_frames():
     sharp = [100.0, 300.0, 200.0, 50.0, 400.0, 410.0, 90.0]
     shots = [0, 0, 0, 1, 1, 1, 2]
     table, frames = scores([{"sharpness": s, "shot_id": k} for s, k in zip(sharp, shots, strict=True)])
-    keep_all = apply_quality_rules(table, frames, FilteringConfig())
+    keep_all = apply_quality_rules(table, frames, QualityConfig())
     assert keep_all["keep"].all()
-    per_shot = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=1))
+    per_shot = apply_quality_rules(table, frames, QualityConfig(best_per_batch=1))
     assert per_shot["keep"].to_list() == [False, True, False, False, False, True, True]
     assert set(reasons(per_shot)) == {None, "not_best"}
-    two = apply_quality_rules(table, frames, FilteringConfig(best_per_batch=2))
+    two = apply_quality_rules(table, frames, QualityConfig(best_per_batch=2))
     assert two["keep"].to_list() == [False, True, True, False, True, True, True]
     # Batches of 2 consecutive frames: (0,1) (2,3) (4,5) (6).
-    pairs = apply_quality_rules(table, frames, FilteringConfig(batch=2, best_per_batch=1))
+    pairs = apply_quality_rules(table, frames, QualityConfig(batch=2, best_per_batch=1))
     assert pairs["keep"].to_list() == [False, True, True, False, False, True, True]
     # Rejected frames do not take a place: with f1 blurred, f2 is the best of shot 0.
     blurred = table.with_columns(
         pl.when(pl.col("frame_id") == "f1").then(1.0).otherwise(pl.col("sharpness")).alias("sharpness")
     )
-    out = apply_quality_rules(blurred, frames, FilteringConfig(best_per_batch=1))
+    out = apply_quality_rules(blurred, frames, QualityConfig(best_per_batch=1))
     assert reasons(out)[:3] == ["not_best", "blurry", None]
+
+
+def test_brightness_is_relative_to_the_film():
+    rng = np.random.default_rng(3)
+    # A dark film: its scenes between 15 and 45 (median ~30), black frames at 1-4, one flash.
+    night = [{"brightness": float(b)} for b in rng.uniform(15, 45, 30)]
+    black = [{"brightness": float(b), "clipped": 0.97} for b in (1.0, 2.5, 4.0)]
+    flash = [{"brightness": 250.0}]
+    table, frames = scores(distinct(night + black + flash))
+    out = apply_quality_rules(table, frames, QualityConfig())
+    got = reasons(out)
+    assert got[:30] == [None] * 30  # every night scene stays
+    assert got[30:] == ["too_dark", "too_dark", "too_dark", "too_bright"]
+    exposure = exposure_thresholds(table, QualityConfig())
+    median = float(np.median([r["brightness"] for r in night]))
+    assert exposure.film_brightness == pytest.approx(median)
+    assert exposure.min_brightness == pytest.approx(max(10.0, 35.0 * median / 100.0))
+    # Absolute thresholds (the old rule): most of the film goes as too dark.
+    absolute = reasons(apply_quality_rules(table, frames, QualityConfig(relative_brightness=False)))
+    assert absolute.count("too_dark") > 20
+    # A film of ordinary exposure keeps the configured thresholds: never tightened.
+    ordinary, ordinary_frames = scores(
+        distinct([{"brightness": b} for b in (90.0, 110.0, 130.0, 120.0, 100.0, 34.0)])
+    )
+    assert reasons(apply_quality_rules(ordinary, ordinary_frames, QualityConfig()))[-1] == "too_dark"
+    assert exposure_thresholds(ordinary, QualityConfig()).min_brightness == 35.0
+    # A bright film (snow): its bright scenes stay, a white frame still goes.
+    snow, snow_frames = scores(
+        distinct([{"brightness": b} for b in (200.0, 235.0, 238.0, 215.0, 225.0, 252.0)])
+    )
+    assert reasons(apply_quality_rules(snow, snow_frames, QualityConfig())) == [None] * 5 + ["too_bright"]
+    # A dark grade crushes shadows in every scene: the film's typical clipped share is allowed.
+    crushed, crushed_frames = scores(
+        distinct([{"brightness": 25.0, "clipped": c} for c in (0.5, 0.62, 0.7, 0.66, 0.97)])
+    )
+    assert reasons(apply_quality_rules(crushed, crushed_frames, QualityConfig())) == [None] * 4 + ["clipped"]
+    with pytest.raises(ValueError, match="black_floor"):
+        QualityConfig(black_floor=40)
+
+
+def test_scores_measure_the_picture_box_not_the_bars(tmp_path):
+    from diffusion_bunny.demo.overlays import letterbox
+    from diffusion_bunny.media.images import decode_picture
+
+    picture = cv2.cvtColor(_picture(1280, 536), cv2.COLOR_BGR2RGB)  # 2.39:1
+    framed, box = letterbox(picture, (1920, 1080))
+    assert box == (0, 138, 1920, 942)
+    cv2.imwrite(
+        str(tmp_path / "lb.jpg"), cv2.cvtColor(framed, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
+    cv2.imwrite(
+        str(tmp_path / "pic.jpg"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
+    whole = score_image(tmp_path / "lb.jpg")
+    inside = score_image(tmp_path / "lb.jpg", box=box)
+    alone = score_image(tmp_path / "pic.jpg")
+    assert whole["brightness"] == pytest.approx(804 / 1080 * alone["brightness"], rel=0.03)
+    assert whole["clipped"] > 0.25 > inside["clipped"]
+    assert inside["brightness"] == pytest.approx(alone["brightness"], abs=2.0)
+    assert inside["clipped"] == pytest.approx(alone["clipped"], abs=0.02)
+    assert hamming(inside["phash"], alone["phash"]) <= 4
+    # The shared reader: reduced decode (1/2 here), cropped to the box scaled to it, no bar row.
+    data = np.fromfile(tmp_path / "lb.jpg", np.uint8)
+    region = decode_picture(data, box, min_width=800, gray=True)
+    assert region.shape == (402, 960) and region[0].mean() > 40 and region[-1].mean() > 40
+    assert decode_picture(data, box).shape == (804, 1920, 3)
+    assert decode_picture(data[: data.size // 2], box) is None  # truncated
 
 
 def test_config_out_of_range_is_one_line_naming_the_key():
     cases = {
-        "filtering.dup_distance=65": "filtering.dup_distance = 65: Input should be less than or equal to 64",
-        "filtering.max_clipped=1.5": "filtering.max_clipped = 1.5",
-        "filtering.min_sharpness=-1": "filtering.min_sharpness = -1",
-        "filtering.batch=0": "filtering.batch = 0: must be 'shot' or a positive number",
-        "filtering.batch=scene": "filtering.batch = 'scene'",
-        "filtering.best_per_batch=0": "filtering.best_per_batch = 0",
-        "filtering.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
-        "filtering.dup_dist=3": "unknown key 'filtering.dup_dist' (allowed here: batch, best_per_batch,",
+        "quality.dup_distance=65": "quality.dup_distance = 65: Input should be less than or equal to 64",
+        "quality.max_clipped=1.5": "quality.max_clipped = 1.5",
+        "quality.min_sharpness=-1": "quality.min_sharpness = -1",
+        "quality.batch=0": "quality.batch = 0: must be 'shot' or a positive number",
+        "quality.batch=scene": "quality.batch = 'scene'",
+        "quality.best_per_batch=0": "quality.best_per_batch = 0",
+        "quality.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
+        "quality.dup_dist=3": "unknown key 'quality.dup_dist' (allowed here: batch, best_per_batch,",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as info:
             load_config(None, [override])
         assert message in str(info.value) and "\n" not in str(info.value)
-    assert load_config(None, ["filtering.batch=12"]).filtering.batch == 12
+    assert load_config(None, ["quality.batch=12"]).quality.batch == 12
+
+
+def test_filtering_is_the_old_name_of_quality(tmp_path, caplog):
+    (tmp_path / "config").mkdir()
+    old = tmp_path / "config" / "local_thresholds.yaml"
+    old.write_text("filtering:\n  min_sharpness: 12\n")
+    with caplog.at_level("WARNING", logger="diffusion_bunny.config"):
+        cfg = load_config(None, ["filtering.dup_distance=7"], root=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_bunny.config"]
+    assert lines == [
+        f"{old}: the config section 'filtering' is now called 'quality'; write quality.min_sharpness",
+        "--set: the config section 'filtering' is now called 'quality'; write quality.dup_distance",
+    ]
+    assert cfg.quality.min_sharpness == 12 and cfg.quality.dup_distance == 7 and cfg.filtering is cfg.quality
+    # A later layer under the new name wins over an earlier one under the old name, and back.
+    assert load_config(None, ["quality.min_sharpness=20"], root=tmp_path).quality.min_sharpness == 20
+    # The same key under both names in one layer cannot be resolved: one line naming both.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["filtering.dup_distance=7", "quality.dup_distance=8"], root=tmp_path)
+    assert "sets filtering.dup_distance and quality.dup_distance" in str(info.value)
+    # Notebook 02's save moves an old file's settings to the new name.
+    save_local_settings("thresholds", {"quality": {"dup_distance": 3}}, tmp_path)
+    assert yaml.safe_load(old.read_text()) == {"quality": {"dup_distance": 3, "min_sharpness": 12}}
 
 
 def _picture(width: int, height: int) -> np.ndarray:
@@ -246,7 +344,7 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     assert frames.filter(pl.col("frame_id") == dup)["shot_id"].item() == repeat["repeat_of"]
     manifest = demo_run.read_manifest("quality")
     assert manifest["counts"]["kept"] == int(quality["keep"].sum())
-    declared = ["frame_id", "frame_index", "shot_id", "path", "width"]
+    declared = ["frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS]
     assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames", declared)}
     assert manifest["facts"]["workers"] >= 1
 
@@ -263,7 +361,7 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     monkeypatch.setattr(quality_module, "score_image", no_scoring)
     frames = demo_run.read_table("frames")
     shot_of = dict(frames.select("frame_id", "shot_id").iter_rows())
-    explorer = QualityThresholdExplorer(demo_run, FilteringConfig(), config_root=tmp_path)
+    explorer = QualityThresholdExplorer(demo_run, QualityConfig(), config_root=tmp_path)
 
     def walk(w):
         yield w
@@ -302,13 +400,20 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     with pytest.raises(KeyError, match="no slider"):
         explorer.set_thresholds(sharpness=3)
 
+    # The brightness thresholds in force for this film are said; the demo is of ordinary exposure.
+    explorer.set_thresholds(min_brightness=35)
+    assert "median brightness" in explorer.counts.value and "too dark under 35.0" in explorer.counts.value
+    explorer.set_thresholds(relative_brightness=False, subtitles="drop", max_text_share=0.7)
+    assert "(as configured)" in explorer.counts.value
+    assert bytes(explorer.text_img.value).startswith(b"\xff\xd8")
     explorer.set_thresholds(min_brightness=30, dup_distance=6, best_per_batch=None, min_sharpness=50)
     path = explorer.save()
     assert path == tmp_path / "config" / "local_thresholds.yaml"
-    saved = yaml.safe_load(path.read_text())["filtering"]
+    saved = yaml.safe_load(path.read_text())["quality"]
     assert saved["dup_distance"] == 6 and saved["best_per_batch"] is None
+    assert (saved["relative_brightness"], saved["subtitles"], saved["max_text_share"]) == (False, "drop", 0.7)
     # A headless rerun reads the saved layer and reproduces the widget's choice.
-    cfg = load_config(root=tmp_path).filtering
+    cfg = load_config(root=tmp_path).quality
     headless = apply_quality_rules(demo_run.read_table("quality"), frames, cfg)
     assert headless["keep"].to_list() == explorer.table()["keep"].to_list()
     assert cfg.min_sharpness == pytest.approx(50, rel=1e-3)
@@ -334,7 +439,7 @@ def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
     assert not (run.run_dir / ".progress-quality.json").exists()
     # The stage is up to date now, and stale when its own settings move.
     assert stage_state(run, "quality", cfg)[0] == "done"
-    moved = load_config(None, ["filtering.dup_distance=9"], root=tmp_path)
+    moved = load_config(None, ["quality.dup_distance=9"], root=tmp_path)
     assert stage_state(run, "quality", moved) == ("stale", "its config changed")
     assert stage_state(run, "quality", load_config(None, ["extraction.jpeg_quality=80"], root=tmp_path))[
         0
@@ -357,7 +462,7 @@ def test_quality_figures_render(demo_run, tmp_path):
     quality = demo_run.read_table("quality")
     frames = demo_run.read_table("frames")
     out = tmp_path / "hist.png"
-    quality_histograms(quality, FilteringConfig()).save(out, verbose=False, dpi=50)
+    quality_histograms(quality, QualityConfig()).save(out, verbose=False, dpi=50)
     assert out.stat().st_size > 5_000
     sheet = quality_sheet(demo_run.run_dir, quality, frames, columns=4, thumb_width=100)
     kept_rows = -(-int(quality["keep"].sum()) // 4)

@@ -114,13 +114,17 @@ def generations_table() -> pl.DataFrame:
 
 
 def test_funnel_counts_every_step_with_reasons():
-    frames = _frames(10)
+    frames = _frames(12).with_columns(
+        pl.lit(1080).alias("height"), pl.lit(140).alias("box_top"), pl.lit(940).alias("box_bottom")
+    )
     ids = frames["frame_id"].to_list()
     quality = pl.DataFrame(
         {
             "frame_id": ids,
-            "keep": [True] * 6 + [False] * 4,
-            "reject_reason": [None] * 6 + ["blurry", "blurry", "too_dark", "duplicate"],
+            "keep": [True] * 6 + [False] * 6,
+            "reject_reason": [None] * 6 + ["blurry", "subtitles", "blurry", "text", "too_dark", "duplicate"],
+            "crop_top": [140] * 12,
+            "crop_bottom": [940, 801] + [940] * 10,  # frame 1 kept with its subtitles cropped off
         }
     )
     faces = pl.DataFrame(
@@ -167,9 +171,12 @@ def test_funnel_counts_every_step_with_reasons():
         500,
         30,
     )
-    assert summary["extracted"]["dropped"] == "20 not chosen"
+    assert summary["extracted"]["dropped"] == "18 not chosen"
     assert summary["kept by quality"]["frames out"] == 6
-    assert summary["kept by quality"]["dropped"] == "1 too_dark, 2 blurry, 1 duplicate"  # rule order
+    # Rule order, text and subtitles like every reason; a cropped frame went on.
+    assert summary["kept by quality"]["dropped"] == "1 too_dark, 2 blurry, 1 text, 1 subtitles, 1 duplicate"
+    kept = table.filter((pl.col("step") == "kept by quality") & pl.col("passed"))
+    assert dict(kept.select("outcome", "frames").iter_rows()) == {"kept": 5, "kept, subtitles cropped": 1}
     # Named in frames 0 and 2; frame 1 only an unknown face; 3 and 4 searched, no face; 5 never searched.
     assert summary["with a named character"]["dropped"] == "1 unknown faces only, 2 no face, 1 not searched"
     assert (

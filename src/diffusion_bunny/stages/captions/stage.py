@@ -463,7 +463,7 @@ def captions_stage(
     if not facts.height:
         raise StageError(
             "no frames to caption: stage 02 kept none (see tables/quality.parquet's reject_reason); "
-            "loosen the filtering thresholds or set captioning.frames: all"
+            "loosen the quality.* thresholds or set captioning.frames: all"
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
     cache = CaptionCache(answers_dir(run_dir, cfg))

@@ -115,7 +115,7 @@ def _usable_frames(
     if kept.is_empty():
         raise StageError(
             f"no frame to export: stage 02 kept none of the {quality.height} frames; loosen the "
-            "filtering.* thresholds (notebook 02) and rerun stage quality"
+            "quality.* thresholds (notebook 02) and rerun stage quality"
         )
     kept_caps = captions.join(kept, on="frame_id", how="semi")
     usable = usable_captions(kept_caps).select("frame_id", pl.col("caption").str.strip_chars())

@@ -1,10 +1,14 @@
-"""Stage 02 ``quality``: score every extracted frame once, then drop blurred, badly exposed and
-duplicate frames with thresholds a person sets by eye.
+"""Stage 02 ``quality``: score every extracted frame once, then drop blurred, badly exposed,
+text (title cards, credits) and duplicate frames, and crop burned-in subtitles, with thresholds
+a person sets by eye.
 
 * :mod:`.scores`: sharpness, brightness, contrast, clipped share and a perceptual hash, once per
-  frame (a thread pool over reduced JPEG decodes);
+  frame, on the shot's picture box (a thread pool over reduced JPEG decodes);
+* :mod:`.text`: the lines of text on the frames the other rules keep (once per frame, reused on
+  a rerun), and the text and subtitle rules over them;
 * :mod:`.rules`: the thresholds applied in order, pure over the scores, so notebook 02's sliders
-  move a threshold without scoring again and a headless rerun reproduces the choice;
+  move a threshold without scoring again and a headless rerun reproduces the choice (brightness
+  relative to the film's own);
 * :mod:`.stage`: the stage on a run; :mod:`.tables`: the ``quality`` table's columns and reasons;
 * :mod:`.plots`, :mod:`.widgets`: notebook 02's histograms, kept/rejected grid and sliders.
 """
@@ -13,7 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+
+#: What stage 02 reads of the frames table: where each frame is, its size and its picture box.
+FRAME_COLUMNS = ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS)
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -25,9 +33,18 @@ def _compute(ctx: Context) -> StageOutput:
 def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 02: how many frames were kept and why the others were not."""
     c, f = manifest["counts"], manifest["facts"]
-    reasons = ", ".join(f"{n} {reason}" for reason, n in c.items() if reason != "frames")
+    skip = ("frames", "subtitles_cropped")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in c.items() if reason not in skip)
+    if c.get("subtitles_cropped"):
+        reasons += f" ({c['subtitles_cropped']} kept with their subtitles cropped off)"
     speed = f" at {f['frames_per_second']} frames/s" if f.get("frames_per_second") else ""
-    return f"{c['frames']} frames scored{speed} on {f['workers']} threads: {reasons or 'none'}"
+    text = ""
+    if f.get("text_frames_detected") or f.get("text_frames_reused"):
+        ms = f" at {f['text_ms_per_frame']} ms/frame" if f.get("text_ms_per_frame") else ""
+        text = f"; text looked for on {f['text_frames_detected']} frames{ms}"
+        if f.get("text_frames_reused"):
+            text += f" ({f['text_frames_reused']} reused)"
+    return f"{c['frames']} frames scored{speed} on {f['workers']} threads{text}: {reasons or 'none'}"
 
 
 STAGE = Stage(
@@ -37,7 +54,7 @@ STAGE = Stage(
     package=__name__,
     compute=_compute,
     summary=summary,
-    reads=(Reads("frames", "extract", ("frame_id", "frame_index", "shot_id", "path", "width")),),
-    config=("filtering",),
+    reads=(Reads("frames", "extract", FRAME_COLUMNS),),
+    config=("quality",),
     writes=("quality",),
 )

@@ -14,7 +14,7 @@ from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, ti
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import FilteringConfig
+    from diffusion_bunny.config import QualityConfig
 
 
 #: One colour per outcome of stage 02, in rule order.
@@ -25,27 +25,37 @@ OUTCOME_COLOURS = {
     "too_bright": "#F2CF5B",
     "clipped": "#B279A2",
     "blurry": "#9D755D",
+    "text": "#FF7F0E",
+    "subtitles": "#17BECF",
     "duplicate": "#E45756",
     "not_best": "#BAB0AC",
 }
 
 
-def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> p9.ggplot:
+def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
     """One histogram per quality score, bars coloured by outcome, thresholds as dashed lines.
 
     Sharpness is shown as log10: it spans three decades, and on a linear axis every blurred frame
     would sit in the first bar. The hash panel shows each frame's distance to its nearest other
     frame, the quantity ``dup_distance`` cuts (the line sits half a bit above it: bars left of
-    the line are duplicates of something, if that something is kept and better).
+    the line are duplicates of something, if that something is kept and better). The brightness
+    and clipped lines are the thresholds in force for this film (``relative_brightness`` moves
+    them with its median, drawn dotted); the text panel shows the share of each frame's edges
+    its text lines hold (frames looked at only).
     """
     import pandas as pd
 
+    from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
+
+    table = with_text_columns(table)
+    exposure = exposure_thresholds(table, cfg)
     panels = {
         "sharpness (log10)": pl.col("sharpness").clip(lower_bound=1e-3).log10(),
         "brightness (0-255)": pl.col("brightness"),
         "contrast (std, 0-255)": pl.col("contrast"),
         "clipped share": pl.col("clipped"),
         "nearest hash distance (bits)": pl.col("nearest_distance").cast(pl.Float64),
+        "text (share of edges)": pl.col("text_share"),
     }
     outcome = pl.col("reject_reason").fill_null("kept").alias("outcome")
     long = pl.concat(
@@ -56,10 +66,11 @@ def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> p9.ggplot:
     ).drop_nulls("value")
     lines = [
         ("sharpness (log10)", math.log10(max(cfg.min_sharpness, 1e-3))),
-        ("brightness (0-255)", cfg.min_brightness),
-        ("brightness (0-255)", cfg.max_brightness),
-        ("clipped share", cfg.max_clipped),
+        ("brightness (0-255)", exposure.min_brightness),
+        ("brightness (0-255)", exposure.max_brightness),
+        ("clipped share", exposure.max_clipped),
         ("nearest hash distance (bits)", cfg.dup_distance + 0.5),
+        ("text (share of edges)", cfg.max_text_share),
     ]
     order = list(panels)
     df = long.to_pandas()
@@ -69,13 +80,25 @@ def quality_histograms(table: pl.DataFrame, cfg: FilteringConfig) -> p9.ggplot:
     vlines = pd.DataFrame(lines, columns=["score", "value"])
     vlines["score"] = pd.Categorical(vlines["score"], categories=order)
     kept = int(table["keep"].sum())
+    film = []
+    if exposure.film_brightness is not None:
+        film.append(("brightness (0-255)", exposure.film_brightness))
+    medians = pd.DataFrame(film, columns=["score", "value"])
+    medians["score"] = pd.Categorical(medians["score"], categories=order)
+    title = f"{kept} of {table.height} frames kept"
+    if exposure.film_brightness is not None:
+        title += (
+            f"; film median brightness {exposure.film_brightness:.0f} (dotted): too dark under "
+            f"{exposure.min_brightness:.1f}, too bright over {exposure.max_brightness:.1f}"
+        )
     return (
         p9.ggplot(df, p9.aes(x="value", fill="outcome"))
         + p9.geom_histogram(bins=30, colour="white", size=0.1)
         + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour="#C0392B", size=0.7)
+        + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
         + p9.facet_wrap("score", scales="free", ncol=3)
         + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
-        + p9.labs(x="", y="frames", fill="outcome", title=f"{kept} of {table.height} frames kept")
+        + p9.labs(x="", y="frames", fill="outcome", title=title)
         + p9.theme_minimal()
         + p9.theme(figure_size=(10, 5.5))
     )
@@ -125,4 +148,71 @@ def quality_sheet(
         colour = OUTCOME_COLOURS["kept"] if title == "kept" else "#C0392B"
         blocks.append(Block(tiles, title=f"{title} ({shown})", title_colour=colour))
     layout = Layout((thumb_width, thumb_h), columns, label_h=15, label_above=True, title_h=24)
+    return tile_sheet(blocks, layout)
+
+
+def text_sheet(
+    run_dir: str | Path,
+    table: pl.DataFrame,
+    frames: pl.DataFrame,
+    *,
+    max_per_group: int = 12,
+    columns: int = 6,
+    thumb_width: int = 160,
+) -> Image.Image:
+    """The frames dropped for ``text`` and for ``subtitles``, then each frame kept with its
+    subtitles cropped off twice: as extracted and as later stages will see it (its ``crop_*``
+    region), so the crop can be judged by eye."""
+    run_dir = Path(run_dir)
+    rows = table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
+    first = rows.head(1).to_dicts()
+    thumb_h = aspect_height(
+        frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
+    )
+    blocks = []
+    for reason in ("text", "subtitles"):
+        group = rows.filter(pl.col("reject_reason") == reason).sort("frame_index")
+        tiles = [
+            Tile(
+                frame_image_path(run_dir, r["frame_id"], r["path"]) if r["path"] else None,
+                label=f"#{r['frame_index']} shot {r['shot_id']} {reason}",
+                label_colour=OUTCOME_COLOURS[reason],
+                missing="unreadable",
+            )
+            for r in group.head(max_per_group).iter_rows(named=True)
+        ]
+        shown = (
+            f"first {max_per_group} of {group.height}" if group.height > max_per_group else str(group.height)
+        )
+        blocks.append(
+            Block(tiles, title=f"dropped: {reason} ({shown})", title_colour=OUTCOME_COLOURS[reason])
+        )
+    heights = frames.select("frame_id", "height")
+    cropped = (
+        rows.join(heights, on="frame_id", how="left")
+        .filter(pl.col("keep") & ((pl.col("crop_top") > 0) | (pl.col("crop_bottom") < pl.col("height"))))
+        .sort("frame_index")
+    )
+    if "box_top" in frames.columns:
+        boxes = frames.select("frame_id", "box_top", "box_bottom")
+        cropped = cropped.join(boxes, on="frame_id", how="left").filter(
+            (pl.col("crop_top") > pl.col("box_top")) | (pl.col("crop_bottom") < pl.col("box_bottom"))
+        )
+    pairs = max(1, columns // 2)
+    tiles = []
+    for r in cropped.head(pairs * max(1, max_per_group // columns)).iter_rows(named=True):
+        path = run_dir / r["path"] if r["path"] else None
+        crop = (r["crop_left"], r["crop_top"], r["crop_right"], r["crop_bottom"])
+        tiles.append(Tile(path, label=f"#{r['frame_index']} as extracted", missing="unreadable"))
+        tiles.append(
+            Tile(path, label="what later stages see", crop=crop, label_colour=OUTCOME_COLOURS["kept"])
+        )
+    blocks.append(
+        Block(
+            tiles,
+            title=f"kept, subtitles cropped off ({cropped.height})",
+            title_colour=OUTCOME_COLOURS["kept"],
+        )
+    )
+    layout = Layout((thumb_width, thumb_h), columns, label_h=15, label_above=True, title_h=24, fit="contain")
     return tile_sheet(blocks, layout)

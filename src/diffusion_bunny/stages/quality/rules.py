@@ -3,12 +3,22 @@ with the first reason it fails, so a slider can move a threshold without scoring
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import FilteringConfig
+from diffusion_bunny.config import QualityConfig
+from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.stages.quality.scores import hamming
-from diffusion_bunny.stages.quality.tables import REASONS, RULE_COLUMNS, SCORES_SCHEMA
+from diffusion_bunny.stages.quality.tables import (
+    CROP_SCHEMA,
+    REASONS,
+    RULE_COLUMNS,
+    SCORES_SCHEMA,
+    TEXT_SCHEMA,
+)
+from diffusion_bunny.stages.quality.text import crop_boxes, text_rules
 
 
 def _batch_key(batch: str | int) -> pl.Expr:
@@ -56,32 +66,110 @@ def _duplicate_groups(
     return groups
 
 
-def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: FilteringConfig) -> pl.DataFrame:
-    """``scores`` with ``keep``, ``reject_reason`` and ``duplicate_of`` set by ``cfg``.
+#: Fewer frames than this between the black floor and the white ceiling say nothing about the
+#: film's exposure: the thresholds then apply as they are.
+MIN_FRAMES_RELATIVE = 5
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """The exposure thresholds in force for one film (see :func:`exposure_thresholds`)."""
+
+    #: Median brightness of the film's frames between the floor and the ceiling (None: too few).
+    film_brightness: float | None
+    #: Median clipped share of those frames (None: too few).
+    film_clipped: float | None
+    min_brightness: float
+    max_brightness: float
+    max_clipped: float
+
+
+def exposure_thresholds(scores: pl.DataFrame, cfg: QualityConfig) -> Exposure:
+    """The brightness and clipping thresholds for this film, pure over its scores.
+
+    With ``relative_brightness``, the film's own median brightness ``m`` (over its readable
+    frames between ``black_floor`` and ``white_ceiling``, so black frames and flashes do not pull
+    it) moves the thresholds:
+
+    * too dark below ``min_brightness * min(1, m / reference_brightness)``, never under
+      ``black_floor``: a film darker than the reference keeps its night scenes (they are dark
+      for this film, not badly exposed), while a frame darker than the floor (black frames, the
+      end of a fade) goes whatever the film;
+    * too bright above ``255 - (255 - max_brightness) * min(1, (255 - m) / (255 - reference))``,
+      never over ``white_ceiling``: the same for a film brighter than the reference;
+    * clipped above ``max_clipped + (1 - max_clipped) * c``, where ``c`` is the film's median
+      clipped share: a film graded dark crushes its shadows in every night scene, and that share
+      is the film's look, not a fault of one frame.
+
+    A film at or near the reference gets the configured thresholds unchanged: the thresholds are
+    only ever loosened for a film, never tightened (a night scene in a bright film is still a
+    usable picture). Without ``relative_brightness`` they apply as configured.
+    """
+    if not cfg.relative_brightness:
+        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped)
+    usable = scores.filter(
+        pl.col("readable")
+        & pl.col("brightness").is_between(cfg.black_floor, cfg.white_ceiling)
+        & pl.col("brightness").is_not_nan()
+    )
+    if usable.height < MIN_FRAMES_RELATIVE:
+        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped)
+    m = float(usable["brightness"].median())
+    c = float(usable["clipped"].median())
+    ref = cfg.reference_brightness
+    dark = max(cfg.black_floor, cfg.min_brightness * min(1.0, m / ref))
+    bright = min(
+        cfg.white_ceiling, 255.0 - (255.0 - cfg.max_brightness) * min(1.0, (255.0 - m) / (255.0 - ref))
+    )
+    clipped = cfg.max_clipped + (1.0 - cfg.max_clipped) * c
+    return Exposure(m, c, dark, bright, clipped)
+
+
+def with_text_columns(scores: pl.DataFrame) -> pl.DataFrame:
+    """``scores`` with the text columns (null: not looked at) when it has none (a table written
+    before the text step, or a test's small table)."""
+    missing = [
+        pl.lit(None, dtype).alias(name) for name, dtype in TEXT_SCHEMA.items() if name not in scores.columns
+    ]
+    return scores.with_columns(missing) if missing else scores
+
+
+def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: QualityConfig) -> pl.DataFrame:
+    """``scores`` with ``keep``, ``reject_reason``, ``duplicate_of`` and the ``crop_*`` region set
+    by ``cfg``.
 
     Pure and cheap (no image is read), so a slider can call it on every move. ``frames`` gives
-    each frame's shot and position (for batches). Rows come back in frame order.
+    each frame's shot and position (for batches), and its size and picture box (for the crop).
+    Rows come back in frame order. Frames whose text was not looked at (null ``text_lines``)
+    pass the text rules: the stage looks at every frame these rules keep (see ``stage.py``).
     """
+    scores = with_text_columns(scores)
+    geometry = [c for c in ("width", "height", *BOX_COLUMNS) if c in frames.columns]
     base = (
-        scores.drop([c for c in RULE_COLUMNS if c in scores.columns])
+        scores.drop([c for c in (*RULE_COLUMNS, *CROP_SCHEMA) if c in scores.columns])
         .join(frames.select("frame_id", "frame_index", "shot_id"), on="frame_id", how="left")
         .sort("frame_index", nulls_last=True)
     )
     # Exposure before sharpness: the Laplacian's variance scales with the square of the exposure,
     # so an under-exposed frame always scores as blurred (the demo's dark shot: 18, under any sane
-    # blur threshold), and "blurry" would hide the real reason.
+    # blur threshold), and "blurry" would hide the real reason. Text after them (it is looked for
+    # on the frames they keep only) and before duplicates, so that a title card never stands in
+    # for a clean frame of its shot as the one kept copy.
+    exposure = exposure_thresholds(base, cfg)
+    text = text_rules(base, cfg)
+    base = base.with_columns(text["text_reason"], text["_crop_top"], text["_crop_bottom"])
     reason = (
         pl.when(~pl.col("readable"))
         .then(pl.lit("unreadable"))
-        .when(pl.col("brightness") < cfg.min_brightness)
+        .when(pl.col("brightness") < exposure.min_brightness)
         .then(pl.lit("too_dark"))
-        .when(pl.col("brightness") > cfg.max_brightness)
+        .when(pl.col("brightness") > exposure.max_brightness)
         .then(pl.lit("too_bright"))
-        .when(pl.col("clipped") > cfg.max_clipped)
+        .when(pl.col("clipped") > exposure.max_clipped)
         .then(pl.lit("clipped"))
         .when(pl.col("sharpness") < cfg.min_sharpness)
         .then(pl.lit("blurry"))
-        .otherwise(pl.lit(None, dtype=pl.Utf8))
+        .otherwise(pl.col("text_reason"))
     )
     base = base.with_columns(reason.alias("reject_reason"), _batch_key(cfg.batch).alias("_batch"))
 
@@ -117,8 +205,21 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Filteri
             .otherwise(pl.col("reject_reason"))
             .alias("reject_reason")
         )
-    return base.with_columns(pl.col("reject_reason").is_null().alias("keep")).select(
-        *SCORES_SCHEMA, *RULE_COLUMNS
+    # Only a kept frame's crop leaves out its subtitles: a rejected frame's region is its picture.
+    base = base.with_columns(
+        pl.col("reject_reason").is_null().alias("keep"),
+        pl.when(pl.col("reject_reason").is_null())
+        .then(pl.col("_crop_top"))
+        .otherwise(0.0)
+        .alias("_crop_top"),
+        pl.when(pl.col("reject_reason").is_null())
+        .then(pl.col("_crop_bottom"))
+        .otherwise(1.0)
+        .alias("_crop_bottom"),
+    )
+    crops = crop_boxes(base, frames.select("frame_id", *geometry))
+    return base.join(crops, on="frame_id", how="left", maintain_order="left").select(
+        *SCORES_SCHEMA, *TEXT_SCHEMA, *RULE_COLUMNS, *CROP_SCHEMA
     )
 
 

@@ -14,7 +14,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.images import jpeg_truncated, laplacian_variance
+from diffusion_bunny.media.images import BOX_COLUMNS, Box, decode_picture, frame_box, laplacian_variance
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
 
@@ -26,28 +26,15 @@ CLIP_LOW, CLIP_HIGH = 4, 251
 
 SCORE_WIDTH = 256
 #: Bump when a score's definition changes (recorded in the manifest's facts).
-SCORE_VERSION = 1
+SCORE_VERSION = 2  # 2: measured on the shot's picture box (bars left out)
 
 # libjpeg decodes at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients, faster than a full decode
 # followed by a resize (the entropy decoding remains, so 1.3-1.5x, not 4x). The largest factor that
-# leaves at least twice SCORE_WIDTH is used, so the final area resize always averages 2+ pixels:
-# then a 720p, a 1080p and a 4K copy of a scene score within about 10 % of each other, where
-# letting the DCT scaling do all the work gave up to 35 % apart (its filter differs from INTER_AREA).
-_REDUCED = (
-    (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
-    (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
-    (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
-    (1, cv2.IMREAD_GRAYSCALE),
-)
-
-
-def _decode_flag(width: int | None) -> int:
-    if not width:
-        return cv2.IMREAD_GRAYSCALE
-    for factor, flag in _REDUCED:
-        if width // factor >= 2 * SCORE_WIDTH:
-            return flag
-    return cv2.IMREAD_GRAYSCALE
+# leaves the picture at least twice SCORE_WIDTH wide is used, so the final area resize always
+# averages 2+ pixels: then a 720p, a 1080p and a 4K copy of a scene score within about 10 % of each
+# other, where letting the DCT scaling do all the work gave up to 35 % apart (its filter differs
+# from INTER_AREA).
+DECODE_WIDTH = 2 * SCORE_WIDTH
 
 
 def phash(gray: np.ndarray) -> int:
@@ -63,21 +50,25 @@ def phash(gray: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def score_image(path: str | Path, width: int | None = None) -> dict[str, Any] | None:
-    """Scores of one image file, or None when it is missing or cannot be decoded.
+def score_image(path: str | Path, width: int | None = None, box: Box | None = None) -> dict[str, Any] | None:
+    """Scores of one image file's picture (``box``, in the file's pixels; None: the whole frame),
+    or None when it is missing or cannot be decoded.
 
-    ``width`` (the frame's width from the frames table) picks the JPEG reduction factor without
-    reading the header first.
+    ``width`` is kept for callers that pass the frame's width; the reduction factor is read from
+    the JPEG header now (the picture box, not the frame, sets it).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError:
         return None
-    if data.size == 0 or jpeg_truncated(data):
-        return None
-    gray = cv2.imdecode(data, _decode_flag(width))
+    gray = decode_picture(data, box, min_width=DECODE_WIDTH, gray=True)
     if gray is None or gray.size == 0:
         return None
+    return score_gray(gray)
+
+
+def score_gray(gray: np.ndarray) -> dict[str, Any]:
+    """The scores of a gray picture (any size: it is brought to :data:`SCORE_WIDTH` first)."""
     h, w = gray.shape[:2]
     if w != SCORE_WIDTH:
         size = (SCORE_WIDTH, max(8, round(SCORE_WIDTH * h / w)))
@@ -124,18 +115,24 @@ def score_frames(
 ) -> pl.DataFrame:
     """Score every row of ``frames`` (paths relative to ``run_dir``) on a thread pool.
 
+    Every score is measured on the frame's picture box (``box_*`` columns, from stage 01) when
+    the table has one, so letterbox bars neither darken a frame nor count as crushed pixels.
     A missing or undecodable file gives a row with ``readable = False`` and null scores instead
     of an error: one bad frame must not cost the whole stage.
     """
     run_dir = Path(run_dir)
-    rows = frames.select("frame_id", "path", "width").to_dicts()
+    box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
+    rows = frames.select("frame_id", "path", "width", "height", *box_columns).to_dicts()
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(rows), unit="frame", desc="quality", disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, "quality", len(rows), "frame")
     out: list[dict[str, Any]] = []
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quality") as pool:
-            results = pool.map(lambda r: score_image(run_dir / r["path"], r["width"]), rows)
+            results = pool.map(
+                lambda r: score_image(run_dir / r["path"], r["width"], frame_box(r, r["width"], r["height"])),
+                rows,
+            )
             for n, (row, scores) in enumerate(zip(rows, results, strict=True), start=1):
                 out.append({"frame_id": row["frame_id"], "readable": scores is not None, **(scores or {})})
                 bar.update(1)

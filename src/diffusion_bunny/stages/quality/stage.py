@@ -11,7 +11,7 @@ Two halves, kept apart on purpose (see DESIGN.md, "scores are computed once"):
   width, not 1280. A thread decodes a 720p frame and scores it in about 3 ms, against 4.6 ms for
   a full colour decode (``python_script/bench_quality.py``).
 * :func:`apply_quality_rules` is a pure function of the score table, the frames table and the
-  ``filtering`` settings. Notebook 02's sliders call it on every move, so no score is recomputed
+  ``quality`` settings. Notebook 02's sliders call it on every move, so no score is recomputed
   when a threshold changes, and a headless run with the saved thresholds gives the same table.
 
 Rules, in order; a frame gets the reason of the first rule it fails:
@@ -39,22 +39,94 @@ from __future__ import annotations
 import os
 import time
 
+import polars as pl
+
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts, with_text_columns
 from diffusion_bunny.stages.quality.scores import SCORE_VERSION, SCORE_WIDTH, score_frames
+from diffusion_bunny.stages.quality.tables import TEXT_SCHEMA
+from diffusion_bunny.stages.quality.text import current_keys, detect_text
+
+#: Rounds of "apply the rules, look for text on the kept frames not yet looked at": a frame
+#: dropped for text can let a duplicate of it through, which is looked at in the next round.
+MAX_TEXT_ROUNDS = 8
+
+
+def _reuse_text(scores: pl.DataFrame, previous: pl.DataFrame | None, keys: dict[str, str]) -> pl.DataFrame:
+    """``scores`` with the text scores of the last run where their key still matches (same
+    detector, width, picture box and frame file): moving a threshold never detects again."""
+    scores = with_text_columns(scores)
+    if previous is None or "text_key" not in previous.columns:
+        return scores
+    old = previous.select("frame_id", *TEXT_SCHEMA).filter(
+        pl.col("text_key").is_not_null()
+        & (pl.col("text_key") == pl.col("frame_id").replace_strict(keys, default=None, return_dtype=pl.Utf8))
+    )
+    return scores.update(old, on="frame_id", how="left", include_nulls=False) if old.height else scores
+
+
+def _add_text(
+    ctx: Context, frames: pl.DataFrame, scores: pl.DataFrame, facts: dict
+) -> tuple[pl.DataFrame, list[str]]:
+    """Look for text on the frames the rules keep, round after round, until every kept frame
+    has been looked at; reuse the last run's text scores where they still hold."""
+    cfg = ctx.cfg.quality
+    if not cfg.text_filter:
+        facts["text"] = "off (quality.text_filter: false)"
+        return with_text_columns(scores), []
+    from diffusion_bunny.models.text import load_text_detector
+
+    # A detector that cannot load stops the stage with one line naming quality.text_filter (a
+    # ModelError, exit status 2): a dataset full of title cards is worse than a stage to rerun.
+    detector = load_text_detector()
+    keys = current_keys(ctx.run_dir, frames, detector.key, cfg.text_width)
+    scores = _reuse_text(scores, ctx.own_previous("quality"), keys)
+    reused = int(scores["text_lines"].is_not_null().sum())
+    started, detected = time.perf_counter(), 0
+    for _ in range(MAX_TEXT_ROUNDS):
+        table = apply_quality_rules(scores, frames, cfg)
+        todo = table.filter(pl.col("keep") & pl.col("text_lines").is_null())["frame_id"]
+        if todo.is_empty():
+            break
+        found = detect_text(
+            ctx.run_dir,
+            frames.filter(pl.col("frame_id").is_in(todo.implode())),
+            detector,
+            cfg.text_width,
+            progress=ctx.progress,
+            progress_path=ctx.progress_path,
+        )
+        detected += found.height
+        # A frame that could not be read again keeps null scores and passes: mark it looked at.
+        found = found.with_columns(
+            pl.col("text_lines").fill_null(pl.lit([], dtype=TEXT_SCHEMA["text_lines"]))
+        )
+        scores = scores.update(found, on="frame_id", how="left", include_nulls=False)
+    seconds = time.perf_counter() - started
+    facts.update(
+        {
+            "text_detector": detector.key,
+            "text_width": cfg.text_width,
+            "text_frames_detected": detected,
+            "text_frames_reused": reused,
+            "text_seconds": round(seconds, 3),
+            "text_ms_per_frame": round(1000 * seconds / detected, 1) if detected else None,
+        }
+    )
+    return scores, []
 
 
 def compute(ctx: Context) -> StageOutput:
-    """Score the frames stage 01 kept, once, then apply the rules: the ``quality`` table."""
+    """Score the frames stage 01 kept, once, then apply the rules, looking for text on the frames
+    they keep: the ``quality`` table."""
     frames = ctx.table("frames")
-    cfg = ctx.cfg.filtering
+    cfg = ctx.cfg.quality
     started = time.perf_counter()
     workers = os.cpu_count() or 1
     scores = score_frames(
         ctx.run_dir, frames, workers=workers, progress=ctx.progress, progress_path=ctx.progress_path
     )
     scored = time.perf_counter() - started
-    table = apply_quality_rules(scores, frames, cfg)
     facts = {
         "score_version": SCORE_VERSION,
         "score_width": SCORE_WIDTH,
@@ -62,11 +134,27 @@ def compute(ctx: Context) -> StageOutput:
         "scoring_seconds": round(scored, 3),
         "frames_per_second": round(frames.height / scored, 1) if scored > 0 and frames.height else None,
     }
+    scores, warnings = _add_text(ctx, frames, scores, facts)
+    table = apply_quality_rules(scores, frames, cfg)
     counts = {"frames": table.height, **reason_counts(table)}
-    warnings = []
+    cropped = int(
+        (table["keep"] & (table["crop_bottom"] - table["crop_top"] < _box_height(frames, table))).sum()
+    )
+    if cropped:
+        counts["subtitles_cropped"] = cropped
     if counts.get("unreadable"):
         warnings.append(
             f"{counts['unreadable']} frame file(s) missing or unreadable (reject_reason 'unreadable'); "
             "rerun stage extract with --force to write them again"
         )
     return StageOutput(tables={"quality": table}, counts=counts, warnings=warnings, facts=facts)
+
+
+def _box_height(frames: pl.DataFrame, table: pl.DataFrame) -> pl.Series:
+    """Each row's picture-box height (the frame's height without a box), in ``table``'s order."""
+    from diffusion_bunny.media.images import BOX_COLUMNS
+
+    cols = [c for c in BOX_COLUMNS if c in frames.columns]
+    expr = (pl.col("box_bottom") - pl.col("box_top")) if len(cols) == 4 else pl.lit(None, pl.Int64)
+    heights = frames.select("frame_id", pl.coalesce(expr, pl.col("height")).alias("_h"))
+    return table.select("frame_id").join(heights, on="frame_id", how="left", maintain_order="left")["_h"]

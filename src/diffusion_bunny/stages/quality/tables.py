@@ -1,11 +1,23 @@
-"""Stage 02's table as other stages rely on it: ``quality`` (scores, ``keep``, ``reject_reason``) and the
-reasons in the order the rules apply them."""
+"""Stage 02's table as other stages rely on it: ``quality`` (scores, ``keep``, ``reject_reason``, the
+``crop_*`` region) and the reasons in the order the rules apply them."""
 
 from __future__ import annotations
 
 import polars as pl
 
-REASONS = ("unreadable", "too_dark", "too_bright", "clipped", "blurry", "duplicate", "not_best")
+from diffusion_bunny.stages.quality.text import CROP_COLUMNS, TEXT_SCHEMA
+
+REASONS = (
+    "unreadable",
+    "too_dark",
+    "too_bright",
+    "clipped",
+    "blurry",
+    "text",
+    "subtitles",
+    "duplicate",
+    "not_best",
+)
 
 SCORES_SCHEMA = {
     "frame_id": pl.Utf8,
@@ -17,4 +29,11 @@ SCORES_SCHEMA = {
     "phash": pl.UInt64,
     "nearest_distance": pl.Int64,
 }
+#: Text scores (stage 02's text step, on the frames the other rules keep; null where it did not
+#: look): see :mod:`diffusion_bunny.stages.quality.text`.
+TEXT_COLUMNS = TEXT_SCHEMA
 RULE_COLUMNS = {"keep": pl.Boolean, "reject_reason": pl.Utf8, "duplicate_of": pl.Utf8}
+#: The region of the frame later stages use (frame pixels, right/bottom exclusive): the shot's
+#: picture box, less the subtitle band when subtitles are cropped. Null when the frames table
+#: gives no size.
+CROP_SCHEMA = {c: pl.Int64 for c in CROP_COLUMNS}

@@ -1,4 +1,5 @@
-"""Notebook 02's widget: one slider per quality threshold over the stored scores."""
+"""Notebook 02's widget: one control per quality threshold over the stored scores (exposure
+relative to the film, blur, text and subtitles, duplicates)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ipywidgets as widgets
 import polars as pl
 from pydantic import ValidationError
 
-from diffusion_bunny.config import FilteringConfig, save_local_settings
+from diffusion_bunny.config import QualityConfig, save_local_settings
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
 
@@ -23,7 +24,7 @@ class QualityThresholdExplorer:
     def __init__(
         self,
         run: Run,
-        cfg: FilteringConfig,
+        cfg: QualityConfig,
         *,
         max_per_group: int = 24,
         config_root: Path | None = None,
@@ -64,12 +65,31 @@ class QualityThresholdExplorer:
             "best_per_batch": slider(
                 widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
             ),
+            "relative_brightness": widgets.Checkbox(
+                value=cfg.relative_brightness,
+                description="brightness relative to the film",
+                style=style,
+                layout=layout,
+            ),
+            "text_filter": widgets.Checkbox(
+                value=cfg.text_filter, description="text rules", style=style, layout=layout
+            ),
+            "max_text_share": slider(
+                widgets.FloatSlider, "max text share", value=cfg.max_text_share, min=0, max=1, step=0.01
+            ),
+            "max_text_area": slider(
+                widgets.FloatSlider, "max text area", value=cfg.max_text_area, min=0, max=1, step=0.01
+            ),
+            "subtitles": widgets.Dropdown(
+                options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
+            ),
         }
         self.counts = widgets.HTML()
         # Image widgets, not Output widgets: headless executors (nbclient) hang on a cell that
         # shows images inside an Output widget (see MotionThresholdExplorer).
         self.plot_img = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
         self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
+        self.text_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
         self.save_button = widgets.Button(
             description="use these thresholds", icon="save", layout=widgets.Layout(width="auto")
         )
@@ -83,29 +103,32 @@ class QualityThresholdExplorer:
             [
                 *self.sliders.values(),
                 widgets.HTML(
-                    f"best per batch: 0 keeps all; a batch is a {batch} (<code>filtering.batch</code>)"
+                    f"best per batch: 0 keeps all; a batch is a {batch} (<code>quality.batch</code>)"
                 ),
                 widgets.HBox([self.save_button, self.saved]),
                 self.counts,
                 self.plot_img,
                 self.sheet_img,
+                self.text_img,
             ]
         )
         self._update()
 
     @property
     def values(self) -> dict[str, Any]:
-        """The slider values as ``filtering`` settings (best per batch 0 means keep all: null)."""
+        """The slider values as ``quality`` settings (best per batch 0 means keep all: null)."""
         out = {name: s.value for name, s in self.sliders.items()}
+        for name in ("max_text_share", "max_text_area", "max_clipped"):
+            out[name] = round(float(out[name]), 4)
         out["dup_distance"] = int(out["dup_distance"])
         out["best_per_batch"] = int(out["best_per_batch"]) or None
         return out
 
     @property
-    def filtering(self) -> FilteringConfig:
+    def quality(self) -> QualityConfig:
         """The base config with the sliders' values; raises ValueError for an impossible
         combination (minimum brightness over the maximum)."""
-        return FilteringConfig.model_validate({**self.base.model_dump(), **self.values})
+        return QualityConfig.model_validate({**self.base.model_dump(), **self.values})
 
     def set_thresholds(self, **values: Any) -> None:
         """Move sliders from Python (same path as a person dragging them), redrawing once."""
@@ -122,7 +145,7 @@ class QualityThresholdExplorer:
 
     def table(self) -> pl.DataFrame:
         """The quality table under the current sliders."""
-        return apply_quality_rules(self.scores, self.frames, self.filtering)
+        return apply_quality_rules(self.scores, self.frames, self.quality)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -136,10 +159,12 @@ class QualityThresholdExplorer:
 
         import matplotlib.pyplot as plt
 
-        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
+        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
+        from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
+        from diffusion_bunny.stages.quality.text import unchecked_kept
 
         try:
-            cfg = self.filtering
+            cfg = self.quality
         except ValidationError as exc:
             message = exc.errors()[0]["msg"].removeprefix("Value error, ")
             self.counts.value = f"<b style='color:#C0392B'>{message}</b>"
@@ -147,8 +172,28 @@ class QualityThresholdExplorer:
         table = apply_quality_rules(self.scores, self.frames, cfg)
         counts = reason_counts(table)
         rejected = ", ".join(f"{n} {reason}" for reason, n in counts.items() if reason != "kept")
+        exposure = exposure_thresholds(with_text_columns(self.scores), cfg)
+        if exposure.film_brightness is not None:
+            film = (
+                f"this film's median brightness is {exposure.film_brightness:.0f} (reference "
+                f"{cfg.reference_brightness:.0f}): too dark under {exposure.min_brightness:.1f}, too "
+                f"bright over {exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f}"
+            )
+        else:
+            film = (
+                f"too dark under {exposure.min_brightness:.1f}, too bright over "
+                f"{exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f} (as configured)"
+            )
+        unchecked = unchecked_kept(table).len() if cfg.text_filter else 0
+        text = (
+            f"<br><span style='color:#C0392B'>{unchecked} kept frame(s) were never looked at for text "
+            "(these thresholds keep frames the stage dropped); rerun stage 02 to look at them</span>"
+            if unchecked
+            else ""
+        )
         self.counts.value = (
             f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
+            f"<br>{film}{text}"
         )
         fig = quality_histograms(table, cfg).draw()
         buf = io.BytesIO()
@@ -159,15 +204,30 @@ class QualityThresholdExplorer:
         buf = io.BytesIO()
         sheet.save(buf, format="JPEG", quality=85)
         self.sheet_img.value = buf.getvalue()
+        sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)
+        buf = io.BytesIO()
+        sheet.save(buf, format="JPEG", quality=85)
+        self.text_img.value = buf.getvalue()
 
     def save(self) -> Path:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
         ``bunny run``) applies them, so a headless rerun reproduces this choice."""
-        cfg = self.filtering
-        keys = ("min_sharpness", "min_brightness", "max_brightness", "max_clipped", "dup_distance")
+        cfg = self.quality
+        keys = (
+            "min_sharpness",
+            "min_brightness",
+            "max_brightness",
+            "max_clipped",
+            "dup_distance",
+            "relative_brightness",
+            "text_filter",
+            "max_text_share",
+            "max_text_area",
+            "subtitles",
+        )
         settings = {key: getattr(cfg, key) for key in keys}
         settings["min_sharpness"] = round(settings["min_sharpness"], 3)
         settings["best_per_batch"] = cfg.best_per_batch
-        path = save_local_settings("thresholds", {"filtering": settings}, self.config_root)
+        path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
         self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
         return path

@@ -18,6 +18,7 @@ PASSED = OUTCOME_COLOURS["kept"]
 #: Stage 02's colours per outcome, plus the other steps' (split, noise, failed captions).
 REASON_COLOURS = {
     **OUTCOME_COLOURS,
+    "kept, subtitles cropped": "#8CC084",
     "train": PASSED,
     "validation": "#A0D38F",
     "noise": "#BBBBBB",
@@ -27,6 +28,24 @@ _OTHER_COLOURS = ["#4C78A8", "#F58518", "#72B7B2", "#FF9DA6", "#9D755D", "#EECA3
 
 
 # --------------------------------------------------------------------------------------- funnel
+
+
+def subtitles_cropped(quality: pl.DataFrame, frames: pl.DataFrame | None) -> int:
+    """How many kept frames stage 02 cropped to leave their subtitles out: their ``crop_*``
+    region is shorter than the picture box (the frame, where the run has no box)."""
+    needed = {"crop_top", "crop_bottom"}
+    if frames is None or not needed <= set(quality.columns) or "height" not in frames.columns:
+        return 0
+    has_box = {"box_top", "box_bottom"} <= set(frames.columns)
+    top = pl.col("box_top") if has_box else pl.lit(0)
+    bottom = pl.col("box_bottom") if has_box else pl.col("height")
+    geometry = frames.select("frame_id", top.alias("_top"), bottom.alias("_bottom"))
+    kept = quality.filter(pl.col("keep")).join(geometry, on="frame_id", how="left")
+    return int(
+        kept.filter(
+            (pl.col("crop_top") > pl.col("_top")) | (pl.col("crop_bottom") < pl.col("_bottom"))
+        ).height
+    )
 
 
 def funnel_table(
@@ -72,7 +91,9 @@ def funnel_table(
         order = [r for r in REASON_COLOURS if r in reasons] + sorted(
             str(r) for r in reasons if r not in REASON_COLOURS
         )
-        step("kept by quality", "quality", kept_ids.len(), {r: reasons.get(r, 0) for r in order})
+        cropped = subtitles_cropped(quality, frames)
+        passed = {"kept": kept_ids.len() - cropped, "kept, subtitles cropped": cropped} if cropped else None
+        step("kept by quality", "quality", kept_ids.len(), {r: reasons.get(r, 0) for r in order}, passed)
     if faces is not None and kept_ids is not None:
         kept_set = set(kept_ids.to_list())
         on_kept = faces.filter(pl.col("frame_id").is_in(kept_set))

@@ -20,6 +20,7 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_plot,
     funnel_summary,
     funnel_table,
+    subtitles_cropped,
 )
 
 #: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
@@ -149,16 +150,16 @@ def did_not_run(stage: str, table: str) -> str:
 # ------------------------------------------------------------------------------------- sections
 
 
-def _filtering_config(run: ReportData, cfg: ConfigView) -> Any:
-    """The thresholds stage 02 last ran with (from its manifest; the defaults for a manifest
-    without them)."""
-    from diffusion_bunny.config import FilteringConfig
+def _quality_config(run: ReportData, cfg: ConfigView) -> Any:
+    """The thresholds stage 02 last ran with (from its manifest, which says ``filtering`` when it
+    was written before the section's rename; the defaults for a manifest without them)."""
+    from diffusion_bunny.config import QualityConfig
 
-    manifest = run.read_manifest("quality") or {}
+    settings = ((run.read_manifest("quality") or {}).get("config")) or {}
     try:
-        return FilteringConfig(**manifest["config"]["filtering"])
+        return QualityConfig(**(settings.get("quality") or settings["filtering"]))
     except (KeyError, TypeError, ValueError):
-        return FilteringConfig()
+        return QualityConfig()
 
 
 def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:
@@ -245,24 +246,32 @@ def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:
 
 
 def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.quality.plots import quality_histograms
+    from diffusion_bunny.stages.quality.plots import quality_histograms, text_sheet
 
     quality = run.read_table("quality")
     if not quality.height:
         return Section("quality", "empty", "stage quality ran on no frame")
     kept = int(quality["keep"].sum())
-    return Section(
-        "quality",
-        "ok",
-        f"{kept} of {quality.height} frames kept",
-        [
-            Figure(
-                "quality",
-                "Quality scores and thresholds",
-                quality_histograms(quality, _filtering_config(run, cfg)),
+    histograms = quality_histograms(quality, _quality_config(run, cfg))
+    figures = [Figure("quality", "Quality scores and thresholds", histograms)]
+    message = f"{kept} of {quality.height} frames kept"
+    frames = run.optional_table("frames")
+    texts = {r: int((quality["reject_reason"] == r).sum()) for r in ("text", "subtitles")}
+    cropped = subtitles_cropped(quality, frames)
+    if any(texts.values()) or cropped:
+        message += (
+            f"; {texts['text']} dropped as text, {texts['subtitles']} for subtitles, {cropped} kept with "
+            "their subtitles cropped off"
+        )
+        if frames is not None and "crop_top" in quality.columns:
+            figures.append(
+                Figure(
+                    "text",
+                    "Title cards, credits and subtitles",
+                    text_sheet(run.run_dir, quality, frames, max_per_group=cfg.report.contact_sheet_faces),
+                )
             )
-        ],
-    )
+    return Section("quality", "ok", message, figures)
 
 
 def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
