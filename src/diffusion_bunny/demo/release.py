@@ -312,6 +312,8 @@ def truth(variant: Variant) -> dict[str, Any]:
                 "end_frame": start + seg.frames,
                 "kind": seg.kind,
                 "text": seg.kind in ("title", "credits"),
+                # Text on black may go as too_dark before the text detector looks at it.
+                "on_black": seg.kind in ("title", "credits") and seg.background == (0, 0, 0),
                 "subtitles": bool(seg.subtitles),
                 "dark": seg.dark < 1.0,
                 "people": list(seg.people),
@@ -350,10 +352,10 @@ def build_release(out_dir: Path, variant: str = "sdr", hamilton: np.ndarray | No
     path = out_dir / f"release_{variant}_v{VERSION}.{'mkv' if spec.hdr else 'mp4'}"
     truth_file = path.with_suffix(".truth.json")
     write_references(out_dir)
-    if path.is_file() and truth_file.is_file():
-        return path
-    film = Film(spec, load_hamilton() if hamilton is None else hamilton)
-    encode(film, path)
+    if not path.is_file():
+        film = Film(spec, load_hamilton() if hamilton is None else hamilton)
+        encode(film, path)
+    # The truth is cheap and written every time: a field added to it reaches a film made before.
     truth_file.write_text(json.dumps(truth(spec), indent=1))
     return path
 

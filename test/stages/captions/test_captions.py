@@ -116,6 +116,7 @@ def test_caption_facts_from_tables():
             "frame_id": ["a", "b", "c"],
             "path": ["a.jpg", "b.jpg", "c.jpg"],
             "shot_id": [0, 1, 1],
+            "width": [160] * 3,
             "height": [100] * 3,
         }
     )

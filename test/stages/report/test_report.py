@@ -16,7 +16,13 @@ from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document
 from diffusion_bunny.stages.report.figures import checkpoint_order, identity_table
-from diffusion_bunny.stages.report.funnel import funnel_plot, funnel_summary, funnel_table
+from diffusion_bunny.stages.report.funnel import (
+    dropped_by_reason,
+    dropped_plot,
+    funnel_plot,
+    funnel_summary,
+    funnel_table,
+)
 from diffusion_bunny.stages.report.stage import write_report_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -191,6 +197,20 @@ def test_funnel_counts_every_step_with_reasons():
         "not exported": 1,
     }
     assert figure_png(funnel_plot(table)).startswith(PNG)
+    # What kept frames out of the dataset: quality's reasons, the failed caption and the frame
+    # export left out; a frame with no face or in no scene cluster still went on (as a scene
+    # picture), so those are no reason.
+    dropped = dict(dropped_by_reason(table).select("reason", "frames").iter_rows())
+    assert dropped == {
+        "blurry": 2,
+        "duplicate": 1,
+        "failed": 1,
+        "not exported": 1,
+        "subtitles": 1,
+        "text": 1,
+        "too_dark": 1,
+    }
+    assert figure_png(dropped_plot(table)).startswith(PNG)
     # Only the stages given: a run that went through stage 01 alone has a 3-step funnel.
     short = funnel_table(decoded=100, candidates=pl.DataFrame({"frame_index": range(9)}), frames=frames)
     assert funnel_summary(short)["step"].to_list() == ["decoded", "keyframe candidates", "extracted"]

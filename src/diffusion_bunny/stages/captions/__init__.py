@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
-from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -46,7 +46,7 @@ STAGE = Stage(
     summary=summary,
     reads=(
         Reads("frames", "extract", ("frame_id", "path", "shot_id", "width", "height", *BOX_COLUMNS)),
-        Reads("quality", "quality", ("frame_id", "keep", "brightness")),
+        Reads("quality", "quality", ("frame_id", "keep", "brightness", *REGION_COLUMNS)),
         Reads("shots", "extract", ("shot_id", "kind"), optional=True),
         Reads("faces", "characters", ("frame_id", "character", "top", "bottom"), optional=True),
         Reads("clusters", "scenes", ("frame_id", "level", "cluster_id"), optional=True),

@@ -29,7 +29,7 @@ from diffusion_bunny.pipeline.contract import (
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
-from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -70,7 +70,7 @@ STAGE = Stage(
             ("frame_id", "frame_index", "timestamp_s", "shot_id", "path", "width", "height", *BOX_COLUMNS),
         ),
         # Which frames stage 02 kept (characters.frames: kept); not needed with characters.frames: all.
-        Reads("quality", "quality", ("frame_id", "keep"), optional=True),
+        Reads("quality", "quality", ("frame_id", "keep", *REGION_COLUMNS), optional=True),
     ),
     config=("characters",),
     writes=("faces", "face_frames"),

@@ -17,7 +17,7 @@ from typing import Any
 from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.export.tables import dataset_dir
-from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
 
 def _compute(ctx: Context) -> StageOutput:
@@ -63,7 +63,7 @@ STAGE = Stage(
             ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS),
         ),
         # Which frames were kept, and their hashes (shots the movie cuts back to share a split).
-        Reads("quality", "quality", ("frame_id", "keep", "phash")),
+        Reads("quality", "quality", ("frame_id", "keep", "phash", *REGION_COLUMNS)),
         # A caption a person edited in notebook 05 makes the dataset stale.
         Reads("captions", "captions", ("frame_id", "caption", "status")),
         Reads(

@@ -219,12 +219,19 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
 
 #: Drops that are no judgement on a frame (a sample not chosen, a frame not searched).
 _NOT_A_REASON = {"not a candidate", "not chosen", "not searched"}
+#: Steps that describe the frames without removing any: a frame with no face or in no scene
+#: cluster is still exported (as a scene picture); what export leaves out is its "not exported".
+_NOT_A_GATE = {"with a named character", "in a scene cluster"}
 
 
 def dropped_by_reason(funnel: pl.DataFrame) -> pl.DataFrame:
     """Frames dropped on the way to the dataset, per reason (``step``, ``reason``, ``frames``),
     most first: what kept pictures out of what the LoRA will see."""
-    dropped = funnel.filter(~pl.col("passed") & ~pl.col("outcome").is_in(list(_NOT_A_REASON)))
+    dropped = funnel.filter(
+        ~pl.col("passed")
+        & ~pl.col("outcome").is_in(list(_NOT_A_REASON))
+        & ~pl.col("step").is_in(list(_NOT_A_GATE))
+    )
     return (
         dropped.select("step", pl.col("outcome").alias("reason"), "frames")
         .filter(pl.col("frames") > 0)

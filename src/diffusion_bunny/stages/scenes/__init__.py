@@ -23,7 +23,7 @@ from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages.extract.tables import BOX_COLUMNS
+from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 from diffusion_bunny.stages.scenes.tables import ADAPTER_FILE
 
 
@@ -62,7 +62,7 @@ STAGE = Stage(
             "extract",
             ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS),
         ),
-        Reads("quality", "quality", ("frame_id", "keep")),
+        Reads("quality", "quality", ("frame_id", "keep", *REGION_COLUMNS)),
         Reads("faces", "characters", ("frame_id", "character"), optional=True),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
         # A person's corrections: the adapter learns from them, so new ones make the stage stale.
