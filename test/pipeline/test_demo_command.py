@@ -41,7 +41,7 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert ": 14 kept, 1 too_dark, 1 blurry, 1 duplicate" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 2  # histograms with thresholds, kept/rejected grid
+    assert len(pngs) == 3  # histograms with thresholds, kept/rejected grid, the text strip
     # Stage 03 named both people from the demo's reference portraits, in every frame searched.
     kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "face_frames.parquet").height
     assert f"the named characters match the ground truth in {kept} of {kept} frames" in summary
@@ -77,8 +77,9 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     for name in ("06_export_dataset", "07_finetune_lora", "08_generate"):
         nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / f"{name}.ipynb", as_version=4)
         assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
-    # Stage 09 made the QA report: every section of stages 01-04 with figures.
-    assert f"report: 10 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    # Stage 09 made the QA report: every section with figures (the dataset section adds the
+    # exported pictures with their crops and the frames dropped by reason).
+    assert f"report: 12 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     # funnel, quality, 2 shot figures, screen time, 2 contact sheets, clusters, caption lengths, training
