@@ -157,11 +157,21 @@ def fixed_cost(work: Path, movies: Path, refs: Path, runs: int) -> list[tuple[fl
         if rc != 0:
             raise BenchError(f"bunny run on the 3-second clip failed: {_failure(rc, err)}")
         took: dict[str, float] = {}
+        work_s: dict[str, float] = {}
         for log_file in sorted((logs / "bunny").glob("bunny-*.log")):
-            for match in NOTEBOOK_TOOK.finditer(log_file.read_text(errors="replace")):
+            text = log_file.read_text(errors="replace")
+            for match in NOTEBOOK_TOOK.finditer(text):
                 took[match.group(1)] = float(match.group(2))
+            for match in STAGE_DONE.finditer(text):
+                work_s[match.group(1)] = float(match.group(2))
         out.append((wall, took))
-        print(f"  fixed cost, run {i + 1}: {wall:.1f} s (notebooks {sum(took.values()):.1f} s)", flush=True)
+        print(
+            f"  fixed cost, run {i + 1}: {wall:.1f} s (notebooks {sum(took.values()):.1f} s, of which the "
+            f"stages' own work on the clip {sum(work_s.values()):.1f} s: "
+            f"{', '.join(f'{k} {v:.1f}' for k, v in work_s.items())}; the rest is interpreter and kernel "
+            f"start, imports, resets, figures and shutdown: {wall - sum(work_s.values()):.1f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -208,6 +218,9 @@ def _failure(rc: int, err: str) -> str:
 
 #: The runner's log line per notebook (pipeline/runner.py: run_movie).
 NOTEBOOK_TOOK = re.compile(r": (\w+) notebook took ([0-9.]+) s")
+#: The stage's own work inside its notebook (the contract's line): the rest of the notebook's time
+#: is its imports, kernel reset and figures.
+STAGE_DONE = re.compile(r": (\w+) done in ([0-9.]+) s: ")
 
 
 def run_together(length: LengthRun, refs: Path, extra: list[str], work: Path) -> None:
