@@ -299,3 +299,47 @@ def test_the_report_shows_what_the_lora_will_see(datasets):
     message = section["message"][0]
     assert "dropped on the way:" in message and "text " in message
     assert (run.run_dir / "report" / "figures" / "dataset_sheet.png").is_file()
+
+
+def test_caption_providers_are_sent_the_picture_without_bars_or_subtitles(datasets, tmp_path):
+    """What a paid caption provider receives (over real HTTP, from the scripted fake server) is
+    the picture: no letterbox bar above or below it, and a subtitled shot's picture without its
+    subtitle band. Run on a copy of the letterboxed film's run folder."""
+    import shutil
+
+    from fake_llm_server import FakeLLMServer, _images_in
+
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    source, truth = datasets["sdr"]
+    run = Run.open(shutil.copytree(source.run_dir, tmp_path / "run"))
+    kept = run.read_table("quality").filter("keep")
+    frames = run.read_table("frames").filter(pl.col("frame_id").is_in(kept["frame_id"].to_list()))
+    with FakeLLMServer() as srv:
+        overrides = {
+            "characters.reference_dir": str(run.movie.parent / "refs"),
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.image_max_side": 960,
+        }
+        cfg = load_config(None, overrides, root=tmp_path / "noconfig")
+        run_stage(run, "captions", cfg, progress=False, force=True)
+    sent = [
+        cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+        for r in srv.requests
+        for b in _images_in(r["body"])
+    ]
+    assert len(sent) == frames.height > 0
+    subtitled = sum(_shot_of(truth, i)["subtitles"] for i in frames["frame_index"])
+    aspects = sorted(image.shape[1] / image.shape[0] for image in sent)
+    for image in sent:
+        rows = image.max(axis=(1, 2))
+        # No black bar: the first and last rows hold the picture (the film's bars are pure black).
+        assert rows[:3].min() > 30 and rows[-3:].min() > 30, image.shape
+        yellow = cv2.inRange(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), (20, 120, 150), (40, 255, 255))
+        assert int(yellow.sum() // 255) < 20  # no subtitle reached the provider
+    # Pictures of 2.40:1 (the frame is 16:9 = 1.78), and the subtitled ones wider still (their
+    # subtitle band cut off the bottom).
+    assert all(a > 2.3 for a in aspects)
+    assert sum(a > 2.5 for a in aspects) == subtitled > 0
