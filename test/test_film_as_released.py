@@ -183,6 +183,8 @@ def datasets(films, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"d-{variant}")
         run = Run.create(folder / "run", movie)
         overrides = {"characters.reference_dir": str(movie.parent / "refs"), "export.crops": ["full", "face"]}
+        if variant == "anamorphic":  # shot clips for a video LoRA too, from the stored 704x576
+            overrides["export.video_clips"] = True
         cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
         for stage in (*INGEST, "report") if variant == "sdr" else INGEST:
             run_stage(run, stage, cfg, progress=False)
@@ -343,3 +345,49 @@ def test_caption_providers_are_sent_the_picture_without_bars_or_subtitles(datase
     # subtitle band cut off the bottom).
     assert all(a > 2.3 for a in aspects)
     assert sum(a > 2.5 for a in aspects) == subtitled > 0
+
+
+def _clip_truth(film, clip: dict, index: int, size: tuple[int, int], squeeze: float = 1.0) -> np.ndarray:
+    """Film frame ``index`` as a clip should show it: the clip's crop of the picture as shown,
+    cover-cropped to ``size``; with ``squeeze`` < 1 the picture as an anamorphic file stores it
+    (narrower), which a clip that ignored the sample aspect would show."""
+    from PIL import Image
+
+    from diffusion_bunny.media.clips import cover_crop
+
+    left, _, right, _ = film.variant.picture
+    image = Image.fromarray(film.frame_at(index)[clip["crop_top"] : clip["crop_bottom"], left:right])
+    if squeeze != 1.0:
+        image = image.resize((round(image.width * squeeze), image.height))
+    return np.asarray(cover_crop(image, size), np.float32)
+
+
+def test_video_clips_of_the_anamorphic_film_are_the_picture_in_square_pixels(datasets):
+    """Shot clips (video LoRA) are cut from the stored 704x576 PAL frames: each clip frame is the
+    picture as shown (1024x576, squeeze undone), without its bars, cover-cropped to the clip size.
+    Compared with the film's own frames at the clip's times; a clip left squeezed would be far."""
+    import av
+
+    run, _ = datasets["anamorphic"]
+    clips = run.read_table("clips")
+    assert clips.height >= 1
+    film = release.Film(release.VARIANTS["anamorphic"], release.load_hamilton())
+    top, bottom = release.VARIANTS["anamorphic"].picture[1::2]
+    clip_fps = load_config().export.clip_fps
+    for clip in clips.iter_rows(named=True):
+        assert top <= clip["crop_top"] < clip["crop_bottom"] <= bottom
+        with av.open(str(run.run_dir / "dataset" / "video" / f"{clip['clip_id']}.mp4")) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        size = (frames[0].shape[1], frames[0].shape[0])
+        assert len(frames) == clip["frames"] and size == (clip["width"], clip["height"])
+        for j in (0, len(frames) // 2, len(frames) - 1):
+            got = frames[j].astype(np.float32)
+            rows = got.max(axis=(1, 2))
+            assert rows[:2].min() > 30 and rows[-2:].min() > 30, (clip["clip_id"], j)  # no bar
+            index = round((clip["start_s"] + j / clip_fps) * release.FPS)
+            near = range(max(0, index - 1), index + 2)
+            square = min(float(np.abs(got - _clip_truth(film, clip, i, size)).mean()) for i in near)
+            squeezed = min(
+                float(np.abs(got - _clip_truth(film, clip, i, size, 704 / 1024)).mean()) for i in near
+            )
+            assert square < 10.0 and square < 0.6 * squeezed, (clip["clip_id"], j, square, squeezed)
