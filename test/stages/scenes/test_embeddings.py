@@ -105,6 +105,27 @@ def test_descriptor_keeps_place_under_brightness_crop_and_resolution(descriptor,
         assert sims["1080p"] >= 0.98, (path.name, sims)  # the reduced decode sees the same picture
 
 
+def test_descriptor_describes_the_picture_box_not_the_bars(descriptor, demo_frames, tmp_path):
+    """A frame letterboxed into 1920x1080 (a 2.40:1 release), described inside its picture box,
+    is the picture itself; described whole, its bars would make it another place."""
+    from diffusion_bunny.demo.overlays import letterbox
+
+    paths = demo_frames[0]
+    for k, path in enumerate(paths[::4]):
+        rgb = cv2.imread(str(path))[..., ::-1]
+        h, w = rgb.shape[:2]
+        scope = np.ascontiguousarray(rgb[(h - round(w / 2.4)) // 2 :][: round(w / 2.4)])
+        framed, box = letterbox(scope, (1920, 1080))
+        files = [
+            _write(tmp_path / f"{k}_picture.jpg", scope[..., ::-1]),
+            _write(tmp_path / f"{k}_released.jpg", framed[..., ::-1]),
+        ]
+        picture, inside = descriptor.embed_images(files, regions=[None, box])
+        whole = descriptor.embed_images(files[1:])[0]
+        assert float(inside @ picture) >= 0.97, path.name
+        assert float(whole @ picture) < ASSIGN, path.name  # would not join the picture's cluster
+
+
 def test_descriptor_scores_unrelated_images_low(descriptor, demo_frames, tmp_path):
     rng = np.random.default_rng(0)
     noise = _write(tmp_path / "noise.jpg", rng.integers(0, 256, (360, 640, 3), dtype=np.uint8))
