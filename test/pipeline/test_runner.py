@@ -18,7 +18,7 @@ from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
-from diffusion_bunny.pipeline.runner import execute_stage_notebook, find_movies, parse_stages
+from diffusion_bunny.pipeline.runner import StageKernel, execute_stage_notebook, find_movies, parse_stages
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 
 
@@ -26,8 +26,11 @@ def finished(run_dir) -> str:
     return json.loads((run_dir / "manifests" / "extract.json").read_text())["finished"]
 
 
-def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
+def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys, monkeypatch):
     path, cuts = cut_clip
+    starts: list[int] = []  # kernels started ahead of the first notebook
+    start = StageKernel.start
+    monkeypatch.setattr(StageKernel, "start", lambda self: (starts.append(1), start(self))[1])
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
     shots = pl.read_parquet(out / "tables" / "shots.parquet")
@@ -45,10 +48,12 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert "extract is up to date, skipped" in logs.last_path.read_text()
     assert finished(out) == first
+    assert starts == [1]  # nothing to run: no kernel started for nothing
 
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--force", "--quiet"]) == 0
     second = finished(out)
     assert second != first
+    assert starts == [1, 1]
 
     args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
     args += ["--stages", "extract"]

@@ -13,7 +13,7 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_core.utils import run_sync
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.runner import StageKernel
+from diffusion_bunny.pipeline.runner import StageKernel, notebook_dir
 
 
 def _run(km, code: str, counts: list[int] | None = None) -> str:
@@ -88,3 +88,21 @@ def test_a_kernel_name_that_does_not_exist_is_one_line():
     with pytest.raises(StageError, match=r"run.kernel: no Jupyter kernel named 'no-such-kernel-here'"):
         kernel.manager()
     kernel.close()
+
+
+def test_a_kernel_started_ahead_is_the_first_notebooks():
+    kernel = StageKernel("python3")
+    try:
+        kernel.start()  # what a run does before its first notebook
+        km = kernel._km
+        assert km.has_kernel
+        kernel.start()  # already running: nothing new
+        assert kernel._km is km
+        assert kernel.manager() is km
+        assert kernel.fresh  # the first notebook still counts as the kernel's start (the log says so)
+        # started as nbclient would start it: in the notebooks' folder, history kept in memory
+        cwd, hist = _run(km, "import os\nprint(os.getcwd(), get_ipython().history_manager.hist_file)").split()
+        assert cwd == str(notebook_dir()) and hist == ":memory:"
+    finally:
+        kernel.close()
+    assert kernel._km is None

@@ -101,6 +101,12 @@ def notebook_dir() -> Path:
     return root / "notebook"
 
 
+#: How every stage kernel is started (by nbclient, or ahead of it by :meth:`StageKernel.start`).
+#: ipykernel warns on every start that its local TCP sockets are unencrypted; that is noise on a
+#: user's terminal (errors in cells still come back through papermill). The history is kept in
+#: memory, as nbclient does by default, not in the user's IPython profile database.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR", "--HistoryManager.hist_file=:memory:"]
+
 #: Run in a shared kernel before each notebook but its first: what a fresh kernel would give a
 #: notebook (an empty namespace and output history, no open figures, execution counts from 1),
 #: keeping only what was imported. IPython's reset also drops the module's dunders, which
@@ -133,9 +139,10 @@ class StageKernel:
     stages' own work on a short movie and ~70 s of a six-stage run. Between notebooks the kernel
     is reset (:data:`_FRESH_NAMESPACE`), so a notebook still sees only the names it defines, as
     a user running it alone in JupyterLab would; imported modules and loaded models stay, which
-    is the saving. nbclient starts the kernel with the first notebook (after papermill has
-    written the notebook's first copy, so a failing write leaves no kernel behind) and leaves it
-    running because it does not own the manager; a kernel that died is replaced.
+    is the saving. The run starts the kernel ahead of its first notebook (:meth:`start`;
+    otherwise nbclient starts it with the first notebook), and nbclient leaves it running because
+    it does not own the manager; a kernel that died is replaced. :meth:`close` ends it whatever
+    happened, a failed notebook write included.
     """
 
     def __init__(self, kernel_name: str):
@@ -143,6 +150,23 @@ class StageKernel:
         self._km: Any = None
         self.notebooks = 0
         self.fresh = True  # whether the last notebook got a kernel not started before
+
+    def start(self) -> None:
+        """Start the kernel now, before the first notebook needs it.
+
+        Why: a kernel takes ~1.9 s on 2 cores to start and answer (interpreter, ipykernel,
+        ZeroMQ), and the run's own process meanwhile probes the movie, checks the stages and
+        imports papermill (~1 s) on the other core; started here, the two overlap instead of
+        following each other. Started as nbclient would start it (same working folder and
+        arguments), so nbclient simply connects to it.
+        """
+        from jupyter_core.utils import run_sync
+
+        if self._km is None:
+            self._km = self._new_manager()
+            self.notebooks = 0
+        if not self._km.has_kernel:
+            run_sync(self._km.start_kernel)(extra_arguments=KERNEL_ARGUMENTS, cwd=str(notebook_dir()))
 
     def manager(self) -> Any:
         """The kernel manager for the next notebook: the running kernel, reset, or a new one."""
@@ -153,7 +177,7 @@ class StageKernel:
         if self._km is None:
             self._km = self._new_manager()
             self.notebooks = 0
-        self.fresh = not self._km.has_kernel
+        self.fresh = not self._km.has_kernel or not self.notebooks
         if not self.fresh and self.notebooks:
             self._reset()
         self.notebooks += 1
@@ -270,9 +294,7 @@ def execute_stage_notebook(
             # with the error marked when a cell fails; the stage's own bar shows its progress.
             request_save_on_cell_execute=False,
             cwd=str(source.parent),
-            # ipykernel warns on every start that its local TCP sockets are unencrypted; that is
-            # noise on a user's terminal. Errors in cells still come back through papermill.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            extra_arguments=KERNEL_ARGUMENTS,
             **engine,
         )
     except PapermillExecutionError as exc:
@@ -331,6 +353,8 @@ def run_movie(
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     kernel = StageKernel(cfg.run.kernel)
     try:
+        if force or any(stage_state(pipeline, run, s, cfg)[0] != "done" for s in stages):
+            kernel.start()  # boots while this process checks the stages and imports papermill
         for stage in stages:
             state, reason = stage_state(pipeline, run, stage, cfg)
             if state == "done" and not force:
