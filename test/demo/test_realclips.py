@@ -4,6 +4,7 @@ duplicate search, deterministic by seed."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,3 +87,15 @@ def test_a_shorter_loop_is_cut_from_a_longer_one_made_before(tmp_path, monkeypat
     realclips.movie_of(realclips.Params(minutes=0.1, width=160, height=90, seed=4), tmp_path)
     realclips.movie_of(realclips.Params(minutes=0.1, width=320, height=180, seed=3), tmp_path)
     assert len(rendered) == 2
+
+
+def test_a_whole_number_of_minutes_names_one_movie():
+    # A movie made with minutes=60 is the one the benchmarks ask for with 60.0: rendering an hour
+    # of 1080p again for a different spelling of the same number costs an hour on 2 cores.
+    whole = realclips.released(realclips.Params(minutes=60, width=1920, height=1080, seed=0))
+    assert realclips.movie_name(whole, HAMILTON) == realclips.movie_name(
+        replace(whole, minutes=60.0), HAMILTON
+    )
+    assert realclips.movie_name(whole, HAMILTON) != realclips.movie_name(
+        replace(whole, minutes=30.0), HAMILTON
+    )

@@ -143,6 +143,8 @@ class Params:
     def digest(self, source: Path) -> str:
         st = source.stat()
         doc = {**asdict(self), "version": VERSION, "source": [source.name, st.st_size]}
+        # minutes=60 and minutes=60.0 are one movie (the benchmarks parse floats): one name.
+        doc["minutes"] = float(doc["minutes"])
         # Settings added later leave the names of movies made without them unchanged.
         for key, default in (("subtitles_p", 0.0), ("titles", False)):
             if doc[key] == default:
