@@ -200,12 +200,16 @@ class CharactersConfig(_Section):
 
     reference_dir: str | None = None
     frames: Literal["kept", "all"] = "kept"
-    model: Literal["hog", "cnn"] = "hog"
+    detector: Literal["hog", "cnn", "mediapipe", "mtcnn"] = "mtcnn"
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    align: Literal["dlib", "detector"] = "dlib"
     detect_width: int = Field(640, ge=0, le=8192)
     upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
     min_face_px: int = Field(40, ge=0, le=4096)
+    trust_min_px: int = Field(48, ge=0, le=4096)
+    trust_max_yaw: float = Field(0.6, gt=0.0, le=2.0)
     tolerance: float = Field(0.6, gt=0.0, le=2.0)
     adaptive_thresholds: bool = True
     min_threshold: float = Field(0.45, gt=0.0, le=2.0)
