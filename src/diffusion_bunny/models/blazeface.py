@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from diffusion_bunny.models.face_detect import Detection, clip_box, package_file
+from diffusion_bunny.models.face_common import Detection, clip_box, package_file
 
 MEDIAPIPE_DIR = "modules/face_detection"
 

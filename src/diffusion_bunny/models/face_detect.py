@@ -17,34 +17,17 @@ dlib's 68-point shape predictor, which the encoder runs on their boxes anyway.
 from __future__ import annotations
 
 import functools
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.face_common import LANDMARKS, Detection, clip_box, package_file
+
+__all__ = ["DETECTORS", "LANDMARKS", "Detection", "FaceDetector", "clip_box", "make_detector", "package_file"]
 
 #: The detector names ``characters.detector`` takes.
 DETECTORS = ("hog", "cnn", "mediapipe", "mtcnn")
-#: The 5 landmarks, in image terms (``eye_left`` is the eye on the image's left, the person's
-#: right eye). BlazeFace gives the mouth's centre only: both mouth points are that centre.
-LANDMARKS = ("eye_left", "eye_right", "nose", "mouth_left", "mouth_right")
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One face: ``box`` (top, right, bottom, left) in the pixels of the image searched, the
-    detector's confidence, and ``landmarks`` as a (5, 2) array of x, y (:data:`LANDMARKS`)."""
-
-    box: tuple[int, int, int, int]
-    score: float
-    landmarks: np.ndarray
-
-    @property
-    def height(self) -> int:
-        return self.box[2] - self.box[0]
 
 
 class FaceDetector(Protocol):
@@ -55,26 +38,6 @@ class FaceDetector(Protocol):
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in an RGB uint8 image, boxes clipped to it."""
         ...
-
-
-def package_file(package: str, relative: str, *, distribution: str | None = None) -> Path:
-    """A model file shipped inside an installed package, found without importing the package
-    (mediapipe's ``__init__`` would need protobuf < 5). One line naming the package and how to
-    reinstall it when the package or the file is missing."""
-    dist = distribution or package
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the package {dist} is not installed; `uv sync` installs it "
-            f"(reinstall: `uv sync --reinstall-package {dist}`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise ModelError(
-            f"the model file {relative} is missing from the installed {dist} package ({path}); "
-            f"reinstall it: `uv sync --reinstall-package {dist}`"
-        )
-    return path
 
 
 def require(name: str) -> None:
@@ -97,18 +60,6 @@ def require(name: str) -> None:
     # Every detector's faces are encoded by dlib's ResNet.
     for model in ("cnn_detector", "encoder") if name == "cnn" else ("encoder",):
         dlib_faces.model_path(model)
-
-
-def clip_box(box: tuple[float, float, float, float], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """A (top, right, bottom, left) box rounded and clipped to an image of ``shape``."""
-    top, right, bottom, left = box
-    height, width = shape[:2]
-    return (
-        max(0, round(top)),
-        min(width, round(right)),
-        min(height, round(bottom)),
-        max(0, round(left)),
-    )
 
 
 class DlibDetector:

@@ -30,7 +30,7 @@ import numpy as np
 
 from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.media.images import laplacian_variance
-from diffusion_bunny.models.face_detect import Detection
+from diffusion_bunny.models.face_common import Detection
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a

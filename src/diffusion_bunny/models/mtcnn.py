@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_bunny.models.face_detect import Detection, clip_box, package_file
+from diffusion_bunny.models.face_common import Detection, clip_box, package_file
 
 WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 #: Thresholds of the three stages: facenet-pytorch's own (0.6, 0.7, 0.7) but for the last, the
