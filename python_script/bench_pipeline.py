@@ -378,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fixed-only", action="store_true", help="measure the fixed cost alone (no long movie, no ffmpeg)"
     )
     ap.add_argument("--set", action="append", default=[], help="extra config override for every stage")
+    ap.add_argument(
+        "--detectors",
+        default="hog,mediapipe,mtcnn",
+        help="stage 03 again with each face detector on the shortest movie (issue 30; empty: skip)",
+    )
     args = ap.parse_args(argv)
     try:
         return bench(args)
@@ -429,6 +434,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"  ({time.perf_counter() - started:.0f} s for this length)", flush=True)
         runs.append(run)
     report(runs, stages, TARGET_X_DECODE[args.movie])
+    compare_detectors(runs[0], refs, sets, work, args.detectors)  # issue 30
     report_fixed(fixed)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
@@ -456,6 +462,40 @@ def report_fixed(fixed: list[tuple[float, dict[str, float]]]) -> None:
         f"notebooks of the first: {notebooks}) "
         f"(target <= {TARGET_FIXED_S:g})  {'PASS' if median <= TARGET_FIXED_S else 'FAIL'}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 03 per face detector (issue 30)
+
+
+def compare_detectors(length: LengthRun, refs: Path, sets: list[str], work: Path, detectors: str) -> None:
+    """Stage 03 alone again on ``length``'s movie (stages 01-02 done by the separate runs) with
+    each of ``detectors`` (``characters.detector``), forced: wall time, frames searched, faces
+    found and named. A table under the main one."""
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    out = work / "out" / f"{length.minutes:g}min"
+    if not names or not (out / "tables" / "quality.parquet").is_file():
+        return
+    bunny = Path(sys.executable).parent / "bunny"
+    print(f"\nstage 03 per detector on the {length.minutes:g}-min movie (load {os.getloadavg()[0]:.2f}):")
+    print(
+        f"  {'detector':<10} {'wall s':>7} {'frames':>7} {'frames/s':>9} {'faces':>6} {'named':>6} "
+        f"{'low conf':>8}"
+    )
+    for name in names:
+        cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", "characters", "--quiet"]
+        cmd += ["--force", "--characters", str(refs), *sets, "--set", f"characters.detector={name}"]
+        wall, _, rc, _, err, _ = measure(cmd, work / "logs" / "detectors", name)
+        if rc != 0:
+            print(f"  {name:<10} FAILED {_failure(rc, err)}")
+            continue
+        manifest = json.loads((out / "manifests" / "characters.json").read_text())
+        c, f = manifest["counts"], manifest["facts"]
+        print(
+            f"  {name:<10} {wall:7.1f} {c['frames_scanned']:7d} {f.get('frames_per_second') or 0:9.1f} "
+            f"{c['faces']:6d} {c['named_faces']:6d} "
+            f"{c.get('low_confidence_faces', '-'):>8}"
+        )
 
 
 if __name__ == "__main__":

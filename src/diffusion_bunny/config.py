@@ -64,6 +64,8 @@ TEXT_WIDTH = 480
 #: Sections renamed: old name -> new name. The old name still loads (any YAML layer, ``--set``),
 #: mapped to the new one with a warning; the same key under both names in one layer is an error.
 SECTION_ALIASES = {"filtering": "quality"}
+#: Renamed settings, (section, old key) -> new key: an old config still loads, with one warning.
+KEY_ALIASES = {("characters", "model"): "detector"}
 
 
 class _Section(BaseModel):
@@ -200,12 +202,16 @@ class CharactersConfig(_Section):
 
     reference_dir: str | None = None
     frames: Literal["kept", "all"] = "kept"
-    model: Literal["hog", "cnn"] = "hog"
+    detector: Literal["hog", "cnn", "mediapipe", "mtcnn"] = "mtcnn"
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    align: Literal["dlib", "detector"] = "dlib"
     detect_width: int = Field(640, ge=0, le=8192)
     upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
     min_face_px: int = Field(40, ge=0, le=4096)
+    trust_min_px: int = Field(48, ge=0, le=4096)
+    trust_max_yaw: float = Field(0.6, gt=0.0, le=2.0)
     tolerance: float = Field(0.6, gt=0.0, le=2.0)
     adaptive_thresholds: bool = True
     min_threshold: float = Field(0.45, gt=0.0, le=2.0)
@@ -804,6 +810,19 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         # line (a warning would carry its file, line and source line).
         logging.getLogger(__name__).warning(
             "%s: the config section '%s' is now called '%s'; write %s", source, old, new, keys
+        )
+    for (section, old), new in KEY_ALIASES.items():
+        values = out.get(section)
+        if not isinstance(values, dict) or old not in values:
+            continue
+        if new in values:
+            raise ConfigError(
+                f"config error: {source} sets {section}.{old} and {section}.{new}; '{old}' is the old "
+                f"name of '{new}': keep only {section}.{new}"
+            )
+        out = {**out, section: {(new if k == old else k): v for k, v in values.items()}}
+        logging.getLogger(__name__).warning(
+            "%s: the setting %s.%s is now called %s.%s", source, section, old, section, new
         )
     return out
 

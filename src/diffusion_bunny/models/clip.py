@@ -66,7 +66,10 @@ class ClipEmbedder:
             raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=True)
-            self.processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+            # PIL backend, as before torchvision came in (issue 30, through facenet-pytorch):
+            # with torchvision installed transformers picks its torchvision image processor,
+            # whose resize differs slightly, and every stored scene embedding would drift.
+            self.processor = AutoProcessor.from_pretrained(source, local_files_only=True, backend="pil")
         except Exception as exc:  # every failure mode of from_pretrained means "no usable model"
             # transformers' own text for a missing hub id talks about the internet connection,
             # which misleads offline; for a folder that exists, its reason names what is broken.

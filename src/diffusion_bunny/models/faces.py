@@ -30,30 +30,51 @@ import numpy as np
 
 from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.media.images import laplacian_variance
+from diffusion_bunny.models.face_common import Detection
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
 #: small face and a large one are compared at the same scale.
 FACE_SHARPNESS_SIDE = 96
 #: Bump when detection or encoding output changes meaning (invalidates stage 03's cache).
-DETECT_VERSION = 1
+#: 2: the detector is a setting (issue 30); faces carry the detector's score and a yaw measure.
+DETECT_VERSION = 2
+#: dlib's 5-point template (``get_face_chip_details``, the face chip the ResNet was trained on):
+#: outer and inner corner of the eye on the image's right, outer and inner corner of the eye on
+#: its left, bottom of the nose, in units of the chip before padding.
+DLIB_TEMPLATE_5 = np.array(
+    [
+        [0.8595674595992, 0.2134981538014],
+        [0.6460604764104, 0.2289674387677],
+        [0.1205750620789, 0.2137274526848],
+        [0.3340850613712, 0.2290642403242],
+        [0.4901123135679, 0.6277975316475],
+    ]
+)
 
 
 @dataclass(frozen=True)
 class DetectSettings:
     """The settings that change what the detector and encoder return (the cache key)."""
 
-    model: str = "hog"
+    detector: str = "mtcnn"
     detect_width: int = 640
     upsample: int = 1
     num_jitters: int = 1
     landmarks: str = "large"
     min_face_px: int = 40
+    #: The confidence a face needs (None: the detector's own default; dlib's HOG has none).
+    min_score: float | None = None
+    #: What the encoder aligns a face on: ``dlib`` (dlib's shape predictor, ``landmarks``, run on
+    #: the detector's box) or ``detector`` (the detector's own eye centres, :func:`chip_shape`).
+    align: str = "dlib"
 
     @classmethod
     def from_config(cls, cfg: CharactersConfig) -> DetectSettings:
         return cls(
-            model=cfg.model,
+            detector=cfg.detector,
+            min_score=cfg.min_score,
+            align=cfg.align,
             detect_width=cfg.detect_width,
             upsample=cfg.upsample,
             num_jitters=cfg.num_jitters,
@@ -76,6 +97,10 @@ class Face:
     left: int
     encoding: np.ndarray
     sharpness: float
+    #: The detector's confidence (1.0 for dlib's HOG, which gives none).
+    score: float = 1.0
+    #: Head turn from the landmarks (:func:`yaw_of`): 0 frontal, about +-1 in profile.
+    yaw: float = 0.0
 
     @property
     def height(self) -> int:
@@ -106,18 +131,15 @@ def face_sharpness(rgb: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return laplacian_variance(cv2.resize(gray, (side, side), interpolation=interp))
 
 
-def detect_and_encode(
-    rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = None
-) -> list[Face]:
-    """Find the faces of one RGB image and encode each.
+def detect(rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = None) -> list[Detection]:
+    """Find the faces of one RGB image with ``settings.detector``: boxes, scores and 5 landmarks
+    in the image's own pixels, faces under ``min_face_px`` left out.
 
-    The detector looks at a copy scaled down to ``detect_width`` (HOG costs grow with the pixel
-    count, and ``upsample`` doubles the copy as often as asked so that small faces still reach
-    the detector's 80 px window); boxes are mapped back to full-resolution pixels, and the
-    landmarks and descriptor are computed on the full-resolution image, where the face has the
-    most detail.
+    The detector looks at a copy scaled down to ``detect_width`` (every detector's cost grows with
+    the pixel count; dlib's ``upsample`` then doubles the copy as often as asked so that small
+    faces still reach HOG's 80 px window); boxes and landmarks are mapped back to full resolution.
     """
-    from diffusion_bunny.models import dlib_faces as fr
+    from diffusion_bunny.models.face_detect import make_detector
 
     height, width = rgb.shape[:2]
     scale = 1.0
@@ -127,9 +149,13 @@ def detect_and_encode(
         size = (settings.detect_width, max(1, round(height * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     ups = settings.upsample if upsample is None else upsample
-    found = fr.face_locations(np.ascontiguousarray(small), ups, settings.model)
-    boxes: list[tuple[int, int, int, int]] = []
-    for top, right, bottom, left in found:
+    # MTCNN's image pyramid starts at the smallest face wanted (in the copy's pixels), which sets
+    # its cost; 0.8: its boxes run a little inside the forehead-to-chin height min_face_px means.
+    min_face = max(12, int(settings.min_face_px * scale * 0.8))
+    detector = make_detector(settings.detector, ups, min_face, settings.min_score)
+    out: list[Detection] = []
+    for found in detector.detect(np.ascontiguousarray(small)):
+        top, right, bottom, left = found.box
         box = (
             max(0, round(top / scale)),
             min(width, round(right / scale)),
@@ -137,14 +163,88 @@ def detect_and_encode(
             max(0, round(left / scale)),
         )
         if box[2] - box[0] >= settings.min_face_px and box[1] > box[3]:
-            boxes.append(box)
-    if not boxes:
+            out.append(Detection(box, found.score, found.landmarks / scale))
+    return out
+
+
+def chip_shape(box: tuple[int, int, int, int], landmarks: np.ndarray) -> Any:
+    """A dlib 5-point ``full_object_detection`` from a detector's own eye centres, so dlib's
+    encoder aligns the face on the landmarks of whichever detector found it.
+
+    Own code because dlib has no constructor from eye centres: its face chip is a similarity
+    transform fitted to the 5 points of its own 5-point model (eye corners and the bottom of the
+    nose, :data:`DLIB_TEMPLATE_5`). The transform that takes the template's two eye centres onto
+    the detected ones maps the whole template into the image; dlib then fits exactly that
+    transform back. Only the eyes are used: a detector's nose tip and mouth are not the
+    template's subnasale, and two points fix a similarity transform.
+    """
+    import dlib
+
+    left_eye, right_eye = (complex(*landmarks[0]), complex(*landmarks[1]))
+    template = DLIB_TEMPLATE_5[:, 0] + 1j * DLIB_TEMPLATE_5[:, 1]
+    t_left, t_right = template[2:4].mean(), template[0:2].mean()
+    a = (right_eye - left_eye) / (t_right - t_left)
+    mapped = a * (template - t_left) + left_eye
+    top, right, bottom, left = box
+    points = [dlib.point(round(z.real), round(z.imag)) for z in mapped]
+    return dlib.full_object_detection(dlib.rectangle(left, top, right, bottom), points)
+
+
+def yaw_of(eye_left: np.ndarray, eye_right: np.ndarray, nose: np.ndarray) -> float:
+    """How far the head is turned, from three landmarks: the nose's offset from the eyes' midpoint
+    along the line through the eyes, in half eye distances. About 0 facing the camera, +-0.5 at
+    three-quarter, +-1 or more in profile (the nose passes the near eye); capped at +-2."""
+    axis = np.asarray(eye_right, float) - np.asarray(eye_left, float)
+    half = float(np.linalg.norm(axis)) / 2
+    if not np.isfinite(half) or half < 1e-6:
+        return 2.0
+    offset = float(np.dot(np.asarray(nose, float) - (eye_left + eye_right) / 2, axis / (2 * half)))
+    return float(np.clip(offset / half, -2.0, 2.0))
+
+
+def _shape_yaw(shape: Any) -> float:
+    """:func:`yaw_of` from a dlib 68- or 5-point shape (eye centres, nose tip or bottom)."""
+    pts = np.array([(p.x, p.y) for p in shape.parts()], float)
+    if len(pts) == 68:
+        return yaw_of(pts[36:42].mean(0), pts[42:48].mean(0), pts[30])
+    return yaw_of(pts[2:4].mean(0), pts[0:2].mean(0), pts[4])
+
+
+def detect_and_encode(
+    rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = None
+) -> list[Face]:
+    """Find the faces of one RGB image (:func:`detect`) and encode each with dlib's ResNet on the
+    full-resolution image, where the face has the most detail.
+
+    By default (``align: dlib``) every face is aligned on dlib's shape predictor (``landmarks``:
+    68 or 5 points) run on the detector's box, as face_recognition did: on the demo movie a face
+    cut by the frame's top edge came 0.535 from its reference aligned on MTCNN's eye centres and
+    0.213 on the 68 points (every other face within 0.1 either way). ``align: detector`` aligns
+    on the detector's own eye centres (:func:`chip_shape`; dlib's detectors have none and keep the
+    predictor). The head's turn (``yaw``) comes from the detector's landmarks where it has them.
+    Only the faces found are encoded (the ResNet is most of the cost of a frame with faces).
+    """
+    from diffusion_bunny.models import dlib_faces as fr
+
+    found = detect(rgb, settings, upsample=upsample)
+    if not found:
         return []
-    encodings = fr.face_encodings(rgb, boxes, settings.num_jitters, settings.landmarks)
-    return [
-        Face(*box, encoding=np.asarray(enc, dtype=np.float32), sharpness=face_sharpness(rgb, box))
-        for box, enc in zip(boxes, encodings, strict=True)
-    ]
+    encoder = fr.encoder()
+    faces = []
+    for det in found:
+        own = bool(np.isfinite(det.landmarks).all())
+        if own and settings.align == "detector":
+            shape = chip_shape(det.box, det.landmarks)
+        else:
+            shape = fr.raw_face_landmarks(rgb, [det.box], settings.landmarks)[0]
+        yaw = yaw_of(det.landmarks[0], det.landmarks[1], det.landmarks[2]) if own else _shape_yaw(shape)
+        encoding = np.asarray(encoder.compute_face_descriptor(rgb, shape, settings.num_jitters), np.float32)
+        faces.append(
+            Face(
+                *det.box, encoding=encoding, sharpness=face_sharpness(rgb, det.box), score=det.score, yaw=yaw
+            )
+        )
+    return faces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,11 +34,17 @@ from diffusion_bunny.stages.characters.identify import (
     cluster_faces,
     frames_to_scan,
     identify,
+    label_faces,
     link_tracks,
     vote_tracks,
 )
 from diffusion_bunny.stages.characters.stage import check_name
-from diffusion_bunny.stages.characters.tables import FACES_SCHEMA, character_counts, reference_dir
+from diffusion_bunny.stages.characters.tables import (
+    DETECTIONS_SCHEMA,
+    FACES_SCHEMA,
+    character_counts,
+    reference_dir,
+)
 
 EXAMPLES = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
 
@@ -147,6 +153,63 @@ def test_clusters_keep_tracks_together_and_are_numbered_by_size():
     assert cluster_faces(np.zeros((0, 128)), [], 0.5) == []
 
 
+def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():
+    """Issue 30: a face whose encoding cannot be trusted (turned to profile, or tiny) never names
+    itself, even when its encoding sits near a reference; its track can name it, and then it is
+    marked low_confidence."""
+    rng = np.random.default_rng(3)
+    ann = _unit(rng)
+    refs = _refs({"ann": ann})
+    cfg = CharactersConfig()
+    enc = (ann[0] + 0.01).astype(np.float32)
+    # (frame_id, shot, index, height, yaw): three lone faces, then a track of three in shot 9.
+    spec = [
+        ("f0", 0, 0, 120, 0.1),
+        ("f1", 1, 10, 120, 1.3),
+        ("f2", 2, 20, 30, 0.0),
+        ("t0", 9, 30, 120, 0.0),
+        ("t1", 9, 31, 120, 0.2),
+        ("t2", 9, 32, 120, -1.1),
+    ]
+    det = pl.DataFrame(
+        [
+            {
+                "face_id": f"{fid}_00",
+                "frame_id": fid,
+                "top": 10,
+                "right": 10 + h,
+                "bottom": 10 + h,
+                "left": 10,
+                "embedding": enc.tolist(),
+                "sharpness": 1.0,
+                "detector_score": 0.99,
+                "yaw": yaw,
+            }
+            for fid, _, _, h, yaw in spec
+        ],
+        schema=DETECTIONS_SCHEMA,
+    )
+    frames = pl.DataFrame(
+        {
+            "frame_id": [s[0] for s in spec],
+            "shot_id": [s[1] for s in spec],
+            "frame_index": [s[2] for s in spec],
+            "timestamp_s": [s[2] / 25 for s in spec],
+        }
+    )
+    faces = {r["frame_id"]: r for r in label_faces(det, frames, refs, cfg).iter_rows(named=True)}
+    assert faces["f0"]["character"] == "ann" and not faces["f0"]["low_confidence"] and faces["f0"]["trusted"]
+    for fid in ("f1", "f2"):  # profile, tiny: near ann, yet not named
+        assert faces[fid]["nearest"] == "ann" and faces[fid]["character"] is None, faces[fid]
+        assert not faces[fid]["trusted"] and faces[fid]["raw_character"] is None
+        assert faces[fid]["cluster"] is not None  # left for a person, in a cluster
+    assert faces["t2"]["character"] == "ann" and faces["t2"]["low_confidence"] and not faces["t2"]["trusted"]
+    assert not faces["t0"]["low_confidence"] and not faces["t1"]["low_confidence"]
+    # The same faces with trust switched off (any size, any turn): all named by their encoding.
+    loose = CharactersConfig(trust_min_px=0, trust_max_yaw=2.0)
+    assert label_faces(det, frames, refs, loose)["character"].to_list() == ["ann"] * 6
+
+
 def test_names_must_be_usable_folder_names():
     assert check_name("  Grace Hopper ") == "Grace Hopper"
     for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65):
@@ -157,8 +220,11 @@ def test_names_must_be_usable_folder_names():
 def test_config_is_validated():
     with pytest.raises(ConfigError, match=r"characters: min_threshold \(0.7\) must not exceed tolerance"):
         load_config(None, {"characters.min_threshold": 0.7}, root=ROOT / "test")
-    with pytest.raises(ConfigError, match=r"characters\.model"):
-        load_config(None, {"characters.model": "mtcnn"}, root=ROOT / "test")
+    with pytest.raises(
+        ConfigError,
+        match=r"characters\.detector = .retinaface.: Input should be .hog., .cnn., .mediapipe. or .mtcnn.",
+    ):
+        load_config(None, {"characters.detector": "retinaface"}, root=ROOT / "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +330,28 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert facts["frames_detected"] == 0 and facts["frames_cached"] == kept.height
     assert again["character"].to_list() == faces["character"].to_list()
     assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
+
+
+@pytest.mark.parametrize("first", ["hog"])
+def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first):
+    """The cache keys on the detector: another detector never reuses the faces of the last one,
+    and both name the demo's two characters in every frame they are in. (Not mediapipe: it finds
+    a 52-px false face in a shot without anyone, frame 603, and names it grace_hopper at 0.585.)"""
+    run = _copy(demo_run, tmp_path)
+    refs_dir = build_demo_references(tmp_path / "refs")
+    keys = []
+    for detector in (first, "mtcnn"):
+        cfg = _cfg(tmp_path, reference_dir=str(refs_dir), detector=detector)
+        faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+        manifest = run.read_manifest("characters")
+        assert manifest["facts"]["frames_cached"] == 0 and manifest["facts"]["frames_detected"] > 0
+        assert manifest["facts"]["detect_settings"]["detector"] == detector
+        named = {k: v for k, v in manifest["counts"]["characters"].items() if k != "unknown"}
+        assert named == {"astronaut": 4, "grace_hopper": 4}, detector  # a false face stays unknown
+        assert faces.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
+        assert faces["detector_score"].min() > 0.5
+        keys.append(set(run.read_table("face_frames")["detect_key"]))
+    assert keys[0].isdisjoint(keys[1])
 
 
 @pytest.fixture(scope="module")
@@ -421,11 +509,11 @@ def test_hamilton_performer_named_and_audience_not(hamilton, tmp_path):
 
 
 def test_cnn_detector_option_finds_the_same_face(tmp_path):
-    """``characters.model: cnn`` runs dlib's CNN detector (slow on a CPU, so a small photo)."""
+    """``characters.detector: cnn`` runs dlib's CNN detector (slow on a CPU, so a small photo)."""
     rgb = read_rgb(_examples() / "obama.jpg")
     small = cv2.resize(rgb, (240, round(240 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA)
-    hog = detect_and_encode(small, DetectSettings(upsample=0, min_face_px=0))
-    cnn = detect_and_encode(small, DetectSettings(model="cnn", upsample=0, min_face_px=0))
+    hog = detect_and_encode(small, DetectSettings(detector="hog", upsample=0, min_face_px=0))
+    cnn = detect_and_encode(small, DetectSettings(detector="cnn", upsample=0, min_face_px=0))
     assert len(hog) == len(cnn) == 1
     assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
     assert cnn[0].sharpness > 0

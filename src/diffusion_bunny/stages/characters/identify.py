@@ -212,6 +212,11 @@ def label_faces(
     enc = np.asarray(base["embedding"].to_list(), dtype=np.float32).reshape(n, -1)
     thresholds = character_thresholds(refs, cfg)
     idn = identify(enc, refs, thresholds)
+    trusted = trusted_faces(base, cfg)
+    # An untrusted face (tiny, or turned too far for dlib's frontal face chip) never names itself:
+    # its encoding can sit near the wrong character's. Its track may still name it (voted below).
+    own = [c if ok else None for c, ok in zip(idn.character, trusted, strict=True)]
+    idn = Identification(own, idn.nearest, idn.nearest_distance, idn.threshold)
     boxes = list(zip(base["top"], base["right"], base["bottom"], base["left"], strict=True))
     tracks = link_tracks(
         base["shot_id"].fill_null(-1).to_list(),
@@ -233,6 +238,7 @@ def label_faces(
     low = named & (
         (distance > threshold - cfg.low_confidence_margin)
         | np.asarray([v != r for v, r in zip(voted, idn.character, strict=True)])
+        | ~trusted
     )
     cluster: list[str | None] = [None] * n
     unknown = np.flatnonzero(~named)
@@ -248,10 +254,20 @@ def label_faces(
         pl.Series("nearest_distance", idn.nearest_distance, dtype=pl.Float64).fill_nan(None),
         pl.Series("threshold", threshold, dtype=pl.Float64).fill_nan(None),
         pl.Series("low_confidence", low, dtype=pl.Boolean),
+        pl.Series("trusted", trusted, dtype=pl.Boolean),
         pl.Series("track_id", tracks, dtype=pl.Int64),
         pl.Series("track_size", sizes, dtype=pl.Int64),
         pl.Series("cluster", cluster, dtype=pl.Utf8),
     ).select(list(FACES_SCHEMA))
+
+
+def trusted_faces(faces: pl.DataFrame, cfg: CharactersConfig) -> np.ndarray:
+    """Per face: whether its encoding can name it. dlib's ResNet was trained on frontal face
+    chips of 150 px; a face under ``trust_min_px`` or turned beyond ``trust_max_yaw`` (profile)
+    gives an encoding that can sit nearer another person than its own (issue 30)."""
+    height = (faces["bottom"] - faces["top"]).to_numpy()
+    yaw = faces["yaw"].fill_null(0.0).to_numpy() if "yaw" in faces.columns else np.zeros(faces.height)
+    return (height >= cfg.trust_min_px) & (np.abs(yaw) <= cfg.trust_max_yaw)
 
 
 def frame_face_sharpness(faces: pl.DataFrame) -> pl.DataFrame:

@@ -134,3 +134,71 @@ def face_sheet(
         shown = f"{min(members.height, max_per_group)} of {members.height}"
         blocks.append(Block(tiles, title=f"{name}  ({shown} faces, {low} low confidence)"))
     return tile_sheet(blocks, Layout((side, side), min(columns, max_per_group)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector preview (issue 30)
+
+
+def preview_frame_ids(frames: pl.DataFrame, faces: pl.DataFrame, n: int = 4) -> list[str]:
+    """``n`` frames to try a detector on: the frames with the most faces first (where detectors
+    differ most), then frames spread over the movie."""
+    busiest = (
+        faces.group_by("frame_id")
+        .len()
+        .sort(["len", "frame_id"], descending=[True, False])["frame_id"]
+        .to_list()
+        if faces.height
+        else []
+    )
+    picked = busiest[: max(1, n // 2)] if busiest else []
+    ids = frames["frame_id"].to_list()
+    step = max(1, len(ids) // max(1, n))
+    for fid in ids[step // 2 :: step]:
+        if len(picked) >= n:
+            break
+        if fid not in picked:
+            picked.append(fid)
+    return picked[:n]
+
+
+def detector_preview(
+    run_dir: Path, frames: pl.DataFrame, frame_ids: list[str], settings, *, width: int = 480
+):
+    """The faces ``settings.detector`` finds on ``frame_ids`` (boxes, landmarks, scores drawn), as
+    one image of the frames side by side in rows of two: what switching the detector changes."""
+    import cv2
+    import numpy as np
+
+    from diffusion_bunny.models.faces import detect, read_rgb
+
+    paths = dict(frames.select("frame_id", "path").iter_rows())
+    tiles = []
+    for fid in frame_ids:
+        rgb = read_rgb(Path(run_dir) / paths[fid])
+        if rgb is None:
+            continue
+        found = detect(rgb, settings)
+        canvas = rgb.copy()
+        thick = max(1, rgb.shape[1] // 320)
+        for det in found:
+            top, right, bottom, left = det.box
+            cv2.rectangle(canvas, (left, top), (right, bottom), (255, 140, 0), thick)
+            for x, y in det.landmarks:
+                if np.isfinite(x):
+                    cv2.circle(canvas, (round(x), round(y)), thick + 1, (0, 255, 0), -1)
+            cv2.putText(
+                canvas, f"{det.score:.2f}", (left, max(12, top - 4)), 0, 0.4 * thick, (255, 140, 0), thick
+            )
+        scale = width / canvas.shape[1]
+        small = cv2.resize(canvas, (width, round(canvas.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        cv2.putText(small, f"{fid}: {len(found)} face(s)", (6, 18), 0, 0.5, (255, 255, 255), 1)
+        tiles.append(small)
+    if not tiles:
+        return Image.new("RGB", (width, 40))
+    height = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0))) for t in tiles]
+    if len(tiles) % 2:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i : i + 2], axis=1) for i in range(0, len(tiles), 2)]
+    return Image.fromarray(np.concatenate(rows, axis=0))

@@ -39,6 +39,7 @@ from diffusion_bunny.config import Config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import crop_region
+from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
@@ -98,9 +99,11 @@ def _workers_without_main_script() -> Iterator[None]:
 
 
 def _init_worker() -> None:
-    # One OpenCV thread per process: the pool already uses every core.
+    # One OpenCV (and torch, for MTCNN: read when torch is first imported) thread per process:
+    # the pool already uses every core.
     import cv2
 
+    os.environ["OMP_NUM_THREADS"] = "1"
     cv2.setNumThreads(1)
 
 
@@ -121,7 +124,8 @@ def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
         return frame_id, "failed", [], f"{type(exc).__name__}: {exc}"
     faces.sort(key=lambda f: (f.left, f.top))
     found = [
-        (f.top + top, f.right + left, f.bottom + top, f.left + left, f.encoding, f.sharpness) for f in faces
+        (f.top + top, f.right + left, f.bottom + top, f.left + left, f.encoding, f.sharpness, f.score, f.yaw)
+        for f in faces
     ]
     return frame_id, "ok", found, None
 
@@ -131,7 +135,11 @@ def _reusable(
 ) -> tuple[set[str], pl.DataFrame]:
     """Frames whose detections from the last run still hold (same detector settings, same file
     size, same region searched) and those detections."""
-    if previous is None or "region" not in previous[1].columns:
+    if (
+        previous is None
+        or "region" not in previous[1].columns
+        or not set(DETECTIONS_SCHEMA) <= set(previous[0].columns)
+    ):
         return set(), pl.DataFrame(schema=DETECTIONS_SCHEMA)
     old_faces, old_frames = previous
     ok = old_frames.filter(
@@ -236,7 +244,7 @@ def detect_faces(
                 "region": sizes[fid][1],
             }
         )
-        for k, (top, right, bottom, left, enc, sharp) in enumerate(faces):
+        for k, (top, right, bottom, left, enc, sharp, det_score, yaw) in enumerate(faces):
             new_faces.append(
                 {
                     "face_id": f"{fid}_{k:02d}",
@@ -247,6 +255,8 @@ def detect_faces(
                     "left": left,
                     "embedding": np.asarray(enc, np.float32).tolist(),
                     "sharpness": float(sharp),
+                    "detector_score": float(det_score),
+                    "yaw": float(yaw),
                 }
             )
     detections = pl.concat([cached_faces, pl.DataFrame(new_faces, schema=DETECTIONS_SCHEMA)])
@@ -282,6 +292,7 @@ def compute(ctx: Context) -> StageOutput:
     if old_faces is not None and old_frames is not None:
         previous = (old_faces, old_frames)
     settings = DetectSettings.from_config(cfg)
+    require_detector(settings.detector)
     scan = frames_to_scan(frames, quality, cfg)
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
@@ -321,6 +332,7 @@ def compute(ctx: Context) -> StageOutput:
         "faces": faces.height,
         "named_faces": int(faces["character"].is_not_null().sum()),
         "unknown_faces": int(faces["character"].is_null().sum()),
+        "low_confidence_faces": int(faces["low_confidence"].sum()),
         "clusters": int(faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0))
         if faces.height
         else 0,

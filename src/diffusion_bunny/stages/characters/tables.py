@@ -23,6 +23,10 @@ DETECTIONS_SCHEMA = {
     "left": pl.Int64,
     "embedding": pl.List(pl.Float32),
     "sharpness": pl.Float64,
+    #: The detector's confidence (1.0 from dlib's HOG, which gives none).
+    "detector_score": pl.Float64,
+    #: Head turn from the landmarks (models.faces.yaw_of): 0 facing the camera, 1+ in profile.
+    "yaw": pl.Float64,
 }
 LABEL_SCHEMA = {
     "shot_id": pl.Int64,
@@ -35,6 +39,9 @@ LABEL_SCHEMA = {
     "nearest_distance": pl.Float64,
     "threshold": pl.Float64,
     "low_confidence": pl.Boolean,
+    #: The face is large and frontal enough for its own encoding to name it
+    #: (characters.trust_min_px, trust_max_yaw).
+    "trusted": pl.Boolean,
     "track_id": pl.Int64,
     "track_size": pl.Int64,
     "cluster": pl.Utf8,

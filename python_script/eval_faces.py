@@ -1,0 +1,191 @@
+"""Stage 03's face detectors side by side on the face truth set (issue 30): recall and precision
+(IoU >= 0.4), recall by face size, pose and kind of frame, and frames/s at 720p on 2 cores.
+
+Every setting runs stage 03's own detection (:func:`diffusion_bunny.models.faces.detect`) on the
+44 frames of ``test/stages/characters/data/face_truth/`` (faces counted and boxed by hand, frames
+with no face; ``python_script/make_face_truth.py`` made them). The frames are stored at 640 px,
+the width the detectors look at, and stand for 720p frames (``min_face_px`` is halved on them).
+
+Speed: the same frames scaled and padded to 1280x720 JPEGs, read, searched and (second figure)
+every face found encoded, on a pool of ``--workers`` processes (default 2) warmed first: the
+steady rate of stage 03's per-frame step. The machine's load average is printed beside it.
+
+Targets (issue 30, item 4): recall >= 0.9 on faces >= 32 px, precision >= 0.95, and the step with
+encodings >= 30 frames/s. ``--write`` stores the table in ``face_truth/eval_results.json``, which
+the README and notebook 03 show. ``--fit-boxes`` prints the median box moves that take
+MediaPipe's boxes onto the truth's (models/blazeface.py ``BOX_TO_FACE``), fitted on the frames
+of the sources that are not held out.
+
+    uv run python python_script/eval_faces.py [--only hog,mediapipe] [--speed-repeat 2]
+        [--workers 2] [--no-speed] [--write] [--fit-boxes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from diffusion_bunny.demo import face_truth as ft
+from diffusion_bunny.models.faces import DetectSettings
+
+TARGET_RECALL, TARGET_PRECISION, TARGET_FPS = 0.9, 0.95, 30.0
+BASE = DetectSettings()
+#: (label, settings): every detector, and the settings of each worth seeing.
+SETTINGS = [
+    ("hog", replace(BASE, detector="hog")),
+    ("hog upsample=2", replace(BASE, detector="hog", upsample=2)),
+    ("cnn upsample=0", replace(BASE, detector="cnn", upsample=0)),
+    ("mediapipe", replace(BASE, detector="mediapipe")),
+    ("mediapipe min_score=0.5", replace(BASE, detector="mediapipe", min_score=0.5)),
+    ("mediapipe min_score=0.75", replace(BASE, detector="mediapipe", min_score=0.75)),
+    ("mtcnn", replace(BASE, detector="mtcnn")),
+    ("mtcnn min_score=0.7", replace(BASE, detector="mtcnn", min_score=0.7)),
+    ("mtcnn min_face_px=64", replace(BASE, detector="mtcnn", min_face_px=64)),
+]
+COLUMNS = [
+    ("recall", "recall"),
+    ("precision", "prec"),
+    (">=32", "R>=32"),
+    ("<32", "R<32"),
+    ("32-63", "32-63"),
+    ("64-127", "64-127"),
+    ("128+", "128+"),
+    ("frontal", "front"),
+    ("three-quarter", "3/4"),
+    ("profile", "prof"),
+    ("down", "down"),
+]
+KIND_COLUMNS = [(f"kind:{k}", k) for k in ft.KINDS if k != "noface"]
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def meets(row: dict) -> bool:
+    fps = row.get("fps_encode")
+    return (
+        (row[">=32"] or 0) >= TARGET_RECALL
+        and (row["precision"] or 0) >= TARGET_PRECISION
+        and fps is not None
+        and fps >= TARGET_FPS
+    )
+
+
+def fmt(value: object, width: int) -> str:
+    if value is None:
+        return "-".rjust(width)
+    if isinstance(value, float):
+        return f"{value:.2f}".rjust(width) if value <= 1.0 else f"{value:.1f}".rjust(width)
+    return str(value).rjust(width)
+
+
+def table(rows: list[dict]) -> str:
+    """The table as eval_faces.py prints it (and the README shows)."""
+    label_w = max(len(r["setting"]) for r in rows)
+    head = ["setting".ljust(label_w), *(h.rjust(6) for _, h in COLUMNS), "false", "fps", "fps+enc", "target"]
+    lines = ["  ".join(head)]
+    for r in rows:
+        cells = [r["setting"].ljust(label_w), *(fmt(r[k], 6) for k, _ in COLUMNS)]
+        cells += [fmt(r["false"], 5), fmt(r.get("fps_detect"), 3), fmt(r.get("fps_encode"), 7)]
+        cells.append("MEETS" if meets(r) else "-")
+        lines.append("  ".join(cells))
+    lines.append("")
+    lines.append("recall by kind of frame:")
+    lines.append("  ".join(["setting".ljust(label_w), *(h.rjust(6) for _, h in KIND_COLUMNS)]))
+    for r in rows:
+        lines.append("  ".join([r["setting"].ljust(label_w), *(fmt(r[k], 6) for k, _ in KIND_COLUMNS)]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated setting labels or detector names to run")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of the speed figure")
+    ap.add_argument("--speed-repeat", type=int, default=2, help="passes over the 44 frames per speed figure")
+    ap.add_argument("--no-speed", action="store_true", help="recall and precision only")
+    ap.add_argument("--write", action="store_true", help=f"store the table in face_truth/{ft.RESULTS_FILE}")
+    ap.add_argument("--fit-boxes", action="store_true", help="print MediaPipe's box moves onto the truth")
+    args = ap.parse_args(argv)
+    # The in-process half (recall) on one thread, as stage 03's pool workers run: torch's own
+    # threads fighting over two shared cores made MTCNN ten times slower here.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run the settings ``args`` asks for, print the table (and store it with ``--write``)."""
+    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+    settings = [(lbl, s) for lbl, s in SETTINGS if not wanted or lbl in wanted or s.detector in wanted]
+    if not settings:
+        print(
+            f"error: --only names no setting; labels: {', '.join(lbl for lbl, _ in SETTINGS)}",
+            file=sys.stderr,
+        )
+        return 2
+    truth = ft.load_truth()
+    fit_files, held = ft.held_out_files(truth)
+    print(
+        f"face truth set: {len(truth['frames'])} frames; "
+        f"load average at start: {load()} ({os.cpu_count()} cores)"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eval_faces_") as tmp:
+        paths = ft.write_720p(Path(tmp), truth) if not args.no_speed else []
+        for label, s in settings:
+            started = time.perf_counter()
+            found = ft.detect_truth(s, truth)
+            if args.fit_boxes and s.detector == "mediapipe":
+                print(
+                    f"{label}: box moves onto the truth (fit frames): "
+                    f"{ft.box_offsets(truth, found, fit_files)}"
+                )
+            row = {"setting": label, "settings": asdict(s), **ft.summary_row(ft.score(truth, found))}
+            row["held_out_recall"] = ft.score(truth, found, frames=held).recall
+            if not args.no_speed:
+                # dlib's CNN takes about a second a frame on one core: fewer frames for it.
+                sample = paths[:12] if s.detector == "cnn" else paths
+                repeat = 1 if s.detector == "cnn" else args.speed_repeat
+                row["fps_detect"] = round(
+                    ft.frames_per_second(s, sample, workers=args.workers, encode=False, repeat=repeat), 1
+                )
+                row["fps_encode"] = round(
+                    ft.frames_per_second(s, sample, workers=args.workers, repeat=repeat), 1
+                )
+                row["load"] = load()
+            rows.append(row)
+            print(f"  {label}: {time.perf_counter() - started:.0f} s (load {load()})", flush=True)
+    print()
+    print(table(rows))
+    print(
+        f"\nload average at end: {load()}; fps: frames/s of 1280x720 JPEGs on {args.workers} worker processes"
+    )
+    if args.write:
+        out = ft.truth_dir() / ft.RESULTS_FILE
+        doc = {
+            "about": "python_script/eval_faces.py --write: stage 03's detectors on the face truth set",
+            "workers": args.workers,
+            "cpu_count": os.cpu_count(),
+            "targets": {"recall>=32": TARGET_RECALL, "precision": TARGET_PRECISION, "fps": TARGET_FPS},
+            "rows": rows,
+            "table": table(rows),
+        }
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
