@@ -648,6 +648,21 @@ class EngineConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, le=4096)
     cpus_per_movie: float = Field(1.0, gt=0.0, le=4096.0)
     object_store_mb: int = Field(256, ge=75, le=1_000_000)
+    #: Seconds one movie's Ray task may take; None: ``pipeline.stage_timeout_s`` per stage run.
+    task_timeout_s: float | None = Field(None, gt=0.0, le=366 * 86_400.0)
+
+
+class PipelineConfig(_Section):
+    """How any run behaves, whatever its stages: how long a stage notebook may take before it
+    counts as hung, and when another machine's lock on a run folder counts as abandoned. Not part
+    of any stage's config hash."""
+
+    #: Seconds one stage notebook may run before its kernel is stopped (None: no limit). A day:
+    #: far above any stage on a feature film, so only a hang reaches it; raise it for long
+    #: trainings on a CPU.
+    stage_timeout_s: float | None = Field(86_400.0, gt=0.0, le=366 * 86_400.0)
+    #: Seconds without a heartbeat after which another host's lock on a run folder is taken over.
+    lock_stale_s: float = Field(120.0, ge=10.0, le=86_400.0)
 
 
 class Config(_Section):
@@ -664,6 +679,7 @@ class Config(_Section):
     generation: GenerationConfig = GenerationConfig()
     report: ReportConfig = ReportConfig()
     engine: EngineConfig = EngineConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def filtering(self) -> QualityConfig:

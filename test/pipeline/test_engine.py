@@ -12,6 +12,7 @@ uses; ``bunny run`` then finds Ray initialised and runs on that cluster. Startin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from clips import write_clip
+from kernels import sleepy_kernel
 
 from diffusion_bunny import logs
 from diffusion_bunny.cli import main
@@ -38,12 +40,17 @@ def movies(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster with 2 worker CPUs and a small object store, no dashboard."""
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster with 2 worker CPUs and a small object store, no dashboard. Its workers
+    start with the environment of this moment, so the ``sleepy`` kernel of the hang test (which
+    sleeps only in movie b's run folder and only when a run asks for it) is set up here."""
     from diffusion_bunny.pipeline.engine import start_ray
 
     cfg = load_config(None, {"engine.num_cpus": 2, "engine.object_store_mb": 100})
-    assert start_ray(cfg) is True
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _hang_env(tmp_path_factory.mktemp("ray_kernels")).items():
+            mp.setenv(key, value)
+        assert start_ray(cfg) is True
     import ray
 
     assert ray.cluster_resources()["CPU"] == 2
@@ -161,6 +168,52 @@ def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, extracte
     _check_bug_isolated(movies, out, code, capsys.readouterr().err)
 
 
+def _hang_env(tmp_path: Path) -> dict[str, str]:
+    """The ``sleepy`` kernel (test/kernels.py), hanging only in movie b's run folder."""
+    sleepy_kernel(tmp_path / "jupyter")
+    return {
+        "JUPYTER_PATH": str(tmp_path / "jupyter"),
+        "SLEEPY_MARK": str(tmp_path / "kernel"),
+        "SLEEPY_ONLY": "/b-",
+        "SLEEPY_S": "600",
+    }
+
+
+def _b_not_extracted(movies: Path, extracted: Path, out: Path) -> None:
+    """Movie a through stage 01 (up to date: a rerun starts no kernel), movie b not yet."""
+    shutil.copytree(extracted, out)
+    shutil.rmtree(out / movie_id(movies / "b.mp4"))
+
+
+def test_local_engine_a_hung_movie_is_stopped_and_the_batch_goes_on(
+    movies, extracted, tmp_path, monkeypatch, capsys
+):
+    """Issue 31.4: a stage notebook past pipeline.stage_timeout_s has its kernel (and the kernel's
+    children) stopped; the movie is reported in one line like a failed one, the others finish,
+    the combined report lists it, exit status 2."""
+    out = tmp_path / "out"
+    _b_not_extracted(movies, extracted, out)
+    for key, value in _hang_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    args = ["run", str(movies), "--out", str(out), "--stages", "extract", "--engine", "local", "--quiet"]
+    code = main([*args, "--set", "run.kernel=sleepy", "--set", "pipeline.stage_timeout_s=8"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and "1 of 2 movies failed" in lines[1], err
+    assert "stage extract did not finish within pipeline.stage_timeout_s = 8 s" in lines[0], err
+    assert "Traceback" not in err
+    kernel_pid = int((tmp_path / "kernel").read_text())
+    assert (tmp_path / "kernel.stage").is_file()  # it was stopped inside the stage, not before
+    with pytest.raises(ProcessLookupError):
+        os.kill(kernel_pid, 0)
+    table = pl.read_parquet(out / "report" / "movies.parquet")
+    rows = {r["movie"]: r for r in table.iter_rows(named=True)}
+    assert rows["a.mp4"]["extract"] == "done" and rows["a.mp4"]["error"] is None
+    assert "did not finish within" in rows["b.mp4"]["error"] and rows["b.mp4"]["extract"] == "missing"
+
+
 def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     """--address that no cluster answers at: one line naming --address, exit 2, at once (Ray's
     own connection attempts would take minutes)."""
@@ -274,3 +327,19 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
         ["run", str(movies), "--out", str(bugs), "--stages", "quality,report", "--engine", "ray", "--quiet"]
     )
     _check_bug_isolated(movies, bugs, code, capsys.readouterr().err)
+
+    # Issue 31.4: a movie whose task runs past engine.task_timeout_s is cancelled and reported
+    # like a failed one; the others finish (movie a: up to date, no kernel), exit status 2.
+    hung = tmp_path / "hung"
+    _b_not_extracted(movies, extracted, hung)
+    capsys.readouterr()
+    args = ["run", str(movies), "--out", str(hung), "--stages", "extract", "--engine", "ray", "--quiet"]
+    code = main([*args, "--set", "run.kernel=sleepy", "--set", "engine.task_timeout_s=20"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (
+        "b.mp4: did not finish within 20 s on Ray and was cancelled" in err and "1 of 2 movies failed" in err
+    )
+    table = pl.read_parquet(hung / "report" / "movies.parquet")
+    rows = {r["movie"]: r for r in table.iter_rows(named=True)}
+    assert rows["a.mp4"]["error"] is None and "was cancelled" in rows["b.mp4"]["error"]

@@ -390,13 +390,13 @@ def run_stage(
 
     Logs what it does to ``diffusion_bunny``'s logger, and (in a kernel or worker ``bunny``
     started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`. Holds the
-    run's lock for the stage throughout (:meth:`Run.stage_lock`: a second runner on the same
-    stage stops at once, naming the holder), and writes the tables under the stage's
-    ``write_lock`` / ``commit`` when its output names one."""
+    run folder throughout (:meth:`Run.lock`: a second run of the folder stops at once, naming the
+    holder; inside ``bunny run`` the stage works under the run's own lock), and writes the tables
+    under the stage's ``write_lock`` / ``commit`` when its output names one."""
     from diffusion_bunny.logs import attach_from_env
 
     attach_from_env()
-    with run.stage_lock(name):
+    with run.lock(f"stage {name}", cfg.pipeline.lock_stale_s):
         return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
 
 

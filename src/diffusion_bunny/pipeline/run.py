@@ -11,13 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import socket
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,10 +64,14 @@ class Run:
     @classmethod
     def create(cls, run_dir: str | Path, movie: str | Path) -> Run:
         """Open (and create if needed) the run folder of ``movie``, removing what killed writers
-        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`)."""
+        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`) unless another
+        process holds the folder (:meth:`lock`)."""
+        from diffusion_bunny.pipeline.lock import may_sweep
+
         run = cls(Path(run_dir).resolve())
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(run.run_dir)
+        if may_sweep(run.run_dir):  # never under another machine's live run (its pids are not ours)
+            sweep_leftovers(run.run_dir)
         meta = {
             "movie": str(Path(movie).resolve()),
             "movie_id": movie_id(movie),
@@ -113,39 +114,14 @@ class Run:
             )
         return meta
 
-    @contextlib.contextmanager
-    def stage_lock(self, stage: str) -> Iterator[None]:
-        """Held while one process runs ``stage`` on this run folder, so a notebook and
-        ``bunny run`` (or two runners) never write one stage's results at once.
+    def lock(self, what: str = "", lease_s: float | None = None) -> contextlib.AbstractContextManager[Any]:
+        """Hold this run folder for the block: one run of it at a time, across processes and
+        machines sharing the disk (:func:`diffusion_bunny.pipeline.lock.run_lock`). A second
+        holder stops at once with :class:`~diffusion_bunny.pipeline.lock.RunBusy` naming the
+        first (pid and host)."""
+        from diffusion_bunny.pipeline.lock import DEFAULT_LEASE_S, run_lock
 
-        A second runner does not wait: it stops at once with a message naming the process that
-        holds the stage (pid, host, since when), because after the wait it would only find the
-        stage done, or redo it for nothing. The lock is an OS file lock (``filelock``): a killed
-        holder releases it, so a stale lock file never blocks the next run."""
-        from filelock import FileLock, Timeout
-
-        folder = self.run_dir / ".locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        holder = folder / f"{stage}.json"
-        lock = FileLock(str(folder / f"{stage}.lock"), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            try:
-                who = json.loads(holder.read_text())
-                by = f"process {who['pid']} on {who['host']} (since {who['since']})"
-            except (OSError, ValueError, KeyError):
-                by = "another process"
-            raise StageError(
-                f"stage {stage} of {self.run_dir} is being run by {by}; wait for it to finish (or stop "
-                "it), then run again"
-            ) from None
-        try:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
-            atomic_write_bytes(holder, json.dumps(info).encode())
-            yield
-        finally:
-            lock.release()
+        return run_lock(self.run_dir, what=what, lease_s=lease_s or DEFAULT_LEASE_S)
 
     @property
     def movie(self) -> Path:

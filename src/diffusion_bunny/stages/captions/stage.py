@@ -600,8 +600,9 @@ def captions_lock(run_dir: str | Path, timeout: float = 120.0) -> Iterator[None]
         lock.acquire()
     except Timeout:
         raise StageError(
-            f"another process has held the captions lock ({path}) for {timeout:.0f} s; close the other "
-            "notebook or stage run, or delete the lock file if no such process is running"
+            f"another process has held the captions lock ({path}) for {timeout:.0f} s (a notebook saving "
+            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
+            "system releases the lock when that process ends)"
         ) from None
     try:
         yield

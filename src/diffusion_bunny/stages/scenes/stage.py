@@ -471,8 +471,9 @@ def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
             yield
     except Timeout as err:
         raise StageError(
-            f"another process has held the scenes lock ({path}) for {timeout:.0f} s; close the other "
-            "notebook or stage run, or delete the lock file if no such process is running"
+            f"another process has held the scenes lock ({path}) for {timeout:.0f} s (a notebook saving "
+            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
+            "system releases the lock when that process ends)"
         ) from err
 
 
