@@ -495,6 +495,7 @@ class TrainingConfig(_Section):
     validation_prompts: tuple[str, ...] = ()
     validation_inference_steps: int = Field(8, ge=1, le=1000)
     output_dir: str | None = None
+    start_over: bool = False
     tensorboard: bool = True
     seed: int = Field(0, ge=0)
     # FLUX.1 / SD3.5 only (see stages/train/flow.py)

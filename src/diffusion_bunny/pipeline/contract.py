@@ -208,6 +208,9 @@ class Stage:
     inputs: Callable[[Run, ConfigView], dict[str, Any]] | None = None
     #: The report: every table of the run is an input (any change makes it stale).
     reads_every_table: bool = False
+    #: What the stage keeps beside its outputs, one line each, for ``bunny status`` (stage 07:
+    #: the LoRA of every training configuration, none deleted by a retrain).
+    kept: Callable[[Run, ConfigView], list[str]] | None = None
 
     def package_dir(self) -> Path:
         spec = importlib.util.find_spec(self.package)
