@@ -150,9 +150,10 @@ class FakeLLMServer:
                         "role": "assistant",
                         "model": body.get("model", server.model_name),
                         "content": [{"type": "text", "text": text}] if text else [],
-                        "stop_reason": {"stop": "refusal" if refusal else "end_turn", "length": "max_tokens"}.get(
-                            finish, "refusal"
-                        ),
+                        "stop_reason": {
+                            "stop": "refusal" if refusal else "end_turn",
+                            "length": "max_tokens",
+                        }.get(finish, "refusal"),
                         "stop_sequence": None,
                         "usage": {"input_tokens": 120, "output_tokens": 30},
                     }

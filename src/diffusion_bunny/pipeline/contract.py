@@ -325,9 +325,7 @@ def _present(run: Run, reads: Reads) -> bool:
     if not run.has_table(reads.table):
         return False
     if reads.nonempty:
-        import polars as pl
-
-        return pl.scan_parquet(run.table_path(reads.table)).select(pl.len()).collect().item() > 0
+        return run.table_height(reads.table) > 0
     return True
 
 

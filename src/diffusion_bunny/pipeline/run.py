@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.manifest import table_fingerprint
+from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
     import polars as pl
@@ -164,20 +165,41 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
+        if backup_path(path).is_file():  # a table made by hand: restored from its backup if damaged
+            return read_kept(path)
         return pl.read_parquet(path)
 
     def optional_table(self, name: str) -> pl.DataFrame | None:
         """A table an earlier stage may not have written (its stage is optional or did not run)."""
         return self.read_table(name) if self.has_table(name) else None
 
-    def write_table(self, name: str, df: pl.DataFrame) -> Path:
-        """Write a table atomically (temporary parquet file, then rename)."""
-        return atomic_write_parquet(self.table_path(name), df)
+    def write_table(self, name: str, df: pl.DataFrame, *, backup: bool = False) -> Path:
+        """Write a table atomically (temporary parquet file, then rename). ``backup``: a table a
+        person made (corrections), also copied to ``tables/backup/`` (:mod:`.userwork`); once it
+        has a backup, every later write keeps it up to date."""
+        path = self.table_path(name)
+        if backup or backup_path(path).is_file():
+            return write_kept(path, df)
+        return atomic_write_parquet(path, df)
+
+    def table_height(self, name: str) -> int:
+        """Rows of a table, without reading it when it is not one made by hand (those are read,
+        so a damaged one is restored from its backup first)."""
+        import polars as pl
+
+        path = self.table_path(name)
+        if backup_path(path).is_file():
+            return read_kept(path).height
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Fingerprint of a table (of ``columns`` only, when given): see
-        :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`."""
-        return {"table": name, **table_fingerprint(self.table_path(name), columns)}
+        :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`. A damaged table made by
+        hand is restored from its backup first."""
+        path = self.table_path(name)
+        if path.is_file() and backup_path(path).is_file():
+            read_kept(path)
+        return {"table": name, **table_fingerprint(path, columns)}
 
     def progress_path(self, stage: str) -> Path:
         """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""

@@ -480,3 +480,45 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
         run_stage(run, "captions", _cfg(tmp_path, base), progress=False)
         assert len(srv.requests) == n + 2  # only the two frames the cap left unanswered
         assert set(srv.answered.values()) == {1}
+
+
+# ----------------------------------------------------------------------------------- 31.5
+
+
+def _tear(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a torn file: no parquet footer
+
+
+def test_stages_04_and_05_restore_the_corrections_they_read(board_run, tmp_path):
+    """A damaged feedback or caption_edits used to fail stages 04/05 on every run until deleted;
+    now the stages run on the restored table, with the moves and the typed caption kept."""
+    from diffusion_bunny.pipeline.userwork import backup_path
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, overrides = board_run
+    cfg = load_config(None, overrides, root=tmp_path / "nocfg")
+    clusters = run.read_table("clusters").filter(pl.col("level") == "scene")
+    noise = clusters.filter(pl.col("cluster_id") == "noise")["frame_id"][0]
+    target = clusters.filter(pl.col("cluster_id") != "noise")["cluster_id"][0]
+    move_to_cluster(run.run_dir, noise, target)
+    feedback = run.read_table("feedback")
+    assert backup_path(run.table_path("feedback")).is_file()
+    assert backup_path(run.table_path("clusters")).is_file()
+
+    captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+    frame = captions["frame_id"][0]
+    edit_caption(run.run_dir, frame, "bunnystyle, typed by hand")
+    edits = pl.read_parquet(run.table_path("caption_edits"))
+
+    _tear(run.table_path("feedback"))
+    _tear(run.table_path("caption_edits"))
+    with pytest.warns(UserWarning, match="caption_edits.parquet was damaged"):
+        captions = run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
+    assert captions.filter(pl.col("frame_id") == frame)["caption"][0] == "bunnystyle, typed by hand"
+    assert pl.read_parquet(run.table_path("caption_edits")).equals(edits)
+    with pytest.warns(UserWarning, match="feedback.parquet was damaged"):
+        run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert run.read_table("feedback").equals(feedback)
+    moved = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == noise))
+    assert moved["cluster_id"][0] != "noise"  # the move survived the rerun

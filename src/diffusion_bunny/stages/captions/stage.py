@@ -37,6 +37,7 @@ from diffusion_bunny.errors import BadInputError, ProviderError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.userwork import read_kept, write_kept
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
     ANSWER_STATUSES,
@@ -729,7 +730,7 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
     path = _edits_path(Path(run_dir))
     if not path.is_file():
         return pl.DataFrame(schema=EDIT_SCHEMA)
-    return pl.read_parquet(path)
+    return read_kept(path)  # typed by a person: restored from its backup when damaged
 
 
 def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
@@ -762,7 +763,7 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
             schema=EDIT_SCHEMA,
         )
         edits = pl.concat([read_edits(run_dir), row])
-        atomic_write_parquet(_edits_path(run_dir), edits)
+        write_kept(_edits_path(run_dir), edits)  # with tables/backup/caption_edits.parquet
         captions = apply_edits(captions, row)
         atomic_write_parquet(captions_path, captions)
     return captions

@@ -532,7 +532,7 @@ def move_to_cluster(
         }
         feedback = run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
         feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
-        run.write_table("feedback", feedback)
+        run.write_table("feedback", feedback, backup=True)  # a person's work: kept with a backup
         vectors = None
         if run.has_table("embeddings") and cluster_id != NOISE:
             # The frame's new similarity needs only the vectors of the scene it lands in (its
@@ -542,7 +542,7 @@ def move_to_cluster(
                 "frame_id"
             ]
             vectors = _vectors(run, {frame_id, *members.to_list()})
-        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors))
+        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors), backup=True)
     return event
 
 
