@@ -100,8 +100,35 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, extracted, tmp_
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "could not write" in lines[0] and "File too large" in lines[0], done.stderr
+    assert f"error: could not write {out}/" in lines[0]  # the file, not "a file" (issue 31.6)
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in (out / "tables").glob("*.parquet")} == before
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line(extracted, tmp_path, monkeypatch):
+    """Issue 31.6: a full disk under log/ used to print a traceback per record; now the command
+    does its work, then says it in one line naming the log file, exit status 2. A log folder that
+    cannot be made at all (here /sys, where nothing can be made) stops it before anything runs."""
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    done = _limited_run(["status", str(extracted)], 100)
+    assert done.returncode == 2, done.stderr
+    assert "extract" in done.stdout and "done" in done.stdout  # the status was shown
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write "), done.stderr
+    assert str(tmp_path / "log" / "bunny-") in lines[0] and "File too large" in lines[0]
+    assert "DIFFUSION_BUNNY_LOG_DIR" in lines[0]
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", "/sys/diffusion-bunny-log")
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusion_bunny.cli", "status", str(extracted)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert (
+        done.stderr.startswith("error: could not write /sys/diffusion-bunny-log")
+        and "(nothing ran)" in done.stderr
+    )
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, extracted, tmp_path, capsys):

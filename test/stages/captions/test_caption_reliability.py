@@ -23,7 +23,7 @@ from fake_llm_server import FakeLLMServer, caption_text, image_digest
 from PIL import Image
 
 from diffusion_bunny.config import CaptioningConfig, load_config
-from diffusion_bunny.errors import ConfigError, ProviderError, StageError
+from diffusion_bunny.errors import ConfigError, ProviderError, StageError, StorageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.captions.providers import (
@@ -522,3 +522,43 @@ def test_stages_04_and_05_restore_the_corrections_they_read(board_run, tmp_path)
     assert run.read_table("feedback").equals(feedback)
     moved = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == noise))
     assert moved["cluster_id"][0] != "noise"  # the move survived the rerun
+
+
+# ----------------------------------------------------------------------------------- 31.6
+
+
+def _full_store(monkeypatch):
+    """SQLite's own "database or disk is full": each connection may not grow the file past the
+    pages it has (a page limit stands in for a full disk, which a test cannot make)."""
+    original = CaptionCache._db
+
+    def small(self):
+        db = original(self)
+        db.execute("PRAGMA max_page_count = 1")  # SQLite keeps the pages already there
+        return db
+
+    monkeypatch.setattr(CaptionCache, "_db", small)
+
+
+def test_a_full_answer_store_is_one_line_naming_it(cap_run, tmp_path, monkeypatch):
+    run, overrides = cap_run
+    CaptionCache(run.run_dir / "cache" / "captions").close()  # the store as a first run leaves it
+    _full_store(monkeypatch)
+    with FakeLLMServer() as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__local__base_url=srv.base_url,
+            captioning__concurrency=1,
+        )
+        with pytest.raises(StorageError) as err:
+            run_stage(run, "captions", cfg, progress=False)
+    message = str(err.value)
+    store = run.run_dir / "cache" / "captions" / CaptionCache.FILE
+    assert message.startswith(f"could not write the caption answer store {store}: database or disk is full")
+    assert "\n" not in message and "stored before are kept" in message
+    assert (
+        0 < len(srv.requests) < _kept_frames(run).height
+    )  # it stopped at the first answer it could not keep
+    assert not run.has_table("captions")

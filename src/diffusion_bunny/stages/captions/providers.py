@@ -42,14 +42,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from diffusion_bunny.config import CaptioningConfig
-from diffusion_bunny.errors import ConfigError, ProviderError
+from diffusion_bunny.errors import ConfigError, ProviderError, StorageError, storage_error
 from diffusion_bunny.stages.captions.facts import template_caption
 
 # dspy is imported only through this module (lazily); at first use it would fetch litellm's model
@@ -381,7 +381,6 @@ class CaptionCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / self.FILE
         #: The old diskcache database when it is there and this store is new.
         self.legacy = (self.directory / "cache.db") if (self.directory / "cache.db").is_file() else None
@@ -389,12 +388,44 @@ class CaptionCache:
         self._path = path
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.commit()
+        with self._storage():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            db = self._db()
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.commit()
         if self.legacy is not None and len(self):
             self.legacy = None  # already rebuilt once: nothing more to say
+
+    #: SQLite's answers that mean the disk, not the code: full, read-only, cannot open, I/O.
+    _STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
+
+    @contextlib.contextmanager
+    def _storage(self) -> Iterator[None]:
+        """A full or read-only disk under the store is one line naming it (exit status 2), not a
+        bug: SQLite says so in its own error codes, and the OS in an ``OSError``."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            text = str(exc)
+            if not (
+                name.startswith(self._STORAGE_ERRORS)
+                or any(t in text for t in ("disk is full", "readonly", "unable to open", "disk I/O"))
+            ):
+                raise
+            raise StorageError(
+                f"could not write the caption answer store {self._path}: {text}; free some space or fix "
+                "the permissions (or set captioning.cache_dir), then run the stage again: the answers "
+                "stored before are kept and not asked again"
+            ) from None
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(self._path)
+            error = storage_error(exc, "free some space or fix the permissions (or set captioning.cache_dir)")
+            if error is None:
+                raise
+            raise error from None
 
     def _db(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections must not cross threads)."""
@@ -451,12 +482,13 @@ class CaptionCache:
         return value if isinstance(value, dict) else None
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        db = self._db()
-        with db:  # commits before returning
-            db.execute(
-                "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
-                (key, json.dumps(value, sort_keys=True)),
-            )
+        with self._storage():
+            db = self._db()
+            with db:  # commits before returning
+                db.execute(
+                    "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
+                    (key, json.dumps(value, sort_keys=True)),
+                )
 
     def __len__(self) -> int:
         return int(self._db().execute("SELECT count(*) FROM answers").fetchone()[0])
