@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,23 @@ from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
     import polars as pl
+
+
+@contextlib.contextmanager
+def damaged_table(path: Path) -> Iterator[None]:
+    """A stage's table that does not read (damaged on disk) is one line saying how to rebuild
+    it, not a parquet traceback: every stage's table can be computed again (a table a person
+    made is restored from its backup instead, :mod:`.userwork`)."""
+    import polars as pl
+
+    try:
+        yield
+    except pl.exceptions.PolarsError as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise StageError(
+            f"table {path} is damaged ({why}); run the stage that writes it again with --force "
+            "(bunny status names it: its state is stale), and the stages after it"
+        ) from None
 
 
 def slugify(text: str) -> str:
@@ -167,7 +184,8 @@ class Run:
             )
         if backup_path(path).is_file():  # a table made by hand: restored from its backup if damaged
             return read_kept(path)
-        return pl.read_parquet(path)
+        with damaged_table(path):
+            return pl.read_parquet(path)
 
     def optional_table(self, name: str) -> pl.DataFrame | None:
         """A table an earlier stage may not have written (its stage is optional or did not run)."""
@@ -190,7 +208,8 @@ class Run:
         path = self.table_path(name)
         if backup_path(path).is_file():
             return read_kept(path).height
-        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+        with damaged_table(path):
+            return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Fingerprint of a table (of ``columns`` only, when given): see
@@ -199,7 +218,8 @@ class Run:
         path = self.table_path(name)
         if path.is_file() and backup_path(path).is_file():
             read_kept(path)
-        return {"table": name, **table_fingerprint(path, columns)}
+        with damaged_table(path):
+            return {"table": name, **table_fingerprint(path, columns)}
 
     def progress_path(self, stage: str) -> Path:
         """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""
