@@ -133,10 +133,14 @@ def test_local_engine_runs_the_movies_one_after_another_and_resumes(movies, loca
 
 def _break_one_movie(movies: Path, extracted: Path, out: Path) -> None:
     """A copy of both movies through stage 01 (:func:`extracted`), then movie b's ``frames`` table
-    replaced by garbage: stage 02 on b then fails inside its notebook with an error that is no
-    user error (a bug, as far as the runner can tell), while movie a's stage 02 runs normally."""
+    rewritten with no frame paths (a table that reads, but that stage 01 never makes): stage 02 on
+    b then fails inside its notebook with an error that is no user error (a bug, as far as the
+    runner can tell), while movie a's stage 02 runs normally. (A table that does not read at all
+    is a user error since issue 31: one line saying to rebuild it.)"""
     shutil.copytree(extracted, out)
-    (out / movie_id(movies / "b.mp4") / "tables" / "frames.parquet").write_bytes(b"not a parquet file")
+    path = out / movie_id(movies / "b.mp4") / "tables" / "frames.parquet"
+    frames = pl.read_parquet(path)
+    frames.with_columns(pl.lit(None, dtype=pl.Utf8).alias("path")).write_parquet(path)
 
 
 def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
@@ -149,7 +153,7 @@ def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
     assert path is not None and f"(traceback: {path})" in err and f"log: {path}" in err
     text = path.read_text()
     assert "b.mp4: failed with a bug (" in text and "b.mp4 failed with a bug\nTraceback" in text
-    assert "polars.exceptions" in text  # where it broke: reading the garbage table
+    assert "TypeError" in text  # where it broke: a frame without a path
     assert "quality" in _finished(out / movie_id(movies / "a.mp4"))
     table = pl.read_parquet(out / "report" / "movies.parquet")
     assert table["movie"].to_list() == ["a.mp4", "b.mp4"]
