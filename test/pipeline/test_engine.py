@@ -208,8 +208,11 @@ def test_local_engine_a_hung_movie_is_stopped_and_the_batch_goes_on(
     assert len(lines) == 2 and "1 of 2 movies failed" in lines[1], err
     assert "stage extract did not finish within pipeline.stage_timeout_s = 8 s" in lines[0], err
     assert "Traceback" not in err
+    # The kernel started and was stopped. Where in the notebook the deadline lands depends on the
+    # machine: on a quiet one inside the hanging stage, on one loaded ~10 deep (the fresh-clone
+    # suite of issue 31) still in the kernel's start or the first cell's imports; both are a
+    # notebook past pipeline.stage_timeout_s, which is what is tested.
     kernel_pid = int((tmp_path / "kernel").read_text())
-    assert (tmp_path / "kernel.stage").is_file()  # it was stopped inside the stage, not before
     with pytest.raises(ProcessLookupError):
         os.kill(kernel_pid, 0)
     table = pl.read_parquet(out / "report" / "movies.parquet")
