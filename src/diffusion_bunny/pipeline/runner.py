@@ -346,6 +346,8 @@ class _Deadline:
         self.km = km
         self.timeout_s = timeout_s
         self.fired = False
+        self._cancelled = False
+        self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
     def start(self) -> None:
@@ -362,6 +364,13 @@ class _Deadline:
         provisioner = getattr(self.km, "provisioner", None)
         pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
         if not pgid:
+            # Past the deadline with the kernel not launched yet (a machine loaded many deep):
+            # look again in a second rather than let the notebook run unbounded (issue 31).
+            with self._lock:
+                if not self._cancelled:
+                    self._timer = threading.Timer(1.0, self._stop_kernel)
+                    self._timer.daemon = True
+                    self._timer.start()
             return
         self.fired = True
         log.info(
@@ -374,8 +383,10 @@ class _Deadline:
             os.killpg(pgid, signal.SIGKILL)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        with self._lock:
+            self._cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 def run_movie(
