@@ -5,7 +5,10 @@ provider (dspy -> its HTTP engine). Each request is answered by a *behaviour* ta
 script: ``ok`` (a caption in dspy's chat-adapter format, derived from the image so every frame
 gets its own), ``429`` / ``500`` (an error status), ``hang`` (hold the connection until the client
 gives up), ``garbage`` (an answer without the fields asked for), ``echo`` (a 500 whose message
-repeats the request headers, keys included, as a careless proxy does). The server records every request
+repeats the request headers, keys included, as a careless proxy does), and the paid answers that
+carry nothing (issue 31): ``empty`` (no text, finished normally), ``refused`` (a refusal instead of
+text), ``filtered`` (stopped by the content filter) and ``length`` (a reasoning model that spent
+``max_tokens`` before writing any text). The server records every request
 and, for answered ones, which image it captioned, so a test can count paid calls per image.
 """
 
@@ -126,8 +129,13 @@ class FakeLLMServer:
                 digest = images[0] if images else "noimage"
                 if server.delay_s:
                     time.sleep(server.delay_s)
+                finish, refusal = "stop", None
                 if behaviour == "garbage":
                     text = "I cannot follow the format."
+                elif behaviour in {"empty", "refused", "filtered", "length"}:
+                    text = ""
+                    finish = {"filtered": "content_filter", "length": "length"}.get(behaviour, "stop")
+                    refusal = "I can't help with that." if behaviour == "refused" else None
                 else:
                     text = (
                         f"[[ ## caption ## ]]\n{caption_text(digest)}\n\n"
@@ -141,8 +149,11 @@ class FakeLLMServer:
                         "type": "message",
                         "role": "assistant",
                         "model": body.get("model", server.model_name),
-                        "content": [{"type": "text", "text": text}],
-                        "stop_reason": "end_turn",
+                        "content": [{"type": "text", "text": text}] if text else [],
+                        "stop_reason": {
+                            "stop": "refusal" if refusal else "end_turn",
+                            "length": "max_tokens",
+                        }.get(finish, "refusal"),
                         "stop_sequence": None,
                         "usage": {"input_tokens": 120, "output_tokens": 30},
                     }
@@ -155,8 +166,8 @@ class FakeLLMServer:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text or None, "refusal": refusal},
+                                "finish_reason": finish,
                             }
                         ],
                         "usage": {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150},

@@ -58,7 +58,7 @@ def test_layers_later_wins(tmp_path):
         (
             ["extractoin.threshold=3"],
             "unknown key 'extractoin' (allowed here: captioning, characters, engine, export, extraction, "
-            "generation, quality, report, run, scenes, training)",
+            "generation, pipeline, quality, report, run, scenes, training)",
         ),
         (
             ["extraction.method=frames"],

@@ -180,10 +180,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
+    from diffusion_bunny import logs
     from diffusion_bunny.logs import FILE_ONLY, start_cli_log, stop_cli_log
 
     args = _build_parser().parse_args(argv)
-    path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0)
+    try:
+        path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0)
+    except OSError as exc:  # the log file itself cannot be made (read-only or full disk)
+        storage = storage_error(exc, logs.START_ADVICE)
+        if storage is None:
+            raise
+        print(f"error: {storage}", file=sys.stderr)
+        return 2
     log = logging.getLogger("diffusion_bunny.cli")
     started = time.monotonic()
     try:
@@ -194,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = _cmd_demo(args)
         log.info("exit status %d after %.1f s", code, time.monotonic() - started)
+        if logs.failure is not None and code in (0, 2):
+            # The work is done (or stopped on a user error), but its log is incomplete.
+            print(f"error: {logs.failure}", file=sys.stderr)
+            return 2
         return code
     except UserError as exc:
         log.info("user error: %s", exc)

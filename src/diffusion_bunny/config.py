@@ -336,6 +336,8 @@ class CaptioningConfig(_Section):
     breaker_cooldown_s: float = Field(60.0, ge=0.0, le=86_400.0)
     max_tokens: int = Field(300, ge=16, le=8192)
     temperature: float = Field(0.2, ge=0.0, le=2.0)
+    retry: list[Literal["empty", "refused", "truncated", "unparsable"]] = []
+    max_paid_requests: int = Field(10_000, ge=0, le=10_000_000)
     image_max_side: int = Field(768, ge=64, le=4096)
     cache_dir: str | None = None
     close_up_ratio: float = Field(0.3, gt=0.0, le=1.0)
@@ -501,6 +503,7 @@ class TrainingConfig(_Section):
     validation_prompts: tuple[str, ...] = ()
     validation_inference_steps: int = Field(8, ge=1, le=1000)
     output_dir: str | None = None
+    start_over: bool = False
     tensorboard: bool = True
     seed: int = Field(0, ge=0)
     # FLUX.1 / SD3.5 only (see stages/train/flow.py)
@@ -654,6 +657,21 @@ class EngineConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, le=4096)
     cpus_per_movie: float = Field(1.0, gt=0.0, le=4096.0)
     object_store_mb: int = Field(256, ge=75, le=1_000_000)
+    #: Seconds one movie's Ray task may take; None: ``pipeline.stage_timeout_s`` per stage run.
+    task_timeout_s: float | None = Field(None, gt=0.0, le=366 * 86_400.0)
+
+
+class PipelineConfig(_Section):
+    """How any run behaves, whatever its stages: how long a stage notebook may take before it
+    counts as hung, and when another machine's lock on a run folder counts as abandoned. Not part
+    of any stage's config hash."""
+
+    #: Seconds one stage notebook may run before its kernel is stopped (None: no limit). A day:
+    #: far above any stage on a feature film, so only a hang reaches it; raise it for long
+    #: trainings on a CPU.
+    stage_timeout_s: float | None = Field(86_400.0, gt=0.0, le=366 * 86_400.0)
+    #: Seconds without a heartbeat after which another host's lock on a run folder is taken over.
+    lock_stale_s: float = Field(120.0, ge=10.0, le=86_400.0)
 
 
 class Config(_Section):
@@ -670,6 +688,7 @@ class Config(_Section):
     generation: GenerationConfig = GenerationConfig()
     report: ReportConfig = ReportConfig()
     engine: EngineConfig = EngineConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def filtering(self) -> QualityConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class UserError(Exception):
@@ -69,23 +70,26 @@ USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCE
 _USER_OS_TEXTS = tuple(os.strerror(code) for code in sorted(USER_OS_ERRNOS))
 
 
-def storage_error(exc: BaseException) -> StorageError | None:
+#: What to do about a file that cannot be written under a run folder.
+RUN_ADVICE = "free some space, or fix the permissions, or choose another --out (finished stages are kept)"
+
+
+def storage_error(exc: BaseException, advice: str = RUN_ADVICE) -> StorageError | None:
     """The one-line user error for an ``OSError`` a user can fix (see :data:`USER_OS_ERRNOS`),
     or None for any other exception. Earlier results are intact: every write is atomic."""
     if not isinstance(exc, OSError) or exc.errno not in USER_OS_ERRNOS:
         return None
-    where = exc.filename or "a file"
-    return StorageError(
-        f"could not write {where}: {exc.strerror}; free some space, or fix the permissions, or choose "
-        "another --out (finished stages are kept)"
-    )
+    # A copy or a rename names both files; the one written is the second (shutil sets both).
+    where = exc.filename2 or exc.filename or "a file"
+    return StorageError(f"could not write {where}: {exc.strerror}; {advice}")
 
 
 def storage_error_from_text(ename: str, evalue: str) -> StorageError | None:
     """:func:`storage_error` for an error that crossed a kernel boundary as a name and a text."""
     if ename not in ("OSError", "PermissionError", "IOError") or not any(t in evalue for t in _USER_OS_TEXTS):
         return None
-    return StorageError(
-        f"could not write: {evalue}; free some space, or fix the permissions, or choose another --out "
-        "(finished stages are kept)"
-    )
+    # "[Errno 28] No space left on device: '/run/tables/x.parquet'": the path first, as above.
+    m = re.fullmatch(r"\[Errno \d+\] (?P<why>[^:]+): '(?:[^']*' -> ')?(?P<path>.+)'", evalue.strip())
+    if m:
+        return StorageError(f"could not write {m['path']}: {m['why']}; {RUN_ADVICE}")
+    return StorageError(f"could not write: {evalue}; {RUN_ADVICE}")

@@ -22,6 +22,7 @@ Design (issue 18):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -85,8 +86,44 @@ def log_dir() -> Path:
     return workspace_root() / "log"
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The log file. When it cannot be written (a full disk, a read-only one), logging's default
+    prints a traceback for every record after; this one stops writing at the first failure and
+    keeps it in :data:`failure`, which ``bunny`` turns into one line and exit status 2 (issue 31)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from diffusion_bunny.errors import storage_error
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            if exc.filename is None:
+                exc.filename = self.baseFilename
+            error = storage_error(exc, LOG_ADVICE)
+            if error is not None:
+                global failure
+                failure = failure or error
+                with contextlib.suppress(OSError):
+                    self.close()
+                self.emit = lambda record: None  # type: ignore[method-assign]
+                return
+        super().handleError(record)  # pragma: no cover - any other failure: logging's own report
+
+
+LOG_ADVICE = (
+    "free some space or fix the permissions, or set DIFFUSION_BUNNY_LOG_DIR to another folder "
+    "(the log is incomplete; results are not affected)"
+)
+
+START_ADVICE = (
+    "free some space or fix the permissions, or set DIFFUSION_BUNNY_LOG_DIR to another folder (nothing ran)"
+)
+
+#: The first failure to write the log file in this process (None while it writes).
+failure: Exception | None = None
+
+
 def _file_handler(path: Path) -> logging.FileHandler:
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LogFileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.set_name(f"{LOGGER}-file")  # attach_from_env's handler too: stop_cli_log removes both
@@ -96,9 +133,17 @@ def _file_handler(path: Path) -> logging.FileHandler:
 def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
     """Open this command's log file and the terminal handler; ``verbosity``: -1 quiet, 0, 1
     verbose. Returns the file's path (also exported as :data:`ENV` for child processes)."""
+    global failure
+    failure = None
     folder = folder or log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"bunny-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = _file_handler(path)
+    except OSError as exc:  # a read-only or full disk under log/: one line (the caller's)
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.INFO)
     warn_logger = logging.getLogger("py.warnings")
@@ -106,7 +151,7 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
         for h in [h for h in lg.handlers if (h.get_name() or "").startswith(LOGGER)]:
             lg.removeHandler(h)
             h.close()
-    logger.addHandler(_file_handler(path))
+    logger.addHandler(handler)
     terminal = _TerminalHandler(sys.stderr)
     level = {-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO)
     terminal.addFilter(_SayFilter(level, quiet=verbosity < 0))

@@ -10,12 +10,15 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from clips import write_clip
+from kernels import dying_kernel, sleepy_kernel
 
 from diffusion_bunny.cli import main
 
@@ -41,28 +44,12 @@ def _extracted_copy(extracted: Path, out: Path) -> Path:
     return out
 
 
-def _dying_kernel(folder: Path) -> None:
-    """A Jupyter kernel named ``dying``: the project's ipykernel, whose ``run_stage`` kills the
-    kernel process with SIGKILL the moment a stage starts (as the out-of-memory killer does)."""
-    spec = folder / "kernels" / "dying"
-    spec.mkdir(parents=True)
-    kill = (
-        "import os, signal, diffusion_bunny.stages as s; "
-        "s.run_stage = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
-    )
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    argv.append(f"--IPKernelApp.exec_lines={json.dumps([kill])}")
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "dying", "language": "python"})
-    )
-
-
 def test_a_kernel_that_dies_is_one_line_and_keeps_earlier_stages(
     clip, extracted, tmp_path, monkeypatch, capsys
 ):
     out = _extracted_copy(extracted, tmp_path / "run")
     frames = (out / "tables" / "frames.parquet").read_bytes()
-    _dying_kernel(tmp_path / "jupyter")
+    dying_kernel(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     capsys.readouterr()
     args = [
@@ -113,8 +100,35 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, extracted, tmp_
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "could not write" in lines[0] and "File too large" in lines[0], done.stderr
+    assert f"error: could not write {out}/" in lines[0]  # the file, not "a file" (issue 31.6)
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in (out / "tables").glob("*.parquet")} == before
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line(extracted, tmp_path, monkeypatch):
+    """Issue 31.6: a full disk under log/ used to print a traceback per record; now the command
+    does its work, then says it in one line naming the log file, exit status 2. A log folder that
+    cannot be made at all (here /sys, where nothing can be made) stops it before anything runs."""
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    done = _limited_run(["status", str(extracted)], 100)
+    assert done.returncode == 2, done.stderr
+    assert "extract" in done.stdout and "done" in done.stdout  # the status was shown
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write "), done.stderr
+    assert str(tmp_path / "log" / "bunny-") in lines[0] and "File too large" in lines[0]
+    assert "DIFFUSION_BUNNY_LOG_DIR" in lines[0]
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", "/sys/diffusion-bunny-log")
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusion_bunny.cli", "status", str(extracted)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert (
+        done.stderr.startswith("error: could not write /sys/diffusion-bunny-log")
+        and "(nothing ran)" in done.stderr
+    )
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, extracted, tmp_path, capsys):
@@ -133,30 +147,115 @@ def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, extracted, tmp_
     assert json.loads((out / "a" / "run.json").read_text())["movie"] == str(clip.resolve())
 
 
-def test_a_second_runner_on_a_stage_names_the_process_that_holds_it(clip, extracted, tmp_path, capsys):
-    """Issue 17.5: a stage of one run folder runs in one process at a time; a second runner
-    stops at once (exit 2) naming the holder, and a killed holder blocks nothing."""
-    out = _extracted_copy(extracted, tmp_path / "run")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from diffusion_bunny.pipeline.run import Run\n"
-            "with Run.open(sys.argv[1]).stage_lock('quality'):\n"
-            "    print('held', flush=True); time.sleep(120)",
-            str(out),
-        ],
+def _bunny(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    code = "import sys; from diffusion_bunny.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its kernel too can be killed as a group
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_one_bunny_run_per_run_folder_from_first_stage_to_last(clip, extracted, tmp_path, capsys):
+    """Issue 31.2: while a ``bunny run`` is in a later stage, a second one on the same run folder
+    (here redoing stage 01, as in the issue) stops at once, exit 2, naming the first's pid and
+    host, and touches nothing; when the first is killed, the next run takes the folder over."""
+    out = _extracted_copy(extracted, tmp_path / "run")
+    frames = (out / "tables" / "frames.parquet").read_bytes()
+    sleepy_kernel(tmp_path / "jupyter")
+    mark = tmp_path / "in_quality"
+    first = _bunny(
+        [
+            "run",
+            str(clip),
+            "--out",
+            str(out),
+            "--stages",
+            "extract,quality",
+            "--quiet",
+            "--set",
+            "run.kernel=sleepy",
+        ],
+        {"JUPYTER_PATH": str(tmp_path / "jupyter"), "SLEEPY_MARK": str(mark), "SLEEPY_S": "120"},
     )
     try:
-        assert holder.stdout.readline().strip() == "held"
+        # The first run is inside stage quality (extract was up to date).
+        _wait_for(Path(str(mark) + ".stage"), first)
         capsys.readouterr()
-        assert main(["run", str(clip), "--out", str(out), "--stages", "quality", "--quiet"]) == 2
+        assert main(["run", str(clip), "--out", str(out), "--stages", "extract", "--force", "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert f"stage quality of {out.resolve()} is being run by process {holder.pid}" in err, err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, err
+        assert f"{out.resolve()} is in use by process {first.pid} on {socket.gethostname()} (bunny run" in err
         assert "Traceback" not in err
+        assert (out / "tables" / "frames.parquet").read_bytes() == frames
+        # A stage run on its own (a notebook in JupyterLab, the Python API) is refused the same way.
+        from diffusion_bunny.config import load_config
+        from diffusion_bunny.pipeline.lock import RunBusy
+        from diffusion_bunny.pipeline.run import Run
+        from diffusion_bunny.stages import run_stage
+
+        with pytest.raises(RunBusy, match=f"in use by process {first.pid}"):
+            run_stage(Run.open(out), "quality", load_config(root=tmp_path), progress=False)
     finally:
-        holder.kill()  # SIGKILL: the OS releases its lock
-        holder.wait()
-    assert main(["run", str(clip), "--out", str(out), "--stages", "quality", "--quiet"]) == 0
+        os.killpg(first.pid, signal.SIGKILL)  # the run and its kernel, as a crash would
+        first.wait()
+    # The dead holder's lease is left behind; the next run takes the folder over.
+    assert json.loads((out / ".locks" / "run.json").read_text())["pid"] == first.pid
+    assert main(["run", str(clip), "--out", str(out), "--stages", "extract,quality", "--quiet"]) == 0
+    assert not (out / ".locks" / "run.json").exists()  # released at the end
+
+
+def _lease(out: Path, host: str, pid: int, age_s: float) -> None:
+    """A lease as another machine sharing the disk would leave it (its OS lock not visible here)."""
+    (out / ".locks").mkdir(exist_ok=True)
+    beat = time.time() - age_s
+    lease = {
+        "host": host,
+        "pid": pid,
+        "since": "2026-01-01T00:00:00+00:00",
+        "heartbeat": beat,
+        "token": "0" * 32,
+        "started": None,
+        "what": "bunny run",
+    }
+    (out / ".locks" / "run.json").write_text(json.dumps(lease))
+
+
+def test_a_run_lock_held_from_another_machine_is_judged_by_its_heartbeat(clip, extracted, tmp_path, capsys):
+    """On a shared disk whose file locks do not reach across machines, the lease decides: another
+    host's lease with a fresh heartbeat holds the folder (exit 2 naming pid and host); one silent
+    for longer than pipeline.lock_stale_s, or a lease of a dead process on this host, is taken over."""
+    out = _extracted_copy(extracted, tmp_path / "run")
+    args = ["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]
+    _lease(out, "render-node-7", 4242, age_s=5)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out.resolve()} is in use by process 4242 on render-node-7 (bunny run" in err
+    assert "heartbeat 5 s ago" in err and "pipeline.lock_stale_s" in err
+    assert json.loads((out / ".locks" / "run.json").read_text())["host"] == "render-node-7"
+    _lease(out, "render-node-7", 4242, age_s=500)  # past the 120 s default
+    assert main(args) == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lease(out, socket.gethostname(), dead.pid, age_s=1)  # fresh, but its process is gone
+    assert main(args) == 0
+    assert "took over the run lock" in logs_text()
+
+
+def logs_text() -> str:
+    from diffusion_bunny import logs
+
+    return logs.last_path.read_text()

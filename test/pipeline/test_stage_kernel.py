@@ -1,6 +1,15 @@
 """One kernel for the stage notebooks of a movie's run: reused, reset between notebooks as a
 fresh kernel would be, replaced when it died, and a clear line for a kernel name that does not
-exist."""
+exist.
+
+The tests talk to the kernel through a client made by its manager (``km.blocking_client()``),
+as nbclient does. A client that only loads the connection file judges whether the kernel lives
+by its heartbeat, with a 1 s reply limit: a kernel still starting (a cold machine importing
+ipykernel without compiled bytecode takes seconds before it binds its heartbeat socket) misses
+that second, and ``wait_for_ready`` gave up with "Kernel died before replying to kernel_info"
+(issue 31, the fresh-machine flake; :func:`test_a_slow_starting_kernel_is_waited_for`). A
+manager's client asks the manager whether the process runs, so it waits for the reply.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,6 @@ import signal
 import time
 
 import pytest
-from jupyter_client.blocking import BlockingKernelClient
 from jupyter_core.utils import run_sync
 
 from diffusion_bunny.errors import StageError
@@ -19,8 +27,7 @@ from diffusion_bunny.pipeline.runner import StageKernel, notebook_dir
 def _run(km, code: str, counts: list[int] | None = None) -> str:
     """Execute ``code`` in the kernel behind ``km`` and return what it printed (the execution
     count the notebook would show goes to ``counts``)."""
-    kc = BlockingKernelClient()
-    kc.load_connection_info(km.get_connection_info())
+    kc = km.blocking_client()  # liveness from the process, not a 1 s heartbeat (module docstring)
     kc.start_channels()
     out: list[str] = []
     try:
@@ -106,3 +113,49 @@ def test_a_kernel_started_ahead_is_the_first_notebooks():
     finally:
         kernel.close()
     assert kernel._km is None
+
+
+def _slow_kernel(folder) -> None:
+    """A Jupyter kernel named ``slow``: the project's ipykernel, started 3 s after its process (a
+    cold machine: the first import of ipykernel, IPython and zmq compiled from source)."""
+    import json
+    import sys
+
+    spec = folder / "kernels" / "slow"
+    spec.mkdir(parents=True)
+    start = (
+        "import runpy, sys, time; time.sleep(3); sys.argv = ['ipykernel_launcher', *sys.argv[1:]]; "
+        "runpy.run_module('ipykernel_launcher', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", start, "-f", "{connection_file}"]
+    spec_json = {"argv": argv, "display_name": "slow", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(spec_json))
+
+
+def test_a_slow_starting_kernel_is_waited_for(tmp_path, monkeypatch):
+    """The runner's way (papermill handed the shared kernel's manager: start, then reset and
+    reuse) and this module's client both wait for a kernel that answers nothing for 3 s."""
+    import nbformat
+    import papermill
+
+    _slow_kernel(tmp_path / "jupyter")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    source = tmp_path / "nb.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nprint(6 * 7, os.getpid())")])
+    nb.metadata["kernelspec"] = {"name": "slow", "display_name": "slow", "language": "python"}
+    nbformat.write(nb, source)
+    kernel = StageKernel("slow")
+    try:
+        pids = []
+        for i in range(2):
+            target = tmp_path / f"out{i}.ipynb"
+            papermill.execute_notebook(
+                str(source), str(target), kernel_name="slow", km=kernel.manager(), progress_bar=False
+            )
+            text = nbformat.read(target, as_version=4).cells[0].outputs[0]["text"].split()
+            assert text[0] == "42"
+            pids.append(text[1])
+        assert pids[0] == pids[1] and not kernel.fresh  # the second notebook reused the kernel
+        assert _run(kernel.manager(), "print(6 * 7)").strip() == "42"
+    finally:
+        kernel.close()

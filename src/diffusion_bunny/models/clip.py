@@ -18,6 +18,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.models.hub import HUB_ID
 
 # --------------------------------------------------------------------------------------------
 # CLIP
@@ -38,8 +39,9 @@ def _short_reason(exc: BaseException) -> str:
 class ClipEmbedder:
     """A ``transformers`` CLIP model: image and text features, L2-normalised.
 
-    ``model`` is a hub id (read from the local Hugging Face cache only; nothing is downloaded) or
-    a local folder. Loading happens in the constructor so a missing model fails before any work.
+    ``model`` is a hub id (from the local Hugging Face cache, downloaded with a progress bar when
+    it is not there and the hub can be reached) or a local folder. Loading happens in the
+    constructor so a missing model fails before any work.
     """
 
     def __init__(
@@ -64,6 +66,11 @@ class ClipEmbedder:
         source = str(path) if path.exists() else model
         if path.exists() and not path.is_dir():
             raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
+        if not path.exists() and HUB_ID.match(model):
+            # Not a folder here: a hub id, from the cache or downloaded now (issue 31.8).
+            from diffusion_bunny.models.hub import TRANSFORMERS_FILES, hub_model
+
+            source = str(hub_model(model, setting, TRANSFORMERS_FILES, instead=f"a local folder ({hint})"))
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=True)
             # PIL backend, as before torchvision came in (issue 30, through facenet-pytorch):
@@ -76,7 +83,7 @@ class ClipEmbedder:
             where = (
                 f"from that folder: {_short_reason(exc)}"
                 if path.exists()
-                else "(no such folder here, and not in the local Hugging Face cache; nothing is downloaded)"
+                else "(no such folder here, and not a hub id: owner/name)"
             )
             message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"
             raise ModelError(message) from None

@@ -14,7 +14,8 @@ Stages 07 (train) and 08 (generate) both start from ``training.base_model`` /
   loading code (and diffusers' own example scripts, given the folder) runs on it as on a real
   model, in seconds on a CPU;
 - a Hugging Face hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), used from the local
-  hub cache only: nothing is downloaded at run time;
+  hub cache, or downloaded into it with a progress bar when it is not there and the hub can be
+  reached (``HF_HUB_OFFLINE=1`` honoured: then one line naming the id; :mod:`.hub`);
 - a local diffusers pipeline folder (one holding ``model_index.json``).
 
 Every way this can go wrong (absent from the cache, a folder that is not a pipeline, a damaged
@@ -104,8 +105,9 @@ def resolve_base_model(
     base_model: str, family: str = "auto", *, setting: str = "training.base_model"
 ) -> BaseModelRef:
     """Turn the ``base_model`` setting into a local pipeline folder and its family, building a
-    preset or looking up the hub cache (never the network). ``setting`` is the config key the
-    messages name (``generation.base_model`` for stage 08).
+    preset, or looking up the hub cache and downloading a hub id that is not there (with a
+    progress bar; ``HF_HUB_OFFLINE=1`` honoured). ``setting`` is the config key the messages name
+    (``generation.base_model`` for stage 08).
 
     ``family`` (``auto``/``sd1``/``sdxl``/``flux``/``sd3``) only picks the preset for ``tiny``
     (``tiny`` with ``sdxl`` is ``tiny-sdxl``, with ``flux`` ``tiny-flux``); for a real model it
@@ -132,7 +134,7 @@ def resolve_base_model(
         path, source = _hub_snapshot(name, setting), "hub"
     else:
         raise ModelError(
-            f"{setting} = {name!r}: no such folder; set it to tiny, a hub id in the local cache "
+            f"{setting} = {name!r}: no such folder; set it to tiny, a hub id (owner/name) "
             "or a local diffusers pipeline folder"
         )
     found = family_of_folder(path)
@@ -150,17 +152,11 @@ def resolve_base_model(
 
 
 def _hub_snapshot(repo_id: str, setting: str) -> Path:
-    """The cached snapshot folder of a hub repo, without touching the network."""
-    from huggingface_hub import snapshot_download
+    """The cached snapshot folder of a hub repo, downloaded first (the files diffusers loads, with
+    a progress bar) when it is not cached and the hub can be reached (:mod:`.hub`)."""
+    from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model
 
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        raise ModelError(
-            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and nothing is downloaded at "
-            f"run time; download it once (huggingface-cli download {repo_id}), or set {setting} to a local "
-            "pipeline folder or to tiny"
-        ) from None
+    return hub_model(repo_id, setting, DIFFUSERS_FILES, instead="a local pipeline folder or to tiny")
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:

@@ -73,8 +73,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
         _fsync(tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write on a full disk fails without a file name (``write()``, ``fsync()``); the
+            # one-line error must name the file (issue 31).
+            exc.filename = str(final)
         raise
     _fsync_dir(final.parent)
 

@@ -208,6 +208,9 @@ class Stage:
     inputs: Callable[[Run, ConfigView], dict[str, Any]] | None = None
     #: The report: every table of the run is an input (any change makes it stale).
     reads_every_table: bool = False
+    #: What the stage keeps beside its outputs, one line each, for ``bunny status`` (stage 07:
+    #: the LoRA of every training configuration, none deleted by a retrain).
+    kept: Callable[[Run, ConfigView], list[str]] | None = None
 
     def package_dir(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -322,9 +325,7 @@ def _present(run: Run, reads: Reads) -> bool:
     if not run.has_table(reads.table):
         return False
     if reads.nonempty:
-        import polars as pl
-
-        return pl.scan_parquet(run.table_path(reads.table)).select(pl.len()).collect().item() > 0
+        return run.table_height(reads.table) > 0
     return True
 
 
@@ -390,13 +391,13 @@ def run_stage(
 
     Logs what it does to ``diffusion_bunny``'s logger, and (in a kernel or worker ``bunny``
     started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`. Holds the
-    run's lock for the stage throughout (:meth:`Run.stage_lock`: a second runner on the same
-    stage stops at once, naming the holder), and writes the tables under the stage's
-    ``write_lock`` / ``commit`` when its output names one."""
+    run folder throughout (:meth:`Run.lock`: a second run of the folder stops at once, naming the
+    holder; inside ``bunny run`` the stage works under the run's own lock), and writes the tables
+    under the stage's ``write_lock`` / ``commit`` when its output names one."""
     from diffusion_bunny.logs import attach_from_env
 
     attach_from_env()
-    with run.stage_lock(name):
+    with run.lock(f"stage {name}", cfg.pipeline.lock_stale_s):
         return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
 
 

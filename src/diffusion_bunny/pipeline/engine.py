@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,13 +213,35 @@ def _ray_task(
     return run_one(movie, run_dir, **kwargs)
 
 
+def task_timeout(cfg: Config, stages: Sequence[str]) -> float | None:
+    """Seconds one movie's Ray task may take: ``engine.task_timeout_s``, else
+    ``pipeline.stage_timeout_s`` for each stage it runs (None: no limit)."""
+    if cfg.engine.task_timeout_s:
+        return float(cfg.engine.task_timeout_s)
+    if cfg.pipeline.stage_timeout_s:
+        return float(cfg.pipeline.stage_timeout_s) * max(1, len(stages))
+    return None
+
+
+def _capacity(ray: Any, cfg: Config) -> int:
+    """How many movies the cluster runs at once (its CPUs / ``engine.cpus_per_movie``, at least 1)."""
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cpus // cfg.engine.cpus_per_movie))
+
+
 def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
     """``--engine ray``: one task per movie (``engine.cpus_per_movie`` CPUs each) on a local or
     joined cluster; reports come back in the movies' order. A task that died of a bug is
     reported with ``bug`` set, after the other movies finished: a bug inside :func:`run_one`
-    comes back as such a report, a worker that died (killed, out of memory) as a ``RayError``."""
+    comes back as such a report, a worker that died (killed, out of memory) as a ``RayError``.
+
+    Hangs are bounded (issue 31): a task still running :func:`task_timeout` seconds after it was
+    handed to Ray is cancelled (its worker killed, its stage kernel exits with it) and its movie
+    reported as failed like a user error; the batch goes on. Ray is handed only as many tasks as
+    the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue."""
     cfg: Config = kwargs["cfg"]
     progress = kwargs["progress"]
+    limit = task_timeout(cfg, kwargs["stages"])
     started = start_ray(cfg)
     import ray
 
@@ -227,32 +250,61 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[Mov
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote_kwargs = {**kwargs, "progress": False}
         log_file = os.environ.get(ENV)
-        refs = {
-            task.remote(movie, run_dir, remote_kwargs, log_file): i for i, (movie, run_dir) in enumerate(jobs)
-        }
+        capacity = _capacity(ray, cfg)
+        waiting = list(range(len(jobs)))
+        running: dict[Any, tuple[int, float]] = {}
         results: dict[int, MovieReport] = {}
-        pending = list(refs)
         bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress, **bar_options())
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                i = refs[ref]
+        while waiting or running:
+            while waiting and len(running) < capacity:
+                i = waiting.pop(0)
                 movie, run_dir = jobs[i]
-                try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None) or exc
-                    lines = str(cause).strip().splitlines() or [""]
-                    text = f"{type(cause).__name__}: {lines[-1]}"
-                    log.error("%s failed on Ray", movie, exc_info=exc, extra=FILE_ONLY)
-                    _tell(f"{movie.name}: failed with a bug on Ray ({text}){log_hint()}")
-                    results[i] = MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
+                running[task.remote(movie, run_dir, remote_kwargs, log_file)] = (i, time.monotonic())
+            wait_s = None
+            if limit is not None:
+                wait_s = max(0.0, min(t0 + limit for _, t0 in running.values()) - time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            for ref in done:
+                i, _ = running.pop(ref)
+                results[i] = _ray_result(ray, ref, jobs[i])
                 bar.update(1)
+            if limit is None:
+                continue
+            now = time.monotonic()
+            for ref, (i, t0) in list(running.items()):
+                if now - t0 >= limit:
+                    running.pop(ref)
+                    ray.cancel(ref, force=True)
+                    results[i] = _timed_out(jobs[i], limit)
+                    bar.update(1)
         bar.close()
     finally:
         if started:
             ray.shutdown()
     return [results[i] for i in range(len(jobs))]
+
+
+def _ray_result(ray: Any, ref: Any, job: tuple[Path, Path | None]) -> MovieReport:
+    movie, run_dir = job
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        lines = str(cause).strip().splitlines() or [""]
+        text = f"{type(cause).__name__}: {lines[-1]}"
+        log.error("%s failed on Ray", movie, exc_info=exc, extra=FILE_ONLY)
+        _tell(f"{movie.name}: failed with a bug on Ray ({text}){log_hint()}")
+        return MovieReport(movie=movie, run_dir=run_dir, error=text, bug=True)
+
+
+def _timed_out(job: tuple[Path, Path | None], limit: float) -> MovieReport:
+    movie, run_dir = job
+    text = (
+        f"did not finish within {limit:g} s on Ray and was cancelled (engine.task_timeout_s, else "
+        "pipeline.stage_timeout_s per stage); finished stages are kept, rerun to go on"
+    )
+    _tell(f"{movie.name}: {text}")
+    return MovieReport(movie=movie, run_dir=run_dir, error=text)
 
 
 def run_movies(

@@ -11,22 +11,37 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import socket
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.manifest import table_fingerprint
+from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
 
 if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
     import polars as pl
+
+
+@contextlib.contextmanager
+def damaged_table(path: Path) -> Iterator[None]:
+    """A stage's table that does not read (damaged on disk) is one line saying how to rebuild
+    it, not a parquet traceback: every stage's table can be computed again (a table a person
+    made is restored from its backup instead, :mod:`.userwork`)."""
+    import polars as pl
+
+    try:
+        yield
+    except pl.exceptions.PolarsError as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise StageError(
+            f"table {path} is damaged ({why}); run the stage that writes it again with --force "
+            "(bunny status names it: its state is stale), and the stages after it"
+        ) from None
 
 
 def slugify(text: str) -> str:
@@ -67,10 +82,14 @@ class Run:
     @classmethod
     def create(cls, run_dir: str | Path, movie: str | Path) -> Run:
         """Open (and create if needed) the run folder of ``movie``, removing what killed writers
-        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`)."""
+        left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`) unless another
+        process holds the folder (:meth:`lock`)."""
+        from diffusion_bunny.pipeline.lock import may_sweep
+
         run = cls(Path(run_dir).resolve())
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(run.run_dir)
+        if may_sweep(run.run_dir):  # never under another machine's live run (its pids are not ours)
+            sweep_leftovers(run.run_dir)
         meta = {
             "movie": str(Path(movie).resolve()),
             "movie_id": movie_id(movie),
@@ -113,39 +132,14 @@ class Run:
             )
         return meta
 
-    @contextlib.contextmanager
-    def stage_lock(self, stage: str) -> Iterator[None]:
-        """Held while one process runs ``stage`` on this run folder, so a notebook and
-        ``bunny run`` (or two runners) never write one stage's results at once.
+    def lock(self, what: str = "", lease_s: float | None = None) -> contextlib.AbstractContextManager[Any]:
+        """Hold this run folder for the block: one run of it at a time, across processes and
+        machines sharing the disk (:func:`diffusion_bunny.pipeline.lock.run_lock`). A second
+        holder stops at once with :class:`~diffusion_bunny.pipeline.lock.RunBusy` naming the
+        first (pid and host)."""
+        from diffusion_bunny.pipeline.lock import DEFAULT_LEASE_S, run_lock
 
-        A second runner does not wait: it stops at once with a message naming the process that
-        holds the stage (pid, host, since when), because after the wait it would only find the
-        stage done, or redo it for nothing. The lock is an OS file lock (``filelock``): a killed
-        holder releases it, so a stale lock file never blocks the next run."""
-        from filelock import FileLock, Timeout
-
-        folder = self.run_dir / ".locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        holder = folder / f"{stage}.json"
-        lock = FileLock(str(folder / f"{stage}.lock"), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            try:
-                who = json.loads(holder.read_text())
-                by = f"process {who['pid']} on {who['host']} (since {who['since']})"
-            except (OSError, ValueError, KeyError):
-                by = "another process"
-            raise StageError(
-                f"stage {stage} of {self.run_dir} is being run by {by}; wait for it to finish (or stop "
-                "it), then run again"
-            ) from None
-        try:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
-            atomic_write_bytes(holder, json.dumps(info).encode())
-            yield
-        finally:
-            lock.release()
+        return run_lock(self.run_dir, what=what, lease_s=lease_s or DEFAULT_LEASE_S)
 
     @property
     def movie(self) -> Path:
@@ -188,20 +182,44 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
-        return pl.read_parquet(path)
+        if backup_path(path).is_file():  # a table made by hand: restored from its backup if damaged
+            return read_kept(path)
+        with damaged_table(path):
+            return pl.read_parquet(path)
 
     def optional_table(self, name: str) -> pl.DataFrame | None:
         """A table an earlier stage may not have written (its stage is optional or did not run)."""
         return self.read_table(name) if self.has_table(name) else None
 
-    def write_table(self, name: str, df: pl.DataFrame) -> Path:
-        """Write a table atomically (temporary parquet file, then rename)."""
-        return atomic_write_parquet(self.table_path(name), df)
+    def write_table(self, name: str, df: pl.DataFrame, *, backup: bool = False) -> Path:
+        """Write a table atomically (temporary parquet file, then rename). ``backup``: a table a
+        person made (corrections), also copied to ``tables/backup/`` (:mod:`.userwork`); once it
+        has a backup, every later write keeps it up to date."""
+        path = self.table_path(name)
+        if backup or backup_path(path).is_file():
+            return write_kept(path, df)
+        return atomic_write_parquet(path, df)
+
+    def table_height(self, name: str) -> int:
+        """Rows of a table, without reading it when it is not one made by hand (those are read,
+        so a damaged one is restored from its backup first)."""
+        import polars as pl
+
+        path = self.table_path(name)
+        if backup_path(path).is_file():
+            return read_kept(path).height
+        with damaged_table(path):
+            return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Fingerprint of a table (of ``columns`` only, when given): see
-        :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`."""
-        return {"table": name, **table_fingerprint(self.table_path(name), columns)}
+        :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`. A damaged table made by
+        hand is restored from its backup first."""
+        path = self.table_path(name)
+        if path.is_file() and backup_path(path).is_file():
+            read_kept(path)
+        with damaged_table(path):
+            return {"table": name, **table_fingerprint(path, columns)}
 
     def progress_path(self, stage: str) -> Path:
         """Where a running stage reports its progress for the terminal (see :mod:`.progress`)."""

@@ -31,6 +31,7 @@ from diffusion_bunny.errors import (
 )
 from diffusion_bunny.logs import FILE_ONLY
 from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow
 from diffusion_bunny.pipeline.run import Run, movie_id
@@ -245,11 +246,14 @@ def execute_stage_notebook(
     overrides: dict[str, Any],
     kernel: str | StageKernel,
     progress: bool,
+    timeout_s: float | None = None,
 ) -> Path:
     """Execute one stage notebook headless and keep the executed copy in the run folder.
 
     ``kernel`` is a kernel name (a kernel of its own, shut down after the notebook) or a
-    :class:`StageKernel` shared with the run's other notebooks.
+    :class:`StageKernel` shared with the run's other notebooks. ``timeout_s``
+    (``pipeline.stage_timeout_s``): a notebook still running after it has its kernel stopped
+    (:class:`_Deadline`) and fails with one line, as a hung stage must not stall a batch.
     """
     # papermill -> nbformat -> jsonschema imports rfc3987_syntax, which builds a parser grammar
     # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
@@ -258,6 +262,8 @@ def execute_stage_notebook(
     import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
+
+    _route_papermill_logs()
 
     spec = pipeline.get(stage)
     source = notebook_dir() / spec.notebook
@@ -271,10 +277,11 @@ def execute_stage_notebook(
         "force": True,
         "interactive": False,
     }
-    shared = isinstance(kernel, StageKernel)
-    engine: dict[str, Any] = (
-        {"kernel_name": kernel.kernel_name, "km": kernel.manager()} if shared else {"kernel_name": kernel}
-    )
+    own = not isinstance(kernel, StageKernel)
+    stage_kernel = StageKernel(kernel) if isinstance(kernel, str) else kernel
+    km = stage_kernel.manager()
+    engine: dict[str, Any] = {"kernel_name": stage_kernel.kernel_name, "km": km}
+    deadline = _Deadline(km, timeout_s)
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
     if progress:
@@ -284,6 +291,7 @@ def execute_stage_notebook(
     # request_save_on_cell_execute below).
     shutil.copyfile(source, target)
     try:
+        deadline.start()
         papermill.execute_notebook(
             str(source),
             str(target),
@@ -316,8 +324,13 @@ def execute_stage_notebook(
             f"the executed notebook is {target}"
         ) from None
     except DeadKernelError as exc:
-        if shared:
-            kernel.close()
+        stage_kernel.close()
+        if deadline.fired:
+            raise StageError(
+                f"stage {stage} did not finish within pipeline.stage_timeout_s = {timeout_s:g} s and was "
+                "stopped (a hang, or more work than the limit allows); raise pipeline.stage_timeout_s if "
+                f"it was working, or see what it last did in {target} (finished stages are kept)"
+            ) from None
         # The kernel process ended under the stage: nearly always the system killing it for
         # memory. The stage's earlier results are intact (its writes are atomic, its manifest
         # was removed first, so it simply runs again).
@@ -327,11 +340,84 @@ def execute_stage_notebook(
             f"sizes in the config, then rerun (finished stages are kept); the notebook is {target}"
         ) from None
     finally:
+        deadline.cancel()
         stop.set()
         if watcher.is_alive():
             watcher.join()
         run.progress_path(stage).unlink(missing_ok=True)
+        if own:
+            stage_kernel.close()
     return target
+
+
+class _PapermillToLog(logging.Handler):
+    """papermill's and nbclient's own lines ("Kernel died while waiting for execute reply") go to
+    the command's log file; without a handler, logging's last resort printed them on the
+    terminal beside the runner's one-line error."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.log(record.levelno, "papermill: %s", record.getMessage(), extra=FILE_ONLY)
+
+
+def _route_papermill_logs() -> None:
+    pm = logging.getLogger("papermill")
+    if not any(isinstance(h, _PapermillToLog) for h in pm.handlers):
+        pm.addHandler(_PapermillToLog())
+
+
+class _Deadline:
+    """Stops a stage notebook's kernel when the notebook runs past ``timeout_s``.
+
+    The kernel's whole process group is killed (SIGKILL): a stage hung in C code (a decoder, a
+    network read) ignores the interrupt a cell timeout would send, and the kernel's own children
+    (stage 03's detection processes) go with it. nbclient then finds the kernel dead and the
+    runner reports the stage as timed out (:attr:`fired`); the OS releases the kernel's locks."""
+
+    def __init__(self, km: Any, timeout_s: float | None):
+        self.km = km
+        self.timeout_s = timeout_s
+        self.fired = False
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        if self.timeout_s:
+            self._timer = threading.Timer(self.timeout_s, self._stop_kernel)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _stop_kernel(self) -> None:
+        import contextlib
+        import os
+        import signal
+
+        provisioner = getattr(self.km, "provisioner", None)
+        pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
+        if not pgid:
+            # Past the deadline with the kernel not launched yet (a machine loaded many deep):
+            # look again in a second rather than let the notebook run unbounded (issue 31).
+            with self._lock:
+                if not self._cancelled:
+                    self._timer = threading.Timer(1.0, self._stop_kernel)
+                    self._timer.daemon = True
+                    self._timer.start()
+            return
+        self.fired = True
+        log.info(
+            "stage notebook past its %s s: stopping its kernel (process group %s)",
+            self.timeout_s,
+            pgid,
+            extra=FILE_ONLY,
+        )
+        with contextlib.suppress(OSError):  # already gone
+            os.killpg(pgid, signal.SIGKILL)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 def run_movie(
@@ -349,7 +435,37 @@ def run_movie(
     """Run the chosen stages on one movie, skipping the ones that are up to date."""
     probe_video(movie)
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
-    run = Run.create(run_dir, movie)
+    # The run folder is held from the first stage to the last (a second run of it stops at once,
+    # naming this one); the stage notebooks' kernels work under this lock (lock.exported).
+    with (
+        lock.run_lock(run_dir, what="bunny run", lease_s=cfg.pipeline.lock_stale_s) as lease,
+        lock.exported(run_dir, lease),
+    ):
+        return _run_movie_locked(
+            movie,
+            Run.create(run_dir, movie),
+            pipeline=pipeline,
+            stages=stages,
+            cfg=cfg,
+            config_path=config_path,
+            overrides=overrides,
+            force=force,
+            progress=progress,
+        )
+
+
+def _run_movie_locked(
+    movie: Path,
+    run: Run,
+    *,
+    pipeline: Pipeline,
+    stages: list[str],
+    cfg: Config,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    force: bool,
+    progress: bool,
+) -> MovieReport:
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     kernel = StageKernel(cfg.run.kernel)
     try:
@@ -363,7 +479,9 @@ def run_movie(
                 continue
             _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
             t0 = time.monotonic()
-            execute_stage_notebook(pipeline, run, stage, config_path, overrides, kernel, progress)
+            execute_stage_notebook(
+                pipeline, run, stage, config_path, overrides, kernel, progress, cfg.pipeline.stage_timeout_s
+            )
             log.info(
                 "%s: %s notebook took %.1f s (%s)",
                 movie.name,

@@ -81,9 +81,15 @@ def run_status(
 ) -> list[tuple[str, str, str]]:
     """``(stage, state, reason)`` for each stage of one run folder; a folder that does not exist
     yet has every stage missing."""
+    return [row[:3] for row in _run_rows(pipeline, run_dir, cfg, stages)]
+
+
+def _run_rows(
+    pipeline: Pipeline, run_dir: Path, cfg: Config, stages: list[str] | None = None
+) -> list[tuple[str, str, str, list[str]]]:
     stages = stages or pipeline.names()
     if not _is_run(run_dir):
-        return [(stage, "missing", "never ran") for stage in stages]
+        return [(stage, "missing", "never ran", []) for stage in stages]
     run = Run.open(run_dir)
     out = []
     for stage in stages:
@@ -94,31 +100,66 @@ def run_status(
             # be up to date; the message says what to do.
             state = "stale" if run.read_manifest(stage) else "missing"
             reason = str(exc)
-        out.append((stage, state, reason))
+        spec = pipeline.get(stage)
+        kept: list[str] = []
+        if spec.kept is not None:
+            try:
+                kept = spec.kept(run, spec.view(cfg))
+            except UserError as exc:
+                kept = [f"(cannot list: {exc})"]
+        out.append((stage, state, reason, kept))
     return out
 
 
 def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: Config) -> pl.DataFrame:
-    """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``."""
-    rows = [
-        {"movie": ref.movie, "run_dir": str(ref.run_dir), "stage": stage, "state": state, "reason": reason}
-        for ref in refs
-        for stage, state, reason in run_status(pipeline, ref.run_dir, cfg)
-    ]
+    """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``,
+    ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07) and
+    ``in_use`` (the process holding the run folder now, if any)."""
+    from diffusion_bunny.pipeline.lock import current_holder
+
+    rows = []
+    for ref in refs:
+        holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if _is_run(ref.run_dir) else None
+        for stage, state, reason, kept in _run_rows(pipeline, ref.run_dir, cfg):
+            rows.append(
+                {
+                    "movie": ref.movie,
+                    "run_dir": str(ref.run_dir),
+                    "stage": stage,
+                    "state": state,
+                    "reason": reason,
+                    "kept": kept,
+                    "in_use": holder.describe() if holder is not None else None,
+                }
+            )
     return pl.DataFrame(
         rows,
-        schema={"movie": pl.Utf8, "run_dir": pl.Utf8, "stage": pl.Utf8, "state": pl.Utf8, "reason": pl.Utf8},
+        schema={
+            "movie": pl.Utf8,
+            "run_dir": pl.Utf8,
+            "stage": pl.Utf8,
+            "state": pl.Utf8,
+            "reason": pl.Utf8,
+            "kept": pl.List(pl.Utf8),
+            "in_use": pl.Utf8,
+        },
     )
 
 
 def format_status(table: pl.DataFrame) -> str:
-    """Plain text for the terminal: one block per movie, one line per stage."""
+    """Plain text for the terminal: one block per movie, one line per stage (and one per thing
+    a stage keeps, such as each LoRA)."""
     lines = []
     width = max([len(s) for s in table["stage"].to_list()] + [5])
     for (movie, run_dir), part in table.group_by(["movie", "run_dir"], maintain_order=True):
         done = int((part["state"] == "done").sum())
         lines.append(f"{movie}  ({run_dir}; {done} of {part.height} stages done)")
+        in_use = part["in_use"][0] if "in_use" in part.columns else None
+        if in_use:
+            lines.append(f"  in use by {in_use}")
         for row in part.iter_rows(named=True):
             reason = "" if row["state"] == "done" else f"  ({row['reason']})"
             lines.append(f"  {row['stage']:<{width}}  {row['state']}{reason}")
+            for item in row.get("kept") or []:
+                lines.append(f"  {'':<{width}}    kept: {item}")
     return "\n".join(lines)

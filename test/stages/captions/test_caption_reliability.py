@@ -1,6 +1,8 @@
 """Stage 05 under faults (issue 17): full frames sent, raw answers cached before parsing in a JSON
 store that never evicts, identical requests asked once, edits kept while the stage writes,
-secrets redacted from everything stored, and a circuit breaker that closes again."""
+secrets redacted from everything stored, and a circuit breaker that closes again. Issue 31: every
+paid answer recorded with its status (empty, refused, truncated, unparsable) and not asked again
+unless captioning.retry says so; the paid requests announced and capped before the first."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from fake_llm_server import FakeLLMServer, caption_text, image_digest
 from PIL import Image
 
 from diffusion_bunny.config import CaptioningConfig, load_config
-from diffusion_bunny.errors import ConfigError, StageError
+from diffusion_bunny.errors import ConfigError, ProviderError, StageError, StorageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.captions.providers import (
@@ -125,7 +127,7 @@ def test_unparsable_answer_is_paid_once_and_the_warning_is_true(cap_run, tmp_pat
         again = run_stage(run, "captions", cfg, progress=False, force=True)
         assert len(srv.requests) == n  # not paid again
         calls = again["caption_calls"]
-        assert (calls.filter(pl.col("provider") == "local")["outcome"] == "cached_failed").all()
+        assert (calls.filter(pl.col("provider") == "local")["outcome"] == "cached_unparsable").all()
         assert (again["captions"]["provider"] == "template").all()
         assert run.read_manifest("captions")["counts"]["paid_requests"] == 0
 
@@ -341,3 +343,222 @@ def test_circuit_closes_again_after_a_successful_probe(cap_run, tmp_path):
     assert manifest["facts"]["open_circuits"] == {}
     assert any("until a probe succeeded" in w for w in manifest["warnings"])
     assert isinstance(CaptioningConfig().breaker_cooldown_s, float)
+
+
+# ----------------------------------------------------------------------------------- 31.3
+
+
+@pytest.mark.parametrize("api", ["local", "anthropic"])
+def test_an_answer_without_a_caption_gets_its_status_and_is_handed_over_first(api, tmp_path, monkeypatch):
+    """Each kind of paid answer that carries nothing reaches the recording hook (dspy raises on an
+    empty one before it would parse it) and ends in AnswerError with its status, through the real
+    client code over HTTP."""
+    from diffusion_bunny.stages.captions.providers import AnswerError
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    image = _expected_image()
+    expected = {"empty": "empty", "refused": "refused", "filtered": "refused", "length": "truncated"}
+    expected["garbage"] = "unparsable"
+    with FakeLLMServer(script=[*expected, "ok"]) as srv:
+        setting = {"local": "captioning__local__base_url", "anthropic": "captioning__anthropic__base_url"}[
+            api
+        ]
+        url = srv.base_url if api == "local" else srv.root_url
+        cfg = _cfg(tmp_path, FAST, captioning__provider=api, **{setting: url}).captioning
+        prov = make_provider(api, cfg)
+        for behaviour, status in expected.items():
+            kept = []
+            with pytest.raises(AnswerError) as err:
+                prov.caption(image, {"characters": []}, kept.append)
+            assert err.value.status == status, behaviour
+            assert len(kept) == 1 and prov.status(kept[0])[0] == status
+        kept = []
+        result = prov.caption(image, {"characters": []}, kept.append)
+        assert result.caption == "bunnystyle, " + caption_text(image_digest(image))
+        assert prov.status(kept[0]) == ("ok", "")
+    assert len(srv.requests) == len(expected) + 1
+
+
+def _expected_image() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 80, 40)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _store(run: Run) -> dict[str, str]:
+    """Every recorded answer's status, by key."""
+    with sqlite3.connect(run.run_dir / "cache" / "captions" / CaptionCache.FILE) as db:
+        rows = db.execute("SELECT key, value FROM answers").fetchall()
+    return {key: json.loads(value).get("status") for key, value in rows}
+
+
+def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_request(
+    cap_run, tmp_path, capsys
+):
+    """Issue 31's provider that bills but answers nothing: every answer is recorded with its
+    status; the rerun the error advises pays nothing more; captioning.retry asks those statuses
+    (and only those) again."""
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    script = ["empty", "refused", "filtered", "length", "garbage"]
+    with FakeLLMServer(script=list(script), default="empty") as srv:
+        base = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.concurrency": 1,
+            "captioning.breaker_failures": 1000,
+        }
+        cfg = _cfg(tmp_path, base)
+        with pytest.raises(ProviderError) as err:
+            run_stage(run, "captions", cfg, progress=False)
+        assert len(srv.requests) == n
+        message = str(err.value)
+        assert "A rerun (--force) asks again only frames that got no answer" in message
+        assert "(empty, refused, truncated, unparsable) are recorded and are not asked again" in message
+        assert "will not be paid again" not in message
+        assert f"captions: {n} paid request(s) to local" in capsys.readouterr().err
+        statuses = sorted(_store(run).values())
+        assert statuses == sorted(["empty"] * (n - 4) + ["refused", "refused", "truncated", "unparsable"])
+
+        # The rerun the message advises: nothing is paid again, the same error comes back.
+        with pytest.raises(ProviderError, match="are not asked again"):
+            run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == n
+        assert "paid request(s)" not in capsys.readouterr().err  # nothing to ask, nothing announced
+
+        # The user asks for the empty and refused ones again (the server answers now).
+        srv.default = "ok"
+        cfg = _cfg(
+            tmp_path, {**base, "captioning.retry": ["empty", "refused"], "captioning.fallback": ["template"]}
+        )
+        tables = run_stage(run, "captions", cfg, progress=False)
+        assert len(srv.requests) == n + (n - 4) + 2
+        captions, calls = tables["captions"], tables["caption_calls"]
+        assert captions.filter(pl.col("provider") == "local").height == n - 2
+        assert sorted(calls.filter(pl.col("outcome").str.starts_with("cached_"))["outcome"].to_list()) == [
+            "cached_truncated",
+            "cached_unparsable",
+        ]
+        assert (captions.filter(pl.col("provider") == "template").height, captions["status"].to_list()) == (
+            2,
+            ["ok"] * n,
+        )
+        counts = run.read_manifest("captions")["counts"]
+        assert counts["paid_requests"] == n - 2 and counts["answers_truncated"] == 1
+        assert sorted(_store(run).values()) == sorted(["ok"] * (n - 2) + ["truncated", "unparsable"])
+
+
+def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, tmp_path):
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer(script=["500", "500"]) as srv:
+        base = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.concurrency": 1,
+        }
+        with pytest.raises(
+            StageError, match=rf"would make {n} paid request\(s\) to local .* nothing was asked"
+        ):
+            run_stage(
+                run,
+                "captions",
+                _cfg(tmp_path, {**base, "captioning.max_paid_requests": n - 1}),
+                progress=False,
+            )
+        assert srv.requests == []
+        # n frames fit, but two retries do not: the run stops at the cap, and what was answered is kept.
+        with pytest.raises(StageError, match=rf"stopped after {n} paid request\(s\).*is not asked again"):
+            run_stage(
+                run, "captions", _cfg(tmp_path, {**base, "captioning.max_paid_requests": n}), progress=False
+            )
+        assert len(srv.requests) == n
+        run_stage(run, "captions", _cfg(tmp_path, base), progress=False)
+        assert len(srv.requests) == n + 2  # only the two frames the cap left unanswered
+        assert set(srv.answered.values()) == {1}
+
+
+# ----------------------------------------------------------------------------------- 31.5
+
+
+def _tear(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a torn file: no parquet footer
+
+
+def test_stages_04_and_05_restore_the_corrections_they_read(board_run, tmp_path):
+    """A damaged feedback or caption_edits used to fail stages 04/05 on every run until deleted;
+    now the stages run on the restored table, with the moves and the typed caption kept."""
+    from diffusion_bunny.pipeline.userwork import backup_path
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, overrides = board_run
+    cfg = load_config(None, overrides, root=tmp_path / "nocfg")
+    clusters = run.read_table("clusters").filter(pl.col("level") == "scene")
+    noise = clusters.filter(pl.col("cluster_id") == "noise")["frame_id"][0]
+    target = clusters.filter(pl.col("cluster_id") != "noise")["cluster_id"][0]
+    move_to_cluster(run.run_dir, noise, target)
+    feedback = run.read_table("feedback")
+    assert backup_path(run.table_path("feedback")).is_file()
+    assert backup_path(run.table_path("clusters")).is_file()
+
+    captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+    frame = captions["frame_id"][0]
+    edit_caption(run.run_dir, frame, "bunnystyle, typed by hand")
+    edits = pl.read_parquet(run.table_path("caption_edits"))
+
+    _tear(run.table_path("feedback"))
+    _tear(run.table_path("caption_edits"))
+    with pytest.warns(UserWarning, match="caption_edits.parquet was damaged"):
+        captions = run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
+    assert captions.filter(pl.col("frame_id") == frame)["caption"][0] == "bunnystyle, typed by hand"
+    assert pl.read_parquet(run.table_path("caption_edits")).equals(edits)
+    with pytest.warns(UserWarning, match="feedback.parquet was damaged"):
+        run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert run.read_table("feedback").equals(feedback)
+    moved = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == noise))
+    assert moved["cluster_id"][0] != "noise"  # the move survived the rerun
+
+
+# ----------------------------------------------------------------------------------- 31.6
+
+
+def _full_store(monkeypatch):
+    """SQLite's own "database or disk is full": each connection may not grow the file past the
+    pages it has (a page limit stands in for a full disk, which a test cannot make)."""
+    original = CaptionCache._db
+
+    def small(self):
+        db = original(self)
+        db.execute("PRAGMA max_page_count = 1")  # SQLite keeps the pages already there
+        return db
+
+    monkeypatch.setattr(CaptionCache, "_db", small)
+
+
+def test_a_full_answer_store_is_one_line_naming_it(cap_run, tmp_path, monkeypatch):
+    run, overrides = cap_run
+    CaptionCache(run.run_dir / "cache" / "captions").close()  # the store as a first run leaves it
+    _full_store(monkeypatch)
+    with FakeLLMServer() as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captioning__provider="local",
+            captioning__local__base_url=srv.base_url,
+            captioning__concurrency=1,
+        )
+        with pytest.raises(StorageError) as err:
+            run_stage(run, "captions", cfg, progress=False)
+    message = str(err.value)
+    store = run.run_dir / "cache" / "captions" / CaptionCache.FILE
+    assert message.startswith(f"could not write the caption answer store {store}: database or disk is full")
+    assert "\n" not in message and "stored before are kept" in message
+    assert (
+        0 < len(srv.requests) < _kept_frames(run).height
+    )  # it stopped at the first answer it could not keep
+    assert not run.has_table("captions")

@@ -380,7 +380,7 @@ def test_unusable_answers_fall_back_to_the_template_and_are_recorded(cap_run, tm
         captions, calls = tables["captions"], tables["caption_calls"]
         assert (captions["provider"] == "template").all() and (captions["status"] == "ok").all()
         assert len(srv.requests) == captions.height  # one request each: no hidden second try
-        failed = calls.filter(pl.col("outcome") == "failed")
+        failed = calls.filter(pl.col("outcome") == "unparsable")
         assert failed.height == captions.height and failed["error"].str.contains("Parse").all()
 
 

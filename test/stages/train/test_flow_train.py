@@ -96,8 +96,8 @@ def test_stage_trains_resumes_and_writes_files_that_load_back(family, tmp_path):
     facts = run.read_manifest("train")["facts"]
     assert facts["family"] == family and facts["resolution"] == 64
     assert all(w % 16 == 0 and h % 16 == 0 for w, h in (map(int, b.split("x")) for b in facts["buckets"]))
-    out = tmp_path / "lora"
-    diffusers_file, kohya_file = out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"
+    out = tmp_path / "lora" / "v1"
+    diffusers_file, kohya_file = out / "pytorch_lora_weights.safetensors", out / "lora-v1_kohya.safetensors"
     assert diffusers_file.is_file() and kohya_file.is_file()
     captions = {f"bunnystyle, a photo of the cat {i}" for i in range(4)}
     texts = captions | {""} | set(validation["prompt"].to_list())  # "" for caption dropout

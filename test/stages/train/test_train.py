@@ -352,10 +352,13 @@ def test_resumed_events_are_read_after_the_killed_runs_in_the_same_second(tmp_pa
 
 
 def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch):
-    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.pipeline.status import format_status, resolve_runs, status_table
+    from diffusion_bunny.stages import PIPELINE, run_stage
+    from diffusion_bunny.stages.generate import STAGE as GENERATE
+    from diffusion_bunny.stages.generate.stage import checkpoint_dir as drawn_with
 
     monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
-    board = tmp_path / "log" / "tensorboard" / "lora"  # log/tensorboard/<LoRA folder name>/
+    board = tmp_path / "log" / "tensorboard" / "lora-v1"  # log/tensorboard/<run>-v<n>/
     run = make_run(tmp_path, n_train=5, n_val=1)
     overrides = fast_overrides(tmp_path, validation_every=2)
     cfg = load_config(None, overrides, root=tmp_path)
@@ -366,8 +369,10 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     assert validation["step"].to_list() == [0, 2, 4]
     check_tensorboard(board, log, validation, size=64)
     assert all(Path(p).is_file() for p in validation["path"])
-    out = tmp_path / "lora"
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    out = tmp_path / "lora" / "v1"  # training.output_dir/v<n>: one folder per training configuration
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (
+        out / "lora-v1_kohya.safetensors"
+    ).is_file()
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoint-4" / "training_state.pt").is_file()
     facts = run.read_manifest("train")["facts"]
@@ -379,20 +384,53 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     stamps = [p.stat().st_mtime_ns for p in latents]
 
     # More steps: the run continues from checkpoint-4 and reuses every cached latent.
-    cfg = load_config(None, {**overrides, "training.max_train_steps": 6}, root=tmp_path)
+    six = {**overrides, "training.max_train_steps": 6}
+    cfg = load_config(None, six, root=tmp_path)
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
     assert run.read_manifest("train")["facts"]["resumed_from"] == 4
     check_tensorboard(board, log, run.read_table("training_validation"), size=64)
     assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")}
 
-    # Other settings (rank): the old checkpoints do not fit; training starts over and says so.
+    # Issue 31.1: other settings (rank) train into a folder of their own; the first LoRA and
+    # its checkpoints are kept byte for byte, and stage 08 draws with the new one.
     cfg = load_config(None, {**overrides, "training.rank": 2}, root=tmp_path)
-    with pytest.warns(UserWarning, match="training starts over"):
+    with pytest.warns(UserWarning, match=r"earlier one\(s\) in .* are kept"):
+        tables = run_stage(run, "train", cfg, progress=False)
+    assert tables["training_log"]["step"].to_list() == [1, 2, 3, 4]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
+    assert (tmp_path / "lora" / "v2" / "pytorch_lora_weights.safetensors").is_file()
+    loras = tables["loras"]
+    assert loras.select("name", "steps", "current").rows() == [("v1", 6, False), ("v2", 4, True)]
+    assert drawn_with(run, GENERATE.view(cfg)) == tmp_path / "lora" / "v2"
+    check_tensorboard(
+        tmp_path / "log" / "tensorboard" / "lora-v2",
+        tables["training_log"],
+        tables["training_validation"],
+        64,
+    )
+    # bunny status lists every LoRA kept, the current one marked.
+    text = format_status(status_table(PIPELINE, resolve_runs(run.run_dir, cfg), cfg))
+    assert "kept: v1: 6 steps, tiny; LoRA " in text and "kept: v2: 4 steps, tiny; LoRA " in text
+    assert text.count("<- current") == 1 and "v2_kohya" not in text
+
+    # Back to the first settings: their folder resumes (nothing to train), and is current again.
+    cfg = load_config(None, six, root=tmp_path)
+    tables = run_stage(run, "train", cfg, progress=False)
+    assert run.read_manifest("train")["facts"]["resumed_from"] == 6
+    assert tables["loras"].select("name", "current").rows() == [("v1", True), ("v2", False)]
+    assert drawn_with(run, GENERATE.view(cfg)) == out
+
+    # training.start_over is the one way to delete a LoRA: this configuration's, and only it.
+    cfg = load_config(None, {**six, "training.start_over": True}, root=tmp_path)
+    with pytest.warns(UserWarning, match=r"training.start_over: the earlier LoRA .* was removed"):
         log = run_stage(run, "train", cfg, progress=False)["training_log"]
-    assert log["step"].to_list() == [1, 2, 3, 4]
-    assert not (out / "checkpoint-6").exists()
-    check_tensorboard(board, log, run.read_table("training_validation"), size=64)
+    assert (
+        log["step"].to_list() == [1, 2, 3, 4, 5, 6]
+        and run.read_manifest("train")["facts"]["resumed_from"] is None
+    )
+    assert (tmp_path / "lora" / "v2" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoes(tmp_path, monkeypatch):
@@ -473,7 +511,7 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     args = [f"{k}={v}" for k, v in overrides.items()]
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT)
-    out = tmp_path / "lora"
+    out = tmp_path / "lora" / "v1"
     proc = subprocess.Popen([sys.executable, str(script), str(run.run_dir), *args], start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -497,7 +535,7 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     assert log["step"].to_list() == list(range(1, final + 1))
     # TensorBoard: what the killed run logged after checkpoint `done` is purged; each step once.
     check_tensorboard(
-        tmp_path / "log" / "tensorboard" / "lora", log, run.read_table("training_validation"), 64
+        tmp_path / "log" / "tensorboard" / "lora-v1", log, run.read_table("training_validation"), 64
     )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
@@ -687,7 +725,7 @@ def test_final_lora_file_is_replaced_atomically_and_a_killed_writes_leftovers_sw
     overrides = fast_overrides(tmp_path, max_train_steps=2, checkpoint_every=100)
     cfg = load_config(None, overrides, root=tmp_path)
     run_stage(run, "train", cfg, progress=False)
-    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    lora = tmp_path / "lora" / "v1" / "pytorch_lora_weights.safetensors"
     before = lora.read_bytes()
     script = tmp_path / "kill.py"
     script.write_text(KILL_AT_LORA_RENAME)

@@ -18,7 +18,10 @@ that sends the rest of the run to the next provider until a probe after a cool-d
 and a disk cache (:class:`CaptionCache`, plain JSON in stdlib sqlite3, never evicting) keyed by
 everything that changes the answer. The *raw* answer is in the cache before it is parsed and
 before the next request starts, so a rerun or a resume after a kill never pays for the same
-frame twice, not even for an answer that did not parse. Secrets are read from the environment
+frame twice, not even for an answer that did not parse. Every paid answer is stored with its
+status (:func:`answer_status`: ``ok``, ``empty``, ``refused``, ``truncated``, ``unparsable``, issue
+31): one that carries no caption is not asked again unless ``captioning.retry`` names its status.
+Secrets are read from the environment
 (or ``.env``) when a provider is built and handed straight to the client; every stored string
 goes through :func:`redact`, which hides every secret value the process knows.
 """
@@ -39,14 +42,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from diffusion_bunny.config import CaptioningConfig
-from diffusion_bunny.errors import ConfigError, ProviderError
+from diffusion_bunny.errors import ConfigError, ProviderError, StorageError, storage_error
 from diffusion_bunny.stages.captions.facts import template_caption
 
 # dspy is imported only through this module (lazily); at first use it would fetch litellm's model
@@ -107,6 +110,20 @@ class Provider(Protocol):
 
 
 RETRY, PROVIDER_DOWN, ITEM_FAILED = "retry", "provider_down", "item_failed"
+
+#: What a paid answer can be besides ``ok`` (a caption): billed, but carrying none. Stored with
+#: the answer; asked again only when ``captioning.retry`` lists the status.
+ANSWER_STATUSES = ("empty", "refused", "truncated", "unparsable")
+
+
+class AnswerError(Exception):
+    """A paid answer arrived and was recorded, but carries no caption: ``status`` is one of
+    :data:`ANSWER_STATUSES`. Never retried in the same run (that would pay again)."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(f"{status} answer ({detail})" if detail else f"{status} answer")
+        self.status, self.detail = status, detail
+
 
 _RETRY_DSPY = {"LMRateLimitError", "LMServerError", "LMTimeoutError", "LMTransportError"}
 _DOWN_DSPY = {"LMAuthError", "LMBillingError", "LMUnsupportedModelError", "LMNotConfiguredError"}
@@ -364,7 +381,6 @@ class CaptionCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / self.FILE
         #: The old diskcache database when it is there and this store is new.
         self.legacy = (self.directory / "cache.db") if (self.directory / "cache.db").is_file() else None
@@ -372,12 +388,44 @@ class CaptionCache:
         self._path = path
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.commit()
+        with self._storage():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            db = self._db()
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.commit()
         if self.legacy is not None and len(self):
             self.legacy = None  # already rebuilt once: nothing more to say
+
+    #: SQLite's answers that mean the disk, not the code: full, read-only, cannot open, I/O.
+    _STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
+
+    @contextlib.contextmanager
+    def _storage(self) -> Iterator[None]:
+        """A full or read-only disk under the store is one line naming it (exit status 2), not a
+        bug: SQLite says so in its own error codes, and the OS in an ``OSError``."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            text = str(exc)
+            if not (
+                name.startswith(self._STORAGE_ERRORS)
+                or any(t in text for t in ("disk is full", "readonly", "unable to open", "disk I/O"))
+            ):
+                raise
+            raise StorageError(
+                f"could not write the caption answer store {self._path}: {text}; free some space or fix "
+                "the permissions (or set captioning.cache_dir), then run the stage again: the answers "
+                "stored before are kept and not asked again"
+            ) from None
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(self._path)
+            error = storage_error(exc, "free some space or fix the permissions (or set captioning.cache_dir)")
+            if error is None:
+                raise
+            raise error from None
 
     def _db(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections must not cross threads)."""
@@ -434,12 +482,13 @@ class CaptionCache:
         return value if isinstance(value, dict) else None
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        db = self._db()
-        with db:  # commits before returning
-            db.execute(
-                "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
-                (key, json.dumps(value, sort_keys=True)),
-            )
+        with self._storage():
+            db = self._db()
+            with db:  # commits before returning
+                db.execute(
+                    "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
+                    (key, json.dumps(value, sort_keys=True)),
+                )
 
     def __len__(self) -> int:
         return int(self._db().execute("SELECT count(*) FROM answers").fetchone()[0])
@@ -532,6 +581,16 @@ class DspyProvider:
         self.cfg = cfg
         self._preflight = preflight
         self.predict = dspy.Predict(caption_signature())
+        # The response dspy records for each call, per thread (calls run on several threads):
+        # its finish reason and refusal tell an empty answer's status.
+        self._last = threading.local()
+        record = lm.update_history
+
+        def update_history(entry: dict[str, Any], record: Callable[[Any], None] = record) -> None:
+            self._last.response = entry.get("response")
+            record(entry)
+
+        lm.update_history = update_history
 
     def preflight(self) -> None:
         self._preflight()
@@ -539,25 +598,46 @@ class DspyProvider:
     def caption(
         self, image: bytes, facts: dict[str, Any], on_raw: Callable[[RawAnswer], None] | None = None
     ) -> CaptionResult:
-        """Ask for one caption. ``on_raw`` is given the raw answer text (and its tokens) as soon
-        as it arrives, *before* it is parsed: the caller caches it there, so an answer that does
-        not parse is still paid only once (a rerun parses the cached text again)."""
+        """Ask for one caption. ``on_raw`` is given the raw answer (text, tokens, finish reason
+        and :func:`answer_status`) as soon as it arrives, *before* dspy parses it or raises on an
+        empty one: the caller records it there, so every paid answer is paid only once (a rerun
+        reads the record). An answer without a caption raises :class:`AnswerError`."""
         import dspy
         from dspy.utils.usage_tracker import track_usage
 
+        answers: list[RawAnswer] = []
+
+        def record(raw: RawAnswer) -> None:
+            if on_raw is not None:
+                on_raw(raw)  # a store that cannot write (full disk) raises here, before the append
+            answers.append(raw)
+
+        self._last.response = None
         # No JSON-adapter fallback: it would send a second (paid) request behind our back when an
         # answer does not parse; a bad answer is one failed attempt, counted and logged as such.
-        adapter = _raw_first_adapter(on_raw)
-        with dspy.context(lm=self.lm, adapter=adapter), track_usage() as tracker:
-            adapter.tracker = tracker
-            pred = self.predict(
-                # A data URI is sent as it is; raw bytes would be decoded and re-encoded by dspy.
-                image=dspy.Image("data:image/jpeg;base64," + base64.b64encode(image).decode()),
-                characters=list(facts.get("characters") or []),
-                trigger_word=self.cfg.trigger_word,
-            )
-        inp, out = _usage(tracker.get_total_tokens())
-        return self._result(pred.caption, pred.tags, inp, out)
+        adapter = _raw_first_adapter(record, lambda: getattr(self._last, "response", None))
+        try:
+            with dspy.context(lm=self.lm, adapter=adapter), track_usage() as tracker:
+                adapter.tracker = tracker
+                pred = self.predict(
+                    # A data URI is sent as it is; raw bytes would be decoded and re-encoded by dspy.
+                    image=dspy.Image("data:image/jpeg;base64," + base64.b64encode(image).decode()),
+                    characters=list(facts.get("characters") or []),
+                    trigger_word=self.cfg.trigger_word,
+                )
+            inp, out = _usage(tracker.get_total_tokens())
+            return self._result(pred.caption, pred.tags, inp, out)
+        except Exception as exc:
+            if not answers:  # no answer came (HTTP error, timeout): classified by the caller
+                raise
+            status, detail = answer_status(answers[-1], self.parse)
+            if status == "ok":  # pragma: no cover - parsed by our parser, not by dspy's
+                raise
+            raise AnswerError(status, detail) from exc
+
+    def status(self, raw: RawAnswer) -> tuple[str, str]:
+        """:func:`answer_status` of a raw answer of this provider."""
+        return answer_status(raw, self.parse)
 
     def parse(self, raw: RawAnswer) -> CaptionResult:
         """The caption in a raw answer (one from the cache): parsed exactly as a fresh one is,
@@ -583,21 +663,72 @@ class RawAnswer:
     text: str
     input_tokens: int | None = None
     output_tokens: int | None = None
+    #: Why the model stopped, in dspy's words (``stop``, ``length``, ``content_filter``, ...).
+    finish_reason: str | None = None
+    #: The refusal the model sent instead of text, when it sent one.
+    refusal: str | None = None
 
 
-def _raw_first_adapter(on_raw: Callable[[RawAnswer], None] | None) -> Any:
-    """dspy's chat adapter, with a hook that hands the raw completion to ``on_raw`` before it is
-    parsed (dspy calls ``parse`` right after the model answered; the usage is recorded by then)."""
+def answer_status(raw: RawAnswer, parse: Callable[[RawAnswer], Any]) -> tuple[str, str]:
+    """``(status, detail)`` of a paid answer: ``ok`` when ``parse`` gets a caption out of it,
+    else ``refused`` (a refusal or the content filter), ``truncated`` (stopped at ``max_tokens``:
+    a reasoning model can spend them all before writing anything), ``empty`` (no text) or
+    ``unparsable`` (text without the fields asked for)."""
+    try:
+        parse(raw)
+        return "ok", ""
+    except Exception as exc:  # any parse failure is a status, never a crash
+        why = short_error(exc)
+    finish = raw.finish_reason or "stop"
+    if raw.refusal or finish == "content_filter":
+        return "refused", (raw.refusal or f"finish_reason {finish}")[:200]
+    if finish == "length":
+        tokens = f", {raw.output_tokens} output tokens" if raw.output_tokens is not None else ""
+        return "truncated", f"stopped at max_tokens{tokens}"
+    if not raw.text.strip():
+        return "empty", f"no text, finish_reason {finish}"
+    return "unparsable", why
+
+
+def _finish_of(response: Any) -> tuple[str | None, str | None]:
+    """``(finish_reason, refusal text)`` of the response dspy recorded for a call: an lm15
+    ``Response`` (or a list of them) or a legacy OpenAI-shaped dict."""
+    if isinstance(response, (list, tuple)):
+        response = response[0] if response else None
+    if response is None:
+        return None, None
+    if isinstance(response, dict):
+        choices = response.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        return choices[0].get("finish_reason"), message.get("refusal")
+    finish = getattr(response, "finish_reason", None)
+    message = getattr(response, "message", None)
+    parts = getattr(message, "parts", ())
+    refusal = [getattr(p, "text", "") for p in parts if getattr(p, "type", "") == "refusal"]
+    return finish, " ".join(r for r in refusal if r) or None
+
+
+def _raw_first_adapter(
+    on_raw: Callable[[RawAnswer], None] | None, response: Callable[[], Any] = lambda: None
+) -> Any:
+    """dspy's chat adapter, with a hook that hands every raw completion to ``on_raw`` as soon as
+    the model answered, before dspy looks at it: dspy raises on an empty or null answer (a
+    refusal, the content filter, a reasoning model that spent ``max_tokens``) before it would
+    call ``parse``, so the hook sits one step earlier, in ``_call_postprocess``. ``response``
+    gives the response dspy recorded for this call (its finish reason and refusal)."""
     import dspy
 
     class RawFirstAdapter(dspy.ChatAdapter):
         tracker: Any = None
 
-        def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        def _call_postprocess(self, processed: Any, original: Any, outputs: Any, lm: Any, kwargs: Any) -> Any:
             if on_raw is not None:
                 usage = self.tracker.get_total_tokens() if self.tracker is not None else None
-                on_raw(RawAnswer(str(completion), *_usage(usage)))
-            return super().parse(signature, completion)
+                finish, refusal = _finish_of(response())
+                for output in outputs:
+                    text = output.get("text") if isinstance(output, dict) else output
+                    on_raw(RawAnswer(str(text or ""), *_usage(usage), finish, refusal))
+            return super()._call_postprocess(processed, original, outputs, lm, kwargs)
 
     return RawFirstAdapter(use_json_adapter_fallback=False)
 
@@ -744,7 +875,13 @@ class BedrockConverseEngine:
             id=answer.get("ResponseMetadata", {}).get("RequestId"),
             model=self.model_id,
             message=Message.assistant([TextPart(text)]),
-            finish_reason="length" if stop == "max_tokens" else "stop",
+            finish_reason=(
+                "length"
+                if stop == "max_tokens"
+                else "content_filter"
+                if stop in ("content_filtered", "guardrail_intervened")
+                else "stop"
+            ),
             usage=Usage(
                 input_tokens=usage.get("inputTokens"),
                 output_tokens=usage.get("outputTokens"),

@@ -7,10 +7,17 @@ else happens, so killing the process at any point loses at most the requests in 
 the next run asks only for what is not in the cache. Every request is logged in the
 ``caption_calls`` table (provider, attempt, outcome, latency, tokens), from which notebook 05
 draws the per-provider summary.
+
+Every paid answer is recorded whatever it is (issue 31): one that carries no caption (empty,
+refused, truncated, unparsable) is stored with that status, logged with it as its outcome, and
+never asked again unless ``captioning.retry`` names the status. Before the first paid request the
+stage says how many it will make and stops (exit 2) when that is more than
+``captioning.max_paid_requests``; the run also stops there if retries and fallbacks reach it.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -30,11 +37,14 @@ from diffusion_bunny.errors import BadInputError, ProviderError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.userwork import read_kept, write_kept
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
+    ANSWER_STATUSES,
     PROMPT_VERSION,
     PROVIDER_DOWN,
     RETRY,
+    AnswerError,
     CaptionCache,
     CircuitBreaker,
     Provider,
@@ -62,6 +72,35 @@ CALL_SCHEMA: dict[str, pl.DataType] = {
     "output_tokens": pl.Int64,
     "ts": pl.Datetime("us", "UTC"),
 }
+
+
+#: Outcomes of ``caption_calls`` that are requests sent (paid for, when the provider is paid).
+REQUEST_OUTCOMES = ("ok", "retry", "failed", "down", *ANSWER_STATUSES)
+
+
+class _Budget:
+    """Paid requests allowed in one run (``captioning.max_paid_requests``), across threads."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.used >= self.cap:
+                raise StageError(
+                    f"stage captions stopped after {self.used} paid request(s): captioning.max_paid_requests "
+                    f"is {self.cap}; every answer received is recorded and is not asked again; raise the "
+                    "setting (--set captioning.max_paid_requests=N) and run the stage again to go on"
+                )
+            self.used += 1
+
+
+def _not_again(prov: str, status: str, detail: str) -> str:
+    """The error of a frame whose paid answer carried no caption (a true promise: see
+    :meth:`_Captioner._paid`)."""
+    why = f" ({detail})" if detail else ""
+    return f"{prov}: {status} answer{why}, recorded; not asked again unless captioning.retry lists {status}"
 
 
 @dataclass
@@ -123,6 +162,7 @@ class _Captioner:
         }
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
+        self.budget = _Budget(cfg.max_paid_requests)
 
     def jitter(self, attempt: int) -> float:
         with self._rng_lock:
@@ -191,23 +231,25 @@ class _Captioner:
         """A paid provider for one frame: its cached raw answer parsed again when there is one
         (no request), else the full frame scaled to ``image_max_side`` and asked."""
         hit = self.cache.get(key)
-        if hit is not None and "raw" in hit:
-            raw = RawAnswer(hit["raw"], hit.get("input_tokens"), hit.get("output_tokens"))
-            try:
-                result = prov.parse(raw)
-            except Exception as exc:  # paid for and kept; it just does not parse
-                error = f"{prov.name}: cached answer unusable: {short_error(exc)}"
-                self.log.add(
-                    frame_id=fid,
-                    provider=prov.name,
-                    model=prov.model,
-                    attempt=0,
-                    outcome="cached_failed",
-                    error=short_error(exc),
-                )
-                return None, error, False
+        status = _cached_status(hit, prov)
+        if status == "ok":
+            assert hit is not None
+            result = prov.parse(_raw(hit))
             self.log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
             return self._answer(fid, prov, result, hit.get("latency_s")), "", False
+        if status is not None and status not in self.cfg.retry:
+            # Paid for and recorded with its status: never asked again unless the user says so.
+            assert hit is not None
+            detail = hit.get("detail") or ""
+            self.log.add(
+                frame_id=fid,
+                provider=prov.name,
+                model=prov.model,
+                attempt=0,
+                outcome=f"cached_{status}",
+                error=f"{status}: {detail}" if detail else status,
+            )
+            return None, _not_again(prov.name, status, detail), False
         breaker = self.breakers[prov.name]
         if breaker.blocked():  # no need to decode the frame
             return None, f"{prov.name}: circuit open ({breaker.reason})", True
@@ -243,6 +285,7 @@ class _Captioner:
             if not permit:
                 return None, f"{prov.name}: circuit open ({breaker.reason})", True
             if prov.paid:  # the template costs nothing and is not paced
+                self.budget.take()  # past max_paid_requests: StageError stops the run
                 self.limiters[prov.name].acquire()
             started = time.monotonic()
             cache_failure: list[BaseException] = []
@@ -250,12 +293,17 @@ class _Captioner:
             def keep(
                 raw: RawAnswer, started: float = started, cache_failure: list[BaseException] = cache_failure
             ) -> None:
-                # Paid for: into the cache before it is parsed or anything else can go wrong.
+                # Paid for: into the cache, with its status, before anything else can go wrong.
+                status, detail = prov.status(raw)
                 try:
                     self.cache.set(
                         key,
                         {
                             "raw": raw.text,
+                            "status": status,
+                            "detail": redact(detail),
+                            "finish_reason": raw.finish_reason,
+                            "refusal": raw.refusal,
                             "latency_s": time.monotonic() - started,
                             "input_tokens": raw.input_tokens,
                             "output_tokens": raw.output_tokens,
@@ -271,6 +319,20 @@ class _Captioner:
             except Exception as exc:  # every failure is classified; none stops the run
                 if cache_failure:
                     raise cache_failure[0] from None
+                if isinstance(exc, AnswerError):
+                    # Answered and recorded, but no caption: asking again in this run would pay
+                    # again; it counts against the circuit like any failure of the provider.
+                    self.log.add(
+                        frame_id=fid,
+                        provider=prov.name,
+                        model=prov.model,
+                        attempt=attempt,
+                        outcome=exc.status,
+                        error=short_error(exc),
+                        latency_s=time.monotonic() - started,
+                    )
+                    breaker.failure(f"{exc.status} answers", fatal=False)
+                    return None, _not_again(prov.name, exc.status, exc.detail), False
                 kind = classify(exc)
                 will_retry = kind == RETRY and attempt < self.cfg.max_retries and permit != "probe"
                 self.log.add(
@@ -365,16 +427,16 @@ def caption_frames(
 
 def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
     """Per provider: requests made, failures, retries, cache hits, latency and tokens."""
-    real = pl.col("outcome").is_in(["ok", "retry", "failed", "down"])
+    real = pl.col("outcome").is_in(REQUEST_OUTCOMES)
     return (
         calls.filter(pl.col("provider") != "-")
         .group_by("provider", "model")
         .agg(
             real.sum().alias("requests"),
             (pl.col("outcome") == "ok").sum().alias("answered"),
-            pl.col("outcome").is_in(["retry", "failed", "down"]).sum().alias("failures"),
+            pl.col("outcome").is_in(["retry", "failed", "down", *ANSWER_STATUSES]).sum().alias("failures"),
             (pl.col("outcome") == "retry").sum().alias("retries"),
-            (pl.col("outcome") == "cached").sum().alias("cache_hits"),
+            pl.col("outcome").str.starts_with("cached").sum().alias("cache_hits"),
             pl.col("latency_s").filter(real).mean().alias("mean_latency_s"),
             pl.col("latency_s").filter(real).quantile(0.95).alias("p95_latency_s"),
             pl.col("input_tokens").sum().alias("input_tokens"),
@@ -419,6 +481,22 @@ def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
     return out
 
 
+def _raw(hit: dict[str, Any]) -> RawAnswer:
+    tokens = hit.get("input_tokens"), hit.get("output_tokens")
+    return RawAnswer(hit["raw"], *tokens, hit.get("finish_reason"), hit.get("refusal"))
+
+
+def _cached_status(hit: dict[str, Any] | None, prov: Provider) -> str | None:
+    """The status of a recorded answer (None: nothing recorded). A record from before statuses
+    were stored gets its status from its text, as a fresh answer would."""
+    if hit is None or "raw" not in hit:
+        return None
+    status = hit.get("status")
+    if status in (None, "ok"):
+        status = prov.status(_raw(hit))[0]
+    return str(status)
+
+
 def _uncached(
     facts: pl.DataFrame,
     hashes: dict[str, str | None],
@@ -426,7 +504,8 @@ def _uncached(
     cfg: CaptioningConfig,
     cache: CaptionCache,
 ) -> int:
-    """Frames the first paid provider of the chain has no cached answer for."""
+    """Frames the first paid provider of the chain will be asked about: no answer recorded, or
+    one whose status ``captioning.retry`` lists."""
     paid = [p for p in providers if p.paid]
     if not paid:
         return 0
@@ -436,7 +515,8 @@ def _uncached(
         sha = hashes.get(rec["frame_id"])
         if sha is None:
             continue
-        if cache.get(CaptionCache.key_for(sha, first, rec, cfg)) is None:
+        status = _cached_status(cache.get(CaptionCache.key_for(sha, first, rec, cfg)), first)
+        if status is None or status in cfg.retry:
             missing += 1
     return missing
 
@@ -473,6 +553,7 @@ def captions_stage(
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
         to_ask = _uncached(facts, hashes, providers, cfg, cache)
         if to_ask:
+            _announce(to_ask, facts.height, providers, cfg)
             for prov in providers:
                 if prov.paid:
                     prov.preflight()
@@ -500,8 +581,7 @@ def captions_stage(
         first = failed["error"][0]
         raise ProviderError(
             f"no frame could be captioned ({failed.height} failed; first: {redact(first)}); fix the provider "
-            "or add template to captioning.fallback. Answers already received are cached and will not "
-            "be paid again"
+            f"or add template to captioning.fallback. {_rerun_note(calls)}"
         )
     # Edits made so far, for the counts; the runner re-applies them under the lock as it writes.
     with captions_lock(run_dir):
@@ -513,11 +593,13 @@ def captions_stage(
         "edited": int((captions["status"] == "edited").sum()),
         **{f"by_{k}": v for k, v in captions.group_by("provider").len().iter_rows() if k},
         "paid_requests": int(
-            calls.filter(pl.col("provider").is_in(paid))["outcome"]
-            .is_in(["ok", "retry", "failed", "down"])
-            .sum()
+            calls.filter(pl.col("provider").is_in(paid))["outcome"].is_in(REQUEST_OUTCOMES).sum()
         ),
-        "cache_hits": int(calls["outcome"].is_in(["cached", "cached_failed"]).sum()),
+        "cache_hits": int(calls["outcome"].str.starts_with("cached").sum()),
+        **{
+            f"answers_{status}": int(calls["outcome"].is_in([status, f"cached_{status}"]).sum())
+            for status in ANSWER_STATUSES
+        },
     }
     warnings = []
     if legacy is not None:
@@ -529,9 +611,7 @@ def captions_stage(
         )
     if failed.height:
         warnings.append(
-            f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}); rerun stage captions "
-            "with --force to retry them (answers already received, also ones that did not parse, are "
-            "cached and not paid again)"
+            f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}). {_rerun_note(calls)}"
         )
     for name, (reason, still_open, times) in result.breakers.items():
         after = (
@@ -552,6 +632,41 @@ def captions_stage(
         },
         commit=lambda tables: _commit(run_dir, tables),
     )
+
+
+def _announce(to_ask: int, frames: int, providers: list[Provider], cfg: CaptioningConfig) -> None:
+    """Before the first paid request: how many there will be, and the cap (exit 2 past it)."""
+    from diffusion_bunny.logs import say
+
+    first = next(p for p in providers if p.paid)
+    cap = cfg.max_paid_requests
+    if to_ask > cap:
+        raise StageError(
+            f"stage captions would make {to_ask} paid request(s) to {first.name} ({first.model}), more than "
+            f"captioning.max_paid_requests ({cap}); nothing was asked. Raise it (--set "
+            f"captioning.max_paid_requests={to_ask}) or caption fewer frames"
+        )
+    say(
+        logging.getLogger(__name__),
+        f"captions: {to_ask} paid request(s) to {first.name} ({first.model}), one per frame of {frames} "
+        f"without a recorded answer; retries and fallbacks may add some, and the run stops at "
+        f"captioning.max_paid_requests ({cap})",
+    )
+
+
+def _rerun_note(calls: pl.DataFrame) -> str:
+    """What a rerun will ask again and what it will not, from this run's calls (true by
+    construction: recorded answers are read back; frames without one are asked)."""
+    outcomes = {o.removeprefix("cached_") for o in calls["outcome"].to_list()}
+    statuses = sorted(outcomes & set(ANSWER_STATUSES))
+    note = "A rerun (--force) asks again only frames that got no answer"
+    if statuses:
+        listed = ", ".join(statuses)
+        note += (
+            f"; paid answers that carried no caption ({listed}) are recorded and are not asked again "
+            f"unless captioning.retry lists their status (e.g. --set 'captioning.retry=[{statuses[0]}]')"
+        )
+    return note
 
 
 @contextmanager
@@ -600,8 +715,9 @@ def captions_lock(run_dir: str | Path, timeout: float = 120.0) -> Iterator[None]
         lock.acquire()
     except Timeout:
         raise StageError(
-            f"another process has held the captions lock ({path}) for {timeout:.0f} s; close the other "
-            "notebook or stage run, or delete the lock file if no such process is running"
+            f"another process has held the captions lock ({path}) for {timeout:.0f} s (a notebook saving "
+            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
+            "system releases the lock when that process ends)"
         ) from None
     try:
         yield
@@ -614,7 +730,7 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
     path = _edits_path(Path(run_dir))
     if not path.is_file():
         return pl.DataFrame(schema=EDIT_SCHEMA)
-    return pl.read_parquet(path)
+    return read_kept(path)  # typed by a person: restored from its backup when damaged
 
 
 def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
@@ -647,7 +763,7 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
             schema=EDIT_SCHEMA,
         )
         edits = pl.concat([read_edits(run_dir), row])
-        atomic_write_parquet(_edits_path(run_dir), edits)
+        write_kept(_edits_path(run_dir), edits)  # with tables/backup/caption_edits.parquet
         captions = apply_edits(captions, row)
         atomic_write_parquet(captions_path, captions)
     return captions

@@ -71,6 +71,8 @@ STAGE = Stage(
             ("face_id", "frame_id", "character", "low_confidence", "embedding"),
             optional=True,
         ),
+        # Which of the LoRAs kept stage 07 trained last (the folder drawn with).
+        Reads("loras", "train", ("folder", "current"), optional=True),
     ),
     config=(
         "generation",

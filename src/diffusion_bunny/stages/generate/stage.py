@@ -35,12 +35,14 @@ from diffusion_bunny.stages.generate.render import (
 )
 from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
 from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
+from diffusion_bunny.stages.train.tables import current_lora_dir
 
 
 def checkpoint_dir(run: Run, cfg: ConfigView) -> Path:
-    """Stage 07's output folder (``training.output_dir``, else ``checkpoint/<run folder name>/``),
-    by stage 07's own rule."""
-    return training_dir(run.run_dir, cfg.training)
+    """The LoRA folder to draw with: the one stage 07 trained last (its ``loras`` table's
+    ``current`` row, one ``v<n>/`` of ``checkpoint/<run folder name>/`` or ``training.output_dir``),
+    else that folder itself (a training output ``training.output_dir`` points at)."""
+    return current_lora_dir(training_dir(run.run_dir, cfg.training), run.optional_table("loras"))
 
 
 def base_model_setting(cfg: ConfigView) -> tuple[str, str, str]:

@@ -471,8 +471,9 @@ def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
             yield
     except Timeout as err:
         raise StageError(
-            f"another process has held the scenes lock ({path}) for {timeout:.0f} s; close the other "
-            "notebook or stage run, or delete the lock file if no such process is running"
+            f"another process has held the scenes lock ({path}) for {timeout:.0f} s (a notebook saving "
+            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
+            "system releases the lock when that process ends)"
         ) from err
 
 
@@ -531,7 +532,7 @@ def move_to_cluster(
         }
         feedback = run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
         feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
-        run.write_table("feedback", feedback)
+        run.write_table("feedback", feedback, backup=True)  # a person's work: kept with a backup
         vectors = None
         if run.has_table("embeddings") and cluster_id != NOISE:
             # The frame's new similarity needs only the vectors of the scene it lands in (its
@@ -541,7 +542,7 @@ def move_to_cluster(
                 "frame_id"
             ]
             vectors = _vectors(run, {frame_id, *members.to_list()})
-        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors))
+        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors), backup=True)
     return event
 
 

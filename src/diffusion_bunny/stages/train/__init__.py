@@ -28,9 +28,17 @@ def _compute(ctx: Context) -> StageOutput:
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
-    # The LoRA files, checkpoints and validation pictures (training.output_dir, else
-    # checkpoint/<run folder name>/ in the workspace).
+    # The LoRA folders (one v<n>/ per training configuration: files, checkpoints, validation
+    # pictures) under training.output_dir, else checkpoint/<run folder name>/ in the workspace.
     return {"LoRA folder": checkpoint_dir(run.run_dir, cfg.training)}
+
+
+def kept(run: Run, cfg: ConfigView) -> list[str]:
+    """One line per LoRA kept for this run (``bunny status``, notebooks 07 and 08)."""
+    from diffusion_bunny.stages.train.tables import current_lora_dir, describe_loras, kept_loras
+
+    base = checkpoint_dir(run.run_dir, cfg.training)
+    return describe_loras(kept_loras(base, current=current_lora_dir(base, run.optional_table("loras"))))
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -38,9 +46,10 @@ def summary(manifest: dict[str, Any]) -> str:
     c, f = manifest["counts"], manifest["facts"]
     loss = f"{c['final_loss']:.3f}" if c.get("final_loss") is not None else "none"
     resumed = f", resumed from checkpoint-{f['resumed_from']}" if f.get("resumed_from") else ""
+    kept = f" ({f['loras_kept']} LoRAs kept)" if f.get("loras_kept", 1) > 1 else ""
     return (
         f"{c['steps']} steps on {c['images']} images ({f['base_model']}, {f['device']}){resumed}, "
-        f"final loss {loss}; LoRA in {f['lora_path']}"
+        f"final loss {loss}; LoRA in {f['lora_path']}{kept}"
     )
 
 
@@ -53,6 +62,7 @@ STAGE = Stage(
     summary=summary,
     reads=(Reads("dataset_items", "export"),),
     config=("training",),
-    writes=("training_log", "training_validation"),
+    writes=("training_log", "training_validation", "loras"),
     owns=_owns,
+    kept=kept,
 )

@@ -59,7 +59,13 @@ from diffusion_bunny.stages.train.data import (
     make_buckets,
     nearest_bucket,
 )
-from diffusion_bunny.stages.train.tables import LORA_FILE, TRAINING_LOG_SCHEMA, VALIDATION_SCHEMA
+from diffusion_bunny.stages.train.tables import (
+    LORA_FILE,
+    STATE_FILE,
+    TRAINING_LOG_SCHEMA,
+    VALIDATION_SCHEMA,
+    lora_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +75,6 @@ if TYPE_CHECKING:
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-STATE_FILE = "training_state.pt"
 #: The training keys that only FLUX.1 / SD3.5 use.
 FLOW_KEYS = (
     "lora_targets",
@@ -603,6 +608,7 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
             "validation_prompts",
             "validation_inference_steps",
             "output_dir",
+            "start_over",
             "device",
             "tensorboard",
             *at_default,
@@ -610,6 +616,21 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
     )
     blob = json.dumps({"cfg": keep, "data": dataset_key}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def start_over(output_dir: Path) -> list[str]:
+    """``training.start_over``: remove the checkpoints, final LoRA files and validation pictures
+    of one LoRA folder (its ``training.json`` stays); returns what was removed. The only place a
+    LoRA is deleted, and only when the user set it."""
+    removed = []
+    for child in sorted(Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []:
+        if child.name.startswith("checkpoint-") or child.name == "validation":
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name + "/")
+        elif child.is_file() and child.name.endswith(".safetensors"):
+            child.unlink()
+            removed.append(child.name)
+    return removed
 
 
 def _write_checkpoint(output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any]) -> Path:
@@ -703,15 +724,19 @@ def train_lora(
     device: str | None = None,
     cache_dir: Path | None = None,
     trainer_class: type[LoraTrainer] | None = None,
+    name: str | None = None,
 ) -> TrainResult:
     """Train (or continue training) a LoRA on ``images`` and write everything into ``output_dir``.
 
-    Resumes from the latest complete checkpoint when its settings match (else starts over and
-    says so in a warning). Latents are cached under ``cache_dir`` (default ``output_dir``).
+    Resumes from the latest complete checkpoint (its settings and data must match: a folder
+    holding another training's checkpoints is an error, nothing is deleted unless
+    ``training.start_over``). ``name`` names the kohya file and the TensorBoard run (default:
+    :func:`~diffusion_bunny.stages.train.tables.lora_name` of the folder). Latents are cached
+    under ``cache_dir`` (default ``output_dir``).
     ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
     (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model).
     With ``training.tensorboard`` the loss, learning rate and validation images also go to
-    TensorBoard in ``log/tensorboard/<output_dir name>/`` (the ``training_log`` table is the same
+    TensorBoard in ``log/tensorboard/<name>/`` (the ``training_log`` table is the same
     either way)."""
     if not images:
         raise StageError("no training images; check the dataset (stage export)")
@@ -720,6 +745,13 @@ def train_lora(
     warnings: list[str] = []
     data_key = dataset_key(images)
     key = resume_key(cfg, data_key)
+    if cfg.start_over:
+        removed = start_over(output_dir)
+        if removed:
+            warnings.append(
+                f"training.start_over: the earlier LoRA of this configuration in {output_dir} "
+                f"({', '.join(removed)}) was removed and training started from step 0"
+            )
 
     # Find what to resume from before loading any model.
     resume_state: dict[str, Any] | None = None
@@ -732,13 +764,12 @@ def train_lora(
             warnings.append(f"checkpoint {folder} is damaged and was skipped")
             continue
         if state.get("resume_key") != key:
-            warnings.append(
-                f"checkpoints in {output_dir} were made with other training settings or data; "
-                "training starts over"
+            # Never deleted behind the user's back (issue 31): stage 07 trains each configuration
+            # in its own folder, so this is a caller naming a folder of another training.
+            raise StageError(
+                f"{output_dir} holds a LoRA trained with other settings or data (checkpoint-{step}); "
+                "train into another folder, or set training.start_over: true to replace it"
             )
-            for old in checkpoint_steps(output_dir):
-                shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
-            break
         if step > cfg.max_train_steps:
             continue
         resume_state, resumed_from = state, step
@@ -764,6 +795,7 @@ def train_lora(
             resumed_from=resumed_from,
             key=key,
             warnings=warnings,
+            name=name or lora_name(output_dir),
         )
     finally:
         if trainer.accelerator.trackers:
@@ -783,6 +815,7 @@ def _train(
     resumed_from: int | None,
     key: str,
     warnings: list[str],
+    name: str,
 ) -> TrainResult:
     """The loop of :func:`train_lora` once the trainer is built and the checkpoint to resume from
     (if any) is read."""
@@ -801,7 +834,6 @@ def _train(
 
     prompts = list(prompts) if cfg.validation_every else []
     trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
-    name = output_dir.name
     tracker = start_tracker(trainer, name, cfg, resumed_from)
     log_rows: list[dict[str, Any]] = []
     validation_rows: list[dict[str, Any]] = []

@@ -1,11 +1,13 @@
 """Stage 07 (``train``): a LoRA fine-tuned on the dataset stage 06 exported.
 
 Reads the ``dataset_items`` table and the images under ``<run>/dataset/hf/`` (never the kohya
-copy), trains with :func:`diffusion_bunny.stages.train.lora.train_lora` into ``checkpoint/<run
-folder name>/`` (or ``training.output_dir``) and returns the ``training_log`` and
-``training_validation`` tables. Everything a user can get wrong (an empty dataset, a missing
-image, a base model that is not there) fails here in one line before a model is loaded or a step
-runs.
+copy), trains with :func:`diffusion_bunny.stages.train.lora.train_lora` into the LoRA folder of
+its configuration, ``checkpoint/<run folder name>/v<n>/`` (or under ``training.output_dir``: the
+same settings and data resume in their folder, others get a new one, and no earlier LoRA is
+deleted), and returns the ``training_log``, ``training_validation`` and ``loras`` (every LoRA
+kept, the one just trained marked ``current``) tables. Everything a user can get wrong (an empty
+dataset, a missing image, a base model that is not there) fails here in one line before a model is
+loaded or a step runs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from pathlib import Path
 import polars as pl
 
 from diffusion_bunny.config import TrainingConfig
+from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.stages.train.data import read_dataset
+from diffusion_bunny.stages.train.data import dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
-from diffusion_bunny.stages.train.lora import train_lora
-from diffusion_bunny.stages.train.tables import checkpoint_dir
+from diffusion_bunny.stages.train.lora import resume_key, train_lora
+from diffusion_bunny.stages.train.tables import checkpoint_dir, kept_loras, lora_folder
 
 #: Captions of the validation split used as validation prompts when none are configured.
 DEFAULT_VALIDATION_PROMPTS = 2
@@ -49,11 +52,20 @@ def train_stage(
     images, validation_texts = read_dataset(run_dir, items)
     ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
     prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
+    if not images:  # before any LoRA folder is made for it
+        raise StageError("no training images; check the dataset (stage export)")
+    base = checkpoint_dir(run_dir, cfg)
+    data = dataset_key(images)
+    folder, created = lora_folder(
+        base,
+        resume_key(cfg, data),
+        {"run": Path(run_dir).name, "dataset_key": data, "settings": cfg.model_dump(mode="json")},
+    )
     with cpu_threads_for(ref.source, cfg.device, "training.device"):
         result = train_lora(
             images,
             cfg,
-            checkpoint_dir(run_dir, cfg),
+            folder,
             validation_prompts=prompts,
             progress=progress,
             progress_path=progress_path,
@@ -61,6 +73,15 @@ def train_stage(
             trainer_class=trainer_class_for(cfg),
         )
     log = result.log
+    loras = kept_loras(base, current=folder)
+    others = loras.filter(~pl.col("current")).height
+    if created and others:
+        result.warnings.append(
+            f"new training settings or data: this LoRA trains in {folder}; the {others} earlier one(s) in "
+            f"{base} are kept (bunny status lists them)"
+        )
+    result.facts["lora_folder"] = str(folder)
+    result.facts["loras_kept"] = loras.height
     counts = {
         "images": len(images),
         "steps": int(log["step"].max()) if log.height else 0,
@@ -68,7 +89,7 @@ def train_stage(
         "validation_images": result.validation.height,
     }
     return StageOutput(
-        tables={"training_log": log, "training_validation": result.validation},
+        tables={"training_log": log, "training_validation": result.validation, "loras": loras},
         counts=counts,
         warnings=result.warnings,
         facts=result.facts,

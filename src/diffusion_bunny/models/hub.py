@@ -1,0 +1,103 @@
+"""Models from the Hugging Face hub (issue 31.8): from the local cache when they are there,
+downloaded with a progress bar when they are not and the hub can be reached, and one line naming
+the id (and the setting to change) when neither works.
+
+``HF_HUB_OFFLINE=1`` is honoured: nothing is asked of the network, and a model missing from the
+cache is that one line. Only the files a loader reads are fetched (:data:`DIFFUSERS_FILES`,
+:data:`TRANSFORMERS_FILES`): a Stable Diffusion repository also holds fp16 and EMA variants and
+single-file checkpoints several times the size of what diffusers loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from diffusion_bunny.errors import ModelError
+
+#: What a hub id looks like (``owner/name``), as opposed to a path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+#: A diffusers pipeline folder: its index, each component's config and tokenizer files, and the
+#: full-precision safetensors weights (sharded or not), no variants.
+DIFFUSERS_FILES = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model-*.safetensors",
+    "*/model.safetensors",
+    "*/model-*.safetensors",
+]
+#: A transformers model folder (CLIP): configs, tokenizer files and safetensors weights.
+TRANSFORMERS_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safetensors"]
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` set to a true value (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id``, or None; never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or a cache entry without a snapshot
+        return None
+
+
+def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
+    """The local folder of hub model ``repo_id``: the cached snapshot, else downloaded now with a
+    progress bar. ``setting`` is the config key the one-line errors name; ``instead`` says what
+    else it may be set to."""
+    found = cached(repo_id)
+    if found is not None:
+        return found
+    if offline():
+        raise ModelError(
+            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it; unset HF_HUB_OFFLINE to download it, or set {setting} to {instead}"
+        )
+    return download(repo_id, setting, patterns, instead=instead)
+
+
+def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
+    """Download the files of ``repo_id`` a loader needs into the Hugging Face cache, with a
+    progress bar (tqdm, as every long loop here); a hub that cannot be reached, an unknown or
+    gated id is one :class:`ModelError` naming the id."""
+    import logging
+
+    import huggingface_hub
+    from tqdm.auto import tqdm
+
+    from diffusion_bunny.logs import say
+
+    say(
+        logging.getLogger(__name__),
+        f"{setting} = {repo_id!r} is not in the local Hugging Face cache: downloading it "
+        f"(into {huggingface_hub.constants.HF_HUB_CACHE})",
+    )
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, tqdm_class=tqdm)
+    except Exception as exc:  # every failure here means "not to be had": say which, in one line
+        raise ModelError(
+            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({_reason(exc)}); check the id and the network (a gated model needs `hf auth login`), or "
+            f"set {setting} to {instead}"
+        ) from None
+    return Path(folder)
+
+
+def _reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+        return "no such model on the hub, or it is private"
+    if name == "GatedRepoError":
+        return "a gated model: accept its licence on the hub and log in"
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,85 @@
+"""Tables a person made by hand (issue 31): kept with a backup of their last good version.
+
+No stage can rebuild a person's corrections (the review board's cluster moves in ``feedback``,
+the captions typed in ``caption_edits``), so a damaged file must not stop the stages that read
+it, and must not be fixed by deleting it. Such a table is written with :func:`write_kept`: the
+table atomically, then the same bytes to ``tables/backup/<name>.parquet``. :func:`read_kept`
+reads it; when the file does not read (a disk error, a sync tool, a hand edit), the backup is put
+back with a warning (the damaged file is kept beside the backup to look at), and when there is
+no readable backup either, one line names the file and how to recover.
+
+The machinery knows no stage: a table is protected when its writer asks for it
+(``Run.write_table(..., backup=True)``) and stays protected from then on (its backup exists).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.pipeline.atomic import atomic_path, atomic_write_parquet
+
+if TYPE_CHECKING:
+    import polars as pl
+
+BACKUP_DIR = "backup"
+
+
+def backup_path(path: Path) -> Path:
+    """``tables/backup/<name>.parquet`` for ``tables/<name>.parquet``."""
+    path = Path(path)
+    return path.parent / BACKUP_DIR / path.name
+
+
+def write_kept(path: Path, df: pl.DataFrame) -> Path:
+    """Write a hand-made table atomically, then its backup (the same bytes). Killed in between,
+    the backup is the version before: still a good one."""
+    atomic_write_parquet(path, df)
+    backup = backup_path(path)
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(backup) as tmp:
+        shutil.copyfile(path, tmp)
+    return path
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    import polars as pl
+
+    return pl.read_parquet(path, columns=columns)
+
+
+def read_kept(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a hand-made table; a damaged one is restored from its backup (with a warning), or is
+    one :class:`StageError` naming the file and how to recover."""
+    import polars as pl
+
+    path = Path(path)
+    try:
+        return _read(path, columns)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    backup = backup_path(path)
+    try:
+        _read(backup)
+    except (pl.exceptions.PolarsError, OSError):
+        raise StageError(
+            f"{path} is damaged ({why}) and has no readable backup ({backup}); it holds corrections made "
+            "by hand, which no stage can rebuild: put back a copy of it if you have one, or move it "
+            "aside to start the corrections over"
+        ) from None
+    damaged = backup.with_name(f"{path.stem}.damaged-{datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
+    shutil.move(path, damaged)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(backup, tmp)
+    warnings.warn(
+        f"{path} was damaged ({why}); restored from its backup {backup} (the last version written); "
+        f"the damaged file is kept as {damaged}",
+        stacklevel=2,
+    )
+    return _read(path, columns)

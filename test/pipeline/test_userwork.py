@@ -1,0 +1,75 @@
+"""Issue 31.5: tables a person made (cluster moves in ``feedback`` and ``clusters``, typed captions
+in ``caption_edits``) keep a backup of their last good version; a damaged one is restored from it
+with a warning, and without a readable backup one line names the file and how to recover."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from diffusion_bunny.config import load_config
+from diffusion_bunny.errors import StageError
+from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
+
+
+def _damage(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a torn file: no parquet footer
+
+
+def test_damaged_table_is_restored_from_its_backup_or_named_in_one_line(tmp_path):
+    path = tmp_path / "tables" / "feedback.parquet"
+    path.parent.mkdir()
+    first = pl.DataFrame({"event_id": ["a"], "label": [1]})
+    write_kept(path, first)
+    latest = pl.concat([first, pl.DataFrame({"event_id": ["b"], "label": [0]})])
+    write_kept(path, latest)
+    assert pl.read_parquet(backup_path(path)).equals(latest)  # the last good version, not the one before
+
+    _damage(path)
+    with pytest.warns(UserWarning, match=r"feedback.parquet was damaged .* restored from its backup"):
+        assert read_kept(path).equals(latest)
+    assert pl.read_parquet(path).equals(latest)
+    assert len(list(backup_path(path).parent.glob("feedback.damaged-*.parquet"))) == 1  # kept to look at
+
+    _damage(path)
+    _damage(backup_path(path))
+    with pytest.raises(StageError) as err:
+        read_kept(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "no readable backup" in message and "move it aside to start the corrections over" in message
+
+
+# The stages' side (04 and 05 on a damaged table) is in test/stages/captions/test_caption_reliability.py,
+# beside the other tests on the demo run through stage 04 (one session fixture per xdist worker).
+
+
+def test_a_damaged_stage_table_is_one_line_and_its_stage_rebuilds_it(tmp_path):
+    """A table a stage computed (here ``frames``) is not restored but rebuilt: reading it is one
+    line saying so, ``bunny status`` shows its stage stale, and rerunning that stage heals it."""
+    from clips import write_clip
+
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.pipeline.status import run_status
+    from diffusion_bunny.stages import PIPELINE, run_stage
+
+    movie = tmp_path / "tiny.mp4"
+    write_clip(movie, [(51, 12, 0.0), (52, 12, 0.0)], width=96, height=64)
+    cfg = load_config(root=tmp_path / "nocfg")
+    run = Run.create(tmp_path / "run", movie)
+    run_stage(run, "extract", cfg, progress=False)
+    frames = run.read_table("frames")
+    _damage(run.table_path("frames"))
+    with pytest.raises(StageError) as err:
+        run_stage(run, "quality", cfg, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and f"table {run.table_path('frames')} is damaged" in message
+    assert "run the stage that writes it again with --force" in message
+    assert (
+        dict((s, st) for s, st, _ in run_status(PIPELINE, run.run_dir, cfg, ["extract"]))["extract"]
+        == "stale"
+    )
+    run_stage(run, "extract", cfg, progress=False, force=True)
+    assert run.read_table("frames").equals(frames)
+    run_stage(run, "quality", cfg, progress=False)
