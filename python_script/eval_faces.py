@@ -12,7 +12,7 @@ steady rate of stage 03's per-frame step. The machine's load average is printed 
 
 Targets (issue 30, item 4): recall >= 0.9 on faces >= 32 px, precision >= 0.95, and the step with
 encodings >= 30 frames/s. ``--write`` stores the table in ``face_truth/eval_results.json``, which
-the README and notebook 03 show. ``--fit-boxes`` prints the median box moves that take
+docs/face-detectors.md and notebook 03 show. ``--fit-boxes`` prints the median box moves that take
 MediaPipe's boxes onto the truth's (models/blazeface.py ``BOX_TO_FACE``), fitted on the frames
 of the sources that are not held out.
 
@@ -87,7 +87,7 @@ def fmt(value: object, width: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The table as eval_faces.py prints it (and the README shows)."""
+    """The table as eval_faces.py prints it (and docs/face-detectors.md shows)."""
     label_w = max(len(r["setting"]) for r in rows)
     head = ["setting".ljust(label_w), *(h.rjust(6) for _, h in COLUMNS), "false", "fps", "fps+enc", "target"]
     lines = ["  ".join(head)]

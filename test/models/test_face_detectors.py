@@ -99,7 +99,7 @@ def test_default_detector_on_the_truth_set():
 
 
 def test_eval_results_in_the_repository_match_the_scoring():
-    """The table the README and notebook 03 show (eval_faces.py --write) is there and says what
+    """The table docs/face-detectors.md and notebook 03 show (eval_faces.py --write) is there and says what
     the default was chosen by."""
     results = ft.read_results(ROOT)
     assert results is not None

@@ -22,7 +22,7 @@ import numpy as np
 from diffusion_bunny.config import workspace_root
 
 TRUTH_DIR = Path("test") / "stages" / "characters" / "data" / "face_truth"
-#: Where eval_faces.py writes the table that notebook 03 and the README show.
+#: Where eval_faces.py writes the table that notebook 03 and docs/face-detectors.md show.
 RESULTS_FILE = "eval_results.json"
 IOU = 0.4
 #: Face height buckets (pixels): lower bounds.
