@@ -438,7 +438,7 @@ def promote_cluster(
 ) -> tuple[list[Path], pl.DataFrame]:
     """The run-folder half of naming a cluster: its best faces written as reference images of
     ``name`` (in ``characters.reference_dir``, or the run's own ``references/``); returns the files
-    written and the cluster's faces. :func:`diffusion_bunny.stages.characters.name_cluster` then
+    written and the cluster's faces. :func:`name_cluster` then
     re-labels the run."""
     name = check_name(name)
     faces = run.read_table("faces")
@@ -464,3 +464,37 @@ def promote_cluster(
             f"{target} by hand"
         )
     return written, members
+
+
+def name_cluster(
+    run_dir: str | Path,
+    cluster: str,
+    name: str,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_faces: int = 5,
+) -> dict[str, Any]:
+    """Name an unknown cluster: its best faces become reference images of ``name`` (in
+    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
+    (detections are reused, so this takes seconds). Returns what changed."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.contract import Pipeline, run_stage
+    from diffusion_bunny.stages.characters import STAGE
+
+    run = Run.open(Path(run_dir))
+    cfg = load_config(config_path, overrides)
+    written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
+    name = name.strip()
+    after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
+    member_ids = members["face_id"].implode()
+    return {
+        "cluster": cluster,
+        "character": name,
+        "references_added": [str(p) for p in written],
+        "faces_of_cluster_named": int(
+            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
+        ),
+        "cluster_faces": members.height,
+        "named_faces": int((after["character"] == name).sum()),
+    }
