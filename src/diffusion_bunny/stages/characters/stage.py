@@ -209,6 +209,7 @@ def detect_faces(
     key = settings.key()
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
+    # What a cached detection must still match: the file's size and the region searched.
     sizes: dict[str, tuple[int, str]] = {}
     for row in rows:
         path = run_dir / row["path"]
@@ -226,6 +227,29 @@ def detect_faces(
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
     seconds = time.perf_counter() - started
 
+    detections, face_frames = _detection_tables(rows, results, cached_ids, cached_faces, key, sizes)
+    facts = {
+        "detect_key": key,
+        "detect_settings": asdict(settings),
+        "workers": n_workers if use_pool else 1,
+        "frames_detected": len(jobs),
+        "frames_cached": len(cached_ids),
+        "detect_seconds": round(seconds, 3),
+        "frames_per_second": round(len(jobs) / seconds, 1) if jobs and seconds > 0 else None,
+    }
+    return detections, face_frames, facts
+
+
+def _detection_tables(
+    rows: list[dict[str, Any]],
+    results: dict[str, tuple[str, list[tuple], str | None]],
+    cached_ids: set[str],
+    cached_faces: pl.DataFrame,
+    key: str,
+    sizes: dict[str, tuple[int, str]],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The detections (the cached ones and the new ``results``, in the frames' order) and the
+    per-frame status rows, which record what a later run's cache must match."""
     cached_n = dict(cached_faces.group_by("frame_id").len().iter_rows()) if cached_faces.height else {}
     new_faces: list[dict[str, Any]] = []
     status_rows: list[dict[str, Any]] = []
@@ -266,16 +290,7 @@ def detect_faces(
         .sort("_o", "face_id")
         .drop("_o")
     )
-    facts = {
-        "detect_key": key,
-        "detect_settings": asdict(settings),
-        "workers": n_workers if use_pool else 1,
-        "frames_detected": len(jobs),
-        "frames_cached": len(cached_ids),
-        "detect_seconds": round(seconds, 3),
-        "frames_per_second": round(len(jobs) / seconds, 1) if jobs and seconds > 0 else None,
-    }
-    return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA), facts
+    return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA)
 
 
 def compute(ctx: Context) -> StageOutput:
