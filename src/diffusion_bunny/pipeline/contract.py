@@ -196,7 +196,7 @@ class Stage:
     name: str
     notebook: str
     #: The stage's package (``diffusion_bunny.stages.<name>``): its ``stage`` module's ``compute``
-    #: is the stage (:func:`stage_module`), and its source makes the code hash.
+    #: is the stage (:meth:`stage_module`), and its source makes the code hash.
     package: str
     summary: Callable[[dict[str, Any]], str]
     reads: tuple[Reads, ...] = ()
