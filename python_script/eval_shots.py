@@ -7,7 +7,8 @@ frames pushed to :func:`diffusion_bunny.stages.extract.detectors.base.make_bound
 
 Sets:
 
-* synthetic clips made here with ffmpeg (:mod:`diffusion_bunny.demo.synthclips`; ``--variants`` clips
+* synthetic clips made here with ffmpeg
+  (:mod:`diffusion_bunny.stages.extract.detectors.synthclips`; ``--variants`` clips
   per kind, each with other pictures and camera moves): hard cuts; dissolves (``xfade``), fades
   through black and wipes, also pooled as ``gradual``; camera flashes (between hard cuts; a flash
   is not a boundary); fast pans (between hard cuts);
@@ -81,7 +82,7 @@ class Item:
 
 def make_items(work: Path, variants: int) -> list[Item]:
     """Render (or reuse) the synthetic clips and add the real clip."""
-    from diffusion_bunny.demo.synthclips import KINDS, make_clip
+    from diffusion_bunny.stages.extract.detectors.synthclips import KINDS, make_clip
 
     items = []
     for kind in KINDS:

@@ -9,15 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
 HAMILTON = TESTDATA / "face_recognition_examples" / "short_hamilton_clip.mp4"
 
-# The nine stages in the order users know them (notebooks 01-09); tests compare the package with it.
-STAGE_ORDER = (
-    "extract",
-    "quality",
-    "characters",
-    "scenes",
-    "captions",
-    "export",
-    "train",
-    "generate",
-    "report",
-)
+
+def _stage_order() -> tuple[str, ...]:
+    from diffusion_bunny.stages import PIPELINE
+
+    return tuple(PIPELINE.names())
+
+
+#: The nine stages in pipeline order, read from the one place it is written
+#: (:data:`diffusion_bunny.stages.PIPELINE`; test_conventions.py checks it against the notebooks' numbers).
+STAGE_ORDER = _stage_order()

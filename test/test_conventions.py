@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_bunny.cli import STAGE_NAMES, main
+from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
-from diffusion_bunny.stages import stage_names
+from diffusion_bunny.stages import PIPELINE, stage_names
 from diffusion_bunny.stages.captions import providers as caption_providers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +25,21 @@ def test_version(capsys):
 
 
 def test_stage_names_in_help(capsys):
-    assert list(STAGE_NAMES) == stage_names()
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert ", ".join(STAGE_NAMES) in help_text
+    assert ", ".join(stage_names()) in help_text
+
+
+def test_the_pipeline_runs_the_stages_in_the_order_of_their_notebooks():
+    """The stage order is written once (the PIPELINE tuple); the notebooks users know, 01 to 09,
+    must follow it, and each stage is its folder and its compute."""
+    assert len(set(stage_names())) == len(PIPELINE.stages) == 9
+    for number, stage in enumerate(PIPELINE.stages, start=1):
+        assert stage.notebook.startswith(f"{number:02d}_"), stage.notebook
+        assert (ROOT / "notebook" / stage.notebook).is_file(), stage.notebook
+        assert stage.package == f"diffusion_bunny.stages.{stage.name}"
+        assert callable(stage.stage_module().compute), stage.name
 
 
 def test_env_example_lists_every_variable_the_providers_read():

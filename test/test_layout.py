@@ -167,8 +167,36 @@ def test_stages_import_each_other_only_through_declarations():
     assert not bad, "a stage reaches into another stage's internals:\n" + "\n".join(sorted(bad))
 
 
+def test_stage_code_stays_out_of_the_demo():
+    """The demo uses the stages, never the other way round: what a stage needs (extract's
+    TransNetV2 calibration clips, say) lives in the stage's folder or in media/models."""
+    bad = [
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if layer(module) == "stages"
+        for target in targets
+        if layer(target) == "demo"
+    ]
+    assert not bad, "stage code imports the demo:\n" + "\n".join(sorted(bad))
+
+
 def test_every_stage_has_its_folder_and_files():
+    """A stage is its folder: a declaration in ``__init__.py`` and a ``compute`` in ``stage.py``
+    (found by that convention, :meth:`~diffusion_bunny.pipeline.contract.Stage.stage_module`),
+    with no ``compute`` in the declaration."""
     for name in STAGE_ORDER:
         folder = PACKAGE / "stages" / name
         assert (folder / "__init__.py").is_file(), name
         assert (folder / "stage.py").is_file(), name
+        stage_defs = {
+            n.name
+            for n in ast.parse((folder / "stage.py").read_text()).body
+            if isinstance(n, ast.FunctionDef)
+        }
+        assert "compute" in stage_defs, name
+        init_defs = {
+            n.name
+            for n in ast.parse((folder / "__init__.py").read_text()).body
+            if isinstance(n, ast.FunctionDef)
+        }
+        assert not init_defs & {"compute", "_compute"}, name

@@ -16,22 +16,12 @@ from pathlib import Path
 from diffusion_bunny.errors import BadInputError, UserError, storage_error
 from diffusion_bunny.logs import log_hint, version
 
-#: Stage names in pipeline order, for ``--help`` without importing the stages (about a second of
-#: start-up); test/test_conventions.py checks it against :func:`diffusion_bunny.stages.stage_names`.
-STAGE_NAMES = (
-    "extract",
-    "quality",
-    "characters",
-    "scenes",
-    "captions",
-    "export",
-    "train",
-    "generate",
-    "report",
-)
-
 
 def _build_parser() -> argparse.ArgumentParser:
+    # The stage names of --help come from the pipeline, the one place the order is written (the
+    # declarations only: each stage's own code is imported when it runs).
+    from diffusion_bunny.stages import stage_names
+
     parser = argparse.ArgumentParser(
         prog="bunny",
         description="Turn a movie into a character-labelled, captioned training set.",
@@ -66,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stages",
         metavar="NAMES",
-        help=f"comma-separated stage names (default: all, in this order): {', '.join(STAGE_NAMES)}",
+        help=f"comma-separated stage names (default: all, in this order): {', '.join(stage_names())}",
     )
     run.add_argument(
         "--characters",

@@ -18,7 +18,6 @@ from diffusion_bunny.pipeline.contract import (
     ConfigView,
     Pipeline,
     Stage,
-    StageOutput,
     UndeclaredSetting,
     run_stage,
     stage_state,
@@ -28,7 +27,30 @@ from diffusion_bunny.pipeline.run import Run
 TOY = '''
 """A toy stage package for the contract tests."""
 
-from diffusion_bunny.pipeline.contract import Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import Reads, Stage
+
+
+def owns(run, cfg):
+    return {"doubled/": run.run_dir / "doubled"}
+
+
+STAGE = Stage(
+    name="double",
+    notebook="none.ipynb",
+    package=__name__,
+    summary=lambda m: f"{m['counts']['rows']} rows",
+    reads=(Reads("numbers", "make", ("n",)),),
+    config=("extraction.motion_threshold",),
+    writes=("doubled",),
+    owns=owns,
+)
+'''
+
+#: The toy stage's compute, found by the convention ``<package>.stage:compute``.
+TOY_STAGE = '''
+"""What the toy stage does."""
+
+from diffusion_bunny.pipeline.contract import StageOutput
 
 
 def compute(ctx):
@@ -43,37 +65,28 @@ def compute(ctx):
         tables={"doubled": source.select((pl.col("n") * factor).alias("n"))},
         counts={"rows": source.height},
     )
-
-
-def owns(run, cfg):
-    return {"doubled/": run.run_dir / "doubled"}
-
-
-STAGE = Stage(
-    name="double",
-    number=2,
-    notebook="none.ipynb",
-    package=__name__,
-    compute=compute,
-    summary=lambda m: f"{m['counts']['rows']} rows",
-    reads=(Reads("numbers", "make", ("n",)),),
-    config=("extraction.motion_threshold",),
-    writes=("doubled",),
-    owns=owns,
-)
 '''
+
+MAKE_STAGE = '''
+"""What the first toy stage does: the numbers the second one doubles."""
+
+import polars as pl
+
+from diffusion_bunny.pipeline.contract import StageOutput
+
+
+def compute(ctx):
+    return StageOutput(tables={"numbers": pl.DataFrame({"n": [1, 2, 3], "other": [0, 0, 0]})})
+'''
+
+TOY_MODULES = ("toy_double", "toy_double.stage", "toy_make", "toy_make.stage")
 
 
 def make_stage(run_dir):
-    def compute(ctx):
-        return StageOutput(tables={"numbers": pl.DataFrame({"n": [1, 2, 3], "other": [0, 0, 0]})})
-
     return Stage(
         name="make",
-        number=1,
         notebook="none.ipynb",
-        package="diffusion_bunny.pipeline",
-        compute=compute,
+        package="toy_make",
         summary=lambda m: "made",
         writes=("numbers",),
     )
@@ -81,17 +94,24 @@ def make_stage(run_dir):
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch, cut_clip):
-    """A pipeline of two stages, the second a package of its own in a temporary folder."""
-    pkg = tmp_path / "src" / "toy_double"
+    """A pipeline of two stages, each a package of its own in a temporary folder."""
+    src = tmp_path / "src"
+    pkg = src / "toy_double"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(TOY))
-    monkeypatch.syspath_prepend(str(tmp_path / "src"))
-    sys.modules.pop("toy_double", None)
+    (pkg / "stage.py").write_text(textwrap.dedent(TOY_STAGE))
+    (src / "toy_make").mkdir()
+    (src / "toy_make" / "__init__.py").write_text("")
+    (src / "toy_make" / "stage.py").write_text(textwrap.dedent(MAKE_STAGE))
+    monkeypatch.syspath_prepend(str(src))
+    for name in TOY_MODULES:
+        sys.modules.pop(name, None)
     module = importlib.import_module("toy_double")
     run = Run.create(tmp_path / "run", cut_clip[0])
     pipeline = Pipeline((make_stage(run.run_dir), module.STAGE))
     yield pipeline, run, pkg
-    sys.modules.pop("toy_double", None)
+    for name in TOY_MODULES:
+        sys.modules.pop(name, None)
 
 
 def test_missing_input_is_named_from_the_declaration(toy):
@@ -148,20 +168,20 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     assert stage_state(pipeline, run, "double", cfg) == ("stale", "its code changed")
 
 
-def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy):
+def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy, monkeypatch):
     pipeline, run, _ = toy
     cfg = load_config(None, {}, use_local=False)
     run_stage(pipeline, run, "make", cfg, progress=False)
     run_stage(pipeline, run, "double", cfg, progress=False)
     before = run.read_table("doubled")
-    stage = pipeline.get("double")
 
     def broken(ctx):
         raise RuntimeError("killed halfway")
 
-    crashing = Pipeline((pipeline.stages[0], Stage(**{**stage.__dict__, "compute": broken})))
-    with pytest.raises(RuntimeError, match="killed halfway"):
-        run_stage(crashing, run, "double", cfg, force=True, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.get("double").stage_module(), "compute", broken)
+        with pytest.raises(RuntimeError, match="killed halfway"):
+            run_stage(pipeline, run, "double", cfg, force=True, progress=False)
     assert run.read_manifest("double") is None
     assert stage_state(pipeline, run, "double", cfg) == ("missing", "never ran")
     assert run.read_table("doubled").equals(before)

@@ -18,7 +18,13 @@ from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
-from diffusion_bunny.pipeline.runner import StageKernel, execute_stage_notebook, find_movies, parse_stages
+from diffusion_bunny.pipeline.runner import (
+    RunOptions,
+    StageKernel,
+    execute_stage_notebook,
+    find_movies,
+    parse_stages,
+)
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 
 
@@ -106,7 +112,9 @@ def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path)
     run = Run.create(tmp_path / "run", movie)
     movie.unlink()
     with pytest.raises(UserError, match=r"gone.mp4: no such file; check the path"):
-        execute_stage_notebook(PIPELINE, run, "extract", None, {}, "python3", progress=False)
+        execute_stage_notebook(
+            run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+        )
     assert not run.has_table("shots")
 
 
@@ -127,7 +135,9 @@ def test_a_bug_inside_the_kernel_is_one_line_and_its_traceback_is_in_the_log(cut
     try:
         run = Run.create(tmp_path / "run", path)
         with pytest.raises(RuntimeError) as err:
-            execute_stage_notebook(PIPELINE, run, "extract", None, {}, "python3", progress=False)
+            execute_stage_notebook(
+                run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+            )
     finally:
         logs.stop_cli_log()
     message = str(err.value)

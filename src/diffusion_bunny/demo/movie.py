@@ -31,7 +31,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,8 @@ import av
 import cv2
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
+
+from diffusion_bunny.media.samples import load_source
 
 DEMO_FPS = 24
 DEMO_SIZE = (640, 360)  # width, height
@@ -202,48 +203,6 @@ class DemoMovie:
     def ground_truth(self) -> dict[str, Any]:
         """Parse ``ground_truth.json``; read on demand so callers always see what is on disk."""
         return json.loads(self.ground_truth_path.read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
-@cache
-def load_source(name: str) -> np.ndarray:
-    """Return source image ``name`` as an RGB ``uint8`` array, read from an installed package.
-
-    Only images bundled inside the scikit-image and matplotlib wheels are used (several other
-    ``skimage.data`` images are fetched over the network on first use, which would make the
-    demo fail offline).  Cached because several shots film the same image.
-    """
-    if name == "grace_hopper":
-        from matplotlib import cbook
-        from PIL import Image
-
-        path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    else:
-        import skimage.data
-
-        loaders = {
-            "astronaut": skimage.data.astronaut,
-            "coffee": skimage.data.coffee,
-            "chelsea": skimage.data.chelsea,
-            "rocket": skimage.data.rocket,
-            # Left view of the stereo pair; the other two arrays are not needed.
-            "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
-            "immunohistochemistry": skimage.data.immunohistochemistry,
-        }
-        if name not in loaders:
-            raise KeyError(f"unknown demo source {name!r}")
-        rgb = loaders[name]()
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"source {name!r} is not 8-bit RGB: {rgb.shape} {rgb.dtype}")
-    rgb = np.ascontiguousarray(rgb)
-    rgb.setflags(write=False)  # shared by the cache: nobody may modify it
-    return rgb
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ stage starts to read without declaring it fails its tests instead of silently ne
 stale.
 
 This module knows no stage: the ordered collection of them is a :class:`Pipeline`, built in
-:mod:`diffusion_bunny.stages` and handed to the runner, the engines and ``bunny status``.
+:mod:`diffusion_bunny.stages` (the one place the stage order is written) and handed to the
+runner, the engines and ``bunny status``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -192,11 +194,10 @@ class Stage:
     """A stage's declaration (see the module docstring)."""
 
     name: str
-    number: int
     notebook: str
-    #: The package whose source makes the code hash (``diffusion_bunny.stages.<name>``).
+    #: The stage's package (``diffusion_bunny.stages.<name>``): its ``stage`` module's ``compute``
+    #: is the stage (:meth:`stage_module`), and its source makes the code hash.
     package: str
-    compute: Callable[[Context], StageOutput]
     summary: Callable[[dict[str, Any]], str]
     reads: tuple[Reads, ...] = ()
     config: tuple[str, ...] = ()
@@ -211,6 +212,12 @@ class Stage:
     #: What the stage keeps beside its outputs, one line each, for ``bunny status`` (stage 07:
     #: the LoRA of every training configuration, none deleted by a retrain).
     kept: Callable[[Run, ConfigView], list[str]] | None = None
+
+    def stage_module(self) -> Any:
+        """``<package>.stage``, imported now: its ``compute(ctx)`` is the stage (and the report
+        stage's ``batch_report`` the batch's report). Imported when the stage runs, never by the
+        declaration: a stage's own module pulls in its models and libraries."""
+        return importlib.import_module(f"{self.package}.stage")
 
     def package_dir(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -227,14 +234,24 @@ class Stage:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The stages in order, and what a batch of movies does at its end."""
+    """The stages in the order they run (the tuple's order is the only place it is written),
+    and what a batch of movies does at its end."""
 
     stages: tuple[Stage, ...]
-    #: Called with ``(out_dir, movie_reports, cfg, pipeline)`` after a folder of movies ran.
-    batch_report: Callable[..., Path] | None = None
+    #: The stage whose ``stage`` module's ``batch_report(out_dir, movie_reports, cfg, pipeline)``
+    #: writes the report across the movies after a folder ran (None: no such report).
+    batch_reporter: str | None = None
 
     def names(self) -> list[str]:
-        return [s.name for s in sorted(self.stages, key=lambda s: s.number)]
+        return [s.name for s in self.stages]
+
+    def batch_report(self, out_dir: Path, reports: Sequence[Any], cfg: Config) -> Path | None:
+        """The report across the movies of a batch, by the :attr:`batch_reporter` stage's code;
+        None when the pipeline has none."""
+        if self.batch_reporter is None:
+            return None
+        module = self.get(self.batch_reporter).stage_module()
+        return module.batch_report(out_dir, list(reports), cfg, self)
 
     def get(self, name: str) -> Stage:
         for stage in self.stages:
@@ -438,7 +455,7 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
     )
-    out = stage.compute(context)
+    out = stage.stage_module().compute(context)
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from diffusion_bunny.errors import EngineError, UserError, storage_error
 from diffusion_bunny.logs import ENV, FILE_ONLY, bar_options, log_hint
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
-from diffusion_bunny.pipeline.runner import MovieReport, _say, find_movies, parse_stages, run_movie
+from diffusion_bunny.pipeline.runner import (
+    MovieReport,
+    RunOptions,
+    _say,
+    find_movies,
+    parse_stages,
+    run_movie,
+)
 
 log = logging.getLogger(__name__)
 # The engine prints its own one-line errors; without a handler of ``bunny``'s (a Ray worker that
@@ -41,18 +49,7 @@ log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
 
-def run_one(
-    movie: Path,
-    run_dir: Path | None,
-    *,
-    pipeline: Pipeline,
-    stages: list[str],
-    cfg: Config,
-    config_path: str | None,
-    overrides: dict[str, Any],
-    force: bool,
-    progress: bool,
-) -> MovieReport:
+def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieReport:
     """One movie through the chosen stages. A user error (bad file, missing model...) becomes the
     report's ``error``, any other exception (a bug) the report's ``error`` with ``bug`` set and its
     traceback in the command's log file, instead of stopping the batch: the other movies still run
@@ -60,17 +57,7 @@ def run_one(
     error). Each goes to the terminal as one line and to the log file. Interrupts (Ctrl-C) still
     stop the batch."""
     try:
-        return run_movie(
-            movie,
-            pipeline=pipeline,
-            stages=stages,
-            cfg=cfg,
-            config_path=config_path,
-            overrides=overrides,
-            out=run_dir,
-            force=force,
-            progress=progress,
-        )
+        return run_movie(movie, run_dir, options)
     except UserError as exc:
         _tell(str(exc))
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
@@ -101,13 +88,10 @@ def _tell(text: str) -> None:
     print(f"error: {text}", file=sys.stderr)
 
 
-def run_local(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
+def run_local(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
     """``--engine local``: the movies one after another in this process."""
-    progress = kwargs["progress"]
-    return [
-        run_one(movie, run_dir, **kwargs)
-        for movie, run_dir in tqdm(jobs, desc="movies", unit="movie", disable=not progress, **bar_options())
-    ]
+    bar = tqdm(jobs, desc="movies", unit="movie", disable=not options.progress, **bar_options())
+    return [run_one(movie, run_dir, options) for movie, run_dir in bar]
 
 
 def _prepare_ray_environment() -> None:
@@ -200,7 +184,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _ray_task(
-    movie: Path, run_dir: Path | None, kwargs: dict[str, Any], log_file: str | None = None
+    movie: Path, run_dir: Path | None, options: RunOptions, log_file: str | None = None
 ) -> MovieReport:
     """What one Ray worker does for one movie: exactly what the local engine does, logging to
     the command's file where the worker can reach it (this machine, or a shared file system;
@@ -210,7 +194,7 @@ def _ray_task(
     if log_file and Path(log_file).parent.is_dir():
         os.environ[ENV] = log_file
         attach_from_env()
-    return run_one(movie, run_dir, **kwargs)
+    return run_one(movie, run_dir, options)
 
 
 def task_timeout(cfg: Config, stages: Sequence[str]) -> float | None:
@@ -229,7 +213,7 @@ def _capacity(ray: Any, cfg: Config) -> int:
     return max(1, int(cpus // cfg.engine.cpus_per_movie))
 
 
-def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[MovieReport]:
+def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
     """``--engine ray``: one task per movie (``engine.cpus_per_movie`` CPUs each) on a local or
     joined cluster; reports come back in the movies' order. A task that died of a bug is
     reported with ``bug`` set, after the other movies finished: a bug inside :func:`run_one`
@@ -239,27 +223,28 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], **kwargs: Any) -> list[Mov
     handed to Ray is cancelled (its worker killed, its stage kernel exits with it) and its movie
     reported as failed like a user error; the batch goes on. Ray is handed only as many tasks as
     the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue."""
-    cfg: Config = kwargs["cfg"]
-    progress = kwargs["progress"]
-    limit = task_timeout(cfg, kwargs["stages"])
+    cfg = options.cfg
+    limit = task_timeout(cfg, options.stages)
     started = start_ray(cfg)
     import ray
 
     try:
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
-        remote_kwargs = {**kwargs, "progress": False}
+        remote = replace(options, progress=False)
         log_file = os.environ.get(ENV)
         capacity = _capacity(ray, cfg)
         waiting = list(range(len(jobs)))
         running: dict[Any, tuple[int, float]] = {}
         results: dict[int, MovieReport] = {}
-        bar = tqdm(total=len(jobs), desc="movies", unit="movie", disable=not progress, **bar_options())
+        bar = tqdm(
+            total=len(jobs), desc="movies", unit="movie", disable=not options.progress, **bar_options()
+        )
         while waiting or running:
             while waiting and len(running) < capacity:
                 i = waiting.pop(0)
                 movie, run_dir = jobs[i]
-                running[task.remote(movie, run_dir, remote_kwargs, log_file)] = (i, time.monotonic())
+                running[task.remote(movie, run_dir, remote, log_file)] = (i, time.monotonic())
             wait_s = None
             if limit is not None:
                 wait_s = max(0.0, min(t0 + limit for _, t0 in running.values()) - time.monotonic())
@@ -307,31 +292,12 @@ def _timed_out(job: tuple[Path, Path | None], limit: float) -> MovieReport:
     return MovieReport(movie=movie, run_dir=run_dir, error=text)
 
 
-def run_movies(
-    jobs: Sequence[tuple[Path, Path | None]],
-    *,
-    engine: str,
-    pipeline: Pipeline,
-    stages: list[str],
-    cfg: Config,
-    config_path: str | None,
-    overrides: dict[str, Any],
-    force: bool,
-    progress: bool,
-) -> list[MovieReport]:
-    """Run ``(movie, run folder or None for the default)`` jobs on ``engine`` (``local``/``ray``)."""
-    kwargs = {
-        "pipeline": pipeline,
-        "stages": stages,
-        "cfg": cfg,
-        "config_path": config_path,
-        "overrides": overrides,
-        "force": force,
-        "progress": progress,
-    }
-    if engine == "ray":
-        return run_ray(jobs, **kwargs)
-    return run_local(jobs, **kwargs)
+def run_movies(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
+    """Run ``(movie, run folder or None for the default)`` jobs on the engine ``engine.kind``
+    names (``local``/``ray``)."""
+    if options.cfg.engine.kind == "ray":
+        return run_ray(jobs, options)
+    return run_local(jobs, options)
 
 
 def run_target(
@@ -361,26 +327,26 @@ def run_target(
     if address is not None:
         overrides["engine.address"] = address
     cfg = load_config(config_path, overrides)
-    chosen = parse_stages(pipeline, stages)
+    options = RunOptions(
+        pipeline=pipeline,
+        cfg=cfg,
+        stages=tuple(parse_stages(pipeline, stages)),
+        config_path=config_path,
+        overrides=overrides,
+        force=force,
+        progress=progress,
+    )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and Path(target).is_file()
-    common = {
-        "pipeline": pipeline,
-        "stages": chosen,
-        "cfg": cfg,
-        "config_path": config_path,
-        "overrides": overrides,
-        "force": force,
-        "progress": progress,
-    }
     if single and cfg.engine.kind == "local":
-        return [run_movie(movies[0], out=Path(out) if out else None, **common)]
+        return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:
         jobs = [(movies[0], Path(out) if out else None)]
     else:
         jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in movies]
-    reports = run_movies(jobs, engine=cfg.engine.kind, **common)
-    if not single and pipeline.batch_report is not None:
-        html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg, pipeline)
-        _say(f"combined report of {len(reports)} movies: {html}")
+    reports = run_movies(jobs, options)
+    if not single:
+        html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg)
+        if html is not None:
+            _say(f"combined report of {len(reports)} movies: {html}")
     return reports

@@ -41,6 +41,26 @@ log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What every movie of one ``bunny run`` is run with, passed whole from the command through
+    the engines (:mod:`~diffusion_bunny.pipeline.engine`, a Ray task included) to each stage
+    notebook, instead of seven keyword arguments handed on by hand through five functions."""
+
+    pipeline: Pipeline
+    #: The loaded config (``config_path`` and ``overrides`` applied): the runner's own settings.
+    cfg: Config
+    #: The stages to run, in pipeline order (:func:`parse_stages`).
+    stages: tuple[str, ...] = ()
+    #: What each stage notebook loads the same config from (its papermill parameters).
+    config_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: Rerun stages whose manifest matches.
+    force: bool = False
+    #: Terminal progress bars (off for ``--quiet`` and inside Ray workers).
+    progress: bool = True
+
+
 @dataclass
 class StageReport:
     """What happened to one stage of one movie."""
@@ -238,22 +258,13 @@ class StageKernel:
             run_sync(km.cleanup_resources)()
 
 
-def execute_stage_notebook(
-    pipeline: Pipeline,
-    run: Run,
-    stage: str,
-    config_path: str | None,
-    overrides: dict[str, Any],
-    kernel: str | StageKernel,
-    progress: bool,
-    timeout_s: float | None = None,
-) -> Path:
+def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: str | StageKernel) -> Path:
     """Execute one stage notebook headless and keep the executed copy in the run folder.
 
     ``kernel`` is a kernel name (a kernel of its own, shut down after the notebook) or a
-    :class:`StageKernel` shared with the run's other notebooks. ``timeout_s``
-    (``pipeline.stage_timeout_s``): a notebook still running after it has its kernel stopped
-    (:class:`_Deadline`) and fails with one line, as a hung stage must not stall a batch.
+    :class:`StageKernel` shared with the run's other notebooks. A notebook still running after
+    ``pipeline.stage_timeout_s`` has its kernel stopped (:class:`_Deadline`) and fails with one
+    line, as a hung stage must not stall a batch.
     """
     # papermill -> nbformat -> jsonschema imports rfc3987_syntax, which builds a parser grammar
     # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
@@ -265,26 +276,18 @@ def execute_stage_notebook(
 
     _route_papermill_logs()
 
-    spec = pipeline.get(stage)
+    spec = options.pipeline.get(stage)
     source = notebook_dir() / spec.notebook
     target = run.notebooks_dir / spec.notebook
     target.parent.mkdir(parents=True, exist_ok=True)
-    params = {
-        "run_dir": str(run.run_dir),
-        "config_path": config_path,
-        "overrides": overrides,
-        "movie": str(run.movie),
-        "force": True,
-        "interactive": False,
-    }
     own = not isinstance(kernel, StageKernel)
     stage_kernel = StageKernel(kernel) if isinstance(kernel, str) else kernel
     km = stage_kernel.manager()
-    engine: dict[str, Any] = {"kernel_name": stage_kernel.kernel_name, "km": km}
+    timeout_s = options.cfg.pipeline.stage_timeout_s
     deadline = _Deadline(km, timeout_s)
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
-    if progress:
+    if options.progress:
         watcher.start()
     # The notebook's first copy, written before any kernel starts: a run folder that cannot take
     # it fails here, not after the stage's work (papermill no longer writes it at the start, see
@@ -295,7 +298,7 @@ def execute_stage_notebook(
         papermill.execute_notebook(
             str(source),
             str(target),
-            parameters=params,
+            parameters=_notebook_parameters(run, options),
             progress_bar=False,  # the stage's own bar (frames, not cells) is followed instead
             # papermill rewrites the whole notebook (figures included) after every cell: ~190
             # writes and 1.9 s of a six-stage run on 2 cores. It is written once at the end, or
@@ -303,42 +306,14 @@ def execute_stage_notebook(
             request_save_on_cell_execute=False,
             cwd=str(source.parent),
             extra_arguments=KERNEL_ARGUMENTS,
-            **engine,
+            kernel_name=stage_kernel.kernel_name,
+            km=km,
         )
     except PapermillExecutionError as exc:
-        if exc.ename in USER_ERROR_NAMES:
-            raise UserError(exc.evalue) from None
-        storage = storage_error_from_text(exc.ename, exc.evalue)
-        if storage is not None:
-            raise storage from None
-        # A bug in the stage: the kernel's own traceback is what a developer needs, and the
-        # runner's (raised below) says only that the notebook failed; both go to the log file.
-        log.error(
-            "stage %s: the kernel's traceback:\n%s",
-            stage,
-            _ANSI.sub("", "\n".join(exc.traceback or [])),
-            extra=FILE_ONLY,
-        )
-        raise RuntimeError(
-            f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
-            f"the executed notebook is {target}"
-        ) from None
+        raise _notebook_error(stage, target, exc) from None
     except DeadKernelError as exc:
         stage_kernel.close()
-        if deadline.fired:
-            raise StageError(
-                f"stage {stage} did not finish within pipeline.stage_timeout_s = {timeout_s:g} s and was "
-                "stopped (a hang, or more work than the limit allows); raise pipeline.stage_timeout_s if "
-                f"it was working, or see what it last did in {target} (finished stages are kept)"
-            ) from None
-        # The kernel process ended under the stage: nearly always the system killing it for
-        # memory. The stage's earlier results are intact (its writes are atomic, its manifest
-        # was removed first, so it simply runs again).
-        raise StageError(
-            f"stage {stage}: the notebook's kernel died ({str(exc).strip() or 'no reason given'}), most "
-            "often because the machine ran out of memory; close other programs or lower the stage's "
-            f"sizes in the config, then rerun (finished stages are kept); the notebook is {target}"
-        ) from None
+        raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None) from None
     finally:
         deadline.cancel()
         stop.set()
@@ -348,6 +323,60 @@ def execute_stage_notebook(
         if own:
             stage_kernel.close()
     return target
+
+
+def _notebook_parameters(run: Run, options: RunOptions) -> dict[str, Any]:
+    """The papermill parameters of every stage notebook: the run, and the config as the command
+    loaded it (``force``: the runner already decided the stage must run)."""
+    return {
+        "run_dir": str(run.run_dir),
+        "config_path": options.config_path,
+        "overrides": options.overrides,
+        "movie": str(run.movie),
+        "force": True,
+        "interactive": False,
+    }
+
+
+def _notebook_error(stage: str, target: Path, exc: Any) -> Exception:
+    """A cell that raised (papermill's ``PapermillExecutionError``) as the runner's error: a user
+    error or a full disk with the kernel's own message, anything else as a bug whose traceback
+    goes to the log file."""
+    if exc.ename in USER_ERROR_NAMES:
+        return UserError(exc.evalue)
+    storage = storage_error_from_text(exc.ename, exc.evalue)
+    if storage is not None:
+        return storage
+    # A bug in the stage: the kernel's own traceback is what a developer needs, and the
+    # runner's (raised by the caller) says only that the notebook failed; both go to the log file.
+    log.error(
+        "stage %s: the kernel's traceback:\n%s",
+        stage,
+        _ANSI.sub("", "\n".join(exc.traceback or [])),
+        extra=FILE_ONLY,
+    )
+    return RuntimeError(
+        f"stage {stage} failed inside its notebook ({exc.ename}: {exc.evalue}); "
+        f"the executed notebook is {target}"
+    )
+
+
+def _dead_kernel_error(stage: str, target: Path, exc: Exception, timed_out_s: float | None) -> StageError:
+    """The kernel process ended under the stage: stopped by its deadline (``timed_out_s``), or
+    else nearly always killed by the system for memory."""
+    if timed_out_s is not None:
+        return StageError(
+            f"stage {stage} did not finish within pipeline.stage_timeout_s = {timed_out_s:g} s and was "
+            "stopped (a hang, or more work than the limit allows); raise pipeline.stage_timeout_s if "
+            f"it was working, or see what it last did in {target} (finished stages are kept)"
+        )
+    # The stage's earlier results are intact (its writes are atomic, its manifest was removed
+    # first, so it simply runs again).
+    return StageError(
+        f"stage {stage}: the notebook's kernel died ({str(exc).strip() or 'no reason given'}), most "
+        "often because the machine ran out of memory; close other programs or lower the stage's "
+        f"sizes in the config, then rerun (finished stages are kept); the notebook is {target}"
+    )
 
 
 class _PapermillToLog(logging.Handler):
@@ -420,19 +449,10 @@ class _Deadline:
                 self._timer.cancel()
 
 
-def run_movie(
-    movie: Path,
-    *,
-    pipeline: Pipeline,
-    stages: list[str],
-    cfg: Config,
-    config_path: str | None,
-    overrides: dict[str, Any],
-    out: Path | None,
-    force: bool,
-    progress: bool = True,
-) -> MovieReport:
-    """Run the chosen stages on one movie, skipping the ones that are up to date."""
+def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport:
+    """Run the chosen stages on one movie (into ``out``, else its folder under
+    ``run.output_dir``), skipping the ones that are up to date."""
+    cfg = options.cfg
     probe_video(movie)
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
     # The run folder is held from the first stage to the last (a second run of it stops at once,
@@ -441,37 +461,17 @@ def run_movie(
         lock.run_lock(run_dir, what="bunny run", lease_s=cfg.pipeline.lock_stale_s) as lease,
         lock.exported(run_dir, lease),
     ):
-        return _run_movie_locked(
-            movie,
-            Run.create(run_dir, movie),
-            pipeline=pipeline,
-            stages=stages,
-            cfg=cfg,
-            config_path=config_path,
-            overrides=overrides,
-            force=force,
-            progress=progress,
-        )
+        return _run_movie_locked(movie, Run.create(run_dir, movie), options)
 
 
-def _run_movie_locked(
-    movie: Path,
-    run: Run,
-    *,
-    pipeline: Pipeline,
-    stages: list[str],
-    cfg: Config,
-    config_path: str | None,
-    overrides: dict[str, Any],
-    force: bool,
-    progress: bool,
-) -> MovieReport:
+def _run_movie_locked(movie: Path, run: Run, options: RunOptions) -> MovieReport:
+    pipeline, cfg, force = options.pipeline, options.cfg, options.force
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     kernel = StageKernel(cfg.run.kernel)
     try:
-        if force or any(stage_state(pipeline, run, s, cfg)[0] != "done" for s in stages):
+        if force or any(stage_state(pipeline, run, s, cfg)[0] != "done" for s in options.stages):
             kernel.start()  # boots while this process checks the stages and imports papermill
-        for stage in stages:
+        for stage in options.stages:
             state, reason = stage_state(pipeline, run, stage, cfg)
             if state == "done" and not force:
                 report.stages.append(StageReport(stage, "skipped", "up to date"))
@@ -479,9 +479,7 @@ def _run_movie_locked(
                 continue
             _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
             t0 = time.monotonic()
-            execute_stage_notebook(
-                pipeline, run, stage, config_path, overrides, kernel, progress, cfg.pipeline.stage_timeout_s
-            )
+            execute_stage_notebook(run, stage, options, kernel)
             log.info(
                 "%s: %s notebook took %.1f s (%s)",
                 movie.name,

@@ -1,9 +1,12 @@
 """The nine stages, in order, as one :class:`~diffusion_bunny.pipeline.contract.Pipeline`.
 
 Each stage is a package (``stages/<name>/``) whose ``__init__`` declares it (tables read and
-written, settings, owned folders, ``compute``, ``summary``); this module only lists them. The
-functions below bind the generic machinery of :mod:`diffusion_bunny.pipeline.contract` to this
-pipeline, so notebooks, tests and scripts write ``run_stage(run, "quality", cfg)``.
+written, settings, owned folders, ``summary``) and whose ``stage.py`` has its ``compute``, found
+by that convention; this module only lists them. :data:`PIPELINE` is the one place the stage
+order is written: the CLI's ``--stages`` help, ``bunny status``, the runner and the tests all
+read it from here (the notebooks' numbers, ``01_`` to ``09_``, follow it). The functions below
+bind the generic machinery of :mod:`diffusion_bunny.pipeline.contract` to this pipeline, so
+notebooks, tests and scripts write ``run_stage(run, "quality", cfg)``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.pipeline import contract
-from diffusion_bunny.pipeline.contract import Pipeline, Stage
+from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import (
     captions,
@@ -43,18 +46,14 @@ PIPELINE = Pipeline(
         generate.STAGE,
         report.STAGE,
     ),
-    batch_report=report.batch_report,
+    # report/stage.py's batch_report: the report across the movies of a folder.
+    batch_reporter=report.STAGE.name,
 )
 
 
 def stage_names() -> list[str]:
     """Stage names in pipeline order."""
     return PIPELINE.names()
-
-
-def get_stage(name: str) -> Stage:
-    """The declaration of ``name``; an unknown name is a user error that lists the known ones."""
-    return PIPELINE.get(name)
 
 
 def stage_state(run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
@@ -77,4 +76,4 @@ def summary(run: Run, name: str) -> str:
     return PIPELINE.get(name).summary(manifest)
 
 
-__all__ = ["PIPELINE", "get_stage", "run_stage", "stage_names", "stage_state", "summary"]
+__all__ = ["PIPELINE", "run_stage", "stage_names", "stage_state", "summary"]

@@ -518,7 +518,9 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     import boto3
     from botocore.stub import ANY, Stubber
 
-    from diffusion_bunny.stages.captions.stage import captions_stage
+    from diffusion_bunny.pipeline.contract import Context
+    from diffusion_bunny.stages.captions import STAGE
+    from diffusion_bunny.stages.captions.stage import compute
 
     run, overrides = cap_run
     cfg = _cfg(tmp_path, {**overrides, **FAST}, captioning__provider="bedrock", captioning__concurrency=1)
@@ -532,15 +534,10 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     seen: list[dict] = []
 
     def caption_with_bedrock():
-        return captions_stage(
-            run.run_dir,
-            run.read_table("frames"),
-            cfg.captioning,
-            quality=run.read_table("quality"),
-            faces=run.read_table("faces"),
-            progress=False,
-            bedrock_client=client,
-        )
+        tables = {name: None for name in ("shots", "clusters", "caption_edits")}
+        tables.update({name: run.read_table(name) for name in ("frames", "quality", "faces")})
+        ctx = Context("captions", run, STAGE.view(cfg), tables, progress=False, writes=STAGE.writes)
+        return compute(ctx, bedrock_client=client)
 
     with Stubber(client) as stub:
         stub.add_client_error("converse", service_error_code="ThrottlingException", http_status_code=429)

@@ -27,7 +27,6 @@ from diffusion_bunny.models.faces import (
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
-from diffusion_bunny.stages.characters import name_cluster
 from diffusion_bunny.stages.characters.identify import (
     box_iou,
     character_thresholds,
@@ -38,7 +37,7 @@ from diffusion_bunny.stages.characters.identify import (
     link_tracks,
     vote_tracks,
 )
-from diffusion_bunny.stages.characters.stage import check_name
+from diffusion_bunny.stages.characters.stage import check_name, name_cluster
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,

@@ -1,8 +1,9 @@
 """Shot-boundary detectors: TransNetV2 from its package (offline), the cascade, transition types.
 
-The synthetic clips are made with FFmpeg's filters through PyAV (:mod:`diffusion_bunny.demo.synthclips`)
-at 160x90: the network sees 48x27 frames anyway, and small clips keep TransNetV2 on the CPU
-(~150 frames/s) within a few seconds per clip.
+The synthetic clips are made with FFmpeg's filters through PyAV
+(:mod:`diffusion_bunny.stages.extract.detectors.synthclips`) at 160x90: the network sees 48x27
+frames anyway, and small clips keep TransNetV2 on the CPU (~150 frames/s) within a few seconds
+per clip.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pytest
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.metrics import boundary_distance, match_boundaries
-from diffusion_bunny.demo.synthclips import make_clip
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.media.video import VideoReader
 from diffusion_bunny.pipeline.run import Run
@@ -25,6 +25,7 @@ from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.extract.detectors import make_boundaries, transnet
 from diffusion_bunny.stages.extract.detectors.base import Blankness, InOrder
 from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries
+from diffusion_bunny.stages.extract.detectors.synthclips import make_clip
 from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries
 from diffusion_bunny.stages.extract.stage import extract_frames
 

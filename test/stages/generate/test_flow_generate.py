@@ -14,7 +14,7 @@ from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.stages.generate.grid import Checkpoint
 from diffusion_bunny.stages.generate.identity import CharacterReferences
 from diffusion_bunny.stages.generate.render import DEFAULT_GUIDANCE, default_size, pipe_family
-from diffusion_bunny.stages.generate.stage import generate_stage
+from diffusion_bunny.stages.generate.stage import draw_and_score
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
 
@@ -70,7 +70,7 @@ def test_flow_pipelines_draw_the_grid_with_both_lora_files(family, tmp_path):
         steps=2,
         max_sequence_length=32,
     )
-    result = generate_stage(
+    result = draw_and_score(
         tmp_path / "run",
         cfg,
         pipe_loader=lambda: pipe,

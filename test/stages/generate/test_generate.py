@@ -35,7 +35,7 @@ from diffusion_bunny.stages.generate.render import (
     render,
     stored_key,
 )
-from diffusion_bunny.stages.generate.stage import generate_stage
+from diffusion_bunny.stages.generate.stage import draw_and_score
 from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER, SCORES_SCHEMA
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
@@ -291,7 +291,7 @@ def test_lora_that_does_not_fit_stops_before_any_image(pipe, training_output, re
         check_loras(pipe, cks)
     cfg = GenerationConfig(seeds=(0,), lora_scales=(0.0, 1.0), steps=1)
     with pytest.raises(ModelError, match="does not match base model"):
-        generate_stage(
+        draw_and_score(
             tmp_path,
             cfg,
             pipe_loader=lambda: pipe,
@@ -429,7 +429,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     cks = select_checkpoints(find_checkpoints(training_output), cfg.checkpoints)
 
     def run_generate():
-        return generate_stage(
+        return draw_and_score(
             tmp_path / "run",
             cfg,
             pipe_loader=lambda: pipe,
@@ -485,7 +485,7 @@ def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_pat
     cfg = GenerationConfig(
         prompts=("{trigger} {character}, portrait",), seeds=(0,), lora_scales=(1.0,), steps=1
     )
-    result = generate_stage(
+    result = draw_and_score(
         tmp_path,
         cfg,
         pipe_loader=lambda: pipe,
@@ -501,7 +501,7 @@ def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_pat
     assert any("no named characters" in w for w in result.warnings)
     assert result.facts["best_checkpoint"] == FINAL
     with pytest.raises(ConfigError, match=r"generation.characters: 'bob' is not a character of this run"):
-        generate_stage(
+        draw_and_score(
             tmp_path,
             cfg.model_copy(update={"characters": ("bob",)}),
             pipe_loader=lambda: pipe,

@@ -379,10 +379,11 @@ def test_report_document_without_figures(tmp_path):
 
 def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     """bunny run's path: notebook 09 through papermill writes the report and shows its figures."""
-    from diffusion_bunny.pipeline.runner import execute_stage_notebook
+    from diffusion_bunny.pipeline.runner import RunOptions, execute_stage_notebook
 
     run = _copy_run(demo_run, tmp_path / "run")
-    executed = execute_stage_notebook(PIPELINE, run, "report", None, {}, "python3", progress=False)
+    options = RunOptions(PIPELINE, load_config(None, {}), progress=False)
+    executed = execute_stage_notebook(run, "report", options, "python3")
     nb = nbformat.read(executed, as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4

@@ -652,14 +652,15 @@ def test_sdxl_prior_preservation_text_encoder_min_snr_accumulation(tmp_path):
 def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
     import nbformat
 
-    from diffusion_bunny.pipeline.runner import execute_stage_notebook
+    from diffusion_bunny.pipeline.runner import RunOptions, execute_stage_notebook
 
     frames = demo_run.read_table("frames")
     paths = [demo_run.run_dir / p for p in frames["path"].to_list()[:6]]
     run = Run.create(tmp_path / "demo_copy", demo_run.movie)
     make_dataset(run.run_dir, n_train=5, n_val=1, images=paths)
     overrides = fast_overrides(tmp_path, max_train_steps=4, validation_every=2)
-    target = execute_stage_notebook(PIPELINE, run, "train", None, overrides, "python3", progress=False)
+    options = RunOptions(PIPELINE, load_config(None, overrides), overrides=overrides, progress=False)
+    target = execute_stage_notebook(run, "train", options, "python3")
     nb = nbformat.read(target, as_version=4)
     text = "\n".join(
         out.get("text", "")

@@ -16,14 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import Reads, Stage
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.captions.stage import compute
-
-    return compute(ctx)
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -39,10 +33,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="captions",
-    number=5,
     notebook="05_caption.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(
         Reads("frames", "extract", ("frame_id", "path", "shot_id", "width", "height", *BOX_COLUMNS)),

@@ -289,66 +289,19 @@ class _Captioner:
                 self.limiters[prov.name].acquire()
             started = time.monotonic()
             cache_failure: list[BaseException] = []
-
-            def keep(
-                raw: RawAnswer, started: float = started, cache_failure: list[BaseException] = cache_failure
-            ) -> None:
-                # Paid for: into the cache, with its status, before anything else can go wrong.
-                status, detail = prov.status(raw)
-                try:
-                    self.cache.set(
-                        key,
-                        {
-                            "raw": raw.text,
-                            "status": status,
-                            "detail": redact(detail),
-                            "finish_reason": raw.finish_reason,
-                            "refusal": raw.refusal,
-                            "latency_s": time.monotonic() - started,
-                            "input_tokens": raw.input_tokens,
-                            "output_tokens": raw.output_tokens,
-                            "ts": datetime.now(UTC).isoformat(),
-                        },
-                    )
-                except BaseException as exc:  # a full disk under the cache must stop the run
-                    cache_failure.append(exc)
-                    raise
-
             try:
-                result = prov.caption(image, rec, keep) if prov.paid else prov.caption(image, rec)
+                if prov.paid:
+                    result = prov.caption(image, rec, self._keeper(prov, key, started, cache_failure))
+                else:
+                    result = prov.caption(image, rec)
             except Exception as exc:  # every failure is classified; none stops the run
                 if cache_failure:
                     raise cache_failure[0] from None
-                if isinstance(exc, AnswerError):
-                    # Answered and recorded, but no caption: asking again in this run would pay
-                    # again; it counts against the circuit like any failure of the provider.
-                    self.log.add(
-                        frame_id=fid,
-                        provider=prov.name,
-                        model=prov.model,
-                        attempt=attempt,
-                        outcome=exc.status,
-                        error=short_error(exc),
-                        latency_s=time.monotonic() - started,
-                    )
-                    breaker.failure(f"{exc.status} answers", fatal=False)
-                    return None, _not_again(prov.name, exc.status, exc.detail), False
-                kind = classify(exc)
-                will_retry = kind == RETRY and attempt < self.cfg.max_retries and permit != "probe"
-                self.log.add(
-                    frame_id=fid,
-                    provider=prov.name,
-                    model=prov.model,
-                    attempt=attempt,
-                    outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
-                    error=short_error(exc),
-                    latency_s=time.monotonic() - started,
-                )
-                if will_retry:
+                gave_up = self._failed(fid, prov, attempt, permit, started, exc)
+                if gave_up is None:
                     self.sleep(self.jitter(attempt))
                     continue
-                breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
-                return None, f"{prov.name}: {short_error(exc)}", False
+                return None, gave_up, False
             latency = time.monotonic() - started
             breaker.success()
             self.log.add(
@@ -363,6 +316,72 @@ class _Captioner:
             )
             return self._answer(fid, prov, result, latency), "", False
         return None, "", False  # pragma: no cover - the loop always returns
+
+    def _keeper(
+        self, prov: Provider, key: str, started: float, cache_failure: list[BaseException]
+    ) -> Callable[[RawAnswer], None]:
+        """What a paid provider calls with its raw answer the moment it has one: into the cache,
+        with its status, before anything else can go wrong (a failure to store it is put in
+        ``cache_failure``, so the caller stops the run on it rather than classify it)."""
+
+        def keep(raw: RawAnswer) -> None:
+            status, detail = prov.status(raw)
+            try:
+                self.cache.set(
+                    key,
+                    {
+                        "raw": raw.text,
+                        "status": status,
+                        "detail": redact(detail),
+                        "finish_reason": raw.finish_reason,
+                        "refusal": raw.refusal,
+                        "latency_s": time.monotonic() - started,
+                        "input_tokens": raw.input_tokens,
+                        "output_tokens": raw.output_tokens,
+                        "ts": datetime.now(UTC).isoformat(),
+                    },
+                )
+            except BaseException as exc:  # a full disk under the cache must stop the run
+                cache_failure.append(exc)
+                raise
+
+        return keep
+
+    def _failed(
+        self, fid: str, prov: Provider, attempt: int, permit: Any, started: float, exc: Exception
+    ) -> str | None:
+        """One failed request, logged and counted against the provider's circuit: None when it
+        is worth another attempt, else the error the provider gave up with."""
+        breaker = self.breakers[prov.name]
+        if isinstance(exc, AnswerError):
+            # Answered and recorded, but no caption: asking again in this run would pay again;
+            # it counts against the circuit like any failure of the provider.
+            self.log.add(
+                frame_id=fid,
+                provider=prov.name,
+                model=prov.model,
+                attempt=attempt,
+                outcome=exc.status,
+                error=short_error(exc),
+                latency_s=time.monotonic() - started,
+            )
+            breaker.failure(f"{exc.status} answers", fatal=False)
+            return _not_again(prov.name, exc.status, exc.detail)
+        kind = classify(exc)
+        will_retry = kind == RETRY and attempt < self.cfg.max_retries and permit != "probe"
+        self.log.add(
+            frame_id=fid,
+            provider=prov.name,
+            model=prov.model,
+            attempt=attempt,
+            outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
+            error=short_error(exc),
+            latency_s=time.monotonic() - started,
+        )
+        if will_retry:
+            return None
+        breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
+        return f"{prov.name}: {short_error(exc)}"
 
     def run(
         self, records: list[dict[str, Any]], progress: bool, progress_path: Path | None
@@ -521,25 +540,21 @@ def _uncached(
     return missing
 
 
-def captions_stage(
-    run_dir: Path,
-    frames: pl.DataFrame,
-    cfg: CaptioningConfig,
-    *,
-    quality: pl.DataFrame | None = None,
-    faces: pl.DataFrame | None = None,
-    shots: pl.DataFrame | None = None,
-    clusters: pl.DataFrame | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    progress_path: Path | None = None,
-    bedrock_client: Any | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> StageOutput:
-    """Stage 05: build the providers (keys checked), check the servers when there is anything
-    to ask, caption, then put every edit a person made back on top."""
-    run_dir = Path(run_dir)
-    facts = caption_facts(frames, cfg, quality=quality, faces=faces, shots=shots, clusters=clusters)
+def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
+    """Stage 05 on a run: build the providers (keys checked), check the servers when there is
+    anything to ask, caption, then put every edit a person made back on top.
+
+    ``bedrock_client``: an existing ``bedrock-runtime`` client (a test's, with botocore's
+    Stubber); the stage otherwise makes its own from ``captioning.bedrock``."""
+    run_dir, cfg = ctx.run_dir, ctx.cfg.captioning
+    facts = caption_facts(
+        ctx.table("frames"),
+        cfg,
+        quality=ctx.table("quality"),
+        faces=ctx.optional("faces"),
+        shots=ctx.optional("shots"),
+        clusters=ctx.optional("clusters"),
+    )
     if not facts.height:
         raise StageError(
             "no frames to caption: stage 02 kept none (see tables/quality.parquet's reject_reason); "
@@ -564,32 +579,46 @@ def captions_stage(
             cfg,
             cache,
             hashes,
-            seed=seed,
-            progress=progress,
-            progress_path=progress_path,
-            sleep=sleep,
+            seed=ctx.cfg.run.seed,
+            progress=ctx.progress,
+            progress_path=ctx.progress_path,
         )
     finally:
         cache.close()
     # Every string this stage stores goes through redact (a server may echo the request headers).
     captions = result.captions.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
     calls = result.calls.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
-    paid = [p.name for p in providers if p.paid]
-    ok = captions.filter(pl.col("status") == "ok")
     failed = captions.filter(pl.col("status") == "failed")
-    if not ok.height and failed.height:
-        first = failed["error"][0]
+    if not captions.filter(pl.col("status") == "ok").height and failed.height:
         raise ProviderError(
-            f"no frame could be captioned ({failed.height} failed; first: {redact(first)}); fix the provider "
-            f"or add template to captioning.fallback. {_rerun_note(calls)}"
+            f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
+            f"the provider or add template to captioning.fallback. {_rerun_note(calls)}"
         )
     # Edits made so far, for the counts; the runner re-applies them under the lock as it writes.
     with captions_lock(run_dir):
         captions = apply_edits(captions, read_edits(run_dir))
-    counts = {
+    return StageOutput(
+        tables={"captions": captions, "caption_calls": calls},
+        counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid]),
+        warnings=[redact(w) for w in _warnings(legacy, failed, calls, result.breakers)],
+        facts={
+            "prompt_version": PROMPT_VERSION,
+            "chain": [f"{p.name}:{p.model}" for p in providers],
+            "asked": to_ask,
+            "open_circuits": {n: r for n, (r, still_open, _) in result.breakers.items() if still_open},
+        },
+        commit=lambda tables: _commit(run_dir, tables),
+    )
+
+
+def _counts(captions: pl.DataFrame, failed: int, calls: pl.DataFrame, paid: list[str]) -> dict[str, Any]:
+    """The manifest's counts of a run: captioned, ``failed`` (frames no provider captioned, before
+    a person's edits), edited, by provider, and what was paid for (requests to the ``paid``
+    providers, answers from the cache, answers by status)."""
+    return {
         "frames": captions.height,
         "captioned": int(captions["caption"].is_not_null().sum()),
-        "failed": failed.height,
+        "failed": failed,
         "edited": int((captions["status"] == "edited").sum()),
         **{f"by_{k}": v for k, v in captions.group_by("provider").len().iter_rows() if k},
         "paid_requests": int(
@@ -601,6 +630,13 @@ def captions_stage(
             for status in ANSWER_STATUSES
         },
     }
+
+
+def _warnings(
+    legacy: Path | None, failed: pl.DataFrame, calls: pl.DataFrame, breakers: dict[str, tuple[str, bool, int]]
+) -> list[str]:
+    """What a person should know about a run: an old answer cache left behind, frames without a
+    caption, and every provider whose circuit opened."""
     warnings = []
     if legacy is not None:
         warnings.append(
@@ -613,25 +649,14 @@ def captions_stage(
         warnings.append(
             f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}). {_rerun_note(calls)}"
         )
-    for name, (reason, still_open, times) in result.breakers.items():
+    for name, (reason, still_open, times) in breakers.items():
         after = (
             "later frames went to the next provider"
             if still_open
             else "frames went to the next provider until a probe succeeded and closed it"
         )
         warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}")
-    return StageOutput(
-        tables={"captions": captions, "caption_calls": calls},
-        counts=counts,
-        warnings=[redact(w) for w in warnings],
-        facts={
-            "prompt_version": PROMPT_VERSION,
-            "chain": [f"{p.name}:{p.model}" for p in providers],
-            "asked": to_ask,
-            "open_circuits": {n: r for n, (r, still_open, _) in result.breakers.items() if still_open},
-        },
-        commit=lambda tables: _commit(run_dir, tables),
-    )
+    return warnings
 
 
 def _announce(to_ask: int, frames: int, providers: list[Provider], cfg: CaptioningConfig) -> None:
@@ -675,22 +700,6 @@ def _commit(run_dir: Path, tables: dict[str, pl.DataFrame]) -> Iterator[dict[str
     re-read and applied, so an edit saved while the stage was captioning is kept."""
     with captions_lock(run_dir):
         yield {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir))}
-
-
-def compute(ctx: Context) -> StageOutput:
-    """Stage 05 on a run."""
-    return captions_stage(
-        ctx.run_dir,
-        ctx.table("frames"),
-        ctx.cfg.captioning,
-        quality=ctx.table("quality"),
-        faces=ctx.optional("faces"),
-        shots=ctx.optional("shots"),
-        clusters=ctx.optional("clusters"),
-        seed=ctx.cfg.run.seed,
-        progress=ctx.progress,
-        progress_path=ctx.progress_path,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 clustered for a person to name.
 
 * :mod:`.stage`: detection and encoding on a process pool with a per-frame cache, and naming a
-  cluster (its faces become reference photos, the run is re-labelled in seconds);
+  cluster (:func:`~diffusion_bunny.stages.characters.stage.name_cluster`: its faces become
+  reference photos, the run is re-labelled in seconds);
 * :mod:`.identify`: encodings to names, pure (thresholds, open-set matching, tracks, votes,
   clusters of unknown faces);
 * :mod:`.tables`: ``faces``, ``face_frames`` and where the reference photos are;
@@ -14,28 +15,13 @@ The face model itself (dlib's detector and encoder, reference loading) is
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.models.faces import references_fingerprint
-from diffusion_bunny.pipeline.contract import (
-    ConfigView,
-    Context,
-    Pipeline,
-    Reads,
-    Stage,
-    StageOutput,
-    run_stage,
-)
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.characters.stage import compute
-
-    return compute(ctx)
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
@@ -58,10 +44,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="characters",
-    number=3,
     notebook="03_detect_characters.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(
         Reads(
@@ -76,38 +60,3 @@ STAGE = Stage(
     writes=("faces", "face_frames"),
     inputs=_inputs,
 )
-
-
-def name_cluster(
-    run_dir: str | Path,
-    cluster: str,
-    name: str,
-    *,
-    config_path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    max_faces: int = 5,
-) -> dict[str, Any]:
-    """Name an unknown cluster: its best faces become reference images of ``name`` (in
-    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
-    (detections are reused, so this takes seconds). Returns what changed."""
-    import polars as pl
-
-    from diffusion_bunny.config import load_config
-    from diffusion_bunny.stages.characters.stage import promote_cluster
-
-    run = Run.open(Path(run_dir))
-    cfg = load_config(config_path, overrides)
-    written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
-    name = name.strip()
-    after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
-    member_ids = members["face_id"].implode()
-    return {
-        "cluster": cluster,
-        "character": name,
-        "references_added": [str(p) for p in written],
-        "faces_of_cluster_named": int(
-            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
-        ),
-        "cluster_faces": members.height,
-        "named_faces": int((after["character"] == name).sum()),
-    }

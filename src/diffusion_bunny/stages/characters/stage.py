@@ -209,6 +209,7 @@ def detect_faces(
     key = settings.key()
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
+    # What a cached detection must still match: the file's size and the region searched.
     sizes: dict[str, tuple[int, str]] = {}
     for row in rows:
         path = run_dir / row["path"]
@@ -226,6 +227,29 @@ def detect_faces(
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
     seconds = time.perf_counter() - started
 
+    detections, face_frames = _detection_tables(rows, results, cached_ids, cached_faces, key, sizes)
+    facts = {
+        "detect_key": key,
+        "detect_settings": asdict(settings),
+        "workers": n_workers if use_pool else 1,
+        "frames_detected": len(jobs),
+        "frames_cached": len(cached_ids),
+        "detect_seconds": round(seconds, 3),
+        "frames_per_second": round(len(jobs) / seconds, 1) if jobs and seconds > 0 else None,
+    }
+    return detections, face_frames, facts
+
+
+def _detection_tables(
+    rows: list[dict[str, Any]],
+    results: dict[str, tuple[str, list[tuple], str | None]],
+    cached_ids: set[str],
+    cached_faces: pl.DataFrame,
+    key: str,
+    sizes: dict[str, tuple[int, str]],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The detections (the cached ones and the new ``results``, in the frames' order) and the
+    per-frame status rows, which record what a later run's cache must match."""
     cached_n = dict(cached_faces.group_by("frame_id").len().iter_rows()) if cached_faces.height else {}
     new_faces: list[dict[str, Any]] = []
     status_rows: list[dict[str, Any]] = []
@@ -266,16 +290,7 @@ def detect_faces(
         .sort("_o", "face_id")
         .drop("_o")
     )
-    facts = {
-        "detect_key": key,
-        "detect_settings": asdict(settings),
-        "workers": n_workers if use_pool else 1,
-        "frames_detected": len(jobs),
-        "frames_cached": len(cached_ids),
-        "detect_seconds": round(seconds, 3),
-        "frames_per_second": round(len(jobs) / seconds, 1) if jobs and seconds > 0 else None,
-    }
-    return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA), facts
+    return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA)
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -438,7 +453,7 @@ def promote_cluster(
 ) -> tuple[list[Path], pl.DataFrame]:
     """The run-folder half of naming a cluster: its best faces written as reference images of
     ``name`` (in ``characters.reference_dir``, or the run's own ``references/``); returns the files
-    written and the cluster's faces. :func:`diffusion_bunny.stages.characters.name_cluster` then
+    written and the cluster's faces. :func:`name_cluster` then
     re-labels the run."""
     name = check_name(name)
     faces = run.read_table("faces")
@@ -464,3 +479,37 @@ def promote_cluster(
             f"{target} by hand"
         )
     return written, members
+
+
+def name_cluster(
+    run_dir: str | Path,
+    cluster: str,
+    name: str,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_faces: int = 5,
+) -> dict[str, Any]:
+    """Name an unknown cluster: its best faces become reference images of ``name`` (in
+    ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
+    (detections are reused, so this takes seconds). Returns what changed."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.contract import Pipeline, run_stage
+    from diffusion_bunny.stages.characters import STAGE
+
+    run = Run.open(Path(run_dir))
+    cfg = load_config(config_path, overrides)
+    written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
+    name = name.strip()
+    after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
+    member_ids = members["face_id"].implode()
+    return {
+        "cluster": cluster,
+        "character": name,
+        "references_added": [str(p) for p in written],
+        "faces_of_cluster_named": int(
+            after.filter(pl.col("face_id").is_in(member_ids) & (pl.col("character") == name)).height
+        ),
+        "cluster_faces": members.height,
+        "named_faces": int((after["character"] == name).sum()),
+    }

@@ -88,7 +88,7 @@ class ClusterNamer:
 
     def name(self, cluster: str, name: str) -> dict[str, Any] | None:
         """Name ``cluster`` (as the button does); the result, or None after a user error (shown)."""
-        from diffusion_bunny.stages.characters import name_cluster
+        from diffusion_bunny.stages.characters.stage import name_cluster
 
         try:
             result = name_cluster(

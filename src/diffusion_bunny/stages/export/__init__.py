@@ -14,16 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.export.tables import dataset_dir
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.export.stage import compute
-
-    return compute(ctx)
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -51,10 +45,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="export",
-    number=6,
     notebook="06_export_dataset.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(
         Reads(

@@ -178,24 +178,15 @@ def write_clips(movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Pat
         (video / f"{clip['clip_id']}.txt").write_text(clip["caption"] + "\n", encoding="utf-8")
 
 
-def export_stage(
-    run_dir: Path,
-    frames: pl.DataFrame,
-    quality: pl.DataFrame,
-    faces: pl.DataFrame | None,
-    captions: pl.DataFrame,
-    cfg: ExportConfig,
-    *,
-    progress: bool = False,
-    progress_path: Path | None = None,
-    shots: pl.DataFrame | None = None,
-    movie: Path | None = None,
-) -> StageOutput:
-    """Plan the dataset, check the frame files, write both layouts into a staging folder and swap
-    it in as ``<run>/dataset``; returns the ``dataset_items`` table."""
-    run_dir = Path(run_dir)
+def compute(ctx: Context) -> StageOutput:
+    """Stage 06 on a run: plan the dataset, check the frame files, write both layouts (and the
+    clips, with ``export.video_clips``) into a staging folder and swap it in as
+    ``<run>/dataset``; returns the ``dataset_items`` and ``clips`` tables."""
+    run_dir, cfg = ctx.run_dir, ctx.cfg.export
     started = time.perf_counter()
-    plan = plan_export(frames, quality, faces, captions, cfg)
+    plan = plan_export(
+        ctx.table("frames"), ctx.table("quality"), ctx.optional("faces"), ctx.table("captions"), cfg
+    )
     items = plan.items
     missing = sorted({p for p in items["path"].unique().to_list() if not (run_dir / p).is_file()})
     if missing:
@@ -203,61 +194,12 @@ def export_stage(
             f"{len(missing)} frame file(s) are missing in {run_dir} (first: {missing[0]}); "
             "rerun stage extract with --force"
         )
-    clips = pl.DataFrame(schema=CLIP_SCHEMA)
-    short = 0
-    size = (cfg.clip_width, cfg.clip_height)
-    if cfg.video_clips:
-        if shots is None or movie is None or not Path(movie).is_file():
-            raise BadInputError(
-                f"export.video_clips needs the run's shots and its movie ({movie}); "
-                "put the movie back or set export.video_clips: false"
-            )
-        src_fps = probe_video(movie).fps
-        clips, short = plan_clips(shots, items, src_fps, cfg.clip_fps, cfg.clip_frames, size)
-        if short:
-            plan.warnings.append(
-                f"{short} shot(s) with a named character are shorter than a clip "
-                f"({cfg.clip_frames} frames at {cfg.clip_fps:g} fps) and give none"
-            )
+    shots, movie = ctx.optional("shots"), ctx.run.movie
+    clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings)
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
-            write_clips(Path(movie), shots, clips, staging, cfg.clip_fps)
-            final = dataset_dir(run_dir) / VIDEO_DIR
-            (staging / "musubi_dataset.toml").write_text(
-                musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
-                encoding="utf-8",
-            )
-            (staging / "diffusion_pipe_dataset.toml").write_text(
-                diffusion_pipe_toml(str(final), size, cfg.clip_frames), encoding="utf-8"
-            )
-        for split in SPLITS:
-            if (items["split"] == split).any():
-                (staging / "hf" / split).mkdir(parents=True)
-        if cfg.kohya:
-            train = items.filter(pl.col("split") == "train")
-            for repeats, concept in train.select("repeats", "concept").unique().iter_rows():
-                (staging / "kohya" / kohya_folder(repeats, concept)).mkdir(parents=True)
-        by_frame = items.partition_by("frame_id", maintain_order=True, as_dict=False)
-        jobs = [frame.to_dicts() for frame in by_frame]
-        bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, **bar_options(0.5))
-        reporter = ProgressFile(progress_path, "export", len(jobs), "frame")
-        written = 0
-        try:
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-                for done, size in enumerate(
-                    pool.map(lambda rows: _write_frame(run_dir, rows, staging, cfg, cfg.kohya), jobs), 1
-                ):
-                    written += size
-                    bar.update(1)
-                    reporter.update(done)
-        finally:
-            bar.close()
-            reporter.close()
-        for split in SPLITS:
-            part = items.filter(pl.col("split") == split)
-            if part.height:
-                write_metadata(staging / "hf" / split, part, cfg.metadata_format)
-        (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
+            _write_video(run_dir, staging, movie, shots, clips, cfg)
+        written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
     table = items.select(ITEMS_COLUMNS)
     facts = {
         "dataset_dir": str(dataset_dir(run_dir)),
@@ -276,17 +218,81 @@ def export_stage(
     )
 
 
-def compute(ctx: Context) -> StageOutput:
-    """Stage 06 on a run."""
-    return export_stage(
-        ctx.run_dir,
-        ctx.table("frames"),
-        ctx.table("quality"),
-        ctx.optional("faces"),
-        ctx.table("captions"),
-        ctx.cfg.export,
-        progress=ctx.progress,
-        progress_path=ctx.progress_path,
-        shots=ctx.optional("shots"),
-        movie=ctx.run.movie,
+def _plan_clips(
+    items: pl.DataFrame, shots: pl.DataFrame | None, movie: Path, cfg: ExportConfig, warnings: list[str]
+) -> tuple[pl.DataFrame, int]:
+    """The clips to cut (``export.video_clips``; none otherwise) and how many shots with a named
+    character were too short to give one (said in ``warnings``)."""
+    if not cfg.video_clips:
+        return pl.DataFrame(schema=CLIP_SCHEMA), 0
+    if shots is None or not Path(movie).is_file():
+        raise BadInputError(
+            f"export.video_clips needs the run's shots and its movie ({movie}); "
+            "put the movie back or set export.video_clips: false"
+        )
+    size = (cfg.clip_width, cfg.clip_height)
+    clips, short = plan_clips(shots, items, probe_video(movie).fps, cfg.clip_fps, cfg.clip_frames, size)
+    if short:
+        warnings.append(
+            f"{short} shot(s) with a named character are shorter than a clip "
+            f"({cfg.clip_frames} frames at {cfg.clip_fps:g} fps) and give none"
+        )
+    return clips, short
+
+
+def _write_video(
+    run_dir: Path, staging: Path, movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, cfg: ExportConfig
+) -> None:
+    """The clips and the two video trainers' dataset files, which name the folder the staging
+    folder becomes."""
+    size = (cfg.clip_width, cfg.clip_height)
+    write_clips(Path(movie), shots, clips, staging, cfg.clip_fps)
+    final = dataset_dir(run_dir) / VIDEO_DIR
+    (staging / "musubi_dataset.toml").write_text(
+        musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
+        encoding="utf-8",
     )
+    (staging / "diffusion_pipe_dataset.toml").write_text(
+        diffusion_pipe_toml(str(final), size, cfg.clip_frames), encoding="utf-8"
+    )
+
+
+def _write_pictures(
+    run_dir: Path,
+    staging: Path,
+    items: pl.DataFrame,
+    cfg: ExportConfig,
+    progress: bool,
+    progress_path: Path | None,
+) -> int:
+    """Both picture layouts (the imagefolder splits and their metadata, the kohya folders) and
+    the README, frame by frame on a few threads; returns the bytes written."""
+    for split in SPLITS:
+        if (items["split"] == split).any():
+            (staging / "hf" / split).mkdir(parents=True)
+    if cfg.kohya:
+        train = items.filter(pl.col("split") == "train")
+        for repeats, concept in train.select("repeats", "concept").unique().iter_rows():
+            (staging / "kohya" / kohya_folder(repeats, concept)).mkdir(parents=True)
+    by_frame = items.partition_by("frame_id", maintain_order=True, as_dict=False)
+    jobs = [frame.to_dicts() for frame in by_frame]
+    bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, **bar_options(0.5))
+    reporter = ProgressFile(progress_path, "export", len(jobs), "frame")
+    written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            for done, size in enumerate(
+                pool.map(lambda rows: _write_frame(run_dir, rows, staging, cfg, cfg.kohya), jobs), 1
+            ):
+                written += size
+                bar.update(1)
+                reporter.update(done)
+    finally:
+        bar.close()
+        reporter.close()
+    for split in SPLITS:
+        part = items.filter(pl.col("split") == split)
+        if part.height:
+            write_metadata(staging / "hf" / split, part, cfg.metadata_format)
+    (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
+    return written

@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.extract.stage import compute
-
-    return compute(ctx)
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
@@ -77,10 +71,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="extract",
-    number=1,
     notebook="01_extract_frames.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     config=("extraction",),
     writes=("shots", "frames", "keyframe_candidates", "boundary_candidates"),

@@ -19,16 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.models.faces import references_fingerprint
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.generate.stage import compute
-
-    return compute(ctx)
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
@@ -58,10 +52,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="generate",
-    number=8,
     notebook="08_generate.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(
         # The references are also the confidently named faces: a relabel of stage 03 changes them.

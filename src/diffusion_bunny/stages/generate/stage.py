@@ -80,7 +80,6 @@ def compute(ctx: Context) -> StageOutput:
     from diffusion_bunny.models.faces import DetectSettings
     from diffusion_bunny.stages.characters.tables import reference_dir
     from diffusion_bunny.stages.generate.identity import character_references
-    from diffusion_bunny.stages.generate.stage import generate_stage
 
     base, family, setting = base_model_setting(cfg)
     ref = resolve_base_model(base, family, setting=setting)
@@ -89,7 +88,7 @@ def compute(ctx: Context) -> StageOutput:
     faces = ctx.optional("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
     with cpu_threads_for(ref.source, cfg.generation.device, "generation.device"):
-        result = generate_stage(
+        result = draw_and_score(
             run.run_dir,
             cfg.generation,
             pipe_loader=lambda: load_pipeline(ref, device=cfg.generation.device, setting=setting),
@@ -109,10 +108,10 @@ def compute(ctx: Context) -> StageOutput:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# Drawing and scoring
 
 
-def generate_stage(
+def draw_and_score(
     run_dir: Path,
     cfg: GenerationConfig,
     *,
@@ -126,8 +125,9 @@ def generate_stage(
     progress: bool = False,
     progress_path: Path | None = None,
 ) -> StageOutput:
-    """Stage 08 without the run bookkeeping: check the LoRA files, render the grid (resuming),
-    score every image and pick the best checkpoint.
+    """What :func:`compute` does once it has resolved the run's models and files (the tests call
+    it with a tiny pipeline): check the LoRA files, render the grid (resuming), score every image
+    and pick the best checkpoint.
 
     ``pipe_loader()`` loads the base model (called first: a missing model fails before anything
     else); ``checkpoints`` are the LoRA files to compare, in training order.
@@ -173,7 +173,6 @@ def generate_stage(
             "(identity_distance is null there); a base model that draws people, or more training, "
             "gives the identity score more to measure"
         )
-    best_ck = next((c for c in checkpoints if c.name == best), None)
     counts = {
         "images": generations.height,
         "rendered_now": rendered,
@@ -182,14 +181,35 @@ def generate_stage(
         "characters": len(characters),
         "checkpoints": len(checkpoints),
     }
-    facts = {
+    return StageOutput(
+        tables={"generations": generations, "generation_scores": scores},
+        counts=counts,
+        warnings=warnings,
+        facts=_facts(cfg, generations, scores, best, checkpoints, references, characters, trigger)
+        | {"base_model": base_model, "resolution": size},
+    )
+
+
+def _facts(
+    cfg: GenerationConfig,
+    generations: pl.DataFrame,
+    scores: pl.DataFrame,
+    best: str | None,
+    checkpoints: Sequence[Checkpoint],
+    references: CharacterReferences,
+    characters: list[str],
+    trigger: str,
+) -> dict[str, Any]:
+    """The manifest's facts of a run: the best checkpoint and its score, what was drawn and
+    compared, and with which references."""
+    best_ck = next((c for c in checkpoints if c.name == best), None)
+    with_face = int(generations["face_found"].sum())
+    return {
         "best_checkpoint": best,
         "best_lora": str(best_ck.path) if best_ck else None,
         "best_identity_distance": (
             scores.filter(pl.col("best"))["identity_distance"][0] if best is not None else None
         ),
-        "base_model": base_model,
-        "resolution": size,
         "trigger_word": trigger,
         "characters": characters,
         "checkpoints": {c.name: str(c.path) for c in checkpoints},
@@ -197,12 +217,6 @@ def generate_stage(
         "clip_model": cfg.clip_model,
         "no_face": f"no face in {generations.height - with_face} of {generations.height} images",
     }
-    return StageOutput(
-        tables={"generations": generations, "generation_scores": scores},
-        counts=counts,
-        warnings=warnings,
-        facts=facts,
-    )
 
 
 def _draw(

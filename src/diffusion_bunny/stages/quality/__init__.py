@@ -18,16 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_bunny.media.images import BOX_COLUMNS
-from diffusion_bunny.pipeline.contract import Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import Reads, Stage
 
 #: What stage 02 reads of the frames table: where each frame is, its size and its picture box.
 FRAME_COLUMNS = ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS)
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.quality.stage import compute
-
-    return compute(ctx)
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -49,10 +43,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="quality",
-    number=2,
     notebook="02_filter_quality.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(Reads("frames", "extract", FRAME_COLUMNS),),
     config=("quality",),

@@ -6,7 +6,7 @@
   identity per checkpoint), pure over the tables;
 * :mod:`.document`: the page, built as a small notebook document and converted by nbconvert;
 * :mod:`.combined`: the batch report's figure; :mod:`.stage`: the stage on a run, and the batch
-  report's writer.
+  report's writer (``batch_report``, which the pipeline finds there by convention).
 
 Every table of the run is its input: any change makes it stale.
 """
@@ -16,14 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Stage
 from diffusion_bunny.pipeline.run import Run
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.report.stage import compute
-
-    return compute(ctx)
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -38,19 +32,10 @@ def summary(manifest: dict[str, Any]) -> str:
     return line + (f"; stages that did not run: {', '.join(missing)}" if missing else "")
 
 
-def batch_report(out_dir: Path, reports: list[Any], cfg: Any, pipeline: Any) -> Path:
-    """The report across the movies of a batch (``<out>/report/index.html``)."""
-    from diffusion_bunny.stages.report.stage import write_combined_report
-
-    return write_combined_report(out_dir, reports, cfg, pipeline)
-
-
 STAGE = Stage(
     name="report",
-    number=9,
     notebook="09_qa_report.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     config=("report", "characters.tolerance"),
     writes=("report_figures", "report_funnel"),

@@ -1,5 +1,5 @@
 """The report across the movies of a batch, pure parts: the per-movie figure and relative links
-(:func:`~diffusion_bunny.stages.report.stage.write_combined_report` gathers the rows and writes)."""
+(:func:`~diffusion_bunny.stages.report.stage.batch_report` gathers the rows and writes)."""
 
 from __future__ import annotations
 

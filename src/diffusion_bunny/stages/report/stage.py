@@ -241,7 +241,7 @@ def movies_table(
     return pl.DataFrame(rows, schema=schema)
 
 
-def write_combined_report(out_dir: str | Path, reports: list[Any], cfg: Config, pipeline: Pipeline) -> Path:
+def batch_report(out_dir: str | Path, reports: list[Any], cfg: Config, pipeline: Pipeline) -> Path:
     """The report across the movies of a batch: ``<out>/report/movies.parquet`` (see
     :func:`movies_table`), ``<out>/report/figures/movies.png`` and ``<out>/report/index.html``
     (a table with each movie's counts, stage states and a link to its own report)."""

@@ -21,16 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 from diffusion_bunny.stages.scenes.tables import ADAPTER_FILE
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.scenes.stage import compute
-
-    return compute(ctx)
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -51,10 +45,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="scenes",
-    number=4,
     notebook="04_cluster_scenes.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(
         Reads(

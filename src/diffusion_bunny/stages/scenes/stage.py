@@ -226,40 +226,29 @@ def _cluster_counts(clusters: pl.DataFrame) -> dict[str, int]:
     }
 
 
-def scenes_stage(
-    run_dir: Path,
-    movie_id: str,
-    frames: pl.DataFrame,
-    quality: pl.DataFrame | None,
-    faces: pl.DataFrame | None,
-    feedback: pl.DataFrame,
-    cfg: ScenesConfig,
-    *,
-    face_frames: pl.DataFrame | None = None,
-    previous: dict[str, pl.DataFrame] | None = None,
-    previous_facts: dict[str, Any] | None = None,
-    progress: bool = False,
-) -> StageOutput:
-    """Stage 04 on one run's tables (see the module docstring for the steps)."""
-    previous = previous or {}
+def compute(ctx: Context) -> StageOutput:
+    """Stage 04 on a run (see the module docstring for the steps): embed (reusing the embeddings
+    of unchanged frames), cluster, apply every correction a person made."""
+    run_dir, cfg, quality = ctx.run_dir, ctx.cfg.scenes, ctx.table("quality")
+    previous = {name: df for name in ctx.writes if (df := ctx.own_previous(name)) is not None}
+    feedback = ctx.optional("feedback")
+    feedback = feedback if feedback is not None else empty_feedback()
     warnings: list[str] = []
-    chosen = frames_to_cluster(frames, quality, cfg.frames)
+    chosen = frames_to_cluster(ctx.table("frames"), quality, cfg.frames)
     if chosen.is_empty():
         raise StageError(
             "no frames to cluster: stage 02 kept none (see notebook 02, or set scenes.frames: all)"
         )
     embeddings, computed = embed_frames(
-        run_dir, chosen, cfg, previous.get("embeddings"), quality=quality, progress=progress
+        run_dir, chosen, cfg, previous.get("embeddings"), quality=quality, progress=ctx.progress
     )
     fids = embeddings["frame_id"].to_list()
     raw = normalise(np.asarray(embeddings["vector"].to_list(), dtype=np.float32))
     embedder_name = embeddings["embedder"][0]
-    shot_ids = chosen["shot_id"].to_list()
 
-    prev_clusters = previous.get("clusters")
     library = library_path(cfg)
     vectors, adapter_key, adapter_facts = _adapted_vectors(
-        raw, fids, feedback, prev_clusters, cfg, run_dir / ADAPTER_FILE, learn=library is None
+        raw, fids, feedback, previous.get("clusters"), cfg, run_dir / ADAPTER_FILE, learn=library is None
     )
     if library is not None and not feedback.is_empty():
         warnings.append(
@@ -267,32 +256,12 @@ def scenes_stage(
             "learns per run only (unset library_dir to learn from them)"
         )
     space = _space(embedder_name, adapter_key)
-
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
-    prev_ex = previous.get("scene_exemplars")
-    same_setup = (
-        previous_facts is not None
-        and previous_facts.get("space") == space
-        and previous_facts.get("thresholds") == thresholds
-        and prev_ex is not None
-        and prev_clusters is not None
+    labels, sims, exemplars, mode = _cluster(
+        ctx, previous, fids, vectors, library, embedder_name, space, thresholds
     )
-    if library is not None:
-        labels, sims, exemplars, mode = _assign_library(library, movie_id, fids, vectors, space, cfg)
-    elif same_setup:
-        labels, sims, exemplars, mode = _assign_new(
-            fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space
-        )
-    else:
-        labels, sims, exemplars = _fresh_clusters(
-            vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds
-        )
-        mode = "full"
-
-    scanned = None
-    if face_frames is not None:
-        scanned = set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
-    clusters = clusters_table(fids, labels, sims, shot_ids, frame_characters(faces, fids, scanned))
+    characters = _characters(ctx.optional("faces"), ctx.optional("face_frames"), fids)
+    clusters = clusters_table(fids, labels, sims, chosen["shot_id"].to_list(), characters)
     vec_by_frame = dict(zip(fids, vectors, strict=True))
     moved_before = len(latest_moves(feedback))
     clusters = apply_feedback(clusters, feedback, vec_by_frame)
@@ -332,23 +301,48 @@ def scenes_stage(
     )
 
 
-def compute(ctx: Context) -> StageOutput:
-    """Stage 04 on a run: embed (reusing the embeddings of unchanged frames), cluster, apply every
-    correction a person made."""
-    previous = {name: df for name in ctx.writes if (df := ctx.own_previous(name)) is not None}
-    return scenes_stage(
-        ctx.run_dir,
-        ctx.run.movie_key,
-        ctx.table("frames"),
-        ctx.table("quality"),
-        ctx.optional("faces"),
-        ctx.optional("feedback") if ctx.optional("feedback") is not None else empty_feedback(),
-        ctx.cfg.scenes,
-        face_frames=ctx.optional("face_frames"),
-        previous=previous,
-        previous_facts=(ctx.previous or {}).get("facts"),
-        progress=ctx.progress,
+def _cluster(
+    ctx: Context,
+    previous: dict[str, pl.DataFrame],
+    fids: list[str],
+    vectors: np.ndarray,
+    library: Path | None,
+    embedder_name: str,
+    space: str,
+    thresholds: dict[str, float],
+) -> tuple[list[str], np.ndarray, pl.DataFrame, str]:
+    """Labels, similarities, exemplars and the mode that made them: against a shared library
+    (``scenes.library_dir``), incrementally (new frames against the last run's exemplars, old
+    clusters untouched) when nothing but the set of frames changed since the last run (its
+    ``previous`` tables and manifest), else afresh."""
+    movie_id, cfg, previous_facts = ctx.run.movie_key, ctx.cfg.scenes, (ctx.previous or {}).get("facts")
+    prev_clusters, prev_ex = previous.get("clusters"), previous.get("scene_exemplars")
+    same_setup = (
+        previous_facts is not None
+        and previous_facts.get("space") == space
+        and previous_facts.get("thresholds") == thresholds
+        and prev_ex is not None
+        and prev_clusters is not None
     )
+    if library is not None:
+        return _assign_library(library, movie_id, fids, vectors, space, cfg)
+    if same_setup:
+        return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space)
+    labels, sims, exemplars = _fresh_clusters(
+        vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds
+    )
+    return labels, sims, exemplars, "full"
+
+
+def _characters(
+    faces: pl.DataFrame | None, face_frames: pl.DataFrame | None, fids: list[str]
+) -> dict[str, tuple[str, ...]]:
+    """Who stage 03 named in each frame (the character level), with the frames it searched
+    (its ``face_frames`` with status ok) told apart from those it never looked at."""
+    scanned = None
+    if face_frames is not None:
+        scanned = set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+    return frame_characters(faces, fids, scanned)
 
 
 def _exemplar_rows(

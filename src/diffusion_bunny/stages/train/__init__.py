@@ -16,15 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.pipeline.contract import ConfigView, Context, Reads, Stage, StageOutput
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.train.tables import checkpoint_dir
-
-
-def _compute(ctx: Context) -> StageOutput:
-    from diffusion_bunny.stages.train.stage import compute
-
-    return compute(ctx)
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -55,10 +49,8 @@ def summary(manifest: dict[str, Any]) -> str:
 
 STAGE = Stage(
     name="train",
-    number=7,
     notebook="07_finetune_lora.ipynb",
     package=__name__,
-    compute=_compute,
     summary=summary,
     reads=(Reads("dataset_items", "export"),),
     config=("training",),

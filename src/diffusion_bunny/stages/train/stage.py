@@ -37,19 +37,14 @@ def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_t
     return list(dict.fromkeys(texts))[:DEFAULT_VALIDATION_PROMPTS]
 
 
-def train_stage(
-    run_dir: Path,
-    items: pl.DataFrame,
-    cfg: TrainingConfig,
-    *,
-    progress: bool = True,
-    progress_path: Path | None = None,
-) -> StageOutput:
-    """Train (or resume) the LoRA of a run and return its tables."""
+def compute(ctx: Context) -> StageOutput:
+    """Stage 07 on a run: train (or resume) the LoRA of its training configuration and return
+    its tables."""
     from diffusion_bunny.models.device import cpu_threads_for
     from diffusion_bunny.models.diffusion import resolve_base_model
 
-    images, validation_texts = read_dataset(run_dir, items)
+    run_dir, cfg = ctx.run_dir, ctx.cfg.training
+    images, validation_texts = read_dataset(run_dir, ctx.table("dataset_items"))
     ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
     prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
     if not images:  # before any LoRA folder is made for it
@@ -67,8 +62,8 @@ def train_stage(
             cfg,
             folder,
             validation_prompts=prompts,
-            progress=progress,
-            progress_path=progress_path,
+            progress=ctx.progress,
+            progress_path=ctx.progress_path,
             cache_dir=Path(run_dir) / "cache",
             trainer_class=trainer_class_for(cfg),
         )
@@ -93,15 +88,4 @@ def train_stage(
         counts=counts,
         warnings=result.warnings,
         facts=result.facts,
-    )
-
-
-def compute(ctx: Context) -> StageOutput:
-    """Stage 07 on a run."""
-    return train_stage(
-        ctx.run_dir,
-        ctx.table("dataset_items"),
-        ctx.cfg.training,
-        progress=ctx.progress,
-        progress_path=ctx.progress_path,
     )

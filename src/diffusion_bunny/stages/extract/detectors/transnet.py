@@ -252,7 +252,7 @@ def quantize_onnx(source: Path, path: Path, keep_fp32: tuple[str, ...] = (FIRST_
     on the looped Hamilton movies, and no verdict of ``python_script/eval_shots.py`` changes.
     Dynamic quantisation (weights only, ConvInteger) was slower than fp32 for these 3D
     convolutions. The activation ranges are calibrated on synthetic clips made here (one of each
-    transition kind, :mod:`diffusion_bunny.demo.synthclips`), so nothing is downloaded.
+    transition kind, :mod:`.synthclips` beside this module), so nothing is downloaded.
     """
     import tempfile
 
@@ -306,8 +306,8 @@ def calibration_windows(frames: int = WINDOW) -> list[np.ndarray]:
     wipes, flashes, fast pans over the demo's pictures), read back as stage 01 reads a movie."""
     import tempfile
 
-    from diffusion_bunny.demo.synthclips import KINDS, make_clip
     from diffusion_bunny.media.video import VideoReader
+    from diffusion_bunny.stages.extract.detectors.synthclips import KINDS, make_clip
 
     out = []
     with tempfile.TemporaryDirectory(prefix="transnet-calib-") as tmp:

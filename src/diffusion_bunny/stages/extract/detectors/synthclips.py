@@ -3,7 +3,7 @@ filters through PyAV (no ffmpeg program needed).
 
 Shot detectors are judged on what they get wrong: gradual transitions they miss, and flashes
 or fast camera moves they mistake for cuts. This module films the still pictures that ship
-inside installed packages (the demo movie's sources, :func:`diffusion_bunny.demo.movie.load_source`)
+inside installed packages (the demo movie's sources, :func:`diffusion_bunny.media.samples.load_source`)
 with a moving virtual camera and light film grain, and joins the shots with FFmpeg's own
 transitions (libavfilter, from the PyAV wheel), so the ground truth is exact by construction:
 
@@ -156,7 +156,7 @@ def make_clip(
     the truth is written beside it as ``<name>.truth.json``."""
     import av
 
-    from diffusion_bunny.demo.movie import load_source
+    from diffusion_bunny.media.samples import load_source
 
     if kind not in KINDS:
         raise ValueError(f"unknown clip kind {kind!r} (known: {', '.join(KINDS)})")
