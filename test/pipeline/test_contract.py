@@ -8,6 +8,7 @@ import importlib
 import shutil
 import sys
 import textwrap
+import threading
 
 import polars as pl
 import pytest
@@ -17,6 +18,7 @@ from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.contract import (
     ConfigView,
     Pipeline,
+    Reads,
     Stage,
     UndeclaredSetting,
     run_stage,
@@ -187,6 +189,67 @@ def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy, monk
     assert run.read_table("doubled").equals(before)
 
 
+def test_a_stage_and_the_edits_people_make_meanwhile_share_one_commit_path(toy):
+    """A person's edit (``notes``, declared in ``Stage.edits``) made while the stage computes is
+    folded in by the stage's merge, under the table locks the stage's commit holds: another
+    writer waits for them, the holder may take them again. A person's commit keeps a backup;
+    a commit whose block raises writes nothing."""
+    from diffusion_bunny.pipeline.userwork import backup_path
+
+    pipeline, run, _ = toy
+    cfg = load_config(None, {}, use_local=False)
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    waited: list[str] = []
+
+    def note(text):  # the stage's editor, as a notebook widget would call it
+        with run.commit("notes", by_hand=True) as tables:
+            before = run.optional_table("notes")
+            row = pl.DataFrame({"note": [text]})
+            tables["notes"] = row if before is None else pl.concat([before, row])
+
+    def other_writer():
+        try:
+            with run.commit("notes", timeout=0.2):
+                pass
+        except StageError as err:
+            waited.append(str(err))
+
+    def merge(tables):
+        writer = threading.Thread(target=other_writer)
+        writer.start()
+        writer.join()
+        with run.table_lock("notes"):  # the holder takes its lock again
+            notes = ", ".join(run.read_table("notes")["note"].to_list())
+        return {**tables, "labelled": tables["labelled"].with_columns(pl.lit(notes).alias("notes"))}
+
+    def compute(ctx):
+        note("typed while the stage computed")  # a person, meanwhile
+        return StageOutput(tables={"labelled": ctx.table("numbers").select("n")}, merge=merge)
+
+    stage = Stage(
+        name="label",
+        number=2,
+        notebook="none.ipynb",
+        package="diffusion_bunny.pipeline",
+        compute=compute,
+        summary=lambda m: "labelled",
+        reads=(Reads("numbers", "make", ("n",)), Reads("notes", "label", optional=True, nonempty=True)),
+        writes=("labelled",),
+        edits=("notes",),
+    )
+    labelled = run_stage(Pipeline((pipeline.stages[0], stage)), run, "label", cfg, progress=False)["labelled"]
+    assert labelled["notes"].to_list() == ["typed while the stage computed"] * 3
+    assert run.read_table("labelled").equals(labelled)
+    assert len(waited) == 1 and "has held the notes lock" in waited[0]  # the stage's commit held it
+    assert backup_path(run.table_path("notes")).is_file()
+    assert not backup_path(run.table_path("labelled")).is_file()  # a stage's table is rebuilt instead
+
+    with pytest.raises(RuntimeError, match="halfway"), run.commit("notes", by_hand=True) as tables:
+        tables["notes"] = pl.DataFrame({"note": ["never written"]})
+        raise RuntimeError("the editor failed halfway")
+    assert run.read_table("notes")["note"].to_list() == ["typed while the stage computed"]
+
+
 def test_a_stage_reads_only_the_settings_it_declared():
     cfg = load_config(None, {}, use_local=False)
     view = ConfigView(cfg, ("quality", "run.seed"), "toy")
@@ -203,11 +266,10 @@ def test_every_real_stage_reads_only_declared_settings_and_columns():
     from diffusion_bunny.stages import PIPELINE
 
     cfg = load_config(None, {}, use_local=False)
-    writers = {table: stage.name for stage in PIPELINE.stages for table in stage.writes}
+    writers = {table: stage.name for stage in PIPELINE.stages for table in (*stage.writes, *stage.edits)}
+    assert len(writers) == sum(len(stage.writes) + len(stage.edits) for stage in PIPELINE.stages)  # one each
     for stage in PIPELINE.stages:
         values = cfg.section_values(*stage.config)
         assert set(values) == set(stage.config), stage.name
         for reads in stage.reads:
-            if reads.table in ("feedback", "caption_edits"):
-                continue  # written by the corrections APIs of stages 04 and 05
             assert writers.get(reads.table) == reads.producer, (stage.name, reads)

@@ -14,6 +14,12 @@ manifest matches, otherwise invalidates the manifest, reads the declared tables,
 the tables atomically and records the manifest with fingerprints of everything written
 (:mod:`~diffusion_bunny.pipeline.manifest`).
 
+Tables people edit (the review board's moves in ``feedback``, the captions typed into
+``caption_edits``) belong to the stage whose editors write them (:attr:`Stage.edits`). The stage
+and its editors write through the same :meth:`Run.commit <diffusion_bunny.pipeline.run.Run.commit>`
+under the same table locks; the stage's :attr:`StageOutput.merge` folds in, under those locks,
+the edits made while it computed, so none is lost.
+
 The stage sees the configuration only through :class:`ConfigView`, which refuses any setting the
 stage did not declare: a manifest's settings are then exactly what the stage read, and a setting a
 stage starts to read without declaring it fails its tests instead of silently never making it
@@ -55,10 +61,6 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import polars as pl
-
-
-#: What :attr:`StageOutput.commit` returns: entered around the writes, yields the tables to write.
-TablesCommit = contextlib.AbstractContextManager["dict[str, pl.DataFrame]"]
 
 
 class UndeclaredSetting(AttributeError):
@@ -134,18 +136,11 @@ class StageOutput:
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
-    #: For a table a person also edits while the stage runs: a context manager factory the
-    #: runner enters around the table writes. It takes the table's lock and yields the tables
-    #: to write (the stage re-reads the edits there), so an edit made during the stage is not
-    #: lost. None: the tables are written as they are.
-    commit: Callable[[dict[str, pl.DataFrame]], TablesCommit] | None = None
-    #: The same need met as a lock plus a function (stage 04; to be folded into ``commit``):
-    #: the lock the stage's tables are written under (the one its correction API takes, e.g.
-    #: stage 04's ``scenes_lock``), so a correction made while the stage computed is not lost.
-    write_lock: contextlib.AbstractContextManager[Any] | None = None
-    #: Called under ``write_lock`` with the tables just before they are written: folds in what
-    #: changed while the stage computed (corrections made meanwhile); returns the tables to write.
-    before_write: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
+    #: For a stage whose tables people edit while it computes: called by :func:`run_stage`'s
+    #: commit, under the locks of the stage's tables and of its :attr:`Stage.edits`, with the
+    #: tables computed; returns the tables to write with the edits made meanwhile folded in
+    #: (stage 04 places the moves, stage 05 puts the typed captions back). None: written as they are.
+    merge: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
 
 
 @dataclass
@@ -202,6 +197,11 @@ class Stage:
     reads: tuple[Reads, ...] = ()
     config: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    #: The tables people write through this stage's editors (``feedback``: the review board's
+    #: moves; ``caption_edits``: typed captions). No stage computes them: a person's commit
+    #: keeps them with a backup, the stage reads them (``Reads(..., nonempty=True)``), and
+    #: :func:`run_stage` holds their locks while :attr:`StageOutput.merge` folds them in.
+    edits: tuple[str, ...] = ()
     #: Folders and files the stage writes beside its tables, by label (``frames/``): fingerprinted
     #: in its manifest, so deleting one makes the stage ``missing``.
     owns: Callable[[Run, ConfigView], dict[str, Path]] | None = None
@@ -410,7 +410,7 @@ def run_stage(
     started) to the command's log file, :func:`diffusion_bunny.logs.attach_from_env`. Holds the
     run folder throughout (:meth:`Run.lock`: a second run of the folder stops at once, naming the
     holder; inside ``bunny run`` the stage works under the run's own lock), and writes the tables
-    under the stage's ``write_lock`` / ``commit`` when its output names one."""
+    through :meth:`Run.commit`, folding in the edits people made meanwhile (:attr:`StageOutput.merge`)."""
     from diffusion_bunny.logs import attach_from_env
 
     attach_from_env()
@@ -459,11 +459,10 @@ def _run_stage_locked(
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
-    with out.write_lock if out.write_lock is not None else contextlib.nullcontext():
-        base = out.before_write(out.tables) if out.before_write is not None else out.tables
-        with out.commit(base) if out.commit is not None else contextlib.nullcontext(base) as tables:
-            for table in stage.writes:
-                run.write_table(table, tables[table])
+    # The locks of the tables people edit too: no edit lands between the merge and the writes.
+    with run.commit(*stage.writes, *stage.edits) as tables:
+        merged = out.merge(out.tables) if out.merge is not None else out.tables
+        tables.update({table: merged[table] for table in stage.writes})
     manifest = build_manifest(
         name,
         code=code,

@@ -23,6 +23,11 @@ Two records, because one is not enough on a shared disk:
 The stage notebooks a run executes, and their kernels, run in child processes of the holder:
 they inherit :data:`ENV` (``<run folder>|<token>``) and, finding the same token in the lease,
 work under their parent's lock instead of asking for it. The lock is re-entrant within a process.
+
+Inside a run folder each table has a lock of its own (:func:`table_lock`, an OS file lock under
+``.locks/tables/``): the run lock keeps two runs apart, the table locks keep a run and a person
+apart, since a person edits tables (a move on the review board, a typed caption) while a stage
+computes. Every write of a table takes its lock (:meth:`~diffusion_bunny.pipeline.run.Run.commit`).
 """
 
 from __future__ import annotations
@@ -296,3 +301,47 @@ def exported(run_dir: str | Path, lease: Lease | None) -> Iterator[None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = before
+
+
+#: Seconds a writer waits for a table's lock before saying who to wait for (a stage writes its
+#: tables in seconds; a person's edit in milliseconds).
+TABLE_LOCK_TIMEOUT_S = 120.0
+
+_tables_held = threading.local()  # per thread: lock file -> depth, so a holder may take it again
+
+
+@contextlib.contextmanager
+def table_lock(path: str | Path, name: str, timeout: float = TABLE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the lock of table ``name`` (the OS file lock ``path``) for the block.
+
+    Another process, or another thread of this one, waits for it (up to ``timeout`` seconds, then
+    one clear :class:`StageError` instead of filelock's traceback); the thread that holds it may
+    take it again (a commit's ``merge`` reading through a helper that locks). The system releases
+    it when its holder dies, so a killed writer never blocks the next one."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path).resolve()  # one lock per file, however its folder was spelled
+    held: dict[Path, int] = _tables_held.__dict__.setdefault("depth", {})
+    if path in held:
+        held[path] += 1
+        try:
+            yield
+        finally:
+            held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StageError(
+            f"another process has held the {name} lock ({path}) for {timeout:.0f} s (a notebook saving "
+            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
+            "system releases the lock when that process ends)"
+        ) from None
+    held[path] = 1
+    try:
+        yield
+    finally:
+        del held[path]
+        lock.release()

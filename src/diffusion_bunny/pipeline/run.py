@@ -4,6 +4,11 @@
 files); what a manifest holds is :mod:`~diffusion_bunny.pipeline.manifest`'s business. Every write
 is atomic (:mod:`~diffusion_bunny.pipeline.atomic`), so a killed run never leaves a half-written
 table or manifest behind.
+
+Every table, a stage's or a person's, is written one way: :meth:`Run.commit`, under the locks of
+the tables it writes (one lock per table, :meth:`Run.table_lock`), so a person's edit and a
+stage's write never lose each other's rows, and a person's tables keep a backup
+(:mod:`.userwork`).
 """
 
 from __future__ import annotations
@@ -192,13 +197,53 @@ class Run:
         return self.read_table(name) if self.has_table(name) else None
 
     def write_table(self, name: str, df: pl.DataFrame, *, backup: bool = False) -> Path:
-        """Write a table atomically (temporary parquet file, then rename). ``backup``: a table a
-        person made (corrections), also copied to ``tables/backup/`` (:mod:`.userwork`); once it
-        has a backup, every later write keeps it up to date."""
+        """Write a table atomically (temporary parquet file, then rename), without its lock: the
+        step :meth:`commit` takes for each table (use that). ``backup``: a table a person made
+        (corrections), also copied to ``tables/backup/`` (:mod:`.userwork`); once it has a
+        backup, every later write keeps it up to date."""
         path = self.table_path(name)
         if backup or backup_path(path).is_file():
             return write_kept(path, df)
         return atomic_write_parquet(path, df)
+
+    @contextlib.contextmanager
+    def table_lock(self, *names: str, timeout: float | None = None) -> Iterator[None]:
+        """Hold the lock of each table named for the block (:func:`~.lock.table_lock`, files under
+        ``.locks/tables/``). They are taken in sorted order whoever asks, so two writers of
+        overlapping tables never wait on each other in a circle."""
+        from diffusion_bunny.pipeline.lock import TABLE_LOCK_TIMEOUT_S, table_lock
+
+        wait = TABLE_LOCK_TIMEOUT_S if timeout is None else timeout
+        with contextlib.ExitStack() as stack:
+            for name in sorted(set(names)):
+                stack.enter_context(
+                    table_lock(self.run_dir / ".locks" / "tables" / f"{name}.lock", name, wait)
+                )
+            yield
+
+    @contextlib.contextmanager
+    def commit(
+        self, *names: str, by_hand: bool = False, timeout: float | None = None
+    ) -> Iterator[dict[str, pl.DataFrame]]:
+        """The one write path of a run's tables: hold the locks of ``names`` for the block, which
+        puts the tables to write into the dict it is given; they are written when the block ends
+        (each atomically, in the order put in), nothing when it raises.
+
+        Reading inside the block sees every table as no one else can change it until the writes
+        are done: stage 04 folds in the moves made while it computed, a person's edit reads the
+        table it appends to. ``names`` may include tables the block only reads (a stage locks
+        the tables people edit while it folds them in). ``by_hand``: a person's edit, which no
+        stage can rebuild; every table it writes is kept with a backup (:mod:`.userwork`)."""
+        with self.table_lock(*names, timeout=timeout):
+            tables: dict[str, pl.DataFrame] = {}
+            yield tables
+            unlocked = set(tables) - set(names)
+            if unlocked:  # pragma: no cover - a bug in the caller
+                raise RuntimeError(
+                    f"commit of {', '.join(names)} writes tables it did not lock: {sorted(unlocked)}"
+                )
+            for name, df in tables.items():
+                self.write_table(name, df, backup=by_hand)
 
     def table_height(self, name: str) -> int:
         """Rows of a table, without reading it when it is not one made by hand (those are read,

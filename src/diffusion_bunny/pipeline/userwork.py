@@ -8,8 +8,10 @@ reads it; when the file does not read (a disk error, a sync tool, a hand edit), 
 back with a warning (the damaged file is kept beside the backup to look at), and when there is
 no readable backup either, one line names the file and how to recover.
 
-The machinery knows no stage: a table is protected when its writer asks for it
-(``Run.write_table(..., backup=True)``) and stays protected from then on (its backup exists).
+The machinery knows no stage: a table is protected when a person's edit writes it (the one write
+path, ``Run.commit(..., by_hand=True)``: the tables a stage declares in ``Stage.edits`` and the
+stage tables the edit updates, such as ``clusters``) and stays protected from then on (its backup
+exists, and every later write, the stage's included, keeps it up to date).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from diffusion_bunny.stages.captions.providers import (
     make_provider,
     redact,
 )
-from diffusion_bunny.stages.captions.stage import caption_frames, captions_lock, edit_caption, frame_hashes
+from diffusion_bunny.stages.captions.stage import caption_frames, edit_caption, frame_hashes
 
 FAST = {
     "captioning.backoff_base_s": 0.01,
@@ -197,7 +197,8 @@ def test_identical_requests_in_flight_are_asked_once(cap_run, tmp_path):
 
 def test_an_edit_saved_while_the_stage_writes_is_kept(cap_run, tmp_path, monkeypatch):
     """An edit from another thread lands right when the runner is about to write ``captions``:
-    it waits for the captions lock and goes on top, instead of being overwritten."""
+    it waits for the table locks of the runner's commit and goes on top, instead of being
+    overwritten."""
     run, overrides = cap_run
     cfg = _cfg(tmp_path, overrides)
     run_stage(run, "captions", cfg, progress=False)
@@ -205,13 +206,13 @@ def test_an_edit_saved_while_the_stage_writes_is_kept(cap_run, tmp_path, monkeyp
     real_write = Run.write_table
     editor: list[threading.Thread] = []
 
-    def write_table(self, name, df):
+    def write_table(self, name, df, **kwargs):
         if name == "captions" and not editor:
             thread = threading.Thread(target=edit_caption, args=(run.run_dir, fid, "a hand-made caption"))
             editor.append(thread)
             thread.start()
             thread.join(timeout=1.0)  # without the lock the edit is done by now, and lost below
-        return real_write(self, name, df)
+        return real_write(self, name, df, **kwargs)
 
     monkeypatch.setattr(Run, "write_table", write_table)
     run_stage(run, "captions", cfg, progress=False, force=True)
@@ -231,8 +232,8 @@ def test_caption_lock_timeout_is_one_clear_error(cap_run, tmp_path):
             textwrap.dedent(
                 f"""
                 import sys, time
-                from diffusion_bunny.stages.captions.stage import captions_lock
-                with captions_lock({str(run.run_dir)!r}):
+                from diffusion_bunny.pipeline.run import Run
+                with Run.open({str(run.run_dir)!r}).table_lock("captions"):
                     print("held", flush=True)
                     time.sleep(30)
                 """
@@ -243,7 +244,7 @@ def test_caption_lock_timeout_is_one_clear_error(cap_run, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        lock = captions_lock(run.run_dir, timeout=0.2)
+        lock = run.table_lock("captions", timeout=0.2)
         with pytest.raises(StageError, match=r"another process has held the captions lock .* for 0 s"):
             lock.__enter__()
     finally:

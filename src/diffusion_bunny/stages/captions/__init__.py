@@ -47,4 +47,5 @@ STAGE = Stage(
     ),
     config=("captioning", "run.seed"),
     writes=("captions", "caption_calls"),
+    edits=("caption_edits",),  # the captions people type (edit_caption)
 )

@@ -34,10 +34,9 @@ import polars as pl
 
 from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import BadInputError, ProviderError, StageError
-from diffusion_bunny.pipeline.atomic import atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
-from diffusion_bunny.pipeline.userwork import read_kept, write_kept
+from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
     ANSWER_STATUSES,
@@ -594,9 +593,8 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
             f"the provider or add template to captioning.fallback. {_rerun_note(calls)}"
         )
-    # Edits made so far, for the counts; the runner re-applies them under the lock as it writes.
-    with captions_lock(run_dir):
-        captions = apply_edits(captions, read_edits(run_dir))
+    # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
+    captions = apply_edits(captions, read_edits(run_dir))
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
         counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid]),
@@ -607,7 +605,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             "asked": to_ask,
             "open_circuits": {n: r for n, (r, still_open, _) in result.breakers.items() if still_open},
         },
-        commit=lambda tables: _commit(run_dir, tables),
+        merge=lambda tables: with_edits(run_dir, tables),
     )
 
 
@@ -694,70 +692,44 @@ def _rerun_note(calls: pl.DataFrame) -> str:
     return note
 
 
-@contextmanager
-def _commit(run_dir: Path, tables: dict[str, pl.DataFrame]) -> Iterator[dict[str, pl.DataFrame]]:
-    """The runner writes ``captions`` inside this: under :func:`captions_lock`, with every edit
-    re-read and applied, so an edit saved while the stage was captioning is kept."""
-    with captions_lock(run_dir):
-        yield {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir))}
+def with_edits(run_dir: Path, tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """The stage's tables with every edit re-read and applied: called by the commit under the
+    locks of ``captions`` and ``caption_edits``, so an edit saved while the stage was captioning
+    is kept."""
+    return {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir))}
 
 
 # ---------------------------------------------------------------------------------------------
 # A person's edits
 
 
-def _edits_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "tables" / "caption_edits.parquet"
-
-
-@contextmanager
-def captions_lock(run_dir: str | Path, timeout: float = 120.0) -> Iterator[None]:
-    """A file lock around the captions and edits tables, so an edit from the notebook and a
-    stage run in another process never lose each other's writes. A lock not had within
-    ``timeout`` is one clear error (exit status 2), not filelock's traceback."""
-    from filelock import FileLock, Timeout
-
-    path = Path(run_dir) / "tables" / ".captions.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = FileLock(str(path), timeout=timeout)
-        lock.acquire()
-    except Timeout:
-        raise StageError(
-            f"another process has held the captions lock ({path}) for {timeout:.0f} s (a notebook saving "
-            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
-            "system releases the lock when that process ends)"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def read_edits(run_dir: str | Path) -> pl.DataFrame:
-    """Every edit so far (empty table with the schema when there are none)."""
-    path = _edits_path(Path(run_dir))
-    if not path.is_file():
+    """Every edit so far (empty table with the schema when there are none); a damaged
+    ``caption_edits`` is restored from its backup (:mod:`~diffusion_bunny.pipeline.userwork`)."""
+    run = Run.open(run_dir)
+    if not run.has_table("caption_edits"):
         return pl.DataFrame(schema=EDIT_SCHEMA)
-    return read_kept(path)  # typed by a person: restored from its backup when damaged
+    return run.read_table("caption_edits")
 
 
 def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
     """Record a person's caption for one frame and update the ``captions`` table at once.
 
     The edit goes to the append-only ``caption_edits`` table first (the stage re-applies it
-    after any rerun), then into ``captions``; both under :func:`captions_lock`. Returns the
-    updated captions table.
+    after any rerun), then into ``captions``; both in one :meth:`Run.commit
+    <diffusion_bunny.pipeline.run.Run.commit>` (under the tables' locks, kept with a backup), so
+    an edit and a run of stage 05 never lose each other's writes. Returns the updated captions
+    table.
     """
-    run_dir = Path(run_dir)
     text = " ".join(str(caption).split())
     if not text:
         raise BadInputError(f"the caption of {frame_id} is empty; type a caption (or leave it as it was)")
-    captions_path = run_dir / "tables" / "captions.parquet"
-    with captions_lock(run_dir):
-        if not captions_path.is_file():
+    run = Run.open(run_dir)
+    run_dir = run.run_dir
+    with run.commit("caption_edits", "captions", by_hand=True) as tables:
+        if not run.has_table("captions"):
             raise BadInputError(f"no captions in {run_dir}; run stage captions first")
-        captions = pl.read_parquet(captions_path)
+        captions = run.read_table("captions")
         if frame_id not in set(captions["frame_id"].to_list()):
             raise BadInputError(
                 f"frame {frame_id} has no caption row in {run_dir}; pick a frame from the table"
@@ -771,8 +743,6 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
             },
             schema=EDIT_SCHEMA,
         )
-        edits = pl.concat([read_edits(run_dir), row])
-        write_kept(_edits_path(run_dir), edits)  # with tables/backup/caption_edits.parquet
-        captions = apply_edits(captions, row)
-        atomic_write_parquet(captions_path, captions)
+        tables["caption_edits"] = pl.concat([read_edits(run_dir), row])
+        tables["captions"] = captions = apply_edits(captions, row)
     return captions

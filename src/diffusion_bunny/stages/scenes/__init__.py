@@ -62,5 +62,6 @@ STAGE = Stage(
     ),
     config=("scenes",),
     writes=("embeddings", "clusters", "scene_exemplars"),
+    edits=("feedback",),  # the review board's moves (move_to_cluster)
     owns=_owns,
 )

@@ -17,11 +17,10 @@ What a run of the stage does, in order:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -282,8 +281,8 @@ def compute(ctx: Context) -> StageOutput:
     seen = feedback.height
 
     def with_new_moves(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
-        # Under scenes_lock, just before the write: a frame moved on the board while the stage
-        # computed (move_to_cluster appends to feedback under the same lock) is placed too, so
+        # Under the commit's locks (clusters and feedback, the ones move_to_cluster takes), just
+        # before the write: a frame moved on the board while the stage computed is placed too, so
         # the move does not vanish until the next run. The manifest still fingerprints the
         # feedback the stage read, so the next run also relearns from it.
         latest = read_feedback(run_dir)
@@ -296,8 +295,7 @@ def compute(ctx: Context) -> StageOutput:
         counts=counts,
         warnings=warnings,
         facts=facts,
-        write_lock=scenes_lock(run_dir),
-        before_write=with_new_moves,
+        merge=with_new_moves,
     )
 
 
@@ -452,26 +450,8 @@ def _assign_library(
 # ----------------------------------------------------------------------------- moves
 
 
-@contextlib.contextmanager
-def scenes_lock(run_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
-    """The lock every writer of ``clusters``/``feedback`` holds (also across processes: two
-    notebooks open on one run)."""
-    from filelock import FileLock, Timeout
-
-    path = Path(run_dir) / "tables" / ".scenes.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(str(path), timeout=timeout):
-            yield
-    except Timeout as err:
-        raise StageError(
-            f"another process has held the scenes lock ({path}) for {timeout:.0f} s (a notebook saving "
-            "a correction, or a stage run writing its tables); let it finish or stop it, then try again (the "
-            "system releases the lock when that process ends)"
-        ) from err
-
-
 def read_feedback(run_dir: str | Path) -> pl.DataFrame:
+    """Every move a person made so far (an empty table with the schema before the first)."""
     run = Run.open(run_dir)
     return run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
 
@@ -482,15 +462,17 @@ def move_to_cluster(
     """Move one frame to another cluster, as a person on the review board does.
 
     Appends one row to ``feedback`` (anchor = the frame, from, to, ``label`` 1: the frame belongs
-    with ``to_cluster`` and not with ``from_cluster``) and updates ``clusters``, both under
-    :func:`scenes_lock` and each written atomically, so nothing is lost when the kernel restarts
-    and two writers never drop a row. ``cluster_id`` may be ``"noise"`` or, at the scene level,
-    ``"new"`` (a new cluster with the next free id). Returns the feedback row.
+    with ``to_cluster`` and not with ``from_cluster``) and updates ``clusters``, both in one
+    :meth:`Run.commit <diffusion_bunny.pipeline.run.Run.commit>` (under the tables' locks, each
+    written atomically, kept with a backup), so nothing is lost when the kernel restarts, and two
+    writers, or a writer and a run of stage 04, never drop a row. ``cluster_id`` may be
+    ``"noise"`` or, at the scene level, ``"new"`` (a new cluster with the next free id). Returns
+    the feedback row.
     """
     if level not in LEVELS:
         raise BadInputError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     run = Run.open(run_dir)
-    with scenes_lock(run.run_dir):
+    with run.commit("feedback", "clusters", by_hand=True) as tables:
         if not run.has_table("clusters"):
             raise BadInputError(
                 f"no clusters in {run.run_dir}: run stage scenes first (notebook 04, or "
@@ -524,9 +506,9 @@ def move_to_cluster(
             "label": 1,
             "level": level,
         }
-        feedback = run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
+        feedback = read_feedback(run.run_dir)
         feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
-        run.write_table("feedback", feedback, backup=True)  # a person's work: kept with a backup
+        tables["feedback"] = feedback
         vectors = None
         if run.has_table("embeddings") and cluster_id != NOISE:
             # The frame's new similarity needs only the vectors of the scene it lands in (its
@@ -536,7 +518,7 @@ def move_to_cluster(
                 "frame_id"
             ]
             vectors = _vectors(run, {frame_id, *members.to_list()})
-        run.write_table("clusters", apply_feedback(clusters, feedback.tail(1), vectors), backup=True)
+        tables["clusters"] = apply_feedback(clusters, feedback.tail(1), vectors)
     return event
 
 
