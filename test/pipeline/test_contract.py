@@ -5,9 +5,11 @@ outputs or a stage killed halfway."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -143,8 +145,13 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     run_stage(pipeline, run, "double", cfg, progress=False)
     assert stage_state(pipeline, run, "double", cfg)[0] == "done"
 
-    # Editing the stage's own source (any file of its package) makes it stale.
-    (pkg / "helpers.py").write_text('"""A new module of the toy stage."""\n')
+    # Its code is the module that computes and what that imports: a module of the package nothing
+    # imports (figures) and a comment change nothing; a change to the code makes it stale.
+    (pkg / "plots.py").write_text('"""Figures of the toy stage."""\n\nSIZE = 4\n')
+    source = Path(inspect.getsourcefile(pipeline.get("double").compute))
+    source.write_text(source.read_text() + "\n# Nothing computes with this comment.\n")
+    assert stage_state(pipeline, run, "double", cfg) == ("done", "up to date")
+    source.write_text(source.read_text() + "\nFACTOR = 2\n")
     assert stage_state(pipeline, run, "double", cfg) == ("stale", "its code changed")
 
 

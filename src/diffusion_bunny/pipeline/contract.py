@@ -26,7 +26,6 @@ This module knows no stage: the ordered collection of them is a :class:`Pipeline
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import time
@@ -194,7 +193,8 @@ class Stage:
     name: str
     number: int
     notebook: str
-    #: The package whose source makes the code hash (``diffusion_bunny.stages.<name>``).
+    #: The stage's package (``diffusion_bunny.stages.<name>``): its ``stage`` module and what that
+    #: imports make the code hash (:func:`~diffusion_bunny.pipeline.manifest.code_hash`).
     package: str
     compute: Callable[[Context], StageOutput]
     summary: Callable[[dict[str, Any]], str]
@@ -212,17 +212,12 @@ class Stage:
     #: the LoRA of every training configuration, none deleted by a retrain).
     kept: Callable[[Run, ConfigView], list[str]] | None = None
 
-    def package_dir(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a packaging bug
-            raise RuntimeError(f"stage {self.name}: package {self.package} not found")
-        return Path(next(iter(spec.submodule_search_locations)))
-
     def view(self, cfg: Config) -> ConfigView:
         return ConfigView(cfg, self.config, self.name)
 
     def code(self) -> str:
-        return code_hash(self.package_dir())
+        """The hash of the code that computes the stage's tables (its manifest's ``code_hash``)."""
+        return code_hash(self.package)
 
 
 @dataclass(frozen=True)
