@@ -1,6 +1,7 @@
 """A stage's code hash covers what computes its tables, and only that: its ``stage`` module and
 what that imports (face detectors in ``models/`` included), not its figures, widgets, board, a
-comment, another stage's compute or the machinery. Edits are made to copies, never to the source."""
+comment, another stage's compute or the machinery. Edits are made to copies, never to the source.
+The caches kept across runs key on the same hash of the code that fills them."""
 
 from __future__ import annotations
 
@@ -142,3 +143,25 @@ def test_the_hash_reads_each_file_once_per_process_until_it_changes(probe, monke
     _append(probe / "typed.py", "\nY = 2\n")  # imported only for type checking
     _append(probe / "plots.py", "\nZ = 3\n")  # imports the compute module, not imported by it
     assert codegraph.code_hash("probe_pkg.compute", probe) == second
+
+
+def test_the_caches_kept_across_runs_key_on_the_code_that_fills_them(monkeypatch):
+    """Stage 03's faces per frame, stage 02's text per frame and stage 08's images are reused
+    from the last run only while the code that made them is the same (no version to bump)."""
+    from diffusion_bunny.models import faces, text
+    from diffusion_bunny.stages.generate import render
+    from diffusion_bunny.stages.generate.grid import GridItem
+
+    assert {"diffusion_bunny.models.face_detect", "diffusion_bunny.models.mtcnn"} <= set(
+        codegraph.computing_modules(faces.__name__)
+    )
+    assert "diffusion_bunny.models.diffusion" in codegraph.computing_modules(render.__name__)
+    settings = faces.DetectSettings()
+    item = GridItem("a", 0, "a portrait", 0, 1.0, "final", None)
+    look = render.RenderSettings("tiny", "", 2, 7.5, 64, 64)
+    detector = object.__new__(text.TextDetector)  # no model loaded: its key reads one file only
+    detector._model_path = Path(text.__file__)
+    keys = (settings.key(), look.key(item, None), detector.key)
+    for module in (faces, render, text):
+        monkeypatch.setattr(module, "code_hash", lambda name: "edited")
+    assert settings.key() != keys[0] and look.key(item, None) != keys[1] and detector.key != keys[2]
