@@ -13,45 +13,16 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
-from pathlib import Path
 
 from paths import ROOT, STAGE_ORDER
+
+from diffusion_bunny.codegraph import imports_of, package_modules
 
 PACKAGE = ROOT / "src" / "diffusion_bunny"
 #: What one stage may import of another (the module after ``diffusion_bunny.stages.<other>``).
 DECLARED = {"", "tables"}
 #: The report stage draws every stage's figures with that stage's own plot code.
 REPORT_MAY_USE = DECLARED | {"plots"}
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def package_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
-
-
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package's modules that ``path`` imports (``from a import b`` counts as ``a.b`` when that
-    is a module, else ``a``); relative imports are resolved against the module's package."""
-    me = module_name(path)
-    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{anchor}.{base}" if base else anchor
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-        else:
-            continue
-        found.update(n for n in names if n in modules and n != me)
-    return found
 
 
 def import_graph() -> dict[str, set[str]]:

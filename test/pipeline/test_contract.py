@@ -5,10 +5,12 @@ outputs or a stage killed halfway."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import shutil
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -20,6 +22,7 @@ from diffusion_bunny.pipeline.contract import (
     Pipeline,
     Reads,
     Stage,
+    StageOutput,
     UndeclaredSetting,
     run_stage,
     stage_state,
@@ -81,7 +84,7 @@ def compute(ctx):
     return StageOutput(tables={"numbers": pl.DataFrame({"n": [1, 2, 3], "other": [0, 0, 0]})})
 '''
 
-TOY_MODULES = ("toy_double", "toy_double.stage", "toy_make", "toy_make.stage")
+TOY_MODULES = ("toy_double", "toy_double.stage", "toy_make", "toy_make.stage", "toy_label", "toy_label.stage")
 
 
 def make_stage(run_dir):
@@ -165,8 +168,13 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     run_stage(pipeline, run, "double", cfg, progress=False)
     assert stage_state(pipeline, run, "double", cfg)[0] == "done"
 
-    # Editing the stage's own source (any file of its package) makes it stale.
-    (pkg / "helpers.py").write_text('"""A new module of the toy stage."""\n')
+    # Its code is the module that computes and what that imports: a module of the package nothing
+    # imports (figures) and a comment change nothing; a change to the code makes it stale.
+    (pkg / "plots.py").write_text('"""Figures of the toy stage."""\n\nSIZE = 4\n')
+    source = Path(inspect.getsourcefile(pipeline.get("double").stage_module()))
+    source.write_text(source.read_text() + "\n# Nothing computes with this comment.\n")
+    assert stage_state(pipeline, run, "double", cfg) == ("done", "up to date")
+    source.write_text(source.read_text() + "\nFACTOR = 2\n")
     assert stage_state(pipeline, run, "double", cfg) == ("stale", "its code changed")
 
 
@@ -189,16 +197,20 @@ def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy, monk
     assert run.read_table("doubled").equals(before)
 
 
-def test_a_stage_and_the_edits_people_make_meanwhile_share_one_commit_path(toy):
+def test_a_stage_and_the_edits_people_make_meanwhile_share_one_commit_path(toy, monkeypatch):
     """A person's edit (``notes``, declared in ``Stage.edits``) made while the stage computes is
     folded in by the stage's merge, under the table locks the stage's commit holds: another
     writer waits for them, the holder may take them again. A person's commit keeps a backup;
     a commit whose block raises writes nothing."""
     from diffusion_bunny.pipeline.userwork import backup_path
 
-    pipeline, run, _ = toy
+    pipeline, run, pkg = toy
     cfg = load_config(None, {}, use_local=False)
     run_stage(pipeline, run, "make", cfg, progress=False)
+    label = pkg.parent / "toy_label"
+    label.mkdir()
+    (label / "__init__.py").write_text("")
+    (label / "stage.py").write_text('def compute(ctx):\n    raise NotImplementedError("set by the test")\n')
     waited: list[str] = []
 
     def note(text):  # the stage's editor, as a notebook widget would call it
@@ -226,12 +238,11 @@ def test_a_stage_and_the_edits_people_make_meanwhile_share_one_commit_path(toy):
         note("typed while the stage computed")  # a person, meanwhile
         return StageOutput(tables={"labelled": ctx.table("numbers").select("n")}, merge=merge)
 
+    monkeypatch.setattr(importlib.import_module("toy_label.stage"), "compute", compute)
     stage = Stage(
         name="label",
-        number=2,
         notebook="none.ipynb",
-        package="diffusion_bunny.pipeline",
-        compute=compute,
+        package="toy_label",
         summary=lambda m: "labelled",
         reads=(Reads("numbers", "make", ("n",)), Reads("notes", "label", optional=True, nonempty=True)),
         writes=("labelled",),

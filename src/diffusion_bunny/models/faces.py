@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.models.face_common import Detection
@@ -36,9 +37,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
 #: small face and a large one are compared at the same scale.
 FACE_SHARPNESS_SIDE = 96
-#: Bump when detection or encoding output changes meaning (invalidates stage 03's cache).
-#: 2: the detector is a setting (issue 30); faces carry the detector's score and a yaw measure.
-DETECT_VERSION = 2
 #: dlib's 5-point template (``get_face_chip_details``, the face chip the ResNet was trained on):
 #: outer and inner corner of the eye on the image's right, outer and inner corner of the eye on
 #: its left, bottom of the nose, in units of the chip before padding.
@@ -83,7 +81,10 @@ class DetectSettings:
         )
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": DETECT_VERSION}, sort_keys=True).encode()
+        """Stage 03's cache key of a frame's faces: these settings and the code that detects and
+        encodes (this module and the detectors it imports, :func:`~diffusion_bunny.codegraph.code_hash`),
+        so an edited detector searches every frame again without a version to bump."""
+        blob = json.dumps({**asdict(self), "code": code_hash(__name__)}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: Bump when what :meth:`TextDetector.detect` returns changes meaning (stage 02's text cache).
-TEXT_VERSION = 1
 #: The detector's file in the rapidocr wheel (its default detector; the only one it ships).
 MODEL_FILE = "ch_PP-OCRv4_det_mobile.onnx"
 
@@ -96,8 +95,10 @@ class TextDetector:
 
     @property
     def key(self) -> str:
-        """What identifies the detector's output: version, model and the model file's hash."""
-        return f"v{TEXT_VERSION}:{MODEL_FILE}:{_file_digest(self._model_path)}"
+        """What identifies the detector's output (stage 02's text cache key): the code that runs
+        it (this module, :func:`~diffusion_bunny.codegraph.code_hash`), the model and the model
+        file's hash."""
+        return f"{code_hash(__name__)}:{MODEL_FILE}:{_file_digest(self._model_path)}"
 
     def detect(self, bgr: np.ndarray) -> list[TextLine]:
         """The lines of text in ``bgr`` (uint8, H x W x 3), boxes in its pixels, top to bottom."""

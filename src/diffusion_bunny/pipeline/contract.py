@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import logging
 import os
 import time
@@ -191,7 +190,8 @@ class Stage:
     name: str
     notebook: str
     #: The stage's package (``diffusion_bunny.stages.<name>``): its ``stage`` module's ``compute``
-    #: is the stage (:meth:`stage_module`), and its source makes the code hash.
+    #: is the stage (:meth:`stage_module`); that module and what it imports make the code hash
+    #: (:func:`~diffusion_bunny.pipeline.manifest.code_hash`).
     package: str
     summary: Callable[[dict[str, Any]], str]
     reads: tuple[Reads, ...] = ()
@@ -219,17 +219,12 @@ class Stage:
         declaration: a stage's own module pulls in its models and libraries."""
         return importlib.import_module(f"{self.package}.stage")
 
-    def package_dir(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a packaging bug
-            raise RuntimeError(f"stage {self.name}: package {self.package} not found")
-        return Path(next(iter(spec.submodule_search_locations)))
-
     def view(self, cfg: Config) -> ConfigView:
         return ConfigView(cfg, self.config, self.name)
 
     def code(self) -> str:
-        return code_hash(self.package_dir())
+        """The hash of the code that computes the stage's tables (its manifest's ``code_hash``)."""
+        return code_hash(self.package)
 
 
 @dataclass(frozen=True)

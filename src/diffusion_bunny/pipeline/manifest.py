@@ -2,8 +2,10 @@
 
 A stage's manifest (``<run>/manifests/<stage>.json``) records
 
-* ``code_hash``: a hash of the stage's own package source (:func:`code_hash`), so "its code
-  changed" is a fact about the files, not a version number someone had to remember to bump;
+* ``code_hash``: a hash of the code that computes the stage's tables (:func:`code_hash`: its
+  ``stage`` module and what that imports, in ``models/`` and ``media/`` too, but not its plots,
+  widgets or the generic machinery), so "its code changed" is a fact about the source, not a
+  version number someone had to remember to bump;
 * ``config_hash`` and ``config``: the settings the stage declared (whole sections or single
   keys), and nothing else;
 * ``inputs``: fingerprints of the tables it declared (only the columns it depends on) and of
@@ -25,6 +27,7 @@ and their first and last megabyte.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import platform
 from collections.abc import Sequence
@@ -32,10 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from diffusion_bunny import codegraph
+
 StageState = Literal["done", "stale", "missing"]
 
-#: Files of a stage package that never change what it writes (compiled caches).
-_SKIP_PARTS = {"__pycache__"}
 #: Files over this size are fingerprinted by size and their ends, not hashed whole.
 _WHOLE_HASH_MAX = 64 << 20
 
@@ -54,16 +57,18 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def code_hash(package_dir: Path) -> str:
-    """Hash of every source file of a stage's package (its ``.py`` modules, the board's ``static/``
-    files): editing any of them makes the stage ``stale``."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in package_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(package_dir)
-        if _SKIP_PARTS & set(rel.parts) or path.suffix in (".pyc", ".pyo"):
-            continue
-        h.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+def code_hash(package: str) -> str:
+    """The hash of the code that computes a stage's tables: its package's ``stage`` module (where
+    a stage's ``compute`` lives, by convention; the package itself when it has none, as the
+    tests' one-file toy stage) and every module of the package that it imports, transitively
+    (:func:`diffusion_bunny.codegraph.code_hash`). A figure, a widget or a comment edited makes no
+    stage stale; a change to a face detector in ``models/`` makes stage 03 stale."""
+    root = f"{package}.stage"
+    try:
+        found = importlib.util.find_spec(root) is not None
+    except ModuleNotFoundError:  # ``package`` is a plain module, not a package
+        found = False
+    return codegraph.code_hash(root if found else package)
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:

@@ -691,6 +691,39 @@ def test_cache_key_changes_with_prompt_inputs(tmp_path):
     assert CaptionCache(tmp_path / "c").get(key)["caption"] == "x"  # on disk, across instances
 
 
+def test_prompt_version_is_the_prompt_and_only_the_prompt():
+    """PROMPT_VERSION keys every paid answer: derived from the prompt's texts (a changed
+    instruction or field description is asked again), pinned for today's prompt (a refactor that
+    re-keyed it would pay for every stored answer again), and its ``v1`` names the signature's
+    layout, pinned here too: a new role or type of a field fails until the prefix changes."""
+    import dspy
+
+    from diffusion_bunny.stages.captions.providers import (
+        FIELD_DESCRIPTIONS,
+        INSTRUCTIONS,
+        caption_signature,
+        prompt_version,
+    )
+
+    assert PROMPT_VERSION == prompt_version(INSTRUCTIONS, FIELD_DESCRIPTIONS) == "v1-a7155a72"
+    assert prompt_version(INSTRUCTIONS + " Be brief.", FIELD_DESCRIPTIONS) != PROMPT_VERSION
+    assert prompt_version(INSTRUCTIONS, {**FIELD_DESCRIPTIONS, "tags": "keywords"}) != PROMPT_VERSION
+    signature = caption_signature()
+    layout = {
+        name: (role, field.annotation)
+        for role, fields in (("in", signature.input_fields), ("out", signature.output_fields))
+        for name, field in fields.items()
+    }
+    assert layout == {
+        "image": ("in", dspy.Image),
+        "characters": ("in", list[str]),
+        "trigger_word": ("in", str),
+        "caption": ("out", str),
+        "tags": ("out", list[str]),
+    }
+    assert list(layout) == list(FIELD_DESCRIPTIONS) and signature.instructions == INSTRUCTIONS
+
+
 def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_path, monkeypatch):
     """Keys planted in the environment are used (the server sees them) but written nowhere: not
     in the executed notebook, the manifest, any table, log or cache file of the run, even when

@@ -19,6 +19,7 @@ from diffusion_bunny.stages.scenes.embeddings import (
     DESCRIPTOR_VERSION,
     DescriptorEmbedder,
     Embedder,
+    describe,
     make_embedder,
 )
 
@@ -64,6 +65,24 @@ def test_descriptor_vectors_are_float32_unit_rows(descriptor, demo_frames):
     assert vectors.dtype == np.float32 and vectors.shape == (len(paths), descriptor.dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert descriptor.embed_images([]).shape == (0, descriptor.dim)
+
+
+def test_descriptor_values_are_pinned_to_its_name():
+    """``DESCRIPTOR_VERSION`` names a vector space that scene libraries keep across runs and
+    movies, so it is a name rather than a code hash (a refactor must not orphan a library). This
+    pins the space: the descriptor of a picture drawn in code, seen through 8 fixed projections.
+    A change of a constant, a block or a weight moves them (a 5 % change of one block's weight
+    moves one by 0.01 or more); when it does, give the descriptor a new name and new values here."""
+    y, x = np.mgrid[0:120, 0:160].astype(np.float64)
+    image = np.stack([x * 255 / 159, y * 255 / 119, 128 + 100 * np.sin(x / 7.0) * np.cos(y / 11.0)], -1)
+    image = image.clip(0, 255).astype(np.uint8)
+    cv2.rectangle(image, (30, 20), (90, 70), (20, 200, 60), -1)
+    cv2.circle(image, (120, 80), 25, (240, 240, 240), -1)
+    vector = describe(image)
+    projections = vector @ np.cos(np.outer(np.arange(vector.size), np.arange(1, 9)) * 0.37)
+    assert DESCRIPTOR_VERSION == "descriptor-v1" and vector.size == 313
+    pinned = [-0.775, -0.2123, 0.6079, 0.0136, 1.7388, -0.5751, 0.5183, -0.0633]
+    np.testing.assert_allclose(projections, pinned, atol=2e-3)
 
 
 def test_descriptor_same_place_above_different_places_on_demo(descriptor, demo_frames):

@@ -56,8 +56,12 @@ from diffusion_bunny.stages.captions.facts import template_caption
 # cost map over the network. Keep it offline.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-# The prompt. Changing any of these texts changes PROMPT_VERSION, hence every cache key, so a new
-# prompt is asked again instead of answered from the cache of the old one.
+# The prompt: what every LLM provider is sent besides the frame and its facts (caption_signature
+# builds the dspy Signature from it). PROMPT_VERSION, part of every answer's cache key, is derived
+# from these texts, so a changed prompt is asked again instead of answered from the cache of the
+# old one. Nothing else of the code is in the key: a paid answer stays valid until what is sent
+# changes, and the parsing is not part of it (the cache holds the raw answer and parses it again
+# on every read, so a parser fixed later reads the answers already paid for).
 INSTRUCTIONS = (
     "Caption one frame of a movie for a diffusion-model training set. Start the caption with the "
     "trigger word. Name every known character you see, by the given name, and describe the shot: "
@@ -72,10 +76,20 @@ FIELD_DESCRIPTIONS = {
     "caption": "the caption, starting with the trigger word",
     "tags": "short tags for the same facts",
 }
-PROMPT_VERSION = (
-    "v1-"
-    + hashlib.sha256(json.dumps([INSTRUCTIONS, FIELD_DESCRIPTIONS], sort_keys=True).encode()).hexdigest()[:8]
-)
+
+
+def prompt_version(instructions: str, descriptions: dict[str, str]) -> str:
+    """The prompt's part of every cache key: a hash of its texts (the field names included).
+
+    ``v1`` stands for the layout of the signature those texts fill (each field's role and type,
+    fixed in :func:`caption_signature`). A test pins the layout and today's value, so neither a new
+    layout nor a refactor of this function can re-key, and so pay again for, every stored answer
+    without someone deciding it."""
+    blob = json.dumps([instructions, descriptions], sort_keys=True).encode()
+    return "v1-" + hashlib.sha256(blob).hexdigest()[:8]
+
+
+PROMPT_VERSION = prompt_version(INSTRUCTIONS, FIELD_DESCRIPTIONS)
 
 #: Environment variables holding each paid provider's key.
 KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}

@@ -29,9 +29,9 @@ or no face anywhere, goes to the latest checkpoint (the final LoRA when it is in
 
 Every image is written atomically as a PNG that carries its settings key in a text chunk; a
 rerun (after a kill, or with more seeds) renders only images whose file is missing or was made
-with other settings. Before any image is rendered, the base model is loaded (a missing one is
-one ModelError naming the setting) and every selected LoRA file is checked against it (one
-ModelError naming the file that does not fit).
+with other settings or other rendering code. Before any image is rendered, the base model is
+loaded (a missing one is one ModelError naming the setting) and every selected LoRA file is
+checked against it (one ModelError naming the file that does not fit).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 
 #: PNG text chunk holding an image's settings key (what makes a rerun skip it).
 PNG_KEY = "diffusion_bunny"
-#: Bump when rendering changes what an image of the same settings looks like.
-RENDER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,17 @@ class RenderSettings:
     max_sequence_length: int | None = None
 
     def key(self, item: GridItem, lora: dict[str, Any] | None) -> str:
-        """The settings key stored in the image's PNG: a rerun reuses an image only when it matches."""
+        """The settings key stored in the image's PNG: a rerun reuses an image only when it matches.
+
+        Besides the settings it covers the code that renders (this module and what it imports:
+        the pipeline and LoRA loading of :mod:`diffusion_bunny.models.diffusion`, the tiny
+        presets; :func:`~diffusion_bunny.codegraph.code_hash`), so a change to rendering draws
+        the images again without a version to bump."""
         # Settings left at None are not in the key, so images made before they existed are reused.
         settings = {k: v for k, v in self.__dict__.items() if v is not None or k == "negative_prompt"}
         blob = json.dumps(
             {
-                "render": RENDER_VERSION,
+                "code": code_hash(__name__),
                 "settings": settings,
                 "prompt": item.prompt,
                 "seed": item.seed,

@@ -18,15 +18,13 @@ from diffusion_bunny.media.images import BOX_COLUMNS, Box, decode_picture, frame
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
 
-#: Width in pixels of the grayscale copy every score is computed on. A fixed width makes the
-#: sharpness of a 4K frame and of a 480p frame comparable (the variance of the Laplacian grows
-#: with the detail per pixel, so it depends on the scale the image is looked at).
 #: Gray levels at or below / at or above which a pixel counts as crushed / blown.
 CLIP_LOW, CLIP_HIGH = 4, 251
 
+#: Width in pixels of the grayscale copy every score is computed on. A fixed width makes the
+#: sharpness of a 4K frame and of a 480p frame comparable (the variance of the Laplacian grows
+#: with the detail per pixel, so it depends on the scale the image is looked at).
 SCORE_WIDTH = 256
-#: Bump when a score's definition changes (recorded in the manifest's facts).
-SCORE_VERSION = 2  # 2: measured on the shot's picture box (bars left out)
 
 # libjpeg decodes at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients, faster than a full decode
 # followed by a resize (the entropy decoding remains, so 1.3-1.5x, not 4x). The largest factor that

@@ -43,7 +43,7 @@ import polars as pl
 
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts, with_text_columns
-from diffusion_bunny.stages.quality.scores import SCORE_VERSION, SCORE_WIDTH, score_frames
+from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, score_frames
 from diffusion_bunny.stages.quality.tables import TEXT_SCHEMA
 from diffusion_bunny.stages.quality.text import current_keys, detect_text
 
@@ -128,7 +128,6 @@ def compute(ctx: Context) -> StageOutput:
     )
     scored = time.perf_counter() - started
     facts = {
-        "score_version": SCORE_VERSION,
         "score_width": SCORE_WIDTH,
         "workers": workers,
         "scoring_seconds": round(scored, 3),

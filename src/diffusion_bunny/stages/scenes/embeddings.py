@@ -86,8 +86,13 @@ from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import Region, read_image
 from diffusion_bunny.models.clip import ClipEmbedder
 
-#: Bump whenever a constant, a block or a weight of the descriptor changes: vectors of two
-#: versions are not comparable, and the ``embeddings`` table records the name.
+#: The name of the descriptor's vector space, stored with every vector (the ``embeddings``
+#: table's ``embedder``, a scene library's ``space``): vectors of two spaces are never compared.
+#: A name, not a hash of this module: a scene library outlives many edits of the code, and only a
+#: change of the vectors' values (a constant, a block, a weight) makes old and new vectors
+#: incomparable, while a refactor that keeps the values must keep every library usable. The
+#: values are pinned by a test (``test_descriptor_values_are_pinned_to_its_name``), so a change
+#: that moves them fails until the name changes with them.
 DESCRIPTOR_VERSION = "descriptor-v1"
 
 #: Side of the square working copy every block is computed from.
