@@ -155,10 +155,7 @@ class QualityThresholdExplorer:
     def _update(self) -> None:
         if self._hold:
             return
-        import io
-
-        import matplotlib.pyplot as plt
-
+        from diffusion_bunny.media.figures import chart_png, jpeg_bytes
         from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
         from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
         from diffusion_bunny.stages.quality.text import unchecked_kept
@@ -195,19 +192,11 @@ class QualityThresholdExplorer:
             f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
             f"<br>{film}{text}"
         )
-        fig = quality_histograms(table, cfg).draw()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        plt.close(fig)
-        self.plot_img.value = buf.getvalue()
+        self.plot_img.value = chart_png(quality_histograms(table, cfg))
         sheet = quality_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group)
-        buf = io.BytesIO()
-        sheet.save(buf, format="JPEG", quality=85)
-        self.sheet_img.value = buf.getvalue()
+        self.sheet_img.value = jpeg_bytes(sheet)
         sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)
-        buf = io.BytesIO()
-        sheet.save(buf, format="JPEG", quality=85)
-        self.text_img.value = buf.getvalue()
+        self.text_img.value = jpeg_bytes(sheet)
 
     def save(self) -> Path:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
