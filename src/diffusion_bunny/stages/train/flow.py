@@ -409,10 +409,7 @@ class FlowLoraTrainer(LoraTrainer):
                 )[0]
         weighting = compute_loss_weighting_for_sd3(self.cfg.weighting_scheme, sigmas).float()
         per_sample = weighting * ((pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1)
-        if n_prior:
-            instance, prior = per_sample[:-n_prior].mean(), per_sample[-n_prior:].mean()
-            return instance + self.cfg.prior_loss_weight * prior, prior.detach()
-        return per_sample.mean(), None
+        return self.batch_loss(per_sample, n_prior)
 
     @property
     def denoiser(self) -> torch.nn.Module:

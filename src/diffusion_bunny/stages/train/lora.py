@@ -402,6 +402,12 @@ class LoraTrainer:
                 else weights / snr
             )
             per_sample = per_sample * weights
+        return self.batch_loss(per_sample, n_prior)
+
+    def batch_loss(self, per_sample: torch.Tensor, n_prior: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of a batch from each sample's: the mean, or with ``n_prior`` class images at
+        the end, (instance mean + ``prior_loss_weight`` x prior mean, the prior mean), as
+        DreamBooth's prior preservation weighs them (both objectives)."""
         if n_prior:
             instance, prior = per_sample[:-n_prior].mean(), per_sample[-n_prior:].mean()
             return instance + self.cfg.prior_loss_weight * prior, prior.detach()
