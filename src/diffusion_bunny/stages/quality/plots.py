@@ -126,11 +126,15 @@ def quality_sheet(
     out sit together. Thumbnails from ``thumbs/`` are used where stage 01 saved them.
     """
     run_dir = Path(run_dir)
-    rows, thumb_h = _with_frames(run_dir, table, frames, thumb_width)
     rank = {r: i for i, r in enumerate(OUTCOME_COLOURS)}
-    rows = rows.with_columns(
-        pl.col("reject_reason").fill_null("kept").replace_strict(rank, default=99).alias("_rank")
-    ).sort("_rank", "frame_index")
+    rows = (
+        _with_frames(table, frames)
+        .with_columns(
+            pl.col("reject_reason").fill_null("kept").replace_strict(rank, default=99).alias("_rank")
+        )
+        .sort("_rank", "frame_index")
+    )
+    thumb_h = _thumb_height(run_dir, rows, thumb_width)
     blocks = []
     for title, group in (("kept", rows.filter(pl.col("keep"))), ("rejected", rows.filter(~pl.col("keep")))):
         tiles = [
@@ -143,17 +147,17 @@ def quality_sheet(
     return tile_sheet(blocks, layout)
 
 
-def _with_frames(
-    run_dir: Path, table: pl.DataFrame, frames: pl.DataFrame, thumb_width: int
-) -> tuple[pl.DataFrame, int]:
-    """``table`` with each frame's index, shot and file, and the tile height that keeps the
-    first frame's aspect at ``thumb_width``."""
-    rows = table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
+def _with_frames(table: pl.DataFrame, frames: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with each frame's index, shot and file (what a tile shows)."""
+    return table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
+
+
+def _thumb_height(run_dir: Path, rows: pl.DataFrame, thumb_width: int) -> int:
+    """The tile height that keeps the first row's frame's aspect at ``thumb_width``."""
     first = rows.head(1).to_dicts()
-    thumb_h = aspect_height(
+    return aspect_height(
         frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
     )
-    return rows, thumb_h
 
 
 def _frame_tile(run_dir: Path, row: dict, reason: str) -> Tile:
@@ -184,7 +188,8 @@ def text_sheet(
     subtitles cropped off twice: as extracted and as later stages will see it (its ``crop_*``
     region), so the crop can be judged by eye."""
     run_dir = Path(run_dir)
-    rows, thumb_h = _with_frames(run_dir, table, frames, thumb_width)
+    rows = _with_frames(table, frames)
+    thumb_h = _thumb_height(run_dir, rows, thumb_width)
     blocks = []
     for reason in ("text", "subtitles"):
         group = rows.filter(pl.col("reject_reason") == reason).sort("frame_index")
