@@ -102,13 +102,14 @@ def histogram(
     colours: dict[str, str] | None = None,
     lines: Sequence[tuple[float, str]] = (),
     line_size: float = 0.5,
-    size: tuple[float, float] = (8, 3.2),
+    figure_size: tuple[float, float] = (8, 3.2),
     **bars: Any,
 ) -> p9.ggplot:
     """The histogram of ``x`` (bars stacked by the ``by`` column, in ``colours``), a dashed
     vertical line at each ``(value, colour)`` of ``lines`` (the thresholds a stage applies to the
     score, or its median), ``labels`` as plotnine's ``labs``: how a stage shows a score and where
-    its thresholds cut it. ``bars`` go to ``geom_histogram`` (bins, outline, a fixed fill)."""
+    its thresholds cut it. ``bars`` go to ``geom_histogram`` (bins, outline colour and ``size``, a
+    fixed fill); ``figure_size`` is in inches."""
     import plotnine as p9
 
     aes = p9.aes(x, fill=by) if by is not None else p9.aes(x)
@@ -117,7 +118,7 @@ def histogram(
         chart += p9.geom_vline(xintercept=value, linetype="dashed", colour=colour, size=line_size)
     if colours is not None:
         chart += p9.scale_fill_manual(values=colours)
-    return chart + p9.labs(**labels) + minimal_theme(*size)
+    return chart + p9.labs(**labels) + minimal_theme(*figure_size)
 
 
 def horizontal_bars(

@@ -63,7 +63,7 @@ def similarity_histogram(
             "y": "frames",
             "title": f"join at >= {assign_threshold} (green), noise under {noise_threshold} (red)",
         },
-        size=(7, 3),
+        figure_size=(7, 3),
         bins=30,
         fill="#4C78A8",
     )
