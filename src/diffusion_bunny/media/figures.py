@@ -1,5 +1,11 @@
-"""What every stage's figures share: fonts, ordered categories for plotnine, PNG bytes for
-widgets, and :func:`tile_sheet`, the one contact-sheet builder.
+"""What every stage's figures share: fonts, ordered categories for plotnine, PNG and JPEG bytes
+for widgets, the charts' look (:func:`minimal_theme`) and the charts several stages draw
+(:func:`histogram` of a score with its thresholds, :func:`horizontal_bars` of counts), the order
+of a sheet's groups (:func:`largest_first`), and :func:`tile_sheet`, the one contact-sheet builder.
+
+The charts are plotnine charts returned without being drawn (a notebook shows them, the report
+saves them); each stage's ``plots.py`` says what is counted and labelled, these helpers how it
+looks, so the stages' figures look alike and a change of look is made once.
 
 Every stage shows pictures in a grid: keyframes per shot (01), kept and rejected frames (02), faces
 per character (03), frames per cluster (04), exported pictures per concept (06), validation
@@ -20,6 +26,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
     import pandas as pd
+    import plotnine as p9
+    import polars as pl
+
+#: The dashed line at a threshold or a median on the charts.
+LINE_RED = "#C0392B"
 
 
 def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -44,6 +55,114 @@ def png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def jpeg_bytes(image: Any, quality: int = 85) -> bytes:
+    """A Pillow image as JPEG bytes: a contact sheet of photos in a widget, a fraction of its PNG."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def chart_png(chart: p9.ggplot, dpi: int = 72, **savefig: Any) -> bytes:
+    """A plotnine chart as PNG bytes, drawn and closed (an open matplotlib figure would be shown a
+    second time by the notebook); ``savefig`` goes to matplotlib's ``savefig``."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = chart.draw()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, **savefig)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------- charts
+
+
+def minimal_theme(width: float, height: float, **settings: Any) -> p9.theme:
+    """The look of every stage's charts: plotnine's minimal theme, ``width`` x ``height`` inches,
+    and any other theme ``settings`` (a legend's position, rotated axis labels)."""
+    import plotnine as p9
+
+    return p9.theme_minimal() + p9.theme(figure_size=(width, height), **settings)
+
+
+def histogram(
+    data: pd.DataFrame,
+    x: str,
+    *,
+    labels: dict[str, str],
+    by: str | None = None,
+    colours: dict[str, str] | None = None,
+    lines: Sequence[tuple[float, str]] = (),
+    line_size: float = 0.5,
+    figure_size: tuple[float, float] = (8, 3.2),
+    **bars: Any,
+) -> p9.ggplot:
+    """The histogram of ``x`` (bars stacked by the ``by`` column, in ``colours``), a dashed
+    vertical line at each ``(value, colour)`` of ``lines`` (the thresholds a stage applies to the
+    score, or its median), ``labels`` as plotnine's ``labs``: how a stage shows a score and where
+    its thresholds cut it. ``bars`` go to ``geom_histogram`` (bins, outline colour and ``size``, a
+    fixed fill); ``figure_size`` is in inches."""
+    import plotnine as p9
+
+    aes = p9.aes(x, fill=by) if by is not None else p9.aes(x)
+    chart = p9.ggplot(data, aes) + p9.geom_histogram(**bars)
+    for value, colour in lines:
+        chart += p9.geom_vline(xintercept=value, linetype="dashed", colour=colour, size=line_size)
+    if colours is not None:
+        chart += p9.scale_fill_manual(values=colours)
+    return chart + p9.labs(**labels) + minimal_theme(*figure_size)
+
+
+def horizontal_bars(
+    data: pd.DataFrame,
+    category: str,
+    value: str,
+    by: str,
+    *,
+    order: list[str],
+    by_order: list[str],
+    colours: dict[str, str],
+    labels: dict[str, str],
+    width: float = 7,
+) -> p9.ggplot:
+    """One horizontal bar per ``category`` (``order`` from the bottom up) of length ``value``,
+    stacked by ``by`` (``by_order`` from the axis out) in ``colours``; the figure grows with
+    the number of bars, so a long list stays readable. (``data`` is changed: its two columns
+    become ordered categoricals.)"""
+    import plotnine as p9
+
+    data[category] = categorical(data[category], order)
+    data[by] = categorical(data[by], by_order)
+    return (
+        p9.ggplot(data, p9.aes(x=category, y=value, fill=by))
+        + p9.geom_col()
+        + p9.coord_flip()
+        + p9.scale_fill_manual(values=colours)
+        + p9.labs(**labels)
+        + minimal_theme(width, max(2.0, 0.45 * len(order) + 1))
+    )
+
+
+# ------------------------------------------------------------------------------------- sheets
+
+
+def largest_first(table: pl.DataFrame, column: str, last: str | None = None) -> list[Any]:
+    """The values of ``column`` by how many rows hold each, most first (ties by value), with
+    ``last`` (a noise or unknown bucket) at the end whatever its size: the order of a sheet's
+    groups, the big ones being the ones a person checks first."""
+    import polars as pl
+
+    is_last = pl.col(column) == last if last is not None else pl.lit(False)
+    sizes = table.group_by(column).len().with_columns(is_last.alias("_last"))
+    return sizes.sort(["_last", "len", column], descending=[False, True, False])[column].to_list()
 
 
 @dataclass

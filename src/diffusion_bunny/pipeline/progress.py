@@ -11,7 +11,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -38,6 +41,38 @@ class ProgressFile:
         """Remove the file: a finished stage leaves nothing behind in the run folder."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def map_tracked(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    desc: str,
+    unit: str = "frame",
+    workers: int | None = None,
+    progress: bool = True,
+    progress_path: Path | None = None,
+) -> list[Any]:
+    """``fn`` over ``items`` on a thread pool (decoders and ONNX Runtime release the GIL), the
+    results in order, counted on a tqdm bar (the notebook's) and in the progress file at
+    ``progress_path`` (what ``bunny run`` shows); the file is gone when it returns or fails."""
+    from diffusion_bunny.logs import bar_options
+
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(items), unit=unit, desc=desc, disable=not progress, **bar_options(0.5))
+    reporter = ProgressFile(progress_path, desc, len(items), unit)
+    out: list[Any] = []
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=desc) as pool:
+            for n, result in enumerate(pool.map(fn, items), start=1):
+                out.append(result)
+                bar.update(1)
+                reporter.update(n)
+        reporter.update(len(items), force=True)
+    finally:
+        bar.close()
+        reporter.close()
+    return out
 
 
 def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:

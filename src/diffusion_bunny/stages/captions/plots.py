@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotnine as p9
 import polars as pl
 
-from diffusion_bunny.media.figures import categorical
+from diffusion_bunny.media.figures import categorical, histogram, minimal_theme
 
 
 def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> p9.ggplot:
@@ -17,19 +17,20 @@ def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> p9.ggpl
     lengths = caption_lengths(captions)
     failed = captions.height - lengths.height
     median = float(lengths["words"].median() or 0)
-    return (
-        p9.ggplot(lengths.to_pandas(), p9.aes("words", fill=by))
-        + p9.geom_histogram(binwidth=1, position="stack")
-        + p9.geom_vline(xintercept=50, color="#E45756", linetype="dashed")
-        + p9.labs(
-            x="words per caption",
-            y="captions",
-            fill="",
-            title=f"{lengths.height} of {captions.height} frames captioned ({failed} failed), median "
+    return histogram(
+        lengths.to_pandas(),
+        "words",
+        by=by,
+        lines=[(50, "#E45756")],
+        labels={
+            "x": "words per caption",
+            "y": "captions",
+            "fill": "",
+            "title": f"{lengths.height} of {captions.height} frames captioned ({failed} failed), median "
             f"{median:.0f} words (dashed: about CLIP's 77-token limit)",
-        )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.2))
+        },
+        binwidth=1,
+        position="stack",
     )
 
 
@@ -43,6 +44,5 @@ def word_frequency_plot(freq: pl.DataFrame) -> p9.ggplot:
         + p9.geom_col(fill="#4C78A8")
         + p9.coord_flip()
         + p9.labs(x="", y="captions containing it", title="most frequent words")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(6, max(2.5, 0.22 * len(order))))
+        + minimal_theme(6, max(2.5, 0.22 * len(order)))
     )

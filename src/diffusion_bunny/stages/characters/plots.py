@@ -10,7 +10,16 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, categorical, tile_sheet
+from diffusion_bunny.media.figures import (
+    Block,
+    Layout,
+    Tile,
+    categorical,
+    horizontal_bars,
+    largest_first,
+    minimal_theme,
+    tile_sheet,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Stage 03: characters
@@ -21,7 +30,6 @@ UNKNOWN = "unknown"
 def character_counts_plot(counts: pl.DataFrame) -> p9.ggplot:
     """Faces per character (from :func:`~diffusion_bunny.stages.characters.stage.character_counts`),
     the low-confidence share darker, unknown faces in gray."""
-    order = counts["character"].to_list()[::-1]
     df = (
         counts.select(
             "character",
@@ -31,16 +39,15 @@ def character_counts_plot(counts: pl.DataFrame) -> p9.ggplot:
         .unpivot(index="character", variable_name="match", value_name="n")
         .to_pandas()
     )
-    df["character"] = categorical(df["character"], order)
-    df["match"] = categorical(df["match"], ["low confidence", "confident"])
-    return (
-        p9.ggplot(df, p9.aes(x="character", y="n", fill="match"))
-        + p9.geom_col()
-        + p9.coord_flip()
-        + p9.scale_fill_manual(values={"confident": "#4C78A8", "low confidence": "#F58518"})
-        + p9.labs(x="", y="faces", fill="", title=f"{int(counts['faces'].sum())} faces")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
+    return horizontal_bars(
+        df,
+        "character",
+        "n",
+        "match",
+        order=counts["character"].to_list()[::-1],
+        by_order=["low confidence", "confident"],
+        colours={"confident": "#4C78A8", "low confidence": "#F58518"},
+        labels={"x": "", "y": "faces", "fill": "", "title": f"{int(counts['faces'].sum())} faces"},
     )
 
 
@@ -80,8 +87,7 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
         + p9.scale_shape_manual(values={"confident": "o", "low confidence": "x"})
         + p9.scale_x_continuous(limits=(0, max(total, 1e-6)))
         + p9.labs(x="time in the movie (s)", y="", shape="", title=title)
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(9, max(2.0, 0.5 * len(order) + 1.2)))
+        + minimal_theme(9, max(2.0, 0.5 * len(order) + 1.2))
     )
 
 
@@ -105,12 +111,8 @@ def face_sheet(
     rows = faces.with_columns(pl.col(group).fill_null(UNKNOWN)).join(
         frames.select("frame_id", "path"), on="frame_id", how="left"
     )
-    sizes = rows.group_by(group).len().sort(["len", group], descending=[True, False])
-    names = [g for g in sizes[group].to_list() if g != UNKNOWN] + (
-        [UNKNOWN] if UNKNOWN in set(sizes[group]) else []
-    )
     blocks = []
-    for name in names:
+    for name in largest_first(rows, group, last=UNKNOWN):
         members = rows.filter(pl.col(group) == name)
         if "distance" in members.columns:
             members = members.sort("distance", nulls_last=True)

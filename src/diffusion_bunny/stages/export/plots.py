@@ -8,7 +8,7 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, categorical, tile_sheet
+from diffusion_bunny.media.figures import Block, Layout, Tile, horizontal_bars, largest_first, tile_sheet
 
 # ----------------------------------------------------------------------------- stage 06
 
@@ -30,18 +30,21 @@ def dataset_counts_plot(items: pl.DataFrame) -> p9.ggplot:
     totals = table.group_by("character").agg(pl.col("pictures").sum()).sort(["pictures", "character"])
     order = [c for c in totals["character"].to_list() if c != NO_CHARACTER]
     order = ([NO_CHARACTER] if NO_CHARACTER in set(totals["character"]) else []) + order
-    data = table.to_pandas()
-    data["character"] = categorical(data["character"], order)
-    data["split"] = categorical(data["split"], ["validation", "train"])
     n_val = int((items["split"] == "validation").sum())
-    return (
-        p9.ggplot(data, p9.aes(x="character", y="pictures", fill="split"))
-        + p9.geom_col()
-        + p9.coord_flip()
-        + p9.scale_fill_manual(values=SPLIT_COLOURS)
-        + p9.labs(x="", y="pictures", fill="", title=f"{items.height} pictures: {n_val} for validation")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(7, max(2.0, 0.45 * len(order) + 1)))
+    return horizontal_bars(
+        table.to_pandas(),
+        "character",
+        "pictures",
+        "split",
+        order=order,
+        by_order=["validation", "train"],
+        colours=SPLIT_COLOURS,
+        labels={
+            "x": "",
+            "y": "pictures",
+            "fill": "",
+            "title": f"{items.height} pictures: {n_val} for validation",
+        },
     )
 
 
@@ -52,9 +55,8 @@ def dataset_sheet(
     them (crops included, each at its own aspect), labelled with its crop and size; validation
     pictures get an orange frame."""
     dataset_dir = Path(dataset_dir)
-    sizes = items.group_by("concept").len().sort(["len", "concept"], descending=[True, False])
     blocks = []
-    for concept, count in sizes.iter_rows():
+    for concept in largest_first(items, "concept"):
         members = items.filter(pl.col("concept") == concept).sort("split", "frame_id", "crop")
         repeats = members.filter(pl.col("split") == "train")["repeats"]
         times = f", x{repeats[0]} per epoch" if repeats.len() else ""
@@ -67,7 +69,7 @@ def dataset_sheet(
             )
             for row in members.head(max_per_group).iter_rows(named=True)
         ]
-        blocks.append(Block(tiles, title=f"{concept}  ({count} pictures{times})"))
+        blocks.append(Block(tiles, title=f"{concept}  ({members.height} pictures{times})"))
     return tile_sheet(blocks, Layout((side, side), max_per_group, fit="contain"))
 
 

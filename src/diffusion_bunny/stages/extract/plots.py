@@ -5,12 +5,26 @@ sheet of keyframes per shot.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, categorical, tile_sheet
+from diffusion_bunny.media.figures import (
+    LINE_RED,
+    Block,
+    Layout,
+    Tile,
+    aspect_height,
+    categorical,
+    histogram,
+    minimal_theme,
+    tile_sheet,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KIND_COLOURS = {"static": "#4C78A8", "dynamic": "#F58518"}
 
@@ -29,8 +43,7 @@ def shot_length_plot(shots: pl.DataFrame) -> p9.ggplot:
         )
         + p9.scale_fill_manual(values=KIND_COLOURS)
         + p9.labs(x="time in the movie (s)", y="shot length (s)", fill="shot", title=f"{shots.height} shots")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.2))
+        + minimal_theme(8, 3.2)
     )
 
 
@@ -40,20 +53,36 @@ def motion_plot(shots: pl.DataFrame, threshold: float) -> p9.ggplot:
 
     df = classify_shots(shots, threshold).to_pandas()
     n_static = int((df["kind"] == "static").sum())
-    bins = max(5, min(40, len(df)))
-    return (
-        p9.ggplot(df, p9.aes(x="motion", fill="kind"))
-        + p9.geom_histogram(bins=bins, colour="white", size=0.2)
-        + p9.geom_vline(xintercept=threshold, linetype="dashed", colour="#C0392B", size=0.8)
-        + p9.scale_fill_manual(values=KIND_COLOURS)
-        + p9.labs(
-            x="motion (mean absolute frame difference, 0-255)",
-            y="shots",
-            fill="shot",
-            title=f"motion threshold {threshold:.2f}: {n_static} static, {len(df) - n_static} dynamic",
-        )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.2))
+    return kind_histogram(
+        df,
+        "motion",
+        bins=max(5, min(40, len(df))),
+        line=threshold,
+        line_size=0.8,
+        labels={
+            "x": "motion (mean absolute frame difference, 0-255)",
+            "title": f"motion threshold {threshold:.2f}: {n_static} static, {len(df) - n_static} dynamic",
+        },
+    )
+
+
+def kind_histogram(
+    df: pd.DataFrame, x: str, *, bins: int, line: float, line_size: float, labels: dict[str, str]
+) -> p9.ggplot:
+    """A per-shot measure's histogram, static and dynamic shots stacked in their colours, a dashed
+    line at ``line``: the motion with its threshold here, the shot lengths with their median in
+    the report."""
+    return histogram(
+        df,
+        x,
+        by="kind",
+        colours=KIND_COLOURS,
+        lines=[(line, LINE_RED)],
+        line_size=line_size,
+        labels={"y": "shots", "fill": "shot", **labels},
+        bins=bins,
+        colour="white",
+        size=0.2,
     )
 
 
@@ -120,8 +149,7 @@ def decision_plot(candidates: pl.DataFrame, facts: dict | None = None) -> p9.ggp
         + p9.scale_fill_manual(values=DECISION_COLOURS)
         + p9.scale_y_continuous(expand=(0, 0, 0.12, 0))
         + p9.labs(x="", y="candidates", fill="verdict", title=title, subtitle=subtitle)
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, max(2.4, 0.35 * len(tdf) + 1.2)))
+        + minimal_theme(8, max(2.4, 0.35 * len(tdf) + 1.2))
     )
 
 

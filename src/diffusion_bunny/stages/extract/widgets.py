@@ -82,10 +82,7 @@ class MotionThresholdExplorer:
         }
 
     def _update(self) -> None:
-        import io
-
-        import matplotlib.pyplot as plt
-
+        from diffusion_bunny.media.figures import chart_png, jpeg_bytes
         from diffusion_bunny.stages.extract.plots import contact_sheet, motion_plot
 
         s = self.summary
@@ -93,15 +90,9 @@ class MotionThresholdExplorer:
             f"<b>{s['static']}</b> static shots, <b>{s['dynamic']}</b> dynamic shots, "
             f"<b>{s['keyframes']}</b> keyframes"
         )
-        fig = motion_plot(self.shots, self.threshold).draw()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        plt.close(fig)
-        self.plot_img.value = buf.getvalue()
+        self.plot_img.value = chart_png(motion_plot(self.shots, self.threshold))
         sheet = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
-        buf = io.BytesIO()
-        sheet.save(buf, format="JPEG", quality=85)
-        self.sheet_img.value = buf.getvalue()
+        self.sheet_img.value = jpeg_bytes(sheet)
 
     def save(self) -> Path:
         """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""

@@ -10,7 +10,15 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, aspect_height, tile_sheet
+from diffusion_bunny.media.figures import (
+    LINE_RED,
+    Block,
+    Layout,
+    Tile,
+    aspect_height,
+    minimal_theme,
+    tile_sheet,
+)
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 if TYPE_CHECKING:
@@ -94,13 +102,12 @@ def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
     return (
         p9.ggplot(df, p9.aes(x="value", fill="outcome"))
         + p9.geom_histogram(bins=30, colour="white", size=0.1)
-        + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour="#C0392B", size=0.7)
+        + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour=LINE_RED, size=0.7)
         + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
         + p9.facet_wrap("score", scales="free", ncol=3)
         + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
         + p9.labs(x="", y="frames", fill="outcome", title=title)
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(10, 5.5))
+        + minimal_theme(10, 5.5)
     )
 
 
@@ -119,36 +126,53 @@ def quality_sheet(
     out sit together. Thumbnails from ``thumbs/`` are used where stage 01 saved them.
     """
     run_dir = Path(run_dir)
-    rows = table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
     rank = {r: i for i, r in enumerate(OUTCOME_COLOURS)}
-    rows = rows.with_columns(
-        pl.col("reject_reason").fill_null("kept").replace_strict(rank, default=99).alias("_rank")
-    ).sort("_rank", "frame_index")
-    first = rows.head(1).to_dicts()
-    thumb_h = aspect_height(
-        frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
+    rows = (
+        _with_frames(table, frames)
+        .with_columns(
+            pl.col("reject_reason").fill_null("kept").replace_strict(rank, default=99).alias("_rank")
+        )
+        .sort("_rank", "frame_index")
     )
+    thumb_h = _thumb_height(run_dir, rows, thumb_width)
     blocks = []
     for title, group in (("kept", rows.filter(pl.col("keep"))), ("rejected", rows.filter(~pl.col("keep")))):
-        shown = (
-            f"first {max_per_group} of {group.height}" if group.height > max_per_group else str(group.height)
-        )
-        tiles = []
-        for row in group.head(max_per_group).iter_rows(named=True):
-            reason = row["reject_reason"] or ""
-            path = frame_image_path(run_dir, row["frame_id"], row["path"]) if row["path"] else None
-            tiles.append(
-                Tile(
-                    path,
-                    label=f"#{row['frame_index']} shot {row['shot_id']} {reason}",
-                    label_colour=OUTCOME_COLOURS.get(reason or "kept", "#444444"),
-                    missing="unreadable",
-                )
-            )
-        colour = OUTCOME_COLOURS["kept"] if title == "kept" else "#C0392B"
-        blocks.append(Block(tiles, title=f"{title} ({shown})", title_colour=colour))
+        tiles = [
+            _frame_tile(run_dir, row, row["reject_reason"] or "")
+            for row in group.head(max_per_group).iter_rows(named=True)
+        ]
+        colour = OUTCOME_COLOURS["kept"] if title == "kept" else LINE_RED
+        blocks.append(Block(tiles, title=f"{title} ({_shown(group, max_per_group)})", title_colour=colour))
     layout = Layout((thumb_width, thumb_h), columns, label_h=15, label_above=True, title_h=24)
     return tile_sheet(blocks, layout)
+
+
+def _with_frames(table: pl.DataFrame, frames: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with each frame's index, shot and file (what a tile shows)."""
+    return table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
+
+
+def _thumb_height(run_dir: Path, rows: pl.DataFrame, thumb_width: int) -> int:
+    """The tile height that keeps the first row's frame's aspect at ``thumb_width``."""
+    first = rows.head(1).to_dicts()
+    return aspect_height(
+        frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
+    )
+
+
+def _frame_tile(run_dir: Path, row: dict, reason: str) -> Tile:
+    """A frame's tile, labelled with its index, shot and ``reason`` in the reason's colour."""
+    return Tile(
+        frame_image_path(run_dir, row["frame_id"], row["path"]) if row["path"] else None,
+        label=f"#{row['frame_index']} shot {row['shot_id']} {reason}",
+        label_colour=OUTCOME_COLOURS.get(reason or "kept", "#444444"),
+        missing="unreadable",
+    )
+
+
+def _shown(group: pl.DataFrame, limit: int) -> str:
+    """How many of a group's frames a sheet shows: ``12`` or ``first 12 of 30``."""
+    return f"first {limit} of {group.height}" if group.height > limit else str(group.height)
 
 
 def text_sheet(
@@ -164,29 +188,14 @@ def text_sheet(
     subtitles cropped off twice: as extracted and as later stages will see it (its ``crop_*``
     region), so the crop can be judged by eye."""
     run_dir = Path(run_dir)
-    rows = table.join(frames.select("frame_id", "frame_index", "shot_id", "path"), on="frame_id", how="left")
-    first = rows.head(1).to_dicts()
-    thumb_h = aspect_height(
-        frame_image_path(run_dir, first[0]["frame_id"], first[0]["path"]) if first else None, thumb_width
-    )
+    rows = _with_frames(table, frames)
+    thumb_h = _thumb_height(run_dir, rows, thumb_width)
     blocks = []
     for reason in ("text", "subtitles"):
         group = rows.filter(pl.col("reject_reason") == reason).sort("frame_index")
-        tiles = [
-            Tile(
-                frame_image_path(run_dir, r["frame_id"], r["path"]) if r["path"] else None,
-                label=f"#{r['frame_index']} shot {r['shot_id']} {reason}",
-                label_colour=OUTCOME_COLOURS[reason],
-                missing="unreadable",
-            )
-            for r in group.head(max_per_group).iter_rows(named=True)
-        ]
-        shown = (
-            f"first {max_per_group} of {group.height}" if group.height > max_per_group else str(group.height)
-        )
-        blocks.append(
-            Block(tiles, title=f"dropped: {reason} ({shown})", title_colour=OUTCOME_COLOURS[reason])
-        )
+        tiles = [_frame_tile(run_dir, r, reason) for r in group.head(max_per_group).iter_rows(named=True)]
+        title = f"dropped: {reason} ({_shown(group, max_per_group)})"
+        blocks.append(Block(tiles, title=title, title_colour=OUTCOME_COLOURS[reason]))
     heights = frames.select("frame_id", "height")
     cropped = (
         rows.join(heights, on="frame_id", how="left")

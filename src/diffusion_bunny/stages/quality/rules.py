@@ -142,6 +142,8 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Quality
     each frame's shot and position (for batches), and its size and picture box (for the crop).
     Rows come back in frame order. Frames whose text was not looked at (null ``text_lines``)
     pass the text rules: the stage looks at every frame these rules keep (see ``stage.py``).
+    The rules run in order, each on the frames the earlier ones kept: the first failed
+    threshold (:func:`_first_reason`), then duplicates, then the best per batch.
     """
     scores = with_text_columns(scores)
     geometry = [c for c in ("width", "height", *BOX_COLUMNS) if c in frames.columns]
@@ -150,61 +152,15 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Quality
         .join(frames.select("frame_id", "frame_index", "shot_id"), on="frame_id", how="left")
         .sort("frame_index", nulls_last=True)
     )
-    # Exposure before sharpness: the Laplacian's variance scales with the square of the exposure,
-    # so an under-exposed frame always scores as blurred (the demo's dark shot: 18, under any sane
-    # blur threshold), and "blurry" would hide the real reason. Text after them (it is looked for
-    # on the frames they keep only) and before duplicates, so that a title card never stands in
-    # for a clean frame of its shot as the one kept copy.
-    exposure = exposure_thresholds(base, cfg)
     text = text_rules(base, cfg)
     base = base.with_columns(text["text_reason"], text["_crop_top"], text["_crop_bottom"])
-    reason = (
-        pl.when(~pl.col("readable"))
-        .then(pl.lit("unreadable"))
-        .when(pl.col("brightness") < exposure.min_brightness)
-        .then(pl.lit("too_dark"))
-        .when(pl.col("brightness") > exposure.max_brightness)
-        .then(pl.lit("too_bright"))
-        .when(pl.col("clipped") > exposure.max_clipped)
-        .then(pl.lit("clipped"))
-        .when(pl.col("sharpness") < cfg.min_sharpness)
-        .then(pl.lit("blurry"))
-        .otherwise(pl.col("text_reason"))
-    )
-    base = base.with_columns(reason.alias("reject_reason"), _batch_key(cfg.batch).alias("_batch"))
-
-    reasons = base["reject_reason"].to_list()
-    dup_of: list[str | None] = [None] * base.height
-    cand = np.flatnonzero(base["reject_reason"].is_null().to_numpy())
-    if cand.size > 1:
-        ids = base["frame_id"].to_list()
-        for winner, copies in _duplicate_groups(
-            base["phash"].to_numpy()[cand],
-            base["sharpness"].to_numpy()[cand],
-            base["frame_index"].to_numpy()[cand],
-            cfg.dup_distance,
-        ):
-            for j in copies:
-                reasons[cand[j]] = "duplicate"
-                dup_of[cand[j]] = ids[cand[winner]]
     base = base.with_columns(
-        pl.Series("reject_reason", reasons, dtype=pl.Utf8), pl.Series("duplicate_of", dup_of, dtype=pl.Utf8)
+        _first_reason(exposure_thresholds(base, cfg), cfg).alias("reject_reason"),
+        _batch_key(cfg.batch).alias("_batch"),
     )
-
+    base = _mark_duplicates(base, cfg.dup_distance)
     if cfg.best_per_batch is not None:
-        ranked = (
-            base.with_row_index("_row")
-            .filter(pl.col("reject_reason").is_null())
-            .sort(["_batch", "sharpness", "frame_index"], descending=[False, True, False])
-            .with_columns(pl.int_range(pl.len()).over("_batch").alias("_rank"))
-        )
-        beyond = set(ranked.filter(pl.col("_rank") >= cfg.best_per_batch)["_row"].to_list())
-        base = base.with_columns(
-            pl.when(pl.int_range(pl.len()).is_in(list(beyond)))
-            .then(pl.lit("not_best"))
-            .otherwise(pl.col("reject_reason"))
-            .alias("reject_reason")
-        )
+        base = _mark_not_best(base, cfg.best_per_batch)
     # Only a kept frame's crop leaves out its subtitles: a rejected frame's region is its picture.
     base = base.with_columns(
         pl.col("reject_reason").is_null().alias("keep"),
@@ -220,6 +176,71 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Quality
     crops = crop_boxes(base, frames.select("frame_id", *geometry))
     return base.join(crops, on="frame_id", how="left", maintain_order="left").select(
         *SCORES_SCHEMA, *TEXT_SCHEMA, *RULE_COLUMNS, *CROP_SCHEMA
+    )
+
+
+def _first_reason(exposure: Exposure, cfg: QualityConfig) -> pl.Expr:
+    """Each frame's first failed threshold (null: it passes them all), from the columns of the
+    scores and the text rules' ``text_reason``.
+
+    Exposure before sharpness: the Laplacian's variance scales with the square of the exposure,
+    so an under-exposed frame always scores as blurred (the demo's dark shot: 18, under any sane
+    blur threshold), and "blurry" would hide the real reason. Text after them (it is looked for
+    on the frames they keep only) and before duplicates, so that a title card never stands in
+    for a clean frame of its shot as the one kept copy.
+    """
+    return (
+        pl.when(~pl.col("readable"))
+        .then(pl.lit("unreadable"))
+        .when(pl.col("brightness") < exposure.min_brightness)
+        .then(pl.lit("too_dark"))
+        .when(pl.col("brightness") > exposure.max_brightness)
+        .then(pl.lit("too_bright"))
+        .when(pl.col("clipped") > exposure.max_clipped)
+        .then(pl.lit("clipped"))
+        .when(pl.col("sharpness") < cfg.min_sharpness)
+        .then(pl.lit("blurry"))
+        .otherwise(pl.col("text_reason"))
+    )
+
+
+def _mark_duplicates(base: pl.DataFrame, dup_distance: int) -> pl.DataFrame:
+    """``base`` with the near-duplicates among the frames not yet rejected marked ``duplicate``
+    and ``duplicate_of`` the frame kept in their place (see :func:`_duplicate_groups`)."""
+    reasons = base["reject_reason"].to_list()
+    dup_of: list[str | None] = [None] * base.height
+    cand = np.flatnonzero(base["reject_reason"].is_null().to_numpy())
+    if cand.size > 1:
+        ids = base["frame_id"].to_list()
+        for winner, copies in _duplicate_groups(
+            base["phash"].to_numpy()[cand],
+            base["sharpness"].to_numpy()[cand],
+            base["frame_index"].to_numpy()[cand],
+            dup_distance,
+        ):
+            for j in copies:
+                reasons[cand[j]] = "duplicate"
+                dup_of[cand[j]] = ids[cand[winner]]
+    return base.with_columns(
+        pl.Series("reject_reason", reasons, dtype=pl.Utf8), pl.Series("duplicate_of", dup_of, dtype=pl.Utf8)
+    )
+
+
+def _mark_not_best(base: pl.DataFrame, best_per_batch: int) -> pl.DataFrame:
+    """``base`` with every frame still kept beyond the ``best_per_batch`` sharpest of its batch
+    marked ``not_best`` (ties: the earlier frame)."""
+    ranked = (
+        base.with_row_index("_row")
+        .filter(pl.col("reject_reason").is_null())
+        .sort(["_batch", "sharpness", "frame_index"], descending=[False, True, False])
+        .with_columns(pl.int_range(pl.len()).over("_batch").alias("_rank"))
+    )
+    beyond = set(ranked.filter(pl.col("_rank") >= best_per_batch)["_row"].to_list())
+    return base.with_columns(
+        pl.when(pl.int_range(pl.len()).is_in(list(beyond)))
+        .then(pl.lit("not_best"))
+        .otherwise(pl.col("reject_reason"))
+        .alias("reject_reason")
     )
 
 

@@ -3,19 +3,15 @@ perceptual hash, from a reduced decode of the saved JPEG."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
-from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import BOX_COLUMNS, Box, decode_picture, frame_box, laplacian_variance
-from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
 
 #: Gray levels at or below / at or above which a pixel counts as crushed / blown.
@@ -121,24 +117,18 @@ def score_frames(
     run_dir = Path(run_dir)
     box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
     rows = frames.select("frame_id", "path", "width", "height", *box_columns).to_dicts()
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(rows), unit="frame", desc="quality", disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, "quality", len(rows), "frame")
-    out: list[dict[str, Any]] = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quality") as pool:
-            results = pool.map(
-                lambda r: score_image(run_dir / r["path"], r["width"], frame_box(r, r["width"], r["height"])),
-                rows,
-            )
-            for n, (row, scores) in enumerate(zip(rows, results, strict=True), start=1):
-                out.append({"frame_id": row["frame_id"], "readable": scores is not None, **(scores or {})})
-                bar.update(1)
-                reporter.update(n)
-        reporter.update(len(rows), force=True)
-    finally:
-        bar.close()
-        reporter.close()
+    results = map_tracked(
+        lambda r: score_image(run_dir / r["path"], r["width"], frame_box(r, r["width"], r["height"])),
+        rows,
+        desc="quality",
+        workers=workers,
+        progress=progress,
+        progress_path=progress_path,
+    )
+    out = [
+        {"frame_id": row["frame_id"], "readable": scores is not None, **(scores or {})}
+        for row, scores in zip(rows, results, strict=True)
+    ]
     table = pl.DataFrame(out, schema={k: v for k, v in SCORES_SCHEMA.items() if k != "nearest_distance"})
     readable = table["readable"].to_numpy()
     nearest = np.full(table.height, None, dtype=object)

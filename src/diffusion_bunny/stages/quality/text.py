@@ -28,19 +28,15 @@ Rules (pure over those scores, so notebook 02's sliders move them without detect
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
-from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import BOX_COLUMNS, decode_picture, frame_box
-from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.progress import map_tracked
 
 if TYPE_CHECKING:
     from diffusion_bunny.config import QualityConfig
@@ -147,7 +143,6 @@ def detect_text(
     run_dir = Path(run_dir)
     box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
     rows = frames.select("frame_id", "path", "width", "height", *box_columns).to_dicts()
-    workers = workers or os.cpu_count() or 1
 
     def one(row: dict[str, Any]) -> dict[str, Any]:
         path = run_dir / row["path"]
@@ -165,19 +160,7 @@ def detect_text(
             "text_key": text_key(detector.key, width, box, int(data.size)),
         }
 
-    bar = tqdm(total=len(rows), unit="frame", desc="text", disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, "text", len(rows), "frame")
-    out: list[dict[str, Any]] = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="text") as pool:
-            for n, result in enumerate(pool.map(one, rows), start=1):
-                out.append(result)
-                bar.update(1)
-                reporter.update(n)
-        reporter.update(len(rows), force=True)
-    finally:
-        bar.close()
-        reporter.close()
+    out = map_tracked(one, rows, desc="text", workers=workers, progress=progress, progress_path=progress_path)
     return pl.DataFrame(out, schema={"frame_id": pl.Utf8, **TEXT_SCHEMA})
 
 

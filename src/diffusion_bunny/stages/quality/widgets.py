@@ -16,6 +16,55 @@ from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
 
 
+def _sliders(cfg: QualityConfig, *, top_sharp: float) -> dict[str, Any]:
+    """One control per threshold, named as its ``quality`` setting and set to ``cfg``'s value;
+    the sharpness slider is logarithmic up to a little over the sharpest frame (``top_sharp``)."""
+    style = {"description_width": "120px"}
+    layout = widgets.Layout(width="480px")
+
+    def slider(cls: type, name: str, **kw: Any) -> Any:
+        return cls(description=name, continuous_update=False, style=style, layout=layout, **kw)
+
+    def share(name: str, value: float) -> Any:
+        return slider(widgets.FloatSlider, name, value=value, min=0, max=1, step=0.01)
+
+    def level(name: str, value: float) -> Any:
+        return slider(widgets.FloatSlider, name, value=value, min=0, max=255, step=1)
+
+    return {
+        "min_sharpness": slider(
+            widgets.FloatLogSlider,
+            "min sharpness",
+            value=max(cfg.min_sharpness, 0.1),
+            base=10,
+            min=-1,
+            max=round(math.log10(max(top_sharp, 10.0)) + 0.3, 2),
+            step=0.02,
+        ),
+        "min_brightness": level("min brightness", cfg.min_brightness),
+        "max_brightness": level("max brightness", cfg.max_brightness),
+        "max_clipped": share("max clipped", cfg.max_clipped),
+        "dup_distance": slider(widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=32),
+        "best_per_batch": slider(
+            widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
+        ),
+        "relative_brightness": widgets.Checkbox(
+            value=cfg.relative_brightness,
+            description="brightness relative to the film",
+            style=style,
+            layout=layout,
+        ),
+        "text_filter": widgets.Checkbox(
+            value=cfg.text_filter, description="text rules", style=style, layout=layout
+        ),
+        "max_text_share": share("max text share", cfg.max_text_share),
+        "max_text_area": share("max text area", cfg.max_text_area),
+        "subtitles": widgets.Dropdown(
+            options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
+        ),
+    }
+
+
 class QualityThresholdExplorer:
     """One slider per threshold of stage 02 over the stored ``quality`` scores: the counts, the
     histograms and the kept/rejected grid follow every move, and no frame is read again (the rules
@@ -35,55 +84,7 @@ class QualityThresholdExplorer:
         self.frames = run.read_table("frames")
         self.max_per_group = max_per_group
         self.config_root = config_root
-        top_sharp = float(self.scores["sharpness"].max() or 1000.0)
-        style = {"description_width": "120px"}
-        layout = widgets.Layout(width="480px")
-
-        def slider(cls: type, name: str, **kw: Any) -> Any:
-            return cls(description=name, continuous_update=False, style=style, layout=layout, **kw)
-
-        self.sliders: dict[str, Any] = {
-            "min_sharpness": slider(
-                widgets.FloatLogSlider,
-                "min sharpness",
-                value=max(cfg.min_sharpness, 0.1),
-                base=10,
-                min=-1,
-                max=round(math.log10(max(top_sharp, 10.0)) + 0.3, 2),
-                step=0.02,
-            ),
-            "min_brightness": slider(
-                widgets.FloatSlider, "min brightness", value=cfg.min_brightness, min=0, max=255, step=1
-            ),
-            "max_brightness": slider(
-                widgets.FloatSlider, "max brightness", value=cfg.max_brightness, min=0, max=255, step=1
-            ),
-            "max_clipped": slider(
-                widgets.FloatSlider, "max clipped", value=cfg.max_clipped, min=0, max=1, step=0.01
-            ),
-            "dup_distance": slider(widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=32),
-            "best_per_batch": slider(
-                widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
-            ),
-            "relative_brightness": widgets.Checkbox(
-                value=cfg.relative_brightness,
-                description="brightness relative to the film",
-                style=style,
-                layout=layout,
-            ),
-            "text_filter": widgets.Checkbox(
-                value=cfg.text_filter, description="text rules", style=style, layout=layout
-            ),
-            "max_text_share": slider(
-                widgets.FloatSlider, "max text share", value=cfg.max_text_share, min=0, max=1, step=0.01
-            ),
-            "max_text_area": slider(
-                widgets.FloatSlider, "max text area", value=cfg.max_text_area, min=0, max=1, step=0.01
-            ),
-            "subtitles": widgets.Dropdown(
-                options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
-            ),
-        }
+        self.sliders = _sliders(cfg, top_sharp=float(self.scores["sharpness"].max() or 1000.0))
         self.counts = widgets.HTML()
         # Image widgets, not Output widgets: headless executors (nbclient) hang on a cell that
         # shows images inside an Output widget (see MotionThresholdExplorer).
@@ -155,10 +156,7 @@ class QualityThresholdExplorer:
     def _update(self) -> None:
         if self._hold:
             return
-        import io
-
-        import matplotlib.pyplot as plt
-
+        from diffusion_bunny.media.figures import chart_png, jpeg_bytes
         from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
         from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
         from diffusion_bunny.stages.quality.text import unchecked_kept
@@ -195,19 +193,11 @@ class QualityThresholdExplorer:
             f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
             f"<br>{film}{text}"
         )
-        fig = quality_histograms(table, cfg).draw()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        plt.close(fig)
-        self.plot_img.value = buf.getvalue()
+        self.plot_img.value = chart_png(quality_histograms(table, cfg))
         sheet = quality_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group)
-        buf = io.BytesIO()
-        sheet.save(buf, format="JPEG", quality=85)
-        self.sheet_img.value = buf.getvalue()
+        self.sheet_img.value = jpeg_bytes(sheet)
         sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)
-        buf = io.BytesIO()
-        sheet.save(buf, format="JPEG", quality=85)
-        self.text_img.value = buf.getvalue()
+        self.text_img.value = jpeg_bytes(sheet)
 
     def save(self) -> Path:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or

@@ -25,7 +25,7 @@ def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
     """Frames, kept frames, shots and named characters per movie, one panel each."""
     import plotnine as p9
 
-    from diffusion_bunny.media.figures import categorical
+    from diffusion_bunny.media.figures import categorical, minimal_theme
 
     measures = ["frames", "kept", "shots", "characters"]
     long = movies.select("movie", *measures).unpivot(index="movie", variable_name="measure", value_name="n")
@@ -38,6 +38,5 @@ def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
         + p9.coord_flip()
         + p9.facet_wrap("measure", scales="free_x", ncol=4)
         + p9.labs(x="", y="", title=f"{movies.height} movies")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(10, max(2.2, 0.4 * movies.height + 1.4)))
+        + minimal_theme(10, max(2.2, 0.4 * movies.height + 1.4))
     )

@@ -4,7 +4,6 @@ PNGs and tables as outputs) converted with nbconvert's ``HTMLExporter``, code hi
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import math
 from html import escape
@@ -13,6 +12,7 @@ from typing import Any
 
 import polars as pl
 
+from diffusion_bunny.media.figures import chart_png, png_bytes
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.stages.report.sections import SECTIONS
 
@@ -22,18 +22,9 @@ from diffusion_bunny.stages.report.sections import SECTIONS
 def figure_png(image: Any, dpi: int = 100) -> bytes:
     """PNG bytes of a plotnine chart (drawn, saved and closed, so a notebook does not show it a
     second time) or of a Pillow image."""
-    buf = io.BytesIO()
     if hasattr(image, "draw"):
-        import matplotlib.pyplot as plt
-
-        fig = image.draw()
-        try:
-            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-        finally:
-            plt.close(fig)
-    else:
-        image.save(buf, format="PNG")
-    return buf.getvalue()
+        return chart_png(image, dpi, bbox_inches="tight", facecolor="white")
+    return png_bytes(image)
 
 
 # ----------------------------------------------------------------------------------------- HTML

@@ -18,25 +18,18 @@ if TYPE_CHECKING:
 
 def shot_length_histogram(shots: pl.DataFrame) -> p9.ggplot:
     """Distribution of shot lengths, static and dynamic shots stacked, the median as a line."""
-    import plotnine as p9
 
-    from diffusion_bunny.stages.extract.plots import KIND_COLOURS
+    from diffusion_bunny.stages.extract.plots import kind_histogram
 
     df = shots.with_columns((pl.col("end_s") - pl.col("start_s")).alias("length_s"))
     median = float(df["length_s"].median() or 0.0)
-    return (
-        p9.ggplot(df.to_pandas(), p9.aes("length_s", fill="kind"))
-        + p9.geom_histogram(bins=max(5, min(30, df.height)), colour="white", size=0.2)
-        + p9.geom_vline(xintercept=median, linetype="dashed", colour="#C0392B")
-        + p9.scale_fill_manual(values=KIND_COLOURS)
-        + p9.labs(
-            x="shot length (s)",
-            y="shots",
-            fill="shot",
-            title=f"{df.height} shots, median {median:.1f} s (dashed)",
-        )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.2))
+    return kind_histogram(
+        df.to_pandas(),
+        "length_s",
+        bins=max(5, min(30, df.height)),
+        line=median,
+        line_size=0.5,
+        labels={"x": "shot length (s)", "title": f"{df.height} shots, median {median:.1f} s (dashed)"},
     )
 
 
@@ -69,7 +62,7 @@ def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> p9.ggplo
     """Mean identity distance per checkpoint (in training order), one line per character."""
     import plotnine as p9
 
-    from diffusion_bunny.media.figures import categorical
+    from diffusion_bunny.media.figures import LINE_RED, categorical, minimal_theme
 
     table = identity_table(generations)
     order = checkpoint_order(table["checkpoint"].to_list())
@@ -80,13 +73,12 @@ def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> p9.ggplo
         p9.ggplot(df, p9.aes("checkpoint", "identity_distance", colour="character", group="character"))
         + p9.geom_line()
         + p9.geom_point(size=2.5)
-        + p9.geom_hline(yintercept=tolerance, linetype="dashed", colour="#C0392B")
+        + p9.geom_hline(yintercept=tolerance, linetype="dashed", colour=LINE_RED)
         + p9.labs(
             x="checkpoint",
             y="identity distance (lower is closer)",
             colour="",
             title=f"{generations.height} generated pictures, a face found in {found}",
         )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.2))
+        + minimal_theme(8, 3.2)
     )

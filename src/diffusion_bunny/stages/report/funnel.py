@@ -27,6 +27,13 @@ REASON_COLOURS = {
 _OTHER_COLOURS = ["#4C78A8", "#F58518", "#72B7B2", "#FF9DA6", "#9D755D", "#EECA3B", "#79706E"]
 
 
+def _colours(outcomes: list[str]) -> dict[str, str]:
+    """A colour per outcome: its own where it has one, else the next of :data:`_OTHER_COLOURS`
+    (a reason this module does not know, e.g. a detector's new one, still gets a bar)."""
+    extra = iter(_OTHER_COLOURS * 4)
+    return {o: REASON_COLOURS.get(o) or next(extra) for o in outcomes}
+
+
 # --------------------------------------------------------------------------------------- funnel
 
 
@@ -48,6 +55,31 @@ def subtitles_cropped(quality: pl.DataFrame, frames: pl.DataFrame | None) -> int
     )
 
 
+#: The funnel table's columns: one row per (step, outcome).
+FUNNEL_SCHEMA = {
+    "step": pl.Utf8,
+    "stage": pl.Utf8,
+    "outcome": pl.Utf8,
+    "frames": pl.Int64,
+    "passed": pl.Boolean,
+}
+
+
+class _Steps(list):
+    """The funnel's rows as they are added, one step at a time."""
+
+    def add(
+        self, name: str, stage: str, kept: int, dropped: dict[str, int], passed: dict[str, int] | None = None
+    ) -> None:
+        """A step: the frames that went on (``kept``, or split by outcome in ``passed``) and the
+        ones dropped per reason (reasons that dropped none are left out)."""
+        for outcome, n in (passed or {"kept": kept}).items():
+            self.append((name, stage, outcome, int(n), True))
+        for reason, n in dropped.items():
+            if n > 0:
+                self.append((name, stage, reason, int(n), False))
+
+
 def funnel_table(
     *,
     decoded: int | None = None,
@@ -67,78 +99,84 @@ def funnel_table(
     dropped), ``frames`` and ``passed`` (bool). A step appears only when its stage's table is
     given, so a partial run gives a shorter funnel rather than an error.
     """
-    rows: list[tuple[str, str, str, int, bool]] = []
-
-    def step(name: str, stage: str, kept: int, dropped: dict[str, int], passed: dict[str, int] | None = None):
-        for outcome, n in (passed or {"kept": kept}).items():
-            rows.append((name, stage, outcome, int(n), True))
-        for reason, n in dropped.items():
-            if n > 0:
-                rows.append((name, stage, reason, int(n), False))
-
-    if decoded is not None:
-        step("decoded", "extract", decoded, {})
-    if candidates is not None:
-        lost = {"not a candidate": decoded - candidates.height} if decoded is not None else {}
-        step("keyframe candidates", "extract", candidates.height, lost)
-    if frames is not None:
-        lost = {"not chosen": candidates.height - frames.height} if candidates is not None else {}
-        step("extracted", "extract", frames.height, lost)
-    kept_ids: pl.Series | None = None
-    if quality is not None:
-        kept_ids = quality.filter(pl.col("keep"))["frame_id"]
-        reasons = dict(quality.filter(~pl.col("keep")).group_by("reject_reason").len().iter_rows())
-        order = [r for r in REASON_COLOURS if r in reasons] + sorted(
-            str(r) for r in reasons if r not in REASON_COLOURS
-        )
-        cropped = subtitles_cropped(quality, frames)
-        passed = {"kept": kept_ids.len() - cropped, "kept, subtitles cropped": cropped} if cropped else None
-        step("kept by quality", "quality", kept_ids.len(), {r: reasons.get(r, 0) for r in order}, passed)
+    steps = _Steps()
+    _extract_steps(steps, decoded, candidates, frames)
+    kept_ids = _quality_step(steps, quality, frames) if quality is not None else None
     if faces is not None and kept_ids is not None:
-        kept_set = set(kept_ids.to_list())
-        on_kept = faces.filter(pl.col("frame_id").is_in(kept_set))
-        named = set(on_kept.filter(pl.col("character").is_not_null())["frame_id"].to_list())
-        with_faces = set(on_kept["frame_id"].to_list())
-        searched = set(face_frames["frame_id"].to_list()) & kept_set if face_frames is not None else kept_set
-        step(
-            "with a named character",
-            "characters",
-            len(named),
-            {
-                "unknown faces only": len(with_faces - named),
-                "no face": len(searched - with_faces),
-                "not searched": len(kept_set - searched - with_faces),
-            },
-        )
+        _characters_step(steps, faces, face_frames, set(kept_ids.to_list()))
     if clusters is not None:
         scene = clusters.filter(pl.col("level") == "scene")
         noise = int((scene["cluster_id"] == "noise").sum())
-        step("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
+        steps.add("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
     usable = None
     if captions is not None:
         usable = usable_captions(captions).height
-        step("captioned", "captions", usable, {"failed": captions.height - usable})
+        steps.add("captioned", "captions", usable, {"failed": captions.height - usable})
     if dataset_items is not None:
-        # Frames, not pictures: a frame's face and half-body crops are extra rows of the same frame
-        # (all in the frame's split, which is drawn per shot group).
-        frames_out = dataset_items.unique("frame_id")
-        splits = dict(frames_out.group_by("split").len().iter_rows())
         source = usable if usable is not None else (kept_ids.len() if kept_ids is not None else None)
-        lost = {"not exported": source - frames_out.height} if source is not None else {}
-        passed = {s: splits[s] for s in ("train", "validation") if s in splits}
-        step("exported", "export", frames_out.height, lost, passed or {"train": 0})
-    table = pl.DataFrame(
-        rows,
-        schema={
-            "step": pl.Utf8,
-            "stage": pl.Utf8,
-            "outcome": pl.Utf8,
-            "frames": pl.Int64,
-            "passed": pl.Boolean,
-        },
-        orient="row",
+        _export_step(steps, dataset_items, source)
+    return pl.DataFrame(list(steps), schema=FUNNEL_SCHEMA, orient="row")
+
+
+def _extract_steps(
+    steps: _Steps, decoded: int | None, candidates: pl.DataFrame | None, frames: pl.DataFrame | None
+) -> None:
+    """Stage 01's steps: frames decoded, keyframe candidates, frames extracted."""
+    if decoded is not None:
+        steps.add("decoded", "extract", decoded, {})
+    if candidates is not None:
+        lost = {"not a candidate": decoded - candidates.height} if decoded is not None else {}
+        steps.add("keyframe candidates", "extract", candidates.height, lost)
+    if frames is not None:
+        lost = {"not chosen": candidates.height - frames.height} if candidates is not None else {}
+        steps.add("extracted", "extract", frames.height, lost)
+
+
+def _quality_step(steps: _Steps, quality: pl.DataFrame, frames: pl.DataFrame | None) -> pl.Series:
+    """Stage 02's step, the dropped frames by reason in rule order (reasons it does not know
+    after them); returns the ids of the frames it kept."""
+    kept_ids = quality.filter(pl.col("keep"))["frame_id"]
+    reasons = dict(quality.filter(~pl.col("keep")).group_by("reject_reason").len().iter_rows())
+    order = [r for r in REASON_COLOURS if r in reasons] + sorted(
+        str(r) for r in reasons if r not in REASON_COLOURS
     )
-    return table
+    cropped = subtitles_cropped(quality, frames)
+    passed = {"kept": kept_ids.len() - cropped, "kept, subtitles cropped": cropped} if cropped else None
+    steps.add("kept by quality", "quality", kept_ids.len(), {r: reasons.get(r, 0) for r in order}, passed)
+    return kept_ids
+
+
+def _characters_step(
+    steps: _Steps, faces: pl.DataFrame, face_frames: pl.DataFrame | None, kept_set: set[str]
+) -> None:
+    """Stage 03's step over the kept frames: a named character, unknown faces only, no face, or
+    not searched (frames the detector never looked at, when ``face_frames`` says which it did)."""
+    on_kept = faces.filter(pl.col("frame_id").is_in(kept_set))
+    named = set(on_kept.filter(pl.col("character").is_not_null())["frame_id"].to_list())
+    with_faces = set(on_kept["frame_id"].to_list())
+    searched = set(face_frames["frame_id"].to_list()) & kept_set if face_frames is not None else kept_set
+    steps.add(
+        "with a named character",
+        "characters",
+        len(named),
+        {
+            "unknown faces only": len(with_faces - named),
+            "no face": len(searched - with_faces),
+            "not searched": len(kept_set - searched - with_faces),
+        },
+    )
+
+
+def _export_step(steps: _Steps, dataset_items: pl.DataFrame, source: int | None) -> None:
+    """Stage 06's step: frames exported per split, out of the ``source`` frames that could be
+    (captioned, or kept by stage 02 when captions did not run)."""
+    # Frames, not pictures: a frame's face and half-body crops are extra rows of the same frame
+    # (all in the frame's split, which is drawn per shot group).
+    frames_out = dataset_items.unique("frame_id")
+    splits = dict(frames_out.group_by("split").len().iter_rows())
+    lost = {"not exported": source - frames_out.height} if source is not None else {}
+    passed = {s: splits[s] for s in ("train", "validation") if s in splits}
+    steps.add("exported", "export", frames_out.height, lost, passed or {"train": 0})
 
 
 def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
@@ -178,14 +216,13 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     on one count axis every later step would be a sliver."""
     import plotnine as p9
 
-    from diffusion_bunny.media.figures import categorical
+    from diffusion_bunny.media.figures import categorical, minimal_theme
 
     steps = funnel["step"].unique(maintain_order=True).to_list()
     outcomes = funnel["outcome"].unique(maintain_order=True).to_list()
     passed = [o for o in outcomes if o in ("kept", "train", "validation")]
     order = passed + [o for o in outcomes if o not in passed]
-    extra = iter(_OTHER_COLOURS * 4)
-    colours = {o: REASON_COLOURS.get(o) or next(extra) for o in order}
+    colours = _colours(order)
     shares = funnel.with_columns(
         (pl.col("frames") / pl.col("frames").sum().over("step").clip(lower_bound=1)).alias("share")
     )
@@ -212,8 +249,7 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
         + p9.labs(
             x="", y="share of the frames that reached the step", fill="", title=f"{first} in, {last} out"
         )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(9, max(2.2, 0.45 * len(steps) + 1.2)))
+        + minimal_theme(9, max(2.2, 0.45 * len(steps) + 1.2))
     )
 
 
@@ -244,14 +280,13 @@ def dropped_plot(funnel: pl.DataFrame) -> p9.ggplot | None:
     nothing was dropped."""
     import plotnine as p9
 
-    from diffusion_bunny.media.figures import categorical
+    from diffusion_bunny.media.figures import categorical, minimal_theme
 
     table = dropped_by_reason(funnel)
     if not table.height:
         return None
     order = table["reason"].to_list()
-    extra = iter(_OTHER_COLOURS * 4)
-    colours = {o: REASON_COLOURS.get(o) or next(extra) for o in order}
+    colours = _colours(order)
     df = table.to_pandas()
     df["reason"] = categorical(df["reason"], order[::-1])
     return (
@@ -261,6 +296,5 @@ def dropped_plot(funnel: pl.DataFrame) -> p9.ggplot | None:
         + p9.coord_flip()
         + p9.scale_fill_manual(values=colours)
         + p9.labs(x="", y="frames dropped", title=f"{int(table['frames'].sum())} frames dropped, by reason")
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(7, max(2.0, 0.4 * len(order) + 1.1)))
+        + minimal_theme(7, max(2.0, 0.4 * len(order) + 1.1))
     )

@@ -188,8 +188,7 @@ def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:
 def _funnel_section(run: ReportData, cfg: ConfigView) -> Section:
     if not run.has_table("frames"):
         return Section("funnel", "absent", did_not_run("extract", "frames"))
-    decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
-    funnel = run_funnel(run, decoded)
+    funnel = run_funnel(run, decoded_frames(run))
     summary = funnel_summary(funnel)
     last = summary.row(-1, named=True)
     return Section(
@@ -206,8 +205,8 @@ def _dataset_section(run: ReportData, cfg: ConfigView) -> Section:
     items = run.read_table("dataset_items")
     if not items.height:
         return Section("dataset", "empty", "stage export wrote no picture")
-    decoded = ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
-    dropped = dropped_by_reason(run_funnel(run, decoded))
+    funnel = run_funnel(run, decoded_frames(run))
+    dropped = dropped_by_reason(funnel)
     figures = [
         Figure(
             "dataset_sheet",
@@ -215,13 +214,18 @@ def _dataset_section(run: ReportData, cfg: ConfigView) -> Section:
             dataset_sheet(run.run_dir / "dataset", items, max_per_group=cfg.report.dataset_sheet_pictures),
         )
     ]
-    plot = dropped_plot(run_funnel(run, decoded))
+    plot = dropped_plot(funnel)
     if plot is not None:
         figures.append(Figure("dropped", "Frames dropped, by reason", plot))
     reasons = ", ".join(f"{r} {n}" for r, n in dropped.select("reason", "frames").iter_rows()) or "none"
     frames_out = items["frame_id"].n_unique()
     message = f"{items.height} pictures from {frames_out} frames; dropped on the way: {reasons}"
     return Section("dataset", "ok", message, figures)
+
+
+def decoded_frames(run: ReportData) -> int | None:
+    """How many frames stage 01 decoded (its manifest's count; None before it recorded one)."""
+    return ((run.read_manifest("extract") or {}).get("counts") or {}).get("decoded_frames")
 
 
 def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:

@@ -10,7 +10,16 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, categorical, tile_sheet
+from diffusion_bunny.media.figures import (
+    Block,
+    Layout,
+    Tile,
+    categorical,
+    histogram,
+    largest_first,
+    minimal_theme,
+    tile_sheet,
+)
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 # ----------------------------------------------------------------------------- stage 04
@@ -36,8 +45,7 @@ def cluster_sizes_plot(clusters: pl.DataFrame, level: str = "scene") -> p9.ggplo
             y="frames",
             title=f"{level} clusters: {n_clusters}, noise {share:.0%} of frames",
         )
-        + p9.theme_minimal()
-        + p9.theme(axis_text_x=p9.element_text(rotation=60, ha="right"), figure_size=(8, 3.2))
+        + minimal_theme(8, 3.2, axis_text_x=p9.element_text(rotation=60, ha="right"))
     )
 
 
@@ -46,18 +54,18 @@ def similarity_histogram(
 ) -> p9.ggplot:
     """Each frame's similarity to its scene cluster's exemplar, with the two thresholds."""
     data = clusters.filter((pl.col("level") == "scene") & pl.col("similarity").is_not_null())
-    return (
-        p9.ggplot(data.select("similarity").to_pandas(), p9.aes("similarity"))
-        + p9.geom_histogram(bins=30, fill="#4C78A8")
-        + p9.geom_vline(xintercept=assign_threshold, color="#54A24B", linetype="dashed")
-        + p9.geom_vline(xintercept=noise_threshold, color="#E45756", linetype="dashed")
-        + p9.labs(
-            x="cosine similarity to the cluster's exemplar",
-            y="frames",
-            title=f"join at >= {assign_threshold} (green), noise under {noise_threshold} (red)",
-        )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(7, 3))
+    return histogram(
+        data.select("similarity").to_pandas(),
+        "similarity",
+        lines=[(assign_threshold, "#54A24B"), (noise_threshold, "#E45756")],
+        labels={
+            "x": "cosine similarity to the cluster's exemplar",
+            "y": "frames",
+            "title": f"join at >= {assign_threshold} (green), noise under {noise_threshold} (red)",
+        },
+        figure_size=(7, 3),
+        bins=30,
+        fill="#4C78A8",
     )
 
 
@@ -85,8 +93,7 @@ def learning_curve_plot(curve: pl.DataFrame) -> p9.ggplot:
             color="",
             title="learning from corrections",
         )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(6.5, 3.2))
+        + minimal_theme(6.5, 3.2)
     )
 
 
@@ -105,10 +112,8 @@ def cluster_sheet(
     rows = clusters.filter(pl.col("level") == level).join(
         frames.select("frame_id", "path"), on="frame_id", how="left"
     )
-    sizes = rows.group_by("cluster_id").len().with_columns((pl.col("cluster_id") == "noise").alias("n"))
-    order = sizes.sort(["n", "len", "cluster_id"], descending=[False, True, False])["cluster_id"].to_list()
     blocks = []
-    for cid in order:
+    for cid in largest_first(rows, "cluster_id", last="noise"):
         members = rows.filter(pl.col("cluster_id") == cid).sort(
             ["similarity", "frame_id"], descending=[True, False], nulls_last=True
         )

@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.stages.train.data import PixelMemory
-from diffusion_bunny.stages.train.lora import LoraTrainer, new_accelerator
+from diffusion_bunny.stages.train.lora import LoraTrainer
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
 if TYPE_CHECKING:
@@ -143,6 +142,11 @@ class FlowLoraTrainer(LoraTrainer):
     one flow-matching step; :func:`~diffusion_bunny.stages.train.lora.train_lora` drives it as it
     drives :class:`LoraTrainer`."""
 
+    #: diffusers' FLUX/SD3 LoRA scripts' AdamW weight decay.
+    weight_decay = 1e-4
+    #: ``training.mixed_precision: auto`` on a GPU: bf16 (fp16 is refused, T5 overflows in it).
+    auto_precision = "bf16"
+
     def __init__(
         self,
         cfg: TrainingConfig,
@@ -151,30 +155,31 @@ class FlowLoraTrainer(LoraTrainer):
         device: str | None = None,
         tracker_dir: Path | None = None,
     ):
-        import torch
-        from diffusers.optimization import get_scheduler
-        from peft import LoraConfig
+        """:class:`LoraTrainer`'s set-up through this family's hooks, then the text-embedding
+        caches only this family keeps (on disk, see :meth:`prepare_texts`)."""
+        super().__init__(cfg, cache_dir=cache_dir, device=device, tracker_dir=tracker_dir)
+        self.text_cache_dir = Path(cache_dir) / "text" if cache_dir is not None else None
+        self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_key: str | None = None
+        self.encoders_dropped = False
 
-        from diffusion_bunny.models.device import resolve_device
-        from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
-        from diffusion_bunny.models.lora_keys import lora_target_names
-
-        self.cfg = cfg
-        self.ref = resolve_base_model(cfg.base_model, cfg.family)
-        if self.ref.family not in ("flux", "sd3"):
+    def _check_family(self) -> None:
+        if self.family not in ("flux", "sd3"):
             raise ModelError(
-                f"training.base_model = {cfg.base_model!r} is {self.ref.family}, not FLUX.1 or SD3.5"
+                f"training.base_model = {self.cfg.base_model!r} is {self.family}, not FLUX.1 or SD3.5"
             )
-        self.family = self.ref.family
-        self.device = resolve_device(device or cfg.device, "training.device")
-        check_flow_settings(cfg, self.device)
-        mixed = cfg.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if self.device.startswith("cuda") else "no"
-        self.mixed_precision = mixed
-        self.accelerator = new_accelerator(cfg, mixed, self.device, tracker_dir)
-        self.weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
-        torch.manual_seed(cfg.seed)
+
+    def _check_settings(self) -> None:
+        check_flow_settings(self.cfg, self.device)
+
+    def _load_models(self) -> None:
+        """The pipeline (its transformer quantised to NF4 first with ``training.quantize_base``),
+        the sizes the transformer takes, everything frozen; the UNet-only parts are None/empty."""
+        import torch
+
+        from diffusion_bunny.models.diffusion import load_pipeline
+
+        cfg = self.cfg
         components = None
         if cfg.quantize_base == "nf4":
             # Loaded (and quantised) first and handed to the pipeline, so the bf16 transformer is
@@ -185,8 +190,6 @@ class FlowLoraTrainer(LoraTrainer):
         self.pipe = pipe
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.unet = None
-        if self.weight_dtype != torch.float32:
-            self.vae.to(torch.float32)  # kept in fp32 under bf16, as diffusers' scripts do
         self.text_encoders: list[Any] = []
         self.sched_config = dict(pipe.scheduler.config)
         # Bucket sides must be multiples of the VAE factor times the 2x2 patch (FLUX packing, SD3 patch).
@@ -201,37 +204,25 @@ class FlowLoraTrainer(LoraTrainer):
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
+
+    def _add_lora(self) -> list[Any]:
+        """A LoRA on the transformer's layers that ``training.lora_targets`` names."""
+        from peft import LoraConfig
+
+        from diffusion_bunny.models.lora_keys import lora_target_names
+
         try:
-            self.targets = lora_target_names(self.transformer, cfg.lora_targets)
+            self.targets = lora_target_names(self.transformer, self.cfg.lora_targets)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         self.lora_config = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=self.targets
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.alpha,
+            init_lora_weights="gaussian",
+            target_modules=self.targets,
         )
         self.transformer.add_adapter(self.lora_config)
-        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        for param in self.params:
-            param.data = param.data.float()  # LoRA weights train in fp32 under bf16
-        if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=1e-4)
-        lr_scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=cfg.max_train_steps,
-        )
-        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.latent_cache_dir = Path(cache_dir) / "latents" if cache_dir is not None else None
-        self.text_cache_dir = Path(cache_dir) / "text" if cache_dir is not None else None
-        self._vae_key: str | None = None
-        self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
-        self._pending_keys: dict[str, tuple] = {}
-        self._pixels = PixelMemory()
-        self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_key: str | None = None
-        self.encoders_dropped = False
+        return [self.transformer]
 
     # -- text ----------------------------------------------------------------------------------
 
@@ -418,10 +409,7 @@ class FlowLoraTrainer(LoraTrainer):
                 )[0]
         weighting = compute_loss_weighting_for_sd3(self.cfg.weighting_scheme, sigmas).float()
         per_sample = weighting * ((pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1)
-        if n_prior:
-            instance, prior = per_sample[:-n_prior].mean(), per_sample[-n_prior:].mean()
-            return instance + self.cfg.prior_loss_weight * prior, prior.detach()
-        return per_sample.mean(), None
+        return self.batch_loss(per_sample, n_prior)
 
     @property
     def denoiser(self) -> torch.nn.Module:

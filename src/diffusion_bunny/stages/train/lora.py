@@ -110,6 +110,11 @@ class LoraTrainer:
     Built once per training run; :func:`train_lora` drives it. Tests use it directly for a
     fixed batch (``make_batch`` + ``loss`` + ``step``)."""
 
+    #: AdamW's weight decay: diffusers' SD 1.x/SDXL scripts use 1e-2 (its FLUX/SD3 ones 1e-4).
+    weight_decay = 1e-2
+    #: What ``training.mixed_precision: auto`` means on a GPU (fp16 for the UNet families).
+    auto_precision = "fp16"
+
     def __init__(
         self,
         cfg: TrainingConfig,
@@ -118,69 +123,45 @@ class LoraTrainer:
         device: str | None = None,
         tracker_dir: Path | None = None,
     ):
+        """The steps every family shares, in the order that keeps a seeded run reproducible (the
+        seed is set before the models load and the LoRA weights are drawn); what differs between
+        the families is in the hooks :meth:`_check_family`, :meth:`_check_settings`,
+        :meth:`_load_models` and :meth:`_add_lora`, which
+        :class:`~diffusion_bunny.stages.train.flow.FlowLoraTrainer` overrides."""
         import torch
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
-        from peft import LoraConfig
 
         from diffusion_bunny.models.device import resolve_device
-        from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+        from diffusion_bunny.models.diffusion import resolve_base_model
 
         self.cfg = cfg
         self.ref: BaseModelRef = resolve_base_model(cfg.base_model, cfg.family)
-        if self.ref.family not in ("sd1", "sdxl"):
-            raise ModelError(
-                f"training.base_model = {cfg.base_model!r} is a {self.ref.family} model: train it with "
-                "stages.train.flow.FlowLoraTrainer (train_lora(..., trainer_class=trainer_class_for(...)))"
-            )
+        self.family = self.ref.family
+        self._check_family()
         self.device = resolve_device(device or cfg.device, "training.device")
+        self._check_settings()
         mixed = cfg.mixed_precision
         if mixed == "auto":
-            mixed = "fp16" if self.device.startswith("cuda") else "no"
+            mixed = self.auto_precision if self.device.startswith("cuda") else "no"
         if mixed == "fp16" and not self.device.startswith("cuda"):
             raise ModelError("training.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
         self.mixed_precision = mixed
         self.accelerator = new_accelerator(cfg, mixed, self.device, tracker_dir)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         torch.manual_seed(cfg.seed)
-        pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
-        self.pipe = pipe
-        self.family = self.ref.family
-        self.unet, self.vae = pipe.unet, pipe.vae
+        self._load_models()
         if self.weight_dtype != torch.float32:
-            self.vae.to(torch.float32)  # kept in fp32 as in diffusers' SDXL example (fp16 VAEs overflow)
-        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family == "sdxl" else [])
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
-        self.noise_scheduler = DDPMScheduler.from_pretrained(self.ref.path, subfolder="scheduler")
-        self.vae_scale = int(pipe.vae_scale_factor)
-        self.resolution = int(cfg.resolution or self.unet.config.sample_size * self.vae_scale)
-        for module in (self.unet, self.vae, *self.text_encoders):
-            module.requires_grad_(False)
-
-        self.unet_lora_config = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS
-        )
-        self.unet.add_adapter(self.unet_lora_config)
-        self.text_lora_config = None
-        if cfg.train_text_encoder:
-            self.text_lora_config = LoraConfig(
-                r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS
-            )
-            for encoder in self.text_encoders:
-                encoder.add_adapter(self.text_lora_config)
-        trained = [self.unet, *(self.text_encoders if cfg.train_text_encoder else [])]
-        for module in trained:
-            for param in module.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()  # LoRA weights train in fp32 under mixed precision
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                for encoder in self.text_encoders:
-                    enable = getattr(encoder, "activation_checkpointing_enable", None)
-                    (enable or encoder.gradient_checkpointing_enable)()  # renamed in transformers 5
+            self.vae.to(torch.float32)  # kept in fp32 as diffusers' scripts do (fp16 VAEs overflow)
+        trained = self._add_lora()
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=1e-2)
+        for param in self.params:
+            param.data = param.data.float()  # LoRA weights train in fp32 under mixed precision
+        if cfg.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+            for encoder in trained[1:]:
+                enable = getattr(encoder, "activation_checkpointing_enable", None)
+                (enable or encoder.gradient_checkpointing_enable)()  # renamed in transformers 5
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=self.weight_decay)
         lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=optimizer,
@@ -197,6 +178,57 @@ class LoraTrainer:
         self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
         self._pending_keys: dict[str, tuple] = {}
         self._pixels = PixelMemory()
+
+    # -- what differs between the families (FlowLoraTrainer overrides these) --------------------
+
+    def _check_family(self) -> None:
+        """Refuse a base model this trainer does not train, before anything is loaded."""
+        if self.family not in ("sd1", "sdxl"):
+            raise ModelError(
+                f"training.base_model = {self.cfg.base_model!r} is a {self.family} model: train it with "
+                "stages.train.flow.FlowLoraTrainer (train_lora(..., trainer_class=trainer_class_for(...)))"
+            )
+
+    def _check_settings(self) -> None:
+        """Refuse settings this family cannot train with on ``self.device`` (one line each); the
+        UNet families take every setting."""
+
+    def _load_models(self) -> None:
+        """The pipeline and the parts the step uses (UNet, VAE, text encoders, noise schedule),
+        the training resolution, everything frozen."""
+        from diffusers import DDPMScheduler
+
+        from diffusion_bunny.models.diffusion import load_pipeline
+
+        pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
+        self.pipe = pipe
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family == "sdxl" else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.ref.path, subfolder="scheduler")
+        self.vae_scale = int(pipe.vae_scale_factor)
+        self.resolution = int(self.cfg.resolution or self.unet.config.sample_size * self.vae_scale)
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+
+    def _add_lora(self) -> list[Any]:
+        """Add the LoRA adapters; returns the modules they train, the denoiser first (then the
+        text encoders with ``training.train_text_encoder``)."""
+        from peft import LoraConfig
+
+        cfg = self.cfg
+        self.unet_lora_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS
+        )
+        self.unet.add_adapter(self.unet_lora_config)
+        self.text_lora_config = None
+        if cfg.train_text_encoder:
+            self.text_lora_config = LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS
+            )
+            for encoder in self.text_encoders:
+                encoder.add_adapter(self.text_lora_config)
+        return [self.unet, *(self.text_encoders if cfg.train_text_encoder else [])]
 
     # -- encoding --------------------------------------------------------------------------
 
@@ -370,6 +402,12 @@ class LoraTrainer:
                 else weights / snr
             )
             per_sample = per_sample * weights
+        return self.batch_loss(per_sample, n_prior)
+
+    def batch_loss(self, per_sample: torch.Tensor, n_prior: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of a batch from each sample's: the mean, or with ``n_prior`` class images at
+        the end, (instance mean + ``prior_loss_weight`` x prior mean, the prior mean), as
+        DreamBooth's prior preservation weighs them (both objectives)."""
         if n_prior:
             instance, prior = per_sample[:-n_prior].mean(), per_sample[-n_prior:].mean()
             return instance + self.cfg.prior_loss_weight * prior, prior.detach()

@@ -12,7 +12,7 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
+from diffusion_bunny.media.figures import Block, Layout, Tile, minimal_theme, tile_sheet
 
 #: Steps of the running mean drawn over the noisy per-step loss.
 SMOOTHING = 5
@@ -48,8 +48,7 @@ def loss_curve_plot(log: pl.DataFrame, smoothing: int = SMOOTHING) -> p9.ggplot:
             colour="",
             title=f"loss, running mean of {smoothing} steps",
         )
-        + p9.theme_minimal()
-        + p9.theme(figure_size=(8, 3.4), legend_position="bottom")
+        + minimal_theme(8, 3.4, legend_position="bottom")
     )
 
 
