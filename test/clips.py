@@ -91,18 +91,22 @@ def remux(
     dst: Path,
     *,
     rotation: int | None = None,
+    display_matrix: tuple[int, ...] | None = None,
     options: dict[str, str] | None = None,
 ) -> Path:
     """Copy the video packets of ``src`` into ``dst`` (container from its suffix), like
     ``ffmpeg -i src -c copy dst``. ``rotation``: a display matrix turning the picture by that many
     degrees counter-clockwise (``rotation=90`` gives the file ``ffmpeg -metadata:s:v:0 rotate=90``
-    writes: same ffprobe output, PyAV reads ``frame.rotation == 90``). ``options``: muxer options,
-    e.g. ``{"movflags": "+faststart"}``."""
+    writes: same ffprobe output, PyAV reads ``frame.rotation == 90``). ``display_matrix``: the nine
+    numbers themselves, in FFmpeg's ``AV_PKT_DATA_DISPLAYMATRIX`` layout (what a camera writes
+    into the track header). ``options``: muxer options, e.g. ``{"movflags": "+faststart"}``."""
     with av.open(str(src)) as inp, av.open(str(dst), "w", options=options or {}) as out:
         in_stream = inp.streams.video[0]
         stream = out.add_stream_from_template(in_stream)
         if rotation is not None:
             stream.set_display_rotation(rotation)
+        if display_matrix is not None:
+            stream.set_display_matrix(list(display_matrix))
         for packet in inp.demux(in_stream):
             if packet.dts is None:  # the demuxer's empty flush packet
                 continue

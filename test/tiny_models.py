@@ -11,29 +11,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusion_bunny.models.tiny_clip import tiny_clip_vocab, write_clip_tokenizer
+from diffusion_bunny.models.tiny_clip import clip_text_config, tiny_clip_vocab, write_clip_tokenizer
 
 
 def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """Write a tiny random CLIP (model, tokenizer, image processor) into ``folder`` and return it."""
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, _ = tiny_clip_vocab()
-    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-    text = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
+    text = clip_text_config(vocab, 32, max_positions=32)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,

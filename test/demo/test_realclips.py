@@ -48,13 +48,21 @@ def _decode(movie):
 
 
 def test_probe_hashes_differ_between_repeats():
+    """Two repeats of the clip are two pictures to stage 02's duplicate search: at every probed
+    instant of every shot their pHashes lie farther apart than its ``dup_distance``. The margin
+    is one an unaltered repeat fails: the same repeat rendered again lies at distance 0."""
+    from diffusion_bunny.config import QualityConfig
+
+    dup_distance = QualityConfig().dup_distance
     source = realclips.load_source(HAMILTON)
     params = realclips.Params(minutes=0.3, width=160, height=90, seed=3)
     shots = source.shots()
-    a = realclips.probe_hashes(source, realclips.draw_repeat(0, params, shots, source.size))
+    first = realclips.draw_repeat(0, params, shots, source.size)
+    a = realclips.probe_hashes(source, first)
     b = realclips.probe_hashes(source, realclips.draw_repeat(1, params, shots, source.size))
     assert a.shape == (4, realclips.PROBES)
-    assert int(hamming(a, b).min()) >= 0 and not np.array_equal(a, b)
+    assert int(hamming(a, realclips.probe_hashes(source, first)).max()) == 0
+    assert int(hamming(a, b).min()) > dup_distance
 
 
 def test_reader_sees_the_movie_at_its_size(tmp_path):

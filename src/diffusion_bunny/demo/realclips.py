@@ -540,8 +540,6 @@ def _cards(params: Params, source: Source, plan: RepeatPlan) -> _Cards:
 
 def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verbose: bool = False) -> Path:
     """Render (or reuse) the movie; returns its path. The truth is written beside it."""
-    import av
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     movie = out_dir / f"{movie_name(params, source_path)}.mp4"
@@ -553,42 +551,87 @@ def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verb
     plans = plan_movie(params, source)
     t_plan = time.perf_counter() - t0 - t_decode
     tmp = movie.with_name(f".{movie.name}.part.mp4")
-    w, h = params.width, params.height
-    n = 0
-    with av.open(str(tmp), "w", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=source.fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": params.preset, "crf": str(params.crf)}
-        stream.codec_context.time_base = Fraction(1) / source.fps
+    n = _encode(tmp, _movie_frames(params, source, plans, verbose), params, source.fps)
+    if verbose:
+        print(file=sys.stderr)
+    doc = {
+        "movie": movie.name,
+        "source": source_path.name,
+        "fps": float(source.fps),
+        "fps_fraction": [source.fps.numerator, source.fps.denominator],
+        "width": params.width,
+        "height": params.height,
+        "frames": n,
+        **_movie_truth(params, plans),
+        "params": asdict(params),
+        "version": VERSION,
+        "created_s": round(time.perf_counter() - t0, 2),
+        "decode_s": round(t_decode, 2),
+        "plan_s": round(t_plan, 2),
+        "repeats": [_plan_doc(p, s) for p, s in zip(plans, _repeat_starts(params, plans), strict=True)],
+    }
+    tmp.replace(movie)
+    truth_path(movie).write_text(json.dumps(doc, indent=1) + "\n")
+    return movie
 
-        def put(rgb: np.ndarray) -> None:
-            nonlocal n
+
+def _movie_frames(
+    params: Params, source: Source, plans: Sequence[RepeatPlan], verbose: bool
+) -> Iterator[np.ndarray]:
+    """The movie's RGB frames in order: opening cards, every repeat, closing credits."""
+    cards = _cards(params, source, plans[0]) if params.titles else None
+    if cards:
+        yield from cards.frames(OPENING)
+    for plan in plans:
+        yield from Renderer(source, plan, (params.width, params.height)).frames()
+        if verbose:
+            print(f"\rrepeat {plan.index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
+    if cards:
+        yield from cards.frames(CLOSING)
+
+
+def _encode(path: Path, frames: Iterator[np.ndarray], params: Params, fps: Fraction) -> int:
+    """Encode RGB ``frames`` with libx264 (``params``' preset and crf) into ``path``; returns the
+    number of frames written."""
+    import av
+
+    n = 0
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = params.width, params.height, "yuv420p"
+        stream.options = {"preset": params.preset, "crf": str(params.crf)}
+        stream.codec_context.time_base = Fraction(1) / fps
+        for rgb in frames:
             yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
             frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
             frame.pts = n
             frame.time_base = stream.codec_context.time_base
             container.mux(stream.encode(frame))
             n += 1
-
-        cards = _cards(params, source, plans[0]) if params.titles else None
-        for rgb in cards.frames(OPENING) if cards else ():
-            put(rgb)
-        for plan in plans:
-            for rgb in Renderer(source, plan, (w, h)).frames():
-                put(rgb)
-            if verbose:
-                print(f"\rrepeat {plan.index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
-        for rgb in cards.frames(CLOSING) if cards else ():
-            put(rgb)
         container.mux(stream.encode(None))
-    if verbose:
-        print(file=sys.stderr)
-    took = time.perf_counter() - t0
-    intro = sum(seg[0] for seg in OPENING) if params.titles else 0
-    starts, at = [], intro
+    return n
+
+
+def _intro_frames(params: Params) -> int:
+    """Frames of the opening title cards (none unless ``params.titles``)."""
+    return sum(seg[0] for seg in OPENING) if params.titles else 0
+
+
+def _repeat_starts(params: Params, plans: Sequence[RepeatPlan]) -> list[int]:
+    """The first frame of every repeat in the movie (after the opening cards)."""
+    starts, at = [], _intro_frames(params)
     for plan in plans:
         starts.append(at)
         at += plan.frames
+    return starts
+
+
+def _movie_truth(params: Params, plans: Sequence[RepeatPlan]) -> dict[str, Any]:
+    """The truth's ``cuts``, ``text_shots`` (title cards, credits) and ``subtitled_shots`` (shots
+    with burned-in subtitles), shots as ``[first frame, end frame)``."""
+    intro = _intro_frames(params)
+    starts = _repeat_starts(params, plans)
+    at = intro + sum(plan.frames for plan in plans)
     cuts = [intro + c for c in cut_truth(plans)]
     text_shots: list[list[Any]] = []
     if params.titles:
@@ -604,29 +647,8 @@ def make_movie(params: Params, out_dir: Path, source_path: Path = HAMILTON, verb
         for k, shot in enumerate(plan.shots)
         if shot.subtitle
     ]
-    doc = {
-        "movie": movie.name,
-        "source": source_path.name,
-        "fps": float(source.fps),
-        "fps_fraction": [source.fps.numerator, source.fps.denominator],
-        "width": w,
-        "height": h,
-        "frames": n,
-        "cuts": cuts,
-        # A film as released: the shots that are text (title cards, credits) and the ones with
-        # burned-in subtitles ([first frame, end frame)).
-        "text_shots": text_shots,
-        "subtitled_shots": subtitled,
-        "params": asdict(params),
-        "version": VERSION,
-        "created_s": round(took, 2),
-        "decode_s": round(t_decode, 2),
-        "plan_s": round(t_plan, 2),
-        "repeats": [_plan_doc(p, s) for p, s in zip(plans, starts, strict=True)],
-    }
-    tmp.replace(movie)
-    truth_path(movie).write_text(json.dumps(doc, indent=1) + "\n")
-    return movie
+    # A film as released: the shots that are text and the ones with burned-in subtitles.
+    return {"cuts": cuts, "text_shots": text_shots, "subtitled_shots": subtitled}
 
 
 def first_minutes(movie: Path, minutes: float) -> tuple[Path, int]:

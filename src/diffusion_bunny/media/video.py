@@ -172,10 +172,14 @@ def shrink_upright(bgr: np.ndarray, size: tuple[int, int], rotation: int) -> np.
 
 
 def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
-    """Apply display-matrix rotation the way players (and ``ffmpeg``'s autorotate) do.
+    """Turn a stored picture the way its display matrix shows it.
 
-    PyAV's ``frame.rotation`` is the display matrix's angle, counter-clockwise; turning the
-    stored picture by that angle (``np.rot90`` with k = angle / 90) shows it upright."""
+    ``rotation`` is PyAV's ``frame.rotation``: the display matrix's angle in degrees,
+    counter-clockwise (a phone held upright stores a quarter turn clockwise, read as -90 and
+    kept as 270). Turning the stored picture by that angle counter-clockwise (``np.rot90`` with
+    k = angle / 90) puts every pixel where the matrix shows it. Stage 01's tests check this on
+    clips whose matrix is written number by number, with the shown place of a marked corner
+    worked out from the matrix itself, not from this function."""
     k = (rotation // 90) % 4
     if k == 0:
         return img

@@ -38,25 +38,6 @@ PRESET_SEED = 0
 # Presets
 
 
-def _tiny_text_config(vocab: dict[str, int], projection_dim: int | None = None) -> Any:
-    from transformers import CLIPTextConfig
-
-    extra = {"projection_dim": projection_dim} if projection_dim is not None else {}
-    return CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        hidden_act="quick_gelu",
-        **extra,
-    )
-
-
 def _tiny_vae(latent_channels: int = 4, scaling: float = 0.18215, **flow: Any) -> Any:
     """An AutoencoderKL with SD's four resolution levels (so latents are 1/8 of the image and the
     bucket arithmetic matches real models) and few channels per level; 4 latent channels for SD,
@@ -79,6 +60,36 @@ def _tiny_vae(latent_channels: int = 4, scaling: float = 0.18215, **flow: Any) -
     )
 
 
+def _tiny_unet(**conditioning: Any) -> Any:
+    """The UNet both SD families share: two levels (plain, then cross-attention) of 32 and 64
+    channels on 4 latent channels; ``conditioning`` holds what a family adds (its attention
+    heads, cross-attention width and, for SDXL, the pooled-text and size embeddings)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        **conditioning,
+    )
+
+
+def _clip(vocab: dict[str, int], hidden: int, projection: int | None) -> Any:
+    """A tiny CLIP text encoder, with a projection (``CLIPTextModelWithProjection``) when
+    ``projection`` is given."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusion_bunny.models.tiny_clip import clip_text_config
+
+    config = clip_text_config(vocab, hidden, projection_dim=projection)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
 def _scheduler_kwargs() -> dict[str, Any]:
     # Stable Diffusion's noise schedule (both families train on it).
     return {
@@ -90,95 +101,89 @@ def _scheduler_kwargs() -> dict[str, Any]:
     }
 
 
+def _save(pipe: Any, folder: Path, tokenizer_src: Path) -> Path:
+    """``save_pretrained`` the pipeline into ``folder`` and drop the tokenizer sources it was
+    built from (the pipeline saved its own copy of the tokenizers)."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(tokenizer_src, ignore_errors=True)
+    return folder
+
+
+#: Words merged into whole tokens beyond the tokenizer's defaults: the demo's trigger word and
+#: prompts.
+PROMPT_WORDS = ("bunnystyle", "bunny", "in", "style", "person", "portrait")
+
+
 def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET_SEED) -> Path:
     """Build a small random Stable Diffusion (``sd1``), SDXL (``sdxl``), FLUX.1 (``flux``) or
-    SD3.5 (``sd3``) pipeline with fixed
-    seeds and ``save_pretrained`` it into ``folder``; returns ``folder``.
+    SD3.5 (``sd3``) pipeline with fixed seeds and ``save_pretrained`` it into ``folder``;
+    returns ``folder``.
 
     The layout is the real one (UNet with cross-attention blocks, four-level VAE, CLIP text
     encoder(s) and tokenizer(s), a scheduler), only narrow, so every code path of training and
-    generation runs on it on a CPU in seconds.
+    generation runs on it on a CPU in seconds. The parts are made in a fixed order after one
+    seed (VAE, UNet, text encoders), which is what keeps a preset's weights the same bytes on
+    every machine.
     """
     import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
 
     if family in FLOW_FAMILIES:
         return build_tiny_flow_pipeline(folder, family, seed=seed)
     folder = Path(folder)
-    words = (*DEFAULT_WORDS, "bunnystyle", "bunny", "in", "style", "person", "portrait")
-    tok_dir = folder / "_tokenizer_src"
-    vocab = write_clip_tokenizer(tok_dir, model_max_length=77, words=words)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-
+    src = folder / "_tokenizer_src"
+    vocab = write_clip_tokenizer(src, model_max_length=77, words=(*DEFAULT_WORDS, *PROMPT_WORDS))
+    tokenizer = CLIPTokenizer.from_pretrained(src)
     torch.manual_seed(seed)
     vae = _tiny_vae()
-    if family == "sd1":
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
+    build = _sd1_pipeline if family == "sd1" else _sdxl_pipeline
+    return _save(build(vae, vocab, tokenizer), folder, src)
 
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        text_encoder = CLIPTextModel(_tiny_text_config(vocab))
-        scheduler = PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-        text_dim, time_dim = 32, 8
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            transformer_layers_per_block=(1, 2),
-            # pooled text embedding of text_encoder_2 + six size/crop numbers, each embedded
-            projection_class_embeddings_input_dim=text_dim + 6 * time_dim,
-            cross_attention_dim=2 * text_dim,  # both encoders' hidden states, concatenated
-            norm_num_groups=32,
-        )
-        text_encoder = CLIPTextModel(_tiny_text_config(vocab))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(vocab, projection_dim=text_dim))
-        scheduler = EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading")
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-        )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    return folder
+def _sd1_pipeline(vae: Any, vocab: dict[str, int], tokenizer: Any) -> Any:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=8)
+    text_encoder = _clip(vocab, 32, None)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl_pipeline(vae: Any, vocab: dict[str, int], tokenizer: Any) -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    text_dim, time_dim = 32, 8
+    unet = _tiny_unet(
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 2),
+        # pooled text embedding of text_encoder_2 + six size/crop numbers, each embedded
+        projection_class_embeddings_input_dim=text_dim + 6 * time_dim,
+        cross_attention_dim=2 * text_dim,  # both encoders' hidden states, concatenated
+    )
+    text_encoder = _clip(vocab, text_dim, None)
+    text_encoder_2 = _clip(vocab, text_dim, text_dim)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,31 +203,12 @@ FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynami
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 #: (scaling_factor, shift_factor) of the real VAEs.
 VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
-FLOW_WORDS = ("close-up", "full", "body", "upper", "bunnystyle", "bunny", "in", "style", "person", "portrait")
+FLOW_WORDS = ("close-up", "full", "body", "upper", *PROMPT_WORDS)
 
 
 def _flow_vae(family: str) -> Any:
     scaling, shift = VAE_FACTORS[family]
     return _tiny_vae(16, scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
-
-
-def _clip(vocab: dict[str, int], hidden: int, projection: int | None) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        hidden_act="quick_gelu",
-        **({"projection_dim": projection} if projection else {}),
-    )
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _t5(vocab_size: int, d_model: int) -> Any:
@@ -251,85 +237,96 @@ def build_tiny_flow_pipeline(
     folder: Path, family: Family = "flux", *, seed: int = PRESET_SEED, guidance_embeds: bool = True
 ) -> Path:
     """Build and ``save_pretrained`` a tiny random FLUX.1 pipeline (dev layout; ``guidance_embeds``
-    False gives schnell's) or SD3.5-medium pipeline into ``folder``; returns ``folder``."""
+    False gives schnell's) or SD3.5-medium pipeline into ``folder``; returns ``folder``. Made
+    after one seed in a fixed order (VAE, transformer, CLIP encoder(s), T5), as the SD presets."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
     from diffusion_bunny.models.tiny_t5 import write_t5_tokenizer
 
+    if family not in FLOW_FAMILIES:
+        raise ValueError(f"not a rectified-flow family: {family!r}")
     folder = Path(folder)
     words = (*DEFAULT_WORDS, *FLOW_WORDS)
     src = folder / "_tokenizer_src"
     vocab = write_clip_tokenizer(src / "clip", model_max_length=77, words=words)
     t5_vocab = write_t5_tokenizer(src / "t5", model_max_length=512, words=words)
-    clip_tok = CLIPTokenizer.from_pretrained(src / "clip")
-    t5_tok = T5TokenizerFast.from_pretrained(src / "t5")
-
+    tokenizers = (CLIPTokenizer.from_pretrained(src / "clip"), T5TokenizerFast.from_pretrained(src / "t5"))
     torch.manual_seed(seed)
     vae = _flow_vae(family)
     if family == "flux":
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
-        clip_width, t5_width = 32, 32
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=t5_width,
-            pooled_projection_dim=clip_width,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=(4, 6, 6),
-        )
-        sched = FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**sched),
-            vae=vae,
-            text_encoder=_clip(vocab, clip_width, None),
-            tokenizer=clip_tok,
-            text_encoder_2=_t5(t5_vocab, t5_width),
-            tokenizer_2=t5_tok,
-            transformer=transformer,
-        )
-    elif family == "sd3":
-        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-        clip_width, t5_width = 32, 64  # T5 width >= CLIP-L + CLIP-G widths (SD3 pads CLIP to it)
-        transformer = SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=t5_width,
-            caption_projection_dim=32,
-            pooled_projection_dim=2 * clip_width,
-            out_channels=16,
-            pos_embed_max_size=64,
-            dual_attention_layers=(0,),
-            qk_norm="rms_norm",
-        )
-        pipe = StableDiffusion3Pipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-            vae=vae,
-            text_encoder=_clip(vocab, clip_width, clip_width),
-            tokenizer=clip_tok,
-            text_encoder_2=_clip(vocab, clip_width, clip_width),
-            tokenizer_2=clip_tok,
-            text_encoder_3=_t5(t5_vocab, t5_width),
-            tokenizer_3=t5_tok,
-            transformer=transformer,
-        )
+        pipe = _flux_pipeline(vae, vocab, t5_vocab, tokenizers, guidance_embeds)
     else:
-        raise ValueError(f"not a rectified-flow family: {family!r}")
-    pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(src, ignore_errors=True)
-    return folder
+        pipe = _sd3_pipeline(vae, vocab, t5_vocab, tokenizers)
+    return _save(pipe, folder, src)
+
+
+def _flux_pipeline(
+    vae: Any, vocab: dict[str, int], t5_vocab: int, tokenizers: tuple[Any, Any], guidance_embeds: bool
+) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_width, t5_width = 32, 32
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    text_encoder = _clip(vocab, clip_width, None)
+    text_encoder_2 = _t5(t5_vocab, t5_width)
+    sched = FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**sched),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizers[0],
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizers[1],
+        transformer=transformer,
+    )
+
+
+def _sd3_pipeline(vae: Any, vocab: dict[str, int], t5_vocab: int, tokenizers: tuple[Any, Any]) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_width, t5_width = 32, 64  # T5 width >= CLIP-L + CLIP-G widths (SD3 pads CLIP to it)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_width,
+        out_channels=16,
+        pos_embed_max_size=64,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    text_encoder = _clip(vocab, clip_width, clip_width)
+    text_encoder_2 = _clip(vocab, clip_width, clip_width)
+    text_encoder_3 = _t5(t5_vocab, t5_width)
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizers[0],
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizers[0],
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizers[1],
+        transformer=transformer,
+    )
 
 
 def preset_path(name: str) -> Path:

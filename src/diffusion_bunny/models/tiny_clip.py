@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 #: Words whose letters get merged into whole-word tokens, so the tokenizer has real merges to apply
 #: (a vocabulary of single bytes would never exercise the BPE step).
@@ -96,3 +97,27 @@ def write_clip_tokenizer(
         encoding="utf-8",
     )
     return vocab
+
+
+def clip_text_config(
+    vocab: dict[str, int], hidden: int = 32, *, projection_dim: int | None = None, max_positions: int = 77
+) -> Any:
+    """The config of a tiny CLIP text tower over ``vocab`` (two layers of four heads, an MLP twice
+    ``hidden`` wide, the vocabulary's special tokens), so every tiny model sizes its text encoder
+    one way: the presets' encoders (``projection_dim`` for the ones with a projection, as SDXL's
+    and SD3's second encoder) and the test suite's tiny CLIP (its 32 positions)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+        hidden_act="quick_gelu",
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )

@@ -313,7 +313,7 @@ def test_lora_that_does_not_fit_stops_before_any_image(pipe, training_output, re
 def test_identity_score_of_real_photos(references):
     """A real photo fed to the scorer as if generated: its face is found, close to its own
     character's references (mirrored crops of the same photo) and far from the other person."""
-    from diffusion_bunny.demo.movie import load_source
+    from diffusion_bunny.media.samples import load_source
 
     settings = DetectSettings(min_face_px=0)
     assert set(references.names) == {"astronaut", "grace_hopper"}

@@ -154,28 +154,12 @@ def make_clip(
 ) -> Clip:
     """Render a clip of ``shots`` shots joined by transitions of ``kind`` (see the module doc);
     the truth is written beside it as ``<name>.truth.json``."""
-    import av
-
-    from diffusion_bunny.media.samples import load_source
-
     if kind not in KINDS:
         raise ValueError(f"unknown clip kind {kind!r} (known: {', '.join(KINDS)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = [SOURCES[i] for i in rng.permutation(len(SOURCES))]
-    picks = [names[i % len(names)] for i in range(shots)]
-    if kind == "cut" and shots >= 3:
-        picks[2] = picks[1]  # a cut between two framings of the same picture
     g = _Graph()
-    streams = []
-    for i, name in enumerate(picks):
-        chain = _shot_filters(shot_frames, width, height, fast=kind == "pan", variant=seed + i)
-        if kind == "cut" and i == 2:
-            # Same picture, other framing: zoomed in on another part of it.
-            chain[0] = ("scale", f"{width * 2}:{height * 2}")
-        streams.append(g.chain(g.source(np.ascontiguousarray(load_source(name)), fps), chain))
-    flashes: list[int] = []
+    streams = _shot_streams(g, kind, shots, shot_frames, (width, height), fps, seed)
     boundaries: list[int | list[int]] = []
     acc, length = streams[0], shot_frames
     d = transition_frames
@@ -195,26 +179,64 @@ def make_clip(
             acc = g.join("concat", "n=2:v=1:a=0", acc, streams[i])
             boundaries.append(length)
             length += shot_frames
+    flashes: list[int] = []
     if kind == "flash":
-        # Two flashes per shot after the first: two frames almost white, then one half as bright.
-        enables = []
-        for i in range(1, shots):
-            start = i * shot_frames
-            for at in (start + shot_frames // 3, start + 2 * shot_frames // 3):
-                flashes.append(at)
-                enables.append((at, at + 1, at + 2))
-        strong = "+".join(f"between(n,{a},{b})" for a, b, _ in enables)
-        weak = "+".join(f"eq(n,{c})" for _, _, c in enables)
-        acc = g.chain(
-            acc,
-            [
-                ("lutyuv", f"y='min(255,val*0.4+200)':u=128:v=128:enable='{strong}'"),
-                ("lutyuv", f"y='min(255,val*0.7+90)':enable='{weak}'"),
-            ],
-        )
+        flashes, filters = _flash_filters(shots, shot_frames)
+        acc = g.chain(acc, filters)
     frames = g.run(acc, length, shot_frames)
     if len(frames) != length:
         raise RuntimeError(f"the filter graph gave {len(frames)} frames, {length} expected")
+    _encode(path, frames, width, height, fps)
+    clip = Clip(path=path, kind=kind, frames=length, fps=fps, boundaries=boundaries, flashes=flashes)
+    path.with_suffix(".truth.json").write_text(json.dumps(_doc(clip), indent=1) + "\n")
+    return clip
+
+
+def _shot_streams(
+    g: _Graph, kind: str, shots: int, shot_frames: int, size: tuple[int, int], fps: int, seed: int
+) -> list[object]:
+    """One filmed picture per shot (pictures in an order drawn from ``seed``), each a chain of
+    :func:`_shot_filters` in ``g``."""
+    from diffusion_bunny.media.samples import load_source
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    names = [SOURCES[i] for i in rng.permutation(len(SOURCES))]
+    picks = [names[i % len(names)] for i in range(shots)]
+    if kind == "cut" and shots >= 3:
+        picks[2] = picks[1]  # a cut between two framings of the same picture
+    streams = []
+    for i, name in enumerate(picks):
+        chain = _shot_filters(shot_frames, width, height, fast=kind == "pan", variant=seed + i)
+        if kind == "cut" and i == 2:
+            # Same picture, other framing: zoomed in on another part of it.
+            chain[0] = ("scale", f"{width * 2}:{height * 2}")
+        streams.append(g.chain(g.source(np.ascontiguousarray(load_source(name)), fps), chain))
+    return streams
+
+
+def _flash_filters(shots: int, shot_frames: int) -> tuple[list[int], list[Filter]]:
+    """Two flashes per shot after the first (two frames almost white, then one half as bright):
+    their first frames and the filters that draw them."""
+    flashes: list[int] = []
+    enables = []
+    for i in range(1, shots):
+        start = i * shot_frames
+        for at in (start + shot_frames // 3, start + 2 * shot_frames // 3):
+            flashes.append(at)
+            enables.append((at, at + 1, at + 2))
+    strong = "+".join(f"between(n,{a},{b})" for a, b, _ in enables)
+    weak = "+".join(f"eq(n,{c})" for _, _, c in enables)
+    return flashes, [
+        ("lutyuv", f"y='min(255,val*0.4+200)':u=128:v=128:enable='{strong}'"),
+        ("lutyuv", f"y='min(255,val*0.7+90)':enable='{weak}'"),
+    ]
+
+
+def _encode(path: Path, frames: list[object], width: int, height: int, fps: int) -> None:
+    """Encode the filter graph's frames with libx264 into ``path``."""
+    import av
+
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -224,9 +246,6 @@ def make_clip(
             frame.pts, frame.time_base = i, Fraction(1, fps)
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
-    clip = Clip(path=path, kind=kind, frames=length, fps=fps, boundaries=boundaries, flashes=flashes)
-    path.with_suffix(".truth.json").write_text(json.dumps(_doc(clip), indent=1) + "\n")
-    return clip
 
 
 def _doc(clip: Clip) -> dict[str, Any]:
