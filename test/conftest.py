@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -74,19 +75,45 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
         return build_demo_movie(shared / "demo", progress=False)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills, made once per pytest run and copied to each worker.
+
+    Under pytest-xdist the first worker to ask builds it in the run's common temporary folder
+    under a file lock (as :func:`demo` does) and every worker, that one included, gets a private
+    copy, so a test that writes into its run folder never meets another worker's lock or files.
+    The session fixtures below cost 10-25 s each to build; two workers built them twice."""
+    from filelock import FileLock
+
+    own = tmp_path_factory.mktemp(name)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        build(own)
+        return own
+    shared = tmp_path_factory.getbasetemp().parent / f"shared_{name}"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".built").is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            build(shared)
+            (shared / ".built").touch()
+    shutil.copytree(shared, own, dirs_exist_ok=True)
+    return own
+
+
 @pytest.fixture(scope="session")
 def demo_run(demo, tmp_path_factory):
-    """The demo movie through stages 01 and 02, in-process, once per session. Tests read it;
-    a test that changes a run copies it first."""
+    """The demo movie through stages 01 and 02, in-process, once per pytest run (a copy per
+    worker, :func:`built_once`). Tests read it; a test that changes a run copies it first."""
     from diffusion_bunny.config import load_config
     from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
-    run = Run.create(tmp_path_factory.mktemp("demo_run") / "run", demo.path)
-    cfg = load_config(root=tmp_path_factory.mktemp("noconfig"))
-    run_stage(run, "extract", cfg, progress=False)
-    run_stage(run, "quality", cfg, progress=False)
-    return run
+    def build(folder: Path) -> None:
+        run = Run.create(folder / "run", demo.path)
+        cfg = load_config(root=folder)  # no config/ folder there: the defaults
+        run_stage(run, "extract", cfg, progress=False)
+        run_stage(run, "quality", cfg, progress=False)
+
+    return Run.open(built_once(tmp_path_factory, "demo_run", build) / "run")
 
 
 # The thresholds of stage 04 for the board tests: with the default noise_threshold (0.5) the demo
@@ -99,22 +126,27 @@ BOARD_OVERRIDES = {"scenes.noise_threshold": 0.8}
 @pytest.fixture(scope="session")
 def scenes_demo_run(demo_run, demo, tmp_path_factory):
     """The demo run through stages 03 (named from the demo's reference portraits) and 04 with
-    :data:`BOARD_OVERRIDES`, once per session; returns ``(run, overrides)``. Tests that move
-    frames work on a copy (:func:`board_run`)."""
+    :data:`BOARD_OVERRIDES`, once per pytest run (a copy per worker, :func:`built_once`); returns
+    ``(run, overrides)``. Tests that move frames work on a copy (:func:`board_run`)."""
     from diffusion_bunny.config import load_config
     from diffusion_bunny.demo.movie import build_demo_references
     from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
-    refs = build_demo_references(tmp_path_factory.mktemp("demo_refs"))
-    overrides = {**BOARD_OVERRIDES, "characters.reference_dir": str(refs)}
-    run_dir = tmp_path_factory.mktemp("scenes_run") / "run"
-    shutil.copytree(demo_run.run_dir, run_dir)
-    run = Run.open(run_dir)
-    cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
-    run_stage(run, "characters", cfg, progress=False)
-    run_stage(run, "scenes", cfg, progress=False)
-    return run, overrides
+    def build(folder: Path) -> None:
+        refs = build_demo_references(folder / "refs")
+        overrides = {**BOARD_OVERRIDES, "characters.reference_dir": str(refs)}
+        # The copies keep these settings word for word (the reference folder built here): the
+        # stages' config hashes then match and a test sees the stages done, as it would in place.
+        (folder / "overrides.json").write_text(json.dumps(overrides))
+        shutil.copytree(demo_run.run_dir, folder / "run")
+        run = Run.open(folder / "run")
+        cfg = load_config(None, overrides, root=folder)
+        run_stage(run, "characters", cfg, progress=False)
+        run_stage(run, "scenes", cfg, progress=False)
+
+    folder = built_once(tmp_path_factory, "scenes_run", build)
+    return Run.open(folder / "run"), json.loads((folder / "overrides.json").read_text())
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ the cuts around a short shot); the exported dataset of the full pipeline is judg
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -38,12 +39,22 @@ def films(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extracted(films, tmp_path_factory):
-    """Stage 01 on every variant (progress off)."""
-    cfg = load_config().extraction
+    """Stage 01 on every variant as a user runs it (``run_stage``, the defaults, progress off):
+    ``(result, run folder)`` with the tables written and the manifest's facts and counts. The datasets below
+    start from these runs (stage 01 found done), so each film is decoded once."""
+    from types import SimpleNamespace
+
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    cfg = load_config(None, {}, root=tmp_path_factory.mktemp("noconfig"))
     out = {}
     for name, movie in films.items():
-        run = tmp_path_factory.mktemp(f"x-{name}")
-        out[name] = (extract_frames(movie, cfg, run, progress=False), run)
+        run = Run.create(tmp_path_factory.mktemp(f"x-{name}") / "run", movie)
+        tables = run_stage(run, "extract", cfg, progress=False)
+        manifest = run.read_manifest("extract")
+        result = SimpleNamespace(tables=tables, facts=manifest["facts"], counts=manifest["counts"])
+        out[name] = (result, run.run_dir)
     return out
 
 
@@ -171,7 +182,7 @@ INGEST = ("extract", "quality", "characters", "scenes", "captions", "export")
 
 
 @pytest.fixture(scope="module")
-def datasets(films, tmp_path_factory):
+def datasets(films, extracted, tmp_path_factory):
     """Stages 01-06 (and the report) on the letterboxed 1080p film and on the anamorphic DVD,
     with the two people's reference photos, as a user runs them: the datasets a LoRA would see."""
     from diffusion_bunny.pipeline.run import Run
@@ -181,13 +192,16 @@ def datasets(films, tmp_path_factory):
     for variant in ("sdr", "anamorphic"):
         movie = films[variant]
         folder = tmp_path_factory.mktemp(f"d-{variant}")
-        run = Run.create(folder / "run", movie)
+        shutil.copytree(extracted[variant][1], folder / "run")  # stage 01 done, same settings
+        run = Run.open(folder / "run")
         overrides = {"characters.reference_dir": str(movie.parent / "refs"), "export.crops": ["full", "face"]}
         if variant == "anamorphic":  # shot clips for a video LoRA too, from the stored 704x576
             overrides["export.video_clips"] = True
         cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
         for stage in (*INGEST, "report") if variant == "sdr" else INGEST:
             run_stage(run, stage, cfg, progress=False)
+        first = json.loads((extracted[variant][1] / "manifests" / "extract.json").read_text())
+        assert run.read_manifest("extract")["started"] == first["started"]  # not decoded again
         out[variant] = (run, truth_of(movie))
     return out
 
