@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Bytecode files are kept during the tests even where PYTHONDONTWRITEBYTECODE is set (CI machines,
 # container images, this workplace's shell): without them every xdist worker, kernel, Ray worker
 # and `bunny` subprocess compiles torch, transformers, plotnine and pandas from source again (16.5 s
-# of imports instead of 9.1 s, each time; a fresh clone's suite took 11 min 58 s, 9 min 16 s with
+# of imports instead of 9.1 s, each time; a fresh clone's suite took 11 min 58 s, 9 min 17 s with
 # the bytecode kept). Set here, before the workers and subprocesses start, so they all inherit it.
 # uv's `compile-bytecode` would do it at install, but then recompiles the whole venv on every
 # `uv run` (1.2-4.5 s each, uv issue 12202), which every user would pay.
