@@ -31,33 +31,6 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
 
 from paths import HAMILTON
 
-#: The test files that take longest (seconds of test time on a fresh 2-core machine, 2026-11-24),
-#: run first. pytest-xdist (``--dist loadfile``) hands files to the workers in collection order,
-#: which is alphabetical: the film-as-released file (80 s) came last and one worker ran it alone
-#: at the end. Longest first, the two workers finish closer together. A file missing here only
-#: runs later; a renamed one shows in this list's test.
-LONGEST_FIRST = (
-    "test/pipeline/test_engine.py",  # 108 s: a local Ray cluster
-    "test/stages/extract/test_boundaries.py",  # 88 s
-    "test/test_film_as_released.py",  # 83 s
-    "test/stages/characters/test_characters.py",  # 68 s
-    "test/pipeline/test_runner.py",  # 59 s
-    "test/pipeline/test_demo_command.py",  # 56 s: bunny demo, nine notebooks
-    "test/stages/export/test_export.py",  # 47 s
-    "test/stages/train/test_train.py",  # 39 s
-    "test/pipeline/test_kill_stages.py",  # 37 s
-    "test/stages/generate/test_generate.py",  # 31 s
-)
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    """The files of :data:`LONGEST_FIRST` first, in that order; the rest as collected. A stable
-    sort on the file alone, so each file's tests stay together and in their order (module
-    fixtures are built once)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    root = Path(str(config.rootpath))
-    items.sort(key=lambda item: rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank)))
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> None:

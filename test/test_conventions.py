@@ -162,13 +162,3 @@ def test_no_function_in_src_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
-
-
-def test_the_longest_test_files_listed_first_exist():
-    """conftest's LONGEST_FIRST names files that exist: a renamed file would silently lose its
-    early place."""
-    from conftest import LONGEST_FIRST
-    from paths import ROOT
-
-    missing = [name for name in LONGEST_FIRST if not (ROOT / name).is_file()]
-    assert not missing, f"LONGEST_FIRST names files that are gone: {missing}"
