@@ -25,7 +25,7 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +93,12 @@ class TextDetector:
                 "the text rules"
             ) from None
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What identifies the detector's output (stage 02's text cache key): the code that runs
         it (this module, :func:`~diffusion_bunny.codegraph.code_hash`), the model and the model
-        file's hash."""
+        file's hash. Worked out once per detector: every frame's text key carries it, and the
+        model file is megabytes to hash."""
         return f"{code_hash(__name__)}:{MODEL_FILE}:{_file_digest(self._model_path)}"
 
     def detect(self, bgr: np.ndarray) -> list[TextLine]:
