@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,14 @@ import cv2
 import numpy as np
 import polars as pl
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
-from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.tables import (
@@ -276,23 +273,17 @@ def _write_pictures(
             (staging / "kohya" / kohya_folder(repeats, concept)).mkdir(parents=True)
     by_frame = items.partition_by("frame_id", maintain_order=True, as_dict=False)
     jobs = [frame.to_dicts() for frame in by_frame]
-    bar = tqdm(total=len(jobs), unit="frame", desc="export", disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, "export", len(jobs), "frame")
-    written = 0
-    try:
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for done, size in enumerate(
-                pool.map(lambda rows: _write_frame(run_dir, rows, staging, cfg, cfg.kohya), jobs), 1
-            ):
-                written += size
-                bar.update(1)
-                reporter.update(done)
-    finally:
-        bar.close()
-        reporter.close()
+    sizes = map_tracked(
+        lambda rows: _write_frame(run_dir, rows, staging, cfg, cfg.kohya),
+        jobs,
+        desc="export",
+        workers=min(4, os.cpu_count() or 1),
+        progress=progress,
+        progress_path=progress_path,
+    )
     for split in SPLITS:
         part = items.filter(pl.col("split") == split)
         if part.height:
             write_metadata(staging / "hf" / split, part, cfg.metadata_format)
     (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
-    return written
+    return sum(sizes)
