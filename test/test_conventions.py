@@ -141,24 +141,23 @@ def test_progress_bars_slow_down_when_standard_error_is_no_terminal(monkeypatch)
 #: screen, a reader keeps the start in mind while reading the end (issue 32.5).
 MAX_FUNCTION_LINES = 80
 #: The trainers keep their training loops whole, as diffusers' example scripts do: a step read
-#: top to bottom beside the reference script it follows.
-LONG_FUNCTIONS_ALLOWED = {"stages/train/lora.py", "stages/train/flow.py"}
+#: top to bottom beside the reference script it follows. Named one by one, so a new long
+#: function in those files is still caught.
+LONG_FUNCTIONS_ALLOWED = {"stages/train/lora.py:train_lora", "stages/train/lora.py:_train"}
 
 
 def test_no_function_in_src_is_longer_than_a_screen():
     """Issue 32.5: every function (methods and nested ones too) of the package fits in
-    MAX_FUNCTION_LINES lines, except in the trainers."""
+    MAX_FUNCTION_LINES lines, except the trainers' two loops."""
     import ast
 
     package = ROOT / "src" / "diffusion_bunny"
     long = []
     for path in sorted(package.rglob("*.py")):
         name = path.relative_to(package).as_posix()
-        if name in LONG_FUNCTIONS_ALLOWED:
-            continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1
-                if lines > MAX_FUNCTION_LINES:
+                if lines > MAX_FUNCTION_LINES and f"{name}:{node.name}" not in LONG_FUNCTIONS_ALLOWED:
                     long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
