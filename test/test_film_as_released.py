@@ -40,8 +40,8 @@ def films(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extracted(films, tmp_path_factory):
     """Stage 01 on every variant as a user runs it (``run_stage``, the defaults, progress off):
-    ``(result, run folder)`` with the tables written and the manifest's facts and counts. The datasets below
-    start from these runs (stage 01 found done), so each film is decoded once."""
+    ``(result, run folder)``: the tables written, the manifest's facts, counts and start time. The
+    datasets below start from these runs (stage 01 found done), so each film is decoded once."""
     from types import SimpleNamespace
 
     from diffusion_bunny.pipeline.run import Run
@@ -53,7 +53,9 @@ def extracted(films, tmp_path_factory):
         run = Run.create(tmp_path_factory.mktemp(f"x-{name}") / "run", movie)
         tables = run_stage(run, "extract", cfg, progress=False)
         manifest = run.read_manifest("extract")
-        result = SimpleNamespace(tables=tables, facts=manifest["facts"], counts=manifest["counts"])
+        result = SimpleNamespace(
+            tables=tables, facts=manifest["facts"], counts=manifest["counts"], started=manifest["started"]
+        )
         out[name] = (result, run.run_dir)
     return out
 
@@ -200,8 +202,7 @@ def datasets(films, extracted, tmp_path_factory):
         cfg = load_config(None, overrides, root=tmp_path_factory.mktemp("noconfig"))
         for stage in (*INGEST, "report") if variant == "sdr" else INGEST:
             run_stage(run, stage, cfg, progress=False)
-        first = json.loads((extracted[variant][1] / "manifests" / "extract.json").read_text())
-        assert run.read_manifest("extract")["started"] == first["started"]  # not decoded again
+        assert run.read_manifest("extract")["started"] == extracted[variant][0].started  # not decoded again
         out[variant] = (run, truth_of(movie))
     return out
 
