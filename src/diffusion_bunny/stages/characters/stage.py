@@ -66,9 +66,11 @@ from diffusion_bunny.stages.characters.tables import (
 )
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
-#: Below this many frames to do, a process pool costs more to start (a second or two per worker
-#: for the interpreter, dlib and its models) than it saves.
-MIN_FRAMES_FOR_POOL = 12
+#: Below this many frames to do, a process pool costs more to start than it saves: each spawned
+#: worker imports torch and facenet-pytorch and loads MTCNN and dlib's models (3-4 s of CPU). On the
+#: demo run's frames on a quiet 2-core machine (2026-11-24): 17 frames took 5.6 s on the pool and
+#: 4.9 s in-process, 40 frames 7.0 s and 8.0 s; break-even is about 25 (12 was fitted for HOG).
+MIN_FRAMES_FOR_POOL = 24
 
 
 # ---------------------------------------------------------------------------------------------
