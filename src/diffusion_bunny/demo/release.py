@@ -281,7 +281,9 @@ def encode(film: Film, path: Path) -> None:
         stream = out.add_stream("libx264", rate=FPS)
         stream.width, stream.height = variant.stored
         stream.pix_fmt = "yuv420p10le" if variant.hdr else "yuv420p"
-        options = {"crf": "18", "preset": "veryfast"}
+        # ultrafast: the same picture at crf 18 in a bigger file, encoded in half the time (the
+        # four variants are built for every test run: 41 s with veryfast, 31 s).
+        options = {"crf": "18", "preset": "ultrafast"}
         if variant.interlaced:
             options["x264-params"] = "interlaced=1:tff=1"
         if variant.hdr:
