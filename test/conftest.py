@@ -31,6 +31,24 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
 
 from paths import HAMILTON
 
+
+def _one_core_per_worker() -> None:
+    """Each pytest-xdist worker, and every process it starts (kernels, process pools, Ray,
+    ``bunny`` subprocesses), on cores of its own. The code sizes its thread pools from the cores
+    it may use (``os.sched_getaffinity``: FFmpeg's decoder threads, ONNX Runtime's intra-op
+    threads), as a user's single run should; with two workers on two cores each worker's threads
+    spun and waited for a core the other worker held, and the stage 01 tests took 101 s instead of
+    53 s alone. Where there are fewer cores than workers nothing is pinned."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not worker.startswith("gw") or count < 2 or len(cores) < count:
+        return
+    os.sched_setaffinity(0, set(cores[int(worker[2:]) :: count]))
+
+
+_one_core_per_worker()
+
 #: Seconds each of the longest test files took on 2 workers (warm clone, 2026-11-24, quiet
 #: machine). pytest-xdist (``--dist loadfile``, with ``--no-loadscope-reorder`` in pyproject.toml)
 #: hands whole files to the workers in collection order, each worker holding its current file and
@@ -39,7 +57,7 @@ from paths import HAMILTON
 #: longest first, the short files at the end even the two out. Files not listed run after, as
 #: collected; the figures only order the files, so they need no care beyond the order.
 LONGEST_FIRST = {
-    "test/pipeline/test_engine.py": 102,  # a local Ray cluster, and a hung movie's 20 s timeout
+    "test/pipeline/test_engine.py": 102,  # a local Ray cluster, and a hung movie's timeout
     "test/stages/extract/test_boundaries.py": 87,
     "test/stages/characters/test_characters.py": 67,
     "test/pipeline/test_demo_command.py": 62,  # bunny demo: nine notebooks
