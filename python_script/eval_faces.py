@@ -45,7 +45,12 @@ SETTINGS = [
     ("mediapipe min_score=0.5", replace(BASE, detector="mediapipe", min_score=0.5)),
     ("mediapipe min_score=0.75", replace(BASE, detector="mediapipe", min_score=0.75)),
     ("mtcnn", replace(BASE, detector="mtcnn")),
+    ("mtcnn auto_levels=False", replace(BASE, detector="mtcnn", auto_levels=False)),
+    ("mtcnn scale_step=0.709", replace(BASE, detector="mtcnn", scale_step=0.709)),
+    ("mtcnn scale_step=0.8", replace(BASE, detector="mtcnn", scale_step=0.8)),
+    ("mtcnn before both", replace(BASE, detector="mtcnn", auto_levels=False, scale_step=0.709)),
     ("mtcnn min_score=0.7", replace(BASE, detector="mtcnn", min_score=0.7)),
+    ("mtcnn min_score=0.8", replace(BASE, detector="mtcnn", min_score=0.8)),
     ("mtcnn min_face_px=64", replace(BASE, detector="mtcnn", min_face_px=64)),
 ]
 COLUMNS = [

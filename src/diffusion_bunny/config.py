@@ -205,6 +205,12 @@ class CharactersConfig(_Section):
     detector: Literal["hog", "cnn", "mediapipe", "mtcnn"] = "mtcnn"
     min_score: float | None = Field(None, ge=0.0, le=1.0)
     align: Literal["dlib", "detector"] = "dlib"
+    #: Stretch the searched copy's brightness between its 1st and 99.5th percentiles first
+    #: (low-key stage and night frames; python_script/eval_faces.py).
+    auto_levels: bool = True
+    #: MTCNN's image pyramid: each level this much smaller than the one before (facenet-pytorch's
+    #: own 0.709 skips more face sizes; finer costs time, measured in eval_faces.py).
+    scale_step: float = Field(0.76, ge=0.5, le=0.95)
     detect_width: int = Field(640, ge=0, le=8192)
     upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)

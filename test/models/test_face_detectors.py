@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 from paths import ROOT
@@ -90,12 +91,32 @@ def test_default_detector_on_the_truth_set():
     assert default.detector == "mtcnn"
     s = ft.score(truth, ft.detect_truth(default, truth))
     row = ft.summary_row(s)
-    assert row[">=32"] >= 0.8 and row["precision"] >= 0.95, row
-    assert row["three-quarter"] >= 0.7 and row["profile"] >= 0.5 and row["down"] >= 0.4, row
+    # 0.82 before auto_levels and the finer pyramid (scale_step 0.76), 0.89 with them.
+    assert row[">=32"] >= 0.88 and row["precision"] >= 0.95, row
+    assert row["three-quarter"] >= 0.9 and row["profile"] >= 0.4 and row["down"] >= 0.5, row
+    assert row["kind:dark"] >= 0.7, row  # 3 of 7 faces of the darkened frames without auto_levels
     # No face on the frames without one.
     noface = {f["file"] for f in truth["frames"] if f["kind"] == "noface"}
     found = ft.detect_truth(default, {"frames": [f for f in truth["frames"] if f["file"] in noface]})
     assert sum(len(v) for v in found.values()) <= 1, found
+
+
+def test_auto_levels_stretches_a_low_key_picture_and_leaves_a_full_range_one():
+    from diffusion_bunny.models.faces import auto_levels
+
+    rng = np.random.default_rng(0)
+    dark = rng.integers(5, 45, (60, 80, 3)).astype(np.uint8)  # a night scene: luma 5-45
+    luma = cv2.cvtColor(auto_levels(dark), cv2.COLOR_RGB2GRAY)
+    assert np.percentile(luma, 1) <= 12 and np.percentile(luma, 99.5) >= 240  # from 5-45
+    # The colour is kept: a reddish patch stays reddish.
+    reddish = dark.copy()
+    reddish[20:40, 20:40] = (40, 10, 10)
+    r, g, b = auto_levels(reddish)[30, 30].astype(int)
+    assert r > g + 20 and r > b + 20
+    full = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (8, 1, 3))
+    assert np.array_equal(auto_levels(full), full)
+    flat = np.full((10, 10, 3), 20, np.uint8)  # nothing to stretch: left alone, no division by 0
+    assert np.array_equal(auto_levels(flat), flat)
 
 
 def test_eval_results_in_the_repository_match_the_scoring():

@@ -84,12 +84,14 @@ class DlibDetector:
 
 
 @functools.cache
-def make_detector(name: str, upsample: int = 1, min_face: int = 20, min_score: float | None = None) -> Any:
+def make_detector(
+    name: str, upsample: int = 1, min_face: int = 20, min_score: float | None = None, scale_step: float = 0.76
+) -> Any:
     """The detector called ``name`` (one per process and setting: models load once).
 
     ``upsample`` is dlib's; ``min_face`` the smallest face in pixels of the image searched
-    (MTCNN's image pyramid starts there); ``min_score`` the confidence a face needs (None: the
-    detector's own default)."""
+    (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before);
+    ``min_score`` the confidence a face needs (None: the detector's own default)."""
     if name in ("hog", "cnn"):
         return DlibDetector(name, upsample)
     if name == "mediapipe":
@@ -99,6 +101,6 @@ def make_detector(name: str, upsample: int = 1, min_face: int = 20, min_score: f
     if name == "mtcnn":
         from diffusion_bunny.models.mtcnn import Mtcnn
 
-        return Mtcnn(min_face=min_face, min_score=min_score)
+        return Mtcnn(min_face=min_face, min_score=min_score, scale_step=scale_step)
     require(name)  # raises: the name is not one of DETECTORS
     raise AssertionError(name)  # pragma: no cover
