@@ -484,12 +484,16 @@ def test_hamilton_performer_named_and_audience_not(hamilton, tmp_path):
             "extraction.method": "interval",
             "extraction.interval_seconds": 0.25,
             "characters.frames": "all",
+            # Two worker processes, as on a user's 2-core machine (the test worker itself may be
+            # pinned to one core, where the stage would search in-process): the pool path.
+            "characters.workers": 2,
         },
         root=tmp_path / "noroot",
     )
     run = Run.create(tmp_path / "run", hamilton)
     for stage in ("extract", "quality", "characters"):
         run_stage(run, stage, cfg, progress=False)
+    assert run.read_manifest("characters")["facts"]["workers"] == 2
     faces = run.read_table("faces")
     performer = faces.filter(pl.col("frame_index").is_between(82, 210))
     frames_with_face = performer["frame_id"].n_unique()

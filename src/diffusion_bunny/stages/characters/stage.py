@@ -222,7 +222,9 @@ def detect_faces(
         )
     cached_ids, cached_faces = _reusable(previous, key, sizes)
     todo = [r for r in rows if r["frame_id"] not in cached_ids]
-    n_workers = workers or os.cpu_count() or 1
+    # The cores this process may run on (taskset, a container's cpuset, a pinned test worker),
+    # not the machine's: two processes spawned onto one core only pay their start twice.
+    n_workers = workers or len(os.sched_getaffinity(0)) or 1
     use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
     jobs = [(r["frame_id"], str(run_dir / r["path"]), settings, regions.get(r["frame_id"])) for r in todo]
     started = time.perf_counter()
