@@ -123,9 +123,15 @@ def _gamma_table() -> np.ndarray:
     return np.round(255.0 * np.power(x, 1.0 / 2.4)).astype(np.uint8)
 
 
-def _take(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _take(table: np.ndarray, x: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """``table`` looked up at values 0-1 of ``x`` (nearest entry; out of range clipped).
-    ``np.take(mode="clip")`` on int32 indices: five times faster than ``table[idx]``."""
+    ``np.take(mode="clip")`` on int32 indices: five times faster than ``table[idx]``. With
+    ``overwrite`` the index is worked out in ``x`` itself (float32), saving two frame-sized
+    temporaries where the caller has no further use for ``x``."""
+    if overwrite:
+        np.multiply(x, np.float32(len(table) - 1), out=x)
+        x += np.float32(0.5)
+        return np.take(table, x.astype(np.int32), mode="clip")
     idx = (x * np.float32(len(table) - 1) + np.float32(0.5)).astype(np.int32)
     return np.take(table, idx, mode="clip")
 
@@ -182,11 +188,7 @@ def sdr_to_hdr_rgb(rgb8: np.ndarray, transfer: str = "pq") -> np.ndarray:
     wide = cv2.transform(linear, np.linalg.inv(BT2020_TO_BT709.astype(np.float64)).astype(np.float32))
     np.clip(wide, 0.0, 1.0, out=wide)
     cv2.sqrt(wide, wide)
-    table = _encode_table(transfer)
-    # _take's nearest entry, computed in place.
-    np.multiply(wide, np.float32(len(table) - 1), out=wide)
-    wide += np.float32(0.5)
-    return np.take(table, wide.astype(np.int32), mode="clip")
+    return _take(_encode_table(transfer), wide, overwrite=True)
 
 
 @lru_cache(maxsize=1)
