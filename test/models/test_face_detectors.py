@@ -14,6 +14,7 @@ import pytest
 from paths import ROOT
 
 from diffusion_bunny.cli import main
+from diffusion_bunny.config import load_config
 from diffusion_bunny.demo import face_truth as ft
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models import dlib_faces
@@ -89,6 +90,8 @@ def test_default_detector_on_the_truth_set():
     truth = ft.load_truth(TRUTH)
     default = DetectSettings()
     assert default.detector == "mtcnn"
+    # config/main.yaml's defaults and the code's are the same settings (scale_step, auto_levels...).
+    assert DetectSettings.from_config(load_config(None, {}, root=ROOT).characters) == default
     s = ft.score(truth, ft.detect_truth(default, truth))
     row = ft.summary_row(s)
     # 0.82 before auto_levels and the finer pyramid (scale_step 0.76), 0.89 with them.

@@ -85,13 +85,17 @@ class DlibDetector:
 
 @functools.cache
 def make_detector(
-    name: str, upsample: int = 1, min_face: int = 20, min_score: float | None = None, scale_step: float = 0.76
+    name: str,
+    upsample: int = 1,
+    min_face: int = 20,
+    min_score: float | None = None,
+    scale_step: float | None = None,
 ) -> Any:
     """The detector called ``name`` (one per process and setting: models load once).
 
     ``upsample`` is dlib's; ``min_face`` the smallest face in pixels of the image searched
     (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before);
-    ``min_score`` the confidence a face needs (None: the detector's own default)."""
+    ``min_score`` the confidence a face needs; None for either: the detector's own default."""
     if name in ("hog", "cnn"):
         return DlibDetector(name, upsample)
     if name == "mediapipe":

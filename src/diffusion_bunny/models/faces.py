@@ -32,6 +32,7 @@ from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.models.face_common import Detection
+from diffusion_bunny.models.mtcnn import SCALE_STEP
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
@@ -69,7 +70,7 @@ class DetectSettings:
     #: Stretch the searched copy's brightness first (:func:`auto_levels`).
     auto_levels: bool = True
     #: MTCNN's pyramid step (facenet-pytorch's own: 0.709).
-    scale_step: float = 0.76
+    scale_step: float = SCALE_STEP
 
     @classmethod
     def from_config(cls, cfg: CharactersConfig) -> DetectSettings:

@@ -20,20 +20,25 @@ WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 #: 0.9 gives precision 1.00 against 0.96 for 0.82 against 0.86 of the faces >= 32 px
 #: (python_script/eval_faces.py, rows "mtcnn" and "mtcnn min_score=0.7").
 THRESHOLDS = (0.6, 0.7, 0.9)
+#: Each pyramid level's size over the one before (``characters.scale_step``; see :class:`Mtcnn`).
+SCALE_STEP = 0.76
 
 
 class Mtcnn:
     """facenet-pytorch's ``MTCNN`` (every face, no cropping): :meth:`detect` returns
     :class:`~.face_detect.Detection` s. ``min_face``: the smallest face searched for, in pixels
     (the image pyramid starts there, so it sets the cost); ``min_score``: the output network's
-    threshold (None: 0.9); ``scale_step``: each pyramid level's size over the one before. At
-    facenet-pytorch's 0.709 faces between two levels' sizes were missed: 0.76 found 58 of the truth
-    set's 65 faces >= 32 px instead of 56 (with :func:`~.faces.auto_levels`; 0.8 found 59 but let
-    a fourth false face through) for about a fifth more time (13.7 frames/s against 16.4)."""
+    threshold (None: 0.9); ``scale_step``: each pyramid level's size over the one before (None:
+    :data:`SCALE_STEP`). At facenet-pytorch's 0.709 faces between two levels' sizes were missed:
+    0.76 found 58 of the truth set's 65 faces >= 32 px instead of 56 (with
+    :func:`~.faces.auto_levels`; 0.8 found 59 but let a fourth false face through) for about a
+    fifth more time (13.7 frames/s against 16.4)."""
 
     name = "mtcnn"
 
-    def __init__(self, *, min_face: int = 20, min_score: float | None = None, scale_step: float = 0.76):
+    def __init__(
+        self, *, min_face: int = 20, min_score: float | None = None, scale_step: float | None = None
+    ):
         for relative in WEIGHTS:
             package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
         from facenet_pytorch import MTCNN
@@ -46,7 +51,7 @@ class Mtcnn:
             keep_all=True,
             min_face_size=max(12, int(min_face)),
             thresholds=thresholds,
-            factor=float(scale_step),
+            factor=float(scale_step or SCALE_STEP),
             post_process=False,
             select_largest=False,
             device="cpu",
