@@ -1,8 +1,9 @@
 """dlib's face models called directly give exactly what face_recognition 1.3 gave: the boxes,
 landmarks and encodings it returned on ../shared/testdata are kept in test/models/data/faces_golden.json
 (python_script/make_face_golden.py), and dlib_faces must reproduce them (boxes and landmarks
-identical, encodings and distances within 1e-6). Also: the model files are found without
-importing face_recognition_models, so pkg_resources is never needed."""
+identical, encodings and distances within 1e-6, jittered encodings alike in distribution).
+Also: the model files are found without importing face_recognition_models, so pkg_resources is
+never needed."""
 
 from __future__ import annotations
 
@@ -45,9 +46,14 @@ def test_boxes_and_encodings_match_face_recognition(rel):
             np.abs(dlib_faces.face_distance(got, got[0]) - np.linalg.norm(ref - ref[0], axis=1)).max() < 1e-6
         )
     if "small" in want:
-        for key, args in (("small", (1, "small")), ("large_jitter3", (3, "large"))):
-            other = dlib_faces.face_encodings(img, boxes, *args)
-            assert np.abs(np.asarray(other) - np.asarray(want[key])).max() < 1e-6
+        small = dlib_faces.face_encodings(img, boxes, 1, "small")
+        assert np.abs(np.asarray(small) - np.asarray(want["small"])).max() < 1e-6
+        # Jittering draws random copies: ours from a fixed seed (the same encodings on every call),
+        # dlib's from a process-wide stream, so three copies each agree in distribution only
+        # (0.10-0.16 apart measured; 0.02 with 40 copies each).
+        jittered = dlib_faces.face_encodings(img, boxes, 3, "large")
+        assert np.array_equal(jittered, dlib_faces.face_encodings(img, boxes, 3, "large"))
+        assert np.linalg.norm(np.asarray(jittered) - np.asarray(want["large_jitter3"]), axis=1).max() < 0.25
         for model in ("large", "small"):
             marks = dlib_faces.face_landmarks(img, boxes, model)
             assert [{k: [list(p) for p in v] for k, v in d.items()} for d in marks] == want[

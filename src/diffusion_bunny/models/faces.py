@@ -254,28 +254,31 @@ def detect_and_encode(
     0.213 on the 68 points (every other face within 0.1 either way). ``align: detector`` aligns
     on the detector's own eye centres (:func:`chip_shape`; dlib's detectors have none and keep the
     predictor). The head's turn (``yaw``) comes from the detector's landmarks where it has them.
-    Only the faces found are encoded (the ResNet is most of the cost of a frame with faces).
+    Only the faces found are encoded, all of a frame's in one batch.
     """
     from diffusion_bunny.models import dlib_faces as fr
+    from diffusion_bunny.models.dlib_resnet import face_encoder
 
     found = detect(rgb, settings, upsample=upsample)
     if not found:
         return []
-    encoder = fr.encoder()
-    faces = []
+    shapes, yaws = [], []
     for det in found:
         own = bool(np.isfinite(det.landmarks).all())
         if own and settings.align == "detector":
             shape = chip_shape(det.box, det.landmarks)
         else:
             shape = fr.raw_face_landmarks(rgb, [det.box], settings.landmarks)[0]
-        yaw = yaw_of(det.landmarks[0], det.landmarks[1], det.landmarks[2]) if own else _shape_yaw(shape)
-        encoding = np.asarray(encoder.compute_face_descriptor(rgb, shape, settings.num_jitters), np.float32)
-        faces.append(
-            Face(
-                *det.box, encoding=encoding, sharpness=face_sharpness(rgb, det.box), score=det.score, yaw=yaw
-            )
+        shapes.append(shape)
+        yaws.append(
+            yaw_of(det.landmarks[0], det.landmarks[1], det.landmarks[2]) if own else _shape_yaw(shape)
         )
+    # All the frame's faces in one ONNX Runtime call (dlib_resnet: dlib's ResNet, 12x faster).
+    encodings = face_encoder().encode(rgb, shapes, settings.num_jitters)
+    faces = [
+        Face(*det.box, encoding=enc, sharpness=face_sharpness(rgb, det.box), score=det.score, yaw=yaw)
+        for det, enc, yaw in zip(found, encodings, yaws, strict=True)
+    ]
     return faces
 
 
