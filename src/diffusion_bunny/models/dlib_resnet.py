@@ -27,7 +27,6 @@ where a stride-2 block meets its 2x2 average-pooled shortcut (64 vs 32 channels;
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.onnx_graph import GraphBuilder, cpu_session
 
 #: Side of the face chip the network reads, and the padding around the face dlib's
 #: ``compute_face_descriptor`` cuts it with (``get_face_chip_details(shape, 150, 0.25)``).
@@ -158,89 +158,53 @@ def _read(buf: bytes) -> ResNetWeights:
 def to_onnx(weights: ResNetWeights) -> Any:
     """The network as an ONNX model: ``chips`` (N, 150, 150, 3) uint8 RGB in, ``descriptors``
     (N, 128) float32 out."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-    from onnx import helper as h
+    from onnx import TensorProto
 
-    nodes: list[Any] = []
-    inits: list[Any] = []
+    g = GraphBuilder()
     convs = iter(weights.convs)
-
-    def const(arr: np.ndarray) -> str:
-        name = f"c{len(inits)}"
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    def op(kind: str, *inputs: str, **attrs: Any) -> str:
-        out = f"{kind.lower()}{len(nodes)}"
-        nodes.append(h.make_node(kind, list(inputs), [out], **attrs))
-        return out
 
     def conv(x: str) -> str:
         c = next(convs)
-        return op(
-            "Conv",
-            x,
-            const(c.weight),
-            const(c.bias),
-            strides=[c.stride] * 2,
-            pads=[c.padding] * 4,
-            kernel_shape=list(c.weight.shape[2:]),
-        )
+        return g.conv(x, c.weight, c.bias, c.stride, c.padding)
 
     def pad(x: str, channels: int = 0, rows: int = 0) -> str:
         # Zero-pad at the end of the channel axis and at the bottom/right (dlib's add_prev).
-        return op("Pad", x, const(np.array([0, 0, 0, 0, 0, channels, rows, rows], np.int64)))
+        return g.op("Pad", x, g.const(np.array([0, 0, 0, 0, 0, channels, rows, rows], np.int64)))
 
-    x = op("Cast", "chips", to=TensorProto.FLOAT)
-    x = op("Mul", op("Sub", x, const(weights.mean_rgb)), const(np.array(1 / 256, np.float32)))
-    x = op("Transpose", x, perm=[0, 3, 1, 2])
-    x = op("MaxPool", op("Relu", conv(x)), kernel_shape=[3, 3], strides=[2, 2])
+    x = g.op("Cast", "chips", to=TensorProto.FLOAT)
+    x = g.op("Mul", g.op("Sub", x, g.const(weights.mean_rgb)), g.const(np.array(1 / 256, np.float32)))
+    x = g.op("Transpose", x, perm=[0, 3, 1, 2])
+    x = g.op("MaxPool", g.op("Relu", conv(x)), kernel_shape=[3, 3], strides=[2, 2])
     size, channels = (CHIP_SIZE - 7) // 2 + 1, weights.convs[0].weight.shape[0]
     size = (size - 3) // 2 + 1
     for filters, blocks, halves in STAGES:
         for block in range(blocks):
-            y = conv(op("Relu", conv(x)))
+            y = conv(g.op("Relu", conv(x)))
             if block == 0 and halves:
-                shortcut = op("AveragePool", x, kernel_shape=[2, 2], strides=[2, 2])
+                shortcut = g.op("AveragePool", x, kernel_shape=[2, 2], strides=[2, 2])
                 conv_size, pool_size = (size - 3) // 2 + 1, (size - 2) // 2 + 1
                 if conv_size < pool_size:
                     y = pad(y, rows=pool_size - conv_size)
                 if channels < filters:
                     shortcut = pad(shortcut, channels=filters - channels)
                 size, channels = pool_size, filters
-                x = op("Relu", op("Add", y, shortcut))
+                x = g.op("Relu", g.op("Add", y, shortcut))
             else:
-                x = op("Relu", op("Add", y, x))
-    x = op("Flatten", op("GlobalAveragePool", x))
-    nodes.append(h.make_node("MatMul", [x, const(weights.fc)], ["descriptors"]))
-    graph = h.make_graph(
-        nodes,
+                x = g.op("Relu", g.op("Add", y, x))
+    x = g.op("Flatten", g.op("GlobalAveragePool", x))
+    g.op("MatMul", x, g.const(weights.fc), out="descriptors")
+    return g.model(
         "dlib_face_recognition_resnet_model_v1",
-        [h.make_tensor_value_info("chips", TensorProto.UINT8, ["n", CHIP_SIZE, CHIP_SIZE, 3])],
-        [h.make_tensor_value_info("descriptors", TensorProto.FLOAT, ["n", 128])],
-        inits,
+        [("chips", TensorProto.UINT8, ["n", CHIP_SIZE, CHIP_SIZE, 3])],
+        [("descriptors", TensorProto.FLOAT, ["n", 128])],
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 class FaceEncoder:
     """dlib's face descriptor on ONNX Runtime, one session per process (:func:`face_encoder`)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # As many threads as this process may use (a pool worker pinned to one core gets one).
-        options.intra_op_num_threads = threads or max(1, len(os.sched_getaffinity(0)))
-        options.inter_op_num_threads = 1
-        model = to_onnx(read_weights(path))
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(to_onnx(read_weights(path)), threads)
 
     def encode_chips(self, chips: np.ndarray) -> np.ndarray:
         """(N, 128) float32 descriptors of (N, 150, 150, 3) uint8 RGB face chips."""

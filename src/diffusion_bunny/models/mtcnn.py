@@ -1,13 +1,25 @@
-"""MTCNN (Zhang et al. 2016) from ``facenet-pytorch``, on the CPU.
+"""MTCNN (Zhang et al. 2016) with ``facenet-pytorch``'s weights, run on ONNX Runtime.
 
-facenet-pytorch ships the cascade's three networks (``data/pnet.pt``, ``rnet.pt``, ``onet.pt``) in
-its wheel and loads them itself, so nothing is downloaded. Its release pins torch < 2.3; the pin
-is lifted in pyproject.toml (``[[tool.uv.dependency-metadata]]``) and its MTCNN runs unchanged on
-our torch (test/models/test_face_detectors.py). The wheel's files are checked first so a broken
-install is one line naming the package, not a traceback from ``torch.load``.
+facenet-pytorch ships the cascade's three networks (``data/pnet.pt``, ``rnet.pt``, ``onet.pt``,
+torch state dicts) in its wheel, so nothing is downloaded. Its own ``MTCNN.detect`` took 125 ms a
+640-px frame on one core, two thirds of it outside the convolutions: torch's CPU max-pooling
+(39 ms) and resampling every candidate box with ``interpolate(mode="area")`` one box at a time
+(32 ms). Here the same weights are built into three small ONNX graphs
+(:class:`~.onnx_graph.GraphBuilder`), the pyramid and the box crops are resized by OpenCV, and
+the cascade around them is facenet-pytorch's ``detect_face`` step for step (thresholds, the
+three non-maximum suppressions, box regression, squaring, its clipped crops); the truth set's
+figures (python_script/eval_faces.py) were measured again on this code.
+
+facenet-pytorch's release pins torch < 2.3; the pin is lifted in pyproject.toml
+(``[[tool.uv.dependency-metadata]]``); only its weight files are read here (``torch.load``, with
+``weights_only``). The wheel's files are checked first so a broken install is one line naming the
+package.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import numpy as np
 
@@ -22,17 +34,303 @@ WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 THRESHOLDS = (0.6, 0.7, 0.9)
 #: Each pyramid level's size over the one before (``characters.scale_step``; see :class:`Mtcnn`).
 SCALE_STEP = 0.76
+#: Candidate boxes through the refine and output nets per call (memory stays small).
+BATCH = 256
+
+
+def _state(relative: str) -> dict[str, np.ndarray]:
+    import torch
+
+    path = package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.numpy().astype(np.float32) for k, v in state.items()}
+
+
+def _net_model(
+    name: str, state: dict[str, np.ndarray], layers: list[tuple], heads: list[tuple[str, str]]
+) -> Any:
+    """One of the three nets as an ONNX graph. ``layers``: ("conv", prefix) with its PReLU,
+    ("pool", size, stride) with ceil mode, ("flatten",) in torch's ``permute(0, 3, 2, 1)`` order,
+    ("dense", prefix) with its PReLU; ``heads``: (output, dense or 1x1 conv layer), ``prob`` through a
+    softmax. The input is ``image``: (N, H, W, 3) float32, already scaled to [-1, 1)."""
+    from onnx import TensorProto
+
+    from diffusion_bunny.models.onnx_graph import GraphBuilder
+
+    g = GraphBuilder()
+    x = g.op("Transpose", "image", perm=[0, 3, 1, 2])
+    dense = False
+    for layer in layers:
+        kind = layer[0]
+        if kind == "pool":
+            x = g.op("MaxPool", x, kernel_shape=[layer[1]] * 2, strides=[layer[2]] * 2, ceil_mode=1)
+        elif kind == "flatten":
+            x = g.op("Flatten", g.op("Transpose", x, perm=[0, 3, 2, 1]))
+            dense = True
+        else:
+            prefix, prelu = layer[1], layer[2]
+            if dense:
+                x = g.op(
+                    "Gemm", x, g.const(state[f"{prefix}.weight"]), g.const(state[f"{prefix}.bias"]), transB=1
+                )
+                slope = state[f"{prelu}.weight"]
+            else:
+                x = g.conv(x, state[f"{prefix}.weight"], state[f"{prefix}.bias"])
+                slope = state[f"{prelu}.weight"][:, None, None]
+            x = g.op("PRelu", x, g.const(slope))
+    outputs = []
+    for out, prefix in heads:
+        w, b = state[f"{prefix}.weight"], state[f"{prefix}.bias"]
+        head = g.op("Gemm", x, g.const(w), g.const(b), transB=1) if dense else g.conv(x, w, b)
+        if out == "prob":
+            g.op("Softmax", head, axis=1, out=out)
+        else:
+            g.op("Identity", head, out=out)
+        outputs.append((out, TensorProto.FLOAT, ["n", "c", "h", "w"] if not dense else ["n", "c"]))
+    return g.model(f"mtcnn_{name}", [("image", TensorProto.FLOAT, ["n", "h", "w", 3])], outputs)
+
+
+@functools.cache
+def _sessions() -> tuple[Any, Any, Any]:
+    """PNet, RNet and ONet sessions, built once per process (~0.2 s)."""
+    from diffusion_bunny.models.onnx_graph import cpu_session
+
+    convs = [("conv", f"conv{i}", f"prelu{i}") for i in (1, 2, 3, 4)]
+    pnet = _net_model(
+        "pnet",
+        _state(WEIGHTS[0]),
+        [convs[0], ("pool", 2, 2), convs[1], convs[2]],
+        [("prob", "conv4_1"), ("reg", "conv4_2")],
+    )
+    rnet = _net_model(
+        "rnet",
+        _state(WEIGHTS[1]),
+        [
+            convs[0],
+            ("pool", 3, 2),
+            convs[1],
+            ("pool", 3, 2),
+            convs[2],
+            ("flatten",),
+            ("dense", "dense4", "prelu4"),
+        ],
+        [("prob", "dense5_1"), ("reg", "dense5_2")],
+    )
+    onet = _net_model(
+        "onet",
+        _state(WEIGHTS[2]),
+        [
+            convs[0],
+            ("pool", 3, 2),
+            convs[1],
+            ("pool", 3, 2),
+            convs[2],
+            ("pool", 2, 2),
+            convs[3],
+            ("flatten",),
+            ("dense", "dense5", "prelu5"),
+        ],
+        [("prob", "dense6_1"), ("reg", "dense6_2"), ("points", "dense6_3")],
+    )
+    # One thread each: the nets are small, and stage 03 runs one process per core instead.
+    return cpu_session(pnet, 1), cpu_session(rnet, 1), cpu_session(onet, 1)
+
+
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, threshold: float, *, pixel: bool = False, by_min: bool = False
+) -> np.ndarray:
+    """Greedy non-maximum suppression: indices kept, best score first. ``pixel``: areas counted
+    in whole pixels (+1, as MTCNN's original code); ``by_min``: overlap over the smaller box's
+    area instead of the union (the output stage's "Min"). Own code: torchvision's ``nms`` has
+    neither variant, and these arrays are tens of boxes long."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    one = 1.0 if pixel else 0.0
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (x1 - x0 + one) * (y1 - y0 + one)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + one)
+        h = np.maximum(0.0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + one)
+        inter = w * h
+        overlap = inter / (np.minimum(area[i], area[rest]) if by_min else area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """Each box made a square of its longer side about its centre (``rerec``)."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
+    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Box regression in whole-pixel sizes (``bbreg``)."""
+    out = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    out[:, 0] += reg[:, 0] * w
+    out[:, 1] += reg[:, 1] * h
+    out[:, 2] += reg[:, 2] * w
+    out[:, 3] += reg[:, 3] * h
+    return out
+
+
+def _bins(size_in: np.ndarray, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's adaptive-average-pooling bins (``interpolate(mode="area")``): output cell i of
+    ``size_out`` averages input rows floor(i*n/out) to ceil((i+1)*n/out), per input size n."""
+    i = np.arange(size_out)
+    n = np.asarray(size_in)[..., None]
+    return (i * n) // size_out, -((-(i + 1) * n) // size_out)
+
+
+def area_resize(integral: np.ndarray, top, left, height, width, out_h: int, out_w: int) -> np.ndarray:
+    """Regions of an image (``top``, ``left``, ``height``, ``width``: arrays of N) resized to
+    (N, out_h, out_w, C) by torch's "area" interpolation, from the image's summed-area table
+    (``cv2.integral`` in float64).
+
+    Own code because the boxes MTCNN keeps depend on its resampler: OpenCV's ``INTER_AREA``
+    (fractional area weights) instead of torch's whole-pixel bins found 2 fewer of the truth
+    set's faces; and facenet-pytorch resized each candidate box in its own torch call (32 ms a
+    frame). Four gathers from the table give every box's every cell at once."""
+    y0, y1 = _bins(height, out_h)
+    x0, x1 = _bins(width, out_w)
+    y0, y1 = y0 + np.asarray(top)[..., None], y1 + np.asarray(top)[..., None]
+    x0, x1 = x0 + np.asarray(left)[..., None], x1 + np.asarray(left)[..., None]
+    # Flat indices into the table: one take per corner is 3x faster than 2-D fancy indexing.
+    stride = integral.shape[1]
+    flat = integral.reshape(-1, integral.shape[2])
+    ya, yb = y0[:, :, None] * stride, y1[:, :, None] * stride
+    xa, xb = x0[:, None, :], x1[:, None, :]
+    sums = flat.take(yb + xb, axis=0)
+    sums -= flat.take(ya + xb, axis=0)
+    sums -= flat.take(yb + xa, axis=0)
+    sums += flat.take(ya + xa, axis=0)
+    sums /= ((y1 - y0)[:, :, None] * (x1 - x0)[:, None, :])[..., None]
+    return sums.astype(np.float32)
+
+
+def area_level(integral: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """The whole image resized as :func:`area_resize` does, (1, out_h, out_w, C): rows first
+    (whole rows of the table gathered), then columns; 2 ms for the first pyramid level of a
+    640-px frame, 3x faster than four gathers per cell."""
+    y0, y1 = _bins(integral.shape[0] - 1, out_h)
+    x0, x1 = _bins(integral.shape[1] - 1, out_w)
+    rows = integral[y1] - integral[y0]
+    sums = np.take(rows, x1, axis=1) - np.take(rows, x0, axis=1)
+    sums /= ((y1 - y0)[:, None] * (x1 - x0)[None, :])[..., None]
+    return sums[None].astype(np.float32)
+
+
+def _crops(integral: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each box's part inside the image resized to ``size`` and scaled to [-1, 1) (facenet-pytorch's
+    ``pad`` clips a box to the image, 1-based, and stretches what is left), and which boxes had
+    any."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    b = np.trunc(boxes[:, :4]).astype(np.int64)
+    x0, y0 = np.maximum(b[:, 0], 1), np.maximum(b[:, 1], 1)
+    x1, y1 = np.minimum(b[:, 2], w), np.minimum(b[:, 3], h)
+    ok = (y1 > y0 - 1) & (x1 > x0 - 1)
+    if not ok.any():
+        return np.zeros((0, size, size, 3), np.float32), ok
+    y0, y1, x0, x1 = y0[ok] - 1, y1[ok], x0[ok] - 1, x1[ok]
+    crops = area_resize(integral, y0, x0, y1 - y0, x1 - x0, size, size)
+    return (crops - 127.5) * 0.0078125, ok
+
+
+def _run(session: Any, images: np.ndarray) -> list[np.ndarray]:
+    parts = [session.run(None, {"image": images[i : i + BATCH]}) for i in range(0, len(images), BATCH)]
+    return [np.concatenate(p) for p in zip(*parts, strict=True)]
+
+
+def detect_faces(
+    rgb: np.ndarray, min_face: int, thresholds: tuple[float, float, float], factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """MTCNN on one RGB image: boxes (N, 5: x0, y0, x1, y1, score) and points (N, 5, 2), as
+    facenet-pytorch's ``detect_face`` computes them."""
+    import cv2
+
+    pnet, rnet, onet = _sessions()
+    integral = cv2.integral(np.ascontiguousarray(rgb, np.uint8), sdepth=cv2.CV_64F)
+    h, w = rgb.shape[:2]
+    scale = 12.0 / min_face
+    shortest = min(h, w) * scale
+    scales = []
+    while shortest >= 12:
+        scales.append(scale)
+        scale *= factor
+        shortest *= factor
+
+    # Stage 1: the proposal net over the pyramid; NMS 0.5 within each level, 0.7 over all.
+    found = []
+    for s in scales:
+        level = area_level(integral, int(h * s + 1), int(w * s + 1))
+        prob, reg = pnet.run(None, {"image": (level - 127.5) * 0.0078125})
+        yy, xx = np.nonzero(prob[0, 1] >= thresholds[0])
+        if len(yy) == 0:
+            continue
+        q0 = np.floor((np.stack([xx, yy], 1) * 2 + 1) / s)
+        q1 = np.floor((np.stack([xx, yy], 1) * 2 + 12) / s)
+        cand = np.hstack([q0, q1, prob[0, 1, yy, xx, None], reg[0][:, yy, xx].T]).astype(np.float32)
+        found.append(cand[nms(cand[:, :4], cand[:, 4], 0.5)])
+    if not found:
+        return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+    boxes = np.concatenate(found)
+    boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    moved = boxes[:, :4] + boxes[:, 5:9] * np.stack([bw, bh, bw, bh], 1)
+    boxes = _square(np.hstack([moved, boxes[:, 4:5]]))
+
+    # Stage 2: the refine net on 24-px crops.
+    crops, ok = _crops(integral, boxes, 24)
+    boxes = boxes[ok]
+    if len(boxes):
+        prob, reg = _run(rnet, crops)
+        keep = prob[:, 1] > thresholds[1]
+        boxes = np.hstack([boxes[keep, :4], prob[keep, 1:2]])
+        reg = reg[keep]
+        pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
+        boxes = _square(_regress(boxes[pick], reg[pick]))
+
+    # Stage 3: the output net on 48-px crops: score, box and five points.
+    points = np.zeros((0, 5, 2), np.float32)
+    crops, ok = _crops(integral, boxes, 48)
+    if len(crops):
+        boxes = boxes[ok]
+        prob, reg, marks = _run(onet, crops)
+        keep = prob[:, 1] > thresholds[2]
+        boxes = np.hstack([boxes[keep, :4], prob[keep, 1:2]])
+        reg, marks = reg[keep], marks[keep]
+        bw = boxes[:, 2] - boxes[:, 0] + 1
+        bh = boxes[:, 3] - boxes[:, 1] + 1
+        px = bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1
+        py = bh[:, None] * marks[:, 5:] + boxes[:, 1:2] - 1
+        points = np.stack([px, py], 2)
+        boxes = _regress(boxes, reg)
+        pick = nms(boxes[:, :4], boxes[:, 4], 0.7, pixel=True, by_min=True)
+        boxes, points = boxes[pick], points[pick]
+    else:
+        boxes = np.zeros((0, 5), np.float32)
+    return boxes.astype(np.float32), points.astype(np.float32)
 
 
 class Mtcnn:
-    """facenet-pytorch's ``MTCNN`` (every face, no cropping): :meth:`detect` returns
-    :class:`~.face_detect.Detection` s. ``min_face``: the smallest face searched for, in pixels
-    (the image pyramid starts there, so it sets the cost); ``min_score``: the output network's
-    threshold (None: 0.9); ``scale_step``: each pyramid level's size over the one before (None:
-    :data:`SCALE_STEP`). At facenet-pytorch's 0.709 faces between two levels' sizes were missed:
-    0.76 found 58 of the truth set's 65 faces >= 32 px instead of 56 (with
-    :func:`~.faces.auto_levels`; 0.8 found 59 but let a fourth false face through) for about a
-    fifth more time (13.7 frames/s against 16.4)."""
+    """MTCNN as a stage 03 detector: :meth:`detect` returns :class:`~.face_detect.Detection` s.
+    ``min_face``: the smallest face searched for, in pixels (the image pyramid starts there, so it
+    sets the cost); ``min_score``: the output network's threshold (None: 0.9); ``scale_step``:
+    each pyramid level's size over the one before (None: :data:`SCALE_STEP`). At facenet-pytorch's
+    0.709 faces between two levels' sizes were missed: 0.76 found 58 of the truth set's 65 faces
+    >= 32 px instead of 56 (with :func:`~.faces.auto_levels`; 0.8 found 59 but let a fourth false
+    face through) for about a fifth more time."""
 
     name = "mtcnn"
 
@@ -41,36 +339,19 @@ class Mtcnn:
     ):
         for relative in WEIGHTS:
             package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
-        from facenet_pytorch import MTCNN
-
         thresholds = list(THRESHOLDS)
         if min_score is not None:
             thresholds[2] = float(min_score)
         self.min_score = thresholds[2]
-        self._net = MTCNN(
-            keep_all=True,
-            min_face_size=max(12, int(min_face)),
-            thresholds=thresholds,
-            factor=float(scale_step or SCALE_STEP),
-            post_process=False,
-            select_largest=False,
-            device="cpu",
-        )
+        self.thresholds = (thresholds[0], thresholds[1], thresholds[2])
+        self.min_face = max(12, int(min_face))
+        self.factor = float(scale_step or SCALE_STEP)
+        _sessions()
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        import torch
-
-        from diffusion_bunny.models.device import torch_threads
-
-        # One torch thread: MTCNN's networks are small, and torch's OpenMP threads spin-wait for a
-        # core held by another process (44 truth frames took 61 s on 2 threads beside other jobs
-        # on 2 cores, 13 s on one). Stage 03 runs one process per core for speed instead.
-        with torch_threads(1), torch.inference_mode():
-            boxes, scores, points = self._net.detect(np.ascontiguousarray(rgb), landmarks=True)
-        if boxes is None:
-            return []
+        boxes, points = detect_faces(rgb, self.min_face, self.thresholds, self.factor)
         out = []
-        for (x0, y0, x1, y1), score, five in zip(boxes, scores, points, strict=True):
+        for (x0, y0, x1, y1, score), five in zip(boxes, points, strict=True):
             # MTCNN's points: eye, eye, nose, mouth corner, mouth corner, image-left first.
             out.append(
                 Detection(clip_box((y0, x1, y1, x0), rgb.shape), float(score), five.astype(np.float32))
