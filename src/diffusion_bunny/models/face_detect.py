@@ -7,7 +7,8 @@ finds them (issue 30):
 * ``cnn``: dlib's MMOD CNN (more poses, far slower without a GPU);
 * ``mediapipe``: BlazeFace, the model of MediaPipe's face detection, run from the ``.tflite`` file
   inside the installed ``mediapipe`` wheel (:mod:`.blazeface`);
-* ``mtcnn``: the MTCNN cascade of ``facenet-pytorch`` (:mod:`.mtcnn`).
+* ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on ONNX Runtime
+  (:mod:`.mtcnn`).
 
 Every detector gives 5 landmarks in one order (:data:`LANDMARKS`), so the encoder can align a face
 on them whichever detector found it. dlib's detectors have none of their own: theirs come from
