@@ -38,7 +38,7 @@ def _faces(name: str):
 def test_descriptors_are_dlibs_own(name):
     rgb, shapes = _faces(name)
     assert len(shapes) >= 1
-    ours = dlib_resnet.face_encoder().encode(rgb, shapes)
+    ours = dlib_faces.face_encoder().encode(rgb, shapes)
     want = np.stack([np.array(_dlib_reference().compute_face_descriptor(rgb, s, 1)) for s in shapes])
     assert ours.shape == (len(shapes), 128) and ours.dtype == np.float32
     assert np.abs(ours - want).max() < 1e-5
@@ -48,7 +48,7 @@ def test_descriptors_are_dlibs_own(name):
 
 def test_jitter_is_dlibs_in_distribution_and_reproducible():
     rgb, shapes = _faces("obama2.jpg")
-    enc = dlib_resnet.face_encoder()
+    enc = dlib_faces.face_encoder()
     plain = enc.encode(rgb, shapes)
     ours = enc.encode(rgb, shapes, num_jitters=12)
     assert np.array_equal(ours, enc.encode(rgb, shapes, num_jitters=12))
@@ -62,7 +62,7 @@ def test_jitter_is_dlibs_in_distribution_and_reproducible():
 
 
 def test_chips_validated_and_empty_inputs():
-    enc = dlib_resnet.face_encoder()
+    enc = dlib_faces.face_encoder()
     assert enc.encode_chips(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 128)
     assert enc.encode(np.zeros((64, 64, 3), np.uint8), []).shape == (0, 128)
     with pytest.raises(ValueError, match=r"\(N, 150, 150, 3\)"):

@@ -19,7 +19,6 @@ from diffusion_bunny.demo import face_truth as ft
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models import dlib_faces, mtcnn
 from diffusion_bunny.models.blazeface import MODELS, anchors, tile_windows, weighted_nms
-from diffusion_bunny.models.dlib_resnet import face_encoder
 from diffusion_bunny.models.face_detect import DETECTORS, make_detector, package_file, require
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -269,9 +268,9 @@ def test_encoder_aligned_on_eye_centres_matches_dlibs_own_alignment():
     box = dlib_faces.face_locations(rgb, 1)[0]
     shape = dlib_faces.raw_face_landmarks(rgb, [box], "small")[0]
     pts = np.array([(p.x, p.y) for p in shape.parts()], float)
-    own = face_encoder().encode(rgb, [shape])[0]
+    own = dlib_faces.face_encoder().encode(rgb, [shape])[0]
     eyes = np.stack([pts[2:4].mean(0), pts[0:2].mean(0), pts[4], pts[4], pts[4]])
-    ours = face_encoder().encode(rgb, [chip_shape(box, eyes)])[0]
+    ours = dlib_faces.face_encoder().encode(rgb, [chip_shape(box, eyes)])[0]
     assert np.linalg.norm(own - ours) < 0.15  # the same chip within a pixel or two (0.6: another person)
 
 

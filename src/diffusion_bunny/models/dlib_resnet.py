@@ -26,7 +26,6 @@ where a stride-2 block meets its 2x2 average-pooled shortcut (64 vs 32 channels;
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +200,7 @@ def to_onnx(weights: ResNetWeights) -> Any:
 
 
 class FaceEncoder:
-    """dlib's face descriptor on ONNX Runtime, one session per process (:func:`face_encoder`)."""
+    """dlib's face descriptor on ONNX Runtime (one per process: ``dlib_faces.face_encoder``)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         self.session = cpu_session(to_onnx(read_weights(path)), threads)
@@ -273,11 +272,3 @@ def jitter_chips(chip: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
         )
         out[i] = copy[:, ::-1] if rng.random() > 0.5 else copy
     return out
-
-
-@functools.cache
-def face_encoder() -> FaceEncoder:
-    """The process's encoder, built on first use from the installed model file (~0.5 s)."""
-    from diffusion_bunny.models.dlib_faces import model_path
-
-    return FaceEncoder(model_path("encoder"))

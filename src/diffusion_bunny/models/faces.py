@@ -257,7 +257,6 @@ def detect_and_encode(
     Only the faces found are encoded, all of a frame's in one batch.
     """
     from diffusion_bunny.models import dlib_faces as fr
-    from diffusion_bunny.models.dlib_resnet import face_encoder
 
     found = detect(rgb, settings, upsample=upsample)
     if not found:
@@ -274,7 +273,7 @@ def detect_and_encode(
             yaw_of(det.landmarks[0], det.landmarks[1], det.landmarks[2]) if own else _shape_yaw(shape)
         )
     # All the frame's faces in one ONNX Runtime call (dlib_resnet: dlib's ResNet, 12x faster).
-    encodings = face_encoder().encode(rgb, shapes, settings.num_jitters)
+    encodings = fr.face_encoder().encode(rgb, shapes, settings.num_jitters)
     faces = [
         Face(*det.box, encoding=enc, sharpness=face_sharpness(rgb, det.box), score=det.score, yaw=yaw)
         for det, enc, yaw in zip(found, encodings, yaws, strict=True)

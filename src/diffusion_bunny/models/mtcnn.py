@@ -2,9 +2,9 @@
 
 facenet-pytorch ships the cascade's three networks (``data/pnet.pt``, ``rnet.pt``, ``onet.pt``,
 torch state dicts) in its wheel, so nothing is downloaded. Its own ``MTCNN.detect`` took 125 ms a
-640-px frame on one core, two thirds of it outside the convolutions: torch's CPU max-pooling
+640-px frame on one core, more than half of it outside the convolutions: torch's CPU max-pooling
 (39 ms) and resampling every candidate box with ``interpolate(mode="area")`` one box at a time
-(32 ms). Here the same weights are built into three small ONNX graphs
+(32 ms); this code takes 66 ms. Here the same weights are built into three small ONNX graphs
 (:class:`~.onnx_graph.GraphBuilder`), the pyramid and the box crops are resized by OpenCV, and
 the cascade around them is facenet-pytorch's ``detect_face`` step for step (thresholds, the
 three non-maximum suppressions, box regression, squaring, its clipped crops); the truth set's

@@ -2,7 +2,7 @@
 
 Used where a network's weights ship in a wheel in a form no runtime we have runs fast on a CPU:
 dlib's face descriptor (``models/dlib_resnet.py``: dlib-bin has no BLAS) and MTCNN's three nets
-(``models/mtcnn.py``: torch's CPU max-pooling and per-box resampling were two thirds of a frame).
+(``models/mtcnn.py``: torch's CPU max-pooling and per-box resampling were over half a frame).
 The graphs are plain convolution stacks, so building them from the weights is a few lines each
 and needs no exporter (torch's ONNX export needs onnxscript and changes between releases).
 """
