@@ -199,6 +199,17 @@ def test_mtcnn_on_onnx_runtime_finds_facenet_pytorchs_own_faces(name):
     assert all(0 <= d.box[3] < d.box[1] <= rgb.shape[1] for d in found)
 
 
+def test_a_corrupt_mtcnn_weight_file_is_one_line(monkeypatch, tmp_path):
+    broken = tmp_path / "rnet.pt"
+    broken.write_bytes(b"not a torch file")
+    monkeypatch.setattr(mtcnn, "package_file", lambda *a, **k: broken)
+    with pytest.raises(ModelError) as info:
+        mtcnn._state("data/rnet.pt")
+    message = str(info.value)
+    assert "\n" not in message and "data/rnet.pt" in message
+    assert "uv sync --reinstall-package facenet-pytorch" in message
+
+
 def test_area_resize_is_torchs_area_interpolation():
     import cv2
     import torch

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.face_common import Detection, clip_box, package_file
 
 WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
@@ -42,8 +43,14 @@ def _state(relative: str) -> dict[str, np.ndarray]:
     import torch
 
     path = package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.numpy().astype(np.float32) for k, v in state.items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.numpy().astype(np.float32) for k, v in state.items()}
+    except Exception as exc:  # a truncated or replaced file: torch raises several kinds
+        raise ModelError(
+            f"the model file {relative} of the installed facenet-pytorch package ({path}) cannot be "
+            f"read ({type(exc).__name__}); reinstall it: `uv sync --reinstall-package facenet-pytorch`"
+        ) from exc
 
 
 def _net_model(
