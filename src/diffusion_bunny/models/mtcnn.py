@@ -56,9 +56,9 @@ def _state(relative: str) -> dict[str, np.ndarray]:
 def _net_model(
     name: str, state: dict[str, np.ndarray], layers: list[tuple], heads: list[tuple[str, str]]
 ) -> Any:
-    """One of the three nets as an ONNX graph. ``layers``: ("conv", prefix) with its PReLU,
+    """One of the three nets as an ONNX graph. ``layers``: ("conv", layer, its PReLU),
     ("pool", size, stride) with ceil mode, ("flatten",) in torch's ``permute(0, 3, 2, 1)`` order,
-    ("dense", prefix) with its PReLU; ``heads``: (output, dense or 1x1 conv layer), ``prob`` through a
+    ("dense", layer, its PReLU); ``heads``: (output, dense or 1x1 conv layer), ``prob`` through a
     softmax. The input is ``image``: (N, H, W, 3) float32, already scaled to [-1, 1)."""
     from onnx import TensorProto
 
@@ -97,50 +97,35 @@ def _net_model(
     return g.model(f"mtcnn_{name}", [("image", TensorProto.FLOAT, ["n", "h", "w", 3])], outputs)
 
 
+_C1, _C2, _C3, _C4 = (("conv", f"conv{i}", f"prelu{i}") for i in (1, 2, 3, 4))
+_POOL2, _POOL3, _FLAT = ("pool", 2, 2), ("pool", 3, 2), ("flatten",)
+#: facenet-pytorch's PNet, RNet and ONet, layer by layer under their state-dict names: weight
+#: file, layers and heads (see :func:`_net_model`).
+NETS = {
+    "pnet": (WEIGHTS[0], [_C1, _POOL2, _C2, _C3], [("prob", "conv4_1"), ("reg", "conv4_2")]),
+    "rnet": (
+        WEIGHTS[1],
+        [_C1, _POOL3, _C2, _POOL3, _C3, _FLAT, ("dense", "dense4", "prelu4")],
+        [("prob", "dense5_1"), ("reg", "dense5_2")],
+    ),
+    "onet": (
+        WEIGHTS[2],
+        [_C1, _POOL3, _C2, _POOL3, _C3, _POOL2, _C4, _FLAT, ("dense", "dense5", "prelu5")],
+        [("prob", "dense6_1"), ("reg", "dense6_2"), ("points", "dense6_3")],
+    ),
+}
+
+
 @functools.cache
-def _sessions() -> tuple[Any, Any, Any]:
-    """PNet, RNet and ONet sessions, built once per process (~0.2 s)."""
+def _sessions() -> tuple[Any, ...]:
+    """PNet, RNet and ONet sessions, built once per process (~0.2 s). One thread each: the nets
+    are small, and stage 03 runs one process per core instead."""
     from diffusion_bunny.models.onnx_graph import cpu_session
 
-    convs = [("conv", f"conv{i}", f"prelu{i}") for i in (1, 2, 3, 4)]
-    pnet = _net_model(
-        "pnet",
-        _state(WEIGHTS[0]),
-        [convs[0], ("pool", 2, 2), convs[1], convs[2]],
-        [("prob", "conv4_1"), ("reg", "conv4_2")],
+    return tuple(
+        cpu_session(_net_model(name, _state(weights), layers, heads), 1)
+        for name, (weights, layers, heads) in NETS.items()
     )
-    rnet = _net_model(
-        "rnet",
-        _state(WEIGHTS[1]),
-        [
-            convs[0],
-            ("pool", 3, 2),
-            convs[1],
-            ("pool", 3, 2),
-            convs[2],
-            ("flatten",),
-            ("dense", "dense4", "prelu4"),
-        ],
-        [("prob", "dense5_1"), ("reg", "dense5_2")],
-    )
-    onet = _net_model(
-        "onet",
-        _state(WEIGHTS[2]),
-        [
-            convs[0],
-            ("pool", 3, 2),
-            convs[1],
-            ("pool", 3, 2),
-            convs[2],
-            ("pool", 2, 2),
-            convs[3],
-            ("flatten",),
-            ("dense", "dense5", "prelu5"),
-        ],
-        [("prob", "dense6_1"), ("reg", "dense6_2"), ("points", "dense6_3")],
-    )
-    # One thread each: the nets are small, and stage 03 runs one process per core instead.
-    return cpu_session(pnet, 1), cpu_session(rnet, 1), cpu_session(onet, 1)
 
 
 def nms(
@@ -344,16 +329,11 @@ class Mtcnn:
     def __init__(
         self, *, min_face: int = 20, min_score: float | None = None, scale_step: float | None = None
     ):
-        for relative in WEIGHTS:
-            package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
-        thresholds = list(THRESHOLDS)
-        if min_score is not None:
-            thresholds[2] = float(min_score)
-        self.min_score = thresholds[2]
-        self.thresholds = (thresholds[0], thresholds[1], thresholds[2])
+        first, second, final = THRESHOLDS
+        self.thresholds = (first, second, final if min_score is None else float(min_score))
         self.min_face = max(12, int(min_face))
         self.factor = float(scale_step or SCALE_STEP)
-        _sessions()
+        _sessions()  # the weights read (one line naming the package if a file is missing)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         boxes, points = detect_faces(rgb, self.min_face, self.thresholds, self.factor)
