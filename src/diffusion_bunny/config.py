@@ -211,6 +211,10 @@ class CharactersConfig(_Section):
     #: MTCNN's image pyramid: each level this much smaller than the one before (facenet-pytorch's
     #: own 0.709 skips more face sizes; finer costs time, measured in eval_faces.py).
     scale_step: float = Field(0.76, ge=0.5, le=0.95)
+    #: Where MTCNN's pyramid starts, in multiples of min_face_px (lower finds more small faces, slower).
+    pyramid_start: float = Field(1.1, ge=0.5, le=4.0)
+    #: MTCNN scores a face on its crop and the crop mirrored (fewer false faces at one threshold).
+    mirror_score: bool = True
     detect_width: int = Field(640, ge=0, le=8192)
     upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)

@@ -134,6 +134,23 @@ def test_eval_results_in_the_repository_match_the_scoring():
     assert all(r["fps_encode"] and r["fps_detect"] for r in results["rows"])
 
 
+def test_truth_searched_resized_maps_boxes_back_and_sums_scores():
+    """The multi-scale score (eval_faces.py's "xs" columns) searches each frame resized and maps
+    its boxes back to the truth's pixels; its counts are the sum over the scales."""
+    truth = ft.load_truth(TRUTH)
+    one = {"frames": [f for f in truth["frames"] if f["file"] == "two_people.jpg"]}
+    settings = DetectSettings(detector="mediapipe")
+    at_one = ft.detect_truth(settings, one)["two_people.jpg"]
+    larger = ft.detect_truth(settings, one, scale=1.19)["two_people.jpg"]
+    assert len(at_one) == len(larger) == 2
+    for a, b in zip(sorted(at_one), sorted(larger), strict=True):
+        assert ft.iou(a[:4], b[:4]) > 0.8  # the same faces, in the frame's own pixels
+    both = ft.multi_scale_score(settings, one, (1.19,))
+    alone = ft.score(one, {"two_people.jpg": at_one})
+    resized = ft.score(one, {"two_people.jpg": larger})
+    assert both.faces == 2 * alone.faces and both.found == alone.found + resized.found
+
+
 def test_box_offsets_measure_how_boxes_sit_on_the_truth():
     faces = [{"box": (10, 0, 30, 40), "pose": "frontal"}]
     truth = {"frames": [{"file": "a.jpg", "faces": faces}]}
@@ -225,6 +242,65 @@ def test_area_resize_is_torchs_area_interpolation():
         part = as_torch[:, :, y : y + h, x : x + w]
         want = F.interpolate(part, size=(24, 24), mode="area")[0].permute(1, 2, 0).numpy()
         assert np.abs(crop - want).max() < 1e-3
+
+
+def test_integral_table_is_int32_where_exact_and_resamples_as_float64():
+    """The summed-area table is int32 (exact, half the memory traffic) unless a sum could
+    overflow it, and resamples to the same values as a float64 table."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (360, 640, 3), np.uint8)
+    table = mtcnn.integral_image(rgb)
+    assert table.dtype == np.int32
+    wide = cv2.integral(rgb, sdepth=cv2.CV_64F)
+    for out in ((197, 350), (12, 21)):
+        assert np.abs(mtcnn.area_level(table, *out) - mtcnn.area_level(wide, *out)).max() < 1e-3
+    crops = mtcnn.area_resize(table, [3, 100], [7, 200], [50, 90], [40, 120], 24, 24)
+    want = mtcnn.area_resize(wide, [3, 100], [7, 200], [50, 90], [40, 120], 24, 24)
+    assert crops.dtype == np.float32 and np.abs(crops - want).max() < 1e-3
+    # A DCI 4K frame searched at full size could overflow int32 (4096 x 2160 x 255 > 2**31).
+    assert mtcnn.integral_image(np.zeros((2160, 4096, 3), np.uint8)).dtype == np.float64
+
+
+def test_mirror_score_averages_a_face_with_its_mirror_image():
+    """The output net scores a face crop and its mirror image; the mean is the face's score, and
+    crops that cannot reach the threshold are not run again."""
+    rgb = auto_levels(read_rgb(TRUTH / "two_people.jpg"))
+    plain, _ = mtcnn.detect_faces(rgb, 22, (0.6, 0.7, 0.5), 0.73)
+    both, _ = mtcnn.detect_faces(rgb, 22, (0.6, 0.7, 0.5), 0.73, mirror=True)
+    assert len(plain) == len(both) == 2  # two frontal faces: high both ways
+    assert np.abs(plain[:, :4] - both[:, :4]).max() < 1e-3 and (both[:, 4] > 0.95).all()
+
+    class Onet:  # the mirror image of each crop scores 0.2
+        def __init__(self):
+            self.seen = 0
+
+        def run(self, _outputs, feeds):
+            self.seen += len(feeds["image"])
+            return [np.tile([0.8, 0.2], (len(feeds["image"]), 1)).astype(np.float32)]
+
+    crops = np.zeros((3, 48, 48, 3), np.float32)
+    net = Onet()
+    got = mtcnn._mirror_scores(net, crops, np.array([0.99, 0.75, 0.5], np.float32), 0.85)
+    assert net.seen == 2  # 0.5 < 2 * 0.85 - 1: cannot reach 0.85 whatever its mirror scores
+    assert np.allclose(got, [(0.99 + 0.2) / 2, (0.75 + 0.2) / 2, 0.5])
+
+
+def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
+    """``pyramid_start`` times ``min_face_px`` (in the searched copy's pixels) is the smallest
+    face MTCNN's pyramid is built for; ``mirror_score`` reaches the detector."""
+    import diffusion_bunny.models.face_detect as face_detect
+
+    asked = []
+
+    class Nothing:
+        def detect(self, rgb):
+            return []
+
+    monkeypatch.setattr(face_detect, "make_detector", lambda *args: asked.append(args) or Nothing())
+    frame = np.zeros((720, 1280, 3), np.uint8)
+    detect(frame, DetectSettings())  # 40 px at 1280 wide is 20 px in the 640-px copy
+    detect(frame, replace(DetectSettings(), pyramid_start=0.8, mirror_score=False))
+    assert [(a[2], a[5]) for a in asked] == [(22, True), (16, False)]
 
 
 def test_nms_variants():
@@ -378,7 +454,7 @@ def test_eval_faces_script_prints_every_setting_side_by_side(capsys):
     import sys
 
     argv = sys.argv
-    sys.argv = ["eval_faces.py", "--only", "mediapipe", "--no-speed"]
+    sys.argv = ["eval_faces.py", "--only", "mediapipe", "--no-speed", "--scales", "1.09"]
     try:
         with pytest.raises(SystemExit) as done:
             runpy.run_path(str(ROOT / "python_script" / "eval_faces.py"), run_name="__main__")
@@ -391,3 +467,6 @@ def test_eval_faces_script_prints_every_setting_side_by_side(capsys):
         assert label in out
     header = next(line for line in out.splitlines() if line.startswith("setting") and "prec" in line)
     assert {"recall", "R>=32", "front", "3/4", "prof", "down", "fps+enc"} <= set(header.split())
+    assert "xs R>=32" in header and "xs prec" in header
+    row = next(line for line in out.splitlines() if line.startswith("mediapipe "))
+    assert row.split()[-3] != "-"  # the multi-scale recall was measured

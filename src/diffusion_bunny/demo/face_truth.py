@@ -13,7 +13,7 @@ kind of frame (source, rotated, small, dark, mirrored, cut, crop).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +197,60 @@ FRAME_720P = (1280, 720)
 
 def truth_settings(settings: Any) -> Any:
     """``settings`` as they act on a 720p frame, applied to a truth frame (half its size)."""
-    from dataclasses import replace
-
     scale = settings.detect_width / FRAME_720P[0] if settings.detect_width else 1.0
     return replace(settings, min_face_px=round(settings.min_face_px * scale))
 
 
-def detect_truth(settings: Any, truth: dict[str, Any] | None = None, folder: Path | None = None):
+def detect_truth(
+    settings: Any, truth: dict[str, Any] | None = None, folder: Path | None = None, *, scale: float = 1.0
+):
     """Every frame of the truth set through stage 03's detection (:func:`~diffusion_bunny.models.
-    faces.detect`, no encoding): ``{file: [(left, top, right, bottom, score)]}``."""
+    faces.detect`, no encoding): ``{file: [(left, top, right, bottom, score)]}``.
+
+    ``scale``: each frame resized by it first (and searched at that size, boxes mapped back), so
+    that its faces fall between an image pyramid's levels differently: a setting that only won
+    by where the truth's few faces happen to sit against the pyramid does not hold at other
+    scales (:func:`multi_scale_score`)."""
+    import cv2
+
     from diffusion_bunny.models.faces import detect, read_rgb
 
     folder = folder or truth_dir()
     truth = truth or load_truth(folder)
     on_truth = truth_settings(settings)
+    if scale != 1.0:
+        on_truth = replace(on_truth, detect_width=0)
     out = {}
     for frame in truth["frames"]:
         rgb = read_rgb(folder / frame["file"])
-        out[frame["file"]] = boxes_of(detect(rgb, on_truth))
+        if scale != 1.0:
+            size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        out[frame["file"]] = [
+            (left / scale, top / scale, right / scale, bottom / scale, s)
+            for left, top, right, bottom, s in boxes_of(detect(rgb, on_truth))
+        ]
     return out
+
+
+#: The scales :func:`multi_scale_score` searches the truth set at (besides 1).
+SCALES = (0.84, 0.92, 1.09, 1.19)
+
+
+def multi_scale_score(settings: Any, truth: dict[str, Any], scales: tuple[float, ...] = SCALES) -> Score:
+    """One :class:`Score` summed over the truth set searched at 1 and each of ``scales``."""
+    total = Score()
+    for scale in (1.0, *scales):
+        s = score(truth, detect_truth(settings, truth, scale=scale))
+        total.faces += s.faces
+        total.found += s.found
+        total.detections += s.detections
+        total.false += s.false
+        for name, (found, count) in s.buckets.items():
+            entry = total.buckets.setdefault(name, [0, 0])
+            entry[0] += found
+            entry[1] += count
+    return total
 
 
 def box_offsets(truth: dict[str, Any], detections: dict[str, list], files: set[str]) -> tuple[float, ...]:

@@ -91,12 +91,14 @@ def make_detector(
     min_face: int = 20,
     min_score: float | None = None,
     scale_step: float | None = None,
+    mirror: bool = True,
 ) -> Any:
     """The detector called ``name`` (one per process and setting: models load once).
 
     ``upsample`` is dlib's; ``min_face`` the smallest face in pixels of the image searched
     (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before);
-    ``min_score`` the confidence a face needs; None for either: the detector's own default."""
+    ``min_score`` the confidence a face needs; None for either: the detector's own default;
+    ``mirror``: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_scores``)."""
     if name in ("hog", "cnn"):
         return DlibDetector(name, upsample)
     if name == "mediapipe":
@@ -106,6 +108,6 @@ def make_detector(
     if name == "mtcnn":
         from diffusion_bunny.models.mtcnn import Mtcnn
 
-        return Mtcnn(min_face=min_face, min_score=min_score, scale_step=scale_step)
+        return Mtcnn(min_face=min_face, min_score=min_score, scale_step=scale_step, mirror=mirror)
     require(name)  # raises: the name is not one of DETECTORS
     raise AssertionError(name)  # pragma: no cover
