@@ -50,7 +50,9 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     # Faces per character, screen-time timeline, face grid, the detector preview (issue 30), whose
     # cell also printed the eval table of the face detectors.
     assert len(pngs) == 4
-    assert any("mtcnn min_score=0.7" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert any(
+        "mtcnn mirror_score=False" in o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+    )
     # Stage 04 grouped the frames by place; its notebook drew its figures, the learning curve and the
     # exports.
     assert "scenes: " in summary and "adjusted Rand index" in summary
