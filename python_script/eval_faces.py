@@ -41,9 +41,9 @@ from diffusion_bunny.models.faces import DetectSettings
 
 TARGET_RECALL, TARGET_PRECISION, TARGET_FPS = 0.9, 0.95, 30.0
 BASE = DetectSettings()
-#: (label, settings): every detector, and the settings of each worth seeing.
 #: The default before the pyramid started at 1.1 x min_face_px and faces were scored mirrored too.
 BEFORE = replace(BASE, detector="mtcnn", pyramid_start=0.8, mirror_score=False, min_score=0.9)
+#: (label, settings): every detector, and the settings of each worth seeing.
 SETTINGS = [
     ("hog", replace(BASE, detector="hog")),
     ("hog upsample=2", replace(BASE, detector="hog", upsample=2)),
@@ -157,6 +157,7 @@ def evaluate(args: argparse.Namespace) -> int:
         )
         return 2
     truth = ft.load_truth()
+    scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
     fit_files, held = ft.held_out_files(truth)
     print(
         f"face truth set: {len(truth['frames'])} frames; "
@@ -175,7 +176,6 @@ def evaluate(args: argparse.Namespace) -> int:
                 )
             row = {"setting": label, "settings": asdict(s), **ft.summary_row(ft.score(truth, found))}
             row["held_out_recall"] = ft.score(truth, found, frames=held).recall
-            scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
             if scales and s.detector != "cnn":  # dlib's CNN: a second a frame, too slow five times
                 many = ft.multi_scale_score(s, truth, scales)
                 row["scales_>=32"], row["scales_precision"] = many.bucket_recall(">=32"), many.precision

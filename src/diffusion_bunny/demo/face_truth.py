@@ -98,6 +98,18 @@ class Score:
         entry[0] += int(hit)
         entry[1] += 1
 
+    def __iadd__(self, other: Score) -> Score:
+        """Another score's counts added to these (the same frames searched another way)."""
+        self.faces += other.faces
+        self.found += other.found
+        self.detections += other.detections
+        self.false += other.false
+        for name, (found, count) in other.buckets.items():
+            entry = self.buckets.setdefault(name, [0, 0])
+            entry[0] += found
+            entry[1] += count
+        return self
+
     @property
     def recall(self) -> float:
         return self.found / self.faces if self.faces else float("nan")
@@ -241,15 +253,7 @@ def multi_scale_score(settings: Any, truth: dict[str, Any], scales: tuple[float,
     """One :class:`Score` summed over the truth set searched at 1 and each of ``scales``."""
     total = Score()
     for scale in (1.0, *scales):
-        s = score(truth, detect_truth(settings, truth, scale=scale))
-        total.faces += s.faces
-        total.found += s.found
-        total.detections += s.detections
-        total.false += s.false
-        for name, (found, count) in s.buckets.items():
-            entry = total.buckets.setdefault(name, [0, 0])
-            entry[0] += found
-            entry[1] += count
+        total += score(truth, detect_truth(settings, truth, scale=scale))
     return total
 
 
