@@ -105,6 +105,25 @@ def test_default_detector_on_the_truth_set():
     assert sum(len(v) for v in found.values()) <= 1, found
 
 
+def test_histogram_percentiles_are_numpys_to_the_last_bit():
+    """auto_levels reads its percentiles off a histogram; they are np.percentile's exactly, so
+    the picture searched (and the faces found) are the same as sorting the pixels gave."""
+    from diffusion_bunny.models.faces import histogram_percentiles
+
+    rng = np.random.default_rng(1)
+    for i in range(300):
+        h, w = rng.integers(1, 120, 2)
+        if i % 3 == 0:
+            gray = rng.integers(0, 256, (h, w))
+        elif i % 3 == 1:
+            gray = np.clip(rng.normal(rng.uniform(0, 255), rng.uniform(0.1, 40), (h, w)), 0, 255)
+        else:
+            gray = rng.choice(rng.integers(0, 256, 3), (h, w))  # a few grey levels: many ties
+        gray = gray.astype(np.uint8)
+        q = (*rng.uniform(0, 100, 3), 1.0, 99.5, 0.0, 100.0)
+        assert np.array_equal(histogram_percentiles(gray, q), np.percentile(gray, q)), i
+
+
 def test_auto_levels_stretches_a_low_key_picture_and_leaves_a_full_range_one():
     from diffusion_bunny.models.faces import auto_levels
 
@@ -270,19 +289,61 @@ def test_mirror_score_averages_a_face_with_its_mirror_image():
     assert len(plain) == len(both) == 2  # two frontal faces: high both ways
     assert np.abs(plain[:, :4] - both[:, :4]).max() < 1e-3 and (both[:, 4] > 0.95).all()
 
-    class Onet:  # the mirror image of each crop scores 0.2
-        def __init__(self):
-            self.seen = 0
 
-        def run(self, _outputs, feeds):
-            self.seen += len(feeds["image"])
-            return [np.tile([0.8, 0.2], (len(feeds["image"]), 1)).astype(np.float32)]
+class MirrorNet:
+    """A stand-in output net: the mirror image of crop ``i`` (crops hold their index) scores
+    ``mirrored[i]``; counts the crops it is shown."""
 
-    crops = np.zeros((3, 48, 48, 3), np.float32)
-    net = Onet()
-    got = mtcnn._mirror_scores(net, crops, np.array([0.99, 0.75, 0.5], np.float32), 0.85)
-    assert net.seen == 2  # 0.5 < 2 * 0.85 - 1: cannot reach 0.85 whatever its mirror scores
-    assert np.allclose(got, [(0.99 + 0.2) / 2, (0.75 + 0.2) / 2, 0.5])
+    def __init__(self, mirrored):
+        self.mirrored = np.asarray(mirrored, np.float32)
+        self.seen = []
+
+    def run(self, _outputs, feeds):
+        ids = feeds["image"][:, 0, 0, 0].astype(int)
+        self.seen += ids.tolist()
+        p = self.mirrored[ids]
+        return [np.stack([1 - p, p], 1)]
+
+
+def test_mirror_nms_scores_mirror_images_only_where_they_can_change_the_result():
+    """A crop's score is the mean of its score and its mirror image's; crops that cannot reach
+    the threshold, and crops a kept face covers, are never run again."""
+    crops = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((5, 48, 48, 3), np.float32)
+    boxes = np.array(
+        [[0, 0, 50, 50], [2, 2, 52, 52], [100, 0, 150, 50], [200, 0, 250, 50], [300, 0, 350, 50]],
+        np.float32,
+    )
+    score = np.array([0.99, 0.9, 0.95, 0.9, 0.5], np.float32)
+    net = MirrorNet([0.97, 0.99, 0.3, 0.9, 0.9])
+    pick, final = mtcnn._mirror_nms(net, crops, score, boxes, 0.85)
+    # Crop 1 lies under crop 0, kept at 0.98, and could reach no more than 0.95: not run again.
+    # Crop 2 falls to 0.625; crop 4 (0.5 < 2 * 0.85 - 1) cannot reach 0.85 whatever its mirror
+    # image scores.
+    assert pick.tolist() == [0, 3]
+    assert np.allclose(final, [0.98, 0.9, 0.625, 0.9, 0.5])
+    assert sorted(net.seen) == [0, 2, 3]
+
+
+def test_mirror_nms_keeps_what_scoring_every_mirror_image_first_keeps():
+    """The lazy scoring keeps the same crops, in the same order, as scoring every crop both ways
+    and then suppressing (random boxes, scores and mirror scores, ties included)."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(1, 25))
+        xy = rng.uniform(0, 120, (n, 2))
+        side = rng.uniform(20, 60, (n, 1))
+        boxes = np.hstack([xy, xy + side]).astype(np.float32)
+        score = rng.choice([0.7, 0.8, 0.9, 0.95, 0.99, 1.0], n).astype(np.float32)
+        mirrored = rng.choice([0.1, 0.7, 0.8, 0.9, 0.99], n).astype(np.float32)
+        crops = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 48, 48, 3), np.float32)
+        net = MirrorNet(mirrored)
+        pick, final = mtcnn._mirror_nms(net, crops, score, boxes, 0.85)
+        everything = np.where(score >= 0.7, (score + mirrored) / 2, score).astype(np.float32)
+        kept = np.flatnonzero(everything > 0.85)
+        want = kept[mtcnn.nms(boxes[kept], everything[kept], 0.7, pixel=True, by_min=True)]
+        assert pick.tolist() == want.tolist(), trial
+        assert np.array_equal(final[pick], everything[pick])
+        assert set(net.seen) <= set(np.flatnonzero(score >= 0.7))
 
 
 def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):

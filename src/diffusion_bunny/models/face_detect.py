@@ -98,7 +98,7 @@ def make_detector(
     ``upsample`` is dlib's; ``min_face`` the smallest face in pixels of the image searched
     (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before);
     ``min_score`` the confidence a face needs; None for either: the detector's own default;
-    ``mirror``: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_scores``)."""
+    ``mirror``: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_nms``)."""
     if name in ("hog", "cnn"):
         return DlibDetector(name, upsample)
     if name == "mediapipe":

@@ -82,7 +82,7 @@ class DetectSettings:
     scale_step: float = SCALE_STEP
     #: Where MTCNN's pyramid starts, in multiples of ``min_face_px`` (:func:`detect`).
     pyramid_start: float = PYRAMID_START
-    #: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_scores``).
+    #: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_nms``).
     mirror_score: bool = True
 
     @classmethod
@@ -154,6 +154,25 @@ def face_sharpness(rgb: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return laplacian_variance(cv2.resize(gray, (side, side), interpolation=interp))
 
 
+def histogram_percentiles(gray: np.ndarray, q: tuple[float, ...]) -> list[float]:
+    """``np.percentile(gray, q)`` (linear interpolation) of a uint8 picture, read off its
+    histogram: a quarter of the time of sorting a 640-px frame's 230 thousand pixels, which
+    stage 03 did for every frame it searched (:func:`auto_levels`)."""
+    hist = cv2.calcHist([np.ascontiguousarray(gray)], [0], None, [256], [0, 256]).ravel()
+    cum = np.cumsum(hist)
+    last = gray.size - 1
+    out = []
+    for pct in q:
+        pos = last * (pct / 100)
+        k = int(np.floor(pos))
+        t = pos - k
+        # The values at sorted ranks k and k + 1: the first grey level whose count passes them.
+        a, b = (float(np.searchsorted(cum, r, side="right")) for r in (k, min(k + 1, last)))
+        # numpy's own lerp, so the result is the same to the last bit.
+        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+    return out
+
+
 def auto_levels(rgb: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
     """``rgb`` with its brightness (luma) stretched so its ``low`` and ``high`` percentiles become
     black and white, colour kept; a picture that already spans the range is left alone.
@@ -169,7 +188,7 @@ def auto_levels(rgb: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.nda
     stretch of one channel is a few lines of OpenCV; CLAHE, tried beside it, let more false faces
     through."""
     ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
-    lo, hi = np.percentile(ycc[..., 0], (low, high))
+    lo, hi = histogram_percentiles(ycc[..., 0], (low, high))
     if hi - lo < 4 or (lo <= 2 and hi >= 250):
         return rgb
     gain = 255.0 / (hi - lo)

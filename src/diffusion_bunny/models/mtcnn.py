@@ -30,7 +30,7 @@ from diffusion_bunny.models.face_common import Detection, clip_box, package_file
 WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 #: Thresholds of the three stages: facenet-pytorch's own (0.6, 0.7, 0.7) but for the last, the
 #: face score, raised to 0.85 (it is the mean of the score on the face and on its mirror image:
-#: :func:`_mirror_scores`). Scored on the face alone, false faces scoring 0.8-0.88 came through at
+#: :func:`_mirror_nms`). Scored on the face alone, false faces scoring 0.8-0.88 came through at
 #: 0.7 (a patch of the demo movie, the bottom of knn's obama.jpg, which then "showed 2 faces"),
 #: and 0.9 was the default; with the mirror, 0.85 keeps precision >= 0.95 on the face truth set
 #: searched at five scales (python_script/eval_faces.py, column "xs prec").
@@ -39,6 +39,8 @@ THRESHOLDS = (0.6, 0.7, 0.85)
 SCALE_STEP = 0.76
 #: Candidate boxes through the refine and output nets per call (memory stays small).
 BATCH = 256
+#: Mirror images scored per output-net call in :func:`_mirror_nms`.
+MIRROR_BATCH = 2
 
 
 def _state(relative: str) -> dict[str, np.ndarray]:
@@ -130,6 +132,24 @@ def _sessions() -> tuple[Any, ...]:
     )
 
 
+def _areas(boxes: np.ndarray, pixel: bool) -> np.ndarray:
+    one = 1.0 if pixel else 0.0
+    return (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
+
+
+def _overlaps(
+    boxes: np.ndarray, area: np.ndarray, i: int, rest: np.ndarray, pixel: bool, by_min: bool
+) -> np.ndarray:
+    """Overlap of box ``i`` with each box of ``rest`` (indices), as :func:`nms` measures it;
+    ``area``: :func:`_areas` of ``boxes``."""
+    one = 1.0 if pixel else 0.0
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    w = np.maximum(0.0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + one)
+    h = np.maximum(0.0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + one)
+    inter = w * h
+    return inter / (np.minimum(area[i], area[rest]) if by_min else area[i] + area[rest] - inter)
+
+
 def nms(
     boxes: np.ndarray, scores: np.ndarray, threshold: float, *, pixel: bool = False, by_min: bool = False
 ) -> np.ndarray:
@@ -139,19 +159,13 @@ def nms(
     neither variant, and these arrays are tens of boxes long."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    one = 1.0 if pixel else 0.0
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    area = (x1 - x0 + one) * (y1 - y0 + one)
+    area = _areas(boxes, pixel)
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(i)
-        w = np.maximum(0.0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + one)
-        h = np.maximum(0.0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + one)
-        inter = w * h
-        overlap = inter / (np.minimum(area[i], area[rest]) if by_min else area[i] + area[rest] - inter)
-        order = rest[overlap <= threshold]
+        order = rest[_overlaps(boxes, area, i, rest, pixel, by_min) <= threshold]
     return np.asarray(keep, np.int64)
 
 
@@ -268,7 +282,7 @@ def detect_faces(
 ) -> tuple[np.ndarray, np.ndarray]:
     """MTCNN on one RGB image: boxes (N, 5: x0, y0, x1, y1, score) and points (N, 5, 2), as
     facenet-pytorch's ``detect_face`` computes them. ``mirror``: a face's score is the mean of
-    the output net's score on its crop and on the crop mirrored (:func:`_mirror_scores`)."""
+    the output net's score on its crop and on the crop mirrored (:func:`_mirror_nms`)."""
 
     pnet, rnet, onet = _sessions()
     integral = integral_image(rgb)
@@ -318,38 +332,71 @@ def detect_faces(
     if len(crops):
         boxes = boxes[ok]
         prob, reg, marks = _run(onet, crops)
-        score = _mirror_scores(onet, crops, prob[:, 1], thresholds[2]) if mirror else prob[:, 1]
-        keep = score > thresholds[2]
-        boxes = np.hstack([boxes[keep, :4], score[keep, None]])
-        reg, marks = reg[keep], marks[keep]
         bw = boxes[:, 2] - boxes[:, 0] + 1
         bh = boxes[:, 3] - boxes[:, 1] + 1
         px = bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1
         py = bh[:, None] * marks[:, 5:] + boxes[:, 1:2] - 1
-        points = np.stack([px, py], 2)
-        boxes = _regress(boxes, reg)
-        pick = nms(boxes[:, :4], boxes[:, 4], 0.7, pixel=True, by_min=True)
-        boxes, points = boxes[pick], points[pick]
+        regressed = _regress(boxes[:, :4], reg)
+        if mirror:
+            pick, score = _mirror_nms(onet, crops, prob[:, 1], regressed, thresholds[2])
+        else:
+            score = prob[:, 1]
+            kept = np.flatnonzero(score > thresholds[2])
+            pick = kept[nms(regressed[kept], score[kept], 0.7, pixel=True, by_min=True)]
+        boxes = np.hstack([regressed[pick], score[pick, None]])
+        points = np.stack([px, py], 2)[pick]
     else:
         boxes = np.zeros((0, 5), np.float32)
     return boxes.astype(np.float32), points.astype(np.float32)
 
 
-def _mirror_scores(onet: Any, crops: np.ndarray, score: np.ndarray, threshold: float) -> np.ndarray:
-    """The mean of the output net's face score on each crop and on the crop mirrored left to
-    right; only crops that can still reach ``threshold`` are run again (score >= 2t - 1).
+def _mirror_nms(
+    onet: Any, crops: np.ndarray, score: np.ndarray, boxes: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output stage's last step with mirror-averaged face scores: the crops kept (indices,
+    best first) and the scores, averaged with the mirror image's wherever that was scored (every
+    kept crop's was). A face's score is the mean of the output net's score on
+    its crop and on the crop mirrored left to right; a crop is kept if that mean is over
+    ``threshold`` and no better-scoring kept box covers 70% of it (``nms``, pixel areas, overlap
+    over the smaller box), exactly as if every crop had been scored both ways first.
 
     A face scores about the same both ways; hair, a hand or a rose petal that happens to score
     0.8-0.9 one way seldom does the other. On the face truth set searched at five scales
     (python_script/eval_faces.py, columns "xs"), at 0.85: recall on faces >= 32 px 0.90 either
     way, precision 0.96 against 0.95; in scratch runs over eight scales, 0.894 / 0.962 against
-    0.879 / 0.955 for the plain score at 0.9 (the default before)."""
-    out = score.copy()
-    again = np.flatnonzero(score >= 2 * threshold - 1)
-    if len(again):
-        flipped = np.ascontiguousarray(crops[again, :, ::-1])
-        out[again] = (score[again] + _run(onet, flipped)[0][:, 1]) / 2
-    return out
+    0.879 / 0.955 for the plain score at 0.9 (the default before).
+
+    Own code because the mirror images are scored lazily, inside the suppression: the
+    refine stage leaves several overlapping crops on each face (19 crops a frame for 1.7 faces on
+    the truth set), and the mirror image of a crop that a better one suppresses changes nothing.
+    A crop whose mirror image is not scored yet counts at the most it could reach, (score + 1)/2;
+    the best crop is only taken once its mean is known and no unscored crop could beat it. Crops
+    under 2t - 1 cannot reach ``threshold`` whatever their mirror scores and are never run again.
+    On the truth set at 720p this scores about 4 mirror images a frame instead of 12, for the
+    same boxes (6 ms a frame less on one core)."""
+    final = np.full(len(score), np.nan, np.float32)
+    bound = (score + 1) / 2
+    alive = np.flatnonzero(score >= 2 * threshold - 1)
+    area = _areas(boxes, True)
+    keep: list[int] = []
+    while alive.size:
+        known = ~np.isnan(final[alive])
+        key = np.where(known, final[alive], bound[alive])
+        order = np.lexsort((alive, -key))  # the best first; the lower index on a tie, as nms
+        top = alive[order[0]]
+        if not known[order[0]]:
+            # Score the unscored crops ranked above the best scored one, a few at a time.
+            ahead = order[: np.argmax(known[order])] if known.any() else order
+            batch = alive[ahead[:MIRROR_BATCH]]
+            flipped = np.ascontiguousarray(crops[batch, :, ::-1])
+            final[batch] = (score[batch] + _run(onet, flipped)[0][:, 1]) / 2
+            continue
+        if final[top] <= threshold:
+            break  # every other crop's score is at most this one's
+        keep.append(top)
+        rest = alive[alive != top]
+        alive = rest[_overlaps(boxes, area, top, rest, True, True) <= 0.7]
+    return np.asarray(keep, np.int64), np.where(np.isnan(final), score, final)
 
 
 class Mtcnn:
