@@ -364,7 +364,10 @@ def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
     assert [(a[2], a[5]) for a in asked] == [(22, True), (16, False)]
 
 
-def test_nms_variants():
+@pytest.mark.parametrize("matrix", [True, False])
+def test_nms_variants(monkeypatch, matrix):
+    """Both passes (every pair's overlap at once, or a row per kept box) keep the same boxes."""
+    monkeypatch.setattr(mtcnn, "NMS_MATRIX", 1024 if matrix else 0)
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 4, 4], [20, 20, 30, 30]], np.float32)
     scores = np.array([0.9, 0.8, 0.95, 0.7], np.float32)
     # Union overlap: the second box (IoU 0.68 with the first) goes at 0.5, stays at 0.7.
@@ -373,6 +376,20 @@ def test_nms_variants():
     # "Min" overlap: the small box lies inside the first, so it suppresses it.
     assert mtcnn.nms(boxes, scores, 0.7, pixel=True, by_min=True).tolist() == [2, 1, 3]
     assert mtcnn.nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
+
+
+def test_nms_matrix_pass_keeps_what_the_row_pass_keeps(monkeypatch):
+    rng = np.random.default_rng(5)
+    for trial in range(100):
+        n = int(rng.integers(1, 150))
+        xy = rng.uniform(0, 200, (n, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(5, 60, (n, 1))]).astype(np.float32)
+        scores = rng.choice([0.5, 0.9, 0.95, 1.0], n).astype(np.float32)  # ties too
+        for kw in ({}, {"pixel": True, "by_min": True}):
+            monkeypatch.setattr(mtcnn, "NMS_MATRIX", 1024)
+            matrix = mtcnn.nms(boxes, scores, 0.5, **kw)
+            monkeypatch.setattr(mtcnn, "NMS_MATRIX", 0)
+            assert matrix.tolist() == mtcnn.nms(boxes, scores, 0.5, **kw).tolist(), trial
 
 
 def test_blazeface_anchors_and_merging_follow_mediapipe():
