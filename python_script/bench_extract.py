@@ -572,14 +572,8 @@ def warm_cache(path: Path) -> None:
 
 
 def machine_facts(ffmpeg: str) -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from diffusion_bunny.models.device import cpu_summary
+
     version = subprocess.run([ffmpeg, "-version"], capture_output=True, text=True).stdout
     packages = []
     for pkg in ("diffusion-bunny", "av", "scenedetect-headless", "opencv-python-headless"):
@@ -590,7 +584,7 @@ def machine_facts(ffmpeg: str) -> list[str]:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"nproc: {len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})",
-        f"cpu: {model}",
+        f"cpu: {cpu_summary()}",
         f"ffmpeg: {version.splitlines()[0] if version else '?'}",
         f"python: {platform.python_version()}; {', '.join(packages)}",
         f"load average at start: {load}",

@@ -37,6 +37,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from diffusion_bunny.demo import face_truth as ft
+from diffusion_bunny.models.device import cpu_summary
 from diffusion_bunny.models.faces import DetectSettings
 
 TARGET_RECALL, TARGET_PRECISION, TARGET_FPS = 0.9, 0.95, 30.0
@@ -161,7 +162,7 @@ def evaluate(args: argparse.Namespace) -> int:
     fit_files, held = ft.held_out_files(truth)
     print(
         f"face truth set: {len(truth['frames'])} frames; "
-        f"load average at start: {load()} ({os.cpu_count()} cores)"
+        f"load average at start: {load()} ({os.cpu_count()} cores: {cpu_summary()})"
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="eval_faces_") as tmp:
@@ -203,6 +204,7 @@ def evaluate(args: argparse.Namespace) -> int:
             "about": "python_script/eval_faces.py --write: stage 03's detectors on the face truth set",
             "workers": args.workers,
             "cpu_count": os.cpu_count(),
+            "cpu": cpu_summary(),
             "targets": {"recall>=32": TARGET_RECALL, "precision": TARGET_PRECISION, "fps": TARGET_FPS},
             "rows": rows,
             "table": table(rows),

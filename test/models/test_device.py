@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.models.device import cpu_summary, resolve_device
 
 
 @pytest.mark.parametrize("setting", ["extraction.device", "scenes.device", "training.device"])
@@ -74,3 +74,14 @@ def test_tiny_presets_run_on_one_thread_on_the_cpu_and_real_models_keep_theirs(m
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_summary_names_the_model_and_its_vector_extensions() -> None:
+    core = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n"
+    two_cores = f"processor\t: 0\n{core}\nprocessor\t: 1\n{core}"
+    assert cpu_summary(two_cores) == "AMD EPYC 9B14 (AVX-512 VNNI, AVX-512, AVX2)"
+    assert cpu_summary("model name\t: AMD EPYC\nflags\t: fpu avx avx2 fma\n") == "AMD EPYC (AVX2)"
+    # No vector extension worth naming, no model name (some ARM kernels), no cpuinfo at all.
+    assert cpu_summary("model name : Old CPU\nflags : fpu sse2\n") == "Old CPU"
+    assert cpu_summary("Features : fp asimd\n") == "unknown"
+    assert cpu_summary("") == "unknown"

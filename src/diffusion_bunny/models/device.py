@@ -11,6 +11,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 
 from diffusion_bunny.errors import ModelError
 
@@ -80,3 +81,35 @@ def cpu_threads_for(source: str, device: str, setting: str) -> AbstractContextMa
     if source == "preset" and resolve_device(device, setting) == "cpu":
         return torch_threads(1)
     return nullcontext()
+
+
+#: The vector extensions that decide how fast ONNX Runtime's and torch's CPU kernels run, widest
+#: first: dlib's ResNet took 5.3 ms a face on one 2-core machine and 8.5 ms on another (AVX2
+#: only) the next day.
+_VECTOR_FLAGS = (
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx512f", "AVX-512"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx2", "AVX2"),
+)
+
+
+def cpu_summary(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its vector extensions, e.g. ``"AMD EPYC (AVX2)"``, from Linux's
+    ``/proc/cpuinfo`` (or the text given). Benchmarks print it beside their frames/s, because two
+    machines with the same core count can differ by half in speed: a figure is only comparable
+    with one taken on the same kind of CPU. ``"unknown"`` where there is no cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    model, flags = "unknown", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    found = [name for flag, name in _VECTOR_FLAGS if flag in flags]
+    return f"{model} ({', '.join(found)})" if found else model
