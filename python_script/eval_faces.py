@@ -104,8 +104,8 @@ def fmt(value: object, width: int) -> str:
 def table(rows: list[dict]) -> str:
     """The table as eval_faces.py prints it (and docs/face-detectors.md shows)."""
     label_w = max(len(r["setting"]) for r in rows)
-    head = ["setting".ljust(label_w), *(h.rjust(6) for _, h in COLUMNS), "false", "fps", "fps+enc", "target"]
-    head[-1:-1] = ["xs R>=32", "xs prec"]
+    head = ["setting".ljust(label_w), *(h.rjust(6) for _, h in COLUMNS), "false", "fps", "fps+enc"]
+    head += ["xs R>=32", "xs prec", "target"]
     lines = ["  ".join(head)]
     for r in rows:
         cells = [r["setting"].ljust(label_w), *(fmt(r[k], 6) for k, _ in COLUMNS)]

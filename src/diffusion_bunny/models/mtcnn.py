@@ -8,8 +8,10 @@ torch state dicts) in its wheel, so nothing is downloaded. Its own ``MTCNN.detec
 small ONNX graphs (:class:`~.onnx_graph.GraphBuilder`), the pyramid and the box crops are
 resampled from a summed-area table, and the cascade around them is facenet-pytorch's
 ``detect_face`` step for step (thresholds, the three non-maximum suppressions, box regression,
-squaring, its clipped crops), plus one step of ours that is off unless asked (``mirror``); the
-truth set's figures (python_script/eval_faces.py) were measured again on this code.
+squaring, its clipped crops), plus one step of ours: the face score averaged with the mirror
+image's (``mirror``; off in :func:`detect_faces` unless asked, on in stage 03 by default,
+``characters.mirror_score``); the truth set's figures (python_script/eval_faces.py) were
+measured again on this code.
 
 facenet-pytorch's release pins torch < 2.3; the pin is lifted in pyproject.toml
 (``[[tool.uv.dependency-metadata]]``); only its weight files are read here (``torch.load``, with
@@ -148,8 +150,7 @@ def _overlaps(
     w = np.maximum(0.0, np.minimum(x1[a], x1[rest]) - np.maximum(x0[a], x0[rest]) + one)
     h = np.maximum(0.0, np.minimum(y1[a], y1[rest]) - np.maximum(y0[a], y0[rest]) + one)
     inter = w * h
-    out = inter / (np.minimum(area[a], area[rest]) if by_min else area[a] + area[rest] - inter)
-    return out
+    return inter / (np.minimum(area[a], area[rest]) if by_min else area[a] + area[rest] - inter)
 
 
 #: Up to this many boxes :func:`nms` measures every pair's overlap at once (4 MB a matrix).
