@@ -202,8 +202,8 @@ def test_every_detector_finds_a_frontal_face_with_landmarks_in_it(name):
 
 
 @pytest.mark.parametrize("name", ["two_people.jpg", "small28_hamilton_f225.jpg", "dark_hamilton_f225.jpg"])
-def test_mtcnn_on_onnx_runtime_finds_facenet_pytorchs_own_faces(name):
-    """models/mtcnn.py runs facenet-pytorch's weights on ONNX Runtime with its own cascade code:
+def test_our_mtcnn_finds_facenet_pytorchs_own_faces(name):
+    """models/mtcnn.py runs facenet-pytorch's weights on OpenVINO with its own cascade code:
     the same faces, scores and points as facenet-pytorch's ``MTCNN.detect`` (torch, which we
     keep as the reference: its pin of torch < 2.3 is lifted in pyproject.toml)."""
     import torch
@@ -231,6 +231,54 @@ def test_mtcnn_on_onnx_runtime_finds_facenet_pytorchs_own_faces(name):
     # Through the detector protocol: boxes clipped to the frame.
     found = make_detector("mtcnn").detect(rgb)
     assert all(0 <= d.box[3] < d.box[1] <= rgb.shape[1] for d in found)
+
+
+def test_mtcnn_nets_on_openvino_compute_what_onnx_runtime_computes():
+    """The three nets give the same outputs on OpenVINO as on ONNX Runtime (the runtime they
+    were checked on first), at every input shape a frame brings (one compiled model serves
+    them all), and a second thread gets a request of its own."""
+    import threading
+
+    from diffusion_bunny.models.onnx_graph import OpenVinoSession, cpu_session
+
+    rng = np.random.default_rng(3)
+    shapes = {"pnet": [(1, 197, 350), (1, 29, 51), (1, 12, 12)], "rnet": [(171, 24, 24), (1, 24, 24)]}
+    shapes["onet"] = [(22, 48, 48), (2, 48, 48)]
+    for name, (weights, layers, heads) in mtcnn.NETS.items():
+        model = mtcnn._net_model(name, mtcnn._state(weights), layers, heads)
+        ov, ort = OpenVinoSession(model, 1), cpu_session(model, 1)
+        for shape in shapes[name]:
+            image = rng.uniform(-1, 1, (*shape, 3)).astype(np.float32)
+            got, want = ov.run(None, {"image": image}), ort.run(None, {"image": image})
+            assert len(got) == len(want) == len(heads)
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape and g.dtype == np.float32
+                np.testing.assert_allclose(g, w, atol=2e-4)
+        # Outputs are copies: the next call does not overwrite them.
+        first = ov.run(None, {"image": image})[0]
+        kept = first.copy()
+        ov.run(None, {"image": -image})
+        np.testing.assert_array_equal(first, kept)
+    other = []
+    thread = threading.Thread(target=lambda: other.append(ov.run(None, {"image": image})[0]))
+    thread.start()
+    thread.join()
+    np.testing.assert_array_equal(other[0], kept)
+    assert ov._local.request is not None
+    with pytest.raises(ValueError, match="pass None"):
+        ov.run(["prob"], {"image": image})
+
+
+def test_openvino_missing_is_one_line_naming_the_package(monkeypatch):
+    import sys
+
+    from diffusion_bunny.models.onnx_graph import openvino_session
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(ModelError) as info:
+        openvino_session(mtcnn._net_model("pnet", mtcnn._state(mtcnn.WEIGHTS[0]), *mtcnn.NETS["pnet"][1:]))
+    message = str(info.value)
+    assert "\n" not in message and "OpenVINO" in message and "uv sync" in message
 
 
 def test_a_corrupt_mtcnn_weight_file_is_one_line(monkeypatch, tmp_path):
@@ -548,3 +596,31 @@ def test_eval_faces_script_prints_every_setting_side_by_side(capsys):
     assert "xs R>=32" in header and "xs prec" in header
     row = next(line for line in out.splitlines() if line.startswith("mediapipe "))
     assert row.split()[-3] != "-"  # the multi-scale recall was measured
+
+
+def test_eval_faces_speed_is_the_median_of_interleaved_rounds(monkeypatch):
+    """eval_faces.py measures every setting once per round, round after round (a slow minute of a
+    shared machine then lowers one round of every setting), and shows each setting's median."""
+    import argparse
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "python_script" / "eval_faces.py"))
+    calls = []
+    figures = iter([30.0, 20.0, 10.0, 5.0, 50.0, 40.0, 1.0, 1.0, 40.0, 30.0, 2.0, 2.0])
+
+    def fake(settings, paths, *, workers, encode=True, repeat=1):
+        calls.append((settings.detector, encode, len(paths), repeat))
+        return next(figures)
+
+    monkeypatch.setattr(ft, "frames_per_second", fake)
+    settings = [("mtcnn", DetectSettings()), ("cnn", replace(DetectSettings(), detector="cnn"))]
+    rows = [{"setting": "mtcnn"}, {"setting": "cnn"}]
+    paths = [ROOT] * 20
+    script["measure_speed"](rows, settings, paths, argparse.Namespace(rounds=3, speed_repeat=2, workers=2))
+    # Interleaved: mtcnn, cnn, mtcnn, cnn...; cnn on 12 frames once.
+    assert [c[0] for c in calls] == ["mtcnn", "mtcnn", "cnn", "cnn"] * 3
+    assert calls[0] == ("mtcnn", False, 20, 2) and calls[3] == ("cnn", True, 12, 1)
+    assert [r["fps"] for r in rows[0]["fps_rounds"]] == [30.0, 50.0, 40.0]
+    assert rows[0]["fps_detect"] == 40.0 and rows[0]["fps_encode"] == 30.0
+    assert rows[1]["fps_detect"] == 2.0 and rows[1]["fps_encode"] == 2.0
+    assert all("load" in r for r in rows[1]["fps_rounds"])
