@@ -220,7 +220,8 @@ def measure_speed(rows: list[dict], settings: list, paths: list[Path], args: arg
     round of every setting, not every round of one), with each round's figures and load kept."""
     for row in rows:
         row["fps_rounds"] = []
-    for r in range(max(1, args.rounds)):
+    rounds = max(1, args.rounds)
+    for r in range(rounds):
         for row, (_, s) in zip(rows, settings, strict=True):
             # dlib's CNN takes about a second a frame on one core: fewer frames for it.
             sample = paths[:12] if s.detector == "cnn" else paths
@@ -228,7 +229,7 @@ def measure_speed(rows: list[dict], settings: list, paths: list[Path], args: arg
             detect = ft.frames_per_second(s, sample, workers=args.workers, encode=False, repeat=repeat)
             encode = ft.frames_per_second(s, sample, workers=args.workers, repeat=repeat)
             row["fps_rounds"].append({"fps": round(detect, 1), "fps+enc": round(encode, 1), "load": load()})
-        print(f"  speed round {r + 1} of {args.rounds} (load {load()})", flush=True)
+        print(f"  speed round {r + 1} of {rounds} (load {load()})", flush=True)
     for row in rows:
         row["fps_detect"] = round(statistics.median(x["fps"] for x in row["fps_rounds"]), 1)
         row["fps_encode"] = round(statistics.median(x["fps+enc"] for x in row["fps_rounds"]), 1)

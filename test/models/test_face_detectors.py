@@ -260,11 +260,16 @@ def test_mtcnn_nets_on_openvino_compute_what_onnx_runtime_computes():
         ov.run(None, {"image": -image})
         np.testing.assert_array_equal(first, kept)
     other = []
-    thread = threading.Thread(target=lambda: other.append(ov.run(None, {"image": image})[0]))
+
+    def in_a_thread():
+        other.append(ov.run(None, {"image": image})[0])
+        other.append(ov._local.request)
+
+    thread = threading.Thread(target=in_a_thread)
     thread.start()
     thread.join()
     np.testing.assert_array_equal(other[0], kept)
-    assert ov._local.request is not None
+    assert other[1] is not None and other[1] is not ov._local.request
     with pytest.raises(ValueError, match="pass None"):
         ov.run(["prob"], {"image": image})
 

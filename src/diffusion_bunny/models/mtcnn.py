@@ -261,9 +261,7 @@ def area_level(integral: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     640-px frame, 3x faster than four gathers per cell."""
     y0, y1 = _bins(integral.shape[0] - 1, out_h)
     x0, x1 = _bins(integral.shape[1] - 1, out_w)
-    # np.take, not integral[y1]: the same rows, but the difference of two fancy-indexed copies
-    # took 2 ms for a 640-px frame's first level and of two takes 0.2 ms (numpy 2.4).
-    rows = np.take(integral, y1, axis=0) - np.take(integral, y0, axis=0)
+    rows = integral[y1] - integral[y0]
     sums = (np.take(rows, x1, axis=1) - np.take(rows, x0, axis=1)).astype(np.float32)
     sums /= ((y1 - y0)[:, None] * (x1 - x0)[None, :]).astype(np.float32)[..., None]
     return sums[None]
