@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra config override for every stage")
     ap.add_argument(
         "--detectors",
-        default="hog,mediapipe,mtcnn",
+        default="hog,mediapipe,mtcnn,centerface",
         help="stage 03 again with each face detector on the shortest movie (issue 30; empty: skip)",
     )
     args = ap.parse_args(argv)

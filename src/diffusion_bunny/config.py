@@ -202,7 +202,7 @@ class CharactersConfig(_Section):
 
     reference_dir: str | None = None
     frames: Literal["kept", "all"] = "kept"
-    detector: Literal["hog", "cnn", "mediapipe", "mtcnn"] = "mtcnn"
+    detector: Literal["hog", "cnn", "mediapipe", "mtcnn", "centerface"] = "centerface"
     min_score: float | None = Field(None, ge=0.0, le=1.0)
     align: Literal["dlib", "detector"] = "dlib"
     #: Stretch the searched copy's brightness between its 1st and 99.5th percentiles first

@@ -82,7 +82,11 @@ def test_only_the_report_draws_figures_among_what_computes():
         else:
             assert shown == [], f"stage {stage.name} computes with {shown}"
     characters = codegraph.computing_modules("diffusion_bunny.stages.characters.stage")
-    assert {"diffusion_bunny.models.face_detect", "diffusion_bunny.models.mtcnn"} <= set(characters)
+    assert {
+        "diffusion_bunny.models.face_detect",
+        "diffusion_bunny.models.mtcnn",
+        "diffusion_bunny.models.centerface",
+    } <= set(characters)
 
 
 PROBE = {
@@ -152,9 +156,11 @@ def test_the_caches_kept_across_runs_key_on_the_code_that_fills_them(monkeypatch
     from diffusion_bunny.stages.generate import render
     from diffusion_bunny.stages.generate.grid import GridItem
 
-    assert {"diffusion_bunny.models.face_detect", "diffusion_bunny.models.mtcnn"} <= set(
-        codegraph.computing_modules(faces.__name__)
-    )
+    assert {
+        "diffusion_bunny.models.face_detect",
+        "diffusion_bunny.models.mtcnn",
+        "diffusion_bunny.models.centerface",
+    } <= set(codegraph.computing_modules(faces.__name__))
     assert "diffusion_bunny.models.diffusion" in codegraph.computing_modules(render.__name__)
     settings = faces.DetectSettings()
     item = GridItem("a", 0, "a portrait", 0, 1.0, "final", None)

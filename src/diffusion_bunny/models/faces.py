@@ -65,7 +65,7 @@ DLIB_TEMPLATE_5 = np.array(
 class DetectSettings:
     """The settings that change what the detector and encoder return (the cache key)."""
 
-    detector: str = "mtcnn"
+    detector: str = "centerface"
     detect_width: int = 640
     upsample: int = 1
     num_jitters: int = 1
@@ -214,9 +214,11 @@ def detect(rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = 
         size = (settings.detect_width, max(1, round(height * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     ups = settings.upsample if upsample is None else upsample
-    # MTCNN's image pyramid starts at a face size (in the copy's pixels) that sets its cost:
-    # settings.pyramid_start times min_face_px (PYRAMID_START says why).
-    min_face = max(12, int(settings.min_face_px * scale * settings.pyramid_start))
+    # The smallest face wanted, in the copy's pixels, sets MTCNN's and CenterFace's cost. MTCNN's
+    # image pyramid starts at settings.pyramid_start times it (PYRAMID_START says why).
+    min_face = int(settings.min_face_px * scale)
+    if settings.detector == "mtcnn":
+        min_face = max(12, int(settings.min_face_px * scale * settings.pyramid_start))
     detector = make_detector(
         settings.detector, ups, min_face, settings.min_score, settings.scale_step, settings.mirror_score
     )

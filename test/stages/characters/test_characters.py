@@ -221,7 +221,8 @@ def test_config_is_validated():
         load_config(None, {"characters.min_threshold": 0.7}, root=ROOT / "test")
     with pytest.raises(
         ConfigError,
-        match=r"characters\.detector = .retinaface.: Input should be .hog., .cnn., .mediapipe. or .mtcnn.",
+        match=r"characters\.detector = .retinaface.: "
+        r"Input should be .hog., .cnn., .mediapipe., .mtcnn. or .centerface.",
     ):
         load_config(None, {"characters.detector": "retinaface"}, root=ROOT / "test")
 
@@ -339,7 +340,7 @@ def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first
     run = _copy(demo_run, tmp_path)
     refs_dir = build_demo_references(tmp_path / "refs")
     keys = []
-    for detector in (first, "mtcnn"):
+    for detector in (first, "mtcnn", "centerface"):
         cfg = _cfg(tmp_path, reference_dir=str(refs_dir), detector=detector)
         faces = run_stage(run, "characters", cfg, progress=False)["faces"]
         manifest = run.read_manifest("characters")
@@ -350,7 +351,7 @@ def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first
         assert faces.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
         assert faces["detector_score"].min() > 0.5
         keys.append(set(run.read_table("face_frames")["detect_key"]))
-    assert keys[0].isdisjoint(keys[1])
+    assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1 :])
 
 
 @pytest.fixture(scope="module")
