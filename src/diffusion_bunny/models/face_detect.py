@@ -59,9 +59,9 @@ def require(name: str) -> None:
         for relative in WEIGHTS:
             package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
     elif name == "centerface":
-        from diffusion_bunny.models.centerface import MODEL_FILE, PACKAGE
+        from diffusion_bunny.models.centerface import MODEL_FILE, PACKAGE, load_model
 
-        package_file(PACKAGE, MODEL_FILE)
+        load_model(package_file(PACKAGE, MODEL_FILE))  # read too: a corrupt file fails here, not per frame
     from diffusion_bunny.models import dlib_faces
 
     # Every detector's faces are encoded by dlib's ResNet.

@@ -119,7 +119,7 @@ class OpenVinoSession:
             import openvino
         except ImportError as exc:
             raise ModelError(
-                f"the OpenVINO runtime cannot be imported ({exc}); it runs stage 03's MTCNN: "
+                f"the OpenVINO runtime cannot be imported ({exc}); it runs stage 03's CenterFace and MTCNN: "
                 "`uv sync` installs it (or `uv sync --reinstall-package openvino`)"
             ) from exc
         core = openvino.Core()

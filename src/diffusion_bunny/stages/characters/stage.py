@@ -67,9 +67,12 @@ from diffusion_bunny.stages.characters.tables import (
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
 #: Below this many frames to do, a process pool costs more to start than it saves: each spawned
-#: worker imports torch and facenet-pytorch and loads MTCNN and dlib's models (3-4 s of CPU). On the
-#: demo run's frames on a quiet 2-core machine (2026-11-24): 17 frames took 5.6 s on the pool and
-#: 4.9 s in-process, 40 frames 7.0 s and 8.0 s; break-even is about 25 (12 was fitted for HOG).
+#: worker imports its detector's runtime and loads its models and dlib's (3-4 s of CPU for MTCNN,
+#: which imports torch to read its weights). On the demo run's frames on a quiet 2-core machine
+#: (2026-11-24, MTCNN): 17 frames took 5.6 s on the pool and 4.9 s in-process, 40 frames 7.0 s and
+#: 8.0 s; break-even is about 25 (12 was fitted for HOG). A CenterFace worker starts faster (2.7 s
+#: against MTCNN's 4.8 on a loaded machine) and searches faster too, so the break-even moves
+#: little; not measured again.
 MIN_FRAMES_FOR_POOL = 24
 
 
