@@ -316,7 +316,7 @@ def test_our_centerface_finds_what_the_authors_decoding_finds(name):
         assert max(ft.iou(want[:4], box[:4]) for box in boxes) > 0.85
 
 
-def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall():
+def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall(monkeypatch):
     """The network's input is the image shrunk so that ``min_face`` becomes FACE_PX pixels (never
     enlarged; min_face 0 searches the image as it is), and stage 03 hands it min_face_px."""
     assert centerface.input_scale(20) == pytest.approx(centerface.FACE_PX / 20)
@@ -332,11 +332,8 @@ def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall():
 
     rgb = read_rgb(TRUTH / "two_people.jpg")
     big = cv2.resize(rgb, (1280, 720))
-    try:
-        centerface.detect_faces = spy
-        found = detect(big, DetectSettings(min_face_px=40, min_score=0.6))
-    finally:
-        centerface.detect_faces = real
+    monkeypatch.setattr(centerface, "detect_faces", spy)
+    found = detect(big, DetectSettings(min_face_px=40, min_score=0.6))
     assert seen == [((360, 640, 3), pytest.approx(centerface.FACE_PX / 20), 0.6)]
     assert len(found) == 2 and all(d.height >= 40 for d in found)
 

@@ -90,7 +90,7 @@ def load_model(path: Any) -> Any:
         for i, name in ((0, "n"), (2, "h"), (3, "w")):
             dims[i].ClearField("dim_value")
             dims[i].dim_param = name
-    del graph.value_info[:]  # shapes inferred for 640x640; the runtime infers them again
+    del graph.value_info[:]  # any shapes inferred for the fixed size; the runtime infers them again
     return model
 
 
@@ -126,8 +126,8 @@ def detect_faces(rgb: np.ndarray, scale: float, threshold: float) -> tuple[np.nd
     # way; FACE_PX and MIN_SCORE were chosen with this resampling.
     interpolation = cv2.INTER_AREA if pw < w and ph < h else cv2.INTER_LINEAR
     small = rgb if (pw, ph) == (w, h) else cv2.resize(rgb, (pw, ph), interpolation=interpolation)
-    blob = small.transpose(2, 0, 1)[None].astype(np.float32)
-    heat, size, offset, marks = _session().run(None, {INPUT: blob})
+    # NCHW: the session makes it one contiguous float32 array (a single copy).
+    heat, size, offset, marks = _session().run(None, {INPUT: small.transpose(2, 0, 1)[None]})
     ys, xs = np.nonzero(heat[0, 0] > threshold)
     if len(ys) == 0:
         return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
