@@ -65,6 +65,7 @@ LONGEST_FIRST = {
     "test/test_film_as_released.py": 55,  # four release variants built, stage 01 on each
     "test/stages/export/test_export.py": 41,
     "test/stages/train/test_train.py": 36,
+    "test/test_real_footage_end_to_end.py": 36,  # the Hamilton clip through every stage
     "test/pipeline/test_kill_stages.py": 36,
     "test/stages/generate/test_generate.py": 31,
     "test/stages/report/test_report.py": 26,

@@ -207,6 +207,41 @@ def test_prepared_images_are_kept_in_memory_and_prepared_again_when_edited(tmp_p
     assert small.items == {} and small.used == 0
 
 
+def test_a_batch_may_hold_one_picture_twice(tmp_path, monkeypatch):
+    """A small dataset with repeats puts one picture twice in a batch, and stage 06 can export two
+    files with the same bytes (they share one latent-cache file). Each distinct picture is encoded
+    once, stored once, and every place in the batch gets its entry; this raised KeyError in stage
+    07 on real footage before any of them was cached."""
+    from diffusion_bunny.stages.train.data import TrainImage
+    from diffusion_bunny.stages.train.lora import LoraTrainer
+
+    a, copy_of_a, b = tmp_path / "a.jpg", tmp_path / "copy_of_a.jpg", tmp_path / "b.jpg"
+    write_image(a, (80, 80), 0)
+    shutil.copy(a, copy_of_a)
+    write_image(b, (80, 80), 1)
+    images = [TrainImage(p, "bunnystyle, the cat") for p in (a, copy_of_a, a, b)]
+    trainer = LoraTrainer(training_cfg(), cache_dir=tmp_path / "cache")
+    encoded: list[int] = []
+    encode = trainer.encode_images
+    monkeypatch.setattr(
+        trainer, "encode_images", lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    )
+
+    parts = trainer.latent_batch(images, (64, 64))
+    assert encoded == [2]  # a (and its copy) once, b once
+    assert torch.equal(parts[0][0], parts[1][0]) and torch.equal(parts[0][0], parts[2][0])
+    assert not torch.equal(parts[0][0], parts[3][0])
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 2
+    # Another trainer reads the same numbers back from the cache without encoding; a step on such
+    # a batch runs.
+    again = LoraTrainer(training_cfg(), cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(again, "encode_images", lambda pixels: pytest.fail("encoded what the cache holds"))
+    for first, second in zip(parts, again.latent_batch(images, (64, 64)), strict=True):
+        assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+    loss, _, stepped = again.step(again.make_batch(images, (64, 64)))
+    assert np.isfinite(loss) and stepped
+
+
 def test_steps_change_the_lora_and_lower_the_loss(trained):
     trainer, before, loss_before, loss_after, *_ = trained
     after = trainer.peft_state()["unet"]

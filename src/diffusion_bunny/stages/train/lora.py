@@ -176,7 +176,6 @@ class LoraTrainer:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # Cached latents once read, so a step after the first epoch touches neither disk nor hash.
         self._latent_memory: dict[tuple, tuple[torch.Tensor, tuple, tuple]] = {}
-        self._pending_keys: dict[str, tuple] = {}
         self._pixels = PixelMemory()
 
     # -- what differs between the families (FlowLoraTrainer overrides these) --------------------
@@ -249,28 +248,28 @@ class LoraTrainer:
         with torch.no_grad():
             return self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
 
-    def _cached_latents(self, image: TrainImage, size: tuple[int, int]) -> tuple[Any, Path | None]:
-        """(found entry or None, the cache file to write) for one image, from memory or disk."""
+    def _cached_latents(self, image: TrainImage, size: tuple[int, int]) -> tuple[Any, Path | None, tuple]:
+        """(found entry or None, the cache file to write or None, the in-memory key) for one
+        image, from memory or disk."""
         from safetensors.torch import load_file
 
-        cache = self.latent_cache_dir
-        if cache is None or not self.cfg.cache_latents:
-            return None, None
         stat = image.path.stat()
         memo_key = (str(image.path), stat.st_size, stat.st_mtime_ns, size)
+        cache = self.latent_cache_dir
+        if cache is None or not self.cfg.cache_latents:
+            return None, None, memo_key
         if memo_key in self._latent_memory:
-            return self._latent_memory[memo_key], None
+            return self._latent_memory[memo_key], None, memo_key
         path = cache / f"{file_hash(image.path)}-{self.vae_key()}-{size[0]}x{size[1]}.safetensors"
         if path.is_file():
             try:
                 data = load_file(path)
                 found = (data["parameters"], tuple(data["original"].tolist()), tuple(data["crop"].tolist()))
                 self._latent_memory[memo_key] = found
-                return found, None
+                return found, None, memo_key
             except Exception:
                 path.unlink(missing_ok=True)  # a damaged cache file is simply encoded again
-        self._pending_keys[str(path)] = memo_key
-        return None, path
+        return None, path, memo_key
 
     def latent_batch(
         self, images: Sequence[TrainImage], size: tuple[int, int]
@@ -278,28 +277,43 @@ class LoraTrainer:
         """(latent Gaussian parameters, original size, crop) of each image at ``size``. With
         ``cache_latents`` they come from the disk cache (encoded and stored the first time, then
         kept in memory too: about 130 KB per image at SD 1.5's 512 px); images not cached are
-        encoded together in one VAE pass."""
+        encoded together in one VAE pass.
+
+        A batch may hold one picture more than once (a small dataset with repeats, or two
+        exported files with the same bytes, which share one cache file): each distinct picture
+        is encoded and stored once and its entry given to every place it holds."""
         import torch
         from safetensors.torch import save_file
 
-        found: list[Any] = []
-        missing: list[tuple[int, Path | None]] = []
+        found: list[Any] = [None] * len(images)
+        # Distinct pictures still to encode, keyed by their cache file (content) or, uncached,
+        # by their path: indices in the batch, the cache file, the in-memory keys.
+        todo: dict[str, tuple[list[int], Path | None, list[tuple]]] = {}
         for i, image in enumerate(images):
-            entry, path = self._cached_latents(image, size)
-            found.append(entry)
-            if entry is None:
-                missing.append((i, path))
-        if missing:
-            prepared = [self._pixels.prepare(images[i].path, size) for i, _ in missing]
+            entry, path, memo_key = self._cached_latents(image, size)
+            if entry is not None:
+                found[i] = entry
+                continue
+            slot = todo.setdefault(str(path or image.path), ([], path, []))
+            slot[0].append(i)
+            slot[2].append(memo_key)
+        if todo:
+            slots = list(todo.values())
+            prepared = [self._pixels.prepare(images[indices[0]].path, size) for indices, _, _ in slots]
             params = self.encode_images(torch.stack([p[0] for p in prepared])).cpu()
-            for (i, path), (_, original, crop), param in zip(missing, prepared, params, strict=True):
-                found[i] = (param, original, crop)
+            for (indices, path, memo_keys), (_, original, crop), param in zip(
+                slots, prepared, params, strict=True
+            ):
+                entry = (param, original, crop)
+                for i in indices:
+                    found[i] = entry
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tensors = {"parameters": param.contiguous(), "original": torch.tensor(original)}
                     with atomic_path(path) as tmp:
                         save_file({**tensors, "crop": torch.tensor(crop)}, tmp)
-                    self._latent_memory[self._pending_keys.pop(str(path))] = found[i]
+                    for key in memo_keys:
+                        self._latent_memory[key] = entry
         return found
 
     def _encode_text_now(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
