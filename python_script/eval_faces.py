@@ -26,8 +26,20 @@ and resized by each of ``--scales`` (0.84-1.19): faces then fall between an imag
 levels differently, so a setting that wins only by where the truth's few faces sit against the
 pyramid does not win there. MTCNN's defaults were chosen on these columns.
 
+Fit and held-out: recall on faces >= 32 px and precision (at the frames' own size and over the
+scales) on the fit part and on the held-out part (``face_truth.HOLD_OUT``: whole sources that
+share no clip and no person with the fit part, and the frames made from them) apart, in a
+second table; a setting is to be chosen on the fit columns only.
+
+``--speed-for LABELS`` measures frames/s for those settings only (exact labels). ``--keep-speed``
+gives the rows whose frames/s this run does not measure those of the stored table (marked ``*``,
+with the CPU they were measured on): a change that cannot move them (a new split of the truth
+set, a relabelled face) then needs no half hour of speed rounds. A table never mixes frames/s
+from two CPUs: keeping them from another CPU beside figures measured here is refused.
+
     uv run python python_script/eval_faces.py [--only hog,mediapipe] [--speed-repeat 2]
-        [--rounds 3] [--workers 2] [--no-speed] [--scales 0.84,0.92,1.09,1.19] [--write] [--fit-boxes]
+        [--rounds 3] [--workers 2] [--no-speed] [--speed-for centerface,mtcnn] [--keep-speed]
+        [--scales 0.84,0.92,1.09,1.19] [--write] [--fit-boxes]
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -112,6 +125,34 @@ def fmt(value: object, width: int) -> str:
     return str(value).rjust(width)
 
 
+#: (key, heading) of each part's columns in the fit / held-out table.
+SPLIT_COLUMNS = [
+    ("recall", "recall"),
+    (">=32", "R>=32"),
+    ("precision", "prec"),
+    ("scales_>=32", "xs R>=32"),
+    ("scales_precision", "xs prec"),
+]
+PARTS = (("fit", "fit"), ("held_out", "held"))
+
+
+def split_figures(truth: dict, searches: list[dict], files: set[str]) -> dict:
+    """Recall (all faces and faces >= 32 px) and precision on ``files``: at the frames' own size
+    (the first of ``searches``) and summed over every search (each scale), with their counts."""
+    own = ft.score(truth, searches[0], frames=files)
+    found, faces = own.buckets.get(">=32", (0, 0))
+    out = {"frames": len(files), "faces>=32": faces, "found>=32": found, "false": own.false}
+    out["recall"], out[">=32"], out["precision"] = own.recall, own.bucket_recall(">=32"), own.precision
+    if len(searches) > 1:
+        many = ft.summed_score(truth, searches, frames=files)
+        out["scales_>=32"], out["scales_precision"] = many.bucket_recall(">=32"), many.precision
+    return {k: None if isinstance(v, float) and v != v else v for k, v in out.items()}
+
+
+def _fps(row: dict, key: str, width: int) -> str:
+    return fmt(row.get(key), width) + ("*" if row.get("speed_kept") else "")
+
+
 def table(rows: list[dict]) -> str:
     """The table as eval_faces.py prints it (and docs/face-detectors.md shows)."""
     label_w = max(len(r["setting"]) for r in rows)
@@ -120,15 +161,34 @@ def table(rows: list[dict]) -> str:
     lines = ["  ".join(head)]
     for r in rows:
         cells = [r["setting"].ljust(label_w), *(fmt(r[k], 6) for k, _ in COLUMNS)]
-        cells += [fmt(r["false"], 5), fmt(r.get("fps_detect"), 3), fmt(r.get("fps_encode"), 7)]
+        cells += [fmt(r["false"], 5), _fps(r, "fps_detect", 3), _fps(r, "fps_encode", 7)]
         cells += [fmt(r.get("scales_>=32"), 8), fmt(r.get("scales_precision"), 7)]
         cells.append("MEETS" if meets(r) else "-")
         lines.append("  ".join(cells))
+    kept = sorted({r.get("speed_cpu", "?") for r in rows if r.get("speed_kept")})
+    if kept:
+        lines.append(
+            f"*: frames/s kept from the table before (measured on {', '.join(kept)}), not in this run"
+        )
     lines.append("")
     lines.append("recall by kind of frame:")
     lines.append("  ".join(["setting".ljust(label_w), *(h.rjust(6) for _, h in KIND_COLUMNS)]))
     for r in rows:
         lines.append("  ".join([r["setting"].ljust(label_w), *(fmt(r[k], 6) for k, _ in KIND_COLUMNS)]))
+    split = [r for r in rows if r.get("split")]
+    if split:
+        fit, held = split[0]["split"]["fit"], split[0]["split"]["held_out"]
+        lines.append("")
+        lines.append(
+            f"fit and held-out (held out: {', '.join(ft.HOLD_OUT)} and the frames made from them; "
+            f"{fit['frames']} / {held['frames']} frames, "
+            f"{fit['faces>=32']} / {held['faces>=32']} faces >= 32 px):"
+        )
+        heads = [(part, key, f"{name} {h}") for part, name in PARTS for key, h in SPLIT_COLUMNS]
+        lines.append("  ".join(["setting".ljust(label_w), *(h for _, _, h in heads)]))
+        for r in split:
+            cells = [fmt(r["split"][part].get(key), len(h)) for part, key, h in heads]
+            lines.append("  ".join([r["setting"].ljust(label_w), *cells]))
     return "\n".join(lines)
 
 
@@ -139,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-repeat", type=int, default=2, help="passes over the 44 frames per speed figure")
     ap.add_argument("--rounds", type=int, default=3, help="speed rounds over every setting; median shown")
     ap.add_argument("--no-speed", action="store_true", help="recall and precision only")
+    ap.add_argument(
+        "--speed-for",
+        default="",
+        help="comma-separated setting labels (exact) whose frames/s to measure (default: every row run)",
+    )
+    ap.add_argument(
+        "--keep-speed",
+        action="store_true",
+        help=f"rows whose frames/s are not measured keep those in face_truth/{ft.RESULTS_FILE} (marked *)",
+    )
     ap.add_argument(
         "--scales",
         default=",".join(str(x) for x in ft.SCALES),
@@ -169,11 +239,27 @@ def evaluate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    speed_for = {w.strip() for w in args.speed_for.split(",") if w.strip()}
+    if unknown := speed_for - {lbl for lbl, _ in settings}:
+        print(f"error: --speed-for names no setting run: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    timed = set() if args.no_speed else speed_for or {lbl for lbl, _ in settings}
+    doc = ft.read_results() if args.keep_speed else None
+    run = {lbl for lbl, _ in settings} - timed
+    elsewhere = {speed_cpu(r, doc) for r in (doc or {}).get("rows", []) if r["setting"] in run}
+    if timed and elsewhere - {cpu_summary()}:
+        print(
+            f"error: the stored frames/s were measured on {', '.join(sorted(elsewhere))}, this is "
+            f"{cpu_summary()}: one table would mix them (measure every row, or none with --no-speed)",
+            file=sys.stderr,
+        )
+        return 2
     truth = ft.load_truth()
     scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
     fit_files, held = ft.held_out_files(truth)
     print(
-        f"face truth set: {len(truth['frames'])} frames; "
+        f"face truth set: {len(truth['frames'])} frames ({len(held)} held out: {', '.join(ft.HOLD_OUT)} "
+        f"and the frames made from them); "
         f"load average at start: {load()} ({os.cpu_count()} cores: {cpu_summary()})"
     )
     rows = []
@@ -188,14 +274,27 @@ def evaluate(args: argparse.Namespace) -> int:
                     f"{ft.box_offsets(truth, found, fit_files)}"
                 )
             row = {"setting": label, "settings": asdict(s), **ft.summary_row(ft.score(truth, found))}
-            row["held_out_recall"] = ft.score(truth, found, frames=held).recall
+            searches = [found]
             if scales and s.detector != "cnn":  # dlib's CNN: a second a frame, too slow five times
-                many = ft.multi_scale_score(s, truth, scales)
+                searches += [ft.detect_truth(s, truth, scale=x) for x in scales]
+                many = ft.summed_score(truth, searches)
                 row["scales_>=32"], row["scales_precision"] = many.bucket_recall(">=32"), many.precision
+            row["split"] = {
+                "fit": split_figures(truth, searches, fit_files),
+                "held_out": split_figures(truth, searches, held),
+            }
+            # What the figures were scored from (at the frames' own size): the tests score it again.
+            row["detections"] = {
+                file: [[round(v, 2) for v in box[:4]] + [round(box[4], 4)] for box in boxes]
+                for file, boxes in found.items()
+            }
             rows.append(row)
             print(f"  {label}: {time.perf_counter() - started:.0f} s (load {load()})", flush=True)
-        if not args.no_speed:
-            measure_speed(rows, settings, paths, args)
+        if args.keep_speed:
+            keep_speed(rows, timed)
+        measured = [(r, st) for r, st in zip(rows, settings, strict=True) if r["setting"] in timed]
+        if measured:
+            measure_speed([r for r, _ in measured], [st for _, st in measured], paths, args)
     print()
     print(table(rows))
     print(
@@ -205,7 +304,12 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.write:
         out = ft.truth_dir() / ft.RESULTS_FILE
         doc = {
-            "about": "python_script/eval_faces.py --write: stage 03's detectors on the face truth set",
+            "about": (
+                "python_script/eval_faces.py --write: stage 03's detectors on the face truth set. "
+                "Each row: its figures over every frame, 'split' (the fit and held-out parts apart), "
+                "'detections' (file: [left, top, right, bottom, score] at the frames' own size, what "
+                "the figures were scored from), frames/s with the CPU they were measured on."
+            ),
             "workers": args.workers,
             "speed_rounds": args.rounds,
             "cpu_count": os.cpu_count(),
@@ -214,9 +318,41 @@ def evaluate(args: argparse.Namespace) -> int:
             "rows": rows,
             "table": table(rows),
         }
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        out.write_text(dump(doc))
         print(f"written: {out}")
     return 0
+
+
+def speed_cpu(row: dict, doc: dict | None) -> str:
+    """The CPU a stored row's frames/s were measured on."""
+    return row.get("speed_cpu") or (doc or {}).get("cpu", "?")
+
+
+def dump(doc: dict) -> str:
+    """``doc`` as indented JSON with every list of numbers, and every list of such lists (a
+    frame's boxes), on one line: one line per frame's detections instead of one per number."""
+    text = json.dumps(doc, indent=1)
+    numbers = r"\[\s*([-\d.e+]+(?:,\s*[-\d.e+]+)*)\s*\]"
+    text = re.sub(numbers, lambda m: f"[{', '.join(x.strip() for x in m[1].split(','))}]", text)
+    lists = r"\[\s*(\[[^\[\]]*\](?:,\s*\[[^\[\]]*\])*)\s*\]"
+    text = re.sub(lists, lambda m: f"[{' '.join(m[1].split())}]", text)
+    return text + "\n"
+
+
+def keep_speed(rows: list[dict], measured: set[str]) -> None:
+    """The rows not in ``measured`` take their frames/s (rounds, and the CPU they were measured
+    on) from the stored table, where it holds the same setting with the same settings; they are
+    marked ``speed_kept``."""
+    doc = ft.read_results()
+    stored = {r["setting"]: r for r in (doc or {}).get("rows", [])}
+    for row in rows:
+        old = stored.get(row["setting"])
+        same = old is not None and old.get("settings") == json.loads(json.dumps(row["settings"]))
+        if row["setting"] in measured or not same or old.get("fps_encode") is None:
+            continue
+        for key in ("fps_rounds", "fps_detect", "fps_encode"):
+            row[key] = old[key]
+        row["speed_cpu"], row["speed_kept"] = speed_cpu(old, doc), True
 
 
 def measure_speed(rows: list[dict], settings: list, paths: list[Path], args: argparse.Namespace) -> None:
@@ -236,6 +372,7 @@ def measure_speed(rows: list[dict], settings: list, paths: list[Path], args: arg
             row["fps_rounds"].append({"fps": round(detect, 1), "fps+enc": round(encode, 1), "load": load()})
         print(f"  speed round {r + 1} of {rounds} (load {load()})", flush=True)
     for row in rows:
+        row["speed_cpu"] = cpu_summary()
         row["fps_detect"] = round(statistics.median(x["fps"] for x in row["fps_rounds"]), 1)
         row["fps_encode"] = round(statistics.median(x["fps+enc"] for x in row["fps_rounds"]), 1)
 
