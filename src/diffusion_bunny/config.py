@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.models.fitted import FittedSettings
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -106,6 +107,9 @@ class ExtractionConfig(_Section):
     thumb_width: int = Field(320, ge=32, le=1920)
     motion_threshold: float = Field(1.0, ge=0.0, le=255.0)
     keyframe_window_seconds: float = Field(0.5, gt=0.0, le=30.0)
+    #: A shot longer than this also keeps a frame of every stretch this long its other keyframes
+    #: leave out (null: none).
+    keyframe_gap_seconds: float | None = Field(4.0, gt=0.0, le=3600.0)
     interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
     jpeg_quality: int = Field(95, ge=1, le=100)
     picture_box: Literal["auto", "off"] = "auto"
@@ -231,6 +235,11 @@ class CharactersConfig(_Section):
     track_iou: float = Field(0.0, ge=0.0, le=1.0)
     cluster_threshold: float = Field(0.5, gt=0.0, le=2.0)
     workers: int = Field(0, ge=0, le=256)
+    #: The detector fitted to the pictures of drawn and animated characters (models/fitted).
+    fitted: FittedSettings = FittedSettings()
+    #: Two sightings of a drawn character in consecutive sampled frames of a shot are one track
+    #: when their features (unit length) are within this distance.
+    drawn_track_distance: float = Field(0.8, gt=0.0, le=2.0)
 
     @model_validator(mode="after")
     def _threshold_window(self) -> CharactersConfig:
@@ -355,6 +364,8 @@ class CaptioningConfig(_Section):
     dark_below: float = Field(60.0, ge=0.0, le=255.0)
     bright_above: float = Field(180.0, ge=0.0, le=255.0)
     scene_names: dict[str, str] = {}
+    #: What a character is, said after its name in the template's captions ("a cartoon dog").
+    character_descriptions: dict[str, str] = {}
     openai: OpenAIProviderConfig = OpenAIProviderConfig()
     anthropic: AnthropicProviderConfig = AnthropicProviderConfig()
     local: LocalProviderConfig = LocalProviderConfig()
@@ -397,13 +408,26 @@ class ExportConfig(_Section):
     """Settings of stage 06 (``export``): which crops, how the training set is balanced and split,
     and how the images are written (Hugging Face imagefolder + kohya folders)."""
 
-    crops: tuple[Literal["full", "face", "half_body"], ...] = ("full", "face")
+    crops: tuple[Literal["full", "face", "half_body", "character"], ...] = ("full", "face", "character")
     face_margin: float = Field(0.5, ge=0.0, le=5.0)
+    #: A drawn character's crop: its box with this share of its size added on every side.
+    character_margin: float = Field(0.1, ge=0.0, le=5.0)
+    #: Widest (or tallest) a character crop may be, width over height or height over width; a
+    #: longer box gets more of the frame on its short sides.
+    character_max_aspect: float = Field(2.0, ge=1.0, le=4.0)
+    #: The side the trainer sees pictures at; a face or character crop it would enlarge more than
+    #: max_upscale times is left out (null: no limit).
+    crop_resolution: int = Field(512, ge=32, le=8192)
+    max_upscale: float | None = Field(2.0, ge=1.0, le=64.0)
+    #: A face or character crop whose sharpness is under this share of the median of the named
+    #: appearances of its kind in the movie is out of focus: left out.
+    min_sharpness_ratio: float = Field(0.3, ge=0.0, le=1.0)
     half_body_face_heights: float = Field(4.0, ge=1.5, le=20.0)
     half_body_aspect: float = Field(0.75, ge=0.25, le=4.0)
     min_face_px: int = Field(64, ge=0, le=4096)
     face_tag: str = "close-up"
     half_body_tag: str = "upper body"
+    character_tag: str = ""
     include_unnamed: bool = True
     unnamed_concept: str = "scene"
     balance: bool = True
@@ -443,12 +467,12 @@ class ExportConfig(_Section):
     @classmethod
     def _crops_listed_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
-            raise ValueError("list at least one crop: full, face or half_body")
+            raise ValueError("list at least one crop: full, face, half_body or character")
         if len(set(value)) != len(value):
             raise ValueError("each crop may be listed once")
         return value
 
-    @field_validator("face_tag", "half_body_tag")
+    @field_validator("face_tag", "half_body_tag", "character_tag")
     @classmethod
     def _tag_one_line(cls, value: str) -> str:
         if "\n" in value or "," in value:

@@ -133,7 +133,7 @@ def shot_mean(values: np.ndarray, shot: dict) -> float:
 def test_ground_truth_header(gt: dict) -> None:
     assert gt["recipe_version"] == RECIPE_VERSION
     assert (gt["fps"], gt["width"], gt["height"]) == (DEMO_FPS, *DEMO_SIZE)
-    assert 36 <= gt["n_frames"] / DEMO_FPS <= 44  # about 40 s
+    assert 40 <= gt["n_frames"] / DEMO_FPS <= 48  # about 45 s
     assert gt == {**ground_truth_for(RECIPE), "movie_sha256": gt["movie_sha256"]}
 
 

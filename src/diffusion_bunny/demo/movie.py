@@ -19,7 +19,9 @@ The recipe below covers every case later stages are graded on:
 * a strongly blurred shot and a very dark shot (the quality filter must reject them),
 * a shot that repeats an earlier one frame for frame (duplicate / scene-clustering check),
 * two people, ``"astronaut"`` (Eileen Collins) and ``"grace_hopper"``, each in a static and a
-  dynamic shot, with faces well above the 80 px that dlib's HOG detector needs.
+  dynamic shot, with faces well above the 80 px that dlib's HOG detector needs,
+* two drawn characters (:mod:`diffusion_bunny.demo.cartoons`: the girl ``"mika"`` and the dog
+  ``"biscuit"``) walking through two panning shots, found from references that are no photos.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import cv2
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.samples import load_source
 
 DEMO_FPS = 24
@@ -47,7 +50,7 @@ DEMO_SIZE = (640, 360)  # width, height
 #: Bump whenever the meaning of the movie or of its ground truth changes.  Builds already on
 #: disk are also rebuilt when the recipe's fingerprint (see `recipe_fingerprint`) changes, so a
 #: forgotten bump cannot leave a cached movie that silently disagrees with the code.
-RECIPE_VERSION = "demo-v1"
+RECIPE_VERSION = "demo-v2"
 
 MOVIE_NAME = "demo_movie.mp4"
 GROUND_TRUTH_NAME = "ground_truth.json"
@@ -89,6 +92,19 @@ class Camera:
 
 
 @dataclass(frozen=True)
+class Walk:
+    """A drawn character (:data:`diffusion_bunny.demo.cartoons.CAST`) crossing a shot: its height
+    and the middle of its feet at the first and the last frame, in output pixels, walking (its
+    legs swing a step every ``step_frames`` frames) and facing the way it goes."""
+
+    name: str
+    height: float
+    start: tuple[float, float]
+    end: tuple[float, float]
+    step_frames: int = 16
+
+
+@dataclass(frozen=True)
 class ShotSpec:
     """One shot of the recipe: which image, how it is filmed and what is wrong with it.
 
@@ -105,6 +121,7 @@ class ShotSpec:
     dark: bool = False
     faces: tuple[str, ...] = ()
     repeat_of: int | None = None
+    walks: tuple[Walk, ...] = ()
 
     @property
     def kind(self) -> Kind:
@@ -190,6 +207,25 @@ RECIPE: tuple[ShotSpec, ...] = (
     ),
     # 10: the cat again, this time sharp.
     ShotSpec(source="chelsea", n_frames=90, start=Camera(cx=225.5, cy=150.0, width=451.0)),
+    # 11: a drawn girl walks past the saucer while the camera pans along, closer than shot 1's
+    # framing of the same picture (a frame as near shot 1's as a repeat would be dropped by
+    # stage 02 as a duplicate).
+    ShotSpec(
+        source="coffee",
+        n_frames=60,
+        start=Camera(cx=200.0, cy=260.0, width=300.0),
+        end=Camera(cx=250.0, cy=260.0, width=300.0),
+        walks=(Walk("mika", 230.0, (170.0, 340.0), (450.0, 340.0)),),
+    ),
+    # 12: a cartoon dog trots along the garage floor, the camera following it (the wheels,
+    # framed closer and lower than shot 6's pan).
+    ShotSpec(
+        source="motorcycle",
+        n_frames=60,
+        start=Camera(cx=330.0, cy=320.0, width=320.0),
+        end=Camera(cx=400.0, cy=320.0, width=320.0),
+        walks=(Walk("biscuit", 150.0, (460.0, 345.0), (220.0, 345.0)),),
+    ),
 )
 
 
@@ -262,6 +298,43 @@ def _noise_rng(shot_id: int) -> np.random.Generator:
     return np.random.default_rng([NOISE_SEED, shot_id])
 
 
+def walk_at(walk: Walk, i: int, n_frames: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The drawing of ``walk`` in frame ``i`` of its shot (RGBA) and its box (left, top, right,
+    bottom) in output pixels."""
+    from diffusion_bunny.demo.cartoons import Pose, cast, draw
+
+    t = i / max(1, n_frames - 1)
+    x = walk.start[0] + (walk.end[0] - walk.start[0]) * t
+    y = walk.start[1] + (walk.end[1] - walk.start[1]) * t
+    going_left = walk.end[0] < walk.start[0]
+    look = cast(walk.name)
+    # Animals face right as drawn, people face the viewer: an animal going left is mirrored.
+    pose = Pose(
+        step=(i / walk.step_frames) % 1.0,
+        turn=-0.3 if going_left else 0.3,
+        mirror=going_left and look.family == "animal",
+    )
+    drawing = draw(look, pose, round(walk.height))
+    h, w = drawing.rgba.shape[:2]
+    left, top = round(x - w / 2), round(y - h)
+    return drawing.rgba, (left, top, left + w, top + h)
+
+
+def _paste_walks(clean: np.ndarray, spec: ShotSpec, i: int) -> np.ndarray:
+    """``clean`` (float32 RGB) with the shot's drawn characters blended in at frame ``i``."""
+    out = clean.copy()
+    for walk in spec.walks:
+        rgba, (left, top, right, bottom) = walk_at(walk, i, spec.n_frames)
+        out_h, out_w = out.shape[:2]
+        x0, y0, x1, y1 = max(0, left), max(0, top), min(out_w, right), min(out_h, bottom)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        part = rgba[y0 - top : y1 - top, x0 - left : x1 - left].astype(np.float32)
+        alpha = part[..., 3:4] / 255.0
+        out[y0:y1, x0:x1] = out[y0:y1, x0:x1] * (1.0 - alpha) + part[..., :3] * alpha
+    return out
+
+
 def render_shot(spec: ShotSpec, shot_id: int) -> Iterator[np.ndarray]:
     """Yield the ``uint8`` RGB frames (360x640x3) of one shot, in order.
 
@@ -284,6 +357,8 @@ def render_shot(spec: ShotSpec, shot_id: int) -> Iterator[np.ndarray]:
                 clean = clean * np.float32(DARK_GAIN)
             if spec.kind == "static":
                 static_frame = clean
+        if spec.walks:
+            clean = _paste_walks(clean, spec, i)
         # Luminance-only grain (one draw per pixel, shared by R, G and B): what video footage
         # mostly shows after in-camera chroma denoising and 4:2:0 subsampling, and a third of
         # the cost of drawing three channels, which dominates render time.
@@ -323,6 +398,7 @@ def recipe_fingerprint(recipe: tuple[ShotSpec, ...]) -> str:
         "blur": BLUR_SIGMA,
         "dark": DARK_GAIN,
         "x264": X264_OPTIONS,
+        "cartoons": code_hash("diffusion_bunny.demo.cartoons"),
     }
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -348,6 +424,8 @@ def ground_truth_for(recipe: tuple[ShotSpec, ...] | None = None) -> dict[str, An
                 "dark": spec.dark,
                 "repeat_of": spec.repeat_of,
                 "faces": list(spec.faces),
+                # Who is in the shot: the people's faces and the drawn characters.
+                "characters": sorted({*spec.faces, *(w.name for w in spec.walks)}),
             }
         )
         frame += spec.n_frames
@@ -476,12 +554,44 @@ REFERENCE_CROPS = {
 }
 
 
+def _drawn_references(dest_dir: Path) -> None:
+    """The demo's drawn characters as a user would show them: the girl as a sprite with
+    transparency, the dog on a poster (a JPEG with a painted ground), each in a pose the movie
+    never shows."""
+    from PIL import Image
+
+    from diffusion_bunny.demo.cartoons import Pose, cast, draw
+
+    sprite = dest_dir / "mika" / "mika_sprite.png"
+    if not sprite.is_file():
+        sprite.parent.mkdir(parents=True, exist_ok=True)
+        rgba = draw(cast("mika"), Pose(arms_up=1.0, mouth="open", turn=-0.4, tilt=8.0), 300).rgba
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        _atomic_write_bytes(sprite, buf.getvalue())
+    poster = dest_dir / "biscuit" / "biscuit_poster.jpg"
+    if not poster.is_file():
+        poster.parent.mkdir(parents=True, exist_ok=True)
+        rgba = draw(cast("biscuit"), Pose(step=0.3, turn=0.5, mouth="open", tilt=-6.0), 220).rgba
+        h, w = rgba.shape[:2]
+        ground = np.zeros((h + 80, w + 120, 3), np.float32)
+        ground[:] = np.linspace((200, 225, 245), (120, 170, 110), h + 80, dtype=np.float32)[:, None, :]
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+        part = ground[50 : 50 + h, 60 : 60 + w]
+        ground[50 : 50 + h, 60 : 60 + w] = part * (1.0 - alpha) + rgba[..., :3] * alpha
+        buf = io.BytesIO()
+        Image.fromarray(ground.round().astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        _atomic_write_bytes(poster, buf.getvalue())
+
+
 def build_demo_references(dest_dir: Path) -> Path:
-    """Write ``dest_dir/<character>/<character>.png`` for the demo's two people (once) and return
-    ``dest_dir``, the folder ``characters.reference_dir`` points at in ``bunny demo``."""
+    """Write ``dest_dir/<character>/...`` for the demo's two people (their portraits) and its two
+    drawn characters (:func:`_drawn_references`), once, and return ``dest_dir``, the folder
+    ``characters.reference_dir`` points at in ``bunny demo``."""
     from PIL import Image
 
     dest_dir = Path(dest_dir)
+    _drawn_references(dest_dir)
     for name, (source, (x0, y0, x1, y1)) in REFERENCE_CROPS.items():
         path = dest_dir / name / f"{name}.png"
         if path.is_file():

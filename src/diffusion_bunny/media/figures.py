@@ -216,6 +216,21 @@ class Layout:
     resample: Image.Resampling = Image.Resampling.BILINEAR
 
 
+#: What a transparent pixel of a picture (a sprite) is shown on: neutral grey, not black.
+TRANSPARENT_GROUND = (128, 128, 128)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, its transparent parts on :data:`TRANSPARENT_GROUND` (PIL's own convert
+    would show whatever colour a transparent pixel holds, mostly black)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        ground = Image.new("RGBA", rgba.size, (*TRANSPARENT_GROUND, 255))
+        ground.alpha_composite(rgba)
+        return ground.convert("RGB")
+    return img.convert("RGB")
+
+
 @dataclass
 class _Cache:
     images: dict[Path, Image.Image | None] = field(default_factory=dict)
@@ -224,7 +239,7 @@ class _Cache:
         if path not in self.images:
             try:
                 with Image.open(path) as img:
-                    self.images[path] = img.convert("RGB")
+                    self.images[path] = as_rgb(img)
             except (OSError, TypeError, ValueError):
                 self.images[path] = None
         return self.images[path]

@@ -349,14 +349,30 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
+def portrait_faces(rgb: np.ndarray, ref_settings: DetectSettings) -> list[Face]:
+    """The faces of a reference picture that could be its subject.
+
+    Reference photos are often small crops, so a photo where the configured detector finds
+    nothing is tried once more with one more upsampling step. A face under a third of the largest
+    one's height is no second subject of the portrait (a passer-by far behind, or a speck MTCNN's
+    finer pyramid scored as a face: lin-manuel-miranda.png "showed 2 faces" with scale_step
+    0.76); only faces of comparable size leave it unclear whom the folder name means.
+    """
+    faces = detect_and_encode(rgb, ref_settings)
+    if not faces:
+        faces = detect_and_encode(rgb, ref_settings, upsample=ref_settings.upsample + 1)
+    if len(faces) > 1:
+        largest = max(f.height for f in faces)
+        faces = [f for f in faces if 3 * f.height >= largest]
+    return faces
+
+
 def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceSet, list[str]]:
     """Encode every reference image under ``ref_dir``; images that cannot serve are left out with
     a warning that names the file and says why (unreadable, no face, more than one face).
 
-    A reference must show exactly one face: with two of comparable size, nobody can tell which
-    one the folder name means (faces under a third of the largest one's height are not counted).
-    Reference photos are often small crops, so a photo where the configured detector finds nothing
-    is tried once more with one more upsampling step before it is given up.
+    A reference must show exactly one face (:func:`portrait_faces`): with two of comparable size,
+    nobody can tell which one the folder name means.
     """
     refs = ReferenceSet()
     warns: list[str] = []
@@ -375,16 +391,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
             if rgb is None:
                 warns.append(f"reference {path} cannot be read as an image; left out")
                 continue
-            faces = detect_and_encode(rgb, ref_settings)
-            if not faces:
-                faces = detect_and_encode(rgb, ref_settings, upsample=ref_settings.upsample + 1)
-            if len(faces) > 1:
-                # A face under a third of the largest one's height is no second subject of the
-                # portrait (a passer-by far behind, or a speck MTCNN's finer pyramid scored as a
-                # face: lin-manuel-miranda.png "showed 2 faces" with scale_step 0.76); only faces
-                # of comparable size leave it unclear whom the folder name means.
-                largest = max(f.height for f in faces)
-                faces = [f for f in faces if 3 * f.height >= largest]
+            faces = portrait_faces(rgb, ref_settings)
             if len(faces) != 1:
                 what = "no face" if not faces else f"{len(faces)} faces"
                 warns.append(f"reference {path} shows {what} (a reference must show exactly one); left out")

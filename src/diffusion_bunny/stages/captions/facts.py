@@ -89,8 +89,12 @@ def caption_facts(
             "frame_id"
         ):
             names = sorted({c for c in group["character"].to_list() if c})
-            unknown = int(group["character"].is_null().sum())
-            face_h = (group["bottom"] - group["top"]).max()
+            # A drawn character's box frames its whole figure: framing is judged by faces only.
+            people = (
+                group.filter(pl.col("kind").fill_null("face") == "face") if "kind" in group.columns else group
+            )
+            unknown = int(people["character"].is_null().sum())
+            face_h = (people["bottom"] - people["top"]).max()
             height = heights.get(fid[0]) or 0
             ratio = float(face_h) / height if height and face_h is not None else None
             per_frame[fid[0]] = (names, unknown, ratio)
@@ -141,7 +145,10 @@ def template_caption(facts: dict, cfg: CaptioningConfig) -> tuple[str, list[str]
     names = list(facts["characters"] or [])
     unknown = int(facts["unknown_faces"] or 0)
     if names:
-        who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        said = [
+            f"{n}, {cfg.character_descriptions[n]}" if cfg.character_descriptions.get(n) else n for n in names
+        ]
+        who = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
         if unknown:
             who += f" and {unknown} other {'person' if unknown == 1 else 'people'}"
     elif unknown:

@@ -55,8 +55,11 @@ STAGE = Stage(
         ),
         # Which frames stage 02 kept (characters.frames: kept); not needed with characters.frames: all.
         Reads("quality", "quality", ("frame_id", "keep", *REGION_COLUMNS), optional=True),
+        # A person's fixes of single appearances: re-applied on top of every rerun.
+        Reads("appearance_edits", "characters", ("event_id",), optional=True, nonempty=True),
     ),
     config=("characters",),
     writes=("faces", "face_frames"),
+    edits=("appearance_edits",),  # names given by hand (fix_appearance, notebook 03)
     inputs=_inputs,
 )

@@ -190,50 +190,57 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
 # Labelling (pure)
 
 
-def label_faces(
-    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersConfig
-) -> pl.DataFrame:
-    """The ``faces`` table: detections with identity, track and cluster columns.
+def _embeddings(rows: pl.DataFrame) -> np.ndarray:
+    """The ``embedding`` column of rows of one kind as a matrix (one length per kind)."""
+    if rows.height == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray(rows["embedding"].to_list(), dtype=np.float32).reshape(rows.height, -1)
 
-    * ``raw_character``: the face's own open-set match (None when no character is within its
-      threshold), ``nearest`` / ``nearest_distance`` the closest character whatever the distance;
-    * ``character``: the identity of the face's track by majority vote, ``distance`` its distance
-      to that character's nearest reference (both null when unknown);
-    * ``low_confidence``: named, but within ``low_confidence_margin`` of the threshold or only by
-      the vote of its track; the notebook marks these for a person to check;
-    * ``cluster``: ``cluster_NN`` for the faces nobody could name (largest cluster first).
-    """
-    base = detections.join(
-        frames.select("frame_id", "shot_id", "frame_index", "timestamp_s"), on="frame_id", how="left"
-    ).sort("frame_index", "face_id")
+
+def _label_kind(
+    base: pl.DataFrame, kind: str, refs: ReferenceSet, cfg: CharactersConfig, track_offset: int
+) -> dict[str, np.ndarray | list]:
+    """Identity, track and vote columns of the rows of one ``kind`` (in ``base``'s order)."""
     n = base.height
-    if n == 0:
-        return pl.DataFrame(schema=FACES_SCHEMA)
-    enc = np.asarray(base["embedding"].to_list(), dtype=np.float32).reshape(n, -1)
-    thresholds = character_thresholds(refs, cfg)
-    idn = identify(enc, refs, thresholds)
-    trusted = trusted_faces(base, cfg)
-    # An untrusted face (tiny, or turned too far for dlib's frontal face chip) never names itself:
-    # its encoding can sit near the wrong character's. Its track may still name it (voted below).
-    own = [c if ok else None for c, ok in zip(idn.character, trusted, strict=True)]
-    idn = Identification(own, idn.nearest, idn.nearest_distance, idn.threshold)
+    enc = _embeddings(base)
+    if kind == "face":
+        thresholds = character_thresholds(refs, cfg)
+        idn = identify(enc, refs, thresholds)
+        trusted = trusted_faces(base, cfg)
+        # An untrusted face (tiny, or turned too far for dlib's frontal face chip) never names
+        # itself: its encoding can sit near the wrong character's. Its track may still name it.
+        own = [c if ok else None for c, ok in zip(idn.character, trusted, strict=True)]
+        idn = Identification(own, idn.nearest, idn.nearest_distance, idn.threshold)
+        max_distance = cfg.track_distance
+    else:
+        # The fitted detector names what it finds; its distance is 1 - the heat map's peak.
+        labels = base["label"].to_list()
+        distance = 1.0 - base["detector_score"].to_numpy()
+        limit = 1.0 - cfg.fitted.min_score
+        own = [name if d <= limit else None for name, d in zip(labels, distance, strict=True)]
+        idn = Identification(own, labels, distance, np.full(n, limit))
+        trusted = np.ones(n, bool)
+        max_distance = cfg.drawn_track_distance
     boxes = list(zip(base["top"], base["right"], base["bottom"], base["left"], strict=True))
     tracks = link_tracks(
         base["shot_id"].fill_null(-1).to_list(),
         base["frame_index"].fill_null(-1).to_list(),
         boxes,
         enc,
-        max_distance=cfg.track_distance,
+        max_distance=max_distance,
         min_iou=cfg.track_iou,
     )
     voted, sizes = vote_tracks(tracks, idn.character, idn.nearest_distance)
-
     distance = np.full(n, np.nan)
     threshold = np.full(n, np.nan)
     for name in {v for v in voted if v is not None}:
         mask = np.asarray([v == name for v in voted])
-        distance[mask] = distances_to(enc[mask], refs, name)
-        threshold[mask] = thresholds[name]
+        if kind == "face":
+            distance[mask] = distances_to(enc[mask], refs, name)
+            threshold[mask] = character_thresholds(refs, cfg)[name]
+        else:
+            distance[mask] = idn.nearest_distance[mask]
+            threshold[mask] = 1.0 - cfg.fitted.min_score
     named = ~np.isnan(distance)
     low = named & (
         (distance > threshold - cfg.low_confidence_margin)
@@ -242,23 +249,80 @@ def label_faces(
     )
     cluster: list[str | None] = [None] * n
     unknown = np.flatnonzero(~named)
-    if unknown.size:
+    if unknown.size and kind == "face":
         labels = cluster_faces(enc[unknown], [tracks[i] for i in unknown], cfg.cluster_threshold)
         for i, label in zip(unknown, labels, strict=True):
             cluster[i] = f"cluster_{label:02d}"
-    return base.with_columns(
-        pl.Series("character", voted, dtype=pl.Utf8),
-        pl.Series("distance", np.where(named, distance, np.nan)).fill_nan(None),
-        pl.Series("raw_character", idn.character, dtype=pl.Utf8),
-        pl.Series("nearest", idn.nearest, dtype=pl.Utf8),
-        pl.Series("nearest_distance", idn.nearest_distance, dtype=pl.Float64).fill_nan(None),
-        pl.Series("threshold", threshold, dtype=pl.Float64).fill_nan(None),
-        pl.Series("low_confidence", low, dtype=pl.Boolean),
-        pl.Series("trusted", trusted, dtype=pl.Boolean),
-        pl.Series("track_id", tracks, dtype=pl.Int64),
-        pl.Series("track_size", sizes, dtype=pl.Int64),
-        pl.Series("cluster", cluster, dtype=pl.Utf8),
-    ).select(list(FACES_SCHEMA))
+    return {
+        "character": voted,
+        "distance": np.where(named, distance, np.nan),
+        "raw_character": idn.character,
+        "nearest": idn.nearest,
+        "nearest_distance": idn.nearest_distance,
+        "threshold": threshold,
+        "low_confidence": low,
+        "trusted": trusted,
+        "track_id": [t + track_offset for t in tracks],
+        "track_size": sizes,
+        "cluster": cluster,
+    }
+
+
+def label_faces(
+    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersConfig
+) -> pl.DataFrame:
+    """The ``faces`` table: detections with identity, track and cluster columns.
+
+    * ``raw_character``: the face's own open-set match (None when no character is within its
+      threshold), ``nearest`` / ``nearest_distance`` the closest character whatever the distance;
+      for a drawn character, the fitted detector's name and 1 - its score;
+    * ``character``: the identity of the face's track by majority vote, ``distance`` its distance
+      to that character's nearest reference (both null when unknown);
+    * ``low_confidence``: named, but within ``low_confidence_margin`` of the threshold or only by
+      the vote of its track; the notebook marks these for a person to check;
+    * ``cluster``: ``cluster_NN`` for the faces nobody could name (largest cluster first).
+
+    Faces and drawn characters are labelled apart (their embeddings are of different models)
+    and a track never joins the two. Drawn characters under ``characters.fitted.min_score`` are
+    not appearances: they are left out.
+    """
+    base = detections.join(
+        frames.select("frame_id", "shot_id", "frame_index", "timestamp_s"), on="frame_id", how="left"
+    )
+    if "kind" not in base.columns:
+        base = base.with_columns(pl.lit(None, pl.Utf8).alias("kind"), pl.lit(None, pl.Utf8).alias("label"))
+    # Detections of a stage that knew only faces have no kind.
+    base = base.with_columns(pl.col("kind").fill_null("face"))
+    base = base.filter((pl.col("kind") == "face") | (pl.col("detector_score") >= cfg.fitted.min_score)).sort(
+        "frame_index", "face_id"
+    )
+    if base.height == 0:
+        return pl.DataFrame(schema=FACES_SCHEMA)
+    parts = []
+    offset = 0
+    for kind in ("face", "drawn"):
+        rows = base.filter(pl.col("kind") == kind)
+        if rows.height == 0:
+            continue
+        columns = _label_kind(rows, kind, refs, cfg, offset)
+        offset = max(columns["track_id"]) + 1
+        parts.append(
+            rows.with_columns(
+                pl.Series("character", columns["character"], dtype=pl.Utf8),
+                pl.Series("distance", columns["distance"], dtype=pl.Float64).fill_nan(None),
+                pl.Series("raw_character", columns["raw_character"], dtype=pl.Utf8),
+                pl.Series("nearest", columns["nearest"], dtype=pl.Utf8),
+                pl.Series("nearest_distance", columns["nearest_distance"], dtype=pl.Float64).fill_nan(None),
+                pl.Series("threshold", columns["threshold"], dtype=pl.Float64).fill_nan(None),
+                pl.Series("low_confidence", columns["low_confidence"], dtype=pl.Boolean),
+                pl.Series("trusted", columns["trusted"], dtype=pl.Boolean),
+                pl.Series("track_id", columns["track_id"], dtype=pl.Int64),
+                pl.Series("track_size", columns["track_size"], dtype=pl.Int64),
+                pl.Series("cluster", columns["cluster"], dtype=pl.Utf8),
+                pl.lit(False).alias("edited"),
+            ).select(list(FACES_SCHEMA))
+        )
+    return pl.concat(parts).sort("frame_index", "face_id")
 
 
 def trusted_faces(faces: pl.DataFrame, cfg: CharactersConfig) -> np.ndarray:

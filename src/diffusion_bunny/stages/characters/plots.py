@@ -1,5 +1,6 @@
-"""Stage 03's figures: faces per character, screen time along the movie, face crops per character
-or cluster.
+"""Stage 03's figures: faces per character, screen time along the movie, appearances per character
+or cluster (faces and drawn characters, numbered for the fixer), and what was taken from each
+reference picture.
 """
 
 from __future__ import annotations
@@ -91,6 +92,56 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
     )
 
 
+def appearance_label(row: dict) -> str:
+    """A tile's few characters: a drawn character's score (``d0.83``: the fitted detector's peak),
+    a face's distance to its character's nearest reference (``~`` when unknown: the distance to
+    the nearest character), ``fixed`` for a name given by hand."""
+    if row.get("edited"):
+        return "fixed"
+    if row.get("kind") == "drawn":
+        return f"d{row.get('detector_score') or 0:.2f}"
+    distance = row.get("distance")
+    return f"{distance:.2f}" if distance is not None else f"~{row.get('nearest_distance') or 0:.2f}"
+
+
+def sheet_order(faces: pl.DataFrame, group: str = "character") -> pl.DataFrame:
+    """The rows of one block of :func:`face_sheet` in the order it numbers them (surest first)."""
+    if "distance" in faces.columns:
+        return faces.sort("distance", nulls_last=True)
+    return faces
+
+
+def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
+    """What stage 03 took from each reference picture (the manifest's ``references_taken``): per
+    character, each picture cut to the part used, labelled with how it was separated (``face
+    box``, ``transparency``, ``grabcut``); a picture left out is shown whole, framed in red (its
+    reason is in the stage's warnings)."""
+    by_character: dict[str, list[dict]] = {}
+    for t in taken:
+        by_character.setdefault(t["character"], []).append(t)
+    blocks = []
+    for name, pictures in by_character.items():
+        tiles = []
+        for t in pictures:
+            left_out = t["use"] == "left out"
+            tiles.append(
+                Tile(
+                    Path(t["path"]),
+                    label="left out" if left_out else t["how"],
+                    label_colour="#C0392B" if left_out else "#444444",
+                    outline="#C0392B" if left_out else None,
+                    crop=None if left_out or not t["box"] else tuple(t["box"]),
+                    missing="unreadable",
+                )
+            )
+        used = sum(t["use"] != "left out" for t in pictures)
+        kind = {"face": "human face", "cutout": "drawn"}.get(
+            next((t["use"] for t in pictures if t["use"] != "left out"), ""), "unusable"
+        )
+        blocks.append(Block(tiles, title=f"{name} ({kind}): {used} of {len(pictures)} pictures used"))
+    return tile_sheet(blocks, Layout((side, side), 8, fit="contain"))
+
+
 def face_sheet(
     run_dir: str | Path,
     faces: pl.DataFrame,
@@ -113,23 +164,20 @@ def face_sheet(
     )
     blocks = []
     for name in largest_first(rows, group, last=UNKNOWN):
-        members = rows.filter(pl.col(group) == name)
-        if "distance" in members.columns:
-            members = members.sort("distance", nulls_last=True)
+        members = sheet_order(rows.filter(pl.col(group) == name))
         low = int(members["low_confidence"].sum()) if "low_confidence" in members.columns else 0
         tiles = []
-        for row in members.head(max_per_group).iter_rows(named=True):
+        for number, row in enumerate(members.head(max_per_group).iter_rows(named=True), start=1):
             pad = round(0.15 * (row["bottom"] - row["top"]))
             box = (row["left"] - pad, row["top"] - pad, row["right"] + pad, row["bottom"] + pad)
-            distance = row.get("distance")
-            label = f"{distance:.2f}" if distance is not None else f"~{row.get('nearest_distance') or 0:.2f}"
-            flagged = bool(row.get("low_confidence"))
             tiles.append(
                 Tile(
                     run_dir / row["path"] if row["path"] else None,
-                    label=f"{label} s{row['shot_id']}",
-                    label_colour="#F58518" if flagged else "#444444",
-                    outline="#F58518" if flagged else None,
+                    label=f"#{number} {appearance_label(row)} s{row['shot_id']}",
+                    label_colour="#F58518" if row.get("low_confidence") else "#444444",
+                    outline="#F58518"
+                    if row.get("low_confidence")
+                    else ("#2E86C1" if row.get("edited") else None),
                     crop=box,
                 )
             )

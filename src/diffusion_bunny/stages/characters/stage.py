@@ -18,6 +18,7 @@ face crops into the reference folder as new reference images and re-labels the r
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
@@ -36,17 +37,19 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config
-from diffusion_bunny.errors import UserError
+from diffusion_bunny.errors import StageError, UserError
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.images import crop_region
+from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
     detect_and_encode,
-    load_references,
+    face_sharpness,
     read_rgb,
 )
+from diffusion_bunny.models.fitted import FittedSettings
+from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -57,9 +60,12 @@ from diffusion_bunny.stages.characters.identify import (
     frames_to_scan,
     label_faces,
 )
+from diffusion_bunny.stages.characters.references import ReferencePictures, load_character_references
 from diffusion_bunny.stages.characters.tables import (
+    APPEARANCE_EDIT_SCHEMA,
     DETECTIONS_SCHEMA,
     FACE_FRAMES_SCHEMA,
+    apply_appearance_edits,
     character_counts,
     naming_dir,
     reference_dir,
@@ -74,6 +80,11 @@ from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 #: against MTCNN's 4.8 on a loaded machine) and searches faster too, so the break-even moves
 #: little; not measured again.
 MIN_FRAMES_FOR_POOL = 24
+#: The fitted detector's detections are kept (and cached) from this score on, under any
+#: ``characters.fitted.min_score``, so moving that threshold re-labels without searching again.
+KEEP_SCORE = 0.25
+#: Width of the frames the fitted detector is trained on (it pastes characters on pieces of them).
+BACKGROUND_WIDTH = 640
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,26 +123,58 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None"]
+Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None", "str | None"]
+
+
+@functools.cache
+def _fitted(path: str) -> FittedDetector:
+    """The fitted character detector saved at ``path`` (read once per worker process)."""
+    detector = FittedDetector.load(Path(path))
+    if detector is None:
+        raise StageError(f"the fitted character detector {path} cannot be read; rerun stage characters")
+    return detector
 
 
 def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
-    """Worker: detect and encode the faces of one frame file (module level so it pickles), inside
-    its region (the picture box without bars or a subtitle band; boxes come back in frame pixels)."""
-    frame_id, path, settings, region = job
+    """Worker: detect and encode the faces of one frame file (module level so it pickles), and find
+    the drawn characters with the fitted detector at ``fitted`` (a file) when there is one, inside
+    the frame's region (the picture box without bars or a subtitle band; boxes come back in frame
+    pixels). A row: top, right, bottom, left, embedding, sharpness, score, yaw, kind, label."""
+    frame_id, path, settings, region, fitted = job
     try:
         rgb = read_rgb(path)
         if rgb is None:
             return frame_id, "failed", [], "missing or not a decodable image"
         left, top = (region[0], region[1]) if region else (0, 0)
-        faces = detect_and_encode(crop_region(rgb, region), settings)
+        searched = crop_region(rgb, region)
+        faces = detect_and_encode(searched, settings)
+        hits = _fitted(fitted).detect(searched, KEEP_SCORE) if fitted else []
     except Exception as exc:  # one bad frame must not cost the stage: logged and skipped
         return frame_id, "failed", [], f"{type(exc).__name__}: {exc}"
     faces.sort(key=lambda f: (f.left, f.top))
     found = [
-        (f.top + top, f.right + left, f.bottom + top, f.left + left, f.encoding, f.sharpness, f.score, f.yaw)
+        (
+            f.top + top,
+            f.right + left,
+            f.bottom + top,
+            f.left + left,
+            f.encoding,
+            f.sharpness,
+            f.score,
+            f.yaw,
+            "face",
+            None,
+        )
         for f in faces
     ]
+    names = _fitted(fitted).names if fitted else []
+    for hit in sorted(hits, key=lambda h: (h.box[0], h.box[1])):
+        x0, y0, x1, y1 = (round(v) for v in hit.box)
+        if y1 - y0 < settings.min_face_px:  # as small as the smallest face wanted, no smaller
+            continue
+        box = (y0 + top, x1 + left, y1 + top, x0 + left)
+        sharp = face_sharpness(searched, (y0, x1, y1, x0))
+        found.append((*box, hit.feature, sharp, hit.score, 0.0, "drawn", names[hit.index]))
     return frame_id, "ok", found, None
 
 
@@ -205,13 +248,17 @@ def detect_faces(
     quality: pl.DataFrame | None = None,
     progress: bool = True,
     progress_path: Path | None = None,
+    fitted: Path | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
     ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match. Each
     frame is searched inside its region (:func:`~diffusion_bunny.stages.extract.tables.frame_regions`:
-    the picture box, or stage 02's crop from ``quality``), never in the bars around it."""
+    the picture box, or stage 02's crop from ``quality``), never in the bars around it. With
+    ``fitted`` (the file of a fitted character detector) the drawn characters are searched too."""
     run_dir = Path(run_dir)
     key = settings.key()
+    if fitted is not None:
+        key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}"
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
     # What a cached detection must still match: the file's size and the region searched.
@@ -229,7 +276,16 @@ def detect_faces(
     # not the machine's: two processes spawned onto one core only pay their start twice.
     n_workers = workers or len(os.sched_getaffinity(0)) or 1
     use_pool = n_workers > 1 and len(todo) >= MIN_FRAMES_FOR_POOL
-    jobs = [(r["frame_id"], str(run_dir / r["path"]), settings, regions.get(r["frame_id"])) for r in todo]
+    jobs = [
+        (
+            r["frame_id"],
+            str(run_dir / r["path"]),
+            settings,
+            regions.get(r["frame_id"]),
+            str(fitted) if fitted else None,
+        )
+        for r in todo
+    ]
     started = time.perf_counter()
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
     seconds = time.perf_counter() - started
@@ -275,7 +331,7 @@ def _detection_tables(
                 "region": sizes[fid][1],
             }
         )
-        for k, (top, right, bottom, left, enc, sharp, det_score, yaw) in enumerate(faces):
+        for k, (top, right, bottom, left, enc, sharp, det_score, yaw, kind, label) in enumerate(faces):
             new_faces.append(
                 {
                     "face_id": f"{fid}_{k:02d}",
@@ -288,6 +344,8 @@ def _detection_tables(
                     "sharpness": float(sharp),
                     "detector_score": float(det_score),
                     "yaw": float(yaw),
+                    "kind": kind,
+                    "label": label,
                 }
             )
     detections = pl.concat([cached_faces, pl.DataFrame(new_faces, schema=DETECTIONS_SCHEMA)])
@@ -298,6 +356,94 @@ def _detection_tables(
         .drop("_o")
     )
     return detections, pl.DataFrame(status_rows, schema=FACE_FRAMES_SCHEMA)
+
+
+def background_frames(
+    run_dir: Path, frames: pl.DataFrame, quality: pl.DataFrame | None, limit: int
+) -> list[np.ndarray]:
+    """Up to ``limit`` of ``frames``, evenly spaced, each inside its region and
+    :data:`BACKGROUND_WIDTH` wide (RGB): what the fitted detector pastes characters onto."""
+    import cv2
+
+    regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
+    rows = frames.select("frame_id", "path").to_dicts()
+    if len(rows) > limit:
+        rows = [rows[round(i * (len(rows) - 1) / max(1, limit - 1))] for i in range(limit)]
+    out = []
+    for row in rows:
+        bgr = read_image(
+            Path(run_dir) / row["path"], min_side=BACKGROUND_WIDTH // 2, region=regions.get(row["frame_id"])
+        )
+        height, width = bgr.shape[:2]
+        size = (BACKGROUND_WIDTH, max(16, round(height * BACKGROUND_WIDTH / width)))
+        out.append(cv2.cvtColor(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+    return out
+
+
+def fitted_detector_file(
+    run_dir: Path,
+    pictures: ReferencePictures,
+    frames: pl.DataFrame,
+    quality: pl.DataFrame | None,
+    settings: FittedSettings,
+    *,
+    progress: bool = True,
+) -> tuple[Path, bool]:
+    """The file of the detector fitted to ``pictures``'s drawn characters on the film's frames
+    (``<run>/cache/characters/fitted-<key>.pt``), fitted now unless a file of the same key is
+    there; returns it and whether it was fitted now. Older fits are removed."""
+    backgrounds = background_frames(run_dir, frames, quality, settings.backgrounds)
+    if not backgrounds:
+        raise StageError("no frame to fit the character detector on; run stages extract and quality first")
+    key = fit_key(pictures.cutouts, backgrounds, settings)
+    folder = Path(run_dir) / "cache" / "characters"
+    path = folder / f"fitted-{key}.pt"
+    fitted_now = FittedDetector.load(path) is None
+    if fitted_now:
+        detector = fit_detector(pictures.cutouts, backgrounds, settings, progress=progress, key=key)
+        atomic_write_bytes(path, detector.to_bytes())
+    for old in folder.glob("fitted-*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path, fitted_now
+
+
+def _references(
+    ref_dir: Path | None, settings: DetectSettings, warnings: list[str]
+) -> tuple[ReferenceSet, ReferencePictures]:
+    """The human faces' encodings and the drawn characters' cut-outs of ``ref_dir`` (none without
+    one); what cannot serve is added to ``warnings``."""
+    if ref_dir is None:
+        return ReferenceSet(), ReferencePictures()
+    refs, pictures, ref_warnings = load_character_references(ref_dir, settings)
+    warnings.extend(ref_warnings)
+    if len(refs) == 0 and not pictures.cutouts:
+        warnings.append(
+            f"no usable reference picture in {ref_dir}: every face stays unknown and is clustered for naming"
+        )
+    return refs, pictures
+
+
+def _counts(
+    faces: pl.DataFrame, scan: pl.DataFrame, failed: int, references: dict[str, int]
+) -> dict[str, Any]:
+    """The manifest's counts of a run of stage 03."""
+    per_char = character_counts(faces)
+    clusters = (
+        faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0) if faces.height else 0
+    )
+    return {
+        "frames_scanned": scan.height,
+        "frames_failed": failed,
+        "frames_with_faces": int(faces["frame_id"].n_unique()) if faces.height else 0,
+        "faces": faces.height,
+        "named_faces": int(faces["character"].is_not_null().sum()),
+        "unknown_faces": int(faces["character"].is_null().sum()),
+        "low_confidence_faces": int(faces["low_confidence"].sum()),
+        "clusters": int(clusters),
+        "characters": {r["character"]: r["faces"] for r in per_char.iter_rows(named=True)},
+        "references": references,
+    }
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -318,15 +464,19 @@ def compute(ctx: Context) -> StageOutput:
     scan = frames_to_scan(frames, quality, cfg)
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
-    refs = ReferenceSet()
-    if ref_dir is not None:
-        refs, ref_warnings = load_references(ref_dir, settings)
-        warnings.extend(ref_warnings)
-        if len(refs) == 0:
-            warnings.append(
-                f"no usable reference image in {ref_dir}: every face stays unknown and is "
-                "clustered for naming"
-            )
+    refs, pictures = _references(ref_dir, settings, warnings)
+    fitted, fitted_facts = None, {}
+    if pictures.cutouts:
+        started = time.perf_counter()
+        fitted, fitted_now = fitted_detector_file(
+            run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
+        )
+        fitted_facts = {
+            "file": str(fitted),
+            "characters": pictures.drawn(),
+            "fitted_now": fitted_now,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     detections, face_frames, facts = detect_faces(
         run_dir,
         scan,
@@ -336,6 +486,7 @@ def compute(ctx: Context) -> StageOutput:
         quality=quality,
         progress=ctx.progress,
         progress_path=ctx.progress_path,
+        fitted=fitted,
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     if failed.height:
@@ -345,28 +496,16 @@ def compute(ctx: Context) -> StageOutput:
             f"{first['frame_id']}: {first['error']}); rerun stage extract with --force if frame "
             "files are damaged"
         )
-    faces = label_faces(detections, frames, refs, cfg)
-    per_char = character_counts(faces)
-    counts = {
-        "frames_scanned": scan.height,
-        "frames_failed": failed.height,
-        "frames_with_faces": int(faces["frame_id"].n_unique()) if faces.height else 0,
-        "faces": faces.height,
-        "named_faces": int(faces["character"].is_not_null().sum()),
-        "unknown_faces": int(faces["character"].is_null().sum()),
-        "low_confidence_faces": int(faces["low_confidence"].sum()),
-        "clusters": int(faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0))
-        if faces.height
-        else 0,
-        "characters": {r["character"]: r["faces"] for r in per_char.iter_rows(named=True)},
-        "references": refs.counts(),
-    }
+    faces = apply_appearance_edits(label_faces(detections, frames, refs, cfg), read_appearance_edits(run_dir))
+    if fitted is not None:
+        fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
+        facts["fitted"] = fitted_facts
+    references = {**refs.counts(), **{n: len(v) for n, v in pictures.cutouts.items()}}
     facts.update(
-        {
-            "reference_dir": str(ref_dir) if ref_dir else None,
-            "reference_files": refs.files,
-            "thresholds": character_thresholds(refs, cfg),
-        }
+        reference_dir=str(ref_dir) if ref_dir else None,
+        reference_files=refs.files,
+        references_taken=[t.as_fact() for t in pictures.taken],
+        thresholds=character_thresholds(refs, cfg),
     )
     # The sharpness of each searched frame's largest face (the subject), beside its status: stage
     # 03's own table, for whoever judges frames by their faces.
@@ -376,8 +515,64 @@ def compute(ctx: Context) -> StageOutput:
         .select(list(FACE_FRAMES_SCHEMA))
     )
     return StageOutput(
-        tables={"faces": faces, "face_frames": face_frames}, counts=counts, warnings=warnings, facts=facts
+        tables={"faces": faces, "face_frames": face_frames},
+        counts=_counts(faces, scan, failed.height, references),
+        warnings=warnings,
+        facts=facts,
+        # Fixes saved while the stage ran are read again under the tables' locks.
+        merge=lambda tables: {
+            **tables,
+            "faces": apply_appearance_edits(tables["faces"], read_appearance_edits(run_dir)),
+        },
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A person's fixes
+
+
+def read_appearance_edits(run_dir: str | Path) -> pl.DataFrame:
+    """Every fix so far (an empty table with the schema when there is none)."""
+    run = Run.open(run_dir)
+    if not run.has_table("appearance_edits"):
+        return pl.DataFrame(schema=APPEARANCE_EDIT_SCHEMA)
+    return run.read_table("appearance_edits")
+
+
+def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> pl.DataFrame:
+    """Give one appearance the name ``character`` (None: none of the characters, for a false
+    sighting) and update the ``faces`` table at once.
+
+    The fix goes to the append-only ``appearance_edits`` table (re-applied after any rerun of the
+    stage), then into ``faces``; both in one :meth:`Run.commit
+    <diffusion_bunny.pipeline.run.Run.commit>`, so a fix and a run of stage 03 never lose each
+    other's writes. Returns the updated ``faces`` table."""
+    import uuid
+    from datetime import UTC, datetime
+
+    name = None if character is None or not str(character).strip() else check_name(str(character))
+    run = Run.open(run_dir)
+    with run.commit("appearance_edits", "faces", by_hand=True) as tables:
+        if not run.has_table("faces"):
+            raise UserError(f"no appearances in {run.run_dir}; run stage characters first")
+        faces = run.read_table("faces")
+        if face_id not in set(faces["face_id"].to_list()):
+            raise UserError(
+                f"appearance {face_id} is not in the faces table of {run.run_dir}; "
+                "pick one from notebook 03's strip"
+            )
+        row = pl.DataFrame(
+            {
+                "event_id": [uuid.uuid4().hex],
+                "ts": [datetime.now(UTC)],
+                "face_id": [face_id],
+                "character": [name],
+            },
+            schema=APPEARANCE_EDIT_SCHEMA,
+        )
+        tables["appearance_edits"] = pl.concat([read_appearance_edits(run.run_dir), row])
+        tables["faces"] = faces = apply_appearance_edits(faces, row)
+    return faces
 
 
 # ---------------------------------------------------------------------------------------------

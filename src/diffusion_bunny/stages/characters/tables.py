@@ -27,6 +27,12 @@ DETECTIONS_SCHEMA = {
     "detector_score": pl.Float64,
     #: Head turn from the landmarks (models.faces.yaw_of): 0 facing the camera, 1+ in profile.
     "yaw": pl.Float64,
+    #: ``face`` (a human face, embedding: dlib's 128-d descriptor) or ``drawn`` (a drawn or
+    #: animated character found by the fitted detector, framed as its references frame it;
+    #: embedding: the detector's feature there).
+    "kind": pl.Utf8,
+    #: The character the fitted detector found (null for faces, which are named by distance).
+    "label": pl.Utf8,
 }
 LABEL_SCHEMA = {
     "shot_id": pl.Int64,
@@ -45,6 +51,8 @@ LABEL_SCHEMA = {
     "track_id": pl.Int64,
     "track_size": pl.Int64,
     "cluster": pl.Utf8,
+    #: A person set the name by hand (notebook 03's fixer, :func:`~.stage.fix_appearance`).
+    "edited": pl.Boolean,
 }
 FACES_SCHEMA = {**DETECTIONS_SCHEMA, **LABEL_SCHEMA}
 FACE_FRAMES_SCHEMA = {
@@ -60,6 +68,39 @@ FACE_FRAMES_SCHEMA = {
     #: Sharpness of the frame's largest face (null without a face).
     "face_sharpness": pl.Float64,
 }
+#: ``appearance_edits``: the names a person gave appearances by hand, append-only; ``character``
+#: null means "none of the characters" (a false sighting, or a face of nobody to name).
+APPEARANCE_EDIT_SCHEMA = {
+    "event_id": pl.Utf8,
+    "ts": pl.Datetime("us", "UTC"),
+    "face_id": pl.Utf8,
+    "character": pl.Utf8,
+}
+
+
+def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:
+    """``faces`` with each appearance's latest edit in place: the name a person gave it (or none),
+    no longer low confidence nor in a cluster, ``edited`` set. Edits of appearances the table no
+    longer holds (the frame was not searched again) are kept in ``edits`` and do nothing here."""
+    faces = faces.with_columns(pl.lit(False).alias("edited")) if "edited" not in faces.columns else faces
+    if edits is None or edits.height == 0 or faces.height == 0:
+        return faces
+    latest = (
+        edits.sort("ts")
+        .unique("face_id", keep="last")
+        .select("face_id", pl.col("character").alias("_name"), pl.lit(True).alias("_edited"))
+    )
+    out = faces.join(latest, on="face_id", how="left")
+    edited = pl.col("_edited").fill_null(False)
+    return out.with_columns(
+        pl.when(edited).then(pl.col("_name")).otherwise(pl.col("character")).alias("character"),
+        pl.when(edited).then(pl.lit(None, pl.Float64)).otherwise(pl.col("distance")).alias("distance"),
+        pl.when(edited).then(pl.lit(False)).otherwise(pl.col("low_confidence")).alias("low_confidence"),
+        pl.when(edited).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
+        (pl.col("edited") | edited).alias("edited"),
+    ).drop("_name", "_edited")
+
+
 #: Name of the reference folder inside a run, used when ``characters.reference_dir`` is not set
 #: and a person names a cluster in notebook 03.
 RUN_REFERENCES = "references"

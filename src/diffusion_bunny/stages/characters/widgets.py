@@ -138,3 +138,82 @@ class DetectorPreview:
         self.status.value = (
             f"faces found by <b>{detector}</b> (set characters.detector to use it for the run)"
         )
+
+
+class AppearanceFixer:
+    """Fix a wrong appearance by hand: pick a character, see its appearances numbered as
+    :func:`~.plots.face_sheet` numbers them, type a number and the right name (empty: none of
+    the characters, for a false sighting) and press **fix**. The fix is kept in the run's
+    ``appearance_edits`` and re-applied after every rerun (:func:`~.stage.fix_appearance`)."""
+
+    def __init__(self, run: Run, *, max_per_character: int = 24):
+        self.run = run
+        self.max_per_character = max_per_character
+        self.character = widgets.Dropdown(description="character")
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
+        self.number = widgets.BoundedIntText(value=1, min=1, max=max_per_character, description="number")
+        self.new_name = widgets.Text(placeholder="right name (empty: none of them)")
+        self.button = widgets.Button(description="fix", icon="check", layout=widgets.Layout(width="90px"))
+        self.status = widgets.HTML()
+        self.character.observe(lambda change: self.show(change["new"]), names="value")
+        self.button.on_click(lambda _: self.fix(self.character.value, self.number.value, self.new_name.value))
+        self.widget = widgets.VBox(
+            [self.character, self.image, widgets.HBox([self.number, self.new_name, self.button]), self.status]
+        )
+        self.refresh()
+
+    def members(self, character: str) -> pl.DataFrame:
+        """The appearances shown for ``character`` (``unknown``: those without a name), numbered order."""
+        from diffusion_bunny.stages.characters.plots import UNKNOWN, sheet_order
+
+        faces = self.run.read_table("faces").with_columns(pl.col("character").fill_null(UNKNOWN))
+        return sheet_order(faces.filter(pl.col("character") == character)).head(self.max_per_character)
+
+    def refresh(self) -> None:
+        from diffusion_bunny.stages.characters.plots import UNKNOWN
+
+        names = self.run.read_table("faces")["character"]
+        options = sorted(set(names.drop_nulls().to_list())) + ([UNKNOWN] if names.null_count() else [])
+        current = (
+            self.character.value if self.character.value in options else (options[0] if options else None)
+        )
+        self.character.options = options
+        self.character.value = current
+        self.show(current)
+
+    def show(self, character: str | None) -> None:
+        from diffusion_bunny.stages.characters.plots import face_sheet
+
+        if character is None:
+            self.status.value = "no appearance found"
+            return
+        members = self.members(character)
+        sheet = face_sheet(
+            self.run.run_dir,
+            members,
+            self.run.read_table("frames"),
+            group="character",
+            max_per_group=self.max_per_character,
+            columns=8,
+        )
+        self.image.value = png_bytes(sheet)
+        self.number.max = max(1, members.height)
+
+    def fix(self, character: str, number: int, name: str) -> pl.DataFrame | None:
+        """Give appearance ``number`` of ``character``'s strip the name ``name`` (as the button
+        does); the updated faces table, or None after a user error (shown)."""
+        from diffusion_bunny.stages.characters.stage import fix_appearance
+
+        members = self.members(character)
+        if not 1 <= number <= members.height:
+            self.status.value = f"<span style='color:#C0392B'>{character} has no appearance #{number}</span>"
+            return None
+        face_id = members["face_id"][number - 1]
+        try:
+            faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None)
+        except UserError as exc:
+            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            return None
+        self.status.value = f"{face_id} is now <b>{name.strip() or 'none of the characters'}</b>"
+        self.refresh()
+        return faces

@@ -60,7 +60,7 @@ STAGE = Stage(
         Reads(
             "faces",
             "characters",
-            ("face_id", "frame_id", "character", "low_confidence", "embedding"),
+            ("face_id", "frame_id", "character", "low_confidence", "embedding", "kind"),
             optional=True,
         ),
         # Which of the LoRAs kept stage 07 trained last (the folder drawn with).

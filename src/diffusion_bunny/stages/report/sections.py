@@ -295,12 +295,35 @@ def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
     )
 
 
+def exported_sheet(run: ReportData, name: str, limit: int) -> Any:
+    """The pictures of the dataset (stage 06) that name ``name``, as they were written (crop and
+    split under each), up to ``limit``; None without a dataset or without such a picture."""
+    from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
+    from diffusion_bunny.stages.export.tables import dataset_dir
+
+    items = run.optional_table("dataset_items")
+    if items is None or not items.height:
+        return None
+    mine = items.filter(pl.col("characters").list.contains(name)).sort(
+        "split", "file_name", descending=[True, False]
+    )
+    if not mine.height:
+        return None
+    folder = dataset_dir(run.run_dir) / "hf"
+    tiles = [
+        Tile(folder / r["split"] / r["file_name"], label=f"{r['crop']} {r['split'][:5]}")
+        for r in mine.head(limit).iter_rows(named=True)
+    ]
+    title = f"{name}: {min(limit, mine.height)} of {mine.height} exported pictures"
+    return tile_sheet([Block(tiles, title=title)], Layout((120, 120), min(12, len(tiles)), fit="contain"))
+
+
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
 
     faces = run.read_table("faces")
     if not faces.height:
-        return Section("characters", "empty", "stage characters found no face")
+        return Section("characters", "empty", "stage characters found no character")
     figures = []
     if run.has_table("shots"):
         figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
@@ -318,12 +341,15 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
             columns=max(1, min(12, members.height)),
         )
         figures.append(Figure(f"contact_{slugify(name)}", f"Contact sheet: {name}", sheet))
+        exported = exported_sheet(run, name, cfg.report.contact_sheet_faces)
+        if exported is not None:
+            figures.append(Figure(f"exported_{slugify(name)}", f"Exported pictures: {name}", exported))
     unknown = faces.height - named.height
     more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
     message = (
-        f"{faces.height} faces: {counts.height} named characters{more}, {unknown} {UNKNOWN} faces"
+        f"{faces.height} appearances: {counts.height} named characters{more}, {unknown} {UNKNOWN}"
         if counts.height
-        else f"{faces.height} faces, none named (name them in notebook 03)"
+        else f"{faces.height} appearances, none named (name them in notebook 03)"
     )
     return Section("characters", "ok", message, figures)
 

@@ -1,0 +1,38 @@
+"""The reference-fitted character detector (:mod:`.detector`) and its settings.
+
+The settings live here, apart from the torch code, because the configuration reads them on every
+``bunny`` command and must not import OpenCV or torch to do so.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FittedSettings(BaseModel):
+    """``characters.fitted``: how the reference-fitted detector is trained and how it searches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    #: Training steps (batches of pasted pictures).
+    steps: int = Field(1000, ge=10, le=100_000)
+    batch: int = Field(16, ge=1, le=512)
+    #: Side of a training picture in pixels.
+    crop: int = Field(192, ge=64, le=1024)
+    #: Widths the frame is searched at (each a multiple of 32 after rounding).
+    widths: tuple[int, ...] = (512, 224)
+    #: A detection's heat-map peak must reach this to name the character.
+    min_score: float = Field(0.4, gt=0.0, lt=1.0)
+    #: Search the film's frames halfway through training (and again at three quarters) and learn
+    #: from what is found there.
+    self_training: bool = True
+    #: Found there from this score on: not taught as background.
+    ignore_score: float = Field(0.25, gt=0.0, lt=1.0)
+    #: Found there from this score on: taught as that character.
+    positive_score: float = Field(0.5, gt=0.0, le=1.0)
+    #: At most this many of the film's frames serve as backgrounds (evenly spaced).
+    backgrounds: int = Field(120, ge=1, le=100_000)
+    #: Torch threads while training (0: one; the training pictures are made on a thread of their
+    #: own beside it, and torch's threads spin-wait for each other on a busy machine).
+    threads: int = Field(0, ge=0, le=256)
+    seed: int = Field(0, ge=0)

@@ -1,0 +1,593 @@
+"""The reference-fitted character detector: network, training pictures, fitting and search.
+
+A character detector fitted at run time to the pictures a user gives of each character.
+
+No model that ships in a wheel knows a drawn girl, a cartoon dog or a 3D creature by name, and
+the ones that know such things in general (anime head detectors, CCIP, OWLv2) live on a hub. So
+stage 03 fits its own, offline, in a minute or two on the CPU, the way "cut, paste and learn"
+(Dwibedi et al., ICCV 2017) makes detection data: each reference cut out of its background,
+scaled, mirrored, turned, recoloured a little, blurred, cut by the edge, and pasted onto pieces of
+the film's own frames, beside distractors (pieces of other frames, and the references with their
+hues turned, which teaches that a character's colours are part of who it is: two drawn girls of
+one style differ mostly in hair and eye colour).
+
+The network is a small fully convolutional one trained from scratch (no backbone ships offline)
+with CenterNet's heads (Zhou et al., "Objects as Points", 2019): one heat map per character at
+an eighth of the input's size, whose peaks are the characters' centres, and the box's width and
+height there. It searches a frame at two scales, so a character from a sixth of the frame's
+height to all of it falls in the sizes it was trained on.
+
+The film's frames hold the characters themselves, unlabelled: a background piece with a
+character in it would teach the network that the character is background. Halfway through, the
+network searches the background frames; from then on what it finds there is not counted as
+background (``ignore_score``), and what it finds with high confidence is taught as that
+character (``positive_score``: the film's own drawings of it, in poses no reference shows).
+
+Own code: no library fits a detector to a handful of cut-outs; the network, the loss and the
+decoding are a few dozen lines of torch each (CenterNet's focal loss as its paper gives it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.fitted import FittedSettings
+
+if TYPE_CHECKING:
+    import torch
+
+#: Output stride of the heat maps (input pixels per cell).
+STRIDE = 8
+#: Channels of the feature each detection carries (the fused map at its peak), for tracks and
+#: clusters.
+FEATURE_DIM = 64
+#: Format of the saved model (the file's ``format`` field); a file of another format is fitted again.
+FILE_FORMAT = "fitted-detector-1"
+
+
+@dataclass(frozen=True)
+class Cutout:
+    """One reference picture of a character, cut out: RGBA, transparent where the character is not."""
+
+    name: str
+    rgba: np.ndarray
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One detection: the character's index, the peak's score, the box (left, top, right, bottom)
+    in the searched image's pixels, and the feature at the peak (unit length)."""
+
+    index: int
+    score: float
+    box: tuple[float, float, float, float]
+    feature: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+def build_net(classes: int) -> Any:
+    """The detector's network for ``classes`` characters (torch imported here: the settings above
+    are read by the config module, which must not pull torch in)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    def cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    class FitNet(nn.Module):
+        """Stride-8 features, a stride-16 context branch with dilations (a receptive field of
+        about 200 px), fused; a heat map per character and the box size."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Sequential(cbr(3, 16, 2), cbr(16, 32, 2), cbr(32, 32), cbr(32, 48, 2), cbr(48, 48))
+            self.context = nn.Sequential(cbr(48, 64, 2), cbr(64, 64, dilation=2), cbr(64, 64, dilation=4))
+            self.fuse = cbr(48 + 64, FEATURE_DIM)
+            self.heat = nn.Conv2d(FEATURE_DIM, classes, 1)
+            self.size = nn.Conv2d(FEATURE_DIM, 2, 1)
+            nn.init.constant_(self.heat.bias, -4.0)  # CenterNet's prior: almost every cell is background
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            low = self.down(x)
+            ctx = F.interpolate(self.context(low), size=low.shape[-2:], mode="bilinear", align_corners=False)
+            feat = self.fuse(torch.cat([low, ctx], 1))
+            return self.heat(feat), self.size(feat), feat
+
+    return FitNet()
+
+
+def to_input(images: list[np.ndarray]) -> torch.Tensor:
+    """RGB uint8 pictures of one size as the network's input (channels first, centred on 0)."""
+    import torch
+
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pictures
+
+
+def content_box(alpha: np.ndarray, level: int = 16) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the pixels more opaque than ``level``; None when there are none."""
+    ys, xs = np.nonzero(alpha > level)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _rotate(rgba: np.ndarray, degrees: float) -> np.ndarray:
+    h, w = rgba.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(h * sin + w * cos) + 1, int(h * cos + w * sin) + 1
+    m[0, 2] += nw / 2 - w / 2
+    m[1, 2] += nh / 2 - h / 2
+    return cv2.warpAffine(rgba, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+
+
+def _recolour(rgb: np.ndarray, rng: np.random.Generator, hue: int) -> np.ndarray:
+    """Hue turned by ``hue`` (OpenCV's 0-180 scale), saturation and brightness scaled a little."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + hue) % 180
+    hsv[..., 1] *= rng.uniform(0.8, 1.2)
+    hsv[..., 2] *= rng.uniform(0.7, 1.25)
+    return cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+
+def _paste(dst: np.ndarray, rgba: np.ndarray, x: int, y: int) -> tuple[float, float, float, float] | None:
+    """Blend ``rgba`` into ``dst`` (float32 RGB) at (x, y); the visible part's box (None: too little)."""
+    h, w = rgba.shape[:2]
+    height, width = dst.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    part = rgba[y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32)
+    alpha = part[..., 3:4] / 255.0
+    dst[y0:y1, x0:x1] = dst[y0:y1, x0:x1] * (1.0 - alpha) + part[..., :3] * alpha
+    box = content_box(part[..., 3], 40)
+    if box is None or (box[2] - box[0]) * (box[3] - box[1]) < 24:
+        return None
+    return (x0 + box[0], y0 + box[1], x0 + box[2], y0 + box[3])
+
+
+def _position(rng: np.random.Generator, size: int, side: int) -> int:
+    """Where a thing ``size`` wide goes in a picture ``side`` wide: at least three quarters inside
+    when it fits, any overlap otherwise."""
+    low = -size // 4
+    return int(rng.integers(low, max(low + 1, side - 3 * size // 4 + 1)))
+
+
+@dataclass
+class Example:
+    """A training picture: boxes taught as characters ``(index, box)`` and boxes not taught as background."""
+
+    image: np.ndarray
+    boxes: list[tuple[int, tuple[float, float, float, float]]]
+    ignore: list[tuple[float, float, float, float]]
+
+
+class Synthesizer:
+    """Training pictures: references pasted on pieces of the film's frames (see the module's
+    docstring). ``found`` holds, per background frame, what the network found there halfway."""
+
+    def __init__(
+        self, cutouts: list[list[np.ndarray]], backgrounds: list[np.ndarray], side: int, seed: int
+    ) -> None:
+        self.cutouts = [[_trim(c) for c in own] for own in cutouts]
+        self.backgrounds = backgrounds
+        self.side = side
+        self.rng = np.random.default_rng(seed)
+        self.found: list[list[Hit]] | None = None
+        self.positive_score = 1.1
+        # A hue-turned copy is no other character when the character has hardly any hue.
+        self.colourful = [
+            [
+                float(cv2.cvtColor(c[..., :3], cv2.COLOR_RGB2HSV)[..., 1][c[..., 3] > 128].mean()) > 40
+                for c in own
+            ]
+            for own in self.cutouts
+        ]
+
+    def _background(self) -> tuple[np.ndarray, list[tuple[int, float, tuple[float, ...]]]]:
+        rng, side = self.rng, self.side
+        index = int(rng.integers(len(self.backgrounds)))
+        frame = self.backgrounds[index]
+        height, width = frame.shape[:2]
+        crop = max(16, int(rng.uniform(0.3, 1.0) * min(height, width)))
+        y, x = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
+        piece = cv2.resize(frame[y : y + crop, x : x + crop], (side, side), interpolation=cv2.INTER_AREA)
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            piece = piece[:, ::-1]
+        found = []
+        for hit in (self.found or [[]] * len(self.backgrounds))[index]:
+            k = side / crop
+            left, top, right, bottom = ((v - o) * k for v, o in zip(hit.box, (x, y, x, y), strict=True))
+            if flip:
+                left, right = side - right, side - left
+            if right > 0 and bottom > 0 and left < side and top < side:
+                found.append((hit.index, hit.score, (left, top, right, bottom)))
+        return piece.astype(np.float32), found
+
+    def _character(self, index: int, hue: int | None = None) -> np.ndarray:
+        """A reference of character ``index``, changed as a film might show it."""
+        rng = self.rng
+        own = self.cutouts[index]
+        choice = int(rng.integers(len(own)))
+        rgba = own[choice]
+        if hue is None:
+            hue = int(rng.integers(-4, 5))
+        if rng.random() < 0.2:  # only its top (a head and shoulders), as films often frame it
+            h = rgba.shape[0]
+            rgba = rgba[: max(8, int(h * rng.uniform(0.45, 0.9)))]
+        if rng.random() < 0.5:
+            rgba = rgba[:, ::-1]
+        target = math.exp(rng.uniform(math.log(14), math.log(self.side * 0.95)))
+        scale = target / max(rgba.shape[0], rgba.shape[1] * 0.6)
+        size = (max(4, round(rgba.shape[1] * scale)), max(4, round(rgba.shape[0] * scale)))
+        rgba = cv2.resize(
+            np.ascontiguousarray(rgba), size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        )
+        if rng.random() < 0.5:
+            rgba = _rotate(rgba, rng.uniform(-12, 12))
+        rgb = _recolour(np.ascontiguousarray(rgba[..., :3]), rng, hue)
+        if scale > 1.5 and rng.random() < 0.5:
+            # A film shows small renders and sprites enlarged, soft: as soft as the enlargement.
+            rgb = cv2.GaussianBlur(rgb, (0, 0), 0.35 * scale)
+        elif rng.random() < 0.25:
+            rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.6, 2.0))
+        if rng.random() < 0.2 and min(rgb.shape[:2]) >= 24:
+            # Resolution lost and made up again (a small source, a compressed stream).
+            factor = rng.uniform(2.0, 3.5)
+            low = cv2.resize(
+                rgb,
+                (max(2, round(rgb.shape[1] / factor)), max(2, round(rgb.shape[0] / factor))),
+                interpolation=cv2.INTER_AREA,
+            )
+            rgb = cv2.resize(low, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return np.dstack([rgb, rgba[..., 3]])
+
+    def _distractor(self) -> np.ndarray:
+        rng, side = self.rng, self.side
+        colourful = [(i, j) for i, own in enumerate(self.colourful) for j, ok in enumerate(own) if ok]
+        if colourful and rng.random() < 0.5:
+            return self._character(
+                colourful[int(rng.integers(len(colourful)))][0], hue=int(rng.integers(30, 150))
+            )
+        piece, _ = self._background()
+        h, w = int(rng.uniform(16, side * 0.7)), int(rng.uniform(16, side * 0.7))
+        piece = cv2.resize(piece.astype(np.uint8), (w, h))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 255, -1)
+        return np.dstack([piece, mask])
+
+    def example(self) -> Example:
+        rng, side = self.rng, self.side
+        image, found = self._background()
+        for _ in range(int(rng.integers(0, 3))):
+            thing = self._distractor()
+            _paste(image, thing, _position(rng, thing.shape[1], side), _position(rng, thing.shape[0], side))
+        boxes = []
+        for _ in range(int(rng.choice([0, 1, 1, 2, 2, 3]))):
+            index = int(rng.integers(len(self.cutouts)))
+            thing = self._character(index)
+            box = _paste(
+                image, thing, _position(rng, thing.shape[1], side), _position(rng, thing.shape[0], side)
+            )
+            if box is not None:
+                boxes.append((index, box))
+        for index, score, box in found:
+            if score >= self.positive_score:
+                boxes.append((index, tuple(min(side, max(0.0, v)) for v in box)))
+        return Example(np.clip(image, 0, 255).astype(np.uint8), boxes, [b for _, _, b in found])
+
+
+def _trim(rgba: np.ndarray) -> np.ndarray:
+    box = content_box(rgba[..., 3])
+    if box is None:
+        raise ValueError("a cutout with nothing opaque in it")
+    return np.ascontiguousarray(rgba[box[1] : box[3], box[0] : box[2]])
+
+
+def targets(example: Example, classes: int, side: int) -> tuple[np.ndarray, ...]:
+    """CenterNet's targets of one picture: Gaussian peaks per character, log box sizes and their
+    mask at the centre cells, and the weight of each cell as background (0 where found ignored)."""
+    grid = side // STRIDE
+    heat = np.zeros((classes, grid, grid), np.float32)
+    size = np.zeros((2, grid, grid), np.float32)
+    mask = np.zeros((grid, grid), np.float32)
+    background = np.ones((grid, grid), np.float32)
+    for left, top, right, bottom in example.ignore:
+        t, b = max(0, int(top / STRIDE)), math.ceil(bottom / STRIDE)
+        lo, hi = max(0, int(left / STRIDE)), math.ceil(right / STRIDE)
+        background[t:b, lo:hi] = 0.0
+    yy, xx = np.mgrid[0:grid, 0:grid].astype(np.float32)
+    for index, (left, top, right, bottom) in example.boxes:
+        cx, cy = (left + right) / 2 / STRIDE - 0.5, (top + bottom) / 2 / STRIDE - 0.5
+        w, h = max(1e-3, (right - left) / STRIDE), max(1e-3, (bottom - top) / STRIDE)
+        sigma = max(0.5, 0.15 * math.sqrt(w * h))
+        heat[index] = np.maximum(heat[index], np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)))
+        ix, iy = round(cx), round(cy)
+        if 0 <= ix < grid and 0 <= iy < grid:
+            heat[index, iy, ix] = 1.0
+            size[:, iy, ix] = (math.log(w), math.log(h))
+            mask[iy, ix] = 1.0
+    return heat, size, mask, background
+
+
+def focal_loss(logits: torch.Tensor, heat: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss; a cell's background term weighted by ``background``
+    (0 where the film's own unlabelled characters may be)."""
+    import torch
+
+    p = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    positive = heat.eq(1.0).float()
+    pos = -torch.log(p) * (1 - p) ** 2 * positive
+    weight = torch.maximum(background[:, None], heat.gt(0.05).float())
+    neg = -torch.log(1 - p) * p**2 * (1 - heat) ** 4 * (1 - positive) * weight
+    return (pos.sum() + neg.sum()) / positive.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fitted detector
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def suppress(hits: list[Hit], same: float = 0.4, other: float = 0.7) -> list[Hit]:
+    """Non-maximum suppression, best first: a hit overlapping a kept one of its character by
+    ``same`` (IoU), or of another character by ``other``, is dropped (two characters may stand
+    close; one place is not two of them)."""
+    kept: list[Hit] = []
+    for hit in sorted(hits, key=lambda h: -h.score):
+        if all(_iou(hit.box, k.box) < (same if hit.index == k.index else other) for k in kept):
+            kept.append(hit)
+    return kept
+
+
+class FittedDetector:
+    """The fitted network with the names of its characters; searches RGB frames."""
+
+    def __init__(self, names: list[str], settings: FittedSettings, net: Any, key: str) -> None:
+        self.names = list(names)
+        self.settings = settings
+        self.key = key
+        self.net = net
+
+    @classmethod
+    def from_state(
+        cls, names: list[str], settings: FittedSettings, state: dict[str, Any], key: str
+    ) -> FittedDetector:
+        """The detector with the weights ``state``, ready to search."""
+        net = build_net(len(names))
+        net.load_state_dict(state)
+        net.eval()
+        return cls(names, settings, net, key)
+
+    def detect(self, rgb: np.ndarray, min_score: float | None = None) -> list[Hit]:
+        """Characters in an RGB frame, boxes in its pixels, at ``min_score`` (default the
+        settings') or above."""
+        import torch
+        from torch.nn import functional as F
+
+        threshold = self.settings.min_score if min_score is None else min_score
+        height, width = rgb.shape[:2]
+        hits: list[Hit] = []
+        with torch.inference_mode():
+            for searched in self.settings.widths:
+                w = max(32, round(min(searched, width * 2) / 32) * 32)
+                h = max(32, round(height * w / width / 32) * 32)
+                small = cv2.resize(
+                    rgb, (w, h), interpolation=cv2.INTER_AREA if w < width else cv2.INTER_LINEAR
+                )
+                logits, sizes, features = self.net(to_input([small]))
+                p = logits.sigmoid()[0]
+                peaks = (p == F.max_pool2d(p[None], 3, 1, 1)[0]) & (p >= threshold)
+                sx, sy = width / w, height / h
+                feats = F.normalize(features[0], dim=0)
+                for c, y, x in zip(*torch.nonzero(peaks, as_tuple=True), strict=True):
+                    bw = math.exp(float(sizes[0, 0, y, x])) * STRIDE
+                    bh = math.exp(float(sizes[0, 1, y, x])) * STRIDE
+                    cx, cy = (int(x) + 0.5) * STRIDE, (int(y) + 0.5) * STRIDE
+                    box = (
+                        max(0.0, (cx - bw / 2) * sx),
+                        max(0.0, (cy - bh / 2) * sy),
+                        min(float(width), (cx + bw / 2) * sx),
+                        min(float(height), (cy + bh / 2) * sy),
+                    )
+                    if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
+                        hits.append(Hit(int(c), float(p[c, y, x]), box, feats[:, y, x].numpy().copy()))
+        return suppress(hits)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The weights and what they were fitted to, as one torch file's bytes (the stage writes
+        them atomically into the run folder)."""
+        import torch
+
+        meta = {
+            "format": FILE_FORMAT,
+            "names": self.names,
+            "settings": self.settings.model_dump(),
+            "key": self.key,
+        }
+        buffer = io.BytesIO()
+        torch.save({"meta": json.dumps(meta), "state": self.net.state_dict()}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, path: Path) -> FittedDetector | None:
+        """The detector saved at ``path``, or None when it is missing, damaged or of another format
+        (it is then simply fitted again)."""
+        import torch
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads(data["meta"])
+            if meta.get("format") != FILE_FORMAT:
+                return None
+            return cls.from_state(
+                meta["names"], FittedSettings(**meta["settings"]), data["state"], meta["key"]
+            )
+        except Exception:
+            return None
+
+
+def fit_key(
+    cutouts: dict[str, list[np.ndarray]], backgrounds: list[np.ndarray], settings: FittedSettings
+) -> str:
+    """What a fitted detector depends on: its characters' pictures, its background frames, its
+    settings and this module's code; the cache file is named after it."""
+    from diffusion_bunny.codegraph import code_hash
+
+    digest = hashlib.sha256()
+    for name in sorted(cutouts):
+        digest.update(name.encode() + b"\0")
+        for rgba in cutouts[name]:
+            digest.update(str(rgba.shape).encode())
+            digest.update(hashlib.sha256(np.ascontiguousarray(rgba).tobytes()).digest())
+    for frame in backgrounds:
+        digest.update(hashlib.sha256(np.ascontiguousarray(frame[::4, ::4]).tobytes()).digest())
+    digest.update(json.dumps(settings.model_dump(), sort_keys=True).encode())
+    digest.update(code_hash(__name__).encode())
+    return digest.hexdigest()[:16]
+
+
+class _Batches:
+    """Training batches made on a thread of their own while the network trains on the calling
+    one: on 2 cores, pasting pictures (OpenCV and numpy, which release the GIL) and the network's
+    step each keep a core busy. Torch trains on one thread: its OpenMP threads spin-wait for each
+    other, and with a core taken by the batches (or another process) a spin costs a scheduler
+    slice (techContext: 3.4 s instead of 0.17 s for a small step).
+
+    The batches are the ones a single thread would make, in the same order: before the batch of a
+    step where the network searches the film's frames (:data:`refresh`), the maker waits until
+    what was found there is in the synthesizer."""
+
+    def __init__(self, synth: Synthesizer, settings: FittedSettings, classes: int, refresh: set[int]) -> None:
+        import queue
+        import threading
+
+        self.synth, self.settings, self.classes = synth, settings, classes
+        self.ready = {step: threading.Event() for step in refresh}
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._make, name="fit-batches", daemon=True)
+        self.thread.start()
+
+    def _make(self) -> None:
+        try:
+            for step in range(self.settings.steps):
+                if step in self.ready:
+                    self.ready[step].wait()
+                if self.stop.is_set():
+                    return
+                examples = [self.synth.example() for _ in range(self.settings.batch)]
+                goal = [targets(e, self.classes, self.settings.crop) for e in examples]
+                self.queue.put(([e.image for e in examples], [np.stack(p) for p in zip(*goal, strict=True)]))
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self.queue.put(exc)
+
+    def get(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        for event in self.ready.values():
+            event.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except Exception:
+                self.thread.join(0.05)
+
+
+def fit_detector(
+    cutouts: dict[str, list[np.ndarray]],
+    backgrounds: list[np.ndarray],
+    settings: FittedSettings,
+    *,
+    progress: bool = True,
+    key: str | None = None,
+) -> FittedDetector:
+    """Fit the detector of the characters ``cutouts`` (name -> RGBA pictures) on ``backgrounds``
+    (RGB frames of the film, best at most a few hundred pixels wide)."""
+    import torch
+    from torch.nn import functional as F
+    from tqdm.auto import tqdm
+
+    from diffusion_bunny.logs import bar_options
+
+    names = sorted(cutouts)
+    if not names or not all(cutouts[n] for n in names):
+        raise ModelError("the fitted character detector needs at least one picture of each character")
+    if not backgrounds:
+        raise ModelError("the fitted character detector needs at least one frame of the film")
+    refresh = {settings.steps // 2, 3 * settings.steps // 4} if settings.self_training else set()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads or 1)
+    torch.manual_seed(settings.seed)
+    synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop, settings.seed)
+    net = build_net(len(names))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
+    )
+    batches = _Batches(synth, settings, len(names), refresh)
+    bar = tqdm(
+        range(settings.steps), unit="step", desc="fit characters", disable=not progress, **bar_options(0.5)
+    )
+    try:
+        net.train()
+        for step in bar:
+            if step in refresh:
+                net.eval()
+                so_far = FittedDetector(names, settings, net, "")
+                synth.found = [so_far.detect(frame, settings.ignore_score) for frame in backgrounds]
+                synth.positive_score = settings.positive_score
+                batches.ready[step].set()
+                net.train()
+            images, goal = batches.get()
+            heat, size, mask, background = (torch.from_numpy(part) for part in goal)
+            logits, sizes, _ = net(to_input(images))
+            size_loss = (F.l1_loss(sizes, size, reduction="none").sum(1) * mask).sum() / mask.sum().clamp(
+                min=1.0
+            )
+            loss = focal_loss(logits, heat, background) + 0.2 * size_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        bar.close()
+        batches.close()
+        torch.set_num_threads(threads_before)
+    net.eval()
+    return FittedDetector(names, settings, net, key or fit_key(cutouts, backgrounds, settings))

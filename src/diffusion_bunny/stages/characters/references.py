@@ -1,0 +1,314 @@
+"""Reference pictures of any kind, and what stage 03 takes from each.
+
+A user shows a character with whatever pictures they have: a face photo, a drawing, a sprite with
+transparency, a head crop, a full-body crop, a poster, a still from the film. Each picture either
+gives the character's appearance or one line that names the file and says why not.
+
+* A **human face** is a picture in which the face detector finds exactly one face (no other of
+  comparable size) that dlib's HOG detector, trained on photographs, also finds: CenterFace also
+  fires on drawn faces, whose dlib encodings cannot tell two drawn characters apart, so a face
+  only counts as human when a detector of photographs agrees. Such pictures are encoded with
+  dlib's ResNet (:mod:`diffusion_bunny.models.faces`), as before.
+* Every other picture is a **cut-out** for the fitted detector (:mod:`diffusion_bunny.models.fitted`):
+  its transparency where it has one (a sprite), else the subject GrabCut separates from the
+  picture's border (a drawing on a plain ground, a poster crop; OpenCV's GrabCut, Rother et al.
+  2004, started from a rectangle inside the picture, because users crop around the character).
+  A picture whose subject does not stand out is left out: pasted whole, its background would be
+  learnt as the character.
+
+A character whose pictures include a human face is a human character (its other pictures are left
+out with a line each); any other character is drawn (or rendered), found by the fitted detector.
+Transparent pixels are composited on neutral grey (:data:`GREY`), never read as black.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+#: What a transparent pixel is shown on (and what the face detectors see there).
+GREY = (128, 128, 128)
+#: A picture's subject must be at least this many pixels on its shorter side.
+MIN_SUBJECT_PX = 16
+#: Pictures the workspace reads as references.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: GrabCut runs on a copy at most this many pixels on its longer side.
+GRABCUT_SIDE = 320
+#: The rectangle GrabCut starts from leaves this share of the picture on each side as background
+#: (a poster crop: the character stands inside, with room around it) ...
+GRABCUT_INSET = 0.15
+#: ... unless the subject found runs along that rectangle's edge (this share of its edge is
+#: subject: a head crop, cut by the picture's edges), when it starts again from this inset.
+GRABCUT_EDGE_SHARE = 0.25
+GRABCUT_TIGHT_INSET = 0.03
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What was taken from one reference picture (a row of notebook 03's reference sheet)."""
+
+    path: Path
+    character: str
+    #: ``face`` (a human face, encoded), ``cutout`` (for the fitted detector) or ``left out``.
+    use: str
+    #: How the character was separated: ``face box``, ``transparency`` or ``grabcut``.
+    how: str
+    #: The part used, (left, top, right, bottom) in the picture's pixels; None when left out.
+    box: tuple[int, int, int, int] | None
+    #: Why it was left out (one line), None otherwise.
+    problem: str | None = None
+
+    def as_fact(self) -> dict[str, object]:
+        """This row as the manifest keeps it (``facts.references_taken``)."""
+        return {
+            "path": str(self.path),
+            "character": self.character,
+            "use": self.use,
+            "how": self.how,
+            "box": list(self.box) if self.box else None,
+            "problem": self.problem,
+        }
+
+
+@dataclass
+class ReferencePictures:
+    """Every character's usable pictures: encodings of human faces (in ``faces``, a
+    :class:`~diffusion_bunny.models.faces.ReferenceSet`) and cut-outs of drawn characters."""
+
+    cutouts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    taken: list[Taken] = field(default_factory=list)
+
+    def drawn(self) -> list[str]:
+        """Names of the characters the fitted detector looks for."""
+        return sorted(self.cutouts)
+
+
+class ReferenceProblem(Exception):
+    """A picture that cannot serve as a reference; the message says why, in a few words."""
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A picture file as RGBA uint8 (opaque where the file has no transparency). Palette and
+    grey pictures, 16-bit PNGs and animated ones (first frame) are converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            rgba = np.asarray(im.convert("RGBA"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ReferenceProblem(f"cannot be read as a picture ({type(exc).__name__})") from None
+    if rgba.ndim != 3 or rgba.shape[0] < 2 or rgba.shape[1] < 2:
+        raise ReferenceProblem("is empty")
+    return np.ascontiguousarray(rgba)
+
+
+def on_grey(rgba: np.ndarray) -> np.ndarray:
+    """RGB with transparent parts composited on :data:`GREY`."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    grey = np.asarray(GREY, np.float32)
+    return (rgba[..., :3].astype(np.float32) * alpha + grey * (1.0 - alpha)).round().astype(np.uint8)
+
+
+def has_transparency(rgba: np.ndarray) -> bool:
+    """Whether at least 2% of the picture is (partly) transparent: a sprite, not a photo."""
+    return bool((rgba[..., 3] < 250).mean() >= 0.02)
+
+
+def _largest_parts(mask: np.ndarray, keep: float = 0.1) -> np.ndarray:
+    """``mask`` with only its connected parts of at least ``keep`` of its largest part's area (a
+    neighbour's arm at the edge of a poster crop is not the character)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    wanted = 1 + np.flatnonzero(areas >= keep * areas.max())
+    return np.isin(labels, wanted)
+
+
+def _grabcut(small: np.ndarray, inset: float, seed: int) -> tuple[np.ndarray, float] | None:
+    """GrabCut from a rectangle ``inset`` inside the picture: the subject's mask and the share of
+    the rectangle's edge it covers; None when OpenCV gives up."""
+    h, w = small.shape[:2]
+    dx, dy = max(1, round(w * inset)), max(1, round(h * inset))
+    mask = np.zeros((h, w), np.uint8)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(seed)
+    try:
+        cv2.grabCut(
+            cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
+            mask,
+            (dx, dy, w - 2 * dx, h - 2 * dy),
+            bgd,
+            fgd,
+            4,
+            cv2.GC_INIT_WITH_RECT,
+        )
+    except cv2.error:
+        return None
+    subject = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+    edge = np.concatenate(
+        [
+            subject[dy, dx : w - dx],
+            subject[h - dy - 1, dx : w - dx],
+            subject[dy : h - dy, dx],
+            subject[dy : h - dy, w - dx - 1],
+        ]
+    )
+    return subject, float(edge.mean()) if edge.size else 0.0
+
+
+def grabcut_mask(rgb: np.ndarray, seed: int = 0) -> np.ndarray | None:
+    """The subject of an opaque picture as a boolean mask, by GrabCut from a rectangle
+    :data:`GRABCUT_INSET` inside the border (from :data:`GRABCUT_TIGHT_INSET` when the subject
+    runs along that rectangle: a head crop); None when it finds no plausible subject (under 5% or
+    over 95% of the picture)."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, GRABCUT_SIDE / max(height, width))
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    found = _grabcut(small, GRABCUT_INSET, seed)
+    if found is not None and found[1] > GRABCUT_EDGE_SHARE:
+        found = _grabcut(small, GRABCUT_TIGHT_INSET, seed)
+    if found is None:
+        return None
+    opened = cv2.morphologyEx(found[0].astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    subject = _largest_parts(opened > 0)
+    if not 0.05 <= float(subject.mean()) <= 0.95:
+        return None
+    return cv2.resize(subject.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def cut_out(rgba: np.ndarray) -> tuple[np.ndarray, str, tuple[int, int, int, int]]:
+    """The character of one picture, cut out: (RGBA cropped to it, how it was separated, its box
+    in the picture). Raises :class:`ReferenceProblem` when nothing usable is left."""
+    from diffusion_bunny.models.fitted.detector import content_box
+
+    if has_transparency(rgba):
+        cut, how = rgba, "transparency"
+    else:
+        rgb = np.ascontiguousarray(rgba[..., :3])
+        if float(rgb.reshape(-1, 3).std(axis=0).max()) < 2.0:
+            raise ReferenceProblem("is blank (one colour)")
+        mask = grabcut_mask(rgb)
+        if mask is None:
+            # The whole picture would teach its background as the character.
+            raise ReferenceProblem(
+                "shows no subject that stands out from its background; crop it closer around the "
+                "character or give a picture with transparency"
+            )
+        alpha = cv2.GaussianBlur(mask.astype(np.uint8) * 255, (3, 3), 0)
+        cut, how = np.dstack([rgb, alpha]), "grabcut"
+    box = content_box(cut[..., 3])
+    if box is None:
+        raise ReferenceProblem("shows nothing (fully transparent)")
+    left, top, right, bottom = box
+    if min(right - left, bottom - top) < MIN_SUBJECT_PX:
+        raise ReferenceProblem(
+            f"is too small: its subject is {right - left}x{bottom - top} px "
+            f"(at least {MIN_SUBJECT_PX} px a side)"
+        )
+    return np.ascontiguousarray(cut[top:bottom, left:right]), how, box
+
+
+def photographed_face(rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    """Whether dlib's HOG detector, trained on photographs, also finds the face at ``box``
+    (top, right, bottom, left): searched in the face with half its size around it, scaled so the
+    face is about 160 px tall (HOG's window is 80 px)."""
+    from diffusion_bunny.models import dlib_faces
+
+    top, right, bottom, left = box
+    h, w = bottom - top, right - left
+    y0, y1 = max(0, top - h // 2), min(rgb.shape[0], bottom + h // 2)
+    x0, x1 = max(0, left - w // 2), min(rgb.shape[1], right + w // 2)
+    crop = rgb[y0:y1, x0:x1]
+    scale = 160.0 / max(1, h)
+    crop = cv2.resize(
+        crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    )
+    found = dlib_faces.raw_face_locations(np.ascontiguousarray(crop), 0, "hog")
+    face = ((top - y0) * scale, (right - x0) * scale, (bottom - y0) * scale, (left - x0) * scale)
+    for rect in found:
+        other = (rect.top(), rect.right(), rect.bottom(), rect.left())
+        inter_h = min(face[2], other[2]) - max(face[0], other[0])
+        inter_w = min(face[1], other[1]) - max(face[3], other[3])
+        if (
+            inter_h > 0
+            and inter_w > 0
+            and inter_h * inter_w >= 0.3 * (face[2] - face[0]) * (face[1] - face[3])
+        ):
+            return True
+    return False
+
+
+def load_character_references(ref_dir: Path, settings) -> tuple[object, ReferencePictures, list[str]]:
+    """Every picture under ``ref_dir`` (one sub-folder per character): the human faces' encodings
+    (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
+    what was taken from each picture, and one warning per picture or character that gives nothing.
+    ``settings`` are stage 03's :class:`~diffusion_bunny.models.faces.DetectSettings`."""
+    from dataclasses import replace
+
+    from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
+
+    faces = ReferenceSet()
+    pictures = ReferencePictures()
+    warnings: list[str] = []
+    encodings: list[np.ndarray] = []
+    owners: list[int] = []
+    ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
+    for name, files in reference_images(ref_dir).items():
+        human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
+        cutouts: list[Taken] = []
+        cut: dict[Path, np.ndarray] = {}
+        for path in files:
+            try:
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise ReferenceProblem(f"is not a picture ({path.suffix or 'no extension'})")
+                rgba = read_picture(path)
+                rgb = on_grey(rgba)
+                found = [] if has_transparency(rgba) else portrait_faces(rgb, ref_settings)
+                photographed = [
+                    f for f in found if photographed_face(rgb, (f.top, f.right, f.bottom, f.left))
+                ]
+                if len(photographed) > 1:
+                    raise ReferenceProblem(f"shows {len(photographed)} faces (a reference must show one)")
+                if photographed:
+                    f = photographed[0]
+                    human.append((path, f.encoding, (f.left, f.top, f.right, f.bottom)))
+                    continue
+                cutout, how, box = cut_out(rgba)
+            except ReferenceProblem as problem:
+                pictures.taken.append(Taken(path, name, "left out", "", None, str(problem)))
+                warnings.append(f"reference {path} {problem}; left out")
+                continue
+            cut[path] = cutout
+            cutouts.append(Taken(path, name, "cutout", how, box))
+        if human:
+            index = len(faces.names)
+            faces.names.append(name)
+            for path, encoding, box in human:
+                encodings.append(encoding)
+                owners.append(index)
+                faces.files.append(str(path))
+                pictures.taken.append(Taken(path, name, "face", "face box", box))
+            for taken in cutouts:
+                problem = (
+                    "shows no face a detector of photographs finds, while the character's other "
+                    "pictures are of a human face"
+                )
+                pictures.taken.append(Taken(taken.path, name, "left out", "", None, problem))
+                warnings.append(f"reference {taken.path} {problem}; left out")
+        elif cutouts:
+            pictures.cutouts[name] = [cut[t.path] for t in cutouts]
+            pictures.taken.extend(cutouts)
+        elif files:
+            warnings.append(f"character '{name}' has no usable reference picture in {ref_dir / name}")
+        else:
+            warnings.append(f"character folder {ref_dir / name} is empty; add reference pictures to it")
+    if encodings:
+        faces.encodings = np.stack(encodings).astype(np.float32)
+        faces.owners = np.asarray(owners, dtype=np.int64)
+    return faces, pictures, warnings

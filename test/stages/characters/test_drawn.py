@@ -1,0 +1,307 @@
+"""Stage 03 with characters that are no photographed faces: reference pictures of any kind, the
+detector fitted to them, labelling drawn sightings, and the demo's drawn girl and cartoon dog.
+
+The characters are drawn in code (:mod:`diffusion_bunny.demo.cartoons`), in poses the references
+never show; the backgrounds are pictures that ship in installed wheels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from diffusion_bunny.config import CharactersConfig, load_config
+from diffusion_bunny.demo.cartoons import Pose, cast, draw
+from diffusion_bunny.demo.movie import build_demo_references, walk_at
+from diffusion_bunny.demo.run import DEMO_SETTINGS
+from diffusion_bunny.media.samples import load_source
+from diffusion_bunny.models.faces import DetectSettings, ReferenceSet
+from diffusion_bunny.models.fitted import FittedSettings
+from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
+from diffusion_bunny.stages.characters.identify import label_faces
+from diffusion_bunny.stages.characters.references import GREY, cut_out, load_character_references, on_grey
+from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
+
+pytestmark = pytest.mark.slow
+
+
+def save(path: Path, array: np.ndarray, fmt: str = "PNG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def on_plain_ground(rgba: np.ndarray, colour: tuple[int, int, int], pad: int = 40) -> np.ndarray:
+    """A drawing on a plain ground with room around it, as a user's crop of a picture."""
+    h, w = rgba.shape[:2]
+    ground = np.empty((h + 2 * pad, w + 2 * pad, 3), np.float32)
+    ground[:] = colour
+    alpha = rgba[..., 3:4] / 255.0
+    ground[pad : pad + h, pad : pad + w] = (
+        ground[pad : pad + h, pad : pad + w] * (1 - alpha) + rgba[..., :3] * alpha
+    )
+    return ground.round().astype(np.uint8)
+
+
+def test_transparent_pixels_show_on_neutral_grey_not_black():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)
+    rgba[1, 1] = (0, 0, 0, 128)
+    rgb = on_grey(rgba)
+    assert tuple(rgb[3, 3]) == GREY and tuple(rgb[0, 0]) == (255, 0, 0)
+    assert tuple(rgb[1, 1]) == (64, 64, 64)  # half black over grey
+
+
+def test_a_sprite_and_a_drawing_on_a_plain_ground_are_cut_out():
+    rgba = draw(cast("rin"), Pose(turn=0.3), 200).rgba
+    cut, how, box = cut_out(rgba)
+    assert how == "transparency" and cut.shape[:2] == (box[3] - box[1], box[2] - box[0])
+    flat = on_plain_ground(rgba, (235, 230, 200))
+    cut, how, box = cut_out(np.dstack([flat, np.full(flat.shape[:2], 255, np.uint8)]))
+    assert how == "grabcut"
+    # The drawing stands 40 px in from every side: the subject found is about the drawing.
+    left, top, right, bottom = box
+    assert (
+        30 <= left <= 60 and 30 <= top <= 60 and right <= flat.shape[1] - 25 and bottom <= flat.shape[0] - 25
+    )
+    # Most of the plain ground is transparent, most of the girl opaque.
+    alpha = cut[..., 3] > 128
+    assert 0.3 < alpha.mean() < 0.95
+
+
+def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
+    refs = tmp_path / "refs"
+    build_demo_references(tmp_path / "demo_refs")
+    (refs / "astronaut").mkdir(parents=True)
+    (refs / "astronaut" / "astronaut.png").write_bytes(
+        (tmp_path / "demo_refs/astronaut/astronaut.png").read_bytes()
+    )
+    sprite = draw(cast("mika"), Pose(arms_up=1.0), 220).rgba
+    save(refs / "mika" / "sprite.png", sprite)
+    save(
+        refs / "mika" / "on_paper.jpg",
+        on_plain_ground(draw(cast("mika"), Pose(turn=-0.5), 220).rgba, (240, 240, 230)),
+        "JPEG",
+    )
+    save(refs / "mika" / "sprite.webp", sprite, "WEBP")
+    (refs / "mika" / "notes.txt").write_text("not a picture")
+    save(refs / "blank" / "white.png", np.full((120, 120, 3), 255, np.uint8))
+    save(refs / "tiny" / "speck.png", np.pad(sprite[::20, ::20], ((2, 2), (2, 2), (0, 0))))
+    (refs / "broken").mkdir()
+    (refs / "broken" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
+
+    faces, pictures, warnings = load_character_references(refs, DetectSettings())
+    taken = {(t.character, t.path.name): t for t in pictures.taken}
+    # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
+    assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
+    assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 3
+    assert taken[("mika", "sprite.png")].how == "transparency"
+    assert taken[("mika", "sprite.webp")].how == "transparency"
+    assert taken[("mika", "on_paper.jpg")].how == "grabcut"
+    # Each picture that gives nothing: one line naming it and why.
+    problems = {t.path.name: t.problem for t in pictures.taken if t.use == "left out"}
+    assert "is not a picture" in problems["notes.txt"]
+    assert "is blank" in problems["white.png"]
+    assert "too small" in problems["speck.png"]
+    assert "cannot be read" in problems["half.png"]
+    for name in ("notes.txt", "white.png", "speck.png", "half.png"):
+        assert sum(name in w for w in warnings) == 1
+    for folder in ("blank", "tiny", "broken"):
+        assert any(f"character '{folder}' has no usable reference picture" in w for w in warnings)
+
+
+def frames_with(names: list[str], poses: list[Pose], seed: int) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
+    """A 640x360 frame (a photo from a wheel) with ``names`` drawn in ``poses``, and their boxes."""
+    rng = np.random.default_rng(seed)
+    sources = ["coffee", "rocket", "motorcycle", "chelsea"]
+    import cv2
+
+    frame = cv2.resize(load_source(sources[seed % len(sources)]), (640, 360), interpolation=cv2.INTER_AREA)
+    frame = frame.astype(np.float32)
+    boxes = []
+    for i, (name, pose) in enumerate(zip(names, poses, strict=True)):
+        rgba = draw(cast(name), pose, int(rng.integers(130, 200))).rgba
+        h, w = rgba.shape[:2]
+        x = 40 + i * 300 + int(rng.integers(0, 40))
+        y = int(rng.integers(0, 360 - h))
+        alpha = rgba[..., 3:4] / 255.0
+        frame[y : y + h, x : x + w] = frame[y : y + h, x : x + w] * (1 - alpha) + rgba[..., :3] * alpha
+        ys, xs = np.nonzero(rgba[..., 3] > 16)
+        boxes.append((name, (x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1)))
+    return frame.round().astype(np.uint8), boxes
+
+
+def overlap(a: tuple, b: tuple) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A detector fitted to the girl and the dog (one picture each) on photos from the wheels."""
+    import cv2
+
+    cutouts = {
+        "mika": [draw(cast("mika"), Pose(arms_up=1.0, turn=-0.4), 200).rgba],
+        "biscuit": [draw(cast("biscuit"), Pose(step=0.3), 160).rgba],
+    }
+    backgrounds = [
+        cv2.resize(load_source(n), (320, 180), interpolation=cv2.INTER_AREA)
+        for n in ("coffee", "rocket", "motorcycle", "chelsea", "astronaut")
+    ]
+    settings = FittedSettings(steps=300, batch=12, crop=160, widths=(320,), self_training=False)
+    return fit_detector(cutouts, backgrounds, settings, progress=False), cutouts, backgrounds, settings
+
+
+def test_fitted_detector_finds_each_character_in_poses_no_reference_shows(fitted):
+    detector = fitted[0]
+    assert detector.names == ["biscuit", "mika"]
+    found = wrong = 0
+    for seed in range(4):
+        poses = [
+            Pose(step=0.1 * seed, turn=0.5 - 0.3 * seed, mouth="sad", mirror=seed % 2 == 1),
+            Pose(step=0.6),
+        ]
+        frame, truth = frames_with(["mika", "biscuit"], poses, seed)
+        hits = detector.detect(frame)
+        for name, box in truth:
+            best = max((h for h in hits if overlap(h.box, box) >= 0.4), key=lambda h: h.score, default=None)
+            found += best is not None and detector.names[best.index] == name
+            wrong += best is not None and detector.names[best.index] != name
+    assert found >= 6 and wrong == 0, (found, wrong)
+    # A picture with neither of them: nothing named.
+    empty, _ = frames_with([], [], 5)
+    assert detector.detect(empty) == []
+
+
+def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
+    detector, cutouts, backgrounds, settings = fitted
+    frame, _ = frames_with(["mika"], [Pose(turn=0.2)], 1)
+    path = tmp_path / "fitted.pt"
+    path.write_bytes(detector.to_bytes())
+    again = FittedDetector.load(path)
+    assert again.names == detector.names and again.settings == settings
+    first, second = detector.detect(frame, 0.1), again.detect(frame, 0.1)
+    assert [(h.index, round(h.score, 5), tuple(round(v, 2) for v in h.box)) for h in first] == [
+        (h.index, round(h.score, 5), tuple(round(v, 2) for v in h.box)) for h in second
+    ]
+    # A damaged file is fitted again, not an error.
+    path.write_bytes(b"not torch")
+    assert FittedDetector.load(path) is None
+    # The key follows the pictures, the frames and the settings.
+    key = fit_key(cutouts, backgrounds, settings)
+    changed = {**cutouts, "mika": [cutouts["mika"][0][:, ::-1].copy()]}
+    assert fit_key(changed, backgrounds, settings) != key
+    assert fit_key(cutouts, backgrounds[:-1], settings) != key
+    assert fit_key(cutouts, backgrounds, settings.model_copy(update={"steps": 301})) != key
+    assert fit_key(cutouts, backgrounds, settings) == key
+
+
+def drawn_rows(spec: list[tuple]) -> pl.DataFrame:
+    """Detections as stage 03's workers write them: (frame, shot, index, label, score, box, feature)."""
+    rows = []
+    for k, (fid, _, _, label, score, box, feature) in enumerate(spec):
+        left, top, right, bottom = box
+        rows.append(
+            {
+                "face_id": f"{fid}_{k:02d}",
+                "frame_id": fid,
+                "top": top,
+                "right": right,
+                "bottom": bottom,
+                "left": left,
+                "embedding": list(feature),
+                "sharpness": 100.0,
+                "detector_score": score,
+                "yaw": 0.0,
+                "kind": "drawn",
+                "label": label,
+            }
+        )
+    return pl.DataFrame(rows, schema=DETECTIONS_SCHEMA)
+
+
+def test_drawn_sightings_are_named_by_the_detector_voted_along_a_shot_and_dropped_under_the_score():
+    a, b = np.eye(64, dtype=np.float32)[0], np.eye(64, dtype=np.float32)[1]
+    spec = [
+        ("f0", 1, 10, "mika", 0.9, (10, 10, 60, 110), a),
+        ("f1", 1, 20, "mika", 0.8, (12, 10, 62, 110), a),
+        # The same girl in the next frame, called the dog by a weak peak: her track names her.
+        ("f2", 1, 30, "biscuit", 0.45, (14, 10, 64, 110), a),
+        # Under characters.fitted.min_score: no appearance.
+        ("f2", 1, 30, "biscuit", 0.2, (300, 200, 380, 260), b),
+        # The dog in another shot, alone in its track.
+        ("f3", 2, 40, "biscuit", 0.7, (300, 200, 380, 260), b),
+    ]
+    det = drawn_rows(spec)
+    frames = pl.DataFrame(
+        {
+            "frame_id": [s[0] for s in spec],
+            "shot_id": [s[1] for s in spec],
+            "frame_index": [s[2] for s in spec],
+            "timestamp_s": [s[2] / 24 for s in spec],
+        }
+    ).unique("frame_id", maintain_order=True)
+    faces = label_faces(det, frames, ReferenceSet(), CharactersConfig())
+    assert faces.height == 4 and set(faces["kind"]) == {"drawn"}
+    by_id = {r["face_id"]: r for r in faces.iter_rows(named=True)}
+    assert by_id["f2_02"]["character"] == "mika" and by_id["f2_02"]["raw_character"] == "biscuit"
+    assert by_id["f2_02"]["low_confidence"]
+    assert by_id["f0_00"]["character"] == "mika" and not by_id["f0_00"]["low_confidence"]
+    assert (
+        by_id["f3_04"]["character"] == "biscuit" and by_id["f3_04"]["track_id"] != by_id["f0_00"]["track_id"]
+    )
+    assert by_id["f0_00"]["distance"] == pytest.approx(0.1)
+    # A higher score needed: the weak sightings are no appearances any more.
+    strict = CharactersConfig(fitted=FittedSettings(min_score=0.75))
+    assert label_faces(det, frames, ReferenceSet(), strict)["face_id"].to_list() == ["f0_00", "f1_01"]
+
+
+def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, demo, tmp_path):
+    """Stage 03 on the demo movie with its references: the girl and the dog are found in the
+    shots they walk through, under their names, with boxes on them, and named nowhere else."""
+    import shutil
+
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    refs = build_demo_references(tmp_path / "refs")
+    shutil.copytree(demo_run.run_dir, tmp_path / "run")
+    run = Run.open(tmp_path / "run")
+    overrides = {**DEMO_SETTINGS, "characters.reference_dir": str(refs)}
+    faces = run_stage(run, "characters", load_config(None, overrides), progress=False)["faces"]
+    truth = demo.ground_truth()
+    drawn = faces.filter(pl.col("kind") == "drawn")
+    assert set(drawn["character"].drop_nulls()) == {"mika", "biscuit"}
+    for row in drawn.filter(pl.col("character").is_not_null()).iter_rows(named=True):
+        shot = next(s for s in truth["shots"] if s["start_frame"] <= row["frame_index"] < s["end_frame"])
+        assert row["character"] in shot["characters"], row
+        spec_walk = shot_walk(shot["shot_id"])
+        _, box = walk_at(
+            spec_walk, row["frame_index"] - shot["start_frame"], shot["end_frame"] - shot["start_frame"]
+        )
+        assert overlap((row["left"], row["top"], row["right"], row["bottom"]), box) >= 0.4, row
+    # Every demo shot with a drawn character has it named in at least one of its frames.
+    named_shots = set(drawn.filter(pl.col("character").is_not_null())["shot_id"])
+    assert named_shots == {s["shot_id"] for s in truth["shots"] if set(s["characters"]) & {"mika", "biscuit"}}
+    facts = run.read_manifest("characters")["facts"]
+    assert facts["fitted"]["characters"] == ["biscuit", "mika"]
+    taken = {Path(t["path"]).name: t for t in facts["references_taken"]}
+    assert (
+        taken["mika_sprite.png"]["how"] == "transparency" and taken["biscuit_poster.jpg"]["how"] == "grabcut"
+    )
+    json.dumps(facts)  # the manifest holds plain JSON
+
+
+def shot_walk(shot_id: int):
+    from diffusion_bunny.demo.movie import RECIPE
+
+    return RECIPE[shot_id].walks[0]
