@@ -18,6 +18,7 @@ from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA
 from diffusion_bunny.stages.export.plan import (
     assign_split,
     balance_repeats,
+    character_box,
     clamp_box,
     concept_table,
     crop_caption,
@@ -148,8 +149,8 @@ def test_items_take_kept_frames_with_usable_captions_and_named_faces():
     ids = frames["frame_id"].to_list()
     quality = quality.with_columns(pl.col("frame_id").is_in([ids[5]]).not_().alias("keep"))
     captions = captions_table(ids, {ids[0]: "failed", ids[1]: "edited"})
-    cfg = ExportConfig(crops=("full", "face", "half_body"), min_face_px=50)
-    items, counts = select_items(frames, quality, faces, captions, cfg)
+    cfg = ExportConfig(crops=("full", "face", "half_body"), min_face_px=50, max_upscale=None)
+    items, counts, _ = select_items(frames, quality, faces, captions, cfg)
     assert ids[0] not in items["frame_id"].to_list()  # failed caption
     assert ids[5] not in items["frame_id"].to_list()  # rejected by stage 02
     assert counts["uncaptioned_frames"] == 1 and counts["kept_frames"] == 5
@@ -163,17 +164,83 @@ def test_items_take_kept_frames_with_usable_captions_and_named_faces():
     half = items.filter(pl.col("crop") == "half_body")["text"].to_list()
     assert all(t.endswith(", upper body") for t in half)
     # Faces under min_face_px give no crop: only the full frames remain.
-    items, counts = select_items(
+    items, counts, _ = select_items(
         frames, quality, faces, captions, cfg.model_copy(update={"min_face_px": 101})
     )
     assert set(items["crop"]) == {"full"} and counts["small_faces"] > 0
     # Frames without a named character: their own concept, or dropped.
     no_names = faces.filter(pl.col("frame_id") != ids[3])
-    items, _ = select_items(frames, quality, no_names, captions, cfg)
+    items, _, _ = select_items(frames, quality, no_names, captions, cfg)
     assert items.filter(pl.col("frame_id") == ids[3])["concept"].to_list() == ["scene"]
     strict = cfg.model_copy(update={"include_unnamed": False})
-    items, counts = select_items(frames, quality, no_names, captions, strict)
+    items, counts, _ = select_items(frames, quality, no_names, captions, strict)
     assert ids[3] not in items["frame_id"].to_list() and counts["unnamed_frames_dropped"] == 1
+
+
+def test_character_box_frames_the_whole_character_never_longer_than_the_limit():
+    # A wide animal (300x100): 10% margin on every side, then its height raised to half its width.
+    assert character_box((100, 100, 400, 200), (0, 0, 1280, 720), 0.1, 2.0) == (70, 60, 430, 240)
+    # A standing figure (100x300): no square forced on it, only the margin and the aspect limit.
+    box = character_box((500, 100, 600, 400), (0, 0, 1280, 720), 0.1, 2.0)
+    assert (box[2] - box[0], box[3] - box[1]) == (180, 360)
+    # At the frame's edge: shifted inside, never into the bars around the picture box.
+    box = character_box((0, 150, 200, 300), (0, 140, 1280, 580), 0.1, 2.0)
+    assert box[0] == 0 and box[1] >= 140 and box[3] <= 580
+
+
+def appearances_table(frame_ids: list[str]) -> pl.DataFrame:
+    """Named appearances of both kinds, with their sharpness: a drawn dog and a drawn girl in the
+    first frame, a sharp face in the second, the same face far behind and soft in the third, a
+    tiny drawn dog in the fourth."""
+    rows = [
+        (frame_ids[0], 0, "drawn", "dog", (100, 300, 500, 500), 400.0),
+        (frame_ids[0], 1, "drawn", "girl", (800, 100, 950, 500), 380.0),
+        (frame_ids[1], 0, "face", "anna", (500, 100, 800, 400), 300.0),
+        (frame_ids[2], 0, "face", "anna", (500, 100, 800, 400), 30.0),
+        (frame_ids[3], 0, "drawn", "dog", (10, 10, 70, 50), 390.0),
+    ]
+    return pl.DataFrame(
+        [
+            {
+                "face_id": f"{fid}_{k:02d}",
+                "frame_id": fid,
+                "kind": kind,
+                "character": name,
+                "left": box[0],
+                "top": box[1],
+                "right": box[2],
+                "bottom": box[3],
+                "sharpness": sharp,
+            }
+            for fid, k, kind, name, box, sharp in rows
+        ]
+    )
+
+
+def test_drawn_characters_get_character_crops_and_soft_or_small_crops_are_left_out_with_the_reason():
+    frames, quality, _, captions = small_tables(n_shots=2)
+    frames = frames.with_columns(pl.lit(1280).alias("width"), pl.lit(720).alias("height"))
+    ids = frames["frame_id"].to_list()
+    faces = appearances_table(ids)
+    cfg = ExportConfig(crops=("full", "face", "character"), crop_resolution=512, max_upscale=2.0)
+    items, counts, dropped = select_items(frames, quality, faces, captions, cfg)
+    crops = {(r["face_id"], r["crop"]) for r in items.filter(pl.col("crop") != "full").iter_rows(named=True)}
+    # The dog and the girl give character crops (no face crop: they are no faces); the sharp
+    # face a face crop.
+    assert crops == {(f"{ids[0]}_00", "character"), (f"{ids[0]}_01", "character"), (f"{ids[1]}_00", "face")}
+    dog = items.filter(pl.col("face_id") == f"{ids[0]}_00").row(0, named=True)
+    assert (dog["right"] - dog["left"], dog["bottom"] - dog["top"]) == (480, 240)
+    # The soft face is out of focus next to the movie's other face (30 against a median of 165);
+    # the tiny dog would be enlarged 8 times.
+    assert sorted((d["face_id"], d["reason"]) for d in dropped) == [
+        (f"{ids[2]}_00", "blurry"),
+        (f"{ids[3]}_00", "upscaled"),
+    ]
+    assert counts["blurry_crops"] == 1 and counts["upscaled_crops"] == 1
+    # Both rules can be turned off.
+    relaxed = cfg.model_copy(update={"max_upscale": None, "min_sharpness_ratio": 0.0})
+    items, counts, dropped = select_items(frames, quality, faces, captions, relaxed)
+    assert dropped == [] and int((items["crop"] != "full").sum()) == 5
 
 
 def test_crop_caption_tag():
@@ -209,7 +276,7 @@ def test_empty_dataset_is_one_clear_error(change, message):
 
 def test_near_identical_shots_are_grouped():
     frames, quality, faces, captions = small_tables(n_shots=4)
-    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
     hashes = quality["phash"].to_list()
     # Shot 3's second frame is shot 0's first with 3 bits flipped (the movie cut back to it).
     near = quality.with_columns(pl.Series("phash", [*hashes[:7], hashes[0] ^ 0b10101], dtype=pl.UInt64))
@@ -221,7 +288,7 @@ def test_near_identical_shots_are_grouped():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_validation_split_never_straddles_a_group(seed):
     frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
-    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full", "face")))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full", "face")))
     # Shots 4 and 9 are one group (near-identical), as shot_groups would make them.
     groups = {s: (4 if s == 9 else s) for s in range(20)}
     split, warnings = assign_split(items, groups, 0.2, seed)
@@ -240,7 +307,7 @@ def test_validation_split_never_straddles_a_group(seed):
 
 def test_split_seeds_differ_and_fraction_zero_keeps_everything_for_training():
     frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
-    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
     groups = {s: s for s in range(20)}
     picks = {tuple(assign_split(items, groups, 0.2, seed)[0]["split"].to_list()) for seed in range(5)}
     assert len(picks) > 1
@@ -250,7 +317,7 @@ def test_split_seeds_differ_and_fraction_zero_keeps_everything_for_training():
 
 def test_one_shot_gives_no_validation_and_says_why():
     frames, quality, faces, captions = small_tables(n_shots=1, per_shot=4)
-    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
     split, warnings = assign_split(items, {0: 0}, 0.2, 0)
     assert set(split["split"]) == {"train"}
     assert "no validation pictures" in warnings[0]
@@ -258,7 +325,7 @@ def test_one_shot_gives_no_validation_and_says_why():
 
 def test_when_every_shot_overshoots_the_smallest_goes_to_validation():
     frames, quality, faces, captions = small_tables(n_shots=4, per_shot=3)
-    items, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
     items = items.filter(pl.col("shot_id") != 3).vstack(items.filter(pl.col("shot_id") == 3).head(2))
     split, warnings = assign_split(items, {s: s for s in range(4)}, 0.05, 0)
     # Target 1 picture: no shot brings the share closer, so the smallest eligible one (shot 3, two
@@ -287,7 +354,10 @@ def test_balancing_gives_smaller_characters_more_repeats():
     [
         (["export.crops=[]"], "export.crops = []: list at least one crop"),
         (["export.crops=[full, full]"], "each crop may be listed once"),
-        (["export.crops=[body]"], "export.crops = 'body': Input should be 'full', 'face' or 'half_body'"),
+        (
+            ["export.crops=[body]"],
+            "export.crops = 'body': Input should be 'full', 'face', 'half_body' or 'character'",
+        ),
         (["export.max_repeats=2", "export.base_repeats=3"], "max_repeats (2) must be at least base_repeats"),
         (["export.validation_fraction=0.7"], "export.validation_fraction = 0.7: Input should be less than"),
         (["export.unnamed_concept=../x"], "export.unnamed_concept = '../x': must be usable as a folder name"),

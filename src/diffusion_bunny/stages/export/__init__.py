@@ -39,7 +39,13 @@ def summary(manifest: dict[str, Any]) -> str:
     return (
         f"{c['items']} pictures from {c['captioned_frames']} captioned frames ({c['train']} train, "
         f"{c['validation']} validation; {c['crop_full']} full, {c['crop_face']} face, "
-        f"{c['crop_half_body']} half-body) in {f['dataset_dir']}"
+        f"{c['crop_half_body']} half-body, {c.get('crop_character', 0)} character) in {f['dataset_dir']}"
+        + (
+            f"; left out: {c.get('upscaled_crops', 0)} crop(s) too small (upscaled), "
+            f"{c.get('blurry_crops', 0)} out of focus"
+            if c.get("upscaled_crops") or c.get("blurry_crops")
+            else ""
+        )
     )
 
 
@@ -61,7 +67,7 @@ STAGE = Stage(
         Reads(
             "faces",
             "characters",
-            ("face_id", "frame_id", "character", "top", "right", "bottom", "left"),
+            ("face_id", "frame_id", "character", "top", "right", "bottom", "left", "kind", "sharpness"),
             optional=True,
         ),
         # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.

@@ -6,9 +6,17 @@ plan before any image is written.
   ``ok`` or ``edited``: a failed caption would teach the model nothing) gives a ``full`` picture;
   every named face of such a frame can also give a ``face`` crop (a square centred on stage 03's
   box, with ``export.face_margin`` around it) and a ``half_body`` crop (``half_body_face_heights``
-  face heights tall, ``half_body_aspect`` wide, half a face height of head room). Crops are
-  clamped to the frame: shifted inside it first, shrunk only when the frame is too small.
-  An item's ``characters`` are the named faces whose box centre lies inside its crop.
+  face heights tall, ``half_body_aspect`` wide, half a face height of head room); every named
+  drawn character a ``character`` crop (its box, framed as its references frame it, with
+  ``character_margin`` around it, never longer than ``character_max_aspect``: a character is
+  no face, and a square would cut a long one off). Crops are clamped to the frame: shifted
+  inside it first, shrunk only when the frame is too small. An item's ``characters`` are the
+  named appearances whose box centre lies inside its crop.
+* **Crops worth learning from.** A face or character crop the trainer would enlarge more than
+  ``max_upscale`` times (to ``crop_resolution``) is left out, and so is one out of focus: its
+  appearance's sharpness under ``min_sharpness_ratio`` of the median of the movie's named
+  appearances of its kind (a blurred face far behind the subject, enlarged, teaches blur). What
+  is left out, and why, is in the plan's ``dropped``.
 * **Split.** Validation takes whole groups of shots: frames of one shot are near copies of each
   other, and a shot the movie cuts back to (same set-up: perceptual hashes within
   ``split_phash_distance`` bits) joins the same group, so near-identical pictures never sit on
@@ -44,6 +52,8 @@ class ExportPlan:
     items: pl.DataFrame
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: Face and character crops left out: frame_id, face_id, crop, reason (upscaled, blurry).
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def clamp_box(cx: float, cy: float, w: float, h: float, bounds: Box) -> Box:
@@ -85,6 +95,17 @@ def half_body_box(face: Box, bounds: Box, face_heights: float, aspect: float) ->
     h, w = h * scale, w * scale
     cy = top - 0.5 * face_h * scale + h / 2
     return clamp_box((left + right) / 2, cy, w, h, bounds)
+
+
+def character_box(box: Box, bounds: Box, margin: float, max_aspect: float) -> Box:
+    """A drawn character's crop: its box with ``margin`` of its size on every side, its short
+    side widened until it is at most ``max_aspect`` times shorter than the long one, inside
+    ``bounds``."""
+    left, top, right, bottom = box
+    w = (right - left) * (1 + 2 * margin)
+    h = (bottom - top) * (1 + 2 * margin)
+    w, h = max(w, h / max_aspect), max(h, w / max_aspect)
+    return clamp_box((left + right) / 2, (top + bottom) / 2, w, h, bounds)
 
 
 def crop_caption(caption: str, tag: str) -> str:
@@ -129,21 +150,28 @@ def _usable_frames(
     return kept.height, frames.join(usable, on="frame_id").sort("frame_index")
 
 
-def _named_faces(faces: pl.DataFrame | None) -> dict[str, list[dict[str, Any]]]:
-    """Named faces per frame (none without a ``faces`` table: stage 03 did not run)."""
+def _named_faces(faces: pl.DataFrame | None, floors: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+    """Named appearances per frame (none without a ``faces`` table: stage 03 did not run), each
+    with the sharpness floor of its kind (:func:`sharpness_floors`)."""
     by_frame: dict[str, list[dict[str, Any]]] = {}
     if faces is not None and faces.height:
         for face in faces.filter(pl.col("character").is_not_null()).sort("face_id").iter_rows(named=True):
+            face["sharpness_floor"] = floors.get(face.get("kind") or "face")
             by_frame.setdefault(face["frame_id"], []).append(face)
     return by_frame
 
 
 def _frame_items(
-    frame: dict[str, Any], faces: list[dict[str, Any]], cfg: ExportConfig, counts: dict[str, int]
+    frame: dict[str, Any],
+    faces: list[dict[str, Any]],
+    cfg: ExportConfig,
+    counts: dict[str, int],
+    dropped: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The pictures one frame gives: the full picture (the frame's region: its picture box, or
-    stage 02's crop), and a face and a half-body crop per named face that is large enough and
-    has room around it inside that region (``counts`` records what was left out)."""
+    stage 02's crop), a face and a half-body crop per named face that is large enough and has
+    room around it inside that region, and a character crop per named drawn character
+    (``counts`` and ``dropped`` record what was left out)."""
     bounds = region_of(frame) or (0, 0, frame["width"], frame["height"])
     boxes = [(f, (f["left"], f["top"], f["right"], f["bottom"])) for f in faces]
     base = {k: frame[k] for k in ("frame_id", "frame_index", "shot_id", "path")}
@@ -170,22 +198,68 @@ def _frame_items(
             out.append(item("full", bounds, None, frame["caption"]))
         else:
             counts["unnamed_frames_dropped"] += 1
-    wanted = [c for c in ("face", "half_body") if c in cfg.crops]
-    for face, fb in boxes if wanted else []:
-        if fb[3] - fb[1] < cfg.min_face_px:
-            counts["small_faces"] += 1
-            continue
+    for face, fb in boxes:
+        kind = face.get("kind") or "face"
+        if kind == "face":
+            if not any(c in cfg.crops for c in ("face", "half_body")):
+                continue
+            if fb[3] - fb[1] < cfg.min_face_px:
+                counts["small_faces"] += 1
+                continue
+            wanted = [c for c in ("face", "half_body") if c in cfg.crops]
+        else:
+            wanted = ["character"] if "character" in cfg.crops else []
         for crop in wanted:
             if crop == "face":
                 box, tag = face_box(fb, bounds, cfg.face_margin), cfg.face_tag
-            else:
+            elif crop == "half_body":
                 box = half_body_box(fb, bounds, cfg.half_body_face_heights, cfg.half_body_aspect)
                 tag = cfg.half_body_tag
+            else:
+                box = character_box(fb, bounds, cfg.character_margin, cfg.character_max_aspect)
+                tag = cfg.character_tag
             if box is None:
                 counts["no_room"] += 1
                 continue
+            reason = crop_problem(face, box, crop, cfg)
+            if reason is not None:
+                counts[f"{reason}_crops"] += 1
+                dropped.append(
+                    {"frame_id": face["frame_id"], "face_id": face["face_id"], "crop": crop, "reason": reason}
+                )
+                continue
             out.append(item(crop, box, face["face_id"], crop_caption(frame["caption"], tag)))
     return out
+
+
+def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportConfig) -> str | None:
+    """Why a face or character crop is not worth learning from (``upscaled`` or ``blurry``), or
+    None. ``face["sharpness_floor"]`` is the least sharpness its kind allows in this movie."""
+    if crop == "half_body":
+        return None
+    side = float(np.sqrt(max(1, box[2] - box[0]) * max(1, box[3] - box[1])))
+    if cfg.max_upscale is not None and cfg.crop_resolution / side > cfg.max_upscale:
+        return "upscaled"
+    floor = face.get("sharpness_floor")
+    if floor is not None and face.get("sharpness") is not None and face["sharpness"] < floor:
+        return "blurry"
+    return None
+
+
+def sharpness_floors(faces: pl.DataFrame | None, ratio: float) -> dict[str, float]:
+    """Per kind of appearance, the least sharpness a crop may have: ``ratio`` of the median of the
+    movie's named appearances of that kind (sharpness depends on what is drawn or filmed, so it
+    is judged against the movie's own appearances, not an absolute number)."""
+    if faces is None or faces.height == 0 or "sharpness" not in faces.columns or ratio <= 0:
+        return {}
+    named = faces.filter(pl.col("character").is_not_null())
+    if "kind" not in named.columns:
+        named = named.with_columns(pl.lit("face").alias("kind"))
+    return {
+        kind: ratio * float(median)
+        for kind, median in named.group_by("kind").agg(pl.col("sharpness").median()).iter_rows()
+        if median is not None
+    }
 
 
 def select_items(
@@ -194,27 +268,31 @@ def select_items(
     faces: pl.DataFrame | None,
     captions: pl.DataFrame,
     cfg: ExportConfig,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The pictures to export (``ITEM_SCHEMA``) and counts of what was left out and why.
+) -> tuple[pl.DataFrame, dict[str, Any], list[dict[str, Any]]]:
+    """The pictures to export (``ITEM_SCHEMA``), counts of what was left out and why, and the
+    face and character crops left out (:func:`crop_problem`).
 
     Raises one :class:`StageError` when nothing can be exported (no kept frame, no usable caption,
     or settings that leave no picture), before anything is written.
     """
     n_kept, rows = _usable_frames(frames, quality, captions)
     rows = rows.join(frame_regions(frames, quality), on="frame_id", how="left")
-    by_frame = _named_faces(faces)
+    by_frame = _named_faces(faces, sharpness_floors(faces, cfg.min_sharpness_ratio))
     counts = {
         "kept_frames": n_kept,
         "captioned_frames": rows.height,
         "small_faces": 0,
         "no_room": 0,
+        "upscaled_crops": 0,
+        "blurry_crops": 0,
         "uncaptioned_frames": n_kept - rows.height,
         "unnamed_frames_dropped": 0,
     }
+    dropped: list[dict[str, Any]] = []
     items = [
         item
         for frame in rows.iter_rows(named=True)
-        for item in _frame_items(frame, by_frame.get(frame["frame_id"], []), cfg, counts)
+        for item in _frame_items(frame, by_frame.get(frame["frame_id"], []), cfg, counts, dropped)
     ]
     if not items:
         raise StageError(
@@ -223,7 +301,7 @@ def select_items(
             + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
             + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
         )
-    return pl.DataFrame(items, schema=ITEM_SCHEMA), counts
+    return pl.DataFrame(items, schema=ITEM_SCHEMA), counts, dropped
 
 
 def shot_groups(items: pl.DataFrame, quality: pl.DataFrame, distance: int | None) -> dict[int, int]:
@@ -377,7 +455,7 @@ def plan_export(
 ) -> ExportPlan:
     """Everything the export decides, before writing: items with ``split``, ``repeats``,
     ``file_name``, ``width`` and ``height`` (of the written picture), in frame order."""
-    items, counts = select_items(frames, quality, faces, captions, cfg)
+    items, counts, dropped = select_items(frames, quality, faces, captions, cfg)
     groups = shot_groups(items, quality, cfg.split_phash_distance)
     items, warnings = assign_split(items, groups, cfg.validation_fraction, cfg.seed)
     items = file_names(balance_repeats(items, cfg), cfg.image_format)
@@ -402,7 +480,7 @@ def plan_export(
             **{f"crop_{c}": int((items["crop"] == c).sum()) for c in CROPS},
         }
     )
-    return ExportPlan(items=items, counts=counts, warnings=warnings)
+    return ExportPlan(items=items, counts=counts, warnings=warnings, dropped=dropped)
 
 
 def concept_table(items: pl.DataFrame) -> pl.DataFrame:

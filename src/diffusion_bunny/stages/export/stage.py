@@ -206,6 +206,7 @@ def compute(ctx: Context) -> StageOutput:
         "bytes": written,
         "seconds": round(time.perf_counter() - started, 3),
         "concepts": concept_table(items).to_dicts(),
+        "dropped_crops": plan.dropped,
     }
     return StageOutput(
         tables={"dataset_items": table, "clips": clips},

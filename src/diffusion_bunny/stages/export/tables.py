@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-CROPS = ("full", "face", "half_body")
+CROPS = ("full", "face", "half_body", "character")
 SPLITS = ("train", "validation")
 
 ITEM_SCHEMA = {
