@@ -4,6 +4,7 @@ shots without decoding the movie again)."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,25 @@ class OpenShot:
         out["end"] = self.end_window[0]
         return out
 
+    def extras(self, gap: int, taken: list[int]) -> list[FrameCandidate]:
+        """For a shot longer than ``gap`` frames, cut into equal stretches of at most ``gap``
+        frames: the sharpest frame held (the middle buckets) of each stretch that holds none of
+        the frames ``taken`` already. A long static take keeps one frame otherwise, and what
+        happens in it (a character walking in, a second one joining) would be lost."""
+        length = self.last + 1 - self.start
+        if gap <= 0 or length <= gap or not self.buckets:
+            return []
+        count = math.ceil(length / gap)
+        out = []
+        for j in range(count):
+            low, high = self.start + j * length / count, self.start + (j + 1) * length / count
+            if any(low <= t < high for t in taken):
+                continue
+            inside = [c for c in self.buckets if low <= c.index < high]
+            if inside:
+                out.append(max(inside, key=lambda c: c.sharp))
+        return out
+
 
 def classify_shots(shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame:
     """Set ``kind``: shots whose motion is under the threshold are static, the others dynamic."""
@@ -100,11 +120,12 @@ def classify_shots(shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame
 
 def select_keyframes(candidates: pl.DataFrame, shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame:
     """The candidates to keep: a static shot keeps its middle frame, a dynamic one start, middle
-    and end (one frame kept once if windows overlap). Interval and codec-keyframe candidates are
-    all kept. Pure over the tables, so a slider can call it on every move."""
+    and end (one frame kept once if windows overlap); a long shot also its ``extra`` frames
+    (:meth:`OpenShot.extras`). Interval and codec-keyframe candidates are all kept. Pure over the
+    tables, so a slider can call it on every move."""
     kinds = classify_shots(shots, motion_threshold).select("shot_id", "kind")
     joined = candidates.join(kinds, on="shot_id", how="left")
-    keep = pl.col("role").is_in(["interval", "keyframe", "middle"]) | (
+    keep = pl.col("role").is_in(["interval", "keyframe", "middle", "extra"]) | (
         (pl.col("kind") == "dynamic") & pl.col("role").is_in(["start", "end"])
     )
     return (

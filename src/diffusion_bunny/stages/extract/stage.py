@@ -130,6 +130,7 @@ class _ShotAssembler:
         # lives on the decoding thread.
         self.reformatter = VideoReformatter()
         self.window = max(1, round(cfg.keyframe_window_seconds * info.fps))
+        self.keyframe_gap = round((cfg.keyframe_gap_seconds or 0.0) * info.fps)
         self.shots: list[dict[str, Any]] = []
         # Per shot: the lit share of every stored row and column (for its picture box).
         self.profiles: list[ShotProfile] = []
@@ -231,6 +232,9 @@ class _ShotAssembler:
                 saved.add(c.index)
                 bgr = self.save_full(c, shot.shot_id, role)
             self.save_candidate(c, shot.shot_id, role, bgr)
+        for c in shot.extras(self.keyframe_gap, sorted(saved)):
+            bgr = self.save_full(c, shot.shot_id, "extra")
+            self.save_candidate(c, shot.shot_id, "extra", bgr)
 
     def flush_interval(self) -> None:
         if self.interval_best is not None and self.current is not None:
