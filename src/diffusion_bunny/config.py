@@ -509,6 +509,8 @@ class TrainingConfig(_Section):
     num_class_images: int = Field(8, ge=1, le=100_000)
     prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0)
     checkpoint_every: int = Field(10, ge=1, le=10_000_000)
+    keep_resumable: int = Field(1, ge=1, le=1_000_000)
+    checkpoints_total_limit: int | None = Field(None, ge=1, le=10_000_000)
     validation_every: int = Field(15, ge=0, le=10_000_000)
     validation_prompts: tuple[str, ...] = ()
     validation_inference_steps: int = Field(8, ge=1, le=1000)
