@@ -34,8 +34,11 @@ class ProgressFile:
         self._last = now
         data = json.dumps({"done": done, "total": self.total, "unit": self.unit, "desc": self.desc})
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk: the bar is only shown, the stage's own writes will say so
+            tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Remove the file: a finished stage leaves nothing behind in the run folder."""

@@ -320,6 +320,9 @@ def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: st
         )
     except PapermillExecutionError as exc:
         raise _notebook_error(stage, target, exc) from None
+    except OSError as exc:  # papermill writing the executed notebook (a full disk names no file)
+        exc.filename = exc.filename or str(target)
+        raise
     except DeadKernelError as exc:
         stage_kernel.close()
         raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None) from None

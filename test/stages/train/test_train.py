@@ -942,3 +942,88 @@ def test_a_lora_folder_another_training_writes_is_refused_at_once(tmp_path):
     assert not list(folder.glob("checkpoint-*"))
     run_stage(run, "train", cfg, progress=False)  # the holder gone, the folder trains
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk under stage 07's writers (a tmpfs as root, else the errors injected: test/small_disk.py)
+
+
+@pytest.mark.parametrize("when", ["latents", "checkpoint", "lora"])
+def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp_path, monkeypatch):
+    """The disk fills while the latents are cached, while a checkpoint is written (after the first
+    one), or while the final LoRA is written: one line naming the file and what may be freed, no
+    partial file left to be taken for a latent, a checkpoint or the LoRA, and once space is freed
+    the rerun resumes from the last checkpoint."""
+    from small_disk import inject_full_disk, small_disk
+
+    from diffusion_bunny.errors import StorageError
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train import lora as lora_module
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    with small_disk(tmp_path, 64 << 20) as disk, pytest.MonkeyPatch.context() as mp:
+        root = disk.root if disk else tmp_path / "disk"
+        root.mkdir(exist_ok=True)
+        run = make_run(root, n_train=2, n_val=0)  # both latents cached by the second step
+        cfg = load_config(
+            None, {**fast_overrides(root), "training.output_dir": str(root / "lora")}, root=tmp_path
+        )
+
+        def fill() -> None:
+            if disk:
+                disk.fill(leave=0)
+            else:
+                inject_full_disk(mp, root)
+
+        # The estimate is checked on its own (test_a_training_that_will_not_fit...): here the disk
+        # fills after it said yes, as when another program writes meanwhile.
+        mp.setattr(lora_module, "check_free_space", lambda needs, advice: None)
+        calls = {"n": 0}
+        real_prune = lora_module.prune_checkpoints
+
+        def prune(folder, keep, limit):
+            out = real_prune(folder, keep, limit)
+            calls["n"] += 1  # 1: before the first step (folder held), 2: after checkpoint-2, 3: after -4
+            if calls["n"] == {"latents": 1, "checkpoint": 2, "lora": 3}[when]:
+                fill()
+            return out
+
+        mp.setattr(lora_module, "prune_checkpoints", prune)
+        with pytest.raises(StorageError) as err:
+            run_stage(run, "train", cfg, progress=False)
+        message = str(err.value)
+        assert "\n" not in message and "No space left on device (" in message and "free there" in message
+        assert "training.checkpoints_total_limit" in message and ".tmp-" not in message
+        (folder,) = (root / "lora").iterdir()
+        written = {
+            "latents": f"could not write {run.run_dir}/cache/latents/",
+            "checkpoint": f"could not write {folder}/checkpoint-4/",
+            "lora": f"could not write {folder}/pytorch_lora_weights.safetensors",
+        }
+        assert message.startswith(written[when]), message
+        resumes = {
+            "latents": "a rerun starts the training again",
+            "checkpoint": "a rerun resumes from checkpoint-2",
+        }
+        assert message.endswith(resumes.get(when, "a rerun resumes from checkpoint-4")), message
+        assert [p for p in root.rglob(".*") if ".tmp-" in p.name] == []
+        assert not (folder / "pytorch_lora_weights.safetensors").exists()
+        assert (
+            sorted(c.name for c in folder.glob("checkpoint-*"))
+            == {
+                "latents": [],
+                "checkpoint": ["checkpoint-2"],
+                "lora": ["checkpoint-2", "checkpoint-4"],
+            }[when]
+        )
+        for latent in (run.run_dir / "cache" / "latents").glob("*.safetensors"):
+            from safetensors.torch import load_file
+
+            assert load_file(latent)["parameters"].numel()  # whole, or not there at all
+        if disk:
+            disk.empty()
+        mp.undo()
+        run_stage(run, "train", cfg, progress=False)
+        facts = run.read_manifest("train")["facts"]
+        assert facts["resumed_from"] == {"latents": None, "checkpoint": 2, "lora": 4}[when]
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()

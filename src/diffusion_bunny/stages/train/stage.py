@@ -92,7 +92,7 @@ def compute(ctx: Context) -> StageOutput:
                 resume_from=resumable_folders(base, resume, exclude=folder),
             )
     except OSError as exc:
-        error = storage_error(exc, _full_disk_advice(base, folder, run_dir))
+        error = storage_error(exc, _full_disk_advice(base, folder))
         if error is None:
             raise
         raise error from None
@@ -126,12 +126,11 @@ def compute(ctx: Context) -> StageOutput:
     )
 
 
-def _full_disk_advice(base: Path, folder: Path, run_dir: Path) -> str:
+def _full_disk_advice(base: Path, folder: Path) -> str:
     """What to free when the disk fills during training, and what a rerun does."""
     steps = checkpoint_steps(folder)
     resume = f"a rerun resumes from checkpoint-{steps[-1]}" if steps else "a rerun starts the training again"
     return (
-        f"free some space (older LoRA folders in {base} that bunny status lists; {Path(run_dir) / 'cache'} "
-        f"holds only caches), set training.checkpoints_total_limit, or point training.output_dir at a "
-        f"larger disk; {resume}"
+        f"free some space (older LoRA folders in {base} that bunny status lists), set "
+        f"training.checkpoints_total_limit, or point training.output_dir at a larger disk; {resume}"
     )
