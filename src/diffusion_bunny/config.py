@@ -346,9 +346,10 @@ class CaptioningConfig(_Section):
     breaker_cooldown_s: float = Field(60.0, ge=0.0, le=86_400.0)
     max_tokens: int = Field(300, ge=16, le=8192)
     temperature: float = Field(0.2, ge=0.0, le=2.0)
-    retry: list[Literal["empty", "refused", "truncated", "unparsable"]] = []
+    retry: list[Literal["empty", "refused", "truncated", "unparsable", "unreadable"]] = []
     max_paid_requests: int = Field(10_000, ge=0, le=10_000_000)
     image_max_side: int = Field(768, ge=64, le=4096)
+    cache: bool = True
     cache_dir: str | None = None
     close_up_ratio: float = Field(0.3, gt=0.0, le=1.0)
     medium_ratio: float = Field(0.12, gt=0.0, le=1.0)

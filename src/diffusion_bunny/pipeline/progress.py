@@ -20,19 +20,23 @@ from tqdm.auto import tqdm
 
 
 class ProgressFile:
-    """Throttled writer of ``{"done", "total", "unit", "desc"}`` for one stage."""
+    """Throttled writer of ``{"done", "total", "unit", "desc", "note"}`` for one stage (``note``: a
+    short text the terminal shows beside the bar, e.g. what was paid for so far)."""
 
     def __init__(self, path: Path | None, desc: str, total: int | None, unit: str, interval: float = 0.25):
         self.path, self.desc, self.total, self.unit, self.interval = path, desc, total, unit, interval
         self._last = 0.0
 
-    def update(self, done: int, *, force: bool = False) -> None:
+    def update(self, done: int, *, force: bool = False, note: str | None = None) -> None:
         """Record ``done`` items (written at most every ``interval`` seconds unless forced)."""
         now = time.monotonic()
         if self.path is None or (not force and now - self._last < self.interval):
             return
         self._last = now
-        data = json.dumps({"done": done, "total": self.total, "unit": self.unit, "desc": self.desc})
+        record = {"done": done, "total": self.total, "unit": self.unit, "desc": self.desc}
+        if note is not None:
+            record["note"] = note
+        data = json.dumps(record)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             tmp.write_text(data)
