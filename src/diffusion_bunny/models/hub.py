@@ -79,9 +79,8 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     import logging
 
     import huggingface_hub
-    from tqdm.auto import tqdm
 
-    from diffusion_bunny.logs import say
+    from diffusion_bunny.logs import relay_bar_class, say
 
     say(
         logging.getLogger(__name__),
@@ -89,7 +88,10 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
         f"(into {huggingface_hub.constants.HF_HUB_CACHE})",
     )
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, tqdm_class=tqdm)
+        # The bars are relayed to the terminal of `bunny run` (a stage's kernel has none of its own).
+        folder = huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=patterns, tqdm_class=relay_bar_class()
+        )
     except Exception as exc:  # every failure here means "not to be had": say which, in one line
         raise ModelError(
             f"{setting} = {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "

@@ -33,7 +33,7 @@ from diffusion_bunny.logs import FILE_ONLY
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
-from diffusion_bunny.pipeline.progress import follow
+from diffusion_bunny.pipeline.progress import follow, remove_relay_files
 from diffusion_bunny.pipeline.run import Run, movie_id
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: st
         stop.set()
         if watcher.is_alive():
             watcher.join()
-        run.progress_path(stage).unlink(missing_ok=True)
+        remove_relay_files(run.progress_path(stage))
         if own:
             stage_kernel.close()
     return target

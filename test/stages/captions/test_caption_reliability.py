@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -763,3 +764,36 @@ def test_a_full_answer_store_is_one_line_naming_it(cap_run, tmp_path, monkeypatc
             disk.empty()
         run_stage(run, "captions", cfg, progress=False)
         assert len(srv.requests) == n  # the three kept are read back, never paid again
+
+
+def test_bunny_run_shows_the_paid_requests_on_the_terminal_while_they_happen(cap_run, tmp_path, capsys):
+    """Under ``bunny run`` the stage runs in a notebook's kernel, whose standard error the
+    terminal never sees: the announcement and the count of paid requests are relayed to it."""
+    from diffusion_bunny.cli import main
+
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer(delay_s=0.2) as srv:
+        settings = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.concurrency": 1,
+        }
+        args = ["run", str(run.movie), "--out", str(run.run_dir), "--stages", "captions"]
+        args += [
+            a
+            for k, v in settings.items()
+            for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}")
+        ]
+        capsys.readouterr()
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert f"captions: {n} paid request(s) to local" in err
+        assert f"captions: {n} paid requests (0 answered from the store)" in err
+        assert len(srv.requests) == n
+        assert main([*args, "--force"]) == 0
+        assert f"captions: 0 paid requests ({n} answered from the store)" in capsys.readouterr().err
+    log = Path(sorted((Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])).glob("bunny-*.log"))[-1])
+    assert log.read_text().count(f"captions: 0 paid requests ({n} answered from the store)") == 1  # not twice

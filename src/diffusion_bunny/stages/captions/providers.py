@@ -23,7 +23,8 @@ status (:func:`answer_status`: ``ok``, ``empty``, ``refused``, ``truncated``, ``
 31): one that carries no caption is not asked again unless ``captioning.retry`` names its status.
 Secrets are read from the environment
 (or ``.env``) when a provider is built and handed straight to the client; every stored string
-goes through :func:`redact`, which hides every secret value the process knows.
+goes through :func:`~diffusion_bunny.secrets.redact`, which hides every secret value the process
+knows.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import json
 import logging
 import os
 import random
-import re
 import socket
 import sqlite3
 import threading
@@ -52,6 +52,7 @@ from urllib.parse import urlparse
 
 from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import ConfigError, ProviderError, storage_error
+from diffusion_bunny.secrets import redact, register_secret
 from diffusion_bunny.stages.captions.facts import template_caption
 
 # dspy is imported only through this module (lazily); at first use it would fetch litellm's model
@@ -234,61 +235,7 @@ def short_error(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Secrets
-
-REDACTED = "[redacted]"
-#: Variables whose values are secrets whatever their name (provider keys, AWS credentials).
-SECRET_VARIABLES = {
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "LOCAL_LLM_API_KEY",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-}
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-_extra_secrets: set[str] = set()
-_extra_lock = threading.Lock()
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret read from somewhere other than the environment (an AWS profile's keys,
-    a configured key variable), so :func:`redact` hides it too."""
-    if value and len(value) >= 6:
-        with _extra_lock:
-            _extra_secrets.add(value)
-
-
-def known_secrets() -> list[str]:
-    """Every secret value this process knows: the provider and AWS variables, any variable whose
-    name says key/token/secret/password, and what :func:`register_secret` was given. Longest
-    first, so a secret containing another is hidden whole. Values under 6 characters are left
-    alone (they would redact ordinary words)."""
-    found = set()
-    for name, value in os.environ.items():
-        if (name in SECRET_VARIABLES or _SECRET_NAME.search(name)) and len(value.strip()) >= 6:
-            found.add(value.strip())
-    with _extra_lock:
-        found |= _extra_secrets
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(text: str | None) -> str | None:
-    """``text`` with every known secret (also in base64, as in a Basic auth header) replaced by
-    ``[redacted]``; applied to every string the stage stores (errors, warnings)."""
-    if not text:
-        return text
-    for secret in known_secrets():
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-        encoded = base64.b64encode(secret.encode()).decode().rstrip("=")
-        if len(encoded) >= 8 and encoded in text:
-            text = text.replace(encoded, REDACTED)
-    return text
-
+# Secrets: diffusion_bunny.secrets (the command line's log uses them too)
 
 # ---------------------------------------------------------------------------------------------
 # Rate limit, backoff, circuit breaker
