@@ -38,6 +38,8 @@ from datetime import datetime
 from pathlib import Path
 
 ENV = "DIFFUSION_BUNNY_LOG"
+#: The folder of this command's log files (and TensorBoard's ``tensorboard/``), when not ``log/``.
+LOG_DIR_ENV = "DIFFUSION_BUNNY_LOG_DIR"
 LOGGER = "diffusion_bunny"
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 NON_TTY_INTERVAL_S = 5.0
@@ -86,7 +88,7 @@ class _TerminalFormatter(logging.Formatter):
 def log_dir() -> Path:
     """``$DIFFUSION_BUNNY_LOG_DIR``, else ``log/`` of the workspace (the checkout, else the
     working folder); the tests point the variable at a temporary folder."""
-    env = os.environ.get("DIFFUSION_BUNNY_LOG_DIR")
+    env = os.environ.get(LOG_DIR_ENV)
     if env:
         return Path(env)
     from diffusion_bunny.config import workspace_root

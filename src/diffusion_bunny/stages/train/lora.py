@@ -1051,7 +1051,7 @@ def _resume_point(
         if state.get("resume_key") != key:
             if not own:
                 continue
-            # Never deleted behind the user's back (issue 31): stage 07 trains each configuration
+            # Never deleted behind the user's back: stage 07 trains each configuration
             # in its own folder, so this is a caller naming a folder of another training.
             raise StageError(
                 f"{output_dir} holds a LoRA trained with other settings or data (checkpoint-{step}); "

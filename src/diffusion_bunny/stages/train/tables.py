@@ -65,7 +65,7 @@ def legacy_checkpoint_dir(run_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# One folder per training (issue 31; named by content since)
+# One folder per training, named by what it trains
 
 #: What a LoRA folder records about the training it holds.
 TRAINING_FILE = "training.json"
@@ -220,8 +220,8 @@ def describe_loras(loras: pl.DataFrame) -> list[str]:
 
 def current_lora_dir(base: Path, loras: pl.DataFrame | None) -> Path:
     """The folder stage 08 draws with: the ``current`` row of the ``loras`` table stage 07 wrote,
-    when it lies under ``base`` (the configured ``training.output_dir``, else
-    ``checkpoint/<run>/``) and still exists; else ``base`` itself (a training output the user
+    when it lies under ``base`` (the configured ``training.output_dir``, else ``<run>/loras/``) and
+    still exists; else ``base`` itself (a training output the user
     points ``training.output_dir`` at, or one written before LoRA folders were versioned)."""
     base = Path(base)
     if loras is not None and "current" in loras.columns:
