@@ -282,14 +282,19 @@ def relay_bar_class() -> type:
             super().__init__(*args, **kwargs)
             self._mirror(force=True)
 
-        def _mirror(self, force: bool = False) -> None:
+        def _mirror(self, force: bool = False, closed: bool = False) -> None:
             path = getattr(self, "_relay_path", None)
             now = time.monotonic()
             if path is None or (not force and now - self._relay_at < 0.3):
                 return
             self._relay_at = now
-            data = {"done": self.n, "total": self.total, "unit": self.unit, "desc": self.desc or ""}
-            data["unit_scale"] = bool(self.unit_scale)
+            data = {"done": self.n, "total": self.total, "closed": closed}
+            # A disabled tqdm sets none of these: the bar is shown all the same.
+            data.update(
+                unit=getattr(self, "unit", "it"),
+                desc=getattr(self, "desc", "") or "",
+                unit_scale=bool(getattr(self, "unit_scale", False)),
+            )
             tmp = path.with_name(path.name + ".tmp")
             with contextlib.suppress(OSError):
                 tmp.write_text(json.dumps(data))
@@ -305,12 +310,7 @@ def relay_bar_class() -> type:
             self._mirror()
 
         def close(self) -> None:
-            self._mirror(force=True)
-            path = getattr(self, "_relay_path", None)
-            if path is not None:
-                data = path.read_text() if path.is_file() else ""
-                with contextlib.suppress(OSError):  # done: the runner shows it once more, then drops it
-                    path.write_text(data[:-1] + ', "closed": true}' if data.endswith("}") else data)
+            self._mirror(force=True, closed=True)  # the runner shows it once more, then drops it
             super().close()
 
     return RelayBar
