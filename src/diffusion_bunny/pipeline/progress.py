@@ -46,8 +46,12 @@ class ProgressFile:
             tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Remove the file: a finished stage leaves nothing behind in the run folder."""
-        if self.path is not None:
+        """Remove the file: a finished stage leaves nothing behind in the run folder. Under
+        ``bunny`` (its log variable set) the runner that follows the file removes it once it has
+        shown the last count (removed here, the final count was often never seen)."""
+        from diffusion_bunny.logs import ENV
+
+        if self.path is not None and not os.environ.get(ENV):
             self.path.unlink(missing_ok=True)
 
 
