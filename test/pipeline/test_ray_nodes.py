@@ -43,6 +43,13 @@ SETTINGS = {
 }
 
 
+#: Every process of these clusters (nodes, the driver, the helper that waits for nodes): no usage
+#: statistics, no uv runtime env, and no token authentication: a token another local cluster left
+#: in ~/.ray/auth_token would otherwise turn it on for the nodes started here but not for their
+#: clients (Ray 2.60 makes one for every new local ``ray.init()`` cluster).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,12 +60,7 @@ def _node_env(cache: Path) -> dict[str, str]:
     """A node's environment as a machine of its own has it: no log folder or log file of the
     head's (the tests' session sets them), a cache of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSION_BUNNY_")}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
-        DIFFUSION_BUNNY_CACHE=str(cache),
-        OMP_NUM_THREADS="1",
-    )
+    env.update(RAY_ENV, DIFFUSION_BUNNY_CACHE=str(cache), OMP_NUM_THREADS="1")
     return env
 
 
@@ -94,7 +96,7 @@ def _wait_for_cpus(address: str, cpus: int, timeout: float = 180.0) -> None:
         "while alive() != int(sys.argv[2]) and time.time() - t < float(sys.argv[3]): time.sleep(0.5)\n"
         "print(alive())"
     )
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = {**os.environ, **RAY_ENV}
     done = subprocess.run(
         [sys.executable, "-c", code, address, str(cpus), str(timeout)],
         capture_output=True,
@@ -102,7 +104,8 @@ def _wait_for_cpus(address: str, cpus: int, timeout: float = 180.0) -> None:
         env=env,
         timeout=timeout + 60,
     )
-    assert float(done.stdout.strip().splitlines()[-1]) == cpus, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines and float(lines[-1]) == cpus, done.stderr[-3000:]
 
 
 @pytest.fixture
@@ -144,6 +147,9 @@ def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_a
 ):
     from diffusion_bunny.pipeline.engine import run_target
     from diffusion_bunny.stages import PIPELINE
+
+    for key, value in RAY_ENV.items():  # this process is the driver
+        monkeypatch.setenv(key, value)
 
     clip = tmp_path / "movies" / "clip.mp4"
     clip.parent.mkdir()
