@@ -8,7 +8,9 @@ gives up), ``garbage`` (an answer without the fields asked for), ``echo`` (a 500
 repeats the request headers, keys included, as a careless proxy does), and the paid answers that
 carry nothing (issue 31): ``empty`` (no text, finished normally), ``refused`` (a refusal instead of
 text), ``filtered`` (stopped by the content filter) and ``length`` (a reasoning model that spent
-``max_tokens`` before writing any text). The server records every request
+``max_tokens`` before writing any text), ``unreadable`` (a 200 whose body is cut off mid-JSON, as a
+proxy that drops the connection or a server that crashes while it answers sends it: billed, and
+nothing to read) and ``html`` (a 200 with an HTML error page). The server records every request
 and, for answered ones, which image it captioned, so a test can count paid calls per image.
 """
 
@@ -127,6 +129,21 @@ class FakeLLMServer:
                     self._send(status, {"error": {"message": f"scripted {status}", "type": kind}})
                     return
                 digest = images[0] if images else "noimage"
+                if behaviour in {"unreadable", "html"}:
+                    with server._lock:
+                        server.answered[digest] += 1
+                    data = (
+                        b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"index": 0, "mess'
+                        if behaviour == "unreadable"
+                        else b"<html><body>502 Bad Gateway</body></html>"
+                    )
+                    self.send_response(200)
+                    kind = "application/json" if behaviour == "unreadable" else "text/html"
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if server.delay_s:
                     time.sleep(server.delay_s)
                 finish, refusal = "stop", None

@@ -72,6 +72,41 @@ def test_a_command_logs_to_a_file_named_on_a_bug(tmp_path, monkeypatch, capsys):
     assert logs.last_path == path and logs.ENV not in os.environ  # handlers closed at the end
 
 
+def test_the_command_line_is_logged_without_its_secrets(tmp_path, monkeypatch, capsys):
+    """Logged first thing, before the settings are checked: a key typed into a URL's user part or
+    query, or as a setting named like a key, must not land in the log file."""
+    from diffusion_bunny import logs
+    from diffusion_bunny.secrets import redact_command, redact_url
+
+    monkeypatch.setattr(logs, "log_dir", lambda: tmp_path / "log")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-0123456789")
+    args = [
+        "status",
+        str(tmp_path),
+        "--set",
+        "captioning.local.base_url=https://me:sk-user-pass-1@llm.example/v1?key=sk-query-2&model=x",
+        "--set",
+        "captioning.local.api_key=sk-setting-3",  # not a setting: the check fails after the log line
+        "--set",
+        "captioning.local.api_key_env=MY_SERVICE_TOKEN",
+        "--set",
+        "captioning.openai.base_url=https://tok-0123456789@proxy.example/v1",
+    ]
+    assert main(args) == 2
+    (path,) = (tmp_path / "log").glob("bunny-*.log")
+    first, err = path.read_text().splitlines()[0], capsys.readouterr().err
+    for secret in ("sk-user-pass-1", "sk-query-2", "sk-setting-3", "tok-0123456789"):
+        assert secret not in first and secret not in err
+    assert "https://me:[redacted]@llm.example/v1?key=[redacted]&model=x" in first
+    assert "captioning.local.api_key=[redacted]" in first and "api_key_env=MY_SERVICE_TOKEN" in first
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert (
+        redact_url("https://h/x?sig=abc&X-Amz-Signature=def&a=1")
+        == "https://h/x?sig=[redacted]&X-Amz-Signature=[redacted]&a=1"
+    )
+    assert redact_command(["run", "movie.mp4", "--set", "run.seed=3"]) == "run movie.mp4 --set run.seed=3"
+
+
 @pytest.mark.parametrize(
     ("flag", "shown"),
     [

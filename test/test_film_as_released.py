@@ -339,6 +339,7 @@ def test_caption_providers_are_sent_the_picture_without_bars_or_subtitles(datase
             "captioning.provider": "local",
             "captioning.local.base_url": srv.base_url,
             "captioning.image_max_side": 960,
+            "captioning.cache_dir": str(tmp_path / "answers"),  # not the user's store: asked every time
         }
         cfg = load_config(None, overrides, root=tmp_path / "noconfig")
         run_stage(run, "captions", cfg, progress=False, force=True)

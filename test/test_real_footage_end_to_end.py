@@ -61,7 +61,8 @@ def test_real_clip_trains_and_generates_with_repeated_pictures(hamilton, tmp_pat
     assert items.filter((pl.col("crop") == "face") & pl.col("characters").list.contains("lin")).height >= 1
     loras = pl.read_parquet(tables / "loras.parquet")
     current = loras.filter(pl.col("current")).row(0, named=True)
-    assert (lora / "v1" / "pytorch_lora_weights.safetensors").is_file() and current["steps"] == 30
+    assert (lora / current["name"] / "pytorch_lora_weights.safetensors").is_file() and current["steps"] == 30
+    assert current["name"].startswith("tiny-30steps-")
     generations = pl.read_parquet(tables / "generations.parquet")
     assert generations.height > 0 and all((out / p).is_file() for p in generations["path"])
     assert (out / "report" / "index.html").is_file()
@@ -69,6 +70,7 @@ def test_real_clip_trains_and_generates_with_repeated_pictures(hamilton, tmp_pat
     # The flow-matching trainer reads its batches through the same cache: FLUX.1's tiny preset.
     flux = ["--set", "training.base_model=tiny-flux", "--stages", "train,generate"]
     assert main([*args, *(a for s in settings for a in ("--set", s)), *flux]) == 0
-    assert (lora / "v2" / "pytorch_lora_weights.safetensors").is_file()
     loras = pl.read_parquet(tables / "loras.parquet")
-    assert loras.filter(pl.col("current"))["folder"].to_list()[0].endswith("v2")
+    trained = loras.filter(pl.col("current")).row(0, named=True)
+    assert trained["name"].startswith("tiny-flux-30steps-") and trained["lora_path"] is not None
+    assert (lora / trained["name"] / "pytorch_lora_weights.safetensors").is_file() and loras.height == 2

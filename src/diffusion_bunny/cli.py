@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _build_parser().parse_args(argv)
     try:
-        path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0)
+        path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0, command=argv)
     except OSError as exc:  # the log file itself cannot be made (read-only or full disk)
         storage = storage_error(exc, logs.START_ADVICE)
         if storage is None:

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -355,9 +355,10 @@ class CaptioningConfig(_Section):
     breaker_cooldown_s: float = Field(60.0, ge=0.0, le=86_400.0)
     max_tokens: int = Field(300, ge=16, le=8192)
     temperature: float = Field(0.2, ge=0.0, le=2.0)
-    retry: list[Literal["empty", "refused", "truncated", "unparsable"]] = []
+    retry: list[Literal["empty", "refused", "truncated", "unparsable", "unreadable"]] = []
     max_paid_requests: int = Field(10_000, ge=0, le=10_000_000)
     image_max_side: int = Field(768, ge=64, le=4096)
+    cache: bool = True
     cache_dir: str | None = None
     close_up_ratio: float = Field(0.3, gt=0.0, le=1.0)
     medium_ratio: float = Field(0.12, gt=0.0, le=1.0)
@@ -533,6 +534,8 @@ class TrainingConfig(_Section):
     num_class_images: int = Field(8, ge=1, le=100_000)
     prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0)
     checkpoint_every: int = Field(10, ge=1, le=10_000_000)
+    keep_resumable: int = Field(1, ge=1, le=1_000_000)
+    checkpoints_total_limit: int | None = Field(None, ge=1, le=10_000_000)
     validation_every: int = Field(15, ge=0, le=10_000_000)
     validation_prompts: tuple[str, ...] = ()
     validation_inference_steps: int = Field(8, ge=1, le=1000)
@@ -691,7 +694,7 @@ class EngineConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, le=4096)
     cpus_per_movie: float = Field(1.0, gt=0.0, le=4096.0)
     object_store_mb: int = Field(256, ge=75, le=1_000_000)
-    #: Seconds one movie's Ray task may take; None: ``pipeline.stage_timeout_s`` per stage run.
+    #: Seconds one movie's Ray task may take; None: from ``pipeline.stage_timeout_s`` (engine.task_timeout).
     task_timeout_s: float | None = Field(None, gt=0.0, le=366 * 86_400.0)
 
 
@@ -700,10 +703,17 @@ class PipelineConfig(_Section):
     counts as hung, and when another machine's lock on a run folder counts as abandoned. Not part
     of any stage's config hash."""
 
-    #: Seconds one stage notebook may run before its kernel is stopped (None: no limit). A day:
-    #: far above any stage on a feature film, so only a hang reaches it; raise it for long
-    #: trainings on a CPU.
-    stage_timeout_s: float | None = Field(86_400.0, gt=0.0, le=366 * 86_400.0)
+    #: Seconds one stage notebook may run before its kernel is stopped: ``auto`` (scaled to the
+    #: movie's length: :attr:`stage_timeout_base_s` + :attr:`stage_timeout_per_minute_s` per minute
+    #: of movie, see ``runner.stage_timeout``), a number, or None (no limit). Why scaled: a fixed
+    #: day let a hung stage on a two-minute clip sit for 24 h (and a Ray task nine days).
+    stage_timeout_s: Literal["auto"] | Annotated[float, Field(gt=0.0, le=366 * 86_400.0)] | None = "auto"
+    #: ``auto``: what any stage may take whatever the movie's length (a model's download, a
+    #: training on a GPU).
+    stage_timeout_base_s: float = Field(14_400.0, gt=0.0, le=366 * 86_400.0)
+    #: ``auto``: and this many seconds per minute of movie (a paid caption provider at 60 requests a
+    #: minute takes ~42 s for a minute's kept frames; the other stages a few seconds).
+    stage_timeout_per_minute_s: float = Field(60.0, ge=0.0, le=86_400.0)
     #: Seconds without a heartbeat after which another host's lock on a run folder is taken over.
     lock_stale_s: float = Field(120.0, ge=10.0, le=86_400.0)
 
@@ -758,8 +768,17 @@ def project_root() -> Path | None:
     return None
 
 
+#: Set by the Ray engine for its tasks: the workspace of the head (``bunny run``'s machine), so a
+#: relative setting (``training.output_dir``, ``run.output_dir``) means the same folder on every node.
+WORKSPACE_ENV = "DIFFUSION_BUNNY_WORKSPACE"
+
+
 def workspace_root() -> Path:
-    """Where ``data/`` and ``config/local_*.yaml`` live: the checkout, else the working folder."""
+    """Where ``data/`` and ``config/local_*.yaml`` live: ``$DIFFUSION_BUNNY_WORKSPACE`` (a Ray task:
+    the head's), else the checkout, else the working folder."""
+    env = os.environ.get(WORKSPACE_ENV)
+    if env:
+        return Path(env)
     root = project_root()
     return root if root is not None else Path.cwd()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -80,8 +81,60 @@ def storage_error(exc: BaseException, advice: str = RUN_ADVICE) -> StorageError 
     if not isinstance(exc, OSError) or exc.errno not in USER_OS_ERRNOS:
         return None
     # A copy or a rename names both files; the one written is the second (shutil sets both).
-    where = exc.filename2 or exc.filename or "a file"
-    return StorageError(f"could not write {where}: {exc.strerror}; {advice}")
+    where = exc.filename2 or exc.filename
+    return _storage(str(where) if where else None, exc.strerror or "", exc.errno in _FULL, advice)
+
+
+#: A full disk or quota (what freeing space fixes), as opposed to permissions or a read-only disk.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: A temporary name of an atomic write (``.<name>.tmp-<pid>-<hex>``, a staging or old folder).
+_TEMPORARY = re.compile(r"\.(?P<name>[^/]+)\.(?:tmp|staging|old)-\d+-[0-9a-f]+(?=/|$)")
+
+
+def final_name(path: str) -> str:
+    """The path a user knows for a file written through a temporary name (an atomic write, a
+    staging folder): ``<run>/.frames.staging-12-ab/x.jpg`` is ``<run>/frames/x.jpg``."""
+    return _TEMPORARY.sub(lambda m: m["name"], path)
+
+
+def _storage(where: str | None, why: str, full: bool, advice: str) -> StorageError:
+    """``could not write <path>: <why> (<free> free there; <what may go>); <advice>``."""
+    note = ""
+    if where is not None and full:
+        note = f" ({_room(Path(where))})"
+    place = final_name(where) if where else "a file"
+    return StorageError(f"could not write {place}: {why}{note}; {advice}")
+
+
+def _room(path: Path) -> str:
+    """How much is free on the disk holding ``path``, and the caches of its run folder (if it is
+    in one) that may simply be deleted: what a user can free without losing work."""
+    import shutil
+
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "the disk is full"
+    text = f"{_size(free)} free there"
+    for parent in [folder, *folder.parents]:
+        if (parent / "run.json").is_file():
+            cache = parent / "cache"
+            size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
+            if size:
+                text += f"; {cache} holds {_size(size)} of caches, rebuilt when needed"
+            break
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def storage_error_from_text(ename: str, evalue: str) -> StorageError | None:
@@ -89,7 +142,9 @@ def storage_error_from_text(ename: str, evalue: str) -> StorageError | None:
     if ename not in ("OSError", "PermissionError", "IOError") or not any(t in evalue for t in _USER_OS_TEXTS):
         return None
     # "[Errno 28] No space left on device: '/run/tables/x.parquet'": the path first, as above.
-    m = re.fullmatch(r"\[Errno \d+\] (?P<why>[^:]+): '(?:[^']*' -> ')?(?P<path>.+)'", evalue.strip())
+    m = re.fullmatch(
+        r"\[Errno (?P<code>\d+)\] (?P<why>[^:]+): '(?:[^']*' -> ')?(?P<path>.+)'", evalue.strip()
+    )
     if m:
-        return StorageError(f"could not write {m['path']}: {m['why']}; {RUN_ADVICE}")
+        return _storage(m["path"], m["why"], int(m["code"]) in _FULL, RUN_ADVICE)
     return StorageError(f"could not write: {evalue}; {RUN_ADVICE}")

@@ -18,6 +18,13 @@ Design (issue 18):
   ``TQDM_MININTERVAL`` (tqdm >= 4.66 reads ``TQDM_*`` defaults from the environment when it is
   imported), so every bar in this process's children prints at most once per
   :data:`NON_TTY_INTERVAL_S` seconds; bars of this process take :func:`bar_options`.
+* Relayed to the terminal: a stage running in a notebook's kernel under ``bunny run`` writes to
+  the kernel's standard error, which the terminal never sees. While a stage runs there
+  (:func:`relaying`, set by ``run_stage``), :func:`say`'s lines and the bars of
+  :func:`relay_bar_class` (a model's download) also go to small files beside the stage's progress
+  file, which the runner follows and shows (``pipeline.progress.follow``).
+* The command line is logged with every secret taken out (``secrets.redact_command``): a key in a
+  ``--set`` value, in a URL's user part or its query (``?key=``) must not land in a log file.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 ENV = "DIFFUSION_BUNNY_LOG"
+#: The folder of this command's log files (and TensorBoard's ``tensorboard/``), when not ``log/``.
+LOG_DIR_ENV = "DIFFUSION_BUNNY_LOG_DIR"
 LOGGER = "diffusion_bunny"
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 NON_TTY_INTERVAL_S = 5.0
@@ -78,7 +88,7 @@ class _TerminalFormatter(logging.Formatter):
 def log_dir() -> Path:
     """``$DIFFUSION_BUNNY_LOG_DIR``, else ``log/`` of the workspace (the checkout, else the
     working folder); the tests point the variable at a temporary folder."""
-    env = os.environ.get("DIFFUSION_BUNNY_LOG_DIR")
+    env = os.environ.get(LOG_DIR_ENV)
     if env:
         return Path(env)
     from diffusion_bunny.config import workspace_root
@@ -127,12 +137,14 @@ def _file_handler(path: Path) -> logging.FileHandler:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.set_name(f"{LOGGER}-file")  # attach_from_env's handler too: stop_cli_log removes both
+    handler.addFilter(lambda record: not getattr(record, "relayed", False))  # a kernel's line, logged there
     return handler
 
 
-def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
+def start_cli_log(verbosity: int = 0, folder: Path | None = None, command: list[str] | None = None) -> Path:
     """Open this command's log file and the terminal handler; ``verbosity``: -1 quiet, 0, 1
-    verbose. Returns the file's path (also exported as :data:`ENV` for child processes)."""
+    verbose; ``command``: the arguments to log (default: this process's). Returns the file's path
+    (also exported as :data:`ENV` for child processes)."""
     global failure
     failure = None
     folder = folder or log_dir()
@@ -167,7 +179,9 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None) -> Path:
     os.environ[ENV] = str(path)
     last_path = path
     quiet_bars()
-    logger.info("bunny %s: %s", version(), " ".join(sys.argv[1:]))
+    from diffusion_bunny.secrets import redact_command
+
+    logger.info("bunny %s: %s", version(), redact_command(sys.argv[1:] if command is None else command))
     return path
 
 
@@ -195,7 +209,8 @@ _previous_env: str | None = None
 
 def say(logger: logging.Logger, text: str) -> None:
     """One INFO line for the log file and the terminal (unless --quiet); outside ``bunny`` (no
-    terminal handler: the Python API, tests) it goes to standard error as before."""
+    terminal handler: a stage's kernel, the Python API, tests) it goes to standard error as
+    before, and under ``bunny run`` to the terminal through the stage's relay (:func:`relaying`)."""
     if any((h.get_name() or "") == f"{LOGGER}-terminal" for h in logging.getLogger(LOGGER).handlers):
         logger.info(text, extra=SAY)
         return
@@ -203,6 +218,102 @@ def say(logger: logging.Logger, text: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(text, file=sys.stderr)
+    _relay_line(text)
+
+
+def say_relayed(text: str) -> None:
+    """A line a stage's kernel said (:func:`say`), on this process's terminal (unless --quiet); not
+    in the log file again: the kernel wrote it there."""
+    logging.getLogger(f"{LOGGER}.relay").info(text, extra={**SAY, "relayed": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage in a kernel shows on the terminal of `bunny run`
+
+#: The stage's progress file while a stage of ``bunny run`` computes in this process (a kernel).
+_relay: Path | None = None
+#: Suffixes of the relay files beside a stage's progress file ``.progress-<stage>.json``.
+SAY_SUFFIX = ".say"
+BAR_SUFFIX = ".bar-"
+
+
+@contextlib.contextmanager
+def relaying(progress_path: Path | None) -> Iterator[None]:
+    """Relay :func:`say`'s lines and :func:`relay_bar_class`'s bars beside ``progress_path`` for
+    the block, when this process was started by ``bunny`` (:data:`ENV` set: its runner follows the
+    files and removes them); elsewhere (JupyterLab) nothing is written."""
+    global _relay
+    before = _relay
+    _relay = Path(progress_path) if progress_path is not None and os.environ.get(ENV) else None
+    try:
+        yield
+    finally:
+        _relay = before
+
+
+def _relay_line(text: str) -> None:
+    if _relay is None:
+        return
+    import json
+
+    line = (json.dumps({"say": text}) + "\n").encode()
+    with contextlib.suppress(OSError):  # the terminal misses a line; the log file has it
+        fd = os.open(str(_relay) + SAY_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)  # one write on an O_APPEND file: lines never tear
+        finally:
+            os.close(fd)
+
+
+def relay_bar_class() -> type:
+    """A ``tqdm.auto`` bar class whose bars, while a stage relays (:func:`relaying`), are also
+    written (a few times a second) to files the terminal of ``bunny run`` shows: a model's
+    download inside a stage's kernel is seen where the user waits for it."""
+    import json
+    import time
+    import uuid
+
+    from tqdm.auto import tqdm
+
+    class RelayBar(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._relay_path = Path(f"{_relay}{BAR_SUFFIX}{uuid.uuid4().hex[:8]}") if _relay else None
+            self._relay_at = 0.0
+            super().__init__(*args, **kwargs)
+            self._mirror(force=True)
+
+        def _mirror(self, force: bool = False, closed: bool = False) -> None:
+            path = getattr(self, "_relay_path", None)
+            now = time.monotonic()
+            if path is None or (not force and now - self._relay_at < 0.3):
+                return
+            self._relay_at = now
+            data = {"done": self.n, "total": self.total, "closed": closed}
+            # A disabled tqdm sets none of these: the bar is shown all the same.
+            data.update(
+                unit=getattr(self, "unit", "it"),
+                desc=getattr(self, "desc", "") or "",
+                unit_scale=bool(getattr(self, "unit_scale", False)),
+            )
+            tmp = path.with_name(path.name + ".tmp")
+            with contextlib.suppress(OSError):
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            self._mirror()
+            return shown
+
+        def refresh(self, *args: object, **kwargs: object) -> None:
+            super().refresh(*args, **kwargs)
+            self._mirror()
+
+        def close(self) -> None:
+            self._mirror(force=True, closed=True)  # the runner shows it once more, then drops it
+            super().close()
+
+    return RelayBar
 
 
 def attach_from_env() -> Path | None:

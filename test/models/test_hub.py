@@ -4,11 +4,14 @@ and is one line naming the id when it cannot be had (``HF_HUB_OFFLINE=1``, a hub
 
 No test touches the network: ``huggingface_hub.snapshot_download``, the boundary every download
 goes through, is replaced by a fake hub that serves a tiny model folder built in code (with the
-real tqdm class it is given, so the bar is the one a user sees)."""
+real tqdm class it is given, so the bar is the one a user sees). What a download leaves is checked
+on a real cache: written on disk with huggingface_hub's own functions, the way its download writes
+it (tree listing, blobs, snapshot symlinks, refs), and read by the real ``snapshot_download``."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -111,3 +114,114 @@ def test_a_clip_model_not_in_the_cache_is_downloaded(tmp_path, monkeypatch, onli
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"scenes\.clip_model = 'someone/other' is not in the local"):
         ClipEmbedder("someone/other", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Hugging Face cache on disk (no fake of snapshot_download)
+
+
+def lay_out_hub_cache(
+    cache: Path, repo_id: str, repo: Path, extra: dict[str, bytes], patterns: list[str]
+) -> Path:
+    """Write ``repo_id`` into the hub cache at ``cache`` exactly as ``snapshot_download(...,
+    allow_patterns=patterns)`` leaves it, with huggingface_hub's own functions: the repository's
+    tree listing (every file of ``repo`` and ``extra``: the fp16 variants and single-file
+    checkpoints a real repository also holds) in ``trees/<commit>.json``, the matching files as
+    blobs named by their hash with symlinks under ``snapshots/<commit>/``, and ``refs/main``.
+    Returns the snapshot folder."""
+    import hashlib
+
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+    from huggingface_hub.file_download import (
+        _cache_commit_hash_for_specific_revision,
+        _chmod_and_move,
+        _create_symlink,
+        _get_pointer_path,
+        repo_folder_name,
+    )
+    from huggingface_hub.utils import filter_repo_objects
+
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    files = {p.relative_to(repo).as_posix(): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+    files.update(extra)
+
+    def git_sha(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    entries = {}
+    for name, data in files.items():
+        lfs = name.endswith((".safetensors", ".ckpt", ".bin"))
+        sha256 = hashlib.sha256(data).hexdigest()
+        entries[name] = TreeCacheEntry(
+            size=len(data),
+            blob_id=git_sha(data),
+            lfs_sha256=sha256 if lfs else None,
+            lfs_size=len(data) if lfs else None,
+        )
+    (storage / "trees").mkdir(parents=True)
+    write_tree_cache(str(storage), commit, entries)
+    for name in filter_repo_objects(items=list(files), allow_patterns=patterns):
+        entry = entries[name]
+        blob = storage / "blobs" / (entry.lfs_sha256 or entry.blob_id)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        incomplete = blob.with_name(blob.name + ".incomplete")
+        incomplete.write_bytes(files[name])
+        _chmod_and_move(incomplete, blob)
+        pointer = Path(_get_pointer_path(str(storage), commit, name))
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        _create_symlink(str(blob), str(pointer), new_blob=True)
+    _cache_commit_hash_for_specific_revision(str(storage), "main", commit)
+    return storage / "snapshots" / commit
+
+
+def test_a_model_downloaded_with_allow_patterns_loads_offline_from_a_real_cache(tmp_path, monkeypatch):
+    """Issue: the cache check asked for the whole snapshot, and huggingface_hub's tree listing
+    (written by every download) then called a download made with allow_patterns incomplete, so
+    under HF_HUB_OFFLINE=1 a model bunny had downloaded was refused. The cache here is written
+    by huggingface_hub's own functions, as its download writes it."""
+    import huggingface_hub
+
+    from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+
+    tiny = resolve_base_model("tiny").path
+    cache = tmp_path / "hf"
+    variants = {
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"\0" * 64,
+        "v1-5-pruned-emaonly.ckpt": b"\0" * 128,
+        "README.md": b"# a model card\n",
+    }
+    snapshot = lay_out_hub_cache(cache, "someone/tiny-sd", tiny, variants, hub.DIFFUSERS_FILES)
+    assert not (snapshot / "v1-5-pruned-emaonly.ckpt").exists()  # what allow_patterns left out
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    # huggingface_hub itself calls the snapshot incomplete when asked for all of it.
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    with pytest.raises(IncompleteSnapshotError):
+        huggingface_hub.snapshot_download("someone/tiny-sd", local_files_only=True)
+    ref = resolve_base_model("someone/tiny-sd")
+    assert ref.source == "hub" and ref.path == snapshot
+    pipe = load_pipeline(ref, device="cpu")
+    assert pipe.unet is not None
+
+    # A download that was cut short (a file the patterns ask for is missing) is not taken.
+    (snapshot / "unet" / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"'someone/tiny-sd' is not in the local Hugging Face cache"):
+        resolve_base_model("someone/tiny-sd")
+
+
+def test_a_clip_model_downloaded_with_allow_patterns_loads_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from tiny_models import write_tiny_clip
+
+    from diffusion_bunny.models.clip import ClipEmbedder
+
+    folder = write_tiny_clip(tmp_path / "tiny_clip")
+    extra = {"pytorch_model.bin": b"\0" * 64, "flax_model.msgpack": b"\0" * 32}
+    lay_out_hub_cache(tmp_path / "hf", "someone/tiny-clip", folder, extra, hub.TRANSFORMERS_FILES)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    embedder = ClipEmbedder("someone/tiny-clip", device="cpu")
+    assert embedder.dim > 0

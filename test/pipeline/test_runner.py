@@ -302,3 +302,28 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     for name in ("a.bin", "t.parquet"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
     assert pl.read_parquet(tmp_path / "t.parquet")["a"].to_list() == [1]
+
+
+def test_stage_timeouts_scale_with_the_movies_length():
+    """A fixed day per stage let a hung stage on a two-minute clip sit for 24 h, and a Ray task
+    nine days; ``auto`` scales both with the movie."""
+    from diffusion_bunny.errors import ConfigError
+    from diffusion_bunny.pipeline.engine import task_timeout
+    from diffusion_bunny.pipeline.runner import stage_timeout
+
+    cfg = load_config(None, {}, use_local=False)
+    assert cfg.pipeline.stage_timeout_s == "auto"
+    base, per_minute = cfg.pipeline.stage_timeout_base_s, cfg.pipeline.stage_timeout_per_minute_s
+    assert stage_timeout(cfg, 120.0) == base + 2 * per_minute
+    assert stage_timeout(cfg, 3 * 3600.0) == base + 180 * per_minute
+    assert stage_timeout(cfg, None) == stage_timeout(cfg, 3 * 3600.0)  # a length that cannot be read
+    nine = ["extract", "quality", "characters", "scenes", "captions", "export", "train", "generate", "report"]
+    assert task_timeout(cfg, nine, 120.0) == base + 9 * 2 * per_minute < 86_400.0
+    fixed = load_config(None, {"pipeline.stage_timeout_s": 100}, use_local=False)
+    assert stage_timeout(fixed, 3 * 3600.0) == 100.0 and task_timeout(fixed, nine, 60.0) == 900.0
+    unbounded = load_config(None, {"pipeline.stage_timeout_s": None}, use_local=False)
+    assert stage_timeout(unbounded, 60.0) is None and task_timeout(unbounded, nine) is None
+    ray_limit = load_config(None, {"engine.task_timeout_s": 50}, use_local=False)
+    assert task_timeout(ray_limit, nine, 3 * 3600.0) == 50.0
+    with pytest.raises(ConfigError, match=r"pipeline\.stage_timeout_s"):
+        load_config(None, {"pipeline.stage_timeout_s": "sometimes"}, use_local=False)

@@ -40,13 +40,20 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def cached(repo_id: str) -> Path | None:
-    """The cached snapshot folder of ``repo_id``, or None; never touches the network."""
+def cached(repo_id: str, patterns: list[str] | None = None) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` holding every file ``patterns`` selects, or None;
+    never touches the network.
+
+    The patterns must be the ones the download used: huggingface_hub keeps the repository's tree
+    listing beside the snapshot and, asked for the whole repository, calls a snapshot that
+    :func:`download` fetched with ``allow_patterns`` incomplete (the fp16 variants and single-file
+    checkpoints were left out on purpose), so under ``HF_HUB_OFFLINE=1`` a model ``bunny`` had
+    downloaded was refused. A download cut short (a selected file missing) is still refused."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached, or a cache entry without a snapshot
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except Exception:  # not cached, a cache entry without a snapshot, or an incomplete one
         return None
 
 
@@ -54,7 +61,7 @@ def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) 
     """The local folder of hub model ``repo_id``: the cached snapshot, else downloaded now with a
     progress bar. ``setting`` is the config key the one-line errors name; ``instead`` says what
     else it may be set to."""
-    found = cached(repo_id)
+    found = cached(repo_id, patterns)
     if found is not None:
         return found
     if offline():
@@ -72,9 +79,8 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     import logging
 
     import huggingface_hub
-    from tqdm.auto import tqdm
 
-    from diffusion_bunny.logs import say
+    from diffusion_bunny.logs import relay_bar_class, say
 
     say(
         logging.getLogger(__name__),
@@ -82,7 +88,10 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
         f"(into {huggingface_hub.constants.HF_HUB_CACHE})",
     )
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, tqdm_class=tqdm)
+        # The bars are relayed to the terminal of `bunny run` (a stage's kernel has none of its own).
+        folder = huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=patterns, tqdm_class=relay_bar_class()
+        )
     except Exception as exc:  # every failure here means "not to be had": say which, in one line
         raise ModelError(
             f"{setting} = {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "

@@ -15,16 +15,23 @@ the leftovers of a killed writer (its pid is gone: removed, or an ``.old`` folde
 the work in progress of a live one (left alone). The run folder is swept each time it is opened
 for a run (:meth:`~diffusion_bunny.pipeline.run.Run.create`). For writers that only take a file
 name (safetensors, diffusers), :func:`atomic_path` hands out such a temporary name.
+
+A full disk is the user's to fix, so it must reach the user as an ``OSError`` naming the file
+(one line, exit status 2), whichever library was writing: polars, safetensors and torch report
+it in exceptions of their own, which :func:`hidden_disk_error` turns back into the ``OSError``
+(:func:`atomic_path` does so for every writer it serves). :func:`check_free_space` refuses, in
+one line, work whose estimated output will not fit, before it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,13 +81,110 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, final)
     except BaseException as exc:
+        # Judged before the partial file goes: a full disk looks full only while it is there.
+        hidden = None if isinstance(exc, OSError) else hidden_disk_error(exc, final)
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:
             # A write on a full disk fails without a file name (``write()``, ``fsync()``); the
             # one-line error must name the file (issue 31).
             exc.filename = str(final)
+        if hidden is not None:
+            raise hidden from exc
         raise
     _fsync_dir(final.parent)
+
+
+#: The C library's texts of the errors a full disk or quota gives, as libraries quote them.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: Below this many free bytes a file system counts as full when a writer failed without saying why.
+FULL_BELOW = 1 << 20
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (what ``statvfs`` can be asked about)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes (for this user) on the file system holding ``path``; None when it cannot be read."""
+    try:
+        return shutil.disk_usage(_existing(path)).free
+    except OSError:
+        return None
+
+
+def hidden_disk_error(exc: BaseException, path: Path) -> OSError | None:
+    """The ``OSError`` a full disk gave a library that reports it in its own exception: polars
+    (``ComputeError: ... No space left on device (os error 28)``), safetensors
+    (``SafetensorError: ... I/O error: No space left on device``), torch's ``torch.save``
+    (``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, which names no cause
+    at all: then a file system with less than :data:`FULL_BELOW` free counts as full). None for
+    any other failure, which stays what it is (a bug)."""
+    if isinstance(exc, OSError):
+        if exc.filename is None:
+            exc.filename = str(path)
+        return exc
+    text = str(exc)
+    for code in _FULL_ERRNOS:
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return OSError(code, os.strerror(code), str(path))
+    free = free_bytes(Path(path).parent)
+    if free is not None and free < FULL_BELOW:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Raise a full disk under a writer library as the ``OSError`` naming ``path``
+    (:func:`hidden_disk_error`); any other failure goes through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        hidden = hidden_disk_error(exc, path)
+        if hidden is None or hidden is exc:
+            raise
+        raise hidden from exc
+
+
+def check_free_space(needs: Iterable[tuple[Path, int, str]], advice: str) -> None:
+    """Refuse, before any of it is written, work whose output will not fit: ``needs`` holds
+    ``(folder, bytes, what)``; the folders on one file system are added up and compared with its
+    free space. One :class:`~diffusion_bunny.errors.StorageError` names the file system's folder,
+    what needs the space and how much is free; ``advice`` says what to do."""
+    from diffusion_bunny.errors import StorageError
+
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, size, what in needs:
+        if size <= 0:
+            continue
+        try:
+            device = os.stat(_existing(folder)).st_dev
+        except OSError:
+            continue
+        by_device.setdefault(device, []).append((Path(folder), size, what))
+    for items in by_device.values():
+        total = sum(size for _, size, _ in items)
+        free = free_bytes(items[0][0])
+        if free is None or total <= free:
+            continue
+        parts = ", ".join(f"{what} {human_bytes(size)}" for _, size, what in items)
+        raise StorageError(
+            f"not enough disk space in {items[0][0]}: about {human_bytes(total)} needed ({parts}) but "
+            f"{human_bytes(free)} free; {advice}"
+        )
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GB``, ``320 MB``, ``12 kB`` (powers of 1000, as ``df -H`` and file managers say)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def atomic_write_parquet(path: Path, df: pl.DataFrame) -> Path:

@@ -450,7 +450,10 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
     )
-    out = stage.stage_module().compute(context)
+    from diffusion_bunny.logs import relaying
+
+    with relaying(run.progress_path(name)):  # under `bunny run`: its lines and bars on the terminal
+        out = stage.stage_module().compute(context)
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")

@@ -11,8 +11,18 @@ join. Ray's workers on a local cluster run this process's Python (the project's 
 papermill kernel they start is the project's ``python3`` kernel as well. Ray's hook for
 ``uv run`` (which would copy the checkout into a fresh virtual environment per session, ~45 s
 here) is switched off: the workers already have the environment. Joining a cluster needs every
-node to have this project installed at the same path and to see the movies and the output
-folder at the same paths (a shared file system).
+node to have this project installed and to see the movies and the output folder at the same paths
+(a shared file system).
+
+Several machines (a joined cluster): every output must land where the user said, never in a
+node's own checkout or working folder. So the head makes the run folders absolute before handing
+them over, tasks resolve a relative ``training.output_dir`` or ``scenes.library_dir`` against the
+head's workspace (``$DIFFUSION_BUNNY_WORKSPACE``: the settings, and so the stages' config hashes,
+stay as written), the head writes a token into each folder (:func:`_visibility_tokens`) that
+a task reads back before it starts (:func:`_check_visible`: a node that cannot see the folder, or
+sees another disk at that path, fails at once in one line), and a task on another node than the
+head logs into its run folder (``<run>/log/``, TensorBoard included) instead of the head's log
+file, which that node cannot reach.
 """
 
 from __future__ import annotations
@@ -28,9 +38,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import Config, load_config, output_root
+from diffusion_bunny.config import WORKSPACE_ENV, Config, load_config, output_root, workspace_root
 from diffusion_bunny.errors import EngineError, UserError, storage_error
-from diffusion_bunny.logs import ENV, FILE_ONLY, bar_options, log_hint
+from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, bar_options, log_hint
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import (
@@ -183,27 +193,130 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+#: The file a task reads back to prove it sees a folder as the head wrote it.
+VISIBLE = ".bunny-visible-{}"
+
+
 def _ray_task(
-    movie: Path, run_dir: Path | None, options: RunOptions, log_file: str | None = None
+    movie: Path,
+    run_dir: Path | None,
+    options: RunOptions,
+    log_file: str | None = None,
+    tokens: Sequence[tuple[Path, str]] = (),
+    head_node: str | None = None,
+    workspace: str | None = None,
 ) -> MovieReport:
-    """What one Ray worker does for one movie: exactly what the local engine does, logging to
-    the command's file where the worker can reach it (this machine, or a shared file system;
-    the stage kernels it starts inherit the path)."""
+    """What one Ray worker does for one movie: exactly what the local engine does, once it has
+    seen the folders it writes to as the head wrote them (``tokens``, :func:`_check_visible`).
+    On the head's node it logs to the command's file (the stage kernels it starts inherit the
+    path); on another node (``head_node`` is not this one) into ``<run>/log/``, TensorBoard's
+    events too, since the head's log folder is on a disk that node does not see."""
+    import ray
+
     from diffusion_bunny.logs import attach_from_env
 
-    if log_file and Path(log_file).parent.is_dir():
-        os.environ[ENV] = log_file
-        attach_from_env()
-    return run_one(movie, run_dir, options)
+    problem = _check_visible(tokens)
+    if problem is not None:
+        text = f"{movie.name}: {problem}"
+        _tell(text)
+        return MovieReport(movie=movie, run_dir=run_dir, error=text)
+    remote = head_node is not None and ray.get_runtime_context().get_node_id() != head_node
+    saved = {k: os.environ.get(k) for k in (ENV, LOG_DIR_ENV, WORKSPACE_ENV)}
+    try:
+        if workspace:
+            os.environ[WORKSPACE_ENV] = workspace  # relative settings mean the head's workspace
+        if remote and run_dir is not None:
+            folder = Path(run_dir) / "log"
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ[LOG_DIR_ENV] = str(folder)
+            os.environ[ENV] = str(folder / f"bunny-ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+            attach_from_env()
+        elif log_file and Path(log_file).parent.is_dir():
+            os.environ[ENV] = log_file
+            attach_from_env()
+        return run_one(movie, run_dir, options)
+    finally:
+        for key, value in saved.items():  # a Ray worker runs the next movie's task too
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _detach_log()
 
 
-def task_timeout(cfg: Config, stages: Sequence[str]) -> float | None:
-    """Seconds one movie's Ray task may take: ``engine.task_timeout_s``, else
-    ``pipeline.stage_timeout_s`` for each stage it runs (None: no limit)."""
+def _detach_log() -> None:
+    """Close the log files this task attached (the next task of this worker attaches its own)."""
+    import logging
+
+    from diffusion_bunny.logs import LOGGER
+
+    for lg in (logging.getLogger(LOGGER), logging.getLogger("py.warnings")):
+        for handler in [h for h in lg.handlers if (h.get_name() or "") == f"{LOGGER}-file"]:
+            lg.removeHandler(handler)
+            handler.close()
+
+
+def _check_visible(tokens: Sequence[tuple[Path, str]]) -> str | None:
+    """None when this node reads back every token the head wrote (:func:`_visibility_tokens`),
+    else the one line saying which folder it cannot see: a folder missing here, or another disk
+    mounted at its path, would send the movie's outputs where no other node (and no rerun from
+    the head) finds them."""
+    import socket
+
+    for folder, token in tokens:
+        try:
+            seen = (Path(folder) / VISIBLE.format(token)).read_text() == token
+        except OSError:
+            seen = False
+        if not seen:
+            return (
+                f"Ray node {socket.gethostname()} cannot see {folder} as the head wrote it (the folder is "
+                "not there, or another disk is mounted at that path); the run folder (and "
+                "training.output_dir) must be on storage every node sees, at the same path"
+            )
+    return None
+
+
+def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[tuple[Path, str]]:
+    """Write a token into the folders a movie's task writes to (its run folder, and
+    ``training.output_dir`` when it trains or draws), for the task to read back
+    (:func:`_check_visible`)."""
+    import uuid
+
+    from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+
+    folders = [run_dir]
+    output_dir = options.cfg.training.output_dir
+    if output_dir and {"train", "generate"} & set(options.stages):
+        out = Path(output_dir).expanduser()
+        folders.append(out if out.is_absolute() else workspace_root() / out)
+    tokens = []
+    for folder in folders:
+        token = uuid.uuid4().hex
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / VISIBLE.format(token), token.encode())
+        tokens.append((folder, token))
+    return tokens
+
+
+def _remove_tokens(tokens: Sequence[tuple[Path, str]]) -> None:
+    for folder, token in tokens:
+        (Path(folder) / VISIBLE.format(token)).unlink(missing_ok=True)
+
+
+def task_timeout(cfg: Config, stages: Sequence[str], movie_s: float | None = None) -> float | None:
+    """Seconds one movie's Ray task may take: ``engine.task_timeout_s``; else, for
+    ``pipeline.stage_timeout_s: auto``, the base once (one slow stage: a download, a training) and
+    each stage's share per minute of movie; for a number, that number per stage (None: no limit).
+    Why not the base per stage: nine stages of a day each let a hung task hold a worker for nine days."""
     if cfg.engine.task_timeout_s:
         return float(cfg.engine.task_timeout_s)
-    if cfg.pipeline.stage_timeout_s:
-        return float(cfg.pipeline.stage_timeout_s) * max(1, len(stages))
+    pipe = cfg.pipeline
+    if pipe.stage_timeout_s == "auto":
+        minutes = (movie_s if movie_s is not None else 3 * 3600.0) / 60.0
+        return pipe.stage_timeout_base_s + pipe.stage_timeout_per_minute_s * minutes * max(1, len(stages))
+    if pipe.stage_timeout_s:
+        return float(pipe.stage_timeout_s) * max(1, len(stages))
     return None
 
 
@@ -222,21 +335,26 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     Hangs are bounded (issue 31): a task still running :func:`task_timeout` seconds after it was
     handed to Ray is cancelled (its worker killed, its stage kernel exits with it) and its movie
     reported as failed like a user error; the batch goes on. Ray is handed only as many tasks as
-    the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue."""
+    the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue.
+    Every task first checks that its node sees the folders it writes to (the module docstring)."""
     cfg = options.cfg
-    limit = task_timeout(cfg, options.stages)
+    jobs = [(Path(movie).resolve(), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
+    probed = [_movie_seconds(movie) for movie, _ in jobs]
     started = start_ray(cfg)
     import ray
 
+    tokens: dict[int, list[tuple[Path, str]]] = {}
     try:
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote = replace(options, progress=False)
         log_file = os.environ.get(ENV)
+        head = ray.get_runtime_context().get_node_id()
         capacity = _capacity(ray, cfg)
         waiting = list(range(len(jobs)))
         running: dict[Any, tuple[int, float]] = {}
         results: dict[int, MovieReport] = {}
+        limits = {i: task_timeout(cfg, options.stages, probed[i][1]) for i in range(len(jobs))}
         bar = tqdm(
             total=len(jobs), desc="movies", unit="movie", disable=not options.progress, **bar_options()
         )
@@ -244,29 +362,52 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
             while waiting and len(running) < capacity:
                 i = waiting.pop(0)
                 movie, run_dir = jobs[i]
-                running[task.remote(movie, run_dir, remote, log_file)] = (i, time.monotonic())
-            wait_s = None
-            if limit is not None:
-                wait_s = max(0.0, min(t0 + limit for _, t0 in running.values()) - time.monotonic())
+                # A movie the head cannot probe fails in its task, which says why (no folder made).
+                tokens[i] = _visibility_tokens(movie, run_dir, options) if probed[i][0] else []
+                ref = task.remote(movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()))
+                running[ref] = (i, time.monotonic())
+            bounded = [t0 + limits[i] for i, t0 in running.values() if limits[i] is not None]
+            wait_s = max(0.0, min(bounded) - time.monotonic()) if bounded else None
             done, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
             for ref in done:
                 i, _ = running.pop(ref)
                 results[i] = _ray_result(ray, ref, jobs[i])
+                _remove_tokens(tokens.pop(i, []))
                 bar.update(1)
-            if limit is None:
-                continue
             now = time.monotonic()
             for ref, (i, t0) in list(running.items()):
-                if now - t0 >= limit:
+                if limits[i] is not None and now - t0 >= limits[i]:
                     running.pop(ref)
                     ray.cancel(ref, force=True)
-                    results[i] = _timed_out(jobs[i], limit)
+                    results[i] = _timed_out(jobs[i], limits[i])
+                    _remove_tokens(tokens.pop(i, []))
                     bar.update(1)
         bar.close()
     finally:
+        for left in tokens.values():
+            _remove_tokens(left)
         if started:
             ray.shutdown()
     return [results[i] for i in range(len(jobs))]
+
+
+def _run_folder(movie: Path, run_dir: Path | None, cfg: Config) -> Path:
+    """The run folder of a movie, absolute as this process (the head) sees it: a relative
+    ``--out`` or ``run.output_dir`` must not mean each node's own working folder or checkout."""
+    if run_dir is None:
+        return (output_root(cfg) / movie_id(movie)).resolve()
+    return Path(run_dir).expanduser().resolve()
+
+
+def _movie_seconds(movie: Path) -> tuple[bool, float | None]:
+    """(whether this process can probe the movie, its length for the task's time limit or None);
+    a movie that cannot be probed fails in its task, which says why."""
+    from diffusion_bunny.media.probe import probe_video
+
+    try:
+        return True, probe_video(movie).duration_s
+    except UserError:
+        return False, None
 
 
 def _ray_result(ray: Any, ref: Any, job: tuple[Path, Path | None]) -> MovieReport:
@@ -285,8 +426,8 @@ def _ray_result(ray: Any, ref: Any, job: tuple[Path, Path | None]) -> MovieRepor
 def _timed_out(job: tuple[Path, Path | None], limit: float) -> MovieReport:
     movie, run_dir = job
     text = (
-        f"did not finish within {limit:g} s on Ray and was cancelled (engine.task_timeout_s, else "
-        "pipeline.stage_timeout_s per stage); finished stages are kept, rerun to go on"
+        f"did not finish within {limit:g} s on Ray and was cancelled (engine.task_timeout_s, else scaled "
+        "from pipeline.stage_timeout_s); finished stages are kept, rerun to go on"
     )
     _tell(f"{movie.name}: {text}")
     return MovieReport(movie=movie, run_dir=run_dir, error=text)

@@ -7,6 +7,7 @@ small JSON file in the run folder, and the runner follows that file with a termi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -20,26 +21,37 @@ from tqdm.auto import tqdm
 
 
 class ProgressFile:
-    """Throttled writer of ``{"done", "total", "unit", "desc"}`` for one stage."""
+    """Throttled writer of ``{"done", "total", "unit", "desc", "note"}`` for one stage (``note``: a
+    short text the terminal shows beside the bar, e.g. what was paid for so far)."""
 
     def __init__(self, path: Path | None, desc: str, total: int | None, unit: str, interval: float = 0.25):
         self.path, self.desc, self.total, self.unit, self.interval = path, desc, total, unit, interval
         self._last = 0.0
 
-    def update(self, done: int, *, force: bool = False) -> None:
+    def update(self, done: int, *, force: bool = False, note: str | None = None) -> None:
         """Record ``done`` items (written at most every ``interval`` seconds unless forced)."""
         now = time.monotonic()
         if self.path is None or (not force and now - self._last < self.interval):
             return
         self._last = now
-        data = json.dumps({"done": done, "total": self.total, "unit": self.unit, "desc": self.desc})
+        record = {"done": done, "total": self.total, "unit": self.unit, "desc": self.desc}
+        if note is not None:
+            record["note"] = note
+        data = json.dumps(record)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk: the bar is only shown, the stage's own writes will say so
+            tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Remove the file: a finished stage leaves nothing behind in the run folder."""
-        if self.path is not None:
+        """Remove the file: a finished stage leaves nothing behind in the run folder. Under
+        ``bunny`` (its log variable set) the runner that follows the file removes it once it has
+        shown the last count (removed here, the final count was often never seen)."""
+        from diffusion_bunny.logs import ENV
+
+        if self.path is not None and not os.environ.get(ENV):
             self.path.unlink(missing_ok=True)
 
 
@@ -76,35 +88,80 @@ def map_tracked(
 
 
 def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
-    """Mirror ``path`` in a terminal tqdm bar until ``stop`` is set (run in a thread)."""
-    bar: tqdm | None = None
-    done = 0
+    """Mirror a stage's progress on this terminal until ``stop`` is set (run in a thread): the
+    stage's bar from ``path`` (with its note, e.g. what was paid for so far), the bars it relays
+    beside it (a model's download) and the lines it says (:func:`diffusion_bunny.logs.relaying`);
+    the files are removed at the end."""
+    from diffusion_bunny.logs import BAR_SUFFIX, SAY_SUFFIX, bar_options, say_relayed
+
+    bars: dict[Path, tuple[tqdm, int]] = {}
+    said = 0
+    lines = Path(str(path) + SAY_SUFFIX)
+
+    def show(file: Path, data: dict[str, Any]) -> None:
+        bar, done = bars.get(file, (None, 0))
+        if bar is None:
+            scale = bool(data.get("unit_scale"))
+            bar = tqdm(
+                total=data.get("total"),
+                unit=data.get("unit") or "it",
+                desc=data.get("desc") or "",
+                unit_scale=scale,
+                leave=False,
+                **bar_options(),
+            )
+        if data.get("total") is not None and bar.total != data["total"]:
+            bar.total = data["total"]
+        if data.get("note"):
+            bar.set_postfix_str(data["note"], refresh=False)
+        bar.update(max(0, data["done"] - done))
+        bars[file] = (bar, max(done, data["done"]))
+
+    def relay_lines() -> None:
+        nonlocal said
+        try:
+            with open(lines, "rb") as fh:
+                fh.seek(said)
+                chunk = fh.read()
+        except OSError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        said += len(complete)
+        for line in complete.splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                say_relayed(json.loads(line)["say"])
+
     try:
         while True:
             finished = stop.wait(interval)
-            try:
-                data = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                data = None
-            if data is not None:
-                if bar is None:
-                    from diffusion_bunny.logs import bar_options
-
-                    bar = tqdm(
-                        total=data["total"],
-                        unit=data["unit"],
-                        desc=data["desc"],
-                        leave=False,
-                        **bar_options(),
-                    )
-                bar.update(max(0, data["done"] - done))
-                done = max(done, data["done"])
+            relay_lines()
+            for file in [path, *sorted(path.parent.glob(path.name + BAR_SUFFIX + "*"))]:
+                if file.name.endswith(".tmp"):
+                    continue
+                try:
+                    data = json.loads(file.read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+                show(file, data)
+                if data.get("closed") and file != path:
+                    bar, _ = bars.pop(file)
+                    bar.refresh()
+                    bar.close()
+                    file.unlink(missing_ok=True)
             if finished:
                 break
     finally:
-        if bar is not None:
+        for bar, _ in bars.values():
             # Bars refresh seldom when standard error is not a terminal (logs.bar_options): show
             # the final count once before the bar goes.
             bar.refresh()
             bar.close()
-        path.unlink(missing_ok=True)
+        remove_relay_files(path)
+
+
+def remove_relay_files(path: Path) -> None:
+    """Remove a stage's progress file and the relay files beside it (what a killed kernel left)."""
+    path.unlink(missing_ok=True)
+    for file in path.parent.glob(path.name + ".*"):
+        with contextlib.suppress(OSError):
+            file.unlink()

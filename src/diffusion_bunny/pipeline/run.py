@@ -56,6 +56,23 @@ def slugify(text: str) -> str:
     return slug or "movie"
 
 
+#: Longest folder or file name part this project makes from a user's text (bytes of UTF-8): file
+#: systems allow 255 (eCryptfs about 143), and a name is often one part of a longer one.
+NAME_BYTES = 100
+
+
+def bounded_name(name: str, limit: int = NAME_BYTES) -> str:
+    """``name`` when it fits in ``limit`` bytes of UTF-8, else its head cut on a character boundary
+    and ``~`` + 8 hex of its hash: still readable, still one name per text, and never the
+    ``ENAMETOOLONG`` that long character names joined by ``+`` gave (a kohya concept folder)."""
+    data = name.encode()
+    if len(data) <= limit:
+        return name
+    digest = hashlib.sha1(data).hexdigest()[:8]
+    head = data[: limit - 9].decode("utf-8", errors="ignore")
+    return f"{head}~{digest}"
+
+
 def _head_hash(path: Path, size: int) -> str:
     h = hashlib.sha256(str(size).encode())
     with path.open("rb") as fh:

@@ -33,7 +33,7 @@ from diffusion_bunny.logs import FILE_ONLY
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
-from diffusion_bunny.pipeline.progress import follow
+from diffusion_bunny.pipeline.progress import follow, remove_relay_files
 from diffusion_bunny.pipeline.run import Run, movie_id
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,27 @@ class StageKernel:
             run_sync(km.cleanup_resources)()
 
 
-def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: str | StageKernel) -> Path:
+def stage_timeout(cfg: Config, movie_s: float | None) -> float | None:
+    """Seconds one stage notebook of a movie ``movie_s`` seconds long may run:
+    ``pipeline.stage_timeout_s`` when it is a number (None: no limit), and for ``auto``
+    ``stage_timeout_base_s`` + ``stage_timeout_per_minute_s`` per minute of movie (a movie whose
+    length cannot be read counts as three hours long)."""
+    pipe = cfg.pipeline
+    if pipe.stage_timeout_s != "auto":
+        return float(pipe.stage_timeout_s) if pipe.stage_timeout_s else None
+    minutes = (movie_s if movie_s is not None else 3 * 3600.0) / 60.0
+    return pipe.stage_timeout_base_s + pipe.stage_timeout_per_minute_s * minutes
+
+
+def execute_stage_notebook(
+    run: Run, stage: str, options: RunOptions, kernel: str | StageKernel, movie_s: float | None = None
+) -> Path:
     """Execute one stage notebook headless and keep the executed copy in the run folder.
 
     ``kernel`` is a kernel name (a kernel of its own, shut down after the notebook) or a
     :class:`StageKernel` shared with the run's other notebooks. A notebook still running after
-    ``pipeline.stage_timeout_s`` has its kernel stopped (:class:`_Deadline`) and fails with one
-    line, as a hung stage must not stall a batch.
+    :func:`stage_timeout` (``movie_s``: the movie's length) has its kernel stopped
+    (:class:`_Deadline`) and fails with one line, as a hung stage must not stall a batch.
     """
     # papermill -> nbformat -> jsonschema imports rfc3987_syntax, which builds a parser grammar
     # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
@@ -292,7 +306,7 @@ def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: st
     own = not isinstance(kernel, StageKernel)
     stage_kernel = StageKernel(kernel) if isinstance(kernel, str) else kernel
     km = stage_kernel.manager()
-    timeout_s = options.cfg.pipeline.stage_timeout_s
+    timeout_s = stage_timeout(options.cfg, movie_s)
     deadline = _Deadline(km, timeout_s)
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
@@ -320,15 +334,19 @@ def execute_stage_notebook(run: Run, stage: str, options: RunOptions, kernel: st
         )
     except PapermillExecutionError as exc:
         raise _notebook_error(stage, target, exc) from None
+    except OSError as exc:  # papermill writing the executed notebook (a full disk names no file)
+        exc.filename = exc.filename or str(target)
+        raise
     except DeadKernelError as exc:
         stage_kernel.close()
-        raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None) from None
+        auto = options.cfg.pipeline.stage_timeout_s == "auto"
+        raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None, auto) from None
     finally:
         deadline.cancel()
         stop.set()
         if watcher.is_alive():
             watcher.join()
-        run.progress_path(stage).unlink(missing_ok=True)
+        remove_relay_files(run.progress_path(stage))
         if own:
             stage_kernel.close()
     return target
@@ -370,13 +388,25 @@ def _notebook_error(stage: str, target: Path, exc: Any) -> Exception:
     )
 
 
-def _dead_kernel_error(stage: str, target: Path, exc: Exception, timed_out_s: float | None) -> StageError:
+def _dead_kernel_error(
+    stage: str, target: Path, exc: Exception, timed_out_s: float | None, auto: bool = False
+) -> StageError:
     """The kernel process ended under the stage: stopped by its deadline (``timed_out_s``), or
     else nearly always killed by the system for memory."""
     if timed_out_s is not None:
+        setting = (
+            f"pipeline.stage_timeout_s: auto ({timed_out_s:g} s for this movie's length)"
+            if auto
+            else f"pipeline.stage_timeout_s = {timed_out_s:g} s"
+        )
+        raise_it = (
+            "pipeline.stage_timeout_base_s or stage_timeout_per_minute_s"
+            if auto
+            else "pipeline.stage_timeout_s"
+        )
         return StageError(
-            f"stage {stage} did not finish within pipeline.stage_timeout_s = {timed_out_s:g} s and was "
-            "stopped (a hang, or more work than the limit allows); raise pipeline.stage_timeout_s if "
+            f"stage {stage} did not finish within {setting} and was stopped (a hang, or more work than the "
+            f"limit allows); raise {raise_it} if "
             f"it was working, or see what it last did in {target} (finished stages are kept)"
         )
     # The stage's earlier results are intact (its writes are atomic, its manifest was removed
@@ -462,7 +492,7 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
     """Run the chosen stages on one movie (into ``out``, else its folder under
     ``run.output_dir``), skipping the ones that are up to date."""
     cfg = options.cfg
-    probe_video(movie)
+    info = probe_video(movie)
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
     # The run folder is held from the first stage to the last (a second run of it stops at once,
     # naming this one); the stage notebooks' kernels work under this lock (lock.exported).
@@ -470,10 +500,10 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
         lock.run_lock(run_dir, what="bunny run", lease_s=cfg.pipeline.lock_stale_s) as lease,
         lock.exported(run_dir, lease),
     ):
-        return _run_movie_locked(movie, Run.create(run_dir, movie), options)
+        return _run_movie_locked(movie, Run.create(run_dir, movie), options, info.duration_s)
 
 
-def _run_movie_locked(movie: Path, run: Run, options: RunOptions) -> MovieReport:
+def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float | None) -> MovieReport:
     pipeline, cfg, force = options.pipeline, options.cfg, options.force
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     kernel = StageKernel(cfg.run.kernel)
@@ -488,7 +518,7 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions) -> MovieReport
                 continue
             _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
             t0 = time.monotonic()
-            execute_stage_notebook(run, stage, options, kernel)
+            execute_stage_notebook(run, stage, options, kernel, movie_s)
             log.info(
                 "%s: %s notebook took %.1f s (%s)",
                 movie.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -132,7 +133,7 @@ def test_unparsable_answer_is_paid_once_and_the_warning_is_true(cap_run, tmp_pat
         assert run.read_manifest("captions")["counts"]["paid_requests"] == 0
 
 
-def test_answer_store_is_plain_json_in_sqlite_and_never_imports_diskcache(tmp_path):
+def test_answer_store_is_one_plain_json_file_per_answer_and_never_imports_diskcache(tmp_path):
     facts = {"characters": ["a"]}
     key = CaptionCache.key("sha", "local", "m", facts, "w")
     assert key.startswith(PROMPT_VERSION)
@@ -145,10 +146,11 @@ def test_answer_store_is_plain_json_in_sqlite_and_never_imports_diskcache(tmp_pa
     cache = CaptionCache(tmp_path / "c")
     cache.set(key, {"raw": "text", "input_tokens": 3})
     cache.close()
-    with sqlite3.connect(tmp_path / "c" / CaptionCache.FILE) as db:
-        (value,) = db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-    assert json.loads(value) == {"raw": "text", "input_tokens": 3}
-    assert CaptionCache(tmp_path / "c").get(key)["raw"] == "text"
+    (path,) = (tmp_path / "c" / "answers").rglob("*.json")
+    assert path == cache.path_of(key)
+    assert json.loads(path.read_text()) == {"key": key, "raw": "text", "input_tokens": 3}
+    assert CaptionCache(tmp_path / "c").get(key) == {"raw": "text", "input_tokens": 3}
+    assert [p.name for p in (tmp_path / "c").rglob(".*")] == []  # written whole, renamed into place
     # An old diskcache folder is noticed (for the one-time warning), never read.
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "cache.db").write_bytes(b"not read")
@@ -387,10 +389,11 @@ def _expected_image() -> bytes:
 
 
 def _store(run: Run) -> dict[str, str]:
-    """Every recorded answer's status, by key."""
-    with sqlite3.connect(run.run_dir / "cache" / "captions" / CaptionCache.FILE) as db:
-        rows = db.execute("SELECT key, value FROM answers").fetchall()
-    return {key: json.loads(value).get("status") for key, value in rows}
+    """Every recorded answer's status, by key (the user's store: one JSON file per answer)."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    files = (cache_dir() / "captions" / "answers").rglob("*.json")
+    return {v["key"]: v.get("status") for v in (json.loads(f.read_text()) for f in files)}
 
 
 def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_request(
@@ -483,6 +486,198 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
         assert set(srv.answered.values()) == {1}
 
 
+# ------------------------------------------------------------------ paid once per user
+
+
+def _local(tmp_path, overrides, srv, **over):
+    base = {
+        **overrides,
+        **FAST,
+        "captioning.provider": "local",
+        "captioning.local.base_url": srv.base_url,
+        "captioning.concurrency": 1,
+    }
+    return _cfg(tmp_path, base, **over)
+
+
+def _second_run_folder(run: Run, tmp_path: Path, name: str) -> Run:
+    """The same movie's run through stage 04 in another folder (as another ``--out`` makes it)."""
+    other = tmp_path / name / run.run_dir.name  # the same folder name, somewhere else
+    shutil.copytree(run.run_dir, other, ignore=shutil.ignore_patterns("cache", "captions.parquet"))
+    return Run.open(other)
+
+
+def test_a_movie_is_paid_for_once_per_user_whatever_its_run_folder(cap_run, tmp_path, capsys):
+    """The answers live in one store per user (the user cache) that every run folder reads: the
+    movie captioned into a second run folder pays nothing again; ``captioning.cache: false`` keeps
+    them in the run folder only (then a second folder pays again, its own rerun does not)."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer() as srv:
+        run_stage(run, "captions", _local(tmp_path, overrides, srv), progress=False)
+        assert len(srv.requests) == n
+        assert len(list((cache_dir() / "captions" / "answers").rglob("*.json"))) == n
+        assert not (run.run_dir / "cache" / "captions").exists()  # not in the run folder
+        err = capsys.readouterr().err
+        assert f"captions: {n} paid requests (0 answered from the store)" in err
+
+        second = _second_run_folder(run, tmp_path, "elsewhere")
+        tables = run_stage(second, "captions", _local(tmp_path, overrides, srv), progress=False)
+        assert len(srv.requests) == n  # paid once
+        assert (tables["caption_calls"]["outcome"] == "cached").sum() == n
+        assert f"captions: 0 paid requests ({n} answered from the store)" in capsys.readouterr().err
+        assert second.read_manifest("captions")["counts"]["paid_requests"] == 0
+
+        third = _second_run_folder(run, tmp_path, "own_store")
+        cfg = _local(tmp_path, overrides, srv, captioning__cache=False)
+        run_stage(third, "captions", cfg, progress=False)
+        assert len(srv.requests) == 2 * n
+        assert len(list((third.run_dir / "cache" / "captions" / "answers").rglob("*.json"))) == n
+        run_stage(third, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == 2 * n
+
+
+def test_the_cap_is_per_movie_and_kept_across_runs(cap_run, tmp_path):
+    """Every paid attempt of every run of a movie counts against captioning.max_paid_requests:
+    a second run folder asking another model is stopped before its first request when the two
+    runs together would pass it."""
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer() as srv:
+        run_stage(
+            run, "captions", _local(tmp_path, overrides, srv, captioning__max_paid_requests=n), progress=False
+        )
+        second = _second_run_folder(run, tmp_path, "again")
+        other_model = {"captioning__local__model": "another-model", "captioning__max_paid_requests": n + 1}
+        with pytest.raises(StageError) as err:
+            run_stage(second, "captions", _local(tmp_path, overrides, srv, **other_model), progress=False)
+        message = str(err.value)
+        assert (
+            f"would make {n} paid request(s) to local (another-model) and the {n} made for this movie"
+            in message
+        )
+        assert f"captioning.max_paid_requests={2 * n}" in message and "nothing was asked" in message
+        assert len(srv.requests) == n
+        other_model["captioning__max_paid_requests"] = 2 * n
+        run_stage(second, "captions", _local(tmp_path, overrides, srv, **other_model), progress=False)
+        assert len(srv.requests) == 2 * n
+
+
+def test_a_200_with_an_unreadable_body_is_recorded_like_a_refusal(cap_run, tmp_path):
+    """Billed (the server said 200) but nothing to read: recorded with status unreadable, never
+    asked again unless captioning.retry lists it."""
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer(script=["unreadable", "html"]) as srv:
+        cfg = _local(tmp_path, overrides, srv, captioning__fallback=["template"])
+        tables = run_stage(run, "captions", cfg, progress=False)
+        assert len(srv.requests) == n  # neither was asked again in the run
+        calls = tables["caption_calls"]
+        bad = calls.filter(pl.col("outcome") == "unreadable")
+        assert bad.height == 2 and bad["error"].str.contains("HTTP 200").all()
+        assert sorted(_store(run).values()).count("unreadable") == 2
+        assert tables["captions"].filter(pl.col("provider") == "template").height == 2
+        run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == n  # the rerun pays nothing
+        run_stage(
+            run,
+            "captions",
+            _local(tmp_path, overrides, srv, captioning__retry=["unreadable"]),
+            progress=False,
+        )
+        assert len(srv.requests) == n + 2
+
+
+def test_a_timed_out_request_is_asked_once_more_at_most_and_logged_as_maybe_billed(cap_run, tmp_path, caplog):
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer(script=["hang", "hang"], hang_s=5) as srv:
+        cfg = _local(
+            tmp_path,
+            overrides,
+            srv,
+            captioning__timeout_s=0.5,
+            captioning__max_retries=4,
+            captioning__fallback=["template"],
+        )
+        with caplog.at_level("WARNING", logger="diffusion_bunny"):
+            tables = run_stage(run, "captions", cfg, progress=False)
+        assert len(srv.requests) == n + 1  # the first frame: asked, timed out, asked once more, timed out
+        timeouts = tables["caption_calls"].filter(pl.col("outcome") == "timeout")["error"].to_list()
+        assert len(timeouts) == 2
+        assert "asked once more" in timeouts[0] and "not asked again in this run" in timeouts[1]
+        logged = [r.getMessage() for r in caplog.records if "timed out" in r.getMessage()]
+        assert len(logged) == 2 and all("the server may have answered and billed it" in m for m in logged)
+        assert tables["captions"].filter(pl.col("provider") == "template").height == 1
+
+
+def test_a_damaged_answer_store_is_moved_aside_and_nothing_readable_is_paid_again(cap_run, tmp_path):
+    from diffusion_bunny.models.cache import cache_dir
+
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    store = cache_dir() / "captions"
+    with FakeLLMServer() as srv:
+        cfg = _local(tmp_path, overrides, srv)
+        run_stage(run, "captions", cfg, progress=False)
+        files = sorted((store / "answers").rglob("*.json"))
+        files[0].write_bytes(b"\x00\x13 not json")  # a disk error, a hand edit
+        (store / CaptionCache.FILE).write_bytes(b"this is not a database")  # an earlier store, damaged
+        with pytest.warns(UserWarning) as warned:
+            run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == n + 1  # the damaged answer only
+        lines = [str(w.message) for w in warned if "moved aside" in str(w.message)]
+        assert len(lines) == 2 and all("\n" not in line for line in lines)
+        assert any(f"a damaged answer file ({files[0].name})" in line for line in lines)
+        assert any(f"the answer store {store / CaptionCache.FILE} is damaged" in line for line in lines)
+        assert len(list((store / "damaged").iterdir())) == 2
+        assert json.loads(files[0].read_text())["status"] == "ok"  # asked again, stored again
+
+
+def test_answers_an_earlier_version_kept_in_the_run_folder_are_read_in(cap_run, tmp_path):
+    """Earlier versions kept a run's answers in ``<run>/cache/captions/answers.sqlite3`` (WAL): the
+    first run with the user's store reads them in, so nothing already paid for is asked again."""
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer() as srv:
+        first = tmp_path / "first_store"
+        run_stage(
+            run,
+            "captions",
+            _local(tmp_path, overrides, srv, captioning__cache_dir=str(first)),
+            progress=False,
+        )
+        old = run.run_dir / "cache" / "captions"
+        old.mkdir(parents=True)
+        with sqlite3.connect(old / CaptionCache.FILE) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            for path in (first / "answers").rglob("*.json"):
+                value = json.loads(path.read_text())
+                db.execute("INSERT INTO answers VALUES (?, ?)", (value.pop("key"), json.dumps(value)))
+        run_stage(run, "captions", _local(tmp_path, overrides, srv), progress=False, force=True)
+        assert len(srv.requests) == n  # nothing asked again
+        assert (old / f"{CaptionCache.FILE}.imported").is_file() and not (old / CaptionCache.FILE).exists()
+
+
+def test_dspy_keeps_no_history_of_the_frames_sent(tmp_path):
+    """dspy's LM history (its own and the process-wide one) would hold every request's messages,
+    the frame as base64 included: about 1 GB over a feature film."""
+    from dspy.clients import base_lm
+
+    with FakeLLMServer() as srv:
+        cfg = CaptioningConfig(provider="local", local={"base_url": srv.base_url})
+        provider = make_provider("local", cfg)
+        for shade in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 48), (shade * 60, 10, 10)).save(buf, format="JPEG")
+            assert provider.caption(buf.getvalue(), {"characters": []}).caption.startswith("bunnystyle")
+    assert provider.lm.history == []
+    assert not any("base64," in json.dumps(e, default=str) for e in base_lm.GLOBAL_HISTORY)
+
+
 # ----------------------------------------------------------------------------------- 31.5
 
 
@@ -528,38 +723,77 @@ def test_stages_04_and_05_restore_the_corrections_they_read(board_run, tmp_path)
 # ----------------------------------------------------------------------------------- 31.6
 
 
-def _full_store(monkeypatch):
-    """SQLite's own "database or disk is full": each connection may not grow the file past the
-    pages it has (a page limit stands in for a full disk, which a test cannot make)."""
-    original = CaptionCache._db
-
-    def small(self):
-        db = original(self)
-        db.execute("PRAGMA max_page_count = 1")  # SQLite keeps the pages already there
-        return db
-
-    monkeypatch.setattr(CaptionCache, "_db", small)
-
-
 def test_a_full_answer_store_is_one_line_naming_it(cap_run, tmp_path, monkeypatch):
+    """The store on a small file system of its own (a tmpfs as root, else the error injected),
+    full after a few answers: one line naming the answer file, the requests stopped at the first
+    answer it could not keep, and the answers kept before are read back by the rerun."""
+    from small_disk import inject_full_disk, small_disk
+
     run, overrides = cap_run
-    CaptionCache(run.run_dir / "cache" / "captions").close()  # the store as a first run leaves it
-    _full_store(monkeypatch)
-    with FakeLLMServer() as srv:
+    n = _kept_frames(run).height
+    with small_disk(tmp_path, 16 << 20) as disk, FakeLLMServer(delay_s=0.05) as srv:
+        store = disk.root / "answers" if disk else tmp_path / "answers"
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
             captioning__provider="local",
             captioning__local__base_url=srv.base_url,
             captioning__concurrency=1,
+            captioning__cache_dir=str(store),
         )
+        real_set = CaptionCache.set
+
+        def set_then_fill(self, key, value):  # the disk fills after the third answer
+            real_set(self, key, value)
+            if len(self) == 3 and disk:
+                disk.fill(leave=0)
+            elif len(self) == 3:
+                inject_full_disk(monkeypatch, store)
+
+        monkeypatch.setattr(CaptionCache, "set", set_then_fill)
         with pytest.raises(StorageError) as err:
             run_stage(run, "captions", cfg, progress=False)
-    message = str(err.value)
-    store = run.run_dir / "cache" / "captions" / CaptionCache.FILE
-    assert message.startswith(f"could not write the caption answer store {store}: database or disk is full")
-    assert "\n" not in message and "stored before are kept" in message
-    assert (
-        0 < len(srv.requests) < _kept_frames(run).height
-    )  # it stopped at the first answer it could not keep
-    assert not run.has_table("captions")
+        message = str(err.value)
+        # The count of paid requests, written before each request, is the first write to fail.
+        assert message.startswith(f"could not write {store}/spent/")
+        assert "No space left on device" in message and "\n" not in message and ".tmp-" not in message
+        assert len(srv.requests) == 3  # it stopped before paying for what it could not keep
+        assert not run.has_table("captions")
+        monkeypatch.undo()
+        if disk:
+            disk.empty()
+        run_stage(run, "captions", cfg, progress=False)
+        assert len(srv.requests) == n  # the three kept are read back, never paid again
+
+
+def test_bunny_run_shows_the_paid_requests_on_the_terminal_while_they_happen(cap_run, tmp_path, capsys):
+    """Under ``bunny run`` the stage runs in a notebook's kernel, whose standard error the
+    terminal never sees: the announcement and the count of paid requests are relayed to it."""
+    from diffusion_bunny.cli import main
+
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer(delay_s=0.2) as srv:
+        settings = {
+            **overrides,
+            **FAST,
+            "captioning.provider": "local",
+            "captioning.local.base_url": srv.base_url,
+            "captioning.concurrency": 1,
+        }
+        args = ["run", str(run.movie), "--out", str(run.run_dir), "--stages", "captions"]
+        args += [
+            a
+            for k, v in settings.items()
+            for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}")
+        ]
+        capsys.readouterr()
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert f"captions: {n} paid request(s) to local" in err
+        assert f"captions: {n} paid requests (0 answered from the store)" in err
+        assert len(srv.requests) == n
+        assert main([*args, "--force"]) == 0
+        assert f"captions: 0 paid requests ({n} answered from the store)" in capsys.readouterr().err
+    log = Path(sorted((Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])).glob("bunny-*.log"))[-1])
+    assert log.read_text().count(f"captions: 0 paid requests ({n} answered from the store)") == 1  # not twice

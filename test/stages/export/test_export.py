@@ -673,3 +673,22 @@ def test_resized_averages_when_shrinking_and_keeps_the_size_asked():
     assert big.size == (16, 12) and big.mode == "RGB"
     same = Image.fromarray(stripes)
     assert resized(same, (8, 8)) is same
+
+
+def test_kohya_folder_names_stay_within_the_file_systems_limit(tmp_path):
+    """A concept of several long character names joined by ``+`` made a kohya folder name past
+    255 bytes (ENAMETOOLONG at export); names are bounded, readable and one per concept."""
+    from diffusion_bunny.pipeline.run import NAME_BYTES
+    from diffusion_bunny.stages.export.plan import kohya_folder
+
+    assert kohya_folder(3, "alice+bob") == "3_alice+bob"
+    names = ["Dona Maria Carmen de la Concepción Fernández y Gutiérrez"] * 3 + ["Ōkami Amaterasu 天照大神"]
+    long_concepts = ["+".join(names), "+".join(reversed(names)), "+".join(names[:3]) + "+x" * 40]
+    folders = [kohya_folder(10, c) for c in long_concepts]
+    assert len(set(folders)) == 3
+    for folder, concept in zip(folders, long_concepts, strict=True):
+        assert len(folder.encode()) <= NAME_BYTES and folder.startswith("10_") and "~" in folder
+        (tmp_path / folder).mkdir()  # the file system takes it
+        assert kohya_folder(10, concept) == folder  # the same concept, the same folder
+    table = concept_table(pl.DataFrame({"split": ["train"], "concept": [long_concepts[0]], "repeats": [10]}))
+    assert table["kohya_folder"].to_list() == [folders[0]]

@@ -4,6 +4,8 @@ apply. Trains the real loop on the ``tiny-flux`` / ``tiny-sd3`` presets built in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,8 +98,12 @@ def test_stage_trains_resumes_and_writes_files_that_load_back(family, tmp_path):
     facts = run.read_manifest("train")["facts"]
     assert facts["family"] == family and facts["resolution"] == 64
     assert all(w % 16 == 0 and h % 16 == 0 for w, h in (map(int, b.split("x")) for b in facts["buckets"]))
-    out = tmp_path / "lora" / "v1"
-    diffusers_file, kohya_file = out / "pytorch_lora_weights.safetensors", out / "lora-v1_kohya.safetensors"
+    out = Path(facts["lora_folder"])
+    assert out.parent == tmp_path / "lora" and out.name.startswith(f"tiny-{family}-4steps-")
+    diffusers_file, kohya_file = (
+        out / "pytorch_lora_weights.safetensors",
+        out / f"{out.name}_kohya.safetensors",
+    )
     assert diffusers_file.is_file() and kohya_file.is_file()
     captions = {f"bunnystyle, a photo of the cat {i}" for i in range(4)}
     texts = captions | {""} | set(validation["prompt"].to_list())  # "" for caption dropout
@@ -118,7 +124,7 @@ def test_stage_trains_resumes_and_writes_files_that_load_back(family, tmp_path):
     np.testing.assert_allclose(draw(), with_diffusers, atol=1e-5)
     assert np.abs(with_diffusers - base).max() > 0
 
-    # more steps continue from checkpoint-4, reusing the cached text embeddings
+    # more steps continue from checkpoint-4 (in a folder of their own), reusing the cached text embeddings
     stamps = sorted(p.stat().st_mtime_ns for p in (run.run_dir / "cache" / "text").iterdir())
     cfg = load_config(None, {**overrides, "training.max_train_steps": 6}, root=tmp_path)
     log = run_stage(run, "train", cfg, progress=False)["training_log"]

@@ -386,6 +386,12 @@ def test_resumed_events_are_read_after_the_killed_runs_in_the_same_second(tmp_pa
     wait_past_event_files(tmp_path / "absent")  # nothing to wait for
 
 
+def lora_dirs(base: Path) -> dict[int, Path]:
+    """The LoRA folders under ``base`` by their ``max_train_steps`` (folders are named by content:
+    ``<base model>-<steps>steps-<key>``)."""
+    return {int(f.name.split("-")[1].removesuffix("steps")): f for f in sorted(base.iterdir()) if f.is_dir()}
+
+
 def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch):
     from diffusion_bunny.pipeline.status import format_status, resolve_runs, status_table
     from diffusion_bunny.stages import PIPELINE, run_stage
@@ -393,7 +399,6 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     from diffusion_bunny.stages.generate.stage import checkpoint_dir as drawn_with
 
     monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
-    board = tmp_path / "log" / "tensorboard" / "lora-v1"  # log/tensorboard/<run>-v<n>/
     run = make_run(tmp_path, n_train=5, n_val=1)
     overrides = fast_overrides(tmp_path, validation_every=2)
     cfg = load_config(None, overrides, root=tmp_path)
@@ -402,13 +407,16 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     assert log["step"].to_list() == [1, 2, 3, 4]
     assert log["loss"].is_finite().all() and (log["lr"] == 1e-4).all()
     assert validation["step"].to_list() == [0, 2, 4]
-    check_tensorboard(board, log, validation, size=64)
+    # One folder per training, named by what it trains (never by the run folder's name).
+    (out,) = (tmp_path / "lora").iterdir()
+    assert out.name.startswith("tiny-4steps-") and len(out.name) == len("tiny-4steps-") + 12
+    check_tensorboard(tmp_path / "log" / "tensorboard" / out.name, log, validation, size=64)
     assert all(Path(p).is_file() for p in validation["path"])
-    out = tmp_path / "lora" / "v1"  # training.output_dir/v<n>: one folder per training configuration
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (
-        out / "lora-v1_kohya.safetensors"
-    ).is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / f"{out.name}_kohya.safetensors").is_file()
+    # Every checkpoint keeps its LoRA weights; only the newest keeps the optimizer state.
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "checkpoint-2" / "training_state.pt").exists()
     assert (out / "checkpoint-4" / "training_state.pt").is_file()
     facts = run.read_manifest("train")["facts"]
     assert facts["family"] == "sd1" and facts["resolution"] == 64 and facts["resumed_from"] is None
@@ -417,47 +425,70 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     latents = sorted((run.run_dir / "cache" / "latents").iterdir())
     assert len(latents) == 5
     stamps = [p.stat().st_mtime_ns for p in latents]
-
-    # More steps: the run continues from checkpoint-4 and reuses every cached latent.
-    six = {**overrides, "training.max_train_steps": 6}
-    cfg = load_config(None, six, root=tmp_path)
-    log = run_stage(run, "train", cfg, progress=False)["training_log"]
-    assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
-    assert run.read_manifest("train")["facts"]["resumed_from"] == 4
-    check_tensorboard(board, log, run.read_table("training_validation"), size=64)
-    assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
     first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")}
 
-    # Issue 31.1: other settings (rank) train into a folder of their own; the first LoRA and
-    # its checkpoints are kept byte for byte, and stage 08 draws with the new one.
+    # More steps: a folder of its own (the 4-step LoRA stays as it was), continued from the
+    # 4-step training's last checkpoint, every cached latent reused.
+    six = {**overrides, "training.max_train_steps": 6}
+    cfg = load_config(None, six, root=tmp_path)
+    tables = run_stage(run, "train", cfg, progress=False)
+    log = tables["training_log"]
+    assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
+    facts = run.read_manifest("train")["facts"]
+    assert facts["resumed_from"] == 4 and facts["resumed_from_folder"] == str(out)
+    assert "resumed from checkpoint-4 of tiny-4steps-" in PIPELINE.get("train").summary(
+        run.read_manifest("train")
+    )
+    longer = lora_dirs(tmp_path / "lora")[6]
+    check_tensorboard(tmp_path / "log" / "tensorboard" / longer.name, log, tables["training_validation"], 64)
+    assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
+
+    # Issue 31.1: other settings (rank) train into a folder of their own; the earlier LoRAs and
+    # their checkpoints are kept byte for byte, and stage 08 draws with the new one.
     cfg = load_config(None, {**overrides, "training.rank": 2}, root=tmp_path)
     with pytest.warns(UserWarning, match=r"earlier one\(s\) in .* are kept"):
         tables = run_stage(run, "train", cfg, progress=False)
     assert tables["training_log"]["step"].to_list() == [1, 2, 3, 4]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
-    assert (tmp_path / "lora" / "v2" / "pytorch_lora_weights.safetensors").is_file()
     loras = tables["loras"]
-    assert loras.select("name", "steps", "current").rows() == [("v1", 6, False), ("v2", 4, True)]
-    assert drawn_with(run, GENERATE.view(cfg)) == tmp_path / "lora" / "v2"
+    rank2 = Path(loras.filter(pl.col("current"))["folder"][0])
+    assert (rank2 / "pytorch_lora_weights.safetensors").is_file() and rank2 not in (out, longer)
+    assert loras.select("name", "steps", "current").rows() == [
+        (out.name, 4, False),
+        (longer.name, 6, False),
+        (rank2.name, 4, True),
+    ]
+    assert drawn_with(run, GENERATE.view(cfg)) == rank2
     check_tensorboard(
-        tmp_path / "log" / "tensorboard" / "lora-v2",
+        tmp_path / "log" / "tensorboard" / rank2.name,
         tables["training_log"],
         tables["training_validation"],
         64,
     )
     # bunny status lists every LoRA kept, the current one marked.
     text = format_status(status_table(PIPELINE, resolve_runs(run.run_dir, cfg), cfg))
-    assert "kept: v1: 6 steps, tiny; LoRA " in text and "kept: v2: 4 steps, tiny; LoRA " in text
-    assert text.count("<- current") == 1 and "v2_kohya" not in text
+    assert (
+        f"kept: {out.name}: 4 steps, tiny; LoRA " in text
+        and f"kept: {rank2.name}: 4 steps, tiny; LoRA " in text
+    )
+    assert text.count("<- current") == 1
 
-    # Back to the first settings: their folder resumes (nothing to train), and is current again.
+    # Back to the six-step settings: their folder is done (nothing to train), and current again.
     cfg = load_config(None, six, root=tmp_path)
     tables = run_stage(run, "train", cfg, progress=False)
     assert run.read_manifest("train")["facts"]["resumed_from"] == 6
-    assert tables["loras"].select("name", "current").rows() == [("v1", True), ("v2", False)]
-    assert drawn_with(run, GENERATE.view(cfg)) == out
+    assert tables["loras"].filter(pl.col("current"))["folder"].to_list() == [str(longer)]
+    assert drawn_with(run, GENERATE.view(cfg)) == longer
 
-    # training.start_over is the one way to delete a LoRA: this configuration's, and only it.
+    # A limit on the checkpoints (diffusers' checkpoints_total_limit) applies on the next run,
+    # the oldest going first; the newest keeps its state, so the folder still resumes.
+    cfg = load_config(None, {**six, "training.checkpoints_total_limit": 1}, root=tmp_path)
+    run_stage(run, "train", cfg, progress=False)
+    assert sorted(c.name for c in longer.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (longer / "checkpoint-6" / "training_state.pt").is_file()
+
+    # training.start_over is the one way to delete a LoRA: this training's, and only it.
     cfg = load_config(None, {**six, "training.start_over": True}, root=tmp_path)
     with pytest.warns(UserWarning, match=r"training.start_over: the earlier LoRA .* was removed"):
         log = run_stage(run, "train", cfg, progress=False)["training_log"]
@@ -465,7 +496,8 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
         log["step"].to_list() == [1, 2, 3, 4, 5, 6]
         and run.read_manifest("train")["facts"]["resumed_from"] is None
     )
-    assert (tmp_path / "lora" / "v2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (rank2 / "pytorch_lora_weights.safetensors").is_file()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
 
 
 def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoes(tmp_path, monkeypatch):
@@ -479,7 +511,9 @@ def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoe
     images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
     logs = {}
     for on in (False, True):
-        cfg = training_cfg(max_train_steps=4, checkpoint_every=2, train_batch_size=1, tensorboard=on)
+        cfg = training_cfg(
+            max_train_steps=4, checkpoint_every=2, train_batch_size=1, tensorboard=on, keep_resumable=2
+        )
         result = train_lora(images, cfg, tmp_path / f"lora_{on}", progress=False, cache_dir=tmp_path / "c")
         logs[on] = result.log.drop("elapsed_s")
     # The tracker changes nothing in the table the report reads, and off means no event file.
@@ -488,7 +522,7 @@ def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoe
     assert sorted(p.name for p in board.iterdir()) == ["lora_True"]
 
     # Fewer steps: training resumes from checkpoint-2 and redoes step 3; TensorBoard shows it once.
-    cfg = training_cfg(max_train_steps=3, checkpoint_every=2, train_batch_size=1)
+    cfg = training_cfg(max_train_steps=3, checkpoint_every=2, train_batch_size=1, keep_resumable=2)
     result = train_lora(images, cfg, tmp_path / "lora_True", progress=False, cache_dir=tmp_path / "c")
     assert result.resumed_from == 2
     check_tensorboard(board / "lora_True", result.log, result.validation, size=64)
@@ -546,11 +580,10 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     args = [f"{k}={v}" for k, v in overrides.items()]
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT)
-    out = tmp_path / "lora" / "v1"
     proc = subprocess.Popen([sys.executable, str(script), str(run.run_dir), *args], start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (out / "checkpoint-3" / "training_state.pt").is_file():
+        while not list((tmp_path / "lora").glob("*/checkpoint-3/training_state.pt")):
             assert proc.poll() is None, "training ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
@@ -559,20 +592,30 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    (out,) = (tmp_path / "lora").iterdir()
     done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert 3 <= done < 400 and not run.has_table("training_log")
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+    # Only the newest checkpoint keeps its optimizer state (keep_resumable: 1).
+    assert [
+        c.name for c in out.glob("checkpoint-*/training_state.pt") if c.parent.name != f"checkpoint-{done}"
+    ] == []
 
+    # A rerun with a few more steps than were done trains into a folder of its own (another
+    # max_train_steps), continued from the killed training's newest checkpoint.
     final = done + 2
     cfg = load_config(None, {**overrides, "training.max_train_steps": final}, root=tmp_path)
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
-    assert run.read_manifest("train")["facts"]["resumed_from"] == done
+    facts = run.read_manifest("train")["facts"]
+    assert facts["resumed_from"] == done and facts["resumed_from_folder"] == str(out)
     assert log["step"].to_list() == list(range(1, final + 1))
-    # TensorBoard: what the killed run logged after checkpoint `done` is purged; each step once.
+    finished = Path(facts["lora_folder"])
+    assert finished != out and (finished / "pytorch_lora_weights.safetensors").is_file()
+    # TensorBoard: the new run continues the killed one's events, what it logged after checkpoint
+    # `done` purged; each step once.
     check_tensorboard(
-        tmp_path / "log" / "tensorboard" / "lora-v1", log, run.read_table("training_validation"), 64
+        tmp_path / "log" / "tensorboard" / finished.name, log, run.read_table("training_validation"), 64
     )
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_empty_dataset_and_missing_inputs_fail_in_one_line(tmp_path):
@@ -754,18 +797,20 @@ KILL_AT_LORA_RENAME = textwrap.dedent(
 
 def test_final_lora_file_is_replaced_atomically_and_a_killed_writes_leftovers_swept(tmp_path):
     """Issue 17.6: killed between writing the new LoRA file and renaming it, the previous LoRA
-    stays whole; the next run sweeps the dead process's temporaries and writes the new file."""
+    stays whole; the next run sweeps the dead process's temporaries and writes the file again (a
+    LoRA folder holds one training, so the file it writes again holds the same weights)."""
     from diffusion_bunny.stages import run_stage
 
     run = make_run(tmp_path, n_train=2, n_val=0)
     overrides = fast_overrides(tmp_path, max_train_steps=2, checkpoint_every=100)
     cfg = load_config(None, overrides, root=tmp_path)
     run_stage(run, "train", cfg, progress=False)
-    lora = tmp_path / "lora" / "v1" / "pytorch_lora_weights.safetensors"
+    (folder,) = (tmp_path / "lora").iterdir()
+    lora = folder / "pytorch_lora_weights.safetensors"
     before = lora.read_bytes()
     script = tmp_path / "kill.py"
     script.write_text(KILL_AT_LORA_RENAME)
-    args = [f"{k}={v}" for k, v in {**overrides, "training.max_train_steps": 3}.items()]
+    args = [f"{k}={v}" for k, v in overrides.items()]
     killed = subprocess.run(
         [sys.executable, str(script), str(run.run_dir), *args], capture_output=True, text=True
     )
@@ -773,7 +818,216 @@ def test_final_lora_file_is_replaced_atomically_and_a_killed_writes_leftovers_sw
     assert lora.read_bytes() == before
     leftovers = [p.name for p in lora.parent.rglob(".*") if ".tmp-" in p.name]
     assert leftovers, "the kill point was not reached"
-    cfg = load_config(None, {**overrides, "training.max_train_steps": 3}, root=tmp_path)
-    run_stage(run, "train", cfg, progress=False)
+    run_stage(run, "train", cfg, force=True, progress=False)
     assert [p.name for p in lora.parent.rglob(".*") if ".tmp-" in p.name] == []
-    assert lora.is_file() and lora.read_bytes() != before
+    from safetensors.torch import load, load_file
+
+    # The same weights (the header's metadata holds a set of layer names, in any order).
+    again, first = load_file(lora), load(before)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that fit, one training per folder, state files that cannot run code
+
+
+def test_a_training_that_will_not_fit_on_the_disk_stops_before_its_first_step(tmp_path, monkeypatch):
+    from diffusion_bunny.errors import StorageError
+    from diffusion_bunny.pipeline import atomic
+    from diffusion_bunny.stages import run_stage
+
+    run = make_run(tmp_path, n_train=3, n_val=0)
+    cfg = load_config(None, fast_overrides(tmp_path), root=tmp_path)
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 2000)
+    with pytest.raises(StorageError) as err:
+        run_stage(run, "train", cfg, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"not enough disk space in {tmp_path / 'lora'}")
+    assert "checkpoint(s) of LoRA weights" in message and "2.0 kB free" in message
+    assert "training.checkpoints_total_limit" in message and "nothing was trained" in message
+    (folder,) = (tmp_path / "lora").iterdir()
+    assert not list(folder.glob("checkpoint-*")) and not (run.run_dir / "cache" / "latents").exists()
+    assert not run.has_table("training_log")
+
+
+def test_the_disk_estimate_covers_what_a_training_writes(tmp_path, monkeypatch):
+    """The estimate is on the safe side of what a training really writes (checkpoints, states at
+    their peak, the LoRA and its kohya copy, validation pictures, latents), and not wildly above."""
+    from diffusion_bunny.stages.train import lora as lora_module
+    from diffusion_bunny.stages.train.data import read_dataset
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    run = make_run(tmp_path, n_train=4, n_val=0)
+    images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
+    estimated: list = []
+    real_check = lora_module.check_free_space
+
+    def record(needs, advice):
+        estimated.extend(needs)
+        real_check(needs, advice)
+
+    monkeypatch.setattr(lora_module, "check_free_space", record)
+    peak = {"bytes": 0}
+    real_prune = lora_module.prune_checkpoints
+
+    def measure(folder, keep, limit):  # the moment a new checkpoint is in and none pruned yet
+        peak["bytes"] = max(peak["bytes"], sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+        return real_prune(folder, keep, limit)
+
+    monkeypatch.setattr(lora_module, "prune_checkpoints", measure)
+    cfg = training_cfg(max_train_steps=6, checkpoint_every=2, validation_every=3, rank=8)
+    out, cache = tmp_path / "lora", tmp_path / "cache"
+    lora_module.train_lora(images, cfg, out, validation_prompts=["a cat"], progress=False, cache_dir=cache)
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    latents = sum(p.stat().st_size for p in (cache / "latents").iterdir())
+    need = {what: size for _, size, what in estimated}
+    assert sum(need.values()) >= max(written, peak["bytes"]) + latents
+    assert need["cached latents"] >= latents and sum(need.values()) <= 6 * (written + latents)
+
+
+def test_a_checkpoint_state_is_read_without_running_code(tmp_path):
+    """``torch.load(weights_only=True)``: a state file someone swapped in for one with code in it is
+    refused as damaged (and the training starts over), never run."""
+    import pickle
+
+    from diffusion_bunny.stages.train.lora import read_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    torch.save({"step": 2, "resume_key": "x"}, folder / "training_state.pt")
+    assert read_checkpoint(folder)["step"] == 2
+    (folder / "training_state.pt").write_bytes(pickle.dumps({"step": 2, "payload": Payload()}))
+    with pytest.raises(Exception):  # noqa: B017 - torch's unpickler refuses it, whatever it calls the error
+        read_checkpoint(folder)
+    assert not marker.exists()
+
+
+HOLD_LORA_FOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from diffusion_bunny.stages.train.lora import lora_lock
+
+    with lora_lock(Path(sys.argv[1])):
+        print("held", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_lora_folder_another_training_writes_is_refused_at_once(tmp_path):
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train.data import read_dataset
+    from diffusion_bunny.stages.train.stage import lora_folder_for
+
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    cfg = load_config(None, fast_overrides(tmp_path), root=tmp_path)
+    images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
+    folder, _ = lora_folder_for(run.run_dir, cfg.training, images)
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_LORA_FOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError) as err:  # at once: the lock is tried, never waited for
+            run_stage(run, "train", cfg, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(err.value)
+    assert "\n" not in message and f"the LoRA folder {folder} is being trained by " in message
+    assert f"process {holder.pid} on " in message
+    assert not list(folder.glob("checkpoint-*"))
+    run_stage(run, "train", cfg, progress=False)  # the holder gone, the folder trains
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk under stage 07's writers (a tmpfs as root, else the errors injected: test/small_disk.py)
+
+
+@pytest.mark.parametrize("when", ["latents", "checkpoint", "lora"])
+def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp_path, monkeypatch):
+    """The disk fills while the latents are cached, while a checkpoint is written (after the first
+    one), or while the final LoRA is written: one line naming the file and what may be freed, no
+    partial file left to be taken for a latent, a checkpoint or the LoRA, and once space is freed
+    the rerun resumes from the last checkpoint."""
+    from small_disk import inject_full_disk, small_disk
+
+    from diffusion_bunny.errors import StorageError
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train import lora as lora_module
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    with small_disk(tmp_path, 64 << 20) as disk, pytest.MonkeyPatch.context() as mp:
+        root = disk.root if disk else tmp_path / "disk"
+        root.mkdir(exist_ok=True)
+        run = make_run(root, n_train=2, n_val=0)  # both latents cached by the second step
+        cfg = load_config(
+            None, {**fast_overrides(root), "training.output_dir": str(root / "lora")}, root=tmp_path
+        )
+
+        def fill() -> None:
+            if disk:
+                disk.fill(leave=0)
+            else:
+                inject_full_disk(mp, root)
+
+        # The estimate is checked on its own (test_a_training_that_will_not_fit...): here the disk
+        # fills after it said yes, as when another program writes meanwhile.
+        mp.setattr(lora_module, "check_free_space", lambda needs, advice: None)
+        calls = {"n": 0}
+        real_prune = lora_module.prune_checkpoints
+
+        def prune(folder, keep, limit):
+            out = real_prune(folder, keep, limit)
+            calls["n"] += 1  # 1: before the first step (folder held), 2: after checkpoint-2, 3: after -4
+            if calls["n"] == {"latents": 1, "checkpoint": 2, "lora": 3}[when]:
+                fill()
+            return out
+
+        mp.setattr(lora_module, "prune_checkpoints", prune)
+        with pytest.raises(StorageError) as err:
+            run_stage(run, "train", cfg, progress=False)
+        message = str(err.value)
+        assert "\n" not in message and "No space left on device (" in message and "free there" in message
+        assert "training.checkpoints_total_limit" in message and ".tmp-" not in message
+        (folder,) = (root / "lora").iterdir()
+        written = {
+            "latents": f"could not write {run.run_dir}/cache/latents/",
+            "checkpoint": f"could not write {folder}/checkpoint-4/",
+            "lora": f"could not write {folder}/pytorch_lora_weights.safetensors",
+        }
+        assert message.startswith(written[when]), message
+        resumes = {
+            "latents": "a rerun starts the training again",
+            "checkpoint": "a rerun resumes from checkpoint-2",
+        }
+        assert message.endswith(resumes.get(when, "a rerun resumes from checkpoint-4")), message
+        assert [p for p in root.rglob(".*") if ".tmp-" in p.name] == []
+        assert not (folder / "pytorch_lora_weights.safetensors").exists()
+        assert (
+            sorted(c.name for c in folder.glob("checkpoint-*"))
+            == {
+                "latents": [],
+                "checkpoint": ["checkpoint-2"],
+                "lora": ["checkpoint-2", "checkpoint-4"],
+            }[when]
+        )
+        for latent in (run.run_dir / "cache" / "latents").glob("*.safetensors"):
+            from safetensors.torch import load_file
+
+            assert load_file(latent)["parameters"].numel()  # whole, or not there at all
+        if disk:
+            disk.empty()
+        mp.undo()
+        run_stage(run, "train", cfg, progress=False)
+        facts = run.read_manifest("train")["facts"]
+        assert facts["resumed_from"] == {"latents": None, "checkpoint": 2, "lora": 4}[when]
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()

@@ -23,7 +23,8 @@ status (:func:`answer_status`: ``ok``, ``empty``, ``refused``, ``truncated``, ``
 31): one that carries no caption is not asked again unless ``captioning.retry`` names its status.
 Secrets are read from the environment
 (or ``.env``) when a provider is built and handed straight to the client; every stored string
-goes through :func:`redact`, which hides every secret value the process knows.
+goes through :func:`~diffusion_bunny.secrets.redact`, which hides every secret value the process
+knows.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import random
-import re
 import socket
 import sqlite3
 import threading
@@ -44,12 +45,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from diffusion_bunny.config import CaptioningConfig
-from diffusion_bunny.errors import ConfigError, ProviderError, StorageError, storage_error
+from diffusion_bunny.errors import ConfigError, ProviderError, storage_error
+from diffusion_bunny.secrets import redact, register_secret
 from diffusion_bunny.stages.captions.facts import template_caption
 
 # dspy is imported only through this module (lazily); at first use it would fetch litellm's model
@@ -126,8 +129,9 @@ class Provider(Protocol):
 RETRY, PROVIDER_DOWN, ITEM_FAILED = "retry", "provider_down", "item_failed"
 
 #: What a paid answer can be besides ``ok`` (a caption): billed, but carrying none. Stored with
-#: the answer; asked again only when ``captioning.retry`` lists the status.
-ANSWER_STATUSES = ("empty", "refused", "truncated", "unparsable")
+#: the answer; asked again only when ``captioning.retry`` lists the status. ``unreadable``: the
+#: server said 200 (so it billed) but its body could not be read at all (cut off, an HTML page).
+ANSWER_STATUSES = ("empty", "refused", "truncated", "unparsable", "unreadable")
 
 
 class AnswerError(Exception):
@@ -192,6 +196,36 @@ def classify(exc: BaseException) -> str:
     return ITEM_FAILED
 
 
+_TIMEOUT_NAMES = {
+    "LMTimeoutError",
+    "ReadTimeoutError",
+    "ReadTimeout",
+    "ModelTimeoutException",
+    "TimeoutException",
+}
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether the request ran out of time waiting for an answer (the server may have answered,
+    and billed, after the client stopped listening), as opposed to one refused or dropped."""
+    for err in _chain(exc):
+        if type(err).__name__ in _TIMEOUT_NAMES or isinstance(err, (TimeoutError, socket.timeout)):
+            return True
+        if "timed out" in str(err).lower() and type(err).__name__ in _RETRY_DSPY | _RETRY_BOTO:
+            return True
+    return False
+
+
+def unreadable_answer(exc: BaseException) -> str | None:
+    """The detail of a 200 answer whose body could not be read (dspy's engine: ``the reply (HTTP
+    200, ...) is not JSON``; botocore: ``ResponseParserError``), None for any other failure. Such an
+    answer was billed: it is recorded like a refusal, never asked again behind the user's back."""
+    for err in _chain(exc):
+        if getattr(err, "status", None) == 200 or type(err).__name__ == "ResponseParserError":
+            return short_error(err)
+    return None
+
+
 def short_error(exc: BaseException) -> str:
     """One line for the table: the exception's class and the first line of its message, with
     every secret the process knows replaced (a server may echo the request headers)."""
@@ -201,61 +235,7 @@ def short_error(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Secrets
-
-REDACTED = "[redacted]"
-#: Variables whose values are secrets whatever their name (provider keys, AWS credentials).
-SECRET_VARIABLES = {
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "LOCAL_LLM_API_KEY",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-}
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-_extra_secrets: set[str] = set()
-_extra_lock = threading.Lock()
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret read from somewhere other than the environment (an AWS profile's keys,
-    a configured key variable), so :func:`redact` hides it too."""
-    if value and len(value) >= 6:
-        with _extra_lock:
-            _extra_secrets.add(value)
-
-
-def known_secrets() -> list[str]:
-    """Every secret value this process knows: the provider and AWS variables, any variable whose
-    name says key/token/secret/password, and what :func:`register_secret` was given. Longest
-    first, so a secret containing another is hidden whole. Values under 6 characters are left
-    alone (they would redact ordinary words)."""
-    found = set()
-    for name, value in os.environ.items():
-        if (name in SECRET_VARIABLES or _SECRET_NAME.search(name)) and len(value.strip()) >= 6:
-            found.add(value.strip())
-    with _extra_lock:
-        found |= _extra_secrets
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(text: str | None) -> str | None:
-    """``text`` with every known secret (also in base64, as in a Basic auth header) replaced by
-    ``[redacted]``; applied to every string the stage stores (errors, warnings)."""
-    if not text:
-        return text
-    for secret in known_secrets():
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-        encoded = base64.b64encode(secret.encode()).decode().rstrip("=")
-        if len(encoded) >= 8 and encoded in text:
-            text = text.replace(encoded, REDACTED)
-    return text
-
+# Secrets: diffusion_bunny.secrets (the command line's log uses them too)
 
 # ---------------------------------------------------------------------------------------------
 # Rate limit, backoff, circuit breaker
@@ -381,76 +361,96 @@ class CircuitBreaker:
 
 
 class CaptionCache:
-    """Raw answers of paid providers on disk: plain JSON values in a stdlib ``sqlite3`` table.
+    """Paid answers and refusals, one small JSON file per answer, kept for every run of this user.
 
-    Why not diskcache (which this used before): it unpickles its values by default, is no longer
-    maintained, and evicts at 1 GB by default, so paid answers could silently disappear. This
-    store never evicts, holds only JSON, and commits each ``set`` before it returns (WAL mode,
-    safe across threads and processes), so a kill right after a paid answer loses nothing.
+    Where: one store per user (``captioning.cache``: the user cache folder of
+    :func:`diffusion_bunny.models.cache.cache_dir`, ``$DIFFUSION_BUNNY_CACHE``; or
+    ``captioning.cache_dir``), which every run folder reads, so the same movie captioned into a
+    second run folder (another ``--out``) pays nothing again. Keyed by :meth:`key`: provider,
+    model, prompt version, the picture's hash and the other inputs of the prompt.
+
+    Why one file per answer, written atomically (:func:`~diffusion_bunny.pipeline.atomic.atomic_write_bytes`:
+    a temporary name, flushed, renamed over), rather than SQLite: the store may sit on a network
+    file system (a home folder on NFS, a cluster's shared disk). SQLite in WAL mode (what this
+    used before) needs shared memory between its users, which NFS cannot give: two machines
+    writing at once corrupt it. SQLite without WAL relies on POSIX file locks, which NFS clients
+    implement unreliably (or not at all under ``nolock``), and one bad lock damages the whole
+    database, every answer paid for. A rename is atomic on NFS and on every local file system, an
+    answer never changes once paid for, so no lock is needed at all: two writers of one key both
+    write a whole file and the last rename wins; a reader sees a whole answer or none; and a
+    damaged file (a disk error, a hand edit) costs one answer, never the store. The price is a
+    small file per paid answer (~10,000 for a feature film), nothing next to the pictures.
+
+    A damaged answer file is moved aside into ``damaged/`` (one line in :attr:`notes`) and its
+    frame asked again; nothing readable is ever asked again. Answers in the SQLite stores of
+    earlier versions (``answers.sqlite3``, in this folder or a run's ``cache/captions/``) are read
+    in once (:meth:`import_legacy`); a damaged one is moved aside with one line, what could be
+    read of it kept.
 
     A cache folder written by the old diskcache store (``cache.db``) is not read (it holds
     pickles): those frames are asked again once, and :attr:`legacy` says so for the warning."""
 
+    #: The folder of answer files inside the store.
+    ANSWERS = "answers"
+    #: The SQLite store of earlier versions (read in once, then renamed ``.imported``).
     FILE = "answers.sqlite3"
+    #: Where damaged answer files and stores are moved.
+    DAMAGED = "damaged"
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        path = self.directory / self.FILE
         #: The old diskcache database when it is there and this store is new.
         self.legacy = (self.directory / "cache.db") if (self.directory / "cache.db").is_file() else None
-        self._local = threading.local()
-        self._path = path
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        with self._storage():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            db = self._db()
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            db.commit()
+        #: One-line notes for the run's warnings (damaged files moved aside, old stores read in).
+        self.notes: list[str] = []
+        self._notes_lock = threading.Lock()
+        answers = self.directory / self.ANSWERS
+        with self._storage(answers):
+            if answers.exists() and not answers.is_dir():
+                self._move_aside(answers, "the answer store's folder is a file")
+            answers.mkdir(parents=True, exist_ok=True)
+        self.import_legacy(self.directory / self.FILE)
         if self.legacy is not None and len(self):
             self.legacy = None  # already rebuilt once: nothing more to say
 
-    #: SQLite's answers that mean the disk, not the code: full, read-only, cannot open, I/O.
-    _STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
-
     @contextlib.contextmanager
-    def _storage(self) -> Iterator[None]:
+    def _storage(self, path: Path) -> Iterator[None]:
         """A full or read-only disk under the store is one line naming it (exit status 2), not a
-        bug: SQLite says so in its own error codes, and the OS in an ``OSError``."""
+        bug."""
         try:
             yield
-        except sqlite3.Error as exc:
-            name = getattr(exc, "sqlite_errorname", "") or ""
-            text = str(exc)
-            if not (
-                name.startswith(self._STORAGE_ERRORS)
-                or any(t in text for t in ("disk is full", "readonly", "unable to open", "disk I/O"))
-            ):
-                raise
-            raise StorageError(
-                f"could not write the caption answer store {self._path}: {text}; free some space or fix "
-                "the permissions (or set captioning.cache_dir), then run the stage again: the answers "
-                "stored before are kept and not asked again"
-            ) from None
         except OSError as exc:
             if exc.filename is None:
-                exc.filename = str(self._path)
-            error = storage_error(exc, "free some space or fix the permissions (or set captioning.cache_dir)")
+                exc.filename = str(path)
+            error = storage_error(
+                exc,
+                "free some space or fix the permissions (or set captioning.cache_dir), then run the stage "
+                "again: the answers stored before are kept and not asked again",
+            )
             if error is None:
                 raise
             raise error from None
 
-    def _db(self) -> sqlite3.Connection:
-        """One connection per thread (sqlite3 connections must not cross threads)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self._path, timeout=60.0, check_same_thread=False)
-            db.execute("PRAGMA synchronous=FULL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
+    def _note(self, text: str) -> None:
+        from diffusion_bunny.logs import say
+
+        with self._notes_lock:
+            self.notes.append(text)
+        say(logging.getLogger(__name__), f"captions: {text}")
+
+    def _move_aside(self, path: Path, why: str) -> Path:
+        """Move a damaged file or folder into ``damaged/`` (kept for a look, never read again)."""
+        folder = self.directory / self.DAMAGED
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{path.name}.{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.getpid()}"
+        os.replace(path, target)
+        self._note(f"{why}: moved aside to {target}; a new one is started, and every readable answer is kept")
+        return target
+
+    def path_of(self, key: str) -> Path:
+        """The file of ``key``'s answer: ``answers/<2 hex>/<sha256 of the key>.json``."""
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / self.ANSWERS / digest[:2] / f"{digest}.json"
 
     @staticmethod
     def key(
@@ -489,31 +489,78 @@ class CaptionCache:
         )
 
     def get(self, key: str) -> dict[str, Any] | None:
-        row = self._db().execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        """The answer stored under ``key``, or None (a damaged file is moved aside: asked again)."""
+        path = self.path_of(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
             return None
-        value = json.loads(row[0])
-        return value if isinstance(value, dict) else None
+        except OSError:
+            return None  # unreadable here (permissions): asked again, the store's write will say why
+        try:
+            value = json.loads(data)
+            if not isinstance(value, dict) or value.get("key") != key:
+                raise ValueError("not the answer of this key")
+        except ValueError:
+            with contextlib.suppress(OSError):
+                self._move_aside(path, f"a damaged answer file ({path.name})")
+            return None
+        value.pop("key", None)
+        return value
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        with self._storage():
-            db = self._db()
-            with db:  # commits before returning
-                db.execute(
-                    "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
-                    (key, json.dumps(value, sort_keys=True)),
-                )
+        """Store ``value`` under ``key``: on disk, whole, before this returns."""
+        from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+
+        path = self.path_of(key)
+        with self._storage(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps({**value, "key": key}, sort_keys=True).encode())
 
     def __len__(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM answers").fetchone()[0])
+        return sum(1 for _ in (self.directory / self.ANSWERS).glob("*/*.json"))
 
     def close(self) -> None:
-        with self._lock:
-            for db in self._connections:
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    db.close()
-            self._connections.clear()
-        self._local = threading.local()
+        """Nothing to close (each answer is its own file); kept for the callers' ``finally``."""
+
+    def import_legacy(self, database: Path) -> int:
+        """Read the answers of an earlier version's SQLite store (``answers.sqlite3``) into this
+        one, skipping keys already here, then rename it ``.imported`` so it is read once. A store
+        SQLite calls damaged is moved aside with one line, what could be read of it kept. Returns
+        the answers read in."""
+        database = Path(database)
+        if not database.is_file():
+            return 0
+        rows: list[tuple[str, str]] = []
+        damaged = None
+        try:
+            db = sqlite3.connect(database, timeout=60.0)  # closing it folds in its WAL file
+            try:
+                for row in db.execute("SELECT key, value FROM answers"):
+                    rows.append(row)
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            damaged = str(exc)
+        added = 0
+        for key, text in rows:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and self.get(key) is None:
+                self.set(key, value)
+                added += 1
+        if damaged is not None:
+            why = f"the answer store {database} is damaged ({damaged}; {added} answer(s) read from it)"
+            with contextlib.suppress(OSError):
+                self._move_aside(database, why)
+            return added
+        with contextlib.suppress(OSError):
+            os.replace(database, database.with_name(database.name + ".imported"))
+        if added:
+            self._note(f"{added} paid answer(s) of {database} read into the answer store {self.directory}")
+        return added
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,13 +643,13 @@ class DspyProvider:
         self._preflight = preflight
         self.predict = dspy.Predict(caption_signature())
         # The response dspy records for each call, per thread (calls run on several threads):
-        # its finish reason and refusal tell an empty answer's status.
+        # its finish reason and refusal tell an empty answer's status. The entry is not kept in
+        # dspy's histories (the LM's and the process-wide one): each holds the request's messages
+        # with the frame as base64, about 1 GB over a feature film's kept frames.
         self._last = threading.local()
-        record = lm.update_history
 
-        def update_history(entry: dict[str, Any], record: Callable[[Any], None] = record) -> None:
+        def update_history(entry: dict[str, Any]) -> None:
             self._last.response = entry.get("response")
-            record(entry)
 
         lm.update_history = update_history
 
@@ -642,7 +689,10 @@ class DspyProvider:
             inp, out = _usage(tracker.get_total_tokens())
             return self._result(pred.caption, pred.tags, inp, out)
         except Exception as exc:
-            if not answers:  # no answer came (HTTP error, timeout): classified by the caller
+            unreadable = None if answers else unreadable_answer(exc)
+            if unreadable is not None:  # a 200 (billed) with a body that could not be read
+                record(RawAnswer("", unreadable=redact(unreadable)))
+            elif not answers:  # no answer came (HTTP error, timeout): classified by the caller
                 raise
             status, detail = answer_status(answers[-1], self.parse)
             if status == "ok":  # pragma: no cover - parsed by our parser, not by dspy's
@@ -681,13 +731,18 @@ class RawAnswer:
     finish_reason: str | None = None
     #: The refusal the model sent instead of text, when it sent one.
     refusal: str | None = None
+    #: Why a 200 answer's body could not be read at all (then ``text`` is empty).
+    unreadable: str | None = None
 
 
 def answer_status(raw: RawAnswer, parse: Callable[[RawAnswer], Any]) -> tuple[str, str]:
     """``(status, detail)`` of a paid answer: ``ok`` when ``parse`` gets a caption out of it,
     else ``refused`` (a refusal or the content filter), ``truncated`` (stopped at ``max_tokens``:
-    a reasoning model can spend them all before writing anything), ``empty`` (no text) or
-    ``unparsable`` (text without the fields asked for)."""
+    a reasoning model can spend them all before writing anything), ``empty`` (no text),
+    ``unparsable`` (text without the fields asked for) or ``unreadable`` (a 200 whose body could not
+    be read)."""
+    if raw.unreadable:
+        return "unreadable", raw.unreadable[:200]
     try:
         parse(raw)
         return "ok", ""

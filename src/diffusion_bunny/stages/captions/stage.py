@@ -9,14 +9,20 @@ the next run asks only for what is not in the cache. Every request is logged in 
 draws the per-provider summary.
 
 Every paid answer is recorded whatever it is (issue 31): one that carries no caption (empty,
-refused, truncated, unparsable) is stored with that status, logged with it as its outcome, and
-never asked again unless ``captioning.retry`` names the status. Before the first paid request the
-stage says how many it will make and stops (exit 2) when that is more than
-``captioning.max_paid_requests``; the run also stops there if retries and fallbacks reach it.
+refused, truncated, unparsable, or unreadable: a 200 whose body could not be read) is stored with
+that status, logged with it as its outcome, and never asked again unless ``captioning.retry``
+names the status. The answers live in one store per user (:func:`answers_dir`), read by every run
+folder, so a movie is paid for once whatever ``--out`` it is captioned into. Before the first paid
+request the stage says how many it will make and stops (exit 2) when that, with what the movie
+took in earlier runs (:class:`SpentLedger`), is more than ``captioning.max_paid_requests``; the run
+also stops there if retries, timeouts and fallbacks reach it. A request that timed out is asked
+once more at most: the server may have answered (and billed) after the client stopped waiting,
+and the log says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -34,6 +40,7 @@ import polars as pl
 
 from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import BadInputError, ProviderError, StageError
+from diffusion_bunny.logs import say
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.pipeline.run import Run
@@ -51,6 +58,7 @@ from diffusion_bunny.stages.captions.providers import (
     RawAnswer,
     backoff_delay,
     classify,
+    is_timeout,
     make_provider,
     redact,
     scaled_jpeg,
@@ -74,25 +82,76 @@ CALL_SCHEMA: dict[str, pl.DataType] = {
 
 
 #: Outcomes of ``caption_calls`` that are requests sent (paid for, when the provider is paid).
-REQUEST_OUTCOMES = ("ok", "retry", "failed", "down", *ANSWER_STATUSES)
+REQUEST_OUTCOMES = ("ok", "retry", "timeout", "failed", "down", *ANSWER_STATUSES)
+
+log = logging.getLogger(__name__)
+
+
+class SpentLedger:
+    """The paid requests a movie took, over every run of it: one small JSON file per run
+    (``<store>/spent/<movie key>/<run token>.json``, rewritten atomically after each request),
+    summed. Why files per run and not one counter: runs of one movie may go on at once (two run
+    folders, two machines on a shared disk), and a counter read, raised and written back by two
+    of them loses requests; each run writing only its own file needs no lock, also on a network
+    file system. Kept beside the answers, so turning the store off (``captioning.cache: false``)
+    keeps the count per run folder."""
+
+    def __init__(self, store: Path, movie_key: str):
+        self.folder = Path(store) / "spent" / movie_key
+        self.path = self.folder / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}.json"
+        self.earlier = self._sum()
+        self.mine = 0
+
+    def _sum(self) -> int:
+        total = 0
+        for path in self.folder.glob("*.json") if self.folder.is_dir() else []:
+            try:
+                total += int(json.loads(path.read_text()).get("requests", 0))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # a damaged count is not a reason to stop: the cap is a guard rail
+        return total
+
+    def add(self) -> None:
+        """Count one more paid request of this run (on disk before the request is sent: a disk too
+        full to count it stops the run before it pays)."""
+        from diffusion_bunny.errors import storage_error
+        from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+
+        self.mine += 1
+        data = {"requests": self.mine, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(data).encode())
+        except OSError as exc:
+            error = storage_error(exc, "free some space or fix the permissions (or set captioning.cache_dir)")
+            if error is None:
+                raise
+            raise error from None
 
 
 class _Budget:
-    """Paid requests allowed in one run (``captioning.max_paid_requests``), across threads."""
+    """Paid requests allowed (``captioning.max_paid_requests``) for the movie, over every run
+    (those of earlier runs from ``ledger``), across threads."""
 
-    def __init__(self, cap: int):
-        self.cap, self.used = cap, 0
+    def __init__(self, cap: int, ledger: SpentLedger | None = None):
+        self.cap, self.used, self.ledger = cap, 0, ledger
+        self.earlier = ledger.earlier if ledger is not None else 0
         self._lock = threading.Lock()
 
     def take(self) -> None:
         with self._lock:
-            if self.used >= self.cap:
+            if self.earlier + self.used >= self.cap:
+                before = f" ({self.earlier} of them in earlier runs of this movie)" if self.earlier else ""
+                total = self.earlier + self.used
                 raise StageError(
-                    f"stage captions stopped after {self.used} paid request(s): captioning.max_paid_requests "
-                    f"is {self.cap}; every answer received is recorded and is not asked again; raise the "
-                    "setting (--set captioning.max_paid_requests=N) and run the stage again to go on"
+                    f"stage captions stopped after {total} paid request(s) for this movie{before}: "
+                    f"captioning.max_paid_requests is {self.cap}; every answer received is recorded and is "
+                    "not asked again; raise the setting (--set captioning.max_paid_requests=N) and run the "
+                    "stage again to go on"
                 )
             self.used += 1
+            if self.ledger is not None:
+                self.ledger.add()
 
 
 def _not_again(prov: str, status: str, detail: str) -> str:
@@ -110,6 +169,8 @@ class CaptionRun:
     calls: pl.DataFrame
     #: Every provider whose circuit opened: (the reason, still open at the end, times opened).
     breakers: dict[str, tuple[str, bool, int]] = field(default_factory=dict)
+    #: ``N paid requests (M answered from the store)`` of the run.
+    paid_note: str = ""
 
 
 class _Log:
@@ -142,6 +203,7 @@ class _Captioner:
         seed: int,
         sleep: Callable[[float], None],
         clock: Callable[[], float] = time.monotonic,
+        ledger: SpentLedger | None = None,
     ):
         self.run_dir = run_dir
         self.providers = providers
@@ -161,7 +223,9 @@ class _Captioner:
         }
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
-        self.budget = _Budget(cfg.max_paid_requests)
+        self.budget = _Budget(cfg.max_paid_requests, ledger)
+        #: Answers of paid providers taken from the store (no request), for the progress line.
+        self.from_store = 0
 
     def jitter(self, attempt: int) -> float:
         with self._rng_lock:
@@ -234,11 +298,13 @@ class _Captioner:
         if status == "ok":
             assert hit is not None
             result = prov.parse(_raw(hit))
+            self.from_store += 1
             self.log.add(frame_id=fid, provider=prov.name, model=prov.model, attempt=0, outcome="cached")
             return self._answer(fid, prov, result, hit.get("latency_s")), "", False
         if status is not None and status not in self.cfg.retry:
             # Paid for and recorded with its status: never asked again unless the user says so.
             assert hit is not None
+            self.from_store += 1
             detail = hit.get("detail") or ""
             self.log.add(
                 frame_id=fid,
@@ -279,6 +345,7 @@ class _Captioner:
         moves on). A paid answer is cached raw, before it is parsed. A probe of a half-open
         circuit is not retried: its outcome alone closes or reopens the circuit."""
         breaker = self.breakers[prov.name]
+        timeouts = 0
         for attempt in range(self.cfg.max_retries + 1):
             permit = breaker.allow()
             if not permit:
@@ -296,7 +363,9 @@ class _Captioner:
             except Exception as exc:  # every failure is classified; none stops the run
                 if cache_failure:
                     raise cache_failure[0] from None
-                gave_up = self._failed(fid, prov, attempt, permit, started, exc)
+                gave_up = self._failed(fid, prov, attempt, permit, started, exc, timeouts)
+                if prov.paid and is_timeout(exc):
+                    timeouts += 1
                 if gave_up is None:
                     self.sleep(self.jitter(attempt))
                     continue
@@ -347,10 +416,19 @@ class _Captioner:
         return keep
 
     def _failed(
-        self, fid: str, prov: Provider, attempt: int, permit: Any, started: float, exc: Exception
+        self,
+        fid: str,
+        prov: Provider,
+        attempt: int,
+        permit: Any,
+        started: float,
+        exc: Exception,
+        timeouts: int,
     ) -> str | None:
         """One failed request, logged and counted against the provider's circuit: None when it
-        is worth another attempt, else the error the provider gave up with."""
+        is worth another attempt, else the error the provider gave up with. A paid request that
+        timed out is asked once more at most (``timeouts``: this frame's earlier ones): the server
+        may have answered, and billed, after the client stopped waiting."""
         breaker = self.breakers[prov.name]
         if isinstance(exc, AnswerError):
             # Answered and recorded, but no caption: asking again in this run would pay again;
@@ -367,20 +445,35 @@ class _Captioner:
             breaker.failure(f"{exc.status} answers", fatal=False)
             return _not_again(prov.name, exc.status, exc.detail)
         kind = classify(exc)
+        timed_out = prov.paid and is_timeout(exc)
         will_retry = kind == RETRY and attempt < self.cfg.max_retries and permit != "probe"
+        will_retry = will_retry and not (timed_out and timeouts >= 1)
+        error = short_error(exc)
+        if timed_out:
+            again = "asked once more" if will_retry else "not asked again in this run"
+            error = (
+                f"timed out after {self.cfg.timeout_s:g} s ({error}); the server may have answered and "
+                f"billed it; {again}"
+            )
+            log.warning("captions: %s: the request for %s %s", prov.name, fid, error)
+        outcome = "retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed")
         self.log.add(
             frame_id=fid,
             provider=prov.name,
             model=prov.model,
             attempt=attempt,
-            outcome="retry" if will_retry else ("down" if kind == PROVIDER_DOWN else "failed"),
-            error=short_error(exc),
+            outcome="timeout" if timed_out else outcome,
+            error=error,
             latency_s=time.monotonic() - started,
         )
         if will_retry:
             return None
         breaker.failure(short_error(exc), fatal=kind == PROVIDER_DOWN)
-        return f"{prov.name}: {short_error(exc)}"
+        return f"{prov.name}: {error}"
+
+    def paid_note(self) -> str:
+        """``N paid requests (M answered from the store)``: what this run has paid for so far."""
+        return f"{self.budget.used} paid requests ({self.from_store} answered from the store)"
 
     def run(
         self, records: list[dict[str, Any]], progress: bool, progress_path: Path | None
@@ -391,20 +484,29 @@ class _Captioner:
         rows: list[dict[str, Any]] = []
         bar = tqdm(total=len(records), desc="captions", unit="frame", disable=not progress)
         pfile = ProgressFile(progress_path, "captions", len(records), "frame")
+        paid = any(p.paid for p in self.providers)
+
+        def done(row: dict[str, Any]) -> None:
+            rows.append(row)
+            bar.update(1)
+            # What is being paid for, while it happens (the terminal of `bunny run` shows it too).
+            note = self.paid_note() if paid else None
+            if note is not None:
+                bar.set_postfix_str(note, refresh=False)
+            pfile.update(len(rows), note=note)
+
         try:
-            workers = self.cfg.concurrency if any(p.paid for p in self.providers) else 1
+            workers = self.cfg.concurrency if paid else 1
             if workers == 1:
                 for rec in records:
-                    rows.append(self.caption(rec))
-                    bar.update(1)
-                    pfile.update(len(rows))
+                    done(self.caption(rec))
+                pfile.update(len(rows), note=self.paid_note() if paid else None, force=True)
                 return rows
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
             try:
                 for fut in as_completed([pool.submit(self.caption, rec) for rec in records]):
-                    rows.append(fut.result())
-                    bar.update(1)
-                    pfile.update(len(rows))
+                    done(fut.result())
+                pfile.update(len(rows), note=self.paid_note(), force=True)
             except BaseException:
                 # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
                 # still queued must not go on being asked (and paid for) behind the error.
@@ -430,17 +532,21 @@ def caption_frames(
     progress_path: Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    ledger: SpentLedger | None = None,
 ) -> CaptionRun:
     """Caption every frame of ``facts`` through the provider chain (see the module docstring).
-    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider)."""
-    captioner = _Captioner(Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep, clock=clock)
+    ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider);
+    ``ledger``: the movie's paid requests over its runs (None: this call's count only)."""
+    captioner = _Captioner(
+        Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep, clock=clock, ledger=ledger
+    )
     rows = captioner.run(list(facts.iter_rows(named=True)), progress, progress_path)
     captions = pl.DataFrame(rows, schema=CAPTION_SCHEMA).sort("frame_id")
     log = captioner.log.rows
     calls = pl.DataFrame(log, schema=CALL_SCHEMA) if log else pl.DataFrame(schema=CALL_SCHEMA)
     breakers = captioner.breakers
     opened = {n: (b.reason, b.open, b.times_opened) for n, b in breakers.items() if b.times_opened}
-    return CaptionRun(captions, calls, opened)
+    return CaptionRun(captions, calls, opened, paid_note=captioner.paid_note())
 
 
 def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
@@ -452,8 +558,12 @@ def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
         .agg(
             real.sum().alias("requests"),
             (pl.col("outcome") == "ok").sum().alias("answered"),
-            pl.col("outcome").is_in(["retry", "failed", "down", *ANSWER_STATUSES]).sum().alias("failures"),
+            pl.col("outcome")
+            .is_in(["retry", "timeout", "failed", "down", *ANSWER_STATUSES])
+            .sum()
+            .alias("failures"),
             (pl.col("outcome") == "retry").sum().alias("retries"),
+            (pl.col("outcome") == "timeout").sum().alias("timeouts"),
             pl.col("outcome").str.starts_with("cached").sum().alias("cache_hits"),
             pl.col("latency_s").filter(real).mean().alias("mean_latency_s"),
             pl.col("latency_s").filter(real).quantile(0.95).alias("p95_latency_s"),
@@ -465,9 +575,19 @@ def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
 
 
 def answers_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
-    """Where paid answers are kept: ``captioning.cache_dir``, else ``<run>/cache/captions`` (a
-    run's own cache; converted models live in :func:`diffusion_bunny.models.cache.cache_dir`)."""
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir) / "cache" / "captions"
+    """Where paid answers are kept: ``captioning.cache_dir``; else, with ``captioning.cache``, the
+    user's store (``captions/`` in :func:`diffusion_bunny.models.cache.cache_dir`), read by every
+    run folder; else the run's own ``<run>/cache/captions`` (paid once per run folder)."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return cache_dir() / "captions" if cfg.cache else run_answers_dir(run_dir)
+
+
+def run_answers_dir(run_dir: Path) -> Path:
+    """The run folder's own answer folder (where earlier versions kept its answers)."""
+    return Path(run_dir) / "cache" / "captions"
 
 
 def full_frame_path(run_dir: Path, rec: dict[str, Any]) -> Path:
@@ -561,13 +681,17 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
     cache = CaptionCache(answers_dir(run_dir, cfg))
-    legacy = cache.legacy
+    own = run_answers_dir(run_dir)
+    if own.resolve() != cache.directory.resolve():  # answers an earlier version kept in the run folder
+        cache.import_legacy(own / CaptionCache.FILE)
+    legacy = cache.legacy or (own / "cache.db" if (own / "cache.db").is_file() and not len(cache) else None)
+    ledger = SpentLedger(cache.directory, ctx.run.movie_key) if any(p.paid for p in providers) else None
     try:
         # Hashes only matter to the cache of paid providers: a template run reads no frame file.
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
         to_ask = _uncached(facts, hashes, providers, cfg, cache)
         if to_ask:
-            _announce(to_ask, facts.height, providers, cfg)
+            _announce(to_ask, facts.height, providers, cfg, ledger.earlier if ledger is not None else 0)
             for prov in providers:
                 if prov.paid:
                     prov.preflight()
@@ -581,9 +705,12 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             seed=ctx.cfg.run.seed,
             progress=ctx.progress,
             progress_path=ctx.progress_path,
+            ledger=ledger,
         )
     finally:
         cache.close()
+    if ledger is not None:
+        say(log, f"captions: {result.paid_note}")
     # Every string this stage stores goes through redact (a server may echo the request headers).
     captions = result.captions.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
     calls = result.calls.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
@@ -598,12 +725,14 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
         counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid]),
-        warnings=[redact(w) for w in _warnings(legacy, failed, calls, result.breakers)],
+        warnings=[redact(w) for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers)]],
         facts={
             "prompt_version": PROMPT_VERSION,
             "chain": [f"{p.name}:{p.model}" for p in providers],
             "asked": to_ask,
             "open_circuits": {n: r for n, (r, still_open, _) in result.breakers.items() if still_open},
+            "answer_store": str(cache.directory),
+            "paid_requests_earlier": ledger.earlier if ledger is not None else 0,
         },
         merge=lambda tables: with_edits(run_dir, tables),
     )
@@ -640,7 +769,7 @@ def _warnings(
         warnings.append(
             f"the answer cache at {legacy.parent} was written by an older version (diskcache, "
             f"{legacy.name}), "
-            f"which is no longer read; its frames were asked again once into {CaptionCache.FILE}. "
+            "which is no longer read; its frames were asked again once into the answer store. "
             f"Delete {legacy.name} and its .val files there to free the space"
         )
     if failed.height:
@@ -657,22 +786,25 @@ def _warnings(
     return warnings
 
 
-def _announce(to_ask: int, frames: int, providers: list[Provider], cfg: CaptioningConfig) -> None:
-    """Before the first paid request: how many there will be, and the cap (exit 2 past it)."""
-    from diffusion_bunny.logs import say
-
+def _announce(
+    to_ask: int, frames: int, providers: list[Provider], cfg: CaptioningConfig, earlier: int = 0
+) -> None:
+    """Before the first paid request: how many there will be, and the cap (exit 2 past it), which
+    counts the requests this movie took in earlier runs too."""
     first = next(p for p in providers if p.paid)
     cap = cfg.max_paid_requests
-    if to_ask > cap:
+    before = f" and the {earlier} made for this movie in earlier runs" if earlier else ""
+    after = f", after the {earlier} made for this movie in earlier runs" if earlier else ""
+    if to_ask + earlier > cap:
         raise StageError(
-            f"stage captions would make {to_ask} paid request(s) to {first.name} ({first.model}), more than "
-            f"captioning.max_paid_requests ({cap}); nothing was asked. Raise it (--set "
-            f"captioning.max_paid_requests={to_ask}) or caption fewer frames"
+            f"stage captions would make {to_ask} paid request(s) to {first.name} ({first.model}){before}, "
+            f"more than captioning.max_paid_requests ({cap}); nothing was asked. Raise it (--set "
+            f"captioning.max_paid_requests={to_ask + earlier}) or caption fewer frames"
         )
     say(
-        logging.getLogger(__name__),
+        log,
         f"captions: {to_ask} paid request(s) to {first.name} ({first.model}), one per frame of {frames} "
-        f"without a recorded answer; retries and fallbacks may add some, and the run stops at "
+        f"without a recorded answer{after}; retries and fallbacks may add some, and the run stops at "
         f"captioning.max_paid_requests ({cap})",
     )
 

@@ -38,6 +38,7 @@ import polars as pl
 
 from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import StageError
+from diffusion_bunny.pipeline.run import bounded_name
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
@@ -435,8 +436,10 @@ def file_names(items: pl.DataFrame, image_format: str) -> pl.DataFrame:
 
 def kohya_folder(repeats: int, concept: str) -> str:
     """kohya's ``<repeats>_<concept>`` folder name (sd-scripts reads the number before the first
-    ``_`` as the repeats; the rest only names the folder, since every picture has its .txt)."""
-    return f"{repeats}_{concept}"
+    ``_`` as the repeats; the rest only names the folder, since every picture has its .txt),
+    bounded in length: a concept of many long names joined by ``+`` would pass the file system's
+    limit (:func:`~diffusion_bunny.pipeline.run.bounded_name`)."""
+    return bounded_name(f"{repeats}_{concept}")
 
 
 def output_size(box: Box, max_side: int) -> tuple[int, int]:
@@ -492,7 +495,9 @@ def concept_table(items: pl.DataFrame) -> pl.DataFrame:
         .agg(pl.len().alias("pictures"), pl.col("repeats").first())
         .with_columns(
             (pl.col("pictures") * pl.col("repeats")).alias("steps_per_epoch"),
-            pl.format("{}_{}", pl.col("repeats"), pl.col("concept")).alias("kohya_folder"),
+            pl.struct("repeats", "concept")
+            .map_elements(lambda r: kohya_folder(r["repeats"], r["concept"]), return_dtype=pl.Utf8)
+            .alias("kohya_folder"),
         )
         .sort(["pictures", "concept"], descending=[True, False])
     )

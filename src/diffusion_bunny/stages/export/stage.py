@@ -41,7 +41,7 @@ from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.probe import probe_video
-from diffusion_bunny.pipeline.atomic import staged_folder
+from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
@@ -100,7 +100,8 @@ def _write_frame(
             image.crop((row["left"], row["top"], row["right"], row["bottom"])), (row["width"], row["height"])
         )
         target = root / "hf" / row["split"] / row["file_name"]
-        crop.save(target, **options)
+        with disk_errors(target):  # Pillow's write on a full disk names no file
+            crop.save(target, **options)
         written += target.stat().st_size
         if kohya and row["split"] == "train":
             folder = root / "kohya" / kohya_folder(row["repeats"], row["concept"])
@@ -109,7 +110,8 @@ def _write_frame(
                 os.link(target, linked)
             except OSError:  # a file system without hard links: a copy
                 shutil.copyfile(target, linked)
-            linked.with_suffix(".txt").write_text(row["text"] + "\n", encoding="utf-8")
+            with disk_errors(linked.with_suffix(".txt")):
+                linked.with_suffix(".txt").write_text(row["text"] + "\n", encoding="utf-8")
     return written
 
 
@@ -118,10 +120,11 @@ def write_metadata(folder: Path, items: pl.DataFrame, metadata_format: str) -> P
     table = items.select(METADATA_COLUMNS)
     if metadata_format == "parquet":
         path = folder / "metadata.parquet"
-        table.write_parquet(path)
+        with disk_errors(path):  # polars reports a full disk in an error of its own
+            table.write_parquet(path)
         return path
     path = folder / "metadata.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
+    with disk_errors(path), path.open("w", encoding="utf-8") as fh:
         for row in table.iter_rows(named=True):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
@@ -286,5 +289,6 @@ def _write_pictures(
         part = items.filter(pl.col("split") == split)
         if part.height:
             write_metadata(staging / "hf" / split, part, cfg.metadata_format)
-    (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
+    with disk_errors(staging / "README.md"):
+        (staging / "README.md").write_text(_readme(items, cfg, dataset_dir(run_dir)), encoding="utf-8")
     return sum(sizes)

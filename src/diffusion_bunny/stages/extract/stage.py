@@ -83,7 +83,11 @@ class _Writer:
         ok, buf = cv2.imencode(".jpg", bgr, self.params)
         if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
             raise RuntimeError(f"JPEG encoding failed for {path}")
-        path.write_bytes(buf.tobytes())
+        try:
+            path.write_bytes(buf.tobytes())
+        except OSError as exc:  # a full disk fails in write(), which names no file
+            exc.filename = exc.filename or str(path)
+            raise
 
     def submit(
         self, path: Path, bgr: np.ndarray, shrink: Callable[[np.ndarray], np.ndarray] | None = None

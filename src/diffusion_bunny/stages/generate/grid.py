@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.pipeline.run import bounded_name
 from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
@@ -88,7 +89,7 @@ class GridItem:
     @property
     def rel_path(self) -> str:
         """Where the image lives, relative to the run folder."""
-        char = re.sub(r"[^\w.-]+", "_", self.character).strip("_") or "none"
+        char = bounded_name(re.sub(r"[^\w.-]+", "_", self.character).strip("_") or "none")
         scale = f"{self.lora_scale:+.2f}".replace("+", "").replace("-", "m")
         return f"generated/{self.checkpoint}/{char}/p{self.prompt_index:02d}_seed{self.seed}_scale{scale}.png"
 

@@ -22,8 +22,8 @@ from diffusion_bunny.stages.train.tables import checkpoint_dir
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
-    # The LoRA folders (one v<n>/ per training configuration: files, checkpoints, validation
-    # pictures) under training.output_dir, else checkpoint/<run folder name>/ in the workspace.
+    # The LoRA folders (one per training, named by what it trains: files, checkpoints, validation
+    # pictures) under training.output_dir, else <run>/loras/.
     return {"LoRA folder": checkpoint_dir(run.run_dir, cfg.training)}
 
 
@@ -40,6 +40,8 @@ def summary(manifest: dict[str, Any]) -> str:
     c, f = manifest["counts"], manifest["facts"]
     loss = f"{c['final_loss']:.3f}" if c.get("final_loss") is not None else "none"
     resumed = f", resumed from checkpoint-{f['resumed_from']}" if f.get("resumed_from") else ""
+    if f.get("resumed_from_folder"):
+        resumed += f" of {Path(f['resumed_from_folder']).name}"
     kept = f" ({f['loras_kept']} LoRAs kept)" if f.get("loras_kept", 1) > 1 else ""
     return (
         f"{c['steps']} steps on {c['images']} images ({f['base_model']}, {f['device']}){resumed}, "

@@ -41,12 +41,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.pipeline.atomic import atomic_path
 from diffusion_bunny.stages.train.lora import LoraTrainer
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
@@ -262,6 +262,26 @@ class FlowLoraTrainer(LoraTrainer):
             self._text_key = digest.hexdigest()[:16]
         return self._text_key
 
+    def text_cache_bytes(self, texts: Sequence[str]) -> int:
+        """Bytes :meth:`prepare_texts` will write for the captions not on disk yet: per caption the
+        sequence embeddings (FLUX.1: T5's tokens; SD3.5: CLIP's 77 and T5's) and the pooled one, in
+        the encoders' precision (FLUX.1-dev at 512 tokens: 4 MB a caption in bf16)."""
+        if not self.cfg.cache_latents or self.text_cache_dir is None:
+            return 0
+        config = self.transformer.config
+        length = self.max_sequence_length + (77 if self.family == "sd3" else 0)
+        width = int(config.joint_attention_dim) * length + int(config.pooled_projection_dim)
+        element = int(self.weight_dtype.itemsize)
+        todo = [
+            t
+            for t in dict.fromkeys([*texts, ""])
+            if not (self.text_cache_dir / f"{self._text_file(t)}.safetensors").is_file()
+        ]
+        return len(todo) * (width * element + 512)
+
+    def _text_file(self, text: str) -> str:
+        return hashlib.sha256(f"{self.text_key()}\0{text}".encode()).hexdigest()[:24]
+
     def prepare_texts(self, texts: Sequence[str]) -> None:
         """With ``cache_latents``: every caption (plus "" for caption dropout) encoded once, read
         from or written to the disk cache, then the text encoders dropped from the pipeline so
@@ -279,8 +299,7 @@ class FlowLoraTrainer(LoraTrainer):
         for text in todo:
             path = None
             if self.text_cache_dir is not None:
-                name = hashlib.sha256(f"{self.text_key()}\0{text}".encode()).hexdigest()[:24]
-                path = self.text_cache_dir / f"{name}.safetensors"
+                path = self.text_cache_dir / f"{self._text_file(text)}.safetensors"
                 if path.is_file():
                     try:
                         data = load_file(path)
@@ -296,10 +315,10 @@ class FlowLoraTrainer(LoraTrainer):
                 entry = (embeds[j].cpu().clone(), pooled[j].cpu().clone())
                 self._text[text] = entry
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-                    save_file({"embeds": entry[0].contiguous(), "pooled": entry[1].contiguous()}, tmp)
-                    os.replace(tmp, path)
+                    # Flushed and renamed into place: a full disk or a kill never leaves half a file
+                    # that a later run would take for the embedding (a killed writer's is swept).
+                    with atomic_path(path) as tmp:
+                        save_file({"embeds": entry[0].contiguous(), "pooled": entry[1].contiguous()}, tmp)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(self.pipe, name, None) is not None:
                 self.pipe.register_modules(**{name: None})

@@ -21,7 +21,13 @@ sibling and ``train_dreambooth_lora.py``), rebuilt around what this workspace ne
   noise generator, the position in the epoch, the log so far), written to a temporary folder and
   renamed, so a killed process leaves either a whole checkpoint or none. A rerun with the same
   settings continues from the latest one: the batch order of an epoch is a function of the seed
-  and the epoch number, so the resumed run sees the batches the killed one would have.
+  and the epoch number, so the resumed run sees the batches the killed one would have. Only the
+  newest ``keep_resumable`` checkpoints keep their state (three times the LoRA's size: the
+  optimizer's two moments and the weights); every checkpoint keeps its LoRA weights for stage
+  08 to compare, up to ``checkpoints_total_limit`` of them (:func:`prune_checkpoints`). Before
+  the first step the disk it will take is estimated (:func:`disk_needs`) and a training that
+  will not fit stops in one line. A LoRA folder is held by one training at a time
+  (:func:`lora_lock`).
 - Optional Min-SNR-gamma weighting, DreamBooth prior preservation (class images from a folder, or
   generated once by the base model into the user cache), validation images every
   ``validation_every`` steps (and before the first step, the base model's own picture).
@@ -31,12 +37,13 @@ sibling and ``train_dreambooth_lora.py``), rebuilt around what this workspace ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +52,14 @@ import numpy as np
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
-from diffusion_bunny.pipeline.atomic import atomic_path, sweep_leftovers, temp_path
+from diffusion_bunny.pipeline.atomic import (
+    atomic_path,
+    check_free_space,
+    disk_errors,
+    swap_in,
+    sweep_leftovers,
+    temp_path,
+)
 from diffusion_bunny.stages.train.data import (
     PixelMemory,
     Sample,
@@ -358,6 +372,16 @@ class LoraTrainer:
         """Called once before the first step with every caption and validation prompt; the UNet
         families cache their (small) text embeddings lazily in memory, so nothing to do here."""
 
+    def text_cache_bytes(self, texts: Sequence[str]) -> int:
+        """Bytes :meth:`prepare_texts` will write to disk for ``texts`` (none here: in memory)."""
+        return 0
+
+    def latent_bytes(self, size: tuple[int, int]) -> int:
+        """Bytes of one cached latent file at bucket ``size`` (the Gaussian's mean and log
+        variance in fp32, and the file's small header)."""
+        channels = int(self.vae.config.latent_channels)
+        return 2 * channels * (size[0] // self.vae_scale) * (size[1] // self.vae_scale) * 4 + 512
+
     # -- one step ----------------------------------------------------------------------------
 
     def make_batch(self, images: Sequence[TrainImage], size: tuple[int, int]) -> dict[str, Any]:
@@ -492,7 +516,8 @@ class LoraTrainer:
         final = folder / LORA_FILE
         staging = temp_path(final)
         try:
-            pipeline_class(self.family).save_lora_weights(staging, safe_serialization=True, **kwargs)
+            with disk_errors(staging / LORA_FILE):  # safetensors reports a full disk its own way
+                pipeline_class(self.family).save_lora_weights(staging, safe_serialization=True, **kwargs)
             with atomic_path(final) as tmp:
                 os.replace(staging / LORA_FILE, tmp)
         finally:
@@ -631,14 +656,47 @@ def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: flo
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints in ``output_dir`` (those with their state file), ascending."""
-    steps = []
+    """Steps of the resumable checkpoints in ``output_dir`` (those with their state file), ascending."""
+    return [step for step, resumable in _checkpoints(output_dir) if resumable]
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, bool]]:
+    """``(step, resumable)`` of every checkpoint in ``output_dir`` that holds its LoRA weights (a
+    folder renamed into place is complete), ascending."""
+    found = []
     if Path(output_dir).is_dir():
         for child in Path(output_dir).iterdir():
             name = child.name
-            if name.startswith("checkpoint-") and name[11:].isdigit() and (child / STATE_FILE).is_file():
-                steps.append(int(name[11:]))
-    return sorted(steps)
+            if name.startswith("checkpoint-") and name[11:].isdigit():
+                if (child / LORA_FILE).is_file():
+                    found.append((int(name[11:]), (child / STATE_FILE).is_file()))
+                elif (child / STATE_FILE).is_file():  # written before LoRA files were checked
+                    found.append((int(name[11:]), True))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: Path, keep_resumable: int, total_limit: int | None) -> list[str]:
+    """Keep the state file (optimizer, schedule, generator: what a resume needs) of the newest
+    ``keep_resumable`` checkpoints only, and at most ``total_limit`` checkpoints in all (None:
+    every one, as diffusers' ``checkpoints_total_limit``), the oldest going first. Returns what was
+    removed. Called after a new checkpoint is complete on disk, so a kill in between leaves one
+    state more, never one less.
+
+    Why: for SDXL over a few thousand steps the states of every checkpoint were tens of GB, and
+    only the newest is ever resumed from; the LoRA weights of each (a few MB to a few hundred)
+    stay for stage 08's comparison of checkpoints."""
+    removed = []
+    found = _checkpoints(output_dir)
+    if total_limit is not None and len(found) > total_limit:
+        for step, _ in found[: len(found) - total_limit]:
+            shutil.rmtree(Path(output_dir) / f"checkpoint-{step}", ignore_errors=True)
+            removed.append(f"checkpoint-{step}/")
+        found = found[len(found) - total_limit :]
+    resumable = [step for step, has_state in found if has_state]
+    for step in resumable[: max(0, len(resumable) - keep_resumable)]:
+        (Path(output_dir) / f"checkpoint-{step}" / STATE_FILE).unlink(missing_ok=True)
+        removed.append(f"checkpoint-{step}/{STATE_FILE}")
+    return removed
 
 
 def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
@@ -663,6 +721,8 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
             "start_over",
             "device",
             "tensorboard",
+            "keep_resumable",
+            "checkpoints_total_limit",
             *at_default,
         },
     )
@@ -685,35 +745,106 @@ def start_over(output_dir: Path) -> list[str]:
     return removed
 
 
-def _write_checkpoint(output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any]) -> Path:
+def _write_checkpoint(
+    output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any], cfg: TrainingConfig
+) -> Path:
+    """``checkpoint-<step>/`` complete on disk (written aside, flushed, renamed into place), then
+    the older checkpoints pruned (:func:`prune_checkpoints`)."""
     import torch
 
     final = output_dir / f"checkpoint-{step}"
     tmp = temp_path(final)  # named by pid: a killed run's half checkpoint is swept, a live one's kept
-    trainer.save_lora(tmp)
-    torch.save(
-        {
-            **state,
-            "peft": trainer.peft_state(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "lr_scheduler": trainer.lr_scheduler.state_dict(),
-            "generator": trainer.generator.get_state(),
-        },
-        tmp / STATE_FILE,
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        trainer.save_lora(tmp)
+        with disk_errors(tmp / STATE_FILE):  # torch.save says only "unexpected pos" on a full disk
+            torch.save(
+                {
+                    **state,
+                    "peft": trainer.peft_state(),
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "lr_scheduler": trainer.lr_scheduler.state_dict(),
+                    "generator": trainer.generator.get_state(),
+                },
+                tmp / STATE_FILE,
+            )
+            for written in (tmp / LORA_FILE, tmp / STATE_FILE):
+                fd = os.open(written, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never taken for a checkpoint, and the space is back
+        raise
+    swap_in(tmp, final)  # the old folder of that step (if any) is renamed aside first
+    prune_checkpoints(output_dir, cfg.keep_resumable, cfg.checkpoints_total_limit)
     return final
 
 
-def _read_checkpoint(folder: Path) -> dict[str, Any]:
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The state of a checkpoint, read with ``weights_only=True``: tensors and plain Python values
+    only, so a state file someone swapped in cannot run code when it is read (torch's full
+    unpickler would)."""
     import torch
 
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def disk_needs(
+    trainer: LoraTrainer,
+    cfg: TrainingConfig,
+    output_dir: Path,
+    samples: Sequence[Sample],
+    prior: Sequence[TrainImage],
+    n_prompts: int,
+    start: int,
+) -> list[tuple[Path, int, str]]:
+    """What a training from step ``start`` will write, as ``(folder, bytes, what)`` for
+    :func:`~diffusion_bunny.pipeline.atomic.check_free_space`: its checkpoints (LoRA weights: 4
+    bytes per trained parameter and a header per tensor; a state: the weights again and AdamW's two
+    moments, 12 bytes per parameter; ``keep_resumable`` + 1 states at the peak, as the new one is
+    written before the old is pruned), the final LoRA and its kohya copy, the validation pictures,
+    and the latents and text embeddings not cached yet. An estimate on the safe side: a training
+    refused by it would have filled the disk."""
+    params = sum(p.numel() for p in trainer.params)
+    tensors = len(trainer.params)
+    lora = 4 * params + 256 * tensors + 4096
+    state = 12 * params + 3 * 512 * tensors + 64 * 1024
+    steps = [s for s in range(start + 1, cfg.max_train_steps + 1) if not s % cfg.checkpoint_every]
+    if cfg.max_train_steps > start and cfg.max_train_steps not in steps:
+        steps.append(cfg.max_train_steps)
+    kept = len(steps) if cfg.checkpoints_total_limit is None else min(len(steps), cfg.checkpoints_total_limit)
+    states = min(len(steps), cfg.keep_resumable + 1)
+    validations = 0
+    if cfg.validation_every and n_prompts:
+        at = [s for s in range(start + 1, cfg.max_train_steps + 1) if not s % cfg.validation_every]
+        validations = len(at) + (start == 0) + (cfg.max_train_steps % cfg.validation_every != 0)
+    side = trainer.resolution
+    pictures = validations * n_prompts * (3 * side * side + 4096)
+    needs = [
+        (output_dir, kept * lora, f"{kept} checkpoint(s) of LoRA weights"),
+        (output_dir, states * state, f"{states} optimizer state(s)"),
+        (output_dir, (2 * lora if cfg.max_train_steps > start else 0) + pictures, "the LoRA and pictures"),
+    ]
+    cache = trainer.latent_cache_dir
+    if cache is not None and cfg.cache_latents and cfg.max_train_steps > start:
+        buckets = {s.bucket for s in samples}  # a class image is cached at the size of each batch it joins
+        sizes = {(s.image.path, s.bucket) for s in samples} | {(im.path, b) for im in prior for b in buckets}
+        present = sum(1 for _ in cache.glob(f"*-{trainer.vae_key()}-*")) if cache.is_dir() else 0
+        latents = sum(trainer.latent_bytes(size) for _, size in sizes)
+        latents = max(0, latents - present * (latents // max(1, len(sizes))))
+        needs.append((cache, latents, "cached latents"))
+        texts = [*(s.image.text for s in samples), *(p.text for p in prior)]
+        needs.append((cache, trainer.text_cache_bytes(texts), "cached text embeddings"))
+    return needs
+
+
+def _resume_note(start: int) -> str:
+    return f"; a rerun resumes from checkpoint-{start}" if start else ""
 
 
 def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: int) -> list[TrainImage]:
@@ -777,23 +908,78 @@ def train_lora(
     cache_dir: Path | None = None,
     trainer_class: type[LoraTrainer] | None = None,
     name: str | None = None,
+    resume_from: Sequence[Path] = (),
 ) -> TrainResult:
     """Train (or continue training) a LoRA on ``images`` and write everything into ``output_dir``.
 
-    Resumes from the latest complete checkpoint (its settings and data must match: a folder
+    Resumes from the latest resumable checkpoint (its settings and data must match: a folder
     holding another training's checkpoints is an error, nothing is deleted unless
-    ``training.start_over``). ``name`` names the kohya file and the TensorBoard run (default:
+    ``training.start_over``), in ``output_dir`` or in one of the ``resume_from`` folders (the same
+    settings and data trained for fewer steps: a longer training continues from there into a
+    folder of its own). ``name`` names the kohya file and the TensorBoard run (default:
     :func:`~diffusion_bunny.stages.train.tables.lora_name` of the folder). Latents are cached
     under ``cache_dir`` (default ``output_dir``).
     ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
     (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model).
     With ``training.tensorboard`` the loss, learning rate and validation images also go to
     TensorBoard in ``log/tensorboard/<name>/`` (the ``training_log`` table is the same
-    either way)."""
+    either way). The folder is held for the whole training (:func:`lora_lock`): a second
+    training of it, on this machine or another, stops at once."""
     if not images:
         raise StageError("no training images; check the dataset (stage export)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with lora_lock(output_dir):
+        return _train_locked(
+            images,
+            cfg,
+            output_dir,
+            validation_prompts=validation_prompts,
+            progress=progress,
+            progress_path=progress_path,
+            device=device,
+            cache_dir=cache_dir,
+            trainer_class=trainer_class,
+            name=name,
+            resume_from=resume_from,
+        )
+
+
+@contextlib.contextmanager
+def lora_lock(folder: Path) -> Iterator[None]:
+    """Hold the LoRA folder ``folder`` while training writes into it: another training of the same
+    folder (a second ``bunny run`` of the same movie and settings into a shared
+    ``training.output_dir``, on this machine or another node) is refused at once, naming the
+    holder, instead of both writing the same checkpoints. The run lock's machinery (an OS file
+    lock and a lease with a heartbeat, :mod:`diffusion_bunny.pipeline.lock`) on the folder."""
+    from diffusion_bunny.pipeline.lock import RunBusy, current_holder, run_lock
+
+    try:
+        with run_lock(folder, what="training"):
+            yield
+    except RunBusy:
+        holder = current_holder(folder)
+        by = f" by {holder.describe()}" if holder is not None else ""
+        raise StageError(
+            f"the LoRA folder {folder} is being trained{by}; wait for that training to finish or stop it "
+            "(one training per LoRA folder at a time; its checkpoints are kept for the next run)"
+        ) from None
+
+
+def _train_locked(
+    images: Sequence[TrainImage],
+    cfg: TrainingConfig,
+    output_dir: Path,
+    *,
+    validation_prompts: Sequence[str],
+    progress: bool,
+    progress_path: Path | None,
+    device: str | None,
+    cache_dir: Path | None,
+    trainer_class: type[LoraTrainer] | None,
+    name: str | None,
+    resume_from: Sequence[Path],
+) -> TrainResult:
     warnings: list[str] = []
     data_key = dataset_key(images)
     key = resume_key(cfg, data_key)
@@ -804,36 +990,27 @@ def train_lora(
                 f"training.start_over: the earlier LoRA of this configuration in {output_dir} "
                 f"({', '.join(removed)}) was removed and training started from step 0"
             )
-
-    # Find what to resume from before loading any model.
-    resume_state: dict[str, Any] | None = None
-    resumed_from: int | None = None
-    for step in reversed(checkpoint_steps(output_dir)):
-        folder = output_dir / f"checkpoint-{step}"
-        try:
-            state = _read_checkpoint(folder)
-        except Exception:
-            warnings.append(f"checkpoint {folder} is damaged and was skipped")
-            continue
-        if state.get("resume_key") != key:
-            # Never deleted behind the user's back (issue 31): stage 07 trains each configuration
-            # in its own folder, so this is a caller naming a folder of another training.
-            raise StageError(
-                f"{output_dir} holds a LoRA trained with other settings or data (checkpoint-{step}); "
-                "train into another folder, or set training.start_over: true to replace it"
-            )
-        if step > cfg.max_train_steps:
-            continue
-        resume_state, resumed_from = state, step
-        break
     sweep_leftovers(output_dir)  # checkpoints and files the killed process never finished
+    # Settings changed since the last checkpoint (keep_resumable, checkpoints_total_limit) apply now.
+    prune_checkpoints(output_dir, cfg.keep_resumable, cfg.checkpoints_total_limit)
 
+    # Find what to resume from before loading any model: this folder's latest checkpoint, else
+    # the latest of a folder of the same settings and data trained for fewer steps.
+    resume_state, resumed_from, resumed_folder = _resume_point(
+        output_dir, [] if cfg.start_over else list(resume_from), cfg, key, warnings
+    )
     trainer = (trainer_class or LoraTrainer)(
         cfg,
         cache_dir=cache_dir or output_dir,
         device=device,
         tracker_dir=tensorboard_dir() if cfg.tensorboard else None,
     )
+    name = name or lora_name(output_dir)
+    if resumed_folder is not None and resumed_folder != output_dir and trainer.accelerator.log_with:
+        # The TensorBoard run continues the one it resumed from: its events up to the checkpoint.
+        earlier = Path(trainer.accelerator.logging_dir) / lora_name(resumed_folder)
+        if earlier.is_dir() and not (Path(trainer.accelerator.logging_dir) / name).exists():
+            shutil.copytree(earlier, Path(trainer.accelerator.logging_dir) / name)
     try:
         return _train(
             trainer,
@@ -845,13 +1022,45 @@ def train_lora(
             progress_path=progress_path,
             resume_state=resume_state,
             resumed_from=resumed_from,
+            resumed_folder=resumed_folder,
             key=key,
             warnings=warnings,
-            name=name or lora_name(output_dir),
+            name=name,
         )
     finally:
         if trainer.accelerator.trackers:
             trainer.accelerator.end_training()  # closes the TensorBoard writer, also after an error
+
+
+def _resume_point(
+    output_dir: Path, others: list[Path], cfg: TrainingConfig, key: str, warnings: list[str]
+) -> tuple[dict[str, Any] | None, int | None, Path | None]:
+    """``(state, step, folder)`` of the checkpoint to resume from (Nones: start at step 0): the
+    highest resumable step up to ``max_train_steps`` in ``output_dir`` or ``others``, this folder
+    winning a tie. A damaged state file is skipped with a warning; a checkpoint of other settings
+    in ``output_dir`` itself is an error (a caller naming another training's folder)."""
+    candidates = [(step, 1, output_dir) for step in checkpoint_steps(output_dir)]
+    candidates += [(step, 0, folder) for folder in others for step in checkpoint_steps(folder)]
+    for step, own, folder in sorted(candidates, reverse=True):
+        checkpoint = folder / f"checkpoint-{step}"
+        try:
+            state = read_checkpoint(checkpoint)
+        except Exception:
+            warnings.append(f"checkpoint {checkpoint} is damaged and was skipped")
+            continue
+        if state.get("resume_key") != key:
+            if not own:
+                continue
+            # Never deleted behind the user's back: stage 07 trains each configuration
+            # in its own folder, so this is a caller naming a folder of another training.
+            raise StageError(
+                f"{output_dir} holds a LoRA trained with other settings or data (checkpoint-{step}); "
+                "train into another folder, or set training.start_over: true to replace it"
+            )
+        if step > cfg.max_train_steps:
+            continue
+        return state, step, folder
+    return None, None, None
 
 
 def _train(
@@ -865,6 +1074,7 @@ def _train(
     progress_path: Path | None,
     resume_state: dict[str, Any] | None,
     resumed_from: int | None,
+    resumed_folder: Path | None,
     key: str,
     warnings: list[str],
     name: str,
@@ -885,6 +1095,13 @@ def _train(
     prior: list[TrainImage] = class_images(trainer, cfg, resolution) if cfg.prior_preservation else []
 
     prompts = list(prompts) if cfg.validation_every else []
+    start = resumed_from or 0
+    check_free_space(
+        disk_needs(trainer, cfg, output_dir, samples, prior, len(prompts), start),
+        f"free some space there (older LoRA folders that bunny status lists, or caches), set "
+        f"training.checkpoints_total_limit or a larger training.checkpoint_every, or point "
+        f"training.output_dir at a larger disk; nothing was trained{_resume_note(start)}",
+    )
     trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
     tracker = start_tracker(trainer, name, cfg, resumed_from)
     log_rows: list[dict[str, Any]] = []
@@ -973,7 +1190,8 @@ def _train(
                     output_dir,
                     trainer,
                     step,
-                    {
+                    cfg=cfg,
+                    state={
                         "step": step,
                         "epoch": epoch,
                         "batch_index": batch_index,
@@ -1011,6 +1229,9 @@ def _train(
         "samples_per_epoch": len(samples),
         "class_images": len(prior),
         "resumed_from": resumed_from,
+        "resumed_from_folder": (
+            str(resumed_folder) if resumed_folder is not None and resumed_folder != output_dir else None
+        ),
         "output_dir": str(output_dir),
         "lora_path": str(lora_path),
         "kohya_path": str(kohya_path),

@@ -2,12 +2,14 @@
 
 Reads the ``dataset_items`` table and the images under ``<run>/dataset/hf/`` (never the kohya
 copy), trains with :func:`diffusion_bunny.stages.train.lora.train_lora` into the LoRA folder of
-its configuration, ``checkpoint/<run folder name>/v<n>/`` (or under ``training.output_dir``: the
-same settings and data resume in their folder, others get a new one, and no earlier LoRA is
-deleted), and returns the ``training_log``, ``training_validation`` and ``loras`` (every LoRA
-kept, the one just trained marked ``current``) tables. Everything a user can get wrong (an empty
-dataset, a missing image, a base model that is not there) fails here in one line before a model is
-loaded or a step runs.
+its training, ``<run>/loras/<name>/`` (or under ``training.output_dir``; the folder is named by
+what it trains: the same settings, data and steps resume in their folder, others get a new one
+that may continue from a shorter training's last checkpoint, and no earlier LoRA is deleted), and
+returns the ``training_log``, ``training_validation`` and ``loras`` (every LoRA kept, the one just
+trained marked ``current``) tables. Everything a user can get wrong (an empty dataset, a missing
+image, a base model that is not there, a disk too small for the checkpoints) fails here in one
+line before a step runs; a disk that fills up anyway is one line too, and the rerun resumes from
+the last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ from pathlib import Path
 import polars as pl
 
 from diffusion_bunny.config import TrainingConfig
-from diffusion_bunny.errors import StageError
+from diffusion_bunny.errors import StageError, storage_error
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.stages.train.data import dataset_key, read_dataset
+from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
-from diffusion_bunny.stages.train.lora import resume_key, train_lora
-from diffusion_bunny.stages.train.tables import checkpoint_dir, kept_loras, lora_folder
+from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_key, train_lora
+from diffusion_bunny.stages.train.tables import (
+    checkpoint_dir,
+    kept_loras,
+    legacy_checkpoint_dir,
+    lora_folder,
+    lora_folder_name,
+    lora_folders,
+    lora_key,
+    resumable_folders,
+)
 
 #: Captions of the validation split used as validation prompts when none are configured.
 DEFAULT_VALIDATION_PROMPTS = 2
@@ -35,6 +46,21 @@ def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_t
         return list(cfg.validation_prompts)
     texts = validation_texts or train_texts[:1]
     return list(dict.fromkeys(texts))[:DEFAULT_VALIDATION_PROMPTS]
+
+
+def lora_folder_for(run_dir: Path, cfg: TrainingConfig, images: list[TrainImage]) -> tuple[Path, bool]:
+    """The LoRA folder this training of ``images`` writes into (made, with its ``training.json``,
+    when new: returned with True), under :func:`~.tables.checkpoint_dir`."""
+    data = dataset_key(images)
+    resume = resume_key(cfg, data)
+    key = lora_key(resume, cfg.max_train_steps)
+    describe = {
+        "resume_key": resume,
+        "run": str(Path(run_dir).resolve()),
+        "dataset_key": data,
+        "settings": cfg.model_dump(mode="json"),
+    }
+    return lora_folder(checkpoint_dir(run_dir, cfg), key, lora_folder_name(cfg, key), describe)
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -50,30 +76,39 @@ def compute(ctx: Context) -> StageOutput:
     if not images:  # before any LoRA folder is made for it
         raise StageError("no training images; check the dataset (stage export)")
     base = checkpoint_dir(run_dir, cfg)
-    data = dataset_key(images)
-    folder, created = lora_folder(
-        base,
-        resume_key(cfg, data),
-        {"run": Path(run_dir).name, "dataset_key": data, "settings": cfg.model_dump(mode="json")},
-    )
-    with cpu_threads_for(ref.source, cfg.device, "training.device"):
-        result = train_lora(
-            images,
-            cfg,
-            folder,
-            validation_prompts=prompts,
-            progress=ctx.progress,
-            progress_path=ctx.progress_path,
-            cache_dir=Path(run_dir) / "cache",
-            trainer_class=trainer_class_for(cfg),
-        )
+    folder, created = lora_folder_for(run_dir, cfg, images)
+    resume = resume_key(cfg, dataset_key(images))
+    try:
+        with cpu_threads_for(ref.source, cfg.device, "training.device"):
+            result = train_lora(
+                images,
+                cfg,
+                folder,
+                validation_prompts=prompts,
+                progress=ctx.progress,
+                progress_path=ctx.progress_path,
+                cache_dir=Path(run_dir) / "cache",
+                trainer_class=trainer_class_for(cfg),
+                resume_from=resumable_folders(base, resume, exclude=folder),
+            )
+    except OSError as exc:
+        error = storage_error(exc, _full_disk_advice(base, folder))
+        if error is None:
+            raise
+        raise error from None
     log = result.log
     loras = kept_loras(base, current=folder)
     others = loras.filter(~pl.col("current")).height
-    if created and others:
+    if created and others and not result.facts.get("resumed_from_folder"):
         result.warnings.append(
             f"new training settings or data: this LoRA trains in {folder}; the {others} earlier one(s) in "
             f"{base} are kept (bunny status lists them)"
+        )
+    legacy = legacy_checkpoint_dir(run_dir)
+    if base != legacy and lora_folders(legacy):
+        result.warnings.append(
+            f"LoRAs trained by an earlier version for a run of this name are in {legacy} (not read any more: "
+            f"LoRAs live in the run folder now); set training.output_dir to it to list them, or move them"
         )
     result.facts["lora_folder"] = str(folder)
     result.facts["loras_kept"] = loras.height
@@ -88,4 +123,14 @@ def compute(ctx: Context) -> StageOutput:
         counts=counts,
         warnings=result.warnings,
         facts=result.facts,
+    )
+
+
+def _full_disk_advice(base: Path, folder: Path) -> str:
+    """What to free when the disk fills during training, and what a rerun does."""
+    steps = checkpoint_steps(folder)
+    resume = f"a rerun resumes from checkpoint-{steps[-1]}" if steps else "a rerun starts the training again"
+    return (
+        f"free some space (older LoRA folders in {base} that bunny status lists), set "
+        f"training.checkpoints_total_limit, or point training.output_dir at a larger disk; {resume}"
     )

@@ -1,9 +1,10 @@
 """Stage 07's outputs as stage 08 and the report rely on them: the ``training_log``,
-``training_validation`` and ``loras`` tables and the folders of LoRA files
-(``checkpoint/<run folder name>/v<n>/``, one per training configuration)."""
+``training_validation`` and ``loras`` tables and the folders of LoRA files (``<run>/loras/<name>/``,
+or under ``training.output_dir``: one folder per training, named by what it trains)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -37,20 +38,36 @@ VALIDATION_SCHEMA = {
 }
 
 
+#: The run folder's own folder of LoRAs (when ``training.output_dir`` is not set).
+LORAS_DIR = "loras"
+
+
 def checkpoint_dir(run_dir: Path, cfg: TrainingConfig) -> Path:
     """Where a run's LoRAs are kept: ``training.output_dir`` (relative to the workspace unless
-    absolute), else ``checkpoint/<run folder name>/`` in the workspace; one ``v<n>/`` folder per
-    training configuration inside (:func:`lora_folder`)."""
+    absolute), else ``<run>/loras/``; one folder per training inside (:func:`lora_folder`).
+
+    Why in the run folder by default, not in the workspace's ``checkpoint/``: with ``--engine
+    ray`` on several machines each node has its own workspace, so LoRAs trained there stayed on
+    that node and a rerun from the head trained again for hours; the run folder is the one place
+    every node must see. A ``training.output_dir`` on shared storage may hold the LoRAs of many
+    runs side by side: their folders are named by content (:func:`lora_folder_name`), so two run
+    folders with one name never collide, and the same training of the same data is shared."""
     if cfg.output_dir:
         out = Path(cfg.output_dir).expanduser()
         return out if out.is_absolute() else workspace_root() / out
+    return Path(run_dir) / LORAS_DIR
+
+
+def legacy_checkpoint_dir(run_dir: Path) -> Path:
+    """Where LoRAs were kept before they moved into the run folder: ``checkpoint/<run folder
+    name>/`` in the workspace (read by nothing; stage 07 only says they are there)."""
     return workspace_root() / "checkpoint" / Path(run_dir).name
 
 
 # ---------------------------------------------------------------------------------------------
-# One folder per training configuration (issue 31)
+# One folder per training, named by what it trains
 
-#: What a LoRA folder records about the configuration it was trained with.
+#: What a LoRA folder records about the training it holds.
 TRAINING_FILE = "training.json"
 STATE_FILE = "training_state.pt"
 _VERSION = re.compile(r"^v(\d+)$")
@@ -69,66 +86,96 @@ LORAS_SCHEMA = {
 }
 
 
-def version_folders(base: Path) -> list[tuple[int, Path, dict[str, Any]]]:
-    """``(n, folder, training.json)`` of every ``v<n>/`` LoRA folder under ``base``, by ``n``
-    (a folder without a readable ``training.json`` is not one of ours and is left alone)."""
+def lora_folders(base: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(folder, training.json)`` of every LoRA folder under ``base``, oldest first (a folder
+    without a readable ``training.json`` is not one of ours and is left alone). Holds the folders
+    named by content and the ``v<n>/`` ones of earlier versions."""
     out = []
     if Path(base).is_dir():
         for child in Path(base).iterdir():
-            m = _VERSION.match(child.name)
-            if not m or not child.is_dir():
+            if not child.is_dir() or child.name.startswith("."):
                 continue
             try:
                 info = json.loads((child / TRAINING_FILE).read_text())
             except (OSError, ValueError):
                 continue
             if isinstance(info, dict):
-                out.append((int(m.group(1)), child, info))
-    return sorted(out, key=lambda v: v[0])
+                out.append((child, info))
+    return sorted(out, key=lambda f: (str(f[1].get("created") or ""), f[0].name))
 
 
-def lora_folder(base: Path, key: str, describe: dict[str, Any]) -> tuple[Path, bool]:
-    """The LoRA folder of the training configuration ``key`` (settings that change a step + the
-    dataset, :func:`~diffusion_bunny.stages.train.lora.resume_key`) under ``base``: the existing
-    ``v<n>/`` whose ``training.json`` holds that key (a rerun resumes there), else a new
-    ``v<n+1>/`` (returned with True). Why versions instead of one folder: a retrain with other
-    settings or one edited caption used to start over in the same folder and delete the LoRA
-    and every checkpoint of the run before, hours of GPU time; now nothing is deleted unless
-    ``training.start_over`` asks for it."""
+def _slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a base model's name (the last part of a hub id or path)."""
+    tail = re.split(r"[/\\]", str(text).rstrip("/\\"))[-1] or "model"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-.") or "model"
+    return slug[:limit]
+
+
+def lora_folder_name(cfg: TrainingConfig, key: str) -> str:
+    """``<base model>-<steps>steps-<key>``: readable, and named by what it holds (``key``: the
+    settings that change a step, the data and ``max_train_steps``, :func:`lora_key`), never by the
+    run folder's name."""
+    return f"{_slug(cfg.base_model)}-{cfg.max_train_steps}steps-{key[:12]}"
+
+
+def lora_key(resume_key: str, max_train_steps: int) -> str:
+    """The key of one training's LoRA folder: its resume key (settings that change what a step
+    computes + the data) and its ``max_train_steps``. The steps are in it so a longer training
+    never replaces the final LoRA of a shorter one (it continues from that one's last checkpoint
+    in a folder of its own, :func:`resumable_folders`)."""
+    return hashlib.sha256(f"{resume_key}|steps={max_train_steps}".encode()).hexdigest()[:16]
+
+
+def lora_folder(base: Path, key: str, name: str, describe: dict[str, Any]) -> tuple[Path, bool]:
+    """The LoRA folder of the training ``key`` (:func:`lora_key`) under ``base``: the existing one
+    whose ``training.json`` holds that key (a rerun resumes there), else a new folder ``name``
+    (returned with True). Nothing is ever deleted here: a retrain with other settings, more steps
+    or one edited caption gets a folder of its own; only ``training.start_over`` empties one."""
     from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 
-    versions = version_folders(base)
-    for _, folder, info in versions:
-        if info.get("resume_key") == key:
+    for folder, info in lora_folders(base):
+        if info.get("lora_key") == key:
             return folder, False
-    n = (versions[-1][0] if versions else 0) + 1
-    while (Path(base) / f"v{n}").exists():  # a folder of ours without training.json: keep clear
-        n += 1
-    folder = Path(base) / f"v{n}"
-    folder.mkdir(parents=True)
-    info = {"version": n, "resume_key": key, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    folder = Path(base) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"lora_key": key, "created": datetime.now(UTC).isoformat(timespec="microseconds")}
     atomic_write_bytes(folder / TRAINING_FILE, json.dumps({**info, **describe}, indent=1).encode())
     return folder, True
 
 
+def resumable_folders(base: Path, resume_key: str, exclude: Path | None = None) -> list[Path]:
+    """The other LoRA folders under ``base`` trained with the same settings and data (their
+    ``resume_key``) but another ``max_train_steps``: a training with more steps continues from
+    their latest checkpoint instead of starting over."""
+    return [
+        folder
+        for folder, info in lora_folders(base)
+        if info.get("resume_key") == resume_key
+        and "lora_key" in info
+        and (exclude is None or folder.resolve() != Path(exclude).resolve())
+    ]
+
+
 def lora_name(folder: Path) -> str:
-    """The name a LoRA folder's files and TensorBoard run carry: ``<run>-v<n>`` for a version
-    folder (``v1`` alone would collide across runs in ``log/tensorboard/``), else its own name."""
+    """The name a LoRA folder's files and TensorBoard run carry: its own name (``<run>-v<n>`` for
+    a ``v<n>`` folder of earlier versions, where ``v1`` alone would collide across runs)."""
     folder = Path(folder)
     return f"{folder.parent.name}-{folder.name}" if _VERSION.match(folder.name) else folder.name
 
 
 def _steps(folder: Path) -> int | None:
+    """The last step a LoRA folder holds a checkpoint of (its LoRA weights; the optimizer state
+    is kept only by the newest ones)."""
     steps = [
         int(c.name[11:])
         for c in folder.glob("checkpoint-*")
-        if c.name[11:].isdigit() and (c / STATE_FILE).is_file()
+        if c.name[11:].isdigit() and (c / LORA_FILE).is_file()
     ]
     return max(steps) if steps else None
 
 
 def kept_loras(base: Path, current: Path | None = None) -> pl.DataFrame:
-    """Every LoRA kept under ``base``: one row per ``v<n>/`` folder (``lora_path`` null while its
+    """Every LoRA kept under ``base``: one row per LoRA folder (``lora_path`` null while its
     training has not finished), plus the base folder itself when it holds a LoRA directly (a
     training output from before issue 31, or one ``training.output_dir`` points at). ``current``
     marks the folder the last training used (what stage 08 draws with)."""
@@ -137,7 +184,7 @@ def kept_loras(base: Path, current: Path | None = None) -> pl.DataFrame:
     folders: list[tuple[str, Path, dict[str, Any]]] = []
     if (base / LORA_FILE).is_file():
         folders.append((base.name, base, {}))
-    folders += [(f"v{n}", folder, info) for n, folder, info in version_folders(base)]
+    folders += [(folder.name, folder, info) for folder, info in lora_folders(base)]
     for name, folder, info in folders:
         final = folder / LORA_FILE
         kohya = folder / f"{lora_name(folder)}_kohya.safetensors"
@@ -173,8 +220,8 @@ def describe_loras(loras: pl.DataFrame) -> list[str]:
 
 def current_lora_dir(base: Path, loras: pl.DataFrame | None) -> Path:
     """The folder stage 08 draws with: the ``current`` row of the ``loras`` table stage 07 wrote,
-    when it lies under ``base`` (the configured ``training.output_dir``, else
-    ``checkpoint/<run>/``) and still exists; else ``base`` itself (a training output the user
+    when it lies under ``base`` (the configured ``training.output_dir``, else ``<run>/loras/``) and
+    still exists; else ``base`` itself (a training output the user
     points ``training.output_dir`` at, or one written before LoRA folders were versioned)."""
     base = Path(base)
     if loras is not None and "current" in loras.columns:

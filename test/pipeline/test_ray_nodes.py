@@ -1,0 +1,224 @@
+"""``--engine ray`` across nodes: two Ray nodes on this machine, started from different working
+folders (and the second on its own address, so the head's driver never shares its node), as a
+cluster of machines would have them. Every output of a movie run on the other node (tables,
+dataset, LoRA and checkpoints, logs and TensorBoard events) lands under the run folder the user
+named, here a relative ``--out`` that means the head's working folder; nothing lands in the
+node's own working folder, and a rerun from the head finds the LoRA. A node that cannot see the
+run folder (a mount namespace of its own with another disk at that path, where the test runs as
+root) fails at once, in one line, before any stage.
+
+Each node is ``ray start --block`` in a process group of its own, ended by its group id.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from clips import write_clip
+
+from diffusion_bunny.cli import main
+
+pytestmark = pytest.mark.slow
+
+STAGES = "extract,quality,characters,scenes,captions,export,train"
+SETTINGS = {
+    "extraction.detector": "content",
+    "training.max_train_steps": 4,
+    "training.checkpoint_every": 2,
+    "training.validation_every": 2,
+    "training.validation_inference_steps": 2,
+    "training.resolution": 64,
+    "training.device": "cpu",
+}
+
+
+#: Every process of these clusters (nodes, the driver, the helper that waits for nodes): no usage
+#: statistics, no uv runtime env, and no token authentication: a token another local cluster left
+#: in ~/.ray/auth_token would otherwise turn it on for the nodes started here but not for their
+#: clients (Ray 2.60 makes one for every new local ``ray.init()`` cluster).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_env(cache: Path) -> dict[str, str]:
+    """A node's environment as a machine of its own has it: no log folder or log file of the
+    head's (the tests' session sets them), a cache of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSION_BUNNY_")}
+    env.update(RAY_ENV, DIFFUSION_BUNNY_CACHE=str(cache), OMP_NUM_THREADS="1")
+    return env
+
+
+class Node:
+    """``ray start --block`` in a process group of its own (ended by the group's id)."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], before: str | None = None):
+        ray = str(Path(sys.executable).parent / "ray")
+        command = [ray, "start", "--block", *args]
+        if before:  # in a mount namespace of its own, after ``before`` (shell) changed its mounts
+            script = f"{before} && exec {shlex.join(command)}"
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+        log = open(cwd.parent / f"{cwd.name}-ray.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, env=env, start_new_session=True, stdout=log, stderr=log
+        )
+        self.log = log
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+
+def _wait_for_cpus(address: str, cpus: int, timeout: float = 180.0) -> None:
+    """Wait until the live nodes of the cluster have ``cpus`` CPUs (a node joined, or one that was
+    stopped is known dead), without staying connected."""
+    code = (
+        "import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+        "def alive(): return sum(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive'])\n"
+        "t = time.time()\n"
+        "while alive() != int(sys.argv[2]) and time.time() - t < float(sys.argv[3]): time.sleep(0.5)\n"
+        "print(alive())"
+    )
+    env = {**os.environ, **RAY_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", code, address, str(cpus), str(timeout)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout + 60,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert lines and float(lines[-1]) == cpus, done.stderr[-3000:]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A head node with no CPUs of its own (every task runs on another node), started in A. Its
+    session files go to a temporary folder of its own, short enough for Ray's socket paths: in
+    Ray's default ``/tmp/ray`` the head would leave ``ray_current_cluster``, which any later
+    ``ray.init()`` on this machine would try to join."""
+    port = _free_port()
+    (tmp_path / "A").mkdir()
+    temp = Path(tempfile.mkdtemp(prefix="bunny-ray-", dir="/tmp"))
+    node = Node(
+        [
+            "--head",
+            f"--port={port}",
+            "--num-cpus=0",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+        ],
+        tmp_path / "A",
+        _node_env(tmp_path / "cache_a"),
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert node.proc.poll() is None and time.monotonic() < deadline, "the head did not start"
+            time.sleep(0.5)
+    yield f"127.0.0.1:{port}"
+    node.stop()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_at_once(
+    head, tmp_path, monkeypatch, capsys
+):
+    from diffusion_bunny.pipeline.engine import run_target
+    from diffusion_bunny.stages import PIPELINE
+
+    for key, value in RAY_ENV.items():  # this process is the driver
+        monkeypatch.setenv(key, value)
+
+    clip = tmp_path / "movies" / "clip.mp4"
+    clip.parent.mkdir()
+    write_clip(clip, [(91, 14, 0.0), (92, 14, 2.0), (93, 14, 0.0)], width=160, height=96)
+    (tmp_path / "B").mkdir()
+    worker = Node(
+        [f"--address={head}", "--num-cpus=1", "--node-ip-address=127.0.0.2"],
+        tmp_path / "B",
+        _node_env(tmp_path / "cache_b"),
+    )
+    try:
+        _wait_for_cpus(head, 1)
+        (tmp_path / "C").mkdir()
+        monkeypatch.chdir(tmp_path / "C")  # the head's working folder: --out is relative to it
+        sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
+        args = ["run", str(clip), "--out", "runs/x", "--stages", STAGES, "--quiet", *sets]
+        assert main([*args, "--engine", "ray", "--address", head]) == 0, capsys.readouterr().err
+    finally:
+        worker.stop()
+    run = tmp_path / "C" / "runs" / "x"
+    for table in ("frames", "captions", "dataset_items", "training_log", "loras"):
+        assert (run / "tables" / f"{table}.parquet").is_file(), table
+    assert list((run / "dataset" / "hf" / "train").iterdir())
+    current = pl.read_parquet(run / "tables" / "loras.parquet").filter(pl.col("current")).row(0, named=True)
+    lora = Path(current["folder"])
+    assert lora.parent == run / "loras" and (lora / "pytorch_lora_weights.safetensors").is_file()
+    assert (lora / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    # The task ran on the other node, so it logged into the run folder, TensorBoard too.
+    (task_log,) = (run / "log").glob("bunny-ray-*.log")
+    assert "train" in task_log.read_text()
+    assert list((run / "log" / "tensorboard" / lora.name).glob("events.out.tfevents.*"))
+    # Nothing in the nodes' own working folders, no token left behind.
+    assert sorted(p.name for p in (tmp_path / "B").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == []
+    assert not list(run.glob(".bunny-visible-*"))
+
+    # A rerun from the head, without Ray, finds every stage done, the LoRA included.
+    capsys.readouterr()
+    assert main([a for a in args if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "train is up to date, skipped" in err and "train (" not in err
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a node that cannot see the run folder needs a mount namespace (root, unshare)")
+    # A node with another disk mounted where the run folder is (the same path, other files).
+    _wait_for_cpus(head, 0)  # the first node is known gone: the task can only go to the blind one
+    blind = Node(
+        [f"--address={head}", "--num-cpus=1", "--node-ip-address=127.0.0.3"],
+        tmp_path / "B",
+        _node_env(tmp_path / "cache_c"),
+        before=f"mount -t tmpfs tmpfs {shlex.quote(str(run.parent))} && mkdir -p {shlex.quote(str(run))}",
+    )
+    try:
+        _wait_for_cpus(head, 1)
+        (report,) = run_target(
+            PIPELINE,
+            clip,
+            overrides=dict(SETTINGS),
+            stages="extract",
+            out=Path("runs/x"),
+            force=True,
+            progress=False,
+            engine="ray",
+            address=head,
+        )
+    finally:
+        blind.stop()
+    assert report.error and not report.bug
+    assert "\n" not in report.error and f"cannot see {run} as the head wrote it" in report.error
+    assert "must be on storage every node sees" in report.error
+    assert pl.read_parquet(run / "tables" / "frames.parquet").height  # the head's run folder, untouched
+    assert not list(run.glob(".bunny-visible-*"))
