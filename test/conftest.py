@@ -201,8 +201,10 @@ def scenes_demo_run(demo_run, demo, tmp_path_factory):
     from diffusion_bunny.stages import run_stage
 
     def build(folder: Path) -> None:
+        from diffusion_bunny.demo.run import DEMO_SETTINGS
+
         refs = build_demo_references(folder / "refs")
-        overrides = {**BOARD_OVERRIDES, "characters.reference_dir": str(refs)}
+        overrides = {**DEMO_SETTINGS, **BOARD_OVERRIDES, "characters.reference_dir": str(refs)}
         # The copies keep these settings word for word (the reference folder built here): the
         # stages' config hashes then match and a test sees the stages done, as it would in place.
         (folder / "overrides.json").write_text(json.dumps(overrides))

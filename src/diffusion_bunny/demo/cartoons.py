@@ -433,3 +433,64 @@ def cast(name: str) -> Cartoon:
 def soften(rgba: np.ndarray, radius: float) -> np.ndarray:
     """``rgba`` blurred (an out-of-focus character)."""
     return np.asarray(Image.fromarray(rgba, "RGBA").filter(ImageFilter.GaussianBlur(radius)))
+
+
+#: Drawn backdrops for the drawn characters' shots (a cartoon is drawn on drawn ground): name ->
+#: (sky top, sky bottom, ground, scenery colour).
+BACKDROPS = {
+    "drawn_park": ((120, 180, 240), (200, 230, 250), (110, 170, 80), (60, 120, 60)),
+    "drawn_street": ((40, 40, 110), (120, 80, 140), (70, 65, 75), (150, 70, 60)),
+}
+
+
+def backdrop(name: str, width: int = 1024, height: int = 576) -> np.ndarray:
+    """A drawn backdrop (RGB uint8): a sky, a horizon of hills or houses, a ground with a path and
+    a few clouds, the same every time (no randomness but the layout below)."""
+    sky_top, sky_bottom, ground, scenery = BACKDROPS[name]
+    t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    rgb = np.asarray(sky_top, np.float32) * (1 - t) + np.asarray(sky_bottom, np.float32) * t
+    image = Image.fromarray(np.broadcast_to(rgb, (height, width, 3)).round().astype(np.uint8))
+    draw_ = ImageDraw.Draw(image)
+    horizon = int(0.55 * height)
+    if name == "drawn_park":
+        for i, x in enumerate(range(-100, width + 200, 260)):
+            draw_.ellipse(
+                (x, horizon - 110 - 40 * (i % 2), x + 420, horizon + 140),
+                fill=scenery,
+                outline=OUTLINE,
+                width=3,
+            )
+        for x in range(80, width, 330):
+            draw_.rectangle(
+                (x, horizon - 60, x + 24, horizon + 40), fill=(110, 80, 50), outline=OUTLINE, width=2
+            )
+            draw_.ellipse(
+                (x - 55, horizon - 170, x + 80, horizon - 40), fill=(70, 140, 70), outline=OUTLINE, width=3
+            )
+    else:
+        for i, x in enumerate(range(0, width, 200)):
+            top = horizon - 150 - 60 * (i % 3)
+            draw_.rectangle(
+                (x, top, x + 190, horizon + 20),
+                fill=_shade(scenery, 0.8 + 0.1 * (i % 3)),
+                outline=OUTLINE,
+                width=3,
+            )
+            for wx in range(x + 25, x + 170, 55):
+                draw_.rectangle(
+                    (wx, top + 30, wx + 30, top + 70), fill=(250, 240, 170), outline=OUTLINE, width=2
+                )
+    draw_.rectangle((0, horizon + 20, width, height), fill=ground)
+    draw_.polygon(
+        [
+            (width * 0.35, height),
+            (width * 0.65, height),
+            (width * 0.55, horizon + 20),
+            (width * 0.45, horizon + 20),
+        ],
+        fill=_shade(ground, 1.25),
+    )
+    for x, y in ((150, 70), (520, 40), (830, 95)):
+        for dx, dy, r in ((0, 0, 34), (40, -15, 40), (85, 0, 32)):
+            draw_.ellipse((x + dx - r, y + dy - r, x + dx + r, y + dy + r), fill=(250, 250, 250))
+    return np.asarray(image)

@@ -21,7 +21,8 @@ The recipe below covers every case later stages are graded on:
 * two people, ``"astronaut"`` (Eileen Collins) and ``"grace_hopper"``, each in a static and a
   dynamic shot, with faces well above the 80 px that dlib's HOG detector needs,
 * two drawn characters (:mod:`diffusion_bunny.demo.cartoons`: the girl ``"mika"`` and the dog
-  ``"biscuit"``) walking through two panning shots, found from references that are no photos.
+  ``"biscuit"``) walking through two panning shots of drawn backdrops, found from references that
+  are no photos.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 
 from diffusion_bunny.codegraph import code_hash
+from diffusion_bunny.demo.cartoons import BACKDROPS, backdrop
 from diffusion_bunny.media.samples import load_source
 
 DEMO_FPS = 24
@@ -207,24 +209,21 @@ RECIPE: tuple[ShotSpec, ...] = (
     ),
     # 10: the cat again, this time sharp.
     ShotSpec(source="chelsea", n_frames=90, start=Camera(cx=225.5, cy=150.0, width=451.0)),
-    # 11: a drawn girl walks past the saucer while the camera pans along, closer than shot 1's
-    # framing of the same picture (a frame as near shot 1's as a repeat would be dropped by
-    # stage 02 as a duplicate).
+    # 11: a drawn girl walks through a drawn park while the camera pans along.
     ShotSpec(
-        source="coffee",
-        n_frames=60,
-        start=Camera(cx=200.0, cy=260.0, width=300.0),
-        end=Camera(cx=250.0, cy=260.0, width=300.0),
-        walks=(Walk("mika", 230.0, (170.0, 340.0), (450.0, 340.0)),),
+        source="drawn_park",
+        n_frames=72,
+        start=Camera(cx=420.0, cy=300.0, width=760.0),
+        end=Camera(cx=600.0, cy=300.0, width=760.0),
+        walks=(Walk("mika", 230.0, (170.0, 345.0), (450.0, 345.0)),),
     ),
-    # 12: a cartoon dog trots along the garage floor, the camera following it (the wheels,
-    # framed closer and lower than shot 6's pan).
+    # 12: a cartoon dog trots down a drawn street, the camera following it.
     ShotSpec(
-        source="motorcycle",
-        n_frames=60,
-        start=Camera(cx=330.0, cy=320.0, width=320.0),
-        end=Camera(cx=400.0, cy=320.0, width=320.0),
-        walks=(Walk("biscuit", 150.0, (460.0, 345.0), (220.0, 345.0)),),
+        source="drawn_street",
+        n_frames=72,
+        start=Camera(cx=600.0, cy=300.0, width=760.0),
+        end=Camera(cx=420.0, cy=300.0, width=760.0),
+        walks=(Walk("biscuit", 150.0, (460.0, 340.0), (220.0, 340.0)),),
     ),
 )
 
@@ -341,7 +340,7 @@ def render_shot(spec: ShotSpec, shot_id: int) -> Iterator[np.ndarray]:
     Effects are applied in camera order: optics (blur) first, then exposure (dark), then sensor
     noise, so the noise stays visible in the blurred and dark shots as it would in real footage.
     """
-    src = load_source(spec.source)
+    src = backdrop(spec.source) if spec.source in BACKDROPS else load_source(spec.source)
     seed_id = shot_id if spec.repeat_of is None else spec.repeat_of
     rng = _noise_rng(seed_id)
     out_w, out_h = DEMO_SIZE

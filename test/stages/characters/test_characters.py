@@ -17,6 +17,7 @@ from paths import ROOT
 from diffusion_bunny.cli import main
 from diffusion_bunny.config import CharactersConfig, load_config
 from diffusion_bunny.demo.movie import build_demo_references
+from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -293,7 +294,10 @@ def _copy(run: Run, tmp_path: Path) -> Run:
 
 
 def _cfg(tmp_path: Path, **characters) -> object:
-    return load_config(None, {f"characters.{k}": v for k, v in characters.items()}, root=tmp_path / "noroot")
+    """The settings ``bunny demo`` runs stage 03 with (its drawn characters fitted as the demo
+    fits them), with ``characters`` over them."""
+    overrides = {**DEMO_SETTINGS, **{f"characters.{k}": v for k, v in characters.items()}}
+    return load_config(None, overrides, root=tmp_path / "noroot")
 
 
 def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
@@ -302,7 +306,7 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     cfg = _cfg(tmp_path, reference_dir=str(refs_dir))
     faces = run_stage(run, "characters", cfg, progress=False)["faces"]
     assert faces.schema == pl.Schema(FACES_SCHEMA)
-    truth = {s["shot_id"]: set(s["faces"]) for s in demo.ground_truth()["shots"]}
+    truth = {s["shot_id"]: set(s["characters"]) for s in demo.ground_truth()["shots"]}
     frames = run.read_table("frames")
     kept = run.read_table("quality").filter(pl.col("keep"))
     for row in frames.filter(pl.col("frame_id").is_in(kept["frame_id"].implode())).iter_rows(named=True):
@@ -320,7 +324,9 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert "face_sharpness" not in run.read_table("quality").columns
     assert stage_state(run, "characters", cfg)[0] == "done"
     manifest = run.read_manifest("characters")
-    assert manifest["counts"]["characters"] == {"astronaut": 4, "grace_hopper": 4}
+    counts = manifest["counts"]["characters"]
+    assert {k: counts[k] for k in ("astronaut", "grace_hopper")} == {"astronaut": 4, "grace_hopper": 4}
+    assert set(counts) == {"astronaut", "grace_hopper", "mika", "biscuit"}
     assert manifest["facts"]["frames_detected"] == kept.height
     # A new reference image: stale, and the rerun labels from cached detections.
     shutil.copy(refs_dir / "astronaut" / "astronaut.png", refs_dir / "astronaut" / "again.png")
@@ -346,10 +352,11 @@ def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first
         manifest = run.read_manifest("characters")
         assert manifest["facts"]["frames_cached"] == 0 and manifest["facts"]["frames_detected"] > 0
         assert manifest["facts"]["detect_settings"]["detector"] == detector
-        named = {k: v for k, v in manifest["counts"]["characters"].items() if k != "unknown"}
+        people = faces.filter(pl.col("kind") == "face")
+        named = dict(people.group_by("character").len().drop_nulls().iter_rows())
         assert named == {"astronaut": 4, "grace_hopper": 4}, detector  # a false face stays unknown
-        assert faces.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
-        assert faces["detector_score"].min() > 0.5
+        assert people.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
+        assert people["detector_score"].min() > 0.5
         keys.append(set(run.read_table("face_frames")["detect_key"]))
     assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1 :])
 
@@ -369,20 +376,23 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     cfg = _cfg(tmp_path)
     faces = run.read_table("faces")
     assert faces["character"].is_null().all()
-    # Two people, two clusters, each holding only frames of one person's shots.
-    assert faces["cluster"].n_unique() == 2
+    # Two people and the drawn girl's face (the face detector finds it in two of her frames):
+    # three clusters, each holding only frames of one character's shots.
+    assert faces["cluster"].n_unique() == 3
+    shots = faces.group_by("cluster").agg(pl.col("shot_id").unique().sort())
+    assert sorted(map(list, shots["shot_id"])) == [[0, 5], [2, 7], [11]]
     counts = character_counts(faces)
     assert counts.row(0, named=True)["character"] == "unknown"
     biggest = faces.filter(pl.col("cluster") == "cluster_00")
     with pytest.raises(UserError, match="no unknown faces in cluster 'cluster_99'"):
         name_cluster(run.run_dir, "cluster_99", "x", overrides={"characters.workers": 1})
-    result = name_cluster(run.run_dir, "cluster_00", "first person", overrides={})
+    result = name_cluster(run.run_dir, "cluster_00", "first person", overrides=dict(DEMO_SETTINGS))
     refs = sorted((run.run_dir / "references" / "first person").glob("*.png"))
     assert len(refs) == len(result["references_added"]) >= 1
     assert result["faces_of_cluster_named"] == biggest.height == result["named_faces"]
     after = run.read_table("faces")
     assert set(after.filter(pl.col("character") == "first person")["face_id"]) == set(biggest["face_id"])
-    assert after.filter(pl.col("character").is_null())["cluster"].n_unique() == 1
+    assert after.filter(pl.col("character").is_null())["cluster"].n_unique() == 2
     # The run's own references are now an input: the next plain run is up to date.
     assert stage_state(run, "characters", cfg)[0] == "done"
 
@@ -414,13 +424,13 @@ def test_cluster_namer_widget(discovered, tmp_path):
 
     run = _copy(discovered, tmp_path)
     namer = ClusterNamer(run, overrides={})
-    assert namer.clusters().height == 2 and len(namer.rows.children) == 2
+    assert namer.clusters().height == 3 and len(namer.rows.children) == 3
     assert namer.name("cluster_01", "../evil") is None and "not usable" in namer.status.value
     result = namer.name("cluster_01", "second")
     assert result is not None and "second" in namer.status.value
-    assert namer.clusters().height == 1 and len(namer.rows.children) == 1
+    assert namer.clusters().height == 2 and len(namer.rows.children) == 2
     namer.name("cluster_00", "first")
-    assert "no cluster is left to name" in namer.rows.children[0].value
+    assert namer.clusters().height == 1
 
 
 def test_character_figures_render(scenes_demo_run):
@@ -432,12 +442,12 @@ def test_character_figures_render(scenes_demo_run):
 
     run, _ = scenes_demo_run  # stage 03 named from the demo's portraits (conftest), read only
     faces = run.read_table("faces")
-    assert faces["character"].drop_nulls().n_unique() == 2
+    assert faces["character"].drop_nulls().n_unique() == 4  # two people, a drawn girl and a cartoon dog
     frames, shots = run.read_table("frames"), run.read_table("shots")
     for figure in (character_counts_plot(character_counts(faces)), screen_time_plot(faces, shots)):
         figure.draw()
     sheet = face_sheet(run.run_dir, faces, frames, max_per_group=6, side=64)
-    assert sheet.width == 6 * 68 + 4 and sheet.height == 2 * (22 + 64 + 14 + 4)
+    assert sheet.width == 6 * 68 + 4 and sheet.height == 4 * (22 + 64 + 14 + 4)
     # the crops are faces, not blank tiles
     assert np.asarray(sheet)[30:80, 10:60].std() > 10
 

@@ -390,7 +390,7 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     assert {4, 10} <= rejected("blurry")  # the dusk rocket and the soft cat are the softest sharp shots
     explorer.set_thresholds(min_sharpness=50, best_per_batch=1)
     kept = explorer.table().filter(pl.col("keep"))
-    assert sorted(shot_of[f] for f in kept["frame_id"]) == [0, 1, 2, 4, 5, 6, 7, 10]
+    assert sorted(shot_of[f] for f in kept["frame_id"]) == [0, 1, 2, 4, 5, 6, 7, 10, 11, 12]
     assert bytes(explorer.sheet_img.value) != sheet_before  # the grid was redrawn
     assert (
         Image.open(BytesIO(bytes(explorer.sheet_img.value))).width == Image.open(BytesIO(sheet_before)).width

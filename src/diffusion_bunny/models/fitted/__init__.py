@@ -22,7 +22,7 @@ class FittedSettings(BaseModel):
     #: Widths the frame is searched at (each a multiple of 32 after rounding).
     widths: tuple[int, ...] = (512, 224)
     #: A detection's heat-map peak must reach this to name the character.
-    min_score: float = Field(0.4, gt=0.0, lt=1.0)
+    min_score: float = Field(0.5, gt=0.0, lt=1.0)
     #: Search the film's frames halfway through training (and again at three quarters) and learn
     #: from what is found there.
     self_training: bool = True

@@ -322,7 +322,31 @@ def label_faces(
                 pl.lit(False).alias("edited"),
             ).select(list(FACES_SCHEMA))
         )
-    return pl.concat(parts).sort("frame_index", "face_id")
+    return drop_faces_of_drawn(pl.concat(parts)).sort("frame_index", "face_id")
+
+
+def drop_faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
+    """``faces`` without the unnamed faces that lie in a named drawn character (at least
+    ``inside`` of the face's box within the character's box, same frame): the face detector also
+    fires on drawn faces, and a drawn girl is one appearance of hers, not her and an unknown
+    person. Named faces stay (a person named from photos is a person)."""
+    drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
+    loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null())
+    if drawn.height == 0 or loose.height == 0:
+        return faces
+    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    for r in drawn.iter_rows(named=True):
+        boxes.setdefault(r["frame_id"], []).append((r["left"], r["top"], r["right"], r["bottom"]))
+    gone = set()
+    for r in loose.iter_rows(named=True):
+        area = max(1, (r["right"] - r["left"]) * (r["bottom"] - r["top"]))
+        for left, top, right, bottom in boxes.get(r["frame_id"], []):
+            w = min(r["right"], right) - max(r["left"], left)
+            h = min(r["bottom"], bottom) - max(r["top"], top)
+            if w > 0 and h > 0 and w * h >= inside * area:
+                gone.add(r["face_id"])
+                break
+    return faces.filter(~pl.col("face_id").is_in(list(gone)))
 
 
 def trusted_faces(faces: pl.DataFrame, cfg: CharactersConfig) -> np.ndarray:

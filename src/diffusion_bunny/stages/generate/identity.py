@@ -47,21 +47,19 @@ def character_references(
     03 does) and the faces of the movie stage 03 named after it, leaving out low-confidence ones.
     Returns the references and the reference folder's warnings.
 
-    Identity is a human face's distance: a drawn character (stage 03's ``kind`` ``drawn``) has no
-    face encoding to compare, so its pictures are neither encoded nor warned about again (stage 03
-    said what it took from each)."""
-    from diffusion_bunny.models.faces import load_references
+    Identity is a human face's distance: a character none of whose pictures shows a face (a drawn
+    character) has no encoding to compare, so its pictures are not warned about again (stage 03
+    said what it took from each); its rows of ``faces`` (``kind`` ``drawn``) are left out."""
+    from diffusion_bunny.models.faces import load_references, reference_images
 
     out = CharacterReferences()
     warnings: list[str] = []
     per_char: dict[str, list[np.ndarray]] = {}
-    drawn: set[str] = set()
     if faces is not None and faces.height and "kind" in faces.columns:
-        drawn = set(faces.filter(pl.col("kind") == "drawn")["character"].drop_nulls().to_list())
         faces = faces.filter(pl.col("kind").fill_null("face") == "face")
     if ref_dir is not None:
         refs, warnings = load_references(ref_dir, settings)
-        folders = [str(ref_dir / name) for name in drawn]
+        folders = [str(ref_dir / name) for name in reference_images(ref_dir) if name not in refs.names]
         warnings = [w for w in warnings if not any(f"{f}/" in w or w.endswith(f) for f in folders)]
         for i, name in enumerate(refs.names):
             own = refs.encodings[refs.owners == i]
