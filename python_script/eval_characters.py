@@ -48,7 +48,11 @@ def run_source(source: dict, folder: Path, overrides: dict, force: bool) -> dict
     seconds = time.perf_counter() - started
     faces = run.read_table("faces")
     predictions = [
-        {"frame": r["frame_index"], "character": r["character"], "box": (r["left"], r["top"], r["right"], r["bottom"])}
+        {
+            "frame": r["frame_index"],
+            "character": r["character"],
+            "box": (r["left"], r["top"], r["right"], r["bottom"]),
+        }
         for r in faces.iter_rows(named=True)
     ]
     scores = score_named(predictions, source)
@@ -84,7 +88,9 @@ def main() -> None:
     parser.add_argument("--split", choices=("fit", "held_out"), help="only the sources of this split")
     parser.add_argument("--set", action="append", default=[], help="section.key=value, as bunny run's --set")
     parser.add_argument("--force", action="store_true", help="redo stage 03 (stages 01-02 are reused)")
-    parser.add_argument("--write", action="store_true", help="store the table as the truth folder's eval_results.json")
+    parser.add_argument(
+        "--write", action="store_true", help="store the table as the truth folder's eval_results.json"
+    )
     args = parser.parse_args()
     truth = load_character_truth()
     folder = truth_dir()
@@ -99,7 +105,8 @@ def main() -> None:
         o = result["scores"]["overall"]
         print(
             f"{source['name']:16} {source['split']:8} {source['kind']:15} recall {o['recall']} "
-            f"({o['pairs_found']}/{o['pairs']}) precision {o['precision']} ({o['named_correct']}/{o['named']}) "
+            f"({o['pairs_found']}/{o['pairs']}) precision {o['precision']} "
+            f"({o['named_correct']}/{o['named']}) "
             f"stage {result['stage_seconds']} s (fit {result['fit_seconds']} s, "
             f"{result['frames_searched']} frames at {result['frames_per_second']} frames/s)",
             flush=True,
@@ -119,7 +126,9 @@ def main() -> None:
                 )
     if args.write:
         out = folder / "eval_results.json"
-        out.write_text(json.dumps({"settings": overrides, "sources": results, "pooled": table}, indent=1) + "\n")
+        out.write_text(
+            json.dumps({"settings": overrides, "sources": results, "pooled": table}, indent=1) + "\n"
+        )
         print(f"written {out}")
 
 

@@ -38,18 +38,19 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
     n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
     assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
-    assert ": 14 kept, 1 too_dark, 1 blurry, 1 duplicate" in summary
+    assert ": 20 kept, 1 too_dark, 1 blurry, 1 duplicate" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) == 3  # histograms with thresholds, kept/rejected grid, the text strip
-    # Stage 03 named both people from the demo's reference portraits, in every frame searched.
+    # Stage 03 named both people from the demo's reference portraits, and the drawn girl and the
+    # cartoon dog from a sprite and a poster, in every frame searched.
     kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "face_frames.parquet").height
     assert f"the named characters match the ground truth in {kept} of {kept} frames" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "03_detect_characters.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    # Faces per character, screen-time timeline, face grid, the detector preview (issue 30), whose
-    # cell also printed the eval table of the face detectors.
-    assert len(pngs) == 4
+    # What was taken from each reference, faces per character, screen-time timeline, the strips of
+    # appearances, the detector preview, whose cell also printed the eval table of the face detectors.
+    assert len(pngs) == 5
     assert any(
         "mtcnn mirror_score=False" in o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
     )
@@ -87,9 +88,10 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
         assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
     # Stage 09 made the QA report: every section with figures (the dataset section adds the
     # exported pictures with their crops and the frames dropped by reason).
-    assert f"report: 12 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    assert f"report: 18 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    # funnel, quality, 2 shot figures, screen time, 2 contact sheets, clusters, caption lengths, training
-    # loss (identity per checkpoint has no face to score on the tiny model's noise)
-    assert len(pngs) == 10
+    # funnel, quality, 2 shot figures, screen time, 4 contact sheets and the 4 characters' exported
+    # pictures, clusters, caption lengths, training loss (identity per checkpoint has no face to
+    # score on the tiny model's noise)
+    assert len(pngs) == 16
