@@ -506,7 +506,7 @@ def test_simulated_reviewer_on_the_run_frames(scenes_run):
         emb["frame_id"].to_list(),
         [places[f] for f in emb["frame_id"]],
         cfg.scenes,
-        steps=4,
+        steps=8,
     )
     assert curve["corrections"][0] == 0
     assert curve["ari_untouched"][0] == curve["ari_untouched_without"][0] == curve["ari_all"][0]
