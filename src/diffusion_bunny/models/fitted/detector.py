@@ -249,20 +249,8 @@ class Synthesizer:
         if rng.random() < 0.5:
             rgba = _rotate(rgba, rng.uniform(-12, 12))
         rgb = _recolour(np.ascontiguousarray(rgba[..., :3]), rng, hue)
-        if scale > 1.5 and rng.random() < 0.5:
-            # A film shows small renders and sprites enlarged, soft: as soft as the enlargement.
-            rgb = cv2.GaussianBlur(rgb, (0, 0), 0.35 * scale)
-        elif rng.random() < 0.25:
+        if rng.random() < 0.2:
             rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.6, 2.0))
-        if rng.random() < 0.2 and min(rgb.shape[:2]) >= 24:
-            # Resolution lost and made up again (a small source, a compressed stream).
-            factor = rng.uniform(2.0, 3.5)
-            low = cv2.resize(
-                rgb,
-                (max(2, round(rgb.shape[1] / factor)), max(2, round(rgb.shape[0] / factor))),
-                interpolation=cv2.INTER_AREA,
-            )
-            rgb = cv2.resize(low, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
         return np.dstack([rgb, rgba[..., 3]])
 
     def _distractor(self) -> np.ndarray:
