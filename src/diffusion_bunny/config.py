@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.models.fitted import FittedSettings
+from diffusion_bunny.models.hub_characters import HubCharacterSettings
 
 VIDEO_EXTENSIONS = (
     ".mp4",
@@ -235,8 +236,14 @@ class CharactersConfig(_Section):
     track_iou: float = Field(0.0, ge=0.0, le=1.0)
     cluster_threshold: float = Field(0.5, gt=0.0, le=2.0)
     workers: int = Field(0, ge=0, le=256)
+    #: What finds drawn and animated characters: ``offline`` (a detector fitted at run time to the
+    #: references, nothing downloaded) or ``hub`` (OWLv2 and a features model from the Hugging
+    #: Face hub, ``characters.hub``; it also finds characters nobody gave pictures of).
+    backend: Literal["offline", "hub"] = "offline"
     #: The detector fitted to the pictures of drawn and animated characters (models/fitted).
     fitted: FittedSettings = FittedSettings()
+    #: The hub's models, read only with ``backend: hub`` (models/hub_characters).
+    hub: HubCharacterSettings = HubCharacterSettings()
     #: Two sightings of a drawn character in consecutive sampled frames of a shot are one track
     #: when their features (unit length) are within this distance.
     drawn_track_distance: float = Field(0.8, gt=0.0, le=2.0)

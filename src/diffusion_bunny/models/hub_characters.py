@@ -83,6 +83,35 @@ class HubCharacterSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Frames (for the detector) or crops (for the features) a forward pass takes at once.
     batch_size: int = Field(8, ge=1, le=1024)
+    #: Without references, sightings (their tracks' mean features) whose clusters are on average
+    #: closer than this cosine distance are one character (:func:`cluster_appearances`). Not
+    #: calibrated here (the hub cannot be reached from where the project is built): DINOv2's
+    #: features of one object in two views are typically 0.2-0.4 apart; lower it when two
+    #: characters of one style share a cluster, raise it when one character is split.
+    cluster_distance: float = Field(0.35, gt=0.0, lt=2.0)
+
+
+def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarray]]) -> str:
+    """What the hub's sightings in a frame depend on: the settings that change a detection (not
+    ``cluster_distance``, applied afterwards), the reference pictures and this module's code. Stage
+    03 reuses a frame's sightings while this stays the same."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from diffusion_bunny.codegraph import code_hash
+
+    digest = hashlib.sha256()
+    for name in sorted(references):
+        digest.update(name.encode() + b"\0")
+        for picture in references[name]:
+            digest.update(str(np.shape(picture)).encode())
+            digest.update(hashlib.sha256(np.ascontiguousarray(picture).tobytes()).digest())
+    fields = settings.model_dump(exclude={"cluster_distance", "device", "batch_size"})
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    digest.update(code_hash(__name__).encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +304,15 @@ def _iou_to(boxes: torch.Tensor, box: tuple[float, float, float, float]) -> torc
     return inter / union.clamp(min=1e-9)
 
 
+def _box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """IoU of two (left, top, right, bottom) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _span(low: float, high: float) -> slice:
     """The pixels from ``low`` to ``high`` (at least one)."""
     start = int(low)
@@ -389,13 +427,14 @@ class HubFinder:
     def _search(
         self,
         frames: Sequence[np.ndarray],
-        queries: torch.Tensor,
-        owners: torch.Tensor | None,
-        threshold: float,
+        searches: Sequence[tuple[torch.Tensor, torch.Tensor | None, float]],
     ) -> list[list[Hit]]:
-        """Hits of ``queries`` in ``frames``: each patch's best query (``owners`` maps a query to a
-        character, whose score is its best query's; None: every query is one unnamed kind, -1),
-        at ``threshold`` or above, boxes in frame pixels, suppressed, with features."""
+        """Hits in ``frames`` of each search (queries, owners, threshold), the frame's patches
+        computed once for all of them: each patch's best query (``owners`` maps a query to a
+        character, whose score is its best query's; None: every query is one unnamed kind, -1), at
+        the search's threshold or above, boxes in frame pixels, suppressed, with features. A hit of
+        a later search that overlaps one of an earlier search (IoU 0.5) is the same sighting and
+        dropped: a named character is not also discovered."""
         import numpy as np
 
         torch = self._torch
@@ -404,18 +443,22 @@ class HubFinder:
             chunk = [np.asarray(f) for f in frames[start : start + self.settings.batch_size]]
             prepared = [self._frame_square(on_grey(f)) for f in chunk]
             feats, boxes = self._patches([p[0] for p in prepared])
-            with torch.inference_mode():
-                logits, _ = self.model.class_predictor(feats, queries[None].expand(len(chunk), -1, -1))
-            scores = logits.float().sigmoid().cpu()
-            if owners is None:
-                best, index = scores.amax(-1), torch.full(scores.shape[:2], -1)
-            else:
-                per = torch.stack([scores[..., owners == c].amax(-1) for c in range(len(self.names))], -1)
-                best, index = per.max(-1)
-            for k, frame in enumerate(chunk):
-                out.append(
-                    self._hits(frame, prepared[k][1:], best[k], index[k], boxes[k].float().cpu(), threshold)
-                )
+            found: list[list[Hit]] = [[] for _ in chunk]
+            for queries, owners, threshold in searches:
+                with torch.inference_mode():
+                    logits, _ = self.model.class_predictor(feats, queries[None].expand(len(chunk), -1, -1))
+                scores = logits.float().sigmoid().cpu()
+                if owners is None:
+                    best, index = scores.amax(-1), torch.full(scores.shape[:2], -1)
+                else:
+                    per = torch.stack([scores[..., owners == c].amax(-1) for c in range(len(self.names))], -1)
+                    best, index = per.max(-1)
+                for k, frame in enumerate(chunk):
+                    box_k = boxes[k].float().cpu()
+                    hits = self._hits(frame, prepared[k][1:], best[k], index[k], box_k, threshold)
+                    earlier = list(found[k])
+                    found[k].extend(h for h in hits if all(_box_iou(h.box, o.box) < 0.5 for o in earlier))
+            out.extend(found)
         return out
 
     def _hits(
@@ -459,7 +502,7 @@ class HubFinder:
         """:meth:`detect` of each frame, ``batch_size`` frames a forward pass."""
         if self._queries is None:
             return [[] for _ in frames]
-        return self._search(frames, self._queries, self._owners, self.settings.min_score)
+        return self._search(frames, [(self._queries, self._owners, self.settings.min_score)])
 
     def detect(self, rgb: np.ndarray) -> list[Hit]:
         """The named characters in an RGB frame (uint8 HxWx3): OWLv2 image-guided detection with
@@ -471,7 +514,18 @@ class HubFinder:
         """:meth:`discover` of each frame, ``batch_size`` frames a forward pass."""
         if self._texts is None:
             return [[] for _ in frames]
-        return self._search(frames, self._texts, None, self.settings.discover_score)
+        return self._search(frames, [(self._texts, None, self.settings.discover_score)])
+
+    def find_frames(self, frames: Sequence[np.ndarray]) -> list[list[Hit]]:
+        """Every character in each frame, as stage 03 asks: the named ones (:meth:`detect`) and,
+        where they are not, characters of any name (:meth:`discover`, index -1), each frame's
+        patches computed once for both."""
+        searches = []
+        if self._queries is not None:
+            searches.append((self._queries, self._owners, self.settings.min_score))
+        if self._texts is not None:
+            searches.append((self._texts, None, self.settings.discover_score))
+        return self._search(frames, searches) if searches else [[] for _ in frames]
 
     def discover(self, rgb: np.ndarray) -> list[Hit]:
         """Characters of any name in an RGB frame, for a film without references: OWLv2 guided by

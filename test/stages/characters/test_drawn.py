@@ -306,3 +306,25 @@ def shot_walk(shot_id: int):
     from diffusion_bunny.demo.movie import RECIPE
 
     return RECIPE[shot_id].walks[0]
+
+
+def test_one_sightings_hits_are_fused_into_one_box_and_other_characters_kept():
+    from diffusion_bunny.models.fitted.detector import Hit, suppress
+
+    f = np.zeros(4, np.float32)
+    hits = [
+        Hit(0, 0.9, (100.0, 100.0, 200.0, 300.0), f),
+        Hit(0, 0.3, (110.0, 100.0, 210.0, 300.0), f),  # the same girl, a little to the right
+        Hit(0, 0.5, (120.0, 120.0, 180.0, 180.0), f),  # her head, nested in her figure
+        Hit(1, 0.6, (400.0, 100.0, 500.0, 300.0), f),  # the dog beside her
+        Hit(1, 0.2, (105.0, 100.0, 205.0, 300.0), f),  # the dog's label on the girl's place
+    ]
+    kept = suppress(hits)
+    assert [k.index for k in kept] == [0, 1]
+    girl = kept[0]
+    assert girl.score == 0.9
+    # Weighted by scores: 0.9 * 100 + 0.3 * 110 + 0.5 * 120 over 1.7.
+    assert girl.box[0] == pytest.approx((90 + 33 + 60) / 1.7)
+    # Scores of 0 (a search at threshold 0) still give a box: the plain mean.
+    zero = suppress([Hit(0, 0.0, (0.0, 0.0, 10.0, 10.0), f), Hit(0, 0.0, (2.0, 0.0, 12.0, 10.0), f)])
+    assert zero[0].box == pytest.approx((1.0, 0.0, 11.0, 10.0))

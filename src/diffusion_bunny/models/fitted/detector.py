@@ -377,7 +377,9 @@ def suppress(hits: list[Hit], same: float = 0.4, other: float = 0.7, nested: flo
             groups.append([hit])
     kept = []
     for group in groups:
-        weights = np.asarray([h.score for h in group])
+        weights = np.asarray([h.score for h in group], dtype=np.float64)
+        if not weights.sum() > 0:  # scores of 0 (a search at threshold 0): every hit counts alike
+            weights = np.ones(len(group))
         box = tuple(
             float(v) for v in (np.asarray([h.box for h in group]) * weights[:, None]).sum(0) / weights.sum()
         )

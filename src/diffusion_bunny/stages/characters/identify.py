@@ -186,6 +186,36 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
     return [order[per_track[t]] for t in tracks]
 
 
+def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
+    """Identity clusters of drawn characters nobody named (found by the hub's text queries): the
+    tracks' mean features clustered by :func:`~diffusion_bunny.models.hub_characters.cluster_appearances`
+    (cosine distance, average linkage, cut at ``threshold``), so a track's sightings share a
+    cluster; numbered by size, largest first, and -1 (noise) for a cluster of one sighting, which
+    is no character to name yet."""
+    from diffusion_bunny.models.hub_characters import cluster_appearances
+
+    if len(features) == 0:
+        return []
+    track_ids = sorted(set(tracks))
+    tracks_arr = np.asarray(tracks)
+    means = np.stack([features[tracks_arr == t].mean(axis=0) for t in track_ids])
+    per_track = dict(zip(track_ids, cluster_appearances(means, threshold, min_size=1), strict=True))
+    raw = [per_track[t] for t in tracks]
+    sizes = Counter(r for r in raw if r >= 0)
+    order = {
+        label: rank
+        for rank, (label, _) in enumerate(
+            sorted(((k, v) for k, v in sizes.items() if v >= 2), key=lambda kv: (-kv[1], kv[0]))
+        )
+    }
+    return [order.get(r, -1) for r in raw]
+
+
+def drawn_min_score(cfg: CharactersConfig) -> float:
+    """The score a drawn character's sighting needs to name it, from the backend that found it."""
+    return cfg.hub.min_score if cfg.backend == "hub" else cfg.fitted.min_score
+
+
 # ---------------------------------------------------------------------------------------------
 # Labelling (pure)
 
@@ -213,10 +243,10 @@ def _label_kind(
         idn = Identification(own, idn.nearest, idn.nearest_distance, idn.threshold)
         max_distance = cfg.track_distance
     else:
-        # The fitted detector names what it finds; its distance is 1 - the heat map's peak.
+        # The drawn characters' detector names what it finds; its distance is 1 - its score.
         labels = base["label"].to_list()
         distance = 1.0 - base["detector_score"].to_numpy()
-        limit = 1.0 - cfg.fitted.min_score
+        limit = 1.0 - drawn_min_score(cfg)
         own = [name if d <= limit else None for name, d in zip(labels, distance, strict=True)]
         idn = Identification(own, labels, distance, np.full(n, limit))
         trusted = np.ones(n, bool)
@@ -240,7 +270,7 @@ def _label_kind(
             threshold[mask] = character_thresholds(refs, cfg)[name]
         else:
             distance[mask] = idn.nearest_distance[mask]
-            threshold[mask] = 1.0 - cfg.fitted.min_score
+            threshold[mask] = limit
     named = ~np.isnan(distance)
     low = named & (
         (distance > threshold - cfg.low_confidence_margin)
@@ -253,6 +283,10 @@ def _label_kind(
         labels = cluster_faces(enc[unknown], [tracks[i] for i in unknown], cfg.cluster_threshold)
         for i, label in zip(unknown, labels, strict=True):
             cluster[i] = f"cluster_{label:02d}"
+    elif unknown.size:
+        labels = cluster_drawn(enc[unknown], [tracks[i] for i in unknown], cfg.hub.cluster_distance)
+        for i, label in zip(unknown, labels, strict=True):
+            cluster[i] = None if label < 0 else f"drawn_{label:02d}"
     return {
         "character": voted,
         "distance": np.where(named, distance, np.nan),
@@ -283,8 +317,10 @@ def label_faces(
     * ``cluster``: ``cluster_NN`` for the faces nobody could name (largest cluster first).
 
     Faces and drawn characters are labelled apart (their embeddings are of different models)
-    and a track never joins the two. Drawn characters under ``characters.fitted.min_score`` are
-    not appearances: they are left out.
+    and a track never joins the two. Drawn characters the fitted detector scores under
+    ``characters.fitted.min_score`` are not appearances: they are left out (the hub applies its
+    own thresholds when it searches). Drawn characters nobody named are clustered by their
+    features (``drawn_NN``; one sighting alone is noise, no cluster).
     """
     base = detections.join(
         frames.select("frame_id", "shot_id", "frame_index", "timestamp_s"), on="frame_id", how="left"
@@ -293,7 +329,9 @@ def label_faces(
         base = base.with_columns(pl.lit(None, pl.Utf8).alias("kind"), pl.lit(None, pl.Utf8).alias("label"))
     # Detections of a stage that knew only faces have no kind.
     base = base.with_columns(pl.col("kind").fill_null("face"))
-    base = base.filter((pl.col("kind") == "face") | (pl.col("detector_score") >= cfg.fitted.min_score)).sort(
+    # The hub keeps its sightings at its own thresholds (a discovered one scores under a named one).
+    floor = cfg.fitted.min_score if cfg.backend == "offline" else 0.0
+    base = base.filter((pl.col("kind") == "face") | (pl.col("detector_score") >= floor)).sort(
         "frame_index", "face_id"
     )
     if base.height == 0:

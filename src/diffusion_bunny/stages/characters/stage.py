@@ -25,7 +25,7 @@ import re
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -49,7 +49,8 @@ from diffusion_bunny.models.faces import (
     read_rgb,
 )
 from diffusion_bunny.models.fitted import FittedSettings
-from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
+from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_detector, fit_key
+from diffusion_bunny.models.hub_characters import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -168,14 +169,63 @@ def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
         for f in faces
     ]
     names = _fitted(fitted).names if fitted else []
+    found.extend(_drawn_rows(hits, names, searched, (left, top), settings.min_face_px))
+    return frame_id, "ok", found, None
+
+
+def _drawn_rows(
+    hits: list[Hit], names: list[str], searched: np.ndarray, offset: tuple[int, int], min_px: int
+) -> list[tuple]:
+    """Detection rows of the drawn characters ``hits`` found in ``searched`` (the frame's region,
+    whose top-left corner is ``offset`` in the frame): boxes in frame pixels, a hit's name from
+    ``names`` (None for a character found without a name, index -1), those shorter than
+    ``min_px`` (the smallest face wanted) left out."""
+    left, top = offset
+    rows = []
     for hit in sorted(hits, key=lambda h: (h.box[0], h.box[1])):
         x0, y0, x1, y1 = (round(v) for v in hit.box)
-        if y1 - y0 < settings.min_face_px:  # as small as the smallest face wanted, no smaller
+        if y1 - y0 < min_px:
             continue
         box = (y0 + top, x1 + left, y1 + top, x0 + left)
         sharp = face_sharpness(searched, (y0, x1, y1, x0))
-        found.append((*box, hit.feature, sharp, hit.score, 0.0, "drawn", names[hit.index]))
-    return frame_id, "ok", found, None
+        name = names[hit.index] if hit.index >= 0 else None
+        rows.append((*box, hit.feature, sharp, hit.score, 0.0, "drawn", name))
+    return rows
+
+
+def _hub_sightings(
+    finder: HubFinder,
+    jobs: list[Job],
+    min_px: int,
+    progress: bool,
+    progress_path: Path | None,
+) -> dict[str, list[tuple]]:
+    """The hub's sightings of characters in every job's frame (in this process: the models are
+    large, and torch uses every core on its own), ``batch_size`` frames a forward pass. A frame
+    that cannot be read is left out here; the face pass has already recorded it as failed."""
+    out: dict[str, list[tuple]] = {}
+    bar = tqdm(total=len(jobs), unit="frame", desc="characters", disable=not progress, **bar_options(0.5))
+    reporter = ProgressFile(progress_path, "characters", len(jobs), "frame")
+    size = finder.settings.batch_size
+    try:
+        for start in range(0, len(jobs), size):
+            chunk = []
+            for frame_id, path, _, region, _ in jobs[start : start + size]:
+                rgb = read_rgb(path)
+                if rgb is not None:
+                    offset = (region[0], region[1]) if region else (0, 0)
+                    chunk.append((frame_id, crop_region(rgb, region), offset))
+            found = finder.find_frames([c[1] for c in chunk]) if chunk else []
+            for (frame_id, searched, offset), hits in zip(chunk, found, strict=True):
+                out[frame_id] = _drawn_rows(hits, finder.names, searched, offset, min_px)
+            done = min(len(jobs), start + size)
+            bar.update(done - bar.n)
+            reporter.update(done)
+        reporter.update(len(jobs), force=True)
+    finally:
+        bar.close()
+        reporter.close()
+    return out
 
 
 def _reusable(
@@ -249,16 +299,21 @@ def detect_faces(
     progress: bool = True,
     progress_path: Path | None = None,
     fitted: Path | None = None,
+    hub: tuple[str, Callable[[], HubFinder]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
     ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match. Each
     frame is searched inside its region (:func:`~diffusion_bunny.stages.extract.tables.frame_regions`:
     the picture box, or stage 02's crop from ``quality``), never in the bars around it. With
-    ``fitted`` (the file of a fitted character detector) the drawn characters are searched too."""
+    ``fitted`` (the file of a fitted character detector) the drawn characters are searched too; with
+    ``hub`` (the key of its sightings, and what makes its finder: called only when a frame is left
+    to search, so a rerun that reuses every frame loads no model) the hub's models search them."""
     run_dir = Path(run_dir)
     key = settings.key()
     if fitted is not None:
         key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}"
+    if hub is not None:
+        key = f"{key}+hub-{hub[0]}"
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
     # What a cached detection must still match: the file's size and the region searched.
@@ -288,6 +343,11 @@ def detect_faces(
     ]
     started = time.perf_counter()
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
+    if hub is not None and jobs:
+        sightings = _hub_sightings(hub[1](), jobs, settings.min_face_px, progress, progress_path)
+        for fid, (status, found, error) in list(results.items()):
+            if status == "ok":
+                results[fid] = (status, [*found, *sightings.get(fid, [])], error)
     seconds = time.perf_counter() - started
 
     detections, face_frames = _detection_tables(rows, results, cached_ids, cached_faces, key, sizes)
@@ -465,8 +525,10 @@ def compute(ctx: Context) -> StageOutput:
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
     refs, pictures = _references(ref_dir, settings, warnings)
-    fitted, fitted_facts = None, {}
-    if pictures.cutouts:
+    fitted, fitted_facts, hub = None, {}, None
+    if cfg.backend == "hub":
+        hub = (hub_key(cfg.hub, pictures.cutouts), functools.partial(HubFinder, cfg.hub, pictures.cutouts))
+    elif pictures.cutouts:
         started = time.perf_counter()
         fitted, fitted_now = fitted_detector_file(
             run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
@@ -487,6 +549,7 @@ def compute(ctx: Context) -> StageOutput:
         progress=ctx.progress,
         progress_path=ctx.progress_path,
         fitted=fitted,
+        hub=hub,
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     if failed.height:
@@ -500,6 +563,17 @@ def compute(ctx: Context) -> StageOutput:
     if fitted is not None:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
         facts["fitted"] = fitted_facts
+    if hub is not None:
+        drawn = faces.filter(pl.col("kind") == "drawn")
+        facts["hub"] = {
+            "key": hub[0],
+            "detector": cfg.hub.detector,
+            "features": cfg.hub.features,
+            "appearances": drawn.height,
+            "named": int(drawn["character"].is_not_null().sum()),
+            "clusters": int(drawn["cluster"].drop_nulls().n_unique()),
+            "noise": int((drawn["character"].is_null() & drawn["cluster"].is_null()).sum()),
+        }
     references = {**refs.counts(), **{n: len(v) for n, v in pictures.cutouts.items()}}
     facts.update(
         reference_dir=str(ref_dir) if ref_dir else None,
@@ -650,6 +724,45 @@ def promote_faces(
     return written
 
 
+#: A drawn character's reference is its box with this share of the box's size around it on every
+#: side: then the box lies just inside the rectangle that reading the reference cuts it out from
+#: (GrabCut from ``references.GRABCUT_INSET`` of the picture in: 0.22 / (1 + 2 * 0.22) = 0.15).
+DRAWN_MARGIN = 0.22
+
+
+def promote_drawn(
+    run_dir: Path, drawn: pl.DataFrame, frames: pl.DataFrame, target: Path, *, max_pictures: int = 5
+) -> list[Path]:
+    """Save the best sightings of ``drawn`` (a cluster of drawn characters: the largest and
+    sharpest, one per frame) as reference pictures in ``target``, each its box with
+    :data:`DRAWN_MARGIN` around it, so that reading the references cuts the character out again."""
+    import cv2
+
+    paths = dict(frames.select("frame_id", "path").iter_rows())
+    ranked = (
+        drawn.with_columns(
+            ((pl.col("bottom") - pl.col("top")) * (pl.col("right") - pl.col("left"))).alias("_a")
+        )
+        .sort(["_a", "sharpness"], descending=True)
+        .unique("frame_id", keep="first", maintain_order=True)
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for row in ranked.head(max_pictures).iter_rows(named=True):
+        rgb = read_rgb(Path(run_dir) / paths.get(row["frame_id"], ""))
+        if rgb is None:
+            continue
+        box = (row["top"], row["right"], row["bottom"], row["left"])
+        crop = face_crop(rgb, box, margin=DRAWN_MARGIN, min_face=0)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        if not ok or crop.size == 0:  # pragma: no cover - OpenCV always encodes an RGB crop
+            continue
+        out = target / f"{row['face_id']}.png"
+        atomic_write_bytes(out, png.tobytes())
+        written.append(out)
+    return written
+
+
 def promote_cluster(
     run: Run, cluster: str, name: str, cfg: Config, *, max_faces: int = 5
 ) -> tuple[list[Path], pl.DataFrame]:
@@ -666,14 +779,18 @@ def promote_cluster(
             f"no unknown faces in cluster {cluster!r} (clusters now: {', '.join(known) or 'none'})"
         )
     target = naming_dir(run.run_dir, cfg.characters) / name
-    written = promote_faces(
-        run.run_dir,
-        members,
-        run.read_table("frames"),
-        target,
-        DetectSettings.from_config(cfg.characters),
-        max_faces=max_faces,
-    )
+    if (members["kind"] == "drawn").all():
+        frames = run.read_table("frames")
+        written = promote_drawn(run.run_dir, members, frames, target, max_pictures=max_faces)
+    else:
+        written = promote_faces(
+            run.run_dir,
+            members,
+            run.read_table("frames"),
+            target,
+            DetectSettings.from_config(cfg.characters),
+            max_faces=max_faces,
+        )
     if not written:
         raise UserError(
             f"no face of {cluster} could serve as a reference (the detector does not find them again "
