@@ -61,7 +61,7 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Characters from the hub (models/hub_characters.py): tiny OWLv2 and DINOv2
+# Characters from the hub (models/hub_characters/): tiny OWLv2 and DINOv2
 
 #: The tiny OWLv2's input side and patch size: an 8 x 8 grid of patches, one box each.
 SIDE, PATCH = 64, 8

@@ -242,7 +242,7 @@ class CharactersConfig(_Section):
     backend: Literal["offline", "hub"] = "offline"
     #: The detector fitted to the pictures of drawn and animated characters (models/fitted).
     fitted: FittedSettings = FittedSettings()
-    #: The hub's models, read only with ``backend: hub`` (models/hub_characters).
+    #: The hub's models, read only with ``backend: hub`` (models/hub_characters/).
     hub: HubCharacterSettings = HubCharacterSettings()
     #: Two sightings of a drawn character in consecutive sampled frames of a shot are one track
     #: when their features (unit length) are within this distance.

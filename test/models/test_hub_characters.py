@@ -1,4 +1,4 @@
-"""The opt-in hub models for drawn and animated characters (models/hub_characters.py): OWLv2 guided
+"""The opt-in hub models for drawn and animated characters (models/hub_characters/): OWLv2 guided
 by reference pictures or by text, DINOv2/CLIP features of each sighting, identity clusters
 without references.
 
@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from tiny_models import GRID, SIDE, write_tiny_clip, write_tiny_dinov2, write_tiny_owlv2
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.models import hub_characters
-from diffusion_bunny.models.hub_characters import (
+from diffusion_bunny.models.hub_characters import HubCharacterSettings
+from diffusion_bunny.models.hub_characters import finder as hub_characters
+from diffusion_bunny.models.hub_characters.finder import (
     GREY,
-    HubCharacterSettings,
     HubFeatures,
     HubFinder,
     cluster_appearances,

@@ -188,11 +188,11 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
 
 def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
     """Identity clusters of drawn characters nobody named (found by the hub's text queries): the
-    tracks' mean features clustered by :func:`~diffusion_bunny.models.hub_characters.cluster_appearances`
-    (cosine distance, average linkage, cut at ``threshold``), so a track's sightings share a
-    cluster; numbered by size, largest first, and -1 (noise) for a cluster of one sighting, which
-    is no character to name yet."""
-    from diffusion_bunny.models.hub_characters import cluster_appearances
+    tracks' mean features clustered by
+    :func:`~diffusion_bunny.models.hub_characters.finder.cluster_appearances` (cosine distance,
+    average linkage, cut at ``threshold``), so a track's sightings share a cluster; numbered by
+    size, largest first, and -1 (noise) for a cluster of one sighting, no character to name yet."""
+    from diffusion_bunny.models.hub_characters.finder import cluster_appearances
 
     if len(features) == 0:
         return []

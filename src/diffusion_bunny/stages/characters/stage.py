@@ -50,7 +50,7 @@ from diffusion_bunny.models.faces import (
 )
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_detector, fit_key
-from diffusion_bunny.models.hub_characters import HubFinder, hub_key
+from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -506,6 +506,31 @@ def _counts(
     }
 
 
+def _drawn_backend(
+    ctx: Context, pictures: ReferencePictures, scan: pl.DataFrame, quality: pl.DataFrame | None
+) -> tuple[Path | None, dict[str, Any], tuple[str, Callable[[], HubFinder]] | None]:
+    """What finds the drawn characters, by ``characters.backend``: the offline detector fitted to
+    ``pictures`` (its file and the facts of its fitting; none without drawn references), or the
+    hub's finder (its key, and what makes it once a frame is left to search)."""
+    cfg = ctx.cfg.characters
+    if cfg.backend == "hub":
+        make = functools.partial(HubFinder, cfg.hub, pictures.cutouts)
+        return None, {}, (hub_key(cfg.hub, pictures.cutouts), make)
+    if not pictures.cutouts:
+        return None, {}, None
+    started = time.perf_counter()
+    fitted, fitted_now = fitted_detector_file(
+        ctx.run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
+    )
+    facts = {
+        "file": str(fitted),
+        "characters": pictures.drawn(),
+        "fitted_now": fitted_now,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return fitted, facts, None
+
+
 def compute(ctx: Context) -> StageOutput:
     """Detect (or reuse the detections of frames that did not change), identify, track, vote and
     cluster: the ``faces`` and ``face_frames`` tables."""
@@ -525,20 +550,7 @@ def compute(ctx: Context) -> StageOutput:
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
     refs, pictures = _references(ref_dir, settings, warnings)
-    fitted, fitted_facts, hub = None, {}, None
-    if cfg.backend == "hub":
-        hub = (hub_key(cfg.hub, pictures.cutouts), functools.partial(HubFinder, cfg.hub, pictures.cutouts))
-    elif pictures.cutouts:
-        started = time.perf_counter()
-        fitted, fitted_now = fitted_detector_file(
-            run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
-        )
-        fitted_facts = {
-            "file": str(fitted),
-            "characters": pictures.drawn(),
-            "fitted_now": fitted_now,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+    fitted, fitted_facts, hub = _drawn_backend(ctx, pictures, scan, quality)
     detections, face_frames, facts = detect_faces(
         run_dir,
         scan,
@@ -567,8 +579,6 @@ def compute(ctx: Context) -> StageOutput:
         drawn = faces.filter(pl.col("kind") == "drawn")
         facts["hub"] = {
             "key": hub[0],
-            "detector": cfg.hub.detector,
-            "features": cfg.hub.features,
             "appearances": drawn.height,
             "named": int(drawn["character"].is_not_null().sum()),
             "clusters": int(drawn["cluster"].drop_nulls().n_unique()),

@@ -16,19 +16,19 @@ downloaded with a progress bar when not and the hub is reachable, ``HF_HUB_OFFLI
 and one :class:`~diffusion_bunny.errors.ModelError` line naming the setting when neither works. A
 local folder is taken as it is (the tests build tiny models in code and load them this way).
 
-Only :class:`HubCharacterSettings` is light: the configuration imports it on every command, so
-numpy, OpenCV, torch and transformers are imported inside the functions that use them.
+The settings live in the package's ``__init__`` (the configuration imports them on every command);
+this module imports numpy, OpenCV, torch and transformers inside the functions that use them, so
+that stage 03 importing :class:`HubFinder` costs nothing for a run on the offline default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.hub_characters import HubCharacterSettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,43 +52,6 @@ MAX_CANDIDATES = 100
 MIN_BOX_SIDE = 2.0
 
 _WHAT_INSTEAD = "a local model folder, or use the offline default, characters.backend: offline"
-
-
-class HubCharacterSettings(BaseModel):
-    """``characters.hub``: the opt-in hub models that find drawn and animated characters (read
-    only when ``characters.backend`` is ``hub``; the offline default fits its own detector)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: The OWLv2 detector: a hub id (downloaded once into the Hugging Face cache, about 620 MB for
-    #: the default) or a local folder holding one (``Owlv2ForObjectDetection`` + its processor).
-    detector: str = "google/owlv2-base-patch16-ensemble"
-    #: The model that gives each sighting its feature (who it is): DINOv2 (its CLS token) or SigLIP
-    #: or CLIP (their pooled image feature); a hub id or a local folder.
-    features: str = "facebook/dinov2-small"
-    #: A sighting of a named character needs this image-guided score (sigmoid of OWLv2's logit
-    #: against the best of the character's references).
-    min_score: float = Field(0.5, ge=0.0, le=1.0)
-    #: Text queries that find characters in a film without references (any of them may match).
-    discover_queries: tuple[str, ...] = (
-        "an anime character",
-        "a cartoon character",
-        "a cartoon animal",
-        "a creature",
-    )
-    #: A discovered sighting needs this text-guided score (text queries score lower than picture
-    #: queries: OWLv2's text scores of a clear match are often 0.2-0.4).
-    discover_score: float = Field(0.2, ge=0.0, le=1.0)
-    #: Where both models run: ``auto`` is the GPU when torch sees one.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Frames (for the detector) or crops (for the features) a forward pass takes at once.
-    batch_size: int = Field(8, ge=1, le=1024)
-    #: Without references, sightings (their tracks' mean features) whose clusters are on average
-    #: closer than this cosine distance are one character (:func:`cluster_appearances`). Not
-    #: calibrated here (the hub cannot be reached from where the project is built): DINOv2's
-    #: features of one object in two views are typically 0.2-0.4 apart; lower it when two
-    #: characters of one style share a cluster, raise it when one character is split.
-    cluster_distance: float = Field(0.35, gt=0.0, lt=2.0)
 
 
 def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarray]]) -> str:
