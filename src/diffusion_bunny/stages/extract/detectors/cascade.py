@@ -139,8 +139,9 @@ class CascadeBoundaries(Boundaries):
     the night-graded real loops (``eval_real_cuts.py --night``): the frame difference at a cut
     over the shots' contrast has the same distribution graded and night-graded (5th percentile
     0.5-0.7, median 0.9-1.0), while real cuts of ordinary footage stand at contrasts of 20-60
-    (night 7-15). At 30 ordinary footage keeps its verdicts (the same cuts and network frames on
-    the loops, the eval_shots lists unchanged), while at 40 the loops' network frames moved.
+    (night 7-15). At 30 ordinary footage keeps its cuts (the ungraded loops: the same cuts, the
+    network's frames unchanged on seeds 0-2 and 0.045 -> 0.052 per decoded frame on seed 3, held
+    out; the eval_shots lists unchanged); at 40 seed 0's network frames moved too.
 
     Every other candidate goes to TransNetV2, which must predict the frames ``c +- MARGIN``,
     each with at least :data:`CONTEXT` frames of input on either side (the package's own
@@ -590,6 +591,7 @@ class CascadeBoundaries(Boundaries):
                 "flash_like": c.flash_like,
                 "motion_residual": c.motion_residual,
                 "motion_contrast": c.motion_contrast,
+                "contrast_scale": c.contrast_scale,
                 "model_score": c.model_score,
                 "decision": c.decision,
                 "reason": c.reason,
