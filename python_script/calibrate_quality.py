@@ -19,6 +19,17 @@ rule, and the detector's time per frame at 720p and 1080p at ``--text-width``.
 
     uv run python python_script/calibrate_quality.py --part brightness
     uv run python python_script/calibrate_quality.py --part text [--text-width 480]
+    uv run python python_script/calibrate_quality.py --part night [--seeds 0,1,2,3] [--minutes 3]
+
+``night``: the sharpness and exposure rules on night-graded real footage: the looped Hamilton
+movies of :mod:`diffusion_bunny.demo.realclips` (640x360, ``--minutes`` long, one per seed), each
+as graded and night-graded (:func:`~diffusion_bunny.demo.realclips.night_grade`: mean luma ~24, a
+third of the contrast, noise, a blue tint). Stage 01 runs on each as a user runs it (its run
+folder is kept under ``--work`` and reused); stage 02's scores are computed once per movie and
+the rules applied with the relative rules off and with the defaults. Printed per movie: the share
+of its true shots (``.cuts.json``) with a kept frame, and the frames dropped per reason. Every
+repeat of a loop is the same four shots graded anew, so a rule that loses a kind of shot loses it
+on every seed; the last seed is held out (not looked at while choosing the settings).
 """
 
 from __future__ import annotations
@@ -209,6 +220,81 @@ def part_brightness() -> None:
             )
 
 
+# -------------------------------------------------------------------------------------- night
+
+
+def night_runs(seeds: list[int], minutes: float, work: Path) -> list[tuple[str, Path, Path]]:
+    """``(label, movie, run folder)`` for each seed's loop, graded and night-graded, with stage 01
+    done (reused when its run folder exists)."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.demo import realclips
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+
+    cfg = load_config(None, {}, use_local=False)
+    out = []
+    for seed in seeds:
+        role = "held out" if seed == seeds[-1] else "fit"
+        for night in (False, True):
+            params = realclips.Params(minutes=minutes, width=640, height=360, seed=seed, night=night)
+            movie = realclips.make_movie(params, work)
+            folder = work / "runs" / movie.stem / "run"
+            if not (folder / "tables" / "frames.parquet").is_file():
+                print(f"stage 01 on {movie.name} ...", flush=True)
+                run = Run.create(folder, movie) if not folder.exists() else Run.open(folder)
+                run_stage(run, "extract", cfg, progress=False)
+            label = f"seed {seed} ({role}) {'night' if night else 'graded'}"
+            out.append((label, movie, folder))
+    return out
+
+
+def night_scores(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The run's frames table and stage 02's scores of them (computed once, kept beside them)."""
+    from diffusion_bunny.stages.quality.scores import score_frames
+
+    frames = pl.read_parquet(folder / "tables" / "frames.parquet")
+    cached = folder / "night_scores.parquet"
+    if cached.is_file():
+        return frames, pl.read_parquet(cached)
+    scores = score_frames(folder, frames, progress=False)
+    scores.write_parquet(cached)
+    return frames, scores
+
+
+def shots_kept(movie: Path, frames: pl.DataFrame, table: pl.DataFrame) -> tuple[int, int]:
+    """``(true shots with a kept frame, true shots)``: the movie's truth (``.cuts.json``), not
+    stage 01's shots, so a missed cut does not hide a shot."""
+    import bisect
+    import json
+
+    cuts = json.loads(movie.with_suffix(".cuts.json").read_text())["cuts"]
+    kept = table.filter(pl.col("keep")).join(frames.select("frame_id", "frame_index"), on="frame_id")
+    shots = {bisect.bisect_right(cuts, int(i)) for i in kept["frame_index"]}
+    return len(shots), len(cuts) + 1
+
+
+def part_night(seeds: list[int], minutes: float, work: Path) -> None:
+    from diffusion_bunny.stages.quality.rules import reason_counts
+
+    settings = {
+        "absolute": QualityConfig(text_filter=False, relative_sharpness=False, relative_brightness=False),
+        "film brightness only": QualityConfig(text_filter=False, relative_sharpness=False),
+        "defaults": QualityConfig(text_filter=False),
+    }
+    runs = night_runs(seeds, minutes, work)
+    for name, cfg in settings.items():
+        print(f"\n{name}")
+        for label, movie, folder in runs:
+            frames, scores = night_scores(folder)
+            table = apply_quality_rules(scores, frames, cfg)
+            got, total = shots_kept(movie, frames, table)
+            counts = {k: v for k, v in reason_counts(table).items() if k != "kept"}
+            print(
+                f"  {label:28s} shots with a kept frame {got:3d}/{total:3d} ({got / total:.3f}); "
+                f"frames {table.height}, kept {int(table['keep'].sum())}, dropped {counts}"
+            )
+
+
 # --------------------------------------------------------------------------------------- text
 
 FIT_FONTS = ("sans", "sans-bold", "serif", "serif-bold", "mono", "sans-oblique")
@@ -395,7 +481,12 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("brightness", "text"), required=True)
+    parser.add_argument("--part", choices=("brightness", "text", "night"), required=True)
+    parser.add_argument("--seeds", default="0,1,2,3", help="night: one looped movie per seed (last held out)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="night: length of the looped movies")
+    parser.add_argument(
+        "--work", type=Path, default=ROOT / "data" / "real", help="night: movies, run folders"
+    )
     parser.add_argument("--text-width", type=int, default=None)
     parser.add_argument("--dump", type=Path, default=None, help="write the text cases' lines to this parquet")
     args = parser.parse_args(argv)
@@ -406,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.part == "brightness":
         part_brightness()
+    elif args.part == "night":
+        part_night([int(x) for x in args.seeds.split(",")], args.minutes, args.work)
     else:
         part_text(args.text_width, args.dump)
     print(f"\n{time.perf_counter() - started:.1f} s")

@@ -19,7 +19,11 @@ first on the path (``PYTHONPATH=../other/src``) to get that version's figures on
 movies ("before" and "after").
 
     uv run python python_script/eval_real_cuts.py [MOVIE ...] [--minutes 10] [--seeds 0,1]
-        [--work data/real] [--set extraction.KEY=VALUE ...] [--json OUT]
+        [--night] [--work data/real] [--set extraction.KEY=VALUE ...] [--json OUT]
+
+``--night`` grades every movie to a night look (:func:`diffusion_bunny.demo.realclips.night_grade`:
+mean luma ~24 of 255, a third of the contrast, sensor noise, a blue tint), the footage on which
+an absolute candidate threshold loses cuts between dark frames.
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         help="LO,HI playback speeds of the repeats (default realclips' 0.8,1.25); e.g. 0.8,3 gives "
         "shots of 7-25 frames, shorter than extraction.min_shot_seconds, whose cuts must all stay",
     )
+    ap.add_argument(
+        "--night",
+        action="store_true",
+        help="night-graded movies (realclips.night_grade: mean luma ~24, a third of the contrast, noise)",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "real")
     ap.add_argument("--tolerance", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extraction KEY=VALUE (JSON value)")
@@ -142,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.speed:
                 lo, _, hi = args.speed.partition(",")
                 params = realclips.replace(params, speed=(float(lo), float(hi)))
+            if args.night:
+                params = realclips.replace(params, night=True)
             print(f"movie: {args.minutes:g} min, seed {seed} (made once, then reused) ...", file=sys.stderr)
             movies.append(realclips.make_movie(params, args.work, verbose=True))
     rows = []

@@ -1,7 +1,7 @@
 """A film as released (issue 29), built from the Hamilton clip and the knn photos by
 :mod:`diffusion_bunny.demo.release` with its truth known by construction: letterboxed 2.40:1 in
-1080p, an anamorphic PAL DVD, 10-bit PQ HDR and interlaced 576i variants, title cards and credits,
-subtitles over one shot, a dark scene with a named face, an 8-frame insert.
+1080p, an anamorphic PAL DVD, 10-bit PQ HDR, interlaced 576i and night-graded variants, title cards
+and credits, subtitles over one shot, a dark scene with a named face, an 8-frame insert.
 
 Stage 01 is checked on every variant (square pixels, picture boxes, tone mapping, deinterlacing,
 the cuts around a short shot); the exported dataset of the full pipeline is judged in
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def films(tmp_path_factory):
-    """The four variants, built once for the module (about a minute on 2 cores)."""
+    """The five variants, built once for the module (about a minute on 2 cores)."""
     if not release.HAMILTON.is_file() or not (TESTDATA / "face_recognition_examples").is_dir():
         pytest.skip(f"real footage not available here: {TESTDATA} (it ships beside the project, not in it)")
     out = tmp_path_factory.mktemp("release")
@@ -176,6 +176,37 @@ def test_interlaced_video_is_detected_and_deinterlaced(films, extracted, tmp_pat
 def test_progressive_sources_are_not_deinterlaced(extracted):
     for variant in ("sdr", "anamorphic", "hdr"):
         assert not extracted[variant][0].facts["deinterlaced"]
+
+
+def test_a_night_release_keeps_a_frame_of_every_picture_shot(extracted, films, tmp_path):
+    """The film night-graded (mean luma ~24, a third of the contrast, noise, a blue tint): stage
+    01 found every cut above (its thresholds scale with the shots' contrast); stage 02 keeps a
+    frame of every shot of the picture, the dark scene of the night included, and still drops
+    the title card on black. Its absolute rules kept none."""
+    from diffusion_bunny.config import QualityConfig
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.quality.rules import apply_quality_rules
+
+    result, folder = extracted["night"]
+    truth = truth_of(films["night"])
+    shutil.copytree(folder, tmp_path / "run")
+    run = Run.open(tmp_path / "run")
+    table = run_stage(run, "quality", load_config(None, {}, root=tmp_path), progress=False)["quality"]
+    frames = result.tables["frames"]
+    by_index = dict(zip(frames["frame_id"], frames["frame_index"], strict=True))
+
+    def shots_kept(t: pl.DataFrame) -> set[int]:
+        return {_shot_of(truth, by_index[f])["shot"] for f in t.filter(pl.col("keep"))["frame_id"]}
+
+    sampled = {_shot_of(truth, i)["shot"] for i in frames["frame_index"]}
+    pictures = {s["shot"] for s in truth["shots"] if s["kind"] == "picture"} & sampled
+    assert len(pictures) == 4 and any(truth["shots"][s]["dark"] for s in pictures)
+    assert shots_kept(table) == pictures  # every picture shot, and no card
+    facts = run.read_manifest("quality")["facts"]
+    assert facts["sharpness_scale"] < 0.5  # a flat film: its blur threshold scaled
+    absolute = QualityConfig(relative_sharpness=False, relative_brightness=False)
+    assert not shots_kept(apply_quality_rules(table, frames, absolute)) & pictures
 
 
 # ------------------------------------------------------------------------ the exported dataset

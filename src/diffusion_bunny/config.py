@@ -58,6 +58,14 @@ DETECTOR_THRESHOLDS: dict[str, tuple[float, float, float]] = {
 # darker or brighter film moves them with its median, never past the absolute BLACK_FLOOR and
 # WHITE_CEILING. Measured in python_script/calibrate_quality.py (memory_bank/progress.md).
 REFERENCE_BRIGHTNESS = 100.0
+# The cascade's contrast scaling: around a candidate whose shots' contrast (standard deviation of
+# gray on the 48x27 copy, 0-128) is under this, the absolute thresholds scale with it (see
+# stages/extract/detectors/cascade.py).
+REFERENCE_SHOT_CONTRAST = 30.0
+# Stage 02's relative sharpness: a film whose median frame contrast (standard deviation of gray,
+# 0-128) is REFERENCE_CONTRAST or more gets min_sharpness as it is; a flatter film (a night grade)
+# scales it by the square of its contrast over this (see quality/rules.py).
+REFERENCE_CONTRAST = 40.0
 BLACK_FLOOR = 10.0
 WHITE_CEILING = 245.0
 #: Width in pixels of the copy of the picture the text detector looks at.
@@ -97,6 +105,7 @@ class ExtractionConfig(_Section):
     gradual_threshold: float = Field(10.0, ge=0.0, le=255.0)
     accept_threshold: float | None = Field(40.0, ge=0.0, le=255.0)
     accept_colour_threshold: float | None = Field(0.15, ge=0.0, le=1.0)
+    reference_contrast: float | None = Field(REFERENCE_SHOT_CONTRAST, gt=0.0, le=128.0)
     transnetv2_unsure: float = Field(0.25, ge=0.0, lt=1.0)
     motion_compensation: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -161,6 +170,8 @@ class QualityConfig(_Section):
     reference_brightness: float = Field(REFERENCE_BRIGHTNESS, gt=0.0, lt=255.0)
     black_floor: float = Field(BLACK_FLOOR, ge=0.0, le=255.0)
     white_ceiling: float = Field(WHITE_CEILING, ge=0.0, le=255.0)
+    relative_sharpness: bool = True
+    reference_contrast: float = Field(REFERENCE_CONTRAST, gt=0.0, le=128.0)
     dup_distance: int = Field(4, ge=0, le=64)
     batch: Literal["shot"] | int = "shot"
     best_per_batch: int | None = Field(None, ge=1)

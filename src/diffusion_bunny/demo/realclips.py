@@ -36,6 +36,7 @@ ffmpeg binary needed); cached under a name that hashes every parameter.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -139,6 +140,8 @@ class Params:
     # cards before the first repeat and credits after the last (on black and on colour).
     subtitles_p: float = 0.0
     titles: bool = False
+    # A night film: every frame through :func:`night_grade` after its repeat's own grade.
+    night: bool = False
 
     def digest(self, source: Path) -> str:
         st = source.stat()
@@ -146,7 +149,7 @@ class Params:
         # minutes=60 and minutes=60.0 are one movie (the benchmarks parse floats): one name.
         doc["minutes"] = float(doc["minutes"])
         # Settings added later leave the names of movies made without them unchanged.
-        for key, default in (("subtitles_p", 0.0), ("titles", False)):
+        for key, default in (("subtitles_p", 0.0), ("titles", False), ("night", False)):
             if doc[key] == default:
                 del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
@@ -320,6 +323,69 @@ CLOSING = (
     ),
     (48, ("THE END",), (110, 24, 30), False),
 )
+
+
+#: The night grade (:func:`night_grade`): exposure in linear light, lift and gain in display
+#: values, a blue white balance, and the sensor noise a night exposure shows (gray levels, sigma).
+NIGHT_EXPOSURE = 0.12
+NIGHT_LIFT = 9.0
+NIGHT_TINT = (0.80, 0.92, 1.25)
+NIGHT_NOISE = 1.5
+
+
+def night_grade(rgb: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``rgb`` (uint8) graded to a night look, the way a colourist darkens a day-lit scene.
+
+    In linear light (sRGB decoded with gamma 2.2) the exposure drops to
+    :data:`NIGHT_EXPOSURE` (about three stops), which in display values divides the picture by
+    about 2.6; a lift of :data:`NIGHT_LIFT` raises the blacks (a night grade keeps a milky floor
+    rather than crushed blacks), and a blue white balance (:data:`NIGHT_TINT`) gives the moonlit
+    look. On the looped Hamilton movies' grades (mean luma 45-75) this gives mean luma ~24 and
+    about a third of the contrast (standard deviation of luma), which is what a graded night
+    film measures. Sensor noise of :data:`NIGHT_NOISE` gray levels is added when ``rng`` is
+    given (per frame, so a still shot is not still in its noise, as a real night shot is not).
+    Used by the night-graded looped movies (``Params.night``) and the film as released's night
+    variant, so fixture and evaluation see the same grade.
+    """
+    y = cv2.LUT(rgb, _night_lut())
+    if rng is None:
+        return y
+    y = y.astype(np.float32)
+    y += rng.standard_normal(y.shape[:2], dtype=np.float32)[..., None] * NIGHT_NOISE
+    return np.clip(y + 0.5, 0, 255).astype(np.uint8)
+
+
+def night_graded_copy(movie: Path, out: Path) -> Path:
+    """``movie`` night-graded (:func:`night_grade`, noise seeded by the frame index) into
+    ``out`` (H.264 through PyAV, same size and frame rate; made once, reused while newer than
+    ``movie``). The cut evaluation's real clip in a night grade."""
+    import av
+
+    out = Path(out)
+    if out.is_file() and out.stat().st_mtime >= Path(movie).stat().st_mtime:
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part.mp4")
+    with av.open(str(movie)) as src:
+        stream = src.streams.video[0]
+        fps = Fraction(stream.average_rate)
+        rgb = [f.to_ndarray(format="rgb24") for f in src.decode(stream)]
+    h, w = rgb[0].shape[:2]
+    frames = (night_grade(f, np.random.default_rng([47, i])) for i, f in enumerate(rgb))
+    _encode(tmp, frames, Params(width=w, height=h, crf=18), fps)
+    tmp.replace(out)
+    return out
+
+
+@functools.cache
+def _night_lut() -> np.ndarray:
+    """The night grade without its noise as a per-channel table for ``cv2.LUT``, [256, 1, 3] uint8."""
+    x = np.arange(256, dtype=np.float64) / 255.0
+    lin = x**2.2 * NIGHT_EXPOSURE
+    y = lin ** (1.0 / 2.2) * 255.0
+    y = NIGHT_LIFT + y[:, None] * np.asarray(NIGHT_TINT) * (1.0 - NIGHT_LIFT / 255.0)
+    lut = np.clip(np.round(y), 0, 255).astype(np.uint8).reshape(256, 1, 3)
+    lut.flags.writeable = False
+    return lut
 
 
 class Renderer:
@@ -580,14 +646,21 @@ def _movie_frames(
 ) -> Iterator[np.ndarray]:
     """The movie's RGB frames in order: opening cards, every repeat, closing credits."""
     cards = _cards(params, source, plans[0]) if params.titles else None
+
+    def graded(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for rgb in frames:
+            yield night_grade(rgb, np.random.default_rng([params.seed, 47, next(counter)]))
+
+    counter = iter(range(1 << 62))
+    grade = graded if params.night else (lambda frames: frames)
     if cards:
-        yield from cards.frames(OPENING)
+        yield from grade(cards.frames(OPENING))
     for plan in plans:
-        yield from Renderer(source, plan, (params.width, params.height)).frames()
+        yield from grade(Renderer(source, plan, (params.width, params.height)).frames())
         if verbose:
             print(f"\rrepeat {plan.index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
     if cards:
-        yield from cards.frames(CLOSING)
+        yield from grade(cards.frames(CLOSING))
 
 
 def _encode(path: Path, frames: Iterator[np.ndarray], params: Params, fps: Fraction) -> int:

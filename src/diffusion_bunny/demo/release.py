@@ -11,9 +11,11 @@ use (``../shared/testdata``: the Hamilton clip and the knn photos) the way relea
 * one scene is dark (the performer in low light, mirrored and reframed so it is no duplicate of
   the lit shot);
 * an 8-frame insert (a flash of a photo) sits between two shots, so the cut after it must stay;
-* and four encodings: ``sdr`` (1920x1080 H.264), ``anamorphic`` (a PAL DVD: 704x576 stored, sample
-  aspect 16:11, shown 1024x576), ``hdr`` (10-bit PQ, BT.2020, tagged as HDR10 is) and
-  ``interlaced`` (PAL 576i, top field first, the two fields of a frame 1/50 s apart).
+* and five encodings: ``sdr`` (1920x1080 H.264), ``anamorphic`` (a PAL DVD: 704x576 stored, sample
+  aspect 16:11, shown 1024x576), ``hdr`` (10-bit PQ, BT.2020, tagged as HDR10 is),
+  ``interlaced`` (PAL 576i, top field first, the two fields of a frame 1/50 s apart) and
+  ``night`` (1280x720, every picture night-graded by :func:`~diffusion_bunny.demo.realclips.night_grade`:
+  mean luma ~24, a third of the contrast, noise, a blue tint; cards and bars as they are).
 
 :func:`build_release` writes the movie and a ``<movie>.truth.json`` beside it: every shot (first
 frame, kind, the picture box in display pixels, subtitles, darkness, who is in it) and the
@@ -40,7 +42,7 @@ import cv2
 import numpy as np
 
 from diffusion_bunny.demo import overlays
-from diffusion_bunny.demo.realclips import HAMILTON, TESTDATA
+from diffusion_bunny.demo.realclips import HAMILTON, TESTDATA, night_grade
 
 KNN = TESTDATA / "face_recognition_examples" / "knn_examples"
 LIN_REFERENCE = TESTDATA / "face_recognition_examples" / "lin-manuel-miranda.png"
@@ -61,6 +63,7 @@ class Variant:
     sar: Fraction = Fraction(1)
     hdr: str | None = None
     interlaced: bool = False
+    night: bool = False  # the pictures night-graded (realclips.night_grade); cards and bars as they are
 
     @property
     def picture(self) -> tuple[int, int, int, int]:
@@ -76,6 +79,7 @@ VARIANTS = {
     "anamorphic": Variant("anamorphic", (1024, 576), (704, 576), Fraction(16, 11)),
     "hdr": Variant("hdr", (1280, 720), (1280, 720), hdr="pq"),
     "interlaced": Variant("interlaced", (1024, 576), (720, 576), Fraction(64, 45), interlaced=True),
+    "night": Variant("night", (1280, 720), (1280, 720), night=True),
 }
 
 
@@ -165,13 +169,20 @@ class Film:
             return overlays.title_card(size, seg.text, seg.background)
         if seg.kind == "insert":
             assert seg.photo is not None
-            return _fit_width(self.photo(seg.photo), size, 1.0 + 0.01 * j)
+            img = _fit_width(self.photo(seg.photo), size, 1.0 + 0.01 * j)
+            return (
+                night_grade(img, np.random.default_rng([47, round(t * FPS)])) if self.variant.night else img
+            )
         assert seg.source is not None
         start, end = seg.source
         src = self.hamilton[min(end - 1, start + j)]
         img = _fit_width(src, size, seg.zoom, seg.mirror)
         if seg.dark != 1.0:
             img = np.clip(img.astype(np.float32) * seg.dark, 0, 255).astype(np.uint8)
+        if self.variant.night:
+            # Graded before the subtitles are burned in, as a release does; the noise is the
+            # frame's own (seeded by the film's frame index), so frame_at gives the same picture.
+            img = night_grade(img, np.random.default_rng([47, round(t * FPS)]))
         if seg.subtitles:
             line = seg.subtitles[min(len(seg.subtitles) - 1, j * len(seg.subtitles) // seg.frames)]
             img = overlays.burn_subtitles(img, line)

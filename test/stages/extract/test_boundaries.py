@@ -672,3 +672,32 @@ def test_motion_compensation_on_a_real_loop(model, tmp_path):
     assert fast_rejected.height >= 20
     assert set(fast_rejected["reason"]) <= {"motion", "motion onset", "next to a cut"}
     assert all(min(abs(f - t) for t in truth) > 1 for f in fast_rejected["frame_index"])
+
+
+def test_a_flat_cut_is_judged_at_its_shots_contrast():
+    """The cascade's absolute thresholds scale with the shots' contrast (a night grade divides
+    every frame difference by three); its ratio tests do not need to."""
+    from diffusion_bunny.stages.extract.detectors.cascade import Candidate, accept_at_once, brightened
+
+    # A jump of 8 between two still sides: under every absolute threshold at ordinary contrast...
+    cut = Candidate(100, "hard", fast_score=8.0, baseline=0.5, motion_residual=1.0, motion_contrast=20.0)
+    assert accept_at_once(cut, 40.0, 0.15, motion=True) is None
+    # ...a clear cut between shots at a third of the reference contrast (8 / 0.3 = 27 >= 20).
+    cut.contrast_scale = 0.3
+    assert accept_at_once(cut, 40.0, 0.15, motion=True) == "still sides"
+    # The same jump inside motion (its surroundings change as much) stays doubtful at any contrast.
+    pan = Candidate(200, "hard", fast_score=8.0, baseline=6.0, contrast_scale=0.3)
+    assert accept_at_once(pan, 40.0, 0.15) is None
+
+    # The network's frames: a flat run is brightened by one gain (capped), an ordinary one untouched.
+    frames = np.random.default_rng(0).integers(5, 60, (20, 27, 48, 3), dtype=np.uint8)
+    assert brightened(frames, np.full(20, 35.0), 30.0) is frames
+    lifted = brightened(frames, np.full(20, 10.0), 30.0)
+    assert np.allclose(lifted.astype(np.float32), np.clip(frames * 3.0, 0, 255), atol=1)
+    assert np.array_equal(brightened(frames, np.full(20, 1.0), 30.0), np.clip(frames * 4, 0, 255))
+
+
+def test_the_contrast_setting_is_validated():
+    with pytest.raises(ConfigError, match=r"extraction\.reference_contrast"):
+        load_config(None, ["extraction.reference_contrast=0"])
+    assert load_config(None, ["extraction.reference_contrast=null"]).extraction.reference_contrast is None

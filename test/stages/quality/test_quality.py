@@ -21,8 +21,20 @@ from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
 from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, exposure_thresholds, reason_counts
-from diffusion_bunny.stages.quality.scores import hamming, nearest_distances, score_frames, score_image
+from diffusion_bunny.stages.quality.rules import (
+    apply_quality_rules,
+    exposure_thresholds,
+    reason_counts,
+    sharpness_threshold,
+)
+from diffusion_bunny.stages.quality.scores import (
+    hamming,
+    nearest_distances,
+    noise_sigma,
+    score_frames,
+    score_gray,
+    score_image,
+)
 
 # Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
 FAR = [int(h) for h in np.random.default_rng(7).integers(0, 2**63, size=12, dtype=np.uint64)]
@@ -209,6 +221,73 @@ def test_brightness_is_relative_to_the_film():
         QualityConfig(black_floor=40)
 
 
+def _night_film_scores(pictures: list[np.ndarray]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Stage 02's scores of RGB ``pictures`` saved as stage 01 saves them (quality-95 JPEG),
+    one shot each, with hashes far apart (duplicates are not what is judged here)."""
+    rows = []
+    for i, rgb in enumerate(pictures):
+        _ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        gray = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY)
+        rows.append({**{k: v for k, v in score_gray(gray).items() if k != "phash"}, "shot_id": i})
+    return scores(distinct(rows))
+
+
+def test_a_night_film_keeps_its_sharp_frames_and_drops_its_blurred_ones():
+    """Real frames (the Hamilton clip, lifted to an ordinary exposure), the same frames
+    night-graded, and some of them out of focus: dark is not blurry, and blurry stays blurry."""
+    from paths import HAMILTON
+
+    from diffusion_bunny.demo.realclips import night_grade
+
+    if not HAMILTON.is_file():
+        pytest.skip(f"real footage not available here: {HAMILTON}")
+    import av
+
+    with av.open(str(HAMILTON)) as container:
+        source = [
+            f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i % 10 == 5
+        ]
+    lift = np.clip(255 * 1.3 * (np.arange(256) / 255) ** (1 / 1.4), 0, 255).astype(np.uint8)
+    lit = [cv2.LUT(f, lift) for f in source]
+    soft = [cv2.GaussianBlur(f, (0, 0), 8) for f in lit[::5]]
+    rng = np.random.default_rng(5)
+    night = [night_grade(f, rng) for f in lit + soft]
+    n = len(lit)
+    cfg = QualityConfig(text_filter=False)
+
+    lit_table, lit_frames = _night_film_scores(lit + soft)
+    lit_verdicts = reasons(apply_quality_rules(lit_table, lit_frames, cfg))
+    # An ordinary film is judged as before: the relative rule does not touch it.
+    absolute = cfg.model_copy(update={"relative_sharpness": False})
+    assert reasons(apply_quality_rules(lit_table, lit_frames, absolute)) == lit_verdicts
+    assert sharpness_threshold(lit_table, cfg).film_scale == 1.0
+    assert lit_verdicts[n:] == ["blurry"] * len(soft) and lit_verdicts[:n].count(None) == n
+
+    night_table, night_frames = _night_film_scores(night)
+    # A night grade: about half the light and a third of the contrast of the lit film.
+    assert night_table["brightness"].median() < 0.6 * lit_table["brightness"].median()
+    assert 0.25 < night_table["contrast"].median() / lit_table["contrast"].median() < 0.45
+    got = reasons(apply_quality_rules(night_table, night_frames, cfg))
+    # Every sharp frame the lit film keeps, the night film keeps; every blurred one goes.
+    assert got[:n] == lit_verdicts[:n]
+    assert got[n:] == ["blurry"] * len(soft)
+    # With the absolute threshold (the rule before) the night film lost the frames of its softer
+    # shot as blurry (5 of 27, each kept lit); without taking the noise out, its blurred frames
+    # passed.
+    assert reasons(apply_quality_rules(night_table, night_frames, absolute))[:n].count("blurry") >= 4
+    noiseless = night_table.with_columns(pl.lit(0.0).alias("noise"))
+    assert reasons(apply_quality_rules(noiseless, night_frames, cfg))[n:].count(None) >= len(soft) // 2
+
+
+def test_noise_estimate_reads_noise_not_edges():
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(20, 200, 256, dtype=np.float32), (144, 1))
+    ramp[:, 128:] += 40  # an edge: the kernel cancels it to first order
+    for sigma in (0.0, 2.0, 5.0):
+        noisy = np.clip(ramp + rng.standard_normal(ramp.shape, dtype=np.float32) * sigma, 0, 255)
+        assert noise_sigma(noisy) == pytest.approx(sigma, abs=0.15 + 0.1 * sigma)
+
+
 def test_scores_measure_the_picture_box_not_the_bars(tmp_path):
     from diffusion_bunny.demo.overlays import letterbox
     from diffusion_bunny.media.images import decode_picture
@@ -247,6 +326,8 @@ def test_config_out_of_range_is_one_line_naming_the_key():
         "quality.batch=scene": "quality.batch = 'scene'",
         "quality.best_per_batch=0": "quality.best_per_batch = 0",
         "quality.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
+        "quality.reference_contrast=0": "quality.reference_contrast = 0",
+        "extraction.reference_contrast=200": "extraction.reference_contrast = 200",
         "quality.dup_dist=3": "unknown key 'quality.dup_dist' (allowed here: batch, best_per_batch,",
     }
     for override, message in cases.items():

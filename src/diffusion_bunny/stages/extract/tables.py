@@ -48,6 +48,7 @@ BOUNDARY_CANDIDATES_SCHEMA = {
     "flash_like": pl.Boolean,
     "motion_residual": pl.Float64,
     "motion_contrast": pl.Float64,
+    "contrast_scale": pl.Float64,
     "model_score": pl.Float64,
     "decision": pl.Utf8,
     "reason": pl.Utf8,

@@ -53,10 +53,17 @@ def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
     """
     import pandas as pd
 
-    from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
+    from diffusion_bunny.stages.quality.rules import (
+        exposure_thresholds,
+        sharpness_threshold,
+        with_text_columns,
+    )
 
     table = with_text_columns(table)
     exposure = exposure_thresholds(table, cfg)
+    # A flat film's blur threshold (for its median frame; relative_sharpness), else the configured.
+    blur = sharpness_threshold(table, cfg)
+    blur_line = blur.min_sharpness * blur.film_scale**2
     panels = {
         "sharpness (log10)": pl.col("sharpness").clip(lower_bound=1e-3).log10(),
         "brightness (0-255)": pl.col("brightness"),
@@ -73,7 +80,7 @@ def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
         ]
     ).drop_nulls("value")
     lines = [
-        ("sharpness (log10)", math.log10(max(cfg.min_sharpness, 1e-3))),
+        ("sharpness (log10)", math.log10(max(blur_line, 1e-3))),
         ("brightness (0-255)", exposure.min_brightness),
         ("brightness (0-255)", exposure.max_brightness),
         ("clipped share", exposure.max_clipped),

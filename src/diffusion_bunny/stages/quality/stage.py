@@ -42,7 +42,13 @@ import time
 import polars as pl
 
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts, with_text_columns
+from diffusion_bunny.stages.quality.rules import (
+    apply_quality_rules,
+    exposure_thresholds,
+    reason_counts,
+    sharpness_threshold,
+    with_text_columns,
+)
 from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, score_frames
 from diffusion_bunny.stages.quality.tables import TEXT_SCHEMA
 from diffusion_bunny.stages.quality.text import current_keys, detect_text
@@ -135,6 +141,13 @@ def compute(ctx: Context) -> StageOutput:
     }
     scores, warnings = _add_text(ctx, frames, scores, facts)
     table = apply_quality_rules(scores, frames, cfg)
+    # The film-relative thresholds in force, so a reader sees why a night film kept its frames.
+    exposure, sharpness = exposure_thresholds(scores, cfg), sharpness_threshold(scores, cfg)
+    facts.update(
+        min_brightness_in_force=round(exposure.min_brightness, 2),
+        film_contrast=None if sharpness.film_contrast is None else round(sharpness.film_contrast, 2),
+        sharpness_scale=round(sharpness.film_scale, 4),
+    )
     counts = {"frames": table.height, **reason_counts(table)}
     cropped = int(
         (table["keep"] & (table["crop_bottom"] - table["crop_top"] < _box_height(frames, table))).sum()

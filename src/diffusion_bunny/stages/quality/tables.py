@@ -26,6 +26,7 @@ SCORES_SCHEMA = {
     "brightness": pl.Float64,
     "contrast": pl.Float64,
     "clipped": pl.Float64,
+    "noise": pl.Float64,
     "phash": pl.UInt64,
     "nearest_distance": pl.Int64,
 }

@@ -158,7 +158,11 @@ class QualityThresholdExplorer:
             return
         from diffusion_bunny.media.figures import chart_png, jpeg_bytes
         from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
-        from diffusion_bunny.stages.quality.rules import exposure_thresholds, with_text_columns
+        from diffusion_bunny.stages.quality.rules import (
+            exposure_thresholds,
+            sharpness_threshold,
+            with_text_columns,
+        )
         from diffusion_bunny.stages.quality.text import unchecked_kept
 
         try:
@@ -181,6 +185,13 @@ class QualityThresholdExplorer:
             film = (
                 f"too dark under {exposure.min_brightness:.1f}, too bright over "
                 f"{exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f} (as configured)"
+            )
+        blur = sharpness_threshold(with_text_columns(self.scores), cfg)
+        if blur.film_scale < 1.0:
+            film += (
+                f"; a flat film (median contrast {blur.film_contrast:.0f}, reference "
+                f"{cfg.reference_contrast:.0f}): blurry under {blur.min_sharpness * blur.film_scale**2:.1f} "
+                "detail (sharpness less its noise)"
             )
         unchecked = unchecked_kept(table).len() if cfg.text_filter else 0
         text = (
