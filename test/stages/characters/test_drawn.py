@@ -202,6 +202,8 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     assert fit_key(changed, backgrounds, settings) != key
     assert fit_key(cutouts, backgrounds[:-1], settings) != key
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"steps": 301})) != key
+    # The score a sighting needs is applied after the search: no new fit for it.
+    assert fit_key(cutouts, backgrounds, settings.model_copy(update={"min_score": 0.3})) == key
     assert fit_key(cutouts, backgrounds, settings) == key
 
 

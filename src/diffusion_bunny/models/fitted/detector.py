@@ -491,7 +491,9 @@ def fit_key(
             digest.update(hashlib.sha256(np.ascontiguousarray(rgba).tobytes()).digest())
     for frame in backgrounds:
         digest.update(hashlib.sha256(np.ascontiguousarray(frame[::4, ::4]).tobytes()).digest())
-    digest.update(json.dumps(settings.model_dump(), sort_keys=True).encode())
+    # min_score is applied to the detections afterwards (stage 03 keeps them from a lower score):
+    # moving it must re-label a run, not fit the detector again.
+    digest.update(json.dumps(settings.model_dump(exclude={"min_score"}), sort_keys=True).encode())
     digest.update(code_hash(__name__).encode())
     return digest.hexdigest()[:16]
 
