@@ -36,7 +36,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys, monkeypatc
     path, cuts = cut_clip
     starts: list[int] = []  # kernels started ahead of the first notebook
     start = StageKernel.start
-    monkeypatch.setattr(StageKernel, "start", lambda self: (starts.append(1), start(self))[1])
+    monkeypatch.setattr(StageKernel, "start", lambda self, *a: (starts.append(1), start(self, *a))[1])
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
     shots = pl.read_parquet(out / "tables" / "shots.parquet")
