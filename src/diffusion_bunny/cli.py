@@ -172,7 +172,7 @@ def _keep_bytecode() -> None:
     """Let this process and the kernels and workers it starts cache their modules' bytecode even
     where ``PYTHONDONTWRITEBYTECODE`` is set (CI machines, container images, this workplace's
     shell). Why: without the ``.pyc`` files every ``bunny run`` compiles torch, pandas, plotnine,
-    matplotlib and polars from source again, in this process and in the notebook kernel: ~7 s of
+    matplotlib and polars from source again, in this process and in the notebook kernel: 4-8 s of
     a run's fixed cost on 2 cores (13 s of CPU in compiling on a 3-second clip, profiled with
     py-spy), paid on every run, where the cached bytecode costs it once. Python skips writing
     where it cannot (a read-only install), and a venv compiled ahead (``uv sync
