@@ -177,3 +177,25 @@ def test_the_caches_kept_across_runs_key_on_the_code_that_fills_them(monkeypatch
     for module in (faces, render, text):
         monkeypatch.setattr(module, "code_hash", lambda name: "edited")
     assert settings.key() != keys[0] and look.key(item, None) != keys[1] and detector().key != keys[2]
+
+
+def test_the_parsed_files_are_kept_between_processes_and_an_edit_is_read_again(copy, monkeypatch):
+    """A new process (here: the per-process cache emptied) finds every file's digest in the
+    package's cache file instead of parsing the files again; an edited file is parsed again."""
+    first = codegraph.code_hash("diffusion_bunny.stages.extract.stage")
+    assert codegraph._cache_file(copy).is_file()
+    monkeypatch.setattr(codegraph, "_PARSED", {})
+    monkeypatch.setattr(codegraph, "_LOADED", set())
+    parsed: list[int] = []
+    real_parse = ast.parse
+
+    def counted(source, *args, **kwargs):
+        parsed.append(1)
+        return real_parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(codegraph.ast, "parse", counted)
+    assert codegraph.code_hash("diffusion_bunny.stages.extract.stage") == first
+    assert parsed == []  # nothing parsed: every file came from the cache file
+    _append(copy / "stages" / "extract" / "keyframes.py", "\nEDITED = 1\n")
+    assert codegraph.code_hash("diffusion_bunny.stages.extract.stage") != first
+    assert parsed == [1]  # the edited file, and only it

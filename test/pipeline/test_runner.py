@@ -36,7 +36,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys, monkeypatc
     path, cuts = cut_clip
     starts: list[int] = []  # kernels started ahead of the first notebook
     start = StageKernel.start
-    monkeypatch.setattr(StageKernel, "start", lambda self: (starts.append(1), start(self))[1])
+    monkeypatch.setattr(StageKernel, "start", lambda self, *a: (starts.append(1), start(self, *a))[1])
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
     shots = pl.read_parquet(out / "tables" / "shots.parquet")
@@ -330,3 +330,17 @@ def test_stage_timeouts_scale_with_the_movies_length():
     assert task_timeout(ray_limit, nine, 3 * 3600.0) == 50.0
     with pytest.raises(ConfigError, match=r"pipeline\.stage_timeout_s"):
         load_config(None, {"pipeline.stage_timeout_s": "sometimes"}, use_local=False)
+
+
+def test_bunny_keeps_bytecode_where_the_environment_says_not_to(monkeypatch):
+    """Where PYTHONDONTWRITEBYTECODE is set, ``bunny`` and the kernels it starts (they inherit its
+    environment) still cache bytecode: otherwise every run compiles its libraries from source."""
+    import os
+    import sys
+
+    from diffusion_bunny import cli
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    cli._keep_bytecode()
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ and sys.dont_write_bytecode is False

@@ -172,3 +172,35 @@ def test_a_slow_starting_kernel_is_waited_for(tmp_path, monkeypatch):
         assert _run(kernel.manager(), "print(6 * 7)").strip() == "42"
     finally:
         kernel.close()
+
+
+def test_a_kernel_started_ahead_imports_the_first_notebooks_modules_and_nothing_else():
+    """The run's kernel imports what its first notebook will (so the imports overlap the run's own
+    checks, and the figures' ones the stage): the modules load, no name is left in the notebook's
+    namespace, and a module that does not import leaves the error to the notebook and the kernel
+    starting."""
+    from diffusion_bunny.pipeline.runner import warm_modules
+    from diffusion_bunny.stages import PIPELINE
+
+    before, after = warm_modules(PIPELINE, "extract")
+    # the stage's own code before it; notebook 01 imports its figures' module after the stage
+    assert "diffusion_bunny.stages.extract.stage" in before and "diffusion_bunny.stages" in before
+    assert "diffusion_bunny.stages.extract.plots" in after and not set(before) & set(after)
+    assert "polars" in warm_modules(PIPELINE, "scenes")[0]  # `import polars as pl` counts as well
+    kernel = StageKernel("python3")
+    try:
+        kernel.start(["colorsys", "no_such_module_here"], ["plotnine"])
+        km = kernel.manager()
+        probe = (
+            "import sys, threading\n"
+            "[t.join() for t in threading.enumerate() if t.name == 'bunny-warm']\n"
+            "print(sorted(m for m in ('colorsys', 'plotnine', 'matplotlib.pyplot', 'no_such_module_here')"
+            " if m in sys.modules))\n"
+            "print(sorted(k for k in get_ipython().user_ns if 'warm' in k or k in ('colorsys', 'plotnine')))"
+        )
+        loaded, names = _run(km, probe).strip().splitlines()
+        # plotnine draws its first figure with pyplot: imported ahead with it
+        assert loaded == "['colorsys', 'matplotlib.pyplot', 'plotnine']"
+        assert names == "[]"
+    finally:
+        kernel.close()

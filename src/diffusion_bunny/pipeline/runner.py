@@ -161,6 +161,45 @@ _fresh()
 """
 
 
+#: The script a stage kernel runs as it starts, and the variable naming what it imports.
+_KERNEL_WARM = Path(__file__).with_name("kernel_warm.py")
+WARM_ENV = "DIFFUSION_BUNNY_KERNEL_WARM"
+
+
+def warm_modules(pipeline: Pipeline, stage: str) -> tuple[list[str], list[str]]:
+    """The modules a kernel can import ahead for ``stage``'s notebook, as (needed before the
+    stage, needed after it): every module its code cells import at their top level (what the
+    notebook imports whatever it is run with), split at the first cell that runs the stage; the
+    stage's own code (``stages/<name>/stage.py``, imported when it runs) is needed before it."""
+    import ast
+
+    before: list[str] = []
+    after: list[str] = []
+    try:
+        cells = json.loads((notebook_dir() / pipeline.get(stage).notebook).read_text())["cells"]
+    except (OSError, ValueError, KeyError, UserError):
+        cells = []
+    names = before
+    for cell in cells:
+        if cell.get("cell_type") != "code":
+            continue
+        source = "".join(cell.get("source", ""))
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # IPython syntax (a magic): the notebook still imports it itself
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.append(node.module)
+        if "run_stage(" in source:
+            names = after
+    before.append(f"{pipeline.get(stage).package}.stage")
+    before = list(dict.fromkeys(before))
+    return before, [n for n in dict.fromkeys(after) if n not in before]
+
+
 class StageKernel:
     """One Jupyter kernel for the stage notebooks of one movie's run.
 
@@ -181,22 +220,34 @@ class StageKernel:
         self.notebooks = 0
         self.fresh = True  # whether the last notebook got a kernel not started before
 
-    def start(self) -> None:
-        """Start the kernel now, before the first notebook needs it.
+    def start(self, warm: Sequence[str] = (), later: Sequence[str] = ()) -> None:
+        """Start the kernel now, before the first notebook needs it, importing the modules
+        ``warm`` as it starts and ``later`` in the background (:func:`warm_modules`).
 
         Why: a kernel takes ~1.9 s on 2 cores to start and answer (interpreter, ipykernel,
-        ZeroMQ), and the run's own process meanwhile probes the movie, checks the stages and
-        imports papermill (~1 s) on the other core; started here, the two overlap instead of
-        following each other. Started as nbclient would start it (same working folder and
-        arguments), so nbclient simply connects to it.
+        ZeroMQ), and the first notebook's imports ~2 s more (polars and the stage's modules
+        ~0.8 s, the figures' plotnine, pandas and pyplot ~1.2 s); the run's own process
+        meanwhile probes the movie, checks the stages and imports papermill (~1 s) on the other
+        core. Started here with the stage's imports (:mod:`~diffusion_bunny.pipeline.kernel_warm`),
+        the two overlap instead of following each other, and the figures' imports overlap the
+        stage's decoding. Started as nbclient would start it (same working folder and
+        arguments), so nbclient simply connects to it once it answers.
         """
+        import os
+
         from jupyter_core.utils import run_sync
 
         if self._km is None:
             self._km = self._new_manager()
             self.notebooks = 0
         if not self._km.has_kernel:
-            run_sync(self._km.start_kernel)(extra_arguments=KERNEL_ARGUMENTS, cwd=str(notebook_dir()))
+            arguments = list(KERNEL_ARGUMENTS)
+            env = dict(os.environ)
+            if warm or later:
+                arguments.append(f"--IPKernelApp.exec_files={json.dumps([str(_KERNEL_WARM)])}")
+                env[WARM_ENV] = ",".join(warm)
+                env[WARM_ENV + "_LATER"] = ",".join(later)
+            run_sync(self._km.start_kernel)(extra_arguments=arguments, cwd=str(notebook_dir()), env=env)
 
     def manager(self) -> Any:
         """The kernel manager for the next notebook: the running kernel, reset, or a new one."""
@@ -329,6 +380,9 @@ def execute_stage_notebook(
             request_save_on_cell_execute=False,
             cwd=str(source.parent),
             extra_arguments=KERNEL_ARGUMENTS,
+            # a kernel started ahead answers once its warm imports are done (StageKernel.start):
+            # seconds on a loaded machine, more than papermill's 60 s only when something hangs
+            start_timeout=300,
             kernel_name=stage_kernel.kernel_name,
             km=km,
         )
@@ -508,8 +562,13 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
     report = MovieReport(movie=movie, run_dir=run.run_dir)
     kernel = StageKernel(cfg.run.kernel)
     try:
-        if force or any(stage_state(pipeline, run, s, cfg)[0] != "done" for s in options.stages):
-            kernel.start()  # boots while this process checks the stages and imports papermill
+        first = next(
+            (s for s in options.stages if force or stage_state(pipeline, run, s, cfg)[0] != "done"), None
+        )
+        if first is not None:
+            # boots, importing the first notebook's modules, while this process checks the
+            # stages and imports papermill
+            kernel.start(*warm_modules(pipeline, first))
         for stage in options.stages:
             state, reason = stage_state(pipeline, run, stage, cfg)
             if state == "done" and not force:
