@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,30 @@ class ProgressFile:
             self.path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def tracked(
+    total: int, *, desc: str, unit: str = "frame", progress: bool = True, progress_path: Path | None = None
+) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar (the notebook's) and the progress file at ``progress_path`` (what ``bunny run``
+    shows) counting the same work: yields ``done(n)``, to be called with the count so far; the
+    file is gone when the block ends or fails."""
+    from diffusion_bunny.logs import bar_options
+
+    bar = tqdm(total=total, unit=unit, desc=desc, disable=not progress, **bar_options(0.5))
+    reporter = ProgressFile(progress_path, desc, total, unit)
+
+    def done(n: int) -> None:
+        bar.update(n - bar.n)
+        reporter.update(n)
+
+    try:
+        yield done
+        reporter.update(total, force=True)
+    finally:
+        bar.close()
+        reporter.close()
+
+
 def map_tracked(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
@@ -66,24 +90,16 @@ def map_tracked(
     progress_path: Path | None = None,
 ) -> list[Any]:
     """``fn`` over ``items`` on a thread pool (decoders and ONNX Runtime release the GIL), the
-    results in order, counted on a tqdm bar (the notebook's) and in the progress file at
-    ``progress_path`` (what ``bunny run`` shows); the file is gone when it returns or fails."""
-    from diffusion_bunny.logs import bar_options
-
+    results in order, counted by :func:`tracked`."""
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(items), unit=unit, desc=desc, disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, desc, len(items), unit)
     out: list[Any] = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=desc) as pool:
-            for n, result in enumerate(pool.map(fn, items), start=1):
-                out.append(result)
-                bar.update(1)
-                reporter.update(n)
-        reporter.update(len(items), force=True)
-    finally:
-        bar.close()
-        reporter.close()
+    with (
+        tracked(len(items), desc=desc, unit=unit, progress=progress, progress_path=progress_path) as done,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix=desc) as pool,
+    ):
+        for n, result in enumerate(pool.map(fn, items), start=1):
+            out.append(result)
+            done(n)
     return out
 
 

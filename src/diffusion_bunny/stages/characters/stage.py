@@ -34,11 +34,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config
 from diffusion_bunny.errors import StageError, UserError
-from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
@@ -53,7 +51,7 @@ from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_dete
 from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.pipeline.progress import tracked
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.identify import (
     character_thresholds,
@@ -204,10 +202,8 @@ def _hub_sightings(
     large, and torch uses every core on its own), ``batch_size`` frames a forward pass. A frame
     that cannot be read is left out here; the face pass has already recorded it as failed."""
     out: dict[str, list[tuple]] = {}
-    bar = tqdm(total=len(jobs), unit="frame", desc="characters", disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, "characters", len(jobs), "frame")
     size = finder.settings.batch_size
-    try:
+    with tracked(len(jobs), desc="characters", progress=progress, progress_path=progress_path) as done:
         for start in range(0, len(jobs), size):
             chunk = []
             for frame_id, path, _, region, _ in jobs[start : start + size]:
@@ -218,13 +214,7 @@ def _hub_sightings(
             found = finder.find_frames([c[1] for c in chunk]) if chunk else []
             for (frame_id, searched, offset), hits in zip(chunk, found, strict=True):
                 out[frame_id] = _drawn_rows(hits, finder.names, searched, offset, min_px)
-            done = min(len(jobs), start + size)
-            bar.update(done - bar.n)
-            reporter.update(done)
-        reporter.update(len(jobs), force=True)
-    finally:
-        bar.close()
-        reporter.close()
+            done(min(len(jobs), start + size))
     return out
 
 
@@ -261,9 +251,7 @@ def _run_jobs(
     """Detect and encode the faces of every job's frame, on a spawned process pool when it pays
     (dlib holds the GIL, so threads would not help)."""
     results: dict[str, tuple[str, list[tuple], str | None]] = {}
-    bar = tqdm(total=len(jobs), unit="frame", desc="faces", disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, "faces", len(jobs), "frame")
-    try:
+    with tracked(len(jobs), desc="faces", progress=progress, progress_path=progress_path) as done:
         if use_pool:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker) as pool:
@@ -273,18 +261,12 @@ def _run_jobs(
                     )
                 for n, (fid, status, faces, error) in enumerate(iterator, start=1):
                     results[fid] = (status, faces, error)
-                    bar.update(1)
-                    reporter.update(n)
+                    done(n)
         else:
             for n, job in enumerate(jobs, start=1):
                 fid, status, faces, error = _detect_file(job)
                 results[fid] = (status, faces, error)
-                bar.update(1)
-                reporter.update(n)
-        reporter.update(len(jobs), force=True)
-    finally:
-        bar.close()
-        reporter.close()
+                done(n)
     return results
 
 
