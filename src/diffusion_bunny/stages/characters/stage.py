@@ -324,9 +324,12 @@ def detect_faces(
         for r in todo
     ]
     started = time.perf_counter()
+    # The hub's models load before any frame is searched: one that cannot be had stops the stage
+    # at once, not after the faces of every frame.
+    finder = hub[1]() if hub is not None and jobs else None
     results = _run_jobs(jobs, n_workers, use_pool, progress, progress_path)
-    if hub is not None and jobs:
-        sightings = _hub_sightings(hub[1](), jobs, settings.min_face_px, progress, progress_path)
+    if finder is not None:
+        sightings = _hub_sightings(finder, jobs, settings.min_face_px, progress, progress_path)
         for fid, (status, found, error) in list(results.items()):
             if status == "ok":
                 results[fid] = (status, [*found, *sightings.get(fid, [])], error)
