@@ -248,48 +248,50 @@ NOTEBOOK_TOOK = re.compile(r": (\w+) notebook took ([0-9.]+) s")
 STAGE_DONE = re.compile(r": (\w+) done in ([0-9.]+) s: ")
 
 
+def _timed_bunny_run(
+    length: LengthRun, work: Path, label: str, stages: list[str], extra: list[str], log_line: re.Pattern
+) -> tuple[StageRun, list[re.Match]]:
+    """One ``bunny run MOVIE --stages ...`` from an empty run folder, as a user runs it (the
+    interpreter, the kernel, the notebooks' imports and figures included): its time, peak memory
+    and CPU, and the matches of ``log_line`` in the log it wrote."""
+    bunny = Path(sys.executable).parent / "bunny"
+    out = work / "out" / f"{length.minutes:g}min-{label}"
+    logs = work / "logs" / f"{length.minutes:g}min-{label}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(logs, ignore_errors=True)
+    cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", ",".join(stages), "--quiet"]
+    env = {**os.environ, "DIFFUSION_BUNNY_LOG_DIR": str(logs / "bunny")}  # the log read below
+    length.load[label] = os.getloadavg()[0]
+    wall, peak, rc, _, err, cpu = measure([*cmd, *extra], logs, label, env=env)
+    run = StageRun(label, wall, peak, cpu)
+    if rc != 0:
+        run.failed = _failure(rc, err)
+    matches = [
+        match
+        for log_file in sorted((logs / "bunny").glob("bunny-*.log"))
+        for match in log_line.finditer(log_file.read_text(errors="replace"))
+    ]
+    print(f" {wall:.1f} s, {peak / 1024:.0f} MiB" + (f"  FAILED {run.failed}" if rc else ""))
+    return run, matches
+
+
 def run_together(length: LengthRun, refs: Path, extra: list[str], work: Path) -> None:
     """Stages 01-06 in one ``bunny run``, from an empty run folder, as a user runs them."""
-    bunny = Path(sys.executable).parent / "bunny"
-    out = work / "out" / f"{length.minutes:g}min-together"
-    shutil.rmtree(out, ignore_errors=True)
-    logs = work / "logs" / f"{length.minutes:g}min-together"
-    shutil.rmtree(logs, ignore_errors=True)
     print(f"  {length.minutes:g} min: stages 01-06 in one bunny run ...", end="", flush=True)
-    cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", ",".join(INGEST), "--quiet"]
-    cmd += ["--characters", str(refs), *extra]
-    env = {**os.environ, "DIFFUSION_BUNNY_LOG_DIR": str(logs / "bunny")}  # the log read below
-    length.load["together"] = os.getloadavg()[0]
-    wall, peak, rc, _, err, cpu = measure(cmd, logs, "together", env=env)
-    length.together = StageRun("together", wall, peak, cpu)
-    if rc != 0:
-        length.together.failed = _failure(rc, err)
-    for log_file in sorted((logs / "bunny").glob("bunny-*.log")):
-        for match in NOTEBOOK_TOOK.finditer(log_file.read_text(errors="replace")):
-            length.together_stages[match.group(1)] = float(match.group(2))
-    print(f" {wall:.1f} s, {peak / 1024:.0f} MiB" + (f"  FAILED {length.together.failed}" if rc else ""))
+    length.together, took = _timed_bunny_run(
+        length, work, "together", INGEST, ["--characters", str(refs), *extra], NOTEBOOK_TOOK
+    )
+    for match in took:
+        length.together_stages[match.group(1)] = float(match.group(2))
 
 
 def run_extract(length: LengthRun, work: Path) -> None:
-    """``bunny run MOVIE --stages extract`` from an empty run folder: stage 01 as a user runs it,
-    the interpreter, the kernel, the notebook's imports and figures included."""
-    bunny = Path(sys.executable).parent / "bunny"
-    out = work / "out" / f"{length.minutes:g}min-extract"
-    shutil.rmtree(out, ignore_errors=True)
+    """``bunny run MOVIE --stages extract``: stage 01 as a user runs it, and (from its log) the
+    stage's own work, so the rest is the run's fixed cost."""
     print(f"  {length.minutes:g} min: bunny run --stages extract ...", end="", flush=True)
-    length.load["extract_run"] = os.getloadavg()[0]
-    logs = work / "logs" / f"{length.minutes:g}min-extract"
-    shutil.rmtree(logs, ignore_errors=True)
-    cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", "extract", "--quiet"]
-    env = {**os.environ, "DIFFUSION_BUNNY_LOG_DIR": str(logs / "bunny")}  # the log read below
-    wall, peak, rc, _, err, cpu = measure(cmd, logs, "extract-run", env=env)
-    length.extract_run = StageRun("extract", wall, peak, cpu)
-    if rc != 0:
-        length.extract_run.failed = _failure(rc, err)
-    for log_file in sorted((logs / "bunny").glob("bunny-*.log")):
-        for match in STAGE_DONE.finditer(log_file.read_text(errors="replace")):
-            length.extract_stage_s = float(match.group(2))
-    print(f" {wall:.1f} s, {peak / 1024:.0f} MiB" + (f"  FAILED {length.extract_run.failed}" if rc else ""))
+    length.extract_run, done = _timed_bunny_run(length, work, "extract_run", ["extract"], [], STAGE_DONE)
+    for match in done:
+        length.extract_stage_s = float(match.group(2))
 
 
 def _n(value: int | None) -> str:
