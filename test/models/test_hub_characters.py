@@ -324,7 +324,7 @@ def test_discover_is_transformers_text_guided_detection(folders, dino):
 
 
 def test_hits_are_in_the_frame_suppressed_with_unit_features_and_deterministic(folders, dino):
-    from diffusion_bunny.models.fitted.detector import _iou
+    from diffusion_bunny.models.fitted.detector import iou
 
     picture = frame(80, 56, seed=5)
     finder = HubFinder(settings(folders, min_score=0.0, discover_score=0.0), REFS, features=dino)
@@ -339,7 +339,7 @@ def test_hits_are_in_the_frame_suppressed_with_unit_features_and_deterministic(f
     for a in range(len(hits)):  # no two kept boxes of one character overlap by 0.4 or more
         for b in range(a):
             if hits[a].index == hits[b].index:
-                assert _iou(hits[a].box, hits[b].box) < 0.4
+                assert iou(hits[a].box, hits[b].box) < 0.4
     # The feature is the crop's own.
     top = hits[0]
     x0, y0, x1, y1 = (round(v) for v in top.box)

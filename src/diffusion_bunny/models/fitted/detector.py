@@ -338,7 +338,8 @@ def focal_loss(logits: torch.Tensor, heat: torch.Tensor, background: torch.Tenso
 # The fitted detector
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (left, top, right, bottom) boxes."""
     x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
     inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
@@ -367,7 +368,7 @@ def suppress(hits: list[Hit], same: float = 0.4, other: float = 0.7, nested: flo
     for hit in sorted(hits, key=lambda h: -h.score):
         for group in groups:
             first = group[0]
-            overlap = _iou(hit.box, first.box)
+            overlap = iou(hit.box, first.box)
             if hit.index == first.index and (overlap >= same or _within(hit.box, first.box) >= nested):
                 group.append(hit)
                 break

@@ -267,15 +267,6 @@ def _iou_to(boxes: torch.Tensor, box: tuple[float, float, float, float]) -> torc
     return inter / union.clamp(min=1e-9)
 
 
-def _box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """IoU of two (left, top, right, bottom) boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _span(low: float, high: float) -> slice:
     """The pixels from ``low`` to ``high`` (at least one)."""
     start = int(low)
@@ -400,6 +391,8 @@ class HubFinder:
         dropped: a named character is not also discovered."""
         import numpy as np
 
+        from diffusion_bunny.models.fitted.detector import iou
+
         torch = self._torch
         out: list[list[Hit]] = []
         for start in range(0, len(frames), self.settings.batch_size):
@@ -420,7 +413,7 @@ class HubFinder:
                     box_k = boxes[k].float().cpu()
                     hits = self._hits(frame, prepared[k][1:], best[k], index[k], box_k, threshold)
                     earlier = list(found[k])
-                    found[k].extend(h for h in hits if all(_box_iou(h.box, o.box) < 0.5 for o in earlier))
+                    found[k].extend(h for h in hits if all(iou(h.box, o.box) < 0.5 for o in earlier))
             out.extend(found)
         return out
 
