@@ -344,3 +344,41 @@ def test_bunny_keeps_bytecode_where_the_environment_says_not_to(monkeypatch):
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     cli._keep_bytecode()
     assert "PYTHONDONTWRITEBYTECODE" not in os.environ and sys.dont_write_bytecode is False
+
+
+def test_a_user_error_whose_traceback_cannot_be_shown_still_comes_back_as_one_line(
+    cut_clip, tmp_path, monkeypatch
+):
+    """A cell's error output can go missing (IPython failing to format the traceback, or the
+    output arriving after nbclient stopped waiting on a loaded machine); the kernel's execute
+    reply still names the error, and the runner reads it from there: a full disk stays a full
+    disk, not a bare ``CellExecutionError`` taken for a bug."""
+    from diffusion_bunny.pipeline import runner
+
+    path, _ = cut_clip
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.read(ROOT / "notebook" / "01_extract_frames.ipynb", as_version=4)
+    cell = (
+        "from diffusion_bunny import errors\n\n"
+        "class StorageError(errors.StorageError):\n"
+        "    def _render_traceback_(self):  # IPython asks the exception to format itself\n"
+        "        raise RuntimeError('cannot format')\n\n"
+        "raise StorageError('could not write /films/run/frames/f.jpg: No space left on device')"
+    )
+    nb.cells.insert(2, nbformat.v4.new_code_cell(cell))
+    nbformat.write(nb, folder / "01_extract_frames.ipynb")
+    monkeypatch.setattr(runner, "notebook_dir", lambda: folder)
+    run = Run.create(tmp_path / "run", path)
+    with pytest.raises(Exception) as err:
+        execute_stage_notebook(
+            run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+        )
+    assert isinstance(err.value, UserError), repr(err.value)  # bunny: one line, exit status 2
+    assert str(err.value).startswith("could not write /films/run/frames/f.jpg: No space left on device")
+    executed = nbformat.read(run.notebooks_dir / "01_extract_frames.ipynb", as_version=4)
+    shown = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(
+        o.get("output_type") == "stream" and "Unexpected exception formatting" in o.get("text", "")
+        for o in shown
+    )

@@ -385,6 +385,7 @@ def execute_stage_notebook(
             start_timeout=300,
             kernel_name=stage_kernel.kernel_name,
             km=km,
+            engine_name=_reply_keeping_engine(),
         )
     except PapermillExecutionError as exc:
         raise _notebook_error(stage, target, exc) from None
@@ -479,6 +480,52 @@ class _PapermillToLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         log.log(record.levelno, "papermill: %s", record.getMessage(), extra=FILE_ONLY)
+
+
+_ENGINE = "diffusion-bunny"
+
+
+def _reply_keeping_engine() -> str:
+    """The name of papermill's nbclient engine, registered with one change: a cell that failed
+    without an error output keeps its error as the kernel's execute reply names it.
+
+    A failing cell's error reaches papermill twice: as an ``error`` output on the kernel's IOPub
+    channel and in the execute reply on its shell channel. Papermill reads only the output, and
+    without one reports a bare ``CellExecutionError`` with no text: a full disk, or any user
+    error, then reads as a bug. The output goes missing when IPython cannot format the
+    traceback (it prints "Unexpected exception formatting exception" instead) or when it comes
+    after nbclient's ``iopub_timeout`` on a loaded machine; seen on 2 cores under the test suite.
+    The reply's ``ename`` and ``evalue`` are the exception's own (nbclient keeps them on its
+    ``CellExecutionError``), so the runner's classification (:func:`_notebook_error`) reads them
+    as if the output had come."""
+    import nbformat
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ReplyKeepingEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+            mark = nb_man.cell_exception
+
+            def cell_exception(cell: Any, cell_index: int | None = None, **kw: Any) -> None:
+                exc = kw.get("exception")
+                outputs = cell.get("outputs", [])
+                if exc is not None and not any(o.get("output_type") == "error" for o in outputs):
+                    trace = str(getattr(exc, "traceback", "") or "")
+                    outputs.append(
+                        nbformat.v4.new_output(
+                            "error",
+                            ename=str(getattr(exc, "ename", "") or "CellExecutionError"),
+                            evalue=str(getattr(exc, "evalue", "") or ""),
+                            traceback=trace.splitlines(),
+                        )
+                    )
+                mark(cell, cell_index, **kw)
+
+            nb_man.cell_exception = cell_exception
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(_ENGINE, ReplyKeepingEngine)
+    return _ENGINE
 
 
 def _route_papermill_logs() -> None:
