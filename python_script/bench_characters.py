@@ -70,7 +70,8 @@ def make_frames(folder: Path, n: int) -> pl.DataFrame:
         frame = cv2.resize(sources[(i * 7) % len(sources)], (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
         rel = f"frames/f{i:05d}.jpg"
         cv2.imwrite(str(folder / rel), frame, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        rows.append({"frame_id": f"f{i:05d}", "path": rel})
+        # The size is what stage 03 needs of a frame without stage 01's picture box (a full frame).
+        rows.append({"frame_id": f"f{i:05d}", "path": rel, "width": WIDTH, "height": HEIGHT})
     return pl.DataFrame(rows)
 
 

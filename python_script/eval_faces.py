@@ -62,7 +62,7 @@ from diffusion_bunny.models.faces import DetectSettings
 TARGET_RECALL, TARGET_PRECISION, TARGET_FPS = 0.9, 0.95, 30.0
 BASE = DetectSettings()
 #: The default before the pyramid started at 1.1 x min_face_px and faces were scored mirrored too.
-BEFORE = replace(BASE, detector="mtcnn", pyramid_start=0.8, mirror_score=False, min_score=0.9)
+BEFORE = replace(BASE, detector="mtcnn", pyramid_start=0.8, mirror_score=False, min_score=0.9, min_face_px=40)
 #: (label, settings): every detector, and the settings of each worth seeing.
 SETTINGS = [
     ("hog", replace(BASE, detector="hog")),
@@ -75,8 +75,10 @@ SETTINGS = [
     ("centerface min_score=0.4", replace(BASE, detector="centerface", min_score=0.4)),
     ("centerface min_score=0.6", replace(BASE, detector="centerface", min_score=0.6)),
     ("centerface min_face_px=34", replace(BASE, detector="centerface", min_face_px=34)),
+    ("centerface min_face_px=40", replace(BASE, detector="centerface", min_face_px=40)),
     ("centerface auto_levels=False", replace(BASE, detector="centerface", auto_levels=False)),
     ("mtcnn", replace(BASE, detector="mtcnn")),
+    ("mtcnn min_face_px=40", replace(BASE, detector="mtcnn", min_face_px=40)),
     ("mtcnn mirror_score=False", replace(BASE, detector="mtcnn", mirror_score=False)),
     ("mtcnn pyramid_start=0.8", replace(BASE, detector="mtcnn", pyramid_start=0.8)),
     ("mtcnn auto_levels=False", replace(BASE, detector="mtcnn", auto_levels=False)),

@@ -235,7 +235,7 @@ class CharactersConfig(_Section):
     upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
-    min_face_px: int = Field(40, ge=0, le=4096)
+    min_face_px: int = Field(30, ge=0, le=4096)
     trust_min_px: int = Field(48, ge=0, le=4096)
     trust_max_yaw: float = Field(0.6, gt=0.0, le=2.0)
     tolerance: float = Field(0.6, gt=0.0, le=2.0)

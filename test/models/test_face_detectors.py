@@ -120,7 +120,9 @@ def test_default_detector_on_the_truth_set():
     # but three in profile (MTCNN also missed the dark, cut and close-up profile faces).
     assert row[">=32"] >= 0.95 and row["precision"] >= 0.95, row
     assert row["64-127"] == 1.0 and row["kind:dark"] == 1.0 and row["kind:cut"] == 1.0, row
-    assert row["profile"] >= 0.5 and row["down"] >= 0.6 and row["<32"] >= 0.4, row
+    assert row["profile"] >= 0.5 and row["down"] >= 0.6, row
+    # Faces under 32 px: 15 of 18 with CenterFace's fine pass (0.44 with one pass, MTCNN 0.72).
+    assert row["<32"] >= 14 / 18, row
     # Measured: fit 54 of 57 faces >= 32 px, no false face; held out 8 of 8, none. One face
     # less on either part still passes.
     fit, held = ft.held_out_files(truth)
@@ -378,7 +380,8 @@ def test_our_centerface_finds_what_the_authors_decoding_finds(name):
 
 def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall(monkeypatch):
     """The network's input is the image shrunk so that ``min_face`` becomes FACE_PX pixels (never
-    enlarged; min_face 0 searches the image as it is), and stage 03 hands it min_face_px."""
+    enlarged; min_face 0 searches the image as it is), and stage 03 hands it min_face_px: a main
+    pass for faces from COARSE times it, then the fine pass for the smallest."""
     assert centerface.input_scale(20) == pytest.approx(centerface.FACE_PX / 20)
     assert centerface.input_scale(6) == 1.0
     assert centerface.input_scale(0) == 1.0
@@ -394,7 +397,9 @@ def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall(monk
     big = cv2.resize(rgb, (1280, 720))
     monkeypatch.setattr(centerface, "detect_faces", spy)
     found = detect(big, DetectSettings(min_face_px=40, min_score=0.6))
-    assert seen == [((360, 640, 3), pytest.approx(centerface.FACE_PX / 20), 0.6)]
+    coarse = centerface.FACE_PX / (20 * centerface.COARSE)
+    fine = centerface.FACE_PX / 20
+    assert seen == [((360, 640, 3), pytest.approx(coarse), 0.6), ((360, 640, 3), pytest.approx(fine), 0.6)]
     assert len(found) == 2 and all(d.height >= 40 for d in found)
 
 
@@ -553,13 +558,13 @@ def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
     monkeypatch.setattr(face_detect, "make_detector", lambda *args: asked.append(args) or Nothing())
     frame = np.zeros((720, 1280, 3), np.uint8)
     mtcnn_settings = DetectSettings(detector="mtcnn")
-    detect(frame, mtcnn_settings)  # 40 px at 1280 wide is 20 px in the 640-px copy
+    detect(frame, mtcnn_settings)  # 30 px at 1280 wide is 15 px in the 640-px copy
     detect(frame, replace(mtcnn_settings, pyramid_start=0.8, mirror_score=False))
     detect(frame, replace(DetectSettings(), pyramid_start=0.8))  # CenterFace: no pyramid
     assert [(a[0], a[2], a[5]) for a in asked] == [
-        ("mtcnn", 22, True),
-        ("mtcnn", 16, False),
-        ("centerface", 20, True),
+        ("mtcnn", 16, True),
+        ("mtcnn", 12, False),
+        ("centerface", 15, True),
     ]
 
 

@@ -70,7 +70,7 @@ class DetectSettings:
     upsample: int = 1
     num_jitters: int = 1
     landmarks: str = "large"
-    min_face_px: int = 40
+    min_face_px: int = 30
     #: The confidence a face needs (None: the detector's own default; dlib's HOG has none).
     min_score: float | None = None
     #: What the encoder aligns a face on: ``dlib`` (dlib's shape predictor, ``landmarks``, run on
