@@ -22,8 +22,9 @@ at IoU 0.3.
 
 Where the cost is set: the network sees the image scaled so that the smallest face wanted
 (``min_face``) is :data:`FACE_PX` pixels tall there, never enlarged, then to the next multiple
-of 32 on each side. At stage 03's defaults (a 640-px copy of a 720p frame, faces from 30 px)
-that is a 512x288 input.
+of 32 on each side; a frame is searched twice (:data:`COARSE`). At stage 03's defaults (a 640-px
+copy of a 720p frame, faces from 30 px) that is a 384x224 input for faces from 40 px and a
+512x288 one for the smaller faces.
 """
 
 from __future__ import annotations
