@@ -56,10 +56,12 @@ def test_real_clip_trains_and_generates_with_repeated_pictures(hamilton, tmp_pat
     assert (items.filter(pl.col("split") == "train")["repeats"] == REPEATS).all()
     # The premise: without it this test would not exercise the batch that crashed.
     assert a_batch_repeats_a_picture(items, resolution=128)
-    # The performer facing the camera in frames 82-210 is named, and his face crops were exported.
+    # The performer facing the camera in frames 82-210 is named (and in the opening shot, frames
+    # 0-19, where his face is 54 px and searched by CenterFace's fine pass), never the pianist's
+    # shot or the audience's; his face crops were exported.
     faces = pl.read_parquet(tables / "faces.parquet")
     named = faces.filter(pl.col("character") == "lin")["frame_index"].to_list()
-    assert named and all(82 <= i < 211 for i in named)
+    assert any(82 <= i < 211 for i in named) and all(i < 20 or 82 <= i < 211 for i in named), named
     assert items.filter((pl.col("crop") == "face") & pl.col("characters").list.contains("lin")).height >= 1
     loras = pl.read_parquet(tables / "loras.parquet")
     current = loras.filter(pl.col("current")).row(0, named=True)

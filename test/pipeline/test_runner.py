@@ -253,12 +253,12 @@ def test_notebook_02_interactive_path_runs_headless(demo_run, tmp_path):
 
 def test_notebook_03_interactive_path_runs_headless(demo_run, tmp_path):
     """Notebook 03's widgets, as JupyterLab builds them, run in a kernel (no references: the two
-    demo people and the drawn girl's face, which the face detector finds too, come out as three
-    clusters to name; the fixer shows the appearances)."""
+    demo people and the drawn girl's and the dog's faces, which the face detector finds too, come
+    out as four clusters to name; the fixer shows the appearances)."""
     run = _copy_of(demo_run, tmp_path)
     assert not run.has_table("faces")
     nb = _execute_interactive("03_detect_characters.ipynb", run, tmp_path)
-    assert run.read_table("faces")["cluster"].n_unique() == 3
+    assert run.read_table("faces")["cluster"].n_unique() == 4
     assert len(_widget_views(nb)) == 1
     fixer = next(c for c in nb.cells if c.cell_type == "code" and "AppearanceFixer(run)" in c.source)
     assert sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in fixer.outputs) == 1
