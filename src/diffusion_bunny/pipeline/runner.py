@@ -9,6 +9,7 @@ movie's run share one kernel (:class:`StageKernel`), reset between notebooks.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -482,11 +483,9 @@ class _PapermillToLog(logging.Handler):
         log.log(record.levelno, "papermill: %s", record.getMessage(), extra=FILE_ONLY)
 
 
-_ENGINE = "diffusion-bunny"
-
-
+@functools.cache
 def _reply_keeping_engine() -> str:
-    """The name of papermill's nbclient engine, registered with one change: a cell that failed
+    """The name of papermill's nbclient engine, registered once, with one change: a cell that failed
     without an error output keeps its error as the kernel's execute reply names it.
 
     A failing cell's error reaches papermill twice: as an ``error`` output on the kernel's IOPub
@@ -508,7 +507,7 @@ def _reply_keeping_engine() -> str:
 
             def cell_exception(cell: Any, cell_index: int | None = None, **kw: Any) -> None:
                 exc = kw.get("exception")
-                outputs = cell.get("outputs", [])
+                outputs = cell.setdefault("outputs", [])
                 if exc is not None and not any(o.get("output_type") == "error" for o in outputs):
                     trace = str(getattr(exc, "traceback", "") or "")
                     outputs.append(
@@ -524,8 +523,8 @@ def _reply_keeping_engine() -> str:
             nb_man.cell_exception = cell_exception
             return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
 
-    papermill_engines.register(_ENGINE, ReplyKeepingEngine)
-    return _ENGINE
+    papermill_engines.register("diffusion-bunny", ReplyKeepingEngine)
+    return "diffusion-bunny"
 
 
 def _route_papermill_logs() -> None:

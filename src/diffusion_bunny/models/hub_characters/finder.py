@@ -400,6 +400,7 @@ class HubFinder:
             prepared = [self._frame_square(on_grey(f)) for f in chunk]
             feats, boxes = self._patches([p[0] for p in prepared])
             found: list[list[Hit]] = [[] for _ in chunk]
+            frame_boxes = [b.float().cpu() for b in boxes]
             for queries, owners, threshold in searches:
                 with torch.inference_mode():
                     logits, _ = self.model.class_predictor(feats, queries[None].expand(len(chunk), -1, -1))
@@ -410,8 +411,7 @@ class HubFinder:
                     per = torch.stack([scores[..., owners == c].amax(-1) for c in range(len(self.names))], -1)
                     best, index = per.max(-1)
                 for k, frame in enumerate(chunk):
-                    box_k = boxes[k].float().cpu()
-                    hits = self._hits(frame, prepared[k][1:], best[k], index[k], box_k, threshold)
+                    hits = self._hits(frame, prepared[k][1:], best[k], index[k], frame_boxes[k], threshold)
                     earlier = list(found[k])
                     found[k].extend(h for h in hits if all(iou(h.box, o.box) < 0.5 for o in earlier))
             out.extend(found)

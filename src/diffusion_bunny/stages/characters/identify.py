@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +162,23 @@ def vote_tracks(
     return voted, sizes
 
 
+def _cluster_tracks(
+    features: np.ndarray, tracks: list[int], cluster: Callable[[np.ndarray], Sequence[int]], min_size: int = 1
+) -> list[int]:
+    """Cluster the tracks' mean features with ``cluster`` (means -> one label per track, -1 for
+    noise), so a track's sightings share a cluster: one label per sighting, clusters numbered by
+    size, largest first (0, 1, ...), and -1 for noise or a cluster under ``min_size`` sightings."""
+    track_ids = sorted(set(tracks))
+    tracks_arr = np.asarray(tracks)
+    means = np.stack([features[tracks_arr == t].mean(axis=0) for t in track_ids])
+    per_track = dict(zip(track_ids, cluster(means), strict=True))
+    raw = [per_track[t] for t in tracks]
+    sizes = Counter(r for r in raw if r >= 0)
+    kept = sorted(((k, v) for k, v in sizes.items() if v >= min_size), key=lambda kv: (-kv[1], kv[0]))
+    order = {label: rank for rank, (label, _) in enumerate(kept)}
+    return [order.get(r, -1) for r in raw]
+
+
 def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
     """Cluster faces with dlib's Chinese whispers on their tracks' mean encodings, so the faces of
     one track always share a cluster. Clusters are numbered by size, largest first (0, 1, ...).
@@ -172,18 +190,11 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
         return []
     import dlib
 
-    track_ids = sorted(set(tracks))
-    tracks_arr = np.asarray(tracks)
-    means = [encodings[tracks_arr == t].mean(axis=0) for t in track_ids]
-    labels = dlib.chinese_whispers_clustering(
-        [dlib.vector(m.astype(float).tolist()) for m in means], threshold
-    )
-    per_track = dict(zip(track_ids, labels, strict=True))
-    sizes = Counter(per_track[t] for t in tracks)
-    order = {
-        label: rank for rank, (label, _) in enumerate(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
-    }
-    return [order[per_track[t]] for t in tracks]
+    def whispers(means: np.ndarray) -> list[int]:
+        vectors = [dlib.vector(m.astype(float).tolist()) for m in means]
+        return dlib.chinese_whispers_clustering(vectors, threshold)
+
+    return _cluster_tracks(encodings, tracks, whispers)
 
 
 def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
@@ -196,19 +207,9 @@ def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> 
 
     if len(features) == 0:
         return []
-    track_ids = sorted(set(tracks))
-    tracks_arr = np.asarray(tracks)
-    means = np.stack([features[tracks_arr == t].mean(axis=0) for t in track_ids])
-    per_track = dict(zip(track_ids, cluster_appearances(means, threshold, min_size=1), strict=True))
-    raw = [per_track[t] for t in tracks]
-    sizes = Counter(r for r in raw if r >= 0)
-    order = {
-        label: rank
-        for rank, (label, _) in enumerate(
-            sorted(((k, v) for k, v in sizes.items() if v >= 2), key=lambda kv: (-kv[1], kv[0]))
-        )
-    }
-    return [order.get(r, -1) for r in raw]
+    return _cluster_tracks(
+        features, tracks, lambda means: cluster_appearances(means, threshold, min_size=1), min_size=2
+    )
 
 
 def drawn_min_score(cfg: CharactersConfig) -> float:

@@ -774,14 +774,14 @@ def promote_cluster(
             f"no unknown faces in cluster {cluster!r} (clusters now: {', '.join(known) or 'none'})"
         )
     target = naming_dir(run.run_dir, cfg.characters) / name
+    frames = run.read_table("frames")
     if (members["kind"] == "drawn").all():
-        frames = run.read_table("frames")
         written = promote_drawn(run.run_dir, members, frames, target, max_pictures=max_faces)
     else:
         written = promote_faces(
             run.run_dir,
             members,
-            run.read_table("frames"),
+            frames,
             target,
             DetectSettings.from_config(cfg.characters),
             max_faces=max_faces,
