@@ -103,6 +103,10 @@ def test_without_pictures_characters_are_discovered_clustered_and_a_cluster_name
     # none pass; what must hold is that the run was labelled again with pip as a character.
     assert run.read_manifest("characters")["counts"]["references"].get("pip", 0) == len(written)
     assert after.filter(pl.col("kind") == "drawn")["character"].drop_nulls().is_in(["pip"]).all()
+    # Searched with no score floor, pip's pictures are what names the sightings: pip is found.
+    floor = {**overrides, "characters.hub.min_score": 0.0}
+    named = run_stage(run, "characters", load_config(None, floor), progress=False)["faces"]
+    assert named.filter((pl.col("kind") == "drawn") & (pl.col("character") == "pip")).height > 0
 
 
 def test_a_hub_model_that_cannot_be_had_is_one_line_naming_the_setting(
