@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -651,7 +652,7 @@ def _movie_frames(
         for rgb in frames:
             yield night_grade(rgb, np.random.default_rng([params.seed, 47, next(counter)]))
 
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
     grade = graded if params.night else (lambda frames: frames)
     if cards:
         yield from grade(cards.frames(OPENING))
