@@ -473,7 +473,7 @@ def run_child_stage(
 ) -> None:
     """Stage 01 in a fresh Python child: ``stage`` gets the ``run_stage`` time, ``child`` the
     child's whole wall time (interpreter start and imports included). ``detector`` overrides
-    ``extraction.detector`` (empty: the configured default)."""
+    ``extract.detector`` (empty: the configured default)."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -500,7 +500,7 @@ def child_stage_main(movie: str, outdir: str, detector: str = "") -> int:
     from diffusion_bunny.stages import run_stage
 
     imported = time.perf_counter()
-    cfg = load_config(None, {"extraction.detector": detector} if detector else None)
+    cfg = load_config(None, {"extract.detector": detector} if detector else None)
     run = Run.create(outdir, movie)
     t0 = time.perf_counter()
     tables = run_stage(run, "extract", cfg, force=True, progress=False)

@@ -492,9 +492,9 @@ def bench(args: argparse.Namespace) -> int:
     if args.train_steps > 0:
         extra += [
             "--set",
-            "training.base_model=tiny",
+            "train.base_model=tiny",
             "--set",
-            f"training.max_train_steps={args.train_steps}",
+            f"train.max_train_steps={args.train_steps}",
         ]
     from diffusion_bunny.demo import realclips
 

@@ -117,11 +117,11 @@ def naive_scores(folder: Path, frames: pl.DataFrame) -> list[dict[str, float]]:
 
 def bench_text(work: Path, n: int, kept: int) -> None:
     """The text step's cost per frame at 720p and 1080p, one thread and every core."""
-    from diffusion_bunny.config import QualityConfig
     from diffusion_bunny.models.text import load_text_detector
+    from diffusion_bunny.stages.quality.settings import QualitySettings
     from diffusion_bunny.stages.quality.text import detect_text
 
-    width = QualityConfig().text_width
+    width = QualitySettings().text_width
     started = time.perf_counter()
     detector = load_text_detector()
     loaded = time.perf_counter() - started

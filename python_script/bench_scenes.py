@@ -35,13 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.stages.scenes.clustering import (
     ExemplarIndex,
     assign_incremental,
     cluster_scenes,
     normalise,
 )
+from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.scenes.tables import NOISE
 
 TARGET_S = 60.0
@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    cfg = ScenesConfig()
+    cfg = ScenesSettings()
     total = args.frames + args.new
     if args.embeddings:
         vecs, truth = tiled(args.embeddings, total, args.seed)

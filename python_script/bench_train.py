@@ -18,7 +18,7 @@ What runs, each in its own process, ``--repeats`` times interleaved (best of eac
 1. diffusers' script on an imagefolder (``metadata.jsonl`` with ``file_name`` and ``text``, read
    with ``--caption_column text``), square ``--resolution`` with ``--center_crop``, no flip;
 2. ours (``lora_train.train_lora``) on the same folder laid out as stage 06 writes it, with
-   ``training.buckets: false`` (the same square crop) and ``cache_latents: false``: like the
+   ``train.buckets: false`` (the same square crop) and ``cache_latents: false``: like the
    script, the VAE and the text encoder run on every step;
 3. ours with ``cache_latents: true`` (latents on disk, text-encoder outputs in memory).
 
@@ -92,14 +92,14 @@ OURS = """
 import json, sys
 from pathlib import Path
 import polars as pl
-from diffusion_bunny.config import TrainingConfig
+from diffusion_bunny.stages.train.settings import TrainSettings
 from diffusion_bunny.stages.train.data import read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import train_lora
 
 run_dir, out_dir, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 images, _ = read_dataset(run_dir, pl.read_parquet(run_dir / "tables" / "dataset_items.parquet"))
-cfg = TrainingConfig(**settings)
+cfg = TrainSettings(**settings)
 trainer = trainer_class_for(cfg)
 train_lora(images, cfg, out_dir, progress=True, cache_dir=out_dir / "cache", trainer_class=trainer)
 """

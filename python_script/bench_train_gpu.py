@@ -4,7 +4,7 @@ scripts (issue 19 item 5, GPU part).
 What is measured: LoRA training steps per second and peak GPU memory of
 
 * **ours**: :class:`~diffusion_bunny.stages.train.flow.FlowLoraTrainer` built on the model folder
-  (our loading code, ``training.quantize_base: none | nf4``), its ``step()`` called on random
+  (our loading code, ``train.quantize_base: none | nf4``), its ``step()`` called on random
   latents of the right shape; the caption is encoded once by the pipeline's own text encoders
   and cached, then the encoders are dropped (``cache_latents: true``, as a user trains);
 * **reference**: diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py``
@@ -154,11 +154,11 @@ OURS = """
 import json, sys
 import torch
 from tqdm.auto import tqdm
-from diffusion_bunny.config import TrainingConfig
+from diffusion_bunny.stages.train.settings import TrainSettings
 from diffusion_bunny.stages.train.flow import FlowLoraTrainer
 
 settings, steps, cache, caption = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-cfg = TrainingConfig(**settings)
+cfg = TrainSettings(**settings)
 trainer = FlowLoraTrainer(cfg, cache_dir=cache)
 trainer.prepare_texts([caption])  # encoded once by the pipeline's encoders, cached; encoders dropped
 side = trainer.resolution // int(trainer.pipe.vae_scale_factor)

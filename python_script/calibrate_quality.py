@@ -44,9 +44,9 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import QualityConfig
 from diffusion_bunny.stages.quality.rules import apply_quality_rules
 from diffusion_bunny.stages.quality.scores import score_gray
+from diffusion_bunny.stages.quality.settings import QualitySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
@@ -140,7 +140,7 @@ def _film_scores(content: list[np.ndarray], rng: np.random.Generator) -> tuple[p
     return table, truth
 
 
-def _judge(table: pl.DataFrame, truth: list[str], cfg: QualityConfig) -> dict[str, float]:
+def _judge(table: pl.DataFrame, truth: list[str], cfg: QualitySettings) -> dict[str, float]:
     frames = table.select("frame_id", pl.int_range(pl.len()).alias("frame_index"), pl.lit(0).alias("shot_id"))
     # Only the exposure rules are judged here: blur and duplicates are other rules' business.
     loose = cfg.model_copy(update={"min_sharpness": 0.0, "dup_distance": 0})
@@ -179,7 +179,7 @@ def part_brightness() -> None:
             f"   clipped p50 {np.median(c):.2f} p95 {np.percentile(c, 95):.2f} max {c.max():.2f}"
         )
 
-    def score(cfg: QualityConfig, names: list[str]) -> tuple[float, dict]:
+    def score(cfg: QualitySettings, names: list[str]) -> tuple[float, dict]:
         per = {k: _judge(*films[k], cfg) for k in films if k[0] in names}
         worst = min(min(v["content kept"], v["black dropped"], v["white dropped"]) for v in per.values())
         mean = np.mean(
@@ -189,7 +189,7 @@ def part_brightness() -> None:
 
     fit = ["hamilton", "knn photos"]
     candidates = [
-        QualityConfig(
+        QualitySettings(
             relative_brightness=rel, reference_brightness=ref, black_floor=floor, white_ceiling=ceil
         )
         for rel in (True,)
@@ -203,9 +203,9 @@ def part_brightness() -> None:
         f"\nbest on {', '.join(fit)}: reference_brightness {best.reference_brightness}, black_floor "
         f"{best.black_floor}, white_ceiling {best.white_ceiling}"
     )
-    chosen = QualityConfig()
+    chosen = QualitySettings()
     for label, cfg in (
-        ("absolute (relative_brightness: false)", QualityConfig(relative_brightness=False)),
+        ("absolute (relative_brightness: false)", QualitySettings(relative_brightness=False)),
         ("best fitted", best),
         ("defaults (config/main.yaml)", chosen),
     ):
@@ -277,9 +277,9 @@ def part_night(seeds: list[int], minutes: float, work: Path) -> None:
     from diffusion_bunny.stages.quality.rules import reason_counts
 
     settings = {
-        "absolute": QualityConfig(text_filter=False, relative_sharpness=False, relative_brightness=False),
-        "film brightness only": QualityConfig(text_filter=False, relative_sharpness=False),
-        "defaults": QualityConfig(text_filter=False),
+        "absolute": QualitySettings(text_filter=False, relative_sharpness=False, relative_brightness=False),
+        "film brightness only": QualitySettings(text_filter=False, relative_sharpness=False),
+        "defaults": QualitySettings(text_filter=False),
     }
     runs = night_runs(seeds, minutes, work)
     for name, cfg in settings.items():
@@ -405,13 +405,13 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
     truth = np.array([c["truth"] for c in cases])
     fit = np.array([c["source"] in ("hamilton", "knn photos") and not c["held_font"] for c in cases])
 
-    def verdicts(width: int, cfg: QualityConfig) -> tuple[np.ndarray, np.ndarray, list]:
+    def verdicts(width: int, cfg: QualitySettings) -> tuple[np.ndarray, np.ndarray, list]:
         out = [text_verdict(c[f"lines{width}"], cfg) for c in cases]
         reason = np.array([o[0] or "none" for o in out])
         cropped = np.array([o[0] is None and (o[1] > 0 or o[2] < 1) for o in out])
         return reason, cropped, out
 
-    base = QualityConfig(subtitles="crop")
+    base = QualitySettings(subtitles="crop")
     for width in widths:
         reason, cropped, _ = verdicts(width, base)
         sub_found = (reason == "subtitles") | cropped
@@ -427,7 +427,7 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
         for band in (0.2, 0.25, 0.3)
     ]
 
-    def f1(cfg: QualityConfig, mask: np.ndarray) -> float:
+    def f1(cfg: QualitySettings, mask: np.ndarray) -> float:
         reason, cropped, _ = verdicts(width, cfg)
         score = 0.0
         for pred, pos in (

@@ -26,8 +26,9 @@ import json
 import time
 from pathlib import Path
 
-from diffusion_bunny.config import load_config, parse_override, workspace_root
+from diffusion_bunny.config import load_config, parse_override
 from diffusion_bunny.demo.character_truth import KINDS, load_character_truth, score_named, truth_dir
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 

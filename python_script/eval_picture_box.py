@@ -64,7 +64,7 @@ def judge(movie: Path, truth, slack: int) -> dict:
 
     with tempfile.TemporaryDirectory() as run:
         started = time.perf_counter()
-        result = extract_frames(movie, load_config().extraction, run, progress=False)
+        result = extract_frames(movie, load_config().extract, run, progress=False)
         seconds = time.perf_counter() - started
     shots = result.tables["shots"]
     verdicts = {"right": 0, "bars": 0, "cropped": 0}

@@ -19,7 +19,7 @@ first on the path (``PYTHONPATH=../other/src``) to get that version's figures on
 movies ("before" and "after").
 
     uv run python python_script/eval_real_cuts.py [MOVIE ...] [--minutes 10] [--seeds 0,1]
-        [--night] [--work data/real] [--set extraction.KEY=VALUE ...] [--json OUT]
+        [--night] [--work data/real] [--set extract.KEY=VALUE ...] [--json OUT]
 
 ``--night`` grades every movie to a night look (:func:`diffusion_bunny.demo.realclips.night_grade`:
 mean luma ~24 of 255, a third of the contrast, sensor noise, a blue tint), the footage on which
@@ -68,7 +68,7 @@ def replay(
     from diffusion_bunny.stages.extract.detectors import make_boundaries
     from diffusion_bunny.stages.extract.detectors.transnet import load_model
 
-    cfg = load_config(None, {f"extraction.{k}": v for k, v in overrides.items()}, use_local=False).extraction
+    cfg = load_config(None, {f"extract.{k}": v for k, v in overrides.items()}, use_local=False).extract
     det = make_boundaries(cfg, fps, load_model("cpu", precision=cfg.transnetv2_precision))
     found: list[int] = []
     for i, f in enumerate(frames):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "--speed",
         default=None,
         help="LO,HI playback speeds of the repeats (default realclips' 0.8,1.25); e.g. 0.8,3 gives "
-        "shots of 7-25 frames, shorter than extraction.min_shot_seconds, whose cuts must all stay",
+        "shots of 7-25 frames, shorter than extract.min_shot_seconds, whose cuts must all stay",
     )
     ap.add_argument(
         "--night",
@@ -133,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "real")
     ap.add_argument("--tolerance", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], help="extraction KEY=VALUE (JSON value)")
+    ap.add_argument("--set", action="append", default=[], help="extract KEY=VALUE (JSON value)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     overrides = {}
     for kv in args.set:
         key, _, value = kv.partition("=")
-        overrides[key.removeprefix("extraction.")] = json.loads(value)
+        overrides[key.removeprefix("extract.")] = json.loads(value)
     args.work.mkdir(parents=True, exist_ok=True)
     movies = list(args.movies)
     if not movies:

@@ -111,8 +111,8 @@ def detect(path: Path, detector: str | None, model) -> tuple[list[int], float, i
     from diffusion_bunny.media.video import VideoReader
     from diffusion_bunny.stages.extract.detectors import make_boundaries
 
-    overrides = {"extraction.detector": detector or "content"}
-    cfg = load_config(None, overrides, use_local=False).extraction
+    overrides = {"extract.detector": detector or "content"}
+    cfg = load_config(None, overrides, use_local=False).extract
     before = model.frames_run if model is not None else 0
     started = time.perf_counter()
     reader = VideoReader(path, cfg.analysis_width, detect_width=cfg.detect_width)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     items = make_items(work, args.variants)
     from diffusion_bunny.config import load_config
 
-    precision = args.precision or load_config(None, {}, use_local=False).extraction.transnetv2_precision
+    precision = args.precision or load_config(None, {}, use_local=False).extract.transnetv2_precision
     wanted = any(d in ("transnetv2", "cascade") for d in detectors)
     model = load_model("auto", precision=precision) if wanted else None
     if model is not None:

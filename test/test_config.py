@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import Config, load_config, overrides_to_tree, parse_override, project_root
+from diffusion_bunny.config import Config, load_config, overrides_to_tree, parse_override
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.paths import project_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,29 +31,25 @@ def test_project_root_is_the_checkout():
 
 def test_layers_later_wins(tmp_path):
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "main.yaml").write_text(
-        "extraction:\n  motion_threshold: 1.0\n  jpeg_quality: 80\n"
-    )
-    (tmp_path / "config" / "local_a.yaml").write_text("extraction:\n  motion_threshold: 2.0\n")
+    (tmp_path / "config" / "main.yaml").write_text("extract:\n  motion_threshold: 1.0\n  jpeg_quality: 80\n")
+    (tmp_path / "config" / "local_a.yaml").write_text("extract:\n  motion_threshold: 2.0\n")
     extra = tmp_path / "extra.yaml"
-    extra.write_text("extraction:\n  jpeg_quality: 70\n")
-    cfg = load_config(extra, ["extraction.detector=adaptive"], root=tmp_path)
-    assert cfg.extraction.motion_threshold == 2.0
-    assert cfg.extraction.jpeg_quality == 70
-    assert cfg.extraction.detector == "adaptive"
-    assert cfg.extraction.effective_threshold == 3.0
-    assert (
-        load_config(extra, {"extraction.motion_threshold": 9}, root=tmp_path).extraction.motion_threshold == 9
-    )
-    assert load_config(root=tmp_path, use_local=False).extraction.motion_threshold == 1.0
+    extra.write_text("extract:\n  jpeg_quality: 70\n")
+    cfg = load_config(extra, ["extract.detector=adaptive"], root=tmp_path)
+    assert cfg.extract.motion_threshold == 2.0
+    assert cfg.extract.jpeg_quality == 70
+    assert cfg.extract.detector == "adaptive"
+    assert cfg.extract.effective_threshold == 3.0
+    assert load_config(extra, {"extract.motion_threshold": 9}, root=tmp_path).extract.motion_threshold == 9
+    assert load_config(root=tmp_path, use_local=False).extract.motion_threshold == 1.0
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
-            ["extraction.treshold=3"],
-            "unknown key 'extraction.treshold' (allowed here: accept_colour_threshold, accept_threshold, "
+            ["extract.treshold=3"],
+            "unknown key 'extract.treshold' (allowed here: accept_colour_threshold, accept_threshold, "
             "analysis_width,",
         ),
         (
@@ -61,21 +58,21 @@ def test_layers_later_wins(tmp_path):
             "generation, pipeline, quality, report, run, scenes, training)",
         ),
         (
-            ["extraction.method=frames"],
-            "extraction.method = 'frames': Input should be 'shots', 'interval' or",
+            ["extract.method=frames"],
+            "extract.method = 'frames': Input should be 'shots', 'interval' or",
         ),
         (
-            ["extraction.jpeg_quality=0"],
-            "extraction.jpeg_quality = 0: Input should be greater than or equal to 1",
+            ["extract.jpeg_quality=0"],
+            "extract.jpeg_quality = 0: Input should be greater than or equal to 1",
         ),
         (
-            ["extraction.detector=content", "extraction.threshold=300"],
+            ["extract.detector=content", "extract.threshold=300"],
             "threshold 300.0 is out of range for detector 'content': allowed 0.0 to 255.0",
         ),
-        (["extraction.detector=hash", "extraction.threshold=2"], "allowed 0.0 to 1.0"),
+        (["extract.detector=hash", "extract.threshold=2"], "allowed 0.0 to 1.0"),
         (
-            ["extraction.motion_threshold=abc"],
-            "extraction.motion_threshold = 'abc': Input should be a valid number",
+            ["extract.motion_threshold=abc"],
+            "extract.motion_threshold = 'abc': Input should be a valid number",
         ),
     ],
 )
@@ -87,11 +84,11 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_override_parsing():
-    assert parse_override("extraction.threshold=30") == ("extraction.threshold", 30)
+    assert parse_override("extract.threshold=30") == ("extract.threshold", 30)
     assert parse_override("run.video_extensions=[.mp4, .mkv]") == ("run.video_extensions", [".mp4", ".mkv"])
-    assert parse_override("extraction.threshold=null") == ("extraction.threshold", None)
+    assert parse_override("extract.threshold=null") == ("extract.threshold", None)
     assert overrides_to_tree({"a.b": 1, "a.c": 2}) == {"a": {"b": 1, "c": 2}}
-    for bad in ("threshold=3", "extraction.threshold", ".x=1"):
+    for bad in ("threshold=3", "extract.threshold", ".x=1"):
         with pytest.raises(ConfigError, match=r"section\.key=value"):
             parse_override(bad)
 
@@ -111,17 +108,17 @@ def test_bad_config_files(tmp_path):
 def test_section_hash_moves_only_with_its_section():
     a = load_config()
     b = load_config(None, ["run.seed=5"])
-    c = load_config(None, ["extraction.motion_threshold=3"])
-    assert a.section_hash("extraction") == b.section_hash("extraction")
-    assert a.section_hash("extraction") != c.section_hash("extraction")
+    c = load_config(None, ["extract.motion_threshold=3"])
+    assert a.section_hash("extract") == b.section_hash("extract")
+    assert a.section_hash("extract") != c.section_hash("extract")
 
 
 def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     movie = tmp_path / "x.mp4"
     movie.write_bytes(b"x")
-    assert main(["run", str(movie), "--set", "extraction.treshold=3"]) == 2
+    assert main(["run", str(movie), "--set", "extract.treshold=3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: config error: unknown key 'extraction.treshold'")
+    assert err.startswith("error: config error: unknown key 'extract.treshold'")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     available = "extract, quality, characters, scenes, captions, export, train, generate, report"

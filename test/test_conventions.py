@@ -44,7 +44,7 @@ def test_the_pipeline_runs_the_stages_in_the_order_of_their_notebooks():
 
 def test_env_example_lists_every_variable_the_providers_read():
     text = (ROOT / ".env.example").read_text()
-    cfg = load_config(None, {}, use_local=False).captioning
+    cfg = load_config(None, {}, use_local=False).captions
     names = set(caption_providers.KEY_VARIABLES.values()) | {cfg.local.api_key_env}
     names |= set(re.findall(r"\bAWS_[A-Z_]+\b", Path(caption_providers.__file__).read_text()))
     names -= {"AWS_DEFAULT_REGION"}  # named in a comment beside AWS_REGION
@@ -84,13 +84,13 @@ def test_the_command_line_is_logged_without_its_secrets(tmp_path, monkeypatch, c
         "status",
         str(tmp_path),
         "--set",
-        "captioning.local.base_url=https://me:sk-user-pass-1@llm.example/v1?key=sk-query-2&model=x",
+        "captions.local.base_url=https://me:sk-user-pass-1@llm.example/v1?key=sk-query-2&model=x",
         "--set",
-        "captioning.local.api_key=sk-setting-3",  # not a setting: the check fails after the log line
+        "captions.local.api_key=sk-setting-3",  # not a setting: the check fails after the log line
         "--set",
-        "captioning.local.api_key_env=MY_SERVICE_TOKEN",
+        "captions.local.api_key_env=MY_SERVICE_TOKEN",
         "--set",
-        "captioning.openai.base_url=https://tok-0123456789@proxy.example/v1",
+        "captions.openai.base_url=https://tok-0123456789@proxy.example/v1",
     ]
     assert main(args) == 2
     (path,) = (tmp_path / "log").glob("bunny-*.log")
@@ -98,7 +98,7 @@ def test_the_command_line_is_logged_without_its_secrets(tmp_path, monkeypatch, c
     for secret in ("sk-user-pass-1", "sk-query-2", "sk-setting-3", "tok-0123456789"):
         assert secret not in first and secret not in err
     assert "https://me:[redacted]@llm.example/v1?key=[redacted]&model=x" in first
-    assert "captioning.local.api_key=[redacted]" in first and "api_key_env=MY_SERVICE_TOKEN" in first
+    assert "captions.local.api_key=[redacted]" in first and "api_key_env=MY_SERVICE_TOKEN" in first
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
     assert (
         redact_url("https://h/x?sig=abc&X-Amz-Signature=def&a=1")

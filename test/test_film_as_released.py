@@ -159,7 +159,7 @@ def test_interlaced_video_is_detected_and_deinterlaced(films, extracted, tmp_pat
     assert facts["interlace_check"]["tff"] > facts["interlace_check"]["progressive"]
     # The same frames without deinterlacing show the combing of two fields from two instants.
     woven = extract_frames(
-        films["interlaced"], load_config().extraction.model_copy(update={"deinterlace": "off"}),
+        films["interlaced"], load_config().extract.model_copy(update={"deinterlace": "off"}),
         tmp_path, progress=False,
     )  # fmt: skip
     assert not woven.facts["deinterlaced"]
@@ -183,10 +183,10 @@ def test_a_night_release_keeps_a_frame_of_every_picture_shot(extracted, films, t
     01 found every cut above (its thresholds scale with the shots' contrast); stage 02 keeps a
     frame of every shot of the picture, the dark scene of the night included, and still drops
     the title card on black. Its absolute rules kept none."""
-    from diffusion_bunny.config import QualityConfig
     from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
     from diffusion_bunny.stages.quality.rules import apply_quality_rules
+    from diffusion_bunny.stages.quality.settings import QualitySettings
 
     result, folder = extracted["night"]
     truth = truth_of(films["night"])
@@ -205,7 +205,7 @@ def test_a_night_release_keeps_a_frame_of_every_picture_shot(extracted, films, t
     assert shots_kept(table) == pictures  # every picture shot, and no card
     facts = run.read_manifest("quality")["facts"]
     assert facts["sharpness_scale"] < 0.5  # a flat film: its blur threshold scaled
-    absolute = QualityConfig(relative_sharpness=False, relative_brightness=False)
+    absolute = QualitySettings(relative_sharpness=False, relative_brightness=False)
     assert not shots_kept(apply_quality_rules(table, frames, absolute)) & pictures
 
 
@@ -367,10 +367,10 @@ def test_caption_providers_are_sent_the_picture_without_bars_or_subtitles(datase
     with FakeLLMServer() as srv:
         overrides = {
             "characters.reference_dir": str(run.movie.parent / "refs"),
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
-            "captioning.image_max_side": 960,
-            "captioning.cache_dir": str(tmp_path / "answers"),  # not the user's store: asked every time
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.image_max_side": 960,
+            "captions.cache_dir": str(tmp_path / "answers"),  # not the user's store: asked every time
         }
         cfg = load_config(None, overrides, root=tmp_path / "noconfig")
         run_stage(run, "captions", cfg, progress=False, force=True)

@@ -5,8 +5,9 @@ still a cycle a reader has to untangle).
 * no import cycle anywhere;
 * ``pipeline``, ``media`` and ``models`` know no stage (and ``media``/``models`` no pipeline);
 * a stage imports another stage only through what that stage declares: its package (the
-  declaration), its ``tables`` module (schemas, folders and helpers on its tables) or, for the
-  report that shows every stage, its ``plots``; never its ``stage.py`` or other internals.
+  declaration), its ``settings`` (the model of its config section), its ``tables`` module
+  (schemas, folders and helpers on its tables) or, for the report that shows every stage, its
+  ``plots``; never its ``stage.py`` or other internals.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffusion_bunny.codegraph import imports_of, package_modules
 
 PACKAGE = ROOT / "src" / "diffusion_bunny"
 #: What one stage may import of another (the module after ``diffusion_bunny.stages.<other>``).
-DECLARED = {"", "tables"}
+DECLARED = {"", "settings", "tables"}
 #: The report stage draws every stage's figures with that stage's own plot code.
 REPORT_MAY_USE = DECLARED | {"plots"}
 

@@ -42,9 +42,9 @@ def test_real_clip_trains_and_generates_with_repeated_pictures(hamilton, tmp_pat
     out, lora = tmp_path / "run", tmp_path / "lora"
     settings = [
         f"export.base_repeats={REPEATS}",
-        f"training.train_batch_size={BATCH}",
-        f"training.output_dir={lora}",
-        "generation.steps=4",
+        f"train.train_batch_size={BATCH}",
+        f"train.output_dir={lora}",
+        "generate.steps=4",
         # The tiny preset trains at 128 px: crops are judged at that size (none enlarged over 2x).
         "export.crop_resolution=128",
     ]
@@ -72,7 +72,7 @@ def test_real_clip_trains_and_generates_with_repeated_pictures(hamilton, tmp_pat
     assert (out / "report" / "index.html").is_file()
 
     # The flow-matching trainer reads its batches through the same cache: FLUX.1's tiny preset.
-    flux = ["--set", "training.base_model=tiny-flux", "--stages", "train,generate"]
+    flux = ["--set", "train.base_model=tiny-flux", "--stages", "train,generate"]
     assert main([*args, *(a for s in settings for a in ("--set", s)), *flux]) == 0
     loras = pl.read_parquet(tables / "loras.parquet")
     trained = loras.filter(pl.col("current")).row(0, named=True)

@@ -91,7 +91,7 @@ def log_dir() -> Path:
     env = os.environ.get(LOG_DIR_ENV)
     if env:
         return Path(env)
-    from diffusion_bunny.config import workspace_root
+    from diffusion_bunny.paths import workspace_root
 
     return workspace_root() / "log"
 

@@ -1,7 +1,7 @@
 """Secrets a process knows, and taking them out of every text it stores or logs.
 
 Keys reach this project through the environment (or ``.env``), an AWS profile, or a setting the
-user typed (a key inside ``--set captioning.local.base_url=https://user:KEY@host/v1?key=KEY``).
+user typed (a key inside ``--set captions.local.base_url=https://user:KEY@host/v1?key=KEY``).
 Whatever stores text (stage 05's tables and warnings) or logs it (the command line at the top of
 every log file) passes it through :func:`redact` or :func:`redact_command` first. One module, so
 the caption stage and the log know the same secrets.
@@ -101,7 +101,7 @@ def redact_url(url: str) -> str:
 
 def redact_command(args: Sequence[str]) -> str:
     """A command line fit for a log file: every URL through :func:`redact_url`, the value of a
-    ``--set`` whose key names a secret (``captioning.local.api_key=...``) replaced, and every
+    ``--set`` whose key names a secret (``captions.local.api_key=...``) replaced, and every
     secret the process knows (:func:`redact`). Applied before anything is logged, so a key typed
     on the command line never lands in a log."""
     out = []

@@ -51,9 +51,9 @@ def test_probe_hashes_differ_between_repeats():
     """Two repeats of the clip are two pictures to stage 02's duplicate search: at every probed
     instant of every shot their pHashes lie farther apart than its ``dup_distance``. The margin
     is one an unaltered repeat fails: the same repeat rendered again lies at distance 0."""
-    from diffusion_bunny.config import QualityConfig
+    from diffusion_bunny.stages.quality.settings import QualitySettings
 
-    dup_distance = QualityConfig().dup_distance
+    dup_distance = QualitySettings().dup_distance
     source = realclips.load_source(HAMILTON)
     params = realclips.Params(minutes=0.3, width=160, height=90, seed=3)
     shots = source.shots()

@@ -9,7 +9,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.device import cpu_summary, resolve_device
 
 
-@pytest.mark.parametrize("setting", ["extraction.device", "scenes.device", "training.device"])
+@pytest.mark.parametrize("setting", ["extract.device", "scenes.device", "train.device"])
 def test_cuda_without_gpu_is_a_clear_error_naming_the_setting(setting):
     import torch
 
@@ -65,12 +65,12 @@ def test_tiny_presets_run_on_one_thread_on_the_cpu_and_real_models_keep_theirs(m
     monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: False)
     try:
         for source, device, inside in [("preset", "auto", 1), ("preset", "cpu", 1), ("hub", "cpu", 2)]:
-            with dev.cpu_threads_for(source, device, "training.device"):
+            with dev.cpu_threads_for(source, device, "train.device"):
                 assert torch.get_num_threads() == inside, (source, device)
             assert torch.get_num_threads() == 2
         monkeypatch.setattr(dev, "cuda_driver_sees_gpu", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        with dev.cpu_threads_for("preset", "auto", "training.device"):
+        with dev.cpu_threads_for("preset", "auto", "train.device"):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

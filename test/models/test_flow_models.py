@@ -91,7 +91,7 @@ def test_preset_is_an_ordinary_pipeline_folder_detected_from_its_config(family, 
     index["_class_name"] = "SomeOtherPipeline"
     (copy / "model_index.json").write_text(json.dumps(index))
     assert family_of_folder(copy) == family
-    with pytest.raises(ModelError, match=r"training\.family = sd1"):
+    with pytest.raises(ModelError, match=r"train\.family = sd1"):
         resolve_base_model(f"tiny-{family}", "sd1")
     assert resolve_base_model("tiny", family).name == f"tiny-{family}"
 
@@ -123,7 +123,7 @@ def test_a_folder_of_another_family_is_one_line_naming_the_setting(tmp_path):
     with pytest.raises(ModelError) as err:
         resolve_base_model(str(tmp_path))
     message = str(err.value)
-    assert "training.base_model" in message and "sd1, sdxl, flux, sd3" in message
+    assert "train.base_model" in message and "sd1, sdxl, flux, sd3" in message
     assert "\n" not in message
 
 

@@ -68,8 +68,7 @@ def test_a_pipeline_not_in_the_cache_is_downloaded_with_a_bar_then_read_from_the
     assert download["allow_patterns"] == hub.DIFFUSERS_FILES and download["tqdm_class"] is not None
     err = capsys.readouterr().err
     assert (
-        "training.base_model = 'someone/tiny-sd' is not in the local Hugging Face cache: downloading it"
-        in err
+        "train.base_model = 'someone/tiny-sd' is not in the local Hugging Face cache: downloading it" in err
     )
     assert "Fetching" in err and "100%" in err  # the progress bar
     # The next time it comes from the cache: nothing is downloaded.
@@ -85,10 +84,10 @@ def test_offline_or_unreachable_is_one_line_naming_the_id(tmp_path, monkeypatch,
     fake = FakeHub({}, tmp_path, reachable=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     with pytest.raises(ModelError) as err:
-        resolve_base_model("someone/not-there", setting="generation.base_model")
+        resolve_base_model("someone/not-there", setting="generate.base_model")
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("generation.base_model = 'someone/not-there' is not in the local Hugging Face")
+    assert message.startswith("generate.base_model = 'someone/not-there' is not in the local Hugging Face")
     assert "could not be downloaded (ConnectionError: Failed to resolve 'huggingface.co'" in message
     assert len(fake.downloads) == 1
 

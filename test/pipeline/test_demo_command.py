@@ -23,7 +23,7 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
         out=tmp_path / "demo_run",
         movie_dir=demo.path.parent,
         progress=False,
-        overrides={"training.output_dir": str(lora), "generation.steps": 4},
+        overrides={"train.output_dir": str(lora), "generate.steps": 4},
     )
     truth = demo.ground_truth()
     shots = pl.read_parquet(tmp_path / "demo_run" / "tables" / "shots.parquet")

@@ -77,7 +77,7 @@ def test_tables_on_a_full_disk_keep_the_old_table_and_name_the_file(tmp_path, mo
 def test_frames_on_a_full_disk_are_one_line_and_the_rerun_extracts(tmp_path, monkeypatch, clip):
     from diffusion_bunny.stages import run_stage
 
-    cfg = load_config(None, {"extraction.detector": "content"}, root=tmp_path)
+    cfg = load_config(None, {"extract.detector": "content"}, root=tmp_path)
     with small_disk(tmp_path, 64 * MB) as disk:
         root = disk.root if disk else tmp_path
         run = Run.create(root / "run", clip)
@@ -147,7 +147,7 @@ def test_bunny_run_on_a_full_disk_says_it_in_one_line_and_exit_status_2(tmp_path
             pytest.skip("needs a small file system of its own (root, to mount a tmpfs)")
         out = disk.root / "run"
         args = ["run", str(clip), "--out", str(out), "--stages", "extract", "--quiet"]
-        args += ["--set", "extraction.detector=content"]
+        args += ["--set", "extract.detector=content"]
         disk.fill(leave=48 * 1024)  # run.json, the lease and the notebook's copy go in, not the frames
         capsys.readouterr()
         assert main(args) == 2

@@ -130,14 +130,14 @@ def finished(tmp_path_factory):
     movie = base / "tiny.mp4"
     write_clip(movie, [(51, 24, 0.0), (52, 24, 2.0)], width=96, height=64)
     overrides = {
-        "training.output_dir": str(base / "lora"),
-        "training.max_train_steps": 2,
-        "training.checkpoint_every": 1,
-        "training.validation_every": 0,
-        "training.resolution": 64,
-        "generation.steps": 2,
-        "generation.seeds": [0],
-        "generation.lora_scales": [1.0],
+        "train.output_dir": str(base / "lora"),
+        "train.max_train_steps": 2,
+        "train.checkpoint_every": 1,
+        "train.validation_every": 0,
+        "train.resolution": 64,
+        "generate.steps": 2,
+        "generate.seeds": [0],
+        "generate.lora_scales": [1.0],
     }
     done = _child(base / "run", movie, base, overrides, ",".join(STAGES))
     assert done.returncode == 0, done.stderr

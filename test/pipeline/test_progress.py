@@ -71,12 +71,12 @@ def test_a_stage_in_a_kernel_shows_its_lines_its_note_and_a_download_on_the_term
     with logs.relaying(path):
         stage_bar = ProgressFile(path, "train", total=10, unit="step", interval=0.0)
         stage_bar.update(2, note="4 paid requests (6 answered from the store)")
-        hub.download("someone/model", "training.base_model", ["*.json"], instead="tiny")
+        hub.download("someone/model", "train.base_model", ["*.json"], instead="tiny")
         time.sleep(0.3)
     stop.set()
     watcher.join(timeout=10)
     err = capsys.readouterr().err
-    assert "training.base_model = 'someone/model' is not in the local Hugging Face cache: downloading" in err
+    assert "train.base_model = 'someone/model' is not in the local Hugging Face cache: downloading" in err
     assert "Downloading bytes" in err and "3.00M/3.00M" in err
     assert "4 paid requests (6 answered from the store)" in err
     assert list(tmp_path.glob(".progress-train.json*")) == []  # the relay files are gone

@@ -33,13 +33,13 @@ pytestmark = pytest.mark.slow
 
 STAGES = "extract,quality,characters,scenes,captions,export,train"
 SETTINGS = {
-    "extraction.detector": "content",
-    "training.max_train_steps": 4,
-    "training.checkpoint_every": 2,
-    "training.validation_every": 2,
-    "training.validation_inference_steps": 2,
-    "training.resolution": 64,
-    "training.device": "cpu",
+    "extract.detector": "content",
+    "train.max_train_steps": 4,
+    "train.checkpoint_every": 2,
+    "train.validation_every": 2,
+    "train.validation_inference_steps": 2,
+    "train.resolution": 64,
+    "train.device": "cpu",
 }
 
 

@@ -61,7 +61,7 @@ def test_run_skip_force_and_config_change(cut_clip, tmp_path, capsys, monkeypatc
     assert second != first
     assert starts == [1, 1]
 
-    args = ["run", str(path), "--out", str(out), "--set", "extraction.motion_threshold=200", "--quiet"]
+    args = ["run", str(path), "--out", str(out), "--set", "extract.motion_threshold=200", "--quiet"]
     args += ["--stages", "extract"]
     assert main(args) == 0
     assert "its config changed" in logs.last_path.read_text()
@@ -156,7 +156,7 @@ def test_stage_callable_without_papermill(cut_clip, tmp_path):
     tables = run_stage(run, "extract", cfg, progress=False)
     assert set(tables) == {"shots", "frames", "keyframe_candidates", "boundary_candidates"}
     assert stage_state(run, "extract", cfg)[0] == "done"
-    assert stage_state(run, "extract", load_config(None, ["extraction.detector=adaptive"]))[0] == "stale"
+    assert stage_state(run, "extract", load_config(None, ["extract.detector=adaptive"]))[0] == "stale"
     run.table_path("frames").unlink()
     assert stage_state(run, "extract", cfg) == ("missing", "table frames is gone")
 

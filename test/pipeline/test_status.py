@@ -32,14 +32,14 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert states["scenes"][0] == "missing" and "run stage quality first" in states["scenes"][1]
     assert states["report"] == ("missing", "never ran")
 
-    changed = load_config(None, {"extraction.motion_threshold": 200}, root=tmp_path / "noconfig")
+    changed = load_config(None, {"extract.motion_threshold": 200}, root=tmp_path / "noconfig")
     assert _states(run.run_dir, changed)["extract"] == ("stale", "its config changed")
 
     assert main(["status", str(run.run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"cuts.mp4  ({run.run_dir}; 1 of {len(stage_names())} stages done)" in out
     assert "  extract     done\n" in out and "  quality     missing  (never ran)" in out
-    assert main(["status", str(run.run_dir), "--set", "extraction.motion_threshold=200"]) == 0
+    assert main(["status", str(run.run_dir), "--set", "extract.motion_threshold=200"]) == 0
     assert "  extract     stale  (its config changed)" in capsys.readouterr().out
 
     # A rewritten input table makes the next stage stale.

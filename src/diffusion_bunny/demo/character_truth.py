@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.config import workspace_root
+from diffusion_bunny.paths import workspace_root
 
 TRUTH_DIR = Path("test") / "stages" / "characters" / "data" / "character_truth"
 KINDS = ("drawn_person", "cartoon_animal", "creature_3d")

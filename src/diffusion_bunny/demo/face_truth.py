@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_bunny.config import workspace_root
+from diffusion_bunny.paths import workspace_root
 
 TRUTH_DIR = Path("test") / "stages" / "characters" / "data" / "face_truth"
 #: Where eval_faces.py writes the table that notebook 03 and docs/face-detectors.md show.
@@ -196,18 +196,6 @@ def split_overlap(sources: list[dict[str, Any]], hold_out: tuple[str, ...] = HOL
             part["clips"].add(src["video"])
         part["people"].update(src["people"])
     return {key: parts[True][key] & parts[False][key] for key in ("clips", "people")}
-
-
-def fit_min_score(
-    truth: dict[str, Any], detections: dict[str, list], files: set[str], *, precision: float = 0.95
-) -> float:
-    """The lowest score threshold whose precision on ``files`` is at least ``precision`` (the
-    most recall that precision allows); the highest observed score when none reaches it."""
-    candidates = sorted({d[4] for f in files for d in detections.get(f, [])})
-    for threshold in candidates:
-        if score(truth, detections, min_score=threshold, frames=files).precision >= precision:
-            return float(threshold)
-    return float(candidates[-1]) if candidates else 0.0
 
 
 def read_results(root: Path | None = None) -> dict[str, Any] | None:

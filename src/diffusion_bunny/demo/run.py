@@ -8,9 +8,10 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.config import load_config, output_root, workspace_root
+from diffusion_bunny.config import load_config, output_root
 from diffusion_bunny.demo.metrics import match_boundaries
 from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 
 #: Settings ``bunny demo`` runs with (the caller's overrides win): the demo trains the tiny

@@ -54,7 +54,7 @@ class ClipEmbedder:
         hint: str = CLIP_HINT,
     ):
         # ``setting``/``hint``: the config key a load failure names (stage 08 loads its CLIP from
-        # generation.clip_model through this same code) and what the message suggests.
+        # generate.clip_model through this same code) and what the message suggests.
         import torch
         from transformers import AutoProcessor, CLIPModel
 

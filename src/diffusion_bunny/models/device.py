@@ -34,7 +34,7 @@ def cuda_driver_sees_gpu() -> bool:
 
 def resolve_device(device: str, setting: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` (or ``cuda:N``) without
-    one is a :class:`ModelError` naming ``setting`` (e.g. ``training.device``). Without a GPU in
+    one is a :class:`ModelError` naming ``setting`` (e.g. ``train.device``). Without a GPU in
     the driver, ``auto`` is ``cpu`` at once, without importing torch."""
     if device == "cpu" or (device == "auto" and not cuda_driver_sees_gpu()):
         return "cpu"

@@ -1,8 +1,8 @@
 """Diffusion base models (SD 1.x, SDXL, FLUX.1, SD3.5) and LoRA files: where they come from and
 whether they fit.
 
-Stages 07 (train) and 08 (generate) both start from ``training.base_model`` /
-``generation.base_model``, which is one of
+Stages 07 (train) and 08 (generate) both start from ``train.base_model`` /
+``generate.base_model``, which is one of
 
 - a preset built in code: ``tiny`` (Stable Diffusion 1.x layout), ``tiny-sdxl`` (SDXL layout),
   ``tiny-flux`` (FLUX.1-dev layout) or ``tiny-sd3`` (SD3.5-medium layout), see
@@ -102,12 +102,12 @@ def family_of_folder(path: Path) -> Family | None:
 
 
 def resolve_base_model(
-    base_model: str, family: str = "auto", *, setting: str = "training.base_model"
+    base_model: str, family: str = "auto", *, setting: str = "train.base_model"
 ) -> BaseModelRef:
     """Turn the ``base_model`` setting into a local pipeline folder and its family, building a
     preset, or looking up the hub cache and downloading a hub id that is not there (with a
     progress bar; ``HF_HUB_OFFLINE=1`` honoured). ``setting`` is the config key the messages name
-    (``generation.base_model`` for stage 08).
+    (``generate.base_model`` for stage 08).
 
     ``family`` (``auto``/``sd1``/``sdxl``/``flux``/``sd3``) only picks the preset for ``tiny``
     (``tiny`` with ``sdxl`` is ``tiny-sdxl``, with ``flux`` ``tiny-flux``); for a real model it
@@ -185,7 +185,7 @@ def load_pipeline(
     dtype: Any = None,
     device: str = "cpu",
     *,
-    setting: str = "training.base_model",
+    setting: str = "train.base_model",
     components: dict[str, Any] | None = None,
 ) -> Any:
     """Load the base model as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
@@ -355,7 +355,7 @@ def load_lora(
         raise ModelError(
             f"LoRA file {path} does not match base model {base!r} ({family}): {problems[0]} "
             f"({len(problems)} of {n_layers} LoRA layers do not fit); use the base model it was trained "
-            "on (training.base_model / generation.base_model) or another LoRA"
+            "on (train.base_model / generate.base_model) or another LoRA"
         )
     listed = getattr(pipe, "get_list_adapters", dict)() or {}
     if any(adapter_name in names for names in listed.values()):  # "unet" or "transformer"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ import cv2
 import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
-from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.models.face_common import Detection
 from diffusion_bunny.models.mtcnn import SCALE_STEP
@@ -86,21 +85,10 @@ class DetectSettings:
     mirror_score: bool = True
 
     @classmethod
-    def from_config(cls, cfg: CharactersConfig) -> DetectSettings:
-        return cls(
-            detector=cfg.detector,
-            min_score=cfg.min_score,
-            align=cfg.align,
-            auto_levels=cfg.auto_levels,
-            scale_step=cfg.scale_step,
-            pyramid_start=cfg.pyramid_start,
-            mirror_score=cfg.mirror_score,
-            detect_width=cfg.detect_width,
-            upsample=cfg.upsample,
-            num_jitters=cfg.num_jitters,
-            landmarks=cfg.landmarks,
-            min_face_px=cfg.min_face_px,
-        )
+    def from_config(cls, cfg: Any) -> DetectSettings:
+        """The fields of the ``characters`` settings that share these names (models know no
+        stage, so the settings model is not named here: any object with these attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     def key(self) -> str:
         """Stage 03's cache key of a frame's faces: these settings and the code that detects and

@@ -98,7 +98,7 @@ SD3_TOP = {
 }
 PREFIX = "lora_unet_"
 
-#: ``training.lora_targets`` presets, as suffixes of the transformer's Linear layer names.
+#: ``train.lora_targets`` presets, as suffixes of the transformer's Linear layer names.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
 #: FLUX single blocks' output projection (attention and MLP outputs together: kohya's linear2);
@@ -116,7 +116,7 @@ def lora_target_names(transformer: Any, targets: str | Sequence[str]) -> list[st
         unknown = [p for p in parts if p not in ("attention", "mlp")]
         if unknown:
             raise ValueError(
-                f"training.lora_targets = {targets!r}: use attention, attention+mlp or a list of layer names"
+                f"train.lora_targets = {targets!r}: use attention, attention+mlp or a list of layer names"
             )
         suffixes = ATTENTION + (MLP if "mlp" in parts else ())
         single_out = "mlp" in parts
@@ -139,7 +139,7 @@ def lora_target_names(transformer: Any, targets: str | Sequence[str]) -> list[st
         ):
             names.append(name)
     if not names:
-        raise ValueError(f"training.lora_targets = {targets!r} selects no layer of this transformer")
+        raise ValueError(f"train.lora_targets = {targets!r} selects no layer of this transformer")
     return sorted(names)
 
 
@@ -297,14 +297,3 @@ def save_kohya_flow(state: dict[str, Any], path: Path, family: str, alpha: float
     save_file(kohya, tmp, metadata=meta)
     os.replace(tmp, path)
     return Path(path)
-
-
-def delta_weights(state: dict[str, Any], scale_of: Any = None) -> dict[str, Any]:
-    """module -> B @ A (times its scale) of a diffusers-layout state dict: what a LoRA adds."""
-    sd = {re.sub(r"^transformer\.", "", k): v.float() for k, v in state.items()}
-    out = {}
-    for k, a in sd.items():
-        if k.endswith(".lora_A.weight"):
-            m = k[: -len(".lora_A.weight")]
-            out[m] = (sd[f"{m}.lora_B.weight"] @ a) * (scale_of(m) if scale_of else 1.0)
-    return out

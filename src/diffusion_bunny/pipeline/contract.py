@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_bunny.config import Config
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.manifest import (
     StageState,
@@ -60,6 +59,8 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from diffusion_bunny.config import Config
 
 
 class UndeclaredSetting(AttributeError):

@@ -16,7 +16,7 @@ node to have this project installed and to see the movies and the output folder 
 
 Several machines (a joined cluster): every output must land where the user said, never in a
 node's own checkout or working folder. So the head makes the run folders absolute before handing
-them over, tasks resolve a relative ``training.output_dir`` or ``scenes.library_dir`` against the
+them over, tasks resolve a relative ``train.output_dir`` or ``scenes.library_dir`` against the
 head's workspace (``$DIFFUSION_BUNNY_WORKSPACE``: the settings, and so the stages' config hashes,
 stay as written), the head writes a token into each folder (:func:`_visibility_tokens`) that
 a task reads back before it starts (:func:`_check_visible`: a node that cannot see the folder, or
@@ -38,9 +38,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import WORKSPACE_ENV, Config, load_config, output_root, workspace_root
+from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError, storage_error
 from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, bar_options, log_hint
+from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import (
@@ -272,21 +273,21 @@ def _check_visible(tokens: Sequence[tuple[Path, str]]) -> str | None:
             return (
                 f"Ray node {socket.gethostname()} cannot see {folder} as the head wrote it (the folder is "
                 "not there, or another disk is mounted at that path); the run folder (and "
-                "training.output_dir) must be on storage every node sees, at the same path"
+                "train.output_dir) must be on storage every node sees, at the same path"
             )
     return None
 
 
 def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[tuple[Path, str]]:
     """Write a token into the folders a movie's task writes to (its run folder, and
-    ``training.output_dir`` when it trains or draws), for the task to read back
+    ``train.output_dir`` when it trains or draws), for the task to read back
     (:func:`_check_visible`)."""
     import uuid
 
     from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 
     folders = [run_dir]
-    output_dir = options.cfg.training.output_dir
+    output_dir = options.cfg.train.output_dir
     if output_dir and {"train", "generate"} & set(options.stages):
         out = Path(output_dir).expanduser()
         folders.append(out if out.is_absolute() else workspace_root() / out)

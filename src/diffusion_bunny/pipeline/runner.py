@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.config import Config, output_root, project_root
+from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.errors import (
     USER_ERROR_NAMES,
     BadInputError,
@@ -32,6 +32,7 @@ from diffusion_bunny.errors import (
 )
 from diffusion_bunny.logs import FILE_ONLY
 from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
@@ -653,7 +654,7 @@ def _say(text: str) -> None:
 
 
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["extraction.threshold=30"]`` -> ``{"extraction.threshold": 30}`` (JSON-safe for papermill)."""
+    """``["extract.threshold=30"]`` -> ``{"extract.threshold": 30}`` (JSON-safe for papermill)."""
     from diffusion_bunny.config import parse_override
 
     out: dict[str, Any] = {}

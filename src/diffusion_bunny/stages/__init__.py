@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffusion_bunny.config import Config
 from diffusion_bunny.pipeline import contract
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import Run
@@ -32,6 +31,7 @@ from diffusion_bunny.stages import (
 if TYPE_CHECKING:
     import polars as pl
 
+    from diffusion_bunny.config import Config
     from diffusion_bunny.pipeline.manifest import StageState
 
 PIPELINE = Pipeline(

@@ -2,7 +2,7 @@
 store that never evicts, identical requests asked once, edits kept while the stage writes,
 secrets redacted from everything stored, and a circuit breaker that closes again. Issue 31: every
 paid answer recorded with its status (empty, refused, truncated, unparsable) and not asked again
-unless captioning.retry says so; the paid requests announced and capped before the first."""
+unless captions.retry says so; the paid requests announced and capped before the first."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 from fake_llm_server import FakeLLMServer, caption_text, image_digest
 from PIL import Image
 
-from diffusion_bunny.config import CaptioningConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import ConfigError, ProviderError, StageError, StorageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
@@ -34,13 +34,14 @@ from diffusion_bunny.stages.captions.providers import (
     make_provider,
     redact,
 )
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.stage import caption_frames, edit_caption, frame_hashes
 
 FAST = {
-    "captioning.backoff_base_s": 0.01,
-    "captioning.backoff_max_s": 0.05,
-    "captioning.requests_per_minute": 60000,
-    "captioning.timeout_s": 5,
+    "captions.backoff_base_s": 0.01,
+    "captions.backoff_max_s": 0.05,
+    "captions.requests_per_minute": 60000,
+    "captions.timeout_s": 5,
 }
 
 
@@ -80,7 +81,7 @@ def _sent_images(srv: FakeLLMServer) -> list[bytes]:
 
 def test_paid_captions_see_the_full_frame_scaled_to_image_max_side(cap_run, tmp_path):
     """What the server receives is the full frame of ``frames.path`` scaled to
-    ``captioning.image_max_side`` (not the 320-px thumbnail); another size is another request."""
+    ``captions.image_max_side`` (not the 320-px thumbnail); another size is another request."""
     run, overrides = cap_run
     frames = _kept_frames(run)
     full_side = max(Image.open(run.run_dir / frames["path"][0]).size)
@@ -91,9 +92,9 @@ def test_paid_captions_see_the_full_frame_scaled_to_image_max_side(cap_run, tmp_
             cfg = _cfg(
                 tmp_path,
                 {**overrides, **FAST},
-                captioning__provider="local",
-                captioning__local__base_url=srv.base_url,
-                captioning__image_max_side=max_side,
+                captions__provider="local",
+                captions__local__base_url=srv.base_url,
+                captions__image_max_side=max_side,
             )
             captions = run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
             expected = {
@@ -117,10 +118,10 @@ def test_unparsable_answer_is_paid_once_and_the_warning_is_true(cap_run, tmp_pat
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__fallback=["template"],
-            captioning__local__base_url=srv.base_url,
-            captioning__breaker_failures=1000,
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+            captions__breaker_failures=1000,
         )
         first = run_stage(run, "captions", cfg, progress=False)
         n = len(srv.requests)
@@ -177,10 +178,10 @@ def test_identical_requests_in_flight_are_asked_once(cap_run, tmp_path):
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__local__base_url=srv.base_url,
-            captioning__concurrency=4,
-        ).captioning
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__concurrency=4,
+        ).captions
         provider = make_provider("local", cfg)
         cache = CaptionCache(tmp_path / "answers")
         try:
@@ -266,11 +267,11 @@ def test_a_header_echoing_server_leaks_no_secret(cap_run, tmp_path, monkeypatch)
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__fallback=["template"],
-            captioning__local__base_url=srv.base_url,
-            captioning__max_retries=0,
-            captioning__breaker_failures=2,
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+            captions__max_retries=0,
+            captions__breaker_failures=2,
         )
         with pytest.warns(UserWarning):
             tables = run_stage(run, "captions", cfg, progress=False)
@@ -289,7 +290,7 @@ def test_a_header_echoing_server_leaks_no_secret(cap_run, tmp_path, monkeypatch)
 
 
 def test_credentials_in_a_base_url_are_refused(tmp_path):
-    for key in ("captioning.local.base_url", "captioning.openai.base_url", "captioning.anthropic.base_url"):
+    for key in ("captions.local.base_url", "captions.openai.base_url", "captions.anthropic.base_url"):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:
             load_config(None, {key: "http://me:tok-SECRET@127.0.0.1:8000/v1"}, root=tmp_path / "nocfg")
         assert "tok-SECRET" not in str(err.value)
@@ -328,13 +329,13 @@ def test_circuit_closes_again_after_a_successful_probe(cap_run, tmp_path):
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__fallback=["template"],
-            captioning__local__base_url=srv.base_url,
-            captioning__max_retries=0,
-            captioning__breaker_failures=1,
-            captioning__breaker_cooldown_s=0,
-            captioning__concurrency=1,
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+            captions__max_retries=0,
+            captions__breaker_failures=1,
+            captions__breaker_cooldown_s=0,
+            captions__concurrency=1,
         )
         with pytest.warns(UserWarning, match="opened 1 time"):
             tables = run_stage(run, "captions", cfg, progress=False)
@@ -345,7 +346,7 @@ def test_circuit_closes_again_after_a_successful_probe(cap_run, tmp_path):
     manifest = run.read_manifest("captions")
     assert manifest["facts"]["open_circuits"] == {}
     assert any("until a probe succeeded" in w for w in manifest["warnings"])
-    assert isinstance(CaptioningConfig().breaker_cooldown_s, float)
+    assert isinstance(CaptionsSettings().breaker_cooldown_s, float)
 
 
 # ----------------------------------------------------------------------------------- 31.3
@@ -363,11 +364,9 @@ def test_an_answer_without_a_caption_gets_its_status_and_is_handed_over_first(ap
     expected = {"empty": "empty", "refused": "refused", "filtered": "refused", "length": "truncated"}
     expected["garbage"] = "unparsable"
     with FakeLLMServer(script=[*expected, "ok"]) as srv:
-        setting = {"local": "captioning__local__base_url", "anthropic": "captioning__anthropic__base_url"}[
-            api
-        ]
+        setting = {"local": "captions__local__base_url", "anthropic": "captions__anthropic__base_url"}[api]
         url = srv.base_url if api == "local" else srv.root_url
-        cfg = _cfg(tmp_path, FAST, captioning__provider=api, **{setting: url}).captioning
+        cfg = _cfg(tmp_path, FAST, captions__provider=api, **{setting: url}).captions
         prov = make_provider(api, cfg)
         for behaviour, status in expected.items():
             kept = []
@@ -400,7 +399,7 @@ def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_req
     cap_run, tmp_path, capsys
 ):
     """Issue 31's provider that bills but answers nothing: every answer is recorded with its
-    status; the rerun the error advises pays nothing more; captioning.retry asks those statuses
+    status; the rerun the error advises pays nothing more; captions.retry asks those statuses
     (and only those) again."""
     run, overrides = cap_run
     n = _kept_frames(run).height
@@ -409,10 +408,10 @@ def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_req
         base = {
             **overrides,
             **FAST,
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
-            "captioning.concurrency": 1,
-            "captioning.breaker_failures": 1000,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.concurrency": 1,
+            "captions.breaker_failures": 1000,
         }
         cfg = _cfg(tmp_path, base)
         with pytest.raises(ProviderError) as err:
@@ -435,7 +434,7 @@ def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_req
         # The user asks for the empty and refused ones again (the server answers now).
         srv.default = "ok"
         cfg = _cfg(
-            tmp_path, {**base, "captioning.retry": ["empty", "refused"], "captioning.fallback": ["template"]}
+            tmp_path, {**base, "captions.retry": ["empty", "refused"], "captions.fallback": ["template"]}
         )
         tables = run_stage(run, "captions", cfg, progress=False)
         assert len(srv.requests) == n + (n - 4) + 2
@@ -461,9 +460,9 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
         base = {
             **overrides,
             **FAST,
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
-            "captioning.concurrency": 1,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.concurrency": 1,
         }
         with pytest.raises(
             StageError, match=rf"would make {n} paid request\(s\) to local .* nothing was asked"
@@ -471,14 +470,14 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
             run_stage(
                 run,
                 "captions",
-                _cfg(tmp_path, {**base, "captioning.max_paid_requests": n - 1}),
+                _cfg(tmp_path, {**base, "captions.max_paid_requests": n - 1}),
                 progress=False,
             )
         assert srv.requests == []
         # n frames fit, but two retries do not: the run stops at the cap, and what was answered is kept.
         with pytest.raises(StageError, match=rf"stopped after {n} paid request\(s\).*is not asked again"):
             run_stage(
-                run, "captions", _cfg(tmp_path, {**base, "captioning.max_paid_requests": n}), progress=False
+                run, "captions", _cfg(tmp_path, {**base, "captions.max_paid_requests": n}), progress=False
             )
         assert len(srv.requests) == n
         run_stage(run, "captions", _cfg(tmp_path, base), progress=False)
@@ -493,9 +492,9 @@ def _local(tmp_path, overrides, srv, **over):
     base = {
         **overrides,
         **FAST,
-        "captioning.provider": "local",
-        "captioning.local.base_url": srv.base_url,
-        "captioning.concurrency": 1,
+        "captions.provider": "local",
+        "captions.local.base_url": srv.base_url,
+        "captions.concurrency": 1,
     }
     return _cfg(tmp_path, base, **over)
 
@@ -509,7 +508,7 @@ def _second_run_folder(run: Run, tmp_path: Path, name: str) -> Run:
 
 def test_a_movie_is_paid_for_once_per_user_whatever_its_run_folder(cap_run, tmp_path, capsys):
     """The answers live in one store per user (the user cache) that every run folder reads: the
-    movie captioned into a second run folder pays nothing again; ``captioning.cache: false`` keeps
+    movie captioned into a second run folder pays nothing again; ``captions.cache: false`` keeps
     them in the run folder only (then a second folder pays again, its own rerun does not)."""
     from diffusion_bunny.models.cache import cache_dir
 
@@ -531,7 +530,7 @@ def test_a_movie_is_paid_for_once_per_user_whatever_its_run_folder(cap_run, tmp_
         assert second.read_manifest("captions")["counts"]["paid_requests"] == 0
 
         third = _second_run_folder(run, tmp_path, "own_store")
-        cfg = _local(tmp_path, overrides, srv, captioning__cache=False)
+        cfg = _local(tmp_path, overrides, srv, captions__cache=False)
         run_stage(third, "captions", cfg, progress=False)
         assert len(srv.requests) == 2 * n
         assert len(list((third.run_dir / "cache" / "captions" / "answers").rglob("*.json"))) == n
@@ -540,17 +539,17 @@ def test_a_movie_is_paid_for_once_per_user_whatever_its_run_folder(cap_run, tmp_
 
 
 def test_the_cap_is_per_movie_and_kept_across_runs(cap_run, tmp_path):
-    """Every paid attempt of every run of a movie counts against captioning.max_paid_requests:
+    """Every paid attempt of every run of a movie counts against captions.max_paid_requests:
     a second run folder asking another model is stopped before its first request when the two
     runs together would pass it."""
     run, overrides = cap_run
     n = _kept_frames(run).height
     with FakeLLMServer() as srv:
         run_stage(
-            run, "captions", _local(tmp_path, overrides, srv, captioning__max_paid_requests=n), progress=False
+            run, "captions", _local(tmp_path, overrides, srv, captions__max_paid_requests=n), progress=False
         )
         second = _second_run_folder(run, tmp_path, "again")
-        other_model = {"captioning__local__model": "another-model", "captioning__max_paid_requests": n + 1}
+        other_model = {"captions__local__model": "another-model", "captions__max_paid_requests": n + 1}
         with pytest.raises(StageError) as err:
             run_stage(second, "captions", _local(tmp_path, overrides, srv, **other_model), progress=False)
         message = str(err.value)
@@ -558,20 +557,20 @@ def test_the_cap_is_per_movie_and_kept_across_runs(cap_run, tmp_path):
             f"would make {n} paid request(s) to local (another-model) and the {n} made for this movie"
             in message
         )
-        assert f"captioning.max_paid_requests={2 * n}" in message and "nothing was asked" in message
+        assert f"captions.max_paid_requests={2 * n}" in message and "nothing was asked" in message
         assert len(srv.requests) == n
-        other_model["captioning__max_paid_requests"] = 2 * n
+        other_model["captions__max_paid_requests"] = 2 * n
         run_stage(second, "captions", _local(tmp_path, overrides, srv, **other_model), progress=False)
         assert len(srv.requests) == 2 * n
 
 
 def test_a_200_with_an_unreadable_body_is_recorded_like_a_refusal(cap_run, tmp_path):
     """Billed (the server said 200) but nothing to read: recorded with status unreadable, never
-    asked again unless captioning.retry lists it."""
+    asked again unless captions.retry lists it."""
     run, overrides = cap_run
     n = _kept_frames(run).height
     with FakeLLMServer(script=["unreadable", "html"]) as srv:
-        cfg = _local(tmp_path, overrides, srv, captioning__fallback=["template"])
+        cfg = _local(tmp_path, overrides, srv, captions__fallback=["template"])
         tables = run_stage(run, "captions", cfg, progress=False)
         assert len(srv.requests) == n  # neither was asked again in the run
         calls = tables["caption_calls"]
@@ -584,7 +583,7 @@ def test_a_200_with_an_unreadable_body_is_recorded_like_a_refusal(cap_run, tmp_p
         run_stage(
             run,
             "captions",
-            _local(tmp_path, overrides, srv, captioning__retry=["unreadable"]),
+            _local(tmp_path, overrides, srv, captions__retry=["unreadable"]),
             progress=False,
         )
         assert len(srv.requests) == n + 2
@@ -598,9 +597,9 @@ def test_a_timed_out_request_is_asked_once_more_at_most_and_logged_as_maybe_bill
             tmp_path,
             overrides,
             srv,
-            captioning__timeout_s=0.5,
-            captioning__max_retries=4,
-            captioning__fallback=["template"],
+            captions__timeout_s=0.5,
+            captions__max_retries=4,
+            captions__fallback=["template"],
         )
         with caplog.at_level("WARNING", logger="diffusion_bunny"):
             tables = run_stage(run, "captions", cfg, progress=False)
@@ -646,7 +645,7 @@ def test_answers_an_earlier_version_kept_in_the_run_folder_are_read_in(cap_run, 
         run_stage(
             run,
             "captions",
-            _local(tmp_path, overrides, srv, captioning__cache_dir=str(first)),
+            _local(tmp_path, overrides, srv, captions__cache_dir=str(first)),
             progress=False,
         )
         old = run.run_dir / "cache" / "captions"
@@ -668,7 +667,7 @@ def test_dspy_keeps_no_history_of_the_frames_sent(tmp_path):
     from dspy.clients import base_lm
 
     with FakeLLMServer() as srv:
-        cfg = CaptioningConfig(provider="local", local={"base_url": srv.base_url})
+        cfg = CaptionsSettings(provider="local", local={"base_url": srv.base_url})
         provider = make_provider("local", cfg)
         for shade in range(3):
             buf = io.BytesIO()
@@ -736,10 +735,10 @@ def test_a_full_answer_store_is_one_line_naming_it(cap_run, tmp_path, monkeypatc
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__local__base_url=srv.base_url,
-            captioning__concurrency=1,
-            captioning__cache_dir=str(store),
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__concurrency=1,
+            captions__cache_dir=str(store),
         )
         real_set = CaptionCache.set
 
@@ -777,9 +776,9 @@ def test_bunny_run_shows_the_paid_requests_on_the_terminal_while_they_happen(cap
         settings = {
             **overrides,
             **FAST,
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
-            "captioning.concurrency": 1,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.concurrency": 1,
         }
         args = ["run", str(run.movie), "--out", str(run.run_dir), "--stages", "captions"]
         args += [

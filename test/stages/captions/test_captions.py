@@ -19,7 +19,7 @@ import pytest
 from fake_llm_server import FakeLLMServer, caption_text, image_digest
 from paths import ROOT
 
-from diffusion_bunny.config import CaptioningConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, ProviderError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
@@ -34,14 +34,15 @@ from diffusion_bunny.stages.captions.providers import (
     backoff_delay,
     classify,
 )
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.stage import edit_caption, read_edits
 from diffusion_bunny.stages.captions.tables import word_frequencies
 
 FAST = {  # retries in milliseconds, no pacing: the tests are about what happens, not when
-    "captioning.backoff_base_s": 0.01,
-    "captioning.backoff_max_s": 0.05,
-    "captioning.requests_per_minute": 60000,
-    "captioning.timeout_s": 2,
+    "captions.backoff_base_s": 0.01,
+    "captions.backoff_max_s": 0.05,
+    "captions.requests_per_minute": 60000,
+    "captions.timeout_s": 2,
 }
 
 
@@ -70,7 +71,7 @@ def _expected_image(run: Run, rel_path: str, max_side: int) -> bytes:
 
 def _digests(run: Run, max_side: int | None = None) -> dict[str, str]:
     """frame id -> the digest the fake server computes of what it must be sent."""
-    max_side = max_side or CaptioningConfig().image_max_side
+    max_side = max_side or CaptionsSettings().image_max_side
     out = {}
     frames = run.read_table("frames")
     kept = run.read_table("quality").filter("keep")["frame_id"].to_list()
@@ -84,7 +85,7 @@ def _digests(run: Run, max_side: int | None = None) -> dict[str, str]:
 
 
 def test_framing_light_and_template_caption():
-    cfg = CaptioningConfig(scene_names={"s002": "kitchen"})
+    cfg = CaptionsSettings(scene_names={"s002": "kitchen"})
     assert framing_of(None, cfg) == "wide shot"
     assert framing_of(0.05, cfg) == "wide shot"
     assert framing_of(0.2, cfg) == "medium shot"
@@ -110,7 +111,7 @@ def test_framing_light_and_template_caption():
 
 
 def test_caption_facts_from_tables():
-    cfg = CaptioningConfig()
+    cfg = CaptionsSettings()
     frames = pl.DataFrame(
         {
             "frame_id": ["a", "b", "c"],
@@ -152,7 +153,7 @@ def test_caption_facts_from_tables():
         "medium shot",
         "moving shot",
     )
-    everything = caption_facts(frames, CaptioningConfig(frames="all"), quality=quality)
+    everything = caption_facts(frames, CaptionsSettings(frames="all"), quality=quality)
     assert everything.height == 3 and everything["framing"].to_list() == ["wide shot"] * 3
 
 
@@ -221,16 +222,16 @@ def test_errors_are_classified():
 
 
 def test_config_rejects_unknown_provider_and_bad_orders(tmp_path):
-    with pytest.raises(ConfigError, match=r"captioning\.provider.*'gpt'"):
-        load_config(None, {"captioning.provider": "gpt"}, root=tmp_path)
-    with pytest.raises(ConfigError, match=r"captioning\.fallback"):
-        load_config(None, {"captioning.fallback": ["template", "nope"]}, root=tmp_path)
+    with pytest.raises(ConfigError, match=r"captions\.provider.*'gpt'"):
+        load_config(None, {"captions.provider": "gpt"}, root=tmp_path)
+    with pytest.raises(ConfigError, match=r"captions\.fallback"):
+        load_config(None, {"captions.fallback": ["template", "nope"]}, root=tmp_path)
     with pytest.raises(ConfigError, match="medium_ratio"):
-        load_config(None, {"captioning.medium_ratio": 0.5}, root=tmp_path)
+        load_config(None, {"captions.medium_ratio": 0.5}, root=tmp_path)
     cfg = load_config(
-        None, {"captioning.provider": "local", "captioning.fallback": ["local", "template"]}, root=tmp_path
+        None, {"captions.provider": "local", "captions.fallback": ["local", "template"]}, root=tmp_path
     )
-    assert cfg.captioning.chain() == ["local", "template"]
+    assert cfg.captions.chain() == ["local", "template"]
 
 
 def test_word_frequencies():
@@ -268,7 +269,7 @@ def test_missing_tables_and_no_kept_frames(tmp_path, demo_run):
     shutil.copytree(demo_run.run_dir, tmp_path / "r")
     run = Run.open(tmp_path / "r")
     run.write_table("quality", run.read_table("quality").with_columns(pl.lit(False).alias("keep")))
-    with pytest.raises(StageError, match=r"no frames to caption.*captioning\.frames: all"):
+    with pytest.raises(StageError, match=r"no frames to caption.*captions\.frames: all"):
         run_stage(run, "captions", load_config(root=tmp_path))
 
 
@@ -282,9 +283,9 @@ def test_local_server_with_faults_captions_every_frame_exactly_once(cap_run, tmp
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__local__base_url=srv.base_url,
-            captioning__concurrency=4,
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__concurrency=4,
         )
         tables = run_stage(run, "captions", cfg, progress=False)
         captions, calls = tables["captions"], tables["caption_calls"]
@@ -333,13 +334,13 @@ def test_circuit_breaker_falls_back_in_order(cap_run, tmp_path, monkeypatch):
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__fallback=["anthropic", "template"],
-            captioning__local__base_url=bad.base_url,
-            captioning__anthropic__base_url=good.root_url,  # /v1 is added
-            captioning__max_retries=1,
-            captioning__breaker_failures=2,
-            captioning__concurrency=1,
+            captions__provider="local",
+            captions__fallback=["anthropic", "template"],
+            captions__local__base_url=bad.base_url,
+            captions__anthropic__base_url=good.root_url,  # /v1 is added
+            captions__max_retries=1,
+            captions__breaker_failures=2,
+            captions__concurrency=1,
         )
         tables = run_stage(run, "captions", cfg, progress=False)
         captions = tables["captions"]
@@ -352,15 +353,15 @@ def test_circuit_breaker_falls_back_in_order(cap_run, tmp_path, monkeypatch):
         assert "local" in manifest["facts"]["open_circuits"]
         assert any("circuit opened" in w for w in manifest["warnings"])
     # A server nobody answers at: the preflight fails before any work, naming the setting.
-    with pytest.raises(ProviderError, match=r"cannot reach.*captioning\.local\.base_url"):
+    with pytest.raises(ProviderError, match=r"cannot reach.*captions\.local\.base_url"):
         run_stage(
             run,
             "captions",
             _cfg(
                 tmp_path,
                 {**overrides, **FAST},
-                captioning__provider="local",
-                captioning__local__base_url="http://127.0.0.1:9/v1",
+                captions__provider="local",
+                captions__local__base_url="http://127.0.0.1:9/v1",
             ),
             progress=False,
         )
@@ -372,11 +373,11 @@ def test_unusable_answers_fall_back_to_the_template_and_are_recorded(cap_run, tm
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__fallback=["template"],
-            captioning__local__base_url=srv.base_url,
-            captioning__breaker_failures=1000,
-            captioning__concurrency=2,
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+            captions__breaker_failures=1000,
+            captions__concurrency=2,
         )
         tables = run_stage(run, "captions", cfg, progress=False)
         captions, calls = tables["captions"], tables["caption_calls"]
@@ -394,12 +395,12 @@ def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_r
         cfg = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__local__base_url=srv.base_url,
-            captioning__max_retries=0,
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__max_retries=0,
         )
         with pytest.raises(
-            ProviderError, match=r"no frame could be captioned.*template to captioning\.fallback"
+            ProviderError, match=r"no frame could be captioned.*template to captions\.fallback"
         ):
             run_stage(run, "captions", cfg, progress=False)
     assert run.read_table("captions").equals(before)
@@ -408,13 +409,13 @@ def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_r
 def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_path):
     run, overrides = cap_run
     with pytest.raises(ProviderError, match="needs the environment variable OPENAI_API_KEY"):
-        run_stage(run, "captions", _cfg(tmp_path, overrides, captioning__provider="openai"), progress=False)
+        run_stage(run, "captions", _cfg(tmp_path, overrides, captions__provider="openai"), progress=False)
     with pytest.raises(ProviderError, match="ANTHROPIC_API_KEY"):
         run_stage(
-            run, "captions", _cfg(tmp_path, overrides, captioning__fallback=["anthropic"]), progress=False
+            run, "captions", _cfg(tmp_path, overrides, captions__fallback=["anthropic"]), progress=False
         )
     cfg = _cfg(
-        tmp_path, overrides, captioning__provider="local", captioning__local__base_url="http://127.0.0.1:9/v1"
+        tmp_path, overrides, captions__provider="local", captions__local__base_url="http://127.0.0.1:9/v1"
     )
     with pytest.raises(
         ProviderError, match=r"cannot reach the caption server at http://127.0.0.1:9/v1.*local\.base_url"
@@ -445,12 +446,10 @@ def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
         cfg = _cfg(
             tmp_path,
             overrides,
-            captioning__provider="openai",
-            captioning__openai__base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+            captions__provider="openai",
+            captions__openai__base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
         )
-        with pytest.raises(
-            ProviderError, match=r"captioning\.openai\.base_url.*refused the key \(HTTP 401\)"
-        ):
+        with pytest.raises(ProviderError, match=r"captions\.openai\.base_url.*refused the key \(HTTP 401\)"):
             run_stage(run, "captions", cfg, progress=False)
     finally:
         httpd.shutdown()
@@ -484,10 +483,10 @@ def test_kill_in_the_middle_then_resume_pays_each_frame_once(cap_run, tmp_path):
         over = {
             **overrides,
             **FAST,
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
-            "captioning.concurrency": 1,
-            "captioning.timeout_s": 60,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.concurrency": 1,
+            "captions.timeout_s": 60,
         }
         proc = subprocess.Popen(
             [sys.executable, str(script), str(run.run_dir), json.dumps(over), str(tmp_path / "nocfg")],
@@ -503,7 +502,7 @@ def test_kill_in_the_middle_then_resume_pays_each_frame_once(cap_run, tmp_path):
         answered.update(srv.answered)
     assert not run.has_table("captions") and run.read_manifest("captions") is None
     with FakeLLMServer() as srv2:
-        cfg = _cfg(tmp_path, over, captioning__local__base_url=srv2.base_url)
+        cfg = _cfg(tmp_path, over, captions__local__base_url=srv2.base_url)
         captions = run_stage(run, "captions", cfg, progress=False)["captions"]
         calls = run.read_table("caption_calls")
         assert (calls["outcome"] == "cached").sum() == 4
@@ -525,7 +524,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     from diffusion_bunny.stages.captions.stage import compute
 
     run, overrides = cap_run
-    cfg = _cfg(tmp_path, {**overrides, **FAST}, captioning__provider="bedrock", captioning__concurrency=1)
+    cfg = _cfg(tmp_path, {**overrides, **FAST}, captions__provider="bedrock", captions__concurrency=1)
     client = boto3.client(
         "bedrock-runtime",
         region_name="us-east-1",
@@ -563,7 +562,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
                     "metrics": {"latencyMs": 5},
                 },
                 expected_params={
-                    "modelId": cfg.captioning.bedrock.model_id,
+                    "modelId": cfg.captions.bedrock.model_id,
                     "messages": ANY,
                     "system": ANY,
                     "inferenceConfig": {"maxTokens": 300, "temperature": 0.2},
@@ -607,15 +606,15 @@ def test_bedrock_settings_missing_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(ProviderError, match=r"needs a region: set captioning\.bedrock\.region or AWS_REGION"):
-        bedrock_client(CaptioningConfig(provider="bedrock"))
-    with pytest.raises(ProviderError, match=r"captioning\.bedrock\.profile"):
-        bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"profile": "nope"}))
+    with pytest.raises(ProviderError, match=r"needs a region: set captions\.bedrock\.region or AWS_REGION"):
+        bedrock_client(CaptionsSettings(provider="bedrock"))
+    with pytest.raises(ProviderError, match=r"captions\.bedrock\.profile"):
+        bedrock_client(CaptionsSettings(provider="bedrock", bedrock={"profile": "nope"}))
     with pytest.raises(ProviderError, match=r"no AWS credentials.*AWS_ACCESS_KEY_ID"):
-        bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"region": "us-east-1"}))
+        bedrock_client(CaptionsSettings(provider="bedrock", bedrock={"region": "us-east-1"}))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    client = bedrock_client(CaptioningConfig(provider="bedrock", bedrock={"region": "eu-west-1"}))
+    client = bedrock_client(CaptionsSettings(provider="bedrock", bedrock={"region": "eu-west-1"}))
     assert client.meta.region_name == "eu-west-1" and client.meta.config.retries["total_max_attempts"] == 1
 
 
@@ -633,8 +632,8 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
         other = _cfg(
             tmp_path,
             {**overrides, **FAST},
-            captioning__provider="local",
-            captioning__local__base_url=srv.base_url,
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
         )
         again = run_stage(run, "captions", other, progress=False, force=True)["captions"]
     kept = again.filter(pl.col("frame_id") == fid).row(0, named=True)
@@ -741,8 +740,8 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
         over = {
             **overrides,
             **FAST,
-            "captioning.provider": "local",
-            "captioning.local.base_url": srv.base_url,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
         }
         out_nb = run.run_dir / "notebooks" / "05_caption.ipynb"
         out_nb.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import pytest
 from paths import ROOT
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import CharactersConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.movie import build_demo_references
 from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
@@ -38,6 +38,7 @@ from diffusion_bunny.stages.characters.identify import (
     link_tracks,
     vote_tracks,
 )
+from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.stage import check_name, name_cluster
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
@@ -84,11 +85,11 @@ def test_thresholds_tighten_only_for_consistent_reference_sets():
     loose = _unit(rng, 2)  # two references ~1.4 apart
     single = _unit(rng, 1)
     refs = _refs({"tight": tight, "loose": loose, "single": single})
-    cfg = CharactersConfig()
+    cfg = CharactersSettings()
     th = character_thresholds(refs, cfg)
     assert th["single"] == cfg.tolerance and th["loose"] == cfg.tolerance
     assert th["tight"] == cfg.min_threshold  # spread + margin is under the floor
-    assert character_thresholds(refs, CharactersConfig(adaptive_thresholds=False))["tight"] == cfg.tolerance
+    assert character_thresholds(refs, CharactersSettings(adaptive_thresholds=False))["tight"] == cfg.tolerance
 
 
 def test_identify_is_open_set():
@@ -160,7 +161,7 @@ def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():
     rng = np.random.default_rng(3)
     ann = _unit(rng)
     refs = _refs({"ann": ann})
-    cfg = CharactersConfig()
+    cfg = CharactersSettings()
     enc = (ann[0] + 0.01).astype(np.float32)
     # (frame_id, shot, index, height, yaw): three lone faces, then a track of three in shot 9.
     spec = [
@@ -206,7 +207,7 @@ def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():
     assert faces["t2"]["character"] == "ann" and faces["t2"]["low_confidence"] and not faces["t2"]["trusted"]
     assert not faces["t0"]["low_confidence"] and not faces["t1"]["low_confidence"]
     # The same faces with trust switched off (any size, any turn): all named by their encoding.
-    loose = CharactersConfig(trust_min_px=0, trust_max_yaw=2.0)
+    loose = CharactersSettings(trust_min_px=0, trust_max_yaw=2.0)
     assert label_faces(det, frames, refs, loose)["character"].to_list() == ["ann"] * 6
 
 
@@ -258,13 +259,13 @@ def test_reference_folder_bad_inputs_are_named_and_left_out(tmp_path):
 
 
 def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
-    missing = CharactersConfig(reference_dir=str(tmp_path / "nope"))
+    missing = CharactersSettings(reference_dir=str(tmp_path / "nope"))
     with pytest.raises(BadInputError, match="does not exist"):
         reference_dir(tmp_path, missing)
     (tmp_path / "empty" / "someone").mkdir(parents=True)
     with pytest.raises(BadInputError, match="holds no images in character sub-folders"):
-        reference_dir(tmp_path, CharactersConfig(reference_dir=str(tmp_path / "empty")))
-    assert reference_dir(tmp_path, CharactersConfig()) is None  # discovery only
+        reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "empty")))
+    assert reference_dir(tmp_path, CharactersSettings()) is None  # discovery only
     # On the command line: one line, exit status 2, and no run folder made.
     path, _ = cut_clip
     out = tmp_path / "run"
@@ -416,8 +417,8 @@ def test_failed_frame_is_logged_and_skipped(demo_run, tmp_path):
 def test_frames_to_scan_needs_quality_unless_all(demo_run):
     frames = demo_run.read_table("frames")
     with pytest.raises(StageError, match=r"characters\.frames=all"):
-        frames_to_scan(frames, None, CharactersConfig())
-    assert frames_to_scan(frames, None, CharactersConfig(frames="all")).height == frames.height
+        frames_to_scan(frames, None, CharactersSettings())
+    assert frames_to_scan(frames, None, CharactersSettings(frames="all")).height == frames.height
 
 
 def test_cluster_namer_widget(discovered, tmp_path):
@@ -467,7 +468,7 @@ KNN_TRUTH = {
 
 def test_knn_examples_every_known_face_named_and_none_wrong():
     base = _examples() / "knn_examples"
-    cfg = CharactersConfig()
+    cfg = CharactersSettings()
     settings = DetectSettings.from_config(cfg)
     refs, warns = load_references(base / "train", settings)
     assert not warns
@@ -493,8 +494,8 @@ def test_hamilton_performer_named_and_audience_not(hamilton, tmp_path):
         None,
         {
             "characters.reference_dir": str(tmp_path / "refs"),
-            "extraction.method": "interval",
-            "extraction.interval_seconds": 0.25,
+            "extract.method": "interval",
+            "extract.interval_seconds": 0.25,
             "characters.frames": "all",
             # Two worker processes, as on a user's 2-core machine (the test worker itself may be
             # pinned to one core, where the stage would search in-process): the pool path.

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from diffusion_bunny.config import CharactersConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.cartoons import Pose, cast, draw
 from diffusion_bunny.demo.movie import build_demo_references, walk_at
 from diffusion_bunny.demo.run import DEMO_SETTINGS
@@ -26,6 +26,7 @@ from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
 from diffusion_bunny.stages.characters.identify import label_faces
 from diffusion_bunny.stages.characters.references import GREY, cut_out, load_character_references, on_grey
+from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -252,7 +253,7 @@ def test_drawn_sightings_are_named_by_the_detector_voted_along_a_shot_and_droppe
             "timestamp_s": [s[2] / 24 for s in spec],
         }
     ).unique("frame_id", maintain_order=True)
-    faces = label_faces(det, frames, ReferenceSet(), CharactersConfig())
+    faces = label_faces(det, frames, ReferenceSet(), CharactersSettings())
     assert faces.height == 4 and set(faces["kind"]) == {"drawn"}
     by_id = {r["face_id"]: r for r in faces.iter_rows(named=True)}
     assert by_id["f2_02"]["character"] == "mika" and by_id["f2_02"]["raw_character"] == "biscuit"
@@ -264,7 +265,7 @@ def test_drawn_sightings_are_named_by_the_detector_voted_along_a_shot_and_droppe
     assert by_id["f0_00"]["distance"] == pytest.approx(0.1)
     assert by_id["f2_02"]["distance"] == pytest.approx(0.45)
     # A higher score needed: the weak sightings are no appearances any more.
-    strict = CharactersConfig(fitted=FittedSettings(min_score=0.75))
+    strict = CharactersSettings(fitted=FittedSettings(min_score=0.75))
     assert label_faces(det, frames, ReferenceSet(), strict)["face_id"].to_list() == ["f0_00", "f1_01"]
 
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from diffusion_bunny.config import ExportConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
@@ -28,6 +28,7 @@ from diffusion_bunny.stages.export.plan import (
     select_items,
     shot_groups,
 )
+from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.stage import resized, write_metadata
 from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
 
@@ -149,7 +150,7 @@ def test_items_take_kept_frames_with_usable_captions_and_named_faces():
     ids = frames["frame_id"].to_list()
     quality = quality.with_columns(pl.col("frame_id").is_in([ids[5]]).not_().alias("keep"))
     captions = captions_table(ids, {ids[0]: "failed", ids[1]: "edited"})
-    cfg = ExportConfig(crops=("full", "face", "half_body"), min_face_px=50, max_upscale=None)
+    cfg = ExportSettings(crops=("full", "face", "half_body"), min_face_px=50, max_upscale=None)
     items, counts, _ = select_items(frames, quality, faces, captions, cfg)
     assert ids[0] not in items["frame_id"].to_list()  # failed caption
     assert ids[5] not in items["frame_id"].to_list()  # rejected by stage 02
@@ -222,7 +223,7 @@ def test_drawn_characters_get_character_crops_and_soft_or_small_crops_are_left_o
     frames = frames.with_columns(pl.lit(1280).alias("width"), pl.lit(720).alias("height"))
     ids = frames["frame_id"].to_list()
     faces = appearances_table(ids)
-    cfg = ExportConfig(crops=("full", "face", "character"), crop_resolution=512, max_upscale=2.0)
+    cfg = ExportSettings(crops=("full", "face", "character"), crop_resolution=512, max_upscale=2.0)
     items, counts, dropped = select_items(frames, quality, faces, captions, cfg)
     crops = {(r["face_id"], r["crop"]) for r in items.filter(pl.col("crop") != "full").iter_rows(named=True)}
     # The dog and the girl give character crops (no face crop: they are no faces); the sharp
@@ -259,7 +260,7 @@ def test_crop_caption_tag():
 )
 def test_empty_dataset_is_one_clear_error(change, message):
     frames, quality, faces, captions = small_tables(n_shots=3)
-    cfg = ExportConfig()
+    cfg = ExportSettings()
     if change == "no_kept":
         quality = quality.with_columns(pl.lit(False).alias("keep"))
     elif change == "all_failed":
@@ -268,7 +269,7 @@ def test_empty_dataset_is_one_clear_error(change, message):
         captions = captions.with_columns(pl.lit("  ").alias("caption"))
     else:
         faces = faces.head(0)
-        cfg = ExportConfig(crops=("face",))
+        cfg = ExportSettings(crops=("face",))
     with pytest.raises(StageError) as err:
         plan_export(frames, quality, faces, captions, cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -276,7 +277,7 @@ def test_empty_dataset_is_one_clear_error(change, message):
 
 def test_near_identical_shots_are_grouped():
     frames, quality, faces, captions = small_tables(n_shots=4)
-    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportSettings(crops=("full",)))
     hashes = quality["phash"].to_list()
     # Shot 3's second frame is shot 0's first with 3 bits flipped (the movie cut back to it).
     near = quality.with_columns(pl.Series("phash", [*hashes[:7], hashes[0] ^ 0b10101], dtype=pl.UInt64))
@@ -288,7 +289,7 @@ def test_near_identical_shots_are_grouped():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_validation_split_never_straddles_a_group(seed):
     frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
-    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full", "face")))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportSettings(crops=("full", "face")))
     # Shots 4 and 9 are one group (near-identical), as shot_groups would make them.
     groups = {s: (4 if s == 9 else s) for s in range(20)}
     split, warnings = assign_split(items, groups, 0.2, seed)
@@ -307,7 +308,7 @@ def test_validation_split_never_straddles_a_group(seed):
 
 def test_split_seeds_differ_and_fraction_zero_keeps_everything_for_training():
     frames, quality, faces, captions = small_tables(n_shots=20, per_shot=3)
-    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportSettings(crops=("full",)))
     groups = {s: s for s in range(20)}
     picks = {tuple(assign_split(items, groups, 0.2, seed)[0]["split"].to_list()) for seed in range(5)}
     assert len(picks) > 1
@@ -317,7 +318,7 @@ def test_split_seeds_differ_and_fraction_zero_keeps_everything_for_training():
 
 def test_one_shot_gives_no_validation_and_says_why():
     frames, quality, faces, captions = small_tables(n_shots=1, per_shot=4)
-    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportSettings(crops=("full",)))
     split, warnings = assign_split(items, {0: 0}, 0.2, 0)
     assert set(split["split"]) == {"train"}
     assert "no validation pictures" in warnings[0]
@@ -325,7 +326,7 @@ def test_one_shot_gives_no_validation_and_says_why():
 
 def test_when_every_shot_overshoots_the_smallest_goes_to_validation():
     frames, quality, faces, captions = small_tables(n_shots=4, per_shot=3)
-    items, _, _ = select_items(frames, quality, faces, captions, ExportConfig(crops=("full",)))
+    items, _, _ = select_items(frames, quality, faces, captions, ExportSettings(crops=("full",)))
     items = items.filter(pl.col("shot_id") != 3).vstack(items.filter(pl.col("shot_id") == 3).head(2))
     split, warnings = assign_split(items, {s: s for s in range(4)}, 0.05, 0)
     # Target 1 picture: no shot brings the share closer, so the smallest eligible one (shot 3, two
@@ -339,7 +340,7 @@ def test_balancing_gives_smaller_characters_more_repeats():
     chars = [[c] if c != "scene" else [] for c in concepts]
     split = ["train"] * 47 + ["validation"] * 2
     items = pl.DataFrame({"concept": concepts, "characters": chars, "split": split})
-    cfg = ExportConfig(base_repeats=2, max_repeats=12)
+    cfg = ExportSettings(base_repeats=2, max_repeats=12)
     out = balance_repeats(items, cfg)
     repeats = dict(out.filter(pl.col("split") == "train").select("concept", "repeats").unique().iter_rows())
     # anna is the largest character (12): base; bob 12/4 -> 3x base; cleo 12x base, capped at 12.

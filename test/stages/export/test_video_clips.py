@@ -9,13 +9,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffusion_bunny.config import ExportConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.media.clips import clip_frames_rgb, cover_crop, decode_clip, encode_mp4
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.export.clips import clip_span, plan_clips
 from diffusion_bunny.stages.export.plots import clip_strips
+from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CLIP_SCHEMA, dataset_dir
 
 
@@ -71,7 +72,7 @@ def test_plan_clips_takes_named_shots_and_counts_short_ones():
 def test_bad_clip_settings_name_the_key(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {f"export.{k}": v for k, v in override.items()}, root=tmp_path)
-    assert ExportConfig().video_clips is False
+    assert ExportSettings().video_clips is False
 
 
 def test_real_clip_is_cut_inside_the_shot_resampled_and_encoded(hamilton, tmp_path):

@@ -33,7 +33,7 @@ SIZE = {"width": 160, "height": 90}
 
 
 def xcfg(**kw):
-    return load_config(None, {f"extraction.{k}": v for k, v in kw.items()}, use_local=False).extraction
+    return load_config(None, {f"extract.{k}": v for k, v in kw.items()}, use_local=False).extract
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def test_manifest_records_the_detector(cut_clip, tmp_path):
     assert facts["candidates_accepted_fast"] + facts["candidates_confirmed"] >= 3
     assert facts["model_device"] in (None, "cpu", "cuda")
     assert facts["transnetv2_threshold"] == 0.5
-    content = load_config(None, {"extraction.detector": "content"}, use_local=False)
+    content = load_config(None, {"extract.detector": "content"}, use_local=False)
     run_stage(run, "extract", content, progress=False)
     facts = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())["facts"]
     assert facts["detector"] == "content" and facts["threshold"] == 27.0
@@ -275,14 +275,14 @@ def test_keyframe_method_falls_back_to_content(cut_clip, tmp_path):
     [
         ({"threshold": 20}, "threshold applies to the PySceneDetect detectors only"),
         ({"detector": "transnetv2", "threshold": 0.3}, "uses transnetv2_threshold"),
-        ({"transnetv2_threshold": 1.5}, "extraction.transnetv2_threshold = 1.5"),
-        ({"device": "tpu"}, "extraction.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
-        ({"accept_threshold": -1}, "extraction.accept_threshold = -1"),
+        ({"transnetv2_threshold": 1.5}, "extract.transnetv2_threshold = 1.5"),
+        ({"device": "tpu"}, "extract.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"accept_threshold": -1}, "extract.accept_threshold = -1"),
         (
             {"transnetv2_precision": "fp16"},
-            "extraction.transnetv2_precision = 'fp16': Input should be 'int8' or 'fp32'",
+            "extract.transnetv2_precision = 'fp16': Input should be 'int8' or 'fp32'",
         ),
-        ({"motion_compensation": "maybe"}, "extraction.motion_compensation"),
+        ({"motion_compensation": "maybe"}, "extract.motion_compensation"),
     ],
 )
 def test_detector_settings_are_validated(overrides, message):
@@ -353,7 +353,7 @@ def test_onnx_runtime_gives_the_torch_probabilities_without_importing_torch(tmp_
         "from diffusion_bunny.config import load_config\n"
         "from diffusion_bunny.pipeline.run import Run\n"
         "from diffusion_bunny.stages import run_stage\n"
-        "cfg = load_config(None, {'extraction.accept_threshold': None}, use_local=False)\n"
+        "cfg = load_config(None, {'extract.accept_threshold': None}, use_local=False)\n"
         f"run = Run.create({str(tmp_path / 'run')!r}, {str(cut_clip[0])!r})\n"
         "run_stage(run, 'extract', cfg, progress=False)\n"
         "print(json.dumps({'torch': 'torch' in sys.modules}))\n"
@@ -406,7 +406,7 @@ def test_a_failed_quantisation_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path))
     transnet.onnx_model_path("fp32").write_bytes(b"not a model")
     with pytest.raises(
-        ModelError, match=r"could not be quantised for ONNX Runtime .* extraction.runtime"
+        ModelError, match=r"could not be quantised for ONNX Runtime .* extract.runtime"
     ) as err:
         transnet.ensure_onnx_model(precision="int8")
     assert "\n" not in str(err.value)
@@ -698,6 +698,6 @@ def test_a_flat_cut_is_judged_at_its_shots_contrast():
 
 
 def test_the_contrast_setting_is_validated():
-    with pytest.raises(ConfigError, match=r"extraction\.reference_contrast"):
-        load_config(None, ["extraction.reference_contrast=0"])
-    assert load_config(None, ["extraction.reference_contrast=null"]).extraction.reference_contrast is None
+    with pytest.raises(ConfigError, match=r"extract\.reference_contrast"):
+        load_config(None, ["extract.reference_contrast=0"])
+    assert load_config(None, ["extract.reference_contrast=null"]).extract.reference_contrast is None

@@ -10,7 +10,7 @@ import pytest
 from clips import count_frames, remux, transcode, write_clip, write_tone
 from PIL import Image
 
-from diffusion_bunny.config import ExtractionConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.metrics import match_boundaries
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.video import VideoReader, probe_video
@@ -21,11 +21,12 @@ from diffusion_bunny.stages.extract.keyframes import (
     classify_shots,
     select_keyframes,
 )
+from diffusion_bunny.stages.extract.settings import ExtractSettings
 from diffusion_bunny.stages.extract.stage import extract_frames
 
 
-def cfg(**kw) -> ExtractionConfig:
-    return load_config(None, {f"extraction.{k}": v for k, v in kw.items()}, use_local=False).extraction
+def cfg(**kw) -> ExtractSettings:
+    return load_config(None, {f"extract.{k}": v for k, v in kw.items()}, use_local=False).extract
 
 
 def starts(result) -> list[int]:

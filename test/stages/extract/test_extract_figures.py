@@ -57,15 +57,15 @@ def test_slider_reclassifies_without_decoding(clip_run, tmp_path):
     assert explorer.picks()["frame_index"].n_unique() == explorer.picks().height
     explorer.set_threshold(5.0)
     path = explorer.save()
-    assert yaml.safe_load(path.read_text()) == {"extraction": {"motion_threshold": 5.0}}
+    assert yaml.safe_load(path.read_text()) == {"extract": {"motion_threshold": 5.0}}
     cfg = load_config(root=tmp_path)
-    assert cfg.extraction.motion_threshold == 5.0
+    assert cfg.extract.motion_threshold == 5.0
 
 
 def test_save_local_settings_merges(tmp_path):
-    save_local_settings("x", {"extraction": {"jpeg_quality": 80}}, tmp_path)
-    path = save_local_settings("x", {"extraction": {"motion_threshold": 2.0}}, tmp_path)
-    assert yaml.safe_load(path.read_text()) == {"extraction": {"jpeg_quality": 80, "motion_threshold": 2.0}}
+    save_local_settings("x", {"extract": {"jpeg_quality": 80}}, tmp_path)
+    path = save_local_settings("x", {"extract": {"motion_threshold": 2.0}}, tmp_path)
+    assert yaml.safe_load(path.read_text()) == {"extract": {"jpeg_quality": 80, "motion_threshold": 2.0}}
 
 
 def test_figures_render(clip_run, tmp_path):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_bunny.config import GenerationConfig
 from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.stages.generate.grid import Checkpoint
 from diffusion_bunny.stages.generate.identity import CharacterReferences
 from diffusion_bunny.stages.generate.render import DEFAULT_GUIDANCE, default_size, pipe_family
+from diffusion_bunny.stages.generate.settings import GenerateSettings
 from diffusion_bunny.stages.generate.stage import draw_and_score
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
@@ -63,7 +63,7 @@ def test_flow_pipelines_draw_the_grid_with_both_lora_files(family, tmp_path):
     assert pipe_family(pipe) == family and default_size(pipe) == 128
     diffusers_file, kohya_file = write_flow_lora(pipe, tmp_path / "lora" / "checkpoint-1", family)
     checkpoints = [Checkpoint("checkpoint-1", 1, diffusers_file), Checkpoint("checkpoint-2", 2, kohya_file)]
-    cfg = GenerationConfig(
+    cfg = GenerateSettings(
         prompts=("{trigger} {character}, portrait",),
         seeds=(0,),
         lora_scales=(0.0, 1.0),

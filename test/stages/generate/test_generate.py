@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffusion_bunny.config import GenerationConfig
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.stages.generate.grid import (
@@ -35,6 +34,7 @@ from diffusion_bunny.stages.generate.render import (
     render,
     stored_key,
 )
+from diffusion_bunny.stages.generate.settings import GenerateSettings
 from diffusion_bunny.stages.generate.stage import draw_and_score
 from diffusion_bunny.stages.generate.tables import BASE, FINAL, NO_CHARACTER, SCORES_SCHEMA
 from diffusion_bunny.stages.train.tables import LORA_FILE
@@ -289,7 +289,7 @@ def test_lora_that_does_not_fit_stops_before_any_image(pipe, training_output, re
     cks = [*find_checkpoints(training_output), Checkpoint("checkpoint-99", 99, bad)]
     with pytest.raises(ModelError, match=rf"LoRA file {bad} does not match base model 'tiny' \(sd1\)"):
         check_loras(pipe, cks)
-    cfg = GenerationConfig(seeds=(0,), lora_scales=(0.0, 1.0), steps=1)
+    cfg = GenerateSettings(seeds=(0,), lora_scales=(0.0, 1.0), steps=1)
     with pytest.raises(ModelError, match="does not match base model"):
         draw_and_score(
             tmp_path,
@@ -417,7 +417,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     from diffusion_bunny.stages.generate.plots import checkpoint_scores_plot, generation_grid
 
     clip_dir = write_tiny_clip(tmp_path / "clip")
-    cfg = GenerationConfig(
+    cfg = GenerateSettings(
         prompts=("{trigger} {character}, close-up portrait",),
         seeds=(0, 1),
         lora_scales=(0.0, 1.0),
@@ -482,7 +482,7 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
 
 
 def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_path):
-    cfg = GenerationConfig(
+    cfg = GenerateSettings(
         prompts=("{trigger} {character}, portrait",), seeds=(0,), lora_scales=(1.0,), steps=1
     )
     result = draw_and_score(
@@ -500,7 +500,7 @@ def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_pat
     assert result.tables["generations"]["prompt"].to_list() == ["bunnystyle, portrait"]
     assert any("no named characters" in w for w in result.warnings)
     assert result.facts["best_checkpoint"] == FINAL
-    with pytest.raises(ConfigError, match=r"generation.characters: 'bob' is not a character of this run"):
+    with pytest.raises(ConfigError, match=r"generate.characters: 'bob' is not a character of this run"):
         draw_and_score(
             tmp_path,
             cfg.model_copy(update={"characters": ("bob",)}),
@@ -528,7 +528,7 @@ def test_clip_score_matches_its_definition(tmp_path):
     img, txt = clip.embed_images(paths), clip.embed_texts(prompts)
     expected = [max(0.0, 100 * float(img[i] @ txt[i])) for i in range(2)]
     assert scores == pytest.approx(expected, abs=1e-4)
-    with pytest.raises(ModelError, match=r"generation.clip_model='.*nowhere'"):
+    with pytest.raises(ModelError, match=r"generate.clip_model='.*nowhere'"):
         load_clip(str(tmp_path / "nowhere"), "cpu")
 
 
@@ -538,15 +538,15 @@ def test_config_rejects_bad_generation_settings():
     with pytest.raises(
         ConfigError, match=r"uses \{name\}; the placeholders are \{trigger\} and \{character\}"
     ):
-        load_config(None, {"generation.prompts": ["{trigger} {name}"]})
-    with pytest.raises(ConfigError, match=r"generation.checkpoints = .*unknown checkpoint 'best'"):
-        load_config(None, {"generation.checkpoints": ["best"]})
-    assert load_config(None, {"generation.checkpoints": [20, "final"]}).generation.checkpoints == (
+        load_config(None, {"generate.prompts": ["{trigger} {name}"]})
+    with pytest.raises(ConfigError, match=r"generate.checkpoints = .*unknown checkpoint 'best'"):
+        load_config(None, {"generate.checkpoints": ["best"]})
+    assert load_config(None, {"generate.checkpoints": [20, "final"]}).generate.checkpoints == (
         "checkpoint-20",
         "final",
     )
-    with pytest.raises(ConfigError, match=r"generation.seeds = .*lists a value twice"):
-        load_config(None, {"generation.seeds": [1, 1]})
+    with pytest.raises(ConfigError, match=r"generate.seeds = .*lists a value twice"):
+        load_config(None, {"generate.seeds": [1, 1]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,15 +557,15 @@ def test_config_rejects_bad_generation_settings():
 def trained_output(tmp_path_factory, demo_refs):
     """A LoRA trained by stage 07's own trainer (a few steps on the demo's two portraits, a
     checkpoint every 2 steps): the real layout stage 08 reads."""
-    from diffusion_bunny.config import TrainingConfig
     from diffusion_bunny.stages.train.data import TrainImage
     from diffusion_bunny.stages.train.lora import train_lora
+    from diffusion_bunny.stages.train.settings import TrainSettings
 
     images = [
         TrainImage(demo_refs / name / f"{name}.png", f"bunnystyle {name}, close-up portrait")
         for name in ("astronaut", "grace_hopper")
     ]
-    cfg = TrainingConfig(
+    cfg = TrainSettings(
         resolution=64,
         device="cpu",
         max_train_steps=4,
@@ -582,13 +582,13 @@ def trained_output(tmp_path_factory, demo_refs):
 def stage_overrides(run_overrides: dict, lora_dir: Path, **extra) -> dict:
     return {
         **run_overrides,
-        "training.output_dir": str(lora_dir),
-        "training.resolution": 64,
-        "generation.prompts": ["{trigger} {character}, close-up portrait"],
-        "generation.seeds": [0],
-        "generation.lora_scales": [0.0, 1.0],
-        "generation.steps": 2,
-        "generation.device": "cpu",
+        "train.output_dir": str(lora_dir),
+        "train.resolution": 64,
+        "generate.prompts": ["{trigger} {character}, close-up portrait"],
+        "generate.seeds": [0],
+        "generate.lora_scales": [0.0, 1.0],
+        "generate.steps": 2,
+        "generate.device": "cpu",
         **extra,
     }
 
@@ -626,7 +626,7 @@ def test_stage_generates_from_the_trained_lora_and_skips_when_up_to_date(generat
     # Up to date: skipped. A new seed: only the new pictures are drawn.
     run_stage(run, "generate", cfg, progress=False)
     assert run.read_manifest("generate")["finished"] == manifest["finished"]
-    more = load_config(None, stage_overrides(overrides, trained_output, **{"generation.seeds": [0, 1]}))
+    more = load_config(None, stage_overrides(overrides, trained_output, **{"generate.seeds": [0, 1]}))
     run_stage(run, "generate", more, progress=False)
     counts = run.read_manifest("generate")["counts"]
     assert counts["reused"] == gen.height and counts["rendered_now"] == gen.height
@@ -644,16 +644,14 @@ def test_missing_training_output_and_base_model_are_one_clear_error(generate_run
     ):
         run_stage(run, "generate", empty, progress=False)
     missing = load_config(
-        None, stage_overrides(overrides, trained_output, **{"training.base_model": str(tmp_path / "sd15")})
+        None, stage_overrides(overrides, trained_output, **{"train.base_model": str(tmp_path / "sd15")})
     )
-    with pytest.raises(ModelError, match=r"^training.base_model = '.*sd15': no such folder"):
+    with pytest.raises(ModelError, match=r"^train.base_model = '.*sd15': no such folder"):
         run_stage(run, "generate", missing, progress=False)
     other = load_config(
-        None, stage_overrides(overrides, trained_output, **{"generation.base_model": "someone/not-cached"})
+        None, stage_overrides(overrides, trained_output, **{"generate.base_model": "someone/not-cached"})
     )
-    with pytest.raises(
-        ModelError, match=r"^generation.base_model = 'someone/not-cached' is not in the local"
-    ):
+    with pytest.raises(ModelError, match=r"^generate.base_model = 'someone/not-cached' is not in the local"):
         run_stage(run, "generate", other, progress=False)
     assert not (run.run_dir / "generated").exists() and not run.has_table("generations")
 

@@ -133,16 +133,16 @@ def photo_run(tmp_path, monkeypatch):
     movie.write_bytes(b"not decoded: stage 08 reads no frame")
     run = Run.create(tmp_path / "run", movie)
     overrides = {
-        "training.base_model": "tiny",
-        "training.output_dir": str(lora_dir),
+        "train.base_model": "tiny",
+        "train.output_dir": str(lora_dir),
         "characters.reference_dir": str(refs),
-        "generation.characters": ["obama", "biden"],
-        "generation.prompts": ["{trigger} {character}, close-up portrait"],
-        "generation.seeds": list(SEEDS),
-        "generation.lora_scales": [0.0, 1.0],
-        "generation.resolution": 256,
-        "generation.steps": 1,
-        "generation.device": "cpu",
+        "generate.characters": ["obama", "biden"],
+        "generate.prompts": ["{trigger} {character}, close-up portrait"],
+        "generate.seeds": list(SEEDS),
+        "generate.lora_scales": [0.0, 1.0],
+        "generate.resolution": 256,
+        "generate.steps": 1,
+        "generate.device": "cpu",
     }
     return run, overrides, drawn
 

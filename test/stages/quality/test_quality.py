@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffusion_bunny.config import QualityConfig, load_config, save_local_settings
+from diffusion_bunny.config import load_config, save_local_settings
 from diffusion_bunny.demo.run import expected_reasons
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.media.images import BOX_COLUMNS
@@ -35,6 +35,7 @@ from diffusion_bunny.stages.quality.scores import (
     score_gray,
     score_image,
 )
+from diffusion_bunny.stages.quality.settings import QualitySettings
 
 # Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
 FAR = [int(h) for h in np.random.default_rng(7).integers(0, 2**63, size=12, dtype=np.uint64)]
@@ -82,7 +83,7 @@ def reasons(table: pl.DataFrame) -> list[str | None]:
 
 
 def test_exposure_and_sharpness_rules_in_order():
-    cfg = QualityConfig(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
+    cfg = QualitySettings(min_sharpness=40, min_brightness=35, max_brightness=230, max_clipped=0.5)
     table, frames = scores(
         [
             {"readable": False, "sharpness": None, "brightness": None, "clipped": None, "phash": None},
@@ -113,7 +114,7 @@ def test_exposure_and_sharpness_rules_in_order():
 
 
 def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
-    cfg = QualityConfig(dup_distance=4)
+    cfg = QualitySettings(dup_distance=4)
     same = 0x123456789ABCDEF0
     table, frames = scores(
         [
@@ -130,15 +131,15 @@ def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
     assert reasons(out) == ["duplicate", None, None, None, None, "duplicate", "blurry"]
     assert out["duplicate_of"].to_list() == ["f3", None, None, None, None, "f3", None]
     # At distance 1 only (nearly) identical hashes would be duplicates: none here.
-    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=1)))[:6] == [None] * 6
+    assert reasons(apply_quality_rules(table, frames, QualitySettings(dup_distance=1)))[:6] == [None] * 6
 
 
 def test_blurred_frame_never_removes_its_sharp_copy():
     same = 0x0F0F0F0F0F0F0F0F
     table, frames = scores([{"phash": same, "sharpness": 10.0}, {"phash": same, "sharpness": 200.0}])
-    assert reasons(apply_quality_rules(table, frames, QualityConfig())) == ["blurry", None]
+    assert reasons(apply_quality_rules(table, frames, QualitySettings())) == ["blurry", None]
     # With the blur rule off, the sharper copy wins, wherever it is.
-    loose = apply_quality_rules(table, frames, QualityConfig(min_sharpness=0))
+    loose = apply_quality_rules(table, frames, QualitySettings(min_sharpness=0))
     assert reasons(loose) == ["duplicate", None] and loose["duplicate_of"][0] == "f1"
 
 
@@ -150,14 +151,14 @@ def test_duplicate_chain_and_sharpness_ties():
         [{"phash": a, "sharpness": 900.0}, {"phash": b, "sharpness": 800.0}, {"phash": c, "sharpness": 700.0}]
     )
     # Only kept frames remove others: b goes as a's duplicate, c (far from a) stays.
-    assert reasons(apply_quality_rules(table, frames, QualityConfig(dup_distance=3))) == [
+    assert reasons(apply_quality_rules(table, frames, QualitySettings(dup_distance=3))) == [
         None,
         "duplicate",
         None,
     ]
     # A repeat that is sharper only by encoding noise does not displace the first appearance.
     table, frames = scores([{"phash": a, "sharpness": 649.5}, {}, {"phash": a, "sharpness": 650.9}])
-    out = apply_quality_rules(table, frames, QualityConfig())
+    out = apply_quality_rules(table, frames, QualitySettings())
     assert reasons(out) == [None, None, "duplicate"] and out["duplicate_of"][2] == "f0"
 
 
@@ -165,21 +166,21 @@ def test_best_n_per_shot_and_per_consecutive_frames():
     sharp = [100.0, 300.0, 200.0, 50.0, 400.0, 410.0, 90.0]
     shots = [0, 0, 0, 1, 1, 1, 2]
     table, frames = scores([{"sharpness": s, "shot_id": k} for s, k in zip(sharp, shots, strict=True)])
-    keep_all = apply_quality_rules(table, frames, QualityConfig())
+    keep_all = apply_quality_rules(table, frames, QualitySettings())
     assert keep_all["keep"].all()
-    per_shot = apply_quality_rules(table, frames, QualityConfig(best_per_batch=1))
+    per_shot = apply_quality_rules(table, frames, QualitySettings(best_per_batch=1))
     assert per_shot["keep"].to_list() == [False, True, False, False, False, True, True]
     assert set(reasons(per_shot)) == {None, "not_best"}
-    two = apply_quality_rules(table, frames, QualityConfig(best_per_batch=2))
+    two = apply_quality_rules(table, frames, QualitySettings(best_per_batch=2))
     assert two["keep"].to_list() == [False, True, True, False, True, True, True]
     # Batches of 2 consecutive frames: (0,1) (2,3) (4,5) (6).
-    pairs = apply_quality_rules(table, frames, QualityConfig(batch=2, best_per_batch=1))
+    pairs = apply_quality_rules(table, frames, QualitySettings(batch=2, best_per_batch=1))
     assert pairs["keep"].to_list() == [False, True, True, False, False, True, True]
     # Rejected frames do not take a place: with f1 blurred, f2 is the best of shot 0.
     blurred = table.with_columns(
         pl.when(pl.col("frame_id") == "f1").then(1.0).otherwise(pl.col("sharpness")).alias("sharpness")
     )
-    out = apply_quality_rules(blurred, frames, QualityConfig(best_per_batch=1))
+    out = apply_quality_rules(blurred, frames, QualitySettings(best_per_batch=1))
     assert reasons(out)[:3] == ["not_best", "blurry", None]
 
 
@@ -190,35 +191,37 @@ def test_brightness_is_relative_to_the_film():
     black = [{"brightness": float(b), "clipped": 0.97} for b in (1.0, 2.5, 4.0)]
     flash = [{"brightness": 250.0}]
     table, frames = scores(distinct(night + black + flash))
-    out = apply_quality_rules(table, frames, QualityConfig())
+    out = apply_quality_rules(table, frames, QualitySettings())
     got = reasons(out)
     assert got[:30] == [None] * 30  # every night scene stays
     assert got[30:] == ["too_dark", "too_dark", "too_dark", "too_bright"]
-    exposure = exposure_thresholds(table, QualityConfig())
+    exposure = exposure_thresholds(table, QualitySettings())
     median = float(np.median([r["brightness"] for r in night]))
     assert exposure.film_brightness == pytest.approx(median)
     assert exposure.min_brightness == pytest.approx(max(10.0, 35.0 * median / 100.0))
     # Absolute thresholds (the old rule): most of the film goes as too dark.
-    absolute = reasons(apply_quality_rules(table, frames, QualityConfig(relative_brightness=False)))
+    absolute = reasons(apply_quality_rules(table, frames, QualitySettings(relative_brightness=False)))
     assert absolute.count("too_dark") > 20
     # A film of ordinary exposure keeps the configured thresholds: never tightened.
     ordinary, ordinary_frames = scores(
         distinct([{"brightness": b} for b in (90.0, 110.0, 130.0, 120.0, 100.0, 34.0)])
     )
-    assert reasons(apply_quality_rules(ordinary, ordinary_frames, QualityConfig()))[-1] == "too_dark"
-    assert exposure_thresholds(ordinary, QualityConfig()).min_brightness == 35.0
+    assert reasons(apply_quality_rules(ordinary, ordinary_frames, QualitySettings()))[-1] == "too_dark"
+    assert exposure_thresholds(ordinary, QualitySettings()).min_brightness == 35.0
     # A bright film (snow): its bright scenes stay, a white frame still goes.
     snow, snow_frames = scores(
         distinct([{"brightness": b} for b in (200.0, 235.0, 238.0, 215.0, 225.0, 252.0)])
     )
-    assert reasons(apply_quality_rules(snow, snow_frames, QualityConfig())) == [None] * 5 + ["too_bright"]
+    assert reasons(apply_quality_rules(snow, snow_frames, QualitySettings())) == [None] * 5 + ["too_bright"]
     # A dark grade crushes shadows in every scene: the film's typical clipped share is allowed.
     crushed, crushed_frames = scores(
         distinct([{"brightness": 25.0, "clipped": c} for c in (0.5, 0.62, 0.7, 0.66, 0.97)])
     )
-    assert reasons(apply_quality_rules(crushed, crushed_frames, QualityConfig())) == [None] * 4 + ["clipped"]
+    assert reasons(apply_quality_rules(crushed, crushed_frames, QualitySettings())) == [None] * 4 + [
+        "clipped"
+    ]
     with pytest.raises(ValueError, match="black_floor"):
-        QualityConfig(black_floor=40)
+        QualitySettings(black_floor=40)
 
 
 def _night_film_scores(pictures: list[np.ndarray]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -253,7 +256,7 @@ def test_a_night_film_keeps_its_sharp_frames_and_drops_its_blurred_ones():
     rng = np.random.default_rng(5)
     night = [night_grade(f, rng) for f in lit + soft]
     n = len(lit)
-    cfg = QualityConfig(text_filter=False)
+    cfg = QualitySettings(text_filter=False)
 
     lit_table, lit_frames = _night_film_scores(lit + soft)
     lit_verdicts = reasons(apply_quality_rules(lit_table, lit_frames, cfg))
@@ -327,7 +330,7 @@ def test_config_out_of_range_is_one_line_naming_the_key():
         "quality.best_per_batch=0": "quality.best_per_batch = 0",
         "quality.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
         "quality.reference_contrast=0": "quality.reference_contrast = 0",
-        "extraction.reference_contrast=200": "extraction.reference_contrast = 200",
+        "extract.reference_contrast=200": "extract.reference_contrast = 200",
         "quality.dup_dist=3": "unknown key 'quality.dup_dist' (allowed here: batch, best_per_batch,",
     }
     for override, message in cases.items():
@@ -442,7 +445,7 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     monkeypatch.setattr(quality_module, "score_image", no_scoring)
     frames = demo_run.read_table("frames")
     shot_of = dict(frames.select("frame_id", "shot_id").iter_rows())
-    explorer = QualityThresholdExplorer(demo_run, QualityConfig(), config_root=tmp_path)
+    explorer = QualityThresholdExplorer(demo_run, QualitySettings(), config_root=tmp_path)
 
     def walk(w):
         yield w
@@ -522,9 +525,9 @@ def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
     assert stage_state(run, "quality", cfg)[0] == "done"
     moved = load_config(None, ["quality.dup_distance=9"], root=tmp_path)
     assert stage_state(run, "quality", moved) == ("stale", "its config changed")
-    assert stage_state(run, "quality", load_config(None, ["extraction.jpeg_quality=80"], root=tmp_path))[
-        0
-    ] == ("done")
+    assert stage_state(run, "quality", load_config(None, ["extract.jpeg_quality=80"], root=tmp_path))[0] == (
+        "done"
+    )
     scored = score_frames(run.run_dir, frames.head(3), workers=2, progress=False)
     assert scored["readable"].to_list() == [False, False, True]
     assert json.loads(json.dumps(run.read_manifest("quality")["warnings"]))
@@ -543,7 +546,7 @@ def test_quality_figures_render(demo_run, tmp_path):
     quality = demo_run.read_table("quality")
     frames = demo_run.read_table("frames")
     out = tmp_path / "hist.png"
-    quality_histograms(quality, QualityConfig()).save(out, verbose=False, dpi=50)
+    quality_histograms(quality, QualitySettings()).save(out, verbose=False, dpi=50)
     assert out.stat().st_size > 5_000
     sheet = quality_sheet(demo_run.run_dir, quality, frames, columns=4, thumb_width=100)
     kept_rows = -(-int(quality["keep"].sum()) // 4)

@@ -12,13 +12,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffusion_bunny.config import QualityConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.demo import overlays
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.quality.plots import text_sheet
 from diffusion_bunny.stages.quality.rules import apply_quality_rules
+from diffusion_bunny.stages.quality.settings import QualitySettings
 from diffusion_bunny.stages.quality.text import measure_text, text_verdict
 
 
@@ -47,7 +48,7 @@ LOGO = [line(0.9, 0.03, 0.96, 0.15, edges=0.03)]  # the Hamilton clip's corner l
 
 
 def test_text_rules_are_pure_over_the_lines():
-    cfg = QualityConfig()
+    cfg = QualitySettings()
     assert text_verdict(None, cfg) == (None, 0.0, 1.0)  # not looked at: kept whole
     assert text_verdict([], cfg) == (None, 0.0, 1.0)
     assert text_verdict(TITLE, cfg)[0] == "text"
@@ -102,7 +103,7 @@ def test_text_reasons_and_crop_in_the_quality_table():
             "box_bottom": [940] * 5,
         }
     )
-    out = apply_quality_rules(table, frames, QualityConfig())
+    out = apply_quality_rules(table, frames, QualitySettings())
     # f4 (subtitled, same hash as f0) is f0's duplicate: the text rules came first, f0 kept.
     assert out["reject_reason"].to_list() == [None, "text", None, None, "duplicate"]
     crops = out.select("crop_left", "crop_top", "crop_right", "crop_bottom").rows()
@@ -110,13 +111,13 @@ def test_text_reasons_and_crop_in_the_quality_table():
     assert crops[0] == (0, 140, 1920, int(np.floor(sub_top)))
     assert crops[1:] == [(0, 140, 1920, 940)] * 4  # the picture box: rejected, sign, unchecked
     assert out.schema["crop_top"] == pl.Int64
-    dropped = apply_quality_rules(table, frames, QualityConfig(subtitles="drop"))
+    dropped = apply_quality_rules(table, frames, QualitySettings(subtitles="drop"))
     assert dropped["reject_reason"].to_list() == ["subtitles", "text", None, None, "subtitles"]
-    off = apply_quality_rules(table, frames, QualityConfig(text_filter=False))
+    off = apply_quality_rules(table, frames, QualitySettings(text_filter=False))
     assert off["reject_reason"].to_list() == [None, None, None, None, "duplicate"]
     # Without a picture box (a run before stage 01 found boxes) the crop starts from the frame.
     plain = apply_quality_rules(
-        table, frames.drop("box_left", "box_top", "box_right", "box_bottom"), QualityConfig()
+        table, frames.drop("box_left", "box_top", "box_right", "box_bottom"), QualitySettings()
     )
     assert plain.row(2, named=True)["crop_bottom"] == 1080 and plain.row(0, named=True)["crop_top"] == 0
 
@@ -134,7 +135,7 @@ def test_detector_on_a_real_frame_with_drawn_text(hamilton, detector):
     ok, frame = cap.read()
     assert ok
     rgb = cv2.cvtColor(cv2.resize(frame, (1280, 720), interpolation=cv2.INTER_CUBIC), cv2.COLOR_BGR2RGB)
-    cfg = QualityConfig()
+    cfg = QualitySettings()
 
     def verdict(picture: np.ndarray):
         m = measure_text(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), detector, cfg.text_width)

@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 
-from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.errors import BadInputError, ModelError, UserError
 from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.stages.scenes.embeddings import (
@@ -22,9 +21,10 @@ from diffusion_bunny.stages.scenes.embeddings import (
     describe,
     make_embedder,
 )
+from diffusion_bunny.stages.scenes.settings import ScenesSettings
 
-ASSIGN = ScenesConfig().assign_threshold  # 0.85: a frame joins a cluster
-NOISE = ScenesConfig().noise_threshold  # 0.5: below, the noise bucket
+ASSIGN = ScenesSettings().assign_threshold  # 0.85: a frame joins a cluster
+NOISE = ScenesSettings().noise_threshold  # 0.5: below, the noise bucket
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def demo_frames(demo_run, demo) -> tuple[list[Path], np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def descriptor() -> DescriptorEmbedder:
-    embedder = make_embedder(ScenesConfig())
+    embedder = make_embedder(ScenesSettings())
     assert isinstance(embedder, DescriptorEmbedder)
     return embedder
 
@@ -195,9 +195,9 @@ def test_descriptor_path_never_imports_torch(demo_frames):
     """The default embedder must not pay torch's import (seconds, hundreds of MB)."""
     code = (
         "import sys\n"
-        "from diffusion_bunny.config import ScenesConfig\n"
+        "from diffusion_bunny.config import ScenesSettings\n"
         "from diffusion_bunny.stages.scenes.embeddings import make_embedder\n"
-        f"make_embedder(ScenesConfig()).embed_images([{str(demo_frames[0][0])!r}])\n"
+        f"make_embedder(ScenesSettings()).embed_images([{str(demo_frames[0][0])!r}])\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -217,7 +217,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 def _clip(folder: Path | str, batch_size: int = 32) -> ClipEmbedder:
     embedder = make_embedder(
-        ScenesConfig(embedder="clip", clip_model=str(folder), device="cpu", batch_size=batch_size)
+        ScenesSettings(embedder="clip", clip_model=str(folder), device="cpu", batch_size=batch_size)
     )
     assert isinstance(embedder, ClipEmbedder)
     return embedder

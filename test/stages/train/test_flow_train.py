@@ -126,7 +126,7 @@ def test_stage_trains_resumes_and_writes_files_that_load_back(family, tmp_path):
 
     # more steps continue from checkpoint-4 (in a folder of their own), reusing the cached text embeddings
     stamps = sorted(p.stat().st_mtime_ns for p in (run.run_dir / "cache" / "text").iterdir())
-    cfg = load_config(None, {**overrides, "training.max_train_steps": 6}, root=tmp_path)
+    cfg = load_config(None, {**overrides, "train.max_train_steps": 6}, root=tmp_path)
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
     assert run.read_manifest("train")["facts"]["resumed_from"] == 4
@@ -137,10 +137,10 @@ def test_settings_that_do_not_apply_are_one_line_naming_the_key(tmp_path):
     from diffusion_bunny.stages.train.flow import FlowLoraTrainer
 
     cases = {
-        "training.quantize_base = nf4": {"quantize_base": "nf4"},
-        "training.min_snr_gamma": {"min_snr_gamma": 5.0},
-        "training.train_text_encoder": {"train_text_encoder": True},
-        "training.lora_targets": {"lora_targets": ("no_such_layer",)},
+        "train.quantize_base = nf4": {"quantize_base": "nf4"},
+        "train.min_snr_gamma": {"min_snr_gamma": 5.0},
+        "train.train_text_encoder": {"train_text_encoder": True},
+        "train.lora_targets": {"lora_targets": ("no_such_layer",)},
     }
     for key, extra in cases.items():
         with pytest.raises(ModelError) as err:

@@ -22,10 +22,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion_bunny.config import TrainingConfig, load_config
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, ModelError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import PIPELINE
+from diffusion_bunny.stages.train.settings import TrainSettings
 
 pytestmark = pytest.mark.slow
 
@@ -104,20 +105,20 @@ def make_run(tmp_path: Path, demo_movie: Path | None = None, **kw) -> Run:
 
 def fast_overrides(tmp_path: Path, **extra) -> dict:
     return {
-        "training.output_dir": str(tmp_path / "lora"),
-        "training.resolution": 64,
-        "training.max_train_steps": 4,
-        "training.checkpoint_every": 2,
-        "training.validation_every": 0,
-        "training.validation_inference_steps": 2,
-        "training.device": "cpu",
-        **{f"training.{k}": v for k, v in extra.items()},
+        "train.output_dir": str(tmp_path / "lora"),
+        "train.resolution": 64,
+        "train.max_train_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.validation_every": 0,
+        "train.validation_inference_steps": 2,
+        "train.device": "cpu",
+        **{f"train.{k}": v for k, v in extra.items()},
     }
 
 
-def training_cfg(**kw) -> TrainingConfig:
+def training_cfg(**kw) -> TrainSettings:
     base = {"resolution": 64, "device": "cpu", "validation_every": 0, "validation_inference_steps": 2}
-    return TrainingConfig(**{**base, **kw})
+    return TrainSettings(**{**base, **kw})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
 
     # More steps: a folder of its own (the 4-step LoRA stays as it was), continued from the
     # 4-step training's last checkpoint, every cached latent reused.
-    six = {**overrides, "training.max_train_steps": 6}
+    six = {**overrides, "train.max_train_steps": 6}
     cfg = load_config(None, six, root=tmp_path)
     tables = run_stage(run, "train", cfg, progress=False)
     log = tables["training_log"]
@@ -446,7 +447,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
 
     # Issue 31.1: other settings (rank) train into a folder of their own; the earlier LoRAs and
     # their checkpoints are kept byte for byte, and stage 08 draws with the new one.
-    cfg = load_config(None, {**overrides, "training.rank": 2}, root=tmp_path)
+    cfg = load_config(None, {**overrides, "train.rank": 2}, root=tmp_path)
     with pytest.warns(UserWarning, match=r"earlier one\(s\) in .* are kept"):
         tables = run_stage(run, "train", cfg, progress=False)
     assert tables["training_log"]["step"].to_list() == [1, 2, 3, 4]
@@ -483,14 +484,14 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
 
     # A limit on the checkpoints (diffusers' checkpoints_total_limit) applies on the next run,
     # the oldest going first; the newest keeps its state, so the folder still resumes.
-    cfg = load_config(None, {**six, "training.checkpoints_total_limit": 1}, root=tmp_path)
+    cfg = load_config(None, {**six, "train.checkpoints_total_limit": 1}, root=tmp_path)
     run_stage(run, "train", cfg, progress=False)
     assert sorted(c.name for c in longer.glob("checkpoint-*")) == ["checkpoint-6"]
     assert (longer / "checkpoint-6" / "training_state.pt").is_file()
 
-    # training.start_over is the one way to delete a LoRA: this training's, and only it.
-    cfg = load_config(None, {**six, "training.start_over": True}, root=tmp_path)
-    with pytest.warns(UserWarning, match=r"training.start_over: the earlier LoRA .* was removed"):
+    # train.start_over is the one way to delete a LoRA: this training's, and only it.
+    cfg = load_config(None, {**six, "train.start_over": True}, root=tmp_path)
+    with pytest.warns(UserWarning, match=r"train.start_over: the earlier LoRA .* was removed"):
         log = run_stage(run, "train", cfg, progress=False)["training_log"]
     assert (
         log["step"].to_list() == [1, 2, 3, 4, 5, 6]
@@ -530,9 +531,9 @@ def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoe
     raw.Reload()
     assert [e.step for e in raw.Scalars("loss")] == [1, 2, 3, 4, 3]  # what the purge hides
 
-    assert load_config(None, {"training.tensorboard": False}, root=tmp_path).training.tensorboard is False
-    with pytest.raises(ConfigError, match=r"training\.tensorboard"):
-        load_config(None, {"training.tensorboard": "sometimes"}, root=tmp_path)
+    assert load_config(None, {"train.tensorboard": False}, root=tmp_path).train.tensorboard is False
+    with pytest.raises(ConfigError, match=r"train\.tensorboard"):
+        load_config(None, {"train.tensorboard": "sometimes"}, root=tmp_path)
 
 
 def check_figures(log: pl.DataFrame, validation: pl.DataFrame) -> None:
@@ -606,7 +607,7 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     # A rerun with a few more steps than were done trains into a folder of its own (another
     # max_train_steps), continued from the killed training's newest checkpoint.
     final = done + 2
-    cfg = load_config(None, {**overrides, "training.max_train_steps": final}, root=tmp_path)
+    cfg = load_config(None, {**overrides, "train.max_train_steps": final}, root=tmp_path)
     log = run_stage(run, "train", cfg, progress=False)["training_log"]
     facts = run.read_manifest("train")["facts"]
     assert facts["resumed_from"] == done and facts["resumed_from_folder"] == str(out)
@@ -647,24 +648,24 @@ def test_missing_base_model_names_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = make_run(tmp_path, n_train=2, n_val=0)
     cfg = load_config(
-        None, {**fast_overrides(tmp_path), "training.base_model": "someone/not-cached"}, root=tmp_path
+        None, {**fast_overrides(tmp_path), "train.base_model": "someone/not-cached"}, root=tmp_path
     )
-    with pytest.raises(ModelError, match=r"training\.base_model = 'someone/not-cached' is not in the local"):
+    with pytest.raises(ModelError, match=r"train\.base_model = 'someone/not-cached' is not in the local"):
         run_stage(run, "train", cfg, progress=False)
     assert not (run.run_dir / "cache").exists()  # failed before any image was encoded
-    with pytest.raises(ModelError, match=r"training\.base_model = '\./nowhere': no such folder"):
+    with pytest.raises(ModelError, match=r"train\.base_model = '\./nowhere': no such folder"):
         resolve_base_model("./nowhere")
     (tmp_path / "notamodel").mkdir()
     with pytest.raises(ModelError, match="not a diffusers pipeline folder of a supported family"):
         resolve_base_model(str(tmp_path / "notamodel"))
-    with pytest.raises(ModelError, match=r"is an sd1 model but generation\.family = sdxl"):
-        resolve_base_model(str(resolve_base_model("tiny").path), "sdxl", setting="generation.base_model")
+    with pytest.raises(ModelError, match=r"is an sd1 model but generate\.family = sdxl"):
+        resolve_base_model(str(resolve_base_model("tiny").path), "sdxl", setting="generate.base_model")
     # A damaged weight file: one line naming the setting, not a safetensors traceback.
     broken = tmp_path / "broken_model"
     shutil.copytree(resolve_base_model("tiny").path, broken)
     for weights in (broken / "unet").glob("*.safetensors"):
         weights.write_bytes(b"damaged")
-    with pytest.raises(ModelError, match=r"training\.base_model = .*could not be loaded"):
+    with pytest.raises(ModelError, match=r"train\.base_model = .*could not be loaded"):
         load_pipeline(str(broken))
 
 
@@ -759,7 +760,7 @@ def test_class_images_from_a_folder(tmp_path):
 
     folder = tmp_path / "class"
     cfg = training_cfg(prior_preservation=True, class_prompt="a photo of a cat", class_data_dir=str(folder))
-    with pytest.raises(BadInputError, match=r"training\.class_data_dir = .* is not a folder"):
+    with pytest.raises(BadInputError, match=r"train\.class_data_dir = .* is not a folder"):
         class_images(None, cfg, 64)
     folder.mkdir()
     (folder / "notes.txt").write_text("not an image")
@@ -846,7 +847,7 @@ def test_a_training_that_will_not_fit_on_the_disk_stops_before_its_first_step(tm
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"not enough disk space in {tmp_path / 'lora'}")
     assert "checkpoint(s) of LoRA weights" in message and "2.0 kB free" in message
-    assert "training.checkpoints_total_limit" in message and "nothing was trained" in message
+    assert "train.checkpoints_total_limit" in message and "nothing was trained" in message
     (folder,) = (tmp_path / "lora").iterdir()
     assert not list(folder.glob("checkpoint-*")) and not (run.run_dir / "cache" / "latents").exists()
     assert not run.has_table("training_log")
@@ -931,7 +932,7 @@ def test_a_lora_folder_another_training_writes_is_refused_at_once(tmp_path):
     run = make_run(tmp_path, n_train=2, n_val=0)
     cfg = load_config(None, fast_overrides(tmp_path), root=tmp_path)
     images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
-    folder, _ = lora_folder_for(run.run_dir, cfg.training, images)
+    folder, _ = lora_folder_for(run.run_dir, cfg.train, images)
     script = tmp_path / "hold.py"
     script.write_text(HOLD_LORA_FOLDER)
     holder = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE, text=True)
@@ -972,7 +973,7 @@ def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp
         root.mkdir(exist_ok=True)
         run = make_run(root, n_train=2, n_val=0)  # both latents cached by the second step
         cfg = load_config(
-            None, {**fast_overrides(root), "training.output_dir": str(root / "lora")}, root=tmp_path
+            None, {**fast_overrides(root), "train.output_dir": str(root / "lora")}, root=tmp_path
         )
 
         def fill() -> None:
@@ -999,7 +1000,7 @@ def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp
             run_stage(run, "train", cfg, progress=False)
         message = str(err.value)
         assert "\n" not in message and "No space left on device (" in message and "free there" in message
-        assert "training.checkpoints_total_limit" in message and ".tmp-" not in message
+        assert "train.checkpoints_total_limit" in message and ".tmp-" not in message
         (folder,) = (root / "lora").iterdir()
         written = {
             "latents": f"could not write {run.run_dir}/cache/latents/",

@@ -45,7 +45,7 @@ STAGE = Stage(
         # A person's edits: re-applied on top of every rerun.
         Reads("caption_edits", "captions", ("event_id",), optional=True, nonempty=True),
     ),
-    config=("captioning", "run.seed"),
+    config=("captions", "run.seed"),
     writes=("captions", "caption_calls"),
     edits=("caption_edits",),  # the captions people type (edit_caption)
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from diffusion_bunny.config import CaptioningConfig
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.extract.tables import REGION_COLUMNS, frame_regions
 
 FACT_SCHEMA: dict[str, pl.DataType] = {
@@ -35,7 +35,7 @@ FACT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def framing_of(face_ratio: float | None, cfg: CaptioningConfig) -> str:
+def framing_of(face_ratio: float | None, cfg: CaptionsSettings) -> str:
     """``close-up``, ``medium shot`` or ``wide shot`` from the largest face's height over the
     frame's height (no face: wide): a cheap, explainable proxy for the camera distance."""
     if face_ratio is None or face_ratio < cfg.medium_ratio:
@@ -45,7 +45,7 @@ def framing_of(face_ratio: float | None, cfg: CaptioningConfig) -> str:
     return "medium shot"
 
 
-def light_of(brightness: float | None, cfg: CaptioningConfig) -> str:
+def light_of(brightness: float | None, cfg: CaptionsSettings) -> str:
     """``dark``, ``bright`` or ``""`` (ordinary light) from stage 02's mean brightness."""
     if brightness is None:
         return ""
@@ -58,14 +58,14 @@ def light_of(brightness: float | None, cfg: CaptioningConfig) -> str:
 
 def caption_facts(
     frames: pl.DataFrame,
-    cfg: CaptioningConfig,
+    cfg: CaptionsSettings,
     *,
     quality: pl.DataFrame | None = None,
     faces: pl.DataFrame | None = None,
     shots: pl.DataFrame | None = None,
     clusters: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """One row per frame to caption (``captioning.frames``: the kept ones, or all) with what the
+    """One row per frame to caption (``captions.frames``: the kept ones, or all) with what the
     earlier stages know about it. Tables that are absent leave their facts empty."""
     table = frames.select("frame_id", "path", "shot_id", "height").join(
         frame_regions(frames, quality), on="frame_id", how="left"
@@ -129,14 +129,14 @@ def caption_facts(
     return pl.DataFrame(rows, schema=FACT_SCHEMA)
 
 
-def _scene_phrase(scene: str, cfg: CaptioningConfig) -> str:
+def _scene_phrase(scene: str, cfg: CaptionsSettings) -> str:
     if not scene or scene == "noise":
         return ""
     name = cfg.scene_names.get(scene)
     return f"in the {name}" if name else f"scene {scene}"
 
 
-def template_caption(facts: dict, cfg: CaptioningConfig) -> tuple[str, list[str]]:
+def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]]:
     """The offline caption of one frame (a row of :func:`caption_facts`) and its tags.
 
     Order follows what LoRA trainers expect (trigger word first, then who, then how it is shot):

@@ -20,7 +20,7 @@ everything that changes the answer. The *raw* answer is in the cache before it i
 before the next request starts, so a rerun or a resume after a kill never pays for the same
 frame twice, not even for an answer that did not parse. Every paid answer is stored with its
 status (:func:`answer_status`: ``ok``, ``empty``, ``refused``, ``truncated``, ``unparsable``, issue
-31): one that carries no caption is not asked again unless ``captioning.retry`` names its status.
+31): one that carries no caption is not asked again unless ``captions.retry`` names its status.
 Secrets are read from the environment
 (or ``.env``) when a provider is built and handed straight to the client; every stored string
 goes through :func:`~diffusion_bunny.secrets.redact`, which hides every secret value the process
@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import ConfigError, ProviderError, storage_error
 from diffusion_bunny.secrets import redact, register_secret
 from diffusion_bunny.stages.captions.facts import template_caption
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 
 # dspy is imported only through this module (lazily); at first use it would fetch litellm's model
 # cost map over the network. Keep it offline.
@@ -129,7 +129,7 @@ class Provider(Protocol):
 RETRY, PROVIDER_DOWN, ITEM_FAILED = "retry", "provider_down", "item_failed"
 
 #: What a paid answer can be besides ``ok`` (a caption): billed, but carrying none. Stored with
-#: the answer; asked again only when ``captioning.retry`` lists the status. ``unreadable``: the
+#: the answer; asked again only when ``captions.retry`` lists the status. ``unreadable``: the
 #: server said 200 (so it billed) but its body could not be read at all (cut off, an HTML page).
 ANSWER_STATUSES = ("empty", "refused", "truncated", "unparsable", "unreadable")
 
@@ -363,9 +363,9 @@ class CircuitBreaker:
 class CaptionCache:
     """Paid answers and refusals, one small JSON file per answer, kept for every run of this user.
 
-    Where: one store per user (``captioning.cache``: the user cache folder of
+    Where: one store per user (``captions.cache``: the user cache folder of
     :func:`diffusion_bunny.models.cache.cache_dir`, ``$DIFFUSION_BUNNY_CACHE``; or
-    ``captioning.cache_dir``), which every run folder reads, so the same movie captioned into a
+    ``captions.cache_dir``), which every run folder reads, so the same movie captioned into a
     second run folder (another ``--out``) pays nothing again. Keyed by :meth:`key`: provider,
     model, prompt version, the picture's hash and the other inputs of the prompt.
 
@@ -424,7 +424,7 @@ class CaptionCache:
                 exc.filename = str(path)
             error = storage_error(
                 exc,
-                "free some space or fix the permissions (or set captioning.cache_dir), then run the stage "
+                "free some space or fix the permissions (or set captions.cache_dir), then run the stage "
                 "again: the answers stored before are kept and not asked again",
             )
             if error is None:
@@ -475,7 +475,7 @@ class CaptionCache:
         )
 
     @classmethod
-    def key_for(cls, image_sha: str, provider: Provider, facts: dict[str, Any], cfg: CaptioningConfig) -> str:
+    def key_for(cls, image_sha: str, provider: Provider, facts: dict[str, Any], cfg: CaptionsSettings) -> str:
         """:meth:`key` with every setting taken from the configuration."""
         return cls.key(
             image_sha,
@@ -574,7 +574,7 @@ class TemplateProvider:
     model = "template-v1"
     paid = False
 
-    def __init__(self, cfg: CaptioningConfig):
+    def __init__(self, cfg: CaptionsSettings):
         self.cfg = cfg
 
     def preflight(self) -> None:
@@ -633,7 +633,7 @@ class DspyProvider:
 
     paid = True
 
-    def __init__(self, name: str, model: str, lm: Any, cfg: CaptioningConfig, preflight: Callable[[], None]):
+    def __init__(self, name: str, model: str, lm: Any, cfg: CaptionsSettings, preflight: Callable[[], None]):
         import dspy
 
         self.name = name
@@ -820,7 +820,7 @@ def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float)
         reason = getattr(exc, "reason", exc)
         raise ProviderError(
             f"cannot reach the caption server at {url} ({reason}); start it or fix {setting} "
-            "(or choose another captioning.provider)"
+            "(or choose another captions.provider)"
         ) from None
 
 
@@ -828,13 +828,13 @@ def _require_key(provider: str, variable: str) -> str:
     value = os.environ.get(variable, "").strip()
     if not value:
         raise ProviderError(
-            f"captioning.provider '{provider}' needs the environment variable {variable}; set it in the "
+            f"captions.provider '{provider}' needs the environment variable {variable}; set it in the "
             "environment or in .env at the workspace root (never in a config file or notebook)"
         )
     return value
 
 
-def _dspy_lm(model: str, cfg: CaptioningConfig, key: str, base: str | None) -> Any:
+def _dspy_lm(model: str, cfg: CaptionsSettings, key: str, base: str | None) -> Any:
     """A dspy LM on dspy's own HTTP engine, without dspy's cache or retries (both are ours)."""
     import dspy
 
@@ -846,21 +846,21 @@ def _dspy_lm(model: str, cfg: CaptioningConfig, key: str, base: str | None) -> A
     )
 
 
-def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
+def _openai_like(name: str, cfg: CaptionsSettings) -> DspyProvider:
     if name == "openai":
         key = _require_key(name, KEY_VARIABLES[name])
         model, base = cfg.openai.model, cfg.openai.base_url
-        setting = "captioning.openai.base_url"
+        setting = "captions.openai.base_url"
         probe_base = (base or "https://api.openai.com/v1").rstrip("/")
     else:
         key = os.environ.get(cfg.local.api_key_env, "").strip() or "not-needed"
         if key != "not-needed":
             register_secret(key)  # whatever the variable is called
         model, base = cfg.local.model, cfg.local.base_url
-        setting = "captioning.local.base_url"
+        setting = "captions.local.base_url"
         probe_base = base.rstrip("/")
     if not model:
-        raise ConfigError(f"config error: captioning.{name}.model is empty; name the model to ask")
+        raise ConfigError(f"config error: captions.{name}.model is empty; name the model to ask")
     lm = _dspy_lm(f"openai/{model}", cfg, key, base)
 
     def preflight() -> None:
@@ -871,7 +871,7 @@ def _openai_like(name: str, cfg: CaptioningConfig) -> DspyProvider:
     return DspyProvider(name, model, lm, cfg, preflight)
 
 
-def _anthropic(cfg: CaptioningConfig) -> DspyProvider:
+def _anthropic(cfg: CaptionsSettings) -> DspyProvider:
     key = _require_key("anthropic", KEY_VARIABLES["anthropic"])
     # dspy's Anthropic engine posts to <base>/messages, its own base ending in /v1: a base URL
     # given as the server root gets the /v1 the engine (and the preflight) expect.
@@ -884,7 +884,7 @@ def _anthropic(cfg: CaptioningConfig) -> DspyProvider:
     def preflight() -> None:
         _probe_http(
             f"{root}/v1/models",
-            "captioning.anthropic.base_url",
+            "captions.anthropic.base_url",
             {"x-api-key": key, "anthropic-version": "2023-06-01"},
             min(10.0, cfg.timeout_s),
         )
@@ -962,7 +962,7 @@ class BedrockConverseEngine:
         return None
 
 
-def bedrock_client(cfg: CaptioningConfig) -> Any:
+def bedrock_client(cfg: CaptionsSettings) -> Any:
     """A ``bedrock-runtime`` client from the configured profile/region or the default chain;
     one clear error naming the setting or variable when either is missing."""
     import boto3
@@ -973,12 +973,12 @@ def bedrock_client(cfg: CaptioningConfig) -> Any:
         session = boto3.Session(profile_name=cfg.bedrock.profile, region_name=cfg.bedrock.region)
     except ProfileNotFound:
         raise ProviderError(
-            f"the AWS profile '{cfg.bedrock.profile}' (captioning.bedrock.profile) is not in ~/.aws; "
+            f"the AWS profile '{cfg.bedrock.profile}' (captions.bedrock.profile) is not in ~/.aws; "
             "fix the name or set it to null to use AWS_ACCESS_KEY_ID / AWS_PROFILE"
         ) from None
     if not session.region_name:
         raise ProviderError(
-            "captioning.provider 'bedrock' needs a region: set captioning.bedrock.region or AWS_REGION"
+            "captions.provider 'bedrock' needs a region: set captions.bedrock.region or AWS_REGION"
         )
     try:
         credentials = session.get_credentials()
@@ -986,8 +986,8 @@ def bedrock_client(cfg: CaptioningConfig) -> Any:
         raise ProviderError(f"cannot read AWS credentials ({exc}); fix AWS_PROFILE or ~/.aws") from None
     if credentials is None:
         raise ProviderError(
-            "captioning.provider 'bedrock' found no AWS credentials; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (environment or .env), AWS_PROFILE, or captioning.bedrock.profile"
+            "captions.provider 'bedrock' found no AWS credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (environment or .env), AWS_PROFILE, or captions.bedrock.profile"
         )
     frozen = credentials.get_frozen_credentials()
     for secret in (frozen.secret_key, frozen.token, frozen.access_key):
@@ -1001,7 +1001,7 @@ def bedrock_client(cfg: CaptioningConfig) -> Any:
     return session.client("bedrock-runtime", config=boto)
 
 
-def _bedrock(cfg: CaptioningConfig, client: Any | None = None) -> DspyProvider:
+def _bedrock(cfg: CaptionsSettings, client: Any | None = None) -> DspyProvider:
     import dspy
 
     client = client if client is not None else bedrock_client(cfg)
@@ -1020,7 +1020,7 @@ def _bedrock(cfg: CaptioningConfig, client: Any | None = None) -> DspyProvider:
     return DspyProvider("bedrock", cfg.bedrock.model_id, lm, cfg, lambda: None)
 
 
-def make_provider(name: str, cfg: CaptioningConfig, *, bedrock: Any | None = None) -> Provider:
+def make_provider(name: str, cfg: CaptionsSettings, *, bedrock: Any | None = None) -> Provider:
     """Build the provider ``name`` (keys read from the environment here, checked at once).
     ``bedrock``: an existing ``bedrock-runtime`` client (tests pass one with a Stubber)."""
     if name == "template":
@@ -1034,7 +1034,7 @@ def make_provider(name: str, cfg: CaptioningConfig, *, bedrock: Any | None = Non
     if name == "bedrock":
         return _bedrock(cfg, bedrock)
     raise ConfigError(
-        f"config error: captioning.provider = {name!r}: unknown provider "
+        f"config error: captions.provider = {name!r}: unknown provider "
         "(allowed: template, bedrock, openai, anthropic, local)"
     )
 
@@ -1061,7 +1061,7 @@ def load_dotenv_once() -> None:
     in the environment win. Nothing from it is ever written anywhere."""
     from dotenv import load_dotenv
 
-    from diffusion_bunny.config import workspace_root
+    from diffusion_bunny.paths import workspace_root
 
     for folder in (workspace_root(), Path.cwd()):
         env = folder / ".env"

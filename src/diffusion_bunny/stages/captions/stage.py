@@ -10,11 +10,11 @@ draws the per-provider summary.
 
 Every paid answer is recorded whatever it is (issue 31): one that carries no caption (empty,
 refused, truncated, unparsable, or unreadable: a 200 whose body could not be read) is stored with
-that status, logged with it as its outcome, and never asked again unless ``captioning.retry``
+that status, logged with it as its outcome, and never asked again unless ``captions.retry``
 names the status. The answers live in one store per user (:func:`answers_dir`), read by every run
 folder, so a movie is paid for once whatever ``--out`` it is captioned into. Before the first paid
 request the stage says how many it will make and stops (exit 2) when that, with what the movie
-took in earlier runs (:class:`SpentLedger`), is more than ``captioning.max_paid_requests``; the run
+took in earlier runs (:class:`SpentLedger`), is more than ``captions.max_paid_requests``; the run
 also stops there if retries, timeouts and fallbacks reach it. A request that timed out is asked
 once more at most: the server may have answered (and billed) after the client stopped waiting,
 and the log says so.
@@ -38,7 +38,6 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.config import CaptioningConfig
 from diffusion_bunny.errors import BadInputError, ProviderError, StageError
 from diffusion_bunny.logs import say
 from diffusion_bunny.pipeline.contract import Context, StageOutput
@@ -64,6 +63,7 @@ from diffusion_bunny.stages.captions.providers import (
     scaled_jpeg,
     short_error,
 )
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA, EDIT_SCHEMA, apply_edits
 from diffusion_bunny.stages.extract.tables import region_of
 
@@ -93,7 +93,7 @@ class SpentLedger:
     summed. Why files per run and not one counter: runs of one movie may go on at once (two run
     folders, two machines on a shared disk), and a counter read, raised and written back by two
     of them loses requests; each run writing only its own file needs no lock, also on a network
-    file system. Kept beside the answers, so turning the store off (``captioning.cache: false``)
+    file system. Kept beside the answers, so turning the store off (``captions.cache: false``)
     keeps the count per run folder."""
 
     def __init__(self, store: Path, movie_key: str):
@@ -123,14 +123,14 @@ class SpentLedger:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.path, json.dumps(data).encode())
         except OSError as exc:
-            error = storage_error(exc, "free some space or fix the permissions (or set captioning.cache_dir)")
+            error = storage_error(exc, "free some space or fix the permissions (or set captions.cache_dir)")
             if error is None:
                 raise
             raise error from None
 
 
 class _Budget:
-    """Paid requests allowed (``captioning.max_paid_requests``) for the movie, over every run
+    """Paid requests allowed (``captions.max_paid_requests``) for the movie, over every run
     (those of earlier runs from ``ledger``), across threads."""
 
     def __init__(self, cap: int, ledger: SpentLedger | None = None):
@@ -145,8 +145,8 @@ class _Budget:
                 total = self.earlier + self.used
                 raise StageError(
                     f"stage captions stopped after {total} paid request(s) for this movie{before}: "
-                    f"captioning.max_paid_requests is {self.cap}; every answer received is recorded and is "
-                    "not asked again; raise the setting (--set captioning.max_paid_requests=N) and run the "
+                    f"captions.max_paid_requests is {self.cap}; every answer received is recorded and is "
+                    "not asked again; raise the setting (--set captions.max_paid_requests=N) and run the "
                     "stage again to go on"
                 )
             self.used += 1
@@ -158,7 +158,7 @@ def _not_again(prov: str, status: str, detail: str) -> str:
     """The error of a frame whose paid answer carried no caption (a true promise: see
     :meth:`_Captioner._paid`)."""
     why = f" ({detail})" if detail else ""
-    return f"{prov}: {status} answer{why}, recorded; not asked again unless captioning.retry lists {status}"
+    return f"{prov}: {status} answer{why}, recorded; not asked again unless captions.retry lists {status}"
 
 
 @dataclass
@@ -196,7 +196,7 @@ class _Captioner:
         self,
         run_dir: Path,
         providers: list[Provider],
-        cfg: CaptioningConfig,
+        cfg: CaptionsSettings,
         cache: CaptionCache,
         hashes: dict[str, str | None],
         *,
@@ -478,7 +478,7 @@ class _Captioner:
     def run(
         self, records: list[dict[str, Any]], progress: bool, progress_path: Path | None
     ) -> list[dict[str, Any]]:
-        """Every frame, on ``captioning.concurrency`` threads when a paid provider is in the chain."""
+        """Every frame, on ``captions.concurrency`` threads when a paid provider is in the chain."""
         from tqdm.auto import tqdm
 
         rows: list[dict[str, Any]] = []
@@ -523,7 +523,7 @@ def caption_frames(
     run_dir: Path,
     facts: pl.DataFrame,
     providers: list[Provider],
-    cfg: CaptioningConfig,
+    cfg: CaptionsSettings,
     cache: CaptionCache,
     hashes: dict[str, str | None],
     *,
@@ -574,8 +574,8 @@ def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def answers_dir(run_dir: Path, cfg: CaptioningConfig) -> Path:
-    """Where paid answers are kept: ``captioning.cache_dir``; else, with ``captioning.cache``, the
+def answers_dir(run_dir: Path, cfg: CaptionsSettings) -> Path:
+    """Where paid answers are kept: ``captions.cache_dir``; else, with ``captions.cache``, the
     user's store (``captions/`` in :func:`diffusion_bunny.models.cache.cache_dir`), read by every
     run folder; else the run's own ``<run>/cache/captions`` (paid once per run folder)."""
     from diffusion_bunny.models.cache import cache_dir
@@ -592,7 +592,7 @@ def run_answers_dir(run_dir: Path) -> Path:
 
 def full_frame_path(run_dir: Path, rec: dict[str, Any]) -> Path:
     """The full-resolution frame stage 01 saved (``frames.path``), never the 320-px thumbnail:
-    a paid model is sent the frame scaled to ``captioning.image_max_side``, and a thumbnail would
+    a paid model is sent the frame scaled to ``captions.image_max_side``, and a thumbnail would
     make that setting meaningless (the picture would be about 320 px whatever it says)."""
     path = rec.get("path")
     return Path(run_dir) / path if path else Path(run_dir) / "frames" / f"{rec['frame_id']}.missing"
@@ -639,11 +639,11 @@ def _uncached(
     facts: pl.DataFrame,
     hashes: dict[str, str | None],
     providers: list[Provider],
-    cfg: CaptioningConfig,
+    cfg: CaptionsSettings,
     cache: CaptionCache,
 ) -> int:
     """Frames the first paid provider of the chain will be asked about: no answer recorded, or
-    one whose status ``captioning.retry`` lists."""
+    one whose status ``captions.retry`` lists."""
     paid = [p for p in providers if p.paid]
     if not paid:
         return 0
@@ -664,8 +664,8 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     anything to ask, caption, then put every edit a person made back on top.
 
     ``bedrock_client``: an existing ``bedrock-runtime`` client (a test's, with botocore's
-    Stubber); the stage otherwise makes its own from ``captioning.bedrock``."""
-    run_dir, cfg = ctx.run_dir, ctx.cfg.captioning
+    Stubber); the stage otherwise makes its own from ``captions.bedrock``."""
+    run_dir, cfg = ctx.run_dir, ctx.cfg.captions
     facts = caption_facts(
         ctx.table("frames"),
         cfg,
@@ -677,7 +677,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     if not facts.height:
         raise StageError(
             "no frames to caption: stage 02 kept none (see tables/quality.parquet's reject_reason); "
-            "loosen the quality.* thresholds or set captioning.frames: all"
+            "loosen the quality.* thresholds or set captions.frames: all"
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
     cache = CaptionCache(answers_dir(run_dir, cfg))
@@ -718,7 +718,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     if not captions.filter(pl.col("status") == "ok").height and failed.height:
         raise ProviderError(
             f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
-            f"the provider or add template to captioning.fallback. {_rerun_note(calls)}"
+            f"the provider or add template to captions.fallback. {_rerun_note(calls)}"
         )
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
     captions = apply_edits(captions, read_edits(run_dir))
@@ -787,7 +787,7 @@ def _warnings(
 
 
 def _announce(
-    to_ask: int, frames: int, providers: list[Provider], cfg: CaptioningConfig, earlier: int = 0
+    to_ask: int, frames: int, providers: list[Provider], cfg: CaptionsSettings, earlier: int = 0
 ) -> None:
     """Before the first paid request: how many there will be, and the cap (exit 2 past it), which
     counts the requests this movie took in earlier runs too."""
@@ -798,14 +798,14 @@ def _announce(
     if to_ask + earlier > cap:
         raise StageError(
             f"stage captions would make {to_ask} paid request(s) to {first.name} ({first.model}){before}, "
-            f"more than captioning.max_paid_requests ({cap}); nothing was asked. Raise it (--set "
-            f"captioning.max_paid_requests={to_ask + earlier}) or caption fewer frames"
+            f"more than captions.max_paid_requests ({cap}); nothing was asked. Raise it (--set "
+            f"captions.max_paid_requests={to_ask + earlier}) or caption fewer frames"
         )
     say(
         log,
         f"captions: {to_ask} paid request(s) to {first.name} ({first.model}), one per frame of {frames} "
         f"without a recorded answer{after}; retries and fallbacks may add some, and the run stops at "
-        f"captioning.max_paid_requests ({cap})",
+        f"captions.max_paid_requests ({cap})",
     )
 
 
@@ -819,7 +819,7 @@ def _rerun_note(calls: pl.DataFrame) -> str:
         listed = ", ".join(statuses)
         note += (
             f"; paid answers that carried no caption ({listed}) are recorded and are not asked again "
-            f"unless captioning.retry lists their status (e.g. --set 'captioning.retry=[{statuses[0]}]')"
+            f"unless captions.retry lists their status (e.g. --set 'captions.retry=[{statuses[0]}]')"
         )
     return note
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import CharactersConfig
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.models.faces import ReferenceSet, face_distances
+from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import FACES_SCHEMA
 
 
-def character_thresholds(refs: ReferenceSet, cfg: CharactersConfig) -> dict[str, float]:
+def character_thresholds(refs: ReferenceSet, cfg: CharactersSettings) -> dict[str, float]:
     """Each character's acceptance distance.
 
     The default is ``tolerance`` (0.6, face_recognition's own). A character with several
@@ -212,7 +212,7 @@ def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> 
     )
 
 
-def drawn_min_score(cfg: CharactersConfig) -> float:
+def drawn_min_score(cfg: CharactersSettings) -> float:
     """The score a drawn character's sighting needs to name it, from the backend that found it."""
     return cfg.hub.min_score if cfg.backend == "hub" else cfg.fitted.min_score
 
@@ -229,7 +229,7 @@ def _embeddings(rows: pl.DataFrame) -> np.ndarray:
 
 
 def _label_kind(
-    base: pl.DataFrame, kind: str, refs: ReferenceSet, cfg: CharactersConfig, track_offset: int
+    base: pl.DataFrame, kind: str, refs: ReferenceSet, cfg: CharactersSettings, track_offset: int
 ) -> dict[str, np.ndarray | list]:
     """Identity, track and vote columns of the rows of one ``kind`` (in ``base``'s order)."""
     n = base.height
@@ -304,7 +304,7 @@ def _label_kind(
 
 
 def label_faces(
-    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersConfig
+    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersSettings
 ) -> pl.DataFrame:
     """The ``faces`` table: detections with identity, track and cluster columns.
 
@@ -388,7 +388,7 @@ def drop_faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFram
     return faces.filter(~pl.col("face_id").is_in(list(gone)))
 
 
-def trusted_faces(faces: pl.DataFrame, cfg: CharactersConfig) -> np.ndarray:
+def trusted_faces(faces: pl.DataFrame, cfg: CharactersSettings) -> np.ndarray:
     """Per face: whether its encoding can name it. dlib's ResNet was trained on frontal face
     chips of 150 px; a face under ``trust_min_px`` or turned beyond ``trust_max_yaw`` (profile)
     gives an encoding that can sit nearer another person than its own (issue 30)."""
@@ -408,7 +408,9 @@ def frame_face_sharpness(faces: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def frames_to_scan(frames: pl.DataFrame, quality: pl.DataFrame | None, cfg: CharactersConfig) -> pl.DataFrame:
+def frames_to_scan(
+    frames: pl.DataFrame, quality: pl.DataFrame | None, cfg: CharactersSettings
+) -> pl.DataFrame:
     """The frames stage 03 looks at: those stage 02 kept, or all with ``characters.frames: all``."""
     if cfg.frames == "all":
         return frames

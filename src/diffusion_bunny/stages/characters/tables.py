@@ -8,11 +8,12 @@ from pathlib import Path
 
 import polars as pl
 
-from diffusion_bunny.config import CharactersConfig, workspace_root
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.models.faces import (
     reference_images,
 )
+from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.stages.characters.settings import CharactersSettings
 
 DETECTIONS_SCHEMA = {
     "face_id": pl.Utf8,
@@ -110,7 +111,7 @@ RUN_REFERENCES = "references"
 # Reference folder
 
 
-def configured_reference_dir(cfg: CharactersConfig) -> Path | None:
+def configured_reference_dir(cfg: CharactersSettings) -> Path | None:
     """``characters.reference_dir`` as an absolute path (relative ones are under the workspace)."""
     if not cfg.reference_dir:
         return None
@@ -118,7 +119,7 @@ def configured_reference_dir(cfg: CharactersConfig) -> Path | None:
     return path if path.is_absolute() else workspace_root() / path
 
 
-def reference_dir(run_dir: Path, cfg: CharactersConfig) -> Path | None:
+def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:
     """The reference folder in force: the configured one (which must exist), else the run's own
     ``references/`` once a person has named a cluster, else None (discovery only)."""
     configured = configured_reference_dir(cfg)
@@ -140,7 +141,7 @@ def reference_dir(run_dir: Path, cfg: CharactersConfig) -> Path | None:
     return own if own.is_dir() and any(reference_images(own).values()) else None
 
 
-def naming_dir(run_dir: Path, cfg: CharactersConfig) -> Path:
+def naming_dir(run_dir: Path, cfg: CharactersSettings) -> Path:
     """Where naming a cluster writes its reference images."""
     return configured_reference_dir(cfg) or Path(run_dir) / RUN_REFERENCES
 

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
 from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
@@ -146,7 +146,7 @@ def _usable_frames(
         raise StageError(
             f"no frame to export: none of the {kept.height} kept frames has a usable caption "
             f"({kept_caps.height} captioned, {failed} failed; usable = caption set and status ok or "
-            "edited); check the captioning.* settings and rerun stage captions (notebook 05)"
+            "edited); check the captions.* settings and rerun stage captions (notebook 05)"
         )
     return kept.height, frames.join(usable, on="frame_id").sort("frame_index")
 
@@ -165,7 +165,7 @@ def _named_faces(faces: pl.DataFrame | None, floors: dict[str, float]) -> dict[s
 def _frame_items(
     frame: dict[str, Any],
     faces: list[dict[str, Any]],
-    cfg: ExportConfig,
+    cfg: ExportSettings,
     counts: dict[str, int],
     dropped: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
@@ -233,7 +233,7 @@ def _frame_items(
     return out
 
 
-def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportConfig) -> str | None:
+def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportSettings) -> str | None:
     """Why a face or character crop is not worth learning from (``upscaled`` or ``blurry``), or
     None. ``face["sharpness_floor"]`` is the least sharpness its kind allows in this movie."""
     if crop == "half_body":
@@ -268,7 +268,7 @@ def select_items(
     quality: pl.DataFrame,
     faces: pl.DataFrame | None,
     captions: pl.DataFrame,
-    cfg: ExportConfig,
+    cfg: ExportSettings,
 ) -> tuple[pl.DataFrame, dict[str, Any], list[dict[str, Any]]]:
     """The pictures to export (``ITEM_SCHEMA``), counts of what was left out and why, and the
     face and character crops left out (:func:`crop_problem`).
@@ -404,7 +404,7 @@ def assign_split(
     return items.with_columns(split.otherwise(pl.lit("train")).alias("split")), warnings
 
 
-def balance_repeats(items: pl.DataFrame, cfg: ExportConfig) -> pl.DataFrame:
+def balance_repeats(items: pl.DataFrame, cfg: ExportSettings) -> pl.DataFrame:
     """Add ``repeats``: per concept over the training pictures, ``base_repeats`` x (pictures of the
     largest named concept / pictures of this one), rounded, within [base_repeats, max_repeats].
     Pictures without a named character and validation pictures get ``base_repeats`` / 1."""
@@ -454,7 +454,7 @@ def plan_export(
     quality: pl.DataFrame,
     faces: pl.DataFrame | None,
     captions: pl.DataFrame,
-    cfg: ExportConfig,
+    cfg: ExportSettings,
 ) -> ExportPlan:
     """Everything the export decides, before writing: items with ``split``, ``repeats``,
     ``file_name``, ``width`` and ``height`` (of the written picture), in frame order."""

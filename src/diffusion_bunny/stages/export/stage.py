@@ -37,7 +37,6 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.config import ExportConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.probe import probe_video
@@ -46,6 +45,7 @@ from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
+from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import (
     CLIP_SCHEMA,
     ITEMS_COLUMNS,
@@ -59,7 +59,7 @@ from diffusion_bunny.stages.extract.tables import region_of
 _SAVE_OPTIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
-def _save_options(cfg: ExportConfig) -> dict[str, Any]:
+def _save_options(cfg: ExportSettings) -> dict[str, Any]:
     fmt = _SAVE_OPTIONS[cfg.image_format]
     if fmt == "PNG":
         return {"format": fmt, "compress_level": 6}
@@ -82,7 +82,7 @@ def resized(crop: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _write_frame(
-    run_dir: Path, rows: list[dict[str, Any]], root: Path, cfg: ExportConfig, kohya: bool
+    run_dir: Path, rows: list[dict[str, Any]], root: Path, cfg: ExportSettings, kohya: bool
 ) -> int:
     """Every picture of one frame (the frame file is decoded once); returns the bytes written."""
     path = run_dir / rows[0]["path"]
@@ -130,7 +130,7 @@ def write_metadata(folder: Path, items: pl.DataFrame, metadata_format: str) -> P
     return path
 
 
-def _readme(plan_items: pl.DataFrame, cfg: ExportConfig, root: Path) -> str:
+def _readme(plan_items: pl.DataFrame, cfg: ExportSettings, root: Path) -> str:
     counts = {s: int((plan_items["split"] == s).sum()) for s in SPLITS}
     lines = [
         "# LoRA dataset written by diffusion-bunny (stage 06, export)",
@@ -220,7 +220,7 @@ def compute(ctx: Context) -> StageOutput:
 
 
 def _plan_clips(
-    items: pl.DataFrame, shots: pl.DataFrame | None, movie: Path, cfg: ExportConfig, warnings: list[str]
+    items: pl.DataFrame, shots: pl.DataFrame | None, movie: Path, cfg: ExportSettings, warnings: list[str]
 ) -> tuple[pl.DataFrame, int]:
     """The clips to cut (``export.video_clips``; none otherwise) and how many shots with a named
     character were too short to give one (said in ``warnings``)."""
@@ -242,7 +242,7 @@ def _plan_clips(
 
 
 def _write_video(
-    run_dir: Path, staging: Path, movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, cfg: ExportConfig
+    run_dir: Path, staging: Path, movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, cfg: ExportSettings
 ) -> None:
     """The clips and the two video trainers' dataset files, which name the folder the staging
     folder becomes."""
@@ -262,7 +262,7 @@ def _write_pictures(
     run_dir: Path,
     staging: Path,
     items: pl.DataFrame,
-    cfg: ExportConfig,
+    cfg: ExportSettings,
     progress: bool,
     progress_path: Path | None,
 ) -> int:

@@ -37,7 +37,6 @@ import polars as pl
 from av.video.reformatter import VideoReformatter
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import laplacian_variance
@@ -56,6 +55,7 @@ from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.extract.keyframes import FrameCandidate, OpenShot
 from diffusion_bunny.stages.extract.picturebox import BoxDecision, ShotProfile, decide_boxes, to_display
+from diffusion_bunny.stages.extract.settings import ExtractSettings
 from diffusion_bunny.stages.extract.tables import (
     BOUNDARY_CANDIDATES_SCHEMA,
     BOX_COLUMNS,
@@ -114,7 +114,7 @@ class _ShotAssembler:
 
     def __init__(
         self,
-        cfg: ExtractionConfig,
+        cfg: ExtractSettings,
         movie_key: str,
         info: Any,
         folders: tuple[Path, Path],
@@ -309,7 +309,7 @@ class _ShotAssembler:
         return rotate_box(to_display(box, self.stored, upright), upright, self.rotation)
 
 
-def _detector(cfg: ExtractionConfig, fps: float) -> tuple[ExtractionConfig, Any]:
+def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
     """The configured boundary detector (and the config it really runs with)."""
     from diffusion_bunny.stages.extract.detectors import make_boundaries
     from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle
@@ -383,7 +383,7 @@ def _decode(
 
 def extract_frames(
     movie: str | Path,
-    cfg: ExtractionConfig,
+    cfg: ExtractSettings,
     run_dir: str | Path,
     *,
     movie_key: str | None = None,
@@ -533,7 +533,7 @@ def compute(ctx: Context) -> StageOutput:
     """Stage 01 on a run: its movie, decoded once."""
     return extract_frames(
         ctx.run.movie,
-        ctx.cfg.extraction,
+        ctx.cfg.extract,
         ctx.run_dir,
         movie_key=ctx.run.movie_key,
         progress=ctx.progress,

@@ -17,7 +17,7 @@ SHOTS_SCHEMA = {
     "n_frames": pl.Int64,
     "motion": pl.Float64,
     "kind": pl.Utf8,
-    # Shorter than extraction.min_shot_seconds: kept (its cuts are real) but sampled for no frame.
+    # Shorter than extract.min_shot_seconds: kept (its cuts are real) but sampled for no frame.
     "too_short": pl.Boolean,
     # The shot's active picture inside letterbox / pillarbox bars, in display pixels of its frames
     # (right and bottom exclusive); the full frame when there are no bars (see picturebox.py).

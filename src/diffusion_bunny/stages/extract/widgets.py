@@ -95,9 +95,9 @@ class MotionThresholdExplorer:
         self.sheet_img.value = jpeg_bytes(sheet)
 
     def save(self) -> Path:
-        """Write the threshold to ``config/local_extraction.yaml``; the next run re-extracts with it."""
+        """Write the threshold to ``config/local_extract.yaml``; the next run re-extracts with it."""
         path = save_local_settings(
-            "extraction", {"extraction": {"motion_threshold": self.threshold}}, self.config_root
+            "extract", {"extract": {"motion_threshold": self.threshold}}, self.config_root
         )
         self.saved.value = f"saved to <code>{path}</code>; rerun stage 01 to extract with it"
         return path

@@ -45,7 +45,7 @@ def find_checkpoints(out_dir: Path) -> list[Checkpoint]:
 
 
 def select_checkpoints(found: Sequence[Checkpoint], which: str | Sequence[str]) -> list[Checkpoint]:
-    """The checkpoints ``generation.checkpoints`` asks for (``all``, ``final`` or names), in
+    """The checkpoints ``generate.checkpoints`` asks for (``all``, ``final`` or names), in
     training order; a name the training output does not hold is a ConfigError listing those it does."""
     if which == "all":
         return list(found)
@@ -54,7 +54,7 @@ def select_checkpoints(found: Sequence[Checkpoint], which: str | Sequence[str]) 
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ConfigError(
-            f"generation.checkpoints: {missing[0]} is not in the training output (it has: "
+            f"generate.checkpoints: {missing[0]} is not in the training output (it has: "
             f"{', '.join(by_name) or 'nothing'}); list those, or set all"
         )
     return [c for c in found if c.name in names]

@@ -128,15 +128,15 @@ def clip_scores(
 
 
 def load_clip(model: str, device: str) -> Any:
-    """The CLIP model of ``generation.clip_model`` through the loading code of stage 04 (local
-    files only); a failure is one ModelError naming ``generation.clip_model``."""
+    """The CLIP model of ``generate.clip_model`` through the loading code of stage 04 (local
+    files only); a failure is one ModelError naming ``generate.clip_model``."""
     from diffusion_bunny.models.clip import ClipEmbedder
 
     hint = (
-        "download it once where there is network, or set generation.clip_model to a local CLIP "
+        "download it once where there is network, or set generate.clip_model to a local CLIP "
         "folder, or to null for no CLIP score"
     )
-    return ClipEmbedder(model, device=device, setting="generation.clip_model", hint=hint)
+    return ClipEmbedder(model, device=device, setting="generate.clip_model", hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def pick_best(scores: pl.DataFrame) -> str | None:
 def characters_to_draw(
     references: CharacterReferences, wanted: Sequence[str] | None
 ) -> tuple[list[str], list[str]]:
-    """The characters of the grid (``generation.characters``, or every named one) and warnings.
+    """The characters of the grid (``generate.characters``, or every named one) and warnings.
     A configured name stage 03 does not know is a ConfigError (a typo would otherwise cost a grid
     of unscorable images); nobody named means one grid with the trigger word alone."""
     known = references.names
@@ -198,7 +198,7 @@ def characters_to_draw(
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise ConfigError(
-                f"generation.characters: {unknown[0]!r} is not a character of this run (known: "
+                f"generate.characters: {unknown[0]!r} is not a character of this run (known: "
                 f"{', '.join(known) or 'none'}); fix the name or set null for all"
             )
         return list(wanted), []

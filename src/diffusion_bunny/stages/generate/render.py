@@ -1,7 +1,7 @@
 """Stage 08 (``generate``): what the trained LoRA draws, and which checkpoint draws the characters
 best.
 
-For each character (every name stage 03 knows, or ``generation.characters``) the stage renders a
+For each character (every name stage 03 knows, or ``generate.characters``) the stage renders a
 grid: prompt templates (``{trigger} {character}, close-up portrait``) x seeds x LoRA scales x
 training checkpoints. Each seed drives its own ``torch.Generator`` (on the CPU, so a seed gives
 the same starting noise on any device), so the images of one seed differ only by what the LoRA,
@@ -18,7 +18,7 @@ Scores, computed once per image (DESIGN: scores once, choices by pure functions)
   "same person" tolerance; lower is more alike. No face: ``identity_distance`` null,
   ``face_found`` false (a random tiny model draws noise, so on the demo most images have none:
   that is reported, never an error);
-* **CLIP score** (``generation.clip_model``): 100 x cosine of the CLIP image and prompt
+* **CLIP score** (``generate.clip_model``): 100 x cosine of the CLIP image and prompt
   embeddings, floored at 0, as torchmetrics' ``CLIPScore``. Its own setting rather than
   ``scenes.clip_model``: that one always holds a hub id (its default), and scoring with a model
   that is not in the local cache would fail a default run; here null means "no CLIP score".
@@ -96,7 +96,7 @@ class RenderSettings:
         return hashlib.sha256(blob).hexdigest()[:20]
 
 
-#: ``generation.guidance_scale`` when null: Stable Diffusion's usual 7.5, FLUX.1-dev's distilled
+#: ``generate.guidance_scale`` when null: Stable Diffusion's usual 7.5, FLUX.1-dev's distilled
 #: guidance 3.5 (its pipeline's default; schnell ignores it), SD3.5's 7.0 (its model card's).
 DEFAULT_GUIDANCE = {"sd1": 7.5, "sdxl": 7.5, "flux": 3.5, "sd3": 7.0}
 
@@ -130,12 +130,12 @@ def default_size(pipe: Any) -> int:
     return int(sample) * scale
 
 
-#: ``generation.batch_size`` when null for the built-in tiny presets (128 px, a few MB each).
+#: ``generate.batch_size`` when null for the built-in tiny presets (128 px, a few MB each).
 PRESET_BATCH = 8
 
 
 def batch_size_for(pipe: Any, setting: int | None) -> int:
-    """``generation.batch_size``, or when null: :data:`PRESET_BATCH` for a tiny preset, 1 for a real
+    """``generate.batch_size``, or when null: :data:`PRESET_BATCH` for a tiny preset, 1 for a real
     model (whose batch must fit the device's memory)."""
     if setting is not None:
         return setting

@@ -9,7 +9,6 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.config import GenerationConfig
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
@@ -33,6 +32,7 @@ from diffusion_bunny.stages.generate.render import (
     generate_images,
     pipe_family,
 )
+from diffusion_bunny.stages.generate.settings import GenerateSettings
 from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
 from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
 from diffusion_bunny.stages.train.tables import current_lora_dir
@@ -40,23 +40,23 @@ from diffusion_bunny.stages.train.tables import current_lora_dir
 
 def checkpoint_dir(run: Run, cfg: ConfigView) -> Path:
     """The LoRA folder to draw with: the one stage 07 trained last (its ``loras`` table's
-    ``current`` row, one ``v<n>/`` of ``checkpoint/<run folder name>/`` or ``training.output_dir``),
-    else that folder itself (a training output ``training.output_dir`` points at)."""
-    return current_lora_dir(training_dir(run.run_dir, cfg.training), run.optional_table("loras"))
+    ``current`` row, one ``v<n>/`` of ``checkpoint/<run folder name>/`` or ``train.output_dir``),
+    else that folder itself (a training output ``train.output_dir`` points at)."""
+    return current_lora_dir(training_dir(run.run_dir, cfg.train), run.optional_table("loras"))
 
 
 def base_model_setting(cfg: ConfigView) -> tuple[str, str, str]:
-    """(base model, family, the setting that names it): ``generation.base_model`` when set, else
-    the model training used (``training.base_model`` / ``training.family``)."""
-    if cfg.generation.base_model:
-        return cfg.generation.base_model, "auto", "generation.base_model"
-    return cfg.training.base_model, cfg.training.family, "training.base_model"
+    """(base model, family, the setting that names it): ``generate.base_model`` when set, else
+    the model training used (``train.base_model`` / ``train.family``)."""
+    if cfg.generate.base_model:
+        return cfg.generate.base_model, "auto", "generate.base_model"
+    return cfg.train.base_model, cfg.train.family, "train.base_model"
 
 
 def trigger_word(cfg: ConfigView) -> str:
-    """``generation.trigger_word``, else the captions' (``captioning.trigger_word``): the word the
+    """``generate.trigger_word``, else the captions' (``captions.trigger_word``): the word the
     LoRA learned the movie's look under."""
-    return cfg.generation.trigger_word or cfg.captioning.trigger_word
+    return cfg.generate.trigger_word or cfg.captions.trigger_word
 
 
 def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
@@ -66,9 +66,9 @@ def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
     if not found:
         raise StageError(
             f"no trained LoRA in {folder} (pytorch_lora_weights.safetensors); run stage train first "
-            "(bunny run MOVIE runs every stage up to it), or point training.output_dir at a training output"
+            "(bunny run MOVIE runs every stage up to it), or point train.output_dir at a training output"
         )
-    return select_checkpoints(found, cfg.generation.checkpoints)
+    return select_checkpoints(found, cfg.generate.checkpoints)
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -87,16 +87,16 @@ def compute(ctx: Context) -> StageOutput:
     detect = DetectSettings.from_config(cfg.characters)
     faces = ctx.optional("faces")
     references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
-    with cpu_threads_for(ref.source, cfg.generation.device, "generation.device"):
+    with cpu_threads_for(ref.source, cfg.generate.device, "generate.device"):
         result = draw_and_score(
             run.run_dir,
-            cfg.generation,
-            pipe_loader=lambda: load_pipeline(ref, device=cfg.generation.device, setting=setting),
+            cfg.generate,
+            pipe_loader=lambda: load_pipeline(ref, device=cfg.generate.device, setting=setting),
             checkpoints=checkpoints,
             references=references,
             detect=detect,
             trigger=trigger_word(cfg),
-            resolution=cfg.generation.resolution or cfg.training.resolution,
+            resolution=cfg.generate.resolution or cfg.train.resolution,
             base_model=ref.name,
             progress=progress,
             progress_path=ctx.progress_path,
@@ -113,7 +113,7 @@ def compute(ctx: Context) -> StageOutput:
 
 def draw_and_score(
     run_dir: Path,
-    cfg: GenerationConfig,
+    cfg: GenerateSettings,
     *,
     pipe_loader: Any,
     checkpoints: Sequence[Checkpoint],
@@ -144,7 +144,7 @@ def draw_and_score(
     if cfg.clip_model:  # loaded before any picture is drawn: a missing model fails here too
         from diffusion_bunny.models.device import resolve_device
 
-        clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generation.device"))
+        clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generate.device"))
     items, size, rendered, reused = _draw(
         run_dir,
         cfg,
@@ -191,7 +191,7 @@ def draw_and_score(
 
 
 def _facts(
-    cfg: GenerationConfig,
+    cfg: GenerateSettings,
     generations: pl.DataFrame,
     scores: pl.DataFrame,
     best: str | None,
@@ -221,7 +221,7 @@ def _facts(
 
 def _draw(
     run_dir: Path,
-    cfg: GenerationConfig,
+    cfg: GenerateSettings,
     pipe: Any,
     checkpoints: Sequence[Checkpoint],
     characters: list[str],

@@ -22,7 +22,7 @@ from diffusion_bunny.media.figures import (
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import QualityConfig
+    from diffusion_bunny.stages.quality.settings import QualitySettings
 
 
 #: One colour per outcome of stage 02, in rule order.
@@ -40,7 +40,7 @@ OUTCOME_COLOURS = {
 }
 
 
-def quality_histograms(table: pl.DataFrame, cfg: QualityConfig) -> p9.ggplot:
+def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
     """One histogram per quality score, bars coloured by outcome, thresholds as dashed lines.
 
     Sharpness is shown as log10: it spans three decades, and on a linear axis every blurred frame

@@ -8,17 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import QualityConfig
 from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.stages.quality.scores import hamming
+from diffusion_bunny.stages.quality.settings import QualitySettings
 from diffusion_bunny.stages.quality.tables import (
     CROP_SCHEMA,
     REASONS,
     RULE_COLUMNS,
     SCORES_SCHEMA,
-    TEXT_SCHEMA,
 )
-from diffusion_bunny.stages.quality.text import crop_boxes, text_rules
+from diffusion_bunny.stages.quality.text import TEXT_SCHEMA, crop_boxes, text_rules
 
 
 def _batch_key(batch: str | int) -> pl.Expr:
@@ -84,7 +83,7 @@ class Exposure:
     max_clipped: float
 
 
-def exposure_thresholds(scores: pl.DataFrame, cfg: QualityConfig) -> Exposure:
+def exposure_thresholds(scores: pl.DataFrame, cfg: QualitySettings) -> Exposure:
     """The brightness and clipping thresholds for this film, pure over its scores.
 
     With ``relative_brightness``, the film's own median brightness ``m`` (over its readable
@@ -154,7 +153,7 @@ class Sharpness:
 NOISE_LAPLACIAN = 20.0
 
 
-def sharpness_threshold(scores: pl.DataFrame, cfg: QualityConfig) -> Sharpness:
+def sharpness_threshold(scores: pl.DataFrame, cfg: QualitySettings) -> Sharpness:
     """The blur threshold for this film, pure over its scores.
 
     The variance of the Laplacian grows with the square of the picture's contrast: the same
@@ -208,7 +207,7 @@ def with_text_columns(scores: pl.DataFrame) -> pl.DataFrame:
     return scores.with_columns(missing) if missing else scores
 
 
-def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: QualityConfig) -> pl.DataFrame:
+def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: QualitySettings) -> pl.DataFrame:
     """``scores`` with ``keep``, ``reject_reason``, ``duplicate_of`` and the ``crop_*`` region set
     by ``cfg``.
 

@@ -50,8 +50,7 @@ from diffusion_bunny.stages.quality.rules import (
     with_text_columns,
 )
 from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, score_frames
-from diffusion_bunny.stages.quality.tables import TEXT_SCHEMA
-from diffusion_bunny.stages.quality.text import current_keys, detect_text
+from diffusion_bunny.stages.quality.text import TEXT_SCHEMA, current_keys, detect_text
 
 #: Rounds of "apply the rules, look for text on the kept frames not yet looked at": a frame
 #: dropped for text can let a duplicate of it through, which is looked at in the next round.

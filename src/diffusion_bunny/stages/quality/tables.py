@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from diffusion_bunny.stages.quality.text import CROP_COLUMNS, TEXT_SCHEMA
+from diffusion_bunny.stages.quality.text import CROP_COLUMNS
 
 REASONS = (
     "unreadable",
@@ -30,9 +30,6 @@ SCORES_SCHEMA = {
     "phash": pl.UInt64,
     "nearest_distance": pl.Int64,
 }
-#: Text scores (stage 02's text step, on the frames the other rules keep; null where it did not
-#: look): see :mod:`diffusion_bunny.stages.quality.text`.
-TEXT_COLUMNS = TEXT_SCHEMA
 RULE_COLUMNS = {"keep": pl.Boolean, "reject_reason": pl.Utf8, "duplicate_of": pl.Utf8}
 #: The region of the frame later stages use (frame pixels, right/bottom exclusive): the shot's
 #: picture box, less the subtitle band when subtitles are cropped. Null when the frames table

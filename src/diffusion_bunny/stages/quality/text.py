@@ -39,8 +39,8 @@ from diffusion_bunny.media.images import BOX_COLUMNS, decode_picture, frame_box
 from diffusion_bunny.pipeline.progress import map_tracked
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import QualityConfig
     from diffusion_bunny.models.text import TextDetector
+    from diffusion_bunny.stages.quality.settings import QualitySettings
 
 #: One detected line, as stored in the ``text_lines`` column (shares of the picture box).
 LINE_STRUCT = pl.Struct(
@@ -200,7 +200,9 @@ def _subtitle_lines(lines: list[dict[str, float]], band: float) -> tuple[list[in
     )
 
 
-def text_verdict(lines: list[dict[str, float]] | None, cfg: QualityConfig) -> tuple[str | None, float, float]:
+def text_verdict(
+    lines: list[dict[str, float]] | None, cfg: QualitySettings
+) -> tuple[str | None, float, float]:
     """``(reason, crop_top, crop_bottom)`` of one frame from its text lines: reason ``text``,
     ``subtitles`` or None, and the rows of the picture to keep as shares of its height (0, 1
     when nothing is cropped). None lines (not looked at) keep the frame whole."""
@@ -232,7 +234,7 @@ def text_verdict(lines: list[dict[str, float]] | None, cfg: QualityConfig) -> tu
     return None, crop_top, crop_bottom
 
 
-def text_rules(table: pl.DataFrame, cfg: QualityConfig) -> pl.DataFrame:
+def text_rules(table: pl.DataFrame, cfg: QualitySettings) -> pl.DataFrame:
     """``frame_id``, ``text_reason`` and the kept rows (``_crop_top``, ``_crop_bottom``, shares
     of the picture's height) for every row of ``table`` (which has ``text_lines``)."""
     reasons, tops, bottoms = [], [], []

@@ -11,12 +11,13 @@ import ipywidgets as widgets
 import polars as pl
 from pydantic import ValidationError
 
-from diffusion_bunny.config import QualityConfig, save_local_settings
+from diffusion_bunny.config import save_local_settings
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.settings import QualitySettings
 
 
-def _sliders(cfg: QualityConfig, *, top_sharp: float) -> dict[str, Any]:
+def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
     """One control per threshold, named as its ``quality`` setting and set to ``cfg``'s value;
     the sharpness slider is logarithmic up to a little over the sharpest frame (``top_sharp``)."""
     style = {"description_width": "120px"}
@@ -73,7 +74,7 @@ class QualityThresholdExplorer:
     def __init__(
         self,
         run: Run,
-        cfg: QualityConfig,
+        cfg: QualitySettings,
         *,
         max_per_group: int = 24,
         config_root: Path | None = None,
@@ -126,10 +127,10 @@ class QualityThresholdExplorer:
         return out
 
     @property
-    def quality(self) -> QualityConfig:
+    def quality(self) -> QualitySettings:
         """The base config with the sliders' values; raises ValueError for an impossible
         combination (minimum brightness over the maximum)."""
-        return QualityConfig.model_validate({**self.base.model_dump(), **self.values})
+        return QualitySettings.model_validate({**self.base.model_dump(), **self.values})
 
     def set_thresholds(self, **values: Any) -> None:
         """Move sliders from Python (same path as a person dragging them), redrawing once."""

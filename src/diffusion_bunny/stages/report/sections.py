@@ -153,13 +153,13 @@ def did_not_run(stage: str, table: str) -> str:
 def _quality_config(run: ReportData, cfg: ConfigView) -> Any:
     """The thresholds stage 02 last ran with (from its manifest, which says ``filtering`` when it
     was written before the section's rename; the defaults for a manifest without them)."""
-    from diffusion_bunny.config import QualityConfig
+    from diffusion_bunny.stages.quality.settings import QualitySettings
 
     settings = ((run.read_manifest("quality") or {}).get("config")) or {}
     try:
-        return QualityConfig(**(settings.get("quality") or settings["filtering"]))
+        return QualitySettings(**(settings.get("quality") or settings["filtering"]))
     except (KeyError, TypeError, ValueError):
-        return QualityConfig()
+        return QualitySettings()
 
 
 def build_sections(run: ReportData, cfg: ConfigView) -> list[Section]:

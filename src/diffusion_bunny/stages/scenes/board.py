@@ -26,9 +26,9 @@ from typing import Any
 import anywidget
 import traitlets
 
-from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.scenes.settings import ScenesSettings
 
 STATIC = Path(__file__).parent / "static"
 VIEWS = ("scene", "character")
@@ -95,7 +95,7 @@ class ReviewBoard(anywidget.AnyWidget):
         **kwargs: Any,
     ):
         self.run_dir = Path(run.run_dir if isinstance(run, Run) else run)
-        self.max_thumbs = ScenesConfig().board_max_thumbs if max_thumbs is None else int(max_thumbs)
+        self.max_thumbs = ScenesSettings().board_max_thumbs if max_thumbs is None else int(max_thumbs)
         if self.max_thumbs < 1:
             raise ValueError(f"max_thumbs must be at least 1, not {self.max_thumbs}")
         self.moves: list[dict[str, Any]] = []  # feedback rows written through this board

@@ -80,11 +80,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import ScenesConfig
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import Region, read_image
 from diffusion_bunny.models.clip import ClipEmbedder
+from diffusion_bunny.stages.scenes.settings import ScenesSettings
 
 #: The name of the descriptor's vector space, stored with every vector (the ``embeddings``
 #: table's ``embedder``, a scene library's ``space``): vectors of two spaces are never compared.
@@ -153,13 +153,13 @@ class Embedder(Protocol):
         ...
 
 
-def embedder_name(cfg: ScenesConfig) -> str:
+def embedder_name(cfg: ScenesSettings) -> str:
     """The ``embedder`` column value ``make_embedder(cfg)`` will write, known without loading a
     model (so a rerun whose embeddings are all cached never loads CLIP)."""
     return DESCRIPTOR_VERSION if cfg.embedder == "descriptor" else f"clip:{cfg.clip_model}"
 
 
-def make_embedder(cfg: ScenesConfig) -> Embedder:
+def make_embedder(cfg: ScenesSettings) -> Embedder:
     """The embedder ``cfg.embedder`` names. CLIP loads its model here, so a missing model fails
     before any frame is read."""
     if cfg.embedder == "descriptor":

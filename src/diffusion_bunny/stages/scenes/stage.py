@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import ScenesConfig, workspace_root
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
@@ -50,6 +50,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
+from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.scenes.tables import (
     ADAPTER_FILE,
     FEEDBACK_SCHEMA,
@@ -88,7 +89,7 @@ def frames_to_cluster(frames: pl.DataFrame, quality: pl.DataFrame | None, which:
 def embed_frames(
     run_dir: Path,
     frames: pl.DataFrame,
-    cfg: ScenesConfig,
+    cfg: ScenesSettings,
     previous: pl.DataFrame | None,
     *,
     quality: pl.DataFrame | None = None,
@@ -144,7 +145,7 @@ def _feedback_key(feedback: pl.DataFrame) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def library_path(cfg: ScenesConfig) -> Path | None:
+def library_path(cfg: ScenesSettings) -> Path | None:
     if cfg.library_dir is None:
         return None
     path = Path(cfg.library_dir).expanduser()
@@ -156,7 +157,7 @@ def _adapted_vectors(
     fids: list[str],
     feedback: pl.DataFrame,
     prev_clusters: pl.DataFrame | None,
-    cfg: ScenesConfig,
+    cfg: ScenesSettings,
     adapter_path: Path,
     *,
     learn: bool,
@@ -186,7 +187,7 @@ def _fresh_clusters(
     vectors: np.ndarray,
     fids: list[str],
     prev_clusters: pl.DataFrame | None,
-    cfg: ScenesConfig,
+    cfg: ScenesSettings,
     movie_id: str,
     embedder_name: str,
     space: str,
@@ -373,7 +374,7 @@ def _assign_new(
     vectors: np.ndarray,
     prev_clusters: pl.DataFrame,
     prev_ex: pl.DataFrame,
-    cfg: ScenesConfig,
+    cfg: ScenesSettings,
     movie_id: str,
     space: str,
 ):
@@ -408,7 +409,7 @@ def _assign_new(
 
 
 def _assign_library(
-    library: Path, movie_id: str, fids: list[str], vectors: np.ndarray, space: str, cfg: ScenesConfig
+    library: Path, movie_id: str, fids: list[str], vectors: np.ndarray, space: str, cfg: ScenesSettings
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
     adding the clusters it opens to the library, under the library's lock."""

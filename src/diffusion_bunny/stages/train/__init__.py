@@ -23,15 +23,15 @@ from diffusion_bunny.stages.train.tables import checkpoint_dir
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
     # The LoRA folders (one per training, named by what it trains: files, checkpoints, validation
-    # pictures) under training.output_dir, else <run>/loras/.
-    return {"LoRA folder": checkpoint_dir(run.run_dir, cfg.training)}
+    # pictures) under train.output_dir, else <run>/loras/.
+    return {"LoRA folder": checkpoint_dir(run.run_dir, cfg.train)}
 
 
 def kept(run: Run, cfg: ConfigView) -> list[str]:
     """One line per LoRA kept for this run (``bunny status``, notebooks 07 and 08)."""
     from diffusion_bunny.stages.train.tables import current_lora_dir, describe_loras, kept_loras
 
-    base = checkpoint_dir(run.run_dir, cfg.training)
+    base = checkpoint_dir(run.run_dir, cfg.train)
     return describe_loras(kept_loras(base, current=current_lora_dir(base, run.optional_table("loras"))))
 
 
@@ -55,7 +55,7 @@ STAGE = Stage(
     package=__name__,
     summary=summary,
     reads=(Reads("dataset_items", "export"),),
-    config=("training",),
+    config=("train",),
     writes=("training_log", "training_validation", "loras"),
     owns=_owns,
     kept=kept,

@@ -6,30 +6,30 @@ checkpoints, resume and validation are the SD 1.x/SDXL ones. The objective is th
 diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py``:
 
 - x_t = (1 - sigma) x0 + sigma eps, target eps - x0, weighted by
-  ``compute_loss_weighting_for_sd3(training.weighting_scheme, sigma)``; ``logit_normal``,
+  ``compute_loss_weighting_for_sd3(train.weighting_scheme, sigma)``; ``logit_normal``,
   ``mode`` and ``uniform`` shape the density of u (``compute_density_for_timestep_sampling``),
   ``sigma_sqrt`` and ``cosmap`` sample u uniformly and weight the loss. Every draw comes from the
   trainer's own generator, so a resumed run draws what the killed run would have.
-- The resolution-dependent shift (``training.timestep_shift: auto``): FLUX.1-dev
+- The resolution-dependent shift (``train.timestep_shift: auto``): FLUX.1-dev
   mu = ``calculate_shift(h/2 * w/2)``, sigma = e^mu / (e^mu + 1/u - 1), as its inference does
   (kohya's ``flux_shift``; diffusers' script leaves sigma unshifted). SD3 and FLUX.1-schnell
   sigma = s u / (1 + (s - 1) u) with the scheduler's shift. A number forces a fixed shift, ``none``
   gives sigma = u.
 - FLUX: latents packed 2x2 (``FluxPipeline._pack_latents``), 2-D image ids, zero text ids,
-  ``timestep = sigma``; ``guidance = training.flux_guidance`` when the model embeds guidance (dev).
+  ``timestep = sigma``; ``guidance = train.flux_guidance`` when the model embeds guidance (dev).
   The loss is taken in packed space (the target is packed instead of unpacking the prediction:
   the same MSE). SD3: ``timestep = 1000 sigma``.
 - Text: the pipeline's own ``encode_prompt`` (CLIP and T5), so training conditions exactly as
-  generation does. With ``training.cache_latents`` every caption (and "" for caption dropout, and
+  generation does. With ``train.cache_latents`` every caption (and "" for caption dropout, and
   the validation prompts) is encoded once before the first step and kept on disk beside the
   latents; then the text encoders are dropped from the pipeline, so none is on the device during
   the steps. Caption dropout replaces a caption by the "" embedding with probability
-  ``training.caption_dropout``.
-- peft LoRA on the transformer's attention (``training.lora_targets: attention``), optionally its
+  ``train.caption_dropout``.
+- peft LoRA on the transformer's attention (``train.lora_targets: attention``), optionally its
   MLPs (``attention+mlp``), or the layers named; an explicit sorted list of layer names goes to
   peft (:func:`diffusion_bunny.models.lora_keys.lora_target_names`). LoRA weights in fp32, bf16
   autocast on CUDA (``mixed_precision: auto``; fp16 is refused: T5 overflows in it), gradient
-  checkpointing, ``training.quantize_base: nf4`` through diffusers' bitsandbytes config (CUDA
+  checkpointing, ``train.quantize_base: nf4`` through diffusers' bitsandbytes config (CUDA
   only; the ``nf4`` extra).
 - Files: ``pytorch_lora_weights.safetensors`` (diffusers; the LoRA config as metadata so alpha
   and the targets survive) and ``<name>_kohya.safetensors`` (the kohya/ComfyUI layout,
@@ -53,9 +53,9 @@ from diffusion_bunny.stages.train.tables import LORA_FILE
 if TYPE_CHECKING:
     import torch
 
-    from diffusion_bunny.config import TrainingConfig
+    from diffusion_bunny.stages.train.settings import TrainSettings
 
-#: T5 tokens per caption when ``training.max_sequence_length`` is null: the reference scripts'
+#: T5 tokens per caption when ``train.max_sequence_length`` is null: the reference scripts'
 #: defaults (FLUX.1-dev 512, SD3 77 in diffusers' script; 256 is what SD3.5 was trained with),
 #: 64 for the tiny presets (their captions are short and CPU time matters).
 MAX_SEQUENCE = {"flux": 512, "sd3": 256, "preset": 64}
@@ -79,36 +79,34 @@ def flux_mu(seq_len: int, sched_config: dict[str, Any]) -> float:
     )
 
 
-def check_flow_settings(cfg: TrainingConfig, device: str) -> None:
+def check_flow_settings(cfg: TrainSettings, device: str) -> None:
     """Settings that do not apply to FLUX.1 / SD3.5, or need what this machine lacks: one line each."""
     if cfg.min_snr_gamma is not None:
         raise ModelError(
-            "training.min_snr_gamma is for the noise-prediction objective of SD 1.x/SDXL; FLUX.1 and "
-            "SD3.5 train with flow matching: set it to null (training.weighting_scheme weights their loss)"
+            "train.min_snr_gamma is for the noise-prediction objective of SD 1.x/SDXL; FLUX.1 and "
+            "SD3.5 train with flow matching: set it to null (train.weighting_scheme weights their loss)"
         )
     if cfg.train_text_encoder:
         raise ModelError(
-            "training.train_text_encoder is not supported for FLUX.1 / SD3.5 (LoRA on the transformer "
+            "train.train_text_encoder is not supported for FLUX.1 / SD3.5 (LoRA on the transformer "
             "only, as the reference scripts' default): set it to false"
         )
     if cfg.mixed_precision == "fp16":
-        raise ModelError(
-            "training.mixed_precision = fp16: FLUX.1 / SD3.5 train in bf16 (T5 overflows in fp16)"
-        )
+        raise ModelError("train.mixed_precision = fp16: FLUX.1 / SD3.5 train in bf16 (T5 overflows in fp16)")
     if cfg.quantize_base == "nf4":
         import torch
 
         if not (device.startswith("cuda") and torch.cuda.is_available()):
             raise ModelError(
-                "training.quantize_base = nf4 needs a CUDA GPU (bitsandbytes 4-bit); this run has none: "
-                "set training.quantize_base: none"
+                "train.quantize_base = nf4 needs a CUDA GPU (bitsandbytes 4-bit); this run has none: "
+                "set train.quantize_base: none"
             )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ModelError(
-                "training.quantize_base = nf4 needs the bitsandbytes package: uv sync --extra nf4 "
-                "(or set training.quantize_base: none)"
+                "train.quantize_base = nf4 needs the bitsandbytes package: uv sync --extra nf4 "
+                "(or set train.quantize_base: none)"
             ) from None
 
 
@@ -128,7 +126,7 @@ def load_nf4_transformer(base: Path, family: str, compute_dtype: Any) -> Any:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def trainer_class_for(cfg: TrainingConfig) -> type[LoraTrainer]:
+def trainer_class_for(cfg: TrainSettings) -> type[LoraTrainer]:
     """The trainer of the base model's family (read from its config): FLUX.1/SD3.5 here,
     SD 1.x/SDXL :class:`LoraTrainer`."""
     from diffusion_bunny.models.diffusion import resolve_base_model
@@ -144,12 +142,12 @@ class FlowLoraTrainer(LoraTrainer):
 
     #: diffusers' FLUX/SD3 LoRA scripts' AdamW weight decay.
     weight_decay = 1e-4
-    #: ``training.mixed_precision: auto`` on a GPU: bf16 (fp16 is refused, T5 overflows in it).
+    #: ``train.mixed_precision: auto`` on a GPU: bf16 (fp16 is refused, T5 overflows in it).
     auto_precision = "bf16"
 
     def __init__(
         self,
-        cfg: TrainingConfig,
+        cfg: TrainSettings,
         *,
         cache_dir: Path | None = None,
         device: str | None = None,
@@ -166,14 +164,14 @@ class FlowLoraTrainer(LoraTrainer):
     def _check_family(self) -> None:
         if self.family not in ("flux", "sd3"):
             raise ModelError(
-                f"training.base_model = {self.cfg.base_model!r} is {self.family}, not FLUX.1 or SD3.5"
+                f"train.base_model = {self.cfg.base_model!r} is {self.family}, not FLUX.1 or SD3.5"
             )
 
     def _check_settings(self) -> None:
         check_flow_settings(self.cfg, self.device)
 
     def _load_models(self) -> None:
-        """The pipeline (its transformer quantised to NF4 first with ``training.quantize_base``),
+        """The pipeline (its transformer quantised to NF4 first with ``train.quantize_base``),
         the sizes the transformer takes, everything frozen; the UNet-only parts are None/empty."""
         import torch
 
@@ -206,7 +204,7 @@ class FlowLoraTrainer(LoraTrainer):
                 module.requires_grad_(False)
 
     def _add_lora(self) -> list[Any]:
-        """A LoRA on the transformer's layers that ``training.lora_targets`` names."""
+        """A LoRA on the transformer's layers that ``train.lora_targets`` names."""
         from peft import LoraConfig
 
         from diffusion_bunny.models.lora_keys import lora_target_names

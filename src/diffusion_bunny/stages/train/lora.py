@@ -84,8 +84,8 @@ from diffusion_bunny.stages.train.tables import (
 if TYPE_CHECKING:
     import torch
 
-    from diffusion_bunny.config import TrainingConfig
     from diffusion_bunny.models.diffusion import BaseModelRef
+    from diffusion_bunny.stages.train.settings import TrainSettings
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -126,12 +126,12 @@ class LoraTrainer:
 
     #: AdamW's weight decay: diffusers' SD 1.x/SDXL scripts use 1e-2 (its FLUX/SD3 ones 1e-4).
     weight_decay = 1e-2
-    #: What ``training.mixed_precision: auto`` means on a GPU (fp16 for the UNet families).
+    #: What ``train.mixed_precision: auto`` means on a GPU (fp16 for the UNet families).
     auto_precision = "fp16"
 
     def __init__(
         self,
-        cfg: TrainingConfig,
+        cfg: TrainSettings,
         *,
         cache_dir: Path | None = None,
         device: str | None = None,
@@ -152,13 +152,13 @@ class LoraTrainer:
         self.ref: BaseModelRef = resolve_base_model(cfg.base_model, cfg.family)
         self.family = self.ref.family
         self._check_family()
-        self.device = resolve_device(device or cfg.device, "training.device")
+        self.device = resolve_device(device or cfg.device, "train.device")
         self._check_settings()
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = self.auto_precision if self.device.startswith("cuda") else "no"
         if mixed == "fp16" and not self.device.startswith("cuda"):
-            raise ModelError("training.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
+            raise ModelError("train.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
         self.mixed_precision = mixed
         self.accelerator = new_accelerator(cfg, mixed, self.device, tracker_dir)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -198,7 +198,7 @@ class LoraTrainer:
         """Refuse a base model this trainer does not train, before anything is loaded."""
         if self.family not in ("sd1", "sdxl"):
             raise ModelError(
-                f"training.base_model = {self.cfg.base_model!r} is a {self.family} model: train it with "
+                f"train.base_model = {self.cfg.base_model!r} is a {self.family} model: train it with "
                 "stages.train.flow.FlowLoraTrainer (train_lora(..., trainer_class=trainer_class_for(...)))"
             )
 
@@ -226,7 +226,7 @@ class LoraTrainer:
 
     def _add_lora(self) -> list[Any]:
         """Add the LoRA adapters; returns the modules they train, the denoiser first (then the
-        text encoders with ``training.train_text_encoder``)."""
+        text encoders with ``train.train_text_encoder``)."""
         from peft import LoraConfig
 
         cfg = self.cfg
@@ -561,7 +561,7 @@ def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(tensors, dim=dim)
 
 
-def new_accelerator(cfg: TrainingConfig, mixed_precision: str, device: str, tracker_dir: Path | None):
+def new_accelerator(cfg: TrainSettings, mixed_precision: str, device: str, tracker_dir: Path | None):
     """The trainer's ``Accelerator``; with ``tracker_dir``, its TensorBoard tracker writes under it
     (:func:`train_lora` starts it with :func:`start_tracker`)."""
     from accelerate import Accelerator
@@ -609,7 +609,7 @@ def wait_past_event_files(folder: Path) -> None:
         time.sleep(min(0.05, max(0.001, latest + 1 - time.time())))
 
 
-def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainingConfig, resumed_from: int | None) -> Any:
+def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainSettings, resumed_from: int | None) -> Any:
     """Start the trainer's TensorBoard tracker in ``<tracker_dir>/<run_name>/`` and record the
     settings as text; None when the trainer has none. Each step shows once: a run that starts
     over removes the folder's old event files (its checkpoints are gone too), and a resumed run
@@ -699,13 +699,13 @@ def prune_checkpoints(output_dir: Path, keep_resumable: int, total_limit: int | 
     return removed
 
 
-def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
+def resume_key(cfg: TrainSettings, dataset_key: str) -> str:
     """What must not change for a checkpoint to be resumed: the base model, the adapters' shape,
     the data and everything that changes what a step computes. Step counts, checkpoint and
     validation settings may change (more steps continue the run). The FLUX.1/SD3.5 keys count
     only when set away from their defaults, so checkpoints of SD 1.x/SDXL runs made before those
     keys existed still resume."""
-    from diffusion_bunny.config import TrainingConfig as _Cfg
+    from diffusion_bunny.config import TrainSettings as _Cfg
 
     defaults = _Cfg()
     at_default = {k for k in FLOW_KEYS if getattr(cfg, k) == getattr(defaults, k)}
@@ -731,7 +731,7 @@ def resume_key(cfg: TrainingConfig, dataset_key: str) -> str:
 
 
 def start_over(output_dir: Path) -> list[str]:
-    """``training.start_over``: remove the checkpoints, final LoRA files and validation pictures
+    """``train.start_over``: remove the checkpoints, final LoRA files and validation pictures
     of one LoRA folder (its ``training.json`` stays); returns what was removed. The only place a
     LoRA is deleted, and only when the user set it."""
     removed = []
@@ -746,7 +746,7 @@ def start_over(output_dir: Path) -> list[str]:
 
 
 def _write_checkpoint(
-    output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any], cfg: TrainingConfig
+    output_dir: Path, trainer: LoraTrainer, step: int, state: dict[str, Any], cfg: TrainSettings
 ) -> Path:
     """``checkpoint-<step>/`` complete on disk (written aside, flushed, renamed into place), then
     the older checkpoints pruned (:func:`prune_checkpoints`)."""
@@ -796,7 +796,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
 
 def disk_needs(
     trainer: LoraTrainer,
-    cfg: TrainingConfig,
+    cfg: TrainSettings,
     output_dir: Path,
     samples: Sequence[Sample],
     prior: Sequence[TrainImage],
@@ -847,30 +847,28 @@ def _resume_note(start: int) -> str:
     return f"; a rerun resumes from checkpoint-{start}" if start else ""
 
 
-def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: int) -> list[TrainImage]:
+def class_images(trainer: LoraTrainer | None, cfg: TrainSettings, resolution: int) -> list[TrainImage]:
     """Prior-preservation images: from ``class_data_dir`` when set, else generated once by the base
     model (no LoRA) into the user cache, keyed by model, prompt, count, size and seed."""
     from diffusion_bunny.models.cache import cache_dir
 
     prompt = str(cfg.class_prompt)
     if cfg.class_data_dir:
-        from diffusion_bunny.config import workspace_root
+        from diffusion_bunny.paths import workspace_root
 
         folder = Path(cfg.class_data_dir).expanduser()
         folder = folder if folder.is_absolute() else workspace_root() / folder
         if not folder.is_dir():
             raise BadInputError(
-                f"training.class_data_dir = {cfg.class_data_dir!r} is not a folder; fix it or set it to null"
+                f"train.class_data_dir = {cfg.class_data_dir!r} is not a folder; fix it or set it to null"
             )
         found = class_images_from_dir(folder, prompt, cfg.num_class_images)
         if not found:
-            raise BadInputError(
-                f"training.class_data_dir {folder} holds no images; add some or set it to null"
-            )
+            raise BadInputError(f"train.class_data_dir {folder} holds no images; add some or set it to null")
         return found
     if trainer is None:
         raise StageError(
-            "training.class_data_dir is not set, and class images need the base model to generate them"
+            "train.class_data_dir is not set, and class images need the base model to generate them"
         )
     blob = json.dumps(
         [
@@ -898,7 +896,7 @@ def class_images(trainer: LoraTrainer | None, cfg: TrainingConfig, resolution: i
 
 def train_lora(
     images: Sequence[TrainImage],
-    cfg: TrainingConfig,
+    cfg: TrainSettings,
     output_dir: Path,
     *,
     validation_prompts: Sequence[str] = (),
@@ -914,14 +912,14 @@ def train_lora(
 
     Resumes from the latest resumable checkpoint (its settings and data must match: a folder
     holding another training's checkpoints is an error, nothing is deleted unless
-    ``training.start_over``), in ``output_dir`` or in one of the ``resume_from`` folders (the same
+    ``train.start_over``), in ``output_dir`` or in one of the ``resume_from`` folders (the same
     settings and data trained for fewer steps: a longer training continues from there into a
     folder of its own). ``name`` names the kohya file and the TensorBoard run (default:
     :func:`~diffusion_bunny.stages.train.tables.lora_name` of the folder). Latents are cached
     under ``cache_dir`` (default ``output_dir``).
     ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
     (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model).
-    With ``training.tensorboard`` the loss, learning rate and validation images also go to
+    With ``train.tensorboard`` the loss, learning rate and validation images also go to
     TensorBoard in ``log/tensorboard/<name>/`` (the ``training_log`` table is the same
     either way). The folder is held for the whole training (:func:`lora_lock`): a second
     training of it, on this machine or another, stops at once."""
@@ -949,7 +947,7 @@ def train_lora(
 def lora_lock(folder: Path) -> Iterator[None]:
     """Hold the LoRA folder ``folder`` while training writes into it: another training of the same
     folder (a second ``bunny run`` of the same movie and settings into a shared
-    ``training.output_dir``, on this machine or another node) is refused at once, naming the
+    ``train.output_dir``, on this machine or another node) is refused at once, naming the
     holder, instead of both writing the same checkpoints. The run lock's machinery (an OS file
     lock and a lease with a heartbeat, :mod:`diffusion_bunny.pipeline.lock`) on the folder."""
     from diffusion_bunny.pipeline.lock import RunBusy, current_holder, run_lock
@@ -968,7 +966,7 @@ def lora_lock(folder: Path) -> Iterator[None]:
 
 def _train_locked(
     images: Sequence[TrainImage],
-    cfg: TrainingConfig,
+    cfg: TrainSettings,
     output_dir: Path,
     *,
     validation_prompts: Sequence[str],
@@ -987,7 +985,7 @@ def _train_locked(
         removed = start_over(output_dir)
         if removed:
             warnings.append(
-                f"training.start_over: the earlier LoRA of this configuration in {output_dir} "
+                f"train.start_over: the earlier LoRA of this configuration in {output_dir} "
                 f"({', '.join(removed)}) was removed and training started from step 0"
             )
     sweep_leftovers(output_dir)  # checkpoints and files the killed process never finished
@@ -1033,7 +1031,7 @@ def _train_locked(
 
 
 def _resume_point(
-    output_dir: Path, others: list[Path], cfg: TrainingConfig, key: str, warnings: list[str]
+    output_dir: Path, others: list[Path], cfg: TrainSettings, key: str, warnings: list[str]
 ) -> tuple[dict[str, Any] | None, int | None, Path | None]:
     """``(state, step, folder)`` of the checkpoint to resume from (Nones: start at step 0): the
     highest resumable step up to ``max_train_steps`` in ``output_dir`` or ``others``, this folder
@@ -1055,7 +1053,7 @@ def _resume_point(
             # in its own folder, so this is a caller naming a folder of another training.
             raise StageError(
                 f"{output_dir} holds a LoRA trained with other settings or data (checkpoint-{step}); "
-                "train into another folder, or set training.start_over: true to replace it"
+                "train into another folder, or set train.start_over: true to replace it"
             )
         if step > cfg.max_train_steps:
             continue
@@ -1066,7 +1064,7 @@ def _resume_point(
 def _train(
     trainer: LoraTrainer,
     images: Sequence[TrainImage],
-    cfg: TrainingConfig,
+    cfg: TrainSettings,
     output_dir: Path,
     *,
     prompts: Sequence[str],
@@ -1099,8 +1097,8 @@ def _train(
     check_free_space(
         disk_needs(trainer, cfg, output_dir, samples, prior, len(prompts), start),
         f"free some space there (older LoRA folders that bunny status lists, or caches), set "
-        f"training.checkpoints_total_limit or a larger training.checkpoint_every, or point "
-        f"training.output_dir at a larger disk; nothing was trained{_resume_note(start)}",
+        f"train.checkpoints_total_limit or a larger train.checkpoint_every, or point "
+        f"train.output_dir at a larger disk; nothing was trained{_resume_note(start)}",
     )
     trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
     tracker = start_tracker(trainer, name, cfg, resumed_from)

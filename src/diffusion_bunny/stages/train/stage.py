@@ -2,7 +2,7 @@
 
 Reads the ``dataset_items`` table and the images under ``<run>/dataset/hf/`` (never the kohya
 copy), trains with :func:`diffusion_bunny.stages.train.lora.train_lora` into the LoRA folder of
-its training, ``<run>/loras/<name>/`` (or under ``training.output_dir``; the folder is named by
+its training, ``<run>/loras/<name>/`` (or under ``train.output_dir``; the folder is named by
 what it trains: the same settings, data and steps resume in their folder, others get a new one
 that may continue from a shorter training's last checkpoint, and no earlier LoRA is deleted), and
 returns the ``training_log``, ``training_validation`` and ``loras`` (every LoRA kept, the one just
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import polars as pl
 
-from diffusion_bunny.config import TrainingConfig
 from diffusion_bunny.errors import StageError, storage_error
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_key, train_lora
+from diffusion_bunny.stages.train.settings import TrainSettings
 from diffusion_bunny.stages.train.tables import (
     checkpoint_dir,
     kept_loras,
@@ -39,7 +39,7 @@ from diffusion_bunny.stages.train.tables import (
 DEFAULT_VALIDATION_PROMPTS = 2
 
 
-def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_texts: list[str]) -> list[str]:
+def validation_prompts(cfg: TrainSettings, validation_texts: list[str], train_texts: list[str]) -> list[str]:
     """The configured prompts, else up to two captions of the validation split, else the first
     training caption (a dataset too small to hold out a validation split still gets a picture)."""
     if cfg.validation_prompts:
@@ -48,7 +48,7 @@ def validation_prompts(cfg: TrainingConfig, validation_texts: list[str], train_t
     return list(dict.fromkeys(texts))[:DEFAULT_VALIDATION_PROMPTS]
 
 
-def lora_folder_for(run_dir: Path, cfg: TrainingConfig, images: list[TrainImage]) -> tuple[Path, bool]:
+def lora_folder_for(run_dir: Path, cfg: TrainSettings, images: list[TrainImage]) -> tuple[Path, bool]:
     """The LoRA folder this training of ``images`` writes into (made, with its ``training.json``,
     when new: returned with True), under :func:`~.tables.checkpoint_dir`."""
     data = dataset_key(images)
@@ -69,7 +69,7 @@ def compute(ctx: Context) -> StageOutput:
     from diffusion_bunny.models.device import cpu_threads_for
     from diffusion_bunny.models.diffusion import resolve_base_model
 
-    run_dir, cfg = ctx.run_dir, ctx.cfg.training
+    run_dir, cfg = ctx.run_dir, ctx.cfg.train
     images, validation_texts = read_dataset(run_dir, ctx.table("dataset_items"))
     ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents
     prompts = validation_prompts(cfg, validation_texts, [i.text for i in images])
@@ -79,7 +79,7 @@ def compute(ctx: Context) -> StageOutput:
     folder, created = lora_folder_for(run_dir, cfg, images)
     resume = resume_key(cfg, dataset_key(images))
     try:
-        with cpu_threads_for(ref.source, cfg.device, "training.device"):
+        with cpu_threads_for(ref.source, cfg.device, "train.device"):
             result = train_lora(
                 images,
                 cfg,
@@ -108,7 +108,7 @@ def compute(ctx: Context) -> StageOutput:
     if base != legacy and lora_folders(legacy):
         result.warnings.append(
             f"LoRAs trained by an earlier version for a run of this name are in {legacy} (not read any more: "
-            f"LoRAs live in the run folder now); set training.output_dir to it to list them, or move them"
+            f"LoRAs live in the run folder now); set train.output_dir to it to list them, or move them"
         )
     result.facts["lora_folder"] = str(folder)
     result.facts["loras_kept"] = loras.height
@@ -132,5 +132,5 @@ def _full_disk_advice(base: Path, folder: Path) -> str:
     resume = f"a rerun resumes from checkpoint-{steps[-1]}" if steps else "a rerun starts the training again"
     return (
         f"free some space (older LoRA folders in {base} that bunny status lists), set "
-        f"training.checkpoints_total_limit, or point training.output_dir at a larger disk; {resume}"
+        f"train.checkpoints_total_limit, or point train.output_dir at a larger disk; {resume}"
     )

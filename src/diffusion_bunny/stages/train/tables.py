@@ -1,6 +1,6 @@
 """Stage 07's outputs as stage 08 and the report rely on them: the ``training_log``,
 ``training_validation`` and ``loras`` tables and the folders of LoRA files (``<run>/loras/<name>/``,
-or under ``training.output_dir``: one folder per training, named by what it trains)."""
+or under ``train.output_dir``: one folder per training, named by what it trains)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from diffusion_bunny.config import TrainingConfig, workspace_root
+from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.stages.train.settings import TrainSettings
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import TrainingConfig
+    from diffusion_bunny.stages.train.settings import TrainSettings
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -38,18 +39,18 @@ VALIDATION_SCHEMA = {
 }
 
 
-#: The run folder's own folder of LoRAs (when ``training.output_dir`` is not set).
+#: The run folder's own folder of LoRAs (when ``train.output_dir`` is not set).
 LORAS_DIR = "loras"
 
 
-def checkpoint_dir(run_dir: Path, cfg: TrainingConfig) -> Path:
-    """Where a run's LoRAs are kept: ``training.output_dir`` (relative to the workspace unless
+def checkpoint_dir(run_dir: Path, cfg: TrainSettings) -> Path:
+    """Where a run's LoRAs are kept: ``train.output_dir`` (relative to the workspace unless
     absolute), else ``<run>/loras/``; one folder per training inside (:func:`lora_folder`).
 
     Why in the run folder by default, not in the workspace's ``checkpoint/``: with ``--engine
     ray`` on several machines each node has its own workspace, so LoRAs trained there stayed on
     that node and a rerun from the head trained again for hours; the run folder is the one place
-    every node must see. A ``training.output_dir`` on shared storage may hold the LoRAs of many
+    every node must see. A ``train.output_dir`` on shared storage may hold the LoRAs of many
     runs side by side: their folders are named by content (:func:`lora_folder_name`), so two run
     folders with one name never collide, and the same training of the same data is shared."""
     if cfg.output_dir:
@@ -111,7 +112,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug[:limit]
 
 
-def lora_folder_name(cfg: TrainingConfig, key: str) -> str:
+def lora_folder_name(cfg: TrainSettings, key: str) -> str:
     """``<base model>-<steps>steps-<key>``: readable, and named by what it holds (``key``: the
     settings that change a step, the data and ``max_train_steps``, :func:`lora_key`), never by the
     run folder's name."""
@@ -130,7 +131,7 @@ def lora_folder(base: Path, key: str, name: str, describe: dict[str, Any]) -> tu
     """The LoRA folder of the training ``key`` (:func:`lora_key`) under ``base``: the existing one
     whose ``training.json`` holds that key (a rerun resumes there), else a new folder ``name``
     (returned with True). Nothing is ever deleted here: a retrain with other settings, more steps
-    or one edited caption gets a folder of its own; only ``training.start_over`` empties one."""
+    or one edited caption gets a folder of its own; only ``train.start_over`` empties one."""
     from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 
     for folder, info in lora_folders(base):
@@ -177,7 +178,7 @@ def _steps(folder: Path) -> int | None:
 def kept_loras(base: Path, current: Path | None = None) -> pl.DataFrame:
     """Every LoRA kept under ``base``: one row per LoRA folder (``lora_path`` null while its
     training has not finished), plus the base folder itself when it holds a LoRA directly (a
-    training output from before issue 31, or one ``training.output_dir`` points at). ``current``
+    training output from before issue 31, or one ``train.output_dir`` points at). ``current``
     marks the folder the last training used (what stage 08 draws with)."""
     base = Path(base)
     rows = []
@@ -220,9 +221,9 @@ def describe_loras(loras: pl.DataFrame) -> list[str]:
 
 def current_lora_dir(base: Path, loras: pl.DataFrame | None) -> Path:
     """The folder stage 08 draws with: the ``current`` row of the ``loras`` table stage 07 wrote,
-    when it lies under ``base`` (the configured ``training.output_dir``, else ``<run>/loras/``) and
+    when it lies under ``base`` (the configured ``train.output_dir``, else ``<run>/loras/``) and
     still exists; else ``base`` itself (a training output the user
-    points ``training.output_dir`` at, or one written before LoRA folders were versioned)."""
+    points ``train.output_dir`` at, or one written before LoRA folders were versioned)."""
     base = Path(base)
     if loras is not None and "current" in loras.columns:
         current = loras.filter(pl.col("current"))

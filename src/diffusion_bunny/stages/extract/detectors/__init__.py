@@ -10,16 +10,16 @@ per detector.
 
 from __future__ import annotations
 
-from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.stages.extract.detectors.base import Boundaries
 from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries
 from diffusion_bunny.stages.extract.detectors.scenedetect import SceneDetectBoundaries, make_detector
 from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle, TransNetModel
 from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries
+from diffusion_bunny.stages.extract.settings import ExtractSettings
 
 
 def make_boundaries(
-    cfg: ExtractionConfig, fps: float, model: ModelHandle | TransNetModel | None
+    cfg: ExtractSettings, fps: float, model: ModelHandle | TransNetModel | None
 ) -> Boundaries:
     """The configured detector. ``model`` is needed for ``transnetv2`` and ``cascade``, which
     keep every boundary they confirm (short shots are marked by stage 01, not merged) except the

@@ -11,7 +11,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.stages.extract.detectors.base import Blankness, Boundaries, InOrder
 from diffusion_bunny.stages.extract.detectors.transnet import (
     CONTEXT as PACKAGE_CONTEXT,
@@ -22,6 +21,7 @@ from diffusion_bunny.stages.extract.detectors.transnet import (
     describe,
     rgb48,
 )
+from diffusion_bunny.stages.extract.settings import ExtractSettings
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Candidate:
     # over the compensated change of the frames around it (+1, so still sides do not divide by 0).
     motion_residual: float | None = None
     motion_contrast: float | None = None
-    # The shots' contrast around it over ``extraction.reference_contrast`` (at most 1): the
+    # The shots' contrast around it over ``extract.reference_contrast`` (at most 1): the
     # absolute thresholds are scaled by it (see CascadeBoundaries, "Contrast").
     contrast_scale: float = 1.0
     decision: str = "pending"  # accepted_fast | rejected_fast | confirmed | rejected
@@ -172,7 +172,7 @@ class CascadeBoundaries(Boundaries):
     def __init__(
         self,
         model: ModelHandle | TransNetModel,
-        cfg: ExtractionConfig,
+        cfg: ExtractSettings,
         min_len: int = 0,
     ):
         self.model = model

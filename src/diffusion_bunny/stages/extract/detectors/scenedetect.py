@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_bunny.config import ExtractionConfig
 from diffusion_bunny.stages.extract.detectors.base import Boundaries
+from diffusion_bunny.stages.extract.settings import ExtractSettings
 
 
 class SceneDetectBoundaries(Boundaries):
@@ -31,7 +31,7 @@ class SceneDetectBoundaries(Boundaries):
         return [c.frame_num for c in self.detector.post_process(self._tc(last_index, fps=self.rate))]
 
 
-def make_detector(cfg: ExtractionConfig, fps: float) -> Any:
+def make_detector(cfg: ExtractSettings, fps: float) -> Any:
     """The configured PySceneDetect detector, with the minimum shot length in frames."""
     from scenedetect.detectors import (
         AdaptiveDetector,

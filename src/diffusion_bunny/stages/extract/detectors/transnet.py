@@ -15,7 +15,7 @@ write only the parts its own inference code cannot serve in a streaming, single-
   through a subclass that skips that one step, so loading leaves the rest of the program as it
   was.
 * inference runs batched under ``torch.inference_mode``, on the GPU when torch sees one.
-* on the CPU it runs through ONNX Runtime instead (``extraction.runtime: auto``): importing the
+* on the CPU it runs through ONNX Runtime instead (``extract.runtime: auto``): importing the
   CUDA build of torch costs about 3 s of CPU and 500 MB of resident memory before the first frame
   (measured here: stage 01 peaked at 1.1 GB on a 30-minute movie with torch, 0.24 GB without),
   while ``onnxruntime`` imports in 0.04 s and gives the same probabilities (logits within 2e-6).
@@ -93,8 +93,8 @@ def resolve_runtime(device: str, runtime: str) -> str:
         return "torch" if device == "cuda" else "onnx"
     if runtime == "onnx" and device == "cuda":
         raise ModelError(
-            "extraction.runtime 'onnx' runs on the CPU only; set extraction.runtime to auto or torch "
-            "to use the GPU, or extraction.device to cpu"
+            "extract.runtime 'onnx' runs on the CPU only; set extract.runtime to auto or torch "
+            "to use the GPU, or extract.device to cpu"
         )
     return runtime
 
@@ -335,7 +335,7 @@ def _child(args: list[str], path: Path, timeout: float, what: str) -> None:
         reason = lines[-1] if lines else "no output"
         raise ModelError(
             f"the TransNetV2 model could not be {what} for ONNX Runtime ({reason}); "
-            "set extraction.runtime: torch to run it through torch instead"
+            "set extract.runtime: torch to run it through torch instead"
         )
 
 
@@ -383,7 +383,7 @@ class OnnxTransNetModel:
         except Exception as exc:  # a damaged cache file: say what to do in one line
             raise ModelError(
                 f"the cached ONNX model {path} could not be opened ({type(exc).__name__}); delete it and "
-                "rerun (it is converted again), or set extraction.runtime: torch"
+                "rerun (it is converted again), or set extract.runtime: torch"
             ) from None
         self.path = path
         self.threads = options.intra_op_num_threads
@@ -407,7 +407,7 @@ def load_model(
     (``auto``/``torch``/``onnx``), loaded once per process and cached. ``precision`` int8 applies
     to ONNX Runtime only (torch, on a GPU, runs the package's fp32 network)."""
     started = time.perf_counter()
-    resolved = resolve_device(device, "extraction.device")
+    resolved = resolve_device(device, "extract.device")
     chosen = resolve_runtime(resolved, runtime)
     precision = precision if chosen == "onnx" else "fp32"
     with _lock:

@@ -1,0 +1,39 @@
+"""Where the workspace is: the checkout (or the folder holding ``config/main.yaml``) and the
+workspace its relative paths start from (``data/``, ``config/local_*.yaml``).
+
+Apart from :mod:`diffusion_bunny.config` because the stages' own modules need these paths too and
+the configuration imports the stages' settings: a module the configuration imports must not
+import it back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from (editable install), else the nearest parent of the
+    working directory that holds ``config/main.yaml``; None when neither exists."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "config" / "main.yaml").is_file():
+        return here
+    for parent in [Path.cwd(), *Path.cwd().parents]:
+        if (parent / "config" / "main.yaml").is_file():
+            return parent
+    return None
+
+
+#: Set by the Ray engine for its tasks: the workspace of the head (``bunny run``'s machine), so a
+#: relative setting (``train.output_dir``, ``run.output_dir``) means the same folder on every node.
+WORKSPACE_ENV = "DIFFUSION_BUNNY_WORKSPACE"
+
+
+def workspace_root() -> Path:
+    """Where ``data/`` and ``config/local_*.yaml`` live: ``$DIFFUSION_BUNNY_WORKSPACE`` (a Ray task:
+    the head's), else the checkout, else the working folder."""
+    env = os.environ.get(WORKSPACE_ENV)
+    if env:
+        return Path(env)
+    root = project_root()
+    return root if root is not None else Path.cwd()

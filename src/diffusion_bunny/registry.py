@@ -1,0 +1,99 @@
+"""The detectors a setting can choose, each registered once, with its own settings.
+
+A detector is chosen by one tagged setting: ``characters.detector: {name: mtcnn, scale_step: 0.8}``
+(or just ``characters.detector: mtcnn`` for its defaults). The module that holds a detector
+defines its settings model (a :class:`DetectorSettings` whose ``name`` is a ``Literal``: the tag)
+with their defaults, builds the detector from them, and registers the model once
+(``@FACE_DETECTORS.register``). Nothing else lists the detectors: the configuration's field is the
+union of what is registered (:meth:`Registry.choice`), an unknown name is one line naming the
+setting and the choices, and the code that needs a detector asks its settings to build it.
+
+The registry also says which module computes with each detector (:attr:`Detector.module`), so a
+stage's code hash can cover the detector it chose and not the ones it did not.
+
+Own code: pydantic's discriminated unions do the validation; what a registry adds (the names, the
+module, the short form ``detector: mtcnn``) is a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
+
+from pydantic import BeforeValidator, Field
+
+from diffusion_bunny.section import Section
+
+
+class DetectorSettings(Section):
+    """A detector's own settings; ``name`` (a ``Literal`` in each subclass) is its registered
+    name and the tag of the setting that chooses it."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One registered detector: its name, its settings model and the module that holds both."""
+
+    name: str
+    settings: type[DetectorSettings]
+    module: str
+
+
+class Registry:
+    """The detectors of one kind (``kind``: what the error messages call them), chosen by the
+    setting ``setting``."""
+
+    def __init__(self, kind: str, setting: str):
+        self.kind = kind
+        self.setting = setting
+        self._by_name: dict[str, Detector] = {}
+
+    def register(self, settings: type[DetectorSettings]) -> type[DetectorSettings]:
+        """Class decorator: register the detector whose settings model this is."""
+        name = settings.model_fields["name"].default
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{settings.__name__}.name needs its registered name as its default")
+        if name in self._by_name:
+            raise ValueError(f"the {self.kind} '{name}' is registered twice")
+        self._by_name[name] = Detector(name, settings, settings.__module__)
+        return settings
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, sorted."""
+        return tuple(sorted(self._by_name))
+
+    def get(self, name: str) -> Detector:
+        """The detector called ``name``; :class:`ValueError` naming the setting and the choices."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ValueError(
+                f"{self.setting}: '{name}' is not a {self.kind}; choose one of {', '.join(self.names())}"
+            ) from None
+
+    def settings(self, name: str, **values: Any) -> DetectorSettings:
+        """The settings of detector ``name``: its defaults, with ``values`` over them."""
+        return self.get(name).settings(name=name, **values)
+
+    def _tagged(self, value: Any) -> Any:
+        # The short form: a name alone stands for that detector with its defaults.
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict):
+            if "name" not in value:
+                raise ValueError(f"name the {self.kind}: one of {', '.join(self.names())}")
+            self.get(value["name"])  # an unknown name: one line with the choices
+        return value
+
+    def choice(self) -> Any:
+        """The type of the setting that chooses one registered detector (a name, or a mapping
+        with ``name`` and that detector's settings)."""
+        members = tuple(d.settings for d in self._by_name.values())
+        union = Annotated[Union[members], Field(discriminator="name")]  # noqa: UP007 - a runtime tuple
+        return Annotated[union, BeforeValidator(self._tagged)]
+
+
+#: The face detectors of stage 03 (and of stage 08's identity score): ``characters.detector``.
+FACE_DETECTORS = Registry("face detector", "characters.detector")
