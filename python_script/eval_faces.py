@@ -52,42 +52,54 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from diffusion_bunny.demo import face_truth as ft
 from diffusion_bunny.models.device import cpu_summary
+from diffusion_bunny.models.face_detect import FACE_DETECTORS
 from diffusion_bunny.models.faces import DetectSettings
 
 TARGET_RECALL, TARGET_PRECISION, TARGET_FPS = 0.9, 0.95, 30.0
 BASE = DetectSettings()
+
+
+def setting(name: str, common: dict | None = None, **own) -> DetectSettings:
+    """The default settings with detector ``name`` (``own``: its own settings over its defaults)
+    and ``common`` (the settings every detector shares) over the defaults."""
+    return replace(BASE, detector=FACE_DETECTORS.settings(name, **own), **(common or {}))
+
+
 #: The default before the pyramid started at 1.1 x min_face_px and faces were scored mirrored too.
-BEFORE = replace(BASE, detector="mtcnn", pyramid_start=0.8, mirror_score=False, min_score=0.9, min_face_px=40)
+BEFORE = setting("mtcnn", {"min_face_px": 40}, pyramid_start=0.8, mirror_score=False, min_score=0.9)
 #: (label, settings): every detector, and the settings of each worth seeing.
 SETTINGS = [
-    ("hog", replace(BASE, detector="hog")),
-    ("hog upsample=2", replace(BASE, detector="hog", upsample=2)),
-    ("cnn upsample=0", replace(BASE, detector="cnn", upsample=0)),
-    ("mediapipe", replace(BASE, detector="mediapipe")),
-    ("mediapipe min_score=0.5", replace(BASE, detector="mediapipe", min_score=0.5)),
-    ("mediapipe min_score=0.75", replace(BASE, detector="mediapipe", min_score=0.75)),
-    ("centerface", replace(BASE, detector="centerface")),
-    ("centerface min_score=0.4", replace(BASE, detector="centerface", min_score=0.4)),
-    ("centerface min_score=0.6", replace(BASE, detector="centerface", min_score=0.6)),
-    ("centerface min_face_px=34", replace(BASE, detector="centerface", min_face_px=34)),
-    ("centerface min_face_px=40", replace(BASE, detector="centerface", min_face_px=40)),
-    ("centerface auto_levels=False", replace(BASE, detector="centerface", auto_levels=False)),
-    ("mtcnn", replace(BASE, detector="mtcnn")),
-    ("mtcnn min_face_px=40", replace(BASE, detector="mtcnn", min_face_px=40)),
-    ("mtcnn mirror_score=False", replace(BASE, detector="mtcnn", mirror_score=False)),
-    ("mtcnn pyramid_start=0.8", replace(BASE, detector="mtcnn", pyramid_start=0.8)),
-    ("mtcnn auto_levels=False", replace(BASE, detector="mtcnn", auto_levels=False)),
-    ("mtcnn scale_step=0.709", replace(BASE, detector="mtcnn", scale_step=0.709)),
-    ("mtcnn scale_step=0.8", replace(BASE, detector="mtcnn", scale_step=0.8)),
-    ("mtcnn min_score=0.8", replace(BASE, detector="mtcnn", min_score=0.8)),
-    ("mtcnn min_score=0.9", replace(BASE, detector="mtcnn", min_score=0.9)),
+    ("hog", setting("hog")),
+    ("hog upsample=2", setting("hog", upsample=2)),
+    ("cnn upsample=0", setting("cnn", upsample=0)),
+    ("mediapipe", setting("mediapipe")),
+    ("mediapipe min_score=0.5", setting("mediapipe", min_score=0.5)),
+    ("mediapipe min_score=0.75", setting("mediapipe", min_score=0.75)),
+    ("centerface", setting("centerface")),
+    ("centerface min_score=0.4", setting("centerface", min_score=0.4)),
+    ("centerface min_score=0.6", setting("centerface", min_score=0.6)),
+    ("centerface min_face_px=34", setting("centerface", {"min_face_px": 34})),
+    ("centerface min_face_px=40", setting("centerface", {"min_face_px": 40})),
+    ("centerface auto_levels=False", setting("centerface", {"auto_levels": False})),
+    ("mtcnn", setting("mtcnn")),
+    ("mtcnn min_face_px=40", setting("mtcnn", {"min_face_px": 40})),
+    ("mtcnn mirror_score=False", setting("mtcnn", mirror_score=False)),
+    ("mtcnn pyramid_start=0.8", setting("mtcnn", pyramid_start=0.8)),
+    ("mtcnn auto_levels=False", setting("mtcnn", {"auto_levels": False})),
+    ("mtcnn scale_step=0.709", setting("mtcnn", scale_step=0.709)),
+    ("mtcnn scale_step=0.8", setting("mtcnn", scale_step=0.8)),
+    ("mtcnn min_score=0.8", setting("mtcnn", min_score=0.8)),
+    ("mtcnn min_score=0.9", setting("mtcnn", min_score=0.9)),
     ("mtcnn before", BEFORE),
-    ("mtcnn before, no auto_levels", replace(BEFORE, auto_levels=False, scale_step=0.709)),
+    (
+        "mtcnn before, no auto_levels",
+        replace(BEFORE, auto_levels=False, detector=BEFORE.detector.model_copy(update={"scale_step": 0.709})),
+    ),
 ]
 COLUMNS = [
     ("recall", "recall"),
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Run the settings ``args`` asks for, print the table (and store it with ``--write``)."""
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
-    settings = [(lbl, s) for lbl, s in SETTINGS if not wanted or lbl in wanted or s.detector in wanted]
+    settings = [(lbl, s) for lbl, s in SETTINGS if not wanted or lbl in wanted or s.detector_name in wanted]
     if not settings:
         print(
             f"error: --only names no setting; labels: {', '.join(lbl for lbl, _ in SETTINGS)}",
@@ -270,14 +282,14 @@ def evaluate(args: argparse.Namespace) -> int:
         for label, s in settings:
             started = time.perf_counter()
             found = ft.detect_truth(s, truth)
-            if args.fit_boxes and s.detector == "mediapipe":
+            if args.fit_boxes and s.detector_name == "mediapipe":
                 print(
                     f"{label}: box moves onto the truth (fit frames): "
                     f"{ft.box_offsets(truth, found, fit_files)}"
                 )
-            row = {"setting": label, "settings": asdict(s), **ft.summary_row(ft.score(truth, found))}
+            row = {"setting": label, "settings": s.as_json(), **ft.summary_row(ft.score(truth, found))}
             searches = [found]
-            if scales and s.detector != "cnn":  # dlib's CNN: a second a frame, too slow five times
+            if scales and s.detector_name != "cnn":  # dlib's CNN: a second a frame, too slow five times
                 searches += [ft.detect_truth(s, truth, scale=x) for x in scales]
                 many = ft.summed_score(truth, searches)
                 row["scales_>=32"], row["scales_precision"] = many.bucket_recall(">=32"), many.precision
@@ -367,8 +379,8 @@ def measure_speed(rows: list[dict], settings: list, paths: list[Path], args: arg
     for r in range(rounds):
         for row, (_, s) in zip(rows, settings, strict=True):
             # dlib's CNN takes about a second a frame on one core: fewer frames for it.
-            sample = paths[:12] if s.detector == "cnn" else paths
-            repeat = 1 if s.detector == "cnn" else args.speed_repeat
+            sample = paths[:12] if s.detector_name == "cnn" else paths
+            repeat = 1 if s.detector_name == "cnn" else args.speed_repeat
             detect = ft.frames_per_second(s, sample, workers=args.workers, encode=False, repeat=repeat)
             encode = ft.frames_per_second(s, sample, workers=args.workers, repeat=repeat)
             row["fps_rounds"].append({"fps": round(detect, 1), "fps+enc": round(encode, 1), "load": load()})

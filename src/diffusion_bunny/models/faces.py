@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,8 @@ import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.images import laplacian_variance
-from diffusion_bunny.models.face_common import Detection
-from diffusion_bunny.models.mtcnn import SCALE_STEP
+from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
 
-#: MTCNN's image pyramid starts at faces this many times ``min_face_px`` (its first level is the
-#: largest and the dearest: at 720p, 130 of the 307 thousand pixels the proposal net ran over
-#: when it started at 0.8, where its boxes, which run inside the forehead-to-chin height, equal
-#: min_face_px). Faces a little under the first level's size are still found there. On the face
-#: truth set searched at five scales (python_script/eval_faces.py, columns "xs": faces fall
-#: between the levels differently at each), recall on faces >= 32 px was 0.90 from 0.8 and from
-#: 1.1, and the search ran at 30.6 frames/s instead of 22.2 (rows "mtcnn", "mtcnn
-#: pyramid_start=0.8"); in scratch runs the start made no difference to it between 0.8 and 1.2.
-PYRAMID_START = 1.1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
 #: small face and a large one are compared at the same scale.
@@ -62,27 +52,25 @@ DLIB_TEMPLATE_5 = np.array(
 
 @dataclass(frozen=True)
 class DetectSettings:
-    """The settings that change what the detector and encoder return (the cache key)."""
+    """The settings that change what the detector and encoder return (the cache key): the
+    detector's own (:class:`~.face_common.FaceDetectorSettings`, or a detector's name for its
+    defaults) and those every detector shares."""
 
-    detector: str = "centerface"
+    detector: FaceDetectorSettings | str = "centerface"
     detect_width: int = 640
-    upsample: int = 1
     num_jitters: int = 1
     landmarks: str = "large"
     min_face_px: int = 30
-    #: The confidence a face needs (None: the detector's own default; dlib's HOG has none).
-    min_score: float | None = None
     #: What the encoder aligns a face on: ``dlib`` (dlib's shape predictor, ``landmarks``, run on
     #: the detector's box) or ``detector`` (the detector's own eye centres, :func:`chip_shape`).
     align: str = "dlib"
     #: Stretch the searched copy's brightness first (:func:`auto_levels`).
     auto_levels: bool = True
-    #: MTCNN's pyramid step (facenet-pytorch's own: 0.709).
-    scale_step: float = SCALE_STEP
-    #: Where MTCNN's pyramid starts, in multiples of ``min_face_px`` (:func:`detect`).
-    pyramid_start: float = PYRAMID_START
-    #: MTCNN scores each face on its crop and the crop mirrored (``mtcnn._mirror_nms``).
-    mirror_score: bool = True
+
+    def __post_init__(self) -> None:
+        from diffusion_bunny.models.face_detect import settings_of
+
+        object.__setattr__(self, "detector", settings_of(self.detector))
 
     @classmethod
     def from_config(cls, cfg: Any) -> DetectSettings:
@@ -90,11 +78,25 @@ class DetectSettings:
         stage, so the settings model is not named here: any object with these attributes)."""
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
+    @property
+    def detector_name(self) -> str:
+        return self.detector.name
+
+    def finer(self) -> DetectSettings:
+        """These settings with the detector searching finer (:meth:`FaceDetectorSettings.finer`)."""
+        return replace(self, detector=self.detector.finer())
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as JSON values (the detector's own as a mapping with its ``name``)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["detector"] = self.detector.model_dump(mode="json")
+        return values
+
     def key(self) -> str:
         """Stage 03's cache key of a frame's faces: these settings and the code that detects and
         encodes (this module and the detectors it imports, :func:`~diffusion_bunny.codegraph.code_hash`),
         so an edited detector searches every frame again without a version to bump."""
-        blob = json.dumps({**asdict(self), "code": code_hash(__name__)}, sort_keys=True).encode()
+        blob = json.dumps({**self.as_json(), "code": code_hash(__name__)}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -184,7 +186,7 @@ def auto_levels(rgb: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.nda
     return cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
 
 
-def detect(rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = None) -> list[Detection]:
+def detect(rgb: np.ndarray, settings: DetectSettings) -> list[Detection]:
     """Find the faces of one RGB image with ``settings.detector``: boxes, scores and 5 landmarks
     in the image's own pixels, faces under ``min_face_px`` left out.
 
@@ -201,15 +203,8 @@ def detect(rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = 
         scale = settings.detect_width / width
         size = (settings.detect_width, max(1, round(height * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    ups = settings.upsample if upsample is None else upsample
-    # The smallest face wanted, in the copy's pixels, sets MTCNN's and CenterFace's cost. MTCNN's
-    # image pyramid starts at settings.pyramid_start times it (PYRAMID_START says why).
-    min_face = int(settings.min_face_px * scale)
-    if settings.detector == "mtcnn":
-        min_face = max(12, int(settings.min_face_px * scale * settings.pyramid_start))
-    detector = make_detector(
-        settings.detector, ups, min_face, settings.min_score, settings.scale_step, settings.mirror_score
-    )
+    # The smallest face wanted, in the copy's pixels, sets MTCNN's and CenterFace's cost.
+    detector = make_detector(settings.detector, settings.min_face_px * scale)
     if settings.auto_levels:
         small = auto_levels(small)
     out: list[Detection] = []
@@ -269,9 +264,7 @@ def _shape_yaw(shape: Any) -> float:
     return yaw_of(pts[2:4].mean(0), pts[0:2].mean(0), pts[4])
 
 
-def detect_and_encode(
-    rgb: np.ndarray, settings: DetectSettings, *, upsample: int | None = None
-) -> list[Face]:
+def detect_and_encode(rgb: np.ndarray, settings: DetectSettings) -> list[Face]:
     """Find the faces of one RGB image (:func:`detect`) and encode each with dlib's ResNet on the
     full-resolution image, where the face has the most detail.
 
@@ -285,7 +278,7 @@ def detect_and_encode(
     """
     from diffusion_bunny.models import dlib_faces as fr
 
-    found = detect(rgb, settings, upsample=upsample)
+    found = detect(rgb, settings)
     if not found:
         return []
     shapes, yaws = [], []
@@ -348,7 +341,7 @@ def portrait_faces(rgb: np.ndarray, ref_settings: DetectSettings) -> list[Face]:
     """
     faces = detect_and_encode(rgb, ref_settings)
     if not faces:
-        faces = detect_and_encode(rgb, ref_settings, upsample=ref_settings.upsample + 1)
+        faces = detect_and_encode(rgb, ref_settings.finer())
     if len(faces) > 1:
         largest = max(f.height for f in faces)
         faces = [f for f in faces if 3 * f.height >= largest]

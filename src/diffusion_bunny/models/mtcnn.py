@@ -23,12 +23,14 @@ package.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.models.face_common import Detection, clip_box, package_file
+from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
+from diffusion_bunny.registry import FACE_DETECTORS
 
 WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 #: Thresholds of the three stages: facenet-pytorch's own (0.6, 0.7, 0.7) but for the last, the
@@ -40,6 +42,15 @@ WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
 THRESHOLDS = (0.6, 0.7, 0.85)
 #: Each pyramid level's size over the one before (``characters.scale_step``; see :class:`Mtcnn`).
 SCALE_STEP = 0.76
+#: MTCNN's image pyramid starts at faces this many times ``min_face_px`` (its first level is the
+#: largest and the dearest: at 720p, 130 of the 307 thousand pixels the proposal net ran over
+#: when it started at 0.8, where its boxes, which run inside the forehead-to-chin height, equal
+#: min_face_px). Faces a little under the first level's size are still found there. On the face
+#: truth set searched at five scales (python_script/eval_faces.py, columns "xs": faces fall
+#: between the levels differently at each), recall on faces >= 32 px was 0.90 from 0.8 and from
+#: 1.1, and the search ran at 30.6 frames/s instead of 22.2 (rows "mtcnn", "mtcnn
+#: pyramid_start=0.8"); in scratch runs the start made no difference to it between 0.8 and 1.2.
+PYRAMID_START = 1.1
 #: Candidate boxes through the refine and output nets per call (memory stays small).
 BATCH = 256
 #: Mirror images scored per output-net call in :func:`_mirror_nms`.
@@ -461,3 +472,32 @@ class Mtcnn:
                 Detection(clip_box((y0, x1, y1, x0), rgb.shape), float(score), five.astype(np.float32))
             )
         return out
+
+
+@FACE_DETECTORS.register
+class MtcnnSettings(FaceDetectorSettings):
+    """``characters.detector: mtcnn``: the MTCNN cascade (weights from facenet-pytorch)."""
+
+    name: Literal["mtcnn"] = "mtcnn"
+    #: The output network's threshold (0-1), on its score for the face and for its mirror image
+    #: averaged (``mirror_score``).
+    min_score: float = Field(THRESHOLDS[2], ge=0.0, le=1.0)
+    #: Each pyramid level this much of the one before (0.5-0.95; :class:`Mtcnn` says why not
+    #: facenet-pytorch's 0.709).
+    scale_step: float = Field(SCALE_STEP, ge=0.5, le=0.95)
+    #: Where the pyramid starts, in multiples of ``min_face_px`` (:data:`PYRAMID_START` says why).
+    pyramid_start: float = Field(PYRAMID_START, ge=0.5, le=4.0)
+    #: Score each face on its crop and the crop mirrored (fewer false faces at one threshold).
+    mirror_score: bool = True
+
+    def check(self) -> None:
+        for relative in WEIGHTS:
+            package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
+
+    def build(self, min_face: float) -> Mtcnn:
+        return Mtcnn(
+            min_face=max(12, int(min_face * self.pyramid_start)),
+            min_score=self.min_score,
+            scale_step=self.scale_step,
+            mirror=self.mirror_score,
+        )

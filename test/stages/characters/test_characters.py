@@ -19,6 +19,7 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.movie import build_demo_references
 from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
+from diffusion_bunny.models.dlib_faces import CnnSettings, HogSettings
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
@@ -223,8 +224,8 @@ def test_config_is_validated():
         load_config(None, {"characters.min_threshold": 0.7}, root=ROOT / "test")
     with pytest.raises(
         ConfigError,
-        match=r"characters\.detector = .retinaface.: "
-        r"Input should be .hog., .cnn., .mediapipe., .mtcnn. or .centerface.",
+        match=r"characters\.detector = .retinaface.: .*'retinaface' is not a face detector; "
+        r"choose one of centerface, cnn, hog, mediapipe, mtcnn",
     ):
         load_config(None, {"characters.detector": "retinaface"}, root=ROOT / "test")
 
@@ -352,7 +353,7 @@ def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first
         faces = run_stage(run, "characters", cfg, progress=False)["faces"]
         manifest = run.read_manifest("characters")
         assert manifest["facts"]["frames_cached"] == 0 and manifest["facts"]["frames_detected"] > 0
-        assert manifest["facts"]["detect_settings"]["detector"] == detector
+        assert manifest["facts"]["detect_settings"]["detector"]["name"] == detector
         people = faces.filter(pl.col("kind") == "face")
         named = dict(people.group_by("character").len().drop_nulls().iter_rows())
         assert named == {"astronaut": 4, "grace_hopper": 4}, detector  # a false face stays unknown
@@ -528,8 +529,8 @@ def test_cnn_detector_option_finds_the_same_face(tmp_path):
     """``characters.detector: cnn`` runs dlib's CNN detector (slow on a CPU, so a small photo)."""
     rgb = read_rgb(_examples() / "obama.jpg")
     small = cv2.resize(rgb, (240, round(240 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA)
-    hog = detect_and_encode(small, DetectSettings(detector="hog", upsample=0, min_face_px=0))
-    cnn = detect_and_encode(small, DetectSettings(detector="cnn", upsample=0, min_face_px=0))
+    hog = detect_and_encode(small, DetectSettings(detector=HogSettings(upsample=0), min_face_px=0))
+    cnn = detect_and_encode(small, DetectSettings(detector=CnnSettings(upsample=0), min_face_px=0))
     assert len(hog) == len(cnn) == 1
     assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
     assert cnn[0].sharpness > 0

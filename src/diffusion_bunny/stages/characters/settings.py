@@ -1,18 +1,28 @@
 """Stage 03's settings (``characters``): what finds characters, how they are named and tracked.
 
-Read by the configuration (:mod:`diffusion_bunny.config`) on every command, so it imports
-nothing heavier than pydantic.
+Read by the configuration (:mod:`diffusion_bunny.config`) on every command. The face detector's
+own settings live with each detector (``models/<detector>.py``, registered in
+:data:`~diffusion_bunny.registry.FACE_DETECTORS`); ``characters.detector`` chooses one.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from diffusion_bunny.models.centerface import CenterFaceSettings
+from diffusion_bunny.models.face_detect import FACE_DETECTORS
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
 from diffusion_bunny.section import Section
+
+#: The face detector: a registered detector's name, or its name and settings.
+FaceDetectorChoice = FACE_DETECTORS.choice()
+#: Keys that were settings of the whole section and are now a detector's own
+#: (``characters.scale_step`` -> ``characters.detector.scale_step``).
+MOVED_TO_DETECTOR = ("min_score", "scale_step", "pyramid_start", "mirror_score", "upsample")
 
 
 class CharactersSettings(Section):
@@ -20,21 +30,14 @@ class CharactersSettings(Section):
 
     reference_dir: str | None = None
     frames: Literal["kept", "all"] = "kept"
-    detector: Literal["hog", "cnn", "mediapipe", "mtcnn", "centerface"] = "centerface"
-    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    #: The face detector and its own settings (``{name: mtcnn, scale_step: 0.8}``, or its name
+    #: alone for its defaults).
+    detector: FaceDetectorChoice = CenterFaceSettings()
     align: Literal["dlib", "detector"] = "dlib"
     #: Stretch the searched copy's brightness between its 1st and 99.5th percentiles first
     #: (low-key stage and night frames; python_script/eval_faces.py).
     auto_levels: bool = True
-    #: MTCNN's image pyramid: each level this much smaller than the one before (facenet-pytorch's
-    #: own 0.709 skips more face sizes; finer costs time, measured in eval_faces.py).
-    scale_step: float = Field(0.76, ge=0.5, le=0.95)
-    #: Where MTCNN's pyramid starts, in multiples of min_face_px (lower finds more small faces, slower).
-    pyramid_start: float = Field(1.1, ge=0.5, le=4.0)
-    #: MTCNN scores a face on its crop and the crop mirrored (fewer false faces at one threshold).
-    mirror_score: bool = True
     detect_width: int = Field(640, ge=0, le=8192)
-    upsample: int = Field(1, ge=0, le=4)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
     min_face_px: int = Field(30, ge=0, le=4096)
@@ -60,6 +63,38 @@ class CharactersSettings(Section):
     #: Two sightings of a drawn character in consecutive sampled frames of a shot are one track
     #: when their features (unit length) are within this distance.
     drawn_track_distance: float = Field(0.8, gt=0.0, le=2.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_keys_moved(cls, data: Any) -> Any:
+        """A detector's settings written at the section's level (as before they moved into
+        ``detector``) still load: into the chosen detector's settings when it has them, with one
+        warning; one it does not have is ignored, with one warning (it never applied to it)."""
+        if not isinstance(data, dict) or not any(k in data for k in MOVED_TO_DETECTOR):
+            return data
+        data = dict(data)
+        chosen = data.get("detector", CenterFaceSettings().name)
+        detector = {"name": chosen} if isinstance(chosen, str) else dict(chosen or {})
+        try:
+            own = FACE_DETECTORS.get(str(detector.get("name"))).settings.model_fields
+        except ValueError:
+            return data  # the detector's own validation says what is wrong with its name
+        log = logging.getLogger(__name__)
+        for key in MOVED_TO_DETECTOR:
+            if key not in data:
+                continue
+            value = data.pop(key)
+            if key in own and key not in detector and value is not None:
+                detector[key] = value
+                log.warning("the setting characters.%s is now characters.detector.%s", key, key)
+            elif key not in own:
+                log.warning(
+                    "characters.%s is not a setting of the face detector %s; it is ignored",
+                    key,
+                    detector["name"],
+                )
+        data["detector"] = detector
+        return data
 
     @model_validator(mode="after")
     def _threshold_window(self) -> CharactersSettings:

@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +338,7 @@ def detect_faces(
     detections, face_frames = _detection_tables(rows, results, cached_ids, cached_faces, key, sizes)
     facts = {
         "detect_key": key,
-        "detect_settings": asdict(settings),
+        "detect_settings": settings.as_json(),
         "workers": n_workers if use_pool else 1,
         "frames_detected": len(jobs),
         "frames_cached": len(cached_ids),

@@ -107,22 +107,22 @@ class ClusterNamer:
 
 
 class DetectorPreview:
-    """Switch the face detector and see what it finds on a few frames (issue 30): a drop-down of
+    """Switch the face detector and see what it finds on a few frames: a drop-down of
     ``characters.detector``'s choices over :func:`~.plots.detector_preview`. It only previews; to
     use a detector for the run, set ``characters.detector`` (``overrides`` or config) and rerun."""
 
     def __init__(self, run: Run, frames: pl.DataFrame, frame_ids: list[str], settings: Any):
-        from diffusion_bunny.models.face_detect import DETECTORS
+        from diffusion_bunny.models.face_detect import detector_names
 
         self.run, self.frames, self.frame_ids, self.settings = run, frames, frame_ids, settings
         self.choice = widgets.Dropdown(
-            options=list(DETECTORS), value=settings.detector, description="detector"
+            options=list(detector_names()), value=settings.detector_name, description="detector"
         )
         self.image = widgets.Image(format="png")
         self.status = widgets.HTML()
         self.choice.observe(lambda change: self.show(change["new"]), names="value")
         self.widget = widgets.VBox([self.choice, self.status, self.image])
-        self.show(settings.detector)
+        self.show(settings.detector_name)
 
     def show(self, detector: str) -> None:
         """Draw the faces ``detector`` finds on the preview frames."""
@@ -131,9 +131,13 @@ class DetectorPreview:
         from diffusion_bunny.stages.characters.plots import detector_preview
 
         self.status.value = f"<i>searching with {detector} ...</i>"
-        picture = detector_preview(
-            self.run.run_dir, self.frames, self.frame_ids, replace(self.settings, detector=detector)
+        # The configured detector with its configured settings; another with its defaults.
+        chosen = (
+            self.settings
+            if detector == self.settings.detector_name
+            else replace(self.settings, detector=detector)
         )
+        picture = detector_preview(self.run.run_dir, self.frames, self.frame_ids, chosen)
         self.image.value = png_bytes(picture)
         self.status.value = (
             f"faces found by <b>{detector}</b> (set characters.detector to use it for the run)"

@@ -88,7 +88,7 @@ def score_identity(rgb: np.ndarray, references: np.ndarray | None, settings: Det
     the nearest of ``references`` (None without a face or without references)."""
     faces = detect_and_encode(rgb, settings)
     if not faces and min(rgb.shape[:2]) <= SMALL_IMAGE_SIDE:
-        faces = detect_and_encode(rgb, settings, upsample=settings.upsample + 1)
+        faces = detect_and_encode(rgb, settings.finer())
     if not faces or references is None or len(references) == 0:
         return IdentityScore(len(faces), None)
     enc = np.stack([f.encoding for f in faces]).astype(np.float32)
