@@ -65,11 +65,13 @@ def replay(
 ) -> tuple[list[int], dict, list[dict]]:
     """Feed the cascade as stage 01 does; the cuts it found, its facts and its candidates."""
     from diffusion_bunny.config import load_config
-    from diffusion_bunny.stages.extract.detectors import make_boundaries
+    from diffusion_bunny.stages.extract.detectors import CascadeSettings, make_boundaries
     from diffusion_bunny.stages.extract.detectors.transnet import load_model
 
-    cfg = load_config(None, {f"extract.{k}": v for k, v in overrides.items()}, use_local=False).extract
-    det = make_boundaries(cfg, fps, load_model("cpu", precision=cfg.transnetv2_precision))
+    own = CascadeSettings.model_fields
+    keys = {(f"extract.detector.{k}" if k in own else f"extract.{k}"): v for k, v in overrides.items()}
+    cfg = load_config(None, {"extract.detector": "cascade", **keys}, use_local=False).extract
+    det = make_boundaries(cfg, fps, load_model("cpu", precision=cfg.detector.transnetv2_precision))
     found: list[int] = []
     for i, f in enumerate(frames):
         found += det.push(i, f)

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     items = make_items(work, args.variants)
     from diffusion_bunny.config import load_config
 
-    precision = args.precision or load_config(None, {}, use_local=False).extract.transnetv2_precision
+    precision = args.precision or load_config(None, {}, use_local=False).extract.detector.transnetv2_precision
     wanted = any(d in ("transnetv2", "cascade") for d in detectors)
     model = load_model("auto", precision=precision) if wanted else None
     if model is not None:

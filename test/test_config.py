@@ -38,7 +38,7 @@ def test_layers_later_wins(tmp_path):
     cfg = load_config(extra, ["extract.detector=adaptive"], root=tmp_path)
     assert cfg.extract.motion_threshold == 2.0
     assert cfg.extract.jpeg_quality == 70
-    assert cfg.extract.detector == "adaptive"
+    assert cfg.extract.detector.name == "adaptive"
     assert cfg.extract.effective_threshold == 3.0
     assert load_config(extra, {"extract.motion_threshold": 9}, root=tmp_path).extract.motion_threshold == 9
     assert load_config(root=tmp_path, use_local=False).extract.motion_threshold == 1.0
@@ -49,8 +49,8 @@ def test_layers_later_wins(tmp_path):
     [
         (
             ["extract.treshold=3"],
-            "unknown key 'extract.treshold' (allowed here: accept_colour_threshold, accept_threshold, "
-            "analysis_width,",
+            "unknown key 'extract.treshold' (allowed here: analysis_width, deinterlace, detect_width, "
+            "detector,",
         ),
         (
             ["extractoin.threshold=3"],
@@ -66,10 +66,15 @@ def test_layers_later_wins(tmp_path):
             "extract.jpeg_quality = 0: Input should be greater than or equal to 1",
         ),
         (
-            ["extract.detector=content", "extract.threshold=300"],
-            "threshold 300.0 is out of range for detector 'content': allowed 0.0 to 255.0",
+            ["extract.detector=content", "extract.detector.threshold=300"],
+            "extract.detector.threshold = 300: Input should be less than or equal to 255",
         ),
-        (["extract.detector=hash", "extract.threshold=2"], "allowed 0.0 to 1.0"),
+        (["extract.detector=hash", "extract.detector.threshold=2"], "less than or equal to 1"),
+        (
+            ["extract.detector=cascade", "extract.detector.threshold=30"],
+            "unknown key 'extract.detector.threshold' (allowed here: accept_colour_threshold, "
+            "accept_threshold, candidate_ratio,",
+        ),
         (
             ["extract.motion_threshold=abc"],
             "extract.motion_threshold = 'abc': Input should be a valid number",
@@ -123,3 +128,25 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     available = "extract, quality, characters, scenes, captions, export, train, generate, report"
     assert f"unknown stage 'bogus' (available: {available})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "value"),
+    [
+        ("extraction", "extract", "motion_threshold", 2.0),
+        ("captioning", "captions", "trigger_word", "oldword"),
+        ("training", "train", "rank", 8),
+        ("generation", "generate", "steps", 5),
+    ],
+)
+def test_a_section_under_its_old_name_still_loads_with_one_warning(tmp_path, caplog, old, new, key, value):
+    (tmp_path / "config").mkdir()
+    layer = tmp_path / "config" / "local_old.yaml"
+    layer.write_text(yaml.safe_dump({old: {key: value}}))
+    with caplog.at_level("WARNING", logger="diffusion_bunny.config"):
+        cfg = load_config(None, [], root=tmp_path)
+    assert getattr(getattr(cfg, new), key) == value
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_bunny.config"]
+    assert lines == [f"{layer}: the config section '{old}' is now called '{new}'; write {new}.{key}"]
+    # A finished run stays done: its manifest recorded the section under the old name.
+    assert list(cfg.section_values(new)) == [old]

@@ -51,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting (repeatable), e.g. --set extract.threshold=30",
+        help="override one setting (repeatable), e.g. --set extract.motion_threshold=2",
     )
     run.add_argument(
         "--stages",

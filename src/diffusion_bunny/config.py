@@ -28,10 +28,13 @@ from pydantic import BaseModel, Field, ValidationError
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root, workspace_root
+from diffusion_bunny.registry import move_into_detector
 from diffusion_bunny.section import Section
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
+from diffusion_bunny.stages.characters.settings import MOVED_TO_DETECTOR as FACE_KEYS
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.export.settings import ExportSettings
+from diffusion_bunny.stages.extract.settings import MOVED_TO_DETECTOR as SHOT_KEYS
 from diffusion_bunny.stages.extract.settings import ExtractSettings
 from diffusion_bunny.stages.generate.settings import GenerateSettings
 from diffusion_bunny.stages.quality.settings import QualitySettings
@@ -67,6 +70,9 @@ SECTION_ALIASES = {
 RECORDED_AS = {new: old for old, new in SECTION_ALIASES.items() if old != "filtering"}
 #: Renamed settings, (section, old key) -> new key: an old config still loads, with one warning.
 KEY_ALIASES = {("characters", "model"): "detector"}
+#: A detector's settings that were the section's own before they became the detector's
+#: (``extract.candidate_threshold`` -> ``extract.detector.candidate_threshold``): section -> keys.
+DETECTOR_KEYS = {"extract": SHOT_KEYS, "characters": FACE_KEYS}
 
 
 class RunSettings(Section):
@@ -192,7 +198,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``section.key=value``; the value is read as YAML so numbers, booleans, null and
-    lists keep their types (``--set extract.threshold=30``)."""
+    lists keep their types (``--set extract.detector.threshold=30``)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or "." not in key or not all(key.split(".")):
@@ -205,7 +211,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    """Turn ``{"extract.threshold": 30}`` or ``["extract.threshold=30"]`` into nested dicts."""
+    """Turn ``{"extract.detector.threshold": 30}`` or ``["extract.detector.threshold=30"]`` into
+    nested dicts. A detector named and tuned in one go (``extract.detector=content`` and
+    ``extract.detector.threshold=30``, in either order) is that detector with that setting."""
     if not overrides:
         return {}
     pairs = (
@@ -218,10 +226,15 @@ def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str,
         node = tree
         *parents, leaf = dotted.split(".")
         for part in parents:
+            if isinstance(node.get(part), str):  # a detector's name, now tuned too
+                node[part] = {"name": node[part]}
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{dotted}' conflicts with another override")
-        node[leaf] = value
+        if isinstance(node.get(leaf), dict) and isinstance(value, str):  # tuned, now named too
+            node[leaf] = {**node[leaf], "name": value}
+        else:
+            node[leaf] = value
     return tree
 
 
@@ -266,6 +279,9 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         logging.getLogger(__name__).warning(
             "%s: the setting %s.%s is now called %s.%s", source, section, old, section, new
         )
+    for section, keys in DETECTOR_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out = {**out, section: move_into_detector(out[section], section, keys, source)}
     return out
 
 

@@ -17,6 +17,8 @@ module, the short form ``detector: mtcnn``) is a few lines.
 
 from __future__ import annotations
 
+import logging
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
@@ -95,5 +97,67 @@ class Registry:
         return Annotated[union, BeforeValidator(self._tagged)]
 
 
+@dataclass(frozen=True)
+class Moved:
+    """A detector's setting one configuration layer wrote at its section's level, as before it
+    became the detector's own: :func:`move_into_detector` puts it under ``detector`` in its layer
+    (so later layers still win), :func:`settle_moved` keeps it where the chosen detector has it."""
+
+    value: Any
+
+
+def move_into_detector(
+    values: dict[str, Any], section: str, moved: tuple[str, ...], source: str
+) -> dict[str, Any]:
+    """One layer's ``section`` with the keys of ``moved`` written at its level moved under
+    ``detector`` (as :class:`Moved`), one warning each naming the layer."""
+    if not any(key in values for key in moved):
+        return values
+    values = dict(values)
+    chosen = values.get("detector")
+    detector = {"name": chosen} if isinstance(chosen, str) else dict(chosen or {})
+    for key in moved:
+        if key in values:
+            detector[key] = Moved(values.pop(key))
+            logging.getLogger(__name__).warning(
+                "%s: the setting %s.%s is now %s.detector.%s", source, section, key, section, key
+            )
+    values["detector"] = detector
+    return values
+
+
+def settle_moved(data: Any, section: str, registry: Registry, default: str) -> Any:
+    """``data`` (a section's merged settings) with its detector named (``default`` where no layer
+    named one) and each :class:`Moved` setting kept where the chosen detector has it and dropped,
+    with one warning, where it does not (it never applied to that detector); a null that meant
+    "the detector's default" is dropped too."""
+    detector = data.get("detector") if isinstance(data, dict) else None
+    if not isinstance(detector, dict):
+        return data
+    detector = {"name": default, **detector}
+    try:
+        own = registry.get(str(detector.get("name"))).settings.model_fields
+    except ValueError:
+        own = {}
+    settled = {}
+    for key, value in detector.items():
+        if not isinstance(value, Moved):
+            settled[key] = value
+        elif key in own:
+            if value.value is not None or type(None) in typing.get_args(own[key].annotation):
+                settled[key] = value.value
+        elif value.value is not None:
+            logging.getLogger(__name__).warning(
+                "%s.%s is not a setting of the %s %s; it is ignored",
+                section,
+                key,
+                registry.kind,
+                detector.get("name"),
+            )
+    return {**data, "detector": settled}
+
+
 #: The face detectors of stage 03 (and of stage 08's identity score): ``characters.detector``.
 FACE_DETECTORS = Registry("face detector", "characters.detector")
+#: The shot-boundary detectors of stage 01: ``extract.detector``.
+SHOT_DETECTORS = Registry("shot detector", "extract.detector")

@@ -654,7 +654,7 @@ def _say(text: str) -> None:
 
 
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["extract.threshold=30"]`` -> ``{"extract.threshold": 30}`` (JSON-safe for papermill)."""
+    """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill)."""
     from diffusion_bunny.config import parse_override
 
     out: dict[str, Any] = {}

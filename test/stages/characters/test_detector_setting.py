@@ -80,5 +80,11 @@ def test_a_detector_setting_at_the_sections_level_still_loads(tmp_path, caplog):
         )
     assert cfg.characters.detector == MtcnnSettings(scale_step=0.8)
     lines = [r.getMessage() for r in caplog.records]
-    assert "the setting characters.scale_step is now characters.detector.scale_step" in lines
+    assert "--set: the setting characters.scale_step is now characters.detector.scale_step" in lines
     assert "characters.upsample is not a setting of the face detector mtcnn; it is ignored" in lines
+    # A layer above still wins over it: the flat key moved within its own layer.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "local_old.yaml").write_text("characters:\n  detector: mtcnn\n  scale_step: 0.8\n")
+    tuned = load_config(None, ["characters.detector.scale_step=0.9"], root=tmp_path).characters.detector
+    assert tuned == MtcnnSettings(scale_step=0.9)
+    assert load_config(None, [], root=tmp_path).characters.detector == MtcnnSettings(scale_step=0.8)

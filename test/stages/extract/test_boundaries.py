@@ -33,7 +33,11 @@ SIZE = {"width": 160, "height": 90}
 
 
 def xcfg(**kw):
-    return load_config(None, {f"extract.{k}": v for k, v in kw.items()}, use_local=False).extract
+    """The ``extract`` settings with ``kw`` (the detector's own settings go under ``detector``)."""
+    from diffusion_bunny.stages.extract.settings import MOVED_TO_DETECTOR
+
+    keys = {(f"extract.detector.{k}" if k in MOVED_TO_DETECTOR else f"extract.{k}"): v for k, v in kw.items()}
+    return load_config(None, keys, use_local=False).extract
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +248,7 @@ def test_manifest_records_the_detector(cut_clip, tmp_path):
     assert tables["shots"]["start_frame"].to_list()[1:] == cut_clip[1]
     manifest = json.loads((tmp_path / "run" / "manifests" / "extract.json").read_text())
     facts = manifest["facts"]
-    assert facts["detector"] == "cascade" == manifest["config"]["extraction"]["detector"]
+    assert facts["detector"] == "cascade" == manifest["config"]["extraction"]["detector"]["name"]
     assert facts["candidates_proposed"] == tables["boundary_candidates"].height >= 3
     assert facts["candidates_accepted_fast"] + facts["candidates_confirmed"] >= 3
     assert facts["model_device"] in (None, "cpu", "cuda")
@@ -273,16 +277,22 @@ def test_keyframe_method_falls_back_to_content(cut_clip, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"threshold": 20}, "threshold applies to the PySceneDetect detectors only"),
-        ({"detector": "transnetv2", "threshold": 0.3}, "uses transnetv2_threshold"),
-        ({"transnetv2_threshold": 1.5}, "extract.transnetv2_threshold = 1.5"),
-        ({"device": "tpu"}, "extract.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
-        ({"accept_threshold": -1}, "extract.accept_threshold = -1"),
+        ({"threshold": 20}, "unknown key 'extract.detector.threshold' (allowed here: accept_colour"),
+        (
+            {"detector": "transnetv2", "threshold": 0.3},
+            "unknown key 'extract.detector.threshold' (allowed here: device, name, runtime, "
+            "transnetv2_precision, transnetv2_threshold)",
+        ),
+        ({"transnetv2_threshold": 1.5}, "extract.detector.transnetv2_threshold = 1.5"),
+        ({"device": "tpu"}, "extract.detector.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"accept_threshold": -1}, "extract.detector.accept_threshold = -1"),
         (
             {"transnetv2_precision": "fp16"},
-            "extract.transnetv2_precision = 'fp16': Input should be 'int8' or 'fp32'",
+            "extract.detector.transnetv2_precision = 'fp16': Input should be 'int8' or 'fp32'",
         ),
-        ({"motion_compensation": "maybe"}, "extract.motion_compensation"),
+        ({"motion_compensation": "maybe"}, "extract.detector.motion_compensation"),
+        ({"detector": "content", "threshold": 300}, "extract.detector.threshold = 300"),
+        ({"detector": "scenes"}, "'scenes' is not a shot detector; choose one of adaptive, cascade"),
     ],
 )
 def test_detector_settings_are_validated(overrides, message):
@@ -353,7 +363,7 @@ def test_onnx_runtime_gives_the_torch_probabilities_without_importing_torch(tmp_
         "from diffusion_bunny.config import load_config\n"
         "from diffusion_bunny.pipeline.run import Run\n"
         "from diffusion_bunny.stages import run_stage\n"
-        "cfg = load_config(None, {'extract.accept_threshold': None}, use_local=False)\n"
+        "cfg = load_config(None, {'extract.detector.accept_threshold': None}, use_local=False)\n"
         f"run = Run.create({str(tmp_path / 'run')!r}, {str(cut_clip[0])!r})\n"
         "run_stage(run, 'extract', cfg, progress=False)\n"
         "print(json.dumps({'torch': 'torch' in sys.modules}))\n"
@@ -406,7 +416,7 @@ def test_a_failed_quantisation_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path))
     transnet.onnx_model_path("fp32").write_bytes(b"not a model")
     with pytest.raises(
-        ModelError, match=r"could not be quantised for ONNX Runtime .* extract.runtime"
+        ModelError, match=r"could not be quantised for ONNX Runtime .* extract.detector.runtime"
     ) as err:
         transnet.ensure_onnx_model(precision="int8")
     assert "\n" not in str(err.value)
@@ -698,6 +708,11 @@ def test_a_flat_cut_is_judged_at_its_shots_contrast():
 
 
 def test_the_contrast_setting_is_validated():
-    with pytest.raises(ConfigError, match=r"extract\.reference_contrast"):
-        load_config(None, ["extract.reference_contrast=0"])
-    assert load_config(None, ["extract.reference_contrast=null"]).extract.reference_contrast is None
+    with pytest.raises(ConfigError, match=r"extract\.detector\.reference_contrast"):
+        load_config(None, ["extract.detector.reference_contrast=0"])
+    assert (
+        load_config(None, ["extract.detector.reference_contrast=null"]).extract.detector.reference_contrast
+        is None
+    )
+    # Written at the section's level, as before it moved into the detector: null still means null.
+    assert load_config(None, ["extract.reference_contrast=null"]).extract.detector.reference_contrast is None

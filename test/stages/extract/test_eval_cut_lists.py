@@ -45,7 +45,7 @@ def eval_clips(tmp_path_factory):
 @pytest.mark.parametrize("detector", ["cascade", "content"])
 def test_cut_lists_on_the_eval_clips_are_unchanged(eval_clips, detector):
     eval_shots, items, golden = eval_clips
-    precision = load_config(None, {}, use_local=False).extract.transnetv2_precision
+    precision = load_config(None, {}, use_local=False).extract.detector.transnetv2_precision
     assert golden["precision"] == precision
     model = load_model("cpu", precision=precision) if detector == "cascade" else None
     expected = golden["cuts"][detector]

@@ -7,7 +7,6 @@ own settings live with each detector (``models/<detector>.py``, registered in
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -16,6 +15,7 @@ from diffusion_bunny.models.centerface import CenterFaceSettings
 from diffusion_bunny.models.face_detect import FACE_DETECTORS
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
+from diffusion_bunny.registry import settle_moved
 from diffusion_bunny.section import Section
 
 #: The face detector: a registered detector's name, or its name and settings.
@@ -67,34 +67,11 @@ class CharactersSettings(Section):
     @model_validator(mode="before")
     @classmethod
     def _detector_keys_moved(cls, data: Any) -> Any:
-        """A detector's settings written at the section's level (as before they moved into
-        ``detector``) still load: into the chosen detector's settings when it has them, with one
-        warning; one it does not have is ignored, with one warning (it never applied to it)."""
-        if not isinstance(data, dict) or not any(k in data for k in MOVED_TO_DETECTOR):
-            return data
-        data = dict(data)
-        chosen = data.get("detector", CenterFaceSettings().name)
-        detector = {"name": chosen} if isinstance(chosen, str) else dict(chosen or {})
-        try:
-            own = FACE_DETECTORS.get(str(detector.get("name"))).settings.model_fields
-        except ValueError:
-            return data  # the detector's own validation says what is wrong with its name
-        log = logging.getLogger(__name__)
-        for key in MOVED_TO_DETECTOR:
-            if key not in data:
-                continue
-            value = data.pop(key)
-            if key in own and key not in detector and value is not None:
-                detector[key] = value
-                log.warning("the setting characters.%s is now characters.detector.%s", key, key)
-            elif key not in own:
-                log.warning(
-                    "characters.%s is not a setting of the face detector %s; it is ignored",
-                    key,
-                    detector["name"],
-                )
-        data["detector"] = detector
-        return data
+        """The detector named (the default where no layer names one); its settings written at the
+        section's level, as before they became the detector's own (moved under ``detector`` in
+        their layer by the configuration), kept where the chosen detector has them and ignored,
+        with one warning, where it does not."""
+        return settle_moved(data, "characters", FACE_DETECTORS, CenterFaceSettings().name)
 
     @model_validator(mode="after")
     def _threshold_window(self) -> CharactersSettings:

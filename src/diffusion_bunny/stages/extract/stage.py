@@ -311,25 +311,16 @@ class _ShotAssembler:
 
 def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
     """The configured boundary detector (and the config it really runs with)."""
-    from diffusion_bunny.stages.extract.detectors import make_boundaries
-    from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle
+    from diffusion_bunny.stages.extract.detectors import ContentSettings, make_boundaries
 
     if cfg.uses_transnetv2 and cfg.method == "keyframe":
         # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
         # consecutive frames, so the content detector compares the keyframes instead.
-        cfg = cfg.model_copy(update={"detector": "content"})
+        cfg = cfg.model_copy(update={"detector": ContentSettings()})
     # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
     # cascade starts loading it at its first doubtful candidate.
-    model = (
-        ModelHandle(
-            cfg.device,
-            runtime=cfg.runtime,
-            precision=cfg.transnetv2_precision,
-            start=cfg.detector == "transnetv2",
-        )
-        if cfg.uses_transnetv2
-        else None
-    )
+    detector = cfg.detector
+    model = detector.model(start=detector.name == "transnetv2") if detector.uses_transnetv2 else None
     return cfg, make_boundaries(cfg, fps, model)
 
 
@@ -409,7 +400,7 @@ def extract_frames(
     info = reader.info
     if movie_key is None:
         movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
-    requested = cfg.detector
+    requested = cfg.detector.name
     cfg, detector = _detector(cfg, info.fps)
     started = time.perf_counter()
     with staged_folder(run_dir / "frames") as frames_dir, staged_folder(run_dir / "thumbs") as thumbs_dir:
@@ -437,7 +428,7 @@ def extract_frames(
     facts = {
         **_movie_facts(reader, last_time),
         "picture_box": _box_facts(assembler),
-        "detector": cfg.detector,
+        "detector": cfg.detector.name,
         "detector_requested": requested,
         "threshold": cfg.effective_threshold,
         "method": cfg.method,

@@ -6,31 +6,57 @@ per detector.
 * :mod:`.transnetv2`: TransNetV2 on every frame;
 * :mod:`.scenedetect`: PySceneDetect's own detectors fed the same frames;
 * :mod:`.transnet`: the TransNetV2 model itself (weights from its package, ONNX on the CPU).
+
+Each detector's settings and defaults live in its module, registered once in
+:data:`~diffusion_bunny.registry.SHOT_DETECTORS`; ``extract.detector`` chooses one, and its
+settings build it (:meth:`~.base.ShotDetectorSettings.build`). Importing this package registers
+every one of them.
 """
 
 from __future__ import annotations
 
-from diffusion_bunny.stages.extract.detectors.base import Boundaries
-from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries
-from diffusion_bunny.stages.extract.detectors.scenedetect import SceneDetectBoundaries, make_detector
+from typing import Any
+
+from diffusion_bunny.registry import SHOT_DETECTORS
+from diffusion_bunny.stages.extract.detectors.base import Boundaries, ShotDetectorSettings
+from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries, CascadeSettings
+from diffusion_bunny.stages.extract.detectors.scenedetect import (
+    AdaptiveSettings,
+    ContentSettings,
+    HashSettings,
+    HistogramSettings,
+    SceneDetectBoundaries,
+    ThresholdSettings,
+)
 from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle, TransNetModel
-from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries
-from diffusion_bunny.stages.extract.settings import ExtractSettings
+from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries, TransNetV2Settings
 
 
-def make_boundaries(
-    cfg: ExtractSettings, fps: float, model: ModelHandle | TransNetModel | None
-) -> Boundaries:
-    """The configured detector. ``model`` is needed for ``transnetv2`` and ``cascade``, which
-    keep every boundary they confirm (short shots are marked by stage 01, not merged) except the
-    second half of a fade through black shorter than ``min_shot_seconds``; the PySceneDetect
-    detectors merge cuts closer than that (their ``min_scene_len``, part of how they tell a
-    flash from a cut)."""
-    min_len = max(1, round(cfg.min_shot_seconds * fps))
-    if cfg.detector == "transnetv2":
-        assert model is not None
-        return TransNetV2Boundaries(model, cfg.transnetv2_threshold, min_len)
-    if cfg.detector == "cascade":
-        assert model is not None
-        return CascadeBoundaries(model, cfg, min_len)
-    return SceneDetectBoundaries(make_detector(cfg, fps), cfg.detector, fps)
+def make_boundaries(cfg: Any, fps: float, model: Any) -> Boundaries:
+    """The detector ``cfg.detector`` (the ``extract`` settings' choice) for a movie at ``fps``.
+
+    ``transnetv2`` and ``cascade`` (``model``: the TransNetV2 handle) keep every boundary they
+    confirm (short shots are marked by stage 01, not merged) except the second half of a fade
+    through black shorter than ``min_shot_seconds``; the PySceneDetect detectors merge cuts closer
+    than that (their ``min_scene_len``, part of how they tell a flash from a cut)."""
+    return cfg.detector.build(fps, max(1, round(cfg.min_shot_seconds * fps)), model)
+
+
+__all__ = [
+    "SHOT_DETECTORS",
+    "AdaptiveSettings",
+    "Boundaries",
+    "CascadeBoundaries",
+    "CascadeSettings",
+    "ContentSettings",
+    "HashSettings",
+    "HistogramSettings",
+    "ModelHandle",
+    "SceneDetectBoundaries",
+    "ShotDetectorSettings",
+    "ThresholdSettings",
+    "TransNetModel",
+    "TransNetV2Boundaries",
+    "TransNetV2Settings",
+    "make_boundaries",
+]

@@ -31,9 +31,11 @@ between two boundaries closer than ``min_shot_seconds`` include a blank frame (n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+from diffusion_bunny.registry import DetectorSettings
 
 #: A run of probabilities over the threshold longer than this is closed by force, so the delay
 #: stays bounded; at 24-30 fps this is longer than any ordinary dissolve's peak.
@@ -143,3 +145,21 @@ class Boundaries:
     def candidate_rows(self) -> list[dict[str, Any]]:
         """Per-candidate scores (cascade only)."""
         return []
+
+
+class ShotDetectorSettings(DetectorSettings):
+    """A shot detector's own settings (``extract.detector``): each detector module subclasses it,
+    with its defaults, and registers it once (``@SHOT_DETECTORS.register``)."""
+
+    #: Whether the detector needs the TransNetV2 model (stage 01 then loads it in the background).
+    uses_transnetv2: ClassVar[bool] = False
+
+    @property
+    def threshold_in_force(self) -> float:
+        """The threshold the detector decides a cut by (for the manifest and notebook 01)."""
+        raise NotImplementedError
+
+    def build(self, fps: float, min_len: int, model: Any) -> Boundaries:
+        """The detector for a movie at ``fps``, keeping shots of at least ``min_len`` frames
+        (``model``: the TransNetV2 handle where :attr:`uses_transnetv2`, else None)."""
+        raise NotImplementedError

@@ -6,11 +6,13 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
+from diffusion_bunny.registry import SHOT_DETECTORS
 from diffusion_bunny.stages.extract.detectors.base import Blankness, Boundaries, InOrder
 from diffusion_bunny.stages.extract.detectors.transnet import (
     CONTEXT as PACKAGE_CONTEXT,
@@ -18,10 +20,10 @@ from diffusion_bunny.stages.extract.detectors.transnet import (
 from diffusion_bunny.stages.extract.detectors.transnet import (
     ModelHandle,
     TransNetModel,
+    TransNetV2Options,
     describe,
     rgb48,
 )
-from diffusion_bunny.stages.extract.settings import ExtractSettings
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Candidate:
     # over the compensated change of the frames around it (+1, so still sides do not divide by 0).
     motion_residual: float | None = None
     motion_contrast: float | None = None
-    # The shots' contrast around it over ``extract.reference_contrast`` (at most 1): the
+    # The shots' contrast around it over ``extract.detector.reference_contrast`` (at most 1): the
     # absolute thresholds are scaled by it (see CascadeBoundaries, "Contrast").
     contrast_scale: float = 1.0
     decision: str = "pending"  # accepted_fast | rejected_fast | confirmed | rejected
@@ -172,7 +174,7 @@ class CascadeBoundaries(Boundaries):
     def __init__(
         self,
         model: ModelHandle | TransNetModel,
-        cfg: ExtractSettings,
+        cfg: CascadeSettings,
         min_len: int = 0,
     ):
         self.model = model
@@ -864,3 +866,35 @@ MIN_SCALE = 0.25
 DECISIONS = ("accepted_fast", "rejected_fast", "confirmed", "rejected")
 #: How late a candidate at frame c can still be proposed (gradual ones: 2.5 LAG frames).
 PROPOSE_DELAY = max(HARD_AHEAD, 2 * LAG + LAG // 2)
+
+
+#: The cascade's contrast scaling: around a candidate whose shots' contrast (standard deviation of
+#: gray on the 48x27 copy, 0-128) is under this, the absolute thresholds scale with it.
+REFERENCE_SHOT_CONTRAST = 30.0
+
+
+@SHOT_DETECTORS.register
+class CascadeSettings(TransNetV2Options):
+    """``extract.detector: cascade`` (the default): cheap signals propose candidates, TransNetV2
+    judges the doubtful ones (:class:`CascadeBoundaries`; docs/shot-detection.md)."""
+
+    name: Literal["cascade"] = "cascade"
+    #: A frame difference (0-255, mean absolute on the 48x27 copy) that proposes a hard cut ...
+    candidate_threshold: float = Field(10.0, ge=0.0, le=255.0)
+    #: ... when it is this many times the differences around it.
+    candidate_ratio: float = Field(2.0, ge=1.0, le=100.0)
+    #: A change over 8 frames that proposes a gradual transition (0-255).
+    gradual_threshold: float = Field(10.0, ge=0.0, le=255.0)
+    #: A clean jump this large is a cut without asking the network (null: every candidate is asked).
+    accept_threshold: float | None = Field(40.0, ge=0.0, le=255.0)
+    #: Where the network is unsure, a hard candidate whose colours changed this much (0-1) is a cut.
+    accept_colour_threshold: float | None = Field(0.15, ge=0.0, le=1.0)
+    #: Shots flatter than this contrast scale the absolute thresholds with it (null: never).
+    reference_contrast: float | None = Field(REFERENCE_SHOT_CONTRAST, gt=0.0, le=128.0)
+    #: How far under transnetv2_threshold the network's peak counts as unsure.
+    transnetv2_unsure: float = Field(0.25, ge=0.0, lt=1.0)
+    #: Reject candidates that motion explains (a pan, a zoom) before asking the network.
+    motion_compensation: bool = True
+
+    def build(self, fps: float, min_len: int, model: Any) -> CascadeBoundaries:
+        return CascadeBoundaries(model, self, min_len)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from diffusion_bunny.stages.extract.detectors.base import Boundaries
-from diffusion_bunny.stages.extract.settings import ExtractSettings
+from diffusion_bunny.registry import SHOT_DETECTORS
+from diffusion_bunny.stages.extract.detectors.base import Boundaries, ShotDetectorSettings
 
 
 class SceneDetectBoundaries(Boundaries):
@@ -31,24 +32,84 @@ class SceneDetectBoundaries(Boundaries):
         return [c.frame_num for c in self.detector.post_process(self._tc(last_index, fps=self.rate))]
 
 
-def make_detector(cfg: ExtractSettings, fps: float) -> Any:
-    """The configured PySceneDetect detector, with the minimum shot length in frames."""
-    from scenedetect.detectors import (
-        AdaptiveDetector,
-        ContentDetector,
-        HashDetector,
-        HistogramDetector,
-        ThresholdDetector,
-    )
+class _SceneDetectSettings(ShotDetectorSettings):
+    """A PySceneDetect detector: each measures something different, so each has its own
+    threshold's default and range."""
 
-    min_len = max(1, round(cfg.min_shot_seconds * fps))
-    thr = cfg.effective_threshold
-    if cfg.detector == "content":
-        return ContentDetector(threshold=thr, min_scene_len=min_len)
-    if cfg.detector == "adaptive":
-        return AdaptiveDetector(adaptive_threshold=thr, min_scene_len=min_len)
-    if cfg.detector == "threshold":
-        return ThresholdDetector(threshold=thr, min_scene_len=min_len)
-    if cfg.detector == "hash":
-        return HashDetector(threshold=thr, min_scene_len=min_len)
-    return HistogramDetector(threshold=thr, min_scene_len=min_len)
+    threshold: float
+
+    @property
+    def threshold_in_force(self) -> float:
+        return self.threshold
+
+    def detector(self, min_len: int) -> Any:
+        """PySceneDetect's detector with this threshold and shots of at least ``min_len`` frames."""
+        raise NotImplementedError
+
+    def build(self, fps: float, min_len: int, model: Any) -> SceneDetectBoundaries:
+        return SceneDetectBoundaries(self.detector(min_len), self.name, fps)
+
+
+@SHOT_DETECTORS.register
+class ContentSettings(_SceneDetectSettings):
+    """``extract.detector: content``: change in HSV and edges between frames (0-255)."""
+
+    name: Literal["content"] = "content"
+    threshold: float = Field(27.0, ge=0.0, le=255.0)
+
+    def detector(self, min_len: int) -> Any:
+        from scenedetect.detectors import ContentDetector
+
+        return ContentDetector(threshold=self.threshold, min_scene_len=min_len)
+
+
+@SHOT_DETECTORS.register
+class AdaptiveSettings(_SceneDetectSettings):
+    """``extract.detector: adaptive``: content change over its rolling average (0-255)."""
+
+    name: Literal["adaptive"] = "adaptive"
+    threshold: float = Field(3.0, ge=0.0, le=255.0)
+
+    def detector(self, min_len: int) -> Any:
+        from scenedetect.detectors import AdaptiveDetector
+
+        return AdaptiveDetector(adaptive_threshold=self.threshold, min_scene_len=min_len)
+
+
+@SHOT_DETECTORS.register
+class ThresholdSettings(_SceneDetectSettings):
+    """``extract.detector: threshold``: fades through black (mean brightness, 0-255)."""
+
+    name: Literal["threshold"] = "threshold"
+    threshold: float = Field(12.0, ge=0.0, le=255.0)
+
+    def detector(self, min_len: int) -> Any:
+        from scenedetect.detectors import ThresholdDetector
+
+        return ThresholdDetector(threshold=self.threshold, min_scene_len=min_len)
+
+
+@SHOT_DETECTORS.register
+class HashSettings(_SceneDetectSettings):
+    """``extract.detector: hash``: perceptual hash distance (0-1)."""
+
+    name: Literal["hash"] = "hash"
+    threshold: float = Field(0.35, ge=0.0, le=1.0)
+
+    def detector(self, min_len: int) -> Any:
+        from scenedetect.detectors import HashDetector
+
+        return HashDetector(threshold=self.threshold, min_scene_len=min_len)
+
+
+@SHOT_DETECTORS.register
+class HistogramSettings(_SceneDetectSettings):
+    """``extract.detector: histogram``: YUV histogram difference (0-1)."""
+
+    name: Literal["histogram"] = "histogram"
+    threshold: float = Field(0.20, ge=0.0, le=1.0)
+
+    def detector(self, min_len: int) -> Any:
+        from scenedetect.detectors import HistogramDetector
+
+        return HistogramDetector(threshold=self.threshold, min_scene_len=min_len)

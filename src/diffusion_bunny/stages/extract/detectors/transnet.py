@@ -15,7 +15,7 @@ write only the parts its own inference code cannot serve in a streaming, single-
   through a subclass that skips that one step, so loading leaves the rest of the program as it
   was.
 * inference runs batched under ``torch.inference_mode``, on the GPU when torch sees one.
-* on the CPU it runs through ONNX Runtime instead (``extract.runtime: auto``): importing the
+* on the CPU it runs through ONNX Runtime instead (``extract.detector.runtime: auto``): importing the
   CUDA build of torch costs about 3 s of CPU and 500 MB of resident memory before the first frame
   (measured here: stage 01 peaked at 1.1 GB on a 30-minute movie with torch, 0.24 GB without),
   while ``onnxruntime`` imports in 0.04 s and gives the same probabilities (logits within 2e-6).
@@ -43,14 +43,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.cache import cache_dir
 from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.stages.extract.detectors.base import ShotDetectorSettings
 
 #: Frame size the network was trained on (height, width, channels; RGB).
 FRAME_SHAPE = (27, 48, 3)
@@ -93,8 +95,8 @@ def resolve_runtime(device: str, runtime: str) -> str:
         return "torch" if device == "cuda" else "onnx"
     if runtime == "onnx" and device == "cuda":
         raise ModelError(
-            "extract.runtime 'onnx' runs on the CPU only; set extract.runtime to auto or torch "
-            "to use the GPU, or extract.device to cpu"
+            "extract.detector.runtime 'onnx' runs on the CPU only; set extract.detector.runtime to auto "
+            "or torch to use the GPU, or extract.detector.device to cpu"
         )
     return runtime
 
@@ -335,7 +337,7 @@ def _child(args: list[str], path: Path, timeout: float, what: str) -> None:
         reason = lines[-1] if lines else "no output"
         raise ModelError(
             f"the TransNetV2 model could not be {what} for ONNX Runtime ({reason}); "
-            "set extract.runtime: torch to run it through torch instead"
+            "set extract.detector.runtime: torch to run it through torch instead"
         )
 
 
@@ -383,7 +385,7 @@ class OnnxTransNetModel:
         except Exception as exc:  # a damaged cache file: say what to do in one line
             raise ModelError(
                 f"the cached ONNX model {path} could not be opened ({type(exc).__name__}); delete it and "
-                "rerun (it is converted again), or set extract.runtime: torch"
+                "rerun (it is converted again), or set extract.detector.runtime: torch"
             ) from None
         self.path = path
         self.threads = options.intra_op_num_threads
@@ -407,7 +409,7 @@ def load_model(
     (``auto``/``torch``/``onnx``), loaded once per process and cached. ``precision`` int8 applies
     to ONNX Runtime only (torch, on a GPU, runs the package's fp32 network)."""
     started = time.perf_counter()
-    resolved = resolve_device(device, "extract.device")
+    resolved = resolve_device(device, "extract.detector.device")
     chosen = resolve_runtime(resolved, runtime)
     precision = precision if chosen == "onnx" else "fp32"
     with _lock:
@@ -564,4 +566,28 @@ if __name__ == "__main__":  # pragma: no cover - run by ensure_onnx_model in a c
         raise SystemExit(
             "usage: python -m diffusion_bunny.stages.extract.detectors.transnet "
             "--export-onnx PATH | --quantize-onnx FP32_PATH PATH"
+        )
+
+
+class TransNetV2Options(ShotDetectorSettings):
+    """The settings of the detectors that run TransNetV2 (``cascade``, ``transnetv2``)."""
+
+    uses_transnetv2: ClassVar[bool] = True
+    #: A run of the network's probabilities over this is a boundary (0-1).
+    transnetv2_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    #: Where the network runs: auto (a GPU if torch sees one), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: How it runs on the CPU: auto (ONNX Runtime), onnx or torch.
+    runtime: Literal["auto", "onnx", "torch"] = "auto"
+    #: The ONNX graph's weights: int8 (quantised; the same cuts on the evaluation clips) or fp32.
+    transnetv2_precision: Literal["int8", "fp32"] = "int8"
+
+    @property
+    def threshold_in_force(self) -> float:
+        return self.transnetv2_threshold
+
+    def model(self, *, start: bool) -> ModelHandle:
+        """The network, loading in the background (at once with ``start``, else when asked)."""
+        return ModelHandle(
+            self.device, runtime=self.runtime, precision=self.transnetv2_precision, start=start
         )

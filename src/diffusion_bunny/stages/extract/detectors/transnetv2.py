@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from diffusion_bunny.registry import SHOT_DETECTORS
 from diffusion_bunny.stages.extract.detectors.base import MAX_RUN, Blankness, Boundaries, InOrder, RunTracker
 from diffusion_bunny.stages.extract.detectors.transnet import (
     ModelHandle,
     TransNetModel,
+    TransNetV2Options,
     WindowedPredictor,
     describe,
     rgb48,
@@ -58,3 +60,13 @@ class TransNetV2Boundaries(Boundaries):
             "transnetv2_threshold": self.threshold,
             **describe(model, self.predictor.frames_run, self.predictor.seconds),
         }
+
+
+@SHOT_DETECTORS.register
+class TransNetV2Settings(TransNetV2Options):
+    """``extract.detector: transnetv2``: TransNetV2 on every frame."""
+
+    name: Literal["transnetv2"] = "transnetv2"
+
+    def build(self, fps: float, min_len: int, model: Any) -> TransNetV2Boundaries:
+        return TransNetV2Boundaries(model, self.transnetv2_threshold, min_len)
