@@ -261,8 +261,11 @@ def _package_of(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
-def _walk(module: str, package: Path | None) -> dict[str, tuple[Path, str]]:
-    """``module`` and the modules it computes with, each with its file and its code's digest."""
+def _walk(
+    module: str, package: Path | None, leave_out: frozenset[str] = frozenset()
+) -> dict[str, tuple[Path, str]]:
+    """``module`` and the modules it computes with, each with its file and its code's digest;
+    the modules of ``leave_out`` are not followed (a detector the settings did not choose)."""
     on_disk = _OnDisk(package or _package_of(module))
     start = on_disk.path(module)
     if start is None:
@@ -278,7 +281,8 @@ def _walk(module: str, package: Path | None) -> dict[str, tuple[Path, str]]:
         parsed |= new
         found[name] = (queued[name], digest)
         for other in sorted(imports):
-            other_path = None if other in queued or is_machinery(other) else on_disk.path(other)
+            skip = other in queued or other in leave_out or is_machinery(other)
+            other_path = None if skip else on_disk.path(other)
             if other_path is not None:
                 queued[other] = other_path
                 todo.append(other)
@@ -287,18 +291,42 @@ def _walk(module: str, package: Path | None) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def computing_modules(module: str, package: Path | None = None) -> dict[str, Path]:
+def _chosen(
+    module: str, package: Path | None, choices: tuple[tuple[frozenset[str], str], ...]
+) -> dict[str, tuple[Path, str]]:
+    """What :func:`code_hash` covers: ``module``'s code without any module of a choice, then the
+    chosen module of each choice and what it imports (its own choices' other modules included:
+    they are code the chosen one runs)."""
+    leave_out = frozenset().union(*(options for options, _ in choices))
+    found = _walk(module, package, leave_out)
+    for _, chosen in choices:
+        found.update(_walk(chosen, package))
+    return found
+
+
+def computing_modules(
+    module: str,
+    package: Path | None = None,
+    choices: tuple[tuple[frozenset[str], str], ...] = (),
+) -> dict[str, Path]:
     """``module`` and every module of its package it imports, transitively, leaving out the
     machinery: what :func:`code_hash` covers, by name (read from the source; nothing imported).
     ``package``: the folder of ``module``'s top-level package (default: where Python finds it)."""
-    return {name: path for name, (path, _) in sorted(_walk(module, package).items())}
+    return {name: path for name, (path, _) in sorted(_chosen(module, package, choices).items())}
 
 
-def code_hash(module: str, package: Path | None = None) -> str:
+def code_hash(
+    module: str,
+    package: Path | None = None,
+    choices: tuple[tuple[frozenset[str], str], ...] = (),
+) -> str:
     """A 16-hex-digit hash of the code ``module`` runs: its own and that of every module of its
     package it imports (see the module docstring for what is followed and what is not). The
-    files' places are not part of it: a copy of the package hashes the same."""
+    files' places are not part of it: a copy of the package hashes the same.
+
+    ``choices``: ``(modules, chosen)`` pairs, one per setting that chooses one of several
+    modules (a detector): only the chosen one, and what it imports, is covered."""
     h = hashlib.sha256()
-    for name, (_, digest) in sorted(_walk(module, package).items()):
+    for name, (_, digest) in sorted(_chosen(module, package, choices).items()):
         h.update(f"{name}\0{digest}\n".encode())
     return h.hexdigest()[:16]

@@ -79,6 +79,15 @@ class Registry:
         """The settings of detector ``name``: its defaults, with ``values`` over them."""
         return self.get(name).settings(name=name, **values)
 
+    def modules(self) -> frozenset[str]:
+        """The modules that hold the registered detectors."""
+        return frozenset(d.module for d in self._by_name.values())
+
+    def code_choice(self, settings: DetectorSettings) -> tuple[frozenset[str], str]:
+        """For :func:`~diffusion_bunny.codegraph.code_hash`: every detector's module, and the
+        chosen one's (a stage's code hash then covers the detector it runs, not the others)."""
+        return self.modules(), self.get(settings.name).module
+
     def _tagged(self, value: Any) -> Any:
         # The short form: a name alone stands for that detector with its defaults.
         if isinstance(value, str):

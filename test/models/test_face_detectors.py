@@ -21,7 +21,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models import centerface, dlib_faces, mtcnn
 from diffusion_bunny.models.blazeface import MODELS, anchors, tile_windows, weighted_nms
 from diffusion_bunny.models.centerface import CenterFaceSettings
-from diffusion_bunny.models.dlib_faces import CnnSettings
+from diffusion_bunny.models.dlib_detect import CnnSettings
 from diffusion_bunny.models.face_detect import detector_names, make_detector, package_file, require
 from diffusion_bunny.models.faces import (
     DetectSettings,

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from diffusion_bunny import codegraph
+from diffusion_bunny.config import load_config
+from diffusion_bunny.registry import FACE_DETECTORS, SHOT_DETECTORS
 from diffusion_bunny.stages import PIPELINE
+
+#: The default settings (cascade, centerface).
+CFG = load_config(None, {}, use_local=False)
 
 
 def _append(path: Path, text: str) -> None:
@@ -25,16 +30,16 @@ def copy(tmp_path, monkeypatch) -> Path:
     """A copy of the package's source that every code hash reads instead of the package."""
     dst = tmp_path / "diffusion_bunny"
     shutil.copytree(codegraph.PACKAGE, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    real = {stage.name: stage.code() for stage in PIPELINE.stages}
+    real = {stage.name: stage.code(CFG) for stage in PIPELINE.stages}
     monkeypatch.setattr(codegraph, "_package_of", lambda module: dst)
     # Where the files are is not part of the hash.
-    assert {stage.name: stage.code() for stage in PIPELINE.stages} == real
+    assert {stage.name: stage.code(CFG) for stage in PIPELINE.stages} == real
     return dst
 
 
 def test_a_stage_is_stale_for_what_computes_it_and_only_that(copy):
     def codes() -> dict[str, str]:
-        return {stage.name: stage.code() for stage in PIPELINE.stages}
+        return {stage.name: stage.code(CFG) for stage in PIPELINE.stages}
 
     def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
         return {name for name in after if after[name] != before[name]}
@@ -57,8 +62,8 @@ def test_a_stage_is_stale_for_what_computes_it_and_only_that(copy):
     _append(copy / "pipeline" / "run.py", "\nSPARE = 1\n")
     assert codes() == before, "a widget, comment or machinery edit changed a code hash"
 
-    # A face detector in models/: stage 03, stage 08 (which finds faces in its images) and the
-    # report (which draws faces) change.
+    # What every face detector goes through in models/: stage 03, stage 08 (which finds faces in
+    # its images) and the report (which draws faces) change.
     _append(copy / "models" / "face_detect.py", "\nSPARE = 1\n")
     after = codes()
     assert changed(before, after) == {"characters", "generate", "report"}
@@ -67,6 +72,37 @@ def test_a_stage_is_stale_for_what_computes_it_and_only_that(copy):
     before = after
     _append(copy / "stages" / "scenes" / "stage.py", "\nSPARE = 1\n")
     assert changed(before, codes()) == {"scenes"}
+
+
+def _module_file(copy: Path, module: str) -> Path:
+    return copy.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+@pytest.mark.parametrize(
+    ("setting", "registry"), [("characters.detector", FACE_DETECTORS), ("extract.detector", SHOT_DETECTORS)]
+)
+def test_a_stage_is_stale_for_the_detector_it_runs_and_not_the_others(copy, setting, registry):
+    """Each registered detector's module edited in turn: with that detector chosen, the stages
+    that run it go stale; with another chosen, they do not, unless the chosen one runs that
+    module's code too (CenterFace uses MTCNN's non-maximum suppression)."""
+    runs_it = {"characters.detector": {"characters", "generate"}, "extract.detector": {"extract"}}[setting]
+    for name in registry.names():
+        module = registry.get(name).module
+        chosen = load_config(None, {setting: name}, use_local=False)
+        for cfg in (chosen, CFG):
+            before = {stage.name: stage.code(cfg) for stage in PIPELINE.stages}
+            original = _module_file(copy, module).read_text()
+            _append(_module_file(copy, module), "\nSPARE = 1\n")
+            after = {stage.name: stage.code(cfg) for stage in PIPELINE.stages}
+            _module_file(copy, module).write_text(original)
+            stale = {s for s in after if after[s] != before[s]}
+            default = CFG.extract.detector if setting == "extract.detector" else CFG.characters.detector
+            runs = cfg is chosen or module in codegraph.computing_modules(registry.get(default.name).module)
+            # The report draws faces from the whole face-finding code: it does not choose.
+            expected = (runs_it if runs else set()) | ({"report"} if "report" in stale else set())
+            assert stale == expected, (name, "chosen" if cfg is chosen else "default", stale)
+    # CenterFace runs MTCNN's code; none of the detectors runs another's otherwise.
+    assert "diffusion_bunny.models.mtcnn" in codegraph.computing_modules("diffusion_bunny.models.centerface")
 
 
 def test_only_the_report_draws_figures_among_what_computes():
@@ -175,7 +211,7 @@ def test_the_caches_kept_across_runs_key_on_the_code_that_fills_them(monkeypatch
     # the edited code.
     keys = (settings.key(), look.key(item, None), detector().key)
     for module in (faces, render, text):
-        monkeypatch.setattr(module, "code_hash", lambda name: "edited")
+        monkeypatch.setattr(module, "code_hash", lambda name, **kwargs: "edited")
     assert settings.key() != keys[0] and look.key(item, None) != keys[1] and detector().key != keys[2]
 
 

@@ -5,7 +5,7 @@ finds them. Each detector's module holds its settings and defaults and registers
 :data:`~diffusion_bunny.registry.FACE_DETECTORS` (``characters.detector`` chooses one):
 
 * ``hog``: dlib's HOG + linear SVM (the first default; near-frontal faces only) and ``cnn``: dlib's
-  MMOD CNN (more poses, far slower without a GPU), both :mod:`.dlib_faces`;
+  MMOD CNN (more poses, far slower without a GPU), both :mod:`.dlib_detect`;
 * ``mediapipe``: BlazeFace, the model of MediaPipe's face detection, run from the ``.tflite`` file
   inside the installed ``mediapipe`` wheel (:mod:`.blazeface`);
 * ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on OpenVINO
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.models import blazeface, centerface, dlib_faces, mtcnn  # noqa: F401 - they register
+from diffusion_bunny.models import blazeface, centerface, dlib_detect, dlib_faces, mtcnn  # noqa: F401 - they register
 from diffusion_bunny.models.face_common import (
     LANDMARKS,
     Detection,

@@ -31,6 +31,7 @@ import numpy as np
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
+from diffusion_bunny.registry import FACE_DETECTORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
@@ -95,8 +96,10 @@ class DetectSettings:
     def key(self) -> str:
         """Stage 03's cache key of a frame's faces: these settings and the code that detects and
         encodes (this module and the detectors it imports, :func:`~diffusion_bunny.codegraph.code_hash`),
-        so an edited detector searches every frame again without a version to bump."""
-        blob = json.dumps({**self.as_json(), "code": code_hash(__name__)}, sort_keys=True).encode()
+        so an edited detector searches every frame again without a version to bump (the chosen
+        one: another detector's code is not part of it)."""
+        code = code_hash(__name__, choices=(FACE_DETECTORS.code_choice(self.detector),))
+        blob = json.dumps({**self.as_json(), "code": code}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

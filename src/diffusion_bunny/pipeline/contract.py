@@ -213,6 +213,10 @@ class Stage:
     #: What the stage keeps beside its outputs, one line each, for ``bunny status`` (stage 07:
     #: the LoRA of every training configuration, none deleted by a retrain).
     kept: Callable[[Run, ConfigView], list[str]] | None = None
+    #: The detectors its settings choose, as ``(every detector's module, the chosen one's)``
+    #: pairs (:meth:`~diffusion_bunny.registry.Registry.code_choice`): its code hash covers the
+    #: chosen detector and not the others.
+    detectors: Callable[[ConfigView], tuple[tuple[frozenset[str], str], ...]] | None = None
 
     def stage_module(self) -> Any:
         """``<package>.stage``, imported now: its ``compute(ctx)`` is the stage (and the report
@@ -223,9 +227,11 @@ class Stage:
     def view(self, cfg: Config) -> ConfigView:
         return ConfigView(cfg, self.config, self.name)
 
-    def code(self) -> str:
-        """The hash of the code that computes the stage's tables (its manifest's ``code_hash``)."""
-        return code_hash(self.package)
+    def code(self, cfg: Config) -> str:
+        """The hash of the code that computes the stage's tables with these settings (its
+        manifest's ``code_hash``): the detectors they did not choose are not part of it."""
+        choices = self.detectors(self.view(cfg)) if self.detectors is not None else ()
+        return code_hash(self.package, choices)
 
 
 @dataclass(frozen=True)
@@ -377,7 +383,7 @@ def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: Config) -> tuple[S
     return manifest_state(
         run,
         name,
-        code=stage.code(),
+        code=stage.code(cfg),
         config_hash=cfg.section_hash(*stage.config),
         inputs=declared_inputs(run, pipeline, stage, view),
         tables=stage.writes,
@@ -421,7 +427,7 @@ def _run_stage_locked(
     view = stage.view(cfg)
     inputs = declared_inputs(run, pipeline, stage, view)
     config_hash = cfg.section_hash(*stage.config)
-    code = stage.code()
+    code = stage.code(cfg)
     owned = owned_paths(run, stage, view)
     state, reason = manifest_state(
         run, name, code=code, config_hash=config_hash, inputs=inputs, tables=stage.writes, owned=owned

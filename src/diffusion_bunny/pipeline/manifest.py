@@ -57,18 +57,19 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def code_hash(package: str) -> str:
+def code_hash(package: str, choices: tuple[tuple[frozenset[str], str], ...] = ()) -> str:
     """The hash of the code that computes a stage's tables: its package's ``stage`` module (where
     a stage's ``compute`` lives, by convention; the package itself when it has none, as the
     tests' one-file toy stage) and every module of the package that it imports, transitively
     (:func:`diffusion_bunny.codegraph.code_hash`). A figure, a widget or a comment edited makes no
-    stage stale; a change to a face detector in ``models/`` makes stage 03 stale."""
+    stage stale; a change to the face detector stage 03 runs makes it stale. ``choices``: the
+    detectors the stage's settings choose (only the chosen one of each counts)."""
     root = f"{package}.stage"
     try:
         found = importlib.util.find_spec(root) is not None
     except ModuleNotFoundError:  # ``package`` is a plain module, not a package
         found = False
-    return codegraph.code_hash(root if found else package)
+    return codegraph.code_hash(root if found else package, choices=choices)
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.movie import build_demo_references
 from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
-from diffusion_bunny.models.dlib_faces import CnnSettings, HogSettings
+from diffusion_bunny.models.dlib_detect import CnnSettings, HogSettings
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,

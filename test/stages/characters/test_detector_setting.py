@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_bunny.config import ConfigError, load_config
 from diffusion_bunny.models.centerface import CenterFaceSettings
-from diffusion_bunny.models.dlib_faces import HogSettings
+from diffusion_bunny.models.dlib_detect import HogSettings
 from diffusion_bunny.models.mtcnn import MtcnnSettings
 
 

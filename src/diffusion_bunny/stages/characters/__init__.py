@@ -42,6 +42,13 @@ def summary(manifest: dict[str, Any]) -> str:
     )
 
 
+def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
+    # The face detector finds the faces (stage 08: in the generated pictures, to score them).
+    from diffusion_bunny.registry import FACE_DETECTORS
+
+    return (FACE_DETECTORS.code_choice(cfg.characters.detector),)
+
+
 STAGE = Stage(
     name="characters",
     notebook="03_detect_characters.ipynb",
@@ -62,4 +69,5 @@ STAGE = Stage(
     writes=("faces", "face_frames"),
     edits=("appearance_edits",),  # names given by hand (fix_appearance, notebook 03)
     inputs=_inputs,
+    detectors=_detectors,
 )

@@ -69,6 +69,12 @@ def summary(manifest: dict[str, Any]) -> str:
     return line
 
 
+def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
+    from diffusion_bunny.registry import SHOT_DETECTORS
+
+    return (SHOT_DETECTORS.code_choice(cfg.extract.detector),)
+
+
 STAGE = Stage(
     name="extract",
     notebook="01_extract_frames.ipynb",
@@ -78,4 +84,5 @@ STAGE = Stage(
     writes=("shots", "frames", "keyframe_candidates", "boundary_candidates"),
     owns=_owns,
     inputs=_inputs,
+    detectors=_detectors,
 )

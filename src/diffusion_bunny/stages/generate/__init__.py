@@ -50,6 +50,13 @@ def summary(manifest: dict[str, Any]) -> str:
     )
 
 
+def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
+    # The face detector finds the faces (stage 08: in the generated pictures, to score them).
+    from diffusion_bunny.registry import FACE_DETECTORS
+
+    return (FACE_DETECTORS.code_choice(cfg.characters.detector),)
+
+
 STAGE = Stage(
     name="generate",
     notebook="08_generate.ipynb",
@@ -78,4 +85,5 @@ STAGE = Stage(
     writes=("generations", "generation_scores"),
     owns=_owns,
     inputs=_inputs,
+    detectors=_detectors,
 )
