@@ -24,7 +24,7 @@ also left out, with a note, where ``../shared/testdata`` is absent).
 
 Why: stage 01 makes one streaming decode pass, so its cost should stay close to the decoder's
 own. The targets it reports against are stage 01 with the TransNetV2 cascade within 1.4x of
-ffmpeg's decode-only time (issue 15; 1.5x in issue 9), stage 01 with ``content`` within 1.25x,
+ffmpeg's decode-only time (1.5x before), stage 01 with ``content`` within 1.25x,
 the whole ``bunny run --stages extract`` within 1.6x, stage 01 at least 1.3x faster than
 ``scenedetect detect-adaptive``, and a peak memory under 1 GiB on a 30-minute 720p movie. Timings
 of different tools are only comparable on the same machine, movie and moment, hence one script
@@ -70,7 +70,7 @@ ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "y
 MIN_SHOT_FRAMES = 36  # 1.2 s: above the stage's default min_shot_seconds (0.5) with margin
 
 TARGET_STAGE = 1.25  # stage 01 (content) / ffmpeg decode-only <= this
-TARGET_CASCADE = 1.4  # stage 01 (cascade) / ffmpeg decode-only <= this (issue 15; 1.5 in issue 9)
+TARGET_CASCADE = 1.4  # stage 01 (cascade) / ffmpeg decode-only <= this (1.5 before)
 TARGET_CLI = 1.6  # bunny run --stages extract / ffmpeg decode-only <= this
 TARGET_SCENEDETECT = 1.3  # scenedetect detect-adaptive / stage 01 >= this
 TARGET_RSS_MIB = 1024.0  # stage 01 peak RSS on a 30-minute 720p movie < this
@@ -878,7 +878,7 @@ def bench(args: argparse.Namespace) -> int:
             print("note: ../shared/testdata is absent: no real-footage movie (the Hamilton loop) in this run")
         else:
             movies.append(("real footage (looped Hamilton)", real))
-    # The memory check runs on a long synthetic movie and on real footage as long (issue 15:
+    # The memory check runs on a long synthetic movie and on real footage as long (
     # "peak memory unchanged" holds for both kinds; real cuts send more to the network).
     memory_movies: list[tuple[str, Path]] = []
     if not args.skip_memory:

@@ -5,9 +5,9 @@ fixed cost of one ``bunny run`` on its own.
 The movie is real footage made long: the Hamilton clip of ``../shared/testdata`` looped to 60
 minutes by :mod:`diffusion_bunny.demo.realclips` (made once, reused between runs; the 10- and
 30-minute movies are its first minutes, cut at a keyframe without re-encoding). By default
-(``--movie released``, issue 29) it is made as a film is released: 1920x1080 with the picture
+(``--movie released``) it is made as a film is released: 1920x1080 with the picture
 letterboxed to 2.40:1 throughout, title cards and credits, burned-in subtitles over a fifth of
-the shots; ``--movie loop`` is issue 15's 720p loop without bars or text. Looping alone
+the shots; ``--movie loop`` is the 720p loop without bars or text. Looping alone
 would repeat frames, which stage 02 drops as duplicates, so every repeat is varied (crop, roll,
 mirror, colour grade, light, camera moves, speed 0.8-1.25x; redrawn until its frames are at least
 6 pHash bits from every earlier repeat's): every shot is new to the duplicate search and to the
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "--movie",
         choices=("released", "loop"),
         default="released",
-        help="a film as released (1080p, letterboxed, text; issue 29) or the plain 720p loop (issue 15)",
+        help="a film as released (1080p, letterboxed, text) or the plain 720p loop",
     )
     ap.add_argument("--fixed-runs", type=int, default=3, help="runs of the fixed-cost measurement (0: skip)")
     ap.add_argument(
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--detectors",
         default="hog,mediapipe,mtcnn,centerface",
-        help="stage 03 again with each face detector on the shortest movie (issue 30; empty: skip)",
+        help="stage 03 again with each face detector on the shortest movie (empty: skip)",
     )
     args = ap.parse_args(argv)
     try:
@@ -518,7 +518,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"  ({time.perf_counter() - started:.0f} s for this length)", flush=True)
         runs.append(run)
     report(runs, stages, args.movie)
-    compare_detectors(runs[0], refs, sets, work, args.detectors)  # issue 30
+    compare_detectors(runs[0], refs, sets, work, args.detectors)
     report_fixed(fixed)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
@@ -549,7 +549,7 @@ def report_fixed(fixed: list[tuple[float, dict[str, float]]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 03 per face detector (issue 30)
+# Stage 03 per face detector
 
 
 def compare_detectors(length: LengthRun, refs: Path, sets: list[str], work: Path, detectors: str) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark stage 04's clustering on 20,000 frames whose embeddings exist (issue 5: under 60 s).
+"""Benchmark stage 04's clustering on 20,000 frames whose embeddings exist (target: under 60 s).
 
 What it measures, in one run on the same vectors, each timed with ``time.perf_counter``:
 

@@ -1,4 +1,4 @@
-"""Benchmark stage 07's LoRA training against diffusers' own example script (issue 7).
+"""Benchmark stage 07's LoRA training against diffusers' own example script.
 
 Targets: at least 1.0x the throughput (optimizer steps per second) of diffusers'
 ``examples/text_to_image/train_text_to_image_lora.py``, and at least 1.3x with cached latents, on
@@ -37,7 +37,7 @@ as well. Peak memory is the child's ``ru_maxrss``. Each process runs torch on ``
 threads (default 1): with two threads on a 2-core machine that other processes share, OpenMP's
 spinning threads wait on each other and both wall and CPU time swing by 2x and more run to run.
 
-FLUX.1 (issue 19): with ``--base-model tiny-flux`` (or any FLUX.1 folder) the reference is
+FLUX.1: with ``--base-model tiny-flux`` (or any FLUX.1 folder) the reference is
 diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (pass it as ``--diffusers-script``),
 run on the same imagefolder with ``--dataset_name <folder> --caption_column text`` (a caption per
 image, so it runs CLIP and T5 on every step), ``--guidance_scale 1.0 --weighting_scheme none``,

@@ -1,5 +1,5 @@
 """Stage 07's FLUX.1 / SD3.5 LoRA step at full model size on a GPU, against diffusers' reference
-scripts (issue 19 item 5, GPU part).
+scripts (the GPU part).
 
 What is measured: LoRA training steps per second and peak GPU memory of
 

@@ -1,4 +1,4 @@
-"""What ONNX Runtime offers for TransNetV2 on the CPU, measured in one run (issue 15, item 3).
+"""What ONNX Runtime offers for TransNetV2 on the CPU, measured in one run.
 
 Stage 01's cascade runs TransNetV2 on runs of frames around doubtful candidates (a lone hard
 candidate today: 7 frames predicted plus 16 of context on each side, 39 in all; a lone gradual

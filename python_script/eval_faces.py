@@ -1,4 +1,4 @@
-"""Stage 03's face detectors side by side on the face truth set (issue 30): recall and precision
+"""Stage 03's face detectors side by side on the face truth set: recall and precision
 (IoU >= 0.4), recall by face size, pose and kind of frame, and frames/s at 720p on 2 cores.
 
 Every setting runs stage 03's own detection (:func:`diffusion_bunny.models.faces.detect`) on the
@@ -15,7 +15,7 @@ measured in ``--rounds`` rounds (default 3), each over every setting in turn, an
 shows each setting's median; ``eval_results.json`` keeps every round. The machine's CPU and
 load average are printed beside it.
 
-Targets (issue 30, item 4): recall >= 0.9 on faces >= 32 px, precision >= 0.95, and the step with
+Targets: recall >= 0.9 on faces >= 32 px, precision >= 0.95, and the step with
 encodings >= 30 frames/s. ``--write`` stores the table in ``face_truth/eval_results.json``, which
 docs/face-detectors.md and notebook 03 show. ``--fit-boxes`` prints the median box moves that take
 MediaPipe's boxes onto the truth's (models/blazeface.py ``BOX_TO_FACE``), fitted on the frames

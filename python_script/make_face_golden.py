@@ -1,7 +1,7 @@
 """Write test/models/data/faces_golden.json: what face_recognition 1.3 returns on
 ../shared/testdata, so test/models/test_dlib_faces.py can check diffusion_bunny.models.dlib_faces
 against it after face_recognition is gone. Run once, with a Python that has face_recognition
-(issue 18 ran it in the checkout's venv before the switch):
+(it was run in the checkout's venv before the switch):
 
     PYTHONPATH=src OLD_VENV/bin/python python_script/make_face_golden.py
 """

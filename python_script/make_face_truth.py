@@ -1,4 +1,4 @@
-"""Build stage 03's face truth set (issue 30) from ../shared/testdata: the source frames, whose faces
+"""Build stage 03's face truth set from ../shared/testdata: the source frames, whose faces
 were boxed by hand in ``sources.json``, and harder frames derived from them.
 
     uv run python python_script/make_face_truth.py           # writes the JPEGs and truth.json
@@ -212,7 +212,7 @@ def build(out_dir: Path) -> dict:
         frames.append(_entry(out_dir, name, bgr, faces, kind, src_name, params))
     return {
         "about": (
-            "Stage 03's face truth set (issue 30). 'source' frames: boxes checked by eye (sources.json); "
+            "Stage 03's face truth set. 'source' frames: boxes checked by eye (sources.json); "
             "derived frames: boxes computed from the source's by the same transform "
             "(python_script/make_face_truth.py says how). Boxes are [left, top, right, bottom] in the "
             "frame's pixels. A match needs IoU >= 0.4; 'ignore' faces are neither required nor false "

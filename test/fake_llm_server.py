@@ -6,7 +6,7 @@ script: ``ok`` (a caption in dspy's chat-adapter format, derived from the image 
 gets its own), ``429`` / ``500`` (an error status), ``hang`` (hold the connection until the client
 gives up), ``garbage`` (an answer without the fields asked for), ``echo`` (a 500 whose message
 repeats the request headers, keys included, as a careless proxy does), and the paid answers that
-carry nothing (issue 31): ``empty`` (no text, finished normally), ``refused`` (a refusal instead of
+carry nothing: ``empty`` (no text, finished normally), ``refused`` (a refusal instead of
 text), ``filtered`` (stopped by the content filter) and ``length`` (a reasoning model that spent
 ``max_tokens`` before writing any text), ``unreadable`` (a 200 whose body is cut off mid-JSON, as a
 proxy that drops the connection or a server that crashes while it answers sends it: billed, and

@@ -116,7 +116,7 @@ def test_the_command_line_is_logged_without_its_secrets(tmp_path, monkeypatch, c
     ],
 )
 def test_verbose_and_quiet_choose_what_the_terminal_shows(tmp_path, monkeypatch, capsys, flag, shown):
-    """Issue 18.3: the log file gets INFO and up whatever the flags; the terminal WARNING and up
+    """The log file gets INFO and up whatever the flags; the terminal WARNING and up
     plus the runner's one line per stage, ``--verbose`` INFO too, ``--quiet`` errors only."""
     from diffusion_bunny import cli, logs
 
@@ -150,7 +150,7 @@ def test_verbose_and_quiet_choose_what_the_terminal_shows(tmp_path, monkeypatch,
 
 
 def test_progress_bars_slow_down_when_standard_error_is_no_terminal(monkeypatch):
-    """Issue 18.5: off a terminal every bar prints at most once per NON_TTY_INTERVAL_S seconds
+    """Off a terminal every bar prints at most once per NON_TTY_INTERVAL_S seconds
     (children inherit TQDM_MININTERVAL); on a terminal the bars keep their pace."""
     import io
     import sys
@@ -173,7 +173,7 @@ def test_progress_bars_slow_down_when_standard_error_is_no_terminal(monkeypatch)
 
 
 #: Longest a function in ``src/`` may be (``def`` line to last line, docstring included): past a
-#: screen, a reader keeps the start in mind while reading the end (issue 32.5).
+#: screen, a reader keeps the start in mind while reading the end.
 MAX_FUNCTION_LINES = 80
 #: The trainers keep their training loops whole, as diffusers' example scripts do: a step read
 #: top to bottom beside the reference script it follows. Named one by one, so a new long
@@ -182,7 +182,7 @@ LONG_FUNCTIONS_ALLOWED = {"stages/train/lora.py:train_lora", "stages/train/lora.
 
 
 def test_no_function_in_src_is_longer_than_a_screen():
-    """Issue 32.5: every function (methods and nested ones too) of the package fits in
+    """Every function (methods and nested ones too) of the package fits in
     MAX_FUNCTION_LINES lines, except the trainers' two loops."""
     import ast
 

@@ -1,4 +1,4 @@
-"""A film as released (issue 29), built from the Hamilton clip and the knn photos by
+"""A film as released, built from the Hamilton clip and the knn photos by
 :mod:`diffusion_bunny.demo.release` with its truth known by construction: letterboxed 2.40:1 in
 1080p, an anamorphic PAL DVD, 10-bit PQ HDR, interlaced 576i and night-graded variants, title cards
 and credits, subtitles over one shot, a dark scene with a named face, an 8-frame insert.

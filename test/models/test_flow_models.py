@@ -1,4 +1,4 @@
-"""FLUX.1 / SD3.5 base models (issue 19): the tiny presets, family detection, and the two LoRA file
+"""FLUX.1 / SD3.5 base models: the tiny presets, family detection, and the two LoRA file
 layouts (diffusers and kohya/ComfyUI) loaded back through the pipeline's ``load_lora_weights``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 31.8: a Hugging Face id that is not in the local cache is downloaded with a progress bar
+"""A Hugging Face id that is not in the local cache is downloaded with a progress bar
 when the hub can be reached (only the files the loader reads), taken from the cache the next time,
 and is one line naming the id when it cannot be had (``HF_HUB_OFFLINE=1``, a hub out of reach).
 

@@ -136,7 +136,7 @@ def _break_one_movie(movies: Path, extracted: Path, out: Path) -> None:
     rewritten with no frame paths (a table that reads, but that stage 01 never makes): stage 02 on
     b then fails inside its notebook with an error that is no user error (a bug, as far as the
     runner can tell), while movie a's stage 02 runs normally. (A table that does not read at all
-    is a user error since issue 31: one line saying to rebuild it.)"""
+    is a user error: one line saying to rebuild it.)"""
     shutil.copytree(extracted, out)
     path = out / movie_id(movies / "b.mp4") / "tables" / "frames.parquet"
     frames = pl.read_parquet(path)
@@ -147,7 +147,7 @@ def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
     assert code == 1, err
     assert "b.mp4: failed with a bug" in err and "1 of 2 movies failed" in err
     assert "Traceback" not in err
-    # Issue 18.3: the lines name the command's log file, which holds the movie's error line and
+    # The lines name the command's log file, which holds the movie's error line and
     # the bug's traceback (written by the process that ran the movie: this one, or a Ray worker).
     path = logs.last_path
     assert path is not None and f"(traceback: {path})" in err and f"log: {path}" in err
@@ -163,7 +163,7 @@ def _check_bug_isolated(movies: Path, out: Path, code: int, err: str) -> None:
 
 
 def test_local_engine_a_bug_in_one_movie_lets_the_others_finish(movies, extracted, tmp_path, capsys):
-    """Issue 17.4: any exception in one movie is reported, the other movies finish, the combined
+    """Any exception in one movie is reported, the other movies finish, the combined
     report is written, and the exit status is 1 (a bug), not a traceback that ends the batch."""
     out = tmp_path / "out"
     _break_one_movie(movies, extracted, out)
@@ -192,7 +192,7 @@ def _b_not_extracted(movies: Path, extracted: Path, out: Path) -> None:
 def test_local_engine_a_hung_movie_is_stopped_and_the_batch_goes_on(
     movies, extracted, tmp_path, monkeypatch, capsys
 ):
-    """Issue 31.4: a stage notebook past pipeline.stage_timeout_s has its kernel (and the kernel's
+    """A stage notebook past pipeline.stage_timeout_s has its kernel (and the kernel's
     children) stopped; the movie is reported in one line like a failed one, the others finish,
     the combined report lists it, exit status 2."""
     out = tmp_path / "out"
@@ -210,7 +210,7 @@ def test_local_engine_a_hung_movie_is_stopped_and_the_batch_goes_on(
     assert "Traceback" not in err
     # The kernel started and was stopped. Where in the notebook the deadline lands depends on the
     # machine: on a quiet one inside the hanging stage, on one loaded ~10 deep (the fresh-clone
-    # suite of issue 31) still in the kernel's start or the first cell's imports; both are a
+    # suite) still in the kernel's start or the first cell's imports; both are a
     # notebook past pipeline.stage_timeout_s, which is what is tested.
     kernel_pid = int((tmp_path / "kernel").read_text())
     with pytest.raises(ProcessLookupError):
@@ -335,7 +335,7 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
     )
     _check_bug_isolated(movies, bugs, code, capsys.readouterr().err)
 
-    # Issue 31.4: a movie whose task runs past engine.task_timeout_s is cancelled and reported
+    # A movie whose task runs past engine.task_timeout_s is cancelled and reported
     # like a failed one; the others finish (movie a: up to date, no kernel, done in a second or
     # two on a warm Ray worker, so 10 s leaves it room on a loaded machine), exit status 2.
     hung = tmp_path / "hung"

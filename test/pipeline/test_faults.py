@@ -1,5 +1,5 @@
 """Faults a user meets, each one line on standard error with exit status 2 and earlier results
-intact (issue 17.7): a notebook kernel that dies under a stage (the system killing it for
+intact: a notebook kernel that dies under a stage (the system killing it for
 memory), a disk that cannot take the run's files (a file-size limit stands in for a full disk:
 the test cannot mount a small file system), a damaged ``run.json`` in ``bunny status``."""
 
@@ -100,13 +100,13 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_results(clip, extracted, tmp_
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "could not write" in lines[0] and "File too large" in lines[0], done.stderr
-    assert f"error: could not write {out}/" in lines[0]  # the file, not "a file" (issue 31.6)
+    assert f"error: could not write {out}/" in lines[0]  # the file, not "a file"
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in (out / "tables").glob("*.parquet")} == before
 
 
 def test_a_log_file_that_cannot_be_written_is_one_line(extracted, tmp_path, monkeypatch):
-    """Issue 31.6: a full disk under log/ used to print a traceback per record; now the command
+    """A full disk under log/ used to print a traceback per record; now the command
     does its work, then says it in one line naming the log file, exit status 2. A log folder that
     cannot be made at all (here /sys, where nothing can be made) stops it before anything runs."""
     monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
@@ -168,7 +168,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 
 def test_one_bunny_run_per_run_folder_from_first_stage_to_last(clip, extracted, tmp_path, capsys):
-    """Issue 31.2: while a ``bunny run`` is in a later stage, a second one on the same run folder
+    """While a ``bunny run`` is in a later stage, a second one on the same run folder
     (here redoing stage 01, as in the issue) stops at once, exit 2, naming the first's pid and
     host, and touches nothing; when the first is killed, the next run takes the folder over."""
     out = _extracted_copy(extracted, tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Kill -9 for the later stages (issue 31.7): what ``test_kill.py`` does for stages 01/02, for
+"""Kill -9 for the later stages: what ``test_kill.py`` does for stages 01/02, for
 stages 03, 04, 06, 08 and 09, each killed mid-write by SIGKILL (a table's temporary written and
 not yet renamed, the dataset folder halfway through its swap, a report figure before its rename).
 

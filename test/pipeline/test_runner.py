@@ -119,7 +119,7 @@ def test_user_error_inside_the_kernel_comes_back_as_one_line(cut_clip, tmp_path)
 
 
 def test_a_bug_inside_the_kernel_is_one_line_and_its_traceback_is_in_the_log(cut_clip, tmp_path, monkeypatch):
-    """Issue 18.3: a bug in a stage's notebook comes back as one line naming the executed
+    """A bug in a stage's notebook comes back as one line naming the executed
     notebook, and the command's log file gets the kernel's own traceback (where it broke),
     without IPython's terminal colours."""
     from diffusion_bunny.pipeline import runner

@@ -7,7 +7,7 @@ as nbclient does. A client that only loads the connection file judges whether th
 by its heartbeat, with a 1 s reply limit: a kernel still starting (a cold machine importing
 ipykernel without compiled bytecode takes seconds before it binds its heartbeat socket) misses
 that second, and ``wait_for_ready`` gave up with "Kernel died before replying to kernel_info"
-(issue 31, the fresh-machine flake; :func:`test_a_slow_starting_kernel_is_waited_for`). A
+(the fresh-machine flake; :func:`test_a_slow_starting_kernel_is_waited_for`). A
 manager's client asks the manager whether the process runs, so it waits for the reply.
 """
 

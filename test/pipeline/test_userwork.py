@@ -1,4 +1,4 @@
-"""Issue 31.5: tables a person made (cluster moves in ``feedback`` and ``clusters``, typed captions
+"""Tables a person made (cluster moves in ``feedback`` and ``clusters``, typed captions
 in ``caption_edits``) keep a backup of their last good version; a damaged one is restored from it
 with a warning, and without a readable backup one line names the file and how to recover."""
 

@@ -1,4 +1,4 @@
-"""Stage 03's face truth set and how a detector is scored on it (issue 30).
+"""Stage 03's face truth set and how a detector is scored on it.
 
 The set lives in ``test/stages/characters/data/face_truth/`` (``truth.json`` beside 44 small JPEGs,
 built by ``python_script/make_face_truth.py`` from ../shared/testdata: source frames boxed by hand,

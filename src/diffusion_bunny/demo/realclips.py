@@ -137,7 +137,7 @@ class Params:
     max_tries: int = 60
     crf: int = 23
     preset: str = "veryfast"
-    # A film as released (issue 29): burned-in subtitles over this share of the shots, and title
+    # A film as released: burned-in subtitles over this share of the shots, and title
     # cards before the first repeat and credits after the last (on black and on colour).
     subtitles_p: float = 0.0
     titles: bool = False

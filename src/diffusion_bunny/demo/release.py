@@ -1,6 +1,6 @@
 """A short "film as released", made from real footage, with its truth known by construction.
 
-Everything before issue 29 was judged on clean clips. A film as it is released breaks a dataset
+Clean clips hide how a film is really released. A film as it is released breaks a dataset
 in ways a clean clip never shows, so this builds one from the only real footage the project may
 use (``../shared/testdata``: the Hamilton clip and the knn photos) the way releases are made:
 

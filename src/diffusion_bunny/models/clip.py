@@ -67,13 +67,13 @@ class ClipEmbedder:
         if path.exists() and not path.is_dir():
             raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
         if not path.exists() and HUB_ID.match(model):
-            # Not a folder here: a hub id, from the cache or downloaded now (issue 31.8).
+            # Not a folder here: a hub id, from the cache or downloaded now.
             from diffusion_bunny.models.hub import TRANSFORMERS_FILES, hub_model
 
             source = str(hub_model(model, setting, TRANSFORMERS_FILES, instead=f"a local folder ({hint})"))
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=True)
-            # PIL backend, as before torchvision came in (issue 30, through facenet-pytorch):
+            # PIL backend, as before torchvision came in (through facenet-pytorch):
             # with torchvision installed transformers picks its torchvision image processor,
             # whose resize differs slightly, and every stored scene embedding would drift.
             self.processor = AutoProcessor.from_pretrained(source, local_files_only=True, backend="pil")

@@ -12,8 +12,8 @@ Two halves, as everywhere in this workspace (scores once, thresholds separately)
 
 * :func:`detect_and_encode` is the expensive part (detector + landmarks + ResNet, tens of ms per
   face); stage 03 runs it once per frame and caches the result;
-* :func:`character_thresholds`, :func:`identify`, :func:`link_tracks`, :func:`vote_tracks` and
-  :func:`cluster_faces` are pure functions of the encodings, so naming a cluster or changing a
+* stage 03's :mod:`diffusion_bunny.stages.characters.identify` (thresholds, open-set matching,
+  tracks, votes, clusters) is pure functions of the encodings, so naming a cluster or changing a
   threshold re-labels a run in well under a second without touching a detector.
 """
 

@@ -1,4 +1,4 @@
-"""Models from the Hugging Face hub (issue 31.8): from the local cache when they are there,
+"""Models from the Hugging Face hub: from the local cache when they are there,
 downloaded with a progress bar when they are not and the hub can be reached, and one line naming
 the id (and the setting to change) when neither works.
 

@@ -86,7 +86,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:
             # A write on a full disk fails without a file name (``write()``, ``fsync()``); the
-            # one-line error must name the file (issue 31).
+            # one-line error must name the file.
             exc.filename = str(final)
         if hidden is not None:
             raise hidden from exc

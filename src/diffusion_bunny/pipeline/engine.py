@@ -333,7 +333,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     reported with ``bug`` set, after the other movies finished: a bug inside :func:`run_one`
     comes back as such a report, a worker that died (killed, out of memory) as a ``RayError``.
 
-    Hangs are bounded (issue 31): a task still running :func:`task_timeout` seconds after it was
+    Hangs are bounded: a task still running :func:`task_timeout` seconds after it was
     handed to Ray is cancelled (its worker killed, its stage kernel exits with it) and its movie
     reported as failed like a user error; the batch goes on. Ray is handed only as many tasks as
     the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue.

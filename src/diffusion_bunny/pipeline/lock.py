@@ -1,6 +1,6 @@
 """The run lock: one run of a run folder at a time, on one machine or on several sharing a disk.
 
-Why a run lock and not only a lock per stage (issue 31): two ``bunny run`` on one folder each
+Why a run lock and not only a lock per stage: two ``bunny run`` on one folder each
 held a different stage in turn, so one could swap ``frames/`` while the other captioned them
 (and paid for frames that then vanished). The lock is taken before the first stage and kept
 until the last, by ``bunny run`` (:func:`diffusion_bunny.pipeline.runner.run_movie`, so by every

@@ -565,7 +565,7 @@ class _Deadline:
         pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
         if not pgid:
             # Past the deadline with the kernel not launched yet (a machine loaded many deep):
-            # look again in a second rather than let the notebook run unbounded (issue 31).
+            # look again in a second rather than let the notebook run unbounded.
             with self._lock:
                 if not self._cancelled:
                     self._timer = threading.Timer(1.0, self._stop_kernel)

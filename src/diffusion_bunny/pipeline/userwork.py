@@ -1,4 +1,4 @@
-"""Tables a person made by hand (issue 31): kept with a backup of their last good version.
+"""Tables a person made by hand: kept with a backup of their last good version.
 
 No stage can rebuild a person's corrections (the review board's cluster moves in ``feedback``,
 the captions typed in ``caption_edits``), so a damaged file must not stop the stages that read

@@ -1,6 +1,6 @@
-"""Stage 05 under faults (issue 17): full frames sent, raw answers cached before parsing in a JSON
+"""Stage 05 under faults: full frames sent, raw answers cached before parsing in a JSON
 store that never evicts, identical requests asked once, edits kept while the stage writes,
-secrets redacted from everything stored, and a circuit breaker that closes again. Issue 31: every
+secrets redacted from everything stored, and a circuit breaker that closes again. Every
 paid answer recorded with its status (empty, refused, truncated, unparsable) and not asked again
 unless captions.retry says so; the paid requests announced and capped before the first."""
 
@@ -398,7 +398,7 @@ def _store(run: Run) -> dict[str, str]:
 def test_paid_answers_without_a_caption_are_recorded_and_asked_again_only_on_request(
     cap_run, tmp_path, capsys
 ):
-    """Issue 31's provider that bills but answers nothing: every answer is recorded with its
+    """Provider that bills but answers nothing: every answer is recorded with its
     status; the rerun the error advises pays nothing more; captions.retry asks those statuses
     (and only those) again."""
     run, overrides = cap_run

@@ -156,7 +156,7 @@ def test_clusters_keep_tracks_together_and_are_numbered_by_size():
 
 
 def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():
-    """Issue 30: a face whose encoding cannot be trusted (turned to profile, or tiny) never names
+    """A face whose encoding cannot be trusted (turned to profile, or tiny) never names
     itself, even when its encoding sits near a reference; its track can name it, and then it is
     marked low_confidence."""
     rng = np.random.default_rng(3)

@@ -304,7 +304,7 @@ def test_boundaries_released_in_order_and_none_dropped_for_being_close():
     order = InOrder(lookahead=5)
     order.add(30, 0.9)
     order.add(12, 0.8)
-    order.add(15, 0.7)  # a 3-frame shot: a real cut is never dropped for it (issue 29)
+    order.add(15, 0.7)  # a 3-frame shot: a real cut is never dropped for it
     order.add(12, 0.95)  # the same boundary found twice is released once
     assert order.release(20) == [12, 15]
     assert order.release(None) == [30]
@@ -575,7 +575,7 @@ def test_real_hard_cuts_are_accepted_without_the_network(model):
     rows = pl.DataFrame(no_colour.candidate_rows())
     assert rows.filter(pl.col("frame_index") == 20)["decision"].to_list() == ["confirmed"]
     assert no_colour.facts()["candidates_accepted_fast"] == 2
-    # The rule of a cut between unlike pictures alone (issue 9's) accepted none of them.
+    # The first rule alone (a cut between unlike pictures) accepted none of them.
     _, old = detect(HAMILTON, "cascade", model, accept_colour_threshold=None, accept_threshold=40.0)
     assert all(r["fast_score"] < 40 for r in old.candidate_rows())
 

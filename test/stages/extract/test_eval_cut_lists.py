@@ -1,6 +1,6 @@
 """Stage 01's cut lists on the clips of ``python_script/eval_shots.py`` stay what they were.
 
-Issue 15 changed the cascade's rules for real footage (fast accepts, motion compensation, the
+The cascade's rules were changed for real footage (fast accepts, motion compensation, the
 network on contiguous stretches with less context, int8); none of that may move a cut on the
 synthetic evaluation clips (hard cuts, dissolves, fades, wipes, flashes, fast pans) or on the real
 Hamilton clip; and the same clip night-graded (a third of the contrast, mean luma ~19), where an

@@ -1,4 +1,4 @@
-"""Stage 08 on FLUX.1 and SD3.5 (issue 19): FluxPipeline / StableDiffusion3Pipeline draw the grid
+"""Stage 08 on FLUX.1 and SD3.5: FluxPipeline / StableDiffusion3Pipeline draw the grid
 with the LoRA in either file layout (diffusers, kohya/ComfyUI), scored and chosen as for SD."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Identity scoring end to end on real faces (issue 19 item 7).
+"""Identity scoring end to end on real faces.
 
 A random tiny model draws noise, so on the demo no generated image holds a face and the choice of
 checkpoint by identity never runs on one. Here stage 08 runs on a run folder through

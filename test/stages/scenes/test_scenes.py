@@ -628,7 +628,7 @@ def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
 @pytest.mark.parametrize(
     ("rate", "edl_at"),
     [
-        # An AVI from a capture card: about 15 fps, a rate no SMPTE timecode has (issue 17.2).
+        # An AVI from a capture card: about 15 fps, a rate no SMPTE timecode has.
         (__import__("fractions").Fraction(1000000, 66667), 24000 / 1001),
         (__import__("fractions").Fraction(25, 2), 24000 / 1001),
         (120, 60.0),
@@ -680,7 +680,7 @@ def test_edl_is_skipped_with_a_warning_when_no_rate_fits():
 
 
 def test_a_move_made_while_stage_04_computes_is_not_lost(scenes_run, monkeypatch):
-    """Issue 17.5: stage 04 writes ``clusters`` under the lock move_to_cluster takes and places
+    """Stage 04 writes ``clusters`` under the lock move_to_cluster takes and places
     the moves made while it computed, so a board move during a rerun survives the rerun."""
     import diffusion_bunny.stages.scenes.stage as scenes
     from diffusion_bunny.stages import run_stage

@@ -1,4 +1,4 @@
-"""Stage 07 on FLUX.1 and SD3.5 (issue 19): the flow-matching LoRA step, cached text embeddings
+"""Stage 07 on FLUX.1 and SD3.5: the flow-matching LoRA step, cached text embeddings
 with the encoders dropped, checkpoints and resume, both LoRA files, and the settings that do not
 apply. Trains the real loop on the ``tiny-flux`` / ``tiny-sd3`` presets built in code, on the CPU."""
 

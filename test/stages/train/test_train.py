@@ -445,7 +445,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
 
-    # Issue 31.1: other settings (rank) train into a folder of their own; the earlier LoRAs and
+    # Other settings (rank) train into a folder of their own; the earlier LoRAs and
     # their checkpoints are kept byte for byte, and stage 08 draws with the new one.
     cfg = load_config(None, {**overrides, "train.rank": 2}, root=tmp_path)
     with pytest.warns(UserWarning, match=r"earlier one\(s\) in .* are kept"):
@@ -799,7 +799,7 @@ KILL_AT_LORA_RENAME = textwrap.dedent(
 
 
 def test_final_lora_file_is_replaced_atomically_and_a_killed_writes_leftovers_swept(tmp_path):
-    """Issue 17.6: killed between writing the new LoRA file and renaming it, the previous LoRA
+    """Killed between writing the new LoRA file and renaming it, the previous LoRA
     stays whole; the next run sweeps the dead process's temporaries and writes the file again (a
     LoRA folder holds one training, so the file it writes again holds the same weights)."""
     from diffusion_bunny.stages import run_stage

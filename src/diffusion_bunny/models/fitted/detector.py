@@ -507,7 +507,7 @@ class _Batches:
     slice (techContext: 3.4 s instead of 0.17 s for a small step).
 
     The batches are the ones a single thread would make, in the same order: before the batch of a
-    step where the network searches the film's frames (:data:`refresh`), the maker waits until
+    step where the network searches the film's frames (``refresh``), the maker waits until
     what was found there is in the synthesizer."""
 
     def __init__(self, synth: Synthesizer, settings: FittedSettings, classes: int, refresh: set[int]) -> None:

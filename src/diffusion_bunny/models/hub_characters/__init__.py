@@ -39,7 +39,7 @@ class HubCharacterSettings(BaseModel):
     #: Frames (for the detector) or crops (for the features) a forward pass takes at once.
     batch_size: int = Field(8, ge=1, le=1024)
     #: Without references, sightings (their tracks' mean features) whose clusters are on average
-    #: closer than this cosine distance are one character (:func:`cluster_appearances`). Not
+    #: closer than this cosine distance are one character (:func:`~.finder.cluster_appearances`). Not
     #: calibrated here (the hub cannot be reached from where the project is built): DINOv2's
     #: features of one object in two views are typically 0.2-0.4 apart; lower it when two
     #: characters of one style share a cluster, raise it when one character is split.

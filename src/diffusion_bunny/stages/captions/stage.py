@@ -8,7 +8,7 @@ the next run asks only for what is not in the cache. Every request is logged in 
 ``caption_calls`` table (provider, attempt, outcome, latency, tokens), from which notebook 05
 draws the per-provider summary.
 
-Every paid answer is recorded whatever it is (issue 31): one that carries no caption (empty,
+Every paid answer is recorded whatever it is: one that carries no caption (empty,
 refused, truncated, unparsable, or unreadable: a 200 whose body could not be read) is stored with
 that status, logged with it as its outcome, and never asked again unless ``captions.retry``
 names the status. The answers live in one store per user (:func:`answers_dir`), read by every run

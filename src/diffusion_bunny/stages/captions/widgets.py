@@ -17,7 +17,7 @@ class CaptionEditor:
     """Captions beside their thumbnails, editable: one row per frame (a page at a time) with
     the picture, a text box, the provider and status, and a **save** button.
 
-    Saving goes through :func:`~diffusion_bunny.stages.captions.facts.edit_caption`:
+    Saving goes through :func:`~diffusion_bunny.stages.captions.stage.edit_caption`:
     the edit is on disk at once
     (``caption_edits`` + ``captions``), marked ``edited``, and no rerun of the stage overwrites it.
     :meth:`save` does the same from Python.

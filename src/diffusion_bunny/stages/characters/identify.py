@@ -391,7 +391,7 @@ def drop_faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFram
 def trusted_faces(faces: pl.DataFrame, cfg: CharactersSettings) -> np.ndarray:
     """Per face: whether its encoding can name it. dlib's ResNet was trained on frontal face
     chips of 150 px; a face under ``trust_min_px`` or turned beyond ``trust_max_yaw`` (profile)
-    gives an encoding that can sit nearer another person than its own (issue 30)."""
+    gives an encoding that can sit nearer another person than its own."""
     height = (faces["bottom"] - faces["top"]).to_numpy()
     yaw = faces["yaw"].fill_null(0.0).to_numpy() if "yaw" in faces.columns else np.zeros(faces.height)
     return (height >= cfg.trust_min_px) & (np.abs(yaw) <= cfg.trust_max_yaw)

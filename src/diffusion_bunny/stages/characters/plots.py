@@ -187,7 +187,7 @@ def face_sheet(
 
 
 # ---------------------------------------------------------------------------------------------
-# Detector preview (issue 30)
+# Detector preview
 
 
 def preview_frame_ids(frames: pl.DataFrame, faces: pl.DataFrame, n: int = 4) -> list[str]:

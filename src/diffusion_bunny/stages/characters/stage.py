@@ -1,6 +1,6 @@
 """Stage 03 ``characters``: find every face in the kept frames and say whose it is.
 
-Two halves (DESIGN.md: scores once, thresholds separately):
+Two halves (docs/development.md: scores once, thresholds separately):
 
 1. :func:`detect_faces` runs dlib's detector and encoder once per frame, on a pool of
    worker processes (dlib holds the GIL, so threads would run one at a time). Results are cached
@@ -74,7 +74,7 @@ from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 #: Below this many frames to do, a process pool costs more to start than it saves: each spawned
 #: worker imports its detector's runtime and loads its models and dlib's (3-4 s of CPU for MTCNN,
 #: which imports torch to read its weights). On the demo run's frames on a quiet 2-core machine
-#: (2026-11-24, MTCNN): 17 frames took 5.6 s on the pool and 4.9 s in-process, 40 frames 7.0 s and
+#: (MTCNN): 17 frames took 5.6 s on the pool and 4.9 s in-process, 40 frames 7.0 s and
 #: 8.0 s; break-even is about 25 (12 was fitted for HOG). A CenterFace worker starts faster (2.7 s
 #: against MTCNN's 4.8 on a loaded machine) and searches faster too, so the break-even moves
 #: little; not measured again.

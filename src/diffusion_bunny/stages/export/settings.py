@@ -50,7 +50,7 @@ class ExportSettings(Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     metadata_format: Literal["parquet", "jsonl"] = "parquet"
     kohya: bool = True
-    # Shot clips for a video LoRA (issue 19 item 6); off by default: see stages/export/clips.py.
+    # Shot clips for a video LoRA; off by default: see stages/export/clips.py.
     video_clips: bool = False
     clip_fps: float = Field(16.0, gt=0.0, le=60.0)
     clip_frames: int = Field(33, ge=1, le=257)

@@ -179,7 +179,7 @@ class _ShotAssembler:
         """Write the candidate's thumbnail and add its row. With the frame's full ``bgr`` already
         converted (it is also saved full), the thumbnail is shrunk from it on the writer's pool
         instead of by libswscale on this thread: this thread also decodes, and every
-        millisecond it spends elsewhere is decoding time lost (issue 15)."""
+        millisecond it spends elsewhere is decoding time lost."""
         name = f"{frame_id_for(self.movie_key, c.index)}.jpg"
         if bgr is None:
             self.writer.submit(
@@ -205,7 +205,7 @@ class _ShotAssembler:
     def close_shot(self, shot: OpenShot, end_index: int, end_s: float) -> None:
         motion = shot.motion
         kind = "static" if motion < self.cfg.motion_threshold else "dynamic"
-        # A confirmed cut is never dropped to make shots long enough (issue 29): a shot shorter
+        # A confirmed cut is never dropped to make shots long enough: a shot shorter
         # than min_shot_seconds is kept, marked, and sampled for no keyframe (its few frames
         # are often a flash, a whip or the blend of a transition).
         too_short = end_index - shot.start < self.min_len

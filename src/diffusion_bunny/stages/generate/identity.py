@@ -120,7 +120,7 @@ def clip_scores(
     paths: Sequence[Path], prompts: Sequence[str], embedder: Any, *, progress: bool = False
 ) -> list[float]:
     """CLIP score per image: 100 x cosine of its image and prompt embeddings, floored at 0 (as
-    torchmetrics' ``CLIPScore``). ``embedder`` is an :class:`embeddings.ClipEmbedder`."""
+    torchmetrics' ``CLIPScore``). ``embedder`` is an :class:`~diffusion_bunny.models.clip.ClipEmbedder`."""
     images = embedder.embed_images(list(paths), progress=progress)
     unique = sorted(set(prompts))
     texts = dict(zip(unique, embedder.embed_texts(unique), strict=True))

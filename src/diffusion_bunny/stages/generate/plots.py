@@ -1,8 +1,8 @@
 """Figures of stage 08 (``generate``): scores per checkpoint, and the image grids.
 
-Kept apart from :mod:`diffusion_bunny.plots` so the stage's figures live next to each other; the
-same habits hold: plotnine charts returned (never shown), image grids pasted with Pillow (a grid
-of dozens of matplotlib axes takes seconds to lay out).
+Kept in the stage's own folder, as every stage keeps its figures; the same habits hold: plotnine
+charts returned (never shown), image grids pasted with Pillow (a grid of dozens of matplotlib axes
+takes seconds to lay out).
 """
 
 from __future__ import annotations

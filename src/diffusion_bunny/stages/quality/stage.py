@@ -1,7 +1,7 @@
 """Stage 02 ``quality``: score every extracted frame once, then drop blurred, badly exposed and
 duplicate frames with thresholds a person sets by eye.
 
-Two halves, kept apart on purpose (see DESIGN.md, "scores are computed once"):
+Two halves, kept apart on purpose (docs/development.md, "scores are computed once"):
 
 * :func:`score_frames` reads each frame once and measures sharpness, brightness, contrast, the
   share of clipped pixels and a 64-bit perceptual hash. It runs on a thread pool over frames:
@@ -24,7 +24,7 @@ Rules, in order; a frame gets the reason of the first rule it fails:
 3. ``blurry``: sharpness under ``min_sharpness``;
 4. ``duplicate``: perceptual hash within ``dup_distance`` bits of a better frame that is kept,
    anywhere in the movie (all pairs, not only neighbours); better = sharper, and between near
-   equals (within :data:`SHARPNESS_TIE`) the earlier one;
+   equals (within :data:`~.rules.SHARPNESS_TIE`) the earlier one;
 5. ``not_best``: more than ``best_per_batch`` frames survive in its batch (a shot by default, or
    ``batch`` consecutive frames) and it is not among the sharpest.
 

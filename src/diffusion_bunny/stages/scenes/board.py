@@ -209,7 +209,7 @@ class ReviewBoard(anywidget.AnyWidget):
 
 
 def _frame_for_browser(frame: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-safe fields of one frame of :func:`board_state` that the front end shows."""
+    """The JSON-safe fields of one frame of :func:`~.stage.board_state` that the front end shows."""
     similarity = frame.get("similarity")
     timestamp = frame.get("timestamp_s")
     shot = frame.get("shot_id")

@@ -14,9 +14,9 @@ and the benchmark share them:
   assigned against the existing exemplars and the old clusters are left as they are.
 * Neighbour counts come from exact blocked matrix products for small sets and from a usearch HNSW
   index from ``index_min_frames`` on; exemplar lookups likewise (:class:`ExemplarIndex`).
-* :func:`character_level`: sub-clusters inside each scene from stage 03's names
+* :func:`character_cluster_id`: sub-clusters inside each scene from stage 03's names
   (``s003/astronaut`` apart from ``s003/grace_hopper``).
-* :func:`move_to_cluster`: a person's correction, appended to ``feedback`` and applied to
+* :func:`~.stage.move_to_cluster`: a person's correction, appended to ``feedback`` and applied to
   ``clusters`` under a file lock, so two notebooks writing at once never lose a row.
 * :func:`apply_feedback`: the latest correction of each frame wins over any clustering, so a rerun
   (say, through the adapter learned from those corrections) never undoes what a person did.
@@ -357,7 +357,7 @@ def clusters_table(
     characters: dict[str, tuple[str, ...]],
     manual: set[tuple[str, str]] | None = None,
 ) -> pl.DataFrame:
-    """The two levels as one ``clusters`` table (DESIGN.md columns plus name, shot_id, manual)."""
+    """The two levels as one ``clusters`` table (docs/run-folder.md's columns, name, shot_id, manual)."""
     manual = manual or set()
     rows: dict[str, list[Any]] = {k: [] for k in CLUSTER_SCHEMA}
     for fid, scene, sim, shot in zip(frame_ids, scene_labels, similarity, shot_ids, strict=True):

@@ -178,7 +178,7 @@ def _steps(folder: Path) -> int | None:
 def kept_loras(base: Path, current: Path | None = None) -> pl.DataFrame:
     """Every LoRA kept under ``base``: one row per LoRA folder (``lora_path`` null while its
     training has not finished), plus the base folder itself when it holds a LoRA directly (a
-    training output from before issue 31, or one ``train.output_dir`` points at). ``current``
+    training output from an older version, or one ``train.output_dir`` points at). ``current``
     marks the folder the last training used (what stage 08 draws with)."""
     base = Path(base)
     rows = []

@@ -20,7 +20,7 @@ probability exceeds ``transnetv2_threshold`` form runs; each run gives one bound
 after its most probable frame. For a hard cut the network peaks on the last frame of the old
 shot, so the boundary is the first frame of the new one; for a dissolve or fade it peaks in the
 middle of the transition, so the transition's frames are split between the two shots at its
-middle. A boundary is never dropped to satisfy a minimum shot length (issue 29: on 10 minutes
+middle. A boundary is never dropped to satisfy a minimum shot length (on 10 minutes
 of varied real footage that rule lost 20 real cuts, each after a shot of a few frames, and the
 merged shots mixed two pictures); stage 01 keeps such a short shot, marks it ``too_short`` and
 samples no frame from it. One exception, which is no shot at all: the dip of a fade through black

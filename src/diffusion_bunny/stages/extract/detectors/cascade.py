@@ -793,7 +793,7 @@ def _pieces(lo: int, hi: int) -> list[tuple[int, int]]:
 #: those movies (recall 0.974 -> 0.978, seed 1 unchanged), left the eval_shots table unchanged
 #: and cost 31% fewer network frames than 35.
 CONTEXT = PACKAGE_CONTEXT
-#: Frames of input on each side of a run that only hard candidates need (issue 15, 2026-11-23).
+#: Frames of input on each side of a run that only hard candidates need.
 #: On the looped Hamilton movies (seeds 0, 1, 2) 16 instead of 25 gave the same cuts (recall,
 #: precision unchanged on each) for 28% fewer network frames, and the eval_shots table's hard
 #: cuts, flashes, fast pans and Hamilton rows were unchanged. Gradual candidates keep 25
@@ -844,7 +844,7 @@ MC_UNSURE_CONTRAST = 5.0
 MC_ONSET_CONTRAST = 3.0
 MC_MOTION_RESIDUAL = 0.5
 MC_MOTION_CONTRAST = 2.0
-#: The second motion rule (2026-11-23, issue 15): of the hard candidates the rules above still
+#: The second motion rule: of the hard candidates the rules above still
 #: sent to the network on the looped movies (seeds 0, 1 and 2; 164), the ones the flow explains
 #: in good part (residual < 0.62) and that stand under 4x their neighbours were all camera
 #: motion (43, every one rejected by the network too), while the real cuts among all hard
