@@ -1,7 +1,9 @@
-"""What the docstrings and the docs name exists: a ``:func:``/``:class:``/``:mod:``/``:meth:``/
-``:attr:``/``:data:`` reference in a docstring of the package, a source file (``models/mtcnn.py``)
-or a dotted name (``diffusion_bunny.registry.FACE_DETECTORS``) in README.md and docs/. A renamed or
-removed function leaves no reader looking for it."""
+"""What the docstrings and the docs name exists, and the memory bank stays short.
+
+A ``:func:``/``:class:``/``:mod:``/``:meth:``/``:attr:``/``:data:`` reference in a docstring of
+the package, a source file (``models/mtcnn.py``) or a dotted name
+(``diffusion_bunny.registry.FACE_DETECTORS``) in README.md and docs/: a renamed or removed
+function leaves no reader looking for it."""
 
 from __future__ import annotations
 
@@ -132,3 +134,10 @@ def test_the_docs_name_files_and_modules_that_exist():
             f"{doc.name}: {m.group(1)}" for m in DOC_DOTTED.finditer(text) if not _attribute_path(m.group(1))
         ]
     assert not bad, "the docs name what does not exist:\n" + "\n".join(bad)
+
+
+def test_the_memory_bank_stays_what_a_newcomer_can_read():
+    """The memory bank holds what a newcomer needs, not the project's diary (that is git's and
+    CHANGELOG.md's): at most 60 KB of markdown."""
+    size = sum(len(p.read_bytes()) for p in (ROOT / "memory_bank").glob("*.md"))
+    assert size <= 60_000, f"memory_bank/ holds {size} bytes of markdown (at most 60,000)"

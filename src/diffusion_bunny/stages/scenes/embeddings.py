@@ -62,10 +62,12 @@ Two embedders share one interface (:class:`Embedder`), picked by ``scenes.embedd
     ``transformers``' ``CLIPModel`` loaded from ``scenes.clip_model`` (a hub id looked up in the
     local Hugging Face cache only, or a folder), image and text features L2-normalised. torch and
     transformers are imported only here, so the default path never pays for them. A missing or
-    broken model ends in one :class:`~diffusion_bunny.errors.ModelError` that names the setting and what to do.
+    broken model ends in one :class:`~diffusion_bunny.errors.ModelError` that names the setting
+    and what to do.
 
-A missing or unreadable image file raises :class:`~diffusion_bunny.errors.BadInputError` naming the file: the frames are
-the stage's inputs, and a silently dropped row would misalign the embeddings with the frames table.
+A missing or unreadable image file raises :class:`~diffusion_bunny.errors.BadInputError` naming
+the file: the frames are the stage's inputs, and a silently dropped row would misalign the
+embeddings with the frames table.
 """
 
 from __future__ import annotations
