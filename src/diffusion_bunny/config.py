@@ -68,6 +68,15 @@ SECTION_ALIASES = {
 #: A renamed section is recorded in the stages' manifests under its old name, so a finished run
 #: stays done across the rename (its settings' hash is unchanged): new name -> recorded name.
 RECORDED_AS = {new: old for old, new in SECTION_ALIASES.items() if old != "filtering"}
+
+
+def recorded_name(declared: str) -> str:
+    """How a manifest records a declared section or key (``extract.motion_threshold`` ->
+    ``extraction.motion_threshold``): under the name the section had when runs began recording it."""
+    section, dot, key = declared.partition(".")
+    return RECORDED_AS.get(section, section) + dot + key
+
+
 #: Renamed settings, (section, old key) -> new key: an old config still loads, with one warning.
 KEY_ALIASES = {("characters", "model"): "detector"}
 #: A detector's settings that were the section's own before they became the detector's
@@ -139,9 +148,9 @@ class Config(Section):
         what a stage's manifest records of the settings it declared."""
         out: dict[str, Any] = {}
         for name in sorted(declared):
-            section, dot, key = name.partition(".")
+            section, _, key = name.partition(".")
             value = getattr(self, section).model_dump(mode="json")
-            out[RECORDED_AS.get(section, section) + dot + key] = value[key] if key else value
+            out[recorded_name(name)] = value[key] if key else value
         return out
 
     def section_hash(self, *declared: str) -> str:

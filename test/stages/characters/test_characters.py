@@ -340,25 +340,47 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
 
 
-@pytest.mark.parametrize("first", ["hog"])
-def test_switching_detector_searches_every_frame_again(demo_run, tmp_path, first):
-    """The cache keys on the detector: another detector never reuses the faces of the last one,
-    and both name the demo's two characters in every frame they are in. (Not mediapipe: it finds
-    a 52-px false face in a shot without anyone, frame 603, and names it grace_hopper at 0.585.)"""
+@pytest.mark.parametrize(
+    "detector",
+    [
+        "hog",
+        "mtcnn",
+        "centerface",
+        pytest.param(
+            "mediapipe",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BlazeFace finds a 52-px false face in a shot without anyone (frame 603) and "
+                "names it grace_hopper at 0.585",
+            ),
+        ),
+    ],
+)
+def test_each_detector_names_the_demos_two_characters_where_they_are(demo_run, tmp_path, detector):
+    """Whichever detector finds the faces, the demo's two characters are named in every frame they
+    are in, no one else is named, and the named faces are turned to the camera."""
+    run = _copy(demo_run, tmp_path)
+    refs_dir = build_demo_references(tmp_path / "refs")
+    cfg = _cfg(tmp_path, reference_dir=str(refs_dir), detector=detector)
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    people = faces.filter(pl.col("kind") == "face")
+    named = dict(people.group_by("character").len().drop_nulls().iter_rows())
+    assert named == {"astronaut": 4, "grace_hopper": 4}, detector  # a false face stays unknown
+    assert people.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
+    assert people["detector_score"].min() > 0.5
+
+
+def test_switching_detector_searches_every_frame_again(demo_run, tmp_path):
+    """The cache keys on the detector: another detector never reuses the faces of the last one."""
     run = _copy(demo_run, tmp_path)
     refs_dir = build_demo_references(tmp_path / "refs")
     keys = []
-    for detector in (first, "mtcnn", "centerface"):
+    for detector in ("hog", "mtcnn", "centerface"):
         cfg = _cfg(tmp_path, reference_dir=str(refs_dir), detector=detector)
-        faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+        run_stage(run, "characters", cfg, progress=False)
         manifest = run.read_manifest("characters")
         assert manifest["facts"]["frames_cached"] == 0 and manifest["facts"]["frames_detected"] > 0
         assert manifest["facts"]["detect_settings"]["detector"]["name"] == detector
-        people = faces.filter(pl.col("kind") == "face")
-        named = dict(people.group_by("character").len().drop_nulls().iter_rows())
-        assert named == {"astronaut": 4, "grace_hopper": 4}, detector  # a false face stays unknown
-        assert people.filter(pl.col("character").is_not_null())["yaw"].abs().max() < 0.6
-        assert people["detector_score"].min() > 0.5
         keys.append(set(run.read_table("face_frames")["detect_key"]))
     assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1 :])
 
