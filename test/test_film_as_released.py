@@ -264,15 +264,16 @@ def test_the_exported_dataset_holds_no_bar_and_no_text_frame(datasets, variant):
         assert left <= row["left"] and top <= row["top"] and row["right"] <= right and row["bottom"] <= bottom
         image = cv2.imread(str(root / row["split"] / row["file_name"]))
         assert image is not None and (image.shape[1], image.shape[0]) == (row["width"], row["height"])
-        # And in the pixels: no edge of the picture is a bar (a dark row or column of one level).
-        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        # And in the pixels: no edge of the picture is a bar. The film's bars are digital black
+        # (0-3 after coding); its darkest picture edges, the curtain of the stage, measure 10 and up.
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         for name, edge in (
             ("top", gray[:2]),
             ("bottom", gray[-2:]),
             ("left", gray[:, :2]),
             ("right", gray[:, -2:]),
         ):
-            assert not (edge.mean() < 24 and edge.std() < 2.0), (row["file_name"], name, edge.mean())
+            assert edge.max() > 6, (row["file_name"], name, edge.max())
         if row["crop"] == "full" and not shot["subtitles"]:
             # As wide as the picture is (2.40:1), whatever the stored pixels' shape (a subtitled
             # shot's picture is shorter by its subtitle band: see the subtitle test).
