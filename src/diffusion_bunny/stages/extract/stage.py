@@ -320,7 +320,7 @@ def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
     # TransNetV2 alone needs the model from frame 75 on: load it now, in the background. The
     # cascade starts loading it at its first doubtful candidate.
     detector = cfg.detector
-    model = detector.model(start=detector.name == "transnetv2") if detector.uses_transnetv2 else None
+    model = detector.model(start=detector.needs_model_at_once) if detector.uses_transnetv2 else None
     return cfg, make_boundaries(cfg, fps, model)
 
 

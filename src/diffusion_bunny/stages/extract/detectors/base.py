@@ -153,6 +153,9 @@ class ShotDetectorSettings(DetectorSettings):
 
     #: Whether the detector needs the TransNetV2 model (stage 01 then loads it in the background).
     uses_transnetv2: ClassVar[bool] = False
+    #: Whether it needs the model from its first frames (so loading starts with the pass) rather
+    #: than at its first doubtful candidate.
+    needs_model_at_once: ClassVar[bool] = False
 
     @property
     def threshold_in_force(self) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -67,6 +67,7 @@ class TransNetV2Settings(TransNetV2Options):
     """``extract.detector: transnetv2``: TransNetV2 on every frame."""
 
     name: Literal["transnetv2"] = "transnetv2"
+    needs_model_at_once: ClassVar[bool] = True
 
     def build(self, fps: float, min_len: int, model: Any) -> TransNetV2Boundaries:
         return TransNetV2Boundaries(model, self.transnetv2_threshold, min_len)
