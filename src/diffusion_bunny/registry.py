@@ -17,6 +17,7 @@ module, the short form ``detector: mtcnn``) is a few lines.
 
 from __future__ import annotations
 
+import functools
 import logging
 import typing
 from dataclasses import dataclass
@@ -88,29 +89,50 @@ class Registry:
         chosen one's (a stage's code hash then covers the detector it runs, not the others)."""
         return self.modules(), self.get(settings.name).module
 
-    def _tagged(self, value: Any) -> Any:
-        # The short form: a name alone stands for that detector with its defaults.
+    def _tagged(self, default: str, value: Any) -> Any:
+        """The setting as written, made a mapping pydantic's union can read: a name alone stands
+        for that detector with its defaults, a mapping without a name (a layer that tunes the
+        detector no layer named) for ``default``; settings that were the section's own before
+        they became the detector's (:class:`Moved`) are kept where the chosen detector has them
+        and dropped, with one warning, where it does not (they never applied to it; a null there
+        meant "the detector's default")."""
         if isinstance(value, str):
             value = {"name": value}
-        if isinstance(value, dict):
-            if "name" not in value:
-                raise ValueError(f"name the {self.kind}: one of {', '.join(self.names())}")
-            self.get(value["name"])  # an unknown name: one line with the choices
-        return value
+        if not isinstance(value, dict):
+            return value
+        value = {"name": default, **value}
+        own = self.get(value["name"]).settings.model_fields  # an unknown name: one line
+        settled = {}
+        for key, item in value.items():
+            if not isinstance(item, Moved):
+                settled[key] = item
+            elif key in own:
+                if item.value is not None or type(None) in typing.get_args(own[key].annotation):
+                    settled[key] = item.value
+            elif item.value is not None:
+                logging.getLogger(__name__).warning(
+                    "%s.%s is not a setting of the %s %s; it is ignored",
+                    self.setting.rpartition(".")[0],
+                    key,
+                    self.kind,
+                    value["name"],
+                )
+        return settled
 
-    def choice(self) -> Any:
+    def choice(self, default: str) -> Any:
         """The type of the setting that chooses one registered detector (a name, or a mapping
-        with ``name`` and that detector's settings)."""
+        with ``name`` and that detector's settings; ``default`` where a mapping names none)."""
         members = tuple(d.settings for d in self._by_name.values())
         union = Annotated[Union[members], Field(discriminator="name")]  # noqa: UP007 - a runtime tuple
-        return Annotated[union, BeforeValidator(self._tagged)]
+        return Annotated[union, BeforeValidator(functools.partial(self._tagged, default))]
 
 
 @dataclass(frozen=True)
 class Moved:
     """A detector's setting one configuration layer wrote at its section's level, as before it
     became the detector's own: :func:`move_into_detector` puts it under ``detector`` in its layer
-    (so later layers still win), :func:`settle_moved` keeps it where the chosen detector has it."""
+    (so later layers still win); the setting that chooses the detector keeps it where the chosen
+    detector has it (:meth:`Registry.choice`)."""
 
     value: Any
 
@@ -133,37 +155,6 @@ def move_into_detector(
             )
     values["detector"] = detector
     return values
-
-
-def settle_moved(data: Any, section: str, registry: Registry, default: str) -> Any:
-    """``data`` (a section's merged settings) with its detector named (``default`` where no layer
-    named one) and each :class:`Moved` setting kept where the chosen detector has it and dropped,
-    with one warning, where it does not (it never applied to that detector); a null that meant
-    "the detector's default" is dropped too."""
-    detector = data.get("detector") if isinstance(data, dict) else None
-    if not isinstance(detector, dict):
-        return data
-    detector = {"name": default, **detector}
-    try:
-        own = registry.get(str(detector.get("name"))).settings.model_fields
-    except ValueError:
-        own = {}
-    settled = {}
-    for key, value in detector.items():
-        if not isinstance(value, Moved):
-            settled[key] = value
-        elif key in own:
-            if value.value is not None or type(None) in typing.get_args(own[key].annotation):
-                settled[key] = value.value
-        elif value.value is not None:
-            logging.getLogger(__name__).warning(
-                "%s.%s is not a setting of the %s %s; it is ignored",
-                section,
-                key,
-                registry.kind,
-                detector.get("name"),
-            )
-    return {**data, "detector": settled}
 
 
 #: The face detectors of stage 03 (and of stage 08's identity score): ``characters.detector``.

@@ -7,7 +7,7 @@ own settings live with each detector (``models/<detector>.py``, registered in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -15,11 +15,10 @@ from diffusion_bunny.models.centerface import CenterFaceSettings
 from diffusion_bunny.models.face_detect import FACE_DETECTORS
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
-from diffusion_bunny.registry import settle_moved
 from diffusion_bunny.section import Section
 
 #: The face detector: a registered detector's name, or its name and settings.
-FaceDetectorChoice = FACE_DETECTORS.choice()
+FaceDetectorChoice = FACE_DETECTORS.choice(CenterFaceSettings().name)
 #: Keys that were settings of the whole section and are now a detector's own
 #: (``characters.scale_step`` -> ``characters.detector.scale_step``).
 MOVED_TO_DETECTOR = ("min_score", "scale_step", "pyramid_start", "mirror_score", "upsample")
@@ -63,15 +62,6 @@ class CharactersSettings(Section):
     #: Two sightings of a drawn character in consecutive sampled frames of a shot are one track
     #: when their features (unit length) are within this distance.
     drawn_track_distance: float = Field(0.8, gt=0.0, le=2.0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _detector_keys_moved(cls, data: Any) -> Any:
-        """The detector named (the default where no layer names one); its settings written at the
-        section's level, as before they became the detector's own (moved under ``detector`` in
-        their layer by the configuration), kept where the chosen detector has them and ignored,
-        with one warning, where it does not."""
-        return settle_moved(data, "characters", FACE_DETECTORS, CenterFaceSettings().name)
 
     @model_validator(mode="after")
     def _threshold_window(self) -> CharactersSettings:

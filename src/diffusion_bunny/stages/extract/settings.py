@@ -7,16 +7,16 @@ own settings live with each detector (``detectors/<detector>.py``, registered in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from diffusion_bunny.registry import SHOT_DETECTORS, settle_moved
+from diffusion_bunny.registry import SHOT_DETECTORS
 from diffusion_bunny.section import Section
 from diffusion_bunny.stages.extract.detectors import CascadeSettings
 
 #: The shot detector: a registered detector's name, or its name and settings.
-ShotDetectorChoice = SHOT_DETECTORS.choice()
+ShotDetectorChoice = SHOT_DETECTORS.choice(CascadeSettings().name)
 #: Keys that were settings of the whole section and are now a detector's own
 #: (``extract.candidate_threshold`` -> ``extract.detector.candidate_threshold``).
 MOVED_TO_DETECTOR = (
@@ -56,15 +56,6 @@ class ExtractSettings(Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     picture_box: Literal["auto", "off"] = "auto"
     deinterlace: Literal["auto", "on", "off"] = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _detector_keys_moved(cls, data: Any) -> Any:
-        """The detector named (the default where no layer names one); its settings written at the
-        section's level, as before they became the detector's own (moved under ``detector`` in
-        their layer by the configuration), kept where the chosen detector has them and ignored,
-        with one warning, where it does not."""
-        return settle_moved(data, "extract", SHOT_DETECTORS, CascadeSettings().name)
 
     @property
     def uses_transnetv2(self) -> bool:
