@@ -205,7 +205,68 @@ class _Converter:
         return [top, left, bottom, right]
 
     # -- operators -------------------------------------------------------------------------------
+    def _conv(self, op: Any, ins: list[int], depthwise: bool) -> str:
+        tfl, b, x = self.tfl, self.builder, ins[0]
+        o = self.options(op, tfl.DepthwiseConv2DOptions if depthwise else tfl.Conv2DOptions)
+        # TensorFlow Lite's filters are [out, h, w, in], depthwise ones [1, h, w, channels].
+        order = (3, 0, 1, 2) if depthwise else (0, 3, 1, 2)
+        weight = self.const(ins[1]).astype(np.float32).transpose(order)
+        has_bias = len(ins) > 2 and ins[2] >= 0
+        bias = self.const(ins[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
+        stride, dil = (o.StrideH(), o.StrideW()), (o.DilationHFactor(), o.DilationWFactor())
+        y = b.op(
+            "Conv",
+            self.name(x),
+            b.const(weight),
+            b.const(bias.astype(np.float32)),
+            strides=list(stride),
+            dilations=list(dil),
+            kernel_shape=list(weight.shape[2:]),
+            group=self.shape(x)[3] if depthwise else 1,
+            pads=self.window_pads(x, weight.shape[2:], stride, o.Padding(), dil),
+        )
+        return self.activate(y, o.FusedActivationFunction())
+
+    def _max_pool(self, op: Any, x: int) -> str:
+        o = self.options(op, self.tfl.Pool2DOptions)
+        kernel, stride = (o.FilterHeight(), o.FilterWidth()), (o.StrideH(), o.StrideW())
+        y = self.builder.op(
+            "MaxPool",
+            self.name(x),
+            kernel_shape=list(kernel),
+            strides=list(stride),
+            pads=self.window_pads(x, kernel, stride, o.Padding()),
+        )
+        return self.activate(y, o.FusedActivationFunction())
+
+    def _same_layout(self, name: str, ins: list[int]) -> None:
+        if len({t in self.nchw for t in ins}) > 1:
+            raise ModelError(f"{self.source}: {name} of tensors in two layouts is not supported here")
+
+    def _concat(self, op: Any, ins: list[int]) -> str:
+        o = self.options(op, self.tfl.ConcatenationOptions)
+        self._same_layout("CONCATENATION", ins)
+        axis = o.Axis() % len(self.shape(ins[0]))
+        if ins[0] in self.nchw:
+            axis = TO_NCHW_AXIS[axis]
+        y = self.builder.op("Concat", *[self.name(t) for t in ins], axis=axis)
+        return self.activate(y, o.FusedActivationFunction())
+
+    def _resize(self, op: Any, ins: list[int]) -> str:
+        o = self.options(op, self.tfl.ResizeBilinearOptions)
+        n, _, _, c = self.shape(ins[0])
+        height, width = (int(v) for v in self.const(ins[1]))
+        mode = "asymmetric"
+        if o.AlignCorners():
+            mode = "align_corners"
+        elif o.HalfPixelCenters():
+            mode = "half_pixel"
+        sizes = self.builder.const(np.asarray([n, c, height, width], np.int64))
+        resize = {"mode": "linear", "coordinate_transformation_mode": mode}
+        return self.builder.op("Resize", self.name(ins[0]), "", "", sizes, **resize)
+
     def convert(self, op: Any) -> None:
+        """Operator ``op`` into the ONNX graph (or, for constants, into :attr:`consts`)."""
         tfl, b = self.tfl, self.builder
         code = self.model.OperatorCodes(op.OpcodeIndex())
         kind = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
@@ -220,42 +281,13 @@ class _Converter:
             self.consts[out] = value.astype(np.float32)
             return
         if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-            depthwise = name == "DEPTHWISE_CONV_2D"
-            o = self.options(op, tfl.DepthwiseConv2DOptions if depthwise else tfl.Conv2DOptions)
-            # TensorFlow Lite's filters are [out, h, w, in], depthwise ones [1, h, w, channels].
-            order = (3, 0, 1, 2) if depthwise else (0, 3, 1, 2)
-            weight = self.const(ins[1]).astype(np.float32).transpose(order)
-            has_bias = len(ins) > 2 and ins[2] >= 0
-            bias = self.const(ins[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
-            stride, dil = (o.StrideH(), o.StrideW()), (o.DilationHFactor(), o.DilationWFactor())
-            y = b.op(
-                "Conv",
-                self.name(x),
-                b.const(weight),
-                b.const(bias.astype(np.float32)),
-                strides=list(stride),
-                dilations=list(dil),
-                kernel_shape=list(weight.shape[2:]),
-                group=self.shape(x)[3] if depthwise else 1,
-                pads=self.window_pads(x, weight.shape[2:], stride, o.Padding(), dil),
-            )
-            y = self.activate(y, o.FusedActivationFunction())
+            y = self._conv(op, ins, depthwise=name == "DEPTHWISE_CONV_2D")
         elif name == "MAX_POOL_2D":
-            o = self.options(op, tfl.Pool2DOptions)
-            kernel, stride = (o.FilterHeight(), o.FilterWidth()), (o.StrideH(), o.StrideW())
-            y = b.op(
-                "MaxPool",
-                self.name(x),
-                kernel_shape=list(kernel),
-                strides=list(stride),
-                pads=self.window_pads(x, kernel, stride, o.Padding()),
-            )
-            y = self.activate(y, o.FusedActivationFunction())
+            y = self._max_pool(op, x)
         elif name == "ADD":
-            o = self.options(op, tfl.AddOptions)
-            if (ins[0] in self.nchw) != (ins[1] in self.nchw):
-                raise ModelError(f"{self.source}: ADD of tensors in two layouts is not supported here")
-            y = self.activate(b.op("Add", self.name(ins[0]), self.name(ins[1])), o.FusedActivationFunction())
+            self._same_layout(name, ins)
+            y = b.op("Add", self.name(ins[0]), self.name(ins[1]))
+            y = self.activate(y, self.options(op, tfl.AddOptions).FusedActivationFunction())
         elif name == "RELU":
             y = b.op("Relu", self.name(x))
         elif name == "PAD":
@@ -264,30 +296,12 @@ class _Converter:
                 pads = pads[[0, 3, 1, 2]]
             y = b.op("Pad", self.name(x), b.const(np.concatenate([pads[:, 0], pads[:, 1]])))
         elif name == "CONCATENATION":
-            o = self.options(op, tfl.ConcatenationOptions)
-            axis = o.Axis() % len(self.shape(x))
-            if x in self.nchw:
-                axis = TO_NCHW_AXIS[axis]
-            if any((t in self.nchw) != (x in self.nchw) for t in ins):
-                raise ModelError(f"{self.source}: CONCATENATION of two layouts is not supported here")
-            y = b.op("Concat", *[self.name(t) for t in ins], axis=axis)
-            y = self.activate(y, o.FusedActivationFunction())
+            y = self._concat(op, ins)
         elif name == "RESHAPE":
-            y = b.op("Reshape", self.nhwc(x), b.const(np.asarray(self.shape(out), np.int64)))
-            self.names[out] = y
+            self.names[out] = b.op("Reshape", self.nhwc(x), b.const(np.asarray(self.shape(out), np.int64)))
             return
         elif name == "RESIZE_BILINEAR":
-            o = self.options(op, tfl.ResizeBilinearOptions)
-            n, _, _, c = self.shape(x)
-            height, width = (int(v) for v in self.const(ins[1]))
-            mode = "asymmetric"
-            if o.AlignCorners():
-                mode = "align_corners"
-            elif o.HalfPixelCenters():
-                mode = "half_pixel"
-            sizes = b.const(np.asarray([n, c, height, width], np.int64))
-            resize = {"mode": "linear", "coordinate_transformation_mode": mode}
-            y = b.op("Resize", self.name(x), "", "", sizes, **resize)
+            y = self._resize(op, ins)
         elif name == "DEPTH_TO_SPACE":
             o = self.options(op, tfl.DepthToSpaceOptions)
             y = b.op("DepthToSpace", self.name(x), blocksize=o.BlockSize(), mode="DCR")
