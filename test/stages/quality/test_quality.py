@@ -542,6 +542,14 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     assert f"<b>{base['kept'] - 1}</b> of" in explorer.counts.value
     explorer.set_thresholds(dup_distance=4, min_brightness=10)
     assert rejected("too_dark") == set() and rejected("blurry") == {3, 8}
+    # The dark shot (8) keeps too little detail to be saved from its darkness at 75; at 5 it is,
+    # and then goes as blurry; None (brightness alone) is the slider at 0.
+    explorer.set_thresholds(min_brightness=35, exposure_detail=5)
+    assert rejected("too_dark") == set() and rejected("blurry") == {3, 8}
+    assert "kept whatever their brightness from 5 detail" in explorer.counts.value
+    explorer.set_thresholds(exposure_detail=None)
+    assert explorer.quality.exposure_detail is None and rejected("too_dark") == {8}
+    explorer.set_thresholds(exposure_detail=75)
     explorer.set_thresholds(min_brightness=35, min_sharpness=500)
     assert {4, 10} <= rejected("blurry")  # the dusk rocket and the soft cat are the softest sharp shots
     explorer.set_thresholds(min_sharpness=50, best_per_batch=1)
