@@ -406,7 +406,7 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
     fit = np.array([c["source"] in ("hamilton", "knn photos") and not c["held_font"] for c in cases])
 
     def verdicts(width: int, cfg: QualitySettings) -> tuple[np.ndarray, np.ndarray, list]:
-        out = [text_verdict(c[f"lines{width}"], cfg) for c in cases]
+        out = [text_verdict(c[f"lines{width}"], cfg, 1280 / 720) for c in cases]
         reason = np.array([o[0] or "none" for o in out])
         cropped = np.array([o[0] is None and (o[1] > 0 or o[2] < 1) for o in out])
         return reason, cropped, out

@@ -88,7 +88,7 @@ def test_exposure_and_sharpness_rules_in_order():
         [
             {"readable": False, "sharpness": None, "brightness": None, "clipped": None, "phash": None},
             {"brightness": 20.0, "sharpness": 10.0},  # dark and therefore also "blurred": dark wins
-            {"brightness": 240.0},
+            {"brightness": 240.0, "sharpness": 45.0},  # washed out: too little detail to show
             {"clipped": 0.7},
             {"sharpness": 39.9},
             {"sharpness": 40.0, "brightness": 35.0},  # thresholds are inclusive for keeping
@@ -188,8 +188,9 @@ def test_brightness_is_relative_to_the_film():
     rng = np.random.default_rng(3)
     # A dark film: its scenes between 15 and 45 (median ~30), black frames at 1-4, one flash.
     night = [{"brightness": float(b)} for b in rng.uniform(15, 45, 30)]
-    black = [{"brightness": float(b), "clipped": 0.97} for b in (1.0, 2.5, 4.0)]
-    flash = [{"brightness": 250.0}]
+    # Black frames and flashes keep none of a picture's detail.
+    black = [{"brightness": float(b), "clipped": 0.97, "sharpness": 0.4} for b in (1.0, 2.5, 4.0)]
+    flash = [{"brightness": 250.0, "sharpness": 1.0}]
     table, frames = scores(distinct(night + black + flash))
     out = apply_quality_rules(table, frames, QualitySettings())
     got = reasons(out)
@@ -199,18 +200,29 @@ def test_brightness_is_relative_to_the_film():
     median = float(np.median([r["brightness"] for r in night]))
     assert exposure.film_brightness == pytest.approx(median)
     assert exposure.min_brightness == pytest.approx(max(10.0, 35.0 * median / 100.0))
-    # Absolute thresholds (the old rule): most of the film goes as too dark.
-    absolute = reasons(apply_quality_rules(table, frames, QualitySettings(relative_brightness=False)))
+    # Absolute thresholds and brightness alone (the first rule): most of the film goes as too dark.
+    first_rule = QualitySettings(relative_brightness=False, exposure_detail=None)
+    absolute = reasons(apply_quality_rules(table, frames, first_rule))
     assert absolute.count("too_dark") > 20
     # A film of ordinary exposure keeps the configured thresholds: never tightened.
     ordinary, ordinary_frames = scores(
-        distinct([{"brightness": b} for b in (90.0, 110.0, 130.0, 120.0, 100.0, 34.0)])
+        distinct(
+            [
+                {"brightness": b, "sharpness": 500.0 if b > 35 else 30.0}
+                for b in (90.0, 110.0, 130.0, 120.0, 100.0, 34.0)
+            ]
+        )
     )
     assert reasons(apply_quality_rules(ordinary, ordinary_frames, QualitySettings()))[-1] == "too_dark"
     assert exposure_thresholds(ordinary, QualitySettings()).min_brightness == 35.0
     # A bright film (snow): its bright scenes stay, a white frame still goes.
     snow, snow_frames = scores(
-        distinct([{"brightness": b} for b in (200.0, 235.0, 238.0, 215.0, 225.0, 252.0)])
+        distinct(
+            [
+                {"brightness": b, "sharpness": 500.0 if b < 250 else 2.0}
+                for b in (200.0, 235.0, 238.0, 215.0, 225.0, 252.0)
+            ]
+        )
     )
     assert reasons(apply_quality_rules(snow, snow_frames, QualitySettings())) == [None] * 5 + ["too_bright"]
     # A dark grade crushes shadows in every scene: the film's typical clipped share is allowed.
@@ -222,6 +234,66 @@ def test_brightness_is_relative_to_the_film():
     ]
     with pytest.raises(ValueError, match="black_floor"):
         QualitySettings(black_floor=40)
+
+
+def test_a_frame_that_shows_its_picture_is_not_badly_exposed():
+    """Brightness alone does not condemn a frame: one outside the window that keeps its detail
+    stays, one that lost it goes, and a noisy frame's grain is no detail."""
+    cfg = QualitySettings(text_filter=False)  # exposure_detail 75
+    table, frames = scores(
+        distinct(
+            [{"brightness": b} for b in (160.0, 200.0, 150.0, 120.0, 170.0)]
+            + [
+                {"brightness": 244.0, "sharpness": 110.0},  # a drawn snowfield: kept
+                {"brightness": 247.0, "sharpness": 90.0},  # over the ceiling, as crisp: kept
+                {"brightness": 21.0, "sharpness": 150.0, "contrast": 26.0},  # a drawn cave: kept
+                {"brightness": 244.0, "sharpness": 60.0},  # washed out: under 75 of detail
+                {"brightness": 6.0, "sharpness": 0.5},  # a fade to black
+                {"brightness": 21.0, "sharpness": 120.0, "noise": 2.5},  # 120 - 20 * 2.5^2 = 0
+            ]
+        )
+    )
+    got = reasons(apply_quality_rules(table, frames, cfg))
+    assert got == [None] * 8 + ["too_bright", "too_dark", "too_dark"]
+    # null: brightness alone decides, as before; the blur rule off changes nothing here.
+    assert reasons(apply_quality_rules(table, frames, cfg.model_copy(update={"min_sharpness": 0.0}))) == got
+    alone = reasons(apply_quality_rules(table, frames, cfg.model_copy(update={"exposure_detail": None})))
+    assert alone[5:] == ["too_bright", "too_bright", "too_dark", "too_bright", "too_dark", "too_dark"]
+
+
+def test_drawn_scenes_bright_and_dark_keep_their_frames_and_their_fades_go():
+    """Real frames of a drawn film (the character truth set's SuperTux film: a snowfield, a dark
+    forest, a penguin alone on snow), as stage 01 saves them: every one is kept; the same frames
+    faded to black or to white go; the penguin's box is not read as a title card."""
+    import av
+
+    from diffusion_bunny.demo.character_truth import truth_dir
+
+    film = truth_dir() / "films" / "supertux.mp4"
+    wanted = {232: "snowfield", 526: "dark forest", 589: "snowfield", 640: "dark forest", 456: "penguin"}
+    with av.open(str(film)) as container:
+        pictures = {
+            i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in wanted
+        }
+    rng = np.random.default_rng(2)
+    content = [pictures[i] for i in sorted(wanted)]
+    fades = [(f * rng.uniform(0.02, 0.04)).astype(np.uint8) for f in content]
+    flashes = [(255 - (255 - f) * rng.uniform(0.02, 0.04)).astype(np.uint8) for f in content]
+    table, frames = _night_film_scores(content + fades + flashes)
+    got = reasons(apply_quality_rules(table, frames, QualitySettings(text_filter=False)))
+    n = len(content)
+    assert got[:n] == [None] * n
+    assert got[n : 2 * n] == ["too_dark"] * n and got[2 * n :] == ["too_bright"] * n
+    # Brightness alone (the rule before) dropped both forests (in the whole film, whose median
+    # is brighter, the snowfields too).
+    alone = QualitySettings(text_filter=False, exposure_detail=None)
+    assert reasons(apply_quality_rules(table, frames, alone))[:n] == [
+        None,
+        None,
+        "too_dark",
+        None,
+        "too_dark",
+    ]
 
 
 def _night_film_scores(pictures: list[np.ndarray]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -470,6 +542,14 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     assert f"<b>{base['kept'] - 1}</b> of" in explorer.counts.value
     explorer.set_thresholds(dup_distance=4, min_brightness=10)
     assert rejected("too_dark") == set() and rejected("blurry") == {3, 8}
+    # The dark shot (8) keeps too little detail to be saved from its darkness at 75; at 5 it is,
+    # and then goes as blurry; None (brightness alone) is the slider at 0.
+    explorer.set_thresholds(min_brightness=35, exposure_detail=5)
+    assert rejected("too_dark") == set() and rejected("blurry") == {3, 8}
+    assert "kept whatever their brightness from 5 detail" in explorer.counts.value
+    explorer.set_thresholds(exposure_detail=None)
+    assert explorer.quality.exposure_detail is None and rejected("too_dark") == {8}
+    explorer.set_thresholds(exposure_detail=75)
     explorer.set_thresholds(min_brightness=35, min_sharpness=500)
     assert {4, 10} <= rejected("blurry")  # the dusk rocket and the soft cat are the softest sharp shots
     explorer.set_thresholds(min_sharpness=50, best_per_batch=1)

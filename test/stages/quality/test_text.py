@@ -20,7 +20,7 @@ from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.quality.plots import text_sheet
 from diffusion_bunny.stages.quality.rules import apply_quality_rules
 from diffusion_bunny.stages.quality.settings import QualitySettings
-from diffusion_bunny.stages.quality.text import measure_text, text_verdict
+from diffusion_bunny.stages.quality.text import is_blob, measure_text, text_verdict
 
 
 def line(left, top, right, bottom, edges=0.05, area=None, score=0.8):
@@ -70,6 +70,37 @@ def test_text_rules_are_pure_over_the_lines():
     page = [line(0.1, 0.1 + 0.065 * i, 0.9, 0.16 + 0.065 * i, edges=0.04) for i in range(8)]
     assert text_verdict(page, cfg)[0] == "text"
     assert text_verdict(page, cfg.model_copy(update={"max_text_area": 0.5}))[0] is None
+
+
+def test_a_box_shaped_like_a_figure_is_not_text():
+    cfg = QualitySettings()
+    wide = 1280 / 720
+    # DBNet's box round a cartoon penguin on snow: half the picture high, as wide as high.
+    figure = [line(0.42, 0.25, 0.66, 0.75, edges=0.9)]
+    assert is_blob(figure[0], wide)
+    assert text_verdict(figure, cfg, wide) == (None, 0.0, 1.0)
+    assert text_verdict(figure, cfg)[0] == "text"  # without the picture's aspect, as before
+    # Text stays text: a title line, a short word, a column of vertical text, small square glyphs.
+    assert text_verdict(TITLE, cfg, wide)[0] == "text" and not is_blob(TITLE[0], wide)
+    assert not is_blob(line(0.4, 0.3, 0.6, 0.52), wide)  # "OK" at 22 % of the height: 1.6x
+    assert not is_blob(line(0.45, 0.1, 0.51, 0.9), wide)  # vertical: 0.13x
+    assert not is_blob(line(0.45, 0.4, 0.53, 0.54), wide)  # one glyph, 14 % high: under BLOB_HEIGHT
+    assert text_verdict(CREDITS + figure, cfg, wide)[0] == "text"
+
+
+def test_a_drawn_penguin_on_snow_is_not_a_title_card(detector):
+    """The character truth set's SuperTux film, frame 456: the detector boxes the penguin (90 %
+    of the picture's edges), which dropped the shot's only frame as text."""
+    import av
+
+    from diffusion_bunny.demo.character_truth import truth_dir
+
+    with av.open(str(truth_dir() / "films" / "supertux.mp4")) as container:
+        rgb = next(f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i == 456)
+    cfg = QualitySettings()
+    m = measure_text(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), detector, cfg.text_width)
+    assert m["text_share"] > cfg.max_text_share  # what the rule saw
+    assert text_verdict(m["text_lines"], cfg, 1280 / 720) == (None, 0.0, 1.0)
 
 
 A, M = 0x0F0F0F0F0F0F0F0F, 0xFFFFFFFFFFFFFFFF  # hashes 32 or 64 bits apart

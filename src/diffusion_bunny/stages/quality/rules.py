@@ -81,6 +81,20 @@ class Exposure:
     min_brightness: float
     max_brightness: float
     max_clipped: float
+    #: Detail (sharpness less its noise) at and above which a frame outside the brightness window
+    #: is kept (None: the window alone decides).
+    min_detail: float | None = None
+
+    def badly_exposed(self) -> pl.Expr:
+        """Whether each frame's brightness says nothing is left of its picture: outside the
+        window and without the detail a picture shows (see :func:`_first_reason`)."""
+        detail = pl.col("sharpness") - NOISE_LAPLACIAN * pl.col("noise").fill_null(0.0) ** 2
+        shows = (
+            pl.lit(False)
+            if self.min_detail is None
+            else (pl.col("sharpness").is_not_nan() & (detail >= self.min_detail)).fill_null(False)
+        )
+        return ~shows
 
 
 def exposure_thresholds(scores: pl.DataFrame, cfg: QualitySettings) -> Exposure:
@@ -103,16 +117,20 @@ def exposure_thresholds(scores: pl.DataFrame, cfg: QualitySettings) -> Exposure:
     A film at or near the reference gets the configured thresholds unchanged: the thresholds are
     only ever loosened for a film, never tightened (a night scene in a bright film is still a
     usable picture). Without ``relative_brightness`` they apply as configured.
+
+    Whatever the window, a frame that still shows its picture is kept: ``exposure_detail`` of
+    detail (see :meth:`Exposure.badly_exposed` and :func:`_first_reason`).
     """
+    detail = cfg.exposure_detail
     if not cfg.relative_brightness:
-        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped)
+        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped, detail)
     usable = scores.filter(
         pl.col("readable")
         & pl.col("brightness").is_between(cfg.black_floor, cfg.white_ceiling)
         & pl.col("brightness").is_not_nan()
     )
     if usable.height < MIN_FRAMES_RELATIVE:
-        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped)
+        return Exposure(None, None, cfg.min_brightness, cfg.max_brightness, cfg.max_clipped, detail)
     m = float(usable["brightness"].median())
     c = float(usable["clipped"].median())
     ref = cfg.reference_brightness
@@ -121,7 +139,7 @@ def exposure_thresholds(scores: pl.DataFrame, cfg: QualitySettings) -> Exposure:
         cfg.white_ceiling, 255.0 - (255.0 - cfg.max_brightness) * min(1.0, (255.0 - m) / (255.0 - ref))
     )
     clipped = cfg.max_clipped + (1.0 - cfg.max_clipped) * c
-    return Exposure(m, c, dark, bright, clipped)
+    return Exposure(m, c, dark, bright, clipped, detail)
 
 
 @dataclass(frozen=True)
@@ -225,7 +243,7 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Quality
         .join(frames.select("frame_id", "frame_index", "shot_id"), on="frame_id", how="left")
         .sort("frame_index", nulls_last=True)
     )
-    text = text_rules(base, cfg)
+    text = text_rules(base, cfg, frames.select("frame_id", *geometry))
     base = base.with_columns(text["text_reason"], text["_crop_top"], text["_crop_bottom"])
     base = base.with_columns(
         _first_reason(exposure_thresholds(base, cfg), sharpness_threshold(base, cfg)).alias("reject_reason"),
@@ -258,16 +276,29 @@ def _first_reason(exposure: Exposure, sharpness: Sharpness) -> pl.Expr:
 
     Exposure before sharpness: the Laplacian's variance scales with the square of the exposure,
     so an under-exposed frame always scores as blurred (the demo's dark shot: 18, under any sane
-    blur threshold), and "blurry" would hide the real reason. Text after them (it is looked for
+    blur threshold), and "blurry" would hide the real reason.
+
+    Brightness alone does not condemn a frame: one outside the window (the floor and the ceiling
+    included) that keeps ``exposure_detail`` of detail (its sharpness
+    less the noise's share, as in :meth:`Sharpness.blurry`: a noisy dark frame's grain is no
+    detail) shows its picture, and is judged by the other rules. A film's mean says nothing of
+    its look: a cartoon's snowfield (mean 240-246) or its cave (mean 22) drawn with crisp lines
+    was dropped as badly exposed while every character in it was plain to see, and those shots
+    lost their only frame. What goes still goes: black frames, fades and white flashes keep
+    none of their picture's detail (a fade to 3 % keeps a thousandth of the Laplacian's
+    variance), and a murky under-exposed frame scores well under ``min_sharpness`` (the
+    Laplacian's variance falls with the square of the exposure).
+
+    Text after them (it is looked for
     on the frames they keep only) and before duplicates, so that a title card never stands in
     for a clean frame of its shot as the one kept copy.
     """
     return (
         pl.when(~pl.col("readable"))
         .then(pl.lit("unreadable"))
-        .when(pl.col("brightness") < exposure.min_brightness)
+        .when((pl.col("brightness") < exposure.min_brightness) & exposure.badly_exposed())
         .then(pl.lit("too_dark"))
-        .when(pl.col("brightness") > exposure.max_brightness)
+        .when((pl.col("brightness") > exposure.max_brightness) & exposure.badly_exposed())
         .then(pl.lit("too_bright"))
         .when(pl.col("clipped") > exposure.max_clipped)
         .then(pl.lit("clipped"))

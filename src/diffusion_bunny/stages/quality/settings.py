@@ -22,6 +22,12 @@ REFERENCE_BRIGHTNESS = 100.0
 # scales it by the square of its contrast over this (see quality/rules.py).
 REFERENCE_CONTRAST = 40.0
 BLACK_FLOOR = 10.0
+# A frame outside the brightness window whose detail (sharpness less its noise, the units of
+# min_sharpness) is at least this still shows its picture: a snowfield or a night sky drawn with
+# crisp lines is a scene's look, not a fault of exposure (see quality/rules.py, _first_reason).
+# Its own setting, not a multiple of min_sharpness: turning the blur rule off must not keep
+# every black frame.
+EXPOSURE_DETAIL = 75.0
 WHITE_CEILING = 245.0
 #: Width in pixels of the copy of the picture the text detector looks at.
 TEXT_WIDTH = 480
@@ -39,6 +45,7 @@ class QualitySettings(Section):
     reference_brightness: float = Field(REFERENCE_BRIGHTNESS, gt=0.0, lt=255.0)
     black_floor: float = Field(BLACK_FLOOR, ge=0.0, le=255.0)
     white_ceiling: float = Field(WHITE_CEILING, ge=0.0, le=255.0)
+    exposure_detail: float | None = Field(EXPOSURE_DETAIL, ge=0.0, le=100_000.0)
     relative_sharpness: bool = True
     reference_contrast: float = Field(REFERENCE_CONTRAST, gt=0.0, le=128.0)
     dup_distance: int = Field(4, ge=0, le=64)

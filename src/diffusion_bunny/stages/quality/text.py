@@ -71,6 +71,14 @@ EDGE_FLOOR = 24.0
 MAX_SUBTITLE_LINES = 3
 SUBTITLE_CENTRE = 0.2
 SUBTITLE_HEIGHT = (0.02, 0.16)
+#: A "line" whose box is about as wide as it is high (width over height, in pixels, inside this
+#: range) and higher than :data:`BLOB_HEIGHT` of the picture is not read as text: DBNet draws such
+#: a box round a drawn figure on a plain background (a cartoon penguin on snow: one box of half
+#: the picture's height holding 90 % of its edges, so the frame was dropped as a title card).
+#: Lines of text are wider than high (a word of two letters is about 1.5x at the detector's box)
+#: or, set vertically, far higher than wide; and a letter half the picture high is no subtitle.
+BLOB_ASPECT = (0.5, 1.3)
+BLOB_HEIGHT = 0.2
 
 
 # ------------------------------------------------------------------------------ scores
@@ -200,12 +208,25 @@ def _subtitle_lines(lines: list[dict[str, float]], band: float) -> tuple[list[in
     )
 
 
+def is_blob(line: dict[str, float], aspect: float | None) -> bool:
+    """Whether ``line`` (shares of a picture ``aspect`` times as wide as high) is shaped like a
+    figure rather than text (see :data:`BLOB_ASPECT`). Without the picture's aspect, no line is."""
+    height = line["bottom"] - line["top"]
+    if aspect is None or height < BLOB_HEIGHT:
+        return False
+    ratio = (line["right"] - line["left"]) * aspect / height
+    return BLOB_ASPECT[0] <= ratio <= BLOB_ASPECT[1]
+
+
 def text_verdict(
-    lines: list[dict[str, float]] | None, cfg: QualitySettings
+    lines: list[dict[str, float]] | None, cfg: QualitySettings, aspect: float | None = None
 ) -> tuple[str | None, float, float]:
     """``(reason, crop_top, crop_bottom)`` of one frame from its text lines: reason ``text``,
     ``subtitles`` or None, and the rows of the picture to keep as shares of its height (0, 1
-    when nothing is cropped). None lines (not looked at) keep the frame whole."""
+    when nothing is cropped). None lines (not looked at) keep the frame whole. ``aspect``: the
+    picture's width over its height, for :func:`is_blob` (lines shaped like figures are left
+    out)."""
+    lines = [line for line in lines or () if not is_blob(line, aspect)]
     if not lines:
         return None, 0.0, 1.0
     bottom, top = _subtitle_lines(lines, cfg.subtitle_band)
@@ -234,13 +255,15 @@ def text_verdict(
     return None, crop_top, crop_bottom
 
 
-def text_rules(table: pl.DataFrame, cfg: QualitySettings) -> pl.DataFrame:
+def text_rules(table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame | None = None) -> pl.DataFrame:
     """``frame_id``, ``text_reason`` and the kept rows (``_crop_top``, ``_crop_bottom``, shares
-    of the picture's height) for every row of ``table`` (which has ``text_lines``)."""
+    of the picture's height) for every row of ``table`` (which has ``text_lines``). ``frames``
+    (``frame_id``, ``width``, ``height`` and the picture box) gives each picture's aspect."""
     reasons, tops, bottoms = [], [], []
     lines_col = table["text_lines"].to_list() if "text_lines" in table.columns else [None] * table.height
-    for lines in lines_col:
-        reason, top, bottom = text_verdict(lines, cfg) if cfg.text_filter else (None, 0.0, 1.0)
+    aspects = picture_aspects(table["frame_id"], frames)
+    for lines, aspect in zip(lines_col, aspects, strict=True):
+        reason, top, bottom = text_verdict(lines, cfg, aspect) if cfg.text_filter else (None, 0.0, 1.0)
         reasons.append(reason)
         tops.append(top)
         bottoms.append(bottom)
@@ -252,6 +275,26 @@ def text_rules(table: pl.DataFrame, cfg: QualitySettings) -> pl.DataFrame:
             "_crop_bottom": pl.Series(bottoms, dtype=pl.Float64),
         }
     )
+
+
+def picture_aspects(frame_ids: pl.Series, frames: pl.DataFrame | None) -> list[float | None]:
+    """Width over height of each frame's picture box (the whole frame without one; None where
+    ``frames`` does not know the frame's size)."""
+    if frames is None or "width" not in frames.columns or "height" not in frames.columns:
+        return [None] * len(frame_ids)
+    box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
+    by_id = {
+        row["frame_id"]: row for row in frames.select("frame_id", "width", "height", *box_columns).to_dicts()
+    }
+    out: list[float | None] = []
+    for frame_id in frame_ids.to_list():
+        row = by_id.get(frame_id)
+        if row is None or not row["width"] or not row["height"]:
+            out.append(None)
+            continue
+        box = frame_box(row, row["width"], row["height"]) or (0, 0, row["width"], row["height"])
+        out.append((box[2] - box[0]) / max(1, box[3] - box[1]))
+    return out
 
 
 def crop_boxes(table: pl.DataFrame, frames: pl.DataFrame) -> pl.DataFrame:

@@ -45,6 +45,10 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
         "min_brightness": level("min brightness", cfg.min_brightness),
         "max_brightness": level("max brightness", cfg.max_brightness),
         "max_clipped": share("max clipped", cfg.max_clipped),
+        # 0: brightness alone decides (the setting's null).
+        "exposure_detail": slider(
+            widgets.FloatSlider, "exposure detail", value=cfg.exposure_detail or 0.0, min=0, max=500, step=5
+        ),
         "dup_distance": slider(widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=32),
         "best_per_batch": slider(
             widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
@@ -124,6 +128,7 @@ class QualityThresholdExplorer:
             out[name] = round(float(out[name]), 4)
         out["dup_distance"] = int(out["dup_distance"])
         out["best_per_batch"] = int(out["best_per_batch"]) or None
+        out["exposure_detail"] = float(out["exposure_detail"]) or None
         return out
 
     @property
@@ -140,7 +145,8 @@ class QualityThresholdExplorer:
         self._hold = True
         try:
             for name, value in values.items():
-                self.sliders[name].value = 0 if name == "best_per_batch" and value is None else value
+                empty = name in ("best_per_batch", "exposure_detail") and value is None
+                self.sliders[name].value = 0 if empty else value
         finally:
             self._hold = False
         self._update()
@@ -187,6 +193,8 @@ class QualityThresholdExplorer:
                 f"too dark under {exposure.min_brightness:.1f}, too bright over "
                 f"{exposure.max_brightness:.1f}, clipped over {exposure.max_clipped:.2f} (as configured)"
             )
+        if cfg.exposure_detail is not None:
+            film += f"; kept whatever their brightness from {cfg.exposure_detail:.0f} detail"
         blur = sharpness_threshold(with_text_columns(self.scores), cfg)
         if blur.film_scale < 1.0:
             film += (
@@ -220,6 +228,7 @@ class QualityThresholdExplorer:
             "min_brightness",
             "max_brightness",
             "max_clipped",
+            "exposure_detail",
             "dup_distance",
             "relative_brightness",
             "text_filter",
