@@ -205,7 +205,7 @@ def test_a_night_release_keeps_a_frame_of_every_picture_shot(extracted, films, t
     assert shots_kept(table) == pictures  # every picture shot, and no card
     facts = run.read_manifest("quality")["facts"]
     assert facts["sharpness_scale"] < 0.5  # a flat film: its blur threshold scaled
-    absolute = QualitySettings(relative_sharpness=False, relative_brightness=False)
+    absolute = QualitySettings(relative_sharpness=False, relative_brightness=False, exposure_detail=None)
     assert not shots_kept(apply_quality_rules(table, frames, absolute)) & pictures
 
 
@@ -279,8 +279,9 @@ def test_the_exported_dataset_holds_no_bar_and_no_text_frame(datasets, variant):
             # shot's picture is shorter by its subtitle band: see the subtitle test).
             assert abs(row["width"] / row["height"] - release.PICTURE_ASPECT) < 0.05, row
     # The title cards and the credits on colour were found as text (a sharp, unique frame
-    # otherwise): dropped with reason text. Those on black may go as too_dark first (the text
-    # detector reads only the frames the other rules keep).
+    # otherwise): dropped with reason text. Those on black may go first (the text detector reads
+    # only the frames the other rules keep): as too_dark, or, their letters being detail that
+    # saves them from their darkness (quality.exposure_detail), as clipped (crushed to black).
     quality = run.read_table("quality").join(
         run.read_table("frames").select("frame_id", "frame_index"), on="frame_id"
     )
@@ -288,7 +289,8 @@ def test_the_exported_dataset_holds_no_bar_and_no_text_frame(datasets, variant):
     for row in quality.iter_rows(named=True):
         shot = _shot_of(truth, row["frame_index"])
         if shot["text"]:
-            assert row["reject_reason"] in (("text", "too_dark") if shot["on_black"] else ("text",)), row
+            on_black = ("text", "too_dark", "clipped")
+            assert row["reject_reason"] in (on_black if shot["on_black"] else ("text",)), row
             on_colour += not shot["on_black"]
     assert on_colour >= 2  # the title and the end card on colour were both sampled
 
