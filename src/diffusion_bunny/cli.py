@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -177,7 +178,6 @@ def _keep_bytecode() -> None:
     py-spy), paid on every run, where the cached bytecode costs it once. Python skips writing
     where it cannot (a read-only install), and a venv compiled ahead (``uv sync
     --compile-bytecode``) is only read. The test suite does the same (``test/conftest.py``)."""
-    import os
 
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
         sys.dont_write_bytecode = False

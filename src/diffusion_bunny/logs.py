@@ -30,11 +30,15 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 
 ENV = "DIFFUSION_BUNNY_LOG"
@@ -254,7 +258,6 @@ def relaying(progress_path: Path | None) -> Iterator[None]:
 def _relay_line(text: str) -> None:
     if _relay is None:
         return
-    import json
 
     line = (json.dumps({"say": text}) + "\n").encode()
     with contextlib.suppress(OSError):  # the terminal misses a line; the log file has it
@@ -269,9 +272,6 @@ def relay_bar_class() -> type:
     """A ``tqdm.auto`` bar class whose bars, while a stage relays (:func:`relaying`), are also
     written (a few times a second) to files the terminal of ``bunny run`` shows: a model's
     download inside a stage's kernel is seen where the user waits for it."""
-    import json
-    import time
-    import uuid
 
     from tqdm.auto import tqdm
 
@@ -353,9 +353,7 @@ def bar_options(mininterval: float = 0.1) -> dict[str, float]:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("diffusion-bunny")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return metadata.version("diffusion-bunny")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "unknown"

@@ -27,6 +27,10 @@ tests hold a floor.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -334,8 +338,6 @@ def write_720p(folder: Path, truth: dict[str, Any] | None = None, source: Path |
 
 
 def _speed_init(settings: Any) -> None:
-    import os
-
     import cv2
 
     # One thread per worker process, as stage 03's pool (torch reads this when first imported).
@@ -359,9 +361,6 @@ def frames_per_second(
     ``encode`` encode the faces found) on a pool of ``workers`` processes, as the stage runs it.
     The pool is warmed first (every worker has loaded its models), so the figure is the steady
     rate of a movie's thousands of frames, not a worker's start."""
-    import multiprocessing
-    import time
-    from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_speed_init, initargs=(settings,)) as pool:

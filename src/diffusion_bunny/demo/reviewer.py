@@ -4,6 +4,7 @@ those corrections helps the frames nobody touched (notebook 04 draws it)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -91,7 +92,6 @@ def simulate_reviewer(
 def ground_truth_places(movie: Path) -> dict[int, str] | None:
     """Frame index -> true place, from a ``ground_truth.json`` beside the movie whose shots carry a
     ``source`` (the demo movie's); None when there is none."""
-    import json
 
     path = Path(movie).with_name("ground_truth.json")
     if not path.is_file():

@@ -16,6 +16,7 @@ fraction of that, and Jupyter shows a PIL image as it is. Each stage only says w
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,6 @@ def categorical(values: Any, categories: list[str]) -> pd.Categorical:
 
 def png_bytes(image: Any) -> bytes:
     """A Pillow image as PNG bytes (what ``ipywidgets.Image`` shows)."""
-    import io
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -59,7 +59,6 @@ def png_bytes(image: Any) -> bytes:
 
 def jpeg_bytes(image: Any, quality: int = 85) -> bytes:
     """A Pillow image as JPEG bytes: a contact sheet of photos in a widget, a fraction of its PNG."""
-    import io
 
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
@@ -69,7 +68,6 @@ def jpeg_bytes(image: Any, quality: int = 85) -> bytes:
 def chart_png(chart: p9.ggplot, dpi: int = 72, **savefig: Any) -> bytes:
     """A plotnine chart as PNG bytes, drawn and closed (an open matplotlib figure would be shown a
     second time by the notebook); ``savefig`` goes to matplotlib's ``savefig``."""
-    import io
 
     import matplotlib.pyplot as plt
 

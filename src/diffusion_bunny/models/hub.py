@@ -10,6 +10,7 @@ single-file checkpoints several times the size of what diffusers loads.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -76,7 +77,6 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     """Download the files of ``repo_id`` a loader needs into the Hugging Face cache, with a
     progress bar (tqdm, as every long loop here); a hub that cannot be reached, an unknown or
     gated id is one :class:`ModelError` naming the id."""
-    import logging
 
     import huggingface_hub
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -178,7 +180,6 @@ def _start_error(engine: Any, exc: BaseException) -> EngineError:
 def _check_reachable(address: str) -> None:
     """Fail in a second on a ``host:port`` nobody listens at: Ray itself retries its connection
     20 times for about 40 s each before it gives up."""
-    import socket
 
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
@@ -247,7 +248,6 @@ def _ray_task(
 
 def _detach_log() -> None:
     """Close the log files this task attached (the next task of this worker attaches its own)."""
-    import logging
 
     from diffusion_bunny.logs import LOGGER
 
@@ -262,7 +262,6 @@ def _check_visible(tokens: Sequence[tuple[Path, str]]) -> str | None:
     else the one line saying which folder it cannot see: a folder missing here, or another disk
     mounted at its path, would send the movie's outputs where no other node (and no rerun from
     the head) finds them."""
-    import socket
 
     for folder, token in tokens:
         try:
@@ -282,7 +281,6 @@ def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[
     """Write a token into the folders a movie's task writes to (its run folder, and
     ``train.output_dir`` when it trains or draws), for the task to read back
     (:func:`_check_visible`)."""
-    import uuid
 
     from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 

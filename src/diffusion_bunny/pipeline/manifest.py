@@ -32,6 +32,7 @@ import json
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,6 @@ def _digest(blob: bytes) -> str:
 
 def package_version() -> str:
     """Installed version of diffusion-bunny (recorded in every manifest)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("diffusion-bunny")
@@ -135,7 +135,6 @@ def build_manifest(
     facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest a stage writes after its outputs."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def _version(dist: str) -> str:
         try:

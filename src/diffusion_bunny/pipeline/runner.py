@@ -9,11 +9,15 @@ movie's run share one kernel (:class:`StageKernel`), reset between notebooks.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -173,7 +177,6 @@ def warm_modules(pipeline: Pipeline, stage: str) -> tuple[list[str], list[str]]:
     stage, needed after it): every module its code cells import at their top level (what the
     notebook imports whatever it is run with), split at the first cell that runs the stage; the
     stage's own code (``stages/<name>/stage.py``, imported when it runs) is needed before it."""
-    import ast
 
     before: list[str] = []
     after: list[str] = []
@@ -235,7 +238,6 @@ class StageKernel:
         stage's decoding. Started as nbclient would start it (same working folder and
         arguments), so nbclient simply connects to it once it answers.
         """
-        import os
 
         from jupyter_core.utils import run_sync
 
@@ -557,10 +559,6 @@ class _Deadline:
             self._timer.start()
 
     def _stop_kernel(self) -> None:
-        import contextlib
-        import os
-        import signal
-
         provisioner = getattr(self.km, "provisioner", None)
         pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
         if not pgid:

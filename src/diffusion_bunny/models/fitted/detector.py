@@ -33,6 +33,8 @@ import hashlib
 import io
 import json
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -511,9 +513,6 @@ class _Batches:
     what was found there is in the synthesizer."""
 
     def __init__(self, synth: Synthesizer, settings: FittedSettings, classes: int, refresh: set[int]) -> None:
-        import queue
-        import threading
-
         self.synth, self.settings, self.classes = synth, settings, classes
         self.ready = {step: threading.Event() for step in refresh}
         self.queue: queue.Queue = queue.Queue(maxsize=2)

@@ -23,6 +23,8 @@ that stage 03 importing :class:`HubFinder` costs nothing for a run on the offlin
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,8 +60,6 @@ def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarra
     """What the hub's sightings in a frame depend on: the settings that change a detection (not
     ``cluster_distance``, applied afterwards), the reference pictures and this module's code. Stage
     03 reuses a frame's sightings while this stays the same."""
-    import hashlib
-    import json
 
     import numpy as np
 

@@ -7,6 +7,7 @@ nothing heavier than pydantic.
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,8 +18,6 @@ def _no_credentials_in_url(value: str | None) -> str | None:
     """A base URL must not carry ``user:token@``: it would be written into manifests and notebook
     parameters. Keys belong in the environment (or ``.env``)."""
     if value:
-        from urllib.parse import urlsplit
-
         try:
             parts = urlsplit(value)
             has_credentials = parts.username is not None or parts.password is not None

@@ -23,7 +23,7 @@ Transparent pixels are composited on neutral grey (:data:`GREY`), never read as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -249,7 +249,6 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
     what was taken from each picture, and one warning per picture or character that gives nothing.
     ``settings`` are stage 03's :class:`~diffusion_bunny.models.faces.DetectSettings`."""
-    from dataclasses import replace
 
     from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
 

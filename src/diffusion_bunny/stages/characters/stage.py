@@ -25,10 +25,12 @@ import re
 import sys
 import time
 import types
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -616,8 +618,6 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
     stage), then into ``faces``; both in one :meth:`Run.commit
     <diffusion_bunny.pipeline.run.Run.commit>`, so a fix and a run of stage 03 never lose each
     other's writes. Returns the updated ``faces`` table."""
-    import uuid
-    from datetime import UTC, datetime
 
     name = None if character is None or not str(character).strip() else check_name(str(character))
     run = Run.open(run_dir)

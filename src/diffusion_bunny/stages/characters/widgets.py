@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import ipywidgets as widgets
@@ -126,7 +127,6 @@ class DetectorPreview:
 
     def show(self, detector: str) -> None:
         """Draw the faces ``detector`` finds on the preview frames."""
-        from dataclasses import replace
 
         from diffusion_bunny.stages.characters.plots import detector_preview
 

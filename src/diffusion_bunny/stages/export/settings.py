@@ -6,6 +6,7 @@ nothing heavier than pydantic.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -91,8 +92,6 @@ class ExportSettings(Section):
     @field_validator("unnamed_concept")
     @classmethod
     def _concept_is_a_folder_name(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(r"[\w][\w .'-]{0,63}", value.strip()):
             raise ValueError(
                 "must be usable as a folder name: letters, digits, spaces, '.', \"'\", '-' or '_' "

@@ -7,6 +7,7 @@ nothing heavier than pydantic.
 from __future__ import annotations
 
 import re
+import string
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -47,8 +48,6 @@ class GenerateSettings(Section):
     @field_validator("prompts")
     @classmethod
     def _prompt_templates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import string
-
         if not value:
             raise ValueError("give at least one prompt template, e.g. '{trigger} {character}, portrait'")
         for template in value:

@@ -18,6 +18,7 @@ sets, not an identity-initialised adapter fitted to a handful of pairs in a note
 
 from __future__ import annotations
 
+import io
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -53,8 +54,6 @@ class Adapter:
         return normalise(y)
 
     def save(self, path: Path) -> None:
-        import io
-
         from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 
         buf = io.BytesIO()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,6 @@ def epoch_batches(
     """The batches of one epoch (lists of sample indices; one bucket per batch): samples shuffled
     within their bucket, chunked, and the chunks shuffled. A function of (seed, epoch) only, which
     is what lets a resumed run see the batches the killed one would have seen."""
-    import random
 
     rng = random.Random(seed * 100_003 + epoch)
     groups: dict[tuple[int, int], list[int]] = {}

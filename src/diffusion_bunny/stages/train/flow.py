@@ -38,6 +38,7 @@ diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py``:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -284,7 +285,6 @@ class FlowLoraTrainer(LoraTrainer):
         """With ``cache_latents``: every caption (plus "" for caption dropout) encoded once, read
         from or written to the disk cache, then the text encoders dropped from the pipeline so
         none holds device memory during the steps. Without it: nothing (encoded every step)."""
-        import gc
 
         from safetensors.torch import load_file, save_file
 

