@@ -196,3 +196,36 @@ def test_no_function_in_src_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES and f"{name}:{node.name}" not in LONG_FUNCTIONS_ALLOWED:
                     long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+#: Files whose functions import what they use on purpose: the stage kernel's warm-up script runs
+#: in the notebook's own namespace, where a top-level ``import os`` would leave ``os`` behind.
+FUNCTION_IMPORTS_ALLOWED = {"pipeline/kernel_warm.py"}
+
+
+def test_no_function_in_src_imports_the_standard_library():
+    """A standard-library import costs a few milliseconds at most: it belongs at the top of its
+    module, where a reader sees what the module uses (docs/development.md, "Habits")."""
+    import ast
+    import sys
+
+    package = ROOT / "src" / "diffusion_bunny"
+    inside = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name in FUNCTION_IMPORTS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import):
+                    modules = [alias.name for alias in sub.names]
+                elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
+                    modules = [sub.module]
+                else:
+                    continue
+                std = [m for m in modules if m.split(".")[0] in sys.stdlib_module_names]
+                if std:
+                    inside.append(f"{name}:{sub.lineno} {node.name} imports {', '.join(std)}")
+    assert not inside, "standard-library imports inside functions:\n" + "\n".join(sorted(set(inside)))
