@@ -70,6 +70,16 @@ def _duplicate_groups(
 MIN_FRAMES_RELATIVE = 5
 
 
+#: The variance of the 3x3 Laplacian of white noise over the noise's variance (1 + 1 + 1 + 1 + 16).
+NOISE_LAPLACIAN = 20.0
+
+
+def detail() -> pl.Expr:
+    """Each frame's detail: its sharpness less what its noise scores (``NOISE_LAPLACIAN`` times
+    the noise's variance; no noise score, no share)."""
+    return pl.col("sharpness") - NOISE_LAPLACIAN * pl.col("noise").fill_null(0.0) ** 2
+
+
 @dataclass(frozen=True)
 class Exposure:
     """The exposure thresholds in force for one film (see :func:`exposure_thresholds`)."""
@@ -88,11 +98,10 @@ class Exposure:
     def badly_exposed(self) -> pl.Expr:
         """Whether each frame's brightness says nothing is left of its picture: outside the
         window and without the detail a picture shows (see :func:`_first_reason`)."""
-        detail = pl.col("sharpness") - NOISE_LAPLACIAN * pl.col("noise").fill_null(0.0) ** 2
         shows = (
             pl.lit(False)
             if self.min_detail is None
-            else (pl.col("sharpness").is_not_nan() & (detail >= self.min_detail)).fill_null(False)
+            else (pl.col("sharpness").is_not_nan() & (detail() >= self.min_detail)).fill_null(False)
         )
         return ~shows
 
@@ -159,16 +168,10 @@ class Sharpness:
         film's scale and the frame's own contrast over the reference."""
         if self.film_scale >= 1.0 or self.film_contrast is None:
             return pl.col("sharpness") < self.min_sharpness
-        noise = pl.col("noise").fill_null(0.0)
-        detail = pl.col("sharpness") - NOISE_LAPLACIAN * noise * noise
         reference = self.film_contrast / self.film_scale
         own = (pl.col("contrast") / reference).clip(upper_bound=1.0)
         scale = pl.min_horizontal(own, pl.lit(self.film_scale))
-        return detail < self.min_sharpness * scale * scale
-
-
-#: The variance of the 3x3 Laplacian of white noise over the noise's variance (1 + 1 + 1 + 1 + 16).
-NOISE_LAPLACIAN = 20.0
+        return detail() < self.min_sharpness * scale * scale
 
 
 def sharpness_threshold(scores: pl.DataFrame, cfg: QualitySettings) -> Sharpness:

@@ -277,47 +277,40 @@ def text_rules(table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame |
     )
 
 
+def picture_boxes(frames: pl.DataFrame | None) -> dict[str, tuple[int, int, int, int] | None]:
+    """Each frame's picture box in its pixels (left, top, right, bottom): the box stage 01 found,
+    else the whole frame; None where ``frames`` knows neither."""
+    if frames is None:
+        return {}
+    columns = [c for c in ("width", "height", *BOX_COLUMNS) if c in frames.columns]
+    out: dict[str, tuple[int, int, int, int] | None] = {}
+    for row in frames.select("frame_id", *columns).to_dicts():
+        width, height = row.get("width"), row.get("height")
+        box = frame_box(row, width, height)
+        if box is None and width and height:
+            box = (0, 0, int(width), int(height))
+        out[row["frame_id"]] = box
+    return out
+
+
 def picture_aspects(frame_ids: pl.Series, frames: pl.DataFrame | None) -> list[float | None]:
-    """Width over height of each frame's picture box (the whole frame without one; None where
-    ``frames`` does not know the frame's size)."""
-    if frames is None or "width" not in frames.columns or "height" not in frames.columns:
-        return [None] * len(frame_ids)
-    box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
-    by_id = {
-        row["frame_id"]: row for row in frames.select("frame_id", "width", "height", *box_columns).to_dicts()
-    }
+    """Width over height of each frame's picture box (None where ``frames`` does not know it)."""
+    boxes = picture_boxes(frames)
     out: list[float | None] = []
     for frame_id in frame_ids.to_list():
-        row = by_id.get(frame_id)
-        if row is None or not row["width"] or not row["height"]:
-            out.append(None)
-            continue
-        box = frame_box(row, row["width"], row["height"]) or (0, 0, row["width"], row["height"])
-        out.append((box[2] - box[0]) / max(1, box[3] - box[1]))
+        box = boxes.get(frame_id)
+        out.append(None if box is None else (box[2] - box[0]) / max(1, box[3] - box[1]))
     return out
 
 
 def crop_boxes(table: pl.DataFrame, frames: pl.DataFrame) -> pl.DataFrame:
     """The ``crop_*`` columns (Int64, frame pixels): the picture box, less the rows
     ``_crop_top``/``_crop_bottom`` leave out. ``table`` has ``frame_id`` and those two columns."""
-    box_columns = [c for c in BOX_COLUMNS if c in frames.columns]
-    if "width" not in frames.columns or "height" not in frames.columns:
-        frames = frames.with_columns(
-            pl.lit(None, pl.Int64).alias("width"), pl.lit(None, pl.Int64).alias("height")
-        )
-    geometry = frames.select("frame_id", "width", "height", *box_columns)
-    boxes = geometry.to_dicts()
-    left, top, right, bottom = [], [], [], []
-    for row in boxes:
-        box = frame_box(row, row["width"], row["height"])
-        if box is None:
-            box = (0, 0, int(row["width"]), int(row["height"])) if row["width"] and row["height"] else None
-        if box is None:
-            left.append(None), top.append(None), right.append(None), bottom.append(None)
-            continue
-        left.append(box[0]), top.append(box[1]), right.append(box[2]), bottom.append(box[3])
+    boxes = picture_boxes(frames)
+    ids = frames["frame_id"].to_list()
+    left, top, right, bottom = ([b[k] if b else None for b in map(boxes.get, ids)] for k in range(4))
     full = pl.DataFrame(
-        {"frame_id": geometry["frame_id"], "_l": left, "_t": top, "_r": right, "_b": bottom},
+        {"frame_id": ids, "_l": left, "_t": top, "_r": right, "_b": bottom},
         schema={"frame_id": pl.Utf8, "_l": pl.Int64, "_t": pl.Int64, "_r": pl.Int64, "_b": pl.Int64},
     )
     joined = table.select("frame_id", "_crop_top", "_crop_bottom").join(full, on="frame_id", how="left")
