@@ -229,3 +229,36 @@ def test_no_function_in_src_imports_the_standard_library():
                 if std:
                     inside.append(f"{name}:{sub.lineno} {node.name} imports {', '.join(std)}")
     assert not inside, "standard-library imports inside functions:\n" + "\n".join(sorted(set(inside)))
+
+
+def _function_imports(path):
+    """Every import statement inside a function of ``path``, with the function's name."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import | ast.ImportFrom):
+                    yield node.name, sub
+
+
+def test_every_import_inside_a_function_says_why():
+    """An import inside a function hides what a module uses: it is there only for a cost the
+    module's users would otherwise pay (a slow library, a module that pulls one in, what
+    ``bunny --help`` or ``bunny status`` does not need), and it says so on its line, or on the
+    line above, as ``# lazy: <why>`` (docs/development.md, "Habits")."""
+    import re
+
+    package = ROOT / "src" / "diffusion_bunny"
+    silent = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name in FUNCTION_IMPORTS_ALLOWED:
+            continue
+        lines = path.read_text().splitlines()
+        for func, node in _function_imports(path):
+            above = lines[node.lineno - 2].strip()
+            near = lines[node.lineno - 1 : node.end_lineno] + ([above] if above.startswith("#") else [])
+            if not any(re.search(r"# lazy: \S", line) for line in near):
+                silent.append(f"{name}:{node.lineno} {func}: {lines[node.lineno - 1].strip()}")
+    assert not silent, "imports inside functions without a `# lazy:` reason:\n" + "\n".join(silent)

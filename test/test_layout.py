@@ -82,34 +82,28 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_the_import_walker_sees_imports_inside_functions():
+def test_the_import_walker_sees_imports_inside_functions(tmp_path):
     """``imports_of`` (the walker every rule here stands on) finds imports written only inside a
-    function, in both forms the package uses: ``from package import module`` (release.py's
-    ``hdr``, imported where the HDR movie is made) and ``from module import name`` (tiny.py's
-    tokenizer writers, imported where a preset is built). Each case first checks that the import
-    really stands only inside a function, so a move to the top of the file cannot leave the
-    test checking nothing."""
-    import re
-
-    modules = package_modules()
-    cases = {
-        # module: (the package module it imports, the import line, written indented only)
-        "diffusion_bunny.demo.release": (
-            "diffusion_bunny.media.hdr",
-            "from diffusion_bunny.media import hdr",
-        ),
-        "diffusion_bunny.models.tiny": (
-            "diffusion_bunny.models.tiny_clip",
-            "from diffusion_bunny.models.tiny_clip import",
-        ),
-    }
-    for module, (target, line) in cases.items():
-        text = modules[module].read_text()
-        assert re.search(rf"^[ ]+{re.escape(line)}", text, re.M), (
-            f"{module}: {line!r} is no longer inside a function"
-        )
-        assert not re.search(rf"^{re.escape(line)}", text, re.M), f"{module}: {line!r} moved to the top level"
-        assert target in imports_of(modules[module], modules), f"{module} imports {target} inside a function"
+    function, in both forms: ``from package import module`` and ``from module import name``,
+    and not those under ``if TYPE_CHECKING:`` when asked to leave them out."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    for name in ("__init__", "b", "c", "d"):
+        (package / f"{name}.py").write_text("")
+    (package / "a.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from pkg import d\n"
+        "def f():\n"
+        "    from pkg import b  # lazy: test\n"
+        "    def g():\n"
+        "        from pkg.c import name  # lazy: test\n"
+        "    return b, g\n"
+    )
+    modules = package_modules(package)
+    a = package / "a.py"
+    assert imports_of(a, modules, package=package) == {"pkg.b", "pkg.c", "pkg.d"}
+    assert imports_of(a, modules, package=package, type_checking=False) == {"pkg.b", "pkg.c"}
 
 
 def test_no_import_cycles():

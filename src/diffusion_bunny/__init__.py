@@ -13,7 +13,10 @@ __all__ = ["move_to_cluster"]
 
 def __getattr__(name: str) -> Any:
     if name == "move_to_cluster":
-        from diffusion_bunny.stages.scenes.stage import move_to_cluster
+        # lazy: keeps usearch out of `bunny --help` (0.09 s)
+        from diffusion_bunny.stages.scenes.stage import (
+            move_to_cluster,
+        )
 
         return move_to_cluster
     raise AttributeError(f"module 'diffusion_bunny' has no attribute {name!r}")

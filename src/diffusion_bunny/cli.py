@@ -21,7 +21,7 @@ from diffusion_bunny.logs import log_hint, version
 def _build_parser() -> argparse.ArgumentParser:
     # The stage names of --help come from the pipeline, the one place the order is written (the
     # declarations only: each stage's own code is imported when it runs).
-    from diffusion_bunny.stages import stage_names
+    from diffusion_bunny.stages import stage_names  # lazy: after _keep_bytecode(), to cache its bytecode
 
     parser = argparse.ArgumentParser(
         prog="bunny",
@@ -98,9 +98,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from diffusion_bunny.pipeline.engine import run_target
-    from diffusion_bunny.pipeline.runner import overrides_from_args
-    from diffusion_bunny.stages import PIPELINE
+    from diffusion_bunny.pipeline.engine import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        run_target,
+    )
+    from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        overrides_from_args,
+    )
+    from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     overrides = overrides_from_args(args.overrides)
@@ -144,10 +148,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from diffusion_bunny.config import load_config
-    from diffusion_bunny.pipeline.runner import overrides_from_args
-    from diffusion_bunny.pipeline.status import format_status, resolve_runs, status_table
-    from diffusion_bunny.stages import PIPELINE
+    from diffusion_bunny.config import load_config  # lazy: after _keep_bytecode(), to cache its bytecode
+    from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        overrides_from_args,
+    )
+    from diffusion_bunny.pipeline.status import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        format_status,
+        resolve_runs,
+        status_table,
+    )
+    from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     cfg = load_config(config_path, overrides_from_args(args.overrides))
@@ -156,8 +166,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from diffusion_bunny.demo.run import run_demo
-    from diffusion_bunny.pipeline.runner import overrides_from_args
+    from diffusion_bunny.demo.run import run_demo  # lazy: after _keep_bytecode(), to cache its bytecode
+    from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        overrides_from_args,
+    )
 
     summary = run_demo(
         out=Path(args.out) if args.out else None,
@@ -186,8 +198,12 @@ def _keep_bytecode() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
     _keep_bytecode()
-    from diffusion_bunny import logs
-    from diffusion_bunny.logs import FILE_ONLY, start_cli_log, stop_cli_log
+    from diffusion_bunny import logs  # lazy: after _keep_bytecode(), to cache its bytecode
+    from diffusion_bunny.logs import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        FILE_ONLY,
+        start_cli_log,
+        stop_cli_log,
+    )
 
     args = _build_parser().parse_args(argv)
     try:

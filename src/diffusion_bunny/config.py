@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from dotenv import load_dotenv
 from pydantic import BaseModel, Field, ValidationError
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root, workspace_root
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.registry import move_into_detector
 from diffusion_bunny.section import Section
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
@@ -363,8 +365,6 @@ def load_config(
     use_local: bool = True,
 ) -> Config:
     """Load every layer and validate. ``root`` defaults to :func:`project_root`."""
-    from dotenv import load_dotenv
-
     root = root if root is not None else project_root()
     merged: dict[str, Any] = {}
     if root is not None:
@@ -386,8 +386,6 @@ def load_config(
 def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
     """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
     a headless rerun reproduce what a person chose in a widget."""
-    from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-
     root = root if root is not None else workspace_root()
     path = root / "config" / f"local_{name}.yaml"
     current: dict[str, Any] = {}

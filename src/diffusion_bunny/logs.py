@@ -41,6 +41,10 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
+from diffusion_bunny.errors import storage_error
+from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.secrets import redact_command
+
 ENV = "DIFFUSION_BUNNY_LOG"
 #: The folder of this command's log files (and TensorBoard's ``tensorboard/``), when not ``log/``.
 LOG_DIR_ENV = "DIFFUSION_BUNNY_LOG_DIR"
@@ -68,7 +72,7 @@ class _TerminalHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
 
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # pragma: no cover - logging must never raise
@@ -95,8 +99,6 @@ def log_dir() -> Path:
     env = os.environ.get(LOG_DIR_ENV)
     if env:
         return Path(env)
-    from diffusion_bunny.paths import workspace_root
-
     return workspace_root() / "log"
 
 
@@ -106,8 +108,6 @@ class _LogFileHandler(logging.FileHandler):
     keeps it in :data:`failure`, which ``bunny`` turns into one line and exit status 2."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        from diffusion_bunny.errors import storage_error
-
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):
             if exc.filename is None:
@@ -183,8 +183,6 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None, command: list[
     os.environ[ENV] = str(path)
     last_path = path
     quiet_bars()
-    from diffusion_bunny.secrets import redact_command
-
     logger.info("bunny %s: %s", version(), redact_command(sys.argv[1:] if command is None else command))
     return path
 
@@ -219,7 +217,7 @@ def say(logger: logging.Logger, text: str) -> None:
         logger.info(text, extra=SAY)
         return
     logger.info(text)
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
 
     tqdm.write(text, file=sys.stderr)
     _relay_line(text)
@@ -273,9 +271,9 @@ def relay_bar_class() -> type:
     written (a few times a second) to files the terminal of ``bunny run`` shows: a model's
     download inside a stage's kernel is seen where the user waits for it."""
 
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm as auto_tqdm  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
 
-    class RelayBar(tqdm):  # type: ignore[misc]
+    class RelayBar(auto_tqdm):  # type: ignore[misc]
         def __init__(self, *args: object, **kwargs: object) -> None:
             self._relay_path = Path(f"{_relay}{BAR_SUFFIX}{uuid.uuid4().hex[:8]}") if _relay else None
             self._relay_at = 0.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusion_bunny.config import Config, output_root
+from diffusion_bunny.demo.run import demo_movie
+from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.run import Run, movie_id
 
 
@@ -16,13 +18,9 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     neither, the built-in demo movie is built (once) and used, so a notebook opened in
     JupyterLab works straight away.
     """
-    from diffusion_bunny.media.probe import probe_video
-
     if movie is None and run_dir is not None:
         return Run.open(run_dir)
     if movie is None:
-        from diffusion_bunny.demo.run import demo_movie
-
         movie = demo_movie(progress=True).path
         run_dir = run_dir or output_root(cfg) / "demo"
     probe_video(movie)

@@ -501,7 +501,7 @@ def test_mirror_nms_keeps_what_scoring_every_mirror_image_first_keeps():
 def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
     """``pyramid_start`` times ``min_face_px`` (in the searched copy's pixels) is the smallest
     face MTCNN's pyramid is built for; ``mirror_score`` reaches the detector."""
-    import diffusion_bunny.models.face_detect as face_detect
+    import diffusion_bunny.models.faces as faces_module
 
     asked = []
 
@@ -509,7 +509,7 @@ def test_pyramid_start_sets_where_mtcnn_begins(monkeypatch):
         def detect(self, rgb):
             return []
 
-    monkeypatch.setattr(face_detect, "make_detector", lambda *args: asked.append(args) or Nothing())
+    monkeypatch.setattr(faces_module, "make_detector", lambda *args: asked.append(args) or Nothing())
     frame = np.zeros((720, 1280, 3), np.uint8)
     early = MtcnnSettings(pyramid_start=0.8, mirror_score=False)
     detect(frame, DetectSettings(detector="mtcnn"))  # 30 px at 1280 wide is 15 px in the 640-px copy

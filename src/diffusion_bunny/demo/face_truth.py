@@ -35,8 +35,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
+from diffusion_bunny.models.faces import detect, detect_and_encode, read_rgb
 from diffusion_bunny.paths import workspace_root
 
 TRUTH_DIR = Path("test") / "stages" / "characters" / "data" / "face_truth"
@@ -251,9 +253,6 @@ def detect_truth(
     that its faces fall between an image pyramid's levels differently: a setting that only won
     by where the truth's few faces happen to sit against the pyramid does not hold at other
     scales (:func:`multi_scale_score`)."""
-    import cv2
-
-    from diffusion_bunny.models.faces import detect, read_rgb
 
     folder = folder or truth_dir()
     truth = truth or load_truth(folder)
@@ -315,8 +314,6 @@ def box_offsets(truth: dict[str, Any], detections: dict[str, list], files: set[s
 def write_720p(folder: Path, truth: dict[str, Any] | None = None, source: Path | None = None) -> list[Path]:
     """Each truth frame scaled to fit 1280x720 and padded to it, as JPEGs in ``folder``: the
     frames the speed of a detector is measured on."""
-    import cv2
-
     source = source or truth_dir()
     truth = truth or load_truth(source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -338,8 +335,6 @@ def write_720p(folder: Path, truth: dict[str, Any] | None = None, source: Path |
 
 
 def _speed_init(settings: Any) -> None:
-    import cv2
-
     # One thread per worker process, as stage 03's pool (torch reads this when first imported).
     os.environ["OMP_NUM_THREADS"] = "1"
     cv2.setNumThreads(1)
@@ -347,8 +342,6 @@ def _speed_init(settings: Any) -> None:
 
 def _speed_job(job: tuple[str, Any, bool]) -> int:
     """Worker: read one JPEG, find its faces (and encode them with ``encode``); the face count."""
-    from diffusion_bunny.models.faces import detect, detect_and_encode, read_rgb
-
     path, settings, encode = job
     rgb = read_rgb(path)
     return len(detect_and_encode(rgb, settings) if encode else detect(rgb, settings))

@@ -41,9 +41,11 @@ import av
 import cv2
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
+from PIL import Image
+from tqdm.auto import tqdm
 
 from diffusion_bunny.codegraph import code_hash
-from diffusion_bunny.demo.cartoons import BACKDROPS, backdrop
+from diffusion_bunny.demo.cartoons import BACKDROPS, Pose, backdrop, cast, draw
 from diffusion_bunny.media.samples import load_source
 
 DEMO_FPS = 24
@@ -300,8 +302,6 @@ def _noise_rng(shot_id: int) -> np.random.Generator:
 def walk_at(walk: Walk, i: int, n_frames: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The drawing of ``walk`` in frame ``i`` of its shot (RGBA) and its box (left, top, right,
     bottom) in output pixels."""
-    from diffusion_bunny.demo.cartoons import Pose, cast, draw
-
     t = i / max(1, n_frames - 1)
     x = walk.start[0] + (walk.end[0] - walk.start[0]) * t
     y = walk.start[1] + (walk.end[1] - walk.start[1]) * t
@@ -442,8 +442,6 @@ def ground_truth_for(recipe: tuple[ShotSpec, ...] | None = None) -> dict[str, An
 
 def _encode(frames: Iterator[np.ndarray], path: Path, total: int, progress: bool) -> None:
     """Encode RGB frames to an H.264/MP4 file at ``path`` reproducibly."""
-    from tqdm.auto import tqdm
-
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=DEMO_FPS, options=dict(X264_OPTIONS))
         stream.width, stream.height = DEMO_SIZE
@@ -557,9 +555,6 @@ def _drawn_references(dest_dir: Path) -> None:
     """The demo's drawn characters as a user would show them: the girl as a sprite with
     transparency, the dog on a poster (a JPEG with a painted ground), each in a pose the movie
     never shows."""
-    from PIL import Image
-
-    from diffusion_bunny.demo.cartoons import Pose, cast, draw
 
     sprite = dest_dir / "mika" / "mika_sprite.png"
     if not sprite.is_file():
@@ -587,8 +582,6 @@ def build_demo_references(dest_dir: Path) -> Path:
     """Write ``dest_dir/<character>/...`` for the demo's two people (their portraits) and its two
     drawn characters (:func:`_drawn_references`), once, and return ``dest_dir``, the folder
     ``characters.reference_dir`` points at in ``bunny demo``."""
-    from PIL import Image
-
     dest_dir = Path(dest_dir)
     _drawn_references(dest_dir)
     for name, (source, (x0, y0, x1, y1)) in REFERENCE_CROPS.items():

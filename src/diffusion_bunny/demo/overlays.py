@@ -91,7 +91,7 @@ def font(name: str = "sans-bold", size: int = 40) -> ImageFont.FreeTypeFont | Im
         raise KeyError(f"unknown font {name!r} (known: {', '.join(FONTS)})")
     if name == "pillow":
         return ImageFont.load_default(size=size)
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes 0.15 s to import
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / FONTS[name]
     return ImageFont.truetype(str(path), size)

@@ -50,8 +50,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
+
+from diffusion_bunny.demo.overlays import burn_subtitles, credits_roll, title_card
+from diffusion_bunny.stages.quality.scores import hamming, phash
 
 ROOT = Path(__file__).resolve().parents[3]
 #: ``../shared/testdata`` beside the project (``$DIFFUSION_BUNNY_TESTDATA`` overrides it, e.g. for a
@@ -176,8 +180,6 @@ class Source:
 
 def load_source(path: Path = HAMILTON, shot_starts: Sequence[int] = HAMILTON_SHOTS) -> Source:
     """Decode the clip once with PyAV (275 frames of 640x360: 190 MB as RGB)."""
-    import av
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is absent (it lives in ../shared/testdata)")
     with av.open(str(path)) as container:
@@ -360,8 +362,6 @@ def night_graded_copy(movie: Path, out: Path) -> Path:
     """``movie`` night-graded (:func:`night_grade`, noise seeded by the frame index) into
     ``out`` (H.264 through PyAV, same size and frame rate; made once, reused while newer than
     ``movie``). The cut evaluation's real clip in a night grade."""
-    import av
-
     out = Path(out)
     if out.is_file() and out.stat().st_mtime >= Path(movie).stat().st_mtime:
         return out
@@ -467,8 +467,6 @@ class Renderer:
         inter = cv2.INTER_AREA if mid_w > in_w else cv2.INTER_LINEAR
         part = cv2.resize(part, (in_w, in_h), interpolation=inter)
         if subtitle:
-            from diffusion_bunny.demo.overlays import burn_subtitles
-
             part = burn_subtitles(part, subtitle)
         return self.framed(part)
 
@@ -499,8 +497,6 @@ class Renderer:
 
 def phash_rgb(rgb: np.ndarray) -> int:
     """Stage 02's pHash of an RGB frame (gray, 256 px wide, then its 32x32 DCT hash)."""
-    from diffusion_bunny.stages.quality.scores import phash
-
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     h, w = gray.shape
     if w != 256:
@@ -526,8 +522,6 @@ def probe_hashes(source: Source, plan: RepeatPlan) -> np.ndarray:
 def plan_movie(params: Params, source: Source) -> list[RepeatPlan]:
     """Repeats until ``params.minutes`` is reached, each redrawn while it is within
     ``min_phash_distance`` of an earlier one (the least distant draw wins after ``max_tries``)."""
-    from diffusion_bunny.stages.quality.scores import hamming
-
     target = round(params.minutes * 60 * float(source.fps))
     shots = source.shots()
     plans: list[RepeatPlan] = []
@@ -588,8 +582,6 @@ class _Cards:
     def frames(
         self, segments: Sequence[tuple[int, tuple[str, ...], tuple[int, int, int], bool]]
     ) -> Iterator[np.ndarray]:
-        from diffusion_bunny.demo.overlays import credits_roll, title_card
-
         size = self.renderer.inner
         for frames, lines, background, scroll in segments:
             still = None if scroll else self.renderer.framed(title_card(size, lines, background))
@@ -667,8 +659,6 @@ def _movie_frames(
 def _encode(path: Path, frames: Iterator[np.ndarray], params: Params, fps: Fraction) -> int:
     """Encode RGB ``frames`` with libx264 (``params``' preset and crf) into ``path``; returns the
     number of frames written."""
-    import av
-
     n = 0
     with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -729,8 +719,6 @@ def first_minutes(movie: Path, minutes: float) -> tuple[Path, int]:
     """The first ``minutes`` of ``movie`` (up to the first keyframe after them), copied without
     re-encoding into ``<stem>-first<minutes>min.mp4`` beside it, with its cut truth (made once);
     returns the path and its frame count."""
-    import av
-
     out = movie.with_name(f"{movie.stem}-first{minutes:g}min.mp4")
     truth_out = truth_path(out)
     if out.is_file() and truth_out.is_file():

@@ -38,11 +38,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 
 from diffusion_bunny.demo import overlays
 from diffusion_bunny.demo.realclips import HAMILTON, TESTDATA, night_grade
+from diffusion_bunny.media import hdr
 
 KNN = TESTDATA / "face_recognition_examples" / "knn_examples"
 LIN_REFERENCE = TESTDATA / "face_recognition_examples" / "lin-manuel-miranda.png"
@@ -216,8 +218,6 @@ class Film:
 
 def load_hamilton(path: Path = HAMILTON) -> np.ndarray:
     """The Hamilton clip's 275 frames (RGB)."""
-    import av
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is absent (it lives in ../shared/testdata)")
     with av.open(str(path)) as container:
@@ -233,9 +233,6 @@ def _stored(rgb: np.ndarray, variant: Variant) -> np.ndarray:
 
 def _hdr_frame(rgb: np.ndarray, variant: Variant) -> Any:
     """An SDR picture graded into PQ (SDR white at HDR reference white) as a 10-bit frame."""
-    import av
-
-    from diffusion_bunny.media import hdr
 
     planes = hdr.rgb_to_ycbcr10(hdr.sdr_to_hdr_rgb(rgb, variant.hdr or "pq"))
     w, h = variant.stored
@@ -284,8 +281,6 @@ def _pictures(film: Film) -> Iterator[np.ndarray]:
 
 def encode(film: Film, path: Path) -> None:
     """Encode the film with PyAV (libx264; 10-bit for HDR, interlaced coding for 576i)."""
-    import av
-
     variant = film.variant
     tmp = path.with_name(path.name + ".tmp" + path.suffix)
     with av.open(str(tmp), "w") as out:

@@ -10,11 +10,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import polars as pl
 
 from diffusion_bunny.demo.metrics import adjusted_rand
+from diffusion_bunny.errors import UserError
 from diffusion_bunny.stages.scenes.adapter import recluster
+from diffusion_bunny.stages.scenes.clustering import cluster_id, next_cluster_number
+from diffusion_bunny.stages.scenes.embeddings import make_embedder
 from diffusion_bunny.stages.scenes.tables import NOISE
 
 
@@ -47,8 +52,6 @@ def simulate_reviewer(
     Returns one row per step: corrections so far, the adjusted Rand index on the frames the
     reviewer never touched and on all frames, and the cluster and noise counts.
     """
-    from diffusion_bunny.stages.scenes.clustering import cluster_id, next_cluster_number
-
     rng = random.Random(cfg.seed)
     truth_of = dict(zip(frame_ids, truth, strict=True))
     moves: list[tuple[str, str, str]] = []
@@ -112,11 +115,6 @@ def learning_curve(
     almost nothing for a correction to teach about *other* frames; sampled densely, a pan or a
     zoom gives many frames of one place that drift apart, which is where learning shows.
     """
-    import av
-    import cv2
-
-    from diffusion_bunny.errors import UserError
-    from diffusion_bunny.stages.scenes.embeddings import make_embedder
 
     places = ground_truth_places(movie)
     if places is None:

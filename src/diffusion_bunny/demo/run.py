@@ -9,10 +9,12 @@ from typing import Any
 import polars as pl
 
 from diffusion_bunny.config import load_config, output_root
-from diffusion_bunny.demo.metrics import match_boundaries
-from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie
+from diffusion_bunny.demo.metrics import adjusted_rand, match_boundaries
+from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie, build_demo_references
 from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.pipeline.engine import run_target
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages import PIPELINE
 
 #: Settings ``bunny demo`` runs with (the caller's overrides win): the demo trains the tiny
 #: preset at 128 px, so its face crops are judged at that size, and its two drawn characters are
@@ -54,8 +56,6 @@ def truth_shot(truth: dict[str, Any], frame_index: int) -> dict[str, Any] | None
 def summarize(run: Run, truth: dict[str, Any]) -> str:
     """One line per stage that ran: the stage's own summary, then how it compares with the demo's
     ground truth where there is one."""
-    from diffusion_bunny.stages import PIPELINE
-
     compare = {
         "extract": extract_truth,
         "quality": quality_truth,
@@ -127,8 +127,6 @@ def captions_truth(run: Run, truth: dict[str, Any]) -> str:
 def scenes_truth(run: Run, truth: dict[str, Any]) -> str:
     """Scene clusters against the ground truth's places (each shot's source picture): adjusted Rand
     index, with every noise frame its own group."""
-    from diffusion_bunny.demo.metrics import adjusted_rand
-
     scene = (
         run.read_table("clusters")
         .filter(pl.col("level") == "scene")
@@ -174,10 +172,6 @@ def run_demo(
     movie_dir: Path | None = None,
 ) -> str:
     """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
-    from diffusion_bunny.demo.movie import build_demo_references
-    from diffusion_bunny.pipeline.engine import run_target
-    from diffusion_bunny.stages import PIPELINE
-
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
     overrides = dict(overrides or {})
     # The demo names its two people from reference portraits written next to the movie, unless

@@ -24,7 +24,19 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
+from av.video.reformatter import VideoReformatter
 from PIL import Image
+
+from diffusion_bunny.media.images import crop_region
+from diffusion_bunny.media.video import (
+    Deinterlacer,
+    Display,
+    frame_to_bgr,
+    interlace_verdict,
+    probe_video,
+    should_deinterlace,
+)
 
 
 def cover_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -42,8 +54,6 @@ class ClipSource:
     rotation, HDR tone mapping) and whether it is deinterlaced are decided once per movie."""
 
     def __init__(self, movie: Path):
-        from diffusion_bunny.media.video import Display, interlace_verdict, probe_video, should_deinterlace
-
         self.movie = Path(movie)
         info = probe_video(self.movie)
         self.display = Display.of(info)
@@ -68,8 +78,6 @@ class ClipSource:
 
 
 def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:
-    from diffusion_bunny.media.video import Deinterlacer
-
     if not deinterlace:
         yield from container.decode(stream)
         return
@@ -93,11 +101,6 @@ def decode_clip(
     source: ClipSource | None = None,
 ) -> list[Image.Image]:
     """The clip's ``frames`` pictures at ``size`` (see the module docstring)."""
-    import av
-    from av.video.reformatter import VideoReformatter
-
-    from diffusion_bunny.media.images import crop_region
-    from diffusion_bunny.media.video import frame_to_bgr
 
     source = source or ClipSource(movie)
     targets = [start_s + k / clip_fps for k in range(frames)]
@@ -144,8 +147,6 @@ def decode_clip(
 
 def encode_mp4(path: Path, images: list[Image.Image], fps: float, crf: int = 18) -> Path:
     """H.264 mp4 (yuv420p, every frame at 1 / fps), written to a temporary name and renamed."""
-    import av
-
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.mp4")
     rate = Fraction(fps).limit_denominator(1001)
@@ -169,8 +170,6 @@ def encode_mp4(path: Path, images: list[Image.Image], fps: float, crf: int = 18)
 
 def clip_frames_rgb(path: Path, which: tuple[str, ...] = ("first", "middle", "last")) -> dict[str, Any]:
     """Frame count, fps, size, codec and the first/middle/last frames (RGB arrays) of a clip."""
-    import av
-
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]

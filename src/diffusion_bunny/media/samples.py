@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
+import skimage.data
+from PIL import Image
 
 
 @cache
@@ -21,15 +23,12 @@ def load_source(name: str) -> np.ndarray:
     demo fail offline).  Cached because several shots film the same image.
     """
     if name == "grace_hopper":
-        from matplotlib import cbook
-        from PIL import Image
+        from matplotlib import cbook  # lazy: matplotlib takes 0.15 s to import
 
         path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
     else:
-        import skimage.data
-
         loaders = {
             "astronaut": skimage.data.astronaut,
             "coffee": skimage.data.coffee,

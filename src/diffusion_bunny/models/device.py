@@ -38,7 +38,7 @@ def resolve_device(device: str, setting: str) -> str:
     the driver, ``auto`` is ``cpu`` at once, without importing torch."""
     if device == "cpu" or (device == "auto" and not cuda_driver_sees_gpu()):
         return "cpu"
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     has_cuda = torch.cuda.is_available()
     if device == "auto":
@@ -59,7 +59,7 @@ def torch_threads(count: int) -> Iterator[None]:
     core (a second stage, a benchmark, the user's browser) each wait costs a scheduler slice:
     the demo's simulated reviewer took 26.8 s on 2 threads against 9.3 s on one with a video
     encode running beside it (2 cores), and no gain on a quiet machine."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     before = torch.get_num_threads()
     torch.set_num_threads(count)

@@ -35,8 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from safetensors import safe_open
+
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model
+from diffusion_bunny.models.lora_keys import is_kohya, kohya_to_diffusers
 from diffusion_bunny.models.tiny import PRESETS, Family, ensure_preset
 
 if TYPE_CHECKING:
@@ -154,13 +158,11 @@ def resolve_base_model(
 def _hub_snapshot(repo_id: str, setting: str) -> Path:
     """The cached snapshot folder of a hub repo, downloaded first (the files diffusers loads, with
     a progress bar) when it is not cached and the hub can be reached (:mod:`.hub`)."""
-    from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model
-
     return hub_model(repo_id, setting, DIFFUSERS_FILES, instead="a local pipeline folder or to tiny")
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     if dtype is None:
         return torch.float32
@@ -174,7 +176,7 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 
 def pipeline_class(family: Family) -> type:
     """The diffusers pipeline class of a family."""
-    import diffusers
+    import diffusers  # lazy: diffusers takes 2.7 s to import
 
     return getattr(diffusers, PIPELINE_CLASSES[family])
 
@@ -263,7 +265,7 @@ def lora_mismatches(pipe: Any, state_dict: dict[str, Any]) -> tuple[int, list[st
     against ``pipe``: the module must exist in that component and be a linear/conv layer whose
     input and output sizes match the LoRA's down and up matrices. Returns (number of LoRA layers,
     one line per problem)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     layers = _lora_layers(state_dict)
     problems: list[str] = []
@@ -309,9 +311,7 @@ def read_lora_state_dict(pipe: Any, path: str | os.PathLike[str]) -> dict[str, A
         if getattr(pipe, "unet", None) is not None:
             out = type(pipe).lora_state_dict(str(path), unet_config=pipe.unet.config)
         else:
-            from safetensors.torch import load_file
-
-            from diffusion_bunny.models.lora_keys import is_kohya, kohya_to_diffusers
+            from safetensors.torch import load_file  # lazy: pulls in torch (1.1 s)
 
             raw = load_file(str(path))
             if is_kohya(raw):
@@ -376,7 +376,5 @@ def transformer_family(pipe: Any) -> Family:
 
 
 def _has_peft_keys(path: str | os.PathLike[str]) -> bool:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return any(k.endswith(".lora_A.weight") for k in f.keys())  # noqa: SIM118 (not a dict)

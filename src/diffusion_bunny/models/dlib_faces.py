@@ -22,9 +22,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import dlib
 import numpy as np
+from PIL import Image
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.dlib_resnet import FaceEncoder
 
 MODELS_PACKAGE = "face_recognition_models"
 MODEL_FILES = {
@@ -64,15 +67,11 @@ def model_path(name: str) -> Path:
 def face_encoder() -> Any:
     """The process's face encoder: dlib's ResNet on ONNX Runtime
     (:class:`~diffusion_bunny.models.dlib_resnet.FaceEncoder`), built on first use (~0.3 s)."""
-    from diffusion_bunny.models.dlib_resnet import FaceEncoder
-
     return FaceEncoder(model_path("encoder"))
 
 
 @functools.cache
 def _dlib() -> Any:
-    import dlib
-
     return dlib
 
 
@@ -166,8 +165,6 @@ def face_encodings(
 def load_image_file(file: Any, mode: str = "RGB") -> np.ndarray:
     """An image file as an array (``mode`` "RGB" or "L"), as face_recognition's (which also set
     Pillow's process-wide ``LOAD_TRUNCATED_IMAGES``; not done here)."""
-    from PIL import Image
-
     with Image.open(file) as im:
         return np.array(im.convert(mode) if mode else im)
 

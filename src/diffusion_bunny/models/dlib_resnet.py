@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+import dlib
 import numpy as np
 
 from diffusion_bunny.errors import ModelError
@@ -157,7 +159,7 @@ def _read(buf: bytes) -> ResNetWeights:
 def to_onnx(weights: ResNetWeights) -> Any:
     """The network as an ONNX model: ``chips`` (N, 150, 150, 3) uint8 RGB in, ``descriptors``
     (N, 128) float32 out."""
-    from onnx import TensorProto
+    from onnx import TensorProto  # lazy: onnx takes 0.11 s to import
 
     g = GraphBuilder()
     convs = iter(weights.convs)
@@ -222,8 +224,6 @@ class FaceEncoder:
         dlib ``full_object_detection`` (5 or 68 points) as dlib's ``compute_face_descriptor``
         does: its 150-px chip with 0.25 padding. With ``num_jitters`` > 1, the mean over that many
         jittered copies of each chip (:func:`jitter_chips`)."""
-        import dlib
-
         if not shapes:
             return np.zeros((0, 128), np.float32)
         found = dlib.full_object_detections()
@@ -246,8 +246,6 @@ def jitter_chips(chip: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     (which pool worker, which order). Here the draws come from ``seed``: the same chip always
     gives the same copies, so a stage rerun gives the same encodings.
     """
-    import cv2
-
     rng = np.random.default_rng(seed)
     side = chip.shape[0]
     inner = side - 6  # dlib jitters the chip shrunk by 3 px each side

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import dlib
 import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.images import laplacian_variance
+from diffusion_bunny.models import dlib_faces as fr
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
+from diffusion_bunny.models.face_detect import make_detector, settings_of
 from diffusion_bunny.registry import FACE_DETECTORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -69,8 +72,6 @@ class DetectSettings:
     auto_levels: bool = True
 
     def __post_init__(self) -> None:
-        from diffusion_bunny.models.face_detect import settings_of
-
         object.__setattr__(self, "detector", settings_of(self.detector))
 
     @classmethod
@@ -197,8 +198,6 @@ def detect(rgb: np.ndarray, settings: DetectSettings) -> list[Detection]:
     the pixel count; dlib's ``upsample`` then doubles the copy as often as asked so that small
     faces still reach HOG's 80 px window); boxes and landmarks are mapped back to full resolution.
     """
-    from diffusion_bunny.models.face_detect import make_detector
-
     height, width = rgb.shape[:2]
     scale = 1.0
     small = rgb
@@ -235,8 +234,6 @@ def chip_shape(box: tuple[int, int, int, int], landmarks: np.ndarray) -> Any:
     transform back. Only the eyes are used: a detector's nose tip and mouth are not the
     template's subnasale, and two points fix a similarity transform.
     """
-    import dlib
-
     left_eye, right_eye = (complex(*landmarks[0]), complex(*landmarks[1]))
     template = DLIB_TEMPLATE_5[:, 0] + 1j * DLIB_TEMPLATE_5[:, 1]
     t_left, t_right = template[2:4].mean(), template[0:2].mean()
@@ -279,8 +276,6 @@ def detect_and_encode(rgb: np.ndarray, settings: DetectSettings) -> list[Face]:
     predictor). The head's turn (``yaw``) comes from the detector's landmarks where it has them.
     Only the faces found are encoded, all of a frame's in one batch.
     """
-    from diffusion_bunny.models import dlib_faces as fr
-
     found = detect(rgb, settings)
     if not found:
         return []

@@ -15,7 +15,10 @@ import os
 import re
 from pathlib import Path
 
+import huggingface_hub
+
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.logs import relay_bar_class, say
 
 #: What a hub id looks like (``owner/name``), as opposed to a path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -50,7 +53,7 @@ def cached(repo_id: str, patterns: list[str] | None = None) -> Path | None:
     :func:`download` fetched with ``allow_patterns`` incomplete (the fp16 variants and single-file
     checkpoints were left out on purpose), so under ``HF_HUB_OFFLINE=1`` a model ``bunny`` had
     downloaded was refused. A download cut short (a selected file missing) is still refused."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: snapshot_download takes 0.15 s to import
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
@@ -77,10 +80,6 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     """Download the files of ``repo_id`` a loader needs into the Hugging Face cache, with a
     progress bar (tqdm, as every long loop here); a hub that cannot be reached, an unknown or
     gated id is one :class:`ModelError` naming the id."""
-
-    import huggingface_hub
-
-    from diffusion_bunny.logs import relay_bar_class, say
 
     say(
         logging.getLogger(__name__),

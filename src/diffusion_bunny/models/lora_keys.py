@@ -109,7 +109,7 @@ SINGLE_OUT = re.compile(r"^single_transformer_blocks\.\d+\.proj_out$")
 def lora_target_names(transformer: Any, targets: str | Sequence[str]) -> list[str]:
     """Full names of the Linear layers a target preset (or suffix list) selects, sorted: passed to
     peft as an explicit list so what is trained never depends on suffix-matching surprises."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     if isinstance(targets, str):
         parts = targets.split("+")
@@ -146,7 +146,7 @@ def lora_target_names(transformer: Any, targets: str | Sequence[str]) -> list[st
 def _swap(w: Any) -> Any:
     """Swap the two halves of a modulation's output rows (diffusers: scale, shift; BFL/SAI: shift,
     scale) -- an involution, so the same function converts both ways."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     a, b = w.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -191,7 +191,7 @@ def diffusers_to_kohya(state: dict[str, Any], transformer: Any, family: str, alp
     """peft/diffusers LoRA weights of the transformer (keys ``<module>.lora_A.weight``, with or
     without a ``transformer.`` prefix) -> kohya keys. Every LoRA layer must land in a kohya module
     (else ValueError: the file would silently lose it)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     sd = {k.removeprefix("transformer."): v for k, v in state.items()}
     layers = {k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")}
@@ -233,7 +233,7 @@ def kohya_to_diffusers(kohya: dict[str, Any], transformer: Any, family: str) -> 
     (diffusers then loads it with alpha = rank). Fused modules are split by the transformer's
     layer sizes; a block-diagonal up matrix gives each part its own rank-r LoRA, a dense one gives
     every part the whole down matrix. All-zero parts are dropped."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     out: dict[str, Any] = {}
     known = set()
@@ -283,7 +283,7 @@ def is_kohya(state: dict[str, Any]) -> bool:
 
 def save_kohya_flow(state: dict[str, Any], path: Path, family: str, alpha: float, transformer: Any) -> Path:
     """Write the kohya/ComfyUI file atomically, with sd-scripts' metadata keys."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: pulls in torch (1.1 s)
 
     kohya = diffusers_to_kohya(state, transformer, family, alpha)
     arch = "flux-1-dev" if family == "flux" else "stable-diffusion-v3"

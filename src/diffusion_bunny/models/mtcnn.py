@@ -26,11 +26,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 from pydantic import Field
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings, clip_box, package_file
+from diffusion_bunny.models.onnx_graph import GraphBuilder, cpu_session
 from diffusion_bunny.registry import FACE_DETECTORS
 
 WEIGHTS = ("data/pnet.pt", "data/rnet.pt", "data/onet.pt")
@@ -59,7 +61,7 @@ MIRROR_BATCH = 2
 
 
 def _state(relative: str) -> dict[str, np.ndarray]:
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     path = package_file("facenet_pytorch", relative, distribution="facenet-pytorch")
     try:
@@ -79,9 +81,7 @@ def _net_model(
     ("pool", size, stride) with ceil mode, ("flatten",) in torch's ``permute(0, 3, 2, 1)`` order,
     ("dense", layer, its PReLU); ``heads``: (output, dense or 1x1 conv layer), ``prob`` through a
     softmax. The input is ``image``: (N, H, W, 3) float32, already scaled to [-1, 1)."""
-    from onnx import TensorProto
-
-    from diffusion_bunny.models.onnx_graph import GraphBuilder
+    from onnx import TensorProto  # lazy: onnx takes 0.11 s to import
 
     g = GraphBuilder()
     x = g.op("Transpose", "image", perm=[0, 3, 1, 2])
@@ -139,8 +139,6 @@ NETS = {
 def _sessions() -> tuple[Any, ...]:
     """PNet, RNet and ONet sessions, built once per process (~0.3 s), on ONNX Runtime. One thread
     each: the nets are small, and stage 03 runs one process per core instead."""
-    from diffusion_bunny.models.onnx_graph import cpu_session
-
     return tuple(
         cpu_session(_net_model(name, _state(weights), layers, heads), 1)
         for name, (weights, layers, heads) in NETS.items()
@@ -282,8 +280,6 @@ def integral_image(rgb: np.ndarray) -> np.ndarray:
     """The summed-area table :func:`area_level` and :func:`area_resize` read, in int32 where no
     sum can overflow it (a 640-px copy: half the memory traffic of float64, and exact), else
     float64 (a DCI 4K frame searched at full size: 4096 x 2160 x 255 > 2**31)."""
-    import cv2
-
     rgb = np.ascontiguousarray(rgb, np.uint8)
     exact = rgb.shape[0] * rgb.shape[1] * 255 < 2**31
     return cv2.integral(rgb, sdepth=cv2.CV_32S if exact else cv2.CV_64F)

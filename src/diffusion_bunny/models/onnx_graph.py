@@ -29,14 +29,14 @@ class GraphBuilder:
         self.inits: list[Any] = []
 
     def const(self, arr: np.ndarray) -> str:
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # lazy: onnx takes 0.11 s to import
 
         name = f"c{len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
     def op(self, kind: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
-        from onnx import helper
+        from onnx import helper  # lazy: onnx takes 0.11 s to import
 
         name = out or f"{kind.lower()}{len(self.nodes)}"
         self.nodes.append(helper.make_node(kind, list(inputs), [name], **attrs))
@@ -55,8 +55,8 @@ class GraphBuilder:
 
     def model(self, name: str, inputs: list[Spec], outputs: list[Spec]) -> Any:
         """The checked ``ModelProto``; ``inputs``/``outputs``: (name, onnx element type, shape)."""
-        import onnx
-        from onnx import helper
+        import onnx  # lazy: onnx takes 0.11 s to import
+        from onnx import helper  # lazy: onnx takes 0.11 s to import
 
         graph = helper.make_graph(
             self.nodes,
@@ -85,7 +85,7 @@ def process_threads() -> int:
 def cpu_session(model: Any, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session of ``model`` with ``threads`` intra-op threads (default
     :func:`process_threads`)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: keeps onnxruntime out of `bunny --help` (0.09 s)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or process_threads()

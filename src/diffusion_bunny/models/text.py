@@ -60,7 +60,7 @@ class TextDetector:
 
     def __init__(self, threads: int = 1):
         try:
-            from rapidocr import RapidOCR
+            from rapidocr import RapidOCR  # lazy: rapidocr takes 0.34 s to import
         except Exception as exc:  # not installed, or a broken install
             raise ModelError(
                 f"the text detector cannot be loaded (rapidocr: {type(exc).__name__}: {exc}); run "
@@ -118,7 +118,7 @@ class TextDetector:
 def model_path() -> Path:
     """The detector's ONNX file inside the installed rapidocr wheel (raises ImportError when
     rapidocr is not installed)."""
-    import rapidocr
+    import rapidocr  # lazy: rapidocr takes 0.34 s to import
 
     return Path(rapidocr.__file__).parent / "models" / MODEL_FILE
 

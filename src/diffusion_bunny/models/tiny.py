@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffusion_bunny.models.cache import cache_dir
+from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, clip_text_config, write_clip_tokenizer
+from diffusion_bunny.models.tiny_t5 import write_t5_tokenizer
 
 #: The model families this workspace trains (diffusers' pipeline classes differ per family).
 Family = Literal["sd1", "sdxl", "flux", "sd3"]
@@ -43,7 +45,7 @@ def _tiny_vae(latent_channels: int = 4, scaling: float = 0.18215, **flow: Any) -
     bucket arithmetic matches real models) and few channels per level; 4 latent channels for SD,
     16 with the real scaling/shift factors (``flow``: shift_factor, no quant convs) for
     FLUX.1/SD3.5."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers takes 2.7 s to import
 
     return AutoencoderKL(
         in_channels=3,
@@ -64,7 +66,7 @@ def _tiny_unet(**conditioning: Any) -> Any:
     """The UNet both SD families share: two levels (plain, then cross-attention) of 32 and 64
     channels on 4 latent channels; ``conditioning`` holds what a family adds (its attention
     heads, cross-attention width and, for SDXL, the pooled-text and size embeddings)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # lazy: diffusers takes 2.7 s to import
 
     return UNet2DConditionModel(
         sample_size=16,
@@ -82,9 +84,10 @@ def _tiny_unet(**conditioning: Any) -> Any:
 def _clip(vocab: dict[str, int], hidden: int, projection: int | None) -> Any:
     """A tiny CLIP text encoder, with a projection (``CLIPTextModelWithProjection``) when
     ``projection`` is given."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from diffusion_bunny.models.tiny_clip import clip_text_config
+    from transformers import (  # lazy: transformers takes 0.56 s to import
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     config = clip_text_config(vocab, hidden, projection_dim=projection)
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
@@ -125,10 +128,8 @@ def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET
     seed (VAE, UNet, text encoders), which is what keeps a preset's weights the same bytes on
     every machine.
     """
-    import torch
-    from transformers import CLIPTokenizer
-
-    from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
+    import torch  # lazy: torch takes 1.1 s to import
+    from transformers import CLIPTokenizer  # lazy: transformers takes 0.56 s to import
 
     if family in FLOW_FAMILIES:
         return build_tiny_flow_pipeline(folder, family, seed=seed)
@@ -143,7 +144,7 @@ def build_tiny_pipeline(folder: Path, family: Family = "sd1", seed: int = PRESET
 
 
 def _sd1_pipeline(vae: Any, vocab: dict[str, int], tokenizer: Any) -> Any:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline  # lazy: diffusers takes 2.7 s to import
 
     unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=8)
     text_encoder = _clip(vocab, 32, None)
@@ -160,7 +161,10 @@ def _sd1_pipeline(vae: Any, vocab: dict[str, int], tokenizer: Any) -> Any:
 
 
 def _sdxl_pipeline(vae: Any, vocab: dict[str, int], tokenizer: Any) -> Any:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import (  # lazy: diffusers takes 2.7 s to import
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+    )
 
     text_dim, time_dim = 32, 8
     unet = _tiny_unet(
@@ -212,7 +216,7 @@ def _flow_vae(family: str) -> Any:
 
 
 def _t5(vocab_size: int, d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel  # lazy: transformers takes 0.56 s to import
 
     config = T5Config(
         vocab_size=vocab_size,
@@ -239,11 +243,8 @@ def build_tiny_flow_pipeline(
     """Build and ``save_pretrained`` a tiny random FLUX.1 pipeline (dev layout; ``guidance_embeds``
     False gives schnell's) or SD3.5-medium pipeline into ``folder``; returns ``folder``. Made
     after one seed in a fixed order (VAE, transformer, CLIP encoder(s), T5), as the SD presets."""
-    import torch
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS, write_clip_tokenizer
-    from diffusion_bunny.models.tiny_t5 import write_t5_tokenizer
+    import torch  # lazy: torch takes 1.1 s to import
+    from transformers import CLIPTokenizer, T5TokenizerFast  # lazy: transformers takes 0.56 s to import
 
     if family not in FLOW_FAMILIES:
         raise ValueError(f"not a rectified-flow family: {family!r}")
@@ -265,7 +266,11 @@ def build_tiny_flow_pipeline(
 def _flux_pipeline(
     vae: Any, vocab: dict[str, int], t5_vocab: int, tokenizers: tuple[Any, Any], guidance_embeds: bool
 ) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (  # lazy: diffusers takes 2.7 s to import
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     clip_width, t5_width = 32, 32
     transformer = FluxTransformer2DModel(
@@ -295,7 +300,11 @@ def _flux_pipeline(
 
 
 def _sd3_pipeline(vae: Any, vocab: dict[str, int], t5_vocab: int, tokenizers: tuple[Any, Any]) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (  # lazy: diffusers takes 2.7 s to import
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     clip_width, t5_width = 32, 64  # T5 width >= CLIP-L + CLIP-G widths (SD3 pads CLIP to it)
     transformer = SD3Transformer2DModel(

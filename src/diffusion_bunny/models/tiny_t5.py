@@ -19,6 +19,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from diffusion_bunny.models.tiny_clip import DEFAULT_WORDS
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -50,8 +52,6 @@ def write_t5_tokenizer(
 ) -> int:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` of a T5 tokenizer into ``folder``;
     returns the vocabulary size (the T5 encoder's ``vocab_size``)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pieces = tiny_t5_pieces(words)

@@ -35,7 +35,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
+from diffusion_bunny.errors import StorageError
+
+if TYPE_CHECKING:  # annotations only: a frame writes itself (DataFrame.write_parquet)
     import polars as pl
 
 
@@ -155,8 +157,6 @@ def check_free_space(needs: Iterable[tuple[Path, int, str]], advice: str) -> Non
     ``(folder, bytes, what)``; the folders on one file system are added up and compared with its
     free space. One :class:`~diffusion_bunny.errors.StorageError` names the file system's folder,
     what needs the space and how much is free; ``advice`` says what to do."""
-    from diffusion_bunny.errors import StorageError
-
     by_device: dict[int, list[tuple[Path, int, str]]] = {}
     for folder, size, what in needs:
         if size <= 0:

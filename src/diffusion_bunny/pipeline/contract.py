@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import StageError
+from diffusion_bunny.logs import attach_from_env, relaying
 from diffusion_bunny.pipeline.manifest import (
     StageState,
     build_manifest,
@@ -413,8 +414,6 @@ def run_stage(
     run folder throughout (:meth:`Run.lock`: a second run of the folder stops at once, naming the
     holder; inside ``bunny run`` the stage works under the run's own lock), and writes the tables
     through :meth:`Run.commit`, folding in the edits people made meanwhile (:attr:`StageOutput.merge`)."""
-    from diffusion_bunny.logs import attach_from_env
-
     attach_from_env()
     with run.lock(f"stage {name}", cfg.pipeline.lock_stale_s):
         return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
@@ -457,8 +456,6 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
     )
-    from diffusion_bunny.logs import relaying
-
     with relaying(run.progress_path(name)):  # under `bunny run`: its lines and bars on the terminal
         out = stage.stage_module().compute(context)
     unexpected = set(out.tables) - set(stage.writes)

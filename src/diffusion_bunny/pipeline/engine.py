@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError, storage_error
-from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, bar_options, log_hint
+from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, LOGGER, attach_from_env, bar_options, log_hint
+from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Pipeline
 from diffusion_bunny.pipeline.run import movie_id
 from diffusion_bunny.pipeline.runner import (
@@ -119,7 +121,7 @@ def start_ray(cfg: Config) -> bool:
     this call started Ray (and should shut it down). An already initialised Ray (a caller's own
     cluster, as the tests make) is used as it is."""
     _prepare_ray_environment()
-    import ray
+    import ray  # lazy: ray takes 1.2 s to import
 
     if ray.is_initialized():
         return False
@@ -213,9 +215,7 @@ def _ray_task(
     On the head's node it logs to the command's file (the stage kernels it starts inherit the
     path); on another node (``head_node`` is not this one) into ``<run>/log/``, TensorBoard's
     events too, since the head's log folder is on a disk that node does not see."""
-    import ray
-
-    from diffusion_bunny.logs import attach_from_env
+    import ray  # lazy: ray takes 1.2 s to import
 
     problem = _check_visible(tokens)
     if problem is not None:
@@ -249,8 +249,6 @@ def _ray_task(
 def _detach_log() -> None:
     """Close the log files this task attached (the next task of this worker attaches its own)."""
 
-    from diffusion_bunny.logs import LOGGER
-
     for lg in (logging.getLogger(LOGGER), logging.getLogger("py.warnings")):
         for handler in [h for h in lg.handlers if (h.get_name() or "") == f"{LOGGER}-file"]:
             lg.removeHandler(handler)
@@ -281,8 +279,6 @@ def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[
     """Write a token into the folders a movie's task writes to (its run folder, and
     ``train.output_dir`` when it trains or draws), for the task to read back
     (:func:`_check_visible`)."""
-
-    from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 
     folders = [run_dir]
     output_dir = options.cfg.train.output_dir
@@ -340,7 +336,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     jobs = [(Path(movie).resolve(), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
     probed = [_movie_seconds(movie) for movie, _ in jobs]
     started = start_ray(cfg)
-    import ray
+    import ray  # lazy: ray takes 1.2 s to import
 
     tokens: dict[int, list[tuple[Path, str]]] = {}
     try:
@@ -401,8 +397,6 @@ def _run_folder(movie: Path, run_dir: Path | None, cfg: Config) -> Path:
 def _movie_seconds(movie: Path) -> tuple[bool, float | None]:
     """(whether this process can probe the movie, its length for the task's time limit or None);
     a movie that cannot be probed fails in its task, which says why."""
-    from diffusion_bunny.media.probe import probe_video
-
     try:
         return True, probe_video(movie).duration_s
     except UserError:

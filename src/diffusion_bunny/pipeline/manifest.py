@@ -36,6 +36,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+import polars as pl
+
 from diffusion_bunny import codegraph
 
 StageState = Literal["done", "stale", "missing"]
@@ -108,8 +110,6 @@ def table_fingerprint(path: Path, columns: Sequence[str] | None = None) -> dict[
     which frames stage 02 kept, not on every score)."""
     if columns is None:
         return {"sha256": _digest(path.read_bytes())}
-    import polars as pl
-
     # JSON lines, not CSV: a declared column may hold lists (face encodings), which CSV cannot.
     df = pl.read_parquet(path, columns=list(columns))
     return {"columns": list(columns), "sha256": _digest(df.write_ndjson().encode())}

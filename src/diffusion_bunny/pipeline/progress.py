@@ -19,6 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from diffusion_bunny.logs import BAR_SUFFIX, ENV, SAY_SUFFIX, bar_options, say_relayed
+
 
 class ProgressFile:
     """Throttled writer of ``{"done", "total", "unit", "desc", "note"}`` for one stage (``note``: a
@@ -49,8 +51,6 @@ class ProgressFile:
         """Remove the file: a finished stage leaves nothing behind in the run folder. Under
         ``bunny`` (its log variable set) the runner that follows the file removes it once it has
         shown the last count (removed here, the final count was often never seen)."""
-        from diffusion_bunny.logs import ENV
-
         if self.path is not None and not os.environ.get(ENV):
             self.path.unlink(missing_ok=True)
 
@@ -62,8 +62,6 @@ def tracked(
     """A tqdm bar (the notebook's) and the progress file at ``progress_path`` (what ``bunny run``
     shows) counting the same work: yields ``done(n)``, to be called with the count so far; the
     file is gone when the block ends or fails."""
-    from diffusion_bunny.logs import bar_options
-
     bar = tqdm(total=total, unit=unit, desc=desc, disable=not progress, **bar_options(0.5))
     reporter = ProgressFile(progress_path, desc, total, unit)
 
@@ -108,8 +106,6 @@ def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
     stage's bar from ``path`` (with its note, e.g. what was paid for so far), the bars it relays
     beside it (a model's download) and the lines it says (:func:`diffusion_bunny.logs.relaying`);
     the files are removed at the end."""
-    from diffusion_bunny.logs import BAR_SUFFIX, SAY_SUFFIX, bar_options, say_relayed
-
     bars: dict[Path, tuple[tqdm, int]] = {}
     said = 0
     lines = Path(str(path) + SAY_SUFFIX)

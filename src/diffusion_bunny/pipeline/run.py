@@ -21,15 +21,21 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
+from diffusion_bunny.pipeline.lock import (
+    DEFAULT_LEASE_S,
+    TABLE_LOCK_TIMEOUT_S,
+    may_sweep,
+    run_lock,
+    table_lock,
+)
 from diffusion_bunny.pipeline.manifest import table_fingerprint
 from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
-
-if TYPE_CHECKING:  # polars is imported where tables are read or written: the CLI never needs it
-    import polars as pl
 
 
 @contextlib.contextmanager
@@ -37,8 +43,6 @@ def damaged_table(path: Path) -> Iterator[None]:
     """A stage's table that does not read (damaged on disk) is one line saying how to rebuild
     it, not a parquet traceback: every stage's table can be computed again (a table a person
     made is restored from its backup instead, :mod:`.userwork`)."""
-    import polars as pl
-
     try:
         yield
     except pl.exceptions.PolarsError as exc:
@@ -106,8 +110,6 @@ class Run:
         """Open (and create if needed) the run folder of ``movie``, removing what killed writers
         left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`) unless another
         process holds the folder (:meth:`lock`)."""
-        from diffusion_bunny.pipeline.lock import may_sweep
-
         run = cls(Path(run_dir).resolve())
         run.run_dir.mkdir(parents=True, exist_ok=True)
         if may_sweep(run.run_dir):  # never under another machine's live run (its pids are not ours)
@@ -159,8 +161,6 @@ class Run:
         machines sharing the disk (:func:`diffusion_bunny.pipeline.lock.run_lock`). A second
         holder stops at once with :class:`~diffusion_bunny.pipeline.lock.RunBusy` naming the
         first (pid and host)."""
-        from diffusion_bunny.pipeline.lock import DEFAULT_LEASE_S, run_lock
-
         return run_lock(self.run_dir, what=what, lease_s=lease_s or DEFAULT_LEASE_S)
 
     @property
@@ -197,8 +197,6 @@ class Run:
 
     def read_table(self, name: str) -> pl.DataFrame:
         """Read a stage table; a missing one names the stage to run first."""
-        import polars as pl
-
         path = self.table_path(name)
         if not path.is_file():
             raise StageError(
@@ -228,8 +226,6 @@ class Run:
         """Hold the lock of each table named for the block (:func:`~.lock.table_lock`, files under
         ``.locks/tables/``). They are taken in sorted order whoever asks, so two writers of
         overlapping tables never wait on each other in a circle."""
-        from diffusion_bunny.pipeline.lock import TABLE_LOCK_TIMEOUT_S, table_lock
-
         wait = TABLE_LOCK_TIMEOUT_S if timeout is None else timeout
         with contextlib.ExitStack() as stack:
             for name in sorted(set(names)):
@@ -265,8 +261,6 @@ class Run:
     def table_height(self, name: str) -> int:
         """Rows of a table, without reading it when it is not one made by hand (those are read,
         so a damaged one is restored from its backup first)."""
-        import polars as pl
-
         path = self.table_path(name)
         if backup_path(path).is_file():
             return read_kept(path).height

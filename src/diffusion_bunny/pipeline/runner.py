@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.config import Config, output_root
+from jupyter_core.utils import run_sync
+
+from diffusion_bunny.config import Config, output_root, parse_override
 from diffusion_bunny.errors import (
     USER_ERROR_NAMES,
     BadInputError,
@@ -34,7 +36,7 @@ from diffusion_bunny.errors import (
     UserError,
     storage_error_from_text,
 )
-from diffusion_bunny.logs import FILE_ONLY
+from diffusion_bunny.logs import FILE_ONLY, say
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
@@ -239,8 +241,6 @@ class StageKernel:
         arguments), so nbclient simply connects to it once it answers.
         """
 
-        from jupyter_core.utils import run_sync
-
         if self._km is None:
             self._km = self._new_manager()
             self.notebooks = 0
@@ -255,8 +255,6 @@ class StageKernel:
 
     def manager(self) -> Any:
         """The kernel manager for the next notebook: the running kernel, reset, or a new one."""
-        from jupyter_core.utils import run_sync
-
         if self._km is not None and self._km.has_kernel and not run_sync(self._km.is_alive)():
             self.close()
         if self._km is None:
@@ -269,8 +267,8 @@ class StageKernel:
         return self._km
 
     def _new_manager(self) -> Any:
-        from jupyter_client.kernelspec import NoSuchKernel
-        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_client.kernelspec import NoSuchKernel  # lazy: jupyter_client takes 0.11 s to import
+        from jupyter_client.manager import AsyncKernelManager  # lazy: jupyter_client takes 0.11 s to import
 
         km = AsyncKernelManager(kernel_name=self.kernel_name)
         try:
@@ -283,8 +281,6 @@ class StageKernel:
         return km
 
     def _reset(self) -> None:
-        from jupyter_core.utils import run_sync
-
         async def fresh() -> dict[str, Any]:
             # Over the shell channel alone: its reply says the reset ran. wait_for_ready and
             # execute_interactive would also drain IOPub, which costs a 0.2 s quiet wait each
@@ -307,8 +303,6 @@ class StageKernel:
 
     def close(self) -> None:
         """Shut the kernel down (a no-op when none runs)."""
-        from jupyter_core.utils import run_sync
-
         km, self._km = self._km, None
         if km is None or not km.has_kernel:
             return
@@ -348,9 +342,9 @@ def execute_stage_notebook(
     # at import time (0.9 s, a third of the CLI's start-up) for an "iri" format check that
     # notebook validation never uses; jsonschema skips that checker when the import fails.
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
-    import papermill
-    from nbclient.exceptions import DeadKernelError
-    from papermill.exceptions import PapermillExecutionError
+    import papermill  # lazy: papermill takes 1.2 s to import
+    from nbclient.exceptions import DeadKernelError  # lazy: nbclient takes 1.0 s to import
+    from papermill.exceptions import PapermillExecutionError  # lazy: papermill takes 1.2 s to import
 
     _route_papermill_logs()
 
@@ -500,8 +494,8 @@ def _reply_keeping_engine() -> str:
     The reply's ``ename`` and ``evalue`` are the exception's own (nbclient keeps them on its
     ``CellExecutionError``), so the runner's classification (:func:`_notebook_error`) reads them
     as if the output had come."""
-    import nbformat
-    from papermill.engines import NBClientEngine, papermill_engines
+    import nbformat  # lazy: nbformat takes 0.86 s to import
+    from papermill.engines import NBClientEngine, papermill_engines  # lazy: papermill takes 1.2 s to import
 
     class ReplyKeepingEngine(NBClientEngine):
         @classmethod
@@ -646,15 +640,11 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
 
 def _say(text: str) -> None:
     """One line for the terminal (unless --quiet) and the log file (diffusion_bunny.logs)."""
-    from diffusion_bunny.logs import say
-
     say(log, text)
 
 
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
     """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill)."""
-    from diffusion_bunny.config import parse_override
-
     out: dict[str, Any] = {}
     for item in items or []:
         key, value = parse_override(item)

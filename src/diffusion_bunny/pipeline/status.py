@@ -17,6 +17,7 @@ import polars as pl
 from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.errors import BadInputError, UserError
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
+from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.pipeline.run import Run, movie_id
 
 
@@ -115,8 +116,6 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: Config) -> pl.Data
     """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``,
     ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07) and
     ``in_use`` (the process holding the run folder now, if any)."""
-    from diffusion_bunny.pipeline.lock import current_holder
-
     rows = []
     for ref in refs:
         holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if _is_run(ref.run_dir) else None

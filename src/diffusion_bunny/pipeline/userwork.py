@@ -20,13 +20,11 @@ import shutil
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_path, atomic_write_parquet
-
-if TYPE_CHECKING:
-    import polars as pl
 
 BACKUP_DIR = "backup"
 
@@ -49,16 +47,12 @@ def write_kept(path: Path, df: pl.DataFrame) -> Path:
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-    import polars as pl
-
     return pl.read_parquet(path, columns=columns)
 
 
 def read_kept(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
     """Read a hand-made table; a damaged one is restored from its backup (with a warning), or is
     one :class:`StageError` naming the file and how to recover."""
-    import polars as pl
-
     path = Path(path)
     try:
         return _read(path, columns)

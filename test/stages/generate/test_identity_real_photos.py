@@ -106,6 +106,7 @@ def photo_run(tmp_path, monkeypatch):
     if not KNN.is_dir():
         pytest.skip(f"real face photos not available here: {KNN} (they ship beside the project, not in it)")
     import diffusion_bunny.models.diffusion as diffusion
+    import diffusion_bunny.stages.generate.stage as generate_stage
     from diffusion_bunny.pipeline.run import Run
 
     refs = tmp_path / "references"
@@ -128,7 +129,8 @@ def photo_run(tmp_path, monkeypatch):
         loaded.lora_names, loaded.drawn = lora_names, drawn
         return loaded
 
-    monkeypatch.setattr(diffusion, "load_pipeline", load_photo_pipeline)
+    # stage 08 calls the name its own module imported
+    monkeypatch.setattr(generate_stage, "load_pipeline", load_photo_pipeline)
     movie = tmp_path / "movie.mp4"
     movie.write_bytes(b"not decoded: stage 08 reads no frame")
     run = Run.create(tmp_path / "run", movie)

@@ -135,14 +135,14 @@ def test_a_bad_move_says_why_on_the_board(board_run):
 
 
 def test_an_unexpected_failure_stays_on_the_board(board_run, monkeypatch):
-    import diffusion_bunny.stages.scenes.stage
+    import diffusion_bunny.stages.scenes.board
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
     run, _ = board_run
     board = ReviewBoard(run)
-    monkeypatch.setattr(diffusion_bunny.stages.scenes.stage, "move_to_cluster", broken)
+    monkeypatch.setattr(diffusion_bunny.stages.scenes.board, "move_to_cluster", broken)
     assert board.move(ids_in(board, "noise")[0], "s001") is None
     assert board.status == "not moved, unexpected RuntimeError: disk on fire (a bug; see the kernel log)"
     assert from_browser(board, {"type": "dance"}) == [{"type": "done"}]

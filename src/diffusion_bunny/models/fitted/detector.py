@@ -41,8 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.logs import bar_options
 from diffusion_bunny.models.fitted import FittedSettings
 
 if TYPE_CHECKING:
@@ -83,9 +86,9 @@ class Hit:
 def build_net(classes: int) -> Any:
     """The detector's network for ``classes`` characters (torch imported here: the settings above
     are read by the config module, which must not pull torch in)."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+    import torch  # lazy: torch takes 1.1 s to import
+    from torch import nn  # lazy: torch takes 1.1 s to import
+    from torch.nn import functional as F  # lazy: torch takes 1.1 s to import
 
     def cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Module:
         return nn.Sequential(
@@ -118,7 +121,7 @@ def build_net(classes: int) -> Any:
 
 def to_input(images: list[np.ndarray]) -> torch.Tensor:
     """RGB uint8 pictures of one size as the network's input (channels first, centred on 0)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
 
@@ -326,7 +329,7 @@ def targets(example: Example, classes: int, side: int) -> tuple[np.ndarray, ...]
 def focal_loss(logits: torch.Tensor, heat: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss; a cell's background term weighted by ``background``
     (0 where the film's own unlabelled characters may be)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     p = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     positive = heat.eq(1.0).float()
@@ -412,8 +415,8 @@ class FittedDetector:
     def detect(self, rgb: np.ndarray, min_score: float | None = None) -> list[Hit]:
         """Characters in an RGB frame, boxes in its pixels, at ``min_score`` (default the
         settings') or above."""
-        import torch
-        from torch.nn import functional as F
+        import torch  # lazy: torch takes 1.1 s to import
+        from torch.nn import functional as F  # lazy: torch takes 1.1 s to import
 
         threshold = self.settings.min_score if min_score is None else min_score
         height, width = rgb.shape[:2]
@@ -449,7 +452,7 @@ class FittedDetector:
     def to_bytes(self) -> bytes:
         """The weights and what they were fitted to, as one torch file's bytes (the stage writes
         them atomically into the run folder)."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         meta = {
             "format": FILE_FORMAT,
@@ -465,7 +468,7 @@ class FittedDetector:
     def load(cls, path: Path) -> FittedDetector | None:
         """The detector saved at ``path``, or None when it is missing, damaged or of another format
         (it is then simply fitted again)."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
@@ -484,8 +487,6 @@ def fit_key(
 ) -> str:
     """What a fitted detector depends on: its characters' pictures, its background frames, its
     settings and this module's code; the cache file is named after it."""
-    from diffusion_bunny.codegraph import code_hash
-
     digest = hashlib.sha256()
     for name in sorted(cutouts):
         digest.update(name.encode() + b"\0")
@@ -560,11 +561,8 @@ def fit_detector(
 ) -> FittedDetector:
     """Fit the detector of the characters ``cutouts`` (name -> RGBA pictures) on ``backgrounds``
     (RGB frames of the film, best at most a few hundred pixels wide)."""
-    import torch
-    from torch.nn import functional as F
-    from tqdm.auto import tqdm
-
-    from diffusion_bunny.logs import bar_options
+    import torch  # lazy: torch takes 1.1 s to import
+    from torch.nn import functional as F  # lazy: torch takes 1.1 s to import
 
     names = sorted(cutouts)
     if not names or not all(cutouts[n] for n in names):

@@ -29,14 +29,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
+import numpy as np
+
+from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.media.images import l2_rows
+from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.models.fitted.detector import Hit, content_box, iou, suppress
+from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from diffusion_bunny.models.fitted.detector import Hit
 
 #: The grey a cut-out is put on (its transparent parts) and a frame is padded with to a square:
 #: mid-grey favours no colour, and OWLv2's own code pads with 0.5 grey.
@@ -61,10 +67,6 @@ def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarra
     ``cluster_distance``, applied afterwards), the reference pictures and this module's code. Stage
     03 reuses a frame's sightings while this stays the same."""
 
-    import numpy as np
-
-    from diffusion_bunny.codegraph import code_hash
-
     digest = hashlib.sha256()
     for name in sorted(references):
         digest.update(name.encode() + b"\0")
@@ -84,8 +86,6 @@ def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarra
 def model_folder(model: str, setting: str) -> str:
     """The local folder of ``model`` (a folder here, else a hub id from the cache or downloaded now
     with a progress bar); anything else is one :class:`ModelError` naming ``setting``."""
-    from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
-
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -109,7 +109,11 @@ def _load_failed(setting: str, model: str, exc: BaseException) -> ModelError:
 
 def _load_owlv2(model: str, device: str) -> tuple[Any, Any]:
     """OWLv2 and its processor from ``model`` (``characters.hub.detector``), on ``device``."""
-    from transformers import AutoConfig, Owlv2ForObjectDetection, Owlv2Processor
+    from transformers import (  # lazy: transformers takes 0.56 s to import
+        AutoConfig,
+        Owlv2ForObjectDetection,
+        Owlv2Processor,
+    )
 
     setting = "characters.hub.detector"
     source = model_folder(model, setting)
@@ -131,8 +135,6 @@ def _load_owlv2(model: str, device: str) -> tuple[Any, Any]:
 def on_grey(picture: np.ndarray) -> np.ndarray:
     """An RGB uint8 picture of ``picture`` (RGB, or RGBA composited on :data:`GREY`): a model sees
     no alpha, and a cut-out's transparent pixels hold whatever colour its editor left there."""
-    import numpy as np
-
     picture = np.asarray(picture)
     if picture.ndim != 3 or picture.shape[2] not in (3, 4):
         raise ValueError(f"an RGB or RGBA picture is HxWx3 or HxWx4, not {picture.shape}")
@@ -147,8 +149,6 @@ def square_on_grey(rgb: np.ndarray, centre: bool = True) -> tuple[np.ndarray, in
     """``rgb`` on a grey square of its longer side, and where it went in it (x, y offsets):
     centred for a crop (a features model crops the middle), top-left for a frame (as OWLv2's
     processor pads, so its boxes, fractions of the square, are fractions of the longer side)."""
-    import numpy as np
-
     h, w = rgb.shape[:2]
     side = max(h, w)
     x, y = ((side - w) // 2, (side - h) // 2) if centre else (0, 0)
@@ -160,9 +160,6 @@ def square_on_grey(rgb: np.ndarray, centre: bool = True) -> tuple[np.ndarray, in
 def reference_square(picture: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A reference cut-out ready to be a query: trimmed to its opaque pixels with a grey margin,
     centred on a grey square; and the character's box in it as fractions (x0, y0, x1, y1)."""
-    import numpy as np
-
-    from diffusion_bunny.models.fitted.detector import content_box
 
     picture = np.asarray(picture)
     box = content_box(picture[..., 3]) if picture.ndim == 3 and picture.shape[2] == 4 else None
@@ -195,11 +192,8 @@ class HubFeatures:
         *,
         setting: str = "characters.hub.features",
     ) -> None:
-        import numpy as np
-        import torch
-        from transformers import AutoImageProcessor, AutoModel
-
-        from diffusion_bunny.models.device import resolve_device
+        import torch  # lazy: torch takes 1.1 s to import
+        from transformers import AutoImageProcessor, AutoModel  # lazy: transformers takes 0.56 s to import
 
         self.model_id = model
         self.batch_size = int(batch_size)
@@ -239,9 +233,6 @@ class HubFeatures:
         batched by ``batch_size``. Each crop is centred on a grey square first: the processors
         squash (SigLIP) or crop the middle (DINOv2) a picture that is not square, and a standing
         character is tall."""
-        import numpy as np
-
-        from diffusion_bunny.media.images import l2_rows
 
         out = np.zeros((len(crops), self.dim), np.float32)
         for start in range(0, len(crops), self.batch_size):
@@ -256,7 +247,7 @@ class HubFeatures:
 
 def _iou_to(boxes: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
     """IoU of ``boxes`` (N x 4, centre x, centre y, width, height) with one (x0, y0, x1, y1) box."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     x0, y0 = boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2
     x1, y1 = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
@@ -289,9 +280,7 @@ class HubFinder:
         *,
         features: HubFeatures | None = None,
     ) -> None:
-        import torch
-
-        from diffusion_bunny.models.device import resolve_device
+        import torch  # lazy: torch takes 1.1 s to import
 
         self.settings = settings
         self.names = sorted(references)
@@ -364,8 +353,6 @@ class HubFinder:
     def _frame_square(self, rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
         """The frame at OWLv2's input size at most, padded with grey to a square at its bottom and
         right; and the frame pixels per fraction of that square across and down."""
-        import cv2
-
         h, w = rgb.shape[:2]
         scale = min(1.0, self.input_side / max(h, w))
         small = rgb
@@ -389,9 +376,6 @@ class HubFinder:
         the search's threshold or above, boxes in frame pixels, suppressed, with features. A hit of
         a later search that overlaps one of an earlier search (IoU 0.5) is the same sighting and
         dropped: a named character is not also discovered."""
-        import numpy as np
-
-        from diffusion_bunny.models.fitted.detector import iou
 
         torch = self._torch
         out: list[list[Hit]] = []
@@ -428,9 +412,6 @@ class HubFinder:
     ) -> list[Hit]:
         """One frame's hits: boxes mapped back to its pixels and clipped to it, suppressed, each
         with the feature of its crop."""
-        import numpy as np
-
-        from diffusion_bunny.models.fitted.detector import Hit, suppress
 
         h, w = frame.shape[:2]
         order = [
@@ -508,8 +489,6 @@ def cluster_appearances(features: np.ndarray, threshold: float, *, min_size: int
     dense and folds the rare ones into noise, and its answer has no threshold a user can read. The
     labels are deterministic (no random start). Memory grows with N² (the pairwise distances):
     about 200 MB for 5000 sightings."""
-    import numpy as np
-
     if not 0.0 < threshold < 2.0:
         raise ValueError(f"a cosine-distance threshold lies between 0 and 2, not {threshold}")
     features = np.asarray(features, dtype=np.float64)
@@ -522,7 +501,7 @@ def cluster_appearances(features: np.ndarray, threshold: float, *, min_size: int
     if len(usable) == 1:
         raw[usable] = 0
     elif len(usable) > 1:
-        from sklearn.cluster import AgglomerativeClustering
+        from sklearn.cluster import AgglomerativeClustering  # lazy: sklearn takes 0.88 s to import
 
         raw[usable] = AgglomerativeClustering(
             n_clusters=None, metric="cosine", linkage="average", distance_threshold=threshold

@@ -6,14 +6,13 @@ import plotnine as p9
 import polars as pl
 
 from diffusion_bunny.media.figures import categorical, histogram, minimal_theme
+from diffusion_bunny.stages.captions.tables import caption_lengths
 
 
 def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> p9.ggplot:
     """Words per caption of a ``captions`` table, coloured by ``provider`` (notebook 05) or
     ``status`` (the report: written vs edited); the title counts the failed ones. Long captions
     get cut at the text encoder's 77 tokens, very short ones teach little."""
-    from diffusion_bunny.stages.captions.tables import caption_lengths
-
     lengths = caption_lengths(captions)
     failed = captions.height - lengths.height
     median = float(lengths["words"].median() or 0)

@@ -50,7 +50,15 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ProfileNotFound
+from dotenv import load_dotenv
+from PIL import Image
+
 from diffusion_bunny.errors import ConfigError, ProviderError, storage_error
+from diffusion_bunny.logs import say
+from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.secrets import redact, register_secret
 from diffusion_bunny.stages.captions.facts import template_caption
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
@@ -432,8 +440,6 @@ class CaptionCache:
             raise error from None
 
     def _note(self, text: str) -> None:
-        from diffusion_bunny.logs import say
-
         with self._notes_lock:
             self.notes.append(text)
         say(logging.getLogger(__name__), f"captions: {text}")
@@ -510,8 +516,6 @@ class CaptionCache:
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         """Store ``value`` under ``key``: on disk, whole, before this returns."""
-        from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-
         path = self.path_of(key)
         with self._storage(path):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -588,7 +592,7 @@ class TemplateProvider:
 def caption_signature() -> type:
     """The dspy Signature every LLM provider answers (built lazily: dspy is only imported when
     an LLM provider is used)."""
-    import dspy
+    import dspy  # lazy: dspy takes 1.2 s to import
 
     # Built from a dict (not a class body): this module uses postponed annotations, which dspy
     # cannot resolve in a class defined inside a function.
@@ -634,7 +638,7 @@ class DspyProvider:
     paid = True
 
     def __init__(self, name: str, model: str, lm: Any, cfg: CaptionsSettings, preflight: Callable[[], None]):
-        import dspy
+        import dspy  # lazy: dspy takes 1.2 s to import
 
         self.name = name
         self.model = model
@@ -663,8 +667,8 @@ class DspyProvider:
         and :func:`answer_status`) as soon as it arrives, *before* dspy parses it or raises on an
         empty one: the caller records it there, so every paid answer is paid only once (a rerun
         reads the record). An answer without a caption raises :class:`AnswerError`."""
-        import dspy
-        from dspy.utils.usage_tracker import track_usage
+        import dspy  # lazy: dspy takes 1.2 s to import
+        from dspy.utils.usage_tracker import track_usage  # lazy: dspy takes 1.2 s to import
 
         answers: list[RawAnswer] = []
 
@@ -706,7 +710,7 @@ class DspyProvider:
     def parse(self, raw: RawAnswer) -> CaptionResult:
         """The caption in a raw answer (one from the cache): parsed exactly as a fresh one is,
         without asking anything. Raises dspy's ``AdapterParseError`` when it does not parse."""
-        import dspy
+        import dspy  # lazy: dspy takes 1.2 s to import
 
         adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
         fields = adapter.parse(self.predict.signature, raw.text)
@@ -785,7 +789,7 @@ def _raw_first_adapter(
     refusal, the content filter, a reasoning model that spent ``max_tokens``) before it would
     call ``parse``, so the hook sits one step earlier, in ``_call_postprocess``. ``response``
     gives the response dspy recorded for this call (its finish reason and refusal)."""
-    import dspy
+    import dspy  # lazy: dspy takes 1.2 s to import
 
     class RawFirstAdapter(dspy.ChatAdapter):
         tracker: Any = None
@@ -836,7 +840,7 @@ def _require_key(provider: str, variable: str) -> str:
 
 def _dspy_lm(model: str, cfg: CaptionsSettings, key: str, base: str | None) -> Any:
     """A dspy LM on dspy's own HTTP engine, without dspy's cache or retries (both are ours)."""
-    import dspy
+    import dspy  # lazy: dspy takes 1.2 s to import
 
     kwargs: dict[str, Any] = {"api_key": key, "timeout": cfg.timeout_s}
     if base:
@@ -920,7 +924,7 @@ class BedrockConverseEngine:
         return blocks
 
     def complete(self, request: Any) -> Any:
-        from dspy.lm15 import Message, Response, TextPart, Usage
+        from dspy.lm15 import Message, Response, TextPart, Usage  # lazy: dspy takes 1.2 s to import
 
         messages = [{"role": m.role, "content": self._blocks(m.parts)} for m in request.messages]
         kwargs: dict[str, Any] = {"modelId": self.model_id, "messages": messages}
@@ -965,9 +969,7 @@ class BedrockConverseEngine:
 def bedrock_client(cfg: CaptionsSettings) -> Any:
     """A ``bedrock-runtime`` client from the configured profile/region or the default chain;
     one clear error naming the setting or variable when either is missing."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError, ProfileNotFound
+    import boto3  # lazy: boto3 takes 0.12 s to import
 
     try:
         session = boto3.Session(profile_name=cfg.bedrock.profile, region_name=cfg.bedrock.region)
@@ -1002,7 +1004,7 @@ def bedrock_client(cfg: CaptionsSettings) -> Any:
 
 
 def _bedrock(cfg: CaptionsSettings, client: Any | None = None) -> DspyProvider:
-    import dspy
+    import dspy  # lazy: dspy takes 1.2 s to import
 
     client = client if client is not None else bedrock_client(cfg)
     engine = BedrockConverseEngine(client, cfg.bedrock.model_id)
@@ -1043,8 +1045,6 @@ def scaled_jpeg(raw: bytes, max_side: int, region: tuple[int, int, int, int] | N
     """The JPEG bytes to send: the frame (its ``region`` only, when given: the picture without
     letterbox bars or a subtitle band) scaled to ``max_side`` on its long side (cost and speed).
     A file Pillow cannot decode raises ``OSError`` (``UnidentifiedImageError``)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(raw)) as img:
         img = img.convert("RGB")
         if region is not None and tuple(region) != (0, 0, *img.size):
@@ -1059,9 +1059,6 @@ def scaled_jpeg(raw: bytes, max_side: int, region: tuple[int, int, int, int] | N
 def load_dotenv_once() -> None:
     """Secrets may live in ``.env`` (the workspace's, then the working directory's); values already
     in the environment win. Nothing from it is ever written anywhere."""
-    from dotenv import load_dotenv
-
-    from diffusion_bunny.paths import workspace_root
 
     for folder in (workspace_root(), Path.cwd()):
         env = folder / ".env"

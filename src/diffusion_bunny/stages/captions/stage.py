@@ -38,9 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from tqdm.auto import tqdm
 
-from diffusion_bunny.errors import BadInputError, ProviderError, StageError
+from diffusion_bunny.errors import BadInputError, ProviderError, StageError, storage_error
 from diffusion_bunny.logs import say
+from diffusion_bunny.models.cache import cache_dir
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.pipeline.run import Run
@@ -115,9 +118,6 @@ class SpentLedger:
     def add(self) -> None:
         """Count one more paid request of this run (on disk before the request is sent: a disk too
         full to count it stops the run before it pays)."""
-        from diffusion_bunny.errors import storage_error
-        from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-
         self.mine += 1
         data = {"requests": self.mine, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
         try:
@@ -480,8 +480,6 @@ class _Captioner:
         self, records: list[dict[str, Any]], progress: bool, progress_path: Path | None
     ) -> list[dict[str, Any]]:
         """Every frame, on ``captions.concurrency`` threads when a paid provider is in the chain."""
-        from tqdm.auto import tqdm
-
         rows: list[dict[str, Any]] = []
         bar = tqdm(total=len(records), desc="captions", unit="frame", disable=not progress)
         pfile = ProgressFile(progress_path, "captions", len(records), "frame")
@@ -579,8 +577,6 @@ def answers_dir(run_dir: Path, cfg: CaptionsSettings) -> Path:
     """Where paid answers are kept: ``captions.cache_dir``; else, with ``captions.cache``, the
     user's store (``captions/`` in :func:`diffusion_bunny.models.cache.cache_dir`), read by every
     run folder; else the run's own ``<run>/cache/captions`` (paid once per run folder)."""
-    from diffusion_bunny.models.cache import cache_dir
-
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     return cache_dir() / "captions" if cfg.cache else run_answers_dir(run_dir)

@@ -6,10 +6,12 @@ from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
+from PIL import Image
 
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import png_bytes
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.captions.stage import edit_caption
 from diffusion_bunny.stages.extract.tables import frame_image_path
 
 
@@ -59,8 +61,6 @@ class CaptionEditor:
 
     def refresh(self) -> None:
         """Rebuild the rows of the current page from the tables on disk."""
-        from PIL import Image
-
         table = self.table()
         start = self.page * self.page_size
         chunk = table.slice(start, self.page_size)
@@ -98,8 +98,6 @@ class CaptionEditor:
 
     def save(self, frame_id: str, caption: str) -> pl.DataFrame:
         """Keep a person's caption for ``frame_id`` (see the class docstring); returns the table."""
-        from diffusion_bunny.stages.captions.stage import edit_caption
-
         table = edit_caption(self.run.run_dir, frame_id, caption)
         self.status.value = f"saved {frame_id}: marked edited, kept on every rerun"
         self.go(self.page)  # the row may have left a "failed only" page

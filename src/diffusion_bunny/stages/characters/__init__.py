@@ -20,6 +20,7 @@ from typing import Any
 from diffusion_bunny.models.faces import references_fingerprint
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.registry import FACE_DETECTORS
 from diffusion_bunny.stages.characters.tables import reference_dir
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
@@ -44,8 +45,6 @@ def summary(manifest: dict[str, Any]) -> str:
 
 def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
     # The face detector finds the faces (stage 08: in the generated pictures, to score them).
-    from diffusion_bunny.registry import FACE_DETECTORS
-
     return (FACE_DETECTORS.code_choice(cfg.characters.detector),)
 
 

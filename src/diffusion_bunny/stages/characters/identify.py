@@ -11,11 +11,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import dlib
 import numpy as np
 import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.models.faces import ReferenceSet, face_distances
+from diffusion_bunny.models.hub_characters.finder import cluster_appearances
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import FACES_SCHEMA
 
@@ -188,7 +190,6 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
     """
     if len(encodings) == 0:
         return []
-    import dlib
 
     def whispers(means: np.ndarray) -> list[int]:
         vectors = [dlib.vector(m.astype(float).tolist()) for m in means]
@@ -203,8 +204,6 @@ def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> 
     :func:`~diffusion_bunny.models.hub_characters.finder.cluster_appearances` (cosine distance,
     average linkage, cut at ``threshold``), so a track's sightings share a cluster; numbered by
     size, largest first, and -1 (noise) for a cluster of one sighting, no character to name yet."""
-    from diffusion_bunny.models.hub_characters.finder import cluster_appearances
-
     if len(features) == 0:
         return []
     return _cluster_tracks(

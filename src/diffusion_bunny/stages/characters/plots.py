@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import numpy as np
 import plotnine as p9
 import polars as pl
 from PIL import Image
@@ -21,6 +23,7 @@ from diffusion_bunny.media.figures import (
     minimal_theme,
     tile_sheet,
 )
+from diffusion_bunny.models.faces import detect, read_rgb
 
 # ---------------------------------------------------------------------------------------------
 # Stage 03: characters
@@ -217,10 +220,6 @@ def detector_preview(
 ):
     """The faces ``settings.detector`` finds on ``frame_ids`` (boxes, landmarks, scores drawn), as
     one image of the frames side by side in rows of two: what switching the detector changes."""
-    import cv2
-    import numpy as np
-
-    from diffusion_bunny.models.faces import detect, read_rgb
 
     paths = dict(frames.select("frame_id", "path").iter_rows())
     tiles = []

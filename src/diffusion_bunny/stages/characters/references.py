@@ -28,6 +28,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffusion_bunny.models import dlib_faces
+from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
+from diffusion_bunny.models.fitted.detector import content_box
 
 #: What a transparent pixel is shown on (and what the face detectors see there).
 GREY = (128, 128, 128)
@@ -93,8 +98,6 @@ class ReferenceProblem(Exception):
 def read_picture(path: Path) -> np.ndarray:
     """A picture file as RGBA uint8 (opaque where the file has no transparency). Palette and
     grey pictures, 16-bit PNGs and animated ones (first frame) are converted."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.seek(0)
@@ -185,8 +188,6 @@ def grabcut_mask(rgb: np.ndarray, seed: int = 0) -> np.ndarray | None:
 def cut_out(rgba: np.ndarray) -> tuple[np.ndarray, str, tuple[int, int, int, int]]:
     """The character of one picture, cut out: (RGBA cropped to it, how it was separated, its box
     in the picture). Raises :class:`ReferenceProblem` when nothing usable is left."""
-    from diffusion_bunny.models.fitted.detector import content_box
-
     if has_transparency(rgba):
         cut, how = rgba, "transparency"
     else:
@@ -218,8 +219,6 @@ def photographed_face(rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
     """Whether dlib's HOG detector, trained on photographs, also finds the face at ``box``
     (top, right, bottom, left): searched in the face with half its size around it, scaled so the
     face is about 160 px tall (HOG's window is 80 px)."""
-    from diffusion_bunny.models import dlib_faces
-
     top, right, bottom, left = box
     h, w = bottom - top, right - left
     y0, y1 = max(0, top - h // 2), min(rgb.shape[0], bottom + h // 2)
@@ -249,8 +248,6 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
     what was taken from each picture, and one warning per picture or character that gives nothing.
     ``settings`` are stage 03's :class:`~diffusion_bunny.models.faces.DetectSettings`."""
-
-    from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
 
     faces = ReferenceSet()
     pictures = ReferencePictures()

@@ -34,10 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import Config
+from diffusion_bunny.config import Config, load_config
 from diffusion_bunny.errors import StageError, UserError
 from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.face_detect import require as require_detector
@@ -52,9 +53,10 @@ from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_detector, fit_key
 from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-from diffusion_bunny.pipeline.contract import Context, StageOutput
+from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput, run_stage
 from diffusion_bunny.pipeline.progress import tracked
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.characters import STAGE
 from diffusion_bunny.stages.characters.identify import (
     character_thresholds,
     frame_face_sharpness,
@@ -118,8 +120,6 @@ def _workers_without_main_script() -> Iterator[None]:
 def _init_worker() -> None:
     # One OpenCV (and torch, for MTCNN: read when torch is first imported) thread per process:
     # the pool already uses every core.
-    import cv2
-
     os.environ["OMP_NUM_THREADS"] = "1"
     cv2.setNumThreads(1)
 
@@ -410,8 +410,6 @@ def background_frames(
 ) -> list[np.ndarray]:
     """Up to ``limit`` of ``frames``, evenly spaced, each inside its region and
     :data:`BACKGROUND_WIDTH` wide (RGB): what the fitted detector pastes characters onto."""
-    import cv2
-
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
     if len(rows) > limit:
@@ -664,8 +662,6 @@ def check_name(name: str) -> str:
 def face_crop(rgb: np.ndarray, box: tuple[int, int, int, int], *, margin: float = 0.6, min_face: int = 160):
     """The face with ``margin`` of its size on every side, scaled so the face is at least
     ``min_face`` pixels tall: a reference the detector finds again without upsampling tricks."""
-    import cv2
-
     top, right, bottom, left = box
     h, w = bottom - top, right - left
     y0, y1 = max(0, round(top - margin * h)), min(rgb.shape[0], round(bottom + margin * h))
@@ -690,8 +686,6 @@ def promote_faces(
 ) -> list[Path]:
     """Save the best faces of ``faces`` (sharpest of the largest, one per frame) as reference images
     in ``target``; only crops in which the detector again finds exactly one face are kept."""
-    import cv2
-
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
@@ -731,8 +725,6 @@ def promote_drawn(
     """Save the best sightings of ``drawn`` (a cluster of drawn characters: the largest and
     sharpest, one per frame) as reference pictures in ``target``, each its box with
     :data:`DRAWN_MARGIN` around it, so that reading the references cuts the character out again."""
-    import cv2
-
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         drawn.with_columns(
@@ -807,10 +799,6 @@ def name_cluster(
     """Name an unknown cluster: its best faces become reference images of ``name`` (in
     ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
     (detections are reused, so this takes seconds). Returns what changed."""
-    from diffusion_bunny.config import load_config
-    from diffusion_bunny.pipeline.contract import Pipeline, run_stage
-    from diffusion_bunny.stages.characters import STAGE
-
     run = Run.open(Path(run_dir))
     cfg = load_config(config_path, overrides)
     written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)

@@ -10,7 +10,9 @@ import polars as pl
 
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import png_bytes
+from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.characters.stage import fix_appearance, name_cluster
 
 
 class ClusterNamer:
@@ -55,7 +57,7 @@ class ClusterNamer:
 
     def refresh(self) -> None:
         """Rebuild one row per cluster from the faces table as it is on disk now."""
-        from diffusion_bunny.stages.characters.plots import face_sheet
+        from diffusion_bunny.stages.characters.plots import face_sheet  # lazy: pulls in plotnine (0.44 s)
 
         faces = self.run.read_table("faces")
         frames = self.run.read_table("frames")
@@ -89,8 +91,6 @@ class ClusterNamer:
 
     def name(self, cluster: str, name: str) -> dict[str, Any] | None:
         """Name ``cluster`` (as the button does); the result, or None after a user error (shown)."""
-        from diffusion_bunny.stages.characters.stage import name_cluster
-
         try:
             result = name_cluster(
                 self.run.run_dir, cluster, name, config_path=self.config_path, overrides=self.overrides
@@ -113,8 +113,6 @@ class DetectorPreview:
     use a detector for the run, set ``characters.detector`` (``overrides`` or config) and rerun."""
 
     def __init__(self, run: Run, frames: pl.DataFrame, frame_ids: list[str], settings: Any):
-        from diffusion_bunny.models.face_detect import detector_names
-
         self.run, self.frames, self.frame_ids, self.settings = run, frames, frame_ids, settings
         self.choice = widgets.Dropdown(
             options=list(detector_names()), value=settings.detector_name, description="detector"
@@ -128,7 +126,9 @@ class DetectorPreview:
     def show(self, detector: str) -> None:
         """Draw the faces ``detector`` finds on the preview frames."""
 
-        from diffusion_bunny.stages.characters.plots import detector_preview
+        from diffusion_bunny.stages.characters.plots import (  # lazy: pulls in plotnine (0.44 s)
+            detector_preview,
+        )
 
         self.status.value = f"<i>searching with {detector} ...</i>"
         # The configured detector with its configured settings; another with its defaults.
@@ -168,13 +168,16 @@ class AppearanceFixer:
 
     def members(self, character: str) -> pl.DataFrame:
         """The appearances shown for ``character`` (``unknown``: those without a name), numbered order."""
-        from diffusion_bunny.stages.characters.plots import UNKNOWN, sheet_order
+        from diffusion_bunny.stages.characters.plots import (  # lazy: pulls in plotnine (0.44 s)
+            UNKNOWN,
+            sheet_order,
+        )
 
         faces = self.run.read_table("faces").with_columns(pl.col("character").fill_null(UNKNOWN))
         return sheet_order(faces.filter(pl.col("character") == character)).head(self.max_per_character)
 
     def refresh(self) -> None:
-        from diffusion_bunny.stages.characters.plots import UNKNOWN
+        from diffusion_bunny.stages.characters.plots import UNKNOWN  # lazy: pulls in plotnine (0.44 s)
 
         names = self.run.read_table("faces")["character"]
         options = sorted(set(names.drop_nulls().to_list())) + ([UNKNOWN] if names.null_count() else [])
@@ -186,7 +189,7 @@ class AppearanceFixer:
         self.show(current)
 
     def show(self, character: str | None) -> None:
-        from diffusion_bunny.stages.characters.plots import face_sheet
+        from diffusion_bunny.stages.characters.plots import face_sheet  # lazy: pulls in plotnine (0.44 s)
 
         if character is None:
             self.status.value = "no appearance found"
@@ -206,8 +209,6 @@ class AppearanceFixer:
     def fix(self, character: str, number: int, name: str) -> pl.DataFrame | None:
         """Give appearance ``number`` of ``character``'s strip the name ``name`` (as the button
         does); the updated faces table, or None after a user error (shown)."""
-        from diffusion_bunny.stages.characters.stage import fix_appearance
-
         members = self.members(character)
         if not 1 <= number <= members.height:
             self.status.value = f"<span style='color:#C0392B'>{character} has no appearance #{number}</span>"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
+from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.export.tables import dataset_dir
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
@@ -28,8 +29,6 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     """The movie, only when clips are cut from it."""
     if not cfg.export.video_clips:
         return {}
-    from diffusion_bunny.pipeline.manifest import file_fingerprint
-
     return {"movie": file_fingerprint(run.movie)} if run.movie.is_file() else {"movie": None}
 
 

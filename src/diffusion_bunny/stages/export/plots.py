@@ -8,6 +8,7 @@ import plotnine as p9
 import polars as pl
 from PIL import Image
 
+from diffusion_bunny.media.clips import clip_frames_rgb
 from diffusion_bunny.media.figures import Block, Layout, Tile, horizontal_bars, largest_first, tile_sheet
 
 # ----------------------------------------------------------------------------- stage 06
@@ -79,8 +80,6 @@ def clip_strips(
     """One row per clip: its first, middle and last frames side by side, read back from the
     written mp4 (what the trainer will see), so a clip that crosses a cut or shows the wrong
     people is visible at a glance. None when there are no clips."""
-    from diffusion_bunny.media.clips import clip_frames_rgb
-
     rows = []
     for clip in clips.head(limit).iter_rows(named=True):
         info = clip_frames_rgb(Path(video_dir) / f"{clip['clip_id']}.mp4")

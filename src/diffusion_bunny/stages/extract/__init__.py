@@ -17,6 +17,7 @@ from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.contract import ConfigView, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.registry import SHOT_DETECTORS
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
@@ -70,8 +71,6 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
-    from diffusion_bunny.registry import SHOT_DETECTORS
-
     return (SHOT_DETECTORS.code_choice(cfg.extract.detector),)
 
 

@@ -22,6 +22,7 @@ from diffusion_bunny.media.figures import (
     minimal_theme,
     tile_sheet,
 )
+from diffusion_bunny.stages.extract.keyframes import classify_shots
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,8 +50,6 @@ def shot_length_plot(shots: pl.DataFrame) -> p9.ggplot:
 
 def motion_plot(shots: pl.DataFrame, threshold: float) -> p9.ggplot:
     """Distribution of per-shot motion with the static/dynamic threshold as a line."""
-    from diffusion_bunny.stages.extract.keyframes import classify_shots
-
     df = classify_shots(shots, threshold).to_pandas()
     n_static = int((df["kind"] == "static").sum())
     return kind_histogram(

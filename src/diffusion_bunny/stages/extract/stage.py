@@ -53,6 +53,7 @@ from diffusion_bunny.media.video import (
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
+from diffusion_bunny.stages.extract.detectors import ContentSettings, make_boundaries
 from diffusion_bunny.stages.extract.keyframes import FrameCandidate, OpenShot
 from diffusion_bunny.stages.extract.picturebox import BoxDecision, ShotProfile, decide_boxes, to_display
 from diffusion_bunny.stages.extract.settings import ExtractSettings
@@ -311,8 +312,6 @@ class _ShotAssembler:
 
 def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
     """The configured boundary detector (and the config it really runs with)."""
-    from diffusion_bunny.stages.extract.detectors import ContentSettings, make_boundaries
-
     if cfg.uses_transnetv2 and cfg.method == "keyframe":
         # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
         # consecutive frames, so the content detector compares the keyframes instead.

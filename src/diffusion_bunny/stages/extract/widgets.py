@@ -10,6 +10,7 @@ import ipywidgets as widgets
 import polars as pl
 
 from diffusion_bunny.config import save_local_settings
+from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
 
@@ -82,8 +83,10 @@ class MotionThresholdExplorer:
         }
 
     def _update(self) -> None:
-        from diffusion_bunny.media.figures import chart_png, jpeg_bytes
-        from diffusion_bunny.stages.extract.plots import contact_sheet, motion_plot
+        from diffusion_bunny.stages.extract.plots import (  # lazy: pulls in plotnine (0.44 s)
+            contact_sheet,
+            motion_plot,
+        )
 
         s = self.summary
         self.counts.value = (

@@ -22,11 +22,14 @@ from diffusion_bunny.models.faces import references_fingerprint
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.registry import FACE_DETECTORS
 from diffusion_bunny.stages.characters.tables import reference_dir
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
-    from diffusion_bunny.stages.generate.stage import selected_checkpoints
+    from diffusion_bunny.stages.generate.stage import (  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
+        selected_checkpoints,
+    )
 
     return {
         # The LoRA files compared (a retrained one makes the stage stale).
@@ -52,8 +55,6 @@ def summary(manifest: dict[str, Any]) -> str:
 
 def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:
     # The face detector finds the faces (stage 08: in the generated pictures, to score them).
-    from diffusion_bunny.registry import FACE_DETECTORS
-
     return (FACE_DETECTORS.code_choice(cfg.characters.detector),)
 
 

@@ -14,7 +14,14 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import ConfigError, StageError
-from diffusion_bunny.models.faces import DetectSettings, detect_and_encode, read_rgb
+from diffusion_bunny.models.clip import ClipEmbedder
+from diffusion_bunny.models.faces import (
+    DetectSettings,
+    detect_and_encode,
+    load_references,
+    read_rgb,
+    reference_images,
+)
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
 
@@ -50,8 +57,6 @@ def character_references(
     Identity is a human face's distance: a character none of whose pictures shows a face (a drawn
     character) has no encoding to compare, so its pictures are not warned about again (stage 03
     said what it took from each); its rows of ``faces`` (``kind`` ``drawn``) are left out."""
-    from diffusion_bunny.models.faces import load_references, reference_images
-
     out = CharacterReferences()
     warnings: list[str] = []
     per_char: dict[str, list[np.ndarray]] = {}
@@ -130,8 +135,6 @@ def clip_scores(
 def load_clip(model: str, device: str) -> Any:
     """The CLIP model of ``generate.clip_model`` through the loading code of stage 04 (local
     files only); a failure is one ModelError naming ``generate.clip_model``."""
-    from diffusion_bunny.models.clip import ClipEmbedder
-
     hint = (
         "download it once where there is network, or set generate.clip_model to a local CLIP "
         "folder, or to null for no CLIP score"

@@ -42,19 +42,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from diffusion_bunny.codegraph import code_hash
+from diffusion_bunny.models.diffusion import load_lora, lora_mismatches, read_lora_state_dict
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.generate.grid import Checkpoint, GridItem
 from diffusion_bunny.stages.generate.tables import BASE
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 #: PNG text chunk holding an image's settings key (what makes a rerun skip it).
 PNG_KEY = "diffusion_bunny"
@@ -158,7 +158,7 @@ def render_batch(
     Each image keeps its own CPU generator (diffusers draws every image's starting noise from
     its own generator of the list), so an image starts from the same noise as when drawn alone.
     """
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     kwargs: dict[str, Any] = {}
@@ -182,8 +182,6 @@ def render_batch(
 
 def stored_key(path: Path) -> str | None:
     """The settings key of an image written by this stage, or None (missing, unreadable, foreign)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             return getattr(img, "text", {}).get(PNG_KEY)
@@ -193,8 +191,6 @@ def stored_key(path: Path) -> str | None:
 
 def save_png(path: Path, image: Image.Image, key: str) -> None:
     """Write ``image`` atomically as a PNG carrying ``key``."""
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     info.add_text(PNG_KEY, key)
     buf = io.BytesIO()
@@ -205,8 +201,6 @@ def save_png(path: Path, image: Image.Image, key: str) -> None:
 def check_loras(pipe: Any, checkpoints: Sequence[Checkpoint]) -> None:
     """Every LoRA file must fit the base model: checked before any image is rendered, so a LoRA
     trained on another base model stops the stage at once with one message naming the file."""
-    from diffusion_bunny.models.diffusion import load_lora, lora_mismatches, read_lora_state_dict
-
     for ck in checkpoints:
         n_layers, problems = lora_mismatches(pipe, read_lora_state_dict(pipe, ck.path))
         if n_layers == 0 or problems:
@@ -231,8 +225,6 @@ def generate_images(
     now, reused). Base images first (no LoRA loaded), then one checkpoint at a time, its LoRA
     loaded once and its scale changed per batch; up to ``batch_size`` images of one checkpoint
     and scale are drawn in one pipeline call (:func:`render_batch`)."""
-    from diffusion_bunny.models.diffusion import load_lora
-
     lora_fp = {c.name: file_fingerprint(c.path) for c in checkpoints}
     todo: list[tuple[GridItem, str]] = []
     reused = 0

@@ -10,12 +10,16 @@ from typing import Any
 import polars as pl
 
 from diffusion_bunny.errors import StageError
+from diffusion_bunny.models.device import cpu_threads_for, resolve_device
+from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
 from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.characters.tables import reference_dir
 from diffusion_bunny.stages.generate.grid import Checkpoint, find_checkpoints, plan_grid, select_checkpoints
 from diffusion_bunny.stages.generate.identity import (
     CharacterReferences,
+    character_references,
     characters_to_draw,
     checkpoint_scores,
     clip_scores,
@@ -75,12 +79,6 @@ def compute(ctx: Context) -> StageOutput:
     """Stage 08 on a run: resolve the base model (a missing one fails here, first), find the LoRA
     files and the references, then render, score and choose."""
     run, cfg, progress = ctx.run, ctx.cfg, ctx.progress
-    from diffusion_bunny.models.device import cpu_threads_for
-    from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
-    from diffusion_bunny.models.faces import DetectSettings
-    from diffusion_bunny.stages.characters.tables import reference_dir
-    from diffusion_bunny.stages.generate.identity import character_references
-
     base, family, setting = base_model_setting(cfg)
     ref = resolve_base_model(base, family, setting=setting)
     checkpoints = selected_checkpoints(run, cfg)
@@ -142,8 +140,6 @@ def draw_and_score(
     check_loras(pipe, checkpoints)
     clip = None
     if cfg.clip_model:  # loaded before any picture is drawn: a missing model fails here too
-        from diffusion_bunny.models.device import resolve_device
-
         clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generate.device"))
     items, size, rendered, reused = _draw(
         run_dir,

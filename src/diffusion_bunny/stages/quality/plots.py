@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import plotnine as p9
 import polars as pl
 from PIL import Image
@@ -20,6 +21,7 @@ from diffusion_bunny.media.figures import (
     tile_sheet,
 )
 from diffusion_bunny.stages.extract.tables import frame_image_path
+from diffusion_bunny.stages.quality.rules import exposure_thresholds, sharpness_threshold, with_text_columns
 
 if TYPE_CHECKING:
     from diffusion_bunny.stages.quality.settings import QualitySettings
@@ -51,13 +53,6 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
     them with its median, drawn dotted); the text panel shows the share of each frame's edges
     its text lines hold (frames looked at only).
     """
-    import pandas as pd
-
-    from diffusion_bunny.stages.quality.rules import (
-        exposure_thresholds,
-        sharpness_threshold,
-        with_text_columns,
-    )
 
     table = with_text_columns(table)
     exposure = exposure_thresholds(table, cfg)

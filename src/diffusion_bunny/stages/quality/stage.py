@@ -41,6 +41,8 @@ import time
 
 import polars as pl
 
+from diffusion_bunny.media.images import BOX_COLUMNS
+from diffusion_bunny.models.text import load_text_detector
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
@@ -79,8 +81,6 @@ def _add_text(
     if not cfg.text_filter:
         facts["text"] = "off (quality.text_filter: false)"
         return with_text_columns(scores), []
-    from diffusion_bunny.models.text import load_text_detector
-
     # A detector that cannot load stops the stage with one line naming quality.text_filter (a
     # ModelError, exit status 2): a dataset full of title cards is worse than a stage to rerun.
     detector = load_text_detector()
@@ -163,8 +163,6 @@ def compute(ctx: Context) -> StageOutput:
 
 def _box_height(frames: pl.DataFrame, table: pl.DataFrame) -> pl.Series:
     """Each row's picture-box height (the frame's height without a box), in ``table``'s order."""
-    from diffusion_bunny.media.images import BOX_COLUMNS
-
     cols = [c for c in BOX_COLUMNS if c in frames.columns]
     expr = (pl.col("box_bottom") - pl.col("box_top")) if len(cols) == 4 else pl.lit(None, pl.Int64)
     heights = frames.select("frame_id", pl.coalesce(expr, pl.col("height")).alias("_h"))

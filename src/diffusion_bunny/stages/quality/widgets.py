@@ -12,9 +12,17 @@ import polars as pl
 from pydantic import ValidationError
 
 from diffusion_bunny.config import save_local_settings
+from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages.quality.rules import apply_quality_rules, reason_counts
+from diffusion_bunny.stages.quality.rules import (
+    apply_quality_rules,
+    exposure_thresholds,
+    reason_counts,
+    sharpness_threshold,
+    with_text_columns,
+)
 from diffusion_bunny.stages.quality.settings import QualitySettings
+from diffusion_bunny.stages.quality.text import unchecked_kept
 
 
 def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
@@ -163,14 +171,11 @@ class QualityThresholdExplorer:
     def _update(self) -> None:
         if self._hold:
             return
-        from diffusion_bunny.media.figures import chart_png, jpeg_bytes
-        from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet, text_sheet
-        from diffusion_bunny.stages.quality.rules import (
-            exposure_thresholds,
-            sharpness_threshold,
-            with_text_columns,
+        from diffusion_bunny.stages.quality.plots import (  # lazy: pulls in plotnine (0.44 s)
+            quality_histograms,
+            quality_sheet,
+            text_sheet,
         )
-        from diffusion_bunny.stages.quality.text import unchecked_kept
 
         try:
             cfg = self.quality

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from diffusion_bunny.media.figures import categorical, minimal_theme
+
 if TYPE_CHECKING:
     import plotnine as p9
 
@@ -23,9 +25,7 @@ def relative_link(target: Path, start: Path) -> str:
 
 def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
     """Frames, kept frames, shots and named characters per movie, one panel each."""
-    import plotnine as p9
-
-    from diffusion_bunny.media.figures import categorical, minimal_theme
+    import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
     measures = ["frames", "kept", "shots", "characters"]
     long = movies.select("movie", *measures).unpivot(index="movie", variable_name="measure", value_name="n")

@@ -3,16 +3,12 @@ the reasons the others were dropped, as a table and as bars of shares."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import plotnine as p9
 import polars as pl
 
+from diffusion_bunny.media.figures import categorical, minimal_theme
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.quality.plots import OUTCOME_COLOURS
-
-if TYPE_CHECKING:
-    import plotnine as p9
-
 
 PASSED = OUTCOME_COLOURS["kept"]
 #: Stage 02's colours per outcome, plus the other steps' (split, noise, failed captions).
@@ -214,9 +210,6 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     on, the dropped ones stacked after, one colour per reason; the counts (in -> out) are written
     beside each bar. Shares, not counts: a movie decodes thousands of frames and keeps dozens, so
     on one count axis every later step would be a sliver."""
-    import plotnine as p9
-
-    from diffusion_bunny.media.figures import categorical, minimal_theme
 
     steps = funnel["step"].unique(maintain_order=True).to_list()
     outcomes = funnel["outcome"].unique(maintain_order=True).to_list()
@@ -278,9 +271,6 @@ def dropped_by_reason(funnel: pl.DataFrame) -> pl.DataFrame:
 def dropped_plot(funnel: pl.DataFrame) -> p9.ggplot | None:
     """One bar per reason a frame was dropped (counts), coloured as in the funnel; None when
     nothing was dropped."""
-    import plotnine as p9
-
-    from diffusion_bunny.media.figures import categorical, minimal_theme
 
     table = dropped_by_reason(funnel)
     if not table.height:

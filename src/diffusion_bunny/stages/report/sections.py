@@ -10,9 +10,17 @@ from typing import Any
 
 import polars as pl
 
+from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
 from diffusion_bunny.pipeline.contract import ConfigView
 from diffusion_bunny.pipeline.run import slugify
+from diffusion_bunny.stages.captions.plots import caption_length_plot
 from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
+from diffusion_bunny.stages.export.plots import dataset_sheet
+from diffusion_bunny.stages.export.tables import dataset_dir
+from diffusion_bunny.stages.extract.plots import shot_length_plot
+from diffusion_bunny.stages.quality.plots import quality_histograms, text_sheet
+from diffusion_bunny.stages.quality.settings import QualitySettings
 from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
 from diffusion_bunny.stages.report.funnel import (
     dropped_by_reason,
@@ -22,6 +30,8 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_table,
     subtitles_cropped,
 )
+from diffusion_bunny.stages.scenes.plots import cluster_sizes_plot
+from diffusion_bunny.stages.train.plots import loss_curve_plot
 
 #: Sections in report order: key -> (title, the stage whose tables it shows, what it tells).
 #: The table whose absence means a section's stage did not run.
@@ -153,8 +163,6 @@ def did_not_run(stage: str, table: str) -> str:
 def _quality_config(run: ReportData, cfg: ConfigView) -> Any:
     """The thresholds stage 02 last ran with (from its manifest, which says ``filtering`` when it
     was written before the section's rename; the defaults for a manifest without them)."""
-    from diffusion_bunny.stages.quality.settings import QualitySettings
-
     settings = ((run.read_manifest("quality") or {}).get("config")) or {}
     try:
         return QualitySettings(**(settings.get("quality") or settings["filtering"]))
@@ -200,8 +208,6 @@ def _funnel_section(run: ReportData, cfg: ConfigView) -> Section:
 
 
 def _dataset_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.export.plots import dataset_sheet
-
     items = run.read_table("dataset_items")
     if not items.height:
         return Section("dataset", "empty", "stage export wrote no picture")
@@ -250,8 +256,6 @@ def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:
 
 
 def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.quality.plots import quality_histograms, text_sheet
-
     quality = run.read_table("quality")
     if not quality.height:
         return Section("quality", "empty", "stage quality ran on no frame")
@@ -279,8 +283,6 @@ def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
 
 
 def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.extract.plots import shot_length_plot
-
     shots = run.read_table("shots")
     if not shots.height:
         return Section("shots", "empty", "stage extract found no shot")
@@ -298,9 +300,6 @@ def _shots_section(run: ReportData, cfg: ConfigView) -> Section:
 def exported_sheet(run: ReportData, name: str, limit: int) -> Any:
     """The pictures of the dataset (stage 06) that name ``name``, as they were written (crop and
     split under each), up to ``limit``; None without a dataset or without such a picture."""
-    from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
-    from diffusion_bunny.stages.export.tables import dataset_dir
-
     items = run.optional_table("dataset_items")
     if items is None or not items.height:
         return None
@@ -319,8 +318,6 @@ def exported_sheet(run: ReportData, name: str, limit: int) -> Any:
 
 
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
-
     faces = run.read_table("faces")
     if not faces.height:
         return Section("characters", "empty", "stage characters found no character")
@@ -355,8 +352,6 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
 
 
 def _scenes_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.scenes.plots import cluster_sizes_plot
-
     clusters = run.read_table("clusters")
     scene = clusters.filter(pl.col("level") == "scene")
     if not scene.height:
@@ -372,8 +367,6 @@ def _scenes_section(run: ReportData, cfg: ConfigView) -> Section:
 
 
 def _captions_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.captions.plots import caption_length_plot
-
     captions = run.read_table("captions")
     ok = usable_captions(captions)
     if not ok.height:
@@ -387,8 +380,6 @@ def _captions_section(run: ReportData, cfg: ConfigView) -> Section:
 
 
 def _train_section(run: ReportData, cfg: ConfigView) -> Section:
-    from diffusion_bunny.stages.train.plots import loss_curve_plot
-
     log = run.read_table("training_log").drop_nulls("loss")
     if not log.height:
         return Section("train", "empty", "the training log holds no step")

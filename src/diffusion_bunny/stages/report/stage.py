@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+from IPython.display import Image as IPImage
+from IPython.display import Markdown, display
 
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.config import load_config
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.status import run_status
 from diffusion_bunny.stages.report.combined import movies_plot, relative_link
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document, table_html
 from diffusion_bunny.stages.report.funnel import funnel_summary, funnel_table
@@ -103,8 +107,6 @@ def save_sections(run_dir: str | Path, sections: list[Section], dpi: int = 100) 
 def write_report_figures(run_dir: str | Path, cfg: Config | None = None) -> dict[str, Path]:
     """Build every section of the run's report and write its figures as PNG; returns
     ``{figure name: PNG path}`` (sections whose stage did not run have none)."""
-    from diffusion_bunny.config import load_config
-
     cfg = cfg or load_config()
     run = Run.open(run_dir)
     tables = {p.stem: run.read_table(p.stem) for p in sorted(run.tables_dir.glob("*.parquet"))}
@@ -156,9 +158,6 @@ def compute(ctx: Context) -> StageOutput:
 
 def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> None:
     """Show one section in a notebook: its message, then its PNGs (as the HTML report has them)."""
-    from IPython.display import Image as IPImage
-    from IPython.display import Markdown, display
-
     rows = figures.filter(pl.col("section") == key).sort("order")
     if not rows.height:
         display(Markdown(f"*section {key} is not in this report*"))
@@ -175,8 +174,6 @@ def _movie_counts(
     row: dict[str, Any], run_dir: Path, cfg: Config, pipeline: Pipeline, stages: list[str], start: Path | None
 ) -> list[tuple[str, str, str]]:
     """Fill ``row``'s counts and report link from the run folder; the stages' states."""
-    from diffusion_bunny.pipeline.status import run_status
-
     run = Run.open(run_dir)
     if run.has_table("frames"):
         row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"]).height
@@ -248,8 +245,6 @@ def batch_report(out_dir: str | Path, reports: list[Any], cfg: Config, pipeline:
     folder = report_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     movies = movies_table(reports, cfg, pipeline, start=folder)
-    from diffusion_bunny.pipeline.atomic import atomic_write_parquet
-
     atomic_write_parquet(folder / "movies.parquet", movies)
     counted = movies.filter(pl.col("frames").is_not_null())
     figures = save_sections(

@@ -29,7 +29,8 @@ import numpy as np
 import polars as pl
 
 from diffusion_bunny.models.device import torch_threads
-from diffusion_bunny.stages.scenes.clustering import normalise
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.stages.scenes.clustering import cluster_scenes, normalise, renumber_by_size, stable_ids
 from diffusion_bunny.stages.scenes.tables import NEW, NOISE
 
 
@@ -54,8 +55,6 @@ class Adapter:
         return normalise(y)
 
     def save(self, path: Path) -> None:
-        from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-
         buf = io.BytesIO()
         np.savez(buf, dim=self.dim, hidden=self.hidden, triplets=self.triplets, **self.weights)
         atomic_write_bytes(path, buf.getvalue())
@@ -121,7 +120,7 @@ def train_adapter(
     """Fit the adapter on ``triplets`` over unit ``vectors`` (full batch, Adam, fixed seed), on
     one torch thread (:func:`~diffusion_bunny.models.device.torch_threads`: the problem is too
     small for more, and spinning threads cost several times over on a busy machine)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     x = torch.from_numpy(normalise(vectors))
     dim = x.shape[1]
@@ -206,8 +205,6 @@ def recluster(
     """Scene labels after learning from ``moves`` (anchor, from, to): the adapter trained on them,
     a fresh clustering in the adapted space with the previous ids kept, the moved frames where
     the person put them. The same steps as the stage, without the tables."""
-    from diffusion_bunny.stages.scenes.clustering import cluster_scenes, renumber_by_size, stable_ids
-
     space = vectors
     if moves and cfg.adapter == "auto":
         fb = pl.DataFrame(

@@ -25,10 +25,12 @@ from typing import Any
 
 import anywidget
 import traitlets
+from PIL import Image
 
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.scenes.settings import ScenesSettings
+from diffusion_bunny.stages.scenes.stage import board_state, move_to_cluster
 
 STATIC = Path(__file__).parent / "static"
 VIEWS = ("scene", "character")
@@ -51,8 +53,6 @@ def thumb_data_url(path: str | Path | None, width: int = THUMB_WIDTH) -> str | N
     except OSError:
         return None
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as image:
             if image.width > width:
                 image = image.convert("RGB")
@@ -109,8 +109,6 @@ class ReviewBoard(anywidget.AnyWidget):
 
     def refresh(self) -> None:
         """Read the folders of the current view from disk and send them to the browser."""
-        from diffusion_bunny.stages.scenes.stage import board_state
-
         state = list(board_state(self.run_dir, self.view))
         if not any(folder["id"] == "noise" for folder in state):
             # The noise bucket stays on the board when empty: it is where a stray frame is dragged.
@@ -157,8 +155,6 @@ class ReviewBoard(anywidget.AnyWidget):
         """Move a frame to a folder of the current view, as a drop on the board does: the
         feedback row written, or None when the move was refused (the reason is on the status
         line and in :attr:`last_error`)."""
-        from diffusion_bunny.stages.scenes.stage import move_to_cluster
-
         try:
             row = move_to_cluster(self.run_dir, frame_id, cluster_id, level=self.view)
         except UserError as exc:

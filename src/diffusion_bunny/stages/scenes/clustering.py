@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from usearch.index import Index
 
 from diffusion_bunny.stages.scenes.tables import (
     CLUSTER_SCHEMA,
@@ -65,8 +66,6 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def _usearch_index(dim: int):
-    from usearch.index import Index
-
     # Cosine metric on unit vectors; f32 storage keeps similarities exact to ~1e-6, so the
     # thresholds mean the same with and without the index.
     # connectivity 16 / expansion 64: measured on 2 cores at 164 dimensions, usearch's defaults

@@ -27,13 +27,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from filelock import FileLock
 
-from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.errors import BadInputError, StageError, UserError
 from diffusion_bunny.paths import workspace_root
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.extract.tables import frame_image_path, frame_regions, region_of
+from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter_for, triplets_from_feedback
 from diffusion_bunny.stages.scenes.clustering import (
     ExemplarIndex,
     apply_feedback,
@@ -50,6 +52,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
+from diffusion_bunny.stages.scenes.embeddings import embedder_name, make_embedder
 from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.scenes.tables import (
     ADAPTER_FILE,
@@ -58,6 +61,14 @@ from diffusion_bunny.stages.scenes.tables import (
     NEW,
     NOISE,
     empty_feedback,
+)
+from diffusion_bunny.stages.scenes.timeline import (
+    build_timeline,
+    cluster_rows,
+    clusters_csv,
+    edl_rate,
+    edl_text,
+    fps_from_frames,
 )
 
 EMBEDDING_SCHEMA = {
@@ -98,8 +109,6 @@ def embed_frames(
     """The ``embeddings`` rows of ``frames`` (reusing ``previous`` ones that still match) and how
     many were computed now. Each frame is described inside its region (the picture box, or
     stage 02's crop from ``quality``), never with its bars."""
-    from diffusion_bunny.stages.scenes.embeddings import embedder_name, make_embedder
-
     name = embedder_name(cfg)
     paths = [run_dir / p for p in frames["path"].to_list()]
     sizes = [p.stat().st_size if p.is_file() else -1 for p in paths]
@@ -166,8 +175,6 @@ def _adapted_vectors(
     usable ones (``scenes.adapter: auto``), else the embeddings as they are. Returns the vectors,
     the key of the corrections the adapter learned from (None without one) and its facts."""
     if cfg.adapter == "auto" and not feedback.is_empty() and learn:
-        from diffusion_bunny.stages.scenes.adapter import train_adapter_for, triplets_from_feedback
-
         # Where a person sees each frame now: the previous clusters with every correction applied.
         labels = {f: NOISE for f in fids}
         if prev_clusters is not None and not prev_clusters.is_empty():
@@ -413,9 +420,6 @@ def _assign_library(
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
     adding the clusters it opens to the library, under the library's lock."""
-    from filelock import FileLock
-
-    from diffusion_bunny.pipeline.atomic import atomic_write_parquet
 
     library.mkdir(parents=True, exist_ok=True)
     path = library / "scene_exemplars.parquet"
@@ -598,8 +602,6 @@ def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
     vectors = normalise(np.asarray(emb["vector"].to_list(), dtype=np.float32))
     adapter_path = run.run_dir / ADAPTER_FILE
     if adapted and adapter_path.is_file():
-        from diffusion_bunny.stages.scenes.adapter import Adapter
-
         vectors = Adapter.load(adapter_path).transform(vectors)
     return emb["frame_id"].to_list(), vectors
 
@@ -620,9 +622,6 @@ def shots_like(run_dir: str | Path, frame_id: str, k: int = 8) -> pl.DataFrame:
 def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame:
     """Frames that match a description ("a woman at a table"), best first; needs
     ``scenes.embedder: clip`` (the image and text towers share one space)."""
-    from diffusion_bunny.errors import UserError
-    from diffusion_bunny.stages.scenes.embeddings import make_embedder
-
     if cfg.embedder != "clip":
         raise UserError(
             "text search needs CLIP: set scenes.embedder: clip (and scenes.clip_model), "
@@ -649,15 +648,6 @@ def export_clusters(
     an editor (:mod:`.timeline`). At a frame rate CMX3600 does not know, the EDL is written at the
     nearest one it knows (noted in the file) or skipped (no ``edl`` key), with a warning either
     way: an export format never fails the stage."""
-    from diffusion_bunny.stages.scenes.timeline import (
-        build_timeline,
-        cluster_rows,
-        clusters_csv,
-        edl_rate,
-        edl_text,
-        fps_from_frames,
-    )
-
     run = Run.open(run_dir)
     if not run.has_table("clusters"):
         raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")

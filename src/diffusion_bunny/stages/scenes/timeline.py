@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import opentimelineio as otio
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError
@@ -111,8 +112,6 @@ def build_timeline(
 ) -> Any:
     """An OpenTimelineIO timeline of the clusters' shots (see the module docstring). ``rate``
     (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it."""
-    import opentimelineio as otio
-
     rate = fps if rate is None else rate
 
     def at(frame: int) -> int:
@@ -157,8 +156,6 @@ def edl_text(timeline: Any, note: str | None = None) -> str:
     """The timeline as a CMX3600 EDL, by OpenTimelineIO's adapter; ``note`` becomes a comment
     (``* NOTE: ...``) of the first event, the one place both editors and the adapter's own reader
     accept a free comment (a comment line before the first event is a parse error there)."""
-    import opentimelineio as otio
-
     first = next(iter(timeline.find_clips()), None)
     if note is not None and first is not None:
         first.metadata["cmx_3600"]["comments"] = [f"NOTE: {note}"]

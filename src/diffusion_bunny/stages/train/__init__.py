@@ -18,7 +18,7 @@ from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages.train.tables import checkpoint_dir
+from diffusion_bunny.stages.train.tables import checkpoint_dir, current_lora_dir, describe_loras, kept_loras
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -29,8 +29,6 @@ def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
 
 def kept(run: Run, cfg: ConfigView) -> list[str]:
     """One line per LoRA kept for this run (``bunny status``, notebooks 07 and 08)."""
-    from diffusion_bunny.stages.train.tables import current_lora_dir, describe_loras, kept_loras
-
     base = checkpoint_dir(run.run_dir, cfg.train)
     return describe_loras(kept_loras(base, current=current_lora_dir(base, run.optional_table("loras"))))
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
+from PIL import Image
 
 from diffusion_bunny.errors import BadInputError, StageError
 
@@ -113,9 +115,7 @@ def prepare_pixels(path: Path, size: tuple[int, int]) -> Prepared:
     """The image scaled to cover ``size`` (width, height) and centre-cropped, as uint8 (3, H, W),
     with its original (height, width) and the crop's (top, left) in the scaled image: the
     numbers SDXL is conditioned on."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    import torch  # lazy: torch takes 1.1 s to import
 
     try:
         with Image.open(path) as im:
@@ -178,8 +178,6 @@ class PixelMemory:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file without decoding it."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.size

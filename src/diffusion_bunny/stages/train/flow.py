@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+from diffusion_bunny.models.lora_keys import lora_target_names, save_kohya_flow
 from diffusion_bunny.pipeline.atomic import atomic_path
 from diffusion_bunny.stages.train.lora import LoraTrainer
 from diffusion_bunny.stages.train.tables import LORA_FILE
@@ -69,7 +71,9 @@ def shift_sigmas(u: Any, shift: float) -> Any:
 
 def flux_mu(seq_len: int, sched_config: dict[str, Any]) -> float:
     """FLUX.1-dev's resolution-dependent shift exponent (``calculate_shift``, as its pipeline)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.pipelines.flux.pipeline_flux import (  # lazy: diffusers takes 2.7 s to import
+        calculate_shift,
+    )
 
     return calculate_shift(
         seq_len,
@@ -95,7 +99,7 @@ def check_flow_settings(cfg: TrainSettings, device: str) -> None:
     if cfg.mixed_precision == "fp16":
         raise ModelError("train.mixed_precision = fp16: FLUX.1 / SD3.5 train in bf16 (T5 overflows in fp16)")
     if cfg.quantize_base == "nf4":
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         if not (device.startswith("cuda") and torch.cuda.is_available()):
             raise ModelError(
@@ -103,7 +107,7 @@ def check_flow_settings(cfg: TrainSettings, device: str) -> None:
                 "set train.quantize_base: none"
             )
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # lazy: optional extra (nf4, CUDA only): its absence is reported below  # noqa: F401
         except ImportError:
             raise ModelError(
                 "train.quantize_base = nf4 needs the bitsandbytes package: uv sync --extra nf4 "
@@ -114,8 +118,12 @@ def check_flow_settings(cfg: TrainSettings, device: str) -> None:
 def load_nf4_transformer(base: Path, family: str, compute_dtype: Any) -> Any:
     """The transformer quantised to NF4 by bitsandbytes through diffusers' BitsAndBytesConfig,
     prepared for k-bit training as diffusers' ``research_projects/flux_lora_quantization`` does."""
-    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel, SD3Transformer2DModel
-    from peft import prepare_model_for_kbit_training
+    from diffusers import (  # lazy: diffusers takes 2.7 s to import
+        BitsAndBytesConfig,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from peft import prepare_model_for_kbit_training  # lazy: peft takes 4.0 s to import
 
     cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
     config = BitsAndBytesConfig(
@@ -130,8 +138,6 @@ def load_nf4_transformer(base: Path, family: str, compute_dtype: Any) -> Any:
 def trainer_class_for(cfg: TrainSettings) -> type[LoraTrainer]:
     """The trainer of the base model's family (read from its config): FLUX.1/SD3.5 here,
     SD 1.x/SDXL :class:`LoraTrainer`."""
-    from diffusion_bunny.models.diffusion import resolve_base_model
-
     family = resolve_base_model(cfg.base_model, cfg.family).family
     return FlowLoraTrainer if family in ("flux", "sd3") else LoraTrainer
 
@@ -174,9 +180,7 @@ class FlowLoraTrainer(LoraTrainer):
     def _load_models(self) -> None:
         """The pipeline (its transformer quantised to NF4 first with ``train.quantize_base``),
         the sizes the transformer takes, everything frozen; the UNet-only parts are None/empty."""
-        import torch
-
-        from diffusion_bunny.models.diffusion import load_pipeline
+        import torch  # lazy: torch takes 1.1 s to import
 
         cfg = self.cfg
         components = None
@@ -206,9 +210,7 @@ class FlowLoraTrainer(LoraTrainer):
 
     def _add_lora(self) -> list[Any]:
         """A LoRA on the transformer's layers that ``train.lora_targets`` names."""
-        from peft import LoraConfig
-
-        from diffusion_bunny.models.lora_keys import lora_target_names
+        from peft import LoraConfig  # lazy: peft takes 4.0 s to import
 
         try:
             self.targets = lora_target_names(self.transformer, self.cfg.lora_targets)
@@ -227,7 +229,7 @@ class FlowLoraTrainer(LoraTrainer):
 
     def _encode_now(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence embeddings (B, L, D), pooled (B, P)) from the pipeline's own encode_prompt."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         with torch.no_grad():
             if self.family == "flux":
@@ -286,7 +288,7 @@ class FlowLoraTrainer(LoraTrainer):
         from or written to the disk cache, then the text encoders dropped from the pipeline so
         none holds device memory during the steps. Without it: nothing (encoded every step)."""
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save_file  # lazy: pulls in torch (1.1 s)
 
         if not self.cfg.cache_latents:
             return
@@ -325,7 +327,7 @@ class FlowLoraTrainer(LoraTrainer):
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of a batch, with caption dropout (a dropped caption becomes "")."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         p = self.cfg.caption_dropout
         if p > 0:
@@ -345,7 +347,9 @@ class FlowLoraTrainer(LoraTrainer):
 
     def sample_sigmas(self, bsz: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Noise levels of a batch: u from the weighting scheme's density, then shifted."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+        from diffusers.training_utils import (  # lazy: diffusers takes 2.7 s to import
+            compute_density_for_timestep_sampling,
+        )
 
         cfg = self.cfg
         scheme = cfg.weighting_scheme
@@ -376,9 +380,13 @@ class FlowLoraTrainer(LoraTrainer):
     def loss(self, batch: dict[str, Any], n_prior: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flow-matching loss of a batch (draws from the trainer's generator); with
         ``n_prior`` class images at the end, (instance + weighted prior loss, prior loss)."""
-        import torch
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
+        import torch  # lazy: torch takes 1.1 s to import
+        from diffusers.models.autoencoders.vae import (  # lazy: diffusers takes 2.7 s to import
+            DiagonalGaussianDistribution,
+        )
+        from diffusers.training_utils import (  # lazy: diffusers takes 2.7 s to import
+            compute_loss_weighting_for_sd3,
+        )
 
         dist = DiagonalGaussianDistribution(batch["parameters"].to(self.device, torch.float32))
         eps = torch.randn(dist.mean.shape, generator=self.generator).to(self.device)
@@ -395,7 +403,7 @@ class FlowLoraTrainer(LoraTrainer):
         embeds, pooled = self.encode_text(batch["texts"])
         with self.accelerator.autocast():
             if self.family == "flux":
-                from diffusers import FluxPipeline
+                from diffusers import FluxPipeline  # lazy: diffusers takes 2.7 s to import
 
                 packed = FluxPipeline._pack_latents(noisy, bsz, c, h, w)
                 img_ids = FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, self.device, x0.dtype)
@@ -437,21 +445,19 @@ class FlowLoraTrainer(LoraTrainer):
     def peft_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The transformer's adapter weights (fp32, on the CPU, copied: for fp32 CPU tensors
         ``.float().cpu()`` would return the live parameter, which training then changes)."""
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict  # lazy: peft takes 4.0 s to import
 
         sd = get_peft_model_state_dict(self.transformer)
         return {"transformer": {k: v.detach().float().cpu().clone().contiguous() for k, v in sd.items()}}
 
     def load_peft_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import set_peft_model_state_dict  # lazy: peft takes 4.0 s to import
 
         set_peft_model_state_dict(self.transformer, state["transformer"])
 
     def save_lora(self, folder: Path, kohya_name: str | None = None) -> tuple[Path, Path | None]:
         """``pytorch_lora_weights.safetensors`` (diffusers) and, with ``kohya_name``, the
         kohya/ComfyUI layout beside it."""
-        from diffusion_bunny.models.lora_keys import save_kohya_flow
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.peft_state()["transformer"]
@@ -477,7 +483,7 @@ class FlowLoraTrainer(LoraTrainer):
     def validation_images(self, prompts: Sequence[str], seed: int, size: int) -> list[Any]:
         """One image per prompt with the current LoRA (fixed seeds); from the cached embeddings
         when the text encoders were dropped (SD3's negative is the "" embedding)."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         self.transformer.eval()
         images = []

@@ -50,8 +50,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
+from diffusion_bunny.config import TrainSettings as _Cfg
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
+from diffusion_bunny.logs import log_dir
+from diffusion_bunny.models.cache import cache_dir
+from diffusion_bunny.models.device import resolve_device
+from diffusion_bunny.models.diffusion import load_pipeline, pipeline_class, resolve_base_model
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import (
     atomic_path,
     check_free_space,
@@ -60,6 +67,8 @@ from diffusion_bunny.pipeline.atomic import (
     sweep_leftovers,
     temp_path,
 )
+from diffusion_bunny.pipeline.lock import RunBusy, current_holder, run_lock
+from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.train.data import (
     PixelMemory,
     Sample,
@@ -142,11 +151,8 @@ class LoraTrainer:
         the families is in the hooks :meth:`_check_family`, :meth:`_check_settings`,
         :meth:`_load_models` and :meth:`_add_lora`, which
         :class:`~diffusion_bunny.stages.train.flow.FlowLoraTrainer` overrides."""
-        import torch
-        from diffusers.optimization import get_scheduler
-
-        from diffusion_bunny.models.device import resolve_device
-        from diffusion_bunny.models.diffusion import resolve_base_model
+        import torch  # lazy: torch takes 1.1 s to import
+        from diffusers.optimization import get_scheduler  # lazy: diffusers takes 2.7 s to import
 
         self.cfg = cfg
         self.ref: BaseModelRef = resolve_base_model(cfg.base_model, cfg.family)
@@ -209,9 +215,7 @@ class LoraTrainer:
     def _load_models(self) -> None:
         """The pipeline and the parts the step uses (UNet, VAE, text encoders, noise schedule),
         the training resolution, everything frozen."""
-        from diffusers import DDPMScheduler
-
-        from diffusion_bunny.models.diffusion import load_pipeline
+        from diffusers import DDPMScheduler  # lazy: diffusers takes 2.7 s to import
 
         pipe = load_pipeline(self.ref, dtype=self.weight_dtype, device=self.device)
         self.pipe = pipe
@@ -227,7 +231,7 @@ class LoraTrainer:
     def _add_lora(self) -> list[Any]:
         """Add the LoRA adapters; returns the modules they train, the denoiser first (then the
         text encoders with ``train.train_text_encoder``)."""
-        from peft import LoraConfig
+        from peft import LoraConfig  # lazy: peft takes 4.0 s to import
 
         cfg = self.cfg
         self.unet_lora_config = LoraConfig(
@@ -257,7 +261,7 @@ class LoraTrainer:
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE's latent Gaussian (mean and log variance, stacked on channels) of a batch."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         with torch.no_grad():
             return self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
@@ -265,7 +269,7 @@ class LoraTrainer:
     def _cached_latents(self, image: TrainImage, size: tuple[int, int]) -> tuple[Any, Path | None, tuple]:
         """(found entry or None, the cache file to write or None, the in-memory key) for one
         image, from memory or disk."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: pulls in torch (1.1 s)
 
         stat = image.path.stat()
         memo_key = (str(image.path), stat.st_size, stat.st_mtime_ns, size)
@@ -296,8 +300,8 @@ class LoraTrainer:
         A batch may hold one picture more than once (a small dataset with repeats, or two
         exported files with the same bytes, which share one cache file): each distinct picture
         is encoded and stored once and its entry given to every place it holds."""
-        import torch
-        from safetensors.torch import save_file
+        import torch  # lazy: torch takes 1.1 s to import
+        from safetensors.torch import save_file  # lazy: pulls in torch (1.1 s)
 
         found: list[Any] = [None] * len(images)
         # Distinct pictures still to encode, keyed by their cache file (content) or, uncached,
@@ -351,7 +355,7 @@ class LoraTrainer:
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text-encoder hidden states (and SDXL's pooled embedding) for a batch of captions; with
         frozen encoders and ``cache_latents`` they are computed once per caption and kept."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         if self.cfg.train_text_encoder:
             return self._encode_text_now(texts)
@@ -386,7 +390,7 @@ class LoraTrainer:
 
     def make_batch(self, images: Sequence[TrainImage], size: tuple[int, int]) -> dict[str, Any]:
         """A batch at one bucket size: latent Gaussians, captions, and SDXL's size/crop numbers."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         parts = self.latent_batch(images, size)
         return {
@@ -399,10 +403,12 @@ class LoraTrainer:
         """The denoising loss of a batch (noise and timesteps drawn from the trainer's generator);
         with ``n_prior`` class images at the end of the batch, (instance loss + weighted prior
         loss, prior loss)."""
-        import torch
-        import torch.nn.functional as F
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        from diffusers.training_utils import compute_snr
+        import torch  # lazy: torch takes 1.1 s to import
+        import torch.nn.functional as F  # lazy: torch takes 1.1 s to import
+        from diffusers.models.autoencoders.vae import (  # lazy: diffusers takes 2.7 s to import
+            DiagonalGaussianDistribution,
+        )
+        from diffusers.training_utils import compute_snr  # lazy: diffusers takes 2.7 s to import
 
         dist = DiagonalGaussianDistribution(batch["parameters"].to(self.device, torch.float32))
         gen = self.generator
@@ -475,7 +481,7 @@ class LoraTrainer:
 
     def peft_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The trained adapter weights per component, in peft's key format (fp32, on the CPU)."""
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict  # lazy: peft takes 4.0 s to import
 
         out = {"unet": get_peft_model_state_dict(self.unet)}
         if self.cfg.train_text_encoder:
@@ -485,7 +491,7 @@ class LoraTrainer:
 
     def load_peft_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Put saved adapter weights (from :meth:`peft_state`) back into the models."""
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import set_peft_model_state_dict  # lazy: peft takes 4.0 s to import
 
         set_peft_model_state_dict(self.unet, state["unet"])
         for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders, strict=False):
@@ -495,9 +501,7 @@ class LoraTrainer:
     def save_lora(self, folder: Path, kohya_name: str | None = None) -> tuple[Path, Path | None]:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format, with the LoRA configs as
         metadata so alpha survives) into ``folder``, and a kohya/A1111 copy when ``kohya_name``."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        from diffusion_bunny.models.diffusion import pipeline_class
+        from diffusers.utils import convert_state_dict_to_diffusers  # lazy: diffusers takes 2.7 s to import
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -533,7 +537,7 @@ class LoraTrainer:
     def validation_images(self, prompts: Sequence[str], seed: int, size: int) -> list[Any]:
         """One image per prompt from the base model with the current LoRA (fixed seeds, so images
         of different checkpoints compare)."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         self.unet.eval()
         for encoder in self.text_encoders:
@@ -556,7 +560,7 @@ class LoraTrainer:
 
 def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat`` (kept apart so the module imports without torch)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     return torch.cat(tensors, dim=dim)
 
@@ -564,8 +568,8 @@ def torch_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 def new_accelerator(cfg: TrainSettings, mixed_precision: str, device: str, tracker_dir: Path | None):
     """The trainer's ``Accelerator``; with ``tracker_dir``, its TensorBoard tracker writes under it
     (:func:`train_lora` starts it with :func:`start_tracker`)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate import Accelerator  # lazy: accelerate takes 1.3 s to import
+    from accelerate.state import AcceleratorState, GradientState  # lazy: accelerate takes 1.3 s to import
 
     # accelerate keeps process-wide singletons; a second trainer in the same kernel (another
     # mixed_precision, another accumulation) would otherwise be refused or inherit the first's.
@@ -583,8 +587,6 @@ def new_accelerator(cfg: TrainSettings, mixed_precision: str, device: str, track
 def tensorboard_dir() -> Path:
     """``log/tensorboard/`` of the workspace (``$DIFFUSION_BUNNY_LOG_DIR/tensorboard`` when set):
     one folder per LoRA (run) name below it."""
-    from diffusion_bunny.logs import log_dir
-
     return log_dir() / "tensorboard"
 
 
@@ -637,9 +639,11 @@ def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: flo
     """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``, ``lora_te1_``,
     ``lora_te2_``, an ``alpha`` per layer; diffusers' converter writes alpha = rank, so the real
     alpha is put back), atomically."""
-    import torch
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
+    import torch  # lazy: torch takes 1.1 s to import
+    from diffusers.utils.state_dict_utils import (  # lazy: diffusers takes 2.7 s to import
+        convert_state_dict_to_kohya,
+    )
+    from safetensors.torch import save_file  # lazy: pulls in torch (1.1 s)
 
     flat = {f"{component}.{key}": value for component, sd in state.items() for key, value in sd.items()}
     kohya = convert_state_dict_to_kohya(flat)
@@ -705,8 +709,6 @@ def resume_key(cfg: TrainSettings, dataset_key: str) -> str:
     validation settings may change (more steps continue the run). The FLUX.1/SD3.5 keys count
     only when set away from their defaults, so checkpoints of SD 1.x/SDXL runs made before those
     keys existed still resume."""
-    from diffusion_bunny.config import TrainSettings as _Cfg
-
     defaults = _Cfg()
     at_default = {k for k in FLOW_KEYS if getattr(cfg, k) == getattr(defaults, k)}
     keep = cfg.model_dump(
@@ -750,7 +752,7 @@ def _write_checkpoint(
 ) -> Path:
     """``checkpoint-<step>/`` complete on disk (written aside, flushed, renamed into place), then
     the older checkpoints pruned (:func:`prune_checkpoints`)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     final = output_dir / f"checkpoint-{step}"
     tmp = temp_path(final)  # named by pid: a killed run's half checkpoint is swept, a live one's kept
@@ -785,7 +787,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     """The state of a checkpoint, read with ``weights_only=True``: tensors and plain Python values
     only, so a state file someone swapped in cannot run code when it is read (torch's full
     unpickler would)."""
-    import torch
+    import torch  # lazy: torch takes 1.1 s to import
 
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
@@ -850,12 +852,8 @@ def _resume_note(start: int) -> str:
 def class_images(trainer: LoraTrainer | None, cfg: TrainSettings, resolution: int) -> list[TrainImage]:
     """Prior-preservation images: from ``class_data_dir`` when set, else generated once by the base
     model (no LoRA) into the user cache, keyed by model, prompt, count, size and seed."""
-    from diffusion_bunny.models.cache import cache_dir
-
     prompt = str(cfg.class_prompt)
     if cfg.class_data_dir:
-        from diffusion_bunny.paths import workspace_root
-
         folder = Path(cfg.class_data_dir).expanduser()
         folder = folder if folder.is_absolute() else workspace_root() / folder
         if not folder.is_dir():
@@ -950,8 +948,6 @@ def lora_lock(folder: Path) -> Iterator[None]:
     ``train.output_dir``, on this machine or another node) is refused at once, naming the
     holder, instead of both writing the same checkpoints. The run lock's machinery (an OS file
     lock and a lease with a heartbeat, :mod:`diffusion_bunny.pipeline.lock`) on the folder."""
-    from diffusion_bunny.pipeline.lock import RunBusy, current_holder, run_lock
-
     try:
         with run_lock(folder, what="training"):
             yield
@@ -1079,9 +1075,6 @@ def _train(
 ) -> TrainResult:
     """The loop of :func:`train_lora` once the trainer is built and the checkpoint to resume from
     (if any) is read."""
-    from tqdm.auto import tqdm
-
-    from diffusion_bunny.pipeline.progress import ProgressFile
 
     resolution = trainer.resolution
     buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []

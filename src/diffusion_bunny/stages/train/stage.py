@@ -19,6 +19,8 @@ from pathlib import Path
 import polars as pl
 
 from diffusion_bunny.errors import StageError, storage_error
+from diffusion_bunny.models.device import cpu_threads_for
+from diffusion_bunny.models.diffusion import resolve_base_model
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
@@ -66,9 +68,6 @@ def lora_folder_for(run_dir: Path, cfg: TrainSettings, images: list[TrainImage])
 def compute(ctx: Context) -> StageOutput:
     """Stage 07 on a run: train (or resume) the LoRA of its training configuration and return
     its tables."""
-    from diffusion_bunny.models.device import cpu_threads_for
-    from diffusion_bunny.models.diffusion import resolve_base_model
-
     run_dir, cfg = ctx.run_dir, ctx.cfg.train
     images, validation_texts = read_dataset(run_dir, ctx.table("dataset_items"))
     ref = resolve_base_model(cfg.base_model, cfg.family)  # a missing model fails here, before the latents

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.stages.train.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -132,8 +133,6 @@ def lora_folder(base: Path, key: str, name: str, describe: dict[str, Any]) -> tu
     whose ``training.json`` holds that key (a rerun resumes there), else a new folder ``name``
     (returned with True). Nothing is ever deleted here: a retrain with other settings, more steps
     or one edited caption gets a folder of its own; only ``train.start_over`` empties one."""
-    from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-
     for folder, info in lora_folders(base):
         if info.get("lora_key") == key:
             return folder, False

