@@ -203,43 +203,39 @@ def test_no_function_in_src_is_longer_than_a_screen():
 FUNCTION_IMPORTS_ALLOWED = {"pipeline/kernel_warm.py"}
 
 
+def _function_imports():
+    """Every import statement inside a function of the package (but the files allowed), as
+    (file, function name, statement)."""
+    import ast
+
+    package = ROOT / "src" / "diffusion_bunny"
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name in FUNCTION_IMPORTS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Import | ast.ImportFrom):
+                        yield path, node.name, sub
+
+
 def test_no_function_in_src_imports_the_standard_library():
     """A standard-library import costs a few milliseconds at most: it belongs at the top of its
     module, where a reader sees what the module uses (docs/development.md, "Habits")."""
     import ast
     import sys
 
-    package = ROOT / "src" / "diffusion_bunny"
     inside = []
-    for path in sorted(package.rglob("*.py")):
-        name = path.relative_to(package).as_posix()
-        if name in FUNCTION_IMPORTS_ALLOWED:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.Import):
-                    modules = [alias.name for alias in sub.names]
-                elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
-                    modules = [sub.module]
-                else:
-                    continue
-                std = [m for m in modules if m.split(".")[0] in sys.stdlib_module_names]
-                if std:
-                    inside.append(f"{name}:{sub.lineno} {node.name} imports {', '.join(std)}")
+    for path, func, sub in _function_imports():
+        if isinstance(sub, ast.Import):
+            modules = [alias.name for alias in sub.names]
+        else:
+            modules = [sub.module] if sub.level == 0 and sub.module else []
+        std = [m for m in modules if m.split(".")[0] in sys.stdlib_module_names]
+        if std:
+            inside.append(f"{path.name}:{sub.lineno} {func} imports {', '.join(std)}")
     assert not inside, "standard-library imports inside functions:\n" + "\n".join(sorted(set(inside)))
-
-
-def _function_imports(path):
-    """Every import statement inside a function of ``path``, with the function's name."""
-    import ast
-
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.Import | ast.ImportFrom):
-                    yield node.name, sub
 
 
 def test_every_import_inside_a_function_says_why():
@@ -249,16 +245,11 @@ def test_every_import_inside_a_function_says_why():
     line above, as ``# lazy: <why>`` (docs/development.md, "Habits")."""
     import re
 
-    package = ROOT / "src" / "diffusion_bunny"
     silent = []
-    for path in sorted(package.rglob("*.py")):
-        name = path.relative_to(package).as_posix()
-        if name in FUNCTION_IMPORTS_ALLOWED:
-            continue
+    for path, func, node in _function_imports():
         lines = path.read_text().splitlines()
-        for func, node in _function_imports(path):
-            above = lines[node.lineno - 2].strip()
-            near = lines[node.lineno - 1 : node.end_lineno] + ([above] if above.startswith("#") else [])
-            if not any(re.search(r"# lazy: \S", line) for line in near):
-                silent.append(f"{name}:{node.lineno} {func}: {lines[node.lineno - 1].strip()}")
+        above = lines[node.lineno - 2].strip()
+        near = lines[node.lineno - 1 : node.end_lineno] + ([above] if above.startswith("#") else [])
+        if not any(re.search(r"# lazy: \S", line) for line in near):
+            silent.append(f"{path.name}:{node.lineno} {func}: {lines[node.lineno - 1].strip()}")
     assert not silent, "imports inside functions without a `# lazy:` reason:\n" + "\n".join(silent)
