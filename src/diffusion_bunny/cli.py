@@ -98,6 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from diffusion_bunny.config import load_config  # lazy: after _keep_bytecode(), to cache its bytecode
     from diffusion_bunny.pipeline.engine import (  # lazy: after _keep_bytecode(), to cache its bytecode
         run_target,
     )
@@ -122,17 +123,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         engine = "ray"  # an address only means something to Ray
     if args.address and engine != "ray":
         raise UserError(f"--address {args.address} joins a Ray cluster: use it with --engine ray")
+    if engine is not None:
+        overrides["engine.kind"] = engine
+    if args.address is not None:
+        overrides["engine.address"] = args.address
     reports = run_target(
         PIPELINE,
         args.target,
+        load_config(config_path, overrides),
         config_path=config_path,
         overrides=overrides,
         stages=args.stages,
         out=args.out,
         force=args.force,
         progress=not args.quiet,
-        engine=engine,
-        address=args.address,
     )
     failed = [r for r in reports if r.error]
     for r in reports:

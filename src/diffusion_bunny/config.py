@@ -8,30 +8,36 @@ overrides dict). Secrets never live here: they come from the environment or ``.e
 The merged dict is validated into frozen pydantic models with ``extra="forbid"`` so that a typo
 is an error that names the key instead of a setting silently ignored. Each section is named after
 the stage that reads it, and its model lives in that stage's folder (``stages/<stage>/settings.py``,
-beside the code that reads it); this module holds the sections every stage shares (``run``,
-``engine``, ``pipeline``), puts the stages' models together, and reads the layers.
+beside the code that reads it); the sections every run has (``run``, ``engine``, ``pipeline``) are the
+machinery's own (:mod:`diffusion_bunny.pipeline.settings`, which this module's names for them
+re-export). This module puts the stages' models together and reads the layers; it stands above
+the stages and the machinery, and neither imports it: they are given a validated config.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from dotenv import load_dotenv
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from diffusion_bunny.errors import ConfigError
-from diffusion_bunny.paths import project_root, workspace_root
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes
+from diffusion_bunny.paths import project_root
+from diffusion_bunny.pipeline.settings import RECORDED_AS as RECORDED_AS
+from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, parse_override
+from diffusion_bunny.pipeline.settings import EngineSettings as EngineSettings
+from diffusion_bunny.pipeline.settings import PipelineSettings as PipelineSettings
+from diffusion_bunny.pipeline.settings import RunSettings as RunSettings
+from diffusion_bunny.pipeline.settings import output_root as output_root
+from diffusion_bunny.pipeline.settings import recorded_name as recorded_name
+from diffusion_bunny.pipeline.settings import save_local_settings as save_local_settings
 from diffusion_bunny.registry import move_into_detector
-from diffusion_bunny.section import Section
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.characters.settings import MOVED_TO_DETECTOR as FACE_KEYS
 from diffusion_bunny.stages.characters.settings import CharactersSettings
@@ -44,41 +50,6 @@ from diffusion_bunny.stages.report.settings import ReportSettings
 from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.train.settings import TrainSettings
 
-VIDEO_EXTENSIONS = (
-    ".mp4",
-    ".m4v",
-    ".mkv",
-    ".mov",
-    ".avi",
-    ".webm",
-    ".mpg",
-    ".mpeg",
-    ".ts",
-    ".wmv",
-    ".flv",
-)
-
-#: Sections renamed: old name -> new name. The old name still loads (any YAML layer, ``--set``),
-#: mapped to the new one with a warning; the same key under both names in one layer is an error.
-SECTION_ALIASES = {
-    "filtering": "quality",
-    "extraction": "extract",
-    "captioning": "captions",
-    "training": "train",
-    "generation": "generate",
-}
-#: A renamed section is recorded in the stages' manifests under its old name, so a finished run
-#: stays done across the rename (its settings' hash is unchanged): new name -> recorded name.
-RECORDED_AS = {new: old for old, new in SECTION_ALIASES.items() if old != "filtering"}
-
-
-def recorded_name(declared: str) -> str:
-    """How a manifest records a declared section or key (``extract.motion_threshold`` ->
-    ``extraction.motion_threshold``): under the name the section had when runs began recording it."""
-    section, dot, key = declared.partition(".")
-    return RECORDED_AS.get(section, section) + dot + key
-
-
 #: Renamed settings, (section, old key) -> new key: an old config still loads, with one warning.
 KEY_ALIASES = {("characters", "model"): "detector"}
 #: A detector's settings that were the section's own before they became the detector's
@@ -86,53 +57,10 @@ KEY_ALIASES = {("characters", "model"): "detector"}
 DETECTOR_KEYS = {"extract": SHOT_KEYS, "characters": FACE_KEYS}
 
 
-class RunSettings(Section):
-    """Settings of a whole run, shared by every stage."""
+class Config(RunConfig):
+    """The whole validated configuration: the sections every run has (:class:`RunConfig`) and
+    one per stage, each stage's model from its own folder."""
 
-    output_dir: str = "data/output"
-    seed: int = Field(0, ge=0)
-    video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
-    kernel: str = "python3"
-
-
-class EngineSettings(Section):
-    """How ``bunny run`` processes the movies of a folder: one after another in this process
-    (``local``) or as one Ray task per movie (``ray``). Not part of any stage's config hash, so
-    switching engines never makes a stage stale."""
-
-    kind: Literal["local", "ray"] = "local"
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1, le=4096)
-    cpus_per_movie: float = Field(1.0, gt=0.0, le=4096.0)
-    object_store_mb: int = Field(256, ge=75, le=1_000_000)
-    #: Seconds one movie's Ray task may take; None: from ``pipeline.stage_timeout_s`` (engine.task_timeout).
-    task_timeout_s: float | None = Field(None, gt=0.0, le=366 * 86_400.0)
-
-
-class PipelineSettings(Section):
-    """How any run behaves, whatever its stages: how long a stage notebook may take before it
-    counts as hung, and when another machine's lock on a run folder counts as abandoned. Not part
-    of any stage's config hash."""
-
-    #: Seconds one stage notebook may run before its kernel is stopped: ``auto`` (scaled to the
-    #: movie's length: :attr:`stage_timeout_base_s` + :attr:`stage_timeout_per_minute_s` per minute
-    #: of movie, see ``runner.stage_timeout``), a number, or None (no limit). Why scaled: a fixed
-    #: day let a hung stage on a two-minute clip sit for 24 h (and a Ray task nine days).
-    stage_timeout_s: Literal["auto"] | Annotated[float, Field(gt=0.0, le=366 * 86_400.0)] | None = "auto"
-    #: ``auto``: what any stage may take whatever the movie's length (a model's download, a
-    #: training on a GPU).
-    stage_timeout_base_s: float = Field(14_400.0, gt=0.0, le=366 * 86_400.0)
-    #: ``auto``: and this many seconds per minute of movie (a paid caption provider at 60 requests a
-    #: minute takes ~42 s for a minute's kept frames; the other stages a few seconds).
-    stage_timeout_per_minute_s: float = Field(60.0, ge=0.0, le=86_400.0)
-    #: Seconds without a heartbeat after which another host's lock on a run folder is taken over.
-    lock_stale_s: float = Field(120.0, ge=10.0, le=86_400.0)
-
-
-class Config(Section):
-    """The whole validated configuration."""
-
-    run: RunSettings = RunSettings()
     extract: ExtractSettings = ExtractSettings()
     quality: QualitySettings = QualitySettings()
     characters: CharactersSettings = CharactersSettings()
@@ -142,31 +70,6 @@ class Config(Section):
     train: TrainSettings = TrainSettings()
     generate: GenerateSettings = GenerateSettings()
     report: ReportSettings = ReportSettings()
-    engine: EngineSettings = EngineSettings()
-    pipeline: PipelineSettings = PipelineSettings()
-
-    def section_values(self, *declared: str) -> dict[str, Any]:
-        """The values of whole sections (``quality``) and single keys (``run.seed``), as JSON:
-        what a stage's manifest records of the settings it declared."""
-        out: dict[str, Any] = {}
-        for name in sorted(declared):
-            section, _, key = name.partition(".")
-            value = getattr(self, section).model_dump(mode="json")
-            out[recorded_name(name)] = value[key] if key else value
-        return out
-
-    def section_hash(self, *declared: str) -> str:
-        """A stable hash of the declared sections and keys, so a stage reruns only when its own
-        settings move."""
-        blob = json.dumps(self.section_values(*declared), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def output_root(cfg: Config) -> Path:
-    """The folder that holds one run folder per movie (``run.output_dir``, relative to the
-    workspace unless absolute)."""
-    out = Path(cfg.run.output_dir)
-    return out if out.is_absolute() else workspace_root() / out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -205,20 +108,6 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``section.key=value``; the value is read as YAML so numbers, booleans, null and
-    lists keep their types (``--set extract.detector.threshold=30``)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or "." not in key or not all(key.split(".")):
-        raise ConfigError(f"override '{text}' must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
 
 
 def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
@@ -381,22 +270,3 @@ def load_config(
         merged = _deep_merge(merged, _rename_sections(_read_yaml(Path(config_path)), str(config_path)))
     merged = _deep_merge(merged, _rename_sections(overrides_to_tree(overrides), "--set"))
     return validate_config(merged)
-
-
-def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
-    """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
-    a headless rerun reproduce what a person chose in a widget."""
-    root = root if root is not None else workspace_root()
-    path = root / "config" / f"local_{name}.yaml"
-    current: dict[str, Any] = {}
-    if path.is_file():
-        current = yaml.safe_load(path.read_text()) or {}
-    for old, new in SECTION_ALIASES.items():
-        # A file written before a section was renamed: its settings move to the new name (the
-        # values being saved win), so the file never holds a key under both names.
-        if isinstance(current.get(old), dict):
-            current[new] = {**current.pop(old), **(current.get(new) or {})}
-    for section, values in settings.items():
-        current.setdefault(SECTION_ALIASES.get(section, section), {}).update(values)
-    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
-    return path

@@ -145,6 +145,7 @@ def head(tmp_path):
 def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_at_once(
     head, tmp_path, monkeypatch, capsys
 ):
+    from diffusion_bunny.config import load_config
     from diffusion_bunny.pipeline.engine import run_target
     from diffusion_bunny.stages import PIPELINE
 
@@ -204,16 +205,16 @@ def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_a
     )
     try:
         _wait_for_cpus(head, 1)
+        overrides = {**SETTINGS, "engine.kind": "ray", "engine.address": head}
         (report,) = run_target(
             PIPELINE,
             clip,
-            overrides=dict(SETTINGS),
+            load_config(None, overrides),
+            overrides=overrides,
             stages="extract",
             out=Path("runs/x"),
             force=True,
             progress=False,
-            engine="ray",
-            address=head,
         )
     finally:
         blind.stop()

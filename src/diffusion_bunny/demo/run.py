@@ -181,6 +181,7 @@ def run_demo(
     overrides.setdefault(
         "characters.reference_dir", str(build_demo_references(demo.path.parent / "characters"))
     )
-    run_dir = out if out is not None else output_root(load_config(None, overrides)) / "demo"
-    run_target(PIPELINE, demo.path, overrides=overrides, out=run_dir, force=force, progress=progress)
+    cfg = load_config(None, overrides)
+    run_dir = out if out is not None else output_root(cfg) / "demo"
+    run_target(PIPELINE, demo.path, cfg, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())

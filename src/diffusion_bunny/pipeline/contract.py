@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import polars as pl
 
-    from diffusion_bunny.config import Config
+    from diffusion_bunny.pipeline.settings import RunConfig
 
 
 class UndeclaredSetting(AttributeError):
@@ -73,7 +73,7 @@ class ConfigView:
     declared the ``quality`` section, ``view.run.seed`` when it declared ``run.seed``; anything
     else raises :class:`UndeclaredSetting`."""
 
-    def __init__(self, cfg: Config, declared: Sequence[str], stage: str):
+    def __init__(self, cfg: RunConfig, declared: Sequence[str], stage: str):
         self._cfg = cfg
         self._stage = stage
         self._sections = {d for d in declared if "." not in d}
@@ -225,10 +225,10 @@ class Stage:
         declaration: a stage's own module pulls in its models and libraries."""
         return importlib.import_module(f"{self.package}.stage")
 
-    def view(self, cfg: Config) -> ConfigView:
+    def view(self, cfg: RunConfig) -> ConfigView:
         return ConfigView(cfg, self.config, self.name)
 
-    def code(self, cfg: Config) -> str:
+    def code(self, cfg: RunConfig) -> str:
         """The hash of the code that computes the stage's tables with these settings (its
         manifest's ``code_hash``): the detectors they did not choose are not part of it."""
         choices = self.detectors(self.view(cfg)) if self.detectors is not None else ()
@@ -248,7 +248,7 @@ class Pipeline:
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
 
-    def batch_report(self, out_dir: Path, reports: Sequence[Any], cfg: Config) -> Path | None:
+    def batch_report(self, out_dir: Path, reports: Sequence[Any], cfg: RunConfig) -> Path | None:
         """The report across the movies of a batch, by the :attr:`batch_reporter` stage's code;
         None when the pipeline has none."""
         if self.batch_reporter is None:
@@ -377,7 +377,7 @@ def owned_paths(run: Run, stage: Stage, view: ConfigView) -> dict[str, Path]:
     return stage.owns(run, view) if stage.owns is not None else {}
 
 
-def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
+def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> tuple[StageState, str]:
     """``done``/``stale``/``missing`` for one stage of a run, with the reason."""
     stage = pipeline.get(name)
     view = stage.view(cfg)
@@ -405,7 +405,7 @@ def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
 
 
 def run_stage(
-    pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
+    pipeline: Pipeline, run: Run, name: str, cfg: RunConfig, *, force: bool = False, progress: bool = True
 ) -> dict[str, pl.DataFrame]:
     """Run one stage (or skip it when its manifest matches) and return the tables it wrote.
 
@@ -420,7 +420,7 @@ def run_stage(
 
 
 def _run_stage_locked(
-    pipeline: Pipeline, run: Run, name: str, cfg: Config, *, force: bool, progress: bool
+    pipeline: Pipeline, run: Run, name: str, cfg: RunConfig, *, force: bool, progress: bool
 ) -> dict[str, pl.DataFrame]:
     stage = pipeline.get(name)
     view = stage.view(cfg)

@@ -40,7 +40,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.errors import EngineError, UserError, storage_error
 from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, LOGGER, attach_from_env, bar_options, log_hint
 from diffusion_bunny.media.probe import probe_video
@@ -56,6 +55,7 @@ from diffusion_bunny.pipeline.runner import (
     parse_stages,
     run_movie,
 )
+from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 log = logging.getLogger(__name__)
 # The engine prints its own one-line errors; without a handler of ``bunny``'s (a Ray worker that
@@ -116,7 +116,7 @@ def _prepare_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def start_ray(cfg: Config) -> bool:
+def start_ray(cfg: RunConfig) -> bool:
     """Connect to the cluster ``engine.address`` names, or start a local one; returns whether
     this call started Ray (and should shut it down). An already initialised Ray (a caller's own
     cluster, as the tests make) is used as it is."""
@@ -299,7 +299,7 @@ def _remove_tokens(tokens: Sequence[tuple[Path, str]]) -> None:
         (Path(folder) / VISIBLE.format(token)).unlink(missing_ok=True)
 
 
-def task_timeout(cfg: Config, stages: Sequence[str], movie_s: float | None = None) -> float | None:
+def task_timeout(cfg: RunConfig, stages: Sequence[str], movie_s: float | None = None) -> float | None:
     """Seconds one movie's Ray task may take: ``engine.task_timeout_s``; else, for
     ``pipeline.stage_timeout_s: auto``, the base once (one slow stage: a download, a training) and
     each stage's share per minute of movie; for a number, that number per stage (None: no limit).
@@ -315,7 +315,7 @@ def task_timeout(cfg: Config, stages: Sequence[str], movie_s: float | None = Non
     return None
 
 
-def _capacity(ray: Any, cfg: Config) -> int:
+def _capacity(ray: Any, cfg: RunConfig) -> int:
     """How many movies the cluster runs at once (its CPUs / ``engine.cpus_per_movie``, at least 1)."""
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     return max(1, int(cpus // cfg.engine.cpus_per_movie))
@@ -386,7 +386,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     return [results[i] for i in range(len(jobs))]
 
 
-def _run_folder(movie: Path, run_dir: Path | None, cfg: Config) -> Path:
+def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path:
     """The run folder of a movie, absolute as this process (the head) sees it: a relative
     ``--out`` or ``run.output_dir`` must not mean each node's own working folder or checkout."""
     if run_dir is None:
@@ -437,6 +437,7 @@ def run_movies(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) ->
 def run_target(
     pipeline: Pipeline,
     target: str | Path,
+    cfg: RunConfig,
     *,
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -444,8 +445,6 @@ def run_target(
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
-    engine: str | None = None,
-    address: str | None = None,
 ) -> list[MovieReport]:
     """``bunny run``: one movie, or every movie of a folder on an engine (``local``: one after
     another, ``ray``: one Ray task per movie; default ``engine.kind``).
@@ -454,19 +453,17 @@ def run_target(
     either engine; the caller turns the failures into exit status 2 (1 if one was a bug). A
     folder run ends with a combined report across its movies (``<out>/report/index.html`` and
     ``movies.parquet``; ``out`` defaults to ``run.output_dir``), failed movies included.
+
+    ``cfg`` is the configuration loaded from ``config_path`` and ``overrides`` (by the caller,
+    which knows every stage's settings: the machinery knows none); each stage's kernel loads the
+    same two again.
     """
-    overrides = dict(overrides or {})
-    if engine is not None:
-        overrides["engine.kind"] = engine
-    if address is not None:
-        overrides["engine.address"] = address
-    cfg = load_config(config_path, overrides)
     options = RunOptions(
         pipeline=pipeline,
         cfg=cfg,
         stages=tuple(parse_stages(pipeline, stages)),
         config_path=config_path,
-        overrides=overrides,
+        overrides=dict(overrides or {}),
         force=force,
         progress=progress,
     )

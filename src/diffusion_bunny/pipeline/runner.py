@@ -28,7 +28,6 @@ from typing import Any
 
 from jupyter_core.utils import run_sync
 
-from diffusion_bunny.config import Config, output_root, parse_override
 from diffusion_bunny.errors import (
     USER_ERROR_NAMES,
     BadInputError,
@@ -43,6 +42,7 @@ from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
 from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
 
 log = logging.getLogger(__name__)
 #: Terminal colour codes in IPython's tracebacks (unreadable in a log file).
@@ -57,7 +57,7 @@ class RunOptions:
 
     pipeline: Pipeline
     #: The loaded config (``config_path`` and ``overrides`` applied): the runner's own settings.
-    cfg: Config
+    cfg: RunConfig
     #: The stages to run, in pipeline order (:func:`parse_stages`).
     stages: tuple[str, ...] = ()
     #: What each stage notebook loads the same config from (its papermill parameters).
@@ -91,7 +91,7 @@ class MovieReport:
     bug: bool = False  # the error was a bug (a folder run reports those on either engine)
 
 
-def find_movies(target: str | Path, cfg: Config) -> list[Path]:
+def find_movies(target: str | Path, cfg: RunConfig) -> list[Path]:
     """The movie itself, or every video file directly inside a folder (sorted by name)."""
     target = Path(target)
     if not target.exists():
@@ -316,7 +316,7 @@ class StageKernel:
             run_sync(km.cleanup_resources)()
 
 
-def stage_timeout(cfg: Config, movie_s: float | None) -> float | None:
+def stage_timeout(cfg: RunConfig, movie_s: float | None) -> float | None:
     """Seconds one stage notebook of a movie ``movie_s`` seconds long may run:
     ``pipeline.stage_timeout_s`` when it is a number (None: no limit), and for ``auto``
     ``stage_timeout_base_s`` + ``stage_timeout_per_minute_s`` per minute of movie (a movie whose

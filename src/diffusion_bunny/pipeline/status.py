@@ -14,11 +14,11 @@ from pathlib import Path
 
 import polars as pl
 
-from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.errors import BadInputError, UserError
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _movie_name(run_dir: Path) -> str:
     return Path(meta.get("movie", run_dir.name)).name
 
 
-def resolve_runs(target: str | Path, cfg: Config, out: str | Path | None = None) -> list[RunRef]:
+def resolve_runs(target: str | Path, cfg: RunConfig, out: str | Path | None = None) -> list[RunRef]:
     """The run folders ``target`` stands for: itself (a run folder), its sub-folders that are
     run folders, or the run folders of a movie / of the movies in a folder (under ``out``, else
     ``run.output_dir``, as ``bunny run`` names them)."""
@@ -78,7 +78,7 @@ def resolve_runs(target: str | Path, cfg: Config, out: str | Path | None = None)
 
 
 def run_status(
-    pipeline: Pipeline, run_dir: Path, cfg: Config, stages: list[str] | None = None
+    pipeline: Pipeline, run_dir: Path, cfg: RunConfig, stages: list[str] | None = None
 ) -> list[tuple[str, str, str]]:
     """``(stage, state, reason)`` for each stage of one run folder; a folder that does not exist
     yet has every stage missing."""
@@ -86,7 +86,7 @@ def run_status(
 
 
 def _run_rows(
-    pipeline: Pipeline, run_dir: Path, cfg: Config, stages: list[str] | None = None
+    pipeline: Pipeline, run_dir: Path, cfg: RunConfig, stages: list[str] | None = None
 ) -> list[tuple[str, str, str, list[str]]]:
     stages = stages or pipeline.names()
     if not _is_run(run_dir):
@@ -112,7 +112,7 @@ def _run_rows(
     return out
 
 
-def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: Config) -> pl.DataFrame:
+def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.DataFrame:
     """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``,
     ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07) and
     ``in_use`` (the process holding the run folder now, if any)."""

@@ -31,8 +31,8 @@ from diffusion_bunny.stages import (
 if TYPE_CHECKING:
     import polars as pl
 
-    from diffusion_bunny.config import Config
     from diffusion_bunny.pipeline.manifest import StageState
+    from diffusion_bunny.pipeline.settings import RunConfig
 
 PIPELINE = Pipeline(
     stages=(
@@ -56,13 +56,13 @@ def stage_names() -> list[str]:
     return PIPELINE.names()
 
 
-def stage_state(run: Run, name: str, cfg: Config) -> tuple[StageState, str]:
+def stage_state(run: Run, name: str, cfg: RunConfig) -> tuple[StageState, str]:
     """``done``/``stale``/``missing`` for one stage of a run, with the reason."""
     return contract.stage_state(PIPELINE, run, name, cfg)
 
 
 def run_stage(
-    run: Run, name: str, cfg: Config, *, force: bool = False, progress: bool = True
+    run: Run, name: str, cfg: RunConfig, *, force: bool = False, progress: bool = True
 ) -> dict[str, pl.DataFrame]:
     """Run one stage (or skip it when its manifest matches) and return the tables it wrote."""
     return contract.run_stage(PIPELINE, run, name, cfg, force=force, progress=progress)

@@ -410,8 +410,8 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     assert counts.row(0, named=True)["character"] == "unknown"
     biggest = faces.filter(pl.col("cluster") == "cluster_00")
     with pytest.raises(UserError, match="no unknown faces in cluster 'cluster_99'"):
-        name_cluster(run.run_dir, "cluster_99", "x", overrides={"characters.workers": 1})
-    result = name_cluster(run.run_dir, "cluster_00", "first person", overrides=dict(DEMO_SETTINGS))
+        name_cluster(run.run_dir, "cluster_99", "x", load_config(None, {"characters.workers": 1}))
+    result = name_cluster(run.run_dir, "cluster_00", "first person", load_config(None, dict(DEMO_SETTINGS)))
     refs = sorted((run.run_dir / "references" / "first person").glob("*.png"))
     assert len(refs) == len(result["references_added"]) >= 1
     assert result["faces_of_cluster_named"] == biggest.height == result["named_faces"]
@@ -448,7 +448,7 @@ def test_cluster_namer_widget(discovered, tmp_path):
     from diffusion_bunny.stages.characters.widgets import ClusterNamer
 
     run = _copy(discovered, tmp_path)
-    namer = ClusterNamer(run, overrides={})
+    namer = ClusterNamer(run, load_config(None, {}))
     assert namer.clusters().height == 4 and len(namer.rows.children) == 4
     assert namer.name("cluster_01", "../evil") is None and "not usable" in namer.status.value
     result = namer.name("cluster_01", "second")

@@ -94,7 +94,7 @@ def test_without_pictures_characters_are_discovered_clustered_and_a_cluster_name
     assert facts["clusters"] == clusters.n_unique() and facts["noise"] == drawn["cluster"].null_count()
 
     biggest = clusters.value_counts(sort=True)["cluster"][0]
-    result = name_cluster(run.run_dir, biggest, "pip", overrides=overrides)
+    result = name_cluster(run.run_dir, biggest, "pip", load_config(None, overrides))
     written = [Path(p) for p in result["references_added"]]
     assert written
     assert all(p.parent == run.run_dir / "references" / "pip" and p.suffix == ".png" for p in written)

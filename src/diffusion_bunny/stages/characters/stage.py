@@ -38,7 +38,6 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.config import Config, load_config
 from diffusion_bunny.errors import StageError, UserError
 from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.face_detect import require as require_detector
@@ -56,6 +55,7 @@ from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput, run_stage
 from diffusion_bunny.pipeline.progress import tracked
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters import STAGE
 from diffusion_bunny.stages.characters.identify import (
     character_thresholds,
@@ -751,7 +751,7 @@ def promote_drawn(
 
 
 def promote_cluster(
-    run: Run, cluster: str, name: str, cfg: Config, *, max_faces: int = 5
+    run: Run, cluster: str, name: str, cfg: RunConfig, *, max_faces: int = 5
 ) -> tuple[list[Path], pl.DataFrame]:
     """The run-folder half of naming a cluster: its best faces written as reference images of
     ``name`` (in ``characters.reference_dir``, or the run's own ``references/``); returns the files
@@ -791,16 +791,15 @@ def name_cluster(
     run_dir: str | Path,
     cluster: str,
     name: str,
+    cfg: RunConfig,
     *,
-    config_path: str | None = None,
-    overrides: dict[str, Any] | None = None,
     max_faces: int = 5,
 ) -> dict[str, Any]:
     """Name an unknown cluster: its best faces become reference images of ``name`` (in
     ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
-    (detections are reused, so this takes seconds). Returns what changed."""
+    (detections are reused, so this takes seconds). ``cfg`` is the run's configuration (the
+    notebook's ``cfg``). Returns what changed."""
     run = Run.open(Path(run_dir))
-    cfg = load_config(config_path, overrides)
     written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
     name = name.strip()
     after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]

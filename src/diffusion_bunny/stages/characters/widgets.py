@@ -12,6 +12,7 @@ from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import png_bytes
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters.stage import fix_appearance, name_cluster
 
 
@@ -28,15 +29,13 @@ class ClusterNamer:
     def __init__(
         self,
         run: Run,
+        cfg: RunConfig,
         *,
-        config_path: str | None = None,
-        overrides: dict[str, Any] | None = None,
         max_clusters: int = 12,
         max_faces: int = 16,
     ):
         self.run = run
-        self.config_path = config_path
-        self.overrides = dict(overrides or {})
+        self.cfg = cfg
         self.max_clusters = max_clusters
         self.max_faces = max_faces
         self.status = widgets.HTML()
@@ -92,9 +91,7 @@ class ClusterNamer:
     def name(self, cluster: str, name: str) -> dict[str, Any] | None:
         """Name ``cluster`` (as the button does); the result, or None after a user error (shown)."""
         try:
-            result = name_cluster(
-                self.run.run_dir, cluster, name, config_path=self.config_path, overrides=self.overrides
-            )
+            result = name_cluster(self.run.run_dir, cluster, name, self.cfg)
         except UserError as exc:
             self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
             return None

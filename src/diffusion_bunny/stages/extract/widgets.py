@@ -9,9 +9,9 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from diffusion_bunny.config import save_local_settings
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import save_local_settings
 from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
 
 

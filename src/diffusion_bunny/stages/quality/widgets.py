@@ -11,9 +11,9 @@ import ipywidgets as widgets
 import polars as pl
 from pydantic import ValidationError
 
-from diffusion_bunny.config import save_local_settings
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import save_local_settings
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,

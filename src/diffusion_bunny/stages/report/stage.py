@@ -28,7 +28,6 @@ import polars as pl
 from IPython.display import Image as IPImage
 from IPython.display import Markdown, display
 
-from diffusion_bunny.config import load_config
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput
 from diffusion_bunny.pipeline.run import Run
@@ -46,7 +45,7 @@ from diffusion_bunny.stages.report.sections import (
 )
 
 if TYPE_CHECKING:
-    from diffusion_bunny.config import Config
+    from diffusion_bunny.pipeline.settings import RunConfig
 
 #: The table each optional section needs (its absence means the stage did not run).
 
@@ -104,10 +103,9 @@ def save_sections(run_dir: str | Path, sections: list[Section], dpi: int = 100) 
     )
 
 
-def write_report_figures(run_dir: str | Path, cfg: Config | None = None) -> dict[str, Path]:
+def write_report_figures(run_dir: str | Path, cfg: RunConfig) -> dict[str, Path]:
     """Build every section of the run's report and write its figures as PNG; returns
     ``{figure name: PNG path}`` (sections whose stage did not run have none)."""
-    cfg = cfg or load_config()
     run = Run.open(run_dir)
     tables = {p.stem: run.read_table(p.stem) for p in sorted(run.tables_dir.glob("*.parquet"))}
     table = save_sections(run.run_dir, build_sections(report_data(run, tables), cfg), cfg.report.dpi)
@@ -171,7 +169,12 @@ def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> Non
 
 
 def _movie_counts(
-    row: dict[str, Any], run_dir: Path, cfg: Config, pipeline: Pipeline, stages: list[str], start: Path | None
+    row: dict[str, Any],
+    run_dir: Path,
+    cfg: RunConfig,
+    pipeline: Pipeline,
+    stages: list[str],
+    start: Path | None,
 ) -> list[tuple[str, str, str]]:
     """Fill ``row``'s counts and report link from the run folder; the stages' states."""
     run = Run.open(run_dir)
@@ -192,7 +195,7 @@ def _movie_counts(
 
 
 def movies_table(
-    reports: list[Any], cfg: Config, pipeline: Pipeline, start: Path | None = None
+    reports: list[Any], cfg: RunConfig, pipeline: Pipeline, start: Path | None = None
 ) -> pl.DataFrame:
     """One row per movie of a batch (``runner.MovieReport``\\ s): its run folder, error, counts
     (frames extracted and kept, shots, faces, named characters), ``report_html`` (its report,
@@ -238,7 +241,7 @@ def movies_table(
     return pl.DataFrame(rows, schema=schema)
 
 
-def batch_report(out_dir: str | Path, reports: list[Any], cfg: Config, pipeline: Pipeline) -> Path:
+def batch_report(out_dir: str | Path, reports: list[Any], cfg: RunConfig, pipeline: Pipeline) -> Path:
     """The report across the movies of a batch: ``<out>/report/movies.parquet`` (see
     :func:`movies_table`), ``<out>/report/figures/movies.png`` and ``<out>/report/index.html``
     (a table with each movie's counts, stage states and a link to its own report)."""

@@ -52,7 +52,6 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from diffusion_bunny.config import TrainSettings as _Cfg
 from diffusion_bunny.errors import BadInputError, ModelError, StageError
 from diffusion_bunny.logs import log_dir
 from diffusion_bunny.models.cache import cache_dir
@@ -82,6 +81,7 @@ from diffusion_bunny.stages.train.data import (
     make_buckets,
     nearest_bucket,
 )
+from diffusion_bunny.stages.train.settings import TrainSettings as _Cfg
 from diffusion_bunny.stages.train.tables import (
     LORA_FILE,
     STATE_FILE,
