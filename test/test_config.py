@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import Config, load_config, overrides_to_tree, parse_override
+from diffusion_bunny.config import Config, load_config, output_root, overrides_to_tree, parse_override
 from diffusion_bunny.errors import ConfigError
-from diffusion_bunny.paths import project_root
+from diffusion_bunny.paths import project_root, workspace_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_layers_later_wins(tmp_path):
         (
             ["extractoin.threshold=3"],
             "unknown key 'extractoin' (allowed here: captions, characters, engine, export, extract, "
-            "generate, pipeline, quality, report, run, scenes, train)",
+            "generate, paths, pipeline, quality, report, run, scenes, train)",
         ),
         (
             ["extract.method=frames"],
@@ -128,6 +128,24 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     available = "extract, quality, characters, scenes, captions, export, train, generate, report"
     assert f"unknown stage 'bogus' (available: {available})" in capsys.readouterr().err
+
+
+def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, caplog):
+    """``run.output_dir`` is now ``paths.output_dir``: an old file, or ``--set``, still puts the
+    runs where it says, with one warning line; both in one layer is an error naming both."""
+    (tmp_path / "config").mkdir()
+    layer = tmp_path / "config" / "local_old.yaml"
+    layer.write_text(yaml.safe_dump({"run": {"output_dir": "elsewhere", "seed": 3}}))
+    with caplog.at_level("WARNING", logger="diffusion_bunny.config"):
+        cfg = load_config(None, [], root=tmp_path)
+    assert cfg.paths.output_dir == "elsewhere" and cfg.run.seed == 3
+    assert output_root(cfg) == workspace_root() / "elsewhere"
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_bunny.config"]
+    assert lines == [f"{layer}: the setting run.output_dir is now paths.output_dir"]
+    assert load_config(None, ["run.output_dir=/tmp/runs"], root=tmp_path).paths.output_dir == "/tmp/runs"
+    with pytest.raises(ConfigError, match=r"sets run\.output_dir and paths\.output_dir"):
+        load_config(None, ["run.output_dir=a", "paths.output_dir=b"], root=tmp_path)
+    assert not hasattr(cfg.run, "output_dir")
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,10 @@ from pydantic import BaseModel, ValidationError
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root
+from diffusion_bunny.pipeline.settings import MOVED_KEYS, SECTION_ALIASES, RunConfig, parse_override
 from diffusion_bunny.pipeline.settings import RECORDED_AS as RECORDED_AS
-from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, parse_override
 from diffusion_bunny.pipeline.settings import EngineSettings as EngineSettings
+from diffusion_bunny.pipeline.settings import PathsSettings as PathsSettings
 from diffusion_bunny.pipeline.settings import PipelineSettings as PipelineSettings
 from diffusion_bunny.pipeline.settings import RunSettings as RunSettings
 from diffusion_bunny.pipeline.settings import output_root as output_root
@@ -166,6 +167,8 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         logging.getLogger(__name__).warning(
             "%s: the config section '%s' is now called '%s'; write %s", source, old, new, keys
         )
+    for (old_section, key), (new_section, new_key) in MOVED_KEYS.items():
+        out = _move_key(out, (old_section, key), (new_section, new_key), source)
     for (section, old), new in KEY_ALIASES.items():
         values = out.get(section)
         if not isinstance(values, dict) or old not in values:
@@ -183,6 +186,28 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         if isinstance(out.get(section), dict):
             out = {**out, section: move_into_detector(out[section], section, keys, source)}
     return out
+
+
+def _move_key(
+    layer: dict[str, Any], old: tuple[str, str], new: tuple[str, str], source: str
+) -> dict[str, Any]:
+    """``layer`` with the setting ``old`` (section, key) moved to ``new``, and one warning; set in
+    both places in one layer, a :class:`ConfigError` naming both."""
+    values = layer.get(old[0])
+    if not isinstance(values, dict) or old[1] not in values:
+        return layer
+    target = layer.get(new[0]) or {}
+    if isinstance(target, dict) and new[1] in target:
+        raise ConfigError(
+            f"config error: {source} sets {old[0]}.{old[1]} and {new[0]}.{new[1]}; it is now "
+            f"{new[0]}.{new[1]}: keep only that one"
+        )
+    logging.getLogger(__name__).warning(
+        "%s: the setting %s.%s is now %s.%s", source, old[0], old[1], new[0], new[1]
+    )
+    rest = {k: v for k, v in values.items() if k != old[1]}
+    moved = {**target, new[1]: values[old[1]]} if isinstance(target, dict) else target
+    return {**layer, old[0]: rest, new[0]: moved}
 
 
 def _member(annotation: Any, tag: Any) -> type[BaseModel] | None:

@@ -14,7 +14,7 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     """The run a notebook works on.
 
     With a movie, its run folder is created if needed (``run_dir`` or
-    ``<run.output_dir>/<movie_id>``); with only ``run_dir``, the existing run is opened; with
+    ``<paths.output_dir>/<movie_id>``); with only ``run_dir``, the existing run is opened; with
     neither, the built-in demo movie is built (once) and used, so a notebook opened in
     JupyterLab works straight away.
     """

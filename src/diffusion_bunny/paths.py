@@ -25,7 +25,7 @@ def project_root() -> Path | None:
 
 
 #: Set by the Ray engine for its tasks: the workspace of the head (``bunny run``'s machine), so a
-#: relative setting (``train.output_dir``, ``run.output_dir``) means the same folder on every node.
+#: relative setting (``train.output_dir``, ``paths.output_dir``) means the same folder on every node.
 WORKSPACE_ENV = "DIFFUSION_BUNNY_WORKSPACE"
 
 

@@ -269,8 +269,8 @@ def test_a_stage_reads_only_the_settings_it_declared():
     assert view.quality == cfg.quality and view.run.seed == cfg.run.seed
     with pytest.raises(UndeclaredSetting, match="stage toy read the setting section 'scenes'"):
         view.scenes  # noqa: B018
-    with pytest.raises(UndeclaredSetting, match=r"toy: run\.output_dir was read without being declared"):
-        view.run.output_dir  # noqa: B018
+    with pytest.raises(UndeclaredSetting, match=r"toy: run\.kernel was read without being declared"):
+        view.run.kernel  # noqa: B018
 
 
 def test_every_real_stage_reads_only_declared_settings_and_columns():

@@ -388,7 +388,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
 
 def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path:
     """The run folder of a movie, absolute as this process (the head) sees it: a relative
-    ``--out`` or ``run.output_dir`` must not mean each node's own working folder or checkout."""
+    ``--out`` or ``paths.output_dir`` must not mean each node's own working folder or checkout."""
     if run_dir is None:
         return (output_root(cfg) / movie_id(movie)).resolve()
     return Path(run_dir).expanduser().resolve()
@@ -452,7 +452,7 @@ def run_target(
     In a folder, a bad movie (a user error or a bug) is reported and the others still run, on
     either engine; the caller turns the failures into exit status 2 (1 if one was a bug). A
     folder run ends with a combined report across its movies (``<out>/report/index.html`` and
-    ``movies.parquet``; ``out`` defaults to ``run.output_dir``), failed movies included.
+    ``movies.parquet``; ``out`` defaults to ``paths.output_dir``), failed movies included.
 
     ``cfg`` is the configuration loaded from ``config_path`` and ``overrides`` (by the caller,
     which knows every stage's settings: the machinery knows none); each stage's kernel loads the

@@ -583,7 +583,7 @@ class _Deadline:
 
 def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport:
     """Run the chosen stages on one movie (into ``out``, else its folder under
-    ``run.output_dir``), skipping the ones that are up to date."""
+    ``paths.output_dir``), skipping the ones that are up to date."""
     cfg = options.cfg
     info = probe_video(movie)
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)

@@ -48,6 +48,9 @@ SECTION_ALIASES = {
     "training": "train",
     "generation": "generate",
 }
+#: Settings moved to another section: (old section, key) -> (new section, key). The old place
+#: still loads, with one warning; the same setting in both places in one layer is an error.
+MOVED_KEYS = {("run", "output_dir"): ("paths", "output_dir")}
 #: A renamed section is recorded in the stages' manifests under its old name, so a finished run
 #: stays done across the rename (its settings' hash is unchanged): new name -> recorded name.
 RECORDED_AS = {new: old for old, new in SECTION_ALIASES.items() if old != "filtering"}
@@ -63,10 +66,18 @@ def recorded_name(declared: str) -> str:
 class RunSettings(Section):
     """Settings of a whole run, shared by every stage."""
 
-    output_dir: str = "data/output"
     seed: int = Field(0, ge=0)
     video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     kernel: str = "python3"
+
+
+class PathsSettings(Section):
+    """Where a run's files go. ``output_dir`` was ``run.output_dir``, which still loads, with one
+    warning (:data:`MOVED_KEYS`)."""
+
+    #: Where ``bunny run MOVIE`` makes ``<output_dir>/<movie_id>/`` (relative to the workspace
+    #: unless absolute).
+    output_dir: str = "data/output"
 
 
 class EngineSettings(Section):
@@ -108,6 +119,7 @@ class RunConfig(Section):
     section per stage."""
 
     run: RunSettings = RunSettings()
+    paths: PathsSettings = PathsSettings()
     engine: EngineSettings = EngineSettings()
     pipeline: PipelineSettings = PipelineSettings()
 
@@ -129,9 +141,9 @@ class RunConfig(Section):
 
 
 def output_root(cfg: RunConfig) -> Path:
-    """The folder that holds one run folder per movie (``run.output_dir``, relative to the
+    """The folder that holds one run folder per movie (``paths.output_dir``, relative to the
     workspace unless absolute)."""
-    out = Path(cfg.run.output_dir)
+    out = Path(cfg.paths.output_dir)
     return out if out.is_absolute() else workspace_root() / out
 
 

@@ -44,7 +44,7 @@ def _movie_name(run_dir: Path) -> str:
 def resolve_runs(target: str | Path, cfg: RunConfig, out: str | Path | None = None) -> list[RunRef]:
     """The run folders ``target`` stands for: itself (a run folder), its sub-folders that are
     run folders, or the run folders of a movie / of the movies in a folder (under ``out``, else
-    ``run.output_dir``, as ``bunny run`` names them)."""
+    ``paths.output_dir``, as ``bunny run`` names them)."""
     target = Path(target).expanduser()
     if not target.exists():
         raise BadInputError(f"{target}: no such file or folder; check the path")
