@@ -141,7 +141,7 @@ def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, ca
     assert cfg.paths.output_dir == "elsewhere" and cfg.run.seed == 3
     assert output_root(cfg) == workspace_root() / "elsewhere"
     lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_bunny.config"]
-    assert lines == [f"{layer}: the setting run.output_dir is now paths.output_dir"]
+    assert lines == [f"{layer}: the setting run.output_dir is now called paths.output_dir"]
     assert load_config(None, ["run.output_dir=/tmp/runs"], root=tmp_path).paths.output_dir == "/tmp/runs"
     with pytest.raises(ConfigError, match=r"sets run\.output_dir and paths\.output_dir"):
         load_config(None, ["run.output_dir=a", "paths.output_dir=b"], root=tmp_path)

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ValidationError
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root
-from diffusion_bunny.pipeline.settings import MOVED_KEYS, SECTION_ALIASES, RunConfig, parse_override
 from diffusion_bunny.pipeline.settings import RECORDED_AS as RECORDED_AS
+from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, parse_override
 from diffusion_bunny.pipeline.settings import EngineSettings as EngineSettings
 from diffusion_bunny.pipeline.settings import PathsSettings as PathsSettings
 from diffusion_bunny.pipeline.settings import PipelineSettings as PipelineSettings
@@ -51,8 +51,12 @@ from diffusion_bunny.stages.report.settings import ReportSettings
 from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.train.settings import TrainSettings
 
-#: Renamed settings, (section, old key) -> new key: an old config still loads, with one warning.
-KEY_ALIASES = {("characters", "model"): "detector"}
+#: Settings renamed or moved to another section: (section, key) -> (section, key). The old place
+#: still loads, with one warning; the same setting in both places in one layer is an error.
+MOVED_KEYS = {
+    ("characters", "model"): ("characters", "detector"),
+    ("run", "output_dir"): ("paths", "output_dir"),
+}
 #: A detector's settings that were the section's own before they became the detector's
 #: (``extract.candidate_threshold`` -> ``extract.detector.candidate_threshold``): section -> keys.
 DETECTOR_KEYS = {"extract": SHOT_KEYS, "characters": FACE_KEYS}
@@ -167,21 +171,8 @@ def _rename_sections(layer: dict[str, Any], source: str) -> dict[str, Any]:
         logging.getLogger(__name__).warning(
             "%s: the config section '%s' is now called '%s'; write %s", source, old, new, keys
         )
-    for (old_section, key), (new_section, new_key) in MOVED_KEYS.items():
-        out = _move_key(out, (old_section, key), (new_section, new_key), source)
-    for (section, old), new in KEY_ALIASES.items():
-        values = out.get(section)
-        if not isinstance(values, dict) or old not in values:
-            continue
-        if new in values:
-            raise ConfigError(
-                f"config error: {source} sets {section}.{old} and {section}.{new}; '{old}' is the old "
-                f"name of '{new}': keep only {section}.{new}"
-            )
-        out = {**out, section: {(new if k == old else k): v for k, v in values.items()}}
-        logging.getLogger(__name__).warning(
-            "%s: the setting %s.%s is now called %s.%s", source, section, old, section, new
-        )
+    for old, new in MOVED_KEYS.items():
+        out = _move_key(out, old, new, source)
     for section, keys in DETECTOR_KEYS.items():
         if isinstance(out.get(section), dict):
             out = {**out, section: move_into_detector(out[section], section, keys, source)}
@@ -196,16 +187,16 @@ def _move_key(
     values = layer.get(old[0])
     if not isinstance(values, dict) or old[1] not in values:
         return layer
-    target = layer.get(new[0]) or {}
+    rest = {k: v for k, v in values.items() if k != old[1]}
+    target = rest if new[0] == old[0] else layer.get(new[0]) or {}
     if isinstance(target, dict) and new[1] in target:
         raise ConfigError(
-            f"config error: {source} sets {old[0]}.{old[1]} and {new[0]}.{new[1]}; it is now "
-            f"{new[0]}.{new[1]}: keep only that one"
+            f"config error: {source} sets {old[0]}.{old[1]} and {new[0]}.{new[1]}; '{old[0]}.{old[1]}' "
+            f"is the old name of '{new[0]}.{new[1]}': keep only {new[0]}.{new[1]}"
         )
     logging.getLogger(__name__).warning(
-        "%s: the setting %s.%s is now %s.%s", source, old[0], old[1], new[0], new[1]
+        "%s: the setting %s.%s is now called %s.%s", source, old[0], old[1], new[0], new[1]
     )
-    rest = {k: v for k, v in values.items() if k != old[1]}
     moved = {**target, new[1]: values[old[1]]} if isinstance(target, dict) else target
     return {**layer, old[0]: rest, new[0]: moved}
 

@@ -48,9 +48,6 @@ SECTION_ALIASES = {
     "training": "train",
     "generation": "generate",
 }
-#: Settings moved to another section: (old section, key) -> (new section, key). The old place
-#: still loads, with one warning; the same setting in both places in one layer is an error.
-MOVED_KEYS = {("run", "output_dir"): ("paths", "output_dir")}
 #: A renamed section is recorded in the stages' manifests under its old name, so a finished run
 #: stays done across the rename (its settings' hash is unchanged): new name -> recorded name.
 RECORDED_AS = {new: old for old, new in SECTION_ALIASES.items() if old != "filtering"}
@@ -73,7 +70,7 @@ class RunSettings(Section):
 
 class PathsSettings(Section):
     """Where a run's files go. ``output_dir`` was ``run.output_dir``, which still loads, with one
-    warning (:data:`MOVED_KEYS`)."""
+    warning (``MOVED_KEYS`` of :mod:`diffusion_bunny.config`)."""
 
     #: Where ``bunny run MOVIE`` makes ``<output_dir>/<movie_id>/`` (relative to the workspace
     #: unless absolute).
