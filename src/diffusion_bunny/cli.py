@@ -194,7 +194,6 @@ def _keep_bytecode() -> None:
     py-spy), paid on every run, where the cached bytecode costs it once. Python skips writing
     where it cannot (a read-only install), and a venv compiled ahead (``uv sync
     --compile-bytecode``) is only read. The test suite does the same (``test/conftest.py``)."""
-
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
         sys.dont_write_bytecode = False
 

@@ -110,7 +110,6 @@ def _storage(where: str | None, why: str, full: bool, advice: str) -> StorageErr
 def _room(path: Path) -> str:
     """How much is free on the disk holding ``path``, and the caches of its run folder (if it is
     in one) that may simply be deleted: what a user can free without losing work."""
-
     folder = path
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -253,7 +253,6 @@ def detect_truth(
     that its faces fall between an image pyramid's levels differently: a setting that only won
     by where the truth's few faces happen to sit against the pyramid does not hold at other
     scales (:func:`multi_scale_score`)."""
-
     folder = folder or truth_dir()
     truth = truth or load_truth(folder)
     on_truth = truth_settings(settings)
@@ -354,7 +353,6 @@ def frames_per_second(
     ``encode`` encode the faces found) on a pool of ``workers`` processes, as the stage runs it.
     The pool is warmed first (every worker has loaded its models), so the figure is the steady
     rate of a movie's thousands of frames, not a worker's start."""
-
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_speed_init, initargs=(settings,)) as pool:
         list(pool.map(_speed_job, [(str(p), settings, encode) for p in paths[: 2 * workers]]))

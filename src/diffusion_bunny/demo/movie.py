@@ -555,7 +555,6 @@ def _drawn_references(dest_dir: Path) -> None:
     """The demo's drawn characters as a user would show them: the girl as a sprite with
     transparency, the dog on a poster (a JPEG with a painted ground), each in a pose the movie
     never shows."""
-
     sprite = dest_dir / "mika" / "mika_sprite.png"
     if not sprite.is_file():
         sprite.parent.mkdir(parents=True, exist_ok=True)

@@ -233,7 +233,6 @@ def _stored(rgb: np.ndarray, variant: Variant) -> np.ndarray:
 
 def _hdr_frame(rgb: np.ndarray, variant: Variant) -> Any:
     """An SDR picture graded into PQ (SDR white at HDR reference white) as a 10-bit frame."""
-
     planes = hdr.rgb_to_ycbcr10(hdr.sdr_to_hdr_rgb(rgb, variant.hdr or "pq"))
     w, h = variant.stored
     frame = av.VideoFrame(w, h, "yuv420p10le")

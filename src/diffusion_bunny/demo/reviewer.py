@@ -95,7 +95,6 @@ def simulate_reviewer(
 def ground_truth_places(movie: Path) -> dict[int, str] | None:
     """Frame index -> true place, from a ``ground_truth.json`` beside the movie whose shots carry a
     ``source`` (the demo movie's); None when there is none."""
-
     path = Path(movie).with_name("ground_truth.json")
     if not path.is_file():
         return None
@@ -115,7 +114,6 @@ def learning_curve(
     almost nothing for a correction to teach about *other* frames; sampled densely, a pan or a
     zoom gives many frames of one place that drift apart, which is where learning shows.
     """
-
     places = ground_truth_places(movie)
     if places is None:
         raise UserError(

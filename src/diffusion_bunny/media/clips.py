@@ -101,7 +101,6 @@ def decode_clip(
     source: ClipSource | None = None,
 ) -> list[Image.Image]:
     """The clip's ``frames`` pictures at ``size`` (see the module docstring)."""
-
     source = source or ClipSource(movie)
     targets = [start_s + k / clip_fps for k in range(frames)]
     picked: list[Any] = [None] * frames

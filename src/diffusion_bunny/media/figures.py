@@ -52,7 +52,6 @@ def categorical(values: Any, categories: list[str]) -> pd.Categorical:
 
 def png_bytes(image: Any) -> bytes:
     """A Pillow image as PNG bytes (what ``ipywidgets.Image`` shows)."""
-
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -60,7 +59,6 @@ def png_bytes(image: Any) -> bytes:
 
 def jpeg_bytes(image: Any, quality: int = 85) -> bytes:
     """A Pillow image as JPEG bytes: a contact sheet of photos in a widget, a fraction of its PNG."""
-
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

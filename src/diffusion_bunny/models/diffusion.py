@@ -89,7 +89,6 @@ def family_of_folder(path: Path) -> Family | None:
     """The family a diffusers pipeline folder holds, from ``model_index.json``: its class name,
     else its transformer's class (FLUX.1 / SD3), else whether its UNet has a second text encoder
     (SDXL / SD 1.x); None when the file is not a pipeline index of a supported family."""
-
     try:
         index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

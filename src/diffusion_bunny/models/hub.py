@@ -80,7 +80,6 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     """Download the files of ``repo_id`` a loader needs into the Hugging Face cache, with a
     progress bar (tqdm, as every long loop here); a hub that cannot be reached, an unknown or
     gated id is one :class:`ModelError` naming the id."""
-
     say(
         logging.getLogger(__name__),
         f"{setting} = {repo_id!r} is not in the local Hugging Face cache: downloading it "

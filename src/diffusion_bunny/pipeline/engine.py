@@ -182,7 +182,6 @@ def _start_error(engine: Any, exc: BaseException) -> EngineError:
 def _check_reachable(address: str) -> None:
     """Fail in a second on a ``host:port`` nobody listens at: Ray itself retries its connection
     20 times for about 40 s each before it gives up."""
-
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
         return  # "auto", or another form Ray understands: let Ray judge it
@@ -248,7 +247,6 @@ def _ray_task(
 
 def _detach_log() -> None:
     """Close the log files this task attached (the next task of this worker attaches its own)."""
-
     for lg in (logging.getLogger(LOGGER), logging.getLogger("py.warnings")):
         for handler in [h for h in lg.handlers if (h.get_name() or "") == f"{LOGGER}-file"]:
             lg.removeHandler(handler)
@@ -260,7 +258,6 @@ def _check_visible(tokens: Sequence[tuple[Path, str]]) -> str | None:
     else the one line saying which folder it cannot see: a folder missing here, or another disk
     mounted at its path, would send the movie's outputs where no other node (and no rerun from
     the head) finds them."""
-
     for folder, token in tokens:
         try:
             seen = (Path(folder) / VISIBLE.format(token)).read_text() == token
@@ -279,7 +276,6 @@ def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[
     """Write a token into the folders a movie's task writes to (its run folder, and
     ``train.output_dir`` when it trains or draws), for the task to read back
     (:func:`_check_visible`)."""
-
     folders = [run_dir]
     output_dir = options.cfg.train.output_dir
     if output_dir and {"train", "generate"} & set(options.stages):

@@ -52,7 +52,6 @@ def _digest(blob: bytes) -> str:
 
 def package_version() -> str:
     """Installed version of diffusion-bunny (recorded in every manifest)."""
-
     try:
         return version("diffusion-bunny")
     except PackageNotFoundError:  # pragma: no cover - running from a bare source tree

@@ -179,7 +179,6 @@ def warm_modules(pipeline: Pipeline, stage: str) -> tuple[list[str], list[str]]:
     stage, needed after it): every module its code cells import at their top level (what the
     notebook imports whatever it is run with), split at the first cell that runs the stage; the
     stage's own code (``stages/<name>/stage.py``, imported when it runs) is needed before it."""
-
     before: list[str] = []
     after: list[str] = []
     try:
@@ -240,7 +239,6 @@ class StageKernel:
         stage's decoding. Started as nbclient would start it (same working folder and
         arguments), so nbclient simply connects to it once it answers.
         """
-
         if self._km is None:
             self._km = self._new_manager()
             self.notebooks = 0

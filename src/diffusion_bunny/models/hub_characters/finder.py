@@ -66,7 +66,6 @@ def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarra
     """What the hub's sightings in a frame depend on: the settings that change a detection (not
     ``cluster_distance``, applied afterwards), the reference pictures and this module's code. Stage
     03 reuses a frame's sightings while this stays the same."""
-
     digest = hashlib.sha256()
     for name in sorted(references):
         digest.update(name.encode() + b"\0")
@@ -160,7 +159,6 @@ def square_on_grey(rgb: np.ndarray, centre: bool = True) -> tuple[np.ndarray, in
 def reference_square(picture: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A reference cut-out ready to be a query: trimmed to its opaque pixels with a grey margin,
     centred on a grey square; and the character's box in it as fractions (x0, y0, x1, y1)."""
-
     picture = np.asarray(picture)
     box = content_box(picture[..., 3]) if picture.ndim == 3 and picture.shape[2] == 4 else None
     if picture.ndim == 3 and picture.shape[2] == 4 and box is None:
@@ -233,7 +231,6 @@ class HubFeatures:
         batched by ``batch_size``. Each crop is centred on a grey square first: the processors
         squash (SigLIP) or crop the middle (DINOv2) a picture that is not square, and a standing
         character is tall."""
-
         out = np.zeros((len(crops), self.dim), np.float32)
         for start in range(0, len(crops), self.batch_size):
             chunk = [square_on_grey(on_grey(c))[0] for c in crops[start : start + self.batch_size]]
@@ -376,7 +373,6 @@ class HubFinder:
         the search's threshold or above, boxes in frame pixels, suppressed, with features. A hit of
         a later search that overlaps one of an earlier search (IoU 0.5) is the same sighting and
         dropped: a named character is not also discovered."""
-
         torch = self._torch
         out: list[list[Hit]] = []
         for start in range(0, len(frames), self.settings.batch_size):
@@ -412,7 +408,6 @@ class HubFinder:
     ) -> list[Hit]:
         """One frame's hits: boxes mapped back to its pixels and clipped to it, suppressed, each
         with the feature of its crop."""
-
         h, w = frame.shape[:2]
         order = [
             int(i)

@@ -1059,7 +1059,6 @@ def scaled_jpeg(raw: bytes, max_side: int, region: tuple[int, int, int, int] | N
 def load_dotenv_once() -> None:
     """Secrets may live in ``.env`` (the workspace's, then the working directory's); values already
     in the environment win. Nothing from it is ever written anywhere."""
-
     for folder in (workspace_root(), Path.cwd()):
         env = folder / ".env"
         if env.is_file():

@@ -599,7 +599,6 @@ def frame_hashes(run_dir: Path, facts: pl.DataFrame) -> dict[str, str | None]:
     """SHA-256 of every full frame file and of the region of it that is sent (the cache key: the
     same picture is the same question), None for a file that cannot be read. Read once per run,
     before anything is asked."""
-
     out: dict[str, str | None] = {}
     for rec in facts.iter_rows(named=True):
         try:

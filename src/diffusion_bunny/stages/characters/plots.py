@@ -220,7 +220,6 @@ def detector_preview(
 ):
     """The faces ``settings.detector`` finds on ``frame_ids`` (boxes, landmarks, scores drawn), as
     one image of the frames side by side in rows of two: what switching the detector changes."""
-
     paths = dict(frames.select("frame_id", "path").iter_rows())
     tiles = []
     for fid in frame_ids:

@@ -248,7 +248,6 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
     what was taken from each picture, and one warning per picture or character that gives nothing.
     ``settings`` are stage 03's :class:`~diffusion_bunny.models.faces.DetectSettings`."""
-
     faces = ReferenceSet()
     pictures = ReferencePictures()
     warnings: list[str] = []

@@ -616,7 +616,6 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
     stage), then into ``faces``; both in one :meth:`Run.commit
     <diffusion_bunny.pipeline.run.Run.commit>`, so a fix and a run of stage 03 never lose each
     other's writes. Returns the updated ``faces`` table."""
-
     name = None if character is None or not str(character).strip() else check_name(str(character))
     run = Run.open(run_dir)
     with run.commit("appearance_edits", "faces", by_hand=True) as tables:

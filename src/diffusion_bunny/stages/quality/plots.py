@@ -53,7 +53,6 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
     them with its median, drawn dotted); the text panel shows the share of each frame's edges
     its text lines hold (frames looked at only).
     """
-
     table = with_text_columns(table)
     exposure = exposure_thresholds(table, cfg)
     # A flat film's blur threshold (for its median frame; relative_sharpness), else the configured.

@@ -210,7 +210,6 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     on, the dropped ones stacked after, one colour per reason; the counts (in -> out) are written
     beside each bar. Shares, not counts: a movie decodes thousands of frames and keeps dozens, so
     on one count axis every later step would be a sliver."""
-
     steps = funnel["step"].unique(maintain_order=True).to_list()
     outcomes = funnel["outcome"].unique(maintain_order=True).to_list()
     passed = [o for o in outcomes if o in ("kept", "train", "validation")]
@@ -271,7 +270,6 @@ def dropped_by_reason(funnel: pl.DataFrame) -> pl.DataFrame:
 def dropped_plot(funnel: pl.DataFrame) -> p9.ggplot | None:
     """One bar per reason a frame was dropped (counts), coloured as in the funnel; None when
     nothing was dropped."""
-
     table = dropped_by_reason(funnel)
     if not table.height:
         return None

@@ -420,7 +420,6 @@ def _assign_library(
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
     adding the clusters it opens to the library, under the library's lock."""
-
     library.mkdir(parents=True, exist_ok=True)
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):

@@ -202,7 +202,6 @@ def epoch_batches(
     """The batches of one epoch (lists of sample indices; one bucket per batch): samples shuffled
     within their bucket, chunked, and the chunks shuffled. A function of (seed, epoch) only, which
     is what lets a resumed run see the batches the killed one would have seen."""
-
     rng = random.Random(seed * 100_003 + epoch)
     groups: dict[tuple[int, int], list[int]] = {}
     for index, bucket in enumerate(bucket_of):

@@ -1075,7 +1075,6 @@ def _train(
 ) -> TrainResult:
     """The loop of :func:`train_lora` once the trainer is built and the checkpoint to resume from
     (if any) is read."""
-
     resolution = trainer.resolution
     buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []
     square = (resolution - resolution % trainer.vae_scale,) * 2

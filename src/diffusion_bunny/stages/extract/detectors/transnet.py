@@ -312,7 +312,6 @@ def quantize_onnx(source: Path, path: Path, keep_fp32: tuple[str, ...] = (FIRST_
 def calibration_windows(frames: int = WINDOW) -> list[np.ndarray]:
     """One window of 48x27 RGB frames per synthetic transition kind (cuts, dissolves, fades,
     wipes, flashes, fast pans over the demo's pictures), read back as stage 01 reads a movie."""
-
     out = []
     with tempfile.TemporaryDirectory(prefix="transnet-calib-") as tmp:
         for i, kind in enumerate(KINDS):
