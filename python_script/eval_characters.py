@@ -7,14 +7,20 @@ For each source of ``test/stages/characters/data/character_truth`` (drawn people
 reference pictures, and the named appearances of the ``faces`` table are scored
 (:func:`diffusion_bunny.demo.character_truth.score_named`): (shot, character) recall and precision
 of named appearances, per kind and overall, and stage 03's speed (frames searched per second,
-seconds spent fitting the detector). Sources are reported by split: the ``fit`` sources were
-used to choose settings, the ``held_out`` ones never were.
+seconds spent fitting the detector), and identity accuracy (of the named appearances that land on
+a character, the share named right). ``--without-references`` runs stage 03 a second time with no
+reference pictures, in a run folder of its own, and scores how its clusters group the truth's
+appearances (:func:`~diffusion_bunny.demo.character_truth.score_clusters`: pairwise F1, an
+appearance nothing lands on counting as noise). Sources are reported by split: the ``fit`` sources
+were used to choose settings, the ``held_out`` ones never were.
 
     uv run python python_script/eval_characters.py                 # every source
     uv run python python_script/eval_characters.py --split fit     # the fit sources only
     uv run python python_script/eval_characters.py --sources flare --set characters.fitted.steps=400
+    uv run python python_script/eval_characters.py --without-references   # clusters too
 
-Run folders are kept under ``data/eval_characters/<source>`` (stages 01-02 are reused on a rerun;
+Run folders are kept under ``data/eval_characters/<source>`` (and ``<source>-no-refs``; stages
+01-02 are reused on a rerun;
 ``--force`` redoes stage 03). ``--write`` stores the table in the truth folder
 (``eval_results.json``) for docs/character-truth.md.
 """
@@ -27,59 +33,105 @@ import time
 from pathlib import Path
 
 from diffusion_bunny.config import load_config, parse_override
-from diffusion_bunny.demo.character_truth import KINDS, load_character_truth, score_named, truth_dir
+from diffusion_bunny.demo.character_truth import (
+    KINDS,
+    identity_accuracy,
+    load_character_truth,
+    score_clusters,
+    score_named,
+    truth_dir,
+)
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 
 
-def run_source(source: dict, folder: Path, overrides: dict, force: bool) -> dict:
-    """One source through stages 01-03; its scores and stage 03's speed."""
-    root = truth_dir()
-    movie = root / source["film"]
-    run_dir = workspace_root() / "data" / "eval_characters" / source["name"]
+def _stage_03(source: dict, run_dir: Path, overrides: dict, force: bool) -> tuple[Run, float]:
+    """One source's film through stages 01-03 in ``run_dir``; the run and stage 03's seconds."""
+    movie = truth_dir() / source["film"]
     run = Run.open(run_dir) if (run_dir / "run.json").is_file() else Run.create(run_dir, movie)
-    cfg = load_config(
-        overrides={**overrides, "characters.reference_dir": str(folder / "refs" / source["name"])}
-    )
+    cfg = load_config(overrides=overrides)
     for stage in ("extract", "quality"):
         run_stage(run, stage, cfg, progress=False)
     started = time.perf_counter()
     run_stage(run, "characters", cfg, progress=True, force=force)
-    seconds = time.perf_counter() - started
-    faces = run.read_table("faces")
-    predictions = [
+    return run, time.perf_counter() - started
+
+
+def _predictions(run: Run) -> list[dict]:
+    """Stage 03's appearances as the scoring's rows; ``cluster`` is the name, or the cluster of
+    an unnamed one."""
+    return [
         {
             "frame": r["frame_index"],
             "character": r["character"],
+            "cluster": r["character"] if r["character"] is not None else r["cluster"],
             "box": (r["left"], r["top"], r["right"], r["bottom"]),
         }
-        for r in faces.iter_rows(named=True)
+        for r in run.read_table("faces").iter_rows(named=True)
     ]
-    scores = score_named(predictions, source)
+
+
+def run_source(source: dict, folder: Path, overrides: dict, force: bool, without_references: bool) -> dict:
+    """One source through stages 01-03 with its references (and, when asked, without); its
+    scores and stage 03's speed."""
+    base = workspace_root() / "data" / "eval_characters"
+    refs = {"characters.reference_dir": str(folder / "refs" / source["name"])}
+    run, seconds = _stage_03(source, base / source["name"], {**overrides, **refs}, force)
+    predictions = _predictions(run)
     facts = run.read_manifest("characters")["facts"]
-    return {
+    result = {
         "source": source["name"],
         "split": source["split"],
         "kind": source["kind"],
-        "scores": scores,
+        "scores": score_named(predictions, source),
+        "identity": identity_accuracy(predictions, source),
         "frames_searched": run.read_manifest("characters")["counts"]["frames_scanned"],
         "stage_seconds": round(seconds, 1),
         "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
         "frames_per_second": facts.get("frames_per_second"),
     }
+    if without_references:
+        bare, _ = _stage_03(source, base / f"{source['name']}-no-refs", overrides, force)
+        searched = [
+            int(frame_id.rsplit("_", 1)[1]) for frame_id in bare.read_table("face_frames")["frame_id"]
+        ]
+        result["clusters"] = score_clusters(_predictions(bare), source, searched)
+    return result
 
 
 def pooled(results: list[dict], kind: str) -> dict:
-    """Pairs and named appearances summed over sources (``overall`` or one kind)."""
-    total = {"pairs": 0, "pairs_found": 0, "named": 0, "named_correct": 0}
+    """Pairs, named appearances, identities and cluster pairs summed over sources (``overall``
+    or one kind)."""
+    total = {"pairs": 0, "pairs_found": 0, "named": 0, "named_correct": 0, "landed": 0, "landed_right": 0}
+    pairs = {"together": 0, "same": 0, "both": 0}
+    clustered = False
     for r in results:
         part = r["scores"].get(kind)
         if part:
-            for key in total:
+            for key in ("pairs", "pairs_found", "named", "named_correct"):
                 total[key] += part[key]
+        ident = r.get("identity", {}).get(kind)
+        if ident:
+            total["landed"] += ident["landed"]
+            total["landed_right"] += ident["correct"]
+        c = r.get("clusters", {}).get(kind)
+        if c:
+            clustered = True
+            pairs["together"] += c["pairs_together"]
+            pairs["same"] += c["pairs_same"]
+            pairs["both"] += round(c["precision"] * c["pairs_together"])
     total["recall"] = round(total["pairs_found"] / total["pairs"], 3) if total["pairs"] else None
     total["precision"] = round(total["named_correct"] / total["named"], 3) if total["named"] else None
+    total["identity"] = round(total["landed_right"] / total["landed"], 3) if total["landed"] else None
+    if clustered:
+        p = pairs["both"] / pairs["together"] if pairs["together"] else 1.0
+        q = pairs["both"] / pairs["same"] if pairs["same"] else 1.0
+        total["clusters"] = {
+            "precision": round(p, 3),
+            "recall": round(q, 3),
+            "f1": round(2 * p * q / (p + q), 3) if p + q else 0.0,
+        }
     return total
 
 
@@ -92,6 +144,11 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="store the table as the truth folder's eval_results.json"
     )
+    parser.add_argument(
+        "--without-references",
+        action="store_true",
+        help="also run stage 03 with no reference pictures and score its clusters (pairwise F1)",
+    )
     args = parser.parse_args()
     truth = load_character_truth()
     folder = truth_dir()
@@ -101,7 +158,7 @@ def main() -> None:
     for source in truth["sources"]:
         if (wanted and source["name"] not in wanted) or (args.split and source["split"] != args.split):
             continue
-        result = run_source(source, folder, overrides, args.force)
+        result = run_source(source, folder, overrides, args.force, args.without_references)
         results.append(result)
         o = result["scores"]["overall"]
         print(
@@ -112,6 +169,16 @@ def main() -> None:
             f"{result['frames_searched']} frames at {result['frames_per_second']} frames/s)",
             flush=True,
         )
+        i = result["identity"]["overall"]
+        print(f"{'':16} identity accuracy {i['accuracy']} ({i['correct']}/{i['landed']})", end="")
+        c = result.get("clusters", {}).get("overall")
+        if c:
+            print(
+                f"; without references: pairwise F1 {c['f1']:.3f} (precision {c['precision']:.3f}, "
+                f"recall {c['recall']:.3f}; {c['clustered']} of {c['appearances']} appearances clustered)",
+                end="",
+            )
+        print(flush=True)
     print()
     table = {}
     for split in ("fit", "held_out"):
@@ -121,10 +188,14 @@ def main() -> None:
         table[split] = {kind: pooled(part, kind) for kind in ("overall", *KINDS)}
         for kind, p in table[split].items():
             if p["pairs"]:
-                print(
+                line = (
                     f"{split:8} {kind:15} recall {p['recall']} ({p['pairs_found']}/{p['pairs']}) "
-                    f"precision {p['precision']} ({p['named_correct']}/{p['named']})"
+                    f"precision {p['precision']} ({p['named_correct']}/{p['named']}) "
+                    f"identity {p['identity']} ({p['landed_right']}/{p['landed']})"
                 )
+                if "clusters" in p:
+                    line += f" clusters F1 {p['clusters']['f1']} (without references)"
+                print(line)
     if args.write:
         out = folder / "eval_results.json"
         out.write_text(

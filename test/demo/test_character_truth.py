@@ -7,10 +7,12 @@ import pytest
 
 from diffusion_bunny.demo.character_truth import (
     KINDS,
+    identity_accuracy,
     iou,
     load_character_truth,
     match_appearance,
     pairwise_f1,
+    score_clusters,
     score_named,
 )
 
@@ -176,3 +178,48 @@ def test_the_committed_truth_set():
             if a["head"] is not None:
                 hl, ht, hr, hb = a["head"]
                 assert 0 <= hl < hr <= s["width"] and 0 <= ht < hb <= s["height"]
+
+
+def test_identity_accuracy_counts_only_what_lands_on_a_character():
+    preds = [
+        {"frame": 3, "character": "ann", "box": [20, 0, 80, 50]},  # lands on ann: right
+        {"frame": 4, "character": "bob", "box": [0, 0, 100, 200]},  # lands on ann, named bob: wrong
+        {"frame": 5, "character": "bob", "box": [900, 900, 950, 950]},  # lands on no one: not counted
+        {"frame": 12, "character": "bob", "box": [500, 0, 600, 100]},  # lands on bob: right
+        {"frame": 12, "character": "cat", "box": [500, 0, 600, 100]},  # lands on bob, named cat
+        {"frame": 13, "character": None, "box": [0, 300, 200, 500]},  # unnamed: not counted
+    ]
+    s = identity_accuracy(preds, _source())
+    assert s["overall"] == {"accuracy": 2 / 4, "landed": 4, "correct": 2}
+    assert s["drawn_person"] == {"accuracy": 1 / 2, "landed": 2, "correct": 1}
+    assert s["cartoon_animal"] == {"accuracy": 1 / 2, "landed": 2, "correct": 1}
+    assert "creature_3d" not in s
+    assert identity_accuracy([], _source())["overall"]["accuracy"] is None
+
+
+def test_score_clusters_labels_the_truth_by_what_lands_on_it():
+    preds = [
+        # frames 0 and 1: ann in cluster x both times, bob in y then in x (a mistake)
+        {"frame": 0, "cluster": "x", "box": [0, 0, 100, 200]},
+        {"frame": 0, "cluster": "y", "box": [300, 0, 400, 100]},
+        {"frame": 1, "cluster": "x", "box": [0, 0, 100, 200]},
+        {"frame": 1, "cluster": "x", "box": [300, 0, 400, 100]},
+        # frame 12: cat found (cluster z); bob missed; a box on nothing is ignored
+        {"frame": 12, "cluster": "z", "box": [0, 300, 200, 500]},
+        {"frame": 12, "cluster": "z", "box": [900, 900, 950, 950]},
+        # frame 15 is not searched, frame 13 has an unclustered row
+        {"frame": 15, "cluster": "x", "box": [0, 300, 200, 500]},
+        {"frame": 13, "cluster": None, "box": [0, 300, 200, 500]},
+    ]
+    s = score_clusters(preds, _source(), frames=[0, 1, 12, 13])
+    # overall: labels ann x, bob y, ann x, bob x, bob -1, cat z, bob -1, cat -1
+    assert s["overall"]["appearances"] == 8 and s["overall"]["clustered"] == 5
+    expected = pairwise_f1(
+        ["x", "y", "x", "x", -1, "z", -1, -1], ["ann", "bob", "ann", "bob", "bob", "cat", "bob", "cat"]
+    )
+    assert s["overall"]["f1"] == pytest.approx(expected["f1"])
+    assert s["drawn_person"]["f1"] == 1.0 and s["drawn_person"]["appearances"] == 2
+    assert s["cartoon_animal"]["appearances"] == 4 and s["cartoon_animal"]["recall"] == 0.0
+    assert s["creature_3d"]["clustered"] == 1 and s["creature_3d"]["recall"] == 0.0
+    # nothing found: every appearance left apart, F1 0
+    assert score_clusters([], _source(), frames=[0, 1])["overall"]["f1"] == 0.0

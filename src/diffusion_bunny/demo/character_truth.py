@@ -13,7 +13,10 @@ Scoring, written here once so every evaluation counts the same way:
   a face, a head or a whole figure, and all three are right;
 * :func:`score_named`: (shot, character) recall and the precision of named appearances, per kind
   of character and overall, with the counts behind them;
-* :func:`pairwise_f1`: how well a clustering without references groups appearances by identity.
+* :func:`identity_accuracy`: of the named predictions that land on a character, the share named
+  right (with references: does the finder tell characters apart, apart from finding them);
+* :func:`pairwise_f1`: how well a clustering without references groups appearances by identity,
+  and :func:`score_clusters`, which labels the truth's appearances by a run's clusters for it.
 """
 
 from __future__ import annotations
@@ -192,3 +195,78 @@ def pairwise_f1(
         "pairs_together": together,
         "pairs_same": same,
     }
+
+
+def _by_frame(truth_source: Mapping[str, Any]) -> dict[int, list[dict]]:
+    by_frame: dict[int, list[dict]] = {}
+    for a in truth_source["appearances"]:
+        by_frame.setdefault(int(a["frame"]), []).append(a)
+    return by_frame
+
+
+def identity_accuracy(predictions: Any, truth_source: Mapping[str, Any]) -> dict[str, Any]:
+    """Of the named predictions that land on some character (:func:`match_appearance`), the
+    share named as one they land on; per kind (the kind of the character landed on) and overall.
+
+    Precision (:func:`score_named`) mixes two failures: naming a piece of background, and naming
+    the wrong character. This is the second alone: whether characters are told apart once found.
+    Each kind holds ``accuracy`` (None when nothing landed), ``landed`` and ``correct``."""
+    kind_of = {c["name"]: c["kind"] for c in truth_source["characters"]}
+    by_frame = _by_frame(truth_source)
+    landed: Counter = Counter()
+    correct: Counter = Counter()
+    for p in _rows(predictions):
+        name = p.get("character")
+        if name is None or name != name:
+            continue
+        hits = [
+            a for a in by_frame.get(int(p["frame"]), []) if match_appearance(p["box"], a["body"], a["head"])
+        ]
+        if not hits:
+            continue
+        right = [a for a in hits if a["character"] == name]
+        kind = kind_of[(right or hits)[0]["character"]]
+        landed[kind] += 1
+        correct[kind] += bool(right)
+    out: dict[str, Any] = {}
+    for kind in ["overall", *sorted(landed, key=_kind_order)]:
+        n = sum(landed.values()) if kind == "overall" else landed[kind]
+        ok = sum(correct.values()) if kind == "overall" else correct[kind]
+        out[kind] = {"accuracy": _ratio(ok, n), "landed": n, "correct": ok}
+    return out
+
+
+def score_clusters(
+    predictions: Any, truth_source: Mapping[str, Any], frames: Iterable[int]
+) -> dict[str, Any]:
+    """Pairwise F1 (:func:`pairwise_f1`) of a run without references: every appearance of the
+    truth in the searched ``frames`` takes the ``cluster`` of the prediction that lands on it
+    (the one of greatest IoU with its body when several do), or is noise when none does, so a
+    character never found counts as left apart, not as a free pass. Per kind (the appearances of
+    that kind's characters) and overall; each holds :func:`pairwise_f1`'s figures and
+    ``appearances`` (how many were scored) and ``clustered`` (how many took a cluster)."""
+    kind_of = {c["name"]: c["kind"] for c in truth_source["characters"]}
+    by_frame = _by_frame(truth_source)
+    preds: dict[int, list[dict]] = {}
+    for p in _rows(predictions):
+        cluster = p.get("cluster")
+        if cluster is not None and cluster == cluster:
+            preds.setdefault(int(p["frame"]), []).append(p)
+    labels: dict[str, tuple[list, list]] = {}
+    for frame in sorted(set(frames)):
+        for a in by_frame.get(frame, []):
+            landing = [p for p in preds.get(frame, []) if match_appearance(p["box"], a["body"], a["head"])]
+            label = max(landing, key=lambda p: iou(p["box"], a["body"]))["cluster"] if landing else -1
+            for kind in ("overall", kind_of[a["character"]]):
+                got, want = labels.setdefault(kind, ([], []))
+                got.append(label)
+                want.append(a["character"])
+    out: dict[str, Any] = {}
+    for kind in sorted(labels, key=lambda k: (k != "overall", _kind_order(k))):
+        got, want = labels[kind]
+        out[kind] = {
+            **pairwise_f1(got, want),
+            "appearances": len(got),
+            "clustered": sum(1 for g in got if g != -1),
+        }
+    return out
