@@ -52,7 +52,7 @@ from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import fit_detector
 from diffusion_bunny.stages.characters.references import load_character_references
-from diffusion_bunny.stages.characters.stage import BACKGROUND_WIDTH, detect_faces
+from diffusion_bunny.stages.characters.stage import background_frames, detect_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 HAMILTON = ROOT.parent / "shared" / "testdata" / "face_recognition_examples" / "short_hamilton_clip.mp4"
@@ -100,12 +100,7 @@ def fitted_detector(folder: Path, frames: pl.DataFrame) -> Path:
     """A detector of kenney_toon's four drawn people fitted on ``frames`` in 30 steps, saved
     under ``folder``; its path."""
     _, pictures, _ = load_character_references(truth_dir() / "refs" / "kenney_toon", DetectSettings())
-    backgrounds = []
-    for rel in frames["path"][:: max(1, frames.height // 40)]:
-        bgr = cv2.imread(str(folder / rel))
-        size = (BACKGROUND_WIDTH, round(bgr.shape[0] * BACKGROUND_WIDTH / bgr.shape[1]))
-        small = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        backgrounds.append(cv2.cvtColor(small, cv2.COLOR_BGR2RGB))
+    backgrounds = background_frames(folder, frames, None, 40)
     detector = fit_detector(pictures.cutouts, backgrounds, FittedSettings(steps=30), progress=False)
     path = folder / "fitted-bench.pt"
     path.write_bytes(detector.to_bytes())

@@ -37,6 +37,7 @@ from diffusion_bunny.demo.character_truth import (
     KINDS,
     identity_accuracy,
     load_character_truth,
+    pairwise_from_counts,
     score_clusters,
     score_named,
     truth_dir,
@@ -93,10 +94,8 @@ def run_source(source: dict, folder: Path, overrides: dict, force: bool, without
     }
     if without_references:
         bare, _ = _stage_03(source, base / f"{source['name']}-no-refs", overrides, force)
-        searched = [
-            int(frame_id.rsplit("_", 1)[1]) for frame_id in bare.read_table("face_frames")["frame_id"]
-        ]
-        result["clusters"] = score_clusters(_predictions(bare), source, searched)
+        searched = bare.read_table("frames").join(bare.read_table("face_frames"), on="frame_id", how="semi")
+        result["clusters"] = score_clusters(_predictions(bare), source, searched["frame_index"].to_list())
     return result
 
 
@@ -104,7 +103,7 @@ def pooled(results: list[dict], kind: str) -> dict:
     """Pairs, named appearances, identities and cluster pairs summed over sources (``overall``
     or one kind)."""
     total = {"pairs": 0, "pairs_found": 0, "named": 0, "named_correct": 0, "landed": 0, "landed_right": 0}
-    pairs = {"together": 0, "same": 0, "both": 0}
+    pairs = {"both": 0, "together": 0, "same": 0}
     clustered = False
     for r in results:
         part = r["scores"].get(kind)
@@ -118,20 +117,14 @@ def pooled(results: list[dict], kind: str) -> dict:
         c = r.get("clusters", {}).get(kind)
         if c:
             clustered = True
-            pairs["together"] += c["pairs_together"]
-            pairs["same"] += c["pairs_same"]
-            pairs["both"] += round(c["precision"] * c["pairs_together"])
+            for key in pairs:
+                pairs[key] += c[f"pairs_{key}"]
     total["recall"] = round(total["pairs_found"] / total["pairs"], 3) if total["pairs"] else None
     total["precision"] = round(total["named_correct"] / total["named"], 3) if total["named"] else None
     total["identity"] = round(total["landed_right"] / total["landed"], 3) if total["landed"] else None
     if clustered:
-        p = pairs["both"] / pairs["together"] if pairs["together"] else 1.0
-        q = pairs["both"] / pairs["same"] if pairs["same"] else 1.0
-        total["clusters"] = {
-            "precision": round(p, 3),
-            "recall": round(q, 3),
-            "f1": round(2 * p * q / (p + q), 3) if p + q else 0.0,
-        }
+        scores = pairwise_from_counts(pairs["both"], pairs["together"], pairs["same"])
+        total["clusters"] = {k: round(scores[k], 3) for k in ("precision", "recall", "f1")}
     return total
 
 

@@ -12,6 +12,7 @@ from diffusion_bunny.demo.character_truth import (
     load_character_truth,
     match_appearance,
     pairwise_f1,
+    pairwise_from_counts,
     score_clusters,
     score_named,
 )
@@ -129,6 +130,12 @@ def test_pairwise_f1_on_a_small_table():
     # one b put with the a's: together pairs 6+0=6, of them 3 right; same pairs 3+1=4, 3 found
     r = pairwise_f1([1, 1, 1, 1, 2], truth)
     assert r["precision"] == pytest.approx(3 / 6) and r["recall"] == pytest.approx(3 / 4)
+    assert (r["pairs_both"], r["pairs_together"], r["pairs_same"]) == (3, 6, 4)
+    # pooled over sources: the counts add up, and the figures come from the sums
+    other = pairwise_f1(["x", "y"], ["c", "c"])
+    pooled = pairwise_from_counts(3 + 0, 6 + 0, 4 + 1)
+    assert other["pairs_same"] == 1 and pooled["recall"] == pytest.approx(3 / 5)
+    assert pooled["precision"] == pytest.approx(3 / 6)
     assert r["f1"] == pytest.approx(2 * 0.5 * 0.75 / 1.25)
     # everything noise: nothing put together, nothing found
     r = pairwise_f1([-1] * 5, truth)

@@ -95,6 +95,11 @@ def _rows(predictions: Any) -> list[dict]:
     return [dict(p) for p in predictions]
 
 
+def _missing(value: Any) -> bool:
+    """None, or NaN as a pandas table gives for a missing name."""
+    return value is None or value != value
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -133,7 +138,7 @@ def score_named(predictions: Any, truth_source: Mapping[str, Any]) -> dict[str, 
     correct: dict[str, int] = {}
     for p in _rows(predictions):
         name = p.get("character")
-        if name is None or name != name:  # None or NaN from a table
+        if _missing(name):
             continue
         frame = int(p["frame"])
         kind = kind_of.get(name, "unknown")
@@ -185,6 +190,13 @@ def pairwise_f1(
     together = sum(n * (n - 1) // 2 for n in Counter(ids).values())
     same = sum(n * (n - 1) // 2 for n in Counter(truth).values())
     both = sum(n * (n - 1) // 2 for n in Counter(zip(ids, truth, strict=True)).values())
+    return pairwise_from_counts(both, together, same)
+
+
+def pairwise_from_counts(both: int, together: int, same: int) -> dict[str, float]:
+    """:func:`pairwise_f1`'s figures from its pair counts: ``both`` pairs put together that share
+    an identity, ``together`` pairs put together, ``same`` pairs that share an identity (counts
+    of several sources add up, so a pooled score is this on their sums)."""
     precision = both / together if together else 1.0
     recall = both / same if same else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -194,6 +206,7 @@ def pairwise_f1(
         "f1": f1,
         "pairs_together": together,
         "pairs_same": same,
+        "pairs_both": both,
     }
 
 
@@ -217,7 +230,7 @@ def identity_accuracy(predictions: Any, truth_source: Mapping[str, Any]) -> dict
     correct: Counter = Counter()
     for p in _rows(predictions):
         name = p.get("character")
-        if name is None or name != name:
+        if _missing(name):
             continue
         hits = [
             a for a in by_frame.get(int(p["frame"]), []) if match_appearance(p["box"], a["body"], a["head"])
@@ -249,8 +262,7 @@ def score_clusters(
     by_frame = _by_frame(truth_source)
     preds: dict[int, list[dict]] = {}
     for p in _rows(predictions):
-        cluster = p.get("cluster")
-        if cluster is not None and cluster == cluster:
+        if not _missing(p.get("cluster")):
             preds.setdefault(int(p["frame"]), []).append(p)
     labels: dict[str, tuple[list, list]] = {}
     for frame in sorted(set(frames)):
