@@ -80,14 +80,15 @@ def run_source(source: dict, folder: Path, overrides: dict, force: bool, without
     refs = {"characters.reference_dir": str(folder / "refs" / source["name"])}
     run, seconds = _stage_03(source, base / source["name"], {**overrides, **refs}, force)
     predictions = _predictions(run)
-    facts = run.read_manifest("characters")["facts"]
+    manifest = run.read_manifest("characters")
+    facts = manifest["facts"]
     result = {
         "source": source["name"],
         "split": source["split"],
         "kind": source["kind"],
         "scores": score_named(predictions, source),
         "identity": identity_accuracy(predictions, source),
-        "frames_searched": run.read_manifest("characters")["counts"]["frames_scanned"],
+        "frames_searched": manifest["counts"]["frames_scanned"],
         "stage_seconds": round(seconds, 1),
         "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
         "frames_per_second": facts.get("frames_per_second"),
