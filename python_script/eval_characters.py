@@ -14,21 +14,29 @@ appearances (:func:`~diffusion_bunny.demo.character_truth.score_clusters`: pairw
 appearance nothing lands on counting as noise). Sources are reported by split: the ``fit`` sources
 were used to choose settings, the ``held_out`` ones never were.
 
+``--stills N`` adds, per character, N stills from the film to its references, as a user adds them in
+notebook 03 (:func:`~diffusion_bunny.stages.characters.stage.add_still`): the extracted frames in
+which the truth's box of that character is largest, one per shot, each its body box. Recall and
+precision are then counted on the shots no still was taken from (the scores over every shot are
+kept beside them), in run folders of their own (``<source>-stills<N>``).
+
     uv run python python_script/eval_characters.py                 # every source
     uv run python python_script/eval_characters.py --split fit     # the fit sources only
     uv run python python_script/eval_characters.py --sources flare --set characters.fitted.steps=400
     uv run python python_script/eval_characters.py --without-references   # clusters too
+    uv run python python_script/eval_characters.py --stills 1             # one still per character
 
 Run folders are kept under ``data/eval_characters/<source>`` (and ``<source>-no-refs``; stages
 01-02 are reused on a rerun;
 ``--force`` redoes stage 03). ``--write`` stores the table in the truth folder
-(``eval_results.json``) for docs/character-truth.md.
+(``eval_results.json``; ``eval_results_stills.json`` with ``--stills``) for docs/character-truth.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +53,7 @@ from diffusion_bunny.demo.character_truth import (
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.characters.stage import add_still
 
 
 def _stage_03(source: dict, run_dir: Path, overrides: dict, force: bool) -> tuple[Run, float]:
@@ -100,6 +109,85 @@ def run_source(source: dict, folder: Path, overrides: dict, force: bool, without
     return result
 
 
+def _shot_of(source: dict) -> dict[int, int]:
+    return {f: s["shot_id"] for s in source["shots"] for f in range(s["start_frame"], s["end_frame"])}
+
+
+def _without_shots(source: dict, shots: set[int]) -> dict:
+    """``source`` without the shots ``shots`` and their appearances."""
+    shot_of = _shot_of(source)
+    return {
+        **source,
+        "shots": [s for s in source["shots"] if s["shot_id"] not in shots],
+        "appearances": [a for a in source["appearances"] if shot_of.get(a["frame"]) not in shots],
+    }
+
+
+def add_stills(run: Run, source: dict, refs: Path, n: int) -> set[int]:
+    """``n`` stills per character added to ``refs`` with :func:`add_still`, as a user adds them:
+    the run's extracted frames in which the truth's box of the character is largest, one per
+    shot; returns the shots they come from."""
+    shot_of = _shot_of(source)
+    frame_ids = dict(run.read_table("frames").select("frame_index", "frame_id").iter_rows())
+    characters = load_config(overrides={"characters.reference_dir": str(refs)}).characters
+    used: set[int] = set()
+    for char in source["characters"]:
+        seen = [
+            a for a in source["appearances"] if a["character"] == char["name"] and a["frame"] in frame_ids
+        ]
+        seen.sort(key=lambda a: -(a["body"][2] - a["body"][0]) * (a["body"][3] - a["body"][1]))
+        shots: set[int] = set()
+        for a in seen:
+            shot = shot_of.get(a["frame"])
+            if len(shots) >= n:
+                break
+            if shot is None or shot in shots:
+                continue
+            add_still(run.run_dir, frame_ids[a["frame"]], tuple(a["body"]), char["name"], characters)
+            shots.add(shot)
+        used |= shots
+    return used
+
+
+def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, n: int) -> dict:
+    """One source with its references and ``n`` stills from the film per character; scored on
+    the shots no still was taken from."""
+    run_dir = workspace_root() / "data" / "eval_characters" / f"{source['name']}-stills{n}"
+    refs = run_dir.parent / f"{source['name']}-stills{n}-refs"
+    shutil.rmtree(refs, ignore_errors=True)
+    shutil.copytree(folder / "refs" / source["name"], refs)
+    overrides = {**overrides, "characters.reference_dir": str(refs)}
+    run = (
+        Run.open(run_dir)
+        if (run_dir / "run.json").is_file()
+        else Run.create(run_dir, truth_dir() / source["film"])
+    )
+    cfg = load_config(overrides=overrides)
+    for stage in ("extract", "quality"):
+        run_stage(run, stage, cfg, progress=False)
+    used = add_stills(run, source, refs, n)
+    run, seconds = _stage_03(source, run_dir, overrides, force)
+    predictions = _predictions(run)
+    shot_of = _shot_of(source)
+    others = [p for p in predictions if shot_of.get(p["frame"]) not in used]
+    rest = _without_shots(source, used)
+    facts = run.read_manifest("characters")["facts"]
+    return {
+        "source": source["name"],
+        "split": source["split"],
+        "kind": source["kind"],
+        "stills": n,
+        "still_shots": sorted(used),
+        "scores": score_named(others, rest),
+        "identity": identity_accuracy(others, rest),
+        "scores_all_shots": score_named(predictions, source),
+        "frames_searched": run.read_manifest("characters")["counts"]["frames_scanned"],
+        "stage_seconds": round(seconds, 1),
+        "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
+        "frames_per_second": facts.get("frames_per_second"),
+    }
+
+
 def pooled(results: list[dict], kind: str) -> dict:
     """Pairs, named appearances, identities and cluster pairs summed over sources (``overall``
     or one kind)."""
@@ -143,6 +231,12 @@ def main() -> None:
         action="store_true",
         help="also run stage 03 with no reference pictures and score its clusters (pairwise F1)",
     )
+    parser.add_argument(
+        "--stills",
+        type=int,
+        default=0,
+        help="add this many stills from the film per character (add_still) and score the other shots",
+    )
     args = parser.parse_args()
     truth = load_character_truth()
     folder = truth_dir()
@@ -152,7 +246,16 @@ def main() -> None:
     for source in truth["sources"]:
         if (wanted and source["name"] not in wanted) or (args.split and source["split"] != args.split):
             continue
-        result = run_source(source, folder, overrides, args.force, args.without_references)
+        if args.stills:
+            result = run_source_stills(source, folder, overrides, args.force, args.stills)
+            a = result["scores_all_shots"]["overall"]
+            print(
+                f"{source['name']:16} {args.stills} still(s) per character from shots "
+                f"{result['still_shots']}; every shot: recall {a['pairs_found']}/{a['pairs']}, "
+                f"precision {a['named_correct']}/{a['named']}; the other shots:"
+            )
+        else:
+            result = run_source(source, folder, overrides, args.force, args.without_references)
         results.append(result)
         o = result["scores"]["overall"]
         print(
@@ -191,9 +294,12 @@ def main() -> None:
                     line += f" clusters F1 {p['clusters']['f1']} (without references)"
                 print(line)
     if args.write:
-        out = folder / "eval_results.json"
+        out = folder / ("eval_results_stills.json" if args.stills else "eval_results.json")
         out.write_text(
-            json.dumps({"settings": overrides, "sources": results, "pooled": table}, indent=1) + "\n"
+            json.dumps(
+                {"settings": overrides, "stills": args.stills, "sources": results, "pooled": table}, indent=1
+            )
+            + "\n"
         )
         print(f"written {out}")
 

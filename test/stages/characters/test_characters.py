@@ -40,7 +40,7 @@ from diffusion_bunny.stages.characters.identify import (
     vote_tracks,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
-from diffusion_bunny.stages.characters.stage import check_name, name_cluster
+from diffusion_bunny.stages.characters.stage import DRAWN_MARGIN, add_still, check_name, name_cluster
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -456,6 +456,47 @@ def test_cluster_namer_widget(discovered, tmp_path):
     assert namer.clusters().height == 3 and len(namer.rows.children) == 3
     namer.name("cluster_00", "first")
     assert namer.clusters().height == 2
+
+
+def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
+    """add_still writes the frame's box with DRAWN_MARGIN around it into the reference folder (the
+    run's own references/ when none is configured); the picker widget does the same, and what a
+    user gets wrong (a frame not in the run, a box off the frame, a bad name) is one line."""
+    from diffusion_bunny.stages.characters.widgets import StillPicker
+
+    run = _copy(discovered, tmp_path)
+    cfg = _cfg(tmp_path)
+    frame = run.read_table("frames").sort("frame_index").row(3, named=True)
+    rgb = read_rgb(run.run_dir / frame["path"])
+    box = (100, 50, 200, 150)  # left, top, right, bottom
+    path = add_still(run.run_dir, frame["frame_id"], box, "biscuit", cfg.characters)
+    assert path.parent == run.run_dir / "references" / "biscuit" and path.suffix == ".png"
+    still = read_rgb(path)
+    pad = round(DRAWN_MARGIN * 100)
+    assert still.shape == (100 + 2 * pad, 100 + 2 * pad, 3)
+    assert np.array_equal(still, rgb[50 - pad : 150 + pad, 100 - pad : 200 + pad])
+    with pytest.raises(UserError, match="is not a frame of"):
+        add_still(run.run_dir, "nope_0000001", box, "biscuit", cfg.characters)
+    with pytest.raises(UserError, match="under 16 px"):
+        add_still(
+            run.run_dir, frame["frame_id"], (rgb.shape[1] - 5, 0, rgb.shape[1] + 50, 40), "x", cfg.characters
+        )
+    with pytest.raises(UserError, match="not usable"):
+        add_still(run.run_dir, frame["frame_id"], box, "../evil", cfg.characters)
+
+    picker = StillPicker(run, cfg)
+    assert "biscuit" in picker.name.options  # names with a reference folder are offered
+    picker.frame.value = 5
+    assert picker.x.max == rgb.shape[1] and picker.y.max == rgb.shape[0]
+    picker.x.value, picker.y.value = (10, 90), (20, 120)
+    assert picker.box() == (10, 20, 90, 120) and picker.image.value[:2] == b"\xff\xd8"  # a JPEG preview
+    added = picker.add(picker.frame_id(), picker.box(), " pip ")
+    assert (
+        added == run.run_dir / "references" / "pip" / added.name
+        and "rerun stage characters" in picker.status.value
+    )
+    assert "pip" in picker.name.options
+    assert picker.add(picker.frame_id(), (0, 0, 8, 8), "pip") is None and "under 16 px" in picker.status.value
 
 
 def test_character_figures_render(scenes_demo_run):

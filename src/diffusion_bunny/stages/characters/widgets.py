@@ -1,4 +1,5 @@
-"""Notebook 03's widget: name the clusters of unknown faces."""
+"""Notebook 03's widgets: name the clusters of unknown faces, fix an appearance, preview a detector
+and add a still from the film as a reference picture."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
+from PIL import Image, ImageDraw
 
 from diffusion_bunny.errors import UserError
-from diffusion_bunny.media.figures import png_bytes
+from diffusion_bunny.media.figures import jpeg_bytes, png_bytes
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
-from diffusion_bunny.stages.characters.stage import fix_appearance, name_cluster
+from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster
+from diffusion_bunny.stages.characters.tables import naming_dir
 
 
 class ClusterNamer:
@@ -219,3 +222,101 @@ class AppearanceFixer:
         self.status.value = f"{face_id} is now <b>{name.strip() or 'none of the characters'}</b>"
         self.refresh()
         return faces
+
+
+class StillPicker:
+    """Add a still from the film as a reference picture of a character: pick a frame with the
+    slider, move the two range sliders until the magenta box is around the character (full-
+    resolution pixels), type or pick its name and press **add still**. The picture goes to the
+    reference folder (:func:`~.stage.add_still`); the next run of stage 03 fits on it.
+
+    For the characters the pictures a user has at hand miss: one still per character found the
+    held-out 3D creatures in all 11 shots the stills were not taken from, not 3
+    (docs/characters.md). :meth:`add` does the same from Python."""
+
+    def __init__(self, run: Run, cfg: RunConfig, *, preview_width: int = 640):
+        self.run, self.cfg, self.preview_width = run, cfg, preview_width
+        self.frames = run.read_table("frames").sort("frame_index")
+        self._picture: tuple[str, Image.Image] | None = None
+        last = max(0, self.frames.height - 1)
+        self.frame = widgets.IntSlider(value=0, min=0, max=last, description="frame", continuous_update=False)
+        self.x = widgets.IntRangeSlider(description="left, right", continuous_update=False)
+        self.y = widgets.IntRangeSlider(description="top, bottom", continuous_update=False)
+        self.name = widgets.Combobox(options=self.known_names(), placeholder="character name")
+        self.button = widgets.Button(
+            description="add still", icon="plus", layout=widgets.Layout(width="110px")
+        )
+        self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width=f"{preview_width}px"))
+        self.status = widgets.HTML()
+        self.frame.observe(lambda _: self.show(new_frame=True), names="value")
+        for slider in (self.x, self.y):
+            slider.observe(lambda _: self.show(), names="value")
+        self.button.on_click(lambda _: self.add(self.frame_id(), self.box(), self.name.value))
+        self.widget = widgets.VBox(
+            [self.frame, self.image, self.x, self.y, widgets.HBox([self.name, self.button]), self.status]
+        )
+        if self.frames.height:
+            self.show(new_frame=True)
+        else:
+            self.status.value = "no frames: run stages extract and quality first"
+
+    def known_names(self) -> list[str]:
+        """The characters that have a reference folder (or a name in the faces table)."""
+        folder = naming_dir(self.run.run_dir, self.cfg.characters)
+        names = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+        if self.run.has_table("faces"):
+            names |= set(self.run.read_table("faces")["character"].drop_nulls().to_list())
+        return sorted(names)
+
+    def frame_id(self) -> str:
+        return self.frames["frame_id"][self.frame.value]
+
+    def box(self) -> tuple[int, int, int, int]:
+        """The box the sliders set: left, top, right, bottom in the frame's pixels."""
+        return (self.x.value[0], self.y.value[0], self.x.value[1], self.y.value[1])
+
+    def _frame_picture(self) -> Image.Image | None:
+        frame_id = self.frame_id()
+        if self._picture is None or self._picture[0] != frame_id:
+            row = self.frames.row(self.frame.value, named=True)
+            try:
+                with Image.open(self.run.run_dir / row["path"]) as img:
+                    self._picture = (frame_id, img.convert("RGB"))
+            except (OSError, ValueError):
+                self._picture = None
+                return None
+        return self._picture[1]
+
+    def show(self, *, new_frame: bool = False) -> None:
+        """The frame, shrunk to the preview's width, with the box drawn on it."""
+        picture = self._frame_picture()
+        row = self.frames.row(self.frame.value, named=True)
+        if picture is None:
+            self.status.value = f"<span style='color:#C0392B'>frame file {row['path']} cannot be read</span>"
+            return
+        width, height = picture.size
+        if new_frame:  # the sliders span the new frame; a box kept from the last one where it fits
+            for slider, side in ((self.x, width), (self.y, height)):
+                low, high = slider.value
+                fits = 0 <= low < high <= side and slider.max == side
+                slider.max = side
+                slider.value = (low, high) if fits else (side // 3, 2 * side // 3)
+        scale = min(1.0, self.preview_width / width)
+        shown = picture.resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
+        left, top, right, bottom = (round(v * scale) for v in self.box())
+        ImageDraw.Draw(shown).rectangle((left, top, right, bottom), outline="#E4007C", width=3)
+        self.image.value = jpeg_bytes(shown)
+        self.status.value = f"{row['frame_id']} (shot {row.get('shot_id')}); box {self.box()}"
+
+    def add(self, frame_id: str, box: tuple[int, int, int, int], name: str) -> Any:
+        """Write the still (as the button does); the file, or None after a user error (shown)."""
+        try:
+            path = add_still(self.run.run_dir, frame_id, box, name.strip(), self.cfg.characters)
+        except UserError as exc:
+            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            return None
+        self.status.value = (
+            f"added {path.name} to <b>{name.strip()}</b>'s references; rerun stage characters to fit on it"
+        )
+        self.name.options = self.known_names()
+        return path
