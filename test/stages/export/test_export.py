@@ -29,7 +29,7 @@ from diffusion_bunny.stages.export.plan import (
     shot_groups,
 )
 from diffusion_bunny.stages.export.settings import ExportSettings
-from diffusion_bunny.stages.export.stage import resized, write_metadata
+from diffusion_bunny.stages.export.stage import crop_box, resized, write_metadata
 from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
 
 
@@ -668,12 +668,17 @@ def test_resized_averages_when_shrinking_and_keeps_the_size_asked():
     # stripe (aliasing would give all black or all white).
     stripes = np.zeros((8, 8, 3), np.uint8)
     stripes[:, ::2] = 255
-    small = np.asarray(resized(Image.fromarray(stripes), (4, 4)))
+    small = resized(stripes, (4, 4))
     assert small.shape == (4, 4, 3) and np.all(np.abs(small.astype(int) - 128) <= 1)
-    big = resized(Image.fromarray(stripes), (16, 12))
-    assert big.size == (16, 12) and big.mode == "RGB"
-    same = Image.fromarray(stripes)
-    assert resized(same, (8, 8)) is same
+    assert resized(stripes, (16, 12)).shape == (12, 16, 3)
+    assert resized(stripes, (8, 8)) is stripes
+
+
+def test_crop_box_pads_past_the_edge_with_black_as_pillow_does():
+    rgb = np.random.default_rng(0).integers(1, 255, (20, 30, 3), dtype=np.uint8)
+    picture = Image.fromarray(rgb)
+    for box in [(2, 3, 12, 15), (-5, -4, 10, 8), (20, 10, 40, 25), (-3, -3, 33, 23), (31, 21, 40, 30)]:
+        assert np.array_equal(crop_box(rgb, box), np.asarray(picture.crop(box))), box
 
 
 def test_kohya_folder_names_stay_within_the_file_systems_limit(tmp_path):
