@@ -38,6 +38,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusion_bunny.config import load_config, parse_override
@@ -56,16 +57,33 @@ from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.characters.stage import add_still
 
 
-def _stage_03(source: dict, run_dir: Path, overrides: dict, force: bool) -> tuple[Run, float]:
-    """One source's film through stages 01-03 in ``run_dir``; the run and stage 03's seconds."""
+def _stage_03(
+    source: dict, run_dir: Path, overrides: dict, force: bool, before: Callable[[Run], None] | None = None
+) -> tuple[Run, float]:
+    """One source's film through stages 01-03 in ``run_dir`` (``before`` called on the run between
+    stage 02 and stage 03); the run and stage 03's seconds."""
     movie = truth_dir() / source["film"]
     run = Run.open(run_dir) if (run_dir / "run.json").is_file() else Run.create(run_dir, movie)
     cfg = load_config(overrides=overrides)
     for stage in ("extract", "quality"):
         run_stage(run, stage, cfg, progress=False)
+    if before is not None:
+        before(run)
     started = time.perf_counter()
     run_stage(run, "characters", cfg, progress=True, force=force)
     return run, time.perf_counter() - started
+
+
+def _speed(run: Run, seconds: float) -> dict:
+    """Stage 03's frames searched, seconds, fitting seconds and frames/s, from its manifest."""
+    manifest = run.read_manifest("characters")
+    facts = manifest["facts"]
+    return {
+        "frames_searched": manifest["counts"]["frames_scanned"],
+        "stage_seconds": round(seconds, 1),
+        "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
+        "frames_per_second": facts.get("frames_per_second"),
+    }
 
 
 def _predictions(run: Run) -> list[dict]:
@@ -89,18 +107,13 @@ def run_source(source: dict, folder: Path, overrides: dict, force: bool, without
     refs = {"characters.reference_dir": str(folder / "refs" / source["name"])}
     run, seconds = _stage_03(source, base / source["name"], {**overrides, **refs}, force)
     predictions = _predictions(run)
-    manifest = run.read_manifest("characters")
-    facts = manifest["facts"]
     result = {
         "source": source["name"],
         "split": source["split"],
         "kind": source["kind"],
         "scores": score_named(predictions, source),
         "identity": identity_accuracy(predictions, source),
-        "frames_searched": manifest["counts"]["frames_scanned"],
-        "stage_seconds": round(seconds, 1),
-        "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
-        "frames_per_second": facts.get("frames_per_second"),
+        **_speed(run, seconds),
     }
     if without_references:
         bare, _ = _stage_03(source, base / f"{source['name']}-no-refs", overrides, force)
@@ -157,21 +170,14 @@ def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, 
     shutil.rmtree(refs, ignore_errors=True)
     shutil.copytree(folder / "refs" / source["name"], refs)
     overrides = {**overrides, "characters.reference_dir": str(refs)}
-    run = (
-        Run.open(run_dir)
-        if (run_dir / "run.json").is_file()
-        else Run.create(run_dir, truth_dir() / source["film"])
+    used: set[int] = set()
+    run, seconds = _stage_03(
+        source, run_dir, overrides, force, before=lambda run: used.update(add_stills(run, source, refs, n))
     )
-    cfg = load_config(overrides=overrides)
-    for stage in ("extract", "quality"):
-        run_stage(run, stage, cfg, progress=False)
-    used = add_stills(run, source, refs, n)
-    run, seconds = _stage_03(source, run_dir, overrides, force)
     predictions = _predictions(run)
     shot_of = _shot_of(source)
     others = [p for p in predictions if shot_of.get(p["frame"]) not in used]
     rest = _without_shots(source, used)
-    facts = run.read_manifest("characters")["facts"]
     return {
         "source": source["name"],
         "split": source["split"],
@@ -181,10 +187,7 @@ def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, 
         "scores": score_named(others, rest),
         "identity": identity_accuracy(others, rest),
         "scores_all_shots": score_named(predictions, source),
-        "frames_searched": run.read_manifest("characters")["counts"]["frames_scanned"],
-        "stage_seconds": round(seconds, 1),
-        "fit_seconds": (facts.get("fitted") or {}).get("seconds"),
-        "frames_per_second": facts.get("frames_per_second"),
+        **_speed(run, seconds),
     }
 
 

@@ -582,9 +582,10 @@ def test_a_failed_export_keeps_the_previous_dataset(export_copy, monkeypatch):
         / run.read_table("dataset_items").join(run.read_table("frames"), on="frame_id")["path"][-1]
     )
     original = path.read_bytes()
-    path.write_bytes(b"not a jpeg")
-    with pytest.raises(BadInputError, match=r"cannot be read .*rerun stage extract with --force"):
-        run_stage(run, "export", cfg, progress=False, force=True)
+    for broken in (b"not a jpeg", original[: len(original) // 2]):  # ... or cut short
+        path.write_bytes(broken)
+        with pytest.raises(BadInputError, match=r"cannot be read .*rerun stage extract with --force"):
+            run_stage(run, "export", cfg, progress=False, force=True)
     # ...and a missing one before anything is written.
     path.unlink()
     with pytest.raises(BadInputError, match="1 frame file\\(s\\) are missing"):

@@ -68,6 +68,7 @@ from diffusion_bunny.stages.characters.references import (
     ReferencePictures,
     load_character_references,
 )
+from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import (
     APPEARANCE_EDIT_SCHEMA,
     DETECTIONS_SCHEMA,
@@ -758,7 +759,7 @@ def add_still(
     frame_id: str,
     box: tuple[int, int, int, int],
     name: str,
-    characters: Any,
+    characters: CharactersSettings,
 ) -> Path:
     """A still from the film as a reference picture of ``name``: the frame's ``box`` (left, top,
     right, bottom in full-resolution pixels, drawn around the character) with

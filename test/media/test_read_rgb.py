@@ -1,11 +1,12 @@
-""":func:`read_rgb`, how stage 03 and the references read a picture: channels in RGB order."""
+""":func:`read_rgb`, how stages 03 and 06 read a whole picture: channels in RGB order, None for what
+is not a whole picture."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from diffusion_bunny.models.faces import read_rgb
+from diffusion_bunny.media.images import read_rgb
 
 
 def test_read_rgb_gives_rgb_order_and_none_for_what_is_not_a_picture(tmp_path):
@@ -23,3 +24,7 @@ def test_read_rgb_gives_rgb_order_and_none_for_what_is_not_a_picture(tmp_path):
     assert read_rgb(tmp_path / "junk.jpg") is None
     assert read_rgb(tmp_path / "empty.jpg") is None
     assert read_rgb(tmp_path / "missing.jpg") is None
+    # A JPEG cut short: libjpeg would fill the rest with grey; refused, as Pillow refuses it.
+    whole = (tmp_path / "red.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) - 40])
+    assert read_rgb(tmp_path / "cut.jpg") is None
