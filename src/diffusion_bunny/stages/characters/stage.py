@@ -679,6 +679,16 @@ def face_crop(rgb: np.ndarray, box: tuple[int, int, int, int], *, margin: float 
     return crop
 
 
+def _write_png(out: Path, rgb: np.ndarray) -> bool:
+    """``rgb`` written atomically as the PNG ``out`` (a temporary named by pid, swept if killed);
+    False when there is nothing to write."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)) if rgb.size else (False, None)
+    if not ok:
+        return False
+    atomic_write_bytes(out, png.tobytes())
+    return True
+
+
 def promote_faces(
     run_dir: Path,
     faces: pl.DataFrame,
@@ -709,11 +719,8 @@ def promote_faces(
         if len(detect_and_encode(np.ascontiguousarray(crop), ref_settings)) != 1:
             continue
         out = target / f"{row['face_id']}.png"
-        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        if not ok:  # pragma: no cover - OpenCV always encodes an RGB crop
-            continue
-        atomic_write_bytes(out, png.tobytes())  # a temporary named by pid: swept if killed
-        written.append(out)
+        if _write_png(out, crop):
+            written.append(out)
     return written
 
 
@@ -744,13 +751,9 @@ def promote_drawn(
         if rgb is None:
             continue
         box = (row["top"], row["right"], row["bottom"], row["left"])
-        crop = face_crop(rgb, box, margin=DRAWN_MARGIN, min_face=0)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        if not ok or crop.size == 0:  # pragma: no cover - OpenCV always encodes an RGB crop
-            continue
         out = target / f"{row['face_id']}.png"
-        atomic_write_bytes(out, png.tobytes())
-        written.append(out)
+        if _write_png(out, face_crop(rgb, box, margin=DRAWN_MARGIN, min_face=0)):
+            written.append(out)
     return written
 
 
@@ -793,10 +796,8 @@ def add_still(
     target = naming_dir(run.run_dir, characters) / name
     target.mkdir(parents=True, exist_ok=True)
     out = target / f"still_{frame_id}_{left}_{top}_{right}_{bottom}.png"
-    ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-    if not ok:  # pragma: no cover - OpenCV always encodes an RGB crop
+    if not _write_png(out, crop):  # pragma: no cover - the box is at least 16 px a side
         raise UserError(f"the still of frame {frame_id} could not be encoded")
-    atomic_write_bytes(out, png.tobytes())
     return out
 
 

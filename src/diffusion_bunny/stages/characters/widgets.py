@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import jpeg_bytes, png_bytes
+from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
@@ -278,13 +279,11 @@ class StillPicker:
     def _frame_picture(self) -> Image.Image | None:
         frame_id = self.frame_id()
         if self._picture is None or self._picture[0] != frame_id:
-            row = self.frames.row(self.frame.value, named=True)
-            try:
-                with Image.open(self.run.run_dir / row["path"]) as img:
-                    self._picture = (frame_id, img.convert("RGB"))
-            except (OSError, ValueError):
+            rgb = read_rgb(self.run.run_dir / self.frames["path"][self.frame.value])
+            if rgb is None:  # what add_still would refuse too
                 self._picture = None
                 return None
+            self._picture = (frame_id, Image.fromarray(rgb))
         return self._picture[1]
 
     def show(self, *, new_frame: bool = False) -> None:
