@@ -49,6 +49,8 @@ from diffusion_bunny.stages.characters.tables import (
 )
 
 EXAMPLES = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
+#: The face truth set's photos (in the repository): a face nobody in the demo movie has.
+FACE_TRUTH = Path(__file__).parent / "data" / "face_truth"
 
 
 def _examples() -> Path:
@@ -338,6 +340,19 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert facts["frames_detected"] == 0 and facts["frames_cached"] == kept.height
     assert again["character"].to_list() == faces["character"].to_list()
     assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
+    assert facts["characters_not_found"] == []
+    # A character whose pictures show nobody in the film: the run names it and says what to do.
+    (refs_dir / "stranger").mkdir()
+    shutil.copy(FACE_TRUTH / "alex_lacamoire1.jpg", refs_dir / "stranger" / "photo.jpg")
+    run_stage(run, "characters", cfg, progress=False)
+    manifest = run.read_manifest("characters")
+    assert manifest["counts"]["references"]["stranger"] == 1
+    assert manifest["facts"]["characters_not_found"] == ["stranger"]
+    assert any(
+        w.startswith("1 character(s) with reference pictures named in no searched frame: stranger;")
+        and "add a still from the film" in w
+        for w in manifest["warnings"]
+    )
 
 
 @pytest.mark.parametrize(

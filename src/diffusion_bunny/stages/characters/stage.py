@@ -474,6 +474,26 @@ def _references(
     return refs, pictures
 
 
+def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> list[str]:
+    """The characters with usable reference pictures after whom no appearance is named, sorted.
+
+    The pictures a user has of a character often show it from sides, or in a light, the film
+    does not, and then the fit finds nothing of it; a still from the film is what finds it
+    (docs/characters.md: one still each took held-out creatures from 3 to 11 of 11 shots), so
+    the run says which characters need one instead of leaving them to be noticed missing."""
+    named = set(faces["character"].drop_nulls().to_list()) if faces.height else set()
+    return sorted(name for name, pictures in references.items() if pictures and name not in named)
+
+
+def not_found_message(names: list[str]) -> str:
+    """The run's one line on :func:`characters_not_found`, with what to do."""
+    return (
+        f"{len(names)} character(s) with reference pictures named in no searched frame: "
+        f"{', '.join(names)}; add a still from the film of each (notebook 03, 'Add a still from the "
+        "film', or add_still) or pictures that show them as the film does, then rerun stage characters"
+    )
+
+
 def _counts(
     faces: pl.DataFrame, scan: pl.DataFrame, failed: int, references: dict[str, int]
 ) -> dict[str, Any]:
@@ -575,7 +595,11 @@ def compute(ctx: Context) -> StageOutput:
             "noise": int((drawn["character"].is_null() & drawn["cluster"].is_null()).sum()),
         }
     references = {**refs.counts(), **{n: len(v) for n, v in pictures.cutouts.items()}}
+    missed = characters_not_found(faces, references)
+    if missed:
+        warnings.append(not_found_message(missed))
     facts.update(
+        characters_not_found=missed,
         reference_dir=str(ref_dir) if ref_dir else None,
         reference_files=refs.files,
         references_taken=[t.as_fact() for t in pictures.taken],
