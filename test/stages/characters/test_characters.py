@@ -331,6 +331,7 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     counts = manifest["counts"]["characters"]
     assert {k: counts[k] for k in ("astronaut", "grace_hopper")} == {"astronaut": 4, "grace_hopper": 4}
     assert set(counts) == {"astronaut", "grace_hopper", "mika", "biscuit"}
+    assert not any("in no searched frame" in w for w in manifest["warnings"])  # every one was found
     assert manifest["facts"]["frames_detected"] == kept.height
     # A new reference image: stale, and the rerun labels from cached detections.
     shutil.copy(refs_dir / "astronaut" / "astronaut.png", refs_dir / "astronaut" / "again.png")
@@ -500,18 +501,30 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
         add_still(run.run_dir, frame["frame_id"], box, "../evil", cfg.characters)
 
     picker = StillPicker(run, cfg)
-    assert "biscuit" in picker.name.options  # names with a reference folder are offered
+    assert "biscuit" in picker.name.options and "biscuit" in picker.boxes.classes  # known names offered
     picker.frame.value = 5
-    assert picker.x.max == rgb.shape[1] and picker.y.max == rgb.shape[0]
-    picker.x.value, picker.y.value = (10, 90), (20, 120)
-    assert picker.box() == (10, 20, 90, 120) and picker.image.value[:2] == b"\xff\xd8"  # a JPEG preview
-    added = picker.add(picker.frame_id(), picker.box(), " pip ")
-    assert (
-        added == run.run_dir / "references" / "pip" / added.name
-        and "rerun stage characters" in picker.status.value
-    )
+    shown = run.read_table("frames").sort("frame_index").row(5, named=True)
+    # The drawer is shown the frame's own file, so its boxes are in the frame's pixels.
+    assert picker.boxes.image_bytes == (run.run_dir / shown["path"]).read_bytes()
+    assert picker.add_boxes() == [] and "no box" in picker.status.value
+    picker.name.value = " pip "  # a new name: the label of the boxes drawn next
+    assert "pip" in picker.boxes.classes and picker.boxes.label == "pip"
+    picker.boxes.bboxes = [
+        {"x": 10, "y": 20, "width": 80, "height": 100, "label": "pip"},
+        {"x": 200.4, "y": 60, "width": 60, "height": 70.6, "label": "biscuit"},
+        {"x": 0, "y": 0, "width": 8, "height": 8, "label": "pip"},  # too small: stays, with why
+    ]
+    assert picker.drawn()[1] == ((200, 60, 260, 131), "biscuit")
+    added = picker.add_boxes()
+    assert [p.parent for p in added] == [run.run_dir / "references" / n for n in ("pip", "biscuit")]
+    m = DRAWN_MARGIN
+    rows, cols = round(131 + m * 71) - round(60 - m * 71), round(260 + m * 60) - round(200 - m * 60)
+    assert read_rgb(added[1]).shape == (rows, cols, 3)
+    assert "added 2 still(s)" in picker.status.value and "under 16 px" in picker.status.value
+    assert picker.boxes.bboxes == [{"x": 0, "y": 0, "width": 8, "height": 8, "label": "pip"}]
     assert "pip" in picker.name.options
-    assert picker.add(picker.frame_id(), (0, 0, 8, 8), "pip") is None and "under 16 px" in picker.status.value
+    picker.frame.value = 6  # another frame: the drawer starts empty
+    assert picker.boxes.bboxes == []
 
 
 def test_character_figures_render(scenes_demo_run):

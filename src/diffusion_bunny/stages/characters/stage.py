@@ -485,13 +485,16 @@ def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> lis
     return sorted(name for name, pictures in references.items() if pictures and name not in named)
 
 
-def not_found_message(names: list[str]) -> str:
-    """The run's one line on :func:`characters_not_found`, with what to do."""
-    return (
+def not_found_warnings(names: list[str]) -> list[str]:
+    """The run's one line on :func:`characters_not_found` (none when every character was
+    found), with what to do."""
+    if not names:
+        return []
+    return [
         f"{len(names)} character(s) with reference pictures named in no searched frame: "
         f"{', '.join(names)}; add a still from the film of each (notebook 03, 'Add a still from the "
         "film', or add_still) or pictures that show them as the film does, then rerun stage characters"
-    )
+    ]
 
 
 def _counts(
@@ -596,8 +599,6 @@ def compute(ctx: Context) -> StageOutput:
         }
     references = {**refs.counts(), **{n: len(v) for n, v in pictures.cutouts.items()}}
     missed = characters_not_found(faces, references)
-    if missed:
-        warnings.append(not_found_message(missed))
     facts.update(
         characters_not_found=missed,
         reference_dir=str(ref_dir) if ref_dir else None,
@@ -615,7 +616,7 @@ def compute(ctx: Context) -> StageOutput:
     return StageOutput(
         tables={"faces": faces, "face_frames": face_frames},
         counts=_counts(faces, scan, failed.height, references),
-        warnings=warnings,
+        warnings=warnings + not_found_warnings(missed),
         facts=facts,
         # Fixes saved while the stage ran are read again under the tables' locks.
         merge=lambda tables: {

@@ -4,20 +4,26 @@ and add a still from the film as a reference picture."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
-from PIL import Image, ImageDraw
+from jupyter_bbox_widget import BBoxWidget
 
 from diffusion_bunny.errors import UserError
-from diffusion_bunny.media.figures import jpeg_bytes, png_bytes
+from diffusion_bunny.media.figures import png_bytes
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster
 from diffusion_bunny.stages.characters.tables import naming_dir
+
+
+def _error(message: str) -> str:
+    """A status line that says something went wrong."""
+    return f"<span style='color:#C0392B'>{message}</span>"
 
 
 class ClusterNamer:
@@ -97,7 +103,7 @@ class ClusterNamer:
         try:
             result = name_cluster(self.run.run_dir, cluster, name, self.cfg)
         except UserError as exc:
-            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            self.status.value = _error(str(exc))
             return None
         self.named.append(result)
         self.status.value = (
@@ -212,13 +218,13 @@ class AppearanceFixer:
         does); the updated faces table, or None after a user error (shown)."""
         members = self.members(character)
         if not 1 <= number <= members.height:
-            self.status.value = f"<span style='color:#C0392B'>{character} has no appearance #{number}</span>"
+            self.status.value = _error(f"{character} has no appearance #{number}")
             return None
         face_id = members["face_id"][number - 1]
         try:
             faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None)
         except UserError as exc:
-            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            self.status.value = _error(str(exc))
             return None
         self.status.value = f"{face_id} is now <b>{name.strip() or 'none of the characters'}</b>"
         self.refresh()
@@ -227,37 +233,39 @@ class AppearanceFixer:
 
 class StillPicker:
     """Add a still from the film as a reference picture of a character: pick a frame with the
-    slider, move the two range sliders until the magenta box is around the character (full-
-    resolution pixels), type or pick its name and press **add still**. The picture goes to the
-    reference folder (:func:`~.stage.add_still`); the next run of stage 03 fits on it.
+    slider, drag a box around the character on the picture (drag its edges or corners to adjust
+    it), type or pick its name and press **add still**. Each box drawn on the frame goes to the
+    reference folder (:func:`~.stage.add_still`) under its name; the next run of stage 03 fits on
+    it.
+
+    The boxes are drawn with jupyter_bbox_widget's ``BBoxWidget`` (an anywidget made for boxing
+    things in pictures), shown the frame's own file, so a box comes back in the frame's
+    full-resolution pixels. A box takes the name chosen among its labels (the known characters)
+    or, without one, the name typed.
 
     For the characters the pictures a user has at hand miss: one still per character found the
     held-out 3D creatures in all 11 shots the stills were not taken from, not 3
     (docs/characters.md). :meth:`add` does the same from Python."""
 
-    def __init__(self, run: Run, cfg: RunConfig, *, preview_width: int = 640):
-        self.run, self.cfg, self.preview_width = run, cfg, preview_width
+    def __init__(self, run: Run, cfg: RunConfig):
+        self.run, self.cfg = run, cfg
         self.frames = run.read_table("frames").sort("frame_index")
-        self._picture: tuple[str, Image.Image] | None = None
         last = max(0, self.frames.height - 1)
         self.frame = widgets.IntSlider(value=0, min=0, max=last, description="frame", continuous_update=False)
-        self.x = widgets.IntRangeSlider(description="left, right", continuous_update=False)
-        self.y = widgets.IntRangeSlider(description="top, bottom", continuous_update=False)
         self.name = widgets.Combobox(options=self.known_names(), placeholder="character name")
+        self.boxes = BBoxWidget(classes=list(self.name.options), hide_buttons=True)
         self.button = widgets.Button(
             description="add still", icon="plus", layout=widgets.Layout(width="110px")
         )
-        self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width=f"{preview_width}px"))
         self.status = widgets.HTML()
-        self.frame.observe(lambda _: self.show(new_frame=True), names="value")
-        for slider in (self.x, self.y):
-            slider.observe(lambda _: self.show(), names="value")
-        self.button.on_click(lambda _: self.add(self.frame_id(), self.box(), self.name.value))
+        self.frame.observe(lambda _: self.show(), names="value")
+        self.name.observe(lambda change: self._typed(change["new"]), names="value")
+        self.button.on_click(lambda _: self.add_boxes())
         self.widget = widgets.VBox(
-            [self.frame, self.image, self.x, self.y, widgets.HBox([self.name, self.button]), self.status]
+            [self.frame, self.boxes, widgets.HBox([self.name, self.button]), self.status]
         )
         if self.frames.height:
-            self.show(new_frame=True)
+            self.show()
         else:
             self.status.value = "no frames: run stages extract and quality first"
 
@@ -272,50 +280,73 @@ class StillPicker:
     def frame_id(self) -> str:
         return self.frames["frame_id"][self.frame.value]
 
-    def box(self) -> tuple[int, int, int, int]:
-        """The box the sliders set: left, top, right, bottom in the frame's pixels."""
-        return (self.x.value[0], self.y.value[0], self.x.value[1], self.y.value[1])
+    def _typed(self, name: str) -> None:
+        """A name typed or picked becomes the label of the boxes drawn next."""
+        name = name.strip()
+        if name and name not in self.boxes.classes:
+            self.boxes.classes = [*self.boxes.classes, name]
+        self.boxes.label = name
 
-    def _frame_picture(self) -> Image.Image | None:
-        frame_id = self.frame_id()
-        if self._picture is None or self._picture[0] != frame_id:
-            rgb = read_rgb(self.run.run_dir / self.frames["path"][self.frame.value])
-            if rgb is None:  # what add_still would refuse too
-                self._picture = None
-                return None
-            self._picture = (frame_id, Image.fromarray(rgb))
-        return self._picture[1]
-
-    def show(self, *, new_frame: bool = False) -> None:
-        """The frame, shrunk to the preview's width, with the box drawn on it."""
-        picture = self._frame_picture()
+    def show(self) -> None:
+        """The frame in the box drawer (its boxes cleared); a frame file that cannot be read is
+        refused here as :func:`~.stage.add_still` would refuse it."""
         row = self.frames.row(self.frame.value, named=True)
-        if picture is None:
-            self.status.value = f"<span style='color:#C0392B'>frame file {row['path']} cannot be read</span>"
+        path = self.run.run_dir / row["path"]
+        self.boxes.bboxes = []
+        if read_rgb(path) is None:
+            self.boxes.image_bytes = b""
+            self.status.value = _error(f"frame file {row['path']} cannot be read")
             return
-        width, height = picture.size
-        if new_frame:  # the sliders span the new frame; a box kept from the last one where it fits
-            for slider, side in ((self.x, width), (self.y, height)):
-                low, high = slider.value
-                fits = 0 <= low < high <= side and slider.max == side
-                slider.max = side
-                slider.value = (low, high) if fits else (side // 3, 2 * side // 3)
-        scale = min(1.0, self.preview_width / width)
-        shown = picture.resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
-        left, top, right, bottom = (round(v * scale) for v in self.box())
-        ImageDraw.Draw(shown).rectangle((left, top, right, bottom), outline="#E4007C", width=3)
-        self.image.value = jpeg_bytes(shown)
-        self.status.value = f"{row['frame_id']} (shot {row.get('shot_id')}); box {self.box()}"
+        self.boxes.image_bytes = path.read_bytes()
+        self.status.value = f"{row['frame_id']} (shot {row.get('shot_id')}): drag a box around the character"
 
-    def add(self, frame_id: str, box: tuple[int, int, int, int], name: str) -> Any:
-        """Write the still (as the button does); the file, or None after a user error (shown)."""
+    def drawn(self) -> list[tuple[tuple[int, int, int, int], str]]:
+        """The boxes drawn on the frame, (left, top, right, bottom) in the frame's pixels, each
+        with its name: its label, or the name typed."""
+        out = []
+        for b in self.boxes.bboxes:
+            left, top = round(b["x"]), round(b["y"])
+            box = (left, top, left + round(b["width"]), top + round(b["height"]))
+            out.append((box, (b.get("label") or self.name.value).strip()))
+        return out
+
+    def add_boxes(self) -> list[Path]:
+        """Every box drawn on the frame as a still of its character (the button); the boxes
+        written leave the drawer, one a user must fix stays with its reason in the status."""
+        frame_id, written, kept, errors = self.frame_id(), [], [], []
+        drawn = self.drawn()
+        if not drawn:
+            self.status.value = _error("no box: drag one around the character first")
+            return []
+        for b, (box, name) in zip(self.boxes.bboxes, drawn, strict=True):
+            path = self.add(frame_id, box, name)
+            if path is None:
+                kept.append(b)
+                errors.append(self.status.value)
+            else:
+                written.append(path)
+        self.boxes.bboxes = kept
+        if written:
+            names = sorted({p.parent.name for p in written})
+            self.status.value = (
+                f"added {len(written)} still(s) to the references of <b>{', '.join(names)}</b>; "
+                "rerun stage characters to fit on them"
+            )
+        if errors:
+            self.status.value = "<br>".join([*([self.status.value] if written else []), *errors])
+        return written
+
+    def add(self, frame_id: str, box: tuple[int, int, int, int], name: str) -> Path | None:
+        """Write one still (as the button does for each box); the file, or None after a user
+        error (shown)."""
         try:
             path = add_still(self.run.run_dir, frame_id, box, name.strip(), self.cfg.characters)
         except UserError as exc:
-            self.status.value = f"<span style='color:#C0392B'>{exc}</span>"
+            self.status.value = _error(str(exc))
             return None
         self.status.value = (
             f"added {path.name} to <b>{name.strip()}</b>'s references; rerun stage characters to fit on it"
         )
         self.name.options = self.known_names()
+        self.boxes.classes = sorted({*self.boxes.classes, *self.name.options})
         return path
