@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nbformat
@@ -23,7 +24,8 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_summary,
     funnel_table,
 )
-from diffusion_bunny.stages.report.stage import write_report_figures
+from diffusion_bunny.stages.report.sections import _characters_section
+from diffusion_bunny.stages.report.stage import report_data, write_report_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -355,6 +357,31 @@ def test_html_has_every_section_and_no_code(scenes_demo_run, tmp_path):
     after = write_report_figures(run.run_dir, small)
     assert len([n for n in after if n.startswith("contact_")]) == 1
     assert len(list((run.run_dir / "report" / "figures").glob("contact_*.png"))) == 1
+
+
+def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_path):
+    """A character whose pictures stage 03 matched in no frame (its manifest's
+    ``characters_not_found``) is named in the characters section, with what to do, whether or
+    not other characters were found."""
+    src, overrides = scenes_demo_run
+    run = _copy_run(src, tmp_path / "run")
+    cfg = _cfg(tmp_path, **overrides)
+    manifest = run.read_manifest("characters")
+    assert manifest["facts"]["characters_not_found"] == []  # the demo's four are all found
+    data = report_data(run, {"faces": run.read_table("faces"), "frames": run.read_table("frames")})
+    section = _characters_section(data, cfg)
+    assert section.status == "ok" and "found in no frame" not in section.message
+    manifest["facts"]["characters_not_found"] = ["stranger", "wyvern"]
+    data = replace(data, manifests={**data.manifests, "characters": manifest})
+    section = _characters_section(data, cfg)
+    assert section.message.endswith(
+        "; found in no frame despite their pictures: stranger, wyvern (add a still of each in notebook 03)"
+    )
+    empty = replace(data, tables={"faces": run.read_table("faces").clear()})
+    assert _characters_section(empty, cfg).message == (
+        "stage characters found no character; found in no frame despite their pictures: stranger, wyvern "
+        "(add a still of each in notebook 03)"
+    )
 
 
 def test_report_document_without_figures(tmp_path):

@@ -317,10 +317,21 @@ def exported_sheet(run: ReportData, name: str, limit: int) -> Any:
     return tile_sheet([Block(tiles, title=title)], Layout((120, 120), min(12, len(tiles)), fit="contain"))
 
 
+def not_found_note(run: ReportData) -> str:
+    """The characters with pictures that stage 03 found in no frame (its manifest's
+    ``characters_not_found``), as the end of the section's line; empty when there are none."""
+    facts = (run.read_manifest("characters") or {}).get("facts") or {}
+    missed = facts.get("characters_not_found") or []
+    if not missed:
+        return ""
+    listed = ", ".join(missed)
+    return f"; found in no frame despite their pictures: {listed} (add a still of each in notebook 03)"
+
+
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     faces = run.read_table("faces")
     if not faces.height:
-        return Section("characters", "empty", "stage characters found no character")
+        return Section("characters", "empty", "stage characters found no character" + not_found_note(run))
     figures = []
     if run.has_table("shots"):
         figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
@@ -348,7 +359,7 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
         if counts.height
         else f"{faces.height} appearances, none named (name them in notebook 03)"
     )
-    return Section("characters", "ok", message, figures)
+    return Section("characters", "ok", message + not_found_note(run), figures)
 
 
 def _scenes_section(run: ReportData, cfg: ConfigView) -> Section:
