@@ -507,8 +507,12 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     # The drawer is shown the frame's own file, so its boxes are in the frame's pixels.
     assert picker.boxes.image_bytes == (run.run_dir / shown["path"]).read_bytes()
     assert picker.add_boxes() == [] and "no box" in picker.status.value
-    picker.name.value = " pip "  # a new name: the label of the boxes drawn next
-    assert "pip" in picker.boxes.classes and picker.boxes.label == "pip"
+    picker.boxes.bboxes = [{"x": 10, "y": 20, "width": 80, "height": 100, "label": ""}]
+    picker.name.value = " pi "  # a new name: it labels the box drawn without one, and the next ones
+    assert picker.boxes.bboxes[0]["label"] == "pi" and picker.boxes.label == "pi"
+    picker.name.value = " pip "  # corrected: the box follows, the typo leaves the labels offered
+    assert picker.boxes.bboxes[0]["label"] == "pip" and picker.boxes.label == "pip"
+    assert "pip" in picker.boxes.classes and "pi" not in picker.boxes.classes
     picker.boxes.bboxes = [
         {"x": 10, "y": 20, "width": 80, "height": 100, "label": "pip"},
         {"x": 200.4, "y": 60, "width": 60, "height": 70.6, "label": "biscuit"},

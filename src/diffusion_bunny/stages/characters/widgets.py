@@ -281,10 +281,13 @@ class StillPicker:
         return self.frames["frame_id"][self.frame.value]
 
     def _typed(self, name: str) -> None:
-        """A name typed or picked becomes the label of the boxes drawn next."""
-        name = name.strip()
-        if name and name not in self.boxes.classes:
-            self.boxes.classes = [*self.boxes.classes, name]
+        """A name typed or picked labels the boxes drawn next, and the boxes drawn without a
+        label or under the name typed before (a typo corrected moves them along)."""
+        name, before = name.strip(), self.boxes.label
+        self.boxes.classes = sorted({*self.known_names(), *([name] if name else [])})
+        self.boxes.bboxes = [
+            {**b, "label": name} if b.get("label", "") in ("", before) else b for b in self.boxes.bboxes
+        ]
         self.boxes.label = name
 
     def show(self) -> None:
