@@ -252,8 +252,9 @@ class StillPicker:
         self.frames = run.read_table("frames").sort("frame_index")
         last = max(0, self.frames.height - 1)
         self.frame = widgets.IntSlider(value=0, min=0, max=last, description="frame", continuous_update=False)
-        self.name = widgets.Combobox(options=self.known_names(), placeholder="character name")
-        self.boxes = BBoxWidget(classes=list(self.name.options), hide_buttons=True)
+        self.name = widgets.Combobox(placeholder="character name")
+        self.boxes = BBoxWidget(hide_buttons=True)
+        self._offer_names()
         self.button = widgets.Button(
             description="add still", icon="plus", layout=widgets.Layout(width="110px")
         )
@@ -284,7 +285,7 @@ class StillPicker:
         """A name typed or picked labels the boxes drawn next, and the boxes drawn without a
         label or under the name typed before (a typo corrected moves them along)."""
         name, before = name.strip(), self.boxes.label
-        self.boxes.classes = sorted({*self.known_names(), *([name] if name else [])})
+        self._offer_names(read=False)
         self.boxes.bboxes = [
             {**b, "label": name} if b.get("label", "") in ("", before) else b for b in self.boxes.bboxes
         ]
@@ -350,6 +351,13 @@ class StillPicker:
         self.status.value = (
             f"added {path.name} to <b>{name.strip()}</b>'s references; rerun stage characters to fit on it"
         )
-        self.name.options = self.known_names()
-        self.boxes.classes = sorted({*self.boxes.classes, *self.name.options})
+        self._offer_names()
         return path
+
+    def _offer_names(self, *, read: bool = True) -> None:
+        """The names offered: the known characters (read again from the folder and the faces
+        table when ``read``; not on every key typed), and as box labels also the name typed."""
+        if read:
+            self.name.options = self.known_names()
+        typed = self.name.value.strip()
+        self.boxes.classes = sorted({*self.name.options, *([typed] if typed else [])})
