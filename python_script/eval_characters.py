@@ -14,6 +14,12 @@ appearances (:func:`~diffusion_bunny.demo.character_truth.score_clusters`: pairw
 appearance nothing lands on counting as noise). Sources are reported by split: the ``fit`` sources
 were used to choose settings, the ``held_out`` ones never were.
 
+``--per-frame N`` also searches every N-th frame of each source's film with the detector stage 03
+fitted in that run (``cache/characters/fitted-*.pt``), at scores 0.3, 0.4 and 0.5: the appearances
+found, the sightings on no appearance of the character they name, and the (shot, character) pairs
+found, per character. It says how well the fit itself finds the characters, apart from which frames
+stage 02 kept for stage 03 to search (docs/characters.md quotes it as "per frame").
+
 ``--stills N`` adds, per character, N stills from the film to its references, as a user adds them in
 notebook 03 (:func:`~diffusion_bunny.stages.characters.stage.add_still`): the extracted frames in
 which the truth's box of that character is largest, one per shot, each its body box. Recall and
@@ -25,6 +31,7 @@ kept beside them), in run folders of their own (``<source>-stills<N>``).
     uv run python python_script/eval_characters.py --sources flare --set characters.fitted.steps=400
     uv run python python_script/eval_characters.py --without-references   # clusters too
     uv run python python_script/eval_characters.py --stills 1             # one still per character
+    uv run python python_script/eval_characters.py --split fit --per-frame 8   # the fit, frame by frame
 
 Run folders are kept under ``data/eval_characters/<source>`` (and ``<source>-no-refs``; stages
 01-02 are reused on a rerun;
@@ -41,20 +48,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import av
+
 from diffusion_bunny.config import load_config, parse_override
 from diffusion_bunny.demo.character_truth import (
     KINDS,
     identity_accuracy,
     load_character_truth,
+    match_appearance,
     pairwise_from_counts,
     score_clusters,
     score_named,
     truth_dir,
 )
+from diffusion_bunny.models.fitted.detector import FittedDetector
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.characters.stage import add_still
+
+#: The scores at which --per-frame counts the fitted detector's sightings.
+PER_FRAME_SCORES = (0.3, 0.4, 0.5)
 
 
 def _stage_03(
@@ -191,6 +205,55 @@ def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, 
     }
 
 
+def _names(name: str, box: tuple, appearance: dict) -> bool:
+    """Whether a sighting naming ``name`` at ``box`` is on ``appearance`` of that character."""
+    return name == appearance["character"] and match_appearance(box, appearance["body"], appearance["head"])
+
+
+def per_frame(source: dict, run_dir: Path, step: int) -> dict:
+    """The detector fitted in ``run_dir`` on every ``step``-th frame of the source's film: per
+    score of :data:`PER_FRAME_SCORES`, the appearances found (a sighting naming the character on
+    its box, :func:`match_appearance`), the false sightings (naming a character on none of its
+    appearances) and the (shot, character) pairs found, with each character's found and total."""
+    fitted = sorted((run_dir / "cache" / "characters").glob("fitted-*.pt"))
+    detector = FittedDetector.load(fitted[-1]) if fitted else None
+    if detector is None:
+        raise SystemExit(f"{run_dir}: no fitted detector (stage 03 fits one when drawn references are given)")
+    by_frame: dict[int, list[dict]] = {}
+    for a in source["appearances"]:
+        by_frame.setdefault(a["frame"], []).append(a)
+    shot_of = _shot_of(source)
+    counts = {t: {"found": 0, "false": 0, "pairs": set(), "per": {}} for t in PER_FRAME_SCORES}
+    total = 0
+    with av.open(str(truth_dir() / source["film"])) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index % step:
+                continue
+            appearances = by_frame.get(index, [])
+            total += len(appearances)
+            hits = detector.detect(frame.to_ndarray(format="rgb24"), min(PER_FRAME_SCORES))
+            for score, c in counts.items():
+                named = [(detector.names[h.index], h.box) for h in hits if h.score >= score]
+                for a in appearances:
+                    ok = any(_names(n, b, a) for n, b in named)
+                    c["found"] += ok
+                    per = c["per"].setdefault(a["character"], [0, 0])
+                    per[0] += ok
+                    per[1] += 1
+                    if ok:
+                        c["pairs"].add((shot_of[index], a["character"]))
+                c["false"] += sum(not any(_names(n, b, a) for a in appearances) for n, b in named)
+    pairs = sum(len(s["characters"]) for s in source["shots"])
+    return {
+        "step": step,
+        "appearances": total,
+        "pairs": pairs,
+        "scores": {
+            str(t): {k: len(v) if k == "pairs" else v for k, v in c.items()} for t, c in counts.items()
+        },
+    }
+
+
 def pooled(results: list[dict], kind: str) -> dict:
     """Pairs, named appearances, identities and cluster pairs summed over sources (``overall``
     or one kind)."""
@@ -240,6 +303,13 @@ def main() -> None:
         default=0,
         help="add this many stills from the film per character (add_still) and score the other shots",
     )
+    parser.add_argument(
+        "--per-frame",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also search every N-th frame of the film with the run's fitted detector (scores 0.3-0.5)",
+    )
     args = parser.parse_args()
     truth = load_character_truth()
     folder = truth_dir()
@@ -279,6 +349,21 @@ def main() -> None:
                 end="",
             )
         print(flush=True)
+        if args.per_frame:
+            run_dir = (
+                workspace_root()
+                / "data"
+                / "eval_characters"
+                / (f"{source['name']}-stills{args.stills}" if args.stills else source["name"])
+            )
+            result["per_frame"] = f = per_frame(source, run_dir, args.per_frame)
+            for score, c in f["scores"].items():
+                per = ", ".join(f"{name} {n}/{of}" for name, (n, of) in sorted(c["per"].items()))
+                print(
+                    f"{'':16} every {f['step']}th frame at {score}: {c['found']} of {f['appearances']} "
+                    f"appearances, {c['false']} false, {c['pairs']}/{f['pairs']} pairs ({per})",
+                    flush=True,
+                )
     print()
     table = {}
     for split in ("fit", "held_out"):
