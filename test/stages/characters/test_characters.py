@@ -531,6 +531,35 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     assert picker.boxes.bboxes == []
 
 
+def test_still_picker_goes_to_a_time_a_frame_or_a_shot(discovered, tmp_path):
+    """The picker's "go to" box: a time of the film or a frame number shows the extracted frame
+    nearest to it, "shot N" that shot's first extracted frame, anything else one line and the
+    frame shown stays."""
+    from diffusion_bunny.stages.characters.widgets import StillPicker
+
+    run = _copy(discovered, tmp_path)
+    picker = StillPicker(run, _cfg(tmp_path))
+    frames = run.read_table("frames").sort("frame_index")
+    fps = run.read_manifest("extract")["facts"]["fps"]
+    index, stamps = frames["frame_index"].to_numpy(), frames["timestamp_s"].to_numpy()
+    target = float(stamps[-2]) - 0.3  # between two extracted frames, nearer the second to last
+    minutes, seconds = divmod(target, 60)
+    assert picker.go_to(f"{int(minutes)}:{seconds:06.3f}")
+    assert picker.frame.value == int(np.abs(index - round(target * fps)).argmin()) == frames.height - 2
+    assert frames["frame_id"][picker.frame.value] in picker.status.value
+    assert picker.go_to(f"{index[3] + 1}") and picker.frame.value == 3  # a frame number of the movie
+    assert picker.go_to(f"{stamps[1]:.3f}s") and picker.frame.value == 1
+    shot = int(frames["shot_id"][5])
+    assert picker.go_to(f"Shot {shot}")
+    assert picker.frame.value == int(np.flatnonzero(frames["shot_id"].to_numpy() == shot)[0])
+    shown = picker.frame.value
+    assert not picker.go_to("soon") and "is not a time" in picker.status.value
+    assert not picker.go_to("shot 999") and "no frame of shot 999" in picker.status.value
+    assert picker.frame.value == shown
+    picker.go.value = "0:00"  # typed in the box: the first frame
+    assert picker.frame.value == 0
+
+
 def test_character_figures_render(scenes_demo_run):
     from diffusion_bunny.stages.characters.plots import (
         character_counts_plot,

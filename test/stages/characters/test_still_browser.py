@@ -1,5 +1,6 @@
 """Notebook 03's still picker in a real JupyterLab, driven by headless Chromium: a box dragged with
-the mouse around a part of a frame, a name typed and **add still** pressed put the still on disk,
+the mouse around a part of a frame (the frame reached by typing its shot in the "go to" box), a
+name typed and **add still** pressed put the still on disk,
 cut from that frame where the box was drawn (in the frame's own pixels, whatever size the picture
 is shown at).
 
@@ -61,11 +62,27 @@ def test_drag_a_box_and_add_a_still_in_jupyterlab(demo_run, tmp_path):
             while not kernel_idle(lab, NOTEBOOK):  # the cells after the picker too
                 assert time.monotonic() < deadline, f"notebook 03 did not finish:\n{lab.log_tail()}"
                 page.wait_for_timeout(500)
+            picker = page.locator(f".widget-vbox:has({DRAWER})").last  # the innermost: the picker
+            # Go to the second shot by typing it, as a user who saw the character there would.
+            frames = run.read_table("frames").sort("frame_index")
+            shot = sorted(set(frames["shot_id"].to_list()))[1]
+            frame = frames.filter(frames["shot_id"] == shot).row(0, named=True)
+            before = page.locator(DRAWER).first.get_attribute("src")
+            go = picker.locator("input[placeholder^='go to']")
+            go.fill(f"shot {shot}")
+            go.press("Enter")
+            expect(picker.locator(".widget-html", has_text=frame["frame_id"])).to_be_visible(timeout=60_000)
+            # The drawer shows that frame: its picture's blob is replaced and loaded.
+            page.wait_for_function(
+                "([before, css]) => { const i = document.querySelector(css);"
+                " return i !== null && i.src !== before && i.complete && i.naturalWidth > 0; }",
+                arg=[before, DRAWER],
+                timeout=60_000,
+            )
             picture = page.locator(DRAWER).first
             picture.scroll_into_view_if_needed()
             natural = picture.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             shown = picture.bounding_box()
-            frame = run.read_table("frames").sort("frame_index").row(0, named=True)
             rgb = read_rgb(run.run_dir / frame["path"])
             assert natural == [rgb.shape[1], rgb.shape[0]]
 
@@ -77,7 +94,6 @@ def test_drag_a_box_and_add_a_still_in_jupyterlab(demo_run, tmp_path):
             for k in range(1, 11):
                 page.mouse.move(x0 + (x1 - x0) * k / 10, y0 + (y1 - y0) * k / 10)
             page.mouse.up()
-            picker = page.locator(f".widget-vbox:has({DRAWER})").last  # the innermost: the picker
             picker.locator("input[placeholder='character name']").fill("cosmo")
             picker.locator("button", has_text="add still").click()
             status = picker.locator(".widget-html", has_text="added 1 still(s)")

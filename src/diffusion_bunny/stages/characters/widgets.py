@@ -3,13 +3,16 @@ and add a still from the film as a reference picture."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
+import numpy as np
 import polars as pl
 from jupyter_bbox_widget import BBoxWidget
+from scenedetect import FrameTimecode
 
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import png_bytes
@@ -233,7 +236,8 @@ class AppearanceFixer:
 
 class StillPicker:
     """Add a still from the film as a reference picture of a character: pick a frame with the
-    slider, drag a box around the character on the picture (drag its edges or corners to adjust
+    slider, or go to a time of the film (``1:30``, ``0:01:30.5``, ``90.5s``), a frame number or a
+    shot (``shot 12``), drag a box around the character on the picture (drag its edges or corners to adjust
     it), type or pick its name and press **add still**. Each box drawn on the frame goes to the
     reference folder (:func:`~.stage.add_still`) under its name; the next run of stage 03 fits on
     it.
@@ -250,8 +254,17 @@ class StillPicker:
     def __init__(self, run: Run, cfg: RunConfig):
         self.run, self.cfg = run, cfg
         self.frames = run.read_table("frames").sort("frame_index")
+        # The movie's frame rate (stage 01's manifest): times typed in go_to and shown per frame.
+        self.fps = float(((run.read_manifest("extract") or {}).get("facts") or {}).get("fps") or 25.0)
         last = max(0, self.frames.height - 1)
         self.frame = widgets.IntSlider(value=0, min=0, max=last, description="frame", continuous_update=False)
+        # A film has thousands of extracted frames: a user who saw the character at 12:34 in a
+        # player goes there rather than dragging the slider over them.
+        self.go = widgets.Text(
+            placeholder="go to 1:30, 90.5s, a frame number or shot 12",
+            continuous_update=False,
+            layout=widgets.Layout(width="320px"),
+        )
         self.name = widgets.Combobox(placeholder="character name")
         self.boxes = BBoxWidget(hide_buttons=True)
         self._offer_names()
@@ -260,10 +273,16 @@ class StillPicker:
         )
         self.status = widgets.HTML()
         self.frame.observe(lambda _: self.show(), names="value")
+        self.go.observe(lambda change: self.go_to(change["new"]), names="value")
         self.name.observe(lambda change: self._typed(change["new"]), names="value")
         self.button.on_click(lambda _: self.add_boxes())
         self.widget = widgets.VBox(
-            [self.frame, self.boxes, widgets.HBox([self.name, self.button]), self.status]
+            [
+                widgets.HBox([self.frame, self.go]),
+                self.boxes,
+                widgets.HBox([self.name, self.button]),
+                self.status,
+            ]
         )
         if self.frames.height:
             self.show()
@@ -280,6 +299,35 @@ class StillPicker:
 
     def frame_id(self) -> str:
         return self.frames["frame_id"][self.frame.value]
+
+    def go_to(self, where: str) -> bool:
+        """Show the extracted frame nearest to ``where``: a time of the film or a frame number, as
+        PySceneDetect's ``FrameTimecode`` reads them (``1:30``, ``0:01:30.5``, ``90.5s``, ``2250``),
+        or ``shot N`` (its first extracted frame). False, with the reason in the status, when
+        there is no such place."""
+        where = where.strip()
+        if not where or not self.frames.height:
+            return False
+        shot = re.fullmatch(r"shot\s*(\d+)", where, flags=re.IGNORECASE)
+        if shot:
+            rows = np.flatnonzero(self.frames["shot_id"].to_numpy() == int(shot.group(1)))
+            if not len(rows):
+                self.status.value = _error(f"no frame of shot {shot.group(1)} was extracted")
+                return False
+            index = int(rows[0])
+        else:
+            try:
+                target = FrameTimecode(where, fps=self.fps).frame_num
+            except (ValueError, TypeError):
+                self.status.value = _error(
+                    f"{where!r} is not a time (1:30, 0:01:30.5, 90.5s), a frame number or 'shot N'"
+                )
+                return False
+            index = int(np.abs(self.frames["frame_index"].to_numpy() - target).argmin())
+        if index == self.frame.value:
+            self.show()
+        self.frame.value = index
+        return True
 
     def _typed(self, name: str) -> None:
         """A name typed or picked labels the boxes drawn next, and the boxes drawn without a
@@ -302,7 +350,10 @@ class StillPicker:
             self.status.value = _error(f"frame file {row['path']} cannot be read")
             return
         self.boxes.image_bytes = path.read_bytes()
-        self.status.value = f"{row['frame_id']} (shot {row.get('shot_id')}): drag a box around the character"
+        when = FrameTimecode(float(row["timestamp_s"]), fps=self.fps).get_timecode(precision=1)
+        self.status.value = (
+            f"{row['frame_id']} (shot {row.get('shot_id')}, {when}): drag a box around the character"
+        )
 
     def drawn(self) -> list[tuple[tuple[int, int, int, int], str]]:
         """The boxes drawn on the frame, (left, top, right, bottom) in the frame's pixels, each
