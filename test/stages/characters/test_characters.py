@@ -556,6 +556,9 @@ def test_still_picker_goes_to_a_time_a_frame_or_a_shot(discovered, tmp_path):
     assert not picker.go_to("soon") and "is not a time" in picker.status.value
     assert not picker.go_to("shot 999") and "no frame of shot 999" in picker.status.value
     assert picker.frame.value == shown
+    picker.boxes.bboxes = [{"x": 10, "y": 20, "width": 80, "height": 100, "label": ""}]
+    assert picker.go_to(f"shot {shot}") and "drag a box" in picker.status.value  # the error line goes
+    assert len(picker.boxes.bboxes) == 1  # and the box drawn on the frame already shown stays
     picker.go.value = "0:00"  # typed in the box: the first frame
     assert picker.frame.value == 0
 

@@ -237,8 +237,8 @@ class AppearanceFixer:
 class StillPicker:
     """Add a still from the film as a reference picture of a character: pick a frame with the
     slider, or go to a time of the film (``1:30``, ``0:01:30.5``, ``90.5s``), a frame number or a
-    shot (``shot 12``), drag a box around the character on the picture (drag its edges or corners to adjust
-    it), type or pick its name and press **add still**. Each box drawn on the frame goes to the
+    shot (``shot 12``), drag a box around the character on the picture (drag its edges or corners
+    to adjust it), type or pick its name and press **add still**. Each box drawn on the frame goes to the
     reference folder (:func:`~.stage.add_still`) under its name; the next run of stage 03 fits on
     it.
 
@@ -324,8 +324,8 @@ class StillPicker:
                 )
                 return False
             index = int(np.abs(self.frames["frame_index"].to_numpy() - target).argmin())
-        if index == self.frame.value:
-            self.show()
+        if index == self.frame.value:  # already shown: its boxes stay, the error line goes
+            self.status.value = self._where(self.frames.row(index, named=True))
         self.frame.value = index
         return True
 
@@ -350,10 +350,12 @@ class StillPicker:
             self.status.value = _error(f"frame file {row['path']} cannot be read")
             return
         self.boxes.image_bytes = path.read_bytes()
+        self.status.value = self._where(row)
+
+    def _where(self, row: dict[str, Any]) -> str:
+        """The status line of the frame ``row`` shown: its id, shot and time in the film."""
         when = FrameTimecode(float(row["timestamp_s"]), fps=self.fps).get_timecode(precision=1)
-        self.status.value = (
-            f"{row['frame_id']} (shot {row.get('shot_id')}, {when}): drag a box around the character"
-        )
+        return f"{row['frame_id']} (shot {row.get('shot_id')}, {when}): drag a box around the character"
 
     def drawn(self) -> list[tuple[tuple[int, int, int, int], str]]:
         """The boxes drawn on the frame, (left, top, right, bottom) in the frame's pixels, each
