@@ -529,6 +529,18 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     assert "pip" in picker.name.options
     picker.frame.value = 6  # another frame: the drawer starts empty
     assert picker.boxes.bboxes == []
+    assert picker.hint.value == ""  # stage 03 named every character it had pictures of
+
+    # A character stage 03 found in no frame is named above the frame and typed in for its still.
+    manifest = run.read_manifest("characters")
+    manifest["facts"]["characters_not_found"] = ["wyvern", "stranger"]
+    run.write_manifest("characters", manifest)
+    picker = StillPicker(run, cfg)
+    assert "<b>wyvern</b>, <b>stranger</b>" in picker.hint.value and picker.name.value == "wyvern"
+    picker.boxes.bboxes = [{"x": 10, "y": 20, "width": 80, "height": 100, "label": ""}]
+    assert picker.drawn()[0][1] == "wyvern"
+    assert [p.parent.name for p in picker.add_boxes()] == ["wyvern"]
+    assert "<b>wyvern</b> (still added), <b>stranger</b>." in picker.hint.value
 
 
 def test_still_picker_goes_to_a_time_a_frame_or_a_shot(discovered, tmp_path):

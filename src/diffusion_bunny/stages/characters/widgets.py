@@ -272,12 +272,19 @@ class StillPicker:
             description="add still", icon="plus", layout=widgets.Layout(width="110px")
         )
         self.status = widgets.HTML()
+        # The characters the last run of stage 03 found in no frame: the ones a still is for.
+        facts = (run.read_manifest("characters") or {}).get("facts") or {}
+        self.missing = list(facts.get("characters_not_found") or [])
+        self.still_added: set[str] = set()
+        self.hint = widgets.HTML()
+        self._hint()
         self.frame.observe(lambda _: self.show(), names="value")
         self.go.observe(lambda change: self.go_to(change["new"]), names="value")
         self.name.observe(lambda change: self._typed(change["new"]), names="value")
         self.button.on_click(lambda _: self.add_boxes())
         self.widget = widgets.VBox(
             [
+                self.hint,
                 widgets.HBox([self.frame, self.go]),
                 self.boxes,
                 widgets.HBox([self.name, self.button]),
@@ -286,8 +293,24 @@ class StillPicker:
         )
         if self.frames.height:
             self.show()
+            if self.missing:  # the first of them typed in: a box drawn is a still of it
+                self.name.value = self.missing[0]
         else:
             self.status.value = "no frames: run stages extract and quality first"
+
+    def _hint(self) -> None:
+        """The line above the frame naming the characters found in no frame (those given a still
+        here since are marked), or nothing when there are none."""
+        if not self.missing:
+            self.hint.value = ""
+            return
+        names = ", ".join(
+            f"<b>{n}</b>" + (" (still added)" if n in self.still_added else "") for n in self.missing
+        )
+        self.hint.value = (
+            f"Found in no frame by the last run of stage 03: {names}. Go to where you saw one, box it and "
+            "add a still; then rerun stage characters."
+        )
 
     def known_names(self) -> list[str]:
         """The characters that have a reference folder (or a name in the faces table)."""
@@ -385,6 +408,8 @@ class StillPicker:
         self.boxes.bboxes = kept
         if written:
             names = sorted({p.parent.name for p in written})
+            self.still_added.update(names)
+            self._hint()
             self.status.value = (
                 f"added {len(written)} still(s) to the references of <b>{', '.join(names)}</b>; "
                 "rerun stage characters to fit on them"
