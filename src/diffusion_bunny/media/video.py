@@ -93,6 +93,15 @@ def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
     return buf.reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
+def _sample(plane: np.ndarray, step_y: int, step_x: int) -> np.ndarray:
+    """Every ``step_y``-th row and ``step_x``-th column of ``plane``, contiguous. The rows are
+    copied first (whole lines, a memory copy) and the columns taken from that: numpy gathers a
+    2-D stride in both directions at half the speed (70 against 32 microseconds for 720p luma
+    at a step of 5), on the thread that feeds the decoder every frame."""
+    rows = np.ascontiguousarray(plane[::step_y]) if step_y > 1 else plane
+    return np.ascontiguousarray(rows[:, ::step_x])
+
+
 def analysis_copy(frame: av.VideoFrame, step: int, detect_factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Small copies of ``frame``: BGR for the shot detector and grayscale for sharpness and
     motion, sampled straight from the decoded planes.
@@ -107,20 +116,19 @@ def analysis_copy(frame: av.VideoFrame, step: int, detect_factor: int = 1) -> tu
     """
     name = frame.format.name
     if name in _PLANAR_YUV:
-        y_full = _plane(frame, 0)
-        gray = np.ascontiguousarray(y_full[::step, ::step])
+        gray = _sample(_plane(frame, 0), step, step)
         dstep = step * detect_factor
-        y = gray[::detect_factor, ::detect_factor] if detect_factor > 1 else gray
+        y = _sample(gray, detect_factor, detect_factor) if detect_factor > 1 else gray
         h, w = y.shape
         u_full, v_full = _plane(frame, 1), _plane(frame, 2)
         cstep_y = max(1, round(dstep * u_full.shape[0] / frame.height))
         cstep_x = max(1, round(dstep * u_full.shape[1] / frame.width))
-        u = u_full[::cstep_y, ::cstep_x][:h, :w]
-        v = v_full[::cstep_y, ::cstep_x][:h, :w]
+        u = _sample(u_full, cstep_y, cstep_x)[:h, :w]
+        v = _sample(v_full, cstep_y, cstep_x)[:h, :w]
         if u.shape != y.shape:
             u = cv2.resize(np.ascontiguousarray(u), (w, h), interpolation=cv2.INTER_NEAREST)
             v = cv2.resize(np.ascontiguousarray(v), (w, h), interpolation=cv2.INTER_NEAREST)
-        ycrcb = cv2.merge([np.ascontiguousarray(y), np.ascontiguousarray(v), np.ascontiguousarray(u)])
+        ycrcb = cv2.merge([y, np.ascontiguousarray(v), np.ascontiguousarray(u)])
         return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR), gray
     w = max(1, frame.width // step)
     h = max(1, frame.height // step)
