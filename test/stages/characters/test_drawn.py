@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import polars as pl
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.cartoons import Pose, cast, draw
+from diffusion_bunny.demo.character_truth import truth_dir
 from diffusion_bunny.demo.movie import build_demo_references, walk_at
 from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.media.samples import load_source
@@ -25,7 +27,15 @@ from diffusion_bunny.models.faces import DetectSettings, ReferenceSet
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
 from diffusion_bunny.stages.characters.identify import label_faces
-from diffusion_bunny.stages.characters.references import GREY, cut_out, load_character_references, on_grey
+from diffusion_bunny.stages.characters.references import (
+    GREY,
+    ReferenceProblem,
+    cut_out,
+    grabcut_mask,
+    load_character_references,
+    on_grey,
+    rare_colour_mask,
+)
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
 
@@ -76,6 +86,31 @@ def test_a_sprite_and_a_drawing_on_a_plain_ground_are_cut_out():
     # Most of the plain ground is transparent, most of the girl opaque.
     alpha = cut[..., 3] > 128
     assert 0.3 < alpha.mean() < 0.95
+
+
+def test_a_poster_grabcut_cannot_separate_is_cut_out_by_the_colours_its_border_lacks():
+    # FLARE's water wyvern (the character truth set's poster reference): small, blue, among
+    # pillars and domes whose colours fill any rectangle GrabCut could start from.
+    path = truth_dir() / "refs" / "flare" / "wyvern_water" / "poster_swing_d5_4.jpg"
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert grabcut_mask(rgb) is None
+    cut, how, box = cut_out(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    assert how == "rare colours"
+    # The wyvern, boxed by hand on the poster (797 x 580): wing tip to tail.
+    wyvern = (225, 200, 595, 425)
+    inter = max(0, min(box[2], wyvern[2]) - max(box[0], wyvern[0])) * max(
+        0, min(box[3], wyvern[3]) - max(box[1], wyvern[1])
+    )
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (wyvern[2] - wyvern[0]) * (wyvern[3] - wyvern[1]) - inter
+    assert inter / union > 0.7, box
+    assert 0.2 < (cut[..., 3] > 128).mean() < 0.7  # the wyvern, not its box
+    # A picture without a subject stays one line: noise, a plain gradient.
+    rng = np.random.default_rng(0)
+    gradient = np.dstack([np.tile(np.linspace(0, 255, 300), (200, 1))] * 3).astype(np.uint8)
+    for picture in (rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), gradient):
+        assert rare_colour_mask(picture) is None
+        with pytest.raises(ReferenceProblem, match="no subject that stands out"):
+            cut_out(np.dstack([picture, np.full(picture.shape[:2], 255, np.uint8)]))
 
 
 def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):

@@ -49,6 +49,13 @@ GRABCUT_INSET = 0.15
 #: subject: a head crop, cut by the picture's edges), when it starts again from this inset.
 GRABCUT_EDGE_SHARE = 0.25
 GRABCUT_TIGHT_INSET = 0.03
+#: Where GrabCut finds no subject, the colours rare on the picture's border: the band of this
+#: share of the shorter side around the picture is its background's sample ...
+BORDER_BAND = 0.08
+#: ... a colour (Lab, 8 x 16 x 16 bins) of which the band holds less than this share is rare ...
+RARE_SHARE = 1e-3
+#: ... and the largest part of the rare pixels is taken when it covers this much of the picture.
+RARE_SUBJECT = (0.01, 0.5)
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,43 @@ def grabcut_mask(rgb: np.ndarray, seed: int = 0) -> np.ndarray | None:
     return cv2.resize(subject.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def rare_colour_mask(rgb: np.ndarray) -> np.ndarray | None:
+    """The subject of an opaque picture as the largest part of the pixels whose colour is rare on
+    the picture's border (:data:`BORDER_BAND`, :data:`RARE_SHARE`), or None when that part is
+    under or over :data:`RARE_SUBJECT` of the picture.
+
+    Why: GrabCut, started from a rectangle, learns the subject's colours from all of that
+    rectangle; in a poster where the character is small among a busy scene whose colours run
+    into the rectangle (FLARE's water wyvern among pillars and domes) it calls everything
+    background. A poster's border shows its background and rarely the character, so the colours
+    the border lacks mark the character (the boundary prior of salient-object detection): the
+    water wyvern came out whole, where GrabCut from any rectangle, even one around the wyvern,
+    gave nothing. It is only asked when GrabCut finds no subject, so what GrabCut cuts out stays
+    as it was."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, GRABCUT_SIDE / max(height, width))
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    lab = cv2.cvtColor(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2LAB)
+    h, w = lab.shape[:2]
+    band = max(2, round(BORDER_BAND * min(h, w)))
+    border = np.zeros((h, w), np.uint8)
+    border[:band] = border[-band:] = 1
+    border[:, :band] = border[:, -band:] = 1
+    hist = cv2.calcHist([lab], [0, 1, 2], border, [8, 16, 16], [0, 256, 0, 256, 0, 256])
+    hist /= max(float(hist.sum()), 1.0)
+    share = hist[lab[..., 0] // 32, lab[..., 1] // 16, lab[..., 2] // 16]
+    rare = ((share < RARE_SHARE) & (border == 0)).astype(np.uint8)
+    rare = cv2.morphologyEx(rare, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(rare, connectivity=8)
+    if count <= 1:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    subject = labels == largest
+    if not RARE_SUBJECT[0] <= float(subject.mean()) <= RARE_SUBJECT[1]:
+        return None
+    return cv2.resize(subject.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+
+
 def cut_out(rgba: np.ndarray) -> tuple[np.ndarray, str, tuple[int, int, int, int]]:
     """The character of one picture, cut out: (RGBA cropped to it, how it was separated, its box
     in the picture). Raises :class:`ReferenceProblem` when nothing usable is left."""
@@ -194,7 +238,9 @@ def cut_out(rgba: np.ndarray) -> tuple[np.ndarray, str, tuple[int, int, int, int
         rgb = np.ascontiguousarray(rgba[..., :3])
         if float(rgb.reshape(-1, 3).std(axis=0).max()) < 2.0:
             raise ReferenceProblem("is blank (one colour)")
-        mask = grabcut_mask(rgb)
+        mask, how = grabcut_mask(rgb), "grabcut"
+        if mask is None:
+            mask, how = rare_colour_mask(rgb), "rare colours"
         if mask is None:
             # The whole picture would teach its background as the character.
             raise ReferenceProblem(
@@ -202,7 +248,7 @@ def cut_out(rgba: np.ndarray) -> tuple[np.ndarray, str, tuple[int, int, int, int
                 "character or give a picture with transparency"
             )
         alpha = cv2.GaussianBlur(mask.astype(np.uint8) * 255, (3, 3), 0)
-        cut, how = np.dstack([rgb, alpha]), "grabcut"
+        cut = np.dstack([rgb, alpha])
     box = content_box(cut[..., 3])
     if box is None:
         raise ReferenceProblem("shows nothing (fully transparent)")
