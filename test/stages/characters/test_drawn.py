@@ -337,7 +337,38 @@ def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, d
     assert (
         taken["mika_sprite.png"]["how"] == "transparency" and taken["biscuit_poster.jpg"]["how"] == "grabcut"
     )
+    # Each cut-out is kept as the fitted detector learns it: the poster's background taken away.
+    cut = Image.open(taken["biscuit_poster.jpg"]["cutout"])
+    alpha = np.asarray(cut.convert("RGBA"))[..., 3]
+    left, top, right, bottom = taken["biscuit_poster.jpg"]["box"]
+    assert cut.size == (right - left, bottom - top)
+    assert 0.05 < (alpha < 128).mean() < 0.9
     json.dumps(facts)  # the manifest holds plain JSON
+
+
+def test_the_reference_sheet_shows_a_cut_out_on_grey_and_the_box_when_its_file_is_gone(tmp_path):
+    from diffusion_bunny.stages.characters.plots import reference_sheet
+
+    picture = np.zeros((200, 240, 3), np.uint8)
+    picture[:] = (200, 40, 40)  # a red poster ...
+    picture[70:130, 90:150] = (40, 40, 200)  # ... with a blue character in it
+    save(tmp_path / "poster.png", picture)
+    cutout = np.zeros((100, 100, 4), np.uint8)
+    cutout[..., 0] = 200  # the poster's box, red ...
+    cutout[20:80, 20:80] = (40, 40, 200, 255)  # ... with only the character kept
+    save(tmp_path / "cut.png", cutout)
+    row = {"path": str(tmp_path / "poster.png"), "character": "blue", "use": "cutout", "how": "grabcut"}
+    row["box"] = [70, 50, 170, 150]
+
+    def count(sheet: Image.Image, colour: tuple[int, int, int]) -> int:
+        return int((np.asarray(sheet.convert("RGB")) == colour).all(axis=2).sum())
+
+    shown = reference_sheet([{**row, "cutout": str(tmp_path / "cut.png")}])
+    # Grey where the background was taken away; nothing of the poster's red.
+    assert count(shown, (128, 128, 128)) > 2000 and count(shown, (200, 40, 40)) == 0
+    # Without the cut-out's file (a cleaned cache), the box of the picture is shown instead.
+    fallback = reference_sheet([{**row, "cutout": str(tmp_path / "gone.png")}])
+    assert count(fallback, (200, 40, 40)) > 2000 and count(fallback, (128, 128, 128)) < 50
 
 
 def shot_walk(shot_id: int):

@@ -117,8 +117,10 @@ def sheet_order(faces: pl.DataFrame, group: str = "character") -> pl.DataFrame:
 def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
     """What stage 03 took from each reference picture (the manifest's ``references_taken``): per
     character, each picture cut to the part used, labelled with how it was separated (``face
-    box``, ``transparency``, ``grabcut``); a picture left out is shown whole, framed in red (its
-    reason is in the stage's warnings)."""
+    box``, ``transparency``, ``grabcut``, ``rare colours``); a drawn character's cut-out is shown
+    as the fitted detector learns it, on grey where its background was taken away (from the
+    run's saved cut-out, or the picture's box when that file is gone); a picture left out is
+    shown whole, framed in red (its reason is in the stage's warnings)."""
     by_character: dict[str, list[dict]] = {}
     for t in taken:
         by_character.setdefault(t["character"], []).append(t)
@@ -127,13 +129,15 @@ def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
         tiles = []
         for t in pictures:
             left_out = t["use"] == "left out"
+            cutout = Path(t["cutout"]) if t.get("cutout") else None
+            shown = cutout if cutout is not None and cutout.is_file() else None
             tiles.append(
                 Tile(
-                    Path(t["path"]),
+                    shown or Path(t["path"]),
                     label="left out" if left_out else t["how"],
                     label_colour="#C0392B" if left_out else "#444444",
                     outline="#C0392B" if left_out else None,
-                    crop=None if left_out or not t["box"] else tuple(t["box"]),
+                    crop=None if left_out or shown or not t["box"] else tuple(t["box"]),
                     missing="unreadable",
                 )
             )

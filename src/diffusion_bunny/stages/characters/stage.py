@@ -474,6 +474,30 @@ def _references(
     return refs, pictures
 
 
+def save_cutouts(run_dir: Path, pictures: ReferencePictures) -> dict[str, str]:
+    """Each drawn character's cut-outs written as transparent PNGs to
+    ``<run>/cache/characters/cutouts/`` (the files of an earlier run removed); returns the
+    reference picture's path -> its cut-out's file.
+
+    Why: notebook 03's reference sheet shows what the fitted detector learns from, the character
+    with its separated background gone, not the box it was cut from: a GrabCut that kept half a
+    poster's background looks, as a box, like one that kept the character alone."""
+    folder = Path(run_dir) / "cache" / "characters" / "cutouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink(missing_ok=True)
+    files: dict[str, str] = {}
+    for name, cutouts in pictures.cutouts.items():
+        taken = [t for t in pictures.taken if t.character == name and t.use == "cutout"]
+        for number, (t, rgba) in enumerate(zip(taken, cutouts, strict=True)):
+            out = folder / f"{len(files):03d}-{number}.png"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA))
+            if ok:
+                atomic_write_bytes(out, png.tobytes())
+                files[str(t.path)] = str(out)
+    return files
+
+
 def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> list[str]:
     """The characters with usable reference pictures after whom no appearance is named, sorted.
 
@@ -563,6 +587,7 @@ def compute(ctx: Context) -> StageOutput:
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
     refs, pictures = _references(ref_dir, settings, warnings)
+    cutouts = save_cutouts(run_dir, pictures)
     fitted, fitted_facts, hub = _drawn_backend(ctx, pictures, scan, quality)
     detections, face_frames, facts = detect_faces(
         run_dir,
@@ -603,7 +628,10 @@ def compute(ctx: Context) -> StageOutput:
         characters_not_found=missed,
         reference_dir=str(ref_dir) if ref_dir else None,
         reference_files=refs.files,
-        references_taken=[t.as_fact() for t in pictures.taken],
+        references_taken=[
+            {**t.as_fact(), **({"cutout": cutouts[str(t.path)]} if str(t.path) in cutouts else {})}
+            for t in pictures.taken
+        ],
         thresholds=character_thresholds(refs, cfg),
     )
     # The sharpness of each searched frame's largest face (the subject), beside its status: stage
