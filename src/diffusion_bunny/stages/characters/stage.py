@@ -483,6 +483,8 @@ def save_cutouts(run_dir: Path, pictures: ReferencePictures) -> dict[str, str]:
     with its separated background gone, not the box it was cut from: a GrabCut that kept half a
     poster's background looks, as a box, like one that kept the character alone."""
     folder = Path(run_dir) / "cache" / "characters" / "cutouts"
+    if not pictures.cutouts and not folder.is_dir():
+        return {}
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink(missing_ok=True)
