@@ -500,6 +500,16 @@ def save_cutouts(run_dir: Path, pictures: ReferencePictures) -> dict[str, str]:
     return files
 
 
+def taken_facts(run_dir: Path, pictures: ReferencePictures) -> list[dict[str, Any]]:
+    """The manifest's ``references_taken``: what was taken from each picture, with the file of
+    each drawn cut-out (:func:`save_cutouts`, written now)."""
+    cutouts = save_cutouts(run_dir, pictures)
+    return [
+        {**t.as_fact(), **({"cutout": cutouts[str(t.path)]} if str(t.path) in cutouts else {})}
+        for t in pictures.taken
+    ]
+
+
 def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> list[str]:
     """The characters with usable reference pictures after whom no appearance is named, sorted.
 
@@ -589,7 +599,6 @@ def compute(ctx: Context) -> StageOutput:
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
     refs, pictures = _references(ref_dir, settings, warnings)
-    cutouts = save_cutouts(run_dir, pictures)
     fitted, fitted_facts, hub = _drawn_backend(ctx, pictures, scan, quality)
     detections, face_frames, facts = detect_faces(
         run_dir,
@@ -630,10 +639,7 @@ def compute(ctx: Context) -> StageOutput:
         characters_not_found=missed,
         reference_dir=str(ref_dir) if ref_dir else None,
         reference_files=refs.files,
-        references_taken=[
-            {**t.as_fact(), **({"cutout": cutouts[str(t.path)]} if str(t.path) in cutouts else {})}
-            for t in pictures.taken
-        ],
+        references_taken=taken_facts(run_dir, pictures),
         thresholds=character_thresholds(refs, cfg),
     )
     # The sharpness of each searched frame's largest face (the subject), beside its status: stage
