@@ -129,8 +129,7 @@ def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
         tiles = []
         for t in pictures:
             left_out = t["use"] == "left out"
-            cutout = Path(t["cutout"]) if t.get("cutout") else None
-            shown = cutout if cutout is not None and cutout.is_file() else None
+            shown = Path(t["cutout"]) if t.get("cutout") and Path(t["cutout"]).is_file() else None
             tiles.append(
                 Tile(
                     shown or Path(t["path"]),

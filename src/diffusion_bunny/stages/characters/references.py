@@ -171,15 +171,22 @@ def _grabcut(small: np.ndarray, inset: float, seed: int) -> tuple[np.ndarray, fl
     return subject, float(edge.mean()) if edge.size else 0.0
 
 
+def _shrunk(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` at most :data:`GRABCUT_SIDE` pixels on its longer side: what a subject is
+    separated on (the mask is scaled back to the picture)."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, GRABCUT_SIDE / max(height, width))
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
 def grabcut_mask(rgb: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """The subject of an opaque picture as a boolean mask, by GrabCut from a rectangle
     :data:`GRABCUT_INSET` inside the border (from :data:`GRABCUT_TIGHT_INSET` when the subject
     runs along that rectangle: a head crop); None when it finds no plausible subject (under 5% or
     over 95% of the picture)."""
     height, width = rgb.shape[:2]
-    scale = min(1.0, GRABCUT_SIDE / max(height, width))
-    size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    small = _shrunk(rgb)
     found = _grabcut(small, GRABCUT_INSET, seed)
     if found is not None and found[1] > GRABCUT_EDGE_SHARE:
         found = _grabcut(small, GRABCUT_TIGHT_INSET, seed)
@@ -206,9 +213,7 @@ def rare_colour_mask(rgb: np.ndarray) -> np.ndarray | None:
     gave nothing. It is only asked when GrabCut finds no subject, so what GrabCut cuts out stays
     as it was."""
     height, width = rgb.shape[:2]
-    scale = min(1.0, GRABCUT_SIDE / max(height, width))
-    size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    lab = cv2.cvtColor(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2LAB)
+    lab = cv2.cvtColor(_shrunk(rgb), cv2.COLOR_RGB2LAB)
     h, w = lab.shape[:2]
     band = max(2, round(BORDER_BAND * min(h, w)))
     border = np.zeros((h, w), np.uint8)
@@ -219,11 +224,7 @@ def rare_colour_mask(rgb: np.ndarray) -> np.ndarray | None:
     share = hist[lab[..., 0] // 32, lab[..., 1] // 16, lab[..., 2] // 16]
     rare = ((share < RARE_SHARE) & (border == 0)).astype(np.uint8)
     rare = cv2.morphologyEx(rare, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(rare, connectivity=8)
-    if count <= 1:
-        return None
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    subject = labels == largest
+    subject = _largest_parts(rare > 0, keep=1.0)
     if not RARE_SUBJECT[0] <= float(subject.mean()) <= RARE_SUBJECT[1]:
         return None
     return cv2.resize(subject.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0

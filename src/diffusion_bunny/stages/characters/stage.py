@@ -493,9 +493,7 @@ def save_cutouts(run_dir: Path, pictures: ReferencePictures) -> dict[str, str]:
         taken = [t for t in pictures.taken if t.character == name and t.use == "cutout"]
         for number, (t, rgba) in enumerate(zip(taken, cutouts, strict=True)):
             out = folder / f"{len(files):03d}-{number}.png"
-            ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA))
-            if ok:
-                atomic_write_bytes(out, png.tobytes())
+            if _write_png(out, rgba):
                 files[str(t.path)] = str(out)
     return files
 
@@ -741,9 +739,12 @@ def face_crop(rgb: np.ndarray, box: tuple[int, int, int, int], *, margin: float 
 
 
 def _write_png(out: Path, rgb: np.ndarray) -> bool:
-    """``rgb`` written atomically as the PNG ``out`` (a temporary named by pid, swept if killed);
-    False when there is nothing to write."""
-    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)) if rgb.size else (False, None)
+    """``rgb`` (or RGBA, kept transparent) written atomically as the PNG ``out`` (a temporary
+    named by pid, swept if killed); False when there is nothing to write."""
+    to_bgr = cv2.COLOR_RGBA2BGRA if rgb.ndim == 3 and rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR
+    if not rgb.size:
+        return False
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), to_bgr))
     if not ok:
         return False
     atomic_write_bytes(out, png.tobytes())
