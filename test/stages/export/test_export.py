@@ -189,6 +189,46 @@ def test_character_box_frames_the_whole_character_never_longer_than_the_limit():
     assert box[0] == 0 and box[1] >= 140 and box[3] <= 580
 
 
+def test_a_small_character_takes_in_its_scene_up_to_the_limit_instead_of_being_enlarged():
+    # A 100x125 sprite: framed 120x150 (side 134), widened to a side of 256 with its shape, centred.
+    box = character_box((600, 300, 700, 425), (0, 0, 1280, 720), 0.1, 2.0, min_side=256, max_context=2.0)
+    w, h = box[2] - box[0], box[3] - box[1]
+    assert abs(np.sqrt(w * h) - 256) <= 1 and abs(w / h - 0.8) < 0.01
+    assert abs((box[0] + box[2]) / 2 - 650) <= 1 and abs((box[1] + box[3]) / 2 - 362.5) <= 1
+    # Never more than max_context times its framed side: a 40x50 sprite (side 54) grows to 108.
+    box = character_box((600, 300, 640, 350), (0, 0, 1280, 720), 0.1, 2.0, min_side=256, max_context=2.0)
+    assert (box[2] - box[0], box[3] - box[1]) == (96, 120)
+    # At the frame's corner the widened crop is shifted inside, the character still in it.
+    box = character_box((0, 0, 100, 125), (0, 0, 1280, 720), 0.1, 2.0, min_side=256, max_context=2.0)
+    assert box[0] == 0 and box[1] == 0 and box[2] >= 100 and box[3] >= 125
+    # A large character is left as it is.
+    assert character_box((100, 100, 500, 300), (0, 0, 1280, 720), 0.1, 2.0, 256, 2.0) == (60, 80, 540, 320)
+
+
+def test_small_drawn_characters_get_a_widened_crop_the_trainer_need_not_enlarge_more_than_twice():
+    frames, quality, _, captions = small_tables(n_shots=2)
+    frames = frames.with_columns(pl.lit(1280).alias("width"), pl.lit(720).alias("height"))
+    ids = frames["frame_id"].to_list()
+    faces = appearances_table(ids).with_columns(
+        # The fourth frame's dog: 110x130 instead of 60x40 (framed 132x156, side 143).
+        pl.when(pl.col("frame_id") == ids[3]).then(pl.lit(240)).otherwise(pl.col("right")).alias("right"),
+        pl.when(pl.col("frame_id") == ids[3]).then(pl.lit(300)).otherwise(pl.col("bottom")).alias("bottom"),
+        pl.when(pl.col("frame_id") == ids[3]).then(pl.lit(130)).otherwise(pl.col("left")).alias("left"),
+        pl.when(pl.col("frame_id") == ids[3]).then(pl.lit(170)).otherwise(pl.col("top")).alias("top"),
+    )
+    cfg = ExportSettings(crops=("full", "character"), crop_resolution=512, max_upscale=2.0)
+    items, counts, dropped = select_items(frames, quality, faces, captions, cfg)
+    dog = items.filter((pl.col("frame_id") == ids[3]) & (pl.col("crop") == "character")).row(0, named=True)
+    w, h = dog["right"] - dog["left"], dog["bottom"] - dog["top"]
+    assert 512 / np.sqrt(w * h) <= 2.0 and dog["characters"] == ["dog"]
+    assert dog["left"] <= 130 and dog["top"] <= 170 and dog["right"] >= 240 and dog["bottom"] >= 300
+    assert counts["upscaled_crops"] == 0 and not dropped
+    # With no room to widen (character_max_context 1) it is left out as before.
+    tight = cfg.model_copy(update={"character_max_context": 1.0})
+    items, counts, dropped = select_items(frames, quality, faces, captions, tight)
+    assert counts["upscaled_crops"] == 1 and [d["reason"] for d in dropped] == ["upscaled"]
+
+
 def appearances_table(frame_ids: list[str]) -> pl.DataFrame:
     """Named appearances of both kinds, with their sharpness: a drawn dog and a drawn girl in the
     first frame, a sharp face in the second, the same face far behind and soft in the third, a

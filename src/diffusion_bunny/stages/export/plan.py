@@ -9,7 +9,9 @@ plan before any image is written.
   face heights tall, ``half_body_aspect`` wide, half a face height of head room); every named
   drawn character a ``character`` crop (its box, framed as its references frame it, with
   ``character_margin`` around it, never longer than ``character_max_aspect``: a character is
-  no face, and a square would cut a long one off). Crops are clamped to the frame: shifted
+  no face, and a square would cut a long one off; a small one with more of its scene around it,
+  up to ``character_max_context`` times the side, so that the trainer need not enlarge it more
+  than ``max_upscale`` times). Crops are clamped to the frame: shifted
   inside it first, shrunk only when the frame is too small. An item's ``characters`` are the
   named appearances whose box centre lies inside its crop.
 * **Crops worth learning from.** A face or character crop the trainer would enlarge more than
@@ -30,6 +32,7 @@ plan before any image is written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,15 +101,38 @@ def half_body_box(face: Box, bounds: Box, face_heights: float, aspect: float) ->
     return clamp_box((left + right) / 2, cy, w, h, bounds)
 
 
-def character_box(box: Box, bounds: Box, margin: float, max_aspect: float) -> Box:
+def character_box(
+    box: Box, bounds: Box, margin: float, max_aspect: float, min_side: float = 0.0, max_context: float = 1.0
+) -> Box:
     """A drawn character's crop: its box with ``margin`` of its size on every side, its short
     side widened until it is at most ``max_aspect`` times shorter than the long one, inside
-    ``bounds``."""
+    ``bounds``.
+
+    A crop whose side (the square root of its area) is under ``min_side`` takes in more of the
+    frame around the character, keeping its shape, up to ``max_context`` times its side. Why: in
+    drawn and animated films characters are often 80-250 px tall at 720p (a sprite, a creature
+    seen whole), so their tight crop is one the trainer would enlarge 3-5 times, and left out
+    as upscaled the character got no picture of its own; the same character with some of its
+    scene around it is a sharp picture centred on it. Bounded, so that a character a few pixels
+    high never passes for the subject of a picture that is mostly scenery."""
     left, top, right, bottom = box
     w = (right - left) * (1 + 2 * margin)
     h = (bottom - top) * (1 + 2 * margin)
     w, h = max(w, h / max_aspect), max(h, w / max_aspect)
+    side = float(np.sqrt(w * h))
+    if side < min_side:
+        grow = min(max_context, min_side / side)
+        # Rounded up, so that a crop grown to min_side is not a pixel short of it.
+        w, h = math.ceil(w * grow), math.ceil(h * grow)
     return clamp_box((left + right) / 2, (top + bottom) / 2, w, h, bounds)
+
+
+def _character_framing(cfg: ExportSettings) -> tuple[float, float, float, float]:
+    """:func:`character_box`'s ``margin``, ``max_aspect``, ``min_side`` and ``max_context`` from
+    the settings: ``min_side`` is the least side a crop needs for the trainer to enlarge it at
+    most ``max_upscale`` times (0 without that limit)."""
+    least = cfg.crop_resolution / cfg.max_upscale if cfg.max_upscale is not None else 0.0
+    return cfg.character_margin, cfg.character_max_aspect, least, cfg.character_max_context
 
 
 def crop_caption(caption: str, tag: str) -> str:
@@ -217,7 +243,7 @@ def _frame_items(
                 box = half_body_box(fb, bounds, cfg.half_body_face_heights, cfg.half_body_aspect)
                 tag = cfg.half_body_tag
             else:
-                box = character_box(fb, bounds, cfg.character_margin, cfg.character_max_aspect)
+                box = character_box(fb, bounds, *_character_framing(cfg))
                 tag = cfg.character_tag
             if box is None:
                 counts["no_room"] += 1

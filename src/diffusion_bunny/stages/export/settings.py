@@ -25,6 +25,10 @@ class ExportSettings(Section):
     #: Widest (or tallest) a character crop may be, width over height or height over width; a
     #: longer box gets more of the frame on its short sides.
     character_max_aspect: float = Field(2.0, ge=1.0, le=4.0)
+    #: A character crop the trainer would enlarge more than max_upscale times takes in more of
+    #: the frame around the character, its side up to this many times the framed box's, before
+    #: it is left out as upscaled (1: never widened).
+    character_max_context: float = Field(2.0, ge=1.0, le=8.0)
     #: The side the trainer sees pictures at; a face or character crop it would enlarge more than
     #: max_upscale times is left out (null: no limit).
     crop_resolution: int = Field(512, ge=32, le=8192)
