@@ -23,7 +23,13 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, ProviderError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
-from diffusion_bunny.stages.captions.facts import caption_facts, framing_of, light_of, template_caption
+from diffusion_bunny.stages.captions.facts import (
+    caption_facts,
+    crop_template_caption,
+    framing_of,
+    light_of,
+    template_caption,
+)
 from diffusion_bunny.stages.captions.providers import (
     PROMPT_VERSION,
     PROVIDER_DOWN,
@@ -108,6 +114,35 @@ def test_framing_light_and_template_caption():
     empty = {**facts, "characters": [], "unknown_faces": 0, "scene": "noise", "light": ""}
     text, tags = template_caption(empty, cfg)
     assert text == "bunnystyle, no people, close-up, static shot" and "no people" in tags
+
+
+def test_a_crop_gets_the_template_caption_of_what_it_shows():
+    cfg = CaptionsSettings(
+        scene_names={"s002": "kitchen"}, character_descriptions={"biscuit": "a cartoon dog"}
+    )
+    frame = {
+        "characters": ["astronaut", "biscuit"],
+        "unknown_faces": 2,
+        "framing": "wide shot",
+        "motion": "moving shot",
+        "scene": "s002",
+        "light": "dark",
+    }
+    text, tags = template_caption(frame, cfg)
+    assert text.startswith("bunnystyle, astronaut and biscuit, a cartoon dog and 2 other people, wide shot")
+    # The dog's crop: only the dog, the crop's framing, the frame's motion, light and scene.
+    assert crop_template_caption(tags, ["biscuit"], "", cfg) == (
+        "bunnystyle, biscuit, a cartoon dog, moving shot, dark, in the kitchen"
+    )
+    assert crop_template_caption(tags, ["astronaut"], "close-up", cfg) == (
+        "bunnystyle, astronaut, close-up, moving shot, dark, in the kitchen"
+    )
+    # A frame in ordinary light, outside any scene: nothing made up.
+    plain = template_caption({**frame, "light": "", "scene": ""}, cfg)[1]
+    assert (
+        crop_template_caption(plain, ["astronaut"], "close-up", cfg)
+        == "bunnystyle, astronaut, close-up, moving shot"
+    )
 
 
 def test_caption_facts_from_tables():

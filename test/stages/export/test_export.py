@@ -14,6 +14,8 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.captions.facts import template_caption
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA
 from diffusion_bunny.stages.export.plan import (
     assign_split,
@@ -282,6 +284,41 @@ def test_drawn_characters_get_character_crops_and_soft_or_small_crops_are_left_o
     relaxed = cfg.model_copy(update={"max_upscale": None, "min_sharpness_ratio": 0.0})
     items, counts, dropped = select_items(frames, quality, faces, captions, relaxed)
     assert dropped == [] and int((items["crop"] != "full").sum()) == 5
+
+
+def test_crops_of_a_template_captioned_frame_name_only_who_they_show():
+    frames, quality, _, captions = small_tables(n_shots=2)
+    frames = frames.with_columns(pl.lit(1280).alias("width"), pl.lit(720).alias("height"))
+    ids = frames["frame_id"].to_list()
+    faces = appearances_table(ids)
+    words = CaptionsSettings()
+    frame = {"characters": ["dog", "girl"], "unknown_faces": 0, "framing": "wide shot"}
+    frame |= {"motion": "static shot", "scene": "s001", "light": "dark"}
+    caption, tags = template_caption(frame, words)
+    captions = captions.with_columns(
+        pl.when(pl.col("frame_id") == ids[0])
+        .then(pl.lit(caption))
+        .otherwise(pl.col("caption"))
+        .alias("caption"),
+        pl.when(pl.col("frame_id") == ids[0]).then(pl.lit(tags)).otherwise(pl.col("tags")).alias("tags"),
+        # The second frame's caption a person wrote: it is kept, with the crop's tag.
+        pl.when(pl.col("frame_id") == ids[1])
+        .then(pl.lit("edited"))
+        .otherwise(pl.col("status"))
+        .alias("status"),
+    )
+    cfg = ExportSettings(crops=("full", "face", "character"), crop_resolution=512, max_upscale=2.0)
+    items, _, _ = select_items(frames, quality, faces, captions, cfg, words)
+    text = {
+        (r["frame_id"], r["crop"], tuple(r["characters"])): r["text"] for r in items.iter_rows(named=True)
+    }
+    assert text[(ids[0], "full", ("dog", "girl"))] == caption
+    assert text[(ids[0], "character", ("dog",))] == "bunnystyle, dog, static shot, dark, scene s001"
+    assert text[(ids[0], "character", ("girl",))] == "bunnystyle, girl, static shot, dark, scene s001"
+    assert text[(ids[1], "face", ("anna",))] == f"bunnystyle, frame {ids[1]}, close-up"
+    # Without stage 05's settings every crop keeps its frame's caption.
+    items, _, _ = select_items(frames, quality, faces, captions, cfg)
+    assert set(items.filter(pl.col("frame_id") == ids[0])["text"]) == {caption}
 
 
 def test_crop_caption_tag():

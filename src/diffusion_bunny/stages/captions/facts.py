@@ -35,6 +35,11 @@ FACT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+#: The template's words for how a shot moves and how it is lit (its tags name them too).
+MOTION_TAGS = ("moving shot", "static shot")
+LIGHT_TAGS = ("dark", "bright")
+
+
 def framing_of(face_ratio: float | None, cfg: CaptionsSettings) -> str:
     """``close-up``, ``medium shot`` or ``wide shot`` from the largest face's height over the
     frame's height (no face: wide): a cheap, explainable proxy for the camera distance."""
@@ -50,9 +55,9 @@ def light_of(brightness: float | None, cfg: CaptionsSettings) -> str:
     if brightness is None:
         return ""
     if brightness < cfg.dark_below:
-        return "dark"
+        return LIGHT_TAGS[0]
     if brightness > cfg.bright_above:
-        return "bright"
+        return LIGHT_TAGS[1]
     return ""
 
 
@@ -102,7 +107,7 @@ def caption_facts(
     motion: dict[int, str] = {}
     if shots is not None:
         motion = {
-            int(s): ("moving shot" if k == "dynamic" else "static shot")
+            int(s): MOTION_TAGS[0] if k == "dynamic" else MOTION_TAGS[1]
             for s, k in zip(shots["shot_id"].to_list(), shots["kind"].to_list(), strict=True)
         }
     scene: dict[str, str] = {}
@@ -164,3 +169,25 @@ def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]
     if not names:
         tags.append("no named character" if unknown else "no people")
     return caption, [t for t in tags if t]
+
+
+def crop_template_caption(
+    tags: list[str] | None, characters: list[str], framing: str, cfg: CaptionsSettings
+) -> str:
+    """The template caption of a crop of a frame (stage 06's face and character crops): the
+    frame's own facts read back from its template tags (how the shot moves, its light, its
+    scene), with the crop's characters and framing in place of the frame's.
+
+    Why: the frame's caption names everyone in the frame and its framing ("blue_guard and
+    red_guard, wide shot"); given to a crop of one of them it teaches the LoRA a name for a
+    character the picture does not show, and a wide shot for a close-up."""
+    tags = list(tags or [])
+    facts = {
+        "characters": sorted(characters),
+        "unknown_faces": 0,
+        "framing": framing,
+        "motion": next((t for t in tags if t in MOTION_TAGS), ""),
+        "light": next((t for t in tags if t in LIGHT_TAGS), ""),
+        "scene": next((t.removeprefix("scene:") for t in tags if t.startswith("scene:")), ""),
+    }
+    return template_caption(facts, cfg)[0]

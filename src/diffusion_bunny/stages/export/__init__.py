@@ -61,8 +61,9 @@ STAGE = Stage(
         ),
         # Which frames were kept, and their hashes (shots the movie cuts back to share a split).
         Reads("quality", "quality", ("frame_id", "keep", "phash", *REGION_COLUMNS)),
-        # A caption a person edited in notebook 05 makes the dataset stale.
-        Reads("captions", "captions", ("frame_id", "caption", "status")),
+        # A caption a person edited in notebook 05 makes the dataset stale; a template caption's
+        # tags give its crops captions of their own.
+        Reads("captions", "captions", ("frame_id", "caption", "status", "tags", "provider")),
         Reads(
             "faces",
             "characters",
@@ -72,7 +73,7 @@ STAGE = Stage(
         # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.
         Reads("shots", "extract", ("shot_id", "start_s", "end_s", *BOX_COLUMNS), optional=True),
     ),
-    config=("export",),
+    config=("export", "captions.trigger_word", "captions.character_descriptions", "captions.scene_names"),
     writes=("dataset_items", "clips"),
     owns=_owns,
     inputs=_inputs,

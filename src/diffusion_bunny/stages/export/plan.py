@@ -41,6 +41,8 @@ import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
+from diffusion_bunny.stages.captions.facts import crop_template_caption
+from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
@@ -295,9 +297,12 @@ def select_items(
     faces: pl.DataFrame | None,
     captions: pl.DataFrame,
     cfg: ExportSettings,
+    captioning: CaptionsSettings | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any], list[dict[str, Any]]]:
     """The pictures to export (``ITEM_SCHEMA``), counts of what was left out and why, and the
-    face and character crops left out (:func:`crop_problem`).
+    face and character crops left out (:func:`crop_problem`). With ``captioning`` (stage 05's
+    settings), a crop of a frame the template captioned gets a template caption of its own
+    (:func:`retell_crops`).
 
     Raises one :class:`StageError` when nothing can be exported (no kept frame, no usable caption,
     or settings that leave no picture), before anything is written.
@@ -328,7 +333,29 @@ def select_items(
             + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
             + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
         )
-    return pl.DataFrame(items, schema=ITEM_SCHEMA), counts, dropped
+    return retell_crops(pl.DataFrame(items, schema=ITEM_SCHEMA), captions, cfg, captioning), counts, dropped
+
+
+def retell_crops(
+    items: pl.DataFrame, captions: pl.DataFrame, cfg: ExportSettings, captioning: CaptionsSettings | None
+) -> pl.DataFrame:
+    """``items`` with each crop of a template-captioned frame (``provider`` template, ``status``
+    ok) captioned for what it shows: the characters inside it and the crop's tag as its framing
+    (:func:`~diffusion_bunny.stages.captions.facts.crop_template_caption`). A caption a person
+    edited, or one a model wrote, stays the frame's with the tag added (:func:`crop_caption`):
+    free text cannot be taken apart safely."""
+    if captioning is None or not {"tags", "provider"} <= set(captions.columns):
+        return items
+    template = captions.filter((pl.col("provider") == "template") & (pl.col("status") == "ok"))
+    tags = dict(zip(template["frame_id"].to_list(), template["tags"].to_list(), strict=True))
+    framing = {"face": cfg.face_tag, "half_body": cfg.half_body_tag, "character": cfg.character_tag}
+    texts = [
+        crop_template_caption(tags[fid], chars, framing[crop], captioning)
+        if crop != "full" and fid in tags
+        else text
+        for fid, crop, chars, text in items.select("frame_id", "crop", "characters", "text").iter_rows()
+    ]
+    return items.with_columns(pl.Series("text", texts, dtype=pl.String))
 
 
 def shot_groups(items: pl.DataFrame, quality: pl.DataFrame, distance: int | None) -> dict[int, int]:
@@ -481,10 +508,11 @@ def plan_export(
     faces: pl.DataFrame | None,
     captions: pl.DataFrame,
     cfg: ExportSettings,
+    captioning: CaptionsSettings | None = None,
 ) -> ExportPlan:
     """Everything the export decides, before writing: items with ``split``, ``repeats``,
     ``file_name``, ``width`` and ``height`` (of the written picture), in frame order."""
-    items, counts, dropped = select_items(frames, quality, faces, captions, cfg)
+    items, counts, dropped = select_items(frames, quality, faces, captions, cfg, captioning)
     groups = shot_groups(items, quality, cfg.split_phash_distance)
     items, warnings = assign_split(items, groups, cfg.validation_fraction, cfg.seed)
     items = file_names(balance_repeats(items, cfg), cfg.image_format)

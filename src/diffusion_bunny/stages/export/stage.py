@@ -203,9 +203,9 @@ def compute(ctx: Context) -> StageOutput:
     ``<run>/dataset``; returns the ``dataset_items`` and ``clips`` tables."""
     run_dir, cfg = ctx.run_dir, ctx.cfg.export
     started = time.perf_counter()
-    plan = plan_export(
-        ctx.table("frames"), ctx.table("quality"), ctx.optional("faces"), ctx.table("captions"), cfg
-    )
+    tables = ctx.table("frames"), ctx.table("quality"), ctx.optional("faces"), ctx.table("captions")
+    # The template's words (trigger word, descriptions, scene names): crops get captions of their own.
+    plan = plan_export(*tables, cfg, ctx.cfg.captions)
     items = plan.items
     missing = sorted({p for p in items["path"].unique().to_list() if not (run_dir / p).is_file()})
     if missing:
