@@ -594,6 +594,16 @@ def test_character_figures_render(scenes_demo_run):
     assert np.asarray(sheet)[30:80, 10:60].std() > 10
 
 
+def test_sheet_titles_call_drawn_characters_appearances_not_faces():
+    from diffusion_bunny.stages.characters.plots import sheet_title
+
+    people = pl.DataFrame({"kind": ["face", None, "face"]})
+    assert sheet_title("anna", people, 12, 1) == "anna  (3 of 3 faces, 1 low confidence)"
+    dog = pl.DataFrame({"kind": ["drawn"] * 20})
+    assert sheet_title("dog", dog, 12, 0) == "dog  (12 of 20 appearances, 0 low confidence)"
+    assert sheet_title("old", pl.DataFrame({"x": [1]}), 12, 0) == "old  (1 of 1 faces, 0 low confidence)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Accuracy on real photos and footage (../shared/testdata; nothing here was tuned on them)
 

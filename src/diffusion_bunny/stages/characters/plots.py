@@ -148,6 +148,14 @@ def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
     return tile_sheet(blocks, Layout((side, side), 8, fit="contain"))
 
 
+def sheet_title(name: str, members: pl.DataFrame, shown: int, low: int) -> str:
+    """A block's title on the sheet: how many of the group's appearances it shows, called faces
+    only when every one is a face (a drawn character's box frames its whole figure)."""
+    kinds = set(members["kind"].fill_null("face")) if "kind" in members.columns else {"face"}
+    noun = "faces" if kinds <= {"face"} else "appearances"
+    return f"{name}  ({min(members.height, shown)} of {members.height} {noun}, {low} low confidence)"
+
+
 def face_sheet(
     run_dir: str | Path,
     faces: pl.DataFrame,
@@ -187,8 +195,7 @@ def face_sheet(
                     crop=box,
                 )
             )
-        shown = f"{min(members.height, max_per_group)} of {members.height}"
-        blocks.append(Block(tiles, title=f"{name}  ({shown} faces, {low} low confidence)"))
+        blocks.append(Block(tiles, title=sheet_title(name, members, max_per_group, low)))
     return tile_sheet(blocks, Layout((side, side), min(columns, max_per_group)))
 
 
