@@ -118,6 +118,8 @@ def test_the_dataset_on_a_full_disk_is_one_line_and_the_rerun_exports(tmp_path, 
             {
                 "frame_id": kept,
                 "caption": [f"bunnystyle, frame {i}" for i in range(len(kept))],
+                "tags": [["frame"]] * len(kept),
+                "provider": "template",
                 "status": "ok",
             }
         )

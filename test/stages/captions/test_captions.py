@@ -23,13 +23,7 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, ProviderError, StageError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
-from diffusion_bunny.stages.captions.facts import (
-    caption_facts,
-    crop_template_caption,
-    framing_of,
-    light_of,
-    template_caption,
-)
+from diffusion_bunny.stages.captions.facts import caption_facts, framing_of, light_of, template_caption
 from diffusion_bunny.stages.captions.providers import (
     PROMPT_VERSION,
     PROVIDER_DOWN,
@@ -42,7 +36,7 @@ from diffusion_bunny.stages.captions.providers import (
 )
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.stage import edit_caption, read_edits
-from diffusion_bunny.stages.captions.tables import word_frequencies
+from diffusion_bunny.stages.captions.tables import crop_template_caption, word_frequencies
 
 FAST = {  # retries in milliseconds, no pacing: the tests are about what happens, not when
     "captions.backoff_base_s": 0.01,

@@ -169,25 +169,3 @@ def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]
     if not names:
         tags.append("no named character" if unknown else "no people")
     return caption, [t for t in tags if t]
-
-
-def crop_template_caption(
-    tags: list[str] | None, characters: list[str], framing: str, cfg: CaptionsSettings
-) -> str:
-    """The template caption of a crop of a frame (stage 06's face and character crops): the
-    frame's own facts read back from its template tags (how the shot moves, its light, its
-    scene), with the crop's characters and framing in place of the frame's.
-
-    Why: the frame's caption names everyone in the frame and its framing ("blue_guard and
-    red_guard, wide shot"); given to a crop of one of them it teaches the LoRA a name for a
-    character the picture does not show, and a wide shot for a close-up."""
-    tags = list(tags or [])
-    facts = {
-        "characters": sorted(characters),
-        "unknown_faces": 0,
-        "framing": framing,
-        "motion": next((t for t in tags if t in MOTION_TAGS), ""),
-        "light": next((t for t in tags if t in LIGHT_TAGS), ""),
-        "scene": next((t.removeprefix("scene:") for t in tags if t.startswith("scene:")), ""),
-    }
-    return template_caption(facts, cfg)[0]

@@ -1,9 +1,17 @@
 """Stage 05's tables as other stages rely on them: ``captions`` (and which captions a dataset may
-use), the append-only ``caption_edits``, and the edits applied over a run's captions."""
+use, and a template caption's tags read back for a crop of its frame), the append-only
+``caption_edits``, and the edits applied over a run's captions."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import polars as pl
+
+from diffusion_bunny.stages.captions.facts import LIGHT_TAGS, MOTION_TAGS, template_caption
+
+if TYPE_CHECKING:
+    from diffusion_bunny.stages.captions.settings import CaptionsSettings
 
 #: Columns of the ``captions`` table (the contract other stages rely on).
 CAPTION_SCHEMA: dict[str, pl.DataType] = {
@@ -90,3 +98,25 @@ def word_frequencies(captions: pl.DataFrame, *, top: int = 25, skip: tuple[str, 
         .sort(["count", "word"], descending=[True, False])
         .head(top)
     )
+
+
+def crop_template_caption(
+    tags: list[str] | None, characters: list[str], framing: str, cfg: CaptionsSettings
+) -> str:
+    """The template caption of a crop of a frame (stage 06's face and character crops): the
+    frame's own facts read back from its template tags (how the shot moves, its light, its
+    scene), with the crop's characters and framing in place of the frame's.
+
+    Why: the frame's caption names everyone in the frame and its framing ("blue_guard and
+    red_guard, wide shot"); given to a crop of one of them it teaches the LoRA a name for a
+    character the picture does not show, and a wide shot for a close-up."""
+    tags = list(tags or [])
+    facts = {
+        "characters": sorted(characters),
+        "unknown_faces": 0,
+        "framing": framing,
+        "motion": next((t for t in tags if t in MOTION_TAGS), ""),
+        "light": next((t for t in tags if t in LIGHT_TAGS), ""),
+        "scene": next((t.removeprefix("scene:") for t in tags if t.startswith("scene:")), ""),
+    }
+    return template_caption(facts, cfg)[0]

@@ -41,9 +41,8 @@ import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
-from diffusion_bunny.stages.captions.facts import crop_template_caption
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.captions.tables import crop_template_caption, usable_captions
 from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
@@ -341,7 +340,7 @@ def retell_crops(
 ) -> pl.DataFrame:
     """``items`` with each crop of a template-captioned frame (``provider`` template, ``status``
     ok) captioned for what it shows: the characters inside it and the crop's tag as its framing
-    (:func:`~diffusion_bunny.stages.captions.facts.crop_template_caption`). A caption a person
+    (:func:`~diffusion_bunny.stages.captions.tables.crop_template_caption`). A caption a person
     edited, or one a model wrote, stays the frame's with the tag added (:func:`crop_caption`):
     free text cannot be taken apart safely."""
     if captioning is None or not {"tags", "provider"} <= set(captions.columns):
