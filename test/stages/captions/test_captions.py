@@ -131,6 +131,9 @@ def test_a_crop_gets_the_template_caption_of_what_it_shows():
     assert crop_template_caption(tags, ["astronaut"], "close-up", cfg) == (
         "bunnystyle, astronaut, close-up, moving shot, dark, in the kitchen"
     )
+    assert crop_template_caption(tags, ["astronaut"], "upper body", cfg, unknown=2) == (
+        "bunnystyle, astronaut and 2 other people, upper body, moving shot, dark, in the kitchen"
+    )
     # A frame in ordinary light, outside any scene: nothing made up.
     plain = template_caption({**frame, "light": "", "scene": ""}, cfg)[1]
     assert (

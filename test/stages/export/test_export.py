@@ -291,8 +291,19 @@ def test_crops_of_a_template_captioned_frame_name_only_who_they_show():
     frames = frames.with_columns(pl.lit(1280).alias("width"), pl.lit(720).alias("height"))
     ids = frames["frame_id"].to_list()
     faces = appearances_table(ids)
+    # Someone no one named, their face inside the girl's crop and outside the dog's.
+    stranger = faces.head(1).with_columns(
+        pl.lit(f"{ids[0]}_09").alias("face_id"),
+        pl.lit("face").alias("kind"),
+        pl.lit(None, pl.String).alias("character"),
+        pl.lit(850).alias("left"),
+        pl.lit(150).alias("top"),
+        pl.lit(900).alias("right"),
+        pl.lit(200).alias("bottom"),
+    )
+    faces = pl.concat([faces, stranger], how="vertical_relaxed")
     words = CaptionsSettings()
-    frame = {"characters": ["dog", "girl"], "unknown_faces": 0, "framing": "wide shot"}
+    frame = {"characters": ["dog", "girl"], "unknown_faces": 1, "framing": "wide shot"}
     frame |= {"motion": "static shot", "scene": "s001", "light": "dark"}
     caption, tags = template_caption(frame, words)
     captions = captions.with_columns(
@@ -314,7 +325,9 @@ def test_crops_of_a_template_captioned_frame_name_only_who_they_show():
     }
     assert text[(ids[0], "full", ("dog", "girl"))] == caption
     assert text[(ids[0], "character", ("dog",))] == "bunnystyle, dog, static shot, dark, scene s001"
-    assert text[(ids[0], "character", ("girl",))] == "bunnystyle, girl, static shot, dark, scene s001"
+    assert text[(ids[0], "character", ("girl",))] == (
+        "bunnystyle, girl and 1 other person, static shot, dark, scene s001"
+    )
     assert text[(ids[1], "face", ("anna",))] == f"bunnystyle, frame {ids[1]}, close-up"
     # Without stage 05's settings every crop keeps its frame's caption.
     items, _, _ = select_items(frames, quality, faces, captions, cfg)

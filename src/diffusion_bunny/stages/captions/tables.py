@@ -101,11 +101,12 @@ def word_frequencies(captions: pl.DataFrame, *, top: int = 25, skip: tuple[str, 
 
 
 def crop_template_caption(
-    tags: list[str] | None, characters: list[str], framing: str, cfg: CaptionsSettings
+    tags: list[str] | None, characters: list[str], framing: str, cfg: CaptionsSettings, unknown: int = 0
 ) -> str:
     """The template caption of a crop of a frame (stage 06's face and character crops): the
     frame's own facts read back from its template tags (how the shot moves, its light, its
-    scene), with the crop's characters and framing in place of the frame's.
+    scene), with the crop's characters (and ``unknown`` people no one named) and framing in
+    place of the frame's.
 
     Why: the frame's caption names everyone in the frame and its framing ("blue_guard and
     red_guard, wide shot"); given to a crop of one of them it teaches the LoRA a name for a
@@ -113,7 +114,7 @@ def crop_template_caption(
     tags = list(tags or [])
     facts = {
         "characters": sorted(characters),
-        "unknown_faces": 0,
+        "unknown_faces": unknown,
         "framing": framing,
         "motion": next((t for t in tags if t in MOTION_TAGS), ""),
         "light": next((t for t in tags if t in LIGHT_TAGS), ""),

@@ -332,14 +332,20 @@ def select_items(
             + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
             + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
         )
-    return retell_crops(pl.DataFrame(items, schema=ITEM_SCHEMA), captions, cfg, captioning), counts, dropped
+    items_table = pl.DataFrame(items, schema=ITEM_SCHEMA)
+    return retell_crops(items_table, captions, faces, cfg, captioning), counts, dropped
 
 
 def retell_crops(
-    items: pl.DataFrame, captions: pl.DataFrame, cfg: ExportSettings, captioning: CaptionsSettings | None
+    items: pl.DataFrame,
+    captions: pl.DataFrame,
+    faces: pl.DataFrame | None,
+    cfg: ExportSettings,
+    captioning: CaptionsSettings | None,
 ) -> pl.DataFrame:
     """``items`` with each crop of a template-captioned frame (``provider`` template, ``status``
-    ok) captioned for what it shows: the characters inside it and the crop's tag as its framing
+    ok) captioned for what it shows: the characters inside it, the people no one named whose
+    face is inside it, and the crop's tag as its framing
     (:func:`~diffusion_bunny.stages.captions.tables.crop_template_caption`). A caption a person
     edited, or one a model wrote, stays the frame's with the tag added (:func:`crop_caption`):
     free text cannot be taken apart safely."""
@@ -348,12 +354,22 @@ def retell_crops(
     template = captions.filter((pl.col("provider") == "template") & (pl.col("status") == "ok"))
     tags = dict(zip(template["frame_id"].to_list(), template["tags"].to_list(), strict=True))
     framing = {"face": cfg.face_tag, "half_body": cfg.half_body_tag, "character": cfg.character_tag}
-    texts = [
-        crop_template_caption(tags[fid], chars, framing[crop], captioning)
-        if crop != "full" and fid in tags
-        else text
-        for fid, crop, chars, text in items.select("frame_id", "crop", "characters", "text").iter_rows()
-    ]
+    strangers: dict[str, list[Box]] = {}
+    if faces is not None and faces.height:
+        unnamed = faces.filter(pl.col("character").is_null())
+        if "kind" in unnamed.columns:
+            unnamed = unnamed.filter(pl.col("kind").fill_null("face") == "face")
+        for fid, *box in unnamed.select("frame_id", "left", "top", "right", "bottom").iter_rows():
+            strangers.setdefault(fid, []).append(tuple(box))
+    texts = []
+    for fid, crop, chars, text, *box in items.select(
+        "frame_id", "crop", "characters", "text", "left", "top", "right", "bottom"
+    ).iter_rows():
+        if crop == "full" or fid not in tags:
+            texts.append(text)
+            continue
+        others = sum(_inside(face, tuple(box)) for face in strangers.get(fid, ()))
+        texts.append(crop_template_caption(tags[fid], chars, framing[crop], captioning, others))
     return items.with_columns(pl.Series("text", texts, dtype=pl.String))
 
 
