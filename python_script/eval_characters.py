@@ -36,7 +36,9 @@ kept beside them), in run folders of their own (``<source>-stills<N>``).
 Run folders are kept under ``data/eval_characters/<source>`` (and ``<source>-no-refs``; stages
 01-02 are reused on a rerun;
 ``--force`` redoes stage 03). ``--write`` stores the table in the truth folder
-(``eval_results.json``; ``eval_results_stills.json`` with ``--stills``) for docs/character-truth.md.
+(``eval_results.json``; ``eval_results_stills.json`` with ``--stills``) for docs/character-truth.md;
+it refuses, in one line, a run that would drop sources or the without-references clusters the
+stored table holds (:func:`write_refusal`).
 """
 
 from __future__ import annotations
@@ -283,6 +285,21 @@ def pooled(results: list[dict], kind: str) -> dict:
     return total
 
 
+def write_refusal(previous: dict | None, results: list[dict], stills: int) -> str | None:
+    """Why ``--write`` must not replace ``previous`` (the stored table the docs quote) with this
+    run's ``results``, or None. A run of fewer sources, or one without the without-references
+    clusters the stored table has, would silently drop what the docs cite: it happened once."""
+    if not previous:
+        return None
+    missing = sorted({r["source"] for r in previous.get("sources", [])} - {r["source"] for r in results})
+    if missing:
+        return f"this run has no result for {', '.join(missing)} (run every source: no --sources or --split)"
+    had = any("clusters" in r for r in previous.get("sources", []))
+    if had and not stills and not all("clusters" in r for r in results):
+        return "the stored table has the clusters without references; add --without-references"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", help="comma-separated source names (default: every source)")
@@ -383,6 +400,10 @@ def main() -> None:
                 print(line)
     if args.write:
         out = folder / ("eval_results_stills.json" if args.stills else "eval_results.json")
+        previous = json.loads(out.read_text()) if out.is_file() else None
+        refusal = write_refusal(previous, results, args.stills)
+        if refusal:
+            raise SystemExit(f"not written: {refusal}")
         out.write_text(
             json.dumps(
                 {"settings": overrides, "stills": args.stills, "sources": results, "pooled": table}, indent=1

@@ -230,3 +230,30 @@ def test_score_clusters_labels_the_truth_by_what_lands_on_it():
     assert s["creature_3d"]["clustered"] == 1 and s["creature_3d"]["recall"] == 0.0
     # nothing found: every appearance left apart, F1 0
     assert score_clusters([], _source(), frames=[0, 1])["overall"]["f1"] == 0.0
+
+
+def test_the_eval_scripts_write_never_drops_what_the_stored_table_holds():
+    """``eval_characters.py --write`` once replaced the table the docs quote with a run of mixed
+    parts and no clusters; it now refuses a run with fewer sources or without the clusters."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from diffusion_bunny.demo.character_truth import truth_dir
+
+    path = Path(__file__).resolve().parents[2] / "python_script" / "eval_characters.py"
+    spec = importlib.util.spec_from_file_location("eval_characters", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    stored = json.loads((truth_dir() / "eval_results.json").read_text())
+    everything = stored["sources"]
+    assert module.write_refusal(None, everything[:1], 0) is None
+    assert module.write_refusal(stored, everything, 0) is None
+    assert "no result for" in module.write_refusal(stored, everything[1:], 0)
+    bare = [{k: v for k, v in r.items() if k != "clusters"} for r in everything]
+    assert "--without-references" in module.write_refusal(stored, bare, 0)
+    # The stills table has no clusters to lose.
+    stills = json.loads((truth_dir() / "eval_results_stills.json").read_text())
+    assert module.write_refusal(stills, stills["sources"], 1) is None
