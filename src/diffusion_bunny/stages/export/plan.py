@@ -128,12 +128,17 @@ def character_box(
     return clamp_box((left + right) / 2, (top + bottom) / 2, w, h, bounds)
 
 
+def least_side(cfg: ExportSettings) -> float:
+    """The least side (square root of the area) a crop needs for the trainer to enlarge it at
+    most ``max_upscale`` times to ``crop_resolution`` (0 without that limit): what a character
+    crop widens to (:func:`character_box`) and what :func:`crop_problem` calls ``upscaled``."""
+    return cfg.crop_resolution / cfg.max_upscale if cfg.max_upscale is not None else 0.0
+
+
 def _character_framing(cfg: ExportSettings) -> tuple[float, float, float, float]:
     """:func:`character_box`'s ``margin``, ``max_aspect``, ``min_side`` and ``max_context`` from
-    the settings: ``min_side`` is the least side a crop needs for the trainer to enlarge it at
-    most ``max_upscale`` times (0 without that limit)."""
-    least = cfg.crop_resolution / cfg.max_upscale if cfg.max_upscale is not None else 0.0
-    return cfg.character_margin, cfg.character_max_aspect, least, cfg.character_max_context
+    the settings."""
+    return cfg.character_margin, cfg.character_max_aspect, least_side(cfg), cfg.character_max_context
 
 
 def crop_caption(caption: str, tag: str) -> str:
@@ -266,7 +271,7 @@ def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportSettings)
     if crop == "half_body":
         return None
     side = float(np.sqrt(max(1, box[2] - box[0]) * max(1, box[3] - box[1])))
-    if cfg.max_upscale is not None and cfg.crop_resolution / side > cfg.max_upscale:
+    if side < least_side(cfg):
         return "upscaled"
     floor = face.get("sharpness_floor")
     if floor is not None and face.get("sharpness") is not None and face["sharpness"] < floor:
