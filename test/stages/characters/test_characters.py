@@ -40,7 +40,13 @@ from diffusion_bunny.stages.characters.identify import (
     vote_tracks,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
-from diffusion_bunny.stages.characters.stage import DRAWN_MARGIN, add_still, check_name, name_cluster
+from diffusion_bunny.stages.characters.stage import (
+    DRAWN_MARGIN,
+    add_still,
+    check_name,
+    name_cluster,
+    nothing_found_warnings,
+)
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -416,6 +422,7 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     cfg = _cfg(tmp_path)
     faces = run.read_table("faces")
     assert faces["character"].is_null().all()
+    assert not any("no character found" in w for w in run.read_manifest("characters")["warnings"])
     # Two people, the drawn girl's face (the face detector finds it in two of her frames) and the
     # cartoon dog's (53 px, found by CenterFace's fine pass): four clusters, each holding only
     # frames of one character's shots.
@@ -436,6 +443,31 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     assert after.filter(pl.col("character").is_null())["cluster"].n_unique() == 3
     # The run's own references are now an input: the next plain run is up to date.
     assert stage_state(run, "characters", cfg)[0] == "done"
+
+
+def test_a_run_that_finds_nobody_without_pictures_says_why(cut_clip, tmp_path):
+    """Shapes on a plain ground, no reference pictures: stage 03 finds nothing, and says that
+    offline only human faces are found without pictures, and what to give it."""
+    run = Run.create(tmp_path / "run", cut_clip[0])
+    cfg = load_config(None, {"characters.workers": 1}, root=tmp_path / "noroot")
+    run_stage(run, "extract", cfg, progress=False)
+    run_stage(run, "quality", cfg, progress=False)
+    with pytest.warns(UserWarning, match="no character found in the"):
+        faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    assert faces.height == 0
+    searched = run.read_manifest("characters")["counts"]["frames_scanned"]
+    assert searched > 0
+    assert run.read_manifest("characters")["warnings"] == nothing_found_warnings(0, searched, 0, "offline")
+
+
+def test_nothing_found_line_only_when_only_faces_were_looked_for():
+    (line,) = nothing_found_warnings(0, 12, 0, "offline")
+    assert line.startswith("no character found in the 12 searched frame(s):")
+    assert "--characters DIR" in line and "characters.backend: hub" in line
+    assert nothing_found_warnings(3, 12, 0, "offline") == []  # something was found
+    assert nothing_found_warnings(0, 0, 0, "offline") == []  # nothing was searched
+    assert nothing_found_warnings(0, 12, 2, "offline") == []  # drawn pictures: not_found_warnings says it
+    assert nothing_found_warnings(0, 12, 0, "hub") == []  # the hub discovers without pictures
 
 
 def test_failed_frame_is_logged_and_skipped(demo_run, tmp_path):

@@ -531,6 +531,39 @@ def not_found_warnings(names: list[str]) -> list[str]:
     ]
 
 
+def failed_warnings(failed: pl.DataFrame) -> list[str]:
+    """The run's one line on the searched frames whose detection failed (``face_frames`` rows
+    of status ``failed``); none when none did."""
+    if not failed.height:
+        return []
+    first = failed.row(0, named=True)
+    return [
+        f"{failed.height} frame(s) failed face detection and were skipped (first: "
+        f"{first['frame_id']}: {first['error']}); rerun stage extract with --force if frame "
+        "files are damaged"
+    ]
+
+
+def nothing_found_warnings(found: int, searched: int, drawn_pictures: int, backend: str) -> list[str]:
+    """The run's one line when ``searched`` frames gave no appearance at all while nothing but
+    human faces was looked for (no drawn character's picture, ``characters.backend: offline``);
+    none otherwise.
+
+    Why: offline, drawn characters, animals and creatures are found only from pictures of them
+    (docs/characters.md: nothing shipped offline finds them without one), so a cartoon run
+    without references ends with an empty table that looks like a broken stage; the line says
+    why, and the two ways to find them."""
+    if found or not searched or drawn_pictures or backend != "offline":
+        return []
+    return [
+        f"no character found in the {searched} searched frame(s): without pictures of them, "
+        "characters.backend 'offline' finds human faces only; for drawn, animal or 3D characters "
+        "give a folder with pictures of each (--characters DIR, one sub-folder per character, or "
+        "characters.reference_dir) and rerun stage characters, or set characters.backend: hub to "
+        "find them with models from the hub"
+    ]
+
+
 def _counts(
     faces: pl.DataFrame, scan: pl.DataFrame, failed: int, references: dict[str, int]
 ) -> dict[str, Any]:
@@ -611,13 +644,7 @@ def compute(ctx: Context) -> StageOutput:
         hub=hub,
     )
     failed = face_frames.filter(pl.col("status") == "failed")
-    if failed.height:
-        first = failed.row(0, named=True)
-        warnings.append(
-            f"{failed.height} frame(s) failed face detection and were skipped (first: "
-            f"{first['frame_id']}: {first['error']}); rerun stage extract with --force if frame "
-            "files are damaged"
-        )
+    warnings.extend(failed_warnings(failed))
     faces = apply_appearance_edits(label_faces(detections, frames, refs, cfg), read_appearance_edits(run_dir))
     if fitted is not None:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
@@ -650,7 +677,9 @@ def compute(ctx: Context) -> StageOutput:
     return StageOutput(
         tables={"faces": faces, "face_frames": face_frames},
         counts=_counts(faces, scan, failed.height, references),
-        warnings=warnings + not_found_warnings(missed),
+        warnings=warnings
+        + not_found_warnings(missed)
+        + nothing_found_warnings(faces.height, scan.height, len(pictures.cutouts), cfg.backend),
         facts=facts,
         # Fixes saved while the stage ran are read again under the tables' locks.
         merge=lambda tables: {
