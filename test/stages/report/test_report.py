@@ -382,6 +382,16 @@ def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_
         "stage characters found no character; found in no frame despite their pictures: stranger, wyvern "
         "(add a still of each in notebook 03)"
     )
+    # No pictures given and nothing found: the section says that offline only faces are found.
+    bare = {**manifest, "facts": {**manifest["facts"], "reference_dir": None, "characters_not_found": []}}
+    empty = replace(empty, manifests={**data.manifests, "characters": bare})
+    assert _characters_section(empty, cfg).message == (
+        "stage characters found no character; no pictures were given, and offline only human faces are "
+        "found without them (give --characters DIR, or set characters.backend: hub)"
+    )
+    hub = {**bare, "facts": {**bare["facts"], "hub": {"appearances": 0}}}
+    empty = replace(empty, manifests={**data.manifests, "characters": hub})
+    assert _characters_section(empty, cfg).message == "stage characters found no character"
 
 
 def test_report_document_without_figures(tmp_path):

@@ -328,10 +328,24 @@ def not_found_note(run: ReportData) -> str:
     return f"; found in no frame despite their pictures: {listed} (add a still of each in notebook 03)"
 
 
+def no_pictures_note(run: ReportData) -> str:
+    """Why an empty characters section may be empty: stage 03 was given no pictures and searched
+    offline, where only human faces are found without them; empty otherwise (pictures given, or
+    the hub backend, which discovers characters without them)."""
+    facts = (run.read_manifest("characters") or {}).get("facts") or {}
+    if facts.get("reference_dir") or "hub" in facts:
+        return ""
+    return (
+        "; no pictures were given, and offline only human faces are found without them "
+        "(give --characters DIR, or set characters.backend: hub)"
+    )
+
+
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     faces = run.read_table("faces")
     if not faces.height:
-        return Section("characters", "empty", "stage characters found no character" + not_found_note(run))
+        message = "stage characters found no character" + not_found_note(run) + no_pictures_note(run)
+        return Section("characters", "empty", message)
     figures = []
     if run.has_table("shots"):
         figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
