@@ -16,7 +16,7 @@ from diffusion_bunny.demo.run import run_demo
 
 def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     lora = tmp_path / "lora"  # not the workspace's checkpoint/ folder
-    # 4 denoising steps per generated image instead of 20: the demo's grid (72 images) is the same
+    # 4 denoising steps per generated image instead of 20: the demo's grid (144 images) is the same
     # and nothing below depends on how sharp the tiny model's noise is (stage 08's own tests check
     # the images).
     summary = run_demo(
@@ -83,15 +83,20 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     )
     generations = pl.read_parquet(tmp_path / "demo_run" / "tables" / "generations.parquet")
     assert generations.height > 0 and generations["best"].any() and "generate: " in summary
+    # Its two people and its two drawn characters are drawn; the drawn ones scored by stage 03's detector.
+    assert set(generations["character"]) == {"astronaut", "grace_hopper", "biscuit", "mika"}
+    drawn = generations.filter(pl.col("character").is_in(["biscuit", "mika"]))
+    assert drawn["drawn_score"].null_count() == 0 and "drawn score " in summary
     for name in ("06_export_dataset", "07_finetune_lora", "08_generate"):
         nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / f"{name}.ipynb", as_version=4)
         assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
     # Stage 09 made the QA report: every section with figures (the dataset section adds the
-    # exported pictures with their crops and the frames dropped by reason).
-    assert f"report: 18 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
+    # exported pictures with their crops and the frames dropped by reason; stage 08's the drawn
+    # characters' scores per checkpoint).
+    assert f"report: 19 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     # funnel, quality, 2 shot figures, screen time, 4 contact sheets and the 4 characters' exported
-    # pictures, clusters, caption lengths, training loss (identity per checkpoint has no face to
-    # score on the tiny model's noise)
-    assert len(pngs) == 16
+    # pictures, clusters, caption lengths, training loss, the drawn characters per checkpoint
+    # (identity per checkpoint has no face to score on the tiny model's noise)
+    assert len(pngs) == 17

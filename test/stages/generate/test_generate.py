@@ -11,6 +11,12 @@ import pytest
 
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.models.faces import DetectSettings
+from diffusion_bunny.stages.generate.drawn import (
+    DrawnScorer,
+    Stage03Characters,
+    load_drawn_scorer,
+    stage03_characters,
+)
 from diffusion_bunny.stages.generate.grid import (
     Checkpoint,
     find_checkpoints,
@@ -21,6 +27,7 @@ from diffusion_bunny.stages.generate.grid import (
 from diffusion_bunny.stages.generate.identity import (
     CharacterReferences,
     character_references,
+    characters_to_draw,
     checkpoint_scores,
     clip_scores,
     load_clip,
@@ -350,6 +357,121 @@ def test_references_include_the_faces_stage_03_named(demo_refs):
     assert movie_only.names == ["astronaut", "carol"] and warnings == []
 
 
+def test_drawn_characters_are_named_from_stage_03_and_their_pictures_give_no_face_encoding(demo_refs):
+    vec = np.full(128, 0.01, np.float32)
+    faces = pl.DataFrame(
+        {
+            "character": ["astronaut", "mika", "mika", "biscuit", None],
+            "low_confidence": [False] * 5,
+            "embedding": [vec.tolist()] * 5,
+            "kind": ["face", "drawn", "drawn", "drawn", "drawn"],
+        }
+    )
+    refs, warnings = character_references(demo_refs, faces, DetectSettings())
+    assert refs.drawn == ["biscuit", "mika"] and refs.names == [
+        "astronaut",
+        "grace_hopper",
+        "biscuit",
+        "mika",
+    ]
+    assert "mika" not in refs.encodings and warnings == []
+    # A character stage 03 took as drawn gives no encoding, even where this loader sees a face in
+    # its picture (here grace_hopper's photo stands in for a cartoon bat's face taken for a person's).
+    refs, warnings = character_references(demo_refs, faces, DetectSettings(), frozenset({"grace_hopper"}))
+    assert "grace_hopper" not in refs.encodings and refs.names == ["astronaut", "biscuit", "mika"]
+    assert warnings == []
+    assert characters_to_draw(refs, None) == (["astronaut", "biscuit", "mika"], [])
+
+
+def test_what_stage_08_reads_of_stage_03_and_a_scorer_that_cannot_be_had_is_one_line(fitted_mika, tmp_path):
+    manifest = {
+        "facts": {
+            "fitted": {"file": str(tmp_path / "fitted.pt")},
+            "references_taken": [
+                {"character": "mika", "use": "cutout"},
+                {"character": "astronaut", "use": "face"},
+                {"character": "astronaut", "use": None},
+            ],
+        }
+    }
+    seen = stage03_characters(manifest)
+    assert seen.drawn == {"mika"} and seen.human == {"astronaut"} and seen.backend == "offline"
+    assert stage03_characters(None) == Stage03Characters()
+    assert load_drawn_scorer(seen, []) == (None, [])
+    scorer, warnings = load_drawn_scorer(seen, ["mika"])
+    assert scorer is None and warnings == [
+        f"the pictures of mika are drawn but not scored: stage 03's fitted detector {tmp_path / 'fitted.pt'} "
+        "is gone or cannot be read; rerun stage characters (bunny run MOVIE --stages characters --force) "
+        "to fit it again"
+    ]
+    (tmp_path / "fitted.pt").write_bytes(fitted_mika.to_bytes())
+    scorer, warnings = load_drawn_scorer(seen, ["mika"])
+    assert warnings == [] and scorer.names == ["mika"] and scorer.min_score == 0.5
+    hub = stage03_characters(
+        {"facts": {"hub": {}, "references_taken": manifest["facts"]["references_taken"]}}
+    )
+    assert load_drawn_scorer(hub, ["mika"]) == (
+        None,
+        [
+            "the pictures of mika are drawn but not scored: characters.backend is hub, and its models do "
+            "not score generated pictures"
+        ],
+    )
+
+
+def mika_on(background: np.ndarray, seed: int, side: int = 128) -> np.ndarray:
+    """A square picture such as a LoRA draws: the demo's drawn girl in a new pose on a photo."""
+    import cv2
+
+    from diffusion_bunny.demo.cartoons import Pose, cast, draw
+
+    picture = cv2.resize(background, (side, side), interpolation=cv2.INTER_AREA)
+    figure = draw(cast("mika"), Pose(step=0.2 * seed, turn=0.3), 100).rgba
+    scale = 0.8 * side / max(figure.shape[:2])
+    figure = cv2.resize(figure, (round(figure.shape[1] * scale), round(figure.shape[0] * scale)))
+    h, w = figure.shape[:2]
+    y, x = (side - h) // 2, (side - w) // 2
+    alpha = figure[..., 3:4] / 255.0
+    region = picture[y : y + h, x : x + w]
+    picture[y : y + h, x : x + w] = (figure[..., :3] * alpha + region * (1 - alpha)).astype(np.uint8)
+    return picture
+
+
+@pytest.fixture(scope="module")
+def fitted_mika():
+    """The detector stage 03 fits, fitted here to the demo's drawn girl (one picture) on photos
+    from the wheels: small, 150 steps (about 13 s on one thread)."""
+    import cv2
+
+    from diffusion_bunny.demo.cartoons import Pose, cast, draw
+    from diffusion_bunny.media.samples import load_source
+    from diffusion_bunny.models.fitted import FittedSettings
+    from diffusion_bunny.models.fitted.detector import fit_detector
+
+    cutouts = {"mika": [draw(cast("mika"), Pose(arms_up=1.0, turn=-0.4), 200).rgba]}
+    backgrounds = [
+        cv2.resize(load_source(n), (320, 180), interpolation=cv2.INTER_AREA)
+        for n in ("coffee", "rocket", "motorcycle", "chelsea", "astronaut")
+    ]
+    settings = FittedSettings(steps=150, batch=12, crop=160, widths=(320,), self_training=False)
+    return fit_detector(cutouts, backgrounds, settings, progress=False)
+
+
+def test_a_drawn_characters_picture_is_scored_by_the_detector_fitted_to_it(fitted_mika):
+    import cv2
+
+    from diffusion_bunny.media.samples import load_source
+
+    scorer = DrawnScorer(fitted_mika)
+    for seed, name in enumerate(("rocket", "coffee", "chelsea")):
+        background = load_source(name)
+        with_her = scorer.score(mika_on(background, seed), "mika")
+        alone = scorer.score(cv2.resize(background, (128, 128), interpolation=cv2.INTER_AREA), "mika")
+        assert with_her >= scorer.min_score > alone, (name, with_her, alone)
+        assert with_her - alone > 0.3
+    assert scorer.score(mika_on(load_source("rocket"), 0), "biscuit") is None  # not a character it knows
+
+
 # ---------------------------------------------------------------------------------------------
 # Choosing the checkpoint (pure)
 
@@ -365,10 +487,15 @@ def _scores(rows):
                 "with_face": 0 if dist is None else 2,
                 "face_share": 0.0 if dist is None else 0.5,
                 "identity_distance": dist,
+                "drawn_images": 0 if drawn is None else 2,
+                "drawn_found": 0,
+                "drawn_share": None if drawn is None else 0.0,
+                "drawn_score": drawn,
                 "clip_score": None,
                 "best": False,
             }
-            for name, order, dist in rows
+            for name, order, dist, *more in rows
+            for drawn in [more[0] if more else None]
         ],
         schema=SCORES_SCHEMA,
     )
@@ -387,6 +514,20 @@ def test_best_checkpoint_is_the_lowest_distance_else_the_latest():
     assert pick_best(_scores([(BASE, -1, None)])) is None
 
 
+def test_best_checkpoint_of_drawn_characters_is_the_highest_detector_score_where_no_face_is_scored():
+    # Only drawn characters scored: the highest mean score wins; a tie goes to the later one.
+    assert (
+        pick_best(_scores([(BASE, -1, None, 0.9), ("c10", 0, None, 0.7), ("final", 1, None, 0.4)])) == "c10"
+    )
+    assert (
+        pick_best(_scores([("c10", 0, None, 0.6), ("c20", 1, None, 0.6), ("final", 2, None, 0.2)])) == "c20"
+    )
+    # Scores within a hundredth are a tie (a detector's confidence moving in the third decimal).
+    assert pick_best(_scores([("c10", 0, None, 0.4206), ("final", 1, None, 0.4204)])) == "final"
+    # A person's face distance, where scored, decides before the drawn characters' score.
+    assert pick_best(_scores([("c10", 0, 0.5, 0.9), ("final", 1, 0.4, 0.1)])) == "final"
+
+
 def test_checkpoint_scores_from_generations():
     gen = pl.DataFrame(
         {
@@ -398,13 +539,28 @@ def test_checkpoint_scores_from_generations():
         },
         schema_overrides={"identity_distance": pl.Float64, "clip_score": pl.Float64, "step": pl.Int64},
     )
-    scores = checkpoint_scores(gen, ["c10", "final"])
+    drawn = {"drawn_score": [None] * 7, "drawn_found": [None] * 7}
+    scores = checkpoint_scores(gen.with_columns(pl.DataFrame(drawn, schema=_DRAWN)), ["c10", "final"])
     assert scores["checkpoint"].to_list() == [BASE, "c10", "final"]
     c10 = scores.row(1, named=True)
     assert c10["images"] == 3 and c10["with_face"] == 2 and c10["face_share"] == pytest.approx(2 / 3)
     assert c10["identity_distance"] == pytest.approx(0.4)
+    assert c10["drawn_images"] == 0 and c10["drawn_share"] is None and c10["drawn_score"] is None
     assert scores.filter(pl.col("best"))["checkpoint"].to_list() == ["c10"]
     assert scores["identity_distance"][2] is None
+    # Pictures of a drawn character: how many were scored, found, their share and mean score.
+    drawn = {
+        "drawn_score": [0.9, None, 0.2, None, 0.7, 0.6, 0.8],
+        "drawn_found": [True, None, False, None, True, True, True],
+    }
+    scores = checkpoint_scores(gen.with_columns(pl.DataFrame(drawn, schema=_DRAWN)), ["c10", "final"])
+    c10, final = scores.row(1, named=True), scores.row(2, named=True)
+    assert (c10["drawn_images"], c10["drawn_found"], c10["drawn_share"]) == (2, 1, 0.5)
+    assert c10["drawn_score"] == pytest.approx(0.45) and final["drawn_score"] == pytest.approx(0.7)
+    assert scores.filter(pl.col("best"))["checkpoint"].to_list() == ["c10"]  # its face distance decides
+
+
+_DRAWN = {"drawn_score": pl.Float64, "drawn_found": pl.Boolean}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +635,66 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     again = run_generate()
     assert again.counts["rendered_now"] == 0 and again.counts["reused"] == gen.height
     assert again.tables["generations"].equals(gen)
+
+
+def test_drawn_characters_are_drawn_and_scored_beside_the_people(
+    pipe, training_output, references, fitted_mika, tmp_path
+):
+    from dataclasses import replace
+
+    from diffusion_bunny.stages.generate.plots import checkpoint_scores_plot, generation_grid
+
+    cfg = GenerateSettings(
+        prompts=("{trigger} {character}, full body",), seeds=(0,), lora_scales=(0.0, 1.0), steps=2
+    )
+    with_mika = replace(references, drawn=["mika"])
+
+    def run_generate(drawn):
+        return draw_and_score(
+            tmp_path / "run",
+            cfg,
+            pipe_loader=lambda: pipe,
+            checkpoints=select_checkpoints(find_checkpoints(training_output), ("checkpoint-10", "final")),
+            references=with_mika,
+            detect=DetectSettings(),
+            trigger="bunnystyle",
+            resolution=64,
+            base_model="tiny",
+            drawn=drawn,
+        )
+
+    result = run_generate(DrawnScorer(fitted_mika))
+    gen = result.tables["generations"]
+    assert set(gen["character"]) == {"astronaut", "grace_hopper", "mika"}
+    assert "bunnystyle mika, full body" in gen["prompt"].to_list()
+    mika, people = gen.filter(pl.col("character") == "mika"), gen.filter(pl.col("character") != "mika")
+    assert mika.height == 3 and mika["drawn_score"].is_between(0, 1).all()
+    assert mika["drawn_found"].to_list() == (mika["drawn_score"] >= 0.5).to_list()
+    assert people["drawn_score"].null_count() == people.height and people["drawn_found"].null_count() == 6
+    scores = result.tables["generation_scores"]
+    assert scores["drawn_images"].to_list() == [1, 1, 1]
+    assert result.facts["drawn_characters"] == ["mika"]
+    assert result.counts["drawn_found"] == int(mika["drawn_found"].sum())
+    # The face line counts the people's pictures only; the drawn line the drawn characters'.
+    if int(people["face_found"].sum()) < people.height:
+        assert any("generated images of people" in w and f"of {people.height} " in w for w in result.warnings)
+    missed = int((~mika["drawn_found"]).sum())
+    assert any(f"not found in {missed} of 3 generated images of drawn" in w for w in result.warnings) == (
+        missed > 0
+    )
+    checkpoint_scores_plot(scores).draw()
+    sheet = generation_grid(tmp_path / "run", gen, "mika", "final")
+    assert sheet.width >= 2 * 160
+    # Without the fitted detector the drawn character is drawn all the same, and not scored.
+    bare = run_generate(None)
+    gen = bare.tables["generations"]
+    assert (
+        gen.filter(pl.col("character") == "mika").height == 3
+        and gen["drawn_score"].null_count() == gen.height
+    )
+    assert bare.counts["rendered_now"] == 0 and not any(
+        "generated images of drawn" in w for w in bare.warnings
+    )
 
 
 def test_nobody_named_uses_the_trigger_word_alone(pipe, training_output, tmp_path):
@@ -608,8 +824,11 @@ def test_stage_generates_from_the_trained_lora_and_skips_when_up_to_date(generat
     assert [c.name for c in find_checkpoints(trained_output)] == ["checkpoint-2", "checkpoint-4", FINAL]
     tables = run_stage(run, "generate", cfg, progress=False)
     gen = tables["generations"]
-    assert set(gen["character"]) == {"astronaut", "grace_hopper"}
-    assert gen.height == 2 * (1 + 3)  # per character: base + 3 checkpoints at scale 1
+    # The demo's two people and its two drawn characters (stage 03 named all four).
+    assert set(gen["character"]) == {"astronaut", "grace_hopper", "biscuit", "mika"}
+    assert gen.height == 4 * (1 + 3)  # per character: base + 3 checkpoints at scale 1
+    drawn = gen.filter(pl.col("character").is_in(["biscuit", "mika"]))
+    assert drawn["drawn_score"].null_count() == 0 and gen["drawn_score"].null_count() == 8
     assert all((run.run_dir / p).is_file() for p in gen["path"])
     manifest = run.read_manifest("generate")
     facts = manifest["facts"]
@@ -679,9 +898,9 @@ def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monke
         cwd=str(root / "notebook"),
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "8 images (8 drawn now, 0 reused) over" in text
+    assert "16 images (16 drawn now, 0 reused) over" in text  # two people, two drawn characters
     best = run.read_manifest("generate")["facts"]["best_checkpoint"]
     assert f"best {best} (" in text and "pipe.load_lora_weights(" in text
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 3  # score plot + a grid per character
+    assert len(pngs) == 5  # score plot + a grid per character
     nbformat.validate(nb)

@@ -231,7 +231,8 @@ def test_contract_tables_make_figures():
     loss = loss_curve_plot(training_log_table())
     assert len(loss.data) == 40
     assert figure_png(loss, dpi=50).startswith(PNG)
-    assert checkpoint_order(["final", "checkpoint-1000", "checkpoint-200"]) == [
+    assert checkpoint_order(["final", "checkpoint-1000", "base", "checkpoint-200"]) == [
+        "base",
         "checkpoint-200",
         "checkpoint-1000",
         "final",
@@ -241,6 +242,43 @@ def test_contract_tables_make_figures():
     # One of the two pictures had no face: the mean is over the face found only.
     assert row["pictures"][0] == 2 and row["faces_found"][0] == 1
     assert row["identity_distance"][0] == pytest.approx(0.7)
+
+
+def test_generated_pictures_of_drawn_characters_have_their_own_figure():
+    from types import SimpleNamespace
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages.report.figures import drawn_table
+    from diffusion_bunny.stages.report.sections import _generate_section
+
+    cfg = load_config(None)
+    people = generations_table().with_columns(
+        pl.lit(None, pl.Float64).alias("drawn_score"), pl.lit(None, pl.Boolean).alias("drawn_found")
+    )
+    drawn = people.with_columns(
+        pl.lit("biscuit").alias("character"),
+        pl.lit(None, pl.Float64).alias("identity_distance"),
+        pl.lit(False).alias("face_found"),
+        pl.when(pl.col("checkpoint") == "final").then(0.8).otherwise(0.3).alias("drawn_score"),
+    ).with_columns((pl.col("drawn_score") >= 0.5).alias("drawn_found"))
+    table = drawn_table(pl.concat([people, drawn]))
+    assert table["character"].unique().to_list() == ["biscuit"]  # the people's pictures are not in it
+    final = table.filter(pl.col("checkpoint") == "final").row(0, named=True)
+    assert (final["pictures"], final["found"], final["drawn_score"]) == (4, 4, pytest.approx(0.8))
+
+    def section(generations):
+        return _generate_section(SimpleNamespace(read_table=lambda name: generations), cfg)
+
+    both = section(pl.concat([people, drawn]))
+    assert both.status == "ok"
+    assert [f.name for f in both.figures] == ["identity_per_checkpoint", "drawn_per_checkpoint"]
+    only_drawn = section(drawn)
+    assert only_drawn.status == "ok" and [f.name for f in only_drawn.figures] == ["drawn_per_checkpoint"]
+    assert figure_png(only_drawn.figures[0].image, dpi=50).startswith(PNG)
+    # Nothing scored: an empty section that says so; a table from before drawn scores still reads.
+    nothing = drawn.with_columns(pl.lit(None, pl.Float64).alias("drawn_score"))
+    assert section(nothing).status == "empty" and "no drawn character scored" in section(nothing).message
+    assert section(generations_table()).status == "ok"
 
 
 def _copy_run(run: Run, dest: Path) -> Run:

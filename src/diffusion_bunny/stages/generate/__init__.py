@@ -3,8 +3,9 @@ best.
 
 * :mod:`.grid`: the checkpoints stage 07 left and the grid of prompts x seeds x scales (pure);
 * :mod:`.render`: drawing the grid with the base model and each LoRA, resumable picture by picture;
-* :mod:`.identity`: face-encoding distance to each character's references, CLIP score, the best
-  checkpoint (pure choice);
+* :mod:`.identity`: face-encoding distance to each human character's references, CLIP score, the
+  best checkpoint (pure choice);
+* :mod:`.drawn`: a drawn character's score, from the detector stage 03 fitted to its pictures;
 * :mod:`.stage`: the stage on a run; :mod:`.tables`: ``generations``, ``generation_scores``;
 * :mod:`.plots`: notebook 08's score plot and grids.
 
@@ -35,7 +36,19 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
         # The LoRA files compared (a retrained one makes the stage stale).
         "checkpoints": {c.name: file_fingerprint(c.path) for c in selected_checkpoints(run, cfg)},
         "references": references_fingerprint(reference_dir(run.run_dir, cfg.characters)),
+        # The detector that scores the drawn characters' pictures (stage 03 fits it again when their
+        # pictures or the film's frames change).
+        "drawn_detector": _fitted_fingerprint(run),
     }
+
+
+def _fitted_fingerprint(run: Run) -> Any:
+    from diffusion_bunny.stages.generate.drawn import (  # lazy: keeps cv2 and tqdm out of `bunny --help`
+        stage03_characters,
+    )
+
+    path = stage03_characters(run.read_manifest("characters"), run.run_dir).fitted_file
+    return file_fingerprint(path) if path is not None and path.is_file() else None
 
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
@@ -45,8 +58,13 @@ def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
 def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 08: pictures drawn, and the best checkpoint and its score."""
     c, f = manifest["counts"], manifest["facts"]
-    best = f.get("best_identity_distance")
-    score = f"identity distance {best:.2f}" if best is not None else f.get("no_face", "no face scored")
+    best, drawn = f.get("best_identity_distance"), f.get("best_drawn_score")
+    parts = []
+    if set(f.get("characters") or []) - set(f.get("drawn_characters") or []):  # people, or nobody named
+        parts.append(f"identity distance {best:.2f}" if best is not None else f.get("no_face", "no face"))
+    if f.get("drawn_characters"):
+        parts.append(f"drawn score {drawn:.2f}" if drawn is not None else "drawn characters not scored")
+    score = "; ".join(parts)
     return (
         f"{c['images']} images ({c['rendered_now']} drawn now, {c['reused']} reused) over "
         f"{c['checkpoints']} checkpoints; best {f['best_checkpoint']} ({score})"

@@ -1,5 +1,6 @@
 """How well a checkpoint draws a character: face-encoding distance of the pictures' faces to the
-character's references (stage 03's reference photos and its confidently named faces), an optional
+character's references (stage 03's reference photos and its confidently named faces) for a human
+character, the score of stage 03's fitted detector for a drawn one (:mod:`.drawn`), an optional
 CLIP score, and the pure choice of the best checkpoint."""
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from diffusion_bunny.models.faces import (
     read_rgb,
     reference_images,
 )
+from diffusion_bunny.stages.generate.drawn import DrawnScorer
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
 
+#: Mean drawn scores are compared to this many decimals: a detector's confidence moving in the third
+#: decimal is noise (the demo's LoRA checkpoints, which barely change its pictures, differed by 0.0005).
+DRAWN_DECIMALS = 2
 #: Generated images at most this many pixels on their short side are searched for faces once
 #: more with one more upsampling when the first pass finds none (HOG's window is 80 px).
 SMALL_IMAGE_SIDE = 256
@@ -36,19 +41,24 @@ SMALL_IMAGE_SIDE = 256
 
 @dataclass
 class CharacterReferences:
-    """Face encodings per character that a generated face is compared with, and where they came
-    from (reference photos, named faces of the movie)."""
+    """Face encodings per human character that a generated face is compared with, and where they
+    came from (reference photos, named faces of the movie); and the drawn characters stage 03
+    named in the film (no face to compare: :mod:`.drawn` scores them)."""
 
     encodings: dict[str, np.ndarray] = field(default_factory=dict)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    drawn: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
-        return list(self.encodings)
+        return [*self.encodings, *(n for n in self.drawn if n not in self.encodings)]
 
 
 def character_references(
-    ref_dir: Path | None, faces: pl.DataFrame | None, settings: DetectSettings
+    ref_dir: Path | None,
+    faces: pl.DataFrame | None,
+    settings: DetectSettings,
+    drawn_pictures: frozenset[str] = frozenset(),
 ) -> tuple[CharacterReferences, list[str]]:
     """The encodings of each named character: stage 03's reference photos (encoded again, as stage
     03 does) and the faces of the movie stage 03 named after it, leaving out low-confidence ones.
@@ -56,17 +66,26 @@ def character_references(
 
     Identity is a human face's distance: a character none of whose pictures shows a face (a drawn
     character) has no encoding to compare, so its pictures are not warned about again (stage 03
-    said what it took from each); its rows of ``faces`` (``kind`` ``drawn``) are left out."""
+    said what it took from each); its rows of ``faces`` (``kind`` ``drawn``) name it in
+    :attr:`CharacterReferences.drawn`. ``drawn_pictures`` are the characters stage 03 took as
+    drawn (its manifest's cut-outs): their pictures give no encoding here even where a face
+    detector sees a face in a cartoon's (stage 03 confirms a photo's face with a second detector
+    trained on photographs; this loader alone would take a cartoon bat's face for a person's)."""
     out = CharacterReferences()
     warnings: list[str] = []
     per_char: dict[str, list[np.ndarray]] = {}
     if faces is not None and faces.height and "kind" in faces.columns:
+        drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
+        out.drawn = sorted(drawn["character"].unique().to_list())
         faces = faces.filter(pl.col("kind").fill_null("face") == "face")
     if ref_dir is not None:
         refs, warnings = load_references(ref_dir, settings)
         folders = [str(ref_dir / name) for name in reference_images(ref_dir) if name not in refs.names]
+        folders += [str(ref_dir / name) for name in drawn_pictures]
         warnings = [w for w in warnings if not any(f"{f}/" in w or w.endswith(f) for f in folders)]
         for i, name in enumerate(refs.names):
+            if name in drawn_pictures:
+                continue
             own = refs.encodings[refs.owners == i]
             per_char[name] = [own]
             out.sources[name] = {"reference_images": len(own), "movie_faces": 0}
@@ -84,8 +103,12 @@ def character_references(
 
 @dataclass(frozen=True)
 class IdentityScore:
+    """One picture's scores: faces found and the best one's distance (a human character), and the
+    fitted detector's score (a drawn one; None for any other)."""
+
     faces: int
     distance: float | None
+    drawn: float | None = None
 
 
 def score_identity(rgb: np.ndarray, references: np.ndarray | None, settings: DetectSettings) -> IdentityScore:
@@ -107,17 +130,22 @@ def score_images(
     references: CharacterReferences,
     settings: DetectSettings,
     *,
+    drawn: DrawnScorer | None = None,
     progress: bool = False,
 ) -> list[IdentityScore]:
     """:func:`score_identity` for every image of the grid (faces need no minimum size here: a
-    generated portrait may be small)."""
+    generated portrait may be small), and for a drawn character's pictures the score of ``drawn``
+    (stage 03's fitted detector)."""
     settings = replace(settings, min_face_px=0)
     out: list[IdentityScore] = []
     for item in tqdm(items, unit="image", desc="identity", disable=not progress):
         rgb = read_rgb(run_dir / item.rel_path)
         if rgb is None:
             raise StageError(f"generated image {run_dir / item.rel_path} cannot be read; rerun with --force")
-        out.append(score_identity(rgb, references.encodings.get(item.character), settings))
+        score = score_identity(rgb, references.encodings.get(item.character), settings)
+        if drawn is not None and item.character in references.drawn:
+            score = replace(score, drawn=drawn.score(rgb, item.character))
+        out.append(score)
     return out
 
 
@@ -148,8 +176,10 @@ def load_clip(model: str, device: str) -> Any:
 
 def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.DataFrame:
     """Per checkpoint (``base`` first, then ``order``): images, images with a face and their share,
-    mean identity distance over the images with a face (lower is better), mean CLIP score, and
-    which checkpoint is best (:func:`pick_best`; ``base`` never is)."""
+    mean identity distance over the images with a face (lower is better), the drawn characters'
+    pictures scored, those showing the character (``drawn_found``) and their share, the mean
+    fitted-detector score (higher is better), mean CLIP score, and which checkpoint is best
+    (:func:`pick_best`; ``base`` never is)."""
     rows = []
     for rank, name in enumerate([BASE, *order]):
         sub = generations.filter(pl.col("checkpoint") == name)
@@ -157,6 +187,8 @@ def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.Dat
             continue
         with_face = int(sub["face_found"].sum())
         dist = sub["identity_distance"].drop_nulls()
+        drawn = sub["drawn_score"].drop_nulls()
+        found = int(sub["drawn_found"].fill_null(False).sum())
         clip = sub["clip_score"].drop_nulls()
         rows.append(
             {
@@ -167,6 +199,10 @@ def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.Dat
                 "with_face": with_face,
                 "face_share": with_face / sub.height,
                 "identity_distance": float(dist.mean()) if dist.len() else None,
+                "drawn_images": drawn.len(),
+                "drawn_found": found,
+                "drawn_share": found / drawn.len() if drawn.len() else None,
+                "drawn_score": float(drawn.mean()) if drawn.len() else None,
                 "clip_score": float(clip.mean()) if clip.len() else None,
                 "best": False,
             }
@@ -177,23 +213,33 @@ def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.Dat
 
 
 def pick_best(scores: pl.DataFrame) -> str | None:
-    """The checkpoint with the lowest mean identity distance; on a tie, or when no checkpoint has a
-    scored face, the latest one (highest ``order``). ``base`` is not a candidate; None without any
-    checkpoint."""
+    """The checkpoint with the lowest mean identity distance; where no checkpoint has a scored
+    face, the one with the highest mean drawn-character score (to :data:`DRAWN_DECIMALS`
+    decimals); on a tie, or with neither, the latest one (highest ``order``). A face's distance
+    goes first because it is the measure stage 03 names people by and is comparable across
+    characters; a drawn character's score is a detector's confidence, fitted to that film.
+    ``base`` is not a candidate; None without any checkpoint."""
     cand = scores.filter(pl.col("checkpoint") != BASE).sort("order")
     if cand.height == 0:
         return None
     scored = cand.filter(pl.col("identity_distance").is_not_null())
-    if scored.height == 0:
-        return cand["checkpoint"][-1]
-    best = scored["identity_distance"].min()
-    return scored.filter(pl.col("identity_distance") == best)["checkpoint"][-1]
+    if scored.height:
+        best = scored["identity_distance"].min()
+        return scored.filter(pl.col("identity_distance") == best)["checkpoint"][-1]
+    drawn = cand.filter(pl.col("drawn_score").is_not_null()).with_columns(
+        pl.col("drawn_score").round(DRAWN_DECIMALS)
+    )
+    if drawn.height:
+        best = drawn["drawn_score"].max()
+        return drawn.filter(pl.col("drawn_score") == best)["checkpoint"][-1]
+    return cand["checkpoint"][-1]
 
 
 def characters_to_draw(
     references: CharacterReferences, wanted: Sequence[str] | None
 ) -> tuple[list[str], list[str]]:
-    """The characters of the grid (``generate.characters``, or every named one) and warnings.
+    """The characters of the grid (``generate.characters``, or every named one: the human
+    characters with references or named faces, the drawn ones stage 03 named) and warnings.
     A configured name stage 03 does not know is a ConfigError (a typo would otherwise cost a grid
     of unscorable images); nobody named means one grid with the trigger word alone."""
     known = references.names

@@ -25,20 +25,28 @@ from diffusion_bunny.stages.generate.tables import BASE
 _METRICS = {
     "identity_distance": "identity distance to the references (lower is better)",
     "face_share": "share of images with a face",
+    "drawn_score": "drawn characters: fitted detector's score (higher is better)",
+    "drawn_share": "drawn characters: share of their images showing them",
     "clip_score": "CLIP score (image vs prompt, 0-100)",
 }
 
 
 def checkpoint_scores_plot(scores: pl.DataFrame) -> p9.ggplot:
-    """One panel per score (identity distance, share of images with a face, CLIP score when
-    computed) over the checkpoints in training order, ``base`` (the model without LoRA) first; the
-    best checkpoint is marked. Panels whose score is null everywhere (no face found, no CLIP model)
-    are left out, except the face share, which always says how much the identity score rests on."""
+    """One panel per score (identity distance, share of images with a face, the drawn characters'
+    score and share found, CLIP score when computed) over the checkpoints in training order, ``base``
+    (the model without LoRA) first; the best checkpoint is marked. Panels whose score is null
+    everywhere (no face found, no drawn character, no CLIP model) are left out, except the face
+    share, which says how much the identity score rests on (left out too when only drawn
+    characters were drawn)."""
     order = scores.sort("order")["checkpoint"].to_list()
+    drawn_only = "drawn_images" in scores.columns and bool((scores["drawn_images"] == scores["images"]).all())
     rows = []
     for metric in _METRICS:
+        if metric not in scores.columns:  # a table from before drawn characters were scored
+            continue
         values = scores.select("checkpoint", "best", pl.col(metric).alias("value"))
-        if metric != "face_share" and values["value"].null_count() == values.height:
+        always = metric == "face_share" and not drawn_only
+        if not always and values["value"].null_count() == values.height:
             continue
         rows.append(values.drop_nulls("value").with_columns(pl.lit(_METRICS[metric]).alias("metric")))
     data = pl.concat(rows).with_columns(
@@ -77,7 +85,8 @@ def generation_grid(
 ) -> Image.Image:
     """The grid of one character and checkpoint: one row per prompt and seed, one column per LoRA
     scale (scale 0 from the base model), each picture labelled with its identity distance (or
-    "no face"); the prompts are listed at the top."""
+    "no face"), a drawn character's with the fitted detector's score ("found 0.81", "not found
+    0.12"); the prompts are listed at the top."""
     run_dir = Path(run_dir)
     rows = generations.filter(
         (pl.col("character") == character) & pl.col("checkpoint").is_in([checkpoint, BASE])
@@ -94,8 +103,11 @@ def generation_grid(
             if row is None:
                 tiles.append(Tile(None, missing=""))
                 continue
-            d = row["identity_distance"]
-            text = "no face" if not row["face_found"] else ("face" if d is None else f"distance {d:.2f}")
+            d, drawn = row["identity_distance"], row.get("drawn_score")
+            if drawn is not None:
+                text = f"{'found' if row['drawn_found'] else 'not found'} {drawn:.2f}"
+            else:
+                text = "no face" if not row["face_found"] else ("face" if d is None else f"distance {d:.2f}")
             tiles.append(Tile(run_dir / row["path"], label=text, missing=""))
         blocks.append(Block(tiles, side=(f"p{p} seed {seed}",)))
     header = [f"{character} · {checkpoint}", *(f"p{p}: {text}" for p, text in sorted(prompts.items()))]

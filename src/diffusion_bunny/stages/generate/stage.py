@@ -16,6 +16,7 @@ from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
+from diffusion_bunny.stages.generate.drawn import DrawnScorer, load_drawn_scorer, stage03_characters
 from diffusion_bunny.stages.generate.grid import Checkpoint, find_checkpoints, plan_grid, select_checkpoints
 from diffusion_bunny.stages.generate.identity import (
     CharacterReferences,
@@ -84,7 +85,13 @@ def compute(ctx: Context) -> StageOutput:
     checkpoints = selected_checkpoints(run, cfg)
     detect = DetectSettings.from_config(cfg.characters)
     faces = ctx.optional("faces")
-    references, ref_warnings = character_references(reference_dir(run.run_dir, cfg.characters), faces, detect)
+    stage03 = stage03_characters(run.read_manifest("characters"), run.run_dir)
+    references, ref_warnings = character_references(
+        reference_dir(run.run_dir, cfg.characters), faces, detect, drawn_pictures=stage03.drawn
+    )
+    wanted = cfg.generate.characters if cfg.generate.characters is not None else references.names
+    drawn, drawn_warnings = load_drawn_scorer(stage03, [n for n in references.drawn if n in wanted])
+    ref_warnings += drawn_warnings
     with cpu_threads_for(ref.source, cfg.generate.device, "generate.device"):
         result = draw_and_score(
             run.run_dir,
@@ -93,6 +100,7 @@ def compute(ctx: Context) -> StageOutput:
             checkpoints=checkpoints,
             references=references,
             detect=detect,
+            drawn=drawn,
             trigger=trigger_word(cfg),
             resolution=cfg.generate.resolution or cfg.train.resolution,
             base_model=ref.name,
@@ -120,6 +128,7 @@ def draw_and_score(
     trigger: str,
     resolution: int | None,
     base_model: str,
+    drawn: DrawnScorer | None = None,
     progress: bool = False,
     progress_path: Path | None = None,
 ) -> StageOutput:
@@ -128,7 +137,8 @@ def draw_and_score(
     and pick the best checkpoint.
 
     ``pipe_loader()`` loads the base model (called first: a missing model fails before anything
-    else); ``checkpoints`` are the LoRA files to compare, in training order.
+    else); ``checkpoints`` are the LoRA files to compare, in training order; ``drawn`` scores the
+    pictures of the drawn characters (:mod:`.drawn`; None: they are drawn, not scored).
     """
     run_dir = Path(run_dir)
     warnings: list[str] = []
@@ -154,26 +164,21 @@ def draw_and_score(
         progress_path,
     )
     del pipe  # the base model's memory back before the faces are scored
-    ids = score_images(run_dir, items, references, detect, progress=progress)
+    ids = score_images(run_dir, items, references, detect, drawn=drawn, progress=progress)
     clips: list[float | None] = [None] * len(items)
     if clip is not None:
         clips = list(clip_scores([run_dir / i.rel_path for i in items], [i.prompt for i in items], clip))
-    generations = _generations_table(items, ids, clips)
+    generations = _generations_table(items, ids, clips, drawn.min_score if drawn else None)
     scores = checkpoint_scores(generations, [c.name for c in checkpoints])
     best = pick_best(scores)
     generations = generations.with_columns((pl.col("checkpoint") == best).alias("best"))
-    with_face = int(generations["face_found"].sum())
-    if with_face < generations.height:
-        warnings.append(
-            f"no face in {generations.height - with_face} of {generations.height} generated images "
-            "(identity_distance is null there); a base model that draws people, or more training, "
-            "gives the identity score more to measure"
-        )
+    warnings.extend(_score_warnings(generations, references, drawn))
     counts = {
         "images": generations.height,
         "rendered_now": rendered,
         "reused": reused,
-        "with_face": with_face,
+        "with_face": int(generations["face_found"].sum()),
+        "drawn_found": int(generations["drawn_found"].fill_null(False).sum()),
         "characters": len(characters),
         "checkpoints": len(checkpoints),
     }
@@ -184,6 +189,38 @@ def draw_and_score(
         facts=_facts(cfg, generations, scores, best, checkpoints, references, characters, trigger)
         | {"base_model": base_model, "resolution": size},
     )
+
+
+def _people(generations: pl.DataFrame, references: CharacterReferences) -> pl.DataFrame:
+    """The pictures a face is looked for in to score them: those of the human characters, and
+    the trigger-word grid of a run that named nobody (the drawn characters' are scored otherwise)."""
+    return generations.filter(~pl.col("character").is_in(references.drawn))
+
+
+def _score_warnings(
+    generations: pl.DataFrame, references: CharacterReferences, drawn: DrawnScorer | None
+) -> list[str]:
+    """One line when pictures of human characters show no face, one when pictures of drawn
+    characters do not show them (the fitted detector's score under its ``min_score``)."""
+    out = []
+    people = _people(generations, references)
+    with_face = int(people["face_found"].sum())
+    if with_face < people.height:
+        out.append(
+            f"no face in {people.height - with_face} of {people.height} generated images of people "
+            "(identity_distance is null there); a base model that draws people, or more training, "
+            "gives the identity score more to measure"
+        )
+    scored = generations.filter(pl.col("drawn_found").is_not_null())
+    missed = int((~scored["drawn_found"]).sum())
+    if drawn is not None and missed:
+        out.append(
+            f"the drawn character is not found in {missed} of {scored.height} generated images of "
+            f"drawn characters (stage 03's fitted detector scores them under characters.fitted.min_score "
+            f"{drawn.min_score:g}); more training, or a base model that draws in the film's style, "
+            "gives that score more to find"
+        )
+    return out
 
 
 def _facts(
@@ -199,19 +236,23 @@ def _facts(
     """The manifest's facts of a run: the best checkpoint and its score, what was drawn and
     compared, and with which references."""
     best_ck = next((c for c in checkpoints if c.name == best), None)
-    with_face = int(generations["face_found"].sum())
+    best_row = scores.filter(pl.col("best")).row(0, named=True) if best is not None else {}
+    people = _people(generations, references)
+    with_face = int(people["face_found"].sum())
+    scored = generations.filter(pl.col("drawn_found").is_not_null())
     return {
         "best_checkpoint": best,
         "best_lora": str(best_ck.path) if best_ck else None,
-        "best_identity_distance": (
-            scores.filter(pl.col("best"))["identity_distance"][0] if best is not None else None
-        ),
+        "best_identity_distance": best_row.get("identity_distance"),
+        "best_drawn_score": best_row.get("drawn_score"),
         "trigger_word": trigger,
         "characters": characters,
+        "drawn_characters": [c for c in characters if c in references.drawn],
         "checkpoints": {c.name: str(c.path) for c in checkpoints},
         "references": references.sources,
         "clip_model": cfg.clip_model,
-        "no_face": f"no face in {generations.height - with_face} of {generations.height} images",
+        "no_face": f"no face in {people.height - with_face} of {people.height} images",
+        "drawn_found": f"found in {int(scored['drawn_found'].sum())} of {scored.height} images",
     }
 
 
@@ -255,7 +296,7 @@ def _draw(
 
 
 def _generations_table(
-    items: Sequence[Any], ids: Sequence[Any], clips: Sequence[float | None]
+    items: Sequence[Any], ids: Sequence[Any], clips: Sequence[float | None], min_score: float | None
 ) -> pl.DataFrame:
     return pl.DataFrame(
         [
@@ -271,6 +312,8 @@ def _generations_table(
                 "faces": sc.faces,
                 "face_found": sc.faces > 0,
                 "identity_distance": sc.distance,
+                "drawn_score": sc.drawn,
+                "drawn_found": None if sc.drawn is None or min_score is None else sc.drawn >= min_score,
                 "clip_score": cs,
                 "best": False,
             }

@@ -24,6 +24,8 @@ GENERATIONS_SCHEMA = {
     "faces": pl.Int64,
     "face_found": pl.Boolean,
     "identity_distance": pl.Float64,
+    "drawn_score": pl.Float64,
+    "drawn_found": pl.Boolean,
     "clip_score": pl.Float64,
     "best": pl.Boolean,
 }
@@ -35,6 +37,10 @@ SCORES_SCHEMA = {
     "with_face": pl.Int64,
     "face_share": pl.Float64,
     "identity_distance": pl.Float64,
+    "drawn_images": pl.Int64,
+    "drawn_found": pl.Int64,
+    "drawn_share": pl.Float64,
+    "drawn_score": pl.Float64,
     "clip_score": pl.Float64,
     "best": pl.Boolean,
 }

@@ -1,5 +1,6 @@
 """The report's own figures (the other sections reuse each stage's plots): the shot-length
-histogram and the identity of generated pictures per checkpoint."""
+histogram and the identity of generated pictures per checkpoint (a person's face distance, a drawn
+character's fitted-detector score)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from diffusion_bunny.media.figures import LINE_RED, categorical, minimal_theme
+from diffusion_bunny.stages.generate.tables import BASE
 
 if TYPE_CHECKING:
     import plotnine as p9
@@ -36,10 +38,12 @@ def shot_length_histogram(shots: pl.DataFrame) -> p9.ggplot:
 
 
 def checkpoint_order(names: list[str]) -> list[str]:
-    """Checkpoints by training step (``checkpoint-200`` before ``checkpoint-1000``); names
-    without a number (the final weights) last."""
+    """Checkpoints by training step (``checkpoint-200`` before ``checkpoint-1000``), the base
+    model without LoRA (``base``) first; other names without a number (the final weights) last."""
 
     def key(name: str) -> tuple[int, int, str]:
+        if name == BASE:
+            return (-1, 0, name)
         numbers = re.findall(r"\d+", Path(name).name)
         return (0, int(numbers[-1]), name) if numbers else (1, 0, name)
 
@@ -79,6 +83,46 @@ def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> p9.ggplo
             y="identity distance (lower is closer)",
             colour="",
             title=f"{generations.height} generated pictures, a face found in {found}",
+        )
+        + minimal_theme(8, 3.2)
+    )
+
+
+def drawn_table(generations: pl.DataFrame) -> pl.DataFrame:
+    """Per checkpoint and drawn character: pictures scored, those showing the character and the
+    mean fitted-detector score (higher is closer)."""
+    return (
+        generations.filter(pl.col("drawn_score").is_not_null())
+        .group_by("checkpoint", "character")
+        .agg(
+            pl.len().alias("pictures"),
+            pl.col("drawn_found").sum().cast(pl.Int64).alias("found"),
+            pl.col("drawn_score").mean().alias("drawn_score"),
+        )
+        .sort("checkpoint", "character")
+    )
+
+
+def drawn_plot(generations: pl.DataFrame, min_score: float = 0.5) -> p9.ggplot:
+    """Mean fitted-detector score per checkpoint (in training order), one line per drawn
+    character; the dashed line is the score stage 03 names a sighting at."""
+    import plotnine as p9  # lazy: plotnine takes 0.44 s to import
+
+    table = drawn_table(generations)
+    order = checkpoint_order(table["checkpoint"].to_list())
+    df = table.to_pandas()
+    df["checkpoint"] = categorical(df["checkpoint"], order)
+    return (
+        p9.ggplot(df, p9.aes("checkpoint", "drawn_score", colour="character", group="character"))
+        + p9.geom_line()
+        + p9.geom_point(size=2.5)
+        + p9.geom_hline(yintercept=min_score, linetype="dashed", colour=LINE_RED)
+        + p9.labs(
+            x="checkpoint",
+            y="fitted detector's score (higher is closer)",
+            colour="",
+            title=f"{int(table['pictures'].sum())} pictures of drawn characters, the character found in "
+            f"{int(table['found'].sum())}",
         )
         + minimal_theme(8, 3.2)
     )

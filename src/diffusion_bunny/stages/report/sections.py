@@ -21,7 +21,7 @@ from diffusion_bunny.stages.export.tables import dataset_dir
 from diffusion_bunny.stages.extract.plots import shot_length_plot
 from diffusion_bunny.stages.quality.plots import quality_histograms, text_sheet
 from diffusion_bunny.stages.quality.settings import QualitySettings
-from diffusion_bunny.stages.report.figures import identity_plot, shot_length_histogram
+from diffusion_bunny.stages.report.figures import drawn_plot, identity_plot, shot_length_histogram
 from diffusion_bunny.stages.report.funnel import (
     dropped_by_reason,
     dropped_plot,
@@ -97,8 +97,10 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "generate": (
         "Identity per checkpoint",
         "generate",
-        "Face-encoding distance between each generated picture and the character's references, "
-        "per checkpoint (lower is closer; the dashed line is the naming tolerance).",
+        "Face-encoding distance between each generated picture of a person and the character's "
+        "references, per checkpoint (lower is closer; the dashed line is the naming tolerance); for a "
+        "drawn character, the score of the detector stage 03 fitted to its pictures (higher is "
+        "closer; the dashed line is the score it names a sighting at).",
     ),
 }
 
@@ -418,20 +420,32 @@ def _train_section(run: ReportData, cfg: ConfigView) -> Section:
 
 def _generate_section(run: ReportData, cfg: ConfigView) -> Section:
     generations = run.read_table("generations")
-    if not generations.height or generations["identity_distance"].is_null().all():
+    faces = generations.height > 0 and generations["identity_distance"].is_not_null().any()
+    drawn = generations.height > 0 and "drawn_score" in generations.columns
+    drawn = drawn and generations["drawn_score"].is_not_null().any()
+    if not faces and not drawn:
         return Section(
-            "generate", "empty", f"{generations.height} generated pictures, no face found in any of them"
+            "generate",
+            "empty",
+            f"{generations.height} generated pictures, no face found and no drawn character scored in any",
         )
     n = generations["checkpoint"].n_unique()
-    return Section(
-        "generate",
-        "ok",
-        f"{generations.height} generated pictures from {n} checkpoint(s)",
-        [
+    figures = []
+    if faces:
+        figures.append(
             Figure(
                 "identity_per_checkpoint",
                 "Identity per checkpoint",
                 identity_plot(generations, cfg.characters.tolerance),
             )
-        ],
-    )
+        )
+    if drawn:
+        figures.append(
+            Figure(
+                "drawn_per_checkpoint",
+                "Drawn characters per checkpoint",
+                drawn_plot(generations, cfg.characters.fitted.min_score),
+            )
+        )
+    what = f"{generations.height} generated pictures from {n} checkpoint(s)"
+    return Section("generate", "ok", what, figures)
