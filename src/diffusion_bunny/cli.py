@@ -87,6 +87,11 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--out", help="where the movies' run folders are, as given to bunny run --out")
     status.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
     status.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    status.add_argument(
+        "--characters",
+        metavar="DIR",
+        help="the reference folder given to bunny run --characters (stage 03 and 08 are judged with it)",
+    )
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the built-in demo movie once and run every stage on it"
@@ -109,15 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config_path = str(Path(args.config).resolve()) if args.config else None
     overrides = overrides_from_args(args.overrides)
-    if args.characters:
-        characters = Path(args.characters).expanduser().resolve()
-        if not characters.is_dir():
-            what = "is not a folder" if characters.exists() else "does not exist"
-            raise BadInputError(
-                f"--characters {args.characters}: {characters} {what}; give a folder with one "
-                "sub-folder of reference images per character"
-            )
-        overrides["characters.reference_dir"] = str(characters)
+    _characters_override(args, overrides)
     engine = args.engine
     if args.address and engine is None:
         engine = "ray"  # an address only means something to Ray
@@ -151,6 +148,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
+    """``--characters DIR`` as ``characters.reference_dir`` (absolute); a folder that is not there
+    is one line naming it."""
+    if not args.characters:
+        return
+    characters = Path(args.characters).expanduser().resolve()
+    if not characters.is_dir():
+        what = "is not a folder" if characters.exists() else "does not exist"
+        raise BadInputError(
+            f"--characters {args.characters}: {characters} {what}; give a folder with one "
+            "sub-folder of reference images per character"
+        )
+    overrides["characters.reference_dir"] = str(characters)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.config import load_config  # lazy: after _keep_bytecode(), to cache its bytecode
     from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
@@ -164,7 +176,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
     config_path = str(Path(args.config).resolve()) if args.config else None
-    cfg = load_config(config_path, overrides_from_args(args.overrides))
+    overrides = overrides_from_args(args.overrides)
+    _characters_override(args, overrides)
+    cfg = load_config(config_path, overrides)
     print(format_status(status_table(PIPELINE, resolve_runs(args.target, cfg, args.out), cfg)))
     return 0
 

@@ -24,6 +24,7 @@ from diffusion_bunny.pipeline.contract import (
     Stage,
     StageOutput,
     UndeclaredSetting,
+    config_changes,
     run_stage,
     stage_state,
 )
@@ -149,7 +150,11 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     other = load_config(None, {"extract.jpeg_quality": 50}, use_local=False)
     assert stage_state(pipeline, run, "double", other)[0] == "done"
     moved = load_config(None, {"extract.motion_threshold": 7.0}, use_local=False)
-    assert stage_state(pipeline, run, "double", moved) == ("stale", "its config changed")
+    # The reason names the setting that moved, under today's section name (recorded under the old).
+    assert stage_state(pipeline, run, "double", moved) == (
+        "stale",
+        f"its config changed: extract.motion_threshold {cfg.extract.motion_threshold} -> 7.0",
+    )
 
     # An undeclared column of the input changes nothing; a declared one makes it stale.
     numbers = run.read_table("numbers")
@@ -178,6 +183,29 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     assert stage_state(pipeline, run, "double", cfg) == ("done", "up to date")
     source.write_text(source.read_text() + "\nFACTOR = 2\n")
     assert stage_state(pipeline, run, "double", cfg) == ("stale", "its code changed")
+
+
+def test_a_config_change_is_named_key_by_key_old_value_to_new():
+    stored = {
+        "characters": {
+            "reference_dir": "/home/ana/films/refs/a-long-folder-name/supertux",
+            "fitted": {"steps": 1000},
+        },
+        "extraction.motion_threshold": 3.0,
+    }
+    fresh = {
+        "characters": {"reference_dir": None, "fitted": {"steps": 500}},
+        "extraction.motion_threshold": 3.0,
+    }
+    # Nested settings flattened to their dotted keys; a long value keeps its end (a path's folder).
+    assert config_changes(stored, fresh) == (
+        "characters.fitted.steps 1000 -> 500; characters.reference_dir "
+        "...lms/refs/a-long-folder-name/supertux' -> None"
+    )
+    many = config_changes({k: 1 for k in "abcde"}, {k: 2 for k in "abcde"})
+    assert many == "a 1 -> 2; b 1 -> 2; c 1 -> 2; 2 more"
+    # A manifest from before the config was recorded: nothing to name.
+    assert config_changes(None, fresh) == "" and config_changes({}, fresh) == ""
 
 
 def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy, monkeypatch):

@@ -201,7 +201,8 @@ def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp
     log_file = logs.last_path
     assert log_file.parent == Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])
     text = log_file.read_text()
-    assert "extract is up to date, skipped" in text and "quality (its config changed)" in text
+    assert "extract is up to date, skipped" in text
+    assert "quality (its config changed: quality.dup_distance " in text
     kernel_lines = [line for line in text.splitlines() if "diffusion_bunny.pipeline.contract" in line]
     assert any(": quality starts (" in line and "config " in line for line in kernel_lines)
     assert any(": quality done in " in line for line in kernel_lines)

@@ -33,14 +33,18 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert states["report"] == ("missing", "never ran")
 
     changed = load_config(None, {"extract.motion_threshold": 200}, root=tmp_path / "noconfig")
-    assert _states(run.run_dir, changed)["extract"] == ("stale", "its config changed")
+    moved = f"its config changed: extract.motion_threshold {cfg.extract.motion_threshold} -> 200.0"
+    assert _states(run.run_dir, changed)["extract"] == ("stale", moved)
 
     assert main(["status", str(run.run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"cuts.mp4  ({run.run_dir}; 1 of {len(stage_names())} stages done)" in out
     assert "  extract     done\n" in out and "  quality     missing  (never ran)" in out
     assert main(["status", str(run.run_dir), "--set", "extract.motion_threshold=200"]) == 0
-    assert "  extract     stale  (its config changed)" in capsys.readouterr().out
+    assert f"  extract     stale  ({moved})" in capsys.readouterr().out
+    # --characters as bunny run takes it: a folder that is not there is one line, exit status 2.
+    assert main(["status", str(run.run_dir), "--characters", str(tmp_path / "nope")]) == 2
+    assert f"--characters {tmp_path / 'nope'}: " in capsys.readouterr().err
 
     # A rewritten input table makes the next stage stale.
     run_stage(run, "quality", cfg, progress=False)

@@ -55,6 +55,7 @@ from diffusion_bunny.pipeline.manifest import (
     table_fingerprint,
 )
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import RECORDED_AS
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,46 @@ def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(stored) | set(fresh) if stored.get(k) != fresh.get(k))
 
 
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"characters": {"fitted": {"steps": 1}}}`` as ``{"characters.fitted.steps": 1}``."""
+    if not isinstance(values, dict):
+        return {prefix: values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _present_name(recorded: str) -> str:
+    """A recorded key under the section's name of today (``extraction.motion_threshold`` ->
+    ``extract.motion_threshold``; manifests keep the old names, :data:`RECORDED_AS`)."""
+    section, dot, key = recorded.partition(".")
+    return _PRESENT.get(section, section) + dot + key
+
+
+_PRESENT = {old: new for new, old in RECORDED_AS.items()}
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, most: int = 3) -> str:
+    """The settings that differ between a manifest's recorded ``config`` and the present one, as
+    ``key old -> new`` (up to ``most`` of them, then how many more): what "its config changed"
+    means, so a user sees which setting, e.g. a ``--characters`` folder given to one run and not
+    to the next. Empty when either side is unknown."""
+    if not stored or fresh is None:
+        return ""
+    old, new = _flat(stored), _flat(plain(fresh))
+    keys = _changed(old, new)
+    shown = [f"{_present_name(k)} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:most]]
+    if len(keys) > most:
+        shown.append(f"{len(keys) - most} more")
+    return "; ".join(shown)
+
+
 def manifest_state(
     run: Run,
     stage: str,
@@ -294,9 +335,11 @@ def manifest_state(
     inputs: dict[str, Any],
     tables: Sequence[str],
     owned: dict[str, Path],
+    config: dict[str, Any] | None = None,
 ) -> tuple[StageState, str]:
     """``done`` (the manifest matches the present), ``stale`` (something changed; the reason says
-    what) or ``missing`` (never ran, or an output is gone)."""
+    what, naming the settings that moved when ``config``, the present values, is given) or
+    ``missing`` (never ran, or an output is gone)."""
     manifest = run.read_manifest(stage)
     if manifest is None:
         return "missing", "never ran"
@@ -313,7 +356,8 @@ def manifest_state(
     if manifest.get("code_hash") != code:
         return "stale", "its code changed"
     if manifest.get("config_hash") != config_hash:
-        return "stale", "its config changed"
+        changes = config_changes(manifest.get("config"), config)
+        return "stale", f"its config changed: {changes}" if changes else "its config changed"
     changed = _changed(manifest.get("inputs") or {}, plain(inputs))
     if changed:
         return "stale", f"its inputs changed ({', '.join(changed)})"
@@ -389,6 +433,7 @@ def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> tupl
         inputs=declared_inputs(run, pipeline, stage, view),
         tables=stage.writes,
         owned=owned_paths(run, stage, view),
+        config=cfg.section_values(*stage.config),
     )
 
 
@@ -429,7 +474,14 @@ def _run_stage_locked(
     code = stage.code(cfg)
     owned = owned_paths(run, stage, view)
     state, reason = manifest_state(
-        run, name, code=code, config_hash=config_hash, inputs=inputs, tables=stage.writes, owned=owned
+        run,
+        name,
+        code=code,
+        config_hash=config_hash,
+        inputs=inputs,
+        tables=stage.writes,
+        owned=owned,
+        config=cfg.section_values(*stage.config),
     )
     if state == "done" and not force:
         log.info("%s: %s up to date (config %s), tables read back", run.run_dir.name, name, config_hash)

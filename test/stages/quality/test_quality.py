@@ -604,7 +604,10 @@ def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
     # The stage is up to date now, and stale when its own settings move.
     assert stage_state(run, "quality", cfg)[0] == "done"
     moved = load_config(None, ["quality.dup_distance=9"], root=tmp_path)
-    assert stage_state(run, "quality", moved) == ("stale", "its config changed")
+    assert stage_state(run, "quality", moved) == (
+        "stale",
+        f"its config changed: quality.dup_distance {cfg.quality.dup_distance} -> 9",
+    )
     assert stage_state(run, "quality", load_config(None, ["extract.jpeg_quality=80"], root=tmp_path))[0] == (
         "done"
     )
