@@ -38,15 +38,11 @@ def _build_parser() -> argparse.ArgumentParser:
     talk.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars; only errors and the final lines"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser(
-        "run", parents=[common], help="run the stages headless on a movie or a folder of movies"
-    )
-    run.add_argument("target", help="a movie file, or a folder whose video files are all processed")
-    run.add_argument("--out", help="run folder (one movie) or parent of the run folders (a folder)")
-    run.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
-    run.add_argument(
+    # The settings a run is made with: `bunny status` takes them as `bunny run` does, to judge
+    # the stages against the same settings.
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
+    settings.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -54,15 +50,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one setting (repeatable), e.g. --set extract.motion_threshold=2",
     )
+    settings.add_argument(
+        "--characters",
+        metavar="DIR",
+        help="reference images: one sub-folder per character (folder name = name), photos inside",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", parents=[common, settings], help="run the stages headless on a movie or a folder of movies"
+    )
+    run.add_argument("target", help="a movie file, or a folder whose video files are all processed")
+    run.add_argument("--out", help="run folder (one movie) or parent of the run folders (a folder)")
     run.add_argument(
         "--stages",
         metavar="NAMES",
         help=f"comma-separated stage names (default: all, in this order): {', '.join(stage_names())}",
-    )
-    run.add_argument(
-        "--characters",
-        metavar="DIR",
-        help="reference images: one sub-folder per character (folder name = name), photos inside",
     )
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     run.add_argument(
@@ -77,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        parents=[common],
+        parents=[common, settings],
         help="each stage's state per movie (done, stale and why, missing), from the manifests",
     )
     status.add_argument(
@@ -85,13 +88,6 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a run folder, a folder of run folders (e.g. data/output), a movie or a folder of movies",
     )
     status.add_argument("--out", help="where the movies' run folders are, as given to bunny run --out")
-    status.add_argument("--config", help="an extra YAML config layered over config/main.yaml")
-    status.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    status.add_argument(
-        "--characters",
-        metavar="DIR",
-        help="the reference folder given to bunny run --characters (stage 03 and 08 are judged with it)",
-    )
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the built-in demo movie once and run every stage on it"

@@ -175,6 +175,18 @@ def test_prompts_and_grid_plan():
     assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
     odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
     assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
+    # A character's description follows its name, as in the captions the LoRA learned from.
+    described = plan_grid(
+        ["biscuit", "ann"],
+        ["{trigger} {character}, full body"],
+        "t",
+        [0],
+        [1.0],
+        cks[:1],
+        {"biscuit": "a cartoon dog"},
+    )
+    assert [i.prompt for i in described] == ["t biscuit, a cartoon dog, full body", "t ann, full body"]
+    assert described[0].rel_path == "generated/checkpoint-10/biscuit/p00_seed0_scale1.00.png"
 
 
 def test_settings_key_changes_with_what_makes_the_image():

@@ -99,6 +99,7 @@ STAGE = Stage(
         "train.output_dir",
         "train.resolution",
         "captions.trigger_word",
+        "captions.character_descriptions",
         "characters",
     ),
     writes=("generations", "generation_scores"),

@@ -4,7 +4,7 @@ prompts x seeds x LoRA scales x checkpoints (scale 0 planned once, as checkpoint
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +64,12 @@ def select_checkpoints(found: Sequence[Checkpoint], which: str | Sequence[str]) 
 # The grid
 
 
-def render_prompt(template: str, trigger: str, character: str) -> str:
+def render_prompt(template: str, trigger: str, character: str, description: str = "") -> str:
     """A prompt from its template; without a character (:data:`NO_CHARACTER`) the placeholder is
-    dropped and the spaces and commas around it tidied."""
-    name = "" if character == NO_CHARACTER else character
+    dropped and the spaces and commas around it tidied. A character's ``description``
+    (``captions.character_descriptions``) follows its name as in the captions the LoRA learned
+    from ("biscuit, a cartoon dog")."""
+    name = "" if character == NO_CHARACTER else (f"{character}, {description}" if description else character)
     text = template.format(trigger=trigger, character=name)
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r"\s+,", ",", text)
@@ -101,13 +103,15 @@ def plan_grid(
     seeds: Sequence[int],
     scales: Sequence[float],
     checkpoints: Sequence[Checkpoint],
+    descriptions: Mapping[str, str] | None = None,
 ) -> list[GridItem]:
     """Every image of the grid: characters x prompts x seeds x scales x checkpoints, with scale 0
-    planned once, as checkpoint :data:`BASE` (it does not depend on the LoRA)."""
+    planned once, as checkpoint :data:`BASE` (it does not depend on the LoRA); ``descriptions``
+    name the characters in the prompts as the captions do (:func:`render_prompt`)."""
     items: list[GridItem] = []
     for character in characters:
         for p, template in enumerate(templates):
-            prompt = render_prompt(template, trigger, character)
+            prompt = render_prompt(template, trigger, character, (descriptions or {}).get(character, ""))
             for seed in seeds:
                 for scale in scales:
                     if scale == 0:

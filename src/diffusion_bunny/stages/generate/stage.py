@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ def compute(ctx: Context) -> StageOutput:
             references=references,
             detect=detect,
             drawn=drawn,
+            descriptions=cfg.captions.character_descriptions,
             trigger=trigger_word(cfg),
             resolution=cfg.generate.resolution or cfg.train.resolution,
             base_model=ref.name,
@@ -129,6 +130,7 @@ def draw_and_score(
     resolution: int | None,
     base_model: str,
     drawn: DrawnScorer | None = None,
+    descriptions: Mapping[str, str] | None = None,
     progress: bool = False,
     progress_path: Path | None = None,
 ) -> StageOutput:
@@ -138,7 +140,8 @@ def draw_and_score(
 
     ``pipe_loader()`` loads the base model (called first: a missing model fails before anything
     else); ``checkpoints`` are the LoRA files to compare, in training order; ``drawn`` scores the
-    pictures of the drawn characters (:mod:`.drawn`; None: they are drawn, not scored).
+    pictures of the drawn characters (:mod:`.drawn`; None: they are drawn, not scored);
+    ``descriptions`` (``captions.character_descriptions``) follow the names in the prompts.
     """
     run_dir = Path(run_dir)
     warnings: list[str] = []
@@ -162,6 +165,7 @@ def draw_and_score(
         base_model,
         progress,
         progress_path,
+        descriptions,
     )
     del pipe  # the base model's memory back before the faces are scored
     ids = score_images(run_dir, items, references, detect, drawn=drawn, progress=progress)
@@ -267,6 +271,7 @@ def _draw(
     base_model: str,
     progress: bool,
     progress_path: Path | None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> tuple[list[Any], int, int, int]:
     """Render what is missing of the grid with the loaded base model. Returns the grid, the
     picture size, and the counts of pictures drawn now and reused."""
@@ -281,7 +286,7 @@ def _draw(
         height=size,
         max_sequence_length=cfg.max_sequence_length,
     )
-    items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints)
+    items = plan_grid(characters, cfg.prompts, trigger, cfg.seeds, cfg.lora_scales, checkpoints, descriptions)
     rendered, reused = generate_images(
         pipe,
         run_dir,

@@ -66,24 +66,30 @@ def identity_table(generations: pl.DataFrame) -> pl.DataFrame:
 
 def identity_plot(generations: pl.DataFrame, tolerance: float = 0.6) -> p9.ggplot:
     """Mean identity distance per checkpoint (in training order), one line per character."""
+    table = identity_table(generations).filter(pl.col("identity_distance").is_not_null())
+    found = int(identity_table(generations)["faces_found"].sum())
+    return _per_checkpoint(
+        table,
+        "identity_distance",
+        tolerance,
+        "identity distance (lower is closer)",
+        f"{generations.height} generated pictures, a face found in {found}",
+    )
+
+
+def _per_checkpoint(table: pl.DataFrame, column: str, line: float, label: str, title: str) -> p9.ggplot:
+    """``column`` per checkpoint (in training order), one line per character, a dashed line at
+    ``line``: the identity plot and the drawn characters' plot."""
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
-    table = identity_table(generations)
-    order = checkpoint_order(table["checkpoint"].to_list())
-    df = table.filter(pl.col("identity_distance").is_not_null()).to_pandas()
-    df["checkpoint"] = categorical(df["checkpoint"], order)
-    found = int(table["faces_found"].sum())
+    df = table.to_pandas()
+    df["checkpoint"] = categorical(df["checkpoint"], checkpoint_order(table["checkpoint"].to_list()))
     return (
-        p9.ggplot(df, p9.aes("checkpoint", "identity_distance", colour="character", group="character"))
+        p9.ggplot(df, p9.aes("checkpoint", column, colour="character", group="character"))
         + p9.geom_line()
         + p9.geom_point(size=2.5)
-        + p9.geom_hline(yintercept=tolerance, linetype="dashed", colour=LINE_RED)
-        + p9.labs(
-            x="checkpoint",
-            y="identity distance (lower is closer)",
-            colour="",
-            title=f"{generations.height} generated pictures, a face found in {found}",
-        )
+        + p9.geom_hline(yintercept=line, linetype="dashed", colour=LINE_RED)
+        + p9.labs(x="checkpoint", y=label, colour="", title=title)
         + minimal_theme(8, 3.2)
     )
 
@@ -106,23 +112,12 @@ def drawn_table(generations: pl.DataFrame) -> pl.DataFrame:
 def drawn_plot(generations: pl.DataFrame, min_score: float = 0.5) -> p9.ggplot:
     """Mean fitted-detector score per checkpoint (in training order), one line per drawn
     character; the dashed line is the score stage 03 names a sighting at."""
-    import plotnine as p9  # lazy: plotnine takes 0.44 s to import
-
     table = drawn_table(generations)
-    order = checkpoint_order(table["checkpoint"].to_list())
-    df = table.to_pandas()
-    df["checkpoint"] = categorical(df["checkpoint"], order)
-    return (
-        p9.ggplot(df, p9.aes("checkpoint", "drawn_score", colour="character", group="character"))
-        + p9.geom_line()
-        + p9.geom_point(size=2.5)
-        + p9.geom_hline(yintercept=min_score, linetype="dashed", colour=LINE_RED)
-        + p9.labs(
-            x="checkpoint",
-            y="fitted detector's score (higher is closer)",
-            colour="",
-            title=f"{int(table['pictures'].sum())} pictures of drawn characters, the character found in "
-            f"{int(table['found'].sum())}",
-        )
-        + minimal_theme(8, 3.2)
+    return _per_checkpoint(
+        table,
+        "drawn_score",
+        min_score,
+        "fitted detector's score (higher is closer)",
+        f"{int(table['pictures'].sum())} pictures of drawn characters, the character found in "
+        f"{int(table['found'].sum())}",
     )
