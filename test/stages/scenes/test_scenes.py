@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.stages.scenes import summary as summary_of
 from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter, triplets_from_feedback
 from diffusion_bunny.stages.scenes.clustering import (
     apply_feedback,
@@ -292,6 +293,19 @@ def test_stage_clusters_the_demo_by_place(scenes_run):
     # The exemplar table names one frame per cluster, each in its own cluster at similarity 1.
     ex = run.read_table("scene_exemplars")
     assert set(ex["cluster_id"]) == set(scene["cluster_id"]) - {NOISE}
+    # The summary says how many character sub-clusters are a scene's frames with nobody named.
+    character = clusters.filter((pl.col("level") == "character") & (pl.col("cluster_id") != NOISE))
+    nobody = character.filter(pl.col("characters") == "nobody")["cluster_id"].n_unique()
+    counts = run.read_manifest("scenes")["counts"]
+    # (stage 03 did not run on this copy: every scene's frames are one sub-cluster of nobody)
+    assert counts["nobody_clusters"] == nobody == counts["character_clusters"] > 0
+    line = summary_of(run.read_manifest("scenes"))
+    assert (
+        f"({counts['character_clusters']} character sub-clusters, {nobody} of them with nobody named)" in line
+    )
+    assert "of them with nobody" not in summary_of(
+        {**run.read_manifest("scenes"), "counts": {**counts, "nobody_clusters": 0}}
+    )
 
 
 def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):

@@ -35,10 +35,12 @@ def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 04: clusters, noise and the corrections it applied."""
     c, f = manifest["counts"], manifest["facts"]
     adapter = (f.get("adapter") or {}).get("triplets") or 0
+    nobody = c.get("nobody_clusters")
+    nobody = f", {nobody} of them with nobody named" if nobody else ""
     return (
         f"{c['frames']} frames in {c['scene_clusters']} scenes ({c['character_clusters']} character "
-        f"sub-clusters), {c['noise']} in the noise bucket; {c['corrections']} correction(s) by hand so "
-        f"far, {'an adapter trained on ' + str(adapter) + ' of them' if adapter else 'no adapter'} "
+        f"sub-clusters{nobody}), {c['noise']} in the noise bucket; {c['corrections']} correction(s) by "
+        f"hand so far, {'an adapter trained on ' + str(adapter) + ' of them' if adapter else 'no adapter'} "
         f"({f['mode']}, {f['embedder']})"
     )
 

@@ -59,6 +59,7 @@ from diffusion_bunny.stages.scenes.tables import (
     FEEDBACK_SCHEMA,
     LEVELS,
     NEW,
+    NOBODY,
     NOISE,
     empty_feedback,
 )
@@ -228,6 +229,11 @@ def _cluster_counts(clusters: pl.DataFrame) -> dict[str, int]:
     return {
         "scene_clusters": scene.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
         "character_clusters": character.filter(pl.col("cluster_id") != NOISE)["cluster_id"].n_unique(),
+        # A scene's frames where nobody is named are a sub-cluster of their own: say how many, so
+        # a run that named nobody does not read as one that found characters.
+        "nobody_clusters": character.filter(pl.col("cluster_id").str.ends_with(f"/{NOBODY}"))[
+            "cluster_id"
+        ].n_unique(),
         "noise": int((scene["cluster_id"] == NOISE).sum()),
         "manual": int(clusters["manual"].sum()),
     }
