@@ -71,6 +71,7 @@ from diffusion_bunny.stages.characters.references import (
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import (
     APPEARANCE_EDIT_SCHEMA,
+    CHARACTERS_CACHE,
     DETECTIONS_SCHEMA,
     FACE_FRAMES_SCHEMA,
     apply_appearance_edits,
@@ -446,7 +447,7 @@ def fitted_detector_file(
     if not backgrounds:
         raise StageError("no frame to fit the character detector on; run stages extract and quality first")
     key = fit_key(pictures.cutouts, backgrounds, settings)
-    folder = Path(run_dir) / "cache" / "characters"
+    folder = Path(run_dir) / CHARACTERS_CACHE
     path = folder / f"fitted-{key}.pt"
     fitted_now = FittedDetector.load(path) is None
     if fitted_now:
@@ -482,7 +483,7 @@ def save_cutouts(run_dir: Path, pictures: ReferencePictures) -> dict[str, str]:
     Why: notebook 03's reference sheet shows what the fitted detector learns from, the character
     with its separated background gone, not the box it was cut from: a GrabCut that kept half a
     poster's background looks, as a box, like one that kept the character alone."""
-    folder = Path(run_dir) / "cache" / "characters" / "cutouts"
+    folder = Path(run_dir) / CHARACTERS_CACHE / "cutouts"
     if not pictures.cutouts and not folder.is_dir():
         return {}
     folder.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,9 @@ def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> p
 #: Name of the reference folder inside a run, used when ``characters.reference_dir`` is not set
 #: and a person names a cluster in notebook 03.
 RUN_REFERENCES = "references"
+#: Where in a run stage 03 keeps the detector it fitted (``fitted-<key>.pt``) and the drawn
+#: characters' cut-outs (``cutouts/``); stage 08 scores drawn characters with that detector.
+CHARACTERS_CACHE = Path("cache") / "characters"
 
 
 # ---------------------------------------------------------------------------------------------

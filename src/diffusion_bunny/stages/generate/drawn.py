@@ -7,7 +7,7 @@ model that knows it, in the film's own look: its heat-map peak for the character
 (0-1), and the picture shows the character when it reaches the score stage 03 names a sighting at
 (``characters.fitted.min_score``). What stage 08 needs of stage 03 it reads from stage 03's
 manifest (the stages' import rule keeps stage 03's code out of here): the detector's file and which
-characters it took as drawn and which as human.
+characters it took as drawn.
 """
 
 from __future__ import annotations
@@ -19,22 +19,20 @@ from typing import Any
 import numpy as np
 
 from diffusion_bunny.models.fitted.detector import FittedDetector
+from diffusion_bunny.stages.characters.tables import CHARACTERS_CACHE
 
 #: Peaks under this are not even looked at: a picture without the character scores 0.
 FLOOR = 0.01
-#: Where in a run folder stage 03 keeps its fitted detectors.
-CACHE = Path("cache") / "characters"
 
 
 @dataclass(frozen=True)
 class Stage03Characters:
     """What stage 03's manifest says of the characters: the fitted detector's file (None without
-    one: no drawn character's picture, or the hub backend), the characters whose pictures it took
-    as drawn (cut-outs) and those it took as human (face photos)."""
+    one: no drawn character's picture, or the hub backend) and the characters whose pictures it
+    took as drawn (cut-outs)."""
 
     fitted_file: Path | None = None
     drawn: frozenset[str] = frozenset()
-    human: frozenset[str] = frozenset()
     backend: str = "offline"
 
 
@@ -46,12 +44,11 @@ def stage03_characters(manifest: dict[str, Any] | None, run_dir: Path | None = N
     taken = facts.get("references_taken") or []
     fitted = facts.get("fitted") or {}
     file = Path(fitted["file"]) if fitted.get("file") else None
-    if file is not None and run_dir is not None and (Path(run_dir) / CACHE / file.name).is_file():
-        file = Path(run_dir) / CACHE / file.name
+    if file is not None and run_dir is not None and (Path(run_dir) / CHARACTERS_CACHE / file.name).is_file():
+        file = Path(run_dir) / CHARACTERS_CACHE / file.name
     return Stage03Characters(
         fitted_file=file,
         drawn=frozenset(r["character"] for r in taken if r.get("use") == "cutout"),
-        human=frozenset(r["character"] for r in taken if r.get("use") == "face"),
         backend="hub" if "hub" in facts else "offline",
     )
 
