@@ -304,6 +304,70 @@ def test_drawn_sightings_are_named_by_the_detector_voted_along_a_shot_and_droppe
     assert label_faces(det, frames, ReferenceSet(), strict)["face_id"].to_list() == ["f0_00", "f1_01"]
 
 
+def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_its_track():
+    """A painted knight boxed by his breastplate, his face just above the box: the face detector's
+    face there is his face, not "1 other person", and in the next frame, where the drawn
+    detector missed him, the same face (its track) is his. A face beside him stays unknown."""
+    knight, stranger = np.eye(128, dtype=np.float32)[0], np.eye(128, dtype=np.float32)[5]
+    feature = np.eye(64, dtype=np.float32)[0]
+    drawn = drawn_rows(
+        [
+            ("f0", 1, 10, "marshal", 0.9, (270, 342, 532, 661), feature),
+            ("f2", 2, 40, "marshal", 0.9, (270, 342, 532, 661), feature),
+        ]
+    )
+
+    def face(face_id: str, frame_id: str, box: tuple[int, int, int, int], encoding: np.ndarray) -> dict:
+        left, top, right, bottom = box
+        return {
+            "face_id": face_id,
+            "frame_id": frame_id,
+            "top": top,
+            "right": right,
+            "bottom": bottom,
+            "left": left,
+            "embedding": list(encoding),
+            "sharpness": 100.0,
+            "detector_score": 0.9,
+            "yaw": 0.0,
+            "kind": "face",
+            "label": None,
+        }
+
+    faces_in = pl.DataFrame(
+        [
+            face("f0_f", "f0", (374, 248, 460, 356), knight),  # above his breastplate's box
+            face("f1_f", "f1", (378, 250, 464, 358), knight),  # the next frame: no drawn sighting
+            face("f1_g", "f1", (900, 100, 980, 200), stranger),
+            face("f2_f", "f2", (600, 300, 690, 400), stranger),  # beside him, not on his figure
+        ],
+        schema=DETECTIONS_SCHEMA,
+    )
+    frames = pl.DataFrame(
+        {"frame_id": ["f0", "f1", "f2"], "shot_id": [1, 1, 2], "frame_index": [10, 20, 40]}
+    ).with_columns((pl.col("frame_index") / 24).alias("timestamp_s"))
+    faces = label_faces(pl.concat([drawn, faces_in]), frames, ReferenceSet(), CharactersSettings())
+    by_id = {r["face_id"]: r for r in faces.iter_rows(named=True)}
+    assert "f0_f" not in by_id  # one appearance of him in f0: the drawn one, with his head
+    knight_box = [by_id["f0_00"][k] for k in ("left", "top", "right", "bottom")]
+    assert knight_box == [270, 248, 532, 661]
+    assert [by_id["f2_01"][k] for k in ("left", "top", "right", "bottom")] == [270, 342, 532, 661]
+    assert by_id["f1_f"]["character"] == "marshal" and by_id["f1_f"]["low_confidence"]
+    assert by_id["f1_f"]["cluster"] is None
+    assert by_id["f1_g"]["character"] is None and by_id["f2_f"]["character"] is None
+    assert by_id["f2_f"]["cluster"] is not None
+    # Raised by less than the face's height, the same face a little higher is no longer on him.
+    high = faces_in.with_columns(
+        pl.when(pl.col("face_id") == "f0_f").then(pl.col("top") - 60).otherwise(pl.col("top")).alias("top"),
+        pl.when(pl.col("face_id") == "f0_f")
+        .then(pl.col("bottom") - 60)
+        .otherwise(pl.col("bottom"))
+        .alias("bottom"),
+    )
+    apart = label_faces(pl.concat([drawn, high]), frames, ReferenceSet(), CharactersSettings())
+    assert apart.filter(pl.col("kind") == "face")["character"].null_count() == 4
+
+
 def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, demo, tmp_path):
     """Stage 03 on the demo movie with its references: the girl and the dog are found in the
     shots they walk through, under their names, with boxes on them, and named nowhere else."""

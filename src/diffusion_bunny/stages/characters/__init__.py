@@ -32,14 +32,16 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
 
 
 def summary(manifest: dict[str, Any]) -> str:
-    """One line about a run of stage 03: faces found, named and left for a person to name."""
+    """One line about a run of stage 03: appearances (faces and drawn characters) found, named and
+    left for a person to name."""
     c, f = manifest["counts"], manifest["facts"]
     speed = f" at {f['frames_per_second']} frames/s" if f.get("frames_per_second") else ""
     per_char = ", ".join(f"{name} {n}" for name, n in (c.get("characters") or {}).items())
     return (
         f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
-        f"{c['faces']} faces in {c['frames_with_faces']} frames ({per_char or 'none'}); "
-        f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} clusters"
+        f"{c['faces']} appearances in {c['frames_with_faces']} frames ({per_char or 'none'}); "
+        f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} "
+        f"cluster{'' if c['clusters'] == 1 else 's'}"
     )
 
 

@@ -360,31 +360,82 @@ def label_faces(
                 pl.lit(False).alias("edited"),
             ).select(list(FACES_SCHEMA))
         )
-    return drop_faces_of_drawn(pl.concat(parts)).sort("frame_index", "face_id")
+    return faces_of_drawn(pl.concat(parts)).sort("frame_index", "face_id")
 
 
-def drop_faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
-    """``faces`` without the unnamed faces that lie in a named drawn character (at least
-    ``inside`` of the face's box within the character's box, same frame): the face detector also
-    fires on drawn faces, and a drawn girl is one appearance of hers, not her and an unknown
-    person. Named faces stay (a person named from photos is a person)."""
+def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
+    """``faces`` with the unnamed faces on a named drawn character's figure dropped, and the rest
+    of their tracks named after that character.
+
+    The face detector also fires on drawn faces (a drawn girl, a painted knight), and a drawn girl
+    is one appearance of hers, not her and an unknown person: an unnamed face with at least
+    ``inside`` of its box on the figure of a character the drawn detector named in the same frame
+    is dropped. The figure is the character's box, widened by a quarter of the face's width on
+    each side and raised by the face's height (:func:`_figure`): the fitted detector, taught from
+    head crops and whole figures alike, often boxes a body without its head (a painted knight's
+    breastplate, his face just above it), and such a face read as "1 other person" in every
+    caption of the shot. The dropped face's track (the same face followed through the shot's
+    sampled frames) is hers too: its faces in the frames where the detector missed her (cut by
+    the frame's edge, turned away) are named after her, marked low confidence for a person to
+    check. The character's box takes in the face it lost, so that its crop (stage 06) is not a
+    body without a head. Named faces stay (a person named from photos is a person)."""
     drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
     loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null())
     if drawn.height == 0 or loose.height == 0:
         return faces
-    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    figures: dict[str, list[tuple[str, str]]] = {}
+    boxes: dict[str, tuple[int, int, int, int]] = {}
     for r in drawn.iter_rows(named=True):
-        boxes.setdefault(r["frame_id"], []).append((r["left"], r["top"], r["right"], r["bottom"]))
-    gone = set()
+        figures.setdefault(r["frame_id"], []).append((r["face_id"], r["character"]))
+        boxes[r["face_id"]] = (r["left"], r["top"], r["right"], r["bottom"])
+    gone: set[str] = set()
+    grown: dict[str, tuple[int, int, int, int]] = {}
+    track_names: dict[int, Counter[str]] = {}
     for r in loose.iter_rows(named=True):
-        area = max(1, (r["right"] - r["left"]) * (r["bottom"] - r["top"]))
-        for left, top, right, bottom in boxes.get(r["frame_id"], []):
-            w = min(r["right"], right) - max(r["left"], left)
-            h = min(r["bottom"], bottom) - max(r["top"], top)
+        face = (r["left"], r["top"], r["right"], r["bottom"])
+        area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
+        for drawn_id, name in figures.get(r["frame_id"], []):
+            left, top, right, bottom = _figure(boxes[drawn_id], face)
+            w = min(face[2], right) - max(face[0], left)
+            h = min(face[3], bottom) - max(face[1], top)
             if w > 0 and h > 0 and w * h >= inside * area:
                 gone.add(r["face_id"])
+                track_names.setdefault(r["track_id"], Counter())[name] += 1
+                old = grown.get(drawn_id, boxes[drawn_id])
+                grown[drawn_id] = (
+                    min(old[0], face[0]),
+                    min(old[1], face[1]),
+                    max(old[2], face[2]),
+                    max(old[3], face[3]),
+                )
                 break
-    return faces.filter(~pl.col("face_id").is_in(list(gone)))
+    named = {track: names.most_common(1)[0][0] for track, names in track_names.items()}
+    if not named:
+        return faces
+    heir = pl.col("face_id").is_in(list(gone)).not_() & pl.col("track_id").is_in(list(named))
+    heir = heir & (pl.col("kind") == "face") & pl.col("character").is_null()
+    name = pl.col("track_id").replace_strict(named, default=None, return_dtype=pl.Utf8)
+    ids = list(grown)
+    grew = [
+        pl.col("face_id").replace_strict(ids, [b[k] for b in grown.values()], default=pl.col(side))
+        for k, side in enumerate(("left", "top", "right", "bottom"))
+    ]
+    return faces.filter(~pl.col("face_id").is_in(list(gone))).with_columns(
+        *(
+            g.cast(pl.Int64).alias(side)
+            for g, side in zip(grew, ("left", "top", "right", "bottom"), strict=True)
+        ),
+        pl.when(heir).then(name).otherwise(pl.col("character")).alias("character"),
+        pl.when(heir).then(True).otherwise(pl.col("low_confidence")).alias("low_confidence"),
+        pl.when(heir).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
+    )
+
+
+def _figure(box: tuple[int, int, int, int], face: tuple[int, int, int, int]) -> tuple[float, ...]:
+    """A drawn character's figure as a face on it may lie: its box (left, top, right, bottom)
+    widened by a quarter of the face's width on each side and raised by the face's height."""
+    fw, fh = face[2] - face[0], face[3] - face[1]
+    return (box[0] - fw / 4, box[1] - fh, box[2] + fw / 4, box[3])
 
 
 def trusted_faces(faces: pl.DataFrame, cfg: CharactersSettings) -> np.ndarray:
