@@ -348,6 +348,18 @@ def test_demo_faces_named_from_references_and_cached(demo_run, demo, tmp_path):
     assert again["character"].to_list() == faces["character"].to_list()
     assert run.read_table("face_frames")["face_sharpness"].drop_nulls().len() == len(with_face)
     assert facts["characters_not_found"] == []
+    # The cache is the raw detections, not the labelled faces: a lower score on a rerun names the
+    # drawn sightings the first run held under its score, as a first run at that score would.
+    detections = run.read_table("detections")
+    weak = detections.filter(
+        (pl.col("kind") == "drawn") & pl.col("detector_score").is_between(0.3, 0.5, "left")
+    )
+    assert weak.height and not set(weak["face_id"]) & set(again["face_id"])
+    lower = _cfg(tmp_path, reference_dir=str(refs_dir), **{"fitted.min_score": 0.3})
+    looser = run_stage(run, "characters", lower, progress=False)["faces"]
+    assert run.read_manifest("characters")["facts"]["frames_detected"] == 0
+    assert set(weak["face_id"]) <= set(looser["face_id"])
+    run_stage(run, "characters", cfg, progress=False)
     # A character whose pictures show nobody in the film: the run names it and says what to do.
     (refs_dir / "stranger").mkdir()
     shutil.copy(FACE_TRUTH / "alex_lacamoire1.jpg", refs_dir / "stranger" / "photo.jpg")

@@ -67,7 +67,9 @@ STAGE = Stage(
         Reads("appearance_edits", "characters", ("event_id",), optional=True, nonempty=True),
     ),
     config=("characters",),
-    writes=("faces", "face_frames"),
+    # detections: every frame's sightings before labelling (which drops and reshapes some), the
+    # cache a rerun reuses, so that a rerun labels what a first run would.
+    writes=("faces", "face_frames", "detections"),
     edits=("appearance_edits",),  # names given by hand (fix_appearance, notebook 03)
     inputs=_inputs,
     detectors=_detectors,

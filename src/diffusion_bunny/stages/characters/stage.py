@@ -237,7 +237,7 @@ def _reusable(
         or not set(DETECTIONS_SCHEMA) <= set(previous[0].columns)
     ):
         return set(), pl.DataFrame(schema=DETECTIONS_SCHEMA)
-    old_faces, old_frames = previous
+    old_detections, old_frames = previous
     ok = old_frames.filter(
         (pl.col("status") == "ok") & (pl.col("detect_key") == key) & pl.col("frame_id").is_in(list(sizes))
     )
@@ -246,7 +246,9 @@ def _reusable(
         for fid, size, region in zip(ok["frame_id"], ok["file_bytes"], ok["region"], strict=True)
         if sizes.get(fid) == (size, region)
     }
-    return cached, old_faces.filter(pl.col("frame_id").is_in(list(cached))).select(list(DETECTIONS_SCHEMA))
+    return cached, old_detections.filter(pl.col("frame_id").is_in(list(cached))).select(
+        list(DETECTIONS_SCHEMA)
+    )
 
 
 def _run_jobs(
@@ -292,7 +294,7 @@ def detect_faces(
     hub: tuple[str, Callable[[], HubFinder]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Detections (``DETECTIONS_SCHEMA``) and per-frame status (``FACE_FRAMES_SCHEMA``) for
-    ``frames``, reusing ``previous`` (faces, face_frames) where its entries still match. Each
+    ``frames``, reusing ``previous`` (detections, face_frames) where its entries still match. Each
     frame is searched inside its region (:func:`~diffusion_bunny.stages.extract.tables.frame_regions`:
     the picture box, or stage 02's crop from ``quality``), never in the bars around it. With
     ``fitted`` (the file of a fitted character detector) the drawn characters are searched too; with
@@ -621,10 +623,14 @@ def compute(ctx: Context) -> StageOutput:
         ctx.optional("quality"),
         ctx.cfg.characters,
     )
+    # The last run's detections are reused, never its faces: labelling drops sightings (a drawn
+    # one under its score, a face on a drawn figure) and widens boxes, and a rerun reusing those
+    # lost what a new threshold or rule must see again. A run from before the detections table
+    # searches its frames once more.
     previous = None
-    old_faces, old_frames = ctx.own_previous("faces"), ctx.own_previous("face_frames")
-    if old_faces is not None and old_frames is not None:
-        previous = (old_faces, old_frames)
+    old_detections, old_frames = ctx.own_previous("detections"), ctx.own_previous("face_frames")
+    if old_detections is not None and old_frames is not None:
+        previous = (old_detections, old_frames)
     settings = DetectSettings.from_config(cfg)
     require_detector(settings.detector)
     scan = frames_to_scan(frames, quality, cfg)
@@ -676,7 +682,7 @@ def compute(ctx: Context) -> StageOutput:
         .select(list(FACE_FRAMES_SCHEMA))
     )
     return StageOutput(
-        tables={"faces": faces, "face_frames": face_frames},
+        tables={"faces": faces, "face_frames": face_frames, "detections": detections},
         counts=_counts(faces, scan, failed.height, references),
         warnings=warnings
         + not_found_warnings(missed)
