@@ -1034,3 +1034,26 @@ def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp
         facts = run.read_manifest("train")["facts"]
         assert facts["resumed_from"] == {"latents": None, "checkpoint": 2, "lora": 4}[when]
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_stage_08_draws_with_the_current_lora_of_a_run_folder_that_was_moved(tmp_path):
+    """The loras table holds absolute folders: a run folder copied or moved elsewhere finds its
+    current LoRA folder in its own loras/ by name, not in the old place and not nowhere."""
+    import polars as pl
+
+    from diffusion_bunny.stages.train.tables import current_lora_dir
+
+    old = tmp_path / "old" / "loras" / "tiny-30steps-abc"
+    other = tmp_path / "old" / "loras" / "tiny-60steps-def"
+    for folder in (old, other):
+        folder.mkdir(parents=True)
+    loras = pl.DataFrame({"folder": [str(other), str(old)], "current": [False, True]})
+    assert current_lora_dir(tmp_path / "old" / "loras", loras) == old
+    moved = tmp_path / "new" / "loras"
+    (moved / old.name).mkdir(parents=True)
+    (moved / other.name).mkdir(parents=True)
+    assert current_lora_dir(moved, loras) == moved / old.name
+    # The current one gone from the moved folder: its own base, as for a training output.
+    (moved / old.name).rmdir()
+    assert current_lora_dir(moved, loras) == moved
+    assert current_lora_dir(moved, None) == moved

@@ -221,8 +221,10 @@ def describe_loras(loras: pl.DataFrame) -> list[str]:
 def current_lora_dir(base: Path, loras: pl.DataFrame | None) -> Path:
     """The folder stage 08 draws with: the ``current`` row of the ``loras`` table stage 07 wrote,
     when it lies under ``base`` (the configured ``train.output_dir``, else ``<run>/loras/``) and
-    still exists; else ``base`` itself (a training output the user
-    points ``train.output_dir`` at, or one written before LoRA folders were versioned)."""
+    still exists, or the folder of that name under ``base`` (the table holds absolute paths, and a
+    run folder moved or copied took its ``loras/`` with it); else ``base`` itself (a training
+    output the user points ``train.output_dir`` at, or one written before LoRA folders were
+    versioned)."""
     base = Path(base)
     if loras is not None and "current" in loras.columns:
         current = loras.filter(pl.col("current"))
@@ -230,4 +232,6 @@ def current_lora_dir(base: Path, loras: pl.DataFrame | None) -> Path:
             folder = Path(current["folder"][0])
             if folder.parent.resolve() == base.resolve() and folder.is_dir():
                 return folder
+            if (base / folder.name).is_dir():
+                return base / folder.name
     return base
