@@ -419,15 +419,70 @@ def test_what_stage_08_reads_of_stage_03_and_a_scorer_that_cannot_be_had_is_one_
     (tmp_path / "fitted.pt").write_bytes(fitted_mika.to_bytes())
     scorer, warnings = load_drawn_scorer(seen, ["mika"])
     assert warnings == [] and scorer.names == ["mika"] and scorer.min_score == 0.5
-    hub = stage03_characters(
-        {"facts": {"hub": {}, "references_taken": manifest["facts"]["references_taken"]}}
+
+
+def test_with_the_hub_backend_drawn_pictures_are_scored_by_owlv2_guided_by_stage_03s_cutouts(tmp_path):
+    """Stage 03 ran with characters.backend: hub: stage 08 scores a drawn character's pictures with
+    OWLv2 guided by the cut-outs stage 03 wrote (found in the run folder's own cache when the
+    manifest's paths moved), its score the one ``detect`` names a sighting from; cut-outs or a
+    model that cannot be had are one line each, and the pictures are drawn all the same."""
+    import cv2
+    from tiny_models import write_tiny_dinov2, write_tiny_owlv2
+
+    from diffusion_bunny.models.hub_characters import HubCharacterSettings
+    from diffusion_bunny.models.hub_characters.finder import HubFinder
+
+    rng = np.random.default_rng(0)
+    cut = np.zeros((40, 30, 4), np.uint8)
+    cut[..., :3] = rng.integers(0, 256, (40, 30, 3))
+    cut[5:35, 5:25, 3] = 255
+    cache = tmp_path / "run" / "cache" / "characters" / "cutouts"
+    cache.mkdir(parents=True)
+    assert cv2.imwrite(str(cache / "000-0.png"), cv2.cvtColor(cut, cv2.COLOR_RGBA2BGRA))
+    taken = [
+        {"character": "mika", "use": "cutout", "cutout": "/elsewhere/cache/characters/cutouts/000-0.png"},
+        {"character": "biscuit", "use": "cutout", "cutout": str(tmp_path / "gone.png")},
+        {"character": "astronaut", "use": "face"},
+    ]
+    seen = stage03_characters({"facts": {"hub": {}, "references_taken": taken}}, tmp_path / "run")
+    assert seen.backend == "hub" and seen.drawn == {"mika", "biscuit"}
+    assert dict(seen.cutouts)["mika"] == cache / "000-0.png"
+    settings = HubCharacterSettings(
+        detector=str(write_tiny_owlv2(tmp_path / "owl", grid_boxes=True)),
+        features=str(tmp_path / "no-features"),
+        device="cpu",
     )
-    assert load_drawn_scorer(hub, ["mika"]) == (
-        None,
-        [
-            "the pictures of mika are drawn but not scored: characters.backend is hub, and its models do "
-            "not score generated pictures"
-        ],
+    # No features model is needed (the folder above does not exist): only OWLv2 scores.
+    scorer, warnings = load_drawn_scorer(seen, ["mika", "biscuit"], settings)
+    assert warnings == [
+        "the pictures of biscuit are drawn but not scored: stage 03's cut-outs of them are gone or cannot "
+        "be read; rerun stage characters (bunny run MOVIE --stages characters --force) to cut them out again"
+    ]
+    assert (
+        scorer.names == ["mika"] and scorer.min_score == 0.5 and scorer.setting == "characters.hub.min_score"
+    )
+    picture = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    value = scorer.score(picture, "mika")
+    assert 0.0 <= value <= 1.0 and scorer.score(picture, "biscuit") is None
+    # The score is the best sighting detect() names at a score of 0 (one character: every patch
+    # is hers), and a picture is scored as a batch of pictures is.
+    full = settings.model_copy(
+        update={"min_score": 0.0, "features": str(write_tiny_dinov2(tmp_path / "dino"))}
+    )
+    hits = HubFinder(full, {"mika": [cut]}).detect(picture)
+    assert max(h.score for h in hits) == pytest.approx(value, abs=1e-5)
+    both = scorer.finder.character_scores([picture[:, ::-1], picture])
+    assert both.shape == (2, 1) and both[1, 0] == pytest.approx(value, abs=1e-5)
+    # Without settings, or with a detector that cannot be had: drawn, not scored, one line.
+    assert load_drawn_scorer(seen, ["mika"], None)[1] == [
+        "the pictures of mika are drawn but not scored: no characters.hub settings given"
+    ]
+    broken = settings.model_copy(update={"detector": str(tmp_path / "no-owl")})
+    scorer, warnings = load_drawn_scorer(seen, ["mika"], broken)
+    assert scorer is None and len(warnings) == 1
+    assert (
+        warnings[0].startswith("the pictures of mika are drawn but not scored: ")
+        and "characters.hub.detector" in warnings[0]
     )
 
 

@@ -276,7 +276,10 @@ class HubFinder:
         references: dict[str, list[np.ndarray]],
         *,
         features: HubFeatures | None = None,
+        with_features: bool = True,
     ) -> None:
+        """``with_features=False`` loads no features model: for :meth:`character_scores` alone
+        (stage 08 scoring generated pictures), which needs no sighting's feature."""
         import torch  # lazy: torch takes 1.1 s to import
 
         self.settings = settings
@@ -286,7 +289,9 @@ class HubFinder:
             raise ModelError(f"no reference picture of {', '.join(map(repr, empty))}; give at least one each")
         self.device = resolve_device(settings.device, "characters.hub.device")
         self.model, self.processor = _load_owlv2(settings.detector, self.device)
-        self.features = features or HubFeatures(settings.features, settings.device, settings.batch_size)
+        self.features = features
+        if features is None and with_features:
+            self.features = HubFeatures(settings.features, settings.device, settings.batch_size)
         self._torch = torch
         size = self.processor.image_processor.size
         #: OWLv2's input side (960 for the base models, 1008 for the large ones).
@@ -426,6 +431,8 @@ class HubFinder:
             if box[2] - box[0] >= MIN_BOX_SIDE and box[3] - box[1] >= MIN_BOX_SIDE:
                 found.append(Hit(int(index[i]), float(best[i]), box, np.zeros(0, np.float32)))
         kept = suppress(found)
+        if self.features is None:
+            raise RuntimeError("this HubFinder was made with_features=False: it only scores characters")
         crops = [frame[_span(k.box[1], k.box[3]), _span(k.box[0], k.box[2])] for k in kept]
         feats = self.features.embed(crops) if crops else np.zeros((0, self.features.dim), np.float32)
         return [Hit(k.index, k.score, k.box, feats[j]) for j, k in enumerate(kept)]
@@ -458,6 +465,25 @@ class HubFinder:
         if self._texts is not None:
             searches.append((self._texts, None, self.settings.discover_score))
         return self._search(frames, searches) if searches else [[] for _ in frames]
+
+    def character_scores(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        """Each named character's best image-guided score anywhere in each RGB frame (frames x
+        :attr:`names`, 0-1, no threshold): how strongly OWLv2 sees the character there, the
+        score :meth:`detect` names a sighting from. Stage 08 scores generated pictures with it."""
+        torch = self._torch
+        out = np.zeros((len(frames), len(self.names)), np.float32)
+        if self._queries is None:
+            return out
+        size = self.settings.batch_size
+        for start in range(0, len(frames), size):
+            chunk = [on_grey(np.asarray(f)) for f in frames[start : start + size]]
+            feats, _ = self._patches([self._frame_square(f)[0] for f in chunk])
+            with torch.inference_mode():
+                logits, _ = self.model.class_predictor(feats, self._queries[None].expand(len(chunk), -1, -1))
+            scores = logits.float().sigmoid().cpu()
+            per = torch.stack([scores[..., self._owners == c].amax(-1) for c in range(len(self.names))], -1)
+            out[start : start + len(chunk)] = per.amax(1).numpy()
+        return out
 
     def discover(self, rgb: np.ndarray) -> list[Hit]:
         """Characters of any name in an RGB frame, for a film without references: OWLv2 guided by

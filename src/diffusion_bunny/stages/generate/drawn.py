@@ -1,13 +1,18 @@
-"""How well a picture shows a drawn character: the detector stage 03 fitted to that character's
-pictures on the film's frames, run on the generated picture.
+"""How well a picture shows a drawn character: the model stage 03 found that character with, run
+on the generated picture.
 
 A drawn character (a cartoon animal, a sprite, a 3D creature) has no human face, so the face
-distance that scores a person says nothing about it. The detector stage 03 fitted to it is the one
-model that knows it, in the film's own look: its heat-map peak for the character is the score
-(0-1), and the picture shows the character when it reaches the score stage 03 names a sighting at
-(``characters.fitted.min_score``). What stage 08 needs of stage 03 it reads from stage 03's
-manifest (the stages' import rule keeps stage 03's code out of here): the detector's file and which
-characters it took as drawn.
+distance that scores a person says nothing about it. The model that found it in the film knows it:
+
+* offline (the default), the detector stage 03 fitted to its pictures on the film's frames
+  (:class:`DrawnScorer`): its heat-map peak for the character is the score (0-1);
+* with ``characters.backend: hub``, OWLv2 guided by the character's cut-outs, as stage 03 searched
+  with it (:class:`HubDrawnScorer`): the best image-guided score anywhere in the picture.
+
+The picture shows the character when the score reaches the one stage 03 names a sighting at
+(``characters.fitted.min_score`` or ``characters.hub.min_score``). What stage 08 needs of stage 03
+it reads from stage 03's manifest (the stages' import rule keeps stage 03's code out of here): the
+detector's file, which characters it took as drawn and the files of their cut-outs.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
+from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.fitted.detector import FittedDetector
+from diffusion_bunny.models.hub_characters import HubCharacterSettings
+from diffusion_bunny.models.hub_characters.finder import HubFinder
 from diffusion_bunny.stages.characters.tables import CHARACTERS_CACHE
 
 #: Peaks under this are not even looked at: a picture without the character scores 0.
@@ -28,12 +37,13 @@ FLOOR = 0.01
 @dataclass(frozen=True)
 class Stage03Characters:
     """What stage 03's manifest says of the characters: the fitted detector's file (None without
-    one: no drawn character's picture, or the hub backend) and the characters whose pictures it
-    took as drawn (cut-outs)."""
+    one: no drawn character's picture, or the hub backend), the characters whose pictures it
+    took as drawn, and the files of their cut-outs (character, file)."""
 
     fitted_file: Path | None = None
     drawn: frozenset[str] = frozenset()
     backend: str = "offline"
+    cutouts: tuple[tuple[str, Path], ...] = ()
 
 
 def stage03_characters(manifest: dict[str, Any] | None, run_dir: Path | None = None) -> Stage03Characters:
@@ -44,17 +54,32 @@ def stage03_characters(manifest: dict[str, Any] | None, run_dir: Path | None = N
     taken = facts.get("references_taken") or []
     fitted = facts.get("fitted") or {}
     file = Path(fitted["file"]) if fitted.get("file") else None
-    if file is not None and run_dir is not None and (Path(run_dir) / CHARACTERS_CACHE / file.name).is_file():
-        file = Path(run_dir) / CHARACTERS_CACHE / file.name
     return Stage03Characters(
-        fitted_file=file,
+        fitted_file=_in_run(file, run_dir, CHARACTERS_CACHE) if file is not None else None,
         drawn=frozenset(r["character"] for r in taken if r.get("use") == "cutout"),
         backend="hub" if "hub" in facts else "offline",
+        cutouts=tuple(
+            (r["character"], _in_run(Path(r["cutout"]), run_dir, f"{CHARACTERS_CACHE}/cutouts"))
+            for r in taken
+            if r.get("use") == "cutout" and r.get("cutout")
+        ),
     )
+
+
+def _in_run(file: Path, run_dir: Path | None, folder: str) -> Path:
+    """``file`` in ``run_dir``'s own ``folder`` when it is there (a moved or copied run folder),
+    else as the manifest wrote it."""
+    if run_dir is not None and (Path(run_dir) / folder / file.name).is_file():
+        return Path(run_dir) / folder / file.name
+    return file
 
 
 class DrawnScorer:
     """Scores generated pictures of the characters a fitted detector knows."""
+
+    #: What scores, and the setting its ``min_score`` comes from (for the run's warning line).
+    model = "stage 03's fitted detector"
+    setting = "characters.fitted.min_score"
 
     def __init__(self, detector: FittedDetector) -> None:
         self.detector = detector
@@ -79,22 +104,77 @@ class DrawnScorer:
         return max(hits, default=0.0)
 
 
+class HubDrawnScorer:
+    """Scores generated pictures of drawn characters with OWLv2 guided by their cut-outs, as stage
+    03 searched the film with ``characters.backend: hub`` (:meth:`HubFinder.character_scores`)."""
+
+    model = "OWLv2 (characters.hub.detector)"
+    setting = "characters.hub.min_score"
+
+    def __init__(self, finder: HubFinder) -> None:
+        self.finder = finder
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.finder.names)
+
+    @property
+    def min_score(self) -> float:
+        return float(self.finder.settings.min_score)
+
+    def score(self, rgb: np.ndarray, name: str) -> float | None:
+        """The best score of ``name``'s cut-outs anywhere in ``rgb``; None for a character the
+        finder was not given."""
+        if name not in self.finder.names:
+            return None
+        return float(self.finder.character_scores([rgb])[0, self.finder.names.index(name)])
+
+
+def _hub_scorer(
+    characters: Stage03Characters, wanted: list[str], settings: HubCharacterSettings | None
+) -> tuple[HubDrawnScorer | None, list[str]]:
+    """:func:`load_drawn_scorer` for the hub backend: OWLv2 guided by the wanted characters' cut-outs
+    (stage 03's files), no features model."""
+    names = ", ".join(wanted)
+    if settings is None:
+        return None, [f"the pictures of {names} are drawn but not scored: no characters.hub settings given"]
+    cutouts: dict[str, list[np.ndarray]] = {}
+    for name, file in characters.cutouts:
+        picture = cv2.imread(str(file), cv2.IMREAD_UNCHANGED) if name in wanted else None
+        if picture is not None and picture.ndim == 3 and picture.shape[2] == 4:
+            cutouts.setdefault(name, []).append(cv2.cvtColor(picture, cv2.COLOR_BGRA2RGBA))
+    missing = [n for n in wanted if n not in cutouts]
+    warnings = []
+    if missing:
+        warnings.append(
+            f"the pictures of {', '.join(missing)} are drawn but not scored: stage 03's cut-outs of them "
+            "are gone or cannot be read; rerun stage characters (bunny run MOVIE --stages characters "
+            "--force) to cut them out again"
+        )
+    if not cutouts:
+        return None, warnings
+    try:
+        finder = HubFinder(settings, cutouts, with_features=False)
+    except ModelError as exc:
+        scored = ", ".join(sorted(cutouts))
+        return None, [*warnings, f"the pictures of {scored} are drawn but not scored: {exc}"]
+    return HubDrawnScorer(finder), warnings
+
+
 def load_drawn_scorer(
-    characters: Stage03Characters, wanted: list[str]
-) -> tuple[DrawnScorer | None, list[str]]:
+    characters: Stage03Characters, wanted: list[str], hub: HubCharacterSettings | None = None
+) -> tuple[DrawnScorer | HubDrawnScorer | None, list[str]]:
     """The scorer for the drawn characters among ``wanted`` and the warnings: one line when they
-    cannot be scored (the hub backend, or a fitted detector file that is gone or damaged). None
-    when no drawn character is wanted."""
+    cannot be scored (a fitted detector file or cut-outs that are gone or damaged, a hub model that
+    cannot be had). None when no drawn character is wanted. ``hub``: the settings of the hub's
+    models, used when stage 03 ran with ``characters.backend: hub``."""
     if not wanted:
         return None, []
+    if characters.backend == "hub":
+        return _hub_scorer(characters, wanted, hub)
     names = ", ".join(wanted)
     if characters.fitted_file is None:
-        why = (
-            "characters.backend is hub, and its models do not score generated pictures"
-            if characters.backend == "hub"
-            else "stage 03 kept no fitted detector"
-        )
-        return None, [f"the pictures of {names} are drawn but not scored: {why}"]
+        return None, [f"the pictures of {names} are drawn but not scored: stage 03 kept no fitted detector"]
     detector = FittedDetector.load(characters.fitted_file)
     if detector is None:
         return None, [

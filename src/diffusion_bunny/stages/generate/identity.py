@@ -23,7 +23,7 @@ from diffusion_bunny.models.faces import (
     read_rgb,
     reference_images,
 )
-from diffusion_bunny.stages.generate.drawn import DrawnScorer
+from diffusion_bunny.stages.generate.drawn import DrawnScorer, HubDrawnScorer
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
 
@@ -130,7 +130,7 @@ def score_images(
     references: CharacterReferences,
     settings: DetectSettings,
     *,
-    drawn: DrawnScorer | None = None,
+    drawn: DrawnScorer | HubDrawnScorer | None = None,
     progress: bool = False,
 ) -> list[IdentityScore]:
     """:func:`score_identity` for every image of the grid (faces need no minimum size here: a

@@ -16,7 +16,12 @@ from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.tables import reference_dir
-from diffusion_bunny.stages.generate.drawn import DrawnScorer, load_drawn_scorer, stage03_characters
+from diffusion_bunny.stages.generate.drawn import (
+    DrawnScorer,
+    HubDrawnScorer,
+    load_drawn_scorer,
+    stage03_characters,
+)
 from diffusion_bunny.stages.generate.grid import Checkpoint, find_checkpoints, plan_grid, select_checkpoints
 from diffusion_bunny.stages.generate.identity import (
     CharacterReferences,
@@ -90,7 +95,9 @@ def compute(ctx: Context) -> StageOutput:
         reference_dir(run.run_dir, cfg.characters), faces, detect, drawn_pictures=stage03.drawn
     )
     wanted = cfg.generate.characters if cfg.generate.characters is not None else references.names
-    drawn, drawn_warnings = load_drawn_scorer(stage03, [n for n in references.drawn if n in wanted])
+    drawn, drawn_warnings = load_drawn_scorer(
+        stage03, [n for n in references.drawn if n in wanted], cfg.characters.hub
+    )
     ref_warnings += drawn_warnings
     with cpu_threads_for(ref.source, cfg.generate.device, "generate.device"):
         result = draw_and_score(
@@ -129,7 +136,7 @@ def draw_and_score(
     trigger: str,
     resolution: int | None,
     base_model: str,
-    drawn: DrawnScorer | None = None,
+    drawn: DrawnScorer | HubDrawnScorer | None = None,
     descriptions: Mapping[str, str] | None = None,
     progress: bool = False,
     progress_path: Path | None = None,
@@ -202,7 +209,7 @@ def _people(generations: pl.DataFrame, references: CharacterReferences) -> pl.Da
 
 
 def _score_warnings(
-    generations: pl.DataFrame, references: CharacterReferences, drawn: DrawnScorer | None
+    generations: pl.DataFrame, references: CharacterReferences, drawn: DrawnScorer | HubDrawnScorer | None
 ) -> list[str]:
     """One line when pictures of human characters show no face, one when pictures of drawn
     characters do not show them (the fitted detector's score under its ``min_score``)."""
@@ -220,7 +227,7 @@ def _score_warnings(
     if drawn is not None and missed:
         out.append(
             f"the drawn character is not found in {missed} of {scored.height} generated images of "
-            f"drawn characters (stage 03's fitted detector scores them under characters.fitted.min_score "
+            f"drawn characters ({drawn.model} scores them under {drawn.setting} "
             f"{drawn.min_score:g}); more training, or a base model that draws in the film's style, "
             "gives that score more to find"
         )
