@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import shutil
 import sys
 import textwrap
@@ -172,6 +173,18 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     )
     shutil.rmtree(run.run_dir / "doubled")
     assert stage_state(pipeline, run, "double", cfg) == ("missing", "its output doubled/ is gone")
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    assert stage_state(pipeline, run, "double", cfg)[0] == "done"
+    # A table gone that the stage wrote is missing; one its last run did not write yet (the stage
+    # writes a new table since) makes the run behind: stale, and said so.
+    manifest = run.read_manifest("double")
+    doubled = run.read_table("doubled")
+    (run.run_dir / "tables" / "doubled.parquet").unlink()
+    assert stage_state(pipeline, run, "double", cfg) == ("missing", "table doubled is gone")
+    older = {**manifest, "outputs": {**manifest["outputs"], "tables": {}}}
+    run.manifest_path("double").write_text(json.dumps(older))
+    assert stage_state(pipeline, run, "double", cfg) == ("stale", "it ran before it wrote table doubled")
+    run.write_table("doubled", doubled)
     run_stage(pipeline, run, "double", cfg, progress=False)
     assert stage_state(pipeline, run, "double", cfg)[0] == "done"
 

@@ -343,10 +343,14 @@ def manifest_state(
     manifest = run.read_manifest(stage)
     if manifest is None:
         return "missing", "never ran"
+    recorded = manifest.get("outputs") or {}
     gone = [name for name in tables if not run.has_table(name)]
     if gone:
+        # A table the stage did not write when it ran (a version of the stage from before it)
+        # was never there: the run is behind, not damaged.
+        if isinstance(recorded, dict) and "tables" in recorded and gone[0] not in recorded["tables"]:
+            return "stale", f"it ran before it wrote table {gone[0]}"
         return "missing", f"table {gone[0]} is gone"
-    recorded = manifest.get("outputs") or {}
     if not isinstance(recorded, dict):  # a manifest written before outputs were fingerprinted
         return "stale", "its manifest predates output fingerprints"
     recorded_owned = recorded.get("owned") or {}
