@@ -565,7 +565,7 @@ def compare_detectors(length: LengthRun, refs: Path, sets: list[str], work: Path
         f"{'low conf':>8}"
     )
     for name in names:
-        # Stage 03 reuses a frame's faces from its last run when the detector's settings match,
+        # Stage 03 reuses a frame's detections from its last run when the detector's settings match,
         # even forced (nothing is lost between runs): the detector the ingest ran with would take
         # every frame from that cache. The comparison wants every frame searched, so the cache
         # (the last run's per-frame table, in this benchmark's own run folder) goes first.

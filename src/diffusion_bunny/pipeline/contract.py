@@ -347,10 +347,12 @@ def manifest_state(
     gone = [name for name in tables if not run.has_table(name)]
     if gone:
         # A table the stage did not write when it ran (a version of the stage from before it)
-        # was never there: the run is behind, not damaged.
-        if isinstance(recorded, dict) and "tables" in recorded and gone[0] not in recorded["tables"]:
-            return "stale", f"it ran before it wrote table {gone[0]}"
-        return "missing", f"table {gone[0]} is gone"
+        # was never there: the run is behind, not damaged. One it wrote and lost is missing.
+        written = recorded.get("tables") if isinstance(recorded, dict) else None
+        lost = [name for name in gone if written is None or name in written]
+        if lost:
+            return "missing", f"table {lost[0]} is gone"
+        return "stale", f"it ran before it wrote table {gone[0]}"
     if not isinstance(recorded, dict):  # a manifest written before outputs were fingerprinted
         return "stale", "its manifest predates output fingerprints"
     recorded_owned = recorded.get("owned") or {}

@@ -648,6 +648,17 @@ def test_sheet_titles_call_drawn_characters_appearances_not_faces():
     assert sheet_title("old", pl.DataFrame({"x": [1]}), 12, 0) == "old  (1 of 1 faces, 0 low confidence)"
 
 
+def test_a_tile_says_what_measured_its_appearance():
+    from diffusion_bunny.stages.characters.plots import appearance_label
+
+    assert appearance_label({"kind": "drawn", "detector_score": 0.834}) == "d0.83"
+    assert appearance_label({"kind": "face", "distance": 0.41, "nearest_distance": 0.41}) == "0.41"
+    assert appearance_label({"kind": "face", "distance": None, "nearest_distance": 0.72}) == "~0.72"
+    # A face named after the drawn figure it lies on, with no reference photo to measure it against.
+    assert appearance_label({"kind": "face", "distance": None, "nearest_distance": None}) == "face"
+    assert appearance_label({"kind": "face", "edited": True, "distance": 0.3}) == "fixed"
+
+
 # ---------------------------------------------------------------------------------------------
 # Accuracy on real photos and footage (../shared/testdata; nothing here was tuned on them)
 

@@ -366,6 +366,48 @@ def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_
     )
     apart = label_faces(pl.concat([drawn, high]), frames, ReferenceSet(), CharactersSettings())
     assert apart.filter(pl.col("kind") == "face")["character"].null_count() == 4
+    # A face a person named by hand is theirs: kept, named, and its track keeps no other name.
+    edits = pl.DataFrame({"face_id": ["f0_f"], "character": ["bob"], "ts": [1.0]})
+    fixed = label_faces(pl.concat([drawn, faces_in]), frames, ReferenceSet(), CharactersSettings(), edits)
+    by_id = {r["face_id"]: r for r in fixed.iter_rows(named=True)}
+    assert by_id["f0_f"]["character"] == "bob" and by_id["f0_f"]["edited"]
+    assert by_id["f1_f"]["character"] is None
+    assert [by_id["f0_00"][k] for k in ("top", "bottom")] == [342, 661]
+
+
+def test_a_face_on_two_drawn_figures_is_the_one_it_overlaps_most():
+    feature = np.eye(64, dtype=np.float32)[0]
+    drawn = drawn_rows(
+        [
+            # Listed first, and the face is on her figure too, but less than on his.
+            ("f0", 1, 10, "girl", 0.9, (175, 140, 400, 400), feature),
+            ("f0", 1, 10, "knight", 0.9, (100, 150, 300, 400), feature),
+        ]
+    )
+    face = {
+        "face_id": "f0_f",
+        "frame_id": "f0",
+        "top": 120,
+        "right": 230,
+        "bottom": 180,
+        "left": 150,
+        "embedding": list(np.eye(128, dtype=np.float32)[0]),
+        "sharpness": 100.0,
+        "detector_score": 0.9,
+        "yaw": 0.0,
+        "kind": "face",
+        "label": None,
+    }
+    frames = pl.DataFrame({"frame_id": ["f0"], "shot_id": [1], "frame_index": [10], "timestamp_s": [0.4]})
+    faces = label_faces(
+        pl.concat([drawn, pl.DataFrame([face], schema=DETECTIONS_SCHEMA)]),
+        frames,
+        ReferenceSet(),
+        CharactersSettings(),
+    )
+    assert faces["kind"].to_list() == ["drawn", "drawn"]
+    by_name = {r["character"]: r for r in faces.iter_rows(named=True)}
+    assert (by_name["knight"]["top"], by_name["girl"]["top"]) == (120, 140)  # his box took the face
 
 
 def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, demo, tmp_path):

@@ -477,6 +477,14 @@ def test_with_the_hub_backend_drawn_pictures_are_scored_by_owlv2_guided_by_stage
     assert load_drawn_scorer(seen, ["mika"], None)[1] == [
         "the pictures of mika are drawn but not scored: no characters.hub settings given"
     ]
+    # A folder holding no model passes the first look and fails to load at the first picture: the
+    # pictures stay unscored and the scorer says why, once.
+    (tmp_path / "empty-owl").mkdir()
+    empty = settings.model_copy(update={"detector": str(tmp_path / "empty-owl")})
+    scorer, warnings = load_drawn_scorer(seen, ["mika"], empty)
+    assert scorer is not None and scorer.failed is None and scorer._finder is None  # nothing loaded yet
+    assert scorer.score(picture, "mika") is None and scorer.score(picture, "mika") is None
+    assert scorer.failed.startswith("cannot load characters.hub.detector")
     broken = settings.model_copy(update={"detector": str(tmp_path / "no-owl")})
     scorer, warnings = load_drawn_scorer(seen, ["mika"], broken)
     assert scorer is None and len(warnings) == 1

@@ -275,6 +275,17 @@ def test_generated_pictures_of_drawn_characters_have_their_own_figure():
     only_drawn = section(drawn)
     assert only_drawn.status == "ok" and [f.name for f in only_drawn.figures] == ["drawn_per_checkpoint"]
     assert figure_png(only_drawn.figures[0].image, dpi=50).startswith(PNG)
+
+    def line(plot) -> float:
+        """Where the plot's dashed line (the score a sighting is named from) lies."""
+        hlines = [layer for layer in plot.layers if type(layer.geom).__name__ == "geom_hline"]
+        return float(hlines[0]._data["yintercept"].iloc[0])
+
+    assert line(only_drawn.figures[0].image) == pytest.approx(cfg.characters.fitted.min_score)
+    # Found by the hub's OWLv2: its own score is the line.
+    hub = load_config(None, {"characters.backend": "hub", "characters.hub.min_score": 0.3})
+    found_by_hub = _generate_section(SimpleNamespace(read_table=lambda name: drawn), hub)
+    assert line(found_by_hub.figures[0].image) == pytest.approx(0.3)
     # Nothing scored: an empty section that says so; a table from before drawn scores still reads.
     nothing = drawn.with_columns(pl.lit(None, pl.Float64).alias("drawn_score"))
     assert section(nothing).status == "empty" and "no drawn character scored" in section(nothing).message

@@ -255,6 +255,20 @@ def _iou_to(boxes: torch.Tensor, box: tuple[float, float, float, float]) -> torc
     return inter / union.clamp(min=1e-9)
 
 
+def _box_sides(boxes: torch.Tensor, scale: tuple[float, float], shape: tuple[int, ...]) -> torch.Tensor:
+    """The shorter side, in frame pixels after clipping to the frame, of each predicted box (P x 4:
+    centre and size as fractions of the square), as :meth:`HubFinder._hits` places them."""
+    import torch  # lazy: torch takes 1.1 s to import
+
+    h, w = shape
+    cx, cy, bw, bh = boxes.unbind(-1)
+    left = ((cx - bw / 2) * scale[0]).clamp(min=0.0)
+    top = ((cy - bh / 2) * scale[1]).clamp(min=0.0)
+    right = ((cx + bw / 2) * scale[0]).clamp(max=float(w))
+    bottom = ((cy + bh / 2) * scale[1]).clamp(max=float(h))
+    return torch.minimum(right - left, bottom - top)
+
+
 def _span(low: float, high: float) -> slice:
     """The pixels from ``low`` to ``high`` (at least one)."""
     start = int(low)
@@ -477,12 +491,17 @@ class HubFinder:
         size = self.settings.batch_size
         for start in range(0, len(frames), size):
             chunk = [on_grey(np.asarray(f)) for f in frames[start : start + size]]
-            feats, _ = self._patches([self._frame_square(f)[0] for f in chunk])
+            prepared = [self._frame_square(f) for f in chunk]
+            feats, boxes = self._patches([p[0] for p in prepared])
             with torch.inference_mode():
                 logits, _ = self.model.class_predictor(feats, self._queries[None].expand(len(chunk), -1, -1))
             scores = logits.float().sigmoid().cpu()
             per = torch.stack([scores[..., self._owners == c].amax(-1) for c in range(len(self.names))], -1)
-            out[start : start + len(chunk)] = per.amax(1).numpy()
+            for k, frame in enumerate(chunk):
+                # Only patches whose box is one detect() could keep (inside the frame, not on the
+                # grey padding, MIN_BOX_SIDE wide and tall): the score is the one it names from.
+                kept = _box_sides(boxes[k].float().cpu(), prepared[k][1:], frame.shape[:2]) >= MIN_BOX_SIDE
+                out[start + k] = per[k][kept].amax(0).numpy() if bool(kept.any()) else 0.0
         return out
 
     def discover(self, rgb: np.ndarray) -> list[Hit]:

@@ -6,7 +6,8 @@ clustered for a person to name.
   reference photos, the run is re-labelled in seconds);
 * :mod:`.identify`: encodings to names, pure (thresholds, open-set matching, tracks, votes,
   clusters of unknown faces);
-* :mod:`.tables`: ``faces``, ``face_frames`` and where the reference photos are;
+* :mod:`.tables`: ``faces``, ``face_frames`` (and ``detections``, the per-frame cache) and where
+  the reference photos are;
 * :mod:`.plots`, :mod:`.widgets`: notebook 03's figures and the naming rows.
 
 The face model itself (dlib's detector and encoder, reference loading) is

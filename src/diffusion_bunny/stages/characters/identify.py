@@ -19,7 +19,7 @@ from diffusion_bunny.errors import StageError
 from diffusion_bunny.models.faces import ReferenceSet, face_distances
 from diffusion_bunny.models.hub_characters.finder import cluster_appearances
 from diffusion_bunny.stages.characters.settings import CharactersSettings
-from diffusion_bunny.stages.characters.tables import FACES_SCHEMA
+from diffusion_bunny.stages.characters.tables import FACES_SCHEMA, apply_appearance_edits
 
 
 def character_thresholds(refs: ReferenceSet, cfg: CharactersSettings) -> dict[str, float]:
@@ -303,9 +303,15 @@ def _label_kind(
 
 
 def label_faces(
-    detections: pl.DataFrame, frames: pl.DataFrame, refs: ReferenceSet, cfg: CharactersSettings
+    detections: pl.DataFrame,
+    frames: pl.DataFrame,
+    refs: ReferenceSet,
+    cfg: CharactersSettings,
+    edits: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """The ``faces`` table: detections with identity, track and cluster columns.
+    """The ``faces`` table: detections with identity, track and cluster columns, a person's
+    ``edits`` (notebook 03's fixes) in place before faces are matched to drawn figures
+    (:func:`faces_of_drawn`), so that a name given by hand is what that matching sees.
 
     * ``raw_character``: the face's own open-set match (None when no character is within its
       threshold), ``nearest`` / ``nearest_distance`` the closest character whatever the distance;
@@ -360,7 +366,7 @@ def label_faces(
                 pl.lit(False).alias("edited"),
             ).select(list(FACES_SCHEMA))
         )
-    return faces_of_drawn(pl.concat(parts)).sort("frame_index", "face_id")
+    return faces_of_drawn(apply_appearance_edits(pl.concat(parts), edits)).sort("frame_index", "face_id")
 
 
 def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
@@ -378,9 +384,10 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     sampled frames) is hers too: its faces in the frames where the detector missed her (cut by
     the frame's edge, turned away) are named after her, marked low confidence for a person to
     check. The character's box takes in the face it lost, so that its crop (stage 06) is not a
-    body without a head. Named faces stay (a person named from photos is a person)."""
+    body without a head. A face on two figures is the one it overlaps most. Named faces stay (a
+    person named from photos is a person), and so do faces a person named or unnamed by hand."""
     drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
-    loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null())
+    loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited"))
     if drawn.height == 0 or loose.height == 0:
         return faces
     figures: dict[str, list[tuple[str, str]]] = {}
@@ -394,26 +401,29 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     for r in loose.iter_rows(named=True):
         face = (r["left"], r["top"], r["right"], r["bottom"])
         area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
+        overlaps = []
         for drawn_id, name in figures.get(r["frame_id"], []):
             left, top, right, bottom = _figure(boxes[drawn_id], face)
             w = min(face[2], right) - max(face[0], left)
             h = min(face[3], bottom) - max(face[1], top)
             if w > 0 and h > 0 and w * h >= inside * area:
-                gone.add(r["face_id"])
-                track_names.setdefault(r["track_id"], Counter())[name] += 1
-                old = grown.get(drawn_id, boxes[drawn_id])
-                grown[drawn_id] = (
-                    min(old[0], face[0]),
-                    min(old[1], face[1]),
-                    max(old[2], face[2]),
-                    max(old[3], face[3]),
-                )
-                break
+                overlaps.append((w * h, drawn_id, name))
+        if overlaps:
+            _, drawn_id, name = max(overlaps)
+            gone.add(r["face_id"])
+            track_names.setdefault(r["track_id"], Counter())[name] += 1
+            old = grown.get(drawn_id, boxes[drawn_id])
+            grown[drawn_id] = (
+                min(old[0], face[0]),
+                min(old[1], face[1]),
+                max(old[2], face[2]),
+                max(old[3], face[3]),
+            )
     named = {track: names.most_common(1)[0][0] for track, names in track_names.items()}
     if not named:
         return faces
     heir = pl.col("face_id").is_in(list(gone)).not_() & pl.col("track_id").is_in(list(named))
-    heir = heir & (pl.col("kind") == "face") & pl.col("character").is_null()
+    heir = heir & (pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited")
     name = pl.col("track_id").replace_strict(named, default=None, return_dtype=pl.Utf8)
     ids = list(grown)
     grew = [

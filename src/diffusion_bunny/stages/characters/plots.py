@@ -98,13 +98,16 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
 def appearance_label(row: dict) -> str:
     """A tile's few characters: a drawn character's score (``d0.83``: the fitted detector's peak),
     a face's distance to its character's nearest reference (``~`` when unknown: the distance to
-    the nearest character), ``fixed`` for a name given by hand."""
+    the nearest character), ``face`` for a face with neither (named after the drawn figure it
+    lies on, or no reference photo to measure against), ``fixed`` for a name given by hand."""
     if row.get("edited"):
         return "fixed"
     if row.get("kind") == "drawn":
         return f"d{row.get('detector_score') or 0:.2f}"
-    distance = row.get("distance")
-    return f"{distance:.2f}" if distance is not None else f"~{row.get('nearest_distance') or 0:.2f}"
+    distance, nearest = row.get("distance"), row.get("nearest_distance")
+    if distance is not None:
+        return f"{distance:.2f}"
+    return f"~{nearest:.2f}" if nearest is not None else "face"
 
 
 def sheet_order(faces: pl.DataFrame, group: str = "character") -> pl.DataFrame:

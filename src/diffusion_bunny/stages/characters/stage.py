@@ -616,7 +616,7 @@ def _drawn_backend(
 
 def compute(ctx: Context) -> StageOutput:
     """Detect (or reuse the detections of frames that did not change), identify, track, vote and
-    cluster: the ``faces`` and ``face_frames`` tables."""
+    cluster: the ``faces``, ``face_frames`` and ``detections`` tables."""
     run_dir, frames, quality, cfg = (
         ctx.run_dir,
         ctx.table("frames"),
@@ -652,7 +652,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     warnings.extend(failed_warnings(failed))
-    faces = apply_appearance_edits(label_faces(detections, frames, refs, cfg), read_appearance_edits(run_dir))
+    faces = label_faces(detections, frames, refs, cfg, read_appearance_edits(run_dir))
     if fitted is not None:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
         facts["fitted"] = fitted_facts

@@ -1,4 +1,5 @@
-"""Stage 03's tables and folders as other stages rely on them: ``faces`` and ``face_frames``, and
+"""Stage 03's tables and folders as other stages rely on them: ``faces`` and ``face_frames`` (and
+``detections``, the sightings before labelling that a rerun reuses), and
 where the reference photos of the characters are (``characters.reference_dir``, else the run's
 ``references/``, where naming a cluster writes)."""
 

@@ -27,7 +27,7 @@ import numpy as np
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.fitted.detector import FittedDetector
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
-from diffusion_bunny.models.hub_characters.finder import HubFinder
+from diffusion_bunny.models.hub_characters.finder import HubFinder, model_folder
 from diffusion_bunny.stages.characters.tables import CHARACTERS_CACHE
 
 #: Peaks under this are not even looked at: a picture without the character scores 0.
@@ -106,35 +106,55 @@ class DrawnScorer:
 
 class HubDrawnScorer:
     """Scores generated pictures of drawn characters with OWLv2 guided by their cut-outs, as stage
-    03 searched the film with ``characters.backend: hub`` (:meth:`HubFinder.character_scores`)."""
+    03 searched the film with ``characters.backend: hub`` (:meth:`HubFinder.character_scores`).
+
+    OWLv2 is loaded at the first picture scored, not before: stage 08 draws every picture first
+    and lets the diffusion model go, so the two never share the GPU's memory. A model that fails to
+    load then leaves the pictures unscored and says why in :attr:`failed` (a warning line)."""
 
     model = "OWLv2 (characters.hub.detector)"
     setting = "characters.hub.min_score"
 
-    def __init__(self, finder: HubFinder) -> None:
-        self.finder = finder
+    def __init__(self, settings: HubCharacterSettings, cutouts: dict[str, list[np.ndarray]]) -> None:
+        self.settings = settings
+        self.cutouts = cutouts
+        self.failed: str | None = None
+        self._finder: HubFinder | None = None
 
     @property
     def names(self) -> list[str]:
-        return list(self.finder.names)
+        return sorted(self.cutouts)
 
     @property
     def min_score(self) -> float:
-        return float(self.finder.settings.min_score)
+        return float(self.settings.min_score)
+
+    @property
+    def finder(self) -> HubFinder:
+        """OWLv2 with the cut-outs as queries (loaded once, no features model)."""
+        if self._finder is None:
+            self._finder = HubFinder(self.settings, self.cutouts, with_features=False)
+        return self._finder
 
     def score(self, rgb: np.ndarray, name: str) -> float | None:
-        """The best score of ``name``'s cut-outs anywhere in ``rgb``; None for a character the
-        finder was not given."""
-        if name not in self.finder.names:
+        """The best score of ``name``'s cut-outs anywhere in ``rgb``; None for a character without
+        cut-outs, or once the model failed to load."""
+        if name not in self.cutouts or self.failed is not None:
             return None
-        return float(self.finder.character_scores([rgb])[0, self.finder.names.index(name)])
+        try:
+            finder = self.finder
+        except ModelError as exc:
+            self.failed = str(exc)
+            return None
+        return float(finder.character_scores([rgb])[0, finder.names.index(name)])
 
 
 def _hub_scorer(
     characters: Stage03Characters, wanted: list[str], settings: HubCharacterSettings | None
 ) -> tuple[HubDrawnScorer | None, list[str]]:
     """:func:`load_drawn_scorer` for the hub backend: OWLv2 guided by the wanted characters' cut-outs
-    (stage 03's files), no features model."""
+    (stage 03's files). The model is looked for now (downloaded when it must be, one line when it
+    cannot be had) and loaded when the first picture is scored."""
     names = ", ".join(wanted)
     if settings is None:
         return None, [f"the pictures of {names} are drawn but not scored: no characters.hub settings given"]
@@ -154,11 +174,11 @@ def _hub_scorer(
     if not cutouts:
         return None, warnings
     try:
-        finder = HubFinder(settings, cutouts, with_features=False)
+        model_folder(settings.detector, "characters.hub.detector")
     except ModelError as exc:
         scored = ", ".join(sorted(cutouts))
         return None, [*warnings, f"the pictures of {scored} are drawn but not scored: {exc}"]
-    return HubDrawnScorer(finder), warnings
+    return HubDrawnScorer(settings, cutouts), warnings
 
 
 def load_drawn_scorer(

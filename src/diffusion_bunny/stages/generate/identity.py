@@ -1,6 +1,6 @@
 """How well a checkpoint draws a character: face-encoding distance of the pictures' faces to the
 character's references (stage 03's reference photos and its confidently named faces) for a human
-character, the score of stage 03's fitted detector for a drawn one (:mod:`.drawn`), an optional
+character, the score of the model stage 03 found a drawn one with (:mod:`.drawn`), an optional
 CLIP score, and the pure choice of the best checkpoint."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def character_references(
 @dataclass(frozen=True)
 class IdentityScore:
     """One picture's scores: faces found and the best one's distance (a human character), and the
-    fitted detector's score (a drawn one; None for any other)."""
+    drawn scorer's (a drawn one; None for any other)."""
 
     faces: int
     distance: float | None
@@ -135,7 +135,7 @@ def score_images(
 ) -> list[IdentityScore]:
     """:func:`score_identity` for every image of the grid (faces need no minimum size here: a
     generated portrait may be small), and for a drawn character's pictures the score of ``drawn``
-    (stage 03's fitted detector)."""
+    (stage 03's fitted detector, or OWLv2 with the hub backend)."""
     settings = replace(settings, min_face_px=0)
     out: list[IdentityScore] = []
     for item in tqdm(items, unit="image", desc="identity", disable=not progress):

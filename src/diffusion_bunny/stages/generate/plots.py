@@ -25,7 +25,7 @@ from diffusion_bunny.stages.generate.tables import BASE
 _METRICS = {
     "identity_distance": "identity distance to the references (lower is better)",
     "face_share": "share of images with a face",
-    "drawn_score": "drawn characters: fitted detector's score (higher is better)",
+    "drawn_score": "drawn characters: detector's score (higher is better)",
     "drawn_share": "drawn characters: share of their images showing them",
     "clip_score": "CLIP score (image vs prompt, 0-100)",
 }
@@ -85,7 +85,7 @@ def generation_grid(
 ) -> Image.Image:
     """The grid of one character and checkpoint: one row per prompt and seed, one column per LoRA
     scale (scale 0 from the base model), each picture labelled with its identity distance (or
-    "no face"), a drawn character's with the fitted detector's score ("found 0.81", "not found
+    "no face"), a drawn character's with its drawn score ("found 0.81", "not found
     0.12"); the prompts are listed at the top."""
     run_dir = Path(run_dir)
     rows = generations.filter(

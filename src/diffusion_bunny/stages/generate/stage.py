@@ -212,7 +212,8 @@ def _score_warnings(
     generations: pl.DataFrame, references: CharacterReferences, drawn: DrawnScorer | HubDrawnScorer | None
 ) -> list[str]:
     """One line when pictures of human characters show no face, one when pictures of drawn
-    characters do not show them (the fitted detector's score under its ``min_score``)."""
+    characters do not show them (the drawn scorer's score under its ``min_score``) or were not
+    scored (its model failed to load)."""
     out = []
     people = _people(generations, references)
     with_face = int(people["face_found"].sum())
@@ -222,6 +223,8 @@ def _score_warnings(
             "(identity_distance is null there); a base model that draws people, or more training, "
             "gives the identity score more to measure"
         )
+    if getattr(drawn, "failed", None):
+        out.append(f"the pictures of drawn characters are drawn but not scored: {drawn.failed}")
     scored = generations.filter(pl.col("drawn_found").is_not_null())
     missed = int((~scored["drawn_found"]).sum())
     if drawn is not None and missed:

@@ -117,7 +117,7 @@ def drawn_plot(generations: pl.DataFrame, min_score: float = 0.5) -> p9.ggplot:
         table,
         "drawn_score",
         min_score,
-        "fitted detector's score (higher is closer)",
+        "detector's score (higher is closer)",
         f"{int(table['pictures'].sum())} pictures of drawn characters, the character found in "
         f"{int(table['found'].sum())}",
     )

@@ -444,7 +444,13 @@ def _generate_section(run: ReportData, cfg: ConfigView) -> Section:
             Figure(
                 "drawn_per_checkpoint",
                 "Drawn characters per checkpoint",
-                drawn_plot(generations, cfg.characters.fitted.min_score),
+                # The score stage 03 named a sighting at, from the backend that found the characters.
+                drawn_plot(
+                    generations,
+                    cfg.characters.hub.min_score
+                    if cfg.characters.backend == "hub"
+                    else cfg.characters.fitted.min_score,
+                ),
             )
         )
     what = f"{generations.height} generated pictures from {n} checkpoint(s)"
