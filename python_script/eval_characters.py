@@ -24,19 +24,23 @@ stage 02 kept for stage 03 to search (docs/characters.md quotes it as "per frame
 notebook 03 (:func:`~diffusion_bunny.stages.characters.stage.add_still`): the extracted frames in
 which the truth's box of that character is largest, one per shot, each its body box. Recall and
 precision are then counted on the shots no still was taken from (the scores over every shot are
-kept beside them), in run folders of their own (``<source>-stills<N>``).
+kept beside them), in run folders of their own (``<source>-stills<N>``). With ``--stills-only``
+the stills are the characters' only pictures (``<source>-stills<N>-only``): a film nobody has a
+picture of, its characters boxed once each in notebook 03.
 
     uv run python python_script/eval_characters.py                 # every source
     uv run python python_script/eval_characters.py --split fit     # the fit sources only
     uv run python python_script/eval_characters.py --sources flare --set characters.fitted.steps=400
     uv run python python_script/eval_characters.py --without-references   # clusters too
     uv run python python_script/eval_characters.py --stills 1             # one still per character
+    uv run python python_script/eval_characters.py --stills 1 --stills-only   # ... and nothing else
     uv run python python_script/eval_characters.py --split fit --per-frame 8   # the fit, frame by frame
 
 Run folders are kept under ``data/eval_characters/<source>`` (and ``<source>-no-refs``; stages
 01-02 are reused on a rerun;
 ``--force`` redoes stage 03). ``--write`` stores the table in the truth folder
-(``eval_results.json``; ``eval_results_stills.json`` with ``--stills``) for docs/character-truth.md;
+(``eval_results.json``; ``eval_results_stills.json`` with ``--stills``,
+``eval_results_stills_only.json`` with ``--stills-only``) for docs/character-truth.md;
 it refuses, in one line, a run that would drop sources or the without-references clusters the
 stored table holds (:func:`write_refusal`).
 """
@@ -178,13 +182,23 @@ def add_stills(run: Run, source: dict, refs: Path, n: int) -> set[int]:
     return used
 
 
-def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, n: int) -> dict:
-    """One source with its references and ``n`` stills from the film per character; scored on
-    the shots no still was taken from."""
-    run_dir = workspace_root() / "data" / "eval_characters" / f"{source['name']}-stills{n}"
-    refs = run_dir.parent / f"{source['name']}-stills{n}-refs"
+def stills_run_name(source: dict, n: int, only: bool) -> str:
+    """The run folder's name of a source with ``n`` stills per character (``only``: and nothing else)."""
+    return f"{source['name']}-stills{n}" + ("-only" if only else "")
+
+
+def run_source_stills(
+    source: dict, folder: Path, overrides: dict, force: bool, n: int, only: bool = False
+) -> dict:
+    """One source with its references (``only``: none) and ``n`` stills from the film per
+    character; scored on the shots no still was taken from."""
+    run_dir = workspace_root() / "data" / "eval_characters" / stills_run_name(source, n, only)
+    refs = run_dir.parent / f"{run_dir.name}-refs"
     shutil.rmtree(refs, ignore_errors=True)
-    shutil.copytree(folder / "refs" / source["name"], refs)
+    if only:
+        refs.mkdir(parents=True)
+    else:
+        shutil.copytree(folder / "refs" / source["name"], refs)
     overrides = {**overrides, "characters.reference_dir": str(refs)}
     used: set[int] = set()
     run, seconds = _stage_03(
@@ -199,6 +213,7 @@ def run_source_stills(source: dict, folder: Path, overrides: dict, force: bool, 
         "split": source["split"],
         "kind": source["kind"],
         "stills": n,
+        "stills_only": only,
         "still_shots": sorted(used),
         "scores": score_named(others, rest),
         "identity": identity_accuracy(others, rest),
@@ -321,6 +336,11 @@ def main() -> None:
         help="add this many stills from the film per character (add_still) and score the other shots",
     )
     parser.add_argument(
+        "--stills-only",
+        action="store_true",
+        help="with --stills: the stills are the characters' only pictures (no reference folder)",
+    )
+    parser.add_argument(
         "--per-frame",
         type=int,
         default=0,
@@ -328,6 +348,8 @@ def main() -> None:
         help="also search every N-th frame of the film with the run's fitted detector (scores 0.3-0.5)",
     )
     args = parser.parse_args()
+    if args.stills_only and not args.stills:
+        parser.error("--stills-only needs --stills N (how many stills per character)")
     truth = load_character_truth()
     folder = truth_dir()
     overrides = dict(parse_override(text) for text in args.set)
@@ -337,7 +359,7 @@ def main() -> None:
         if (wanted and source["name"] not in wanted) or (args.split and source["split"] != args.split):
             continue
         if args.stills:
-            result = run_source_stills(source, folder, overrides, args.force, args.stills)
+            result = run_source_stills(source, folder, overrides, args.force, args.stills, args.stills_only)
             a = result["scores_all_shots"]["overall"]
             print(
                 f"{source['name']:16} {args.stills} still(s) per character from shots "
@@ -371,7 +393,7 @@ def main() -> None:
                 workspace_root()
                 / "data"
                 / "eval_characters"
-                / (f"{source['name']}-stills{args.stills}" if args.stills else source["name"])
+                / (stills_run_name(source, args.stills, args.stills_only) if args.stills else source["name"])
             )
             result["per_frame"] = f = per_frame(source, run_dir, args.per_frame)
             for score, c in f["scores"].items():
@@ -399,7 +421,11 @@ def main() -> None:
                     line += f" clusters F1 {p['clusters']['f1']} (without references)"
                 print(line)
     if args.write:
-        out = folder / ("eval_results_stills.json" if args.stills else "eval_results.json")
+        out = folder / (
+            ("eval_results_stills_only.json" if args.stills_only else "eval_results_stills.json")
+            if args.stills
+            else "eval_results.json"
+        )
         previous = json.loads(out.read_text()) if out.is_file() else None
         refusal = write_refusal(previous, results, args.stills)
         if refusal:

@@ -476,6 +476,7 @@ def test_nothing_found_line_only_when_only_faces_were_looked_for():
     (line,) = nothing_found_warnings(0, 12, 0, "offline")
     assert line.startswith("no character found in the 12 searched frame(s):")
     assert "--characters DIR" in line and "characters.backend: hub" in line
+    assert "box each once in a frame of the film (notebook 03, 'Add a still from the film'" in line
     assert nothing_found_warnings(3, 12, 0, "offline") == []  # something was found
     assert nothing_found_warnings(0, 0, 0, "offline") == []  # nothing was searched
     assert nothing_found_warnings(0, 12, 2, "offline") == []  # drawn pictures: not_found_warnings says it

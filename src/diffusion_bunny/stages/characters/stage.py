@@ -555,15 +555,17 @@ def nothing_found_warnings(found: int, searched: int, drawn_pictures: int, backe
     Why: offline, drawn characters, animals and creatures are found only from pictures of them
     (docs/characters.md: nothing shipped offline finds them without one), so a cartoon run
     without references ends with an empty table that looks like a broken stage; the line says
-    why, and the two ways to find them."""
+    why, and the three ways to find them (pictures, a box around each character in one frame of
+    the film, the hub)."""
     if found or not searched or drawn_pictures or backend != "offline":
         return []
     return [
         f"no character found in the {searched} searched frame(s): without pictures of them, "
         "characters.backend 'offline' finds human faces only; for drawn, animal or 3D characters "
         "give a folder with pictures of each (--characters DIR, one sub-folder per character, or "
-        "characters.reference_dir) and rerun stage characters, or set characters.backend: hub to "
-        "find them with models from the hub"
+        "characters.reference_dir), or box each once in a frame of the film (notebook 03, 'Add a "
+        "still from the film', or add_still), and rerun stage characters; or set "
+        "characters.backend: hub to find them with models from the hub"
     ]
 
 
