@@ -255,18 +255,29 @@ def _iou_to(boxes: torch.Tensor, box: tuple[float, float, float, float]) -> torc
     return inter / union.clamp(min=1e-9)
 
 
-def _box_sides(boxes: torch.Tensor, scale: tuple[float, float], shape: tuple[int, ...]) -> torch.Tensor:
-    """The shorter side, in frame pixels after clipping to the frame, of each predicted box (P x 4:
-    centre and size as fractions of the square), as :meth:`HubFinder._hits` places them."""
+def _frame_boxes(boxes: torch.Tensor, scale: tuple[float, float], shape: tuple[int, ...]) -> torch.Tensor:
+    """Predicted boxes (P x 4: centre and size as fractions of the square) in frame pixels (left,
+    top, right, bottom), clipped to the frame of ``shape``; ``scale`` from
+    :meth:`HubFinder._frame_square`. In double precision, as Python's floats."""
     import torch  # lazy: torch takes 1.1 s to import
 
     h, w = shape
-    cx, cy, bw, bh = boxes.unbind(-1)
-    left = ((cx - bw / 2) * scale[0]).clamp(min=0.0)
-    top = ((cy - bh / 2) * scale[1]).clamp(min=0.0)
-    right = ((cx + bw / 2) * scale[0]).clamp(max=float(w))
-    bottom = ((cy + bh / 2) * scale[1]).clamp(max=float(h))
-    return torch.minimum(right - left, bottom - top)
+    cx, cy, bw, bh = boxes.double().unbind(-1)
+    return torch.stack(
+        [
+            ((cx - bw / 2) * scale[0]).clamp(min=0.0),
+            ((cy - bh / 2) * scale[1]).clamp(min=0.0),
+            ((cx + bw / 2) * scale[0]).clamp(max=float(w)),
+            ((cy + bh / 2) * scale[1]).clamp(max=float(h)),
+        ],
+        -1,
+    )
+
+
+def _usable(placed: torch.Tensor) -> torch.Tensor:
+    """Which boxes in frame pixels (:func:`_frame_boxes`) are at least :data:`MIN_BOX_SIDE` wide
+    and tall: the ones a hit may have."""
+    return ((placed[:, 2] - placed[:, 0]) >= MIN_BOX_SIDE) & ((placed[:, 3] - placed[:, 1]) >= MIN_BOX_SIDE)
 
 
 def _span(low: float, high: float) -> slice:
@@ -427,23 +438,18 @@ class HubFinder:
     ) -> list[Hit]:
         """One frame's hits: boxes mapped back to its pixels and clipped to it, suppressed, each
         with the feature of its crop."""
-        h, w = frame.shape[:2]
         order = [
             int(i)
             for i in best.argsort(descending=True, stable=True)[:MAX_CANDIDATES]
             if best[i] >= threshold
         ]
-        found = []
-        for i in order:
-            cx, cy, bw, bh = (float(v) for v in boxes[i])
-            box = (
-                max(0.0, (cx - bw / 2) * scale[0]),
-                max(0.0, (cy - bh / 2) * scale[1]),
-                min(float(w), (cx + bw / 2) * scale[0]),
-                min(float(h), (cy + bh / 2) * scale[1]),
-            )
-            if box[2] - box[0] >= MIN_BOX_SIDE and box[3] - box[1] >= MIN_BOX_SIDE:
-                found.append(Hit(int(index[i]), float(best[i]), box, np.zeros(0, np.float32)))
+        placed = _frame_boxes(boxes, scale, frame.shape[:2])
+        usable = _usable(placed)
+        found = [
+            Hit(int(index[i]), float(best[i]), tuple(float(v) for v in placed[i]), np.zeros(0, np.float32))
+            for i in order
+            if usable[i]
+        ]
         kept = suppress(found)
         if self.features is None:
             raise RuntimeError("this HubFinder was made with_features=False: it only scores characters")
@@ -500,7 +506,7 @@ class HubFinder:
             for k, frame in enumerate(chunk):
                 # Only patches whose box is one detect() could keep (inside the frame, not on the
                 # grey padding, MIN_BOX_SIDE wide and tall): the score is the one it names from.
-                kept = _box_sides(boxes[k].float().cpu(), prepared[k][1:], frame.shape[:2]) >= MIN_BOX_SIDE
+                kept = _usable(_frame_boxes(boxes[k].float().cpu(), prepared[k][1:], frame.shape[:2]))
                 out[start + k] = per[k][kept].amax(0).numpy() if bool(kept.any()) else 0.0
         return out
 

@@ -425,19 +425,19 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     heir = pl.col("face_id").is_in(list(gone)).not_() & pl.col("track_id").is_in(list(named))
     heir = heir & (pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited")
     name = pl.col("track_id").replace_strict(named, default=None, return_dtype=pl.Utf8)
-    ids = list(grown)
-    grew = [
-        pl.col("face_id").replace_strict(ids, [b[k] for b in grown.values()], default=pl.col(side))
-        for k, side in enumerate(("left", "top", "right", "bottom"))
-    ]
-    return faces.filter(~pl.col("face_id").is_in(list(gone))).with_columns(
-        *(
-            g.cast(pl.Int64).alias(side)
-            for g, side in zip(grew, ("left", "top", "right", "bottom"), strict=True)
-        ),
-        pl.when(heir).then(name).otherwise(pl.col("character")).alias("character"),
-        pl.when(heir).then(True).otherwise(pl.col("low_confidence")).alias("low_confidence"),
-        pl.when(heir).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
+    boxes_grown = pl.DataFrame(
+        [(face_id, *box) for face_id, box in grown.items()],
+        schema={"face_id": pl.Utf8, "left": pl.Int64, "top": pl.Int64, "right": pl.Int64, "bottom": pl.Int64},
+        orient="row",
+    )
+    return (
+        faces.filter(~pl.col("face_id").is_in(list(gone)))
+        .update(boxes_grown, on="face_id")
+        .with_columns(
+            pl.when(heir).then(name).otherwise(pl.col("character")).alias("character"),
+            pl.when(heir).then(True).otherwise(pl.col("low_confidence")).alias("low_confidence"),
+            pl.when(heir).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
+        )
     )
 
 

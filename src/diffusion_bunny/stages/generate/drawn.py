@@ -80,6 +80,8 @@ class DrawnScorer:
     #: What scores, and the setting its ``min_score`` comes from (for the run's warning line).
     model = "stage 03's fitted detector"
     setting = "characters.fitted.min_score"
+    #: Why the pictures went unscored (the detector is loaded before: never here).
+    failed: str | None = None
 
     def __init__(self, detector: FittedDetector) -> None:
         self.detector = detector

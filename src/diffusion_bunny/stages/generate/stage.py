@@ -223,7 +223,7 @@ def _score_warnings(
             "(identity_distance is null there); a base model that draws people, or more training, "
             "gives the identity score more to measure"
         )
-    if getattr(drawn, "failed", None):
+    if drawn is not None and drawn.failed:
         out.append(f"the pictures of drawn characters are drawn but not scored: {drawn.failed}")
     scored = generations.filter(pl.col("drawn_found").is_not_null())
     missed = int((~scored["drawn_found"]).sum())
