@@ -8,6 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
 HAMILTON = TESTDATA / "face_recognition_examples" / "short_hamilton_clip.mp4"
+#: The character truth set (committed; docs/character-truth.md): six short films of game art.
+CHARACTER_TRUTH = ROOT / "test" / "stages" / "characters" / "data" / "character_truth"
 
 
 def _stage_order() -> tuple[str, ...]:

@@ -49,6 +49,7 @@ BOUNDARY_CANDIDATES_SCHEMA = {
     "motion_residual": pl.Float64,
     "motion_contrast": pl.Float64,
     "contrast_scale": pl.Float64,
+    "spread": pl.Float64,
     "model_score": pl.Float64,
     "decision": pl.Utf8,
     "reason": pl.Utf8,
