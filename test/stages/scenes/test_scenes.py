@@ -606,6 +606,31 @@ def test_shots_like_this_one(scenes_run):
         text_search(run.run_dir, "a woman at a table", cfg.scenes)
 
 
+def test_shots_like_an_exemplar_the_run_no_longer_keeps(scenes_run):
+    """Exemplars never move: after stage 01 keeps other frames, the largest cluster's exemplar
+    may be a frame with no embedding in the run. Notebook 04 asked for shots like it and the
+    whole ``bunny run`` stopped ("has no embedding"); its stored vector answers instead."""
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import shots_like
+
+    run, cfg = scenes_run
+    places = demo_places(run)
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    biggest = (
+        scene.group_by("cluster_id").len().filter(pl.col("cluster_id") != NOISE).sort("len")[-1, "cluster_id"]
+    )
+    gone = run.read_table("scene_exemplars").filter(pl.col("cluster_id") == biggest)["frame_id"][0]
+    frames = run.read_table("frames")
+    run.write_table("frames", frames.filter(pl.col("frame_id") != gone))
+    run_stage(run, "scenes", cfg, progress=False)
+    assert gone not in run.read_table("embeddings")["frame_id"].to_list()
+    assert gone in run.read_table("scene_exemplars")["frame_id"].to_list()
+
+    found = shots_like(run.run_dir, gone, k=3)
+    assert found.height == 3 and gone not in found["frame_id"].to_list()
+    assert places[found["frame_id"][0]] == places[gone]
+
+
 def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
     from tiny_models import write_tiny_clip
 

@@ -613,15 +613,34 @@ def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
 
 def shots_like(run_dir: str | Path, frame_id: str, k: int = 8) -> pl.DataFrame:
     """The ``k`` frames most like ``frame_id`` ("shots like this one"), best first, in the space
-    the clusters were made in (through the adapter when corrections trained one)."""
+    the clusters were made in (through the adapter when corrections trained one).
+
+    ``frame_id`` may also be a cluster's exemplar that the run no longer keeps (exemplars never
+    move, so a rerun of stage 01 that keeps other frames, or a shared library's cluster opened
+    by another movie, leaves them without an embedding here): its vector is the one
+    ``scene_exemplars`` holds, in the same space."""
     run = Run.open(run_dir)
     ids, vectors = _run_vectors(run, adapted=True)
-    if frame_id not in ids:
-        raise BadInputError(
-            f"frame {frame_id!r} has no embedding in {run.run_dir}; pick one from the clusters table"
-        )
-    found = similar_frames(vectors, ids, vectors[ids.index(frame_id)], k=k, exclude=frame_id)
+    if frame_id in ids:
+        query = vectors[ids.index(frame_id)]
+    else:
+        query = _exemplar_vector(run, frame_id)
+        if query is None:
+            raise BadInputError(
+                f"frame {frame_id!r} has no embedding in {run.run_dir}; pick one from the clusters table"
+            )
+    found = similar_frames(vectors, ids, query, k=k, exclude=frame_id)
     return _search_table(run, found["frame_id"].to_list(), found["similarity"].to_list())
+
+
+def _exemplar_vector(run, frame_id: str) -> np.ndarray | None:
+    """The stored vector of the exemplar whose frame is ``frame_id``, or None."""
+    if not run.has_table("scene_exemplars"):
+        return None
+    rows = run.read_table("scene_exemplars").filter(pl.col("frame_id") == frame_id)
+    if rows.is_empty():
+        return None
+    return np.asarray(rows["vector"][0], dtype=np.float32)
 
 
 def text_search(run_dir: str | Path, text: str, cfg, k: int = 8) -> pl.DataFrame:
