@@ -236,7 +236,7 @@ def test_a_stage_that_fails_halfway_is_missing_and_its_old_tables_stay(toy, monk
         with pytest.raises(RuntimeError, match="killed halfway"):
             run_stage(pipeline, run, "double", cfg, force=True, progress=False)
     assert run.read_manifest("double") is None
-    assert stage_state(pipeline, run, "double", cfg) == ("missing", "never ran")
+    assert stage_state(pipeline, run, "double", cfg) == ("missing", "its last run did not finish")
     assert run.read_table("doubled").equals(before)
 
 

@@ -339,9 +339,13 @@ def manifest_state(
 ) -> tuple[StageState, str]:
     """``done`` (the manifest matches the present), ``stale`` (something changed; the reason says
     what, naming the settings that moved when ``config``, the present values, is given) or
-    ``missing`` (never ran, or an output is gone)."""
+    ``missing`` (never ran, its last run stopped before the end, or an output is gone)."""
     manifest = run.read_manifest(stage)
     if manifest is None:
+        # A stage removes its manifest before it computes (remove_manifest): tables of its and
+        # no manifest mean a run of it was stopped or failed, not that it never ran.
+        if any(run.has_table(name) for name in tables):
+            return "missing", "its last run did not finish"
         return "missing", "never ran"
     recorded = manifest.get("outputs") or {}
     gone = [name for name in tables if not run.has_table(name)]
