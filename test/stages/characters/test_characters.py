@@ -739,3 +739,27 @@ def test_cnn_detector_option_finds_the_same_face(tmp_path):
     assert len(hog) == len(cnn) == 1
     assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
     assert cnn[0].sharpness > 0
+
+
+def test_stage_line_says_when_the_fit_took_the_time():
+    """A first run on a drawn film spends minutes fitting and seconds searching: its line says
+    so; a rerun that reuses the fitted detector does not repeat it."""
+    from diffusion_bunny.stages.characters import summary
+
+    counts = {
+        "frames_scanned": 13,
+        "faces": 9,
+        "frames_with_faces": 9,
+        "characters": {"frog": 9},
+        "named_faces": 9,
+        "unknown_faces": 0,
+        "clusters": 0,
+    }
+    facts = {"frames_cached": 0, "frames_per_second": 16.2, "fitted": {"fitted_now": True, "seconds": 177.0}}
+    line = summary({"counts": counts, "facts": facts})
+    assert line.startswith("13 frames searched (0 from the cache) at 16.2 frames/s; 9 appearances")
+    assert line.endswith("0 clusters; drawn characters' detector fitted in 177 s")
+    facts["fitted"]["fitted_now"] = False
+    assert "fitted" not in summary({"counts": counts, "facts": facts})
+    del facts["fitted"]
+    assert summary({"counts": counts, "facts": facts}).endswith("in 0 clusters")

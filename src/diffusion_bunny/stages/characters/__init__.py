@@ -38,11 +38,17 @@ def summary(manifest: dict[str, Any]) -> str:
     c, f = manifest["counts"], manifest["facts"]
     speed = f" at {f['frames_per_second']} frames/s" if f.get("frames_per_second") else ""
     per_char = ", ".join(f"{name} {n}" for name, n in (c.get("characters") or {}).items())
+    fitted = f.get("fitted") or {}
+    # The fit is most of a first run's time on a drawn film (minutes, against seconds of search):
+    # said, so a slow stage is not read as a slow search.
+    fit = ""
+    if fitted.get("fitted_now"):
+        fit = f"; drawn characters' detector fitted in {fitted['seconds']:g} s"
     return (
         f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
         f"{c['faces']} appearances in {c['frames_with_faces']} frames ({per_char or 'none'}); "
         f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} "
-        f"cluster{'' if c['clusters'] == 1 else 's'}"
+        f"cluster{'' if c['clusters'] == 1 else 's'}{fit}"
     )
 
 
