@@ -631,6 +631,33 @@ def test_shots_like_an_exemplar_the_run_no_longer_keeps(scenes_run):
     assert places[found["frame_id"][0]] == places[gone]
 
 
+def test_a_correction_of_a_frame_no_longer_kept_is_said(scenes_run):
+    """A frame moved on the board, then left out by a rerun of stage 01 or 02: the move places
+    nothing, and stage 04's line says so rather than counting it as a move on the board."""
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes import summary
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    moved, kept = scene["frame_id"][0], scene["frame_id"][1]
+    move_to_cluster(run.run_dir, moved, "new")
+    move_to_cluster(run.run_dir, kept, "noise")
+    frames = run.read_table("frames")
+    run.write_table("frames", frames.filter(pl.col("frame_id") != moved))
+    run_stage(run, "scenes", cfg, progress=False)
+    manifest = run.read_manifest("scenes")
+    assert manifest["counts"]["corrections"] == 2
+    assert manifest["counts"]["corrections_on_frames_gone"] == 1
+    assert "2 correction(s) by hand so far (1 of them on frames no longer kept)" in summary(manifest)
+    clusters = run.read_table("clusters")
+    assert moved not in clusters["frame_id"].to_list()
+    assert (
+        clusters.filter((pl.col("frame_id") == kept) & (pl.col("level") == "scene"))["cluster_id"][0]
+        == "noise"
+    )
+
+
 def test_clip_embedder_clusters_and_searches_by_text(scenes_run, tmp_path):
     from tiny_models import write_tiny_clip
 

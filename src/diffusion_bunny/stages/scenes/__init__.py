@@ -37,10 +37,15 @@ def summary(manifest: dict[str, Any]) -> str:
     adapter = (f.get("adapter") or {}).get("triplets") or 0
     nobody = c.get("nobody_clusters")
     nobody = f", {nobody} of them with nobody named" if nobody else ""
+    gone = c.get("corrections_on_frames_gone")
+    # A move of a frame that stage 01 or 02 no longer keeps places nothing (the adapter still
+    # learns from it): said, so the count is not read as moves on the board.
+    gone = f" ({gone} of them on frames no longer kept)" if gone else ""
+    learnt = f"an adapter trained on {adapter} of them" if adapter else "no adapter"
     return (
         f"{c['frames']} frames in {c['scene_clusters']} scenes ({c['character_clusters']} character "
         f"sub-clusters{nobody}), {c['noise']} in the noise bucket; {c['corrections']} correction(s) by "
-        f"hand so far, {'an adapter trained on ' + str(adapter) + ' of them' if adapter else 'no adapter'} "
+        f"hand so far{gone}, {learnt} "
         f"({f['mode']}, {f['embedder']})"
     )
 

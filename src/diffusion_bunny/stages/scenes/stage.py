@@ -276,13 +276,14 @@ def compute(ctx: Context) -> StageOutput:
     characters = _characters(ctx.optional("faces"), ctx.optional("face_frames"), fids)
     clusters = clusters_table(fids, labels, sims, chosen["shot_id"].to_list(), characters)
     vec_by_frame = dict(zip(fids, vectors, strict=True))
-    moved_before = len(latest_moves(feedback))
+    moves = latest_moves(feedback)
     clusters = apply_feedback(clusters, feedback, vec_by_frame)
     counts = {
         "frames": len(fids),
         "embedded_now": computed,
         **_cluster_counts(clusters),
-        "corrections": moved_before,
+        "corrections": len(moves),
+        "corrections_on_frames_gone": len({fid for fid, _ in moves} - set(fids)),
     }
     facts = {
         "mode": mode,
