@@ -678,6 +678,31 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
         edit_caption(run.run_dir, "nope", "x")
 
 
+def test_an_edit_of_a_frame_no_longer_kept_is_said_and_kept(cap_run, tmp_path):
+    """A caption edited by hand, then its frame left out by a rerun of stage 01 or 02: the edit
+    waits unused (it comes back with the frame), and stage 05's line says so."""
+    from diffusion_bunny.stages.captions import summary
+
+    run, overrides = cap_run
+    cfg = _cfg(tmp_path, overrides)
+    captions = run_stage(run, "captions", cfg, progress=False)["captions"]
+    gone, kept = captions["frame_id"][0], captions["frame_id"][1]
+    edit_caption(run.run_dir, gone, "bunnystyle, typed by hand")
+    edit_caption(run.run_dir, kept, "bunnystyle, also typed")
+    frames = run.read_table("frames")
+    run.write_table("frames", frames.filter(pl.col("frame_id") != gone))
+    again = run_stage(run, "captions", cfg, progress=False)["captions"]
+    assert gone not in again["frame_id"].to_list()
+    manifest = run.read_manifest("captions")
+    assert manifest["counts"]["edited"] == 1 and manifest["counts"]["edits_on_frames_gone"] == 1
+    assert "1 edited by hand (1 more of frames no longer kept);" in summary(manifest)
+    assert read_edits(run.run_dir).height == 2
+    run.write_table("frames", frames)
+    back = run_stage(run, "captions", cfg, progress=False)["captions"]
+    assert back.filter(pl.col("frame_id") == gone)["caption"][0] == "bunnystyle, typed by hand"
+    assert run.read_manifest("captions")["counts"]["edits_on_frames_gone"] == 0
+
+
 def test_caption_editor_widget_saves_an_edit(cap_run, tmp_path):
     from diffusion_bunny.stages.captions.widgets import CaptionEditor
 

@@ -24,9 +24,11 @@ def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 05: captioned, failed, edited, and what was paid for."""
     c, f = manifest["counts"], manifest["facts"]
     by = ", ".join(f"{k.removeprefix('by_')} {v}" for k, v in c.items() if k.startswith("by_"))
+    gone = c.get("edits_on_frames_gone")
+    gone = f" ({gone} more of frames no longer kept)" if gone else ""
     return (
         f"{c['captioned']} of {c['frames']} frames captioned ({by or 'none'}), {c['failed']} failed, "
-        f"{c['edited']} edited by hand; {c['paid_requests']} paid request(s) this run, "
+        f"{c['edited']} edited by hand{gone}; {c['paid_requests']} paid request(s) this run, "
         f"{c['cache_hits']} answer(s) from the cache; prompt {f['prompt_version']}"
     )
 

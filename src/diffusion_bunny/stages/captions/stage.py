@@ -716,10 +716,16 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             f"the provider or add template to captions.fallback. {_rerun_note(calls)}"
         )
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
-    captions = apply_edits(captions, read_edits(run_dir))
+    edits = read_edits(run_dir)
+    captions = apply_edits(captions, edits)
+    counts = _counts(captions, failed.height, calls, [p.name for p in providers if p.paid])
+    # An edit of a frame stage 01 or 02 no longer keeps waits unused (kept, should it come back).
+    counts["edits_on_frames_gone"] = len(
+        set(edits["frame_id"].to_list()) - set(captions["frame_id"].to_list())
+    )
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
-        counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid]),
+        counts=counts,
         warnings=[redact(w) for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers)]],
         facts={
             "prompt_version": PROMPT_VERSION,
