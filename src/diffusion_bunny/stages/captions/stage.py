@@ -718,14 +718,9 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
     edits = read_edits(run_dir)
     captions = apply_edits(captions, edits)
-    counts = _counts(captions, failed.height, calls, [p.name for p in providers if p.paid])
-    # An edit of a frame stage 01 or 02 no longer keeps waits unused (kept, should it come back).
-    counts["edits_on_frames_gone"] = len(
-        set(edits["frame_id"].to_list()) - set(captions["frame_id"].to_list())
-    )
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
-        counts=counts,
+        counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid], edits),
         warnings=[redact(w) for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers)]],
         facts={
             "prompt_version": PROMPT_VERSION,
@@ -739,15 +734,20 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     )
 
 
-def _counts(captions: pl.DataFrame, failed: int, calls: pl.DataFrame, paid: list[str]) -> dict[str, Any]:
+def _counts(
+    captions: pl.DataFrame, failed: int, calls: pl.DataFrame, paid: list[str], edits: pl.DataFrame
+) -> dict[str, Any]:
     """The manifest's counts of a run: captioned, ``failed`` (frames no provider captioned, before
-    a person's edits), edited, by provider, and what was paid for (requests to the ``paid``
+    a person's edits), edited, ``edits`` of frames the run no longer keeps (they wait unused, and
+    come back with their frame), by provider, and what was paid for (requests to the ``paid``
     providers, answers from the cache, answers by status)."""
+    gone = set(edits["frame_id"].to_list()) - set(captions["frame_id"].to_list())
     return {
         "frames": captions.height,
         "captioned": int(captions["caption"].is_not_null().sum()),
         "failed": failed,
         "edited": int((captions["status"] == "edited").sum()),
+        "edits_on_frames_gone": len(gone),
         **{f"by_{k}": v for k, v in captions.group_by("provider").len().iter_rows() if k},
         "paid_requests": int(
             calls.filter(pl.col("provider").is_in(paid))["outcome"].is_in(REQUEST_OUTCOMES).sum()
