@@ -283,7 +283,8 @@ def compute(ctx: Context) -> StageOutput:
         "embedded_now": computed,
         **_cluster_counts(clusters),
         "corrections": len(moves),
-        "corrections_on_frames_gone": len({fid for fid, _ in moves} - set(fids)),
+        # Counted as "corrections" is (one per frame and level moved).
+        "corrections_on_frames_gone": sum(1 for fid, _ in moves if fid not in vec_by_frame),
     }
     facts = {
         "mode": mode,
