@@ -13,15 +13,18 @@ manager's client asks the manager whether the process runs, so it waits for the 
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from jupyter_core.utils import run_sync
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.runner import StageKernel, notebook_dir
+from diffusion_bunny.pipeline.runner import StageKernel, _kernel_sockets, notebook_dir
 
 
 def _run(km, code: str, counts: list[int] | None = None) -> str:
@@ -59,7 +62,12 @@ def test_kernel_is_reused_and_reset_between_notebooks(tmp_path):
     try:
         km = _started(kernel.manager(), tmp_path)
         assert kernel.fresh
+        # Over socket files of its own, not TCP ports another process could take between the
+        # run choosing them and the kernel binding them; absolute, as the kernel runs elsewhere.
+        assert km.transport == "ipc" and Path(km.ip).is_absolute()
+        first_sockets = km.ip
         first = _run(km, "import os, json\nleft_over = 41\nprint(os.getpid(), os.getcwd())")
+        assert len(glob.glob(first_sockets + "-*")) == 5  # bound once the kernel answers
         pid, cwd = first.split()
         assert cwd == str(tmp_path)
 
@@ -100,7 +108,15 @@ def test_kernel_is_reused_and_reset_between_notebooks(tmp_path):
     finally:
         kernel.close()
     assert kernel._km is None
+    assert not glob.glob(first_sockets + "-*"), "a killed kernel's socket files are removed"
+    assert not glob.glob(replacement.ip + "-*")
     kernel.close()  # closing twice is harmless
+
+
+def test_kernel_sockets_fall_back_to_tcp_where_the_temporary_folder_is_too_long(monkeypatch, tmp_path):
+    assert _kernel_sockets()["transport"] == "ipc"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("x" * 90)))
+    assert _kernel_sockets() == {}
 
 
 def test_a_kernel_name_that_does_not_exist_is_one_line():

@@ -19,8 +19,10 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +270,7 @@ class StageKernel:
         from jupyter_client.kernelspec import NoSuchKernel  # lazy: jupyter_client takes 0.11 s to import
         from jupyter_client.manager import AsyncKernelManager  # lazy: jupyter_client takes 0.11 s to import
 
-        km = AsyncKernelManager(kernel_name=self.kernel_name)
+        km = AsyncKernelManager(kernel_name=self.kernel_name, **_kernel_sockets())
         try:
             km.kernel_spec  # noqa: B018 - looks the kernel up now, for a clear line
         except NoSuchKernel:
@@ -312,6 +314,25 @@ class StageKernel:
                 run_sync(km.shutdown_kernel)(now=True)
         finally:
             run_sync(km.cleanup_resources)()
+
+
+def _kernel_sockets() -> dict[str, str]:
+    """How the run talks to a stage kernel: Unix sockets of its own where the system has them.
+
+    Why: over TCP, jupyter_client picks the kernel's five ports by opening and closing them in
+    the run's process, and the kernel binds them a second later. Anything on the machine may
+    take one in between; in a folder run on Ray, whose workers open connections all the time,
+    one did, and the kernel printed a heartbeat traceback ("Address already in use") into the
+    run's messages. Socket files named after a fresh id cannot be taken. Their path must be
+    absolute (the kernel runs in the notebooks' folder) and short (a Unix socket's name holds
+    107 bytes): a temporary folder with a long name falls back to TCP.
+    """
+    if os.name != "posix":  # pragma: no cover - ZeroMQ has no ipc transport on Windows
+        return {}
+    base = os.path.join(tempfile.gettempdir(), f"bunny-kernel-{uuid.uuid4().hex[:16]}-ipc")
+    if len(base) > 90:  # "-N" is added for each of the five channels
+        return {}
+    return {"transport": "ipc", "ip": base}
 
 
 def stage_timeout(cfg: RunConfig, movie_s: float | None) -> float | None:
