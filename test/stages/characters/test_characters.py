@@ -45,6 +45,7 @@ from diffusion_bunny.stages.characters.stage import (
     add_still,
     check_name,
     name_cluster,
+    not_found_warnings,
     nothing_found_warnings,
 )
 from diffusion_bunny.stages.characters.tables import (
@@ -483,6 +484,15 @@ def test_nothing_found_line_only_when_only_faces_were_looked_for():
     assert nothing_found_warnings(0, 12, 0, "hub") == []  # the hub discovers without pictures
 
 
+def test_characters_not_in_the_film_are_said_apart_from_those_it_missed():
+    missed, absent = not_found_warnings(["frog", "tux", "yeti"], not_in_film=["tux", "yeti", "owl"])
+    assert missed.startswith("1 character(s) with reference pictures named in no searched frame: frog;")
+    assert absent.startswith("2 character(s) taken as not in this film") and absent.count(":") == 1
+    assert "left out of its fit: tux, yeti; if one is in it, add a still from the film" in absent
+    assert not_found_warnings(["tux"], ["tux"])[0].startswith("1 character(s) taken as not in this film")
+    assert not_found_warnings([], ["tux"]) == []  # named somewhere after all: no line
+
+
 def test_failed_frame_is_logged_and_skipped(demo_run, tmp_path):
     run = _copy(demo_run, tmp_path)
     frames = run.read_table("frames")
@@ -759,6 +769,10 @@ def test_stage_line_says_when_the_fit_took_the_time():
     line = summary({"counts": counts, "facts": facts})
     assert line.startswith("13 frames searched (0 from the cache) at 16.2 frames/s; 9 appearances")
     assert line.endswith("0 clusters; drawn characters' detector fitted in 177 s")
+    # fitted for a folder of films' characters, then again for the two in this film
+    facts["fitted"].update(characters=["frog", "tux", "worm", "yeti"], not_in_film=["tux", "yeti"])
+    line = summary({"counts": counts, "facts": facts})
+    assert line.endswith("fitted in 177 s (again for the 2 of its 4 characters in this film)")
     facts["fitted"]["fitted_now"] = False
     assert "fitted" not in summary({"counts": counts, "facts": facts})
     del facts["fitted"]

@@ -25,7 +25,14 @@ from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.media.samples import load_source
 from diffusion_bunny.models.faces import DetectSettings, ReferenceSet
 from diffusion_bunny.models.fitted import FittedSettings
-from diffusion_bunny.models.fitted.detector import FittedDetector, fit_detector, fit_key
+from diffusion_bunny.models.fitted import detector as fitted_module
+from diffusion_bunny.models.fitted.detector import (
+    FittedDetector,
+    film_cast,
+    fit_detector,
+    fit_film_detector,
+    fit_key,
+)
 from diffusion_bunny.stages.characters.identify import label_faces
 from diffusion_bunny.stages.characters.references import (
     GREY,
@@ -241,6 +248,40 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     # The score a sighting needs is applied after the search: no new fit for it.
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"min_score": 0.3})) == key
     assert fit_key(cutouts, backgrounds, settings) == key
+
+
+def test_the_film_cast_is_the_characters_found_in_its_frames(fitted):
+    detector = fitted[0]
+    film = [frames_with(["mika"], [Pose(turn=0.2 * seed, step=0.1 * seed)], seed)[0] for seed in range(3)]
+    assert film_cast(detector, film, 0.5) == ["mika"]
+    both = [frames_with(["mika", "biscuit"], [Pose(), Pose(step=0.6)], 1)[0]]
+    assert film_cast(detector, both, 0.5) == ["biscuit", "mika"]
+    assert film_cast(detector, [frames_with([], [], 5)[0]], 0.5) == []
+
+
+def test_a_film_is_fitted_again_for_the_characters_in_it_under_the_same_key(fitted, monkeypatch):
+    """The refit's wiring: the characters the first fit finds in the film (here said by a
+    stand-in for :func:`film_cast`, whose judgement the test above and the truth set's films
+    check), fitted again alone, saved under the key of every character's pictures."""
+    _, cutouts, backgrounds, _ = fitted
+    settings = FittedSettings(steps=40, batch=8, crop=128, widths=(320,), self_training=False)
+    casts: list[list[str]] = []
+
+    def cast_of(detector, frames, score):
+        casts.append(list(detector.names))
+        assert score == settings.cast_score and frames is backgrounds
+        return ["mika"]
+
+    monkeypatch.setattr(fitted_module, "film_cast", cast_of)
+    detector = fit_film_detector(cutouts, backgrounds, settings, progress=False)
+    assert casts == [["biscuit", "mika"]]  # judged once, on the fit of every character
+    assert detector.names == ["mika"] and detector.key == fit_key(cutouts, backgrounds, settings)
+
+    # Every character in the film, none of them, or the check turned off: the first fit is kept.
+    for cast_now, update in ((["biscuit", "mika"], {}), ([], {}), (["mika"], {"cast_score": None})):
+        monkeypatch.setattr(fitted_module, "film_cast", lambda *_, c=cast_now: c)
+        kept = fit_film_detector(cutouts, backgrounds, settings.model_copy(update=update), progress=False)
+        assert kept.names == ["biscuit", "mika"]
 
 
 def drawn_rows(spec: list[tuple]) -> pl.DataFrame:

@@ -30,6 +30,11 @@ class FittedSettings(BaseModel):
     ignore_score: float = Field(0.25, gt=0.0, lt=1.0)
     #: Found there from this score on: taught as that character.
     positive_score: float = Field(0.5, gt=0.0, le=1.0)
+    #: A character its own heat map finds at this score on none of the film's frames is taken as
+    #: not in the film, and the detector is fitted again without it (None: never). Each character
+    #: must also refuse every other one, so characters of other films weaken the fit of those in
+    #: this one (a frog of a 2-character fit scored 0.69 on its film, of a 6-character fit 0.35).
+    cast_score: float | None = Field(0.15, gt=0.0, lt=1.0)
     #: At most this many of the film's frames serve as backgrounds (evenly spaced).
     backgrounds: int = Field(120, ge=1, le=100_000)
     #: Torch threads while training (0: one; the training pictures are made on a thread of their

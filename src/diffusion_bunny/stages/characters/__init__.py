@@ -44,6 +44,9 @@ def summary(manifest: dict[str, Any]) -> str:
     fit = ""
     if fitted.get("fitted_now"):
         fit = f"; drawn characters' detector fitted in {fitted['seconds']:g} s"
+        absent, every = fitted.get("not_in_film") or [], fitted.get("characters") or []
+        if absent:
+            fit += f" (again for the {len(every) - len(absent)} of its {len(every)} characters in this film)"
     return (
         f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
         f"{c['faces']} appearances in {c['frames_with_faces']} frames ({per_char or 'none'}); "

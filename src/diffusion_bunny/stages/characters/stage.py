@@ -26,7 +26,7 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -49,7 +49,7 @@ from diffusion_bunny.models.faces import (
     read_rgb,
 )
 from diffusion_bunny.models.fitted import FittedSettings
-from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_detector, fit_key
+from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_film_detector, fit_key
 from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput, run_stage
@@ -444,21 +444,23 @@ def fitted_detector_file(
 ) -> tuple[Path, bool]:
     """The file of the detector fitted to ``pictures``'s drawn characters on the film's frames
     (``<run>/cache/characters/fitted-<key>.pt``), fitted now unless a file of the same key is
-    there; returns it and whether it was fitted now. Older fits are removed."""
+    there; returns it, whether it was fitted now and the characters it finds (those of the
+    pictures that are in the film, :func:`fit_film_detector`). Older fits are removed."""
     backgrounds = background_frames(run_dir, frames, quality, settings.backgrounds)
     if not backgrounds:
         raise StageError("no frame to fit the character detector on; run stages extract and quality first")
     key = fit_key(pictures.cutouts, backgrounds, settings)
     folder = Path(run_dir) / CHARACTERS_CACHE
     path = folder / f"fitted-{key}.pt"
-    fitted_now = FittedDetector.load(path) is None
-    if fitted_now:
-        detector = fit_detector(pictures.cutouts, backgrounds, settings, progress=progress, key=key)
+    detector = FittedDetector.load(path)
+    fitted_now = detector is None
+    if detector is None:
+        detector = fit_film_detector(pictures.cutouts, backgrounds, settings, progress=progress, key=key)
         atomic_write_bytes(path, detector.to_bytes())
     for old in folder.glob("fitted-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
-    return path, fitted_now
+    return path, fitted_now, detector.names
 
 
 def _references(
@@ -522,16 +524,27 @@ def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> lis
     return sorted(name for name, pictures in references.items() if pictures and name not in named)
 
 
-def not_found_warnings(names: list[str]) -> list[str]:
-    """The run's one line on :func:`characters_not_found` (none when every character was
-    found), with what to do."""
-    if not names:
-        return []
-    return [
-        f"{len(names)} character(s) with reference pictures named in no searched frame: "
-        f"{', '.join(names)}; add a still from the film of each (notebook 03, 'Add a still from the "
-        "film', or add_still) or pictures that show them as the film does, then rerun stage characters"
-    ]
+def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> list[str]:
+    """The run's lines on :func:`characters_not_found` (none when every character was found),
+    with what to do; those the fitted detector judged not in the film (``not_in_film``,
+    :func:`~diffusion_bunny.models.fitted.detector.fit_film_detector`) in a line of their own."""
+    absent = [name for name in names if name in set(not_in_film)]
+    missed = [name for name in names if name not in set(not_in_film)]
+    still = "add a still from the film of each (notebook 03, 'Add a still from the film', or add_still)"
+    lines = []
+    if missed:
+        lines.append(
+            f"{len(missed)} character(s) with reference pictures named in no searched frame: "
+            f"{', '.join(missed)}; {still} or pictures that show them as the film does, then rerun "
+            "stage characters"
+        )
+    if absent:
+        lines.append(
+            f"{len(absent)} character(s) taken as not in this film (the detector fitted to every "
+            f"character found none of them in its frames) and left out of its fit: {', '.join(absent)}; "
+            f"if one is in it, {still}, then rerun stage characters"
+        )
+    return lines
 
 
 def failed_warnings(failed: pl.DataFrame) -> list[str]:
@@ -604,12 +617,13 @@ def _drawn_backend(
     if not pictures.cutouts:
         return None, {}, None
     started = time.perf_counter()
-    fitted, fitted_now = fitted_detector_file(
+    fitted, fitted_now, cast = fitted_detector_file(
         ctx.run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
     )
     facts = {
         "file": str(fitted),
         "characters": pictures.drawn(),
+        "not_in_film": sorted(set(pictures.drawn()) - set(cast)),
         "fitted_now": fitted_now,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -687,7 +701,7 @@ def compute(ctx: Context) -> StageOutput:
         tables={"faces": faces, "face_frames": face_frames, "detections": detections},
         counts=_counts(faces, scan, failed.height, references),
         warnings=warnings
-        + not_found_warnings(missed)
+        + not_found_warnings(missed, fitted_facts.get("not_in_film", ()))
         + nothing_found_warnings(faces.height, scan.height, len(pictures.cutouts), cfg.backend),
         facts=facts,
         # Fixes saved while the stage ran are read again under the tables' locks.
