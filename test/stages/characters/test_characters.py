@@ -44,6 +44,7 @@ from diffusion_bunny.stages.characters.stage import (
     DRAWN_MARGIN,
     add_still,
     check_name,
+    fix_appearance,
     name_cluster,
     not_found_warnings,
     nothing_found_warnings,
@@ -749,6 +750,35 @@ def test_cnn_detector_option_finds_the_same_face(tmp_path):
     assert len(hog) == len(cnn) == 1
     assert np.linalg.norm(hog[0].encoding - cnn[0].encoding) < 0.2  # same face, slightly other box
     assert cnn[0].sharpness > 0
+
+
+def test_fixes_by_hand_are_counted_and_those_waiting_for_their_appearance_said(demo_run, tmp_path):
+    """A fix of an appearance whose frame a rerun of stage 02 left out does nothing until the
+    frame comes back: stage 03's line says so, so the fix is not taken for lost."""
+    from diffusion_bunny.stages.characters import summary
+
+    run = _copy(demo_run, tmp_path)
+    cfg = _cfg(tmp_path)
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    gone = faces.row(0, named=True)
+    kept = faces.filter(pl.col("frame_id") != gone["frame_id"]).row(0, named=True)
+    fix_appearance(run.run_dir, gone["face_id"], "grace")
+    fix_appearance(run.run_dir, kept["face_id"], None)
+    quality = run.read_table("quality")
+    dropped = pl.when(pl.col("frame_id") == gone["frame_id"]).then(False).otherwise(pl.col("keep"))
+    run.write_table("quality", quality.with_columns(dropped.alias("keep")))
+    again = run_stage(run, "characters", cfg, progress=False)["faces"]
+    assert gone["face_id"] not in again["face_id"].to_list()
+    manifest = run.read_manifest("characters")
+    assert (manifest["counts"]["fixed_by_hand"], manifest["counts"]["fixes_waiting"]) == (1, 1)
+    assert "; 1 fixed by hand (1 more waiting for appearances this run no longer has)" in summary(manifest)
+    run.write_table("quality", quality)
+    back = run_stage(run, "characters", cfg, progress=False)["faces"]
+    row = back.filter(pl.col("face_id") == gone["face_id"]).row(0, named=True)
+    assert (row["character"], row["edited"]) == ("grace", True)
+    manifest = run.read_manifest("characters")
+    assert (manifest["counts"]["fixed_by_hand"], manifest["counts"]["fixes_waiting"]) == (2, 0)
+    assert "; 2 fixed by hand" in summary(manifest) and "waiting" not in summary(manifest)
 
 
 def test_stage_line_says_when_the_fit_took_the_time():

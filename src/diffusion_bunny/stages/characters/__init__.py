@@ -47,11 +47,15 @@ def summary(manifest: dict[str, Any]) -> str:
         absent, every = fitted.get("not_in_film") or [], fitted.get("characters") or []
         if absent:
             fit += f" (again for the {len(every) - len(absent)} of its {len(every)} characters in this film)"
+    fixed, waiting = c.get("fixed_by_hand", 0), c.get("fixes_waiting", 0)
+    hand = f"; {fixed} fixed by hand" if fixed or waiting else ""
+    if waiting:
+        hand += f" ({waiting} more waiting for appearances this run no longer has)"
     return (
         f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
         f"{c['faces']} appearances in {c['frames_with_faces']} frames ({per_char or 'none'}); "
         f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} "
-        f"cluster{'' if c['clusters'] == 1 else 's'}{fit}"
+        f"cluster{'' if c['clusters'] == 1 else 's'}{hand}{fit}"
     )
 
 

@@ -583,10 +583,19 @@ def nothing_found_warnings(found: int, searched: int, drawn_pictures: int, backe
 
 
 def _counts(
-    faces: pl.DataFrame, scan: pl.DataFrame, failed: int, references: dict[str, int]
+    faces: pl.DataFrame,
+    scan: pl.DataFrame,
+    failed: int,
+    references: dict[str, int],
+    edits: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """The manifest's counts of a run of stage 03."""
+    """The manifest's counts of a run of stage 03, with the fixes by hand (``edits``) in force
+    and those waiting for an appearance the run no longer has (its frame no longer kept, or no
+    longer found there): such a fix does nothing until the appearance comes back, and a person
+    who made it should not read its silence as the fix lost."""
     per_char = character_counts(faces)
+    fixed = set(edits["face_id"].to_list()) if edits is not None and edits.height else set()
+    present = set(faces["face_id"].to_list()) if faces.height else set()
     clusters = (
         faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0) if faces.height else 0
     )
@@ -601,6 +610,8 @@ def _counts(
         "clusters": int(clusters),
         "characters": {r["character"]: r["faces"] for r in per_char.iter_rows(named=True)},
         "references": references,
+        "fixed_by_hand": len(fixed & present),
+        "fixes_waiting": len(fixed - present),
     }
 
 
@@ -699,7 +710,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     return StageOutput(
         tables={"faces": faces, "face_frames": face_frames, "detections": detections},
-        counts=_counts(faces, scan, failed.height, references),
+        counts=_counts(faces, scan, failed.height, references, read_appearance_edits(run_dir)),
         warnings=warnings
         + not_found_warnings(missed, fitted_facts.get("not_in_film", ()))
         + nothing_found_warnings(faces.height, scan.height, len(pictures.cutouts), cfg.backend),
