@@ -259,7 +259,7 @@ def test_the_film_cast_is_the_characters_found_in_its_frames(fitted):
     assert film_cast(detector, [frames_with([], [], 5)[0]], 0.5) == []
 
 
-def test_a_film_is_fitted_again_for_the_characters_in_it_under_the_same_key(fitted, monkeypatch):
+def test_a_film_is_fitted_again_for_the_characters_in_it_under_the_same_key(fitted, monkeypatch, capsys):
     """The refit's wiring: the characters the first fit finds in the film (here said by a
     stand-in for :func:`film_cast`, whose judgement the test above and the truth set's films
     check), fitted again alone, saved under the key of every character's pictures."""
@@ -273,7 +273,10 @@ def test_a_film_is_fitted_again_for_the_characters_in_it_under_the_same_key(fitt
         return ["mika"]
 
     monkeypatch.setattr(fitted_module, "film_cast", cast_of)
-    detector = fit_film_detector(cutouts, backgrounds, settings, progress=False)
+    capsys.readouterr()
+    detector = fit_film_detector(cutouts, backgrounds, settings, progress=True)
+    bars = capsys.readouterr().err
+    assert "fit characters" in bars and "fit again for the 1 of 2 characters in the film" in bars
     assert casts == [["biscuit", "mika"]]  # judged once, on the fit of every character
     assert detector.names == ["mika"] and detector.key == fit_key(cutouts, backgrounds, settings)
 

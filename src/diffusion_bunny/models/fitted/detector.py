@@ -558,9 +558,10 @@ def fit_detector(
     *,
     progress: bool = True,
     key: str | None = None,
+    desc: str = "fit characters",
 ) -> FittedDetector:
     """Fit the detector of the characters ``cutouts`` (name -> RGBA pictures) on ``backgrounds``
-    (RGB frames of the film, best at most a few hundred pixels wide)."""
+    (RGB frames of the film, best at most a few hundred pixels wide); ``desc`` labels the bar."""
     import torch  # lazy: torch takes 1.1 s to import
     from torch.nn import functional as F  # lazy: torch takes 1.1 s to import
 
@@ -580,9 +581,7 @@ def fit_detector(
         optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
     )
     batches = _Batches(synth, settings, len(names), refresh)
-    bar = tqdm(
-        range(settings.steps), unit="step", desc="fit characters", disable=not progress, **bar_options(0.5)
-    )
+    bar = tqdm(range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5))
     try:
         net.train()
         for step in bar:
@@ -654,5 +653,11 @@ def fit_film_detector(
     if not cast or len(cast) == len(detector.names):
         return detector
     return fit_detector(
-        {name: cutouts[name] for name in cast}, backgrounds, settings, progress=progress, key=key
+        {name: cutouts[name] for name in cast},
+        backgrounds,
+        settings,
+        progress=progress,
+        key=key,
+        # a second bar, said apart from the first: a person watching sees why the fit goes on
+        desc=f"fit again for the {len(cast)} of {len(detector.names)} characters in the film",
     )
