@@ -441,7 +441,7 @@ def fitted_detector_file(
     settings: FittedSettings,
     *,
     progress: bool = True,
-) -> tuple[Path, bool]:
+) -> tuple[Path, bool, list[str]]:
     """The file of the detector fitted to ``pictures``'s drawn characters on the film's frames
     (``<run>/cache/characters/fitted-<key>.pt``), fitted now unless a file of the same key is
     there; returns it, whether it was fitted now and the characters it finds (those of the
@@ -528,8 +528,9 @@ def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> lis
     """The run's lines on :func:`characters_not_found` (none when every character was found),
     with what to do; those the fitted detector judged not in the film (``not_in_film``,
     :func:`~diffusion_bunny.models.fitted.detector.fit_film_detector`) in a line of their own."""
-    absent = [name for name in names if name in set(not_in_film)]
-    missed = [name for name in names if name not in set(not_in_film)]
+    left_out = set(not_in_film)
+    absent = [name for name in names if name in left_out]
+    missed = [name for name in names if name not in left_out]
     still = "add a still from the film of each (notebook 03, 'Add a still from the film', or add_still)"
     lines = []
     if missed:
@@ -587,15 +588,14 @@ def _counts(
     scan: pl.DataFrame,
     failed: int,
     references: dict[str, int],
-    edits: pl.DataFrame | None = None,
+    edits: pl.DataFrame,
 ) -> dict[str, Any]:
     """The manifest's counts of a run of stage 03, with the fixes by hand (``edits``) in force
     and those waiting for an appearance the run no longer has (its frame no longer kept, or no
     longer found there): such a fix does nothing until the appearance comes back, and a person
     who made it should not read its silence as the fix lost."""
     per_char = character_counts(faces)
-    fixed = set(edits["face_id"].to_list()) if edits is not None and edits.height else set()
-    present = set(faces["face_id"].to_list()) if faces.height else set()
+    fixed, present = set(edits["face_id"].to_list()), set(faces["face_id"].to_list())
     clusters = (
         faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0) if faces.height else 0
     )
@@ -679,7 +679,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     warnings.extend(failed_warnings(failed))
-    faces = label_faces(detections, frames, refs, cfg, read_appearance_edits(run_dir))
+    faces = label_faces(detections, frames, refs, cfg, edits := read_appearance_edits(run_dir))
     if fitted is not None:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
         facts["fitted"] = fitted_facts
@@ -710,7 +710,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     return StageOutput(
         tables={"faces": faces, "face_frames": face_frames, "detections": detections},
-        counts=_counts(faces, scan, failed.height, references, read_appearance_edits(run_dir)),
+        counts=_counts(faces, scan, failed.height, references, edits),
         warnings=warnings
         + not_found_warnings(missed, fitted_facts.get("not_in_film", ()))
         + nothing_found_warnings(faces.height, scan.height, len(pictures.cutouts), cfg.backend),
