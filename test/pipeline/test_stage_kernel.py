@@ -13,6 +13,7 @@ manager's client asks the manager whether the process runs, so it waits for the 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -220,3 +221,51 @@ def test_a_kernel_started_ahead_imports_the_first_notebooks_modules_and_nothing_
         assert names == "[]"
     finally:
         kernel.close()
+
+
+_KILLED_RUN = """
+import glob, sys, time
+from jupyter_core.utils import run_sync
+from diffusion_bunny.pipeline.runner import StageKernel
+kernel = StageKernel("python3")
+kernel.start()
+km = kernel.manager()
+kc = km.client()
+kc.start_channels()
+run_sync(kc.wait_for_ready)(timeout=120)
+print(km.ip, km.provisioner.pgid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_sockets_of_a_kernel_whose_run_was_killed_are_removed_by_the_next_run(tmp_path):
+    """A run killed outright (SIGKILL; a Ray task cancelled with its worker) cannot remove its
+    kernel's socket files: the next kernel started on the machine removes them, and only
+    those of runs that are gone."""
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_RUN], stdout=subprocess.PIPE, text=True)
+    try:
+        base, pgid = run.stdout.readline().split()
+    finally:
+        run.kill()
+        run.wait()
+    with contextlib.suppress(ProcessLookupError):  # its kernel follows its parent within a second
+        os.killpg(int(pgid), signal.SIGKILL)
+    assert Path(base).name.startswith(f"bunny-kernel-{run.pid}-")
+    assert len(glob.glob(base + "-*")) == 5  # left behind
+
+    ours = _kernel_sockets()["ip"]  # a live run's (this process's) name, not yet bound
+    assert Path(ours).name.startswith(f"bunny-kernel-{os.getpid()}-")
+    assert glob.glob(base + "-*") == []
+    live = Path(ours + "-1")
+    live.touch()  # a live run's file stays, as does anything not named like a kernel's socket
+    other = Path(tempfile.gettempdir()) / f"bunny-kernel-{run.pid}-notes.txt"
+    other.touch()
+    try:
+        _kernel_sockets()
+        assert live.exists() and other.exists()
+    finally:
+        live.unlink()
+        other.unlink()

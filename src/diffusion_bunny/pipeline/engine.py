@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from diffusion_bunny.pipeline.runner import (
     _say,
     find_movies,
     parse_stages,
+    remove_orphan_sockets,
     run_movie,
 )
 from diffusion_bunny.pipeline.settings import RunConfig, output_root
@@ -379,6 +381,8 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
             _remove_tokens(left)
         if started:
             ray.shutdown()
+        # a worker killed with its task (cancelled) left its kernel's socket files on this node
+        remove_orphan_sockets(tempfile.gettempdir())
     return [results[i] for i in range(len(jobs))]
 
 

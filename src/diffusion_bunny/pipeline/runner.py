@@ -41,6 +41,7 @@ from diffusion_bunny.logs import FILE_ONLY, say
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
+from diffusion_bunny.pipeline.atomic import process_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
 from diffusion_bunny.pipeline.run import Run, movie_id
@@ -329,10 +330,39 @@ def _kernel_sockets() -> dict[str, str]:
     """
     if os.name != "posix":  # pragma: no cover - ZeroMQ has no ipc transport on Windows
         return {}
-    base = os.path.join(tempfile.gettempdir(), f"bunny-kernel-{uuid.uuid4().hex[:16]}-ipc")
+    folder = tempfile.gettempdir()
+    base = os.path.join(folder, f"{_SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
     if len(base) > 90:  # "-N" is added for each of the five channels
         return {}
+    remove_orphan_sockets(folder)
     return {"transport": "ipc", "ip": base}
+
+
+#: Stage kernels' socket files: ``bunny-kernel-<pid of the process that started it>-<id>-ipc-<N>``.
+_SOCKET_PREFIX = "bunny-kernel-"
+_SOCKET_NAME = re.compile(re.escape(_SOCKET_PREFIX) + r"(\d+)-[0-9a-f]+-ipc-\d+")
+
+
+def remove_orphan_sockets(folder: str) -> int:
+    """Remove the socket files of stage kernels whose starting process has gone; how many.
+
+    Why: :meth:`StageKernel.close` removes a kernel's files, but a process killed outright
+    cannot (a movie's Ray task cancelled past ``engine.task_timeout_s``, whose worker is killed; a
+    ``bunny run`` killed with SIGKILL). Its kernel exits with it, and a kernel does not remove
+    its files on its way out, so each such kill left five in the temporary folder. The process
+    that started a kernel is in the name: while it lives its files are its own; once it is gone
+    nobody will remove them. Another user's files stay (not ours to judge, nor to delete).
+    """
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            match = _SOCKET_NAME.fullmatch(entry.name)
+            if match is None or process_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def stage_timeout(cfg: RunConfig, movie_s: float | None) -> float | None:
