@@ -105,9 +105,19 @@ def test_framing_light_and_template_caption():
         "in the kitchen"
     )
     assert tags[:2] == ["astronaut", "grace_hopper"] and "scene:s002" in tags
-    empty = {**facts, "characters": [], "unknown_faces": 0, "scene": "noise", "light": ""}
+    empty = {
+        **facts,
+        "characters": [],
+        "unknown_faces": 0,
+        "scene": "noise",
+        "light": "",
+        "nobody_known": True,
+    }
     text, tags = template_caption(empty, cfg)
     assert text == "bunnystyle, no people, close-up, static shot" and "no people" in tags
+    # Nobody found where that proves nothing (a drawn film, a frame not searched): nothing said.
+    text, tags = template_caption({**empty, "nobody_known": False}, cfg)
+    assert text == "bunnystyle, close-up, static shot" and "no people" not in tags
 
 
 def test_a_crop_gets_the_template_caption_of_what_it_shows():
@@ -187,6 +197,42 @@ def test_caption_facts_from_tables():
     )
     everything = caption_facts(frames, CaptionsSettings(frames="all"), quality=quality)
     assert everything.height == 3 and everything["framing"].to_list() == ["wide shot"] * 3
+    assert not everything["nobody_known"].any()  # stage 03 searched nothing: nobody's absence unknown
+
+
+def test_no_people_is_said_only_where_finding_nobody_means_nobody_is_there():
+    """A frame stage 03 searched in a film whose faces it finds: "no people". A frame it did not
+    search, a film with drawn characters (whose detector misses many sightings), or a film with
+    no face anywhere (a cartoon searched without pictures): nothing said about who is there."""
+    cfg = CaptionsSettings(frames="all")
+    frames = pl.DataFrame(
+        {
+            "frame_id": ["a", "b", "c"],
+            "path": ["a.jpg", "b.jpg", "c.jpg"],
+            "shot_id": [0, 0, 1],
+            "width": [160] * 3,
+            "height": [100] * 3,
+        }
+    )
+    quality = pl.DataFrame({"frame_id": ["a", "b", "c"], "keep": [True] * 3, "brightness": [120.0] * 3})
+    searched = pl.DataFrame({"frame_id": ["a", "b"], "status": ["ok", "ok"]})  # c was not searched
+    people = pl.DataFrame(
+        {"frame_id": ["a"], "character": ["zoe"], "top": [0], "bottom": [40], "kind": ["face"]}
+    )
+
+    def captions(faces, face_frames):
+        facts = caption_facts(frames, cfg, quality=quality, faces=faces, face_frames=face_frames)
+        return [template_caption(row, cfg)[0] for row in facts.to_dicts()]
+
+    assert captions(people, searched) == [
+        "bunnystyle, zoe, close-up",
+        "bunnystyle, no people, wide shot",
+        "bunnystyle, wide shot",
+    ]
+    drawn = people.with_columns(pl.lit("drawn").alias("kind"), pl.lit("red_guard").alias("character"))
+    assert captions(drawn, searched)[1:] == ["bunnystyle, wide shot"] * 2
+    assert captions(people.clear(), searched) == ["bunnystyle, wide shot"] * 3
+    assert captions(people, None)[1:] == ["bunnystyle, wide shot"] * 2
 
 
 def test_rate_limiter_paces_requests():
@@ -568,7 +614,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
 
     def caption_with_bedrock():
         tables = {name: None for name in ("shots", "clusters", "caption_edits")}
-        tables.update({name: run.read_table(name) for name in ("frames", "quality", "faces")})
+        tables.update({name: run.read_table(name) for name in ("frames", "quality", "faces", "face_frames")})
         ctx = Context("captions", run, STAGE.view(cfg), tables, progress=False, writes=STAGE.writes)
         return compute(ctx, bedrock_client=client)
 

@@ -43,6 +43,7 @@ STAGE = Stage(
         Reads("quality", "quality", ("frame_id", "keep", "brightness", *REGION_COLUMNS)),
         Reads("shots", "extract", ("shot_id", "kind"), optional=True),
         Reads("faces", "characters", ("frame_id", "character", "top", "bottom", "kind"), optional=True),
+        Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
         Reads("clusters", "scenes", ("frame_id", "level", "cluster_id"), optional=True),
         # A person's edits: re-applied on top of every rerun.
         Reads("caption_edits", "captions", ("event_id",), optional=True, nonempty=True),

@@ -22,6 +22,9 @@ FACT_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.String,
     "characters": pl.List(pl.String),
     "unknown_faces": pl.Int64,
+    # Whether finding nobody in the frame says nobody is there (:func:`nobody_is_known`): the
+    # template says "no people" only then, and otherwise nothing about who is in the frame.
+    "nobody_known": pl.Boolean,
     "framing": pl.String,
     "motion": pl.String,
     "scene": pl.String,
@@ -61,17 +64,39 @@ def light_of(brightness: float | None, cfg: CaptionsSettings) -> str:
     return ""
 
 
+def nobody_is_known(faces: pl.DataFrame | None, face_frames: pl.DataFrame | None) -> set[str]:
+    """The frames where stage 03 finding nobody means nobody is there: the frames it searched,
+    in a film where its face detector found people and nothing else.
+
+    Why: "no people" in a training caption teaches the LoRA that what the picture shows is not a
+    character. A face detector that found people in a film misses few of them (recall 0.93 on
+    the face truth set), so its silence on a frame is evidence. The drawn characters' detector
+    misses most sightings of a creature or an animal (docs/characters.md), and a face detector
+    sees no drawn character at all: in a film with drawn characters, or with no face anywhere
+    (a cartoon searched without pictures), or on a frame stage 03 did not search, finding nobody
+    says nothing, and the caption says nothing about who is there either.
+    """
+    if faces is None or face_frames is None or not faces.height:
+        return set()
+    kinds = faces["kind"].fill_null("face") if "kind" in faces.columns else pl.Series(["face"])
+    if (kinds != "face").any():
+        return set()
+    return set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+
+
 def caption_facts(
     frames: pl.DataFrame,
     cfg: CaptionsSettings,
     *,
     quality: pl.DataFrame | None = None,
     faces: pl.DataFrame | None = None,
+    face_frames: pl.DataFrame | None = None,
     shots: pl.DataFrame | None = None,
     clusters: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per frame to caption (``captions.frames``: the kept ones, or all) with what the
-    earlier stages know about it. Tables that are absent leave their facts empty."""
+    earlier stages know about it. Tables that are absent leave their facts empty; without
+    ``face_frames`` (the frames stage 03 searched) no frame's lack of anyone is known."""
     table = frames.select("frame_id", "path", "shot_id", "height").join(
         frame_regions(frames, quality), on="frame_id", how="left"
     )
@@ -115,6 +140,7 @@ def caption_facts(
         level = clusters.filter(pl.col("level") == "scene")
         scene = dict(zip(level["frame_id"].to_list(), level["cluster_id"].to_list(), strict=True))
 
+    known = nobody_is_known(faces, face_frames)
     rows = []
     for rec in table.iter_rows(named=True):
         names, unknown, ratio = per_frame.get(rec["frame_id"], ([], 0, None))
@@ -124,6 +150,7 @@ def caption_facts(
                 "path": rec["path"],
                 "characters": names,
                 "unknown_faces": unknown,
+                "nobody_known": rec["frame_id"] in known,
                 "framing": framing_of(ratio, cfg),
                 "motion": motion.get(int(rec["shot_id"]), "") if rec["shot_id"] is not None else "",
                 "scene": scene.get(rec["frame_id"], ""),
@@ -158,14 +185,16 @@ def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]
             who += f" and {unknown} other {'person' if unknown == 1 else 'people'}"
     elif unknown:
         who = "a person" if unknown == 1 else f"{unknown} people"
-    else:
-        who = "no people"
+    else:  # found nobody: said only where that means nobody is there (nobody_is_known)
+        who = "no people" if facts.get("nobody_known") else ""
     parts = [cfg.trigger_word, who, facts["framing"], facts["motion"], facts["light"]]
     parts.append(_scene_phrase(facts["scene"], cfg))
     caption = ", ".join(p for p in parts if p)
     tags = [*names, facts["framing"], facts["motion"], facts["light"]]
     if facts["scene"]:
         tags.append(f"scene:{facts['scene']}")
-    if not names:
-        tags.append("no named character" if unknown else "no people")
+    if unknown and not names:
+        tags.append("no named character")
+    elif not names and facts.get("nobody_known"):
+        tags.append("no people")
     return caption, [t for t in tags if t]

@@ -666,6 +666,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
         cfg,
         quality=ctx.table("quality"),
         faces=ctx.optional("faces"),
+        face_frames=ctx.optional("face_frames"),
         shots=ctx.optional("shots"),
         clusters=ctx.optional("clusters"),
     )
