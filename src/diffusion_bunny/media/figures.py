@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -227,11 +227,12 @@ def as_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open_rgb(path: Path) -> Image.Image | None:
-    """The picture at ``path`` as RGB, or None when it cannot be read (a placeholder is shown)."""
+    """The picture at ``path`` as RGB and upright (a phone photo's EXIF orientation applied, as
+    stage 03 reads its references), or None when it cannot be read (a placeholder is shown)."""
     try:
         with Image.open(path) as img:
-            return as_rgb(img)
-    except (OSError, TypeError, ValueError):
+            return as_rgb(ImageOps.exif_transpose(img))
+    except (OSError, TypeError, ValueError, Image.DecompressionBombError):
         return None
 
 

@@ -42,6 +42,7 @@ from diffusion_bunny.stages.characters.references import (
     load_character_references,
     on_grey,
     rare_colour_mask,
+    read_picture,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
@@ -127,6 +128,13 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     (refs / "astronaut" / "astronaut.png").write_bytes(
         (tmp_path / "demo_refs/astronaut/astronaut.png").read_bytes()
     )
+    # The same photo as a phone stores it: its pixels turned, an EXIF tag saying how to turn them back.
+    with Image.open(tmp_path / "demo_refs/astronaut/astronaut.png") as photo:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+        photo.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(
+            refs / "astronaut" / "phone.jpg", exif=exif.tobytes(), quality=92
+        )
     sprite = draw(cast("mika"), Pose(arms_up=1.0), 220).rgba
     save(refs / "mika" / "sprite.png", sprite)
     save(
@@ -145,6 +153,7 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     taken = {(t.character, t.path.name): t for t in pictures.taken}
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
+    assert taken[("astronaut", "phone.jpg")].use == "face"  # upright, not a drawn cut-out lying down
     assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 3
     assert taken[("mika", "sprite.png")].how == "transparency"
     assert taken[("mika", "sprite.webp")].how == "transparency"
@@ -159,6 +168,15 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
         assert sum(name in w for w in warnings) == 1
     for folder in ("blank", "tiny", "broken"):
         assert any(f"character '{folder}' has no usable reference picture" in w for w in warnings)
+
+
+def test_a_picture_too_large_to_open_is_one_line(tmp_path, monkeypatch):
+    """Pillow refuses a picture over its decompression-bomb limit (~179 megapixels; lowered here
+    so a small file crosses it): the reference is left out with one line, not a traceback."""
+    save(tmp_path / "poster.png", np.full((120, 120, 3), 90, np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    with pytest.raises(ReferenceProblem, match="too large to read"):
+        read_picture(tmp_path / "poster.png")
 
 
 def frames_with(names: list[str], poses: list[Pose], seed: int) -> tuple[np.ndarray, list[tuple[str, tuple]]]:

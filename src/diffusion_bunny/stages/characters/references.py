@@ -28,7 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_bunny.models import dlib_faces
 from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
@@ -103,12 +103,20 @@ class ReferenceProblem(Exception):
 
 
 def read_picture(path: Path) -> np.ndarray:
-    """A picture file as RGBA uint8 (opaque where the file has no transparency). Palette and
-    grey pictures, 16-bit PNGs and animated ones (first frame) are converted."""
+    """A picture file as RGBA uint8 (opaque where the file has no transparency), upright. Palette
+    and grey pictures, 16-bit PNGs and animated ones (first frame) are converted.
+
+    Upright: a phone stores a photo as its sensor saw it and says in the EXIF orientation how to
+    turn it; read without that, a portrait lies on its side, the face detector finds no face, and
+    the person was taken as a drawn character (OpenCV's decoder, which reads the film's frames and
+    the faces-only references, turns it as well). A picture too large for Pillow to open (over
+    ~179 megapixels, its guard against decompression bombs) is one line, not a crash."""
     try:
         with Image.open(path) as im:
             im.seek(0)
-            rgba = np.asarray(im.convert("RGBA"))
+            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
+    except Image.DecompressionBombError:
+        raise ReferenceProblem("is too large to read (over 179 megapixels); scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ReferenceProblem(f"cannot be read as a picture ({type(exc).__name__})") from None
     if rgba.ndim != 3 or rgba.shape[0] < 2 or rgba.shape[1] < 2:
