@@ -274,7 +274,12 @@ def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
     with pytest.raises(BadInputError, match="does not exist"):
         reference_dir(tmp_path, missing)
     (tmp_path / "empty" / "someone").mkdir(parents=True)
-    with pytest.raises(BadInputError, match="holds no images in character sub-folders"):
+    with pytest.raises(BadInputError, match="holds no images in character sub-folders;"):
+        reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "empty")))
+    # The usual slip: the pictures straight in the folder, no sub-folder per character.
+    (tmp_path / "empty" / "zoe.png").write_bytes(b"")
+    (tmp_path / "empty" / "zoe 2.JPG").write_bytes(b"")
+    with pytest.raises(BadInputError, match=r"\(it holds 2 picture\(s\) of its own, in no sub-folder\)"):
         reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "empty")))
     assert reference_dir(tmp_path, CharactersSettings()) is None  # discovery only
     # On the command line: one line, exit status 2, and no run folder made.

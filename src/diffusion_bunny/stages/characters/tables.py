@@ -11,6 +11,7 @@ import polars as pl
 
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.models.faces import (
+    IMAGE_EXTENSIONS,
     reference_images,
 )
 from diffusion_bunny.paths import workspace_root
@@ -135,10 +136,13 @@ def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:
                 "give a folder with one sub-folder of images per character"
             )
         if not any(reference_images(configured).values()):
+            loose = sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in configured.iterdir())
+            found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
             raise BadInputError(
-                f"reference folder {configured} holds no images in character sub-folders; add one "
-                "sub-folder per character (its name is the character's) with photos of that face, "
-                "or unset characters.reference_dir to discover characters without references"
+                f"reference folder {configured} holds no images in character sub-folders{found}; add "
+                "one sub-folder per character (its name is the character's) with pictures of it (a "
+                "photo of the face, a drawing, a sprite, a still), or unset characters.reference_dir "
+                "to discover characters without references"
             )
         return configured
     own = Path(run_dir) / RUN_REFERENCES
