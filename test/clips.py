@@ -162,6 +162,61 @@ def write_tone(path: Path, seconds: float = 1.0, frequency: float = 440.0, rate:
     return path
 
 
+def _cover_frame(out: av.container.OutputContainer, cover: av.video.stream.VideoStream) -> None:
+    """Encode one grey 96x96 picture into ``cover`` (an mjpeg stream of ``out``)."""
+    cover.width, cover.height, cover.pix_fmt = 96, 96, "yuvj420p"
+    grey = av.VideoFrame.from_ndarray(np.full((96, 96, 3), 200, np.uint8), format="rgb24")
+    out.mux(cover.encode(grey))
+    out.mux(cover.encode(None))
+
+
+def write_film_with_cover(path: Path, n: int = 50, fps: int = 25, start_s: float = 1.0) -> Path:
+    """A Matroska film whose first video track is a one-picture cover (not the default track),
+    then the film's ``n`` frames (320x180, the default track) starting ``start_s`` seconds in, and
+    silence from 0 to the film's end: like ``ffmpeg -i cover.png -i film.mp4 -map 0 -map 1 ...``
+    with the sound starting before the picture."""
+    rate = 48000
+    with av.open(str(path), "w") as out:
+        cover = out.add_stream("mjpeg", rate=1)
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 320, 180, "yuv420p"
+        video.disposition = av.stream.Disposition.default
+        cover.disposition = av.stream.Disposition(0)
+        audio = out.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        _cover_frame(out, cover)
+        silence = np.zeros((1, 1024), np.float32)
+        for start in range(0, round((start_s + n / fps) * rate), 1024):
+            frame = av.AudioFrame.from_ndarray(silence, format="flt", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+        for i, img in enumerate(render_shot(3, n, 320, 180, 1.0)):
+            vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+            vf.pts, vf.time_base = round(start_s * fps) + i, Fraction(1, fps)
+            out.mux(video.encode(vf))
+        out.mux(video.encode(None))
+    return path
+
+
+def write_song_with_cover(path: Path, seconds: float = 1.0) -> Path:
+    """An MP3 of silence with album art (a video stream marked ``attached_pic``)."""
+    rate = 44100
+    with av.open(str(path), "w") as out:
+        audio = out.add_stream("libmp3lame", rate=rate)
+        audio.layout = "mono"
+        cover = out.add_stream("mjpeg", rate=1)
+        cover.disposition = av.stream.Disposition.attached_pic
+        _cover_frame(out, cover)
+        silence = np.zeros((1, 1152), np.float32)
+        for start in range(0, round(seconds * rate), 1152):
+            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    return path
+
+
 def count_frames(path: Path) -> tuple[int, int]:
     """``(packets, frames)`` of the first video stream: packets demuxed (no decoding) and frames
     decoded by a plain single-threaded decode, independent of :class:`VideoReader` (which

@@ -29,6 +29,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from diffusion_bunny.media.images import crop_region
+from diffusion_bunny.media.probe import picture_stream
 from diffusion_bunny.media.video import (
     Deinterlacer,
     Display,
@@ -105,7 +106,7 @@ def decode_clip(
     targets = [start_s + k / clip_fps for k in range(frames)]
     picked: list[Any] = [None] * frames
     with av.open(str(movie)) as container:
-        stream = container.streams.video[0]
+        stream = picture_stream(container)
         stream.thread_type = "AUTO"
         tb = stream.time_base
         origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
@@ -170,7 +171,7 @@ def encode_mp4(path: Path, images: list[Image.Image], fps: float, crf: int = 18)
 def clip_frames_rgb(path: Path, which: tuple[str, ...] = ("first", "middle", "last")) -> dict[str, Any]:
     """Frame count, fps, size, codec and the first/middle/last frames (RGB arrays) of a clip."""
     with av.open(str(path)) as c:
-        s = c.streams.video[0]
+        s = picture_stream(c)
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
         info: dict[str, Any] = {
             "frames": len(frames),

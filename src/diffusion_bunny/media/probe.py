@@ -104,9 +104,10 @@ def probe_video(path: str | Path) -> VideoInfo:
             "truncated or of another type",
         ) from None
     with container:
-        if not container.streams.video:
-            raise _fail(path, "holds no video stream (audio only, or not a movie)")
-        stream = container.streams.video[0]
+        stream = picture_stream(container)
+        if stream is None:
+            what = "only a cover picture" if container.streams.video else "no video stream"
+            raise _fail(path, f"holds {what} (audio only, or not a movie)")
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
@@ -114,7 +115,14 @@ def probe_video(path: str | Path) -> VideoInfo:
         if stream.duration is not None and stream.time_base is not None:
             duration_s = float(stream.duration * stream.time_base)
         elif container.duration is not None:
-            duration_s = container.duration / av.time_base
+            # Matroska keeps no duration per stream: the container's runs from its earliest
+            # stream's start to its end, and a picture that starts later (after the sound, or a
+            # cover) is that much shorter; taken whole, stage 01 said the film's end was lost.
+            first_s = (container.start_time or 0) / av.time_base
+            start_s = first_s
+            if stream.start_time is not None and stream.time_base is not None:
+                start_s = max(first_s, float(stream.start_time * stream.time_base))
+            duration_s = first_s + container.duration / av.time_base - start_s
         rotation = 0
         first_frame = None
         try:
@@ -153,6 +161,33 @@ def probe_video(path: str | Path) -> VideoInfo:
             interlaced_flag=bool(first_frame.interlaced_frame),
             warnings=warnings,
         )
+
+
+#: Video streams that are pictures, not the film: a cover (album art, a thumbnail a downloader
+#: embedded), thumbnails along the timeline, a still.
+_NOT_THE_FILM = (
+    av.stream.Disposition.attached_pic
+    | av.stream.Disposition.timed_thumbnails
+    | av.stream.Disposition.still_image
+)
+
+
+def picture_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The film among a file's video streams (None: it has none): not a cover picture; of the
+    others the one marked default, else the largest picture, as players choose.
+
+    Why not simply the first: a Matroska file can carry a cover or a one-frame title card as its
+    first video track, and an audio file its album art as a video stream; taken as the film, the
+    run found one frame of a 300x300 picture. Every reader of the movie (probe, stage 01's
+    decoder, the clips of stage 06) takes the stream this returns."""
+    moving = [s for s in container.streams.video if not s.disposition & _NOT_THE_FILM]
+    if not moving:
+        return None
+    default = [s for s in moving if s.disposition & av.stream.Disposition.default]
+    if len(default) == 1:
+        return default[0]
+    candidates = default or moving
+    return max(candidates, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
 
 
 def _sample_aspect(path: Path, stream: av.video.stream.VideoStream) -> tuple[Fraction, tuple[str, ...]]:

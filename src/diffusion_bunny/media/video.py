@@ -27,7 +27,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from diffusion_bunny.media import hdr as hdr_tone
-from diffusion_bunny.media.probe import VideoInfo, probe_video
+from diffusion_bunny.media.probe import VideoInfo, picture_stream, probe_video
 
 __all__ = [
     "Decoded",
@@ -298,7 +298,7 @@ def interlace_verdict(path: str | Path, max_frames: int = 240) -> dict[str, int]
     (telecined film and progressive encodes are often flagged interlaced), so stage 01 asks the
     pictures before deinterlacing."""
     with av.open(str(path), metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
+        stream = picture_stream(container)
         stream.thread_type = "AUTO"
         graph = av.filter.Graph()
         source = graph.add_buffer(template=stream)
@@ -397,7 +397,7 @@ class VideoReader:
 
     def _decoded(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
         """The stream's frames, deinterlaced when asked; stops (recording why) on broken data."""
-        stream = container.streams.video[0]
+        stream = picture_stream(container)
         deinterlacer = Deinterlacer(stream) if self.deinterlace else None
         iterator = container.decode(stream)
         while True:
@@ -421,7 +421,7 @@ class VideoReader:
         report = self.report
         container = av.open(str(info.path), metadata_errors="ignore")
         try:
-            stream = container.streams.video[0]
+            stream = picture_stream(container)
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = decode_threads()
             if self.keyframes_only:

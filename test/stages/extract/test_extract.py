@@ -7,7 +7,15 @@ import cv2
 import numpy as np
 import polars as pl
 import pytest
-from clips import count_frames, remux, transcode, write_clip, write_tone
+from clips import (
+    count_frames,
+    remux,
+    transcode,
+    write_clip,
+    write_film_with_cover,
+    write_song_with_cover,
+    write_tone,
+)
 from PIL import Image
 
 from diffusion_bunny.config import load_config
@@ -307,6 +315,27 @@ def test_audio_only_file_is_rejected(tmp_path):
     path = write_tone(tmp_path / "sound.mp4")
     with pytest.raises(BadInputError, match="no video stream"):
         probe_video(path)
+
+
+def test_a_song_with_album_art_is_no_movie(tmp_path):
+    path = write_song_with_cover(tmp_path / "song.mp3")
+    with pytest.raises(BadInputError, match="holds only a cover picture"):
+        probe_video(path)
+
+
+def test_the_film_is_read_not_the_cover_before_it_nor_is_its_start_after_the_sound_a_loss(tmp_path):
+    """A Matroska file with a one-picture cover as its first video track and the film's 50
+    frames starting 1 s after the sound: the film is probed and decoded, every frame once, and
+    its length is the picture's own (2 s, not the file's 3 s: nothing was lost)."""
+    path = write_film_with_cover(tmp_path / "film.mkv", n=50, fps=25, start_s=1.0)
+    info = probe_video(path)
+    assert (info.width, info.height, info.codec) == (320, 180, "h264")
+    assert info.duration_s == pytest.approx(2.0, abs=0.05)
+    reader = VideoReader(path)
+    assert [d.index for d in reader.frames()] == list(range(50))
+    assert reader.loss_message() is None
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.facts["decoded_frames"] == 50 and not result.warnings
 
 
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):
