@@ -413,3 +413,21 @@ def test_faces_are_where_ground_truth_says(decoded: Decoded, gt: dict) -> None:
                 assert max(f["height"] for f in found) >= 80, (s, i)
             else:
                 assert not found, (s, i)
+
+
+def test_the_demos_run_folder_of_an_older_demo_movie_is_made_again(demo: DemoMovie, tmp_path: Path) -> None:
+    """A run folder keeps one movie; the demo's own folder, left by another demo movie (an earlier
+    version's build), is the demo's to replace, while its run of this movie is kept."""
+    from diffusion_bunny.demo.run import _forget_older_demo
+    from diffusion_bunny.pipeline.run import Run
+
+    run_dir = tmp_path / "demo"
+    Run.create(run_dir, demo.path)
+    (run_dir / "tables").mkdir()
+    _forget_older_demo(run_dir, demo.path)
+    assert (run_dir / "tables").is_dir()  # this movie's run: kept
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**meta, "movie_key": "0123abcd"}))
+    _forget_older_demo(run_dir, demo.path)
+    assert not run_dir.exists()
+    _forget_older_demo(run_dir, demo.path)  # nothing there: nothing to do

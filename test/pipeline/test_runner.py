@@ -279,6 +279,46 @@ def test_open_run_for_notebooks(cut_clip, tmp_path):
         open_run(None, tmp_path / "missing.mp4", cfg)
 
 
+def test_a_folder_of_the_users_own_or_another_movies_run_is_refused_before_anything_is_written(
+    cut_clip, tmp_path, capsys
+):
+    """A run replaces whole folders in its run folder (frames/, tables/, report/): --out naming
+    a folder of the user's own (with a frames folder of theirs) or the run folder of another
+    movie stops with one line, exit 2, and nothing there is touched. The same movie moved (same
+    content) keeps its folder, and hidden entries (.DS_Store) do not count."""
+    path, _ = cut_clip
+    mine = tmp_path / "thesis"
+    (mine / "frames").mkdir(parents=True)
+    (mine / "frames" / "figure1.png").write_bytes(b"mine")
+    (mine / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    args = ["run", str(path), "--stages", "extract", "--quiet"]
+    assert main([*args, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine} already holds files and is no run folder (no run.json): frames, notes.txt" in err
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before  # not even a lock
+    with pytest.raises(UserError, match="already holds files"):
+        Run.create(mine, path)  # a notebook's open_run
+
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / ".DS_Store").write_bytes(b"")
+    assert main([*args, "--out", str(run_dir)]) == 0
+    frames = sorted((run_dir / "frames").iterdir())
+    moved = tmp_path / "elsewhere" / "renamed.mp4"
+    moved.parent.mkdir()
+    shutil.copy(path, moved)
+    other = tmp_path / "other.mp4"
+    write_clip(other, [(5, 30, 0.0)])
+    capsys.readouterr()
+    assert main(["run", str(other), "--stages", "extract", "--quiet", "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is the run folder of another movie ({path.name}); give --out a new folder" in err
+    assert sorted((run_dir / "frames").iterdir()) == frames
+    assert main(["run", str(moved), "--stages", "extract", "--quiet", "--out", str(run_dir)]) == 0
+    assert Run.open(run_dir).movie == moved.resolve() and sorted((run_dir / "frames").iterdir()) == frames
+
+
 def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):
     """The slider cell, as JupyterLab runs it (interactive=True), runs in a kernel and its
     widget state is saved with the executed notebook."""

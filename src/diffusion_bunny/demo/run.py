@@ -3,6 +3,8 @@ ground truth, so a new user sees in one command what the workspace does and how 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from diffusion_bunny.demo.metrics import adjusted_rand, match_boundaries
 from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie, build_demo_references
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.engine import run_target
-from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.run import Run, movie_key
 from diffusion_bunny.stages import PIPELINE
 
 #: Settings ``bunny demo`` runs with (the caller's overrides win): the demo trains the tiny
@@ -183,5 +185,20 @@ def run_demo(
     )
     cfg = load_config(None, overrides)
     run_dir = out if out is not None else output_root(cfg) / "demo"
+    if out is None:
+        _forget_older_demo(run_dir, demo.path)
     run_target(PIPELINE, demo.path, cfg, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())
+
+
+def _forget_older_demo(run_dir: Path, movie: Path) -> None:
+    """Remove the demo's own run folder when it holds the run of another demo movie (one built by
+    an earlier version, or by ``--force`` with another encoder): a run folder keeps one movie
+    (:func:`~diffusion_bunny.pipeline.run.check_run_folder`), and this one is the demo's."""
+    meta = run_dir / "run.json"
+    try:
+        theirs = json.loads(meta.read_text())["movie_key"] if meta.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        theirs = None
+    if theirs is not None and theirs != movie_key(movie):
+        shutil.rmtree(run_dir)

@@ -98,6 +98,39 @@ def movie_id(path: str | Path) -> str:
     return f"{slugify(path.stem)}-{movie_key(path)}"
 
 
+def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
+    """Refuse a run folder that holds other things than this movie's run, before anything is
+    written there: a run replaces whole folders in it (``frames/``, ``tables/``, ``report/``,
+    ``dataset/``), so a folder of the user's own given as ``--out`` would have lost a ``frames``
+    folder of theirs, and another movie's run folder its results and the corrections made by
+    hand in it. Hidden entries (``.DS_Store``, the run lock's ``.locks``) do not count; a run
+    folder whose movie was moved or renamed (same content) is this movie's.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return
+    meta_file = folder / "run.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            theirs, other = meta["movie_key"], Path(str(meta.get("movie", "?"))).name
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # damaged: Run.create rewrites it for the movie given
+        if theirs != movie_key(movie):
+            raise StageError(
+                f"{folder} is the run folder of another movie ({other}); give --out a new folder "
+                f"for {Path(movie).name}, or remove that one to reuse its name"
+            )
+        return
+    own = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if own:
+        shown = ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "")
+        raise StageError(
+            f"{folder} already holds files and is no run folder (no run.json): {shown}; a run "
+            "replaces whole folders in its run folder, so give --out a new or empty folder"
+        )
+
+
 @dataclass(frozen=True)
 class Run:
     """One movie's run folder. ``movie`` is recorded in ``run.json`` on the first run, so later
@@ -111,6 +144,7 @@ class Run:
         left in it (:func:`~diffusion_bunny.pipeline.atomic.sweep_leftovers`) unless another
         process holds the folder (:meth:`lock`)."""
         run = cls(Path(run_dir).resolve())
+        check_run_folder(run.run_dir, movie)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         if may_sweep(run.run_dir):  # never under another machine's live run (its pids are not ours)
             sweep_leftovers(run.run_dir)

@@ -44,7 +44,7 @@ from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import process_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
-from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.run import Run, check_run_folder, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
 
 log = logging.getLogger(__name__)
@@ -636,6 +636,7 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
     cfg = options.cfg
     info = probe_video(movie)
     run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
+    check_run_folder(run_dir, movie)  # before the lock writes its .locks there
     # The run folder is held from the first stage to the last (a second run of it stops at once,
     # naming this one); the stage notebooks' kernels work under this lock (lock.exported).
     with (
