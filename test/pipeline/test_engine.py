@@ -351,3 +351,20 @@ def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
     table = pl.read_parquet(hung / "report" / "movies.parquet")
     rows = {r["movie"]: r for r in table.iter_rows(named=True)}
     assert rows["a.mp4"]["error"] is None and "was cancelled" in rows["b.mp4"]["error"]
+
+
+def test_a_ray_task_on_another_node_asks_about_the_run_folder_before_it_logs_there(tmp_path, movies):
+    """A task on another node logs into ``<run>/log/`` first; a folder of the user's own is
+    refused before that (its line is the task's report), and a run's own log folder does not
+    make a new run folder look used."""
+    from diffusion_bunny.pipeline.engine import _foreign_run_folder
+    from diffusion_bunny.pipeline.run import check_run_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert "already holds files and is no run folder" in _foreign_run_folder(movies / "a.mp4", mine)
+    fresh = tmp_path / "fresh"
+    assert _foreign_run_folder(movies / "a.mp4", fresh) is None
+    (fresh / "log").mkdir(parents=True)
+    check_run_folder(fresh, movies / "a.mp4")  # the task's own log folder: still a new run folder

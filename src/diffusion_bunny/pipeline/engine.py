@@ -47,7 +47,7 @@ from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Pipeline
-from diffusion_bunny.pipeline.run import movie_id
+from diffusion_bunny.pipeline.run import check_run_folder, movie_id
 from diffusion_bunny.pipeline.runner import (
     MovieReport,
     RunOptions,
@@ -218,7 +218,7 @@ def _ray_task(
     events too, since the head's log folder is on a disk that node does not see."""
     import ray  # lazy: ray takes 1.2 s to import
 
-    problem = _check_visible(tokens)
+    problem = _check_visible(tokens) or _foreign_run_folder(movie, run_dir)
     if problem is not None:
         text = f"{movie.name}: {problem}"
         _tell(text)
@@ -245,6 +245,16 @@ def _ray_task(
             else:
                 os.environ[key] = value
         _detach_log()
+
+
+def _foreign_run_folder(movie: Path, run_dir: Path | None) -> str | None:
+    """:func:`~diffusion_bunny.pipeline.run.check_run_folder`'s line, asked before a task on
+    another node writes its log into the run folder (which would make a new folder look used)."""
+    try:
+        check_run_folder(run_dir, movie) if run_dir is not None else None
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def _detach_log() -> None:

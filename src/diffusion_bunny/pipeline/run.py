@@ -103,8 +103,9 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
     written there: a run replaces whole folders in it (``frames/``, ``tables/``, ``report/``,
     ``dataset/``), so a folder of the user's own given as ``--out`` would have lost a ``frames``
     folder of theirs, and another movie's run folder its results and the corrections made by
-    hand in it. Hidden entries (``.DS_Store``, the run lock's ``.locks``) do not count; a run
-    folder whose movie was moved or renamed (same content) is this movie's.
+    hand in it. Hidden entries (``.DS_Store``, the run lock's ``.locks``) and ``log/`` (where a
+    Ray task on another node logs before the run starts; logs are added to, never replaced) do
+    not count; a run folder whose movie was moved or renamed (same content) is this movie's.
     """
     folder = Path(run_dir)
     if not folder.is_dir():
@@ -122,7 +123,7 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
                 f"for {Path(movie).name}, or remove that one to reuse its name"
             )
         return
-    own = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    own = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != "log")
     if own:
         shown = ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "")
         raise StageError(
