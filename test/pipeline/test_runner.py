@@ -163,7 +163,14 @@ def test_stage_callable_without_papermill(cut_clip, tmp_path):
 
 def test_find_movies_and_stage_lists(tmp_path):
     cfg = load_config()
-    with pytest.raises(UserError, match="holds no video file"):
+    with pytest.raises(UserError, match=r"holds no video file \(looked for [^)]*\)$"):
+        find_movies(tmp_path, cfg)
+    # A season in folders of its own: the line says which sub-folders hold videos.
+    for episode in ("ep1", "ep2"):
+        (tmp_path / episode).mkdir()
+        (tmp_path / episode / "episode.MKV").write_bytes(b"")
+    (tmp_path / "extras").mkdir()
+    with pytest.raises(UserError, match=r"not searched, and 2 of them hold videos \(ep1, ep2\)"):
         find_movies(tmp_path, cfg)
     assert parse_stages(PIPELINE, None) == list(STAGE_ORDER)
     assert parse_stages(PIPELINE, "extract") == ["extract"]

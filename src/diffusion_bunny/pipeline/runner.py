@@ -94,6 +94,13 @@ class MovieReport:
     bug: bool = False  # the error was a bug (a folder run reports those on either engine)
 
 
+def _holds_video(folder: Path, exts: set[str]) -> bool:
+    try:
+        return any(p.suffix.lower() in exts and p.is_file() for p in folder.iterdir())
+    except OSError:  # a folder we may not read says nothing
+        return False
+
+
 def find_movies(target: str | Path, cfg: RunConfig) -> list[Path]:
     """The movie itself, or every video file directly inside a folder (sorted by name)."""
     target = Path(target)
@@ -106,8 +113,19 @@ def find_movies(target: str | Path, cfg: RunConfig) -> list[Path]:
         p for p in target.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
     )
     if not movies:
+        # A season of folders (one per episode) is the usual reason: say which hold videos.
+        below = sorted(
+            d.name
+            for d in target.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and _holds_video(d, exts)
+        )
+        hint = ""
+        if below:
+            shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3 else "")
+            holds = "1 of them holds" if len(below) == 1 else f"{len(below)} of them hold"
+            hint = f"; sub-folders are not searched, and {holds} videos ({shown}): run each"
         raise BadInputError(
-            f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))})"
+            f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))}){hint}"
         )
     return movies
 
