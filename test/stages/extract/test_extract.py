@@ -338,6 +338,30 @@ def test_the_film_is_read_not_the_cover_before_it_nor_is_its_start_after_the_sou
     assert result.facts["decoded_frames"] == 50 and not result.warnings
 
 
+def test_a_damaged_stretch_in_the_middle_is_skipped_and_the_rest_read(tmp_path):
+    """2 kB of garbage halfway through a 125-frame clip (a glitch in a download or a recording):
+    the packets the decoder cannot read are skipped, as ffmpeg skips them, and the frames after
+    them are read (decoding the whole stream at once ended at the first one, losing the rest)."""
+    import random
+
+    clean = tmp_path / "clean.mp4"
+    write_clip(clean, [(1, 40, 2.0), (2, 45, 1.0), (3, 40, 3.0)])
+    data = bytearray(clean.read_bytes())
+    rng, start = random.Random(0), len(data) // 2
+    data[start : start + 2048] = bytes(rng.randrange(256) for _ in range(2048))
+    path = tmp_path / "glitch.mp4"
+    path.write_bytes(bytes(data))
+    reader = VideoReader(path)
+    times = [d.time_s for d in reader.frames()]
+    assert reader.report.damaged_packets >= 1 and reader.report.stopped_by_error is None
+    assert 110 <= len(times) < 125 and times[-1] == pytest.approx(124 / 25, abs=0.05)  # to the end
+    assert "damaged packet(s) of its picture could not be decoded and were skipped" in reader.loss_message()
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.facts["damaged_packets"] == reader.report.damaged_packets
+    assert result.tables["shots"]["end_frame"][-1] == len(times) and len(result.tables["shots"]) == 3
+    assert any("damaged packet(s)" in w for w in result.warnings)
+
+
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):
     src, _ = cut_clip  # PyAV writes the mp4 index at the end: cut it off and nothing is readable
     data = src.read_bytes()

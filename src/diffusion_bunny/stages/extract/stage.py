@@ -433,6 +433,7 @@ def extract_frames(
         "method": cfg.method,
         "seconds": round(elapsed, 3),
         "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
+        "damaged_packets": reader.report.damaged_packets,
         **detector.facts(),
     }
     loss = reader.loss_message()
