@@ -31,8 +31,10 @@ from PIL import Image
 from diffusion_bunny.media.images import crop_region
 from diffusion_bunny.media.probe import picture_stream
 from diffusion_bunny.media.video import (
+    DecodeReport,
     Deinterlacer,
     Display,
+    decode_past_damage,
     frame_to_bgr,
     interlace_verdict,
     probe_video,
@@ -79,12 +81,14 @@ class ClipSource:
 
 
 def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:
+    # past damaged packets, as stage 01 read the movie (a shot's clip next to a glitch)
+    frames = decode_past_damage(container, stream, DecodeReport())
     if not deinterlace:
-        yield from container.decode(stream)
+        yield from frames
         return
     # A fresh deinterlacer after the seek: it reads the first frame's neighbours from what follows.
     deinterlacer = Deinterlacer(stream)
-    for frame in container.decode(stream):
+    for frame in frames:
         yield from deinterlacer.push(frame)
     yield from deinterlacer.push(None)
 

@@ -30,12 +30,14 @@ from diffusion_bunny.media import hdr as hdr_tone
 from diffusion_bunny.media.probe import VideoInfo, picture_stream, probe_video
 
 __all__ = [
+    "DecodeReport",
     "Decoded",
     "Deinterlacer",
     "Display",
     "VideoInfo",
     "VideoReader",
     "analysis_copy",
+    "decode_past_damage",
     "decode_threads",
     "frame_to_bgr",
     "interlace_verdict",
@@ -349,6 +351,28 @@ def decode_threads() -> int:
     return min(16, len(os.sched_getaffinity(0)) + 3)
 
 
+def decode_past_damage(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, report: DecodeReport
+) -> Iterator[av.VideoFrame]:
+    """``stream``'s frames from where ``container`` stands, skipping (and counting in ``report``)
+    the packets the decoder cannot read, as ``ffmpeg`` does; data the container cannot read past
+    ends them, recording why. (PyAV's ``container.decode`` raises at the first damaged packet.)"""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+            frames = stream.decode(packet)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            report.damaged_packets += 1
+            continue
+        except av.error.FFmpegError as exc:
+            report.stopped_by_error = str(exc.strerror or exc)
+            return
+        yield from frames
+
+
 @dataclass
 class DecodeReport:
     """How the decode went, filled in while :meth:`VideoReader.frames` runs."""
@@ -408,25 +432,11 @@ class VideoReader:
         recording why."""
         stream = picture_stream(container)
         deinterlacer = Deinterlacer(stream) if self.deinterlace else None
-        packets = container.demux(stream)
-        report = self.report
-        while True:
-            try:
-                packet = next(packets)
-                frames = stream.decode(packet)
-            except StopIteration:
-                break
-            except av.error.InvalidDataError:
-                report.damaged_packets += 1
-                continue
-            except av.error.FFmpegError as exc:
-                report.stopped_by_error = str(exc.strerror or exc)
-                break
-            for frame in frames:
-                if deinterlacer is None:
-                    yield frame
-                else:
-                    yield from deinterlacer.push(frame)
+        for frame in decode_past_damage(container, stream, self.report):
+            if deinterlacer is None:
+                yield frame
+            else:
+                yield from deinterlacer.push(frame)
         if deinterlacer is not None:
             yield from deinterlacer.push(None)
 

@@ -338,10 +338,8 @@ def test_the_film_is_read_not_the_cover_before_it_nor_is_its_start_after_the_sou
     assert result.facts["decoded_frames"] == 50 and not result.warnings
 
 
-def test_a_damaged_stretch_in_the_middle_is_skipped_and_the_rest_read(tmp_path):
-    """2 kB of garbage halfway through a 125-frame clip (a glitch in a download or a recording):
-    the packets the decoder cannot read are skipped, as ffmpeg skips them, and the frames after
-    them are read (decoding the whole stream at once ended at the first one, losing the rest)."""
+def _glitched_clip(tmp_path):
+    """Three shots of 40, 45 and 40 frames (25 fps) with 2 kB of garbage halfway through the file."""
     import random
 
     clean = tmp_path / "clean.mp4"
@@ -351,6 +349,22 @@ def test_a_damaged_stretch_in_the_middle_is_skipped_and_the_rest_read(tmp_path):
     data[start : start + 2048] = bytes(rng.randrange(256) for _ in range(2048))
     path = tmp_path / "glitch.mp4"
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_shot_clip_across_a_damaged_stretch_is_made(tmp_path):
+    """Stage 06's shot clips read the movie past damage as stage 01 did (they raised there)."""
+    from diffusion_bunny.media.clips import decode_clip
+
+    pictures = decode_clip(_glitched_clip(tmp_path), 1.6, 9, 5.0, 1.6, 3.4, (64, 36))
+    assert len(pictures) == 9 and {p.size for p in pictures} == {(64, 36)}
+
+
+def test_a_damaged_stretch_in_the_middle_is_skipped_and_the_rest_read(tmp_path):
+    """2 kB of garbage halfway through a 125-frame clip (a glitch in a download or a recording):
+    the packets the decoder cannot read are skipped, as ffmpeg skips them, and the frames after
+    them are read (decoding the whole stream at once ended at the first one, losing the rest)."""
+    path = _glitched_clip(tmp_path)
     reader = VideoReader(path)
     times = [d.time_s for d in reader.frames()]
     assert reader.report.damaged_packets >= 1 and reader.report.stopped_by_error is None
