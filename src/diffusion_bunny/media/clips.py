@@ -82,7 +82,7 @@ class ClipSource:
 
 def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:
     # past damaged packets, as stage 01 read the movie (a shot's clip next to a glitch)
-    frames = decode_past_damage(container, stream, DecodeReport())
+    frames = decode_past_damage(container, stream, DecodeReport(), float(stream.average_rate or 25))
     if not deinterlace:
         yield from frames
         return

@@ -352,12 +352,23 @@ def decode_threads() -> int:
 
 
 def decode_past_damage(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, report: DecodeReport
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    report: DecodeReport,
+    fps: float,
 ) -> Iterator[av.VideoFrame]:
-    """``stream``'s frames from where ``container`` stands, skipping (and counting in ``report``)
-    the packets the decoder cannot read, as ``ffmpeg`` does; data the container cannot read past
-    ends them, recording why. (PyAV's ``container.decode`` raises at the first damaged packet.)"""
+    """``stream``'s whole frames from where ``container`` stands, past damaged data.
+
+    A packet the decoder cannot read (a glitch in a download, a recording, a copy) is skipped and
+    counted, as ``ffmpeg`` skips it: PyAV's ``container.decode`` raises at the first one, and a
+    16 kB glitch a third into a real clip cost the remaining 71% of its frames. The frames after
+    it are predicted from what it held: the decoder smears blocks of other pictures into them (a
+    real clip's frame of two shots mixed was kept for the dataset) until a keyframe starts afresh,
+    so they are left out (counted) up to the next keyframe, or for :data:`RECOVERY_S` in a stream
+    without keyframes (intra refresh). Data the container cannot read past ends the frames,
+    recording why."""
     packets = container.demux(stream)
+    seen, tainted = 0, -1  # frames decoded since the last damage, -1 when whole
     while True:
         try:
             packet = next(packets)
@@ -370,7 +381,16 @@ def decode_past_damage(
         except av.error.FFmpegError as exc:
             report.stopped_by_error = str(exc.strerror or exc)
             return
-        yield from frames
+        for frame in frames:
+            if report.damaged_packets != seen or frame.is_corrupt:
+                seen, tainted = report.damaged_packets, 0
+            if tainted >= 0:
+                tainted += 1
+                if not (frame.key_frame and not frame.is_corrupt) and tainted < RECOVERY_S * fps:
+                    report.damaged_frames += 1
+                    continue
+                tainted = -1
+            yield frame
 
 
 @dataclass
@@ -382,6 +402,12 @@ class DecodeReport:
     stopped_by_error: str | None = None
     #: Packets of the picture the decoder could not read (damaged data), skipped.
     damaged_packets: int = 0
+    #: Frames decoded from a damaged stretch (until the next keyframe), left out.
+    damaged_frames: int = 0
+
+
+#: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
+RECOVERY_S = 10.0
 
 
 class VideoReader:
@@ -422,17 +448,10 @@ class VideoReader:
         self.deinterlace = bool(deinterlace) and not keyframes_only
 
     def _decoded(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
-        """The stream's frames, deinterlaced when asked.
-
-        A packet the decoder cannot read (damaged data: a glitch in a download, a recording, a
-        copy) is skipped and counted, and decoding goes on with the next, as ``ffmpeg`` does:
-        decoding the whole stream at once (``container.decode``) ended at the first such packet,
-        and a 16 kB glitch a third into a real clip cost the remaining 71% of its frames (ffmpeg
-        read 268 of its 275). Data the container itself cannot read past ends the stream,
-        recording why."""
+        """The stream's whole frames (:func:`decode_past_damage`), deinterlaced when asked."""
         stream = picture_stream(container)
         deinterlacer = Deinterlacer(stream) if self.deinterlace else None
-        for frame in decode_past_damage(container, stream, self.report):
+        for frame in decode_past_damage(container, stream, self.report, self.info.fps):
             if deinterlacer is None:
                 yield frame
             else:
@@ -485,14 +504,15 @@ class VideoReader:
         expected_s = info.duration_s
         got_s = report.last_time_s + frame_s
         lost_s = (expected_s - got_s) if expected_s else 0.0
-        skipped = report.damaged_packets
+        skipped = report.damaged_packets + report.damaged_frames
         if report.stopped_by_error is None and lost_s <= max(0.5, 3 * frame_s):
             if not skipped:
                 return None
             return (
-                f"{info.path.name}: {skipped} damaged packet(s) of its picture could not be decoded and "
-                "were skipped (a frame or a few each, as ffmpeg skips them); the frames around them "
-                "were kept, and the file is corrupt in places"
+                f"{info.path.name}: the picture is damaged in places: {report.damaged_packets} packet(s) "
+                f"could not be decoded, and the {report.damaged_frames} frame(s) decoded from damaged "
+                "data up to the next keyframe (smeared with pieces of other pictures) were left out; "
+                "the rest was read"
             )
         if expected_s and lost_s > 0:
             pct = 100.0 * lost_s / expected_s
@@ -505,5 +525,5 @@ class VideoReader:
         if report.stopped_by_error:
             msg += f" (FFmpeg: {report.stopped_by_error})"
         if skipped:
-            msg += f", and {skipped} damaged packet(s) before that point were skipped"
+            msg += f", and {skipped} damaged packet(s) or frame(s) before that point were left out"
         return msg + "; the file is truncated or corrupt, frames before that point were kept"

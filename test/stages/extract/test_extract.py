@@ -360,20 +360,28 @@ def test_a_shot_clip_across_a_damaged_stretch_is_made(tmp_path):
     assert len(pictures) == 9 and {p.size for p in pictures} == {(64, 36)}
 
 
-def test_a_damaged_stretch_in_the_middle_is_skipped_and_the_rest_read(tmp_path):
+def test_a_damaged_stretch_is_left_out_and_the_rest_read(tmp_path):
     """2 kB of garbage halfway through a 125-frame clip (a glitch in a download or a recording):
-    the packets the decoder cannot read are skipped, as ffmpeg skips them, and the frames after
-    them are read (decoding the whole stream at once ended at the first one, losing the rest)."""
+    the packets the decoder cannot read are skipped and the frames decoded from the damage up to
+    the next keyframe (smeared with pieces of other pictures) left out; every frame read is the
+    clean clip's own picture, and the movie is read to its end (decoding the whole stream at
+    once ended at the first damaged packet, losing the rest)."""
     path = _glitched_clip(tmp_path)
+    whole = VideoReader(tmp_path / "clean.mp4").frames()
+    clean = {round(d.time_s, 3): d.small_gray.astype(int) for d in whole}
     reader = VideoReader(path)
-    times = [d.time_s for d in reader.frames()]
-    assert reader.report.damaged_packets >= 1 and reader.report.stopped_by_error is None
-    assert 110 <= len(times) < 125 and times[-1] == pytest.approx(124 / 25, abs=0.05)  # to the end
-    assert "damaged packet(s) of its picture could not be decoded and were skipped" in reader.loss_message()
+    read = list(reader.frames())
+    report = reader.report
+    assert report.damaged_packets >= 1 and report.damaged_frames >= 1 and report.stopped_by_error is None
+    assert len(read) + report.damaged_packets + report.damaged_frames == 125
+    assert len(read) >= 95 and read[-1].time_s == pytest.approx(124 / 25, abs=0.05)  # to the end
+    worst = max(float(np.abs(d.small_gray.astype(int) - clean[round(d.time_s, 3)]).mean()) for d in read)
+    assert worst < 3.0, worst  # no smeared frame among them
+    assert "the picture is damaged in places" in reader.loss_message()
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
-    assert result.facts["damaged_packets"] == reader.report.damaged_packets
-    assert result.tables["shots"]["end_frame"][-1] == len(times) and len(result.tables["shots"]) == 3
-    assert any("damaged packet(s)" in w for w in result.warnings)
+    assert result.facts["damaged_packets"] == report.damaged_packets
+    assert result.tables["shots"]["end_frame"][-1] == len(read) and len(result.tables["shots"]) == 3
+    assert any("damaged in places" in w for w in result.warnings)
 
 
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):

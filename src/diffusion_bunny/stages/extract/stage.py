@@ -434,6 +434,7 @@ def extract_frames(
         "seconds": round(elapsed, 3),
         "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
         "damaged_packets": reader.report.damaged_packets,
+        "damaged_frames": reader.report.damaged_frames,
         **detector.facts(),
     }
     loss = reader.loss_message()
