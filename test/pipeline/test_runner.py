@@ -306,6 +306,15 @@ def test_a_folder_of_the_users_own_or_another_movies_run_is_refused_before_anyth
     assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before  # not even a lock
     with pytest.raises(UserError, match="already holds files"):
         Run.create(mine, path)  # a notebook's open_run
+    assert main([*args, "--out", str(mine / "notes.txt")]) == 2
+    assert f"{mine / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    films = tmp_path / "films"  # a folder run, --out a file
+    films.mkdir()
+    shutil.copy(path, films / "a.mp4")
+    shutil.copy(path, films / "b.mp4")
+    assert main(["run", str(films), "--stages", "extract", "--quiet", "--out", str(mine / "notes.txt")]) == 2
+    assert "not a folder; give --out a folder for the movies' run folders" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine"
 
     run_dir = tmp_path / "run"
     (run_dir).mkdir()

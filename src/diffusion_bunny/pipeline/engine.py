@@ -41,7 +41,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.errors import EngineError, UserError, storage_error
+from diffusion_bunny.errors import EngineError, StageError, UserError, storage_error
 from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, LOGGER, attach_from_env, bar_options, log_hint
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
@@ -479,6 +479,8 @@ def run_target(
     )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and Path(target).is_file()
+    if not single and out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise StageError(f"{out} is a file, not a folder; give --out a folder for the movies' run folders")
     if single and cfg.engine.kind == "local":
         return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:

@@ -108,6 +108,8 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
     not count; a run folder whose movie was moved or renamed (same content) is this movie's.
     """
     folder = Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise StageError(f"{folder} is a file, not a folder; give --out a folder for the run (new or empty)")
     if not folder.is_dir():
         return
     meta_file = folder / "run.json"
