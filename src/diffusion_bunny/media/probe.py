@@ -124,13 +124,10 @@ def probe_video(path: str | Path) -> VideoInfo:
                 start_s = max(first_s, float(stream.start_time * stream.time_base))
             duration_s = first_s + container.duration / av.time_base - start_s
         rotation = 0
-        first_frame = None
-        try:
-            for frame in container.decode(stream):
-                first_frame = frame
-                break
-        except av.error.FFmpegError as exc:
-            raise _fail(path, f"the video stream cannot be decoded ({exc.strerror or exc})") from None
+        first_frame = _first_frame(container, stream)
+        if isinstance(first_frame, av.error.FFmpegError):
+            reason = first_frame.strerror or first_frame
+            raise _fail(path, f"the video stream cannot be decoded ({reason})") from None
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation = round(first_frame.rotation or 0) % 360
@@ -161,6 +158,33 @@ def probe_video(path: str | Path) -> VideoInfo:
             interlaced_flag=bool(first_frame.interlaced_frame),
             warnings=warnings,
         )
+
+
+#: Damaged packets passed over at the start of a stream before it is taken as undecodable.
+FIRST_FRAME_TRIES = 250
+
+
+def _first_frame(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> av.VideoFrame | av.error.FFmpegError | None:
+    """The stream's first frame the decoder gives, past damaged packets at its start (a glitch
+    in the first keyframe refused a movie whose every later shot decoded; stage 01 reads past
+    such packets too), or the error that ended the search, or None when the stream ran out."""
+    error: av.error.FFmpegError | None = None
+    try:
+        for tries, packet in enumerate(container.demux(stream)):
+            try:
+                frames = stream.decode(packet)
+            except av.error.InvalidDataError as exc:
+                error = exc
+                if tries >= FIRST_FRAME_TRIES:
+                    return exc
+                continue
+            if frames:
+                return frames[0]
+    except av.error.FFmpegError as exc:
+        return exc
+    return error
 
 
 #: Video streams that are pictures, not the film: a cover (album art, a thumbnail a downloader

@@ -338,18 +338,32 @@ def test_the_film_is_read_not_the_cover_before_it_nor_is_its_start_after_the_sou
     assert result.facts["decoded_frames"] == 50 and not result.warnings
 
 
-def _glitched_clip(tmp_path):
-    """Three shots of 40, 45 and 40 frames (25 fps) with 2 kB of garbage halfway through the file."""
+def _glitched_clip(tmp_path, start: int | None = None, size: int = 2048):
+    """Three shots of 40, 45 and 40 frames (25 fps) with ``size`` bytes of garbage from byte
+    ``start`` (default: halfway through the file)."""
     import random
 
     clean = tmp_path / "clean.mp4"
     write_clip(clean, [(1, 40, 2.0), (2, 45, 1.0), (3, 40, 3.0)])
     data = bytearray(clean.read_bytes())
-    rng, start = random.Random(0), len(data) // 2
-    data[start : start + 2048] = bytes(rng.randrange(256) for _ in range(2048))
+    rng, start = random.Random(0), len(data) // 2 if start is None else start
+    data[start : start + size] = bytes(rng.randrange(256) for _ in range(size))
     path = tmp_path / "glitch.mp4"
     path.write_bytes(bytes(data))
     return path
+
+
+def test_a_damaged_first_keyframe_does_not_refuse_the_movie(tmp_path):
+    """Garbage in the first keyframe: the probe passes it for the next whole frame (it refused the
+    movie: "the video stream cannot be decoded"), and the shots after it are read as they are."""
+    path = _glitched_clip(tmp_path, start=200, size=1024)
+    info = probe_video(path)
+    assert (info.width, info.height) == (320, 180)
+    whole = VideoReader(tmp_path / "clean.mp4").frames()
+    clean = {round(d.time_s, 3): d.small_gray.astype(int) for d in whole}
+    read = list(VideoReader(path).frames())
+    assert len(read) >= 80 and read[0].time_s >= 1.5  # the first shot, built on that keyframe, is gone
+    assert max(float(np.abs(d.small_gray.astype(int) - clean[round(d.time_s, 3)]).mean()) for d in read) < 3.0
 
 
 def test_a_shot_clip_across_a_damaged_stretch_is_made(tmp_path):
