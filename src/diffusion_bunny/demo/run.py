@@ -3,7 +3,6 @@ ground truth, so a new user sees in one command what the workspace does and how 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import polars as pl
 from diffusion_bunny.config import load_config, output_root
 from diffusion_bunny.demo.metrics import adjusted_rand, match_boundaries
 from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie, build_demo_references
+from diffusion_bunny.errors import StageError
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.engine import run_target
 from diffusion_bunny.pipeline.run import Run, movie_key
@@ -195,10 +195,9 @@ def _forget_older_demo(run_dir: Path, movie: Path) -> None:
     """Remove the demo's own run folder when it holds the run of another demo movie (one built by
     an earlier version, or by ``--force`` with another encoder): a run folder keeps one movie
     (:func:`~diffusion_bunny.pipeline.run.check_run_folder`), and this one is the demo's."""
-    meta = run_dir / "run.json"
     try:
-        theirs = json.loads(meta.read_text())["movie_key"] if meta.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        theirs = None
-    if theirs is not None and theirs != movie_key(movie):
+        meta = Run(run_dir).meta()
+    except StageError:  # damaged: the run rewrites it for the demo movie
+        return
+    if meta is not None and meta.get("movie_key") not in (None, movie_key(movie)):
         shutil.rmtree(run_dir)

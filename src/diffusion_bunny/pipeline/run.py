@@ -112,17 +112,15 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
         raise StageError(f"{folder} is a file, not a folder; give --out a folder for the run (new or empty)")
     if not folder.is_dir():
         return
-    meta_file = folder / "run.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-            theirs, other = meta["movie_key"], Path(str(meta.get("movie", "?"))).name
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # damaged: Run.create rewrites it for the movie given
-        if theirs != movie_key(movie):
+    try:
+        meta = Run(folder).meta()
+    except StageError:
+        return  # damaged: Run.create rewrites it for the movie given
+    if meta is not None:
+        if meta.get("movie_key") not in (None, movie_key(movie)):
             raise StageError(
-                f"{folder} is the run folder of another movie ({other}); give --out a new folder "
-                f"for {Path(movie).name}, or remove that one to reuse its name"
+                f"{folder} is the run folder of another movie ({Path(meta['movie']).name}); give --out "
+                f"a new folder for {Path(movie).name}, or remove that one to reuse its name"
             )
         return
     own = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != "log")

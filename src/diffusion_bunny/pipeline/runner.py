@@ -361,8 +361,8 @@ _SOCKET_PREFIX = "bunny-kernel-"
 _SOCKET_NAME = re.compile(re.escape(_SOCKET_PREFIX) + r"(\d+)-[0-9a-f]+-ipc-\d+")
 
 
-def remove_orphan_sockets(folder: str) -> int:
-    """Remove the socket files of stage kernels whose starting process has gone; how many.
+def remove_orphan_sockets(folder: str) -> None:
+    """Remove the socket files of stage kernels whose starting process has gone.
 
     Why: :meth:`StageKernel.close` removes a kernel's files, but a process killed outright
     cannot (a movie's Ray task cancelled past ``engine.task_timeout_s``, whose worker is killed; a
@@ -371,16 +371,12 @@ def remove_orphan_sockets(folder: str) -> int:
     that started a kernel is in the name: while it lives its files are its own; once it is gone
     nobody will remove them. Another user's files stay (not ours to judge, nor to delete).
     """
-    removed = 0
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             match = _SOCKET_NAME.fullmatch(entry.name)
-            if match is None or process_alive(int(match.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                removed += 1
-    return removed
+            if match is not None and not process_alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def stage_timeout(cfg: RunConfig, movie_s: float | None) -> float | None:
