@@ -514,3 +514,28 @@ def test_a_pillarboxed_insert_in_a_letterboxed_film_gets_its_own_box(tmp_path):
             0 <= (g - w) * (1 if i < 2 else -1) <= 6 for i, (g, w) in enumerate(zip(got, want, strict=True))
         ), (got, want)
     assert result.facts["picture_box"]["film_box"][1] >= 24
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_a_movie_shorter_than_a_shot_keeps_a_frame(tmp_path, n):
+    """A clip under extract.min_shot_seconds (one frame, a fifth of a second) is no flash between
+    two shots: it is the whole movie, and it gives a frame instead of an empty dataset."""
+    from clips import render_shot
+
+    path = _write_frames(tmp_path / "short.mp4", render_shot(5, n, 160, 96))
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    shots = result.tables["shots"]
+    assert shots.height == 1 and not shots["too_short"][0]
+    assert result.tables["frames"].height == 1
+    assert not any("no frame kept" in w for w in result.warnings)
+
+
+def test_a_film_of_only_too_short_shots_warns_that_nothing_was_kept(tmp_path):
+    from clips import render_shot
+
+    frames = [img for seed in (1, 2, 3) for img in render_shot(seed * 11, 10, 160, 96)]
+    path = _write_frames(tmp_path / "flashes.mp4", frames)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.tables["shots"]["too_short"].to_list() == [True, True, True]
+    assert result.tables["frames"].is_empty()
+    assert any("no frame kept" in w and "extract.min_shot_seconds" in w for w in result.warnings)

@@ -766,3 +766,21 @@ def test_a_move_made_while_stage_04_computes_is_not_lost(scenes_run, monkeypatch
     run_stage(run, "scenes", cfg, force=True, progress=False)
     after = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("frame_id") == frame))
     assert after["cluster_id"].to_list() == [target] and after["manual"].to_list() == [True]
+
+
+@pytest.mark.parametrize(
+    ("empty", "message"),
+    [("frames", "stage 01 kept none"), ("quality", "stage 02 kept none")],
+)
+def test_no_frame_to_cluster_names_the_stage_that_kept_none(scenes_run, empty, message):
+    """A movie of flashes only (every shot under extract.min_shot_seconds) reaches stage 04 with
+    no frame at all: its error points at stage 01, not at notebook 02's rules."""
+    from diffusion_bunny.errors import StageError
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    if empty == "frames":
+        run.write_table("frames", run.read_table("frames").clear())
+    run.write_table("quality", run.read_table("quality").with_columns(keep=pl.lit(False)))
+    with pytest.raises(StageError, match=message):
+        run_stage(run, "scenes", cfg, progress=False)

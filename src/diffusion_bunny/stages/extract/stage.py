@@ -203,13 +203,15 @@ class _ShotAssembler:
             }
         )
 
-    def close_shot(self, shot: OpenShot, end_index: int, end_s: float) -> None:
+    def close_shot(self, shot: OpenShot, end_index: int, end_s: float, whole_movie: bool = False) -> None:
         motion = shot.motion
         kind = "static" if motion < self.cfg.motion_threshold else "dynamic"
         # A confirmed cut is never dropped to make shots long enough: a shot shorter
         # than min_shot_seconds is kept, marked, and sampled for no keyframe (its few frames
-        # are often a flash, a whip or the blend of a transition).
-        too_short = end_index - shot.start < self.min_len
+        # are often a flash, a whip or the blend of a transition). A shot that is the whole movie
+        # (a clip under min_shot_seconds, one frame) is no flash: it is sampled whatever its length,
+        # or such a movie would give an empty dataset.
+        too_short = end_index - shot.start < self.min_len and not whole_movie
         self.shots.append(
             {
                 "shot_id": shot.shot_id,
@@ -285,7 +287,8 @@ class _ShotAssembler:
         """Close the last shot at the end of the movie, then give every shot its picture box."""
         if self.current is not None:
             self.flush_interval()
-            self.close_shot(self.current, last_index + 1, last_time + 1.0 / fps)
+            whole = not self.shots
+            self.close_shot(self.current, last_index + 1, last_time + 1.0 / fps, whole_movie=whole)
         self.boxes = self.picture_boxes()
 
     def picture_boxes(self) -> BoxDecision:
@@ -508,6 +511,13 @@ def _output(
         "decoded_frames": facts["decoded_frames"],
         "boundary_candidates": boundary_table.height,
     }
+    if frames_table.is_empty() and counts["too_short_shots"]:
+        warnings = [
+            *warnings,
+            f"no frame kept: every one of the {counts['shots']} shot(s) is shorter than "
+            "extract.min_shot_seconds, and such shots give no frame; lower it (e.g. --set "
+            "extract.min_shot_seconds=0.1) and rerun stage extract",
+        ]
     return StageOutput(
         tables={
             "shots": shots_table,

@@ -249,6 +249,8 @@ def compute(ctx: Context) -> StageOutput:
     warnings: list[str] = []
     chosen = frames_to_cluster(ctx.table("frames"), quality, cfg.frames)
     if chosen.is_empty():
+        if ctx.table("frames").is_empty():
+            raise StageError("no frames to cluster: stage 01 kept none (see its warning and notebook 01)")
         raise StageError(
             "no frames to cluster: stage 02 kept none (see notebook 02, or set scenes.frames: all)"
         )
