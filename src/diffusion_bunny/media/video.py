@@ -234,32 +234,32 @@ def frame_to_bgr(
 LIT_MARGIN = 4
 
 
-def luma_profiles(frame: av.VideoFrame, step: int) -> tuple[np.ndarray, np.ndarray] | None:
+def luma_profiles(frame: av.VideoFrame, step: int) -> tuple[np.ndarray, np.ndarray]:
     """How many sampled pixels of each stored row and of each stored column are lit (brighter
     than black by :data:`LIT_MARGIN`): rows sampled every ``step`` columns, columns every
     ``step`` rows, so every row and column of the stored frame gets a count at the cost of two
     stride copies. Returns ``(rows, row_samples)``-normalised fractions ``(rows, cols)`` as
-    float32, or None for layouts without a directly readable luma plane.
+    float32.
 
     Limited-range video (nearly all of it) is black at 16, full range at 0; 10-bit planes are
-    read as their top 8 bits."""
+    read as their top 8 bits. Any other layout (an animated GIF's BGRA, RGB, 12-bit or
+    semi-planar video) is converted to full-range gray by libswscale first: rarer, and dearer
+    per frame, but its luma is not the first plane (read as luma, a GIF's BGRA bytes left every
+    shot "black throughout")."""
     name = frame.format.name
+    black = 0 if (frame.color_range == 2 or name.startswith("yuvj")) else 16
     if name in _PLANAR_YUV:
         y = _plane(frame, 0)
     elif name in ("yuv420p10le", "yuv422p10le", "yuv444p10le"):
         plane = frame.planes[0]
         y16 = np.frombuffer(plane, np.uint16).reshape(plane.height, plane.line_size // 2)[:, : plane.width]
-        y = (y16[:, ::step] >> 2).astype(np.uint8), (y16[::step, :] >> 2).astype(np.uint8)
-        return _lit(y[0], y[1], frame)
+        return _lit((y16[:, ::step] >> 2).astype(np.uint8), (y16[::step, :] >> 2).astype(np.uint8), black)
     else:
-        return None
-    return _lit(np.ascontiguousarray(y[:, ::step]), np.ascontiguousarray(y[::step, :]), frame)
+        y, black = frame.reformat(format="gray", dst_color_range=2).to_ndarray(), 0
+    return _lit(np.ascontiguousarray(y[:, ::step]), np.ascontiguousarray(y[::step, :]), black)
 
 
-def _lit(
-    cols_sampled: np.ndarray, rows_sampled: np.ndarray, frame: av.VideoFrame
-) -> tuple[np.ndarray, np.ndarray]:
-    black = 0 if (frame.color_range == 2 or frame.format.name.startswith("yuvj")) else 16
+def _lit(cols_sampled: np.ndarray, rows_sampled: np.ndarray, black: int) -> tuple[np.ndarray, np.ndarray]:
     limit = black + LIT_MARGIN
     _, a = cv2.threshold(cols_sampled, limit, 1, cv2.THRESH_BINARY)
     _, b = cv2.threshold(rows_sampled, limit, 1, cv2.THRESH_BINARY)

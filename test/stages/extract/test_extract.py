@@ -539,3 +539,30 @@ def test_a_film_of_only_too_short_shots_warns_that_nothing_was_kept(tmp_path):
     assert result.tables["shots"]["too_short"].to_list() == [True, True, True]
     assert result.tables["frames"].is_empty()
     assert any("no frame kept" in w and "extract.min_shot_seconds" in w for w in result.warnings)
+
+
+def test_an_animated_gif_is_measured_from_its_picture_not_its_bgra_bytes(tmp_path):
+    """A GIF decodes to packed BGRA, whose first plane is no luma: read as one, every shot was
+    "black throughout" and the letterbox bars went unseen."""
+    from clips import render_shot
+
+    frames = []
+    for seed in (4, 9):
+        for img in render_shot(seed, 12, 160, 72):
+            canvas = np.zeros((96, 160, 3), np.uint8)
+            canvas[12:84] = img
+            frames.append(canvas)
+    path = tmp_path / "anim.gif"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("gif", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "rgb8"
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode(None))
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert not any("black throughout" in w for w in result.warnings)
+    shots = result.tables["shots"]
+    assert shots.height == 2
+    for shot in shots.iter_rows(named=True):
+        assert (shot["box_left"], shot["box_right"]) == (0, 160)
+        assert 10 <= shot["box_top"] <= 14 and 82 <= shot["box_bottom"] <= 86, shot
