@@ -502,6 +502,26 @@ def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_pa
     assert not run.has_table("captions")
 
 
+def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(cap_run, tmp_path):
+    """ "Provider down" with captions.fallback ending in template: the template captions every
+    frame and the run says which provider was down and why, instead of stopping at the preflight
+    (which the chain was configured to survive). With no fallback left it still stops."""
+    run, overrides = cap_run
+    down = {"captions__provider": "local", "captions__local__base_url": "http://127.0.0.1:9/v1"}
+    cfg = _cfg(tmp_path, overrides, captions__fallback=["template"], **down)
+    run_stage(run, "captions", cfg, progress=False)
+    captions = run.read_table("captions")
+    assert captions.height and (captions["status"] == "ok").all()
+    assert (captions["provider"] == "template").all()
+    manifest = run.read_manifest("captions")
+    assert "cannot reach the caption server" in manifest["facts"]["open_circuits"]["local"]
+    assert any("provider local's circuit opened" in w for w in manifest["warnings"])
+
+    cfg = _cfg(tmp_path, overrides, captions__fallback=[], **down)
+    with pytest.raises(ProviderError, match="cannot reach the caption server"):
+        run_stage(run, "captions", cfg, progress=False, force=True)
+
+
 def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
     """A server that answers 401 to the preflight: the key is named, nothing else is asked."""
     import http.server

@@ -823,8 +823,9 @@ def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float)
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ProviderError(
-            f"cannot reach the caption server at {url} ({reason}); start it or fix {setting} "
-            "(or choose another captions.provider)"
+            f"cannot reach the caption server at {url} ({reason}); check the network (or start the "
+            f"server, if it is your own) or fix {setting}; or choose another captions.provider, or "
+            "end captions.fallback with template to caption from the tables when it is down"
         ) from None
 
 

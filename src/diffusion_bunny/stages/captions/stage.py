@@ -532,13 +532,18 @@ def caption_frames(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     ledger: SpentLedger | None = None,
+    down: dict[str, str] | None = None,
 ) -> CaptionRun:
     """Caption every frame of ``facts`` through the provider chain (see the module docstring).
     ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider);
-    ``ledger``: the movie's paid requests over its runs (None: this call's count only)."""
+    ``ledger``: the movie's paid requests over its runs (None: this call's count only);
+    ``down``: providers found not answering before the first frame (name -> why), whose circuits
+    open for the run at once."""
     captioner = _Captioner(
         Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep, clock=clock, ledger=ledger
     )
+    for name, why in (down or {}).items():
+        captioner.breakers[name].failure(why, fatal=True)
     rows = captioner.run(list(facts.iter_rows(named=True)), progress, progress_path)
     captions = pl.DataFrame(rows, schema=CAPTION_SCHEMA).sort("frame_id")
     log = captioner.log.rows
@@ -686,11 +691,10 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
         # Hashes only matter to the cache of paid providers: a template run reads no frame file.
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
         to_ask = _uncached(facts, hashes, providers, cfg, cache)
+        down: dict[str, str] = {}
         if to_ask:
             _announce(to_ask, facts.height, providers, cfg, ledger.earlier if ledger is not None else 0)
-            for prov in providers:
-                if prov.paid:
-                    prov.preflight()
+            down = _preflight(providers)
         result = caption_frames(
             run_dir,
             facts,
@@ -702,6 +706,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             progress=ctx.progress,
             progress_path=ctx.progress_path,
             ledger=ledger,
+            down=down,
         )
     finally:
         cache.close()
@@ -786,6 +791,26 @@ def _warnings(
         )
         warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}")
     return warnings
+
+
+def _preflight(providers: list[Provider]) -> dict[str, str]:
+    """Ask every paid provider whether it answers before the first frame. One that does not (no
+    network, a server not started, a refused key) stops the stage with its one line, unless a
+    provider after it in the chain can caption in its place (``captions.fallback``): then it is
+    returned, name -> why, and its circuit opens for the run, so its frames go to the fallback and
+    answers it gave in earlier runs are still read from the store."""
+    down: dict[str, str] = {}
+    first: ProviderError | None = None
+    for prov in providers:
+        if prov.paid:
+            try:
+                prov.preflight()
+            except ProviderError as exc:
+                first = first or exc
+                down[prov.name] = str(exc)
+    if first is not None and len(down) == len(providers):
+        raise first
+    return down
 
 
 def _announce(
