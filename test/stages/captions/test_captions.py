@@ -503,7 +503,7 @@ def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_pa
 
 
 def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(cap_run, tmp_path):
-    """ "Provider down" with captions.fallback ending in template: the template captions every
+    """A provider down with captions.fallback ending in template: the template captions every
     frame and the run says which provider was down and why, instead of stopping at the preflight
     (which the chain was configured to survive). With no fallback left it still stops."""
     run, overrides = cap_run
