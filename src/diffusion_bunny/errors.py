@@ -31,6 +31,11 @@ class StageError(UserError):
     """A stage cannot run because something it needs (an earlier stage's table) is missing."""
 
 
+class DamagedTableError(StageError):
+    """A stage's table on disk does not read (truncated, overwritten): it is computed again by
+    rerunning the stage that writes it."""
+
+
 class ModelError(UserError):
     """A model a stage needs is not installed, cannot be loaded, or its device is unavailable."""
 
@@ -55,6 +60,7 @@ USER_ERROR_NAMES = frozenset(
         ConfigError,
         BadInputError,
         StageError,
+        DamagedTableError,
         ModelError,
         ProviderError,
         EngineError,

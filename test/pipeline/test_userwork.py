@@ -73,3 +73,9 @@ def test_a_damaged_stage_table_is_one_line_and_its_stage_rebuilds_it(tmp_path):
     run_stage(run, "extract", cfg, progress=False, force=True)
     assert run.read_table("frames").equals(frames)
     run_stage(run, "quality", cfg, progress=False)
+    # A stage whose own table is damaged reads it as work to reuse (stage 02's text scores): the
+    # rerun the message advises computes it again instead of stopping at the same line.
+    quality = run.read_table("quality")
+    _damage(run.table_path("quality"))
+    run_stage(run, "quality", cfg, progress=False, force=True)
+    assert run.read_table("quality").equals(quality)

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_bunny.errors import StageError
+from diffusion_bunny.errors import DamagedTableError, StageError
 from diffusion_bunny.logs import attach_from_env, relaying
 from diffusion_bunny.pipeline.manifest import (
     StageState,
@@ -171,10 +171,16 @@ class Context:
 
     def own_previous(self, name: str) -> pl.DataFrame | None:
         """This stage's own table from its last run (a cache of work done: faces per frame,
-        embeddings), before this run replaces it; None when there is none."""
+        embeddings), before this run replaces it; None when there is none, or when it is
+        damaged on disk: it is only work to reuse, and the rerun that ``bunny status`` and the
+        damaged-table message advise must not stop at reading it."""
         if name not in self.writes:
             raise KeyError(f"stage {self.stage} does not write table {name}")
-        return self.run.optional_table(name)
+        try:
+            return self.run.optional_table(name)
+        except DamagedTableError as exc:
+            log.warning("%s: %s; computed again in full", self.stage, exc)
+            return None
 
     @property
     def progress_path(self) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.errors import StageError
+from diffusion_bunny.errors import DamagedTableError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.lock import (
     DEFAULT_LEASE_S,
@@ -47,7 +47,7 @@ def damaged_table(path: Path) -> Iterator[None]:
         yield
     except pl.exceptions.PolarsError as exc:
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise StageError(
+        raise DamagedTableError(
             f"table {path} is damaged ({why}); run the stage that writes it again with --force "
             "(bunny status names it: its state is stale), and the stages after it"
         ) from None
