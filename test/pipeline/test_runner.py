@@ -86,6 +86,27 @@ def test_folder_runs_every_movie_and_reports_bad_ones(tmp_path, capsys):
     assert not (out / movie_id(folder / "broken.avi")).exists()
 
 
+def test_a_copy_of_a_movie_in_the_folder_is_run_once(tmp_path, capsys):
+    """``a (1).mp4`` beside ``a.mp4`` (a second download): one run folder, not the same frames
+    twice in the folder's datasets; a movie that only starts the same is still run."""
+    import shutil
+
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(11, 20, 0.0), (12, 20, 0.0)])
+    shutil.copy(folder / "a.mp4", folder / "a (1).mp4")
+    write_clip(folder / "b.mp4", [(11, 20, 0.0), (12, 24, 0.0)])
+    (folder / "empty1.mp4").write_bytes(b"")
+    (folder / "empty2.mp4").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--out", str(out), "--stages", "extract"]) == 2
+    err = capsys.readouterr().err
+    assert "a (1).mp4: the same file as a.mp4" in err
+    assert "empty1.mp4: the file is empty" in err and "empty2.mp4: the file is empty" in err
+    made = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "report")
+    assert made == sorted([movie_id(folder / "a.mp4"), movie_id(folder / "b.mp4")])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -52,6 +52,7 @@ from diffusion_bunny.pipeline.runner import (
     MovieReport,
     RunOptions,
     _say,
+    drop_copies,
     find_movies,
     parse_stages,
     remove_orphan_sockets,
@@ -486,7 +487,7 @@ def run_target(
     if single:
         jobs = [(movies[0], Path(out) if out else None)]
     else:
-        jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in movies]
+        jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in drop_copies(movies)]
     reports = run_movies(jobs, options)
     if not single:
         html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg)

@@ -43,6 +43,7 @@ from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import process_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
+from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
 from diffusion_bunny.pipeline.run import Run, check_run_folder, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
@@ -128,6 +129,31 @@ def find_movies(target: str | Path, cfg: RunConfig) -> list[Path]:
             f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))}){hint}"
         )
     return movies
+
+
+def drop_copies(movies: list[Path]) -> list[Path]:
+    """Each movie of a folder once: of files with the same content (``film (1).mp4`` beside
+    ``film.mp4``, a copy a download or a backup left) the one with the shortest name is run and
+    the others are left out with one line each. Run on, a copy made a second run folder of the
+    same frames, and a folder's datasets and its library of scenes held each of that movie's
+    pictures twice. Same content is the manifests' fingerprint (size, first and last megabyte):
+    instant on a 50 GB file. Empty files are no copies (each is reported as empty)."""
+    groups: dict[Any, list[Path]] = {}
+    for movie in movies:
+        try:
+            mark = file_fingerprint(movie)
+        except OSError:  # its own run says what is wrong with it
+            mark = {"size": 0}
+        key = (mark["size"], mark.get("head"), mark.get("tail")) if mark["size"] else movie
+        groups.setdefault(key, []).append(movie)
+    kept = set()
+    for group in groups.values():
+        first = min(group, key=lambda p: (len(p.name), p.name))
+        kept.add(first)
+        for copy in group:
+            if copy != first:
+                _say(f"{copy.name}: the same file as {first.name} (size, first and last megabyte); run once")
+    return [m for m in movies if m in kept]
 
 
 def parse_stages(pipeline: Pipeline, text: str | Sequence[str] | None) -> list[str]:
