@@ -437,6 +437,45 @@ def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_
     assert [by_id["f0_00"][k] for k in ("top", "bottom")] == [342, 661]
 
 
+def test_a_face_on_the_track_is_not_the_character_where_the_detector_found_her_elsewhere():
+    """Wesnoth's warlord carries a skull on a pole: the face detector's "face" on the skull lies
+    on his figure in one frame, and its track was named after him in every frame, exported as his
+    close-up, even where the detector boxed him away from it. A track names a face only in
+    frames where she was missed."""
+    skull = np.eye(128, dtype=np.float32)[0]
+    feature = np.eye(64, dtype=np.float32)[0]
+    drawn = drawn_rows(
+        [
+            ("f0", 1, 10, "orc", 0.9, (270, 342, 532, 661), feature),
+            ("f2", 1, 30, "orc", 0.9, (20, 400, 130, 560), feature),  # found, far from the skull
+        ]
+    )
+
+    def face(face_id: str, frame_id: str, box: tuple[int, int, int, int]) -> dict:
+        left, top, right, bottom = box
+        return dict(
+            face_id=face_id, frame_id=frame_id, top=top, right=right, bottom=bottom, left=left,
+            embedding=list(skull), sharpness=100.0, detector_score=0.6, yaw=0.0, kind="face", label=None,
+        )  # fmt: skip
+
+    faces_in = pl.DataFrame(
+        [
+            face("f0_f", "f0", (374, 248, 460, 356)),  # on his figure
+            face("f1_f", "f1", (378, 250, 464, 358)),  # he is missed here
+            face("f2_f", "f2", (380, 250, 466, 358)),
+        ],
+        schema=DETECTIONS_SCHEMA,
+    )
+    frames = pl.DataFrame(
+        {"frame_id": ["f0", "f1", "f2"], "shot_id": [1, 1, 1], "frame_index": [10, 20, 30]}
+    ).with_columns((pl.col("frame_index") / 24).alias("timestamp_s"))
+    faces = label_faces(pl.concat([drawn, faces_in]), frames, ReferenceSet(), CharactersSettings())
+    by_id = {r["face_id"]: r for r in faces.iter_rows(named=True)}
+    assert "f0_f" not in by_id
+    assert by_id["f1_f"]["character"] == "orc" and by_id["f1_f"]["low_confidence"]
+    assert by_id["f2_f"]["character"] is None
+
+
 def test_a_face_on_two_drawn_figures_is_the_one_it_overlaps_most():
     feature = np.eye(64, dtype=np.float32)[0]
     drawn = drawn_rows(

@@ -383,9 +383,12 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     caption of the shot. The dropped face's track (the same face followed through the shot's
     sampled frames) is hers too: its faces in the frames where the detector missed her (cut by
     the frame's edge, turned away) are named after her, marked low confidence for a person to
-    check. The character's box takes in the face it lost, so that its crop (stage 06) is not a
-    body without a head. A face on two figures is the one it overlaps most. Named faces stay (a
-    person named from photos is a person), and so do faces a person named or unnamed by hand."""
+    check; but not in a frame where the detector found her elsewhere: that face is then
+    something else on the same track (a skull on a warlord's pole, adopted as the warlord's
+    face and exported as his close-up). The character's box takes in the face it lost, so that
+    its crop (stage 06) is not a body without a head. A face on two figures is the one it
+    overlaps most. Named faces stay (a person named from photos is a person), and so do faces a
+    person named or unnamed by hand."""
     drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
     loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited"))
     if drawn.height == 0 or loose.height == 0:
@@ -425,6 +428,8 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     heir = pl.col("face_id").is_in(list(gone)).not_() & pl.col("track_id").is_in(list(named))
     heir = heir & (pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited")
     name = pl.col("track_id").replace_strict(named, default=None, return_dtype=pl.Utf8)
+    found = [f"{frame}|{who}" for frame, names in figures.items() for _, who in names]
+    heir = heir & ~pl.concat_str(pl.col("frame_id"), pl.lit("|"), name).is_in(found)
     boxes_grown = pl.DataFrame(
         [(face_id, *box) for face_id, box in grown.items()],
         schema={"face_id": pl.Utf8, "left": pl.Int64, "top": pl.Int64, "right": pl.Int64, "bottom": pl.Int64},
