@@ -235,6 +235,49 @@ def test_no_people_is_said_only_where_finding_nobody_means_nobody_is_there():
     assert captions(people, None)[1:] == ["bunnystyle, wide shot"] * 2
 
 
+def test_an_unnamed_face_is_a_person_only_in_a_film_of_people():
+    """Wesnoth's captions read "a person" (the painted knight the drawn detector missed) and
+    "orc_ruler and 1 other person" (a skull on his pole): in a film of drawn characters an
+    unnamed face is not said. Where a face was named from a photo (people and drawn characters
+    in one film, as the demo's), an unnamed face is still a person."""
+    cfg = CaptionsSettings(frames="all")
+    frames = pl.DataFrame(
+        {
+            "frame_id": ["a", "b"],
+            "path": ["a.jpg", "b.jpg"],
+            "shot_id": [0, 1],
+            "width": [160] * 2,
+            "height": [100] * 2,
+        }
+    )
+    quality = pl.DataFrame({"frame_id": ["a", "b"], "keep": [True] * 2, "brightness": [120.0] * 2})
+    found = pl.DataFrame(
+        {
+            "frame_id": ["a", "a", "b"],
+            "character": ["orc_ruler", None, None],
+            "top": [0, 0, 0],
+            "bottom": [90, 10, 10],
+            "kind": ["drawn", "face", "face"],
+            "low_confidence": [False, False, False],
+        }
+    )
+
+    def captions(faces):
+        facts = caption_facts(frames, cfg, quality=quality, faces=faces)
+        return [template_caption(row, cfg)[0] for row in facts.to_dicts()]
+
+    assert captions(found) == ["bunnystyle, orc_ruler, wide shot", "bunnystyle, wide shot"]
+    heir = pl.DataFrame(
+        {"frame_id": ["b"], "character": ["orc_ruler"], "top": [0], "bottom": [10], "kind": ["face"]}
+    ).with_columns(pl.lit(True).alias("low_confidence"))
+    assert captions(pl.concat([found, heir], how="diagonal"))[0] == "bunnystyle, orc_ruler, wide shot"
+    person = heir.with_columns(pl.lit("zoe").alias("character"), pl.lit(False).alias("low_confidence"))
+    assert captions(pl.concat([found, person], how="diagonal")) == [
+        "bunnystyle, orc_ruler and 1 other person, wide shot",
+        "bunnystyle, zoe and 1 other person, wide shot",
+    ]
+
+
 def test_rate_limiter_paces_requests():
     now = [0.0]
     slept = []

@@ -76,12 +76,29 @@ def nobody_is_known(faces: pl.DataFrame | None, face_frames: pl.DataFrame | None
     (a cartoon searched without pictures), or on a frame stage 03 did not search, finding nobody
     says nothing, and the caption says nothing about who is there either.
     """
-    if faces is None or face_frames is None or not faces.height:
-        return set()
-    kinds = faces["kind"].fill_null("face") if "kind" in faces.columns else pl.Series(["face"])
-    if (kinds != "face").any():
+    if faces is None or face_frames is None or not faces.height or not faces_are_people(faces):
         return set()
     return set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+
+
+def faces_are_people(faces: pl.DataFrame | None) -> bool:
+    """Whether an unnamed face stage 03 found is a person to count in a caption ("and 1 other
+    person"): in a film of people, yes. In a film with drawn characters the face detector fires
+    on what is drawn with a face: a drawn character the drawn detector missed (a painted knight
+    whose box held only his breastplate), a skull on a warlord's pole. Counted, they read "a
+    person" and "orc_ruler and 1 other person" in Wesnoth's captions, none of them a person. So
+    they are counted in a film of faces only, or where a face was named as a person (from a
+    photo, not low confidence: a film of people and drawn characters, as the demo's); elsewhere
+    they are left unsaid, as a frame where nobody was found is (:func:`nobody_is_known`)."""
+    if faces is None or "kind" not in faces.columns:
+        return True
+    is_face = pl.col("kind").fill_null("face") == "face"
+    if faces.filter(~is_face).is_empty():
+        return True
+    named = faces.filter(is_face & pl.col("character").is_not_null())
+    if "low_confidence" in named.columns:
+        named = named.filter(~pl.col("low_confidence").fill_null(False))
+    return not named.is_empty()
 
 
 def caption_facts(
@@ -110,6 +127,7 @@ def caption_facts(
     table = table.sort("frame_id")
 
     per_frame: dict[str, tuple[list[str], int, float | None]] = {}
+    people_film = faces_are_people(faces)
     if faces is not None and faces.height:
         # Framing is judged against the picture's height, not the frame's: letterbox bars would
         # make every close-up look like a medium shot.
@@ -123,7 +141,7 @@ def caption_facts(
             people = (
                 group.filter(pl.col("kind").fill_null("face") == "face") if "kind" in group.columns else group
             )
-            unknown = int(people["character"].is_null().sum())
+            unknown = int(people["character"].is_null().sum()) if people_film else 0
             face_h = (people["bottom"] - people["top"]).max()
             height = heights.get(fid[0]) or 0
             ratio = float(face_h) / height if height and face_h is not None else None

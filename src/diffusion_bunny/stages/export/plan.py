@@ -41,6 +41,7 @@ import polars as pl
 
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
+from diffusion_bunny.stages.captions.facts import faces_are_people
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.tables import crop_template_caption, usable_captions
 from diffusion_bunny.stages.export.settings import ExportSettings
@@ -350,7 +351,7 @@ def retell_crops(
 ) -> pl.DataFrame:
     """``items`` with each crop of a template-captioned frame (``provider`` template, ``status``
     ok) captioned for what it shows: the characters inside it, the people no one named whose
-    face is inside it, and the crop's tag as its framing
+    face is inside it (in a film of people: :func:`faces_are_people`), and the crop's tag as its framing
     (:func:`~diffusion_bunny.stages.captions.tables.crop_template_caption`). A caption a person
     edited, or one a model wrote, stays the frame's with the tag added (:func:`crop_caption`):
     free text cannot be taken apart safely."""
@@ -360,7 +361,7 @@ def retell_crops(
     tags = dict(zip(template["frame_id"].to_list(), template["tags"].to_list(), strict=True))
     framing = {"face": cfg.face_tag, "half_body": cfg.half_body_tag, "character": cfg.character_tag}
     strangers: dict[str, list[Box]] = {}
-    if faces is not None and faces.height:
+    if faces is not None and faces.height and faces_are_people(faces):
         unnamed = faces.filter(pl.col("character").is_null())
         if "kind" in unnamed.columns:
             unnamed = unnamed.filter(pl.col("kind").fill_null("face") == "face")
