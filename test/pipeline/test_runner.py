@@ -86,6 +86,21 @@ def test_folder_runs_every_movie_and_reports_bad_ones(tmp_path, capsys):
     assert not (out / movie_id(folder / "broken.avi")).exists()
 
 
+def test_a_movie_with_the_longest_name_a_file_may_have_gets_a_run_folder(tmp_path):
+    """A file name may be 255 bytes; its slug with ``-`` and the key was 260, and ``bunny run``
+    stopped with "bug: File name too long". A name that fitted keeps its run folder."""
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    movie = folder / ("y" * 251 + ".mp4")
+    write_clip(movie, [(11, 20, 0.0), (12, 20, 0.0)])
+    assert len(movie_id(movie)) == 255 and movie_id(movie).startswith("y" * 246 + "-")
+    assert main(["run", str(folder), "--out", str(tmp_path / "out"), "--stages", "extract", "--quiet"]) == 0
+    assert (tmp_path / "out" / movie_id(movie) / "tables" / "shots.parquet").is_file()
+    short = folder / ("z" * 246 + ".mp4")
+    write_clip(short, [(11, 20, 0.0)])
+    assert movie_id(short) == "z" * 246 + "-" + movie_id(short)[-8:]
+
+
 def test_a_copy_of_a_movie_in_the_folder_is_run_once(tmp_path, capsys):
     """``a (1).mp4`` beside ``a.mp4`` (a second download): one run folder, not the same frames
     twice in the folder's datasets; a movie that only starts the same is still run."""

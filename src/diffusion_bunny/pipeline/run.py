@@ -91,11 +91,19 @@ def movie_key(path: str | Path) -> str:
     return _head_hash(path, path.stat().st_size)[:8]
 
 
+#: Longest slug in a run folder's name: with ``-`` and the 8 hex of the key, the 255 bytes a file
+#: system allows in one name. A movie named longer (a file name may be 255 bytes, its slug with
+#: the key was not) stopped ``bunny run`` with "bug: File name too long"; shorter names, and so
+#: the run folders of earlier runs, are unchanged.
+SLUG_BYTES = 255 - 9
+
+
 def movie_id(path: str | Path) -> str:
     """``<slug of the file stem>-<movie_key>``: readable, and two different movies called
-    ``episode1.mkv`` in different folders never share a run folder."""
+    ``episode1.mkv`` in different folders never share a run folder. The slug is ASCII, cut to
+    :data:`SLUG_BYTES` (the key keeps two movies of one long name apart)."""
     path = Path(path)
-    return f"{slugify(path.stem)}-{movie_key(path)}"
+    return f"{slugify(path.stem)[:SLUG_BYTES].rstrip('-')}-{movie_key(path)}"
 
 
 def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
