@@ -224,6 +224,8 @@ def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():
 
 def test_names_must_be_usable_folder_names():
     assert check_name("  Grace Hopper ") == "Grace Hopper"
+    for name in ("リン・マニュエル", "迈克尔·杰克逊", "Zoë", "Mr. O'Neil"):
+        assert check_name(name) == name
     for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65):
         with pytest.raises(UserError, match="not usable"):
             check_name(bad)

@@ -771,7 +771,11 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
 # ---------------------------------------------------------------------------------------------
 # Naming clusters
 
-_NAME = re.compile(r"^[\w][\w .'-]{0,63}$")
+#: The middle dots that separate the parts of a foreign name written in Japanese (リン・マニュエル)
+#: and Chinese (迈克尔·杰克逊): a reference folder so named worked, and naming a cluster after it in
+#: notebook 03 was refused.
+_NAME_DOTS = "\u00b7\u30fb\uff65"
+_NAME = re.compile(rf"^[\w][\w .'{_NAME_DOTS}-]{{0,63}}$")
 
 
 def check_name(name: str) -> str:
@@ -779,8 +783,8 @@ def check_name(name: str) -> str:
     name = name.strip()
     if not _NAME.match(name) or name in {"unknown", "noise"}:
         raise UserError(
-            f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-' or '_' "
-            "(at most 64, not starting with a symbol), and not 'unknown' or 'noise'"
+            f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-', '_' "
+            "or a middle dot (at most 64, not starting with a symbol), and not 'unknown' or 'noise'"
         )
     return name
 
