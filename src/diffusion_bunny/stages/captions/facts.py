@@ -15,7 +15,6 @@ from __future__ import annotations
 import polars as pl
 
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.characters.tables import faces_are_people
 from diffusion_bunny.stages.extract.tables import REGION_COLUMNS, frame_regions
 
 FACT_SCHEMA: dict[str, pl.DataType] = {
@@ -80,6 +79,26 @@ def nobody_is_known(faces: pl.DataFrame | None, face_frames: pl.DataFrame | None
     if faces is None or face_frames is None or not faces.height or not faces_are_people(faces):
         return set()
     return set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+
+
+def faces_are_people(faces: pl.DataFrame | None) -> bool:
+    """Whether an unnamed face stage 03 found is a person to count in a caption ("and 1 other
+    person"): in a film of people, yes. In a film with drawn characters the face detector fires
+    on what is drawn with a face: a drawn character the drawn detector missed (a painted knight
+    whose box held only his breastplate), a skull on a warlord's pole. Counted, they read "a
+    person" and "orc_ruler and 1 other person" in Wesnoth's captions, none of them a person. So
+    they are counted in a film of faces only, or where a face was named as a person (from a
+    photo, not low confidence: a film of people and drawn characters, as the demo's); elsewhere
+    they are left unsaid, as a frame where nobody was found is (:func:`nobody_is_known`)."""
+    if faces is None or "kind" not in faces.columns:
+        return True
+    is_face = pl.col("kind").fill_null("face") == "face"
+    if faces.filter(~is_face).is_empty():
+        return True
+    named = faces.filter(is_face & pl.col("character").is_not_null())
+    if "low_confidence" in named.columns:
+        named = named.filter(~pl.col("low_confidence").fill_null(False))
+    return not named.is_empty()
 
 
 def caption_facts(

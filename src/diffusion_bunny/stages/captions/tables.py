@@ -10,6 +10,9 @@ import polars as pl
 
 from diffusion_bunny.stages.captions.facts import LIGHT_TAGS, MOTION_TAGS, template_caption
 
+# Declared here for stage 06 (a stage reads another only through its declarations).
+from diffusion_bunny.stages.captions.facts import faces_are_people as faces_are_people
+
 if TYPE_CHECKING:
     from diffusion_bunny.stages.captions.settings import CaptionsSettings
 

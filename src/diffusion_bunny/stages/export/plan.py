@@ -42,8 +42,7 @@ import polars as pl
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.captions.tables import crop_template_caption, usable_captions
-from diffusion_bunny.stages.characters.tables import faces_are_people
+from diffusion_bunny.stages.captions.tables import crop_template_caption, faces_are_people, usable_captions
 from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
