@@ -231,6 +231,10 @@ def test_no_people_is_said_only_where_finding_nobody_means_nobody_is_there():
     ]
     drawn = people.with_columns(pl.lit("drawn").alias("kind"), pl.lit("red_guard").alias("character"))
     assert captions(drawn, searched)[1:] == ["bunnystyle, wide shot"] * 2
+    # People and drawn characters in one film (the demo's): the drawn ones' detector misses, so
+    # finding nobody says nothing there either (though an unnamed face is a person there).
+    mixed = pl.concat([people, drawn.with_columns(pl.lit("c").alias("frame_id"))])
+    assert captions(mixed, searched)[1] == "bunnystyle, wide shot"
     assert captions(people.clear(), searched) == ["bunnystyle, wide shot"] * 3
     assert captions(people, None)[1:] == ["bunnystyle, wide shot"] * 2
 

@@ -76,7 +76,10 @@ def nobody_is_known(faces: pl.DataFrame | None, face_frames: pl.DataFrame | None
     (a cartoon searched without pictures), or on a frame stage 03 did not search, finding nobody
     says nothing, and the caption says nothing about who is there either.
     """
-    if faces is None or face_frames is None or not faces.height or not faces_are_people(faces):
+    if faces is None or face_frames is None or not faces.height:
+        return set()
+    kinds = faces["kind"].fill_null("face") if "kind" in faces.columns else pl.Series(["face"])
+    if (kinds != "face").any():  # any drawn character: stricter than faces_are_people
         return set()
     return set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
 
