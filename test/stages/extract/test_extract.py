@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import cv2
 import numpy as np
@@ -336,6 +338,27 @@ def test_the_film_is_read_not_the_cover_before_it_nor_is_its_start_after_the_sou
     assert reader.loss_message() is None
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
     assert result.facts["decoded_frames"] == 50 and not result.warnings
+
+
+@pytest.mark.parametrize("container", ["mkv", "ts"])
+def test_a_film_alone_in_its_file_starting_late_loses_nothing(tmp_path, container):
+    """The picture, alone in a Matroska file, starting at 1 s (an MP4 re-encoded without its
+    sound keeps the picture's start): Matroska's duration runs from timestamp 0, and stage 01
+    warned that the last second was lost. An MPEG-TS's runs from its first packet."""
+    from clips import render_shot
+
+    path = tmp_path / f"late.{container}"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        for i, img in enumerate(render_shot(3, 50, 160, 96, 1.0)):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = 25 + i, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
+    reader = VideoReader(path)
+    assert len(list(reader.frames())) == 50 and reader.loss_message() is None
 
 
 def _glitched_clip(tmp_path, start: int | None = None, size: int = 2048):
