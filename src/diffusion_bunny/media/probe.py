@@ -81,6 +81,29 @@ def _fail(path: Path, what: str) -> BadInputError:
     return BadInputError(f"{path}: {what}")
 
 
+def _picture_duration(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> float | None:
+    """The picture's own length in seconds, or None where the file does not say.
+
+    Matroska keeps no duration per stream, and a picture that starts later than the file (after
+    the sound, or a cover) is that much shorter than the container; taken whole, stage 01 said
+    the film's end was lost. Matroska's duration (its Segment Duration) runs from timestamp 0,
+    whatever the first packet's: a film alone in its file starting at 0.834 s still warned that
+    its last 0.8 s were lost. Elsewhere (an MPEG-TS) FFmpeg's duration runs from the earliest
+    stream's start."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is None:
+        return None
+    first_s = (container.start_time or 0) / av.time_base
+    start_s = first_s
+    if stream.start_time is not None and stream.time_base is not None:
+        start_s = max(first_s, float(stream.start_time * stream.time_base))
+    origin_s = 0.0 if "matroska" in container.format.name else first_s
+    return origin_s + container.duration / av.time_base - start_s
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Open ``path`` and describe its first video stream.
 
@@ -111,22 +134,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        duration_s = None
-        if stream.duration is not None and stream.time_base is not None:
-            duration_s = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            # Matroska keeps no duration per stream, and a picture that starts later than the
-            # file (after the sound, or a cover) is that much shorter than the container; taken
-            # whole, stage 01 said the film's end was lost. Matroska's duration (its Segment
-            # Duration) runs from timestamp 0, whatever the first packet's: a film alone in its
-            # file starting at 0.834 s still warned that its last 0.8 s were lost. Elsewhere (an
-            # MPEG-TS) FFmpeg's duration runs from the earliest stream's start.
-            first_s = (container.start_time or 0) / av.time_base
-            start_s = first_s
-            if stream.start_time is not None and stream.time_base is not None:
-                start_s = max(first_s, float(stream.start_time * stream.time_base))
-            origin_s = 0.0 if "matroska" in container.format.name else first_s
-            duration_s = origin_s + container.duration / av.time_base - start_s
+        duration_s = _picture_duration(container, stream)
         rotation = 0
         first_frame = _first_frame(container, stream)
         if isinstance(first_frame, av.error.FFmpegError):
