@@ -40,6 +40,9 @@ GREY = (128, 128, 128)
 MIN_SUBJECT_PX = 16
 #: Pictures the workspace reads as references.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Photo formats of phones and cameras that Pillow and OpenCV do not read (HEIC/HEIF and
+#: raw files): named in the line that leaves them out, with what to do.
+PHOTO_ONLY_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".nef", ".arw")
 #: GrabCut runs on a copy at most this many pixels on its longer side.
 GRABCUT_SIDE = 320
 #: The rectangle GrabCut starts from leaves this share of the picture on each side as background
@@ -315,6 +318,12 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
         cut: dict[Path, np.ndarray] = {}
         for path in files:
             try:
+                if path.suffix.lower() in PHOTO_ONLY_SUFFIXES:
+                    # A phone's own format (iPhones save HEIC): no wheel here reads it.
+                    raise ReferenceProblem(
+                        f"is a {path.suffix[1:].upper()} photo, which is not read; save it as JPEG "
+                        "or PNG (a phone's share or export menu does)"
+                    )
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     raise ReferenceProblem(f"is not a picture ({path.suffix or 'no extension'})")
                 rgba = read_picture(path)
