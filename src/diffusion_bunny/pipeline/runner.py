@@ -140,11 +140,11 @@ def drop_copies(movies: list[Path]) -> list[Path]:
     instant on a 50 GB file. Empty files are no copies (each is reported as empty)."""
     groups: dict[Any, list[Path]] = {}
     for movie in movies:
-        try:
+        key: Any = movie  # unreadable or empty: its own run says what is wrong with it
+        with contextlib.suppress(OSError):
             mark = file_fingerprint(movie)
-        except OSError:  # its own run says what is wrong with it
-            mark = {"size": 0}
-        key = (mark["size"], mark.get("head"), mark.get("tail")) if mark["size"] else movie
+            if mark["size"]:
+                key = (mark["size"], mark["head"], mark["tail"])
         groups.setdefault(key, []).append(movie)
     kept = set()
     for group in groups.values():

@@ -331,6 +331,25 @@ def drawn_rows(spec: list[tuple]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=DETECTIONS_SCHEMA)
 
 
+def face_row(face_id: str, frame_id: str, box: tuple[int, int, int, int], encoding: np.ndarray) -> dict:
+    """An unnamed human-face detection (``box`` left, top, right, bottom) as stage 03 writes it."""
+    left, top, right, bottom = box
+    return {
+        "face_id": face_id,
+        "frame_id": frame_id,
+        "top": top,
+        "right": right,
+        "bottom": bottom,
+        "left": left,
+        "embedding": list(encoding),
+        "sharpness": 100.0,
+        "detector_score": 0.9,
+        "yaw": 0.0,
+        "kind": "face",
+        "label": None,
+    }
+
+
 def test_drawn_sightings_are_named_by_the_detector_voted_along_a_shot_and_dropped_under_the_score():
     a, b = np.eye(64, dtype=np.float32)[0], np.eye(64, dtype=np.float32)[1]
     spec = [
@@ -381,29 +400,12 @@ def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_
         ]
     )
 
-    def face(face_id: str, frame_id: str, box: tuple[int, int, int, int], encoding: np.ndarray) -> dict:
-        left, top, right, bottom = box
-        return {
-            "face_id": face_id,
-            "frame_id": frame_id,
-            "top": top,
-            "right": right,
-            "bottom": bottom,
-            "left": left,
-            "embedding": list(encoding),
-            "sharpness": 100.0,
-            "detector_score": 0.9,
-            "yaw": 0.0,
-            "kind": "face",
-            "label": None,
-        }
-
     faces_in = pl.DataFrame(
         [
-            face("f0_f", "f0", (374, 248, 460, 356), knight),  # above his breastplate's box
-            face("f1_f", "f1", (378, 250, 464, 358), knight),  # the next frame: no drawn sighting
-            face("f1_g", "f1", (900, 100, 980, 200), stranger),
-            face("f2_f", "f2", (600, 300, 690, 400), stranger),  # beside him, not on his figure
+            face_row("f0_f", "f0", (374, 248, 460, 356), knight),  # above his breastplate's box
+            face_row("f1_f", "f1", (378, 250, 464, 358), knight),  # the next frame: no drawn sighting
+            face_row("f1_g", "f1", (900, 100, 980, 200), stranger),
+            face_row("f2_f", "f2", (600, 300, 690, 400), stranger),  # beside him, not on his figure
         ],
         schema=DETECTIONS_SCHEMA,
     )
@@ -453,18 +455,11 @@ def test_a_face_on_the_track_is_not_the_character_where_the_detector_found_her_e
         ]
     )
 
-    def face(face_id: str, frame_id: str, box: tuple[int, int, int, int]) -> dict:
-        left, top, right, bottom = box
-        return dict(
-            face_id=face_id, frame_id=frame_id, top=top, right=right, bottom=bottom, left=left,
-            embedding=list(skull), sharpness=100.0, detector_score=0.6, yaw=0.0, kind="face", label=None,
-        )  # fmt: skip
-
     faces_in = pl.DataFrame(
         [
-            face("f0_f", "f0", (374, 248, 460, 356)),  # on his figure
-            face("f1_f", "f1", (378, 250, 464, 358)),  # he is missed here
-            face("f2_f", "f2", (380, 250, 466, 358)),
+            face_row("f0_f", "f0", (374, 248, 460, 356), skull),  # on his figure
+            face_row("f1_f", "f1", (378, 250, 464, 358), skull),  # he is missed here
+            face_row("f2_f", "f2", (380, 250, 466, 358), skull),
         ],
         schema=DETECTIONS_SCHEMA,
     )
@@ -487,20 +482,7 @@ def test_a_face_on_two_drawn_figures_is_the_one_it_overlaps_most():
             ("f0", 1, 10, "knight", 0.9, (100, 150, 300, 400), feature),
         ]
     )
-    face = {
-        "face_id": "f0_f",
-        "frame_id": "f0",
-        "top": 120,
-        "right": 230,
-        "bottom": 180,
-        "left": 150,
-        "embedding": list(np.eye(128, dtype=np.float32)[0]),
-        "sharpness": 100.0,
-        "detector_score": 0.9,
-        "yaw": 0.0,
-        "kind": "face",
-        "label": None,
-    }
+    face = face_row("f0_f", "f0", (150, 120, 230, 180), np.eye(128, dtype=np.float32)[0])
     frames = pl.DataFrame({"frame_id": ["f0"], "shot_id": [1], "frame_index": [10], "timestamp_s": [0.4]})
     faces = label_faces(
         pl.concat([drawn, pl.DataFrame([face], schema=DETECTIONS_SCHEMA)]),

@@ -76,12 +76,14 @@ def nobody_is_known(faces: pl.DataFrame | None, face_frames: pl.DataFrame | None
     (a cartoon searched without pictures), or on a frame stage 03 did not search, finding nobody
     says nothing, and the caption says nothing about who is there either.
     """
-    if faces is None or face_frames is None or not faces.height:
-        return set()
-    kinds = faces["kind"].fill_null("face") if "kind" in faces.columns else pl.Series(["face"])
-    if (kinds != "face").any():  # any drawn character: stricter than faces_are_people
-        return set()
+    if faces is None or face_frames is None or not faces.height or _has_drawn(faces):
+        return set()  # any drawn character: stricter than faces_are_people
     return set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
+
+
+def _has_drawn(faces: pl.DataFrame) -> bool:
+    """Whether stage 03 found any appearance that is not a human face (a drawn character)."""
+    return "kind" in faces.columns and bool((faces["kind"].fill_null("face") != "face").any())
 
 
 def faces_are_people(faces: pl.DataFrame | None) -> bool:
@@ -93,12 +95,9 @@ def faces_are_people(faces: pl.DataFrame | None) -> bool:
     they are counted in a film of faces only, or where a face was named as a person (from a
     photo, not low confidence: a film of people and drawn characters, as the demo's); elsewhere
     they are left unsaid, as a frame where nobody was found is (:func:`nobody_is_known`)."""
-    if faces is None or "kind" not in faces.columns:
+    if faces is None or not _has_drawn(faces):
         return True
-    is_face = pl.col("kind").fill_null("face") == "face"
-    if faces.filter(~is_face).is_empty():
-        return True
-    named = faces.filter(is_face & pl.col("character").is_not_null())
+    named = faces.filter((pl.col("kind").fill_null("face") == "face") & pl.col("character").is_not_null())
     if "low_confidence" in named.columns:
         named = named.filter(~pl.col("low_confidence").fill_null(False))
     return not named.is_empty()
