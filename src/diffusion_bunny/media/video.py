@@ -34,6 +34,7 @@ __all__ = [
     "Decoded",
     "Deinterlacer",
     "Display",
+    "MonotonicClock",
     "VideoInfo",
     "VideoReader",
     "analysis_copy",
@@ -404,17 +405,67 @@ class DecodeReport:
     damaged_packets: int = 0
     #: Frames decoded from a damaged stretch (until the next keyframe), left out.
     damaged_frames: int = 0
+    #: Times the stream's timestamps started again or leapt (pieces of a recording joined).
+    timestamp_resets: int = 0
+    #: Frames stored at another size than the movie's first (a joined piece of another
+    #: resolution, a stream that switched quality), scaled to the movie's size.
+    resized_frames: int = 0
 
 
 #: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
 RECOVERY_S = 10.0
+
+#: A leap forward of more than this between two frames of a container whose timestamps may jump
+#: (MPEG-TS and the like) is a discontinuity, not a pause: FFmpeg's own threshold for such formats.
+TIMESTAMP_LEAP_S = 10.0
+
+#: libavformat's ``AVFMT_TS_DISCONT``: the format allows timestamp discontinuities.
+_TS_DISCONT = 0x0200
+
+
+class MonotonicClock:
+    """A stream's presentation times made to run on, as ``ffmpeg`` makes them.
+
+    Joined pieces of a recording (``cat`` of MPEG-TS files, a TV recording across a PTS reset or
+    its 26.5-hour wrap) start their timestamps again: PyAV hands them on as they are, and a shot
+    that spans the join ended before it began (seen: a shot of 2.74 -> 2.58 s in ``cat a.ts
+    b.ts``). A frame whose time goes back, or leaps more than :data:`TIMESTAMP_LEAP_S` in a format
+    that allows it, is taken as one frame after the frame before, and the pieces after it are
+    shifted by the same amount."""
+
+    def __init__(self, fps: float, leaps: bool):
+        self.frame_s = 1.0 / fps
+        self.leaps = leaps
+        self.offset = 0.0
+        self.last: float | None = None
+        self.resets = 0
+
+    @classmethod
+    def of(cls, container: av.container.InputContainer, fps: float) -> MonotonicClock:
+        """A clock for ``container``'s picture: leaps forward count where its format allows them."""
+        return cls(fps, bool(container.format.flags & _TS_DISCONT))
+
+    def __call__(self, t: float) -> float:
+        """``t`` (seconds from the stream's start) on the clock that runs on."""
+        t += self.offset
+        last = self.last
+        if last is not None and (
+            t < last - 0.5 * self.frame_s or (self.leaps and t > last + TIMESTAMP_LEAP_S)
+        ):
+            shift = last + self.frame_s - t
+            self.offset += shift
+            t += shift
+            self.resets += 1
+        self.last = t
+        return t
 
 
 class VideoReader:
     """Streams a movie once: yields :class:`Decoded` frames in presentation order.
 
     Timestamps are presentation times (pts * time_base) relative to the stream start, so
-    variable-frame-rate footage keeps its real timing; ``index`` counts decoded frames. A stream
+    variable-frame-rate footage keeps its real timing, run on across joins
+    (:class:`MonotonicClock`); ``index`` counts decoded frames. A stream
     that breaks part-way (truncated or corrupt data) ends the iteration instead of raising; the
     :attr:`report` says how much was decoded and :meth:`loss_message` how much was lost.
     """
@@ -451,7 +502,13 @@ class VideoReader:
         """The stream's whole frames (:func:`decode_past_damage`), deinterlaced when asked."""
         stream = picture_stream(container)
         deinterlacer = Deinterlacer(stream) if self.deinterlace else None
+        stored = (self.info.width, self.info.height)
         for frame in decode_past_damage(container, stream, self.report, self.info.fps):
+            if (frame.width, frame.height) != stored:
+                # Every measure, box and saved frame is in the movie's stored pixels: a piece of
+                # another size gave analysis copies and profiles of another shape.
+                frame = frame.reformat(width=stored[0], height=stored[1])
+                self.report.resized_frames += 1
             if deinterlacer is None:
                 yield frame
             else:
@@ -474,6 +531,7 @@ class VideoReader:
             start = stream.start_time * tb if (stream.start_time is not None and tb) else None
             index = 0
             every = self.profile_every
+            clock = MonotonicClock.of(container, info.fps)
             for frame in self._decoded(container):
                 t = frame.time
                 if t is None:
@@ -481,7 +539,8 @@ class VideoReader:
                 else:
                     if start is None:
                         start = t
-                    t = max(0.0, round(t - start, 6))
+                    t = max(0.0, round(clock(t - start), 6))
+                    report.timestamp_resets = clock.resets
                 if self.keyframes_only:
                     # Only keyframes come out of the decoder; their index in the full stream is
                     # recovered from the presentation time.

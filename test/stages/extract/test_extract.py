@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import av
@@ -589,3 +590,61 @@ def test_an_animated_gif_is_measured_from_its_picture_not_its_bgra_bytes(tmp_pat
     for shot in shots.iter_rows(named=True):
         assert (shot["box_left"], shot["box_right"]) == (0, 160)
         assert 10 <= shot["box_top"] <= 14 and 82 <= shot["box_bottom"] <= 86, shot
+
+
+def _joined_recording(tmp_path):
+    """Two MPEG-TS pieces joined byte for byte (``cat a.ts b.ts``, as TV recordings and stream
+    downloads are): the second piece's timestamps start again, and it is stored larger."""
+    pieces = []
+    for i, (shots, size) in enumerate(
+        (([(1, 40, 2.0), (2, 35, 1.0)], (320, 180)), ([(3, 45, 3.0), (4, 30, 1.0)], (480, 270)))
+    ):
+        piece = tmp_path / f"piece{i}.ts"
+        write_clip(piece, shots, width=size[0], height=size[1])
+        pieces.append(piece.read_bytes())
+    path = tmp_path / "joined.ts"
+    path.write_bytes(b"".join(pieces))
+    return path
+
+
+def test_a_joined_recording_keeps_its_times_running_on(tmp_path):
+    """``cat a.ts b.ts``, the second piece larger: the times started again at the join, so the
+    shot across it ended before it began (2.74 -> 2.58 s on a joined real clip) and frames of the
+    second piece had the first piece's times. They now run on, one frame after the frame before
+    the join, as ffmpeg's."""
+    path = _joined_recording(tmp_path)
+    reader = VideoReader(path)
+    decoded = list(reader.frames())
+    times = [d.time_s for d in decoded]
+    assert len(times) == 150 and reader.report.timestamp_resets == 1
+    # the larger piece is measured at the movie's size, as the first piece (analysis copies of
+    # another shape went to the cut detector and the picture-box profiles)
+    assert {d.small_gray.shape for d in decoded} == {decoded[0].small_gray.shape}
+    assert reader.report.resized_frames == 75
+    assert all(b > a for a, b in itertools.pairwise(times))
+    assert times[-1] == pytest.approx(149 / 25, abs=0.01)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    shots = result.tables["shots"]
+    assert len(shots) == 4 and (shots["end_s"] > shots["start_s"]).all()
+    assert shots["end_s"][-1] == pytest.approx(150 / 25, abs=0.01)
+    assert result.facts["timestamp_resets"] == 1 and result.facts["resized_frames"] == 75
+    assert any("start again 1 time(s)" in w for w in result.warnings)
+    assert any("75 frame(s) are stored at another size" in w for w in result.warnings)
+    saved = [Image.open(tmp_path / "run" / p).size for p in result.tables["frames"]["path"]]
+    assert len(saved) >= 4 and set(saved) == {(320, 180)}
+
+
+def test_shot_clips_are_not_cut_from_a_joined_recording(tmp_path):
+    """A clip is found by a seek to its time, which lands in either piece of a joined recording:
+    stage 06 says so and cuts none, and a file of one piece has no join."""
+    from diffusion_bunny.media.clips import timestamp_joins
+    from diffusion_bunny.stages.export.settings import ExportSettings
+    from diffusion_bunny.stages.export.stage import _plan_clips
+
+    path = _joined_recording(tmp_path)
+    assert timestamp_joins(path) == 1 and timestamp_joins(tmp_path / "piece0.ts") == 0
+    warnings: list[str] = []
+    shots = pl.DataFrame({"shot_id": [0], "start_s": [0.0], "end_s": [6.0]})
+    clips, short = _plan_clips(pl.DataFrame(), shots, path, ExportSettings(video_clips=True), warnings)
+    assert clips.is_empty() and short == 0
+    assert len(warnings) == 1 and "no clips" in warnings[0] and "-c copy" in warnings[0]

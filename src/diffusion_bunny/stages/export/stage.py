@@ -38,7 +38,7 @@ import polars as pl
 from PIL import Image
 
 from diffusion_bunny.errors import BadInputError
-from diffusion_bunny.media.clips import ClipSource, encode_mp4
+from diffusion_bunny.media.clips import ClipSource, encode_mp4, timestamp_joins
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
@@ -250,6 +250,14 @@ def _plan_clips(
             f"export.video_clips needs the run's shots and its movie ({movie}); "
             "put the movie back or set export.video_clips: false"
         )
+    joins = timestamp_joins(Path(movie))
+    if joins:
+        warnings.append(
+            f"{Path(movie).name}: its timestamps start again {joins} time(s) (pieces of a recording "
+            "joined), so a clip cannot be found by its time: no clips; copy it into one file whose "
+            "times run on (ffmpeg -i MOVIE -c copy MOVIE.mkv) and run that for export.video_clips"
+        )
+        return pl.DataFrame(schema=CLIP_SCHEMA), 0
     size = (cfg.clip_width, cfg.clip_height)
     clips, short = plan_clips(shots, items, probe_video(movie).fps, cfg.clip_fps, cfg.clip_frames, size)
     if short:

@@ -42,7 +42,9 @@ from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import laplacian_variance
 from diffusion_bunny.media.video import (
     Decoded,
+    DecodeReport,
     Display,
+    VideoInfo,
     VideoReader,
     frame_to_bgr,
     rotate_box,
@@ -427,6 +429,7 @@ def extract_frames(
         warnings.append(
             f"{boxes.black_shots} shot(s) are black throughout: no picture box of their own, {whose} is used"
         )
+    warnings += _joins(info, reader.report)
     facts = {
         **_movie_facts(reader, last_time),
         "picture_box": _box_facts(assembler),
@@ -438,10 +441,30 @@ def extract_frames(
         "frames_per_second": round(reader.report.decoded / elapsed, 1) if elapsed else None,
         "damaged_packets": reader.report.damaged_packets,
         "damaged_frames": reader.report.damaged_frames,
+        "timestamp_resets": reader.report.timestamp_resets,
+        "resized_frames": reader.report.resized_frames,
         **detector.facts(),
     }
     loss = reader.loss_message()
     return _output(assembler, detector, facts, warnings + ([loss] if loss else []))
+
+
+def _joins(info: VideoInfo, report: DecodeReport) -> list[str]:
+    """What a movie of joined pieces (``cat a.ts b.ts``, a stream that changed quality) had done
+    to it: pieces of another size scaled, times run on across each join."""
+    out = []
+    if report.resized_frames:
+        out.append(
+            f"{info.path.name}: {report.resized_frames} frame(s) are stored at another size than its "
+            "first (a joined piece, a stream that changed quality); they are scaled to "
+            f"{info.width}x{info.height}"
+        )
+    if report.timestamp_resets:
+        out.append(
+            f"{info.path.name}: its timestamps start again {report.timestamp_resets} time(s) (pieces of "
+            "a recording joined); the times of shots and frames run on across each join"
+        )
+    return out
 
 
 #: Frames between two picture-box profiles (see ``VideoReader(profile_every=)``).
