@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from diffusion_bunny.media.images import eight_bit
+
 if TYPE_CHECKING:
     import pandas as pd
     import plotnine as p9
@@ -223,7 +225,7 @@ def as_rgb(img: Image.Image) -> Image.Image:
         ground = Image.new("RGBA", rgba.size, (*TRANSPARENT_GROUND, 255))
         ground.alpha_composite(rgba)
         return ground.convert("RGB")
-    return img.convert("RGB")
+    return eight_bit(img).convert("RGB")
 
 
 def _open_rgb(path: Path) -> Image.Image | None:

@@ -15,8 +15,20 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from diffusion_bunny.errors import BadInputError
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """``im`` with 8-bit grey in place of 16- or 32-bit integer grey. Pillow's own conversion of
+    those modes clips each value at 255 instead of scaling it: a 16-bit grey PNG (line art from
+    Krita or GIMP, a scan) was read as a white picture."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return im
+    grey = np.asarray(im).astype(np.float64)
+    top = 255.0 if grey.max(initial=0) <= 255 else 65535.0
+    return Image.fromarray((grey.clip(0, top) * (255.0 / top)).round().astype(np.uint8))
 
 
 def laplacian_variance(gray: np.ndarray) -> float:

@@ -181,6 +181,25 @@ def test_a_picture_too_large_to_open_is_one_line(tmp_path, monkeypatch):
         read_picture(tmp_path / "poster.png")
 
 
+def test_a_sixteen_bit_grey_picture_is_read_as_its_greys(tmp_path):
+    """Line art saved as a 16-bit grey PNG (Krita, GIMP, a scanner): Pillow's own conversion
+    clips every value at 255, and the reference was a white picture ("is blank")."""
+    import cv2
+
+    grey = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (48, 1))
+    grey[10:30, 20:40] = 40
+    cv2.imwrite(str(tmp_path / "lineart.png"), grey.astype(np.uint16) * 257)
+    assert Image.open(tmp_path / "lineart.png").mode.startswith("I")
+    rgba = read_picture(tmp_path / "lineart.png")
+    assert rgba.dtype == np.uint8 and rgba.shape == (48, 64, 4)
+    assert np.abs(rgba[..., 0].astype(int) - grey).max() <= 1 and (rgba[..., 3] == 255).all()
+    assert (rgba[..., 0] == rgba[..., 2]).all()
+    from diffusion_bunny.media.figures import as_rgb  # the reference sheet shows it so too
+
+    with Image.open(tmp_path / "lineart.png") as im:
+        assert np.abs(np.asarray(as_rgb(im))[..., 1].astype(int) - grey).max() <= 1
+
+
 def frames_with(names: list[str], poses: list[Pose], seed: int) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
     """A 640x360 frame (a photo from a wheel) with ``names`` drawn in ``poses``, and their boxes."""
     rng = np.random.default_rng(seed)

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffusion_bunny.media.images import eight_bit
 from diffusion_bunny.models import dlib_faces
 from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
 from diffusion_bunny.models.fitted.detector import content_box
@@ -117,7 +118,7 @@ def read_picture(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.seek(0)
-            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
+            rgba = np.asarray(eight_bit(ImageOps.exif_transpose(im)).convert("RGBA"))
     except Image.DecompressionBombError:
         raise ReferenceProblem("is too large to read (over 179 megapixels); scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
