@@ -18,18 +18,9 @@ from diffusion_bunny.errors import BadInputError, UserError, storage_error
 from diffusion_bunny.logs import log_hint, version
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    # The stage names of --help come from the pipeline, the one place the order is written (the
-    # declarations only: each stage's own code is imported when it runs).
-    from diffusion_bunny.stages import stage_names  # lazy: after _keep_bytecode(), to cache its bytecode
-
-    parser = argparse.ArgumentParser(
-        prog="bunny",
-        description="Turn a movie into a character-labelled, captioned training set.",
-        epilog="Each command writes log/bunny-<timestamp>-<pid>.log (INFO: what ran, config hashes, "
-        "timings, warnings, tracebacks of bugs).",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options of every command (how much it says) and those of the settings a run is made
+    with, as parent parsers."""
     common = argparse.ArgumentParser(add_help=False)
     talk = common.add_mutually_exclusive_group()
     talk.add_argument(
@@ -55,12 +46,33 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="reference images: one sub-folder per character (folder name = name), photos inside",
     )
+    return common, settings
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # The stage names of --help come from the pipeline, the one place the order is written (the
+    # declarations only: each stage's own code is imported when it runs).
+    from diffusion_bunny.stages import stage_names  # lazy: after _keep_bytecode(), to cache its bytecode
+
+    parser = argparse.ArgumentParser(
+        prog="bunny",
+        description="Turn a movie into a character-labelled, captioned training set.",
+        epilog="Each command writes log/bunny-<timestamp>-<pid>.log (INFO: what ran, config hashes, "
+        "timings, warnings, tracebacks of bugs).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    common, settings = _shared_options()
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run", parents=[common, settings], help="run the stages headless on a movie or a folder of movies"
     )
-    run.add_argument("target", help="a movie file, or a folder whose video files are all processed")
+    run.add_argument(
+        "target",
+        nargs="+",
+        help="a movie file, a folder whose video files are all processed, or several of these "
+        "(e.g. *.mkv; run as one folder)",
+    )
     run.add_argument("--out", help="run folder (one movie) or parent of the run folders (a folder)")
     run.add_argument(
         "--stages",
@@ -85,7 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "target",
-        help="a run folder, a folder of run folders (e.g. data/output), a movie or a folder of movies",
+        nargs="+",
+        help="a run folder, a folder of run folders (e.g. data/output), a movie or a folder of movies, "
+        "or several of these",
     )
     status.add_argument("--out", help="where the movies' run folders are, as given to bunny run --out")
 
@@ -122,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["engine.address"] = args.address
     reports = run_target(
         PIPELINE,
-        args.target,
+        args.target[0] if len(args.target) == 1 else args.target,
         load_config(config_path, overrides),
         config_path=config_path,
         overrides=overrides,
@@ -175,7 +189,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args.overrides)
     _characters_override(args, overrides)
     cfg = load_config(config_path, overrides)
-    print(format_status(status_table(PIPELINE, resolve_runs(args.target, cfg, args.out), cfg)))
+    target = args.target[0] if len(args.target) == 1 else args.target
+    print(format_status(status_table(PIPELINE, resolve_runs(target, cfg, args.out), cfg)))
     return 0
 
 

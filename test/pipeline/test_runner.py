@@ -122,6 +122,38 @@ def test_a_copy_of_a_movie_in_the_folder_is_run_once(tmp_path, capsys):
     assert made == sorted([movie_id(folder / "a.mp4"), movie_id(folder / "b.mp4")])
 
 
+def test_several_movies_named_on_the_command_line_run_as_a_folder(tmp_path, capsys):
+    """``bunny run *.mp4`` (the shell names each file): it stopped at "unrecognized arguments".
+    Every movie gets a run folder under --out, a movie named twice or inside a named folder runs
+    once, and ``bunny status`` takes the same words."""
+    folder = tmp_path / "movies"
+    (folder / "more").mkdir(parents=True)
+    write_clip(folder / "a.mp4", [(11, 20, 0.0), (12, 20, 0.0)])
+    write_clip(folder / "more" / "b.mp4", [(13, 20, 0.0), (14, 24, 0.0)])
+    write_clip(folder / "c.mp4", [(15, 22, 0.0), (16, 20, 0.0)])
+    out = tmp_path / "out"
+    named = [str(folder / "a.mp4"), str(folder / "more"), str(folder / "a.mp4")]
+    assert main(["run", *named, "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    made = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "report")
+    assert made == sorted([movie_id(folder / "a.mp4"), movie_id(folder / "more" / "b.mp4")])
+    assert (out / "report" / "index.html").is_file()  # the combined report, as for a folder
+    capsys.readouterr()
+    assert main(["status", str(folder / "a.mp4"), str(folder / "c.mp4"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "a.mp4" in text and "c.mp4" in text and "b.mp4" not in text
+    assert text.count("0 of") == 1  # c.mp4 has not run; a.mp4 has its extract done
+
+
+def test_a_web_address_is_named_as_one(tmp_path, capsys):
+    """A pasted link read "https:/www.example.com/watch?v=x: no such file or folder"."""
+    url = "https://www.example.com/watch?v=x"
+    assert main(["run", url, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{url} is a web address" in err and "download the movie first" in err
+    assert err.count("\n") == 1
+    assert main(["status", url]) == 2 and "is a web address" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -447,7 +447,7 @@ def run_movies(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) ->
 
 def run_target(
     pipeline: Pipeline,
-    target: str | Path,
+    target: str | Path | Sequence[str | Path],
     cfg: RunConfig,
     *,
     config_path: str | None = None,
@@ -457,8 +457,9 @@ def run_target(
     force: bool = False,
     progress: bool = True,
 ) -> list[MovieReport]:
-    """``bunny run``: one movie, or every movie of a folder on an engine (``local``: one after
-    another, ``ray``: one Ray task per movie; default ``engine.kind``).
+    """``bunny run``: one movie, or every movie of a folder, or of several targets (a shell's
+    ``*.mkv``), on an engine (``local``: one after another, ``ray``: one Ray task per movie;
+    default ``engine.kind``). Several targets run as one folder would.
 
     In a folder, a bad movie (a user error or a bug) is reported and the others still run, on
     either engine; the caller turns the failures into exit status 2 (1 if one was a bug). A
@@ -479,7 +480,7 @@ def run_target(
         progress=progress,
     )
     movies = find_movies(target, cfg)
-    single = len(movies) == 1 and Path(target).is_file()
+    single = len(movies) == 1 and isinstance(target, (str, Path)) and Path(target).expanduser().is_file()
     if not single and out is not None and Path(out).exists() and not Path(out).is_dir():
         raise StageError(f"{out} is a file, not a folder; give --out a folder for the movies' run folders")
     if single and cfg.engine.kind == "local":

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.errors import DamagedTableError, StageError
+from diffusion_bunny.errors import BadInputError, DamagedTableError, StageError
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
 from diffusion_bunny.pipeline.lock import (
     DEFAULT_LEASE_S,
@@ -36,6 +36,23 @@ from diffusion_bunny.pipeline.lock import (
 )
 from diffusion_bunny.pipeline.manifest import table_fingerprint
 from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
+
+#: A web address (``https://...``), which ``Path`` would fold into ``https:/...``.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_exists(target: str | Path) -> Path:
+    """``target`` as a path that exists, or one line: a web address is named as such (a user
+    pastes a video's link; it read "https:/www...: no such file or folder")."""
+    if _URL.match(str(target)):
+        raise BadInputError(
+            f"{target} is a web address: the workspace reads files; download the movie first and "
+            "give its file"
+        )
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder; check the path")
+    return path
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from diffusion_bunny.pipeline.atomic import process_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import follow, remove_relay_files
-from diffusion_bunny.pipeline.run import Run, check_run_folder, movie_id
+from diffusion_bunny.pipeline.run import Run, check_exists, check_run_folder, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,13 @@ def _holds_video(folder: Path, exts: set[str]) -> bool:
         return False
 
 
-def find_movies(target: str | Path, cfg: RunConfig) -> list[Path]:
-    """The movie itself, or every video file directly inside a folder (sorted by name)."""
-    target = Path(target)
-    if not target.exists():
-        raise BadInputError(f"{target}: no such file or folder; check the path")
+def find_movies(target: str | Path | Sequence[str | Path], cfg: RunConfig) -> list[Path]:
+    """The movie itself, or every video file directly inside a folder (sorted by name); of
+    several targets (a shell's ``*.mkv``), each one's movies in their order, each file once."""
+    if not isinstance(target, (str, Path)):
+        found = [movie for one in target for movie in find_movies(one, cfg)]
+        return list(dict.fromkeys(found))
+    target = check_exists(target)
     if target.is_file():
         return [target]
     exts = {e.lower() for e in cfg.run.video_extensions}

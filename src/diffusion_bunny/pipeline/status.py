@@ -9,6 +9,7 @@ before it decides to skip a stage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import polars as pl
 from diffusion_bunny.errors import BadInputError, UserError
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
-from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.run import Run, check_exists, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 
@@ -41,13 +42,22 @@ def _movie_name(run_dir: Path) -> str:
     return Path(meta.get("movie", run_dir.name)).name
 
 
-def resolve_runs(target: str | Path, cfg: RunConfig, out: str | Path | None = None) -> list[RunRef]:
+def resolve_runs(
+    target: str | Path | Sequence[str | Path], cfg: RunConfig, out: str | Path | None = None
+) -> list[RunRef]:
     """The run folders ``target`` stands for: itself (a run folder), its sub-folders that are
     run folders, or the run folders of a movie / of the movies in a folder (under ``out``, else
-    ``paths.output_dir``, as ``bunny run`` names them)."""
-    target = Path(target).expanduser()
-    if not target.exists():
-        raise BadInputError(f"{target}: no such file or folder; check the path")
+    ``paths.output_dir``, as ``bunny run`` names them); of several targets, each one's in turn,
+    their movies' run folders named as one ``bunny run`` of them all names them."""
+    if not isinstance(target, (str, Path)):
+        refs = [ref for one in target for ref in _resolve(one, cfg, out, single=len(target) == 1)]
+        return list(dict.fromkeys(refs))  # a run folder named twice is shown once
+    return _resolve(target, cfg, out, single=True)
+
+
+def _resolve(target: str | Path, cfg: RunConfig, out: str | Path | None, single: bool) -> list[RunRef]:
+    """:func:`resolve_runs` of one target; ``single``: a movie file's run folder is ``out``."""
+    target = check_exists(target)
     exts = {e.lower() for e in cfg.run.video_extensions}
     root = Path(out) if out else output_root(cfg)
 
@@ -58,7 +68,7 @@ def resolve_runs(target: str | Path, cfg: RunConfig, out: str | Path | None = No
     if target.is_dir() and _is_run(target):
         return [RunRef(_movie_name(target), target.resolve())]
     if target.is_file() and target.suffix.lower() in exts:
-        return [of_movie(target, single=True)]
+        return [of_movie(target, single=single)]
     if target.is_dir():
         runs = [
             RunRef(_movie_name(p), p.resolve()) for p in sorted(target.iterdir()) if p.is_dir() and _is_run(p)
