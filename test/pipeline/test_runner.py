@@ -23,6 +23,7 @@ from diffusion_bunny.pipeline.runner import (
     StageKernel,
     execute_stage_notebook,
     find_movies,
+    overrides_from_args,
     parse_stages,
 )
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
@@ -142,6 +143,26 @@ def test_several_movies_named_on_the_command_line_run_as_a_folder(tmp_path, caps
     text = capsys.readouterr().out
     assert "a.mp4" in text and "c.mp4" in text and "b.mp4" not in text
     assert text.count("0 of") == 1  # c.mp4 has not run; a.mp4 has its extract done
+
+
+def test_a_folder_setting_on_the_command_line_is_a_path_from_where_it_is_typed(tmp_path, monkeypatch):
+    """``--set characters.reference_dir=refs`` typed beside ``refs/`` looked in the checkout
+    (a settings file's relative paths start from the workspace); only folder settings move."""
+    monkeypatch.chdir(tmp_path)
+    got = overrides_from_args(
+        [
+            "characters.reference_dir=refs",
+            "scenes.library_dir=../lib",
+            "paths.output_dir=/data/out",
+            "train.output_dir=null",
+            "train.base_model=org/model",
+            "captions.prompt=a/b",
+        ]
+    )
+    assert got["characters.reference_dir"] == str(tmp_path / "refs")
+    assert got["scenes.library_dir"] == str(tmp_path.parent / "lib")
+    assert got["paths.output_dir"] == "/data/out" and got["train.output_dir"] is None
+    assert got["train.base_model"] == "org/model" and got["captions.prompt"] == "a/b"
 
 
 def test_a_web_address_is_named_as_one(tmp_path, capsys):

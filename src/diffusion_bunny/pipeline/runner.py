@@ -736,9 +736,21 @@ def _say(text: str) -> None:
 
 
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill)."""
+    """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill).
+
+    A folder setting (a key ending in ``_dir``) given as a relative path is a path from where the
+    command is typed, as ``--out``, ``--characters`` and ``--config`` are: made absolute here. In
+    a settings file such a path starts from the workspace; on the command line that surprised:
+    ``--set characters.reference_dir=refs`` typed beside ``refs/`` looked in the checkout."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, value = parse_override(item)
+        if (
+            key.endswith("_dir")
+            and isinstance(value, str)
+            and value
+            and not Path(value).expanduser().is_absolute()
+        ):
+            value = str(Path(value).expanduser().resolve())
         out[key] = json.loads(json.dumps(value, default=str))
     return out
