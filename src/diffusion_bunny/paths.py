@@ -37,3 +37,15 @@ def workspace_root() -> Path:
         return Path(env)
     root = project_root()
     return root if root is not None else Path.cwd()
+
+
+#: Files and folders the operating system leaves beside a user's own (a zip made on a Mac holds
+#: ``__MACOSX/``; Windows writes ``Thumbs.db`` and ``desktop.ini`` into folders it shows).
+_CLUTTER = {"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin"}
+
+
+def is_clutter(name: str) -> bool:
+    """Whether a file or folder ``name`` is hidden or left by the operating system, not the
+    user's: a reference pack unzipped on Linux held a character named ``__MACOSX``, and a
+    ``Thumbs.db`` was a reference picture that "cannot be read"."""
+    return name.startswith(".") or name.lower() in _CLUTTER

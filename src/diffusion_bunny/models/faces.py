@@ -34,6 +34,7 @@ from diffusion_bunny.media.images import laplacian_variance, read_rgb
 from diffusion_bunny.models import dlib_faces as fr
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
 from diffusion_bunny.models.face_detect import make_detector, settings_of
+from diffusion_bunny.paths import is_clutter
 from diffusion_bunny.registry import FACE_DETECTORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -316,10 +317,11 @@ class ReferenceSet:
 
 
 def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
-    """``{character: [image files]}`` from one sub-folder per character (hidden entries ignored)."""
+    """``{character: [image files]}`` from one sub-folder per character (hidden entries and the
+    operating system's clutter ignored: :func:`~diffusion_bunny.paths.is_clutter`)."""
     out: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        out[sub.name] = sorted(p for p in sub.iterdir() if p.is_file() and not p.name.startswith("."))
+    for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not is_clutter(p.name)):
+        out[sub.name] = sorted(p for p in sub.iterdir() if p.is_file() and not is_clutter(p.name))
     return out
 
 

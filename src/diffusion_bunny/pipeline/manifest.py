@@ -39,6 +39,7 @@ from typing import Any, Literal
 import polars as pl
 
 from diffusion_bunny import codegraph
+from diffusion_bunny.paths import is_clutter
 
 StageState = Literal["done", "stale", "missing"]
 
@@ -92,7 +93,7 @@ def path_fingerprint(path: Path) -> dict[str, Any] | None:
         entries = sorted(
             (p.relative_to(path).as_posix(), p.stat().st_size)
             for p in path.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
+            if p.is_file() and not any(is_clutter(part) for part in p.relative_to(path).parts)
         )
         blob = "\n".join(f"{name}\t{size}" for name, size in entries).encode()
         return {"files": len(entries), "bytes": sum(s for _, s in entries), "sha256": _digest(blob)}

@@ -149,8 +149,24 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     save(refs / "tiny" / "speck.png", np.pad(sprite[::20, ::20], ((2, 2), (2, 2), (0, 0))))
     (refs / "broken").mkdir()
     (refs / "broken" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
+    # What the operating system leaves: a zip made on a Mac, Windows' thumbnail cache
+    (refs / "__MACOSX" / "mika").mkdir(parents=True)
+    (refs / "__MACOSX" / "mika" / "._sprite.png").write_bytes(b"\x00\x05\x16\x07")
+    (refs / "__MACOSX" / "resource.bin").write_bytes(b"\x00\x05\x16\x07")
+    (refs / "mika" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (refs / "mika" / "desktop.ini").write_text("[.ShellClassInfo]")
 
     faces, pictures, warnings = load_character_references(refs, DetectSettings())
+    assert not any("MACOSX" in w or "Thumbs.db" in w or "desktop.ini" in w for w in warnings)
+    # ... nor does it make stage 03 stale (its reference folder's fingerprint), as a new picture does
+    from diffusion_bunny.pipeline.manifest import path_fingerprint
+
+    mark = path_fingerprint(refs)
+    (refs / "mika" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 more thumbnails")
+    (refs / "__MACOSX" / "mika" / "._on_paper.jpg").write_bytes(b"\x00\x05")
+    assert path_fingerprint(refs) == mark
+    save(refs / "mika" / "another.png", sprite)
+    assert path_fingerprint(refs) != mark
     taken = {(t.character, t.path.name): t for t in pictures.taken}
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
