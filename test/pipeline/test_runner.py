@@ -261,6 +261,12 @@ def test_find_movies_and_stage_lists(tmp_path):
     (tmp_path / "extras").mkdir()
     with pytest.raises(UserError, match=r"not searched, and 2 of them hold videos \(ep1, ep2\)"):
         find_movies(tmp_path, cfg)
+    # A Blu-ray's streams and a camcorder's clips are movies too ("the folder holds no video file")
+    disc = tmp_path / "BDMV"
+    disc.mkdir()
+    for name in ("00001.m2ts", "CLIP0001.MTS", "phone.3gp", "notes.txt"):
+        (disc / name).write_bytes(b"")
+    assert [p.name for p in find_movies(disc, cfg)] == ["00001.m2ts", "CLIP0001.MTS", "phone.3gp"]
     assert parse_stages(PIPELINE, None) == list(STAGE_ORDER)
     assert parse_stages(PIPELINE, "extract") == ["extract"]
     assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]

@@ -25,6 +25,8 @@ from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.section import Section
 
+#: What a folder run takes for a movie: besides the usual, a Blu-ray's and a camcorder's MPEG-TS
+#: (``.m2ts``, ``.mts``), phones' ``.3gp``, Ogg and broadcast MXF (a folder of them "held no video").
 VIDEO_EXTENSIONS = (
     ".mp4",
     ".m4v",
@@ -37,6 +39,11 @@ VIDEO_EXTENSIONS = (
     ".ts",
     ".wmv",
     ".flv",
+    ".m2ts",
+    ".mts",
+    ".3gp",
+    ".ogv",
+    ".mxf",
 )
 
 #: Sections renamed: old name -> new name. The old name still loads (any YAML layer, ``--set``),
