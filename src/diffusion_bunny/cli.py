@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = _build_parser().parse_args(argv)
+    for name in ("out", "config", "characters"):  # `--out=~/runs` or a quoted "~/x": the shell left the ~
+        if getattr(args, name, None):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     try:
         path = start_cli_log(-1 if args.quiet else 1 if args.verbose else 0, command=argv)
     except OSError as exc:  # the log file itself cannot be made (read-only or full disk)

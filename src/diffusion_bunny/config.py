@@ -283,6 +283,8 @@ def load_config(
         # the config object, so they cannot leak into manifests or notebooks.
         load_dotenv(root / ".env", override=False)
     if config_path:
-        merged = _deep_merge(merged, _rename_sections(_read_yaml(Path(config_path)), str(config_path)))
+        merged = _deep_merge(
+            merged, _rename_sections(_read_yaml(Path(config_path).expanduser()), str(config_path))
+        )
     merged = _deep_merge(merged, _rename_sections(overrides_to_tree(overrides), "--set"))
     return validate_config(merged)

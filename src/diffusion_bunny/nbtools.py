@@ -16,8 +16,11 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     With a movie, its run folder is created if needed (``run_dir`` or
     ``<paths.output_dir>/<movie_id>``); with only ``run_dir``, the existing run is opened; with
     neither, the built-in demo movie is built (once) and used, so a notebook opened in
-    JupyterLab works straight away.
+    JupyterLab works straight away. ``~`` stands for the home folder, as in a shell (a notebook's
+    parameters are no shell: ``movie = "~/Movies/film.mkv"`` was "no such file").
     """
+    run_dir = None if run_dir is None else Path(run_dir).expanduser()
+    movie = None if movie is None else Path(movie).expanduser()
     if movie is None and run_dir is not None:
         return Run.open(run_dir)
     if movie is None:

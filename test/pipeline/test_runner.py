@@ -381,6 +381,28 @@ def test_open_run_for_notebooks(cut_clip, tmp_path):
         open_run(None, tmp_path / "missing.mp4", cfg)
 
 
+def test_a_notebook_and_the_command_take_the_home_folder_as_a_shell_does(cut_clip, tmp_path, monkeypatch):
+    """A notebook's parameters are no shell: ``movie = "~/film.mp4"`` was "no such file" and a
+    run folder "~/runs/film" was looked for under the working folder; so with ``--out=~/runs``."""
+    from diffusion_bunny.nbtools import open_run
+
+    path, _ = cut_clip
+    home = tmp_path / "home"
+    (home / "Movies").mkdir(parents=True)
+    shutil.copy(path, home / "Movies" / "film.mp4")
+    (home / "extra.yaml").write_text("extract:\n  jpeg_quality: 80\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("~/extra.yaml")
+    assert cfg.extract.jpeg_quality == 80
+    run = open_run("~/runs/film", "~/Movies/film.mp4", cfg)
+    assert run.run_dir == (home / "runs" / "film").resolve() and run.movie == (home / "Movies" / "film.mp4")
+    assert open_run("~/runs/film", None, cfg).run_dir == run.run_dir
+    assert not (tmp_path / "~").exists()
+    assert main(["run", "~/Movies/film.mp4", "--out=~/out", "--stages", "extract", "--quiet"]) == 0
+    assert (home / "out" / "run.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_a_folder_of_the_users_own_or_another_movies_run_is_refused_before_anything_is_written(
     cut_clip, tmp_path, capsys
 ):
