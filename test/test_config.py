@@ -127,7 +127,7 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     available = "extract, quality, characters, scenes, captions, export, train, generate, report"
-    assert f"unknown stage 'bogus' (available: {available})" in capsys.readouterr().err
+    assert f"unknown stage 'bogus' (available: {available}; or their numbers 1-9" in capsys.readouterr().err
 
 
 def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, caplog):

@@ -272,6 +272,16 @@ def test_find_movies_and_stage_lists(tmp_path):
     assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]
     with pytest.raises(UserError, match="--stages is empty"):
         parse_stages(PIPELINE, " , ")
+    # By the notebooks' numbers, and spans, as the workspace's messages speak of stages
+    assert parse_stages(PIPELINE, "01,02") == ["extract", "quality"]
+    assert parse_stages(PIPELINE, "1-3") == ["extract", "quality", "characters"]
+    assert parse_stages(PIPELINE, "extract-characters, 9") == ["extract", "quality", "characters", "report"]
+    assert parse_stages(PIPELINE, "07") == ["train"]
+    for bad, message in (("10", "unknown stage '10'"), ("0", "unknown stage '0'"), ("3-1", "comes after")):
+        with pytest.raises(UserError, match=message):
+            parse_stages(PIPELINE, bad)
+    with pytest.raises(UserError, match=r"unknown stage 'extrct' \(available: extract, .*numbers 1-9"):
+        parse_stages(PIPELINE, "extrct")
 
 
 def test_cli_runs_extract_and_quality_and_reruns_only_what_changed(cut_clip, tmp_path, capsys):

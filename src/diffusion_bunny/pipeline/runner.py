@@ -159,16 +159,45 @@ def drop_copies(movies: list[Path]) -> list[Path]:
 
 
 def parse_stages(pipeline: Pipeline, text: str | Sequence[str] | None) -> list[str]:
-    """``"extract,quality"`` -> ordered list of known stage names; None means all stages."""
-    if text is None:
-        return pipeline.names()
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    if not names:
-        raise StageError(f"--stages is empty (available: {', '.join(pipeline.names())})")
-    for name in names:
-        pipeline.get(name)
+    """``"extract,quality"`` -> ordered list of known stage names; None means all stages.
+
+    A stage may also be given by its notebook's number (``01``, ``3``) and a span by its ends
+    (``1-3``, ``extract-characters``): the workspace's own messages speak of stages by number
+    ("rerun stage 01"), and ``--stages 01,02`` was an unknown stage."""
     order = pipeline.names()
-    return sorted(set(names), key=order.index)
+    if text is None:
+        return order
+    tokens = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not tokens:
+        raise StageError(f"--stages is empty (available: {', '.join(order)})")
+    names: set[str] = set()
+    for token in tokens:
+        ends = [_stage_name(pipeline, end.strip()) for end in _span(token, order)]
+        first, last = order.index(ends[0]), order.index(ends[-1])
+        if first > last:
+            raise StageError(f"--stages {token}: {ends[0]} comes after {ends[-1]}; give the span in order")
+        names.update(order[first : last + 1])
+    return sorted(names, key=order.index)
+
+
+def _span(token: str, order: list[str]) -> list[str]:
+    """``token`` as one stage or the two ends of a span (a name itself never holds a '-')."""
+    if token in order or "-" not in token.strip("-"):
+        return [token]
+    return token.split("-", 1)
+
+
+def _stage_name(pipeline: Pipeline, word: str) -> str:
+    """A stage's name from its name or its notebook's number (1-based, as the notebooks are)."""
+    order = pipeline.names()
+    if word.isdigit() and 1 <= int(word) <= len(order):
+        return order[int(word) - 1]
+    if word not in order:
+        raise StageError(
+            f"unknown stage '{word}' (available: {', '.join(order)}; or their numbers 1-{len(order)}, "
+            "a span as 1-3)"
+        )
+    return word
 
 
 def notebook_dir() -> Path:
