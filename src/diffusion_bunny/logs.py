@@ -137,7 +137,9 @@ failure: Exception | None = None
 
 
 def _file_handler(path: Path) -> logging.FileHandler:
-    handler = _LogFileHandler(path, mode="a", encoding="utf-8")
+    # A file name that is not UTF-8 (a Latin-1 name from an old archive) reaches a line as
+    # surrogates: written escaped, where strict UTF-8 printed "--- Logging error ---" for it.
+    handler = _LogFileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.set_name(f"{LOGGER}-file")  # attach_from_env's handler too: stop_cli_log removes both

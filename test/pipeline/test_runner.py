@@ -165,6 +165,25 @@ def test_a_folder_setting_on_the_command_line_is_a_path_from_where_it_is_typed(t
     assert got["train.base_model"] == "org/model" and got["captions.prompt"] == "a/b"
 
 
+def test_a_movie_whose_name_is_not_utf8_is_one_line_and_the_folder_goes_on(tmp_path, capsys):
+    """``caf\\xe9.mp4`` (a Latin-1 name from an old archive): it failed "with a bug" halfway
+    and then the folder's combined report and ``bunny status`` crashed on its name."""
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(11, 20, 0.0), (12, 20, 0.0)])
+    latin = os.fsdecode(bytes(folder) + b"/caf\xe9.mp4")
+    write_clip(Path(latin), [(13, 20, 0.0), (14, 24, 0.0)])
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--out", str(out), "--stages", "extract", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "caf\\xe9.mp4: the name of the movie is not UTF-8 text" in err and "rename it" in err
+    assert "bug" not in err and "Logging error" not in err
+    assert (out / movie_id(folder / "a.mp4") / "run.json").is_file()
+    assert (out / "report" / "index.html").is_file()
+    assert main(["status", str(folder), "--out", str(out)]) == 0
+    assert "caf\\xe9.mp4" in capsys.readouterr().out
+
+
 def test_a_web_address_is_named_as_one(tmp_path, capsys):
     """A pasted link read "https:/www.example.com/watch?v=x: no such file or folder"."""
     url = "https://www.example.com/watch?v=x"

@@ -7,6 +7,7 @@ without importing OpenCV and NumPy (start-up time of every ``bunny run``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -78,7 +79,26 @@ class VideoInfo:
 
 
 def _fail(path: Path, what: str) -> BadInputError:
-    return BadInputError(f"{path}: {what}")
+    return BadInputError(f"{shown(path)}: {what}")
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as text that can be printed and written anywhere: bytes of a name that are not
+    UTF-8 as ``\\xe9`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_name(path: str | Path, what: str = "the movie") -> None:
+    """One line when ``path`` is not UTF-8 text. Linux takes any bytes for a name, and a name
+    from an old archive or another system's copy can be Latin-1 (``caf\\xe9.mp4``); the run's
+    tables, notebooks and manifests hold text, and such a movie failed "with a bug" halfway."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(
+            f"{shown(path)}: the name of {what} is not UTF-8 text (made on another system); rename it "
+            "(for example with convmv -f latin1 -t utf8) and run it again"
+        ) from None
 
 
 def _picture_duration(
@@ -112,6 +132,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     or a stream that does not yield a single frame.
     """
     path = Path(path)
+    check_utf8_name(path)
     if not path.exists():
         raise _fail(path, "no such file; check the path")
     if path.is_dir():

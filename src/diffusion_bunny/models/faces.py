@@ -31,6 +31,7 @@ import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.images import laplacian_variance, read_rgb
+from diffusion_bunny.media.probe import shown
 from diffusion_bunny.models import dlib_faces as fr
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
 from diffusion_bunny.models.face_detect import make_detector, settings_of
@@ -320,8 +321,38 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     """``{character: [image files]}`` from one sub-folder per character (hidden entries and the
     operating system's clutter ignored: :func:`~diffusion_bunny.paths.is_clutter`)."""
     out: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and _usable(p.name)):
+        out[sub.name] = sorted(p for p in sub.iterdir() if p.is_file() and _usable(p.name))
+    return out
+
+
+def _usable(name: str) -> bool:
+    """A name of the user's own (not the system's clutter) that is text (see :func:`_text`)."""
+    return not is_clutter(name) and _text(name)
+
+
+def _text(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text (Linux takes any bytes for a name)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def misnamed_references(ref_dir: Path) -> list[str]:
+    """One line for each character folder and picture under ``ref_dir`` whose name is not UTF-8
+    text (a Latin-1 name from an old archive or another system's copy), which
+    :func:`reference_images` leaves out: a character's name goes into tables and captions, which
+    hold text, and such a folder stopped stage 03 with a bug."""
+    out = []
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not is_clutter(p.name)):
-        out[sub.name] = sorted(p for p in sub.iterdir() if p.is_file() and not is_clutter(p.name))
+        named = [sub] if not _text(sub.name) else [p for p in sorted(sub.iterdir()) if not _text(p.name)]
+        out += [
+            f"reference {shown(p)}: its name is not UTF-8 text (made on another system); rename it "
+            "(for example with convmv -f latin1 -t utf8); left out"
+            for p in named
+        ]
     return out
 
 
@@ -356,6 +387,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     owners: list[int] = []
     # References are portraits, often small; they need no minimum face size.
     ref_settings = replace(settings, min_face_px=0)
+    warns += misnamed_references(ref_dir)
     for name, files in reference_images(ref_dir).items():
         usable = 0
         index = len(refs.names)

@@ -95,7 +95,8 @@ def path_fingerprint(path: Path) -> dict[str, Any] | None:
             for p in path.rglob("*")
             if p.is_file() and not any(is_clutter(part) for part in p.relative_to(path).parts)
         )
-        blob = "\n".join(f"{name}\t{size}" for name, size in entries).encode()
+        # surrogateescape: a name that is not UTF-8 (Linux takes any bytes) is hashed as its bytes
+        blob = "\n".join(f"{name}\t{size}" for name, size in entries).encode("utf-8", "surrogateescape")
         return {"files": len(entries), "bytes": sum(s for _, s in entries), "sha256": _digest(blob)}
     if path.is_file():
         size = path.stat().st_size

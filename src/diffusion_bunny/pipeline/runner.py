@@ -38,7 +38,7 @@ from diffusion_bunny.errors import (
     storage_error_from_text,
 )
 from diffusion_bunny.logs import FILE_ONLY, say
-from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import process_alive
@@ -154,7 +154,10 @@ def drop_copies(movies: list[Path]) -> list[Path]:
         kept.add(first)
         for copy in group:
             if copy != first:
-                _say(f"{copy.name}: the same file as {first.name} (size, first and last megabyte); run once")
+                _say(
+                    f"{shown(copy.name)}: the same file as {shown(first.name)} "
+                    "(size, first and last megabyte); run once"
+                )
     return [m for m in movies if m in kept]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.media.probe import shown
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.pipeline.run import Run, check_exists, movie_id
@@ -132,8 +133,8 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
         for stage, state, reason, kept in _run_rows(pipeline, ref.run_dir, cfg):
             rows.append(
                 {
-                    "movie": ref.movie,
-                    "run_dir": str(ref.run_dir),
+                    "movie": shown(ref.movie),  # a name that is not UTF-8, escaped
+                    "run_dir": shown(ref.run_dir),
                     "stage": stage,
                     "state": state,
                     "reason": reason,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -155,9 +156,15 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     (refs / "__MACOSX" / "resource.bin").write_bytes(b"\x00\x05\x16\x07")
     (refs / "mika" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (refs / "mika" / "desktop.ini").write_text("[.ShellClassInfo]")
+    # Names that are not UTF-8 (a Latin-1 archive): a character folder and a picture
+    save(Path(os.fsdecode(bytes(refs) + b"/Zo\xeb/sprite.png")), sprite)
+    save(Path(os.fsdecode(bytes(refs) + b"/mika/caf\xe9.png")), sprite)
 
     faces, pictures, warnings = load_character_references(refs, DetectSettings())
     assert not any("MACOSX" in w or "Thumbs.db" in w or "desktop.ini" in w for w in warnings)
+    misnamed = [w for w in warnings if "is not UTF-8 text" in w]
+    assert len(misnamed) == 2 and "Zo\\xeb" in "".join(misnamed) and "caf\\xe9.png" in "".join(misnamed)
+    assert all(t.character.isascii() and "\udce9" not in str(t.path) for t in pictures.taken)
     # ... nor does it make stage 03 stale (its reference folder's fingerprint), as a new picture does
     from diffusion_bunny.pipeline.manifest import path_fingerprint
 

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_bunny.media.images import eight_bit
 from diffusion_bunny.models import dlib_faces
-from diffusion_bunny.models.faces import ReferenceSet, portrait_faces, reference_images
+from diffusion_bunny.models.faces import ReferenceSet, misnamed_references, portrait_faces, reference_images
 from diffusion_bunny.models.fitted.detector import content_box
 
 #: What a transparent pixel is shown on (and what the face detectors see there).
@@ -313,6 +313,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
+    warnings += misnamed_references(ref_dir)
     for name, files in reference_images(ref_dir).items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []

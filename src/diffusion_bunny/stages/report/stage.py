@@ -28,6 +28,7 @@ import polars as pl
 from IPython.display import Image as IPImage
 from IPython.display import Markdown, display
 
+from diffusion_bunny.media.probe import shown
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput
 from diffusion_bunny.pipeline.run import Run
@@ -206,7 +207,7 @@ def movies_table(
     for rep in reports:
         run_dir = Path(rep.run_dir) if rep.run_dir is not None else None
         row: dict[str, Any] = {
-            "movie": Path(rep.movie).name,
+            "movie": shown(Path(rep.movie).name),  # a name that is not UTF-8 is escaped, not a crash
             "run_dir": str(run_dir) if run_dir else None,
             "error": rep.error,
             "frames": None,
