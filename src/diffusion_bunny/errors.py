@@ -70,8 +70,12 @@ USER_ERROR_NAMES = frozenset(
 
 
 #: The operating system's answers that are the user's to fix: a full disk or quota, a file-size
-#: limit (``ulimit -f``), no permission, a read-only file system. Any other ``OSError`` is a bug.
-USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
+#: limit (``ulimit -f``), no permission, a read-only file system, a file where a folder of the
+#: path should be (``DIFFUSION_BUNNY_CACHE`` or a setting's folder naming a file: it stopped
+#: stage 05 "with a bug"). Any other ``OSError`` is a bug.
+USER_OS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+)
 
 #: How those errors read in a message from inside a notebook kernel (only a class name and text
 #: cross the kernel boundary), by the C library's ``strerror``.
@@ -89,7 +93,10 @@ def storage_error(exc: BaseException, advice: str = RUN_ADVICE) -> StorageError 
         return None
     # A copy or a rename names both files; the one written is the second (shutil sets both).
     where = exc.filename2 or exc.filename
-    return _storage(str(where) if where else None, exc.strerror or "", exc.errno in _FULL, advice)
+    why = exc.strerror or ""
+    if exc.errno == errno.ENOTDIR:
+        why += " (a file stands where a folder of this path should be)"
+    return _storage(str(where) if where else None, why, exc.errno in _FULL, advice)
 
 
 #: A full disk or quota (what freeing space fixes), as opposed to permissions or a read-only disk.
@@ -144,7 +151,8 @@ def _size(n: float) -> str:
 
 def storage_error_from_text(ename: str, evalue: str) -> StorageError | None:
     """:func:`storage_error` for an error that crossed a kernel boundary as a name and a text."""
-    if ename not in ("OSError", "PermissionError", "IOError") or not any(t in evalue for t in _USER_OS_TEXTS):
+    named = ("OSError", "PermissionError", "IOError", "NotADirectoryError")
+    if ename not in named or not any(t in evalue for t in _USER_OS_TEXTS):
         return None
     # "[Errno 28] No space left on device: '/run/tables/x.parquet'": the path first, as above.
     m = re.fullmatch(

@@ -161,3 +161,18 @@ def test_bunny_run_on_a_full_disk_says_it_in_one_line_and_exit_status_2(tmp_path
         disk.empty()
         assert main(args) == 0
         assert pl.read_parquet(out / "tables" / "frames.parquet").height > 0
+
+
+def test_a_file_where_the_cache_folder_should_be_is_one_line(tmp_path, monkeypatch, clip, capsys):
+    """``DIFFUSION_BUNNY_CACHE`` under a file (a typo, a file named like the folder): stage 05's
+    answer store could not be made, and the run stopped "with a bug" (NotADirectoryError)."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", str(tmp_path / "afile" / "cache"))
+    out = tmp_path / "run"
+    stages = "extract,quality,characters,scenes,captions"
+    args = ["run", str(clip), "--out", str(out), "--stages", stages, "--set", "extract.detector=content"]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write " + str(tmp_path / "afile" / "cache") in err
+    assert "a file stands where a folder of this path should be" in err and "bug" not in err
+    assert Run.open(out).read_manifest("scenes")  # the stages before it are kept
