@@ -8,9 +8,13 @@ traceback, 1 only for a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import marshal
 import os
+import re
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -149,7 +153,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for r in reports:
         if not r.error:
             print(f"{r.movie.name}: {r.run_dir}")
-    if failed:
+    if any(_DAMAGED_BYTECODE.search(r.error) for r in failed):  # a movie of a folder failed on it
+        removed = _remove_damaged_bytecode(_bytecode_roots())
+        print(
+            f"error: {len(removed)} cached bytecode file(s) (.pyc) were cut short when they were written "
+            "and are now removed; run the failed movies again",
+            file=sys.stderr,
+        )
         print(
             f"error: {len(failed)} of {len(reports)} movies failed (see the messages above){log_hint()}",
             file=sys.stderr,
@@ -279,10 +289,53 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         log.exception("bug: %s", exc, extra=FILE_ONLY)
+        if _DAMAGED_BYTECODE.search(str(exc)):
+            removed = _remove_damaged_bytecode(_bytecode_roots())
+            print(
+                f"error: {len(removed)} cached bytecode file(s) (.pyc) were cut short when they were "
+                "written (a full disk or a file-size limit) and are now removed; run the command again "
+                f"(log: {path})",
+                file=sys.stderr,
+            )
+            log.info("damaged bytecode removed: %s", removed)
+            return 2
         print(f"error: bug: {type(exc).__name__}: {exc} (the traceback is in {path})", file=sys.stderr)
         return 1
     finally:
         stop_cli_log()
+
+
+#: How importing a module whose cached bytecode is cut short fails (here or inside a kernel).
+_DAMAGED_BYTECODE = re.compile(r"marshal data too short|bad marshal data")
+
+
+def _bytecode_roots() -> list[Path]:
+    """Where the modules a run imports keep their bytecode: this package and the environment's."""
+    paths = sysconfig.get_paths()
+    return sorted({Path(__file__).parent, Path(paths["purelib"]), Path(paths["platlib"])})
+
+
+def _remove_damaged_bytecode(roots: list[Path]) -> list[Path]:
+    """Delete every ``__pycache__/*.pyc`` under ``roots`` whose code cannot be read back.
+
+    Why: CPython writes a ``.pyc`` with a single write call and takes it as whole. On a full disk
+    (or under a file-size limit) that call writes only part of it, and the cut-short file then
+    fails every import of its module ("EOFError: marshal data too short") long after space is
+    freed; ``bunny`` keeps bytecode on purpose (:func:`_keep_bytecode`), so it clears them. Python
+    compiles the module again at the next import. 8,400 files take under a second."""
+    removed = []
+    for root in roots:
+        for pyc in root.rglob("__pycache__/*.pyc"):
+            try:
+                data = pyc.read_bytes()
+                marshal.loads(memoryview(data)[16:])  # past the 16-byte header (PEP 552)
+            except (EOFError, ValueError, TypeError):
+                with contextlib.suppress(OSError):
+                    pyc.unlink()
+                    removed.append(pyc)
+            except OSError:
+                continue
+    return removed
 
 
 if __name__ == "__main__":  # pragma: no cover

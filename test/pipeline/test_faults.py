@@ -80,11 +80,18 @@ def _limited_run(args: list[str], limit: int) -> subprocess.CompletedProcess:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code = "import sys; from diffusion_bunny.cli import main; sys.exit(main(sys.argv[1:]))"
+    # It writes no bytecode, nor do the kernels it starts: CPython writes a .pyc with one write
+    # call, and past the limit that call writes part of it and returns, leaving a cut-short .pyc
+    # that every later import of the module fails on ("marshal data too short"; the command
+    # clears such files, see cli._remove_damaged_bytecode, but the test is about what it says).
+    code = (
+        "import sys; import diffusion_bunny.cli as cli; cli._keep_bytecode = lambda: None; "
+        "sys.exit(cli.main(sys.argv[1:]))"
+    )
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         preexec_fn=limit_files,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -259,3 +266,41 @@ def logs_text() -> str:
     from diffusion_bunny import logs
 
     return logs.last_path.read_text()
+
+
+def test_bytecode_cut_short_by_a_full_disk_is_cleared_in_one_line(tmp_path, monkeypatch, capsys):
+    """A .pyc written on a full disk is cut short and taken as whole: every later import of its
+    module failed "with a bug" (EOFError: marshal data too short), long after space was freed.
+    The command removes every such file it finds and says to run again; the next import
+    compiles the module afresh."""
+    import importlib
+    import py_compile
+
+    from diffusion_bunny import cli
+
+    package = tmp_path / "lib"
+    package.mkdir()
+    for name in ("whole_mod", "cut_mod"):
+        (package / f"{name}.py").write_text(f"VALUE = {name!r}\n" + "X = list(range(50))\n" * 20)
+        py_compile.compile(
+            str(package / f"{name}.py"),
+            cfile=importlib.util.cache_from_source(str(package / f"{name}.py")),
+            doraise=True,
+        )
+    cut = Path(importlib.util.cache_from_source(str(package / "cut_mod.py")))
+    cut.write_bytes(cut.read_bytes()[:40])  # what a full disk leaves
+    monkeypatch.syspath_prepend(str(package))
+    monkeypatch.setattr(cli, "_bytecode_roots", lambda: [package])
+
+    def status_importing_the_module(args):
+        importlib.import_module("cut_mod")  # the real import machinery fails on it
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_status", status_importing_the_module)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 cached bytecode file(s) (.pyc) were cut short") and "bug" not in err
+    assert not cut.exists()
+    assert Path(importlib.util.cache_from_source(str(package / "whole_mod.py"))).exists()
+    assert main(["status", str(tmp_path)]) == 0  # compiled afresh
+    assert importlib.import_module("cut_mod").VALUE == "cut_mod"
