@@ -108,6 +108,16 @@ def test_bad_config_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    # Windows' Notepad and PowerShell's `>` save UTF-16 (with a byte-order mark), some editors a
+    # UTF-8 byte-order mark and CRLF: read as they are (UTF-16 stopped the run with a bug)
+    for encoding in ("utf-16", "utf-8-sig"):
+        saved = tmp_path / f"{encoding}.yaml"
+        saved.write_bytes("extract:\r\n  jpeg_quality: 80\r\n".encode(encoding))
+        assert load_config(saved).extract.jpeg_quality == 80
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("captions:\n  trigger_word: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .*save it as UTF-8"):
+        load_config(latin)
 
 
 def test_section_hash_moves_only_with_its_section():

@@ -79,13 +79,19 @@ class Config(RunConfig):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bytes, so that PyYAML reads the encoding from a byte-order mark: Windows' Notepad and
+        # PowerShell's `>` save UTF-16, which read as UTF-8 stopped the run with a bug.
+        text = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (nor UTF-16 with its byte-order mark); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
