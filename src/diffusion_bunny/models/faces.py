@@ -38,7 +38,7 @@ from diffusion_bunny.models.face_detect import make_detector, settings_of
 from diffusion_bunny.paths import is_clutter
 from diffusion_bunny.registry import FACE_DETECTORS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".avif", ".tif", ".tiff")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
 #: small face and a large one are compared at the same scale.
 FACE_SHARPNESS_SIDE = 96

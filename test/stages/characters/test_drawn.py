@@ -144,6 +144,12 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
         "JPEG",
     )
     save(refs / "mika" / "sprite.webp", sprite, "WEBP")
+    save(refs / "mika" / "web.avif", sprite, "AVIF")  # what web pages serve, saved from a browser
+    save(
+        refs / "mika" / "saved.jfif",  # a JPEG as Windows' browsers name it
+        on_plain_ground(draw(cast("mika"), Pose(turn=0.4), 220).rgba, (235, 240, 240)),
+        "JPEG",
+    )
     (refs / "mika" / "notes.txt").write_text("not a picture")
     (refs / "mika" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's photo
     save(refs / "blank" / "white.png", np.full((120, 120, 3), 255, np.uint8))
@@ -178,9 +184,11 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
     assert taken[("astronaut", "phone.jpg")].use == "face"  # upright, not a drawn cut-out lying down
-    assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 3
+    assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 5
     assert taken[("mika", "sprite.png")].how == "transparency"
     assert taken[("mika", "sprite.webp")].how == "transparency"
+    assert taken[("mika", "web.avif")].how == "transparency"
+    assert taken[("mika", "saved.jfif")].how == "grabcut"
     assert taken[("mika", "on_paper.jpg")].how == "grabcut"
     # Each picture that gives nothing: one line naming it and why.
     problems = {t.path.name: t.problem for t in pictures.taken if t.use == "left out"}

@@ -40,7 +40,8 @@ GREY = (128, 128, 128)
 #: A picture's subject must be at least this many pixels on its shorter side.
 MIN_SUBJECT_PX = 16
 #: Pictures the workspace reads as references.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: ``.jfif`` is how Windows' browsers save a JPEG, ``.avif`` what many web pages serve now.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 #: Photo formats of phones and cameras that Pillow and OpenCV do not read (HEIC/HEIF and
 #: raw files): named in the line that leaves them out, with what to do.
 PHOTO_ONLY_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".nef", ".arw")
