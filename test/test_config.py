@@ -116,7 +116,7 @@ def test_bad_config_files(tmp_path):
         assert load_config(saved).extract.jpeg_quality == 80
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("captions:\n  trigger_word: café\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match="is not UTF-8 text .*save it as UTF-8"):
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text .*save it as UTF-8"):
         load_config(latin)
 
 

@@ -151,6 +151,7 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
         "JPEG",
     )
     (refs / "mika" / "notes.txt").write_text("not a picture")
+    (refs / "mika" / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
     (refs / "mika" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's photo
     save(refs / "blank" / "white.png", np.full((120, 120, 3), 255, np.uint8))
     save(refs / "tiny" / "speck.png", np.pad(sprite[::20, ::20], ((2, 2), (2, 2), (0, 0))))
@@ -193,6 +194,7 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     # Each picture that gives nothing: one line naming it and why.
     problems = {t.path.name: t.problem for t in pictures.taken if t.use == "left out"}
     assert "is not a picture" in problems["notes.txt"]
+    assert "is a vector drawing (SVG), which is not read; export it as PNG" in problems["logo.svg"]
     assert "is a HEIC photo, which is not read; save it as JPEG or PNG" in problems["IMG_0001.HEIC"]
     assert "is blank" in problems["white.png"]
     assert "too small" in problems["speck.png"]

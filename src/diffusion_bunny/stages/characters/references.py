@@ -327,6 +327,12 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                         f"is a {path.suffix[1:].upper()} photo, which is not read; save it as JPEG "
                         "or PNG (a phone's share or export menu does)"
                     )
+                if path.suffix.lower() in (".svg", ".svgz"):
+                    # A cartoon character from a wiki or a vector editor: drawn in lines, no pixels.
+                    raise ReferenceProblem(
+                        "is a vector drawing (SVG), which is not read; export it as PNG (a browser, "
+                        "Inkscape or the editor it came from does), with a transparent background"
+                    )
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     raise ReferenceProblem(f"is not a picture ({path.suffix or 'no extension'})")
                 rgba = read_picture(path)
