@@ -789,3 +789,7 @@ def test_kohya_folder_names_stay_within_the_file_systems_limit(tmp_path):
         assert kohya_folder(10, concept) == folder  # the same concept, the same folder
     table = concept_table(pl.DataFrame({"split": ["train"], "concept": [long_concepts[0]], "repeats": [10]}))
     assert table["kohya_folder"].to_list() == [folders[0]]
+    # Names Windows refuses (a dataset copied there for kohya_ss): "Tom & <Jerry>" from a folder
+    assert kohya_folder(2, "Tom & <Jerry>") == "2_Tom & _Jerry_"
+    assert kohya_folder(2, 'Who? "Mr. T."') == "2_Who_ _Mr. T._"
+    assert kohya_folder(2, "Mr. T.") == "2_Mr. T_" and kohya_folder(1, "a:b|c\\d*") == "1_a_b_c_d_"

@@ -33,6 +33,7 @@ plan before any image is written.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -511,8 +512,17 @@ def kohya_folder(repeats: int, concept: str) -> str:
     """kohya's ``<repeats>_<concept>`` folder name (sd-scripts reads the number before the first
     ``_`` as the repeats; the rest only names the folder, since every picture has its .txt),
     bounded in length: a concept of many long names joined by ``+`` would pass the file system's
-    limit (:func:`~diffusion_bunny.pipeline.run.bounded_name`)."""
-    return bounded_name(f"{repeats}_{concept}")
+    limit (:func:`~diffusion_bunny.pipeline.run.bounded_name`), and portable: a character folder
+    named on Linux may hold characters Windows refuses in a name (``Tom & <Jerry>``, ``Who?``),
+    and a dataset is often copied to a Windows machine for kohya_ss, where such a folder cannot be
+    made. They, and a trailing dot or space, become ``_``."""
+    portable = _NOT_PORTABLE.sub("_", concept)
+    portable = portable.rstrip(" .") + "_" * (len(portable) - len(portable.rstrip(" .")))
+    return bounded_name(f"{repeats}_{portable}")
+
+
+#: Characters Windows refuses in a file name (and control characters).
+_NOT_PORTABLE = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
 def output_size(box: Box, max_side: int) -> tuple[int, int]:
