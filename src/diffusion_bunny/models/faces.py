@@ -318,11 +318,17 @@ class ReferenceSet:
 
 
 def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
-    """``{character: [image files]}`` from one sub-folder per character (hidden entries and the
-    operating system's clutter ignored: :func:`~diffusion_bunny.paths.is_clutter`)."""
+    """``{character: [image files]}`` from one sub-folder per character, the pictures in folders
+    inside it too (``refs/mika/poses/*.png``: a user sorting a character's pictures had them
+    ignored, and the character "had no usable picture"); hidden entries and the operating
+    system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`)."""
     out: dict[str, list[Path]] = {}
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and _usable(p.name)):
-        out[sub.name] = sorted(p for p in sub.iterdir() if p.is_file() and _usable(p.name))
+        out[sub.name] = sorted(
+            p
+            for p in sub.rglob("*")
+            if p.is_file() and all(_usable(part) for part in p.relative_to(sub).parts)
+        )
     return out
 
 
@@ -347,7 +353,7 @@ def misnamed_references(ref_dir: Path) -> list[str]:
     hold text, and such a folder stopped stage 03 with a bug."""
     out = []
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not is_clutter(p.name)):
-        named = [sub] if not _text(sub.name) else [p for p in sorted(sub.iterdir()) if not _text(p.name)]
+        named = [sub] if not _text(sub.name) else [p for p in sorted(sub.rglob("*")) if not _text(p.name)]
         out += [
             f"reference {shown(p)}: its name is not UTF-8 text (made on another system); rename it "
             "(for example with convmv -f latin1 -t utf8); left out"

@@ -145,6 +145,8 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     )
     save(refs / "mika" / "sprite.webp", sprite, "WEBP")
     save(refs / "mika" / "web.avif", sprite, "AVIF")  # what web pages serve, saved from a browser
+    # a picture the user sorted into a folder of its own, inside the character's
+    save(refs / "mika" / "poses" / "arms_down.png", draw(cast("mika"), Pose(), 200).rgba)
     save(
         refs / "mika" / "saved.jfif",  # a JPEG as Windows' browsers name it
         on_plain_ground(draw(cast("mika"), Pose(turn=0.4), 220).rgba, (235, 240, 240)),
@@ -185,7 +187,8 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
     assert taken[("astronaut", "phone.jpg")].use == "face"  # upright, not a drawn cut-out lying down
-    assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 5
+    assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 6
+    assert taken[("mika", "arms_down.png")].how == "transparency"
     assert taken[("mika", "sprite.png")].how == "transparency"
     assert taken[("mika", "sprite.webp")].how == "transparency"
     assert taken[("mika", "web.avif")].how == "transparency"
