@@ -157,6 +157,7 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     (refs / "mika" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's photo
     save(refs / "blank" / "white.png", np.full((120, 120, 3), 255, np.uint8))
     save(refs / "tiny" / "speck.png", np.pad(sprite[::20, ::20], ((2, 2), (2, 2), (0, 0))))
+    save(refs / "Smith, John" / "empty.png", np.full((90, 90, 3), 255, np.uint8))  # "last, first"
     (refs / "broken").mkdir()
     (refs / "broken" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
     # What the operating system leaves: a zip made on a Mac, Windows' thumbnail cache
@@ -171,6 +172,8 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
 
     faces, pictures, warnings = load_character_references(refs, DetectSettings())
     assert not any("MACOSX" in w or "Thumbs.db" in w or "desktop.ini" in w for w in warnings)
+    commas = [w for w in warnings if "character 'Smith, John'" in w and "reads as 2 tags" in w]
+    assert len(commas) == 1 and "'John Smith'" in commas[0]
     misnamed = [w for w in warnings if "is not UTF-8 text" in w]
     assert len(misnamed) == 2 and "Zo\\xeb" in "".join(misnamed) and "caf\\xe9.png" in "".join(misnamed)
     assert all(t.character.isascii() and "\udce9" not in str(t.path) for t in pictures.taken)

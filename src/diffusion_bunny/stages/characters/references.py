@@ -129,6 +129,12 @@ def read_picture(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgba)
 
 
+def _uncomma(name: str) -> str:
+    """``"Smith, John"`` as ``"John Smith"`` (a "last, first" name), else without its commas."""
+    parts = [p.strip() for p in name.split(",") if p.strip()]
+    return f"{parts[1]} {parts[0]}" if len(parts) == 2 else " ".join(parts)
+
+
 def on_grey(rgba: np.ndarray) -> np.ndarray:
     """RGB with transparent parts composited on :data:`GREY`."""
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
@@ -315,6 +321,12 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
     warnings += misnamed_references(ref_dir)
+    warnings += [
+        f"character '{name}': captions are tags parted by commas, so its name reads as "
+        f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
+        for name in reference_images(ref_dir)
+        if "," in name
+    ]
     for name, files in reference_images(ref_dir).items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
