@@ -177,15 +177,17 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     misnamed = [w for w in warnings if "is not UTF-8 text" in w]
     assert len(misnamed) == 2 and "Zo\\xeb" in "".join(misnamed) and "caf\\xe9.png" in "".join(misnamed)
     assert all(t.character.isascii() and "\udce9" not in str(t.path) for t in pictures.taken)
-    # ... nor does it make stage 03 stale (its reference folder's fingerprint), as a new picture does
+    # ... nor does it make stage 03 stale (its references' fingerprint), as a new picture does;
+    # nor Windows' thumbnails in a folder a stage wrote (frames/ seen from a share) that stage
+    from diffusion_bunny.models.faces import references_fingerprint
     from diffusion_bunny.pipeline.manifest import path_fingerprint
 
-    mark = path_fingerprint(refs)
+    mark, owned = references_fingerprint(refs), path_fingerprint(refs / "mika")
     (refs / "mika" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 more thumbnails")
     (refs / "__MACOSX" / "mika" / "._on_paper.jpg").write_bytes(b"\x00\x05")
-    assert path_fingerprint(refs) == mark
-    save(refs / "mika" / "another.png", sprite)
-    assert path_fingerprint(refs) != mark
+    assert references_fingerprint(refs) == mark and path_fingerprint(refs / "mika") == owned
+    save(refs / "mika" / "poses" / "another.png", sprite)
+    assert references_fingerprint(refs) != mark and path_fingerprint(refs / "mika") != owned
     taken = {(t.character, t.path.name): t for t in pictures.taken}
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
