@@ -160,6 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "and are now removed; run the failed movies again",
             file=sys.stderr,
         )
+    if failed:
         print(
             f"error: {len(failed)} of {len(reports)} movies failed (see the messages above){log_hint()}",
             file=sys.stderr,

@@ -129,6 +129,17 @@ def read_picture(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgba)
 
 
+def _name_warnings(ref_dir: Path) -> list[str]:
+    """One line per folder or picture whose name cannot serve (not UTF-8 text), and per
+    character whose name holds a comma."""
+    return misnamed_references(ref_dir) + [
+        f"character '{name}': captions are tags parted by commas, so its name reads as "
+        f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
+        for name in reference_images(ref_dir)
+        if "," in name
+    ]
+
+
 def _uncomma(name: str) -> str:
     """``"Smith, John"`` as ``"John Smith"`` (a "last, first" name), else without its commas."""
     parts = [p.strip() for p in name.split(",") if p.strip()]
@@ -320,13 +331,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
-    warnings += misnamed_references(ref_dir)
-    warnings += [
-        f"character '{name}': captions are tags parted by commas, so its name reads as "
-        f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
-        for name in reference_images(ref_dir)
-        if "," in name
-    ]
+    warnings += _name_warnings(ref_dir)
     for name, files in reference_images(ref_dir).items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
