@@ -280,6 +280,13 @@ def test_find_movies_and_stage_lists(tmp_path):
     (tmp_path / "extras").mkdir()
     with pytest.raises(UserError, match=r"not searched, and 2 of them hold videos \(ep1, ep2\)"):
         find_movies(tmp_path, cfg)
+    # A folder of frames (an animation exported as pictures): how to make it a movie
+    frames = tmp_path / "render"
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"shot_{i:04d}.PNG").write_bytes(b"")
+    with pytest.raises(UserError, match=r"holds 3 pictures: a picture sequence .* -i '\*\.PNG'"):
+        find_movies(frames, cfg)
     # A Blu-ray's streams and a camcorder's clips are movies too ("the folder holds no video file")
     disc = tmp_path / "BDMV"
     disc.mkdir()

@@ -122,15 +122,36 @@ def find_movies(target: str | Path | Sequence[str | Path], cfg: RunConfig) -> li
             for d in target.iterdir()
             if d.is_dir() and not d.name.startswith(".") and _holds_video(d, exts)
         )
-        hint = ""
+        hint = _sequence_hint(target)
         if below:
-            shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3 else "")
+            listed = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3 else "")
             holds = "1 of them holds" if len(below) == 1 else f"{len(below)} of them hold"
-            hint = f"; sub-folders are not searched, and {holds} videos ({shown}): run each"
+            hint = f"; sub-folders are not searched, and {holds} videos ({listed}): run each"
         raise BadInputError(
             f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))}){hint}"
         )
     return movies
+
+
+#: Pictures an animation or a render is often exported as, one file per frame.
+_SEQUENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr", ".dpx", ".webp", ".bmp", ".tga")
+
+
+def _sequence_hint(folder: Path) -> str:
+    """What to do with a folder of frames (an animator's export, a render): the workspace reads
+    movies, and the line said only that the folder "holds no video file"."""
+    counts: dict[str, int] = {}
+    for p in folder.iterdir():
+        if p.is_file() and p.suffix.lower() in _SEQUENCE_SUFFIXES:
+            counts[p.suffix] = counts.get(p.suffix, 0) + 1
+    if sum(counts.values()) < 2:
+        return ""
+    suffix = max(counts, key=counts.__getitem__)
+    return (
+        f"; it holds {sum(counts.values())} pictures: a picture sequence is read once made into a movie, "
+        f"e.g. ffmpeg -framerate 24 -pattern_type glob -i '*{suffix}' -vf 'pad=ceil(iw/2)*2:ceil(ih/2)*2' "
+        "-c:v libx264 -crf 12 -pix_fmt yuv420p movie.mp4"
+    )
 
 
 def drop_copies(movies: list[Path]) -> list[Path]:
