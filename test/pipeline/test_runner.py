@@ -287,6 +287,12 @@ def test_find_movies_and_stage_lists(tmp_path):
         (frames / f"shot_{i:04d}.PNG").write_bytes(b"")
     with pytest.raises(UserError, match=r"holds 3 pictures: a picture sequence .* -i '\*\.PNG'"):
         find_movies(frames, cfg)
+    dvd = tmp_path / "VIDEO_TS"
+    dvd.mkdir()
+    for name in ("VIDEO_TS.VOB", "VTS_01_0.VOB", "VTS_01_1.VOB", "VTS_01_2.VOB", "VTS_01_0.IFO"):
+        (dvd / name).write_bytes(b"")
+    with pytest.raises(UserError, match=r"a DVD's VIDEO_TS folder \(4 VTS files\): join one title's pieces"):
+        find_movies(dvd, cfg)
     # A Blu-ray's streams and a camcorder's clips are movies too ("the folder holds no video file")
     disc = tmp_path / "BDMV"
     disc.mkdir()

@@ -138,12 +138,19 @@ _SEQUENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr", ".dpx", 
 
 
 def _sequence_hint(folder: Path) -> str:
-    """What to do with a folder of frames (an animator's export, a render): the workspace reads
-    movies, and the line said only that the folder "holds no video file"."""
+    """What to do with a folder of frames (an animator's export, a render) or a DVD's VIDEO_TS: the
+    workspace reads movies, and the line said only that the folder "holds no video file"."""
     counts: dict[str, int] = {}
     for p in folder.iterdir():
         if p.is_file() and p.suffix.lower() in _SEQUENCE_SUFFIXES:
             counts[p.suffix] = counts.get(p.suffix, 0) + 1
+    vobs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.upper().startswith("VTS_"))
+    if vobs:  # a DVD's VIDEO_TS: each title is cut into 1 GB pieces, beside menus
+        return (
+            f"; it is a DVD's VIDEO_TS folder ({len(vobs)} VTS files): join one title's pieces into one "
+            "file, e.g. cat VTS_01_1.VOB VTS_01_2.VOB ... > title.vob (the largest title is the film), "
+            "and run that file"
+        )
     if sum(counts.values()) < 2:
         return ""
     suffix = max(counts, key=counts.__getitem__)
