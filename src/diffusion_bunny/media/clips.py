@@ -90,7 +90,7 @@ def timestamp_joins(movie: Path) -> int:
     with av.open(str(movie), metadata_errors="ignore") as container:
         stream = picture_stream(container)
         clock = MonotonicClock.of(container, float(stream.average_rate or stream.guessed_rate or 25))
-        if not clock.leaps:
+        if not clock.discontinuous:
             return 0
         tb = float(stream.time_base)
         for packet in container.demux(stream):

@@ -429,29 +429,31 @@ class MonotonicClock:
     Joined pieces of a recording (``cat`` of MPEG-TS files, a TV recording across a PTS reset or
     its 26.5-hour wrap) start their timestamps again: PyAV hands them on as they are, and a shot
     that spans the join ended before it began (seen: a shot of 2.74 -> 2.58 s in ``cat a.ts
-    b.ts``). A frame whose time goes back, or leaps more than :data:`TIMESTAMP_LEAP_S` in a format
-    that allows it, is taken as one frame after the frame before, and the pieces after it are
-    shifted by the same amount."""
+    b.ts``). In a format that allows such discontinuities (MPEG-TS, MPEG-PS: FFmpeg's
+    ``AVFMT_TS_DISCONT``, as ``ffmpeg`` itself corrects only there), a frame whose time goes back,
+    or leaps more than :data:`TIMESTAMP_LEAP_S`, is taken as one frame after the frame before,
+    and the pieces after it are shifted by the same amount. Elsewhere (MP4, Matroska, AVI) times
+    are left as they are: one glitched time there would shift every later frame."""
 
-    def __init__(self, fps: float, leaps: bool):
+    def __init__(self, fps: float, discontinuous: bool):
         self.frame_s = 1.0 / fps
-        self.leaps = leaps
+        self.discontinuous = discontinuous
         self.offset = 0.0
         self.last: float | None = None
         self.resets = 0
 
     @classmethod
     def of(cls, container: av.container.InputContainer, fps: float) -> MonotonicClock:
-        """A clock for ``container``'s picture: leaps forward count where its format allows them."""
+        """A clock for ``container``'s picture: it corrects where the format allows discontinuities."""
         return cls(fps, bool(container.format.flags & _TS_DISCONT))
 
     def __call__(self, t: float) -> float:
         """``t`` (seconds from the stream's start) on the clock that runs on."""
+        if not self.discontinuous:
+            return t
         t += self.offset
         last = self.last
-        if last is not None and (
-            t < last - 0.5 * self.frame_s or (self.leaps and t > last + TIMESTAMP_LEAP_S)
-        ):
+        if last is not None and (t < last - 0.5 * self.frame_s or t > last + TIMESTAMP_LEAP_S):
             shift = last + self.frame_s - t
             self.offset += shift
             t += shift

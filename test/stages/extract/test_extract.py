@@ -634,6 +634,18 @@ def test_a_joined_recording_keeps_its_times_running_on(tmp_path):
     assert len(saved) >= 4 and set(saved) == {(320, 180)}
 
 
+def test_times_run_on_only_where_the_format_allows_joins():
+    """MPEG-TS and -PS are joined by ``cat``; an MP4's or a Matroska file's time that goes back
+    is a glitch in one frame, and shifting every later frame by it would be the bigger error."""
+    from diffusion_bunny.media.video import MonotonicClock
+
+    joined, glitched = MonotonicClock(25, discontinuous=True), MonotonicClock(25, discontinuous=False)
+    raw = [0.0, 0.04, 0.08, 0.0, 0.04, 30.0, 30.04]  # a restart at the 4th frame, a leap at the 6th
+    assert [round(joined(t), 3) for t in raw] == [0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.24]
+    assert joined.resets == 2
+    assert [glitched(t) for t in raw] == raw and glitched.resets == 0
+
+
 def test_shot_clips_are_not_cut_from_a_joined_recording(tmp_path):
     """A clip is found by a seek to its time, which lands in either piece of a joined recording:
     stage 06 says so and cuts none, and a file of one piece has no join."""
