@@ -81,13 +81,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         # Bytes, so that PyYAML reads the encoding from a byte-order mark: Windows' Notepad and
         # PowerShell's `>` save UTF-16, which read as UTF-8 stopped the run with a bug.
-        text = path.read_bytes()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(raw)
     except yaml.reader.ReaderError:
         raise ConfigError(
             f"config file {path} is not UTF-8 text (nor UTF-16 with its byte-order mark); save it as UTF-8"

@@ -34,7 +34,6 @@ from diffusion_bunny.media.video import (
     DecodeReport,
     Deinterlacer,
     Display,
-    MonotonicClock,
     decode_past_damage,
     frame_to_bgr,
     interlace_verdict,
@@ -79,24 +78,6 @@ class ClipSource:
         return decode_clip(
             self.movie, start_s, frames, clip_fps, shot_start_s, shot_end_s, size, region=region, source=self
         )
-
-
-def timestamp_joins(movie: Path) -> int:
-    """How often ``movie``'s picture timestamps start again (0 for formats that do not allow it).
-
-    Stage 01 runs the times on across such a join (:class:`MonotonicClock`), but a clip is found
-    by a seek to its time, and in a file whose times repeat FFmpeg's seek lands in whichever
-    piece it meets first. Read from the packets' decode times, without decoding."""
-    with av.open(str(movie), metadata_errors="ignore") as container:
-        stream = picture_stream(container)
-        clock = MonotonicClock.of(container, float(stream.average_rate or stream.guessed_rate or 25))
-        if not clock.discontinuous:
-            return 0
-        tb = float(stream.time_base)
-        for packet in container.demux(stream):
-            if packet.dts is not None:
-                clock(packet.dts * tb)
-        return clock.resets
 
 
 def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:

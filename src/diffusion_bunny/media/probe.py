@@ -88,17 +88,25 @@ def shown(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def check_utf8_name(path: str | Path, what: str = "the movie") -> None:
-    """One line when ``path`` is not UTF-8 text. Linux takes any bytes for a name, and a name
-    from an old archive or another system's copy can be Latin-1 (``caf\\xe9.mp4``); the run's
-    tables, notebooks and manifests hold text, and such a movie failed "with a bug" halfway."""
+def is_text(path: str | Path) -> bool:
+    """Whether ``path`` is UTF-8 text. Linux takes any bytes for a name, and a name from an old
+    archive or another system's copy can be Latin-1 (``caf\\xe9.mp4``); tables, notebooks,
+    manifests and captions hold text."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_utf8_name(path: str | Path, what: str = "the movie") -> None:
+    """One line when ``path`` is not UTF-8 text (:func:`is_text`): such a movie failed "with a
+    bug" halfway."""
+    if not is_text(path):
         raise BadInputError(
             f"{shown(path)}: the name of {what} is not UTF-8 text (made on another system); rename it "
             "(for example with convmv -f latin1 -t utf8) and run it again"
-        ) from None
+        )
 
 
 def _picture_duration(

@@ -31,7 +31,7 @@ import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.media.images import laplacian_variance, read_rgb
-from diffusion_bunny.media.probe import shown
+from diffusion_bunny.media.probe import is_text, shown
 from diffusion_bunny.models import dlib_faces as fr
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
 from diffusion_bunny.models.face_detect import make_detector, settings_of
@@ -333,17 +333,8 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
 
 
 def _usable(name: str) -> bool:
-    """A name of the user's own (not the system's clutter) that is text (see :func:`_text`)."""
-    return not is_clutter(name) and _text(name)
-
-
-def _text(name: str) -> bool:
-    """Whether ``name`` is UTF-8 text (Linux takes any bytes for a name)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """A name of the user's own (not the system's clutter) that is text (:func:`is_text`)."""
+    return not is_clutter(name) and is_text(name)
 
 
 def misnamed_references(ref_dir: Path) -> list[str]:
@@ -353,7 +344,7 @@ def misnamed_references(ref_dir: Path) -> list[str]:
     hold text, and such a folder stopped stage 03 with a bug."""
     out = []
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not is_clutter(p.name)):
-        named = [sub] if not _text(sub.name) else [p for p in sorted(sub.rglob("*")) if not _text(p.name)]
+        named = [sub] if not is_text(sub.name) else [p for p in sorted(sub.rglob("*")) if not is_text(p.name)]
         out += [
             f"reference {shown(p)}: its name is not UTF-8 text (made on another system); rename it "
             "(for example with convmv -f latin1 -t utf8); left out"

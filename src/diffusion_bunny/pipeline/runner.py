@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,22 +141,20 @@ _SEQUENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr", ".dpx", 
 def _sequence_hint(folder: Path) -> str:
     """What to do with a folder of frames (an animator's export, a render) or a DVD's VIDEO_TS: the
     workspace reads movies, and the line said only that the folder "holds no video file"."""
-    counts: dict[str, int] = {}
-    for p in folder.iterdir():
-        if p.is_file() and p.suffix.lower() in _SEQUENCE_SUFFIXES:
-            counts[p.suffix] = counts.get(p.suffix, 0) + 1
-    vobs = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.upper().startswith("VTS_"))
+    files = [p for p in folder.iterdir() if p.is_file()]
+    counts = Counter(p.suffix for p in files if p.suffix.lower() in _SEQUENCE_SUFFIXES)
+    vobs = [p for p in files if p.name.upper().startswith("VTS_")]
     if vobs:  # a DVD's VIDEO_TS: each title is cut into 1 GB pieces, beside menus
         return (
             f"; it is a DVD's VIDEO_TS folder ({len(vobs)} VTS files): join one title's pieces into one "
             "file, e.g. cat VTS_01_1.VOB VTS_01_2.VOB ... > title.vob (the largest title is the film), "
             "and run that file"
         )
-    if sum(counts.values()) < 2:
+    if counts.total() < 2:
         return ""
-    suffix = max(counts, key=counts.__getitem__)
+    suffix = counts.most_common(1)[0][0]
     return (
-        f"; it holds {sum(counts.values())} pictures: a picture sequence is read once made into a movie, "
+        f"; it holds {counts.total()} pictures: a picture sequence is read once made into a movie, "
         f"e.g. ffmpeg -framerate 24 -pattern_type glob -i '*{suffix}' -vf 'pad=ceil(iw/2)*2:ceil(ih/2)*2' "
         "-c:v libx264 -crf 12 -pix_fmt yuv420p movie.mp4"
     )
@@ -203,7 +202,7 @@ def parse_stages(pipeline: Pipeline, text: str | Sequence[str] | None) -> list[s
         raise StageError(f"--stages is empty (available: {', '.join(order)})")
     names: set[str] = set()
     for token in tokens:
-        ends = [_stage_name(pipeline, end.strip()) for end in _span(token, order)]
+        ends = [_stage_name(order, end.strip()) for end in _span(token, order)]
         first, last = order.index(ends[0]), order.index(ends[-1])
         if first > last:
             raise StageError(f"--stages {token}: {ends[0]} comes after {ends[-1]}; give the span in order")
@@ -218,9 +217,9 @@ def _span(token: str, order: list[str]) -> list[str]:
     return token.split("-", 1)
 
 
-def _stage_name(pipeline: Pipeline, word: str) -> str:
-    """A stage's name from its name or its notebook's number (1-based, as the notebooks are)."""
-    order = pipeline.names()
+def _stage_name(order: list[str], word: str) -> str:
+    """A stage's name (of ``order``, the pipeline's) from its name or its notebook's number
+    (1-based, as the notebooks are)."""
     if word.isdigit() and 1 <= int(word) <= len(order):
         return order[int(word) - 1]
     if word not in order:

@@ -648,15 +648,23 @@ def test_times_run_on_only_where_the_format_allows_joins():
 
 def test_shot_clips_are_not_cut_from_a_joined_recording(tmp_path):
     """A clip is found by a seek to its time, which lands in either piece of a joined recording:
-    stage 06 says so and cuts none, and a file of one piece has no join."""
-    from diffusion_bunny.media.clips import timestamp_joins
+    stage 06 reads stage 01's count of joins, says so and cuts none; a file of one piece has no
+    join."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
     from diffusion_bunny.stages.export.settings import ExportSettings
-    from diffusion_bunny.stages.export.stage import _plan_clips
+    from diffusion_bunny.stages.export.stage import _plan_clips, timestamp_joins
 
     path = _joined_recording(tmp_path)
-    assert timestamp_joins(path) == 1 and timestamp_joins(tmp_path / "piece0.ts") == 0
+    cfg_all = load_config(None, {"extract.detector": "content"}, root=tmp_path)
+    joined = Run.create(tmp_path / "joined", path)
+    piece = Run.create(tmp_path / "piece", tmp_path / "piece0.ts")
+    for run in (joined, piece):
+        run_stage(run, "extract", cfg_all, progress=False)
+    assert timestamp_joins(joined) == 1 and timestamp_joins(piece) == 0
     warnings: list[str] = []
     shots = pl.DataFrame({"shot_id": [0], "start_s": [0.0], "end_s": [6.0]})
-    clips, short = _plan_clips(pl.DataFrame(), shots, path, ExportSettings(video_clips=True), warnings)
+    settings = ExportSettings(video_clips=True)
+    clips, short = _plan_clips(pl.DataFrame(), shots, path, settings, warnings, timestamp_joins(joined))
     assert clips.is_empty() and short == 0
     assert len(warnings) == 1 and "no clips" in warnings[0] and "-c copy" in warnings[0]

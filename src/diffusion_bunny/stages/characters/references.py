@@ -129,13 +129,13 @@ def read_picture(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgba)
 
 
-def _name_warnings(ref_dir: Path) -> list[str]:
-    """One line per folder or picture whose name cannot serve (not UTF-8 text), and per
-    character whose name holds a comma."""
+def _name_warnings(ref_dir: Path, names: list[str]) -> list[str]:
+    """One line per folder or picture of ``ref_dir`` whose name cannot serve (not UTF-8 text),
+    and per character of ``names`` whose name holds a comma."""
     return misnamed_references(ref_dir) + [
         f"character '{name}': captions are tags parted by commas, so its name reads as "
         f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
-        for name in reference_images(ref_dir)
+        for name in names
         if "," in name
     ]
 
@@ -331,8 +331,9 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
-    warnings += _name_warnings(ref_dir)
-    for name, files in reference_images(ref_dir).items():
+    pictures_of = reference_images(ref_dir)
+    warnings += _name_warnings(ref_dir, list(pictures_of))
+    for name, files in pictures_of.items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
         cut: dict[Path, np.ndarray] = {}

@@ -38,12 +38,13 @@ import polars as pl
 from PIL import Image
 
 from diffusion_bunny.errors import BadInputError
-from diffusion_bunny.media.clips import ClipSource, encode_mp4, timestamp_joins
+from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
+from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.settings import ExportSettings
@@ -214,7 +215,7 @@ def compute(ctx: Context) -> StageOutput:
             "rerun stage extract with --force"
         )
     shots, movie = ctx.optional("shots"), ctx.run.movie
-    clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings)
+    clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings, timestamp_joins(ctx.run))
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
             _write_video(run_dir, staging, movie, shots, clips, cfg)
@@ -238,11 +239,25 @@ def compute(ctx: Context) -> StageOutput:
     )
 
 
+def timestamp_joins(run: Run) -> int:
+    """How often the movie's timestamps started again (joined pieces of a recording), as stage 01
+    counted them while it decoded the movie: read from its manifest, not by demuxing the whole
+    movie once more."""
+    return ((run.read_manifest("extract") or {}).get("facts") or {}).get("timestamp_resets") or 0
+
+
 def _plan_clips(
-    items: pl.DataFrame, shots: pl.DataFrame | None, movie: Path, cfg: ExportSettings, warnings: list[str]
+    items: pl.DataFrame,
+    shots: pl.DataFrame | None,
+    movie: Path,
+    cfg: ExportSettings,
+    warnings: list[str],
+    joins: int = 0,
 ) -> tuple[pl.DataFrame, int]:
     """The clips to cut (``export.video_clips``; none otherwise) and how many shots with a named
-    character were too short to give one (said in ``warnings``)."""
+    character were too short to give one (said in ``warnings``). A clip is found by a seek to its
+    time, which in a movie whose times start again (``joins``, :func:`timestamp_joins`) lands in
+    whichever piece the seek meets first: none is cut there."""
     if not cfg.video_clips:
         return pl.DataFrame(schema=CLIP_SCHEMA), 0
     if shots is None or not Path(movie).is_file():
@@ -250,7 +265,6 @@ def _plan_clips(
             f"export.video_clips needs the run's shots and its movie ({movie}); "
             "put the movie back or set export.video_clips: false"
         )
-    joins = timestamp_joins(Path(movie))
     if joins:
         warnings.append(
             f"{Path(movie).name}: its timestamps start again {joins} time(s) (pieces of a recording "
