@@ -65,7 +65,13 @@ def _node_env(cache: Path) -> dict[str, str]:
 
 
 class Node:
-    """``ray start --block`` in a process group of its own (ended by the group's id)."""
+    """``ray start --block`` in a process group of its own (ended by the group's id).
+
+    On a busy machine a node can die as it starts: its raylet waits a fixed 15 s for the
+    dashboard agent (a Python process) to write its ports and aborts when the agent's imports
+    take longer, as they did with the suite's other worker training a LoRA beside it. Then
+    ``ray start --block`` exits, and :meth:`restart_if_dead` starts the node again (its files
+    are in the page cache by then)."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], before: str | None = None):
         ray = str(Path(sys.executable).parent / "ray")
@@ -73,11 +79,22 @@ class Node:
         if before:  # in a mount namespace of its own, after ``before`` (shell) changed its mounts
             script = f"{before} && exec {shlex.join(command)}"
             command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
-        log = open(cwd.parent / f"{cwd.name}-ray.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.command, self.cwd, self.env = command, cwd, env
+        self.starts = 0
+        self._start()
+
+    def _start(self) -> None:
+        log = open(self.cwd.parent / f"{self.cwd.name}-ray.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            command, cwd=cwd, env=env, start_new_session=True, stdout=log, stderr=log
+            self.command, cwd=self.cwd, env=self.env, start_new_session=True, stdout=log, stderr=log
         )
         self.log = log
+        self.starts += 1
+
+    def restart_if_dead(self) -> None:
+        if self.proc.poll() is not None and self.starts < 4:
+            self.log.close()
+            self._start()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -86,34 +103,58 @@ class Node:
         self.log.close()
 
 
-def _wait_for_cpus(address: str, cpus: int, timeout: float = 180.0) -> None:
-    """Wait until the live nodes of the cluster have ``cpus`` CPUs (a node joined, or one that was
-    stopped is known dead), without staying connected."""
-    code = (
-        "import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
-        "def alive(): return sum(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive'])\n"
-        "t = time.time()\n"
-        "while alive() != int(sys.argv[2]) and time.time() - t < float(sys.argv[3]): time.sleep(0.5)\n"
-        "print(alive())"
-    )
-    env = {**os.environ, **RAY_ENV}
+#: What a helper process prints: the cluster's live nodes and their CPUs, after waiting (up to
+#: its third argument, in seconds) for the CPUs to be its second argument.
+_LIVE = (
+    "import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+    "def live(): return [n for n in ray.nodes() if n['Alive']]\n"
+    "def cpus(): return sum(n['Resources'].get('CPU', 0) for n in live())\n"
+    "t = time.time()\n"
+    "while cpus() != float(sys.argv[2]) and time.time() - t < float(sys.argv[3]): time.sleep(0.5)\n"
+    "print('live:', len(live()), cpus(), flush=True)"
+)
+
+
+def _live(address: str, cpus: int, wait: float) -> tuple[int, float] | str:
+    """The cluster's live nodes and CPUs, once they are ``cpus`` or after ``wait`` seconds; the
+    end of the helper's errors when it could not connect (the head's raylet registers some time after its port
+    opens, and ``ray.init`` gives up after a minute with "No node info found"). Its answer is
+    the line it marks, as Ray itself may print to its output (a state dump of a slow loop)."""
     done = subprocess.run(
-        [sys.executable, "-c", code, address, str(cpus), str(timeout)],
+        [sys.executable, "-c", _LIVE, address, str(cpus), str(wait)],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=timeout + 60,
+        env={**os.environ, **RAY_ENV},
+        timeout=wait + 180,
     )
-    lines = done.stdout.strip().splitlines()
-    assert lines and float(lines[-1]) == cpus, done.stderr[-3000:]
+    answers = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("live:")]
+    if not answers:
+        return done.stderr[-3000:]
+    return int(answers[-1][0]), float(answers[-1][1])
+
+
+def _wait_for_cpus(address: str, cpus: int, nodes: tuple[Node, ...] = (), timeout: float = 300.0) -> None:
+    """Wait until the live nodes of the cluster have ``cpus`` CPUs (a node joined, or one that was
+    stopped is known dead), without staying connected; ``nodes`` that died starting are started
+    again."""
+    deadline = time.monotonic() + timeout
+    found: tuple[int, float] | str = "not asked"
+    while time.monotonic() < deadline:
+        found = _live(address, cpus, min(45.0, max(1.0, deadline - time.monotonic())))
+        if isinstance(found, tuple) and found[1] == cpus:
+            return
+        for node in nodes:
+            node.restart_if_dead()
+    raise AssertionError(f"the cluster did not reach {cpus} CPUs: {found}")
 
 
 @pytest.fixture
 def head(tmp_path):
-    """A head node with no CPUs of its own (every task runs on another node), started in A. Its
-    session files go to a temporary folder of its own, short enough for Ray's socket paths: in
-    Ray's default ``/tmp/ray`` the head would leave ``ray_current_cluster``, which any later
-    ``ray.init()`` on this machine would try to join."""
+    """A head node with no CPUs of its own (every task runs on another node), started in A, and
+    up: its raylet registered (it is started again if it died starting). Its session files go to
+    a temporary folder of its own, short enough for Ray's socket paths: in Ray's default
+    ``/tmp/ray`` the head would leave ``ray_current_cluster``, which any later ``ray.init()`` on
+    this machine would try to join."""
     port = _free_port()
     (tmp_path / "A").mkdir()
     temp = Path(tempfile.mkdtemp(prefix="bunny-ray-", dir="/tmp"))
@@ -129,15 +170,18 @@ def head(tmp_path):
         tmp_path / "A",
         _node_env(tmp_path / "cache_a"),
     )
-    deadline = time.monotonic() + 120
-    while True:
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    found: tuple[int, float] | str = "its port never opened"
+    while not (isinstance(found, tuple) and found[0] >= 1):
+        assert time.monotonic() < deadline, f"the head did not start: {found}"
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            found = _live(address, 0, 1.0)
         except OSError:
-            assert node.proc.poll() is None and time.monotonic() < deadline, "the head did not start"
             time.sleep(0.5)
-    yield f"127.0.0.1:{port}"
+        node.restart_if_dead()
+    yield address
     node.stop()
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -162,7 +206,7 @@ def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_a
         _node_env(tmp_path / "cache_b"),
     )
     try:
-        _wait_for_cpus(head, 1)
+        _wait_for_cpus(head, 1, (worker,))
         (tmp_path / "C").mkdir()
         monkeypatch.chdir(tmp_path / "C")  # the head's working folder: --out is relative to it
         sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
@@ -204,7 +248,7 @@ def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_a
         before=f"mount -t tmpfs tmpfs {shlex.quote(str(run.parent))} && mkdir -p {shlex.quote(str(run))}",
     )
     try:
-        _wait_for_cpus(head, 1)
+        _wait_for_cpus(head, 1, (blind,))
         overrides = {**SETTINGS, "engine.kind": "ray", "engine.address": head}
         (report,) = run_target(
             PIPELINE,
