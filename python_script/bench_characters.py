@@ -98,12 +98,14 @@ def reference_pass(folder: Path, frames: pl.DataFrame) -> int:
 
 def fitted_detector(folder: Path, frames: pl.DataFrame) -> Path:
     """A detector of kenney_toon's four drawn people fitted on ``frames`` in 30 steps, saved
-    under ``folder``; its path."""
+    under ``folder`` as stage 03 saves one (the torch file and the ONNX search beside it); its
+    path."""
     _, pictures, _ = load_character_references(truth_dir() / "refs" / "kenney_toon", DetectSettings())
     backgrounds = background_frames(folder, frames, None, 40)
     detector = fit_detector(pictures.cutouts, backgrounds, FittedSettings(steps=30), progress=False)
     path = folder / "fitted-bench.pt"
     path.write_bytes(detector.to_bytes())
+    path.with_suffix(".onnx").write_bytes(detector.onnx_bytes())  # what stage 03's workers search with
     return path
 
 

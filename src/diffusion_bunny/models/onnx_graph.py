@@ -83,8 +83,8 @@ def process_threads() -> int:
 
 
 def cpu_session(model: Any, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session of ``model`` with ``threads`` intra-op threads (default
-    :func:`process_threads`)."""
+    """An ONNX Runtime CPU session of ``model`` (an ONNX model, or its bytes) with ``threads``
+    intra-op threads (default :func:`process_threads`)."""
     import onnxruntime as ort  # lazy: keeps onnxruntime out of `bunny --help` (0.09 s)
 
     options = ort.SessionOptions()
@@ -93,4 +93,5 @@ def cpu_session(model: Any, threads: int | None = None) -> Any:
     # Errors only: CenterFace's export lists unused batch-norm counters, which ONNX Runtime drops
     # with a warning line each (dozens on the terminal of every worker).
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])

@@ -29,6 +29,7 @@ from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted import detector as fitted_module
 from diffusion_bunny.models.fitted.detector import (
     FittedDetector,
+    FittedSearch,
     film_cast,
     fit_detector,
     fit_film_detector,
@@ -328,6 +329,32 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     # The score a sighting needs is applied after the search: no new fit for it.
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"min_score": 0.3})) == key
     assert fit_key(cutouts, backgrounds, settings) == key
+
+
+def test_onnx_search_finds_what_the_torch_detector_finds(fitted, tmp_path):
+    """Stage 03's workers search with the ``.onnx`` file on ONNX Runtime (no torch in them): the
+    same hits, scores, boxes and features as the fitted network in torch, at any frame size."""
+    detector, _, _, settings = fitted
+    path = tmp_path / "fitted.onnx"
+    path.write_bytes(detector.onnx_bytes())
+    search = FittedSearch.load(path)
+    assert search.names == detector.names and search.settings == settings and search.key == detector.key
+    seen = 0
+    for seed, size in ((1, None), (2, (400, 300)), (3, (1280, 720))):
+        frame, _ = frames_with(["mika", "biscuit"], [Pose(turn=0.2), Pose(turn=-0.3)], seed)
+        if size:
+            frame = cv2.resize(frame, size)
+        first, second = detector.detect(frame, 0.1), search.detect(frame, 0.1)
+        assert [(h.index, round(h.score, 3), tuple(round(v, 1) for v in h.box)) for h in first] == [
+            (h.index, round(h.score, 3), tuple(round(v, 1) for v in h.box)) for h in second
+        ]
+        for a, b in zip(first, second, strict=True):
+            assert np.allclose(a.feature, b.feature, atol=1e-4)
+        seen += len(first)
+    assert seen >= 2  # the comparison compared sightings, not two empty lists
+    # A damaged or foreign file is no search (stage 03 writes it again from the torch file).
+    path.write_bytes(b"not onnx")
+    assert FittedSearch.load(path) is None
 
 
 def test_the_film_cast_is_the_characters_found_in_its_frames(fitted):

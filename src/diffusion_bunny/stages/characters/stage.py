@@ -49,7 +49,13 @@ from diffusion_bunny.models.faces import (
     read_rgb,
 )
 from diffusion_bunny.models.fitted import FittedSettings
-from diffusion_bunny.models.fitted.detector import FittedDetector, Hit, fit_film_detector, fit_key
+from diffusion_bunny.models.fitted.detector import (
+    FittedDetector,
+    FittedSearch,
+    Hit,
+    fit_film_detector,
+    fit_key,
+)
 from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput, run_stage
@@ -134,9 +140,10 @@ Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None", "str |
 
 
 @functools.cache
-def _fitted(path: str) -> FittedDetector:
-    """The fitted character detector saved at ``path`` (read once per worker process)."""
-    detector = FittedDetector.load(Path(path))
+def _fitted(path: str) -> FittedSearch:
+    """The search of the fitted character detector saved at ``path`` (read once per worker
+    process), from its ``.onnx`` file: a worker needs no torch."""
+    detector = FittedSearch.load(Path(path).with_suffix(".onnx"))
     if detector is None:
         raise StageError(f"the fitted character detector {path} cannot be read; rerun stage characters")
     return detector
@@ -445,7 +452,8 @@ def fitted_detector_file(
     """The file of the detector fitted to ``pictures``'s drawn characters on the film's frames
     (``<run>/cache/characters/fitted-<key>.pt``), fitted now unless a file of the same key is
     there; returns it, whether it was fitted now and the characters it finds (those of the
-    pictures that are in the film, :func:`fit_film_detector`). Older fits are removed."""
+    pictures that are in the film, :func:`fit_film_detector`). Beside it, ``fitted-<key>.onnx``
+    is what the search runs (:class:`FittedSearch`). Older fits are removed."""
     backgrounds = background_frames(run_dir, frames, quality, settings.backgrounds)
     if not backgrounds:
         raise StageError("no frame to fit the character detector on; run stages extract and quality first")
@@ -457,8 +465,10 @@ def fitted_detector_file(
     if detector is None:
         detector = fit_film_detector(pictures.cutouts, backgrounds, settings, progress=progress, key=key)
         atomic_write_bytes(path, detector.to_bytes())
-    for old in folder.glob("fitted-*.pt"):
-        if old != path:
+    if fitted_now or FittedSearch.load(path.with_suffix(".onnx")) is None:
+        atomic_write_bytes(path.with_suffix(".onnx"), detector.onnx_bytes())
+    for old in [*folder.glob("fitted-*.pt"), *folder.glob("fitted-*.onnx")]:
+        if old.stem != path.stem:
             old.unlink(missing_ok=True)
     return path, fitted_now, detector.names
 
