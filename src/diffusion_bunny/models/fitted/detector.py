@@ -35,6 +35,7 @@ import json
 import math
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.models.fitted import FittedSettings
+from diffusion_bunny.models.onnx_graph import cpu_session
 
 if TYPE_CHECKING:
     import torch
@@ -491,8 +493,6 @@ class FittedDetector:
     def onnx_bytes(self) -> bytes:
         """The network as an ONNX model (any input height and width), with the names, settings
         and key in its metadata: what :class:`FittedSearch` runs, without torch."""
-        import warnings
-
         import onnx  # lazy: only where a detector was just fitted or loaded
         import torch  # lazy: torch takes 1.1 s to import
 
@@ -571,8 +571,6 @@ class FittedSearch:
     @classmethod
     def load(cls, path: Path) -> FittedSearch | None:
         """The search saved at ``path``, or None when it is missing, damaged or of another format."""
-        from diffusion_bunny.models.onnx_graph import cpu_session
-
         try:
             session = cpu_session(path.read_bytes())
             meta = session.get_modelmeta().custom_metadata_map
