@@ -1,4 +1,5 @@
-"""The contact-sheet builder every stage's figures use (:func:`tile_sheet`)."""
+"""The contact-sheet builder every stage's figures use (:func:`tile_sheet`) and the histograms' bars
+(:func:`stacked_bins`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import gc
 import weakref
 
 import numpy as np
+import pandas as pd
+import pytest
 from PIL import Image
 
 from diffusion_bunny.media import figures
-from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
+from diffusion_bunny.media.figures import Block, Layout, Tile, bin_edges, histogram, stacked_bins, tile_sheet
 
 
 def _frame(path, colour, size=(64, 48)):
@@ -61,3 +64,61 @@ def test_transparent_pictures_shown_on_grey(tmp_path):
     Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(sprite)
     sheet = np.asarray(tile_sheet([Block([Tile(sprite)])], Layout((30, 30), columns=1, label_h=0)))
     assert tuple(sheet[4 + 15, 4 + 15]) == figures.TRANSPARENT_GROUND
+
+
+def test_stacked_bins_count_every_value_once_stacked_in_legend_order():
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame(
+        {
+            "value": np.concatenate([rng.normal(0, 1, 300), rng.normal(5, 2, 200), [np.nan, np.inf]]),
+            "outcome": pd.Categorical(["kept"] * 250 + ["blurry"] * 250 + ["kept"] * 2, ["kept", "blurry"]),
+            "panel": ["a"] * 300 + ["b"] * 202,
+        }
+    )
+    bars = stacked_bins(data, "value", by="outcome", panel="panel", bins=30)
+    for name, part in bars.groupby("panel", observed=True):
+        finite = data[(data["panel"] == name) & np.isfinite(data["value"])]
+        assert (part["ymax"] - part["ymin"]).sum() == len(finite)
+        for outcome in ("kept", "blurry"):  # each group's bars count its own values
+            mine = part[part["outcome"] == outcome]
+            assert (mine["ymax"] - mine["ymin"]).sum() == (finite["outcome"] == outcome).sum()
+        # Each panel bins its own range: 30 bars from its smallest value to its largest.
+        assert part["xmin"].min() == pytest.approx(finite["value"].min())
+        assert part["xmax"].max() == pytest.approx(finite["value"].max())
+    # Stacked: in each bar, the first category sits on the second (plotnine's order, the
+    # legend's from the top), and no two groups overlap.
+    a = bars[bars["panel"] == "a"]
+    for _, column in a.groupby("xmin"):
+        kept, blurry = column[column["outcome"] == "kept"], column[column["outcome"] == "blurry"]
+        if len(kept) and len(blurry):
+            assert kept["ymin"].iloc[0] == blurry["ymax"].iloc[0]
+        assert column["ymin"].min() == 0
+    assert list(bars["outcome"].cat.categories) == ["kept", "blurry"]
+    assert (bars["ymax"] > bars["ymin"]).all()  # bars that count nothing are left out
+
+
+def test_bin_edges_span_the_lines_and_centre_on_binwidth():
+    # The range covers a threshold drawn beyond the data, as the chart's axis does.
+    edges = bin_edges(np.array([10.0, 20.0, 90.0]), bins=30, include=[230.0])
+    assert edges[0] == 10 and edges[-1] == 230 and len(edges) == 31
+    # One bar per word count, centred on it, every count inside a bar.
+    words = np.array([7, 8, 8, 9, 13])
+    edges = bin_edges(words, binwidth=1)
+    assert edges[0] == 6.5 and edges[-1] == 13.5
+    assert np.allclose(np.diff(edges), 1)
+    bars = stacked_bins(pd.DataFrame({"words": words}), "words", binwidth=1)
+    assert dict(zip((bars["xmin"] + 0.5).astype(int), bars["ymax"], strict=True)) == {7: 1, 8: 2, 9: 1, 13: 1}
+    # One value, or none: one bar around it.
+    assert list(bin_edges(np.array([3.0, 3.0]), bins=10)) == [2.5, 3.5]
+    assert list(bin_edges(np.array([]), bins=10)) == [-0.5, 0.5]
+    with pytest.raises(ValueError, match="binwidth must be positive"):
+        bin_edges(words, binwidth=0)
+
+
+def test_histogram_draws_its_bars_and_lines():
+    data = pd.DataFrame({"x": [1.0, 2.0, 2.5, 9.0], "kind": ["static", "dynamic", "static", "static"]})
+    chart = histogram(data, "x", by="kind", lines=[(12.0, "#C0392B")], labels={"x": "x"}, bins=4)
+    assert (chart.data["ymax"] - chart.data["ymin"]).sum() == 4
+    # The bars divide the range from 1 to the line at 12, not to the largest value.
+    assert np.allclose(chart.data["xmax"] - chart.data["xmin"], 11 / 4)
+    assert chart.draw() is not None

@@ -629,8 +629,16 @@ def test_quality_figures_render(demo_run, tmp_path):
     quality = demo_run.read_table("quality")
     frames = demo_run.read_table("frames")
     out = tmp_path / "hist.png"
-    quality_histograms(quality, QualitySettings()).save(out, verbose=False, dpi=50)
+    chart = quality_histograms(quality, QualitySettings())
+    chart.save(out, verbose=False, dpi=50)
     assert out.stat().st_size > 5_000
+    # Every frame is counted once in each panel, in its outcome's colour.
+    heights = chart.data.assign(n=chart.data["ymax"] - chart.data["ymin"])
+    per_panel = heights.groupby("score", observed=True)["n"].sum()
+    assert per_panel["brightness (0-255)"] == quality.height
+    assert per_panel["sharpness (log10)"] == quality.height
+    kept = heights[heights["outcome"] == "kept"].groupby("score", observed=True)["n"].sum()
+    assert kept["contrast (std, 0-255)"] == int(quality["keep"].sum())
     sheet = quality_sheet(demo_run.run_dir, quality, frames, columns=4, thumb_width=100)
     kept_rows = -(-int(quality["keep"].sum()) // 4)
     assert sheet.size == (4 + 4 * 104, 24 * 2 + (kept_rows + 1) * (round(100 * 180 / 320) + 15 + 4))

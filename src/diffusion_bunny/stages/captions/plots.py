@@ -29,7 +29,6 @@ def caption_length_plot(captions: pl.DataFrame, by: str = "provider") -> p9.ggpl
             f"{median:.0f} words (dashed: about CLIP's 77-token limit)",
         },
         binwidth=1,
-        position="stack",
     )
 
 

@@ -18,6 +18,7 @@ from diffusion_bunny.media.figures import (
     Tile,
     aspect_height,
     minimal_theme,
+    stacked_bins,
     tile_sheet,
 )
 from diffusion_bunny.stages.extract.tables import frame_image_path
@@ -100,9 +101,18 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
             f"; film median brightness {exposure.film_brightness:.0f} (dotted): too dark under "
             f"{exposure.min_brightness:.1f}, too bright over {exposure.max_brightness:.1f}"
         )
+    # Each panel's bars span its lines too, as its axis does.
+    span: dict[str, list[float]] = {}
+    for name, value in [*lines, *film]:
+        span.setdefault(name, []).append(value)
+    bars = stacked_bins(df, "value", by="outcome", panel="score", bins=30, include=span)
     return (
-        p9.ggplot(df, p9.aes(x="value", fill="outcome"))
-        + p9.geom_histogram(bins=30, colour="white", size=0.1)
+        p9.ggplot(bars)
+        + p9.geom_rect(
+            p9.aes(xmin="xmin", xmax="xmax", ymin="ymin", ymax="ymax", fill="outcome"),
+            colour="white",
+            size=0.1,
+        )
         + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour=LINE_RED, size=0.7)
         + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
         + p9.facet_wrap("score", scales="free", ncol=3)
