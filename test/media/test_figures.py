@@ -12,7 +12,16 @@ import pytest
 from PIL import Image
 
 from diffusion_bunny.media import figures
-from diffusion_bunny.media.figures import Block, Layout, Tile, bin_edges, histogram, stacked_bins, tile_sheet
+from diffusion_bunny.media.figures import (
+    Block,
+    Layout,
+    Tile,
+    bin_edges,
+    histogram,
+    stacked_bins,
+    tile_sheet,
+    whole_counts,
+)
 
 
 def _frame(path, colour, size=(64, 48)):
@@ -122,3 +131,13 @@ def test_histogram_draws_its_bars_and_lines():
     # The bars divide the range from 1 to the line at 12, not to the largest value.
     assert np.allclose(chart.data["xmax"] - chart.data["xmin"], 11 / 4)
     assert chart.draw() is not None
+
+
+def test_count_axes_break_at_whole_numbers_only():
+    assert whole_counts((0, 1)) == [0, 1]  # not 0.25, 0.5, 0.75 frames
+    assert whole_counts((0, 2)) == [0, 1, 2]
+    assert whole_counts((0, 5)) == [0, 1, 2, 3, 4, 5]
+    assert whole_counts((0, 400)) == [0, 100, 200, 300, 400]
+    # Two shots of different lengths: each bar counts one, and the axis says 0 and 1 only.
+    figure = histogram(pd.DataFrame({"x": [1.0, 9.0]}), "x", labels={"x": "x"}, bins=4).draw()
+    assert [t for t in figure.axes[0].get_yticks() if 0 <= t <= 1] == [0, 1]

@@ -20,6 +20,7 @@ from diffusion_bunny.media.figures import (
     minimal_theme,
     stacked_bins,
     tile_sheet,
+    whole_counts,
 )
 from diffusion_bunny.stages.extract.tables import frame_image_path
 from diffusion_bunny.stages.quality.rules import exposure_thresholds, sharpness_threshold, with_text_columns
@@ -117,6 +118,7 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
         + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
         + p9.facet_wrap("score", scales="free", ncol=3)
         + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
+        + p9.scale_y_continuous(breaks=whole_counts)
         + p9.labs(x="", y="frames", fill="outcome", title=title)
         + minimal_theme(10, 5.5)
     )
