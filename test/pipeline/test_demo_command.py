@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import nbformat
 import polars as pl
+from notebooks import pictures
 
 from diffusion_bunny.demo.run import run_demo
 
@@ -33,24 +34,26 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert f"against the ground truth ({len(truth['shots'])} shots)" in summary
     assert "precision 1.00 recall 1.00" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "01_extract_frames.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 4  # shot lengths, motion with threshold, boundary decisions, contact sheet
+    shown = pictures(nb)
+    assert len(shown) == 4  # shot lengths, motion with threshold, boundary decisions, contact sheet
+    # The charts are PNG; the contact sheet of frames is one JPEG, not a PNG beside it.
+    assert len(pictures(nb, "image/png")) == 3 and len(pictures(nb, "image/jpeg")) == 1
     # Stage 02 ran through its notebook too, and agrees with the ground truth on every frame.
     n_frames = pl.read_parquet(tmp_path / "demo_run" / "tables" / "frames.parquet").height
     assert f"verdict as the ground truth for {n_frames} of {n_frames} frames" in summary
     assert ": 20 kept, 1 too_dark, 1 blurry, 1 duplicate" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "02_filter_quality.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 3  # histograms with thresholds, kept/rejected grid, the text strip
+    shown = pictures(nb)
+    assert len(shown) == 3  # histograms with thresholds, kept/rejected grid, the text strip
     # Stage 03 named both people from the demo's reference portraits, and the drawn girl and the
     # cartoon dog from a sprite and a poster, in every frame searched.
     kept = pl.read_parquet(tmp_path / "demo_run" / "tables" / "face_frames.parquet").height
     assert f"the named characters match the ground truth in {kept} of {kept} frames" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "03_detect_characters.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    shown = pictures(nb)
     # What was taken from each reference, faces per character, screen-time timeline, the strips of
     # appearances, the detector preview, whose cell also printed the eval table of the face detectors.
-    assert len(pngs) == 5
+    assert len(shown) == 5
     assert any(
         "mtcnn mirror_score=False" in o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
     )
@@ -60,8 +63,8 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     ari = float(summary.split("adjusted Rand index ")[1].split()[0])
     assert ari > 0.8
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "04_cluster_scenes.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 4  # cluster sizes, similarity histogram, cluster sheet, learning curve
+    shown = pictures(nb)
+    assert len(shown) == 4  # cluster sizes, similarity histogram, cluster sheet, learning curve
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "through the adapter" in text and "TITLE:" in text
     assert (tmp_path / "demo_run" / "export" / "clusters_scene.edl").is_file()
@@ -70,8 +73,8 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert f"captions: {n_kept} of {n_kept} frames captioned (template {n_kept})" in summary
     assert f"the caption names the ground truth's people in {n_kept} of {n_kept}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "05_caption.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 2  # caption lengths, word frequencies
+    shown = pictures(nb)
+    assert len(shown) == 2  # caption lengths, word frequencies
     # Stages 06-08 exported the dataset, trained the tiny LoRA and drew the grids, through their notebooks.
     items = pl.read_parquet(tmp_path / "demo_run" / "tables" / "dataset_items.parquet")
     assert (
@@ -89,14 +92,14 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert drawn["drawn_score"].null_count() == 0 and "drawn score " in summary
     for name in ("06_export_dataset", "07_finetune_lora", "08_generate"):
         nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / f"{name}.ipynb", as_version=4)
-        assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), name
+        assert pictures(nb), name
     # Stage 09 made the QA report: every section with figures (the dataset section adds the
     # exported pictures with their crops and the frames dropped by reason; stage 08's the drawn
     # characters' scores per checkpoint).
     assert f"report: 19 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    shown = pictures(nb)
     # funnel, quality, 2 shot figures, screen time, 4 contact sheets and the 4 characters' exported
     # pictures, clusters, caption lengths, training loss, the drawn characters per checkpoint
     # (identity per checkpoint has no face to score on the tiny model's noise)
-    assert len(pngs) == 17
+    assert len(shown) == 17

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -407,6 +408,28 @@ def test_notebook_03_interactive_path_runs_headless(demo_run, tmp_path):
     assert len(_widget_views(nb)) == 1
     fixer = next(c for c in nb.cells if c.cell_type == "code" and "AppearanceFixer(run)" in c.source)
     assert sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in fixer.outputs) == 1
+
+
+def test_notebooks_show_pictures_as_one_jpeg_and_transparent_ones_as_png():
+    from IPython.core.formatters import DisplayFormatter
+    from PIL import Image
+
+    from diffusion_bunny.nbtools import show_pictures_as_jpeg
+
+    sheet = Image.new("RGB", (320, 180), "#4C78A8")
+    sprite = Image.new("RGBA", (64, 64), (255, 0, 0, 128))
+    plain = DisplayFormatter()
+    assert {"image/png", "image/jpeg"} <= set(plain.format(sheet)[0])  # Pillow offers both
+    shell = type("Shell", (), {"display_formatter": DisplayFormatter()})()
+    assert show_pictures_as_jpeg(shell)
+    shown = shell.display_formatter.format(sheet)[0]
+    assert "image/png" not in shown and shown["image/jpeg"][:2] == b"\xff\xd8"
+    assert Image.open(io.BytesIO(shown["image/jpeg"])).size == (320, 180)
+    # JPEG holds no transparency: a sprite is still shown, as PNG.
+    shown = shell.display_formatter.format(sprite)[0]
+    assert "image/jpeg" not in shown and shown["image/png"][:4] == b"\x89PNG"
+    # Outside a notebook there is no shell to tell.
+    assert not show_pictures_as_jpeg(object())
 
 
 def test_open_run_for_notebooks(cut_clip, tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+from notebooks import pictures
 from PIL import Image
 
 from diffusion_bunny.config import load_config
@@ -746,8 +747,8 @@ def test_notebook_06_runs_headless(export_run, tmp_path, monkeypatch):
     assert f"{items.height - n_val} train, {n_val} validation" in text
     assert "WARNING: 1 kept frame(s) left out" in text
     assert "DatasetDict" in text and f"num_rows: {n_val}" in text
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 2  # pictures per character and split, the contact sheet
+    shown = pictures(nb)
+    assert len(shown) == 2  # pictures per character and split, the contact sheet
     tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert len(tables) >= 2  # repeats, captions
     assert run.read_manifest("export")["finished"] == finished  # skipped: up to date

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from notebooks import pictures
 
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.models.faces import DetectSettings
@@ -976,6 +977,6 @@ def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monke
     assert "16 images (16 drawn now, 0 reused) over" in text  # two people, two drawn characters
     best = run.read_manifest("generate")["facts"]["best_checkpoint"]
     assert f"best {best} (" in text and "pipe.load_lora_weights(" in text
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == 5  # score plot + a grid per character
+    shown = pictures(nb)
+    assert len(shown) == 5  # score plot + a grid per character
     nbformat.validate(nb)

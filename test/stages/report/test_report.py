@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import polars as pl
 import pytest
+from notebooks import pictures
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.pipeline.run import Run
@@ -471,8 +472,8 @@ def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     options = RunOptions(PIPELINE, load_config(None, {}), progress=False)
     executed = execute_stage_notebook(run, "report", options, "python3")
     nb = nbformat.read(executed, as_version=4)
-    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4
+    shown = pictures(nb)
+    assert len(shown) == run.read_table("report_figures")["figure"].is_not_null().sum() == 4
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "stages that did not run: captions, characters, export, generate, scenes, train" in text
     assert (run.run_dir / "report" / "index.html").is_file()

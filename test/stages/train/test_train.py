@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from notebooks import pictures
 from PIL import Image, ImageDraw
 
 from diffusion_bunny.config import load_config
@@ -750,7 +751,7 @@ def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
         for out in cell.get("outputs", [])
     )
     assert "4 steps on 5 images" in text and "pytorch_lora_weights.safetensors" in text
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = pictures(nb)
     assert len(images) >= 2  # the loss curve and the validation grid
     assert run.read_table("training_validation")["step"].to_list() == [0, 2, 4]
 
