@@ -225,13 +225,12 @@ def histogram(
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
     bars = stacked_bins(data, x, by=by, bins=bins, binwidth=binwidth, include=[value for value, _ in lines])
-    rect = p9.aes(xmin="xmin", xmax="xmax", ymin="ymin", ymax="ymax")
+    corners = {"xmin": "xmin", "xmax": "xmax", "ymin": "ymin", "ymax": "ymax"}
     outline = {"colour": colour, "size": size} if colour is not None else {}
     if by is not None:
-        rect = p9.aes(xmin="xmin", xmax="xmax", ymin="ymin", ymax="ymax", fill=by)
-        chart = p9.ggplot(bars) + p9.geom_rect(rect, **outline)
+        chart = p9.ggplot(bars) + p9.geom_rect(p9.aes(**corners, fill=by), **outline)
     else:
-        chart = p9.ggplot(bars) + p9.geom_rect(rect, fill=fill, **outline)
+        chart = p9.ggplot(bars) + p9.geom_rect(p9.aes(**corners), fill=fill, **outline)
     for value, line_colour in lines:
         chart += p9.geom_vline(xintercept=value, linetype="dashed", colour=line_colour, size=line_size)
     if colours is not None:
