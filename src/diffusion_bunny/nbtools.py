@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ from PIL import Image
 
 from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.demo.run import demo_movie
+from diffusion_bunny.media.figures import jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.run import Run, movie_id
 
@@ -46,18 +46,14 @@ def _as_jpeg(image: Image.Image) -> bytes | None:
     a side over 65,500 px)."""
     if image.mode not in ("RGB", "L") or max(image.size) > _JPEG_MAX_SIDE:
         return None
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90, subsampling=0)
-    return buf.getvalue()
+    return jpeg_bytes(image)
 
 
 def _as_png(image: Image.Image) -> bytes | None:
     """A picture as PNG for the notebook, only where :func:`_as_jpeg` cannot show it."""
     if image.mode in ("RGB", "L") and max(image.size) <= _JPEG_MAX_SIDE:
         return None
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(image)
 
 
 def show_pictures_as_jpeg(shell: Any = None) -> bool:

@@ -60,10 +60,12 @@ def png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def jpeg_bytes(image: Any, quality: int = 85) -> bytes:
-    """A Pillow image as JPEG bytes: a contact sheet of photos in a widget, a fraction of its PNG."""
+def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
+    """A Pillow image as JPEG bytes: a sheet of frames in a widget or a notebook, a fifth of its
+    PNG and encoded ten to twenty times faster. Colour is kept at full resolution (no chroma
+    subsampling), so the sheets' coloured labels and boxes stay sharp."""
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
+    image.save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
 
 

@@ -9,7 +9,7 @@ import polars as pl
 from PIL import Image
 
 from diffusion_bunny.errors import UserError
-from diffusion_bunny.media.figures import png_bytes
+from diffusion_bunny.media.figures import jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.captions.stage import edit_caption
 from diffusion_bunny.stages.extract.tables import frame_image_path
@@ -72,7 +72,7 @@ class CaptionEditor:
                 with Image.open(path) as img:
                     img = img.convert("RGB")
                     img.thumbnail((self.thumb_px, self.thumb_px))
-                    picture = widgets.Image(value=png_bytes(img), format="png")
+                    picture = widgets.Image(value=jpeg_bytes(img), format="jpeg")
             except OSError:
                 picture = widgets.HTML(f"<i>{rec['frame_id']}: picture unreadable</i>")
             box = widgets.Textarea(

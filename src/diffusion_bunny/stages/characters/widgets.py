@@ -15,7 +15,7 @@ from jupyter_bbox_widget import BBoxWidget
 from scenedetect import FrameTimecode
 
 from diffusion_bunny.errors import UserError
-from diffusion_bunny.media.figures import png_bytes
+from diffusion_bunny.media.figures import jpeg_bytes
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
@@ -89,7 +89,7 @@ class ClusterNamer:
                     [
                         widgets.HTML(f"<b>{cluster}</b>: {row['faces']} faces in {row['frames']} frames"),
                         widgets.Image(
-                            value=png_bytes(sheet), format="png", layout=widgets.Layout(max_width="900px")
+                            value=jpeg_bytes(sheet), format="jpeg", layout=widgets.Layout(max_width="900px")
                         ),
                         widgets.HBox([text, button]),
                     ]
@@ -127,7 +127,7 @@ class DetectorPreview:
         self.choice = widgets.Dropdown(
             options=list(detector_names()), value=settings.detector_name, description="detector"
         )
-        self.image = widgets.Image(format="png")
+        self.image = widgets.Image(format="jpeg")
         self.status = widgets.HTML()
         self.choice.observe(lambda change: self.show(change["new"]), names="value")
         self.widget = widgets.VBox([self.choice, self.status, self.image])
@@ -148,7 +148,7 @@ class DetectorPreview:
             else replace(self.settings, detector=detector)
         )
         picture = detector_preview(self.run.run_dir, self.frames, self.frame_ids, chosen)
-        self.image.value = png_bytes(picture)
+        self.image.value = jpeg_bytes(picture)
         self.status.value = (
             f"faces found by <b>{detector}</b> (set characters.detector to use it for the run)"
         )
@@ -164,7 +164,7 @@ class AppearanceFixer:
         self.run = run
         self.max_per_character = max_per_character
         self.character = widgets.Dropdown(description="character")
-        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
+        self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
         self.number = widgets.BoundedIntText(value=1, min=1, max=max_per_character, description="number")
         self.new_name = widgets.Text(placeholder="right name (empty: none of them)")
         self.button = widgets.Button(description="fix", icon="check", layout=widgets.Layout(width="90px"))
@@ -213,7 +213,7 @@ class AppearanceFixer:
             max_per_group=self.max_per_character,
             columns=8,
         )
-        self.image.value = png_bytes(sheet)
+        self.image.value = jpeg_bytes(sheet)
         self.number.max = max(1, members.height)
 
     def fix(self, character: str, number: int, name: str) -> pl.DataFrame | None:
