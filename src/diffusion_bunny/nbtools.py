@@ -40,20 +40,20 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
 _JPEG_MAX_SIDE = 65_500
 
 
+def _jpeg_holds(image: Image.Image) -> bool:
+    """Whether JPEG can hold ``image``: no transparency or palette, no side over 65,500 px."""
+    return image.mode in ("RGB", "L") and max(image.size) <= _JPEG_MAX_SIDE
+
+
 def _as_jpeg(image: Image.Image) -> bytes | None:
-    """A picture as JPEG for the notebook (quality 90, colour at full resolution so the sheets'
-    coloured labels stay sharp), or None where JPEG cannot hold it (transparency, a palette,
-    a side over 65,500 px)."""
-    if image.mode not in ("RGB", "L") or max(image.size) > _JPEG_MAX_SIDE:
-        return None
-    return jpeg_bytes(image)
+    """A picture as JPEG for the notebook (:func:`~diffusion_bunny.media.figures.jpeg_bytes`), or
+    None where JPEG cannot hold it."""
+    return jpeg_bytes(image) if _jpeg_holds(image) else None
 
 
 def _as_png(image: Image.Image) -> bytes | None:
-    """A picture as PNG for the notebook, only where :func:`_as_jpeg` cannot show it."""
-    if image.mode in ("RGB", "L") and max(image.size) <= _JPEG_MAX_SIDE:
-        return None
-    return png_bytes(image)
+    """A picture as PNG for the notebook, only where JPEG cannot hold it."""
+    return None if _jpeg_holds(image) else png_bytes(image)
 
 
 def show_pictures_as_jpeg(shell: Any = None) -> bool:

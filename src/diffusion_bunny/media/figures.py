@@ -202,6 +202,23 @@ def _levels(values: pd.Series) -> list[Any]:
     return sorted(values.dropna().unique().tolist())
 
 
+def bar_layers(
+    by: str | None = None, *, fill: str = "#4C78A8", colour: str | None = None, size: float = 0.2
+) -> list[Any]:
+    """The layers that draw :func:`stacked_bins`' bars: their rectangles (filled by the ``by``
+    column, else in ``fill``; ``colour`` and ``size`` outline them) and a count axis of whole
+    numbers (:func:`whole_counts`). Add them to a ``ggplot`` of the bars."""
+    import plotnine as p9  # lazy: plotnine takes 0.44 s to import
+
+    corners = {"xmin": "xmin", "xmax": "xmax", "ymin": "ymin", "ymax": "ymax"}
+    outline = {"colour": colour, "size": size} if colour is not None else {}
+    if by is not None:
+        rects = p9.geom_rect(p9.aes(**corners, fill=by), **outline)
+    else:
+        rects = p9.geom_rect(p9.aes(**corners), fill=fill, **outline)
+    return [rects, p9.scale_y_continuous(breaks=whole_counts)]
+
+
 def histogram(
     data: pd.DataFrame,
     x: str,
@@ -227,17 +244,11 @@ def histogram(
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
     bars = stacked_bins(data, x, by=by, bins=bins, binwidth=binwidth, include=[value for value, _ in lines])
-    corners = {"xmin": "xmin", "xmax": "xmax", "ymin": "ymin", "ymax": "ymax"}
-    outline = {"colour": colour, "size": size} if colour is not None else {}
-    if by is not None:
-        chart = p9.ggplot(bars) + p9.geom_rect(p9.aes(**corners, fill=by), **outline)
-    else:
-        chart = p9.ggplot(bars) + p9.geom_rect(p9.aes(**corners), fill=fill, **outline)
+    chart = p9.ggplot(bars) + bar_layers(by, fill=fill, colour=colour, size=size)
     for value, line_colour in lines:
         chart += p9.geom_vline(xintercept=value, linetype="dashed", colour=line_colour, size=line_size)
     if colours is not None:
         chart += p9.scale_fill_manual(values=colours)
-    chart += p9.scale_y_continuous(breaks=whole_counts)
     return chart + p9.labs(**labels) + minimal_theme(*figure_size)
 
 

@@ -17,10 +17,10 @@ from diffusion_bunny.media.figures import (
     Layout,
     Tile,
     aspect_height,
+    bar_layers,
     minimal_theme,
     stacked_bins,
     tile_sheet,
-    whole_counts,
 )
 from diffusion_bunny.stages.extract.tables import frame_image_path
 from diffusion_bunny.stages.quality.rules import exposure_thresholds, sharpness_threshold, with_text_columns
@@ -109,16 +109,11 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
     bars = stacked_bins(df, "value", by="outcome", panel="score", bins=30, include=span)
     return (
         p9.ggplot(bars)
-        + p9.geom_rect(
-            p9.aes(xmin="xmin", xmax="xmax", ymin="ymin", ymax="ymax", fill="outcome"),
-            colour="white",
-            size=0.1,
-        )
+        + bar_layers("outcome", colour="white", size=0.1)
         + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour=LINE_RED, size=0.7)
         + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
         + p9.facet_wrap("score", scales="free", ncol=3)
         + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
-        + p9.scale_y_continuous(breaks=whole_counts)
         + p9.labs(x="", y="frames", fill="outcome", title=title)
         + minimal_theme(10, 5.5)
     )
