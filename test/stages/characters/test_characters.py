@@ -806,10 +806,15 @@ def test_stage_line_says_when_the_fit_took_the_time():
     line = summary({"counts": counts, "facts": facts})
     assert line.startswith("13 frames searched (0 from the cache) at 16.2 frames/s; 9 appearances")
     assert line.endswith("0 clusters; drawn characters' detector fitted in 177 s")
+    # where it was fitted (characters.fitted.device), said where the manifest knows it
+    facts["fitted"]["device"] = "cpu"
+    assert summary({"counts": counts, "facts": facts}).endswith("detector fitted in 177 s on the CPU")
+    facts["fitted"]["device"] = "cuda"
+    assert summary({"counts": counts, "facts": facts}).endswith("detector fitted in 177 s on the GPU")
     # fitted for a folder of films' characters, then again for the two in this film
     facts["fitted"].update(characters=["frog", "tux", "worm", "yeti"], not_in_film=["tux", "yeti"])
     line = summary({"counts": counts, "facts": facts})
-    assert line.endswith("fitted in 177 s (again for the 2 of its 4 characters in this film)")
+    assert line.endswith("fitted in 177 s on the GPU (again for the 2 of its 4 characters in this film)")
     facts["fitted"]["fitted_now"] = False
     assert "fitted" not in summary({"counts": counts, "facts": facts})
     del facts["fitted"]

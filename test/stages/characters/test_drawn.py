@@ -23,7 +23,9 @@ from diffusion_bunny.demo.cartoons import Pose, cast, draw
 from diffusion_bunny.demo.character_truth import truth_dir
 from diffusion_bunny.demo.movie import build_demo_references, walk_at
 from diffusion_bunny.demo.run import DEMO_SETTINGS
+from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.media.samples import load_source
+from diffusion_bunny.models.device import cuda_driver_sees_gpu
 from diffusion_bunny.models.faces import DetectSettings, ReferenceSet
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted import detector as fitted_module
@@ -328,7 +330,36 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"steps": 301})) != key
     # The score a sighting needs is applied after the search: no new fit for it.
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"min_score": 0.3})) == key
+    # Nor for where it trains: a fit made on a GPU serves the CPU and the other way round.
+    assert fit_key(cutouts, backgrounds, settings.model_copy(update={"device": "cpu"})) == key
     assert fit_key(cutouts, backgrounds, settings) == key
+
+
+@pytest.mark.skipif(cuda_driver_sees_gpu(), reason="auto trains on the GPU here, in another arithmetic")
+def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted):
+    """``characters.fitted.device``: ``auto`` is the CPU on a machine without a GPU, and the fit
+    made there is the very fit ``cpu`` makes (the device's plumbing changes no arithmetic); the
+    detector comes back on the CPU, where it is searched, saved and exported."""
+    _, cutouts, backgrounds, settings = fitted
+    short = settings.model_copy(update={"steps": 12, "self_training": True})  # searches at steps 6, 9
+    weights = {}
+    for device in ("auto", "cpu"):
+        chosen = short.model_copy(update={"device": device})
+        detector = fit_detector(cutouts, backgrounds, chosen, progress=False)
+        assert {p.device.type for p in detector.net.parameters()} == {"cpu"}
+        weights[device] = detector.net.state_dict()
+    assert weights["auto"].keys() == weights["cpu"].keys()
+    assert all(np.array_equal(weights["auto"][k].numpy(), weights["cpu"][k].numpy()) for k in weights["cpu"])
+
+
+@pytest.mark.skipif(cuda_driver_sees_gpu(), reason="this machine has a GPU")
+def test_a_fit_asked_of_a_gpu_the_machine_lacks_is_one_line_naming_the_setting(fitted):
+    _, cutouts, backgrounds, settings = fitted
+    asked = r"characters\.fitted\.device is 'cuda' but torch sees no CUDA GPU.*set characters\.fitted\.device"
+    with pytest.raises(ModelError, match=asked):
+        fit_detector(cutouts, backgrounds, settings.model_copy(update={"device": "cuda"}), progress=False)
+    with pytest.raises(ConfigError, match=r"characters\.fitted\.device"):
+        load_config(overrides={"characters.fitted.device": "tpu"})
 
 
 def test_onnx_search_finds_what_the_torch_detector_finds(fitted, tmp_path):

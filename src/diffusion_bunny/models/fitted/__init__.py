@@ -6,6 +6,8 @@ The settings live here, apart from the torch code, because the configuration rea
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -37,7 +39,12 @@ class FittedSettings(BaseModel):
     cast_score: float | None = Field(0.15, gt=0.0, lt=1.0)
     #: At most this many of the film's frames serve as backgrounds (evenly spaced).
     backgrounds: int = Field(120, ge=1, le=100_000)
-    #: Torch threads while training (0: one; the training pictures are made on a thread of their
-    #: own beside it, and torch's threads spin-wait for each other on a busy machine).
+    #: Torch threads while training on the CPU (0: one; the training pictures are made on a
+    #: thread of their own beside it, and torch's threads spin-wait for each other on a busy
+    #: machine).
     threads: int = Field(0, ge=0, le=256)
+    #: Where the network trains: ``auto`` is the GPU when torch sees one (the search always runs
+    #: on the CPU, on ONNX Runtime). Not part of the fit's key: a fit made on one device serves
+    #: the other.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options
+from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.onnx_graph import cpu_session
 
@@ -482,10 +483,14 @@ class FittedDetector:
         settings') or above."""
         import torch  # lazy: torch takes 1.1 s to import
 
+        # The network is on the CPU except while it trains on a GPU, where the self-training
+        # searches the film's frames with it.
+        device = next(self.net.parameters()).device
+
         def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             with torch.inference_mode():
-                maps = self.net(torch.from_numpy(batch))
-            return tuple(m[0].numpy() for m in maps)  # type: ignore[return-value]
+                maps = self.net(torch.from_numpy(batch).to(device))
+            return tuple(m[0].cpu().numpy() for m in maps)  # type: ignore[return-value]
 
         threshold = self.settings.min_score if min_score is None else min_score
         return search(rgb, self.settings.widths, threshold, run)
@@ -607,7 +612,9 @@ def fit_key(
         digest.update(hashlib.sha256(np.ascontiguousarray(frame[::4, ::4]).tobytes()).digest())
     # min_score is applied to the detections afterwards (stage 03 keeps them from a lower score):
     # moving it must re-label a run, not fit the detector again.
-    digest.update(json.dumps(settings.model_dump(exclude={"min_score"}), sort_keys=True).encode())
+    # The device changes only the arithmetic's order, as another CPU does: a fit made on a GPU
+    # serves a run on the CPU and the other way round.
+    digest.update(json.dumps(settings.model_dump(exclude={"min_score", "device"}), sort_keys=True).encode())
     digest.update(code_hash(__name__).encode())
     return digest.hexdigest()[:16]
 
@@ -681,11 +688,12 @@ def fit_detector(
     if not backgrounds:
         raise ModelError("the fitted character detector needs at least one frame of the film")
     refresh = {settings.steps // 2, 3 * settings.steps // 4} if settings.self_training else set()
+    device = resolve_device(settings.device, "characters.fitted.device")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads or 1)
     torch.manual_seed(settings.seed)
     synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop, settings.seed)
-    net = build_net(len(names))
+    net = build_net(len(names)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
@@ -703,8 +711,8 @@ def fit_detector(
                 batches.ready[step].set()
                 net.train()
             images, goal = batches.get()
-            heat, size, mask, background = (torch.from_numpy(part) for part in goal)
-            logits, sizes, _ = net(to_input(images))
+            heat, size, mask, background = (torch.from_numpy(part).to(device) for part in goal)
+            logits, sizes, _ = net(to_input(images).to(device))
             size_loss = (F.l1_loss(sizes, size, reduction="none").sum(1) * mask).sum() / mask.sum().clamp(
                 min=1.0
             )
@@ -717,7 +725,11 @@ def fit_detector(
         bar.close()
         batches.close()
         torch.set_num_threads(threads_before)
-    net.eval()
+    # Searched, saved and exported on the CPU whatever it trained on; the GPU's memory goes back
+    # to the later stages sharing the kernel (stage 07 trains there).
+    net = net.cpu().eval()
+    if device != "cpu":
+        torch.cuda.empty_cache()
     return FittedDetector(names, settings, net, key or fit_key(cutouts, backgrounds, settings))
 
 

@@ -44,6 +44,8 @@ def summary(manifest: dict[str, Any]) -> str:
     fit = ""
     if fitted.get("fitted_now"):
         fit = f"; drawn characters' detector fitted in {fitted['seconds']:g} s"
+        if fitted.get("device"):
+            fit += " on the CPU" if fitted["device"] == "cpu" else " on the GPU"
         absent, every = fitted.get("not_in_film") or [], fitted.get("characters") or []
         if absent:
             fit += f" (again for the {len(every) - len(absent)} of its {len(every)} characters in this film)"

@@ -40,6 +40,7 @@ import polars as pl
 
 from diffusion_bunny.errors import StageError, UserError
 from diffusion_bunny.media.images import crop_region, read_image
+from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -648,6 +649,8 @@ def _drawn_backend(
         "fitted_now": fitted_now,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if fitted_now:  # where the minutes went (characters.fitted.device)
+        facts["device"] = resolve_device(cfg.fitted.device, "characters.fitted.device")
     return fitted, facts, None
 
 
