@@ -335,12 +335,17 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     assert fit_key(cutouts, backgrounds, settings) == key
 
 
-@pytest.mark.skipif(cuda_driver_sees_gpu(), reason="auto trains on the GPU here, in another arithmetic")
-def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted):
-    """``characters.fitted.device``: ``auto`` is the CPU on a machine without a GPU, and the fit
-    made there is the very fit ``cpu`` makes (the device's plumbing changes no arithmetic); the
-    detector comes back on the CPU, where it is searched, saved and exported."""
+def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted, monkeypatch):
+    """``characters.fitted.device`` is resolved as every device setting is (the setting named in
+    its errors), and the device's plumbing changes no arithmetic: trained on the CPU it chose, a
+    fit asked for ``auto`` is the very fit ``cpu`` makes; the detector comes back on the CPU,
+    where it is searched, saved and exported. (The resolution is recorded and answered ``cpu``
+    here, so a machine with a GPU checks the same.)"""
     _, cutouts, backgrounds, settings = fitted
+    asked = []
+    monkeypatch.setattr(
+        fitted_module, "resolve_device", lambda device, setting: asked.append((device, setting)) or "cpu"
+    )
     short = settings.model_copy(update={"steps": 12, "self_training": True})  # searches at steps 6, 9
     weights = {}
     for device in ("auto", "cpu"):
@@ -350,6 +355,7 @@ def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted):
         weights[device] = detector.net.state_dict()
     assert weights["auto"].keys() == weights["cpu"].keys()
     assert all(np.array_equal(weights["auto"][k].numpy(), weights["cpu"][k].numpy()) for k in weights["cpu"])
+    assert asked == [("auto", "characters.fitted.device"), ("cpu", "characters.fitted.device")]
 
 
 @pytest.mark.skipif(cuda_driver_sees_gpu(), reason="this machine has a GPU")
