@@ -495,6 +495,8 @@ def test_nothing_found_line_only_when_only_faces_were_looked_for():
 def test_characters_not_in_the_film_are_said_apart_from_those_it_missed():
     missed, absent = not_found_warnings(["frog", "tux", "yeti"], not_in_film=["tux", "yeti", "owl"])
     assert missed.startswith("1 character(s) with reference pictures named in no searched frame: frog;")
+    # one folder of pictures for a folder of films: a character of another film is no fault here
+    assert "frog; if one is in this film, add a still from the film of each" in missed
     assert absent.startswith("2 character(s) taken as not in this film") and absent.count(":") == 1
     assert "left out of its fit: tux, yeti; if one is in it, add a still from the film" in absent
     assert not_found_warnings(["tux"], ["tux"])[0].startswith("1 character(s) taken as not in this film")

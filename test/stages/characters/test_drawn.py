@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -37,6 +38,7 @@ from diffusion_bunny.models.fitted.detector import (
     fit_film_detector,
     fit_key,
 )
+from diffusion_bunny.pipeline.progress import follow
 from diffusion_bunny.stages.characters.identify import label_faces
 from diffusion_bunny.stages.characters.references import (
     GREY,
@@ -356,6 +358,28 @@ def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted, 
     assert weights["auto"].keys() == weights["cpu"].keys()
     assert all(np.array_equal(weights["auto"][k].numpy(), weights["cpu"][k].numpy()) for k in weights["cpu"])
     assert asked == [("auto", "characters.fitted.device"), ("cpu", "characters.fitted.device")]
+
+
+def test_the_fit_shows_its_steps_on_the_terminal_of_bunny_run(fitted, tmp_path, monkeypatch):
+    """The fit is stage 03's longest wait (minutes on a CPU): under ``bunny run`` its bar is
+    relayed beside the stage's progress file, which the terminal follows, as a download's is
+    (here the stage's side runs in this process, as in a kernel started by ``bunny``)."""
+    from diffusion_bunny import logs
+
+    _, cutouts, backgrounds, settings = fitted
+    monkeypatch.setenv(logs.ENV, str(tmp_path / "bunny.log"))
+    path = tmp_path / ".progress-characters.json"
+    with logs.relaying(path):
+        fit_detector(cutouts, backgrounds, settings.model_copy(update={"steps": 12}), desc="fit them")
+    (relayed,) = tmp_path.glob(".progress-characters.json" + logs.BAR_SUFFIX + "*")
+    bar = json.loads(relayed.read_text())
+    shown = (bar["desc"], bar["unit"], bar["done"], bar["total"], bar["closed"])
+    assert shown == ("fit them", "step", 12, 12, True)
+    # and the terminal shows it, then removes the file
+    stop = threading.Event()
+    stop.set()
+    follow(path, stop, 0.01)
+    assert not relayed.exists()
 
 
 @pytest.mark.skipif(cuda_driver_sees_gpu(), reason="this machine has a GPU")

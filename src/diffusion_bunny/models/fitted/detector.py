@@ -43,11 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.logs import bar_options
+from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.onnx_graph import cpu_session
@@ -699,7 +698,10 @@ def fit_detector(
         optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
     )
     batches = _Batches(synth, settings, len(names), refresh)
-    bar = tqdm(range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5))
+    # A relayed bar: under `bunny run` the fit (minutes on a CPU) shows on the terminal as well.
+    bar = relay_bar_class()(
+        range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5)
+    )
     try:
         net.train()
         for step in bar:

@@ -538,7 +538,9 @@ def characters_not_found(faces: pl.DataFrame, references: dict[str, int]) -> lis
 def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> list[str]:
     """The run's lines on :func:`characters_not_found` (none when every character was found),
     with what to do; those the fitted detector judged not in the film (``not_in_film``,
-    :func:`~diffusion_bunny.models.fitted.detector.fit_film_detector`) in a line of their own."""
+    :func:`~diffusion_bunny.models.fitted.detector.fit_film_detector`) in a line of their own.
+    Either may be a character of another film (one ``--characters`` folder for a folder of
+    films), so the advice is for the ones in this film."""
     left_out = set(not_in_film)
     absent = [name for name in names if name in left_out]
     missed = [name for name in names if name not in left_out]
@@ -547,8 +549,8 @@ def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> lis
     if missed:
         lines.append(
             f"{len(missed)} character(s) with reference pictures named in no searched frame: "
-            f"{', '.join(missed)}; {still} or pictures that show them as the film does, then rerun "
-            "stage characters"
+            f"{', '.join(missed)}; if one is in this film, {still} or pictures that show them as "
+            "the film does, then rerun stage characters"
         )
     if absent:
         lines.append(
