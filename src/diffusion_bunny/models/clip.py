@@ -12,10 +12,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import ModelError
-from diffusion_bunny.logs import bar_options
+from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
@@ -129,7 +128,8 @@ class ClipEmbedder:
         torch = self._torch
         boxes = list(regions) if regions is not None else [None] * len(paths)
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
-        bar = tqdm(
+        # relayed: under `bunny run` the terminal shows it too (CLIP on a CPU takes minutes)
+        bar = relay_bar_class()(
             total=len(paths), unit="frame", desc="embed (clip)", disable=not progress, **bar_options(0.5)
         )
         workers = min(max(len(paths), 1), os.cpu_count() or 1)

@@ -236,6 +236,28 @@ def test_clip_images_shapes_norms_and_determinism(tiny_clip, demo_frames):
     assert embedder.embed_images([]).shape == (0, 16)
 
 
+def test_both_embedders_show_their_frames_on_the_terminal_of_bunny_run(
+    descriptor, tiny_clip, demo_frames, tmp_path, monkeypatch
+):
+    """Stage 04's embedding (CLIP on a CPU: minutes for a film) relays its bar beside the stage's
+    progress file under ``bunny run``, which the terminal follows (as a kernel started by
+    ``bunny`` does: ``DIFFUSION_BUNNY_LOG`` set)."""
+    import json
+
+    from diffusion_bunny import logs
+
+    paths = demo_frames[0][:4]
+    monkeypatch.setenv(logs.ENV, str(tmp_path / "bunny.log"))
+    path = tmp_path / ".progress-scenes.json"
+    for embedder, desc in ((descriptor, "embed"), (_clip(tiny_clip), "embed (clip)")):
+        with logs.relaying(path):
+            embedder.embed_images(paths, progress=True)
+        (relayed,) = tmp_path.glob(path.name + logs.BAR_SUFFIX + "*")
+        bar = json.loads(relayed.read_text())
+        assert (bar["desc"], bar["done"], bar["total"], bar["closed"]) == (desc, 4, 4, True)
+        relayed.unlink()
+
+
 def test_clip_images_match_the_model_run_by_hand(tiny_clip, demo_frames):
     """Same features as transformers' own recipe on the RGB picture: the reduced decode and the
     channel order must not change what the model sees."""

@@ -80,10 +80,9 @@ from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import UserError
-from diffusion_bunny.logs import bar_options
+from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.media.images import Region, read_image
 from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.stages.scenes.settings import ScenesSettings
@@ -177,7 +176,10 @@ def _map_images(
     """``fn`` over ``paths`` on a thread pool, in order, with a tqdm bar."""
     workers = min(len(paths), os.cpu_count() or 1) or 1
     out: list[np.ndarray] = []
-    bar = tqdm(total=len(paths), unit="frame", desc=desc, disable=not progress, **bar_options(0.5))
+    # relayed: under `bunny run` the terminal shows it too
+    bar = relay_bar_class()(
+        total=len(paths), unit="frame", desc=desc, disable=not progress, **bar_options(0.5)
+    )
     try:
         if workers == 1:
             for p in paths:
