@@ -478,3 +478,29 @@ def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     assert "stages that did not run: captions, characters, export, generate, scenes, train" in text
     assert (run.run_dir / "report" / "index.html").is_file()
     assert run.read_manifest("report")["counts"]["figures"] == 4
+
+
+def test_the_batch_table_counts_named_characters_beside_stage_03s_state(scenes_demo_run, tmp_path):
+    """Stage 03 is named ``characters``: its state column (done, stale, missing) and the count of
+    characters named are two columns, and the batch's figure draws the count. (The count was
+    called ``characters`` too, and the state took its place: the figure drew "done" and "stale"
+    as bars.)"""
+    import plotnine as p9
+
+    from diffusion_bunny.pipeline.runner import MovieReport
+    from diffusion_bunny.stages.report.combined import movies_plot
+    from diffusion_bunny.stages.report.stage import movies_table
+
+    src, overrides = scenes_demo_run
+    cfg = _cfg(tmp_path, **overrides)
+    faces = src.read_table("faces")
+    named = faces["character"].drop_nulls().n_unique()
+    table = movies_table([MovieReport(src.movie, src.run_dir)], cfg, PIPELINE, start=tmp_path)
+    row = table.row(0, named=True)
+    assert named >= 4 and (row["named_characters"], row["appearances"]) == (named, faces.height)
+    assert (row["characters"], row["scenes"], row["captions"]) == ("done", "done", "missing")
+    plot = movies_plot(table)
+    assert isinstance(plot, p9.ggplot)
+    drawn = dict(zip(plot.data["measure"].astype(str), plot.data["n"], strict=True))
+    counts = {"frames": row["frames"], "kept": row["kept"], "shots": row["shots"]}
+    assert drawn == {**counts, "characters named": named}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from diffusion_bunny.media.figures import categorical, minimal_theme
+from diffusion_bunny.media.figures import categorical, minimal_theme, whole_counts
 
 if TYPE_CHECKING:
     import plotnine as p9
@@ -27,14 +27,16 @@ def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
     """Frames, kept frames, shots and named characters per movie, one panel each."""
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
-    measures = ["frames", "kept", "shots", "characters"]
+    measures = {"frames": "frames", "kept": "kept", "shots": "shots", "named_characters": "characters named"}
     long = movies.select("movie", *measures).unpivot(index="movie", variable_name="measure", value_name="n")
-    df = long.drop_nulls("n").to_pandas()
-    df["measure"] = categorical(df["measure"], measures)
+    df = long.drop_nulls("n").with_columns(pl.col("measure").replace_strict(measures)).to_pandas()
+    df["measure"] = categorical(df["measure"], list(measures.values()))
     df["movie"] = categorical(df["movie"], movies["movie"].to_list()[::-1])
     return (
         p9.ggplot(df, p9.aes("movie", "n"))
         + p9.geom_col(fill="#4C78A8")
+        # counts: whole numbers on the axis (a film of 2 characters read 0.5, 1.5)
+        + p9.scale_y_continuous(breaks=whole_counts)
         + p9.coord_flip()
         + p9.facet_wrap("measure", scales="free_x", ncol=4)
         + p9.labs(x="", y="", title=f"{movies.height} movies")

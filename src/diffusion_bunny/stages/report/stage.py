@@ -187,8 +187,8 @@ def _movie_counts(
         row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"]).height
     if run.has_table("faces"):
         names = pl.read_parquet(run.table_path("faces"), columns=["character"])["character"]
-        row["faces"] = names.len()
-        row["characters"] = names.drop_nulls().n_unique()
+        row["appearances"] = names.len()
+        row["named_characters"] = names.drop_nulls().n_unique()
     html = report_dir(run.run_dir) / "index.html"
     if html.is_file():
         row["report_html"] = relative_link(html, start) if start else str(html)
@@ -199,9 +199,14 @@ def movies_table(
     reports: list[Any], cfg: RunConfig, pipeline: Pipeline, start: Path | None = None
 ) -> pl.DataFrame:
     """One row per movie of a batch (``runner.MovieReport``\\ s): its run folder, error, counts
-    (frames extracted and kept, shots, faces, named characters), ``report_html`` (its report,
-    relative to ``start`` when given) and one state column per stage (done/stale/missing, or
-    unreadable for a run folder that cannot be read: the batch's report is written anyway)."""
+    (frames extracted and kept, shots, appearances of characters, characters named),
+    ``report_html`` (its report, relative to ``start`` when given) and one state column per stage
+    (done/stale/missing, or unreadable for a run folder that cannot be read: the batch's report
+    is written anyway).
+
+    The counts are ``appearances`` and ``named_characters``, not ``faces`` and ``characters``:
+    stage 03 is named ``characters``, and its state column took the count's place (the figure
+    drew "done" and "stale" as bars)."""
     stages = pipeline.names()
     rows = []
     for rep in reports:
@@ -213,8 +218,8 @@ def movies_table(
             "frames": None,
             "kept": None,
             "shots": None,
-            "faces": None,
-            "characters": None,
+            "appearances": None,
+            "named_characters": None,
             "report_html": None,
         }
         is_run = run_dir is not None and (run_dir / "run.json").is_file()
@@ -234,8 +239,8 @@ def movies_table(
         "frames": pl.Int64,
         "kept": pl.Int64,
         "shots": pl.Int64,
-        "faces": pl.Int64,
-        "characters": pl.Int64,
+        "appearances": pl.Int64,
+        "named_characters": pl.Int64,
         "report_html": pl.Utf8,
         **dict.fromkeys(stages, pl.Utf8),
     }
