@@ -3,13 +3,16 @@ the choice of checkpoint, CLIP scores, the bad-input messages, the figures and n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import polars as pl
 import pytest
 from notebooks import pictures
 
+from diffusion_bunny import logs
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.models.faces import DetectSettings
 from diffusion_bunny.stages.generate.drawn import (
@@ -20,6 +23,7 @@ from diffusion_bunny.stages.generate.drawn import (
 )
 from diffusion_bunny.stages.generate.grid import (
     Checkpoint,
+    GridItem,
     find_checkpoints,
     plan_grid,
     render_prompt,
@@ -34,6 +38,7 @@ from diffusion_bunny.stages.generate.identity import (
     load_clip,
     pick_best,
     score_identity,
+    score_images,
 )
 from diffusion_bunny.stages.generate.render import (
     RenderSettings,
@@ -350,6 +355,37 @@ def test_identity_score_of_real_photos(references):
     )
     # Without references a face is still counted, but not scored.
     assert score_identity(np.ascontiguousarray(load_source("astronaut")), None, settings).distance is None
+
+
+def test_the_identity_scoring_shows_its_images_on_the_terminal_of_bunny_run(
+    references, tmp_path, monkeypatch
+):
+    """Stage 08 scores every generated image after drawing them: under ``bunny run`` that bar is
+    relayed beside the stage's progress file, which the terminal follows, as the drawing's is;
+    and the scores are those of each image."""
+    from diffusion_bunny.media.samples import load_source
+
+    items = [GridItem(name, 0, "a portrait", 0, 1.0, FINAL, None) for name in ("astronaut", "grace_hopper")]
+    for item in items:
+        path = tmp_path / item.rel_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(
+            str(path), cv2.cvtColor(np.ascontiguousarray(load_source(item.character)), cv2.COLOR_RGB2BGR)
+        )
+    monkeypatch.setenv(logs.ENV, str(tmp_path / "bunny.log"))
+    progress_path = tmp_path / ".progress-generate.json"
+    with logs.relaying(progress_path):
+        scores = score_images(tmp_path, items, references, DetectSettings(), progress=True)
+    assert [s.faces >= 1 and s.distance < 0.45 for s in scores] == [True, True]
+    (relayed,) = tmp_path.glob(progress_path.name + logs.BAR_SUFFIX + "*")
+    bar = json.loads(relayed.read_text())
+    assert (bar["desc"], bar["unit"], bar["done"], bar["total"], bar["closed"]) == (
+        "identity",
+        "image",
+        2,
+        2,
+        True,
+    )
 
 
 def test_references_include_the_faces_stage_03_named(demo_refs):

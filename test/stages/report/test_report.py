@@ -9,13 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import nbformat
+import plotnine as p9
 import polars as pl
 import pytest
 from notebooks import pictures
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.runner import MovieReport
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
+from diffusion_bunny.stages.report.combined import movies_plot
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document
 from diffusion_bunny.stages.report.figures import checkpoint_order, identity_table
 from diffusion_bunny.stages.report.funnel import (
@@ -26,7 +29,7 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_table,
 )
 from diffusion_bunny.stages.report.sections import _characters_section
-from diffusion_bunny.stages.report.stage import report_data, write_report_figures
+from diffusion_bunny.stages.report.stage import movies_table, report_data, write_report_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -485,12 +488,6 @@ def test_the_batch_table_counts_named_characters_beside_stage_03s_state(scenes_d
     characters named are two columns, and the batch's figure draws the count. (The count was
     called ``characters`` too, and the state took its place: the figure drew "done" and "stale"
     as bars.)"""
-    import plotnine as p9
-
-    from diffusion_bunny.pipeline.runner import MovieReport
-    from diffusion_bunny.stages.report.combined import movies_plot
-    from diffusion_bunny.stages.report.stage import movies_table
-
     src, overrides = scenes_demo_run
     cfg = _cfg(tmp_path, **overrides)
     faces = src.read_table("faces")

@@ -3,6 +3,7 @@ that keep the place, its error messages, and CLIP through a tiny model loaded by
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from diffusion_bunny import logs
 from diffusion_bunny.errors import BadInputError, ModelError, UserError
 from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.stages.scenes.embeddings import (
@@ -242,10 +244,6 @@ def test_both_embedders_show_their_frames_on_the_terminal_of_bunny_run(
     """Stage 04's embedding (CLIP on a CPU: minutes for a film) relays its bar beside the stage's
     progress file under ``bunny run``, which the terminal follows (as a kernel started by
     ``bunny`` does: ``DIFFUSION_BUNNY_LOG`` set)."""
-    import json
-
-    from diffusion_bunny import logs
-
     paths = demo_frames[0][:4]
     monkeypatch.setenv(logs.ENV, str(tmp_path / "bunny.log"))
     path = tmp_path / ".progress-scenes.json"

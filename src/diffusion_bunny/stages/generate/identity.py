@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import ConfigError, StageError
+from diffusion_bunny.logs import relay_bar_class
 from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -138,7 +138,8 @@ def score_images(
     (stage 03's fitted detector, or OWLv2 with the hub backend)."""
     settings = replace(settings, min_face_px=0)
     out: list[IdentityScore] = []
-    for item in tqdm(items, unit="image", desc="identity", disable=not progress):
+    # relayed: under `bunny run` the terminal shows it too (a grid of many checkpoints takes a while)
+    for item in relay_bar_class()(items, unit="image", desc="identity", disable=not progress):
         rgb = read_rgb(run_dir / item.rel_path)
         if rgb is None:
             raise StageError(f"generated image {run_dir / item.rel_path} cannot be read; rerun with --force")
