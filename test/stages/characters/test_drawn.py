@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
+from relay import relayed_bar
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.cartoons import Pose, cast, draw
@@ -371,8 +372,7 @@ def test_the_fit_shows_its_steps_on_the_terminal_of_bunny_run(fitted, tmp_path, 
     path = tmp_path / ".progress-characters.json"
     with logs.relaying(path):
         fit_detector(cutouts, backgrounds, settings.model_copy(update={"steps": 12}), desc="fit them")
-    (relayed,) = tmp_path.glob(".progress-characters.json" + logs.BAR_SUFFIX + "*")
-    bar = json.loads(relayed.read_text())
+    relayed, bar = relayed_bar(path)
     shown = (bar["desc"], bar["unit"], bar["done"], bar["total"], bar["closed"])
     assert shown == ("fit them", "step", 12, 12, True)
     # and the terminal shows it, then removes the file

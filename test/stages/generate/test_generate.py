@@ -3,7 +3,6 @@ the choice of checkpoint, CLIP scores, the bad-input messages, the figures and n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -11,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 from notebooks import pictures
+from relay import relayed_bar
 
 from diffusion_bunny import logs
 from diffusion_bunny.errors import ConfigError, ModelError
@@ -377,8 +377,7 @@ def test_the_identity_scoring_shows_its_images_on_the_terminal_of_bunny_run(
     with logs.relaying(progress_path):
         scores = score_images(tmp_path, items, references, DetectSettings(), progress=True)
     assert [s.faces >= 1 and s.distance < 0.45 for s in scores] == [True, True]
-    (relayed,) = tmp_path.glob(progress_path.name + logs.BAR_SUFFIX + "*")
-    bar = json.loads(relayed.read_text())
+    _, bar = relayed_bar(progress_path)
     assert (bar["desc"], bar["unit"], bar["done"], bar["total"], bar["closed"]) == (
         "identity",
         "image",

@@ -3,7 +3,6 @@ that keep the place, its error messages, and CLIP through a tiny model loaded by
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from relay import relayed_bar
 
 from diffusion_bunny import logs
 from diffusion_bunny.errors import BadInputError, ModelError, UserError
@@ -250,8 +250,7 @@ def test_both_embedders_show_their_frames_on_the_terminal_of_bunny_run(
     for embedder, desc in ((descriptor, "embed"), (_clip(tiny_clip), "embed (clip)")):
         with logs.relaying(path):
             embedder.embed_images(paths, progress=True)
-        (relayed,) = tmp_path.glob(path.name + logs.BAR_SUFFIX + "*")
-        bar = json.loads(relayed.read_text())
+        relayed, bar = relayed_bar(path)
         assert (bar["desc"], bar["done"], bar["total"], bar["closed"]) == (desc, 4, 4, True)
         relayed.unlink()
 
