@@ -236,6 +236,11 @@ def say_relayed(text: str) -> None:
 
 #: The stage's progress file while a stage of ``bunny run`` computes in this process (a kernel).
 _relay: Path | None = None
+#: The open :func:`relaying` block (a new object each time): a bar writes only inside the block it
+#: began in. tqdm closes a bar again when it is collected, which in a kernel the stages share can
+#: be a later stage; a file written then outlived the runner's clean-up and showed the next run
+#: of the stage a finished bar.
+_relay_block: object | None = None
 #: Suffixes of the relay files beside a stage's progress file ``.progress-<stage>.json``.
 SAY_SUFFIX = ".say"
 BAR_SUFFIX = ".bar-"
@@ -246,13 +251,14 @@ def relaying(progress_path: Path | None) -> Iterator[None]:
     """Relay :func:`say`'s lines and :func:`relay_bar_class`'s bars beside ``progress_path`` for
     the block, when this process was started by ``bunny`` (:data:`ENV` set: its runner follows the
     files and removes them); elsewhere (JupyterLab) nothing is written."""
-    global _relay
-    before = _relay
+    global _relay, _relay_block
+    before = _relay, _relay_block
     _relay = Path(progress_path) if progress_path is not None and os.environ.get(ENV) else None
+    _relay_block = object() if _relay is not None else None
     try:
         yield
     finally:
-        _relay = before
+        _relay, _relay_block = before
 
 
 def _relay_line(text: str) -> None:
@@ -278,6 +284,7 @@ def relay_bar_class() -> type:
     class RelayBar(auto_tqdm):  # type: ignore[misc]
         def __init__(self, *args: object, **kwargs: object) -> None:
             self._relay_path = Path(f"{_relay}{BAR_SUFFIX}{uuid.uuid4().hex[:8]}") if _relay else None
+            self._relay_block = _relay_block
             self._relay_at = 0.0
             super().__init__(*args, **kwargs)
             self._mirror(force=True)
@@ -285,7 +292,9 @@ def relay_bar_class() -> type:
         def _mirror(self, force: bool = False, closed: bool = False) -> None:
             path = getattr(self, "_relay_path", None)
             now = time.monotonic()
-            if path is None or (not force and now - self._relay_at < 0.3):
+            if path is None or self._relay_block is not _relay_block:
+                return
+            if not force and now - self._relay_at < 0.3:
                 return
             self._relay_at = now
             data = {"done": self.n, "total": self.total, "closed": closed}
@@ -310,7 +319,9 @@ def relay_bar_class() -> type:
             self._mirror()
 
         def close(self) -> None:
-            self._mirror(force=True, closed=True)  # the runner shows it once more, then drops it
+            if not getattr(self, "_relay_closed", False):  # tqdm closes again when collected
+                self._relay_closed = True
+                self._mirror(force=True, closed=True)  # the runner shows it once more, then drops it
             super().close()
 
     return RelayBar

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -94,3 +95,69 @@ def test_nothing_is_relayed_outside_bunny(tmp_path, monkeypatch):
         bar.update(2)
         bar.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bar_collected_after_its_stage_writes_nothing_the_next_run_would_show(tmp_path, monkeypatch):
+    """tqdm closes a bar again when the bar is collected, which in the kernel a movie's stages
+    share can happen stages later, after the runner removed the stage's relay files. A file
+    written then stayed in the run folder (seen after a folder run: stage 03's "fit characters"
+    bar, written during stage 06), and the next run of the stage showed that bar again, done,
+    before a run that fitted nothing."""
+    import gc
+
+    from diffusion_bunny import logs
+    from diffusion_bunny.pipeline.progress import remove_relay_files
+
+    monkeypatch.setenv(logs.ENV, str(tmp_path / "bunny.log"))
+    path = tmp_path / ".progress-characters.json"
+    with logs.relaying(path):
+        bar = logs.relay_bar_class()(range(3), desc="fit characters", unit="step")
+        for _ in bar:
+            pass
+        bar.close()
+        assert json.loads(next(tmp_path.glob(path.name + logs.BAR_SUFFIX + "*")).read_text())["closed"]
+    remove_relay_files(path)  # what the runner does when the stage's notebook ends
+    with logs.relaying(tmp_path / ".progress-export.json"):  # a later stage in the same kernel
+        bar.close()
+        del bar
+        gc.collect()
+    assert list(tmp_path.glob(".progress-*")) == []
+
+
+def test_what_an_earlier_run_left_beside_a_stage_is_not_shown_as_this_runs(tmp_path, capsys):
+    """Relay files an earlier run left (a kernel killed mid-stage, or a version before the fix
+    above) are removed before the terminal follows the stage: neither their bars nor their lines
+    are shown again."""
+    from diffusion_bunny import logs
+    from diffusion_bunny.pipeline.progress import start_following
+
+    path = tmp_path / ".progress-characters.json"
+    stale = {"done": 1000, "total": 1000, "closed": True, "unit": "step", "desc": "fit characters"}
+    (tmp_path / (path.name + logs.BAR_SUFFIX + "0393f7e8")).write_text(json.dumps(stale))
+    (tmp_path / (path.name + logs.SAY_SUFFIX)).write_text(json.dumps({"say": "an old line"}) + "\n")
+    stop = threading.Event()
+    watcher = start_following(path, stop, interval=0.02)
+    writer = ProgressFile(path, "characters", total=2, unit="frame", interval=0.0)
+    writer.update(2)
+    time.sleep(0.2)
+    stop.set()
+    watcher.join(timeout=5)
+    err = capsys.readouterr().err
+    assert "characters" in err and "2/2" in err
+    assert "fit characters" not in err and "an old line" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_to_count_shows_no_bar(tmp_path, capsys):
+    """A rerun whose frames all come from the cache has nothing to count: no bar in the notebook
+    and no file for the terminal (it showed an empty "faces: 0frame" twice)."""
+    from diffusion_bunny.pipeline.progress import tracked
+
+    path = tmp_path / ".progress-characters.json"
+    with tracked(0, desc="faces", progress=True, progress_path=path) as done:
+        done(0)
+        assert not path.exists()
+    assert "faces" not in capsys.readouterr().err
+    with tracked(2, desc="faces", progress=True, progress_path=path) as done:
+        done(1)
+        assert json.loads(path.read_text())["total"] == 2

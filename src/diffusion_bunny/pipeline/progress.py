@@ -61,9 +61,10 @@ def tracked(
 ) -> Iterator[Callable[[int], None]]:
     """A tqdm bar (the notebook's) and the progress file at ``progress_path`` (what ``bunny run``
     shows) counting the same work: yields ``done(n)``, to be called with the count so far; the
-    file is gone when the block ends or fails."""
-    bar = tqdm(total=total, unit=unit, desc=desc, disable=not progress, **bar_options(0.5))
-    reporter = ProgressFile(progress_path, desc, total, unit)
+    file is gone when the block ends or fails. Nothing to count (a rerun that takes every frame
+    from its cache) shows no bar: an empty "faces: 0frame" on the terminal read as a fault."""
+    bar = tqdm(total=total, unit=unit, desc=desc, disable=not progress or total == 0, **bar_options(0.5))
+    reporter = ProgressFile(progress_path if total else None, desc, total, unit)
 
     def done(n: int) -> None:
         bar.update(n - bar.n)
@@ -99,6 +100,15 @@ def map_tracked(
             out.append(result)
             done(n)
     return out
+
+
+def start_following(path: Path, stop: threading.Event, interval: float = 0.3) -> threading.Thread:
+    """:func:`follow` on a thread of its own, started once what an earlier run left beside
+    ``path`` is gone (a killed kernel's files): their bars and lines are not this run's."""
+    remove_relay_files(path)
+    watcher = threading.Thread(target=follow, args=(path, stop, interval), daemon=True)
+    watcher.start()
+    return watcher
 
 
 def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:

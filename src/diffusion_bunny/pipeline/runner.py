@@ -45,7 +45,7 @@ from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import process_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
-from diffusion_bunny.pipeline.progress import follow, remove_relay_files
+from diffusion_bunny.pipeline.progress import remove_relay_files, start_following
 from diffusion_bunny.pipeline.run import Run, check_exists, check_run_folder, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
 
@@ -508,9 +508,7 @@ def execute_stage_notebook(
     timeout_s = stage_timeout(options.cfg, movie_s)
     deadline = _Deadline(km, timeout_s)
     stop = threading.Event()
-    watcher = threading.Thread(target=follow, args=(run.progress_path(stage), stop), daemon=True)
-    if options.progress:
-        watcher.start()
+    watcher = start_following(run.progress_path(stage), stop) if options.progress else None
     # The notebook's first copy, written before any kernel starts: a run folder that cannot take
     # it fails here, not after the stage's work (papermill no longer writes it at the start, see
     # request_save_on_cell_execute below).
@@ -547,7 +545,7 @@ def execute_stage_notebook(
     finally:
         deadline.cancel()
         stop.set()
-        if watcher.is_alive():
+        if watcher is not None:
             watcher.join()
         remove_relay_files(run.progress_path(stage))
         if own:
