@@ -34,6 +34,7 @@ from diffusion_bunny.models.fitted import detector as fitted_module
 from diffusion_bunny.models.fitted.detector import (
     FittedDetector,
     FittedSearch,
+    batch_threads,
     film_cast,
     fit_detector,
     fit_film_detector,
@@ -359,6 +360,68 @@ def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted, 
     assert weights["auto"].keys() == weights["cpu"].keys()
     assert all(np.array_equal(weights["auto"][k].numpy(), weights["cpu"][k].numpy()) for k in weights["cpu"])
     assert asked == [("auto", "characters.fitted.device"), ("cpu", "characters.fitted.device")]
+
+
+def test_one_thread_makes_the_batches_it_always_made_and_several_make_the_same_on_every_run(
+    fitted, monkeypatch
+):
+    """On a GPU several threads make the training pictures (the step waits for them there). With
+    one, the CPU's default, they are drawn from the one stream a single maker always drew from
+    (so the fit is the one it was); with several, each thread has a stream of its own and makes
+    every k-th step, so a fit, searches of the film's frames included, is the same on every run
+    however the threads are scheduled; and the count is not part of the fit's key."""
+    _, cutouts, backgrounds, settings = fitted
+    names = sorted(cutouts)
+    synth = fitted_module.Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop, 7)
+    short = settings.model_copy(update={"steps": 6, "batch": 3})
+    batches = fitted_module._Batches(synth, short, len(names), set(), 1)
+    try:
+        made = [batches.get(step)[0] for step in range(short.steps)]
+    finally:
+        batches.close()
+    rng = np.random.default_rng(7)
+    one_stream = [[synth.example(rng).image for _ in range(short.batch)] for _ in range(short.steps)]
+    assert all(
+        np.array_equal(a, b)
+        for got, want in zip(made, one_stream, strict=True)
+        for a, b in zip(got, want, strict=True)
+    )
+
+    monkeypatch.setattr(fitted_module, "resolve_device", lambda device, setting: "cpu")
+    three = settings.model_copy(
+        update={"steps": 14, "self_training": True, "batch_threads": 3}
+    )  # searches at 7, 10
+    weights = [fit_detector(cutouts, backgrounds, three, progress=False).net.state_dict() for _ in range(2)]
+    assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
+    assert fit_key(cutouts, backgrounds, three) == fit_key(
+        cutouts, backgrounds, three.model_copy(update={"batch_threads": 0})
+    )
+    # Left to itself: one beside torch's step on the CPU; on a GPU up to 4, a core left to the step.
+    assert batch_threads(three, "cuda") == 3
+    auto = three.model_copy(update={"batch_threads": 0})
+    monkeypatch.setattr(fitted_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert (batch_threads(auto, "cpu"), batch_threads(auto, "cuda")) == (1, 4)
+    monkeypatch.setattr(fitted_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert batch_threads(auto, "cuda") == 1
+
+
+def test_a_failing_batch_maker_stops_the_fit_with_its_error(fitted, monkeypatch):
+    """A thread making the batches that fails hands its error to the fit (no hang on a queue
+    nobody fills), and the other makers stop."""
+    _, cutouts, backgrounds, settings = fitted
+    real, made = fitted_module.Synthesizer.example, []
+
+    def failing(self, rng):
+        made.append(1)
+        if len(made) == 40:  # a few steps in, on whichever thread makes that picture
+            raise ValueError("a broken cut-out")
+        return real(self, rng)
+
+    monkeypatch.setattr(fitted_module.Synthesizer, "example", failing)
+    chosen = settings.model_copy(update={"steps": 12, "batch_threads": 3, "device": "cpu"})
+    with pytest.raises(ValueError, match="a broken cut-out"):
+        fit_detector(cutouts, backgrounds, chosen, progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fit-batches")]
 
 
 def test_the_fit_shows_its_steps_on_the_terminal_of_bunny_run(fitted, tmp_path, monkeypatch):

@@ -47,4 +47,9 @@ class FittedSettings(BaseModel):
     #: on the CPU, on ONNX Runtime). Not part of the fit's key: a fit made on one device serves
     #: the other.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Threads that make the training pictures (0: one on the CPU, where torch's step is the
+    #: slower; up to 4 on a GPU, which otherwise waits for them). Each thread draws from a random
+    #: stream of its own, so another count is another draw of the same kind of pictures: not
+    #: part of the fit's key, as the device is not.
+    batch_threads: int = Field(0, ge=0, le=64)
     seed: int = Field(0, ge=0)

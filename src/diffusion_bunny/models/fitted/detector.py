@@ -29,10 +29,12 @@ decoding are a few dozen lines of torch each (CenterNet's focal loss as its pape
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
+import os
 import queue
 import threading
 import warnings
@@ -208,7 +210,7 @@ class Synthesizer:
         self.cutouts = [[_trim(c) for c in own] for own in cutouts]
         self.backgrounds = backgrounds
         self.side = side
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.found: list[list[Hit]] | None = None
         self.positive_score = 1.1
         # A hue-turned copy is no other character when the character has hardly any hue.
@@ -220,8 +222,10 @@ class Synthesizer:
             for own in self.cutouts
         ]
 
-    def _background(self) -> tuple[np.ndarray, list[tuple[int, float, tuple[float, ...]]]]:
-        rng, side = self.rng, self.side
+    def _background(
+        self, rng: np.random.Generator
+    ) -> tuple[np.ndarray, list[tuple[int, float, tuple[float, ...]]]]:
+        side = self.side
         index = int(rng.integers(len(self.backgrounds)))
         frame = self.backgrounds[index]
         height, width = frame.shape[:2]
@@ -241,9 +245,8 @@ class Synthesizer:
                 found.append((hit.index, hit.score, (left, top, right, bottom)))
         return piece.astype(np.float32), found
 
-    def _character(self, index: int, hue: int | None = None) -> np.ndarray:
+    def _character(self, rng: np.random.Generator, index: int, hue: int | None = None) -> np.ndarray:
         """A reference of character ``index``, changed as a film might show it."""
-        rng = self.rng
         own = self.cutouts[index]
         choice = int(rng.integers(len(own)))
         rgba = own[choice]
@@ -267,30 +270,30 @@ class Synthesizer:
             rgb = cv2.GaussianBlur(rgb, (0, 0), rng.uniform(0.6, 2.0))
         return np.dstack([rgb, rgba[..., 3]])
 
-    def _distractor(self) -> np.ndarray:
-        rng, side = self.rng, self.side
+    def _distractor(self, rng: np.random.Generator) -> np.ndarray:
+        side = self.side
         colourful = [(i, j) for i, own in enumerate(self.colourful) for j, ok in enumerate(own) if ok]
         if colourful and rng.random() < 0.5:
             return self._character(
-                colourful[int(rng.integers(len(colourful)))][0], hue=int(rng.integers(30, 150))
+                rng, colourful[int(rng.integers(len(colourful)))][0], hue=int(rng.integers(30, 150))
             )
-        piece, _ = self._background()
+        piece, _ = self._background(rng)
         h, w = int(rng.uniform(16, side * 0.7)), int(rng.uniform(16, side * 0.7))
         piece = cv2.resize(piece.astype(np.uint8), (w, h))
         mask = np.zeros((h, w), np.uint8)
         cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 255, -1)
         return np.dstack([piece, mask])
 
-    def example(self) -> Example:
-        rng, side = self.rng, self.side
-        image, found = self._background()
+    def example(self, rng: np.random.Generator) -> Example:
+        side = self.side
+        image, found = self._background(rng)
         for _ in range(int(rng.integers(0, 3))):
-            thing = self._distractor()
+            thing = self._distractor(rng)
             _paste(image, thing, _position(rng, thing.shape[1], side), _position(rng, thing.shape[0], side))
         boxes = []
         for _ in range(int(rng.choice([0, 1, 1, 2, 2, 3]))):
             index = int(rng.integers(len(self.cutouts)))
-            thing = self._character(index)
+            thing = self._character(rng, index)
             box = _paste(
                 image, thing, _position(rng, thing.shape[1], side), _position(rng, thing.shape[0], side)
             )
@@ -613,45 +616,64 @@ def fit_key(
     # moving it must re-label a run, not fit the detector again.
     # The device changes only the arithmetic's order, as another CPU does: a fit made on a GPU
     # serves a run on the CPU and the other way round.
-    digest.update(json.dumps(settings.model_dump(exclude={"min_score", "device"}), sort_keys=True).encode())
+    # Nor do the threads that make the batches: another count draws other pictures of the same
+    # kind, a fit as good (as another device's arithmetic is), not one to make again.
+    kept = settings.model_dump(exclude={"min_score", "device", "batch_threads"})
+    digest.update(json.dumps(kept, sort_keys=True).encode())
     digest.update(code_hash(__name__).encode())
     return digest.hexdigest()[:16]
 
 
 class _Batches:
-    """Training batches made on a thread of their own while the network trains on the calling
-    one: on 2 cores, pasting pictures (OpenCV and numpy, which release the GIL) and the network's
-    step each keep a core busy. Torch trains on one thread: its OpenMP threads spin-wait for each
-    other, and with a core taken by the batches (or another process) a spin costs a scheduler
-    slice (techContext: 3.4 s instead of 0.17 s for a small step).
+    """Training batches made on threads of their own while the network trains on the calling
+    one: pasting pictures (OpenCV and numpy, which release the GIL) keeps a core busy per thread.
+    On 2 CPU cores one thread makes them beside the network's step, which trains on one torch
+    thread: its OpenMP threads spin-wait for each other, and with a core taken by the batches
+    (or another process) a spin costs a scheduler slice (techContext: 3.4 s instead of 0.17 s
+    for a small step). On a GPU the step takes milliseconds and the batches are what it waits
+    for, so several threads make them (:func:`batch_threads`).
 
-    The batches are the ones a single thread would make, in the same order: before the batch of a
-    step where the network searches the film's frames (``refresh``), the maker waits until
-    what was found there is in the synthesizer."""
+    Thread ``w`` of ``k`` makes steps ``w``, ``w + k``, ... from a random stream of its own,
+    into a queue of its own, which the training thread reads in step order; so the batches (and
+    on the CPU the fit, bit for bit) are the same on every run with ``k`` threads, however the
+    threads are scheduled. Thread 0's stream is the one a single maker has always drawn from
+    (the seed alone): with one thread, the default on the CPU, the fit is the one it was before
+    several threads could make its batches. Before a step at or after one where the network
+    searches the film's frames (``refresh``), a maker waits until what was found there is in
+    the synthesizer."""
 
-    def __init__(self, synth: Synthesizer, settings: FittedSettings, classes: int, refresh: set[int]) -> None:
+    def __init__(
+        self, synth: Synthesizer, settings: FittedSettings, classes: int, refresh: set[int], threads: int
+    ) -> None:
         self.synth, self.settings, self.classes = synth, settings, classes
         self.ready = {step: threading.Event() for step in refresh}
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(max(1, threads))]
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._make, name="fit-batches", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._make, args=(w,), name=f"fit-batches-{w}", daemon=True)
+            for w in range(len(self.queues))
+        ]
+        for thread in self.threads:
+            thread.start()
 
-    def _make(self) -> None:
+    def _make(self, first: int) -> None:
+        out = self.queues[first]
+        seed = self.synth.seed
+        rng = np.random.default_rng(seed if first == 0 else (seed, first))
         try:
-            for step in range(self.settings.steps):
-                if step in self.ready:
-                    self.ready[step].wait()
+            for step in range(first, self.settings.steps, len(self.queues)):
+                for searched in sorted(s for s in self.ready if s <= step):
+                    self.ready[searched].wait()
                 if self.stop.is_set():
                     return
-                examples = [self.synth.example() for _ in range(self.settings.batch)]
+                examples = [self.synth.example(rng) for _ in range(self.settings.batch)]
                 goal = [targets(e, self.classes, self.settings.crop) for e in examples]
-                self.queue.put(([e.image for e in examples], [np.stack(p) for p in zip(*goal, strict=True)]))
+                out.put(([e.image for e in examples], [np.stack(p) for p in zip(*goal, strict=True)]))
         except BaseException as exc:  # handed to the training thread, which raises it
-            self.queue.put(exc)
+            out.put(exc)
 
-    def get(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        item = self.queue.get()
+    def get(self, step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        item = self.queues[step % len(self.queues)].get()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -660,11 +682,27 @@ class _Batches:
         self.stop.set()
         for event in self.ready.values():
             event.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get_nowait()
-            except Exception:
-                self.thread.join(0.05)
+        while any(thread.is_alive() for thread in self.threads):
+            for out in self.queues:
+                with contextlib.suppress(queue.Empty):
+                    out.get_nowait()
+            for thread in self.threads:
+                thread.join(0.05)
+
+
+def batch_threads(settings: FittedSettings, device: str) -> int:
+    """How many threads make the training batches: ``settings.batch_threads``, or when 0, one on
+    the CPU (torch's step holds the other core of two, and is the slower of the two: 320 against
+    50-80 ms on AVX2 cores) and, on a GPU, up to 4, leaving a core to the training thread.
+
+    Why 4: on an H200 a fit of 1000 steps took 61 and 91 s (two machines) with one thread making
+    the batches, nearly all of it waiting for them; 53 s with two, 41 s with four and 43 s with
+    eight (docs/characters.md)."""
+    if settings.batch_threads:
+        return settings.batch_threads
+    if device == "cpu":
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
 def fit_detector(
@@ -697,7 +735,7 @@ def fit_detector(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
     )
-    batches = _Batches(synth, settings, len(names), refresh)
+    batches = _Batches(synth, settings, len(names), refresh, batch_threads(settings, device))
     # A relayed bar: under `bunny run` the fit (minutes on a CPU) shows on the terminal as well.
     bar = relay_bar_class()(
         range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5)
@@ -712,7 +750,7 @@ def fit_detector(
                 synth.positive_score = settings.positive_score
                 batches.ready[step].set()
                 net.train()
-            images, goal = batches.get()
+            images, goal = batches.get(step)
             heat, size, mask, background = (torch.from_numpy(part).to(device) for part in goal)
             logits, sizes, _ = net(to_input(images).to(device))
             size_loss = (F.l1_loss(sizes, size, reduction="none").sum(1) * mask).sum() / mask.sum().clamp(

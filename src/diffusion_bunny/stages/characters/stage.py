@@ -54,6 +54,7 @@ from diffusion_bunny.models.fitted.detector import (
     FittedDetector,
     FittedSearch,
     Hit,
+    batch_threads,
     fit_film_detector,
     fit_key,
 )
@@ -651,8 +652,9 @@ def _drawn_backend(
         "fitted_now": fitted_now,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if fitted_now:  # where the minutes went (characters.fitted.device)
+    if fitted_now:  # where the minutes went (characters.fitted.device, .batch_threads)
         facts["device"] = resolve_device(cfg.fitted.device, "characters.fitted.device")
+        facts["batch_threads"] = batch_threads(cfg.fitted, facts["device"])
     return fitted, facts, None
 
 
