@@ -711,6 +711,8 @@ def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, d
     shots they walk through, under their names, with boxes on them, and named nowhere else."""
     import shutil
 
+    import torch
+
     from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages import run_stage
 
@@ -746,6 +748,23 @@ def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, d
     assert cut.size == (right - left, bottom - top)
     assert 0.05 < (alpha < 128).mean() < 0.9
     json.dumps(facts)  # the manifest holds plain JSON
+
+    # A rerun searches no frame again; a fit made anew under the same key (on a GPU the same
+    # pictures and frames give other weights) is another network, and every frame is searched.
+    cfg = load_config(None, overrides)
+    run_stage(run, "characters", cfg, progress=False, force=True)
+    again = run.read_manifest("characters")["facts"]
+    assert again["frames_detected"] == 0 and again["frames_cached"] == facts["frames_detected"] > 0
+    path = Path(facts["fitted"]["file"])
+    other = FittedDetector.load(path)
+    with torch.no_grad():
+        next(other.net.parameters()).mul_(1.01)
+    path.write_bytes(other.to_bytes())
+    path.with_suffix(".onnx").write_bytes(other.onnx_bytes())
+    run_stage(run, "characters", cfg, progress=False, force=True)
+    refitted = run.read_manifest("characters")["facts"]
+    assert refitted["fitted"]["fitted_now"] is False
+    assert refitted["frames_cached"] == 0 and refitted["frames_detected"] == facts["frames_detected"]
 
 
 def test_the_reference_sheet_shows_a_cut_out_on_grey_and_the_box_when_its_file_is_gone(tmp_path):

@@ -19,6 +19,7 @@ face crops into the reference folder as new reference images and re-labels the r
 from __future__ import annotations
 
 import functools
+import hashlib
 import multiprocessing
 import os
 import re
@@ -312,7 +313,11 @@ def detect_faces(
     run_dir = Path(run_dir)
     key = settings.key()
     if fitted is not None:
-        key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}"
+        # The fit's key says what it was fitted from, the searched network's own digest which
+        # weights came of it: on a GPU (cuDNN) a fit made again from the same pictures and frames
+        # is another network, and its sightings are not the last one's.
+        weights = hashlib.sha256(Path(fitted).with_suffix(".onnx").read_bytes()).hexdigest()[:12]
+        key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}-{weights}"
     if hub is not None:
         key = f"{key}+hub-{hub[0]}"
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
