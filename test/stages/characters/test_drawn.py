@@ -372,8 +372,8 @@ def test_one_thread_makes_the_batches_it_always_made_and_several_make_the_same_o
     however the threads are scheduled; and the count is not part of the fit's key."""
     _, cutouts, backgrounds, settings = fitted
     names = sorted(cutouts)
-    synth = fitted_module.Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop, 7)
-    short = settings.model_copy(update={"steps": 6, "batch": 3})
+    synth = fitted_module.Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop)
+    short = settings.model_copy(update={"steps": 6, "batch": 3, "seed": 7})
     batches = fitted_module._Batches(synth, short, len(names), set(), 1)
     try:
         made = [batches.get(step)[0] for step in range(short.steps)]

@@ -204,13 +204,10 @@ class Synthesizer:
     """Training pictures: references pasted on pieces of the film's frames (see the module's
     docstring). ``found`` holds, per background frame, what the network found there halfway."""
 
-    def __init__(
-        self, cutouts: list[list[np.ndarray]], backgrounds: list[np.ndarray], side: int, seed: int
-    ) -> None:
+    def __init__(self, cutouts: list[list[np.ndarray]], backgrounds: list[np.ndarray], side: int) -> None:
         self.cutouts = [[_trim(c) for c in own] for own in cutouts]
         self.backgrounds = backgrounds
         self.side = side
-        self.seed = seed
         self.found: list[list[Hit]] | None = None
         self.positive_score = 1.1
         # A hue-turned copy is no other character when the character has hardly any hue.
@@ -658,7 +655,7 @@ class _Batches:
 
     def _make(self, first: int) -> None:
         out = self.queues[first]
-        seed = self.synth.seed
+        seed = self.settings.seed
         rng = np.random.default_rng(seed if first == 0 else (seed, first))
         try:
             for step in range(first, self.settings.steps, len(self.queues)):
@@ -729,7 +726,7 @@ def fit_detector(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads or 1)
     torch.manual_seed(settings.seed)
-    synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop, settings.seed)
+    synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop)
     net = build_net(len(names)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
