@@ -424,6 +424,32 @@ def test_a_failing_batch_maker_stops_the_fit_with_its_error(fitted, monkeypatch)
     assert not [t for t in threading.enumerate() if t.name.startswith("fit-batches")]
 
 
+@pytest.mark.parametrize("where", ["network", "bar"])
+def test_a_fit_that_fails_before_its_first_step_leaves_torch_and_no_maker_behind(fitted, monkeypatch, where):
+    """A fit that fails as it starts (the network moved to a GPU that is out of memory, the bar
+    that cannot be made) gives the kernel its torch threads back and leaves no thread making
+    pictures, blocked on a queue nobody reads, with the film's frames in memory."""
+    import torch
+
+    _, cutouts, backgrounds, settings = fitted
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    target = "build_net" if where == "network" else "relay_bar_class"
+    monkeypatch.setattr(fitted_module, target, out_of_memory)
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        chosen = settings.model_copy(update={"steps": 12, "batch_threads": 2, "device": "cpu"})
+        with pytest.raises(RuntimeError, match="out of memory"):
+            fit_detector(cutouts, backgrounds, chosen, progress=False)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fit-batches")]
+
+
 def test_the_fit_shows_its_steps_on_the_terminal_of_bunny_run(fitted, tmp_path, monkeypatch):
     """The fit is stage 03's longest wait (minutes on a CPU): under ``bunny run`` its bar is
     relayed beside the stage's progress file, which the terminal follows, as a download's is
@@ -479,6 +505,46 @@ def test_onnx_search_finds_what_the_torch_detector_finds(fitted, tmp_path):
     # A damaged or foreign file is no search (stage 03 writes it again from the torch file).
     path.write_bytes(b"not onnx")
     assert FittedSearch.load(path) is None
+
+
+def test_a_search_in_this_process_uses_the_network_now_in_the_file(fitted, tmp_path):
+    """Stage 03 searches in its own process when a pool does not pay (a few frames, one
+    worker), as a notebook's kernel does run after run. A fit made again under the same name (on
+    a GPU, other weights from the same pictures) is searched with, not the network that process
+    read before: its sightings are filed under the new network's digest."""
+    import torch
+
+    from diffusion_bunny.stages.characters.stage import KEEP_SCORE, detect_faces
+
+    detector = fitted[0]
+    frame, _ = frames_with(["mika", "biscuit"], [Pose(turn=0.2), Pose(turn=-0.3)], 1)
+    cv2.imwrite(str(tmp_path / "f1.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    frames = pl.DataFrame(
+        {"frame_id": ["f1"], "path": ["f1.png"], "width": [frame.shape[1]], "height": [frame.shape[0]]}
+    )
+    path = tmp_path / "fitted-samekey.pt"
+    settings = DetectSettings()
+
+    def search_with(net: FittedDetector) -> tuple[list[float], list[float], str]:
+        path.write_bytes(net.to_bytes())
+        path.with_suffix(".onnx").write_bytes(net.onnx_bytes())
+        found, status, facts = detect_faces(
+            tmp_path, frames, settings, workers=1, progress=False, fitted=path
+        )
+        assert facts["frames_detected"] == 1 and status["status"].to_list() == ["ok"]
+        got = sorted(round(s, 4) for s in found.filter(pl.col("kind") == "drawn")["detector_score"])
+        hits = FittedSearch.load(path.with_suffix(".onnx")).detect(frame, KEEP_SCORE)
+        want = sorted(round(h.score, 4) for h in hits if h.box[3] - h.box[1] >= settings.min_face_px)
+        return got, want, status["detect_key"][0]
+
+    first, first_want, first_key = search_with(detector)
+    assert first == first_want and first  # the frame holds sightings to compare
+    other = FittedDetector.load(path)
+    with torch.no_grad():
+        other.net.heat.bias.add_(1.5)  # every heat-map score rises: another network, the same key
+    second, second_want, second_key = search_with(other)
+    assert second_key != first_key
+    assert second == second_want and second != first
 
 
 def test_the_film_cast_is_the_characters_found_in_its_frames(fitted):

@@ -4,6 +4,7 @@ user's downloaded ones are)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from diffusion_bunny.demo.movie import build_demo_references
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.characters import stage as characters_stage
 from diffusion_bunny.stages.characters.identify import cluster_drawn
 
 
@@ -38,10 +40,11 @@ def copy_run(demo_run: Run, dest: Path) -> Run:
     return Run.open(dest)
 
 
-def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, tmp_path):
+def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, tmp_path, monkeypatch):
     """With references, the hub's sightings are drawn appearances under the references' names,
     boxes in the frame; the manifest says what found them and nothing was fitted. A rerun with
-    the same settings reuses every frame's sightings: it works with the model folders gone."""
+    the same settings reuses every frame's sightings and loads no model; weights saved over a
+    model folder in place are another model, and every frame is searched again."""
     refs = build_demo_references(tmp_path / "refs")
     run = copy_run(demo_run, tmp_path / "run")
     overrides = {**tiny_hub, "characters.reference_dir": str(refs), "characters.hub.min_score": 0.0}
@@ -64,15 +67,23 @@ def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, 
     assert facts["hub"]["appearances"] == drawn.height and facts["hub"]["named"] == drawn.height
     assert "+hub-" in facts["detect_key"]
 
-    shutil.rmtree(Path(tiny_hub["characters.hub.detector"]).parent / "gone", ignore_errors=True)
-    moved = Path(tiny_hub["characters.hub.detector"]).parent / "gone"
-    shutil.move(tiny_hub["characters.hub.detector"], moved)
-    try:
+    def no_model(*args, **kwargs):
+        raise AssertionError("a rerun that reuses every frame's sightings loads no model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(characters_stage, "HubFinder", no_model)
         again = run_stage(run, "characters", cfg, force=True, progress=False)["faces"]
-    finally:
-        shutil.move(moved, tiny_hub["characters.hub.detector"])
     assert again.filter(pl.col("kind") == "drawn").height == drawn.height
     assert run.read_manifest("characters")["facts"]["frames_detected"] == 0
+
+    # The detector's folder holds other weights now (saved over it in place): searched anew.
+    weights = max(Path(tiny_hub["characters.hub.detector"]).iterdir(), key=lambda f: f.stat().st_size)
+    later = weights.stat().st_mtime_ns + 2_000_000_000
+    os.utime(weights, ns=(later, later))
+    run_stage(run, "characters", cfg, force=True, progress=False)
+    searched = run.read_manifest("characters")["facts"]
+    assert searched["frames_detected"] == facts["frames_detected"] > 0 and searched["frames_cached"] == 0
+    assert searched["detect_key"] != facts["detect_key"]
 
 
 def test_without_pictures_characters_are_discovered_clustered_and_a_cluster_named(

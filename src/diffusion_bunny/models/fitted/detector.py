@@ -725,19 +725,23 @@ def fit_detector(
     device = resolve_device(settings.device, "characters.fitted.device")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads or 1)
-    torch.manual_seed(settings.seed)
-    synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop)
-    net = build_net(len(names)).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
-    )
-    batches = _Batches(synth, settings, len(names), refresh, batch_threads(settings, device))
-    # A relayed bar: under `bunny run` the fit (minutes on a CPU) shows on the terminal as well.
-    bar = relay_bar_class()(
-        range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5)
-    )
+    batches = bar = None
+    # Everything from here on inside the try: whatever fails (the GPU out of memory as the
+    # network moves there, an interrupt), the kernel gets its torch threads back and no picture
+    # maker is left waiting on a full queue with the frames in memory.
     try:
+        torch.manual_seed(settings.seed)
+        synth = Synthesizer([cutouts[n] for n in names], backgrounds, settings.crop)
+        net = build_net(len(names)).to(device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, 3e-3, total_steps=settings.steps, pct_start=0.15
+        )
+        batches = _Batches(synth, settings, len(names), refresh, batch_threads(settings, device))
+        # A relayed bar: under `bunny run` the fit (minutes on a CPU) shows on the terminal as well.
+        bar = relay_bar_class()(
+            range(settings.steps), unit="step", desc=desc, disable=not progress, **bar_options(0.5)
+        )
         net.train()
         for step in bar:
             if step in refresh:
@@ -759,8 +763,10 @@ def fit_detector(
             optimizer.step()
             schedule.step()
     finally:
-        bar.close()
-        batches.close()
+        if bar is not None:
+            bar.close()
+        if batches is not None:
+            batches.close()
         torch.set_num_threads(threads_before)
     # Searched, saved and exported on the CPU whatever it trained on; the GPU's memory goes back
     # to the later stages sharing the kernel (stage 07 trains there).

@@ -62,11 +62,29 @@ MIN_BOX_SIDE = 2.0
 _WHAT_INSTEAD = "a local model folder, or use the offline default, characters.backend: offline"
 
 
+def local_model_stamp(model: str) -> str:
+    """What says that a model folder's weights changed, for ``model`` a local folder: each file's
+    name, size and time of change (a model saved over the folder in place, a fine-tuned OWLv2),
+    read without loading anything; "" for a hub id. A hub id's cached snapshot is what is loaded
+    and the cache never replaces it on its own, so the id says which weights."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return ""
+    stamp = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        info = file.stat()
+        stamp.update(f"{file.relative_to(path)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+    return stamp.hexdigest()[:16]
+
+
 def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarray]]) -> str:
     """What the hub's sightings in a frame depend on: the settings that change a detection (not
-    ``cluster_distance``, applied afterwards), the reference pictures and this module's code. Stage
-    03 reuses a frame's sightings while this stays the same."""
+    ``cluster_distance``, applied afterwards), the weights of a model given as a local folder
+    (:func:`local_model_stamp`), the reference pictures and this module's code. Stage 03 reuses
+    a frame's sightings while this stays the same."""
     digest = hashlib.sha256()
+    for model in (settings.detector, settings.features):
+        digest.update(local_model_stamp(model).encode() + b"\0")
     for name in sorted(references):
         digest.update(name.encode() + b"\0")
         for picture in references[name]:

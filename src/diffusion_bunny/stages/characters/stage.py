@@ -139,13 +139,16 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None", "str | None"]
+Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None", "tuple[str, str] | None"]
 
 
 @functools.cache
-def _fitted(path: str) -> FittedSearch:
+def _fitted(path: str, digest: str) -> FittedSearch:
     """The search of the fitted character detector saved at ``path`` (read once per worker
-    process), from its ``.onnx`` file: a worker needs no torch."""
+    process), from its ``.onnx`` file: a worker needs no torch. Kept by the file's ``digest``
+    too, as the detections' key is: a process that searches again (a notebook's kernel; fewer
+    frames than pay for a pool) after the file was rewritten under the same name (a fit made
+    again on a GPU) must search with the new network, not the one it read before."""
     detector = FittedSearch.load(Path(path).with_suffix(".onnx"))
     if detector is None:
         raise StageError(f"the fitted character detector {path} cannot be read; rerun stage characters")
@@ -154,9 +157,10 @@ def _fitted(path: str) -> FittedSearch:
 
 def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
     """Worker: detect and encode the faces of one frame file (module level so it pickles), and find
-    the drawn characters with the fitted detector at ``fitted`` (a file) when there is one, inside
-    the frame's region (the picture box without bars or a subtitle band; boxes come back in frame
-    pixels). A row: top, right, bottom, left, embedding, sharpness, score, yaw, kind, label."""
+    the drawn characters with the fitted detector ``fitted`` (its file and the digest of its ONNX
+    file) when there is one, inside the frame's region (the picture box without bars or a
+    subtitle band; boxes come back in frame pixels). A row: top, right, bottom, left, embedding,
+    sharpness, score, yaw, kind, label."""
     frame_id, path, settings, region, fitted = job
     try:
         rgb = read_rgb(path)
@@ -165,7 +169,7 @@ def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
         left, top = (region[0], region[1]) if region else (0, 0)
         searched = crop_region(rgb, region)
         faces = detect_and_encode(searched, settings)
-        hits = _fitted(fitted).detect(searched, KEEP_SCORE) if fitted else []
+        hits = _fitted(*fitted).detect(searched, KEEP_SCORE) if fitted else []
     except Exception as exc:  # one bad frame must not cost the stage: logged and skipped
         return frame_id, "failed", [], f"{type(exc).__name__}: {exc}"
     faces.sort(key=lambda f: (f.left, f.top))
@@ -184,7 +188,7 @@ def _detect_file(job: Job) -> tuple[str, str, list[tuple], str | None]:
         )
         for f in faces
     ]
-    names = _fitted(fitted).names if fitted else []
+    names = _fitted(*fitted).names if fitted else []
     found.extend(_drawn_rows(hits, names, searched, (left, top), settings.min_face_px))
     return frame_id, "ok", found, None
 
@@ -312,12 +316,14 @@ def detect_faces(
     to search, so a rerun that reuses every frame loads no model) the hub's models search them."""
     run_dir = Path(run_dir)
     key = settings.key()
+    searched_with = None
     if fitted is not None:
         # The fit's key says what it was fitted from, the searched network's own digest which
         # weights came of it: on a GPU (cuDNN) a fit made again from the same pictures and frames
         # is another network, and its sightings are not the last one's.
         weights = hashlib.sha256(Path(fitted).with_suffix(".onnx").read_bytes()).hexdigest()[:12]
         key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}-{weights}"
+        searched_with = (str(fitted), weights)
     if hub is not None:
         key = f"{key}+hub-{hub[0]}"
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
@@ -343,7 +349,7 @@ def detect_faces(
             str(run_dir / r["path"]),
             settings,
             regions.get(r["frame_id"]),
-            str(fitted) if fitted else None,
+            searched_with,
         )
         for r in todo
     ]
