@@ -25,8 +25,10 @@ from diffusion_bunny.stages.export.plan import (
     clamp_box,
     concept_table,
     crop_caption,
+    crop_problem,
     face_box,
     half_body_box,
+    least_side,
     plan_export,
     select_items,
     shot_groups,
@@ -206,6 +208,24 @@ def test_a_small_character_takes_in_its_scene_up_to_the_limit_instead_of_being_e
     assert box[0] == 0 and box[1] == 0 and box[2] >= 100 and box[3] >= 125
     # A large character is left as it is.
     assert character_box((100, 100, 500, 300), (0, 0, 1280, 720), 0.1, 2.0, 256, 2.0) == (60, 80, 540, 320)
+
+
+def test_no_character_with_room_around_it_is_left_out_as_upscaled_by_a_rounded_pixel():
+    """A framed box just over the least side is not widened; rounded to whole pixels it must not
+    then fall just under it and be left out as upscaled (156x292 at 720p was, 157x292 was not)."""
+    cfg = ExportSettings()
+    for bounds in ((0, 0, 1280, 720), (0, 0, 1920, 1080)):
+        for w in range(150, 300):
+            for h in range(150, 300):
+                box = character_box(
+                    (500, 200, 500 + w, 200 + h),
+                    bounds,
+                    cfg.character_margin,
+                    cfg.character_max_aspect,
+                    least_side(cfg),
+                    cfg.character_max_context,
+                )
+                assert crop_problem({"sharpness": None}, box, "character", cfg) is None, (bounds, w, h, box)
 
 
 def test_small_drawn_characters_get_a_widened_crop_the_trainer_need_not_enlarge_more_than_twice():

@@ -120,7 +120,9 @@ def character_box(
     left, top, right, bottom = box
     w = (right - left) * (1 + 2 * margin)
     h = (bottom - top) * (1 + 2 * margin)
-    w, h = max(w, h / max_aspect), max(h, w / max_aspect)
+    # Whole pixels, rounded up before the side is judged: rounded later (clamp_box), a crop just
+    # over min_side could fall a pixel short of it and be left out as upscaled, unwidened.
+    w, h = math.ceil(max(w, h / max_aspect)), math.ceil(max(h, w / max_aspect))
     side = float(np.sqrt(w * h))
     if side < min_side:
         grow = min(max_context, min_side / side)
