@@ -22,7 +22,7 @@ from paths import ROOT
 from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, ConfigError, ProviderError, StageError
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages import PIPELINE, run_stage, stage_state
 from diffusion_bunny.stages.captions.facts import caption_facts, framing_of, light_of, template_caption
 from diffusion_bunny.stages.captions.providers import (
     PROMPT_VERSION,
@@ -270,16 +270,49 @@ def test_an_unnamed_face_is_a_person_only_in_a_film_of_people():
         facts = caption_facts(frames, cfg, quality=quality, faces=faces)
         return [template_caption(row, cfg)[0] for row in facts.to_dicts()]
 
-    assert captions(found) == ["bunnystyle, orc_ruler, wide shot", "bunnystyle, wide shot"]
+    # The orc's figure fills 90% of the picture (judged as FIGURE_HEADS heads): a medium shot.
+    assert captions(found) == ["bunnystyle, orc_ruler, medium shot", "bunnystyle, wide shot"]
     heir = pl.DataFrame(
         {"frame_id": ["b"], "character": ["orc_ruler"], "top": [0], "bottom": [10], "kind": ["face"]}
     ).with_columns(pl.lit(True).alias("low_confidence"))
-    assert captions(pl.concat([found, heir], how="diagonal"))[0] == "bunnystyle, orc_ruler, wide shot"
+    assert captions(pl.concat([found, heir], how="diagonal"))[0] == "bunnystyle, orc_ruler, medium shot"
     person = heir.with_columns(pl.lit("zoe").alias("character"), pl.lit(False).alias("low_confidence"))
+    # A film of people too: frame a's unnamed face is a person, and frames the picture (10%: wide).
     assert captions(pl.concat([found, person], how="diagonal")) == [
         "bunnystyle, orc_ruler and 1 other person, wide shot",
         "bunnystyle, zoe and 1 other person, wide shot",
     ]
+
+
+def test_framing_in_a_film_of_drawn_characters_comes_from_who_is_there():
+    """A face nobody named is no person in a film of drawn characters (a skull on the warlord's
+    pole), so it frames nothing: Wesnoth's orc read "close-up" for the skull. A drawn character's
+    figure frames the picture where no face does: one filling the frame is not a wide shot."""
+    cfg = CaptionsSettings(frames="all")
+    ids = ["skull", "small", "whole", "named_face"]
+    frames = pl.DataFrame(
+        {"frame_id": ids, "path": [f"{i}.jpg" for i in ids], "shot_id": [0, 0, 1, 2], "width": [160] * 4}
+    ).with_columns(pl.lit(100).alias("height"))
+    quality = pl.DataFrame({"frame_id": ids, "keep": [True] * 4, "brightness": [120.0] * 4})
+    found = pl.DataFrame(
+        {
+            "frame_id": ["skull", "skull", "small", "whole", "named_face", "named_face"],
+            "character": ["orc_ruler", None, "orc_ruler", "orc_ruler", "orc_ruler", "orc_ruler"],
+            "top": [60, 0, 70, 0, 20, 20],
+            "bottom": [90, 50, 95, 100, 100, 55],
+            "kind": ["drawn", "face", "drawn", "drawn", "drawn", "face"],
+            # A face on a named drawn figure is named after it, low confidence (faces_of_drawn).
+            "low_confidence": [False] * 5 + [True],
+        }
+    )
+    facts = caption_facts(frames, cfg, quality=quality, faces=found)
+    assert dict(zip(facts["frame_id"], facts["framing"], strict=True)) == {
+        "skull": "wide shot",  # the 50% face is no one's; the orc's figure is 30% of the picture
+        "small": "wide shot",
+        "whole": "medium shot",
+        "named_face": "close-up",  # his own face (named after him on his figure) frames it: 35%
+    }
+    assert facts["unknown_faces"].to_list() == [0, 0, 0, 0]
 
 
 def test_rate_limiter_paces_requests():
@@ -385,6 +418,14 @@ def test_template_stage_captions_every_kept_frame_offline(cap_run, tmp_path):
     manifest = run.read_manifest("captions")
     assert manifest["counts"]["paid_requests"] == 0 and manifest["facts"]["prompt_version"] == PROMPT_VERSION
     assert stage_state(run, "captions", cfg)[0] == "done"
+    # A face confirmed (or doubted) in notebook 03 changes whether unnamed faces are people in a
+    # film with drawn characters: the captions are out of date, as for a new name.
+    faces = run.read_table("faces")
+    run.write_table("faces", faces.with_columns(~pl.col("low_confidence").fill_null(False)))
+    assert stage_state(run, "captions", cfg)[0] == "stale"
+    for stage in ("captions", "export"):
+        reads = next(r for r in PIPELINE.get(stage).reads if r.table == "faces")
+        assert "low_confidence" in reads.columns, stage
 
 
 def test_missing_tables_and_no_kept_frames(tmp_path, demo_run):

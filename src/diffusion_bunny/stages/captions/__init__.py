@@ -42,7 +42,13 @@ STAGE = Stage(
         Reads("frames", "extract", ("frame_id", "path", "shot_id", "width", "height", *BOX_COLUMNS)),
         Reads("quality", "quality", ("frame_id", "keep", "brightness", *REGION_COLUMNS)),
         Reads("shots", "extract", ("shot_id", "kind"), optional=True),
-        Reads("faces", "characters", ("frame_id", "character", "top", "bottom", "kind"), optional=True),
+        # low_confidence: whether a face named as a person counts (captions.facts.faces_are_people).
+        Reads(
+            "faces",
+            "characters",
+            ("frame_id", "character", "top", "bottom", "kind", "low_confidence"),
+            optional=True,
+        ),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
         Reads("clusters", "scenes", ("frame_id", "level", "cluster_id"), optional=True),
         # A person's edits: re-applied on top of every rerun.

@@ -41,6 +41,12 @@ FACT_SCHEMA: dict[str, pl.DataType] = {
 #: The template's words for how a shot moves and how it is lit (its tags name them too).
 MOTION_TAGS = ("moving shot", "static shot")
 LIGHT_TAGS = ("dark", "bright")
+#: How many of its heads tall a drawn character's box is taken to be, where no face frames the
+#: picture: its figure's height over the picture's, divided by this, is judged as a face's is
+#: (:func:`framing_of`). Cartoon and anime characters are drawn 2-6 heads tall; at 4 a figure
+#: filling half the picture or more is a medium shot and a smaller one a wide shot (a figure
+#: never makes a close-up: a box cut by the frame's edge does not say how much of it is head).
+FIGURE_HEADS = 4.0
 
 
 def framing_of(face_ratio: float | None, cfg: CaptionsSettings) -> str:
@@ -103,6 +109,30 @@ def faces_are_people(faces: pl.DataFrame | None) -> bool:
     return not named.is_empty()
 
 
+def _people_and_framing(
+    group: pl.DataFrame, height: int, people_film: bool, cfg: CaptionsSettings
+) -> tuple[int, str]:
+    """One frame's appearances (``group``): how many unnamed people to count, and its framing.
+
+    The framing is judged by the tallest face that is someone: a named face, or an unnamed one
+    where unnamed faces are people (``people_film``, :func:`faces_are_people`); in a film of
+    drawn characters an unnamed face is as likely a skull on a pole as a person, and read "close-
+    up" for the warlord holding it. A drawn character's box frames its whole figure, so where no
+    such face is found the tallest named figure is judged as :data:`FIGURE_HEADS` heads (a
+    character filling the frame read "wide shot" before). ``height``: the picture's height."""
+    is_face = pl.col("kind").fill_null("face") == "face" if "kind" in group.columns else pl.lit(True)
+    faces = group.filter(is_face)
+    counted = faces if people_film else faces.filter(pl.col("character").is_not_null())
+    unknown = int(counted["character"].is_null().sum())
+    face_h = (counted["bottom"] - counted["top"]).max()
+    if face_h is not None and height:
+        return unknown, framing_of(float(face_h) / height, cfg)
+    figures = group.filter(~is_face & pl.col("character").is_not_null())
+    figure_h = (figures["bottom"] - figures["top"]).max()
+    ratio = float(figure_h) / height / FIGURE_HEADS if figure_h is not None and height else None
+    return unknown, framing_of(ratio, cfg)
+
+
 def caption_facts(
     frames: pl.DataFrame,
     cfg: CaptionsSettings,
@@ -139,15 +169,10 @@ def caption_facts(
             "frame_id"
         ):
             names = sorted({c for c in group["character"].to_list() if c})
-            # A drawn character's box frames its whole figure: framing is judged by faces only.
-            people = (
-                group.filter(pl.col("kind").fill_null("face") == "face") if "kind" in group.columns else group
+            per_frame[fid[0]] = (
+                names,
+                *_people_and_framing(group, heights.get(fid[0]) or 0, people_film, cfg),
             )
-            unknown = int(people["character"].is_null().sum()) if people_film else 0
-            face_h = (people["bottom"] - people["top"]).max()
-            height = heights.get(fid[0]) or 0
-            ratio = float(face_h) / height if height and face_h is not None else None
-            per_frame[fid[0]] = (names, unknown, ratio)
 
     motion: dict[int, str] = {}
     if shots is not None:
@@ -163,7 +188,7 @@ def caption_facts(
     known = nobody_is_known(faces, face_frames)
     rows = []
     for rec in table.iter_rows(named=True):
-        names, unknown, ratio = per_frame.get(rec["frame_id"], ([], 0, None))
+        names, unknown, framing = per_frame.get(rec["frame_id"], ([], 0, framing_of(None, cfg)))
         rows.append(
             {
                 "frame_id": rec["frame_id"],
@@ -171,7 +196,7 @@ def caption_facts(
                 "characters": names,
                 "unknown_faces": unknown,
                 "nobody_known": rec["frame_id"] in known,
-                "framing": framing_of(ratio, cfg),
+                "framing": framing,
                 "motion": motion.get(int(rec["shot_id"]), "") if rec["shot_id"] is not None else "",
                 "scene": scene.get(rec["frame_id"], ""),
                 "light": light_of(rec["brightness"], cfg),

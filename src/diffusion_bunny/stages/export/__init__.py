@@ -67,7 +67,19 @@ STAGE = Stage(
         Reads(
             "faces",
             "characters",
-            ("face_id", "frame_id", "character", "top", "right", "bottom", "left", "kind", "sharpness"),
+            # low_confidence: whether unnamed faces are people in a crop's own caption.
+            (
+                "face_id",
+                "frame_id",
+                "character",
+                "top",
+                "right",
+                "bottom",
+                "left",
+                "kind",
+                "sharpness",
+                "low_confidence",
+            ),
             optional=True,
         ),
         # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.
