@@ -181,6 +181,10 @@ def test_prompts_and_grid_plan():
     assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
     odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
     assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
+    # Scales that round alike to two decimals are two files, not one drawn over by both.
+    fine = plan_grid(["ann"], ["{character}"], "t", [0], [0.12, 0.125, -0.125], cks[:1])
+    names = [i.rel_path.rsplit("_", 1)[1] for i in fine]
+    assert names == ["scale0.12.png", "scale0.125.png", "scalem0.125.png"]
     # A character's description follows its name, as in the captions the LoRA learned from.
     described = plan_grid(
         ["biscuit", "ann"],
@@ -746,6 +750,11 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
     again = run_generate()
     assert again.counts["rendered_now"] == 0 and again.counts["reused"] == gen.height
     assert again.tables["generations"].equals(gen)
+
+    # Only the base model asked for (scale 0): no checkpoint is best, and the column says so.
+    cfg = cfg.model_copy(update={"lora_scales": (0.0,)})
+    base_only = run_generate().tables["generations"]
+    assert set(base_only["checkpoint"]) == {BASE} and base_only["best"].to_list() == [False] * 4
 
 
 def test_drawn_characters_are_drawn_and_scored_beside_the_people(

@@ -162,3 +162,54 @@ def test_uncached_steps_encode_the_text_every_step(tmp_path):
     batch = trainer.make_batch([TrainImage(path=tmp_path / "a.png", text="bunnystyle a cat")], (64, 64))
     loss, _, stepped = trainer.step(batch)
     assert np.isfinite(loss) and stepped
+
+
+def test_a_full_disk_as_the_flow_lora_is_written_is_one_line_and_leaves_no_partial_file(
+    tmp_path, monkeypatch
+):
+    """FLUX.1/SD3.5's LoRA is written as SD's is: aside, then renamed into place, so a disk that
+    fills while it is written is one line naming the file (safetensors says it its own way), and
+    no partial file stands where stage 08 would take it for the LoRA; the rerun resumes."""
+    from small_disk import inject_full_disk, small_disk
+
+    from diffusion_bunny.errors import StorageError
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train import lora as lora_module
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    with small_disk(tmp_path, 64 << 20) as disk, pytest.MonkeyPatch.context() as mp:
+        root = disk.root if disk else tmp_path / "disk"
+        root.mkdir(exist_ok=True)
+        run = make_run(root, n_train=2, n_val=0)
+        overrides = {**fast_overrides(root, base_model="tiny-sd3"), "train.output_dir": str(root / "lora")}
+        cfg = load_config(None, overrides, root=tmp_path)
+        mp.setattr(lora_module, "check_free_space", lambda needs, advice: None)
+        calls = {"n": 0}
+        real_prune = lora_module.prune_checkpoints
+
+        def prune(folder, keep, limit):
+            out = real_prune(folder, keep, limit)
+            calls["n"] += 1  # 1: before the first step, 2: after checkpoint-2, 3: after checkpoint-4
+            if calls["n"] == 3:
+                if disk:
+                    disk.fill(leave=0)
+                else:
+                    inject_full_disk(mp, root)
+            return out
+
+        mp.setattr(lora_module, "prune_checkpoints", prune)
+        with pytest.raises(StorageError) as err:
+            run_stage(run, "train", cfg, progress=False)
+        message = str(err.value)
+        (folder,) = (root / "lora").iterdir()
+        assert "\n" not in message and "No space left on device (" in message
+        assert message.startswith(f"could not write {folder}/pytorch_lora_weights.safetensors"), message
+        assert message.endswith("a rerun resumes from checkpoint-4"), message
+        assert not (folder / "pytorch_lora_weights.safetensors").exists()
+        assert [p for p in root.rglob(".*") if ".tmp-" in p.name] == []
+        if disk:
+            disk.empty()
+        mp.undo()
+        run_stage(run, "train", cfg, progress=False)
+        assert run.read_manifest("train")["facts"]["resumed_from"] == 4
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()

@@ -912,6 +912,37 @@ def test_a_checkpoint_state_is_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_kept(tmp_path):
+    """A truncated ``training_state.pt`` in the newest checkpoint (a disk error, a copy of the run
+    folder cut short) is skipped, and set aside: left where it was, it stayed the newest state,
+    and the pruning that keeps the newest states deleted each good one the rerun wrote below it,
+    so every interruption started the training over."""
+    from diffusion_bunny.stages.train.lora import _resume_point, checkpoint_steps, prune_checkpoints
+    from diffusion_bunny.stages.train.tables import LORA_FILE
+
+    out = tmp_path / "lora"
+    for step in (4, 6):
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / LORA_FILE).write_bytes(b"weights")
+        torch.save({"step": step, "resume_key": "k"}, folder / "training_state.pt")
+    damaged = out / "checkpoint-6" / "training_state.pt"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    warnings: list[str] = []
+    state, step, folder = _resume_point(out, [], training_cfg(max_train_steps=10), "k", warnings)
+    assert (state["step"], step, folder) == (4, 4, out)
+    assert len(warnings) == 1 and "checkpoint-6 is damaged" in warnings[0] and ".damaged" in warnings[0]
+    assert not damaged.exists() and damaged.with_name("training_state.pt.damaged").is_file()
+    assert checkpoint_steps(out) == [4]
+    # The rerun writes checkpoint 5: it is the newest state kept, not the damaged one's.
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / LORA_FILE).write_bytes(b"weights")
+    torch.save({"step": 5, "resume_key": "k"}, out / "checkpoint-5" / "training_state.pt")
+    prune_checkpoints(out, keep_resumable=1, total_limit=None)
+    assert checkpoint_steps(out) == [5]
+    assert (out / "checkpoint-6" / LORA_FILE).is_file()  # its LoRA stays for stage 08
+
+
 HOLD_LORA_FOLDER = textwrap.dedent(
     """
     import sys, time

@@ -92,7 +92,10 @@ class GridItem:
     def rel_path(self) -> str:
         """Where the image lives, relative to the run folder."""
         char = bounded_name(re.sub(r"[^\w.-]+", "_", self.character).strip("_") or "none")
-        scale = f"{self.lora_scale:+.2f}".replace("+", "").replace("-", "m")
+        scale = f"{self.lora_scale:+.2f}"
+        if float(scale) != self.lora_scale:  # 0.125 beside 0.12: each scale a file of its own
+            scale = f"{self.lora_scale:+.6f}".rstrip("0")
+        scale = scale.replace("+", "").replace("-", "m")
         return f"generated/{self.checkpoint}/{char}/p{self.prompt_index:02d}_seed{self.seed}_scale{scale}.png"
 
 

@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
 from diffusion_bunny.models.lora_keys import lora_target_names, save_kohya_flow
-from diffusion_bunny.pipeline.atomic import atomic_path
-from diffusion_bunny.stages.train.lora import LoraTrainer
+from diffusion_bunny.pipeline.atomic import atomic_path, disk_errors
+from diffusion_bunny.stages.train.lora import LoraTrainer, write_lora_file
 from diffusion_bunny.stages.train.tables import LORA_FILE
 
 if TYPE_CHECKING:
@@ -461,21 +461,22 @@ class FlowLoraTrainer(LoraTrainer):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.peft_state()["transformer"]
-        type(self.pipe).save_lora_weights(
+        save = type(self.pipe).save_lora_weights
+        # As the SD trainer's: written aside and renamed into place, a full disk in one line.
+        write_lora_file(
             folder,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
-            safe_serialization=True,
+            lambda staging: save(
+                staging,
+                transformer_lora_layers=state,
+                transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+                safe_serialization=True,
+            ),
         )
         kohya_path = None
         if kohya_name is not None:
-            kohya_path = save_kohya_flow(
-                state,
-                folder / f"{kohya_name}_kohya.safetensors",
-                self.family,
-                self.cfg.alpha,
-                self.transformer,
-            )
+            kohya_path = folder / f"{kohya_name}_kohya.safetensors"
+            with disk_errors(kohya_path):
+                save_kohya_flow(state, kohya_path, self.family, self.cfg.alpha, self.transformer)
         return folder / LORA_FILE, kohya_path
 
     # -- validation ----------------------------------------------------------------------------

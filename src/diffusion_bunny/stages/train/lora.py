@@ -43,7 +43,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -514,18 +514,8 @@ class LoraTrainer:
             if name in state:
                 kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state[name])
                 kwargs[f"{name}_lora_adapter_metadata"] = self.text_lora_config.to_dict()  # type: ignore[union-attr]
-        # diffusers writes the file in place under a fixed name: it writes into a temporary folder
-        # beside the final file instead, which is flushed and renamed over it (a killed run leaves
-        # the previous LoRA, and the temporary folder is swept by the next run).
-        final = folder / LORA_FILE
-        staging = temp_path(final)
-        try:
-            with disk_errors(staging / LORA_FILE):  # safetensors reports a full disk its own way
-                pipeline_class(self.family).save_lora_weights(staging, safe_serialization=True, **kwargs)
-            with atomic_path(final) as tmp:
-                os.replace(staging / LORA_FILE, tmp)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save = pipeline_class(self.family).save_lora_weights
+        write_lora_file(folder, lambda staging: save(staging, safe_serialization=True, **kwargs))
         kohya_path = None
         if kohya_name is not None:
             kohya_path = folder / f"{kohya_name}_kohya.safetensors"
@@ -635,6 +625,25 @@ def start_tracker(trainer: LoraTrainer, run_name: str, cfg: TrainSettings, resum
     return tracker
 
 
+def write_lora_file(folder: Path, write: Callable[[Path], Any]) -> Path:
+    """``folder``'s ``pytorch_lora_weights.safetensors``, which ``write`` (diffusers'
+    ``save_lora_weights``, of any pipeline) writes into the folder it is given. diffusers writes
+    the file in place under a fixed name: here it writes into a temporary folder beside the final
+    file instead, which is flushed and renamed over it (a killed run leaves the previous LoRA,
+    and the temporary folder is swept by the next run), and a full disk, which safetensors reports
+    its own way, is the one-line storage error naming the file."""
+    final = Path(folder) / LORA_FILE
+    staging = temp_path(final)
+    try:
+        with disk_errors(staging / LORA_FILE):
+            write(staging)
+        with atomic_path(final) as tmp:
+            os.replace(staging / LORA_FILE, tmp)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: float) -> Path:
     """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``, ``lora_te1_``,
     ``lora_te2_``, an ``alpha`` per layer; diffusers' converter writes alpha = rank, so the real
@@ -650,7 +659,7 @@ def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: flo
     kohya = {
         k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()
     }
-    with atomic_path(path) as tmp:
+    with disk_errors(path), atomic_path(path) as tmp:
         save_file(kohya, tmp, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
     return path
 
@@ -1041,6 +1050,12 @@ def _resume_point(
             state = read_checkpoint(checkpoint)
         except Exception:
             warnings.append(f"checkpoint {checkpoint} is damaged and was skipped")
+            if own:
+                # Set aside, not deleted: left as it was it stayed the newest resumable state, and
+                # the pruning that keeps the newest states removed the good ones written after it.
+                with contextlib.suppress(OSError):
+                    os.replace(checkpoint / STATE_FILE, checkpoint / f"{STATE_FILE}.damaged")
+                    warnings[-1] += f" (its state file kept as {STATE_FILE}.damaged)"
             continue
         if state.get("resume_key") != key:
             if not own:
