@@ -912,6 +912,24 @@ def test_a_checkpoint_state_is_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_more_steps_continue_a_run_only_where_the_schedule_does_not_depend_on_the_total():
+    """A constant rate (with or without warm-up) is the same at step 30 of a 30- or a 60-step run:
+    the longer run continues the shorter one. A linear or cosine rate decays to the total, so the
+    30-step run's checkpoint is no start for 60 steps (it would jump back up after step 30)."""
+    from diffusion_bunny.stages.train.lora import resume_key
+
+    for schedule, continues in (
+        ("constant", True),
+        ("constant_with_warmup", True),
+        ("linear", False),
+        ("cosine", False),
+    ):
+        short = training_cfg(max_train_steps=30, lr_scheduler=schedule)
+        longer = short.model_copy(update={"max_train_steps": 60})
+        assert (resume_key(short, "data") == resume_key(longer, "data")) is continues, schedule
+        assert resume_key(short, "data") != resume_key(short, "other data")
+
+
 def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_kept(tmp_path):
     """A truncated ``training_state.pt`` in the newest checkpoint (a disk error, a copy of the run
     folder cut short) is skipped, and set aside: left where it was, it stayed the newest state,

@@ -715,15 +715,18 @@ def prune_checkpoints(output_dir: Path, keep_resumable: int, total_limit: int | 
 def resume_key(cfg: TrainSettings, dataset_key: str) -> str:
     """What must not change for a checkpoint to be resumed: the base model, the adapters' shape,
     the data and everything that changes what a step computes. Step counts, checkpoint and
-    validation settings may change (more steps continue the run). The FLUX.1/SD3.5 keys count
-    only when set away from their defaults, so checkpoints of SD 1.x/SDXL runs made before those
-    keys existed still resume."""
+    validation settings may change (more steps continue the run), except under a ``linear`` or
+    ``cosine`` schedule, whose rate at a step depends on the total: a run of 30 steps continued
+    to 60 had decayed to 0 at step 30 and jumped back up at 31, not what 60 steps from the start
+    give. The FLUX.1/SD3.5 keys count only when set away from their defaults, so checkpoints of
+    SD 1.x/SDXL runs made before those keys existed still resume."""
     defaults = _Cfg()
     at_default = {k for k in FLOW_KEYS if getattr(cfg, k) == getattr(defaults, k)}
+    by_total = cfg.lr_scheduler in ("linear", "cosine")
     keep = cfg.model_dump(
         mode="json",
         exclude={
-            "max_train_steps",
+            *(() if by_total else ("max_train_steps",)),
             "checkpoint_every",
             "validation_every",
             "validation_prompts",
