@@ -270,7 +270,8 @@ def test_an_unnamed_face_is_a_person_only_in_a_film_of_people():
         facts = caption_facts(frames, cfg, quality=quality, faces=faces)
         return [template_caption(row, cfg)[0] for row in facts.to_dicts()]
 
-    # The orc's figure fills 90% of the picture (judged as FIGURE_HEADS heads): a medium shot.
+    # The orc's figure fills 90% of the picture (judged as FIGURE_HEADS heads): a medium shot;
+    # a whole figure of two thirds of it (the demo's girl) stays a wide shot.
     assert captions(found) == ["bunnystyle, orc_ruler, medium shot", "bunnystyle, wide shot"]
     heir = pl.DataFrame(
         {"frame_id": ["b"], "character": ["orc_ruler"], "top": [0], "bottom": [10], "kind": ["face"]}
@@ -289,30 +290,31 @@ def test_framing_in_a_film_of_drawn_characters_comes_from_who_is_there():
     pole), so it frames nothing: Wesnoth's orc read "close-up" for the skull. A drawn character's
     figure frames the picture where no face does: one filling the frame is not a wide shot."""
     cfg = CaptionsSettings(frames="all")
-    ids = ["skull", "small", "whole", "named_face"]
+    ids = ["skull", "small", "two_thirds", "whole", "named_face"]
     frames = pl.DataFrame(
-        {"frame_id": ids, "path": [f"{i}.jpg" for i in ids], "shot_id": [0, 0, 1, 2], "width": [160] * 4}
+        {"frame_id": ids, "path": [f"{i}.jpg" for i in ids], "shot_id": [0, 0, 1, 1, 2], "width": [160] * 5}
     ).with_columns(pl.lit(100).alias("height"))
-    quality = pl.DataFrame({"frame_id": ids, "keep": [True] * 4, "brightness": [120.0] * 4})
+    quality = pl.DataFrame({"frame_id": ids, "keep": [True] * 5, "brightness": [120.0] * 5})
     found = pl.DataFrame(
         {
-            "frame_id": ["skull", "skull", "small", "whole", "named_face", "named_face"],
-            "character": ["orc_ruler", None, "orc_ruler", "orc_ruler", "orc_ruler", "orc_ruler"],
-            "top": [60, 0, 70, 0, 20, 20],
-            "bottom": [90, 50, 95, 100, 100, 55],
-            "kind": ["drawn", "face", "drawn", "drawn", "drawn", "face"],
+            "frame_id": ["skull", "skull", "small", "two_thirds", "whole", "named_face", "named_face"],
+            "character": ["orc_ruler", None, "orc_ruler", "orc_ruler", "orc_ruler", "orc_ruler", "orc_ruler"],
+            "top": [60, 0, 70, 33, 0, 20, 20],
+            "bottom": [90, 50, 95, 100, 100, 100, 55],
+            "kind": ["drawn", "face", "drawn", "drawn", "drawn", "drawn", "face"],
             # A face on a named drawn figure is named after it, low confidence (faces_of_drawn).
-            "low_confidence": [False] * 5 + [True],
+            "low_confidence": [False] * 6 + [True],
         }
     )
     facts = caption_facts(frames, cfg, quality=quality, faces=found)
     assert dict(zip(facts["frame_id"], facts["framing"], strict=True)) == {
         "skull": "wide shot",  # the 50% face is no one's; the orc's figure is 30% of the picture
         "small": "wide shot",
+        "two_thirds": "wide shot",  # a whole figure in its scene, as the demo's girl
         "whole": "medium shot",
         "named_face": "close-up",  # his own face (named after him on his figure) frames it: 35%
     }
-    assert facts["unknown_faces"].to_list() == [0, 0, 0, 0]
+    assert facts["unknown_faces"].to_list() == [0] * 5
 
 
 def test_rate_limiter_paces_requests():

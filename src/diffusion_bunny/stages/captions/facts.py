@@ -43,10 +43,13 @@ MOTION_TAGS = ("moving shot", "static shot")
 LIGHT_TAGS = ("dark", "bright")
 #: How many of its heads tall a drawn character's box is taken to be, where no face frames the
 #: picture: its figure's height over the picture's, divided by this, is judged as a face's is
-#: (:func:`framing_of`). Cartoon and anime characters are drawn 2-6 heads tall; at 4 a figure
-#: filling half the picture or more is a medium shot and a smaller one a wide shot (a figure
-#: never makes a close-up: a box cut by the frame's edge does not say how much of it is head).
-FIGURE_HEADS = 4.0
+#: (:func:`framing_of`). Cartoon and anime characters are drawn 2-6 heads tall, people about 7;
+#: at 6 only a figure filling 72% of the picture or more (most often one cut by the frame's
+#: edge, from the waist up) is a medium shot, and a whole figure standing in its scene stays a
+#: wide shot, as a person's whole figure is judged by its face (the demo's girl, two thirds of
+#: the picture, would have been a medium shot at 4 heads). A figure never makes a close-up: a
+#: box cut by the frame's edge does not say how much of it is head.
+FIGURE_HEADS = 6.0
 
 
 def framing_of(face_ratio: float | None, cfg: CaptionsSettings) -> str:
