@@ -135,6 +135,46 @@ def test_duplicates_anywhere_in_the_movie_keep_the_better_frame():
     assert reasons(apply_quality_rules(table, frames, QualitySettings(dup_distance=1)))[:6] == [None] * 6
 
 
+def test_an_unreadable_frame_leaves_the_other_frames_hashes_whole():
+    """An unreadable frame has no hash (null): the column's numbers must stay 64-bit integers for
+    the others. As floats (what numpy makes of a column with a null) their low bits were rounded
+    away, and frames 5 bits apart counted as duplicates at dup_distance 4."""
+    cfg = QualitySettings(dup_distance=4)
+    first = FAR[0] | (1 << 63)
+    rows = [{"phash": first}, {"phash": first ^ 0b11111}]
+    table, frames = scores(rows)
+    assert reasons(apply_quality_rules(table, frames, cfg)) == [None, None]
+    broken = [*rows, {"readable": False, "phash": None, "sharpness": None, "brightness": None}]
+    table, frames = scores(broken)
+    assert reasons(apply_quality_rules(table, frames, cfg)) == [None, None, "unreadable"]
+    # Over many pairs 5-8 bits apart, none is taken for a duplicate.
+    rng = np.random.default_rng(3)
+    pairs = []
+    for _ in range(60):
+        a = int(rng.integers(2**62, 2**63, dtype=np.uint64)) | (1 << 63)
+        bits = rng.choice(64, size=int(rng.integers(5, 9)), replace=False)
+        pairs += [{"phash": a}, {"phash": a ^ int(sum(1 << int(b) for b in bits))}]
+    table, frames = scores(distinct_shots([*pairs, {"readable": False, "phash": None, "sharpness": None}]))
+    assert "duplicate" not in reasons(apply_quality_rules(table, frames, cfg))
+
+
+def distinct_shots(rows: list[dict]) -> list[dict]:
+    """``rows``, each in a shot of its own (so that only the duplicate rule could drop one)."""
+    return [{"shot_id": i, **row} for i, row in enumerate(rows)]
+
+
+def test_the_sliders_hold_every_setting_they_open_with():
+    """A slider clamps a value outside its range, and "use these thresholds" saves what the
+    sliders hold: each opens on the setting as it is, however far it lies from this film's."""
+    from diffusion_bunny.stages.quality.widgets import _sliders
+
+    cfg = QualitySettings(min_sharpness=50, exposure_detail=800, dup_distance=40, best_per_batch=30)
+    sliders = _sliders(cfg, top_sharp=20.0)  # a soft film: its sharpest frame scores 20
+    assert sliders["min_sharpness"].value == pytest.approx(50, rel=0.01)
+    assert sliders["exposure_detail"].value == 800 and sliders["dup_distance"].value == 40
+    assert sliders["best_per_batch"].value == 30
+
+
 def test_blurred_frame_never_removes_its_sharp_copy():
     same = 0x0F0F0F0F0F0F0F0F
     table, frames = scores([{"phash": same, "sharpness": 10.0}, {"phash": same, "sharpness": 200.0}])

@@ -319,8 +319,12 @@ def _mark_duplicates(base: pl.DataFrame, dup_distance: int) -> pl.DataFrame:
     cand = np.flatnonzero(base["reject_reason"].is_null().to_numpy())
     if cand.size > 1:
         ids = base["frame_id"].to_list()
+        # The candidates' own hashes, as unsigned 64-bit integers: a column holding an unreadable
+        # frame's null becomes float64 in numpy, whose 53 bits rounded every hash, and frames up
+        # to a few bits apart (18% of those 5-8 bits apart) counted as duplicates.
+        hashes = base["phash"].gather(cand).cast(pl.UInt64).to_numpy()
         for winner, copies in _duplicate_groups(
-            base["phash"].to_numpy()[cand],
+            hashes,
             base["sharpness"].to_numpy()[cand],
             base["frame_index"].to_numpy()[cand],
             dup_distance,

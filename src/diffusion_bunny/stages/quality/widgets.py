@@ -47,7 +47,9 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
             value=max(cfg.min_sharpness, 0.1),
             base=10,
             min=-1,
-            max=round(math.log10(max(top_sharp, 10.0)) + 0.3, 2),
+            # Up to the film's sharpest frame, and never under the setting: a slider clamps a value
+            # outside its range, and "use these thresholds" would save the clamped one.
+            max=round(math.log10(max(top_sharp, 10.0, cfg.min_sharpness)) + 0.3, 2),
             step=0.02,
         ),
         "min_brightness": level("min brightness", cfg.min_brightness),
@@ -55,11 +57,22 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
         "max_clipped": share("max clipped", cfg.max_clipped),
         # 0: brightness alone decides (the setting's null).
         "exposure_detail": slider(
-            widgets.FloatSlider, "exposure detail", value=cfg.exposure_detail or 0.0, min=0, max=500, step=5
+            widgets.FloatSlider,
+            "exposure detail",
+            value=cfg.exposure_detail or 0.0,
+            min=0,
+            max=max(500, cfg.exposure_detail or 0.0),
+            step=5,
         ),
-        "dup_distance": slider(widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=32),
+        "dup_distance": slider(
+            widgets.IntSlider, "dup distance", value=cfg.dup_distance, min=0, max=max(32, cfg.dup_distance)
+        ),
         "best_per_batch": slider(
-            widgets.IntSlider, "best per batch", value=cfg.best_per_batch or 0, min=0, max=20
+            widgets.IntSlider,
+            "best per batch",
+            value=cfg.best_per_batch or 0,
+            min=0,
+            max=max(20, cfg.best_per_batch or 0),
         ),
         "relative_brightness": widgets.Checkbox(
             value=cfg.relative_brightness,
