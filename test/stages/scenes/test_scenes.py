@@ -201,6 +201,33 @@ def test_latest_correction_wins_and_moves_both_levels():
     assert out.filter(pl.col("manual"))["frame_id"].unique().sort().to_list() == ["a", "b", "c"]
 
 
+def test_a_scene_move_after_a_character_move_is_where_the_frame_stays():
+    """The board shows each move as it is made; a rerun must place the frame there too. A frame
+    moved in a character sub-cluster, then to another scene (or to noise), went back to the
+    sub-cluster's scene at the next run, as scene moves were applied before every character move."""
+    chars = {"a": ("alice",), "b": ("bob",)}
+    table = clusters_table(["a", "b"], ["s001", "s001"], np.full(2, 0.9), [0, 1], chars)
+    fb = feedback_rows(
+        ("a", "s001/alice", "s003/alice", "character"),
+        ("a", "s003", "s005", "scene"),  # later: the whole frame to scene 5
+        ("b", "s001/bob", "s003/bob", "character"),
+        ("b", "s003", NOISE, "scene"),  # later: to noise
+    )
+    got = {
+        (f, lvl): c
+        for f, lvl, c in apply_feedback(table, fb).select("frame_id", "level", "cluster_id").iter_rows()
+    }
+    assert (got[("a", "scene")], got[("a", "character")]) == ("s005", "s005/alice")
+    assert (got[("b", "scene")], got[("b", "character")]) == (NOISE, NOISE)
+    # The other order: the character move, made later, wins with its scene.
+    fb = feedback_rows(("a", "s001", "s005", "scene"), ("a", "s005/alice", "s003/alice", "character"))
+    got = {
+        (f, lvl): c
+        for f, lvl, c in apply_feedback(table, fb).select("frame_id", "level", "cluster_id").iter_rows()
+    }
+    assert (got[("a", "scene")], got[("a", "character")]) == ("s003", "s003/alice")
+
+
 def test_adapter_starts_as_identity_and_learns_a_move():
     vecs, ids, _ = blobs(4, 3, dim=16, seed=5)
     ident = train_adapter(vecs, [], epochs=5)
@@ -384,6 +411,25 @@ def _mover(run_dir, frames, targets, barrier):
     barrier.wait()
     for i, frame in enumerate(frames):
         move_to_cluster(run_dir, frame, targets[i % len(targets)])
+
+
+def test_a_new_cluster_never_takes_an_id_exemplars_or_moves_still_hold(scenes_run):
+    """A cluster emptied by hand keeps its exemplars (an incremental run sends its place's new
+    frames to it) and the moves into it: a "new" cluster takes an id past those, else the place's
+    new frames would join the person's unrelated new cluster."""
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, _ = scenes_run
+    exemplars = run.read_table("scene_exemplars")
+    top = max(int(c[1:]) for c in exemplars["cluster_id"])
+    held = exemplars.head(1).with_columns(pl.lit(f"s{top + 5:03d}").alias("cluster_id"))
+    run.write_table("scene_exemplars", pl.concat([exemplars, held]))
+    frames = run.read_table("clusters").filter(pl.col("level") == "scene")["frame_id"].to_list()
+    first = move_to_cluster(run.run_dir, frames[0], "new")
+    assert first["to_cluster"] == f"s{top + 6:03d}"
+    # Moved out again, its id is still the person's: the next new cluster goes past it.
+    move_to_cluster(run.run_dir, frames[0], NOISE)
+    assert move_to_cluster(run.run_dir, frames[1], "new")["to_cluster"] == f"s{top + 7:03d}"
 
 
 def test_two_writers_never_lose_a_feedback_row(scenes_run):

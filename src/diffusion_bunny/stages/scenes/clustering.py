@@ -381,6 +381,17 @@ def latest_moves(feedback: pl.DataFrame | None) -> dict[tuple[str, str], str]:
     return {(a, lvl): to for a, lvl, to in last.select("anchor_id", "level", "to_cluster").iter_rows()}
 
 
+def ordered_moves(feedback: pl.DataFrame | None) -> list[tuple[str, str, str]]:
+    """Each (frame id, level)'s last move as (frame id, level, cluster), in the order they were
+    made (at one time, the scene's before the character's)."""
+    if feedback is None or feedback.is_empty():
+        return []
+    last = feedback.sort("ts", maintain_order=True).unique(["anchor_id", "level"], keep="last")
+    rows = last.select("anchor_id", "level", "to_cluster", "ts").iter_rows()
+    ordered = sorted(rows, key=lambda r: (r[3] is not None, r[3], LEVELS.index(r[1])))
+    return [(fid, level, target) for fid, level, target, _ in ordered]
+
+
 def apply_feedback(
     clusters: pl.DataFrame, feedback: pl.DataFrame | None, vectors: dict[str, np.ndarray] | None = None
 ) -> pl.DataFrame:
@@ -391,14 +402,16 @@ def apply_feedback(
     frame that is no longer in the table (stage 02 dropped it) are ignored here; the feedback
     row stays for the adapter.
     """
-    moves = latest_moves(feedback)
+    moves = ordered_moves(feedback)
     if not moves:
         return clusters
     table = {(f, lvl): cid for f, lvl, cid in clusters.select("frame_id", "level", "cluster_id").iter_rows()}
     who = dict(clusters.select("frame_id", "characters").iter_rows())
     manual = {(f, lvl) for f, lvl, m in clusters.select("frame_id", "level", "manual").iter_rows() if m}
-    # Scene moves first, then character moves (which are finer and so win where both exist).
-    for (fid, level), target in sorted(moves.items(), key=lambda kv: LEVELS.index(kv[0][1])):
+    # In the order they were made, as the board showed each one: the latest wins where a scene
+    # move and a character move disagree (scene moves first won over any character move, so a
+    # frame moved to another scene, or to noise, after a character move went back at the next run).
+    for fid, level, target in moves:
         if (fid, "scene") not in table:
             continue
         _place(table, fid, level, target, who.get(fid) or NOBODY)

@@ -503,7 +503,12 @@ def move_to_cluster(
         if cluster_id == NEW:
             if level != "scene":
                 raise BadInputError("a new cluster can only be made at the scene level")
-            cluster_id = new_cluster_id(existing)
+            # Not an id a cluster emptied by hand still holds elsewhere: its exemplars (an
+            # incremental run would send that place's new frames into the new cluster) or a move.
+            taken = set(read_feedback(run.run_dir)["to_cluster"].to_list())
+            if run.has_table("scene_exemplars"):
+                taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
+            cluster_id = new_cluster_id(existing | {c.partition("/")[0] for c in taken if c})
         elif cluster_id != NOISE and cluster_id not in existing:
             known = ", ".join(sorted(existing - {NOISE})[:12])
             raise BadInputError(
