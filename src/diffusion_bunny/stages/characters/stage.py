@@ -294,6 +294,24 @@ def _run_jobs(
     return results
 
 
+def _detect_key(
+    settings: DetectSettings, fitted: Path | None, hub_key: str | None
+) -> tuple[str, tuple[str, str] | None]:
+    """What a frame's detections depend on (``face_frames.detect_key``), and the fitted network
+    searched with (its file and ONNX digest, None without one). The fit's key says what it was
+    fitted from, the searched network's own digest which weights came of it: on a GPU (cuDNN) a
+    fit made again from the same pictures and frames is another network, and its sightings are
+    not the last one's."""
+    key, searched_with = settings.key(), None
+    if fitted is not None:
+        weights = hashlib.sha256(Path(fitted).with_suffix(".onnx").read_bytes()).hexdigest()[:12]
+        key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}-{weights}"
+        searched_with = (str(fitted), weights)
+    if hub_key is not None:
+        key = f"{key}+hub-{hub_key}"
+    return key, searched_with
+
+
 def detect_faces(
     run_dir: Path,
     frames: pl.DataFrame,
@@ -315,17 +333,7 @@ def detect_faces(
     ``hub`` (the key of its sightings, and what makes its finder: called only when a frame is left
     to search, so a rerun that reuses every frame loads no model) the hub's models search them."""
     run_dir = Path(run_dir)
-    key = settings.key()
-    searched_with = None
-    if fitted is not None:
-        # The fit's key says what it was fitted from, the searched network's own digest which
-        # weights came of it: on a GPU (cuDNN) a fit made again from the same pictures and frames
-        # is another network, and its sightings are not the last one's.
-        weights = hashlib.sha256(Path(fitted).with_suffix(".onnx").read_bytes()).hexdigest()[:12]
-        key = f"{key}+{Path(fitted).stem.removeprefix('fitted-')}-{weights}"
-        searched_with = (str(fitted), weights)
-    if hub is not None:
-        key = f"{key}+hub-{hub[0]}"
+    key, searched_with = _detect_key(settings, fitted, hub[0] if hub is not None else None)
     regions = {r["frame_id"]: region_of(r) for r in frame_regions(frames, quality).iter_rows(named=True)}
     rows = frames.select("frame_id", "path").to_dicts()
     # What a cached detection must still match: the file's size and the region searched.
