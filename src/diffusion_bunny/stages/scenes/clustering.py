@@ -375,10 +375,7 @@ def clusters_table(
 
 def latest_moves(feedback: pl.DataFrame | None) -> dict[tuple[str, str], str]:
     """(frame id, level) -> where a person put it last."""
-    if feedback is None or feedback.is_empty():
-        return {}
-    last = feedback.sort("ts", maintain_order=True).unique(["anchor_id", "level"], keep="last")
-    return {(a, lvl): to for a, lvl, to in last.select("anchor_id", "level", "to_cluster").iter_rows()}
+    return {(fid, level): target for fid, level, target in ordered_moves(feedback)}
 
 
 def ordered_moves(feedback: pl.DataFrame | None) -> list[tuple[str, str, str]]:

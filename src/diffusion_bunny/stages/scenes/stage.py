@@ -500,12 +500,13 @@ def move_to_cluster(
                 "from the clusters table"
             )
         existing = set(clusters.filter(pl.col("level") == level)["cluster_id"].unique().to_list())
+        feedback = read_feedback(run.run_dir)
         if cluster_id == NEW:
             if level != "scene":
                 raise BadInputError("a new cluster can only be made at the scene level")
             # Not an id a cluster emptied by hand still holds elsewhere: its exemplars (an
             # incremental run would send that place's new frames into the new cluster) or a move.
-            taken = set(read_feedback(run.run_dir)["to_cluster"].to_list())
+            taken = set(feedback["to_cluster"].to_list())
             if run.has_table("scene_exemplars"):
                 taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
             cluster_id = new_cluster_id(existing | {c.partition("/")[0] for c in taken if c})
@@ -525,7 +526,6 @@ def move_to_cluster(
             "label": 1,
             "level": level,
         }
-        feedback = read_feedback(run.run_dir)
         feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
         tables["feedback"] = feedback
         vectors = None
