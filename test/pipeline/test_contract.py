@@ -304,6 +304,54 @@ def test_a_stage_and_the_edits_people_make_meanwhile_share_one_commit_path(toy, 
     assert run.read_table("notes")["note"].to_list() == ["typed while the stage computed"]
 
 
+def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_edit_does_not(toy):
+    """Stage 03 run again and then stage 06 without stage 05 exported captions naming the old
+    characters, without a word: a stage that computes from the tables of a stage that is behind
+    its own settings, code or inputs says which and what to run. A person's edit, committed
+    into the producer's tables at once, is not being behind."""
+    pipeline, run, _ = toy
+    make = Stage(
+        name="make",
+        notebook="none.ipynb",
+        package="toy_make",
+        summary=lambda m: "made",
+        reads=(Reads("notes", "make", optional=True, nonempty=True),),
+        config=("extract.jpeg_quality",),
+        writes=("numbers",),
+        edits=("notes",),
+    )
+    pipeline = Pipeline((make, pipeline.get("double")))
+    cfg = load_config(None, {}, use_local=False)
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    assert run.read_manifest("double")["warnings"] == []
+
+    # A person's correction: the notes and the numbers they change, in one commit.
+    with run.commit("notes", "numbers", by_hand=True) as tables:
+        tables["notes"] = pl.DataFrame({"note": ["3 is 4"]})
+        tables["numbers"] = pl.DataFrame({"n": [1, 2, 4], "other": [0, 0, 0]})
+    assert stage_state(pipeline, run, "make", cfg)[0] == "stale"  # bunny status says so
+    run_stage(pipeline, run, "double", cfg, progress=False)  # its input changed: it runs
+    assert run.read_manifest("double")["warnings"] == []
+
+    lower = load_config(None, {"extract.jpeg_quality": 50}, use_local=False)
+    behind = (
+        r"stage double read numbers from stage make, which is out of date \(its config changed: "
+        rf"extract.jpeg_quality {cfg.extract.jpeg_quality} -> 50\): run stage make again, then double "
+        r"\(bunny run MOVIE --stages make,double"
+    )
+    with pytest.warns(UserWarning, match=behind):
+        run_stage(pipeline, run, "double", lower, force=True, progress=False)
+    assert len(run.read_manifest("double")["warnings"]) == 1
+    run_stage(pipeline, run, "make", lower, progress=False)
+    run_stage(pipeline, run, "double", lower, progress=False)
+    assert run.read_manifest("double")["warnings"] == []
+
+    run.manifest_path("make").unlink()  # a run of it stopped halfway: its old table stays
+    with pytest.warns(UserWarning, match=r"out of date \(its last run did not finish\)"):
+        run_stage(pipeline, run, "double", lower, force=True, progress=False)
+
+
 def test_a_stage_reads_only_the_settings_it_declared():
     cfg = load_config(None, {}, use_local=False)
     view = ConfigView(cfg, ("quality", "run.seed"), "toy")

@@ -453,6 +453,49 @@ def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> tupl
     )
 
 
+def _behind(pipeline: Pipeline, run: Run, producer: Stage, cfg: RunConfig) -> str | None:
+    """Why the tables ``producer`` wrote are older than what makes them now, or None.
+
+    Unlike :func:`manifest_state` this leaves out what a person's edit changes: an edit is
+    committed into the stage's own tables at once (:meth:`Run.commit` ``by_hand``), so its tables
+    and its edit tables moving since it ran do not make what it wrote out of date."""
+    manifest = run.read_manifest(producer.name)
+    if manifest is None:
+        return "its last run did not finish"
+    if manifest.get("code_hash") != producer.code(cfg):
+        return "its code changed"
+    if manifest.get("config_hash") != cfg.section_hash(*producer.config):
+        changes = config_changes(manifest.get("config"), cfg.section_values(*producer.config))
+        return f"its config changed: {changes}" if changes else "its config changed"
+    edits = set(producer.edits)
+    fresh = plain(declared_inputs(run, pipeline, producer, producer.view(cfg)))
+    changed = [n for n in _changed(manifest.get("inputs") or {}, fresh) if n not in edits]
+    return f"its inputs changed ({', '.join(changed)})" if changed else None
+
+
+def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
+    """One warning per stage whose tables ``stage`` reads and which is out of date.
+
+    ``bunny run`` runs the stages in order, so this only speaks in a notebook run out of order:
+    stage 03 run again in notebook 03 and then stage 06 without stage 05 would otherwise export
+    captions naming the old characters beside crops naming the new ones, without a word."""
+    lines: list[str] = []
+    read = [r for r in stage.reads if r.producer != stage.name and _present(run, r)]
+    for name in dict.fromkeys(r.producer for r in read):
+        try:
+            reason = _behind(pipeline, run, pipeline.get(name), cfg)
+        except StageError:  # the producer cannot even tell (its own inputs are gone): not ours to say
+            continue
+        if reason is not None:
+            tables = ", ".join(r.table for r in read if r.producer == name)
+            lines.append(
+                f"stage {stage.name} read {tables} from stage {name}, which is out of date ({reason}): "
+                f"run stage {name} again, then {stage.name} (bunny run MOVIE --stages {name},{stage.name}, "
+                "or its notebook)"
+            )
+    return lines
+
+
 def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
     tables: dict[str, pl.DataFrame | None] = {}
     for reads in stage.reads:
@@ -524,6 +567,9 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
     )
+    behind = behind_producers(pipeline, run, stage, cfg)
+    for line in behind:
+        log.warning("%s: %s", run.run_dir.name, line)
     with relaying(run.progress_path(name)):  # under `bunny run`: its lines and bars on the terminal
         out = stage.stage_module().compute(context)
     unexpected = set(out.tables) - set(stage.writes)
@@ -543,11 +589,11 @@ def _run_stage_locked(
         counts=out.counts,
         seed=cfg.run.seed,
         started=started,
-        warnings=out.warnings,
+        warnings=[*behind, *out.warnings],
         facts=out.facts,
     )
     run.write_manifest(name, manifest)
     log.info("%s: %s done in %.1f s: %s", run.run_dir.name, name, time.monotonic() - t0, out.counts)
-    for warning in out.warnings:
+    for warning in [*behind, *out.warnings]:
         warnings.warn(warning, stacklevel=4)
     return tables
