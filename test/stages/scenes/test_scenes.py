@@ -337,6 +337,7 @@ def test_stage_clusters_the_demo_by_place(scenes_run):
 
 def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.config import load_config
     from diffusion_bunny.stages import run_stage
     from diffusion_bunny.stages.scenes.stage import board_state
 
@@ -376,6 +377,17 @@ def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     assert "+adapter:" in manifest["facts"]["space"]
     final = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
     assert final["cluster_id"][0] == ids[1] and final["manual"][0]
+    # Run again with the same correction (another threshold): the adapter it saved is the space,
+    # reused, not trained again from the labels it made (which gave another one under one name).
+    adapter_file = run.run_dir / "models" / "scene_adapter.npz"
+    saved = adapter_file.read_bytes()
+    moved = {"scenes.noise_threshold": cfg.scenes.noise_threshold + 0.01}
+    other = load_config(None, moved, root=run.run_dir.parent)
+    run_stage(run, "scenes", other, progress=False)
+    again = run.read_manifest("scenes")
+    assert again["facts"]["adapter"] == {"triplets": 1, "reused": True}
+    assert again["facts"]["space"] == manifest["facts"]["space"] and adapter_file.read_bytes() == saved
+    run_stage(run, "scenes", cfg, progress=False)
     # A move to a new cluster: nothing to pull towards, so no triplet and no adapter.
     current = set(run.read_table("clusters")["cluster_id"].str.split("/").list.first())
     new = move_to_cluster(run.run_dir, frame, "new")

@@ -43,6 +43,9 @@ class Adapter:
     weights: dict[str, np.ndarray]
     triplets: int = 0
     losses: list[float] = field(default_factory=list)
+    #: What it was trained from (the corrections, the settings, the embedder): the stage reuses a
+    #: saved adapter of the same key instead of training another one (:func:`adapter_key`).
+    key: str = ""
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         """Unit vectors in the adapted space."""
@@ -56,14 +59,15 @@ class Adapter:
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        np.savez(buf, dim=self.dim, hidden=self.hidden, triplets=self.triplets, **self.weights)
+        np.savez(buf, dim=self.dim, hidden=self.hidden, triplets=self.triplets, key=self.key, **self.weights)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> Adapter:
         with np.load(path) as data:
-            weights = {k: data[k] for k in data.files if k not in ("dim", "hidden", "triplets")}
-            return cls(int(data["dim"]), int(data["hidden"]), weights, int(data["triplets"]))
+            weights = {k: data[k] for k in data.files if k not in ("dim", "hidden", "triplets", "key")}
+            key = str(data["key"]) if "key" in data.files else ""  # one saved before keys: trained again
+            return cls(int(data["dim"]), int(data["hidden"]), weights, int(data["triplets"]), key=key)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 import warnings
+import zipfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,6 +163,23 @@ def library_path(cfg: ScenesSettings) -> Path | None:
     return path if path.is_absolute() else workspace_root() / path
 
 
+def _adapter_key(feedback_key: str, embedder: str, cfg: ScenesSettings) -> str:
+    settings = (cfg.adapter_hidden, cfg.adapter_epochs, cfg.adapter_lr, cfg.adapter_margin)
+    blob = repr((feedback_key, embedder, *settings, cfg.adapter_identity_weight, cfg.seed)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _saved_adapter(path: Path, key: str, dim: int) -> Adapter | None:
+    """The adapter saved by an earlier run from the same corrections, settings and embedder."""
+    if not path.is_file():
+        return None
+    try:
+        adapter = Adapter.load(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: trained again
+        return None
+    return adapter if adapter.key == key and adapter.dim == dim else None
+
+
 def _adapted_vectors(
     raw: np.ndarray,
     fids: list[str],
@@ -171,11 +189,23 @@ def _adapted_vectors(
     adapter_path: Path,
     *,
     learn: bool,
+    embedder: str = "",
 ) -> tuple[np.ndarray, str | None, dict[str, Any]]:
     """The vectors to cluster: through an adapter trained on the corrections when there are
     usable ones (``scenes.adapter: auto``), else the embeddings as they are. Returns the vectors,
-    the key of the corrections the adapter learned from (None without one) and its facts."""
+    the key of the corrections the adapter learned from (None without one) and its facts.
+
+    The adapter is trained once per set of corrections: a later run with the same corrections
+    (new frames, another threshold) reuses the saved one. Trained again, it would learn from the
+    previous clustering's labels, which that clustering made through it, and come out another
+    adapter under the same space name; the incremental path would then keep clusters made in a
+    space that is no longer the one new frames are placed in."""
     if cfg.adapter == "auto" and not feedback.is_empty() and learn:
+        feedback_key = _feedback_key(feedback)
+        key = _adapter_key(feedback_key, embedder, cfg)
+        saved = _saved_adapter(adapter_path, key, raw.shape[1])
+        if saved is not None:
+            return saved.transform(raw), feedback_key, {"triplets": saved.triplets, "reused": True}
         # Where a person sees each frame now: the previous clusters with every correction applied.
         labels = {f: NOISE for f in fids}
         if prev_clusters is not None and not prev_clusters.is_empty():
@@ -184,9 +214,10 @@ def _adapted_vectors(
         triplets = triplets_from_feedback(feedback, fids, labels)
         if triplets:
             adapter = train_adapter_for(raw, triplets, cfg)
+            adapter.key = key
             adapter.save(adapter_path)
             facts = {"triplets": len(triplets), "final_loss": adapter.losses[-1] if adapter.losses else None}
-            return adapter.transform(raw), _feedback_key(feedback), facts
+            return adapter.transform(raw), feedback_key, facts
     adapter_path.unlink(missing_ok=True)  # an adapter from earlier corrections no longer applies
     return raw, None, {"triplets": 0}
 
@@ -263,7 +294,14 @@ def compute(ctx: Context) -> StageOutput:
 
     library = library_path(cfg)
     vectors, adapter_key, adapter_facts = _adapted_vectors(
-        raw, fids, feedback, previous.get("clusters"), cfg, run_dir / ADAPTER_FILE, learn=library is None
+        raw,
+        fids,
+        feedback,
+        previous.get("clusters"),
+        cfg,
+        run_dir / ADAPTER_FILE,
+        learn=library is None,
+        embedder=embedder_name,
     )
     if library is not None and not feedback.is_empty():
         warnings.append(
