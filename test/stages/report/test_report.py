@@ -501,3 +501,52 @@ def test_the_batch_table_counts_named_characters_beside_stage_03s_state(scenes_d
     drawn = dict(zip(plot.data["measure"].astype(str), plot.data["n"], strict=True))
     counts = {"frames": row["frames"], "kept": row["kept"], "shots": row["shots"]}
     assert drawn == {**counts, "characters named": named}
+
+
+def test_two_movies_of_one_file_name_each_keep_a_row_and_the_batch_figure_draws(tmp_path):
+    """``bunny run season1 season2`` with an ``E01.mkv`` in each: the batch's report named both
+    rows ``E01.mkv`` and its figure, which takes the names as categories, failed on them
+    (``Categorical categories must be unique``) after every movie had run."""
+    from diffusion_bunny.stages.report.combined import distinct_names
+
+    assert distinct_names([Path("/f/season1/E01.mkv"), Path("/f/season2/E01.mkv"), Path("/f/b.mkv")]) == [
+        "season1/E01.mkv",
+        "season2/E01.mkv",
+        "b.mkv",
+    ]
+    # Folders only as far back as they differ; the same path twice is numbered.
+    assert distinct_names([Path("/a/x/s/E.mkv"), Path("/b/x/s/E.mkv"), Path("/a/x/s/E.mkv")]) == [
+        "a/x/s/E.mkv (1)",
+        "b/x/s/E.mkv",
+        "a/x/s/E.mkv (2)",
+    ]
+    cfg = _cfg(tmp_path)
+    reports = [MovieReport(tmp_path / s / "E01.mkv", None, error="boom") for s in ("s1", "s2")]
+    table = movies_table(reports, cfg, PIPELINE, start=tmp_path)
+    assert table["movie"].to_list() == ["s1/E01.mkv", "s2/E01.mkv"]
+    counted = table.with_columns(
+        frames=pl.lit(10), kept=pl.lit(4), shots=pl.lit(2), named_characters=pl.lit(1)
+    )
+    plot = movies_plot(counted)
+    plot.draw()  # raised before the names were told apart
+    assert set(plot.data["movie"].astype(str)) == {"s1/E01.mkv", "s2/E01.mkv"}
+
+
+def test_characters_whose_names_give_one_slug_each_keep_their_contact_sheet(scenes_demo_run, tmp_path):
+    """``Маша`` and ``Миша`` (slug ``movie`` both) had one PNG between them: the second sheet was
+    written over the first, and the report showed Миша's faces under Маша's heading."""
+    from diffusion_bunny.stages.report.sections import file_slugs
+
+    slugs = file_slugs(["Маша", "Миша", "Anna", "anna", "grace hopper"])
+    assert len(set(slugs.values())) == 5 and slugs["grace hopper"] == "grace-hopper"
+    assert slugs["Маша"].startswith("movie-") and slugs["Anna"].startswith("anna-")
+    src, overrides = scenes_demo_run
+    run = _copy_run(src, tmp_path / "run")
+    cfg = _cfg(tmp_path, **overrides, **{"report.contact_sheet_faces": 3})
+    faces = run.read_table("faces")
+    first, second = faces["character"].drop_nulls().value_counts(sort=True)["character"].head(2)
+    renamed = {first: "Маша", second: "Миша"}
+    run.write_table("faces", faces.with_columns(pl.col("character").replace(renamed)))
+    paths = write_report_figures(run.run_dir, cfg)
+    sheets = {name: path for name, path in paths.items() if name.startswith("contact_movie")}
+    assert len(sheets) == 2 and len({p.read_bytes() for p in sheets.values()}) == 2

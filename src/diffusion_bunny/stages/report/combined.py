@@ -20,6 +20,33 @@ def relative_link(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
 
+def distinct_names(paths: list[Path]) -> list[str]:
+    """How each movie of a batch is named in its report: its file name, with as many of its
+    folders before it as tell it from another of the same name (``season1/E01.mkv``,
+    ``season2/E01.mkv``); the same file given twice is numbered. A row per movie must have a
+    name of its own: the figure's axis takes them as categories, which must differ."""
+    parts = [Path(p).parts or (str(p),) for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(ps[-d:]) for ps, d in zip(parts, depth, strict=True)]
+        # grown while another path shows the same name (the same path given twice never differs)
+        grow = [
+            i
+            for i, n in enumerate(names)
+            if depth[i] < len(parts[i]) and any(m == n and parts[j] != parts[i] for j, m in enumerate(names))
+        ]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if names.count(name) == 1 else f"{name} ({seen[name]})")
+    return out
+
+
 # ------------------------------------------------------------------------------ across movies
 
 

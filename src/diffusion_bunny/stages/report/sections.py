@@ -3,6 +3,7 @@ run (so the report works after any subset of the stages)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +344,19 @@ def no_pictures_note(run: ReportData) -> str:
     )
 
 
+def file_slugs(names: list[str]) -> dict[str, str]:
+    """A file name part for each character: its slug, and where two names give one slug
+    (``Маша`` and ``Миша`` are both ``movie``; ``Anna`` and ``anna``) a short hash of the name
+    after it. The contact sheets were written over each other, and the report showed one
+    character's faces under another's name."""
+    slugs = {name: slugify(name) for name in names}
+    taken = list(slugs.values())
+    return {
+        name: slug if taken.count(slug) == 1 else f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        for name, slug in slugs.items()
+    }
+
+
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     faces = run.read_table("faces")
     if not faces.height:
@@ -355,6 +369,7 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     counts = named.group_by("character").len().sort(["len", "character"], descending=[True, False])
     frames = run.read_table("frames")
     shown = counts.head(cfg.report.max_characters)
+    slugs = file_slugs(shown["character"].to_list())
     for name in shown["character"].to_list():
         members = named.filter(pl.col("character") == name)
         sheet = face_sheet(
@@ -364,10 +379,10 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
             max_per_group=cfg.report.contact_sheet_faces,
             columns=max(1, min(12, members.height)),
         )
-        figures.append(Figure(f"contact_{slugify(name)}", f"Contact sheet: {name}", sheet))
+        figures.append(Figure(f"contact_{slugs[name]}", f"Contact sheet: {name}", sheet))
         exported = exported_sheet(run, name, cfg.report.contact_sheet_faces)
         if exported is not None:
-            figures.append(Figure(f"exported_{slugify(name)}", f"Exported pictures: {name}", exported))
+            figures.append(Figure(f"exported_{slugs[name]}", f"Exported pictures: {name}", exported))
     unknown = faces.height - named.height
     more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
     message = (

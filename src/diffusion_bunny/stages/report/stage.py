@@ -33,7 +33,7 @@ from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_par
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.status import run_status
-from diffusion_bunny.stages.report.combined import movies_plot, relative_link
+from diffusion_bunny.stages.report.combined import distinct_names, movies_plot, relative_link
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document, table_html
 from diffusion_bunny.stages.report.funnel import funnel_summary, funnel_table
 from diffusion_bunny.stages.report.sections import (
@@ -209,10 +209,12 @@ def movies_table(
     drew "done" and "stale" as bars)."""
     stages = pipeline.names()
     rows = []
-    for rep in reports:
+    # a name that is not UTF-8 is escaped, not a crash; two E01.mkv of two seasons keep their folder
+    names = distinct_names([Path(shown(rep.movie)) for rep in reports])
+    for rep, name in zip(reports, names, strict=True):
         run_dir = Path(rep.run_dir) if rep.run_dir is not None else None
         row: dict[str, Any] = {
-            "movie": shown(Path(rep.movie).name),  # a name that is not UTF-8 is escaped, not a crash
+            "movie": name,
             "run_dir": str(run_dir) if run_dir else None,
             "error": rep.error,
             "frames": None,
