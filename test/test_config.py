@@ -93,6 +93,15 @@ def test_override_parsing():
     assert parse_override("run.video_extensions=[.mp4, .mkv]") == ("run.video_extensions", [".mp4", ".mkv"])
     assert parse_override("extract.threshold=null") == ("extract.threshold", None)
     assert overrides_to_tree({"a.b": 1, "a.c": 2}) == {"a": {"b": 1, "c": 2}}
+    # YAML 1.2, not PyYAML's 1.1: no octal by a leading zero, "yes"/"no" stay words; a "#" is text.
+    assert parse_override("run.seed=010") == ("run.seed", 10)
+    assert parse_override("generate.checkpoints=[0500, 1000]")[1] == [500, 1000]
+    assert parse_override("generate.negative_prompt=no")[1] == "no"
+    assert parse_override("export.flip=true")[1] is True and parse_override("a.b=False")[1] is False
+    assert parse_override("generate.negative_prompt=blurry #2")[1] == "blurry #2"
+    assert parse_override("generate.negative_prompt=#blurry, lowres")[1] == "#blurry, lowres"
+    cfg = load_config(None, {"run.seed": parse_override("run.seed=010")[1]}, use_local=False)
+    assert cfg.run.seed == 10
     for bad in ("threshold=3", "extract.threshold", ".x=1"):
         with pytest.raises(ConfigError, match=r"section\.key=value"):
             parse_override(bad)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field
@@ -151,15 +152,38 @@ def output_root(cfg: RunConfig) -> Path:
     return out if out.is_absolute() else workspace_root() / out
 
 
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+
+
+class _ValueLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema for a ``--set`` value: PyYAML reads YAML 1.1, where ``yes``,
+    ``no``, ``on`` and ``off`` are booleans and ``010`` is octal 8 (``--set run.seed=010`` gave
+    seed 8, ``--set generate.negative_prompt=no`` the boolean False)."""
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_ValueLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_ValueLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_ValueLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``section.key=value``; the value is read as YAML so numbers, booleans, null and
-    lists keep their types (``--set extract.detector.threshold=30``)."""
+    """Split ``section.key=value``; the value is read as YAML 1.2 (:class:`_ValueLoader`) so
+    numbers, booleans, null and lists keep their types (``--set extract.detector.threshold=30``).
+    A ``#`` in a plain value is text, not a YAML comment (``negative_prompt=blurry #2`` lost its
+    ``#2``, and ``=#blurry`` became null)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or "." not in key or not all(key.split(".")):
         raise ConfigError(f"override '{text}' must look like section.key=value")
+    if "#" in raw and not raw.lstrip().startswith(("[", "{")):
+        return key, raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_ValueLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
