@@ -13,9 +13,11 @@ import logging
 import marshal
 import os
 import re
+import signal
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from diffusion_bunny.errors import BadInputError, UserError, storage_error
@@ -234,8 +236,39 @@ def _keep_bytecode() -> None:
         sys.dont_write_bytecode = False
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``kill``, ``timeout``, Slurm, ``docker stop``, a closed SSH terminal)
+    as an interrupt. Python ends on those signals without running any ``finally``: the stage
+    kernel was never closed, and stage 03's workers were left running for good, 235 MB each."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Stopped` in the main thread for the block."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    before = {n: signal.signal(getattr(signal, n), _raise_stopped) for n in names}
+    try:
+        yield
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
+    with _signals_as_interrupts():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     _keep_bytecode()
     from diffusion_bunny import logs  # lazy: after _keep_bytecode(), to cache its bytecode
     from diffusion_bunny.logs import (  # lazy: after _keep_bytecode(), to cache its bytecode
@@ -284,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("storage error: %s", storage)
         print(f"error: {storage} (log: {path})", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        log.info("interrupted after %.1f s", time.monotonic() - started)
-        print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        why = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "interrupted"
+        log.info("%s after %.1f s", why, time.monotonic() - started)
+        print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Stopped) else 130
     except Exception as exc:
         log.exception("bug: %s", exc, extra=FILE_ONLY)
         if _DAMAGED_BYTECODE.search(str(exc)):

@@ -621,3 +621,49 @@ def test_a_user_error_whose_traceback_cannot_be_shown_still_comes_back_as_one_li
         o.get("output_type") == "stream" and "Unexpected exception formatting" in o.get("text", "")
         for o in shown
     )
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid``, from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_sigterm_stops_a_run_like_ctrl_c_and_leaves_no_process_behind(cut_clip, tmp_path):
+    """``kill``, ``timeout``, Slurm or a closed terminal send SIGTERM/SIGHUP: Python ended without
+    running a ``finally``, so the stage kernel was never closed and stage 03's workers stayed
+    for good. Now it is an interrupt: one line, exit 128 + the signal, no process left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys; from diffusion_bunny.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(cut_clip[0]), "--out", str(tmp_path / "run"), "--stages", "extract,quality"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "run", *args], stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    deadline = time.monotonic() + 180
+    kernel: list[int] = []
+    while not kernel and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        kernel = _descendants(proc.pid)
+    assert kernel, "no kernel was started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM; finished stages are kept, rerun to continue" in err
+    time.sleep(1)
+    assert not [p for p in kernel if Path(f"/proc/{p}").exists()]

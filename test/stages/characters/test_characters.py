@@ -821,3 +821,59 @@ def test_stage_line_says_when_the_fit_took_the_time():
     assert "fitted" not in summary({"counts": counts, "facts": facts})
     del facts["fitted"]
     assert summary({"counts": counts, "facts": facts}).endswith("in 0 clusters")
+
+
+PARENT = """
+import multiprocessing, sys, time
+from pathlib import Path
+from diffusion_bunny.stages.characters.stage import _init_worker
+
+
+def child(ready):
+    _init_worker()  # as the pool runs it in each worker
+    Path(ready).write_text("ready")
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=child, args=(sys.argv[1],))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_worker_ends_when_the_kernel_that_started_it_is_killed_outright(tmp_path):
+    """A kernel killed with SIGKILL (or by the out-of-memory killer) cannot shut its pool down:
+    stage 03's workers waited for work for good. Each one now watches its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, ready = tmp_path / "parent.py", tmp_path / "ready"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(ready)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    deadline = time.monotonic() + 120
+    while not ready.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.is_file(), "the worker did not start"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(worker):
+        time.sleep(0.2)
+    alive = _running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie waits only for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

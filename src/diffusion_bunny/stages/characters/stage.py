@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 import types
 import uuid
@@ -132,11 +133,22 @@ def _workers_without_main_script() -> Iterator[None]:
             sys.modules["__main__"] = main
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     # One OpenCV (and torch, for MTCNN: read when torch is first imported) thread per process:
     # the pool already uses every core.
     os.environ["OMP_NUM_THREADS"] = "1"
     cv2.setNumThreads(1)
+    # ``parent``: the pool's process, given by it (read here, it could already be gone)
+    threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 2.0, leave: Callable[[int], Any] = os._exit) -> None:
+    """Worker: end when the process that started it is gone. A kernel killed outright (SIGKILL,
+    the out-of-memory killer) cannot shut its pool down, and its workers, waiting for work,
+    stayed for good (235 MB each)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    leave(0)
 
 
 Job = tuple[str, str, DetectSettings, "tuple[int, int, int, int] | None", "tuple[str, str] | None"]
@@ -278,7 +290,9 @@ def _run_jobs(
     with tracked(len(jobs), desc="faces", progress=progress, progress_path=progress_path) as done:
         if use_pool:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(
+                max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+            ) as pool:
                 with _workers_without_main_script():
                     iterator = pool.map(
                         _detect_file, jobs, chunksize=max(1, min(8, len(jobs) // (4 * n_workers)))
