@@ -352,6 +352,29 @@ def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_ed
         run_stage(pipeline, run, "double", lower, force=True, progress=False)
 
 
+def test_a_damaged_manifest_is_a_stage_not_run_and_a_setting_is_named_before_the_code(toy):
+    """A manifest that is not text or not a JSON object stopped ``bunny status`` and ``bunny
+    run`` as a bug (UnicodeDecodeError, AttributeError); it now counts as not run. A switch of
+    detector changes the code that runs as well as the setting: the setting is the reason."""
+    pipeline, run, _ = toy
+    cfg = load_config(None, {}, use_local=False)
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    good = run.manifest_path("double").read_bytes()
+    for damaged in (b"\xff\xfe\x00garbage", b"[]", b"{"):
+        run.manifest_path("double").write_bytes(damaged)
+        assert stage_state(pipeline, run, "double", cfg) == ("missing", "its last run did not finish")
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    assert stage_state(pipeline, run, "double", cfg)[0] == "done"
+    manifest = json.loads(good)
+    run.manifest_path("double").write_text(json.dumps({**manifest, "code_hash": "another detector's"}))
+    moved = load_config(None, {"extract.motion_threshold": 7.0}, use_local=False)
+    assert stage_state(pipeline, run, "double", moved)[1].startswith(
+        "its config changed: extract.motion_threshold"
+    )
+    assert stage_state(pipeline, run, "double", cfg) == ("stale", "its code changed")
+
+
 def test_a_stage_reads_only_the_settings_it_declared():
     cfg = load_config(None, {}, use_local=False)
     view = ConfigView(cfg, ("quality", "run.seed"), "toy")

@@ -369,11 +369,13 @@ def manifest_state(
     for label, path in owned.items():
         if recorded_owned.get(label) is not None and not path.exists():
             return "missing", f"its output {label} is gone"
-    if manifest.get("code_hash") != code:
-        return "stale", "its code changed"
+    # The config first: which detector runs is a setting, and its code follows the choice (a
+    # switch of extract.detector read "its code changed").
     if manifest.get("config_hash") != config_hash:
         changes = config_changes(manifest.get("config"), config)
         return "stale", f"its config changed: {changes}" if changes else "its config changed"
+    if manifest.get("code_hash") != code:
+        return "stale", "its code changed"
     changed = _changed(manifest.get("inputs") or {}, plain(inputs))
     if changed:
         return "stale", f"its inputs changed ({', '.join(changed)})"
@@ -462,11 +464,11 @@ def _behind(pipeline: Pipeline, run: Run, producer: Stage, cfg: RunConfig) -> st
     manifest = run.read_manifest(producer.name)
     if manifest is None:
         return "its last run did not finish"
-    if manifest.get("code_hash") != producer.code(cfg):
-        return "its code changed"
     if manifest.get("config_hash") != cfg.section_hash(*producer.config):
         changes = config_changes(manifest.get("config"), cfg.section_values(*producer.config))
         return f"its config changed: {changes}" if changes else "its config changed"
+    if manifest.get("code_hash") != producer.code(cfg):
+        return "its code changed"
     edits = set(producer.edits)
     fresh = plain(declared_inputs(run, pipeline, producer, producer.view(cfg)))
     changed = [n for n in _changed(manifest.get("inputs") or {}, fresh) if n not in edits]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ from diffusion_bunny.pipeline.lock import (
 )
 from diffusion_bunny.pipeline.manifest import table_fingerprint
 from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
+
+log = logging.getLogger(__name__)
 
 #: A web address (``https://...``), which ``Path`` would fold into ``https:/...``.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -348,9 +351,13 @@ class Run:
         """The stage's manifest, or None if missing or unreadable (then the stage simply reruns)."""
         path = self.manifest_path(stage)
         try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError):  # damaged (not text, not JSON): a bug's traceback before
+            log.warning("manifest %s cannot be read; stage %s counts as not run", path, stage)
+            return None
+        return manifest if isinstance(manifest, dict) else None
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.manifest_path(stage), json.dumps(manifest, indent=2, default=str).encode())
