@@ -42,6 +42,12 @@ def test_layers_later_wins(tmp_path):
     assert cfg.extract.effective_threshold == 3.0
     assert load_config(extra, {"extract.motion_threshold": 9}, root=tmp_path).extract.motion_threshold == 9
     assert load_config(root=tmp_path, use_local=False).extract.motion_threshold == 1.0
+    # The detector a file tunes, named again on the command line, keeps the file's tuning;
+    # another detector named replaces it whole.
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("extract:\n  detector: {name: content, threshold: 30}\n")
+    assert load_config(tuned, ["extract.detector=content"], root=tmp_path).extract.detector.threshold == 30
+    assert load_config(tuned, ["extract.detector=adaptive"], root=tmp_path).extract.effective_threshold == 3.0
 
 
 @pytest.mark.parametrize(

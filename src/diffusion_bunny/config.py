@@ -113,6 +113,8 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         current = out.get(key)
         if isinstance(value, dict) and isinstance(current, str) and "name" not in value:
             out[key] = {"name": current, **copy.deepcopy(value)}
+        elif isinstance(value, str) and isinstance(current, dict) and current.get("name") == value:
+            continue  # the detector below named again (``--set extract.detector=content``): its tuning stays
         elif isinstance(value, dict) and isinstance(current, dict):
             renamed = "name" in value and "name" in current and value["name"] != current["name"]
             out[key] = copy.deepcopy(value) if renamed else _deep_merge(current, value)
