@@ -76,6 +76,10 @@ def test_layers_later_wins(tmp_path):
             "extract.detector.threshold = 300: Input should be less than or equal to 255",
         ),
         (["extract.detector=hash", "extract.detector.threshold=2"], "less than or equal to 1"),
+        (  # a union: every form it may take, not the first member's internal name
+            ["pipeline.stage_timeout_s=-5"],
+            "pipeline.stage_timeout_s = -5: Input should be 'auto'; or Input should be greater than 0",
+        ),
         (
             ["extract.detector=cascade", "extract.detector.threshold=30"],
             "unknown key 'extract.detector.threshold' (allowed here: accept_colour_threshold, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,21 @@ def _shown(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in parts) or "config"
 
 
+#: How pydantic names the member of a union a value was tried as (``literal['auto']``,
+#: ``constrained-float``, ``function-after[...]``): not a setting's name.
+_UNION_MEMBER = re.compile(r"^(literal\[|constrained-|function-|nullable|none$|int$|float$|str$|bool$)")
+
+
 def _format_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    if loc and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1]):
+        # A union (``stage_timeout_s: auto | a number > 0 | null``): every form it may take,
+        # not the first member's refusal under that member's internal name.
+        loc = loc[:-1]
+        forms = [e["msg"] for e in errors if tuple(p for p in e["loc"] if not isinstance(p, int))[:-1] == loc]
+        err = {**err, "msg": "; or ".join(dict.fromkeys(forms))}
     key = _shown(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
