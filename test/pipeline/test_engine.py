@@ -368,3 +368,27 @@ def test_a_ray_task_on_another_node_asks_about_the_run_folder_before_it_logs_the
     assert _foreign_run_folder(movies / "a.mp4", fresh) is None
     (fresh / "log").mkdir(parents=True)
     check_run_folder(fresh, movies / "a.mp4")  # the task's own log folder: still a new run folder
+
+
+def test_a_movie_that_fails_in_a_run_without_out_keeps_its_run_folder_in_its_report(tmp_path, monkeypatch):
+    """Without ``--out`` the local engine handed no run folder to a failed movie's report: the
+    combined report showed it as never run, whatever stages it had finished."""
+    from diffusion_bunny.errors import UserError
+    from diffusion_bunny.pipeline import engine
+    from diffusion_bunny.pipeline.runner import RunOptions
+    from diffusion_bunny.stages import PIPELINE
+
+    movie = tmp_path / "a.mp4"
+    movie.write_bytes(b"a movie's bytes" * 100)
+    cfg = load_config(None, {"paths.output_dir": str(tmp_path / "runs")}, use_local=False)
+
+    def held(movie, run_dir, options):
+        raise UserError(f"{run_dir} is held by another run")
+
+    monkeypatch.setattr(engine, "run_movie", held)
+    report = engine.run_one(movie, None, RunOptions(PIPELINE, cfg, progress=False))
+    assert report.run_dir == tmp_path / "runs" / movie_id(movie)
+    assert report.error == f"{report.run_dir} is held by another run"
+    # A movie that cannot even be read has no folder to name; run_movie says why.
+    gone = engine.run_one(tmp_path / "gone.mp4", None, RunOptions(PIPELINE, cfg, progress=False))
+    assert gone.run_dir is None and gone.error.endswith("is held by another run")

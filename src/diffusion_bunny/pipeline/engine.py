@@ -27,6 +27,7 @@ file, which that node cannot reach.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -74,6 +75,9 @@ def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieRepo
     and the combined report is still written (``bunny run`` then exits 1 for a bug, 2 for a user
     error). Each goes to the terminal as one line and to the log file. Interrupts (Ctrl-C) still
     stop the batch."""
+    if run_dir is None:  # its folder under paths.output_dir, so a failed movie's report can read it
+        with contextlib.suppress(OSError):  # an unreadable movie fails in run_movie, which says why
+            run_dir = output_root(options.cfg) / movie_id(movie)
     try:
         return run_movie(movie, run_dir, options)
     except UserError as exc:
