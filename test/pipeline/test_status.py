@@ -91,6 +91,8 @@ def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):
     # A folder of run folders (data/output), and one movie with --out as its run folder.
     assert [r.movie for r in resolve_runs(out, cfg)] == ["one.mp4"]
     assert [r.run_dir for r in resolve_runs(movies / "one.mp4", cfg, done.run_dir)] == [done.run_dir]
+    # One movie with the --out of a folder run (one run folder per movie under it): its own.
+    assert [r.run_dir for r in resolve_runs(movies / "one.mp4", cfg, out)] == [done.run_dir]
 
     for bad, message in [
         (tmp_path / "nothing", "no such file or folder"),

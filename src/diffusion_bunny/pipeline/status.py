@@ -64,6 +64,9 @@ def _resolve(target: str | Path, cfg: RunConfig, out: str | Path | None, single:
 
     def of_movie(movie: Path, single: bool) -> RunRef:
         run_dir = Path(out) if (out and single) else root / movie_id(movie)
+        if out and single and not _is_run(run_dir) and _is_run(root / movie_id(movie)):
+            # ``out`` of a folder run (or of several movies) holds one run folder per movie
+            run_dir = root / movie_id(movie)
         return RunRef(movie.name, run_dir.resolve())
 
     if target.is_dir() and _is_run(target):
