@@ -39,6 +39,19 @@ def workspace_root() -> Path:
     return root if root is not None else Path.cwd()
 
 
+def local_model_path(name: str) -> Path:
+    """A model setting's value (a hub id or a local folder) as a path: from the working folder,
+    else from the workspace. A settings file's relative paths start from the workspace, but a
+    stage kernel works in ``notebook/``: ``train.base_model: models/sd`` was not found there and
+    was then looked up as the hub id ``models/sd``. A path found in neither is returned as it is
+    (a hub id)."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    in_workspace = workspace_root() / path
+    return in_workspace if in_workspace.exists() else path
+
+
 #: Files and folders the operating system leaves beside a user's own (a zip made on a Mac holds
 #: ``__MACOSX/``; Windows writes ``Thumbs.db`` and ``desktop.ini`` into folders it shows).
 _CLUTTER = {"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin"}

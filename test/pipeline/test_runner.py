@@ -164,6 +164,16 @@ def test_a_folder_setting_on_the_command_line_is_a_path_from_where_it_is_typed(t
     assert got["scenes.library_dir"] == str(tmp_path.parent / "lib")
     assert got["paths.output_dir"] == "/data/out" and got["train.output_dir"] is None
     assert got["train.base_model"] == "org/model" and got["captions.prompt"] == "a/b"
+    # A model setting naming a folder that exists here is that folder (the stage kernels work in
+    # notebook/, where models/sd then read as the hub id "models/sd"); a hub id stays one.
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    (tmp_path / "dino").mkdir()
+    local = overrides_from_args(
+        ["train.base_model=models/sd", "characters.hub.features=dino", "scenes.clip_model=openai/clip"]
+    )
+    assert local["train.base_model"] == str(tmp_path / "models" / "sd")
+    assert local["characters.hub.features"] == str(tmp_path / "dino")
+    assert local["scenes.clip_model"] == "openai/clip"
 
 
 def test_a_movie_whose_name_is_not_utf8_is_one_line_and_the_folder_goes_on(tmp_path, capsys):

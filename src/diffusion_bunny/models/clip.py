@@ -18,6 +18,7 @@ from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
+from diffusion_bunny.paths import local_model_path
 
 # --------------------------------------------------------------------------------------------
 # CLIP
@@ -61,7 +62,7 @@ class ClipEmbedder:
         self.batch_size = int(batch_size)
         self.device = resolve_device(device, "scenes.device")
         self.name = f"clip:{model}"  # as embedder_name()
-        path = Path(model).expanduser()
+        path = local_model_path(model)
         source = str(path) if path.exists() else model
         if path.exists() and not path.is_dir():
             raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")

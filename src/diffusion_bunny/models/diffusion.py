@@ -42,6 +42,7 @@ from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model
 from diffusion_bunny.models.lora_keys import is_kohya, kohya_to_diffusers
 from diffusion_bunny.models.tiny import PRESETS, Family, ensure_preset
+from diffusion_bunny.paths import local_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +131,7 @@ def resolve_base_model(
             )
         return BaseModelRef(name=preset, path=ensure_preset(preset), family=PRESETS[preset], source="preset")
 
-    local = Path(name).expanduser()
+    local = local_model_path(name)
     if local.exists():
         path, source = local.resolve(), "local"
     elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):

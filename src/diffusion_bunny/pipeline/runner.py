@@ -795,19 +795,28 @@ def _say(text: str) -> None:
 def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
     """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill).
 
-    A folder setting (a key ending in ``_dir``) given as a relative path is a path from where the
-    command is typed, as ``--out``, ``--characters`` and ``--config`` are: made absolute here. In
+    A folder setting (a key ending in ``_dir``, or a model setting naming a folder that exists:
+    :func:`_local_model`) given as a relative path is a path from where the command is typed, as
+    ``--out``, ``--characters`` and ``--config`` are: made absolute here. In
     a settings file such a path starts from the workspace; on the command line that surprised:
     ``--set characters.reference_dir=refs`` typed beside ``refs/`` looked in the checkout."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, value = parse_override(item)
-        if (
-            key.endswith("_dir")
-            and isinstance(value, str)
-            and value
-            and not Path(value).expanduser().is_absolute()
-        ):
+        relative = isinstance(value, str) and value and not Path(value).expanduser().is_absolute()
+        if relative and (key.endswith("_dir") or _local_model(key, value)):
             value = str(Path(value).expanduser().resolve())
         out[key] = json.loads(json.dumps(value, default=str))
     return out
+
+
+#: Settings that take a hub id or a local folder (``train.base_model``, ``scenes.clip_model``...).
+_MODEL_KEYS = ("characters.hub.detector", "characters.hub.features")
+
+
+def _local_model(key: str, value: str) -> bool:
+    """A model setting naming a folder that exists from where the command is typed: a local
+    model, made absolute as a ``*_dir`` is. The stage kernels work in ``notebook/``, where
+    ``models/sd`` was not found and was then looked up as a hub id (``owner/name``). A folder
+    that exists wins over a hub id of the same name, as in ``from_pretrained``."""
+    return (key.endswith("_model") or key in _MODEL_KEYS) and Path(value).expanduser().is_dir()

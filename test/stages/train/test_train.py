@@ -668,6 +668,15 @@ def test_missing_base_model_names_the_setting(tmp_path, monkeypatch):
         weights.write_bytes(b"damaged")
     with pytest.raises(ModelError, match=r"train\.base_model = .*could not be loaded"):
         load_pipeline(str(broken))
+    # A relative folder of a settings file starts from the workspace, also from a stage kernel,
+    # which works in notebook/ (models/sd was read as the hub id "models/sd" there).
+    workspace = tmp_path / "workspace"
+    shutil.copytree(resolve_base_model("tiny").path, workspace / "models" / "sd")
+    (tmp_path / "notebook").mkdir()
+    monkeypatch.setenv("DIFFUSION_BUNNY_WORKSPACE", str(workspace))
+    monkeypatch.chdir(tmp_path / "notebook")
+    local = resolve_base_model("models/sd")
+    assert (local.source, local.path) == ("local", workspace / "models" / "sd")
 
 
 def test_tiny_presets_are_the_same_every_time(tmp_path):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -39,6 +38,7 @@ from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.fitted.detector import Hit, content_box, iou, suppress
 from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
+from diffusion_bunny.paths import local_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def local_model_stamp(model: str) -> str:
     name, size and time of change (a model saved over the folder in place, a fine-tuned OWLv2),
     read without loading anything; "" for a hub id. A hub id's cached snapshot is what is loaded
     and the cache never replaces it on its own, so the id says which weights."""
-    path = Path(model).expanduser()
+    path = local_model_path(model)
     if not path.is_dir():
         return ""
     stamp = hashlib.sha256()
@@ -103,7 +103,7 @@ def hub_key(settings: HubCharacterSettings, references: dict[str, list[np.ndarra
 def model_folder(model: str, setting: str) -> str:
     """The local folder of ``model`` (a folder here, else a hub id from the cache or downloaded now
     with a progress bar); anything else is one :class:`ModelError` naming ``setting``."""
-    path = Path(model).expanduser()
+    path = local_model_path(model)
     if path.exists():
         if not path.is_dir():
             raise ModelError(
