@@ -27,6 +27,7 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_plot,
     funnel_summary,
     funnel_table,
+    last_gate,
 )
 from diffusion_bunny.stages.report.sections import _characters_section
 from diffusion_bunny.stages.report.stage import movies_table, report_data, write_report_figures
@@ -220,6 +221,24 @@ def test_funnel_counts_every_step_with_reasons():
     # Only the stages given: a run that went through stage 01 alone has a 3-step funnel.
     short = funnel_table(decoded=100, candidates=pl.DataFrame({"frame_index": range(9)}), frames=frames)
     assert funnel_summary(short)["step"].to_list() == ["decoded", "keyframe candidates", "extracted"]
+
+    # captions.frames: all captions every frame: only the kept ones reach the step. (The six that
+    # quality dropped were counted in, then dropped a second time as "not exported".)
+    every = captions_table(ids[6:] + ids[:6])  # the last (failed) one is a kept frame
+    again = funnel_table(frames=frames, quality=quality, captions=every, dataset_items=items)
+    by_step = {r["step"]: r for r in funnel_summary(again).iter_rows(named=True)}
+    assert (by_step["captioned"]["frames in"], by_step["captioned"]["frames out"]) == (6, 5)
+    assert by_step["captioned"]["dropped"] == "1 failed"
+    assert by_step["exported"]["frames in"] == 5
+    assert sum(dict(dropped_by_reason(again).select("reason", "frames").iter_rows()).values()) == 12 - 4
+    # Kept frames stage 05 never captioned (run before quality changed) are said so.
+    some = funnel_table(frames=frames, quality=quality, captions=captions_table(ids[:4]))
+    assert funnel_summary(some).row(-1, named=True)["dropped"] == "1 failed, 2 not captioned"
+
+    # A run that stops at stage 03 or 04 ends on steps that remove no frame: its headline is the
+    # last step that does ("6 in, 0 out after 'with a named character'" where nobody was named).
+    partial = funnel_summary(funnel_table(frames=frames, quality=quality, clusters=clusters))
+    assert last_gate(partial)["step"] == "kept by quality" and last_gate(partial)["frames out"] == 6
 
 
 def test_contract_tables_make_figures():

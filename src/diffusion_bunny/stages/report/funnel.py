@@ -3,6 +3,8 @@ the reasons the others were dropped, as a table and as bars of shares."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import plotnine as p9
 import polars as pl
 
@@ -106,8 +108,14 @@ def funnel_table(
         steps.add("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
     usable = None
     if captions is not None:
-        usable = usable_captions(captions).height
-        steps.add("captioned", "captions", usable, {"failed": captions.height - usable})
+        # Only the frames quality kept go on (with captions.frames: all every frame is captioned:
+        # the ones quality dropped were counted in and then dropped again as "not exported").
+        reached = captions if kept_ids is None else captions.filter(pl.col("frame_id").is_in(kept_ids))
+        usable = usable_captions(reached).height
+        lost = {"failed": reached.height - usable}
+        if kept_ids is not None:
+            lost["not captioned"] = kept_ids.len() - reached["frame_id"].n_unique()
+        steps.add("captioned", "captions", usable, lost)
     if dataset_items is not None:
         source = usable if usable is not None else (kept_ids.len() if kept_ids is not None else None)
         _export_step(steps, dataset_items, source)
@@ -205,6 +213,14 @@ def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def last_gate(summary: pl.DataFrame) -> dict[str, Any]:
+    """The :func:`funnel_summary` row of the last step that removes frames: a run that stops at
+    stage 03 or 04 ended on a step that only describes them ("6 in, 0 out after 'with a named
+    character'" where none was named and every frame went on)."""
+    gates = summary.filter(~pl.col("step").is_in(list(_NOT_A_GATE)))
+    return (gates if gates.height else summary).row(-1, named=True)
+
+
 def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     """One bar per step (first step on top), as shares of the frames that reached it: green went
     on, the dropped ones stacked after, one colour per reason; the counts (in -> out) are written
@@ -228,7 +244,7 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
     labels["share"] = 1.02
     df["outcome"] = categorical(df["outcome"], order[::-1])  # what went on nearest the axis
     first = int(summary["frames in"][0]) if steps else 0
-    last = int(summary["frames out"][-1]) if steps else 0
+    last = int(last_gate(summary)["frames out"]) if steps else 0
     return (
         p9.ggplot(df, p9.aes("step", "share"))
         + p9.geom_col(p9.aes(fill="outcome"), position="stack")

@@ -29,6 +29,7 @@ from diffusion_bunny.stages.report.funnel import (
     funnel_plot,
     funnel_summary,
     funnel_table,
+    last_gate,
     subtitles_cropped,
 )
 from diffusion_bunny.stages.scenes.plots import cluster_sizes_plot
@@ -201,7 +202,7 @@ def _funnel_section(run: ReportData, cfg: ConfigView) -> Section:
         return Section("funnel", "absent", did_not_run("extract", "frames"))
     funnel = run_funnel(run, decoded_frames(run))
     summary = funnel_summary(funnel)
-    last = summary.row(-1, named=True)
+    last = last_gate(summary)
     return Section(
         "funnel",
         "ok",
