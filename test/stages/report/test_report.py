@@ -569,3 +569,15 @@ def test_characters_whose_names_give_one_slug_each_keep_their_contact_sheet(scen
     paths = write_report_figures(run.run_dir, cfg)
     sheets = {name: path for name, path in paths.items() if name.startswith("contact_movie")}
     assert len(sheets) == 2 and len({p.read_bytes() for p in sheets.values()}) == 2
+
+
+def test_notebook_09_shows_every_section_of_the_report():
+    """The notebook shows the report's sections one by one; "What the LoRA will see" (the
+    exported pictures and the drops by reason) was in index.html only."""
+    from diffusion_bunny.stages.report.sections import SECTIONS
+
+    nb = nbformat.read(Path(__file__).parents[3] / "notebook" / "09_qa_report.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    shown = set(re.findall(r'display_section\(run\.run_dir, figures, "(\w+)"\)', code))
+    shown |= {k for loop in re.findall(r"for key in \(([^)]*)\)", code) for k in re.findall(r'"(\w+)"', loop)}
+    assert shown == set(SECTIONS)
