@@ -877,3 +877,98 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_fix_by_hand_follows_its_appearance_when_a_rerun_numbers_the_frame_again():
+    """An appearance's id is its place among its frame's sightings: after a still was added, the
+    refit found the knight at x=100 too, the false orc at x=500 became ``f0_01``, and the fix
+    "none of the characters" made for the orc took the knight's name away. A fix now goes to
+    the sighting of its frame and kind whose box it overlaps; one kept before boxes by its id."""
+    from datetime import UTC, datetime, timedelta
+
+    from diffusion_bunny.stages.characters.tables import APPEARANCE_EDIT_SCHEMA, apply_appearance_edits
+
+    def sighting(face_id, label, left, kind="drawn"):
+        return {
+            "face_id": face_id,
+            "frame_id": "f0",
+            "kind": kind,
+            "left": left,
+            "top": 50,
+            "right": left + 120,
+            "bottom": 300,
+            "character": label,
+            "distance": 0.2,
+            "low_confidence": False,
+            "cluster": None,
+        }
+
+    first = pl.DataFrame([sighting("f0_00", "orc", 500)])
+    t0 = datetime(2026, 11, 29, tzinfo=UTC)
+    fix = {
+        "event_id": "e1",
+        "ts": t0,
+        "face_id": "f0_00",
+        "character": None,
+        "frame_id": "f0",
+        "kind": "drawn",
+    }
+    edits = pl.DataFrame(
+        [{**fix, "left": 500, "top": 50, "right": 620, "bottom": 300}], schema=APPEARANCE_EDIT_SCHEMA
+    )
+    assert apply_appearance_edits(first, edits)["character"].to_list() == [None]
+
+    second = pl.DataFrame([sighting("f0_00", "knight", 100), sighting("f0_01", "orc", 500)])
+    after = apply_appearance_edits(second, edits)
+    assert after.select("face_id", "character", "edited").rows() == [
+        ("f0_00", "knight", False),
+        ("f0_01", None, True),
+    ]
+    # The knight fixed in turn (his id is f0_00 now): both fixes hold.
+    knight = {**fix, "event_id": "e2", "ts": t0 + timedelta(minutes=1), "character": "sir knight"}
+    both = pl.concat(
+        [
+            edits,
+            pl.DataFrame(
+                [{**knight, "left": 100, "top": 50, "right": 220, "bottom": 300}],
+                schema=APPEARANCE_EDIT_SCHEMA,
+            ),
+        ]
+    )
+    assert apply_appearance_edits(second, both)["character"].to_list() == ["sir knight", None]
+    # A face in the same place is another kind of sighting: not the drawn orc's fix.
+    face = pl.DataFrame([sighting("f0_00", "knight", 100), sighting("f0_01", "anna", 500, kind="face")])
+    assert apply_appearance_edits(face, edits)["character"].to_list() == ["knight", "anna"]
+    # A fix kept before boxes were (an appearance_edits table of an earlier version) goes by id.
+    legacy = pl.DataFrame({"event_id": ["e0"], "ts": [t0], "face_id": ["f0_01"], "character": ["orc chief"]})
+    assert apply_appearance_edits(second, legacy)["character"].to_list() == ["knight", "orc chief"]
+
+
+def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_run, tmp_path):
+    """Naming a cluster further down notebook 03 labels again: the fixer read the strip afresh
+    when the button was pressed, and a number typed from the strip on screen fixed another face.
+    It now fixes the one shown, and refuses (and draws the strip again) one no longer there."""
+    from diffusion_bunny.stages.characters.plots import UNKNOWN
+    from diffusion_bunny.stages.characters.widgets import AppearanceFixer
+
+    run = _copy(demo_run, tmp_path)
+    faces = run_stage(run, "characters", _cfg(tmp_path), progress=False)["faces"]
+    fixer = AppearanceFixer(run)
+    fixer.show(UNKNOWN)  # no pictures given: every face is unknown
+    shown = list(fixer.shown[UNKNOWN])
+    assert len(shown) >= 4
+    # Meanwhile the third becomes the surest (first on a strip drawn now).
+    surest = pl.when(pl.col("face_id") == shown[2]).then(pl.lit(-1.0)).otherwise(pl.col("distance"))
+    run.write_table("faces", faces.with_columns(surest.alias("distance")))
+    fixed = fixer.fix(UNKNOWN, 2, "grace")
+    assert fixed is not None
+    assert fixed.filter(pl.col("edited"))["face_id"].to_list() == [shown[1]]
+    assert fixed.filter(pl.col("face_id") == shown[1])["character"][0] == "grace"
+    # A shown appearance that is no longer unknown is not fixed; the strip is drawn again.
+    fixer.show(UNKNOWN)
+    third = fixer.shown[UNKNOWN][2]
+    named = pl.when(pl.col("face_id") == third).then(pl.lit("someone")).otherwise(pl.col("character"))
+    run.write_table("faces", run.read_table("faces").with_columns(named.alias("character")))
+    assert fixer.fix(UNKNOWN, 3, "") is None
+    assert "changed since its strip was drawn" in fixer.status.value
+    assert third not in fixer.shown[UNKNOWN]

@@ -86,8 +86,10 @@ from diffusion_bunny.stages.characters.tables import (
     FACE_FRAMES_SCHEMA,
     apply_appearance_edits,
     character_counts,
+    edit_targets,
     naming_dir,
     reference_dir,
+    with_edit_columns,
 )
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
 
@@ -642,7 +644,7 @@ def _counts(
     longer found there): such a fix does nothing until the appearance comes back, and a person
     who made it should not read its silence as the fix lost."""
     per_char = character_counts(faces)
-    fixed, present = set(edits["face_id"].to_list()), set(faces["face_id"].to_list())
+    targets = edit_targets(faces, edits)
     clusters = (
         faces["cluster"].n_unique() - (1 if faces["cluster"].null_count() else 0) if faces.height else 0
     )
@@ -657,8 +659,8 @@ def _counts(
         "clusters": int(clusters),
         "characters": {r["character"]: r["faces"] for r in per_char.iter_rows(named=True)},
         "references": references,
-        "fixed_by_hand": len(fixed & present),
-        "fixes_waiting": len(fixed - present),
+        "fixed_by_hand": len({t for t in targets.values() if t is not None}),
+        "fixes_waiting": sum(1 for t in targets.values() if t is None),
     }
 
 
@@ -782,7 +784,7 @@ def read_appearance_edits(run_dir: str | Path) -> pl.DataFrame:
     run = Run.open(run_dir)
     if not run.has_table("appearance_edits"):
         return pl.DataFrame(schema=APPEARANCE_EDIT_SCHEMA)
-    return run.read_table("appearance_edits")
+    return with_edit_columns(run.read_table("appearance_edits"))
 
 
 def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> pl.DataFrame:
@@ -804,12 +806,14 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
                 f"appearance {face_id} is not in the faces table of {run.run_dir}; "
                 "pick one from notebook 03's strip"
             )
+        fixed = faces.filter(pl.col("face_id") == face_id).row(0, named=True)
         row = pl.DataFrame(
             {
                 "event_id": [uuid.uuid4().hex],
                 "ts": [datetime.now(UTC)],
                 "face_id": [face_id],
                 "character": [name],
+                **{key: [fixed[key]] for key in ("frame_id", "kind", "left", "top", "right", "bottom")},
             },
             schema=APPEARANCE_EDIT_SCHEMA,
         )

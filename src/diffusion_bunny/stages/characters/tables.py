@@ -72,26 +72,92 @@ FACE_FRAMES_SCHEMA = {
     "face_sharpness": pl.Float64,
 }
 #: ``appearance_edits``: the names a person gave appearances by hand, append-only; ``character``
-#: null means "none of the characters" (a false sighting, or a face of nobody to name).
+#: null means "none of the characters" (a false sighting, or a face of nobody to name). The
+#: appearance is held by its frame, kind and box as well as its id: an id is its place among its
+#: frame's sightings, and a rerun that finds one more there (a refit after a still was added)
+#: gave the fix to another appearance.
 APPEARANCE_EDIT_SCHEMA = {
     "event_id": pl.Utf8,
     "ts": pl.Datetime("us", "UTC"),
     "face_id": pl.Utf8,
     "character": pl.Utf8,
+    "frame_id": pl.Utf8,
+    "kind": pl.Utf8,
+    "left": pl.Int64,
+    "top": pl.Int64,
+    "right": pl.Int64,
+    "bottom": pl.Int64,
 }
+#: A fix goes to the appearance of its frame and kind whose box overlaps its own this much
+#: (intersection over union), the most overlapping one; none: it waits for its appearance.
+EDIT_MIN_IOU = 0.5
+_BOX = ("left", "top", "right", "bottom")
+
+
+def with_edit_columns(edits: pl.DataFrame) -> pl.DataFrame:
+    """An ``appearance_edits`` table with every column (one written before fixes kept their box
+    has them null: such a fix goes by its id)."""
+    missing = [
+        pl.lit(None, dtype).alias(name)
+        for name, dtype in APPEARANCE_EDIT_SCHEMA.items()
+        if name not in edits.columns
+    ]
+    return edits.with_columns(missing).select(list(APPEARANCE_EDIT_SCHEMA))
+
+
+def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+_ANCHOR = ("face_id", "frame_id", "kind", *_BOX)
+
+
+def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple, str | None]:
+    """For each appearance a person fixed (its id, frame, kind and box when fixed), the
+    appearance of ``faces`` it is now (None: not there this run, its fix waits). A fix that kept
+    its box goes to the sighting of the same frame and kind whose box overlaps it most (at least
+    :data:`EDIT_MIN_IOU`); one from before boxes were kept goes by its id."""
+    if edits is None or edits.height == 0:
+        return {}
+    by_frame: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
+    for row in faces.select("face_id", "frame_id", "kind", *_BOX).iter_rows():
+        by_frame.setdefault(row[1], []).append((row[0], row[2], tuple(row[3:])))
+    ids = set(faces["face_id"].to_list())
+    targets: dict[tuple, str | None] = {}
+    for anchor in with_edit_columns(edits).select(_ANCHOR).unique(maintain_order=True).iter_rows():
+        face_id, frame_id, kind, box = anchor[0], anchor[1], anchor[2], anchor[3:]
+        if frame_id is None or None in box:
+            targets[anchor] = face_id if face_id in ids else None
+            continue
+        scored = [(_iou(box, other), fid) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
+        best = max(scored, default=(0.0, None))
+        targets[anchor] = best[1] if best[0] >= EDIT_MIN_IOU else None
+    return targets
 
 
 def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:
     """``faces`` with each appearance's latest edit in place: the name a person gave it (or none),
-    no longer low confidence nor in a cluster, ``edited`` set. Edits of appearances the table no
-    longer holds (the frame was not searched again) are kept in ``edits`` and do nothing here."""
+    no longer low confidence nor in a cluster, ``edited`` set. An edit goes to its appearance
+    as :func:`edit_targets` finds it; edits of appearances the table no longer holds (the frame
+    was not searched again) are kept in ``edits`` and do nothing here."""
     faces = faces.with_columns(pl.lit(False).alias("edited")) if "edited" not in faces.columns else faces
     if edits is None or edits.height == 0 or faces.height == 0:
         return faces
-    latest = (
-        edits.sort("ts")
-        .unique("face_id", keep="last")
-        .select("face_id", pl.col("character").alias("_name"), pl.lit(True).alias("_edited"))
+    targets = edit_targets(faces, edits)
+    named: dict[str, str | None] = {}
+    edits = with_edit_columns(edits).sort("ts")
+    for anchor, name in zip(edits.select(_ANCHOR).iter_rows(), edits["character"], strict=True):
+        target = targets.get(anchor)
+        if target is not None:  # the latest fix of an appearance wins
+            named[target] = name
+    latest = pl.DataFrame(
+        {"face_id": list(named), "_name": list(named.values()), "_edited": [True] * len(named)},
+        schema={"face_id": pl.Utf8, "_name": pl.Utf8, "_edited": pl.Boolean},
     )
     out = faces.join(latest, on="face_id", how="left")
     edited = pl.col("_edited").fill_null(False)

@@ -174,6 +174,10 @@ class AppearanceFixer:
         self.widget = widgets.VBox(
             [self.character, self.image, widgets.HBox([self.number, self.new_name, self.button]), self.status]
         )
+        #: The appearances each character's strip showed when it was drawn, in its numbering: a
+        #: number typed is one of them, even when the table changed since (a cluster named below
+        #: in the notebook labels again, and a number read afresh fixed another face).
+        self.shown: dict[str, list[str]] = {}
         self.refresh()
 
     def members(self, character: str) -> pl.DataFrame:
@@ -215,15 +219,30 @@ class AppearanceFixer:
         )
         self.image.value = jpeg_bytes(sheet)
         self.number.max = max(1, members.height)
+        self.shown[character] = members["face_id"].to_list()
 
     def fix(self, character: str, number: int, name: str) -> pl.DataFrame | None:
-        """Give appearance ``number`` of ``character``'s strip the name ``name`` (as the button
-        does); the updated faces table, or None after a user error (shown)."""
-        members = self.members(character)
-        if not 1 <= number <= members.height:
+        """Give appearance ``number`` of ``character``'s strip, as it was drawn, the name ``name``
+        (as the button does); the updated faces table, or None after a user error (shown). An
+        appearance that is no longer ``character``'s (stage 03 labelled again since the strip was
+        drawn) is not fixed: the strip is drawn again to check the number on."""
+        from diffusion_bunny.stages.characters.plots import UNKNOWN  # lazy: pulls in plotnine (0.44 s)
+
+        shown = self.shown.get(character)
+        if shown is None:
+            shown = self.members(character)["face_id"].to_list()
+        if not 1 <= number <= len(shown):
             self.status.value = _error(f"{character} has no appearance #{number}")
             return None
-        face_id = members["face_id"][number - 1]
+        face_id = shown[number - 1]
+        now = self.run.read_table("faces").filter(pl.col("face_id") == face_id)
+        if now.is_empty() or (now["character"][0] or UNKNOWN) != character:
+            self.refresh()
+            self.status.value = _error(
+                f"appearance #{number} of {character} changed since its strip was drawn (stage 03 "
+                "labelled again); the strip is drawn again: check the number and fix again"
+            )
+            return None
         try:
             faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None)
         except UserError as exc:
