@@ -152,6 +152,16 @@ def test_vote_majority_with_ties_going_to_the_name():
     assert voted[6:8] == ["c", "c"]  # 1-1 tie between a name and unknown: the name
     assert voted[8:] == ["d", "d"]  # tie between names: the nearer one
     assert sizes == [3, 3, 3, 3, 3, 3, 2, 2, 2, 2]
+    # Faces that do not vote (untrusted: turned, tiny; they never name themselves) take their
+    # track's name: one frontal match and three turns of the head is that character, not unknown.
+    turned = vote_tracks(
+        [0, 0, 0, 0, 1, 1],
+        ["alice", None, None, None, None, None],
+        dist[:6],
+        [True, False, False, False, False, False],
+    )[0]
+    assert turned == ["alice"] * 4 + [None, None]  # a track of untrusted faces only stays unknown
+    assert vote_tracks([0, 0, 0, 0], ["alice", None, None, None], dist[:4])[0] == [None] * 4  # all vote
 
 
 def test_clusters_keep_tracks_together_and_are_numbered_by_size():

@@ -133,14 +133,20 @@ def link_tracks(
 
 
 def vote_tracks(
-    tracks: list[int], characters: list[str | None], distances: np.ndarray
+    tracks: list[int],
+    characters: list[str | None],
+    distances: np.ndarray,
+    voters: Sequence[bool] | None = None,
 ) -> tuple[list[str | None], list[int]]:
     """One identity per track by majority vote over its faces (unknown counts as a vote).
 
     A tie between a name and unknown goes to the name: a match within a character's threshold is
     positive evidence, an unknown only the absence of it (a turned head, motion blur). A tie
-    between two names goes to the one with the smaller mean distance. Returns the voted character
-    per face and the number of faces in each face's track.
+    between two names goes to the one with the smaller mean distance. ``voters``: the faces that
+    vote (all by default); the others take their track's name. An untrusted face (turned, tiny)
+    does not name itself, so its "unknown" says nothing: three turns of the head after one
+    confident frontal match outvoted it, and the whole track went unknown. Returns the voted
+    character per face and the number of faces in each face's track.
     """
     members: dict[int, list[int]] = {}
     for i, track in enumerate(tracks):
@@ -148,7 +154,8 @@ def vote_tracks(
     voted: list[str | None] = list(characters)
     sizes = [0] * len(tracks)
     for faces in members.values():
-        counts = Counter(characters[i] for i in faces)
+        ballots = [i for i in faces if voters is None or voters[i]]
+        counts = Counter(characters[i] for i in ballots) or Counter({None: 1})
         top = max(counts.values())
         tied = [name for name, count in counts.items() if count == top]
         named = [name for name in tied if name is not None]
@@ -260,7 +267,7 @@ def _label_kind(
         max_distance=max_distance,
         min_iou=cfg.track_iou,
     )
-    voted, sizes = vote_tracks(tracks, idn.character, idn.nearest_distance)
+    voted, sizes = vote_tracks(tracks, idn.character, idn.nearest_distance, list(trusted))
     distance = np.full(n, np.nan)
     threshold = np.full(n, np.nan)
     for name in {v for v in voted if v is not None}:
