@@ -982,3 +982,63 @@ def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_
     assert fixer.fix(UNKNOWN, 3, "") is None
     assert "changed since its strip was drawn" in fixer.status.value
     assert third not in fixer.shown[UNKNOWN]
+
+
+def test_every_face_a_named_cluster_gives_reads_back_as_a_photo_of_a_face(tmp_path):
+    """Naming a cluster saves its faces as reference pictures. Unnamed clusters are mostly
+    profiles and small faces, whose crops dlib's HOG (the loader's check that a face is
+    photographed) often does not confirm: kept on the detector alone, they read back as a
+    drawing, and the person became a drawn character. Only crops the loader takes for a face
+    are saved now. On the face truth set's faces (profiles, small, cut at the edge)."""
+    import json
+
+    from diffusion_bunny.stages.characters.references import load_character_references
+    from diffusion_bunny.stages.characters.stage import promote_faces
+
+    truth_dir = Path(__file__).parent / "data" / "face_truth"
+    truth = json.loads((truth_dir / "truth.json").read_text())
+    rows, paths = [], []
+    for frame in truth["frames"]:
+        paths.append({"frame_id": frame["file"], "path": str(truth_dir / frame["file"])})
+        for k, face in enumerate(f for f in frame["faces"] if not f.get("ignore")):
+            left, top, right, bottom = face["box"]
+            rows.append(
+                {
+                    "face_id": f"{frame['file']}_{k}",
+                    "frame_id": frame["file"],
+                    "top": top,
+                    "right": right,
+                    "bottom": bottom,
+                    "left": left,
+                    "sharpness": 1.0,
+                }
+            )
+    faces, frames = pl.DataFrame(rows), pl.DataFrame(paths)
+    settings = DetectSettings.from_config(load_config(None, {}, use_local=False).characters)
+    written = promote_faces(
+        tmp_path, faces, frames, tmp_path / "refs" / "someone", settings, max_faces=len(rows)
+    )
+    assert 5 <= len(written) < faces["frame_id"].n_unique()  # some crops were refused
+    refs, pictures, _ = load_character_references(tmp_path / "refs", settings)
+    assert refs.names == ["someone"] and not pictures.cutouts
+    assert sum(t.use == "face" for t in pictures.taken) == len(written)
+
+
+def test_a_portrait_with_its_background_removed_is_a_photo_of_a_face(tmp_path):
+    """A picture with transparency was never searched for a face: a portrait cut out of its
+    background (a remove.bg PNG) made a real person a drawn character, or, beside the person's
+    other photos, was left out as showing no face."""
+    from PIL import Image
+
+    from diffusion_bunny.stages.characters.references import load_character_references
+
+    rgba = np.asarray(Image.open(_examples() / "obama2.jpg").convert("RGBA")).copy()
+    rgba[:, :40, 3] = rgba[:, -40:, 3] = 0  # the background at both sides taken away
+    for name in ("barack", "only_cutout"):
+        (tmp_path / "refs" / name).mkdir(parents=True)
+        Image.fromarray(rgba).save(tmp_path / "refs" / name / "cutout.png")
+    shutil.copy(_examples() / "obama.jpg", tmp_path / "refs" / "barack" / "photo.jpg")
+    settings = DetectSettings.from_config(load_config(None, {}, use_local=False).characters)
+    refs, pictures, warnings = load_character_references(tmp_path / "refs", settings)
+    assert sorted(refs.names) == ["barack", "only_cutout"] and not pictures.cutouts, warnings
+    assert all(t.use == "face" for t in pictures.taken)

@@ -49,6 +49,7 @@ from diffusion_bunny.models.faces import (
     ReferenceSet,
     detect_and_encode,
     face_sharpness,
+    portrait_faces,
     read_rgb,
 )
 from diffusion_bunny.models.fitted import FittedSettings
@@ -77,6 +78,7 @@ from diffusion_bunny.stages.characters.references import (
     MIN_SUBJECT_PX,
     ReferencePictures,
     load_character_references,
+    photographed_face,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import (
@@ -882,7 +884,10 @@ def promote_faces(
     max_faces: int = 5,
 ) -> list[Path]:
     """Save the best faces of ``faces`` (sharpest of the largest, one per frame) as reference images
-    in ``target``; only crops in which the detector again finds exactly one face are kept."""
+    in ``target``; only crops that reading the references takes for a photo of one face (the
+    detector finds one face and dlib's HOG confirms it, :func:`~.references.photographed_face`)
+    are kept. A crop kept on the detector alone (a profile, a small face) was read back as a
+    drawing: the person became a drawn character, and a detector was fitted to his face."""
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
@@ -898,8 +903,10 @@ def promote_faces(
         rgb = read_rgb(Path(run_dir) / paths.get(row["frame_id"], ""))
         if rgb is None:
             continue
-        crop = face_crop(rgb, (row["top"], row["right"], row["bottom"], row["left"]))
-        if len(detect_and_encode(np.ascontiguousarray(crop), ref_settings)) != 1:
+        crop = np.ascontiguousarray(face_crop(rgb, (row["top"], row["right"], row["bottom"], row["left"])))
+        found = portrait_faces(crop, ref_settings)
+        box = (found[0].top, found[0].right, found[0].bottom, found[0].left) if len(found) == 1 else None
+        if box is None or not photographed_face(crop, box):
             continue
         out = target / f"{row['face_id']}.png"
         if _write_png(out, crop):
