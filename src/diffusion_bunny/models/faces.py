@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -324,12 +325,23 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`)."""
     out: dict[str, list[Path]] = {}
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and _usable(p.name)):
-        out[sub.name] = sorted(
+        # Folders whose names are one name (Zoë composed and decomposed, as a Mac's archive
+        # writes it; a space more) are one character, under its composed name.
+        files = out.setdefault(character_name(sub.name), [])
+        files += (
             p
             for p in sub.rglob("*")
             if p.is_file() and all(_usable(part) for part in p.relative_to(sub).parts)
         )
+        files.sort()
     return out
+
+
+def character_name(name: str) -> str:
+    """A character's name as the workspace keeps it: Unicode composed (NFC) and spaces made one.
+    ``Zoë`` typed (composed) and ``Zoë`` of a folder made on a Mac (decomposed) were two
+    characters, each fitted from part of the pictures."""
+    return " ".join(unicodedata.normalize("NFC", name).split())
 
 
 def _usable(name: str) -> bool:

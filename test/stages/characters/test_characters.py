@@ -239,6 +239,31 @@ def test_names_must_be_usable_folder_names():
     for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65):
         with pytest.raises(UserError, match="not usable"):
             check_name(bad)
+    # One name however it is typed: composed (a Mac writes Zoë decomposed, which was refused),
+    # spaces made one, and spelt as the character already known whatever the case.
+    decomposed = "Zoe\u0308"
+    assert check_name(decomposed) == "Zo\u00eb" and check_name("Grace   Hopper") == "Grace Hopper"
+    assert check_name("alice", known={"Alice", "Bob"}) == "Alice"
+    assert (
+        check_name("zoë", known={decomposed}) == "Zo\u00eb"
+        and check_name("carol", known={"Alice"}) == "carol"
+    )
+
+
+def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
+    """``Zoë`` made on a Mac (decomposed) and ``Zoë`` typed in notebook 03 (composed) were two
+    characters, each fitted from part of the pictures."""
+    from diffusion_bunny.models.faces import reference_images
+
+    for folder, picture in (("Zoe\u0308", "a.png"), ("Zo\u00eb", "b.png"), ("Zo\u00eb ", "c.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / picture).write_bytes(b"")
+    pictures = reference_images(tmp_path)
+    assert list(pictures) == ["Zo\u00eb"] and [p.name for p in pictures["Zo\u00eb"]] == [
+        "a.png",
+        "b.png",
+        "c.png",
+    ]
 
 
 def test_config_is_validated():

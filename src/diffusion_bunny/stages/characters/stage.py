@@ -28,7 +28,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -47,10 +47,12 @@ from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
+    character_name,
     detect_and_encode,
     face_sharpness,
     portrait_faces,
     read_rgb,
+    reference_images,
 )
 from diffusion_bunny.models.fitted import FittedSettings
 from diffusion_bunny.models.fitted.detector import (
@@ -86,6 +88,7 @@ from diffusion_bunny.stages.characters.tables import (
     CHARACTERS_CACHE,
     DETECTIONS_SCHEMA,
     FACE_FRAMES_SCHEMA,
+    RUN_REFERENCES,
     apply_appearance_edits,
     character_counts,
     edit_targets,
@@ -797,8 +800,12 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
     stage), then into ``faces``; both in one :meth:`Run.commit
     <diffusion_bunny.pipeline.run.Run.commit>`, so a fix and a run of stage 03 never lose each
     other's writes. Returns the updated ``faces`` table."""
-    name = None if character is None or not str(character).strip() else check_name(str(character))
     run = Run.open(run_dir)
+    name = (
+        None
+        if character is None or not str(character).strip()
+        else check_name(str(character), known_names(run))
+    )
     with run.commit("appearance_edits", "faces", by_hand=True) as tables:
         if not run.has_table("faces"):
             raise UserError(f"no appearances in {run.run_dir}; run stage characters first")
@@ -834,15 +841,31 @@ _NAME_DOTS = "\u00b7\u30fb\uff65"
 _NAME = re.compile(rf"^[\w][\w .'{_NAME_DOTS}-]{{0,63}}$")
 
 
-def check_name(name: str) -> str:
-    """A character name usable as a folder name, or a user error that says what is allowed."""
-    name = name.strip()
+def check_name(name: str, known: Iterable[str] = ()) -> str:
+    """A character name usable as a folder name, or a user error that says what is allowed.
+    Composed (:func:`~diffusion_bunny.models.faces.character_name`), and spelt as the
+    character of ``known`` it names whatever the case (``alice`` given where ``Alice`` is known
+    made a second character)."""
+    name = character_name(name)
     if not _NAME.match(name) or name in {"unknown", "noise"}:
         raise UserError(
             f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-', '_' "
             "or a middle dot (at most 64, not starting with a symbol), and not 'unknown' or 'noise'"
         )
-    return name
+    same = [k for k in map(character_name, known) if k.casefold() == name.casefold()]
+    return name if name in same or not same else sorted(same)[0]
+
+
+def known_names(run: Run, characters: CharactersSettings | None = None) -> set[str]:
+    """The characters a run knows: named in its appearances, or a folder of pictures where
+    naming writes (``characters.reference_dir``, else the run's ``references/``)."""
+    names = (
+        set(run.read_table("faces")["character"].drop_nulls().to_list()) if run.has_table("faces") else set()
+    )
+    folder = naming_dir(run.run_dir, characters) if characters is not None else run.run_dir / RUN_REFERENCES
+    if folder.is_dir():
+        names |= set(reference_images(folder))
+    return names
 
 
 def face_crop(rgb: np.ndarray, box: tuple[int, int, int, int], *, margin: float = 0.6, min_face: int = 160):
@@ -965,8 +988,8 @@ def add_still(
     the film's own poses. One still per character found the held-out 3D creatures in all 11
     shots the stills were not taken from, against 3 with their pictures alone; where the pictures
     already show the film's look it changes little (docs/characters.md, "A still from the film")."""
-    name = check_name(name)
     run = Run.open(Path(run_dir))
+    name = check_name(name, known_names(run, characters))
     frames = run.read_table("frames").filter(pl.col("frame_id") == frame_id)
     if frames.is_empty():
         raise UserError(f"frame {frame_id} is not a frame of {run.run_dir}; pick one in notebook 03")
@@ -998,7 +1021,7 @@ def promote_cluster(
     ``name`` (in ``characters.reference_dir``, or the run's own ``references/``); returns the files
     written and the cluster's faces. :func:`name_cluster` then
     re-labels the run."""
-    name = check_name(name)
+    name = check_name(name, known_names(run, cfg.characters))
     faces = run.read_table("faces")
     members = faces.filter(pl.col("cluster") == cluster)
     if members.height == 0:
