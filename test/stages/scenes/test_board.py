@@ -275,3 +275,26 @@ def test_notebook_04_runs_headless_with_the_board(board_run, tmp_path):
     assert len(views) == 1
     assert run.read_manifest("scenes")["finished"] == finished  # skipped: up to date
     nbformat.validate(nb)
+
+
+def test_a_folders_key_and_place_stay_while_the_board_lives(board_run):
+    """Keys were given by size on every refresh: after a move made the third folder the
+    largest, pressing 3 again sent the next frame to another folder (a wrong move, which the
+    adapter then learns from). Each folder keeps its key and place while the board lives."""
+    run, _ = board_run
+    board = ReviewBoard(run)
+    before = {f["id"]: f["key"] for f in board.folders}
+    order = [f["id"] for f in board.folders]
+    numbered = [f for f in board.folders if f["id"] != "noise"]
+    assert len(numbered) >= 2
+    last, first = numbered[-1], numbered[0]
+    for frame in ids_in(board, first["id"]):  # the first folder's frames all go to the last one
+        board.move(frame, last["id"])
+    assert folder(board, last["id"])["count"] > first["count"]  # the last one is the largest now
+    assert {f["id"]: f["key"] for f in board.folders} == {
+        k: v for k, v in before.items() if k in {f["id"] for f in board.folders}
+    }
+    assert [f["id"] for f in board.folders] == [i for i in order if i in {f["id"] for f in board.folders}]
+    # A new board (a rerun of the cell) numbers the folders by size again.
+    again = ReviewBoard(run)
+    assert again.folders[0]["id"] == last["id"] and again.folders[0]["key"] == "1"

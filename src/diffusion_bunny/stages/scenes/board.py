@@ -71,7 +71,8 @@ class ReviewBoard(anywidget.AnyWidget):
     key) to move it there.
 
     ``folders`` holds what the front end draws: per folder ``id``, ``name``, ``count``, ``key``
-    (the keyboard shortcut: ``1``, ``2``... in display order, ``n`` for noise), ``more`` (frames
+    (the keyboard shortcut: ``1``, ``2``... by size when the board first drew the folder, then
+    kept, with the folder's place, while the board lives; ``n`` for noise), ``more`` (frames
     beyond ``max_thumbs``, not drawn) and ``frames`` (``frame_id``, ``similarity``, ``shot_id``,
     ``timestamp_s``, ``manual``). ``thumbs`` maps frame ids to data URLs and only grows, so a move
     resends the folder list but no picture already in the browser.
@@ -100,6 +101,10 @@ class ReviewBoard(anywidget.AnyWidget):
             raise ValueError(f"max_thumbs must be at least 1, not {self.max_thumbs}")
         self.moves: list[dict[str, Any]] = []  # feedback rows written through this board
         self.last_error: str | None = None
+        #: Each folder's key and place on the board, per view, kept while the board lives: given
+        #: by size when first drawn, then fixed. By size on every refresh, a move changed them
+        #: (pressing 3 again sent the next frame to another folder).
+        self.folder_keys: dict[str, dict[str, str]] = {}
         super().__init__(view=view, **kwargs)
         self.on_msg(self._on_message)
         self.observe(lambda _: self.refresh(), names="view")
@@ -115,15 +120,17 @@ class ReviewBoard(anywidget.AnyWidget):
             state.append({"id": "noise", "name": "noise", "count": 0, "frames": []})
         folders: list[dict[str, Any]] = []
         wanted: dict[str, Any] = {}
-        number = 0
+        keys = self.folder_keys.setdefault(self.view, {})
+        for folder in state:
+            if folder["id"] not in keys:
+                numbered = [int(k) for k in keys.values() if k.isdigit()]
+                keys[folder["id"]] = "n" if folder["id"] == "noise" else str(max(numbered, default=0) + 1)
+        # the board's order is the keys' (noise last); a folder emptied keeps its key for the board's life
+        state.sort(key=lambda f: (keys[f["id"]] == "n", int(keys[f["id"]]) if keys[f["id"]].isdigit() else 0))
         for folder in state:
             frames = list(folder["frames"])
             shown = frames[: self.max_thumbs]
-            if folder["id"] == "noise":
-                key = "n"
-            else:
-                number += 1
-                key = str(number)
+            key = keys[folder["id"]]
             folders.append(
                 {
                     "id": folder["id"],
