@@ -565,6 +565,10 @@ class VideoReader:
         expected_s = info.duration_s
         got_s = report.last_time_s + frame_s
         lost_s = (expected_s - got_s) if expected_s else 0.0
+        if self.keyframes_only and report.stopped_by_error is None:
+            # The last frame decoded is the last keyframe, which may be seconds before the end of
+            # a whole file: that is no loss ("the last 4.8 s (50%) were lost; ... corrupt").
+            lost_s = 0.0
         skipped = report.damaged_packets + report.damaged_frames
         if report.stopped_by_error is None and lost_s <= max(0.5, 3 * frame_s):
             if not skipped:

@@ -292,6 +292,20 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     assert result.tables["frames"]["frame_index"].to_list() == list(range(0, 125, 10))
     assert result.facts["decoded_frames"] == 13
     assert set(result.tables["frames"]["role"]) == {"keyframe"}
+    # Keyframes far apart: the last one is a second before the end of a whole file. The last shot
+    # ran to that keyframe only (one frame, "too short"), and the file was said to be corrupt.
+    sparse = transcode(
+        src,
+        tmp_path / "gop100.mp4",
+        "libx264",
+        gop=100,
+        options={"x264-params": "keyint=100:min-keyint=100:scenecut=0"},
+    )
+    result = extract_frames(sparse, cfg(method="keyframe"), tmp_path / "run100", progress=False)
+    assert result.facts["decoded_frames"] == 2
+    last = result.tables["shots"].row(-1, named=True)
+    assert last["end_frame"] == 125 and last["end_s"] == pytest.approx(5.0) and not last["too_short"]
+    assert not any("were lost" in w for w in result.warnings), result.warnings
 
 
 @pytest.mark.parametrize(

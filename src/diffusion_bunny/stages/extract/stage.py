@@ -285,12 +285,18 @@ class _ShotAssembler:
         elif self.interval_best is not None and cand.sharp > self.interval_best.sharp:
             self.interval_best = cand
 
-    def finish(self, last_index: int, last_time: float, fps: float) -> None:
-        """Close the last shot at the end of the movie, then give every shot its picture box."""
+    def finish(self, last_index: int, last_time: float, fps: float, duration_s: float | None = None) -> None:
+        """Close the last shot at the end of the movie, then give every shot its picture box.
+        ``duration_s``: the movie's length, where the last frame decoded is not its end (keyframes
+        only: the last keyframe, which may be seconds before it; the last shot was cut to one
+        frame and marked too short)."""
         if self.current is not None:
             self.flush_interval()
             whole = not self.shots
-            self.close_shot(self.current, last_index + 1, last_time + 1.0 / fps, whole_movie=whole)
+            end_index, end_s = last_index + 1, last_time + 1.0 / fps
+            if duration_s is not None and duration_s > end_s:
+                end_index, end_s = max(end_index, round(duration_s * fps)), duration_s
+            self.close_shot(self.current, end_index, end_s, whole_movie=whole)
         self.boxes = self.picture_boxes()
 
     def picture_boxes(self) -> BoxDecision:
@@ -414,7 +420,8 @@ def extract_frames(
             last_index, last_time = _decode(
                 reader, detector, assembler, progress=progress, progress_path=progress_path
             )
-            assembler.finish(last_index, last_time, info.fps)
+            whole = cfg.method == "keyframe" and reader.report.stopped_by_error is None
+            assembler.finish(last_index, last_time, info.fps, info.duration_s if whole else None)
             writer.close()
         except BaseException:
             writer.pool.shutdown(wait=True, cancel_futures=True)
