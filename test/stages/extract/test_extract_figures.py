@@ -60,6 +60,11 @@ def test_slider_reclassifies_without_decoding(clip_run, tmp_path):
     assert yaml.safe_load(path.read_text()) == {"extract": {"motion_threshold": 5.0}}
     cfg = load_config(root=tmp_path)
     assert cfg.extract.motion_threshold == 5.0
+    # A configured threshold above every shot's motion and above 5 is what the slider opens on
+    # (ipywidgets clamped it to the range, and saving wrote the clamped value).
+    above = round(float(clip_run.read_table("shots")["motion"].max()) * 2 + 5.03, 2)
+    high = MotionThresholdExplorer(clip_run, above, config_root=tmp_path)
+    assert high.slider.value == above and high.summary["dynamic"] == 0
 
 
 def test_save_local_settings_merges(tmp_path):

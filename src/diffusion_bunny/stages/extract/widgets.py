@@ -4,6 +4,7 @@ keyframes at once.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -25,11 +26,13 @@ class MotionThresholdExplorer:
         self.candidates = run.read_table("keyframe_candidates")
         self.max_shots = max_shots
         self.config_root = config_root
-        top = max(5.0, float(self.shots["motion"].max() or 0.0) * 1.1)
+        # the configured threshold always inside the range (ipywidgets clamps a value above it,
+        # and "use this threshold" then saved the clamped one)
+        top = max(5.0, float(self.shots["motion"].max() or 0.0) * 1.1, float(threshold))
         self.slider = widgets.FloatSlider(
             value=threshold,
             min=0.0,
-            max=round(top, 1),
+            max=math.ceil(top * 10) / 10,
             step=0.05,
             description="motion",
             continuous_update=False,
