@@ -105,6 +105,14 @@ def _sample(plane: np.ndarray, step_y: int, step_x: int) -> np.ndarray:
     return np.ascontiguousarray(rows[:, ::step_x])
 
 
+def analysis_in_video_range(info: VideoInfo) -> bool:
+    """Whether :func:`analysis_copy`'s BGR copies of this movie keep video range (black at 16,
+    white at 235): 8-bit planar YUV of limited range (most video) is converted without the
+    range expanded, for speed; other formats go through libswscale, which expands it."""
+    pix_fmt = info.pix_fmt or ""
+    return pix_fmt in _PLANAR_YUV and not pix_fmt.startswith("yuvj") and info.color_range != 2
+
+
 def analysis_copy(frame: av.VideoFrame, step: int, detect_factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Small copies of ``frame``: BGR for the shot detector and grayscale for sharpness and
     motion, sampled straight from the decoded planes.

@@ -682,3 +682,35 @@ def test_shot_clips_are_not_cut_from_a_joined_recording(tmp_path):
     clips, short = _plan_clips(pl.DataFrame(), shots, path, settings, warnings, timestamp_joins(joined))
     assert clips.is_empty() and short == 0
     assert len(warnings) == 1 and "no clips" in warnings[0] and "-c copy" in warnings[0]
+
+
+def test_the_threshold_detector_finds_a_fade_through_black_in_ordinary_video(tmp_path):
+    """Most video is limited range (black stored as 16): the analysis copy kept it, and the
+    threshold detector (mean brightness, default 12, as PySceneDetect documents it on 0-255)
+    never saw black. A fade out, 20 black frames and a fade in is a cut now, as PySceneDetect's
+    own run on the file finds it."""
+    import av
+
+    from diffusion_bunny.media.video import analysis_in_video_range
+
+    picture = np.full((180, 320, 3), 170, np.uint8)
+    levels = (
+        [1.0] * 40
+        + [1 - i / 10 for i in range(1, 11)]
+        + [0.0] * 20
+        + [i / 10 for i in range(1, 11)]
+        + [1.0] * 40
+    )
+    path = tmp_path / "fade.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        for level in levels:
+            out.mux(
+                stream.encode(av.VideoFrame.from_ndarray((picture * level).astype(np.uint8), format="rgb24"))
+            )
+        out.mux(stream.encode(None))
+    assert analysis_in_video_range(probe_video(path))
+    result = extract_frames(path, cfg(detector="threshold"), tmp_path / "run", progress=False)
+    assert result.tables["shots"].height == 2
+    assert 55 <= starts(result)[0] <= 64  # the middle of the dip, as PySceneDetect puts it (59)

@@ -46,6 +46,7 @@ from diffusion_bunny.media.video import (
     Display,
     VideoInfo,
     VideoReader,
+    analysis_in_video_range,
     frame_to_bgr,
     rotate_box,
     shrink_upright,
@@ -321,7 +322,7 @@ class _ShotAssembler:
         return rotate_box(to_display(box, self.stored, upright), upright, self.rotation)
 
 
-def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
+def _detector(cfg: ExtractSettings, fps: float, full_range: bool = True) -> tuple[ExtractSettings, Any]:
     """The configured boundary detector (and the config it really runs with)."""
     if cfg.uses_transnetv2 and cfg.method == "keyframe":
         # Keyframe-only decoding gives frames seconds apart; TransNetV2 reads motion between
@@ -331,7 +332,7 @@ def _detector(cfg: ExtractSettings, fps: float) -> tuple[ExtractSettings, Any]:
     # cascade starts loading it at its first doubtful candidate.
     detector = cfg.detector
     model = detector.model(start=detector.needs_model_at_once) if detector.uses_transnetv2 else None
-    return cfg, make_boundaries(cfg, fps, model)
+    return cfg, make_boundaries(cfg, fps, model, full_range=full_range)
 
 
 def _decode(
@@ -411,7 +412,7 @@ def extract_frames(
     if movie_key is None:
         movie_key = hashlib.sha256(str(Path(movie).resolve()).encode()).hexdigest()[:8]
     requested = cfg.detector.name
-    cfg, detector = _detector(cfg, info.fps)
+    cfg, detector = _detector(cfg, info.fps, not analysis_in_video_range(info))
     started = time.perf_counter()
     with staged_folder(run_dir / "frames") as frames_dir, staged_folder(run_dir / "thumbs") as thumbs_dir:
         writer = _Writer(cfg.jpeg_quality)

@@ -32,14 +32,19 @@ from diffusion_bunny.stages.extract.detectors.transnet import ModelHandle, Trans
 from diffusion_bunny.stages.extract.detectors.transnetv2 import TransNetV2Boundaries, TransNetV2Settings
 
 
-def make_boundaries(cfg: Any, fps: float, model: Any) -> Boundaries:
+def make_boundaries(cfg: Any, fps: float, model: Any, *, full_range: bool = True) -> Boundaries:
     """The detector ``cfg.detector`` (the ``extract`` settings' choice) for a movie at ``fps``.
 
     ``transnetv2`` and ``cascade`` (``model``: the TransNetV2 handle) keep every boundary they
     confirm (short shots are marked by stage 01, not merged) except the second half of a fade
     through black shorter than ``min_shot_seconds``; the PySceneDetect detectors merge cuts closer
-    than that (their ``min_scene_len``, part of how they tell a flash from a cut)."""
-    return cfg.detector.build(fps, max(1, round(cfg.min_shot_seconds * fps)), model)
+    than that (their ``min_scene_len``, part of how they tell a flash from a cut).
+    ``full_range``: the movie's pixels use 0-255 (most video uses 16-235: a detector whose
+    threshold is a brightness gets its copies stretched, ``expands_range``)."""
+    boundaries = cfg.detector.build(fps, max(1, round(cfg.min_shot_seconds * fps)), model)
+    if isinstance(boundaries, SceneDetectBoundaries):
+        boundaries.expand_range = cfg.detector.expands_range and not full_range
+    return boundaries
 
 
 __all__ = [
