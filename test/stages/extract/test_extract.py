@@ -714,3 +714,22 @@ def test_the_threshold_detector_finds_a_fade_through_black_in_ordinary_video(tmp
     result = extract_frames(path, cfg(detector="threshold"), tmp_path / "run", progress=False)
     assert result.tables["shots"].height == 2
     assert 55 <= starts(result)[0] <= 64  # the middle of the dip, as PySceneDetect puts it (59)
+
+
+def test_a_shot_with_no_profiled_frame_is_not_black():
+    """Brightness profiles are taken on every 4th frame: a bright shot of 1-3 frames can hold
+    none, and was called black throughout (a false warning, a black count too high). It takes
+    its neighbours' box, as an unseen shot, not as a black one."""
+    from diffusion_bunny.stages.extract.picturebox import ShotProfile, decide_boxes
+
+    lit = ShotProfile()
+    rows, cols = np.zeros(180), np.zeros(320)
+    rows[20:160], cols[:] = 1.0, 1.0  # letterboxed
+    lit.add((rows, cols))
+    black = ShotProfile()
+    black.add((np.zeros(180), np.zeros(320)))
+    decision = decide_boxes(
+        [lit, ShotProfile(), lit, black], [40, 3, 40, 20], (320, 180), [0.0, 1.6, 1.72, 3.3]
+    )
+    assert decision.sources[1] == "near" and decision.boxes[1] == decision.boxes[0]
+    assert decision.sources[3].startswith("black") and decision.black_shots == 1

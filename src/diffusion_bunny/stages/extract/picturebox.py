@@ -244,7 +244,8 @@ def decide_boxes(
         (top, bottom), vs = _trim(picked[0][0], height), picked[0][1]
         (left, right), hs = _trim(picked[1][0], width), picked[1][1]
         decision.boxes.append((left, top, right, bottom))
-        if not r.lit and not c.lit:
+        # A shot of 1-3 frames may hold no profiled frame (every 4th is): not seen, not black.
+        if not r.lit and not c.lit and profiles[i].samples:
             decision.sources.append(
                 f"black ({'full' if vs == hs == 'full' else 'near' if 'near' in (vs, hs) else 'film'})"
             )
