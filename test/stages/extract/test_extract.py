@@ -733,3 +733,13 @@ def test_a_shot_with_no_profiled_frame_is_not_black():
     )
     assert decision.sources[1] == "near" and decision.boxes[1] == decision.boxes[0]
     assert decision.sources[3].startswith("black") and decision.black_shots == 1
+
+
+def test_a_picture_box_edge_at_the_frames_border_stays_there_on_an_odd_size():
+    """321x181 with no bars gave the box (0, 0, 320, 180): the summary said "picture 320x180
+    inside bars", and turned a quarter, the top row was taken for a bar."""
+    from diffusion_bunny.stages.extract.picturebox import to_display
+
+    assert to_display((0, 0, 321, 181), (321, 181), (321, 181)) == (0, 0, 321, 181)
+    assert to_display((3, 21, 321, 161), (321, 181), (321, 181)) == (4, 22, 321, 160)  # inner edges even
+    assert to_display((0, 0, 704, 576), (704, 576), (1024, 576)) == (0, 0, 1024, 576)

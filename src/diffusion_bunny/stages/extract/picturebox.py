@@ -259,14 +259,17 @@ def decide_boxes(
 def to_display(
     box: tuple[int, int, int, int], stored: tuple[int, int], upright: tuple[int, int]
 ) -> tuple[int, int, int, int]:
-    """A box in stored pixels scaled to the upright (square-pixel) picture, rounded inward to
-    even pixels (chroma-aligned, never a bar pixel more)."""
+    """A box in stored pixels scaled to the upright (square-pixel) picture, its inner edges
+    rounded inward to even pixels (chroma-aligned, never a bar pixel more); an edge at the
+    frame's border stays there."""
     sx, sy = upright[0] / stored[0], upright[1] / stored[1]
     left, top, right, bottom = box
 
     def inward(lo: float, hi: float, n: int) -> tuple[int, int]:
-        a = min(n, int(np.ceil(lo / 2 - 1e-9)) * 2)
-        b = max(a, int(np.floor(hi / 2 + 1e-9)) * 2)
+        # An edge at the frame's own border stays there: on an odd size (321x181) rounding it
+        # cost the picture a pixel, which read as a bar ("picture 320x180 inside bars").
+        a = 0 if lo <= 1e-9 else min(n, int(np.ceil(lo / 2 - 1e-9)) * 2)
+        b = n if hi >= n - 1e-9 else max(a, int(np.floor(hi / 2 + 1e-9)) * 2)
         return a, min(b, n)
 
     x0, x1 = inward(left * sx, right * sx, upright[0])
