@@ -40,7 +40,7 @@ class FakeHub:
             raise ConnectionError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure)")
         files = sorted(p for p in self.repos[repo_id].rglob("*") if p.is_file())
         bar = tqdm_class(total=len(files), desc=f"Fetching {len(files)} files")
-        shutil.copytree(self.repos[repo_id], folder)
+        shutil.copytree(self.repos[repo_id], folder, dirs_exist_ok=True)
         bar.update(len(files))
         bar.close()
         return str(folder)
@@ -49,6 +49,7 @@ class FakeHub:
 @pytest.fixture
 def online(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
 
 def test_a_pipeline_not_in_the_cache_is_downloaded_with_a_bar_then_read_from_the_cache(
@@ -76,6 +77,32 @@ def test_a_pipeline_not_in_the_cache_is_downloaded_with_a_bar_then_read_from_the
     assert len(fake.downloads) == 1
 
 
+def test_a_snapshot_without_its_weights_is_downloaded_again(tmp_path, monkeypatch, online):
+    """huggingface_hub tells a snapshot cut short only from its tree listing, which a file
+    fetched on its own (``hf download ID model_index.json``) or an older cache lacks: a folder
+    of configs was taken as the model, never downloaded again, and failed to load every run."""
+    import huggingface_hub
+
+    from diffusion_bunny.models.diffusion import resolve_base_model
+
+    tiny = resolve_base_model("tiny").path
+    fake = FakeHub({"someone/tiny-sd": tiny}, tmp_path)
+    partial = fake.root / "someone--tiny-sd"
+    partial.mkdir(parents=True)
+    shutil.copy(tiny / "model_index.json", partial)  # the index alone
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert not hub.weights_complete(partial)
+    ref = resolve_base_model("someone/tiny-sd")
+    assert len(fake.downloads) == 1 and hub.weights_complete(ref.path)
+    # A part's weights gone (its config there): incomplete too; the unread safety checker is not needed.
+    weights = next((ref.path / "unet").glob("*.safetensors"))
+    (ref.path / "safety_checker").mkdir()
+    (ref.path / "safety_checker" / "config.json").write_text("{}")
+    assert hub.weights_complete(ref.path)
+    weights.unlink()
+    assert not hub.weights_complete(ref.path)
+
+
 def test_offline_or_unreachable_is_one_line_naming_the_id(tmp_path, monkeypatch, online):
     import huggingface_hub
 
@@ -97,6 +124,14 @@ def test_offline_or_unreachable_is_one_line_naming_the_id(tmp_path, monkeypatch,
     ):
         resolve_base_model("someone/not-there")
     assert len(fake.downloads) == 1  # offline: the hub was not asked
+    # transformers' own variable says the same to huggingface_hub: named, not "check the network".
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(
+        ModelError, match=r"TRANSFORMERS_OFFLINE=1 forbids downloading it; unset TRANSFORMERS_OFFLINE"
+    ):
+        resolve_base_model("someone/not-there")
+    assert len(fake.downloads) == 1
 
 
 def test_a_clip_model_not_in_the_cache_is_downloaded(tmp_path, monkeypatch, online):

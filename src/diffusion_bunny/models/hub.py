@@ -10,6 +10,7 @@ single-file checkpoints several times the size of what diffusers loads.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,9 +40,13 @@ DIFFUSERS_FILES = [
 TRANSFORMERS_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safetensors"]
 
 
-def offline() -> bool:
-    """``HF_HUB_OFFLINE`` set to a true value (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def offline() -> str | None:
+    """The variable that forbids the network (``HF_HUB_OFFLINE``, or ``TRANSFORMERS_OFFLINE``,
+    which huggingface_hub honours too), set to a true value; None when neither is."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return name
+    return None
 
 
 def cached(repo_id: str, patterns: list[str] | None = None) -> Path | None:
@@ -56,9 +61,36 @@ def cached(repo_id: str, patterns: list[str] | None = None) -> Path | None:
     from huggingface_hub import snapshot_download  # lazy: snapshot_download takes 0.15 s to import
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
     except Exception:  # not cached, a cache entry without a snapshot, or an incomplete one
         return None
+    return folder if weights_complete(folder) else None
+
+
+#: Parts of a diffusers pipeline the loader never reads (``safety_checker=None``): their weights
+#: are neither fetched nor expected.
+UNREAD_PARTS = ("safety_checker", "feature_extractor")
+
+
+def weights_complete(folder: Path) -> bool:
+    """Whether a cached snapshot holds weights for every model in it: each part
+    ``model_index.json`` names is there, and each folder with a model's ``config.json`` has its
+    ``.safetensors``. huggingface_hub can tell a snapshot cut short only from the repository's
+    tree listing, which a file fetched on its own (``hf download ID model_index.json``) or an
+    older hub's cache lacks: such a folder was taken as whole, never downloaded again, and
+    failed to load on every run."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            parts = json.loads(index.read_text())
+        except (OSError, ValueError):
+            return False
+        for name, value in parts.items():
+            wanted = isinstance(value, list) and value and value[0] is not None and not name.startswith("_")
+            if wanted and name not in UNREAD_PARTS and not (folder / name).is_dir():
+                return False
+    configs = [c for c in folder.rglob("config.json") if c.parent.name not in UNREAD_PARTS]
+    return all(any(c.parent.glob("*.safetensors")) for c in configs)
 
 
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
@@ -68,10 +100,11 @@ def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) 
     found = cached(repo_id, patterns)
     if found is not None:
         return found
-    if offline():
+    variable = offline()
+    if variable is not None:
         raise ModelError(
-            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it; unset HF_HUB_OFFLINE to download it, or set {setting} to {instead}"
+            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and {variable}=1 forbids "
+            f"downloading it; unset {variable} to download it, or set {setting} to {instead}"
         )
     return download(repo_id, setting, patterns, instead=instead)
 
