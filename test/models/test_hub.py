@@ -148,6 +148,13 @@ def test_a_clip_model_not_in_the_cache_is_downloaded(tmp_path, monkeypatch, onli
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"scenes\.clip_model = 'someone/other' is not in the local"):
         ClipEmbedder("someone/other", device="cpu")
+    # A hub id whose cached snapshot does not load: said so, not "not a hub id".
+    cached = fake.root / "someone--tiny-clip"
+    next(cached.glob("*.safetensors")).write_bytes(b"damaged")
+    with pytest.raises(
+        ModelError, match=r"'someone/tiny-clip' from its cached snapshot .*someone--tiny-clip: "
+    ):
+        ClipEmbedder("someone/tiny-clip", device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,11 +78,12 @@ class ClipEmbedder:
         except Exception as exc:  # every failure mode of from_pretrained means "no usable model"
             # transformers' own text for a missing hub id talks about the internet connection,
             # which misleads offline; for a folder that exists, its reason names what is broken.
-            where = (
-                f"from that folder: {_short_reason(exc)}"
-                if path.exists()
-                else "(no such folder here, and not a hub id: owner/name)"
-            )
+            if path.exists():
+                where = f"from that folder: {_short_reason(exc)}"
+            elif source != model:  # a hub id whose cached snapshot does not load
+                where = f"from its cached snapshot {source}: {_short_reason(exc)}"
+            else:
+                where = "(no such folder here, and not a hub id: owner/name)"
             message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"
             raise ModelError(message) from None
         if (
