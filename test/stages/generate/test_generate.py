@@ -1024,3 +1024,34 @@ def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monke
     shown = pictures(nb)
     assert len(shown) == 5  # score plot + a grid per character
     nbformat.validate(nb)
+
+
+def test_stage_08_reads_reference_pictures_as_stage_03_does(tmp_path):
+    """Stage 08 read the references by other rules than stage 03 (no check that a face is
+    photographed, transparency read as black): pictures stage 03 left out of a character were
+    part of its identity here. The faces of the face truth set, cut out as naming a cluster cuts
+    them (profiles, small, cut at the edge: some not confirmed as photographed)."""
+    import json
+
+    from PIL import Image
+
+    from diffusion_bunny.models.faces import portrait_faces, read_rgb
+    from diffusion_bunny.stages.characters.references import load_character_references
+    from diffusion_bunny.stages.characters.stage import face_crop
+
+    truth_dir = Path(__file__).parents[1] / "characters" / "data" / "face_truth"
+    folder = tmp_path / "refs" / "someone"
+    folder.mkdir(parents=True)
+    settings = DetectSettings()
+    one_face = 0
+    for frame in json.loads((truth_dir / "truth.json").read_text())["frames"][:24]:
+        rgb = read_rgb(truth_dir / frame["file"])
+        for k, face in enumerate(f for f in frame["faces"] if not f.get("ignore")):
+            left, top, right, bottom = face["box"]
+            crop = np.ascontiguousarray(face_crop(rgb, (top, right, bottom, left)))
+            Image.fromarray(crop).save(folder / f"{frame['file']}_{k}.png")
+            one_face += len(portrait_faces(crop, settings)) == 1
+    _, pictures, _ = load_character_references(tmp_path / "refs", settings)
+    taken = sum(t.use == "face" for t in pictures.taken)
+    refs, _ = character_references(tmp_path / "refs", None, settings)
+    assert len(refs.encodings["someone"]) == taken < one_face

@@ -19,10 +19,10 @@ from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.models.faces import (
     DetectSettings,
     detect_and_encode,
-    load_references,
     read_rgb,
     reference_images,
 )
+from diffusion_bunny.stages.characters.references import load_character_references
 from diffusion_bunny.stages.generate.drawn import DrawnScorer, HubDrawnScorer
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
@@ -60,8 +60,8 @@ def character_references(
     settings: DetectSettings,
     drawn_pictures: frozenset[str] = frozenset(),
 ) -> tuple[CharacterReferences, list[str]]:
-    """The encodings of each named character: stage 03's reference photos (encoded again, as stage
-    03 does) and the faces of the movie stage 03 named after it, leaving out low-confidence ones.
+    """The encodings of each named character: stage 03's reference photos (encoded again by stage
+    03's own loader) and the faces of the movie stage 03 named after it, leaving out low-confidence ones.
     Returns the references and the reference folder's warnings.
 
     Identity is a human face's distance: a character none of whose pictures shows a face (a drawn
@@ -79,7 +79,9 @@ def character_references(
         out.drawn = sorted(drawn["character"].unique().to_list())
         faces = faces.filter(pl.col("kind").fill_null("face") == "face")
     if ref_dir is not None:
-        refs, warnings = load_references(ref_dir, settings)
+        # Read as stage 03 reads them (transparency on grey, a face confirmed as photographed):
+        # a picture stage 03 left out of a character is no reference of it here either.
+        refs, _, warnings = load_character_references(ref_dir, settings)
         folders = [str(ref_dir / name) for name in reference_images(ref_dir) if name not in refs.names]
         folders += [str(ref_dir / name) for name in drawn_pictures]
         warnings = [w for w in warnings if not any(f"{f}/" in w or w.endswith(f) for f in folders)]
