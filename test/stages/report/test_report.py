@@ -484,6 +484,12 @@ def test_report_document_without_figures(tmp_path):
     assert [c.cell_type for c in nb.cells] == ["markdown", "markdown"]
     html = render_report_html(nb, tmp_path / "r" / "index.html").read_text()
     assert "stage captions did not run" in html and "QA report: nothing" in html
+    # A movie's or a character's name is shown as it is, not read as markdown or HTML.
+    named = figures.with_columns(pl.lit("R2-D2 <droid> and _grace_ met *twice*").alias("message"))
+    nb = report_document(tmp_path, named, title="QA report: __main__.mkv")
+    html = render_report_html(nb, tmp_path / "r" / "named.html").read_text()
+    assert "QA report: __main__.mkv" in html and "<strong>main</strong>" not in html
+    assert "R2-D2 &lt;droid&gt; and _grace_ met *twice*" in html
 
 
 def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):

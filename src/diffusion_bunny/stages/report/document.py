@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,16 @@ def _cell(value: Any) -> str:
     return escape(str(value))
 
 
+_MARKDOWN = re.compile(r"([\\`*_\[\]#|~])")
+
+
+def plain_markdown(text: str) -> str:
+    """``text`` (a movie's file name, a character's name, a message quoting them) shown as it is
+    in a markdown cell: ``__main__.mkv`` was set in bold, ``_grace_`` in italics, and a character
+    ``R2-D2 <droid>`` lost its ``<droid>`` as an HTML tag."""
+    return _MARKDOWN.sub(r"\\\1", escape(text, quote=False))
+
+
 def report_document(
     run_dir: str | Path,
     figures: pl.DataFrame,
@@ -85,14 +96,14 @@ def report_document(
     run_dir = Path(run_dir)
     nb = nbformat.v4.new_notebook()
     nb.metadata["title"] = title
-    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {title}\n\n{intro}".strip()))
+    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {plain_markdown(title)}\n\n{intro}".strip()))
     tables = tables or {}
     for key in figures.sort("order")["section"].unique(maintain_order=True).to_list():
         rows = figures.filter(pl.col("section") == key).sort("order")
         first = rows.row(0, named=True)
         about = SECTIONS[key][2] if key in SECTIONS else ""
         status = "" if first["status"] == "ok" else "**"
-        text = f"## {first['title']}\n\n{about}\n\n{status}{first['message']}{status}"
+        text = f"## {first['title']}\n\n{about}\n\n{status}{plain_markdown(first['message'])}{status}"
         nb.cells.append(nbformat.v4.new_markdown_cell(text))
         outputs = []
         if key in tables:
