@@ -21,14 +21,28 @@ from diffusion_bunny.errors import BadInputError
 
 
 def eight_bit(im: Image.Image) -> Image.Image:
-    """``im`` with 8-bit grey in place of 16- or 32-bit integer grey. Pillow's own conversion of
-    those modes clips each value at 255 instead of scaling it: a 16-bit grey PNG (line art from
-    Krita or GIMP, a scan) was read as a white picture."""
-    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    """``im`` with 8-bit grey in place of 16- or 32-bit integer or floating grey, its
+    transparent value (a PNG's tRNS) kept as transparency. Pillow's own conversion of those
+    modes clips each value at 255 instead of scaling it: a 16-bit grey PNG (line art from Krita
+    or GIMP, a scan) was read as a white picture, a 0-1 float TIFF as a black one, and a
+    16-bit grey PNG's transparent background as black."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return im
-    grey = np.asarray(im).astype(np.float64)
-    top = 255.0 if grey.max(initial=0) <= 255 else 65535.0
-    return Image.fromarray((grey.clip(0, top) * (255.0 / top)).round().astype(np.uint8))
+    raw = np.asarray(im)
+    grey = np.nan_to_num(raw.astype(np.float64))
+    peak = grey.max(initial=0)
+    if im.mode.startswith("I;16"):
+        top = 65535.0  # 16-bit by its mode, however dark the picture
+    elif im.mode == "F":
+        top = 1.0 if peak <= 1.0 else 255.0 if peak <= 255 else peak
+    else:
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    out = Image.fromarray((grey.clip(0, top) * (255.0 / top)).round().astype(np.uint8))
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and not isinstance(transparent, bool):
+        alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha)))
+    return out
 
 
 def laplacian_variance(gray: np.ndarray) -> float:

@@ -246,6 +246,17 @@ def test_a_sixteen_bit_grey_picture_is_read_as_its_greys(tmp_path):
 
     with Image.open(tmp_path / "lineart.png") as im:
         assert np.abs(np.asarray(as_rgb(im))[..., 1].astype(int) - grey).max() <= 1
+    # A dark one (no value over 255) is still 16-bit: near black, not 257 times as bright.
+    cv2.imwrite(str(tmp_path / "dark.png"), (grey // 16).astype(np.uint16))
+    assert read_picture(tmp_path / "dark.png")[..., 0].max() <= 1
+    # Its transparent value (tRNS) is transparency, not black.
+    with Image.open(tmp_path / "lineart.png") as im:
+        im.save(tmp_path / "keyed.png", transparency=40 * 257)
+    keyed = read_picture(tmp_path / "keyed.png")
+    assert (keyed[10:30, 20:40, 3] == 0).all() and keyed[0, 63, 3] == 255
+    # A 0-1 float TIFF is its greys, not black.
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    assert np.abs(read_picture(tmp_path / "float.tif")[..., 0].astype(int) - grey).max() <= 1
 
 
 def frames_with(names: list[str], poses: list[Pose], seed: int) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
