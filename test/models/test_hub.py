@@ -34,7 +34,12 @@ class FakeHub:
                 return str(folder)
             raise LocalEntryNotFoundError(f"{repo_id} is not cached")
         self.downloads.append(
-            {"repo_id": repo_id, "allow_patterns": allow_patterns, "tqdm_class": tqdm_class}
+            {
+                "repo_id": repo_id,
+                "allow_patterns": allow_patterns,
+                "ignore_patterns": kw.get("ignore_patterns"),
+                "tqdm_class": tqdm_class,
+            }
         )
         if not self.reachable:
             raise ConnectionError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure)")
@@ -67,6 +72,25 @@ def test_a_pipeline_not_in_the_cache_is_downloaded_with_a_bar_then_read_from_the
     assert (ref.path / "model_index.json").is_file()
     [download] = fake.downloads
     assert download["allow_patterns"] == hub.DIFFUSERS_FILES and download["tqdm_class"] is not None
+    # The safety checker's weights (1.2 GB for SD 1.5; never read) are not fetched, as
+    # huggingface_hub applies the patterns.
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
+        "text_encoder/model.safetensors",
+    ]
+    fetched = filter_repo_objects(
+        repo, allow_patterns=download["allow_patterns"], ignore_patterns=download["ignore_patterns"]
+    )
+    assert "safety_checker/model.safetensors" not in set(fetched)
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= set(
+        filter_repo_objects(repo, allow_patterns=hub.DIFFUSERS_FILES, ignore_patterns=hub.IGNORED_FILES)
+    )
     err = capsys.readouterr().err
     assert (
         "train.base_model = 'someone/tiny-sd' is not in the local Hugging Face cache: downloading it" in err

@@ -36,6 +36,9 @@ DIFFUSERS_FILES = [
     "*/model.safetensors",
     "*/model-*.safetensors",
 ]
+#: Never fetched: the weights of a pipeline's safety checker (1.2 GB for Stable Diffusion 1.5),
+#: which the loader does not read (``safety_checker=None``) and ``*/model.safetensors`` selects.
+IGNORED_FILES = ["safety_checker/*.safetensors", "safety_checker/*.bin"]
 #: A transformers model folder (CLIP): configs, tokenizer files and safetensors weights.
 TRANSFORMERS_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safetensors"]
 
@@ -61,7 +64,11 @@ def cached(repo_id: str, patterns: list[str] | None = None) -> Path | None:
     from huggingface_hub import snapshot_download  # lazy: snapshot_download takes 0.15 s to import
 
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+        folder = Path(
+            snapshot_download(
+                repo_id, local_files_only=True, allow_patterns=patterns, ignore_patterns=IGNORED_FILES
+            )
+        )
     except Exception:  # not cached, a cache entry without a snapshot, or an incomplete one
         return None
     return folder if weights_complete(folder) else None
@@ -121,7 +128,7 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
     try:
         # The bars are relayed to the terminal of `bunny run` (a stage's kernel has none of its own).
         folder = huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=patterns, tqdm_class=relay_bar_class()
+            repo_id, allow_patterns=patterns, ignore_patterns=IGNORED_FILES, tqdm_class=relay_bar_class()
         )
     except Exception as exc:  # every failure here means "not to be had": say which, in one line
         raise ModelError(
