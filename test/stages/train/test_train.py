@@ -937,6 +937,20 @@ def test_more_steps_continue_a_run_only_where_the_schedule_does_not_depend_on_th
         longer = short.model_copy(update={"max_train_steps": 60})
         assert (resume_key(short, "data") == resume_key(longer, "data")) is continues, schedule
         assert resume_key(short, "data") != resume_key(short, "other data")
+    # The validation's step count changes nothing a step computes, except where it makes prior
+    # preservation's class images (then other steps are other data).
+    base = training_cfg(max_train_steps=30)
+    assert resume_key(base, "d") == resume_key(
+        base.model_copy(update={"validation_inference_steps": 20}), "d"
+    )
+    prior = base.model_copy(update={"prior_preservation": True, "class_prompt": "a photo of a dog"})
+    assert resume_key(prior, "d") != resume_key(
+        prior.model_copy(update={"validation_inference_steps": 20}), "d"
+    )
+    given = prior.model_copy(update={"class_data_dir": "dogs"})
+    assert resume_key(given, "d") == resume_key(
+        given.model_copy(update={"validation_inference_steps": 20}), "d"
+    )
 
 
 def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_kept(tmp_path):
