@@ -1130,3 +1130,42 @@ def test_stage_08_draws_with_the_current_lora_of_a_run_folder_that_was_moved(tmp
     (moved / old.name).rmdir()
     assert current_lora_dir(moved, loras) == moved
     assert current_lora_dir(moved, None) == moved
+
+
+def test_a_resumed_run_with_prior_preservation_trains_on_the_class_images_an_uninterrupted_one_does(tmp_path):
+    """After a resume, the class images went on from an estimate that took every batch as full:
+    3 pictures in batches of 2 make batches of 2 and 1, and the resumed run paired its pictures
+    with other class images than a run that never stopped (another LoRA). The place is kept."""
+    from safetensors.numpy import load_file
+
+    from diffusion_bunny.stages import run_stage
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(5):
+        write_image(folder / f"{i}.png", (64, 64), 40 + i)
+    prior = {
+        "prior_preservation": True,
+        "class_prompt": "a photo of a cat",
+        "class_data_dir": str(folder),
+        "num_class_images": 5,
+        "train_batch_size": 2,
+        "lr_scheduler": "constant",
+    }
+
+    def train(name: str, steps: int) -> dict:
+        if not (tmp_path / name).exists():
+            (tmp_path / name).mkdir()
+            make_run(tmp_path / name, n_train=3, n_val=0)
+        run = Run.open(tmp_path / name / "run")
+        overrides = fast_overrides(tmp_path / name, max_train_steps=steps, checkpoint_every=2, **prior)
+        run_stage(run, "train", load_config(None, overrides, root=tmp_path), progress=False)
+        lora = Path(run.read_manifest("train")["facts"]["lora_folder"]) / "pytorch_lora_weights.safetensors"
+        return load_file(lora)
+
+    whole = train("whole", 6)
+    train("resumed", 3)  # batches of 2, 1 and 2 pictures: 5 class images used, not 6
+    resumed = train("resumed", 6)
+    assert Run.open(tmp_path / "resumed" / "run").read_manifest("train")["facts"]["resumed_from"] == 3
+    assert whole.keys() == resumed.keys()
+    assert all(np.array_equal(whole[k], resumed[k]) for k in whole)

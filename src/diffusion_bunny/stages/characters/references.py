@@ -355,10 +355,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                     raise ReferenceProblem(f"is not a picture ({path.suffix or 'no extension'})")
                 rgba = read_picture(path)
                 rgb = on_grey(rgba)
-                # A picture with transparency is searched too (on grey): a portrait with its
-                # background removed is a photo of a face, and was taken for a drawn character
-                # (0 of the 13 transparent drawn references here pass dlib's HOG check).
-                found = portrait_faces(rgb, ref_settings)
+                found = portrait_faces(rgb, ref_settings)  # transparent too: a cut-out portrait
                 photographed = [
                     f for f in found if photographed_face(rgb, (f.top, f.right, f.bottom, f.left))
                 ]

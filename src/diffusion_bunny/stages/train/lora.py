@@ -1153,7 +1153,14 @@ def _train(
     started = time.monotonic() - elapsed_before
     micro_losses: list[float] = []
     micro_prior: list[float] = []
-    prior_cursor = step * cfg.gradient_accumulation_steps * cfg.train_batch_size
+    # Where the class images go on: kept in the state (an estimate from full batches sent a
+    # resumed run to other class images than an uninterrupted one, the last batch of an epoch
+    # and buckets being smaller); a state from before it was kept is estimated as before.
+    prior_cursor = int(
+        (resume_state or {}).get(
+            "prior_cursor", step * cfg.gradient_accumulation_steps * cfg.train_batch_size
+        )
+    )
     while step < cfg.max_train_steps:
         batches = epoch_batches([s.bucket for s in samples], cfg.train_batch_size, cfg.seed, epoch)
         while batch_index < len(batches) and step < cfg.max_train_steps:
@@ -1207,6 +1214,7 @@ def _train(
                         "step": step,
                         "epoch": epoch,
                         "batch_index": batch_index,
+                        "prior_cursor": prior_cursor,
                         "elapsed_s": time.monotonic() - started,
                         "log": log_rows,
                         "validation": validation_rows,
