@@ -852,9 +852,15 @@ def disk_needs(
     if cache is not None and cfg.cache_latents and cfg.max_train_steps > start:
         buckets = {s.bucket for s in samples}  # a class image is cached at the size of each batch it joins
         sizes = {(s.image.path, s.bucket) for s in samples} | {(im.path, b) for im in prior for b in buckets}
-        present = sum(1 for _ in cache.glob(f"*-{trainer.vae_key()}-*")) if cache.is_dir() else 0
-        latents = sum(trainer.latent_bytes(size) for _, size in sizes)
-        latents = max(0, latents - present * (latents // max(1, len(sizes))))
+        # Only this training's latents not cached yet: the cache is shared by every dataset
+        # trained with this VAE, and counting the others' files as this one's underestimated.
+        vae = trainer.vae_key()
+        hashes = {path: file_hash(path) for path, _ in sizes}
+        latents = sum(
+            trainer.latent_bytes(size)
+            for path, size in sizes
+            if not (cache / f"{hashes[path]}-{vae}-{size[0]}x{size[1]}.safetensors").is_file()
+        )
         needs.append((cache, latents, "cached latents"))
         texts = [*(s.image.text for s in samples), *(p.text for p in prior)]
         needs.append((cache, trainer.text_cache_bytes(texts), "cached text embeddings"))
