@@ -253,7 +253,13 @@ def _raise_stopped(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def _signals_as_interrupts() -> Iterator[None]:
     """SIGTERM and SIGHUP raise :class:`Stopped` in the main thread for the block."""
-    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    # A signal ignored by whoever started us stays ignored: ``nohup bunny run`` must outlive
+    # the terminal it was typed in.
+    names = [
+        n
+        for n in ("SIGTERM", "SIGHUP")
+        if hasattr(signal, n) and signal.getsignal(getattr(signal, n)) != signal.SIG_IGN
+    ]
     before = {n: signal.signal(getattr(signal, n), _raise_stopped) for n in names}
     try:
         yield

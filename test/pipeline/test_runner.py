@@ -677,3 +677,21 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_leaves_no_process_behind(cut_clip, 
     assert "SIGTERM; finished stages are kept, rerun to continue" in err
     time.sleep(1)
     assert not [p for p in kernel if Path(f"/proc/{p}").exists()]
+
+
+def test_a_signal_ignored_by_whoever_started_bunny_stays_ignored():
+    """``nohup bunny run`` ignores SIGHUP so that the run outlives its terminal: the handler
+    that turns SIGHUP into an interrupt was put over that, and closing the SSH session stopped
+    the run."""
+    import signal
+
+    from diffusion_bunny.cli import _raise_stopped, _signals_as_interrupts
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _signals_as_interrupts():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == _raise_stopped
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
