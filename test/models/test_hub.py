@@ -123,6 +123,12 @@ def test_a_snapshot_without_its_weights_is_downloaded_again(tmp_path, monkeypatc
     (ref.path / "safety_checker").mkdir()
     (ref.path / "safety_checker" / "config.json").write_text("{}")
     assert hub.weights_complete(ref.path)
+    # A folder the index does not name (SDXL's ONNX exports: a config and a model.onnx) is none
+    # of the pipeline's parts.
+    (ref.path / "vae_decoder").mkdir()
+    (ref.path / "vae_decoder" / "config.json").write_text("{}")
+    (ref.path / "vae_decoder" / "model.onnx").write_bytes(b"onnx")
+    assert hub.weights_complete(ref.path)
     weights.unlink()
     assert not hub.weights_complete(ref.path)
 

@@ -81,23 +81,28 @@ UNREAD_PARTS = ("safety_checker", "feature_extractor")
 
 def weights_complete(folder: Path) -> bool:
     """Whether a cached snapshot holds weights for every model in it: each part
-    ``model_index.json`` names is there, and each folder with a model's ``config.json`` has its
-    ``.safetensors``. huggingface_hub can tell a snapshot cut short only from the repository's
-    tree listing, which a file fetched on its own (``hf download ID model_index.json``) or an
+    ``model_index.json`` names is there, and has its ``.safetensors`` where it has a model's
+    ``config.json`` (a transformers model: at its root). huggingface_hub can tell a snapshot
+    cut short only from the repository's tree listing, which a file fetched on its own (``hf download ID model_index.json``) or an
     older hub's cache lacks: such a folder was taken as whole, never downloaded again, and
     failed to load on every run."""
     index = folder / "model_index.json"
-    if index.is_file():
-        try:
-            parts = json.loads(index.read_text())
-        except (OSError, ValueError):
+    if not index.is_file():  # a transformers model: its weights beside its config
+        return not (folder / "config.json").is_file() or any(folder.glob("*.safetensors"))
+    try:
+        parts = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
+    # Only the parts the index names: a repository's other folders (SDXL's ONNX exports
+    # vae_decoder/ and vae_encoder/, a config and a model.onnx) are no part the loader reads.
+    for name, value in parts.items():
+        wanted = isinstance(value, list) and value and value[0] is not None and not name.startswith("_")
+        if not wanted or name in UNREAD_PARTS:
+            continue
+        part = folder / name
+        if not part.is_dir() or ((part / "config.json").is_file() and not any(part.glob("*.safetensors"))):
             return False
-        for name, value in parts.items():
-            wanted = isinstance(value, list) and value and value[0] is not None and not name.startswith("_")
-            if wanted and name not in UNREAD_PARTS and not (folder / name).is_dir():
-                return False
-    configs = [c for c in folder.rglob("config.json") if c.parent.name not in UNREAD_PARTS]
-    return all(any(c.parent.glob("*.safetensors")) for c in configs)
+    return True
 
 
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
