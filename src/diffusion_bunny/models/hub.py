@@ -84,8 +84,8 @@ def weights_complete(folder: Path) -> bool:
     ``model_index.json`` names is there, and has its ``.safetensors`` where it has a model's
     ``config.json`` (a transformers model: at its root). huggingface_hub can tell a snapshot
     cut short only from the repository's tree listing, which a file fetched on its own
-    (``hf download ID model_index.json``) or an older hub's cache lacks: such a folder was taken as whole, never downloaded again, and
-    failed to load on every run."""
+    (``hf download ID model_index.json``) or an older hub's cache lacks: such a folder was
+    taken as whole, never downloaded again, and failed to load on every run."""
     index = folder / "model_index.json"
     if not index.is_file():  # a transformers model: its weights beside its config
         return not (folder / "config.json").is_file() or any(folder.glob("*.safetensors"))
