@@ -11,13 +11,14 @@ import shutil
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from diffusion_bunny.config import load_config, recorded_name
-from diffusion_bunny.errors import StageError
+from diffusion_bunny.errors import BadInputError, StageError
 from diffusion_bunny.pipeline.contract import (
     ConfigView,
     Pipeline,
@@ -350,6 +351,16 @@ def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_ed
     run.manifest_path("make").unlink()  # a run of it stopped halfway: its old table stays
     with pytest.warns(UserWarning, match=r"out of date \(its last run did not finish\)"):
         run_stage(pipeline, run, "double", lower, force=True, progress=False)
+
+    # A producer that cannot even tell (its reference folder moved away since it ran) is its own
+    # run's business: the stage that reads its tables runs, and says nothing about it.
+    def gone(run, view):
+        raise BadInputError("characters.reference_dir = '/mnt/refs' is not a folder")
+
+    run_stage(pipeline, run, "make", lower, progress=False)  # done, then its folder goes
+    moved = Pipeline((replace(make, inputs=gone), pipeline.get("double")))
+    run_stage(moved, run, "double", lower, force=True, progress=False)
+    assert run.read_manifest("double")["warnings"] == []
 
 
 def test_a_damaged_manifest_is_a_stage_not_run_and_a_setting_is_named_before_the_code(toy):

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_bunny.errors import DamagedTableError, StageError
+from diffusion_bunny.errors import DamagedTableError, StageError, UserError
 from diffusion_bunny.logs import attach_from_env, relaying
 from diffusion_bunny.pipeline.manifest import (
     StageState,
@@ -486,8 +486,8 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
     for name in dict.fromkeys(r.producer for r in read):
         try:
             reason = _behind(pipeline, run, pipeline.get(name), cfg)
-        except StageError:  # the producer cannot even tell (its own inputs are gone): not ours to say
-            continue
+        except (UserError, OSError):  # the producer cannot tell (its inputs gone, its reference
+            continue  # folder moved): its own run says so; this stage reads only its tables
         if reason is not None:
             tables = ", ".join(r.table for r in read if r.producer == name)
             lines.append(
@@ -557,6 +557,7 @@ def _run_stage_locked(
         code,
     )
     t0 = time.monotonic()
+    behind = behind_producers(pipeline, run, stage, cfg)
     previous = run.read_manifest(name)
     remove_manifest(run, name)  # from here on a killed run leaves the stage missing, never done
     started = datetime.now(UTC)
@@ -569,7 +570,6 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
     )
-    behind = behind_producers(pipeline, run, stage, cfg)
     for line in behind:
         log.warning("%s: %s", run.run_dir.name, line)
     with relaying(run.progress_path(name)):  # under `bunny run`: its lines and bars on the terminal
