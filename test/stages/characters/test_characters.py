@@ -490,7 +490,9 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     biggest = faces.filter(pl.col("cluster") == "cluster_00")
     with pytest.raises(UserError, match="no unknown faces in cluster 'cluster_99'"):
         name_cluster(run.run_dir, "cluster_99", "x", load_config(None, {"characters.workers": 1}))
-    result = name_cluster(run.run_dir, "cluster_00", "first person", load_config(None, dict(DEMO_SETTINGS)))
+    # typed with a space too many: named, and counted, as "first person"
+    result = name_cluster(run.run_dir, "cluster_00", "first  person", load_config(None, dict(DEMO_SETTINGS)))
+    assert result["character"] == "first person"
     refs = sorted((run.run_dir / "references" / "first person").glob("*.png"))
     assert len(refs) == len(result["references_added"]) >= 1
     assert result["faces_of_cluster_named"] == biggest.height == result["named_faces"]

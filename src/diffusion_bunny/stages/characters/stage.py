@@ -1065,7 +1065,7 @@ def name_cluster(
     notebook's ``cfg``). Returns what changed."""
     run = Run.open(Path(run_dir))
     written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
-    name = name.strip()
+    name = written[0].parent.name  # as promote_cluster spelt it (composed, the known spelling)
     after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
     member_ids = members["face_id"].implode()
     return {
