@@ -110,6 +110,7 @@ def test_override_parsing():
     assert parse_override("export.flip=true")[1] is True and parse_override("a.b=False")[1] is False
     assert parse_override("generate.negative_prompt=blurry #2")[1] == "blurry #2"
     assert parse_override("generate.negative_prompt=#blurry, lowres")[1] == "#blurry, lowres"
+    assert parse_override('generate.negative_prompt="quoted # x"')[1] == "quoted # x"
     cfg = load_config(None, {"run.seed": parse_override("run.seed=010")[1]}, use_local=False)
     assert cfg.run.seed == 10
     for bad in ("threshold=3", "extract.threshold", ".x=1"):

@@ -180,7 +180,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or "." not in key or not all(key.split(".")):
         raise ConfigError(f"override '{text}' must look like section.key=value")
-    if "#" in raw and not raw.lstrip().startswith(("[", "{")):
+    if "#" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):  # quoted: YAML's own way
         return key, raw.strip()
     try:
         value = yaml.load(raw, Loader=_ValueLoader) if raw.strip() else None
