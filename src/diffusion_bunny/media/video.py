@@ -418,6 +418,9 @@ class DecodeReport:
     #: Frames stored at another size than the movie's first (a joined piece of another
     #: resolution, a stream that switched quality), scaled to the movie's size.
     resized_frames: int = 0
+    #: The longest time between two frames decoded (keyframes only: the longest group of
+    #: pictures), how far the last frame decoded may lie before the end of a whole file.
+    longest_gap_s: float = 0.0
 
 
 #: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
@@ -559,6 +562,8 @@ class VideoReader:
                 profiles = None
                 if every and (self.keyframes_only or index % every == 0):
                     profiles = luma_profiles(frame, self.analysis_step)
+                if report.decoded:
+                    report.longest_gap_s = max(report.longest_gap_s, t - report.last_time_s)
                 report.decoded += 1
                 report.last_time_s = t
                 yield Decoded(index, t, frame, small_bgr, small_gray, profiles)
@@ -574,9 +579,10 @@ class VideoReader:
         got_s = report.last_time_s + frame_s
         lost_s = (expected_s - got_s) if expected_s else 0.0
         if self.keyframes_only and report.stopped_by_error is None:
-            # The last frame decoded is the last keyframe, which may be seconds before the end of
-            # a whole file: that is no loss ("the last 4.8 s (50%) were lost; ... corrupt").
-            lost_s = 0.0
+            # The last frame decoded is the last keyframe, which may lie a group of pictures
+            # before the end of a whole file: that much is no loss ("the last 4.8 s (50%) were
+            # lost; ... corrupt"); more is (a download cut short ends without an error).
+            lost_s -= report.longest_gap_s
         skipped = report.damaged_packets + report.damaged_frames
         if report.stopped_by_error is None and lost_s <= max(0.5, 3 * frame_s):
             if not skipped:

@@ -306,6 +306,13 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     last = result.tables["shots"].row(-1, named=True)
     assert last["end_frame"] == 125 and last["end_s"] == pytest.approx(5.0) and not last["too_short"]
     assert not any("were lost" in w for w in result.warnings), result.warnings
+    # Cut short (a download that stopped: no decoder error), more than a group of pictures is
+    # lost: said so, and the last shot ends a group of pictures after its last keyframe at most.
+    whole = remux(path, tmp_path / "gop10.mkv")
+    (tmp_path / "cut.mkv").write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.5)])
+    cut = extract_frames(tmp_path / "cut.mkv", cfg(method="keyframe"), tmp_path / "runcut", progress=False)
+    assert any("were lost" in w for w in cut.warnings), cut.warnings
+    assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["frames"]["frame_index"].max() + 11
 
 
 @pytest.mark.parametrize(

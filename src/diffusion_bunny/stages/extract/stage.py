@@ -421,8 +421,10 @@ def extract_frames(
             last_index, last_time = _decode(
                 reader, detector, assembler, progress=progress, progress_path=progress_path
             )
-            whole = cfg.method == "keyframe" and reader.report.stopped_by_error is None
-            assembler.finish(last_index, last_time, info.fps, info.duration_s if whole else None)
+            end_s = None  # keyframes only: the end of the movie, at most a group of pictures on
+            if cfg.method == "keyframe" and reader.report.stopped_by_error is None and info.duration_s:
+                end_s = min(info.duration_s, last_time + reader.report.longest_gap_s + 1.0 / info.fps)
+            assembler.finish(last_index, last_time, info.fps, end_s)
             writer.close()
         except BaseException:
             writer.pool.shutdown(wait=True, cancel_futures=True)
