@@ -324,16 +324,23 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     ignored, and the character "had no usable picture"); hidden entries and the operating
     system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`)."""
     out: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and _usable(p.name)):
-        # Folders whose names are one name (Zoë composed and decomposed, as a Mac's archive
-        # writes it; a space more) are one character, under its composed name.
-        files = out.setdefault(character_name(sub.name), [])
-        files += (
+    for name, folders in character_folders(ref_dir).items():
+        out[name] = sorted(
             p
+            for sub in folders
             for p in sub.rglob("*")
             if p.is_file() and all(_usable(part) for part in p.relative_to(sub).parts)
         )
-        files.sort()
+    return out
+
+
+def character_folders(ref_dir: Path) -> dict[str, list[Path]]:
+    """``{character: [its folders]}``: folders whose names are one name (Zoë composed and
+    decomposed, as a Mac's archive writes it; a space more) are one character, under its
+    composed name (:func:`character_name`); a message about a character names its folders."""
+    out: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and _usable(p.name)):
+        out.setdefault(character_name(sub.name), []).append(sub)
     return out
 
 
@@ -420,9 +427,13 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
         if usable:
             refs.names.append(name)
         elif files:
-            warns.append(f"character '{name}' has no usable reference image in {ref_dir / name}")
+            warns.append(
+                f"character '{name}' has no usable reference image in {character_folders(ref_dir)[name][0]}"
+            )
         else:
-            warns.append(f"character folder {ref_dir / name} is empty; add reference images to it")
+            warns.append(
+                f"character folder {character_folders(ref_dir)[name][0]} is empty; add reference images to it"
+            )
     if encodings:
         refs.encodings = np.stack(encodings).astype(np.float32)
         refs.owners = np.asarray(owners, dtype=np.int64)

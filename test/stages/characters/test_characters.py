@@ -254,6 +254,7 @@ def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
     """``Zoë`` made on a Mac (decomposed) and ``Zoë`` typed in notebook 03 (composed) were two
     characters, each fitted from part of the pictures."""
     from diffusion_bunny.models.faces import reference_images
+    from diffusion_bunny.stages.characters.references import load_character_references
 
     for folder, picture in (("Zoe\u0308", "a.png"), ("Zo\u00eb", "b.png"), ("Zo\u00eb ", "c.png")):
         (tmp_path / folder).mkdir(exist_ok=True)
@@ -264,6 +265,10 @@ def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
         "b.png",
         "c.png",
     ]
+    # A message about a character names a folder that is there (not the tidied name's path).
+    (tmp_path / "Anna  Smith").mkdir()
+    _, _, warnings = load_character_references(tmp_path, DetectSettings())
+    assert any(f"character folder {tmp_path / 'Anna  Smith'} is empty" in w for w in warnings), warnings
 
 
 def test_config_is_validated():

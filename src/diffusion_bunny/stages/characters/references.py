@@ -32,7 +32,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_bunny.media.images import eight_bit
 from diffusion_bunny.models import dlib_faces
-from diffusion_bunny.models.faces import ReferenceSet, misnamed_references, portrait_faces, reference_images
+from diffusion_bunny.models.faces import (
+    ReferenceSet,
+    character_folders,
+    misnamed_references,
+    portrait_faces,
+    reference_images,
+)
 from diffusion_bunny.models.fitted.detector import content_box
 
 #: What a transparent pixel is shown on (and what the face detectors see there).
@@ -331,7 +337,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
-    pictures_of = reference_images(ref_dir)
+    pictures_of, folders_of = reference_images(ref_dir), character_folders(ref_dir)
     warnings += _name_warnings(ref_dir, list(pictures_of))
     for name, files in pictures_of.items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
@@ -391,9 +397,9 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
             pictures.cutouts[name] = [cut[t.path] for t in cutouts]
             pictures.taken.extend(cutouts)
         elif files:
-            warnings.append(f"character '{name}' has no usable reference picture in {ref_dir / name}")
+            warnings.append(f"character '{name}' has no usable reference picture in {folders_of[name][0]}")
         else:
-            warnings.append(f"character folder {ref_dir / name} is empty; add reference pictures to it")
+            warnings.append(f"character folder {folders_of[name][0]} is empty; add reference pictures to it")
     if encodings:
         faces.encodings = np.stack(encodings).astype(np.float32)
         faces.owners = np.asarray(owners, dtype=np.int64)

@@ -18,9 +18,9 @@ from diffusion_bunny.logs import relay_bar_class
 from diffusion_bunny.models.clip import ClipEmbedder
 from diffusion_bunny.models.faces import (
     DetectSettings,
+    character_folders,
     detect_and_encode,
     read_rgb,
-    reference_images,
 )
 from diffusion_bunny.stages.characters.references import load_character_references
 from diffusion_bunny.stages.generate.drawn import DrawnScorer, HubDrawnScorer
@@ -82,8 +82,9 @@ def character_references(
         # Read as stage 03 reads them (transparency on grey, a face confirmed as photographed):
         # a picture stage 03 left out of a character is no reference of it here either.
         refs, _, warnings = load_character_references(ref_dir, settings)
-        folders = [str(ref_dir / name) for name in reference_images(ref_dir) if name not in refs.names]
-        folders += [str(ref_dir / name) for name in drawn_pictures]
+        folders_of = character_folders(ref_dir)
+        skipped = [name for name in folders_of if name not in refs.names or name in drawn_pictures]
+        folders = [str(f) for name in skipped for f in folders_of[name]]
         warnings = [w for w in warnings if not any(f"{f}/" in w or w.endswith(f) for f in folders)]
         for i, name in enumerate(refs.names):
             if name in drawn_pictures:
