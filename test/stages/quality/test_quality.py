@@ -621,6 +621,17 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     headless = apply_quality_rules(demo_run.read_table("quality"), frames, cfg)
     assert headless["keep"].to_list() == explorer.table()["keep"].to_list()
     assert cfg.min_sharpness == pytest.approx(50, rel=1e-3)
+    assert "win over the saved file" not in explorer.saved.value
+    # The notebook's own overrides come after the saved file: a threshold they set wins, and
+    # saving says so instead of being silently undone.
+    layered = QualityThresholdExplorer(
+        demo_run, QualitySettings(), config_root=tmp_path, overrides={"quality.dup_distance": 3}
+    )
+    layered.set_thresholds(dup_distance=7)
+    layered.save()
+    assert (
+        "but quality.dup_distance is set by this notebook's config_path or overrides" in layered.saved.value
+    )
 
 
 def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):

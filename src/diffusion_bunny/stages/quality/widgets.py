@@ -103,9 +103,14 @@ class QualityThresholdExplorer:
         *,
         max_per_group: int = 24,
         config_root: Path | None = None,
+        config_path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
     ):
         self.run = run
         self.base = cfg
+        #: The notebook's own layers over the saved file (its ``config_path`` and ``overrides``,
+        #: as ``bunny run --config/--set``): a threshold they set wins over "use these thresholds".
+        self.layers = (config_path, dict(overrides or {}))
         self.scores = run.read_table("quality")
         self.frames = run.read_table("frames")
         self.max_per_group = max_per_group
@@ -259,4 +264,15 @@ class QualityThresholdExplorer:
         settings["best_per_batch"] = cfg.best_per_batch
         path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
         self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
+        # lazy: config imports every stage's settings, this module's own among them
+        from diffusion_bunny.config import load_config
+
+        in_force = load_config(*self.layers, root=self.config_root).quality
+        lost = [f"quality.{k}" for k, v in settings.items() if getattr(in_force, k) != v]
+        if lost:  # the notebook's config_path or overrides set them after the file: they win
+            self.saved.value += (
+                f"<br><span style='color:#C0392B'>but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} "
+                "set by this notebook's config_path or overrides (or bunny run --config/--set), which "
+                "win over the saved file: change or remove them there</span>"
+            )
         return path
