@@ -632,6 +632,11 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     assert (
         "but quality.dup_distance is set by this notebook's config_path or overrides" in layered.saved.value
     )
+    # Settings at a slider's bottom that it cannot show (0 on the log scale; exposure detail 0,
+    # which is not null) are the explorer's as they are, untouched.
+    zero = QualitySettings(min_sharpness=0, exposure_detail=0)
+    edge = QualityThresholdExplorer(demo_run, zero, config_root=tmp_path)
+    assert (edge.quality.min_sharpness, edge.quality.exposure_detail) == (0, 0.0)
 
 
 def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):

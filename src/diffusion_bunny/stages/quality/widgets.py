@@ -155,6 +155,13 @@ class QualityThresholdExplorer:
         out["dup_distance"] = int(out["dup_distance"])
         out["best_per_batch"] = int(out["best_per_batch"]) or None
         out["exposure_detail"] = float(out["exposure_detail"]) or None
+        # A slider's bottom holds a configured value it cannot show: min_sharpness 0 (the log
+        # slider starts at 0.1), exposure_detail 0 (any detail keeps a frame; the bottom is
+        # otherwise null, brightness alone). Saved untouched, they were saved changed.
+        if out["min_sharpness"] <= 0.1 and self.base.min_sharpness < 0.1:
+            out["min_sharpness"] = self.base.min_sharpness
+        if out["exposure_detail"] is None and self.base.exposure_detail == 0:
+            out["exposure_detail"] = 0.0
         return out
 
     @property
