@@ -879,6 +879,22 @@ def test_caption_editor_widget_saves_an_edit(cap_run, tmp_path):
     box2.value = " "
     editor.rows.children[0].children[1].children[2].click()
     assert "empty" in editor.status.value
+    # Text typed in other rows and not saved survives a save (the page is drawn again) and a
+    # trip to another page; it was thrown away without a word.
+    boxes = lambda: [row.children[1].children[1] for row in editor.rows.children]  # noqa: E731
+    boxes()[2].value, boxes()[3].value = "bunnystyle, third, not saved", "bunnystyle, fourth, not saved"
+    boxes()[1].value = "bunnystyle, second, saved"
+    editor.rows.children[1].children[1].children[2].click()
+    assert [b.value for b in boxes()[2:4]] == [
+        "bunnystyle, third, not saved",
+        "bunnystyle, fourth, not saved",
+    ]
+    assert "not saved" in editor.rows.children[2].children[1].children[0].value
+    editor.go(1)
+    editor.go(0)
+    assert boxes()[3].value == "bunnystyle, fourth, not saved"
+    third = run.read_table("captions")["frame_id"][2]
+    assert run.read_table("captions").filter(pl.col("frame_id") == third)["status"][0] != "edited"
     editor.go(99)
     assert editor.page == editor.pages() - 1
     editor.only_failed.value = True

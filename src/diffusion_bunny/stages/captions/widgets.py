@@ -30,6 +30,9 @@ class CaptionEditor:
         self.page_size = page_size
         self.thumb_px = thumb_px
         self.page = 0
+        #: Captions typed and not saved yet, by frame: a page drawn again (another row saved,
+        #: another page and back) shows them, where it showed the table's and lost them.
+        self.typed: dict[str, str] = {}
         self.status = widgets.HTML()
         self.rows = widgets.VBox()
         self.prev_button = widgets.Button(description="◀ previous", layout=widgets.Layout(width="110px"))
@@ -76,14 +79,16 @@ class CaptionEditor:
             except OSError:
                 picture = widgets.HTML(f"<i>{rec['frame_id']}: picture unreadable</i>")
             box = widgets.Textarea(
-                value=rec["caption"] or "",
+                value=self.typed.get(rec["frame_id"], rec["caption"] or ""),
                 placeholder=rec["error"] or "",
                 layout=widgets.Layout(width="520px", height="70px"),
             )
+            box.observe(lambda c, fid=rec["frame_id"]: self.typed.__setitem__(fid, c["new"]), names="value")
             colour = {"edited": "#54A24B", "failed": "#E45756"}.get(rec["status"], "#666")
+            unsaved = " · <b>not saved</b>" if rec["frame_id"] in self.typed else ""
             info = widgets.HTML(
                 f"<code>{rec['frame_id']}</code><br><span style='color:{colour}'>{rec['status']}</span> · "
-                f"{rec['provider'] or '-'}"
+                f"{rec['provider'] or '-'}{unsaved}"
             )
             button = widgets.Button(description="save", layout=widgets.Layout(width="70px"))
             button.on_click(lambda _b, fid=rec["frame_id"], tb=box: self._save_from(fid, tb))
@@ -99,6 +104,7 @@ class CaptionEditor:
     def save(self, frame_id: str, caption: str) -> pl.DataFrame:
         """Keep a person's caption for ``frame_id`` (see the class docstring); returns the table."""
         table = edit_caption(self.run.run_dir, frame_id, caption)
+        self.typed.pop(frame_id, None)
         self.status.value = f"saved {frame_id}: marked edited, kept on every rerun"
         self.go(self.page)  # the row may have left a "failed only" page
         return table
