@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from diffusion_bunny.config import Config, output_root
-from diffusion_bunny.demo.run import demo_movie
+from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.media.figures import jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.run import Run, movie_id
@@ -34,6 +34,17 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
         run_dir = run_dir or output_root(cfg) / "demo"
     probe_video(movie)
     return Run.create(run_dir or output_root(cfg) / movie_id(movie), movie)
+
+
+def notebook_overrides(
+    run_dir: str | Path | None, movie: str | Path | None, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A notebook's ``overrides``, and where it works on the demo (no ``run_dir``, no ``movie``:
+    :func:`open_run`) the settings ``bunny demo`` ran it with under them
+    (:func:`~diffusion_bunny.demo.run.demo_overrides`), so the demo's stages stay up to date."""
+    if run_dir is None and movie is None:
+        return demo_overrides(demo_movie(progress=True), overrides)
+    return dict(overrides or {})
 
 
 #: JPEG's largest side; a taller sheet is shown as PNG.

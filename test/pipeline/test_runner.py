@@ -695,3 +695,26 @@ def test_a_signal_ignored_by_whoever_started_bunny_stays_ignored():
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_notebook_on_the_demo_takes_the_settings_bunny_demo_ran_it_with(demo, monkeypatch):
+    """A notebook opened on the demo with its default parameters judged the demo's stages with
+    its own settings: stage 03 was stale (no pictures, another fit) and ran again without the
+    reference pictures, every name lost; stage 06 exported again at 512 px."""
+    import nbformat
+
+    from diffusion_bunny import nbtools
+    from diffusion_bunny.demo.run import DEMO_SETTINGS, demo_overrides
+
+    monkeypatch.setattr(nbtools, "demo_movie", lambda progress=True: demo)
+    got = nbtools.notebook_overrides(None, None, {"export.crop_resolution": 256})
+    assert got == demo_overrides(demo, {"export.crop_resolution": 256})
+    assert (
+        got["export.crop_resolution"] == 256
+        and got["characters.fitted.steps"] == DEMO_SETTINGS["characters.fitted.steps"]
+    )
+    assert Path(got["characters.reference_dir"]).is_dir()
+    assert nbtools.notebook_overrides("runs/film", None, {"a.b": 1}) == {"a.b": 1}  # not the demo
+    for path in sorted((ROOT / "notebook").glob("0*.ipynb")):
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert "load_config(config_path, notebook_overrides(run_dir, movie, overrides))" in code, path.name

@@ -175,20 +175,25 @@ def run_demo(
 ) -> str:
     """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
-    overrides = dict(overrides or {})
-    # The demo names its two people from reference portraits written next to the movie, unless
-    # the caller points stage 03 elsewhere.
-    for key, value in DEMO_SETTINGS.items():
-        overrides.setdefault(key, value)
-    overrides.setdefault(
-        "characters.reference_dir", str(build_demo_references(demo.path.parent / "characters"))
-    )
+    overrides = demo_overrides(demo, overrides)
     cfg = load_config(None, overrides)
     run_dir = out if out is not None else output_root(cfg) / "demo"
     if out is None:
         _forget_older_demo(run_dir, demo.path)
     run_target(PIPELINE, demo.path, cfg, overrides=overrides, out=run_dir, force=force, progress=progress)
     return summarize(Run.open(run_dir), demo.ground_truth())
+
+
+def demo_overrides(demo: DemoMovie, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings ``bunny demo`` runs with (:data:`DEMO_SETTINGS`; the demo names its people
+    and drawn characters from reference pictures written next to the movie), under ``overrides``
+    (the caller's win). A notebook opened on the demo takes them too: with its own defaults it
+    found the demo's stages stale, and ran 03 again without the pictures (every name lost)."""
+    out = dict(overrides or {})
+    for key, value in DEMO_SETTINGS.items():
+        out.setdefault(key, value)
+    out.setdefault("characters.reference_dir", str(build_demo_references(demo.path.parent / "characters")))
+    return out
 
 
 def _forget_older_demo(run_dir: Path, movie: Path) -> None:
