@@ -796,3 +796,16 @@ def test_bunny_run_shows_the_paid_requests_on_the_terminal_while_they_happen(cap
         assert f"captions: 0 paid requests ({n} answered from the store)" in capsys.readouterr().err
     log = Path(sorted((Path(os.environ["DIFFUSION_BUNNY_LOG_DIR"])).glob("bunny-*.log"))[-1])
     assert log.read_text().count(f"captions: 0 paid requests ({n} answered from the store)") == 1  # not twice
+
+
+def test_a_circuit_of_the_chains_last_provider_does_not_say_frames_went_to_a_next_one():
+    """With one provider and no fallback, "later frames went to the next provider" named a
+    provider that does not exist: those frames got no caption."""
+    from diffusion_bunny.stages.captions.stage import _warnings
+
+    empty = pl.DataFrame({"error": []}, schema={"error": pl.Utf8})
+    calls = pl.DataFrame()
+    breakers = {"local": ("timed out", True, 1), "openai": ("429", False, 2)}
+    lines = _warnings(None, empty, calls, breakers, last="local")
+    assert "provider local's circuit opened 1 time(s) (timed out); later frames got no caption" in lines
+    assert any("openai's circuit" in w and "went to the next provider until a probe" in w for w in lines)

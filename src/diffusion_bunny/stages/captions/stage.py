@@ -727,7 +727,10 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
         counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid], edits),
-        warnings=[redact(w) for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers)]],
+        warnings=[
+            redact(w)
+            for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers, providers[-1].name)]
+        ],
         facts={
             "prompt_version": PROMPT_VERSION,
             "chain": [f"{p.name}:{p.model}" for p in providers],
@@ -767,10 +770,15 @@ def _counts(
 
 
 def _warnings(
-    legacy: Path | None, failed: pl.DataFrame, calls: pl.DataFrame, breakers: dict[str, tuple[str, bool, int]]
+    legacy: Path | None,
+    failed: pl.DataFrame,
+    calls: pl.DataFrame,
+    breakers: dict[str, tuple[str, bool, int]],
+    last: str = "",
 ) -> list[str]:
     """What a person should know about a run: an old answer cache left behind, frames without a
-    caption, and every provider whose circuit opened."""
+    caption, and every provider whose circuit opened (``last``: the chain's last provider, after
+    which there is no next one to send frames to)."""
     warnings = []
     if legacy is not None:
         warnings.append(
@@ -784,10 +792,9 @@ def _warnings(
             f"{failed.height} frame(s) got no caption (first: {failed['error'][0]}). {_rerun_note(calls)}"
         )
     for name, (reason, still_open, times) in breakers.items():
+        went = "got no caption" if name == last else "went to the next provider"
         after = (
-            "later frames went to the next provider"
-            if still_open
-            else "frames went to the next provider until a probe succeeded and closed it"
+            f"later frames {went}" if still_open else f"frames {went} until a probe succeeded and closed it"
         )
         warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}")
     return warnings
