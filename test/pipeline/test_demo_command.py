@@ -99,7 +99,8 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     assert f"report: 19 figures in {tmp_path / 'demo_run' / 'report' / 'index.html'}" in summary
     nb = nbformat.read(tmp_path / "demo_run" / "notebooks" / "09_qa_report.ipynb", as_version=4)
     shown = pictures(nb)
-    # funnel, quality, 2 shot figures, screen time, 4 contact sheets and the 4 characters' exported
-    # pictures, clusters, caption lengths, training loss, the drawn characters per checkpoint
-    # (identity per checkpoint has no face to score on the tiny model's noise)
-    assert len(shown) == 17
+    # funnel, the dataset's 2 (exported pictures, drops by reason), quality, 2 shot figures, screen
+    # time, 4 contact sheets and the 4 characters' exported pictures, clusters, caption lengths,
+    # training loss, the drawn characters per checkpoint (identity per checkpoint has no face to
+    # score on the tiny model's noise): every figure of the report
+    assert len(shown) == 19

@@ -706,12 +706,13 @@ def test_stages_04_and_05_restore_the_corrections_they_read(board_run, tmp_path)
     edit_caption(run.run_dir, frame, "bunnystyle, typed by hand")
     edits = pl.read_parquet(run.table_path("caption_edits"))
 
-    _tear(run.table_path("feedback"))
     _tear(run.table_path("caption_edits"))
     with pytest.warns(UserWarning, match="caption_edits.parquet was damaged"):
         captions = run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
     assert captions.filter(pl.col("frame_id") == frame)["caption"][0] == "bunnystyle, typed by hand"
     assert pl.read_parquet(run.table_path("caption_edits")).equals(edits)
+    # (torn now: stage 05's look at whether stage 04 is behind reads feedback, and restores it too)
+    _tear(run.table_path("feedback"))
     with pytest.warns(UserWarning, match="feedback.parquet was damaged"):
         run_stage(run, "scenes", cfg, progress=False, force=True)
     assert run.read_table("feedback").equals(feedback)

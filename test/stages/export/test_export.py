@@ -755,13 +755,20 @@ def test_notebook_06_runs_headless(export_run, tmp_path, monkeypatch):
     nb = papermill.execute_notebook(
         str(root / "notebook" / "06_export_dataset.ipynb"),
         str(tmp_path / "nb.ipynb"),
-        parameters={"run_dir": str(run.run_dir), "overrides": overrides, "interactive": False},
+        # the datasets load asked for: headless runs (interactive False) skip it unless asked
+        parameters={
+            "run_dir": str(run.run_dir),
+            "overrides": overrides,
+            "interactive": False,
+            "load_check": True,
+        },
         kernel_name="python3",
         progress_bar=False,
         execution_timeout=600,
         cwd=str(root / "notebook"),
     )
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert (run.run_dir / "cache" / "datasets").is_dir()  # its Arrow cache in the run folder
     n_val = int((items["split"] == "validation").sum())
     assert f"{items.height} pictures from" in text
     assert f"{items.height - n_val} train, {n_val} validation" in text

@@ -724,13 +724,11 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
     edits = read_edits(run_dir)
     captions = apply_edits(captions, edits)
+    told = [*cache.notes, *_warnings(legacy, failed, calls, result.breakers, providers[-1].name)]
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
         counts=_counts(captions, failed.height, calls, [p.name for p in providers if p.paid], edits),
-        warnings=[
-            redact(w)
-            for w in [*cache.notes, *_warnings(legacy, failed, calls, result.breakers, providers[-1].name)]
-        ],
+        warnings=[redact(w) for w in told],
         facts={
             "prompt_version": PROMPT_VERSION,
             "chain": [f"{p.name}:{p.model}" for p in providers],

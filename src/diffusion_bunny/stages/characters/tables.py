@@ -12,6 +12,8 @@ import polars as pl
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.models.faces import (
     IMAGE_EXTENSIONS,
+    DetectSettings,
+    ReferenceSet,
     reference_images,
 )
 from diffusion_bunny.paths import workspace_root
@@ -168,6 +170,19 @@ def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> p
         pl.when(edited).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
         (pl.col("edited") | edited).alias("edited"),
     ).drop("_name", "_edited")
+
+
+def reference_faces(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceSet, list[str]]:
+    """The human characters' face encodings of ``ref_dir`` as stage 03 takes them (transparency
+    on grey, a face confirmed as photographed), and the warnings of what cannot serve: what
+    another stage reads the references with (stage 08 read them by other rules, and a picture
+    stage 03 left out of a character was part of its identity there)."""
+    # The stage declarations import this module; the reader pulls in OpenCV's GrabCut and the
+    # fitted detector's code (90 ms on every command).
+    from diffusion_bunny.stages.characters.references import load_character_references  # lazy: see above
+
+    refs, _, warnings = load_character_references(ref_dir, settings)
+    return refs, warnings
 
 
 #: Name of the reference folder inside a run, used when ``characters.reference_dir`` is not set

@@ -22,7 +22,7 @@ from diffusion_bunny.models.faces import (
     detect_and_encode,
     read_rgb,
 )
-from diffusion_bunny.stages.characters.references import load_character_references
+from diffusion_bunny.stages.characters.tables import reference_faces
 from diffusion_bunny.stages.generate.drawn import DrawnScorer, HubDrawnScorer
 from diffusion_bunny.stages.generate.grid import GridItem
 from diffusion_bunny.stages.generate.tables import BASE, NO_CHARACTER, SCORES_SCHEMA
@@ -81,7 +81,7 @@ def character_references(
     if ref_dir is not None:
         # Read as stage 03 reads them (transparency on grey, a face confirmed as photographed):
         # a picture stage 03 left out of a character is no reference of it here either.
-        refs, _, warnings = load_character_references(ref_dir, settings)
+        refs, warnings = reference_faces(ref_dir, settings)
         folders_of = character_folders(ref_dir)
         skipped = [name for name in folders_of if name not in refs.names or name in drawn_pictures]
         folders = [str(f) for name in skipped for f in folders_of[name]]

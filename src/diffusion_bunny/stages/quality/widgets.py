@@ -3,12 +3,14 @@ relative to the film, blur, text and subtitles, duplicates)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
+import yaml
 from pydantic import ValidationError
 
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
@@ -89,6 +91,20 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
             options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
         ),
     }
+
+
+def later_layers(config_path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``quality`` settings a notebook's ``config_path`` (its ``quality`` section) and
+    ``overrides`` (``quality.<key>``) set: loaded after ``config/local_*.yaml``, they win over a
+    saved choice. Read here as they are written (a stage is given its configuration, and never
+    loads the whole of it)."""
+    out: dict[str, Any] = {}
+    if config_path is not None and Path(config_path).expanduser().is_file():
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+            section = (yaml.safe_load(Path(config_path).expanduser().read_text()) or {}).get("quality") or {}
+            out.update(section if isinstance(section, dict) else {})
+    out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("quality.")})
+    return out
 
 
 class QualityThresholdExplorer:
@@ -271,11 +287,11 @@ class QualityThresholdExplorer:
         settings["best_per_batch"] = cfg.best_per_batch
         path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
         self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
-        # lazy: config imports every stage's settings, this module's own among them
-        from diffusion_bunny.config import load_config
-
-        in_force = load_config(*self.layers, root=self.config_root).quality
-        lost = [f"quality.{k}" for k, v in settings.items() if getattr(in_force, k) != v]
+        lost = [
+            f"quality.{k}"
+            for k, v in later_layers(*self.layers).items()
+            if k in settings and v != settings[k]
+        ]
         if lost:  # the notebook's config_path or overrides set them after the file: they win
             self.saved.value += (
                 f"<br><span style='color:#C0392B'>but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} "

@@ -44,7 +44,7 @@ class Adapter:
     triplets: int = 0
     losses: list[float] = field(default_factory=list)
     #: What it was trained from (the corrections, the settings, the embedder): the stage reuses a
-    #: saved adapter of the same key instead of training another one (:func:`adapter_key`).
+    #: saved adapter of the same key instead of training another one.
     key: str = ""
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
