@@ -20,6 +20,24 @@ from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CLIP_SCHEMA, dataset_dir
 
 
+def test_trainer_configs_read_back_whatever_the_run_folder_is_called():
+    """Paths were pasted between quotes: a run folder under /home/o'neil, a quote or a
+    backslash in a folder name, or a Windows path made a file the trainer could not read."""
+    import tomllib
+
+    from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml
+
+    for folder in (
+        "/home/o'neil/runs/film/dataset/video",
+        '/data/"quoted"/video',
+        "C:\\Users\\me\\temp\\video",
+    ):
+        musubi = tomllib.loads(musubi_toml(folder, folder + "_cache", (256, 144), 17))
+        assert musubi["datasets"][0]["video_directory"] == folder
+        assert musubi["datasets"][0]["cache_directory"] == folder + "_cache"
+        assert tomllib.loads(diffusion_pipe_toml(folder, (256, 144), 17))["directory"][0]["path"] == folder
+
+
 def test_clip_span_lies_inside_the_shot_or_is_none():
     fps = 30000 / 1001
     start, end = 82 / fps, 211 / fps
@@ -141,5 +159,11 @@ def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
         assert clip["characters"]
     for name in ("musubi_dataset.toml", "diffusion_pipe_dataset.toml"):
         assert str(video) in (dataset_dir(run.run_dir) / name).read_text()
+    # Only the training pictures' shots give clips: a validation shot was trained on as video.
+    items = run.read_table("dataset_items")
+    held_out = set(items.filter(pl.col("split") == "validation")["shot_id"]) - set(
+        items.filter(pl.col("split") == "train")["shot_id"]
+    )
+    assert not held_out & set(clips["shot_id"])
     strip = clip_strips(video, clips)
     assert strip is not None and strip.height >= 96

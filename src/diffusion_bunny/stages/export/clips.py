@@ -13,6 +13,8 @@ it), and its characters are every character named in the shot's exported picture
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
 from diffusion_bunny.stages.export.tables import CLIP_SCHEMA
@@ -102,11 +104,18 @@ def musubi_toml(video_dir: str, cache_dir: str, size: tuple[int, int], frames: i
         "enable_bucket = true\n"
         "bucket_no_upscale = true\n\n"
         "[[datasets]]\n"
-        f'video_directory = "{video_dir}"\n'
-        f'cache_directory = "{cache_dir}"\n'
+        f"video_directory = {toml_string(video_dir)}\n"
+        f"cache_directory = {toml_string(cache_dir)}\n"
         f"target_frames = [{frames}]\n"
         'frame_extraction = "head"\n'
     )
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: a JSON string is one (quotes, backslashes and control
+    characters escaped the same way). Pasted between quotes, a run folder under ``/home/o'neil``
+    or ``C:\\Users`` made a config file the trainer could not read."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 def diffusion_pipe_toml(video_dir: str, size: tuple[int, int], frames: int) -> str:
@@ -122,6 +131,6 @@ def diffusion_pipe_toml(video_dir: str, size: tuple[int, int], frames: int) -> s
         "num_ar_buckets = 7\n"
         f"frame_buckets = [1, {frames}]\n\n"
         "[[directory]]\n"
-        f"path = '{video_dir}'\n"
+        f"path = {toml_string(video_dir)}\n"
         "num_repeats = 1\n"
     )

@@ -32,6 +32,7 @@ plan before any image is written.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -466,9 +467,9 @@ def assign_split(
                 break
             if abs(taken + sizes[group] - target) < abs(taken - target) and eligible(group):
                 take(group)
-        if not validation:  # every group overshoots: the smallest one, if it is not half the set
+        if not validation:  # every group overshoots: the smallest one, if it is under half the set
             fallback = sorted((g for g in order if eligible(g)), key=lambda g: sizes[g])
-            if fallback and sizes[fallback[0]] <= n / 2:
+            if fallback and sizes[fallback[0]] < n / 2:
                 take(fallback[0])
         if not validation:
             warnings.append(
@@ -520,6 +521,8 @@ def kohya_folder(repeats: int, concept: str) -> str:
     made. They, and a trailing dot or space, become ``_``."""
     portable = _NOT_PORTABLE.sub("_", concept)
     portable = portable.rstrip(" .") + "_" * (len(portable) - len(portable.rstrip(" .")))
+    if portable != concept:  # "Dr. Who." and "Dr. Who_" were one folder, and the export failed
+        portable += "~" + hashlib.sha1(concept.encode()).hexdigest()[:6]
     return bounded_name(f"{repeats}_{portable}")
 
 

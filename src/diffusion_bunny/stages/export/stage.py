@@ -162,7 +162,7 @@ def _readme(plan_items: pl.DataFrame, cfg: ExportSettings, root: Path) -> str:
         "",
         "```python",
         "from datasets import load_dataset",
-        f'dataset = load_dataset("imagefolder", data_dir="{root / "hf"}")',
+        f'dataset = load_dataset("imagefolder", data_dir={str(root / "hf")!r})',
         "```",
         "",
         "Columns: image, text (the caption), characters, shot_id, frame_id, crop, repeats.",
@@ -273,7 +273,9 @@ def _plan_clips(
         )
         return pl.DataFrame(schema=CLIP_SCHEMA), 0
     size = (cfg.clip_width, cfg.clip_height)
-    clips, short = plan_clips(shots, items, probe_video(movie).fps, cfg.clip_fps, cfg.clip_frames, size)
+    # The training pictures' shots only: a shot held out for validation was trained on as video.
+    train = items.filter(pl.col("split") == "train")
+    clips, short = plan_clips(shots, train, probe_video(movie).fps, cfg.clip_fps, cfg.clip_frames, size)
     if short:
         warnings.append(
             f"{short} shot(s) with a named character are shorter than a clip "
