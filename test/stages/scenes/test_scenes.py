@@ -842,3 +842,36 @@ def test_no_frame_to_cluster_names_the_stage_that_kept_none(scenes_run, empty, m
     run.write_table("quality", run.read_table("quality").with_columns(keep=pl.lit(False)))
     with pytest.raises(StageError, match=message):
         run_stage(run, "scenes", cfg, progress=False)
+
+
+@pytest.mark.parametrize(("rate", "fcm"), [(24, "NON-DROP FRAME"), (30000 / 1001, "DROP FRAME")])
+def test_an_edl_of_over_999_events_keeps_its_columns_and_says_its_frame_count(rate, fcm):
+    """A feature film gives over 999 (cluster, shot) events: the adapter wrote ``1000``, shifting
+    every CMX3600 column; numbers start again at 001 now. The ``FCM`` line says whether the
+    timecodes count drop frame (the adapter wrote none; at 29.97 an editor may drift)."""
+    import opentimelineio as otio
+
+    from diffusion_bunny.stages.scenes.timeline import edl_text
+
+    timeline = otio.schema.Timeline(name="film")
+    track = otio.schema.Track()
+    timeline.tracks.append(track)
+    for i in range(1001):
+        clip = otio.schema.Clip(
+            name=f"s001 shot {i}",
+            source_range=otio.opentime.TimeRange(
+                otio.opentime.RationalTime(i * 10, rate), otio.opentime.RationalTime(10, rate)
+            ),
+        )
+        clip.metadata["cmx_3600"] = {"reel": "FILM"}
+        track.append(clip)
+    text = edl_text(timeline, note="a test")
+    lines = text.splitlines()
+    assert lines[1] == f"FCM: {fcm}"
+    events = [line for line in lines if line[:3].isdigit()]
+    assert len(events) == 1001 and all(line[3:5] == "  " for line in events)
+    assert (
+        events[998].startswith("999 ") and events[999].startswith("001 ") and events[1000].startswith("002 ")
+    )
+    back = otio.adapters.read_from_string(text, "cmx_3600", rate=rate)
+    assert len(list(back.find_clips())) == 1001

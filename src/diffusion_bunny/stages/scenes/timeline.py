@@ -159,4 +159,22 @@ def edl_text(timeline: Any, note: str | None = None) -> str:
     first = next(iter(timeline.find_clips()), None)
     if note is not None and first is not None:
         first.metadata["cmx_3600"]["comments"] = [f"NOTE: {note}"]
-    return otio.adapters.write_to_string(timeline, "cmx_3600")
+    return _cmx_events(otio.adapters.write_to_string(timeline, "cmx_3600"))
+
+
+_EVENT = re.compile(r"^(\d{4,})(?= )", re.MULTILINE)
+_TIMECODE = re.compile(r"\b\d\d:\d\d:\d\d[:;]\d\d\b")
+
+
+def _cmx_events(text: str) -> str:
+    """What the adapter leaves out of CMX3600: event numbers have three digits (a film of more
+    than 999 (cluster, shot) events, which a feature always is, wrote ``1000``, shifting every
+    column: they start again at 001, as editors number them), and the ``FCM`` line that says
+    whether the timecodes count drop frame (at 29.97 without it an editor may read them as
+    non-drop, 108 frames an hour off)."""
+    text = _EVENT.sub(lambda m: f"{(int(m.group(1)) - 1) % 999 + 1:03d}", text)
+    drop = any(";" in tc for tc in _TIMECODE.findall(text))
+    fcm = f"FCM: {'DROP FRAME' if drop else 'NON-DROP FRAME'}"
+    lines = text.split("\n")
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("TITLE:")), 0)
+    return "\n".join([*lines[:at], fcm, *lines[at:]])
