@@ -541,6 +541,16 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
         (pl.col("frame_id") == frame) & (pl.col("level") == "scene")
     )
     assert placed["cluster_id"][0] == "noise" and placed["manual"][0]
+    # A library of another model's vectors under the same name (a CLIP folder now holding
+    # another model): one line naming both, not a raw reshape error (a bug's exit).
+    from diffusion_bunny.errors import StageError
+
+    longer = pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet").with_columns(
+        pl.col("vector").list.concat(pl.col("vector"))
+    )
+    longer.write_parquet(tmp_path / "library" / "scene_exemplars.parquet")
+    with pytest.raises(StageError, match=r"holds .* vectors of \d+ numbers, this run makes .* of \d+"):
+        run_stage(second, "scenes", cfg, progress=False, force=True)
 
 
 def test_export_csv_and_edl_read_back(scenes_run):

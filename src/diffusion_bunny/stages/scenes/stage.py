@@ -467,10 +467,14 @@ def _assign_library(
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
         lib = pl.read_parquet(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
-        if lib.height and lib["space"][0] != space:
+        held = len(lib["vector"][0]) if lib.height else vectors.shape[1]
+        if lib.height and (lib["space"][0] != space or held != vectors.shape[1]):
+            # The length too: a CLIP folder given under one name may hold another model (it was
+            # a raw reshape error, a bug's exit, or vectors of two models mixed at one length).
             raise StageError(
-                f"the scene library {library} holds {lib['space'][0]} vectors, this run makes {space}; "
-                "use the library's scenes.embedder or another scenes.library_dir"
+                f"the scene library {library} holds {lib['space'][0]} vectors of {held} numbers, this run "
+                f"makes {space} of {vectors.shape[1]}; use the library's scenes.embedder (and model) or "
+                "another scenes.library_dir"
             )
         # Library clusters are never removed or moved, not even this movie's own from an earlier
         # run: other movies' frames may have joined them. A rerun finds its exemplars again
