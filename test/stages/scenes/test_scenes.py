@@ -541,6 +541,19 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
         (pl.col("frame_id") == frame) & (pl.col("level") == "scene")
     )
     assert placed["cluster_id"][0] == "noise" and placed["manual"][0]
+    # A new cluster made by hand in a member run takes an id no movie holds in the library (this
+    # run's exemplars are its own only: it took another movie's), and the library opens none
+    # with an id a correction made.
+    lib = pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet")
+    other = lib.head(1).with_columns(pl.lit("s900").alias("cluster_id"), pl.lit("0ther111").alias("movie_id"))
+    pl.concat([lib, other]).write_parquet(tmp_path / "library" / "scene_exemplars.parquet")
+    made = move_to_cluster(second.run_dir, frame, "new")
+    assert made["to_cluster"] == "s901"
+    # A run that opens clusters (the library forgets its clusters but the one named by hand):
+    pl.concat([lib.head(0), other]).write_parquet(tmp_path / "library" / "scene_exemplars.parquet")
+    run_stage(second, "scenes", cfg, progress=False)
+    opened = set(pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet")["cluster_id"]) - {"s900"}
+    assert opened and min(int(c[1:]) for c in opened) > 901
     # A library of another model's vectors under the same name (a CLIP folder now holding
     # another model): one line naming both, not a raw reshape error (a bug's exit).
     from diffusion_bunny.errors import StageError

@@ -374,7 +374,9 @@ def _cluster(
         and prev_clusters is not None
     )
     if library is not None:
-        return _assign_library(library, movie_id, fids, vectors, space, cfg)
+        feedback = ctx.optional("feedback")
+        made = set(feedback["to_cluster"].to_list()) if feedback is not None else set()
+        return _assign_library(library, movie_id, fids, vectors, space, cfg, made)
     if same_setup:
         return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space)
     labels, sims, exemplars = _fresh_clusters(
@@ -459,10 +461,18 @@ def _assign_new(
 
 
 def _assign_library(
-    library: Path, movie_id: str, fids: list[str], vectors: np.ndarray, space: str, cfg: ScenesSettings
+    library: Path,
+    movie_id: str,
+    fids: list[str],
+    vectors: np.ndarray,
+    space: str,
+    cfg: ScenesSettings,
+    made: set[str] = frozenset(),
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
-    adding the clusters it opens to the library, under the library's lock."""
+    adding the clusters it opens to the library, under the library's lock. The clusters it opens
+    take ids past the library's and past those this run's corrections made (``made``): one id
+    named two places."""
     library.mkdir(parents=True, exist_ok=True)
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
@@ -487,7 +497,9 @@ def _assign_library(
             noise_threshold=cfg.noise_threshold,
             index_min_frames=cfg.index_min_frames,
             exemplars=index,
-            first_number=next_cluster_number(lib["cluster_id"].to_list()),
+            first_number=next_cluster_number(
+                [*lib["cluster_id"].to_list(), *(c.partition("/")[0] for c in made if c)]
+            ),
         )
         added = _exemplar_rows(
             result.exemplars, result.exemplar_vectors, movie_id, space.split("+")[0], space
@@ -546,6 +558,14 @@ def move_to_cluster(
             taken = set(feedback["to_cluster"].to_list())
             if run.has_table("scene_exemplars"):
                 taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
+            # In a library, the other movies' clusters too (this run's exemplars are its own only).
+            shared = ((run.read_manifest("scenes") or {}).get("facts") or {}).get("library")
+            if shared and (Path(shared) / "scene_exemplars.parquet").is_file():
+                taken |= set(
+                    pl.read_parquet(Path(shared) / "scene_exemplars.parquet", columns=["cluster_id"])[
+                        "cluster_id"
+                    ]
+                )
             cluster_id = new_cluster_id(existing | {c.partition("/")[0] for c in taken if c})
         elif cluster_id != NOISE and cluster_id not in existing:
             known = ", ".join(sorted(existing - {NOISE})[:12])
