@@ -404,6 +404,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     # References are portraits, often small; they need no minimum face size.
     ref_settings = replace(settings, min_face_px=0)
     warns += misnamed_references(ref_dir)
+    folders_of = character_folders(ref_dir)
     for name, files in reference_images(ref_dir).items():
         usable = 0
         index = len(refs.names)
@@ -427,13 +428,9 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
         if usable:
             refs.names.append(name)
         elif files:
-            warns.append(
-                f"character '{name}' has no usable reference image in {character_folders(ref_dir)[name][0]}"
-            )
+            warns.append(f"character '{name}' has no usable reference image in {folders_of[name][0]}")
         else:
-            warns.append(
-                f"character folder {character_folders(ref_dir)[name][0]} is empty; add reference images to it"
-            )
+            warns.append(f"character folder {folders_of[name][0]} is empty; add reference images to it")
     if encodings:
         refs.encodings = np.stack(encodings).astype(np.float32)
         refs.owners = np.asarray(owners, dtype=np.int64)

@@ -369,13 +369,9 @@ def manifest_state(
     for label, path in owned.items():
         if recorded_owned.get(label) is not None and not path.exists():
             return "missing", f"its output {label} is gone"
-    # The config first: which detector runs is a setting, and its code follows the choice (a
-    # switch of extract.detector read "its code changed").
-    if manifest.get("config_hash") != config_hash:
-        changes = config_changes(manifest.get("config"), config)
-        return "stale", f"its config changed: {changes}" if changes else "its config changed"
-    if manifest.get("code_hash") != code:
-        return "stale", "its code changed"
+    moved = _settings_or_code_moved(manifest, config_hash, config, code)
+    if moved is not None:
+        return "stale", moved
     changed = _changed(manifest.get("inputs") or {}, plain(inputs))
     if changed:
         return "stale", f"its inputs changed ({', '.join(changed)})"
@@ -385,6 +381,20 @@ def manifest_state(
     if changed:
         return "stale", f"its output changed since it ran ({', '.join(sorted(changed))})"
     return "done", "up to date"
+
+
+def _settings_or_code_moved(
+    manifest: dict[str, Any], config_hash: str, config: dict[str, Any] | None, code: str
+) -> str | None:
+    """Why a stage's settings or code no longer match its manifest, or None. The config first:
+    which detector runs is a setting, and its code follows the choice (a switch of
+    extract.detector read "its code changed")."""
+    if manifest.get("config_hash") != config_hash:
+        changes = config_changes(manifest.get("config"), config)
+        return f"its config changed: {changes}" if changes else "its config changed"
+    if manifest.get("code_hash") != code:
+        return "its code changed"
+    return None
 
 
 def remove_manifest(run: Run, stage: str) -> None:
@@ -464,11 +474,10 @@ def _behind(pipeline: Pipeline, run: Run, producer: Stage, cfg: RunConfig) -> st
     manifest = run.read_manifest(producer.name)
     if manifest is None:
         return "its last run did not finish"
-    if manifest.get("config_hash") != cfg.section_hash(*producer.config):
-        changes = config_changes(manifest.get("config"), cfg.section_values(*producer.config))
-        return f"its config changed: {changes}" if changes else "its config changed"
-    if manifest.get("code_hash") != producer.code(cfg):
-        return "its code changed"
+    config = cfg.section_values(*producer.config)
+    moved = _settings_or_code_moved(manifest, cfg.section_hash(*producer.config), config, producer.code(cfg))
+    if moved is not None:
+        return moved
     edits = set(producer.edits)
     fresh = plain(declared_inputs(run, pipeline, producer, producer.view(cfg)))
     changed = [n for n in _changed(manifest.get("inputs") or {}, fresh) if n not in edits]

@@ -16,6 +16,7 @@ from diffusion_bunny.models.faces import (
     ReferenceSet,
     reference_images,
 )
+from diffusion_bunny.models.fitted.detector import iou
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 
@@ -107,15 +108,6 @@ def with_edit_columns(edits: pl.DataFrame) -> pl.DataFrame:
     return edits.with_columns(missing).select(list(APPEARANCE_EDIT_SCHEMA))
 
 
-def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 _ANCHOR = ("face_id", "frame_id", "kind", *_BOX)
 
 
@@ -136,7 +128,7 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
         if frame_id is None or None in box:
             targets[anchor] = face_id if face_id in ids else None
             continue
-        scored = [(_iou(box, other), fid) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
+        scored = [(iou(box, other), fid) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
         best = max(scored, default=(0.0, None))
         targets[anchor] = best[1] if best[0] >= EDIT_MIN_IOU else None
     return targets
