@@ -246,7 +246,14 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+#: The signal that stopped the command, if one did: code it interrupts (a kernel starting, an
+#: event loop) may turn the interrupt into another exception, which is then no bug.
+_signalled: int | None = None
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
+    global _signalled
+    _signalled = signum
     raise Stopped(signum)
 
 
@@ -329,6 +336,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
         return 128 + exc.signum if isinstance(exc, Stopped) else 130
     except Exception as exc:
+        if _signalled is not None:  # the signal's interrupt, turned into this by the code it hit
+            why = signal.Signals(_signalled).name
+            log.info("%s after %.1f s (%s)", why, time.monotonic() - started, type(exc).__name__)
+            print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
+            return 128 + _signalled
         log.exception("bug: %s", exc, extra=FILE_ONLY)
         if _DAMAGED_BYTECODE.search(str(exc)):
             removed = _remove_damaged_bytecode(_bytecode_roots())
