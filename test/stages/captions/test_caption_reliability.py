@@ -810,3 +810,67 @@ def test_a_circuit_of_the_chains_last_provider_does_not_say_frames_went_to_a_nex
     lines = _warnings(None, empty, calls, breakers, last="local")
     assert "provider local's circuit opened 1 time(s) (timed out); later frames got no caption" in lines
     assert any("openai's circuit" in w and "went to the next provider until a probe" in w for w in lines)
+
+
+def test_a_frame_file_that_cannot_be_decoded_goes_on_to_the_template(cap_run, tmp_path):
+    """A damaged frame file skips the paid providers, not the chain: the template reads the
+    tables, so a chain ending with it captions every frame, and the log says why."""
+    run, overrides = cap_run
+    frames = _kept_frames(run)
+    bad_id, bad_file = frames["frame_id"][0], run.run_dir / frames["path"][0]
+    bad_file.write_bytes(bad_file.read_bytes()[:200])
+    with FakeLLMServer() as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+        )
+        tables = run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == frames.height - 1
+    row = tables["captions"].filter(pl.col("frame_id") == bad_id).row(0, named=True)
+    assert (row["status"], row["provider"]) == ("ok", "template")
+    assert row["caption"].startswith("bunnystyle")
+    outcomes = tables["caption_calls"].filter(pl.col("frame_id") == bad_id)["outcome"].to_list()
+    assert "unreadable" in outcomes
+    others = tables["captions"].filter(pl.col("frame_id") != bad_id)
+    assert (others["provider"] == "local").all()
+
+    # Without a template the frame fails, naming its file.
+    with FakeLLMServer() as srv:
+        base = {**overrides, **FAST}
+        cfg = _cfg(tmp_path, base, captions__provider="local", captions__local__base_url=srv.base_url)
+        row = (
+            run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
+            .filter(pl.col("frame_id") == bad_id)
+            .row(0, named=True)
+        )
+    assert row["status"] == "failed" and f"frame file unreadable: {bad_file.name}" in row["error"]
+
+
+def test_an_answer_recorded_as_unparsable_is_parsed_again_from_the_store(cap_run, tmp_path):
+    """An answer an older (or stricter) parser could not read is parsed again on the next run:
+    paid for once, it becomes the caption when it parses now, with no new request."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    with FakeLLMServer() as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+        )
+        first = run_stage(run, "captions", cfg, progress=False)["captions"]
+        assert len(srv.requests) == n and (first["provider"] == "local").all()
+        for f in (cache_dir() / "captions" / "answers").rglob("*.json"):
+            record = json.loads(f.read_text())
+            f.write_text(json.dumps({**record, "status": "unparsable", "detail": "an older parser"}))
+        again = run_stage(run, "captions", cfg, progress=False, force=True)
+        assert len(srv.requests) == n  # nothing paid again
+    assert (again["captions"]["provider"] == "local").all()
+    assert again["captions"]["caption"].to_list() == first["caption"].to_list()
+    assert (again["caption_calls"]["outcome"] == "cached").all()

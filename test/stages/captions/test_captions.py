@@ -998,3 +998,33 @@ def test_canary_key_appears_in_no_notebook_log_manifest_or_table(cap_run, tmp_pa
                 leaks.append(str(path))
     assert leaks == []
     assert (run.run_dir / "manifests" / "captions.json").is_file()
+
+
+def test_the_trigger_word_must_open_the_caption_as_a_whole_word():
+    from diffusion_bunny.stages.captions.providers import _with_trigger
+
+    assert _with_trigger("Catherine sits by a window", "cat") == "cat, Catherine sits by a window"
+    assert _with_trigger("bunnystyled poster", "bunnystyle") == "bunnystyle, bunnystyled poster"
+    assert _with_trigger('"bunnystyle, a man on stage"', "bunnystyle") == "bunnystyle, a man on stage"
+    assert _with_trigger("\u201ca man\u201d", "bunnystyle") == "bunnystyle, a man"
+    assert _with_trigger("BunnyStyle,  a man", "bunnystyle") == "BunnyStyle, a man"
+    assert _with_trigger("bunnystyle a man", "bunnystyle") == "bunnystyle a man"
+
+
+def test_rate_limiter_starts_at_most_requests_per_minute_in_any_minute():
+    """A burst as large as the concurrency is still within the minute's limit: at 3 a minute
+    with 8 threads, 3 start in the first minute (the bucket alone let 10)."""
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    limiter = RateLimiter(3, burst=8, clock=lambda: now[0], sleep=sleep)
+    starts = []
+    for _ in range(9):
+        limiter.acquire()
+        starts.append(now[0])
+    for t in starts:
+        assert sum(t <= s < t + 60 for s in starts) <= 3
+    assert starts[:3] == [0.0, 0.0, 0.0] and starts[3] == pytest.approx(60.0)
+    assert starts[-1] == pytest.approx(120.0)

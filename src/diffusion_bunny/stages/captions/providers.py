@@ -37,12 +37,14 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -250,10 +252,17 @@ def short_error(exc: BaseException) -> str:
 
 
 class RateLimiter:
-    """A token bucket: ``per_minute`` requests a minute, bursts up to ``burst``. Thread-safe.
+    """At most ``per_minute`` requests started in any 60 seconds, paced by a token bucket that
+    lets up to ``burst`` go at once. Thread-safe.
 
     Written here because the clients we use have none (dspy's engine and boto3 leave pacing to
-    the caller) and one small bucket shared by all worker threads is all that is needed."""
+    the caller) and one small limiter shared by all worker threads is all that is needed. A
+    bucket alone does not keep the promise: a full bucket of ``burst`` plus its refill lets
+    ``burst + per_minute`` start in the first minute (8 + 2 at 3 a minute, a free tier's 429s),
+    so the starts of the last minute are also counted and the bucket holds at most
+    ``per_minute`` tokens."""
+
+    WINDOW_S = 60.0
 
     def __init__(
         self,
@@ -264,8 +273,11 @@ class RateLimiter:
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.rate = per_minute / 60.0
-        self.capacity = float(max(1, burst))
+        self.capacity = float(max(1.0, min(float(burst), per_minute)))
         self.tokens = self.capacity
+        # A fractional limit (0.5 a minute) is the bucket's to keep; the window counts whole starts.
+        self.window = max(1, int(per_minute))
+        self.starts: deque[float] = deque()
         self.clock = clock
         self.sleep = sleep
         self.last = clock()
@@ -279,10 +291,16 @@ class RateLimiter:
                 now = self.clock()
                 self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
                 self.last = now
-                if self.tokens >= 1.0:
+                while self.starts and self.starts[0] <= now - self.WINDOW_S:
+                    self.starts.popleft()
+                if len(self.starts) >= self.window:
+                    need = self.starts[0] + self.WINDOW_S - now
+                elif self.tokens >= 1.0:
                     self.tokens -= 1.0
+                    self.starts.append(now)
                     return waited
-                need = (1.0 - self.tokens) / self.rate
+                else:
+                    need = (1.0 - self.tokens) / self.rate
             self.sleep(need)
             waited += need
 
@@ -624,11 +642,19 @@ def _usage(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
 
 def _with_trigger(caption: str, trigger: str) -> str:
     """Every caption must open with the trigger word (the LoRA learns the look from it); an
-    answer that forgot it gets it prepended rather than being thrown away."""
+    answer that forgot it gets it prepended rather than being thrown away. The trigger must be
+    the answer's whole first word: ``cat`` does not open "Catherine sits ...", nor ``bunnystyle``
+    "bunnystyled ...". Quotes a model put around its whole answer are not part of the caption."""
     text = " ".join(caption.split())
-    if text.lower().startswith(trigger.lower()):
+    if len(text) >= 2 and (text[0], text[-1]) in _QUOTES:
+        text = text[1:-1].strip()
+    if not trigger or re.match(rf"{re.escape(trigger)}(?![\w-])", text, re.IGNORECASE):
         return text
     return f"{trigger}, {text}"
+
+
+#: Pairs of quotes a model may wrap a whole answer in.
+_QUOTES = {('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`")}
 
 
 class DspyProvider:

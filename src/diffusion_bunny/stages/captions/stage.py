@@ -240,39 +240,52 @@ class _Captioner:
         return base
 
     def unreadable(self, fid: str, path: Path, exc: OSError) -> dict[str, Any]:
+        return self.row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
+
+    def _log_unreadable(self, fid: str, exc: OSError) -> None:
         self.log.add(
             frame_id=fid, provider="-", model="-", attempt=0, outcome="unreadable", error=short_error(exc)
         )
-        return self.row(fid, status="failed", error=f"frame file unreadable: {path.name} ({exc})")
 
     def caption(self, rec: dict[str, Any]) -> dict[str, Any]:
         """One frame through the chain: the first provider that answers (from the cache when a
         paid provider already did) gives the caption; a frame is decoded and scaled only when a
-        paid provider is really asked."""
+        paid provider is really asked. A frame whose file is missing or cannot be decoded skips
+        the paid providers, not the chain: the template reads the tables, not the pixels, so a
+        chain that ends with it still captions every frame (as the docs promise)."""
         fid = rec["frame_id"]
         path = full_frame_path(self.run_dir, rec)
+        unreadable: OSError | None = None
         if not path.is_file():
-            return self.unreadable(fid, path, FileNotFoundError(f"no such file: {path}"))
+            unreadable = FileNotFoundError(f"no such file: {path}")
+            self._log_unreadable(fid, unreadable)
         sha = self.hashes.get(fid)
         last_error = ""
         for prov in self.providers:
             if not prov.paid:
-                # The template reads the tables, not the pixels.
                 answer, error, circuit_open = self._ask(fid, prov, b"", rec, "")
+            elif unreadable is not None:
+                continue
+            elif sha is None:
+                unreadable = OSError(f"cannot read {path}")
+                self._log_unreadable(fid, unreadable)
+                continue
             else:
-                if sha is None:
-                    return self.unreadable(fid, path, OSError(f"cannot read {path}"))
                 key = CaptionCache.key_for(sha, prov, rec, self.cfg)
                 # Identical requests (the same frame file twice, say) are asked once: the
                 # second waits here for the first and then finds its answer in the cache.
                 with self._key_lock(key):
                     answer, error, circuit_open = self._paid(fid, prov, path, rec, key)
                 if isinstance(answer, OSError):
-                    return self.unreadable(fid, path, answer)
+                    unreadable = answer
+                    self._log_unreadable(fid, unreadable)
+                    continue
             if answer is not None:
                 return answer
             # A provider whose circuit is open says so only when nothing failed before it.
             last_error = (last_error or error) if circuit_open else error
+        if unreadable is not None:
+            return self.unreadable(fid, path, unreadable)
         return self.row(fid, status="failed", error=last_error or "no provider could caption the frame")
 
     @contextmanager
@@ -625,12 +638,15 @@ def _raw(hit: dict[str, Any]) -> RawAnswer:
 
 
 def _cached_status(hit: dict[str, Any] | None, prov: Provider) -> str | None:
-    """The status of a recorded answer (None: nothing recorded). A record from before statuses
-    were stored gets its status from its text, as a fresh answer would."""
+    """The status of a recorded answer (None: nothing recorded), from its text as a fresh
+    answer's would be: a parser mended since (or one of another release) reads the answers
+    already paid for, and one that did not parse then but does now is a caption, not a failure
+    to pay for again. Only ``unreadable`` (a body that could not be read; no text was kept)
+    stays as recorded."""
     if hit is None or "raw" not in hit:
         return None
     status = hit.get("status")
-    if status in (None, "ok"):
+    if status != "unreadable":
         status = prov.status(_raw(hit))[0]
     return str(status)
 
