@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -321,17 +322,48 @@ class ReferenceSet:
 def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     """``{character: [image files]}`` from one sub-folder per character, the pictures in folders
     inside it too (``refs/mika/poses/*.png``: a user sorting a character's pictures had them
-    ignored, and the character "had no usable picture"); hidden entries and the operating
-    system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`)."""
-    out: dict[str, list[Path]] = {}
-    for name, folders in character_folders(ref_dir).items():
-        out[name] = sorted(
-            p
-            for sub in folders
-            for p in sub.rglob("*")
-            if p.is_file() and all(_usable(part) for part in p.relative_to(sub).parts)
-        )
-    return out
+    ignored, and the character "had no usable picture"), also folders linked from it; hidden
+    entries and the operating system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`).
+    A link to a missing file is listed, so the loader names it rather than pass over it."""
+    return {
+        name: sorted(p for sub in folders for p in _walk(sub)[0])
+        for name, folders in character_folders(ref_dir).items()
+    }
+
+
+def _walk(sub: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files under ``sub`` and the folders there that could not be listed (with why).
+
+    Written with :func:`os.walk` rather than ``Path.rglob``: before Python 3.13 rglob does not go
+    into linked folders (``poses -> ~/art/poses`` was "empty") and passes over a folder it may not
+    read without a word. Each real folder is read once, so a link to a folder above loops not."""
+    files: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    seen: set[str] = set()
+
+    def failed(exc: OSError) -> None:
+        errors.append((Path(exc.filename or sub), exc.strerror or type(exc).__name__))
+
+    for root, dirs, names in os.walk(sub, onerror=failed, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _usable(d))
+        files += [Path(root) / n for n in names if _usable(n)]
+    return files, errors
+
+
+def unreadable_reference_folders(ref_dir: Path) -> dict[Path, str]:
+    """``{folder: why}`` for each folder under ``ref_dir``'s character folders that could not be
+    listed (its permissions): its pictures cannot be used, and it is not "empty"."""
+    return {
+        path: why
+        for folders in character_folders(ref_dir).values()
+        for sub in folders
+        for path, why in _walk(sub)[1]
+    }
 
 
 def character_folders(ref_dir: Path) -> dict[str, list[Path]]:
@@ -446,7 +478,10 @@ def references_fingerprint(ref_dir: Path | None) -> dict[str, Any]:
     for name, files in reference_images(ref_dir).items():
         for path in files:
             digest.update(f"{name}/{path.name}\0".encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            try:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            except OSError as exc:  # the loader leaves it out with a line; it stops nothing here
+                digest.update(f"unreadable {type(exc).__name__}".encode())
     return {"dir": str(ref_dir), "sha256": digest.hexdigest()[:16]}
 
 

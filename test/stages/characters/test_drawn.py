@@ -895,3 +895,57 @@ def test_one_sightings_hits_are_fused_into_one_box_and_other_characters_kept():
     # Scores of 0 (a search at threshold 0) still give a box: the plain mean.
     zero = suppress([Hit(0, 0.0, (0.0, 0.0, 10.0, 10.0), f), Hit(0, 0.0, (2.0, 0.0, 12.0, 10.0), f)])
     assert zero[0].box == pytest.approx((1.0, 0.0, 11.0, 10.0))
+
+
+def test_references_behind_links_unreadable_folders_and_pictures_in_two_folders(tmp_path, monkeypatch):
+    """What a user's folder of pictures holds besides pictures: a linked folder of poses is read
+    (it was "empty"), a link to a missing file, a folder that cannot be listed, a picture copied
+    into two characters' folders and folders named as the workspace's unnamed appearances each
+    give one line naming the file and what to do, and the rest is taken."""
+    from diffusion_bunny.models.faces import references_fingerprint
+
+    sprite = draw(cast("mika"), Pose(), 160).rgba
+    other = draw(cast("biscuit"), Pose(), 160).rgba
+    refs = tmp_path / "refs"
+    save(tmp_path / "elsewhere" / "poses" / "arms_down.png", sprite)
+    save(refs / "mika" / "front.png", draw(cast("mika"), Pose(turn=0.4), 160).rgba)
+    (refs / "mika" / "poses").symlink_to(tmp_path / "elsewhere" / "poses")
+    (refs / "mika" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    save(refs / "biscuit" / "dog.png", other)
+    save(refs / "biscuit" / "copied_by_mistake.png", sprite)  # mika's pose, in the dog's folder too
+    save(refs / "unknown" / "x.png", other)
+    save(refs / "Noise" / "x.png", other)
+    save(refs / "locked" / "inside" / "x.png", other)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # a folder the user may not read (chmod 000; the tests run as root)
+        if Path(path) == refs / "locked" / "inside":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    faces, pictures, warnings = load_character_references(refs, DetectSettings())
+    taken = {(t.character, t.path.name) for t in pictures.taken if t.use == "cutout"}
+    assert taken == {("mika", "front.png"), ("biscuit", "dog.png")}
+    text = "\n".join(warnings)
+    assert f"reference {refs / 'mika' / 'gone.png'} is a link to a missing file" in text
+    doubled = [w for w in warnings if "are one picture under 2 characters (biscuit, mika)" in w]
+    assert len(doubled) == 1 and "copied_by_mistake.png" in doubled[0] and "arms_down.png" in doubled[0]
+    assert f"character folder {refs / 'unknown'}: 'unknown' is what the workspace calls" in text
+    assert f"character folder {refs / 'Noise'}: 'Noise'" in text
+    assert f"reference folder {refs / 'locked' / 'inside'} cannot be read (Permission denied)" in text
+    assert "locked is empty" not in text and "is empty" not in text
+    assert pictures.drawn() == ["biscuit", "mika"] and not faces.names
+
+    # A picture that cannot be read leaves the fingerprint (stage 03's input check) standing.
+    real_read = Path.read_bytes
+    monkeypatch.setattr(
+        Path,
+        "read_bytes",
+        lambda self: (
+            (_ for _ in ()).throw(PermissionError(13, "denied"))
+            if self.name == "dog.png"
+            else real_read(self)
+        ),
+    )
+    assert references_fingerprint(refs)["sha256"]

@@ -23,6 +23,8 @@ Transparent pixels are composited on neutral grey (:data:`GREY`), never read as 
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_bunny.media.images import eight_bit
+from diffusion_bunny.media.probe import shown
 from diffusion_bunny.models import dlib_faces
 from diffusion_bunny.models.faces import (
     ReferenceSet,
@@ -38,6 +41,7 @@ from diffusion_bunny.models.faces import (
     misnamed_references,
     portrait_faces,
     reference_images,
+    unreadable_reference_folders,
 )
 from diffusion_bunny.models.fitted.detector import content_box
 
@@ -326,6 +330,80 @@ def photographed_face(rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
     return False
 
 
+#: Names the workspace gives appearances it cannot name and the clusters' noise bucket: a
+#: character folder of that name would be merged with them in every table and count.
+RESERVED_NAMES = ("unknown", "noise")
+
+
+def _check_file(path: Path) -> None:
+    """A :class:`ReferenceProblem` for a file that is no picture the loader reads, saying what to
+    do about it."""
+    suffix = path.suffix.lower()
+    if path.is_symlink() and not path.exists():
+        raise ReferenceProblem(
+            f"is a link to a missing file ({os.readlink(path)}); copy the picture itself here"
+        )
+    if suffix in PHOTO_ONLY_SUFFIXES:
+        # A phone's own format (iPhones save HEIC): no wheel here reads it.
+        raise ReferenceProblem(
+            f"is a {suffix[1:].upper()} photo, which is not read; save it as JPEG "
+            "or PNG (a phone's share or export menu does)"
+        )
+    if suffix in (".svg", ".svgz"):
+        # A cartoon character from a wiki or a vector editor: drawn in lines, no pixels.
+        raise ReferenceProblem(
+            "is a vector drawing (SVG), which is not read; export it as PNG (a browser, "
+            "Inkscape or the editor it came from does), with a transparent background"
+        )
+    if suffix not in IMAGE_SUFFIXES:
+        raise ReferenceProblem(
+            f"is not a picture the workspace reads ({path.suffix or 'no extension'}); if it is one, "
+            f"rename it to end in .png or .jpg"
+        )
+
+
+def _screened(
+    pictures_of: dict[str, list[Path]], folders_of: dict[str, list[Path]]
+) -> tuple[dict[str, list[Path]], list[str]]:
+    """``pictures_of`` less what cannot be a character's picture, and one line for each: a folder
+    whose name is one the workspace keeps for unnamed appearances (or only spaces), and a picture
+    found under two characters (one drawing taught as each of them makes the fit learn to tell
+    it from itself; the same face photo gives two characters one encoding). A user copying a
+    sprite into the wrong folder is told which files, and keeps the folder it belongs in."""
+    kept: dict[str, list[Path]] = {}
+    warnings = []
+    for name, files in pictures_of.items():
+        if not name or name.casefold() in RESERVED_NAMES:
+            what = (
+                f"'{name}' is what the workspace calls the appearances it cannot name"
+                if name
+                else "its name is blank"
+            )
+            warnings.append(
+                f"character folder {shown(folders_of[name][0])}: {what}; rename the folder; left out"
+            )
+        else:
+            kept[name] = files
+    owners: dict[bytes, list[tuple[str, Path]]] = {}
+    for name, files in kept.items():
+        for path in files:
+            try:
+                owners.setdefault(hashlib.sha256(path.read_bytes()).digest(), []).append((name, path))
+            except OSError:
+                continue  # read again, and named, when it is loaded
+    doubled: set[Path] = set()
+    for group in owners.values():
+        names = sorted({n for n, _ in group})
+        if len(names) > 1:
+            doubled |= {p for _, p in group}
+            warnings.append(
+                f"references {', '.join(shown(p) for _, p in group)} are one picture under "
+                f"{len(names)} characters ({', '.join(names)}); keep it only in the folder of the "
+                "character it shows; left out"
+            )
+    return {n: [p for p in files if p not in doubled] for n, files in kept.items()}, warnings
+
+
 def load_character_references(ref_dir: Path, settings) -> tuple[object, ReferencePictures, list[str]]:
     """Every picture under ``ref_dir`` (one sub-folder per character): the human faces' encodings
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
@@ -337,28 +415,22 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
-    pictures_of, folders_of = reference_images(ref_dir), character_folders(ref_dir)
-    warnings += _name_warnings(ref_dir, list(pictures_of))
+    given, folders_of = reference_images(ref_dir), character_folders(ref_dir)
+    unreadable = unreadable_reference_folders(ref_dir)
+    pictures_of, screened = _screened(given, folders_of)
+    warnings += _name_warnings(ref_dir, list(pictures_of)) + screened
+    warnings += [
+        f"reference folder {shown(path)} cannot be read ({why}); its pictures are left out: fix its "
+        "permissions (or copy them into a folder of your own)"
+        for path, why in unreadable.items()
+    ]
     for name, files in pictures_of.items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
         cut: dict[Path, np.ndarray] = {}
         for path in files:
             try:
-                if path.suffix.lower() in PHOTO_ONLY_SUFFIXES:
-                    # A phone's own format (iPhones save HEIC): no wheel here reads it.
-                    raise ReferenceProblem(
-                        f"is a {path.suffix[1:].upper()} photo, which is not read; save it as JPEG "
-                        "or PNG (a phone's share or export menu does)"
-                    )
-                if path.suffix.lower() in (".svg", ".svgz"):
-                    # A cartoon character from a wiki or a vector editor: drawn in lines, no pixels.
-                    raise ReferenceProblem(
-                        "is a vector drawing (SVG), which is not read; export it as PNG (a browser, "
-                        "Inkscape or the editor it came from does), with a transparent background"
-                    )
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise ReferenceProblem(f"is not a picture ({path.suffix or 'no extension'})")
+                _check_file(path)
                 rgba = read_picture(path)
                 rgb = on_grey(rgba)
                 found = portrait_faces(rgb, ref_settings)  # transparent too: a cut-out portrait
@@ -396,9 +468,9 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
         elif cutouts:
             pictures.cutouts[name] = [cut[t.path] for t in cutouts]
             pictures.taken.extend(cutouts)
-        elif files:
+        elif given[name]:
             warnings.append(f"character '{name}' has no usable reference picture in {folders_of[name][0]}")
-        else:
+        elif not any(f == p or f in p.parents for p in unreadable for f in folders_of[name]):
             warnings.append(f"character folder {folders_of[name][0]} is empty; add reference pictures to it")
     if encodings:
         faces.encodings = np.stack(encodings).astype(np.float32)

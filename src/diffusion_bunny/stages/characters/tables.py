@@ -208,7 +208,14 @@ def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:
                 f"reference folder {configured} {what} (characters.reference_dir or --characters); "
                 "give a folder with one sub-folder of images per character"
             )
-        if not any(reference_images(configured).values()):
+        try:
+            given = reference_images(configured)
+        except OSError as exc:  # its permissions: a read, not the run folder's "could not write"
+            raise BadInputError(
+                f"reference folder {configured} cannot be read ({exc.strerror or type(exc).__name__}); "
+                "fix its permissions, or give another folder (characters.reference_dir or --characters)"
+            ) from None
+        if not any(given.values()):
             loose = sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in configured.iterdir())
             found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
             raise BadInputError(
