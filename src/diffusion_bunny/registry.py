@@ -25,6 +25,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BeforeValidator, Field
 
+from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.section import Section
 
 
@@ -68,13 +69,14 @@ class Registry:
         return tuple(sorted(self._by_name))
 
     def get(self, name: str) -> Detector:
-        """The detector called ``name``; :class:`ValueError` naming the setting and the choices."""
-        try:
+        """The detector called ``name``; :class:`ValueError` naming the setting and the choices
+        (a name written as a list or a mapping too: looked up as it was, it stopped the run with
+        "unhashable type" as a bug)."""
+        if isinstance(name, str) and name in self._by_name:
             return self._by_name[name]
-        except KeyError:
-            raise ValueError(
-                f"{self.setting}: '{name}' is not a {self.kind}; choose one of {', '.join(self.names())}"
-            ) from None
+        raise ValueError(
+            f"{self.setting}: '{name}' is not a {self.kind}; choose one of {', '.join(self.names())}"
+        )
 
     def settings(self, name: str, **values: Any) -> DetectorSettings:
         """The settings of detector ``name``: its defaults, with ``values`` over them."""
@@ -141,13 +143,27 @@ def move_into_detector(
     values: dict[str, Any], section: str, moved: tuple[str, ...], source: str
 ) -> dict[str, Any]:
     """One layer's ``section`` with the keys of ``moved`` written at its level moved under
-    ``detector`` (as :class:`Moved`), one warning each naming the layer."""
+    ``detector`` (as :class:`Moved`), one warning each naming the layer. A key the layer also
+    sets under ``detector`` is a :class:`ConfigError` naming both (which one was meant cannot be
+    told; the old one silently won), as is a ``detector`` neither a name nor a mapping (there is
+    nowhere to move the key to)."""
     if not any(key in values for key in moved):
         return values
     values = dict(values)
     chosen = values.get("detector")
+    if chosen is not None and not isinstance(chosen, str | dict):
+        raise ConfigError(
+            f"config error: {source} sets {section}.detector = {chosen!r}: {section}.detector must be "
+            f"a detector name or a mapping"
+        )
     detector = {"name": chosen} if isinstance(chosen, str) else dict(chosen or {})
     for key in moved:
+        if key in values and key in detector:
+            raise ConfigError(
+                f"config error: {source} sets {section}.{key} and {section}.detector.{key}; "
+                f"'{section}.{key}' is the old place of '{section}.detector.{key}': keep only "
+                f"{section}.detector.{key}"
+            )
         if key in values:
             detector[key] = Moved(values.pop(key))
             logging.getLogger(__name__).warning(

@@ -88,3 +88,36 @@ def test_a_detector_setting_at_the_sections_level_still_loads(tmp_path, caplog):
     tuned = load_config(None, ["characters.detector.scale_step=0.9"], root=tmp_path).characters.detector
     assert tuned == MtcnnSettings(scale_step=0.9)
     assert load_config(None, [], root=tmp_path).characters.detector == MtcnnSettings(scale_step=0.8)
+
+
+def test_a_detector_setting_under_both_names_in_one_layer_is_one_line(tmp_path):
+    """The old place and the new one in one layer (a file, or ``--set``) cannot be resolved: the
+    old one silently won (and with ``--set`` the new one was lost). A ``detector`` that is neither
+    a name nor a mapping next to an old key, and a ``name`` that is a list or a mapping, are one
+    line too, not a bug's traceback."""
+    layer = tmp_path / "both.yaml"
+    layer.write_text("extract:\n  threshold: 30\n  detector:\n    name: content\n    threshold: 20\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(layer, [], root=tmp_path)
+    assert str(info.value).startswith(
+        f"config error: {layer} sets extract.threshold and extract.detector.threshold"
+    )
+    assert str(info.value).endswith("keep only extract.detector.threshold")
+    for both in (
+        ["extract.threshold=30", "extract.detector.threshold=20"],
+        ["characters.min_score=0.9", "characters.detector.min_score=0.3"],
+    ):
+        with pytest.raises(ConfigError, match=r"^config error: --set sets \S+ and \S+; .*keep only"):
+            load_config(None, both, root=tmp_path)
+    for chosen in ("[1, 2]", "5"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"extract.detector={chosen}", "extract.threshold=3"], root=tmp_path)
+        assert str(info.value) == (
+            f"config error: --set sets extract.detector = {chosen}: extract.detector must be a detector "
+            "name or a mapping"
+        )
+    for name in ([1, 2], {"a": 1}):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {"characters.detector": {"name": name}}, root=tmp_path)
+        assert f"'{name}' is not a face detector; choose one of centerface, cnn" in str(info.value)
+        assert "\n" not in str(info.value)
