@@ -140,6 +140,35 @@ def test_bad_config_files(tmp_path):
         load_config(latin)
 
 
+def test_a_key_written_twice_in_a_file_is_one_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section written twice lost all the first one
+    set, silently. Now the file, both lines and the key; a merge key (``<<``) still overrides."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("run:\n  kernel: mine\nextract:\n  method: interval\nrun:\n  seed: 7\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(twice, root=tmp_path)
+    assert str(info.value) == (
+        f"config file {twice} sets 'run' twice (line 1 and line 5); only the last one would count: "
+        "write it once"
+    )
+    twice.write_text("extract: {method: shots, method: interval}\n")
+    with pytest.raises(ConfigError, match=r"sets 'method' twice \(line 1 and line 1\)"):
+        load_config(twice, root=tmp_path)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("run: {<<: {seed: 1, kernel: k}, seed: 2}\n")
+    assert load_config(merged, root=tmp_path, use_local=False).run.seed == 2
+
+
+def test_a_section_with_nothing_under_it_sets_nothing(tmp_path):
+    """``extract:`` alone (null) was refused as "not a valid dictionary" (its old name loaded)."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "main.yaml").write_text("extract:\n  jpeg_quality: 70\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("extract:\ncaptions:\nrun:\n")
+    cfg = load_config(empty, root=tmp_path)
+    assert cfg.extract.jpeg_quality == 70 and cfg.captions == Config().captions
+
+
 def test_section_hash_moves_only_with_its_section():
     a = load_config()
     b = load_config(None, ["run.seed=5"])

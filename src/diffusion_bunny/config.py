@@ -78,7 +78,37 @@ class Config(RunConfig):
     report: ReportSettings = ReportSettings()
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping of a settings file (:class:`_SettingsLoader`)."""
+
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(key, first, again)
+        self.key, self.first, self.again = key, first, again
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """A settings file's loader: a key written twice in one mapping is an error (PyYAML keeps the
+    last one, so a section written twice silently lost everything the first one set). A merge
+    key (``<<``) still overrides what it brings in, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """One settings file's sections; a section written with nothing under it (``extract:``)
+    sets nothing (it was refused as "not a valid dictionary")."""
     try:
         # Bytes, so that PyYAML reads the encoding from a byte-order mark: Windows' Notepad and
         # PowerShell's `>` save UTF-16, which read as UTF-8 stopped the run with a bug.
@@ -88,7 +118,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_SettingsLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"config file {path} sets '{dup.key}' twice (line {dup.first} and line {dup.again}); only "
+            f"the last one would count: write it once"
+        ) from None
     except yaml.reader.ReaderError:
         raise ConfigError(
             f"config file {path} is not UTF-8 text (nor UTF-16 with its byte-order mark); save it as UTF-8"
@@ -101,7 +136,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
-    return data
+    return {section: {} if values is None else values for section, values in data.items()}
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
