@@ -207,6 +207,14 @@ def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, ca
     assert not hasattr(cfg.run, "output_dir")
 
 
+def test_a_home_folder_in_output_dir_is_expanded(tmp_path, monkeypatch):
+    """``paths.output_dir: ~/runs`` is under the home folder, as in the other folder settings (it
+    made a folder named ``~`` in the workspace)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, {"paths.output_dir": "~/bunny_runs"}, root=tmp_path)
+    assert output_root(cfg) == tmp_path / "bunny_runs"
+
+
 @pytest.mark.parametrize(
     ("old", "new", "key", "value"),
     [

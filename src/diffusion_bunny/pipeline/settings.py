@@ -147,8 +147,9 @@ class RunConfig(Section):
 
 def output_root(cfg: RunConfig) -> Path:
     """The folder that holds one run folder per movie (``paths.output_dir``, relative to the
-    workspace unless absolute)."""
-    out = Path(cfg.paths.output_dir)
+    workspace unless absolute; ``~`` is the home folder, as in the other folder settings: it
+    made a folder named ``~`` in the workspace)."""
+    out = Path(cfg.paths.output_dir).expanduser()
     return out if out.is_absolute() else workspace_root() / out
 
 

@@ -35,7 +35,7 @@ from diffusion_bunny.stages.captions.providers import (
     classify,
 )
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.captions.stage import edit_caption, read_edits
+from diffusion_bunny.stages.captions.stage import answers_dir, edit_caption, read_edits
 from diffusion_bunny.stages.captions.tables import crop_template_caption, word_frequencies
 
 FAST = {  # retries in milliseconds, no pacing: the tests are about what happens, not when
@@ -1028,3 +1028,17 @@ def test_rate_limiter_starts_at_most_requests_per_minute_in_any_minute():
         assert sum(t <= s < t + 60 for s in starts) <= 3
     assert starts[:3] == [0.0, 0.0, 0.0] and starts[3] == pytest.approx(60.0)
     assert starts[-1] == pytest.approx(120.0)
+
+
+def test_a_relative_cache_dir_is_under_the_workspace(tmp_path, monkeypatch):
+    """``captions.cache_dir: answers`` in a settings file starts from the workspace, as the docs
+    say; the stage's kernel works in ``notebook/`` and took it from there."""
+    workspace, elsewhere = tmp_path / "ws", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("DIFFUSION_BUNNY_WORKSPACE", str(workspace))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(elsewhere)
+    run_dir = tmp_path / "run"
+    assert answers_dir(run_dir, CaptionsSettings(cache_dir="answers")) == workspace / "answers"
+    assert answers_dir(run_dir, CaptionsSettings(cache_dir="~/answers")) == tmp_path / "home" / "answers"
+    assert answers_dir(run_dir, CaptionsSettings(cache_dir=str(tmp_path / "abs"))) == tmp_path / "abs"

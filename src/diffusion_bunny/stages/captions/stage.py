@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from diffusion_bunny.errors import BadInputError, ProviderError, StageError, storage_error
 from diffusion_bunny.logs import say
 from diffusion_bunny.models.cache import cache_dir
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
@@ -594,9 +595,12 @@ def provider_summary(calls: pl.DataFrame) -> pl.DataFrame:
 def answers_dir(run_dir: Path, cfg: CaptionsSettings) -> Path:
     """Where paid answers are kept: ``captions.cache_dir``; else, with ``captions.cache``, the
     user's store (``captions/`` in :func:`diffusion_bunny.models.cache.cache_dir`), read by every
-    run folder; else the run's own ``<run>/cache/captions`` (paid once per run folder)."""
+    run folder; else the run's own ``<run>/cache/captions`` (paid once per run folder). A relative
+    ``cache_dir`` is under the workspace, as every folder of a settings file (the kernel works in
+    ``notebook/``: it was taken from there)."""
     if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
+        path = Path(cfg.cache_dir).expanduser()
+        return path if path.is_absolute() else workspace_root() / path
     return cache_dir() / "captions" if cfg.cache else run_answers_dir(run_dir)
 
 
