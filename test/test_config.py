@@ -11,6 +11,7 @@ from diffusion_bunny.cli import main
 from diffusion_bunny.config import Config, load_config, output_root, overrides_to_tree, parse_override
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root, workspace_root
+from diffusion_bunny.stages.captions.providers import load_dotenv_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +168,22 @@ def test_a_section_with_nothing_under_it_sets_nothing(tmp_path):
     empty.write_text("extract:\ncaptions:\nrun:\n")
     cfg = load_config(empty, root=tmp_path)
     assert cfg.extract.jpeg_quality == 70 and cfg.captions == Config().captions
+
+
+def test_a_dotenv_not_in_utf8_is_one_line(tmp_path, monkeypatch):
+    """A Latin-1 ``.env`` (``# clé API``) stopped every command with a UnicodeDecodeError as a bug;
+    the caption stage reads the working folder's ``.env`` too."""
+    (tmp_path / ".env").write_bytes("# cl\xe9 API\nBUNNY_TEST_VAR=x\n".encode("latin-1"))
+    monkeypatch.delenv("BUNNY_TEST_VAR", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_config(root=tmp_path)
+    assert str(info.value) == (
+        f"config error: {tmp_path / '.env'} is not UTF-8 text; save it as UTF-8 (it holds KEY=value lines)"
+    )
+    monkeypatch.setenv("DIFFUSION_BUNNY_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"\.env is not UTF-8 text; save it as UTF-8"):
+        load_dotenv_once()
 
 
 def test_section_hash_moves_only_with_its_section():

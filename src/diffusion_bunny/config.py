@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dotenv import load_dotenv
 from pydantic import BaseModel, ValidationError
 
 from diffusion_bunny.errors import ConfigError
@@ -40,6 +39,7 @@ from diffusion_bunny.pipeline.settings import output_root as output_root
 from diffusion_bunny.pipeline.settings import recorded_name as recorded_name
 from diffusion_bunny.pipeline.settings import save_local_settings as save_local_settings
 from diffusion_bunny.registry import move_into_detector
+from diffusion_bunny.secrets import load_env_file
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.characters.settings import MOVED_TO_DETECTOR as FACE_KEYS
 from diffusion_bunny.stages.characters.settings import CharactersSettings
@@ -337,7 +337,7 @@ def load_config(
                 merged = _deep_merge(merged, _rename_sections(_read_yaml(local), str(local)))
         # Secrets for later stages (API keys) come from .env into the environment, never into
         # the config object, so they cannot leak into manifests or notebooks.
-        load_dotenv(root / ".env", override=False)
+        load_env_file(root / ".env")
     if config_path:
         merged = _deep_merge(
             merged, _rename_sections(_read_yaml(Path(config_path).expanduser()), str(config_path))

@@ -14,7 +14,12 @@ import os
 import re
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
+
+from dotenv import load_dotenv
+
+from diffusion_bunny.errors import ConfigError
 
 REDACTED = "[redacted]"
 #: Variables whose values are secrets whatever their name (provider keys, AWS credentials).
@@ -36,6 +41,18 @@ _SECRET_FIELD = re.compile(r"(key|token|secret|passw|credential|signature|^sig$|
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 _extra_secrets: set[str] = set()
 _extra_lock = threading.Lock()
+
+
+def load_env_file(path: Path) -> None:
+    """The variables of a ``.env`` file into the environment; those already set win. A file not
+    in UTF-8 (a Windows editor's Latin-1 ``# clé API``) is one line naming it: it stopped every
+    command with a ``UnicodeDecodeError`` as a bug."""
+    try:
+        load_dotenv(path, override=False)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config error: {path} is not UTF-8 text; save it as UTF-8 (it holds KEY=value lines)"
+        ) from None
 
 
 def register_secret(value: str | None) -> None:

@@ -54,14 +54,13 @@ from urllib.parse import urlparse
 
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ProfileNotFound
-from dotenv import load_dotenv
 from PIL import Image
 
 from diffusion_bunny.errors import ConfigError, ProviderError, storage_error
 from diffusion_bunny.logs import say
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
-from diffusion_bunny.secrets import redact, register_secret
+from diffusion_bunny.secrets import load_env_file, redact, register_secret
 from diffusion_bunny.stages.captions.facts import template_caption
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 
@@ -1089,4 +1088,4 @@ def load_dotenv_once() -> None:
     for folder in (workspace_root(), Path.cwd()):
         env = folder / ".env"
         if env.is_file():
-            load_dotenv(env, override=False)
+            load_env_file(env)
