@@ -8,9 +8,17 @@ import pytest
 import yaml
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import Config, load_config, output_root, overrides_to_tree, parse_override
+from diffusion_bunny.config import (
+    Config,
+    load_config,
+    output_root,
+    overrides_to_tree,
+    parse_override,
+    text_setting,
+)
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root, workspace_root
+from diffusion_bunny.pipeline.runner import overrides_from_args
 from diffusion_bunny.stages.captions.providers import load_dotenv_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +125,40 @@ def test_override_parsing():
     for bad in ("threshold=3", "extract.threshold", ".x=1"):
         with pytest.raises(ConfigError, match=r"section\.key=value"):
             parse_override(bad)
+
+
+def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, capsys):
+    """YAML reads ``2024`` as a number, ``style: cartoon`` as a mapping and ``- blurry`` as a list:
+    for a setting that takes text that was refused as "not a valid string" or became a list. The
+    text as typed, unless quoted or null; given otherwise (a settings file, papermill's
+    parameters) the value is shown, with a word on quotes."""
+    typed = [
+        "generate.negative_prompt=style: cartoon",
+        "captioning.trigger_word=2024",
+        "generate.trigger_word=null",
+        "run.kernel='quoted'",
+        "run.seed=010",
+    ]
+    for cfg in (
+        load_config(None, overrides_from_args(typed, text_setting)),
+        load_config(None, typed),
+    ):
+        assert cfg.generate.negative_prompt == "style: cartoon" and cfg.captions.trigger_word == "2024"
+        assert cfg.generate.trigger_word is None and cfg.run.kernel == "quoted" and cfg.run.seed == 10
+    assert load_config(None, ["generate.negative_prompt=- blurry"]).generate.negative_prompt == "- blurry"
+    assert parse_override("generate.negative_prompt=[a, b]", text_setting)[1] == "[a, b]"
+    assert parse_override("run.video_extensions=[.mp4]", text_setting)[1] == [".mp4"]
+    for value, shown in (({"style": "cartoon"}, "{'style': 'cartoon'}"), (2024, "2024")):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {"generate.negative_prompt": value})
+        assert str(info.value) == (
+            f"config error: generate.negative_prompt = {shown}: Input should be a valid string; "
+            "put the text in quotes"
+        )
+    movie = tmp_path / "x.mp4"
+    movie.write_bytes(b"x")
+    argv = ["status", str(movie), "--out", str(tmp_path / "out"), "--set", "captions.trigger_word=2024"]
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 def test_bad_config_files(tmp_path):

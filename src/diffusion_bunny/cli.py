@@ -119,7 +119,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from diffusion_bunny.config import load_config  # lazy: after _keep_bytecode(), to cache its bytecode
+    from diffusion_bunny.config import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        load_config,
+        text_setting,
+    )
     from diffusion_bunny.pipeline.engine import (  # lazy: after _keep_bytecode(), to cache its bytecode
         run_target,
     )
@@ -129,7 +132,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
     config_path = str(Path(args.config).resolve()) if args.config else None
-    overrides = overrides_from_args(args.overrides)
+    overrides = overrides_from_args(args.overrides, text_setting)
     _characters_override(args, overrides)
     engine = args.engine
     if args.address and engine is None:
@@ -187,7 +190,10 @@ def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from diffusion_bunny.config import load_config  # lazy: after _keep_bytecode(), to cache its bytecode
+    from diffusion_bunny.config import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        load_config,
+        text_setting,
+    )
     from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
         overrides_from_args,
     )
@@ -199,7 +205,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
     config_path = str(Path(args.config).resolve()) if args.config else None
-    overrides = overrides_from_args(args.overrides)
+    overrides = overrides_from_args(args.overrides, text_setting)
     _characters_override(args, overrides)
     cfg = load_config(config_path, overrides)
     target = args.target[0] if len(args.target) == 1 else args.target
@@ -208,6 +214,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from diffusion_bunny.config import text_setting  # lazy: after _keep_bytecode(), to cache its bytecode
     from diffusion_bunny.demo.run import run_demo  # lazy: after _keep_bytecode(), to cache its bytecode
     from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
         overrides_from_args,
@@ -215,7 +222,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(
         out=Path(args.out) if args.out else None,
-        overrides=overrides_from_args(args.overrides),
+        overrides=overrides_from_args(args.overrides, text_setting),
         force=args.force,
         progress=not args.quiet,
     )

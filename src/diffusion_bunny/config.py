@@ -143,11 +143,12 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``, mapping by mapping. A detector is one tagged setting
     (``detector: {name: mtcnn, ...}``, or its name alone): a layer that names another detector
     replaces the one below it whole (its settings are not the other's), and a layer that tunes a
-    detector without naming it tunes the one named below."""
+    detector without naming it tunes the one named below (only a ``detector``: a mapping over
+    another text setting is that mapping, refused as "not a valid string" as it was written)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         current = out.get(key)
-        if isinstance(value, dict) and isinstance(current, str) and "name" not in value:
+        if key == "detector" and isinstance(value, dict) and isinstance(current, str) and "name" not in value:
             out[key] = {"name": current, **copy.deepcopy(value)}
         elif isinstance(value, str) and isinstance(current, dict) and current.get("name") == value:
             continue  # the detector below named again (``--set extract.detector=content``): its tuning stays
@@ -159,6 +160,28 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def text_setting(dotted: str) -> bool:
+    """Whether the setting ``dotted`` (``generate.negative_prompt``; an old name too) takes text,
+    for :func:`parse_override`: its ``--set`` value is then kept as typed, whatever YAML would
+    read it as (``captions.trigger_word=2024``, ``generate.negative_prompt=style: cartoon``)."""
+    section, _, rest = dotted.partition(".")
+    parts = [SECTION_ALIASES.get(section, section), *rest.split(".")]
+    if len(parts) == 2 and tuple(parts) in MOVED_KEYS:
+        parts = list(MOVED_KEYS[(parts[0], parts[1])])
+    model: type[BaseModel] = Config
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return False
+        model = inner
+    field = model.model_fields.get(parts[-1])
+    if field is None:
+        return False
+    forms = set(typing.get_args(field.annotation)) or {field.annotation}
+    return str in forms and forms <= {str, type(None)}
+
+
 def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """Turn ``{"extract.detector.threshold": 30}`` or ``["extract.detector.threshold=30"]`` into
     nested dicts. A detector named and tuned in one go (``extract.detector=content`` and
@@ -166,7 +189,7 @@ def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str,
     if not overrides:
         return {}
     pairs = (
-        [parse_override(item) for item in overrides]
+        [parse_override(item, text_setting) for item in overrides]
         if isinstance(overrides, list | tuple)
         else list(overrides.items())
     )
@@ -302,6 +325,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
+    if err["type"] == "string_type":  # a number or a list where text goes: YAML read it so
+        return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
     # A value refused for carrying credentials is not repeated (the error may be stored).
     if isinstance(value, dict) or "must not carry credentials" in msg:
         return f"config error: {key}: {msg}"

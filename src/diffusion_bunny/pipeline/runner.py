@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -792,8 +792,11 @@ def _say(text: str) -> None:
     say(log, text)
 
 
-def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill).
+def overrides_from_args(
+    items: Sequence[str] | None, text_setting: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
+    """``["extract.motion_threshold=2"]`` -> ``{"extract.motion_threshold": 2}`` (JSON-safe for papermill);
+    a setting ``text_setting`` says takes text keeps the text as typed (:func:`parse_override`).
 
     A folder setting (a key ending in ``_dir``, or a model setting naming a folder that exists:
     :func:`_local_model`) given as a relative path is a path from where the command is typed, as
@@ -802,7 +805,7 @@ def overrides_from_args(items: Sequence[str] | None) -> dict[str, Any]:
     ``--set characters.reference_dir=refs`` typed beside ``refs/`` looked in the checkout."""
     out: dict[str, Any] = {}
     for item in items or []:
-        key, value = parse_override(item)
+        key, value = parse_override(item, text_setting)
         relative = isinstance(value, str) and value and not Path(value).expanduser().is_absolute()
         if relative and (key.endswith("_dir") or _local_model(key, value)):
             value = str(Path(value).expanduser().resolve())

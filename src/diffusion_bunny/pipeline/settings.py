@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -172,11 +173,22 @@ _ValueLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0
 _ValueLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, text_setting: Callable[[str], bool] | None = None) -> tuple[str, Any]:
     """Split ``section.key=value``; the value is read as YAML 1.2 (:class:`_ValueLoader`) so
     numbers, booleans, null and lists keep their types (``--set extract.detector.threshold=30``).
     A ``#`` in a plain value is text, not a YAML comment (``negative_prompt=blurry #2`` lost its
-    ``#2``, and ``=#blurry`` became null)."""
+    ``#2``, and ``=#blurry`` became null). For a key ``text_setting`` says takes text (the
+    machinery knows no stage's settings: the configuration says which), a value YAML reads as
+    something else is the text as typed: ``captions.trigger_word=2024`` was refused as "not a
+    valid string" and ``negative_prompt=- blurry`` became a list; quoted, null, or already text,
+    YAML's reading stands."""
+    key, value = _parse_override(text)
+    if value is not None and not isinstance(value, str) and text_setting is not None and text_setting(key):
+        value = text.partition("=")[2].strip()
+    return key, value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or "." not in key or not all(key.split(".")):
