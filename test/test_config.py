@@ -246,6 +246,11 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     assert main(["run", str(movie), "--stages", "extract,bogus"]) == 2
     available = "extract, quality, characters, scenes, captions, export, train, generate, report"
     assert f"unknown stage 'bogus' (available: {available}; or their numbers 1-9" in capsys.readouterr().err
+    # An empty --config (an unset shell variable) was taken for none at all, silently.
+    for command in ("run", "status"):
+        assert main([command, str(movie), "--config", ""]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --config '': give a settings file") and err.count("\n") == 1
 
 
 def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, caplog):

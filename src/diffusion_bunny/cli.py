@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffusion_bunny.errors import BadInputError, UserError, storage_error
+from diffusion_bunny.errors import BadInputError, ConfigError, UserError, storage_error
 from diffusion_bunny.logs import log_hint, version
 
 
@@ -131,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
-    config_path = str(Path(args.config).resolve()) if args.config else None
+    config_path = _config_path(args)
     overrides = overrides_from_args(args.overrides, text_setting)
     _characters_override(args, overrides)
     engine = args.engine
@@ -189,6 +189,16 @@ def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
     overrides["characters.reference_dir"] = str(characters)
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    """``--config FILE`` as an absolute path, None without it. An empty one (``--config "$CFG"``
+    with ``CFG`` unset) is an error: it was taken for no ``--config`` at all, silently."""
+    if args.config is None:
+        return None
+    if not args.config.strip():
+        raise ConfigError(f"--config {args.config!r}: give a settings file")
+    return str(Path(args.config).resolve())
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from diffusion_bunny.config import (  # lazy: after _keep_bytecode(), to cache its bytecode
         load_config,
@@ -204,7 +214,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     )
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
-    config_path = str(Path(args.config).resolve()) if args.config else None
+    config_path = _config_path(args)
     overrides = overrides_from_args(args.overrides, text_setting)
     _characters_override(args, overrides)
     cfg = load_config(config_path, overrides)
