@@ -202,6 +202,15 @@ def test_a_key_written_twice_in_a_file_is_one_line(tmp_path):
     assert load_config(merged, root=tmp_path, use_local=False).run.seed == 2
 
 
+def test_a_settings_file_reads_a_value_as_set_does(tmp_path):
+    """YAML 1.2 in a file too: ``seed: 010`` was octal 8 (``--set run.seed=010`` is 10), and
+    ``negative_prompt: no`` the boolean False; a boolean setting still takes ``no``."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("run:\n  seed: 010\ngenerate:\n  negative_prompt: no\nexport:\n  balance: no\n")
+    cfg = load_config(layer, root=tmp_path)
+    assert cfg.run.seed == 10 and cfg.generate.negative_prompt == "no" and cfg.export.balance is False
+
+
 def test_a_section_with_nothing_under_it_sets_nothing(tmp_path):
     """``extract:`` alone (null) was refused as "not a valid dictionary" (its old name loaded)."""
     (tmp_path / "config").mkdir()

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline.settings import RECORDED_AS as RECORDED_AS
-from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, parse_override
+from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, Yaml12Loader, parse_override
 from diffusion_bunny.pipeline.settings import EngineSettings as EngineSettings
 from diffusion_bunny.pipeline.settings import PathsSettings as PathsSettings
 from diffusion_bunny.pipeline.settings import PipelineSettings as PipelineSettings
@@ -86,10 +86,11 @@ class _DuplicateKey(yaml.YAMLError):
         self.key, self.first, self.again = key, first, again
 
 
-class _SettingsLoader(yaml.SafeLoader):
-    """A settings file's loader: a key written twice in one mapping is an error (PyYAML keeps the
-    last one, so a section written twice silently lost everything the first one set). A merge
-    key (``<<``) still overrides what it brings in, as YAML says."""
+class _SettingsLoader(Yaml12Loader):
+    """A settings file's loader: YAML 1.2, as ``--set`` (``seed: 010`` is 10, not octal 8), and a
+    key written twice in one mapping is an error (PyYAML keeps the last one, so a section written
+    twice silently lost everything the first one set). A merge key (``<<``) still overrides what
+    it brings in, as YAML says."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}

@@ -157,10 +157,11 @@ def output_root(cfg: RunConfig) -> Path:
 _BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
 
 
-class _ValueLoader(yaml.SafeLoader):
-    """YAML 1.2's core schema for a ``--set`` value: PyYAML reads YAML 1.1, where ``yes``,
-    ``no``, ``on`` and ``off`` are booleans and ``010`` is octal 8 (``--set run.seed=010`` gave
-    seed 8, ``--set generate.negative_prompt=no`` the boolean False)."""
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2's core schema for a ``--set`` value and a settings file: PyYAML reads YAML 1.1,
+    where ``yes``, ``no``, ``on`` and ``off`` are booleans and ``010`` is octal 8 (``--set
+    run.seed=010`` gave seed 8, ``--set generate.negative_prompt=no`` the boolean False; a file
+    and ``--set`` read one value alike). A setting that is a boolean still takes ``yes``/``no``."""
 
     yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
         first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
@@ -168,13 +169,13 @@ class _ValueLoader(yaml.SafeLoader):
     }
 
 
-_ValueLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_ValueLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_ValueLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+Yaml12Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
 
 
 def parse_override(text: str, text_setting: Callable[[str], bool] | None = None) -> tuple[str, Any]:
-    """Split ``section.key=value``; the value is read as YAML 1.2 (:class:`_ValueLoader`) so
+    """Split ``section.key=value``; the value is read as YAML 1.2 (:class:`Yaml12Loader`) so
     numbers, booleans, null and lists keep their types (``--set extract.detector.threshold=30``).
     A ``#`` in a plain value is text, not a YAML comment (``negative_prompt=blurry #2`` lost its
     ``#2``, and ``=#blurry`` became null). For a key ``text_setting`` says takes text (the
@@ -196,7 +197,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "#" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):  # quoted: YAML's own way
         return key, raw.strip()
     try:
-        value = yaml.load(raw, Loader=_ValueLoader) if raw.strip() else None
+        value = yaml.load(raw, Loader=Yaml12Loader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
