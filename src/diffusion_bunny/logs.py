@@ -49,6 +49,9 @@ ENV = "DIFFUSION_BUNNY_LOG"
 #: The folder of this command's log files (and TensorBoard's ``tensorboard/``), when not ``log/``.
 LOG_DIR_ENV = "DIFFUSION_BUNNY_LOG_DIR"
 LOGGER = "diffusion_bunny"
+#: Set ("1") while a ``bunny --quiet`` command runs: :func:`say` in a process without the terminal
+#: handler (a Ray worker, whose standard error reaches the driver's terminal) then stays quiet too.
+QUIET_ENV = "DIFFUSION_BUNNY_QUIET"
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 NON_TTY_INTERVAL_S = 5.0
 
@@ -180,9 +183,13 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None, command: list[
     for h in logger.handlers:
         if (h.get_name() or "").startswith(LOGGER):
             warn_logger.addHandler(h)
-    global _previous_env, last_path
-    _previous_env = os.environ.get(ENV)
+    global _previous_env, _previous_quiet, last_path
+    _previous_env, _previous_quiet = os.environ.get(ENV), os.environ.get(QUIET_ENV)
     os.environ[ENV] = str(path)
+    if verbosity < 0:
+        os.environ[QUIET_ENV] = "1"
+    else:
+        os.environ.pop(QUIET_ENV, None)
     last_path = path
     quiet_bars()
     logger.info("bunny %s: %s", version(), redact_command(sys.argv[1:] if command is None else command))
@@ -202,26 +209,30 @@ def stop_cli_log() -> None:
             lg.removeHandler(h)
             h.close()
     logging.captureWarnings(False)
-    if _previous_env is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = _previous_env
+    for key, value in ((ENV, _previous_env), (QUIET_ENV, _previous_quiet)):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 _previous_env: str | None = None
+_previous_quiet: str | None = None
 
 
 def say(logger: logging.Logger, text: str) -> None:
     """One INFO line for the log file and the terminal (unless --quiet); outside ``bunny`` (no
     terminal handler: a stage's kernel, the Python API, tests) it goes to standard error as
-    before, and under ``bunny run`` to the terminal through the stage's relay (:func:`relaying`)."""
+    before (not under ``bunny --quiet``: :data:`QUIET_ENV`, e.g. in a Ray worker), and under
+    ``bunny run`` to the terminal through the stage's relay (:func:`relaying`)."""
     if any((h.get_name() or "") == f"{LOGGER}-terminal" for h in logging.getLogger(LOGGER).handlers):
         logger.info(text, extra=SAY)
         return
     logger.info(text)
-    from tqdm import tqdm  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
+    if not os.environ.get(QUIET_ENV):
+        from tqdm import tqdm  # lazy: keeps tqdm out of `bunny --help` (0.05 s)
 
-    tqdm.write(text, file=sys.stderr)
+        tqdm.write(text, file=sys.stderr)
     _relay_line(text)
 
 

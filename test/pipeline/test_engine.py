@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 from clips import write_clip
 from kernels import sleepy_kernel
+from unreadable import make_unreadable
 
 from diffusion_bunny import logs
 from diffusion_bunny.cli import main
@@ -392,3 +393,133 @@ def test_a_movie_that_fails_in_a_run_without_out_keeps_its_run_folder_in_its_rep
     # A movie that cannot even be read has no folder to name; run_movie says why.
     gone = engine.run_one(tmp_path / "gone.mp4", None, RunOptions(PIPELINE, cfg, progress=False))
     assert gone.run_dir is None and gone.error.endswith("is held by another run")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_run_refuses_an_out_of_the_users_own_before_writing_there(movies, tmp_path, capsys):
+    """A folder run checked no --out: a folder of the user's own lost the figures of its
+    ``report/`` (the combined report replaced them), and a movie's run folder got the batch
+    nested inside it. Both are refused in one line, nothing written; what a folder run leaves
+    (run folders, its report, the movies themselves when --out is their folder) is accepted."""
+    from diffusion_bunny.pipeline.run import Run, check_batch_folder
+
+    mine = tmp_path / "mine"
+    (mine / "report" / "figures").mkdir(parents=True)
+    (mine / "report" / "figures" / "holiday.png").write_bytes(b"my picture")
+    (mine / "report" / "index.html").write_text("my page")
+    (mine / "notes.txt").write_text("my notes")
+    single = tmp_path / "single"
+    Run.create(single, movies / "a.mp4")
+    (single / "report" / "figures").mkdir(parents=True)
+    (single / "report" / "figures" / "funnel.png").write_bytes(b"its figure")
+    for out, message in [
+        (mine, f"{mine} already holds files and is no folder run's output: notes.txt, report; "),
+        (single, f"{single} is the run folder of one movie; "),
+    ]:
+        before = _files(out)
+        for engine in ("local", "ray"):
+            capsys.readouterr()
+            assert main(["run", str(movies), "--out", str(out), "--engine", engine, "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+            assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(
+                {Path(k).parts[0] for k in before}
+            )
+
+    # What a folder run leaves in its --out, beside the movies when --out is their folder.
+    own = tmp_path / "own"
+    shutil.copytree(movies, own)
+    Run.create(own / movie_id(own / "a.mp4"), own / "a.mp4")
+    (own / movie_id(own / "b.mp4") / "log").mkdir(parents=True)  # a run folder not begun yet
+    (own / "report").mkdir()
+    (own / "report" / "movies.parquet").write_bytes(b"")
+    (own / "log").mkdir()
+    (own / ".locks").mkdir()
+    check_batch_folder(own, sorted(own.glob("*.mp4")))
+    check_batch_folder(tmp_path / "new", [])
+
+
+def test_ray_one_movie_into_a_file_is_one_line_before_ray_starts(movies, tmp_path, monkeypatch, capsys):
+    """``--engine ray`` and an --out that is a file: the local engine's line (exit 2), not
+    ``bug: FileExistsError`` after Ray's start-up."""
+    from diffusion_bunny.pipeline import engine
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(engine, "start_ray", no_ray)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    capsys.readouterr()
+    args = ["run", str(movies / "a.mp4"), "--out", str(notes), "--stages", "extract", "--quiet"]
+    assert main([*args, "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {notes} is a file, not a folder; give --out a folder")
+        and err.count("\n") == 1
+    )
+    assert notes.read_text() == "mine"
+
+
+def test_an_unreadable_movie_fails_alone_in_one_line_of_its_own(
+    movies, extracted, tmp_path, monkeypatch, capsys
+):
+    """A movie the user may not read stopped a folder run with --out ("could not write ...:
+    Permission denied", its id reads the file) before any movie ran; now it fails in one line
+    ("cannot read"), on a line of its own under the movies' bar, and the others run."""
+    from diffusion_bunny.pipeline.engine import _run_folder
+
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    shutil.copy(movies / "a.mp4", folder / "a.mp4")
+    shutil.copy(movies / "b.mp4", folder / "c.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    a_run = out / movie_id(folder / "a.mp4")
+    shutil.copytree(extracted / movie_id(movies / "a.mp4"), a_run)  # up to date: no kernel
+    (folder / "empty.mp4").write_bytes(b"")  # fails under the movies' bar
+    make_unreadable(monkeypatch, folder / "c.mp4")
+    capsys.readouterr()
+    # Not --quiet: the movies' bar is drawn, and an error line must not be glued to it.
+    code = main(["run", str(folder), "--out", str(out), "--stages", "extract"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line.split("\r")[-1] for line in err.split("\n")]
+    unread = [line for line in lines if "c.mp4" in line and "cannot read" in line]
+    assert len(unread) == 1, err
+    assert unread[0].startswith(f"error: {folder / 'c.mp4'}: cannot read the file ("), err
+    empty = [line for line in lines if "empty.mp4" in line]
+    assert len(empty) == 1 and empty[0].startswith(f"error: {folder / 'empty.mp4'}: the file is empty"), err
+    assert "could not write" not in err and "2 of 3 movies failed" in err
+    assert "a.mp4: extract is up to date, skipped" in err
+    table = pl.read_parquet(out / "report" / "movies.parquet")
+    rows = {r["movie"]: r for r in table.iter_rows(named=True)}
+    assert rows["a.mp4"]["error"] is None and rows["a.mp4"]["extract"] == "done"
+    assert "cannot read the file" in rows["c.mp4"]["error"] and rows["c.mp4"]["run_dir"] is None
+    # Ray's head names each movie's run folder before it runs: an unreadable movie's is left to its task.
+    cfg = load_config(None, {"paths.output_dir": str(out)})
+    assert _run_folder(folder / "c.mp4", None, cfg) is None
+
+
+def test_quiet_reaches_the_ray_workers(movies, extracted, tmp_path, monkeypatch, capsys):
+    """``-q`` was ignored in Ray workers: without ``bunny``'s terminal handler their lines went to
+    standard error, which Ray forwards to the driver's terminal."""
+    from diffusion_bunny.logs import QUIET_ENV
+    from diffusion_bunny.pipeline import engine
+    from diffusion_bunny.pipeline.runner import RunOptions
+    from diffusion_bunny.stages import PIPELINE
+
+    engine._prepare_ray_environment()
+    out = tmp_path / "run"
+    shutil.copytree(extracted / movie_id(movies / "a.mp4"), out)  # up to date: a line, no kernel
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    options = RunOptions(PIPELINE, load_config(None, {}), stages=("extract",), progress=False)
+    capsys.readouterr()
+    assert engine._ray_task(movies / "a.mp4", out, options, quiet=True).error is None
+    assert capsys.readouterr().err == ""
+    assert QUIET_ENV not in os.environ  # the worker's next task starts as it was
+    assert engine._ray_task(movies / "a.mp4", out, options).error is None
+    assert "a.mp4: extract is up to date, skipped" in capsys.readouterr().err

@@ -82,6 +82,15 @@ def _fail(path: Path, what: str) -> BadInputError:
     return BadInputError(f"{shown(path)}: {what}")
 
 
+def unreadable(path: str | Path, exc: OSError) -> BadInputError:
+    """The line for a movie this process may not read (no permission, an I/O error)."""
+    return _fail(
+        Path(path),
+        f"cannot read the file ({exc.strerror or type(exc).__name__}); give it read permission "
+        "(chmod +r) or run as a user who may read it",
+    )
+
+
 def shown(path: str | Path) -> str:
     """``path`` as text that can be printed and written anywhere: bytes of a name that are not
     UTF-8 as ``\\xe9`` escapes."""
@@ -147,6 +156,10 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise _fail(path, "is a folder, not a video file")
     if path.stat().st_size == 0:
         raise _fail(path, "the file is empty (0 bytes); it is not a video")
+    try:
+        path.open("rb").close()
+    except OSError as exc:  # FFmpeg's "Permission denied" read as a corrupt file
+        raise unreadable(path, exc) from None
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.FFmpegError as exc:

@@ -42,13 +42,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffusion_bunny.errors import EngineError, StageError, UserError, storage_error
-from diffusion_bunny.logs import ENV, FILE_ONLY, LOG_DIR_ENV, LOGGER, attach_from_env, bar_options, log_hint
-from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.errors import EngineError, UserError, storage_error
+from diffusion_bunny.logs import (
+    ENV,
+    FILE_ONLY,
+    LOG_DIR_ENV,
+    LOGGER,
+    QUIET_ENV,
+    attach_from_env,
+    bar_options,
+    log_hint,
+)
+from diffusion_bunny.media.probe import probe_video, unreadable
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Pipeline
-from diffusion_bunny.pipeline.run import check_run_folder, movie_id
+from diffusion_bunny.pipeline.run import check_batch_folder, check_run_folder, movie_id
 from diffusion_bunny.pipeline.runner import (
     MovieReport,
     RunOptions,
@@ -104,10 +113,11 @@ def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
 
 
 def _tell(text: str) -> None:
-    """One error line on the terminal and in the log file (printed, not logged to the terminal:
-    outside ``bunny`` there is no terminal handler and the line must still show)."""
+    """One error line on the terminal and in the log file (written, not logged to the terminal:
+    outside ``bunny`` there is no terminal handler and the line must still show), through
+    ``tqdm.write`` so that it starts a line of its own under the movies' bar, not glued to it."""
     log.error(text, extra=FILE_ONLY)
-    print(f"error: {text}", file=sys.stderr)
+    tqdm.write(f"error: {text}", file=sys.stderr)
 
 
 def run_local(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
@@ -215,12 +225,15 @@ def _ray_task(
     tokens: Sequence[tuple[Path, str]] = (),
     head_node: str | None = None,
     workspace: str | None = None,
+    quiet: bool = False,
 ) -> MovieReport:
     """What one Ray worker does for one movie: exactly what the local engine does, once it has
     seen the folders it writes to as the head wrote them (``tokens``, :func:`_check_visible`).
     On the head's node it logs to the command's file (the stage kernels it starts inherit the
     path); on another node (``head_node`` is not this one) into ``<run>/log/``, TensorBoard's
-    events too, since the head's log folder is on a disk that node does not see."""
+    events too, since the head's log folder is on a disk that node does not see. ``quiet``
+    (``bunny --quiet``): its lines go to the log file only, errors still to the terminal (a
+    worker has no terminal handler, and its standard error is forwarded to the driver's)."""
     import ray  # lazy: ray takes 1.2 s to import
 
     problem = _check_visible(tokens) or _foreign_run_folder(movie, run_dir)
@@ -229,8 +242,12 @@ def _ray_task(
         _tell(text)
         return MovieReport(movie=movie, run_dir=run_dir, error=text)
     remote = head_node is not None and ray.get_runtime_context().get_node_id() != head_node
-    saved = {k: os.environ.get(k) for k in (ENV, LOG_DIR_ENV, WORKSPACE_ENV)}
+    saved = {k: os.environ.get(k) for k in (ENV, LOG_DIR_ENV, WORKSPACE_ENV, QUIET_ENV)}
     try:
+        if quiet:
+            os.environ[QUIET_ENV] = "1"
+        else:
+            os.environ.pop(QUIET_ENV, None)
         if workspace:
             os.environ[WORKSPACE_ENV] = workspace  # relative settings mean the head's workspace
         if remote and run_dir is not None:
@@ -356,7 +373,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote = replace(options, progress=False)
-        log_file = os.environ.get(ENV)
+        log_file, quiet = os.environ.get(ENV), bool(os.environ.get(QUIET_ENV))
         head = ray.get_runtime_context().get_node_id()
         capacity = _capacity(ray, cfg)
         waiting = list(range(len(jobs)))
@@ -371,8 +388,10 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
                 i = waiting.pop(0)
                 movie, run_dir = jobs[i]
                 # A movie the head cannot probe fails in its task, which says why (no folder made).
-                tokens[i] = _visibility_tokens(movie, run_dir, options) if probed[i][0] else []
-                ref = task.remote(movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()))
+                tokens[i] = _visibility_tokens(movie, run_dir, options) if probed[i][0] and run_dir else []
+                ref = task.remote(
+                    movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()), quiet
+                )
                 running[ref] = (i, time.monotonic())
             bounded = [t0 + limits[i] for i, t0 in running.values() if limits[i] is not None]
             wait_s = max(0.0, min(bounded) - time.monotonic()) if bounded else None
@@ -401,11 +420,15 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     return [results[i] for i in range(len(jobs))]
 
 
-def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path:
+def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path | None:
     """The run folder of a movie, absolute as this process (the head) sees it: a relative
-    ``--out`` or ``paths.output_dir`` must not mean each node's own working folder or checkout."""
+    ``--out`` or ``paths.output_dir`` must not mean each node's own working folder or checkout.
+    None for a movie this process cannot read (its id reads the file): its task says why."""
     if run_dir is None:
-        return (output_root(cfg) / movie_id(movie)).resolve()
+        try:
+            return (output_root(cfg) / movie_id(movie)).resolve()
+        except OSError:
+            return None
     return Path(run_dir).expanduser().resolve()
 
 
@@ -449,6 +472,30 @@ def run_movies(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) ->
     return run_local(jobs, options)
 
 
+def _check_single_out(movie: Path, out: Path) -> None:
+    """:func:`~diffusion_bunny.pipeline.run.check_run_folder` for one movie run on Ray; a movie
+    that cannot be read is left to its task, which says why in one line."""
+    with contextlib.suppress(OSError):
+        check_run_folder(out, movie)
+
+
+def _run_folder_movies(movies: Sequence[Path], out: Path | None, options: RunOptions) -> list[MovieReport]:
+    """The movies of a folder run, each into ``<out>/<movie id>`` (the default folder without
+    ``out``), reports in the movies' order. A movie that cannot be read (no permission) has no id,
+    so no run folder: it fails here in one line and the others run."""
+    jobs: list[tuple[Path, Path | None]] = []
+    failed: dict[Path, MovieReport] = {}
+    for movie in movies:
+        try:
+            jobs.append((movie, out / movie_id(movie) if out is not None else None))
+        except OSError as exc:
+            text = str(unreadable(movie, exc))
+            _tell(text)
+            failed[movie] = MovieReport(movie=movie, run_dir=None, error=text)
+    done = iter(run_movies(jobs, options) if jobs else [])
+    return [failed[movie] if movie in failed else next(done) for movie in movies]
+
+
 def run_target(
     pipeline: Pipeline,
     target: str | Path | Sequence[str | Path],
@@ -485,15 +532,16 @@ def run_target(
     )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and isinstance(target, (str, Path)) and Path(target).expanduser().is_file()
-    if not single and out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise StageError(f"{out} is a file, not a folder; give --out a folder for the movies' run folders")
     if single and cfg.engine.kind == "local":
         return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:
-        jobs = [(movies[0], Path(out) if out else None)]
+        if out:  # before Ray starts (20 s) and the head writes its token into the folder
+            _check_single_out(movies[0], Path(out))
+        reports = run_movies([(movies[0], Path(out) if out else None)], options)
     else:
-        jobs = [(movie, Path(out) / movie_id(movie) if out else None) for movie in drop_copies(movies)]
-    reports = run_movies(jobs, options)
+        if out is not None:
+            check_batch_folder(out, movies)
+        reports = _run_folder_movies(drop_copies(movies), Path(out) if out else None, options)
     if not single:
         html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg)
         if html is not None:
