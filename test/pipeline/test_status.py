@@ -108,3 +108,56 @@ def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):
         assert main(["status", str(bad)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_folder_that_is_its_own_out_lists_each_movie_once_and_a_copy_as_bunny_run(tmp_path, capsys):
+    """``--out`` the movies' own folder listed a movie twice (its run folder found there, and the
+    movie's run folder again); a copy ``bunny run`` skipped showed as never run, forever."""
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    write_clip(movies / "a.mp4", [(21, 15, 0.0)])
+    shutil.copy(movies / "a.mp4", movies / "a (1).mp4")
+    write_clip(movies / "b.mp4", [(23, 15, 0.0)])
+    run = Run.create(movies / movie_id(movies / "a.mp4"), movies / "a.mp4")
+    capsys.readouterr()
+    refs = resolve_runs(movies, cfg, movies)
+    assert [(r.movie, r.run_dir) for r in refs] == [
+        ("a.mp4", run.run_dir),
+        ("b.mp4", (movies / movie_id(movies / "b.mp4")).resolve()),
+    ]
+    assert "a (1).mp4: the same file as a.mp4" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert [r.movie for r in resolve_runs([movies / "a (1).mp4", movies / "a.mp4"], cfg, out)] == ["a.mp4"]
+    assert main(["status", str(movies), "--out", str(movies)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("a.mp4  (") == 1 and "a (1).mp4  (" not in text and text.count("b.mp4  (") == 1
+
+
+def test_an_unreadable_movie_is_shown_with_why_not_a_write_error(tmp_path, monkeypatch, capsys):
+    """A movie the user may not read stopped ``bunny status`` with "could not write ...:
+    Permission denied" (its run folder's name reads the file); now it is listed, each stage
+    missing, saying that it cannot be read, and the others are shown."""
+    from unreadable import make_unreadable
+
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    write_clip(movies / "a.mp4", [(21, 15, 0.0)])
+    write_clip(movies / "c.mp4", [(23, 15, 0.0)])
+    make_unreadable(monkeypatch, movies / "c.mp4")
+    out = tmp_path / "out"
+    refs = resolve_runs(movies, cfg, out)
+    assert [(r.movie, r.run_dir) for r in refs] == [
+        ("a.mp4", (out / movie_id(movies / "a.mp4")).resolve()),
+        ("c.mp4", None),
+    ]
+    assert refs[1].problem.startswith(f"{movies / 'c.mp4'}: cannot read the file (Permission denied)")
+    capsys.readouterr()
+    assert main(["status", str(movies), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    n = len(stage_names())
+    assert f"c.mp4  (no run folder; 0 of {n} stages done)" in captured.out
+    assert (
+        "cannot read the file (Permission denied)" in captured.out and "could not write" not in captured.err
+    )

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, UserError
-from diffusion_bunny.media.probe import shown
+from diffusion_bunny.media.probe import shown, unreadable
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.pipeline.run import Run, check_exists, movie_id
@@ -25,10 +26,13 @@ from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 @dataclass(frozen=True)
 class RunRef:
-    """A movie's run folder (which may not exist yet) and the movie's name."""
+    """A movie's run folder (which may not exist yet) and the movie's name; ``run_dir`` None and
+    ``problem`` the line saying why for a movie that cannot be read (its run folder is named by
+    its content)."""
 
     movie: str
-    run_dir: Path
+    run_dir: Path | None
+    problem: str | None = None
 
 
 def _is_run(path: Path) -> bool:
@@ -49,32 +53,53 @@ def resolve_runs(
     """The run folders ``target`` stands for: itself (a run folder), its sub-folders that are
     run folders, or the run folders of a movie / of the movies in a folder (under ``out``, else
     ``paths.output_dir``, as ``bunny run`` names them); of several targets, each one's in turn,
-    their movies' run folders named as one ``bunny run`` of them all names them."""
-    if not isinstance(target, (str, Path)):
-        refs = [ref for one in target for ref in _resolve(one, cfg, out, single=len(target) == 1)]
-        return list(dict.fromkeys(refs))  # a run folder named twice is shown once
-    return _resolve(target, cfg, out, single=True)
+    their movies' run folders named as one ``bunny run`` of them all names them. Each run folder
+    is listed once (``out`` may be the movies' folder, which then holds their run folders too),
+    and of movies with the same content only the one ``bunny run`` runs (the others are named in
+    one line each, as ``bunny run`` names them)."""
+    # lazy: the runner (jupyter) is not needed by the report stage, which imports this module
+    from diffusion_bunny.pipeline.runner import drop_copies
+
+    targets = [target] if isinstance(target, (str, Path)) else list(target)
+    found = [item for one in targets for item in _scan(one, cfg)]
+    movies = list(dict.fromkeys(item[0] for item in found if isinstance(item, tuple)))
+    kept = set(drop_copies(movies))
+    refs: dict[Any, RunRef] = {}
+    for item in found:
+        if isinstance(item, tuple):
+            movie, is_file = item
+            if movie not in kept:
+                continue
+            item = _of_movie(movie, cfg, out, single=is_file and len(targets) == 1)
+        refs.setdefault(item.run_dir or item.movie, item)
+    return list(refs.values())
 
 
-def _resolve(target: str | Path, cfg: RunConfig, out: str | Path | None, single: bool) -> list[RunRef]:
-    """:func:`resolve_runs` of one target; ``single``: a movie file's run folder is ``out``."""
+def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool) -> RunRef:
+    """A movie's run folder; ``single``: a movie file given alone, whose run folder is ``out``."""
+    root = Path(out) if out else output_root(cfg)
+    try:
+        own = root / movie_id(movie)
+    except OSError as exc:  # its id reads the file: no run folder to name
+        return RunRef(movie.name, None, str(unreadable(movie, exc)))
+    run_dir = Path(out) if (out and single) else own
+    if out and single and not _is_run(run_dir) and _is_run(own):
+        # ``out`` of a folder run (or of several movies) holds one run folder per movie
+        run_dir = own
+    return RunRef(movie.name, run_dir.resolve())
+
+
+def _scan(target: str | Path, cfg: RunConfig) -> list[RunRef | tuple[Path, bool]]:
+    """What one target holds, in order: run folders found, and movies as ``(path, whether the
+    target is that movie file)``."""
     target = check_exists(target)
     exts = {e.lower() for e in cfg.run.video_extensions}
-    root = Path(out) if out else output_root(cfg)
-
-    def of_movie(movie: Path, single: bool) -> RunRef:
-        run_dir = Path(out) if (out and single) else root / movie_id(movie)
-        if out and single and not _is_run(run_dir) and _is_run(root / movie_id(movie)):
-            # ``out`` of a folder run (or of several movies) holds one run folder per movie
-            run_dir = root / movie_id(movie)
-        return RunRef(movie.name, run_dir.resolve())
-
     if target.is_dir() and _is_run(target):
         return [RunRef(_movie_name(target), target.resolve())]
     if target.is_file() and target.suffix.lower() in exts:
-        return [of_movie(target, single=single)]
+        return [(target, True)]
     if target.is_dir():
-        runs = [
+        runs: list[RunRef | tuple[Path, bool]] = [
             RunRef(_movie_name(p), p.resolve()) for p in sorted(target.iterdir()) if p.is_dir() and _is_run(p)
         ]
         movies = sorted(
@@ -82,9 +107,8 @@ def _resolve(target: str | Path, cfg: RunConfig, out: str | Path | None, single:
             for p in target.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
         )
-        refs = runs + [of_movie(m, single=False) for m in movies]
-        if refs:
-            return refs
+        if runs or movies:
+            return runs + [(m, False) for m in movies]
     raise BadInputError(
         f"{target}: neither a run folder (with run.json), a folder of run folders, a movie nor a folder "
         "of movies; give one of those"
@@ -132,12 +156,18 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
     ``in_use`` (the process holding the run folder now, if any)."""
     rows = []
     for ref in refs:
-        holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if _is_run(ref.run_dir) else None
-        for stage, state, reason, kept in _run_rows(pipeline, ref.run_dir, cfg):
+        states: list[tuple[str, str, str, list[str]]]
+        if ref.run_dir is None:  # the movie cannot be read: every stage missing, saying why
+            states = [(stage, "missing", ref.problem or "", []) for stage in pipeline.names()]
+        else:
+            states = _run_rows(pipeline, ref.run_dir, cfg)
+        is_run = ref.run_dir is not None and _is_run(ref.run_dir)
+        holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if is_run else None
+        for stage, state, reason, kept in states:
             rows.append(
                 {
                     "movie": shown(ref.movie),  # a name that is not UTF-8, escaped
-                    "run_dir": shown(ref.run_dir),
+                    "run_dir": shown(ref.run_dir) if ref.run_dir else None,
                     "stage": stage,
                     "state": state,
                     "reason": reason,
@@ -166,7 +196,7 @@ def format_status(table: pl.DataFrame) -> str:
     width = max([len(s) for s in table["stage"].to_list()] + [5])
     for (movie, run_dir), part in table.group_by(["movie", "run_dir"], maintain_order=True):
         done = int((part["state"] == "done").sum())
-        lines.append(f"{movie}  ({run_dir}; {done} of {part.height} stages done)")
+        lines.append(f"{movie}  ({run_dir or 'no run folder'}; {done} of {part.height} stages done)")
         in_use = part["in_use"][0] if "in_use" in part.columns else None
         if in_use:
             lines.append(f"  in use by {in_use}")
