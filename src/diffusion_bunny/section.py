@@ -17,3 +17,21 @@ class Section(BaseModel):
     """A frozen settings model that refuses unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+#: The largest seed a setting takes: torch's generators take 64-bit seeds, and training adds
+#: offsets to its own (validation pictures ``seed + i``, class pictures ``seed + 1000 + i``).
+#: A larger one passed validation and stopped stage 07 or 08 with an overflow inside torch.
+MAX_SEED = 2**63 - 2**20
+
+
+def multiple_of_eight(value: int | None) -> int | None:
+    """A picture side the diffusion models take: their autoencoders shrink a picture 8 times, and
+    diffusers refuses a side that is not a multiple of 8 (once the model has loaded: a run
+    stopped there as a bug)."""
+    if value is not None and value % 8:
+        lower, upper = value - value % 8, value - value % 8 + 8
+        raise ValueError(
+            f"must be a multiple of 8 (the models' autoencoders need it), e.g. {lower} or {upper}"
+        )
+    return value

@@ -180,7 +180,16 @@ def test_prompts_and_grid_plan():
     assert len({i.rel_path for i in items}) == len(items)
     assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
     odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
-    assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
+    assert odd.rel_path.startswith("generated/checkpoint-10/Mr._X_Y~")
+    assert odd.rel_path.endswith("/p00_seed3_scalem0.50.png")
+    # Names alike once made safe for a folder are folders of their own (they drew over each
+    # other's pictures), and no name leaves the checkpoint's folder.
+    alike = ["Mary Jane", "Mary_Jane", "???", "!!!", "..", NO_CHARACTER]
+    folders = [Path(i.rel_path).parent for i in plan_grid(alike, ["{character}"], "t", [0], [1.0], cks[:1])]
+    assert len(set(folders)) == len(alike) and all(
+        f.parent == Path("generated/checkpoint-10") for f in folders
+    )
+    assert folders[1].name == "Mary_Jane"  # a name that is already a folder name stays as it is
     # Scales that round alike to two decimals are two files, not one drawn over by both.
     fine = plan_grid(["ann"], ["{character}"], "t", [0], [0.12, 0.125, -0.125], cks[:1])
     names = [i.rel_path.rsplit("_", 1)[1] for i in fine]
@@ -1055,3 +1064,22 @@ def test_stage_08_reads_reference_pictures_as_stage_03_does(tmp_path):
     taken = sum(t.use == "face" for t in pictures.taken)
     refs, _ = character_references(tmp_path / "refs", None, settings)
     assert len(refs.encodings["someone"]) == taken < one_face
+
+
+def test_settings_a_grid_cannot_draw_are_one_line_before_a_model_loads():
+    """An empty list of characters drew nothing and then failed on its empty table; a side that
+    is no multiple of 8 and a seed past 64 bits stopped stage 07/08 inside diffusers or torch."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.errors import ConfigError
+
+    for key, value, words in (
+        ("generate.characters", [], "list at least one character"),
+        ("generate.resolution", 100, "must be a multiple of 8"),
+        ("train.resolution", 100, "e.g. 96 or 104"),
+        ("train.seed", 2**64, "less than or equal to"),
+        ("generate.seeds", [2**64], "seeds must lie between 0 and"),
+    ):
+        with pytest.raises(ConfigError, match=words) as err:
+            load_config(None, {key: value}, use_local=False)
+        assert key in str(err.value)
+    load_config(None, {"generate.resolution": 104, "train.seed": 2**40}, use_local=False)

@@ -981,8 +981,9 @@ def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_
     warnings: list[str] = []
     state, step, folder = _resume_point(out, [], training_cfg(max_train_steps=10), "k", warnings)
     assert (state["step"], step, folder) == (4, 4, out)
-    assert len(warnings) == 1 and "checkpoint-6 is damaged" in warnings[0] and ".damaged" in warnings[0]
-    assert not damaged.exists() and damaged.with_name("training_state.pt.damaged").is_file()
+    aside = out / "damaged" / "checkpoint-6-training_state.pt"
+    assert len(warnings) == 1 and "checkpoint-6 is damaged" in warnings[0] and str(aside) in warnings[0]
+    assert not damaged.exists() and aside.is_file()
     assert checkpoint_steps(out) == [4]
     # The rerun writes checkpoint 5: it is the newest state kept, not the damaged one's.
     (out / "checkpoint-5").mkdir()
@@ -991,6 +992,10 @@ def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_
     prune_checkpoints(out, keep_resumable=1, total_limit=None)
     assert checkpoint_steps(out) == [5]
     assert (out / "checkpoint-6" / LORA_FILE).is_file()  # its LoRA stays for stage 08
+    # The training reaching step 6 again replaces that checkpoint's folder: the state set aside
+    # is where the warning said it was kept.
+    shutil.rmtree(out / "checkpoint-6")
+    assert aside.is_file()
 
 
 HOLD_LORA_FOLDER = textwrap.dedent(

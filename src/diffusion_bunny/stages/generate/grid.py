@@ -3,6 +3,7 @@ prompts x seeds x LoRA scales x checkpoints (scale 0 planned once, as checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,17 @@ def render_prompt(template: str, trigger: str, character: str, description: str 
     return text.strip(" ,")
 
 
+def character_folder(character: str) -> str:
+    """The folder of a character's pictures: its name where that is a safe folder name, else
+    the name made safe plus 6 hex of its hash. Made safe alone, "Mary Jane" and "Mary_Jane" (or
+    "???" and "!!!", both "none") shared one folder and overwrote each other's pictures, and
+    ".." wrote beside the checkpoint's folder."""
+    safe = re.sub(r"[^\w.-]+", "_", character).strip("_.") or "none"
+    if safe != character:
+        safe = f"{safe}~{hashlib.sha1(character.encode()).hexdigest()[:6]}"
+    return bounded_name(safe)
+
+
 @dataclass(frozen=True)
 class GridItem:
     """One image of the grid."""
@@ -91,7 +103,7 @@ class GridItem:
     @property
     def rel_path(self) -> str:
         """Where the image lives, relative to the run folder."""
-        char = bounded_name(re.sub(r"[^\w.-]+", "_", self.character).strip("_") or "none")
+        char = character_folder(self.character)
         scale = f"{self.lora_scale:+.2f}"
         if float(scale) != self.lora_scale:  # 0.125 beside 0.12: each scale a file of its own
             scale = f"{self.lora_scale:+.6f}".rstrip("0")

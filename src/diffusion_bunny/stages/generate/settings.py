@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from diffusion_bunny.section import Section
+from diffusion_bunny.section import MAX_SEED, Section, multiple_of_eight
 
 #: The placeholders a generation prompt template may use.
 PROMPT_FIELDS = ("trigger", "character")
@@ -75,9 +75,22 @@ class GenerateSettings(Section):
     @field_validator("seeds")
     @classmethod
     def _seeds_non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(s < 0 for s in value):
-            raise ValueError("seeds must be 0 or more")
+        if any(not 0 <= s <= MAX_SEED for s in value):
+            raise ValueError(f"seeds must lie between 0 and {MAX_SEED}")
         return value
+
+    @field_validator("characters")
+    @classmethod
+    def _some_characters(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # An empty list drew a grid of nothing and then failed on its empty table.
+        if value is not None and not value:
+            raise ValueError("list at least one character, or leave it unset (null) for every named one")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_eight(cls, value: int | None) -> int | None:
+        return multiple_of_eight(value)
 
     @field_validator("lora_scales")
     @classmethod

@@ -1048,6 +1048,10 @@ def _train_locked(
             trainer.accelerator.end_training()  # closes the TensorBoard writer, also after an error
 
 
+#: Where a damaged training state is set aside, in the LoRA's folder.
+DAMAGED_DIR = "damaged"
+
+
 def _resume_point(
     output_dir: Path, others: list[Path], cfg: TrainSettings, key: str, warnings: list[str]
 ) -> tuple[dict[str, Any] | None, int | None, Path | None]:
@@ -1066,9 +1070,13 @@ def _resume_point(
             if own:
                 # Set aside, not deleted: left as it was it stayed the newest resumable state, and
                 # the pruning that keeps the newest states removed the good ones written after it.
+                # Outside the checkpoint's folder, which a training that reaches that step again
+                # replaces whole (the file the warning said was kept was gone).
+                aside = output_dir / DAMAGED_DIR / f"{checkpoint.name}-{STATE_FILE}"
                 with contextlib.suppress(OSError):
-                    os.replace(checkpoint / STATE_FILE, checkpoint / f"{STATE_FILE}.damaged")
-                    warnings[-1] += f" (its state file kept as {STATE_FILE}.damaged)"
+                    aside.parent.mkdir(exist_ok=True)
+                    os.replace(checkpoint / STATE_FILE, aside)
+                    warnings[-1] += f" (its state file kept as {aside})"
             continue
         if state.get("resume_key") != key:
             if not own:

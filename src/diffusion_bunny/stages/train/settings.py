@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from diffusion_bunny.section import Section
+from diffusion_bunny.section import MAX_SEED, Section, multiple_of_eight
 
 
 class TrainSettings(Section):
@@ -54,7 +54,7 @@ class TrainSettings(Section):
     output_dir: str | None = None
     start_over: bool = False
     tensorboard: bool = True
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # FLUX.1 / SD3.5 only (see stages/train/flow.py)
     lora_targets: Literal["attention", "attention+mlp"] | tuple[str, ...] = "attention"
     weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = "logit_normal"
@@ -66,6 +66,11 @@ class TrainSettings(Section):
     caption_dropout: float = Field(0.0, ge=0.0, le=0.5)
     max_sequence_length: int | None = Field(None, ge=8, le=512)
     quantize_base: Literal["none", "nf4"] = "none"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_eight(cls, value: int | None) -> int | None:
+        return multiple_of_eight(value)
 
     @field_validator("timestep_shift")
     @classmethod
