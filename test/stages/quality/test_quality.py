@@ -225,6 +225,31 @@ def test_best_n_per_shot_and_per_consecutive_frames():
     assert reasons(out)[:3] == ["not_best", "blurry", None]
 
 
+def test_a_frame_dropped_as_not_best_makes_no_duplicate():
+    # f2 (shot 0) is beyond shot 0's one place; f3, shot 1's only frame, is 2 bits from it. A
+    # duplicate of a frame that is not kept stands for nothing: f3 stays, and shot 1 keeps a frame.
+    near = 0x0F0F_0F0F_0F0F_0F0F
+    rows = [
+        {"sharpness": 1000.0, "shot_id": 0},
+        {"sharpness": 900.0, "shot_id": 0},
+        {"sharpness": 800.0, "shot_id": 0, "phash": near},
+        {"sharpness": 700.0, "shot_id": 1, "phash": near ^ 0b11},
+    ]
+    table, frames = scores(rows)
+    out = apply_quality_rules(table, frames, QualitySettings(text_filter=False, best_per_batch=1))
+    assert reasons(out) == [None, "not_best", "not_best", None]
+    assert out["duplicate_of"].is_null().all()
+    # Every duplicate names a frame that is kept, whatever the places per batch.
+    for best in (1, 2, 3):
+        out = apply_quality_rules(table, frames, QualitySettings(text_filter=False, best_per_batch=best))
+        kept = set(out.filter("keep")["frame_id"])
+        assert set(out["duplicate_of"].drop_nulls()) <= kept
+    # Near copies in one shot still take no place: f3 goes as f2's duplicate, not as not_best.
+    one_shot = frames.with_columns(pl.lit(0, pl.Int64).alias("shot_id"))
+    out = apply_quality_rules(table, one_shot, QualitySettings(text_filter=False, best_per_batch=3))
+    assert reasons(out) == [None, None, None, "duplicate"] and out["duplicate_of"][3] == "f2"
+
+
 def test_brightness_is_relative_to_the_film():
     rng = np.random.default_rng(3)
     # A dark film: its scenes between 15 and 45 (median ~30), black frames at 1-4, one flash.

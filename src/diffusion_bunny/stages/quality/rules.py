@@ -35,14 +35,26 @@ SHARPNESS_TIE = 0.05
 
 
 def _duplicate_groups(
-    hashes: np.ndarray, sharpness: np.ndarray, order_key: np.ndarray, max_distance: int
-) -> list[tuple[int, np.ndarray]]:
-    """Greedy near-duplicate removal over all pairs: ``[(kept, its duplicates), ...]`` (indices).
+    hashes: np.ndarray,
+    sharpness: np.ndarray,
+    order_key: np.ndarray,
+    max_distance: int,
+    batches: np.ndarray | None = None,
+    quota: int | None = None,
+) -> tuple[list[tuple[int, np.ndarray]], list[int]]:
+    """Greedy near-duplicate removal over all pairs, with at most ``quota`` frames kept per batch:
+    ``([(kept, its duplicates), ...], [not best, ...])`` (indices).
 
     Frames are visited sharpest first. The sharpest frame not yet decided is kept, unless an
     earlier frame within ``max_distance`` is as sharp within :data:`SHARPNESS_TIE` (then that one
     is kept); every undecided frame within ``max_distance`` of the kept frame becomes its
     duplicate. Only kept frames remove others, so a chain A~B~C keeps C when it is far from A.
+
+    With a ``quota`` (``best_per_batch``), a frame whose batch (``batches``) already keeps
+    ``quota`` frames is not kept but ``not_best``, and removes no copy: one pass decides both,
+    because a frame dropped as the duplicate of a frame that turns out ``not_best`` would stand
+    for nothing kept, and a shot could lose every frame. The batch's places go to its sharpest
+    distinct frames, as before: duplicates are decided as their winner is, and take no place.
 
     All pairs, one vectorised row per kept frame: with a few thousand frames per movie that is a
     few million XOR + popcounts (milliseconds), so an index (BK-tree, multi-index hashing) would
@@ -51,18 +63,26 @@ def _duplicate_groups(
     n = hashes.size
     decided = np.zeros(n, dtype=bool)
     groups: list[tuple[int, np.ndarray]] = []
+    not_best: list[int] = []
+    places: dict[object, int] = {}
+    keys = batches.tolist() if batches is not None else []
     # Sharpest first; among equal scores the earlier frame, so the result never depends on row order.
     for i in np.lexsort((order_key, -sharpness)):
-        if decided[i]:
-            continue
-        near = ~decided & (hamming(hashes[i], hashes) <= max_distance)
-        ties = np.flatnonzero(near & (sharpness >= (1.0 - SHARPNESS_TIE) * sharpness[i]))
-        winner = int(ties[np.argmin(order_key[ties])]) if ties.size else int(i)
-        decided[winner] = True
-        copies = np.flatnonzero(~decided & (hamming(hashes[winner], hashes) <= max_distance))
-        decided[copies] = True
-        groups.append((winner, copies))
-    return groups
+        while not decided[i]:
+            near = ~decided & (hamming(hashes[i], hashes) <= max_distance)
+            ties = np.flatnonzero(near & (sharpness >= (1.0 - SHARPNESS_TIE) * sharpness[i]))
+            winner = int(ties[np.argmin(order_key[ties])]) if ties.size else int(i)
+            decided[winner] = True
+            if quota is not None and batches is not None:
+                batch = keys[winner]
+                if places.get(batch, 0) >= quota:
+                    not_best.append(winner)
+                    continue
+                places[batch] = places.get(batch, 0) + 1
+            copies = np.flatnonzero(~decided & (hamming(hashes[winner], hashes) <= max_distance))
+            decided[copies] = True
+            groups.append((winner, copies))
+    return groups, not_best
 
 
 #: Fewer frames than this between the black floor and the white ceiling say nothing about the
@@ -252,9 +272,7 @@ def apply_quality_rules(scores: pl.DataFrame, frames: pl.DataFrame, cfg: Quality
         _first_reason(exposure_thresholds(base, cfg), sharpness_threshold(base, cfg)).alias("reject_reason"),
         _batch_key(cfg.batch).alias("_batch"),
     )
-    base = _mark_duplicates(base, cfg.dup_distance)
-    if cfg.best_per_batch is not None:
-        base = _mark_not_best(base, cfg.best_per_batch)
+    base = _mark_duplicates(base, cfg.dup_distance, cfg.best_per_batch)
     # Only a kept frame's crop leaves out its subtitles: a rejected frame's region is its picture.
     base = base.with_columns(
         pl.col("reject_reason").is_null().alias("keep"),
@@ -311,47 +329,36 @@ def _first_reason(exposure: Exposure, sharpness: Sharpness) -> pl.Expr:
     )
 
 
-def _mark_duplicates(base: pl.DataFrame, dup_distance: int) -> pl.DataFrame:
+def _mark_duplicates(base: pl.DataFrame, dup_distance: int, best_per_batch: int | None) -> pl.DataFrame:
     """``base`` with the near-duplicates among the frames not yet rejected marked ``duplicate``
-    and ``duplicate_of`` the frame kept in their place (see :func:`_duplicate_groups`)."""
+    and ``duplicate_of`` the frame kept in their place, and with ``best_per_batch``, the frames
+    beyond the sharpest distinct ones of their batch marked ``not_best`` (see
+    :func:`_duplicate_groups`, which decides both at once)."""
     reasons = base["reject_reason"].to_list()
     dup_of: list[str | None] = [None] * base.height
     cand = np.flatnonzero(base["reject_reason"].is_null().to_numpy())
-    if cand.size > 1:
+    if cand.size:
         ids = base["frame_id"].to_list()
         # The candidates' own hashes, as unsigned 64-bit integers: a column holding an unreadable
         # frame's null becomes float64 in numpy, whose 53 bits rounded every hash, and frames up
         # to a few bits apart (18% of those 5-8 bits apart) counted as duplicates.
         hashes = base["phash"].gather(cand).cast(pl.UInt64).to_numpy()
-        for winner, copies in _duplicate_groups(
+        groups, not_best = _duplicate_groups(
             hashes,
             base["sharpness"].to_numpy()[cand],
             base["frame_index"].to_numpy()[cand],
             dup_distance,
-        ):
+            batches=base["_batch"].gather(cand).to_numpy(),
+            quota=best_per_batch,
+        )
+        for winner, copies in groups:
             for j in copies:
                 reasons[cand[j]] = "duplicate"
                 dup_of[cand[j]] = ids[cand[winner]]
+        for j in not_best:
+            reasons[cand[j]] = "not_best"
     return base.with_columns(
         pl.Series("reject_reason", reasons, dtype=pl.Utf8), pl.Series("duplicate_of", dup_of, dtype=pl.Utf8)
-    )
-
-
-def _mark_not_best(base: pl.DataFrame, best_per_batch: int) -> pl.DataFrame:
-    """``base`` with every frame still kept beyond the ``best_per_batch`` sharpest of its batch
-    marked ``not_best`` (ties: the earlier frame)."""
-    ranked = (
-        base.with_row_index("_row")
-        .filter(pl.col("reject_reason").is_null())
-        .sort(["_batch", "sharpness", "frame_index"], descending=[False, True, False])
-        .with_columns(pl.int_range(pl.len()).over("_batch").alias("_rank"))
-    )
-    beyond = set(ranked.filter(pl.col("_rank") >= best_per_batch)["_row"].to_list())
-    return base.with_columns(
-        pl.when(pl.int_range(pl.len()).is_in(list(beyond)))
-        .then(pl.lit("not_best"))
-        .otherwise(pl.col("reject_reason"))
-        .alias("reject_reason")
     )
 
 

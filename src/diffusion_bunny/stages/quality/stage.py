@@ -30,8 +30,10 @@ Rules, in order; a frame gets the reason of the first rule it fails:
 
 Only frames that passed rules 1-3 can make another frame a duplicate, and only frames that stay
 kept: a blurred take of a scene never removes its sharp take, and in a chain A~B~C where A is the
-sharpest and C is far from A, B goes as A's duplicate and C stays. Best-N runs last so that it
-picks among distinct frames instead of spending its N places on copies.
+sharpest and C is far from A, B goes as A's duplicate and C stays. Rules 4 and 5 are decided in
+one pass, sharpest first (``rules._duplicate_groups``): best-N picks among distinct frames
+instead of spending its N places on copies, and a frame that is ``not_best`` makes no other
+frame a duplicate, so a shot never loses its frames to a copy that was itself dropped.
 """
 
 from __future__ import annotations
