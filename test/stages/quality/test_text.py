@@ -20,7 +20,7 @@ from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.quality.plots import text_sheet
 from diffusion_bunny.stages.quality.rules import apply_quality_rules
 from diffusion_bunny.stages.quality.settings import QualitySettings
-from diffusion_bunny.stages.quality.text import is_blob, measure_text, text_verdict
+from diffusion_bunny.stages.quality.text import TEXT_SCHEMA, is_blob, measure_text, text_verdict
 
 
 def line(left, top, right, bottom, edges=0.05, area=None, score=0.8):
@@ -151,6 +151,73 @@ def test_text_reasons_and_crop_in_the_quality_table():
         table, frames.drop("box_left", "box_top", "box_right", "box_bottom"), QualitySettings()
     )
     assert plain.row(2, named=True)["crop_bottom"] == 1080 and plain.row(0, named=True)["crop_top"] == 0
+
+
+def test_a_title_card_that_recurs_is_looked_at_in_every_copy(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusion_bunny.stages.quality import stage
+
+    # A title card 12 times (one hash, the earliest kept and the others its duplicates) between
+    # 12 distinct shots. Each copy dropped for text used to let the next one through, one per
+    # round of 8, so the ninth copy ended in the dataset without being looked at.
+    card = 0x0F0F_0F0F_0F0F_0F0F
+    far = np.random.default_rng(3).integers(0, 2**63, size=12, dtype=np.uint64)
+    ids = [f"f{i}" for i in range(24)]
+    is_card = [i % 2 == 0 for i in range(24)]
+    hashes = [card if c else int(far[i // 2]) for i, c in enumerate(is_card)]
+    scores = pl.DataFrame(
+        {
+            "frame_id": ids,
+            "readable": [True] * 24,
+            "sharpness": [500.0] * 24,
+            "brightness": [120.0] * 24,
+            "contrast": [50.0] * 24,
+            "clipped": [0.0] * 24,
+            "phash": pl.Series(hashes, dtype=pl.UInt64),
+            "nearest_distance": [None] * 24,
+        }
+    )
+    frames = pl.DataFrame(
+        {
+            "frame_id": ids,
+            "frame_index": [10 * i for i in range(24)],
+            "shot_id": list(range(24)),
+            "path": [f"frames/{f}.jpg" for f in ids],
+            "width": [480] * 24,
+            "height": [270] * 24,
+        }
+    )
+    looked: list[list[str]] = []
+
+    def fake_detect(run_dir, todo, detector, width, **kwargs):
+        looked.append(todo["frame_id"].to_list())
+        card_ids = {f for f, c in zip(ids, is_card, strict=True) if c}
+        lines = [TITLE if f in card_ids else [] for f in todo["frame_id"]]
+        return pl.DataFrame(
+            {"frame_id": todo["frame_id"], "text_lines": lines, "text_area": None, "text_share": None},
+            schema={"frame_id": pl.Utf8, **{k: v for k, v in TEXT_SCHEMA.items() if k != "text_key"}},
+        ).with_columns(pl.lit("k").alias("text_key"))
+
+    monkeypatch.setattr(stage, "load_text_detector", lambda: SimpleNamespace(key="fake"))
+    monkeypatch.setattr(stage, "detect_text", fake_detect)
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(quality=QualitySettings()),
+        run_dir=tmp_path,
+        own_previous=lambda name: None,
+        progress=False,
+        progress_path=tmp_path / "progress.json",
+    )
+    facts: dict = {}
+    out, _ = stage._add_text(ctx, frames, scores, facts)
+    table = apply_quality_rules(out, frames, QualitySettings())
+    kept = table.filter("keep")
+    assert kept["text_lines"].is_not_null().all()  # every kept frame was looked at
+    assert kept["frame_id"].to_list() == [f for f, c in zip(ids, is_card, strict=True) if not c]
+    assert set(table.filter(pl.col("frame_id").is_in(ids[::2]))["reject_reason"]) == {"text"}
+    # The copies were looked at all at once, as soon as the first turned out to be a title card.
+    assert facts["text_rounds"] == 1 and len(looked) == 2 and sorted(looked[1]) == sorted(ids[2::2])
+    assert facts["text_frames_detected"] == 24
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -56,9 +57,11 @@ from diffusion_bunny.stages.quality.rules import (
 from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, score_frames
 from diffusion_bunny.stages.quality.text import TEXT_SCHEMA, current_keys, detect_text
 
-#: Rounds of "apply the rules, look for text on the kept frames not yet looked at": a frame
-#: dropped for text can let a duplicate of it through, which is looked at in the next round.
-MAX_TEXT_ROUNDS = 8
+if TYPE_CHECKING:
+    from diffusion_bunny.models.text import TextDetector
+
+#: The text rules that drop a frame (its duplicates may then hold the same text: a title card).
+TEXT_REASONS = ("text", "subtitles")
 
 
 def _reuse_text(scores: pl.DataFrame, previous: pl.DataFrame | None, keys: dict[str, str]) -> pl.DataFrame:
@@ -72,6 +75,54 @@ def _reuse_text(scores: pl.DataFrame, previous: pl.DataFrame | None, keys: dict[
         & (pl.col("text_key") == pl.col("frame_id").replace_strict(keys, default=None, return_dtype=pl.Utf8))
     )
     return scores.update(old, on="frame_id", how="left", include_nulls=False) if old.height else scores
+
+
+def _look(ctx: Context, frames: pl.DataFrame, ids: pl.Series, detector: TextDetector) -> pl.DataFrame:
+    """The text scores of the frames ``ids``, every one marked looked at (a frame that could not
+    be read again keeps null scores and passes: ``text_lines`` empty, not null)."""
+    found = detect_text(
+        ctx.run_dir,
+        frames.filter(pl.col("frame_id").is_in(ids.implode())),
+        detector,
+        ctx.cfg.quality.text_width,
+        progress=ctx.progress,
+        progress_path=ctx.progress_path,
+    )
+    return found.with_columns(pl.col("text_lines").fill_null(pl.lit([], dtype=TEXT_SCHEMA["text_lines"])))
+
+
+def _text_rounds(
+    ctx: Context, frames: pl.DataFrame, scores: pl.DataFrame, detector: TextDetector
+) -> tuple[pl.DataFrame, int, int]:
+    """``scores`` once every frame the rules keep has been looked at for text, with how many
+    frames were looked at and in how many rounds.
+
+    A round applies the rules and looks at the kept frames not looked at yet. A kept frame that
+    turns out to be dropped for text lets one of its duplicates through, which may hold the same
+    text (a title card that recurs): those duplicates are looked at in the same round, all at
+    once, instead of one per round. Rounds go on until no kept frame is left unchecked; each
+    looks at one frame at least, so they end (the bound only guards against a bug)."""
+    cfg = ctx.cfg.quality
+    detected = 0
+    for rounds in range(1, frames.height + 2):
+        table = apply_quality_rules(scores, frames, cfg)
+        todo = table.filter(pl.col("keep") & pl.col("text_lines").is_null())["frame_id"]
+        if todo.is_empty():
+            return scores, detected, rounds - 1
+        found = _look(ctx, frames, todo, detector)
+        scores = scores.update(found, on="frame_id", how="left", include_nulls=False)
+        dropped = apply_quality_rules(scores, frames, cfg).filter(
+            pl.col("frame_id").is_in(todo.implode()) & pl.col("reject_reason").is_in(TEXT_REASONS)
+        )["frame_id"]
+        copies = table.filter(
+            pl.col("duplicate_of").is_in(dropped.implode()) & pl.col("text_lines").is_null()
+        )["frame_id"]
+        if not copies.is_empty():
+            more = _look(ctx, frames, copies, detector)
+            scores = scores.update(more, on="frame_id", how="left", include_nulls=False)
+            found = pl.concat([found, more])
+        detected += found.height
+    raise RuntimeError("stage 02 looked for text without end: every round must look at a new frame")
 
 
 def _add_text(
@@ -89,26 +140,8 @@ def _add_text(
     keys = current_keys(ctx.run_dir, frames, detector.key, cfg.text_width)
     scores = _reuse_text(scores, ctx.own_previous("quality"), keys)
     reused = int(scores["text_lines"].is_not_null().sum())
-    started, detected = time.perf_counter(), 0
-    for _ in range(MAX_TEXT_ROUNDS):
-        table = apply_quality_rules(scores, frames, cfg)
-        todo = table.filter(pl.col("keep") & pl.col("text_lines").is_null())["frame_id"]
-        if todo.is_empty():
-            break
-        found = detect_text(
-            ctx.run_dir,
-            frames.filter(pl.col("frame_id").is_in(todo.implode())),
-            detector,
-            cfg.text_width,
-            progress=ctx.progress,
-            progress_path=ctx.progress_path,
-        )
-        detected += found.height
-        # A frame that could not be read again keeps null scores and passes: mark it looked at.
-        found = found.with_columns(
-            pl.col("text_lines").fill_null(pl.lit([], dtype=TEXT_SCHEMA["text_lines"]))
-        )
-        scores = scores.update(found, on="frame_id", how="left", include_nulls=False)
+    started = time.perf_counter()
+    scores, detected, rounds = _text_rounds(ctx, frames, scores, detector)
     seconds = time.perf_counter() - started
     facts.update(
         {
@@ -116,6 +149,7 @@ def _add_text(
             "text_width": cfg.text_width,
             "text_frames_detected": detected,
             "text_frames_reused": reused,
+            "text_rounds": rounds,
             "text_seconds": round(seconds, 3),
             "text_ms_per_frame": round(1000 * seconds / detected, 1) if detected else None,
         }
