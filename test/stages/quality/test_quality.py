@@ -697,6 +697,38 @@ def test_unreadable_frames_are_recorded_not_fatal(demo_run, tmp_path):
     assert json.loads(json.dumps(run.read_manifest("quality")["warnings"]))
 
 
+def _copied_run(demo_run, tmp_path) -> Run:
+    import shutil
+
+    run = Run.create(tmp_path / "run", demo_run.movie)
+    for name in ("tables", "manifests", "frames", "thumbs"):
+        shutil.copytree(demo_run.run_dir / name, run.run_dir / name)
+    return run
+
+
+def test_a_frame_file_written_again_is_scored_again(demo_run, tmp_path):
+    # A frame deleted after stage 01 is unreadable; stage 01 writes it back under the same row of
+    # the frames table: stage 02 must see the file changed, not stay "up to date" on the table.
+    run = _copied_run(demo_run, tmp_path)
+    cfg = load_config(root=tmp_path)
+    frame = run.run_dir / run.read_table("frames")["path"][0]
+    data = frame.read_bytes()
+    run_stage(run, "quality", cfg, force=True, progress=False)
+    assert stage_state(run, "quality", cfg)[0] == "done"
+    frame.unlink()
+    state, reason = stage_state(run, "quality", cfg)
+    assert state == "stale" and "frame_files" in reason
+    with pytest.warns(UserWarning, match="1 frame file"):
+        quality = run_stage(run, "quality", cfg, progress=False)["quality"]
+    assert quality["reject_reason"][0] == "unreadable"
+    assert run.read_manifest("quality")["inputs"]["frame_files"]["missing"] == 1
+    frame.write_bytes(data)  # as stage 01 run again writes it
+    assert stage_state(run, "quality", cfg)[0] == "stale"
+    quality = run_stage(run, "quality", cfg, progress=False)["quality"]
+    assert quality["readable"][0] and quality["reject_reason"][0] != "unreadable"
+    assert stage_state(run, "quality", cfg)[0] == "done"
+
+
 def test_quality_needs_the_frames_table(cut_clip, tmp_path):
     from diffusion_bunny.errors import StageError
 

@@ -15,13 +15,40 @@ a person sets by eye.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 from diffusion_bunny.media.images import BOX_COLUMNS
-from diffusion_bunny.pipeline.contract import Reads, Stage
+from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
+from diffusion_bunny.pipeline.run import Run
 
 #: What stage 02 reads of the frames table: where each frame is, its size and its picture box.
 FRAME_COLUMNS = ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS)
+
+
+def frame_files(run: Run, cfg: ConfigView | None = None) -> dict[str, Any]:
+    """The frame files as they are now: the size and modification time of each file the frames
+    table names (missing: -1), hashed. Stage 02's input beside the frames table.
+
+    Why: a frame file deleted or damaged after stage 01 is scored ``unreadable``; stage 01 run
+    again writes it back under the same row, so the frames table (all stage 02 declared before)
+    does not change and stage 02 was skipped, the frame unreadable for good. A stat per frame,
+    no read: a long film's thousands of frames cost milliseconds, on every ``bunny status`` too.
+    The time as well as the size: a file written again at its old size (a damaged file rewritten
+    by ``--force``) still counts as changed."""
+    if not run.has_table("frames"):
+        return {}
+    lines, missing = [], 0
+    for path in run.read_table("frames")["path"]:
+        try:
+            st = os.stat(run.run_dir / path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime, missing = -1, -1, missing + 1
+        lines.append(f"{path}\t{size}\t{mtime}")
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return {"frame_files": {"files": len(lines), "missing": missing, "sha256": digest}}
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -47,6 +74,7 @@ STAGE = Stage(
     package=__name__,
     summary=summary,
     reads=(Reads("frames", "extract", FRAME_COLUMNS),),
+    inputs=frame_files,
     config=("quality",),
     writes=("quality",),
 )

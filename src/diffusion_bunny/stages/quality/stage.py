@@ -192,7 +192,7 @@ def compute(ctx: Context) -> StageOutput:
     if counts.get("unreadable"):
         warnings.append(
             f"{counts['unreadable']} frame file(s) missing or unreadable (reject_reason 'unreadable'); "
-            "rerun stage extract with --force to write them again"
+            "rerun stage extract with --force to write them again (stage quality then scores them again)"
         )
     return StageOutput(tables={"quality": table}, counts=counts, warnings=warnings, facts=facts)
 
