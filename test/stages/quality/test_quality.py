@@ -7,6 +7,7 @@ import itertools
 import json
 from io import BytesIO
 from pathlib import Path
+from unittest.mock import ANY
 
 import cv2
 import numpy as np
@@ -21,6 +22,7 @@ from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage, stage_state
+from diffusion_bunny.stages.quality import frame_files
 from diffusion_bunny.stages.quality.plots import quality_histograms, quality_sheet
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
@@ -566,7 +568,11 @@ def test_demo_rejects_blurred_dark_and_repeated_shots(demo_run, demo):
     manifest = demo_run.read_manifest("quality")
     assert manifest["counts"]["kept"] == int(quality["keep"].sum())
     declared = ["frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS]
-    assert manifest["inputs"] == {"frames": demo_run.table_fingerprint("frames", declared)}
+    assert manifest["inputs"] == {
+        "frames": demo_run.table_fingerprint("frames", declared),
+        **frame_files(demo_run),  # each frame file's size and time, hashed
+    }
+    assert manifest["inputs"]["frame_files"] == {"files": frames.height, "missing": 0, "sha256": ANY}
     assert manifest["facts"]["workers"] >= 1
 
 
