@@ -39,6 +39,7 @@ from diffusion_bunny.stages.quality.scores import (
     score_image,
 )
 from diffusion_bunny.stages.quality.settings import QualitySettings
+from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
 
 # Random 64-bit hashes are about 32 bits apart; these 12 are at least 20 apart (checked below).
 FAR = [int(h) for h in np.random.default_rng(7).integers(0, 2**63, size=12, dtype=np.uint64)]
@@ -733,6 +734,40 @@ def test_a_frame_file_written_again_is_scored_again(demo_run, tmp_path):
     quality = run_stage(run, "quality", cfg, progress=False)["quality"]
     assert quality["readable"][0] and quality["reject_reason"][0] != "unreadable"
     assert stage_state(run, "quality", cfg)[0] == "done"
+
+
+def test_a_threshold_moved_reuses_the_scores(demo_run, tmp_path, monkeypatch):
+    from diffusion_bunny.stages.quality import stage as quality_stage
+
+    run = _copied_run(demo_run, tmp_path)
+    cfg = load_config(root=tmp_path)
+    first = run_stage(run, "quality", cfg, force=True, progress=False)["quality"]
+    calls = []
+    real = quality_stage.score_frames
+    monkeypatch.setattr(quality_stage, "score_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # A threshold moved: the rules apply again to the stored scores, no frame decoded.
+    moved = load_config(None, ["quality.min_sharpness=5000"], root=tmp_path)
+    again = run_stage(run, "quality", moved, progress=False)["quality"]
+    assert not calls and run.read_manifest("quality")["facts"]["scores_reused"] == first.height
+    assert again.select(*SCORES_SCHEMA).equals(first.select(*SCORES_SCHEMA))
+    assert set(again["reject_reason"].drop_nulls()) >= {"blurry"}
+    # The frame files changed (written again): scored again.
+    frame = run.run_dir / run.read_table("frames")["path"][0]
+    frame.write_bytes(frame.read_bytes())
+    run_stage(run, "quality", cfg, progress=False)
+    assert len(calls) == 1 and "scores_reused" not in run.read_manifest("quality")["facts"]
+    # The scoring code changed (the manifest records another code hash): scored again.
+    manifest = run.read_manifest("quality")
+    run.write_manifest("quality", {**manifest, "code_hash": "another"})
+    run_stage(run, "quality", moved, progress=False)
+    assert len(calls) == 2
+    # The table on disk is not the one the manifest recorded: scored again.
+    run_stage(run, "quality", cfg, progress=False)
+    assert len(calls) == 2  # (reused: nothing moved but the threshold)
+    table = run.read_table("quality").with_columns(pl.col("sharpness") * 2)
+    table.write_parquet(run.table_path("quality"))
+    run_stage(run, "quality", moved, progress=False)
+    assert len(calls) == 3
 
 
 def test_quality_needs_the_frames_table(cut_clip, tmp_path):

@@ -65,7 +65,9 @@ def summary(manifest: dict[str, Any]) -> str:
         text = f"; text looked for on {f['text_frames_detected']} frames{ms}"
         if f.get("text_frames_reused"):
             text += f" ({f['text_frames_reused']} reused)"
-    return f"{c['frames']} frames scored{speed} on {f['workers']} threads{text}: {reasons or 'none'}"
+    # A threshold moved: the last run's scores were applied again, no frame decoded.
+    scored = "(scores reused)" if f.get("scores_reused") else f"scored{speed} on {f['workers']} threads"
+    return f"{c['frames']} frames {scored}{text}: {reasons or 'none'}"
 
 
 STAGE = Stage(

@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.models.text import load_text_detector
 from diffusion_bunny.pipeline.contract import Context, StageOutput
+from diffusion_bunny.pipeline.manifest import code_hash, plain, table_fingerprint
+from diffusion_bunny.stages.quality import FRAME_COLUMNS, frame_files
+from diffusion_bunny.stages.quality import STAGE as QUALITY
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -55,6 +58,7 @@ from diffusion_bunny.stages.quality.rules import (
     with_text_columns,
 )
 from diffusion_bunny.stages.quality.scores import SCORE_WIDTH, score_frames
+from diffusion_bunny.stages.quality.tables import SCORES_SCHEMA
 from diffusion_bunny.stages.quality.text import TEXT_SCHEMA, current_keys, detect_text
 
 if TYPE_CHECKING:
@@ -157,6 +161,36 @@ def _add_text(
     return scores, []
 
 
+def _stored_scores(ctx: Context, frames: pl.DataFrame) -> pl.DataFrame | None:
+    """The scores of the last run, in ``frames``' order, when they still hold; else None.
+
+    Why: the scores are a function of the frame files, the frames table's paths and picture boxes
+    and the stage's code, and of no setting (:data:`SCORE_WIDTH` is code). When the last run read
+    the same inputs (the frames table's columns and :func:`frame_files`, as its manifest records
+    them) with the same code, and its table is still the one it wrote, only settings moved: the
+    thresholds (or ``text_width``, whose text scores are keyed on their own) apply again to the
+    stored scores instead of decoding every frame again (docs/development.md, "Habits")."""
+    manifest = ctx.previous
+    if not manifest or (manifest.get("facts") or {}).get("score_width") != SCORE_WIDTH:
+        return None
+    if manifest.get("code_hash") != code_hash(QUALITY.package):
+        return None
+    fresh = {"frames": ctx.run.table_fingerprint("frames", FRAME_COLUMNS), **frame_files(ctx.run)}
+    if manifest.get("inputs") != plain(fresh):
+        return None
+    written = ((manifest.get("outputs") or {}).get("tables") or {}).get("quality")
+    path = ctx.run.table_path("quality")
+    if written is None or not path.is_file() or plain(table_fingerprint(path)) != written:
+        return None
+    old = ctx.own_previous("quality")
+    if old is None or not set(SCORES_SCHEMA) <= set(old.columns) or old.height != frames.height:
+        return None
+    stored = frames.select("frame_id").join(
+        old.select(list(SCORES_SCHEMA)), on="frame_id", how="left", maintain_order="left"
+    )
+    return None if stored["readable"].is_null().any() else stored.cast(SCORES_SCHEMA)
+
+
 def compute(ctx: Context) -> StageOutput:
     """Score the frames stage 01 kept, once, then apply the rules, looking for text on the frames
     they keep: the ``quality`` table."""
@@ -164,16 +198,19 @@ def compute(ctx: Context) -> StageOutput:
     cfg = ctx.cfg.quality
     started = time.perf_counter()
     workers = os.cpu_count() or 1
-    scores = score_frames(
-        ctx.run_dir, frames, workers=workers, progress=ctx.progress, progress_path=ctx.progress_path
-    )
-    scored = time.perf_counter() - started
-    facts = {
-        "score_width": SCORE_WIDTH,
-        "workers": workers,
-        "scoring_seconds": round(scored, 3),
-        "frames_per_second": round(frames.height / scored, 1) if scored > 0 and frames.height else None,
-    }
+    scores = _stored_scores(ctx, frames)
+    facts: dict[str, Any] = {"score_width": SCORE_WIDTH, "workers": workers}
+    if scores is not None:
+        facts["scores_reused"] = scores.height
+    else:
+        scores = score_frames(
+            ctx.run_dir, frames, workers=workers, progress=ctx.progress, progress_path=ctx.progress_path
+        )
+        scored = time.perf_counter() - started
+        facts["scoring_seconds"] = round(scored, 3)
+        facts["frames_per_second"] = (
+            round(frames.height / scored, 1) if scored > 0 and frames.height else None
+        )
     scores, warnings = _add_text(ctx, frames, scores, facts)
     table = apply_quality_rules(scores, frames, cfg)
     # The film-relative thresholds in force, so a reader sees why a night film kept its frames.
