@@ -41,6 +41,9 @@ from diffusion_bunny.paths import is_clutter
 from diffusion_bunny.registry import FACE_DETECTORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".avif", ".tif", ".tiff")
+#: Pictures stage 03 reads as references (Pillow reads them all, GIFs too; ``.jfif`` is how
+#: Windows' browsers save a JPEG, ``.avif`` what many web pages serve now).
+REFERENCE_SUFFIXES = (*IMAGE_EXTENSIONS, ".gif")
 #: Side in pixels of the square gray copy of a face its sharpness is measured on, so that a
 #: small face and a large one are compared at the same scale.
 FACE_SHARPNESS_SIDE = 96

@@ -949,3 +949,16 @@ def test_references_behind_links_unreadable_folders_and_pictures_in_two_folders(
         ),
     )
     assert references_fingerprint(refs)["sha256"]
+
+
+def test_loose_gifs_in_the_reference_folder_are_counted_in_its_line(tmp_path):
+    """A folder of loose sprites (GIFs, as game wikis serve them) is told to sort them into a
+    folder per character; GIFs were not counted, so the line said nothing of them."""
+    from diffusion_bunny.errors import BadInputError
+    from diffusion_bunny.stages.characters.tables import reference_dir
+
+    (tmp_path / "refs").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "refs" / "tux.gif")
+    cfg = CharactersSettings(reference_dir=str(tmp_path / "refs"))
+    with pytest.raises(BadInputError, match=r"holds 1 picture\(s\) of its own, in no sub-folder"):
+        reference_dir(tmp_path / "run", cfg)

@@ -36,6 +36,7 @@ from diffusion_bunny.media.images import eight_bit
 from diffusion_bunny.media.probe import shown
 from diffusion_bunny.models import dlib_faces
 from diffusion_bunny.models.faces import (
+    REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
     misnamed_references,
@@ -49,9 +50,6 @@ from diffusion_bunny.models.fitted.detector import content_box
 GREY = (128, 128, 128)
 #: A picture's subject must be at least this many pixels on its shorter side.
 MIN_SUBJECT_PX = 16
-#: Pictures the workspace reads as references.
-#: ``.jfif`` is how Windows' browsers save a JPEG, ``.avif`` what many web pages serve now.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 #: Photo formats of phones and cameras that Pillow and OpenCV do not read (HEIC/HEIF and
 #: raw files): named in the line that leaves them out, with what to do.
 PHOTO_ONLY_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".nef", ".arw")
@@ -355,7 +353,7 @@ def _check_file(path: Path) -> None:
             "is a vector drawing (SVG), which is not read; export it as PNG (a browser, "
             "Inkscape or the editor it came from does), with a transparent background"
         )
-    if suffix not in IMAGE_SUFFIXES:
+    if suffix not in REFERENCE_SUFFIXES:
         raise ReferenceProblem(
             f"is not a picture the workspace reads ({path.suffix or 'no extension'}); if it is one, "
             f"rename it to end in .png or .jpg"

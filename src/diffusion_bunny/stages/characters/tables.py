@@ -11,7 +11,7 @@ import polars as pl
 
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.models.faces import (
-    IMAGE_EXTENSIONS,
+    REFERENCE_SUFFIXES,
     DetectSettings,
     ReferenceSet,
     reference_images,
@@ -216,7 +216,7 @@ def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:
                 "fix its permissions, or give another folder (characters.reference_dir or --characters)"
             ) from None
         if not any(given.values()):
-            loose = sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in configured.iterdir())
+            loose = sum(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in configured.iterdir())
             found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
             raise BadInputError(
                 f"reference folder {configured} holds no images in character sub-folders{found}; add "

@@ -52,9 +52,17 @@ class GenerateSettings(Section):
             raise ValueError("give at least one prompt template, e.g. '{trigger} {character}, portrait'")
         for template in value:
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+                parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
             except ValueError as exc:
                 raise ValueError(f"prompt {template!r} is not a valid template ({exc})") from None
+            fields = [f for f, _, _ in parsed if f is not None]
+            # "{character!r}" put quotes into every prompt, "{character:>20}" spaces.
+            shaped = [f for f, spec, conv in parsed if f is not None and (spec or conv)]
+            if shaped:
+                raise ValueError(
+                    f"prompt {template!r} shapes {{{shaped[0]}}} (a '!' or ':' after its name); write "
+                    f"{{{shaped[0]}}} alone"
+                )
             unknown = [f for f in fields if f not in PROMPT_FIELDS]
             if unknown:
                 raise ValueError(
