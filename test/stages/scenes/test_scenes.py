@@ -898,3 +898,43 @@ def test_an_edl_of_over_999_events_keeps_its_columns_and_says_its_frame_count(ra
     )
     back = otio.adapters.read_from_string(text, "cmx_3600", rate=rate)
     assert len(list(back.find_clips())) == 1001
+
+
+def test_an_edl_counts_from_the_movies_own_start_timecode(tmp_path):
+    """A camera's file or an editor's export starts at 01:00:00:00: its EDL counted from zero,
+    an hour before every shot, so an editor's relink found nothing."""
+    import av
+    import opentimelineio as otio
+
+    from diffusion_bunny.stages.scenes.timeline import (
+        build_timeline,
+        edl_text,
+        start_timecode,
+        timecode_frames,
+    )
+
+    movie = tmp_path / "cam.mov"
+    with av.open(str(movie), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.metadata["timecode"] = "01:00:00:00"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    assert start_timecode(movie) == "01:00:00:00"
+    assert start_timecode(tmp_path / "missing.mov") is None
+    start = timecode_frames(start_timecode(movie), 25)
+    assert (
+        start == 25 * 3600 and timecode_frames("not a timecode", 25) == 0 and timecode_frames(None, 25) == 0
+    )
+    rows = pl.DataFrame(
+        {"cluster_id": ["s001", "s001"], "name": ["hall", "hall"], "shot_id": [0, 1], "frame_index": [1, 3]}
+    )
+    shots = pl.DataFrame({"shot_id": [0, 1], "start_frame": [0, 2], "end_frame": [2, 4]})
+    timeline = build_timeline(rows, shots, 25.0, movie, rate=25.0, start=start)
+    back = otio.adapters.read_from_string(edl_text(timeline), "cmx_3600", rate=25)
+    starts = [c.source_range.start_time.to_timecode() for c in back.find_clips()]
+    assert starts == ["01:00:00:00", "01:00:00:02"]

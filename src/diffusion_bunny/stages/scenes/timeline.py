@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import av
 import opentimelineio as otio
 import polars as pl
 
@@ -102,6 +103,31 @@ def edl_rate(fps: float) -> tuple[float | None, str | None]:
     )
 
 
+def start_timecode(movie: Path) -> str | None:
+    """The movie's own timecode at its first frame (a camera's or an editor's export starts at
+    01:00:00:00, say), from its picture stream's tags, a timecode track's or the container's; None
+    when it has none or cannot be opened. An EDL that counted from 00:00:00:00 for such a movie
+    pointed an editor's relink an hour away from every shot."""
+    try:
+        with av.open(str(movie)) as container:
+            tags = [dict(s.metadata) for s in container.streams if s.type in ("video", "data")]
+            tags.append(dict(container.metadata))
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+    return next((t["timecode"] for t in tags if t.get("timecode")), None)
+
+
+def timecode_frames(timecode: str | None, rate: float) -> int:
+    """Frames at ``rate`` from 00:00:00:00 to ``timecode`` (0 for none, or for a tag that is no
+    timecode OpenTimelineIO reads at that rate)."""
+    if not timecode:
+        return 0
+    try:
+        return round(otio.opentime.from_timecode(timecode, rate).value)
+    except (ValueError, TypeError):
+        return 0
+
+
 def build_timeline(
     rows: pl.DataFrame,
     shots: pl.DataFrame,
@@ -109,13 +135,15 @@ def build_timeline(
     movie: Path,
     level: str = "scene",
     rate: float | None = None,
+    start: int = 0,
 ) -> Any:
     """An OpenTimelineIO timeline of the clusters' shots (see the module docstring). ``rate``
-    (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it."""
+    (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it,
+    ``start`` frames on (the movie's own start timecode, :func:`timecode_frames`)."""
     rate = fps if rate is None else rate
 
     def at(frame: int) -> int:
-        return frame if rate == fps else round(frame * rate / fps)
+        return start + (frame if rate == fps else round(frame * rate / fps))
 
     reel = reel_name(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
