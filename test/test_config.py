@@ -148,13 +148,20 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
     assert load_config(None, ["generate.negative_prompt=- blurry"]).generate.negative_prompt == "- blurry"
     assert parse_override("generate.negative_prompt=[a, b]", text_setting)[1] == "[a, b]"
     assert parse_override("run.video_extensions=[.mp4]", text_setting)[1] == [".mp4"]
-    for value, shown in (({"style": "cartoon"}, "{'style': 'cartoon'}"), (2024, "2024")):
-        with pytest.raises(ConfigError) as info:
-            load_config(None, {"generate.negative_prompt": value})
-        assert str(info.value) == (
-            f"config error: generate.negative_prompt = {shown}: Input should be a valid string; "
-            "put the text in quotes"
-        )
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"generate.negative_prompt": 2024})
+    assert str(info.value) == (
+        "config error: generate.negative_prompt = 2024: Input should be a valid string; "
+        "put the text in quotes"
+    )
+    # A mapping is not repeated (it may hold a secret); an empty value is not fixed by quotes.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"generate.negative_prompt": {"password": "hunter2"}})
+    assert str(info.value) == "config error: generate.negative_prompt: Input should be a valid string"
+    with pytest.raises(
+        ConfigError, match=r"captions.trigger_word is empty: .*give it text, or leave the key out"
+    ):
+        load_config(None, {"captions.trigger_word": None})
     movie = tmp_path / "x.mp4"
     movie.write_bytes(b"x")
     argv = ["status", str(movie), "--out", str(tmp_path / "out"), "--set", "captions.trigger_word=2024"]
@@ -209,6 +216,24 @@ def test_a_settings_file_reads_a_value_as_set_does(tmp_path):
     layer.write_text("run:\n  seed: 010\ngenerate:\n  negative_prompt: no\nexport:\n  balance: no\n")
     cfg = load_config(layer, root=tmp_path)
     assert cfg.run.seed == 10 and cfg.generate.negative_prompt == "no" and cfg.export.balance is False
+    # The core schema's other integers, as YAML 1.1 read them too: 0x hexadecimal, 0o octal.
+    layer.write_text("run:\n  seed: 0xC0FFEE\nreport:\n  dpi: 0o144\n")
+    cfg = load_config(layer, root=tmp_path)
+    assert (cfg.run.seed, cfg.report.dpi) == (0xC0FFEE, 100)
+
+
+def test_a_widget_saving_its_choice_keeps_the_values_it_did_not_set(tmp_path):
+    """``config/local_*.yaml`` read back as YAML 1.1 by the widget's save: ``picture_box: off``
+    was written back as ``false`` (refused at the next load), ``seed: 010`` as 8."""
+    from diffusion_bunny.pipeline.settings import save_local_settings
+
+    (tmp_path / "config").mkdir()
+    local = tmp_path / "config" / "local_extract.yaml"
+    local.write_text("extract:\n  picture_box: off\nrun:\n  seed: 010\ngenerate:\n  negative_prompt: no\n")
+    save_local_settings("extract", {"extract": {"jpeg_quality": 80}}, tmp_path)
+    cfg = load_config(None, root=tmp_path)
+    assert (cfg.extract.picture_box, cfg.run.seed, cfg.generate.negative_prompt) == ("off", 10, "no")
+    assert cfg.extract.jpeg_quality == 80
 
 
 def test_a_section_with_nothing_under_it_sets_nothing(tmp_path):

@@ -326,8 +326,11 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    if err["type"] == "string_type":  # a number or a list where text goes: YAML read it so
+    if err["type"] == "string_type" and isinstance(value, int | float | list | tuple):
+        # A number, a yes/no or a list where text goes: YAML read it so.
         return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
+    if err["type"] == "string_type" and value is None:
+        return f"config error: {key} is empty: {msg}; give it text, or leave the key out for its default"
     # A value refused for carrying credentials is not repeated (the error may be stored).
     if isinstance(value, dict) or "must not carry credentials" in msg:
         return f"config error: {key}: {msg}"

@@ -416,7 +416,7 @@ def test_a_folder_run_refuses_an_out_of_the_users_own_before_writing_there(movie
     (single / "report" / "figures").mkdir(parents=True)
     (single / "report" / "figures" / "funnel.png").write_bytes(b"its figure")
     for out, message in [
-        (mine, f"{mine} already holds files and is no folder run's output: notes.txt, report; "),
+        (mine, f"{mine / 'report'} is no folder run's report (figures, index.html); "),
         (single, f"{single} is the run folder of one movie; "),
     ]:
         before = _files(out)
@@ -438,6 +438,8 @@ def test_a_folder_run_refuses_an_out_of_the_users_own_before_writing_there(movie
     (own / "report" / "movies.parquet").write_bytes(b"")
     (own / "log").mkdir()
     (own / ".locks").mkdir()
+    (own / "a.srt").write_text("1\n00:00:01,000 --> 00:00:02,000\nhello\n")  # beside its movie
+    (own / "Thumbs.db").write_bytes(b"\xd0\xcf")
     check_batch_folder(own, sorted(own.glob("*.mp4")))
     check_batch_folder(tmp_path / "new", [])
 

@@ -329,43 +329,51 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     entries and the operating system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`).
     A link to a missing file is listed, so the loader names it rather than pass over it."""
     return {
-        name: sorted(p for sub in folders for p in _walk(sub)[0])
+        name: sorted(p for sub in folders for p in _walk(sub, ref_dir)[0])
         for name, folders in character_folders(ref_dir).items()
     }
 
 
-def _walk(sub: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files under ``sub`` and the folders there that could not be listed (with why).
+def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files under the character folder ``sub`` of ``ref_dir``, and the folders there left
+    out, each with why (a clause: "cannot be read (Permission denied)").
 
     Written with :func:`os.walk` rather than ``Path.rglob``: before Python 3.13 rglob does not go
     into linked folders (``poses -> ~/art/poses`` was "empty") and passes over a folder it may not
-    read without a word. Each real folder is read once, so a link to a folder above loops not."""
+    read without a word. A link back to the reference folder (or above it) or into another
+    character's folder is not followed: it listed every character's pictures as this one's too
+    (``refs/obama/all -> ..``), and a picture under two characters is left out of both."""
     files: list[Path] = []
-    errors: list[tuple[Path, str]] = []
-    seen: set[str] = set()
+    left: list[tuple[Path, str]] = []
+    top, own = Path(os.path.realpath(ref_dir)), Path(os.path.realpath(sub))
 
     def failed(exc: OSError) -> None:
-        errors.append((Path(exc.filename or sub), exc.strerror or type(exc).__name__))
+        left.append((Path(exc.filename or sub), f"cannot be read ({exc.strerror or type(exc).__name__})"))
 
     for root, dirs, names in os.walk(sub, onerror=failed, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if _usable(d))
+        kept = []
+        for d in sorted(d for d in dirs if _usable(d)):
+            real = Path(os.path.realpath(Path(root) / d))
+            if top.is_relative_to(real) or own.is_relative_to(real):
+                left.append((Path(root) / d, "is a link to the reference folder or a folder above it"))
+            elif real.is_relative_to(top) and not real.is_relative_to(own):
+                left.append((Path(root) / d, "is a link into another character's folder"))
+            else:
+                kept.append(d)
+        dirs[:] = kept
         files += [Path(root) / n for n in names if _usable(n)]
-    return files, errors
+    return files, left
 
 
-def unreadable_reference_folders(ref_dir: Path) -> dict[Path, str]:
-    """``{folder: why}`` for each folder under ``ref_dir``'s character folders that could not be
-    listed (its permissions): its pictures cannot be used, and it is not "empty"."""
+def left_out_reference_folders(ref_dir: Path) -> dict[Path, str]:
+    """``{folder: why}`` for each folder under ``ref_dir``'s character folders whose pictures are
+    not read (:func:`_walk`): it cannot be listed (its permissions) or is a link that would take
+    in other characters' pictures. Such a character is not "empty"."""
     return {
         path: why
         for folders in character_folders(ref_dir).values()
         for sub in folders
-        for path, why in _walk(sub)[1]
+        for path, why in _walk(sub, ref_dir)[1]
     }
 
 

@@ -157,6 +157,8 @@ class Context:
     #: The stage's manifest of its last run (read before this run invalidated it), or None.
     previous: dict[str, Any] | None = None
     writes: tuple[str, ...] = ()
+    #: The run was forced (``--force``): work kept from the last run is not reused.
+    forced: bool = False
 
     def table(self, name: str) -> pl.DataFrame:
         """A declared table (an optional one that is absent is a bug to ask for here)."""
@@ -578,6 +580,7 @@ def _run_stage_locked(
         progress=progress,
         previous=previous,
         writes=stage.writes,
+        forced=force,
     )
     for line in behind:
         log.warning("%s: %s", run.run_dir.name, line)

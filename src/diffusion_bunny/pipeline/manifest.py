@@ -136,13 +136,6 @@ def build_manifest(
     facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest a stage writes after its outputs."""
-
-    def _version(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:  # pragma: no cover - every listed package is a dependency
-            return "missing"
-
     finished = datetime.now(UTC)
     return {
         "stage": stage,
@@ -158,12 +151,25 @@ def build_manifest(
         "started": started.isoformat(),
         "finished": finished.isoformat(),
         "duration_s": round((finished - started).total_seconds(), 3),
-        "versions": {
-            "diffusion_bunny": package_version(),
-            "python": platform.python_version(),
-            **{
-                dist: _version(dist)
-                for dist in ("polars", "numpy", "av", "scenedetect-headless", "opencv-python-headless")
-            },
+        "versions": library_versions(),
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:  # pragma: no cover - every listed package is a dependency
+        return "missing"
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a manifest records: the package, Python and the main libraries (a library
+    upgrade is no code of the package, yet it can change what a stage computes)."""
+    return {
+        "diffusion_bunny": package_version(),
+        "python": platform.python_version(),
+        **{
+            dist: _version(dist)
+            for dist in ("polars", "numpy", "av", "scenedetect-headless", "opencv-python-headless")
         },
     }

@@ -161,13 +161,13 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
 
 
 def check_batch_folder(out: str | Path, movies: Sequence[Path]) -> None:
-    """Refuse a folder run's ``--out`` that holds other things than a folder run's output, before
-    anything is written there: a folder run writes one run folder per movie and ``report/`` (whose
-    figures it replaces) into it, so a folder of the user's own lost its ``report/`` and a movie's
-    run folder got the batch nested inside and its own report's figures deleted. Its output is
-    recognised by what it holds: run folders (``run.json``), run folders not begun yet (nothing
-    but hidden entries and ``log/``), a batch report (``report/movies.parquet``) and the run's own
-    movies (the movies' folder may be ``--out``); hidden entries and ``log/`` do not count."""
+    """Refuse a folder run's ``--out`` where the run would replace what is not its own, before
+    anything is written there: a folder run writes one run folder per movie (each checked as a
+    single movie's ``--out`` is) and replaces ``report/``, so a folder of the user's own lost the
+    figures of its ``report/``, and a movie's run folder got the batch nested inside it and its
+    own report's figures deleted. Anything else may stay beside the batch (the movies themselves
+    when ``--out`` is their folder, a subtitle beside one, notes): the run touches it not.
+    ``movies`` is kept for the callers; what a batch may overwrite does not depend on them."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise StageError(f"{folder} is a file, not a folder; give --out a folder for the movies' run folders")
@@ -178,28 +178,14 @@ def check_batch_folder(out: str | Path, movies: Sequence[Path]) -> None:
             f"{folder} is the run folder of one movie; a folder run writes a run folder per movie and a "
             "report into --out, so give it a new or empty folder (or the --out of an earlier folder run)"
         )
-    ours = {Path(m).resolve() for m in movies}
-    own = sorted(p.name for p in folder.iterdir() if not _of_batch(p, ours))
-    if own:
-        shown = ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "")
-        raise StageError(
-            f"{folder} already holds files and is no folder run's output: {shown}; a folder run "
-            "writes a run folder per movie and replaces report/ there, so give --out a new or empty "
-            "folder (or the --out of an earlier folder run)"
-        )
-
-
-def _of_batch(entry: Path, movies: set[Path]) -> bool:
-    """Whether ``entry`` of an ``--out`` is what a folder run leaves there (:func:`check_batch_folder`)."""
-    if entry.name.startswith(".") or entry.name == "log":
-        return True
-    if entry.is_file():
-        return entry.resolve() in movies
-    if not entry.is_dir():
-        return False
-    if (entry / "run.json").is_file() or (entry.name == "report" and (entry / "movies.parquet").is_file()):
-        return True
-    return not any(not p.name.startswith(".") and p.name != "log" for p in entry.iterdir())
+    report = folder / "report"
+    if report.is_dir() and not (report / "movies.parquet").is_file():
+        held = sorted(p.name for p in report.iterdir() if not p.name.startswith("."))
+        if held:
+            raise StageError(
+                f"{report} is no folder run's report ({', '.join(held[:3])}); a folder run replaces "
+                "report/ in its --out, so give --out a new folder, or move that report/ away"
+            )
 
 
 @dataclass(frozen=True)

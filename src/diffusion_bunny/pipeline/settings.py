@@ -170,8 +170,20 @@ class Yaml12Loader(yaml.SafeLoader):
 
 
 Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-Yaml12Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+# The core schema's integers: decimal, 0o octal and 0x hexadecimal (a seed written 0xC0FFEE).
+Yaml12Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+Yaml12Loader.add_constructor(_INT, lambda loader, node: _core_int(loader.construct_scalar(node)))
+
+
+def _core_int(text: str) -> int:
+    """A YAML 1.2 core-schema integer: ``010`` is ten (not YAML 1.1's octal 8), ``0o10`` eight."""
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text)
 
 
 def parse_override(text: str, text_setting: Callable[[str], bool] | None = None) -> tuple[str, Any]:
@@ -210,7 +222,9 @@ def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Pa
     path = root / "config" / f"local_{name}.yaml"
     current: dict[str, Any] = {}
     if path.is_file():
-        current = yaml.safe_load(path.read_text()) or {}
+        # Read as the settings files are (YAML 1.2): read as YAML 1.1, a user's `picture_box: off`
+        # was written back as `false` and refused at the next load, and `seed: 010` became 8.
+        current = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
     for old, new in SECTION_ALIASES.items():
         # A file written before a section was renamed: its settings move to the new name (the
         # values being saved win), so the file never holds a key under both names.

@@ -1009,6 +1009,10 @@ def test_the_trigger_word_must_open_the_caption_as_a_whole_word():
     assert _with_trigger("\u201ca man\u201d", "bunnystyle") == "bunnystyle, a man"
     assert _with_trigger("BunnyStyle,  a man", "bunnystyle") == "BunnyStyle, a man"
     assert _with_trigger("bunnystyle a man", "bunnystyle") == "bunnystyle a man"
+    # Quotes inside the answer are its own: only a pair around the whole of it goes.
+    quoted = '"Hamilton" is on a sign, he says "wait"'
+    assert _with_trigger(quoted, "bunnystyle") == f"bunnystyle, {quoted}"
+    assert _with_trigger("'Tis night, he says 'hi'", "bunnystyle") == "bunnystyle, 'Tis night, he says 'hi'"
 
 
 def test_rate_limiter_starts_at_most_requests_per_minute_in_any_minute():
@@ -1028,6 +1032,15 @@ def test_rate_limiter_starts_at_most_requests_per_minute_in_any_minute():
         assert sum(t <= s < t + 60 for s in starts) <= 3
     assert starts[:3] == [0.0, 0.0, 0.0] and starts[3] == pytest.approx(60.0)
     assert starts[-1] == pytest.approx(120.0)
+    # A fractional limit holds over the long run (1.5 a minute, not 1), at most 2 in any minute.
+    now[0] = 0.0
+    limiter = RateLimiter(1.5, burst=1, clock=lambda: now[0], sleep=sleep)
+    starts = []
+    for _ in range(31):
+        limiter.acquire()
+        starts.append(now[0])
+    assert 30 / (starts[-1] / 60) == pytest.approx(1.5, rel=0.05)
+    assert all(sum(t <= s < t + 60 for s in starts) <= 2 for t in starts)
 
 
 def test_a_relative_cache_dir_is_under_the_workspace(tmp_path, monkeypatch):

@@ -911,8 +911,11 @@ def test_references_behind_links_unreadable_folders_and_pictures_in_two_folders(
     save(refs / "mika" / "front.png", draw(cast("mika"), Pose(turn=0.4), 160).rgba)
     (refs / "mika" / "poses").symlink_to(tmp_path / "elsewhere" / "poses")
     (refs / "mika" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (refs / "mika" / "everyone").symlink_to(refs)  # a loop up: it took in every character's pictures
+    (refs / "mika" / "up").symlink_to(tmp_path)
     save(refs / "biscuit" / "dog.png", other)
     save(refs / "biscuit" / "copied_by_mistake.png", sprite)  # mika's pose, in the dog's folder too
+    (refs / "biscuit" / "mika_too").symlink_to(refs / "mika")
     save(refs / "unknown" / "x.png", other)
     save(refs / "Noise" / "x.png", other)
     save(refs / "locked" / "inside" / "x.png", other)
@@ -934,6 +937,16 @@ def test_references_behind_links_unreadable_folders_and_pictures_in_two_folders(
     assert f"character folder {refs / 'unknown'}: 'unknown' is what the workspace calls" in text
     assert f"character folder {refs / 'Noise'}: 'Noise'" in text
     assert f"reference folder {refs / 'locked' / 'inside'} cannot be read (Permission denied)" in text
+    assert (
+        f"reference folder {refs / 'mika' / 'everyone'} is a link to the reference folder or a folder above"
+        in text
+    )
+    assert (
+        f"reference folder {refs / 'mika' / 'up'} is a link to the reference folder or a folder above" in text
+    )
+    assert (
+        f"reference folder {refs / 'biscuit' / 'mika_too'} is a link into another character's folder" in text
+    )
     assert "locked is empty" not in text and "is empty" not in text
     assert pictures.drawn() == ["biscuit", "mika"] and not faces.names
 

@@ -180,16 +180,18 @@ def test_prompts_and_grid_plan():
     assert len({i.rel_path for i in items}) == len(items)
     assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
     odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
-    assert odd.rel_path.startswith("generated/checkpoint-10/Mr._X_Y~")
-    assert odd.rel_path.endswith("/p00_seed3_scalem0.50.png")
+    assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
     # Names alike once made safe for a folder are folders of their own (they drew over each
     # other's pictures), and no name leaves the checkpoint's folder.
-    alike = ["Mary Jane", "Mary_Jane", "???", "!!!", "..", NO_CHARACTER]
+    alike = ["Mary Jane", "Mary_Jane", "???", "!!!", ".."]
     folders = [Path(i.rel_path).parent for i in plan_grid(alike, ["{character}"], "t", [0], [1.0], cks[:1])]
     assert len(set(folders)) == len(alike) and all(
         f.parent == Path("generated/checkpoint-10") for f in folders
     )
     assert folders[1].name == "Mary_Jane"  # a name that is already a folder name stays as it is
+    assert folders[0].name.startswith("Mary_Jane~") and folders[4].name.startswith("..~")
+    only = plan_grid([NO_CHARACTER, "Lin-Manuel Miranda"], ["{character}"], "t", [0], [1.0], cks[:1])
+    assert [Path(i.rel_path).parent.name for i in only] == ["none", "Lin-Manuel_Miranda"]  # as always
     # Scales that round alike to two decimals are two files, not one drawn over by both.
     fine = plan_grid(["ann"], ["{character}"], "t", [0], [0.12, 0.125, -0.125], cks[:1])
     names = [i.rel_path.rsplit("_", 1)[1] for i in fine]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from io import BytesIO
 from pathlib import Path
 from unittest.mock import ANY
@@ -751,11 +752,19 @@ def test_a_threshold_moved_reuses_the_scores(demo_run, tmp_path, monkeypatch):
     assert not calls and run.read_manifest("quality")["facts"]["scores_reused"] == first.height
     assert again.select(*SCORES_SCHEMA).equals(first.select(*SCORES_SCHEMA))
     assert set(again["reject_reason"].drop_nulls()) >= {"blurry"}
-    # The frame files changed (written again): scored again.
-    frame = run.run_dir / run.read_table("frames")["path"][0]
-    frame.write_bytes(frame.read_bytes())
+    # Every file's time changed (a copy of the run folder, stage 01 writing the same frames):
+    # nothing to do. Written again at another size: scored again.
+    frames = [run.run_dir / p for p in run.read_table("frames")["path"]]
+    for path in frames:
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert stage_state(run, "quality", moved)[0] == "done"
+    frames[0].write_bytes(frames[0].read_bytes() + b"\0")
     run_stage(run, "quality", cfg, progress=False)
     assert len(calls) == 1 and "scores_reused" not in run.read_manifest("quality")["facts"]
+    # --force scores again (the way to, after a change no fingerprint sees).
+    run_stage(run, "quality", cfg, progress=False, force=True)
+    assert len(calls) == 2
+    calls.pop()
     # The scoring code changed (the manifest records another code hash): scored again.
     manifest = run.read_manifest("quality")
     run.write_manifest("quality", {**manifest, "code_hash": "another"})

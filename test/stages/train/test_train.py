@@ -996,6 +996,10 @@ def test_a_damaged_newest_state_is_set_aside_so_the_states_written_after_it_are_
     # is where the warning said it was kept.
     shutil.rmtree(out / "checkpoint-6")
     assert aside.is_file()
+    # train.start_over removes what it sets aside with the LoRA (a state is GBs for SDXL).
+    from diffusion_bunny.stages.train.lora import start_over
+
+    assert "damaged/" in start_over(out) and not aside.parent.exists()
 
 
 HOLD_LORA_FOLDER = textwrap.dedent(

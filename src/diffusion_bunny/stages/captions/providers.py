@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -274,8 +275,9 @@ class RateLimiter:
         self.rate = per_minute / 60.0
         self.capacity = float(max(1.0, min(float(burst), per_minute)))
         self.tokens = self.capacity
-        # A fractional limit (0.5 a minute) is the bucket's to keep; the window counts whole starts.
-        self.window = max(1, int(per_minute))
+        # The window counts whole starts: 1.5 a minute is at most 2 in any minute, the bucket
+        # keeping 1.5 over the long run (a window of 1 held it to 1).
+        self.window = max(1, math.ceil(per_minute))
         self.starts: deque[float] = deque()
         self.clock = clock
         self.sleep = sleep
@@ -645,7 +647,13 @@ def _with_trigger(caption: str, trigger: str) -> str:
     the answer's whole first word: ``cat`` does not open "Catherine sits ...", nor ``bunnystyle``
     "bunnystyled ...". Quotes a model put around its whole answer are not part of the caption."""
     text = " ".join(caption.split())
-    if len(text) >= 2 and (text[0], text[-1]) in _QUOTES:
+    # Only a pair around the whole: '"Hamilton" is on a sign, he says "wait"' keeps its quotes.
+    if (
+        len(text) > 2
+        and (text[0], text[-1]) in _QUOTES
+        and text[0] not in text[1:-1]
+        and text[-1] not in text[1:-1]
+    ):
         text = text[1:-1].strip()
     if not trigger or re.match(rf"{re.escape(trigger)}(?![\w-])", text, re.IGNORECASE):
         return text

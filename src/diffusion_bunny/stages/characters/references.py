@@ -39,10 +39,10 @@ from diffusion_bunny.models.faces import (
     REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
+    left_out_reference_folders,
     misnamed_references,
     portrait_faces,
     reference_images,
-    unreadable_reference_folders,
 )
 from diffusion_bunny.models.fitted.detector import content_box
 
@@ -414,12 +414,16 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
     given, folders_of = reference_images(ref_dir), character_folders(ref_dir)
-    unreadable = unreadable_reference_folders(ref_dir)
+    unreadable = left_out_reference_folders(ref_dir)
     pictures_of, screened = _screened(given, folders_of)
     warnings += _name_warnings(ref_dir, list(pictures_of)) + screened
     warnings += [
-        f"reference folder {shown(path)} cannot be read ({why}); its pictures are left out: fix its "
-        "permissions (or copy them into a folder of your own)"
+        f"reference folder {shown(path)} {why}; its pictures are left out"
+        + (
+            ": fix its permissions (or copy them into a folder of your own)"
+            if why.startswith("cannot")
+            else ""
+        )
         for path, why in unreadable.items()
     ]
     for name, files in pictures_of.items():

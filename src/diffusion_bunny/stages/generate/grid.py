@@ -77,15 +77,23 @@ def render_prompt(template: str, trigger: str, character: str, description: str 
     return text.strip(" ,")
 
 
-def character_folder(character: str) -> str:
-    """The folder of a character's pictures: its name where that is a safe folder name, else
-    the name made safe plus 6 hex of its hash. Made safe alone, "Mary Jane" and "Mary_Jane" (or
-    "???" and "!!!", both "none") shared one folder and overwrote each other's pictures, and
-    ".." wrote beside the checkpoint's folder."""
-    safe = re.sub(r"[^\w.-]+", "_", character).strip("_.") or "none"
-    if safe != character:
-        safe = f"{safe}~{hashlib.sha1(character.encode()).hexdigest()[:6]}"
-    return bounded_name(safe)
+def character_folders(characters: Sequence[str]) -> dict[str, str]:
+    """The folder of each character's pictures: its name made safe for a folder (as it always
+    was), and where two names of the grid come out alike ("Mary Jane" and "Mary_Jane"; "???" and
+    "!!!", both "none"), each not already that safe name gets 6 hex of its hash too: they shared
+    one folder and drew over each other's pictures. ``.`` and ``..`` always get it (``..`` wrote
+    beside the checkpoint's folder). A name alone keeps its old folder, so a rerun's pictures land
+    where the last run's are."""
+    groups: dict[str, list[str]] = {}
+    for character in dict.fromkeys(characters):
+        groups.setdefault(re.sub(r"[^\w.-]+", "_", character).strip("_") or "none", []).append(character)
+    out = {}
+    for safe, names in groups.items():
+        for name in names:
+            clash = (len(names) > 1 and name != safe) or safe in (".", "..")
+            tag = hashlib.sha1(name.encode()).hexdigest()[:6]
+            out[name] = bounded_name(f"{safe}~{tag}" if clash else safe)
+    return out
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,13 @@ class GridItem:
     lora_scale: float
     checkpoint: str
     step: int | None
+    #: The character's folder among the grid's (:func:`character_folders`); None: its own.
+    folder: str | None = None
 
     @property
     def rel_path(self) -> str:
         """Where the image lives, relative to the run folder."""
-        char = character_folder(self.character)
+        char = self.folder or character_folders([self.character])[self.character]
         scale = f"{self.lora_scale:+.2f}"
         if float(scale) != self.lora_scale:  # 0.125 beside 0.12: each scale a file of its own
             scale = f"{self.lora_scale:+.6f}".rstrip("0")
@@ -124,16 +134,18 @@ def plan_grid(
     planned once, as checkpoint :data:`BASE` (it does not depend on the LoRA); ``descriptions``
     name the characters in the prompts as the captions do (:func:`render_prompt`)."""
     items: list[GridItem] = []
+    folders = character_folders(characters)
     for character in characters:
+        folder = folders[character]
         for p, template in enumerate(templates):
             prompt = render_prompt(template, trigger, character, (descriptions or {}).get(character, ""))
             for seed in seeds:
                 for scale in scales:
                     if scale == 0:
-                        items.append(GridItem(character, p, prompt, seed, 0.0, BASE, None))
+                        items.append(GridItem(character, p, prompt, seed, 0.0, BASE, None, folder))
                         continue
                     items.extend(
-                        GridItem(character, p, prompt, seed, float(scale), c.name, c.step)
+                        GridItem(character, p, prompt, seed, float(scale), c.name, c.step, folder)
                         for c in checkpoints
                     )
     return items

@@ -28,25 +28,25 @@ FRAME_COLUMNS = ("frame_id", "frame_index", "shot_id", "path", "width", "height"
 
 
 def frame_files(run: Run, cfg: ConfigView | None = None) -> dict[str, Any]:
-    """The frame files as they are now: the size and modification time of each file the frames
-    table names (missing: -1), hashed. Stage 02's input beside the frames table.
+    """The frame files as they are now: the size of each file the frames table names (missing:
+    -1), hashed. Stage 02's input beside the frames table.
 
     Why: a frame file deleted or damaged after stage 01 is scored ``unreadable``; stage 01 run
     again writes it back under the same row, so the frames table (all stage 02 declared before)
     does not change and stage 02 was skipped, the frame unreadable for good. A stat per frame,
     no read: a long film's thousands of frames cost milliseconds, on every ``bunny status`` too.
-    The time as well as the size: a file written again at its old size (a damaged file rewritten
-    by ``--force``) still counts as changed."""
+    The size, not the time: a copy of the run folder (``cp -r``, an archive keeping whole
+    seconds) and stage 01 writing the same frames again change every file's time, and made
+    stage 02 decode every frame again; a file damaged in place at its own size is not seen."""
     if not run.has_table("frames"):
         return {}
     lines, missing = [], 0
     for path in run.read_table("frames")["path"]:
         try:
-            st = os.stat(run.run_dir / path)
-            size, mtime = st.st_size, st.st_mtime_ns
+            size = os.stat(run.run_dir / path).st_size
         except OSError:
-            size, mtime, missing = -1, -1, missing + 1
-        lines.append(f"{path}\t{size}\t{mtime}")
+            size, missing = -1, missing + 1
+        lines.append(f"{path}\t{size}")
     digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return {"frame_files": {"files": len(lines), "missing": missing, "sha256": digest}}
 

@@ -47,7 +47,7 @@ import polars as pl
 from diffusion_bunny.media.images import BOX_COLUMNS
 from diffusion_bunny.models.text import load_text_detector
 from diffusion_bunny.pipeline.contract import Context, StageOutput
-from diffusion_bunny.pipeline.manifest import code_hash, plain, table_fingerprint
+from diffusion_bunny.pipeline.manifest import code_hash, library_versions, plain, table_fingerprint
 from diffusion_bunny.stages.quality import FRAME_COLUMNS, frame_files
 from diffusion_bunny.stages.quality import STAGE as QUALITY
 from diffusion_bunny.stages.quality.rules import (
@@ -171,7 +171,9 @@ def _stored_scores(ctx: Context, frames: pl.DataFrame) -> pl.DataFrame | None:
     thresholds (or ``text_width``, whose text scores are keyed on their own) apply again to the
     stored scores instead of decoding every frame again (docs/development.md, "Habits")."""
     manifest = ctx.previous
-    if not manifest or (manifest.get("facts") or {}).get("score_width") != SCORE_WIDTH:
+    if ctx.forced or not manifest or (manifest.get("facts") or {}).get("score_width") != SCORE_WIDTH:
+        return None  # --force is the way to score again; so is a library upgrade (OpenCV's decoder)
+    if manifest.get("versions") != library_versions():
         return None
     if manifest.get("code_hash") != code_hash(QUALITY.package):
         return None

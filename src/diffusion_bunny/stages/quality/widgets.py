@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import save_local_settings
+from diffusion_bunny.pipeline.settings import Yaml12Loader, save_local_settings
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -101,7 +101,8 @@ def later_layers(config_path: str | Path | None, overrides: dict[str, Any]) -> d
     out: dict[str, Any] = {}
     if config_path is not None and Path(config_path).expanduser().is_file():
         with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
-            section = (yaml.safe_load(Path(config_path).expanduser().read_text()) or {}).get("quality") or {}
+            text = Path(config_path).expanduser().read_text()
+            section = (yaml.load(text, Loader=Yaml12Loader) or {}).get("quality") or {}  # as files are read
             out.update(section if isinstance(section, dict) else {})
     out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("quality.")})
     return out

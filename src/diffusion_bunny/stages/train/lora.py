@@ -754,7 +754,7 @@ def start_over(output_dir: Path) -> list[str]:
     LoRA is deleted, and only when the user set it."""
     removed = []
     for child in sorted(Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []:
-        if child.name.startswith("checkpoint-") or child.name == "validation":
+        if child.name.startswith("checkpoint-") or child.name in ("validation", DAMAGED_DIR):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child.name + "/")
         elif child.is_file() and child.name.endswith(".safetensors"):
