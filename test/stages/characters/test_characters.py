@@ -508,6 +508,20 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     assert stage_state(run, "characters", cfg)[0] == "done"
 
 
+def test_a_cluster_that_gives_no_reference_leaves_no_empty_character_folder(
+    discovered, tmp_path, monkeypatch
+):
+    """Naming a cluster none of whose faces passes as a reference left ``references/<name>/``
+    behind, empty: a character "with no pictures" in every later run's warnings."""
+    from diffusion_bunny.stages.characters import stage as characters_stage
+
+    run = _copy(discovered, tmp_path)
+    monkeypatch.setattr(characters_stage, "photographed_face", lambda *a, **k: False)  # none passes
+    with pytest.raises(UserError, match="no face of cluster_00 could serve as a reference"):
+        name_cluster(run.run_dir, "cluster_00", "Alice", load_config(None, dict(DEMO_SETTINGS)))
+    assert not (run.run_dir / "references" / "Alice").exists()
+
+
 def test_a_run_that_finds_nobody_without_pictures_says_why(cut_clip, tmp_path):
     """Shapes on a plain ground, no reference pictures: stage 03 finds nothing, and says that
     offline only human faces are found without pictures, and what to give it."""

@@ -18,6 +18,7 @@ face crops into the reference folder as new reference images and re-labels the r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import multiprocessing
@@ -1030,6 +1031,7 @@ def promote_cluster(
             f"no unknown faces in cluster {cluster!r} (clusters now: {', '.join(known) or 'none'})"
         )
     target = naming_dir(run.run_dir, cfg.characters) / name
+    existed = target.exists()
     frames = run.read_table("frames")
     if (members["kind"] == "drawn").all():
         written = promote_drawn(run.run_dir, members, frames, target, max_pictures=max_faces)
@@ -1043,6 +1045,9 @@ def promote_cluster(
             max_faces=max_faces,
         )
     if not written:
+        if not existed:  # an empty folder made here was a character "with no pictures" in every run
+            with contextlib.suppress(OSError):
+                target.rmdir()
         raise UserError(
             f"no face of {cluster} could serve as a reference (the detector does not find them again "
             "in a crop); add photos of this person to "
