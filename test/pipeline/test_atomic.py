@@ -69,3 +69,15 @@ def test_leftovers_of_dead_processes_are_repaired_and_a_live_ones_kept(tmp_path)
     (tmp_path / f".frames.old-{dead}-00dd").mkdir()
     recover_folder(final)
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "frames"]
+
+
+def test_two_openers_recovering_one_cut_swap_both_go_on(tmp_path, monkeypatch):
+    """A swap cut short leaves ``.frames.old-<pid>-...`` and no ``frames/``; two notebooks opening
+    the run at once both saw it, one put it back, and the other stopped on a FileNotFoundError."""
+    from diffusion_bunny.pipeline import atomic
+
+    final = tmp_path / "frames"
+    gone = tmp_path / ".frames.old-99999999-deadbeef"  # listed, then put back by the other opener
+    monkeypatch.setattr(atomic, "_leftovers", lambda f, kind: [(gone, 99999999)] if kind == "old" else [])
+    monkeypatch.setattr(atomic, "process_alive", lambda pid: False)
+    atomic.recover_folder(final)  # no error: nothing left to do

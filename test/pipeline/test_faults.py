@@ -304,3 +304,22 @@ def test_bytecode_cut_short_by_a_full_disk_is_cleared_in_one_line(tmp_path, monk
     assert Path(importlib.util.cache_from_source(str(package / "whole_mod.py"))).exists()
     assert main(["status", str(tmp_path)]) == 0  # compiled afresh
     assert importlib.import_module("cut_mod").VALUE == "cut_mod"
+
+
+def test_a_lease_is_judged_by_the_holders_own_staleness(tmp_path):
+    """A holder with pipeline.lock_stale_s 600 renews every 150 s; a notebook on another machine
+    reading with the default 120 s took it for dead at 121 s and swept its staging folder."""
+    from diffusion_bunny.pipeline.lock import Lease, current_holder, lease_path, run_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with run_lock(run_dir, what="bunny run", lease_s=600):
+        data = json.loads(lease_path(run_dir).read_text())
+    assert data["lease_s"] == 600
+    lease = lease_path(run_dir)
+    lease.parent.mkdir(exist_ok=True)
+    lease.write_text(
+        json.dumps({**data, "host": "render-node-7", "heartbeat": time.time() - 130})
+    )  # another machine's, 130 s since its last heartbeat
+    assert current_holder(run_dir) is not None  # alive for its own 600 s
+    assert Lease.read(lease).alive(120, now=time.time() + 500) is False

@@ -79,3 +79,27 @@ def test_a_damaged_stage_table_is_one_line_and_its_stage_rebuilds_it(tmp_path):
     _damage(run.table_path("quality"))
     run_stage(run, "quality", cfg, progress=False, force=True)
     assert run.read_table("quality").equals(quality)
+
+
+def test_a_restore_cut_short_leaves_the_damaged_table_not_none(tmp_path, monkeypatch):
+    """The damaged table was moved aside before the backup was copied in: a kill or a full disk
+    between the two left no table, read as "no edits yet", and the next edit wrote a table of
+    one row over the backup. The restore now replaces the table in one rename."""
+    from diffusion_bunny.pipeline import userwork
+
+    path = tmp_path / "tables" / "caption_edits.parquet"
+    path.parent.mkdir()
+    edits = pl.DataFrame({"frame_id": ["a", "b", "c"], "caption": ["one", "two", "three"]})
+    write_kept(path, edits)
+    _damage(path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(userwork, "atomic_path", full_disk)
+    with pytest.raises(OSError):
+        read_kept(path)
+    assert path.is_file() and pl.read_parquet(backup_path(path)).equals(edits)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="restored from its backup"):
+        assert read_kept(path).equals(edits)

@@ -276,8 +276,11 @@ def recover_folder(final: Path) -> None:
     final = Path(final)
     olds = [(p, pid) for p, pid in _leftovers(final, "old") if not process_alive(pid)]
     if olds and not final.exists():
-        newest = max(olds, key=lambda o: o[0].stat().st_mtime)[0]
-        os.replace(newest, final)
+        try:
+            newest = max(olds, key=lambda o: o[0].stat().st_mtime)[0]
+            os.replace(newest, final)
+        except FileNotFoundError:  # another process opening the run put it back first
+            return
         olds = [o for o in olds if o[0] != newest]
     for path, _ in olds + [(p, pid) for p, pid in _leftovers(final, "staging") if not process_alive(pid)]:
         shutil.rmtree(path, ignore_errors=True)

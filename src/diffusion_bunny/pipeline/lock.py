@@ -83,6 +83,10 @@ class Lease:
     token: str
     started: str | None = None  # process_start(pid) on its host
     what: str = ""  # "bunny run", "stage scenes", ...
+    #: The holder's own ``pipeline.lock_stale_s`` (it renews every quarter of it): a reader with a
+    #: shorter one (a notebook's default) took a live holder's heartbeat for a dead one's and
+    #: swept its staging folder away.
+    lease_s: float | None = None
 
     @classmethod
     def read(cls, path: Path) -> Lease | None:
@@ -98,6 +102,7 @@ class Lease:
                 token=str(data["token"]),
                 started=data.get("started"),
                 what=str(data.get("what", "")),
+                lease_s=float(data["lease_s"]) if data.get("lease_s") is not None else None,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -110,7 +115,9 @@ class Lease:
                 return False
             current = process_start(self.pid)
             return self.started is None or current is None or current == self.started
-        return ((now if now is not None else time.time()) - self.heartbeat) < lease_s
+        return ((now if now is not None else time.time()) - self.heartbeat) < max(
+            lease_s, self.lease_s or 0.0
+        )
 
     def describe(self, now: float | None = None) -> str:
         """``process 123 on host-a (bunny run, since ..., heartbeat 4 s ago)``."""
@@ -182,6 +189,7 @@ def _write_lease(path: Path, lease: Lease, heartbeat: float | None = None) -> No
         "token": lease.token,
         "started": lease.started,
         "what": lease.what,
+        "lease_s": lease.lease_s,
     }
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
@@ -210,6 +218,7 @@ def _busy(run_dir: Path, holder: Lease | None, lease_s: float) -> RunBusy:
     by = holder.describe() if holder is not None else "another process (it left no lease to name it)"
     remote = ""
     if holder is not None and holder.host != socket.gethostname():
+        lease_s = max(lease_s, holder.lease_s or 0.0)
         remote = (
             f"; if that process is gone, its lease lapses {lease_s:.0f} s after its last heartbeat "
             "(pipeline.lock_stale_s) and the next run takes over"
@@ -269,6 +278,7 @@ def run_lock(
             token=uuid.uuid4().hex,
             started=process_start(os.getpid()),
             what=what,
+            lease_s=lease_s,
         )
         _write_lease(path, lease)
     except BaseException:

@@ -70,7 +70,10 @@ def read_kept(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
             "aside to start the corrections over"
         ) from None
     damaged = backup.with_name(f"{path.stem}.damaged-{datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
-    shutil.move(path, damaged)
+    # Copied aside, then replaced in one rename: moved aside first, a kill (or a full disk) before
+    # the copy left no table, which reads as "no edits yet", and the next edit wrote a table of one
+    # row and copied it over the backup: every earlier edit lost.
+    shutil.copyfile(path, damaged)
     with atomic_path(path) as tmp:
         shutil.copyfile(backup, tmp)
     warnings.warn(

@@ -1055,3 +1055,19 @@ def test_a_relative_cache_dir_is_under_the_workspace(tmp_path, monkeypatch):
     assert answers_dir(run_dir, CaptionsSettings(cache_dir="answers")) == workspace / "answers"
     assert answers_dir(run_dir, CaptionsSettings(cache_dir="~/answers")) == tmp_path / "home" / "answers"
     assert answers_dir(run_dir, CaptionsSettings(cache_dir=str(tmp_path / "abs"))) == tmp_path / "abs"
+
+
+def test_the_paid_request_cap_counts_runs_that_go_on_at_once(tmp_path):
+    """Each run read the other runs' count once, at its start: two runs of one movie started
+    together could each spend the whole cap (3 + 2 against a cap of 3)."""
+    from diffusion_bunny.errors import StageError
+    from diffusion_bunny.stages.captions.stage import SpentLedger, _Budget
+
+    first = _Budget(3, SpentLedger(tmp_path, "movie"))
+    second = _Budget(3, SpentLedger(tmp_path, "movie"))  # started before the first paid anything
+    first.take()
+    first.take()
+    second.take()
+    for budget in (first, second):
+        with pytest.raises(StageError, match=r"captions\.max_paid_requests is 3"):
+            budget.take()

@@ -1187,3 +1187,17 @@ def test_a_resumed_run_with_prior_preservation_trains_on_the_class_images_an_uni
     assert Run.open(tmp_path / "resumed" / "run").read_manifest("train")["facts"]["resumed_from"] == 3
     assert whole.keys() == resumed.keys()
     assert all(np.array_equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_event_files_stamped_ahead_of_the_clock_are_not_waited_for(tmp_path, monkeypatch):
+    """After the clock stepped back (a VM restored from a snapshot), resuming waited until the
+    killed run's event-file second came round again: hours, without a word."""
+    from diffusion_bunny.stages.train import lora
+
+    def no_wait(seconds):
+        raise AssertionError("waited for a second an hour away")
+
+    ahead = int(time.time()) + 3600
+    (tmp_path / f"events.out.tfevents.{ahead}.host.1.0").write_bytes(b"")
+    monkeypatch.setattr(lora.time, "sleep", no_wait)
+    lora.wait_past_event_files(tmp_path)

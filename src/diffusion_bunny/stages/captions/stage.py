@@ -107,9 +107,16 @@ class SpentLedger:
         self.earlier = self._sum()
         self.mine = 0
 
+    def others(self) -> int:
+        """The paid requests of the movie's other runs, read again now: runs that go on at once
+        each spent the whole cap when each read the others' once, at its start."""
+        return self._sum()
+
     def _sum(self) -> int:
         total = 0
         for path in self.folder.glob("*.json") if self.folder.is_dir() else []:
+            if path == self.path:
+                continue
             try:
                 total += int(json.loads(path.read_text()).get("requests", 0))
             except (OSError, ValueError, TypeError, AttributeError):
@@ -142,6 +149,8 @@ class _Budget:
 
     def take(self) -> None:
         with self._lock:
+            if self.ledger is not None:
+                self.earlier = self.ledger.others()
             if self.earlier + self.used >= self.cap:
                 before = f" ({self.earlier} of them in earlier runs of this movie)" if self.earlier else ""
                 total = self.earlier + self.used

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -89,6 +90,8 @@ from diffusion_bunny.stages.train.tables import (
     VALIDATION_SCHEMA,
     lora_name,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -597,6 +600,16 @@ def wait_past_event_files(folder: Path) -> None:
     if not stamps:
         return
     latest = max(stamps)
+    if latest - time.time() > 2.0:
+        # Stamped ahead of the clock (it stepped back: a VM restored from a snapshot, a clock
+        # reset): waiting for that second hung the resume as long, without a word. TensorBoard
+        # may then order this run's file first; its steps are still all there.
+        log.warning(
+            "event files in %s are stamped %.0f s ahead of the clock; not waiting",
+            folder,
+            latest - time.time(),
+        )
+        return
     while int(time.time()) <= latest:
         time.sleep(min(0.05, max(0.001, latest + 1 - time.time())))
 
