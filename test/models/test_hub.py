@@ -296,3 +296,61 @@ def test_a_clip_model_downloaded_with_allow_patterns_loads_offline(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     embedder = ClipEmbedder("someone/tiny-clip", device="cpu")
     assert embedder.dim > 0
+
+
+def test_a_sharded_model_cut_short_in_a_shard_is_not_whole(tmp_path):
+    """Any one ``*.safetensors`` counted as the weights: a download cut short in its last shard
+    was taken as whole, never fetched again, and every run failed on the missing shard."""
+    import json
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = {"weight_map": {f"layer.{i}": shard for i, shard in enumerate(shards)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for shard in shards[:2]:
+        (folder / shard).write_bytes(b"w")
+    assert not hub.weights_complete(folder)
+    (folder / shards[2]).write_bytes(b"w")
+    assert hub.weights_complete(folder)
+
+
+def test_a_cache_that_cannot_be_written_names_the_cache_not_the_network(tmp_path, monkeypatch, online):
+    import errno
+
+    import huggingface_hub
+
+    def unwritable(*args, **kwargs):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "afile" / "hub"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unwritable)
+    with pytest.raises(ModelError) as err:
+        hub.download("someone/clip", "scenes.clip_model", hub.TRANSFORMERS_FILES, instead="a folder")
+    message = str(err.value)
+    assert "the Hugging Face cache" in message and "cannot be written" in message and "HF_HOME" in message
+    assert "check the id and the network" not in message
+
+
+def test_models_that_load_but_cannot_work_are_one_line(tmp_path):
+    """An OWLv2 folder as scenes.clip_model loaded as CLIP with random weights; a folder without
+    its tokenizer files loaded with an empty tokenizer, and every text embedded alike."""
+    from tiny_models import write_tiny_owlv2
+
+    from diffusion_bunny.models.clip import ClipEmbedder
+    from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
+    from diffusion_bunny.models.hub_characters.finder import _load_owlv2
+
+    owl = write_tiny_owlv2(tmp_path / "owl")
+    with pytest.raises(ModelError, match=r"it holds a 'owlv2' model, not CLIP"):
+        ClipEmbedder(str(owl), device="cpu")
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (owl / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=r"characters\.hub\.detector .*no usable tokenizer"):
+        _load_owlv2(str(owl), "cpu")
+    sd = tmp_path / "sd"
+    shutil.copytree(resolve_base_model("tiny").path, sd)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (sd / "tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=r"train\.base_model = .* has no usable tokenizer"):
+        load_pipeline(str(sd), device="cpu")

@@ -56,7 +56,11 @@ class ClipEmbedder:
         # ``setting``/``hint``: the config key a load failure names (stage 08 loads its CLIP from
         # generate.clip_model through this same code) and what the message suggests.
         import torch  # lazy: torch takes 1.1 s to import
-        from transformers import AutoProcessor, CLIPModel  # lazy: transformers takes 0.56 s to import
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            CLIPModel,
+        )  # lazy: transformers takes 0.56 s to import
 
         self.model_id = model
         self.batch_size = int(batch_size)
@@ -70,6 +74,9 @@ class ClipEmbedder:
             # Not a folder here: a hub id, from the cache or downloaded now.
             source = str(hub_model(model, setting, TRANSFORMERS_FILES, instead=f"a local folder ({hint})"))
         try:
+            kind = AutoConfig.from_pretrained(source, local_files_only=True).model_type
+            if kind != "clip":  # loaded as CLIP anyway, with random weights and a warning table
+                raise ValueError(f"it holds a {kind!r} model, not CLIP (clip)")
             self.model = CLIPModel.from_pretrained(source, local_files_only=True)
             # PIL backend, as before torchvision came in (through facenet-pytorch):
             # with torchvision installed transformers picks its torchvision image processor,

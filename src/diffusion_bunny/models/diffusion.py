@@ -216,10 +216,25 @@ def load_pipeline(
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); "
             "the folder is incomplete or damaged: download or save it again, or point the setting elsewhere"
         ) from None
+    _check_tokenizers(pipe, setting, ref)
     pipe.to(resolve_device(device, setting.rsplit(".", 1)[0] + ".device"))
     pipe.set_progress_bar_config(disable=True)
     pipe.bunny_base = ref
     return pipe
+
+
+def _check_tokenizers(pipe: Any, setting: str, ref: BaseModelRef) -> None:
+    """Refuse a pipeline whose tokenizer cannot tell two words apart: transformers builds an empty
+    tokenizer when a folder lacks its files (``tokenizer.json``, ``vocab.json``), and every prompt
+    then embedded to one vector: a training and a generation that ignored their prompts."""
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None and tokenizer("cat").input_ids == tokenizer("dog").input_ids:
+            raise ModelError(
+                f"{setting} = {ref.name!r}: the pipeline in {ref.path} has no usable {name} "
+                f"({len(tokenizer)} tokens; are its files in {name}/ missing?); download or save it "
+                "again, or point the setting elsewhere"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ single-file checkpoints several times the size of what diffusers loads.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -88,7 +89,7 @@ def weights_complete(folder: Path) -> bool:
     taken as whole, never downloaded again, and failed to load on every run."""
     index = folder / "model_index.json"
     if not index.is_file():  # a transformers model: its weights beside its config
-        return not (folder / "config.json").is_file() or any(folder.glob("*.safetensors"))
+        return not (folder / "config.json").is_file() or _has_weights(folder)
     try:
         parts = json.loads(index.read_text())
     except (OSError, ValueError):
@@ -100,9 +101,23 @@ def weights_complete(folder: Path) -> bool:
         if not wanted or name in UNREAD_PARTS:
             continue
         part = folder / name
-        if not part.is_dir() or ((part / "config.json").is_file() and not any(part.glob("*.safetensors"))):
+        if not part.is_dir() or ((part / "config.json").is_file() and not _has_weights(part)):
             return False
     return True
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds its safetensors weights whole: one file, or every shard its
+    ``*.safetensors.index.json`` lists (a download cut short in the last shard was taken as whole,
+    and every run failed on the missing shard)."""
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not all((folder / shard).is_file() for shard in shards):
+            return False
+    return any(folder.glob("*.safetensors"))
 
 
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
@@ -136,12 +151,22 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
             repo_id, allow_patterns=patterns, ignore_patterns=IGNORED_FILES, tqdm_class=relay_bar_class()
         )
     except Exception as exc:  # every failure here means "not to be had": say which, in one line
+        if getattr(exc, "errno", None) in _CACHE_ERRNOS:  # the cache, not the hub or the id
+            raise ModelError(
+                f"{setting} = {repo_id!r} could not be downloaded: the Hugging Face cache "
+                f"{huggingface_hub.constants.HF_HUB_CACHE} cannot be written ({_reason(exc)}); make it "
+                "writable or free space there, or point HF_HOME (or HF_HUB_CACHE) at a folder that is"
+            ) from None
         raise ModelError(
             f"{setting} = {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
             f"({_reason(exc)}); check the id and the network (a gated model needs `hf auth login`), or "
             f"set {setting} to {instead}"
         ) from None
     return Path(folder)
+
+
+#: Errors of the cache's own folder (its permissions, a file in its path, a full or read-only disk).
+_CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC}
 
 
 def _reason(exc: BaseException) -> str:

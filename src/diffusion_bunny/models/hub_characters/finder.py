@@ -140,6 +140,14 @@ def _load_owlv2(model: str, device: str) -> tuple[Any, Any]:
             raise ValueError(f"it holds a {kind!r} model, not OWLv2 (owlv2)")
         net = Owlv2ForObjectDetection.from_pretrained(source, local_files_only=True)
         processor = Owlv2Processor.from_pretrained(source, local_files_only=True)
+        # transformers builds an empty tokenizer when its files are missing: every text query
+        # then embedded alike (as models/clip.py guards for CLIP).
+        vocab, table = len(processor.tokenizer), int(net.config.text_config.vocab_size)
+        if not 256 <= vocab <= table:
+            raise ValueError(
+                f"it has no usable tokenizer ({vocab} tokens for a model of {table}; are vocab.json "
+                "and merges.txt or tokenizer.json missing?)"
+            )
     except Exception as exc:  # every failure of from_pretrained means "no usable model"
         raise _load_failed(setting, model, exc) from None
     return net.to(device).eval(), processor
