@@ -367,6 +367,7 @@ def test_crop_caption_tag():
         ("all_failed", "none of the 6 kept frames has a usable caption (6 captioned, 6 failed"),
         ("blank", "none of the 6 kept frames has a usable caption (6 captioned, 0 failed"),
         ("faces_only", "no picture to export from the 6 captioned frames with export.crops = ['face']"),
+        ("faces_upscaled", "crop(s) left out as enlarged more than export.max_upscale (1) times"),
     ],
 )
 def test_empty_dataset_is_one_clear_error(change, message):
@@ -378,6 +379,8 @@ def test_empty_dataset_is_one_clear_error(change, message):
         captions = captions_table(frames["frame_id"].to_list(), dict.fromkeys(frames["frame_id"], "failed"))
     elif change == "blank":
         captions = captions.with_columns(pl.lit("  ").alias("caption"))
+    elif change == "faces_upscaled":  # named faces there, every crop too small for 4096 px
+        cfg = ExportSettings(crops=("face",), crop_resolution=4096, max_upscale=1)
     else:
         faces = faces.head(0)
         cfg = ExportSettings(crops=("face",))
@@ -830,3 +833,13 @@ def test_kohya_folder_names_stay_within_the_file_systems_limit(tmp_path):
         "1_a_b_c_d_~"
     )
     assert kohya_folder(1, "Dr. Who.") != kohya_folder(1, "Dr. Who_") == "1_Dr. Who_"
+
+
+def test_crop_settings_that_leave_nothing_or_do_nothing_say_so():
+    """A face crop kept at 206 px was written at export.max_side 64 for the trainer to enlarge 8
+    times; half_body_face_heights under 2 was accepted and made no half-body crop at all."""
+    cfg = ExportSettings(max_side=64, max_upscale=4, crop_resolution=512)
+    assert crop_problem({"sharpness": None}, (0, 0, 206, 206), "face", cfg) == "upscaled"
+    assert crop_problem({"sharpness": None}, (0, 0, 206, 206), "face", ExportSettings(max_upscale=4)) is None
+    with pytest.raises(ConfigError, match=r"export\.half_body_face_heights"):
+        load_config(None, {"export.half_body_face_heights": 1.9})

@@ -167,3 +167,28 @@ def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
     assert not held_out & set(clips["shot_id"])
     strip = clip_strips(video, clips)
     assert strip is not None and strip.height >= 96
+
+
+def test_a_clip_without_full_pictures_is_captioned_as_its_frame_and_an_exact_shot_gives_one():
+    """With ``export.crops: [face]`` a clip took a face crop's caption ("close-up") for a clip
+    that shows the whole frame; a shot exactly a clip long (times stored to the microsecond)
+    was a rounding error short."""
+    assert clip_span(20.541667, 22.583333, 24.0, 16.0, 33) is not None  # frames 493-541 at 24 fps
+    shots = pl.DataFrame({"shot_id": [0], "start_s": [0.0], "end_s": [4.0]})
+    items = pl.DataFrame(
+        {
+            "shot_id": [0],
+            "frame_id": ["m_0000010"],
+            "frame_index": [10],
+            "crop": ["face"],
+            "characters": [["bob"]],
+            "text": ["bs, bob, close-up"],
+            "left": [900],
+            "top": [300],
+            "right": [1100],
+            "bottom": [500],
+        }
+    )
+    captions = {"m_0000010": "bs, bob, medium shot, a stage"}
+    clips, _ = plan_clips(shots, items, 25.0, 16.0, 33, (320, 192), captions)
+    assert clips["caption"].to_list() == ["bs, bob, medium shot, a stage"]

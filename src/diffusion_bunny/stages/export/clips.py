@@ -8,7 +8,8 @@ frames of the shot (the last source frame is at ``end_s - 1 / fps``): a clip nev
 A shot shorter than that span gives no clip (it is counted, not padded or looped: a looped or
 slowed clip would teach the LoRA motion the movie does not have). Its caption is the caption of
 the shot's middle exported full-frame picture (trigger word and names included, as stage 06 wrote
-it), and its characters are every character named in the shot's exported pictures.
+it), or, where none was exported, of the middle exported frame as stage 05 captioned it; its
+characters are every character named in the shot's exported pictures.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def clip_span(start_s: float, end_s: float, src_fps: float, clip_fps: float, cli
     the last target time + 1 / clip_fps (the clip's duration as a player shows it)."""
     span = (clip_frames - 1) / clip_fps
     usable = (end_s - 1.0 / src_fps) - start_s
-    if usable < span - 1e-9:
+    # Shot times are stored to the microsecond: a shot exactly a clip long (49 frames at 24 fps for
+    # 33 at 16) came out a rounding error short and gave no clip.
+    if usable < span - 1e-5:
         return None
     t0 = start_s + (usable - span) / 2
     return t0, t0 + span + 1.0 / clip_fps
@@ -38,11 +41,15 @@ def plan_clips(
     clip_fps: float,
     clip_frames: int,
     size: tuple[int, int],
+    frame_captions: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """The ``clips`` table and how many shots with a named character were too short.
 
     ``shots``: stage 01's (shot_id, start_s, end_s); ``items``: the planned ``dataset_items``
-    (only shots that kept a picture count, so the clip follows the picture set's choices)."""
+    (only shots that kept a picture count, so the clip follows the picture set's choices);
+    ``frame_captions``: each frame's own caption (stage 05's), the caption of a clip whose shot
+    exported no full-frame picture (``export.crops`` without ``full``): a face crop's caption
+    said "close-up" of a clip that shows the whole frame."""
     named = items.filter(pl.col("characters").list.len() > 0)
     rows, short = [], 0
     by_shot = {s: part for (s,), part in named.partition_by("shot_id", as_dict=True).items()}
@@ -55,8 +62,12 @@ def plan_clips(
             short += 1
             continue
         full = part.filter(pl.col("crop") == "full").sort("frame_index")
-        source = full if full.height else part.sort("frame_index")
-        caption = source.row(source.height // 2, named=True)["text"]
+        if full.height:
+            caption = full.row(full.height // 2, named=True)["text"]
+        else:
+            frames = part.sort("frame_index").unique("frame_id", maintain_order=True)
+            middle = frames.row(frames.height // 2, named=True)
+            caption = (frame_captions or {}).get(middle["frame_id"]) or middle["text"]
         region = _shot_region(shot, full)
         characters = sorted({c for cs in part["characters"].to_list() for c in cs})
         rows.append(

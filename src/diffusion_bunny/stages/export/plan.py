@@ -274,7 +274,10 @@ def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportSettings)
     None. ``face["sharpness_floor"]`` is the least sharpness its kind allows in this movie."""
     if crop == "half_body":
         return None
-    side = float(np.sqrt(max(1, box[2] - box[0]) * max(1, box[3] - box[1])))
+    w, h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
+    # As written: export.max_side shrinks a crop after this check, and one kept at 206 px was
+    # written at 64 for the trainer to enlarge 8 times.
+    side = float(np.sqrt(w * h)) * min(1.0, cfg.max_side / max(w, h))
     if side < least_side(cfg):
         return "upscaled"
     floor = face.get("sharpness_floor")
@@ -337,12 +340,33 @@ def select_items(
     if not items:
         raise StageError(
             f"no picture to export from the {rows.height} captioned frames with export.crops = "
-            f"{list(cfg.crops)}: no named face of at least export.min_face_px ({cfg.min_face_px}) px"
-            + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
-            + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
+            f"{list(cfg.crops)}: {_why_none(counts, cfg)}"
         )
     items_table = pl.DataFrame(items, schema=ITEM_SCHEMA)
     return retell_crops(items_table, captions, faces, cfg, captioning), counts, dropped
+
+
+def _why_none(counts: dict[str, int], cfg: ExportSettings) -> str:
+    """Why the crops gave no picture, and what to change: named faces 103 px tall, all left out as
+    enlarged too much, were reported as "no named face of at least min_face_px", with advice to
+    set include_unnamed, which was set."""
+    crops_left = []
+    if counts["upscaled_crops"]:
+        crops_left.append(
+            f"{counts['upscaled_crops']} crop(s) left out as enlarged more than export.max_upscale "
+            f"({cfg.max_upscale:g}) times to export.crop_resolution ({cfg.crop_resolution})"
+        )
+    if counts["blurry_crops"]:
+        crops_left.append(f"{counts['blurry_crops']} out of focus (export.min_sharpness_ratio)")
+    if crops_left:
+        return "; ".join(crops_left) + (
+            "; raise export.max_upscale, lower export.crop_resolution or add full to export.crops"
+        )
+    return (
+        f"no named face of at least export.min_face_px ({cfg.min_face_px}) px"
+        + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
+        + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
+    )
 
 
 def retell_crops(

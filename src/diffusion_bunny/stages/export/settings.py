@@ -36,7 +36,7 @@ class ExportSettings(Section):
     #: A face or character crop whose sharpness is under this share of the median of the named
     #: appearances of its kind in the movie is out of focus: left out.
     min_sharpness_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    half_body_face_heights: float = Field(4.0, ge=1.5, le=20.0)
+    half_body_face_heights: float = Field(4.0, ge=2.0, le=20.0)  # under 2 it is a face crop: none made
     half_body_aspect: float = Field(0.75, ge=0.25, le=4.0)
     min_face_px: int = Field(64, ge=0, le=4096)
     face_tag: str = "close-up"

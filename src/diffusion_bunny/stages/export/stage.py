@@ -45,6 +45,7 @@ from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.settings import ExportSettings
@@ -215,7 +216,8 @@ def compute(ctx: Context) -> StageOutput:
             "rerun stage extract with --force"
         )
     shots, movie = ctx.optional("shots"), ctx.run.movie
-    clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings, timestamp_joins(ctx.run))
+    captions = dict(usable_captions(tables[3]).select("frame_id", "caption").iter_rows())
+    clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings, timestamp_joins(ctx.run), captions)
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
             _write_video(run_dir, staging, movie, shots, clips, cfg)
@@ -253,6 +255,7 @@ def _plan_clips(
     cfg: ExportSettings,
     warnings: list[str],
     joins: int = 0,
+    captions: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """The clips to cut (``export.video_clips``; none otherwise) and how many shots with a named
     character were too short to give one (said in ``warnings``). A clip is found by a seek to its
@@ -275,7 +278,8 @@ def _plan_clips(
     size = (cfg.clip_width, cfg.clip_height)
     # The training pictures' shots only: a shot held out for validation was trained on as video.
     train = items.filter(pl.col("split") == "train")
-    clips, short = plan_clips(shots, train, probe_video(movie).fps, cfg.clip_fps, cfg.clip_frames, size)
+    fps = probe_video(movie).fps
+    clips, short = plan_clips(shots, train, fps, cfg.clip_fps, cfg.clip_frames, size, captions)
     if short:
         warnings.append(
             f"{short} shot(s) with a named character are shorter than a clip "
