@@ -934,7 +934,11 @@ def test_an_edl_counts_from_the_movies_own_start_timecode(tmp_path):
         {"cluster_id": ["s001", "s001"], "name": ["hall", "hall"], "shot_id": [0, 1], "frame_index": [1, 3]}
     )
     shots = pl.DataFrame({"shot_id": [0, 1], "start_frame": [0, 2], "end_frame": [2, 4]})
-    timeline = build_timeline(rows, shots, 25.0, movie, rate=25.0, start=start)
+    rows = pl.DataFrame(
+        {"cluster_id": ["s001"] * 3, "name": ["hall"] * 3, "shot_id": [0, 1, 2], "frame_index": [1, 3, 5]}
+    )
+    shots = pl.DataFrame({"shot_id": [0, 1, 2], "start_frame": [0, 2, 4], "end_frame": [2, 4, 6]})
+    timeline = build_timeline(rows, shots, 25.0, movie, rate=25.0, offset=start)
     back = otio.adapters.read_from_string(edl_text(timeline), "cmx_3600", rate=25)
     starts = [c.source_range.start_time.to_timecode() for c in back.find_clips()]
-    assert starts == ["01:00:00:00", "01:00:00:02"]
+    assert starts == ["01:00:00:00", "01:00:00:02", "01:00:00:04"]  # each shot's own, not summed

@@ -757,8 +757,8 @@ def export_clusters(
         edl.unlink(missing_ok=True)  # an EDL of earlier settings would no longer match the CSV
         warnings.warn(f"clusters_{level}.edl skipped: {note}", stacklevel=2)
         return paths
-    start = timecode_frames(start_timecode(run.movie), rate)
-    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level, rate=rate, start=start)
+    offset = timecode_frames(start_timecode(run.movie), rate)
+    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level, rate=rate, offset=offset)
     atomic_write_bytes(edl, edl_text(timeline, note).encode())
     if note is not None:
         warnings.warn(f"clusters_{level}.edl: {note}", stacklevel=2)

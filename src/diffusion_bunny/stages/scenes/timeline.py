@@ -135,15 +135,15 @@ def build_timeline(
     movie: Path,
     level: str = "scene",
     rate: float | None = None,
-    start: int = 0,
+    offset: int = 0,
 ) -> Any:
     """An OpenTimelineIO timeline of the clusters' shots (see the module docstring). ``rate``
     (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it,
-    ``start`` frames on (the movie's own start timecode, :func:`timecode_frames`)."""
+    ``offset`` frames on (the movie's own start timecode, :func:`timecode_frames`)."""
     rate = fps if rate is None else rate
 
     def at(frame: int) -> int:
-        return start + (frame if rate == fps else round(frame * rate / fps))
+        return offset + (frame if rate == fps else round(frame * rate / fps))
 
     reel = reel_name(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
