@@ -820,13 +820,7 @@ def test_a_frame_file_that_cannot_be_decoded_goes_on_to_the_template(cap_run, tm
     bad_id, bad_file = frames["frame_id"][0], run.run_dir / frames["path"][0]
     bad_file.write_bytes(bad_file.read_bytes()[:200])
     with FakeLLMServer() as srv:
-        cfg = _cfg(
-            tmp_path,
-            {**overrides, **FAST},
-            captions__provider="local",
-            captions__fallback=["template"],
-            captions__local__base_url=srv.base_url,
-        )
+        cfg = _local(tmp_path, overrides, srv, captions__fallback=["template"])
         tables = run_stage(run, "captions", cfg, progress=False, force=True)
         assert len(srv.requests) == frames.height - 1
     row = tables["captions"].filter(pl.col("frame_id") == bad_id).row(0, named=True)
@@ -839,8 +833,7 @@ def test_a_frame_file_that_cannot_be_decoded_goes_on_to_the_template(cap_run, tm
 
     # Without a template the frame fails, naming its file.
     with FakeLLMServer() as srv:
-        base = {**overrides, **FAST}
-        cfg = _cfg(tmp_path, base, captions__provider="local", captions__local__base_url=srv.base_url)
+        cfg = _local(tmp_path, overrides, srv)
         row = (
             run_stage(run, "captions", cfg, progress=False, force=True)["captions"]
             .filter(pl.col("frame_id") == bad_id)
@@ -857,13 +850,7 @@ def test_an_answer_recorded_as_unparsable_is_parsed_again_from_the_store(cap_run
     run, overrides = cap_run
     n = _kept_frames(run).height
     with FakeLLMServer() as srv:
-        cfg = _cfg(
-            tmp_path,
-            {**overrides, **FAST},
-            captions__provider="local",
-            captions__fallback=["template"],
-            captions__local__base_url=srv.base_url,
-        )
+        cfg = _local(tmp_path, overrides, srv, captions__fallback=["template"])
         first = run_stage(run, "captions", cfg, progress=False)["captions"]
         assert len(srv.requests) == n and (first["provider"] == "local").all()
         for f in (cache_dir() / "captions" / "answers").rglob("*.json"):
