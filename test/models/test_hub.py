@@ -354,3 +354,48 @@ def test_models_that_load_but_cannot_work_are_one_line(tmp_path):
         (sd / "tokenizer" / name).unlink(missing_ok=True)
     with pytest.raises(ModelError, match=r"train\.base_model = .* has no usable tokenizer"):
         load_pipeline(str(sd), device="cpu")
+
+
+def test_a_repository_with_pytorch_bin_weights_only_is_fetched_and_loads_offline(
+    tmp_path, monkeypatch, online
+):
+    """An older repository holds ``pytorch_model.bin`` and no safetensors: only safetensors were
+    fetched, so it was "downloaded" on every run and never loaded. Its .bin weights are fetched
+    when it has no safetensors (a repository with both keeps to the safetensors), and the cached
+    snapshot is found offline."""
+    import huggingface_hub
+    import torch
+    from huggingface_hub.utils import filter_repo_objects
+    from tiny_models import write_tiny_clip
+    from transformers import CLIPModel
+
+    from diffusion_bunny.models.clip import ClipEmbedder
+
+    repo = write_tiny_clip(tmp_path / "tiny_clip")
+    torch.save(CLIPModel.from_pretrained(repo).state_dict(), repo / "pytorch_model.bin")
+    (repo / "model.safetensors").unlink()
+    assert (repo / "pytorch_model.bin").is_file()
+    asked: list[list[str]] = []
+
+    def snapshot(repo_id, *, local_files_only=False, allow_patterns=None, **kw):
+        folder = tmp_path / "served" / repo_id.replace("/", "--")
+        if local_files_only:
+            raise LocalEntryNotFoundError(repo_id)
+        asked.append(list(allow_patterns))
+        files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(items=files, allow_patterns=allow_patterns):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    folder = hub.hub_model("someone/clip-bin", "scenes.clip_model", hub.TRANSFORMERS_FILES, instead="x")
+    assert len(asked) == 2 and "pytorch_model.bin" in asked[1] and "pytorch_model.bin" not in asked[0]
+    assert (folder / "pytorch_model.bin").is_file() and hub.weights_complete(folder)
+
+    # As the download leaves it in a real cache: found offline, and loads.
+    monkeypatch.undo()
+    lay_out_hub_cache(tmp_path / "hf", "someone/clip-bin", repo, {}, hub.TRANSFORMERS_FILES + hub.BIN_FILES)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ClipEmbedder("someone/clip-bin", device="cpu").dim > 0

@@ -42,6 +42,17 @@ DIFFUSERS_FILES = [
 IGNORED_FILES = ["safety_checker/*.safetensors", "safety_checker/*.bin"]
 #: A transformers model folder (CLIP): configs, tokenizer files and safetensors weights.
 TRANSFORMERS_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safetensors"]
+#: Weights in PyTorch's own format, fetched only for a repository without safetensors (an older
+#: one holds ``pytorch_model.bin`` alone: it was never fetched, and failed to load on every run);
+#: a repository with both keeps to its safetensors, the same weights at half the download.
+BIN_FILES = [
+    "pytorch_model.bin",
+    "pytorch_model-*.bin",
+    "*/pytorch_model.bin",
+    "*/pytorch_model-*.bin",
+    "*/diffusion_pytorch_model.bin",
+    "*/diffusion_pytorch_model-*.bin",
+]
 
 
 def offline() -> str | None:
@@ -107,24 +118,25 @@ def weights_complete(folder: Path) -> bool:
 
 
 def _has_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds its safetensors weights whole: one file, or every shard its
-    ``*.safetensors.index.json`` lists (a download cut short in the last shard was taken as whole,
-    and every run failed on the missing shard)."""
-    for index in folder.glob("*.safetensors.index.json"):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return False
-        if not all((folder / shard).is_file() for shard in shards):
-            return False
-    return any(folder.glob("*.safetensors"))
+    """Whether ``folder`` holds its weights whole, as safetensors or (an older repository's only
+    ones) ``*pytorch_model*.bin``: one file, or every shard its index lists (a download cut short
+    in the last shard was taken as whole, and every run failed on the missing shard)."""
+    for suffix in (".safetensors", ".bin"):
+        for index in folder.glob(f"*{suffix}.index.json"):
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return False
+            if not all((folder / shard).is_file() for shard in shards):
+                return False
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*pytorch_model*.bin"))
 
 
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
     """The local folder of hub model ``repo_id``: the cached snapshot, else downloaded now with a
     progress bar. ``setting`` is the config key the one-line errors name; ``instead`` says what
     else it may be set to."""
-    found = cached(repo_id, patterns)
+    found = cached(repo_id, patterns) or cached(repo_id, patterns + BIN_FILES)
     if found is not None:
         return found
     variable = offline()
@@ -150,6 +162,13 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
         folder = huggingface_hub.snapshot_download(
             repo_id, allow_patterns=patterns, ignore_patterns=IGNORED_FILES, tqdm_class=relay_bar_class()
         )
+        if not weights_complete(Path(folder)):  # no safetensors there: its .bin weights
+            folder = huggingface_hub.snapshot_download(
+                repo_id,
+                allow_patterns=patterns + BIN_FILES,
+                ignore_patterns=IGNORED_FILES,
+                tqdm_class=relay_bar_class(),
+            )
     except Exception as exc:  # every failure here means "not to be had": say which, in one line
         if getattr(exc, "errno", None) in _CACHE_ERRNOS:  # the cache, not the hub or the id
             raise ModelError(
