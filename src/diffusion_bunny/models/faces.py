@@ -328,10 +328,21 @@ def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     ignored, and the character "had no usable picture"), also folders linked from it; hidden
     entries and the operating system's clutter ignored (:func:`~diffusion_bunny.paths.is_clutter`).
     A link to a missing file is listed, so the loader names it rather than pass over it."""
-    return {
-        name: sorted(p for sub in folders for p in _walk(sub, ref_dir)[0])
-        for name, folders in character_folders(ref_dir).items()
-    }
+    return walk_references(ref_dir)[0]
+
+
+def walk_references(ref_dir: Path) -> tuple[dict[str, list[Path]], dict[Path, str]]:
+    """:func:`reference_images` and, from the same walk, ``{folder: why}`` for each folder under
+    the character folders whose pictures are not read (:func:`_walk`): it cannot be listed (its
+    permissions) or is a link that would take in other characters' pictures. Such a character
+    is not "empty"."""
+    pictures: dict[str, list[Path]] = {}
+    left: dict[Path, str] = {}
+    for name, folders in character_folders(ref_dir).items():
+        walks = [_walk(sub, ref_dir) for sub in folders]
+        pictures[name] = sorted(p for files, _ in walks for p in files)
+        left.update(item for _, out in walks for item in out)
+    return pictures, left
 
 
 def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -363,18 +374,6 @@ def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]
         dirs[:] = kept
         files += [Path(root) / n for n in names if _usable(n)]
     return files, left
-
-
-def left_out_reference_folders(ref_dir: Path) -> dict[Path, str]:
-    """``{folder: why}`` for each folder under ``ref_dir``'s character folders whose pictures are
-    not read (:func:`_walk`): it cannot be listed (its permissions) or is a link that would take
-    in other characters' pictures. Such a character is not "empty"."""
-    return {
-        path: why
-        for folders in character_folders(ref_dir).values()
-        for sub in folders
-        for path, why in _walk(sub, ref_dir)[1]
-    }
 
 
 def character_folders(ref_dir: Path) -> dict[str, list[Path]]:

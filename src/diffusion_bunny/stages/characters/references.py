@@ -39,10 +39,9 @@ from diffusion_bunny.models.faces import (
     REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
-    left_out_reference_folders,
     misnamed_references,
     portrait_faces,
-    reference_images,
+    walk_references,
 )
 from diffusion_bunny.models.fitted.detector import content_box
 
@@ -413,8 +412,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     encodings: list[np.ndarray] = []
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
-    given, folders_of = reference_images(ref_dir), character_folders(ref_dir)
-    unreadable = left_out_reference_folders(ref_dir)
+    (given, unreadable), folders_of = walk_references(ref_dir), character_folders(ref_dir)
     pictures_of, screened = _screened(given, folders_of)
     warnings += _name_warnings(ref_dir, list(pictures_of)) + screened
     warnings += [
