@@ -288,8 +288,18 @@ def _signals_as_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
+        global _signalled
+        _signalled = None  # a later command in this process (a test, an API caller) starts afresh
         for name, handler in before.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def _stopped(signum: int | None, started: float, note: str = "") -> int:
+    """One line for a run stopped by Ctrl-C (``signum`` None: exit 130) or a signal (128 + it)."""
+    why = signal.Signals(signum).name if signum is not None else "interrupted"
+    logging.getLogger("diffusion_bunny.cli").info("%s after %.1f s%s", why, time.monotonic() - started, note)
+    print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
+    return 128 + signum if signum is not None else 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,16 +358,10 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {storage} (log: {path})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        why = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "interrupted"
-        log.info("%s after %.1f s", why, time.monotonic() - started)
-        print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
-        return 128 + exc.signum if isinstance(exc, Stopped) else 130
+        return _stopped(exc.signum if isinstance(exc, Stopped) else None, started)
     except Exception as exc:
         if _signalled is not None:  # the signal's interrupt, turned into this by the code it hit
-            why = signal.Signals(_signalled).name
-            log.info("%s after %.1f s (%s)", why, time.monotonic() - started, type(exc).__name__)
-            print(f"{why}; finished stages are kept, rerun to continue", file=sys.stderr)
-            return 128 + _signalled
+            return _stopped(_signalled, started, f" ({type(exc).__name__})")
         log.exception("bug: %s", exc, extra=FILE_ONLY)
         if _DAMAGED_BYTECODE.search(str(exc)):
             removed = _remove_damaged_bytecode(_bytecode_roots())

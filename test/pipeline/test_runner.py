@@ -718,3 +718,13 @@ def test_a_notebook_on_the_demo_takes_the_settings_bunny_demo_ran_it_with(demo, 
     for path in sorted((ROOT / "notebook").glob("0*.ipynb")):
         code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
         assert "load_config(config_path, notebook_overrides(run_dir, movie, overrides))" in code, path.name
+
+
+def test_a_signal_of_one_command_is_not_blamed_for_the_next(tmp_path, monkeypatch):
+    """``_signalled`` outlived the command a signal stopped: a later ``main`` in the same process
+    (a test, an API caller) reported a real bug as that signal."""
+    from diffusion_bunny import cli
+
+    monkeypatch.setattr(cli, "_signalled", 15)
+    cli.main(["status", str(tmp_path / "nothing-here")])
+    assert cli._signalled is None
