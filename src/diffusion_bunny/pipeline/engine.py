@@ -540,7 +540,7 @@ def run_target(
         reports = run_movies([(movies[0], Path(out) if out else None)], options)
     else:
         if out is not None:
-            check_batch_folder(out, movies)
+            check_batch_folder(out)
         reports = _run_folder_movies(drop_copies(movies), Path(out) if out else None, options)
     if not single:
         html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg)

@@ -115,9 +115,12 @@ class Lease:
                 return False
             current = process_start(self.pid)
             return self.started is None or current is None or current == self.started
-        return ((now if now is not None else time.time()) - self.heartbeat) < max(
-            lease_s, self.lease_s or 0.0
-        )
+        return ((now if now is not None else time.time()) - self.heartbeat) < self.lapse_s(lease_s)
+
+    def lapse_s(self, lease_s: float) -> float:
+        """Seconds without a heartbeat after which the lease of another host has lapsed: the
+        reader's ``lease_s`` or the holder's own, the longer."""
+        return max(lease_s, self.lease_s or 0.0)
 
     def describe(self, now: float | None = None) -> str:
         """``process 123 on host-a (bunny run, since ..., heartbeat 4 s ago)``."""
@@ -218,10 +221,9 @@ def _busy(run_dir: Path, holder: Lease | None, lease_s: float) -> RunBusy:
     by = holder.describe() if holder is not None else "another process (it left no lease to name it)"
     remote = ""
     if holder is not None and holder.host != socket.gethostname():
-        lease_s = max(lease_s, holder.lease_s or 0.0)
         remote = (
-            f"; if that process is gone, its lease lapses {lease_s:.0f} s after its last heartbeat "
-            "(pipeline.lock_stale_s) and the next run takes over"
+            f"; if that process is gone, its lease lapses {holder.lapse_s(lease_s):.0f} s after its "
+            "last heartbeat (pipeline.lock_stale_s) and the next run takes over"
         )
     return RunBusy(
         f"{run_dir} is in use by {by}; one run per run folder at a time: wait for it to finish or stop "

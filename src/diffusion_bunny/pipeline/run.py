@@ -160,14 +160,13 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
         )
 
 
-def check_batch_folder(out: str | Path, movies: Sequence[Path]) -> None:
+def check_batch_folder(out: str | Path) -> None:
     """Refuse a folder run's ``--out`` where the run would replace what is not its own, before
     anything is written there: a folder run writes one run folder per movie (each checked as a
     single movie's ``--out`` is) and replaces ``report/``, so a folder of the user's own lost the
     figures of its ``report/``, and a movie's run folder got the batch nested inside it and its
     own report's figures deleted. Anything else may stay beside the batch (the movies themselves
-    when ``--out`` is their folder, a subtitle beside one, notes): the run touches it not.
-    ``movies`` is kept for the callers; what a batch may overwrite does not depend on them."""
+    when ``--out`` is their folder, a subtitle beside one, notes): the run touches it not."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise StageError(f"{folder} is a file, not a folder; give --out a folder for the movies' run folders")
