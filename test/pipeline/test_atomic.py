@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import polars as pl
 import pytest
@@ -14,8 +15,11 @@ from diffusion_bunny.pipeline.atomic import (
     atomic_write_bytes,
     atomic_write_parquet,
     process_alive,
+    process_started_at,
     recover_folder,
     staged_folder,
+    sweep_leftovers,
+    writer_alive,
 )
 
 
@@ -69,6 +73,46 @@ def test_leftovers_of_dead_processes_are_repaired_and_a_live_ones_kept(tmp_path)
     (tmp_path / f".frames.old-{dead}-00dd").mkdir()
     recover_folder(final)
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "frames"]
+
+
+def test_a_process_start_is_read_as_a_wall_clock_time():
+    before = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = process_started_at(proc.pid)
+        # The boot time it counts from is read to the second.
+        assert started is not None and before - 1.5 <= started <= time.time() + 0.5
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_started_at(dead_pid()) is None
+
+
+def test_a_leftover_whose_pid_now_names_a_later_process_is_repaired(tmp_path, monkeypatch):
+    """Pids are reused (in a container the run's command is pid 1 every time): a swap cut short
+    by a kill left ``.frames.old-<pid>-...`` whose pid now names a process, here this one, that
+    started after it. Judged by the pid alone the folder was "in use" and never put back. A
+    staging folder this process made after it started is still left alone. (A file's change
+    time cannot be set back, so the later start is what is stood in for.)"""
+    from diffusion_bunny.pipeline import atomic
+
+    me = os.getpid()
+    leftover = tmp_path / f".frames.old-{me}-00aa"
+    (leftover / "x.jpg").parent.mkdir()
+    (leftover / "x.jpg").write_text("kept")
+    (tmp_path / f".tables.tmp-{me}-00bb").write_text("half")
+    changed = os.lstat(leftover).st_ctime
+    monkeypatch.setattr(atomic, "process_started_at", lambda pid: changed + 60 if pid == me else None)
+    assert not writer_alive(me, leftover) and process_alive(me)
+    sweep_leftovers(tmp_path)
+    assert (tmp_path / "frames" / "x.jpg").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+    # Started before it (or its start unknown): its own work in progress.
+    monkeypatch.setattr(atomic, "process_started_at", lambda pid: changed - 60)
+    staging = tmp_path / f".thumbs.staging-{me}-00cc"
+    staging.mkdir()
+    sweep_leftovers(tmp_path)
+    assert staging.is_dir() and writer_alive(me, staging)
 
 
 def test_two_openers_recovering_one_cut_swap_both_go_on(tmp_path, monkeypatch):

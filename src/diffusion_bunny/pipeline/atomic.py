@@ -221,7 +221,7 @@ def sweep_leftovers(folder: Path) -> list[Path]:
         here = Path(parent)
         for name in [*dirs, *files]:
             m = _LEFTOVER.match(name)
-            if m is None or process_alive(int(m.group("pid"))):
+            if m is None or writer_alive(int(m.group("pid")), here / name):
                 continue
             path = here / name
             if m.group("kind") == "old":
@@ -244,6 +244,54 @@ def _leftovers(final: Path, kind: str) -> list[tuple[Path, int]]:
             if m:
                 found.append((path, int(m.group(1))))
     return found
+
+
+#: Seconds of slack between a leftover's change time and the start of the process now holding its
+#: pid: the boot time a start is counted from is read to the second.
+_START_SLACK_S = 2.0
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``, field 22),
+    or None where that cannot be read: with the pid it names one process, not one of its
+    successors under a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after its end.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_started_at(pid: int) -> float | None:
+    """When process ``pid`` started, as a ``time.time()`` value (the boot time in ``/proc/stat``
+    plus :func:`process_start`), or None where that cannot be read (not Linux, no process)."""
+    ticks = process_start(pid)
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime "))
+        return boot + float(ticks) / os.sysconf("SC_CLK_TCK") if ticks is not None else None
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def writer_alive(pid: int, path: Path | str) -> bool:
+    """Whether the process that wrote ``path`` (its name carries ``pid``) may still be running.
+
+    Why not :func:`process_alive` alone: pids are reused, and in a container nearly always (a
+    ``bunny run`` started as the container's command is pid 1 in every container). A leftover of a
+    killed writer whose pid now names another process, or this one, was never cleaned up, and a
+    folder whose swap was cut short was never put back. A process that started after the leftover
+    last changed cannot have written it."""
+    if not process_alive(pid):
+        return False
+    started = process_started_at(pid)
+    try:
+        changed = os.lstat(path).st_ctime
+    except OSError:
+        return True  # gone already: nothing to judge, nothing to remove
+    return started is None or started <= changed + _START_SLACK_S
 
 
 def process_alive(pid: int) -> bool:
@@ -274,7 +322,7 @@ def recover_folder(final: Path) -> None:
     copy beside it) gets the old copy back; staging and old folders of processes that are gone are
     removed. A process that still runs keeps its own."""
     final = Path(final)
-    olds = [(p, pid) for p, pid in _leftovers(final, "old") if not process_alive(pid)]
+    olds = [(p, pid) for p, pid in _leftovers(final, "old") if not writer_alive(pid, p)]
     if olds and not final.exists():
         try:
             newest = max(olds, key=lambda o: o[0].stat().st_mtime)[0]
@@ -282,7 +330,7 @@ def recover_folder(final: Path) -> None:
         except FileNotFoundError:  # another process opening the run put it back first
             return
         olds = [o for o in olds if o[0] != newest]
-    for path, _ in olds + [(p, pid) for p, pid in _leftovers(final, "staging") if not process_alive(pid)]:
+    for path, _ in olds + [(p, pid) for p, pid in _leftovers(final, "staging") if not writer_alive(pid, p)]:
         shutil.rmtree(path, ignore_errors=True)
 
 

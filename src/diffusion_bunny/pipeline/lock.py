@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes, process_alive
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, process_alive, process_start
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,6 @@ ENV = "DIFFUSION_BUNNY_RUN_LEASE"
 DEFAULT_LEASE_S = 120.0
 LOCK_FILE = "run.lock"
 LEASE_FILE = "run.json"
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``, field 22),
-    or None where that cannot be read: with the pid it names one process, not one of its
-    successors under a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after its end.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
 
 
 @dataclass(frozen=True)

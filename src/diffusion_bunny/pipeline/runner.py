@@ -42,7 +42,7 @@ from diffusion_bunny.logs import FILE_ONLY, say
 from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
-from diffusion_bunny.pipeline.atomic import process_alive
+from diffusion_bunny.pipeline.atomic import writer_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following
@@ -461,7 +461,7 @@ def remove_orphan_sockets(folder: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             match = _SOCKET_NAME.fullmatch(entry.name)
-            if match is not None and not process_alive(int(match.group(1))):
+            if match is not None and not writer_alive(int(match.group(1)), entry.path):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 
