@@ -248,6 +248,14 @@ def test_names_must_be_usable_folder_names():
         check_name("zoë", known={decomposed}) == "Zo\u00eb"
         and check_name("carol", known={"Alice"}) == "carol"
     )
+    # A character known already is usable as it is spelt: stage 03 loads a folder "Alex (piano)"
+    # and asks for a still of it, which the still picker refused. Not so a path or a reserved name.
+    assert check_name("alex (piano)", known={"Alex (piano)"}) == "Alex (piano)"
+    for bad in ("Unknown", "NOISE"):  # the loader leaves such a folder out whatever its case
+        with pytest.raises(UserError, match="not usable"):
+            check_name(bad, known={bad})
+    with pytest.raises(UserError, match="not usable"):
+        check_name("../x", known={"../x"})
 
 
 def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
@@ -1020,6 +1028,7 @@ def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_
     assert fixed is not None
     assert fixed.filter(pl.col("edited"))["face_id"].to_list() == [shown[1]]
     assert fixed.filter(pl.col("face_id") == shown[1])["character"][0] == "grace"
+    assert "is now <b>grace</b>" in fixer.status.value
     # A shown appearance that is no longer unknown is not fixed; the strip is drawn again.
     fixer.show(UNKNOWN)
     third = fixer.shown[UNKNOWN][2]
@@ -1028,6 +1037,15 @@ def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_
     assert fixer.fix(UNKNOWN, 3, "") is None
     assert "changed since its strip was drawn" in fixer.status.value
     assert third not in fixer.shown[UNKNOWN]
+    # A name typed in another case is the character of the reference folder (characters.reference_dir),
+    # as saved, not a second character.
+    refs = tmp_path / "refs"
+    (refs / "Alex").mkdir(parents=True)
+    fixer = AppearanceFixer(run, _cfg(tmp_path, reference_dir=str(refs)))
+    fixer.show(UNKNOWN)
+    fixed = fixer.fix(UNKNOWN, 1, "alex")
+    assert fixed is not None and "Alex" in fixed["character"].to_list() and "alex" not in fixed["character"]
+    assert "is now <b>Alex</b>" in fixer.status.value
 
 
 def test_every_face_a_named_cluster_gives_reads_back_as_a_photo_of_a_face(tmp_path):

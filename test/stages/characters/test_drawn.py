@@ -729,6 +729,52 @@ def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_
     assert [by_id["f0_00"][k] for k in ("top", "bottom")] == [342, 661]
 
 
+def test_a_fix_of_a_drawn_sighting_whose_box_grew_by_a_large_face_holds_on_a_rerun():
+    """A breastplate boxed under a large head: the appearance a person sees (and fixes) has the
+    box grown by the face; the rerun matches fixes against the detector's own box, which
+    overlaps the grown one by less than the fixes' IoU, so the fix "none of the characters"
+    was not seen when the face rule ran: his face was dropped again and its track named after
+    the sighting the person had said was not him."""
+    from datetime import UTC, datetime
+
+    from diffusion_bunny.stages.characters.tables import APPEARANCE_EDIT_SCHEMA, apply_appearance_edits
+
+    head = np.eye(128, dtype=np.float32)[0]
+    drawn = drawn_rows([("f0", 1, 10, "knight", 0.9, (100, 200, 200, 260), np.eye(64, dtype=np.float32)[0])])
+    faces_in = pl.DataFrame(
+        [
+            face_row("f0_f", "f0", (110, 120, 190, 200), head),
+            face_row("f1_f", "f1", (112, 122, 192, 202), head),
+        ],
+        schema=DETECTIONS_SCHEMA,
+    )
+    detections = pl.concat([drawn, faces_in])
+    frames = pl.DataFrame(
+        {"frame_id": ["f0", "f1"], "shot_id": [1, 1], "frame_index": [10, 20], "timestamp_s": [0.4, 0.8]}
+    )
+    first = label_faces(detections, frames, ReferenceSet(), CharactersSettings())
+    sighting = first.filter(pl.col("kind") == "drawn").row(0, named=True)
+    assert (sighting["top"], first.filter(pl.col("face_id") == "f1_f")["character"][0]) == (120, "knight")
+    fix = pl.DataFrame(
+        [
+            {
+                "event_id": "e1",
+                "ts": datetime(2026, 11, 29, tzinfo=UTC),
+                "face_id": sighting["face_id"],
+                "character": None,
+                **{k: sighting[k] for k in ("frame_id", "kind", "left", "top", "right", "bottom")},
+            }
+        ],
+        schema=APPEARANCE_EDIT_SCHEMA,
+    )
+    rerun = label_faces(detections, frames, ReferenceSet(), CharactersSettings(), fix)
+    again = apply_appearance_edits(rerun, fix)  # as the stage's merge does
+    by_id = {r["face_id"]: r for r in again.iter_rows(named=True)}
+    assert by_id[sighting["face_id"]]["character"] is None and by_id[sighting["face_id"]]["edited"]
+    assert "f0_f" in by_id  # his face is an appearance again, no longer taken into the sighting
+    assert by_id["f0_f"]["character"] is None and by_id["f1_f"]["character"] is None
+
+
 def test_a_face_on_the_track_is_not_the_character_where_the_detector_found_her_elsewhere():
     """Wesnoth's warlord carries a skull on a pole: the face detector's "face" on the skull lies
     on his figure in one frame, and its track was named after him in every frame, exported as his

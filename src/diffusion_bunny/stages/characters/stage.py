@@ -79,6 +79,7 @@ from diffusion_bunny.stages.characters.identify import (
 )
 from diffusion_bunny.stages.characters.references import (
     MIN_SUBJECT_PX,
+    RESERVED_NAMES,
     ReferencePictures,
     load_character_references,
     photographed_face,
@@ -793,9 +794,13 @@ def read_appearance_edits(run_dir: str | Path) -> pl.DataFrame:
     return with_edit_columns(run.read_table("appearance_edits"))
 
 
-def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> pl.DataFrame:
+def fix_appearance(
+    run_dir: str | Path, face_id: str, character: str | None, characters: CharactersSettings | None = None
+) -> pl.DataFrame:
     """Give one appearance the name ``character`` (None: none of the characters, for a false
-    sighting) and update the ``faces`` table at once.
+    sighting) and update the ``faces`` table at once. ``characters``: the run's settings, whose
+    ``reference_dir`` holds characters the name may be another spelling of (``alex`` where the
+    folder is ``Alex``).
 
     The fix goes to the append-only ``appearance_edits`` table (re-applied after any rerun of the
     stage), then into ``faces``; both in one :meth:`Run.commit
@@ -805,7 +810,7 @@ def fix_appearance(run_dir: str | Path, face_id: str, character: str | None) -> 
     name = (
         None
         if character is None or not str(character).strip()
-        else check_name(str(character), known_names(run))
+        else check_name(str(character), known_names(run, characters))
     )
     with run.commit("appearance_edits", "faces", by_hand=True) as tables:
         if not run.has_table("faces"):
@@ -846,15 +851,32 @@ def check_name(name: str, known: Iterable[str] = ()) -> str:
     """A character name usable as a folder name, or a user error that says what is allowed.
     Composed (:func:`~diffusion_bunny.models.faces.character_name`), and spelt as the
     character of ``known`` it names whatever the case (``alice`` given where ``Alice`` is known
-    made a second character)."""
+    made a second character). A character ``known`` already is usable as it is spelt, even where
+    a new name could not be (a reference folder ``Alex (piano)``, which stage 03 loads and asks a
+    still of, was refused by the still picker). The reserved names are refused whatever their
+    case, as the reference loader refuses their folders (``Unknown`` named a cluster into a
+    folder every later run left out)."""
     name = character_name(name)
-    if not _NAME.match(name) or name in {"unknown", "noise"}:
+    if name.casefold() in RESERVED_NAMES:
+        raise UserError(
+            f"character name {name!r} is not usable: 'unknown' and 'noise' are what the workspace "
+            "calls the appearances it cannot name; choose another name"
+        )
+    same = [k for k in map(character_name, known) if k.casefold() == name.casefold()]
+    if same and _folder_name(name):
+        return name if name in same else sorted(same)[0]
+    if not _NAME.match(name):
         raise UserError(
             f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-', '_' "
             "or a middle dot (at most 64, not starting with a symbol), and not 'unknown' or 'noise'"
         )
-    same = [k for k in map(character_name, known) if k.casefold() == name.casefold()]
-    return name if name in same or not same else sorted(same)[0]
+    return name
+
+
+def _folder_name(name: str) -> bool:
+    """Whether ``name`` names a folder inside another (not the folder itself, its parent, or a
+    path): a known name is one, but a hand-edited faces table could hold anything."""
+    return bool(name.strip()) and name not in {".", ".."} and not any(c in name for c in "/\\\0")
 
 
 def known_names(run: Run, characters: CharactersSettings | None = None) -> set[str]:

@@ -94,6 +94,9 @@ APPEARANCE_EDIT_SCHEMA = {
 #: A fix goes to the appearance of its frame and kind whose box overlaps its own this much
 #: (intersection over union), the most overlapping one; none: it waits for its appearance.
 EDIT_MIN_IOU = 0.5
+#: The least intersection over union between a drawn fix's box and a sighting inside it that the
+#: fix's box may be the grown box of (see ``_grown_match``).
+GROWN_MIN_IOU = 0.25
 _BOX = ("left", "top", "right", "bottom")
 
 
@@ -130,8 +133,35 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
             continue
         scored = [(iou(box, other), fid) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
         best = max(scored, default=(0.0, None))
+        if best[0] < EDIT_MIN_IOU and kind == "drawn":
+            drawn = [(fid, other) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
+            best = _grown_match(box, drawn)
         targets[anchor] = best[1] if best[0] >= EDIT_MIN_IOU else None
     return targets
+
+
+def _grown_match(
+    box: tuple[int, ...], sightings: list[tuple[str, tuple[int, ...]]]
+) -> tuple[float, str | None]:
+    """The drawn sighting a fix's box is that sighting's grown box, as :data:`EDIT_MIN_IOU` scores
+    go (it then counts as a full match), or ``(0, None)``.
+
+    Why: the faces table holds a drawn character's box grown by the face it took in
+    (:func:`~diffusion_bunny.stages.characters.identify.faces_of_drawn`: a breastplate's box and
+    the head above it), and that is the box a fix keeps; a rerun matches fixes against the
+    detector's own boxes, before they grow, where a breastplate under a large head overlaps its
+    grown box less than :data:`EDIT_MIN_IOU`, and the fix (a false sighting, a wrong name)
+    was not seen by the face rule, which named the face's track after the sighting regardless.
+    A grown box holds its sighting whole, and at least a quarter of it is the sighting."""
+    best: tuple[float, str | None] = (0.0, None)
+    for fid, other in sightings:
+        area = max(1, (other[2] - other[0]) * (other[3] - other[1]))
+        w = min(box[2], other[2]) - max(box[0], other[0])
+        h = min(box[3], other[3]) - max(box[1], other[1])
+        score = iou(box, other)
+        if w > 0 and h > 0 and w * h >= 0.95 * area and score >= GROWN_MIN_IOU and score > best[0]:
+            best = (score, fid)
+    return (EDIT_MIN_IOU, best[1]) if best[1] is not None else best
 
 
 def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:

@@ -3,6 +3,7 @@ and add a still from the film as a reference picture."""
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -160,8 +161,10 @@ class AppearanceFixer:
     the characters, for a false sighting) and press **fix**. The fix is kept in the run's
     ``appearance_edits`` and re-applied after every rerun (:func:`~.stage.fix_appearance`)."""
 
-    def __init__(self, run: Run, *, max_per_character: int = 24):
+    def __init__(self, run: Run, cfg: RunConfig | None = None, *, max_per_character: int = 24):
         self.run = run
+        #: The run's settings: a name typed is spelt as a character of ``characters.reference_dir``.
+        self.characters = cfg.characters if cfg is not None else None
         self.max_per_character = max_per_character
         self.character = widgets.Dropdown(description="character")
         self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
@@ -244,11 +247,12 @@ class AppearanceFixer:
             )
             return None
         try:
-            faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None)
+            faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None, self.characters)
         except UserError as exc:
             self.status.value = _error(str(exc))
             return None
-        self.status.value = f"{face_id} is now <b>{name.strip() or 'none of the characters'}</b>"
+        saved = faces.filter(pl.col("face_id") == face_id)["character"][0]  # as spelt in the table
+        self.status.value = f"{face_id} is now <b>{html.escape(saved or 'none of the characters')}</b>"
         self.refresh()
         return faces
 
@@ -445,8 +449,9 @@ class StillPicker:
         except UserError as exc:
             self.status.value = _error(str(exc))
             return None
-        self.status.value = (
-            f"added {path.name} to <b>{name.strip()}</b>'s references; rerun stage characters to fit on it"
+        self.status.value = (  # the folder's name: the character as spelt (``lin`` went to ``Lin``)
+            f"added {path.name} to <b>{html.escape(path.parent.name)}</b>'s references; "
+            "rerun stage characters to fit on it"
         )
         self._offer_names()
         return path
