@@ -395,6 +395,32 @@ def test_a_movie_that_fails_in_a_run_without_out_keeps_its_run_folder_in_its_rep
     assert gone.run_dir is None and gone.error.endswith("is held by another run")
 
 
+def test_a_failed_movies_line_names_it_in_a_folder_run(tmp_path, monkeypatch, capsys):
+    """``error: no frames to cluster: stage 02 kept none`` in a folder run named no movie; a line
+    that names the file already is not prefixed again."""
+    from diffusion_bunny.errors import UserError
+    from diffusion_bunny.pipeline import engine
+    from diffusion_bunny.pipeline.runner import RunOptions
+    from diffusion_bunny.stages import PIPELINE
+
+    cfg = load_config(None, {"paths.output_dir": str(tmp_path / "runs")}, use_local=False)
+    options = RunOptions(PIPELINE, cfg, progress=False)
+    for name, message, line in [
+        ("dark.mp4", "no frames to cluster", "error: dark.mp4: no frames to cluster"),
+        ("cut.mp4", "cut.mp4: the file is cut short", "error: cut.mp4: the file is cut short"),
+    ]:
+        movie = tmp_path / name
+        movie.write_bytes(name.encode() * 100)
+
+        def fails(movie, run_dir, options, message=message):
+            raise UserError(message)
+
+        monkeypatch.setattr(engine, "run_movie", fails)
+        capsys.readouterr()
+        assert engine.run_one(movie, tmp_path / "out", options).error == message
+        assert capsys.readouterr().err.splitlines() == [line]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

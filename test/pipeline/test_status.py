@@ -95,6 +95,21 @@ def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):
     # One movie with the --out of a folder run (one run folder per movie under it): its own.
     assert [r.run_dir for r in resolve_runs(movies / "one.mp4", cfg, out)] == [done.run_dir]
 
+    # Another movie's run folder as --out: not shown as this movie's stages (bunny run refuses it).
+    other = resolve_runs(movies / "two.mp4", cfg, done.run_dir)
+    assert [(r.movie, r.run_dir) for r in other] == [("two.mp4", None)]
+    assert "is the run folder of another movie (one.mp4)" in other[0].problem
+    assert main(["status", str(movies / "two.mp4"), "--out", str(done.run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"0 of {n} stages done" in text and "extract     done" not in text
+    # A run.json that is JSON but names no movie as text: the folder is listed, not a bug.
+    broken = tmp_path / "runs" / "broken"
+    shutil.copytree(done.run_dir, broken)
+    (broken / "run.json").write_text('{"movie": null}')
+    assert main(["status", str(broken.parent)]) == 0
+    text = capsys.readouterr().out
+    assert "broken  (" in text and "does not describe a run" in text
+
     for bad, message in [
         (tmp_path / "nothing", "no such file or folder"),
         (tmp_path / "notes.txt", "neither a run folder"),
@@ -162,3 +177,60 @@ def test_an_unreadable_movie_is_shown_with_why_not_a_write_error(tmp_path, monke
     assert (
         "cannot read the file (Permission denied)" in captured.out and "could not write" not in captured.err
     )
+
+
+def test_the_report_goes_stale_when_stage_02s_thresholds_change_and_its_tables_do_not(cut_clip, tmp_path):
+    """The report draws stage 02's thresholds (from its manifest) on its figure: a rerun of stage
+    02 with a new ``min_sharpness`` that kept the same frames changed no table, and the report
+    was "up to date", still showing the old line."""
+    path, _ = cut_clip
+    cfg = load_config(root=tmp_path / "noconfig")
+    run = Run.create(tmp_path / "run", path)
+    for stage in ("extract", "quality", "report"):
+        run_stage(run, stage, cfg, progress=False)
+    assert _states(run.run_dir, cfg)["report"] == ("done", "up to date")
+    quality = run.read_table("quality")
+    half = {"quality.min_sharpness": cfg.quality.min_sharpness / 2}
+    lower = load_config(None, half, root=tmp_path / "noconfig")
+    run_stage(run, "quality", lower, progress=False)
+    assert run.read_table("quality").equals(quality)  # the same frames kept, the same table
+    state, reason = _states(run.run_dir, lower)["report"]
+    assert (state, reason) == ("stale", "its inputs changed (manifests read)")
+    # A manifest that is JSON but no manifest is said, as a damaged one is.
+    run.manifest_path("extract").write_text("[]")
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusion_bunny.pipeline.run").addHandler(handler)
+    try:
+        assert run.read_manifest("extract") is None
+    finally:
+        logging.getLogger("diffusion_bunny.pipeline.run").removeHandler(handler)
+    assert any("cannot be read; stage extract counts as not run" in r.getMessage() for r in records)
+
+
+def test_a_stage_that_failed_on_its_first_run_did_not_finish_rather_than_never_ran(
+    cut_clip, tmp_path, monkeypatch
+):
+    """A stage that fails before it writes a table (stage 04 on a film whose frames stage 02
+    all dropped) left no table and no manifest: ``bunny status`` said it "never ran"."""
+    from diffusion_bunny.stages.quality import stage as quality_stage
+
+    path, _ = cut_clip
+    cfg = load_config(root=tmp_path / "noconfig")
+    run = Run.create(tmp_path / "run", path)
+    run_stage(run, "extract", cfg, progress=False)
+
+    def fails(ctx):
+        raise UserError("no frame could be scored")
+
+    monkeypatch.setattr(quality_stage, "compute", fails)
+    with pytest.raises(UserError):
+        run_stage(run, "quality", cfg, progress=False)
+    assert _states(run.run_dir, cfg)["quality"] == ("missing", "its last run did not finish")
+    monkeypatch.undo()
+    run_stage(run, "quality", cfg, progress=False)
+    assert _states(run.run_dir, cfg)["quality"] == ("done", "up to date")
+    assert sorted(p.name for p in run.manifests_dir.iterdir()) == ["extract.json", "quality.json"]

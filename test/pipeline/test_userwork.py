@@ -41,6 +41,32 @@ def test_damaged_table_is_restored_from_its_backup_or_named_in_one_line(tmp_path
     assert "no readable backup" in message and "move it aside to start the corrections over" in message
 
 
+def test_a_damaged_table_of_corrections_without_a_backup_is_not_sent_to_be_rebuilt(tmp_path):
+    """A run made before backups (or copied without ``tables/backup/``): its damaged
+    ``appearance_edits`` was called a stage's table to "run again with --force", which cannot
+    rebuild corrections and gave the same line again. The tables people write are named by the
+    stages' ``edits``, backup or not."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import PIPELINE
+
+    assert {e for stage in PIPELINE.stages for e in stage.edits} == {
+        "appearance_edits",
+        "feedback",
+        "caption_edits",
+    }
+    run = Run(tmp_path / "run")
+    path = run.table_path("appearance_edits")
+    path.parent.mkdir(parents=True)
+    pl.DataFrame({"face_id": ["f0_00"], "character": ["anna"]}).write_parquet(path)
+    assert run.read_table("appearance_edits")["character"].to_list() == ["anna"]
+    _damage(path)
+    assert not backup_path(path).exists()
+    with pytest.raises(StageError) as err:
+        run.read_table("appearance_edits")
+    message = str(err.value)
+    assert "corrections made by hand" in message and "--force" not in message and "\n" not in message
+
+
 # The stages' side (04 and 05 on a damaged table) is in test/stages/captions/test_caption_reliability.py,
 # beside the other tests on the demo run through stage 04 (one session fixture per xdist worker).
 

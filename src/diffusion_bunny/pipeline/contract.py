@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import DamagedTableError, StageError, UserError
 from diffusion_bunny.logs import attach_from_env, relaying
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import (
     StageState,
     build_manifest,
@@ -56,6 +57,7 @@ from diffusion_bunny.pipeline.manifest import (
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RECORDED_AS
+from diffusion_bunny.pipeline.userwork import HAND_MADE
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +230,9 @@ class Stage:
     #: chosen detector and not the others.
     detectors: Callable[[ConfigView], tuple[tuple[frozenset[str], str], ...]] | None = None
 
+    def __post_init__(self) -> None:
+        HAND_MADE.update(self.edits)
+
     def stage_module(self) -> Any:
         """``<package>.stage``, imported now: its ``compute(ctx)`` is the stage (and the report
         stage's ``batch_report`` the batch's report). Imported when the stage runs, never by the
@@ -350,9 +355,10 @@ def manifest_state(
     ``missing`` (never ran, its last run stopped before the end, or an output is gone)."""
     manifest = run.read_manifest(stage)
     if manifest is None:
-        # A stage removes its manifest before it computes (remove_manifest): tables of its and
-        # no manifest mean a run of it was stopped or failed, not that it never ran.
-        if any(run.has_table(name) for name in tables):
+        # A stage removes its manifest before it computes (remove_manifest, which marks it
+        # begun): tables of its, or the mark, and no manifest mean a run of it was stopped or
+        # failed, not that it never ran.
+        if any(run.has_table(name) for name in tables) or run.started_path(stage).is_file():
             return "missing", "its last run did not finish"
         return "missing", "never ran"
     recorded = manifest.get("outputs") or {}
@@ -400,9 +406,11 @@ def _settings_or_code_moved(
 
 
 def remove_manifest(run: Run, stage: str) -> None:
-    """Invalidate a stage before it computes: a run killed halfway leaves it ``missing``."""
+    """Invalidate a stage before it computes: a run killed halfway (or failed) leaves it
+    ``missing``, marked as begun (:meth:`Run.started_path`) until its manifest is written."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(run.manifest_path(stage))
+    atomic_write_bytes(run.started_path(stage), datetime.now(UTC).isoformat().encode())
 
 
 # --------------------------------------------------------------------------------- running

@@ -90,7 +90,9 @@ def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieRepo
     try:
         return run_movie(movie, run_dir, options)
     except UserError as exc:
-        _tell(str(exc))
+        # In a folder run the line must name its movie (``no frames to cluster`` named none); a
+        # message that names the file already is not prefixed again.
+        _tell(str(exc) if movie.name in str(exc) else f"{movie.name}: {exc}")
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
     except OSError as exc:
         storage = storage_error(exc)

@@ -36,7 +36,7 @@ from diffusion_bunny.pipeline.lock import (
     table_lock,
 )
 from diffusion_bunny.pipeline.manifest import table_fingerprint
-from diffusion_bunny.pipeline.userwork import backup_path, read_kept, write_kept
+from diffusion_bunny.pipeline.userwork import HAND_MADE, backup_path, read_kept, write_kept
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Run:
                 f"{path} is damaged ({exc}); rerun on the movie (bunny run MOVIE --out "
                 f"{self.run_dir} rewrites it; the stages' results are kept and reused)"
             ) from None
-        if not isinstance(meta, dict) or "movie" not in meta:
+        if not isinstance(meta, dict) or not isinstance(meta.get("movie"), str):
             raise StageError(
                 f"{path} does not describe a run (no movie); rerun on the movie (bunny run MOVIE "
                 f"--out {self.run_dir} rewrites it)"
@@ -292,7 +292,7 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
-        if backup_path(path).is_file():  # a table made by hand: restored from its backup if damaged
+        if name in HAND_MADE or backup_path(path).is_file():  # made by hand: restored from its backup
             return read_kept(path)
         with damaged_table(path):
             return pl.read_parquet(path)
@@ -382,9 +382,18 @@ class Run:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):  # damaged (not text, not JSON): a bug's traceback before
+            manifest = None
+        if not isinstance(manifest, dict):  # JSON, but no manifest (``[]``): as damaged, said so
             log.warning("manifest %s cannot be read; stage %s counts as not run", path, stage)
             return None
-        return manifest if isinstance(manifest, dict) else None
+        return manifest
+
+    def started_path(self, stage: str) -> Path:
+        """Marks a run of the stage begun and not finished (written when its manifest is removed
+        before it computes, removed with the manifest's writing): a stage that failed on its first
+        run left no table and no manifest, and ``bunny status`` said it "never ran"."""
+        return self.manifests_dir / f".{stage}.started"
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.manifest_path(stage), json.dumps(manifest, indent=2, default=str).encode())
+        self.started_path(stage).unlink(missing_ok=True)

@@ -16,11 +16,11 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.errors import BadInputError, UserError
+from diffusion_bunny.errors import BadInputError, StageError, UserError
 from diffusion_bunny.media.probe import shown, unreadable
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
-from diffusion_bunny.pipeline.run import Run, check_exists, movie_id
+from diffusion_bunny.pipeline.run import Run, check_exists, check_run_folder, movie_id
 from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 
@@ -28,7 +28,8 @@ from diffusion_bunny.pipeline.settings import RunConfig, output_root
 class RunRef:
     """A movie's run folder (which may not exist yet) and the movie's name; ``run_dir`` None and
     ``problem`` the line saying why for a movie that cannot be read (its run folder is named by
-    its content)."""
+    its content) or whose ``--out`` is another movie's run folder (its stages are not this
+    movie's: they were shown as this movie's)."""
 
     movie: str
     run_dir: Path | None
@@ -86,6 +87,13 @@ def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool)
     if out and single and not _is_run(run_dir) and _is_run(own):
         # ``out`` of a folder run (or of several movies) holds one run folder per movie
         run_dir = own
+    if run_dir != own:
+        try:  # another movie's run folder: its stages are not this movie's (bunny run refuses it)
+            check_run_folder(run_dir, movie)
+        except StageError as exc:
+            return RunRef(movie.name, None, str(exc))
+        except OSError as exc:
+            return RunRef(movie.name, None, str(unreadable(movie, exc)))
     return RunRef(movie.name, run_dir.resolve())
 
 

@@ -11,7 +11,8 @@ no readable backup either, one line names the file and how to recover.
 The machinery knows no stage: a table is protected when a person's edit writes it (the one write
 path, ``Run.commit(..., by_hand=True)``: the tables a stage declares in ``Stage.edits`` and the
 stage tables the edit updates, such as ``clusters``) and stays protected from then on (its backup
-exists, and every later write, the stage's included, keeps it up to date).
+exists, and every later write, the stage's included, keeps it up to date); the tables named in
+``Stage.edits`` are hand-made from the start (:data:`HAND_MADE`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.atomic import atomic_path, atomic_write_parquet
 
 BACKUP_DIR = "backup"
+#: The names of the tables people write (every stage's ``Stage.edits``, added as each stage is
+#: declared): such a table is read as a hand-made one even without a backup (a run made before
+#: backups, a copy without ``tables/backup/``), so a damaged one is not sent to "run the stage
+#: again with --force", which cannot rebuild it.
+HAND_MADE: set[str] = set()
 
 
 def backup_path(path: Path) -> Path:

@@ -231,6 +231,14 @@ def test_funnel_counts_every_step_with_reasons():
     assert by_step["captioned"]["dropped"] == "1 failed"
     assert by_step["exported"]["frames in"] == 5
     assert sum(dict(dropped_by_reason(again).select("reason", "frames").iter_rows()).values()) == 12 - 4
+    # scenes.frames: all clusters every frame: only the kept ones reach the step (8 -> 8 read
+    # as more frames reaching it than left stage 02).
+    every_scene = pl.DataFrame(
+        {"frame_id": ids, "level": ["scene"] * 12, "cluster_id": ["s001"] * 11 + ["noise"]}
+    )
+    clustered = funnel_summary(funnel_table(frames=frames, quality=quality, clusters=every_scene))
+    by_step = {r["step"]: r for r in clustered.iter_rows(named=True)}
+    assert (by_step["in a scene cluster"]["frames in"], by_step["in a scene cluster"]["frames out"]) == (6, 6)
     # Kept frames stage 05 never captioned (run before quality changed) are said so.
     some = funnel_table(frames=frames, quality=quality, captions=captions_table(ids[:4]))
     assert funnel_summary(some).row(-1, named=True)["dropped"] == "1 failed, 2 not captioned"

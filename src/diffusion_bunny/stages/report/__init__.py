@@ -8,7 +8,8 @@
 * :mod:`.combined`: the batch report's figure; :mod:`.stage`: the stage on a run, and the batch
   report's writer (``batch_report``, which the pipeline finds there by convention).
 
-Every table of the run is its input: any change makes it stale.
+Every table of the run is its input, with what it reads from the other stages' manifests: any
+change makes it stale.
 """
 
 from __future__ import annotations
@@ -22,6 +23,28 @@ from diffusion_bunny.pipeline.run import Run
 
 def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
     return {"report/": run.run_dir / "report"}
+
+
+def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
+    """What the sections read from other stages' manifests (not tables): stage 02's thresholds
+    (drawn on its figure), stage 01's decoded frames (the funnel's first bar), stage 03's
+    characters found in no frame and whether pictures were given. A rerun of stage 02 with new
+    thresholds that kept the same frames changed no table, and the report went on showing the
+    old thresholds as the ones it last ran with. (Not the whole manifests: they hold timings.)"""
+
+    def manifest(stage: str) -> dict[str, Any]:
+        found = run.read_manifest(stage)
+        return found if isinstance(found, dict) else {}
+
+    facts = manifest("characters").get("facts") or {}
+    characters = [facts.get("characters_not_found"), facts.get("reference_dir"), "hub" in facts]
+    return {
+        "manifests read": {
+            "quality config": manifest("quality").get("config"),
+            "decoded frames": (manifest("extract").get("counts") or {}).get("decoded_frames"),
+            "characters": characters,
+        }
+    }
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -46,5 +69,6 @@ STAGE = Stage(
     ),
     writes=("report_figures", "report_funnel"),
     owns=_owns,
+    inputs=_inputs,
     reads_every_table=True,
 )

@@ -104,6 +104,8 @@ def funnel_table(
         _characters_step(steps, faces, face_frames, set(kept_ids.to_list()))
     if clusters is not None:
         scene = clusters.filter(pl.col("level") == "scene")
+        if kept_ids is not None:  # with scenes.frames: all, the frames quality dropped go no further
+            scene = scene.filter(pl.col("frame_id").is_in(kept_ids))
         noise = int((scene["cluster_id"] == "noise").sum())
         steps.add("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
     usable = None

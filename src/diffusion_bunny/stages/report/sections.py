@@ -168,9 +168,9 @@ def _quality_config(run: ReportData, cfg: ConfigView) -> Any:
     """The thresholds stage 02 last ran with (from its manifest, which says ``filtering`` when it
     was written before the section's rename; the defaults for a manifest without them)."""
     settings = ((run.read_manifest("quality") or {}).get("config")) or {}
-    try:
+    try:  # a manifest edited by hand (``"config": "x"``) gives the defaults, not a bug
         return QualitySettings(**(settings.get("quality") or settings["filtering"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return QualitySettings()
 
 
