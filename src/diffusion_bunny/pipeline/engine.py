@@ -53,7 +53,7 @@ from diffusion_bunny.logs import (
     bar_options,
     log_hint,
 )
-from diffusion_bunny.media.probe import probe_video, unreadable
+from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Pipeline
@@ -92,7 +92,8 @@ def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieRepo
     except UserError as exc:
         # In a folder run the line must name its movie (``no frames to cluster`` named none); a
         # message that names the file already is not prefixed again.
-        _tell(str(exc) if movie.name in str(exc) else f"{movie.name}: {exc}")
+        name = shown(movie.name)  # a name that is not UTF-8, escaped as the message escapes it
+        _tell(str(exc) if name in str(exc) else f"{name}: {exc}")
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
     except OSError as exc:
         storage = storage_error(exc)
