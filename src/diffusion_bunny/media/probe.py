@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +35,7 @@ class VideoInfo:
     codec: str
     width: int
     height: int
+    #: The display matrix's turn in degrees counter-clockwise (PyAV's ``frame.rotation``, 0-359).
     rotation: int
     fps: float
     duration_s: float | None
@@ -58,6 +60,9 @@ class VideoInfo:
     interlaced_flag: bool = False
     #: Things the file says that were not believed (one sentence each), for the stage's warnings.
     warnings: tuple[str, ...] = ()
+    #: Whether the display matrix also mirrors the picture (left and right swapped after the turn):
+    #: what ``ffmpeg -display_hflip`` and some front cameras write.
+    mirrored: bool = False
 
     @property
     def upright_size(self) -> tuple[int, int]:
@@ -177,14 +182,13 @@ def probe_video(path: str | Path) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         duration_s = _picture_duration(container, stream)
-        rotation = 0
         first_frame = _first_frame(container, stream)
         if isinstance(first_frame, av.error.FFmpegError):
             reason = first_frame.strerror or first_frame
             raise _fail(path, f"the video stream cannot be decoded ({reason})") from None
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
-        rotation = round(first_frame.rotation or 0) % 360
+        rotation, mirrored = display_turn(first_frame)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)
@@ -211,7 +215,31 @@ def probe_video(path: str | Path) -> VideoInfo:
             field_order=FIELD_ORDERS.get(int(ctx.field_order or 0), "unknown"),
             interlaced_flag=bool(first_frame.interlaced_frame),
             warnings=warnings,
+            mirrored=mirrored,
         )
+
+
+def display_turn(frame: av.VideoFrame) -> tuple[int, bool]:
+    """The turn (degrees counter-clockwise, 0-359) and mirror of ``frame``'s display matrix: the
+    picture is shown turned by the angle, then mirrored left to right when the flag is set.
+
+    Why not PyAV's ``frame.rotation`` alone: it is the angle of the matrix's first column and
+    says nothing of a mirror, so a mirrored picture (``ffmpeg -display_hflip``: angle -180) was
+    saved upside down. A mirror shows as a negative determinant; with the mirror of the shown x
+    undone (its first row negated) what is left is a turn, read as FFmpeg's
+    ``av_display_rotation_get`` reads it. Players and ``ffmpeg`` itself show such files mirrored."""
+    side = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    if side is None:
+        return round(frame.rotation or 0) % 360, False
+    # a, c: the shown x of a stored (p, q) is a p + c q; b, d: its y (16.16 fixed point).
+    a, b, _, c, d, *_ = struct.unpack("=9i", bytes(side))
+    mirrored = a * d - b * c < 0
+    if mirrored:
+        a, c = -a, -c
+    if not (math.hypot(a, c) and math.hypot(b, d)):
+        return 0, False  # a degenerate matrix (zeros): shown as stored, as FFmpeg does
+    angle = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))
+    return round(angle) % 360, mirrored
 
 
 #: Damaged packets passed over at the start of a stream before it is taken as undecodable.

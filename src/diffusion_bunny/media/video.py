@@ -71,17 +71,19 @@ class Decoded:
 @dataclass(frozen=True)
 class Display:
     """How a stored frame becomes the picture people see: its size in square pixels before
-    rotation (the sample aspect ratio applied), the rotation, and the HDR transfer to tone-map."""
+    rotation (the sample aspect ratio applied), the rotation, the HDR transfer to tone-map, and
+    whether the display matrix mirrors it (after the turn)."""
 
     upright: tuple[int, int]
     rotation: int = 0
     hdr: str | None = None
     full_range: bool = False
+    mirrored: bool = False
 
     @classmethod
     def of(cls, info: VideoInfo) -> Display:
         """The display of a probed movie."""
-        return cls(info.upright_size, info.rotation, info.hdr, info.color_range == 2)
+        return cls(info.upright_size, info.rotation, info.hdr, info.color_range == 2, info.mirrored)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -177,7 +179,7 @@ def thumbnail(
     (through ``reformatter`` if given: see :func:`frame_to_bgr`)."""
     w, h = thumbnail_size(*display.upright, width)
     small = _convert(frame, (w, h), display, reformatter or VideoReformatter())
-    return rotate_image(small, display.rotation)
+    return rotate_image(small, display.rotation, display.mirrored)
 
 
 def shrink_upright(bgr: np.ndarray, size: tuple[int, int], rotation: int) -> np.ndarray:
@@ -190,23 +192,27 @@ def shrink_upright(bgr: np.ndarray, size: tuple[int, int], rotation: int) -> np.
     return cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
 
 
-def rotate_image(img: np.ndarray, rotation: int) -> np.ndarray:
-    """Turn a stored picture the way its display matrix shows it.
+def rotate_image(img: np.ndarray, rotation: int, mirrored: bool = False) -> np.ndarray:
+    """Turn (and mirror) a stored picture the way its display matrix shows it.
 
-    ``rotation`` is PyAV's ``frame.rotation``: the display matrix's angle in degrees,
-    counter-clockwise (a phone held upright stores a quarter turn clockwise, read as -90 and
+    ``rotation`` is the display matrix's angle in degrees, counter-clockwise (PyAV's
+    ``frame.rotation``; a phone held upright stores a quarter turn clockwise, read as -90 and
     kept as 270). Turning the stored picture by that angle counter-clockwise (``np.rot90`` with
-    k = angle / 90) puts every pixel where the matrix shows it. Stage 01's tests check this on
-    clips whose matrix is written number by number, with the shown place of a marked corner
-    worked out from the matrix itself, not from this function."""
+    k = angle / 90) puts every pixel where the matrix shows it; ``mirrored``
+    (:func:`~diffusion_bunny.media.probe.display_turn`) then swaps left and right, as players
+    show a mirrored matrix (kept upside down, a mirrored picture was a wrong training image).
+    Stage 01's tests check this on clips whose matrix is written number by number, with the
+    shown place of a marked corner worked out from the matrix itself, not from this function."""
     k = (rotation // 90) % 4
-    if k == 0:
-        return img
-    return np.ascontiguousarray(np.rot90(img, k=k))
+    if k:
+        img = np.rot90(img, k=k)
+    if mirrored:
+        img = np.fliplr(img)
+    return np.ascontiguousarray(img) if k or mirrored else img
 
 
 def rotate_box(
-    box: tuple[int, int, int, int], size: tuple[int, int], rotation: int
+    box: tuple[int, int, int, int], size: tuple[int, int], rotation: int, mirrored: bool = False
 ) -> tuple[int, int, int, int]:
     """A box ``(left, top, right, bottom)`` (right/bottom exclusive) in a picture of ``size``
     (width, height) before rotation, moved the way :func:`rotate_image` moves its pixels."""
@@ -214,12 +220,15 @@ def rotate_box(
     w, h = size
     k = (rotation // 90) % 4
     if k == 1:  # np.rot90 once: new[i, j] = old[j, w - 1 - i]
-        return top, w - right, bottom, w - left
-    if k == 2:
-        return w - right, h - bottom, w - left, h - top
-    if k == 3:  # new[i, j] = old[h - 1 - j, i]
-        return h - bottom, left, h - top, right
-    return box
+        left, top, right, bottom = top, w - right, bottom, w - left
+    elif k == 2:
+        left, top, right, bottom = w - right, h - bottom, w - left, h - top
+    elif k == 3:  # new[i, j] = old[h - 1 - j, i]
+        left, top, right, bottom = h - bottom, left, h - top, right
+    if mirrored:  # np.fliplr of the turned picture, whose width is h after a quarter turn
+        shown_w = h if k % 2 else w
+        left, right = shown_w - right, shown_w - left
+    return left, top, right, bottom
 
 
 def frame_to_bgr(
@@ -233,7 +242,7 @@ def frame_to_bgr(
     new libswscale context: measured on 720p, 1.17 ms a frame against 0.27 ms when the context
     is reused (same pixels). A reformatter must stay on one thread."""
     bgr = _convert(frame, display.upright, display, reformatter or VideoReformatter())
-    return rotate_image(bgr, display.rotation)
+    return rotate_image(bgr, display.rotation, display.mirrored)
 
 
 #: Luma above the black level by more than this (8-bit code values) lights a pixel for the

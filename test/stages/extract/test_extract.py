@@ -119,12 +119,20 @@ def test_hamilton_clip_cuts_match_readme(hamilton, tmp_path):
 #: from the top, as in the file format's coordinates) is shown at ``(a p + c q + x, b p + d q + y)``.
 #: The first is the matrix of a phone held upright (its sensor's landscape picture turned a
 #: quarter clockwise); the rotation is what PyAV's ``frame.rotation`` reads (degrees
-#: counter-clockwise), as stage 01 records it.
+#: counter-clockwise) for a matrix that only turns, as stage 01 records it. The mirrored ones
+#: (a negative determinant) are what ``ffmpeg -display_hflip`` / ``-display_vflip`` write
+#: (``av_display_matrix_flip``), alone and after a quarter turn: players show them mirrored, and
+#: PyAV's angle alone (-180 for the first) turned them upside down; the rotation recorded is the
+#: turn left once the mirror is undone, and ``mirrored`` is True.
 ONE = 1 << 16
 DISPLAY_MATRICES = {
-    "quarter-clockwise": ((0, ONE, 0, -ONE, 0, 0, 0, 0, 1 << 30), 270),
-    "half-turn": ((-ONE, 0, 0, 0, -ONE, 0, 0, 0, 1 << 30), 180),
-    "quarter-counter-clockwise": ((0, -ONE, 0, ONE, 0, 0, 0, 0, 1 << 30), 90),
+    "quarter-clockwise": ((0, ONE, 0, -ONE, 0, 0, 0, 0, 1 << 30), (270, False)),
+    "half-turn": ((-ONE, 0, 0, 0, -ONE, 0, 0, 0, 1 << 30), (180, False)),
+    "quarter-counter-clockwise": ((0, -ONE, 0, ONE, 0, 0, 0, 0, 1 << 30), (90, False)),
+    "mirrored-left-right": ((-ONE, 0, 0, 0, ONE, 0, 0, 0, 1 << 30), (0, True)),
+    "mirrored-top-bottom": ((ONE, 0, 0, 0, -ONE, 0, 0, 0, 1 << 30), (180, True)),
+    "transposed": ((0, ONE, 0, ONE, 0, 0, 0, 0, 1 << 30), (270, True)),
+    "anti-transposed": ((0, -ONE, 0, -ONE, 0, 0, 0, 0, 1 << 30), (90, True)),
 }
 
 
@@ -166,7 +174,7 @@ def test_rotation_metadata_is_applied(tmp_path, turn):
     top-right corner, stored with a display matrix: the frames and thumbnails stage 01 writes
     show the squares where the matrix shows them (worked out from the matrix's numbers here,
     independent of the code that turns pictures), at the shown width and height."""
-    matrix, rotation = DISPLAY_MATRICES[turn]
+    matrix, (rotation, mirrored) = DISPLAY_MATRICES[turn]
     w, h, side = 160, 96, 32
     boxes = [(0, 0, side, side), (w - side, 0, w, side)]
     stored = np.full((h, w, 3), 128, np.uint8)
@@ -174,7 +182,6 @@ def test_rotation_metadata_is_applied(tmp_path, turn):
     stored[:side, w - side :] = (20, 230, 20)
     plain = _write_frames(tmp_path / "stored.mp4", [stored] * 25)
     path = remux(plain, tmp_path / "shown.mp4", display_matrix=matrix)
-    assert probe_video(path).rotation == rotation
     (shown_w, shown_h), expected = _shown_centres(matrix, boxes, (w, h))
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
     row = result.tables["frames"].row(0, named=True)
@@ -189,6 +196,23 @@ def test_rotation_metadata_is_applied(tmp_path, turn):
     for picture in (full, thumb):
         for (x, y), (ex, ey) in zip(_marker_centres(picture), expected, strict=True):
             assert (x, y) == (pytest.approx(ex, abs=0.03), pytest.approx(ey, abs=0.03))
+    info = probe_video(path)
+    assert (info.rotation, info.mirrored) == (rotation, mirrored)
+
+
+@pytest.mark.parametrize(("rotation", "mirrored"), itertools.product([0, 90, 180, 270], [False, True]))
+def test_picture_box_moves_with_the_pixels(rotation, mirrored):
+    """A shot's picture box is written in the saved frames' pixels: turned and mirrored as the
+    picture is, so that it still holds the picture (not the bars on the other side)."""
+    from diffusion_bunny.media.video import rotate_box, rotate_image
+
+    w, h = 40, 24
+    box = (3, 5, 17, 21)
+    stored = np.zeros((h, w), np.uint8)
+    stored[box[1] : box[3], box[0] : box[2]] = 1
+    rows, cols = np.nonzero(rotate_image(stored, rotation, mirrored))
+    shown = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    assert rotate_box(box, (w, h), rotation, mirrored) == shown
 
 
 @pytest.mark.parametrize("rotation", [0, 90, 180, 270])

@@ -56,6 +56,7 @@ def summary(manifest: dict[str, Any]) -> str:
         f"{c['shots']} shots ({c['static_shots']} static, {c['dynamic_shots']} dynamic), "
         f"{c['frames']} frames kept of {c['decoded_frames']} decoded "
         f"({f['width']}x{f['height']}, {f['fps']:.3f} fps, rotation {f['rotation']}"
+        f"{', mirrored' if f.get('mirrored') else ''}"
         f"{_as_released(f, c)}); detector {f['detector']}"
     )
     if f.get("candidates_proposed") is not None:

@@ -228,7 +228,11 @@ def source_table(facts: dict, shots: pl.DataFrame | None = None) -> pl.DataFrame
     rows = [
         ("stored size", f"{facts.get('coded_width')}x{facts.get('coded_height')} ({facts.get('pix_fmt')})"),
         ("sample aspect", f"{facts.get('sample_aspect', '1:1')} (1:1 = square pixels)"),
-        ("shown as", f"{facts.get('width')}x{facts.get('height')}, rotation {facts.get('rotation', 0)}"),
+        (
+            "shown as",
+            f"{facts.get('width')}x{facts.get('height')}, rotation {facts.get('rotation', 0)}"
+            + (", mirrored" if facts.get("mirrored") else ""),
+        ),
         (
             "HDR",
             f"{facts['hdr']} ({facts.get('bit_depth')}-bit): tone-mapped to SDR"

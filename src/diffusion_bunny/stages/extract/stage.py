@@ -319,7 +319,9 @@ class _ShotAssembler:
     def shown(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """A box in stored pixels as a box in the saved frames' pixels (square, rotated)."""
         upright = self.display.upright
-        return rotate_box(to_display(box, self.stored, upright), upright, self.rotation)
+        return rotate_box(
+            to_display(box, self.stored, upright), upright, self.rotation, self.display.mirrored
+        )
 
 
 def _detector(cfg: ExtractSettings, fps: float, full_range: bool = True) -> tuple[ExtractSettings, Any]:
@@ -513,6 +515,7 @@ def _movie_facts(reader: VideoReader, last_time: float) -> dict[str, Any]:
         "interlace_check": reader.interlace,
         "deinterlaced": reader.deinterlace,
         "rotation": info.rotation,
+        "mirrored": info.mirrored,
         "fps": info.fps,
         "duration_s": info.duration_s,
         "declared_frames": info.declared_frames,
