@@ -25,6 +25,7 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.metrics import match_boundaries
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.video import VideoReader, probe_video
+from diffusion_bunny.stages.extract.detectors.base import Blankness, InOrder
 from diffusion_bunny.stages.extract.keyframes import (
     MIDDLE_BUCKETS,
     FrameCandidate,
@@ -255,6 +256,46 @@ def test_variable_frame_rate_keeps_presentation_times(tmp_path):
     assert result.tables["shots"]["start_s"][1] == pytest.approx(times[40], abs=1e-3)
     for row in result.tables["frames"].iter_rows(named=True):
         assert row["timestamp_s"] == pytest.approx(times[row["frame_index"]], abs=1e-3)
+
+
+def test_a_variable_frame_rate_shot_is_too_short_by_its_time_not_its_frames(tmp_path):
+    """Shots of 1.5 s at 60 fps around one of 0.93 s at 15 fps (14 frames; the film averages 49
+    fps, where min_shot_seconds 0.5 is 25 frames): the middle shot is longer than the minimum,
+    so it is kept whole and sampled, as its neighbours are; a shot of 20 frames at 60 fps
+    (0.33 s, more frames than 15 fps half a second holds) is too short."""
+    rates = ((1, 90, 60), (2, 14, 15), (3, 90, 60), (4, 20, 60), (5, 90, 60))
+    times, t = [], 0.0
+    for _, n, fps in rates:
+        times += [round(t + i / fps, 4) for i in range(n)]
+        t += n / fps
+    path = tmp_path / "vfr.mp4"
+    cuts = write_clip(path, [(seed, n, 0.0) for seed, n, _ in rates], fps=60, times=times)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    shots = result.tables["shots"]
+    assert starts(result) == cuts == [90, 104, 194, 214]
+    assert shots["too_short"].to_list() == [False, False, False, True, False]
+    assert shots["end_s"][1] - shots["start_s"][1] == pytest.approx(14 / 15, abs=0.01)
+    kept = set(result.tables["frames"]["shot_id"].to_list())
+    assert kept == {0, 1, 2, 4}
+
+
+def test_a_variable_frame_rate_shot_longer_than_the_minimum_is_no_fade_dip():
+    """The dip rule (a boundary closer than min_shot_seconds after the last, a blank frame
+    between, is a fade's second half) judges by the frames' times: 8 frames over 0.8 s with a
+    black one among them are a shot, though fewer than the 12 frames 0.5 s holds at 24 fps; the
+    same 8 frames in 0.2 s are a dip."""
+    rng = np.random.default_rng(0)
+    for step, kept in ((0.1, [18, 26, 40]), (0.025, [18, 40])):
+        blank = Blankness(keep=100)
+        t = 0.0
+        for i in range(60):
+            frame = np.zeros((27, 48, 3), np.uint8) if i == 20 else rng.integers(0, 255, (27, 48, 3))
+            blank.add(i, frame.astype(np.uint8), t)
+            t += step if 18 <= i < 26 else 1 / 24
+        order = InOrder(lookahead=5, min_len=12, blankness=blank, fps=24.0)
+        for frame in (18, 26, 40):
+            order.add(frame, 0.9)
+        assert order.release(None) == kept, step
 
 
 @pytest.mark.parametrize(

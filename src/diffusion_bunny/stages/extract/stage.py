@@ -56,7 +56,7 @@ from diffusion_bunny.media.video import (
 from diffusion_bunny.pipeline.atomic import staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
-from diffusion_bunny.stages.extract.detectors import ContentSettings, make_boundaries
+from diffusion_bunny.stages.extract.detectors import ContentSettings, make_boundaries, shortest_shot
 from diffusion_bunny.stages.extract.keyframes import FrameCandidate, OpenShot
 from diffusion_bunny.stages.extract.picturebox import BoxDecision, ShotProfile, decide_boxes, to_display
 from diffusion_bunny.stages.extract.settings import ExtractSettings
@@ -130,8 +130,9 @@ class _ShotAssembler:
         self.rotation = info.rotation
         self.size = self.display.size
         self.stored = (info.width, info.height)
-        # Shots shorter than this (in frames) are kept but give no keyframes (too short to sample).
-        self.min_len = max(1, round(cfg.min_shot_seconds * info.fps))
+        # Shots shorter than this (seconds shown: shortest_shot) are kept but give no keyframes
+        # (too short to sample).
+        self.min_shot_s = shortest_shot(cfg.min_shot_seconds, info.fps)[1]
         self.frames_dir, self.thumbs_dir = folders
         self.writer = writer
         # One libswscale context for every frame converted here (see frame_to_bgr); this object
@@ -209,12 +210,12 @@ class _ShotAssembler:
     def close_shot(self, shot: OpenShot, end_index: int, end_s: float, whole_movie: bool = False) -> None:
         motion = shot.motion
         kind = "static" if motion < self.cfg.motion_threshold else "dynamic"
-        # A confirmed cut is never dropped to make shots long enough: a shot shorter
-        # than min_shot_seconds is kept, marked, and sampled for no keyframe (its few frames
-        # are often a flash, a whip or the blend of a transition). A shot that is the whole movie
-        # (a clip under min_shot_seconds, one frame) is no flash: it is sampled whatever its length,
-        # or such a movie would give an empty dataset.
-        too_short = end_index - shot.start < self.min_len and not whole_movie
+        # A confirmed cut is never dropped to make shots long enough: a shot shorter (in
+        # presentation time) than min_shot_seconds is kept, marked, and sampled for no keyframe
+        # (its few frames are often a flash, a whip or the blend of a transition). A shot that is
+        # the whole movie (a clip under min_shot_seconds, one frame) is no flash: it is sampled
+        # whatever its length, or such a movie would give an empty dataset.
+        too_short = end_s - shot.start_s < self.min_shot_s and not whole_movie
         self.shots.append(
             {
                 "shot_id": shot.shot_id,
@@ -365,7 +366,7 @@ def _decode(
             tiny = cv2.resize(gray, tiny_size, interpolation=cv2.INTER_AREA)
             diff = None if prev_tiny is None else float(cv2.norm(tiny, prev_tiny, cv2.NORM_L1)) / tiny.size
             prev_tiny = tiny
-            assembler.add_cuts(detector.push(d.index, d.small_bgr))
+            assembler.add_cuts(detector.push(d.index, d.small_bgr, d.time_s))
             line.append((d, laplacian_variance(gray), diff))
             while len(line) > delay:
                 assembler.commit(*line.popleft())

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_bunny.registry import SHOT_DETECTORS
-from diffusion_bunny.stages.extract.detectors.base import Boundaries, ShotDetectorSettings
+from diffusion_bunny.stages.extract.detectors.base import Boundaries, ShotDetectorSettings, shortest_shot
 from diffusion_bunny.stages.extract.detectors.cascade import CascadeBoundaries, CascadeSettings
 from diffusion_bunny.stages.extract.detectors.scenedetect import (
     AdaptiveSettings,
@@ -37,11 +37,13 @@ def make_boundaries(cfg: Any, fps: float, model: Any, *, full_range: bool = True
 
     ``transnetv2`` and ``cascade`` (``model``: the TransNetV2 handle) keep every boundary they
     confirm (short shots are marked by stage 01, not merged) except the second half of a fade
-    through black shorter than ``min_shot_seconds``; the PySceneDetect detectors merge cuts closer
-    than that (their ``min_scene_len``, part of how they tell a flash from a cut).
+    through black shorter than ``min_shot_seconds`` (in presentation time: ``push`` is given each
+    frame's time); the PySceneDetect detectors merge cuts closer than that (their
+    ``min_scene_len``, part of how they tell a flash from a cut), counted in frames at the
+    average rate.
     ``full_range``: the movie's pixels use 0-255 (most video uses 16-235: a detector whose
     threshold is a brightness gets its copies stretched, ``expands_range``)."""
-    boundaries = cfg.detector.build(fps, max(1, round(cfg.min_shot_seconds * fps)), model)
+    boundaries = cfg.detector.build(fps, shortest_shot(cfg.min_shot_seconds, fps)[0], model)
     if isinstance(boundaries, SceneDetectBoundaries):
         boundaries.expand_range = cfg.detector.expands_range and not full_range
     return boundaries
@@ -64,4 +66,5 @@ __all__ = [
     "TransNetV2Boundaries",
     "TransNetV2Settings",
     "make_boundaries",
+    "shortest_shot",
 ]

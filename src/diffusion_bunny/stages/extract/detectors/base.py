@@ -47,22 +47,40 @@ MAX_RUN = 48
 BLANK_STD = 6.0
 
 
+def shortest_shot(min_shot_seconds: float, fps: float) -> tuple[int, float]:
+    """``extract.min_shot_seconds`` in frames at the nominal (average) rate, and in seconds of
+    presentation time: the frames less half a frame.
+
+    A shot is judged by its real length (the time from its first frame to the next shot's): on
+    variable-frame-rate footage a count of frames at the average rate is no length (a 0.93 s shot
+    at 15 fps in a film averaging 49 fps was 14 frames against 25, marked too short). Half a
+    frame below the frame count, a constant-rate shot of n frames is judged as by its count
+    whatever the rounding of its timestamps, so such footage gives the shots it gave."""
+    frames = max(1, round(min_shot_seconds * fps))
+    return frames, (frames - 0.5) / fps
+
+
 class Blankness:
-    """Which recent frames were blank (see :data:`BLANK_STD`), by position, for :class:`InOrder`."""
+    """Which recent frames were blank (see :data:`BLANK_STD`), and when they are shown where
+    the caller says, by position, for :class:`InOrder`."""
 
     def __init__(self, keep: int):
         self.keep = keep
         self.blank: dict[int, bool] = {}
+        self.times: dict[int, float] = {}
 
-    def add(self, position: int, small: np.ndarray) -> None:
+    def add(self, position: int, small: np.ndarray, time_s: float | None = None) -> None:
         # It runs on every decoded frame, on the thread that also feeds the decoder: OpenCV's
         # one-pass deviation over all channels costs a few microseconds where numpy's std()
         # cost about a tenth of a millisecond, and the oldest positions leave from the front of
         # the (insertion-ordered) dictionary instead of the whole of it being scanned each time
         # (together 2 s of a 10-minute 720p film's pass).
         self.blank[position] = float(cv2.meanStdDev(small.reshape(-1, 1))[1][0, 0]) < BLANK_STD
+        if time_s is not None:
+            self.times[position] = time_s
         while (oldest := next(iter(self.blank))) < position - self.keep:
             del self.blank[oldest]
+            self.times.pop(oldest, None)
 
     def any_blank(self, start: int, stop: int) -> bool:
         """Whether a frame in ``[start, stop)`` was blank (unknown frames are not)."""
@@ -72,11 +90,19 @@ class Blankness:
 class InOrder:
     """Holds boundaries found out of order until no earlier one can still come, then releases
     them in frame order (one per frame), except the second boundary of a dip (see the module
-    docstring: closer than ``min_len`` to the previous one with a blank frame between)."""
+    docstring: shorter than ``min_len`` after the previous one with a blank frame between).
 
-    def __init__(self, lookahead: int, min_len: int = 0, blankness: Blankness | None = None):
+    With ``fps`` (the nominal rate) "shorter" is in presentation time, where the frames' times
+    are known (:func:`shortest_shot`): a variable-rate shot over ``min_shot_seconds`` in fewer
+    frames than ``min_len`` is a shot, not a dip. A frame whose time is forgotten is judged by
+    the count."""
+
+    def __init__(
+        self, lookahead: int, min_len: int = 0, blankness: Blankness | None = None, fps: float | None = None
+    ):
         self.lookahead = lookahead
         self.min_len = min_len
+        self.min_s = (min_len - 0.5) / fps if fps and min_len else None
         self.blankness = blankness
         self.held: dict[int, float] = {}
         self.last = 0
@@ -96,7 +122,7 @@ class InOrder:
                 continue
             if (
                 self.blankness is not None
-                and frame - self.last < self.min_len
+                and self._short(frame, self.blankness)
                 and self.blankness.any_blank(self.last, frame)
             ):
                 self.dips += 1
@@ -105,6 +131,14 @@ class InOrder:
             self.last = frame
         self.emitted += out
         return out
+
+    def _short(self, frame: int, blankness: Blankness) -> bool:
+        """Whether the shot from the last boundary to ``frame`` is shorter than the minimum."""
+        if self.min_s is not None:
+            start, end = blankness.times.get(self.last), blankness.times.get(frame)
+            if start is not None and end is not None:
+                return end - start < self.min_s
+        return frame - self.last < self.min_len
 
 
 class RunTracker:
@@ -138,7 +172,11 @@ class Boundaries:
     name = "base"
     lookahead = 0
 
-    def push(self, index: int, small_bgr: np.ndarray) -> list[int]:  # pragma: no cover - interface
+    def push(
+        self, index: int, small_bgr: np.ndarray, time_s: float | None = None
+    ) -> list[int]:  # pragma: no cover - interface
+        """Take the frame ``index`` (shown at ``time_s``, where known) and return the boundaries
+        now sure."""
         raise NotImplementedError
 
     def finish(self, last_index: int) -> list[int]:  # pragma: no cover - interface
@@ -169,6 +207,7 @@ class ShotDetectorSettings(DetectorSettings):
         raise NotImplementedError
 
     def build(self, fps: float, min_len: int, model: Any) -> Boundaries:
-        """The detector for a movie at ``fps``, keeping shots of at least ``min_len`` frames
-        (``model``: the TransNetV2 handle where :attr:`uses_transnetv2`, else None)."""
+        """The detector for a movie at ``fps``, keeping shots of at least ``min_len`` frames at
+        that rate (:func:`shortest_shot`; ``model``: the TransNetV2 handle where
+        :attr:`uses_transnetv2`, else None)."""
         raise NotImplementedError

@@ -189,6 +189,7 @@ class CascadeBoundaries(Boundaries):
         model: ModelHandle | TransNetModel,
         cfg: CascadeSettings,
         min_len: int = 0,
+        fps: float | None = None,
     ):
         self.model = model
         self.threshold = cfg.transnetv2_threshold
@@ -227,7 +228,7 @@ class CascadeBoundaries(Boundaries):
         # stage 01's delay line (1.4 MB at 720p).
         self.lookahead = MAX_RUN + 2 * CONTEXT + PROPOSE_DELAY + 3 * MARGIN + 12
         self.blankness = Blankness(self.lookahead + min_len + 2)
-        self.order = InOrder(self.lookahead, min_len, self.blankness)
+        self.order = InOrder(self.lookahead, min_len, self.blankness, fps)
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -524,14 +525,14 @@ class CascadeBoundaries(Boundaries):
 
     # -- stream --------------------------------------------------------------------------------
 
-    def _add(self, index: int, small_bgr: np.ndarray) -> None:
+    def _add(self, index: int, small_bgr: np.ndarray, time_s: float | None) -> None:
         t = self.n
         if t == 0:
             self.first = index
         f = rgb48(small_bgr)
         self.ring[t % RING] = f
         self.ct[t % RING] = float(cv2.meanStdDev(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY))[1][0, 0])
-        self.blankness.add(t, f)
+        self.blankness.add(t, f, time_s)
         q = f >> 6
         code = (q[..., 0].astype(np.int32) << 4) | (q[..., 1].astype(np.int32) << 2) | q[..., 2]
         self.hist[t % RING] = np.bincount(code.ravel(), minlength=HIST_BINS) / code.size
@@ -546,8 +547,8 @@ class CascadeBoundaries(Boundaries):
             self.coh[t % RING] = dk / total if total > 0 else 0.0
             self.hk[t % RING] = 0.5 * float(np.abs(self.hist[t % RING] - self.hist[(t - LAG) % RING]).sum())
 
-    def push(self, index: int, small_bgr: np.ndarray) -> list[int]:
-        self._add(index, small_bgr)
+    def push(self, index: int, small_bgr: np.ndarray, time_s: float | None = None) -> list[int]:
+        self._add(index, small_bgr, time_s)
         t = self.n - 1
         if t - HARD_AHEAD >= 1:
             self._propose_hard(t - HARD_AHEAD)
@@ -944,4 +945,4 @@ class CascadeSettings(TransNetV2Options):
     motion_compensation: bool = True
 
     def build(self, fps: float, min_len: int, model: Any) -> CascadeBoundaries:
-        return CascadeBoundaries(model, self, min_len)
+        return CascadeBoundaries(model, self, min_len, fps)

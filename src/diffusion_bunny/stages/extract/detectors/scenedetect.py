@@ -37,7 +37,7 @@ class SceneDetectBoundaries(Boundaries):
     #: :data:`ThresholdSettings.expands_range`).
     expand_range = False
 
-    def push(self, index: int, small_bgr: np.ndarray) -> list[int]:
+    def push(self, index: int, small_bgr: np.ndarray, time_s: float | None = None) -> list[int]:
         if self.expand_range:
             small_bgr = cv2.LUT(small_bgr, _FULL_RANGE)
         cuts = self.detector.process_frame(self._tc(index, fps=self.rate), small_bgr)

@@ -23,13 +23,15 @@ class TransNetV2Boundaries(Boundaries):
 
     name = "transnetv2"
 
-    def __init__(self, model: ModelHandle | TransNetModel, threshold: float, min_len: int = 0):
+    def __init__(
+        self, model: ModelHandle | TransNetModel, threshold: float, min_len: int = 0, fps: float | None = None
+    ):
         self.model = model
         self.predictor = WindowedPredictor(model)
         self.runs = RunTracker(threshold)
         self.lookahead = self.predictor.lookahead + MAX_RUN + 1
         self.blankness = Blankness(self.lookahead + min_len + 2)
-        self.order = InOrder(self.lookahead, min_len, self.blankness)
+        self.order = InOrder(self.lookahead, min_len, self.blankness, fps)
         self.threshold = threshold
         self.frames = 0
 
@@ -39,10 +41,10 @@ class TransNetV2Boundaries(Boundaries):
             if found is not None:
                 self.order.add(*found)
 
-    def push(self, index: int, small_bgr: np.ndarray) -> list[int]:
+    def push(self, index: int, small_bgr: np.ndarray, time_s: float | None = None) -> list[int]:
         self.frames += 1
         small = rgb48(small_bgr)
-        self.blankness.add(index, small)
+        self.blankness.add(index, small, time_s)
         self._feed(self.predictor.push(index, small))
         return self.order.release(index - self.lookahead)
 
@@ -70,4 +72,4 @@ class TransNetV2Settings(TransNetV2Options):
     needs_model_at_once: ClassVar[bool] = True
 
     def build(self, fps: float, min_len: int, model: Any) -> TransNetV2Boundaries:
-        return TransNetV2Boundaries(model, self.transnetv2_threshold, min_len)
+        return TransNetV2Boundaries(model, self.transnetv2_threshold, min_len, fps)
