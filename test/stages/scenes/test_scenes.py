@@ -942,3 +942,59 @@ def test_an_edl_counts_from_the_movies_own_start_timecode(tmp_path):
     back = otio.adapters.read_from_string(edl_text(timeline), "cmx_3600", rate=25)
     starts = [c.source_range.start_time.to_timecode() for c in back.find_clips()]
     assert starts == ["01:00:00:00", "01:00:00:02", "01:00:00:04"]  # each shot's own, not summed
+
+
+def _hand_feedback(frame: str, source: str, target: str | None) -> pl.DataFrame:
+    """A feedback table written by hand with DESIGN.md's columns: ``ts`` as text, ``label`` Int32,
+    no ``level``."""
+    return pl.DataFrame(
+        {
+            "event_id": ["e1"],
+            "ts": ["2025-01-01T00:00:00Z"],
+            "anchor_id": [frame],
+            "from_cluster": [source],
+            "to_cluster": pl.Series([target], dtype=pl.String),
+            "label": pl.Series([1], dtype=pl.Int32),
+        }
+    )
+
+
+def test_a_feedback_table_made_by_hand_is_read_or_refused_in_one_line(scenes_run):
+    """A feedback table with DESIGN.md's columns (no level), ``ts`` as text or ``label`` as Int32 is
+    read (every move a scene move); an unknown level, a move with no target or a missing column is
+    one BadInputError naming it. Each crashed the stage, and every board move, as a bug."""
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+    from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA
+
+    run, cfg = scenes_run
+    scene = scene_map(run.read_table("clusters"))
+    ids = sorted(set(scene.values()) - {NOISE})
+    frame = next(f for f, c in scene.items() if c == ids[0])
+    other = next(f for f, c in scene.items() if c == ids[0] and f != frame)
+    run.write_table("feedback", _hand_feedback(frame, ids[0], ids[1]))
+    run_stage(run, "scenes", cfg, progress=False)
+    placed = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
+    assert placed["cluster_id"].to_list() == [ids[1]] and placed["manual"].to_list() == [True]
+    # A board move appends to it, in the board's own types.
+    move_to_cluster(run.run_dir, other, ids[1])
+    feedback = run.read_table("feedback")
+    assert feedback.height == 2 and dict(feedback.schema) == FEEDBACK_SCHEMA
+    assert feedback["level"].to_list() == ["scene", "scene"]
+
+    bad = {
+        "level 'Scene' is neither scene nor character": _hand_feedback(frame, ids[0], ids[1]).with_columns(
+            level=pl.lit("Scene")
+        ),
+        "1 row.* have no to_cluster": _hand_feedback(frame, ids[0], None),
+        "has no column anchor_id": _hand_feedback(frame, ids[0], ids[1]).drop("anchor_id"),
+        r"column ts \(String\) does not read as Datetime": _hand_feedback(frame, ids[0], ids[1]).with_columns(
+            ts=pl.lit("yesterday")
+        ),
+    }
+    for message, table in bad.items():
+        run.write_table("feedback", table)
+        with pytest.raises(BadInputError, match=message):
+            run_stage(run, "scenes", cfg, progress=False)
+        with pytest.raises(BadInputError, match=message):
+            move_to_cluster(run.run_dir, other, ids[0])

@@ -65,7 +65,10 @@ STAGE = Stage(
         Reads("faces", "characters", ("frame_id", "character"), optional=True),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
         # A person's corrections: the adapter learns from them, so new ones make the stage stale.
-        Reads("feedback", "scenes", ("event_id",), optional=True, nonempty=True),
+        # Every column (None: the whole table): a target or level changed by hand is a new
+        # correction too, and a table made by hand may lack ``level`` (read as scene moves),
+        # which a declared column would refuse before the stage can say what is wrong.
+        Reads("feedback", "scenes", None, optional=True, nonempty=True),
     ),
     config=("scenes",),
     writes=("embeddings", "clusters", "scene_exemplars"),

@@ -272,13 +272,20 @@ def _cluster_counts(clusters: pl.DataFrame) -> dict[str, int]:
     }
 
 
+def _corrections(ctx: Context) -> pl.DataFrame:
+    """The feedback table, checked and cast (:func:`checked_feedback`); empty before the first move."""
+    feedback = ctx.optional("feedback")
+    if feedback is None:
+        return empty_feedback()
+    return checked_feedback(feedback, ctx.run.table_path("feedback"))
+
+
 def compute(ctx: Context) -> StageOutput:
     """Stage 04 on a run (see the module docstring for the steps): embed (reusing the embeddings
     of unchanged frames), cluster, apply every correction a person made."""
     run_dir, cfg, quality = ctx.run_dir, ctx.cfg.scenes, ctx.table("quality")
     previous = {name: df for name in ctx.writes if (df := ctx.own_previous(name)) is not None}
-    feedback = ctx.optional("feedback")
-    feedback = feedback if feedback is not None else empty_feedback()
+    feedback = _corrections(ctx)
     warnings: list[str] = []
     chosen = frames_to_cluster(ctx.table("frames"), quality, cfg.frames)
     if chosen.is_empty():
@@ -516,9 +523,59 @@ def _assign_library(
 
 
 def read_feedback(run_dir: str | Path) -> pl.DataFrame:
-    """Every move a person made so far (an empty table with the schema before the first)."""
+    """Every move a person made so far (an empty table with the schema before the first), checked
+    and cast by :func:`checked_feedback`."""
     run = Run.open(run_dir)
-    return run.read_table("feedback") if run.has_table("feedback") else empty_feedback()
+    if not run.has_table("feedback"):
+        return empty_feedback()
+    return checked_feedback(run.read_table("feedback"), run.table_path("feedback"))
+
+
+def checked_feedback(feedback: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """``feedback`` in :data:`FEEDBACK_SCHEMA`'s types (extra columns kept), or one
+    :class:`BadInputError` naming the column or value that is wrong.
+
+    The table is a person's as much as the board's: one written by hand, or with DESIGN.md's
+    columns (no ``level``: every move a scene move), crashed the stage and every board move as a
+    bug (a missing column, ``ts`` as text, ``label`` as Int32, a level or a target it could not
+    place)."""
+    if "level" not in feedback.columns:
+        feedback = feedback.with_columns(pl.lit("scene", pl.String).alias("level"))
+    missing = [c for c in FEEDBACK_SCHEMA if c not in feedback.columns]
+    if missing:
+        raise BadInputError(
+            f"{path} has no column {', '.join(missing)}; a feedback table has "
+            f"{', '.join(FEEDBACK_SCHEMA)} (level may be left out: scene)"
+        )
+    feedback = feedback.with_columns(
+        _feedback_column(feedback, name, dtype, path) for name, dtype in FEEDBACK_SCHEMA.items()
+    ).with_columns(pl.col("level").fill_null("scene"))
+    bad = feedback.filter(~pl.col("level").is_in(LEVELS))["level"].unique().sort().to_list()
+    if bad:
+        raise BadInputError(f"{path}: level {bad[0]!r} is neither {' nor '.join(LEVELS)}")
+    for name in ("anchor_id", "to_cluster"):
+        nulls = feedback[name].null_count()
+        if nulls:
+            raise BadInputError(
+                f"{path}: {nulls} row(s) have no {name}; every move needs a frame and a target"
+            )
+    return feedback
+
+
+def _feedback_column(feedback: pl.DataFrame, name: str, dtype: Any, path: Path) -> pl.Series:
+    """One column of ``feedback`` cast to ``dtype``: ``ts`` from text, or a time without a zone
+    taken as UTC (the zone the board writes); a value that does not cast is one line naming it."""
+    column, held = feedback[name], feedback.schema[name]
+    try:
+        if name == "ts" and held == pl.String:
+            column = column.str.to_datetime(time_unit="us", time_zone="UTC")
+        elif name == "ts" and isinstance(held, pl.Datetime):
+            column = column.dt.replace_time_zone("UTC") if held.time_zone is None else column
+            column = column.dt.convert_time_zone("UTC")
+        return column.cast(dtype)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise BadInputError(f"{path}: column {name} ({held}) does not read as {dtype} ({why})") from None
 
 
 def move_to_cluster(
@@ -585,7 +642,8 @@ def move_to_cluster(
             "label": 1,
             "level": level,
         }
-        feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="vertical")
+        # Diagonal: a column a person added to the table by hand is kept (empty on the new row).
+        feedback = pl.concat([feedback, pl.DataFrame([event], schema=FEEDBACK_SCHEMA)], how="diagonal")
         tables["feedback"] = feedback
         vectors = None
         if run.has_table("embeddings") and cluster_id != NOISE:
