@@ -998,3 +998,34 @@ def test_a_feedback_table_made_by_hand_is_read_or_refused_in_one_line(scenes_run
             run_stage(run, "scenes", cfg, progress=False)
         with pytest.raises(BadInputError, match=message):
             move_to_cluster(run.run_dir, other, ids[0])
+
+
+def test_an_export_of_clusters_older_than_the_shots_is_refused_before_writing(scenes_run):
+    """Stage 01 run again (the film one shot now, or a cut moved), stage 04 not yet: the export
+    says the clusters are out of date and leaves the files it wrote before as they were. It
+    rewrote the CSV with empty times, then failed on a gone shot (KeyError), or wrote an EDL of
+    other shots without a word."""
+    from diffusion_bunny.stages.scenes.stage import export_clusters
+
+    run, _ = scenes_run
+    paths = export_clusters(run.run_dir)
+    before = {k: p.read_bytes() for k, p in paths.items()}
+    shots, frames = run.read_table("shots"), run.read_table("frames")
+    one = shots.head(1).with_columns(end_frame=pl.lit(int(shots["end_frame"].max())))
+    run.write_table("shots", one)
+    run.write_table("frames", frames.with_columns(shot_id=pl.lit(0, pl.Int64)))
+    with pytest.raises(BadInputError, match=r"clusters are out of date: .*rerun stage scenes"):
+        export_clusters(run.run_dir)
+    assert {k: p.read_bytes() for k, p in paths.items()} == before
+    # The shot ids still there, a cut moved: a frame of shot 1 now in shot 2.
+    clustered = frames.join(run.read_table("clusters").select("frame_id").unique(), on="frame_id", how="semi")
+    moved = clustered.filter(pl.col("shot_id") == 1).sort("frame_index")["frame_id"][-1]
+    run.write_table("shots", shots)
+    run.write_table(
+        "frames",
+        frames.with_columns(shot_id=pl.when(pl.col("frame_id") == moved).then(2).otherwise("shot_id")),
+    )
+    with pytest.raises(BadInputError, match="1 of their frames are gone or in another shot"):
+        export_clusters(run.run_dir)
+    run.write_table("frames", frames)
+    assert export_clusters(run.run_dir) == paths

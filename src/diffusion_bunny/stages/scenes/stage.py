@@ -801,8 +801,9 @@ def export_clusters(
     run = Run.open(run_dir)
     if not run.has_table("clusters"):
         raise BadInputError(f"no clusters in {run.run_dir}: run stage scenes first (notebook 04)")
-    frames = run.read_table("frames")
-    rows = cluster_rows(run.read_table("clusters"), frames, level)
+    frames, clusters, shots = run.read_table("frames"), run.read_table("clusters"), run.read_table("shots")
+    _check_current(clusters, frames, shots)
+    rows = cluster_rows(clusters, frames, level)
     facts = (run.read_manifest("extract") or {}).get("facts", {})
     fps = float(facts.get("fps") or fps_from_frames(frames))
     out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
@@ -816,9 +817,31 @@ def export_clusters(
         warnings.warn(f"clusters_{level}.edl skipped: {note}", stacklevel=2)
         return paths
     offset = timecode_frames(start_timecode(run.movie), rate)
-    timeline = build_timeline(rows, run.read_table("shots"), fps, run.movie, level, rate=rate, offset=offset)
+    timeline = build_timeline(rows, shots, fps, run.movie, level, rate=rate, offset=offset)
     atomic_write_bytes(edl, edl_text(timeline, note).encode())
     if note is not None:
         warnings.warn(f"clusters_{level}.edl: {note}", stacklevel=2)
     paths["edl"] = edl
     return paths
+
+
+def _check_current(clusters: pl.DataFrame, frames: pl.DataFrame, shots: pl.DataFrame) -> None:
+    """A :class:`BadInputError` before anything is written when ``clusters`` no longer matches
+    stage 01's tables (stage 01 ran again, stage 04 not yet): every cluster frame still a frame, in
+    the shot the clusters say, and that shot still a shot. Without it the CSV was rewritten with
+    empty times and the EDL failed on a shot that was gone (KeyError), or, when the shot ids
+    still existed with other bounds, was written from the wrong shots without a word."""
+    placed = (
+        clusters.select("frame_id", "shot_id")
+        .unique()
+        .join(frames.select("frame_id", pl.col("shot_id").alias("now")), on="frame_id", how="left")
+    )
+    moved = placed.filter(pl.col("now").is_null() | (pl.col("now") != pl.col("shot_id")))
+    gone = set(placed["shot_id"].unique().to_list()) - set(shots["shot_id"].to_list())
+    if moved.height or gone:
+        what = f"{moved.height} of their frames are gone or in another shot" if moved.height else ""
+        what = what or f"shot(s) {', '.join(map(str, sorted(gone)[:5]))} are gone"
+        raise BadInputError(
+            f"clusters are out of date: stage extract ran again since stage scenes ({what}); rerun stage "
+            "scenes (notebook 04, or bunny run MOVIE --stages scenes), then export"
+        )
