@@ -71,6 +71,27 @@ def test_middling_lone_frame_opens_its_own_cluster():
     assert cluster_scenes(far, ["a", "b", "c", "d"]).labels[3] == NOISE
 
 
+@pytest.mark.parametrize("index_min", [0, 2])
+def test_lone_frames_like_each_other_open_clusters_before_any_exists(index_min):
+    """Noise is a frame like nothing else: measured against the other frames too, not only against
+    the exemplars open so far. With none open yet (a short film, a strict assign_threshold) every
+    lone frame went to noise: two frames at 0.8, or four at 0.9 under assign_threshold 0.97, gave
+    0 scenes. A frame far from all the others still goes to noise."""
+    pair = normalise(np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]]))
+    labels = cluster_scenes(pair, ["a", "b"], index_min_frames=index_min).labels
+    assert NOISE not in labels and len(set(labels)) == 2
+    close = np.zeros((4, 5), np.float32)
+    close[:, 0] = np.sqrt(0.9)
+    close[np.arange(4), np.arange(1, 5)] = np.sqrt(0.1)  # each pair at similarity 0.9
+    labels = cluster_scenes(close, list("abcd"), assign_threshold=0.97, index_min_frames=index_min).labels
+    assert NOISE not in labels and len(set(labels)) == 4
+    # Beside a cluster, two lone frames like each other (0.8) but like no exemplar open a cluster each.
+    vecs = normalise(np.array([[1.0, 0, 0, 0]] * 3 + [[0, 0, 1.0, 0], [0, 0, 0.8, 0.6], [0, 1.0, 0, 0]]))
+    labels = cluster_scenes(vecs, list("abcdef"), index_min_frames=index_min).labels
+    assert labels[:3] == [labels[0]] * 3 and NOISE not in labels[3:5] and len(set(labels[:5])) == 3
+    assert labels[5] == NOISE
+
+
 @pytest.mark.parametrize(("seed", "index_min"), [(1, 0), (2, 0), (3, 0), (4, 10), (5, 10)])
 def test_result_does_not_depend_on_frame_order(seed, index_min):
     # Overlapping blobs (spread 0.25): a leader pass in table order would split them differently

@@ -215,9 +215,12 @@ def assign_incremental(
 
     The rule, per frame in :func:`visiting_order`: join the most similar exemplar when the
     similarity is at least ``assign_threshold``; otherwise, a frame with no neighbour within
-    ``assign_threshold`` among the frames being assigned and no exemplar within
-    ``noise_threshold`` goes to the noise bucket (nothing here looks like it); anything else opens
-    a new cluster with itself as the exemplar. Old clusters are never changed.
+    ``assign_threshold`` among the frames being assigned, and neither an exemplar nor another of
+    those frames within ``noise_threshold``, goes to the noise bucket (nothing here looks like
+    it); anything else opens a new cluster with itself as the exemplar. Old clusters are never
+    changed. (Against the exemplars alone, the first such frame of a fresh clustering met none
+    and went to noise, and so did the next while none was open: two frames at 0.93 with
+    ``assign_threshold`` 0.94, or a film of one frame, ended in noise and 0 scenes.)
     """
     vectors = normalise(vectors)
     n = len(frame_ids)
@@ -225,7 +228,7 @@ def assign_incremental(
         raise ValueError(f"{vectors.shape[0]} vectors for {n} frames")
     use_index = index_min_frames > 0 and n >= index_min_frames
     by_id = sorted(range(n), key=lambda i: frame_ids[i])
-    density, _ = neighbour_stats(vectors, assign_threshold, use_index=use_index, order=by_id)
+    density, nearest = neighbour_stats(vectors, assign_threshold, use_index=use_index, order=by_id)
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
     index = exemplars if exemplars is not None else ExemplarIndex.for_frames(dim, index_min_frames)
     labels = [NOISE] * n
@@ -238,7 +241,7 @@ def assign_incremental(
         if pos >= 0 and sim >= assign_threshold:
             labels[i] = index.ids[pos]
             similarity[i] = sim
-        elif density[i] == 0 and sim < noise_threshold:
+        elif density[i] == 0 and max(sim, float(nearest[i])) < noise_threshold:
             continue  # noise
         else:
             cid = cluster_id(number)
