@@ -1050,3 +1050,74 @@ def test_an_export_of_clusters_older_than_the_shots_is_refused_before_writing(sc
         export_clusters(run.run_dir)
     run.write_table("frames", frames)
     assert export_clusters(run.run_dir) == paths
+
+
+def _keep(run, frame: str, keep: bool, quality: pl.DataFrame) -> None:
+    """Stage 02 keeping, or dropping, one frame (its other verdicts as in ``quality``)."""
+    run.write_table(
+        "quality",
+        quality.with_columns(keep=pl.when(pl.col("frame_id") == frame).then(keep).otherwise(pl.col("keep"))),
+    )
+
+
+def test_a_folder_made_by_hand_keeps_its_id_while_its_frame_is_gone(scenes_run):
+    """A folder made by hand has no exemplar: with its frame dropped by stage 02, a fresh
+    clustering (another threshold) named an unrelated cluster with its id, and the frame, kept
+    again, was put in with that cluster's frames. Every id a correction used is skipped now."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, cfg = scenes_run
+    quality = run.read_table("quality")
+    frame = sorted(scene_map(run.read_table("clusters")))[0]
+    made = move_to_cluster(run.run_dir, frame, "new")["to_cluster"]
+    _keep(run, frame, False, quality)
+    run_stage(run, "scenes", cfg, progress=False)
+    strict = load_config(None, {"scenes.assign_threshold": 0.95}, root=run.run_dir.parent)
+    run_stage(run, "scenes", strict, progress=False)
+    assert run.read_manifest("scenes")["facts"]["mode"] == "full"
+    now = scene_map(run.read_table("clusters"))
+    # The strict threshold opens clusters numbered past the folder's id, which one of them took.
+    assert any(int(c[1:]) > int(made[1:]) for c in now.values() if c != NOISE)
+    assert made not in now.values()
+    assert made not in run.read_table("scene_exemplars")["cluster_id"].to_list()
+    _keep(run, frame, True, quality)
+    run_stage(run, "scenes", strict, progress=False)
+    assert [f for f, c in scene_map(run.read_table("clusters")).items() if c == made] == [frame]
+
+
+def test_a_library_never_opens_a_cluster_under_an_id_made_by_hand(scenes_run, tmp_path):
+    """Movie A in a library, a frame of it moved to a new folder; movie B then opened a cluster of
+    another place under that id (nothing in the library held it), and B's own new folder could
+    take it too. The library keeps the ids of the folders made by hand in any of its movies."""
+    import json
+    import shutil
+
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import move_to_cluster
+
+    run, _ = scenes_run
+    library = tmp_path / "library"
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    made = move_to_cluster(run.run_dir, sorted(scene_map(run.read_table("clusters")))[0], "new")["to_cluster"]
+    shutil.copytree(run.run_dir, tmp_path / "second")
+    second = Run.open(tmp_path / "second")
+    (second.run_dir / "tables" / "feedback.parquet").unlink()
+    (second.run_dir / "tables" / "backup" / "feedback.parquet").unlink(missing_ok=True)
+    (second.run_dir / "run.json").write_text(json.dumps({**second.meta(), "movie_key": "0ther000"}))
+    # A stricter threshold: B's frames, the same pictures, open clusters of their own.
+    strict = load_config(
+        root=tmp_path, overrides={"scenes.library_dir": str(library), "scenes.assign_threshold": 0.97}
+    )
+    run_stage(second, "scenes", strict, progress=False, force=True)
+    lib = pl.read_parquet(library / "scene_exemplars.parquet")
+    opened = lib.filter(pl.col("movie_id") == "0ther000")["cluster_id"].to_list()
+    assert opened and made not in lib["cluster_id"].to_list()
+    assert made not in scene_map(second.read_table("clusters")).values()
+    # B's own new folder goes past A's too.
+    other = move_to_cluster(second.run_dir, sorted(scene_map(second.read_table("clusters")))[1], "new")
+    assert other["to_cluster"] not in {made, *lib["cluster_id"].to_list()}

@@ -283,10 +283,15 @@ def renumber_by_size(labels: Sequence[str], frame_ids: Sequence[str]) -> dict[st
     return {old: cluster_id(i + 1) for i, old in enumerate(order)}
 
 
-def stable_ids(labels: Sequence[str], frame_ids: Sequence[str], previous: dict[str, str]) -> dict[str, str]:
+def stable_ids(
+    labels: Sequence[str], frame_ids: Sequence[str], previous: dict[str, str], reserved: Sequence[str] = ()
+) -> dict[str, str]:
     """New cluster id -> the id to show: the previous id of the cluster it overlaps most (greedy,
     largest overlaps first, each previous id used once), fresh ids after the largest previous one
-    for the rest. ``previous`` maps frame id -> previous cluster id."""
+    for the rest. ``previous`` maps frame id -> previous cluster id; fresh ids also go past
+    ``reserved``, the ids a person's corrections use (a folder made by hand has no exemplar, and
+    once its frame left the clusters nothing else held its id: an unrelated cluster took it, and
+    the frame, back, was put in with that cluster's)."""
     overlap: Counter[tuple[str, str]] = Counter()
     sizes: Counter[str] = Counter()
     for label, fid in zip(labels, frame_ids, strict=True):
@@ -303,7 +308,7 @@ def stable_ids(labels: Sequence[str], frame_ids: Sequence[str], previous: dict[s
             continue
         mapping[new] = old
         used.add(old)
-    number = next_cluster_number(list(previous.values()) + list(used))
+    number = next_cluster_number([*previous.values(), *used, *reserved])
     for new in sorted(sizes, key=lambda c: (-sizes[c], c)):
         if new not in mapping:
             mapping[new] = cluster_id(number)

@@ -83,6 +83,9 @@ EMBEDDING_SCHEMA = {
     "region": pl.Utf8,
     "vector": pl.List(pl.Float32),
 }
+#: Beside a shared library's ``scene_exemplars.parquet``: the ids of the folders a person made by
+#: hand in any of its movies (no exemplar holds them).
+HAND_MADE_FILE = "hand_made_clusters.parquet"
 EXEMPLAR_SCHEMA = {
     "cluster_id": pl.String,
     "frame_id": pl.String,
@@ -233,18 +236,20 @@ def _fresh_clusters(
     embedder_name: str,
     space: str,
     thresholds: dict[str, float],
+    reserved: set[str] = frozenset(),
 ) -> tuple[list[str], np.ndarray, pl.DataFrame]:
     """Cluster from scratch, keeping the ids (and so the board's folders) of the clusters a
-    previous run made when it reproduces them."""
+    previous run made when it reproduces them; the others take ids past those and ``reserved``."""
     result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
     old_scene = {}
     if prev_clusters is not None:
         old_scene = dict(
             prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows()
         )
-    mapping = (
-        stable_ids(result.labels, fids, old_scene) if old_scene else renumber_by_size(result.labels, fids)
-    )
+    if old_scene or reserved:
+        mapping = stable_ids(result.labels, fids, old_scene, sorted(reserved))
+    else:
+        mapping = renumber_by_size(result.labels, fids)
     labels = [mapping.get(label, NOISE) for label in result.labels]
     exemplars = _exemplar_rows(
         {mapping[c]: f for c, f in result.exemplars.items()},
@@ -314,8 +319,10 @@ def compute(ctx: Context) -> StageOutput:
         )
     space = _space(embedder_name, adapter_key)
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
+    # Ids a correction used (a folder made by hand has no exemplar to hold its id): none is reused.
+    reserved = {c.partition("/")[0] for c in feedback["to_cluster"].to_list()} - {NOISE, NEW}
     labels, sims, exemplars, mode = _cluster(
-        ctx, previous, fids, vectors, library, embedder_name, space, thresholds
+        ctx, previous, fids, vectors, library, embedder_name, space, thresholds, reserved
     )
     characters = _characters(ctx.optional("faces"), ctx.optional("face_frames"), fids)
     clusters = clusters_table(fids, labels, sims, chosen["shot_id"].to_list(), characters)
@@ -368,11 +375,12 @@ def _cluster(
     embedder_name: str,
     space: str,
     thresholds: dict[str, float],
+    reserved: set[str],
 ) -> tuple[list[str], np.ndarray, pl.DataFrame, str]:
     """Labels, similarities, exemplars and the mode that made them: against a shared library
     (``scenes.library_dir``), incrementally (new frames against the last run's exemplars, old
     clusters untouched) when nothing but the set of frames changed since the last run (its
-    ``previous`` tables and manifest), else afresh."""
+    ``previous`` tables and manifest), else afresh. New clusters take ids past ``reserved``."""
     movie_id, cfg, previous_facts = ctx.run.movie_key, ctx.cfg.scenes, (ctx.previous or {}).get("facts")
     prev_clusters, prev_ex = previous.get("clusters"), previous.get("scene_exemplars")
     same_setup = (
@@ -383,13 +391,11 @@ def _cluster(
         and prev_clusters is not None
     )
     if library is not None:
-        feedback = ctx.optional("feedback")
-        made = set(feedback["to_cluster"].to_list()) if feedback is not None else set()
-        return _assign_library(library, movie_id, fids, vectors, space, cfg, made)
+        return _assign_library(library, movie_id, fids, vectors, space, cfg, reserved)
     if same_setup:
-        return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space)
+        return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space, reserved)
     labels, sims, exemplars = _fresh_clusters(
-        vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds
+        vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds, reserved
     )
     return labels, sims, exemplars, "full"
 
@@ -438,9 +444,11 @@ def _assign_new(
     cfg: ScenesSettings,
     movie_id: str,
     space: str,
+    reserved: set[str] = frozenset(),
 ):
     """Same space and thresholds as last time: keep every old frame's cluster, assign only the
-    frames that are new against the existing exemplars."""
+    frames that are new against the existing exemplars (the clusters they open take ids past
+    the old ones and ``reserved``)."""
     scene = prev_clusters.filter(pl.col("level") == "scene")
     old = dict(zip(scene["frame_id"].to_list(), scene["cluster_id"].to_list(), strict=True))
     old_sims = dict(zip(scene["frame_id"].to_list(), scene["similarity"].to_list(), strict=True))
@@ -457,7 +465,7 @@ def _assign_new(
             noise_threshold=cfg.noise_threshold,
             index_min_frames=cfg.index_min_frames,
             exemplars=index,
-            first_number=next_cluster_number(prev_ex["cluster_id"].to_list() + list(old.values())),
+            first_number=next_cluster_number([*prev_ex["cluster_id"].to_list(), *old.values(), *reserved]),
         )
         for j, i in enumerate(new_rows):
             labels[i] = result.labels[j]
@@ -480,8 +488,8 @@ def _assign_library(
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
     adding the clusters it opens to the library, under the library's lock. The clusters it opens
-    take ids past the library's and past those this run's corrections made (``made``): one id
-    named two places."""
+    take ids past the library's, past those this run's corrections made (``made``) and past the
+    folders any member movie made by hand (:data:`HAND_MADE_FILE`): else one id named two places."""
     library.mkdir(parents=True, exist_ok=True)
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
@@ -507,7 +515,11 @@ def _assign_library(
             index_min_frames=cfg.index_min_frames,
             exemplars=index,
             first_number=next_cluster_number(
-                [*lib["cluster_id"].to_list(), *(c.partition("/")[0] for c in made if c)]
+                [
+                    *lib["cluster_id"].to_list(),
+                    *_hand_made(library),
+                    *(c.partition("/")[0] for c in made if c),
+                ]
             ),
         )
         added = _exemplar_rows(
@@ -612,20 +624,7 @@ def move_to_cluster(
         if cluster_id == NEW:
             if level != "scene":
                 raise BadInputError("a new cluster can only be made at the scene level")
-            # Not an id a cluster emptied by hand still holds elsewhere: its exemplars (an
-            # incremental run would send that place's new frames into the new cluster) or a move.
-            taken = set(feedback["to_cluster"].to_list())
-            if run.has_table("scene_exemplars"):
-                taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
-            # In a library, the other movies' clusters too (this run's exemplars are its own only).
-            shared = ((run.read_manifest("scenes") or {}).get("facts") or {}).get("library")
-            if shared and (Path(shared) / "scene_exemplars.parquet").is_file():
-                taken |= set(
-                    pl.read_parquet(Path(shared) / "scene_exemplars.parquet", columns=["cluster_id"])[
-                        "cluster_id"
-                    ]
-                )
-            cluster_id = new_cluster_id(existing | {c.partition("/")[0] for c in taken if c})
+            cluster_id = _new_folder_id(run, existing, feedback)
         elif cluster_id != NOISE and cluster_id not in existing:
             known = ", ".join(sorted(existing - {NOISE})[:12])
             raise BadInputError(
@@ -656,6 +655,40 @@ def move_to_cluster(
             vectors = _vectors(run, {frame_id, *members.to_list()})
         tables["clusters"] = apply_feedback(clusters, feedback.tail(1), vectors)
     return event
+
+
+def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
+    """The id of a folder a person makes (``"new"``): not one a cluster emptied by hand still holds
+    elsewhere, its exemplars (an incremental run would send that place's new frames into the new
+    cluster) or a move. In a library, not one of the other movies' clusters or folders made by
+    hand either: chosen and recorded in :data:`HAND_MADE_FILE` under the library's lock, so no
+    movie's stage, nor its board, opens another place under it."""
+    taken = set(existing) | set(feedback["to_cluster"].to_list())
+    if run.has_table("scene_exemplars"):
+        taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
+    shared = ((run.read_manifest("scenes") or {}).get("facts") or {}).get("library")
+    if not shared:
+        return new_cluster_id({c.partition("/")[0] for c in taken if c})
+    library = Path(shared)
+    library.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(library / ".library.lock"), timeout=120):
+        if (library / "scene_exemplars.parquet").is_file():
+            taken |= set(
+                pl.read_parquet(library / "scene_exemplars.parquet", columns=["cluster_id"])["cluster_id"]
+            )
+        held = _hand_made(library)
+        cid = new_cluster_id({c.partition("/")[0] for c in taken | held if c})
+        rows = [*sorted(held), cid]
+        atomic_write_parquet(
+            library / HAND_MADE_FILE, pl.DataFrame({"cluster_id": rows}, schema={"cluster_id": pl.String})
+        )
+    return cid
+
+
+def _hand_made(library: Path) -> set[str]:
+    """The ids of the folders people made by hand in the library's movies."""
+    path = library / HAND_MADE_FILE
+    return set(pl.read_parquet(path)["cluster_id"].to_list()) if path.is_file() else set()
 
 
 def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
