@@ -249,6 +249,25 @@ def test_a_scene_move_after_a_character_move_is_where_the_frame_stays():
     assert (got[("a", "scene")], got[("a", "character")]) == ("s003", "s003/alice")
 
 
+def test_a_character_move_into_another_scene_marks_the_scene_row_manual():
+    """A character-level move into another scene's sub-cluster moves the frame's scene row: the
+    person put it there, so the board's scene view, the CSV and counts.manual say so. It was left
+    ``manual`` false, as if the clustering had placed it. A move inside the frame's own scene
+    leaves the scene row the clustering's."""
+    chars = {"a": ("alice",), "b": ("bob",)}
+    table = clusters_table(["a", "b"], ["s001", "s002"], np.full(2, 0.9), [0, 1], chars)
+    fb = feedback_rows(
+        ("a", "s001/alice", "s002/unknown", "character"), ("b", "s002/bob", "s002/unknown", "character")
+    )
+    out = apply_feedback(table, fb)
+    got = {
+        (f, lvl): (c, m)
+        for f, lvl, c, m in out.select("frame_id", "level", "cluster_id", "manual").iter_rows()
+    }
+    assert got[("a", "scene")] == ("s002", True) and got[("a", "character")] == ("s002/unknown", True)
+    assert got[("b", "scene")] == ("s002", False) and got[("b", "character")] == ("s002/unknown", True)
+
+
 def test_adapter_starts_as_identity_and_learns_a_move():
     vecs, ids, _ = blobs(4, 3, dim=16, seed=5)
     ident = train_adapter(vecs, [], epochs=5)

@@ -403,7 +403,8 @@ def apply_feedback(
     """``clusters`` with every frame a person moved where they put it last (marked ``manual``).
 
     A scene-level move also moves the frame's character row into the same scene (same names);
-    a character-level move into another scene's sub-cluster moves its scene row too. Moves to a
+    a character-level move into another scene's sub-cluster moves its scene row too (both then
+    ``manual``). Moves to a
     frame that is no longer in the table (stage 02 dropped it) are ignored here; the feedback
     row stays for the adapter.
     """
@@ -419,8 +420,13 @@ def apply_feedback(
     for fid, level, target in moves:
         if (fid, "scene") not in table:
             continue
+        scene = table[(fid, "scene")]
         _place(table, fid, level, target, who.get(fid) or NOBODY)
         manual.add((fid, level))
+        if table[(fid, "scene")] != scene:
+            # A character move into another scene's sub-cluster moved the scene row too: the
+            # person put it there (it read as the clustering's on the board, the CSV and the counts).
+            manual.add((fid, "scene"))
     keys = list(clusters.select("frame_id", "level").iter_rows())
     out = clusters.with_columns(
         pl.Series("cluster_id", [table[k] for k in keys], pl.String),
