@@ -286,6 +286,25 @@ def test_adapter_starts_as_identity_and_learns_a_move():
         assert adapter.losses[-1] < adapter.losses[0]
 
 
+def test_the_adapter_learns_where_a_later_character_move_put_the_frame():
+    """A scene move to s002, then a character move into a sub-cluster of s003: the frame is in s003
+    (apply_feedback moves its scene too), so the triplet pulls it towards s003. It pulled it
+    towards s002, the place the person had taken it out of again."""
+    ids = [f"m_{i:07d}" for i in range(9)]
+    fb = feedback_rows((ids[0], "s001", "s002", "scene"), (ids[0], "s002/nobody", "s003/ann", "character"))
+    table = clusters_table(ids, [f"s{i // 3 + 1:03d}" for i in range(9)], np.full(9, 0.9), [0] * 9, {})
+    labels = scene_map(apply_feedback(table, fb))
+    assert labels[ids[0]] == "s003"
+    (triplet,) = triplets_from_feedback(fb, ids, labels)
+    assert triplet.anchor == 0 and set(triplet.positives) == {6, 7, 8} and set(triplet.negatives) == {1, 2}
+    # Taken back by hand where it came from: pulled there, pushed from the other places.
+    back = feedback_rows(
+        (ids[0], "s001", "s002", "scene"), (ids[0], "s002/nobody", "s001/nobody", "character")
+    )
+    (triplet,) = triplets_from_feedback(back, ids, scene_map(apply_feedback(table, back)))
+    assert set(triplet.positives) == {1, 2} and set(triplet.negatives) == {3, 4, 5, 6, 7, 8}
+
+
 def test_adapter_round_trips_through_a_file(tmp_path):
     vecs, ids, _ = blobs(3, 2, dim=8, seed=6)
     labels = {fid: ("s001" if i < 3 else "s002") for i, fid in enumerate(ids)}

@@ -80,12 +80,15 @@ class Triplet:
 def triplets_from_feedback(
     feedback: pl.DataFrame, frame_ids: Sequence[str], labels: dict[str, str]
 ) -> list[Triplet]:
-    """One triplet per scene-level move whose frame still exists and whose target cluster has
-    other members (``labels``: frame id -> the scene cluster it is in now, moves applied).
+    """One triplet per scene-level move whose frame still exists and whose cluster now has other
+    members (``labels``: frame id -> the scene cluster it is in now, moves applied).
 
-    Moves to the noise bucket or to a brand-new cluster have no centroid to pull towards; they
-    stay manual placements without teaching the adapter. Character-level moves say who is in a
-    frame, which a scene embedding should not learn.
+    The frame is pulled towards where it is now, not towards the move's ``to_cluster``: a later
+    character-level move into another scene's sub-cluster moves the scene too, and the stale
+    target taught the adapter the place the person had taken it out of. Moves to the noise bucket
+    or to a brand-new cluster have no centroid to pull towards; they stay manual placements
+    without teaching the adapter. Character-level moves alone say who is in a frame, which a
+    scene embedding should not learn.
     """
     row = {fid: i for i, fid in enumerate(frame_ids)}
     members: dict[str, list[int]] = defaultdict(list)
@@ -94,14 +97,17 @@ def triplets_from_feedback(
             members[cid].append(row[fid])
     out = []
     last = feedback.filter(pl.col("level") == "scene").unique(["anchor_id"], keep="last", maintain_order=True)
-    for anchor_id, source, target in last.select("anchor_id", "from_cluster", "to_cluster").iter_rows():
+    for anchor_id, source in last.select("anchor_id", "from_cluster").iter_rows():
+        target = labels.get(anchor_id, NOISE)
         if anchor_id not in row or target in (NOISE, NEW):
             continue
         a = row[anchor_id]
         positives = tuple(i for i in members.get(target, []) if i != a)
         if not positives:
             continue
-        negatives = tuple(i for i in members.get(source, []) if i != a) if source != NOISE else ()
+        negatives = (
+            tuple(i for i in members.get(source, []) if i != a) if source not in (NOISE, target) else ()
+        )
         if not negatives:
             negatives = tuple(i for cid, rows in members.items() if cid != target for i in rows if i != a)
         if negatives:
