@@ -65,6 +65,11 @@ def test_a_damaged_table_of_corrections_without_a_backup_is_not_sent_to_be_rebui
         run.read_table("appearance_edits")
     message = str(err.value)
     assert "corrections made by hand" in message and "--force" not in message and "\n" not in message
+    # Its fingerprint (what bunny status and a stage's inputs read first) and its height say so too.
+    for read in (run.table_fingerprint, run.table_height):
+        with pytest.raises(StageError, match="corrections made by hand") as err:
+            read("appearance_edits")
+        assert "--force" not in str(err.value)
 
 
 # The stages' side (04 and 05 on a damaged table) is in test/stages/captions/test_caption_reliability.py,

@@ -292,7 +292,7 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
-        if name in HAND_MADE or backup_path(path).is_file():  # made by hand: restored from its backup
+        if self._hand_made(name):  # restored from its backup if damaged
             return read_kept(path)
         with damaged_table(path):
             return pl.read_parquet(path)
@@ -348,11 +348,16 @@ class Run:
             for name, df in tables.items():
                 self.write_table(name, df, backup=by_hand)
 
+    def _hand_made(self, name: str) -> bool:
+        """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:
+        it has a backup): read with :func:`read_kept`, never sent to be rebuilt with --force."""
+        return name in HAND_MADE or backup_path(self.table_path(name)).is_file()
+
     def table_height(self, name: str) -> int:
         """Rows of a table, without reading it when it is not one made by hand (those are read,
         so a damaged one is restored from its backup first)."""
         path = self.table_path(name)
-        if backup_path(path).is_file():
+        if self._hand_made(name):
             return read_kept(path).height
         with damaged_table(path):
             return int(pl.scan_parquet(path).select(pl.len()).collect().item())
@@ -362,7 +367,7 @@ class Run:
         :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`. A damaged table made by
         hand is restored from its backup first."""
         path = self.table_path(name)
-        if path.is_file() and backup_path(path).is_file():
+        if path.is_file() and self._hand_made(name):
             read_kept(path)
         with damaged_table(path):
             return {"table": name, **table_fingerprint(path, columns)}

@@ -729,15 +729,16 @@ def test_a_face_on_a_named_drawn_figure_is_that_character_and_so_is_the_rest_of_
     assert [by_id["f0_00"][k] for k in ("top", "bottom")] == [342, 661]
 
 
-def test_a_fix_of_a_drawn_sighting_whose_box_grew_by_a_large_face_holds_on_a_rerun():
+def test_a_fix_of_a_drawn_sighting_whose_box_grew_by_a_large_face_holds_on_a_rerun(tmp_path):
     """A breastplate boxed under a large head: the appearance a person sees (and fixes) has the
     box grown by the face; the rerun matches fixes against the detector's own box, which
     overlaps the grown one by less than the fixes' IoU, so the fix "none of the characters"
     was not seen when the face rule ran: his face was dropped again and its track named after
-    the sighting the person had said was not him."""
-    from datetime import UTC, datetime
-
-    from diffusion_bunny.stages.characters.tables import APPEARANCE_EDIT_SCHEMA, apply_appearance_edits
+    the sighting the person had said was not him. The fix keeps the detector's box too. A fix
+    whose box merely holds another character (a poster behind a girl) is not hers."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages.characters.stage import fix_appearance, read_appearance_edits
+    from diffusion_bunny.stages.characters.tables import apply_appearance_edits
 
     head = np.eye(128, dtype=np.float32)[0]
     drawn = drawn_rows([("f0", 1, 10, "knight", 0.9, (100, 200, 200, 260), np.eye(64, dtype=np.float32)[0])])
@@ -755,24 +756,38 @@ def test_a_fix_of_a_drawn_sighting_whose_box_grew_by_a_large_face_holds_on_a_rer
     first = label_faces(detections, frames, ReferenceSet(), CharactersSettings())
     sighting = first.filter(pl.col("kind") == "drawn").row(0, named=True)
     assert (sighting["top"], first.filter(pl.col("face_id") == "f1_f")["character"][0]) == (120, "knight")
-    fix = pl.DataFrame(
-        [
-            {
-                "event_id": "e1",
-                "ts": datetime(2026, 11, 29, tzinfo=UTC),
-                "face_id": sighting["face_id"],
-                "character": None,
-                **{k: sighting[k] for k in ("frame_id", "kind", "left", "top", "right", "bottom")},
-            }
-        ],
-        schema=APPEARANCE_EDIT_SCHEMA,
-    )
+    run = Run(tmp_path / "run")
+    run.run_dir.mkdir()
+    (run.run_dir / "run.json").write_text(json.dumps({"movie": "knight.mp4"}))
+    run.write_table("detections", detections)
+    run.write_table("faces", first)
+    fixed = fix_appearance(run.run_dir, sighting["face_id"], None)
+    assert fixed.filter(pl.col("face_id") == sighting["face_id"])["character"][0] is None
+    fix = read_appearance_edits(run.run_dir)
+    assert fix.select("top", "raw_top").row(0) == (120, 200)
+
     rerun = label_faces(detections, frames, ReferenceSet(), CharactersSettings(), fix)
     again = apply_appearance_edits(rerun, fix)  # as the stage's merge does
     by_id = {r["face_id"]: r for r in again.iter_rows(named=True)}
     assert by_id[sighting["face_id"]]["character"] is None and by_id[sighting["face_id"]]["edited"]
     assert "f0_f" in by_id  # his face is an appearance again, no longer taken into the sighting
     assert by_id["f0_f"]["character"] is None and by_id["f1_f"]["character"] is None
+
+    # A poster boxed 400x400 and fixed as none; a rerun finds only the girl in front of it.
+    sides = ("left", "top", "right", "bottom")
+    poster = fix.with_columns(
+        [pl.lit(v).alias(c) for c, v in zip(sides, (100, 100, 500, 500), strict=True)]
+        + [pl.lit(None, pl.Int64).alias(f"raw_{c}") for c in sides]
+    )
+    girl = again.filter(pl.col("face_id") == sighting["face_id"]).with_columns(
+        pl.lit(200).alias("left"),
+        pl.lit(200).alias("top"),
+        pl.lit(420).alias("right"),
+        pl.lit(440).alias("bottom"),
+        pl.lit("girl").alias("character"),
+        pl.lit(False).alias("edited"),
+    )
+    assert apply_appearance_edits(girl, poster).select("character", "edited").row(0) == ("girl", False)
 
 
 def test_a_face_on_the_track_is_not_the_character_where_the_detector_found_her_elsewhere():

@@ -822,6 +822,7 @@ def fix_appearance(
                 "pick one from notebook 03's strip"
             )
         fixed = faces.filter(pl.col("face_id") == face_id).row(0, named=True)
+        raw = _detected_box(run, fixed)
         row = pl.DataFrame(
             {
                 "event_id": [uuid.uuid4().hex],
@@ -829,12 +830,34 @@ def fix_appearance(
                 "face_id": [face_id],
                 "character": [name],
                 **{key: [fixed[key]] for key in ("frame_id", "kind", "left", "top", "right", "bottom")},
+                **{f"raw_{key}": [value] for key, value in zip(_SIDES, raw, strict=True)},
             },
             schema=APPEARANCE_EDIT_SCHEMA,
         )
         tables["appearance_edits"] = pl.concat([read_appearance_edits(run.run_dir), row])
         tables["faces"] = faces = apply_appearance_edits(faces, row)
     return faces
+
+
+_SIDES = ("left", "top", "right", "bottom")
+
+
+def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...]:
+    """The detector's own box of a drawn ``appearance`` whose box in ``faces`` grew by a face it
+    took in (the ``detections`` row of its id, frame and kind), else nulls: what a rerun matches
+    the fix against before the boxes grow."""
+    box = tuple(appearance[k] for k in _SIDES)
+    if appearance["kind"] != "drawn" or not run.has_table("detections"):
+        return (None,) * 4
+    found = run.read_table("detections").filter(
+        (pl.col("face_id") == appearance["face_id"])
+        & (pl.col("frame_id") == appearance["frame_id"])
+        & (pl.col("kind") == "drawn")
+    )
+    if found.is_empty():
+        return (None,) * 4
+    raw = tuple(int(found[k][0]) for k in _SIDES)
+    return raw if raw != box else (None,) * 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,13 +90,18 @@ APPEARANCE_EDIT_SCHEMA = {
     "top": pl.Int64,
     "right": pl.Int64,
     "bottom": pl.Int64,
+    #: The detector's own box of a drawn sighting whose box in ``faces`` grew by a face it took in
+    #: (:func:`~diffusion_bunny.stages.characters.identify.faces_of_drawn`; null otherwise, and in
+    #: fixes made before it was kept): a rerun matches fixes against the detector's boxes before
+    #: they grow, where a breastplate's box under a large head overlaps the grown one too little.
+    "raw_left": pl.Int64,
+    "raw_top": pl.Int64,
+    "raw_right": pl.Int64,
+    "raw_bottom": pl.Int64,
 }
 #: A fix goes to the appearance of its frame and kind whose box overlaps its own this much
 #: (intersection over union), the most overlapping one; none: it waits for its appearance.
 EDIT_MIN_IOU = 0.5
-#: The least intersection over union between a drawn fix's box and a sighting inside it that the
-#: fix's box may be the grown box of (see ``_grown_match``).
-GROWN_MIN_IOU = 0.25
 _BOX = ("left", "top", "right", "bottom")
 
 
@@ -111,7 +116,8 @@ def with_edit_columns(edits: pl.DataFrame) -> pl.DataFrame:
     return edits.with_columns(missing).select(list(APPEARANCE_EDIT_SCHEMA))
 
 
-_ANCHOR = ("face_id", "frame_id", "kind", *_BOX)
+_RAW_BOX = ("raw_left", "raw_top", "raw_right", "raw_bottom")
+_ANCHOR = ("face_id", "frame_id", "kind", *_BOX, *_RAW_BOX)
 
 
 def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple, str | None]:
@@ -127,41 +133,19 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
     ids = set(faces["face_id"].to_list())
     targets: dict[tuple, str | None] = {}
     for anchor in with_edit_columns(edits).select(_ANCHOR).unique(maintain_order=True).iter_rows():
-        face_id, frame_id, kind, box = anchor[0], anchor[1], anchor[2], anchor[3:]
+        face_id, frame_id, kind, box, raw = anchor[0], anchor[1], anchor[2], anchor[3:7], anchor[7:]
         if frame_id is None or None in box:
             targets[anchor] = face_id if face_id in ids else None
             continue
-        scored = [(iou(box, other), fid) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
+        boxes = [box] if None in raw else [box, raw]  # as seen, and as the detector found it
+        scored = [
+            (max(iou(b, other) for b in boxes), fid)
+            for fid, k, other in by_frame.get(frame_id, [])
+            if k == kind
+        ]
         best = max(scored, default=(0.0, None))
-        if best[0] < EDIT_MIN_IOU and kind == "drawn":
-            drawn = [(fid, other) for fid, k, other in by_frame.get(frame_id, []) if k == kind]
-            best = _grown_match(box, drawn)
         targets[anchor] = best[1] if best[0] >= EDIT_MIN_IOU else None
     return targets
-
-
-def _grown_match(
-    box: tuple[int, ...], sightings: list[tuple[str, tuple[int, ...]]]
-) -> tuple[float, str | None]:
-    """The drawn sighting a fix's box is that sighting's grown box, as :data:`EDIT_MIN_IOU` scores
-    go (it then counts as a full match), or ``(0, None)``.
-
-    Why: the faces table holds a drawn character's box grown by the face it took in
-    (:func:`~diffusion_bunny.stages.characters.identify.faces_of_drawn`: a breastplate's box and
-    the head above it), and that is the box a fix keeps; a rerun matches fixes against the
-    detector's own boxes, before they grow, where a breastplate under a large head overlaps its
-    grown box less than :data:`EDIT_MIN_IOU`, and the fix (a false sighting, a wrong name)
-    was not seen by the face rule, which named the face's track after the sighting regardless.
-    A grown box holds its sighting whole, and at least a quarter of it is the sighting."""
-    best: tuple[float, str | None] = (0.0, None)
-    for fid, other in sightings:
-        area = max(1, (other[2] - other[0]) * (other[3] - other[1]))
-        w = min(box[2], other[2]) - max(box[0], other[0])
-        h = min(box[3], other[3]) - max(box[1], other[1])
-        score = iou(box, other)
-        if w > 0 and h > 0 and w * h >= 0.95 * area and score >= GROWN_MIN_IOU and score > best[0]:
-            best = (score, fid)
-    return (EDIT_MIN_IOU, best[1]) if best[1] is not None else best
 
 
 def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:
