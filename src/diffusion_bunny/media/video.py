@@ -35,7 +35,6 @@ __all__ = [
     "Deinterlacer",
     "Display",
     "MonotonicClock",
-    "PacketCount",
     "VideoInfo",
     "VideoReader",
     "analysis_copy",
@@ -375,7 +374,6 @@ def decode_past_damage(
     stream: av.video.stream.VideoStream,
     report: DecodeReport,
     fps: float,
-    packets_seen: PacketCount | None = None,
 ) -> Iterator[av.VideoFrame]:
     """``stream``'s whole frames from where ``container`` stands, past damaged data.
 
@@ -386,15 +384,12 @@ def decode_past_damage(
     real clip's frame of two shots mixed was kept for the dataset) until a keyframe starts afresh,
     so they are left out (counted) up to the next keyframe, or for :data:`RECOVERY_S` in a stream
     without keyframes (intra refresh). Data the container cannot read past ends the frames,
-    recording why. ``packets_seen``: told of every packet read (keyframe-only decoding places
-    its frames by them)."""
+    recording why."""
     packets = container.demux(stream)
     seen, tainted = 0, -1  # frames decoded since the last damage, -1 when whole
     while True:
         try:
             packet = next(packets)
-            if packets_seen is not None:
-                packets_seen.add(packet.pts)
             frames = stream.decode(packet)
         except StopIteration:
             return
@@ -414,42 +409,6 @@ def decode_past_damage(
                     continue
                 tainted = -1
             yield frame
-
-
-class PacketCount:
-    """Where a keyframe stands in the whole stream when only keyframes are decoded: the number
-    of pictures shown before it, counted from the packets read (every packet is read, one
-    picture each, though only keyframes are decoded).
-
-    Why not its time times the average rate: on variable-frame-rate footage that is no index
-    (two keyframes of an all-intra clip were both frame 1, their JPEGs written over each
-    other, and a keyframe at 1.0 s was frame 22 where the full decode counts 30), and the same
-    picture got another ``frame_id`` than a ``method: shots`` run gives it. Packets come in
-    decode order; a picture is before the keyframe when its time is earlier (an open group's
-    leading B-frames come after their keyframe in decode order, and are counted once read)."""
-
-    def __init__(self) -> None:
-        self.before = 0  # packets shown before the last keyframe placed, no longer kept
-        self.recent: list[int] = []  # times of the packets read since, in decode order
-
-    def add(self, pts: int | None) -> None:
-        """One packet read (the demuxer's empty flush packet has no time and counts for none)."""
-        if pts is not None:
-            self.recent.append(pts)
-
-    def index(self, pts: int | None, at_least: int) -> int:
-        """The index of the keyframe shown at ``pts`` in the stream decoded whole, at least
-        ``at_least`` (indices never repeat, even where times jump back at a join)."""
-        if pts is None:
-            return at_least
-        self.before += sum(1 for p in self.recent if p < pts)
-        self.recent = [p for p in self.recent if p >= pts]
-        return max(at_least, self.before)
-
-    @property
-    def total(self) -> int:
-        """The pictures of the stream read so far (at the end: the whole stream's)."""
-        return self.before + len(self.recent)
 
 
 @dataclass
@@ -560,15 +519,13 @@ class VideoReader:
             deinterlace = flagged and should_deinterlace(self.info, self.interlace)
         # Keyframe-only decoding gives frames seconds apart: no neighbours to deinterlace from.
         self.deinterlace = bool(deinterlace) and not keyframes_only
-        #: Keyframes only: the packets read, which place each keyframe in the whole stream.
-        self.packets = PacketCount() if keyframes_only else None
 
     def _decoded(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
         """The stream's whole frames (:func:`decode_past_damage`), deinterlaced when asked."""
         stream = picture_stream(container)
         deinterlacer = Deinterlacer(stream) if self.deinterlace else None
         stored = (self.info.width, self.info.height)
-        for frame in decode_past_damage(container, stream, self.report, self.info.fps, self.packets):
+        for frame in decode_past_damage(container, stream, self.report, self.info.fps):
             if (frame.width, frame.height) != stored:
                 # Every measure, box and saved frame is in the movie's stored pixels: a piece of
                 # another size gave analysis copies and profiles of another shape.
@@ -606,10 +563,10 @@ class VideoReader:
                         start = t
                     t = max(0.0, round(clock(t - start), 6))
                     report.timestamp_resets = clock.resets
-                if self.packets is not None:
+                if self.keyframes_only:
                     # Only keyframes come out of the decoder; their index in the full stream is
-                    # counted from the packets read (PacketCount).
-                    index = self.packets.index(frame.pts, index)
+                    # recovered from the presentation time.
+                    index = round(t * info.fps)
                 small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 profiles = None
                 if every and (self.keyframes_only or index % every == 0):

@@ -380,32 +380,6 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["frames"]["frame_index"].max() + 11
 
 
-@pytest.mark.parametrize("keyint", [1, 10])
-def test_keyframes_of_variable_frame_rate_footage_keep_their_index_in_the_stream(tmp_path, keyint):
-    """40 frames at 30 fps, 40 at 10 fps, 40 at 30 fps, a keyframe every ``keyint`` frames (1:
-    all-intra): each keyframe's frame_index is its index in the stream decoded whole (B-frames
-    between them), so frame_ids are unique and name the picture a ``method: shots`` run names
-    by them. Taken from its time at the average rate (15 fps), two all-intra frames were both
-    frame 1, one JPEG written over the other."""
-    times, t = [], 0.0
-    for fps in (30, 10, 30):
-        times += [round(t + i / fps, 4) for i in range(40)]
-        t += 40 / fps
-    path = tmp_path / "vfr.mp4"
-    options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
-    write_clip(path, [(5, 60, 1.0), (6, 60, 1.0)], fps=30, times=times, options=options)
-    result = extract_frames(path, cfg(method="keyframe"), tmp_path / "run", progress=False)
-    frames = result.tables["frames"]
-    assert frames["frame_index"].to_list() == list(range(0, 120, keyint))
-    assert frames["frame_id"].is_unique().all()
-    assert len(list((tmp_path / "run" / "frames").iterdir())) == frames.height
-    for row in frames.iter_rows(named=True):
-        assert row["timestamp_s"] == pytest.approx(times[row["frame_index"]], abs=1e-3)
-    shots = result.tables["shots"]
-    assert shots["start_frame"][0] == 0 and shots["end_frame"][-1] == 120
-    assert (shots["end_frame"][:-1] == shots["start_frame"][1:]).all()
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -287,26 +287,17 @@ class _ShotAssembler:
         elif self.interval_best is not None and cand.sharp > self.interval_best.sharp:
             self.interval_best = cand
 
-    def finish(
-        self,
-        last_index: int,
-        last_time: float,
-        fps: float,
-        duration_s: float | None = None,
-        frames: int | None = None,
-    ) -> None:
+    def finish(self, last_index: int, last_time: float, fps: float, duration_s: float | None = None) -> None:
         """Close the last shot at the end of the movie, then give every shot its picture box.
         ``duration_s``: the movie's length, where the last frame decoded is not its end (keyframes
         only: the last keyframe, which may be seconds before it; the last shot was cut to one
-        frame and marked too short); ``frames``: the pictures of the stream there (keyframes
-        only: the packets read), else counted at ``fps``."""
+        frame and marked too short)."""
         if self.current is not None:
             self.flush_interval()
             whole = not self.shots
             end_index, end_s = last_index + 1, last_time + 1.0 / fps
             if duration_s is not None and duration_s > end_s:
-                end_index = max(end_index, frames if frames is not None else round(duration_s * fps))
-                end_s = duration_s
+                end_index, end_s = max(end_index, round(duration_s * fps)), duration_s
             self.close_shot(self.current, end_index, end_s, whole_movie=whole)
         self.boxes = self.picture_boxes()
 
@@ -436,8 +427,7 @@ def extract_frames(
             end_s = None  # keyframes only: the end of the movie, at most a group of pictures on
             if cfg.method == "keyframe" and reader.report.stopped_by_error is None and info.duration_s:
                 end_s = min(info.duration_s, last_time + reader.report.longest_gap_s + 1.0 / info.fps)
-            frames = reader.packets.total if reader.packets is not None else None
-            assembler.finish(last_index, last_time, info.fps, end_s, frames)
+            assembler.finish(last_index, last_time, info.fps, end_s)
             writer.close()
         except BaseException:
             writer.pool.shutdown(wait=True, cancel_futures=True)
