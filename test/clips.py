@@ -60,9 +60,11 @@ def write_clip(
     codec: str = "libx264",
     pix_fmt: str = "yuv420p",
     times: list[float] | None = None,
+    options: dict[str, str] | None = None,
 ) -> list[int]:
     """Encode shots ``(seed, n_frames, pan)`` back to back with hard cuts; returns the cut frames.
-    ``times`` gives explicit presentation times (variable frame rate)."""
+    ``times`` gives explicit presentation times (variable frame rate); ``options``: the encoder's
+    own, added to the defaults (e.g. ``{"x264-params": "keyint=10"}``)."""
     frames: list[np.ndarray] = []
     cuts = []
     for seed, n, pan in shots:
@@ -73,7 +75,9 @@ def write_clip(
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}
+            stream.options = {"crf": "18", "preset": "veryfast", **(options or {})}
+        elif options:
+            stream.options = options
         if times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for i, img in enumerate(frames):

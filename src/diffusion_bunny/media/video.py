@@ -565,8 +565,12 @@ class VideoReader:
                     report.timestamp_resets = clock.resets
                 if self.keyframes_only:
                     # Only keyframes come out of the decoder; their index in the full stream is
-                    # recovered from the presentation time.
-                    index = round(t * info.fps)
+                    # recovered from the presentation time, never repeated: on variable-frame-
+                    # rate footage a time at the average rate is no exact index, and two keyframes
+                    # of an all-intra clip both became frame 1 (one JPEG written over the other).
+                    # (Counting packets instead broke trimmed files' edit lists and joined
+                    # recordings, whose packet times restart.)
+                    index = max(round(t * info.fps), index)
                 small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 profiles = None
                 if every and (self.keyframes_only or index % every == 0):

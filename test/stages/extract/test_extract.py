@@ -380,6 +380,27 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["frames"]["frame_index"].max() + 11
 
 
+def test_keyframes_of_variable_frame_rate_footage_never_share_an_index(tmp_path):
+    """40 frames at 30 fps, 40 at 10 fps, 40 at 30 fps, every frame a keyframe (all-intra): a
+    keyframe's frame_index is its time at the average rate (15 fps), and two of them were both
+    frame 1, one JPEG written over the other. Indices now never repeat; on constant-rate footage
+    they are the stream's (the test above)."""
+    times, t = [], 0.0
+    for fps in (30, 10, 30):
+        times += [round(t + i / fps, 4) for i in range(40)]
+        t += 40 / fps
+    path = tmp_path / "vfr.mp4"
+    options = {"x264-params": "keyint=1:min-keyint=1:scenecut=0"}
+    write_clip(path, [(5, 60, 1.0), (6, 60, 1.0)], fps=30, times=times, options=options)
+    result = extract_frames(path, cfg(method="keyframe"), tmp_path / "run", progress=False)
+    frames = result.tables["frames"]
+    indices = frames["frame_index"].to_list()
+    assert frames.height == 120 and indices == sorted(set(indices))
+    assert len(list((tmp_path / "run" / "frames").iterdir())) == frames.height
+    shots = result.tables["shots"]
+    assert (shots["end_frame"][:-1] == shots["start_frame"][1:]).all()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
