@@ -266,6 +266,11 @@ def test_a_character_move_into_another_scene_marks_the_scene_row_manual():
     }
     assert got[("a", "scene")] == ("s002", True) and got[("a", "character")] == ("s002/unknown", True)
     assert got[("b", "scene")] == ("s002", False) and got[("b", "character")] == ("s002/unknown", True)
+    # The next run starts from the clusters as they were left (incremental: the scene row already
+    # moved, its manual flag reset): the person's placement is still said to be theirs.
+    again = apply_feedback(out.with_columns(pl.lit(False).alias("manual")), fb)
+    manual = {(f, lvl): m for f, lvl, m in again.select("frame_id", "level", "manual").iter_rows()}
+    assert manual[("a", "scene")] and not manual[("b", "scene")]
 
 
 def test_adapter_starts_as_identity_and_learns_a_move():
@@ -1159,3 +1164,24 @@ def test_a_library_never_opens_a_cluster_under_an_id_made_by_hand(scenes_run, tm
     # B's own new folder goes past A's too.
     other = move_to_cluster(second.run_dir, sorted(scene_map(second.read_table("clusters")))[1], "new")
     assert other["to_cluster"] not in {made, *lib["cluster_id"].to_list()}
+
+
+def test_a_new_folder_of_a_library_run_whose_library_is_not_reachable_is_one_line(tmp_path):
+    """A run folder copied from another machine names a library that is not here: making a new
+    folder created it (or, where it could not be made, failed with a PermissionError traceback)."""
+    import json
+
+    from diffusion_bunny.errors import BadInputError
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages.scenes.stage import _new_folder_id
+    from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA
+
+    run = Run(tmp_path / "run")
+    run.manifests_dir.mkdir(parents=True)
+    gone = tmp_path / "other_machine" / "library"
+    run.manifest_path("scenes").write_text(json.dumps({"facts": {"library": str(gone)}}))
+    with pytest.raises(BadInputError, match="is not reachable here"):
+        _new_folder_id(run, {"s001"}, pl.DataFrame(schema=FEEDBACK_SCHEMA))
+    assert not gone.exists()
+    gone.mkdir(parents=True)
+    assert _new_folder_id(run, {"s001"}, pl.DataFrame(schema=FEEDBACK_SCHEMA)) == "s002"

@@ -220,7 +220,8 @@ def assign_incremental(
     it); anything else opens a new cluster with itself as the exemplar. Old clusters are never
     changed. (Against the exemplars alone, the first such frame of a fresh clustering met none
     and went to noise, and so did the next while none was open: two frames at 0.93 with
-    ``assign_threshold`` 0.94, or a film of one frame, ended in noise and 0 scenes.)
+    ``assign_threshold`` 0.94 ended in noise and 0 scenes. A film of one frame still does: with
+    nothing to compare it with, it is like nothing else.)
     """
     vectors = normalise(vectors)
     n = len(frame_ids)
@@ -427,12 +428,28 @@ def apply_feedback(
             # A character move into another scene's sub-cluster moved the scene row too: the
             # person put it there (it read as the clustering's on the board, the CSV and the counts).
             manual.add((fid, "scene"))
+    # The same, once the move is in the table (an incremental run starts from the clusters as
+    # they were left, where the scene row is already moved and reads as the clustering's).
+    manual |= {(fid, "scene") for fid in crossed_scenes(feedback) if (fid, "scene") in table}
     keys = list(clusters.select("frame_id", "level").iter_rows())
     out = clusters.with_columns(
         pl.Series("cluster_id", [table[k] for k in keys], pl.String),
         pl.Series("manual", [k in manual for k in keys], pl.Boolean),
     )
     return _refresh_similarity(out, clusters, vectors)
+
+
+def crossed_scenes(feedback: pl.DataFrame | None) -> set[str]:
+    """The frames a person moved at the character level into another scene's sub-cluster (the
+    move's scene differs from the one it came from): their scene rows are the person's."""
+    if feedback is None or feedback.is_empty() or "from_cluster" not in feedback.columns:
+        return set()
+    moves = feedback.filter(pl.col("level") == "character").select("anchor_id", "from_cluster", "to_cluster")
+    return {
+        fid
+        for fid, came, went in moves.iter_rows()
+        if came and went and went != NOISE and came.partition("/")[0] != went.partition("/")[0]
+    }
 
 
 def _place(table: dict[tuple[str, str], str], fid: str, level: str, target: str, who: str) -> None:

@@ -670,7 +670,11 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
     if not shared:
         return new_cluster_id({c.partition("/")[0] for c in taken if c})
     library = Path(shared)
-    library.mkdir(parents=True, exist_ok=True)
+    if not library.is_dir():  # a run folder copied from another machine, a share not mounted here
+        raise BadInputError(
+            f"the library this run's clusters belong to ({library}) is not reachable here; mount it "
+            "(or run stage scenes with scenes.library_dir unset) before making a new folder"
+        )
     with FileLock(str(library / ".library.lock"), timeout=120):
         if (library / "scene_exemplars.parquet").is_file():
             taken |= set(
