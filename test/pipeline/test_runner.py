@@ -416,7 +416,7 @@ def test_notebook_03_interactive_path_runs_headless(demo_run, tmp_path):
     nb = _execute_interactive("03_detect_characters.ipynb", run, tmp_path)
     assert run.read_table("faces")["cluster"].n_unique() == 4
     assert len(_widget_views(nb)) == 1
-    fixer = next(c for c in nb.cells if c.cell_type == "code" and "AppearanceFixer(run)" in c.source)
+    fixer = next(c for c in nb.cells if c.cell_type == "code" and "AppearanceFixer(run, cfg)" in c.source)
     assert sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in fixer.outputs) == 1
 
 
