@@ -24,13 +24,17 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline.settings import RECORDED_AS as RECORDED_AS
-from diffusion_bunny.pipeline.settings import SECTION_ALIASES, RunConfig, Yaml12Loader, parse_override
+from diffusion_bunny.pipeline.settings import (
+    SECTION_ALIASES,
+    RunConfig,
+    parse_override,
+    read_settings_file,
+)
 from diffusion_bunny.pipeline.settings import EngineSettings as EngineSettings
 from diffusion_bunny.pipeline.settings import PathsSettings as PathsSettings
 from diffusion_bunny.pipeline.settings import PipelineSettings as PipelineSettings
@@ -76,68 +80,6 @@ class Config(RunConfig):
     train: TrainSettings = TrainSettings()
     generate: GenerateSettings = GenerateSettings()
     report: ReportSettings = ReportSettings()
-
-
-class _DuplicateKey(yaml.YAMLError):
-    """A key written twice in one mapping of a settings file (:class:`_SettingsLoader`)."""
-
-    def __init__(self, key: Any, first: int, again: int):
-        super().__init__(key, first, again)
-        self.key, self.first, self.again = key, first, again
-
-
-class _SettingsLoader(Yaml12Loader):
-    """A settings file's loader: YAML 1.2, as ``--set`` (``seed: 010`` is 10, not octal 8), and a
-    key written twice in one mapping is an error (PyYAML keeps the last one, so a section written
-    twice silently lost everything the first one set). A merge key (``<<``) still overrides what
-    it brings in, as YAML says."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
-                seen[key] = key_node.start_mark.line + 1
-            except TypeError:
-                continue  # an unhashable key: the base class says so
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """One settings file's sections; a section written with nothing under it (``extract:``)
-    sets nothing (it was refused as "not a valid dictionary")."""
-    try:
-        # Bytes, so that PyYAML reads the encoding from a byte-order mark: Windows' Notepad and
-        # PowerShell's `>` save UTF-16, which read as UTF-8 stopped the run with a bug.
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.load(raw, Loader=_SettingsLoader)  # a SafeLoader: no Python objects
-    except _DuplicateKey as dup:
-        raise ConfigError(
-            f"config file {path} sets '{dup.key}' twice (line {dup.first} and line {dup.again}); only "
-            f"the last one would count: write it once"
-        ) from None
-    except yaml.reader.ReaderError:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (nor UTF-16 with its byte-order mark); save it as UTF-8"
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
-    return {section: {} if values is None else values for section, values in data.items()}
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -360,16 +302,16 @@ def load_config(
     if root is not None:
         main = root / "config" / "main.yaml"
         if main.is_file():
-            merged = _deep_merge(merged, _rename_sections(_read_yaml(main), str(main)))
+            merged = _deep_merge(merged, _rename_sections(read_settings_file(main), str(main)))
         if use_local:
             for local in sorted((root / "config").glob("local_*.yaml")):
-                merged = _deep_merge(merged, _rename_sections(_read_yaml(local), str(local)))
+                merged = _deep_merge(merged, _rename_sections(read_settings_file(local), str(local)))
         # Secrets for later stages (API keys) come from .env into the environment, never into
         # the config object, so they cannot leak into manifests or notebooks.
         load_env_file(root / ".env")
     if config_path:
         merged = _deep_merge(
-            merged, _rename_sections(_read_yaml(Path(config_path).expanduser()), str(config_path))
+            merged, _rename_sections(read_settings_file(Path(config_path).expanduser()), str(config_path))
         )
     merged = _deep_merge(merged, _rename_sections(overrides_to_tree(overrides), "--set"))
     return validate_config(merged)

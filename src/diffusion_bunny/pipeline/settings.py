@@ -215,6 +215,68 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping of a settings file (:class:`_SettingsLoader`)."""
+
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(key, first, again)
+        self.key, self.first, self.again = key, first, again
+
+
+class _SettingsLoader(Yaml12Loader):
+    """A settings file's loader: YAML 1.2, as ``--set`` (``seed: 010`` is 10, not octal 8), and a
+    key written twice in one mapping is an error (PyYAML keeps the last one, so a section written
+    twice silently lost everything the first one set). A merge key (``<<``) still overrides what
+    it brings in, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """One settings file's sections; a section written with nothing under it (``extract:``)
+    sets nothing (it was refused as "not a valid dictionary")."""
+    try:
+        # Bytes, so that PyYAML reads the encoding from a byte-order mark: Windows' Notepad and
+        # PowerShell's `>` save UTF-16, which read as UTF-8 stopped the run with a bug.
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.load(raw, Loader=_SettingsLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"config file {path} sets '{dup.key}' twice (line {dup.first} and line {dup.again}); only "
+            f"the last one would count: write it once"
+        ) from None
+    except yaml.reader.ReaderError:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (nor UTF-16 with its byte-order mark); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return {section: {} if values is None else values for section, values in data.items()}
+
+
 def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Path | None = None) -> Path:
     """Merge ``settings`` into ``config/local_<name>.yaml`` (git-ignored), the layer that makes
     a headless rerun reproduce what a person chose in a widget."""
@@ -222,9 +284,11 @@ def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Pa
     path = root / "config" / f"local_{name}.yaml"
     current: dict[str, Any] = {}
     if path.is_file():
-        # Read as the settings files are (YAML 1.2): read as YAML 1.1, a user's `picture_box: off`
-        # was written back as `false` and refused at the next load, and `seed: 010` became 8.
-        current = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
+        # Read as the settings files are (:func:`read_settings_file`: YAML 1.2, a byte-order mark,
+        # a section with nothing under it): read otherwise, a user's `picture_box: off` was
+        # written back as `false`, a UTF-16 file or an empty `quality:` stopped the save with a
+        # traceback the widget's button never showed.
+        current = read_settings_file(path)
     for old, new in SECTION_ALIASES.items():
         # A file written before a section was renamed: its settings move to the new name (the
         # values being saved win), so the file never holds a key under both names.
@@ -232,5 +296,21 @@ def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Pa
             current[new] = {**current.pop(old), **(current.get(new) or {})}
     for section, values in settings.items():
         current.setdefault(SECTION_ALIASES.get(section, section), {}).update(values)
-    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
+    body = yaml.safe_dump(current, sort_keys=True)
+    atomic_write_bytes(path, (LOCAL_SETTINGS_HEADER + body).encode())
     return path
+
+
+#: What a widget's saved line tells a person to do: the notebook read its settings once, in its
+#: config cell, so rerunning the stage's cell alone kept the old ones ("up to date").
+RERUN_HINT = (
+    "rerun the notebook from its config cell (or bunny run) to apply it: stage {stage}'s cell alone "
+    "still has the settings read before"
+)
+
+#: The first lines of a ``config/local_<name>.yaml``: the widgets rewrite the file whole (its
+#: values kept, comments not), and a person who wrote a note there lost it without a word.
+LOCAL_SETTINGS_HEADER = (
+    "# Written by the workspace's widgets (notebooks 01 and 02) each time a setting is saved there:\n"
+    "# the values are kept, comments are not. Keep notes in config/main.yaml or a local_*.yaml of your own.\n"
+)

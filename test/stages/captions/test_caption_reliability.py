@@ -222,7 +222,7 @@ def test_an_edit_saved_while_the_stage_writes_is_kept(cap_run, tmp_path, monkeyp
     editor[0].join(timeout=30)
     captions = run.read_table("captions")
     row = captions.filter(pl.col("frame_id") == fid).row(0, named=True)
-    assert row["caption"] == "a hand-made caption" and row["status"] == "edited"
+    assert row["caption"] == "bunnystyle, a hand-made caption" and row["status"] == "edited"
 
 
 def test_caption_lock_timeout_is_one_clear_error(cap_run, tmp_path):

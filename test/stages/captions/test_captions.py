@@ -824,10 +824,24 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
             captions__local__base_url=srv.base_url,
         )
         again = run_stage(run, "captions", other, progress=False, force=True)["captions"]
+        asked = len(srv.requests)
     kept = again.filter(pl.col("frame_id") == fid).row(0, named=True)
     assert (kept["caption"], kept["status"]) == ("bunnystyle, my own words", "edited")
     assert (again.filter(pl.col("frame_id") != fid)["provider"] == "local").all()
     assert run.read_manifest("captions")["counts"]["edited"] == 1
+    # The frame a person captioned is asked of no provider: its answer was paid for and thrown away.
+    assert asked == again.height - 1
+    # A caption typed without the trigger word opens with it in the dataset; after
+    # captions.trigger_word changed, one that opens with the old word gets the new one.
+    second = again["frame_id"][1]
+    typed = edit_caption(run.run_dir, second, "a man sings on a stage")
+    assert typed.filter(pl.col("frame_id") == second)["caption"][0] == "bunnystyle, a man sings on a stage"
+    renamed = _cfg(tmp_path, overrides, captions__trigger_word="hamstyle")
+    final = run_stage(run, "captions", renamed, progress=False)["captions"]
+    by_frame = dict(final.select("frame_id", "caption").iter_rows())
+    assert by_frame[fid] == "hamstyle, my own words"
+    assert by_frame[second] == "hamstyle, a man sings on a stage"
+    assert all(c.startswith("hamstyle") for c in by_frame.values())
     with pytest.raises(BadInputError, match="empty"):
         edit_caption(run.run_dir, fid, "   ")
     with pytest.raises(BadInputError, match="no caption row"):

@@ -665,6 +665,32 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     assert (
         "but quality.dup_distance is set by this notebook's config_path or overrides" in layered.saved.value
     )
+    assert "rerun the notebook from its config cell" in layered.saved.value
+    # Under the section's old name (which still loads) too: it hid the saved choice unwarned.
+    for old_name in ({"filtering.dup_distance": 3}, None):
+        config_path = None
+        if old_name is None:
+            config_path = tmp_path / "extra.yaml"
+            config_path.write_text("filtering:\n  dup_distance: 3\n")
+        older = QualityThresholdExplorer(
+            demo_run,
+            QualitySettings(),
+            config_root=tmp_path,
+            config_path=config_path,
+            overrides=old_name or {},
+        )
+        older.set_thresholds(dup_distance=7)
+        older.save()
+        assert "quality.dup_distance is set by this notebook's config_path" in older.saved.value
+    # A file the loader reads (UTF-16 with its mark, an empty section) is saved into; one it
+    # cannot read is said under the button (the traceback went to the log console unseen).
+    saved_file = tmp_path / "config" / "local_thresholds.yaml"
+    saved_file.write_bytes("quality:\nextract:\n  jpeg_quality: 90\n".encode("utf-16"))
+    assert layered.save() == saved_file
+    assert yaml.safe_load(saved_file.read_text())["extract"] == {"jpeg_quality": 90}
+    assert saved_file.read_text().startswith("# Written by the workspace's widgets")
+    saved_file.write_text("quality: [1, 2\n")
+    assert layered.save() is None and "not saved: config file" in layered.saved.value
     # Settings at a slider's bottom that it cannot show (0 on the log scale; exposure detail 0,
     # which is not null) are the explorer's as they are, untouched.
     zero = QualitySettings(min_sharpness=0, exposure_detail=0)

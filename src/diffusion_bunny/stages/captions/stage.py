@@ -48,6 +48,7 @@ from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import recorded_name
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
     ANSWER_STATUSES,
@@ -237,6 +238,9 @@ class _Captioner:
         self.budget = _Budget(cfg.max_paid_requests, ledger)
         #: Answers of paid providers taken from the store (no request), for the progress line.
         self.from_store = 0
+        #: Frames a person captioned: their caption is the person's whatever a provider says, so
+        #: none is asked (each was a paid request thrown away, counted against the cap).
+        self.by_hand: set[str] = set()
 
     def jitter(self, attempt: int) -> float:
         with self._rng_lock:
@@ -264,6 +268,8 @@ class _Captioner:
         the paid providers, not the chain: the template reads the tables, not the pixels, so a
         chain that ends with it still captions every frame (as the docs promise)."""
         fid = rec["frame_id"]
+        if fid in self.by_hand:  # the edit fills it (apply_edits)
+            return self.row(fid, provider="-", model="-", status="edited")
         path = full_frame_path(self.run_dir, rec)
         unreadable: OSError | None = None
         if not path.is_file():
@@ -556,15 +562,17 @@ def caption_frames(
     clock: Callable[[], float] = time.monotonic,
     ledger: SpentLedger | None = None,
     down: dict[str, str] | None = None,
+    by_hand: set[str] | None = None,
 ) -> CaptionRun:
     """Caption every frame of ``facts`` through the provider chain (see the module docstring).
     ``hashes``: :func:`frame_hashes` (needed only when the chain has a paid provider);
     ``ledger``: the movie's paid requests over its runs (None: this call's count only);
     ``down``: providers found not answering before the first frame (name -> why), whose circuits
-    open for the run at once."""
+    open for the run at once; ``by_hand``: frames a person captioned (asked of nobody)."""
     captioner = _Captioner(
         Path(run_dir), providers, cfg, cache, hashes, seed=seed, sleep=sleep, clock=clock, ledger=ledger
     )
+    captioner.by_hand = set(by_hand or ())
     for name, why in (down or {}).items():
         captioner.breakers[name].failure(why, fatal=True)
     rows = captioner.run(list(facts.iter_rows(named=True)), progress, progress_path)
@@ -670,9 +678,10 @@ def _uncached(
     providers: list[Provider],
     cfg: CaptionsSettings,
     cache: CaptionCache,
+    by_hand: set[str] | None = None,
 ) -> int:
     """Frames the first paid provider of the chain will be asked about: no answer recorded, or
-    one whose status ``captions.retry`` lists."""
+    one whose status ``captions.retry`` lists, and no caption a person wrote."""
     paid = [p for p in providers if p.paid]
     if not paid:
         return 0
@@ -680,12 +689,23 @@ def _uncached(
     missing = 0
     for rec in facts.iter_rows(named=True):
         sha = hashes.get(rec["frame_id"])
-        if sha is None:
+        if sha is None or rec["frame_id"] in (by_hand or ()):
             continue
         status = _cached_status(cache.get(CaptionCache.key_for(sha, first, rec, cfg)), first)
         if status is None or status in cfg.retry:
             missing += 1
     return missing
+
+
+def _open_store(run_dir: Path, cfg: CaptionsSettings) -> tuple[CaptionCache, Path | None]:
+    """The answer store, with the answers an earlier version kept in the run folder taken in, and
+    the older store of the run folder that could not be (said in a warning), if any."""
+    cache = CaptionCache(answers_dir(run_dir, cfg))
+    own = run_answers_dir(run_dir)
+    if own.resolve() != cache.directory.resolve():  # answers an earlier version kept in the run folder
+        cache.import_legacy(own / CaptionCache.FILE)
+    legacy = cache.legacy or (own / "cache.db" if (own / "cache.db").is_file() and not len(cache) else None)
+    return cache, legacy
 
 
 def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
@@ -710,16 +730,13 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             "loosen the quality.* thresholds or set captions.frames: all"
         )
     providers = [make_provider(name, cfg, bedrock=bedrock_client) for name in cfg.chain()]
-    cache = CaptionCache(answers_dir(run_dir, cfg))
-    own = run_answers_dir(run_dir)
-    if own.resolve() != cache.directory.resolve():  # answers an earlier version kept in the run folder
-        cache.import_legacy(own / CaptionCache.FILE)
-    legacy = cache.legacy or (own / "cache.db" if (own / "cache.db").is_file() and not len(cache) else None)
+    cache, legacy = _open_store(run_dir, cfg)
     ledger = SpentLedger(cache.directory, ctx.run.movie_key) if any(p.paid for p in providers) else None
     try:
         # Hashes only matter to the cache of paid providers: a template run reads no frame file.
         hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
-        to_ask = _uncached(facts, hashes, providers, cfg, cache)
+        by_hand = set(read_edits(run_dir)["frame_id"].to_list())
+        to_ask = _uncached(facts, hashes, providers, cfg, cache, by_hand)
         down: dict[str, str] = {}
         if to_ask:
             _announce(to_ask, facts.height, providers, cfg, ledger.earlier if ledger is not None else 0)
@@ -736,6 +753,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             progress_path=ctx.progress_path,
             ledger=ledger,
             down=down,
+            by_hand=by_hand,
         )
     finally:
         cache.close()
@@ -752,7 +770,8 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
         )
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
     edits = read_edits(run_dir)
-    captions = apply_edits(captions, edits)
+    triggers = _triggers(cfg, ctx.previous)
+    captions = apply_edits(captions, edits, *triggers)
     told = [*cache.notes, *_warnings(legacy, failed, calls, result.breakers, providers[-1].name)]
     return StageOutput(
         tables={"captions": captions, "caption_calls": calls},
@@ -766,7 +785,7 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
             "answer_store": str(cache.directory),
             "paid_requests_earlier": ledger.earlier if ledger is not None else 0,
         },
-        merge=lambda tables: with_edits(run_dir, tables),
+        merge=lambda tables: with_edits(run_dir, tables, triggers),
     )
 
 
@@ -885,11 +904,27 @@ def _rerun_note(calls: pl.DataFrame) -> str:
     return note
 
 
-def with_edits(run_dir: Path, tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
-    """The stage's tables with every edit re-read and applied: called by the commit under the
-    locks of ``captions`` and ``caption_edits``, so an edit saved while the stage was captioning
-    is kept."""
-    return {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir))}
+def with_edits(
+    run_dir: Path, tables: dict[str, pl.DataFrame], triggers: tuple[str, tuple[str, ...]] = ("", ())
+) -> dict[str, pl.DataFrame]:
+    """The stage's tables with every edit re-read and applied (opening with the trigger word,
+    ``triggers`` as :func:`_triggers` gives them): called by the commit under the locks of
+    ``captions`` and ``caption_edits``, so an edit saved while the stage was captioning is kept."""
+    return {**tables, "captions": apply_edits(tables["captions"], read_edits(run_dir), *triggers)}
+
+
+def _triggers(cfg: Any, previous: dict[str, Any] | None) -> tuple[str, tuple[str, ...]]:
+    """The trigger word typed captions open with, and the one the last run used where it was
+    another (an edit opening with it gets the new one instead)."""
+    before = _recorded_trigger(previous)
+    return cfg.trigger_word, tuple([before] if before and before != cfg.trigger_word else [])
+
+
+def _recorded_trigger(manifest: dict[str, Any] | None) -> str | None:
+    """The trigger word a run of stage 05 used (its manifest's settings), if it says."""
+    settings = ((manifest or {}).get("config") or {}).get(recorded_name("captions")) or {}
+    word = settings.get("trigger_word") if isinstance(settings, dict) else None
+    return word if isinstance(word, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -937,5 +972,7 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
             schema=EDIT_SCHEMA,
         )
         tables["caption_edits"] = pl.concat([read_edits(run_dir), row])
-        tables["captions"] = captions = apply_edits(captions, row)
+        # Opening with the trigger word the captions were made with, as the stage's rerun gives it.
+        trigger = _recorded_trigger(run.read_manifest("captions")) or ""
+        tables["captions"] = captions = apply_edits(captions, row, trigger)
     return captions

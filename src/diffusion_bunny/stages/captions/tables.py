@@ -4,6 +4,8 @@ use, and a template caption's tags read back for a crop of its frame), the appen
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -39,14 +41,20 @@ EDIT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def apply_edits(captions: pl.DataFrame, edits: pl.DataFrame) -> pl.DataFrame:
+def apply_edits(
+    captions: pl.DataFrame, edits: pl.DataFrame, trigger: str = "", old_triggers: Sequence[str] = ()
+) -> pl.DataFrame:
     """Captions with each frame's latest edit in place (``status edited``; ``provider`` and
-    ``model`` stay those of the caption the person started from)."""
+    ``model`` stay those of the caption the person started from), opening with ``trigger`` as
+    every caption does (:func:`with_trigger`)."""
     if not edits.height:
         return captions
     latest = (
         edits.sort("ts").unique("frame_id", keep="last").select("frame_id", pl.col("caption").alias("_edit"))
     )
+    if trigger:
+        opened = [with_trigger(text, trigger, old_triggers) for text in latest["_edit"].to_list()]
+        latest = latest.with_columns(pl.Series("_edit", opened, pl.String))
     out = captions.join(latest, on="frame_id", how="left")
     edited = pl.col("_edit").is_not_null()
     return out.with_columns(
@@ -54,6 +62,23 @@ def apply_edits(captions: pl.DataFrame, edits: pl.DataFrame) -> pl.DataFrame:
         pl.when(edited).then(pl.lit("edited")).otherwise(pl.col("status")).alias("status"),
         pl.when(edited).then(pl.lit(None, pl.String)).otherwise(pl.col("error")).alias("error"),
     ).drop("_edit")
+
+
+def with_trigger(text: str, trigger: str, old_triggers: Sequence[str] = ()) -> str:
+    """``text`` (a caption a person typed) opening with ``trigger``: kept where it does (its
+    whole first word), an old trigger word it opens with swapped for it, else prepended.
+
+    Why: a typed caption went into the dataset as typed, so one without the trigger word (or
+    with the one ``captions.trigger_word`` had before it changed) taught the LoRA two trigger
+    words, or none, in one dataset, and nothing said so."""
+    if re.match(rf"{re.escape(trigger)}(?![\w-])", text, re.IGNORECASE):
+        return text
+    for old in old_triggers:
+        opening = re.match(rf"{re.escape(old)}(?![\w-])[\s,]*", text, re.IGNORECASE) if old else None
+        if opening is not None:
+            rest = text[opening.end() :]
+            return f"{trigger}, {rest}" if rest else trigger
+    return f"{trigger}, {text}"
 
 
 #: Caption statuses a dataset may use (the contract): written by a provider, or by a person.

@@ -4,18 +4,24 @@ relative to the film, blur, text and subtitles, duplicates)."""
 from __future__ import annotations
 
 import contextlib
+import html
 import math
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
-import yaml
 from pydantic import ValidationError
 
+from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import Yaml12Loader, save_local_settings
+from diffusion_bunny.pipeline.settings import (
+    RERUN_HINT,
+    SECTION_ALIASES,
+    read_settings_file,
+    save_local_settings,
+)
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -97,14 +103,18 @@ def later_layers(config_path: str | Path | None, overrides: dict[str, Any]) -> d
     """The ``quality`` settings a notebook's ``config_path`` (its ``quality`` section) and
     ``overrides`` (``quality.<key>``) set: loaded after ``config/local_*.yaml``, they win over a
     saved choice. Read here as they are written (a stage is given its configuration, and never
-    loads the whole of it)."""
+    loads the whole of it), under the section's old names too (``filtering``, which still loads:
+    a saved choice it hid went unwarned)."""
+    names = [old for old, new in SECTION_ALIASES.items() if new == "quality"] + ["quality"]
     out: dict[str, Any] = {}
     if config_path is not None and Path(config_path).expanduser().is_file():
-        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
-            text = Path(config_path).expanduser().read_text()
-            section = (yaml.load(text, Loader=Yaml12Loader) or {}).get("quality") or {}  # as files are read
-            out.update(section if isinstance(section, dict) else {})
-    out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("quality.")})
+        with contextlib.suppress(UserError):  # a broken file is the run's to report
+            sections = read_settings_file(Path(config_path).expanduser())
+            for name in names:
+                section = sections.get(name)
+                out.update(section if isinstance(section, dict) else {})
+    for name in names:
+        out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{name}.")})
     return out
 
 
@@ -266,7 +276,7 @@ class QualityThresholdExplorer:
         sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)
         self.text_img.value = jpeg_bytes(sheet)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
         ``bunny run``) applies them, so a headless rerun reproduces this choice."""
         cfg = self.quality
@@ -286,8 +296,12 @@ class QualityThresholdExplorer:
         settings = {key: getattr(cfg, key) for key in keys}
         settings["min_sharpness"] = round(settings["min_sharpness"], 3)
         settings["best_per_batch"] = cfg.best_per_batch
-        path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
-        self.saved.value = f"saved to <code>{path}</code>; rerun stage 02 to apply them"
+        try:
+            path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
+        except (UserError, OSError) as exc:  # shown: a traceback went to the log console unseen
+            self.saved.value = f"<span style='color:#C0392B'>not saved: {html.escape(str(exc))}</span>"
+            return None
+        self.saved.value = f"saved to <code>{path}</code>; {RERUN_HINT.format(stage='02')}"
         lost = [
             f"quality.{k}"
             for k, v in later_layers(*self.layers).items()
