@@ -6,6 +6,7 @@ without importing OpenCV and NumPy (start-up time of every ``bunny run``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -188,7 +189,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             raise _fail(path, f"the video stream cannot be decoded ({reason})") from None
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
-        rotation, mirrored = display_turn(first_frame)
+        rotation, mirrored = display_turn(first_frame, ctx.name)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)
@@ -219,7 +220,14 @@ def probe_video(path: str | Path) -> VideoInfo:
         )
 
 
-def display_turn(frame: av.VideoFrame) -> tuple[int, bool]:
+#: Codecs whose decoders attach EXIF to their frames, a side data PyAV 18 cannot name: reading
+#: ``frame.side_data`` of a Motion-JPEG camera clip raised ValueError, and of a PNG crashed the
+#: interpreter later (at garbage collection). A display matrix is a container's (MP4, Matroska),
+#: so their frames are read by ``frame.rotation`` alone.
+EXIF_CODECS = frozenset({"mjpeg", "png", "apng", "webp", "tiff", "gif", "bmp", "jpeg2000", "jpegls"})
+
+
+def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
     """The turn (degrees counter-clockwise, 0-359) and mirror of ``frame``'s display matrix: the
     picture is shown turned by the angle, then mirrored left to right when the flag is set.
 
@@ -227,8 +235,12 @@ def display_turn(frame: av.VideoFrame) -> tuple[int, bool]:
     says nothing of a mirror, so a mirrored picture (``ffmpeg -display_hflip``: angle -180) was
     saved upside down. A mirror shows as a negative determinant; with the mirror of the shown x
     undone (its first row negated) what is left is a turn, read as FFmpeg's
-    ``av_display_rotation_get`` reads it. Players and ``ffmpeg`` itself show such files mirrored."""
-    side = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    ``av_display_rotation_get`` reads it. Players and ``ffmpeg`` itself show such files mirrored.
+    ``codec``: the stream's (:data:`EXIF_CODECS` are read by the angle alone)."""
+    side = None
+    if codec not in EXIF_CODECS:
+        with contextlib.suppress(ValueError):  # a side data type newer than PyAV's list
+            side = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
     if side is None:
         return round(frame.rotation or 0) % 360, False
     # a, c: the shown x of a stored (p, q) is a p + c q; b, d: its y (16.16 fixed point).

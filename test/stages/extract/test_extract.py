@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from fractions import Fraction
 
@@ -836,3 +837,26 @@ def test_a_picture_box_edge_at_the_frames_border_stays_there_on_an_odd_size():
     assert to_display((0, 0, 321, 181), (321, 181), (321, 181)) == (0, 0, 321, 181)
     assert to_display((3, 21, 321, 161), (321, 181), (321, 181)) == (4, 22, 321, 160)  # inner edges even
     assert to_display((0, 0, 704, 576), (704, 576), (1024, 576)) == (0, 0, 1024, 576)
+
+
+def test_a_motion_jpeg_clip_whose_frames_carry_exif_is_read(tmp_path):
+    """A camera's Motion-JPEG clip: each frame a JPEG with EXIF, which FFmpeg's decoder attaches
+    to the frame as side data PyAV 18 cannot name. Reading the frame's side data for its display
+    matrix stopped the run with a bug (ValueError: 31 is not a valid Type)."""
+    exif = Image.Exif()
+    exif[0x010F] = "a camera"  # Make
+    path = tmp_path / "camera.avi"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuvj420p"
+        for i in range(10):
+            buffer = io.BytesIO()
+            Image.new("RGB", (96, 64), (20 * i, 80, 160)).save(buffer, "JPEG", exif=exif)
+            packet = av.Packet(buffer.getvalue())
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, 10)
+            packet.is_keyframe = True
+            out.mux(packet)
+    info = probe_video(path)
+    assert (info.width, info.height, info.rotation, info.mirrored) == (96, 64, 0, False)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.tables["frames"].height >= 1
