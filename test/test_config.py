@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -285,6 +287,26 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
         assert main([command, str(movie), "--config", ""]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --config '': give a settings file") and err.count("\n") == 1
+    # So are an empty --out (the run went into the workspace's output folder), --characters
+    # (judged without pictures) and --address (run locally), nothing written.
+    for option, command in (
+        ("--out", "run"),
+        ("--out", "status"),
+        ("--characters", "run"),
+        ("--address", "run"),
+    ):
+        assert main([command, str(movie), option, " "]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option} ' ': give ") and err.count("\n") == 1
+    # An --out through two links to each other, or with a name too long for the file system.
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert main(["run", str(movie), "--out", str(tmp_path / "loop_a" / "x")]) == 2
+    assert "its path loops through links" in capsys.readouterr().err
+    from diffusion_bunny.errors import storage_error
+
+    long = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(tmp_path / ("a" * 300)))
+    assert "File name too long" in str(storage_error(long))
 
 
 def test_run_output_dir_moved_to_paths_still_loads_with_one_warning(tmp_path, caplog):

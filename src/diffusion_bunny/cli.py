@@ -189,6 +189,28 @@ def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
     overrides["characters.reference_dir"] = str(characters)
 
 
+#: Options whose empty value is a mistake, with what to give (``--out "$DIR"`` with ``DIR``
+#: unset ran into the workspace's output folder, ``--characters ''`` without pictures and
+#: ``--address ''`` on the local engine, all silently: as ``--config ''`` does, one line).
+_NOT_BLANK = {"out": "a folder", "characters": "a folder of pictures", "address": "a Ray address"}
+
+
+def _refuse_blank(args: argparse.Namespace) -> None:
+    """One line for an option given empty, and for a folder whose path loops through links
+    (Python's ``resolve`` raises RuntimeError there, which stopped the run as a bug)."""
+    for name, what in _NOT_BLANK.items():
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise ConfigError(f"--{name} {value!r}: give {what}, or leave the option out")
+    for name in ("out", "characters", "config"):
+        value = getattr(args, name, None)
+        try:
+            if value:
+                Path(value).resolve()
+        except RuntimeError:
+            raise ConfigError(f"--{name} {value}: its path loops through links; give another path") from None
+
+
 def _config_path(args: argparse.Namespace) -> str | None:
     """``--config FILE`` as an absolute path, None without it. An empty one (``--config "$CFG"``
     with ``CFG`` unset) is an error: it was taken for no ``--config`` at all, silently."""
@@ -332,6 +354,7 @@ def _main(argv: list[str] | None) -> int:
     log = logging.getLogger("diffusion_bunny.cli")
     started = time.monotonic()
     try:
+        _refuse_blank(args)
         if args.command == "run":
             code = _cmd_run(args)
         elif args.command == "status":

@@ -72,9 +72,21 @@ USER_ERROR_NAMES = frozenset(
 #: The operating system's answers that are the user's to fix: a full disk or quota, a file-size
 #: limit (``ulimit -f``), no permission, a read-only file system, a file where a folder of the
 #: path should be (``DIFFUSION_BUNNY_CACHE`` or a setting's folder naming a file: it stopped
-#: stage 05 "with a bug"). Any other ``OSError`` is a bug.
+#: stage 05 "with a bug"), a name too long for the file system or a loop of links in the path
+#: (``--out`` of 300 characters, or through two links to each other). Any other ``OSError`` is a
+#: bug.
 USER_OS_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
 )
 
 #: How those errors read in a message from inside a notebook kernel (only a class name and text

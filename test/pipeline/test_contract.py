@@ -218,6 +218,10 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
     )
     many = config_changes({k: 1 for k in "abcde"}, {k: 2 for k in "abcde"})
     assert many == "a 1 -> 2; b 1 -> 2; c 1 -> 2; 2 more"
+    # Another detector: its name first, not hidden among its settings' "-> None".
+    cascade = {"extraction": {"detector": {"name": "cascade", **{k: 1.0 for k in "abcdefghij"}}}}
+    content = {"extraction": {"detector": {"name": "content", "threshold": 27.0}}}
+    assert config_changes(cascade, content).startswith("extract.detector.name 'cascade' -> 'content'; ")
     # A manifest from before the config was recorded: nothing to name.
     assert config_changes(None, fresh) == "" and config_changes({}, fresh) == ""
 

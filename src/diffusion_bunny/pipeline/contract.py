@@ -332,7 +332,9 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     if not stored or fresh is None:
         return ""
     old, new = _flat(stored), _flat(plain(fresh))
-    keys = _changed(old, new)
+    # A detector's name first: switching it changes all its settings, and "accept_threshold 40.0
+    # -> None; ...; 11 more" hid the one change a person made.
+    keys = sorted(_changed(old, new), key=lambda k: not k.endswith(".name"))
     shown = [f"{_present_name(k)} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:most]]
     if len(keys) > most:
         shown.append(f"{len(keys) - most} more")
