@@ -148,6 +148,10 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
         assert cfg.generate.negative_prompt == "style: cartoon" and cfg.captions.trigger_word == "2024"
         assert cfg.generate.trigger_word is None and cfg.run.kernel == "quoted" and cfg.run.seed == 10
     assert load_config(None, ["generate.negative_prompt=- blurry"]).generate.negative_prompt == "- blurry"
+    # A folder setting's bare ~ is the home folder, not YAML's null (references silently off,
+    # "paths.output_dir is empty").
+    home = load_config(None, ["paths.output_dir=~", "characters.reference_dir=~"])
+    assert (home.paths.output_dir, home.characters.reference_dir) == ("~", "~")
     assert parse_override("generate.negative_prompt=[a, b]", text_setting)[1] == "[a, b]"
     assert parse_override("run.video_extensions=[.mp4]", text_setting)[1] == [".mp4"]
     with pytest.raises(ConfigError) as info:
@@ -303,6 +307,10 @@ def test_cli_config_error_is_one_line_exit_2(capsys, tmp_path):
     (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
     assert main(["run", str(movie), "--out", str(tmp_path / "loop_a" / "x")]) == 2
     assert "its path loops through links" in capsys.readouterr().err
+    # A folder name that is not UTF-8 (tables and notebooks hold it as text): a bug after stage 01.
+    latin = os.fsdecode(bytes(tmp_path / "caf") + b"\xe9")
+    assert main(["run", str(movie), "--out", latin]) == 2
+    assert "the name of the folder or file given as --out is not UTF-8 text" in capsys.readouterr().err
     from diffusion_bunny.errors import storage_error
 
     long = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(tmp_path / ("a" * 300)))

@@ -196,14 +196,20 @@ _NOT_BLANK = {"out": "a folder", "characters": "a folder of pictures", "address"
 
 
 def _refuse_blank(args: argparse.Namespace) -> None:
-    """One line for an option given empty, and for a folder whose path loops through links
-    (Python's ``resolve`` raises RuntimeError there, which stopped the run as a bug)."""
+    """One line for an option given empty, for a path that is not UTF-8 text, and for one that
+    loops through links (Python's ``resolve`` raises RuntimeError there: a bug's line before)."""
     for name, what in _NOT_BLANK.items():
         value = getattr(args, name, None)
         if value is not None and not value.strip():
             raise ConfigError(f"--{name} {value!r}: give {what}, or leave the option out")
+    from diffusion_bunny.media.probe import check_utf8_name  # lazy: after _keep_bytecode()
+
     for name in ("out", "characters", "config"):
         value = getattr(args, name, None)
+        if value:
+            # Tables, notebooks and manifests hold the path as text: a Latin-1 folder name failed
+            # "with a bug" after the first stage had run, and `bunny status` on it too.
+            check_utf8_name(value, f"the folder or file given as --{name}")
         try:
             if value:
                 Path(value).resolve()

@@ -208,6 +208,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     if "#" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):  # quoted: YAML's own way
         return key, raw.strip()
+    if key.endswith("_dir") and raw.strip() == "~":  # the home folder, as in a folder setting's
+        return key, "~"  # files; YAML reads a bare ~ as null (references off, "output_dir is empty")
     try:
         value = yaml.load(raw, Loader=Yaml12Loader) if raw.strip() else None
     except yaml.YAMLError:
