@@ -148,10 +148,6 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
         assert cfg.generate.negative_prompt == "style: cartoon" and cfg.captions.trigger_word == "2024"
         assert cfg.generate.trigger_word is None and cfg.run.kernel == "quoted" and cfg.run.seed == 10
     assert load_config(None, ["generate.negative_prompt=- blurry"]).generate.negative_prompt == "- blurry"
-    # A folder setting's bare ~ is the home folder, not YAML's null (references silently off,
-    # "paths.output_dir is empty").
-    home = load_config(None, ["paths.output_dir=~", "characters.reference_dir=~"])
-    assert (home.paths.output_dir, home.characters.reference_dir) == ("~", "~")
     assert parse_override("generate.negative_prompt=[a, b]", text_setting)[1] == "[a, b]"
     assert parse_override("run.video_extensions=[.mp4]", text_setting)[1] == [".mp4"]
     with pytest.raises(ConfigError) as info:

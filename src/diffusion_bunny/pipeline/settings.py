@@ -208,8 +208,6 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     if "#" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):  # quoted: YAML's own way
         return key, raw.strip()
-    if key.endswith("_dir") and raw.strip() == "~":  # the home folder, as in a folder setting's
-        return key, "~"  # files; YAML reads a bare ~ as null (references off, "output_dir is empty")
     try:
         value = yaml.load(raw, Loader=Yaml12Loader) if raw.strip() else None
     except yaml.YAMLError:
@@ -297,7 +295,10 @@ def save_local_settings(name: str, settings: dict[str, dict[str, Any]], root: Pa
         if isinstance(current.get(old), dict):
             current[new] = {**current.pop(old), **(current.get(new) or {})}
     for section, values in settings.items():
-        current.setdefault(SECTION_ALIASES.get(section, section), {}).update(values)
+        name = SECTION_ALIASES.get(section, section)
+        if not isinstance(current.setdefault(name, {}), dict):  # `quality: 5` written by hand
+            raise ConfigError(f"{path}: section '{name}' is not a mapping of settings; fix or remove it")
+        current[name].update(values)
     body = yaml.safe_dump(current, sort_keys=True)
     atomic_write_bytes(path, (LOCAL_SETTINGS_HEADER + body).encode())
     return path

@@ -842,6 +842,13 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
     assert by_frame[fid] == "hamstyle, my own words"
     assert by_frame[second] == "hamstyle, a man sings on a stage"
     assert all(c.startswith("hamstyle") for c in by_frame.values())
+    # And at every later run (the swap held once: the next run gave "hamstyle, bunnystyle, ...").
+    later = _cfg(tmp_path, overrides, captions__trigger_word="hamstyle", captions__dark_below=50)
+    last = run_stage(run, "captions", later, progress=False)["captions"]
+    row = last.filter(pl.col("frame_id") == fid).row(0, named=True)
+    assert row["caption"] == "hamstyle, my own words"
+    # An edited frame, asked of nobody, keeps the provider of the caption it started from.
+    assert row["provider"] not in ("-", None) and (last["provider"] != "-").all()
     with pytest.raises(BadInputError, match="empty"):
         edit_caption(run.run_dir, fid, "   ")
     with pytest.raises(BadInputError, match="no caption row"):
@@ -1085,3 +1092,22 @@ def test_the_paid_request_cap_counts_runs_that_go_on_at_once(tmp_path):
     for budget in (first, second):
         with pytest.raises(StageError, match=r"captions\.max_paid_requests is 3"):
             budget.take()
+
+
+def test_a_typed_caption_gets_the_trigger_word_in_place_of_an_old_one_keeping_what_follows():
+    from diffusion_bunny.stages.captions.stage import _failed
+    from diffusion_bunny.stages.captions.tables import with_trigger, without_trigger
+
+    assert with_trigger("a man", "bunnystyle") == "bunnystyle, a man"
+    assert with_trigger("Bunnystyle: a man", "bunnystyle") == "Bunnystyle: a man"
+    for typed, swapped in (("SKS: a man", "bunnystyle: a man"), ("sks's dog", "bunnystyle's dog")):
+        assert with_trigger(typed, "bunnystyle", ("sks",)) == swapped
+    assert with_trigger("sksx, a man", "bunnystyle", ("sks",)) == "bunnystyle, sksx, a man"
+    assert without_trigger("bunnystyle,  a man", "bunnystyle") == "a man"
+    assert without_trigger("bunnystyle's dog", "bunnystyle") == "bunnystyle's dog"
+    assert without_trigger("bunnystyle", "bunnystyle") == "bunnystyle"
+    # A run whose frames not captioned by hand all failed is no "no frame could be captioned".
+    rows = pl.DataFrame({"frame_id": ["a", "b"], "status": ["failed", "edited"], "error": ["refused", None]})
+    assert _failed(rows, pl.DataFrame()).height == 1
+    with pytest.raises(ProviderError, match="no frame could be captioned"):
+        _failed(rows.head(1), pl.DataFrame({"outcome": ["refused"], "provider": ["local"]}))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffusion_bunny.config import load_config, save_local_settings
 from diffusion_bunny.demo.metrics import match_boundaries
+from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.extract.plots import (
@@ -71,6 +72,10 @@ def test_save_local_settings_merges(tmp_path):
     save_local_settings("x", {"extract": {"jpeg_quality": 80}}, tmp_path)
     path = save_local_settings("x", {"extract": {"motion_threshold": 2.0}}, tmp_path)
     assert yaml.safe_load(path.read_text()) == {"extract": {"jpeg_quality": 80, "motion_threshold": 2.0}}
+    # A section written by hand as something else than settings is one line, not an AttributeError.
+    path.write_text("extract: 5\n")
+    with pytest.raises(ConfigError, match="section 'extract' is not a mapping of settings"):
+        save_local_settings("x", {"extract": {"motion_threshold": 2.0}}, tmp_path)
 
 
 def test_figures_render(clip_run, tmp_path):

@@ -70,7 +70,13 @@ from diffusion_bunny.stages.captions.providers import (
     short_error,
 )
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.captions.tables import CAPTION_SCHEMA, EDIT_SCHEMA, apply_edits
+from diffusion_bunny.stages.captions.tables import (
+    CAPTION_SCHEMA,
+    EDIT_SCHEMA,
+    USABLE_STATUSES,
+    apply_edits,
+    without_trigger,
+)
 from diffusion_bunny.stages.extract.tables import region_of
 
 CALL_SCHEMA: dict[str, pl.DataType] = {
@@ -697,6 +703,35 @@ def _uncached(
     return missing
 
 
+def _failed(captions: pl.DataFrame, calls: pl.DataFrame) -> pl.DataFrame:
+    """The frames no provider captioned; a :class:`ProviderError` when that is every frame.
+    Frames a person captioned count (asked of nobody, ``edited``): a run whose other frames all
+    failed is not "no frame could be captioned"."""
+    failed = captions.filter(pl.col("status") == "failed")
+    if not captions.filter(pl.col("status").is_in(USABLE_STATUSES)).height and failed.height:
+        raise ProviderError(
+            f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
+            f"the provider or add template to captions.fallback. {_rerun_note(calls)}"
+        )
+    return failed
+
+
+def _as_started(captions: pl.DataFrame, before: pl.DataFrame | None) -> pl.DataFrame:
+    """Frames a person captioned (asked of nobody this run) with the provider, model and tags
+    of the caption the person started from, as :func:`apply_edits` keeps them: they read "-"."""
+    if before is None or not before.height:
+        return captions
+    keep = ("provider", "model", "tags")
+    started = before.select("frame_id", *[pl.col(c).alias(f"_{c}") for c in keep])
+    joined = captions.join(started, on="frame_id", how="left")
+    asked_nobody = (
+        (pl.col("provider") == "-") & (pl.col("status") == "edited") & pl.col("_provider").is_not_null()
+    )
+    return joined.with_columns(
+        [pl.when(asked_nobody).then(pl.col(f"_{c}")).otherwise(pl.col(c)).alias(c) for c in keep]
+    ).select(captions.columns)
+
+
 def _open_store(run_dir: Path, cfg: CaptionsSettings) -> tuple[CaptionCache, Path | None]:
     """The answer store, with the answers an earlier version kept in the run folder taken in, and
     the older store of the run folder that could not be (said in a warning), if any."""
@@ -762,12 +797,8 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     # Every string this stage stores goes through redact (a server may echo the request headers).
     captions = result.captions.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
     calls = result.calls.with_columns(pl.col("error").map_elements(redact, return_dtype=pl.String))
-    failed = captions.filter(pl.col("status") == "failed")
-    if not captions.filter(pl.col("status") == "ok").height and failed.height:
-        raise ProviderError(
-            f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
-            f"the provider or add template to captions.fallback. {_rerun_note(calls)}"
-        )
+    failed = _failed(captions, calls)
+    captions = _as_started(captions, ctx.own_previous("captions"))
     # Edits made so far, for the counts; the commit re-applies them under the locks as it writes.
     edits = read_edits(run_dir)
     triggers = _triggers(cfg, ctx.previous)
@@ -954,6 +985,10 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
         raise BadInputError(f"the caption of {frame_id} is empty; type a caption (or leave it as it was)")
     run = Run.open(run_dir)
     run_dir = run.run_dir
+    # Opening with the trigger word the captions were made with, as the stage's rerun gives it;
+    # kept without it, so that a later word is put in its place, never beside it.
+    trigger = _recorded_trigger(run.read_manifest("captions")) or ""
+    text = without_trigger(text, trigger)
     with run.commit("caption_edits", "captions", by_hand=True) as tables:
         if not run.has_table("captions"):
             raise BadInputError(f"no captions in {run_dir}; run stage captions first")
@@ -972,7 +1007,5 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
             schema=EDIT_SCHEMA,
         )
         tables["caption_edits"] = pl.concat([read_edits(run_dir), row])
-        # Opening with the trigger word the captions were made with, as the stage's rerun gives it.
-        trigger = _recorded_trigger(run.read_manifest("captions")) or ""
         tables["captions"] = captions = apply_edits(captions, row, trigger)
     return captions

@@ -66,7 +66,8 @@ def apply_edits(
 
 def with_trigger(text: str, trigger: str, old_triggers: Sequence[str] = ()) -> str:
     """``text`` (a caption a person typed) opening with ``trigger``: kept where it does (its
-    whole first word), an old trigger word it opens with swapped for it, else prepended.
+    whole first word), an old trigger word it opens with replaced by it (what follows kept:
+    ``sks: a man``, ``sks's dog``), else prepended.
 
     Why: a typed caption went into the dataset as typed, so one without the trigger word (or
     with the one ``captions.trigger_word`` had before it changed) taught the LoRA two trigger
@@ -74,11 +75,20 @@ def with_trigger(text: str, trigger: str, old_triggers: Sequence[str] = ()) -> s
     if re.match(rf"{re.escape(trigger)}(?![\w-])", text, re.IGNORECASE):
         return text
     for old in old_triggers:
-        opening = re.match(rf"{re.escape(old)}(?![\w-])[\s,]*", text, re.IGNORECASE) if old else None
+        opening = re.match(rf"{re.escape(old)}(?![\w-])", text, re.IGNORECASE) if old else None
         if opening is not None:
-            rest = text[opening.end() :]
-            return f"{trigger}, {rest}" if rest else trigger
+            return trigger + text[opening.end() :]
     return f"{trigger}, {text}"
+
+
+def without_trigger(text: str, trigger: str | None) -> str:
+    """``text`` without ``trigger`` and the comma or spaces after it at its start, as a typed
+    caption is kept (the trigger in force is put back whenever it is applied: kept with the word
+    it opened with, a later change of the word gave a caption both)."""
+    if not trigger:
+        return text
+    opening = re.match(rf"{re.escape(trigger)}(?:\s*,\s*|\s+)(?=\S)", text, re.IGNORECASE)
+    return text[opening.end() :] if opening is not None else text
 
 
 #: Caption statuses a dataset may use (the contract): written by a provider, or by a person.
