@@ -192,7 +192,11 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None, command: list[
         os.environ.pop(QUIET_ENV, None)
     last_path = path
     quiet_bars()
-    logger.info("bunny %s: %s", version(), redact_command(sys.argv[1:] if command is None else command))
+    args = redact_command(sys.argv[1:] if command is None else command)
+    # An argument that is not UTF-8 (a Latin-1 folder name) as escapes: as it came, the log
+    # line could not be written anywhere text is (the file, a test's captured log).
+    args = os.fsencode(args).decode("utf-8", "backslashreplace")
+    logger.info("bunny %s: %s", version(), args)
     return path
 
 
