@@ -57,7 +57,12 @@ def shortest_shot(min_shot_seconds: float, fps: float) -> tuple[int, float]:
     frame below the frame count, a constant-rate shot of n frames is judged as by its count
     whatever the rounding of its timestamps, so such footage gives the shots it gave."""
     frames = max(1, round(min_shot_seconds * fps))
-    return frames, (frames - 0.5) / fps
+    return frames, frames_as_seconds(frames, fps)
+
+
+def frames_as_seconds(frames: int, fps: float) -> float:
+    """A minimum of ``frames`` at the nominal rate as presentation time (:func:`shortest_shot`)."""
+    return (frames - 0.5) / fps
 
 
 class Blankness:
@@ -102,7 +107,7 @@ class InOrder:
     ):
         self.lookahead = lookahead
         self.min_len = min_len
-        self.min_s = (min_len - 0.5) / fps if fps and min_len else None
+        self.min_s = frames_as_seconds(min_len, fps) if fps and min_len else None
         self.blankness = blankness
         self.held: dict[int, float] = {}
         self.last = 0
