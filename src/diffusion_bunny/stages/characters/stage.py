@@ -68,7 +68,7 @@ from diffusion_bunny.models.hub_characters.finder import HubFinder, hub_key
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, Pipeline, StageOutput, run_stage
 from diffusion_bunny.pipeline.progress import tracked
-from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.run import Run, damaged_table
 from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters import STAGE
 from diffusion_bunny.stages.characters.identify import (
@@ -87,6 +87,7 @@ from diffusion_bunny.stages.characters.references import (
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import (
     APPEARANCE_EDIT_SCHEMA,
+    BOX,
     CHARACTERS_CACHE,
     DETECTIONS_SCHEMA,
     FACE_FRAMES_SCHEMA,
@@ -830,7 +831,7 @@ def fix_appearance(
                 "face_id": [face_id],
                 "character": [name],
                 **{key: [fixed[key]] for key in ("frame_id", "kind", "left", "top", "right", "bottom")},
-                **{f"raw_{key}": [value] for key, value in zip(_SIDES, raw, strict=True)},
+                **{f"raw_{key}": [value] for key, value in zip(BOX, raw, strict=True)},
             },
             schema=APPEARANCE_EDIT_SCHEMA,
         )
@@ -839,24 +840,28 @@ def fix_appearance(
     return faces
 
 
-_SIDES = ("left", "top", "right", "bottom")
-
-
 def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...]:
     """The detector's own box of a drawn ``appearance`` whose box in ``faces`` grew by a face it
     took in (the ``detections`` row of its id, frame and kind), else nulls: what a rerun matches
     the fix against before the boxes grow."""
-    box = tuple(appearance[k] for k in _SIDES)
+    box = tuple(appearance[k] for k in BOX)
     if appearance["kind"] != "drawn" or not run.has_table("detections"):
         return (None,) * 4
-    found = run.read_table("detections").filter(
-        (pl.col("face_id") == appearance["face_id"])
-        & (pl.col("frame_id") == appearance["frame_id"])
-        & (pl.col("kind") == "drawn")
-    )
+    path = run.table_path("detections")
+    with damaged_table(path):  # one row's box: not the whole table with its embeddings, per fix
+        found = (
+            pl.scan_parquet(path)
+            .filter(
+                (pl.col("face_id") == appearance["face_id"])
+                & (pl.col("frame_id") == appearance["frame_id"])
+                & (pl.col("kind") == "drawn")
+            )
+            .select(BOX)
+            .collect()
+        )
     if found.is_empty():
         return (None,) * 4
-    raw = tuple(int(found[k][0]) for k in _SIDES)
+    raw = tuple(int(found[k][0]) for k in BOX)
     return raw if raw != box else (None,) * 4
 
 

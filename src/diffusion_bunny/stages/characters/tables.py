@@ -102,7 +102,8 @@ APPEARANCE_EDIT_SCHEMA = {
 #: A fix goes to the appearance of its frame and kind whose box overlaps its own this much
 #: (intersection over union), the most overlapping one; none: it waits for its appearance.
 EDIT_MIN_IOU = 0.5
-_BOX = ("left", "top", "right", "bottom")
+#: A box's columns, in order.
+BOX = ("left", "top", "right", "bottom")
 
 
 def with_edit_columns(edits: pl.DataFrame) -> pl.DataFrame:
@@ -117,7 +118,7 @@ def with_edit_columns(edits: pl.DataFrame) -> pl.DataFrame:
 
 
 _RAW_BOX = ("raw_left", "raw_top", "raw_right", "raw_bottom")
-_ANCHOR = ("face_id", "frame_id", "kind", *_BOX, *_RAW_BOX)
+_ANCHOR = ("face_id", "frame_id", "kind", *BOX, *_RAW_BOX)
 
 
 def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple, str | None]:
@@ -128,7 +129,7 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
     if edits is None or edits.height == 0:
         return {}
     by_frame: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
-    for row in faces.select("face_id", "frame_id", "kind", *_BOX).iter_rows():
+    for row in faces.select("face_id", "frame_id", "kind", *BOX).iter_rows():
         by_frame.setdefault(row[1], []).append((row[0], row[2], tuple(row[3:])))
     ids = set(faces["face_id"].to_list())
     targets: dict[tuple, str | None] = {}
