@@ -684,10 +684,9 @@ def _uncached(
     providers: list[Provider],
     cfg: CaptionsSettings,
     cache: CaptionCache,
-    by_hand: set[str] | None = None,
 ) -> int:
     """Frames the first paid provider of the chain will be asked about: no answer recorded, or
-    one whose status ``captions.retry`` lists, and no caption a person wrote."""
+    one whose status ``captions.retry`` lists (frames without a hash are asked of nobody)."""
     paid = [p for p in providers if p.paid]
     if not paid:
         return 0
@@ -695,7 +694,7 @@ def _uncached(
     missing = 0
     for rec in facts.iter_rows(named=True):
         sha = hashes.get(rec["frame_id"])
-        if sha is None or rec["frame_id"] in (by_hand or ()):
+        if sha is None:
             continue
         status = _cached_status(cache.get(CaptionCache.key_for(sha, first, rec, cfg)), first)
         if status is None or status in cfg.retry:
@@ -768,10 +767,12 @@ def compute(ctx: Context, *, bedrock_client: Any | None = None) -> StageOutput:
     cache, legacy = _open_store(run_dir, cfg)
     ledger = SpentLedger(cache.directory, ctx.run.movie_key) if any(p.paid for p in providers) else None
     try:
-        # Hashes only matter to the cache of paid providers: a template run reads no frame file.
-        hashes = frame_hashes(run_dir, facts) if any(p.paid for p in providers) else {}
+        # Hashes only matter to the cache of paid providers: a template run reads no frame file,
+        # nor does a frame a person captioned (asked of nobody: without a hash, none is counted).
         by_hand = set(read_edits(run_dir)["frame_id"].to_list())
-        to_ask = _uncached(facts, hashes, providers, cfg, cache, by_hand)
+        asked = facts.filter(~pl.col("frame_id").is_in(list(by_hand)))
+        hashes = frame_hashes(run_dir, asked) if any(p.paid for p in providers) else {}
+        to_ask = _uncached(facts, hashes, providers, cfg, cache)
         down: dict[str, str] = {}
         if to_ask:
             _announce(to_ask, facts.height, providers, cfg, ledger.earlier if ledger is not None else 0)
