@@ -13,6 +13,7 @@ not hold a key under both names (:func:`save_local_settings`).
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import Field
 
-from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.errors import ConfigError, UserError
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.section import Section
@@ -310,6 +311,20 @@ RERUN_HINT = (
     "rerun the notebook from its config cell (or bunny run) to apply it: stage {stage}'s cell alone "
     "still has the settings read before"
 )
+
+
+def save_from_widget(
+    name: str, settings: dict[str, dict[str, Any]], root: Path | None, stage: str
+) -> tuple[Path | None, str]:
+    """:func:`save_local_settings` for a widget's button: the file (None when it could not be
+    saved) and the line to show under the button (HTML), which says why not, or what to rerun.
+    Shown: a traceback of a button's callback goes to JupyterLab's log console, unseen."""
+    try:
+        path = save_local_settings(name, settings, root)
+    except (UserError, OSError) as exc:
+        return None, f"<span style='color:#C0392B'>not saved: {html.escape(str(exc))}</span>"
+    return path, f"saved to <code>{path}</code>; {RERUN_HINT.format(stage=stage)}"
+
 
 #: The first lines of a ``config/local_<name>.yaml``: the widgets rewrite the file whole (its
 #: values kept, comments not), and a person who wrote a note there lost it without a word.

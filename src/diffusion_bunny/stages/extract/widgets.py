@@ -4,17 +4,15 @@ keyframes at once.
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
 import ipywidgets as widgets
 import polars as pl
 
-from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import RERUN_HINT, save_local_settings
+from diffusion_bunny.pipeline.settings import save_from_widget
 from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
 
 
@@ -104,12 +102,6 @@ class MotionThresholdExplorer:
 
     def save(self) -> Path | None:
         """Write the threshold to ``config/local_extract.yaml``; the next run re-extracts with it."""
-        try:
-            path = save_local_settings(
-                "extract", {"extract": {"motion_threshold": self.threshold}}, self.config_root
-            )
-        except (UserError, OSError) as exc:  # shown: a traceback went to the log console unseen
-            self.saved.value = f"<span style='color:#C0392B'>not saved: {html.escape(str(exc))}</span>"
-            return None
-        self.saved.value = f"saved to <code>{path}</code>; {RERUN_HINT.format(stage='01')}"
+        settings = {"extract": {"motion_threshold": self.threshold}}
+        path, self.saved.value = save_from_widget("extract", settings, self.config_root, "01")
         return path

@@ -4,7 +4,6 @@ relative to the film, blur, text and subtitles, duplicates)."""
 from __future__ import annotations
 
 import contextlib
-import html
 import math
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,7 @@ from pydantic import ValidationError
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import (
-    RERUN_HINT,
-    SECTION_ALIASES,
-    read_settings_file,
-    save_local_settings,
-)
+from diffusion_bunny.pipeline.settings import SECTION_ALIASES, read_settings_file, save_from_widget
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -296,12 +290,9 @@ class QualityThresholdExplorer:
         settings = {key: getattr(cfg, key) for key in keys}
         settings["min_sharpness"] = round(settings["min_sharpness"], 3)
         settings["best_per_batch"] = cfg.best_per_batch
-        try:
-            path = save_local_settings("thresholds", {"quality": settings}, self.config_root)
-        except (UserError, OSError) as exc:  # shown: a traceback went to the log console unseen
-            self.saved.value = f"<span style='color:#C0392B'>not saved: {html.escape(str(exc))}</span>"
+        path, self.saved.value = save_from_widget("thresholds", {"quality": settings}, self.config_root, "02")
+        if path is None:
             return None
-        self.saved.value = f"saved to <code>{path}</code>; {RERUN_HINT.format(stage='02')}"
         lost = [
             f"quality.{k}"
             for k, v in later_layers(*self.layers).items()
