@@ -55,9 +55,10 @@ from diffusion_bunny.logs import (
 )
 from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
+from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Pipeline
-from diffusion_bunny.pipeline.run import check_batch_folder, check_run_folder, movie_id
+from diffusion_bunny.pipeline.run import check_batch_folder, check_run_folder, given_run_folder, run_folder_in
 from diffusion_bunny.pipeline.runner import (
     MovieReport,
     RunOptions,
@@ -86,7 +87,7 @@ def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieRepo
     stop the batch."""
     if run_dir is None:  # its folder under paths.output_dir, so a failed movie's report can read it
         with contextlib.suppress(OSError):  # an unreadable movie fails in run_movie, which says why
-            run_dir = output_root(options.cfg) / movie_id(movie)
+            run_dir = run_folder_in(output_root(options.cfg), movie)
     try:
         return run_movie(movie, run_dir, options)
     except UserError as exc:
@@ -429,7 +430,7 @@ def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path | Non
     None for a movie this process cannot read (its id reads the file): its task says why."""
     if run_dir is None:
         try:
-            return (output_root(cfg) / movie_id(movie)).resolve()
+            return run_folder_in(output_root(cfg), movie).resolve()
         except OSError:
             return None
     return Path(run_dir).expanduser().resolve()
@@ -490,7 +491,7 @@ def _run_folder_movies(movies: Sequence[Path], out: Path | None, options: RunOpt
     failed: dict[Path, MovieReport] = {}
     for movie in movies:
         try:
-            jobs.append((movie, out / movie_id(movie) if out is not None else None))
+            jobs.append((movie, run_folder_in(out, movie) if out is not None else None))
         except OSError as exc:
             text = str(unreadable(movie, exc))
             _tell(text)
@@ -538,15 +539,28 @@ def run_target(
     if single and cfg.engine.kind == "local":
         return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:
+        run_dir = None
         if out:  # before Ray starts (20 s) and the head writes its token into the folder
-            _check_single_out(movies[0], Path(out))
-        reports = run_movies([(movies[0], Path(out) if out else None)], options)
-    else:
-        if out is not None:
-            check_batch_folder(out)
+            with contextlib.suppress(OSError):  # an unreadable movie: its task says why
+                run_dir = given_run_folder(out, movies[0])
+            _check_single_out(movies[0], run_dir or Path(out))
+        return run_movies([(movies[0], run_dir or (Path(out) if out else None))], options)
+    # paths.output_dir is checked as --out is: the run folders and the report go there alike
+    batch = Path(out) if out else output_root(cfg)
+    check_batch_folder(batch)
+    # One folder run per --out at a time: two at once each found the other's movies in use, failed
+    # them, and the last one's combined report called the other's finished movies failed. Held
+    # through a folder of its own in .locks: a lease (run.json) in --out's own .locks would make it
+    # look like a run folder to whoever lists the run folders there.
+    with lock.run_lock(
+        batch / ".locks" / "folder-run",
+        what="bunny run (a folder)",
+        lease_s=cfg.pipeline.lock_stale_s,
+        noun="folder",
+        shown=batch.resolve(),
+    ):
         reports = _run_folder_movies(drop_copies(movies), Path(out) if out else None, options)
-    if not single:
-        html = pipeline.batch_report(Path(out) if out else output_root(cfg), reports, cfg)
-        if html is not None:
-            _say(f"combined report of {len(reports)} movies: {html}")
+        html = pipeline.batch_report(batch, reports, cfg)
+    if html is not None:
+        _say(f"combined report of {len(reports)} movies: {html}")
     return reports

@@ -204,7 +204,9 @@ def inherited(run_dir: Path) -> bool:
     return lease is not None and lease.token == token
 
 
-def _busy(run_dir: Path, holder: Lease | None, lease_s: float) -> RunBusy:
+def _busy(
+    run_dir: Path, holder: Lease | None, lease_s: float, noun: str = "run folder", shown: Any = None
+) -> RunBusy:
     by = holder.describe() if holder is not None else "another process (it left no lease to name it)"
     remote = ""
     if holder is not None and holder.host != socket.gethostname():
@@ -213,18 +215,25 @@ def _busy(run_dir: Path, holder: Lease | None, lease_s: float) -> RunBusy:
             "last heartbeat (pipeline.lock_stale_s) and the next run takes over"
         )
     return RunBusy(
-        f"{run_dir} is in use by {by}; one run per run folder at a time: wait for it to finish or stop "
+        f"{shown or run_dir} is in use by {by}; one run per {noun} at a time: wait for it to finish or stop "
         f"it, or give this run another --out{remote}"
     )
 
 
 @contextlib.contextmanager
 def run_lock(
-    run_dir: str | Path, *, what: str = "", lease_s: float = DEFAULT_LEASE_S
+    run_dir: str | Path,
+    *,
+    what: str = "",
+    lease_s: float = DEFAULT_LEASE_S,
+    noun: str = "run folder",
+    shown: str | Path | None = None,
 ) -> Iterator[Lease | None]:
     """Hold the run folder ``run_dir`` for the block (see the module docstring); yields the lease
     (None when working under a parent's). Raises :class:`RunBusy` at once when another process
-    holds it. ``what`` says who holds it (``bunny run``, ``stage scenes``) in the other's message."""
+    holds it. ``what`` says who holds it (``bunny run``, ``stage scenes``) in the other's message;
+    ``noun`` and ``shown`` name what is held there, when it is not a run folder (a folder run holds
+    its ``--out`` through a folder inside it)."""
     from filelock import FileLock, Timeout  # lazy: keeps filelock out of `bunny --help` (0.04 s)
 
     run_dir = Path(run_dir).resolve()
@@ -249,13 +258,13 @@ def run_lock(
     try:
         lock.acquire()
     except Timeout:
-        raise _busy(run_dir, Lease.read(path), lease_s) from None
+        raise _busy(run_dir, Lease.read(path), lease_s, noun, shown) from None
     try:
         previous = Lease.read(path)
         if previous is not None and previous.alive(lease_s):
             # The OS lock was free yet the lease lives: a holder on another machine whose file
             # system does not share locks between hosts.
-            raise _busy(run_dir, previous, lease_s)
+            raise _busy(run_dir, previous, lease_s, noun, shown)
         if previous is not None:
             log.info("%s: took over the run lock of %s, which is gone", run_dir, previous.describe())
         now = time.time()

@@ -126,6 +126,42 @@ def movie_id(path: str | Path) -> str:
     return f"{slugify(path.stem)[:SLUG_BYTES].rstrip('-')}-{movie_key(path)}"
 
 
+def run_folder_in(root: str | Path, movie: str | Path) -> Path:
+    """The run folder of ``movie`` under ``root`` (a folder run's ``--out``, or ``paths.output_dir``):
+    ``<root>/<movie id>``, or, where that holds no run yet, the run folder already there of the
+    same content (its name ends with the movie's key, and its ``run.json`` says so). A movie
+    renamed since it ran, or the copy of it a folder now runs (``drop_copies`` keeps the shortest
+    name), made a second run folder of the same frames and did all the work again, and the
+    corrections made by hand in the first were left behind. OSError when the movie cannot be read
+    (its key is its first megabyte)."""
+    root = Path(root)
+    own = root / movie_id(movie)
+    if (own / "run.json").is_file():
+        return own
+    key = own.name.rpartition("-")[2]
+    with contextlib.suppress(OSError):
+        for earlier in sorted(root.glob(f"*-{key}")):
+            with contextlib.suppress(StageError):  # a damaged run.json: not taken for this movie's
+                if (Run(earlier).meta() or {}).get("movie_key") == key:
+                    return earlier
+    return own
+
+
+def given_run_folder(out: str | Path, movie: str | Path) -> Path:
+    """A single movie's ``--out``: the folder itself, or, where ``out`` is no run folder but holds
+    this movie's run folder (the ``--out`` of a folder run it was part of), that run folder, as
+    ``bunny status MOVIE --out OUT`` reads it. Run into ``out`` itself, it was refused as a folder
+    that holds files and is no run folder."""
+    out = Path(out)
+    if (out / "run.json").is_file() or not out.is_dir():
+        return out
+    with contextlib.suppress(OSError):
+        inner = run_folder_in(out, movie)
+        if (inner / "run.json").is_file():
+            return inner
+    return out
+
+
 def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
     """Refuse a run folder that holds other things than this movie's run, before anything is
     written there: a run replaces whole folders in it (``frames/``, ``tables/``, ``report/``,
@@ -178,6 +214,11 @@ def check_batch_folder(out: str | Path) -> None:
             "report into --out, so give it a new or empty folder (or the --out of an earlier folder run)"
         )
     report = folder / "report"
+    if report.exists() and not report.is_dir():
+        raise StageError(
+            f"{report} is a file; a folder run writes its combined report into report/ of its --out, "
+            "so give --out a new folder, or move that file away"
+        )
     if report.is_dir() and not (report / "movies.parquet").is_file():
         held = sorted(p.name for p in report.iterdir() if not p.name.startswith("."))
         if held:

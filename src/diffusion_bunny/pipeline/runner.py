@@ -46,7 +46,13 @@ from diffusion_bunny.pipeline.atomic import writer_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following
-from diffusion_bunny.pipeline.run import Run, check_exists, check_run_folder, movie_id
+from diffusion_bunny.pipeline.run import (
+    Run,
+    check_exists,
+    check_run_folder,
+    given_run_folder,
+    run_folder_in,
+)
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
 
 log = logging.getLogger(__name__)
@@ -734,7 +740,7 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
     ``paths.output_dir``), skipping the ones that are up to date."""
     cfg = options.cfg
     info = probe_video(movie)
-    run_dir = out if out is not None else output_root(cfg) / movie_id(movie)
+    run_dir = given_run_folder(out, movie) if out is not None else run_folder_in(output_root(cfg), movie)
     check_run_folder(run_dir, movie)  # before the lock writes its .locks there
     # The run folder is held from the first stage to the last (a second run of it stops at once,
     # naming this one); the stage notebooks' kernels work under this lock (lock.exported).

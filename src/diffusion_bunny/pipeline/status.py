@@ -20,7 +20,14 @@ from diffusion_bunny.errors import BadInputError, StageError, UserError
 from diffusion_bunny.media.probe import shown, unreadable
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
-from diffusion_bunny.pipeline.run import Run, check_exists, check_run_folder, movie_id
+from diffusion_bunny.pipeline.run import (
+    Run,
+    check_exists,
+    check_run_folder,
+    given_run_folder,
+    movie_key,
+    run_folder_in,
+)
 from diffusion_bunny.pipeline.settings import RunConfig, output_root
 
 
@@ -37,7 +44,8 @@ class RunRef:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "run.json").is_file()
+    # Not ``.locks``: its lease is a run.json too (a folder run holds its --out as a run its folder).
+    return not path.name.startswith(".") and (path / "run.json").is_file()
 
 
 def _movie_name(run_dir: Path) -> str:
@@ -65,29 +73,45 @@ def resolve_runs(
     found = [item for one in targets for item in _scan(one, cfg)]
     movies = list(dict.fromkeys(item[0] for item in found if isinstance(item, tuple)))
     kept = set(drop_copies(movies))
+    # A movie whose run folder the targets hold already (``bunny run FOLDER --out FOLDER``) is
+    # that run folder: named again under paths.output_dir, it was listed twice, done and never run.
+    ran = {_run_key(item.run_dir) for item in found if isinstance(item, RunRef)} - {None}
     refs: dict[Any, RunRef] = {}
     for item in found:
         if isinstance(item, tuple):
             movie, is_file = item
-            if movie not in kept:
+            if movie not in kept or _key_of(movie) in ran:
                 continue
             item = _of_movie(movie, cfg, out, single=is_file and len(targets) == 1)
         refs.setdefault(item.run_dir or item.movie, item)
     return list(refs.values())
 
 
+def _run_key(run_dir: Path | None) -> str | None:
+    """The movie key a run folder's ``run.json`` records (None when it cannot say)."""
+    try:
+        return (Run(run_dir).meta() or {}).get("movie_key") if run_dir is not None else None
+    except UserError:
+        return None
+
+
+def _key_of(movie: Path) -> str | None:
+    try:
+        return movie_key(movie)
+    except OSError:  # unreadable: its own line says so
+        return None
+
+
 def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool) -> RunRef:
     """A movie's run folder; ``single``: a movie file given alone, whose run folder is ``out``."""
     root = Path(out) if out else output_root(cfg)
     try:
-        own = root / movie_id(movie)
+        # ``out`` of a folder run (or of several movies) holds one run folder per movie
+        own = given_run_folder(out, movie) if (out and single) else run_folder_in(root, movie)
     except OSError as exc:  # its id reads the file: no run folder to name
         return RunRef(movie.name, None, str(unreadable(movie, exc)))
-    run_dir = Path(out) if (out and single) else own
-    if out and single and not _is_run(run_dir) and _is_run(own):
-        # ``out`` of a folder run (or of several movies) holds one run folder per movie
-        run_dir = own
-    if run_dir != own:
+    run_dir = own
+    if out and single and run_dir == Path(out):
         try:  # another movie's run folder: its stages are not this movie's (bunny run refuses it)
             check_run_folder(run_dir, movie)
         except StageError as exc:

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.errors import BadInputError, StageError
 from diffusion_bunny.stages.scenes import summary as summary_of
 from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter, triplets_from_feedback
 from diffusion_bunny.stages.scenes.clustering import (
@@ -620,7 +620,6 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
     assert opened and min(int(c[1:]) for c in opened) > 901
     # A library of another model's vectors under the same name (a CLIP folder now holding
     # another model): one line naming both, not a raw reshape error (a bug's exit).
-    from diffusion_bunny.errors import StageError
 
     longer = pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet").with_columns(
         pl.col("vector").list.concat(pl.col("vector"))
@@ -1185,3 +1184,30 @@ def test_a_new_folder_of_a_library_run_whose_library_is_not_reachable_is_one_lin
     assert not gone.exists()
     gone.mkdir(parents=True)
     assert _new_folder_id(run, {"s001"}, pl.DataFrame(schema=FEEDBACK_SCHEMA)) == "s002"
+
+
+def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
+    """``scenes.library_dir`` naming a file, or a library table cut short, failed every movie "with
+    a bug" (FileExistsError, parquet's ComputeError): one line naming the setting or the table."""
+    import numpy as np
+
+    from diffusion_bunny.stages.scenes.settings import ScenesSettings
+    from diffusion_bunny.stages.scenes.stage import _assign_library
+
+    cfg = ScenesSettings()
+    vectors = np.eye(3, dtype=np.float32)
+    args = ("m0vie000", ["a", "b", "c"], vectors, "descriptor-v1", cfg)
+    plain = tmp_path / "libfile"
+    plain.write_text("not a folder")
+    with pytest.raises(StageError, match=r"libfile \(scenes.library_dir\) cannot be a folder here"):
+        _assign_library(plain, *args)
+    library = tmp_path / "library"
+    _assign_library(library, *args)
+    table = library / "scene_exemplars.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    with pytest.raises(StageError, match=r"scene_exemplars.parquet is damaged \(.*\); put back a copy"):
+        _assign_library(library, *args)
+    (library / "hand_made_clusters.parquet").write_bytes(b"PAR1 cut")
+    table.unlink()
+    with pytest.raises(StageError, match=r"hand_made_clusters.parquet is damaged"):
+        _assign_library(library, *args)

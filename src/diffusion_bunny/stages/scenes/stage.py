@@ -490,10 +490,16 @@ def _assign_library(
     adding the clusters it opens to the library, under the library's lock. The clusters it opens
     take ids past the library's, past those this run's corrections made (``made``) and past the
     folders any member movie made by hand (:data:`HAND_MADE_FILE`): else one id named two places."""
-    library.mkdir(parents=True, exist_ok=True)
+    try:
+        library.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a folder it may not write to
+        raise StageError(
+            f"the scene library {library} (scenes.library_dir) cannot be a folder here ({exc.strerror}); "
+            "give scenes.library_dir a folder this user may write to, or unset it"
+        ) from None
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
-        lib = pl.read_parquet(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
+        lib = _library_table(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
         held = len(lib["vector"][0]) if lib.height else vectors.shape[1]
         if lib.height and (lib["space"][0] != space or held != vectors.shape[1]):
             # The length too: a CLIP folder given under one name may hold another model (it was
@@ -677,9 +683,7 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
         )
     with FileLock(str(library / ".library.lock"), timeout=120):
         if (library / "scene_exemplars.parquet").is_file():
-            taken |= set(
-                pl.read_parquet(library / "scene_exemplars.parquet", columns=["cluster_id"])["cluster_id"]
-            )
+            taken |= set(_library_table(library / "scene_exemplars.parquet")["cluster_id"])
         held = _hand_made(library)
         cid = new_cluster_id({c.partition("/")[0] for c in taken | held if c})
         rows = [*sorted(held), cid]
@@ -692,7 +696,20 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
 def _hand_made(library: Path) -> set[str]:
     """The ids of the folders people made by hand in the library's movies."""
     path = library / HAND_MADE_FILE
-    return set(pl.read_parquet(path)["cluster_id"].to_list()) if path.is_file() else set()
+    return set(_library_table(path)["cluster_id"].to_list()) if path.is_file() else set()
+
+
+def _library_table(path: Path) -> pl.DataFrame:
+    """A table of the shared scene library, or one line when it does not read: no stage of one
+    movie can rebuild it (every movie of the library added to it), so "run again" is no answer."""
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise StageError(
+            f"the scene library's table {path} is damaged ({why}); put back a copy of it, or give "
+            "scenes.library_dir a new folder (its movies' scenes are then numbered again)"
+        ) from None
 
 
 def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
