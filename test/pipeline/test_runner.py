@@ -728,3 +728,21 @@ def test_a_signal_of_one_command_is_not_blamed_for_the_next(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "_signalled", 15)
     cli.main(["status", str(tmp_path / "nothing-here")])
     assert cli._signalled is None
+
+
+def test_a_headless_rerun_for_new_thresholds_reuses_the_scores(tmp_path):
+    """``bunny run`` passed every notebook ``force=True``: stage 02 scored every frame again for a
+    new threshold, where the notebook in JupyterLab and the docs reuse the scores. ``--force``
+    still scores again."""
+    movie = tmp_path / "a.mp4"
+    write_clip(movie, [(11, 20, 0.0), (12, 20, 0.0), (13, 20, 0.0)])
+    out = tmp_path / "run"
+    assert main(["run", str(movie), "--out", str(out), "--stages", "extract,quality", "--quiet"]) == 0
+    frames = Run.open(out).read_table("frames").height
+    facts = lambda: Run.open(out).read_manifest("quality")["facts"]  # noqa: E731
+    assert "scores_reused" not in facts()
+    new = ["--set", "quality.min_sharpness=1"]
+    assert main(["run", str(movie), "--out", str(out), "--stages", "quality", "--quiet", *new]) == 0
+    assert facts()["scores_reused"] == frames
+    assert main(["run", str(movie), "--out", str(out), "--stages", "quality", "--quiet", "--force", *new]) == 0
+    assert "scores_reused" not in facts()

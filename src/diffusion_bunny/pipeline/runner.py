@@ -561,13 +561,15 @@ def execute_stage_notebook(
 
 def _notebook_parameters(run: Run, options: RunOptions) -> dict[str, Any]:
     """The papermill parameters of every stage notebook: the run, and the config as the command
-    loaded it (``force``: the runner already decided the stage must run)."""
+    loaded it. ``force`` is the user's ``--force``: the runner runs a notebook only when its stage
+    is not up to date, and the stage then finds it so itself; forced always, it threw away the
+    work a rerun keeps (stage 02 scored every frame again for a new threshold)."""
     return {
         "run_dir": str(run.run_dir),
         "config_path": options.config_path,
         "overrides": options.overrides,
         "movie": str(run.movie),
-        "force": True,
+        "force": options.force,
         "interactive": False,
     }
 
