@@ -150,6 +150,11 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
     assert load_config(None, ["generate.negative_prompt=- blurry"]).generate.negative_prompt == "- blurry"
     assert parse_override("generate.negative_prompt=[a, b]", text_setting)[1] == "[a, b]"
     assert parse_override("run.video_extensions=[.mp4]", text_setting)[1] == [".mp4"]
+    # A mapping of text to text is a mapping (it was kept as text, then refused as no dictionary).
+    described = ["captions.character_descriptions={biscuit: a cartoon dog}", "captions.scene_names={}"]
+    cfg = load_config(None, overrides_from_args(described, text_setting))
+    assert cfg.captions.character_descriptions == {"biscuit": "a cartoon dog"}
+    assert cfg.captions.scene_names == {}
     with pytest.raises(ConfigError) as info:
         load_config(None, {"generate.negative_prompt": 2024})
     assert str(info.value) == (

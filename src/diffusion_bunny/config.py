@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,11 @@ def text_setting(dotted: str) -> bool:
     field = model.model_fields.get(parts[-1])
     if field is None:
         return False
-    forms = set(typing.get_args(field.annotation)) or {field.annotation}
+    annotation = field.annotation
+    # Only a union is its arguments: ``dict[str, str]`` (captions.character_descriptions) has
+    # ``(str, str)`` too, and its ``{biscuit: a cartoon dog}`` was kept as text, then refused.
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    forms = set(typing.get_args(annotation)) if union else {annotation}
     return str in forms and forms <= {str, type(None)}
 
 
