@@ -1107,3 +1107,20 @@ def test_a_portrait_with_its_background_removed_is_a_photo_of_a_face(tmp_path):
     refs, pictures, warnings = load_character_references(tmp_path / "refs", settings)
     assert sorted(refs.names) == ["barack", "only_cutout"] and not pictures.cutouts, warnings
     assert all(t.use == "face" for t in pictures.taken)
+
+
+def test_a_copied_run_folder_with_its_own_references_keeps_stage_03_done(tmp_path):
+    """The run's own ``references/`` (a named cluster) was recorded by its absolute path, so a run
+    folder copied or moved found stage 03 stale ("its inputs changed (references)"), nothing
+    changed; a folder given by the settings is still recorded as given."""
+    from diffusion_bunny.stages.characters import _inputs
+
+    first = tmp_path / "first"
+    (first / "references" / "bob").mkdir(parents=True)
+    cv2.imwrite(str(first / "references" / "bob" / "face_0.png"), np.full((32, 32, 3), 90, np.uint8))
+    cfg = load_config(None, use_local=False)
+    shutil.copytree(first, tmp_path / "copy")
+    mine = _inputs(Run(first), cfg)["references"]
+    assert mine == _inputs(Run(tmp_path / "copy"), cfg)["references"] and mine["dir"] == "references"
+    given = load_config(None, {"characters.reference_dir": str(first / "references")}, use_local=False)
+    assert _inputs(Run(tmp_path / "copy"), given)["references"]["dir"] == str(first / "references")
