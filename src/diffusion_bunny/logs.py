@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -86,9 +87,26 @@ SAY = {"say": True}  # log.info(..., extra=SAY): also on the terminal unless --q
 FILE_ONLY = {"file_only": True}  # e.g. a traceback the terminal sums up in one line
 
 
+#: A warning as ``logging.captureWarnings`` hands it on: ``FILE:LINE: CATEGORY: MESSAGE`` and the
+#: source line under it.
+_CAPTURED = re.compile(r"^(?P<file>.+?):\d+: \w+: (?P<message>.*?)(?:\n  [^\n]*)?\n?$", re.DOTALL)
+
+
+def _terminal_text(record: logging.LogRecord) -> str:
+    """What the terminal shows of ``record``: a warning the workspace itself gave
+    (``warnings.warn``, read by the notebooks too) as its message alone, not as Python prints it,
+    with the file and the source line a user has no use for (the log file keeps them)."""
+    msg = record.getMessage()
+    if record.name == "py.warnings":
+        found = _CAPTURED.match(msg)
+        if found and "diffusion_bunny" in Path(found["file"]).parts:
+            return found["message"]
+    return msg
+
+
 class _TerminalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        msg = _terminal_text(record)
         if record.levelno >= logging.ERROR:
             return f"error: {msg}"
         if record.levelno >= logging.WARNING:

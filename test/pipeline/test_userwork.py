@@ -4,6 +4,8 @@ with a warning, and without a readable backup one line names the file and how to
 
 from __future__ import annotations
 
+import logging
+
 import polars as pl
 import pytest
 
@@ -134,3 +136,34 @@ def test_a_restore_cut_short_leaves_the_damaged_table_not_none(tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="restored from its backup"):
         assert read_kept(path).equals(edits)
+
+
+def test_a_restored_table_is_one_warning_line_on_the_terminal(tmp_path, capsys):
+    """The restore's warning reached the terminal as Python prints a warning, with the source
+    file and line under it; a user reads one ``warning:`` line (the log file keeps the rest). A
+    warning of another package is shown as before."""
+    import warnings
+
+    from clips import write_clip
+
+    from diffusion_bunny.cli import main
+    from diffusion_bunny.pipeline.run import Run
+
+    movie = tmp_path / "tiny.mp4"
+    write_clip(movie, [(51, 12, 0.0)], width=96, height=64)
+    run = Run.create(tmp_path / "run", movie)
+    path = run.table_path("feedback")
+    write_kept(path, pl.DataFrame({"event_id": ["a"], "label": [1]}))
+    _damage(path)
+    capsys.readouterr()
+    main(["status", str(run.run_dir)])
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if "was damaged" in line or line[:2] == "  "]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {path} was damaged ("), lines
+    assert "UserWarning" not in lines[0] and "restored from its backup" in lines[0]
+
+    from diffusion_bunny.logs import _terminal_text
+
+    other = warnings.formatwarning("old", DeprecationWarning, "/venv/site-packages/x/y.py", 3, "call()")
+    record = logging.LogRecord("py.warnings", logging.WARNING, "", 0, other, None, None)
+    assert _terminal_text(record) == other
