@@ -22,8 +22,10 @@ from diffusion_bunny.stages.report.combined import movies_plot
 from diffusion_bunny.stages.report.document import figure_png, render_report_html, report_document
 from diffusion_bunny.stages.report.figures import checkpoint_order, identity_table
 from diffusion_bunny.stages.report.funnel import (
+    _DESCRIBED_COLOURS,
     dropped_by_reason,
     dropped_plot,
+    funnel_colours,
     funnel_plot,
     funnel_summary,
     funnel_table,
@@ -160,7 +162,8 @@ def test_funnel_counts_every_step_with_reasons():
     items = pl.concat([items, items.slice(1, 1).with_columns(pl.lit("face").alias("crop"))])
     table = funnel_table(
         decoded=500,
-        candidates=pl.DataFrame({"frame_index": range(30)}),
+        # A short shot's start, middle and end are one frame: three rows, one candidate.
+        candidates=pl.DataFrame({"frame_index": [*range(30), 7, 7]}),
         frames=frames,
         quality=quality,
         faces=faces,
@@ -197,6 +200,18 @@ def test_funnel_counts_every_step_with_reasons():
         and summary["in a scene cluster"]["dropped"] == "1 noise"
     )
     assert summary["captioned"]["frames out"] == 5 and summary["captioned"]["dropped"] == "1 failed"
+    # The two steps that drop no frame say so, in greys; the drops keep their colours.
+    plot = funnel_plot(table)
+    text = plot.layers[1].geom.data
+    labels = dict(zip(text["step"].astype(str), text["label"], strict=True))
+    assert labels["with a named character"] == "2 of 6, all go on" and labels["kept by quality"] == "12 -> 6"
+    assert labels["in a scene cluster"] == "5 of 6, all go on"
+    order = table["outcome"].unique(maintain_order=True).to_list()
+    colours = funnel_colours(table, order)
+    assert {colours[o] for o in ("unknown faces only", "no face", "not searched", "noise")} <= set(
+        _DESCRIBED_COLOURS
+    )
+    assert colours["blurry"] not in _DESCRIBED_COLOURS and colours["failed"] not in _DESCRIBED_COLOURS
     exported = table.filter(pl.col("step") == "exported")
     assert dict(exported.select("outcome", "frames").iter_rows()) == {
         "train": 3,

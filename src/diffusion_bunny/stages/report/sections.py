@@ -53,7 +53,9 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
         "Frames in and out of each stage",
         "extract",
         "Each bar is the frames that reached a step: green went on, the other colours were dropped, "
-        "with the reason. Steps of stages that did not run are left out.",
+        "with the reason. Two steps drop nothing (with a named character, in a scene cluster): "
+        "their greys only say what the frames hold, and every frame goes on. Steps of stages "
+        "that did not run are left out.",
     ),
     "dataset": (
         "What the LoRA will see",
