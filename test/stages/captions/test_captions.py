@@ -399,6 +399,9 @@ def test_word_frequencies():
     freq = word_frequencies(captions, skip=("bunnystyle",))
     assert freq.row(0) == ("cat", 2)
     assert "bunnystyle" not in freq["word"].to_list()
+    # Captions holding the word, each once: "shot" is in 2 captions, not 3 (the axis's words).
+    twice = pl.DataFrame({"caption": ["a b, medium shot, static shot", "a cat, long shot"]})
+    assert dict(word_frequencies(twice).iter_rows())["shot"] == 2
 
 
 # --------------------------------------------------------------------------------------------

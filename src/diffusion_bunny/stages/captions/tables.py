@@ -121,10 +121,18 @@ def caption_lengths(captions: pl.DataFrame) -> pl.DataFrame:
 
 
 def word_frequencies(captions: pl.DataFrame, *, top: int = 25, skip: tuple[str, ...] = ()) -> pl.DataFrame:
-    """The most frequent words across captions (lower-cased, punctuation stripped)."""
+    """The words most captions hold (lower-cased, punctuation stripped): ``count`` is the captions
+    holding the word, each caption once, as the plot's axis says ("medium shot, static shot"
+    counted "shot" twice, so a word could be in more captions than there were)."""
     usable = captions.filter(pl.col("caption").is_not_null())
     words = (
-        usable.select(pl.col("caption").str.to_lowercase().str.replace_all(r"[^\w\s:+-]", " ").str.split(" "))
+        usable.select(
+            pl.col("caption")
+            .str.to_lowercase()
+            .str.replace_all(r"[^\w\s:+-]", " ")
+            .str.split(" ")
+            .list.unique()
+        )
         .explode("caption")
         .filter(pl.col("caption").str.len_chars() > 1)
         .filter(~pl.col("caption").is_in(list(skip)))
