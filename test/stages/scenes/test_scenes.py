@@ -1211,3 +1211,32 @@ def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
     table.unlink()
     with pytest.raises(StageError, match=r"hand_made_clusters.parquet is damaged"):
         _assign_library(library, *args)
+
+
+def test_the_cluster_sheet_keeps_a_4_3_films_shape(tmp_path):
+    """The cluster sheet drew every frame into a 16:9 tile: a 4:3 film's circle became an
+    ellipse. Its tiles take the film's shape."""
+    import cv2
+    import numpy as np
+
+    from diffusion_bunny.stages.scenes.plots import cluster_sheet
+
+    (tmp_path / "frames").mkdir()
+    picture = np.full((480, 640, 3), 255, np.uint8)
+    cv2.circle(picture, (320, 240), 150, (0, 0, 0), -1)
+    cv2.imwrite(str(tmp_path / "frames" / "m_0000001.jpg"), picture)
+    frames = pl.DataFrame({"frame_id": ["m_0000001"], "path": ["frames/m_0000001.jpg"]})
+    clusters = pl.DataFrame(
+        {
+            "frame_id": ["m_0000001"],
+            "level": ["scene"],
+            "cluster_id": ["s001"],
+            "name": ["s001"],
+            "similarity": [1.0],
+            "manual": [False],
+        }
+    )
+    sheet = np.asarray(cluster_sheet(tmp_path, clusters, frames, side=160).convert("L"))
+    dark = np.argwhere(sheet < 60)
+    height, width = np.ptp(dark[:, 0]) + 1, np.ptp(dark[:, 1]) + 1
+    assert abs(width / height - 1.0) < 0.1, (width, height)

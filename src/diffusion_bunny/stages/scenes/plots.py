@@ -14,6 +14,7 @@ from diffusion_bunny.media.figures import (
     Block,
     Layout,
     Tile,
+    aspect_height,
     categorical,
     histogram,
     largest_first,
@@ -127,4 +128,7 @@ def cluster_sheet(
             for row in members.head(max_per_group).iter_rows(named=True)
         ]
         blocks.append(Block(tiles, title=f"{members['name'][0]}  ({members.height} frames)"))
-    return tile_sheet(blocks, Layout((side, round(side * 9 / 16)), max_per_group))
+    # Tiles of the film's own shape (a 4:3 or a scope film was stretched to 16:9), and a frame of
+    # another shape fitted inside, as the other sheets do.
+    first = next((t.path for b in blocks for t in b.tiles if t.path is not None), None)
+    return tile_sheet(blocks, Layout((side, aspect_height(first, side)), max_per_group, fit="contain"))
