@@ -1124,3 +1124,27 @@ def test_a_copied_run_folder_with_its_own_references_keeps_stage_03_done(tmp_pat
     assert mine == _inputs(Run(tmp_path / "copy"), cfg)["references"] and mine["dir"] == "references"
     given = load_config(None, {"characters.reference_dir": str(first / "references")}, use_local=False)
     assert _inputs(Run(tmp_path / "copy"), given)["references"]["dir"] == str(first / "references")
+
+
+def test_unknown_faces_are_drawn_as_unknown_not_as_confident_matches():
+    """Notebook 03 drew the faces nobody matched in the blue of "confident" matches."""
+    from diffusion_bunny.stages.characters.plots import character_counts_plot, screen_time_plot
+
+    counts = pl.DataFrame({"character": ["bob", "unknown"], "faces": [3, 11], "low_confidence": [1, 0]})
+    bars = character_counts_plot(counts).data
+    shown = {(c, m): n for c, m, n in zip(bars["character"], bars["match"], bars["n"], strict=True) if n}
+    assert shown == {("bob", "confident"): 2, ("bob", "low confidence"): 1, ("unknown", "unknown"): 11}
+    faces = pl.DataFrame(
+        {
+            "character": ["bob", None],
+            "shot_id": [0, 0],
+            "timestamp_s": [0.5, 1.0],
+            "low_confidence": [False, False],
+        }
+    )
+    shots = pl.DataFrame({"shot_id": [0], "start_s": [0.0], "end_s": [2.0]})
+    points = screen_time_plot(faces, shots).layers[1].geom.data
+    assert dict(zip(points["character"].astype(str), points["match"], strict=True)) == {
+        "bob": "confident",
+        "unknown": "unknown",
+    }

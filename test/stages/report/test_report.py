@@ -466,6 +466,12 @@ def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_
     data = report_data(run, {"faces": run.read_table("faces"), "frames": run.read_table("frames")})
     section = _characters_section(data, cfg)
     assert section.status == "ok" and "found in no frame" not in section.message
+    # Appearances on both sides of the count ("1 named characters, 11 unknown" left out the named).
+    faces = run.read_table("faces")
+    named = faces["character"].drop_nulls()
+    assert section.message.startswith(
+        f"{faces.height} appearances: {named.len()} named ({named.n_unique()} characters), "
+    )
     manifest["facts"]["characters_not_found"] = ["stranger", "wyvern"]
     data = replace(data, manifests={**data.manifests, "characters": manifest})
     section = _characters_section(data, cfg)

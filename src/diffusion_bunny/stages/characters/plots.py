@@ -41,6 +41,10 @@ def character_counts_plot(counts: pl.DataFrame) -> p9.ggplot:
             pl.col("low_confidence").alias("low confidence"),
         )
         .unpivot(index="character", variable_name="match", value_name="n")
+        # Nobody matched the unknown faces: they were drawn as "confident" matches.
+        .with_columns(
+            pl.when(pl.col("character") == UNKNOWN).then(pl.lit(UNKNOWN)).otherwise("match").alias("match")
+        )
         .to_pandas()
     )
     return horizontal_bars(
@@ -49,8 +53,8 @@ def character_counts_plot(counts: pl.DataFrame) -> p9.ggplot:
         "n",
         "match",
         order=counts["character"].to_list()[::-1],
-        by_order=["low confidence", "confident"],
-        colours={"confident": "#4C78A8", "low confidence": "#F58518"},
+        by_order=["low confidence", "confident", UNKNOWN],
+        colours={"confident": "#4C78A8", "low confidence": "#F58518", UNKNOWN: "#BDBDBD"},
         labels={"x": "", "y": "faces", "fill": "", "title": f"{int(counts['faces'].sum())} faces"},
     )
 
@@ -77,6 +81,7 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
     total = float(shots["end_s"].max() or 0.0)
     title = "screen time: " + ", ".join(f"{c} {seconds[c]:.0f}s" for c in order[::-1])
     points["match"] = points["low_confidence"].map({True: "low confidence", False: "confident"})
+    points.loc[points["character"] == UNKNOWN, "match"] = UNKNOWN  # matched nobody: not "confident"
     return (
         p9.ggplot()
         + p9.geom_segment(
@@ -88,7 +93,7 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
         + p9.geom_point(
             points, p9.aes(x="timestamp_s", y="character", shape="match"), size=2.2, colour="#1F4E79"
         )
-        + p9.scale_shape_manual(values={"confident": "o", "low confidence": "x"})
+        + p9.scale_shape_manual(values={"confident": "o", "low confidence": "x", UNKNOWN: "."})
         + p9.scale_x_continuous(limits=(0, max(total, 1e-6)))
         + p9.labs(x="time in the movie (s)", y="", shape="", title=title)
         + minimal_theme(9, max(2.0, 0.5 * len(order) + 1.2))

@@ -389,7 +389,8 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     unknown = faces.height - named.height
     more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
     message = (
-        f"{faces.height} appearances: {counts.height} named characters{more}, {unknown} {UNKNOWN}"
+        f"{faces.height} appearances: {named.height} named ({counts.height} "
+        f"character{'s' if counts.height != 1 else ''}{more}), {unknown} {UNKNOWN}"
         if counts.height
         else f"{faces.height} appearances, none named (name them in notebook 03)"
     )
