@@ -374,3 +374,46 @@ def test_stage_drops_text_and_crops_subtitles(demo_run, tmp_path, detector):
             assert quality.filter(pl.col("frame_id") == "made_title")["keep"].item()
     finally:
         text_model._shared.cache_clear()
+
+
+def test_the_histograms_show_what_the_text_rule_weighs():
+    """The text panel drew every line's share of the edges: a frame kept with a subtitle holding
+    0.6 of its edges drew right of the 0.5 line, and a page of small text (area 0.3, share 0.1)
+    dropped for its area drew far left of it, with no area line. Both panels now show the
+    rule's own numbers, each with its threshold."""
+    from diffusion_bunny.stages.quality.plots import quality_histograms
+    from diffusion_bunny.stages.quality.text import judged_text
+
+    cfg = QualitySettings()
+    subtitle = [line(0.3, 0.86, 0.7, 0.92, edges=0.6)]
+    page = [line(0.1, 0.2, 0.9, 0.6, edges=0.1, area=0.3)]
+    table = pl.DataFrame(
+        {
+            "frame_id": ["sub", "page", "plain", "unseen"],
+            "text_lines": [subtitle, page, [], None],
+        },
+        schema_overrides={"text_lines": TEXT_SCHEMA["text_lines"]},
+    )
+    assert text_verdict(subtitle, cfg)[0] is None and text_verdict(page, cfg)[0] == "text"
+    rows = judged_text(table, cfg).to_dicts()
+    judged = {r["frame_id"]: (r["text_share_judged"], r["text_area_judged"]) for r in rows}
+    assert judged["sub"] == (0.0, 0.0) and judged["plain"] == (0.0, 0.0) and judged["unseen"] == (None, None)
+    assert judged["page"][0] == pytest.approx(0.1) and judged["page"][1] == pytest.approx(0.3)
+    scores = table.with_columns(
+        pl.Series("sharpness", [100.0] * 4),
+        pl.Series("brightness", [100.0] * 4),
+        pl.Series("contrast", [40.0] * 4),
+        pl.Series("clipped", [0.0] * 4),
+        pl.Series("nearest_distance", [20] * 4),
+        pl.Series("readable", [True] * 4),
+        pl.Series("keep", [True, False, True, True]),
+        pl.Series("reject_reason", [None, "text", None, None], dtype=pl.Utf8),
+    )
+    chart = quality_histograms(scores, cfg)
+    thresholds = next(layer.geom.data for layer in chart.layers if type(layer.geom).__name__ == "geom_vline")
+    bars = chart.data
+    area = bars[(bars["score"] == "text (share of area)") & (bars["outcome"] == "text")]
+    assert len(area) == 1 and area["xmin"].iloc[0] > cfg.max_text_area  # right of its line
+    edges = bars[(bars["score"] == "text (share of edges)") & (bars["outcome"] == "kept")]
+    assert (edges["xmax"] <= cfg.max_text_share).all()  # the kept subtitle frame left of the line
+    assert thresholds[thresholds["score"] == "text (share of area)"]["value"].tolist() == [cfg.max_text_area]

@@ -24,6 +24,7 @@ from diffusion_bunny.media.figures import (
 )
 from diffusion_bunny.stages.extract.tables import frame_image_path
 from diffusion_bunny.stages.quality.rules import exposure_thresholds, sharpness_threshold, with_text_columns
+from diffusion_bunny.stages.quality.text import judged_text
 
 if TYPE_CHECKING:
     from diffusion_bunny.stages.quality.settings import QualitySettings
@@ -44,7 +45,9 @@ OUTCOME_COLOURS = {
 }
 
 
-def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
+def quality_histograms(
+    table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame | None = None
+) -> p9.ggplot:
     """One histogram per quality score, bars coloured by outcome, thresholds as dashed lines.
 
     Sharpness is shown as log10: it spans three decades, and on a linear axis every blurred frame
@@ -52,10 +55,13 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
     frame, the quantity ``dup_distance`` cuts (the line sits half a bit above it: bars left of
     the line are duplicates of something, if that something is kept and better). The brightness
     and clipped lines are the thresholds in force for this film (``relative_brightness`` moves
-    them with its median, drawn dotted); the text panel shows the share of each frame's edges
-    its text lines hold (frames looked at only).
+    them with its median, drawn dotted); the two text panels show what the text rule weighs, the
+    share of the edges and of the area held by text lines that are not subtitles (frames looked
+    at only; ``frames`` gives each picture's shape, by which lines shaped like figures are left
+    out, as the rule leaves them).
     """
     table = with_text_columns(table)
+    table = table.join(judged_text(table, cfg, frames), on="frame_id", how="left")
     exposure = exposure_thresholds(table, cfg)
     # A flat film's blur threshold (for its median frame; relative_sharpness), else the configured.
     blur = sharpness_threshold(table, cfg)
@@ -66,7 +72,8 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
         "contrast (std, 0-255)": pl.col("contrast"),
         "clipped share": pl.col("clipped"),
         "nearest hash distance (bits)": pl.col("nearest_distance").cast(pl.Float64),
-        "text (share of edges)": pl.col("text_share"),
+        "text (share of edges)": pl.col("text_share_judged"),
+        "text (share of area)": pl.col("text_area_judged"),
     }
     outcome = pl.col("reject_reason").fill_null("kept").alias("outcome")
     long = pl.concat(
@@ -82,6 +89,7 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
         ("clipped share", exposure.max_clipped),
         ("nearest hash distance (bits)", cfg.dup_distance + 0.5),
         ("text (share of edges)", cfg.max_text_share),
+        ("text (share of area)", cfg.max_text_area),
     ]
     order = list(panels)
     df = long.to_pandas()
@@ -112,7 +120,7 @@ def quality_histograms(table: pl.DataFrame, cfg: QualitySettings) -> p9.ggplot:
         + bar_layers("outcome", colour="white", size=0.1)
         + p9.geom_vline(vlines, p9.aes(xintercept="value"), linetype="dashed", colour=LINE_RED, size=0.7)
         + p9.geom_vline(medians, p9.aes(xintercept="value"), linetype="dotted", colour="#333333", size=0.7)
-        + p9.facet_wrap("score", scales="free", ncol=3)
+        + p9.facet_wrap("score", scales="free", ncol=4)  # seven panels in two rows
         + p9.scale_fill_manual(values=OUTCOME_COLOURS, limits=present)
         + p9.labs(x="", y="frames", fill="outcome", title=title)
         + minimal_theme(10, 5.5)

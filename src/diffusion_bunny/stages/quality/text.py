@@ -231,14 +231,9 @@ def text_verdict(
         return None, 0.0, 1.0
     bottom, top = _subtitle_lines(lines, cfg.subtitle_band)
     subs = set(bottom) | set(top)
-    rest = [line for i, line in enumerate(lines) if i not in subs]
-    sub_edges = sum(lines[i]["edges"] for i in subs)
-    sub_area = sum(lines[i]["area"] for i in subs)
-    if rest:
-        share = sum(line["edges"] for line in rest) / max(1e-6, 1.0 - sub_edges)
-        area = sum(line["area"] for line in rest) / max(1e-6, 1.0 - sub_area)
-        if share > cfg.max_text_share or area > cfg.max_text_area:
-            return "text", 0.0, 1.0
+    share, area = _judged(lines, subs)
+    if share > cfg.max_text_share or area > cfg.max_text_area:
+        return "text", 0.0, 1.0
     if not subs or cfg.subtitles == "keep":
         return None, 0.0, 1.0
     if cfg.subtitles == "drop":
@@ -253,6 +248,48 @@ def text_verdict(
     if crop_bottom - crop_top < cfg.min_crop_height:
         return "subtitles", 0.0, 1.0
     return None, crop_top, crop_bottom
+
+
+def _judged(lines: list[dict[str, float]], subs: set[int]) -> tuple[float, float]:
+    """The share of the edges and of the area that the text rule weighs: the lines that are no
+    subtitles, over what the subtitles leave (0, 0 when every line is one)."""
+    rest = [line for i, line in enumerate(lines) if i not in subs]
+    if not rest:
+        return 0.0, 0.0
+    sub_edges = sum(lines[i]["edges"] for i in subs)
+    sub_area = sum(lines[i]["area"] for i in subs)
+    share = sum(line["edges"] for line in rest) / max(1e-6, 1.0 - sub_edges)
+    area = sum(line["area"] for line in rest) / max(1e-6, 1.0 - sub_area)
+    return share, area
+
+
+def judged_text(
+    table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """``frame_id`` and the two numbers the text rule cuts per frame (``text_share_judged``,
+    ``text_area_judged``: its lines that are neither subtitles nor shaped like figures, over what
+    subtitles leave; null where the text was not looked at), for the histograms: the stored
+    ``text_share`` counts every line, so a kept frame with a subtitle drew right of the line and a
+    frame dropped for text left of it."""
+    shares: list[float | None] = []
+    areas: list[float | None] = []
+    lines_col = table["text_lines"].to_list() if "text_lines" in table.columns else [None] * table.height
+    for lines, aspect in zip(lines_col, picture_aspects(table["frame_id"], frames), strict=True):
+        kept = None if lines is None else [line for line in lines if not is_blob(line, aspect)]
+        if kept is None:
+            share, area = None, None
+        else:
+            bottom, top = _subtitle_lines(kept, cfg.subtitle_band) if kept else ([], [])
+            share, area = _judged(kept, set(bottom) | set(top))
+        shares.append(share)
+        areas.append(area)
+    return pl.DataFrame(
+        {
+            "frame_id": table["frame_id"],
+            "text_share_judged": pl.Series(shares, dtype=pl.Float64),
+            "text_area_judged": pl.Series(areas, dtype=pl.Float64),
+        }
+    )
 
 
 def text_rules(table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame | None = None) -> pl.DataFrame:

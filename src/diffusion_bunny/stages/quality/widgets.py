@@ -264,7 +264,7 @@ class QualityThresholdExplorer:
             f"<b>{counts['kept']}</b> of {table.height} frames kept; rejected: {rejected or 'none'}"
             f"<br>{film}{text}"
         )
-        self.plot_img.value = chart_png(quality_histograms(table, cfg))
+        self.plot_img.value = chart_png(quality_histograms(table, cfg, self.frames))
         sheet = quality_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group)
         self.sheet_img.value = jpeg_bytes(sheet)
         sheet = text_sheet(self.run.run_dir, table, self.frames, max_per_group=self.max_per_group // 2)

@@ -266,10 +266,10 @@ def _quality_section(run: ReportData, cfg: ConfigView) -> Section:
     if not quality.height:
         return Section("quality", "empty", "stage quality ran on no frame")
     kept = int(quality["keep"].sum())
-    histograms = quality_histograms(quality, _quality_config(run, cfg))
+    frames = run.optional_table("frames")
+    histograms = quality_histograms(quality, _quality_config(run, cfg), frames)
     figures = [Figure("quality", "Quality scores and thresholds", histograms)]
     message = f"{kept} of {quality.height} frames kept"
-    frames = run.optional_table("frames")
     texts = {r: int((quality["reject_reason"] == r).sum()) for r in ("text", "subtitles")}
     cropped = subtitles_cropped(quality, frames)
     if any(texts.values()) or cropped:
