@@ -141,3 +141,16 @@ def test_count_axes_break_at_whole_numbers_only():
     # Two shots of different lengths: each bar counts one, and the axis says 0 and 1 only.
     figure = histogram(pd.DataFrame({"x": [1.0, 9.0]}), "x", labels={"x": "x"}, bins=4).draw()
     assert [t for t in figure.axes[0].get_yticks() if 0 <= t <= 1] == [0, 1]
+
+
+def test_a_sheet_is_as_wide_as_its_titles(tmp_path):
+    """A character seen once got a sheet one tile wide, and its title lost the counts after the
+    name ("lin_manuel_mirar"); the sheet now takes the title's width, the tiles where they were."""
+    face = tmp_path / "face.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(face)
+    title = "lin_manuel_miranda (1 of 1 faces, 0 low confidence)"
+    lay = Layout((20, 20), columns=1, gap=4, label_h=0, title_h=16)
+    sheet = tile_sheet([Block([Tile(face)], title=title)], lay)
+    assert sheet.width >= figures.load_font(13).getlength(title) + 8
+    assert tuple(np.asarray(sheet)[16 + 10, 4 + 10]) == (255, 0, 0)
+    assert tile_sheet([Block([Tile(face)])], lay).width == 4 + 24  # no title: as before

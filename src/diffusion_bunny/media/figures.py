@@ -390,6 +390,12 @@ def tile_sheet(
 
     heights = [(lay.title_h if b.title is not None else 0) + rows_of(b) * cell_h for b in blocks]
     width = lay.side_width + lead + lay.columns * cell_w
+    # As wide as its titles and header too: a character seen in one frame got a sheet one tile
+    # wide, and its title ("lin_manuel_mirar") lost the counts after the name.
+    texts = [(b.title, font) for b in blocks if b.title] + [
+        (line, font if i == 0 else small) for i, line in enumerate(header)
+    ]
+    width = max([width, *(math.ceil(f.getlength(t)) + 2 * lay.gap + 4 for t, f in texts)])
     height = lay.header_h + lay.column_title_h + sum(heights)
     sheet = Image.new("RGB", (width, max(height, lay.title_h)), "white")
     draw = ImageDraw.Draw(sheet)
