@@ -442,6 +442,31 @@ def test_notebooks_show_pictures_as_one_jpeg_and_transparent_ones_as_png():
     assert not show_pictures_as_jpeg(object())
 
 
+def test_notebooks_show_a_chart_whole():
+    """plotnine's own display cut what reached past the figure's edge (notebook 05's title read
+    "3 frames captioned (0 failed)" for "8 of 8 frames captioned"): a chart is shown trimmed to
+    what is drawn, as the report saves it, at twice its size for high-density screens."""
+    import pandas as pd
+    import plotnine as p9
+    from IPython.core.formatters import DisplayFormatter
+    from PIL import Image
+
+    from diffusion_bunny.nbtools import show_pictures_as_jpeg
+
+    title = "8 of 8 frames captioned (0 failed), 3 by hand, 5 by the template, lengths in words"
+    chart = (
+        p9.ggplot(pd.DataFrame({"x": [1, 2], "y": [3, 4]}), p9.aes("x", "y"))
+        + p9.geom_point()
+        + p9.labs(title=title)
+        + p9.theme(figure_size=(2, 1.5), plot_title=p9.element_text(ha="right"))
+    )
+    shell = type("Shell", (), {"display_formatter": DisplayFormatter()})()
+    assert show_pictures_as_jpeg(shell)
+    data, meta = shell.display_formatter.format(chart)
+    width, height = Image.open(io.BytesIO(data["image/png"])).size
+    assert width > 2 * 200 and meta["image/png"] == {"width": width // 2, "height": height // 2}
+
+
 def test_open_run_for_notebooks(cut_clip, tmp_path):
     from diffusion_bunny.nbtools import open_run
 
