@@ -28,6 +28,7 @@ Rules (pure over those scores, so notebook 02's sliders move them without detect
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,6 +264,14 @@ def _judged(lines: list[dict[str, float]], subs: set[int]) -> tuple[float, float
     return share, area
 
 
+def _lines_and_aspects(
+    table: pl.DataFrame, frames: pl.DataFrame | None
+) -> Iterator[tuple[Any, float | None]]:
+    """Each row's text lines (None: not looked at) with its picture's width over height."""
+    lines_col = table["text_lines"].to_list() if "text_lines" in table.columns else [None] * table.height
+    return zip(lines_col, picture_aspects(table["frame_id"], frames), strict=True)
+
+
 def judged_text(
     table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame | None = None
 ) -> pl.DataFrame:
@@ -273,8 +282,7 @@ def judged_text(
     frame dropped for text left of it."""
     shares: list[float | None] = []
     areas: list[float | None] = []
-    lines_col = table["text_lines"].to_list() if "text_lines" in table.columns else [None] * table.height
-    for lines, aspect in zip(lines_col, picture_aspects(table["frame_id"], frames), strict=True):
+    for lines, aspect in _lines_and_aspects(table, frames):
         kept = None if lines is None else [line for line in lines if not is_blob(line, aspect)]
         if kept is None:
             share, area = None, None
@@ -297,9 +305,7 @@ def text_rules(table: pl.DataFrame, cfg: QualitySettings, frames: pl.DataFrame |
     of the picture's height) for every row of ``table`` (which has ``text_lines``). ``frames``
     (``frame_id``, ``width``, ``height`` and the picture box) gives each picture's aspect."""
     reasons, tops, bottoms = [], [], []
-    lines_col = table["text_lines"].to_list() if "text_lines" in table.columns else [None] * table.height
-    aspects = picture_aspects(table["frame_id"], frames)
-    for lines, aspect in zip(lines_col, aspects, strict=True):
+    for lines, aspect in _lines_and_aspects(table, frames):
         reason, top, bottom = text_verdict(lines, cfg, aspect) if cfg.text_filter else (None, 0.0, 1.0)
         reasons.append(reason)
         tops.append(top)
