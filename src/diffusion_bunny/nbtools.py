@@ -12,7 +12,7 @@ from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
-from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.run import Run, run_folder_in
 
 
 def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) -> Run:
@@ -34,7 +34,8 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
         movie = demo_movie(progress=True).path
         run_dir = run_dir or output_root(cfg) / "demo"
     probe_video(movie)
-    return Run.create(run_dir or output_root(cfg) / movie_id(movie), movie)
+    # The run folder bunny run and bunny status name (a renamed movie's earlier one)
+    return Run.create(run_dir or run_folder_in(output_root(cfg), movie), movie)
 
 
 def notebook_overrides(

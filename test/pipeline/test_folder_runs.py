@@ -84,9 +84,16 @@ def test_status_of_a_folder_that_holds_its_run_folders_lists_each_movie_once(tmp
     capsys.readouterr()
     (folder / ".locks").mkdir(exist_ok=True)  # held by the folder run: not a run folder
     (folder / ".locks" / "run.json").write_text("{}")
-    main(["status", str(folder), "--set", f"paths.output_dir={tmp_path / 'elsewhere'}"])
+    elsewhere = ["--set", f"paths.output_dir={tmp_path / 'elsewhere'}"]
+    main(["status", str(folder), *elsewhere])
     shown = [line for line in capsys.readouterr().out.splitlines() if "stages done" in line]
     assert len(shown) == 2 and all(str(folder) in line for line in shown), shown
+    # Run there too, both places are listed: the run folders found and those bunny run uses.
+    assert main(["run", str(folder), "--stages", "extract", "--quiet", *elsewhere]) == 0
+    capsys.readouterr()
+    main(["status", str(folder), *elsewhere])
+    shown = [line for line in capsys.readouterr().out.splitlines() if "stages done" in line]
+    assert len(shown) == 4 and sum(str(tmp_path / "elsewhere") in line for line in shown) == 2, shown
 
 
 def test_a_second_folder_run_of_one_out_is_refused_at_once(tmp_path, capsys):
@@ -156,3 +163,32 @@ def test_paths_output_dir_is_checked_as_out_is_and_a_report_file_is_refused(tmp_
         check_batch_folder(plain)
     assert main(["run", str(folder), "--out", str(plain), "--stages", "extract", "--quiet"]) == 2
     assert sorted(p.name for p in plain.iterdir()) == ["report"]
+
+
+def test_a_run_folder_is_taken_for_a_movie_of_the_same_content_only(tmp_path, monkeypatch):
+    """The key is the first megabyte: two cuts of one film that differ only at their end share
+    it. Taken for each other's, one run folder held both and stage 01 ran again at every run,
+    each in turn. An earlier run folder is this movie's when its movie is gone from where it
+    was (renamed, moved) or is a copy of it; a notebook opened on the movie finds it too."""
+    from diffusion_bunny.config import load_config
+    from diffusion_bunny.nbtools import open_run
+
+    root = tmp_path / "out"
+    x = tmp_path / "x.mp4"
+    write_clip(x, [(11, 20, 0.0)])
+    with x.open("ab") as fh:  # past the first megabyte, which the key reads
+        fh.write(bytes(2 << 20))
+    earlier = Run.create(root / movie_id(x), x).run_dir
+    y = tmp_path / "y.mp4"
+    data = bytearray(x.read_bytes())
+    data[-1] ^= 0xFF  # the same size and first megabyte, another end
+    y.write_bytes(bytes(data))
+    assert movie_id(y)[-8:] == movie_id(x)[-8:]
+    assert run_folder_in(root, y) == root / movie_id(y)
+    shutil.copy(x, tmp_path / "x copy.mp4")
+    assert run_folder_in(root, tmp_path / "x copy.mp4") == earlier
+    x.rename(tmp_path / "renamed.mp4")
+    assert run_folder_in(root, tmp_path / "renamed.mp4") == earlier
+    cfg = load_config(None, {"paths.output_dir": str(root)}, use_local=False)
+    monkeypatch.setattr("diffusion_bunny.nbtools.show_pictures_as_jpeg", lambda: False)
+    assert open_run(None, tmp_path / "renamed.mp4", cfg).run_dir == earlier

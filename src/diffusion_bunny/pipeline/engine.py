@@ -551,14 +551,20 @@ def run_target(
     # One folder run per --out at a time: two at once each found the other's movies in use, failed
     # them, and the last one's combined report called the other's finished movies failed. Held
     # through a folder of its own in .locks: a lease (run.json) in --out's own .locks would make it
-    # look like a run folder to whoever lists the run folders there.
-    with lock.run_lock(
-        batch / ".locks" / "folder-run",
-        what="bunny run (a folder)",
-        lease_s=cfg.pipeline.lock_stale_s,
-        noun="folder",
-        shown=batch.resolve(),
-    ):
+    # look like a run folder to whoever lists the run folders there. Not paths.output_dir, the
+    # folder every run without --out shares: two folders' runs there ran side by side before.
+    held = (
+        lock.run_lock(
+            batch / ".locks" / "folder-run",
+            what="bunny run (a folder)",
+            lease_s=cfg.pipeline.lock_stale_s,
+            noun="folder",
+            shown=batch.resolve(),
+        )
+        if out
+        else contextlib.nullcontext()
+    )
+    with held:
         reports = _run_folder_movies(drop_copies(movies), Path(out) if out else None, options)
         html = pipeline.batch_report(batch, reports, cfg)
     if html is not None:

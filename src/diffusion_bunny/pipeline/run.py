@@ -35,7 +35,7 @@ from diffusion_bunny.pipeline.lock import (
     run_lock,
     table_lock,
 )
-from diffusion_bunny.pipeline.manifest import table_fingerprint
+from diffusion_bunny.pipeline.manifest import file_fingerprint, table_fingerprint
 from diffusion_bunny.pipeline.userwork import HAND_MADE, backup_path, read_kept, write_kept
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,23 @@ def run_folder_in(root: str | Path, movie: str | Path) -> Path:
     with contextlib.suppress(OSError):
         for earlier in sorted(root.glob(f"*-{key}")):
             with contextlib.suppress(StageError):  # a damaged run.json: not taken for this movie's
-                if (Run(earlier).meta() or {}).get("movie_key") == key:
+                meta = Run(earlier).meta() or {}
+                if meta.get("movie_key") == key and _same_movie(Path(meta.get("movie", "")), Path(movie)):
                     return earlier
     return own
+
+
+def _same_movie(recorded: Path, movie: Path) -> bool:
+    """Whether the movie a run folder records is ``movie``: gone from where it was (renamed or
+    moved), or a copy of it (size, first and last megabyte, as ``drop_copies`` judges). The key
+    is its first megabyte only: two cuts of one film that differ only at the end share it, and
+    one run folder for both redid stage 01 at every run, each in turn."""
+    if not recorded.name or not recorded.is_file():
+        return True
+    try:
+        return file_fingerprint(recorded) == file_fingerprint(movie)
+    except OSError:
+        return False
 
 
 def given_run_folder(out: str | Path, movie: str | Path) -> Path:

@@ -74,15 +74,19 @@ def resolve_runs(
     movies = list(dict.fromkeys(item[0] for item in found if isinstance(item, tuple)))
     kept = set(drop_copies(movies))
     # A movie whose run folder the targets hold already (``bunny run FOLDER --out FOLDER``) is
-    # that run folder: named again under paths.output_dir, it was listed twice, done and never run.
+    # that run folder: named again under paths.output_dir, where it never ran, it was listed twice,
+    # done and never run. One that ran there too, or asked of an --out, is listed as before.
     ran = {_run_key(item.run_dir) for item in found if isinstance(item, RunRef)} - {None}
     refs: dict[Any, RunRef] = {}
     for item in found:
         if isinstance(item, tuple):
             movie, is_file = item
-            if movie not in kept or _key_of(movie) in ran:
+            if movie not in kept:
                 continue
             item = _of_movie(movie, cfg, out, single=is_file and len(targets) == 1)
+            elsewhere = item.run_dir is None or not _is_run(item.run_dir)
+            if not out and elsewhere and item.problem is None and _key_of(movie) in ran:
+                continue
         refs.setdefault(item.run_dir or item.movie, item)
     return list(refs.values())
 

@@ -1109,11 +1109,13 @@ def test_a_portrait_with_its_background_removed_is_a_photo_of_a_face(tmp_path):
     assert all(t.use == "face" for t in pictures.taken)
 
 
-def test_a_copied_run_folder_with_its_own_references_keeps_stage_03_done(tmp_path):
+def test_a_copied_run_folder_with_its_own_references_keeps_stage_03_done(tmp_path, monkeypatch):
     """The run's own ``references/`` (a named cluster) was recorded by its absolute path, so a run
-    folder copied or moved found stage 03 stale ("its inputs changed (references)"), nothing
-    changed; a folder given by the settings is still recorded as given."""
+    folder copied or moved found stages 03 and 08 stale ("its inputs changed (references)"),
+    nothing changed; a folder given by the settings is still recorded as given."""
+    from diffusion_bunny.stages import generate
     from diffusion_bunny.stages.characters import _inputs
+    from diffusion_bunny.stages.generate import stage as generate_stage
 
     first = tmp_path / "first"
     (first / "references" / "bob").mkdir(parents=True)
@@ -1122,6 +1124,9 @@ def test_a_copied_run_folder_with_its_own_references_keeps_stage_03_done(tmp_pat
     shutil.copytree(first, tmp_path / "copy")
     mine = _inputs(Run(first), cfg)["references"]
     assert mine == _inputs(Run(tmp_path / "copy"), cfg)["references"] and mine["dir"] == "references"
+    monkeypatch.setattr(generate_stage, "selected_checkpoints", lambda run, cfg: [])
+    drawn = generate._inputs(Run(first), cfg)["references"]
+    assert drawn == mine == generate._inputs(Run(tmp_path / "copy"), cfg)["references"]
     given = load_config(None, {"characters.reference_dir": str(first / "references")}, use_local=False)
     assert _inputs(Run(tmp_path / "copy"), given)["references"]["dir"] == str(first / "references")
 

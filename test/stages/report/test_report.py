@@ -194,11 +194,13 @@ def test_funnel_counts_every_step_with_reasons():
     kept = table.filter((pl.col("step") == "kept by quality") & pl.col("passed"))
     assert dict(kept.select("outcome", "frames").iter_rows()) == {"kept": 5, "kept, subtitles cropped": 1}
     # Named in frames 0 and 2; frame 1 only an unknown face; 3 and 4 searched, no face; 5 never searched.
-    assert summary["with a named character"]["dropped"] == "1 unknown faces only, 2 no face, 1 not searched"
-    assert (
-        summary["in a scene cluster"]["frames out"] == 5
-        and summary["in a scene cluster"]["dropped"] == "1 noise"
-    )
+    # Two steps note what the frames hold and drop none (the table said "6 -> 2" beside a text
+    # saying every frame goes on).
+    named = summary["with a named character"]
+    assert (named["frames in"], named["frames out"]) == (6, 6)
+    assert named["dropped"] == "none (1 unknown faces only, 2 no face, 1 not searched, all go on)"
+    clustered = summary["in a scene cluster"]
+    assert (clustered["frames out"], clustered["dropped"]) == (6, "none (1 noise, all go on)")
     assert summary["captioned"]["frames out"] == 5 and summary["captioned"]["dropped"] == "1 failed"
     # The two steps that drop no frame say so, in greys; the drops keep their colours.
     plot = funnel_plot(table)

@@ -18,23 +18,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusion_bunny.models.faces import references_fingerprint
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.registry import FACE_DETECTORS
-from diffusion_bunny.stages.characters.tables import reference_dir
+from diffusion_bunny.stages.characters.tables import references_input
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     # The reference photos in force (a config value, or the run's own references/): naming a
-    # cluster adds photos there, which makes the stage stale. The run's own folder is recorded
-    # from the run folder, or a copied or moved run folder found stage 03 stale, nothing changed.
-    folder = reference_dir(run.run_dir, cfg.characters)
-    taken = references_fingerprint(folder)
-    if folder is not None and folder.is_relative_to(run.run_dir):
-        taken["dir"] = folder.relative_to(run.run_dir).as_posix()
-    return {"references": taken}
+    # cluster adds photos there, which makes the stage stale.
+    return {"references": references_input(run.run_dir, cfg.characters)}
 
 
 def summary(manifest: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from diffusion_bunny.models.faces import (
     DetectSettings,
     ReferenceSet,
     reference_images,
+    references_fingerprint,
 )
 from diffusion_bunny.models.fitted.detector import iou
 from diffusion_bunny.paths import workspace_root
@@ -210,6 +211,17 @@ def configured_reference_dir(cfg: CharactersSettings) -> Path | None:
         return None
     path = Path(cfg.reference_dir).expanduser()
     return path if path.is_absolute() else workspace_root() / path
+
+
+def references_input(run_dir: Path, cfg: CharactersSettings) -> dict:
+    """The reference pictures in force as a stage's input (stages 03 and 08): their content, and
+    their folder as given, but the run's own ``references/`` named from the run folder: recorded
+    by its absolute path, a run folder copied or moved found those stages stale, nothing changed."""
+    folder = reference_dir(run_dir, cfg)
+    taken = references_fingerprint(folder)
+    if folder is not None and folder.is_relative_to(run_dir):
+        taken["dir"] = folder.relative_to(run_dir).as_posix()
+    return taken
 
 
 def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffusion_bunny.models.faces import references_fingerprint
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.registry import FACE_DETECTORS
-from diffusion_bunny.stages.characters.tables import reference_dir
+from diffusion_bunny.stages.characters.tables import references_input
 
 
 def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     return {
         # The LoRA files compared (a retrained one makes the stage stale).
         "checkpoints": {c.name: file_fingerprint(c.path) for c in selected_checkpoints(run, cfg)},
-        "references": references_fingerprint(reference_dir(run.run_dir, cfg.characters)),
+        "references": references_input(run.run_dir, cfg.characters),
         # The detector that scores the drawn characters' pictures (stage 03 fits it again when their
         # pictures or the film's frames change).
         "drawn_detector": _fitted_fingerprint(run),

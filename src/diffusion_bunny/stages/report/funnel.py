@@ -190,21 +190,25 @@ def _export_step(steps: _Steps, dataset_items: pl.DataFrame, source: int | None)
 
 
 def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
-    """One row per step: frames in, frames out, and the dropped ones by reason as text."""
+    """One row per step: frames in, frames out, and the dropped ones by reason as text. A step
+    that drops no frame (:data:`_NOT_A_GATE`) lets every frame out, and says what it noted of
+    them in its ``dropped`` cell ("none (6 no face, all go on)"): the table read "20 -> 14, 6 no
+    face" beside a text saying every frame goes on."""
     steps = funnel["step"].unique(maintain_order=True).to_list()
     out = []
     for name in steps:
         part = funnel.filter(pl.col("step") == name)
         passed = part.filter(pl.col("passed"))
         dropped = part.filter(~pl.col("passed"))
+        said = ", ".join(f"{n} {o}" for o, n in dropped.select("outcome", "frames").iter_rows())
+        gate = name not in _NOT_A_GATE
         out.append(
             {
                 "step": name,
                 "stage": part["stage"][0],
                 "frames in": int(part["frames"].sum()),
-                "frames out": int(passed["frames"].sum()),
-                "dropped": ", ".join(f"{n} {o}" for o, n in dropped.select("outcome", "frames").iter_rows())
-                or "-",
+                "frames out": int((passed if gate else part)["frames"].sum()),
+                "dropped": (said or "-") if gate else (f"none ({said}, all go on)" if said else "-"),
             }
         )
     return pl.DataFrame(
@@ -253,10 +257,17 @@ def funnel_plot(funnel: pl.DataFrame) -> p9.ggplot:
         (pl.col("frames") / pl.col("frames").sum().over("step").clip(lower_bound=1)).alias("share")
     )
     summary = funnel_summary(funnel)
+    went = dict(funnel.filter(pl.col("passed")).group_by("step").agg(pl.col("frames").sum()).iter_rows())
     labels = summary.select(
         "step",
         pl.when(pl.col("step").is_in(list(_NOT_A_GATE)))
-        .then(pl.format("{} of {}, all go on", pl.col("frames out"), pl.col("frames in")))
+        .then(
+            pl.format(
+                "{} of {}, all go on",
+                pl.col("step").replace_strict(went, default=0, return_dtype=pl.Int64),
+                pl.col("frames in"),
+            )
+        )
         .otherwise(pl.format("{} -> {}", pl.col("frames in"), pl.col("frames out")))
         .alias("label"),
     ).to_pandas()
