@@ -163,3 +163,42 @@ def test_nothing_to_count_shows_no_bar(tmp_path, capsys):
     with tracked(2, desc="faces", progress=True, progress_path=path) as done:
         done(1)
         assert json.loads(path.read_text())["total"] == 2
+
+
+def test_a_stage_ends_though_its_follower_waits_on_a_lock_an_interrupt_left_taken(tmp_path, monkeypatch):
+    """A SIGTERM raised in the main thread while tqdm made its write lock left that lock taken
+    (tqdm takes and gives it back without a ``finally``); the follower's next bar waited on it
+    for good, and the stage's end joined the follower without a bound: the run outlived the
+    signal, its kernel and all. The end now waits a few seconds at most."""
+    from tqdm.std import TqdmDefaultWriteLock
+
+    from diffusion_bunny.pipeline import progress
+    from diffusion_bunny.pipeline.progress import start_following, stop_following
+
+    monkeypatch.setattr(progress, "FOLLOW_JOIN_S", 0.5)
+    monkeypatch.setattr(TqdmDefaultWriteLock, "th_lock", threading.RLock())  # this test's own
+    for cls in progress.tqdm.__mro__:  # as in a run's first bar: tqdm makes its write lock now
+        if "_lock" in vars(cls):
+            monkeypatch.delattr(cls, "_lock")
+    taken, done = threading.Event(), threading.Event()
+
+    def interrupted_holder():  # the main thread, where the interrupt landed
+        TqdmDefaultWriteLock.th_lock.acquire()
+        taken.set()
+        done.wait(10)
+        TqdmDefaultWriteLock.th_lock.release()
+
+    holder = threading.Thread(target=interrupted_holder, daemon=True)
+    holder.start()
+    taken.wait(5)
+    path = tmp_path / ".progress-extract.json"
+    stop = threading.Event()
+    watcher = start_following(path, stop, 0.02)
+    ProgressFile(path, "extract x.mp4", total=100, unit="frame", interval=0.0).update(10)
+    time.sleep(0.3)  # the follower now waits on the lock to draw its bar
+    started = time.monotonic()
+    stop_following(stop, watcher)
+    assert time.monotonic() - started < 3 and watcher.is_alive()
+    done.set()
+    watcher.join(5)
+    assert not watcher.is_alive()

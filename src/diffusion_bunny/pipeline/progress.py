@@ -111,6 +111,22 @@ def start_following(path: Path, stop: threading.Event, interval: float = 0.3) ->
     return watcher
 
 
+#: Seconds a stage's end waits for its progress follower (a daemon thread) to finish.
+FOLLOW_JOIN_S = 5.0
+
+
+def stop_following(stop: threading.Event, watcher: threading.Thread | None) -> None:
+    """End :func:`start_following`'s thread, waiting for it a few seconds at most. An interrupt
+    (Ctrl-C, or SIGTERM raised as one) that lands in the main thread while tqdm makes its write
+    lock leaves tqdm's lock taken for good (tqdm acquires and releases it without a ``finally``):
+    the follower then waits on it forever, and a join without a bound kept the run alive after a
+    SIGTERM, its kernel and all (seen once in the test suite, on a loaded machine). The thread
+    is a daemon: the process ends without it."""
+    stop.set()
+    if watcher is not None:
+        watcher.join(FOLLOW_JOIN_S)
+
+
 def follow(path: Path, stop: threading.Event, interval: float = 0.3) -> None:
     """Mirror a stage's progress on this terminal until ``stop`` is set (run in a thread): the
     stage's bar from ``path`` (with its note, e.g. what was paid for so far), the bars it relays

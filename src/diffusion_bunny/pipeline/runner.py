@@ -45,7 +45,7 @@ from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import writer_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
-from diffusion_bunny.pipeline.progress import remove_relay_files, start_following
+from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
 from diffusion_bunny.pipeline.run import (
     Run,
     check_exists,
@@ -550,9 +550,7 @@ def execute_stage_notebook(
         raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None, auto) from None
     finally:
         deadline.cancel()
-        stop.set()
-        if watcher is not None:
-            watcher.join()
+        stop_following(stop, watcher)
         remove_relay_files(run.progress_path(stage))
         if own:
             stage_kernel.close()
