@@ -551,3 +551,21 @@ def test_quiet_reaches_the_ray_workers(movies, extracted, tmp_path, monkeypatch,
     assert QUIET_ENV not in os.environ  # the worker's next task starts as it was
     assert engine._ray_task(movies / "a.mp4", out, options).error is None
     assert "a.mp4: extract is up to date, skipped" in capsys.readouterr().err
+
+
+def test_quiet_keeps_rays_own_warnings_off_the_terminal(monkeypatch):
+    """``bunny run --engine ray -q`` printed Ray's "Token authentication is enabled" warning: under
+    ``--quiet`` Ray's logger shows errors only; without it, as Ray sets it."""
+    import logging
+
+    from diffusion_bunny.logs import QUIET_ENV
+    from diffusion_bunny.pipeline.engine import _quiet_ray_logs
+
+    ray_log = logging.getLogger("ray")
+    monkeypatch.setattr(ray_log, "level", logging.INFO)
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    _quiet_ray_logs()
+    assert ray_log.level == logging.INFO
+    monkeypatch.setenv(QUIET_ENV, "1")
+    _quiet_ray_logs()
+    assert ray_log.level == logging.ERROR and not ray_log.isEnabledFor(logging.WARNING)

@@ -144,6 +144,7 @@ def start_ray(cfg: RunConfig) -> bool:
     _prepare_ray_environment()
     import ray  # lazy: ray takes 1.2 s to import
 
+    _quiet_ray_logs()
     if ray.is_initialized():
         return False
     engine = cfg.engine
@@ -165,6 +166,14 @@ def start_ray(cfg: RunConfig) -> bool:
         except Exception as again:
             raise _start_error(engine, again) from None
     return True
+
+
+def _quiet_ray_logs() -> None:
+    """Under ``--quiet`` Ray's own warnings stay off the terminal too (its start printed "Token
+    authentication is enabled for this Ray cluster..." above the final lines): its ``ray``
+    logger, which Ray gives a terminal handler of its own when imported, shows errors only."""
+    if os.environ.get(QUIET_ENV):
+        logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 def _init_ray(ray: Any, engine: Any) -> None:
