@@ -368,6 +368,8 @@ def test_crop_caption_tag():
         ("blank", "none of the 6 kept frames has a usable caption (6 captioned, 0 failed"),
         ("faces_only", "no picture to export from the 6 captioned frames with export.crops = ['face']"),
         ("faces_upscaled", "crop(s) left out as enlarged more than export.max_upscale (1) times"),
+        # Named faces there, and character crops only: it said "no named face of at least 64 px".
+        ("characters_only", "['character']: no named drawn character (a character crop frames one); add full"),
     ],
 )
 def test_empty_dataset_is_one_clear_error(change, message):
@@ -381,6 +383,8 @@ def test_empty_dataset_is_one_clear_error(change, message):
         captions = captions.with_columns(pl.lit("  ").alias("caption"))
     elif change == "faces_upscaled":  # named faces there, every crop too small for 4096 px
         cfg = ExportSettings(crops=("face",), crop_resolution=4096, max_upscale=1)
+    elif change == "characters_only":
+        cfg = ExportSettings(crops=("character",))
     else:
         faces = faces.head(0)
         cfg = ExportSettings(crops=("face",))
@@ -487,6 +491,13 @@ def test_bad_export_settings_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert message in str(err.value)
+
+
+def test_one_crop_given_as_a_word_is_a_list_of_one():
+    """``--set export.crops=full`` was "Input should be a valid tuple", naming no crop."""
+    assert load_config(None, ["export.crops=full"]).export.crops == ("full",)
+    with pytest.raises(ConfigError, match="export.crops = 'body': Input should be 'full'"):
+        load_config(None, ["export.crops=body"])
 
 
 def test_jsonl_metadata_loads_through_datasets(tmp_path, monkeypatch):
@@ -843,3 +854,20 @@ def test_crop_settings_that_leave_nothing_or_do_nothing_say_so():
     assert crop_problem({"sharpness": None}, (0, 0, 206, 206), "face", ExportSettings(max_upscale=4)) is None
     with pytest.raises(ConfigError, match=r"export\.half_body_face_heights"):
         load_config(None, {"export.half_body_face_heights": 1.9})
+
+
+def test_crops_are_captioned_with_the_words_their_frames_were_captioned_with(export_copy):
+    """A new trigger word run with ``--stages export`` only (stage 05 out of date): the frames'
+    captions kept the old word and the crops' own captions took the new one, two trigger words in
+    one dataset. The crops take the words stage 05 ran with."""
+    import json
+
+    run, overrides, _ = export_copy
+    recorded = {"config": {"captioning": {"trigger_word": "bunnystyle", "character_descriptions": {}}}}
+    run.manifest_path("captions").write_text(json.dumps(recorded))
+    changed = load_config(None, {**overrides, "captions.trigger_word": "zzstyle"}, use_local=False)
+    with pytest.warns(UserWarning):
+        items = run_stage(run, "export", changed, progress=False, force=True)["dataset_items"]
+    words = {text.split(",")[0] for text in items["text"].to_list()}
+    assert "zzstyle" not in words and "bunnystyle" in words, words
+    assert items.filter(pl.col("crop") != "full").height  # crops were told their own captions

@@ -362,10 +362,18 @@ def _why_none(counts: dict[str, int], cfg: ExportSettings) -> str:
         return "; ".join(crops_left) + (
             "; raise export.max_upscale, lower export.crop_resolution or add full to export.crops"
         )
+    # Only what the crops asked for: a film of people with export.crops [character] read "no
+    # named face of at least 64 px" beside named faces of 110 px.
+    missing = []
+    if {"face", "half_body"} & set(cfg.crops):
+        missing.append(f"no named face of at least export.min_face_px ({cfg.min_face_px}) px")
+    if "character" in cfg.crops:
+        missing.append("no named drawn character (a character crop frames one)")
+    unnamed = "" if cfg.include_unnamed else ", set export.include_unnamed: true"
     return (
-        f"no named face of at least export.min_face_px ({cfg.min_face_px}) px"
-        + ("" if cfg.include_unnamed else " and export.include_unnamed is false")
-        + "; add full to export.crops, set export.include_unnamed: true or name characters (notebook 03)"
+        " and ".join(missing)
+        + ("" if cfg.include_unnamed else " (export.include_unnamed is false)")
+        + f"; add full to export.crops{unnamed} or name characters (notebook 03)"
     )
 
 

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -45,6 +46,7 @@ from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.settings import recorded_name
 from diffusion_bunny.stages.captions.tables import usable_captions
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
@@ -199,6 +201,27 @@ def write_clips(movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Pat
         (video / f"{clip['clip_id']}.txt").write_text(clip["caption"] + "\n", encoding="utf-8")
 
 
+#: The captions settings a crop's own caption is told with (``crop_template_caption``).
+TEMPLATE_WORDS = ("trigger_word", "character_descriptions", "scene_names")
+
+
+def captioned_with(run: Run, current: Any) -> Any:
+    """The template's words the frames' captions were made with (stage 05's manifest), for the
+    crops' own captions: told with the settings in force while stage 05 was out of date (a new
+    trigger word, run with ``--stages export``), the crops said "zzstyle" beside their frames'
+    "bunnystyle", two trigger words in one dataset. ``current`` (the captions settings in
+    force, as the stage sees them) where the manifest does not say; the words alone, as
+    ``crop_template_caption`` reads them (the stage may read no other captions setting)."""
+    recorded = ((run.read_manifest("captions") or {}).get("config") or {}).get(recorded_name("captions"))
+    if not isinstance(recorded, dict):
+        return current
+    words = {key: recorded.get(key, getattr(current, key)) for key in TEMPLATE_WORDS}
+    trigger, *mappings = words.values()
+    if not isinstance(trigger, (str, type(None))) or not all(isinstance(m, dict) for m in mappings):
+        return current  # a manifest edited by hand: the settings in force
+    return SimpleNamespace(**words)
+
+
 def compute(ctx: Context) -> StageOutput:
     """Stage 06 on a run: plan the dataset, check the frame files, write both layouts (and the
     clips, with ``export.video_clips``) into a staging folder and swap it in as
@@ -207,7 +230,7 @@ def compute(ctx: Context) -> StageOutput:
     started = time.perf_counter()
     tables = ctx.table("frames"), ctx.table("quality"), ctx.optional("faces"), ctx.table("captions")
     # The template's words (trigger word, descriptions, scene names): crops get captions of their own.
-    plan = plan_export(*tables, cfg, ctx.cfg.captions)
+    plan = plan_export(*tables, cfg, captioned_with(ctx.run, ctx.cfg.captions))
     items = plan.items
     missing = sorted({p for p in items["path"].unique().to_list() if not (run_dir / p).is_file()})
     if missing:
