@@ -369,7 +369,7 @@ def test_crop_caption_tag():
         ("faces_only", "no picture to export from the 6 captioned frames with export.crops = ['face']"),
         ("faces_upscaled", "crop(s) left out as enlarged more than export.max_upscale (1) times"),
         # Named faces there, and character crops only: it said "no named face of at least 64 px".
-        ("characters_only", "['character']: no named drawn character (a character crop frames one); add full"),
+        ("characters_only", "['character']: no named drawn character (a character crop frames one)"),
     ],
 )
 def test_empty_dataset_is_one_clear_error(change, message):
@@ -496,7 +496,7 @@ def test_bad_export_settings_name_the_key(override, message):
 def test_one_crop_given_as_a_word_is_a_list_of_one():
     """``--set export.crops=full`` was "Input should be a valid tuple", naming no crop."""
     assert load_config(None, ["export.crops=full"]).export.crops == ("full",)
-    with pytest.raises(ConfigError, match="export.crops = 'body': Input should be 'full'"):
+    with pytest.raises(ConfigError, match=r"export\.crops = 'body': Input should be 'full'"):
         load_config(None, ["export.crops=body"])
 
 
