@@ -683,7 +683,7 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
         )
     with FileLock(str(library / ".library.lock"), timeout=120):
         if (library / "scene_exemplars.parquet").is_file():
-            taken |= set(_library_table(library / "scene_exemplars.parquet")["cluster_id"])
+            taken |= set(_library_table(library / "scene_exemplars.parquet", ["cluster_id"])["cluster_id"])
         held = _hand_made(library)
         cid = new_cluster_id({c.partition("/")[0] for c in taken | held if c})
         rows = [*sorted(held), cid]
@@ -699,11 +699,12 @@ def _hand_made(library: Path) -> set[str]:
     return set(_library_table(path)["cluster_id"].to_list()) if path.is_file() else set()
 
 
-def _library_table(path: Path) -> pl.DataFrame:
-    """A table of the shared scene library, or one line when it does not read: no stage of one
-    movie can rebuild it (every movie of the library added to it), so "run again" is no answer."""
+def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """A table of the shared scene library (``columns`` of it), or one line when it does not
+    read: no stage of one movie can rebuild it (every movie of the library added to it), so "run
+    again" is no answer."""
     try:
-        return pl.read_parquet(path)
+        return pl.read_parquet(path, columns=columns)
     except (pl.exceptions.PolarsError, OSError) as exc:
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise StageError(
