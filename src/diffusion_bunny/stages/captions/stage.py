@@ -48,7 +48,6 @@ from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import recorded_name
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
     ANSWER_STATUSES,
@@ -75,6 +74,7 @@ from diffusion_bunny.stages.captions.tables import (
     EDIT_SCHEMA,
     USABLE_STATUSES,
     apply_edits,
+    recorded_settings,
     without_trigger,
 )
 from diffusion_bunny.stages.extract.tables import region_of
@@ -954,8 +954,7 @@ def _triggers(cfg: Any, previous: dict[str, Any] | None) -> tuple[str, tuple[str
 
 def _recorded_trigger(manifest: dict[str, Any] | None) -> str | None:
     """The trigger word a run of stage 05 used (its manifest's settings), if it says."""
-    settings = ((manifest or {}).get("config") or {}).get(recorded_name("captions")) or {}
-    word = settings.get("trigger_word") if isinstance(settings, dict) else None
+    word = recorded_settings(manifest).get("trigger_word")
     return word if isinstance(word, str) else None
 
 

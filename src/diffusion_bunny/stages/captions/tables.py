@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from diffusion_bunny.pipeline.settings import recorded_name
 from diffusion_bunny.stages.captions.facts import LIGHT_TAGS, MOTION_TAGS, template_caption
 
 # Declared here for stage 06 (a stage reads another only through its declarations).
@@ -89,6 +90,14 @@ def without_trigger(text: str, trigger: str | None) -> str:
         return text
     opening = re.match(rf"{re.escape(trigger)}(?:\s*,\s*|\s+)(?=\S)", text, re.IGNORECASE)
     return text[opening.end() :] if opening is not None else text
+
+
+def recorded_settings(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The captions settings a run of stage 05 ran with, as its manifest recorded them (empty
+    where it says nothing): the trigger word its captions open with (read by the edits of
+    stage 05 and by stage 06's crops)."""
+    settings = ((manifest or {}).get("config") or {}).get(recorded_name("captions"))
+    return settings if isinstance(settings, dict) else {}
 
 
 #: Caption statuses a dataset may use (the contract): written by a provider, or by a person.

@@ -46,8 +46,7 @@ from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import recorded_name
-from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.captions.tables import recorded_settings, usable_captions
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
 from diffusion_bunny.stages.export.settings import ExportSettings
@@ -212,8 +211,8 @@ def captioned_with(run: Run, current: Any) -> Any:
     "bunnystyle", two trigger words in one dataset. ``current`` (the captions settings in
     force, as the stage sees them) where the manifest does not say; the words alone, as
     ``crop_template_caption`` reads them (the stage may read no other captions setting)."""
-    recorded = ((run.read_manifest("captions") or {}).get("config") or {}).get(recorded_name("captions"))
-    if not isinstance(recorded, dict):
+    recorded = recorded_settings(run.read_manifest("captions"))
+    if not recorded:
         return current
     words = {key: recorded.get(key, getattr(current, key)) for key in TEMPLATE_WORDS}
     trigger, *mappings = words.values()
