@@ -227,15 +227,12 @@ def text_verdict(
     when nothing is cropped). None lines (not looked at) keep the frame whole. ``aspect``: the
     picture's width over its height, for :func:`is_blob` (lines shaped like figures are left
     out)."""
-    lines = [line for line in lines or () if not is_blob(line, aspect)]
+    lines, bottom, top, (share, area) = _weighed(lines, cfg, aspect)
     if not lines:
         return None, 0.0, 1.0
-    bottom, top = _subtitle_lines(lines, cfg.subtitle_band)
-    subs = set(bottom) | set(top)
-    share, area = _judged(lines, subs)
     if share > cfg.max_text_share or area > cfg.max_text_area:
         return "text", 0.0, 1.0
-    if not subs or cfg.subtitles == "keep":
+    if not (bottom or top) or cfg.subtitles == "keep":
         return None, 0.0, 1.0
     if cfg.subtitles == "drop":
         return "subtitles", 0.0, 1.0
@@ -251,9 +248,21 @@ def text_verdict(
     return None, crop_top, crop_bottom
 
 
+def _weighed(
+    lines: list[dict[str, float]] | None, cfg: QualitySettings, aspect: float | None
+) -> tuple[list[dict[str, float]], list[int], list[int], tuple[float, float]]:
+    """What the text rule weighs in one frame: its lines but those shaped like figures, the
+    indices of the subtitle lines among them at the bottom and at the top, and the share of the
+    edges and of the area the other lines hold over what the subtitles leave (0, 0 when there
+    are none). :func:`text_verdict` cuts by it, the histograms draw it."""
+    kept = [line for line in lines or () if not is_blob(line, aspect)]
+    bottom, top = _subtitle_lines(kept, cfg.subtitle_band) if kept else ([], [])
+    return kept, bottom, top, _judged(kept, set(bottom) | set(top))
+
+
 def _judged(lines: list[dict[str, float]], subs: set[int]) -> tuple[float, float]:
-    """The share of the edges and of the area that the text rule weighs: the lines that are no
-    subtitles, over what the subtitles leave (0, 0 when every line is one)."""
+    """The share of the edges and of the area the lines that are no subtitles hold, over what the
+    subtitles leave (0, 0 when every line is one)."""
     rest = [line for i, line in enumerate(lines) if i not in subs]
     if not rest:
         return 0.0, 0.0
@@ -283,12 +292,7 @@ def judged_text(
     shares: list[float | None] = []
     areas: list[float | None] = []
     for lines, aspect in _lines_and_aspects(table, frames):
-        kept = None if lines is None else [line for line in lines if not is_blob(line, aspect)]
-        if kept is None:
-            share, area = None, None
-        else:
-            bottom, top = _subtitle_lines(kept, cfg.subtitle_band) if kept else ([], [])
-            share, area = _judged(kept, set(bottom) | set(top))
+        share, area = (None, None) if lines is None else _weighed(lines, cfg, aspect)[3]
         shares.append(share)
         areas.append(area)
     return pl.DataFrame(
