@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.scenes import summary as summary_of
 from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter, triplets_from_feedback
 from diffusion_bunny.stages.scenes.clustering import (
@@ -24,6 +29,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
+from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, move_to_cluster
 from diffusion_bunny.stages.scenes.tables import NOISE
 
 
@@ -462,7 +468,7 @@ def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     assert not (run.run_dir / "models" / "scene_adapter.npz").exists()
     final = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
     assert final["cluster_id"][0] == new["to_cluster"] and final["manual"][0]
-    assert run.read_table("feedback").height == 2  # the stage never rewrites feedback
+    assert run.read_table("feedback").height == 2  # the stage, on its own, never rewrites feedback
 
 
 def test_bad_moves_are_clear_errors(scenes_run):
@@ -1240,3 +1246,144 @@ def test_the_cluster_sheet_keeps_a_4_3_films_shape(tmp_path):
     dark = np.argwhere(sheet < 60)
     height, width = np.ptp(dark[:, 0]) + 1, np.ptp(dark[:, 1]) + 1
     assert abs(width / height - 1.0) < 0.1, (width, height)
+
+
+def _library_of_another_movie(run, library: Path) -> dict[str, str]:
+    """A scene library that already holds another movie's clusters under the ids this run's own
+    clusters have, each one place over (the picture of own ``s001`` is the library's ``s002``,
+    and so on): returns own id -> the library id of the same picture."""
+    own = run.read_table("scene_exemplars")
+    shifted = {c: f"s{int(c[1:]) + 1:03d}" for c in own["cluster_id"].to_list()}
+    other = own.with_columns(
+        pl.col("cluster_id").replace_strict(shifted), pl.lit("0ther000").alias("movie_id")
+    )
+    library.mkdir()
+    other.write_parquet(library / "scene_exemplars.parquet")
+    return shifted
+
+
+@dataclass
+class _Joined:
+    run: object
+    cfg: object
+    library: Path
+    b: str  # the own cluster two frames were moved into
+    moved: str  # moved on its own from cluster a into cluster b
+    crossed: str  # moved at the character level into b's sub-cluster
+    alone: str  # moved into a new folder
+    made: str  # that folder's id, made before the movie joined the library
+    companions: list[str]  # b's frames as clustered
+    left: list[str]  # a's frames that stayed
+    said: list[str]  # the join run's warnings
+
+
+def _join_after_moves(scenes_run, tmp_path, *, manifest_lost: bool = False) -> _Joined:
+    """The demo clustered on its own, three frames of its largest cluster moved on the board
+    (into the second largest, into its character sub-cluster, into a new folder), then
+    ``scenes.library_dir`` set to a library of another movie whose ids collide with its own."""
+    run, _ = scenes_run
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"], descending=[True, False])
+    a, b = sizes["cluster_id"][0], sizes["cluster_id"][1]
+    members = scene_map(scene)
+    in_a = sorted(f for f, c in members.items() if c == a)
+    assert len(in_a) >= 4, sizes
+    moved, crossed, alone = in_a[:3]
+    move_to_cluster(run.run_dir, moved, b)
+    move_to_cluster(run.run_dir, crossed, f"{b}/nobody", level="character")
+    made = move_to_cluster(run.run_dir, alone, "new")["to_cluster"]
+    library = tmp_path / "library"
+    shifted = _library_of_another_movie(run, library)
+    assert made in shifted.values()  # the folder's own id is another place's in the library
+    if manifest_lost:  # the last run failed (a library of another embedder, say): no manifest
+        run.manifest_path("scenes").unlink()
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run_stage(run, "scenes", cfg, progress=False)
+    companions = sorted(f for f, c in members.items() if c == b)
+    said = [str(w.message) for w in said]
+    return _Joined(run, cfg, library, b, moved, crossed, alone, made, companions, in_a[3:], said)
+
+
+def _bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _most(frames: list[str], now: dict[str, str]) -> str:
+    return Counter(now[f] for f in frames).most_common(1)[0][0]
+
+
+def test_moves_made_before_a_movie_joins_a_library_keep_their_frames_together(scenes_run, tmp_path):
+    """A movie clustered on its own, a frame moved into its own cluster s00x, then
+    ``scenes.library_dir`` set: the frames were labelled with the library's ids and the old move
+    re-applied with its own id, so the frame landed in the library's s00x, another place (here
+    another movie's). The move now names the library cluster its companions joined."""
+    j = _join_after_moves(scenes_run, tmp_path)
+    clusters = j.run.read_table("clusters")
+    now = scene_map(clusters)
+    theirs = _most(j.companions, now)
+    assert now[j.moved] == now[j.crossed] == theirs != _most(j.left, now)
+    character = clusters.filter(pl.col("level") == "character").select("frame_id", "cluster_id")
+    assert dict(character.iter_rows())[j.crossed] == f"{theirs}/nobody"
+    # The feedback is rewritten in the library's ids (a backup kept); the manifest says how.
+    to = dict(j.run.read_table("feedback").select("anchor_id", "to_cluster").iter_rows())
+    assert to[j.moved] == theirs and to[j.crossed] == f"{theirs}/nobody"
+    assert (j.run.run_dir / "tables" / "backup" / "feedback.parquet").is_file()
+    assert j.run.read_manifest("scenes")["facts"]["library_join"][j.b] == theirs
+    (line,) = [w for w in j.said if "made before this movie joined the scene library" in w]
+    assert line.startswith("3 correction(s)") and f"{j.b} -> {theirs}" in line and str(j.library) in line
+
+
+def test_a_folder_made_before_a_movie_joins_a_library_takes_an_id_no_cluster_has(scenes_run, tmp_path):
+    """A folder made by hand on the movie's own clusters, its id one the library's other movie
+    holds: the frame went into that movie's cluster. It gets an id past the library's, recorded
+    as made by hand there; also when the last run left no manifest (it failed)."""
+    j = _join_after_moves(scenes_run, tmp_path, manifest_lost=True)
+    now = scene_map(j.run.read_table("clusters"))
+    folder = now[j.alone]
+    library_ids = set(pl.read_parquet(j.library / "scene_exemplars.parquet")["cluster_id"])
+    assert folder not in library_ids and folder != j.made
+    assert [f for f, c in now.items() if c == folder] == [j.alone]
+    assert folder in pl.read_parquet(j.library / HAND_MADE_FILE)["cluster_id"].to_list()
+    assert now[j.moved] == _most(j.companions, now)
+
+
+def test_a_rerun_after_a_movie_joined_a_library_changes_nothing(scenes_run, tmp_path):
+    """The join translates the corrections once: the next run (its feedback changed, so it runs)
+    finds them in the library's ids and leaves the clusters, the feedback and the library as
+    they are."""
+    j = _join_after_moves(scenes_run, tmp_path)
+    tables = ("clusters", "feedback")
+    before = {name: j.run.read_table(name) for name in tables}
+    shared = {name: _bytes(j.library / name) for name in ("scene_exemplars.parquet", HAND_MADE_FILE)}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run_stage(j.run, "scenes", j.cfg, progress=False)
+    assert not [w for w in said if "joined the scene library" in str(w.message)]
+    assert "library_join" not in j.run.read_manifest("scenes")["facts"]
+    for name in tables:
+        assert j.run.read_table(name).equals(before[name]), name
+    assert {name: _bytes(j.library / name) for name in shared} == shared
+    now = scene_map(before["clusters"])
+    assert now[j.moved] == _most(j.companions, now)
+
+
+def test_moves_made_in_one_library_follow_the_movie_into_another(scenes_run, tmp_path):
+    """``scenes.library_dir`` moved from one library to another: the moves name the first
+    library's clusters, whose ids are other places in the second."""
+    run, _ = scenes_run
+    first = load_config(root=tmp_path, overrides={"scenes.library_dir": str(tmp_path / "first")})
+    run_stage(run, "scenes", first, progress=False, force=True)
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"], descending=[True, False])
+    a, b = sizes["cluster_id"][0], sizes["cluster_id"][1]
+    members = scene_map(scene)
+    moved = sorted(f for f, c in members.items() if c == a)[0]
+    move_to_cluster(run.run_dir, moved, b)
+    shifted = _library_of_another_movie(run, tmp_path / "second")
+    second = load_config(root=tmp_path, overrides={"scenes.library_dir": str(tmp_path / "second")})
+    run_stage(run, "scenes", second, progress=False)
+    now = scene_map(run.read_table("clusters"))
+    assert now[moved] == _most([f for f, c in members.items() if c == b], now) == shifted[b]
+    assert run.read_manifest("scenes")["facts"]["library_join"] == {a: shifted[a], b: shifted[b]}

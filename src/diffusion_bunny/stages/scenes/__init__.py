@@ -13,7 +13,9 @@ a review board, learning from the corrections.
 * :mod:`.board` (+ ``static/``), :mod:`.plots`: notebook 04's review board and figures.
 
 ``feedback`` belongs to the corrections API: the board creates it with the first move; the stage
-only reads it (a non-empty one makes the stage stale, so the next run learns from it).
+only reads it (a non-empty one makes the stage stale, so the next run learns from it), but for
+once: the run that joins a scene library (or moves to another) rewrites its cluster ids in the
+library's, since the old ids name other places there.
 """
 
 from __future__ import annotations

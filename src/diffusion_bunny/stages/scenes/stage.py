@@ -12,7 +12,9 @@ What a run of the stage does, in order:
    when nothing but the set of frames changed since the last run, or against a shared library
    (``scenes.library_dir``); otherwise afresh, with the previous ids kept for the clusters it
    reproduces.
-5. Adds the character level from stage 03's names and applies every correction (latest wins).
+5. Adds the character level from stage 03's names and applies every correction (latest wins);
+   a run that joins a library (or moves to another) first names the corrections' clusters in
+   the library's ids (:class:`_LibraryJoin`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import hashlib
 import uuid
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -319,11 +323,21 @@ def compute(ctx: Context) -> StageOutput:
         )
     space = _space(embedder_name, adapter_key)
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
+    join = _library_join(ctx, library, feedback, previous)
     # Ids a correction used (a folder made by hand has no exemplar to hold its id): none is reused.
-    reserved = {c.partition("/")[0] for c in feedback["to_cluster"].to_list()} - {NOISE, NEW}
+    # Those of a clustering this run leaves for a library name nothing there (they are translated).
+    reserved = (
+        set()
+        if join is not None
+        else {c.partition("/")[0] for c in feedback["to_cluster"].to_list()} - {NOISE, NEW}
+    )
     labels, sims, exemplars, mode = _cluster(
         ctx, previous, fids, vectors, library, embedder_name, space, thresholds, reserved
     )
+    if join is not None:
+        join.now = dict(zip(fids, labels, strict=True))
+        feedback = join.translate(feedback)
+        warnings.extend(join.warning_lines(feedback))
     characters = _characters(ctx.optional("faces"), ctx.optional("face_frames"), fids)
     clusters = clusters_table(fids, labels, sims, chosen["shot_id"].to_list(), characters)
     vec_by_frame = dict(zip(fids, vectors, strict=True))
@@ -345,25 +359,39 @@ def compute(ctx: Context) -> StageOutput:
         "adapter": adapter_facts,
         "library": str(library) if library else None,
     }
-    seen = feedback.height
-
-    def with_new_moves(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
-        # Under the commit's locks (clusters and feedback, the ones move_to_cluster takes), just
-        # before the write: a frame moved on the board while the stage computed is placed too, so
-        # the move does not vanish until the next run. The manifest still fingerprints the
-        # feedback the stage read, so the next run also relearns from it.
-        latest = read_feedback(run_dir)
-        if latest.height == seen:
-            return tables
-        return {**tables, "clusters": apply_feedback(tables["clusters"], latest, vec_by_frame)}
-
+    if join is not None:  # old id -> library id; the same dict, so a move made meanwhile is in it too
+        facts["library_join"] = join.ids
     return StageOutput(
         tables={"embeddings": embeddings, "clusters": clusters, "scene_exemplars": exemplars},
         counts=counts,
         warnings=warnings,
         facts=facts,
-        merge=with_new_moves,
+        merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join),
     )
+
+
+def _with_new_moves(
+    run: Run, seen: int, vectors: dict[str, np.ndarray], join: _LibraryJoin | None
+) -> Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]]:
+    """The stage's merge: under the commit's locks (clusters and feedback, the ones
+    move_to_cluster takes), just before the write, a frame moved on the board while the stage
+    computed is placed too, so the move does not vanish until the next run. The manifest still
+    fingerprints the feedback the stage read, so the next run also relearns from it.
+
+    A run that joins a library writes ``feedback`` here, in the library's ids (:class:`_LibraryJoin`),
+    with the writer of a person's tables (a backup kept) and under the lock the board writes it
+    under; the moves made meanwhile are in the old ids too (the board showed the old clusters)."""
+
+    def merge(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+        latest = read_feedback(run.run_dir)
+        if join is not None:
+            latest = join.translate(latest)
+            run.write_table("feedback", latest, backup=True)
+        if latest.height == seen:
+            return tables
+        return {**tables, "clusters": apply_feedback(tables["clusters"], latest, vectors)}
+
+    return merge
 
 
 def _cluster(
@@ -537,6 +565,120 @@ def _assign_library(
     return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
 
 
+def _library_join(
+    ctx: Context, library: Path | None, feedback: pl.DataFrame, previous: dict[str, pl.DataFrame]
+) -> _LibraryJoin | None:
+    """The translation of the corrections' ids when this run joins ``library`` (None when it
+    does not): the corrections were made on clusters of another clustering (the movie on its own,
+    or another library), whose ids name other places in this one."""
+    if library is None or feedback.is_empty():
+        return None
+    if ctx.previous is not None:
+        before = (ctx.previous.get("facts") or {}).get("library")
+        if before and _same_folder(Path(before), library):
+            return None
+    elif _made_in(library, previous.get("scene_exemplars"), ctx.run.movie_key):
+        # No manifest: the last run failed (a library of another embedder, say) or never ended.
+        # Its exemplars tell: a run against this library keeps the library's rows of this movie.
+        return None
+    return _LibraryJoin(library, previous.get("clusters"))
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """One folder under two spellings (a link, ``..``) is one library: its ids are already these."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _made_in(library: Path, exemplars: pl.DataFrame | None, movie_id: str) -> bool:
+    """Whether ``exemplars`` (a run's last ``scene_exemplars``) are the library's for this movie."""
+    path = library / "scene_exemplars.parquet"
+    if exemplars is None or exemplars.is_empty() or not path.is_file():
+        return False
+    lib = _library_table(path, ["cluster_id", "frame_id", "movie_id"]).filter(pl.col("movie_id") == movie_id)
+    held = set(lib.select("cluster_id", "frame_id").iter_rows())
+    return set(exemplars.select("cluster_id", "frame_id").iter_rows()) <= held
+
+
+@dataclass
+class _LibraryJoin:
+    """The corrections made before this movie joined a library, in the library's ids.
+
+    ``feedback`` is rewritten once, when the movie joins (:func:`_with_new_moves`), rather than a
+    map kept in the manifest and applied on every run: the board's later moves name the library's
+    ids, so a kept map would have to tell the rows before the join from those after, and every
+    reader of ``feedback`` (the board's new folder, the ids reserved, a run whose manifest was
+    lost) would have to apply it. Rewritten, there is one id space; the map is in the manifest's
+    facts (``library_join``) and in the warning, for a person to follow."""
+
+    library: Path
+    #: The clusters of the last run (in the ids the corrections name), None when there are none.
+    previous: pl.DataFrame | None
+    #: Frame id -> its cluster in this run's assignment against the library (corrections aside).
+    now: dict[str, str] = field(default_factory=dict)
+    #: Old id -> library id, for every id the corrections named so far.
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def translate(self, feedback: pl.DataFrame) -> pl.DataFrame:
+        """``feedback`` with its clusters in the library's ids (an id first seen here, a move made
+        while the stage computed, is translated too)."""
+        named = {c.partition("/")[0] for c in _named(feedback)} - {NOISE, NEW}
+        missing = sorted(named - self.ids.keys())
+        if missing:
+            self.ids.update(_library_ids(missing, self.previous, self.now, self.library))
+
+        def one(cid: str | None) -> str | None:
+            if cid is None:
+                return None
+            scene, slash, who = cid.partition("/")
+            return self.ids.get(scene, scene) + slash + who
+
+        return feedback.with_columns(
+            pl.Series(name, [one(c) for c in feedback[name].to_list()], pl.String)
+            for name in ("from_cluster", "to_cluster")
+        )
+
+    def warning_lines(self, feedback: pl.DataFrame) -> list[str]:
+        """One line when the join changed what the corrections name, none otherwise."""
+        moved = {old: new for old, new in sorted(self.ids.items()) if old != new}
+        if not moved:
+            return []
+        shown = ", ".join(f"{old} -> {new}" for old, new in list(moved.items())[:6])
+        more = ", ..." if len(moved) > 6 else ""
+        return [
+            f"{feedback.height} correction(s) made before this movie joined the scene library "
+            f"{self.library} now name its clusters ({shown}{more}: a cluster of the last run is the "
+            "library cluster most of its frames joined, a folder made by hand a new one); "
+            "tables/feedback.parquet is rewritten in the library's ids"
+        ]
+
+
+def _named(feedback: pl.DataFrame) -> list[str]:
+    return [c for name in ("from_cluster", "to_cluster") for c in feedback[name].to_list() if c]
+
+
+def _library_ids(
+    ids: list[str], previous: pl.DataFrame | None, now: dict[str, str], library: Path
+) -> dict[str, str]:
+    """Old scene id -> library id. A cluster of the last run becomes the library cluster most of
+    its frames joined in this assignment (those the clustering put there: a frame moved by hand
+    says where a person wanted it, not where the cluster went; a tie to the smaller id), so a
+    frame a person moved into it sits with those frames again. A folder made by hand, or a
+    cluster none of whose frames is left outside the noise, has no such cluster: it gets a new
+    folder id, recorded as made by hand in the library (:func:`_hand_made_ids`)."""
+    votes: dict[str, Counter[str]] = {c: Counter() for c in ids}
+    if previous is not None:
+        placed = previous.filter((pl.col("level") == "scene") & ~pl.col("manual").fill_null(False))
+        for fid, cid in placed.select("frame_id", "cluster_id").iter_rows():
+            if cid in votes and now.get(fid, NOISE) != NOISE:
+                votes[cid][now[fid]] += 1
+    found = {c: min(v.items(), key=lambda kv: (-kv[1], kv[0]))[0] for c, v in votes.items() if v}
+    by_hand = [c for c in ids if c not in found]
+    return {**found, **dict(zip(by_hand, _hand_made_ids(library, set(), len(by_hand)), strict=True))}
+
+
 # ----------------------------------------------------------------------------- moves
 
 
@@ -681,16 +823,31 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
             f"the library this run's clusters belong to ({library}) is not reachable here; mount it "
             "(or run stage scenes with scenes.library_dir unset) before making a new folder"
         )
+    return _hand_made_ids(library, taken, 1)[0]
+
+
+def _hand_made_ids(library: Path, taken: set[str], count: int) -> list[str]:
+    """``count`` new folder ids, past ``taken``, the library's clusters and the folders made by
+    hand in any of its movies, recorded in :data:`HAND_MADE_FILE` under the library's lock: no
+    movie's stage, nor its board, opens another place under them."""
+    if count == 0:
+        return []
     with FileLock(str(library / ".library.lock"), timeout=120):
         if (library / "scene_exemplars.parquet").is_file():
-            taken |= set(_library_table(library / "scene_exemplars.parquet", ["cluster_id"])["cluster_id"])
+            taken = taken | set(
+                _library_table(library / "scene_exemplars.parquet", ["cluster_id"])["cluster_id"]
+            )
         held = _hand_made(library)
-        cid = new_cluster_id({c.partition("/")[0] for c in taken | held if c})
-        rows = [*sorted(held), cid]
+        taken = {c.partition("/")[0] for c in taken | held if c}
+        made: list[str] = []
+        for _ in range(count):
+            made.append(new_cluster_id(taken))
+            taken.add(made[-1])
         atomic_write_parquet(
-            library / HAND_MADE_FILE, pl.DataFrame({"cluster_id": rows}, schema={"cluster_id": pl.String})
+            library / HAND_MADE_FILE,
+            pl.DataFrame({"cluster_id": [*sorted(held), *made]}, schema={"cluster_id": pl.String}),
         )
-    return cid
+    return made
 
 
 def _hand_made(library: Path) -> set[str]:
