@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import warnings
 from collections import Counter
@@ -14,6 +15,7 @@ import pytest
 
 from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
 from diffusion_bunny.stages.scenes import summary as summary_of
 from diffusion_bunny.stages.scenes.adapter import Adapter, train_adapter, triplets_from_feedback
@@ -30,7 +32,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     stable_ids,
 )
 from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, move_to_cluster
-from diffusion_bunny.stages.scenes.tables import NOISE
+from diffusion_bunny.stages.scenes.tables import JOIN_FILE, NOISE
 
 
 def blobs(n_per: int, centres: int, dim: int = 32, spread: float = 0.05, seed: int = 0, outliers: int = 0):
@@ -1277,7 +1279,9 @@ class _Joined:
     said: list[str]  # the join run's warnings
 
 
-def _join_after_moves(scenes_run, tmp_path, *, manifest_lost: bool = False) -> _Joined:
+def _join_after_moves(
+    scenes_run, tmp_path, *, manifest_lost: bool = False, fails_on: str | None = None
+) -> _Joined:
     """The demo clustered on its own, three frames of its largest cluster moved on the board
     (into the second largest, into its character sub-cluster, into a new folder), then
     ``scenes.library_dir`` set to a library of another movie whose ids collide with its own."""
@@ -1298,12 +1302,30 @@ def _join_after_moves(scenes_run, tmp_path, *, manifest_lost: bool = False) -> _
     if manifest_lost:  # the last run failed (a library of another embedder, say): no manifest
         run.manifest_path("scenes").unlink()
     cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    if fails_on is not None:  # the disk fills as the join's run writes this table: it stops
+        _stopped_writing(run, cfg, fails_on)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         run_stage(run, "scenes", cfg, progress=False)
     companions = sorted(f for f, c in members.items() if c == b)
     said = [str(w.message) for w in said]
     return _Joined(run, cfg, library, b, moved, crossed, alone, made, companions, in_a[3:], said)
+
+
+def _stopped_writing(run, cfg, table: str) -> None:
+    """Run stage 04 with the disk full from the moment it writes ``table``: it stops there."""
+    write = Run.write_table
+
+    def full(self, name, df, *args, **kwargs):
+        if name == table:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.table_path(name)))
+        return write(self, name, df, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(Run, "write_table", full)
+        with pytest.raises(Exception, match="space"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_stage(run, "scenes", cfg, progress=False)
 
 
 def _bytes(path: Path) -> bytes | None:
@@ -1367,6 +1389,25 @@ def test_a_rerun_after_a_movie_joined_a_library_changes_nothing(scenes_run, tmp_
     assert {name: _bytes(j.library / name) for name in shared} == shared
     now = scene_map(before["clusters"])
     assert now[j.moved] == _most(j.companions, now)
+
+
+@pytest.mark.parametrize("fails_on", ["feedback", "clusters"])
+def test_a_join_stopped_by_a_full_disk_is_taken_up_as_it_was(scenes_run, tmp_path, fails_on):
+    """The run that joins a library stops as it writes (the disk full): before ``feedback`` is
+    rewritten, or after it and before the clusters. The next run translated again: the ids it
+    had made were made anew (a second folder id), or the library's ids read as the movie's own.
+    It takes up the recorded join: the same ids, each folder made once, the record then gone."""
+    j = _join_after_moves(scenes_run, tmp_path, fails_on=fails_on)
+    now = scene_map(j.run.read_table("clusters"))
+    assert now[j.moved] == now[j.crossed] == _most(j.companions, now)
+    (folder,) = pl.read_parquet(j.library / HAND_MADE_FILE)["cluster_id"].to_list()
+    assert now[j.alone] == folder and [f for f, c in now.items() if c == folder] == [j.alone]
+    to = dict(j.run.read_table("feedback").select("anchor_id", "to_cluster").iter_rows())
+    assert to[j.moved] == now[j.moved] and to[j.alone] == folder
+    assert (j.run.run_dir / JOIN_FILE).is_file()  # until a run finds the join done
+    run_stage(j.run, "scenes", j.cfg, progress=False, force=True)
+    assert not (j.run.run_dir / JOIN_FILE).exists()
+    assert scene_map(j.run.read_table("clusters")) == now
 
 
 def test_moves_made_in_one_library_follow_the_movie_into_another(scenes_run, tmp_path):

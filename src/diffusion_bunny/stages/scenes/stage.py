@@ -20,6 +20,7 @@ What a run of the stage does, in order:
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 import warnings
 import zipfile
@@ -62,6 +63,7 @@ from diffusion_bunny.stages.scenes.settings import ScenesSettings
 from diffusion_bunny.stages.scenes.tables import (
     ADAPTER_FILE,
     FEEDBACK_SCHEMA,
+    JOIN_FILE,
     LEVELS,
     NEW,
     NOBODY,
@@ -385,7 +387,8 @@ def _with_new_moves(
     def merge(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
         latest = read_feedback(run.run_dir)
         if join is not None:
-            latest = join.translate(latest)
+            original, latest = latest, join.translate(latest)
+            join.write(original, latest)
             run.write_table("feedback", latest, backup=True)
         if latest.height == seen:
             return tables
@@ -571,17 +574,24 @@ def _library_join(
     """The translation of the corrections' ids when this run joins ``library`` (None when it
     does not): the corrections were made on clusters of another clustering (the movie on its own,
     or another library), whose ids name other places in this one."""
-    if library is None or feedback.is_empty():
+    record = ctx.run.run_dir / JOIN_FILE
+    if library is None:  # left the library: a join later is a new one, from the ids then
+        record.unlink(missing_ok=True)
+        return None
+    if feedback.is_empty():
         return None
     if ctx.previous is not None:
         before = (ctx.previous.get("facts") or {}).get("library")
         if before and _same_folder(Path(before), library):
+            record.unlink(missing_ok=True)  # the join's run ended: its ids are the manifest's
             return None
     elif _made_in(library, previous.get("scene_exemplars"), ctx.run.movie_key):
         # No manifest: the last run failed (a library of another embedder, say) or never ended.
         # Its exemplars tell: a run against this library keeps the library's rows of this movie.
         return None
-    return _LibraryJoin(library, previous.get("clusters"))
+    join = _LibraryJoin(library, previous.get("clusters"), record=record)
+    done = join.resume(feedback)
+    return None if done else join
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -620,6 +630,44 @@ class _LibraryJoin:
     now: dict[str, str] = field(default_factory=dict)
     #: Old id -> library id, for every id the corrections named so far.
     ids: dict[str, str] = field(default_factory=dict)
+    #: Where the translation is recorded before ``feedback`` is rewritten (:data:`JOIN_FILE`).
+    record: Path | None = None
+
+    def resume(self, feedback: pl.DataFrame) -> bool:
+        """Take up a join whose run stopped after it wrote :data:`JOIN_FILE` (a full disk while
+        the stage wrote its tables, a kill): True when ``feedback`` is already in the library's
+        ids (nothing to translate), else its ids are the recorded ones, so that a translation is
+        never made again from ids already translated, nor against clusters already rewritten."""
+        if self.record is None or not self.record.is_file():
+            return False
+        try:
+            kept = json.loads(self.record.read_text())
+            rows, library = int(kept["rows"]), Path(kept["library"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # unreadable: judged afresh, as before any join
+        if not _same_folder(library, self.library) or feedback.height < rows:
+            return False
+        head = _rows_key(feedback.head(rows))
+        if head == kept.get("translated"):
+            return True
+        if head == kept.get("original"):
+            self.ids.update(kept.get("ids") or {})
+        return False
+
+    def write(self, original: pl.DataFrame, translated: pl.DataFrame) -> None:
+        """Record the join before ``feedback`` is rewritten: the rows it translates (as they were
+        and as they become) and the ids, for :meth:`resume`."""
+        if self.record is None:
+            return
+        kept = {
+            "library": str(self.library),
+            "rows": original.height,
+            "original": _rows_key(original),
+            "translated": _rows_key(translated),
+            "ids": self.ids,
+        }
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.record, json.dumps(kept, indent=1, sort_keys=True).encode())
 
     def translate(self, feedback: pl.DataFrame) -> pl.DataFrame:
         """``feedback`` with its clusters in the library's ids (an id first seen here, a move made
@@ -653,6 +701,14 @@ class _LibraryJoin:
             "library cluster most of its frames joined, a folder made by hand a new one); "
             "tables/feedback.parquet is rewritten in the library's ids"
         ]
+
+
+def _rows_key(feedback: pl.DataFrame) -> str:
+    """A key of the moves' ids in order (which frame, from and to where, at which level)."""
+    named = ("event_id", "anchor_id", "from_cluster", "to_cluster", "level")
+    cols = [c for c in named if c in feedback.columns]
+    blob = json.dumps([feedback[c].to_list() for c in cols]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _named(feedback: pl.DataFrame) -> list[str]:

@@ -39,3 +39,6 @@ def empty_feedback() -> pl.DataFrame:
 
 #: The adapter learned from the corrections, beside the tables (when there are corrections).
 ADAPTER_FILE = "models/scene_adapter.npz"
+#: The translation of the corrections' ids into a scene library's, written by the run that joins
+#: it before it rewrites ``feedback`` and removed by the next run that finds the join done.
+JOIN_FILE = "models/scene_library_join.json"
