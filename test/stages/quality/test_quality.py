@@ -634,6 +634,15 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
     )
     explorer.set_thresholds(min_brightness=240)  # above max_brightness: said, not applied
     assert "must be under max_brightness" in explorer.counts.value
+    # Nor saved: the line under the button says so (a traceback went to the log console, and the
+    # last save's "saved to" line stayed, though nothing was written).
+    explorer.saved.value = "saved to an earlier file"
+    assert explorer.save() is None and not (tmp_path / "config" / "local_thresholds.yaml").exists()
+    assert explorer.saved.value.startswith("<span") and "not saved: min_brightness" in explorer.saved.value
+    explorer.set_thresholds(min_brightness=35)
+    assert explorer.saved.value == ""  # a moved slider: the last save's line no longer holds
+    floor = explorer.sliders["min_brightness"]
+    assert (floor.min, floor.max) == (QualitySettings().black_floor, QualitySettings().white_ceiling)
     with pytest.raises(KeyError, match="no slider"):
         explorer.set_thresholds(sharpness=3)
 

@@ -4,6 +4,7 @@ relative to the film, blur, text and subtitles, duplicates)."""
 from __future__ import annotations
 
 import contextlib
+import html
 import math
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,11 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
         return slider(widgets.FloatSlider, name, value=value, min=0, max=1, step=0.01)
 
     def level(name: str, value: float) -> Any:
-        return slider(widgets.FloatSlider, name, value=value, min=0, max=255, step=1)
+        # Between the film's black floor and white ceiling: under the floor (or over the ceiling)
+        # the settings refuse the value, so the slider would offer what cannot be saved.
+        return slider(
+            widgets.FloatSlider, name, value=value, min=cfg.black_floor, max=cfg.white_ceiling, step=1
+        )
 
     return {
         "min_sharpness": slider(
@@ -144,12 +149,16 @@ class QualityThresholdExplorer:
         self.sheet_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
         self.text_img = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="1000px"))
         self.save_button = widgets.Button(
-            description="use these thresholds", icon="save", layout=widgets.Layout(width="auto")
+            description="use these thresholds",
+            icon="save",
+            layout=widgets.Layout(width="auto", min_width="190px", flex="0 0 auto"),
         )
         self.saved = widgets.HTML()
         self._hold = False
         for s in self.sliders.values():
             s.observe(lambda change: self._update(), names="value")
+            # A moved slider makes the last "saved to" line untrue of what is shown.
+            s.observe(lambda change: setattr(self.saved, "value", ""), names="value")
         self.save_button.on_click(lambda _: self.save())
         batch = "shot" if cfg.batch == "shot" else f"{cfg.batch} consecutive frames"
         self.widget = widgets.VBox(
@@ -158,6 +167,7 @@ class QualityThresholdExplorer:
                 widgets.HTML(
                     f"best per batch: 0 keeps all; a batch is a {batch} (<code>quality.batch</code>)"
                 ),
+                # The button keeps its width: a long saved line beside it squeezed its label.
                 widgets.HBox([self.save_button, self.saved]),
                 self.counts,
                 self.plot_img,
@@ -273,7 +283,14 @@ class QualityThresholdExplorer:
     def save(self) -> Path | None:
         """Write the thresholds to ``config/local_thresholds.yaml``: the next run (notebook or
         ``bunny run``) applies them, so a headless rerun reproduces this choice."""
-        cfg = self.quality
+        try:
+            cfg = self.quality
+        except ValidationError as exc:  # min over max, a floor over a minimum: said, not raised
+            # A button's traceback goes to JupyterLab's log console: the line under it, the last
+            # save's "saved to", was all a person saw, though nothing was written.
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            self.saved.value = f"<span style='color:#C0392B'>not saved: {html.escape(message)}</span>"
+            return None
         keys = (
             "min_sharpness",
             "min_brightness",
