@@ -12,6 +12,7 @@ not hold a key under both names (:func:`save_local_settings`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -324,6 +325,45 @@ def save_from_widget(
     except (UserError, OSError) as exc:
         return None, f"<span style='color:#C0392B'>not saved: {html.escape(str(exc))}</span>"
     return path, f"saved to <code>{path}</code>; {RERUN_HINT.format(stage=stage)}"
+
+
+def later_layers(config_path: str | Path | None, overrides: dict[str, Any], section: str) -> dict[str, Any]:
+    """The ``section`` settings a notebook's ``config_path`` (its ``section``) and ``overrides``
+    (``section.<key>``) set: loaded after ``config/local_*.yaml``, they win over a widget's saved
+    choice. Read here as they are written (a stage is given its configuration, and never loads the
+    whole of it), under the section's old names too (``filtering`` for ``quality``, which still
+    loads: a saved choice it hid went unwarned)."""
+    names = [old for old, new in SECTION_ALIASES.items() if new == section] + [section]
+    out: dict[str, Any] = {}
+    if config_path is not None and Path(config_path).expanduser().is_file():
+        with contextlib.suppress(UserError):  # a broken file is the run's to report
+            sections = read_settings_file(Path(config_path).expanduser())
+            for name in names:
+                values = sections.get(name)
+                out.update(values if isinstance(values, dict) else {})
+    for name in names:
+        out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{name}.")})
+    return out
+
+
+def overridden_note(
+    section: str, saved: dict[str, Any], config_path: str | Path | None, overrides: dict[str, Any]
+) -> str:
+    """The line a widget adds under "saved to" when the notebook's own ``config_path`` or
+    ``overrides`` set one of the ``saved`` settings otherwise (they win over the saved file, so
+    the choice would silently not apply); empty when none does."""
+    lost = [
+        f"{section}.{k}"
+        for k, v in later_layers(config_path, overrides, section).items()
+        if k in saved and v != saved[k]
+    ]
+    if not lost:
+        return ""
+    return (
+        f"<br><span style='color:#C0392B'>but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} "
+        "set by this notebook's config_path or overrides (or bunny run --config/--set), which "
+        "win over the saved file: change or remove them there</span>"
+    )
 
 
 #: The first lines of a ``config/local_<name>.yaml``: the widgets rewrite the file whole (its

@@ -68,6 +68,32 @@ def test_slider_reclassifies_without_decoding(clip_run, tmp_path):
     assert high.slider.value == above and high.summary["dynamic"] == 0
 
 
+def test_slider_sheet_is_the_notebooks_and_save_names_the_overrides_that_win(clip_run, tmp_path):
+    """The widget's sheet is the one notebook 01 draws for the same threshold (it lacked the film's
+    size, so no picture box and no note on too-short shots); and a threshold the notebook's own
+    overrides set wins over the saved file, which the line under the button says (it said only
+    "saved to")."""
+    from diffusion_bunny.stages.extract.keyframes import select_keyframes
+    from diffusion_bunny.stages.extract.plots import contact_sheet
+
+    overrides = {"extract.motion_threshold": 2.0}
+    explorer = MotionThresholdExplorer(clip_run, 1.5, config_root=tmp_path, overrides=overrides)
+    facts = clip_run.read_manifest("extract")["facts"]
+    shots = clip_run.read_table("shots")
+    kept = select_keyframes(clip_run.read_table("keyframe_candidates"), shots, 1.5)
+    size = (facts["width"], facts["height"])
+    drawn = np.asarray(contact_sheet(clip_run.run_dir, kept, shots, max_shots=30, frame_size=size), float)
+    shown = np.asarray(Image.open(BytesIO(bytes(explorer.sheet_img.value))).convert("RGB"), float)
+    far = (np.abs(shown - drawn).max(axis=2) > 60).mean()  # JPEG moves few pixels that far
+    assert shown.shape == drawn.shape and far < 0.002, far
+    explorer.set_threshold(0.5)
+    assert explorer.save() is not None
+    assert "extract.motion_threshold is set by this notebook" in explorer.saved.value
+    explorer.set_threshold(2.0)
+    explorer.save()
+    assert "win over the saved file" not in explorer.saved.value
+
+
 def test_save_local_settings_merges(tmp_path):
     save_local_settings("x", {"extract": {"jpeg_quality": 80}}, tmp_path)
     path = save_local_settings("x", {"extract": {"motion_threshold": 2.0}}, tmp_path)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import ipywidgets as widgets
 import polars as pl
 
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import save_from_widget
+from diffusion_bunny.pipeline.settings import overridden_note, save_from_widget
 from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
 
 
@@ -20,12 +21,29 @@ class MotionThresholdExplorer:
     """Slider over the per-shot motion score: re-classifies shots and shows which keyframes each
     would give, from the stored candidates and thumbnails, without decoding the movie again."""
 
-    def __init__(self, run: Run, threshold: float, *, max_shots: int = 30, config_root: Path | None = None):
+    def __init__(
+        self,
+        run: Run,
+        threshold: float,
+        *,
+        max_shots: int = 30,
+        config_root: Path | None = None,
+        config_path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ):
         self.run = run
         self.shots = run.read_table("shots")
         self.candidates = run.read_table("keyframe_candidates")
         self.max_shots = max_shots
         self.config_root = config_root
+        #: The notebook's own layers over the saved file: a threshold they set wins over "use this
+        #: threshold", which then says so (as notebook 02's widget does).
+        self.layers = (config_path, dict(overrides or {}))
+        facts = (run.read_manifest("extract") or {}).get("facts") or {}
+        #: The film's size: the sheet draws each frame's picture box (bars) as the notebook's does.
+        self.frame_size = (
+            (facts["width"], facts["height"]) if facts.get("width") and facts.get("height") else None
+        )
         # the configured threshold always inside the range (ipywidgets clamps a value above it,
         # and "use this threshold" then saved the clamped one)
         top = max(5.0, float(self.shots["motion"].max() or 0.0) * 1.1, float(threshold))
@@ -97,11 +115,19 @@ class MotionThresholdExplorer:
             f"<b>{s['keyframes']}</b> keyframes"
         )
         self.plot_img.value = chart_png(motion_plot(self.shots, self.threshold))
-        sheet = contact_sheet(self.run.run_dir, self.picks(), self.classified(), max_shots=self.max_shots)
+        sheet = contact_sheet(
+            self.run.run_dir,
+            self.picks(),
+            self.classified(),
+            max_shots=self.max_shots,
+            frame_size=self.frame_size,
+        )
         self.sheet_img.value = jpeg_bytes(sheet)
 
     def save(self) -> Path | None:
         """Write the threshold to ``config/local_extract.yaml``; the next run re-extracts with it."""
         settings = {"extract": {"motion_threshold": self.threshold}}
         path, self.saved.value = save_from_widget("extract", settings, self.config_root, "01")
+        if path is not None:
+            self.saved.value += overridden_note("extract", settings["extract"], *self.layers)
         return path

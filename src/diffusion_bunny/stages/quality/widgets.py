@@ -3,7 +3,6 @@ relative to the film, blur, text and subtitles, duplicates)."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 from pathlib import Path
@@ -13,10 +12,9 @@ import ipywidgets as widgets
 import polars as pl
 from pydantic import ValidationError
 
-from diffusion_bunny.errors import UserError
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import SECTION_ALIASES, read_settings_file, save_from_widget
+from diffusion_bunny.pipeline.settings import overridden_note, save_from_widget
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -96,25 +94,6 @@ def _sliders(cfg: QualitySettings, *, top_sharp: float) -> dict[str, Any]:
             options=["crop", "drop", "keep"], value=cfg.subtitles, description="subtitles", style=style
         ),
     }
-
-
-def later_layers(config_path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The ``quality`` settings a notebook's ``config_path`` (its ``quality`` section) and
-    ``overrides`` (``quality.<key>``) set: loaded after ``config/local_*.yaml``, they win over a
-    saved choice. Read here as they are written (a stage is given its configuration, and never
-    loads the whole of it), under the section's old names too (``filtering``, which still loads:
-    a saved choice it hid went unwarned)."""
-    names = [old for old, new in SECTION_ALIASES.items() if new == "quality"] + ["quality"]
-    out: dict[str, Any] = {}
-    if config_path is not None and Path(config_path).expanduser().is_file():
-        with contextlib.suppress(UserError):  # a broken file is the run's to report
-            sections = read_settings_file(Path(config_path).expanduser())
-            for name in names:
-                section = sections.get(name)
-                out.update(section if isinstance(section, dict) else {})
-    for name in names:
-        out.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{name}.")})
-    return out
 
 
 class QualityThresholdExplorer:
@@ -310,15 +289,5 @@ class QualityThresholdExplorer:
         path, self.saved.value = save_from_widget("thresholds", {"quality": settings}, self.config_root, "02")
         if path is None:
             return None
-        lost = [
-            f"quality.{k}"
-            for k, v in later_layers(*self.layers).items()
-            if k in settings and v != settings[k]
-        ]
-        if lost:  # the notebook's config_path or overrides set them after the file: they win
-            self.saved.value += (
-                f"<br><span style='color:#C0392B'>but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} "
-                "set by this notebook's config_path or overrides (or bunny run --config/--set), which "
-                "win over the saved file: change or remove them there</span>"
-            )
+        self.saved.value += overridden_note("quality", settings, *self.layers)
         return path
