@@ -15,6 +15,7 @@ from relay import relayed_bar
 from diffusion_bunny import logs
 from diffusion_bunny.errors import ConfigError, ModelError
 from diffusion_bunny.models.faces import DetectSettings
+from diffusion_bunny.stages.generate import summary as generate_summary
 from diffusion_bunny.stages.generate.drawn import (
     DrawnScorer,
     Stage03Characters,
@@ -689,6 +690,41 @@ def test_checkpoint_scores_from_generations():
 _DRAWN = {"drawn_score": pl.Float64, "drawn_found": pl.Boolean}
 
 
+def test_only_the_base_model_drawn_gives_no_best_checkpoint_and_a_line_that_says_why():
+    """With ``generate.lora_scales`` only 0 there is no checkpoint to choose: the scores' ``best``
+    was null (``checkpoint == None``), and the summary said "over 4 checkpoints; best None"."""
+    gen = pl.DataFrame(
+        {
+            "checkpoint": [BASE, BASE],
+            "step": [None, None],
+            "face_found": [False, False],
+            "identity_distance": [None, None],
+            "clip_score": [None, None],
+            "drawn_score": [None, None],
+            "drawn_found": [None, None],
+        },
+        schema_overrides={"identity_distance": pl.Float64, "clip_score": pl.Float64, "step": pl.Int64}
+        | _DRAWN,
+    )
+    scores = checkpoint_scores(gen, [])
+    assert scores["best"].to_list() == [False]
+    counts = {"images": 16, "rendered_now": 0, "reused": 16, "checkpoints": 0}
+    facts = {"best_checkpoint": None, "characters": ["lin"], "no_face": "no face in 16 of 16 images"}
+    assert generate_summary({"counts": counts, "facts": facts}) == (
+        "16 images (0 drawn now, 16 reused) by the base model alone; no LoRA checkpoint compared "
+        "(generate.lora_scales has only 0) (no face in 16 of 16 images)"
+    )
+    # A manifest written before (the unused LoRA files counted) reads the same way.
+    assert "no LoRA checkpoint compared" in generate_summary(
+        {"counts": counts | {"checkpoints": 4}, "facts": facts}
+    )
+    # With a checkpoint compared, the line is as it was.
+    facts = facts | {"best_checkpoint": "final", "best_identity_distance": 0.41}
+    assert generate_summary({"counts": counts | {"checkpoints": 2}, "facts": facts}) == (
+        "16 images (0 drawn now, 16 reused) over 2 checkpoints; best final (identity distance 0.41)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage's core on the tiny model, CLIP
 
@@ -764,8 +800,17 @@ def test_generate_stage_on_tiny_model(pipe, training_output, references, tmp_pat
 
     # Only the base model asked for (scale 0): no checkpoint is best, and the column says so.
     cfg = cfg.model_copy(update={"lora_scales": (0.0,)})
-    base_only = run_generate().tables["generations"]
+    result = run_generate()
+    base_only = result.tables["generations"]
     assert set(base_only["checkpoint"]) == {BASE} and base_only["best"].to_list() == [False] * 4
+    # The LoRA files drew nothing: they were counted ("over 2 checkpoints; best None") and the
+    # scores' best was null. Now none is counted or compared, and the line says why.
+    assert result.tables["generation_scores"]["best"].to_list() == [False]
+    assert result.counts["checkpoints"] == 0 and result.facts["checkpoints"] == {}
+    line = generate_summary({"counts": result.counts, "facts": result.facts})
+    assert line.startswith("4 images (0 drawn now, 4 reused) by the base model alone; ")
+    assert "no LoRA checkpoint compared (generate.lora_scales has only 0)" in line
+    assert "None" not in line and "checkpoints;" not in line
 
 
 def test_drawn_characters_are_drawn_and_scored_beside_the_people(

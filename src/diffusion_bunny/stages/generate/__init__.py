@@ -55,7 +55,9 @@ def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
 
 
 def summary(manifest: dict[str, Any]) -> str:
-    """One line about a run of stage 08: pictures drawn, and the best checkpoint and its score."""
+    """One line about a run of stage 08: pictures drawn, and the best checkpoint and its score;
+    with no best (``generate.lora_scales`` only 0: the base model alone drawn), why none is, not
+    "best None" (a manifest of before also counted the LoRA files that drew nothing)."""
     c, f = manifest["counts"], manifest["facts"]
     best, drawn = f.get("best_identity_distance"), f.get("best_drawn_score")
     parts = []
@@ -64,10 +66,13 @@ def summary(manifest: dict[str, Any]) -> str:
     if f.get("drawn_characters"):
         parts.append(f"drawn score {drawn:.2f}" if drawn is not None else "drawn characters not scored")
     score = "; ".join(parts)
-    return (
-        f"{c['images']} images ({c['rendered_now']} drawn now, {c['reused']} reused) over "
-        f"{c['checkpoints']} checkpoints; best {f['best_checkpoint']} ({score})"
-    )
+    images = f"{c['images']} images ({c['rendered_now']} drawn now, {c['reused']} reused)"
+    if f.get("best_checkpoint") is None:
+        return (
+            f"{images} by the base model alone; no LoRA checkpoint compared "
+            f"(generate.lora_scales has only 0) ({score})"
+        )
+    return f"{images} over {c['checkpoints']} checkpoints; best {f['best_checkpoint']} ({score})"
 
 
 def _detectors(cfg: ConfigView) -> tuple[tuple[frozenset[str], str], ...]:

@@ -213,7 +213,8 @@ def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.Dat
         )
     scores = pl.DataFrame(rows, schema=SCORES_SCHEMA)
     best = pick_best(scores)
-    return scores.with_columns((pl.col("checkpoint") == best).alias("best"))
+    # False, not null, without a checkpoint to choose (only the base model drawn): ``== None`` is null.
+    return scores.with_columns((pl.col("checkpoint") == best).fill_null(False).alias("best"))
 
 
 def pick_best(scores: pl.DataFrame) -> str | None:

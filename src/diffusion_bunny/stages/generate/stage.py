@@ -146,16 +146,20 @@ def draw_and_score(
     and pick the best checkpoint.
 
     ``pipe_loader()`` loads the base model (called first: a missing model fails before anything
-    else); ``checkpoints`` are the LoRA files to compare, in training order; ``drawn`` scores the
-    pictures of the drawn characters (:mod:`.drawn`; None: they are drawn, not scored);
-    ``descriptions`` (``captions.character_descriptions``) follow the names in the prompts.
+    else); ``checkpoints`` are the LoRA files to compare, in training order (none where
+    ``lora_scales`` has only 0: the base model alone is drawn, and a LoRA nothing was drawn with
+    is neither counted nor compared); ``drawn`` scores the pictures of the drawn characters
+    (:mod:`.drawn`; None: they are drawn, not scored); ``descriptions``
+    (``captions.character_descriptions``) follow the names in the prompts.
     """
     run_dir = Path(run_dir)
     warnings: list[str] = []
     characters, char_warnings = characters_to_draw(references, cfg.characters)
     warnings.extend(char_warnings)
-    if not checkpoints and any(s != 0 for s in cfg.lora_scales):
+    with_lora = any(s != 0 for s in cfg.lora_scales)
+    if not checkpoints and with_lora:
         raise StageError("no LoRA checkpoint to generate with; run stage train first")
+    checkpoints = checkpoints if with_lora else []  # only the grid's are checked, counted, compared
     pipe = pipe_loader()  # first: a missing base model fails before anything else
     check_loras(pipe, checkpoints)
     clip = None
