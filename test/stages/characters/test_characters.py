@@ -1048,6 +1048,64 @@ def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_
     assert "is now <b>Alex</b>" in fixer.status.value
 
 
+def test_the_fixer_pages_through_every_appearance_and_fixes_the_least_sure(discovered, tmp_path):
+    """The strip showed a character's 24 surest appearances and its number box stopped at 24:
+    the rest, the least sure ones (most likely wrong), could be neither seen nor fixed ("lin has
+    no appearance #25"). Pages now cover them all, and the number box every one."""
+    from diffusion_bunny.stages.characters.plots import UNKNOWN, sheet_title
+    from diffusion_bunny.stages.characters.widgets import AppearanceFixer
+
+    run = _copy(discovered, tmp_path)
+    faces = run.read_table("faces")
+    # 30 appearances of lin from the demo's faces, each a box of its own, surest first by id.
+    base = faces.row(0, named=True)
+    lin = pl.DataFrame(
+        [
+            {
+                **base,
+                "face_id": f"lin_{i:02d}",
+                "left": base["left"] + i,
+                "character": "lin",
+                "distance": 0.30 + 0.01 * i,
+                "low_confidence": i >= 27,
+                "cluster": None,
+            }
+            for i in range(30)
+        ],
+        schema=faces.schema,
+    )
+    run.write_table("faces", pl.concat([faces, lin]))
+    ids = lin["face_id"].to_list()
+    fixer = AppearanceFixer(run)
+    fixer.character.value = "lin"
+    assert fixer.shown["lin"] == ids  # all of them, in the strip's numbering
+    assert fixer.number.max == 30
+    assert fixer.part.value == "appearances 1-24 of 30, least sure last (page 1 of 2)"
+    assert fixer.previous.disabled and not fixer.next.disabled
+    fixer.turn(1)
+    assert fixer.part.value == "appearances 25-30 of 30, least sure last (page 2 of 2)"
+    assert fixer.number.value == 25 and "lin_24" in fixer.face.value  # the face_id, for fix_appearance
+    assert not fixer.previous.disabled and fixer.next.disabled
+    # A number typed turns to its page.
+    fixer.number.value = 3
+    assert fixer.page == 0 and "lin_02" in fixer.face.value
+    fixer.number.value = 30
+    assert fixer.page == 1 and "lin_29" in fixer.face.value
+    # The least sure is fixed: a false sighting.
+    fixed = fixer.fix("lin", 30, "")
+    assert fixed is not None and fixed.filter(pl.col("edited"))["face_id"].to_list() == ["lin_29"]
+    assert fixed.filter(pl.col("face_id") == "lin_29")["character"][0] is None
+    assert fixer.shown["lin"] == ids[:29] and fixer.number.max == 29
+    assert fixer.part.value == "appearances 25-29 of 29, least sure last (page 2 of 2)"
+    # Another character starts at its first page; the unknown faces have no distance to order by.
+    fixer.character.value = UNKNOWN
+    assert fixer.page == 0 and fixer.part.value.startswith("appearances 1-")
+    assert "least sure" not in fixer.part.value
+    # The strip's title says which of them the page shows.
+    assert sheet_title("lin", lin, 24, 3, first=25) == "lin  (faces 25-30 of 30, 3 low confidence)"
+    assert sheet_title("lin", lin, 24, 3) == "lin  (24 of 30 faces, 3 low confidence)"
+
+
 def test_every_face_a_named_cluster_gives_reads_back_as_a_photo_of_a_face(tmp_path):
     """Naming a cluster saves its faces as reference pictures. Unnamed clusters are mostly
     profiles and small faces, whose crops dlib's HOG (the loader's check that a face is

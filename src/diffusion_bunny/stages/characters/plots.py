@@ -116,9 +116,12 @@ def appearance_label(row: dict) -> str:
 
 
 def sheet_order(faces: pl.DataFrame, group: str = "character") -> pl.DataFrame:
-    """The rows of one block of :func:`face_sheet` in the order it numbers them (surest first)."""
+    """The rows of one block of :func:`face_sheet` in the order it numbers them (surest first).
+    Stable (as is :func:`face_sheet`'s join): the unknown faces and the drawn characters have no
+    distance, and notebook 03's fixer, which numbers its own copy of this order, must find under
+    a number the face the strip shows there."""
     if "distance" in faces.columns:
-        return faces.sort("distance", nulls_last=True)
+        return faces.sort("distance", nulls_last=True, maintain_order=True)
     return faces
 
 
@@ -156,11 +159,15 @@ def reference_sheet(taken: list[dict], *, side: int = 120) -> Image.Image:
     return tile_sheet(blocks, Layout((side, side), 8, fit="contain"))
 
 
-def sheet_title(name: str, members: pl.DataFrame, shown: int, low: int) -> str:
-    """A block's title on the sheet: how many of the group's appearances it shows, called faces
-    only when every one is a face (a drawn character's box frames its whole figure)."""
+def sheet_title(name: str, members: pl.DataFrame, shown: int, low: int, first: int = 1) -> str:
+    """A block's title on the sheet: how many of the group's appearances it shows (which ones,
+    from ``first`` past the first: a page of notebook 03's fixer), called faces only when every
+    one is a face (a drawn character's box frames its whole figure)."""
     kinds = set(members["kind"].fill_null("face")) if "kind" in members.columns else {"face"}
     noun = "faces" if kinds <= {"face"} else "appearances"
+    if first > 1:
+        last = min(members.height, first + shown - 1)
+        return f"{name}  ({noun} {first}-{last} of {members.height}, {low} low confidence)"
     return f"{name}  ({min(members.height, shown)} of {members.height} {noun}, {low} low confidence)"
 
 
@@ -173,23 +180,27 @@ def face_sheet(
     max_per_group: int = 12,
     columns: int = 12,
     side: int = 96,
+    first: int = 1,
 ) -> Image.Image:
     """One block per character (or per cluster with ``group="cluster"``): face crops, each
     labelled with its distance; low-confidence matches get an orange frame.
 
     Crops come from the full frames (boxes are full-resolution pixels); each frame file is opened
-    once however many faces it holds.
+    once however many faces it holds. A block shows ``max_per_group`` appearances from number
+    ``first`` on: notebook 03's fixer pages through a character's, since the least sure ones, the
+    ones to check, come last.
     """
     run_dir = Path(run_dir)
     rows = faces.with_columns(pl.col(group).fill_null(UNKNOWN)).join(
-        frames.select("frame_id", "path"), on="frame_id", how="left"
+        frames.select("frame_id", "path"), on="frame_id", how="left", maintain_order="left"
     )
     blocks = []
     for name in largest_first(rows, group, last=UNKNOWN):
         members = sheet_order(rows.filter(pl.col(group) == name))
         low = int(members["low_confidence"].sum()) if "low_confidence" in members.columns else 0
         tiles = []
-        for number, row in enumerate(members.head(max_per_group).iter_rows(named=True), start=1):
+        page = members.slice(first - 1, max_per_group)
+        for number, row in enumerate(page.iter_rows(named=True), start=first):
             pad = round(0.15 * (row["bottom"] - row["top"]))
             box = (row["left"] - pad, row["top"] - pad, row["right"] + pad, row["bottom"] + pad)
             tiles.append(
@@ -203,7 +214,7 @@ def face_sheet(
                     crop=box,
                 )
             )
-        blocks.append(Block(tiles, title=sheet_title(name, members, max_per_group, low)))
+        blocks.append(Block(tiles, title=sheet_title(name, members, max_per_group, low, first)))
     return tile_sheet(blocks, Layout((side, side), min(columns, max_per_group)))
 
 

@@ -159,39 +159,63 @@ class AppearanceFixer:
     """Fix a wrong appearance by hand: pick a character, see its appearances numbered as
     :func:`~.plots.face_sheet` numbers them, type a number and the right name (empty: none of
     the characters, for a false sighting) and press **fix**. The fix is kept in the run's
-    ``appearance_edits`` and re-applied after every rerun (:func:`~.stage.fix_appearance`)."""
+    ``appearance_edits`` and re-applied after every rerun (:func:`~.stage.fix_appearance`).
 
-    def __init__(self, run: Run, cfg: RunConfig | None = None, *, max_per_character: int = 24):
+    The strip shows ``per_page`` appearances at a time, surest first; **previous** and **next**
+    turn the pages, and a number typed anywhere in 1 to the character's count turns to its page.
+    The strip held the first 24 alone: past them, the least sure appearances, the ones most
+    likely wrong, could be neither seen nor fixed. The line under the number names the face
+    typed (its ``face_id``, for :func:`~.stage.fix_appearance` from Python)."""
+
+    def __init__(self, run: Run, cfg: RunConfig | None = None, *, per_page: int = 24):
         self.run = run
         #: The run's settings: a name typed is spelt as a character of ``characters.reference_dir``.
         self.characters = cfg.characters if cfg is not None else None
-        self.max_per_character = max_per_character
+        self.per_page = max(1, per_page)
+        #: The character whose strip is shown, and its page (0: the first).
+        self.showing: str | None = None
+        self.page = 0
         self.character = widgets.Dropdown(description="character")
+        self.part = widgets.HTML()
+        self.previous = widgets.Button(description="previous", icon="arrow-left")
+        self.next = widgets.Button(description="next", icon="arrow-right")
         self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
-        self.number = widgets.BoundedIntText(value=1, min=1, max=max_per_character, description="number")
+        self.number = widgets.BoundedIntText(value=1, min=1, max=1, description="number")
+        self.face = widgets.HTML()
         self.new_name = widgets.Text(placeholder="right name (empty: none of them)")
         self.button = widgets.Button(description="fix", icon="check", layout=widgets.Layout(width="90px"))
         self.status = widgets.HTML()
-        self.character.observe(lambda change: self.show(change["new"]), names="value")
+        self._drawing = False  # the number box set while a strip is drawn turns no page
+        self.character.observe(lambda change: self.show(change["new"], page=0), names="value")
+        self.previous.on_click(lambda _: self.turn(-1))
+        self.next.on_click(lambda _: self.turn(1))
+        self.number.observe(lambda change: self._typed(change["new"]), names="value")
         self.button.on_click(lambda _: self.fix(self.character.value, self.number.value, self.new_name.value))
         self.widget = widgets.VBox(
-            [self.character, self.image, widgets.HBox([self.number, self.new_name, self.button]), self.status]
+            [
+                self.character,
+                widgets.HBox([self.previous, self.next, self.part]),
+                self.image,
+                widgets.HBox([self.number, self.new_name, self.button]),
+                self.face,
+                self.status,
+            ]
         )
-        #: The appearances each character's strip showed when it was drawn, in its numbering: a
+        #: All the appearances of each character as its strip was last drawn, in its numbering: a
         #: number typed is one of them, even when the table changed since (a cluster named below
         #: in the notebook labels again, and a number read afresh fixed another face).
         self.shown: dict[str, list[str]] = {}
         self.refresh()
 
     def members(self, character: str) -> pl.DataFrame:
-        """The appearances shown for ``character`` (``unknown``: those without a name), numbered order."""
+        """Every appearance of ``character`` (``unknown``: those without a name), numbered order."""
         from diffusion_bunny.stages.characters.plots import (  # lazy: pulls in plotnine (0.44 s)
             UNKNOWN,
             sheet_order,
         )
 
         faces = self.run.read_table("faces").with_columns(pl.col("character").fill_null(UNKNOWN))
-        return sheet_order(faces.filter(pl.col("character") == character)).head(self.max_per_character)
+        return sheet_order(faces.filter(pl.col("character") == character))
 
     def refresh(self) -> None:
         from diffusion_bunny.stages.characters.plots import UNKNOWN  # lazy: pulls in plotnine (0.44 s)
@@ -205,24 +229,72 @@ class AppearanceFixer:
         self.character.value = current
         self.show(current)
 
-    def show(self, character: str | None) -> None:
+    def show(self, character: str | None, page: int | None = None) -> None:
+        """Draw page ``page`` of ``character``'s strip (None: the page shown, or the last one when
+        the character has fewer appearances now; another character's first); the number box then
+        covers all its appearances and points into the page."""
         from diffusion_bunny.stages.characters.plots import face_sheet  # lazy: pulls in plotnine (0.44 s)
 
         if character is None:
             self.status.value = "no appearance found"
             return
         members = self.members(character)
+        pages = max(1, -(-members.height // self.per_page))
+        if page is None:
+            page = self.page if character == self.showing else 0
+        self.page = min(max(0, page), pages - 1)
+        self.showing = character
+        first = self.page * self.per_page + 1
+        last = min(members.height, first + self.per_page - 1)
         sheet = face_sheet(
             self.run.run_dir,
             members,
             self.run.read_table("frames"),
             group="character",
-            max_per_group=self.max_per_character,
+            max_per_group=self.per_page,
             columns=8,
+            first=first,
         )
         self.image.value = jpeg_bytes(sheet)
-        self.number.max = max(1, members.height)
         self.shown[character] = members["face_id"].to_list()
+        # Ordered by distance where there is one (faces named after a reference); not the others.
+        ordered = "distance" in members.columns and members["distance"].is_not_null().any()
+        self.part.value = (
+            f"appearances {first}-{last} of {members.height}{', least sure last' if ordered else ''} "
+            f"(page {self.page + 1} of {pages})"
+        )
+        self.previous.disabled, self.next.disabled = self.page == 0, self.page == pages - 1
+        self._drawing = True
+        try:
+            self.number.max = max(1, members.height)
+            if not first <= self.number.value <= last:
+                self.number.value = first
+        finally:
+            self._drawing = False
+        self._name_face(self.number.value)
+
+    def turn(self, step: int) -> None:
+        """Show the page ``step`` pages on (back when negative), as **next** and **previous** do."""
+        self.show(self.showing, page=self.page + step)
+
+    def _typed(self, number: int) -> None:
+        """A number typed off the page shown turns to its page (a number is fixed as seen)."""
+        if self._drawing:
+            return
+        page = (number - 1) // self.per_page
+        if page != self.page:
+            self.show(self.showing, page=page)
+        else:
+            self._name_face(number)
+
+    def _name_face(self, number: int) -> None:
+        """The line under the number box: the face_id of appearance ``number`` of the strip shown."""
+        shown = self.shown.get(self.showing or "") or []
+        if not 1 <= number <= len(shown):
+            self.face.value = ""
+            return
+        face_id = shown[number - 1]
+        self.face.value = f"#{number} is <code>{html.escape(face_id)}</code>"
 
     def fix(self, character: str, number: int, name: str) -> pl.DataFrame | None:
         """Give appearance ``number`` of ``character``'s strip, as it was drawn, the name ``name``
