@@ -53,6 +53,12 @@ class EngineError(UserError):
     """The engine that runs many movies (a Ray cluster) cannot start or cannot be reached."""
 
 
+class StageWarning(UserWarning):
+    """A warning of a stage's run (a stale input, a character named nowhere): also kept in the
+    stage's manifest, which ``bunny run`` and the notebooks print from (so it is said when the
+    stage is up to date as well); the notebooks leave this copy of it out."""
+
+
 USER_ERROR_NAMES = frozenset(
     cls.__name__
     for cls in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from diffusion_bunny.config import Config, output_root
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
+from diffusion_bunny.errors import StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.run import Run, run_folder_in
@@ -23,9 +25,12 @@ def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) 
     neither, the built-in demo movie is built (once) and used, so a notebook opened in
     JupyterLab works straight away. ``~`` stands for the home folder, as in a shell (a notebook's
     parameters are no shell: ``movie = "~/Movies/film.mkv"`` was "no such file"). In a notebook
-    it also has pictures shown as JPEG (:func:`show_pictures_as_jpeg`).
+    it also has pictures shown as JPEG (:func:`show_pictures_as_jpeg`), and leaves out the
+    :class:`~diffusion_bunny.errors.StageWarning` copy of a stage's warnings: the stage cells
+    print them from the manifest (also when the stage is up to date), so each was said twice.
     """
-    show_pictures_as_jpeg()
+    if show_pictures_as_jpeg():  # a notebook: each stage cell prints its manifest's warnings
+        warnings.filterwarnings("ignore", category=StageWarning)
     run_dir = None if run_dir is None else Path(run_dir).expanduser()
     movie = None if movie is None else Path(movie).expanduser()
     if movie is None and run_dir is not None:

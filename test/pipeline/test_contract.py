@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from diffusion_bunny.config import load_config, recorded_name
-from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.errors import BadInputError, StageError, StageWarning
 from diffusion_bunny.pipeline.contract import (
     ConfigView,
     Pipeline,
@@ -345,7 +345,7 @@ def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_ed
         rf"extract.jpeg_quality {cfg.extract.jpeg_quality} -> 50\): run stage make again, then double "
         r"\(bunny run MOVIE --stages make,double"
     )
-    with pytest.warns(UserWarning, match=behind):
+    with pytest.warns(StageWarning, match=behind):  # which the notebooks leave out: they print it
         run_stage(pipeline, run, "double", lower, force=True, progress=False)
     assert len(run.read_manifest("double")["warnings"]) == 1
     run_stage(pipeline, run, "make", lower, progress=False)

@@ -442,6 +442,30 @@ def test_notebooks_show_pictures_as_one_jpeg_and_transparent_ones_as_png():
     assert not show_pictures_as_jpeg(object())
 
 
+def test_notebooks_say_a_stage_warning_once(monkeypatch, tmp_path):
+    """A stage's warnings reached a notebook twice: printed from the manifest by the stage cell
+    (so they are said when the stage is up to date too) and as Python's UserWarning on stderr.
+    In a notebook, ``open_run`` leaves the second out; other warnings stay."""
+    import warnings
+
+    from diffusion_bunny import nbtools
+    from diffusion_bunny.errors import StageWarning
+
+    monkeypatch.setattr(nbtools, "show_pictures_as_jpeg", lambda: True)  # as in a notebook
+    monkeypatch.setattr(nbtools.Run, "open", staticmethod(lambda folder: folder))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert nbtools.open_run(tmp_path, None, None) == tmp_path
+        stale, restored = "stage double read a table that is out of date", "feedback.parquet was restored"
+        warnings.warn(stale, StageWarning, stacklevel=1)
+        warnings.warn(restored, UserWarning, stacklevel=1)
+    assert [str(w.message) for w in said] == [restored]
+    for name in ("03_detect_characters", "09_qa_report"):  # each stage cell prints them
+        nb = nbformat.read(ROOT / "notebook" / f"{name}.ipynb", as_version=4)
+        cell = next(c.source for c in nb.cells if c.cell_type == "code" and "run_stage(" in c.source)
+        assert '["warnings"]:\n    print("WARNING:", warning)' in cell, name
+
+
 def test_notebooks_show_a_chart_whole():
     """plotnine's own display cut what reached past the figure's edge (notebook 05's title read
     "3 frames captioned (0 failed)" for "8 of 8 frames captioned"): a chart is shown trimmed to

@@ -28,9 +28,11 @@ in peft (or, worse, silently loading nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -375,13 +377,30 @@ def load_lora(
     listed = getattr(pipe, "get_list_adapters", dict)() or {}
     if any(adapter_name in names for names in listed.values()):  # "unet" or "transformer"
         pipe.delete_adapters(adapter_name)
-    if getattr(pipe, "unet", None) is None and not _has_peft_keys(path):
-        # a kohya FLUX/SD3 file: load what our converter made of it (alpha already folded into A)
-        pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
-    else:  # by path: a state dict would drop the alpha kept in the file's metadata
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    with _quiet_diffusers():
+        if getattr(pipe, "unet", None) is None and not _has_peft_keys(path):
+            # a kohya FLUX/SD3 file: load what our converter made of it (alpha already folded into A)
+            pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
+        else:  # by path: a state dict would drop the alpha kept in the file's metadata
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
     return adapter_name
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' warnings off while a LoRA loads: stage 07 trains the denoiser only, so every load
+    printed "No LoRA keys associated to CLIPTextModel found" (once per checkpoint in notebook 08).
+    What a warning there could say of a LoRA that does not fit, :func:`lora_mismatches` has said
+    before, as one line."""
+    from diffusers.utils import logging as dlogging  # lazy: diffusers takes 2.7 s to import
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def transformer_family(pipe: Any) -> Family:

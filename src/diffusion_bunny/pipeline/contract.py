@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_bunny.errors import DamagedTableError, StageError, UserError
+from diffusion_bunny.errors import DamagedTableError, StageError, StageWarning, UserError
 from diffusion_bunny.logs import attach_from_env, relaying
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import (
@@ -619,5 +619,5 @@ def _run_stage_locked(
     run.write_manifest(name, manifest)
     log.info("%s: %s done in %.1f s: %s", run.run_dir.name, name, time.monotonic() - t0, out.counts)
     for warning in [*behind, *out.warnings]:
-        warnings.warn(warning, stacklevel=4)
+        warnings.warn(warning, StageWarning, stacklevel=4)
     return tables
