@@ -596,9 +596,18 @@ def test_cluster_namer_widget(discovered, tmp_path):
     namer = ClusterNamer(run, load_config(None, {}))
     assert namer.clusters().height == 4 and len(namer.rows.children) == 4
     assert namer.name("cluster_01", "../evil") is None and "not usable" in namer.status.value
-    result = namer.name("cluster_01", "second")
-    assert result is not None and "second" in namer.status.value
-    assert namer.clusters().height == 3 and len(namer.rows.children) == 3
+    # Named elsewhere meanwhile (another namer; the fixer does the same): the run is labelled and
+    # its unknown faces grouped again, so this namer's rows, drawn before, show faces their ids no
+    # longer hold. Naming one names nothing (it named the faces the id holds now); redrawn.
+    other = ClusterNamer(run, load_config(None, {}))
+    result = other.name("cluster_01", "second")
+    assert result is not None and "second" in other.status.value
+    assert other.clusters().height == 3 and len(other.rows.children) == 3
+    stale = next(c for c, faces in namer.shown.items() if faces != other.shown.get(c))
+    named_before = run.read_table("faces")["character"].to_list()
+    assert namer.name(stale, "fourth") is None and "grouped again" in namer.status.value
+    assert run.read_table("faces")["character"].to_list() == named_before
+    assert namer.shown == other.shown and len(namer.rows.children) == 3
     namer.name("cluster_00", "first")
     assert namer.clusters().height == 2
 

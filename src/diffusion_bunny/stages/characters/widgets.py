@@ -56,6 +56,8 @@ class ClusterNamer:
         self.rows = widgets.VBox()
         self.widget = widgets.VBox([self.status, self.rows])
         self.named: list[dict[str, Any]] = []
+        #: cluster -> the faces its row shows: naming checks the cluster still holds them.
+        self.shown: dict[str, frozenset[str]] = {}
         self.refresh()
 
     def clusters(self) -> pl.DataFrame:
@@ -76,9 +78,11 @@ class ClusterNamer:
         frames = self.run.read_table("frames")
         clusters = self.clusters()
         children: list[Any] = []
+        self.shown = {}
         for row in clusters.head(self.max_clusters).iter_rows(named=True):
             cluster = row["cluster"]
             members = faces.filter(pl.col("cluster") == cluster)
+            self.shown[cluster] = frozenset(members["face_id"].to_list())
             sheet = face_sheet(
                 self.run.run_dir, members, frames, group="cluster", max_per_group=self.max_faces, columns=8
             )
@@ -103,7 +107,21 @@ class ClusterNamer:
         self.rows.children = children
 
     def name(self, cluster: str, name: str) -> dict[str, Any] | None:
-        """Name ``cluster`` (as the button does); the result, or None after a user error (shown)."""
+        """Name ``cluster`` (as the button does); the result, or None after a user error (shown).
+
+        The rows are checked against the faces table first: a fix in the fixer, or a cluster named
+        elsewhere, relabels the run and numbers its clusters again, so a row drawn before could
+        name another cluster's faces under its id, or none. Then the rows are redrawn instead."""
+        if cluster in self.shown:
+            now = self.run.read_table("faces").filter(pl.col("cluster") == cluster)["face_id"]
+            if frozenset(now.to_list()) != self.shown[cluster]:
+                self.refresh()
+                self.status.value = _error(
+                    f"the unknown faces were grouped again since this list was drawn (a fix, or a "
+                    f"cluster named elsewhere), so {cluster} is not the faces shown: the list is "
+                    "redrawn, name them there"
+                )
+                return None
         try:
             result = name_cluster(self.run.run_dir, cluster, name, self.cfg)
         except UserError as exc:
