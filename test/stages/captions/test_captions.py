@@ -317,6 +317,52 @@ def test_framing_in_a_film_of_drawn_characters_comes_from_who_is_there():
     assert facts["unknown_faces"].to_list() == [0] * 5
 
 
+def test_a_face_fixed_to_none_is_nobody_and_frames_nothing():
+    """A face a person fixed to none in notebook 03 (``edited``, no name) is a false sighting:
+    the Hamilton clip's frame kept "4 people, close-up" after two of its four faces were fixed
+    so, and a named face fixed to none turned "lin_manuel_miranda, close-up" into "a person"."""
+    cfg = CaptionsSettings(frames="all")
+    ids = ["crowd", "ghost", "lin"]
+    frames = pl.DataFrame(
+        {"frame_id": ids, "path": [f"{i}.jpg" for i in ids], "shot_id": [0, 1, 2], "width": [160] * 3}
+    ).with_columns(pl.lit(100).alias("height"))
+    quality = pl.DataFrame({"frame_id": ids, "keep": [True] * 3, "brightness": [120.0] * 3})
+    searched = pl.DataFrame({"frame_id": ids, "status": ["ok"] * 3})
+    faces = pl.DataFrame(
+        {
+            "frame_id": ["crowd"] * 4 + ["ghost", "lin"],
+            # The crowd's two large faces and the ghost were fixed to none, lin's face is named.
+            "character": [None, None, None, None, None, "lin"],
+            "top": [0, 0, 0, 0, 0, 0],
+            "bottom": [50, 40, 10, 10, 60, 40],
+            "kind": ["face"] * 6,
+            "edited": [True, True, False, False, True, False],
+        }
+    )
+
+    def captions(table):
+        facts = caption_facts(frames, cfg, quality=quality, faces=table, face_frames=searched)
+        return [template_caption(row, cfg)[0] for row in facts.to_dicts()]
+
+    assert captions(faces) == [
+        "bunnystyle, 2 people, wide shot",  # the two faces left, 10% of the picture
+        "bunnystyle, no people, wide shot",  # its one face was no one
+        "bunnystyle, lin, close-up",
+    ]
+    # Lin's face fixed to none as well: nobody there, no close-up.
+    unnamed = faces.with_columns(
+        pl.when(pl.col("frame_id") == "lin").then(None).otherwise(pl.col("character")).alias("character"),
+        (pl.col("edited") | (pl.col("frame_id") == "lin")).alias("edited"),
+    )
+    assert captions(unnamed)[2] == "bunnystyle, no people, wide shot"
+    # Not fixed, the same faces are people (a table from before fixes counts every face).
+    assert captions(faces.drop("edited")) == [
+        "bunnystyle, 4 people, close-up",
+        "bunnystyle, a person, close-up",
+        "bunnystyle, lin, close-up",
+    ]
+
+
 def test_rate_limiter_paces_requests():
     now = [0.0]
     slept = []

@@ -353,6 +353,11 @@ def test_crops_of_a_template_captioned_frame_name_only_who_they_show():
     # Without stage 05's settings every crop keeps its frame's caption.
     items, _, _ = select_items(frames, quality, faces, captions, cfg)
     assert set(items.filter(pl.col("frame_id") == ids[0])["text"]) == {caption}
+    # The stranger fixed to none in notebook 03 (a false sighting) is nobody in the girl's crop.
+    fixed = faces.with_columns((pl.col("face_id") == f"{ids[0]}_09").alias("edited"))
+    items, _, _ = select_items(frames, quality, fixed, captions, cfg, words)
+    girl = items.filter((pl.col("frame_id") == ids[0]) & (pl.col("crop") == "character"))
+    assert "bunnystyle, girl, static shot, dark, scene s001" in girl["text"].to_list()
 
 
 def test_crop_caption_tag():

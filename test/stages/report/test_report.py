@@ -474,6 +474,17 @@ def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_
     assert section.message.startswith(
         f"{faces.height} appearances: {named.len()} named ({named.n_unique()} characters), "
     )
+    # A named face fixed to none in notebook 03 is a false sighting, not one more unknown face.
+    unknown = faces.height - named.len()
+    first = faces["character"].is_not_null().arg_true()[0]
+    fixed = faces.with_columns(
+        pl.when(pl.int_range(pl.len()) == first).then(None).otherwise(pl.col("character")).alias("character"),
+        (pl.col("edited") | (pl.int_range(pl.len()) == first)).alias("edited"),
+    )
+    message = _characters_section(replace(data, tables={**data.tables, "faces": fixed}), cfg).message
+    assert f"{named.len() - 1} named" in message and message.endswith(
+        f", {unknown} unknown, 1 fixed to none (false sightings)"
+    ), message
     manifest["facts"]["characters_not_found"] = ["stranger", "wyvern"]
     data = replace(data, manifests={**data.manifests, "characters": manifest})
     section = _characters_section(data, cfg)

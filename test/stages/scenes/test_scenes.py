@@ -177,6 +177,11 @@ def test_character_sub_clusters_follow_stage_03_names():
     # Stage 03 searched a-d only: e was never looked at, d was and shows nobody.
     searched = frame_characters(faces_table([("a", "ann")]), ["a", "d", "e"], scanned={"a", "b", "c", "d"})
     assert searched == {"a": ("ann",), "e": ("unscanned",)}
+    # A face fixed to none in notebook 03 (edited, no name) is nobody: c shows no one unknown.
+    fixed = faces_table([("a", "ann"), ("a", None), ("c", None)]).with_columns(
+        pl.Series("edited", [False, True, True])
+    )
+    assert frame_characters(fixed) == {"a": ("ann",)}
     table = clusters_table(
         ["a", "b", "c", "d", "e"],
         ["s001", "s001", "s001", "s002", NOISE],

@@ -42,11 +42,12 @@ STAGE = Stage(
         Reads("frames", "extract", ("frame_id", "path", "shot_id", "width", "height", *BOX_COLUMNS)),
         Reads("quality", "quality", ("frame_id", "keep", "brightness", *REGION_COLUMNS)),
         Reads("shots", "extract", ("shot_id", "kind"), optional=True),
-        # low_confidence: whether a face named as a person counts (captions.facts.faces_are_people).
+        # low_confidence: whether a face named as a person counts (captions.facts.faces_are_people);
+        # edited: a face fixed to none is no one (captions.facts.without_false_sightings).
         Reads(
             "faces",
             "characters",
-            ("frame_id", "character", "top", "bottom", "kind", "low_confidence"),
+            ("frame_id", "character", "top", "bottom", "kind", "low_confidence", "edited"),
             optional=True,
         ),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),

@@ -95,6 +95,20 @@ def _has_drawn(faces: pl.DataFrame) -> bool:
     return "kind" in faces.columns and bool((faces["kind"].fill_null("face") != "face").any())
 
 
+def without_false_sightings(faces: pl.DataFrame | None) -> pl.DataFrame | None:
+    """``faces`` less the appearances a person fixed to none of the characters in notebook 03
+    (``edited``, no name: a false sighting, docs/characters.md).
+
+    Why: such a row keeps its box (the fix is held by it, and the fixer's strip shows it to be
+    fixed again), and read as an unnamed face it was a person: frame 235 of the Hamilton clip
+    still read "4 people, close-up" after two of its faces were fixed to none, and a named face
+    fixed to none turned "lin_manuel_miranda" into "a person". Captions, stage 06's crop
+    captions, stage 04's character level and the report count people with this rule."""
+    if faces is None or "edited" not in faces.columns:
+        return faces
+    return faces.filter(~(pl.col("character").is_null() & pl.col("edited").fill_null(False)))
+
+
 def faces_are_people(faces: pl.DataFrame | None) -> bool:
     """Whether an unnamed face stage 03 found is a person to count in a caption ("and 1 other
     person"): in a film of people, yes. In a film with drawn characters the face detector fires
@@ -122,7 +136,8 @@ def _people_and_framing(
     drawn characters an unnamed face is as likely a skull on a pole as a person, and read "close-
     up" for the warlord holding it. A drawn character's box frames its whole figure, so where no
     such face is found the tallest named figure is judged as :data:`FIGURE_HEADS` heads (a
-    character filling the frame read "wide shot" before). ``height``: the picture's height."""
+    character filling the frame read "wide shot" before). ``height``: the picture's height; the
+    false sightings are out of ``group`` already (:func:`without_false_sightings`)."""
     is_face = pl.col("kind").fill_null("face") == "face" if "kind" in group.columns else pl.lit(True)
     faces = group.filter(is_face)
     counted = faces if people_film else faces.filter(pl.col("character").is_not_null())
@@ -163,6 +178,10 @@ def caption_facts(
 
     per_frame: dict[str, tuple[list[str], int, float | None]] = {}
     people_film = faces_are_people(faces)
+    # Whether the film's faces are people, and whether finding nobody says nobody is there, are
+    # facts about the detectors; who is in a frame leaves out what a person fixed to none.
+    known = nobody_is_known(faces, face_frames)
+    faces = without_false_sightings(faces)
     if faces is not None and faces.height:
         # Framing is judged against the picture's height, not the frame's: letterbox bars would
         # make every close-up look like a medium shot.
@@ -188,7 +207,6 @@ def caption_facts(
         level = clusters.filter(pl.col("level") == "scene")
         scene = dict(zip(level["frame_id"].to_list(), level["cluster_id"].to_list(), strict=True))
 
-    known = nobody_is_known(faces, face_frames)
     rows = []
     for rec in table.iter_rows(named=True):
         names, unknown, framing = per_frame.get(rec["frame_id"], ([], 0, framing_of(None, cfg)))

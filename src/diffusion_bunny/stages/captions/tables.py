@@ -15,6 +15,7 @@ from diffusion_bunny.stages.captions.facts import LIGHT_TAGS, MOTION_TAGS, templ
 
 # Declared here for stage 06 (a stage reads another only through its declarations).
 from diffusion_bunny.stages.captions.facts import faces_are_people as faces_are_people
+from diffusion_bunny.stages.captions.facts import without_false_sightings as without_false_sightings
 
 if TYPE_CHECKING:
     from diffusion_bunny.stages.captions.settings import CaptionsSettings

@@ -50,6 +50,8 @@ def summary(manifest: dict[str, Any]) -> str:
             fit += f" (again for the {len(every) - len(absent)} of its {len(every)} characters in this film)"
     fixed, waiting = c.get("fixed_by_hand", 0), c.get("fixes_waiting", 0)
     hand = f"; {fixed} fixed by hand" if fixed or waiting else ""
+    if c.get("fixed_to_none"):
+        hand += f", {c['fixed_to_none']} of them to none"
     if waiting:
         hand += f" ({waiting} more waiting for appearances this run no longer has)"
     return (

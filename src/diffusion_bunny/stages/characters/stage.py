@@ -650,7 +650,8 @@ def _counts(
     """The manifest's counts of a run of stage 03, with the fixes by hand (``edits``) in force
     and those waiting for an appearance the run no longer has (its frame no longer kept, or no
     longer found there): such a fix does nothing until the appearance comes back, and a person
-    who made it should not read its silence as the fix lost."""
+    who made it should not read its silence as the fix lost. Those fixed to none are counted
+    apart too: they stay unknown appearances here, and the later stages count them as nobody."""
     per_char = character_counts(faces)
     targets = edit_targets(faces, edits)
     clusters = (
@@ -669,6 +670,7 @@ def _counts(
         "references": references,
         "fixed_by_hand": len({t for t in targets.values() if t is not None}),
         "fixes_waiting": sum(1 for t in targets.values() if t is None),
+        "fixed_to_none": int((faces["character"].is_null() & faces["edited"]).sum()) if faces.height else 0,
     }
 
 

@@ -58,7 +58,9 @@ LABEL_SCHEMA = {
     "track_id": pl.Int64,
     "track_size": pl.Int64,
     "cluster": pl.Utf8,
-    #: A person set the name by hand (notebook 03's fixer, :func:`~.stage.fix_appearance`).
+    #: A person set the name by hand (notebook 03's fixer, :func:`~.stage.fix_appearance`). With
+    #: ``character`` null: fixed to none, a false sighting, which the later stages count as
+    #: nobody (stage 05's ``captions.facts.without_false_sightings``).
     "edited": pl.Boolean,
 }
 FACES_SCHEMA = {**DETECTIONS_SCHEMA, **LABEL_SCHEMA}
@@ -76,7 +78,8 @@ FACE_FRAMES_SCHEMA = {
     "face_sharpness": pl.Float64,
 }
 #: ``appearance_edits``: the names a person gave appearances by hand, append-only; ``character``
-#: null means "none of the characters" (a false sighting, or a face of nobody to name). The
+#: null means "none of the characters": a false sighting, no one to count or frame by (a real
+#: person nobody is to name is left unknown, not fixed). The
 #: appearance is held by its frame, kind and box as well as its id: an id is its place among its
 #: frame's sightings, and a rerun that finds one more there (a refit after a still was added)
 #: gave the fix to another appearance.

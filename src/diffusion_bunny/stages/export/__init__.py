@@ -67,7 +67,8 @@ STAGE = Stage(
         Reads(
             "faces",
             "characters",
-            # low_confidence: whether unnamed faces are people in a crop's own caption.
+            # low_confidence and edited: whether unnamed faces are people in a crop's own caption
+            # (a face fixed to none is not: captions.tables.without_false_sightings).
             (
                 "face_id",
                 "frame_id",
@@ -79,6 +80,7 @@ STAGE = Stage(
                 "kind",
                 "sharpness",
                 "low_confidence",
+                "edited",
             ),
             optional=True,
         ),

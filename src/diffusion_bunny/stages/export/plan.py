@@ -44,7 +44,12 @@ import polars as pl
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.pipeline.run import bounded_name
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
-from diffusion_bunny.stages.captions.tables import crop_template_caption, faces_are_people, usable_captions
+from diffusion_bunny.stages.captions.tables import (
+    crop_template_caption,
+    faces_are_people,
+    usable_captions,
+    without_false_sightings,
+)
 from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import CROPS, ITEM_SCHEMA
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
@@ -386,7 +391,8 @@ def retell_crops(
 ) -> pl.DataFrame:
     """``items`` with each crop of a template-captioned frame (``provider`` template, ``status``
     ok) captioned for what it shows: the characters inside it, the people no one named whose
-    face is inside it (in a film of people: :func:`faces_are_people`), and the crop's tag as its framing
+    face is inside it (in a film of people: :func:`faces_are_people`; not one a person fixed to
+    none, :func:`without_false_sightings`), and the crop's tag as its framing
     (:func:`~diffusion_bunny.stages.captions.tables.crop_template_caption`). A caption a person
     edited, or one a model wrote, stays the frame's with the tag added (:func:`crop_caption`):
     free text cannot be taken apart safely."""
@@ -397,7 +403,7 @@ def retell_crops(
     framing = {"face": cfg.face_tag, "half_body": cfg.half_body_tag, "character": cfg.character_tag}
     strangers: dict[str, list[Box]] = {}
     if faces is not None and faces.height and faces_are_people(faces):
-        unnamed = faces.filter(pl.col("character").is_null())
+        unnamed = without_false_sightings(faces).filter(pl.col("character").is_null())
         if "kind" in unnamed.columns:
             unnamed = unnamed.filter(pl.col("kind").fill_null("face") == "face")
         for fid, *box in unnamed.select("frame_id", "left", "top", "right", "bottom").iter_rows():

@@ -15,7 +15,7 @@ from diffusion_bunny.media.figures import Block, Layout, Tile, tile_sheet
 from diffusion_bunny.pipeline.contract import ConfigView
 from diffusion_bunny.pipeline.run import slugify
 from diffusion_bunny.stages.captions.plots import caption_length_plot
-from diffusion_bunny.stages.captions.tables import usable_captions
+from diffusion_bunny.stages.captions.tables import usable_captions, without_false_sightings
 from diffusion_bunny.stages.characters.plots import UNKNOWN, face_sheet, screen_time_plot
 from diffusion_bunny.stages.export.plots import dataset_sheet
 from diffusion_bunny.stages.export.tables import dataset_dir
@@ -247,7 +247,9 @@ def run_funnel(run: ReportData, decoded: int | None = None) -> pl.DataFrame:
         if run.has_table("keyframe_candidates")
         else None
     )
-    faces = run.read_table("faces").select("frame_id", "character") if run.has_table("faces") else None
+    faces = None
+    if run.has_table("faces"):  # a face fixed to none is no face (:func:`without_false_sightings`)
+        faces = without_false_sightings(run.read_table("faces")).select("frame_id", "character")
     return funnel_table(
         decoded=decoded,
         candidates=candidates,
@@ -361,12 +363,17 @@ def file_slugs(names: list[str]) -> dict[str, str]:
 
 
 def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
-    faces = run.read_table("faces")
-    if not faces.height:
+    """Stage 03's section: screen time, a contact sheet per character, and the appearances
+    counted, those a person fixed to none (false sightings) apart from the unknown ones: they
+    are nobody, in the captions as here."""
+    found = run.read_table("faces")
+    if not found.height:
         message = "stage characters found no character" + not_found_note(run) + no_pictures_note(run)
         return Section("characters", "empty", message)
+    faces = without_false_sightings(found)
+    false = found.height - faces.height
     figures = []
-    if run.has_table("shots"):
+    if run.has_table("shots") and faces.height:
         figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
     named = faces.filter(pl.col("character").is_not_null())
     counts = named.group_by("character").len().sort(["len", "character"], descending=[True, False])
@@ -389,12 +396,13 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
     unknown = faces.height - named.height
     more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
     message = (
-        f"{faces.height} appearances: {named.height} named ({counts.height} "
+        f"{found.height} appearances: {named.height} named ({counts.height} "
         f"character{'s' if counts.height != 1 else ''}{more}), {unknown} {UNKNOWN}"
         if counts.height
-        else f"{faces.height} appearances, none named (name them in notebook 03)"
+        else f"{found.height} appearances, none named (name them in notebook 03)"
     )
-    return Section("characters", "ok", message + not_found_note(run), figures)
+    fixed = f", {false} fixed to none (false sightings)" if false else ""
+    return Section("characters", "ok", message + fixed + not_found_note(run), figures)
 
 
 def _scenes_section(run: ReportData, cfg: ConfigView) -> Section:

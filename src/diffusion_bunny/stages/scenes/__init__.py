@@ -64,7 +64,8 @@ STAGE = Stage(
             ("frame_id", "frame_index", "shot_id", "path", "width", "height", *BOX_COLUMNS),
         ),
         Reads("quality", "quality", ("frame_id", "keep", *REGION_COLUMNS)),
-        Reads("faces", "characters", ("frame_id", "character"), optional=True),
+        # edited: a face fixed to none in notebook 03 is nobody (clustering.frame_characters).
+        Reads("faces", "characters", ("frame_id", "character", "edited"), optional=True),
         Reads("face_frames", "characters", ("frame_id", "status"), optional=True),
         # A person's corrections: the adapter learns from them, so new ones make the stage stale.
         # Every column (None: the whole table): a target or level changed by hand is a new

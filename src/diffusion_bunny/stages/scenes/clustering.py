@@ -327,8 +327,12 @@ def frame_characters(
     found faces but named none; ``("unscanned",)`` for those of ``frames`` stage 03 did not search
     (``scanned``: the frames it did; None: treat every frame as searched). Without the last, a
     frame stage 03 never looked at (say ``scenes.frames: all`` with stage 03 on the kept ones)
-    would read as showing nobody."""
+    would read as showing nobody. A face a person fixed to none in notebook 03 (``edited``, no
+    name: a false sighting) is nobody, as in stage 05's captions: a frame of only such faces was
+    filed under "unknown" beside the frames of people no one named."""
     out: dict[str, set[str]] = defaultdict(set)
+    if faces is not None and "edited" in faces.columns:
+        faces = faces.filter(~(pl.col("character").is_null() & pl.col("edited").fill_null(False)))
     if faces is not None and not faces.is_empty():
         for fid, name in faces.select("frame_id", "character").iter_rows():
             out[fid].add(name if name else UNKNOWN)
