@@ -48,6 +48,7 @@ from diffusion_bunny.stages.characters.stage import (
     name_cluster,
     not_found_warnings,
     nothing_found_warnings,
+    promote_cluster,
 )
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
@@ -256,6 +257,56 @@ def test_names_must_be_usable_folder_names():
             check_name(bad, known={bad})
     with pytest.raises(UserError, match="not usable"):
         check_name("../x", known={"../x"})
+
+
+def test_a_name_typed_with_other_spaces_dashes_or_underscores_is_the_known_character():
+    """``alex lacamoire`` typed in notebook 03's fixer beside the reference folder
+    ``alex_lacamoire`` stayed as typed: kohya got ``6_alex lacamoire`` beside the character's own
+    folder and stage 08 drew both. Case, and runs of spaces, '-' and '_', are one character; a
+    name that could be two known characters so spelt is refused, naming both."""
+    known = {"alex_lacamoire", "lin_manuel_miranda"}
+    for typed in (
+        "alex lacamoire",
+        "Alex Lacamoire",
+        "ALEX-LACAMOIRE",
+        "alex _ lacamoire",
+        "alex__lacamoire ",
+    ):
+        assert check_name(typed, known=known) == "alex_lacamoire", typed
+    assert check_name("Lin-Manuel Miranda", known=known) == "lin_manuel_miranda"
+    assert check_name("alexlacamoire", known=known) == "alexlacamoire"  # another name: as typed
+    two = {"alex_lacamoire", "Alex-Lacamoire"}
+    with pytest.raises(UserError, match=r"could be any of the characters 'Alex-Lacamoire', 'alex_lacamoire'"):
+        check_name("alex lacamoire", known=two)
+    assert check_name("Alex-Lacamoire", known=two) == "Alex-Lacamoire"  # spelt as one of them
+
+
+def test_a_fix_typed_with_other_separators_names_the_known_character(tmp_path):
+    """The fixer (fix_appearance) spells a typed name as the reference folder's character."""
+    refs = tmp_path / "refs"
+    (refs / "alex_lacamoire").mkdir(parents=True)
+    (refs / "alex_lacamoire" / "a.png").write_bytes(b"")
+    run = Run(tmp_path / "run")
+    run.run_dir.mkdir()
+    (run.run_dir / "run.json").write_text(json.dumps({"movie": "hamilton.mp4"}))
+    faces = pl.DataFrame(
+        {"face_id": ["f_00"], "frame_id": ["f"], "kind": ["face"], "character": [None]},
+        schema={"face_id": pl.Utf8, "frame_id": pl.Utf8, "kind": pl.Utf8, "character": pl.Utf8},
+    ).with_columns(
+        *[pl.lit(v).alias(k) for k, v in (("left", 10), ("top", 10), ("right", 60), ("bottom", 60))],
+        pl.lit(None, pl.Float64).alias("distance"),
+        pl.lit(False).alias("low_confidence"),
+        pl.lit(None, pl.Utf8).alias("cluster"),
+        pl.lit(False).alias("edited"),
+    )
+    run.write_table("faces", faces)
+    settings = CharactersSettings(reference_dir=str(refs))
+    fixed = fix_appearance(run.run_dir, "f_00", "Alex Lacamoire", settings)
+    assert fixed.select("character", "edited").row(0) == ("alex_lacamoire", True)
+    (refs / "Alex-Lacamoire").mkdir()
+    (refs / "Alex-Lacamoire" / "b.png").write_bytes(b"")
+    with pytest.raises(UserError, match="could be any of the characters"):
+        fix_appearance(run.run_dir, "f_00", "alex lacamoire", settings)
 
 
 def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
@@ -514,6 +565,10 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     assert after.filter(pl.col("character").is_null())["cluster"].n_unique() == 3
     # The run's own references are now an input: the next plain run is up to date.
     assert stage_state(run, "characters", cfg)[0] == "done"
+    # A cluster named "First_Person" is named as that character: its faces join its folder (the
+    # relabelled run's cluster_00 is the other person's, whose faces serve as references).
+    written, _ = promote_cluster(run, "cluster_00", "First_Person", load_config(None, dict(DEMO_SETTINGS)))
+    assert written and {p.parent for p in written} == {run.run_dir / "references" / "first person"}
 
 
 def test_a_cluster_that_gives_no_reference_leaves_no_empty_character_folder(
@@ -637,6 +692,13 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
         )
     with pytest.raises(UserError, match="not usable"):
         add_still(run.run_dir, frame["frame_id"], box, "../evil", cfg.characters)
+    # A name typed with a space where the character's folder has '_' is that character's.
+    first = add_still(run.run_dir, frame["frame_id"], box, "cartoon_dog", cfg.characters)
+    again = add_still(run.run_dir, frame["frame_id"], (110, 60, 210, 160), "Cartoon Dog", cfg.characters)
+    assert again.parent == first.parent == run.run_dir / "references" / "cartoon_dog"
+    for still in (first, again):  # gone again: the picker below offers the characters it had
+        still.unlink()
+    first.parent.rmdir()
 
     picker = StillPicker(run, cfg)
     assert "biscuit" in picker.name.options and "biscuit" in picker.boxes.classes  # known names offered

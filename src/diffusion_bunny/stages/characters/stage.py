@@ -875,26 +875,43 @@ def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...
 #: notebook 03 was refused.
 _NAME_DOTS = "\u00b7\u30fb\uff65"
 _NAME = re.compile(rf"^[\w][\w .'{_NAME_DOTS}-]{{0,63}}$")
+#: What a typed name and a known one may differ by and still be one character: a run of spaces,
+#: '-' and '_' (and the case).
+_NAME_GAPS = re.compile(r"[\s_-]+")
+
+
+def _name_key(name: str) -> str:
+    """``name`` as :func:`check_name` compares it with the known characters."""
+    return _NAME_GAPS.sub(" ", name.casefold()).strip()
 
 
 def check_name(name: str, known: Iterable[str] = ()) -> str:
     """A character name usable as a folder name, or a user error that says what is allowed.
     Composed (:func:`~diffusion_bunny.models.faces.character_name`), and spelt as the
-    character of ``known`` it names whatever the case (``alice`` given where ``Alice`` is known
-    made a second character). A character ``known`` already is usable as it is spelt, even where
-    a new name could not be (a reference folder ``Alex (piano)``, which stage 03 loads and asks a
-    still of, was refused by the still picker). The reserved names are refused whatever their
-    case, as the reference loader refuses their folders (``Unknown`` named a cluster into a
-    folder every later run left out)."""
+    character of ``known`` it names whatever the case and whether its words are joined by
+    spaces, '-' or '_' (``alice`` given where ``Alice`` is known made a second character, and
+    ``alex lacamoire`` where the reference folder is ``alex_lacamoire`` a second kohya folder
+    and a second character drawn by stage 08). Where it could name several known characters
+    and is spelt as none of them, a user error names them: picking one would be a guess. A
+    character ``known`` already is usable as it is spelt, even where a new name could not be (a
+    reference folder ``Alex (piano)``, which stage 03 loads and asks a still of, was refused by
+    the still picker). The reserved names are refused whatever their case, as the reference
+    loader refuses their folders (``Unknown`` named a cluster into a folder every later run
+    left out)."""
     name = character_name(name)
     if name.casefold() in RESERVED_NAMES:
         raise UserError(
             f"character name {name!r} is not usable: 'unknown' and 'noise' are what the workspace "
             "calls the appearances it cannot name; choose another name"
         )
-    same = [k for k in map(character_name, known) if k.casefold() == name.casefold()]
+    same = sorted({k for k in map(character_name, known) if _name_key(k) == _name_key(name)})
     if same and _folder_name(name):
-        return name if name in same else sorted(same)[0]
+        if name in same or len(same) == 1:
+            return name if name in same else same[0]
+        raise UserError(
+            f"character name {name!r} could be any of the characters {', '.join(map(repr, same))} "
+            "(names that differ only in case, spaces, '-' or '_'); type one of them as it is spelt"
+        )
     if not _NAME.match(name):
         raise UserError(
             f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-', '_' "
