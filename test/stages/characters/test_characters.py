@@ -667,6 +667,33 @@ def test_cluster_namer_widget(discovered, tmp_path):
     assert namer.clusters().height == 2
 
 
+def test_a_still_of_a_face_too_small_to_tell_anyone_by_is_refused(discovered, tmp_path):
+    """A still becomes a reference face at any size: a person boxed where her face is 30 px
+    tall gave an encoding near another's, and the next run named him after her. Such a still is
+    refused in one line; the same person boxed where her face is 65 px tall is taken."""
+    from PIL import Image as PILImage
+
+    from diffusion_bunny.media.samples import load_source
+
+    run = _copy(discovered, tmp_path)
+    cfg = _cfg(tmp_path)
+    frame = run.read_table("frames").sort("frame_index").row(0, named=True)
+    grace = load_source("grace_hopper")
+    picture = read_rgb(run.run_dir / frame["path"]).copy()
+    boxes = []
+    for scale, left in ((0.15, 20), (0.3, 200)):  # her face 30 and 65 px tall
+        w, h = int(grace.shape[1] * scale), int(grace.shape[0] * scale)
+        picture[20 : 20 + h, left : left + w] = np.asarray(PILImage.fromarray(grace).resize((w, h)))
+        boxes.append((left, 20, left + w, 20 + h))
+    PILImage.fromarray(picture).save(run.run_dir / frame["path"], quality=95)
+    with pytest.raises(UserError, match=r"is 30 px tall, under characters.trust_min_px \(48\)"):
+        add_still(run.run_dir, frame["frame_id"], boxes[0], "grace", cfg.characters)
+    assert not (run.run_dir / "references" / "grace").exists() or not any(
+        (run.run_dir / "references" / "grace").iterdir()
+    )
+    assert add_still(run.run_dir, frame["frame_id"], boxes[1], "grace", cfg.characters).is_file()
+
+
 def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     """add_still writes the frame's box with DRAWN_MARGIN around it into the reference folder (the
     run's own references/ when none is configured); the picker widget does the same, and what a

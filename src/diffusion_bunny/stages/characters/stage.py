@@ -1076,12 +1076,35 @@ def add_still(
             "side inside the frame: draw it around the character"
         )
     crop = face_crop(rgb, (top, right, bottom, left), margin=DRAWN_MARGIN, min_face=0)
+    small = _small_face(crop, characters)
+    if small is not None:
+        raise UserError(
+            f"the face in the box on frame {frame_id} is {small} px tall, under characters.trust_min_px "
+            f"({characters.trust_min_px}): too small to tell {name} by, other people's faces would be "
+            f"named {name}; box {name} in a frame where the face is larger, or add a photo"
+        )
     target = naming_dir(run.run_dir, characters) / name
     target.mkdir(parents=True, exist_ok=True)
     out = target / f"still_{frame_id}_{left}_{top}_{right}_{bottom}.png"
     if not _write_png(out, crop):  # pragma: no cover - the box is at least 16 px a side
         raise UserError(f"the still of frame {frame_id} could not be encoded")
     return out
+
+
+def _small_face(crop: np.ndarray, characters: CharactersSettings) -> int | None:
+    """The height of a photographed face in a still that is under ``characters.trust_min_px``
+    (None when there is none). Why: a still becomes a reference face as a portrait does, at any
+    size; a face of 24 px from the film gave an encoding close to another person's, and the next
+    run named that person after the still (the Hamilton clip's pianist boxed at the piano named
+    the singer). Names are trusted from faces this large only (``identify.trusted_faces``)."""
+    settings = replace(DetectSettings.from_config(characters), min_face_px=0)
+    for face in portrait_faces(crop, settings):
+        tall = face.bottom - face.top
+        if tall < characters.trust_min_px and photographed_face(
+            crop, (face.top, face.right, face.bottom, face.left)
+        ):
+            return tall
+    return None
 
 
 def promote_cluster(
