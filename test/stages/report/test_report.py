@@ -338,6 +338,11 @@ def test_generated_pictures_of_drawn_characters_have_their_own_figure():
     nothing = drawn.with_columns(pl.lit(None, pl.Float64).alias("drawn_score"))
     assert section(nothing).status == "empty" and "no drawn character scored" in section(nothing).message
     assert section(generations_table()).status == "ok"
+    # The base model's pictures are the comparison, not a checkpoint of the LoRA.
+    assert "from 3 checkpoint(s)" in section(people).message  # no base model drawn (no scale 0)
+    base = people.filter(pl.col("checkpoint") == "final").with_columns(pl.lit("base").alias("checkpoint"))
+    assert "from 3 checkpoint(s) and the base model" in section(pl.concat([people, base])).message
+    assert "from the base model alone (no LoRA checkpoint)" in section(base).message
 
 
 def _copy_run(run: Run, dest: Path) -> Run:

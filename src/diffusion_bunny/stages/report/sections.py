@@ -456,7 +456,6 @@ def _generate_section(run: ReportData, cfg: ConfigView) -> Section:
             "empty",
             f"{generations.height} generated pictures, no face found and no drawn character scored in any",
         )
-    n = generations["checkpoint"].n_unique()
     figures = []
     if faces:
         figures.append(
@@ -480,5 +479,9 @@ def _generate_section(run: ReportData, cfg: ConfigView) -> Section:
                 ),
             )
         )
-    what = f"{generations.height} generated pictures from {n} checkpoint(s)"
+    # The base model's pictures (scale 0, checkpoint "base") are the comparison, not a checkpoint.
+    n = generations.filter(pl.col("checkpoint") != "base")["checkpoint"].n_unique()
+    base = " and the base model" if (generations["checkpoint"] == "base").any() else ""
+    by = f"{n} checkpoint(s){base}" if n else "the base model alone (no LoRA checkpoint)"
+    what = f"{generations.height} generated pictures from {by}"
     return Section("generate", "ok", what, figures)
