@@ -3,6 +3,7 @@ the choice of checkpoint, CLIP scores, the bad-input messages, the figures and n
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import cv2
@@ -706,7 +707,9 @@ def test_only_the_base_model_drawn_gives_no_best_checkpoint_and_a_line_that_says
         schema_overrides={"identity_distance": pl.Float64, "clip_score": pl.Float64, "step": pl.Int64}
         | _DRAWN,
     )
-    scores = checkpoint_scores(gen, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # polars warned of the comparison with None
+        scores = checkpoint_scores(gen, [])
     assert scores["best"].to_list() == [False]
     counts = {"images": 16, "rendered_now": 0, "reused": 16, "checkpoints": 0}
     facts = {"best_checkpoint": None, "characters": ["lin"], "no_face": "no face in 16 of 16 images"}

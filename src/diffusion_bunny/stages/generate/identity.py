@@ -213,8 +213,10 @@ def checkpoint_scores(generations: pl.DataFrame, order: Sequence[str]) -> pl.Dat
         )
     scores = pl.DataFrame(rows, schema=SCORES_SCHEMA)
     best = pick_best(scores)
-    # False, not null, without a checkpoint to choose (only the base model drawn): ``== None`` is null.
-    return scores.with_columns((pl.col("checkpoint") == best).fill_null(False).alias("best"))
+    # False, not null, without a checkpoint to choose (only the base model drawn): ``== None`` is
+    # null, and polars warns of the comparison.
+    chosen = pl.col("checkpoint") == best if best is not None else pl.lit(False)
+    return scores.with_columns(chosen.alias("best"))
 
 
 def pick_best(scores: pl.DataFrame) -> str | None:

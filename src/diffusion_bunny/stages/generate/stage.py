@@ -186,8 +186,8 @@ def draw_and_score(
     generations = _generations_table(items, ids, clips, drawn.min_score if drawn else None)
     scores = checkpoint_scores(generations, [c.name for c in checkpoints])
     best = pick_best(scores)
-    # False, not null, where there is no checkpoint to choose (only the base model drawn).
-    generations = generations.with_columns((pl.col("checkpoint") == best).fill_null(False).alias("best"))
+    # False, not null (nor a comparison with None), with no checkpoint to choose (the base model alone).
+    generations = generations.with_columns(best=(pl.col("checkpoint") == (best or "")).fill_null(False))
     warnings.extend(_score_warnings(generations, references, drawn))
     counts = {
         "images": generations.height,
