@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import warnings
 from collections import Counter
@@ -31,7 +32,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
-from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, move_to_cluster
+from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, library_key, move_to_cluster
 from diffusion_bunny.stages.scenes.tables import JOIN_FILE, NOISE
 
 
@@ -1409,10 +1410,82 @@ def test_a_join_stopped_by_a_full_disk_is_taken_up_as_it_was(scenes_run, tmp_pat
     assert now[j.alone] == folder and [f for f, c in now.items() if c == folder] == [j.alone]
     to = dict(j.run.read_table("feedback").select("anchor_id", "to_cluster").iter_rows())
     assert to[j.moved] == now[j.moved] and to[j.alone] == folder
-    assert (j.run.run_dir / JOIN_FILE).is_file()  # until a run finds the join done
     run_stage(j.run, "scenes", j.cfg, progress=False, force=True)
-    assert not (j.run.run_dir / JOIN_FILE).exists()
+    record = json.loads((j.run.run_dir / JOIN_FILE).read_text())  # the library the ids are in now
+    assert "before" not in record and record["library_key"] == library_key(j.library)
     assert scene_map(j.run.read_table("clusters")) == now
+
+
+def _library_with_moves(scenes_run, tmp_path) -> tuple[object, Path, dict[str, str], list[str]]:
+    """The demo run in a library from its first run, then a folder made by hand and a move on
+    the board, learnt by a second run: (run, library, frame -> cluster, the two frames moved)."""
+    run, _ = scenes_run
+    library = tmp_path / "libA"
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"], descending=[True, False])
+    a, b = sizes["cluster_id"][0], sizes["cluster_id"][1]
+    in_a = sorted(scene.filter(pl.col("cluster_id") == a)["frame_id"].to_list())
+    move_to_cluster(run.run_dir, in_a[0], "new")
+    move_to_cluster(run.run_dir, in_a[1], b)
+    run_stage(run, "scenes", cfg, progress=False)
+    return run, library, scene_map(run.read_table("clusters")), in_a[:2]
+
+
+def test_a_library_reached_under_another_path_is_the_same_library(scenes_run, tmp_path):
+    """A library folder moved (a share mounted elsewhere) is the same library: its id, not its
+    path, says so. The run took it for a new one, and gave the folder made by hand a new id."""
+    run, library, before, moved = _library_with_moves(scenes_run, tmp_path)
+    feedback = run.read_table("feedback")
+    library.rename(tmp_path / "libC")
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(tmp_path / "libC")})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run_stage(run, "scenes", cfg, progress=False)
+    assert not [w for w in said if "joined the scene library" in str(w.message)]
+    assert run.read_table("feedback").equals(feedback)
+    assert {f: scene_map(run.read_table("clusters"))[f] for f in moved} == {f: before[f] for f in moved}
+
+
+def test_a_run_in_a_library_whose_manifest_was_lost_is_no_join(scenes_run, tmp_path):
+    """The last run failed (no manifest): the run folder still says which library its
+    corrections' ids are in, so the next run does not take itself for one that joins."""
+    run, library, before, moved = _library_with_moves(scenes_run, tmp_path)
+    feedback = run.read_table("feedback")
+    run.manifest_path("scenes").unlink()
+    run.table_path("scene_exemplars").unlink()  # nor can its exemplars tell
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run_stage(run, "scenes", cfg, progress=False)
+    assert not [w for w in said if "joined the scene library" in str(w.message)]
+    assert run.read_table("feedback").equals(feedback)
+    assert {f: scene_map(run.read_table("clusters"))[f] for f in moved} == {f: before[f] for f in moved}
+
+
+def test_a_move_made_after_a_join_stopped_follows_the_clusters_the_board_showed(scenes_run, tmp_path):
+    """The join's run stopped after it rewrote the corrections and before the clusters: the board
+    still shows the movie's own clusters, and a frame moved there names one of them. The next run
+    takes the join up and translates that move too (it was read as a library id, another place)."""
+    run, _ = scenes_run
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"], descending=[True, False])
+    a, b, c = sizes["cluster_id"][0], sizes["cluster_id"][1], sizes["cluster_id"][2]
+    members = scene_map(scene)
+    in_a = sorted(f for f, x in members.items() if x == a)
+    in_c = sorted(f for f, x in members.items() if x == c)
+    move_to_cluster(run.run_dir, in_a[0], b)
+    library = tmp_path / "library"
+    _library_of_another_movie(run, library)
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    _stopped_writing(run, cfg, "clusters")
+    move_to_cluster(run.run_dir, in_a[1], c)  # as the board shows it: the movie's own c
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_stage(run, "scenes", cfg, progress=False)
+    now = scene_map(run.read_table("clusters"))
+    assert now[in_a[1]] == _most(in_c, now) != now[in_a[0]]
 
 
 def test_moves_made_in_one_library_follow_the_movie_into_another(scenes_run, tmp_path):

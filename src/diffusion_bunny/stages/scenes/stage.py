@@ -92,6 +92,8 @@ EMBEDDING_SCHEMA = {
 #: Beside a shared library's ``scene_exemplars.parquet``: the ids of the folders a person made by
 #: hand in any of its movies (no exemplar holds them).
 HAND_MADE_FILE = "hand_made_clusters.parquet"
+#: Beside it: the library's own id (:func:`library_key`), made on its first use.
+LIBRARY_FILE = "library.json"
 EXEMPLAR_SCHEMA = {
     "cluster_id": pl.String,
     "frame_id": pl.String,
@@ -325,7 +327,7 @@ def compute(ctx: Context) -> StageOutput:
         )
     space = _space(embedder_name, adapter_key)
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
-    join = _library_join(ctx, library, feedback, previous)
+    join, key = _library_join(ctx, library, feedback, previous)
     # Ids a correction used (a folder made by hand has no exemplar to hold its id): none is reused.
     # Those of a clustering this run leaves for a library name nothing there (they are translated).
     reserved = (
@@ -360,6 +362,7 @@ def compute(ctx: Context) -> StageOutput:
         "thresholds": thresholds,
         "adapter": adapter_facts,
         "library": str(library) if library else None,
+        "library_key": key,
     }
     if join is not None:  # old id -> library id; the same dict, so a move made meanwhile is in it too
         facts["library_join"] = join.ids
@@ -368,12 +371,16 @@ def compute(ctx: Context) -> StageOutput:
         counts=counts,
         warnings=warnings,
         facts=facts,
-        merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join),
+        merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join, (library, key)),
     )
 
 
 def _with_new_moves(
-    run: Run, seen: int, vectors: dict[str, np.ndarray], join: _LibraryJoin | None
+    run: Run,
+    seen: int,
+    vectors: dict[str, np.ndarray],
+    join: _LibraryJoin | None,
+    shared: tuple[Path | None, str | None],
 ) -> Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]]:
     """The stage's merge: under the commit's locks (clusters and feedback, the ones
     move_to_cluster takes), just before the write, a frame moved on the board while the stage
@@ -382,7 +389,10 @@ def _with_new_moves(
 
     A run that joins a library writes ``feedback`` here, in the library's ids (:class:`_LibraryJoin`),
     with the writer of a person's tables (a backup kept) and under the lock the board writes it
-    under; the moves made meanwhile are in the old ids too (the board showed the old clusters)."""
+    under; the moves made meanwhile are in the old ids too (the board showed the old clusters).
+    Any run against a library (``shared``: its folder and :func:`library_key`) records that the
+    corrections are in its ids (:data:`JOIN_FILE`)."""
+    library, key = shared
 
     def merge(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
         latest = read_feedback(run.run_dir)
@@ -390,6 +400,8 @@ def _with_new_moves(
             original, latest = latest, join.translate(latest)
             join.write(original, latest)
             run.write_table("feedback", latest, backup=True)
+        elif library is not None and key is not None:
+            write_record(run.run_dir / JOIN_FILE, library, key, latest)
         if latest.height == seen:
             return tables
         return {**tables, "clusters": apply_feedback(tables["clusters"], latest, vectors)}
@@ -521,13 +533,7 @@ def _assign_library(
     adding the clusters it opens to the library, under the library's lock. The clusters it opens
     take ids past the library's, past those this run's corrections made (``made``) and past the
     folders any member movie made by hand (:data:`HAND_MADE_FILE`): else one id named two places."""
-    try:
-        library.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file of that name, a folder it may not write to
-        raise StageError(
-            f"the scene library {library} (scenes.library_dir) cannot be a folder here ({exc.strerror}); "
-            "give scenes.library_dir a folder this user may write to, or unset it"
-        ) from None
+    _library_folder(library)
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
         lib = _library_table(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
@@ -570,28 +576,65 @@ def _assign_library(
 
 def _library_join(
     ctx: Context, library: Path | None, feedback: pl.DataFrame, previous: dict[str, pl.DataFrame]
-) -> _LibraryJoin | None:
+) -> tuple[_LibraryJoin | None, str | None]:
     """The translation of the corrections' ids when this run joins ``library`` (None when it
     does not): the corrections were made on clusters of another clustering (the movie on its own,
-    or another library), whose ids name other places in this one."""
+    or another library), whose ids name other places in this one; and the library's own id.
+
+    Which library the corrections' ids are in is read from :data:`JOIN_FILE`, which every run
+    against a library writes, by the library's own id (:func:`library_key`), not its path: a
+    library reached under another path (a share mounted elsewhere) is the same one, and a run
+    whose manifest was lost (it failed) still knows. Without the file (a run folder of an older
+    version), the last manifest's library path tells."""
     record = ctx.run.run_dir / JOIN_FILE
     if library is None:  # left the library: a join later is a new one, from the ids then
         record.unlink(missing_ok=True)
-        return None
+        return None, None
+    key, kept = library_key(library), _read_record(record)
+    clusters, exemplars = previous.get("clusters"), _exemplars_key(previous.get("scene_exemplars"))
+    if kept is not None and kept.get("library_key") == key:
+        # A join whose run stopped before it wrote its exemplars (the one table the board never
+        # writes, so the clustering the board showed is still on disk while they are these).
+        facts = (ctx.previous or {}).get("facts") or {}
+        if facts.get("library_key") == key or kept.get("before") != exemplars:
+            return None, key  # the corrections are in this library's ids already
+        join = _LibraryJoin(library, clusters, record=record, key=key, before=exemplars)
+        join.resume(feedback, kept)
+        return join, key
     if feedback.is_empty():
-        return None
-    if ctx.previous is not None:
-        before = (ctx.previous.get("facts") or {}).get("library")
-        if before and _same_folder(Path(before), library):
-            record.unlink(missing_ok=True)  # the join's run ended: its ids are the manifest's
-            return None
-    elif _made_in(library, previous.get("scene_exemplars"), ctx.run.movie_key):
-        # No manifest: the last run failed (a library of another embedder, say) or never ended.
-        # Its exemplars tell: a run against this library keeps the library's rows of this movie.
-        return None
-    join = _LibraryJoin(library, previous.get("clusters"), record=record)
-    done = join.resume(feedback)
-    return None if done else join
+        return None, key
+    if kept is None:
+        if ctx.previous is not None:
+            before = (ctx.previous.get("facts") or {}).get("library")
+            if before and _same_folder(Path(before), library):
+                return None, key
+        elif _made_in(library, previous.get("scene_exemplars"), ctx.run.movie_key):
+            # No manifest: the last run failed (a library of another embedder, say) or never ended.
+            # Its exemplars tell: a run against this library keeps the library's rows of this movie.
+            return None, key
+    return _LibraryJoin(library, clusters, record=record, key=key, before=exemplars), key
+
+
+def library_key(library: Path) -> str:
+    """The scene library's own id (``<library>/library.json``, made on its first use under its
+    lock): the same library under another path is known as itself."""
+    path = library / LIBRARY_FILE
+    _library_folder(library)
+    with FileLock(str(library / ".library.lock"), timeout=120):
+        try:
+            return str(json.loads(path.read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            key = uuid.uuid4().hex
+            atomic_write_bytes(path, json.dumps({"id": key}).encode())
+            return key
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing, or unreadable: judged as before any record
+    return kept if isinstance(kept, dict) else None
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -632,47 +675,35 @@ class _LibraryJoin:
     ids: dict[str, str] = field(default_factory=dict)
     #: Where the translation is recorded before ``feedback`` is rewritten (:data:`JOIN_FILE`).
     record: Path | None = None
+    #: The library's own id (:func:`library_key`).
+    key: str = ""
+    #: The first rows of ``feedback`` already in the library's ids (a join taken up).
+    done: int = 0
+    #: The exemplars on disk before the join (:func:`_exemplars_key`): while they are, it has not ended.
+    before: str = ""
 
-    def resume(self, feedback: pl.DataFrame) -> bool:
+    def resume(self, feedback: pl.DataFrame, kept: dict[str, Any]) -> None:
         """Take up a join whose run stopped after it wrote :data:`JOIN_FILE` (a full disk while
-        the stage wrote its tables, a kill): True when ``feedback`` is already in the library's
-        ids (nothing to translate), else its ids are the recorded ones, so that a translation is
-        never made again from ids already translated, nor against clusters already rewritten."""
-        if self.record is None or not self.record.is_file():
-            return False
-        try:
-            kept = json.loads(self.record.read_text())
-            rows, library = int(kept["rows"]), Path(kept["library"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return False  # unreadable: judged afresh, as before any join
-        if not _same_folder(library, self.library) or feedback.height < rows:
-            return False
-        head = _rows_key(feedback.head(rows))
-        if head == kept.get("translated"):
-            return True
-        if head == kept.get("original"):
-            self.ids.update(kept.get("ids") or {})
-        return False
+        the stage wrote its tables, a kill), its clusters still the old ones: the recorded ids
+        again, never a translation of ids already translated; the rows the board added since
+        (moves on the old clusters it still showed) are translated as the rest were."""
+        self.ids.update(kept.get("ids") or {})
+        rows = int(kept.get("rows") or 0)
+        if feedback.height >= rows and _rows_key(feedback.head(rows)) == kept.get("translated"):
+            self.done = rows
 
     def write(self, original: pl.DataFrame, translated: pl.DataFrame) -> None:
         """Record the join before ``feedback`` is rewritten: the rows it translates (as they were
-        and as they become) and the ids, for :meth:`resume`."""
-        if self.record is None:
-            return
-        kept = {
-            "library": str(self.library),
-            "rows": original.height,
-            "original": _rows_key(original),
-            "translated": _rows_key(translated),
-            "ids": self.ids,
-        }
-        self.record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.record, json.dumps(kept, indent=1, sort_keys=True).encode())
+        and as they become), the ids, and the exemplars on disk before it (while they are, the
+        join has not ended), for :meth:`resume`."""
+        if self.record is not None:
+            write_record(self.record, self.library, self.key, translated, original, self)
 
     def translate(self, feedback: pl.DataFrame) -> pl.DataFrame:
         """``feedback`` with its clusters in the library's ids (an id first seen here, a move made
-        while the stage computed, is translated too)."""
-        named = {c.partition("/")[0] for c in _named(feedback)} - {NOISE, NEW}
+        while the stage computed, is translated too; the first :attr:`done` rows already are)."""
+        rest = feedback.slice(self.done)
+        named = {c.partition("/")[0] for c in _named(rest)} - {NOISE, NEW}
         missing = sorted(named - self.ids.keys())
         if missing:
             self.ids.update(_library_ids(missing, self.previous, self.now, self.library))
@@ -683,10 +714,11 @@ class _LibraryJoin:
             scene, slash, who = cid.partition("/")
             return self.ids.get(scene, scene) + slash + who
 
-        return feedback.with_columns(
-            pl.Series(name, [one(c) for c in feedback[name].to_list()], pl.String)
+        rest = rest.with_columns(
+            pl.Series(name, [one(c) for c in rest[name].to_list()], pl.String)
             for name in ("from_cluster", "to_cluster")
         )
+        return pl.concat([feedback.head(self.done), rest]) if self.done else rest
 
     def warning_lines(self, feedback: pl.DataFrame) -> list[str]:
         """One line when the join changed what the corrections name, none otherwise."""
@@ -701,6 +733,36 @@ class _LibraryJoin:
             "library cluster most of its frames joined, a folder made by hand a new one); "
             "tables/feedback.parquet is rewritten in the library's ids"
         ]
+
+
+def write_record(
+    path: Path,
+    library: Path,
+    key: str,
+    feedback: pl.DataFrame,
+    original: pl.DataFrame | None = None,
+    join: _LibraryJoin | None = None,
+) -> None:
+    """:data:`JOIN_FILE`: the library ``feedback``'s ids are in; for a join (``join``), also the
+    rows as they were, the ids given, and the exemplars on disk before it."""
+    kept: dict[str, Any] = {
+        "library": str(library),
+        "library_key": key,
+        "rows": feedback.height,
+        "translated": _rows_key(feedback),
+    }
+    if join is not None and original is not None:
+        kept |= {"original": _rows_key(original), "ids": join.ids, "before": join.before}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(kept, indent=1, sort_keys=True).encode())
+
+
+def _exemplars_key(exemplars: pl.DataFrame | None) -> str:
+    """A key of a run's exemplars (which frame opened which cluster)."""
+    if exemplars is None:
+        return "none"
+    rows = sorted(exemplars.select("cluster_id", "frame_id").iter_rows())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def _rows_key(feedback: pl.DataFrame) -> str:
@@ -910,6 +972,17 @@ def _hand_made(library: Path) -> set[str]:
     """The ids of the folders people made by hand in the library's movies."""
     path = library / HAND_MADE_FILE
     return set(_library_table(path)["cluster_id"].to_list()) if path.is_file() else set()
+
+
+def _library_folder(library: Path) -> None:
+    """The scene library's folder, made if needed, or one line when it cannot be."""
+    try:
+        library.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a folder it may not write to
+        raise StageError(
+            f"the scene library {library} (scenes.library_dir) cannot be a folder here ({exc.strerror}); "
+            "give scenes.library_dir a folder this user may write to, or unset it"
+        ) from None
 
 
 def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
