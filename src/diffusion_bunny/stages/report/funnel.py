@@ -107,14 +107,16 @@ def funnel_table(
     if clusters is not None:
         scene = clusters.filter(pl.col("level") == "scene")
         if kept_ids is not None:  # with scenes.frames: all, the frames quality dropped go no further
-            scene = scene.filter(pl.col("frame_id").is_in(kept_ids))
+            scene = scene.filter(pl.col("frame_id").is_in(kept_ids.implode()))
         noise = int((scene["cluster_id"] == "noise").sum())
         steps.add("in a scene cluster", "scenes", scene.height - noise, {"noise": noise})
     usable = None
     if captions is not None:
         # Only the frames quality kept go on (with captions.frames: all every frame is captioned:
         # the ones quality dropped were counted in and then dropped again as "not exported").
-        reached = captions if kept_ids is None else captions.filter(pl.col("frame_id").is_in(kept_ids))
+        reached = (
+            captions if kept_ids is None else captions.filter(pl.col("frame_id").is_in(kept_ids.implode()))
+        )
         usable = usable_captions(reached).height
         lost = {"failed": reached.height - usable}
         if kept_ids is not None:
