@@ -328,6 +328,15 @@ def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
     (tmp_path / "Anna  Smith").mkdir()
     _, _, warnings = load_character_references(tmp_path, DetectSettings())
     assert any(f"character folder {tmp_path / 'Anna  Smith'} is empty" in w for w in warnings), warnings
+    # Names that differ by case, spaces, '-' or '_' are one name to a person typing it, and two
+    # characters to the stage: said (a name typed so made a folder of its own until it was read
+    # as the known one).
+    for folder in ("alex_lacamoire", "Alex Lacamoire"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(b"")
+    _, _, warnings = load_character_references(tmp_path, DetectSettings())
+    (line,) = [w for w in warnings if "one name spelt two ways" in w]
+    assert line.startswith("character folders 'Alex Lacamoire', 'alex_lacamoire' in ")
 
 
 def test_config_is_validated():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -136,15 +137,39 @@ def read_picture(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgba)
 
 
+#: What a typed name and a known one may differ by and still be one character: a run of spaces,
+#: '-' and '_' (and the case).
+_NAME_GAPS = re.compile(r"[\s_-]+")
+
+
+def name_key(name: str) -> str:
+    """``name`` as a character's name is compared (``check_name``, and the folders below)."""
+    return _NAME_GAPS.sub(" ", name.casefold()).strip()
+
+
 def _name_warnings(ref_dir: Path, names: list[str]) -> list[str]:
     """One line per folder or picture of ``ref_dir`` whose name cannot serve (not UTF-8 text),
-    and per character of ``names`` whose name holds a comma."""
-    return misnamed_references(ref_dir) + [
-        f"character '{name}': captions are tags parted by commas, so its name reads as "
-        f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
-        for name in names
-        if "," in name
-    ]
+    per character of ``names`` whose name holds a comma, and per group of names that differ only
+    by case, spaces, '-' or '_' (a name typed so before it was read as the known one made a
+    folder of its own: two characters, two kohya folders, each drawn in stage 08)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name_key(name), []).append(name)
+    return (
+        misnamed_references(ref_dir)
+        + [
+            f"character '{name}': captions are tags parted by commas, so its name reads as "
+            f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
+            for name in names
+            if "," in name
+        ]
+        + [
+            f"character folders {', '.join(repr(n) for n in sorted(same))} in {ref_dir} are one name "
+            "spelt two ways, so two characters: move the pictures of one into the other"
+            for same in groups.values()
+            if len(same) > 1
+        ]
+    )
 
 
 def _uncomma(name: str) -> str:

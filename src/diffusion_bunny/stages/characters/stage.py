@@ -82,6 +82,7 @@ from diffusion_bunny.stages.characters.references import (
     RESERVED_NAMES,
     ReferencePictures,
     load_character_references,
+    name_key,
     photographed_face,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
@@ -875,14 +876,6 @@ def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...
 #: notebook 03 was refused.
 _NAME_DOTS = "\u00b7\u30fb\uff65"
 _NAME = re.compile(rf"^[\w][\w .'{_NAME_DOTS}-]{{0,63}}$")
-#: What a typed name and a known one may differ by and still be one character: a run of spaces,
-#: '-' and '_' (and the case).
-_NAME_GAPS = re.compile(r"[\s_-]+")
-
-
-def _name_key(name: str) -> str:
-    """``name`` as :func:`check_name` compares it with the known characters."""
-    return _NAME_GAPS.sub(" ", name.casefold()).strip()
 
 
 def check_name(name: str, known: Iterable[str] = ()) -> str:
@@ -904,7 +897,7 @@ def check_name(name: str, known: Iterable[str] = ()) -> str:
             f"character name {name!r} is not usable: 'unknown' and 'noise' are what the workspace "
             "calls the appearances it cannot name; choose another name"
         )
-    same = sorted({k for k in map(character_name, known) if _name_key(k) == _name_key(name)})
+    same = sorted({k for k in map(character_name, known) if name_key(k) == name_key(name)})
     if same and _folder_name(name):
         if name in same or len(same) == 1:
             return name if name in same else same[0]
