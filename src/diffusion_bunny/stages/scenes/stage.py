@@ -689,7 +689,7 @@ class _LibraryJoin:
         (moves on the old clusters it still showed) are translated as the rest were."""
         self.ids.update(kept.get("ids") or {})
         rows = int(kept.get("rows") or 0)
-        if feedback.height >= rows and _rows_key(feedback.head(rows)) == kept.get("translated"):
+        if feedback.height >= rows and _feedback_key(feedback.head(rows)) == kept.get("translated"):
             self.done = rows
 
     def write(self, original: pl.DataFrame, translated: pl.DataFrame) -> None:
@@ -749,10 +749,10 @@ def write_record(
         "library": str(library),
         "library_key": key,
         "rows": feedback.height,
-        "translated": _rows_key(feedback),
+        "translated": _feedback_key(feedback),
     }
     if join is not None and original is not None:
-        kept |= {"original": _rows_key(original), "ids": join.ids, "before": join.before}
+        kept |= {"original": _feedback_key(original), "ids": join.ids, "before": join.before}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(kept, indent=1, sort_keys=True).encode())
 
@@ -763,14 +763,6 @@ def _exemplars_key(exemplars: pl.DataFrame | None) -> str:
         return "none"
     rows = sorted(exemplars.select("cluster_id", "frame_id").iter_rows())
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-
-
-def _rows_key(feedback: pl.DataFrame) -> str:
-    """A key of the moves' ids in order (which frame, from and to where, at which level)."""
-    named = ("event_id", "anchor_id", "from_cluster", "to_cluster", "level")
-    cols = [c for c in named if c in feedback.columns]
-    blob = json.dumps([feedback[c].to_list() for c in cols]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _named(feedback: pl.DataFrame) -> list[str]:
