@@ -1052,6 +1052,13 @@ def test_missing_training_output_and_base_model_are_one_clear_error(generate_run
     with pytest.raises(ModelError, match=r"^generate.base_model = 'someone/not-cached' is not in the local"):
         run_stage(run, "generate", other, progress=False)
     assert not (run.run_dir / "generated").exists() and not run.has_table("generations")
+    # The base model alone (lora_scales only 0) reads no LoRA, so it needs none: drawn before training.
+    base_only = load_config(
+        None, stage_overrides(overrides, tmp_path / "no_lora", **{"generate.lora_scales": [0.0]})
+    )
+    gen = run_stage(run, "generate", base_only, progress=False)["generations"]
+    assert set(gen["checkpoint"]) == {"base"} and gen.height == 4
+    assert run.read_manifest("generate")["inputs"]["checkpoints"] == {}
 
 
 def test_notebook_08_runs_headless(generate_run, trained_output, tmp_path, monkeypatch):

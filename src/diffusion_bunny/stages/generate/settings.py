@@ -30,6 +30,8 @@ class GenerateSettings(Section):
     trigger_word: str | None = None
     characters: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0, 1)
+    #: LoRA strengths drawn; 0 is the base model alone. Only 0: no LoRA is read, so stage 08 runs
+    #: before anything was trained (what the base model makes of the prompts).
     lora_scales: tuple[float, ...] = (0.0, 0.5, 1.0)
     checkpoints: Literal["all", "final"] | tuple[str, ...] = "all"
     steps: int = Field(20, ge=1, le=1000)

@@ -70,7 +70,12 @@ def trigger_word(cfg: ConfigView) -> str:
 
 
 def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
-    """The LoRA files to compare; none at all is a StageError naming stage train."""
+    """The LoRA files to compare; none at all is a StageError naming stage train. With
+    ``generate.lora_scales`` only 0 the base model alone is drawn: no LoRA is read, so none is
+    needed (a user who draws the base model before training, to see what it makes of the
+    prompts), and none is an input of the stage."""
+    if not any(s != 0 for s in cfg.generate.lora_scales):
+        return []
     folder = checkpoint_dir(run, cfg)
     found = find_checkpoints(folder)
     if not found:
