@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pandas as pd
 import pytest
+from damaged import damaged_avifs
 from PIL import Image
 
 from diffusion_bunny.media import figures
@@ -154,3 +155,11 @@ def test_a_sheet_is_as_wide_as_its_titles(tmp_path):
     assert sheet.width >= figures.load_font(13).getlength(title) + 8
     assert tuple(np.asarray(sheet)[16 + 10, 4 + 10]) == (255, 0, 0)
     assert tile_sheet([Block([Tile(face)])], lay).width == 4 + 24  # no title: as before
+
+
+def test_a_damaged_avif_on_a_sheet_is_a_placeholder(tmp_path):
+    """A truncated AVIF among the references stopped notebook 03's reference sheet with Pillow's
+    SyntaxError (RuntimeError for one without its image item); it is a grey tile now."""
+    lay = Layout((20, 20), columns=2, gap=4, label_h=0)
+    sheet = np.asarray(tile_sheet([Block([Tile(p, missing="x") for p in damaged_avifs(tmp_path)])], lay))
+    assert tuple(sheet[4 + 15, 4 + 15]) == tuple(sheet[4 + 15, 4 + 24 + 15]) == (0xDD, 0xDD, 0xDD)

@@ -362,11 +362,13 @@ def as_rgb(img: Image.Image) -> Image.Image:
 
 def _open_rgb(path: Path) -> Image.Image | None:
     """The picture at ``path`` as RGB and upright (a phone photo's EXIF orientation applied, as
-    stage 03 reads its references), or None when it cannot be read (a placeholder is shown)."""
+    stage 03 reads its references), or None when it cannot be read (a placeholder is shown): a
+    truncated or damaged AVIF raises SyntaxError or RuntimeError in Pillow's plugin, and stopped
+    notebook 03's reference sheet."""
     try:
         with Image.open(path) as img:
             return as_rgb(ImageOps.exif_transpose(img))
-    except (OSError, TypeError, ValueError, Image.DecompressionBombError):
+    except (OSError, TypeError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError):
         return None
 
 

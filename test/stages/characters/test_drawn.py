@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import polars as pl
 import pytest
+from damaged import damaged_avifs
 from PIL import Image
 from relay import relayed_bar
 
@@ -227,6 +228,19 @@ def test_a_picture_too_large_to_open_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
     with pytest.raises(ReferenceProblem, match="too large to read"):
         read_picture(tmp_path / "poster.png")
+
+
+def test_a_damaged_avif_reference_is_one_line_and_the_run_goes_on(tmp_path):
+    """A truncated AVIF (Pillow's AVIF plugin: SyntaxError) and one without its image item
+    (RuntimeError) stopped stage 03 as a bug; each is left out with one line now."""
+    (tmp_path / "refs" / "mika").mkdir(parents=True)
+    damaged = damaged_avifs(tmp_path / "refs" / "mika")
+    faces, pictures, warnings = load_character_references(tmp_path / "refs", DetectSettings())
+    for path, error in zip(damaged, ("SyntaxError", "RuntimeError"), strict=True):
+        line = f"reference {path} cannot be read as a picture ({error}); left out"
+        assert warnings.count(line) == 1
+    assert [t.use for t in pictures.taken] == ["left out", "left out"] and not faces.names
+    assert any("character 'mika' has no usable reference picture" in w for w in warnings)
 
 
 def test_a_sixteen_bit_grey_picture_is_read_as_its_greys(tmp_path):

@@ -123,14 +123,16 @@ def read_picture(path: Path) -> np.ndarray:
     turn it; read without that, a portrait lies on its side, the face detector finds no face, and
     the person was taken as a drawn character (OpenCV's decoder, which reads the film's frames and
     the faces-only references, turns it as well). A picture too large for Pillow to open (over
-    ~179 megapixels, its guard against decompression bombs) is one line, not a crash."""
+    ~179 megapixels, its guard against decompression bombs) is one line, not a crash, and so is a
+    truncated or damaged AVIF: Pillow's AVIF plugin raises SyntaxError (a frame that does not
+    decode) and RuntimeError (no image item), not OSError, and such a file stopped stage 03."""
     try:
         with Image.open(path) as im:
             im.seek(0)
             rgba = np.asarray(eight_bit(ImageOps.exif_transpose(im)).convert("RGBA"))
     except Image.DecompressionBombError:
         raise ReferenceProblem("is too large to read (over 179 megapixels); scale it down") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
         raise ReferenceProblem(f"cannot be read as a picture ({type(exc).__name__})") from None
     if rgba.ndim != 3 or rgba.shape[0] < 2 or rgba.shape[1] < 2:
         raise ReferenceProblem("is empty")
