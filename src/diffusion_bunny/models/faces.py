@@ -414,6 +414,18 @@ def misnamed_references(ref_dir: Path) -> list[str]:
     return out
 
 
+def loose_pictures(ref_dir: Path) -> list[str]:
+    """One line for each picture lying in ``ref_dir`` itself, beside the character folders: a
+    character is named by its folder, so ``refs/villain.png`` beside ``refs/lin/`` names nobody,
+    and it was passed over without a word (the user thought it taken)."""
+    return [
+        f"reference {shown(p)} is in no character folder; move it into {shown(ref_dir)}/<name>/, "
+        "the folder of the character it shows; left out"
+        for p in sorted(ref_dir.iterdir())
+        if p.suffix.lower() in REFERENCE_SUFFIXES and not is_clutter(p.name) and not p.is_dir()
+    ]
+
+
 def portrait_faces(rgb: np.ndarray, ref_settings: DetectSettings) -> list[Face]:
     """The faces of a reference picture that could be its subject.
 
@@ -445,7 +457,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     owners: list[int] = []
     # References are portraits, often small; they need no minimum face size.
     ref_settings = replace(settings, min_face_px=0)
-    warns += misnamed_references(ref_dir)
+    warns += misnamed_references(ref_dir) + loose_pictures(ref_dir)
     folders_of = character_folders(ref_dir)
     for name, files in reference_images(ref_dir).items():
         usable = 0

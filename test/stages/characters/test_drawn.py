@@ -1050,3 +1050,27 @@ def test_loose_gifs_in_the_reference_folder_are_counted_in_its_line(tmp_path):
     cfg = CharactersSettings(reference_dir=str(tmp_path / "refs"))
     with pytest.raises(BadInputError, match=r"holds 1 picture\(s\) of its own, in no sub-folder"):
         reference_dir(tmp_path / "run", cfg)
+
+
+def test_a_picture_beside_the_character_folders_is_one_line_each(tmp_path):
+    """``refs/villain.png`` beside ``refs/lin/`` names no character and was passed over without a
+    word; each such picture is one line now (the operating system's files and other files none)."""
+    from diffusion_bunny.models.faces import load_references
+
+    refs = tmp_path / "refs"
+    (refs / "lin").mkdir(parents=True)
+    (refs / "lin" / "notes.txt").write_text("not a picture")  # read without a face detector
+    save(refs / "villain.png", np.full((40, 40, 3), 90, np.uint8))
+    save(refs / "Zoë.GIF", np.full((40, 40, 3), 90, np.uint8), "GIF")
+    (refs / "README.txt").write_text("one folder per character")
+    (refs / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (refs / ".hidden.png").write_bytes(b"")
+    _, _, warnings = load_character_references(refs, DetectSettings())
+    _, face_warnings = load_references(refs, DetectSettings())
+    for lines in (warnings, face_warnings):
+        loose = [w for w in lines if "is in no character folder" in w]
+        assert loose == [
+            f"reference {refs / name} is in no character folder; move it into {refs}/<name>/, "
+            "the folder of the character it shows; left out"
+            for name in ("Zoë.GIF", "villain.png")
+        ]

@@ -40,6 +40,7 @@ from diffusion_bunny.models.faces import (
     REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
+    loose_pictures,
     misnamed_references,
     portrait_faces,
     walk_references,
@@ -428,6 +429,26 @@ def _screened(
     return {n: [p for p in files if p not in doubled] for n, files in kept.items()}, warnings
 
 
+def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str]) -> list[str]:
+    """The lines about ``ref_dir`` as a whole, before any picture is read: names that cannot
+    serve (:func:`_name_warnings`), pictures beside the character folders rather than in one
+    (:func:`~diffusion_bunny.models.faces.loose_pictures`) and folders whose pictures are not read
+    (``unreadable``, from :func:`~diffusion_bunny.models.faces.walk_references`)."""
+    return (
+        _name_warnings(ref_dir, names)
+        + loose_pictures(ref_dir)
+        + [
+            f"reference folder {shown(path)} {why}; its pictures are left out"
+            + (
+                ": fix its permissions (or copy them into a folder of your own)"
+                if why.startswith("cannot")
+                else ""
+            )
+            for path, why in unreadable.items()
+        ]
+    )
+
+
 def load_character_references(ref_dir: Path, settings) -> tuple[object, ReferencePictures, list[str]]:
     """Every picture under ``ref_dir`` (one sub-folder per character): the human faces' encodings
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
@@ -441,16 +462,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
     (given, unreadable), folders_of = walk_references(ref_dir), character_folders(ref_dir)
     pictures_of, screened = _screened(given, folders_of)
-    warnings += _name_warnings(ref_dir, list(pictures_of)) + screened
-    warnings += [
-        f"reference folder {shown(path)} {why}; its pictures are left out"
-        + (
-            ": fix its permissions (or copy them into a folder of your own)"
-            if why.startswith("cannot")
-            else ""
-        )
-        for path, why in unreadable.items()
-    ]
+    warnings += _folder_warnings(ref_dir, list(pictures_of), unreadable) + screened
     for name, files in pictures_of.items():
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
