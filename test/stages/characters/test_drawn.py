@@ -1074,3 +1074,32 @@ def test_a_picture_beside_the_character_folders_is_one_line_each(tmp_path):
             "the folder of the character it shows; left out"
             for name in ("Zoë.GIF", "villain.png")
         ]
+
+
+def test_pictures_left_out_before_reading_are_rows_of_the_reference_sheet(tmp_path, monkeypatch):
+    """A picture under two characters and one in a folder named as the workspace's unnamed
+    appearances were left out with a line but no row, so the reference sheet and the manifest's
+    ``references_taken`` missed them and a character's "N of M pictures used" was wrong."""
+    from diffusion_bunny.stages.characters import plots
+
+    refs = tmp_path / "refs"
+    sprite = draw(cast("mika"), Pose(), 120).rgba
+    save(refs / "mika" / "front.png", sprite)
+    save(refs / "biscuit" / "copied_by_mistake.png", sprite)
+    save(refs / "unknown" / "x.png", sprite[::2, ::2])
+    _, pictures, warnings = load_character_references(refs, DetectSettings())
+    rows = {(t.character, t.path.name): t.as_fact() for t in pictures.taken}
+    assert set(rows) == {("mika", "front.png"), ("biscuit", "copied_by_mistake.png"), ("unknown", "x.png")}
+    assert all(r["use"] == "left out" and r["box"] is None for r in rows.values())
+    doubled = "is one picture under 2 characters (biscuit, mika); keep it only in the folder of the character"
+    assert rows[("mika", "front.png")]["problem"].startswith(doubled)
+    assert rows[("biscuit", "copied_by_mistake.png")]["problem"].startswith(doubled)
+    assert "'unknown' is what the workspace calls" in rows[("unknown", "x.png")]["problem"]
+    assert sum("are one picture under 2 characters" in w for w in warnings) == 1  # one line, as before
+    # Each character's block on the sheet counts its pictures, the ones left out too.
+    titles = []
+    monkeypatch.setattr(plots, "tile_sheet", lambda blocks, _: titles.extend(b.title for b in blocks))
+    plots.reference_sheet(list(rows.values()))
+    assert sorted(titles) == [
+        f"{name} (unusable): 0 of 1 pictures used" for name in ("biscuit", "mika", "unknown")
+    ]

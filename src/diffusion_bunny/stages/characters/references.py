@@ -389,14 +389,18 @@ def _check_file(path: Path) -> None:
 
 def _screened(
     pictures_of: dict[str, list[Path]], folders_of: dict[str, list[Path]]
-) -> tuple[dict[str, list[Path]], list[str]]:
-    """``pictures_of`` less what cannot be a character's picture, and one line for each: a folder
-    whose name is one the workspace keeps for unnamed appearances (or only spaces), and a picture
-    found under two characters (one drawing taught as each of them makes the fit learn to tell
-    it from itself; the same face photo gives two characters one encoding). A user copying a
-    sprite into the wrong folder is told which files, and keeps the folder it belongs in."""
+) -> tuple[dict[str, list[Path]], list[str], dict[str, list[Taken]]]:
+    """``pictures_of`` less what cannot be a character's picture, one line for each and a ``left
+    out`` row per picture (per character, for the reference sheet and ``references_taken``, which
+    show what was taken from every picture: without them a character's "N of M pictures used"
+    missed its doubled pictures): a folder whose name is one the workspace keeps for unnamed
+    appearances (or only spaces), and a picture found under two characters (one drawing taught as
+    each of them makes the fit learn to tell it from itself; the same face photo gives two
+    characters one encoding). A user copying a sprite into the wrong folder is told which files,
+    and keeps the folder it belongs in."""
     kept: dict[str, list[Path]] = {}
     warnings = []
+    left: dict[str, list[Taken]] = {}
     for name, files in pictures_of.items():
         if not name or name.casefold() in RESERVED_NAMES:
             what = (
@@ -407,6 +411,8 @@ def _screened(
             warnings.append(
                 f"character folder {shown(folders_of[name][0])}: {what}; rename the folder; left out"
             )
+            problem = f"is in a folder that cannot name a character ({what}); rename the folder"
+            left[name] = [Taken(path, name, "left out", "", None, problem) for path in files]
         else:
             kept[name] = files
     owners: dict[bytes, list[tuple[str, Path]]] = {}
@@ -421,12 +427,16 @@ def _screened(
         names = sorted({n for n, _ in group})
         if len(names) > 1:
             doubled |= {p for _, p in group}
+            what = f"one picture under {len(names)} characters ({', '.join(names)})"
             warnings.append(
-                f"references {', '.join(shown(p) for _, p in group)} are one picture under "
-                f"{len(names)} characters ({', '.join(names)}); keep it only in the folder of the "
-                "character it shows; left out"
+                f"references {', '.join(shown(p) for _, p in group)} are {what}; keep it only in "
+                "the folder of the character it shows; left out"
             )
-    return {n: [p for p in files if p not in doubled] for n, files in kept.items()}, warnings
+            problem = f"is {what}; keep it only in the folder of the character it shows"
+            for name, path in group:
+                left.setdefault(name, []).append(Taken(path, name, "left out", "", None, problem))
+    kept = {n: [p for p in files if p not in doubled] for n, files in kept.items()}
+    return kept, warnings, left
 
 
 def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str]) -> list[str]:
@@ -461,9 +471,10 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     owners: list[int] = []
     ref_settings = replace(settings, min_face_px=0)  # portraits are often small; no minimum size
     (given, unreadable), folders_of = walk_references(ref_dir), character_folders(ref_dir)
-    pictures_of, screened = _screened(given, folders_of)
+    pictures_of, screened, left_out = _screened(given, folders_of)
     warnings += _folder_warnings(ref_dir, list(pictures_of), unreadable) + screened
     for name, files in pictures_of.items():
+        pictures.taken += left_out.pop(name, [])  # its doubled pictures
         human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
         cutouts: list[Taken] = []
         cut: dict[Path, np.ndarray] = {}
@@ -511,6 +522,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
             warnings.append(f"character '{name}' has no usable reference picture in {folders_of[name][0]}")
         elif not any(f == p or f in p.parents for p in unreadable for f in folders_of[name]):
             warnings.append(f"character folder {folders_of[name][0]} is empty; add reference pictures to it")
+    pictures.taken += [t for rows in left_out.values() for t in rows]  # folders of reserved names
     if encodings:
         faces.encodings = np.stack(encodings).astype(np.float32)
         faces.owners = np.asarray(owners, dtype=np.int64)
