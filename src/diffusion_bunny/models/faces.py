@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -400,18 +401,29 @@ def _usable(name: str) -> bool:
 
 def misnamed_references(ref_dir: Path) -> list[str]:
     """One line for each character folder and picture under ``ref_dir`` whose name is not UTF-8
-    text (a Latin-1 name from an old archive or another system's copy), which
-    :func:`reference_images` leaves out: a character's name goes into tables and captions, which
-    hold text, and such a folder stopped stage 03 with a bug."""
+    text (:func:`misnamed_paths`), which :func:`reference_images` leaves out: a character's name
+    goes into tables and captions, which hold text, and such a folder stopped stage 03 with a bug."""
+    return [
+        f"reference {shown(p)}: its name is not UTF-8 text (made on another system); rename it "
+        "(for example with convmv -f latin1 -t utf8); left out"
+        for p in misnamed_paths(ref_dir)
+    ]
+
+
+def misnamed_paths(ref_dir: Path) -> list[Path]:
+    """The character folders under ``ref_dir`` and the files and folders in the others whose
+    names are not UTF-8 text (a Latin-1 name from an old archive or another system's copy)."""
     out = []
     for sub in sorted(p for p in ref_dir.iterdir() if p.is_dir() and not is_clutter(p.name)):
-        named = [sub] if not is_text(sub.name) else [p for p in sorted(sub.rglob("*")) if not is_text(p.name)]
-        out += [
-            f"reference {shown(p)}: its name is not UTF-8 text (made on another system); rename it "
-            "(for example with convmv -f latin1 -t utf8); left out"
-            for p in named
-        ]
+        out += [sub] if not is_text(sub.name) else [p for p in sorted(sub.rglob("*")) if not is_text(p.name)]
     return out
+
+
+def holds_any(folders: list[Path], paths: Iterable[Path]) -> bool:
+    """Whether one of ``paths`` is one of ``folders`` or lies under one: a character folder where
+    a picture or folder was named as left out is not "empty" (it said the opposite of the line
+    before it)."""
+    return any(f == p or f in p.parents for p in paths for f in folders)
 
 
 def loose_pictures(ref_dir: Path) -> list[str]:
@@ -481,7 +493,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
             usable += 1
         if usable:
             refs.names.append(name)
-        elif files:
+        elif files or holds_any(folders_of[name], misnamed_paths(ref_dir)):
             warns.append(f"character '{name}' has no usable reference image in {folders_of[name][0]}")
         else:
             warns.append(f"character folder {folders_of[name][0]} is empty; add reference images to it")

@@ -1103,3 +1103,22 @@ def test_pictures_left_out_before_reading_are_rows_of_the_reference_sheet(tmp_pa
     assert sorted(titles) == [
         f"{name} (unusable): 0 of 1 pictures used" for name in ("biscuit", "mika", "unknown")
     ]
+
+
+def test_a_folder_whose_only_picture_is_misnamed_is_not_called_empty(tmp_path):
+    """A character folder holding one picture whose name is not UTF-8 got that picture's line and
+    "is empty; add reference pictures to it", which contradicts it; a folder with nothing in it
+    is still empty."""
+    from diffusion_bunny.models.faces import load_references
+
+    refs = tmp_path / "refs"
+    save(Path(os.fsdecode(bytes(refs) + b"/ok/\xe9t\xe9.png")), np.full((40, 40, 3), 90, np.uint8))
+    save(Path(os.fsdecode(bytes(refs) + b"/ok/poses/caf\xe9/a.png")), np.full((40, 40, 3), 90, np.uint8))
+    (refs / "nothing").mkdir()
+    _, _, warnings = load_character_references(refs, DetectSettings())
+    _, face_warnings = load_references(refs, DetectSettings())
+    for lines, noun in ((warnings, "picture"), (face_warnings, "image")):
+        assert sum("\\xe9t\\xe9.png: its name is not UTF-8 text" in w for w in lines) == 1
+        assert f"character 'ok' has no usable reference {noun} in {refs / 'ok'}" in lines
+        assert not any(f"{refs / 'ok'} is empty" in w for w in lines)
+        assert f"character folder {refs / 'nothing'} is empty; add reference {noun}s to it" in lines

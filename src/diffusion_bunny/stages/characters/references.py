@@ -40,7 +40,9 @@ from diffusion_bunny.models.faces import (
     REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
+    holds_any,
     loose_pictures,
+    misnamed_paths,
     misnamed_references,
     portrait_faces,
     walk_references,
@@ -518,9 +520,9 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
         elif cutouts:
             pictures.cutouts[name] = [cut[t.path] for t in cutouts]
             pictures.taken.extend(cutouts)
-        elif given[name]:
+        elif given[name] or holds_any(folders_of[name], misnamed_paths(ref_dir)):
             warnings.append(f"character '{name}' has no usable reference picture in {folders_of[name][0]}")
-        elif not any(f == p or f in p.parents for p in unreadable for f in folders_of[name]):
+        elif not holds_any(folders_of[name], unreadable):
             warnings.append(f"character folder {folders_of[name][0]} is empty; add reference pictures to it")
     pictures.taken += [t for rows in left_out.values() for t in rows]  # folders of reserved names
     if encodings:
