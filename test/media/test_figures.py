@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from damaged import damaged_avifs
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from diffusion_bunny.media import figures
 from diffusion_bunny.media.figures import (
@@ -163,3 +163,29 @@ def test_a_damaged_avif_on_a_sheet_is_a_placeholder(tmp_path):
     lay = Layout((20, 20), columns=2, gap=4, label_h=0)
     sheet = np.asarray(tile_sheet([Block([Tile(p, missing="x") for p in damaged_avifs(tmp_path)])], lay))
     assert tuple(sheet[4 + 15, 4 + 15]) == tuple(sheet[4 + 15, 4 + 24 + 15]) == (0xDD, 0xDD, 0xDD)
+
+
+def _ink(text: str) -> np.ndarray:
+    img = Image.new("L", (60, 24))
+    ImageDraw.Draw(img).text((2, 2), text, font=figures.load_font(13), fill=255)
+    return np.asarray(img)
+
+
+def test_names_past_ascii_are_drawn_in_their_own_letters():
+    """Pillow's built-in font has no glyph past ASCII: a character named Zoë (or Ђорђе, Σοφία)
+    got a box for its letters on every sheet. The sheets' font draws them; a character it lacks
+    too (here one of Unicode's private planes) is still the box."""
+    box = _ink("\U000f0000")
+    for letter in ("ë", "Ђ", "Σ", "—"):
+        assert _ink(letter).any() and not np.array_equal(_ink(letter), box), letter
+    assert figures.load_font(13) is figures.load_font(13)  # read once
+
+
+def test_the_sheets_fall_back_to_pillows_font_without_their_own(monkeypatch):
+    monkeypatch.setattr(figures, "SHEET_FONT", "NoSuchFont.ttf")
+    figures.load_font.cache_clear()
+    try:
+        assert figures.load_font(13).getname()[0] != "DejaVu Sans"
+        assert _ink("Zoe").any()
+    finally:
+        figures.load_font.cache_clear()

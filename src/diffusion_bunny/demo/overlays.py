@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusion_bunny.media.figures import load_font
-
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
 
@@ -310,13 +308,15 @@ def letterbox(picture: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, B
 
 
 # ---------------------------------------------------------------- the film as released's text
+# Drawn in Pillow's own font (``"pillow"``), as before the sheets took DejaVu Sans: the film's
+# frames, and what its tests measure on them, stay as they were.
 
 
 def _lines(draw: ImageDraw.ImageDraw, lines: Sequence[str], size: int) -> list[tuple[str, int, int]]:
-    font = load_font(size)
+    face = font("pillow", size)
     out = []
     for line in lines:
-        left, top, right, bottom = draw.textbbox((0, 0), line, font=font)
+        left, top, right, bottom = draw.textbbox((0, 0), line, font=face)
         out.append((line, right - left, bottom - top))
     return out
 
@@ -332,13 +332,13 @@ def title_card(
     img = Image.new("RGB", (w, h), background)
     draw = ImageDraw.Draw(img)
     text_px = max(12, round(h * 0.09))
-    font = load_font(text_px)
+    face = font("pillow", text_px)
     measured = _lines(draw, lines, text_px)
     gap = round(text_px * 0.5)
     total = sum(lh for _, _, lh in measured) + gap * (len(measured) - 1)
     y = (h - total) / 2
     for line, lw, lh in measured:
-        draw.text(((w - lw) / 2, y), line, font=font, fill=colour)
+        draw.text(((w - lw) / 2, y), line, font=face, fill=colour)
         y += lh + gap
     return np.asarray(img)
 
@@ -355,11 +355,11 @@ def credits_roll(
     img = Image.new("RGB", (w, h), background)
     draw = ImageDraw.Draw(img)
     text_px = max(10, round(h * 0.06))
-    font = load_font(text_px)
+    face = font("pillow", text_px)
     gap = round(text_px * 0.6)
     y = h * (0.5 + 0.5 * (1.0 - progress)) - h * 0.25
     for line, lw, lh in _lines(draw, lines, text_px):
-        draw.text(((w - lw) / 2, y), line, font=font, fill=WHITE)
+        draw.text(((w - lw) / 2, y), line, font=face, fill=WHITE)
         y += lh + gap
     return np.asarray(img)
 
@@ -373,10 +373,10 @@ def burn_subtitles(
     img = Image.fromarray(picture)
     draw = ImageDraw.Draw(img)
     text_px = max(10, round(h * 0.055))
-    font = load_font(text_px)
-    left, top, right, bottom = draw.textbbox((0, 0), line, font=font)
+    face = font("pillow", text_px)
+    left, top, right, bottom = draw.textbbox((0, 0), line, font=face)
     x = (w - (right - left)) / 2 - left
     y = h * (1.0 - bottom_margin) - (bottom - top) - top
     stroke = max(1, text_px // 12)
-    draw.text((x, y), line, font=font, fill=colour, stroke_width=stroke, stroke_fill=(0, 0, 0))
+    draw.text((x, y), line, font=face, fill=colour, stroke_width=stroke, stroke_fill=(0, 0, 0))
     return np.asarray(img)
