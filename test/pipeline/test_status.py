@@ -234,3 +234,35 @@ def test_a_stage_that_failed_on_its_first_run_did_not_finish_rather_than_never_r
     run_stage(run, "quality", cfg, progress=False)
     assert _states(run.run_dir, cfg)["quality"] == ("done", "up to date")
     assert sorted(p.name for p in run.manifests_dir.iterdir()) == ["extract.json", "quality.json"]
+
+
+def test_a_movie_bunny_run_refuses_has_no_run_folder_and_says_why(tmp_path, capsys):
+    """An empty file, a file that is not a video and a name that is not UTF-8 were shown as
+    "never ran" with a run folder that would never exist (``bunny run`` refuses them); now each
+    is listed without a run folder, its stages saying what ``bunny run`` says."""
+    import os
+
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    write_clip(movies / "a.mp4", [(21, 15, 0.0)])
+    (movies / "empty.mp4").write_bytes(b"")
+    (movies / "notes.mp4").write_text("not a video")
+    latin1 = movies / os.fsdecode(b"caf\xe9.mp4")
+    write_clip(latin1, [(22, 15, 0.0)])
+    write_clip(movies / "b.mp4", [(23, 15, 0.0)])
+    out = tmp_path / "out"
+    refs = {r.movie: r for r in resolve_runs(movies, cfg, out)}
+    assert refs["b.mp4"].run_dir == (out / movie_id(movies / "b.mp4")).resolve()
+    assert refs["empty.mp4"].run_dir is None and "the file is empty (0 bytes)" in refs["empty.mp4"].problem
+    assert refs["notes.mp4"].run_dir is None and "not a video FFmpeg can read" in refs["notes.mp4"].problem
+    assert refs[latin1.name].run_dir is None and "is not UTF-8 text" in refs[latin1.name].problem
+    capsys.readouterr()
+    assert main(["status", str(movies), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = len(stage_names())
+    for name in ("empty.mp4", "notes.mp4", "caf\\xe9.mp4"):
+        assert f"{name}  (no run folder; 0 of {n} stages done)" in text
+    # each of their stages says why, not "never ran" (only a.mp4's and b.mp4's do)
+    assert text.count("the file is empty (0 bytes)") == n and text.count("is not UTF-8 text") == n
+    assert text.count("(no run folder;") == 3 and not out.exists()

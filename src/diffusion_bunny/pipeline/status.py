@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, StageError, UserError
-from diffusion_bunny.media.probe import shown, unreadable
+from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.pipeline.run import (
@@ -34,9 +34,10 @@ from diffusion_bunny.pipeline.settings import RunConfig, output_root
 @dataclass(frozen=True)
 class RunRef:
     """A movie's run folder (which may not exist yet) and the movie's name; ``run_dir`` None and
-    ``problem`` the line saying why for a movie that cannot be read (its run folder is named by
-    its content) or whose ``--out`` is another movie's run folder (its stages are not this
-    movie's: they were shown as this movie's)."""
+    ``problem`` the line saying why for a movie ``bunny run`` refuses (it cannot be read, is
+    empty, is not a video or its name is not UTF-8: no run folder will ever be made for it) or
+    whose ``--out`` is another movie's run folder (its stages are not this movie's: they were
+    shown as this movie's)."""
 
     movie: str
     run_dir: Path | None
@@ -107,8 +108,15 @@ def _key_of(movie: Path) -> str | None:
 
 
 def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool) -> RunRef:
-    """A movie's run folder; ``single``: a movie file given alone, whose run folder is ``out``."""
+    """A movie's run folder; ``single``: a movie file given alone, whose run folder is ``out``.
+    A movie ``bunny run`` refuses (its probe: a name that is not UTF-8, an empty file, one that
+    is not a video, one it may not read) has none: it was shown as "never ran" with a run folder
+    that no run would ever make."""
     root = Path(out) if out else output_root(cfg)
+    try:
+        probe_video(movie)
+    except BadInputError as exc:
+        return RunRef(movie.name, None, str(exc))
     try:
         # ``out`` of a folder run (or of several movies) holds one run folder per movie
         own = given_run_folder(out, movie) if (out and single) else run_folder_in(root, movie)
