@@ -112,12 +112,9 @@ def test_folders_movies_and_bad_paths(cut_clip, tmp_path, capsys):
 
     for bad, message in [
         (tmp_path / "nothing", "no such file or folder"),
-        (tmp_path / "notes.txt", "neither a run folder"),
         (tmp_path / "empty", "neither a run folder"),
     ]:
-        if bad.name == "notes.txt":
-            bad.write_text("hello")
-        elif bad.name == "empty":
+        if bad.name == "empty":
             bad.mkdir()
         with pytest.raises(UserError, match=message):
             resolve_runs(bad, cfg)
@@ -266,3 +263,31 @@ def test_a_movie_bunny_run_refuses_has_no_run_folder_and_says_why(tmp_path, caps
     # each of their stages says why, not "never ran" (only a.mp4's and b.mp4's do)
     assert text.count("the file is empty (0 bytes)") == n and text.count("is not UTF-8 text") == n
     assert text.count("(no run folder;") == 3 and not out.exists()
+
+
+def test_a_movie_named_is_a_movie_whatever_its_extension_as_bunny_run_takes_it(tmp_path, capsys):
+    """``bunny run anim.gif`` ran (a file named is a movie) and ``bunny status anim.gif`` said it
+    was "neither a run folder ..., a movie nor a folder of movies": status kept a named file to
+    ``run.video_extensions``, which pick only a folder's movies (they still do)."""
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    gif = movies / "anim.gif"
+    write_clip(gif, [(21, 15, 0.0), (22, 15, 0.0)], codec="gif", pix_fmt="rgb8")
+    write_clip(movies / "a.mp4", [(23, 15, 0.0)])
+    run = Run.create(tmp_path / "out", gif)
+    run_stage(run, "extract", cfg, progress=False)
+    assert [(r.movie, r.run_dir, r.problem) for r in resolve_runs(gif, cfg, run.run_dir)] == [
+        ("anim.gif", run.run_dir, None)
+    ]
+    assert main(["status", str(gif), "--out", str(run.run_dir)]) == 0
+    assert f"anim.gif  ({run.run_dir}; 1 of {len(stage_names())} stages done)" in capsys.readouterr().out
+    # a folder's movies are still those of a video extension
+    assert [r.movie for r in resolve_runs(movies, cfg, tmp_path / "other")] == ["a.mp4"]
+    # a file named that is no video is listed with what bunny run says of it, not refused
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    [ref] = resolve_runs(notes, cfg)
+    assert ref.run_dir is None and "not a video FFmpeg can read" in ref.problem
+    assert main(["status", str(notes)]) == 0
+    assert f"notes.txt  (no run folder; 0 of {len(stage_names())} stages done)" in capsys.readouterr().out

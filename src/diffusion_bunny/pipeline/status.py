@@ -135,12 +135,14 @@ def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool)
 
 def _scan(target: str | Path, cfg: RunConfig) -> list[RunRef | tuple[Path, bool]]:
     """What one target holds, in order: run folders found, and movies as ``(path, whether the
-    target is that movie file)``."""
+    target is that movie file)``. A file named is a movie whatever its extension, as
+    ``runner.find_movies`` takes it (``bunny run anim.gif`` ran and ``bunny status anim.gif`` was
+    refused); ``run.video_extensions`` picks only a folder's movies."""
     target = check_exists(target)
     exts = {e.lower() for e in cfg.run.video_extensions}
     if target.is_dir() and _is_run(target):
         return [RunRef(_movie_name(target), target.resolve())]
-    if target.is_file() and target.suffix.lower() in exts:
+    if target.is_file():
         return [(target, True)]
     if target.is_dir():
         runs: list[RunRef | tuple[Path, bool]] = [
