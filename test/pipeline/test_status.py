@@ -291,3 +291,28 @@ def test_a_movie_named_is_a_movie_whatever_its_extension_as_bunny_run_takes_it(t
     assert ref.run_dir is None and "not a video FFmpeg can read" in ref.problem
     assert main(["status", str(notes)]) == 0
     assert f"notes.txt  (no run folder; 0 of {len(stage_names())} stages done)" in capsys.readouterr().out
+
+
+def test_the_run_folder_of_a_movie_since_replaced_says_so_in_one_line(tmp_path, capsys):
+    """A movie replaced by another file of the same name (a folder run on ``ep1.webm``, then a new
+    ``ep1.webm``, run again) left its old run folder shown as "extract stale (its inputs changed
+    (movie))" for good: no rerun touches it (``bunny run`` refuses it as another movie's)."""
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies, out = tmp_path / "movies", tmp_path / "out"
+    movies.mkdir()
+    write_clip(movies / "ep1.mp4", [(21, 15, 0.0)])
+    old = Run.create(out / movie_id(movies / "ep1.mp4"), movies / "ep1.mp4")
+    run_stage(old, "extract", cfg, progress=False)
+    write_clip(movies / "ep1.mp4", [(25, 20, 0.0)])
+    new = Run.create(out / movie_id(movies / "ep1.mp4"), movies / "ep1.mp4")
+    run_stage(new, "extract", cfg, progress=False)
+    assert new.run_dir != old.run_dir
+    # the movies' folder: the new file's run folder only
+    assert [r.run_dir for r in resolve_runs(movies, cfg, out)] == [new.run_dir]
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = len(stage_names())
+    line = "ep1.mp4 is now another file; this run folder holds the earlier file's run"
+    assert f"ep1.mp4  ({old.run_dir}; an earlier file's run)\n  {line}" in text
+    assert f"ep1.mp4  ({new.run_dir}; 1 of {n} stages done)\n  extract     done" in text
+    assert "stale" not in text and text.count(line) == 1

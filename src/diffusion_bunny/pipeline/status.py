@@ -185,29 +185,63 @@ def _run_rows(
             # be up to date; the message says what to do.
             state = "stale" if run.read_manifest(stage) else "missing"
             reason = str(exc)
-        spec = pipeline.get(stage)
-        kept: list[str] = []
-        if spec.kept is not None:
-            try:
-                kept = spec.kept(run, spec.view(cfg))
-            except UserError as exc:
-                kept = [f"(cannot list: {exc})"]
-        out.append((stage, state, reason, kept))
+        out.append((stage, state, reason, _kept(pipeline, run, stage, cfg)))
     return out
+
+
+def _kept(pipeline: Pipeline, run: Run, stage: str, cfg: RunConfig) -> list[str]:
+    """What ``stage`` keeps beside its outputs (each LoRA of stage 07), or why it cannot say."""
+    spec = pipeline.get(stage)
+    if spec.kept is None:
+        return []
+    try:
+        return spec.kept(run, spec.view(cfg))
+    except UserError as exc:
+        return [f"(cannot list: {exc})"]
+
+
+def _replaced_movie(run_dir: Path) -> str | None:
+    """The line for a run folder whose movie's path now holds another file (its key, size and
+    first megabyte, differs from the one ``run.json`` records), else None. Its stages were judged
+    against the new file and shown stale ("its inputs changed (movie)") for good: ``bunny run``
+    takes the new file to a run folder of its own and refuses this one as another movie's."""
+    try:
+        meta = Run(run_dir).meta() or {}
+    except UserError:  # damaged: its stages say so
+        return None
+    recorded, key = meta.get("movie"), meta.get("movie_key")
+    if not isinstance(recorded, str) or not key or not Path(recorded).is_file():
+        return None  # moved or gone: the stages say so
+    try:
+        now = movie_key(recorded)
+    except OSError:
+        return None
+    if now == key:
+        return None
+    return (
+        f"{shown(Path(recorded).name)} is now another file; this run folder holds the earlier file's run "
+        "(remove it when its results are no longer needed)"
+    )
 
 
 def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.DataFrame:
     """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``,
     ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07) and
-    ``in_use`` (the process holding the run folder now, if any)."""
+    ``in_use`` (the process holding the run folder now, if any). ``state`` is ``replaced`` in
+    each row of a run folder whose movie's path now holds another file, ``reason`` the line
+    saying so."""
     rows = []
     for ref in refs:
         states: list[tuple[str, str, str, list[str]]]
+        is_run = ref.run_dir is not None and _is_run(ref.run_dir)
+        replaced = _replaced_movie(ref.run_dir) if is_run else None
         if ref.run_dir is None:  # the movie cannot be read: every stage missing, saying why
             states = [(stage, "missing", ref.problem or "", []) for stage in pipeline.names()]
+        elif replaced is not None:  # judged against the new file, each stage was stale for good
+            run = Run.open(ref.run_dir)
+            states = [(s, "replaced", replaced, _kept(pipeline, run, s, cfg)) for s in pipeline.names()]
         else:
             states = _run_rows(pipeline, ref.run_dir, cfg)
-        is_run = ref.run_dir is not None and _is_run(ref.run_dir)
         holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if is_run else None
         for stage, state, reason, kept in states:
             rows.append(
@@ -237,18 +271,24 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
 
 def format_status(table: pl.DataFrame) -> str:
     """Plain text for the terminal: one block per movie, one line per stage (and one per thing
-    a stage keeps, such as each LoRA)."""
+    a stage keeps, such as each LoRA); of an earlier file's run folder one line for all."""
     lines = []
     width = max([len(s) for s in table["stage"].to_list()] + [5])
     for (movie, run_dir), part in table.group_by(["movie", "run_dir"], maintain_order=True):
         done = int((part["state"] == "done").sum())
-        lines.append(f"{movie}  ({run_dir or 'no run folder'}; {done} of {part.height} stages done)")
+        replaced = bool((part["state"] == "replaced").all())
+        told = "an earlier file's run" if replaced else f"{done} of {part.height} stages done"
+        lines.append(f"{movie}  ({run_dir or 'no run folder'}; {told})")
         in_use = part["in_use"][0] if "in_use" in part.columns else None
         if in_use:
             lines.append(f"  in use by {in_use}")
+        if replaced:  # one line for the run folder, not one stale line per stage
+            lines.append(f"  {part['reason'][0]}")
         for row in part.iter_rows(named=True):
             reason = "" if row["state"] == "done" else f"  ({row['reason']})"
-            lines.append(f"  {row['stage']:<{width}}  {row['state']}{reason}")
+            if not replaced:
+                lines.append(f"  {row['stage']:<{width}}  {row['state']}{reason}")
             for item in row.get("kept") or []:
-                lines.append(f"  {'':<{width}}    kept: {item}")
+                # under its stage's line; of an earlier file's run (no stage lines), named
+                lines.append(f"  {'' if not replaced else row['stage']:<{width}}    kept: {item}")
     return "\n".join(lines)
