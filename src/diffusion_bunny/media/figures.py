@@ -111,6 +111,80 @@ def minimal_theme(width: float, height: float, **settings: Any) -> p9.theme:
     return p9.theme_minimal() + p9.theme(figure_size=(width, height), **settings)
 
 
+#: Fonts whose every glyph is a box or a code (matplotlib ships Last Resort): a text they "draw" is
+#: as unreadable as a missing glyph.
+_PLACEHOLDER_FONTS = ("Last Resort",)
+
+
+@cache
+def _glyphs(path: str) -> frozenset[int]:
+    """The code points the font file at ``path`` draws (none for a font FreeType cannot open or
+    scale: a colour emoji font's bitmaps come out empty or fail)."""
+    from matplotlib.ft2font import FT2Font  # lazy: matplotlib takes 0.15 s to import
+
+    try:
+        font = FT2Font(path)
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+    return frozenset(font.get_charmap()) if font.scalable else frozenset()
+
+
+def _base_glyphs(family: str) -> frozenset[int]:
+    """The code points of the font matplotlib draws ``family`` (plotnine's ``sans-serif``) with."""
+    from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
+
+    return _glyphs(str(font_manager.findfont(font_manager.FontProperties(family=[family]))))
+
+
+def _family_glyphs(entries: list[Any]) -> frozenset[int]:
+    """The code points of the regular upright font of one family (of its ``font_manager`` entries),
+    the one matplotlib draws it with. Read from the entries, not ``findfont``: that logs a warning
+    for each family without a regular weight (DejaVu Sans Light) as it falls back."""
+    from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
+
+    def off_regular(entry: Any) -> tuple[bool, float]:
+        weight = entry.weight
+        weight = weight if isinstance(weight, int) else font_manager.weight_dict.get(weight, 400)
+        return entry.style != "normal", abs(weight - 400)
+
+    return _glyphs(str(min(entries, key=off_regular).fname))
+
+
+#: What a font must draw to label a chart: printable ASCII (the labels' fallbacks are ASCII).
+_ASCII = frozenset(range(0x20, 0x7F))
+
+
+def text_font(texts: Sequence[str]) -> tuple[str, list[bool]]:
+    """The font family to draw ``texts`` with, and for each text whether it draws it whole:
+    plotnine's own (``base_family``) when it draws them all, else the installed font that draws
+    the most of them and printable ASCII (Noto Sans CJK for Japanese names). A movie named in CJK
+    script or with an emoji was a row of empty boxes on a chart, and matplotlib printed "Glyph NNN
+    missing from font(s) DejaVu Sans" for each character on the terminal; a text the font does
+    not draw is to be labelled another way. One family, not a list to fall back through:
+    plotnine spreads a list over a chart's tick labels, one family to each, when they are as many."""
+    from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
+    from plotnine.options import get_option  # lazy: plotnine takes 0.44 s to import
+
+    needs = [frozenset(ord(c) for c in text) for text in texts]
+    best = str(get_option("base_family"))
+    drawn = [need <= _base_glyphs(best) for need in needs]
+    if all(drawn):
+        return best, drawn
+    by_family: dict[str, list[Any]] = {}
+    for entry in font_manager.fontManager.ttflist:
+        if not entry.name.startswith(_PLACEHOLDER_FONTS):
+            by_family.setdefault(entry.name, []).append(entry)
+    # sans fonts first: the look of the rest of the chart
+    for name in sorted(by_family, key=lambda name: ("Sans" not in name, "Mono" in name, name)):
+        glyphs = _family_glyphs(by_family[name])
+        those = [need <= glyphs for need in needs]
+        if glyphs >= _ASCII and sum(those) > sum(drawn):
+            best, drawn = name, those
+            if all(drawn):
+                break
+    return best, drawn
+
+
 def bin_edges(
     values: np.ndarray,
     *,

@@ -604,6 +604,83 @@ def test_two_movies_of_one_file_name_each_keep_a_row_and_the_batch_figure_draws(
     assert set(plot.data["movie"].astype(str)) == {"s1/E01.mkv", "s2/E01.mkv"}
 
 
+def _font(path: Path, family: str, chars: str) -> Path:
+    """A TrueType font of ``family`` that draws printable ASCII and ``chars`` (each glyph a box),
+    built with fontTools (matplotlib's own dependency): a CJK font the machine may not have."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    codes = sorted({*range(0x21, 0x7F), *map(ord, chars)})
+    names = [".notdef", "space", *(f"u{c:X}" for c in codes)]
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(names)
+    builder.setupCharacterMap({32: "space", **{c: f"u{c:X}" for c in codes}})
+    glyphs = {}
+    for name in names:
+        pen = TTGlyphPen(None)
+        if name != "space":
+            pen.moveTo((100, 0))
+            pen.lineTo((100, 700))
+            pen.lineTo((500, 700))
+            pen.lineTo((500, 0))
+            pen.closePath()
+        glyphs[name] = pen.glyph()
+    builder.setupGlyf(glyphs)
+    builder.setupHorizontalMetrics(dict.fromkeys(names, (600, 100)))
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": family, "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    builder.save(str(path))
+    return path
+
+
+def _drawn_without_glyph_warnings(plot: p9.ggplot) -> dict[str, list[str]]:
+    """Draw ``plot``; the movies' axis labels and the font families they are drawn with."""
+    import io
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig = plot.draw()
+        fig.savefig(io.BytesIO(), format="png")  # the glyphs are looked up as the text is drawn
+    try:
+        assert not [w for w in caught if "missing from font" in str(w.message)]
+        ticks = fig.axes[0].yaxis.get_major_ticks()
+        return {t.label1.get_text(): list(t.label1.get_fontfamily()) for t in ticks}
+    finally:
+        plt.close(fig)
+
+
+def test_movie_names_in_cjk_script_or_with_an_emoji_are_readable_on_the_batch_figure(tmp_path, monkeypatch):
+    """A movie named ``千と千尋.mp4`` or ``🎬 film.mkv`` was a row of empty boxes on the batch's
+    figure, and every missing glyph printed "Glyph NNN missing from font(s) DejaVu Sans" on the
+    terminal. Now a font that draws the names is used where one is installed, else such a movie is
+    labelled with its run folder's (ASCII) name; no warning either way."""
+    from matplotlib import font_manager
+
+    rows = {
+        "movie": ["千と千尋.mp4", "🎬 film.mkv", "Amélie ❤️.mp4", "映画.mp4"],
+        "run_dir": ["/o/movie-1234abcd", "/o/film-5678abcd", "/o/amelie-9abc0123", None],
+    }
+    movies = pl.DataFrame(rows).with_columns(
+        frames=pl.lit(10), kept=pl.lit(4), shots=pl.lit(2), named_characters=pl.lit(1)
+    )
+    # no font on the machine draws CJK or the emoji (matplotlib's DejaVu only): run folder names
+    dejavu = [f for f in font_manager.fontManager.ttflist if f.name.startswith(("DejaVu", "Last Resort"))]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", dejavu)
+    labels = _drawn_without_glyph_warnings(movies_plot(movies))
+    assert sorted(labels) == sorted(["movie-1234abcd", "film-5678abcd", "Amélie ❤️.mp4", "??.mp4"])
+    # a font that draws them (as Noto Sans CJK would): the names, drawn with it
+    cjk = _font(tmp_path / "cjk.ttf", "Test Sans CJK", "千と尋🎬映画❤\ufe0fé")
+    font_manager.fontManager.addfont(str(cjk))
+    labels = _drawn_without_glyph_warnings(movies_plot(movies))
+    assert sorted(labels) == sorted(rows["movie"])
+    assert all(family == ["Test Sans CJK"] for family in labels.values())
+
+
 def test_characters_whose_names_give_one_slug_each_keep_their_contact_sheet(scenes_demo_run, tmp_path):
     """``Маша`` and ``Миша`` (slug ``movie`` both) had one PNG between them: the second sheet was
     written over the first, and the report showed Миша's faces under Маша's heading."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from diffusion_bunny.media.figures import categorical, minimal_theme, whole_counts
+from diffusion_bunny.media.figures import categorical, minimal_theme, text_font, whole_counts
 
 if TYPE_CHECKING:
     import plotnine as p9
@@ -50,15 +50,40 @@ def distinct_names(paths: list[Path]) -> list[str]:
 # ------------------------------------------------------------------------------ across movies
 
 
+def movie_labels(movies: pl.DataFrame) -> tuple[list[str], str]:
+    """Each movie's label on a chart and the font family that draws them: its name, where an
+    installed font draws it (``text_font``), else its run folder's name (ASCII and unique). A
+    name in CJK script or with an emoji was a row of empty boxes, and each missing glyph printed a
+    warning on the terminal. The labels differ as the names do (the axis takes them as
+    categories)."""
+    names = movies["movie"].to_list()
+    family, drawn = text_font(names)
+    folders = movies["run_dir"].to_list() if "run_dir" in movies.columns else [None] * len(names)
+    labels: list[str] = []
+    for name, whole, folder in zip(names, drawn, folders, strict=True):
+        if not whole:  # ASCII: the run folder's name, else the name's ASCII characters
+            name = Path(folder).name if folder else "".join(c if " " <= c <= "~" else "?" for c in name)
+        label, n = name, 1
+        while label in labels:  # a run folder shown twice, or two names of '?'s
+            n += 1
+            label = f"{name} ({n})"
+        labels.append(label)
+    return labels, family
+
+
 def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
     """Frames, kept frames, shots and named characters per movie, one panel each."""
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
+    labels, family = movie_labels(movies)
+    movies = movies.with_columns(movie=pl.Series(labels, dtype=pl.Utf8))
     measures = {"frames": "frames", "kept": "kept", "shots": "shots", "named_characters": "characters named"}
     long = movies.select("movie", *measures).unpivot(index="movie", variable_name="measure", value_name="n")
     df = long.drop_nulls("n").with_columns(pl.col("measure").replace_strict(measures)).to_pandas()
     df["measure"] = categorical(df["measure"], list(measures.values()))
-    df["movie"] = categorical(df["movie"], movies["movie"].to_list()[::-1])
+    df["movie"] = categorical(df["movie"], labels[::-1])
+    # the names' font on the movies' axis only (coord_flip puts them on y)
+    fonts = {"axis_text_y": p9.element_text(family=family)}
     return (
         p9.ggplot(df, p9.aes("movie", "n"))
         + p9.geom_col(fill="#4C78A8")
@@ -67,5 +92,5 @@ def movies_plot(movies: pl.DataFrame) -> p9.ggplot:
         + p9.coord_flip()
         + p9.facet_wrap("measure", scales="free_x", ncol=4)
         + p9.labs(x="", y="", title=f"{movies.height} movies")
-        + minimal_theme(10, max(2.2, 0.4 * movies.height + 1.4))
+        + minimal_theme(10, max(2.2, 0.4 * movies.height + 1.4), **fonts)
     )
