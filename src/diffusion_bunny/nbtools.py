@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusion_bunny.config import Config, output_root
+from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
@@ -52,6 +52,42 @@ def notebook_overrides(
     if run_dir is None and movie is None:
         return demo_overrides(demo_movie(progress=True), overrides)
     return dict(overrides or {})
+
+
+def notebook_config(
+    run_dir: str | Path | None,
+    movie: str | Path | None,
+    config_path: str | None,
+    overrides: dict[str, Any] | None,
+) -> Config:
+    """The config a stage notebook works with: its own ``config_path`` and ``overrides`` over
+    what the last ``bunny run`` of its run folder ran with (``settings.json``:
+    :meth:`~diffusion_bunny.pipeline.run.Run.write_settings`), or over the demo's settings on the
+    demo (:func:`notebook_overrides`).
+
+    Why: a notebook opened in JupyterLab on a run made by ``bunny run MOVIE --characters DIR``
+    loaded the defaults, found stage 03 stale and ran it again with no reference pictures: every
+    name was lost, and a cluster named there went to the run's own ``references/``, which the next
+    ``bunny run --characters DIR`` did not read. Under ``bunny run`` the notebook is handed the
+    same settings it recorded, so nothing changes there. One line says what was taken."""
+    given = notebook_overrides(run_dir, movie, overrides)
+    if run_dir is None and movie is None:
+        return load_config(config_path, given)
+    folder = Path(run_dir).expanduser() if run_dir is not None else None
+    if folder is None:
+        folder = run_folder_in(output_root(load_config(config_path, given)), Path(movie).expanduser())
+    record = Run(folder).settings() if folder.is_dir() else None
+    if not record:
+        return load_config(config_path, given)
+    recorded = record["overrides"]
+    recorded_path = record.get("config_path")
+    taken = sorted(k for k in recorded if k not in given)
+    use_path = config_path or (recorded_path if recorded_path and Path(recorded_path).is_file() else None)
+    if taken or (use_path and not config_path):
+        said = ", ".join(f"{k}={recorded[k]!r}" for k in taken)
+        also = f"--config {use_path}" if use_path and not config_path else ""
+        print(f"settings of the last bunny run of {folder.name}: {'; '.join(x for x in (also, said) if x)}")
+    return load_config(use_path, {**recorded, **given})
 
 
 #: JPEG's largest side; a taller sheet is shown as PNG.

@@ -766,7 +766,45 @@ def test_a_notebook_on_the_demo_takes_the_settings_bunny_demo_ran_it_with(demo, 
     assert nbtools.notebook_overrides("runs/film", None, {"a.b": 1}) == {"a.b": 1}  # not the demo
     for path in sorted((ROOT / "notebook").glob("0*.ipynb")):
         code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
-        assert "load_config(config_path, notebook_overrides(run_dir, movie, overrides))" in code, path.name
+        assert "cfg = notebook_config(run_dir, movie, config_path, overrides)" in code, path.name
+
+
+def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_clip, tmp_path, capsys):
+    """Opened in JupyterLab on a run made with ``--characters``, notebook 03 loaded the defaults,
+    found stage 03 stale and ran it again with no reference pictures: every name was lost."""
+    from diffusion_bunny.nbtools import notebook_config
+
+    path, _ = cut_clip
+    out, refs, conf = tmp_path / "out", tmp_path / "refs", tmp_path / "mine.yaml"
+    conf.write_text("export:\n  crop_resolution: 320\n")
+    args = ["run", str(path), "--stages", "extract", "--quiet", "--config", str(conf)]
+    args += ["--set", f"paths.output_dir={out}", "--set", "extract.motion_threshold=200"]
+    assert main(args) == 0
+    (run_dir,) = [p for p in out.iterdir() if (p / "run.json").is_file()]
+    record = Run(run_dir).settings()
+    assert record == {
+        "config_path": str(conf.resolve()),
+        "overrides": {"paths.output_dir": str(out), "extract.motion_threshold": 200},
+    }
+    capsys.readouterr()
+    # by the movie (its run folder found as bunny run finds it), the notebook's own settings winning
+    own = {"paths.output_dir": str(out), "characters.reference_dir": str(refs)}
+    got = notebook_config(None, path, None, own)
+    assert got.extract.motion_threshold == 200 and got.export.crop_resolution == 320
+    assert got.characters.reference_dir == str(refs)
+    said = capsys.readouterr().out
+    assert f"settings of the last bunny run of {run_dir.name}: --config {conf.resolve()}" in said
+    assert "extract.motion_threshold=200" in said
+    # by the run folder; an override of the notebook's own wins, a config file of its own too
+    assert notebook_config(run_dir, None, None, {"extract.motion_threshold": 5}).extract.motion_threshold == 5
+    other = tmp_path / "other.yaml"
+    other.write_text("export:\n  crop_resolution: 256\n")
+    assert notebook_config(run_dir, None, str(other), {}).export.crop_resolution == 256
+    # the stage notebooks bunny run ran were handed those same settings: the stage is up to date
+    assert stage_state(Run(run_dir), "extract", got)[0] == "done"
+    # a run folder no bunny run recorded settings in (or a damaged record): the notebook's own
+    (run_dir / "settings.json").write_text("{not json")
+    assert notebook_config(run_dir, None, None, {}).extract.motion_threshold != 200
 
 
 def test_a_signal_of_one_command_is_not_blamed_for_the_next(tmp_path, monkeypatch):

@@ -242,6 +242,10 @@ def check_batch_folder(out: str | Path) -> None:
             )
 
 
+#: What the last ``bunny run`` of a run folder ran with (:meth:`Run.write_settings`).
+SETTINGS_FILE = "settings.json"
+
+
 @dataclass(frozen=True)
 class Run:
     """One movie's run folder. ``movie`` is recorded in ``run.json`` on the first run, so later
@@ -300,6 +304,28 @@ class Run:
                 f"--out {self.run_dir} rewrites it)"
             )
         return meta
+
+    def write_settings(self, config_path: str | None, overrides: dict[str, Any]) -> None:
+        """Record what the last ``bunny run`` of this folder ran with (``--config`` and the
+        settings of ``--set``, ``--characters``...) in ``settings.json``, for a notebook opened on
+        the run later (:func:`diffusion_bunny.nbtools.notebook_config`). Without it a notebook
+        opened in JupyterLab on a run made with ``--characters`` ran stage 03 again with no
+        reference pictures, and every name was lost."""
+        record = {"config_path": config_path, "overrides": overrides}
+        if self.settings() != record:
+            text = json.dumps(record, indent=2, default=str)
+            atomic_write_bytes(self.run_dir / SETTINGS_FILE, text.encode())
+
+    def settings(self) -> dict[str, Any] | None:
+        """``settings.json`` (:meth:`write_settings`), or None where no ``bunny run`` wrote one or
+        it cannot be read (a notebook then runs with its own settings, as before the record)."""
+        try:
+            record = json.loads((self.run_dir / SETTINGS_FILE).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("overrides"), dict):
+            return None
+        return record
 
     def lock(self, what: str = "", lease_s: float | None = None) -> contextlib.AbstractContextManager[Any]:
         """Hold this run folder for the block: one run of it at a time, across processes and

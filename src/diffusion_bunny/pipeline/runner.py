@@ -754,6 +754,7 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
 def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float | None) -> MovieReport:
     pipeline, cfg, force = options.pipeline, options.cfg, options.force
     report = MovieReport(movie=movie, run_dir=run.run_dir)
+    run.write_settings(options.config_path, options.overrides)
     kernel = StageKernel(cfg.run.kernel)
     try:
         first = next(
