@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffusion_bunny.config import Config, load_config, output_root
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
-from diffusion_bunny.errors import StageWarning
+from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.run import Run, run_folder_in
@@ -61,33 +61,51 @@ def notebook_config(
     overrides: dict[str, Any] | None,
 ) -> Config:
     """The config a stage notebook works with: its own ``config_path`` and ``overrides`` over
-    what the last ``bunny run`` of its run folder ran with (``settings.json``:
-    :meth:`~diffusion_bunny.pipeline.run.Run.write_settings`), or over the demo's settings on the
-    demo (:func:`notebook_overrides`).
+    what the last ``bunny run`` of its run folder was given (``settings.json``:
+    :meth:`~diffusion_bunny.pipeline.run.Run.layers`), or over the demo's settings on the demo
+    (:func:`notebook_overrides`). A movie's run folder is found as ``bunny run`` finds it under
+    ``paths.output_dir``; a run made with ``--out`` is opened by its ``run_dir``.
 
     Why: a notebook opened in JupyterLab on a run made by ``bunny run MOVIE --characters DIR``
     loaded the defaults, found stage 03 stale and ran it again with no reference pictures: every
     name was lost, and a cluster named there went to the run's own ``references/``, which the next
     ``bunny run --characters DIR`` did not read. Under ``bunny run`` the notebook is handed the
-    same settings it recorded, so nothing changes there. One line says what was taken."""
+    same settings it recorded, so nothing changes there. One line says what was taken, and one
+    what of the record could not be (its settings file gone, a setting no longer known)."""
     given = notebook_overrides(run_dir, movie, overrides)
     if run_dir is None and movie is None:
         return load_config(config_path, given)
-    folder = Path(run_dir).expanduser() if run_dir is not None else None
-    if folder is None:
-        folder = run_folder_in(output_root(load_config(config_path, given)), Path(movie).expanduser())
-    record = Run(folder).settings() if folder.is_dir() else None
-    if not record:
+    if run_dir is not None:
+        folder = Path(run_dir).expanduser()
+    else:
+        movie = Path(movie).expanduser()
+        probe_video(movie)  # a mistyped path is its one line, not an OSError of the lookup below
+        folder = run_folder_in(output_root(load_config(config_path, given)), movie)
+    if not folder.is_dir():
         return load_config(config_path, given)
-    recorded = record["overrides"]
-    recorded_path = record.get("config_path")
-    taken = sorted(k for k in recorded if k not in given)
-    use_path = config_path or (recorded_path if recorded_path and Path(recorded_path).is_file() else None)
-    if taken or (use_path and not config_path):
-        said = ", ".join(f"{k}={recorded[k]!r}" for k in taken)
-        also = f"--config {use_path}" if use_path and not config_path else ""
-        print(f"settings of the last bunny run of {folder.name}: {'; '.join(x for x in (also, said) if x)}")
-    return load_config(use_path, {**recorded, **given})
+    path, merged, gone = Run(folder).layers(config_path, given)
+    dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
+    for key in dropped:
+        del merged[key]
+    taken = [f"--config {path}"] if path and not config_path else []
+    taken += [f"{k}={v!r}" for k, v in merged.items() if k not in given]
+    if taken:
+        print(f"settings of the last bunny run of {folder.name}: {'; '.join(taken)}")
+    if gone and not config_path:
+        print(f"the last bunny run of {folder.name} was given --config {gone}, which is gone: not used")
+    if dropped:
+        print(f"left out of the last bunny run's settings (no longer settings): {', '.join(dropped)}")
+    return load_config(path, merged)
+
+
+def _known_setting(key: str, value: Any) -> bool:
+    """Whether the configuration takes ``key`` set to ``value`` (a key renamed or removed since a
+    run recorded it is not, and would stop the notebook from opening)."""
+    try:
+        load_config(None, {key: value})
+    except ConfigError:
+        return False
+    return True
 
 
 #: JPEG's largest side; a taller sheet is shown as PNG.

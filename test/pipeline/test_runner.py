@@ -802,6 +802,19 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     assert notebook_config(run_dir, None, str(other), {}).export.crop_resolution == 256
     # the stage notebooks bunny run ran were handed those same settings: the stage is up to date
     assert stage_state(Run(run_dir), "extract", got)[0] == "done"
+    # a setting the configuration no longer knows, a settings file gone: left out, each said
+    record["overrides"]["characters.old_key"] = 1
+    (run_dir / "settings.json").write_text(json.dumps(record))
+    conf.unlink()
+    capsys.readouterr()
+    again = notebook_config(run_dir, None, None, {})
+    said = capsys.readouterr().out
+    assert again.extract.motion_threshold == 200 and again.export.crop_resolution != 320
+    assert f"was given --config {conf.resolve()}, which is gone: not used" in said
+    assert "(no longer settings): characters.old_key" in said
+    # a mistyped movie is the usual one line, not an OSError of the run folder's lookup
+    with pytest.raises(UserError, match="no such file"):
+        notebook_config(None, tmp_path / "typo.mp4", None, {})
     # a run folder no bunny run recorded settings in (or a damaged record): the notebook's own
     (run_dir / "settings.json").write_text("{not json")
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold != 200

@@ -327,6 +327,24 @@ class Run:
             return None
         return record
 
+    def layers(
+        self, config_path: str | Path | None, overrides: dict[str, Any] | None
+    ) -> tuple[str | None, dict[str, Any], str | None]:
+        """A notebook's ``config_path`` and ``overrides`` over what the last ``bunny run`` of
+        this folder was given (:meth:`settings`): the settings file in force (the notebook's own,
+        else the recorded one), the overrides (the notebook's winning), and the recorded settings
+        file when it is gone (None otherwise). One rule for the notebook's config and for the
+        widgets that say a saved choice is overridden: a ``--set`` of the run hid "use this
+        threshold" without a word."""
+        given = dict(overrides or {})
+        record = self.settings()
+        if not record:
+            return (None if config_path is None else str(config_path)), given, None
+        recorded = record.get("config_path")
+        gone = recorded if isinstance(recorded, str) and not Path(recorded).is_file() else None
+        path = config_path if config_path is not None else (recorded if recorded and not gone else None)
+        return (None if path is None else str(path)), {**record["overrides"], **given}, gone
+
     def lock(self, what: str = "", lease_s: float | None = None) -> contextlib.AbstractContextManager[Any]:
         """Hold this run folder for the block: one run of it at a time, across processes and
         machines sharing the disk (:func:`diffusion_bunny.pipeline.lock.run_lock`). A second

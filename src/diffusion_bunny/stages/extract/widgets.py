@@ -38,7 +38,7 @@ class MotionThresholdExplorer:
         self.config_root = config_root
         #: The notebook's own layers over the saved file: a threshold they set wins over "use this
         #: threshold", which then says so (as notebook 02's widget does).
-        self.layers = (config_path, dict(overrides or {}))
+        self.layers = run.layers(config_path, overrides)[:2]  # with the last bunny run's settings
         facts = (run.read_manifest("extract") or {}).get("facts") or {}
         #: The film's size: the sheet draws each frame's picture box (bars) as the notebook's does.
         self.frame_size = (

@@ -115,7 +115,7 @@ class QualityThresholdExplorer:
         self.base = cfg
         #: The notebook's own layers over the saved file (its ``config_path`` and ``overrides``,
         #: as ``bunny run --config/--set``): a threshold they set wins over "use these thresholds".
-        self.layers = (config_path, dict(overrides or {}))
+        self.layers = run.layers(config_path, overrides)[:2]  # with the last bunny run's settings
         self.scores = run.read_table("quality")
         self.frames = run.read_table("frames")
         self.max_per_group = max_per_group
