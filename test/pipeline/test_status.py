@@ -316,3 +316,11 @@ def test_the_run_folder_of_a_movie_since_replaced_says_so_in_one_line(tmp_path, 
     assert f"ep1.mp4  ({old.run_dir}; an earlier file's run)\n  {line}" in text
     assert f"ep1.mp4  ({new.run_dir}; 1 of {n} stages done)\n  extract     done" in text
     assert "stale" not in text and text.count(line) == 1
+    # The earlier file kept elsewhere (an archive beside the new cut) is that folder's movie:
+    # bunny run goes on there with it, so status shows its stages, not "an earlier file's run".
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    write_clip(archive / "ep1.mp4", [(21, 15, 0.0)])
+    assert main(["status", str(archive), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"ep1.mp4  ({old.run_dir}; " in text and "an earlier file's run" not in text

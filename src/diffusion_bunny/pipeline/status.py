@@ -9,6 +9,7 @@ before it decides to skip a stage.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ class RunRef:
     movie: str
     run_dir: Path | None
     problem: str | None = None
+    #: The movie file asked about, where a movie was given (its content picks its run folder).
+    path: Path | None = None
 
 
 def _is_run(path: Path) -> bool:
@@ -130,7 +133,7 @@ def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool)
             return RunRef(movie.name, None, str(exc))
         except OSError as exc:
             return RunRef(movie.name, None, str(unreadable(movie, exc)))
-    return RunRef(movie.name, run_dir.resolve())
+    return RunRef(movie.name, run_dir.resolve(), path=movie)
 
 
 def _scan(target: str | Path, cfg: RunConfig) -> list[RunRef | tuple[Path, bool]]:
@@ -200,7 +203,7 @@ def _kept(pipeline: Pipeline, run: Run, stage: str, cfg: RunConfig) -> list[str]
         return [f"(cannot list: {exc})"]
 
 
-def _replaced_movie(run_dir: Path) -> str | None:
+def _replaced_movie(run_dir: Path, asked: Path | None = None) -> str | None:
     """The line for a run folder whose movie's path now holds another file (its key, size and
     first megabyte, differs from the one ``run.json`` records), else None. Its stages were judged
     against the new file and shown stale ("its inputs changed (movie)") for good: ``bunny run``
@@ -218,6 +221,11 @@ def _replaced_movie(run_dir: Path) -> str | None:
         return None
     if now == key:
         return None
+    # The movie asked about is this folder's movie, moved or copied elsewhere (an archive of the
+    # episode beside its new cut): bunny run goes on in this folder with it.
+    with contextlib.suppress(OSError):
+        if asked is not None and movie_key(asked) == key:
+            return None
     return (
         f"{shown(Path(recorded).name)} is now another file; this run folder holds the earlier file's run "
         "(remove it when its results are no longer needed)"
@@ -234,7 +242,7 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
     for ref in refs:
         states: list[tuple[str, str, str, list[str]]]
         is_run = ref.run_dir is not None and _is_run(ref.run_dir)
-        replaced = _replaced_movie(ref.run_dir) if is_run else None
+        replaced = _replaced_movie(ref.run_dir, ref.path) if is_run else None
         if ref.run_dir is None:  # the movie cannot be read: every stage missing, saying why
             states = [(stage, "missing", ref.problem or "", []) for stage in pipeline.names()]
         elif replaced is not None:  # judged against the new file, each stage was stale for good
