@@ -199,7 +199,13 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     taken = {(t.character, t.path.name): t for t in pictures.taken}
     # The photograph is a human face, encoded; the girl's pictures are cut-outs for the fitted detector.
     assert faces.names == ["astronaut"] and taken[("astronaut", "astronaut.png")].use == "face"
-    assert taken[("astronaut", "phone.jpg")].use == "face"  # upright, not a drawn cut-out lying down
+    # Read upright (lying down it would be no photo of her face), the phone's copy is the same
+    # photo: left out, one line, as two encodings of it made a set in close agreement and set the
+    # adaptive threshold at its floor (a copy beside the Hamilton singer's photo named him nowhere).
+    phone = taken[("astronaut", "phone.jpg")]
+    assert phone.use == "left out"
+    assert phone.problem == "is the same photo as astronaut.png (a copy adds nothing)"
+    assert len(faces.encodings) == 1 and sum("phone.jpg is the same photo" in w for w in warnings) == 1
     assert pictures.drawn() == ["mika"] and len(pictures.cutouts["mika"]) == 6
     assert taken[("mika", "arms_down.png")].how == "transparency"
     assert taken[("mika", "sprite.png")].how == "transparency"

@@ -21,10 +21,6 @@ from diffusion_bunny.models.hub_characters.finder import cluster_appearances
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import FACES_SCHEMA, apply_appearance_edits
 
-#: dlib distances between a photo and its copy re-saved as JPEG, halved or mirrored run 0.03-0.23 on
-#: face_recognition's example photos; between two photos of one person 0.35-0.44.
-SAME_PICTURE_DISTANCE = 0.25
-
 
 def character_thresholds(refs: ReferenceSet, cfg: CharactersSettings) -> dict[str, float]:
     """Each character's acceptance distance.
@@ -35,19 +31,17 @@ def character_thresholds(refs: ReferenceSet, cfg: CharactersSettings) -> dict[st
     nor over ``tolerance``. A consistent reference set (one actor, similar light) then rejects
     look-alikes its loose default would accept, while a varied set keeps the full tolerance.
 
-    Only pictures that are not copies of each other say how a face varies: two references closer
-    than ``SAME_PICTURE_DISTANCE`` (a copy, a re-saved JPEG, a resized or mirrored photo) count as
-    one. Counted as two, a copy beside the one photo of a person spread 0, set the threshold at
-    ``min_threshold`` and the Hamilton clip's singer, 0.44-0.47 from his photo, was named nowhere.
+    A copy of a photo (re-saved, resized, mirrored) says nothing of how the face varies: the
+    reference loader leaves it out (:func:`~diffusion_bunny.stages.characters.references.same_photo`),
+    as counted here its spread of 0 set the threshold at ``min_threshold`` and the Hamilton clip's
+    singer, 0.44-0.47 from his photo, was named nowhere.
     """
     out: dict[str, float] = {}
     for index, name in enumerate(refs.names):
         own = refs.encodings[refs.owners == index]
         threshold = cfg.tolerance
-        distances = face_distances(own, own) if cfg.adaptive_thresholds and len(own) >= 2 else np.zeros(0)
-        distinct = distances[distances >= SAME_PICTURE_DISTANCE]
-        if distinct.size:
-            spread = float(distinct.max())
+        if cfg.adaptive_thresholds and len(own) >= 2:
+            spread = float(face_distances(own, own).max())
             threshold = min(cfg.tolerance, max(cfg.min_threshold, spread + cfg.threshold_margin))
         out[name] = round(threshold, 4)
     return out

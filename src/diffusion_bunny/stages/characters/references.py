@@ -461,6 +461,34 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
     )
 
 
+#: Differing bits of two pictures' difference hashes up to which they are one photo: a copy
+#: re-saved as JPEG or WebP, halved or mirrored differs in 0-2 of 64 (face_recognition's example
+#: photos), two photos, of one person or of two, in 23 or more.
+SAME_PHOTO_BITS = 6
+
+
+def picture_hash(rgb: np.ndarray) -> np.ndarray:
+    """A picture's difference hash (64 bits: is each pixel of a 9x8 grey copy brighter than its
+    right neighbour), and its mirror image's below it. Of the whole picture, not of the face the
+    detector boxes: boxes found on a copy move by a few pixels, and a face crop's hash with them."""
+    small = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (9, 8), interpolation=cv2.INTER_AREA)
+    small = small.astype(np.int16)
+    mirrored = small[:, ::-1]
+    return np.stack([(small[:, 1:] > small[:, :-1]).ravel(), (mirrored[:, 1:] > mirrored[:, :-1]).ravel()])
+
+
+def same_photo(mine: np.ndarray, others: list[tuple[Path, np.ndarray]]) -> Path | None:
+    """The picture among ``others`` (path, :func:`picture_hash`) that is the same photo as the one
+    hashed ``mine`` (a copy, re-saved, resized or mirrored), or None. Why: a copy beside the
+    one photo of a person made the references look in close agreement, and the adaptive threshold
+    (:func:`~diffusion_bunny.stages.characters.identify.character_thresholds`) fell to
+    ``min_threshold``: the Hamilton clip's singer, 0.44-0.47 from his photo, was named nowhere."""
+    for path, theirs in others:
+        if int((mine != theirs[0]).sum(axis=1).min()) <= SAME_PHOTO_BITS:
+            return path
+    return None
+
+
 def load_character_references(ref_dir: Path, settings) -> tuple[object, ReferencePictures, list[str]]:
     """Every picture under ``ref_dir`` (one sub-folder per character): the human faces' encodings
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
@@ -477,7 +505,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
     warnings += _folder_warnings(ref_dir, list(pictures_of), unreadable) + screened
     for name, files in pictures_of.items():
         pictures.taken += left_out.pop(name, [])  # its doubled pictures
-        human: list[tuple[Path, np.ndarray, tuple[int, int, int, int]]] = []
+        human: list[tuple[Path, np.ndarray, tuple[int, int, int, int], np.ndarray]] = []
         cutouts: list[Taken] = []
         cut: dict[Path, np.ndarray] = {}
         for path in files:
@@ -493,7 +521,12 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                     raise ReferenceProblem(f"shows {len(photographed)} faces (a reference must show one)")
                 if photographed:
                     f = photographed[0]
-                    human.append((path, f.encoding, (f.left, f.top, f.right, f.bottom)))
+                    box = (f.left, f.top, f.right, f.bottom)
+                    hashed = picture_hash(rgb)
+                    copy = same_photo(hashed, [(p, h) for p, _, _, h in human])
+                    if copy is not None:
+                        raise ReferenceProblem(f"is the same photo as {copy.name} (a copy adds nothing)")
+                    human.append((path, f.encoding, box, hashed))
                     continue
                 cutout, how, box = cut_out(rgba)
             except ReferenceProblem as problem:
@@ -505,7 +538,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
         if human:
             index = len(faces.names)
             faces.names.append(name)
-            for path, encoding, box in human:
+            for path, encoding, box, _ in human:
                 encodings.append(encoding)
                 owners.append(index)
                 faces.files.append(str(path))
