@@ -539,6 +539,40 @@ def test_report_document_without_figures(tmp_path):
     assert "R2-D2 &lt;droid&gt; and _grace_ met *twice*" in html
 
 
+def test_report_page_loads_nothing_from_the_network(tmp_path):
+    """The page is self-contained: nbconvert's lab template put require.js and MathJax from cdnjs
+    in every report's head (and a mermaid import), so opening it contacted a third party and,
+    offline, showed console errors. No script or stylesheet comes from http(s) now, and the
+    page keeps its heading, text, embedded figure, table and styles."""
+    png = figure_png(p9.ggplot(pl.DataFrame({"x": [1, 2]}), p9.aes("x", "x")) + p9.geom_point())
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "kept.png").write_bytes(png)
+    figures = pl.DataFrame(
+        {
+            "order": [0],
+            "section": ["funnel"],
+            "title": ["Dataset funnel"],
+            "status": ["ok"],
+            "figure": ["kept"],
+            "figure_title": ["Frames kept"],
+            "path": ["figures/kept.png"],
+            "message": ["3 frames kept of 5 at $x^2$"],
+        }
+    )
+    tables = {"funnel": "<table><tr><td>with a named character</td></tr></table>"}
+    nb = report_document(tmp_path, figures, title="QA report: offline.mkv", tables=tables)
+    html = render_report_html(nb, tmp_path / "report" / "index.html").read_text()
+    tags = re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", html, flags=re.IGNORECASE)
+    remote = [t for t in tags if re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", t, re.I)]
+    assert remote == [], remote
+    assert not re.search(r"""import\(\s*["']https?:""", html)  # no module fetched by a script either
+    assert "cdnjs" not in html
+    assert "QA report: offline.mkv" in html and "3 frames kept of 5" in html
+    assert "with a named character" in html and 'alt="Frames kept"' in html
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1
+    assert "<style" in html and "jp-RenderedHTMLCommon" in html  # the lab page's own styles stay
+
+
 def test_notebook_09_headless_on_the_demo_run(demo_run, tmp_path):
     """bunny run's path: notebook 09 through papermill writes the report and shows its figures."""
     from diffusion_bunny.pipeline.runner import RunOptions, execute_stage_notebook

@@ -34,6 +34,8 @@ def test_report_opens_in_chromium_with_every_section(scenes_demo_run, tmp_path):
     n_figures = run.read_table("report_figures")["figure"].is_not_null().sum()
 
     with chromium_page(viewport=(1200, 900)) as page:
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
         page.goto(html.as_uri())
         expect(page.locator("h1")).to_contain_text("QA report: demo_movie.mp4")
         headings = page.locator("h2").all_inner_texts()
@@ -48,6 +50,9 @@ def test_report_opens_in_chromium_with_every_section(scenes_demo_run, tmp_path):
         assert "stage captions did not run" in body and "stage train did not run" in body
         assert "with a named character" in body  # the funnel table
         assert page.locator(".jp-InputArea-editor, .jp-InputPrompt").count() == 0
+        # Self-contained: nothing fetched from the network (require.js and MathJax came from cdnjs).
+        page.wait_for_load_state("networkidle")
+        assert [u for u in requested if not u.startswith(("file:", "data:"))] == [], requested
         SCREENS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENS / "report.png"))
         page.screenshot(path=str(SCREENS / "report_full.png"), full_page=True)

@@ -120,16 +120,29 @@ def report_document(
 
 _NBCONVERT_ALT = 'alt="No description has been provided for this image"'
 
+# The lab template's page loads require.js and MathJax from cdnjs, imports mermaid from there for
+# a diagram and the widget manager for widgets: opening the report contacted a third party, and
+# offline each script was a console error. The report is one page to open anywhere (its figures
+# are embedded PNGs, its tables plain HTML, nothing needs those scripts), so their blocks are
+# emptied and the page loads nothing from the network.
+_OFFLINE_PAGE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
 
 def render_report_html(notebook: Any, out_html: str | Path) -> Path:
     """Convert a notebook (an executed one, or :func:`report_document`'s) to one self-contained
-    HTML file with nbconvert, code and prompts hidden, pictures embedded; written atomically."""
+    HTML file with nbconvert, code and prompts hidden, pictures embedded, no script or style
+    fetched from the network (:data:`_OFFLINE_PAGE`); written atomically."""
     import nbformat  # lazy: nbformat takes 0.86 s to import
     from nbconvert import HTMLExporter  # lazy: nbconvert takes 1.1 s to import
 
     if isinstance(notebook, str | Path):
         notebook = nbformat.read(str(notebook), as_version=4)
-    exporter = HTMLExporter(template_name="lab")
+    exporter = HTMLExporter(template_name="lab", raw_template=_OFFLINE_PAGE)
     exporter.exclude_input = True
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
