@@ -34,7 +34,7 @@ from diffusion_bunny.stages.export.plan import (
     shot_groups,
 )
 from diffusion_bunny.stages.export.settings import ExportSettings
-from diffusion_bunny.stages.export.stage import crop_box, resized, write_metadata
+from diffusion_bunny.stages.export.stage import _readme, crop_box, resized, write_metadata
 from diffusion_bunny.stages.export.tables import ITEMS_COLUMNS, dataset_dir
 
 
@@ -505,6 +505,28 @@ def test_one_crop_given_as_a_word_is_a_list_of_one():
         load_config(None, ["export.crops=body"])
 
 
+def test_readme_names_the_crops_written_with_their_counts(tmp_path):
+    """The README's crops are those of the pictures written, counted: it listed the configured
+    ``export.crops``, "crops: full, face, character" on a run that wrote 8 full pictures and no
+    face or character crop (none found big enough)."""
+    items = pl.DataFrame(
+        {
+            "split": ["train"] * 7 + ["validation"],
+            "crop": ["full"] * 8,
+            "concept": ["scene"] * 8,
+            "repeats": [1] * 8,
+        }
+    )
+    cfg = ExportSettings(crops=("full", "face", "character"))
+    readme = _readme(items, cfg, tmp_path / "dataset")
+    assert "8 pictures: 7 train, 1 validation (crops: 8 full; whole shots never straddle the two)." in readme
+    assert "face," not in readme and "character;" not in readme  # none written, none named
+    assert "- 1_scene: 7 pictures x 1" in readme  # the rest of the README is as it was
+    mixed = items.with_columns(pl.Series("crop", ["face", "full", "half_body", "full"] * 2))
+    readme = _readme(mixed, cfg, tmp_path / "dataset")
+    assert "(crops: 4 full, 2 face, 2 half_body; " in readme  # in the order of the crop kinds
+
+
 def test_jsonl_metadata_loads_through_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from datasets import load_dataset
@@ -587,6 +609,9 @@ def test_demo_export_loads_through_datasets(export_run, tmp_path, monkeypatch):
     # Near-identical frames never straddle: no shot on both sides.
     sides = items.group_by("shot_id").agg(pl.col("split").n_unique())
     assert sides["split"].max() == 1
+    n = {c: items.filter(pl.col("crop") == c).height for c in ("full", "face", "half_body")}
+    readme = (dataset_dir(run.run_dir) / "README.md").read_text()
+    assert f"(crops: {n['full']} full, {n['face']} face, {n['half_body']} half_body; " in readme
 
     hf = dataset_dir(run.run_dir) / "hf"
     ds = load_dataset("imagefolder", data_dir=str(hf), cache_dir=str(tmp_path / "cache"))

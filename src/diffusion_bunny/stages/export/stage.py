@@ -52,6 +52,7 @@ from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan
 from diffusion_bunny.stages.export.settings import ExportSettings
 from diffusion_bunny.stages.export.tables import (
     CLIP_SCHEMA,
+    CROPS,
     ITEMS_COLUMNS,
     METADATA_COLUMNS,
     SPLITS,
@@ -152,13 +153,21 @@ def write_metadata(folder: Path, items: pl.DataFrame, metadata_format: str) -> P
     return path
 
 
+def _crops_written(plan_items: pl.DataFrame) -> str:
+    """The crops of the pictures written, with their counts (``8 full, 3 face``): the configured
+    ``export.crops`` named kinds a run may have written none of (no character found, every face
+    too small), and the README said "crops: full, face, character" over 8 full pictures."""
+    written = {c: int((plan_items["crop"] == c).sum()) for c in CROPS}
+    return ", ".join(f"{n} {c}" for c, n in written.items() if n) or "none"
+
+
 def _readme(plan_items: pl.DataFrame, cfg: ExportSettings, root: Path) -> str:
     counts = {s: int((plan_items["split"] == s).sum()) for s in SPLITS}
     lines = [
         "# LoRA dataset written by diffusion-bunny (stage 06, export)",
         "",
         f"{plan_items.height} pictures: {counts['train']} train, {counts['validation']} validation "
-        f"(crops: {', '.join(cfg.crops)}; whole shots never straddle the two).",
+        f"(crops: {_crops_written(plan_items)}; whole shots never straddle the two).",
         "",
         "Hugging Face datasets:",
         "",
