@@ -463,7 +463,9 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
 
 #: Differing bits of two pictures' difference hashes up to which they are one photo: a copy
 #: re-saved as JPEG or WebP, halved or mirrored differs in 0-2 of 64 (face_recognition's example
-#: photos), two photos, of one person or of two, in 23 or more.
+#: photos), two photos, of one person or of two, in 23 or more; of the face crops a named cluster
+#: saves from the face truth set, the darkened, mirrored and shrunk copies of one photo 0-4, crops
+#: of two photos 14 or more.
 SAME_PHOTO_BITS = 6
 
 
