@@ -779,6 +779,31 @@ def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     assert "<b>wyvern</b> (still added), <b>stranger</b>." in picker.hint.value
 
 
+def test_a_still_of_a_character_cut_by_the_frames_edge_is_cut_out_whole():
+    """A character the frame's edge cuts (the ones the fit misses, so the ones a user boxes) lay
+    on the still's border, which GrabCut takes for background: of an owl at the right edge it kept
+    a wing's outline. The margin the frame lacks is neutral grey now."""
+    from diffusion_bunny.stages.characters.references import GREY, grabcut_mask
+    from diffusion_bunny.stages.characters.stage import still_crop
+
+    rng = np.random.default_rng(0)
+    frame = np.full((360, 640, 3), (60, 120, 70), np.uint8) + rng.integers(
+        0, 30, (360, 640, 3), dtype=np.uint8
+    )
+    cv2.ellipse(frame, (630, 180), (60, 110), 0, 0, 360, (200, 40, 40), -1)  # cut by the right edge
+    still = still_crop(frame, (570, 70, 640, 290))
+    pad = round(DRAWN_MARGIN * 70)
+    assert still.shape == (220 + 2 * round(DRAWN_MARGIN * 220), 70 + 2 * pad, 3)
+    assert (still[:, -pad:] == GREY).all() and (still[:, :pad] != GREY).any()  # only the missing side
+    body = (still[..., 0] > 150) & (still[..., 1] < 80)
+    mask = grabcut_mask(still)
+    assert (
+        mask is not None
+        and (mask & body).sum() > 0.95 * body.sum()
+        and (mask & ~body).sum() < 0.1 * mask.sum()
+    )
+
+
 def test_still_picker_goes_to_a_time_a_frame_or_a_shot(discovered, tmp_path):
     """The picker's "go to" box: a time of the film or a frame number shows the extracted frame
     nearest to it, "shot N" that shot's first extracted frame, anything else one line and the
