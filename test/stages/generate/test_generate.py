@@ -472,6 +472,14 @@ def test_what_stage_08_reads_of_stage_03_and_a_scorer_that_cannot_be_had_is_one_
     (tmp_path / "fitted.pt").write_bytes(fitted_mika.to_bytes())
     scorer, warnings = load_drawn_scorer(seen, ["mika"])
     assert warnings == [] and scorer.names == ["mika"] and scorer.min_score == 0.5
+    # A drawn character named by hand in notebook 03 (no pictures, so not in the fit): one line,
+    # where its pictures were drawn and silently left out of every score and count.
+    scorer, warnings = load_drawn_scorer(seen, ["mika", "penguin"])
+    assert scorer.names == ["mika"] and warnings == [
+        "the pictures of penguin are drawn but not scored: stage 03 has no pictures of them (named by "
+        "hand); add a still from the film of each (notebook 03, or add_still) or pictures of them, then "
+        "rerun stage characters"
+    ]
 
 
 def test_with_the_hub_backend_drawn_pictures_are_scored_by_owlv2_guided_by_stage_03s_cutouts(tmp_path):
