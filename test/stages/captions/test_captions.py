@@ -623,6 +623,31 @@ def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_r
     assert run.read_table("captions").equals(before)
 
 
+def test_a_typed_caption_does_not_let_a_run_whose_every_request_failed_overwrite_the_captions(
+    cap_run, tmp_path
+):
+    """One caption typed by hand made a run whose every request failed (a wrong model, a server
+    down) write its failures over every caption of the last run, exit 0: the typed one was counted
+    as a frame captioned. It stops as without the edit, and the table is kept."""
+    run, overrides = cap_run
+    run_stage(run, "captions", _cfg(tmp_path, overrides), progress=False)
+    fid = run.read_table("captions")["frame_id"][0]
+    edit_caption(run.run_dir, fid, "a man typed by hand")
+    before = run.read_table("captions")
+    with FakeLLMServer(default="500") as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__max_retries=0,
+        )
+        with pytest.raises(ProviderError, match="no frame could be captioned"):
+            run_stage(run, "captions", cfg, progress=False)
+    assert run.read_table("captions").equals(before)
+    assert before["caption"].is_not_null().all()
+
+
 def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_path):
     run, overrides = cap_run
     with pytest.raises(ProviderError, match="needs the environment variable OPENAI_API_KEY"):
@@ -1155,8 +1180,13 @@ def test_a_typed_caption_gets_the_trigger_word_in_place_of_an_old_one_keeping_wh
     assert without_trigger("bunnystyle,  a man", "bunnystyle") == "a man"
     assert without_trigger("bunnystyle's dog", "bunnystyle") == "bunnystyle's dog"
     assert without_trigger("bunnystyle", "bunnystyle") == "bunnystyle"
-    # A run whose frames not captioned by hand all failed is no "no frame could be captioned".
+    # Frames captioned by hand are asked of nobody: every frame asked failing is "no frame could
+    # be captioned" with them too; one frame asked and captioned is not.
     rows = pl.DataFrame({"frame_id": ["a", "b"], "status": ["failed", "edited"], "error": ["refused", None]})
-    assert _failed(rows, pl.DataFrame()).height == 1
+    calls = pl.DataFrame({"outcome": ["refused"], "provider": ["local"]})
     with pytest.raises(ProviderError, match="no frame could be captioned"):
-        _failed(rows.head(1), pl.DataFrame({"outcome": ["refused"], "provider": ["local"]}))
+        _failed(rows, calls)
+    with pytest.raises(ProviderError, match="no frame could be captioned"):
+        _failed(rows.head(1), calls)
+    ok = pl.DataFrame({"frame_id": ["c"], "status": ["ok"], "error": [None]}, schema=rows.schema)
+    assert _failed(pl.concat([rows, ok]), calls).height == 1

@@ -72,7 +72,6 @@ from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.tables import (
     CAPTION_SCHEMA,
     EDIT_SCHEMA,
-    USABLE_STATUSES,
     apply_edits,
     recorded_settings,
     without_trigger,
@@ -703,11 +702,12 @@ def _uncached(
 
 
 def _failed(captions: pl.DataFrame, calls: pl.DataFrame) -> pl.DataFrame:
-    """The frames no provider captioned; a :class:`ProviderError` when that is every frame.
-    Frames a person captioned count (asked of nobody, ``edited``): a run whose other frames all
-    failed is not "no frame could be captioned"."""
+    """The frames no provider captioned; a :class:`ProviderError` when that is every frame asked.
+    Frames a person captioned (asked of nobody, ``edited``) are left out of that count: with
+    them counted, one hand-typed caption let a run whose every request failed (a wrong model, a
+    server down) write its failures over all the captions of the last run."""
     failed = captions.filter(pl.col("status") == "failed")
-    if not captions.filter(pl.col("status").is_in(USABLE_STATUSES)).height and failed.height:
+    if not captions.filter(pl.col("status") == "ok").height and failed.height:
         raise ProviderError(
             f"no frame could be captioned ({failed.height} failed; first: {redact(failed['error'][0])}); fix "
             f"the provider or add template to captions.fallback. {_rerun_note(calls)}"
