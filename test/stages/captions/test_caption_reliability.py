@@ -293,6 +293,34 @@ def test_a_header_echoing_server_leaks_no_secret(cap_run, tmp_path, monkeypatch)
     assert redact(f"x {canary}-aws y") == "x [redacted] y"
 
 
+def test_a_key_echoed_in_a_paid_answer_is_not_written_to_the_answer_store(cap_run, tmp_path, monkeypatch):
+    """The store kept a 200 answer's text and refusal as they came: a server that echoes the
+    request headers in them put the key on disk, in the user's store beside every run folder."""
+    run, overrides = cap_run
+    canary = "sk-CANARY-echo200-9c1e"
+    monkeypatch.setenv("LOCAL_LLM_API_KEY", canary)
+    with FakeLLMServer(default="echo200") as srv:
+        cfg = _cfg(
+            tmp_path,
+            {**overrides, **FAST},
+            captions__provider="local",
+            captions__fallback=["template"],
+            captions__local__base_url=srv.base_url,
+            captions__breaker_failures=1000,
+        )
+        run_stage(run, "captions", cfg, progress=False)
+        assert srv.requests and srv.requests[0]["headers"]["Authorization"] == f"Bearer {canary}"
+    store = tmp_path / "user_cache"
+    answers = [p for p in store.rglob("*") if p.is_file() and b"[redacted]" in p.read_bytes()]
+    assert answers  # the echo reached the store, redacted
+    leaks = [
+        str(p)
+        for p in [*store.rglob("*"), *run.run_dir.rglob("*")]
+        if p.is_file() and canary.encode() in p.read_bytes()
+    ]
+    assert leaks == []
+
+
 def test_credentials_in_a_base_url_are_refused(tmp_path):
     for key in ("captions.local.base_url", "captions.openai.base_url", "captions.anthropic.base_url"):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:

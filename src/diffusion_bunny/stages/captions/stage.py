@@ -433,11 +433,12 @@ class _Captioner:
                 self.cache.set(
                     key,
                     {
-                        "raw": raw.text,
+                        # Redacted as every string stored: a server may echo the request headers.
+                        "raw": redact(raw.text),
                         "status": status,
                         "detail": redact(detail),
                         "finish_reason": raw.finish_reason,
-                        "refusal": raw.refusal,
+                        "refusal": redact(raw.refusal),
                         "latency_s": time.monotonic() - started,
                         "input_tokens": raw.input_tokens,
                         "output_tokens": raw.output_tokens,
