@@ -67,6 +67,8 @@ class FakeLLMServer:
     hang_s: float = 30.0
     #: Seconds every answered request takes (lets a test hold requests in flight).
     delay_s: float = 0.0
+    #: The ``Retry-After`` header of a 429 (None: none sent).
+    retry_after: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     answered: Counter = field(default_factory=Counter)
     model_name: str = "fake-vision-1"
@@ -85,6 +87,8 @@ class FakeLLMServer:
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if status == 429 and server.retry_after is not None:
+                    self.send_header("Retry-After", server.retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

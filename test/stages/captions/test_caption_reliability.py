@@ -321,6 +321,43 @@ def test_a_key_echoed_in_a_paid_answer_is_not_written_to_the_answer_store(cap_ru
     assert leaks == []
 
 
+def test_a_429_retry_after_is_waited_for_up_to_backoff_max_s(tmp_path):
+    """A 429's ``Retry-After`` was ignored: the retry came after the jittered backoff alone
+    (milliseconds here), earning another 429. The wait is at least what the server asked,
+    held to ``captions.backoff_max_s``."""
+    (tmp_path / "run" / "frames").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (90, 30, 200)).save(tmp_path / "run" / "frames" / "f1.jpg")
+    facts = pl.DataFrame([{"frame_id": "f1", "path": "frames/f1.jpg", "characters": []}])
+    for asked, cap, waited in (("7", 10.0, 7.0), ("120", 10.0, 10.0)):
+        slept: list[float] = []
+        with FakeLLMServer(script=["429"], retry_after=asked) as srv:
+            cfg = _cfg(
+                tmp_path,
+                FAST,
+                captions__provider="local",
+                captions__local__base_url=srv.base_url,
+                captions__backoff_max_s=cap,
+                captions__cache_dir=str(tmp_path / f"answers{asked}"),
+            ).captions
+            cache = CaptionCache(tmp_path / f"answers{asked}")
+            try:
+                result = caption_frames(
+                    tmp_path / "run",
+                    facts,
+                    [make_provider("local", cfg)],
+                    cfg,
+                    cache,
+                    frame_hashes(tmp_path / "run", facts),
+                    progress=False,
+                    sleep=slept.append,
+                )
+            finally:
+                cache.close()
+        assert srv.behaviours() == ["429", "ok"]
+        assert result.captions["status"].to_list() == ["ok"]
+        assert max(slept) == pytest.approx(waited)
+
+
 def test_credentials_in_a_base_url_are_refused(tmp_path):
     for key in ("captions.local.base_url", "captions.openai.base_url", "captions.anthropic.base_url"):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:

@@ -226,6 +226,16 @@ def is_timeout(exc: BaseException) -> bool:
     return False
 
 
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds a server asked to wait before the next request (a 429's ``Retry-After``, as
+    dspy's errors carry it), None when it asked nothing: retrying sooner only earns another 429."""
+    for err in _chain(exc):
+        value = getattr(err, "retry_after", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return max(0.0, float(value))
+    return None
+
+
 def unreadable_answer(exc: BaseException) -> str | None:
     """The detail of a 200 answer whose body could not be read (dspy's engine: ``the reply (HTTP
     200, ...) is not JSON``; botocore: ``ResponseParserError``), None for any other failure. Such an

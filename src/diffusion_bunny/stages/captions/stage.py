@@ -65,6 +65,7 @@ from diffusion_bunny.stages.captions.providers import (
     is_timeout,
     make_provider,
     redact,
+    retry_after,
     scaled_jpeg,
     short_error,
 )
@@ -247,9 +248,13 @@ class _Captioner:
         #: none is asked (each was a paid request thrown away, counted against the cap).
         self.by_hand: set[str] = set()
 
-    def jitter(self, attempt: int) -> float:
+    def jitter(self, attempt: int, exc: BaseException | None = None) -> float:
+        """The wait before another attempt: the backoff's, or longer when the server asked for
+        a longer one (``Retry-After``), held to ``captions.backoff_max_s`` as every wait."""
         with self._rng_lock:
-            return backoff_delay(attempt, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng)
+            delay = backoff_delay(attempt, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng)
+        asked = retry_after(exc) if exc is not None else None
+        return delay if asked is None else max(delay, min(asked, self.cfg.backoff_max_s))
 
     @staticmethod
     def row(fid: str, **values: Any) -> dict[str, Any]:
@@ -402,7 +407,7 @@ class _Captioner:
                 if prov.paid and is_timeout(exc):
                     timeouts += 1
                 if gave_up is None:
-                    self.sleep(self.jitter(attempt))
+                    self.sleep(self.jitter(attempt, exc))
                     continue
                 return None, gave_up, False
             latency = time.monotonic() - started
