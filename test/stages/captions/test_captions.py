@@ -33,6 +33,7 @@ from diffusion_bunny.stages.captions.providers import (
     RateLimiter,
     backoff_delay,
     classify,
+    make_provider,
 )
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.captions.stage import answers_dir, edit_caption, read_edits
@@ -711,8 +712,44 @@ def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
             captions__provider="openai",
             captions__openai__base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
         )
-        with pytest.raises(ProviderError, match=r"captions\.openai\.base_url.*refused the key \(HTTP 401\)"):
+        with pytest.raises(ProviderError, match=r"refused the key in OPENAI_API_KEY \(HTTP 401\)"):
             run_stage(run, "captions", cfg, progress=False)
+    finally:
+        httpd.shutdown()
+
+
+def test_a_refused_key_names_the_variable_that_holds_it_not_the_base_url(tmp_path, monkeypatch):
+    """A 401/403 from /models named the base-URL setting (``captions.local.base_url: ... refused
+    the key``), sending people to fix an address that was right: the line names the key's
+    environment variable, ``captions.local.api_key_env``'s for a local server."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{httpd.server_address[1]}"
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MY_VLLM_KEY"):
+        monkeypatch.setenv(var, "sk-wrong")
+    try:
+        for name, over, variable in (
+            ("openai", {"openai": {"base_url": root + "/v1"}}, "OPENAI_API_KEY"),
+            ("anthropic", {"anthropic": {"base_url": root}}, "ANTHROPIC_API_KEY"),
+            ("local", {"local": {"base_url": root + "/v1", "api_key_env": "MY_VLLM_KEY"}}, "MY_VLLM_KEY"),
+        ):
+            provider = make_provider(name, CaptionsSettings(provider=name, **over))
+            with pytest.raises(ProviderError) as err:
+                provider.preflight()
+            assert f"refused the key in {variable} (HTTP 403)" in str(err.value)
+            assert "base_url" not in str(err.value)
     finally:
         httpd.shutdown()
 

@@ -849,9 +849,11 @@ def _raw_first_adapter(
     return RawFirstAdapter(use_json_adapter_fallback=False)
 
 
-def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float) -> None:
+def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float, key_variable: str) -> None:
     """Is anything answering at ``url``? Any HTTP status means yes, except 401/403: the key is
-    refused. A refused connection, unknown host or timeout is the one clear error."""
+    refused, and the line names the variable that holds it (``key_variable``): the base URL
+    setting it named before sent people to fix an address that was right. A refused connection,
+    unknown host or timeout is the one clear error, naming ``setting``."""
     request = urllib.request.Request(url, headers=headers, method="GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
@@ -859,8 +861,8 @@ def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             raise ProviderError(
-                f"{setting}: the server at {urlparse(url).netloc} refused the key (HTTP {exc.code}); "
-                "check the key in the environment or .env"
+                f"the caption server at {urlparse(url).netloc} refused the key in {key_variable} "
+                f"(HTTP {exc.code}); set the right key in {key_variable} (in the environment or .env)"
             ) from None
         return
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
@@ -913,7 +915,11 @@ def _openai_like(name: str, cfg: CaptionsSettings) -> DspyProvider:
 
     def preflight() -> None:
         _probe_http(
-            f"{probe_base}/models", setting, {"Authorization": f"Bearer {key}"}, min(10.0, cfg.timeout_s)
+            f"{probe_base}/models",
+            setting,
+            {"Authorization": f"Bearer {key}"},
+            min(10.0, cfg.timeout_s),
+            KEY_VARIABLES[name] if name == "openai" else cfg.local.api_key_env,
         )
 
     return DspyProvider(name, model, lm, cfg, preflight)
@@ -935,6 +941,7 @@ def _anthropic(cfg: CaptionsSettings) -> DspyProvider:
             "captions.anthropic.base_url",
             {"x-api-key": key, "anthropic-version": "2023-06-01"},
             min(10.0, cfg.timeout_s),
+            KEY_VARIABLES["anthropic"],
         )
 
     return DspyProvider("anthropic", cfg.anthropic.model, lm, cfg, preflight)
