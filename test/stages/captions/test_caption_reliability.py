@@ -358,6 +358,52 @@ def test_a_429_retry_after_is_waited_for_up_to_backoff_max_s(tmp_path):
         assert max(slept) == pytest.approx(waited)
 
 
+def test_a_run_stopped_while_its_request_waits_for_the_rate_limit_counts_only_what_was_sent(tmp_path):
+    """The paid-request count was taken before the rate limiter's wait: a run stopped while a
+    request waited (Ctrl-C) had it on the movie's count, never sent, and the cap came sooner."""
+    from diffusion_bunny.stages.captions.stage import SpentLedger
+
+    (tmp_path / "run" / "frames").mkdir(parents=True)
+    rows = []
+    for i, colour in enumerate([(90, 30, 200), (10, 200, 40)]):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / "run" / "frames" / f"f{i}.jpg")
+        rows.append({"frame_id": f"f{i}", "path": f"frames/f{i}.jpg", "characters": []})
+    facts = pl.DataFrame(rows)
+
+    def stopped(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    with FakeLLMServer() as srv:
+        cfg = _cfg(
+            tmp_path,
+            FAST,
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__requests_per_minute=1,
+            captions__concurrency=1,
+        ).captions
+        ledger = SpentLedger(tmp_path / "store", "movie")
+        cache = CaptionCache(tmp_path / "store")
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                caption_frames(
+                    tmp_path / "run",
+                    facts,
+                    [make_provider("local", cfg)],
+                    cfg,
+                    cache,
+                    frame_hashes(tmp_path / "run", facts),
+                    progress=False,
+                    sleep=stopped,
+                    ledger=ledger,
+                )
+        finally:
+            cache.close()
+    assert len(srv.requests) == 1  # the second waited for the limit and was never sent
+    assert json.loads(ledger.path.read_text())["requests"] == 1
+    assert SpentLedger(tmp_path / "store", "movie").earlier == 1
+
+
 def test_credentials_in_a_base_url_are_refused(tmp_path):
     for key in ("captions.local.base_url", "captions.openai.base_url", "captions.anthropic.base_url"):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:

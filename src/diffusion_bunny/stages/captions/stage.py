@@ -391,8 +391,10 @@ class _Captioner:
             if not permit:
                 return None, f"{prov.name}: circuit open ({breaker.reason})", True
             if prov.paid:  # the template costs nothing and is not paced
-                self.budget.take()  # past max_paid_requests: StageError stops the run
                 self.limiters[prov.name].acquire()
+                # Counted once the pacing lets it go, right before it is sent: counted before the
+                # wait, a run stopped while it waited had requests on its count never sent.
+                self.budget.take()  # past max_paid_requests: StageError stops the run
             started = time.monotonic()
             cache_failure: list[BaseException] = []
             try:
