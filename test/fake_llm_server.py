@@ -6,7 +6,8 @@ script: ``ok`` (a caption in dspy's chat-adapter format, derived from the image 
 gets its own), ``429`` / ``500`` (an error status), ``hang`` (hold the connection until the client
 gives up), ``garbage`` (an answer without the fields asked for), ``echo`` (a 500 whose message
 repeats the request headers, keys included, as a careless proxy does), ``echo200`` (a 200, billed,
-whose text and refusal repeat them), and the paid answers that
+whose text and refusal repeat them), ``loosetags`` / ``notags`` (a caption whose tags are a bare
+comma list, or missing), and the paid answers that
 carry nothing: ``empty`` (no text, finished normally), ``refused`` (a refusal instead of
 text), ``filtered`` (stopped by the content filter) and ``length`` (a reasoning model that spent
 ``max_tokens`` before writing any text), ``unreadable`` (a 200 whose body is cut off mid-JSON, as a
@@ -154,6 +155,11 @@ class FakeLLMServer:
                 finish, refusal = "stop", None
                 if behaviour == "garbage":
                     text = "I cannot follow the format."
+                elif behaviour in {"loosetags", "notags"}:
+                    text = f"[[ ## caption ## ]]\n{caption_text(digest)}\n\n"
+                    if behaviour == "loosetags":
+                        text += "[[ ## tags ## ]]\nstage, performer, dark\n\n"
+                    text += "[[ ## completed ## ]]"
                 elif behaviour == "echo200":
                     text = refusal = "headers " + "; ".join(f"{k}: {v}" for k, v in self.headers.items())
                 elif behaviour in {"empty", "refused", "filtered", "length"}:

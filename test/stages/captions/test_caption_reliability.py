@@ -404,6 +404,63 @@ def test_a_run_stopped_while_its_request_waits_for_the_rate_limit_counts_only_wh
     assert SpentLedger(tmp_path / "store", "movie").earlier == 1
 
 
+def test_a_caption_whose_tags_are_not_a_json_list_is_kept_fresh_and_from_the_store(tmp_path):
+    """dspy's parser threw a paid answer away as ``unparsable`` when its caption was fine but its
+    tags were a bare comma list (``stage, performer, dark``) or missing. The caption is kept, the
+    tags read leniently; an answer stored as unparsable by then is read again as a caption, with
+    no request."""
+    (tmp_path / "run" / "frames").mkdir(parents=True)
+    rows = []
+    for i, colour in enumerate([(90, 30, 200), (10, 200, 40), (200, 200, 10)]):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / "run" / "frames" / f"f{i}.jpg")
+        rows.append({"frame_id": f"f{i}", "path": f"frames/f{i}.jpg", "characters": []})
+    facts = pl.DataFrame(rows)
+    hashes = frame_hashes(tmp_path / "run", facts)
+
+    def run(srv: FakeLLMServer, cache: CaptionCache):
+        cfg = _cfg(
+            tmp_path,
+            FAST,
+            captions__provider="local",
+            captions__local__base_url=srv.base_url,
+            captions__concurrency=1,
+            captions__max_retries=0,
+        ).captions
+        provider = make_provider("local", cfg)
+        return (
+            provider,
+            cfg,
+            caption_frames(tmp_path / "run", facts.head(2), [provider], cfg, cache, hashes, progress=False),
+        )
+
+    cache = CaptionCache(tmp_path / "store")
+    try:
+        with FakeLLMServer(script=["loosetags", "notags"]) as srv:
+            provider, cfg, result = run(srv, cache)
+        assert result.captions["status"].to_list() == ["ok", "ok"]
+        assert result.captions["caption"].str.contains("seen by the fake server").all()
+        assert sorted(map(list, result.captions["tags"].to_list())) == [[], ["stage", "performer", "dark"]]
+        # An answer an earlier release stored as unparsable is a caption now, asked of nobody.
+        third = facts.row(2, named=True)
+        key = CaptionCache.key_for(hashes["f2"], provider, third, cfg)
+        text = "[[ ## caption ## ]]\na red stage\n\n[[ ## tags ## ]]\nstage, red\n\n[[ ## completed ## ]]"
+        cache.set(key, {"raw": text, "status": "unparsable", "detail": "AdapterParseError: tags"})
+        with FakeLLMServer(default="500") as srv:
+            cfg = _cfg(
+                tmp_path, FAST, captions__provider="local", captions__local__base_url=srv.base_url
+            ).captions
+            provider = make_provider("local", cfg)
+            stored = caption_frames(
+                tmp_path / "run", facts.slice(2), [provider], cfg, cache, hashes, progress=False
+            )
+            assert srv.requests == []
+    finally:
+        cache.close()
+    assert stored.captions["status"].to_list() == ["ok"]
+    assert stored.captions["caption"][0].endswith("a red stage")
+    assert list(stored.captions["tags"][0]) == ["stage", "red"]
+
+
 def test_credentials_in_a_base_url_are_refused(tmp_path):
     for key in ("captions.local.base_url", "captions.openai.base_url", "captions.anthropic.base_url"):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:

@@ -742,8 +742,8 @@ class DspyProvider:
             elif not answers:  # no answer came (HTTP error, timeout): classified by the caller
                 raise
             status, detail = answer_status(answers[-1], self.parse)
-            if status == "ok":  # pragma: no cover - parsed by our parser, not by dspy's
-                raise
+            if status == "ok":  # dspy refused it for its tags alone; ours keeps the caption
+                return self.parse(answers[-1])
             raise AnswerError(status, detail) from exc
 
     def status(self, raw: RawAnswer) -> tuple[str, str]:
@@ -751,12 +751,20 @@ class DspyProvider:
         return answer_status(raw, self.parse)
 
     def parse(self, raw: RawAnswer) -> CaptionResult:
-        """The caption in a raw answer (one from the cache): parsed exactly as a fresh one is,
-        without asking anything. Raises dspy's ``AdapterParseError`` when it does not parse."""
+        """The caption in a raw answer (a fresh one or one from the cache, parsed the same way),
+        without asking anything. Raises dspy's ``AdapterParseError`` when it carries no caption.
+        Tags are read leniently (:func:`_loose_tags`): dspy's parser throws the whole answer away
+        when its tags are not a JSON list or missing, and the caption, paid for, went with it."""
         import dspy  # lazy: dspy takes 1.2 s to import
 
         adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-        fields = adapter.parse(self.predict.signature, raw.text)
+        try:
+            fields = adapter.parse(self.predict.signature, raw.text)
+        except Exception:
+            sections = _sections(raw.text)
+            if not sections.get("caption"):
+                raise
+            fields = {"caption": sections["caption"], "tags": _loose_tags(sections.get("tags", ""))}
         return self._result(fields.get("caption"), fields.get("tags"), raw.input_tokens, raw.output_tokens)
 
     def _result(self, caption: Any, tags: Any, inp: int | None, out: int | None) -> CaptionResult:
@@ -765,6 +773,40 @@ class DspyProvider:
             raise ValueError("the answer had an empty caption")
         tags = [str(t).strip() for t in (tags or []) if str(t).strip()]
         return CaptionResult(_with_trigger(caption, self.cfg.trigger_word), tags, inp, out)
+
+
+_FIELD_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The fields of a chat-adapter answer (``[[ ## name ## ]]`` headers), first of each name,
+    as dspy's ChatAdapter splits them, without parsing their values."""
+    found: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in text.splitlines():
+        match = _FIELD_HEADER.match(line.strip())
+        if match:
+            rest = line.strip()[match.end() :].strip()
+            found.append((match.group(1), [rest] if rest else []))
+        else:
+            found[-1][1].append(line)
+    out: dict[str, str] = {}
+    for name, lines in found:
+        if name is not None and name not in out:
+            out[name] = "\n".join(lines).strip()
+    return out
+
+
+def _loose_tags(value: str) -> list[str]:
+    """Tags as a model wrote them: a JSON list, else a comma- or line-separated list
+    (``stage, performer, dark``), brackets and quotes dropped; none when absent."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, list):
+        return [str(t) for t in parsed]
+    parts = re.split(r"[,\n]", value.strip().strip("[]"))
+    return [p.strip().strip("\"'`-* ").strip() for p in parts if p.strip().strip("\"'`-* ").strip()]
 
 
 @dataclass(frozen=True)
