@@ -227,6 +227,38 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
         assert any(f"character '{folder}' has no usable reference picture" in w for w in warnings)
 
 
+def test_a_crop_of_a_photo_is_that_photo_and_two_photos_on_one_plain_page_are_two(tmp_path):
+    """A photo cropped closer is the same photo (its face 0.04 from the photo's), which counted as
+    a second picture narrowed the character's threshold to its floor; two photos of two people
+    shrunk onto one white page hash alike, yet are two photos (their faces are not alike)."""
+    demo = build_demo_references(tmp_path / "demo")
+    refs = tmp_path / "refs"
+    with Image.open(demo / "astronaut" / "astronaut.png") as photo:
+        photo = photo.convert("RGB")
+        (refs / "astronaut").mkdir(parents=True)
+        photo.save(refs / "astronaut" / "a_photo.png")
+        w, h = photo.size
+        photo.crop((w // 8, h // 10, w - w // 8, h - h // 10)).save(refs / "astronaut" / "b_closer.png")
+    (refs / "page").mkdir()
+    for i, name in enumerate(("astronaut", "grace_hopper")):
+        page = Image.new("RGB", (1280, 800), "white")
+        with Image.open(demo / name / f"{name}.png") as photo:
+            small = photo.convert("RGB")
+            small.thumbnail((240, 240))
+            page.paste(small, (520, 280))
+        page.save(refs / "page" / f"{i}_{name}.png")
+    _, pictures, _ = load_character_references(refs, DetectSettings())
+    taken = {(t.character, t.path.name): t for t in pictures.taken}
+    assert (
+        taken[("astronaut", "b_closer.png")].problem
+        == "is the same photo as a_photo.png (a copy adds nothing)"
+    )
+    assert (
+        taken[("page", "0_astronaut.png")].use == "face"
+        and taken[("page", "1_grace_hopper.png")].use == "face"
+    )
+
+
 def test_a_picture_too_large_to_open_is_one_line(tmp_path, monkeypatch):
     """Pillow refuses a picture over its decompression-bomb limit (~179 megapixels; lowered here
     so a small file crosses it): the reference is left out with one line, not a traceback."""

@@ -467,6 +467,10 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
 #: saves from the face truth set, the darkened, mirrored and shrunk copies of one photo 0-4, crops
 #: of two photos 14 or more.
 SAME_PHOTO_BITS = 6
+#: dlib distances between a photo's face and its copy's: re-saved or halved 0.03-0.15, mirrored
+#: 0.14-0.23, cropped closer 0.04; between two photos of one person 0.35-0.44 (the same examples).
+SAME_PHOTO_DISTANCE = 0.3
+CROP_DISTANCE = 0.15
 
 
 def picture_hash(rgb: np.ndarray) -> np.ndarray:
@@ -479,14 +483,22 @@ def picture_hash(rgb: np.ndarray) -> np.ndarray:
     return np.stack([(small[:, 1:] > small[:, :-1]).ravel(), (mirrored[:, 1:] > mirrored[:, :-1]).ravel()])
 
 
-def same_photo(mine: np.ndarray, others: list[tuple[Path, np.ndarray]]) -> Path | None:
-    """The picture among ``others`` (path, :func:`picture_hash`) that is the same photo as the one
-    hashed ``mine`` (a copy, re-saved, resized or mirrored), or None. Why: a copy beside the
-    one photo of a person made the references look in close agreement, and the adaptive threshold
+def same_photo(
+    mine: tuple[np.ndarray, np.ndarray], others: list[tuple[Path, np.ndarray, np.ndarray]]
+) -> Path | None:
+    """The picture among ``others`` (path, :func:`picture_hash`, face encoding) that is the same
+    photo as ``mine`` (its hash and encoding), or None: a copy re-saved, resized or mirrored (the
+    pictures' hashes within :data:`SAME_PHOTO_BITS` and the faces within
+    :data:`SAME_PHOTO_DISTANCE`: two small photos on one plain page hash alike), or a crop of it
+    (the faces within :data:`CROP_DISTANCE`, whatever the hashes). Why: a copy beside the one photo
+    of a person made the references look in close agreement, and the adaptive threshold
     (:func:`~diffusion_bunny.stages.characters.identify.character_thresholds`) fell to
     ``min_threshold``: the Hamilton clip's singer, 0.44-0.47 from his photo, was named nowhere."""
-    for path, theirs in others:
-        if int((mine != theirs[0]).sum(axis=1).min()) <= SAME_PHOTO_BITS:
+    hashed, encoding = mine
+    for path, theirs, their_encoding in others:
+        distance = float(np.linalg.norm(encoding - their_encoding))
+        alike = int((hashed != theirs[0]).sum(axis=1).min()) <= SAME_PHOTO_BITS
+        if distance < CROP_DISTANCE or (alike and distance < SAME_PHOTO_DISTANCE):
             return path
     return None
 
@@ -525,7 +537,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                     f = photographed[0]
                     box = (f.left, f.top, f.right, f.bottom)
                     hashed = picture_hash(rgb)
-                    copy = same_photo(hashed, [(p, h) for p, _, _, h in human])
+                    copy = same_photo((hashed, f.encoding), [(p, h, e) for p, e, _, h in human])
                     if copy is not None:
                         raise ReferenceProblem(f"is the same photo as {copy.name} (a copy adds nothing)")
                     human.append((path, f.encoding, box, hashed))
