@@ -84,7 +84,11 @@ def notebook_config(
     if not folder.is_dir():
         return load_config(config_path, given)
     path, merged, gone = Run(folder).layers(config_path, given)
-    dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
+    dropped: list[str] = []
+    try:  # as a whole first: some settings are valid only together (a floor under its threshold)
+        load_config(path, merged)
+    except ConfigError:
+        dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
     for key in dropped:
         del merged[key]
     taken = [f"--config {path}"] if path and not config_path else []
@@ -94,7 +98,7 @@ def notebook_config(
     if gone and not config_path:
         print(f"the last bunny run of {folder.name} was given --config {gone}, which is gone: not used")
     if dropped:
-        print(f"left out of the last bunny run's settings (no longer settings): {', '.join(dropped)}")
+        print(f"left out of the last bunny run's settings (not accepted now): {', '.join(dropped)}")
     return load_config(path, merged)
 
 

@@ -811,7 +811,12 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     said = capsys.readouterr().out
     assert again.extract.motion_threshold == 200 and again.export.crop_resolution != 320
     assert f"was given --config {conf.resolve()}, which is gone: not used" in said
-    assert "(no longer settings): characters.old_key" in said
+    assert "(not accepted now): characters.old_key" in said
+    # settings valid only together (a floor under its threshold) are taken together
+    record["overrides"] = {"quality.min_brightness": 60, "quality.black_floor": 50}
+    (run_dir / "settings.json").write_text(json.dumps(record))
+    both = notebook_config(run_dir, None, None, {}).quality
+    assert (both.min_brightness, both.black_floor) == (60, 50)
     # a mistyped movie is the usual one line, not an OSError of the run folder's lookup
     with pytest.raises(UserError, match="no such file"):
         notebook_config(None, tmp_path / "typo.mp4", None, {})
