@@ -31,6 +31,7 @@ from diffusion_bunny.stages.captions.providers import (
     PROMPT_VERSION,
     CaptionCache,
     CircuitBreaker,
+    RawAnswer,
     make_provider,
     redact,
 )
@@ -459,6 +460,11 @@ def test_a_caption_whose_tags_are_not_a_json_list_is_kept_fresh_and_from_the_sto
     assert stored.captions["status"].to_list() == ["ok"]
     assert stored.captions["caption"][0].endswith("a red stage")
     assert list(stored.captions["tags"][0]) == ["stage", "red"]
+    # Not of an answer cut at max_tokens (its caption ends mid-word) or stopped by the filter.
+    cut = "[[ ## caption ## ]]\nA woman in a long red coat stands at the stage's edge, her left hand rais"
+    assert provider.status(RawAnswer(cut, finish_reason="length"))[0] == "truncated"
+    assert provider.status(RawAnswer(cut, finish_reason="content_filter"))[0] == "refused"
+    assert provider.status(RawAnswer(cut + "es.", finish_reason="stop"))[0] == "ok"
 
 
 def test_credentials_in_a_base_url_are_refused(tmp_path):

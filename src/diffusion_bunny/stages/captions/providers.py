@@ -754,7 +754,8 @@ class DspyProvider:
         """The caption in a raw answer (a fresh one or one from the cache, parsed the same way),
         without asking anything. Raises dspy's ``AdapterParseError`` when it carries no caption.
         Tags are read leniently (:func:`_loose_tags`): dspy's parser throws the whole answer away
-        when its tags are not a JSON list or missing, and the caption, paid for, went with it."""
+        when its tags are not a JSON list or missing, and the caption, paid for, went with it; not
+        of an answer cut at ``max_tokens`` or stopped by a filter (its caption is cut too)."""
         import dspy  # lazy: dspy takes 1.2 s to import
 
         adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
@@ -762,7 +763,9 @@ class DspyProvider:
             fields = adapter.parse(self.predict.signature, raw.text)
         except Exception:
             sections = _sections(raw.text)
-            if not sections.get("caption"):
+            # Only of an answer that ended as it meant to: one cut at max_tokens ends mid-caption
+            # ("her left hand rais"), and one the content filter stopped is no caption either.
+            if not sections.get("caption") or (raw.finish_reason or "stop") != "stop" or raw.refusal:
                 raise
             fields = {"caption": sections["caption"], "tags": _loose_tags(sections.get("tags", ""))}
         return self._result(fields.get("caption"), fields.get("tags"), raw.input_tokens, raw.output_tokens)
