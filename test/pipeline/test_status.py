@@ -323,4 +323,5 @@ def test_the_run_folder_of_a_movie_since_replaced_says_so_in_one_line(tmp_path, 
     write_clip(archive / "ep1.mp4", [(21, 15, 0.0)])
     assert main(["status", str(archive), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"ep1.mp4  ({old.run_dir}; " in text and "an earlier file's run" not in text
+    assert f"ep1.mp4  ({old.run_dir}; 1 of {n} stages done)\n  extract     done" in text
+    assert "an earlier file's run" not in text

@@ -172,13 +172,43 @@ def run_status(
     return [row[:3] for row in _run_rows(pipeline, run_dir, cfg, stages)]
 
 
+@dataclass(frozen=True)
+class _AskedRun(Run):
+    """A run folder judged with the movie file status was asked about (its content the folder's
+    movie, at another path: renamed, or kept in an archive beside a new cut at the old path), as
+    ``bunny run`` of that file judges it once it has recorded the new path in ``run.json``."""
+
+    asked: Path = Path()
+
+    def meta(self) -> dict[str, Any] | None:
+        meta = super().meta()
+        return None if meta is None else {**meta, "movie": str(self.asked.resolve())}
+
+
+def _as_asked(run: Run, asked: Path | None) -> Run:
+    """``run``, or an :class:`_AskedRun` of it where ``asked`` has the folder's movie's content at
+    another path (the folder's recorded movie gone, renamed or replaced): its stages showed stale
+    ("its inputs changed (movie)", "the movie of this run is gone"), which a run finds done."""
+    if asked is None:
+        return run
+    with contextlib.suppress(OSError, UserError):
+        meta = run.meta() or {}
+        if Path(str(meta.get("movie"))) != asked.resolve() and movie_key(asked) == meta.get("movie_key"):
+            return _AskedRun(run.run_dir, asked)
+    return run
+
+
 def _run_rows(
-    pipeline: Pipeline, run_dir: Path, cfg: RunConfig, stages: list[str] | None = None
+    pipeline: Pipeline,
+    run_dir: Path,
+    cfg: RunConfig,
+    stages: list[str] | None = None,
+    asked: Path | None = None,
 ) -> list[tuple[str, str, str, list[str]]]:
     stages = stages or pipeline.names()
     if not _is_run(run_dir):
         return [(stage, "missing", "never ran", []) for stage in stages]
-    run = Run.open(run_dir)
+    run = _as_asked(Run.open(run_dir), asked)
     out = []
     for stage in stages:
         try:
@@ -249,7 +279,7 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
             run = Run.open(ref.run_dir)
             states = [(s, "replaced", replaced, _kept(pipeline, run, s, cfg)) for s in pipeline.names()]
         else:
-            states = _run_rows(pipeline, ref.run_dir, cfg)
+            states = _run_rows(pipeline, ref.run_dir, cfg, asked=ref.path)
         holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if is_run else None
         for stage, state, reason, kept in states:
             rows.append(
