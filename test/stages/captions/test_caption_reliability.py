@@ -714,6 +714,15 @@ def test_a_movie_is_paid_for_once_per_user_whatever_its_run_folder(cap_run, tmp_
         assert len(list((third.run_dir / "cache" / "captions" / "answers").rglob("*.json"))) == n
         run_stage(third, "captions", cfg, progress=False, force=True)
         assert len(srv.requests) == 2 * n
+        # Paid with the store off, then the store back on: taken into it, not paid again.
+        fourth = _second_run_folder(run, tmp_path, "own_then_shared")
+        own = _local(tmp_path, overrides, srv, captions__cache=False, captions__local__model="own-model")
+        run_stage(fourth, "captions", own, progress=False)
+        assert len(srv.requests) == 3 * n
+        shared = _local(tmp_path, overrides, srv, captions__local__model="own-model")
+        run_stage(fourth, "captions", shared, progress=False, force=True)
+        assert len(srv.requests) == 3 * n
+        assert fourth.read_manifest("captions")["counts"]["paid_requests"] == 0
 
 
 def test_the_cap_is_per_movie_and_kept_across_runs(cap_run, tmp_path):

@@ -556,6 +556,27 @@ class CaptionCache:
     def close(self) -> None:
         """Nothing to close (each answer is its own file); kept for the callers' ``finally``."""
 
+    def take_in(self, other: Path) -> int:
+        """Copy the answers (and the paid-request counts, ``spent/``) of another store of this
+        kind, a run folder's own (``captions.cache: false``), that this one lacks; returns the
+        answers copied. Why: answers paid for with the store off were paid again once it was back
+        on, and their requests counted toward no cap. A file is named by its key's hash, so the
+        same path here is the same answer."""
+        other = Path(other)
+        copied = 0
+        for sub in (self.ANSWERS, "spent"):
+            for path in sorted((other / sub).rglob("*.json")) if (other / sub).is_dir() else []:
+                target = self.directory / sub / path.relative_to(other / sub)
+                if target.exists():
+                    continue
+                with contextlib.suppress(OSError):  # unreadable: asked again, as before
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(target, path.read_bytes())
+                    copied += sub == self.ANSWERS
+        if copied:
+            self._note(f"{copied} paid answer(s) of {other} read into the answer store {self.directory}")
+        return copied
+
     def import_legacy(self, database: Path) -> int:
         """Read the answers of an earlier version's SQLite store (``answers.sqlite3``) into this
         one, skipping keys already here, then rename it ``.imported`` so it is read once. A store

@@ -746,6 +746,7 @@ def _open_store(run_dir: Path, cfg: CaptionsSettings) -> tuple[CaptionCache, Pat
     own = run_answers_dir(run_dir)
     if own.resolve() != cache.directory.resolve():  # answers an earlier version kept in the run folder
         cache.import_legacy(own / CaptionCache.FILE)
+        cache.take_in(own)  # and those paid with captions.cache: false
     legacy = cache.legacy or (own / "cache.db" if (own / "cache.db").is_file() and not len(cache) else None)
     return cache, legacy
 
