@@ -5,6 +5,7 @@ disk cache that makes every paid answer happen once (also across a kill), edits,
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -687,8 +688,9 @@ def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(ca
         run_stage(run, "captions", cfg, progress=False, force=True)
 
 
-def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
-    """A server that answers 401 to the preflight: the key is named, nothing else is asked."""
+@contextlib.contextmanager
+def _refusing_server(status: int):
+    """A server that answers ``status`` (401, 403) to every GET (the preflight's /models)."""
     import http.server
     import threading
 
@@ -697,49 +699,35 @@ def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
             pass
 
         def do_GET(self):
-            self.send_response(401)
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        run, overrides = cap_run
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
-        cfg = _cfg(
-            tmp_path,
-            overrides,
-            captions__provider="openai",
-            captions__openai__base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
-        )
-        with pytest.raises(ProviderError, match=r"refused the key in OPENAI_API_KEY \(HTTP 401\)"):
-            run_stage(run, "captions", cfg, progress=False)
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+
+
+def test_refused_key_is_named(cap_run, tmp_path, monkeypatch):
+    """A server that answers 401 to the preflight: the key is named, nothing else is asked."""
+    with _refusing_server(401) as root:
+        run, overrides = cap_run
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+        cfg = _cfg(tmp_path, overrides, captions__provider="openai", captions__openai__base_url=root + "/v1")
+        with pytest.raises(ProviderError, match=r"refused the key in OPENAI_API_KEY \(HTTP 401\)"):
+            run_stage(run, "captions", cfg, progress=False)
 
 
 def test_a_refused_key_names_the_variable_that_holds_it_not_the_base_url(tmp_path, monkeypatch):
     """A 401/403 from /models named the base-URL setting (``captions.local.base_url: ... refused
     the key``), sending people to fix an address that was right: the line names the key's
     environment variable, ``captions.local.api_key_env``'s for a local server."""
-    import http.server
-    import threading
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    root = f"http://127.0.0.1:{httpd.server_address[1]}"
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MY_VLLM_KEY"):
         monkeypatch.setenv(var, "sk-wrong")
-    try:
+    with _refusing_server(403) as root:
         for name, over, variable in (
             ("openai", {"openai": {"base_url": root + "/v1"}}, "OPENAI_API_KEY"),
             ("anthropic", {"anthropic": {"base_url": root}}, "ANTHROPIC_API_KEY"),
@@ -750,8 +738,6 @@ def test_a_refused_key_names_the_variable_that_holds_it_not_the_base_url(tmp_pat
                 provider.preflight()
             assert f"refused the key in {variable} (HTTP 403)" in str(err.value)
             assert "base_url" not in str(err.value)
-    finally:
-        httpd.shutdown()
 
 
 KILL_SCRIPT = textwrap.dedent(
