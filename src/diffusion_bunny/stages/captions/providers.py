@@ -964,12 +964,14 @@ def _dspy_lm(model: str, cfg: CaptionsSettings, key: str, base: str | None) -> A
 
 def _openai_like(name: str, cfg: CaptionsSettings) -> DspyProvider:
     if name == "openai":
-        key = _require_key(name, KEY_VARIABLES[name])
+        variable = KEY_VARIABLES[name]
+        key = _require_key(name, variable)
         model, base = cfg.openai.model, cfg.openai.base_url
         setting = "captions.openai.base_url"
         probe_base = (base or "https://api.openai.com/v1").rstrip("/")
     else:
-        key = os.environ.get(cfg.local.api_key_env, "").strip() or "not-needed"
+        variable = cfg.local.api_key_env
+        key = os.environ.get(variable, "").strip() or "not-needed"
         if key != "not-needed":
             register_secret(key)  # whatever the variable is called
         model, base = cfg.local.model, cfg.local.base_url
@@ -985,7 +987,7 @@ def _openai_like(name: str, cfg: CaptionsSettings) -> DspyProvider:
             setting,
             {"Authorization": f"Bearer {key}"},
             min(10.0, cfg.timeout_s),
-            KEY_VARIABLES[name] if name == "openai" else cfg.local.api_key_env,
+            variable,
         )
 
     return DspyProvider(name, model, lm, cfg, preflight)
