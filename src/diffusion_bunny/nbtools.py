@@ -86,11 +86,12 @@ def notebook_config(
     path, merged, gone = Run(folder).layers(config_path, given)
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
-        load_config(path, merged)
+        cfg = load_config(path, merged)
     except ConfigError:
         dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
-    for key in dropped:
-        del merged[key]
+        for key in dropped:
+            del merged[key]
+        cfg = load_config(path, merged)
     taken = [f"--config {path}"] if path and not config_path else []
     taken += [f"{k}={v!r}" for k, v in merged.items() if k not in given]
     if taken:
@@ -99,7 +100,7 @@ def notebook_config(
         print(f"the last bunny run of {folder.name} was given --config {gone}, which is gone: not used")
     if dropped:
         print(f"left out of the last bunny run's settings (not accepted now): {', '.join(dropped)}")
-    return load_config(path, merged)
+    return cfg
 
 
 def _known_setting(key: str, value: Any) -> bool:
