@@ -203,12 +203,14 @@ def _run_rows(
     run_dir: Path,
     cfg: RunConfig,
     stages: list[str] | None = None,
-    asked: Path | None = None,
+    run: Run | None = None,
 ) -> list[tuple[str, str, str, list[str]]]:
+    """Each stage's state, reason and what it keeps; ``run``: the folder opened as it is to be
+    judged (:func:`_as_asked`), else ``run_dir`` as it is."""
     stages = stages or pipeline.names()
     if not _is_run(run_dir):
         return [(stage, "missing", "never ran", []) for stage in stages]
-    run = _as_asked(Run.open(run_dir), asked)
+    run = run or Run.open(run_dir)
     out = []
     for stage in stages:
         try:
@@ -233,7 +235,7 @@ def _kept(pipeline: Pipeline, run: Run, stage: str, cfg: RunConfig) -> list[str]
         return [f"(cannot list: {exc})"]
 
 
-def _replaced_movie(run_dir: Path, asked: Path | None = None) -> str | None:
+def _replaced_movie(run_dir: Path) -> str | None:
     """The line for a run folder whose movie's path now holds another file (its key, size and
     first megabyte, differs from the one ``run.json`` records), else None. Its stages were judged
     against the new file and shown stale ("its inputs changed (movie)") for good: ``bunny run``
@@ -251,11 +253,6 @@ def _replaced_movie(run_dir: Path, asked: Path | None = None) -> str | None:
         return None
     if now == key:
         return None
-    # The movie asked about is this folder's movie, moved or copied elsewhere (an archive of the
-    # episode beside its new cut): bunny run goes on in this folder with it.
-    with contextlib.suppress(OSError):
-        if asked is not None and movie_key(asked) == key:
-            return None
     return (
         f"{shown(Path(recorded).name)} is now another file; this run folder holds the earlier file's run "
         "(remove it when its results are no longer needed)"
@@ -272,14 +269,16 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
     for ref in refs:
         states: list[tuple[str, str, str, list[str]]]
         is_run = ref.run_dir is not None and _is_run(ref.run_dir)
-        replaced = _replaced_movie(ref.run_dir, ref.path) if is_run else None
+        # The movie asked about may be this folder's movie kept at another path (an archive of
+        # the episode beside its new cut): bunny run goes on in this folder with it.
+        run = _as_asked(Run.open(ref.run_dir), ref.path) if is_run else None
+        replaced = _replaced_movie(ref.run_dir) if is_run and not isinstance(run, _AskedRun) else None
         if ref.run_dir is None:  # the movie cannot be read: every stage missing, saying why
             states = [(stage, "missing", ref.problem or "", []) for stage in pipeline.names()]
         elif replaced is not None:  # judged against the new file, each stage was stale for good
-            run = Run.open(ref.run_dir)
             states = [(s, "replaced", replaced, _kept(pipeline, run, s, cfg)) for s in pipeline.names()]
         else:
-            states = _run_rows(pipeline, ref.run_dir, cfg, asked=ref.path)
+            states = _run_rows(pipeline, ref.run_dir, cfg, run=run)
         holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if is_run else None
         for stage, state, reason, kept in states:
             rows.append(
