@@ -301,14 +301,8 @@ def test_a_key_echoed_in_a_paid_answer_is_not_written_to_the_answer_store(cap_ru
     canary = "sk-CANARY-echo200-9c1e"
     monkeypatch.setenv("LOCAL_LLM_API_KEY", canary)
     with FakeLLMServer(default="echo200") as srv:
-        cfg = _cfg(
-            tmp_path,
-            {**overrides, **FAST},
-            captions__provider="local",
-            captions__fallback=["template"],
-            captions__local__base_url=srv.base_url,
-            captions__breaker_failures=1000,
-        )
+        keep_asking = {"captions__fallback": ["template"], "captions__breaker_failures": 1000}
+        cfg = _local(tmp_path, overrides, srv, **keep_asking)
         run_stage(run, "captions", cfg, progress=False)
         assert srv.requests and srv.requests[0]["headers"]["Authorization"] == f"Bearer {canary}"
     store = tmp_path / "user_cache"

@@ -607,9 +607,11 @@ def test_unusable_answers_fall_back_to_the_template_and_are_recorded(cap_run, tm
 
 
 def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_run, tmp_path):
+    """Also with a caption typed by hand: counted as a frame captioned, it made a run whose every
+    request failed (a wrong model, a server down) write its failures over every caption of the
+    last run, exit 0. It stops as without the edit, and the table is kept."""
     run, overrides = cap_run
     run_stage(run, "captions", _cfg(tmp_path, overrides), progress=False)
-    before = run.read_table("captions")
     with FakeLLMServer(default="500") as srv:
         cfg = _cfg(
             tmp_path,
@@ -618,36 +620,16 @@ def test_every_frame_failing_is_one_clear_error_and_keeps_earlier_captions(cap_r
             captions__local__base_url=srv.base_url,
             captions__max_retries=0,
         )
-        with pytest.raises(
-            ProviderError, match=r"no frame could be captioned.*template to captions\.fallback"
-        ):
-            run_stage(run, "captions", cfg, progress=False)
-    assert run.read_table("captions").equals(before)
-
-
-def test_a_typed_caption_does_not_let_a_run_whose_every_request_failed_overwrite_the_captions(
-    cap_run, tmp_path
-):
-    """One caption typed by hand made a run whose every request failed (a wrong model, a server
-    down) write its failures over every caption of the last run, exit 0: the typed one was counted
-    as a frame captioned. It stops as without the edit, and the table is kept."""
-    run, overrides = cap_run
-    run_stage(run, "captions", _cfg(tmp_path, overrides), progress=False)
-    fid = run.read_table("captions")["frame_id"][0]
-    edit_caption(run.run_dir, fid, "a man typed by hand")
-    before = run.read_table("captions")
-    with FakeLLMServer(default="500") as srv:
-        cfg = _cfg(
-            tmp_path,
-            {**overrides, **FAST},
-            captions__provider="local",
-            captions__local__base_url=srv.base_url,
-            captions__max_retries=0,
-        )
-        with pytest.raises(ProviderError, match="no frame could be captioned"):
-            run_stage(run, "captions", cfg, progress=False)
-    assert run.read_table("captions").equals(before)
-    assert before["caption"].is_not_null().all()
+        for typed in (False, True):
+            if typed:
+                edit_caption(run.run_dir, run.read_table("captions")["frame_id"][0], "a man typed by hand")
+            before = run.read_table("captions")
+            with pytest.raises(
+                ProviderError, match=r"no frame could be captioned.*template to captions\.fallback"
+            ):
+                run_stage(run, "captions", cfg, progress=False)
+            assert run.read_table("captions").equals(before)
+            assert before["caption"].is_not_null().all()
 
 
 def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_path):
