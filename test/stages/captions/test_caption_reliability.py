@@ -320,9 +320,7 @@ def test_a_429_retry_after_is_waited_for_up_to_backoff_max_s(tmp_path):
     """A 429's ``Retry-After`` was ignored: the retry came after the jittered backoff alone
     (milliseconds here), earning another 429. The wait is at least what the server asked,
     held to ``captions.backoff_max_s``."""
-    (tmp_path / "run" / "frames").mkdir(parents=True)
-    Image.new("RGB", (64, 48), (90, 30, 200)).save(tmp_path / "run" / "frames" / "f1.jpg")
-    facts = pl.DataFrame([{"frame_id": "f1", "path": "frames/f1.jpg", "characters": []}])
+    facts = _plain_frames(tmp_path / "run", 1)
     for asked, cap, waited in (("7", 10.0, 7.0), ("120", 10.0, 10.0)):
         slept: list[float] = []
         with FakeLLMServer(script=["429"], retry_after=asked) as srv:
@@ -358,12 +356,7 @@ def test_a_run_stopped_while_its_request_waits_for_the_rate_limit_counts_only_wh
     request waited (Ctrl-C) had it on the movie's count, never sent, and the cap came sooner."""
     from diffusion_bunny.stages.captions.stage import SpentLedger
 
-    (tmp_path / "run" / "frames").mkdir(parents=True)
-    rows = []
-    for i, colour in enumerate([(90, 30, 200), (10, 200, 40)]):
-        Image.new("RGB", (64, 48), colour).save(tmp_path / "run" / "frames" / f"f{i}.jpg")
-        rows.append({"frame_id": f"f{i}", "path": f"frames/f{i}.jpg", "characters": []})
-    facts = pl.DataFrame(rows)
+    facts = _plain_frames(tmp_path / "run", 2)
 
     def stopped(seconds: float) -> None:
         raise KeyboardInterrupt
@@ -404,12 +397,7 @@ def test_a_caption_whose_tags_are_not_a_json_list_is_kept_fresh_and_from_the_sto
     tags were a bare comma list (``stage, performer, dark``) or missing. The caption is kept, the
     tags read leniently; an answer stored as unparsable by then is read again as a caption, with
     no request."""
-    (tmp_path / "run" / "frames").mkdir(parents=True)
-    rows = []
-    for i, colour in enumerate([(90, 30, 200), (10, 200, 40), (200, 200, 10)]):
-        Image.new("RGB", (64, 48), colour).save(tmp_path / "run" / "frames" / f"f{i}.jpg")
-        rows.append({"frame_id": f"f{i}", "path": f"frames/f{i}.jpg", "characters": []})
-    facts = pl.DataFrame(rows)
+    facts = _plain_frames(tmp_path / "run", 3)
     hashes = frame_hashes(tmp_path / "run", facts)
 
     def run(srv: FakeLLMServer, cache: CaptionCache):
@@ -658,6 +646,17 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
 
 
 # ------------------------------------------------------------------ paid once per user
+
+
+def _plain_frames(run_dir: Path, n: int) -> pl.DataFrame:
+    """``n`` small frames of plain colours in ``run_dir/frames/`` and their facts (no characters):
+    what a test of the asking needs, without a run of stages 01-04."""
+    (run_dir / "frames").mkdir(parents=True)
+    rows = []
+    for i, colour in enumerate([(90, 30, 200), (10, 200, 40), (200, 200, 10)][:n]):
+        Image.new("RGB", (64, 48), colour).save(run_dir / "frames" / f"f{i}.jpg")
+        rows.append({"frame_id": f"f{i}", "path": f"frames/f{i}.jpg", "characters": []})
+    return pl.DataFrame(rows)
 
 
 def _local(tmp_path, overrides, srv, **over):
