@@ -413,3 +413,32 @@ def test_every_real_stage_reads_only_declared_settings_and_columns():
         assert set(values) == {recorded_name(name) for name in stage.config}, stage.name
         for reads in stage.reads:
             assert writers.get(reads.table) == reads.producer, (stage.name, reads)
+
+
+def test_a_folder_setting_spelt_another_way_is_the_same_folder(toy, tmp_path, monkeypatch):
+    """``refs`` in a settings file and ``--characters refs`` (made absolute from the workspace)
+    name one folder: the stage stays done. Stage 03 was fitted again for nothing before."""
+    pipeline, run, _ = toy
+    monkeypatch.setenv("DIFFUSION_BUNNY_WORKSPACE", str(tmp_path))
+    (tmp_path / "refs").mkdir()
+    stage = replace(pipeline.get("double"), config=("extract.motion_threshold", "characters.reference_dir"))
+    pipeline = Pipeline((pipeline.get("make"), stage))
+    relative = load_config(None, {"characters.reference_dir": "refs"}, use_local=False)
+    run_stage(pipeline, run, "make", relative, progress=False)
+    run_stage(pipeline, run, "double", relative, progress=False)
+    absolute = load_config(None, {"characters.reference_dir": str(tmp_path / "refs")}, use_local=False)
+    assert stage_state(pipeline, run, "double", absolute) == ("done", "up to date")
+    dotted = load_config(None, {"characters.reference_dir": "./refs/"}, use_local=False)
+    assert stage_state(pipeline, run, "double", dotted) == ("done", "up to date")
+    # Another folder, or one setting moved beside it, is a change, and the reason names only it.
+    other = load_config(None, {"characters.reference_dir": str(tmp_path / "other")}, use_local=False)
+    state, reason = stage_state(pipeline, run, "double", other)
+    assert state == "stale" and "characters.reference_dir 'refs' -> " in reason
+    both = load_config(
+        None,
+        {"characters.reference_dir": str(tmp_path / "refs"), "extract.motion_threshold": 7.0},
+        use_local=False,
+    )
+    was = relative.extract.motion_threshold
+    state, reason = stage_state(pipeline, run, "double", both)
+    assert reason == f"its config changed: extract.motion_threshold {was} -> 7.0"

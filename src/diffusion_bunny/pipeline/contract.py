@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusion_bunny.errors import DamagedTableError, StageError, StageWarning, UserError
 from diffusion_bunny.logs import attach_from_env, relaying
+from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import (
     StageState,
@@ -299,6 +300,30 @@ def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(stored) | set(fresh) if stored.get(k) != fresh.get(k))
 
 
+def _folder(value: str) -> Path:
+    """A folder setting's value as the folder its readers open: relative ones are under the
+    workspace (as ``characters.tables.configured_reference_dir`` and the others read them)."""
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else workspace_root() / path).resolve()
+
+
+def _same_folder(key: str, old: Any, new: Any) -> bool:
+    """One folder setting spelt two ways: ``refs`` in a settings file and ``/work/refs`` from
+    ``--characters refs`` typed in the workspace are one folder, and a stage that ran with
+    one of them is not stale with the other (its stage 03 was fitted again, minutes, for
+    nothing). What the folder holds is the stage's input, fingerprinted on its own."""
+    if not (key.endswith("_dir") and isinstance(old, str) and isinstance(new, str) and old and new):
+        return False
+    return _folder(old) == _folder(new)
+
+
+def settings_moved(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """The recorded keys (flat, ``characters.reference_dir``) whose values differ between a
+    manifest's ``config`` and the present settings, a folder spelt another way not counted."""
+    old, new = _flat(stored), _flat(plain(fresh))
+    return [k for k in _changed(old, new) if not _same_folder(k, old.get(k), new.get(k))]
+
+
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
     """``{"characters": {"fitted": {"steps": 1}}}`` as ``{"characters.fitted.steps": 1}``."""
     if not isinstance(values, dict):
@@ -334,7 +359,7 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     old, new = _flat(stored), _flat(plain(fresh))
     # A detector's name first: switching it changes all its settings, and "accept_threshold 40.0
     # -> None; ...; 11 more" hid the one change a person made.
-    keys = sorted(_changed(old, new), key=lambda k: not k.endswith(".name"))
+    keys = sorted(settings_moved(stored, fresh), key=lambda k: not k.endswith(".name"))
     shown = [f"{_present_name(k)} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:most]]
     if len(keys) > most:
         shown.append(f"{len(keys) - most} more")
@@ -399,8 +424,11 @@ def _settings_or_code_moved(
     """Why a stage's settings or code no longer match its manifest, or None. The config first:
     which detector runs is a setting, and its code follows the choice (a switch of
     extract.detector read "its code changed")."""
-    if manifest.get("config_hash") != config_hash:
-        changes = config_changes(manifest.get("config"), config)
+    stored = manifest.get("config")
+    if manifest.get("config_hash") != config_hash and not (
+        stored and config is not None and not settings_moved(stored, config)
+    ):
+        changes = config_changes(stored, config)
         return f"its config changed: {changes}" if changes else "its config changed"
     if manifest.get("code_hash") != code:
         return "its code changed"
