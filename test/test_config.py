@@ -109,6 +109,37 @@ def test_bad_values_name_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "extract.detector.accept_threshold=false",
+            "extract.detector.accept_threshold = False: a number is needed, not true/false "
+            "(null turns it off)",
+        ),
+        ("export.jpeg_quality=true", "export.jpeg_quality = True: a number is needed, not true/false"),
+        ("quality.best_per_batch=true", "quality.best_per_batch = True: a number is needed"),
+        ("quality.batch=true", "quality.batch = True: 'shot' or a number is needed, not true/false"),
+        ("characters.fitted.seed=false", "characters.fitted.seed = False: a number is needed"),
+    ],
+)
+def test_a_yes_no_where_a_number_goes_is_refused(setting, message):
+    """``true``/``false`` in a number setting was read as 1/0: ``accept_threshold=false``, meant
+    as "off", made the cascade accept every candidate without its network."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [setting], use_local=False)
+    assert f"config error: {message}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yes_no_settings_still_take_yes_and_no():
+    cfg = load_config(None, ["quality.text_filter=no", "characters.fitted.self_training=no"], use_local=False)
+    assert cfg.quality.text_filter is False and cfg.characters.fitted.self_training is False
+    assert load_config(None, ["quality.text_filter=yes"], use_local=False).quality.text_filter is True
+    off = load_config(None, ["extract.detector.accept_threshold=null"], use_local=False)
+    assert off.extract.detector.accept_threshold is None
+
+
 def test_override_parsing():
     assert parse_override("extract.threshold=30") == ("extract.threshold", 30)
     assert parse_override("run.video_extensions=[.mp4, .mkv]") == ("run.video_extensions", [".mp4", ".mkv"])

@@ -45,6 +45,7 @@ from diffusion_bunny.pipeline.settings import recorded_name as recorded_name
 from diffusion_bunny.pipeline.settings import save_local_settings as save_local_settings
 from diffusion_bunny.registry import move_into_detector
 from diffusion_bunny.secrets import load_env_file
+from diffusion_bunny.section import YES_NO_FOR_A_NUMBER
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.characters.settings import MOVED_TO_DETECTOR as FACE_KEYS
 from diffusion_bunny.stages.characters.settings import CharactersSettings
@@ -267,6 +268,9 @@ def _format_validation_error(exc: ValidationError) -> str:
         loc = loc[:-1]
         forms = [e["msg"] for e in errors if tuple(p for p in e["loc"] if not isinstance(p, int))[:-1] == loc]
         err = {**err, "msg": "; or ".join(dict.fromkeys(forms))}
+    if err["type"] == YES_NO_FOR_A_NUMBER:  # raised by the section: its context names the key
+        ctx = err["ctx"]
+        loc, err = (*loc, ctx["key"]), {**err, "msg": ctx["refusal"], "input": ctx["value"]}
     key = _shown(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)

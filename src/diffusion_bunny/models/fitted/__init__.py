@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from diffusion_bunny.section import Section
 
 
-class FittedSettings(BaseModel):
+class FittedSettings(Section):
     """``characters.fitted``: how the reference-fitted detector is trained and how it searches."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     #: Training steps (batches of pasted pictures).
     steps: int = Field(1000, ge=10, le=100_000)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from diffusion_bunny.section import Section
 
 
-class HubCharacterSettings(BaseModel):
+class HubCharacterSettings(Section):
     """``characters.hub``: the opt-in hub models that find drawn and animated characters (read
     only when ``characters.backend`` is ``hub``; the offline default fits its own detector)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: The OWLv2 detector: a hub id (downloaded once into the Hugging Face cache, about 620 MB for
     #: the default) or a local folder holding one (``Owlv2ForObjectDetection`` + its processor).

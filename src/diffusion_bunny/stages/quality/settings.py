@@ -62,8 +62,9 @@ class QualitySettings(Section):
     @field_validator("batch", mode="before")
     @classmethod
     def _batch_is_shot_or_positive(cls, value: Any) -> Any:
-        # One clear message instead of pydantic's two (one per member of the union).
-        if value == "shot" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        # One clear message instead of pydantic's two (one per member of the union); a yes/no is
+        # refused before this, by every section (Section).
+        if value == "shot" or (isinstance(value, int) and value >= 1):
             return value
         raise ValueError("must be 'shot' or a positive number of consecutive frames")
 
