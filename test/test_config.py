@@ -395,3 +395,19 @@ def test_a_section_under_its_old_name_still_loads_with_one_warning(tmp_path, cap
     assert lines == [f"{layer}: the config section '{old}' is now called '{new}'; write {new}.{key}"]
     # A finished run stays done: its manifest recorded the section under the old name.
     assert list(cfg.section_values(new)) == [old]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_output_dir_is_refused_and_a_blank_library_is_none(blank):
+    """``Path("")`` is the current folder: a blank ``paths.output_dir`` put the run folders, and a
+    blank ``scenes.library_dir`` the scene library, into the checkout."""
+    from diffusion_bunny.stages.scenes.stage import library_path
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"paths.output_dir": blank}, use_local=False)
+    assert str(err.value) == (
+        f"config error: paths.output_dir = {blank!r}: must name a folder; leave the key out for the "
+        "default (data/output)"
+    )
+    cfg = load_config(None, {"scenes.library_dir": blank}, use_local=False)
+    assert cfg.scenes.library_dir is None and library_path(cfg.scenes) is None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from diffusion_bunny.errors import ConfigError, UserError
 from diffusion_bunny.paths import workspace_root
@@ -86,6 +86,14 @@ class PathsSettings(Section):
     #: Where ``bunny run MOVIE`` makes ``<output_dir>/<movie_id>/`` (relative to the workspace
     #: unless absolute).
     output_dir: str = "data/output"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        """A blank folder is ``Path("")``, the current folder: run folders went into the checkout."""
+        if not value.strip():
+            raise ValueError("must name a folder; leave the key out for the default (data/output)")
+        return value
 
 
 class EngineSettings(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from diffusion_bunny.section import Section
 
@@ -34,6 +34,13 @@ class ScenesSettings(Section):
     adapter_identity_weight: float = Field(1.0, ge=0.0, le=1000.0)
     seed: int = Field(0, ge=0)
     board_max_thumbs: int = Field(120, ge=1, le=100_000)
+
+    @field_validator("library_dir")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        """A blank folder is no library, as in the other folder settings: ``Path("")`` is the current
+        folder, and the scene library went into the checkout."""
+        return value if value is None or value.strip() else None
 
     @model_validator(mode="after")
     def _threshold_order(self) -> ScenesSettings:
