@@ -411,3 +411,28 @@ def test_a_blank_output_dir_is_refused_and_a_blank_library_is_none(blank):
     )
     cfg = load_config(None, {"scenes.library_dir": blank}, use_local=False)
     assert cfg.scenes.library_dir is None and library_path(cfg.scenes) is None
+
+
+def test_a_notebook_setting_a_recorded_setting_under_its_new_name_wins(tmp_path, capsys):
+    """A run recorded with an old name (``--set extraction.motion_threshold=2``) would not open in
+    a notebook setting the new name: the two layers were merged by spelling, and the one setting
+    was set twice ("--set sets extraction.motion_threshold and extract.motion_threshold")."""
+    from diffusion_bunny.config import current_name
+    from diffusion_bunny.nbtools import notebook_config
+    from diffusion_bunny.pipeline.run import Run
+
+    assert current_name("extraction.motion_threshold") == "extract.motion_threshold"
+    assert current_name("run.output_dir") == "paths.output_dir"
+    assert current_name("extract.threshold") == "extract.detector.threshold"
+    assert current_name("characters.model.min_face") == "characters.detector.min_face"
+    old = {"extraction.motion_threshold": 2, "run.output_dir": str(tmp_path / "a"), "export.jpeg_quality": 80}
+    Run(tmp_path).write_settings(None, old)
+    cfg = notebook_config(tmp_path, None, None, {"extract.motion_threshold": 3, "paths.output_dir": "b"})
+    assert cfg.extract.motion_threshold == 3 and cfg.paths.output_dir == "b"
+    assert cfg.export.jpeg_quality == 80  # the rest of the record is still taken
+    # the other way round: a run recorded with today's name, a notebook written with the old one
+    Run(tmp_path).write_settings(None, {"extract.motion_threshold": 2})
+    assert (
+        notebook_config(tmp_path, None, None, {"extraction.motion_threshold": 4}).extract.motion_threshold
+        == 4
+    )

@@ -131,6 +131,20 @@ def text_setting(dotted: str) -> bool:
     return str in forms and forms <= {str, type(None)}
 
 
+def current_name(dotted: str) -> str:
+    """The name a setting (``extraction.motion_threshold``, ``run.output_dir``,
+    ``extract.threshold``) has today (``extract.motion_threshold``, ``paths.output_dir``,
+    ``extract.detector.threshold``): the renames :func:`load_config` makes in each layer, so that
+    two layers merged by spelling (a run's record and a notebook's) find the same setting."""
+    section, *rest = dotted.split(".")
+    parts = [SECTION_ALIASES.get(section, section), *rest]
+    if len(parts) >= 2 and (parts[0], parts[1]) in MOVED_KEYS:
+        parts[:2] = MOVED_KEYS[(parts[0], parts[1])]
+    elif len(parts) == 2 and parts[1] in DETECTOR_KEYS.get(parts[0], ()):
+        parts.insert(1, "detector")
+    return ".".join(parts)
+
+
 def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """Turn ``{"extract.detector.threshold": 30}`` or ``["extract.detector.threshold=30"]`` into
     nested dicts. A detector named and tuned in one go (``extract.detector=content`` and

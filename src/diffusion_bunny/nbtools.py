@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusion_bunny.config import Config, load_config, output_root
+from diffusion_bunny.config import Config, current_name, load_config, output_root
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
@@ -83,7 +83,7 @@ def notebook_config(
         folder = run_folder_in(output_root(load_config(config_path, given)), movie)
     if not folder.is_dir():
         return load_config(config_path, given)
-    path, merged, gone = Run(folder).layers(config_path, given)
+    path, merged, gone = Run(folder).layers(config_path, given, current_name)
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
         cfg = load_config(path, merged)

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,14 +328,22 @@ class Run:
         return record
 
     def layers(
-        self, config_path: str | Path | None, overrides: dict[str, Any] | None
+        self,
+        config_path: str | Path | None,
+        overrides: dict[str, Any] | None,
+        current_name: Callable[[str], str] | None = None,
     ) -> tuple[str | None, dict[str, Any], str | None]:
         """A notebook's ``config_path`` and ``overrides`` over what the last ``bunny run`` of
         this folder was given (:meth:`settings`): the settings file in force (the notebook's own,
         else the recorded one), the overrides (the notebook's winning), and the recorded settings
         file when it is gone (None otherwise). One rule for the notebook's config and for the
         widgets that say a saved choice is overridden: a ``--set`` of the run hid "use this
-        threshold" without a word."""
+        threshold" without a word.
+
+        ``current_name`` gives a setting's name today (the configuration's, which this module may
+        not import): a recorded setting the notebook sets under another spelling is the
+        notebook's. Merged by spelling, a run recorded with ``extraction.motion_threshold`` and a
+        notebook setting ``extract.motion_threshold`` set one setting twice, and would not open."""
         given = dict(overrides or {})
         record = self.settings()
         if not record:
@@ -343,7 +351,10 @@ class Run:
         recorded = record.get("config_path")
         gone = recorded if isinstance(recorded, str) and not Path(recorded).is_file() else None
         path = config_path if config_path is not None else (recorded if recorded and not gone else None)
-        return (None if path is None else str(path)), {**record["overrides"], **given}, gone
+        name = current_name or (lambda key: key)
+        named = {name(key) for key in given}
+        kept = {k: v for k, v in record["overrides"].items() if name(k) not in named}
+        return (None if path is None else str(path)), {**kept, **given}, gone
 
     def lock(self, what: str = "", lease_s: float | None = None) -> contextlib.AbstractContextManager[Any]:
         """Hold this run folder for the block: one run of it at a time, across processes and
