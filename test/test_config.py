@@ -436,3 +436,20 @@ def test_a_notebook_setting_a_recorded_setting_under_its_new_name_wins(tmp_path,
         notebook_config(tmp_path, None, None, {"extraction.motion_threshold": 4}).extract.motion_threshold
         == 4
     )
+
+
+@pytest.mark.parametrize("key", ["scenes.seed", "characters.fitted.seed"])
+def test_a_seed_torch_cannot_take_is_refused(key):
+    """A seed over 64 bits passed validation and stopped the stage inside torch ("Overflow when
+    unpacking long long"): it is refused up front, and the largest seed taken still works."""
+    import torch
+
+    from diffusion_bunny.section import MAX_SEED
+
+    with pytest.raises(ConfigError, match=rf"^config error: {key} = {2**64}: Input should be less than"):
+        load_config(None, {key: 2**64}, use_local=False)
+    section, *rest = key.split(".")
+    value = getattr(load_config(None, {key: MAX_SEED}, use_local=False), section)
+    for part in rest:
+        value = getattr(value, part)
+    torch.manual_seed(value)

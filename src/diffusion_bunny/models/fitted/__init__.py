@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffusion_bunny.section import Section
+from diffusion_bunny.section import MAX_SEED, Section
 
 
 class FittedSettings(Section):
@@ -52,4 +52,6 @@ class FittedSettings(Section):
     #: stream of its own, so another count is another draw of the same kind of pictures: not
     #: part of the fit's key, as the device is not.
     batch_threads: int = Field(0, ge=0, le=64)
-    seed: int = Field(0, ge=0)
+    #: Seeds torch's generator: at most MAX_SEED (a larger one stopped stage 03 with an overflow
+    #: inside torch).
+    seed: int = Field(0, ge=0, le=MAX_SEED)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from diffusion_bunny.section import Section
+from diffusion_bunny.section import MAX_SEED, Section
 
 
 class ScenesSettings(Section):
@@ -32,7 +32,9 @@ class ScenesSettings(Section):
     adapter_lr: float = Field(0.01, gt=0.0, le=10.0)
     adapter_margin: float = Field(0.2, gt=0.0, le=2.0)
     adapter_identity_weight: float = Field(1.0, ge=0.0, le=1000.0)
-    seed: int = Field(0, ge=0)
+    #: Seeds the adapter's torch generator: at most MAX_SEED (a larger one stopped the stage with
+    #: an overflow inside torch).
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     board_max_thumbs: int = Field(120, ge=1, le=100_000)
 
     @field_validator("library_dir")
