@@ -453,3 +453,18 @@ def test_a_seed_torch_cannot_take_is_refused(key):
     for part in rest:
         value = getattr(value, part)
     torch.manual_seed(value)
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "1e308", "nan", "0", "-1", "101"])
+def test_a_timestep_shift_the_noise_levels_do_not_survive_is_refused(value):
+    """``train.timestep_shift: .inf`` (or ``1e308``) was taken, and every sigma came out NaN."""
+    with pytest.raises(
+        ConfigError, match=r"^config error: train\.timestep_shift = .*: a fixed timestep_shift"
+    ):
+        load_config(
+            None, overrides_from_args([f"train.timestep_shift={value}"], text_setting), use_local=False
+        )
+    for fine in ("3.0", "100", "auto", "none"):
+        load_config(
+            None, overrides_from_args([f"train.timestep_shift={fine}"], text_setting), use_local=False
+        )

@@ -12,6 +12,9 @@ from pydantic import Field, field_validator, model_validator
 
 from diffusion_bunny.section import MAX_SEED, Section, multiple_of_eight
 
+#: The largest fixed ``train.timestep_shift``.
+MAX_TIMESTEP_SHIFT = 100.0
+
 
 class TrainSettings(Section):
     """Settings of stage 07 (``train``): a LoRA on the UNet (and optionally the text encoders) of a
@@ -75,8 +78,14 @@ class TrainSettings(Section):
     @field_validator("timestep_shift")
     @classmethod
     def _positive_shift(cls, value: Any) -> Any:
-        if isinstance(value, float) and not value > 0:
-            raise ValueError("a fixed timestep_shift must be > 0 (or auto / none)")
+        """A shift the noise levels survive: ``.inf`` or ``1e308`` (even ``nan``) passed, and every
+        sigma came out NaN. SD3 and FLUX use about 3; 100 already puts nearly every step at full
+        noise."""
+        if isinstance(value, float) and not 0 < value <= MAX_TIMESTEP_SHIFT:
+            raise ValueError(
+                f"a fixed timestep_shift must be over 0 and at most {MAX_TIMESTEP_SHIFT:g}, e.g. 3.0 "
+                "(or auto / none)"
+            )
         return value
 
     @field_validator("lora_targets")
