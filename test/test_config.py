@@ -468,3 +468,18 @@ def test_a_timestep_shift_the_noise_levels_do_not_survive_is_refused(value):
         load_config(
             None, overrides_from_args([f"train.timestep_shift={fine}"], text_setting), use_local=False
         )
+
+
+def test_video_extensions_are_suffixes(tmp_path):
+    """``run.video_extensions: [mp4, mkv]`` (no dot) or ``[]`` matched no movie of a folder
+    (movies are found by their suffix, ``.mp4``): a folder of movies ran none."""
+    from diffusion_bunny.pipeline.runner import find_movies
+
+    cfg = load_config(None, ["run.video_extensions=[mp4, MKV, .mp4]"], use_local=False)
+    assert cfg.run.video_extensions == (".mp4", ".mkv")
+    (tmp_path / "a.mkv").write_bytes(b"")
+    assert [p.name for p in find_movies(tmp_path, cfg)] == ["a.mkv"]
+    for empty in ("[]", "['.mp4', ' ']"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"run.video_extensions={empty}"], use_local=False)
+        assert str(err.value).endswith(": give one or more extensions, none blank, e.g. [.mp4, .mkv]")

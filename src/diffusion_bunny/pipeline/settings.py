@@ -78,6 +78,17 @@ class RunSettings(Section):
     video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     kernel: str = "python3"
 
+    @field_validator("video_extensions")
+    @classmethod
+    def _as_suffixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Each extension as a movie's suffix (``.mp4``): a folder's movies are found by
+        ``Path.suffix``, so ``[mp4, mkv]`` (no dot) or ``[]`` matched nothing, and a folder of
+        movies ran none."""
+        out = tuple(dict.fromkeys("." + e.strip().lower().lstrip(".") for e in value))
+        if not out or "." in out:
+            raise ValueError("give one or more extensions, none blank, e.g. [.mp4, .mkv]")
+        return out
+
 
 class PathsSettings(Section):
     """Where a run's files go. ``output_dir`` was ``run.output_dir``, which still loads, with one
