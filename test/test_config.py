@@ -483,3 +483,28 @@ def test_video_extensions_are_suffixes(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(None, [f"run.video_extensions={empty}"], use_local=False)
         assert str(err.value).endswith(": give one or more extensions, none blank, e.g. [.mp4, .mkv]")
+
+
+@pytest.mark.parametrize(
+    ("setting", "listed"),
+    [
+        ("generate.characters=alice", ("alice",)),
+        ("generate.seeds=1", (1,)),
+        ("captions.fallback=openai", ["openai"]),
+        ("characters.fitted.widths=320", (320,)),
+        ("run.video_extensions=mp4", (".mp4",)),
+    ],
+)
+def test_a_lone_value_where_a_list_goes_is_a_list_of_one(setting, listed):
+    """``--set generate.characters=alice`` was "Input should be a valid tuple"."""
+    key, _ = setting.split("=")
+    value = load_config(None, [setting], use_local=False)
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == listed
+
+
+def test_a_setting_that_takes_one_text_too_keeps_it():
+    cfg = load_config(None, ["train.lora_targets=attention", "generate.checkpoints=final"], use_local=False)
+    assert (cfg.train.lora_targets, cfg.generate.checkpoints) == ("attention", "final")
+    assert load_config(None, ["generate.characters=null"], use_local=False).generate.characters is None

@@ -63,6 +63,23 @@ def _yes_no_refusal(model: type[BaseModel], name: str) -> str | None:
     return f"{wanted} is needed, not true/false" + (" (null turns it off)" if null else "")
 
 
+@functools.cache
+def _a_list_only(model: type[BaseModel], name: str) -> bool:
+    """Whether every form of the setting ``name`` of ``model`` (null aside) is a list of any
+    length: a lone value given to it is then a list of one."""
+
+    def listed(annotation: Any) -> bool:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            return listed(args[0])
+        if origin in (typing.Union, types.UnionType):
+            forms = [a for a in args if a is not type(None)]
+            return bool(forms) and all(listed(a) for a in forms)
+        return origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis)
+
+    return listed(model.model_fields[name].annotation)
+
+
 class Section(BaseModel):
     """A frozen settings model that refuses unknown keys."""
 
@@ -88,6 +105,24 @@ class Section(BaseModel):
                         {"key": key, "value": value, "refusal": refusal},
                     )
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_value_as_a_list(cls, data: Any) -> Any:
+        """A lone value where a list goes is a list of one: ``--set generate.characters=alice``,
+        ``generate.seeds=1`` or ``captions.fallback=openai`` was "Input should be a valid tuple".
+        A setting that also takes a single text (``train.lora_targets: attention``) keeps it."""
+        if not isinstance(data, dict):
+            return data
+        lone = [
+            key
+            for key, value in data.items()
+            if isinstance(value, str | int | float)
+            and not isinstance(value, bool)  # a yes/no is no item of a list: refused as it was
+            and key in cls.model_fields
+            and _a_list_only(cls, key)
+        ]
+        return {**data, **{key: [data[key]] for key in lone}} if lone else data
 
 
 #: The largest seed a setting takes: torch's generators take 64-bit seeds, and training adds

@@ -77,12 +77,6 @@ class ExportSettings(Section):
             raise ValueError("must be a multiple of 16 (the video VAE's and patch's stride)")
         return value
 
-    @field_validator("crops", mode="before")
-    @classmethod
-    def _one_crop_as_a_list(cls, value: object) -> object:
-        # ``--set export.crops=full`` is one crop, not "Input should be a valid tuple".
-        return (value,) if isinstance(value, str) else value
-
     @field_validator("crops")
     @classmethod
     def _crops_listed_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
