@@ -508,3 +508,18 @@ def test_a_setting_that_takes_one_text_too_keeps_it():
     cfg = load_config(None, ["train.lora_targets=attention", "generate.checkpoints=final"], use_local=False)
     assert (cfg.train.lora_targets, cfg.generate.checkpoints) == ("attention", "final")
     assert load_config(None, ["generate.characters=null"], use_local=False).generate.characters is None
+
+
+def test_a_number_with_an_exponent_is_a_number(tmp_path):
+    """YAML 1.2 reads ``1e4`` as a number; PyYAML's 1.1 rule needs a dot and read the text '1e4'
+    (refused where a whole number goes). A whole number written so is taken, as ``10000.0`` is."""
+    assert parse_override("train.learning_rate=1e-4") == ("train.learning_rate", 1e-4)
+    assert parse_override("x.y=.inf")[1] == float("inf") and parse_override("x.y=1.")[1] == 1.0
+    assert parse_override("x.y=10")[1] == 10 and isinstance(parse_override("x.y=10")[1], int)
+    assert parse_override("x.y=1_000.5")[1] == "1_000.5"  # YAML 1.1's underscores are text in 1.2
+    settings = tmp_path / "steps.yaml"
+    settings.write_text("train:\n  max_train_steps: 1e4\n")
+    assert load_config(settings, use_local=False).train.max_train_steps == 10000
+    with pytest.raises(ConfigError, match="fractional part"):
+        load_config(None, ["train.max_train_steps=1.55e1"], use_local=False)
+    assert load_config(None, ["captions.trigger_word=1e4"], use_local=False).captions.trigger_word == "1e4"

@@ -175,17 +175,18 @@ def output_root(cfg: RunConfig) -> Path:
     return out if out.is_absolute() else workspace_root() / out
 
 
-_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class Yaml12Loader(yaml.SafeLoader):
     """YAML 1.2's core schema for a ``--set`` value and a settings file: PyYAML reads YAML 1.1,
     where ``yes``, ``no``, ``on`` and ``off`` are booleans and ``010`` is octal 8 (``--set
     run.seed=010`` gave seed 8, ``--set generate.negative_prompt=no`` the boolean False; a file
-    and ``--set`` read one value alike). A setting that is a boolean still takes ``yes``/``no``."""
+    and ``--set`` read one value alike), and a float needs a dot (``1e4`` was the text '1e4'). A
+    setting that is a boolean still takes ``yes``/``no``."""
 
     yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
@@ -196,6 +197,16 @@ Yaml12Loader.add_implicit_resolver(
     _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
 )
 Yaml12Loader.add_constructor(_INT, lambda loader, node: _core_int(loader.construct_scalar(node)))
+# The core schema's floats, after its integers (``10`` is an integer): ``1e4`` and ``1.`` too, and
+# ``.inf``, ``.nan``; not YAML 1.1's ``1_000.5`` or sexagesimal ``1:30.5``.
+Yaml12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
 
 
 def _core_int(text: str) -> int:
