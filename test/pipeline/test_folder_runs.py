@@ -192,3 +192,42 @@ def test_a_run_folder_is_taken_for_a_movie_of_the_same_content_only(tmp_path, mo
     cfg = load_config(None, {"paths.output_dir": str(root)}, use_local=False)
     monkeypatch.setattr("diffusion_bunny.nbtools.show_pictures_as_jpeg", lambda: False)
     assert open_run(None, tmp_path / "renamed.mp4", cfg).run_dir == earlier
+
+
+def test_a_movie_the_folder_run_had_not_reached_runs_alone_in_its_run_folder(tmp_path, capsys):
+    """After a folder run stopped before a movie (Ctrl-C), that movie given alone with the folder
+    run's --out was refused: "already holds files and is no run folder"."""
+    folder = tmp_path / "movies"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(11, 20, 0.0)])
+    write_clip(folder / "b.mp4", [(13, 20, 0.0)])
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    shutil.rmtree(out / movie_id(folder / "b.mp4"))  # as if the run stopped before it
+    assert given_run_folder(out, folder / "b.mp4") == out / movie_id(folder / "b.mp4")
+    assert main(["run", str(folder / "b.mp4"), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    assert _run_folders(out) == sorted(movie_id(folder / name) for name in ("a.mp4", "b.mp4"))
+    # A folder of the user's own things stays what --out names, and is refused.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    assert given_run_folder(own, folder / "b.mp4") == own
+
+
+def test_a_damaged_run_json_does_not_let_another_movie_take_the_folder(tmp_path, capsys):
+    """A run folder whose run.json was cut short was rewritten for whatever movie was given: its
+    frames, tables and the corrections made by hand in it were replaced by another movie's."""
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    write_clip(a, [(11, 20, 0.0)])
+    write_clip(b, [(13, 20, 0.0)])
+    run_dir = tmp_path / "run"
+    assert main(["run", str(a), "--out", str(run_dir), "--stages", "extract", "--quiet"]) == 0
+    frames = Run.open(run_dir).read_table("frames")["frame_id"].to_list()
+    (run_dir / "run.json").write_text(json.dumps({"movie": str(a)})[:-1])  # cut short
+    capsys.readouterr()
+    assert main(["run", str(b), "--out", str(run_dir), "--stages", "extract", "--quiet"]) == 2
+    assert "holds the run of another movie" in capsys.readouterr().err
+    assert (run_dir / "run.json").read_text().endswith('"')  # left as it was
+    # Its own movie repairs it, and finds its frames.
+    assert main(["run", str(a), "--out", str(run_dir), "--stages", "extract", "--quiet"]) == 0
+    assert Run.open(run_dir).read_table("frames")["frame_id"].to_list() == frames

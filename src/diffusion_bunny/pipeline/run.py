@@ -171,9 +171,21 @@ def given_run_folder(out: str | Path, movie: str | Path) -> Path:
         return out
     with contextlib.suppress(OSError):
         inner = run_folder_in(out, movie)
-        if (inner / "run.json").is_file():
+        if (inner / "run.json").is_file() or _folder_run_out(out):
             return inner
     return out
+
+
+def _folder_run_out(out: Path) -> bool:
+    """Whether ``out`` is the ``--out`` of a folder run: its combined report, its lock, or a run
+    folder of a movie in it. A movie of that folder the run had not reached yet (a Ctrl-C, a
+    stop) runs alone in its own run folder there, as the folder run would have run it; ``out``
+    itself was refused as "already holds files and is no run folder"."""
+    if (out / "report" / "movies.parquet").is_file() or (out / ".locks" / "folder-run").exists():
+        return True
+    with contextlib.suppress(OSError):
+        return any((inner / "run.json").is_file() for inner in out.iterdir() if inner.is_dir())
+    return False
 
 
 def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
@@ -193,7 +205,10 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
     try:
         meta = Run(folder).meta()
     except StageError:
-        return  # damaged: Run.create rewrites it for the movie given
+        # Damaged (a cut copy, a killed editor): Run.create rewrites it for the movie given,
+        # unless the folder shows another movie's run. Another movie took the folder over.
+        _check_damaged_owner(folder, movie)
+        return
     if meta is not None:
         if meta.get("movie_key") not in (None, movie_key(movie)):
             raise StageError(
@@ -207,6 +222,30 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
         raise StageError(
             f"{folder} already holds files and is no run folder (no run.json): {shown}; a run "
             "replaces whole folders in its run folder, so give --out a new or empty folder"
+        )
+
+
+def _owner_key(folder: Path) -> str | None:
+    """The key of the movie whose run ``folder`` holds, read without ``run.json``: its frames'
+    ids (``<movie_key>_<frame index>``); None when it has none to read. Not the folder's name: a
+    name of the user's own may end in eight hex digits (``shots-20261129``)."""
+    frames = folder / "tables" / "frames.parquet"
+    with contextlib.suppress(Exception):  # a damaged or missing table tells nothing
+        first = pl.read_parquet(frames, columns=["frame_id"], n_rows=1)["frame_id"]
+        if len(first) and re.fullmatch(r"[0-9a-f]{8}_\d+", str(first[0])):
+            return str(first[0]).partition("_")[0]
+    return None
+
+
+def _check_damaged_owner(folder: Path, movie: str | Path) -> None:
+    """Refuse a run folder whose ``run.json`` is damaged when what it holds is another movie's
+    run: its results, and the corrections made by hand in it, would be replaced by this movie's."""
+    owner = _owner_key(folder)
+    if owner is not None and owner != movie_key(movie):
+        raise StageError(
+            f"{folder} holds the run of another movie (its frames are {owner}_...) and its run.json "
+            f"is damaged; give --out a new folder for {Path(movie).name}, or remove that folder to "
+            "reuse its name"
         )
 
 
