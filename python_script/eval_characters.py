@@ -71,6 +71,7 @@ from diffusion_bunny.models.fitted.detector import FittedDetector
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages.characters.sightings import MOST, likely_sightings
 from diffusion_bunny.stages.characters.stage import add_still
 
 #: The scores at which --per-frame counts the fitted detector's sightings.
@@ -180,6 +181,78 @@ def add_stills(run: Run, source: dict, refs: Path, n: int) -> set[int]:
             shots.add(shot)
         used |= shots
     return used
+
+
+def add_confirmed(
+    base: Run, run: Run, source: dict, refs: Path, step_limit: int = MOST
+) -> tuple[set[int], dict[str, int | None]]:
+    """One still per character from its likely sightings in ``base`` (the references-only run), as
+    a person confirms one in notebook 03: the sightings are looked at surest first, and the first
+    that lies on the character (the truth's box of it) becomes the still. Returns the shots the
+    stills come from and, per character, how many sightings were looked at to find it (None: none
+    of them was the character)."""
+    shot_of = _shot_of(source)
+    index_of = dict(base.read_table("frames").select("frame_id", "frame_index").iter_rows())
+    characters = load_config(overrides={"characters.reference_dir": str(refs)}).characters
+    used: set[int] = set()
+    looked: dict[str, int | None] = {}
+    for char in source["characters"]:
+        looked[char["name"]] = None
+        offered = likely_sightings(base, char["name"], characters, step_limit)
+        for number, row in enumerate(offered.iter_rows(named=True), 1):
+            box = (row["left"], row["top"], row["right"], row["bottom"])
+            frame = index_of[row["frame_id"]]
+            if any(
+                a["character"] == char["name"]
+                and a["frame"] == frame
+                and match_appearance(box, a["body"], a["head"])
+                for a in source["appearances"]
+            ):
+                add_still(run.run_dir, row["frame_id"], box, char["name"], characters)
+                used.add(shot_of[frame])
+                looked[char["name"]] = number
+                break
+    return used, looked
+
+
+def run_source_confirmed(source: dict, folder: Path, overrides: dict, force: bool) -> dict:
+    """One source with its references and one confirmed likely sighting per character as a still
+    (:func:`add_confirmed`); scored on the shots no still was taken from."""
+    base_dir = workspace_root() / "data" / "eval_characters" / source["name"]
+    refs_given = {"characters.reference_dir": str(folder / "refs" / source["name"])}
+    base, _ = _stage_03(source, base_dir, {**overrides, **refs_given}, False)
+    run_dir = base_dir.parent / f"{source['name']}-confirmed"
+    refs = run_dir.parent / f"{run_dir.name}-refs"
+    shutil.rmtree(refs, ignore_errors=True)
+    shutil.copytree(folder / "refs" / source["name"], refs)
+    used: set[int] = set()
+    looked: dict = {}
+
+    def confirm(run: Run) -> None:
+        shots, seen = add_confirmed(base, run, source, refs)
+        used.update(shots)
+        looked.update(seen)
+
+    run, seconds = _stage_03(
+        source, run_dir, {**overrides, "characters.reference_dir": str(refs)}, force, before=confirm
+    )
+    predictions = _predictions(run)
+    shot_of = _shot_of(source)
+    others = [p for p in predictions if shot_of.get(p["frame"]) not in used]
+    rest = _without_shots(source, used)
+    base_others = [p for p in _predictions(base) if shot_of.get(p["frame"]) not in used]
+    return {
+        "source": source["name"],
+        "split": source["split"],
+        "kind": source["kind"],
+        "confirmed": looked,
+        "still_shots": sorted(used),
+        "scores": score_named(others, rest),
+        "identity": identity_accuracy(others, rest),
+        "references_only_same_shots": score_named(base_others, rest),
+        "scores_all_shots": score_named(predictions, source),
+        **_speed(run, seconds),
+    }
 
 
 def stills_run_name(source: dict, n: int, only: bool) -> str:
@@ -341,6 +414,12 @@ def main() -> None:
         help="with --stills: the stills are the characters' only pictures (no reference folder)",
     )
     parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="add one still per character from its likely sightings, the first that lies on it "
+        "(as a person confirms one in notebook 03), and score the other shots",
+    )
+    parser.add_argument(
         "--per-frame",
         type=int,
         default=0,
@@ -358,7 +437,15 @@ def main() -> None:
     for source in truth["sources"]:
         if (wanted and source["name"] not in wanted) or (args.split and source["split"] != args.split):
             continue
-        if args.stills:
+        if args.confirm:
+            result = run_source_confirmed(source, folder, overrides, args.force)
+            b = result["references_only_same_shots"]["overall"]
+            print(
+                f"{source['name']:16} confirmed (sightings looked at) {result['confirmed']}, stills from "
+                f"shots {result['still_shots']}; references only on the other shots: recall "
+                f"{b['pairs_found']}/{b['pairs']}, precision {b['named_correct']}/{b['named']}; with them:"
+            )
+        elif args.stills:
             result = run_source_stills(source, folder, overrides, args.force, args.stills, args.stills_only)
             a = result["scores_all_shots"]["overall"]
             print(

@@ -1352,3 +1352,55 @@ def test_unknown_faces_are_drawn_as_unknown_not_as_confident_matches():
         "bob": "confident",
         "unknown": "unknown",
     }
+
+
+def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_still(discovered, tmp_path):
+    """The drawn sightings of a character under characters.fitted.min_score, surest first, one per
+    shot, none where it is named already: the strip notebook 03 offers to confirm one as a still."""
+    from diffusion_bunny.stages.characters.sightings import likely_sightings
+    from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
+    from diffusion_bunny.stages.characters.widgets import SightingConfirmer
+
+    run = _copy(discovered, tmp_path)
+    cfg = _cfg(tmp_path)
+    frames = run.read_table("frames").sort("frame_index")
+    twice = frames.group_by("shot_id").len().filter(pl.col("len") > 1)["shot_id"].min()
+    b, c = frames.filter(pl.col("shot_id") == twice).head(2).iter_rows(named=True)
+    others = frames.filter(pl.col("shot_id") != twice).unique("shot_id", keep="first", maintain_order=True)
+    a, d, e = others.head(3).iter_rows(named=True)
+
+    def sighting(frame: dict, n: int, score: float, label: str, kind: str = "drawn") -> dict:
+        return {
+            "face_id": f"{frame['frame_id']}_{n:02d}", "frame_id": frame["frame_id"], "top": 50,
+            "right": 200 + n, "bottom": 150, "left": 100 + n, "embedding": [0.0], "sharpness": 1.0,
+            "detector_score": score, "yaw": 0.0, "kind": kind, "label": label,
+        }  # fmt: skip
+
+    rows = [
+        sighting(a, 0, 0.8, "owl"),  # named: its frame offers nothing more
+        sighting(a, 1, 0.3, "owl"),
+        sighting(b, 0, 0.4, "owl"),
+        sighting(c, 0, 0.35, "owl"),  # the same shot as b, less sure
+        sighting(d, 0, 0.45, "owl"),
+        sighting(e, 0, 0.3, "tux"),
+        sighting(e, 1, 0.3, None, "face"),
+    ]
+    run.write_table("detections", pl.DataFrame(rows, schema=DETECTIONS_SCHEMA))
+    faces = run.read_table("faces").head(0)
+    named = pl.DataFrame([rows[0]], schema=DETECTIONS_SCHEMA).with_columns(
+        pl.lit(a["shot_id"]).alias("shot_id"), pl.lit("owl").alias("character")
+    )
+    run.write_table("faces", pl.concat([faces, named], how="diagonal_relaxed").select(faces.columns))
+    offered = likely_sightings(run, "owl", cfg.characters)
+    assert offered["frame_id"].to_list() == [d["frame_id"], b["frame_id"]]
+    assert offered["detector_score"].to_list() == [0.45, 0.4]
+    assert likely_sightings(run, "nobody", cfg.characters).is_empty()
+
+    confirmer = SightingConfirmer(run, cfg)
+    assert list(confirmer.character.options) == ["tux", "owl"]  # the one named in fewer shots first
+    confirmer.character.value = "owl"
+    assert confirmer.image.value and confirmer.number.max == 2
+    assert confirmer.confirm("owl", 3) is None and "no sighting numbered 3" in confirmer.status.value
+    still = confirmer.confirm("owl", 1)
+    assert still == run.run_dir / "references" / "owl" / f"still_{d['frame_id']}_100_50_200_150.png"
+    assert still.is_file() and "rerun stage characters" in confirmer.status.value

@@ -1,5 +1,5 @@
-"""Notebook 03's widgets: name the clusters of unknown faces, fix an appearance, preview a detector
-and add a still from the film as a reference picture."""
+"""Notebook 03's widgets: name the clusters of unknown faces, fix an appearance, preview a detector,
+add a still from the film as a reference picture, or confirm a likely sighting as one."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
+from diffusion_bunny.stages.characters.sightings import likely_sightings
 from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster
 from diffusion_bunny.stages.characters.tables import naming_dir
 
@@ -553,3 +554,101 @@ class StillPicker:
             self.name.options = self.known_names()
         typed = self.name.value.strip()
         self.boxes.classes = sorted({*self.name.options, *([typed] if typed else [])})
+
+
+class SightingConfirmer:
+    """Confirm one of a drawn character's likely sightings as a still from the film: pick a
+    character (those named in the fewest shots first), look at the strip of places where the
+    fitted detector saw it under ``characters.fitted.min_score``
+    (:func:`~.sightings.likely_sightings`, surest first, one per shot), type the number of one
+    that shows it and press **add still**: the sighting's box goes to its references as a still
+    (:func:`~.stage.add_still`), and the next run of stage 03 fits on it.
+
+    Why beside the still picker: a missed character is usually seen already, only weakly, and
+    picking it out of twelve is quicker than finding it in the film. On the character truth set,
+    kenney_toon's female_person, named in no frame, had five of her five best sightings under the
+    threshold on her (docs/characters.md, "Confirm a likely sighting")."""
+
+    def __init__(self, run: Run, cfg: RunConfig):
+        self.run, self.cfg = run, cfg
+        self.character = widgets.Dropdown(description="character")
+        self.image = widgets.Image(format="jpeg", layout=widgets.Layout(max_width="900px"))
+        self.number = widgets.BoundedIntText(value=1, min=1, max=1, description="number")
+        self.button = widgets.Button(
+            description="add still", icon="plus", layout=widgets.Layout(width="110px")
+        )
+        self.status = widgets.HTML()
+        #: The sightings each strip showed, in its numbering: a number typed is one of them.
+        self.offered: dict[str, pl.DataFrame] = {}
+        self.character.observe(lambda change: self.show(change["new"]), names="value")
+        self.button.on_click(lambda _: self.confirm(self.character.value, self.number.value))
+        self.widget = widgets.VBox(
+            [self.character, self.image, widgets.HBox([self.number, self.button]), self.status]
+        )
+        self.refresh()
+
+    def names(self) -> list[str]:
+        """The drawn characters of the fit, the ones named in the fewest shots first."""
+        if not self.run.has_table("detections") or not self.run.has_table("faces"):
+            return []
+        drawn = self.run.read_table("detections").filter(pl.col("kind") == "drawn")["label"].drop_nulls()
+        shots = self.run.read_table("faces").group_by("character").agg(pl.col("shot_id").n_unique())
+        found = dict(shots.iter_rows())
+        return sorted(set(drawn.to_list()), key=lambda name: (found.get(name, 0), name))
+
+    def refresh(self) -> None:
+        """Offer the characters again (after a rerun of stage 03) and show the first."""
+        names = self.names()
+        self.character.options = names
+        if not names:
+            self.status.value = "no drawn character was searched for: give pictures of one and run stage 03"
+            return
+        if self.character.value not in names:
+            self.character.value = names[0]
+        self.show(self.character.value)
+
+    def show(self, name: str | None) -> None:
+        """Draw ``name``'s strip of likely sightings, numbered from 1."""
+        from diffusion_bunny.stages.characters.plots import face_sheet  # lazy: pulls in plotnine (0.44 s)
+
+        if name is None:
+            return
+        offered = likely_sightings(self.run, name, self.cfg.characters)
+        self.offered[name] = offered
+        if offered.is_empty():
+            self.image.value = b""
+            self.status.value = (
+                f"no likely sighting of {html.escape(name)} under the threshold; add a still of it with "
+                "the picker above"
+            )
+            return
+        strip = offered.with_columns(pl.lit(name).alias("character"), pl.lit("drawn").alias("kind"))
+        frames = self.run.read_table("frames")
+        self.image.value = jpeg_bytes(
+            face_sheet(self.run.run_dir, strip, frames, max_per_group=offered.height, columns=6, side=128)
+        )
+        self.number.max = offered.height
+        self.status.value = (
+            f"{offered.height} likely sighting(s) of {html.escape(name)}: type the number of one that "
+            "shows it"
+        )
+
+    def confirm(self, name: str, number: int) -> Path | None:
+        """Add sighting ``number`` (1: the first of the strip) of ``name`` as a still; the file, or
+        None after a user error (shown)."""
+        offered = self.offered.get(name)
+        if offered is None or not 1 <= number <= offered.height:
+            self.status.value = _error(f"no sighting numbered {number} of {html.escape(str(name))}")
+            return None
+        row = offered.row(number - 1, named=True)
+        box = (row["left"], row["top"], row["right"], row["bottom"])
+        try:
+            path = add_still(self.run.run_dir, row["frame_id"], box, name, self.cfg.characters)
+        except UserError as exc:
+            self.status.value = _error(str(exc))
+            return None
+        self.status.value = (
+            f"added {path.name} to <b>{html.escape(path.parent.name)}</b>'s references; rerun stage "
+            "characters to fit on it"
+        )
+        return path
