@@ -285,6 +285,52 @@ def test_local_ray_start_that_times_out_is_tried_once_more_then_one_line(monkeyp
     assert "--engine local" in msg and "busy machine" in msg
 
 
+class _SmallCluster:
+    """Stands in for an initialised ``ray`` module: a cluster of two live nodes of 1 CPU each and
+    a dead one of 8 (tasks must never be handed out here)."""
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def nodes(self) -> list[dict]:
+        return [
+            {"Alive": True, "Resources": {"CPU": 1.0}},
+            {"Alive": True, "Resources": {"CPU": 1.0}},
+            {"Alive": False, "Resources": {"CPU": 8.0}},
+        ]
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": 2.0}
+
+    def remote(self, **kwargs):
+        raise AssertionError("a task was handed to Ray")
+
+
+def test_ray_cpus_per_movie_above_the_largest_node_is_one_line_before_any_task(tmp_path, monkeypatch, capsys):
+    """``engine.cpus_per_movie`` more than any node has: Ray kept the task queued until the task's
+    time limit (hours) and the batch then said it was cancelled, leaving an empty run folder. Now
+    one line, exit 2, before any task or run folder; 2 CPUs split across two nodes do not count
+    as 2 (a task runs on one node), and capacity counts what fits per node."""
+    from diffusion_bunny.pipeline.engine import _capacity
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(41, 10, 0.0)])
+    monkeypatch.setitem(sys.modules, "ray", _SmallCluster())
+    out = tmp_path / "o"
+    capsys.readouterr()
+    args = ["run", str(folder), "--engine", "ray", "--out", str(out), "--quiet"]
+    assert main([*args, "--set", "engine.cpus_per_movie=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: engine.cpus_per_movie 2 is more than the 1 CPU(s) of the cluster's largest node; lower it"
+    )
+    assert err.count("\n") == 1, err
+    assert not (out / movie_id(folder / "a.mp4")).exists()
+    cfg = load_config(None, {"engine.cpus_per_movie": 0.6})
+    assert _capacity(_SmallCluster(), cfg) == 2  # one per node, not 2 // 0.6 = 3
+
+
 def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(
     movies, local_batch, extracted, ray_cluster, tmp_path, capsys
 ):

@@ -358,10 +358,30 @@ def task_timeout(cfg: RunConfig, stages: Sequence[str], movie_s: float | None = 
     return None
 
 
+def _node_cpus(ray: Any) -> list[float]:
+    """The CPUs of each live node of the cluster (the whole cluster's as one node when Ray lists
+    none): a task's CPUs must fit on one node, not only in the cluster's sum."""
+    cpus = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive", True)]
+    return cpus or [float(ray.cluster_resources().get("CPU", 0.0))]
+
+
+def _check_fits(ray: Any, cfg: RunConfig) -> None:
+    """Refuse ``engine.cpus_per_movie`` above the largest node's CPUs before any task or run
+    folder: Ray would keep such a task queued forever, and the batch waited out the task's time
+    limit (hours by default) to say only that it was cancelled."""
+    largest = max(_node_cpus(ray))
+    wanted = cfg.engine.cpus_per_movie
+    if wanted > largest:
+        raise EngineError(
+            f"engine.cpus_per_movie {wanted:g} is more than the {largest:g} CPU(s) of the cluster's "
+            "largest node; lower it"
+        )
+
+
 def _capacity(ray: Any, cfg: RunConfig) -> int:
-    """How many movies the cluster runs at once (its CPUs / ``engine.cpus_per_movie``, at least 1)."""
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(1, int(cpus // cfg.engine.cpus_per_movie))
+    """How many movies the cluster runs at once: per node its CPUs // ``engine.cpus_per_movie``,
+    summed (the cluster's sum would count CPUs split across nodes, which no task can use), at least 1."""
+    return max(1, sum(int(cpus // cfg.engine.cpus_per_movie) for cpus in _node_cpus(ray)))
 
 
 def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
@@ -373,7 +393,10 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     Hangs are bounded: a task still running :func:`task_timeout` seconds after it was
     handed to Ray is cancelled (its worker killed, its stage kernel exits with it) and its movie
     reported as failed like a user error; the batch goes on. Ray is handed only as many tasks as
-    the cluster runs at once, so that clock counts a task's run, not its wait in Ray's queue.
+    the cluster's nodes fit at once (:func:`_capacity`), so on a cluster this batch has to itself
+    that clock counts a task's run, not a wait in Ray's queue; other jobs holding the cluster's
+    CPUs make a task wait, and that wait counts. A task that fits on no node is refused before
+    any starts (:func:`_check_fits`).
     Every task first checks that its node sees the folders it writes to (the module docstring)."""
     cfg = options.cfg
     jobs = [(Path(movie).resolve(), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
@@ -383,6 +406,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
 
     tokens: dict[int, list[tuple[Path, str]]] = {}
     try:
+        _check_fits(ray, cfg)
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote = replace(options, progress=False)
