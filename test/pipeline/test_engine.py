@@ -253,12 +253,14 @@ class _SlowRay:
 
     def __init__(self, fail: int):
         self.fail, self.inits, self.shutdowns = fail, 0, 0
+        self.addresses: list[str | None] = []
 
     def is_initialized(self) -> bool:
         return False
 
     def init(self, **kwargs) -> None:
         self.inits += 1
+        self.addresses.append(kwargs.get("address"))
         if self.inits <= self.fail:
             raise Exception("The current node timed out during startup. This could happen because ...")
 
@@ -283,6 +285,25 @@ def test_local_ray_start_that_times_out_is_tried_once_more_then_one_line(monkeyp
     assert always.inits == 2 and "\n" not in msg
     assert msg.startswith("could not start a local Ray cluster (The current node timed out during startup.")
     assert "--engine local" in msg and "busy machine" in msg
+
+
+def test_ray_without_address_starts_a_local_cluster_whatever_ray_address_says(monkeypatch):
+    """Without --address Ray's default joined the cluster RAY_ADDRESS (or a ``ray start --head``'s
+    /tmp/ray/ray_current_cluster) named, then failed on the local settings ("When connecting to an
+    existing cluster, object_store_memory must not be provided"): the docs promise a local cluster
+    unless --address names one. ``address="local"`` is the one value Ray reads neither from."""
+    from diffusion_bunny.pipeline.engine import start_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    fake = _SlowRay(fail=0)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert start_ray(load_config(None, {"engine.num_cpus": 2})) is True
+    assert fake.addresses == ["local"]
+    fake = _SlowRay(fail=0)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr("diffusion_bunny.pipeline.engine._check_reachable", lambda address: None)
+    assert start_ray(load_config(None, {"engine.address": "10.0.0.9:6379"})) is True
+    assert fake.addresses == ["10.0.0.9:6379"]
 
 
 class _SmallCluster:

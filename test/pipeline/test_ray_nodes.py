@@ -163,9 +163,10 @@ def _wait_for_cpus(address: str, cpus: int, nodes: tuple[Node, ...] = (), timeou
 def head(tmp_path):
     """A head node with no CPUs of its own (every task runs on another node), started in A, and
     up: its raylet registered (it is started again if it died starting). Its session files go to
-    a temporary folder of its own, short enough for Ray's socket paths: in Ray's default
-    ``/tmp/ray`` the head would leave ``ray_current_cluster``, which any later ``ray.init()`` on
-    this machine would try to join."""
+    a temporary folder of its own, short enough for Ray's socket paths, removed afterwards: in
+    Ray's default ``/tmp/ray`` the killed head would leave its session and ``ray_current_cluster``
+    behind for whoever uses Ray on this machine next (``bunny``'s local start ignores it, as it
+    does ``RAY_ADDRESS``: it asks Ray for ``address="local"``)."""
     port = _free_port()
     (tmp_path / "A").mkdir()
     temp = Path(tempfile.mkdtemp(prefix="bunny-ray-", dir="/tmp"))

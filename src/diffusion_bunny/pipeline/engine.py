@@ -177,10 +177,14 @@ def _quiet_ray_logs() -> None:
 
 
 def _init_ray(ray: Any, engine: Any) -> None:
+    """Join ``engine.address``, else start a local cluster: ``address="local"``, because Ray's
+    default joins whatever ``RAY_ADDRESS`` or a ``ray start --head`` left in /tmp/ray names, and
+    then refused this call's local settings (object_store_memory) instead of starting one."""
     if engine.address:
         ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
     else:
         ray.init(
+            address="local",
             num_cpus=engine.num_cpus,
             include_dashboard=False,
             object_store_memory=engine.object_store_mb * 1024 * 1024,
