@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import polars as pl
@@ -350,6 +351,60 @@ def test_ray_cpus_per_movie_above_the_largest_node_is_one_line_before_any_task(t
     assert not (out / movie_id(folder / "a.mp4")).exists()
     cfg = load_config(None, {"engine.cpus_per_movie": 0.6})
     assert _capacity(_SmallCluster(), cfg) == 2  # one per node, not 2 // 0.6 = 3
+
+
+class _InlineRay(_SmallCluster):
+    """Stands in for an initialised ``ray`` module of one node with 2 CPUs that runs each task
+    at once, in this process (its reference is the task's report)."""
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": 2.0}}]
+
+    def remote(self, **kwargs):
+        return lambda f: types.SimpleNamespace(remote=lambda *a: _Ref(f(*a)))
+
+    def get_runtime_context(self):
+        return types.SimpleNamespace(get_node_id=lambda: "head")
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref.report
+
+
+class _Ref:
+    def __init__(self, report):
+        self.report = report
+
+
+def test_a_ray_run_folder_that_is_a_file_fails_that_movie_alone(tmp_path, monkeypatch, capsys):
+    """A movie's run folder taken by a file stopped the whole Ray batch with ``bug:
+    FileExistsError`` (the head's token write); now that movie fails in the local engine's line
+    and the others run."""
+    from diffusion_bunny.pipeline import engine
+    from diffusion_bunny.pipeline.runner import MovieReport, RunOptions
+    from diffusion_bunny.stages import PIPELINE
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(41, 10, 0.0)])
+    write_clip(folder / "b.mp4", [(42, 10, 0.0)])
+    out = tmp_path / "o"
+    out.mkdir()
+    taken = out / movie_id(folder / "a.mp4")
+    taken.write_text("mine")
+    ran = []
+    monkeypatch.setattr(engine, "run_movie", lambda m, r, o: ran.append(m.name) or MovieReport(m, r))
+    monkeypatch.setitem(sys.modules, "ray", _InlineRay())
+    options = RunOptions(PIPELINE, load_config(None, {}), stages=("extract",), progress=False)
+    jobs = [(folder / name, out / movie_id(folder / name)) for name in ("a.mp4", "b.mp4")]
+    capsys.readouterr()
+    a, b = engine.run_ray(jobs, options)
+    err = capsys.readouterr().err
+    assert a.error == f"{taken} is a file, not a folder; give --out a folder for the run (new or empty)"
+    assert not a.bug and b.error is None and ran == ["b.mp4"]
+    assert err == f"error: a.mp4: {a.error}\n" and taken.read_text() == "mine"
 
 
 def test_ray_engine_same_run_folders_resumable_and_bad_movie_reported(

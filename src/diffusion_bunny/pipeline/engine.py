@@ -90,20 +90,24 @@ def run_one(movie: Path, run_dir: Path | None, options: RunOptions) -> MovieRepo
             run_dir = run_folder_in(output_root(options.cfg), movie)
     try:
         return run_movie(movie, run_dir, options)
-    except UserError as exc:
+    except Exception as exc:  # a bug in one movie must not cost the others their run
+        return _failed(movie, run_dir, exc)
+
+
+def _failed(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
+    """The report (and the one line) of a movie that failed with ``exc``, in :func:`run_one` or
+    on Ray's head before its task (:func:`_head_tokens`): both engines say the same."""
+    if isinstance(exc, UserError):
         # In a folder run the line must name its movie (``no frames to cluster`` named none); a
         # message that names the file already is not prefixed again.
         name = shown(movie.name)  # a name that is not UTF-8, escaped as the message escapes it
         _tell(str(exc) if name in str(exc) else f"{name}: {exc}")
         return MovieReport(movie=movie, run_dir=run_dir, error=str(exc))
-    except OSError as exc:
-        storage = storage_error(exc)
-        if storage is None:
-            return _bug(movie, run_dir, exc)
-        _tell(f"{movie.name}: {storage}")
-        return MovieReport(movie=movie, run_dir=run_dir, error=str(storage))
-    except Exception as exc:  # a bug in one movie must not cost the others their run
+    storage = storage_error(exc) if isinstance(exc, OSError) else None
+    if storage is None:
         return _bug(movie, run_dir, exc)
+    _tell(f"{movie.name}: {storage}")
+    return MovieReport(movie=movie, run_dir=run_dir, error=str(storage))
 
 
 def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
@@ -323,6 +327,18 @@ def _check_visible(tokens: Sequence[tuple[Path, str]]) -> str | None:
     return None
 
 
+def _head_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[tuple[Path, str]] | MovieReport:
+    """A movie's tokens (:func:`_visibility_tokens`), written once its run folder passed the check
+    the local engine makes (:func:`~diffusion_bunny.pipeline.run.check_run_folder`); else that
+    movie's report and line, and the others run. A run folder that was a file stopped the whole
+    batch with ``bug: FileExistsError``, and a folder of the user's own got a token written into it."""
+    try:
+        check_run_folder(run_dir, movie)
+        return _visibility_tokens(movie, run_dir, options)
+    except Exception as exc:  # as run_one: this movie's report, not the batch's end
+        return _failed(movie, run_dir, exc)
+
+
 def _visibility_tokens(movie: Path, run_dir: Path, options: RunOptions) -> list[tuple[Path, str]]:
     """Write a token into the folders a movie's task writes to (its run folder, and
     ``train.output_dir`` when it trains or draws), for the task to read back
@@ -429,7 +445,12 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
                 i = waiting.pop(0)
                 movie, run_dir = jobs[i]
                 # A movie the head cannot probe fails in its task, which says why (no folder made).
-                tokens[i] = _visibility_tokens(movie, run_dir, options) if probed[i][0] and run_dir else []
+                written = _head_tokens(movie, run_dir, options) if probed[i][0] and run_dir else []
+                if isinstance(written, MovieReport):
+                    results[i] = written
+                    bar.update(1)
+                    continue
+                tokens[i] = written
                 ref = task.remote(
                     movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()), quiet
                 )
