@@ -143,10 +143,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["engine.kind"] = engine
     if args.address is not None:
         overrides["engine.address"] = args.address
+    cfg = load_config(config_path, overrides)
+    if engine == "local" and cfg.engine.address:  # an address means Ray, set here or in the settings
+        raise UserError(
+            f"engine.address {cfg.engine.address} (from the settings) joins a Ray cluster: use it with "
+            "--engine ray, or add --set engine.address=null to run here"
+        )
     reports = run_target(
         PIPELINE,
         args.target[0] if len(args.target) == 1 else args.target,
-        load_config(config_path, overrides),
+        cfg,
         config_path=config_path,
         overrides=overrides,
         stages=args.stages,

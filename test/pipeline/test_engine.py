@@ -248,6 +248,29 @@ def test_ray_cannot_join_a_cluster_one_line(tmp_path, capsys):
     assert "use it with --engine ray" in err and err.count("\n") == 1
 
 
+def test_an_address_in_the_settings_means_ray_as_the_flag_does(tmp_path, monkeypatch, capsys):
+    """``engine.address`` in a settings file or ``--set`` was silently ignored (the batch ran on
+    this machine alone): only the ``--address`` flag meant Ray. Now each means Ray (here the
+    cluster nobody answers at is said in one line), and with ``--engine local`` each is refused."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", [(41, 10, 0.0)])
+    monkeypatch.setitem(sys.modules, "ray", _SlowRay(fail=0))  # never asked: nobody answers there
+    settings = tmp_path / "cluster.yaml"
+    settings.write_text("engine:\n  address: 127.0.0.1:1\n")
+    out = str(tmp_path / "o")
+    for given in (["--set", "engine.address=127.0.0.1:1"], ["--config", str(settings)]):
+        capsys.readouterr()
+        assert main(["run", str(folder), "--out", out, "--quiet", *given]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: could not join the Ray cluster at 127.0.0.1:1") and err.count("\n") == 1
+        assert main(["run", str(folder), "--out", out, "--quiet", "--engine", "local", *given]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: engine.address 127.0.0.1:1 (from the settings) joins a Ray cluster")
+        assert "--engine ray" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o" / movie_id(folder / "a.mp4")).exists()
+
+
 class _SlowRay:
     """Stands in for the ``ray`` module: its first ``fail`` starts time out as Ray's own raylet
     registration does on a busy machine (a bare Exception after a fixed 30 s)."""

@@ -526,10 +526,17 @@ def _timed_out(job: tuple[Path, Path | None], limit: float) -> MovieReport:
     return MovieReport(movie=movie, run_dir=run_dir, error=text)
 
 
+def engine_kind(cfg: RunConfig) -> str:
+    """The engine a run uses: ``engine.kind``, except that an ``engine.address`` means Ray
+    wherever it was set, as ``--address`` does (an address in a settings file or ``--set`` was
+    silently ignored and the batch ran on this machine alone)."""
+    return "ray" if cfg.engine.address else cfg.engine.kind
+
+
 def run_movies(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> list[MovieReport]:
-    """Run ``(movie, run folder or None for the default)`` jobs on the engine ``engine.kind``
+    """Run ``(movie, run folder or None for the default)`` jobs on the engine :func:`engine_kind`
     names (``local``/``ray``)."""
-    if options.cfg.engine.kind == "ray":
+    if engine_kind(options.cfg) == "ray":
         return run_ray(jobs, options)
     return run_local(jobs, options)
 
@@ -572,7 +579,7 @@ def run_target(
 ) -> list[MovieReport]:
     """``bunny run``: one movie, or every movie of a folder, or of several targets (a shell's
     ``*.mkv``), on an engine (``local``: one after another, ``ray``: one Ray task per movie;
-    default ``engine.kind``). Several targets run as one folder would.
+    :func:`engine_kind`). Several targets run as one folder would.
 
     In a folder, a bad movie (a user error or a bug) is reported and the others still run, on
     either engine; the caller turns the failures into exit status 2 (1 if one was a bug). A
@@ -594,7 +601,7 @@ def run_target(
     )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and isinstance(target, (str, Path)) and Path(target).expanduser().is_file()
-    if single and cfg.engine.kind == "local":
+    if single and engine_kind(cfg) == "local":
         return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:
         run_dir = None
