@@ -852,3 +852,23 @@ def test_a_headless_rerun_for_new_thresholds_reuses_the_scores(tmp_path):
     again = ["run", str(movie), "--out", str(out), "--stages", "quality", "--quiet", "--force", *new]
     assert main(again) == 0
     assert "scores_reused" not in facts()
+
+
+def test_a_rerun_removes_the_progress_files_a_killed_run_left(tmp_path):
+    """A cancelled Ray task or Ctrl-C left ``.progress-<stage>.json`` (and its relay files) in
+    the run folder, and a rerun that skipped that stage kept them for good, though they mean a
+    stage is running; the run that takes the folder's lock removes them, and nothing else."""
+    from diffusion_bunny.pipeline.runner import run_movie
+
+    movie = tmp_path / "a.mp4"
+    write_clip(movie, [(41, 10, 0.0)])
+    out = tmp_path / "run"
+    Run.create(out, movie)
+    left = [".progress-extract.json", ".progress-extract.json.tmp", ".progress-captions.json.say"]
+    for name in left:
+        (out / name).write_text("{}")
+    (out / "notes.progress").write_text("kept")
+    options = RunOptions(PIPELINE, load_config(None, {}), stages=(), progress=False)
+    assert run_movie(movie, out, options).error is None
+    assert not [name for name in left if (out / name).exists()]
+    assert (out / "notes.progress").read_text() == "kept"

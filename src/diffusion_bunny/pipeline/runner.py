@@ -748,7 +748,19 @@ def run_movie(movie: Path, out: Path | None, options: RunOptions) -> MovieReport
         lock.run_lock(run_dir, what="bunny run", lease_s=cfg.pipeline.lock_stale_s) as lease,
         lock.exported(run_dir, lease),
     ):
+        if lease is not None:  # taken here, not inherited from a run whose stage may be running
+            _remove_leftover_relays(run_dir)
         return _run_movie_locked(movie, Run.create(run_dir, movie), options, info.duration_s)
+
+
+def _remove_leftover_relays(run_dir: Path) -> None:
+    """Remove the progress and relay files (``.progress-<stage>.json*``) a killed run left: a
+    cancelled Ray task or Ctrl-C ends before its stage removes them, and a rerun that skipped that
+    stage kept them for good, though they mean a stage is running. Called once the run lock is
+    taken: no stage runs in the folder then."""
+    for path in Path(run_dir).glob(".progress-*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float | None) -> MovieReport:
