@@ -609,6 +609,26 @@ def test_the_batch_table_counts_named_characters_beside_stage_03s_state(scenes_d
     assert drawn == {**counts, "characters named": named}
 
 
+def test_the_batch_table_names_no_run_folder_for_a_movie_refused_before_it_had_one(tmp_path):
+    """The combined report's ``run_dir`` named folders never made, for movies refused before
+    their run folder was (an empty file; a file where the folder goes); it names run folders
+    only, as ``bunny status`` lists them."""
+    movies = {name: tmp_path / name for name in ("a.mp4", "empty.mp4", "blocked.mp4")}
+    for name, path in movies.items():
+        path.write_bytes(b"" if name == "empty.mp4" else name.encode() * 100)
+    out = tmp_path / "out"
+    Run.create(out / "a", movies["a.mp4"])
+    (out / "blocked").write_text("mine")
+    reports = [
+        MovieReport(movies["a.mp4"], out / "a", error="stage extract failed"),
+        MovieReport(movies["empty.mp4"], out / "empty", error="the file is empty"),
+        MovieReport(movies["blocked.mp4"], out / "blocked", error="is a file, not a folder"),
+    ]
+    table = movies_table(reports, _cfg(tmp_path), PIPELINE, start=tmp_path)
+    assert table["run_dir"].to_list() == [str(out / "a"), None, None]
+    assert table["extract"].to_list() == ["missing"] * 3
+
+
 def test_two_movies_of_one_file_name_each_keep_a_row_and_the_batch_figure_draws(tmp_path):
     """``bunny run season1 season2`` with an ``E01.mkv`` in each: the batch's report named both
     rows ``E01.mkv`` and its figure, which takes the names as categories, failed on them

@@ -213,9 +213,12 @@ def movies_table(
     names = distinct_names([Path(shown(rep.movie)) for rep in reports])
     for rep, name in zip(reports, names, strict=True):
         run_dir = Path(rep.run_dir) if rep.run_dir is not None else None
+        # Only a run folder is named (as bunny status lists them): a movie refused before its
+        # folder was made (an empty file, a file in its folder's way) named one never made.
+        is_run = run_dir is not None and (run_dir / "run.json").is_file()
         row: dict[str, Any] = {
             "movie": name,
-            "run_dir": str(run_dir) if run_dir else None,
+            "run_dir": str(run_dir) if is_run else None,
             "error": rep.error,
             "frames": None,
             "kept": None,
@@ -224,7 +227,6 @@ def movies_table(
             "named_characters": None,
             "report_html": None,
         }
-        is_run = run_dir is not None and (run_dir / "run.json").is_file()
         try:
             states = _movie_counts(row, run_dir, cfg, pipeline, stages, start) if is_run else None
         except Exception:  # a broken run folder (a corrupt table) must not cost the batch its report
