@@ -1150,3 +1150,35 @@ def test_settings_a_grid_cannot_draw_are_one_line_before_a_model_loads():
     load_config(None, {"generate.resolution": 104, "train.seed": 2**40}, use_local=False)
     with pytest.raises(ConfigError, match=r"shapes \{character\}.*write \{character\} alone"):
         load_config(None, {"generate.prompts": ["{trigger} {character!r}"]}, use_local=False)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_a_side_the_model_cannot_draw_is_one_config_error_naming_the_setting(
+    preset, pipe, references, tmp_path
+):
+    """A side that is a multiple of 8 but not of 16 passed the settings: SD3.5 stopped with
+    diffusers' error (a bug, exit 1), FLUX.1 drew 64 px pictures while the manifest said 72."""
+    from diffusion_bunny.models.diffusion import load_pipeline
+    from diffusion_bunny.stages.generate.stage import check_side
+
+    model = load_pipeline(preset, device="cpu")
+    cfg = GenerateSettings(lora_scales=(0.0,), steps=1, device="cpu")
+    for setting in ("generate.resolution", "train.resolution"):
+        with pytest.raises(ConfigError, match=rf"^{setting}: 72 px is not a multiple of 16.*; set 64 or 80$"):
+            draw_and_score(
+                tmp_path / "run",
+                cfg,
+                pipe_loader=lambda: model,
+                checkpoints=[],
+                references=references,
+                detect=DetectSettings(),
+                trigger="bunnystyle",
+                resolution=72,
+                resolution_setting=setting,
+                base_model=preset,
+            )
+    assert not (tmp_path / "run" / "generated").exists()
+    with pytest.raises(ConfigError, match=r"set 512 or 528$"):
+        check_side(model, 520, "generate.resolution")
+    check_side(model, 80, "generate.resolution")
+    check_side(pipe, 72, "generate.resolution")  # Stable Diffusion 1.x takes any multiple of 8

@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.errors import StageError
+from diffusion_bunny.errors import ConfigError, StageError
 from diffusion_bunny.models.device import cpu_threads_for, resolve_device
 from diffusion_bunny.models.diffusion import load_pipeline, resolve_base_model
 from diffusion_bunny.models.faces import DetectSettings
@@ -116,6 +116,7 @@ def compute(ctx: Context) -> StageOutput:
             descriptions=cfg.captions.character_descriptions,
             trigger=trigger_word(cfg),
             resolution=cfg.generate.resolution or cfg.train.resolution,
+            resolution_setting="generate.resolution" if cfg.generate.resolution else "train.resolution",
             base_model=ref.name,
             progress=progress,
             progress_path=ctx.progress_path,
@@ -128,6 +129,34 @@ def compute(ctx: Context) -> StageOutput:
 
 # ---------------------------------------------------------------------------------------------
 # Drawing and scoring
+
+
+def side_multiple(pipe: Any) -> int:
+    """What a picture side must be a multiple of for the loaded pipeline: its autoencoder's
+    shrink factor, times the 2x2 patches FLUX.1 packs its latents into, or SD3.5's transformer's
+    patch size. The settings check only 8: SD3.5 then stopped with diffusers' error (a bug, exit
+    1) and FLUX.1 silently drew a smaller picture than the manifest said."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    family = pipe_family(pipe)
+    if family == "flux":
+        return scale * 2
+    if family == "sd3":
+        patch = getattr(pipe, "patch_size", None) or pipe.transformer.config.patch_size
+        return scale * int(patch)
+    return scale
+
+
+def check_side(pipe: Any, side: int, setting: str) -> None:
+    """A ConfigError naming ``setting`` and the nearest sides that fit when the loaded pipeline
+    cannot draw ``side`` px (:func:`side_multiple`); checked before any picture is drawn."""
+    step = side_multiple(pipe)
+    if side % step:
+        lower, upper = side - side % step, side - side % step + step
+        nearest = sorted((s for s in (lower, upper) if s >= step), key=lambda s: (abs(s - side), s))
+        raise ConfigError(
+            f"{setting}: {side} px is not a multiple of {step}, which this base model "
+            f"({pipe_family(pipe)}) draws in; set {' or '.join(map(str, nearest))}"
+        )
 
 
 def draw_and_score(
@@ -145,6 +174,7 @@ def draw_and_score(
     descriptions: Mapping[str, str] | None = None,
     progress: bool = False,
     progress_path: Path | None = None,
+    resolution_setting: str = "generate.resolution",
 ) -> StageOutput:
     """What :func:`compute` does once it has resolved the run's models and files (the tests call
     it with a tiny pipeline): check the LoRA files, render the grid (resuming), score every image
@@ -155,7 +185,8 @@ def draw_and_score(
     ``lora_scales`` has only 0: the base model alone is drawn, and a LoRA nothing was drawn with
     is neither counted nor compared); ``drawn`` scores the pictures of the drawn characters
     (:mod:`.drawn`; None: they are drawn, not scored); ``descriptions``
-    (``captions.character_descriptions``) follow the names in the prompts.
+    (``captions.character_descriptions``) follow the names in the prompts; ``resolution_setting``
+    names the setting ``resolution`` came from (in the error of a side the model cannot draw).
     """
     run_dir = Path(run_dir)
     warnings: list[str] = []
@@ -166,6 +197,8 @@ def draw_and_score(
         raise StageError("no LoRA checkpoint to generate with; run stage train first")
     checkpoints = checkpoints if with_lora else []  # only the grid's are checked, counted, compared
     pipe = pipe_loader()  # first: a missing base model fails before anything else
+    if resolution is not None:
+        check_side(pipe, resolution, resolution_setting)
     check_loras(pipe, checkpoints)
     clip = None
     if cfg.clip_model:  # loaded before any picture is drawn: a missing model fails here too
