@@ -28,6 +28,7 @@ from diffusion_bunny.stages.generate.grid import (
     GridItem,
     find_checkpoints,
     plan_grid,
+    prompt_tag,
     render_prompt,
     select_checkpoints,
 )
@@ -180,9 +181,9 @@ def test_prompts_and_grid_plan():
     base = [i for i in items if i.checkpoint == BASE]
     assert len(base) == 8 and {i.lora_scale for i in base} == {0.0} and all(i.step is None for i in base)
     assert len({i.rel_path for i in items}) == len(items)
-    assert items[0].rel_path == "generated/base/ann/p00_seed0_scale0.00.png"
+    assert items[0].rel_path == f"generated/base/ann/{prompt_tag('t ann')}_seed0_scale0.00.png"
     odd = plan_grid(["Mr. X/Y"], ["{character}"], "t", [3], [-0.5], cks[:1])[0]
-    assert odd.rel_path == "generated/checkpoint-10/Mr._X_Y/p00_seed3_scalem0.50.png"
+    assert odd.rel_path == f"generated/checkpoint-10/Mr._X_Y/{prompt_tag('Mr. X/Y')}_seed3_scalem0.50.png"
     # Names alike once made safe for a folder are folders of their own (they drew over each
     # other's pictures), and no name leaves the checkpoint's folder.
     alike = ["Mary Jane", "Mary_Jane", "???", "!!!", ".."]
@@ -209,7 +210,29 @@ def test_prompts_and_grid_plan():
         {"biscuit": "a cartoon dog"},
     )
     assert [i.prompt for i in described] == ["t biscuit, a cartoon dog, full body", "t ann, full body"]
-    assert described[0].rel_path == "generated/checkpoint-10/biscuit/p00_seed0_scale1.00.png"
+    tag = prompt_tag("t biscuit, a cartoon dog, full body")
+    assert described[0].rel_path == f"generated/checkpoint-10/biscuit/{tag}_seed0_scale1.00.png"
+
+
+def test_a_prompt_removed_or_moved_redraws_no_other_picture(pipe, training_output, tmp_path):
+    """Pictures were named by their prompt's place: with the first prompt removed every other
+    picture was drawn again (over the removed prompt's files), and again once it was back."""
+    cks = find_checkpoints(training_output)[:1]
+    prompts = ["{trigger} {character}, portrait", "{trigger} {character}, full body"]
+
+    def draw(templates):
+        items = plan_grid(["ann"], templates, "t", [0], [0.0, 1.0], cks)
+        return items, generate_images(pipe, tmp_path, items, cks, FAST)
+
+    first, counts = draw(prompts)
+    assert counts == (4, 0)
+    mtimes = {i.rel_path: (tmp_path / i.rel_path).stat().st_mtime_ns for i in first}
+    for templates in (prompts[1:], prompts, prompts[::-1]):
+        items, counts = draw(templates)
+        assert counts == (0, len(items))
+        assert [i.prompt_index for i in items] == sorted(i.prompt_index for i in items)  # by place
+    assert {p: (tmp_path / p).stat().st_mtime_ns for p in mtimes} == mtimes
+    assert items[0].rel_path == next(i.rel_path for i in first if i.prompt == items[0].prompt)
 
 
 def test_settings_key_changes_with_what_makes_the_image():

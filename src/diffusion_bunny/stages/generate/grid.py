@@ -112,13 +112,22 @@ class GridItem:
 
     @property
     def rel_path(self) -> str:
-        """Where the image lives, relative to the run folder."""
+        """Where the image lives, relative to the run folder. The prompt is named by 8 hex of the
+        hash of its text (:func:`prompt_tag`), not by its place in ``generate.prompts``: named by
+        place, a prompt removed or moved redrew every picture after it, over the others' files."""
         char = self.folder or character_folders([self.character])[self.character]
         scale = f"{self.lora_scale:+.2f}"
         if float(scale) != self.lora_scale:  # 0.125 beside 0.12: each scale a file of its own
             scale = f"{self.lora_scale:+.6f}".rstrip("0")
         scale = scale.replace("+", "").replace("-", "m")
-        return f"generated/{self.checkpoint}/{char}/p{self.prompt_index:02d}_seed{self.seed}_scale{scale}.png"
+        name = f"{prompt_tag(self.prompt)}_seed{self.seed}_scale{scale}.png"
+        return f"generated/{self.checkpoint}/{char}/{name}"
+
+
+def prompt_tag(prompt: str) -> str:
+    """A picture's prompt in its file name: ``prompt-`` and 8 hex of the hash of the rendered
+    text, so a picture keeps its file whatever the prompt's place in the list."""
+    return "prompt-" + hashlib.sha1(prompt.encode()).hexdigest()[:8]
 
 
 def plan_grid(
