@@ -1205,3 +1205,38 @@ def test_a_side_the_model_cannot_draw_is_one_config_error_naming_the_setting(
         check_side(model, 520, "generate.resolution")
     check_side(model, 80, "generate.resolution")
     check_side(pipe, 72, "generate.resolution")  # Stable Diffusion 1.x takes any multiple of 8
+
+
+def test_lora_facts_follow_a_moved_run_folder(pipe, references, tmp_path):
+    """``best_lora`` and ``checkpoints`` were absolute: after a run folder was moved the stage
+    stayed done and notebook 08 printed a snippet loading the LoRA of the old folder."""
+    import shutil
+
+    from diffusion_bunny.stages.generate.render import loading_snippet
+    from diffusion_bunny.stages.generate.tables import lora_fact, lora_file
+
+    old = tmp_path / "old"
+    cks = find_checkpoints(write_training_output(pipe, old / "loras" / "v1", steps=(10,)))
+    cfg = GenerateSettings(seeds=(0,), lora_scales=(1.0,), checkpoints="final", steps=1, device="cpu")
+    result = draw_and_score(
+        old,
+        cfg,
+        pipe_loader=lambda: pipe,
+        checkpoints=select_checkpoints(cks, cfg.checkpoints),
+        references=references,
+        detect=DetectSettings(),
+        trigger="bunnystyle",
+        resolution=64,
+        base_model="tiny",
+    )
+    facts = result.facts | {"base_model_path": "base"}
+    assert facts["best_lora"] == f"loras/v1/{LORA_FILE}"
+    assert facts["checkpoints"] == {FINAL: f"loras/v1/{LORA_FILE}"}
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    assert lora_file(facts["best_lora"], new) == new / "loras" / "v1" / LORA_FILE
+    snippet = loading_snippet(facts, "base", new)
+    assert f"load_lora_weights({str(new / 'loras' / 'v1' / LORA_FILE)!r})" in snippet
+    assert str(old) not in snippet
+    elsewhere = tmp_path / "elsewhere" / LORA_FILE  # a training output outside the run folder
+    assert lora_fact(elsewhere, new) == str(elsewhere) and lora_file(str(elsewhere), new) == elsewhere

@@ -54,7 +54,7 @@ from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import ProgressFile
 from diffusion_bunny.stages.generate.grid import Checkpoint, GridItem
-from diffusion_bunny.stages.generate.tables import BASE
+from diffusion_bunny.stages.generate.tables import BASE, lora_file
 
 #: PNG text chunk holding an image's settings key (what makes a rerun skip it).
 PNG_KEY = "diffusion_bunny"
@@ -276,12 +276,14 @@ def generate_images(
     return len(todo), reused
 
 
-def loading_snippet(facts: dict[str, Any], base_path: str | None = None) -> str:
-    """Python that loads the best checkpoint into a diffusers pipeline (notebook 08 prints it)."""
-    lora = facts.get("best_lora")
+def loading_snippet(facts: dict[str, Any], base_path: str | None = None, run_dir: Path | None = None) -> str:
+    """Python that loads the best checkpoint into a diffusers pipeline (notebook 08 prints it);
+    ``run_dir``: the run folder a LoRA file recorded inside it is in now (:func:`.tables.lora_file`)."""
+    lora = lora_file(facts.get("best_lora"), run_dir or Path())
     base = base_path or facts.get("base_model")
     if not lora:
         return "# no LoRA checkpoint was compared"
+    lora = str(lora)
     return (
         "import torch\n"
         "from diffusers import AutoPipelineForText2Image\n\n"

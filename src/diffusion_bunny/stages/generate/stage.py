@@ -43,7 +43,7 @@ from diffusion_bunny.stages.generate.render import (
     pipe_family,
 )
 from diffusion_bunny.stages.generate.settings import GenerateSettings
-from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA
+from diffusion_bunny.stages.generate.tables import GENERATIONS_SCHEMA, lora_fact
 from diffusion_bunny.stages.train.tables import checkpoint_dir as training_dir
 from diffusion_bunny.stages.train.tables import current_lora_dir
 
@@ -240,7 +240,7 @@ def draw_and_score(
         tables={"generations": generations, "generation_scores": scores},
         counts=counts,
         warnings=warnings,
-        facts=_facts(cfg, generations, scores, best, checkpoints, references, characters, trigger)
+        facts=_facts(cfg, generations, scores, best, checkpoints, references, characters, trigger, run_dir)
         | {"base_model": base_model, "resolution": size},
     )
 
@@ -289,9 +289,11 @@ def _facts(
     references: CharacterReferences,
     characters: list[str],
     trigger: str,
+    run_dir: Path,
 ) -> dict[str, Any]:
     """The manifest's facts of a run: the best checkpoint and its score, what was drawn and
-    compared, and with which references."""
+    compared, and with which references. LoRA files inside the run folder are relative to it
+    (:func:`~.tables.lora_fact`): a moved or copied run folder names its own."""
     best_ck = next((c for c in checkpoints if c.name == best), None)
     best_row = scores.filter(pl.col("best")).row(0, named=True) if best is not None else {}
     people = _people(generations, references)
@@ -299,13 +301,13 @@ def _facts(
     scored = generations.filter(pl.col("drawn_found").is_not_null())
     return {
         "best_checkpoint": best,
-        "best_lora": str(best_ck.path) if best_ck else None,
+        "best_lora": lora_fact(best_ck.path, run_dir) if best_ck else None,
         "best_identity_distance": best_row.get("identity_distance"),
         "best_drawn_score": best_row.get("drawn_score"),
         "trigger_word": trigger,
         "characters": characters,
         "drawn_characters": [c for c in characters if c in references.drawn],
-        "checkpoints": {c.name: str(c.path) for c in checkpoints},
+        "checkpoints": {c.name: lora_fact(c.path, run_dir) for c in checkpoints},
         "references": references.sources,
         "clip_model": cfg.clip_model,
         "no_face": f"no face in {people.height - with_face} of {people.height} images",

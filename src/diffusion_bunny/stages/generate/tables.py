@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 #: Checkpoint name of the images rendered with LoRA scale 0 (the base model alone).
@@ -44,3 +46,17 @@ SCORES_SCHEMA = {
     "clip_score": pl.Float64,
     "best": pl.Boolean,
 }
+
+
+def lora_fact(path: Path, run_dir: Path) -> str:
+    """A LoRA file as the manifest's facts record it (``best_lora``, ``checkpoints``): relative to
+    the run folder when it lies inside it, absolute otherwise. Absolute facts pointed into the old
+    folder once a run folder was moved or copied (notebook 08 printed a snippet loading another
+    run's LoRA)."""
+    path, run_dir = Path(path).absolute(), Path(run_dir).absolute()
+    return path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else str(path)
+
+
+def lora_file(fact: str | None, run_dir: Path) -> Path | None:
+    """The LoRA file a fact of :func:`lora_fact` names, in the run folder where it is relative."""
+    return None if not fact else Path(run_dir) / fact
