@@ -1155,13 +1155,15 @@ def test_stage_08_reads_reference_pictures_as_stage_03_does(tmp_path):
 
 
 def test_settings_a_grid_cannot_draw_are_one_line_before_a_model_loads():
-    """An empty list of characters drew nothing and then failed on its empty table; a side that
-    is no multiple of 8 and a seed past 64 bits stopped stage 07/08 inside diffusers or torch."""
+    """An empty list of characters drew nothing and then failed on its empty table, one named
+    twice drew, scored and counted its pictures twice; a side that is no multiple of 8 and a seed
+    past 64 bits stopped stage 07/08 inside diffusers or torch."""
     from diffusion_bunny.config import load_config
     from diffusion_bunny.errors import ConfigError
 
     for key, value, words in (
         ("generate.characters", [], "list at least one character"),
+        ("generate.characters", ["ann", "bob", "ann"], "lists a value twice"),
         ("generate.resolution", 100, "must be a multiple of 8"),
         ("train.resolution", 100, "e.g. 96 or 104"),
         ("train.seed", 2**64, "less than or equal to"),

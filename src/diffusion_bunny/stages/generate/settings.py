@@ -10,7 +10,7 @@ import re
 import string
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from diffusion_bunny.section import MAX_SEED, Section, multiple_of_eight
 
@@ -73,9 +73,13 @@ class GenerateSettings(Section):
                 )
         return value
 
-    @field_validator("seeds", "lora_scales")
+    @field_validator("seeds", "lora_scales", "characters")
     @classmethod
-    def _non_empty_unique(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _non_empty_unique(cls, value: tuple[Any, ...] | None, info: ValidationInfo) -> tuple[Any, ...] | None:
+        # A character named twice drew, scored and counted each of its pictures twice; an unset
+        # or empty list of characters is judged by _some_characters.
+        if not value and info.field_name == "characters":
+            return value
         if not value:
             raise ValueError("must list at least one value")
         if len(set(value)) != len(value):
