@@ -199,6 +199,13 @@ def test_prompts_and_grid_plan():
     fine = plan_grid(["ann"], ["{character}"], "t", [0], [0.12, 0.125, -0.125], cks[:1])
     names = [i.rel_path.rsplit("_", 1)[1] for i in fine]
     assert names == ["scale0.12.png", "scale0.125.png", "scalem0.125.png"]
+    # Six decimals made 1e-7 and 2e-7 one file, and 0.1234561 and 0.1234564 another.
+    tiny = [1e-7, 2e-7, -1e-7, 0.1234561, 0.1234564, 4.0]
+    names = [
+        i.rel_path.rsplit("_", 1)[1] for i in plan_grid(["ann"], ["{character}"], "t", [0], tiny, cks[:1])
+    ]
+    assert len(set(names)) == len(tiny) and names[0] == "scale1e-07.png" and names[2] == "scalem1e-07.png"
+    assert [float(n[len("scale") : -len(".png")].replace("m", "-")) for n in names] == tiny
     # A character's description follows its name, as in the captions the LoRA learned from.
     described = plan_grid(
         ["biscuit", "ann"],

@@ -116,12 +116,20 @@ class GridItem:
         hash of its text (:func:`prompt_tag`), not by its place in ``generate.prompts``: named by
         place, a prompt removed or moved redrew every picture after it, over the others' files."""
         char = self.folder or character_folders([self.character])[self.character]
-        scale = f"{self.lora_scale:+.2f}"
-        if float(scale) != self.lora_scale:  # 0.125 beside 0.12: each scale a file of its own
-            scale = f"{self.lora_scale:+.6f}".rstrip("0")
-        scale = scale.replace("+", "").replace("-", "m")
+        scale = scale_name(self.lora_scale)
         name = f"{prompt_tag(self.prompt)}_seed{self.seed}_scale{scale}.png"
         return f"generated/{self.checkpoint}/{char}/{name}"
+
+
+def scale_name(scale: float) -> str:
+    """A LoRA scale in a file name: two decimals where they give the scale back (``1.00``,
+    ``m0.50`` for -0.5), else its shortest exact spelling (``0.125``, ``1e-07``), so each scale
+    is a file of its own. Six decimals made 1e-7 and 2e-7 one file (``0.``), drawn over by both
+    and drawn again on every rerun."""
+    text = f"{abs(scale):.2f}"
+    if float(text) != abs(scale):
+        text = repr(abs(float(scale)))
+    return ("m" if scale < 0 else "") + text
 
 
 def prompt_tag(prompt: str) -> str:
