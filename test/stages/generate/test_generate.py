@@ -1249,3 +1249,16 @@ def test_lora_facts_follow_a_moved_run_folder(pipe, references, tmp_path):
     assert str(old) not in snippet
     elsewhere = tmp_path / "elsewhere" / LORA_FILE  # a training output outside the run folder
     assert lora_fact(elsewhere, new) == str(elsewhere) and lora_file(str(elsewhere), new) == elsewhere
+
+
+def test_an_empty_trigger_word_is_none_and_null_is_the_captions():
+    """``generate.trigger_word: ''`` put the captions' trigger word into every prompt all the same."""
+    from types import SimpleNamespace
+
+    from diffusion_bunny.stages.generate.stage import trigger_word
+
+    captions = SimpleNamespace(trigger_word="bunnystyle")
+    for setting, word in (("", ""), (None, "bunnystyle"), ("other", "other")):
+        cfg = SimpleNamespace(generate=GenerateSettings(trigger_word=setting), captions=captions)
+        assert trigger_word(cfg) == word
+    assert render_prompt("{trigger} {character}, portrait", "", "ann") == "ann, portrait"

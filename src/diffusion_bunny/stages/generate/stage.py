@@ -64,9 +64,12 @@ def base_model_setting(cfg: ConfigView) -> tuple[str, str, str]:
 
 
 def trigger_word(cfg: ConfigView) -> str:
-    """``generate.trigger_word``, else the captions' (``captions.trigger_word``): the word the
-    LoRA learned the movie's look under."""
-    return cfg.generate.trigger_word or cfg.captions.trigger_word
+    """``generate.trigger_word``, else (null) the captions' (``captions.trigger_word``): the word
+    the LoRA learned the movie's look under. An empty one is no trigger word (it put the
+    captions' back into every prompt)."""
+    if cfg.generate.trigger_word is not None:
+        return cfg.generate.trigger_word
+    return cfg.captions.trigger_word
 
 
 def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
