@@ -240,7 +240,7 @@ def test_outputs_of_another_node_land_in_the_run_folder_and_a_blind_node_fails_a
     # The task ran on the other node, so it logged into the run folder, TensorBoard too.
     (task_log,) = (run / "log").glob("bunny-ray-*.log")
     assert "train" in task_log.read_text()
-    assert list((run / "log" / "tensorboard" / lora.name).glob("events.out.tfevents.*"))
+    assert list((run / "log" / "tensorboard").glob(f"{lora.name}-*/events.out.tfevents.*"))
     # Nothing in the nodes' own working folders, no token left behind.
     assert sorted(p.name for p in (tmp_path / "B").iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "A").iterdir()) == []

@@ -29,6 +29,7 @@ from diffusion_bunny.errors import BadInputError, ConfigError, ModelError, Stage
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages import PIPELINE
 from diffusion_bunny.stages.train.settings import TrainSettings
+from diffusion_bunny.stages.train.tables import tensorboard_name
 
 pytestmark = pytest.mark.slow
 
@@ -432,7 +433,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     # One folder per training, named by what it trains (never by the run folder's name).
     (out,) = (tmp_path / "lora").iterdir()
     assert out.name.startswith("tiny-4steps-") and len(out.name) == len("tiny-4steps-") + 12
-    check_tensorboard(tmp_path / "log" / "tensorboard" / out.name, log, validation, size=64)
+    check_tensorboard(tmp_path / "log" / "tensorboard" / tensorboard_name(out), log, validation, size=64)
     assert all(Path(p).is_file() for p in validation["path"])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / f"{out.name}_kohya.safetensors").is_file()
@@ -462,7 +463,9 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
         run.read_manifest("train")
     )
     longer = lora_dirs(tmp_path / "lora")[6]
-    check_tensorboard(tmp_path / "log" / "tensorboard" / longer.name, log, tables["training_validation"], 64)
+    check_tensorboard(
+        tmp_path / "log" / "tensorboard" / tensorboard_name(longer), log, tables["training_validation"], 64
+    )
     assert [p.stat().st_mtime_ns for p in sorted((run.run_dir / "cache" / "latents").iterdir())] == stamps
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")} == first
 
@@ -483,7 +486,7 @@ def test_stage_trains_saves_and_reruns_from_its_checkpoint(tmp_path, monkeypatch
     ]
     assert drawn_with(run, GENERATE.view(cfg)) == rank2
     check_tensorboard(
-        tmp_path / "log" / "tensorboard" / rank2.name,
+        tmp_path / "log" / "tensorboard" / tensorboard_name(rank2),
         tables["training_log"],
         tables["training_validation"],
         64,
@@ -541,14 +544,16 @@ def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoe
     # The tracker changes nothing in the table the report reads, and off means no event file.
     assert logs[False].equals(logs[True]) and logs[False].height == 4
     board = tmp_path / "log" / "tensorboard"
-    assert sorted(p.name for p in board.iterdir()) == ["lora_True"]
+    assert sorted(p.name for p in board.iterdir()) == [tensorboard_name(tmp_path / "lora_True")]
 
     # Fewer steps: training resumes from checkpoint-2 and redoes step 3; TensorBoard shows it once.
     cfg = training_cfg(max_train_steps=3, checkpoint_every=2, train_batch_size=1, keep_resumable=2)
     result = train_lora(images, cfg, tmp_path / "lora_True", progress=False, cache_dir=tmp_path / "c")
     assert result.resumed_from == 2
-    check_tensorboard(board / "lora_True", result.log, result.validation, size=64)
-    raw = EventAccumulator(str(board / "lora_True"), purge_orphaned_data=False)
+    check_tensorboard(
+        board / tensorboard_name(tmp_path / "lora_True"), result.log, result.validation, size=64
+    )
+    raw = EventAccumulator(str(board / tensorboard_name(tmp_path / "lora_True")), purge_orphaned_data=False)
     raw.Reload()
     assert [e.step for e in raw.Scalars("loss")] == [1, 2, 3, 4, 3]  # what the purge hides
 
@@ -638,7 +643,10 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     # TensorBoard: the new run continues the killed one's events, what it logged after checkpoint
     # `done` purged; each step once.
     check_tensorboard(
-        tmp_path / "log" / "tensorboard" / finished.name, log, run.read_table("training_validation"), 64
+        tmp_path / "log" / "tensorboard" / tensorboard_name(finished),
+        log,
+        run.read_table("training_validation"),
+        64,
     )
 
 
@@ -1221,3 +1229,24 @@ def test_event_files_stamped_ahead_of_the_clock_are_not_waited_for(tmp_path, mon
     (tmp_path / f"events.out.tfevents.{ahead}.host.1.0").write_bytes(b"")
     monkeypatch.setattr(lora.time, "sleep", no_wait)
     lora.wait_past_event_files(tmp_path)
+
+
+def test_two_lora_folders_of_one_name_keep_their_own_tensorboard_events(tmp_path, monkeypatch):
+    """Two ``--out`` folders training the same movie with the same settings have LoRA folders of
+    one name; the second training (starting at step 0) wiped the first's event files."""
+    from diffusion_bunny.stages.train.data import read_dataset
+    from diffusion_bunny.stages.train.lora import train_lora
+
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "log"))
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    images, _ = read_dataset(run.run_dir, run.read_table("dataset_items"))
+    cfg = training_cfg(max_train_steps=2, checkpoint_every=2, train_batch_size=1, tensorboard=True)
+    first, second = tmp_path / "a" / "tiny-2steps-same", tmp_path / "b" / "tiny-2steps-same"
+    logs = [train_lora(images, cfg, f, progress=False, cache_dir=tmp_path / "c").log for f in (first, second)]
+    board = tmp_path / "log" / "tensorboard"
+    runs = sorted(board.iterdir())
+    assert [p.name for p in runs] == sorted(tensorboard_name(f) for f in (first, second))
+    assert all(p.name.startswith("tiny-2steps-same-") for p in runs)
+    for out, log in zip((first, second), logs, strict=True):
+        steps = [step for step, _ in tensorboard_events(board / tensorboard_name(out))["loss"]]
+        assert steps == log["step"].to_list() == [1, 2]

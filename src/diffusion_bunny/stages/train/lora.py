@@ -89,6 +89,7 @@ from diffusion_bunny.stages.train.tables import (
     TRAINING_LOG_SCHEMA,
     VALIDATION_SCHEMA,
     lora_name,
+    tensorboard_name,
 )
 
 log = logging.getLogger(__name__)
@@ -579,7 +580,7 @@ def new_accelerator(cfg: TrainSettings, mixed_precision: str, device: str, track
 
 def tensorboard_dir() -> Path:
     """``log/tensorboard/`` of the workspace (``$DIFFUSION_BUNNY_LOG_DIR/tensorboard`` when set):
-    one folder per LoRA (run) name below it."""
+    one folder per LoRA folder below it (:func:`~.tables.tensorboard_name`)."""
     return log_dir() / "tensorboard"
 
 
@@ -947,13 +948,14 @@ def train_lora(
     holding another training's checkpoints is an error, nothing is deleted unless
     ``train.start_over``), in ``output_dir`` or in one of the ``resume_from`` folders (the same
     settings and data trained for fewer steps: a longer training continues from there into a
-    folder of its own). ``name`` names the kohya file and the TensorBoard run (default:
-    :func:`~diffusion_bunny.stages.train.tables.lora_name` of the folder). Latents are cached
+    folder of its own). ``name`` names the kohya file (default:
+    :func:`~diffusion_bunny.stages.train.tables.lora_name` of the folder) and, with a hash of the
+    folder's path, its TensorBoard run (:func:`~.tables.tensorboard_name`). Latents are cached
     under ``cache_dir`` (default ``output_dir``).
     ``trainer_class`` is :class:`LoraTrainer` (SD 1.x/SDXL, the default) or ``FlowLoraTrainer``
     (FLUX.1/SD3.5; ``stages.train.flow.trainer_class_for`` picks by the base model).
     With ``train.tensorboard`` the loss, learning rate and validation images also go to
-    TensorBoard in ``log/tensorboard/<name>/`` (the ``training_log`` table is the same
+    TensorBoard in ``log/tensorboard/<name>-<path hash>/`` (the ``training_log`` table is the same
     either way). The folder is held for the whole training (:func:`lora_lock`): a second
     training of it, on this machine or another, stops at once."""
     if not images:
@@ -1035,11 +1037,12 @@ def _train_locked(
         tracker_dir=tensorboard_dir() if cfg.tensorboard else None,
     )
     name = name or lora_name(output_dir)
+    board = tensorboard_name(output_dir, name)
     if resumed_folder is not None and resumed_folder != output_dir and trainer.accelerator.log_with:
         # The TensorBoard run continues the one it resumed from: its events up to the checkpoint.
-        earlier = Path(trainer.accelerator.logging_dir) / lora_name(resumed_folder)
-        if earlier.is_dir() and not (Path(trainer.accelerator.logging_dir) / name).exists():
-            shutil.copytree(earlier, Path(trainer.accelerator.logging_dir) / name)
+        earlier = Path(trainer.accelerator.logging_dir) / tensorboard_name(resumed_folder)
+        if earlier.is_dir() and not (Path(trainer.accelerator.logging_dir) / board).exists():
+            shutil.copytree(earlier, Path(trainer.accelerator.logging_dir) / board)
     try:
         return _train(
             trainer,
@@ -1055,6 +1058,7 @@ def _train_locked(
             key=key,
             warnings=warnings,
             name=name,
+            board=board,
         )
     finally:
         if trainer.accelerator.trackers:
@@ -1121,9 +1125,10 @@ def _train(
     key: str,
     warnings: list[str],
     name: str,
+    board: str,
 ) -> TrainResult:
     """The loop of :func:`train_lora` once the trainer is built and the checkpoint to resume from
-    (if any) is read."""
+    (if any) is read; ``name`` names the kohya file, ``board`` the TensorBoard run."""
     resolution = trainer.resolution
     buckets = make_buckets(resolution, bucket_step(resolution, trainer.vae_scale)) if cfg.buckets else []
     square = (resolution - resolution % trainer.vae_scale,) * 2
@@ -1142,7 +1147,7 @@ def _train(
         f"train.output_dir at a larger disk; nothing was trained{_resume_note(start)}",
     )
     trainer.prepare_texts([*(s.image.text for s in samples), *(p.text for p in prior), *prompts])
-    tracker = start_tracker(trainer, name, cfg, resumed_from)
+    tracker = start_tracker(trainer, board, cfg, resumed_from)
     log_rows: list[dict[str, Any]] = []
     validation_rows: list[dict[str, Any]] = []
     step, epoch, batch_index, elapsed_before = 0, 0, 0, 0.0

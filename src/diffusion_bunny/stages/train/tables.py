@@ -163,6 +163,16 @@ def lora_name(folder: Path) -> str:
     return f"{folder.parent.name}-{folder.name}" if _VERSION.match(folder.name) else folder.name
 
 
+def tensorboard_name(folder: Path, name: str | None = None) -> str:
+    """The TensorBoard run of the LoRA folder ``folder`` (under the workspace's shared
+    ``log/tensorboard/``): ``name`` (default :func:`lora_name`) and 8 hex digits of the folder's
+    absolute path. Why the path: a LoRA folder is named by what it trains, so the same movie
+    and settings under two ``--out`` folders have folders of one name, and a training that starts
+    over replaced the other's event files."""
+    where = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+    return f"{name or lora_name(folder)}-{where}"
+
+
 def _steps(folder: Path) -> int | None:
     """The last step a LoRA folder holds a checkpoint of (its LoRA weights; the optimizer state
     is kept only by the newest ones)."""
