@@ -1250,3 +1250,16 @@ def test_two_lora_folders_of_one_name_keep_their_own_tensorboard_events(tmp_path
     for out, log in zip((first, second), logs, strict=True):
         steps = [step for step, _ in tensorboard_events(board / tensorboard_name(out))["loss"]]
         assert steps == log["step"].to_list() == [1, 2]
+
+
+def test_gradient_checkpointing_and_cached_latents_change_neither_the_key_nor_a_default_runs_key():
+    """Neither changes what a step computes: turning gradient checkpointing on (or latents
+    caching off) after a kill started the training over in a new folder. The key of a run at the
+    defaults is the one earlier versions wrote (its LoRA folder is found again)."""
+    from diffusion_bunny.stages.train.lora import resume_key
+
+    assert resume_key(TrainSettings(), "d") == "0a398d1c20f376d8"  # written by earlier versions
+    base = training_cfg(max_train_steps=30)
+    for update in ({"gradient_checkpointing": True}, {"cache_latents": False}):
+        assert resume_key(base.model_copy(update=update), "d") == resume_key(base, "d"), update
+    assert resume_key(base.model_copy(update={"rank": 8}), "d") != resume_key(base, "d")

@@ -116,6 +116,12 @@ FLOW_KEYS = (
     "quantize_base",
 )
 
+#: Settings that change how fast a step runs and how much memory it takes, not its result:
+#: gradient checkpointing recomputes the same activations, cached latents are the VAE's same
+#: encoding read back (a difference of about 1e-7). A run killed and restarted with either
+#: changed resumes in its folder instead of starting over in a new one (:func:`resume_key`).
+SPEED_KEYS = ("gradient_checkpointing", "cache_latents")
+
 
 @dataclass
 class TrainResult:
@@ -734,7 +740,7 @@ def resume_key(cfg: TrainSettings, dataset_key: str) -> str:
     ``cosine`` schedule, whose rate at a step depends on the total: a run of 30 steps continued
     to 60 had decayed to 0 at step 30 and jumped back up at 31, not what 60 steps from the start
     give. The FLUX.1/SD3.5 keys count only when set away from their defaults, so checkpoints of
-    SD 1.x/SDXL runs made before those keys existed still resume."""
+    SD 1.x/SDXL runs made before those keys existed still resume; :data:`SPEED_KEYS` never count."""
     defaults = _Cfg()
     at_default = {k for k in FLOW_KEYS if getattr(cfg, k) == getattr(defaults, k)}
     by_total = cfg.lr_scheduler in ("linear", "cosine")
@@ -758,6 +764,9 @@ def resume_key(cfg: TrainSettings, dataset_key: str) -> str:
             *at_default,
         },
     )
+    # Written at their defaults, not left out: the key (and the LoRA folder named from it) of
+    # every run made before stays what it was.
+    keep.update({k: getattr(defaults, k) for k in SPEED_KEYS})
     blob = json.dumps({"cfg": keep, "data": dataset_key}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
