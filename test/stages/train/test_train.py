@@ -886,8 +886,8 @@ def test_a_training_that_will_not_fit_on_the_disk_stops_before_its_first_step(tm
     assert "\n" not in message and message.startswith(f"not enough disk space in {tmp_path / 'lora'}")
     assert "checkpoint(s) of LoRA weights" in message and "2.0 kB free" in message
     assert "train.checkpoints_total_limit" in message and "nothing was trained" in message
-    (folder,) = (tmp_path / "lora").iterdir()
-    assert not list(folder.glob("checkpoint-*")) and not (run.run_dir / "cache" / "latents").exists()
+    # The LoRA folder made for it is gone again (it was listed as a kept LoRA for good).
+    assert list((tmp_path / "lora").iterdir()) == [] and not (run.run_dir / "cache" / "latents").exists()
     assert not run.has_table("training_log")
 
 
@@ -1120,7 +1120,10 @@ def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp
         message = str(err.value)
         assert "\n" not in message and "No space left on device (" in message and "free there" in message
         assert "train.checkpoints_total_limit" in message and ".tmp-" not in message
-        (folder,) = (root / "lora").iterdir()
+        # Stopped before its first checkpoint, the training leaves no LoRA folder (nothing to keep).
+        folders = list((root / "lora").iterdir())
+        assert len(folders) == (when != "latents")
+        folder = folders[0] if folders else root / "lora" / "none"
         written = {
             "latents": f"could not write {run.run_dir}/cache/latents/",
             "checkpoint": f"could not write {folder}/checkpoint-4/",
@@ -1152,6 +1155,8 @@ def test_a_full_disk_during_training_is_one_line_and_the_rerun_resumes(when, tmp
         run_stage(run, "train", cfg, progress=False)
         facts = run.read_manifest("train")["facts"]
         assert facts["resumed_from"] == {"latents": None, "checkpoint": 2, "lora": 4}[when]
+        folder = Path(facts["lora_folder"])
+        assert list((root / "lora").iterdir()) == [folder]
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -1263,3 +1268,21 @@ def test_gradient_checkpointing_and_cached_latents_change_neither_the_key_nor_a_
     for update in ({"gradient_checkpointing": True}, {"cache_latents": False}):
         assert resume_key(base.model_copy(update=update), "d") == resume_key(base, "d"), update
     assert resume_key(base.model_copy(update={"rank": 8}), "d") != resume_key(base, "d")
+
+
+def test_a_training_refused_before_its_first_step_leaves_no_lora_folder(tmp_path):
+    """A LoRA folder made for a training that failed before it wrote anything (here fp16 on the
+    CPU) held only its training.json and was listed as a kept LoRA for good; a folder that holds a
+    LoRA is never removed."""
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train.tables import kept_loras
+
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    overrides = fast_overrides(tmp_path, max_train_steps=2)
+    run_stage(run, "train", load_config(None, overrides, root=tmp_path), progress=False)
+    (kept,) = (tmp_path / "lora").iterdir()
+    fp16 = load_config(None, {**overrides, "train.mixed_precision": "fp16"}, root=tmp_path)
+    with pytest.raises(ModelError, match="fp16 needs a GPU"):
+        run_stage(run, "train", fp16, progress=False)
+    assert list((tmp_path / "lora").iterdir()) == [kept]
+    assert kept_loras(tmp_path / "lora")["folder"].to_list() == [str(kept)]

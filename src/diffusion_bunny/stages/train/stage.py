@@ -14,6 +14,9 @@ the last checkpoint.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -22,11 +25,13 @@ from diffusion_bunny.errors import StageError, storage_error
 from diffusion_bunny.models.device import cpu_threads_for
 from diffusion_bunny.models.diffusion import resolve_base_model
 from diffusion_bunny.pipeline.contract import Context, StageOutput
+from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_key, train_lora
 from diffusion_bunny.stages.train.settings import TrainSettings
 from diffusion_bunny.stages.train.tables import (
+    TRAINING_FILE,
     checkpoint_dir,
     kept_loras,
     legacy_checkpoint_dir,
@@ -78,7 +83,10 @@ def compute(ctx: Context) -> StageOutput:
     folder, created = lora_folder_for(run_dir, cfg, images)
     resume = resume_key(cfg, dataset_key(images))
     try:
-        with cpu_threads_for(ref.source, cfg.device, "train.device"):
+        with (
+            _dropped_unless_started(folder, created),
+            cpu_threads_for(ref.source, cfg.device, "train.device"),
+        ):
             result = train_lora(
                 images,
                 cfg,
@@ -123,6 +131,21 @@ def compute(ctx: Context) -> StageOutput:
         warnings=result.warnings,
         facts=result.facts,
     )
+
+
+@contextmanager
+def _dropped_unless_started(folder: Path, created: bool) -> Iterator[None]:
+    """Remove the LoRA folder this call ``created`` when the training fails before it wrote
+    anything there (settings refused, a damaged base model, an unreadable image, the disk
+    pre-check): left with only its ``training.json``, it was listed as a kept LoRA ("no checkpoint
+    yet") for good and counted in the warnings of every later training."""
+    try:
+        yield
+    except BaseException:
+        unused = created and folder.is_dir() and current_holder(folder) is None
+        if unused and {p.name for p in folder.iterdir()} <= {TRAINING_FILE, ".locks"}:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _full_disk_advice(base: Path, folder: Path) -> str:
