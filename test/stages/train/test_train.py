@@ -1286,3 +1286,20 @@ def test_a_training_refused_before_its_first_step_leaves_no_lora_folder(tmp_path
         run_stage(run, "train", fp16, progress=False)
     assert list((tmp_path / "lora").iterdir()) == [kept]
     assert kept_loras(tmp_path / "lora")["folder"].to_list() == [str(kept)]
+
+
+def test_a_train_output_dir_that_cannot_hold_folders_names_the_setting(tmp_path):
+    """A ``train.output_dir`` that is a file (or a read-only folder) failed before the training's
+    storage advice applied: "...or choose another --out", which does not help."""
+    from diffusion_bunny.errors import StorageError
+    from diffusion_bunny.stages import run_stage
+
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    (tmp_path / "lora").write_text("a file, not a folder")
+    cfg = load_config(None, fast_overrides(tmp_path, max_train_steps=2), root=tmp_path)
+    with pytest.raises(StorageError) as err:
+        run_stage(run, "train", cfg, progress=False)
+    message = str(err.value)
+    assert "\\n" not in message and message.startswith(f"could not write {tmp_path / 'lora'}"), message
+    assert f"make {tmp_path / 'lora'} a folder you can write to, or set train.output_dir" in message
+    assert "--out" not in message and "free some space" not in message

@@ -14,6 +14,7 @@ the last checkpoint.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,9 +81,11 @@ def compute(ctx: Context) -> StageOutput:
     if not images:  # before any LoRA folder is made for it
         raise StageError("no training images; check the dataset (stage export)")
     base = checkpoint_dir(run_dir, cfg)
-    folder, created = lora_folder_for(run_dir, cfg, images)
     resume = resume_key(cfg, dataset_key(images))
+    folder = base
     try:
+        # In the try: a train.output_dir that is read-only or a file is one line naming the setting.
+        folder, created = lora_folder_for(run_dir, cfg, images)
         with (
             _dropped_unless_started(folder, created),
             cpu_threads_for(ref.source, cfg.device, "train.device"),
@@ -99,7 +102,7 @@ def compute(ctx: Context) -> StageOutput:
                 resume_from=resumable_folders(base, resume, exclude=folder),
             )
     except OSError as exc:
-        error = storage_error(exc, _full_disk_advice(base, folder))
+        error = storage_error(exc, _storage_advice(exc, base, folder))
         if error is None:
             raise
         raise error from None
@@ -148,10 +151,14 @@ def _dropped_unless_started(folder: Path, created: bool) -> Iterator[None]:
         raise
 
 
-def _full_disk_advice(base: Path, folder: Path) -> str:
-    """What to free when the disk fills during training, and what a rerun does."""
-    steps = checkpoint_steps(folder)
+def _storage_advice(exc: OSError, base: Path, folder: Path) -> str:
+    """What to do when a write of the training fails, and what a rerun does: free space on a full
+    disk; else (a read-only folder, a file where the LoRA folders go) another ``train.output_dir``,
+    not the generic "choose another --out", which leaves the setting as it was."""
+    steps = checkpoint_steps(folder) if folder != base else []
     resume = f"a rerun resumes from checkpoint-{steps[-1]}" if steps else "a rerun starts the training again"
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return f"make {base} a folder you can write to, or set train.output_dir to one; {resume}"
     return (
         f"free some space (older LoRA folders in {base} that bunny status lists), set "
         f"train.checkpoints_total_limit, or point train.output_dir at a larger disk; {resume}"
