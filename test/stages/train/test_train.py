@@ -1303,3 +1303,26 @@ def test_a_train_output_dir_that_cannot_hold_folders_names_the_setting(tmp_path)
     assert "\\n" not in message and message.startswith(f"could not write {tmp_path / 'lora'}"), message
     assert f"make {tmp_path / 'lora'} a folder you can write to, or set train.output_dir" in message
     assert "--out" not in message and "free some space" not in message
+
+
+def test_a_full_disk_while_the_lora_file_is_written_names_that_file_once(tmp_path):
+    """The LoRA file is written into a staging folder named after it, and a full disk there named
+    ``.../pytorch_lora_weights.safetensors/pytorch_lora_weights.safetensors``."""
+    import errno
+
+    from diffusion_bunny.errors import storage_error
+    from diffusion_bunny.stages.train.lora import write_lora_file
+    from diffusion_bunny.stages.train.tables import LORA_FILE
+
+    def safetensors_full(folder: Path) -> None:
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def os_full(folder: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / LORA_FILE))
+
+    for write in (safetensors_full, os_full):
+        with pytest.raises(OSError) as err:
+            write_lora_file(tmp_path / "checkpoint-4", write)
+        message = str(storage_error(err.value, "free some"))
+        assert message.startswith(f"could not write {tmp_path / 'checkpoint-4' / LORA_FILE}: "), message
+        assert f"{LORA_FILE}/{LORA_FILE}" not in message

@@ -655,8 +655,15 @@ def write_lora_file(folder: Path, write: Callable[[Path], Any]) -> Path:
     final = Path(folder) / LORA_FILE
     staging = temp_path(final)
     try:
-        with disk_errors(staging / LORA_FILE):
-            write(staging)
+        try:
+            with disk_errors(final):
+                write(staging)
+        except OSError as exc:
+            # Named after the file, the staging folder read back as the file it stands for:
+            # ``.../pytorch_lora_weights.safetensors/pytorch_lora_weights.safetensors``.
+            if str(exc.filename or "").startswith(str(staging)):
+                exc.filename = str(final)
+            raise
         with atomic_path(final) as tmp:
             os.replace(staging / LORA_FILE, tmp)
     finally:
