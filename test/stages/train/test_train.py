@@ -1326,3 +1326,29 @@ def test_a_full_disk_while_the_lora_file_is_written_names_that_file_once(tmp_pat
         message = str(storage_error(err.value, "free some"))
         assert message.startswith(f"could not write {tmp_path / 'checkpoint-4' / LORA_FILE}: "), message
         assert f"{LORA_FILE}/{LORA_FILE}" not in message
+
+
+def test_flux_only_settings_on_an_sd_model_are_one_warning_and_no_new_lora_folder(tmp_path):
+    """``train.quantize_base``, ``train.weighting_scheme``, ... do nothing for SD 1.x/SDXL; they
+    were silently ignored yet changed the LoRA folder's key (a full retrain in a new folder)."""
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.train.lora import resume_key
+
+    base = training_cfg(max_train_steps=30)
+    flow = base.model_copy(update={"quantize_base": "nf4", "weighting_scheme": "mode"})
+    for family in ("sd1", "sdxl"):
+        assert resume_key(flow, "d", family) == resume_key(base, "d", family) == resume_key(base, "d")
+    assert resume_key(flow, "d", "flux") != resume_key(base, "d", "flux")
+
+    run = make_run(tmp_path, n_train=2, n_val=0)
+    overrides = fast_overrides(tmp_path, max_train_steps=2)
+    run_stage(run, "train", load_config(None, overrides, root=tmp_path), progress=False)
+    (folder,) = (tmp_path / "lora").iterdir()
+    flux_only = {**overrides, "train.quantize_base": "nf4", "train.weighting_scheme": "mode"}
+    run_stage(run, "train", load_config(None, flux_only, root=tmp_path), progress=False)
+    assert list((tmp_path / "lora").iterdir()) == [folder]
+    manifest = run.read_manifest("train")
+    assert manifest["facts"]["lora_folder"] == str(folder)
+    assert [w for w in manifest["warnings"] if "FLUX" in w] == [
+        "train.weighting_scheme, train.quantize_base: for FLUX.1 and SD3.5 only, ignored for this sd1 model"
+    ]

@@ -56,11 +56,14 @@ def validation_prompts(cfg: TrainSettings, validation_texts: list[str], train_te
     return list(dict.fromkeys(texts))[:DEFAULT_VALIDATION_PROMPTS]
 
 
-def lora_folder_for(run_dir: Path, cfg: TrainSettings, images: list[TrainImage]) -> tuple[Path, bool]:
+def lora_folder_for(
+    run_dir: Path, cfg: TrainSettings, images: list[TrainImage], family: str | None = None
+) -> tuple[Path, bool]:
     """The LoRA folder this training of ``images`` writes into (made, with its ``training.json``,
-    when new: returned with True), under :func:`~.tables.checkpoint_dir`."""
+    when new: returned with True), under :func:`~.tables.checkpoint_dir`. ``family`` is the base
+    model's (read from it when not given): its key leaves out the settings that family ignores."""
     data = dataset_key(images)
-    resume = resume_key(cfg, data)
+    resume = resume_key(cfg, data, family or resolve_base_model(cfg.base_model, cfg.family).family)
     key = lora_key(resume, cfg.max_train_steps)
     describe = {
         "resume_key": resume,
@@ -81,11 +84,11 @@ def compute(ctx: Context) -> StageOutput:
     if not images:  # before any LoRA folder is made for it
         raise StageError("no training images; check the dataset (stage export)")
     base = checkpoint_dir(run_dir, cfg)
-    resume = resume_key(cfg, dataset_key(images))
+    resume = resume_key(cfg, dataset_key(images), ref.family)
     folder = base
     try:
         # In the try: a train.output_dir that is read-only or a file is one line naming the setting.
-        folder, created = lora_folder_for(run_dir, cfg, images)
+        folder, created = lora_folder_for(run_dir, cfg, images, ref.family)
         with (
             _dropped_unless_started(folder, created),
             cpu_threads_for(ref.source, cfg.device, "train.device"),
