@@ -788,6 +788,8 @@ def test_notebook_07_runs_headless_on_demo_frames(demo_run, tmp_path):
         for out in cell.get("outputs", [])
     )
     assert "4 steps on 5 images" in text and "pytorch_lora_weights.safetensors" in text
+    # Only the newest checkpoint keeps the optimizer state (train.keep_resumable: 1).
+    assert "checkpoint-2/ (LoRA)\n" in text and "checkpoint-4/ (LoRA + optimizer state)\n" in text
     images = pictures(nb)
     assert len(images) >= 2  # the loss curve and the validation grid
     assert run.read_table("training_validation")["step"].to_list() == [0, 2, 4]
