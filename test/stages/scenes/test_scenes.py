@@ -32,7 +32,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
-from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, library_key, move_to_cluster
+from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, _hand_made_ids, library_key, move_to_cluster
 from diffusion_bunny.stages.scenes.tables import JOIN_FILE, NOISE
 
 
@@ -1198,6 +1198,26 @@ def test_a_new_folder_of_a_library_run_whose_library_is_not_reachable_is_one_lin
     assert not gone.exists()
     gone.mkdir(parents=True)
     assert _new_folder_id(run, {"s001"}, pl.DataFrame(schema=FEEDBACK_SCHEMA)) == "s002"
+
+
+def test_a_new_folder_made_while_a_library_run_is_under_way_takes_a_library_id(scenes_run, tmp_path):
+    """The runner removes stage 04's manifest as the stage starts (and a failed run writes none):
+    a folder made on the board then took an id picked from the movie's own clusters, one another
+    movie's folder made by hand held in the library, and not recorded there. The run's record of
+    its library (JOIN_FILE) tells the library then; a record that does not read is one line."""
+    run, _ = scenes_run
+    library = tmp_path / "library"
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    (theirs,) = _hand_made_ids(library, set(), 1)  # another movie's folder made by hand
+    run.manifest_path("scenes").unlink()  # a run under way, or one that failed
+    frame = sorted(scene_map(run.read_table("clusters")))[0]
+    made = move_to_cluster(run.run_dir, frame, "new")["to_cluster"]
+    held = pl.read_parquet(library / HAND_MADE_FILE)["cluster_id"].to_list()
+    assert made != theirs and made in held
+    (run.run_dir / JOIN_FILE).write_text("{cut")
+    with pytest.raises(BadInputError, match="scene library of this run's clusters cannot be told"):
+        move_to_cluster(run.run_dir, frame, "new")
 
 
 def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):

@@ -924,16 +924,38 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
     taken = set(existing) | set(feedback["to_cluster"].to_list())
     if run.has_table("scene_exemplars"):
         taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
-    shared = ((run.read_manifest("scenes") or {}).get("facts") or {}).get("library")
-    if not shared:
+    library = _board_library(run)
+    if library is None:
         return new_cluster_id({c.partition("/")[0] for c in taken if c})
-    library = Path(shared)
     if not library.is_dir():  # a run folder copied from another machine, a share not mounted here
         raise BadInputError(
             f"the library this run's clusters belong to ({library}) is not reachable here; mount it "
             "(or run stage scenes with scenes.library_dir unset) before making a new folder"
         )
     return _hand_made_ids(library, taken, 1)[0]
+
+
+def _board_library(run: Run) -> Path | None:
+    """The library whose ids the board's clusters are in (None: the movie's own ids). The last
+    run's manifest says; while a run of stage 04 is under way (the runner removed the manifest)
+    or after one failed (it wrote none), the record every run against a library writes
+    (:data:`JOIN_FILE`) does: a folder id picked locally then was another movie's place. Without
+    either, the clusters are the movie's own, or those of a join still under way, whose run
+    gives every folder made meanwhile a library id (:class:`_LibraryJoin`)."""
+    manifest = run.read_manifest("scenes")
+    if manifest is not None:
+        shared = (manifest.get("facts") or {}).get("library")
+        return Path(shared) if shared else None
+    record = run.run_dir / JOIN_FILE
+    if not record.exists():
+        return None
+    kept = _read_record(record)
+    if kept is None or not isinstance(kept.get("library"), str):
+        raise BadInputError(
+            f"{record} does not read, so the scene library of this run's clusters cannot be told; "
+            "wait for stage scenes to finish (or run it again) before making a new folder"
+        )
+    return Path(kept["library"])
 
 
 def _hand_made_ids(library: Path, taken: set[str], count: int) -> list[str]:
