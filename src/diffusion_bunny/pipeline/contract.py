@@ -146,6 +146,10 @@ class StageOutput:
     #: tables computed; returns the tables to write with the edits made meanwhile folded in
     #: (stage 04 places the moves, stage 05 puts the typed captions back). None: written as they are.
     merge: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
+    #: Declared inputs the stage changed itself as it ran (stage 04: the scene library's id made
+    #: on its first use, the feedback a library join rewrites): taken again in the commit, after
+    #: the merge, so the stage is not stale from its own writes.
+    settled: tuple[str, ...] = ()
 
 
 @dataclass
@@ -631,6 +635,9 @@ def _run_stage_locked(
     with run.commit(*stage.writes, *stage.edits) as tables:
         merged = out.merge(out.tables) if out.merge is not None else out.tables
         tables.update({table: merged[table] for table in stage.writes})
+        if out.settled:
+            fresh = declared_inputs(run, pipeline, stage, view)
+            inputs = {**inputs, **{key: fresh[key] for key in out.settled if key in fresh}}
     manifest = build_manifest(
         name,
         code=code,

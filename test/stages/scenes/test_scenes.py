@@ -1220,6 +1220,30 @@ def test_a_new_folder_made_while_a_library_run_is_under_way_takes_a_library_id(s
         move_to_cluster(run.run_dir, frame, "new")
 
 
+def test_a_library_made_again_in_its_folder_makes_its_movies_stale(scenes_run, tmp_path):
+    """A library deleted and made again (another movie ran first into the empty folder): the
+    movies of the old one stayed done (only the scenes settings counted), their ids clashing with
+    the new library's. The library's id is stage 04's input: they are stale, and the next run
+    joins the new one; right after a run against a library, the stage is done."""
+    import shutil
+
+    from diffusion_bunny.stages import stage_state
+
+    run, _ = scenes_run
+    library = tmp_path / "library"
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert stage_state(run, "scenes", cfg) == ("done", "up to date")
+    shutil.rmtree(library)
+    library_key(library)  # made again by another movie's first run
+    state, reason = stage_state(run, "scenes", cfg)
+    assert state == "stale" and "library" in reason
+    run_stage(run, "scenes", cfg, progress=False)
+    assert run.read_manifest("scenes")["facts"]["library_key"] == library_key(library)
+    assert pl.read_parquet(library / "scene_exemplars.parquet")["movie_id"].to_list()
+    assert stage_state(run, "scenes", cfg)[0] == "done"
+
+
 def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
     """``scenes.library_dir`` naming a file, or a library table cut short, failed every movie "with
     a bug" (FileExistsError, parquet's ComputeError): one line naming the setting or the table."""

@@ -33,6 +33,16 @@ def _owns(run: Run, cfg: ConfigView) -> dict[str, Path]:
     return {ADAPTER_FILE: run.run_dir / ADAPTER_FILE}
 
 
+def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
+    """The scene library's own id (``library.json``) with ``scenes.library_dir`` set: a library
+    deleted and made again under the same folder holds other clusters under the same ids, so the
+    movies that used the old one are stale, and their next run joins the new one."""
+    from diffusion_bunny.stages.scenes.stage import library_id, library_path
+
+    library = library_path(cfg.scenes)
+    return {} if library is None else {"library": library_id(library)}
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 04: clusters, noise and the corrections it applied."""
     c, f = manifest["counts"], manifest["facts"]
@@ -77,4 +87,5 @@ STAGE = Stage(
     writes=("embeddings", "clusters", "scene_exemplars"),
     edits=("feedback",),  # the review board's moves (move_to_cluster)
     owns=_owns,
+    inputs=_inputs,
 )

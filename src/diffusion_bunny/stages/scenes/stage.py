@@ -372,6 +372,7 @@ def compute(ctx: Context) -> StageOutput:
         warnings=warnings,
         facts=facts,
         merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join, (library, key)),
+        settled=("library",) if library is not None else (),  # its id is made on the first run
     )
 
 
@@ -627,6 +628,15 @@ def library_key(library: Path) -> str:
             key = uuid.uuid4().hex
             atomic_write_bytes(path, json.dumps({"id": key}).encode())
             return key
+
+
+def library_id(library: Path) -> str | None:
+    """The library's own id as :func:`library_key` made it, read without making one (None while
+    there is none): stage 04's input, told by ``bunny status`` too."""
+    try:
+        return str(json.loads((library / LIBRARY_FILE).read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
