@@ -1271,6 +1271,34 @@ def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
         _assign_library(library, *args)
 
 
+def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
+    """A damaged or missing ``library.json`` gave a library that holds clusters a new id, so
+    every movie with corrections joined it again (its folders made by hand renamed); one that
+    is a folder was "bug: IsADirectoryError". Made only in a library without clusters yet."""
+    import numpy as np
+
+    from diffusion_bunny.stages.scenes.settings import ScenesSettings
+    from diffusion_bunny.stages.scenes.stage import LIBRARY_FILE, _assign_library
+
+    library = tmp_path / "library"
+    key = library_key(library)  # an empty library: made
+    assert library_key(library) == key
+    vectors = np.eye(3, dtype=np.float32)
+    _assign_library(library, "m0vie000", ["a", "b", "c"], vectors, "descriptor-v1", ScenesSettings())
+    path = library / LIBRARY_FILE
+    for what, spoil in [
+        ("damaged", lambda: path.write_text("{cut")),
+        ("missing", path.unlink),
+        ("not a file", path.mkdir),
+    ]:
+        spoil()
+        with pytest.raises(StageError, match=rf"library.json is {what}; put back a copy.*scene_library_join"):
+            library_key(library)
+    path.rmdir()
+    path.write_text(json.dumps({"id": key}))
+    assert library_key(library) == key
+
+
 def test_the_cluster_sheet_keeps_a_4_3_films_shape(tmp_path):
     """The cluster sheet drew every frame into a 16:9 tile: a 4:3 film's circle became an
     ellipse. Its tiles take the film's shape."""
@@ -1309,7 +1337,7 @@ def _library_of_another_movie(run, library: Path) -> dict[str, str]:
     other = own.with_columns(
         pl.col("cluster_id").replace_strict(shifted), pl.lit("0ther000").alias("movie_id")
     )
-    library.mkdir()
+    library_key(library)  # made with the library, before its first clusters
     other.write_parquet(library / "scene_exemplars.parquet")
     return shifted
 

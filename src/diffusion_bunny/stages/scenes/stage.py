@@ -618,16 +618,27 @@ def _library_join(
 
 def library_key(library: Path) -> str:
     """The scene library's own id (``<library>/library.json``, made on its first use under its
-    lock): the same library under another path is known as itself."""
+    lock): the same library under another path is known as itself. Made only in a library with
+    no clusters yet; in one that holds some, a lost or damaged file is one line."""
     path = library / LIBRARY_FILE
     _library_folder(library)
     with FileLock(str(library / ".library.lock"), timeout=120):
-        try:
-            return str(json.loads(path.read_text())["id"])
-        except (OSError, ValueError, KeyError, TypeError):
-            key = uuid.uuid4().hex
-            atomic_write_bytes(path, json.dumps({"id": key}).encode())
+        key = library_id(library)
+        if key is not None:
             return key
+        held = [name for name in ("scene_exemplars.parquet", HAND_MADE_FILE) if (library / name).exists()]
+        if held or path.exists():
+            # A new id for a library that holds clusters made every movie with corrections
+            # "join" it again, renaming all their folders made by hand.
+            what = "not a file" if path.is_dir() else "damaged" if path.exists() else "missing"
+            raise StageError(
+                f"the scene library's {path} is {what}; put back a copy of it, or write "
+                '{"id": "<library_key>"} into it, the library_key of models/scene_library_join.json '
+                "in any of its movies' run folders"
+            )
+        key = uuid.uuid4().hex
+        atomic_write_bytes(path, json.dumps({"id": key}).encode())
+        return key
 
 
 def library_id(library: Path) -> str | None:
