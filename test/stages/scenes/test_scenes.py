@@ -1299,6 +1299,26 @@ def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
     assert library_key(library) == key
 
 
+def test_a_library_that_lost_its_exemplar_table_is_one_line_not_an_empty_library(scenes_run, tmp_path):
+    """The library's scene_exemplars.parquet deleted: the next run started an empty library
+    without a word, and the frames a person moved ended up alone. A run whose last clustering
+    was made in that library (or a library with folders made by hand) stops in one line."""
+    run, _ = scenes_run
+    library = tmp_path / "library"
+    cfg = load_config(root=tmp_path, overrides={"scenes.library_dir": str(library)})
+    run_stage(run, "scenes", cfg, progress=False, force=True)
+    table = library / "scene_exemplars.parquet"
+    table.unlink()
+    with pytest.raises(StageError, match=r"scene_exemplars.parquet is missing, .*; put back a copy"):
+        run_stage(run, "scenes", cfg, progress=False, force=True)
+    run.manifest_path("scenes").unlink(missing_ok=True)
+    (run.run_dir / JOIN_FILE).unlink()
+    _hand_made_ids(library, set(), 1)  # a folder made by hand in another movie of the library
+    with pytest.raises(StageError, match=r"scene_exemplars.parquet is missing"):
+        run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert not table.exists()
+
+
 def test_the_cluster_sheet_keeps_a_4_3_films_shape(tmp_path):
     """The cluster sheet drew every frame into a 16:9 tile: a 4:3 film's circle became an
     ellipse. Its tiles take the film's shape."""

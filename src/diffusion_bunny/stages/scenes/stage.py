@@ -435,7 +435,8 @@ def _cluster(
         and prev_clusters is not None
     )
     if library is not None:
-        return _assign_library(library, movie_id, fids, vectors, space, cfg, reserved)
+        held = _library_held(ctx, library, prev_clusters)
+        return _assign_library(library, movie_id, fids, vectors, space, cfg, reserved, held=held)
     if same_setup:
         return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space, reserved)
     labels, sims, exemplars = _fresh_clusters(
@@ -529,14 +530,23 @@ def _assign_library(
     space: str,
     cfg: ScenesSettings,
     made: set[str] = frozenset(),
+    *,
+    held: bool = False,
 ):
     """Assign this run's frames against the shared library's exemplars (never reclustering them),
     adding the clusters it opens to the library, under the library's lock. The clusters it opens
     take ids past the library's, past those this run's corrections made (``made``) and past the
-    folders any member movie made by hand (:data:`HAND_MADE_FILE`): else one id named two places."""
+    folders any member movie made by hand (:data:`HAND_MADE_FILE`): else one id named two places.
+    ``held``: the library held exemplars before (:func:`_library_held`), so a missing table is lost."""
     _library_folder(library)
     path = library / "scene_exemplars.parquet"
     with FileLock(str(library / ".library.lock"), timeout=120):
+        if held and not path.is_file():  # an empty library then put the movie's moves alone
+            raise StageError(
+                f"the scene library's table {path} is missing, though the library held clusters; put "
+                "back a copy of it, or give scenes.library_dir a new folder (its movies' scenes are then "
+                "numbered again)"
+            )
         lib = _library_table(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
         held = len(lib["vector"][0]) if lib.height else vectors.shape[1]
         if lib.height and (lib["space"][0] != space or held != vectors.shape[1]):
@@ -573,6 +583,24 @@ def _assign_library(
         atomic_write_parquet(path, lib)
     mine = lib.filter(pl.col("movie_id") == movie_id)
     return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
+
+
+def _library_held(ctx: Context, library: Path, clusters: pl.DataFrame | None) -> bool:
+    """Whether ``library`` held exemplars before this run: folders made by hand in it, or this
+    run's last clustering made against it (its record or manifest names the library's id) put a
+    frame in a cluster (every such cluster has an exemplar there). Then its exemplar table gone
+    is a loss, not a new library."""
+    if (library / HAND_MADE_FILE).exists():
+        return True
+    key = library_id(library)
+    kept = _read_record(ctx.run.run_dir / JOIN_FILE) or {}
+    facts = (ctx.previous or {}).get("facts") or {}
+    if key is None or key not in (kept.get("library_key"), facts.get("library_key")) or clusters is None:
+        return False
+    placed = clusters.filter(
+        (pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE) & ~pl.col("manual").fill_null(False)
+    )
+    return not placed.is_empty()
 
 
 def _library_join(
