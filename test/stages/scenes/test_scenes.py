@@ -1470,16 +1470,19 @@ def test_a_folder_made_before_a_movie_joins_a_library_takes_an_id_no_cluster_has
 
 
 def test_a_rerun_after_a_movie_joined_a_library_changes_nothing(scenes_run, tmp_path):
-    """The join translates the corrections once: the next run (its feedback changed, so it runs)
-    finds them in the library's ids and leaves the clusters, the feedback and the library as
-    they are."""
+    """The join translates the corrections once: the stage is done right after it (it said "its
+    inputs changed (feedback)", its own rewrite), and the next run finds the corrections in the
+    library's ids and leaves the clusters, the feedback and the library as they are."""
+    from diffusion_bunny.stages import stage_state
+
     j = _join_after_moves(scenes_run, tmp_path)
     tables = ("clusters", "feedback")
     before = {name: j.run.read_table(name) for name in tables}
     shared = {name: _bytes(j.library / name) for name in ("scene_exemplars.parquet", HAND_MADE_FILE)}
+    assert stage_state(j.run, "scenes", j.cfg) == ("done", "up to date")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        run_stage(j.run, "scenes", j.cfg, progress=False)
+        run_stage(j.run, "scenes", j.cfg, progress=False, force=True)
     assert not [w for w in said if "joined the scene library" in str(w.message)]
     assert "library_join" not in j.run.read_manifest("scenes")["facts"]
     for name in tables:

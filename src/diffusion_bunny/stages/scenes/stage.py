@@ -372,8 +372,17 @@ def compute(ctx: Context) -> StageOutput:
         warnings=warnings,
         facts=facts,
         merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join, (library, key)),
-        settled=("library",) if library is not None else (),  # its id is made on the first run
+        settled=_settled(library, join),
     )
+
+
+def _settled(library: Path | None, join: _LibraryJoin | None) -> tuple[str, ...]:
+    """The inputs a run changes itself (:attr:`StageOutput.settled`): the library's id, made on its
+    first run, and the feedback a join rewrites in the library's ids (fingerprinted as read, the
+    stage said "its inputs changed (feedback)" right after the join)."""
+    if library is None:
+        return ()
+    return ("library", "feedback") if join is not None else ("library",)
 
 
 def _with_new_moves(
@@ -386,7 +395,8 @@ def _with_new_moves(
     """The stage's merge: under the commit's locks (clusters and feedback, the ones
     move_to_cluster takes), just before the write, a frame moved on the board while the stage
     computed is placed too, so the move does not vanish until the next run. The manifest still
-    fingerprints the feedback the stage read, so the next run also relearns from it.
+    fingerprints the feedback the stage read, so the next run also relearns from it; but for a
+    join, which rewrites it here (:func:`_settled`): with a library no adapter learns anyway.
 
     A run that joins a library writes ``feedback`` here, in the library's ids (:class:`_LibraryJoin`),
     with the writer of a person's tables (a backup kept) and under the lock the board writes it
