@@ -603,7 +603,7 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
     again = scene_map(second.read_table("clusters"))
     assert again == first
     assert pl.read_parquet(tmp_path / "library" / "scene_exemplars.parquet").equals(lib)
-    # A correction in library mode is kept as a placement; the adapter (per run) is not trained.
+    # A correction in library mode is kept as a placement; no adapter is trained, and the warning says so.
     from diffusion_bunny.stages.scenes.stage import move_to_cluster
 
     frame = next(iter(again))
@@ -612,7 +612,7 @@ def test_a_second_movie_joins_the_library_clusters(scenes_run, tmp_path):
     stale = second.run_dir / "models" / "scene_adapter.npz"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"an adapter from before")
-    with pytest.warns(UserWarning, match="learns per run only"):
+    with pytest.warns(UserWarning, match=r"no adapter is trained from them \(models/scene_adapter.npz"):
         run_stage(second, "scenes", cfg, progress=False)
     assert second.read_manifest("scenes")["facts"]["adapter"]["triplets"] == 0 and not stale.exists()
     placed = second.read_table("clusters").filter(

@@ -322,8 +322,8 @@ def compute(ctx: Context) -> StageOutput:
     )
     if library is not None and not feedback.is_empty():
         warnings.append(
-            "scenes.library_dir is set: corrections are kept as manual placements, but the adapter "
-            "learns per run only (unset library_dir to learn from them)"
+            "scenes.library_dir is set: corrections are kept as manual placements, but no adapter is "
+            "trained from them (models/scene_adapter.npz removed); unset scenes.library_dir to train one"
         )
     space = _space(embedder_name, adapter_key)
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
