@@ -318,7 +318,10 @@ def _same_folder(key: str, old: Any, new: Any) -> bool:
     nothing). What the folder holds is the stage's input, fingerprinted on its own."""
     if not (key.endswith("_dir") and isinstance(old, str) and isinstance(new, str) and old and new):
         return False
-    return _folder(old) == _folder(new)
+    try:
+        return _folder(old) == _folder(new)
+    except (OSError, RuntimeError):  # ~olduser of another machine, a symlink loop: not known the same
+        return False
 
 
 def settings_moved(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:

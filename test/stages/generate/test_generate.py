@@ -162,6 +162,16 @@ def test_checkpoints_are_found_in_training_order_and_selected(tmp_path):
     assert find_checkpoints(tmp_path / "nothing") == []
 
 
+def test_two_templates_of_one_prompt_are_planned_once():
+    """With no trigger word ``{trigger} {character}, portrait`` is ``{character}, portrait``: both
+    drew into the one file their prompt names, and the table had two rows of it."""
+    items = plan_grid(
+        ["lin"], ["{trigger} {character}, portrait", "{character}, portrait", "x"], "", [0], [0.0], []
+    )
+    assert [(i.prompt_index, i.prompt) for i in items] == [(0, "lin, portrait"), (2, "x")]
+    assert len({i.rel_path for i in items}) == len(items)
+
+
 def test_prompts_and_grid_plan():
     assert render_prompt("{trigger} {character}, close-up", "bunnystyle", "grace_hopper") == (
         "bunnystyle grace_hopper, close-up"
@@ -1171,6 +1181,7 @@ def test_settings_a_grid_cannot_draw_are_one_line_before_a_model_loads():
     for key, value, words in (
         ("generate.characters", [], "list at least one character"),
         ("generate.characters", ["ann", "bob", "ann"], "lists a value twice"),
+        ("generate.characters", "ann,bob", r"one character per item: write \[ann, bob\]"),
         ("generate.resolution", 100, "must be a multiple of 8"),
         ("train.resolution", 100, "e.g. 96 or 104"),
         ("train.seed", 2**64, "less than or equal to"),
@@ -1189,27 +1200,36 @@ def test_a_side_the_model_cannot_draw_is_one_config_error_naming_the_setting(
     preset, pipe, references, tmp_path
 ):
     """A side that is a multiple of 8 but not of 16 passed the settings: SD3.5 stopped with
-    diffusers' error (a bug, exit 1), FLUX.1 drew 64 px pictures while the manifest said 72."""
+    diffusers' error (a bug, exit 1), FLUX.1 drew 64 px pictures while the manifest said 72. A
+    side taken from train.resolution is drawn as the training cut its pictures (72 -> 64): refused
+    after the training, its advice was a retrain."""
     from diffusion_bunny.models.diffusion import load_pipeline
     from diffusion_bunny.stages.generate.stage import check_side
 
     model = load_pipeline(preset, device="cpu")
-    cfg = GenerateSettings(lora_scales=(0.0,), steps=1, device="cpu")
-    for setting in ("generate.resolution", "train.resolution"):
-        with pytest.raises(ConfigError, match=rf"^{setting}: 72 px is not a multiple of 16.*; set 64 or 80$"):
-            draw_and_score(
-                tmp_path / "run",
-                cfg,
-                pipe_loader=lambda: model,
-                checkpoints=[],
-                references=references,
-                detect=DetectSettings(),
-                trigger="bunnystyle",
-                resolution=72,
-                resolution_setting=setting,
-                base_model=preset,
-            )
+    cfg = GenerateSettings(lora_scales=(0.0,), steps=1, device="cpu", seeds=(0,), prompts=("{character}",))
+
+    def draw(setting: str):
+        return draw_and_score(
+            tmp_path / "run",
+            cfg,
+            pipe_loader=lambda: model,
+            checkpoints=[],
+            references=references,
+            detect=DetectSettings(),
+            trigger="bunnystyle",
+            resolution=72,
+            resolution_setting=setting,
+            base_model=preset,
+        )
+
+    with pytest.raises(
+        ConfigError, match=r"^generate.resolution: 72 px is not a multiple of 16.*; set 64 or 80$"
+    ):
+        draw("generate.resolution")
     assert not (tmp_path / "run" / "generated").exists()
+    drawn = draw("train.resolution")
+    assert drawn.facts["resolution"] == 64
     with pytest.raises(ConfigError, match=r"set 512 or 528$"):
         check_side(model, 520, "generate.resolution")
     check_side(model, 80, "generate.resolution")

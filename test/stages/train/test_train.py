@@ -7,6 +7,7 @@ written here in the layout stage 06 exports (``dataset_items`` + ``<run>/dataset
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -1270,6 +1271,32 @@ def test_gradient_checkpointing_and_cached_latents_change_neither_the_key_nor_a_
     for update in ({"gradient_checkpointing": True}, {"cache_latents": False}):
         assert resume_key(base.model_copy(update=update), "d") == resume_key(base, "d"), update
     assert resume_key(base.model_copy(update={"rank": 8}), "d") != resume_key(base, "d")
+
+
+def test_a_lora_folder_made_under_the_key_of_earlier_versions_is_found_again(tmp_path):
+    """A run with gradient_checkpointing on (or a flow key on an SD model) made before those left
+    the key had another key: it found no folder and trained again from step 0. The keys earlier
+    versions wrote for these settings (computed by them) are taken too."""
+    from diffusion_bunny.stages.train.lora import resume_keys
+    from diffusion_bunny.stages.train.tables import lora_folder, lora_key, resumable_folders
+
+    earlier = {
+        "gradient_checkpointing": ({"gradient_checkpointing": True}, None, "315e791f74cfcb16"),
+        "cache_latents": ({"cache_latents": False}, None, "9b3009294b487392"),
+        "weighting_scheme on SD": ({"weighting_scheme": "mode"}, "sd1", "2435fa84e5cdc28d"),
+    }
+    for what, (update, family, key) in earlier.items():
+        keys = resume_keys(TrainSettings(**update), "d", family)
+        assert keys == ["0a398d1c20f376d8", key], what
+    assert resume_keys(TrainSettings(), "d") == ["0a398d1c20f376d8"]
+    old = tmp_path / "tiny-30steps-old"
+    old.mkdir()
+    (old / "training.json").write_text(
+        json.dumps({"lora_key": lora_key("315e791f74cfcb16", 30), "resume_key": "315e791f74cfcb16"})
+    )
+    keys = resume_keys(TrainSettings(gradient_checkpointing=True), "d")
+    assert lora_folder(tmp_path, [lora_key(k, 30) for k in keys], "new", {}) == (old, False)
+    assert resumable_folders(tmp_path, keys) == [old]
 
 
 def test_a_training_refused_before_its_first_step_leaves_no_lora_folder(tmp_path):

@@ -149,13 +149,20 @@ def plan_grid(
 ) -> list[GridItem]:
     """Every image of the grid: characters x prompts x seeds x scales x checkpoints, with scale 0
     planned once, as checkpoint :data:`BASE` (it does not depend on the LoRA); ``descriptions``
-    name the characters in the prompts as the captions do (:func:`render_prompt`)."""
+    name the characters in the prompts as the captions do (:func:`render_prompt`). Two templates
+    that render to one prompt (``{trigger} {character}`` and ``{character}`` with no trigger word)
+    are planned once, under the first: a picture is filed by its prompt, and both drew into one
+    file."""
     items: list[GridItem] = []
     folders = character_folders(characters)
     for character in characters:
         folder = folders[character]
+        planned: set[str] = set()
         for p, template in enumerate(templates):
             prompt = render_prompt(template, trigger, character, (descriptions or {}).get(character, ""))
+            if prompt in planned:
+                continue
+            planned.add(prompt)
             for seed in seeds:
                 for scale in scales:
                     if scale == 0:

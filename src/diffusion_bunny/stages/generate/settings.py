@@ -99,6 +99,12 @@ class GenerateSettings(Section):
         # An empty list drew a grid of nothing and then failed on its empty table.
         if value is not None and not value:
             raise ValueError("list at least one character, or leave it unset (null) for every named one")
+        # `--set generate.characters=alice,bob` is one text, taken as a list of one: refused only
+        # at stage 08, after the training, as no character of the run.
+        joined = next((name for name in value or () if "," in name), None)
+        if joined is not None:
+            names = ", ".join(part.strip() for part in joined.split(","))
+            raise ValueError(f"one character per item: write [{names}]")
         return value
 
     @field_validator("resolution")

@@ -162,6 +162,30 @@ def check_side(pipe: Any, side: int, setting: str) -> None:
         )
 
 
+def _load_models(
+    pipe_loader: Any,
+    cfg: GenerateSettings,
+    checkpoints: Sequence[Checkpoint],
+    resolution: int | None,
+    resolution_setting: str,
+) -> tuple[Any, Any, int | None]:
+    """The base model (first: a missing one fails before anything else), checked against the side
+    and the LoRA files, the CLIP model when one is set (before any picture is drawn, so a missing
+    one fails here too), and the side to draw. A side taken from ``train.resolution`` is rounded
+    down to what the model draws, as the training cut its pictures (a FLUX.1 LoRA trained with
+    72 trained at 64): refused here, after the training, its advice was a retrain."""
+    pipe = pipe_loader()
+    if resolution is not None and resolution_setting == "train.resolution":
+        resolution = max(side_multiple(pipe), resolution - resolution % side_multiple(pipe))
+    if resolution is not None:
+        check_side(pipe, resolution, resolution_setting)
+    check_loras(pipe, checkpoints)
+    clip = None
+    if cfg.clip_model:
+        clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generate.device"))
+    return pipe, clip, resolution
+
+
 def draw_and_score(
     run_dir: Path,
     cfg: GenerateSettings,
@@ -199,13 +223,7 @@ def draw_and_score(
     if not checkpoints and with_lora:
         raise StageError("no LoRA checkpoint to generate with; run stage train first")
     checkpoints = checkpoints if with_lora else []  # only the grid's are checked, counted, compared
-    pipe = pipe_loader()  # first: a missing base model fails before anything else
-    if resolution is not None:
-        check_side(pipe, resolution, resolution_setting)
-    check_loras(pipe, checkpoints)
-    clip = None
-    if cfg.clip_model:  # loaded before any picture is drawn: a missing model fails here too
-        clip = load_clip(cfg.clip_model, resolve_device(cfg.device, "generate.device"))
+    pipe, clip, resolution = _load_models(pipe_loader, cfg, checkpoints, resolution, resolution_setting)
     items, size, rendered, reused = _draw(
         run_dir,
         cfg,

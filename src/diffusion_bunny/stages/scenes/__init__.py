@@ -37,7 +37,10 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     """The scene library's own id (``library.json``) with ``scenes.library_dir`` set: a library
     deleted and made again under the same folder holds other clusters under the same ids, so the
     movies that used the old one are stale, and their next run joins the new one."""
-    from diffusion_bunny.stages.scenes.stage import library_id, library_path
+    from diffusion_bunny.stages.scenes.stage import (  # lazy: keeps numpy out of `bunny --help`
+        library_id,
+        library_path,
+    )
 
     library = library_path(cfg.scenes)
     return {} if library is None else {"library": library_id(library)}

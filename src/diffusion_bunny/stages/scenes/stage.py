@@ -316,9 +316,8 @@ def compute(ctx: Context) -> StageOutput:
 
     library = library_path(cfg)
     prev, adapter_path = previous.get("clusters"), run_dir / ADAPTER_FILE
-    learn = library is None
     vectors, adapter_key, adapter_facts = _adapted_vectors(
-        raw, fids, feedback, prev, cfg, adapter_path, learn=learn, embedder=embedder_name
+        raw, fids, feedback, prev, cfg, adapter_path, learn=library is None, embedder=embedder_name
     )
     if library is not None and not feedback.is_empty():
         warnings.append(

@@ -29,7 +29,7 @@ from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.lock import current_holder
 from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
-from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_key, train_lora
+from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_keys, train_lora
 from diffusion_bunny.stages.train.settings import TrainSettings
 from diffusion_bunny.stages.train.tables import (
     TRAINING_FILE,
@@ -63,15 +63,16 @@ def lora_folder_for(
     when new: returned with True), under :func:`~.tables.checkpoint_dir`. ``family`` is the base
     model's (read from it when not given): its key leaves out the settings that family ignores."""
     data = dataset_key(images)
-    resume = resume_key(cfg, data, family or resolve_base_model(cfg.base_model, cfg.family).family)
-    key = lora_key(resume, cfg.max_train_steps)
+    resumes = resume_keys(cfg, data, family or resolve_base_model(cfg.base_model, cfg.family).family)
+    resume, key = resumes[0], lora_key(resumes[0], cfg.max_train_steps)
     describe = {
         "resume_key": resume,
         "run": str(Path(run_dir).resolve()),
         "dataset_key": data,
         "settings": cfg.model_dump(mode="json"),
     }
-    return lora_folder(checkpoint_dir(run_dir, cfg), key, lora_folder_name(cfg, key), describe)
+    keys = [lora_key(k, cfg.max_train_steps) for k in resumes]  # a folder made before under its old key
+    return lora_folder(checkpoint_dir(run_dir, cfg), keys, lora_folder_name(cfg, key), describe)
 
 
 def compute(ctx: Context) -> StageOutput:
@@ -84,7 +85,7 @@ def compute(ctx: Context) -> StageOutput:
     if not images:  # before any LoRA folder is made for it
         raise StageError("no training images; check the dataset (stage export)")
     base = checkpoint_dir(run_dir, cfg)
-    resume = resume_key(cfg, dataset_key(images), ref.family)
+    resume = resume_keys(cfg, dataset_key(images), ref.family)
     folder = base
     try:
         # In the try: a train.output_dir that is read-only or a file is one line naming the setting.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,14 +129,20 @@ def lora_key(resume_key: str, max_train_steps: int) -> str:
     return hashlib.sha256(f"{resume_key}|steps={max_train_steps}".encode()).hexdigest()[:16]
 
 
-def lora_folder(base: Path, key: str, name: str, describe: dict[str, Any]) -> tuple[Path, bool]:
-    """The LoRA folder of the training ``key`` (:func:`lora_key`) under ``base``: the existing one
-    whose ``training.json`` holds that key (a rerun resumes there), else a new folder ``name``
-    (returned with True). Nothing is ever deleted here: a retrain with other settings, more steps
-    or one edited caption gets a folder of its own; only ``train.start_over`` empties one."""
+def lora_folder(
+    base: Path, key: str | Sequence[str], name: str, describe: dict[str, Any]
+) -> tuple[Path, bool]:
+    """The LoRA folder of the training ``key`` (:func:`lora_key`; several: the key of today
+    first, then the one the same training had before) under ``base``: the existing one whose
+    ``training.json`` holds one of them (a rerun resumes there), else a new folder ``name`` with
+    the first (returned with True). Nothing is ever deleted here: a retrain with other settings,
+    more steps or one edited caption gets a folder of its own; only ``train.start_over`` empties
+    one."""
+    keys = [key] if isinstance(key, str) else list(key)
     for folder, info in lora_folders(base):
-        if info.get("lora_key") == key:
+        if info.get("lora_key") in keys:
             return folder, False
+    key = keys[0]
     folder = Path(base) / name
     folder.mkdir(parents=True, exist_ok=True)
     info = {"lora_key": key, "created": datetime.now(UTC).isoformat(timespec="microseconds")}
@@ -143,14 +150,16 @@ def lora_folder(base: Path, key: str, name: str, describe: dict[str, Any]) -> tu
     return folder, True
 
 
-def resumable_folders(base: Path, resume_key: str, exclude: Path | None = None) -> list[Path]:
+def resumable_folders(base: Path, resume_key: str | Sequence[str], exclude: Path | None = None) -> list[Path]:
     """The other LoRA folders under ``base`` trained with the same settings and data (their
-    ``resume_key``) but another ``max_train_steps``: a training with more steps continues from
-    their latest checkpoint instead of starting over."""
+    ``resume_key``, or one of several: :func:`~.lora.resume_keys`) but another
+    ``max_train_steps``: a training with more steps continues from their latest checkpoint
+    instead of starting over."""
+    keys = [resume_key] if isinstance(resume_key, str) else list(resume_key)
     return [
         folder
         for folder, info in lora_folders(base)
-        if info.get("resume_key") == resume_key
+        if info.get("resume_key") in keys
         and "lora_key" in info
         and (exclude is None or folder.resolve() != Path(exclude).resolve())
     ]
