@@ -442,3 +442,14 @@ def test_a_folder_setting_spelt_another_way_is_the_same_folder(toy, tmp_path, mo
     was = relative.extract.motion_threshold
     state, reason = stage_state(pipeline, run, "double", both)
     assert reason == f"its config changed: extract.motion_threshold {was} -> 7.0"
+
+
+def test_a_recorded_folder_that_cannot_be_resolved_is_a_change_not_a_crash():
+    """A manifest made by another user (``~olduser/refs``) or a folder through a symlink loop:
+    resolving it raised RuntimeError in ``bunny status``; it is simply a setting that moved."""
+    from diffusion_bunny.pipeline.contract import settings_moved
+
+    stored = {"characters": {"reference_dir": "~no_such_user_here/refs"}}
+    fresh = {"characters": {"reference_dir": "/data/refs"}}
+    assert settings_moved(stored, fresh) == ["characters.reference_dir"]
+    assert "'~no_such_user_here/refs' -> '/data/refs'" in config_changes(stored, fresh)
