@@ -1404,3 +1404,4 @@ def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_stil
     still = confirmer.confirm("owl", 1)
     assert still == run.run_dir / "references" / "owl" / f"still_{d['frame_id']}_100_50_200_150.png"
     assert still.is_file() and "rerun stage characters" in confirmer.status.value
+    assert confirmer.confirm("owl", 1) is None and "added already" in confirmer.status.value

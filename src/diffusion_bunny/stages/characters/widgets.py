@@ -580,6 +580,8 @@ class SightingConfirmer:
         self.status = widgets.HTML()
         #: The sightings each strip showed, in its numbering: a number typed is one of them.
         self.offered: dict[str, pl.DataFrame] = {}
+        #: The sightings added as stills: a second press adds no second copy of one.
+        self.added: set[str] = set()
         self.character.observe(lambda change: self.show(change["new"]), names="value")
         self.button.on_click(lambda _: self.confirm(self.character.value, self.number.value))
         self.widget = widgets.VBox(
@@ -617,6 +619,7 @@ class SightingConfirmer:
         self.offered[name] = offered
         if offered.is_empty():
             self.image.value = b""
+            self.number.max = 1
             self.status.value = (
                 f"no likely sighting of {html.escape(name)} under the threshold; add a still of it with "
                 "the picker above"
@@ -641,12 +644,16 @@ class SightingConfirmer:
             self.status.value = _error(f"no sighting numbered {number} of {html.escape(str(name))}")
             return None
         row = offered.row(number - 1, named=True)
+        if row["face_id"] in self.added:
+            self.status.value = f"sighting {number} of {html.escape(name)} is added already"
+            return None
         box = (row["left"], row["top"], row["right"], row["bottom"])
         try:
             path = add_still(self.run.run_dir, row["frame_id"], box, name, self.cfg.characters)
         except UserError as exc:
             self.status.value = _error(str(exc))
             return None
+        self.added.add(row["face_id"])
         self.status.value = (
             f"added {path.name} to <b>{html.escape(path.parent.name)}</b>'s references; rerun stage "
             "characters to fit on it"
