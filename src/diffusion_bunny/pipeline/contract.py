@@ -147,9 +147,11 @@ class StageOutput:
     #: (stage 04 places the moves, stage 05 puts the typed captions back). None: written as they are.
     merge: Callable[[dict[str, pl.DataFrame]], dict[str, pl.DataFrame]] | None = None
     #: Declared inputs the stage changed itself as it ran (stage 04: the scene library's id made
-    #: on its first use, the feedback a library join rewrites): taken again in the commit, after
-    #: the merge, so the stage is not stale from its own writes.
-    settled: tuple[str, ...] = ()
+    #: on its first use, the feedback a library join rewrites), so the stage is not stale from
+    #: its own writes: each recorded as the value given (the id the run used: a library made
+    #: again by another movie meanwhile leaves it stale), or with None as taken again in the
+    #: commit, after the merge.
+    settled: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -640,7 +642,11 @@ def _run_stage_locked(
         tables.update({table: merged[table] for table in stage.writes})
         if out.settled:
             fresh = declared_inputs(run, pipeline, stage, view)
-            inputs = {**inputs, **{key: fresh[key] for key in out.settled if key in fresh}}
+            for key, value in out.settled.items():
+                if value is not None:
+                    inputs = {**inputs, key: value}
+                elif key in fresh:
+                    inputs = {**inputs, key: fresh[key]}
     manifest = build_manifest(
         name,
         code=code,

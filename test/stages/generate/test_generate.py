@@ -1191,6 +1191,9 @@ def test_settings_a_grid_cannot_draw_are_one_line_before_a_model_loads():
             load_config(None, {key: value}, use_local=False)
         assert key in str(err.value)
     load_config(None, {"generate.resolution": 104, "train.seed": 2**40}, use_local=False)
+    # A name in a list may hold a comma (a reference folder `Doe, Jane`).
+    names = load_config(None, {"generate.characters": ["Doe, Jane", "Kim"]}, use_local=False)
+    assert names.generate.characters == ("Doe, Jane", "Kim")
     with pytest.raises(ConfigError, match=r"shapes \{character\}.*write \{character\} alone"):
         load_config(None, {"generate.prompts": ["{trigger} {character!r}"]}, use_local=False)
 

@@ -1272,9 +1272,10 @@ def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
 
 
 def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
-    """A damaged or missing ``library.json`` gave a library that holds clusters a new id, so
-    every movie with corrections joined it again (its folders made by hand renamed); one that
-    is a folder was "bug: IsADirectoryError". Made only in a library without clusters yet."""
+    """A damaged ``library.json`` gave a library that holds clusters a new id, so every movie
+    with corrections joined it again (its folders made by hand renamed); one that is a folder was
+    "bug: IsADirectoryError". A missing one is put back from the id a run knows for it, and made
+    anew only where no run knows one (a library used before it had an id)."""
     import numpy as np
 
     from diffusion_bunny.stages.scenes.settings import ScenesSettings
@@ -1286,17 +1287,16 @@ def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
     vectors = np.eye(3, dtype=np.float32)
     _assign_library(library, "m0vie000", ["a", "b", "c"], vectors, "descriptor-v1", ScenesSettings())
     path = library / LIBRARY_FILE
-    for what, spoil in [
-        ("damaged", lambda: path.write_text("{cut")),
-        ("missing", path.unlink),
-        ("not a file", path.mkdir),
-    ]:
+    for what, spoil in [("damaged", lambda: path.write_text("{cut")), ("not a file", path.mkdir)]:
+        path.unlink(missing_ok=True)
         spoil()
         with pytest.raises(StageError, match=rf"library.json is {what}; put back a copy.*scene_library_join"):
             library_key(library)
     path.rmdir()
-    path.write_text(json.dumps({"id": key}))
-    assert library_key(library) == key
+    assert library_key(library, known=key) == key  # missing: put back from a run's record
+    path.unlink()
+    other = library_key(library)  # missing, and no run knows it: a library older than its id
+    assert other != key and library_key(library) == other
 
 
 def test_a_library_that_lost_its_exemplar_table_is_one_line_not_an_empty_library(scenes_run, tmp_path):

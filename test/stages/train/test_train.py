@@ -1278,7 +1278,12 @@ def test_a_lora_folder_made_under_the_key_of_earlier_versions_is_found_again(tmp
     the key had another key: it found no folder and trained again from step 0. The keys earlier
     versions wrote for these settings (computed by them) are taken too."""
     from diffusion_bunny.stages.train.lora import resume_keys
-    from diffusion_bunny.stages.train.tables import lora_folder, lora_key, resumable_folders
+    from diffusion_bunny.stages.train.tables import (
+        earlier_resume_keys,
+        lora_folder,
+        lora_key,
+        resumable_folders,
+    )
 
     earlier = {
         "gradient_checkpointing": ({"gradient_checkpointing": True}, None, "315e791f74cfcb16"),
@@ -1295,8 +1300,21 @@ def test_a_lora_folder_made_under_the_key_of_earlier_versions_is_found_again(tmp
         json.dumps({"lora_key": lora_key("315e791f74cfcb16", 30), "resume_key": "315e791f74cfcb16"})
     )
     keys = resume_keys(TrainSettings(gradient_checkpointing=True), "d")
-    assert lora_folder(tmp_path, [lora_key(k, 30) for k in keys], "new", {}) == (old, False)
     assert resumable_folders(tmp_path, keys) == [old]
+    describe = {"resume_key": keys[0]}
+    assert lora_folder(tmp_path, [lora_key(k, 30) for k in keys], "new", describe) == (old, False)
+    # Found under the old key, it is given today's: with the setting back at its default (one
+    # key only) it is still found, and its older checkpoints still resume.
+    assert earlier_resume_keys(old) == ["315e791f74cfcb16"]
+    plain = resume_keys(TrainSettings(), "d")
+    assert lora_folder(tmp_path, [lora_key(k, 30) for k in plain], "new", describe) == (old, False)
+    assert resumable_folders(tmp_path, plain) == [old]
+    # A folder of today's key wins over one of an earlier key.
+    today = tmp_path / "today"
+    today.mkdir()
+    (today / "training.json").write_text(json.dumps({"lora_key": lora_key(keys[0], 60), "created": "9"}))
+    (old / "training.json").write_text(json.dumps({"lora_key": lora_key(keys[1], 60), "created": "1"}))
+    assert lora_folder(tmp_path, [lora_key(k, 60) for k in keys], "new", describe) == (today, False)
 
 
 def test_a_training_refused_before_its_first_step_leaves_no_lora_folder(tmp_path):

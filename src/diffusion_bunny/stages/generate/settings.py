@@ -10,9 +10,10 @@ import re
 import string
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from diffusion_bunny.section import MAX_SEED, Section, multiple_of_eight
+from diffusion_bunny.section import MAX_SEED, YES_NO_FOR_A_NUMBER, Section, multiple_of_eight
 
 #: The placeholders a generation prompt template may use.
 PROMPT_FIELDS = ("trigger", "character")
@@ -99,13 +100,23 @@ class GenerateSettings(Section):
         # An empty list drew a grid of nothing and then failed on its empty table.
         if value is not None and not value:
             raise ValueError("list at least one character, or leave it unset (null) for every named one")
-        # `--set generate.characters=alice,bob` is one text, taken as a list of one: refused only
-        # at stage 08, after the training, as no character of the run.
-        joined = next((name for name in value or () if "," in name), None)
-        if joined is not None:
-            names = ", ".join(part.strip() for part in joined.split(","))
-            raise ValueError(f"one character per item: write [{names}]")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_joined_in_one_text(cls, data: Any) -> Any:
+        # `--set generate.characters=alice,bob` is one text, taken as a list of one: refused only
+        # at stage 08, after the training, as no character of the run. A name in a list may hold
+        # a comma (a folder `Doe, Jane`); one text with a comma is two names run together.
+        joined = data.get("characters") if isinstance(data, dict) else None
+        if isinstance(joined, str) and "," in joined:
+            names = ", ".join(part.strip() for part in joined.split(","))
+            raise PydanticCustomError(  # the keyed refusal config's line names the key from
+                YES_NO_FOR_A_NUMBER,
+                "{key} = {value}: {refusal}",
+                {"key": "characters", "value": joined, "refusal": f"one character per item: write [{names}]"},
+            )
+        return data
 
     @field_validator("resolution")
     @classmethod

@@ -371,17 +371,19 @@ def compute(ctx: Context) -> StageOutput:
         warnings=warnings,
         facts=facts,
         merge=_with_new_moves(ctx.run, feedback.height, vec_by_frame, join, (library, key)),
-        settled=_settled(library, join),
+        settled=_settled(library, key, join),
     )
 
 
-def _settled(library: Path | None, join: _LibraryJoin | None) -> tuple[str, ...]:
+def _settled(library: Path | None, key: str | None, join: _LibraryJoin | None) -> dict[str, str | None]:
     """The inputs a run changes itself (:attr:`StageOutput.settled`): the library's id, made on its
-    first run, and the feedback a join rewrites in the library's ids (fingerprinted as read, the
-    stage said "its inputs changed (feedback)" right after the join)."""
-    if library is None:
-        return ()
-    return ("library", "feedback") if join is not None else ("library",)
+    first run (recorded as the id the run clustered against, ``key``: a library made again
+    meanwhile by another movie leaves this one stale), and the feedback a join rewrites in the
+    library's ids (fingerprinted as read, the stage said "its inputs changed (feedback)" right
+    after the join)."""
+    if library is None or key is None:
+        return {}
+    return {"library": key, "feedback": None} if join is not None else {"library": key}
 
 
 def _with_new_moves(
@@ -628,7 +630,11 @@ def _library_join(
     if library is None:  # left the library: a join later is a new one, from the ids then
         record.unlink(missing_ok=True)
         return None, None
-    key, kept = library_key(library), _read_record(record)
+    kept = _read_record(record)
+    known = (
+        kept.get("library_key") if kept and _same_folder(Path(str(kept.get("library"))), library) else None
+    )
+    key = library_key(library, known if isinstance(known, str) else None)
     clusters, exemplars = previous.get("clusters"), _exemplars_key(previous.get("scene_exemplars"))
     if kept is not None and kept.get("library_key") == key:
         # A join whose run stopped before it wrote its exemplars (the one table the board never
@@ -653,27 +659,27 @@ def _library_join(
     return _LibraryJoin(library, clusters, record=record, key=key, before=exemplars), key
 
 
-def library_key(library: Path) -> str:
+def library_key(library: Path, known: str | None = None) -> str:
     """The scene library's own id (``<library>/library.json``, made on its first use under its
-    lock): the same library under another path is known as itself. Made only in a library with
-    no clusters yet; in one that holds some, a lost or damaged file is one line."""
+    lock): the same library under another path is known as itself. A damaged file (or a folder
+    in its place) is one line: a new id for a library that holds clusters made every movie with
+    corrections "join" it again, renaming all their folders made by hand. A missing one is put
+    back from ``known`` (the id this run's own record holds for this library); with none known
+    (a new movie, or a library used before it had an id, whose runs hold none) a new one is made."""
     path = library / LIBRARY_FILE
     _library_folder(library)
     with FileLock(str(library / ".library.lock"), timeout=120):
         key = library_id(library)
         if key is not None:
             return key
-        held = [name for name in ("scene_exemplars.parquet", HAND_MADE_FILE) if (library / name).exists()]
-        if held or path.exists():
-            # A new id for a library that holds clusters made every movie with corrections
-            # "join" it again, renaming all their folders made by hand.
-            what = "not a file" if path.is_dir() else "damaged" if path.exists() else "missing"
+        if path.exists():
+            what = "not a file" if path.is_dir() else "damaged"
             raise StageError(
                 f"the scene library's {path} is {what}; put back a copy of it, or write "
                 '{"id": "<library_key>"} into it, the library_key of models/scene_library_join.json '
                 "in any of its movies' run folders"
             )
-        key = uuid.uuid4().hex
+        key = known or uuid.uuid4().hex
         atomic_write_bytes(path, json.dumps({"id": key}).encode())
         return key
 

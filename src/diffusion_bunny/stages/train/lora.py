@@ -88,6 +88,7 @@ from diffusion_bunny.stages.train.tables import (
     STATE_FILE,
     TRAINING_LOG_SCHEMA,
     VALIDATION_SCHEMA,
+    earlier_resume_keys,
     lora_name,
     tensorboard_name,
 )
@@ -1144,7 +1145,7 @@ def _resume_point(
                     os.replace(checkpoint / STATE_FILE, aside)
                     warnings[-1] += f" (its state file kept as {aside})"
             continue
-        if state.get("resume_key") not in keys:
+        if state.get("resume_key") not in {*keys, *earlier_resume_keys(folder)}:
             if not own:
                 continue
             # Never deleted behind the user's back: stage 07 trains each configuration

@@ -134,20 +134,44 @@ def lora_folder(
 ) -> tuple[Path, bool]:
     """The LoRA folder of the training ``key`` (:func:`lora_key`; several: the key of today
     first, then the one the same training had before) under ``base``: the existing one whose
-    ``training.json`` holds one of them (a rerun resumes there), else a new folder ``name`` with
-    the first (returned with True). Nothing is ever deleted here: a retrain with other settings,
-    more steps or one edited caption gets a folder of its own; only ``train.start_over`` empties
-    one."""
+    ``training.json`` holds one of them, today's first (a rerun resumes there), else a new folder
+    ``name`` with the first (returned with True). A folder found under an earlier key is given
+    today's, its earlier resume keys kept (``earlier_keys``, which its checkpoints carry): found
+    under the old key alone, it was lost again as soon as a setting that no longer counts moved
+    back. Nothing is ever deleted here: a retrain with other settings, more steps or one edited
+    caption gets a folder of its own; only ``train.start_over`` empties one."""
     keys = [key] if isinstance(key, str) else list(key)
-    for folder, info in lora_folders(base):
-        if info.get("lora_key") in keys:
-            return folder, False
+    folders = lora_folders(base)
+    for wanted in keys:
+        for folder, info in folders:
+            if info.get("lora_key") == wanted:
+                if wanted != keys[0]:
+                    _adopt(folder, info, keys[0], describe)
+                return folder, False
     key = keys[0]
     folder = Path(base) / name
     folder.mkdir(parents=True, exist_ok=True)
     info = {"lora_key": key, "created": datetime.now(UTC).isoformat(timespec="microseconds")}
     atomic_write_bytes(folder / TRAINING_FILE, json.dumps({**info, **describe}, indent=1).encode())
     return folder, True
+
+
+def _adopt(folder: Path, info: dict[str, Any], key: str, describe: dict[str, Any]) -> None:
+    """Give a LoRA folder found under an earlier key today's (:func:`lora_folder`)."""
+    earlier = [*(info.get("earlier_keys") or []), info.get("resume_key")]
+    adopted = {**info, **describe, "lora_key": key, "earlier_keys": sorted({k for k in earlier if k})}
+    atomic_write_bytes(folder / TRAINING_FILE, json.dumps(adopted, indent=1).encode())
+
+
+def earlier_resume_keys(folder: Path) -> list[str]:
+    """The resume keys a LoRA folder had before it was given today's (:func:`lora_folder`),
+    which its older checkpoints carry."""
+    try:
+        info = json.loads((Path(folder) / TRAINING_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    earlier = info.get("earlier_keys") if isinstance(info, dict) else None
+    return [k for k in earlier or [] if isinstance(k, str)]
 
 
 def resumable_folders(base: Path, resume_key: str | Sequence[str], exclude: Path | None = None) -> list[Path]:
@@ -159,7 +183,7 @@ def resumable_folders(base: Path, resume_key: str | Sequence[str], exclude: Path
     return [
         folder
         for folder, info in lora_folders(base)
-        if info.get("resume_key") in keys
+        if {info.get("resume_key"), *(info.get("earlier_keys") or [])} & set(keys)
         and "lora_key" in info
         and (exclude is None or folder.resolve() != Path(exclude).resolve())
     ]
