@@ -642,11 +642,8 @@ def _run_stage_locked(
         tables.update({table: merged[table] for table in stage.writes})
         if out.settled:
             fresh = declared_inputs(run, pipeline, stage, view)
-            for key, value in out.settled.items():
-                if value is not None:
-                    inputs = {**inputs, key: value}
-                elif key in fresh:
-                    inputs = {**inputs, key: fresh[key]}
+            given = {key: value for key, value in out.settled.items() if value is not None}
+            inputs = {**inputs, **{k: fresh[k] for k in out.settled if k in fresh}, **given}
     manifest = build_manifest(
         name,
         code=code,

@@ -591,7 +591,7 @@ def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> lis
     absent = [name for name in names if name in left_out]
     missed = [name for name in names if name not in left_out]
     still = (
-        "add a still from the film of each (notebook 03: 'Add a still from the film', or confirm one "
+        "add a still from the film of each (notebook 03, 'Add a still from the film', or confirm one "
         "of its likely sightings there; add_still from Python)"
     )
     lines = []
