@@ -61,10 +61,12 @@ def write_clip(
     pix_fmt: str = "yuv420p",
     times: list[float] | None = None,
     options: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[int]:
     """Encode shots ``(seed, n_frames, pan)`` back to back with hard cuts; returns the cut frames.
     ``times`` gives explicit presentation times (variable frame rate); ``options``: the encoder's
-    own, added to the defaults (e.g. ``{"x264-params": "keyint=10"}``)."""
+    own, added to the defaults (e.g. ``{"x264-params": "keyint=10"}``); ``metadata``: the
+    track's tags (mkvmerge's ``NUMBER_OF_FRAMES``)."""
     frames: list[np.ndarray] = []
     cuts = []
     for seed, n, pan in shots:
@@ -74,6 +76,7 @@ def write_clip(
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.metadata.update(metadata or {})
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast", **(options or {})}
         elif options:

@@ -11,6 +11,8 @@ its box with :func:`crop_region` (:func:`frame_box` reads the box from a ``frame
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -43,6 +45,23 @@ def eight_bit(im: Image.Image) -> Image.Image:
         alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
         out = Image.merge("LA", (out, Image.fromarray(alpha)))
     return out
+
+
+@contextmanager
+def opencv_threads(n: int) -> Iterator[None]:
+    """OpenCV's thread pool at ``n`` threads while the block runs, as it was afterwards.
+
+    OpenCV splits even a 256x144 resize or colour conversion over its pool, whose idle workers
+    wait actively (``sched_yield`` in a loop). Stage 01 makes tens of such calls a frame while
+    the decoder's threads want every core: on the 10-minute 720p loop (2 cores, perf) OpenCV's
+    second thread spent 2.8 s of CPU yielding and no picture came sooner; with one thread the
+    stage spent 1.5-2.5 s less system CPU (four interleaved runs, the same shots)."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def laplacian_variance(gray: np.ndarray) -> float:

@@ -147,6 +147,63 @@ def _picture_duration(
     return origin_s + container.duration / av.time_base - start_s
 
 
+#: A declared rate at or above this is a time base (Matroska's 1 ms, FLV's), not a film's.
+TIME_BASE_RATE = 500.0
+#: Packets read to measure the rate where the file declares none that holds (about 20 s).
+RATE_PACKETS = 600
+
+
+def _tagged_frames(stream: av.video.stream.VideoStream) -> int | None:
+    """The frame count mkvmerge writes among a Matroska track's statistics tags
+    (``NUMBER_OF_FRAMES``, or ``NUMBER_OF_FRAMES-eng``), or None."""
+    for key, value in (stream.metadata or {}).items():
+        if key.upper().startswith("NUMBER_OF_FRAMES"):
+            with contextlib.suppress(ValueError):
+                return int(value) if int(value) > 0 else None
+    return None
+
+
+def _measured_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
+    """Frames a second over the next :data:`RATE_PACKETS` packets' presentation times (read, not
+    decoded), 0.0 where they do not tell."""
+    times = []
+    with contextlib.suppress(av.error.FFmpegError):
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                times.append(packet.pts)
+            if len(times) >= RATE_PACKETS:
+                break
+    if len(times) < 3 or stream.time_base is None:
+        return 0.0
+    times.sort()
+    span = float((times[-1] - times[0]) * stream.time_base)
+    return (len(times) - 1) / span if span > 0 else 0.0
+
+
+def _frame_rate(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, duration_s: float | None
+) -> tuple[float, int | None]:
+    """The picture's mean frames a second and its frame count where the file says it.
+
+    Every window in seconds that stage 01 counts in frames (a keyframe's window, the shortest
+    shot, a shot clip) needs the mean rate. MP4 and its kin count their frames, and FFmpeg's
+    average rate is that count over the duration. Matroska counts none: its average rate is the
+    track's DefaultDuration, which a variable-frame-rate file muxed from a 30 fps source keeps
+    at 30 while its frames run at 17.5, and a file muxed with 1 ms durations declares 1000. A
+    variable-frame-rate anime release (mkvmerge: 23.976 with a 29.97 opening) declares no rate
+    at all, and FFmpeg's guess (the rate that represents every timestamp) can be 119.88. So a
+    count in mkvmerge's statistics tags is taken over the duration; without one, a rate that
+    is a time base is measured on the first packets; else the declared rate is kept."""
+    counted = stream.frames or None
+    if counted is None and (tagged := _tagged_frames(stream)) and duration_s:
+        return tagged / duration_s, tagged
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    if counted is None and (not fps or fps >= TIME_BASE_RATE):
+        fps = _measured_rate(container, stream) or fps
+    return fps, counted
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Open ``path`` and describe its first video stream.
 
@@ -180,8 +237,6 @@ def probe_video(path: str | Path) -> VideoInfo:
             what = "only a cover picture" if container.streams.video else "no video stream"
             raise _fail(path, f"holds {what} (audio only, or not a movie)")
         ctx = stream.codec_context
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
         duration_s = _picture_duration(container, stream)
         first_frame = _first_frame(container, stream)
         if isinstance(first_frame, av.error.FFmpegError):
@@ -190,6 +245,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation, mirrored = display_turn(first_frame, ctx.name)
+        fps, counted = _frame_rate(container, stream, duration_s)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)
@@ -204,7 +260,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             rotation=rotation,
             fps=fps,
             duration_s=duration_s,
-            declared_frames=stream.frames or None,
+            declared_frames=counted,
             pix_fmt=first_frame.format.name,
             sample_aspect=sar,
             bit_depth=bits,

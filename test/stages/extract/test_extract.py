@@ -59,6 +59,28 @@ def test_cuts_found_exactly_on_synthetic_clip(cut_clip, tmp_path, detector):
     assert result.facts["detector"] == detector
 
 
+def test_the_pass_runs_opencv_on_one_thread_and_gives_its_pool_back(cut_clip, tmp_path, monkeypatch):
+    """OpenCV's pool, spinning for cores the decoder wants, is one thread during the pass only."""
+    import diffusion_bunny.stages.extract.stage as stage
+
+    seen = []
+    measure = stage.laplacian_variance
+
+    def counted(gray):
+        seen.append(cv2.getNumThreads())
+        return measure(gray)
+
+    monkeypatch.setattr(stage, "laplacian_variance", counted)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        extract_frames(cut_clip[0], cfg(detector="content"), tmp_path, progress=False)
+        assert seen and set(seen) == {1}
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_static_and_dynamic_keyframes(cut_clip, tmp_path):
     path, _ = cut_clip
     result = extract_frames(path, cfg(), tmp_path, progress=False)
@@ -257,6 +279,33 @@ def test_variable_frame_rate_keeps_presentation_times(tmp_path):
     assert result.tables["shots"]["start_s"][1] == pytest.approx(times[40], abs=1e-3)
     for row in result.tables["frames"].iter_rows(named=True):
         assert row["timestamp_s"] == pytest.approx(times[row["frame_index"]], abs=1e-3)
+
+
+#: 30 frames at 10 fps, then 90 at 30: 120 frames in 6 s, a mean of 20 frames a second.
+VFR_TIMES = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]
+
+
+@pytest.mark.parametrize(
+    ("declared", "tags", "mean"),
+    [
+        (30, {"NUMBER_OF_FRAMES": "120"}, 20.0),  # mkvmerge's statistics: the count over the length
+        (30, {"NUMBER_OF_FRAMES-eng": "120"}, 20.0),
+        (1000, {}, 20.0),  # a 1 ms DefaultDuration is a time base: measured on the packets
+        (30, {}, 30.0),  # a declared rate that can be a film's is kept
+    ],
+)
+def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(tmp_path, declared, tags, mean):
+    """Matroska counts no frames, so FFmpeg's average rate is the track's DefaultDuration: a
+    variable-frame-rate file declaring 30 (or 1000) fps while its frames average 20 had every
+    window in seconds counted in the wrong number of frames."""
+    path = tmp_path / "vfr.mkv"
+    write_clip(path, [(5, len(VFR_TIMES), 0.0)], fps=declared, times=VFR_TIMES, metadata=tags)
+    info = probe_video(path)
+    assert info.fps == pytest.approx(mean, rel=0.02)
+    assert info.declared_frames == (120 if tags else None)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.facts["fps"] == pytest.approx(mean, rel=0.02)
+    assert result.facts["decoded_frames"] == 120
 
 
 def test_a_variable_frame_rate_shot_is_too_short_by_its_time_not_its_frames(tmp_path):

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
-from diffusion_bunny.media.images import laplacian_variance
+from diffusion_bunny.media.images import laplacian_variance, opencv_threads
 from diffusion_bunny.media.video import (
     Decoded,
     DecodeReport,
@@ -421,9 +421,10 @@ def extract_frames(
         writer = _Writer(cfg.jpeg_quality)
         try:
             assembler = _ShotAssembler(cfg, movie_key, info, (frames_dir, thumbs_dir), writer)
-            last_index, last_time = _decode(
-                reader, detector, assembler, progress=progress, progress_path=progress_path
-            )
+            with opencv_threads(1):
+                last_index, last_time = _decode(
+                    reader, detector, assembler, progress=progress, progress_path=progress_path
+                )
             end_s = None  # keyframes only: the end of the movie, at most a group of pictures on
             if cfg.method == "keyframe" and reader.report.stopped_by_error is None and info.duration_s:
                 end_s = min(info.duration_s, last_time + reader.report.longest_gap_s + 1.0 / info.fps)
