@@ -163,6 +163,19 @@ def _tagged_frames(stream: av.video.stream.VideoStream) -> int | None:
     return None
 
 
+def _tagged_seconds(stream: av.video.stream.VideoStream) -> float | None:
+    """The track's own length from its ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``, mkvmerge and
+    FFmpeg write it), or None: the container's duration is the longest track's, often the
+    sound's."""
+    for key, value in (stream.metadata or {}).items():
+        if key.upper().startswith("DURATION"):
+            with contextlib.suppress(ValueError):
+                hours, minutes, seconds = str(value).split(":")
+                total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+                return total if total > 0 else None
+    return None
+
+
 def _measured_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     """Frames a second over the next :data:`RATE_PACKETS` packets' presentation times (read, not
     decoded), 0.0 where they do not tell."""
@@ -195,8 +208,10 @@ def _frame_rate(
     count in mkvmerge's statistics tags is taken over the duration; without one, a rate that
     is a time base is measured on the first packets; else the declared rate is kept."""
     counted = stream.frames or None
-    if counted is None and (tagged := _tagged_frames(stream)) and duration_s:
-        return tagged / duration_s, tagged
+    if counted is None and (tagged := _tagged_frames(stream)):
+        length = _tagged_seconds(stream) or duration_s
+        if length:
+            return tagged / length, tagged
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     if counted is None and (not fps or fps >= TIME_BASE_RATE):

@@ -308,6 +308,20 @@ def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(tmp_pa
     assert result.facts["decoded_frames"] == 120
 
 
+def test_a_matroska_tracks_own_length_is_read_from_its_duration_tag():
+    """The container's duration is the longest track's (often the sound's): a film's rate from
+    mkvmerge's frame count is taken over the picture track's own ``DURATION`` tag."""
+    from types import SimpleNamespace
+
+    from diffusion_bunny.media.probe import _tagged_seconds
+
+    assert _tagged_seconds(SimpleNamespace(metadata={"DURATION-eng": "00:23:40.042000000"})) == pytest.approx(
+        1420.042
+    )
+    assert _tagged_seconds(SimpleNamespace(metadata={"DURATION": "soon"})) is None
+    assert _tagged_seconds(SimpleNamespace(metadata={})) is None
+
+
 def test_a_variable_frame_rate_shot_is_too_short_by_its_time_not_its_frames(tmp_path):
     """Shots of 1.5 s at 60 fps around one of 0.93 s at 15 fps (14 frames; the film averages 49
     fps, where min_shot_seconds 0.5 is 25 frames): the middle shot is longer than the minimum,
