@@ -32,7 +32,13 @@ from diffusion_bunny.stages.scenes.clustering import (
     similar_frames,
     stable_ids,
 )
-from diffusion_bunny.stages.scenes.stage import HAND_MADE_FILE, _hand_made_ids, library_key, move_to_cluster
+from diffusion_bunny.stages.scenes.stage import (
+    HAND_MADE_FILE,
+    LIBRARY_FILE,
+    _hand_made_ids,
+    library_key,
+    move_to_cluster,
+)
 from diffusion_bunny.stages.scenes.tables import JOIN_FILE, NOISE
 
 
@@ -1314,6 +1320,12 @@ def test_a_library_that_lost_its_exemplar_table_is_one_line_not_an_empty_library
     run.manifest_path("scenes").unlink(missing_ok=True)
     (run.run_dir / JOIN_FILE).unlink()
     _hand_made_ids(library, set(), 1)  # a folder made by hand in another movie of the library
+    with pytest.raises(StageError, match=r"scene_exemplars.parquet is missing"):
+        run_stage(run, "scenes", cfg, progress=False, force=True)
+    assert not table.exists()
+    # A movie never placed in the library, no folder made by hand: library.json's count tells.
+    (library / HAND_MADE_FILE).unlink()
+    assert json.loads((library / LIBRARY_FILE).read_text())["exemplars"] > 0
     with pytest.raises(StageError, match=r"scene_exemplars.parquet is missing"):
         run_stage(run, "scenes", cfg, progress=False, force=True)
     assert not table.exists()

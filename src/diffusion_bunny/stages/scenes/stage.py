@@ -592,6 +592,7 @@ def _assign_library(
         )
         lib = pl.concat([lib, added])
         atomic_write_parquet(path, lib)
+        _note_exemplars(library, lib.height)
     mine = lib.filter(pl.col("movie_id") == movie_id)
     return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
 
@@ -601,7 +602,7 @@ def _library_held(ctx: Context, library: Path, clusters: pl.DataFrame | None) ->
     run's last clustering made against it (its record or manifest names the library's id) put a
     frame in a cluster (every such cluster has an exemplar there). Then its exemplar table gone
     is a loss, not a new library."""
-    if (library / HAND_MADE_FILE).exists():
+    if (library / HAND_MADE_FILE).exists() or _noted_exemplars(library) > 0:
         return True
     key = library_id(library)
     kept = _read_record(ctx.run.run_dir / JOIN_FILE) or {}
@@ -682,6 +683,28 @@ def library_key(library: Path, known: str | None = None) -> str:
         key = known or uuid.uuid4().hex
         atomic_write_bytes(path, json.dumps({"id": key}).encode())
         return key
+
+
+def _note_exemplars(library: Path, count: int) -> None:
+    """Write how many exemplars the library's table holds into ``library.json`` beside its id
+    (under the library's lock, after the table): a table deleted is then known lost by any movie,
+    also one never placed in the library, which took it for a new library and started it empty."""
+    path = library / LIBRARY_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # its id is library_key's to judge, in one line, on the next run
+    if isinstance(record, dict) and record.get("exemplars") != count:
+        atomic_write_bytes(path, json.dumps({**record, "exemplars": count}).encode())
+
+
+def _noted_exemplars(library: Path) -> int:
+    """The count :func:`_note_exemplars` wrote (0 for a library made before it, or none)."""
+    try:
+        count = json.loads((library / LIBRARY_FILE).read_text()).get("exemplars", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
 
 
 def library_id(library: Path) -> str | None:
