@@ -222,6 +222,13 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
     cascade = {"extraction": {"detector": {"name": "cascade", **{k: 1.0 for k in "abcdefghij"}}}}
     content = {"extraction": {"detector": {"name": "content", "threshold": 27.0}}}
     assert config_changes(cascade, content).startswith("extract.detector.name 'cascade' -> 'content'; ")
+    # A setting the record lacks (a stage's record of an earlier version) is unrecorded, not None,
+    # and comes after those that moved; one no longer set is unset.
+    upgraded = config_changes(
+        {"captions": {"tone": "dry"}}, {"captions": {"trigger_word": "bny", "tone": "wry"}}
+    )
+    assert upgraded == "captions.tone 'dry' -> 'wry'; captions.trigger_word (unrecorded) -> 'bny'"
+    assert config_changes({"a": 1, "b": 2}, {"a": 1}) == "b 2 -> (unset)"
     # A manifest from before the config was recorded: nothing to name.
     assert config_changes(None, fresh) == "" and config_changes({}, fresh) == ""
 

@@ -368,8 +368,19 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     old, new = _flat(stored), _flat(plain(fresh))
     # A detector's name first: switching it changes all its settings, and "accept_threshold 40.0
     # -> None; ...; 11 more" hid the one change a person made.
-    keys = sorted(settings_moved(stored, fresh), key=lambda k: not k.endswith(".name"))
-    shown = [f"{_present_name(k)} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:most]]
+    # Then the settings both sides hold, before those one side lacks: after an upgrade a stage's
+    # record lacks the settings it reads today, and "captions.trigger_word None -> 'bunnystyle'"
+    # said a trigger word had been none when the run had used that very one.
+    keys = sorted(
+        settings_moved(stored, fresh), key=lambda k: (not k.endswith(".name"), k not in old or k not in new)
+    )
+
+    def told(key: str, side: dict[str, Any], missing: str) -> str:
+        return _short(side[key]) if key in side else missing
+
+    shown = [
+        f"{_present_name(k)} {told(k, old, '(unrecorded)')} -> {told(k, new, '(unset)')}" for k in keys[:most]
+    ]
     if len(keys) > most:
         shown.append(f"{len(keys) - most} more")
     return "; ".join(shown)
