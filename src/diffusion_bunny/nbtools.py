@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.pipeline.contract import _flat
 from diffusion_bunny.pipeline.run import Run, run_folder_in
 
 
@@ -83,7 +85,10 @@ def notebook_config(
         folder = run_folder_in(output_root(load_config(config_path, given)), movie)
     if not folder.is_dir():
         return load_config(config_path, given)
-    path, merged, gone = Run(folder).layers(config_path, given, current_name)
+    run = Run(folder)
+    path, merged, gone = run.layers(config_path, given, current_name)
+    earlier = _recorded_by_stages(run, load_config(path, merged)) if _made_before_settings(run) else {}
+    merged = {**{k: v for k, v in earlier.items() if k not in merged}, **merged}
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
         cfg = load_config(path, merged)
@@ -93,7 +98,13 @@ def notebook_config(
             del merged[key]
         cfg = load_config(path, merged)
     taken = [f"--config {path}"] if path and not config_path else []
-    taken += [f"{k}={v!r}" for k, v in merged.items() if k not in given]
+    taken += [f"{k}={v!r}" for k, v in merged.items() if k not in given and k not in earlier]
+    recorded = [f"{k}={v!r}" for k, v in merged.items() if k in earlier and k not in given]
+    if recorded:
+        print(
+            f"{folder.name} has no readable settings.json (a run folder of an earlier version): the "
+            f"settings its stages recorded are taken: {'; '.join(recorded)}"
+        )
     if taken:
         print(f"settings of the last bunny run of {folder.name}: {'; '.join(taken)}")
     if gone and not config_path:
@@ -101,6 +112,36 @@ def notebook_config(
     if dropped:
         print(f"left out of the last bunny run's settings (not accepted now): {', '.join(dropped)}")
     return cfg
+
+
+def _made_before_settings(run: Run) -> bool:
+    """Whether ``bunny run`` made this folder before it kept ``settings.json`` (it writes the file
+    as it starts, before any notebook it saves): its saved notebooks are there, the file is not."""
+    return run.settings() is None and any(run.notebooks_dir.glob("*.ipynb"))
+
+
+def _recorded_by_stages(run: Run, today: Config) -> dict[str, Any]:
+    """The settings a run folder's stages recorded in their manifests that differ from
+    ``today``'s (under today's names; the newest manifest's value where two differ).
+
+    Why: a folder made before ``settings.json`` has no record of its ``--characters`` or
+    ``--set``; a notebook opened on it ran stage 03 again with the defaults, and every name from
+    the references was lost (a notebook names clusters into the run's own ``references/``, which
+    the next ``bunny run --characters DIR`` does not read). Its stages' own records say what it
+    ran with."""
+    manifests = []
+    for path in sorted(run.manifests_dir.glob("*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged manifest is its stage's to report
+        if isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
+            manifests.append(manifest)
+    now = _flat(today.model_dump(mode="json"))
+    recorded: dict[str, Any] = {}
+    for manifest in sorted(manifests, key=lambda m: str(m.get("finished") or "")):
+        recorded.update({current_name(k): v for k, v in _flat(manifest["config"]).items()})
+    return {k: v for k, v in recorded.items() if k in now and now[k] != v}
 
 
 def _known_setting(key: str, value: Any) -> bool:

@@ -820,8 +820,17 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     # a mistyped movie is the usual one line, not an OSError of the run folder's lookup
     with pytest.raises(UserError, match="no such file"):
         notebook_config(None, tmp_path / "typo.mp4", None, {})
-    # a run folder no bunny run recorded settings in (or a damaged record): the notebook's own
+    # a damaged record, or a run folder of an earlier version (bunny run saved its notebooks and
+    # kept no settings.json): the settings its stages recorded, said; the notebook's own win
     (run_dir / "settings.json").write_text("{not json")
+    capsys.readouterr()
+    assert notebook_config(run_dir, None, None, {}).extract.motion_threshold == 200
+    assert "settings its stages recorded are taken: extract.motion_threshold=200" in capsys.readouterr().out
+    (run_dir / "settings.json").unlink()
+    assert notebook_config(run_dir, None, None, {}).extract.motion_threshold == 200
+    assert notebook_config(run_dir, None, None, {"extract.motion_threshold": 5}).extract.motion_threshold == 5
+    # no notebook saved by bunny run (a folder a notebook or a script made): the notebook's own
+    shutil.rmtree(run_dir / "notebooks")
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold != 200
 
 
