@@ -1277,6 +1277,37 @@ def test_a_library_that_is_a_file_or_damaged_is_one_line(tmp_path):
         _assign_library(library, *args)
 
 
+def test_a_folder_made_by_hand_before_the_library_kept_them_is_reserved_for_every_movie(tmp_path):
+    """A folder a person made in a library movie with an earlier version is in that movie's
+    corrections only: the next movie's new cluster took its id, and one id named two places. A run
+    of that movie against the library records it, and no other movie opens a cluster under it."""
+    import numpy as np
+
+    from diffusion_bunny.stages.scenes.settings import ScenesSettings
+    from diffusion_bunny.stages.scenes.stage import _assign_library
+
+    cfg, library = ScenesSettings(), tmp_path / "library"
+    rng = np.random.default_rng(0)
+
+    def place(axis: int) -> np.ndarray:  # six frames of one place
+        v = np.tile(np.eye(8, dtype=np.float32)[axis], (6, 1)) + rng.normal(0, 0.01, (6, 8)).astype(
+            np.float32
+        )
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    first, fids = np.vstack([place(0), place(1)]), [f"a{i}" for i in range(12)]
+    _assign_library(library, "m0vie000", fids, first, "descriptor-v1", cfg)
+    opened = set(pl.read_parquet(library / "scene_exemplars.parquet")["cluster_id"])
+    assert opened and not (library / HAND_MADE_FILE).exists()
+    mine = f"s{max(int(c[1:]) for c in opened) + 1:03d}"  # the folder made by hand then
+    _assign_library(library, "m0vie000", fids, first, "descriptor-v1", cfg, {mine, min(opened)})
+    assert pl.read_parquet(library / HAND_MADE_FILE)["cluster_id"].to_list() == [mine]
+    labels, *_ = _assign_library(
+        library, "0ther000", [f"b{i}" for i in range(6)], place(2), "descriptor-v1", cfg
+    )
+    assert set(labels) and not set(labels) & (opened | {mine})
+
+
 def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
     """A damaged ``library.json`` gave a library that holds clusters a new id, so every movie
     with corrections joined it again (its folders made by hand renamed); one that is a folder was

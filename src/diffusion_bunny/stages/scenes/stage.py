@@ -559,6 +559,7 @@ def _assign_library(
                 "numbered again)"
             )
         lib = _library_table(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
+        _keep_hand_made(library, made, lib)
         held = len(lib["vector"][0]) if lib.height else vectors.shape[1]
         if lib.height and (lib["space"][0] != space or held != vectors.shape[1]):
             # The length too: a CLIP folder given under one name may hold another model (it was
@@ -1067,6 +1068,22 @@ def _hand_made_ids(library: Path, taken: set[str], count: int) -> list[str]:
             pl.DataFrame({"cluster_id": [*sorted(held), *made]}, schema={"cluster_id": pl.String}),
         )
     return made
+
+
+def _keep_hand_made(library: Path, made: set[str], lib: pl.DataFrame) -> None:
+    """Record in :data:`HAND_MADE_FILE` the folders this movie's corrections name that the library
+    neither holds nor records (made by hand before the file was kept, by an earlier version):
+    another movie's new cluster took such an id, and one id named two places (and one scene token
+    in the captions). Called under the library's lock."""
+    known = _hand_made(library)
+    unheld = (
+        {c.partition("/")[0] for c in made if c} - set(lib["cluster_id"].to_list()) - known - {NOISE, NEW}
+    )
+    if unheld:
+        atomic_write_parquet(
+            library / HAND_MADE_FILE,
+            pl.DataFrame({"cluster_id": sorted(known | unheld)}, schema={"cluster_id": pl.String}),
+        )
 
 
 def _hand_made(library: Path) -> set[str]:
