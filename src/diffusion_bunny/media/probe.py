@@ -143,14 +143,23 @@ def _picture_duration(
     start_s = first_s
     if stream.start_time is not None and stream.time_base is not None:
         start_s = max(first_s, float(stream.start_time * stream.time_base))
-    origin_s = 0.0 if "matroska" in container.format.name else first_s
-    return origin_s + container.duration / av.time_base - start_s
+    if "matroska" in container.format.name:
+        # The picture's own DURATION tag (FFmpeg and mkvmerge write one per track) where it has
+        # one: the Segment's is the longest track's, and a film whose sound or subtitles ran
+        # past its picture was said to have lost its end, "truncated or corrupt". Both run
+        # from 0 here (FFmpeg's does; mkvmerge starts its tracks at 0).
+        own = _tagged_seconds(stream)
+        end_s = own if own is not None and own > start_s else container.duration / av.time_base
+        return end_s - start_s
+    return container.duration / av.time_base - start_s
 
 
 #: A declared rate at or above this is a time base (Matroska's 1 ms, FLV's), not a film's.
 TIME_BASE_RATE = 500.0
-#: Packets read to measure the rate where the file declares none that holds (about 20 s).
+#: Packets read to measure the rate of a file that counts no frames (about 20 s of film).
 RATE_PACKETS = 600
+#: Frames a decoder may reorder (B-frames): the sample's last presentation times left out.
+REORDER = 8
 
 
 def _tagged_frames(stream: av.video.stream.VideoStream) -> int | None:
@@ -176,25 +185,36 @@ def _tagged_seconds(stream: av.video.stream.VideoStream) -> float | None:
     return None
 
 
-def _measured_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    """Frames a second over the next :data:`RATE_PACKETS` packets' presentation times (read, not
-    decoded), 0.0 where they do not tell."""
+def _measured_rate(path: Path) -> float:
+    """Frames a second over the first :data:`RATE_PACKETS` packets' presentation times (read, not
+    decoded, in a container of its own: from the file's start, whatever the probe has read),
+    0.0 where they do not tell. Packets come in decoding order, so the last few presentation
+    times of a sample short of the file's end may lie past frames still to come; its top
+    :data:`REORDER` are left out."""
     times = []
-    with contextlib.suppress(av.error.FFmpegError):
-        for packet in container.demux(stream):
+    with (
+        contextlib.suppress(av.error.FFmpegError, OSError),
+        av.open(str(path), metadata_errors="ignore") as c,
+    ):
+        stream = picture_stream(c)
+        if stream is None or stream.time_base is None:
+            return 0.0
+        for packet in c.demux(stream):
             if packet.pts is not None:
-                times.append(packet.pts)
+                times.append(packet.pts * stream.time_base)
             if len(times) >= RATE_PACKETS:
                 break
-    if len(times) < 3 or stream.time_base is None:
-        return 0.0
     times.sort()
-    span = float((times[-1] - times[0]) * stream.time_base)
+    if len(times) >= RATE_PACKETS:  # stopped before the end: frames still to come may lie between
+        times = times[: len(times) - REORDER]
+    if len(times) < 3:
+        return 0.0
+    span = float(times[-1] - times[0])
     return (len(times) - 1) / span if span > 0 else 0.0
 
 
 def _frame_rate(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, duration_s: float | None
+    path: Path, stream: av.video.stream.VideoStream, duration_s: float | None, matroska: bool
 ) -> tuple[float, int | None]:
     """The picture's mean frames a second and its frame count where the file says it.
 
@@ -202,21 +222,45 @@ def _frame_rate(
     shot, a shot clip) needs the mean rate. MP4 and its kin count their frames, and FFmpeg's
     average rate is that count over the duration. Matroska counts none: its average rate is the
     track's DefaultDuration, which a variable-frame-rate file muxed from a 30 fps source keeps
-    at 30 while its frames run at 17.5, and a file muxed with 1 ms durations declares 1000. A
-    variable-frame-rate anime release (mkvmerge: 23.976 with a 29.97 opening) declares no rate
-    at all, and FFmpeg's guess (the rate that represents every timestamp) can be 119.88. So a
-    count in mkvmerge's statistics tags is taken over the duration; without one, a rate that
-    is a time base is measured on the first packets; else the declared rate is kept."""
+    at 30 while its frames run at 17.5, and a file muxed with 1 ms durations declares 1000; with
+    no DefaultDuration it is FFmpeg's guess from the first frames (30.3 for a 29.97 film).
+
+    So without a count in the header, the first :data:`RATE_PACKETS` packets are measured (about
+    10 ms), and the declared rate is kept where it is within 0.5% of that (a 29.97 film keeps its
+    exact 30000/1001). A count in mkvmerge's statistics tags over the picture's length is the
+    whole film's mean (a variable-rate anime release: 23.976 with a 29.97 opening): it is taken
+    where it is within half again of the packets' rate (1.25 between those two). Further off,
+    the tags are another file's: a scene cut from a release with FFmpeg keeps the release's
+    NUMBER_OF_FRAMES (41,250 over 10 s: 4,115 fps, one keyframe window longer than the film;
+    275 over 6 s: 46 fps for 30). Other files without a count (MPEG-TS, FLV) keep their declared
+    rate unless it is a time base (:data:`TIME_BASE_RATE`): a joined recording's times restart."""
     counted = stream.frames or None
-    if counted is None and (tagged := _tagged_frames(stream)):
-        length = _tagged_seconds(stream) or duration_s
-        if length:
-            return tagged / length, tagged
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else 0.0
-    if counted is None and (not fps or fps >= TIME_BASE_RATE):
-        fps = _measured_rate(container, stream) or fps
-    return fps, counted
+    declared = float(rate) if rate else 0.0
+    if counted is not None:
+        return declared, counted
+    if not matroska:  # an MPEG-TS declares its codec's rate (and a joined one's times restart)
+        if declared and declared < TIME_BASE_RATE:
+            return declared, None
+        return _standard(_measured_rate(path)) or declared, None
+    measured = _measured_rate(path)
+    tagged = _tagged_frames(stream)
+    if tagged and duration_s and measured and 2 / 3 <= tagged / duration_s / measured <= 1.5:
+        return tagged / duration_s, tagged
+    if measured and not (declared and abs(declared - measured) <= 0.005 * measured):
+        return _standard(measured), None
+    return declared, None
+
+
+#: Frame rates of film and video (the NTSC ones exact): a measured rate this close to one is it.
+STANDARD_RATES = (24000 / 1001, 24.0, 25.0, 30000 / 1001, 30.0, 48.0, 50.0, 60000 / 1001, 60.0)
+
+
+def _standard(rate: float) -> float:
+    """``rate``, or the standard rate within 0.1% of it: a 29.97 film measured at 29.968 (its
+    timestamps rounded to milliseconds) is 30000/1001, which an EDL's timecode takes."""
+    near = min(STANDARD_RATES, key=lambda r: abs(r - rate))
+    return near if abs(near - rate) <= 0.001 * near else rate
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -260,7 +304,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation, mirrored = display_turn(first_frame, ctx.name)
-        fps, counted = _frame_rate(container, stream, duration_s)
+        fps, counted = _frame_rate(path, stream, duration_s, "matroska" in container.format.name)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)

@@ -286,15 +286,18 @@ VFR_TIMES = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]
 
 
 @pytest.mark.parametrize(
-    ("declared", "tags", "mean"),
+    ("declared", "tags", "mean", "count"),
     [
-        (30, {"NUMBER_OF_FRAMES": "120"}, 20.0),  # mkvmerge's statistics: the count over the length
-        (30, {"NUMBER_OF_FRAMES-eng": "120"}, 20.0),
-        (1000, {}, 20.0),  # a 1 ms DefaultDuration is a time base: measured on the packets
-        (30, {}, 30.0),  # a declared rate that can be a film's is kept
+        (30, {"NUMBER_OF_FRAMES": "120"}, 20.0, 120),  # mkvmerge's statistics: the count over the length
+        (30, {"NUMBER_OF_FRAMES-eng": "120"}, 20.0, 120),
+        (30, {"NUMBER_OF_FRAMES": "1200"}, 20.0, None),  # another file's count (a scene cut from it)
+        (1000, {}, 20.0, None),  # a 1 ms DefaultDuration: measured on the packets
+        (30, {}, 20.0, None),  # a variable-rate file muxed from a 30 fps source
     ],
 )
-def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(tmp_path, declared, tags, mean):
+def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(
+    tmp_path, declared, tags, mean, count
+):
     """Matroska counts no frames, so FFmpeg's average rate is the track's DefaultDuration: a
     variable-frame-rate file declaring 30 (or 1000) fps while its frames average 20 had every
     window in seconds counted in the wrong number of frames."""
@@ -302,10 +305,19 @@ def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(tmp_pa
     write_clip(path, [(5, len(VFR_TIMES), 0.0)], fps=declared, times=VFR_TIMES, metadata=tags)
     info = probe_video(path)
     assert info.fps == pytest.approx(mean, rel=0.02)
-    assert info.declared_frames == (120 if tags else None)
+    assert info.declared_frames == count
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
     assert result.facts["fps"] == pytest.approx(mean, rel=0.02)
     assert result.facts["decoded_frames"] == 120
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".webm"])
+def test_a_constant_rate_matroska_film_keeps_its_exact_rate(tmp_path, suffix):
+    """Measured on its packets' millisecond times a 29.97 film is 29.968; it keeps 30000/1001."""
+    path = tmp_path / f"cfr{suffix}"
+    codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
+    write_clip(path, [(5, 40, 0.0)], fps=Fraction(30000, 1001), codec=codec)
+    assert probe_video(path).fps == pytest.approx(30000 / 1001, abs=1e-9)
 
 
 def test_a_matroska_tracks_own_length_is_read_from_its_duration_tag():
@@ -528,6 +540,30 @@ def test_a_film_alone_in_its_file_starting_late_loses_nothing(tmp_path, containe
             frame.pts, frame.time_base = 25 + i, Fraction(1, 25)
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
+    assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
+    reader = VideoReader(path)
+    assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+
+
+def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_path):
+    """The Segment's duration is the longest track's: a 2 s picture with 4 s of sound was said
+    to have lost its last half, "truncated or corrupt". The picture's own DURATION tag tells."""
+    from clips import render_shot
+
+    path = tmp_path / "long_sound.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        audio = out.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        for img in render_shot(3, 50, 160, 96, 1.0):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(video.encode(None))
+        for i in range(4 * 16000 // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
     assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
     reader = VideoReader(path)
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
