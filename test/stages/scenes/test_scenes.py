@@ -1027,6 +1027,35 @@ def test_an_edl_counts_from_the_movies_own_start_timecode(tmp_path):
     assert starts == ["01:00:00:00", "01:00:00:02", "01:00:00:04"]  # each shot's own, not summed
 
 
+def test_an_edl_places_a_variable_rate_films_shots_by_their_time(tmp_path):
+    """Frames are counted at the film's mean rate: on variable-frame-rate footage (20 frames at
+    10 fps, then 60 at 30) the second shot, from frame 20 at 2 s, was placed at frame 20 of the
+    mean rate's timecode (1.0 s); placed by its time it starts at 00:00:02:00."""
+    import opentimelineio as otio
+
+    from diffusion_bunny.stages.scenes.timeline import build_timeline, edl_text
+
+    rows = pl.DataFrame(
+        {"cluster_id": ["s001"] * 2, "name": ["hall"] * 2, "shot_id": [0, 1], "frame_index": [5, 40]}
+    )
+    shots = pl.DataFrame(
+        {
+            "shot_id": [0, 1],
+            "start_frame": [0, 20],
+            "end_frame": [20, 80],
+            "start_s": [0.0, 2.0],
+            "end_s": [2.0, 4.0],
+        }
+    )
+    timeline = build_timeline(rows, shots, 20.0, tmp_path / "vfr.mkv", rate=25.0)
+    back = otio.adapters.read_from_string(edl_text(timeline), "cmx_3600", rate=25)
+    ranges = [
+        (c.source_range.start_time.to_timecode(), c.source_range.end_time_exclusive().to_timecode())
+        for c in back.find_clips()
+    ]
+    assert ranges == [("00:00:00:00", "00:00:02:00"), ("00:00:02:00", "00:00:04:00")]
+
+
 def _hand_feedback(frame: str, source: str, target: str | None) -> pl.DataFrame:
     """A feedback table written by hand with DESIGN.md's columns: ``ts`` as text, ``label`` Int32,
     no ``level``."""

@@ -141,20 +141,30 @@ def build_timeline(
     (default ``fps``) is the timecode rate: movie frames at ``fps`` are placed by time on it,
     ``offset`` frames on (the movie's own start timecode, :func:`timecode_frames`)."""
     rate = fps if rate is None else rate
+    timed = {"start_s", "end_s"} <= set(shots.columns) and not shots.is_empty()
+    # Counted from the first frame's time, as frame 0 is (a stream whose first frame is shown at
+    # 0.08 s, after its B-frames' delay, starts at 00:00:00:00 either way).
+    origin = float(shots["start_s"].min()) if timed else 0.0
 
-    def at(frame: int) -> int:
+    def at(frame: int, time_s: float | None) -> int:
+        # By the shot's time where stage 01 wrote it: frames are counted at the mean rate, and on
+        # variable-frame-rate footage a shot starting at 2.7 s was placed at 4.75 s.
+        if time_s is not None:
+            return offset + round((time_s - origin) * rate)
         return offset + (frame if rate == fps else round(frame * rate / fps))
 
     reel = reel_name(movie)
     timeline = otio.schema.Timeline(name=f"{movie.stem} {level} clusters")
     track = otio.schema.Track(name="V1", kind=otio.schema.TrackKind.Video)
     timeline.tracks.append(track)
-    by_shot = shots.select("shot_id", "start_frame", "end_frame").rows_by_key("shot_id", unique=True)
+    columns = ["start_frame", "end_frame", *(["start_s", "end_s"] if timed else [])]
+    by_shot = shots.select("shot_id", *columns).rows_by_key("shot_id", unique=True)
     for (cid,), group in rows.group_by("cluster_id", maintain_order=True):
         name = group["name"][0]
         first = True
         for shot_id in group.sort("frame_index")["shot_id"].unique(maintain_order=True).to_list():
-            start, end = at(by_shot[shot_id][0]), at(by_shot[shot_id][1])
+            row = by_shot[shot_id]
+            start, end = at(row[0], row[2] if timed else None), at(row[1], row[3] if timed else None)
             clip = otio.schema.Clip(
                 name=f"{cid} {name} shot {shot_id}",
                 media_reference=otio.schema.ExternalReference(target_url=str(movie)),
