@@ -822,6 +822,12 @@ def test_still_picker_goes_to_a_time_a_frame_or_a_shot(discovered, tmp_path):
     assert frames["frame_id"][picker.frame.value] in picker.status.value
     assert picker.go_to(f"{index[3] + 1}") and picker.frame.value == 3  # a frame number of the movie
     assert picker.go_to(f"{stamps[1]:.3f}s") and picker.frame.value == 1
+    # variable frame rate: a time is the frame shown nearest to it, not its index at the mean rate
+    shown_at = picker.frames["frame_index"].cast(pl.Float64) ** 2 / 400 / fps
+    before, picker.frames = picker.frames, picker.frames.with_columns(shown_at.alias("timestamp_s"))
+    last = picker.frames.height - 2
+    assert picker.go_to(f"{picker.frames['timestamp_s'][last]:.3f}s") and picker.frame.value == last
+    picker.frames = before
     shot = int(frames["shot_id"][5])
     assert picker.go_to(f"Shot {shot}")
     assert picker.frame.value == int(np.flatnonzero(frames["shot_id"].to_numpy() == shot)[0])

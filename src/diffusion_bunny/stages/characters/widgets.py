@@ -454,13 +454,18 @@ class StillPicker:
             index = int(rows[0])
         else:
             try:
-                target = FrameTimecode(where, fps=self.fps).frame_num
+                place = FrameTimecode(where, fps=self.fps)
             except (ValueError, TypeError):
                 self.status.value = _error(
                     f"{where!r} is not a time (1:30, 0:01:30.5, 90.5s), a frame number or 'shot N'"
                 )
                 return False
-            index = int(np.abs(self.frames["frame_index"].to_numpy() - target).argmin())
+            # A time by the frames' own times: frame numbers count decoded frames, and on
+            # variable-frame-rate footage "7.5s" at the mean rate went to a frame shown at 6.2 s.
+            if where.isdigit() or "timestamp_s" not in self.frames.columns:
+                index = int(np.abs(self.frames["frame_index"].to_numpy() - place.frame_num).argmin())
+            else:
+                index = int(np.abs(self.frames["timestamp_s"].to_numpy() - place.get_seconds()).argmin())
         if index == self.frame.value:  # already shown: its boxes stay, the error line goes
             self.status.value = self._where(self.frames.row(index, named=True))
         self.frame.value = index
