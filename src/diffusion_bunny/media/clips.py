@@ -59,6 +59,7 @@ class ClipSource:
     def __init__(self, movie: Path):
         self.movie = Path(movie)
         info = probe_video(self.movie)
+        self.fps = info.fps  # the film's mean rate, as stage 01 reads it (a Matroska file's measured)
         self.display = Display.of(info)
         flagged = should_deinterlace(info, None)
         self.deinterlace = flagged and should_deinterlace(info, interlace_verdict(self.movie))
@@ -80,9 +81,9 @@ class ClipSource:
         )
 
 
-def _decoded(container: Any, stream: Any, deinterlace: bool) -> Any:
+def _decoded(container: Any, stream: Any, deinterlace: bool, fps: float) -> Any:
     # past damaged packets, as stage 01 read the movie (a shot's clip next to a glitch)
-    frames = decode_past_damage(container, stream, DecodeReport(), float(stream.average_rate or 25))
+    frames = decode_past_damage(container, stream, DecodeReport(), fps)
     if not deinterlace:
         yield from frames
         return
@@ -114,12 +115,10 @@ def decode_clip(
         stream.thread_type = "AUTO"
         tb = stream.time_base
         origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        src_fps = float(stream.average_rate or stream.guessed_rate or 25)
-        half = 0.5 / src_fps
         container.seek(max(0, math.floor((targets[0] + origin - 1.0) / tb)), stream=stream, backward=True)
         k = 0
-        prev = None  # the last decoded frame inside the shot
-        for frame in _decoded(container, stream, source.deinterlace):
+        prev, prev_t = None, 0.0  # the last decoded frame inside the shot, and its time
+        for frame in _decoded(container, stream, source.deinterlace, source.fps):
             if frame.time is None:
                 continue
             t = float(frame.time) - origin
@@ -127,10 +126,13 @@ def decode_clip(
                 continue
             if t >= shot_end_s - 1e-6:
                 break  # the next shot: never cross the cut
-            while k < frames and prev is not None and t > targets[k] + half:
-                picked[k] = prev  # the frame before is the nearest for target k
+            # Target k lies between the frame before and this one: the nearer of the two, by their
+            # own times (half a frame at the declared rate was 0.5 ms in a file declaring 1000 fps,
+            # and "nearest" became "the one before").
+            while k < frames and prev is not None and t >= targets[k]:
+                picked[k] = prev if targets[k] - prev_t <= t - targets[k] else frame
                 k += 1
-            prev = frame
+            prev, prev_t = frame, t
             if k >= frames:
                 break
         while k < frames and prev is not None:

@@ -93,6 +93,34 @@ def test_bad_clip_settings_name_the_key(override, message, tmp_path):
     assert ExportSettings().video_clips is False
 
 
+@pytest.mark.parametrize("declared", [30, 1000])
+def test_each_clip_frame_is_the_source_frame_nearest_its_time_at_any_declared_rate(
+    tmp_path, monkeypatch, declared
+):
+    """A clip's frame k is the source frame nearest ``start + k / clip_fps``. It was the frame
+    before wherever the next came later than half a frame at the declared rate: in a Matroska
+    file declaring 1000 fps (a 1 ms time base) that was 0.5 ms, and "nearest" became "the one
+    before" for 17 of 33 frames of a real variable-rate clip."""
+    from clips import write_clip
+
+    import diffusion_bunny.media.clips as clips
+
+    times = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]  # 10 fps, then 30
+    movie = tmp_path / "vfr.mkv"
+    write_clip(movie, [(5, len(times), 1.0)], fps=declared, times=times)
+    used = []
+    shown = clips.frame_to_bgr
+    monkeypatch.setattr(
+        clips,
+        "frame_to_bgr",
+        lambda frame, *a: (used.append(round(float(frame.time), 3)), shown(frame, *a))[1],
+    )
+    start, count, rate = 1.0, 48, 16.0
+    decode_clip(movie, start, count, rate, 0.0, 6.0, (64, 64))
+    nearest = {min(times, key=lambda t: abs(t - (start + k / rate))) for k in range(count)}
+    assert set(used) == {round(t, 3) for t in nearest}
+
+
 def test_real_clip_is_cut_inside_the_shot_resampled_and_encoded(hamilton, tmp_path):
     """Hamilton: shots begin at frames 20, 82, 211 (29.97 fps). A 16 fps, 33-frame clip of the shot
     82-210 lies inside it: the frames before the cut (81) and after it (211) differ more from the
