@@ -88,6 +88,10 @@ def notebook_config(
     run = Run(folder)
     path, merged, gone = run.layers(config_path, given, current_name)
     earlier = _recorded_by_stages(run, load_config(path, merged)) if _made_before_settings(run) else {}
+    if earlier and config_path is not None:  # the notebook's own settings file wins, as its overrides do
+        own = _flat(load_config(config_path).model_dump(mode="json"))
+        plain = _flat(load_config(None).model_dump(mode="json"))
+        earlier = {k: v for k, v in earlier.items() if own.get(k) == plain.get(k)}
     merged = {**{k: v for k, v in earlier.items() if k not in merged}, **merged}
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)

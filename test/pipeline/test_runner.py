@@ -829,6 +829,9 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     (run_dir / "settings.json").unlink()
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold == 200
     assert notebook_config(run_dir, None, None, {"extract.motion_threshold": 5}).extract.motion_threshold == 5
+    mine = tmp_path / "mine2.yaml"  # a settings file of the notebook's own wins too
+    mine.write_text("extract:\n  motion_threshold: 7\n")
+    assert notebook_config(run_dir, None, str(mine), {}).extract.motion_threshold == 7
     # no notebook saved by bunny run (a folder a notebook or a script made): the notebook's own
     shutil.rmtree(run_dir / "notebooks")
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold != 200
