@@ -1149,6 +1149,46 @@ def test_a_fix_by_hand_follows_its_appearance_when_a_rerun_numbers_the_frame_aga
     # A fix kept before boxes were (an appearance_edits table of an earlier version) goes by id.
     legacy = pl.DataFrame({"event_id": ["e0"], "ts": [t0], "face_id": ["f0_01"], "character": ["orc chief"]})
     assert apply_appearance_edits(second, legacy)["character"].to_list() == ["knight", "orc chief"]
+    # Anchored on the table that shows it (edited, under its name) before a refit renumbers the
+    # frame, it follows its box: the orc is f0_00 again, the knight gone from this frame.
+    from diffusion_bunny.stages.characters.tables import anchor_by_id
+
+    shown = apply_appearance_edits(second, legacy)
+    anchored = anchor_by_id(legacy, shown, lambda seen: (None,) * 4)
+    assert anchored.select("frame_id", "kind", "left", "right").row(0) == ("f0", "drawn", 500, 620)
+    refit = pl.DataFrame([sighting("f0_00", "orc", 500)])
+    assert apply_appearance_edits(refit, anchored)["character"].to_list() == ["orc chief"]
+    assert apply_appearance_edits(refit, legacy)["character"].to_list() == ["orc"]  # by id: lost
+    # A table where that id shows another name (the fix not applied there) anchors nothing.
+    other = second.with_columns(pl.lit(True).alias("edited"))
+    assert anchor_by_id(legacy, other, lambda seen: (None,) * 4)["frame_id"].to_list() == [None]
+
+
+def test_a_stage_run_anchors_the_fixes_an_earlier_version_kept_by_id(demo_run, tmp_path):
+    """A run folder of an earlier version holds fixes by id alone, applied to its faces table:
+    stage 03 gives them their frame and box before it searches again, and the fix holds."""
+    from datetime import UTC, datetime
+
+    from diffusion_bunny.stages.characters.tables import apply_appearance_edits
+
+    run = _copy(demo_run, tmp_path)
+    faces = run_stage(run, "characters", _cfg(tmp_path), progress=False)["faces"]
+    target = faces.sort("face_id")["face_id"][1]
+    legacy = pl.DataFrame(
+        {
+            "event_id": ["e0"],
+            "ts": [datetime(2026, 11, 28, tzinfo=UTC)],
+            "face_id": [target],
+            "character": ["grace"],
+        }
+    )
+    run.write_table("appearance_edits", legacy)
+    run.write_table("faces", apply_appearance_edits(faces, legacy))
+    again = run_stage(run, "characters", _cfg(tmp_path), progress=False, force=True)["faces"]
+    edits = run.read_table("appearance_edits")
+    row = faces.filter(pl.col("face_id") == target).row(0, named=True)
+    assert edits.select("frame_id", "left", "top").row(0) == (row["frame_id"], row["left"], row["top"])
+    assert again.filter(pl.col("face_id") == target)["character"].to_list() == ["grace"]
 
 
 def test_the_fixer_fixes_the_appearance_its_strip_showed_under_that_number(demo_run, tmp_path):

@@ -94,6 +94,7 @@ from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
     FACE_FRAMES_SCHEMA,
     RUN_REFERENCES,
+    anchor_by_id,
     apply_appearance_edits,
     character_counts,
     edit_targets,
@@ -727,6 +728,7 @@ def compute(ctx: Context) -> StageOutput:
         previous = (old_detections, old_frames)
     settings = DetectSettings.from_config(cfg)
     require_detector(settings.detector)
+    anchor_old_fixes(ctx.run)
     scan = frames_to_scan(frames, quality, cfg)
     ref_dir = reference_dir(run_dir, cfg)
     warnings: list[str] = []
@@ -842,9 +844,25 @@ def fix_appearance(
             },
             schema=APPEARANCE_EDIT_SCHEMA,
         )
-        tables["appearance_edits"] = pl.concat([read_appearance_edits(run.run_dir), row])
+        before = anchor_by_id(
+            read_appearance_edits(run.run_dir), faces, lambda seen: _detected_box(run, seen)
+        )
+        tables["appearance_edits"] = pl.concat([before, row])
         tables["faces"] = faces = apply_appearance_edits(faces, row)
     return faces
+
+
+def anchor_old_fixes(run: Run) -> None:
+    """Give the fixes an earlier version saved by id alone their appearance's frame and box, from
+    the ``faces`` table they were applied to, before this run may renumber its sightings
+    (:func:`~.tables.anchor_by_id`); written back, under the tables' locks, only when one moved."""
+    if not (run.has_table("appearance_edits") and run.has_table("faces")):
+        return
+    with run.commit("appearance_edits", "faces", by_hand=True) as tables:
+        edits = read_appearance_edits(run.run_dir)
+        anchored = anchor_by_id(edits, run.read_table("faces"), lambda seen: _detected_box(run, seen))
+        if not anchored.equals(edits):
+            tables["appearance_edits"] = anchored
 
 
 def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...]:

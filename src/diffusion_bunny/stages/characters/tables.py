@@ -5,7 +5,9 @@ where the reference photos of the characters are (``characters.reference_dir``, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -151,6 +153,36 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
         best = max(scored, default=(0.0, None))
         targets[anchor] = best[1] if best[0] >= EDIT_MIN_IOU else None
     return targets
+
+
+def anchor_by_id(
+    edits: pl.DataFrame, faces: pl.DataFrame, raw_box: Callable[[dict[str, Any]], tuple[int | None, ...]]
+) -> pl.DataFrame:
+    """``edits`` with each fix made before fixes kept their box (an earlier version's: its id
+    alone) given the frame, kind and box of the appearance its id names in ``faces``, where that
+    appearance shows the fix (edited, under the fix's latest name); ``raw_box`` gives a drawn
+    one's detector box. An id is the sighting's place in its frame: the first refit after an
+    upgrade renumbered a frame's sightings, and such a fix was lost (or went to another sighting)
+    while the run said it waited for an appearance no longer there. Anchored while the ids still
+    hold, it follows its box as any fix does."""
+    edits = with_edit_columns(edits)
+    loose = edits["frame_id"].is_null() | edits["left"].is_null()
+    if edits.is_empty() or not loose.any():
+        return edits
+    latest = dict(edits.sort("ts").select("face_id", "character").iter_rows())
+    shown = {
+        row["face_id"]: row
+        for row in faces.filter(pl.col("edited").fill_null(False)).iter_rows(named=True)
+        if row["face_id"] in latest and row["character"] == latest[row["face_id"]]
+    }
+    rows = []
+    for row in edits.iter_rows(named=True):
+        seen = shown.get(row["face_id"])
+        if seen is not None and (row["frame_id"] is None or row["left"] is None):
+            row = {**row, "frame_id": seen["frame_id"], "kind": seen["kind"], **{k: seen[k] for k in BOX}}
+            row.update(zip(_RAW_BOX, raw_box(seen), strict=True))
+        rows.append(row)
+    return pl.DataFrame(rows, schema=APPEARANCE_EDIT_SCHEMA)
 
 
 def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:
