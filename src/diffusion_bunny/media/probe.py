@@ -7,6 +7,7 @@ without importing OpenCV and NumPy (start-up time of every ``bunny run``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import struct
@@ -148,108 +149,143 @@ def _picture_duration(
         # one: the Segment's is the longest track's, and a film whose sound or subtitles ran
         # past its picture was said to have lost its end, "truncated or corrupt". Both run
         # from 0 here (FFmpeg's does; mkvmerge starts its tracks at 0).
-        own = _tagged_seconds(stream)
-        end_s = own if own is not None and own > start_s else container.duration / av.time_base
+        whole_s = container.duration / av.time_base
+        own = _tagged_seconds(stream, whole_s)
+        end_s = own if own is not None and own > start_s else whole_s
         return end_s - start_s
     return container.duration / av.time_base - start_s
 
 
 #: A declared rate at or above this is a time base (Matroska's 1 ms, FLV's), not a film's.
 TIME_BASE_RATE = 500.0
-#: Packets read to measure the rate of a file that counts no frames (about 20 s of film).
-RATE_PACKETS = 600
-#: Frames a decoder may reorder (B-frames): the sample's last presentation times left out.
-REORDER = 8
+#: Where a file without a frame count is sampled (the middles of five equal parts of its length),
+#: how many packets each sample reads (about 2.5 s of film), and at most how many it reads from
+#: the keyframe a seek lands on to the sample's place.
+RATE_SAMPLES = (0.1, 0.3, 0.5, 0.7, 0.9)
+RATE_PACKETS = 64
+LEAD_IN_PACKETS = 250
+#: Frames a decoder may reorder (B-frame pyramids): a sample's last presentation times left out.
+REORDER = 16
 
 
-def _tagged_frames(stream: av.video.stream.VideoStream) -> int | None:
-    """The frame count mkvmerge writes among a Matroska track's statistics tags
-    (``NUMBER_OF_FRAMES``, or ``NUMBER_OF_FRAMES-eng``), or None."""
-    for key, value in (stream.metadata or {}).items():
-        if key.upper().startswith("NUMBER_OF_FRAMES"):
-            with contextlib.suppress(ValueError):
-                return int(value) if int(value) > 0 else None
+def _tagged_seconds(stream: av.video.stream.VideoStream, container_s: float | None) -> float | None:
+    """The track's own length from its ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``), or None: the
+    Segment's duration is the longest track's, often the sound's. FFmpeg writes ``DURATION`` and
+    rewrites it in every file it makes; mkvmerge's is ``DURATION-eng``, and a cut made from such a
+    release by FFmpeg keeps the release's beside its own, so the plain one is read first and any
+    longer than the file is another file's (a 10 s cut "lost 6,280 s")."""
+    tags = {str(k).upper(): v for k, v in (stream.metadata or {}).items()}
+    for key in ["DURATION", *sorted(k for k in tags if k.startswith("DURATION-"))]:
+        if key not in tags:
+            continue
+        with contextlib.suppress(ValueError):
+            hours, minutes, seconds = str(tags[key]).split(":")
+            total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            if total > 0 and (container_s is None or total <= container_s + 1.0):
+                return total
     return None
 
 
-def _tagged_seconds(stream: av.video.stream.VideoStream) -> float | None:
-    """The track's own length from its ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``, mkvmerge and
-    FFmpeg write it), or None: the container's duration is the longest track's, often the
-    sound's."""
-    for key, value in (stream.metadata or {}).items():
-        if key.upper().startswith("DURATION"):
-            with contextlib.suppress(ValueError):
-                hours, minutes, seconds = str(value).split(":")
-                total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-                return total if total > 0 else None
-    return None
-
-
-def _measured_rate(path: Path) -> float:
-    """Frames a second over the first :data:`RATE_PACKETS` packets' presentation times (read, not
-    decoded, in a container of its own: from the file's start, whatever the probe has read),
-    0.0 where they do not tell. Packets come in decoding order, so the last few presentation
-    times of a sample short of the file's end may lie past frames still to come; its top
-    :data:`REORDER` are left out."""
-    times = []
-    with (
-        contextlib.suppress(av.error.FFmpegError, OSError),
-        av.open(str(path), metadata_errors="ignore") as c,
-    ):
-        stream = picture_stream(c)
-        if stream is None or stream.time_base is None:
-            return 0.0
-        for packet in c.demux(stream):
-            if packet.pts is not None:
-                times.append(packet.pts * stream.time_base)
+def _sample_rate(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, from_s: float = 0.0
+) -> float:
+    """Frames a second where the film stands at ``from_s`` (a seek lands on the keyframe before):
+    the count of the :data:`RATE_PACKETS` packets' presentation times from there over their span
+    (read, not decoded), 0.0 where they do not tell. Packets come in decoding order, so the last
+    times of a sample short of the file's end may lie past frames still to come: its top
+    :data:`REORDER` are left out (with fewer, a 29.97 HEVC film read 29.71); a sample that
+    reaches the end is none (0.0): a few last frames' rounded times read 28.7."""
+    times: list[float] = []
+    lead_in = 0
+    with contextlib.suppress(av.error.FFmpegError):
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            lead_in += 1
+            if packet.pts * stream.time_base >= from_s or lead_in > LEAD_IN_PACKETS:
+                times.append(float(packet.pts * stream.time_base))
             if len(times) >= RATE_PACKETS:
                 break
     times.sort()
-    if len(times) >= RATE_PACKETS:  # stopped before the end: frames still to come may lie between
-        times = times[: len(times) - REORDER]
-    if len(times) < 3:
+    if len(times) < RATE_PACKETS:  # the film's end: its last frames' times are rounded, or cut
         return 0.0
-    span = float(times[-1] - times[0])
-    return (len(times) - 1) / span if span > 0 else 0.0
+    times = times[: len(times) - REORDER]
+    return (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else 0.0
 
 
-def _frame_rate(
-    path: Path, stream: av.video.stream.VideoStream, duration_s: float | None, matroska: bool
-) -> tuple[float, int | None]:
-    """The picture's mean frames a second and its frame count where the file says it.
+def _measured_rate(path: Path) -> float:
+    """The film's mean frames a second measured on its packets, 0.0 where they do not tell: the
+    mean of the rates of samples at the middles of five equal parts (:data:`RATE_SAMPLES`), each
+    read without decoding, which approaches the count of frames over the length without reading
+    the film. Not its first seconds alone: a still intro at 2 fps before a 24 fps film read 13.8.
+    Kept per file (its path, size and time) for the process: every stage probes the movie."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return 0.0
+    return _measured_rate_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _measured_rate_of(path: str, size: int, mtime_ns: int) -> float:
+    rates = []
+    with contextlib.suppress(av.error.FFmpegError, OSError), av.open(path, metadata_errors="ignore") as c:
+        stream = picture_stream(c)
+        if stream is None or stream.time_base is None:
+            return 0.0
+        length = c.duration
+        origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        for where in RATE_SAMPLES if length else (0.0,):  # no length: its start alone
+            try:
+                if where:
+                    c.seek(int(where * length) + (c.start_time or 0), backward=True)  # AV_TIME_BASE
+            except av.error.FFmpegError:
+                continue
+            rate = _sample_rate(c, stream, origin + where * length / av.time_base if where else 0.0)
+            if rate:
+                rates.append(rate)
+        if not rates:  # a film shorter than a sample: all of it
+            c.seek(0, backward=True)
+            rates = [_short_film_rate(c, stream)]
+    rates = [r for r in rates if r]
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def _short_film_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
+    """Frames a second of a film of fewer than a sample's packets, from all of them."""
+    times: list[float] = []
+    with contextlib.suppress(av.error.FFmpegError):
+        times = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None)
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else 0.0
+
+
+def _frame_rate(path: Path, stream: av.video.stream.VideoStream, matroska: bool) -> float:
+    """The picture's mean frames a second.
 
     Every window in seconds that stage 01 counts in frames (a keyframe's window, the shortest
-    shot, a shot clip) needs the mean rate. MP4 and its kin count their frames, and FFmpeg's
-    average rate is that count over the duration. Matroska counts none: its average rate is the
-    track's DefaultDuration, which a variable-frame-rate file muxed from a 30 fps source keeps
-    at 30 while its frames run at 17.5, and a file muxed with 1 ms durations declares 1000; with
-    no DefaultDuration it is FFmpeg's guess from the first frames (30.3 for a 29.97 film).
-
-    So without a count in the header, the first :data:`RATE_PACKETS` packets are measured (about
-    10 ms), and the declared rate is kept where it is within 0.5% of that (a 29.97 film keeps its
-    exact 30000/1001). A count in mkvmerge's statistics tags over the picture's length is the
-    whole film's mean (a variable-rate anime release: 23.976 with a 29.97 opening): it is taken
-    where it is within half again of the packets' rate (1.25 between those two). Further off,
-    the tags are another file's: a scene cut from a release with FFmpeg keeps the release's
-    NUMBER_OF_FRAMES (41,250 over 10 s: 4,115 fps, one keyframe window longer than the film;
-    275 over 6 s: 46 fps for 30). Other files without a count (MPEG-TS, FLV) keep their declared
-    rate unless it is a time base (:data:`TIME_BASE_RATE`): a joined recording's times restart."""
-    counted = stream.frames or None
+    shot, a shot clip) needs it. MP4 and its kin count their frames, and FFmpeg's average rate is
+    that count over the duration. Matroska counts none: its average rate is the track's
+    DefaultDuration, which a variable-frame-rate file muxed from a 30 fps source keeps at 30 while
+    its frames run at 17.5, and a file muxed with 1 ms durations declares 1000; with no
+    DefaultDuration it is FFmpeg's guess from the first frames (30.3 for a 29.97 film). So a
+    Matroska film is measured (:func:`_measured_rate`), and its declared rate kept where it is
+    within 0.5% of that (a 29.97 film keeps its exact 30000/1001; a measured rate within 0.1% of
+    a standard one is that one). mkvmerge's statistics tags (NUMBER_OF_FRAMES) are not used: a
+    cut made from a release with FFmpeg keeps the release's count (41,250 frames over 10 s:
+    4,115 fps). Other files without a count (MPEG-TS, FLV) keep their declared rate unless it is a
+    time base (:data:`TIME_BASE_RATE`): a joined recording's times restart."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     declared = float(rate) if rate else 0.0
-    if counted is not None:
-        return declared, counted
-    if not matroska:  # an MPEG-TS declares its codec's rate (and a joined one's times restart)
+    if stream.frames:
+        return declared
+    if not matroska:
         if declared and declared < TIME_BASE_RATE:
-            return declared, None
-        return _standard(_measured_rate(path)) or declared, None
+            return declared
+        return _standard(_measured_rate(path)) or declared
     measured = _measured_rate(path)
-    tagged = _tagged_frames(stream)
-    if tagged and duration_s and measured and 2 / 3 <= tagged / duration_s / measured <= 1.5:
-        return tagged / duration_s, tagged
     if measured and not (declared and abs(declared - measured) <= 0.005 * measured):
-        return _standard(measured), None
-    return declared, None
+        return _standard(measured)
+    return declared
 
 
 #: Frame rates of film and video (the NTSC ones exact): a measured rate this close to one is it.
@@ -304,7 +340,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation, mirrored = display_turn(first_frame, ctx.name)
-        fps, counted = _frame_rate(path, stream, duration_s, "matroska" in container.format.name)
+        fps = _frame_rate(path, stream, "matroska" in container.format.name)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)
@@ -319,7 +355,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             rotation=rotation,
             fps=fps,
             duration_s=duration_s,
-            declared_frames=counted,
+            declared_frames=stream.frames or None,
             pix_fmt=first_frame.format.name,
             sample_aspect=sar,
             bit_depth=bits,

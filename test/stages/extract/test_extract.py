@@ -281,34 +281,41 @@ def test_variable_frame_rate_keeps_presentation_times(tmp_path):
         assert row["timestamp_s"] == pytest.approx(times[row["frame_index"]], abs=1e-3)
 
 
-#: 30 frames at 10 fps, then 90 at 30: 120 frames in 6 s, a mean of 20 frames a second.
-VFR_TIMES = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]
+#: Every third frame of 30 fps dropped: 120 frames in 6 s, 20 a second throughout.
+VFR_TIMES = [i / 30 for i in range(180) if i % 3]
 
 
 @pytest.mark.parametrize(
-    ("declared", "tags", "mean", "count"),
+    ("declared", "tags"),
     [
-        (30, {"NUMBER_OF_FRAMES": "120"}, 20.0, 120),  # mkvmerge's statistics: the count over the length
-        (30, {"NUMBER_OF_FRAMES-eng": "120"}, 20.0, 120),
-        (30, {"NUMBER_OF_FRAMES": "1200"}, 20.0, None),  # another file's count (a scene cut from it)
-        (1000, {}, 20.0, None),  # a 1 ms DefaultDuration: measured on the packets
-        (30, {}, 20.0, None),  # a variable-rate file muxed from a 30 fps source
+        (30, {}),  # a variable-rate file muxed from a 30 fps source
+        (1000, {}),  # a 1 ms DefaultDuration
+        (30, {"NUMBER_OF_FRAMES": "1200"}),  # a release's count kept by a cut from it: not read
+        (20, {}),  # a declared rate the packets agree with is kept
     ],
 )
-def test_a_matroska_films_frame_rate_is_its_mean_not_its_default_duration(
-    tmp_path, declared, tags, mean, count
-):
+def test_a_matroska_films_frame_rate_is_its_frames_not_its_default_duration(tmp_path, declared, tags):
     """Matroska counts no frames, so FFmpeg's average rate is the track's DefaultDuration: a
-    variable-frame-rate file declaring 30 (or 1000) fps while its frames average 20 had every
+    variable-frame-rate file declaring 30 (or 1000) fps while its frames run at 20 had every
     window in seconds counted in the wrong number of frames."""
     path = tmp_path / "vfr.mkv"
     write_clip(path, [(5, len(VFR_TIMES), 0.0)], fps=declared, times=VFR_TIMES, metadata=tags)
     info = probe_video(path)
-    assert info.fps == pytest.approx(mean, rel=0.02)
-    assert info.declared_frames == count
+    assert info.fps == pytest.approx(20.0, rel=0.02) and info.declared_frames is None
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
-    assert result.facts["fps"] == pytest.approx(mean, rel=0.02)
+    assert result.facts["fps"] == pytest.approx(20.0, rel=0.02)
     assert result.facts["decoded_frames"] == 120
+
+
+def test_a_matroska_film_with_a_slow_intro_keeps_its_rate(tmp_path):
+    """Measured on its first seconds alone, a film opening on a still at 2 fps (a screen
+    recorder, mpdecimate) before 24 fps read 13.8: it is measured across its length, near its
+    mean (1,220 frames in 60 s: 20.3)."""
+    times = [i / 2 for i in range(20)] + [10 + i / 24 for i in range(24 * 50)]
+    path = tmp_path / "intro.mkv"
+    options = {"x264-params": "keyint=48"}
+    write_clip(path, [(5, len(times), 0.0)], width=64, height=48, fps=24, times=times, options=options)
+    assert probe_video(path).fps == pytest.approx(len(times) / 60, rel=0.1)
 
 
 @pytest.mark.parametrize("suffix", [".mkv", ".webm"])
@@ -327,11 +334,16 @@ def test_a_matroska_tracks_own_length_is_read_from_its_duration_tag():
 
     from diffusion_bunny.media.probe import _tagged_seconds
 
-    assert _tagged_seconds(SimpleNamespace(metadata={"DURATION-eng": "00:23:40.042000000"})) == pytest.approx(
-        1420.042
-    )
-    assert _tagged_seconds(SimpleNamespace(metadata={"DURATION": "soon"})) is None
-    assert _tagged_seconds(SimpleNamespace(metadata={})) is None
+    def tagged(metadata, whole=None):
+        return _tagged_seconds(SimpleNamespace(metadata=metadata), whole)
+
+    assert tagged({"DURATION-eng": "00:23:40.042000000"}) == pytest.approx(1420.042)
+    assert tagged({"DURATION": "soon"}) is None and tagged({}) is None
+    # a cut made by FFmpeg from a release keeps the release's tag beside its own: its own first,
+    # and one longer than the file is another file's
+    cut = {"DURATION-eng": "01:45:00.000000000", "DURATION": "00:00:19.541000000"}
+    assert tagged(cut, 19.6) == pytest.approx(19.541)
+    assert tagged({"DURATION-eng": "01:45:00.000000000"}, 19.6) is None
 
 
 def test_a_variable_frame_rate_shot_is_too_short_by_its_time_not_its_frames(tmp_path):
