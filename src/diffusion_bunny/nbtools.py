@@ -92,11 +92,17 @@ def notebook_config(
         own = _flat(load_config(config_path).model_dump(mode="json"))
         plain = _flat(load_config(None).model_dump(mode="json"))
         earlier = {k: v for k, v in earlier.items() if own.get(k) == plain.get(k)}
-    merged = {**{k: v for k, v in earlier.items() if k not in merged}, **merged}
+    named = {current_name(key) for key in merged}  # the notebook's own under any spelling win
+    earlier = {k: v for k, v in earlier.items() if k not in named}
+    merged = {**earlier, **merged}
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
         cfg = load_config(path, merged)
-    except ConfigError:
+    except ConfigError as exc:
+        if earlier:  # recorded settings that do not go with the notebook's own: left out, said
+            print(f"the settings {folder.name}'s stages recorded are left out (with this notebook's: {exc})")
+            merged = {k: v for k, v in merged.items() if k not in earlier}
+            earlier = {}
         dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
         for key in dropped:
             del merged[key]

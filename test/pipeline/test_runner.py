@@ -829,6 +829,19 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     (run_dir / "settings.json").unlink()
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold == 200
     assert notebook_config(run_dir, None, None, {"extract.motion_threshold": 5}).extract.motion_threshold == 5
+    # the notebook's own under an old spelling wins; one that does not go with a recorded
+    # setting (a threshold under its recorded floor) leaves the recorded ones out, said
+    assert (
+        notebook_config(run_dir, None, None, {"extraction.motion_threshold": 6}).extract.motion_threshold == 6
+    )
+    manifest = run_dir / "manifests" / "extract.json"
+    record = json.loads(manifest.read_text())
+    record["config"]["scenes"] = {"assign_threshold": 0.9, "noise_threshold": 0.7}
+    manifest.write_text(json.dumps(record))
+    capsys.readouterr()
+    low = notebook_config(run_dir, None, None, {"scenes.assign_threshold": 0.6})
+    assert low.scenes.assign_threshold == 0.6 and low.extract.motion_threshold != 200
+    assert "stages recorded are left out" in capsys.readouterr().out
     mine = tmp_path / "mine2.yaml"  # a settings file of the notebook's own wins too
     mine.write_text("extract:\n  motion_threshold: 7\n")
     assert notebook_config(run_dir, None, str(mine), {}).extract.motion_threshold == 7
