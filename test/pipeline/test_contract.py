@@ -229,6 +229,11 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
     )
     assert upgraded == "captions.tone 'dry' -> 'wry'; captions.trigger_word (unrecorded) -> 'bny'"
     assert config_changes({"a": 1, "b": 2}, {"a": 1}) == "b 2 -> (unset)"
+    # a map the record holds empty: the key under it was recorded, as none
+    described = config_changes(
+        {"captions": {"descriptions": {}}}, {"captions": {"descriptions": {"al": "red"}}}
+    )
+    assert described == "captions.descriptions.al None -> 'red'"
     # A manifest from before the config was recorded: nothing to name.
     assert config_changes(None, fresh) == "" and config_changes({}, fresh) == ""
 

@@ -376,7 +376,12 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     )
 
     def told(key: str, side: dict[str, Any], missing: str) -> str:
-        return _short(side[key]) if key in side else missing
+        if key in side:
+            return _short(side[key])
+        # under a map the record holds empty ({} flattens to nothing): recorded, with no such key
+        parts = key.split(".")
+        held = any(_holds(stored if side is old else fresh, parts[:n]) for n in range(1, len(parts)))
+        return "None" if held else missing
 
     shown = [
         f"{_present_name(k)} {told(k, old, '(unrecorded)')} -> {told(k, new, '(unset)')}" for k in keys[:most]
@@ -384,6 +389,16 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     if len(keys) > most:
         shown.append(f"{len(keys) - most} more")
     return "; ".join(shown)
+
+
+def _holds(values: Any, path: list[str]) -> bool:
+    """Whether the nested ``values`` hold an empty map at the dotted ``path`` (the flat keys'
+    prefixes name it under today's or the recorded section name alike)."""
+    for part in path:
+        if not isinstance(values, dict):
+            return False
+        values = values.get(part, values.get(RECORDED_AS.get(part, part)))
+    return values == {}
 
 
 def manifest_state(
