@@ -842,6 +842,52 @@ def test_a_fix_of_a_drawn_sighting_whose_box_grew_by_a_large_face_holds_on_a_rer
     assert apply_appearance_edits(girl, poster).select("character", "edited").row(0) == ("girl", False)
 
 
+def test_a_face_on_a_drawn_sighting_fixed_to_nobody_is_not_named_by_its_track():
+    """The girl's drawn sighting in f0 fixed to "none of the characters": the face on it became
+    an appearance again, and its track (her face in f2, on her figure there) named it after her,
+    in the very frame a person said she was not: captioned with her and exported as her close-up."""
+    from diffusion_bunny.stages.characters.tables import APPEARANCE_EDIT_SCHEMA, apply_appearance_edits
+
+    head, feature = np.eye(128, dtype=np.float32)[0], np.eye(64, dtype=np.float32)[0]
+    box = (270, 342, 532, 661)
+    drawn = drawn_rows([("f0", 1, 10, "mika", 0.9, box, feature), ("f2", 1, 30, "mika", 0.9, box, feature)])
+    faces_in = pl.DataFrame(
+        [
+            face_row("f0_f", "f0", (374, 248, 460, 356), head),
+            face_row("f2_f", "f2", (376, 250, 462, 358), head),
+        ],
+        schema=DETECTIONS_SCHEMA,
+    )
+    frames = pl.DataFrame(
+        {"frame_id": ["f0", "f2"], "shot_id": [1, 1], "frame_index": [10, 30]}
+    ).with_columns((pl.col("frame_index") / 24).alias("timestamp_s"))
+    detections = pl.concat([drawn, faces_in])
+    first = label_faces(detections, frames, ReferenceSet(), CharactersSettings())
+    assert first.filter(pl.col("kind") == "face").is_empty()  # both faces are hers, in her figures
+    sighting = first.filter((pl.col("kind") == "drawn") & (pl.col("frame_id") == "f0")).row(0, named=True)
+    fix = pl.DataFrame(
+        [
+            {
+                "event_id": "e1",
+                "ts": __import__("datetime").datetime(2026, 11, 29),
+                "face_id": sighting["face_id"],
+                "character": None,
+                "frame_id": "f0",
+                "kind": "drawn",
+                **{k: sighting[k] for k in ("left", "top", "right", "bottom")},
+            }
+        ],
+        schema=APPEARANCE_EDIT_SCHEMA,
+    )
+    again = apply_appearance_edits(
+        label_faces(detections, frames, ReferenceSet(), CharactersSettings(), fix), fix
+    )
+    by_id = {r["face_id"]: r for r in again.iter_rows(named=True)}
+    assert by_id[sighting["face_id"]]["character"] is None
+    assert "f0_f" in by_id and by_id["f0_f"]["character"] is None  # an appearance again, of no one
+    assert "f2_f" not in by_id  # hers in f2, on her figure there
+
+
 def test_a_face_on_the_track_is_not_the_character_where_the_detector_found_her_elsewhere():
     """Wesnoth's warlord carries a skull on a pole: the face detector's "face" on the skull lies
     on his figure in one frame, and its track was named after him in every frame, exported as his

@@ -400,8 +400,12 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     face and exported as his close-up). The character's box takes in the face it lost, so that
     its crop (stage 06) is not a body without a head. A face on two figures is the one it
     overlaps most. Named faces stay (a person named from photos is a person), and so do faces a
-    person named or unnamed by hand."""
-    drawn = faces.filter((pl.col("kind") == "drawn") & pl.col("character").is_not_null())
+    person named or unnamed by hand. A face on a drawn sighting a person fixed to none of the
+    characters stays an appearance of its own, and its track names it not: it came back as her,
+    in the very frame she was said not to be in, captioned and exported as her close-up."""
+    is_drawn = pl.col("kind") == "drawn"
+    drawn = faces.filter(is_drawn & pl.col("character").is_not_null())
+    nobody = faces.filter(is_drawn & pl.col("character").is_null() & pl.col("edited").fill_null(False))
     loose = faces.filter((pl.col("kind") == "face") & pl.col("character").is_null() & ~pl.col("edited"))
     if drawn.height == 0 or loose.height == 0:
         return faces
@@ -410,6 +414,7 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     for r in drawn.iter_rows(named=True):
         figures.setdefault(r["frame_id"], []).append((r["face_id"], r["character"]))
         boxes[r["face_id"]] = (r["left"], r["top"], r["right"], r["bottom"])
+    unnamed = _on_figures(loose, nobody, inside)
     gone: set[str] = set()
     grown: dict[str, tuple[int, int, int, int]] = {}
     track_names: dict[int, Counter[str]] = {}
@@ -442,6 +447,7 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     name = pl.col("track_id").replace_strict(named, default=None, return_dtype=pl.Utf8)
     found = [f"{frame}|{who}" for frame, names in figures.items() for _, who in names]
     heir = heir & ~pl.concat_str(pl.col("frame_id"), pl.lit("|"), name).is_in(found)
+    heir = heir & ~pl.col("face_id").is_in(list(unnamed))
     boxes_grown = pl.DataFrame(
         [(face_id, *box) for face_id, box in grown.items()],
         schema={"face_id": pl.Utf8, "left": pl.Int64, "top": pl.Int64, "right": pl.Int64, "bottom": pl.Int64},
@@ -456,6 +462,24 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
             pl.when(heir).then(pl.lit(None, pl.Utf8)).otherwise(pl.col("cluster")).alias("cluster"),
         )
     )
+
+
+def _on_figures(loose: pl.DataFrame, figures: pl.DataFrame, inside: float) -> set[str]:
+    """The ids of ``loose`` faces with at least ``inside`` of their box on one of ``figures`` of
+    their frame (:func:`_figure`)."""
+    by_frame: dict[str, list[tuple[int, int, int, int]]] = {}
+    for r in figures.iter_rows(named=True):
+        by_frame.setdefault(r["frame_id"], []).append((r["left"], r["top"], r["right"], r["bottom"]))
+    on = set()
+    for r in loose.filter(pl.col("frame_id").is_in(list(by_frame))).iter_rows(named=True):
+        face = (r["left"], r["top"], r["right"], r["bottom"])
+        area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
+        for box in by_frame[r["frame_id"]]:
+            left, top, right, bottom = _figure(box, face)
+            w, h = min(face[2], right) - max(face[0], left), min(face[3], bottom) - max(face[1], top)
+            if w > 0 and h > 0 and w * h >= inside * area:
+                on.add(r["face_id"])
+    return on
 
 
 def _figure(box: tuple[int, int, int, int], face: tuple[int, int, int, int]) -> tuple[float, ...]:
