@@ -234,6 +234,18 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
         {"captions": {"descriptions": {}}}, {"captions": {"descriptions": {"al": "red"}}}
     )
     assert described == "captions.descriptions.al None -> 'red'"
+    # A stage whose code changed and whose record lacks only settings it reads now (an upgrade):
+    # the code is the cause, the new settings said beside it, none named as moved from None.
+    from diffusion_bunny.pipeline.contract import _settings_or_code_moved
+
+    record = {"config": {"captions": {"tone": "dry"}}, "config_hash": "a", "code_hash": "old"}
+    now = {"captions": {"tone": "dry", "trigger_word": "bny"}}
+    assert _settings_or_code_moved(record, "b", now, "new") == (
+        "its code changed (and it reads settings it did not record: captions.trigger_word)"
+    )
+    assert _settings_or_code_moved(record, "b", now, "old").startswith("its config changed")
+    moved = {"captions": {"tone": "wry", "trigger_word": "bny"}}
+    assert _settings_or_code_moved(record, "b", moved, "new").startswith("its config changed: captions.tone")
     # A manifest from before the config was recorded: nothing to name.
     assert config_changes(None, fresh) == "" and config_changes({}, fresh) == ""
 

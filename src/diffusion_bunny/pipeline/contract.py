@@ -463,6 +463,13 @@ def _settings_or_code_moved(
     if manifest.get("config_hash") != config_hash and not (
         stored and config is not None and not settings_moved(stored, config)
     ):
+        moved = settings_moved(stored, config) if stored and config is not None else []
+        recorded = _flat(stored) if stored else {}
+        if manifest.get("code_hash") != code and moved and not any(k in recorded for k in moved):
+            # Only settings its record lacks: they came with the new code (an upgrade), and
+            # "batch_threads (unrecorded) -> 0" named a setting nobody touched as the cause.
+            new = ", ".join(_present_name(k) for k in moved[:3]) + (" ..." if len(moved) > 3 else "")
+            return f"its code changed (and it reads settings it did not record: {new})"
         changes = config_changes(stored, config)
         return f"its config changed: {changes}" if changes else "its config changed"
     if manifest.get("code_hash") != code:
