@@ -400,9 +400,8 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     face and exported as his close-up). The character's box takes in the face it lost, so that
     its crop (stage 06) is not a body without a head. A face on two figures is the one it
     overlaps most. Named faces stay (a person named from photos is a person), and so do faces a
-    person named or unnamed by hand. A face on a drawn sighting a person fixed to none of the
-    characters stays an appearance of its own, and its track names it not: it came back as her,
-    in the very frame she was said not to be in, captioned and exported as her close-up."""
+    person named or unnamed by hand. A face on a drawn sighting fixed to none by hand stays an
+    appearance its track names not (it came back as her, where she was said not to be)."""
     is_drawn = pl.col("kind") == "drawn"
     drawn = faces.filter(is_drawn & pl.col("character").is_not_null())
     nobody = faces.filter(is_drawn & pl.col("character").is_null() & pl.col("edited").fill_null(False))

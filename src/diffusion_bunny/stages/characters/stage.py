@@ -718,10 +718,9 @@ def compute(ctx: Context) -> StageOutput:
         ctx.optional("quality"),
         ctx.cfg.characters,
     )
-    # The last run's detections are reused, never its faces: labelling drops sightings (a drawn
-    # one under its score, a face on a drawn figure) and widens boxes, and a rerun reusing those
-    # lost what a new threshold or rule must see again. A run from before the detections table
-    # searches its frames once more.
+    # The last run's detections are reused, never its faces: labelling drops sightings (a drawn one
+    # under its score, a face on a drawn figure) and widens boxes, which a new threshold or rule must
+    # see again. A run from before the detections table searches its frames once more.
     previous = None
     old_detections, old_frames = ctx.own_previous("detections"), ctx.own_previous("face_frames")
     if old_detections is not None and old_frames is not None:
