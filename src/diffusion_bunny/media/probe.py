@@ -158,14 +158,10 @@ def _picture_duration(
 
 #: A declared rate at or above this is a time base (Matroska's 1 ms, FLV's), not a film's.
 TIME_BASE_RATE = 500.0
-#: Where a file without a frame count is sampled (the middles of five equal parts of its length),
-#: how many packets each sample reads (about 2.5 s of film), and at most how many it reads from
-#: the keyframe a seek lands on to the sample's place.
-RATE_SAMPLES = (0.1, 0.3, 0.5, 0.7, 0.9)
-RATE_PACKETS = 64
-LEAD_IN_PACKETS = 250
-#: Frames a decoder may reorder (B-frame pyramids): a sample's last presentation times left out.
-REORDER = 16
+#: A Matroska film at most this long (seconds) is measured whole: its mean, exactly.
+SHORT_FILM_S = 30.0
+#: Packets read from the start to measure a film that declares a time base (about 20 s of film).
+RATE_PACKETS = 600
 
 
 def _tagged_seconds(stream: av.video.stream.VideoStream, container_s: float | None) -> float | None:
@@ -186,103 +182,64 @@ def _tagged_seconds(stream: av.video.stream.VideoStream, container_s: float | No
     return None
 
 
-def _sample_rate(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, from_s: float = 0.0
-) -> float:
-    """Frames a second where the film stands at ``from_s`` (a seek lands on the keyframe before):
-    the count of the :data:`RATE_PACKETS` packets' presentation times from there over their span
-    (read, not decoded), 0.0 where they do not tell. Packets come in decoding order, so the last
-    times of a sample short of the file's end may lie past frames still to come: its top
-    :data:`REORDER` are left out (with fewer, a 29.97 HEVC film read 29.71); a sample that
-    reaches the end is none (0.0): a few last frames' rounded times read 28.7."""
-    times: list[float] = []
-    lead_in = 0
-    with contextlib.suppress(av.error.FFmpegError):
-        for packet in container.demux(stream):
-            if packet.pts is None:
-                continue
-            lead_in += 1
-            if packet.pts * stream.time_base >= from_s or lead_in > LEAD_IN_PACKETS:
-                times.append(float(packet.pts * stream.time_base))
-            if len(times) >= RATE_PACKETS:
-                break
-    times.sort()
-    if len(times) < RATE_PACKETS:  # the film's end: its last frames' times are rounded, or cut
-        return 0.0
-    times = times[: len(times) - REORDER]
-    return (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else 0.0
-
-
-def _measured_rate(path: Path) -> float:
-    """The film's mean frames a second measured on its packets, 0.0 where they do not tell: the
-    mean of the rates of samples at the middles of five equal parts (:data:`RATE_SAMPLES`), each
-    read without decoding, which approaches the count of frames over the length without reading
-    the film. Not its first seconds alone: a still intro at 2 fps before a 24 fps film read 13.8.
+def _measured_rate(path: Path, limit: int | None = RATE_PACKETS) -> float:
+    """Frames a second over the presentation times of the film's first ``limit`` packets (None:
+    all of them), read without decoding in a container of its own; 0.0 where they do not tell.
     Kept per file (its path, size and time) for the process: every stage probes the movie."""
     try:
         stat = path.stat()
     except OSError:
         return 0.0
-    return _measured_rate_of(str(path), stat.st_size, stat.st_mtime_ns)
+    return _measured_rate_of(str(path), stat.st_size, stat.st_mtime_ns, limit)
 
 
 @functools.lru_cache(maxsize=64)
-def _measured_rate_of(path: str, size: int, mtime_ns: int) -> float:
-    rates = []
+def _measured_rate_of(path: str, size: int, mtime_ns: int, limit: int | None) -> float:
+    times: list[float] = []
     with contextlib.suppress(av.error.FFmpegError, OSError), av.open(path, metadata_errors="ignore") as c:
         stream = picture_stream(c)
         if stream is None or stream.time_base is None:
             return 0.0
-        length = c.duration
-        origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        for where in RATE_SAMPLES if length else (0.0,):  # no length: its start alone
-            try:
-                if where:
-                    c.seek(int(where * length) + (c.start_time or 0), backward=True)  # AV_TIME_BASE
-            except av.error.FFmpegError:
-                continue
-            rate = _sample_rate(c, stream, origin + where * length / av.time_base if where else 0.0)
-            if rate:
-                rates.append(rate)
-        if not rates:  # a film shorter than a sample: all of it
-            c.seek(0, backward=True)
-            rates = [_short_film_rate(c, stream)]
-    rates = [r for r in rates if r]
-    return sum(rates) / len(rates) if rates else 0.0
-
-
-def _short_film_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    """Frames a second of a film of fewer than a sample's packets, from all of them."""
-    times: list[float] = []
-    with contextlib.suppress(av.error.FFmpegError):
-        times = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None)
+        for packet in c.demux(stream):
+            if packet.pts is not None:
+                times.append(float(packet.pts * stream.time_base))
+            if limit is not None and len(times) >= limit:
+                break
+    times.sort()
+    if limit is not None and len(times) >= limit:
+        times = times[: len(times) - 16]  # frames reordered past the sample's end (B-pyramids)
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else 0.0
 
 
-def _frame_rate(path: Path, stream: av.video.stream.VideoStream, matroska: bool) -> float:
-    """The picture's mean frames a second.
+def _frame_rate(
+    path: Path, stream: av.video.stream.VideoStream, matroska: bool, duration_s: float | None
+) -> float:
+    """The picture's mean frames a second, which every window in seconds that stage 01 counts
+    in frames (a keyframe's window, the shortest shot, a shot clip) needs.
 
-    Every window in seconds that stage 01 counts in frames (a keyframe's window, the shortest
-    shot, a shot clip) needs it. MP4 and its kin count their frames, and FFmpeg's average rate is
-    that count over the duration. Matroska counts none: its average rate is the track's
-    DefaultDuration, which a variable-frame-rate file muxed from a 30 fps source keeps at 30 while
-    its frames run at 17.5, and a file muxed with 1 ms durations declares 1000; with no
-    DefaultDuration it is FFmpeg's guess from the first frames (30.3 for a 29.97 film). So a
-    Matroska film is measured (:func:`_measured_rate`), and its declared rate kept where it is
-    within 0.5% of that (a 29.97 film keeps its exact 30000/1001; a measured rate within 0.1% of
-    a standard one is that one). mkvmerge's statistics tags (NUMBER_OF_FRAMES) are not used: a
-    cut made from a release with FFmpeg keeps the release's count (41,250 frames over 10 s:
-    4,115 fps). Other files without a count (MPEG-TS, FLV) keep their declared rate unless it is a
-    time base (:data:`TIME_BASE_RATE`): a joined recording's times restart."""
+    MP4 and its kin count their frames, and FFmpeg's average rate is that count over the
+    duration. Matroska counts none: its rate is the track's DefaultDuration (or FFmpeg's guess
+    from the first frames without one), which a variable-frame-rate file muxed from a 30 fps
+    source keeps at 30 while its frames run at 17, and a file muxed with 1 ms durations declares
+    as 1000. So a Matroska film of up to :data:`SHORT_FILM_S` seconds is measured whole (a clip,
+    a scene: its exact mean), and any film declaring a time base (:data:`TIME_BASE_RATE`) on its
+    first :data:`RATE_PACKETS` packets; the declared rate is kept within 0.5% of the measure (a
+    29.97 film keeps 30000/1001; a measured rate within 0.1% of a standard one is that one).
+    A longer film declaring a film's rate keeps it: its first seconds alone are no mean (a still
+    intro at 2 fps made a 24 fps film 13.8, a 29.97 opening made a 23.976 anime 29.97), and
+    samples across it cost a read of most of a file without an index (66 of 73 MB a probe).
+    mkvmerge's statistics tags (NUMBER_OF_FRAMES) are not read: a cut made from a release by
+    FFmpeg keeps the release's count. Other files without a count (MPEG-TS, FLV) keep their
+    declared rate unless it is a time base: a joined recording's times restart."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     declared = float(rate) if rate else 0.0
     if stream.frames:
         return declared
-    if not matroska:
-        if declared and declared < TIME_BASE_RATE:
-            return declared
-        return _standard(_measured_rate(path)) or declared
-    measured = _measured_rate(path)
+    implausible = not declared or declared >= TIME_BASE_RATE
+    short = matroska and duration_s is not None and duration_s <= SHORT_FILM_S
+    if not (implausible or short):
+        return declared
+    measured = _measured_rate(path, None if short else RATE_PACKETS)
     if measured and not (declared and abs(declared - measured) <= 0.005 * measured):
         return _standard(measured)
     return declared
@@ -340,7 +297,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation, mirrored = display_turn(first_frame, ctx.name)
-        fps = _frame_rate(path, stream, "matroska" in container.format.name)
+        fps = _frame_rate(path, stream, "matroska" in container.format.name, duration_s)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)
