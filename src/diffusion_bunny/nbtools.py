@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
@@ -98,11 +99,8 @@ def notebook_config(
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
         cfg = load_config(path, merged)
-    except ConfigError as exc:
-        if earlier:  # recorded settings that do not go with the notebook's own: left out, said
-            print(f"the settings {folder.name}'s stages recorded are left out (with this notebook's: {exc})")
-            merged = {k: v for k, v in merged.items() if k not in earlier}
-            earlier = {}
+    except ConfigError:
+        merged = _without_clashes(path, merged, set(earlier), folder.name)
         dropped = [key for key in merged if key not in given and not _known_setting(key, merged[key])]
         for key in dropped:
             del merged[key]
@@ -122,6 +120,29 @@ def notebook_config(
     if dropped:
         print(f"left out of the last bunny run's settings (not accepted now): {', '.join(dropped)}")
     return cfg
+
+
+def _without_clashes(
+    path: str | None, merged: dict[str, Any], recorded: set[str], folder: str
+) -> dict[str, Any]:
+    """``merged`` less the settings a run folder's stages recorded that keep it from loading: each
+    not accepted on its own, then each whose leaving out lets the rest load (one that does not go
+    with the notebook's own, a threshold over its floor), said in one line. The others stay: one
+    setting out of range took ``characters.reference_dir`` with it, and every name was lost."""
+    out = {k: v for k, v in merged.items() if k not in recorded or _known_setting(k, v)}
+    for key in [k for k in recorded if k in out]:
+        try:
+            load_config(path, out)
+            break
+        except ConfigError:
+            trial = {k: v for k, v in out.items() if k != key}
+            with contextlib.suppress(ConfigError):
+                load_config(path, trial)
+                out = trial
+    gone = sorted(k for k in recorded if k in merged and k not in out)
+    if gone:
+        print(f"left out of the settings {folder}'s stages recorded (not accepted now): {', '.join(gone)}")
+    return out
 
 
 def _made_before_settings(run: Run) -> bool:

@@ -244,6 +244,11 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
         "its code changed (and it reads settings it did not record: captions.trigger_word)"
     )
     assert _settings_or_code_moved(record, "b", now, "old").startswith("its config changed")
+    empty = {"config": {"captions": {"descriptions": {}}}, "config_hash": "a", "code_hash": "old"}
+    described = {"captions": {"descriptions": {"al": "red"}}}  # set by the user under a recorded {}
+    assert _settings_or_code_moved(empty, "b", described, "new").startswith(
+        "its config changed: captions.desc"
+    )
     moved = {"captions": {"tone": "wry", "trigger_word": "bny"}}
     assert _settings_or_code_moved(record, "b", moved, "new").startswith("its config changed: captions.tone")
     # A manifest from before the config was recorded: nothing to name.

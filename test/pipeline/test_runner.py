@@ -840,8 +840,13 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     manifest.write_text(json.dumps(record))
     capsys.readouterr()
     low = notebook_config(run_dir, None, None, {"scenes.assign_threshold": 0.6})
-    assert low.scenes.assign_threshold == 0.6 and low.extract.motion_threshold != 200
-    assert "stages recorded are left out" in capsys.readouterr().out
+    assert low.scenes.assign_threshold == 0.6 and low.extract.motion_threshold == 200  # the rest stay
+    assert "stages recorded (not accepted now): scenes.noise_threshold" in capsys.readouterr().out
+    record["config"]["extraction"]["jpeg_quality"] = 1000  # out of range alone: that one out, said
+    manifest.write_text(json.dumps(record))
+    kept = notebook_config(run_dir, None, None, {})
+    assert kept.extract.motion_threshold == 200 and kept.extract.jpeg_quality != 1000
+    assert "extract.jpeg_quality" in capsys.readouterr().out
     mine = tmp_path / "mine2.yaml"  # a settings file of the notebook's own wins too
     mine.write_text("extract:\n  motion_threshold: 7\n")
     assert notebook_config(run_dir, None, str(mine), {}).extract.motion_threshold == 7

@@ -378,10 +378,7 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     def told(key: str, side: dict[str, Any], missing: str) -> str:
         if key in side:
             return _short(side[key])
-        # under a map the record holds empty ({} flattens to nothing): recorded, with no such key
-        parts = key.split(".")
-        held = any(_holds(stored if side is old else fresh, parts[:n]) for n in range(1, len(parts)))
-        return "None" if held else missing
+        return "None" if _recorded(stored if side is old else fresh, key) else missing
 
     shown = [
         f"{_present_name(k)} {told(k, old, '(unrecorded)')} -> {told(k, new, '(unset)')}" for k in keys[:most]
@@ -389,6 +386,13 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     if len(keys) > most:
         shown.append(f"{len(keys) - most} more")
     return "; ".join(shown)
+
+
+def _recorded(values: Any, key: str) -> bool:
+    """Whether the nested ``values`` record the flat ``key``: itself, or an empty map above it
+    (``{}`` flattens to nothing: a key under it is recorded, as none)."""
+    parts = key.split(".")
+    return key in _flat(values) or any(_holds(values, parts[:n]) for n in range(1, len(parts)))
 
 
 def _holds(values: Any, path: list[str]) -> bool:
@@ -464,8 +468,7 @@ def _settings_or_code_moved(
         stored and config is not None and not settings_moved(stored, config)
     ):
         moved = settings_moved(stored, config) if stored and config is not None else []
-        recorded = _flat(stored) if stored else {}
-        if manifest.get("code_hash") != code and moved and not any(k in recorded for k in moved):
+        if manifest.get("code_hash") != code and moved and not any(_recorded(stored, k) for k in moved):
             # Only settings its record lacks: they came with the new code (an upgrade), and
             # "batch_threads (unrecorded) -> 0" named a setting nobody touched as the cause.
             new = ", ".join(_present_name(k) for k in moved[:3]) + (" ..." if len(moved) > 3 else "")
