@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,10 +303,39 @@ class Stopped(KeyboardInterrupt):
 _signalled: int | None = None
 
 
+#: Seconds a stopped command has to close its kernels and end, before it ends without them.
+STOP_GRACE_S = 20.0
+_stop_timer: threading.Timer | None = None
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
-    global _signalled
+    global _signalled, _stop_timer
+    if _signalled is None:
+        _stop_timer = threading.Timer(STOP_GRACE_S, _leave_now, args=(signum,))
+        _stop_timer.daemon = True
+        _stop_timer.start()
     _signalled = signum
     raise Stopped(signum)
+
+
+def _leave_now(signum: int) -> None:
+    """End a stopped command that has not ended within :data:`STOP_GRACE_S`, its child processes
+    (the stage kernel and its workers) first. The interrupt is raised wherever the main thread
+    stands: raised between tqdm's two write locks it left one held, and the command waited for
+    itself forever on its next line to the terminal (found by the SIGTERM test under load)."""
+    with contextlib.suppress(Exception):
+        import psutil  # lazy: only a command that failed to stop needs it
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    with contextlib.suppress(Exception):
+        why = signal.Signals(signum).name
+        os.write(
+            2, f"{why}; finished stages are kept, rerun to continue (ended without its cleanup)\n".encode()
+        )
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -323,6 +353,8 @@ def _signals_as_interrupts() -> Iterator[None]:
         yield
     finally:
         global _signalled
+        if _stop_timer is not None:
+            _stop_timer.cancel()  # the command ended in time
         _signalled = None  # a later command in this process (a test, an API caller) starts afresh
         for name, handler in before.items():
             signal.signal(getattr(signal, name), handler)

@@ -728,6 +728,54 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_leaves_no_process_behind(cut_clip, 
     assert not [p for p in kernel if Path(f"/proc/{p}").exists()]
 
 
+def test_a_stopped_command_that_cannot_end_is_ended_with_its_children():
+    """The interrupt is raised wherever the main thread stands: raised between tqdm's two write
+    locks it left one held, and ``bunny run`` waited for itself forever after SIGTERM, its kernel
+    beside it. A command that has not ended in its grace time ends, its child processes first."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import psutil
+
+    code = textwrap.dedent(
+        """
+        import subprocess, sys, threading, time
+        from diffusion_bunny import cli
+        cli.STOP_GRACE_S = 1.0
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+        held = threading.Lock()
+        held.acquire()
+        with cli._signals_as_interrupts():
+            try:
+                time.sleep(600)
+            except cli.Stopped:
+                held.acquire()  # a lock the interrupt left held: the command waits for itself
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failure leaves nothing running
+        for pid in (proc.pid, child):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM; finished stages are kept, rerun to continue (ended without its cleanup)" in err
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child process was left running"
+        time.sleep(0.1)
+
+
 def test_a_signal_ignored_by_whoever_started_bunny_stays_ignored():
     """``nohup bunny run`` ignores SIGHUP so that the run outlives its terminal: the handler
     that turns SIGHUP into an interrupt was put over that, and closing the SSH session stopped
