@@ -16,7 +16,7 @@ from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
-from diffusion_bunny.pipeline.contract import _flat
+from diffusion_bunny.pipeline.contract import flat_settings
 from diffusion_bunny.pipeline.run import Run, run_folder_in
 
 
@@ -90,8 +90,8 @@ def notebook_config(
     path, merged, gone = run.layers(config_path, given, current_name)
     earlier = _recorded_by_stages(run, load_config(path, merged)) if _made_before_settings(run) else {}
     if earlier and config_path is not None:  # the notebook's own settings file wins, as its overrides do
-        own = _flat(load_config(config_path).model_dump(mode="json"))
-        plain = _flat(load_config(None).model_dump(mode="json"))
+        own = flat_settings(load_config(config_path).model_dump(mode="json"))
+        plain = flat_settings(load_config(None).model_dump(mode="json"))
         earlier = {k: v for k, v in earlier.items() if own.get(k) == plain.get(k)}
     named = {current_name(key) for key in merged}  # the notebook's own under any spelling win
     earlier = {k: v for k, v in earlier.items() if k not in named}
@@ -168,10 +168,10 @@ def _recorded_by_stages(run: Run, today: Config) -> dict[str, Any]:
             continue  # a damaged manifest is its stage's to report
         if isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
             manifests.append(manifest)
-    now = _flat(today.model_dump(mode="json"))
+    now = flat_settings(today.model_dump(mode="json"))
     recorded: dict[str, Any] = {}
     for manifest in sorted(manifests, key=lambda m: str(m.get("finished") or "")):
-        recorded.update({current_name(k): v for k, v in _flat(manifest["config"]).items()})
+        recorded.update({current_name(k): v for k, v in flat_settings(manifest["config"]).items()})
     return {k: v for k, v in recorded.items() if k in now and now[k] != v}
 
 

@@ -329,17 +329,17 @@ def _same_folder(key: str, old: Any, new: Any) -> bool:
 def settings_moved(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     """The recorded keys (flat, ``characters.reference_dir``) whose values differ between a
     manifest's ``config`` and the present settings, a folder spelt another way not counted."""
-    old, new = _flat(stored), _flat(plain(fresh))
+    old, new = flat_settings(stored), flat_settings(plain(fresh))
     return [k for k in _changed(old, new) if not _same_folder(k, old.get(k), new.get(k))]
 
 
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(values: Any, prefix: str = "") -> dict[str, Any]:
     """``{"characters": {"fitted": {"steps": 1}}}`` as ``{"characters.fitted.steps": 1}``."""
     if not isinstance(values, dict):
         return {prefix: values}
     out: dict[str, Any] = {}
     for key, value in values.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flat_settings(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -365,7 +365,7 @@ def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, 
     to the next. Empty when either side is unknown."""
     if not stored or fresh is None:
         return ""
-    old, new = _flat(stored), _flat(plain(fresh))
+    old, new = flat_settings(stored), flat_settings(plain(fresh))
     # A detector's name first: switching it changes all its settings, and "accept_threshold 40.0
     # -> None; ...; 11 more" hid the one change a person made.
     # Then the settings both sides hold, before those one side lacks: after an upgrade a stage's
@@ -392,16 +392,15 @@ def _recorded(values: Any, key: str) -> bool:
     """Whether the nested ``values`` record the flat ``key``: itself, or an empty map above it
     (``{}`` flattens to nothing: a key under it is recorded, as none)."""
     parts = key.split(".")
-    return key in _flat(values) or any(_holds(values, parts[:n]) for n in range(1, len(parts)))
+    return key in flat_settings(values) or any(_holds(values, parts[:n]) for n in range(1, len(parts)))
 
 
 def _holds(values: Any, path: list[str]) -> bool:
-    """Whether the nested ``values`` hold an empty map at the dotted ``path`` (the flat keys'
-    prefixes name it under today's or the recorded section name alike)."""
+    """Whether the nested ``values`` hold an empty map at the dotted ``path``."""
     for part in path:
         if not isinstance(values, dict):
             return False
-        values = values.get(part, values.get(RECORDED_AS.get(part, part)))
+        values = values.get(part)
     return values == {}
 
 
@@ -464,10 +463,8 @@ def _settings_or_code_moved(
     which detector runs is a setting, and its code follows the choice (a switch of
     extract.detector read "its code changed")."""
     stored = manifest.get("config")
-    if manifest.get("config_hash") != config_hash and not (
-        stored and config is not None and not settings_moved(stored, config)
-    ):
-        moved = settings_moved(stored, config) if stored and config is not None else []
+    moved = settings_moved(stored, config) if stored and config is not None else None
+    if manifest.get("config_hash") != config_hash and moved != []:
         if manifest.get("code_hash") != code and moved and not any(_recorded(stored, k) for k in moved):
             # Only settings its record lacks: they came with the new code (an upgrade), and
             # "batch_threads (unrecorded) -> 0" named a setting nobody touched as the cause.

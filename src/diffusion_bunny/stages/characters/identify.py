@@ -419,14 +419,11 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
     track_names: dict[int, Counter[str]] = {}
     for r in loose.iter_rows(named=True):
         face = (r["left"], r["top"], r["right"], r["bottom"])
-        area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
-        overlaps = []
-        for drawn_id, name in figures.get(r["frame_id"], []):
-            left, top, right, bottom = _figure(boxes[drawn_id], face)
-            w = min(face[2], right) - max(face[0], left)
-            h = min(face[3], bottom) - max(face[1], top)
-            if w > 0 and h > 0 and w * h >= inside * area:
-                overlaps.append((w * h, drawn_id, name))
+        overlaps = [
+            (on, drawn_id, name)
+            for drawn_id, name in figures.get(r["frame_id"], [])
+            if (on := _on_figure(face, boxes[drawn_id], inside))
+        ]
         if overlaps:
             _, drawn_id, name = max(overlaps)
             gone.add(r["face_id"])
@@ -465,20 +462,27 @@ def faces_of_drawn(faces: pl.DataFrame, inside: float = 0.6) -> pl.DataFrame:
 
 def _on_figures(loose: pl.DataFrame, figures: pl.DataFrame, inside: float) -> set[str]:
     """The ids of ``loose`` faces with at least ``inside`` of their box on one of ``figures`` of
-    their frame (:func:`_figure`)."""
+    their frame (:func:`_on_figure`)."""
     by_frame: dict[str, list[tuple[int, int, int, int]]] = {}
     for r in figures.iter_rows(named=True):
         by_frame.setdefault(r["frame_id"], []).append((r["left"], r["top"], r["right"], r["bottom"]))
-    on = set()
-    for r in loose.filter(pl.col("frame_id").is_in(list(by_frame))).iter_rows(named=True):
-        face = (r["left"], r["top"], r["right"], r["bottom"])
-        area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
-        for box in by_frame[r["frame_id"]]:
-            left, top, right, bottom = _figure(box, face)
-            w, h = min(face[2], right) - max(face[0], left), min(face[3], bottom) - max(face[1], top)
-            if w > 0 and h > 0 and w * h >= inside * area:
-                on.add(r["face_id"])
-    return on
+    return {
+        r["face_id"]
+        for r in loose.filter(pl.col("frame_id").is_in(list(by_frame))).iter_rows(named=True)
+        if any(
+            _on_figure((r["left"], r["top"], r["right"], r["bottom"]), box, inside)
+            for box in by_frame[r["frame_id"]]
+        )
+    }
+
+
+def _on_figure(face: tuple[int, int, int, int], box: tuple[int, int, int, int], inside: float) -> float:
+    """The area of ``face`` on the figure of a drawn sighting boxed ``box`` (:func:`_figure`)
+    where it is at least ``inside`` of the face's own, else 0."""
+    left, top, right, bottom = _figure(box, face)
+    w, h = min(face[2], right) - max(face[0], left), min(face[3], bottom) - max(face[1], top)
+    area = max(1, (face[2] - face[0]) * (face[3] - face[1]))
+    return w * h if w > 0 and h > 0 and w * h >= inside * area else 0
 
 
 def _figure(box: tuple[int, int, int, int], face: tuple[int, int, int, int]) -> tuple[float, ...]:

@@ -98,6 +98,7 @@ from diffusion_bunny.stages.characters.tables import (
     apply_appearance_edits,
     character_counts,
     edit_targets,
+    kept_by_id,
     naming_dir,
     reference_dir,
     with_edit_columns,
@@ -857,6 +858,8 @@ def anchor_old_fixes(run: Run) -> None:
     (:func:`~.tables.anchor_by_id`); written back, under the tables' locks, only when one moved."""
     if not (run.has_table("appearance_edits") and run.has_table("faces")):
         return
+    if not kept_by_id(read_appearance_edits(run.run_dir)):
+        return  # every fix holds its box: no table to read or lock, as after the first run
     with run.commit("appearance_edits", "faces", by_hand=True) as tables:
         edits = read_appearance_edits(run.run_dir)
         anchored = anchor_by_id(edits, run.read_table("faces"), lambda seen: _detected_box(run, seen))

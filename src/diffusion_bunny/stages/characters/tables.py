@@ -155,6 +155,11 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
     return targets
 
 
+def kept_by_id(edits: pl.DataFrame) -> bool:
+    """Whether ``edits`` (with every column) hold a fix kept by its id alone, without its box."""
+    return bool((edits["frame_id"].is_null() | edits["left"].is_null()).any())
+
+
 def anchor_by_id(
     edits: pl.DataFrame, faces: pl.DataFrame, raw_box: Callable[[dict[str, Any]], tuple[int | None, ...]]
 ) -> pl.DataFrame:
@@ -166,8 +171,7 @@ def anchor_by_id(
     while the run said it waited for an appearance no longer there. Anchored while the ids still
     hold, it follows its box as any fix does."""
     edits = with_edit_columns(edits)
-    loose = edits["frame_id"].is_null() | edits["left"].is_null()
-    if edits.is_empty() or not loose.any():
+    if not kept_by_id(edits):
         return edits
     latest = dict(edits.sort("ts").select("face_id", "character").iter_rows())
     shown = {

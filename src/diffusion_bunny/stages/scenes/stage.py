@@ -1063,10 +1063,7 @@ def _hand_made_ids(library: Path, taken: set[str], count: int) -> list[str]:
         for _ in range(count):
             made.append(new_cluster_id(taken))
             taken.add(made[-1])
-        atomic_write_parquet(
-            library / HAND_MADE_FILE,
-            pl.DataFrame({"cluster_id": [*sorted(held), *made]}, schema={"cluster_id": pl.String}),
-        )
+        _write_hand_made(library, [*sorted(held), *made])
     return made
 
 
@@ -1080,10 +1077,14 @@ def _keep_hand_made(library: Path, made: set[str], lib: pl.DataFrame) -> None:
         {c.partition("/")[0] for c in made if c} - set(lib["cluster_id"].to_list()) - known - {NOISE, NEW}
     )
     if unheld:
-        atomic_write_parquet(
-            library / HAND_MADE_FILE,
-            pl.DataFrame({"cluster_id": sorted(known | unheld)}, schema={"cluster_id": pl.String}),
-        )
+        _write_hand_made(library, sorted(known | unheld))
+
+
+def _write_hand_made(library: Path, ids: list[str]) -> None:
+    """:data:`HAND_MADE_FILE` holding ``ids`` (under the library's lock, the caller's)."""
+    atomic_write_parquet(
+        library / HAND_MADE_FILE, pl.DataFrame({"cluster_id": ids}, schema={"cluster_id": pl.String})
+    )
 
 
 def _hand_made(library: Path) -> set[str]:
