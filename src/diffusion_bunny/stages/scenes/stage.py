@@ -690,31 +690,22 @@ def _note_exemplars(library: Path, count: int) -> None:
     """Write how many exemplars the library's table holds into ``library.json`` beside its id
     (under the library's lock, after the table): a table deleted is then known lost by any movie,
     also one never placed in the library, which took it for a new library and started it empty."""
-    path = library / LIBRARY_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # its id is library_key's to judge, in one line, on the next run
-    if isinstance(record, dict) and record.get("exemplars") != count:
-        atomic_write_bytes(path, json.dumps({**record, "exemplars": count}).encode())
+    record = _read_record(library / LIBRARY_FILE)
+    if record is not None and record.get("exemplars") != count:  # a damaged one: library_key's to judge
+        atomic_write_bytes(library / LIBRARY_FILE, json.dumps({**record, "exemplars": count}).encode())
 
 
 def _noted_exemplars(library: Path) -> int:
     """The count :func:`_note_exemplars` wrote (0 for a library made before it, or none)."""
-    try:
-        count = json.loads((library / LIBRARY_FILE).read_text()).get("exemplars", 0)
-    except (OSError, ValueError, AttributeError):
-        return 0
+    count = (_read_record(library / LIBRARY_FILE) or {}).get("exemplars", 0)
     return count if isinstance(count, int) else 0
 
 
 def library_id(library: Path) -> str | None:
     """The library's own id as :func:`library_key` made it, read without making one (None while
     there is none): stage 04's input, told by ``bunny status`` too."""
-    try:
-        return str(json.loads((library / LIBRARY_FILE).read_text())["id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    record = _read_record(library / LIBRARY_FILE)
+    return str(record["id"]) if record is not None and "id" in record else None
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
