@@ -348,8 +348,10 @@ def _signals_as_interrupts() -> Iterator[None]:
         for n in ("SIGTERM", "SIGHUP")
         if hasattr(signal, n) and signal.getsignal(getattr(signal, n)) != signal.SIG_IGN
     ]
-    before = {n: signal.signal(getattr(signal, n), _raise_stopped) for n in names}
-    try:
+    before: dict[str, object] = {}
+    try:  # installed inside the try: a signal in between still restores what was installed
+        for name in names:
+            before[name] = signal.signal(getattr(signal, name), _raise_stopped)
         yield
     finally:
         global _signalled

@@ -746,12 +746,16 @@ def test_a_stopped_command_that_cannot_end_is_ended_with_its_children():
         import subprocess, sys, threading, time
         from diffusion_bunny import cli
         cli.STOP_GRACE_S = 1.0
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(child.pid, flush=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         held = threading.Lock()
         held.acquire()
         with cli._signals_as_interrupts():
             try:
+                print(child.pid, flush=True)  # told once SIGTERM is handled, not before
                 time.sleep(600)
             except cli.Stopped:
                 held.acquire()  # a lock the interrupt left held: the command waits for itself
