@@ -91,11 +91,12 @@ def test_the_command_line_is_logged_without_its_secrets(tmp_path, monkeypatch, c
         "captions.local.api_key_env=MY_SERVICE_TOKEN",
         "--set",
         "captions.openai.base_url=https://tok-0123456789@proxy.example/v1",
+        "--set=captions.openai.api_key=sk-joined-4",  # one argument: argparse takes it as --set KEY=VALUE
     ]
     assert main(args) == 2
     (path,) = (tmp_path / "log").glob("bunny-*.log")
     first, err = path.read_text().splitlines()[0], capsys.readouterr().err
-    for secret in ("sk-user-pass-1", "sk-query-2", "sk-setting-3", "tok-0123456789"):
+    for secret in ("sk-user-pass-1", "sk-query-2", "sk-setting-3", "tok-0123456789", "sk-joined-4"):
         assert secret not in first and secret not in err
     assert "https://me:[redacted]@llm.example/v1?key=[redacted]&model=x" in first
     assert "captions.local.api_key=[redacted]" in first and "api_key_env=MY_SERVICE_TOKEN" in first

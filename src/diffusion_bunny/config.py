@@ -296,8 +296,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
     if err["type"] == "string_type" and value is None:
         return f"config error: {key} is empty: {msg}; give it text, or leave the key out for its default"
-    # A value refused for carrying credentials is not repeated (the error may be stored).
-    if isinstance(value, dict) or "must not carry credentials" in msg:
+    # A value refused for carrying credentials or a key is not repeated (the error may be stored).
+    if isinstance(value, dict) or "must not carry" in msg:
         return f"config error: {key}: {msg}"
     return f"config error: {key} = {value!r}: {msg}"
 

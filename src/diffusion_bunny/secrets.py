@@ -37,7 +37,7 @@ SECRET_VARIABLES = {
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 #: Names of settings and URL query parameters whose values are secrets (``api_key``, ``token``,
 #: ``sig``, ``X-Amz-Signature``, ``password``...).
-_SECRET_FIELD = re.compile(r"(key|token|secret|passw|credential|signature|^sig$|auth)", re.IGNORECASE)
+SECRET_FIELD = re.compile(r"(key|token|secret|passw|credential|signature|^sig$|auth)", re.IGNORECASE)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 _extra_secrets: set[str] = set()
 _extra_lock = threading.Lock()
@@ -107,8 +107,8 @@ def redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_FIELD.search(k) for k, _ in pairs):
-            query = "&".join(f"{k}={REDACTED if _SECRET_FIELD.search(k) else v}" for k, v in pairs)
+        if any(SECRET_FIELD.search(k) for k, _ in pairs):
+            query = "&".join(f"{k}={REDACTED if SECRET_FIELD.search(k) else v}" for k, v in pairs)
     if netloc == parts.netloc and query == parts.query:
         return url
     rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
@@ -123,6 +123,10 @@ def redact_command(args: Sequence[str]) -> str:
     on the command line never lands in a log."""
     out = []
     for arg in args:
+        flag, _, setting = arg.partition("=")
+        if flag == "--set" and setting:  # ``--set=KEY=VALUE``: argparse takes it as ``--set KEY=VALUE``
+            out.append(f"--set={redact_command([setting])}")
+            continue
         key, eq, _ = arg.partition("=")
         name = key.rsplit(".", 1)[-1]
         # A setting that holds a secret; a ``..._env`` one holds a variable's name, not its value.
@@ -130,7 +134,7 @@ def redact_command(args: Sequence[str]) -> str:
             eq
             and not key.startswith("-")
             and "." in key
-            and _SECRET_FIELD.search(name)
+            and SECRET_FIELD.search(name)
             and not name.endswith("_env")
         ):
             arg = f"{key}={REDACTED}"

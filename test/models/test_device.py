@@ -85,3 +85,21 @@ def test_cpu_summary_names_the_model_and_its_vector_extensions() -> None:
     assert cpu_summary("model name : Old CPU\nflags : fpu sse2\n") == "Old CPU"
     assert cpu_summary("Features : fp asimd\n") == "unknown"
     assert cpu_summary("") == "unknown"
+
+
+def test_a_pipeline_for_a_missing_gpu_names_the_stages_own_device_setting_before_loading(monkeypatch):
+    """Stage 08 draws with ``train.base_model`` when ``generate.base_model`` is null: the refusal
+    named ``train.device`` (already ``cpu``) after the whole model had been read."""
+    import torch
+
+    from diffusion_bunny.models import diffusion
+
+    if torch.cuda.is_available():  # pragma: no cover - only on a GPU machine
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(diffusion, "pipeline_class", lambda family: pytest.fail("the model was read"))
+    with pytest.raises(ModelError, match=r"^generate\.device is 'cuda'.*set generate\.device to auto or cpu"):
+        diffusion.load_pipeline(
+            "tiny", device="cuda", setting="train.base_model", device_setting="generate.device"
+        )
+    with pytest.raises(ModelError, match=r"^train\.device is 'cuda'"):
+        diffusion.load_pipeline("tiny", device="cuda")

@@ -10,6 +10,7 @@ it (tree listing, blobs, snapshot symlinks, refs), and read by the real ``snapsh
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -296,6 +297,17 @@ def test_a_clip_model_downloaded_with_allow_patterns_loads_offline(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     embedder = ClipEmbedder("someone/tiny-clip", device="cpu")
     assert embedder.dim > 0
+    # A blob cut short (a copy of the cache stopped midway): the message named only the setting,
+    # and the same damaged copy failed on every run. It names the repository's folder to delete.
+    snapshot = next((tmp_path / "hf" / "models--someone--tiny-clip" / "snapshots").iterdir())
+    blob = (snapshot / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:100])
+    repo = tmp_path / "hf" / "models--someone--tiny-clip"
+    with pytest.raises(
+        ModelError, match=rf"may be damaged: delete {re.escape(str(repo))} to download it again"
+    ):
+        ClipEmbedder("someone/tiny-clip", device="cpu")
+    assert hub.snapshot_hint(tmp_path / "tiny_clip") == ""  # a folder of the user's own
 
 
 def test_a_sharded_model_cut_short_in_a_shard_is_not_whole(tmp_path):

@@ -17,7 +17,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
-from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
+from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, snapshot_hint
 from diffusion_bunny.paths import local_model_path
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ class ClipEmbedder:
             if path.exists():
                 where = f"from that folder: {_short_reason(exc)}"
             elif source != model:  # a hub id whose cached snapshot does not load
-                where = f"from its cached snapshot {source}: {_short_reason(exc)}"
+                where = f"from its cached snapshot {source}: {_short_reason(exc)}{snapshot_hint(source)}"
             else:
                 where = "(no such folder here, and not a hub id: owner/name)"
             message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"

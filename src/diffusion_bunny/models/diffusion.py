@@ -41,7 +41,7 @@ from safetensors import safe_open
 
 from diffusion_bunny.errors import ModelError
 from diffusion_bunny.models.device import resolve_device
-from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model
+from diffusion_bunny.models.hub import DIFFUSERS_FILES, hub_model, snapshot_hint
 from diffusion_bunny.models.lora_keys import is_kohya, kohya_to_diffusers
 from diffusion_bunny.models.tiny import PRESETS, Family, ensure_preset
 from diffusion_bunny.paths import local_model_path
@@ -190,6 +190,7 @@ def load_pipeline(
     device: str = "cpu",
     *,
     setting: str = "train.base_model",
+    device_setting: str | None = None,
     components: dict[str, Any] | None = None,
 ) -> Any:
     """Load the base model as a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
@@ -198,7 +199,11 @@ def load_pipeline(
     ``fp32``/``fp16``/``bf16``; default float32), from local files only. The resolved
     :class:`BaseModelRef` is kept on the pipeline as ``pipe.bunny_base``; the safety checker is
     not loaded (SD 1.x folders that ship one keep it on disk). ``components`` are models already
-    loaded (e.g. an NF4 ``transformer``): used as they are, the folder's copies never read."""
+    loaded (e.g. an NF4 ``transformer``): used as they are, the folder's copies never read.
+    ``device_setting`` names the device in errors (default: ``device`` beside ``setting``; stage
+    08 passes its own, as it may draw with ``train.base_model``). The device is checked before
+    the model is read: a model of gigabytes is not loaded to be refused."""
+    target = resolve_device(device, device_setting or setting.rsplit(".", 1)[0] + ".device")
     ref = (
         base_model
         if isinstance(base_model, BaseModelRef)
@@ -215,11 +220,12 @@ def load_pipeline(
     except Exception as exc:
         raise ModelError(
             f"{setting} = {ref.name!r}: the pipeline in {ref.path} could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); "
-            "the folder is incomplete or damaged: download or save it again, or point the setting elsewhere"
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
+            f"{snapshot_hint(ref.path) or '; the folder is incomplete or damaged: save it again'}"
+            ", or point the setting elsewhere"
         ) from None
     _check_tokenizers(pipe, setting, ref)
-    pipe.to(resolve_device(device, setting.rsplit(".", 1)[0] + ".device"))
+    pipe.to(target)
     pipe.set_progress_bar_config(disable=True)
     pipe.bunny_base = ref
     return pipe

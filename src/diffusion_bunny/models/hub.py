@@ -132,6 +132,19 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*pytorch_model*.bin"))
 
 
+def snapshot_hint(folder: str | Path) -> str:
+    """For a model that failed to load from ``folder``: when it is a snapshot in the Hugging Face
+    cache, the words that name it and the folder to delete so the next run downloads it again.
+    A cached file can be cut short (a copy of the cache stopped midway, a full disk) and the
+    cache is never checked file by file: the same damaged copy failed on every run, and the
+    message named only the setting. Empty for a folder of the user's own."""
+    path = Path(folder)
+    repo = next((p for p in path.parents if p.name.startswith("models--")), None)
+    if repo is None or path.parent.name != "snapshots":
+        return ""
+    return f"; its cached copy {path} may be damaged: delete {repo} to download it again"
+
+
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:
     """The local folder of hub model ``repo_id``: the cached snapshot, else downloaded now with a
     progress bar. ``setting`` is the config key the one-line errors name; ``instead`` says what

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -454,6 +455,28 @@ def test_credentials_in_a_base_url_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=rf"{key}: must not carry credentials") as err:
             load_config(None, {key: "http://me:tok-SECRET@127.0.0.1:8000/v1"}, root=tmp_path / "nocfg")
         assert "tok-SECRET" not in str(err.value)
+        # A key in the query string was written into settings.json, the manifest and the notebook.
+        with pytest.raises(
+            ConfigError, match=rf"{key}: must not carry a key in its query \(api_key\)"
+        ) as err:
+            load_config(None, {key: "http://127.0.0.1:8000/v1?api_key=sk-SECRET9"}, root=tmp_path / "nocfg")
+        assert "sk-SECRET9" not in str(err.value)
+    load_config(None, {"captions.local.base_url": "https://h.example/v1?version=2"}, root=tmp_path / "nocfg")
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("http//127.0.0.1:8000/v1", "must be an http:// or https:// URL with a host"),
+        ("/v1", "must be an http:// or https:// URL with a host"),
+        ("http://127.0.0.1:8000a/v1", "is not a usable URL"),
+    ],
+)
+def test_a_mistyped_base_url_is_a_config_error_naming_it(tmp_path, url, says):
+    """urllib refused these inside stage 05 (``unknown url type``, ``nonnumeric port``) and the
+    run ended as a bug report with exit status 1."""
+    with pytest.raises(ConfigError, match=rf"captions.local.base_url = '{re.escape(url)}': {says}"):
+        load_config(None, {"captions.local.base_url": url}, root=tmp_path / "nocfg")
 
 
 # ----------------------------------------------------------------------------------- 17.9

@@ -883,6 +883,13 @@ def test_bedrock_settings_missing_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     client = bedrock_client(CaptionsSettings(provider="bedrock", bedrock={"region": "eu-west-1"}))
     assert client.meta.region_name == "eu-west-1" and client.meta.config.retries["total_max_attempts"] == 1
+    # AWS_REGION, which the settings name (botocore itself reads AWS_DEFAULT_REGION only).
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert bedrock_client(CaptionsSettings(provider="bedrock")).meta.region_name == "ap-south-1"
+    # A profile named by AWS_PROFILE, the setting null: the name and the variable, not 'None'.
+    monkeypatch.setenv("AWS_PROFILE", "myprofile")
+    with pytest.raises(ProviderError, match=r"the AWS profile 'myprofile' \(AWS_PROFILE\) is not in"):
+        bedrock_client(CaptionsSettings(provider="bedrock"))
 
 
 def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):

@@ -36,7 +36,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.media.images import l2_rows
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.fitted.detector import Hit, content_box, iou, suppress
-from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model
+from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, snapshot_hint
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
 from diffusion_bunny.paths import local_model_path
 
@@ -118,10 +118,13 @@ def model_folder(model: str, setting: str) -> str:
     )
 
 
-def _load_failed(setting: str, model: str, exc: BaseException) -> ModelError:
+def _load_failed(setting: str, model: str, exc: BaseException, source: str = "") -> ModelError:
     text = " ".join(str(exc).split()) or type(exc).__name__
     text = text if len(text) <= 200 else text[:197] + "..."
-    return ModelError(f"cannot load {setting} = {model!r}: {text}; set {setting} to {_WHAT_INSTEAD}")
+    return ModelError(
+        f"cannot load {setting} = {model!r}: {text}{snapshot_hint(source) if source else ''}; "
+        f"set {setting} to {_WHAT_INSTEAD}"
+    )
 
 
 def _load_owlv2(model: str, device: str) -> tuple[Any, Any]:
@@ -149,7 +152,7 @@ def _load_owlv2(model: str, device: str) -> tuple[Any, Any]:
                 "and merges.txt or tokenizer.json missing?)"
             )
     except Exception as exc:  # every failure of from_pretrained means "no usable model"
-        raise _load_failed(setting, model, exc) from None
+        raise _load_failed(setting, model, exc, source) from None
     return net.to(device).eval(), processor
 
 
@@ -227,7 +230,7 @@ class HubFeatures:
             self.model = AutoModel.from_pretrained(source, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
         except Exception as exc:  # every failure of from_pretrained means "no usable model"
-            raise _load_failed(setting, model, exc) from None
+            raise _load_failed(setting, model, exc, source) from None
         self.model.to(self.device).eval()
         self._torch = torch
         # One grey picture through the model: its output's length, and a model that loads but
@@ -235,7 +238,7 @@ class HubFeatures:
         try:
             self.dim = int(self._forward([np.full((32, 32, 3), GREY, np.uint8)]).shape[1])
         except Exception as exc:
-            raise _load_failed(setting, model, exc) from None
+            raise _load_failed(setting, model, exc, source) from None
 
     def _forward(self, pictures: list[np.ndarray]) -> torch.Tensor:
         """The raw features of RGB pictures, one batch. CLIP and SigLIP (two-tower models): the

@@ -1090,12 +1090,17 @@ def bedrock_client(cfg: CaptionsSettings) -> Any:
     one clear error naming the setting or variable when either is missing."""
     import boto3  # lazy: boto3 takes 0.12 s to import
 
+    # botocore reads AWS_DEFAULT_REGION only; the AWS CLI and the SDKs of other languages read
+    # AWS_REGION first, and the settings say so.
+    region = cfg.bedrock.region or os.environ.get("AWS_REGION") or None
     try:
-        session = boto3.Session(profile_name=cfg.bedrock.profile, region_name=cfg.bedrock.region)
-    except ProfileNotFound:
+        session = boto3.Session(profile_name=cfg.bedrock.profile, region_name=region)
+    except ProfileNotFound as exc:
+        name = exc.kwargs.get("profile", cfg.bedrock.profile)
+        where = "captions.bedrock.profile" if cfg.bedrock.profile else "AWS_PROFILE"
         raise ProviderError(
-            f"the AWS profile '{cfg.bedrock.profile}' (captions.bedrock.profile) is not in ~/.aws; "
-            "fix the name or set it to null to use AWS_ACCESS_KEY_ID / AWS_PROFILE"
+            f"the AWS profile '{name}' ({where}) is not in ~/.aws; fix the name, or unset it to "
+            "use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         ) from None
     if not session.region_name:
         raise ProviderError(

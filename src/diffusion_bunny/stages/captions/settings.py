@@ -7,27 +7,39 @@ nothing heavier than pydantic.
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from diffusion_bunny.secrets import SECRET_FIELD
 from diffusion_bunny.section import Section
 
 
 def _no_credentials_in_url(value: str | None) -> str | None:
-    """A base URL must not carry ``user:token@``: it would be written into manifests and notebook
-    parameters. Keys belong in the environment (or ``.env``)."""
-    if value:
-        try:
-            parts = urlsplit(value)
-            has_credentials = parts.username is not None or parts.password is not None
-        except ValueError:
-            has_credentials = "@" in value.split("/")[2] if value.count("/") >= 2 else False
-        if has_credentials:
-            raise ValueError(
-                "must not carry credentials (user:token@host); remove them and put the key in the "
-                "environment or .env (the provider's key variable)"
-            )
+    """A base URL must be one (``http(s)://host[:port]/...``: a typo such as ``http//host`` reached
+    urllib inside the stage and ended as a bug report) and must not carry a key, as ``user:token@``
+    or as a query parameter named like one (``?api_key=``): the URL is written into the run's
+    settings, manifests and notebook parameters. Keys belong in the environment (or ``.env``)."""
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a usable URL ({exc}); write it as http://HOST:PORT/PATH") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:8000/v1)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "must not carry credentials (user:token@host); remove them and put the key in the "
+            "environment or .env (the provider's key variable)"
+        )
+    secret = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if SECRET_FIELD.search(k)]
+    if secret:
+        raise ValueError(
+            f"must not carry a key in its query ({', '.join(secret)}); remove it and put the key in "
+            "the environment or .env (the provider's key variable)"
+        )
     return value
 
 

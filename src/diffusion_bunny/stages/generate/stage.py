@@ -111,7 +111,9 @@ def compute(ctx: Context) -> StageOutput:
         result = draw_and_score(
             run.run_dir,
             cfg.generate,
-            pipe_loader=lambda: load_pipeline(ref, device=cfg.generate.device, setting=setting),
+            pipe_loader=lambda: load_pipeline(
+                ref, device=cfg.generate.device, setting=setting, device_setting="generate.device"
+            ),
             checkpoints=checkpoints,
             references=references,
             detect=detect,
