@@ -267,6 +267,57 @@ def test_a_bug_inside_the_kernel_is_one_line_and_its_traceback_is_in_the_log(cut
     assert "broken_helper" in text and "ZeroDivisionError" in text and "\x1b[" not in text
 
 
+def test_an_executed_notebook_cut_off_by_a_full_disk_leaves_the_one_before(cut_clip, tmp_path, monkeypatch):
+    """papermill wrote the executed notebook in place: a full disk left a cut-off file beside a
+    stage that counted as done, which JupyterLab could not open and no rerun repaired."""
+    import errno
+
+    from diffusion_bunny.pipeline import runner
+
+    run = Run.create(tmp_path / "run", cut_clip[0])
+    target = run.notebooks_dir / "01_extract_frames.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROOT / "notebook" / "01_extract_frames.ipynb", target)
+    before = target.read_bytes()
+
+    def full_disk(papermill, source, output, *args):
+        Path(output).write_text('{"cells": [{"cell_type": "code", "source": "ab')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "_papermill", full_disk)
+    with pytest.raises(OSError) as err:
+        execute_stage_notebook(
+            run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+        )
+    assert err.value.filename == str(target)  # the notebook's own name, not the temporary one
+    assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_a_notebook_whose_kernel_was_killed_leaves_the_one_before(cut_clip, tmp_path, monkeypatch):
+    """A kernel killed outright (the out-of-memory killer) left the blank template in place of the
+    executed notebook (papermill saves nothing then), beside a stage that may have finished."""
+    from diffusion_bunny.pipeline import runner
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.read(ROOT / "notebook" / "01_extract_frames.ipynb", as_version=4)
+    killer = "import os, signal\nprint('got this far', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
+    nb.cells.insert(2, nbformat.v4.new_code_cell(killer))
+    nbformat.write(nb, folder / "01_extract_frames.ipynb")
+    monkeypatch.setattr(runner, "notebook_dir", lambda: folder)
+    run = Run.create(tmp_path / "run", cut_clip[0])
+    target = run.notebooks_dir / "01_extract_frames.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("the notebook of the run before")
+    with pytest.raises(Exception, match=r"stage extract: the notebook's kernel died") as err:
+        execute_stage_notebook(
+            run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+        )
+    assert "\n" not in str(err.value)
+    assert target.read_text() == "the notebook of the run before"
+    assert [p.name for p in run.notebooks_dir.iterdir()] == [target.name]
+
+
 def test_stage_callable_without_papermill(cut_clip, tmp_path):
     path, _ = cut_clip
     cfg = load_config()

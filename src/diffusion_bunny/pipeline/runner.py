@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from diffusion_bunny.logs import FILE_ONLY, say
 from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
-from diffusion_bunny.pipeline.atomic import writer_alive
+from diffusion_bunny.pipeline.atomic import atomic_path, writer_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
@@ -515,15 +516,49 @@ def execute_stage_notebook(
     deadline = _Deadline(km, timeout_s)
     stop = threading.Event()
     watcher = start_following(run.progress_path(stage), stop) if options.progress else None
-    # The notebook's first copy, written before any kernel starts: a run folder that cannot take
-    # it fails here, not after the stage's work (papermill no longer writes it at the start, see
-    # request_save_on_cell_execute below).
-    shutil.copyfile(source, target)
+    # The notebook is executed into a temporary file beside its place and renamed there when
+    # papermill has written it whole (a notebook that failed in a cell too: it shows where): a
+    # full disk or a kernel killed outright left a cut-off or empty notebook beside a stage that
+    # counted as done, and no rerun repaired it. Its first copy is written before any kernel
+    # starts: a run folder that cannot take it fails here, not after the stage's work.
+    failed: Exception | None = None
     try:
-        deadline.start()
+        with atomic_path(target) as part:
+            shutil.copyfile(source, part)
+            deadline.start()
+            try:
+                _papermill(papermill, source, part, run, options, stage_kernel, km)
+            except PapermillExecutionError as exc:  # the notebook, its error marked, is kept
+                failed = _notebook_error(stage, target, exc)
+    except OSError as exc:  # papermill writing the executed notebook (a full disk names no file)
+        if not exc.filename or Path(str(exc.filename)).name.startswith(f".{target.name}."):
+            exc.filename = str(target)
+        raise
+    except DeadKernelError as exc:  # papermill saves nothing then: the notebook before is kept
+        stage_kernel.close()
+        auto = options.cfg.pipeline.stage_timeout_s == "auto"
+        raise _dead_kernel_error(stage, exc, timeout_s if deadline.fired else None, auto) from None
+    finally:
+        deadline.cancel()
+        stop_following(stop, watcher)
+        remove_relay_files(run.progress_path(stage))
+        if own:
+            stage_kernel.close()
+    if failed is not None:
+        raise failed from None
+    return target
+
+
+def _papermill(
+    papermill: Any, source: Path, output: Path, run: Run, options: RunOptions, kernel: StageKernel, km: Any
+) -> None:
+    """papermill executes ``source`` into ``output`` (a temporary name: its warning that the name
+    does not end in ``.ipynb`` is silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The specified file .* does not end in one of")
         papermill.execute_notebook(
             str(source),
-            str(target),
+            str(output),
             parameters=_notebook_parameters(run, options),
             progress_bar=False,  # the stage's own bar (frames, not cells) is followed instead
             # papermill rewrites the whole notebook (figures included) after every cell: ~190
@@ -535,26 +570,10 @@ def execute_stage_notebook(
             # a kernel started ahead answers once its warm imports are done (StageKernel.start):
             # seconds on a loaded machine, more than papermill's 60 s only when something hangs
             start_timeout=300,
-            kernel_name=stage_kernel.kernel_name,
+            kernel_name=kernel.kernel_name,
             km=km,
             engine_name=_reply_keeping_engine(),
         )
-    except PapermillExecutionError as exc:
-        raise _notebook_error(stage, target, exc) from None
-    except OSError as exc:  # papermill writing the executed notebook (a full disk names no file)
-        exc.filename = exc.filename or str(target)
-        raise
-    except DeadKernelError as exc:
-        stage_kernel.close()
-        auto = options.cfg.pipeline.stage_timeout_s == "auto"
-        raise _dead_kernel_error(stage, target, exc, timeout_s if deadline.fired else None, auto) from None
-    finally:
-        deadline.cancel()
-        stop_following(stop, watcher)
-        remove_relay_files(run.progress_path(stage))
-        if own:
-            stage_kernel.close()
-    return target
 
 
 def _notebook_parameters(run: Run, options: RunOptions) -> dict[str, Any]:
@@ -596,10 +615,11 @@ def _notebook_error(stage: str, target: Path, exc: Any) -> Exception:
 
 
 def _dead_kernel_error(
-    stage: str, target: Path, exc: Exception, timed_out_s: float | None, auto: bool = False
+    stage: str, exc: Exception, timed_out_s: float | None, auto: bool = False
 ) -> StageError:
     """The kernel process ended under the stage: stopped by its deadline (``timed_out_s``), or
-    else nearly always killed by the system for memory."""
+    else nearly always killed by the system for memory. papermill saves no executed notebook
+    then (it saves once, at the end): what the stage last did is in the command's log."""
     if timed_out_s is not None:
         setting = (
             f"pipeline.stage_timeout_s: auto ({timed_out_s:g} s for this movie's length)"
@@ -614,14 +634,14 @@ def _dead_kernel_error(
         return StageError(
             f"stage {stage} did not finish within {setting} and was stopped (a hang, or more work than the "
             f"limit allows); raise {raise_it} if "
-            f"it was working, or see what it last did in {target} (finished stages are kept)"
+            "it was working, or see what it last did in the log (finished stages are kept)"
         )
     # The stage's earlier results are intact (its writes are atomic, its manifest was removed
     # first, so it simply runs again).
     return StageError(
         f"stage {stage}: the notebook's kernel died ({str(exc).strip() or 'no reason given'}), most "
         "often because the machine ran out of memory; close other programs or lower the stage's "
-        f"sizes in the config, then rerun (finished stages are kept); the notebook is {target}"
+        "sizes in the config, then rerun (finished stages are kept)"
     )
 
 
