@@ -94,6 +94,14 @@ def _decoded(container: Any, stream: Any, deinterlace: bool, fps: float) -> Any:
     yield from deinterlacer.push(None)
 
 
+#: How far before a clip's first target the seek lands, tried in turn: a format without an index
+#: (MPEG-TS, M2TS, MPEG-PS) seeks by timestamp to a packet that need not start a picture, the
+#: decoder drops everything up to the next keyframe, and with a long GOP that was past the shot's
+#: first frames (stage 06 failed, or the clip began with its first picture held for 21 frames).
+#: ``None``: from the start of the file.
+SEEK_BACK_S = (1.0, 6.0, 30.0, None)
+
+
 def decode_clip(
     movie: Path,
     start_s: float,
@@ -109,35 +117,14 @@ def decode_clip(
     """The clip's ``frames`` pictures at ``size`` (see the module docstring)."""
     source = source or ClipSource(movie)
     targets = [start_s + k / clip_fps for k in range(frames)]
-    picked: list[Any] = [None] * frames
+    slack = 0.5 / source.fps if source.fps else 0.02  # the first target may fall between two frames
     with av.open(str(movie)) as container:
         stream = picture_stream(container)
         stream.thread_type = "AUTO"
-        tb = stream.time_base
-        origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        container.seek(max(0, math.floor((targets[0] + origin - 1.0) / tb)), stream=stream, backward=True)
-        k = 0
-        prev, prev_t = None, 0.0  # the last decoded frame inside the shot, and its time
-        for frame in _decoded(container, stream, source.deinterlace, source.fps):
-            if frame.time is None:
-                continue
-            t = float(frame.time) - origin
-            if t < shot_start_s - 1e-6:
-                continue
-            if t >= shot_end_s - 1e-6:
-                break  # the next shot: never cross the cut
-            # Target k lies between the frame before and this one: the nearer of the two, by their
-            # own times (half a frame at the declared rate was 0.5 ms in a file declaring 1000 fps,
-            # and "nearest" became "the one before").
-            while k < frames and prev is not None and t >= targets[k]:
-                picked[k] = prev if targets[k] - prev_t <= t - targets[k] else frame
-                k += 1
-            prev, prev_t = frame, t
-            if k >= frames:
-                break
-        while k < frames and prev is not None:
-            picked[k] = prev
-            k += 1
+        for back in SEEK_BACK_S:
+            picked, first = _pick(container, stream, source, targets, shot_start_s, shot_end_s, back)
+            if first is not None and first <= targets[0] + slack:
+                break  # decoding began at or before the clip: every target had its frame
     if any(p is None for p in picked):
         raise ValueError(f"{movie}: no frame of the shot at {shot_start_s:.3f}s could be decoded")
     cache: dict[int, Image.Image] = {}
@@ -149,6 +136,48 @@ def decode_clip(
             cache[id(frame)] = cover_crop(Image.fromarray(bgr[..., ::-1]), size)
         out.append(cache[id(frame)])
     return out
+
+
+def _pick(
+    container: Any,
+    stream: Any,
+    source: ClipSource,
+    targets: list[float],
+    shot_start_s: float,
+    shot_end_s: float,
+    back_s: float | None,
+) -> tuple[list[Any], float | None]:
+    """The decoded frame for each target (None where none came), decoding from a seek ``back_s``
+    before the first target (None: from the start), and the time of the first frame decoded."""
+    tb = stream.time_base
+    origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    at = 0.0 if back_s is None else targets[0] + origin - back_s
+    container.seek(max(0, math.floor(at / tb)), stream=stream, backward=True)
+    picked: list[Any] = [None] * len(targets)
+    k, first = 0, None
+    prev, prev_t = None, 0.0  # the last decoded frame inside the shot, and its time
+    for frame in _decoded(container, stream, source.deinterlace, source.fps):
+        if frame.time is None:
+            continue
+        t = float(frame.time) - origin
+        first = t if first is None else first
+        if t < shot_start_s - 1e-6:
+            continue
+        if t >= shot_end_s - 1e-6:
+            break  # the next shot: never cross the cut
+        # Target k lies between the frame before and this one: the nearer of the two, by their
+        # own times (half a frame at the declared rate was 0.5 ms in a file declaring 1000 fps,
+        # and "nearest" became "the one before").
+        while k < len(targets) and prev is not None and t >= targets[k]:
+            picked[k] = prev if targets[k] - prev_t <= t - targets[k] else frame
+            k += 1
+        prev, prev_t = frame, t
+        if k >= len(targets):
+            break
+    while k < len(targets) and prev is not None:
+        picked[k] = prev
+        k += 1
+    return picked, first
 
 
 def encode_mp4(path: Path, images: list[Image.Image], fps: float, crf: int = 18) -> Path:

@@ -121,6 +121,67 @@ def test_each_clip_frame_is_the_source_frame_nearest_its_time_at_any_declared_ra
     assert set(used) == {round(t, 3) for t in nearest}
 
 
+def test_a_clip_of_an_mpeg_ts_recording_starts_at_its_own_first_frame(tmp_path, monkeypatch):
+    """MPEG-TS has no index: a seek lands on a packet that need not start a picture, and the
+    decoder drops all up to the next keyframe. With a long GOP a clip began with one picture held
+    for seconds (or, with the keyframe in the next shot, stage 06 failed as a bug)."""
+    from clips import write_clip
+
+    import diffusion_bunny.media.clips as clips
+
+    movie = tmp_path / "recording.ts"
+    write_clip(
+        movie, [(5, 200, 1.0)], fps=25, options={"x264-params": "keyint=150:min-keyint=150:scenecut=0"}
+    )
+    used = []
+    shown = clips.frame_to_bgr
+    monkeypatch.setattr(
+        clips,
+        "frame_to_bgr",
+        lambda frame, *a: (used.append(float(frame.time)), shown(frame, *a))[1],
+    )
+    start, count, rate = 3.0, 16, 8.0
+    pictures = decode_clip(movie, start, count, rate, 0.0, 8.0, (64, 64))
+    assert len(pictures) == count and len(used) == count  # sixteen pictures, none held
+    assert np.allclose(np.diff(used), 1 / rate, atol=0.041), np.diff(used)  # 1/8 s apart, at 25 fps
+
+
+def test_a_clip_whose_frames_cannot_be_decoded_is_left_out_with_a_line(tmp_path):
+    """A shot whose frames could not be decoded again ended stage 06 as a bug, with nothing of
+    the dataset written: now that clip alone is left out, named in a warning."""
+    from clips import write_clip
+
+    from diffusion_bunny.stages.export.stage import write_clips
+
+    movie = tmp_path / "film.mp4"
+    write_clip(movie, [(5, 50, 1.0)])  # 2 s at 25 fps
+    shots = pl.DataFrame({"shot_id": [0, 1], "start_s": [0.0, 2.0], "end_s": [2.0, 4.0]})
+    row = {"frames": 9, "width": 64, "height": 64, "characters": [], "caption": "a shot"}
+    box = {"crop_left": 0, "crop_top": 0, "crop_right": 320, "crop_bottom": 180}
+    clips = pl.DataFrame(
+        [
+            {"clip_id": "shot00000", "shot_id": 0, "start_s": 0.2, "end_s": 1.2, **row, **box},
+            {
+                "clip_id": "shot00001",
+                "shot_id": 1,
+                "start_s": 2.2,
+                "end_s": 3.2,
+                **row,
+                **box,
+            },  # past the end
+        ],
+        schema=CLIP_SCHEMA,
+    )
+    warnings: list[str] = []
+    kept = write_clips(movie, shots, clips, tmp_path / "out", 8.0, warnings)
+    assert kept["clip_id"].to_list() == ["shot00000"]
+    assert sorted(p.name for p in (tmp_path / "out" / "video").iterdir()) == [
+        "shot00000.mp4",
+        "shot00000.txt",
+    ]
+    assert len(warnings) == 1 and warnings[0].startswith("1 clip(s) left out") and "shot00001" in warnings[0]
+
+
 def test_real_clip_is_cut_inside_the_shot_resampled_and_encoded(hamilton, tmp_path):
     """Hamilton: shots begin at frames 20, 82, 211 (29.97 fps). A 16 fps, 33-frame clip of the shot
     82-210 lies inside it: the frames before the cut (81) and after it (211) differ more from the

@@ -192,21 +192,36 @@ def _readme(plan_items: pl.DataFrame, cfg: ExportSettings, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_clips(movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Path, clip_fps: float) -> None:
+def write_clips(
+    movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Path, clip_fps: float, warnings: list[str]
+) -> pl.DataFrame:
     """Cut every planned clip into ``root/video`` with its caption file and the two dataset
-    configs (paths in them are where the folder lands after the swap, ``dataset_dir/video``)."""
+    configs (paths in them are where the folder lands after the swap, ``dataset_dir/video``).
+    Returns the clips written: a shot whose frames cannot be decoded again (a damaged stretch)
+    gives none, with a line in ``warnings``, and the rest of the dataset is still written."""
     video = root / VIDEO_DIR
     video.mkdir(parents=True)
     bounds = {r["shot_id"]: (r["start_s"], r["end_s"]) for r in shots.iter_rows(named=True)}
     source = ClipSource(movie)  # how stage 01 shows the movie: square pixels, deinterlaced, SDR
+    failed: list[str] = []
     for clip in clips.iter_rows(named=True):
         size = (clip["width"], clip["height"])
         region = region_of(clip)
-        images = source.clip(
-            clip["start_s"], clip["frames"], clip_fps, *bounds[clip["shot_id"]], size, region
-        )
+        try:
+            images = source.clip(
+                clip["start_s"], clip["frames"], clip_fps, *bounds[clip["shot_id"]], size, region
+            )
+        except ValueError:  # decode_clip: no frame of the shot could be decoded
+            failed.append(clip["clip_id"])
+            continue
         encode_mp4(video / f"{clip['clip_id']}.mp4", images, clip_fps)
         (video / f"{clip['clip_id']}.txt").write_text(clip["caption"] + "\n", encoding="utf-8")
+    if failed:
+        warnings.append(
+            f"{len(failed)} clip(s) left out: their shot's frames could not be decoded again from "
+            f"{Path(movie).name} (first: {failed[0]}); the file may be damaged there"
+        )
+    return clips.filter(~pl.col("clip_id").is_in(failed))
 
 
 #: The captions settings a crop's own caption is told with (``crop_template_caption``).
@@ -251,7 +266,7 @@ def compute(ctx: Context) -> StageOutput:
     clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings, timestamp_joins(ctx.run), captions)
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
-            _write_video(run_dir, staging, movie, shots, clips, cfg)
+            clips = _write_video(run_dir, staging, movie, shots, clips, cfg, plan.warnings)
         written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
     table = items.select(ITEMS_COLUMNS)
     facts = {
@@ -320,12 +335,18 @@ def _plan_clips(
 
 
 def _write_video(
-    run_dir: Path, staging: Path, movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, cfg: ExportSettings
-) -> None:
+    run_dir: Path,
+    staging: Path,
+    movie: Path,
+    shots: pl.DataFrame,
+    clips: pl.DataFrame,
+    cfg: ExportSettings,
+    warnings: list[str],
+) -> pl.DataFrame:
     """The clips and the two video trainers' dataset files, which name the folder the staging
-    folder becomes."""
+    folder becomes; returns the clips written."""
     size = (cfg.clip_width, cfg.clip_height)
-    write_clips(Path(movie), shots, clips, staging, cfg.clip_fps)
+    clips = write_clips(Path(movie), shots, clips, staging, cfg.clip_fps, warnings)
     final = dataset_dir(run_dir) / VIDEO_DIR
     (staging / "musubi_dataset.toml").write_text(
         musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
@@ -334,6 +355,7 @@ def _write_video(
     (staging / "diffusion_pipe_dataset.toml").write_text(
         diffusion_pipe_toml(str(final), size, cfg.clip_frames), encoding="utf-8"
     )
+    return clips
 
 
 def _write_pictures(
