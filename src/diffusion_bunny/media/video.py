@@ -416,6 +416,10 @@ class DecodeReport:
     """How the decode went, filled in while :meth:`VideoReader.frames` runs."""
 
     decoded: int = 0
+    #: The first frame decoded, seconds after the stream's start: past 0 where the file begins
+    #: partway through a group of pictures (a recording cut from a broadcast), whose frames up to
+    #: the first keyframe cannot be decoded.
+    first_time_s: float | None = None
     last_time_s: float = 0.0
     stopped_by_error: str | None = None
     #: Packets of the picture the decoder could not read (damaged data), skipped.
@@ -577,6 +581,8 @@ class VideoReader:
                     profiles = luma_profiles(frame, self.analysis_step)
                 if report.decoded:
                     report.longest_gap_s = max(report.longest_gap_s, t - report.last_time_s)
+                else:
+                    report.first_time_s = t
                 report.decoded += 1
                 report.last_time_s = t
                 yield Decoded(index, t, frame, small_bgr, small_gray, profiles)
@@ -585,7 +591,19 @@ class VideoReader:
             container.close()
 
     def loss_message(self) -> str | None:
-        """One sentence on how much of the movie could not be decoded, or None if nothing was."""
+        """One sentence on how much of the movie could not be decoded, or None if nothing was:
+        its start (frames before the first keyframe), its end, damaged stretches."""
+        rest = self._rest_lost()
+        first = self.report.first_time_s
+        if first is None or first <= max(0.5, 3.0 / self.info.fps):
+            return rest
+        head = (
+            f"{self.info.path.name}: the first {first:.1f} s could not be decoded (the file begins partway "
+            "through a group of pictures, as a recording cut from a broadcast does) and were left out"
+        )
+        return f"{head}; the rest was read" if rest is None else f"{head}; and {rest}"
+
+    def _rest_lost(self) -> str | None:
         info, report = self.info, self.report
         frame_s = 1.0 / info.fps
         expected_s = info.duration_s

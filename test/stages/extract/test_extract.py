@@ -557,6 +557,33 @@ def test_a_film_alone_in_its_file_starting_late_loses_nothing(tmp_path, containe
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
 
 
+def test_a_recording_that_begins_partway_through_a_group_of_pictures_says_what_it_lost(tmp_path):
+    """A TV recording starts wherever the tuner did: its frames up to the first keyframe cannot be
+    decoded, and stage 01 dropped the first 1.6 s of such a file without a word (only a loss at
+    the end was measured)."""
+    from clips import write_clip
+
+    whole = tmp_path / "whole.ts"
+    write_clip(whole, [(5, 150, 1.0)], options={"x264-params": "keyint=100:min-keyint=100:scenecut=0"})
+    data = whole.read_bytes()
+    cut = tmp_path / "recording.ts"
+    cut.write_bytes(data[188 * (len(data) // 188 // 5) :])  # a fifth of its packets gone, mid-GOP
+    reader = VideoReader(cut)
+    assert len(list(reader.frames())) == 50  # the second group of pictures, from its keyframe
+    assert reader.report.first_time_s > 0.5
+    message = reader.loss_message()
+    assert message.startswith(
+        f"recording.ts: the first {reader.report.first_time_s:.1f} s could not be decoded"
+    )
+    assert message.endswith("the rest was read")
+    reader = VideoReader(whole)
+    assert (
+        len(list(reader.frames())) == 150
+        and reader.report.first_time_s == 0.0
+        and reader.loss_message() is None
+    )
+
+
 def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_path):
     """The Segment's duration is the longest track's: a 2 s picture with 4 s of sound was said
     to have lost its last half, "truncated or corrupt". The picture's own DURATION tag tells."""
