@@ -215,6 +215,12 @@ def test_one_bunny_run_per_run_folder_from_first_stage_to_last(clip, extracted, 
 
         with pytest.raises(RunBusy, match=f"in use by process {first.pid}"):
             run_stage(Run.open(out), "quality", load_config(root=tmp_path), progress=False)
+        # Naming a cluster is refused before it writes a reference picture (the next run named it).
+        from diffusion_bunny.stages.characters.stage import name_cluster
+
+        with pytest.raises(RunBusy, match=f"in use by process {first.pid}"):
+            name_cluster(out, "cluster_00", "bob", load_config(root=tmp_path))
+        assert not (out / "references").exists()
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the run and its kernel, as a crash would
         first.wait()

@@ -1193,11 +1193,14 @@ def name_cluster(
     """Name an unknown cluster: its best faces become reference images of ``name`` (in
     ``characters.reference_dir``, or the run's own ``references/``) and the run is re-labelled
     (detections are reused, so this takes seconds). ``cfg`` is the run's configuration (the
-    notebook's ``cfg``). Returns what changed."""
+    notebook's ``cfg``). Returns what changed. The run folder is held from the start: a run
+    busy with it refused the relabelling after the pictures were written, and the next run named
+    the cluster anyway (under a second spelling, neither)."""
     run = Run.open(Path(run_dir))
-    written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
-    name = written[0].parent.name  # as promote_cluster spelt it (composed, the known spelling)
-    after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
+    with run.lock(f"naming {cluster}", cfg.pipeline.lock_stale_s):
+        written, members = promote_cluster(run, cluster, name, cfg, max_faces=max_faces)
+        name = written[0].parent.name  # as promote_cluster spelt it (composed, the known spelling)
+        after = run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
     member_ids = members["face_id"].implode()
     return {
         "cluster": cluster,
