@@ -74,6 +74,42 @@ def test_tables_on_a_full_disk_keep_the_old_table_and_name_the_file(tmp_path, mo
         assert run.read_table("quality").height == big.height
 
 
+def test_an_edit_of_two_tables_on_a_full_disk_writes_neither(tmp_path, monkeypatch, clip):
+    """A hand edit writes its record and the table it changes: the disk filled in the second, the
+    first (and its backup) was already written, so an edit reported as failed was applied by the
+    next run of the stage. Every table is now whole on disk before any is renamed into place."""
+    import errno
+
+    big = pl.DataFrame({"frame_id": [f"f{i:07d}" for i in range(200_000)], "score": range(200_000)})
+    with small_disk(tmp_path, 32 * MB) as disk:
+        root = disk.root if disk else tmp_path
+        run = Run.create(root / "run", clip)
+        with run.commit("caption_edits", "captions", by_hand=True) as tables:
+            tables["caption_edits"] = pl.DataFrame({"frame_id": ["f0"], "caption": ["old words"]})
+            tables["captions"] = big.head(10)
+        before = {n: run.table_path(n).read_bytes() for n in ("caption_edits", "captions")}
+        backups = sorted((run.tables_dir / "backup").iterdir())
+        kept = {p.name: p.read_bytes() for p in backups}
+        if disk:
+            disk.fill(leave=64 * 1024)
+        else:
+            write = pl.DataFrame.write_parquet
+
+            def full(df, path, *a, **k):
+                if df.height > 1000:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return write(df, path, *a, **k)
+
+            monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+        with pytest.raises(OSError) as err, run.commit("caption_edits", "captions", by_hand=True) as tables:
+            tables["caption_edits"] = pl.DataFrame({"frame_id": ["f0"], "caption": ["new words"]})
+            tables["captions"] = big
+        assert one_line(err.value).startswith(f"could not write {run.table_path('captions')}: No space left")
+        assert {n: run.table_path(n).read_bytes() for n in before} == before
+        assert {p.name: p.read_bytes() for p in sorted((run.tables_dir / "backup").iterdir())} == kept
+        assert leftovers(run.run_dir) == []
+
+
 def test_frames_on_a_full_disk_are_one_line_and_the_rerun_extracts(tmp_path, monkeypatch, clip):
     from diffusion_bunny.stages import run_stage
 

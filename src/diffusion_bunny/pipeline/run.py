@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,12 @@ from typing import Any
 import polars as pl
 
 from diffusion_bunny.errors import BadInputError, DamagedTableError, StageError
-from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet, sweep_leftovers
+from diffusion_bunny.pipeline.atomic import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_parquet,
+    sweep_leftovers,
+)
 from diffusion_bunny.pipeline.lock import (
     DEFAULT_LEASE_S,
     TABLE_LOCK_TIMEOUT_S,
@@ -478,8 +484,8 @@ class Run:
         self, *names: str, by_hand: bool = False, timeout: float | None = None
     ) -> Iterator[dict[str, pl.DataFrame]]:
         """The one write path of a run's tables: hold the locks of ``names`` for the block, which
-        puts the tables to write into the dict it is given; they are written when the block ends
-        (each atomically, in the order put in), nothing when it raises.
+        puts the tables to write into the dict it is given; they are written when the block ends,
+        all or none (:meth:`_write_all`), nothing when it raises.
 
         Reading inside the block sees every table as no one else can change it until the writes
         are done: stage 04 folds in the moves made while it computed, a person's edit reads the
@@ -494,8 +500,24 @@ class Run:
                 raise RuntimeError(
                     f"commit of {', '.join(names)} writes tables it did not lock: {sorted(unlocked)}"
                 )
+            self._write_all(tables, by_hand)
+
+    def _write_all(self, tables: dict[str, pl.DataFrame], by_hand: bool) -> None:
+        """Every table (and the backup of each kept one) written to its temporary file first, and
+        renamed into place only once all are whole: a full disk in the second table of a hand
+        edit left the first written (the edit recorded in ``caption_edits`` and its backup, not in
+        ``captions``), reported as failed yet applied by the next run of the stage."""
+        with contextlib.ExitStack() as stack:  # left in reverse: each table before its backup
             for name, df in tables.items():
-                self.write_table(name, df, backup=by_hand)
+                path = self.table_path(name)
+                kept = by_hand or backup_path(path).is_file()
+                if kept:
+                    backup_path(path).parent.mkdir(parents=True, exist_ok=True)
+                    backup = stack.enter_context(atomic_path(backup_path(path)))
+                tmp = stack.enter_context(atomic_path(path))
+                df.write_parquet(tmp)
+                if kept:
+                    shutil.copyfile(tmp, backup)
 
     def _hand_made(self, name: str) -> bool:
         """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:
