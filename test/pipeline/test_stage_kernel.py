@@ -233,7 +233,7 @@ km = kernel.manager()
 kc = km.client()
 kc.start_channels()
 run_sync(kc.wait_for_ready)(timeout=120)
-print(km.ip, km.provisioner.pgid, flush=True)
+print(km.ip, km.provisioner.pgid, km.connection_file, flush=True)
 time.sleep(600)
 """
 
@@ -247,7 +247,7 @@ def test_the_sockets_of_a_kernel_whose_run_was_killed_are_removed_by_the_next_ru
 
     run = subprocess.Popen([sys.executable, "-c", _KILLED_RUN], stdout=subprocess.PIPE, text=True)
     try:
-        base, pgid = run.stdout.readline().split()
+        base, pgid, connection = run.stdout.readline().split()
     finally:
         run.kill()
         run.wait()
@@ -255,10 +255,13 @@ def test_the_sockets_of_a_kernel_whose_run_was_killed_are_removed_by_the_next_ru
         os.killpg(int(pgid), signal.SIGKILL)
     assert Path(base).name.startswith(f"bunny-kernel-{run.pid}-")
     assert len(glob.glob(base + "-*")) == 5  # left behind
+    # With the kernel's key: a tmpXXXX.json of jupyter_client's was left by every hard kill.
+    assert Path(connection).name == Path(base).name.removesuffix("-ipc") + ".json"
+    assert Path(connection).is_file()
 
     ours = _kernel_sockets()["ip"]  # a live run's (this process's) name, not yet bound
     assert Path(ours).name.startswith(f"bunny-kernel-{os.getpid()}-")
-    assert glob.glob(base + "-*") == []
+    assert glob.glob(base + "-*") == [] and not Path(connection).exists()
     live = Path(ours + "-1")
     live.touch()  # a live run's file stays, as does anything not named like a kernel's socket
     other = Path(tempfile.gettempdir()) / f"bunny-kernel-{run.pid}-notes.txt"

@@ -438,21 +438,24 @@ def _kernel_sockets() -> dict[str, str]:
     one did, and the kernel printed a heartbeat traceback ("Address already in use") into the
     run's messages. Socket files named after a fresh id cannot be taken. Their path must be
     absolute (the kernel runs in the notebooks' folder) and short (a Unix socket's name holds
-    107 bytes): a temporary folder with a long name falls back to TCP.
+    107 bytes): a temporary folder with a long name falls back to TCP. The connection file (the
+    kernel's key) is named the same way, so :func:`remove_orphan_sockets` removes it too once the
+    process is gone (a ``tmpXXXX.json`` of jupyter_client's was left by each hard kill).
     """
     if os.name != "posix":  # pragma: no cover - ZeroMQ has no ipc transport on Windows
         return {}
     folder = tempfile.gettempdir()
-    base = os.path.join(folder, f"{_SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
-    if len(base) > 90:  # "-N" is added for each of the five channels
+    name = os.path.join(folder, f"{_SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    if len(name) > 86:  # "-ipc-N" is added for each of the five channels
         return {}
     remove_orphan_sockets(folder)
-    return {"transport": "ipc", "ip": base}
+    return {"transport": "ipc", "ip": f"{name}-ipc", "connection_file": f"{name}.json"}
 
 
-#: Stage kernels' socket files: ``bunny-kernel-<pid of the process that started it>-<id>-ipc-<N>``.
+#: Stage kernels' socket files, ``bunny-kernel-<pid of the process that started it>-<id>-ipc-<N>``,
+#: and connection files, ``...-<id>.json``.
 _SOCKET_PREFIX = "bunny-kernel-"
-_SOCKET_NAME = re.compile(re.escape(_SOCKET_PREFIX) + r"(\d+)-[0-9a-f]+-ipc-\d+")
+_SOCKET_NAME = re.compile(re.escape(_SOCKET_PREFIX) + r"(\d+)-[0-9a-f]+(?:-ipc-\d+|\.json)")
 
 
 def remove_orphan_sockets(folder: str) -> None:
