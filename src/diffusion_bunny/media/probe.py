@@ -37,7 +37,7 @@ class VideoInfo:
     codec: str
     width: int
     height: int
-    #: The display matrix's turn in degrees counter-clockwise (PyAV's ``frame.rotation``, 0-359).
+    #: The display matrix's turn in degrees counter-clockwise, a quarter turn (0, 90, 180, 270).
     rotation: int
     fps: float
     duration_s: float | None
@@ -335,6 +335,15 @@ def probe_video(path: str | Path) -> VideoInfo:
 EXIF_CODECS = frozenset({"mjpeg", "png", "apng", "webp", "tiff", "gif", "bmp", "jpeg2000", "jpegls"})
 
 
+def quarter_turn(angle: float) -> int:
+    """``angle`` (degrees) as the quarter turn it is within a degree of (0, 90, 180, 270), else 0:
+    a picture is turned only by right angles here, as FFmpeg's autorotate does and as players
+    show it. A tag of 45 degrees was half taken: the sizes swapped (a picture box "inside bars"
+    that were not there) while the frames were saved unturned."""
+    turn = round(angle / 90.0) * 90
+    return turn % 360 if abs(angle - turn) <= 1.0 else 0
+
+
 def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
     """The turn (degrees counter-clockwise, 0-359) and mirror of ``frame``'s display matrix: the
     picture is shown turned by the angle, then mirrored left to right when the flag is set.
@@ -350,7 +359,7 @@ def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
         with contextlib.suppress(ValueError):  # a side data type newer than PyAV's list
             side = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
     if side is None:
-        return round(frame.rotation or 0) % 360, False
+        return quarter_turn(frame.rotation or 0), False
     # a, c: the shown x of a stored (p, q) is a p + c q; b, d: its y (16.16 fixed point).
     a, b, _, c, d, *_ = struct.unpack("=9i", bytes(side))
     mirrored = a * d - b * c < 0
@@ -359,7 +368,7 @@ def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
     if not (math.hypot(a, c) and math.hypot(b, d)):
         return 0, False  # a degenerate matrix (zeros): shown as stored, as FFmpeg does
     angle = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))
-    return round(angle) % 360, mirrored
+    return quarter_turn(angle), mirrored
 
 
 #: Damaged packets passed over at the start of a stream before it is taken as undecodable.

@@ -224,6 +224,18 @@ def test_rotation_metadata_is_applied(tmp_path, turn):
     assert (info.rotation, info.mirrored) == (rotation, mirrored)
 
 
+def test_a_turn_that_is_no_right_angle_is_shown_as_stored(tmp_path):
+    """``rotate=45``: the sizes were swapped by ``rotation % 180`` (a 640x360 picture "inside
+    bars" of a 360x640 movie) while the frames were turned by ``rotation // 90``, not at all.
+    Pictures turn by quarter turns only, as FFmpeg's autorotate does; within a degree of one, by it."""
+    from diffusion_bunny.media.probe import quarter_turn
+
+    assert [quarter_turn(a) for a in (45, -90, 89.6, 180.4, 271, 300, -0.4)] == [0, 270, 90, 180, 270, 0, 0]
+    plain = _write_frames(tmp_path / "stored.mp4", [np.full((96, 160, 3), 128, np.uint8)] * 5)
+    info = probe_video(remux(plain, tmp_path / "tilted.mp4", rotation=45))
+    assert info.rotation == 0 and info.display_size == (160, 96)
+
+
 @pytest.mark.parametrize(("rotation", "mirrored"), itertools.product([0, 90, 180, 270], [False, True]))
 def test_picture_box_moves_with_the_pixels(rotation, mirrored):
     """A shot's picture box is written in the saved frames' pixels: turned and mirrored as the
