@@ -173,6 +173,37 @@ def test_interlaced_video_is_detected_and_deinterlaced(films, extracted, tmp_pat
     assert combing(result.tables["frames"], run) < 0.5 * combing(woven.tables["frames"], tmp_path)
 
 
+def test_keyframes_alone_of_interlaced_video_are_deinterlaced(tmp_path):
+    """``extract.method: keyframe`` decodes keyframes seconds apart, no neighbours for bwdif: they
+    were never deinterlaced, even with ``extract.deinterlace: on``. One field of each, scaled
+    back to the frame's height, shows no comb."""
+    import itertools
+
+    import av
+    from clips import render_shot
+
+    from diffusion_bunny.media.video import VideoReader
+
+    pictures = render_shot(7, 41, 320, 240, pan=6.0)  # a fast pan: two instants differ
+    movie = tmp_path / "576i.mp4"
+    with av.open(str(movie), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.options = {"crf": "16", "x264-params": "interlaced=1:tff=1:keyint=10:min-keyint=10"}
+        for first, second in itertools.pairwise(pictures):
+            woven = first.copy()
+            woven[1::2] = second[1::2]  # the bottom field a field's time later
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(woven, format="rgb24")))
+        out.mux(stream.encode(None))
+    combs = {}
+    for deinterlace in (True, False):
+        reader = VideoReader(movie, keyframes_only=True, deinterlace=deinterlace)
+        frames = [d.frame.to_ndarray(format="gray") for d in reader.frames()]
+        assert len(frames) == 4 and {f.shape for f in frames} == {(240, 320)}
+        combs[deinterlace] = np.mean([comb(f) for f in frames])
+    assert combs[True] < 0.2 * combs[False], combs
+
+
 def test_progressive_sources_are_not_deinterlaced(extracted):
     for variant in ("sdr", "anamorphic", "hdr"):
         assert not extracted[variant][0].facts["deinterlaced"]

@@ -312,6 +312,33 @@ class Deinterlacer:
                 return out
 
 
+class FieldDoubler:
+    """One field of each frame, scaled back to the frame's height (FFmpeg's ``field`` and
+    ``scale``): the deinterlacing of keyframes alone, seconds apart, which leave ``bwdif`` no
+    neighbours in time. ``bwdif`` fed one frame at a time weaves a still picture's two fields
+    back together, combs and all; half the lines, interpolated (bilinear: bicubic rings on a
+    title's edges, a comb of its own), show none. The field shown
+    first is kept (``top``: top field first, as ``idet`` most often finds)."""
+
+    def __init__(self, stream: av.video.stream.VideoStream, size: tuple[int, int], top: bool = True):
+        self.graph = av.filter.Graph()
+        source = self.graph.add_buffer(template=stream)
+        field = self.graph.add("field", f"type={'top' if top else 'bottom'}")
+        scale = self.graph.add("scale", f"w={size[0]}:h={size[1]}:flags=bilinear")
+        sink = self.graph.add("buffersink")
+        source.link_to(field)
+        field.link_to(scale)
+        scale.link_to(sink)
+        self.graph.configure()
+
+    def push(self, frame: av.VideoFrame | None) -> list[av.VideoFrame]:
+        """Feed one decoded frame (None at the end) and return the frames ready now."""
+        if frame is None:
+            return []
+        self.graph.push(frame)
+        return [self.graph.pull()]
+
+
 def interlace_verdict(path: str | Path, max_frames: int = 240) -> dict[str, int]:
     """FFmpeg's ``idet`` over the first ``max_frames`` frames: how many it judged top field
     first, bottom field first, progressive and undetermined (multi-frame detection). Flags lie
@@ -521,14 +548,21 @@ class VideoReader:
             flagged = should_deinterlace(self.info, None)
             self.interlace = interlace_verdict(self.info.path) if flagged else None
             deinterlace = flagged and should_deinterlace(self.info, self.interlace)
-        # Keyframe-only decoding gives frames seconds apart: no neighbours to deinterlace from.
-        self.deinterlace = bool(deinterlace) and not keyframes_only
+        # Keyframe-only decoding gives frames seconds apart, no neighbours in time: those are
+        # deinterlaced from one field (:class:`FieldDoubler`). They were not deinterlaced at all,
+        # and ``extract.deinterlace: on`` did nothing there.
+        self.deinterlace = bool(deinterlace)
 
     def _decoded(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
         """The stream's whole frames (:func:`decode_past_damage`), deinterlaced when asked."""
         stream = picture_stream(container)
-        deinterlacer = Deinterlacer(stream) if self.deinterlace else None
         stored = (self.info.width, self.info.height)
+        deinterlacer: Deinterlacer | FieldDoubler | None = None
+        if self.deinterlace and self.keyframes_only:
+            verdict = self.interlace or {}
+            deinterlacer = FieldDoubler(stream, stored, top=verdict.get("bff", 0) <= verdict.get("tff", 0))
+        elif self.deinterlace:
+            deinterlacer = Deinterlacer(stream)
         for frame in decode_past_damage(container, stream, self.report, self.info.fps):
             if (frame.width, frame.height) != stored:
                 # Every measure, box and saved frame is in the movie's stored pixels: a piece of
