@@ -453,10 +453,24 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
         gop=10,
         options={"x264-params": "keyint=10:min-keyint=10:scenecut=0"},
     )
-    result = extract_frames(path, cfg(method="keyframe"), tmp_path / "run", progress=False)
+    result = extract_frames(
+        path, cfg(method="keyframe", interval_seconds=0.4), tmp_path / "run", progress=False
+    )
     assert result.tables["frames"]["frame_index"].to_list() == list(range(0, 125, 10))
     assert result.facts["decoded_frames"] == 13
     assert set(result.tables["frames"]["role"]) == {"keyframe"}
+    # At most one saved every interval_seconds in a shot (2 s by default): a keyframe every 0.4 s
+    # (a broadcast stream; an all-intra master has one every frame) gave a frame file of each.
+    spaced = extract_frames(path, cfg(method="keyframe"), tmp_path / "spaced", progress=False)
+    cands = spaced.tables["keyframe_candidates"]
+    assert cands["frame_index"].to_list() == list(range(0, 125, 10))  # each still a candidate
+    frames = spaced.tables["frames"]
+    assert 0 < frames.height < 13 and set(frames["role"]) == {"keyframe"}
+    for _, shot in frames.group_by("shot_id"):
+        assert (shot["timestamp_s"].diff().drop_nulls() >= 2.0 - 1e-6).all()
+    first_of_shot = cands.group_by("shot_id").agg(pl.col("frame_index").min())["frame_index"]
+    assert set(first_of_shot) <= set(frames["frame_index"])
+    assert len(list((tmp_path / "spaced" / "frames").iterdir())) == frames.height
     # Keyframes far apart: the last one is a second before the end of a whole file. The last shot
     # ran to that keyframe only (one frame, "too short"), and the file was said to be corrupt.
     sparse = transcode(
@@ -477,7 +491,7 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     (tmp_path / "cut.mkv").write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.5)])
     cut = extract_frames(tmp_path / "cut.mkv", cfg(method="keyframe"), tmp_path / "runcut", progress=False)
     assert any("were lost" in w for w in cut.warnings), cut.warnings
-    assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["frames"]["frame_index"].max() + 11
+    assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["keyframe_candidates"]["frame_index"].max() + 11
 
 
 def test_keyframes_of_variable_frame_rate_footage_never_share_an_index(tmp_path):
@@ -492,7 +506,9 @@ def test_keyframes_of_variable_frame_rate_footage_never_share_an_index(tmp_path)
     path = tmp_path / "vfr.mp4"
     options = {"x264-params": "keyint=1:min-keyint=1:scenecut=0"}
     write_clip(path, [(5, 60, 1.0), (6, 60, 1.0)], fps=30, times=times, options=options)
-    result = extract_frames(path, cfg(method="keyframe"), tmp_path / "run", progress=False)
+    result = extract_frames(
+        path, cfg(method="keyframe", interval_seconds=0.01), tmp_path / "run", progress=False
+    )
     frames = result.tables["frames"]
     indices = frames["frame_index"].to_list()
     assert frames.height == 120 and indices == sorted(set(indices))

@@ -152,6 +152,8 @@ class _ShotAssembler:
         self.interval_window = min(cfg.keyframe_window_seconds, cfg.interval_seconds)
         self.interval_window_end = 0.0
         self.interval_best: FrameCandidate | None = None
+        # Keyframe method: the shot and time of the last keyframe saved.
+        self.last_keyframe: tuple[int, float] | None = None
 
     def add_cuts(self, cuts: list[int]) -> None:
         if cuts:
@@ -271,10 +273,23 @@ class _ShotAssembler:
         cand = FrameCandidate(d.index, d.time_s, sharp, d.frame)
         self.current.add(cand, diff)
         if self.cfg.method == "keyframe":
-            bgr = self.save_full(cand, self.current.shot_id, "keyframe")
-            self.save_candidate(cand, self.current.shot_id, "keyframe", bgr)
+            self._keyframe(cand, self.current.shot_id)
         elif self.cfg.method == "interval":
             self._interval(cand, d.time_s)
+
+    def _keyframe(self, cand: FrameCandidate, shot: int) -> None:
+        """Keyframe method: a codec keyframe is saved when it is its shot's first or comes
+        ``interval_seconds`` or more after the last one saved there; one closer is a candidate
+        alone (role ``near_keyframe``). An all-intra master (ProRes, DNxHD, Motion JPEG: every
+        frame a keyframe) had every frame written to disk, and a broadcast stream (a keyframe
+        every half second) two a second."""
+        last = self.last_keyframe
+        if last is not None and last[0] == shot and cand.time_s - last[1] < self.cfg.interval_seconds - 1e-6:
+            self.save_candidate(cand, shot, "near_keyframe")
+            return
+        self.last_keyframe = (shot, cand.time_s)
+        bgr = self.save_full(cand, shot, "keyframe")
+        self.save_candidate(cand, shot, "keyframe", bgr)
 
     def _interval(self, cand: FrameCandidate, time_s: float) -> None:
         if self.interval_best is not None and time_s >= self.interval_window_end:
