@@ -540,6 +540,10 @@ class Run:
         path = self.table_path(name)
         if path.is_file() and self._hand_made(name):
             read_kept(path)
+            try:
+                pl.read_parquet_schema(path)
+            except (pl.exceptions.PolarsError, OSError):  # damaged, and not restored: the folder
+                path = backup_path(path)  # cannot be written (``bunny status`` on a read-only run)
         with damaged_table(path):
             return {"table": name, **table_fingerprint(path, columns)}
 

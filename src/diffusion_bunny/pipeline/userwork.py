@@ -17,6 +17,7 @@ exists, and every later write, the stage's included, keeps it up to date); the t
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from datetime import datetime
@@ -79,9 +80,22 @@ def read_kept(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
     # Copied aside, then replaced in one rename: moved aside first, a kill (or a full disk) before
     # the copy left no table, which reads as "no edits yet", and the next edit wrote a table of one
     # row and copied it over the backup: every earlier edit lost.
-    shutil.copyfile(path, damaged)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(backup, tmp)
+    try:
+        shutil.copyfile(path, damaged)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(backup, tmp)
+    except OSError as exc:
+        # A folder that cannot be written (read-only, full): the backup is read as it is, and the
+        # restore waits for a command that may write (``bunny status`` ended on this, no status).
+        with contextlib.suppress(OSError):
+            if damaged.is_file() and damaged.stat().st_size != path.stat().st_size:
+                damaged.unlink()  # a copy cut short: no copy of the damaged file at all
+        warnings.warn(
+            f"{path} is damaged ({why}); its backup {backup} is read instead, but could not be put "
+            f"back ({exc.strerror or exc}): make the folder writable, and the next run restores it",
+            stacklevel=2,
+        )
+        return _read(backup, columns)
     warnings.warn(
         f"{path} was damaged ({why}); restored from its backup {backup} (the last version written); "
         f"the damaged file is kept as {damaged}",
