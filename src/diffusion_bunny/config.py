@@ -44,7 +44,7 @@ from diffusion_bunny.pipeline.settings import output_root as output_root
 from diffusion_bunny.pipeline.settings import recorded_name as recorded_name
 from diffusion_bunny.pipeline.settings import save_local_settings as save_local_settings
 from diffusion_bunny.registry import move_into_detector
-from diffusion_bunny.secrets import load_env_file
+from diffusion_bunny.secrets import load_env_file, redact_urls
 from diffusion_bunny.section import YES_NO_FOR_A_NUMBER
 from diffusion_bunny.stages.captions.settings import CaptionsSettings
 from diffusion_bunny.stages.characters.settings import MOVED_TO_DETECTOR as FACE_KEYS
@@ -299,6 +299,8 @@ def _format_validation_error(exc: ValidationError) -> str:
     # A value refused for carrying credentials or a key is not repeated (the error may be stored).
     if isinstance(value, dict) or "must not carry" in msg:
         return f"config error: {key}: {msg}"
+    if isinstance(value, str):  # an error is printed and logged: a URL's key is not repeated
+        value = redact_urls(value)
     return f"config error: {key} = {value!r}: {msg}"
 
 

@@ -37,7 +37,7 @@ SECRET_VARIABLES = {
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 #: Names of settings and URL query parameters whose values are secrets (``api_key``, ``token``,
 #: ``sig``, ``X-Amz-Signature``, ``password``...).
-SECRET_FIELD = re.compile(r"(key|token|secret|passw|credential|signature|^sig$|auth)", re.IGNORECASE)
+_SECRET_FIELD = re.compile(r"(key|token|secret|passw|credential|signature|^sig$|auth)", re.IGNORECASE)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 _extra_secrets: set[str] = set()
 _extra_lock = threading.Lock()
@@ -107,13 +107,18 @@ def redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(SECRET_FIELD.search(k) for k, _ in pairs):
-            query = "&".join(f"{k}={REDACTED if SECRET_FIELD.search(k) else v}" for k, v in pairs)
+        if any(_SECRET_FIELD.search(k) for k, _ in pairs):
+            query = "&".join(f"{k}={REDACTED if _SECRET_FIELD.search(k) else v}" for k, v in pairs)
     if netloc == parts.netloc and query == parts.query:
         return url
     rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
     rebuilt += f"?{query}" if query else ""
     return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it through :func:`redact_url`."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
 
 
 def redact_command(args: Sequence[str]) -> str:
@@ -134,10 +139,10 @@ def redact_command(args: Sequence[str]) -> str:
             eq
             and not key.startswith("-")
             and "." in key
-            and SECRET_FIELD.search(name)
+            and _SECRET_FIELD.search(name)
             and not name.endswith("_env")
         ):
             arg = f"{key}={REDACTED}"
-        arg = _URL.sub(lambda m: redact_url(m.group(0)), arg)
+        arg = redact_urls(arg)
         out.append(redact(arg) or arg)
     return " ".join(out)

@@ -293,6 +293,28 @@ def test_an_executed_notebook_cut_off_by_a_full_disk_leaves_the_one_before(cut_c
     assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_notebook_on_a_nearly_full_disk_stays_interrupted(
+    cut_clip, tmp_path, monkeypatch, raised
+):
+    """The executed notebook's temporary file once enclosed the whole papermill run in the
+    atomic write, which takes an error other than the OS's on a disk under 1 MiB free for a full
+    disk's: Ctrl-C, a stop or a kernel's death read "No space left on device"."""
+    from diffusion_bunny.pipeline import atomic, runner
+
+    def interrupted(*args):
+        raise raised("stopped")
+
+    monkeypatch.setattr(runner, "_papermill", interrupted)
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 512 * 1024)
+    run = Run.create(tmp_path / "run", cut_clip[0])
+    with pytest.raises(raised, match="stopped"):
+        execute_stage_notebook(
+            run, "extract", RunOptions(PIPELINE, load_config(None, {}), progress=False), "python3"
+        )
+    assert list(run.notebooks_dir.iterdir()) == []
+
+
 def test_a_notebook_whose_kernel_was_killed_leaves_the_one_before(cut_clip, tmp_path, monkeypatch):
     """A kernel killed outright (the out-of-memory killer) left the blank template in place of the
     executed notebook (papermill saves nothing then), beside a stage that may have finished."""

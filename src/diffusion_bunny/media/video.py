@@ -629,7 +629,9 @@ class VideoReader:
         its start (frames before the first keyframe), its end, damaged stretches."""
         rest = self._rest_lost()
         first = self.report.first_time_s
-        if first is None or first <= max(0.5, 3.0 / self.info.fps):
+        # Keyframes alone: the first decoded is the first keyframe, which a trimmed MP4 (an edit
+        # list) has seconds in while every frame before it decodes. Said only of a full decode.
+        if first is None or self.keyframes_only or first <= max(0.5, 3.0 / self.info.fps):
             return rest
         head = (
             f"{self.info.path.name}: the first {first:.1f} s could not be decoded (the file begins partway "

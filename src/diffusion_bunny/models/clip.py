@@ -88,7 +88,7 @@ class ClipEmbedder:
             if path.exists():
                 where = f"from that folder: {_short_reason(exc)}"
             elif source != model:  # a hub id whose cached snapshot does not load
-                where = f"from its cached snapshot {source}: {_short_reason(exc)}{snapshot_hint(source)}"
+                where = f"from its cached snapshot {source}: {_short_reason(exc)}{snapshot_hint(source, exc)}"
             else:
                 where = "(no such folder here, and not a hub id: owner/name)"
             message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"

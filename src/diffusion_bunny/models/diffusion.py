@@ -221,7 +221,7 @@ def load_pipeline(
         raise ModelError(
             f"{setting} = {ref.name!r}: the pipeline in {ref.path} could not be loaded "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
-            f"{snapshot_hint(ref.path) or '; the folder is incomplete or damaged: save it again'}"
+            f"{snapshot_hint(ref.path, exc) or '; the folder is incomplete or damaged: save it again'}"
             ", or point the setting elsewhere"
         ) from None
     _check_tokenizers(pipe, setting, ref)

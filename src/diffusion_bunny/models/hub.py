@@ -132,17 +132,20 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*pytorch_model*.bin"))
 
 
-def snapshot_hint(folder: str | Path) -> str:
-    """For a model that failed to load from ``folder``: when it is a snapshot in the Hugging Face
-    cache, the words that name it and the folder to delete so the next run downloads it again.
-    A cached file can be cut short (a copy of the cache stopped midway, a full disk) and the
-    cache is never checked file by file: the same damaged copy failed on every run, and the
-    message named only the setting. Empty for a folder of the user's own."""
+def snapshot_hint(folder: str | Path, exc: BaseException) -> str:
+    """For a model that failed to load from ``folder`` with ``exc``: when it is a snapshot in the
+    Hugging Face cache, the folder to delete so the next run downloads it again. A cached file
+    can be cut short (a copy of the cache stopped midway, a full disk) and the cache is never
+    checked file by file: the same damaged copy failed on every run, and the message named only
+    the setting. Empty for a folder of the user's own, and for a plain ``ValueError`` (the model
+    is of another kind, or lacks a tokenizer: downloaded again, it would be the same)."""
     path = Path(folder)
     repo = next((p for p in path.parents if p.name.startswith("models--")), None)
-    if repo is None or path.parent.name != "snapshots":
+    if repo is None or path.parent.name != "snapshots" or type(exc) is ValueError:
         return ""
-    return f"; its cached copy {path} may be damaged: delete {repo} to download it again"
+    return (
+        f"; if its cached copy is damaged (a download or a copy cut short), delete {repo} to fetch it again"
+    )
 
 
 def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) -> Path:

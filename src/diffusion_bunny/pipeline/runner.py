@@ -43,7 +43,7 @@ from diffusion_bunny.logs import FILE_ONLY, say
 from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
-from diffusion_bunny.pipeline.atomic import atomic_path, writer_alive
+from diffusion_bunny.pipeline.atomic import atomic_path, temp_path, writer_alive
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
@@ -524,15 +524,19 @@ def execute_stage_notebook(
     # full disk or a kernel killed outright left a cut-off or empty notebook beside a stage that
     # counted as done, and no rerun repaired it. Its first copy is written before any kernel
     # starts: a run folder that cannot take it fails here, not after the stage's work.
+    # Only the rename is inside atomic_path: it takes any other error on a nearly full disk for
+    # a full disk's, and an interrupt or a kernel's death must stay what it is.
     failed: Exception | None = None
+    part = temp_path(target)
     try:
-        with atomic_path(target) as part:
-            shutil.copyfile(source, part)
-            deadline.start()
-            try:
-                _papermill(papermill, source, part, run, options, stage_kernel, km)
-            except PapermillExecutionError as exc:  # the notebook, its error marked, is kept
-                failed = _notebook_error(stage, target, exc)
+        shutil.copyfile(source, part)
+        deadline.start()
+        try:
+            _papermill(papermill, source, part, run, options, stage_kernel, km)
+        except PapermillExecutionError as exc:  # the notebook, its error marked, is kept
+            failed = _notebook_error(stage, target, exc)
+        with atomic_path(target) as whole:
+            os.replace(part, whole)
     except OSError as exc:  # papermill writing the executed notebook (a full disk names no file)
         if not exc.filename or Path(str(exc.filename)).name.startswith(f".{target.name}."):
             exc.filename = str(target)
@@ -542,6 +546,7 @@ def execute_stage_notebook(
         auto = options.cfg.pipeline.stage_timeout_s == "auto"
         raise _dead_kernel_error(stage, exc, timeout_s if deadline.fired else None, auto) from None
     finally:
+        part.unlink(missing_ok=True)  # a notebook not put in place (killed: swept later)
         deadline.cancel()
         stop_following(stop, watcher)
         remove_relay_files(run.progress_path(stage))

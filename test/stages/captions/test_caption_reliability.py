@@ -461,7 +461,25 @@ def test_credentials_in_a_base_url_are_refused(tmp_path):
         ) as err:
             load_config(None, {key: "http://127.0.0.1:8000/v1?api_key=sk-SECRET9"}, root=tmp_path / "nocfg")
         assert "sk-SECRET9" not in str(err.value)
-    load_config(None, {"captions.local.base_url": "https://h.example/v1?version=2"}, root=tmp_path / "nocfg")
+    # A key in a URL that is mistyped too: refused for the key, never repeated (the form's error
+    # repeats the value, printed and logged).
+    for url in (
+        "http://u:sk-SECRET1@host:99999/v1",
+        "u:sk-SECRET1@host:8000/v1",
+        "http//h/v1?key=sk-SECRET1",
+    ):
+        with pytest.raises(ConfigError, match="must not carry") as err:
+            load_config(None, {"captions.local.base_url": url}, root=tmp_path / "nocfg")
+        assert "sk-SECRET1" not in str(err.value)
+    # Parameters whose names only contain a key's word hold none.
+    for url in (
+        "https://h.example/v1?version=2",
+        "http://127.0.0.1:8000/v1?tokenizer=auto",
+        "http://gw.example/v1?auth_mode=none",
+        "https://x.openai.azure.com/openai?api-version=2024-02-01",
+        "http://[::1]:8000/v1",
+    ):
+        load_config(None, {"captions.local.base_url": url}, root=tmp_path / "nocfg")
 
 
 @pytest.mark.parametrize(

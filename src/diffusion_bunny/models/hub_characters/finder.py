@@ -122,7 +122,7 @@ def _load_failed(setting: str, model: str, exc: BaseException, source: str = "")
     text = " ".join(str(exc).split()) or type(exc).__name__
     text = text if len(text) <= 200 else text[:197] + "..."
     return ModelError(
-        f"cannot load {setting} = {model!r}: {text}{snapshot_hint(source) if source else ''}; "
+        f"cannot load {setting} = {model!r}: {text}{snapshot_hint(source, exc) if source else ''}; "
         f"set {setting} to {_WHAT_INSTEAD}"
     )
 

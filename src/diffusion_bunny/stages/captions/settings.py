@@ -6,22 +6,44 @@ nothing heavier than pydantic.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from diffusion_bunny.secrets import SECRET_FIELD
 from diffusion_bunny.section import Section
+
+#: Query parameters that hold a key (whole names: ``?tokenizer=`` or ``?auth_mode=`` hold none).
+_KEY_PARAMETER = re.compile(
+    r"^(api[-_]?key|key|access[-_]?key|(access|auth|id|refresh)?[-_]?token|secret|client[-_]?secret|"
+    r"passw(or)?d|sig|signature|x-amz-(signature|security-token|credential)|x-goog-signature)$",
+    re.IGNORECASE,
+)
 
 
 def _no_credentials_in_url(value: str | None) -> str | None:
     """A base URL must be one (``http(s)://host[:port]/...``: a typo such as ``http//host`` reached
     urllib inside the stage and ended as a bug report) and must not carry a key, as ``user:token@``
-    or as a query parameter named like one (``?api_key=``): the URL is written into the run's
-    settings, manifests and notebook parameters. Keys belong in the environment (or ``.env``)."""
+    or as a query parameter that holds one (``?api_key=``): the URL is written into the run's
+    settings, manifests and notebook parameters. Keys belong in the environment (or ``.env``).
+    The key checks come first, on the text as typed: a URL refused for its form is repeated in
+    the error (and the log), and a key in a mistyped one was printed with it."""
     if not value:
         return value
+    address = value.split("#")[0]
+    if "@" in address.split("?")[0]:
+        raise ValueError(
+            "must not carry credentials (user:token@host); remove them and put the key in the "
+            "environment or .env (the provider's key variable)"
+        )
+    query = address.partition("?")[2]
+    secret = [k for k, _ in parse_qsl(query, keep_blank_values=True) if _KEY_PARAMETER.match(k)]
+    if secret:
+        raise ValueError(
+            f"must not carry a key in its query ({', '.join(secret)}); remove it and put the key in "
+            "the environment or .env (the provider's key variable)"
+        )
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises on a port that is not a number
@@ -29,17 +51,6 @@ def _no_credentials_in_url(value: str | None) -> str | None:
         raise ValueError(f"is not a usable URL ({exc}); write it as http://HOST:PORT/PATH") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:8000/v1)")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            "must not carry credentials (user:token@host); remove them and put the key in the "
-            "environment or .env (the provider's key variable)"
-        )
-    secret = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if SECRET_FIELD.search(k)]
-    if secret:
-        raise ValueError(
-            f"must not carry a key in its query ({', '.join(secret)}); remove it and put the key in "
-            "the environment or .env (the provider's key variable)"
-        )
     return value
 
 
