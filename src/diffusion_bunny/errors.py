@@ -18,6 +18,11 @@ from pathlib import Path
 class UserError(Exception):
     """Something the user can fix: a bad path, a bad input file, a bad config value."""
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython (JupyterLab, a notebook run by papermill) shows of it: its one line, not
+        a traceback through the workspace's code (6-11 frames around one clear message)."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class ConfigError(UserError):
     """A config key is unknown or its value is not allowed."""

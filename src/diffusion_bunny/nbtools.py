@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image
 
-from diffusion_bunny.config import Config, current_name, load_config, output_root
+from diffusion_bunny.config import Config, current_name, load_config, output_root, text_setting
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.contract import flat_settings
 from diffusion_bunny.pipeline.run import Run, run_folder_in
+from diffusion_bunny.pipeline.settings import Yaml12Loader, parse_override
 
 
 def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) -> Run:
@@ -52,9 +54,44 @@ def notebook_overrides(
     """A notebook's ``overrides``, and where it works on the demo (no ``run_dir``, no ``movie``:
     :func:`open_run`) the settings ``bunny demo`` ran it with under them
     (:func:`~diffusion_bunny.demo.run.demo_overrides`), so the demo's stages stay up to date."""
+    overrides = _as_settings(overrides)
     if run_dir is None and movie is None:
         return demo_overrides(demo_movie(progress=True), overrides)
-    return dict(overrides or {})
+    return overrides
+
+
+def _as_settings(overrides: Any) -> dict[str, Any]:
+    """A notebook's ``overrides`` as ``{dotted key: value}``, whatever form they came in:
+    papermill's ``-p overrides '{...}'`` hands the text (``dict()`` of it raised "dictionary
+    update sequence element #0"), ``--set``'s list of ``key=value`` is as ``bunny run`` reads it,
+    and a nested mapping (``{"characters": {"frames": "all"}}``) is flattened: merged as one key
+    over the last run's dotted ones, it took the whole section's place and dropped the recorded
+    ``characters.reference_dir`` (every name lost). A map that is a setting's value and is empty
+    (``captions.character_descriptions: {}``) stays one."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = yaml.load(overrides, Loader=Yaml12Loader) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"overrides is not a mapping of settings ({str(exc).splitlines()[0]}); pass "
+                "{'section.key': value} (papermill: -y '{\"overrides\": {...}}')"
+            ) from None
+    if isinstance(overrides, list | tuple):
+        return dict(parse_override(str(item), text_setting) for item in overrides)
+    if not isinstance(overrides, dict):
+        raise ConfigError(
+            f"overrides must be a mapping of settings ({{'section.key': value}}), "
+            f"not {type(overrides).__name__}"
+        )
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            flat.update({f"{key}.{k}": v for k, v in _as_settings(value).items()})
+        else:
+            flat[str(key)] = value
+    return flat
 
 
 def notebook_config(
@@ -95,7 +132,8 @@ def notebook_config(
         earlier = {k: v for k, v in earlier.items() if own.get(k) == plain.get(k)}
     named = {current_name(key) for key in merged}  # the notebook's own under any spelling win
     earlier = {k: v for k, v in earlier.items() if k not in named}
-    merged = {**earlier, **merged}
+    recorded_by_run = {**earlier, **((run.settings() or {}).get("overrides") or {})}
+    merged, retuned = _without_other_detectors(path, {**earlier, **merged}, given, recorded_by_run)
     dropped: list[str] = []
     try:  # as a whole first: some settings are valid only together (a floor under its threshold)
         cfg = load_config(path, merged)
@@ -119,7 +157,39 @@ def notebook_config(
         print(f"the last bunny run of {folder.name} was given --config {gone}, which is gone: not used")
     if dropped:
         print(f"left out of the last bunny run's settings (not accepted now): {', '.join(dropped)}")
+    if retuned:
+        print(f"left out, as the notebook chooses another detector: {', '.join(retuned)}")
     return cfg
+
+
+def _without_other_detectors(
+    path: str | None, merged: dict[str, Any], given: dict[str, Any], recorded: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``merged`` less the recorded settings of a detector the notebook replaces by naming
+    another (``characters.detector.name: hog`` over a run that tuned ``centerface``'s
+    ``min_score``): they belong to the detector that was, and with them the notebook could not
+    open (``unknown key 'characters.detector.min_score'``), nor unset them. ``recorded``: the
+    settings the run was given, which say the detector it ran. Also the names left out."""
+    chosen: dict[str, Any] = {}
+    for key, value in given.items():
+        name = current_name(key)
+        if name.endswith(".detector.name"):
+            chosen[name.removesuffix(".name")] = value
+        elif name.endswith(".detector") and isinstance(value, str):
+            chosen[name] = value
+    if not chosen:
+        return merged, []
+    today = flat_settings(load_config(path).model_dump(mode="json"))
+    out, left = dict(merged), []
+    for prefix, new in chosen.items():
+        mine = [k for k in merged if k not in given and (current_name(k) + ".").startswith(prefix + ".")]
+        named = {current_name(k): v for k, v in recorded.items()}
+        was = named.get(f"{prefix}.name", named.get(prefix, today.get(f"{prefix}.name")))
+        if was != new:
+            for key in mine:
+                del out[key]
+                left.append(key)
+    return out, left
 
 
 def _without_clashes(

@@ -980,6 +980,38 @@ def test_a_notebook_on_a_run_takes_the_settings_its_last_bunny_run_ran_with(cut_
     assert notebook_config(run_dir, None, None, {}).extract.motion_threshold != 200
 
 
+def test_a_notebooks_overrides_in_any_form_keep_the_last_runs_other_settings(cut_clip, tmp_path, capsys):
+    """papermill run by hand: ``-p overrides '{...}'`` hands text (a ValueError of ``dict()``), a
+    nested mapping took the whole section's place over the last run's dotted settings (its
+    ``characters.reference_dir`` gone, every name lost), and naming another detector could not
+    open over the last run's tuning of its own (``unknown key 'characters.detector.min_score'``)."""
+    from diffusion_bunny.errors import ConfigError
+    from diffusion_bunny.nbtools import notebook_config
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    out = tmp_path / "run"
+    args = ["run", str(cut_clip[0]), "--out", str(out), "--stages", "extract", "--quiet"]
+    args += ["--set", "characters.detector.name=mtcnn", "--set", "characters.detector.min_score=0.9"]
+    assert main([*args, "--characters", str(refs)]) == 0
+    nested = notebook_config(out, None, None, {"characters": {"frames": "all"}})
+    assert nested.characters.frames == "all" and nested.characters.reference_dir == str(refs.resolve())
+    assert (nested.characters.detector.name, nested.characters.detector.min_score) == ("mtcnn", 0.9)
+    assert notebook_config(out, None, None, '{"quality.min_sharpness": 80}').quality.min_sharpness == 80
+    assert notebook_config(out, None, None, ["quality.min_sharpness=70"]).quality.min_sharpness == 70
+    with pytest.raises(ConfigError, match="overrides must be a mapping of settings"):
+        notebook_config(out, None, None, 5)
+    capsys.readouterr()
+    hog = notebook_config(out, None, None, {"characters.detector.name": "hog"}).characters
+    assert hog.detector.name == "hog" and hog.reference_dir == str(refs.resolve())
+    said = capsys.readouterr().out
+    assert "left out, as the notebook chooses another detector: characters.detector.min_score" in said
+    same = notebook_config(out, None, None, {"characters": {"detector": {"name": "mtcnn"}}}).characters
+    assert same.detector.min_score == 0.9  # its own detector keeps the run's tuning
+    # A user's error in a notebook is its one line, not a traceback through the workspace.
+    assert ConfigError("config error: x")._render_traceback_() == ["ConfigError: config error: x"]
+
+
 def test_a_signal_of_one_command_is_not_blamed_for_the_next(tmp_path, monkeypatch):
     """``_signalled`` outlived the command a signal stopped: a later ``main`` in the same process
     (a test, an API caller) reported a real bug as that signal."""

@@ -392,6 +392,16 @@ def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
     with pytest.raises(BadInputError, match=r"\(it holds 2 picture\(s\) of its own, in no sub-folder\)"):
         reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "empty")))
     assert reference_dir(tmp_path, CharactersSettings()) is None  # discovery only
+    # Through a link or "..": the folder itself, as --characters gives it (a notebook's setting
+    # of the same folder found stage 03 stale under bunny run).
+    from diffusion_bunny.stages.characters.tables import configured_reference_dir
+
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    for given in (tmp_path / "link", tmp_path / "empty" / "someone" / ".."):
+        assert (
+            configured_reference_dir(CharactersSettings(reference_dir=str(given)))
+            == (tmp_path / "empty").resolve()
+        )
     # On the command line: one line, exit status 2, and no run folder made.
     path, _ = cut_clip
     out = tmp_path / "run"

@@ -245,11 +245,13 @@ CHARACTERS_CACHE = Path("cache") / "characters"
 
 
 def configured_reference_dir(cfg: CharactersSettings) -> Path | None:
-    """``characters.reference_dir`` as an absolute path (relative ones are under the workspace)."""
+    """``characters.reference_dir`` as an absolute path (relative ones are under the workspace),
+    resolved as ``--characters`` is: the folder is part of stage 03's inputs, and the same one
+    given through a link or ``..`` (a notebook's setting) found the stage stale under ``bunny run``."""
     if not cfg.reference_dir:
         return None
     path = Path(cfg.reference_dir).expanduser()
-    return path if path.is_absolute() else workspace_root() / path
+    return (path if path.is_absolute() else workspace_root() / path).resolve()
 
 
 def references_input(run_dir: Path, cfg: CharactersSettings) -> dict:
