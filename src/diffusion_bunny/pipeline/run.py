@@ -509,15 +509,20 @@ class Run:
         ``captions``), reported as failed yet applied by the next run of the stage."""
         with contextlib.ExitStack() as stack:  # left in reverse: each table before its backup
             for name, df in tables.items():
-                path = self.table_path(name)
-                kept = by_hand or backup_path(path).is_file()
-                if kept:
-                    backup_path(path).parent.mkdir(parents=True, exist_ok=True)
-                    backup = stack.enter_context(atomic_path(backup_path(path)))
-                tmp = stack.enter_context(atomic_path(path))
-                df.write_parquet(tmp)
-                if kept:
-                    shutil.copyfile(tmp, backup)
+                self._write_staged(stack, name, df, by_hand)
+
+    def _write_staged(self, stack: contextlib.ExitStack, name: str, df: pl.DataFrame, by_hand: bool) -> None:
+        """One table of a commit written to its temporary file (and its backup's, for a table
+        made by hand), renamed into place when ``stack`` closes after the commit's last table."""
+        path = self.table_path(name)
+        kept = by_hand or backup_path(path).is_file()
+        if kept:
+            backup_path(path).parent.mkdir(parents=True, exist_ok=True)
+            backup = stack.enter_context(atomic_path(backup_path(path)))
+        tmp = stack.enter_context(atomic_path(path))
+        df.write_parquet(tmp)
+        if kept:
+            shutil.copyfile(tmp, backup)
 
     def _hand_made(self, name: str) -> bool:
         """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:

@@ -208,18 +208,18 @@ def test_an_edit_saved_while_the_stage_writes_is_kept(cap_run, tmp_path, monkeyp
     cfg = _cfg(tmp_path, overrides)
     run_stage(run, "captions", cfg, progress=False)
     fid = run.read_table("captions")["frame_id"][0]
-    real_write = Run.write_table
+    real_write = Run._write_staged
     editor: list[threading.Thread] = []
 
-    def write_table(self, name, df, **kwargs):
+    def write_table(self, stack, name, df, *args, **kwargs):
         if name == "captions" and not editor:
             thread = threading.Thread(target=edit_caption, args=(run.run_dir, fid, "a hand-made caption"))
             editor.append(thread)
             thread.start()
             thread.join(timeout=1.0)  # without the lock the edit is done by now, and lost below
-        return real_write(self, name, df, **kwargs)
+        return real_write(self, stack, name, df, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "write_table", write_table)
+    monkeypatch.setattr(Run, "_write_staged", write_table)
     run_stage(run, "captions", cfg, progress=False, force=True)
     editor[0].join(timeout=30)
     captions = run.read_table("captions")

@@ -1483,16 +1483,26 @@ def _join_after_moves(
 
 
 def _stopped_writing(run, cfg, table: str) -> None:
-    """Run stage 04 with the disk full from the moment it writes ``table``: it stops there."""
-    write = Run.write_table
+    """Run stage 04 with the disk full from the moment it writes ``table``: it stops there. A
+    join writes ``feedback`` on its own (``Run.write_table``) before the stage's commit writes
+    its tables (``Run._write_staged``, all or none)."""
+    write, staged = Run.write_table, Run._write_staged
 
-    def full(self, name, df, *args, **kwargs):
+    def refuse(self, name):
         if name == table:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.table_path(name)))
+
+    def full(self, name, df, *args, **kwargs):
+        refuse(self, name)
         return write(self, name, df, *args, **kwargs)
+
+    def full_staged(self, stack, name, df, *args, **kwargs):
+        refuse(self, name)
+        return staged(self, stack, name, df, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setattr(Run, "write_table", full)
+        mp_.setattr(Run, "_write_staged", full_staged)
         with pytest.raises(Exception, match="space"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_stage(run, "scenes", cfg, progress=False)
