@@ -131,6 +131,29 @@ def text_setting(dotted: str) -> bool:
     return str in forms and forms <= {str, type(None)}
 
 
+def settings_group(dotted: str) -> bool:
+    """Whether ``dotted`` (any spelling) names a group of settings (a section, a provider's, a
+    detector's), whose mapping a layer may give key by key, rather than one setting whose value
+    is a mapping (``captions.character_descriptions``: its keys are names, "Dr. Who" too)."""
+    model: type[BaseModel] = Config
+    parts = current_name(dotted).split(".")
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return False
+        model = inner
+    field = model.model_fields.get(parts[-1])
+    return field is not None and _holds_settings(field.annotation)
+
+
+def _holds_settings(annotation: Any) -> bool:
+    """A settings model, or a union (a detector's choice) of some."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_settings(arg) for arg in typing.get_args(annotation))
+
+
 def current_name(dotted: str) -> str:
     """The name a setting (``extraction.motion_threshold``, ``run.output_dir``,
     ``extract.threshold``) has today (``extract.motion_threshold``, ``paths.output_dir``,
@@ -168,8 +191,8 @@ def overrides_to_tree(overrides: dict[str, Any] | list[str] | None) -> dict[str,
                 raise ConfigError(f"override '{dotted}' conflicts with another override")
         if isinstance(node.get(leaf), dict) and isinstance(value, str):  # tuned, now named too
             node[leaf] = {**node[leaf], "name": value}
-        else:
-            node[leaf] = value
+        else:  # a copy: a later key under it must not write into the caller's (a run's record)
+            node[leaf] = copy.deepcopy(value)
     return tree
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from diffusion_bunny.config import Config, current_name, load_config, output_root, text_setting
+from diffusion_bunny.config import (
+    Config,
+    current_name,
+    load_config,
+    output_root,
+    settings_group,
+    text_setting,
+)
 from diffusion_bunny.demo.run import demo_movie, demo_overrides
 from diffusion_bunny.errors import ConfigError, StageWarning
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
@@ -67,7 +74,7 @@ def _as_settings(overrides: Any) -> dict[str, Any]:
     and a nested mapping (``{"characters": {"frames": "all"}}``) is flattened: merged as one key
     over the last run's dotted ones, it took the whole section's place and dropped the recorded
     ``characters.reference_dir`` (every name lost). A map that is a setting's value and is empty
-    (``captions.character_descriptions: {}``) stays one."""
+    (``captions.character_descriptions``, whose names may hold a dot) stays one."""
     if overrides is None:
         return {}
     if isinstance(overrides, str):
@@ -85,12 +92,18 @@ def _as_settings(overrides: Any) -> dict[str, Any]:
             f"overrides must be a mapping of settings ({{'section.key': value}}), "
             f"not {type(overrides).__name__}"
         )
+    return _flat(overrides, "")
+
+
+def _flat(overrides: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Nested groups of settings as dotted keys; a setting whose value is a mapping stays one."""
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
-        if isinstance(value, dict) and value:
-            flat.update({f"{key}.{k}": v for k, v in _as_settings(value).items()})
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and settings_group(dotted):
+            flat.update(_flat(value, f"{dotted}."))
         else:
-            flat[str(key)] = value
+            flat[dotted] = value
     return flat
 
 
@@ -185,6 +198,7 @@ def _without_other_detectors(
         mine = [k for k in merged if k not in given and (current_name(k) + ".").startswith(prefix + ".")]
         named = {current_name(k): v for k, v in recorded.items()}
         was = named.get(f"{prefix}.name", named.get(prefix, today.get(f"{prefix}.name")))
+        was = was.get("name", today.get(f"{prefix}.name")) if isinstance(was, dict) else was
         if was != new:
             for key in mine:
                 del out[key]

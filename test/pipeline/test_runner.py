@@ -1008,6 +1008,21 @@ def test_a_notebooks_overrides_in_any_form_keep_the_last_runs_other_settings(cut
     assert "left out, as the notebook chooses another detector: characters.detector.min_score" in said
     same = notebook_config(out, None, None, {"characters": {"detector": {"name": "mtcnn"}}}).characters
     assert same.detector.min_score == 0.9  # its own detector keeps the run's tuning
+    # A setting whose value is a mapping stays one (its names may hold a dot), and replaces the
+    # run's: flattened, "Dr. Who" became the key "captions.character_descriptions.Dr".
+    record = json.loads((out / "settings.json").read_text())
+    record["overrides"]["captions.character_descriptions"] = {"Bob": "a tall man"}
+    record["overrides"]["characters.detector"] = {"name": "mtcnn", "min_score": 0.9}  # --set's map form
+    (out / "settings.json").write_text(json.dumps(record))
+    for given in (
+        {"captions.character_descriptions": {"Dr. Who": "a time traveller"}},
+        {"captions": {"character_descriptions": {"Dr. Who": "a time traveller"}}},
+    ):
+        cfg = notebook_config(out, None, None, given)
+        assert cfg.captions.character_descriptions == {"Dr. Who": "a time traveller"}
+    assert json.loads((out / "settings.json").read_text()) == record
+    mapped = notebook_config(out, None, None, {"characters.detector.name": "mtcnn"}).characters
+    assert mapped.detector.min_score == 0.9  # the run's mapping names the same detector
     # A user's error in a notebook is its one line, not a traceback through the workspace.
     assert ConfigError("config error: x")._render_traceback_() == ["ConfigError: config error: x"]
 

@@ -221,7 +221,7 @@ def load_pipeline(
         raise ModelError(
             f"{setting} = {ref.name!r}: the pipeline in {ref.path} could not be loaded "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
-            f"{snapshot_hint(ref.path, exc) or '; the folder is incomplete or damaged: save it again'}"
+            f"{snapshot_hint(ref.path, exc) or _incomplete(ref)}"
             ", or point the setting elsewhere"
         ) from None
     _check_tokenizers(pipe, setting, ref)
@@ -229,6 +229,12 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.bunny_base = ref
     return pipe
+
+
+def _incomplete(ref: BaseModelRef) -> str:
+    """What to do about a folder of the user's own that did not load (a hub download's is
+    :func:`~diffusion_bunny.models.hub.snapshot_hint`)."""
+    return "" if ref.source == "hub" else "; the folder is incomplete or damaged: save it again"
 
 
 def _check_tokenizers(pipe: Any, setting: str, ref: BaseModelRef) -> None:

@@ -467,6 +467,10 @@ def test_credentials_in_a_base_url_are_refused(tmp_path):
         "http://u:sk-SECRET1@host:99999/v1",
         "u:sk-SECRET1@host:8000/v1",
         "http//h/v1?key=sk-SECRET1",
+        "http//h/v1?api_token=sk-SECRET1",
+        "http://h/v1?x-api-key=sk-SECRET1",
+        "http://h/v1?subscription-key=sk-SECRET1",
+        "http://h/v1?auth=sk-SECRET1",
     ):
         with pytest.raises(ConfigError, match="must not carry") as err:
             load_config(None, {"captions.local.base_url": url}, root=tmp_path / "nocfg")
@@ -478,6 +482,7 @@ def test_credentials_in_a_base_url_are_refused(tmp_path):
         "http://gw.example/v1?auth_mode=none",
         "https://x.openai.azure.com/openai?api-version=2024-02-01",
         "http://[::1]:8000/v1",
+        "https://h.example.com/v1/models/m@2024/",  # an "@" in the path is no user part
     ):
         load_config(None, {"captions.local.base_url": url}, root=tmp_path / "nocfg")
 

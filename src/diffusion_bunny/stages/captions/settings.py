@@ -14,10 +14,11 @@ from pydantic import Field, field_validator, model_validator
 
 from diffusion_bunny.section import Section
 
-#: Query parameters that hold a key (whole names: ``?tokenizer=`` or ``?auth_mode=`` hold none).
+#: Query parameters that hold a key: a name whose last word is a key's (``api_key``, ``x-api-key``,
+#: ``api_token``, ``X-Amz-Security-Token``, ``auth``, ``sig``); ``?tokenizer=``, ``?auth_mode=``
+#: and ``?api-version=`` hold none.
 _KEY_PARAMETER = re.compile(
-    r"^(api[-_]?key|key|access[-_]?key|(access|auth|id|refresh)?[-_]?token|secret|client[-_]?secret|"
-    r"passw(or)?d|sig|signature|x-amz-(signature|security-token|credential)|x-goog-signature)$",
+    r"(?:^|[-_.])(?:api)?(?:key|token|secret|password|passwd|pwd|sig|signature|auth|credential)s?$",
     re.IGNORECASE,
 )
 
@@ -32,13 +33,16 @@ def _no_credentials_in_url(value: str | None) -> str | None:
     if not value:
         return value
     address = value.split("#")[0]
-    if "@" in address.split("?")[0]:
+    # The authority alone: an "@" in the path (``/models/m@2024``) is no user part.
+    scheme, sep, rest = address.partition("://")
+    authority = (rest if sep else scheme).split("/")[0].split("?")[0]
+    if "@" in authority:
         raise ValueError(
             "must not carry credentials (user:token@host); remove them and put the key in the "
             "environment or .env (the provider's key variable)"
         )
     query = address.partition("?")[2]
-    secret = [k for k, _ in parse_qsl(query, keep_blank_values=True) if _KEY_PARAMETER.match(k)]
+    secret = [k for k, _ in parse_qsl(query, keep_blank_values=True) if _KEY_PARAMETER.search(k)]
     if secret:
         raise ValueError(
             f"must not carry a key in its query ({', '.join(secret)}); remove it and put the key in "
