@@ -182,6 +182,25 @@ def test_a_clip_whose_frames_cannot_be_decoded_is_left_out_with_a_line(tmp_path)
     assert len(warnings) == 1 and warnings[0].startswith("1 clip(s) left out") and "shot00001" in warnings[0]
 
 
+def test_no_clip_writes_no_video_dataset_file(tmp_path):
+    """With no clip made (every shot shorter than a clip), the two trainers' dataset files were
+    still written, naming an empty folder: diffusion-pipe stops on it ("had no images/videos")."""
+    from clips import write_clip
+
+    from diffusion_bunny.stages.export.stage import _write_video
+
+    movie = tmp_path / "film.mp4"
+    write_clip(movie, [(5, 25, 1.0)])
+    shots = pl.DataFrame({"shot_id": [0], "start_s": [0.0], "end_s": [1.0]})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    warnings: list[str] = []
+    cfg = ExportSettings(video_clips=True)
+    kept = _write_video(tmp_path, staging, movie, shots, pl.DataFrame(schema=CLIP_SCHEMA), cfg, warnings)
+    assert kept.is_empty() and not list(staging.glob("*.toml"))
+    assert len(warnings) == 1 and "no clip was made, so no video dataset file" in warnings[0]
+
+
 def test_real_clip_is_cut_inside_the_shot_resampled_and_encoded(hamilton, tmp_path):
     """Hamilton: shots begin at frames 20, 82, 211 (29.97 fps). A 16 fps, 33-frame clip of the shot
     82-210 lies inside it: the frames before the cut (81) and after it (211) differ more from the

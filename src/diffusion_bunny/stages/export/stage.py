@@ -344,9 +344,17 @@ def _write_video(
     warnings: list[str],
 ) -> pl.DataFrame:
     """The clips and the two video trainers' dataset files, which name the folder the staging
-    folder becomes; returns the clips written."""
+    folder becomes; returns the clips written. No clip, no dataset files: they named an empty
+    folder, which a trainer stops on ("had no images/videos")."""
     size = (cfg.clip_width, cfg.clip_height)
     clips = write_clips(Path(movie), shots, clips, staging, cfg.clip_fps, warnings)
+    if clips.is_empty():
+        warnings.append(
+            "export.video_clips: no clip was made, so no video dataset file (musubi_dataset.toml, "
+            "diffusion_pipe_dataset.toml) is written; shorter clips (export.clip_frames) or a lower "
+            "export.clip_fps fit more shots"
+        )
+        return clips
     final = dataset_dir(run_dir) / VIDEO_DIR
     (staging / "musubi_dataset.toml").write_text(
         musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
