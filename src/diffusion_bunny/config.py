@@ -113,17 +113,9 @@ def text_setting(dotted: str) -> bool:
     parts = [SECTION_ALIASES.get(section, section), *rest.split(".")]
     if len(parts) == 2 and tuple(parts) in MOVED_KEYS:
         parts = list(MOVED_KEYS[(parts[0], parts[1])])
-    model: type[BaseModel] = Config
-    for part in parts[:-1]:
-        field = model.model_fields.get(part)
-        inner = field.annotation if field is not None else None
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            return False
-        model = inner
-    field = model.model_fields.get(parts[-1])
-    if field is None:
+    annotation = _annotation(parts)
+    if annotation is None:
         return False
-    annotation = field.annotation
     # Only a union is its arguments: ``dict[str, str]`` (captions.character_descriptions) has
     # ``(str, str)`` too, and its ``{biscuit: a cartoon dog}`` was kept as text, then refused.
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
@@ -135,16 +127,22 @@ def settings_group(dotted: str) -> bool:
     """Whether ``dotted`` (any spelling) names a group of settings (a section, a provider's, a
     detector's), whose mapping a layer may give key by key, rather than one setting whose value
     is a mapping (``captions.character_descriptions``: its keys are names, "Dr. Who" too)."""
+    annotation = _annotation(current_name(dotted).split("."))
+    return annotation is not None and _holds_settings(annotation)
+
+
+def _annotation(parts: list[str]) -> Any:
+    """The declared type of the setting at ``parts`` (section, then keys), through the settings
+    models; None where no such setting is declared."""
     model: type[BaseModel] = Config
-    parts = current_name(dotted).split(".")
     for part in parts[:-1]:
         field = model.model_fields.get(part)
         inner = field.annotation if field is not None else None
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            return False
+            return None
         model = inner
     field = model.model_fields.get(parts[-1])
-    return field is not None and _holds_settings(field.annotation)
+    return None if field is None else field.annotation
 
 
 def _holds_settings(annotation: Any) -> bool:
