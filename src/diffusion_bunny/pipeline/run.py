@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,7 @@ import polars as pl
 
 from diffusion_bunny.errors import BadInputError, DamagedTableError, StageError
 from diffusion_bunny.pipeline.atomic import (
-    atomic_path,
     atomic_write_bytes,
-    atomic_write_parquet,
     sweep_leftovers,
 )
 from diffusion_bunny.pipeline.lock import (
@@ -42,7 +39,7 @@ from diffusion_bunny.pipeline.lock import (
     table_lock,
 )
 from diffusion_bunny.pipeline.manifest import file_fingerprint, table_fingerprint
-from diffusion_bunny.pipeline.userwork import HAND_MADE, backup_path, read_kept, write_kept
+from diffusion_bunny.pipeline.userwork import HAND_MADE, backup_path, read_kept, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -461,10 +458,9 @@ class Run:
         step :meth:`commit` takes for each table (use that). ``backup``: a table a person made
         (corrections), also copied to ``tables/backup/`` (:mod:`.userwork`); once it has a
         backup, every later write keeps it up to date."""
-        path = self.table_path(name)
-        if backup or backup_path(path).is_file():
-            return write_kept(path, df)
-        return atomic_write_parquet(path, df)
+        with contextlib.ExitStack() as stack:
+            self._write_staged(stack, name, df, backup)
+        return self.table_path(name)
 
     @contextlib.contextmanager
     def table_lock(self, *names: str, timeout: float | None = None) -> Iterator[None]:
@@ -513,16 +509,10 @@ class Run:
 
     def _write_staged(self, stack: contextlib.ExitStack, name: str, df: pl.DataFrame, by_hand: bool) -> None:
         """One table of a commit written to its temporary file (and its backup's, for a table
-        made by hand), renamed into place when ``stack`` closes after the commit's last table."""
+        made by hand or one that has a backup), renamed into place when ``stack`` closes after
+        the commit's last table (:func:`~.userwork.stage_table`)."""
         path = self.table_path(name)
-        kept = by_hand or backup_path(path).is_file()
-        if kept:
-            backup_path(path).parent.mkdir(parents=True, exist_ok=True)
-            backup = stack.enter_context(atomic_path(backup_path(path)))
-        tmp = stack.enter_context(atomic_path(path))
-        df.write_parquet(tmp)
-        if kept:
-            shutil.copyfile(tmp, backup)
+        stage_table(stack, path, df, kept=by_hand or backup_path(path).is_file())
 
     def _hand_made(self, name: str) -> bool:
         """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:

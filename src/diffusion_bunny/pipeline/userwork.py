@@ -26,7 +26,7 @@ from pathlib import Path
 import polars as pl
 
 from diffusion_bunny.errors import StageError
-from diffusion_bunny.pipeline.atomic import atomic_path, atomic_write_parquet
+from diffusion_bunny.pipeline.atomic import atomic_path
 
 BACKUP_DIR = "backup"
 #: The names of the tables people write (every stage's ``Stage.edits``, added as each stage is
@@ -43,14 +43,26 @@ def backup_path(path: Path) -> Path:
 
 
 def write_kept(path: Path, df: pl.DataFrame) -> Path:
-    """Write a hand-made table atomically, then its backup (the same bytes). Killed in between,
-    the backup is the version before: still a good one."""
-    atomic_write_parquet(path, df)
-    backup = backup_path(path)
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(backup) as tmp:
-        shutil.copyfile(path, tmp)
+    """Write a hand-made table atomically, then its backup (the same bytes)."""
+    with contextlib.ExitStack() as stack:
+        stage_table(stack, path, df, kept=True)
     return path
+
+
+def stage_table(stack: contextlib.ExitStack, path: Path, df: pl.DataFrame, *, kept: bool) -> None:
+    """``df`` written to a temporary file beside ``path`` (and, ``kept``, the same bytes beside
+    its backup), each renamed into place when ``stack`` closes: a commit of several tables
+    closes it after the last, so none lands unless all were written. The stack closes in
+    reverse, so a table is renamed before its backup: killed in between, the backup is the
+    version before, still a good one."""
+    backup = backup_path(path)
+    if kept:
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        backup_tmp = stack.enter_context(atomic_path(backup))
+    tmp = stack.enter_context(atomic_path(path))
+    df.write_parquet(tmp)
+    if kept:
+        shutil.copyfile(tmp, backup_tmp)
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
