@@ -73,8 +73,8 @@ def _as_settings(overrides: Any) -> dict[str, Any]:
     update sequence element #0"), ``--set``'s list of ``key=value`` is as ``bunny run`` reads it,
     and a nested mapping (``{"characters": {"frames": "all"}}``) is flattened: merged as one key
     over the last run's dotted ones, it took the whole section's place and dropped the recorded
-    ``characters.reference_dir`` (every name lost). A map that is a setting's value and is empty
-    (``captions.character_descriptions``, whose names may hold a dot) stays one."""
+    ``characters.reference_dir`` (every name lost). A mapping that is one setting's value
+    (``captions.character_descriptions``, whose names may hold a dot) stays one key."""
     if overrides is None:
         return {}
     if isinstance(overrides, str):
@@ -194,9 +194,9 @@ def _without_other_detectors(
         return merged, []
     today = flat_settings(load_config(path).model_dump(mode="json"))
     out, left = dict(merged), []
+    named = {current_name(k): v for k, v in recorded.items()}
     for prefix, new in chosen.items():
         mine = [k for k in merged if k not in given and (current_name(k) + ".").startswith(prefix + ".")]
-        named = {current_name(k): v for k, v in recorded.items()}
         was = named.get(f"{prefix}.name", named.get(prefix, today.get(f"{prefix}.name")))
         was = was.get("name", today.get(f"{prefix}.name")) if isinstance(was, dict) else was
         if was != new:

@@ -128,11 +128,10 @@ def redact_command(args: Sequence[str]) -> str:
     on the command line never lands in a log."""
     out = []
     for arg in args:
-        flag, _, setting = arg.partition("=")
-        if flag == "--set" and setting:  # ``--set=KEY=VALUE``: argparse takes it as ``--set KEY=VALUE``
-            out.append(f"--set={redact_command([setting])}")
+        key, eq, value = arg.partition("=")
+        if key == "--set" and value:  # ``--set=KEY=VALUE``: argparse takes it as ``--set KEY=VALUE``
+            out.append(f"--set={redact_command([value])}")
             continue
-        key, eq, _ = arg.partition("=")
         name = key.rsplit(".", 1)[-1]
         # A setting that holds a secret; a ``..._env`` one holds a variable's name, not its value.
         if (

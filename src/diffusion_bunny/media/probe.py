@@ -345,8 +345,9 @@ def quarter_turn(angle: float) -> int:
 
 
 def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
-    """The turn (degrees counter-clockwise, 0-359) and mirror of ``frame``'s display matrix: the
-    picture is shown turned by the angle, then mirrored left to right when the flag is set.
+    """The turn (a quarter turn counter-clockwise: :func:`quarter_turn`) and mirror of ``frame``'s
+    display matrix: the picture is shown turned by the angle, then mirrored left to right when
+    the flag is set.
 
     Why not PyAV's ``frame.rotation`` alone: it is the angle of the matrix's first column and
     says nothing of a mirror, so a mirrored picture (``ffmpeg -display_hflip``: angle -180) was

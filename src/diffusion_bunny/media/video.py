@@ -317,8 +317,8 @@ class FieldDoubler:
     ``scale``): the deinterlacing of keyframes alone, seconds apart, which leave ``bwdif`` no
     neighbours in time. ``bwdif`` fed one frame at a time weaves a still picture's two fields
     back together, combs and all; half the lines, interpolated (bilinear: bicubic rings on a
-    title's edges, a comb of its own), show none. The field shown
-    first is kept (``top``: top field first, as ``idet`` most often finds)."""
+    title's edges, a comb of its own), show none. The field shown first is kept (``top``: top
+    field first, as ``idet`` most often finds)."""
 
     def __init__(self, stream: av.video.stream.VideoStream, size: tuple[int, int], top: bool = True):
         self.graph = av.filter.Graph()

@@ -23,7 +23,7 @@ _KEY_PARAMETER = re.compile(
 )
 
 
-def _no_credentials_in_url(value: str | None) -> str | None:
+def _usable_base_url(value: str | None) -> str | None:
     """A base URL must be one (``http(s)://host[:port]/...``: a typo such as ``http//host`` reached
     urllib inside the stage and ended as a bug report) and must not carry a key, as ``user:token@``
     or as a query parameter that holds one (``?api_key=``): the URL is written into the run's
@@ -64,7 +64,7 @@ class OpenAIProviderSettings(Section):
     model: str = "gpt-4o-mini"
     base_url: str | None = None
 
-    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _usable_base_url(v)))
 
 
 class AnthropicProviderSettings(Section):
@@ -73,7 +73,7 @@ class AnthropicProviderSettings(Section):
     model: str = "claude-3-5-haiku-latest"
     base_url: str | None = None
 
-    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _usable_base_url(v)))
 
 
 class LocalProviderSettings(Section):
@@ -83,7 +83,7 @@ class LocalProviderSettings(Section):
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "LOCAL_LLM_API_KEY"
 
-    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _no_credentials_in_url(v)))
+    _base_url_clean = field_validator("base_url")(classmethod(lambda cls, v: _usable_base_url(v)))
 
 
 class BedrockProviderSettings(Section):
