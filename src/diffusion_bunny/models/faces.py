@@ -358,23 +358,51 @@ def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]
     files: list[Path] = []
     left: list[tuple[Path, str]] = []
     top, own = Path(os.path.realpath(ref_dir)), Path(os.path.realpath(sub))
+    # Folders read so far, as they really are: a link to one of them (``poses/again -> ../poses``)
+    # is a loop, which os.walk follows until the system refuses (40 levels): one picture was
+    # taken 41 times, and the path where it stopped was named as a link to a missing file.
+    read = {own}
 
     def failed(exc: OSError) -> None:
         left.append((Path(exc.filename or sub), f"cannot be read ({exc.strerror or type(exc).__name__})"))
 
     for root, dirs, names in os.walk(sub, onerror=failed, followlinks=True):
         kept = []
+        here = Path(os.path.realpath(root))
         for d in sorted(d for d in dirs if _usable(d)):
             real = Path(os.path.realpath(Path(root) / d))
             if top.is_relative_to(real) or own.is_relative_to(real):
                 left.append((Path(root) / d, "is a link to the reference folder or a folder above it"))
             elif real.is_relative_to(top) and not real.is_relative_to(own):
                 left.append((Path(root) / d, "is a link into another character's folder"))
+            elif real in read or here.is_relative_to(real):
+                loop = f"is a link to a folder already read (a loop); {LOOP_READ_ONCE}"
+                left.append((Path(root) / d, loop))
             else:
+                read.add(real)
                 kept.append(d)
         dirs[:] = kept
         files += [Path(root) / n for n in names if _usable(n)]
     return files, left
+
+
+#: How a folder linked twice (a loop) ends its line: its pictures are not left out.
+LOOP_READ_ONCE = "its pictures are taken once"
+
+
+def dead_folder_links(ref_dir: Path) -> list[str]:
+    """One line for each link in ``ref_dir`` to nothing (``owl -> /media/usb/art/owl`` with the
+    drive not mounted, or a link to itself), which no character folder lists: the character
+    vanished without a word. A link named like a picture is :func:`loose_pictures`' line."""
+    return [
+        f"character folder {shown(p)} is a link to a folder that is not there ({os.readlink(p)}); "
+        "connect the drive it is on or copy the folder itself here; left out"
+        for p in sorted(ref_dir.iterdir())
+        if p.is_symlink()
+        and not p.exists()
+        and _usable(p.name)
+        and p.suffix.lower() not in REFERENCE_SUFFIXES
+    ]
 
 
 def character_folders(ref_dir: Path) -> dict[str, list[Path]]:
@@ -469,7 +497,7 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     owners: list[int] = []
     # References are portraits, often small; they need no minimum face size.
     ref_settings = replace(settings, min_face_px=0)
-    warns += misnamed_references(ref_dir) + loose_pictures(ref_dir)
+    warns += misnamed_references(ref_dir) + loose_pictures(ref_dir) + dead_folder_links(ref_dir)
     folders_of = character_folders(ref_dir)
     for name, files in reference_images(ref_dir).items():
         usable = 0

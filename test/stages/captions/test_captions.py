@@ -135,7 +135,11 @@ def test_a_crop_gets_the_template_caption_of_what_it_shows():
         "light": "dark",
     }
     text, tags = template_caption(frame, cfg)
-    assert text.startswith("bunnystyle, astronaut and biscuit, a cartoon dog and 2 other people, wide shot")
+    # Beside others, a description is in brackets: each one stays with its own name.
+    assert text.startswith("bunnystyle, astronaut and biscuit (a cartoon dog) and 2 other people, wide shot")
+    two = CaptionsSettings(character_descriptions={"fatbat": "a cartoon bat", "owl": "a cartoon owl"})
+    pair = template_caption({**frame, "characters": ["fatbat", "owl"], "unknown_faces": 0}, two)[0]
+    assert pair.startswith("bunnystyle, fatbat (a cartoon bat) and owl (a cartoon owl), wide shot")
     # The dog's crop: only the dog, the crop's framing, the frame's motion, light and scene.
     assert crop_template_caption(tags, ["biscuit"], "", cfg) == (
         "bunnystyle, biscuit, a cartoon dog, moving shot, dark, in the kitchen"

@@ -1123,6 +1123,62 @@ def test_references_behind_links_unreadable_folders_and_pictures_in_two_folders(
     assert references_fingerprint(refs)["sha256"]
 
 
+def test_a_loop_of_links_a_dead_folder_link_a_copy_a_line_and_a_fade_in(tmp_path):
+    """Folders and pictures as users leave them: a link back into a folder already read
+    (``poses/again -> ../poses``) took its pictures 41 times and named the path where the system
+    stopped as a missing file; a character folder linked to a drive not mounted vanished without
+    a word; one picture twice in a folder was taught twice as often; a picture one pixel wide was
+    "empty"; an animated sprite fading in from a blank frame "showed nothing"."""
+    from diffusion_bunny.models.faces import load_references
+
+    refs = tmp_path / "refs"
+    save(refs / "mika" / "front.png", draw(cast("mika"), Pose(), 120).rgba)
+    save(refs / "mika" / "poses" / "turned.png", draw(cast("mika"), Pose(turn=0.4), 120).rgba)
+    (refs / "mika" / "poses" / "again").symlink_to(Path("..") / "poses")
+    (refs / "mika" / "poses" / "link.png").symlink_to(Path("turned.png"))  # a link beside the file
+    save(refs / "biscuit" / "dog.png", draw(cast("biscuit"), Pose(), 120).rgba)
+    save(refs / "biscuit" / "line.png", np.full((500, 1, 3), 90, np.uint8))
+    (refs / "owl").symlink_to(tmp_path / "usb" / "owl")  # the drive is not mounted
+    blank = Image.new("RGBA", (120, 120), (0, 0, 0, 0))
+    shown = Image.fromarray(draw(cast("rin"), Pose(), 120).rgba).resize((120, 120))
+    (refs / "pip").mkdir()
+    blank.save(refs / "pip" / "fade_in.gif", save_all=True, append_images=[shown, shown], disposal=2)
+
+    _, pictures, warnings = load_character_references(refs, DetectSettings())
+    taken = sorted((t.character, t.path.relative_to(refs).as_posix()) for t in pictures.taken)
+    used = {t.path.relative_to(refs).as_posix(): t.use for t in pictures.taken}
+    assert taken == [
+        ("biscuit", "biscuit/dog.png"),
+        ("biscuit", "biscuit/line.png"),
+        ("mika", "mika/front.png"),
+        ("mika", "mika/poses/link.png"),
+        ("mika", "mika/poses/turned.png"),
+        ("pip", "pip/fade_in.gif"),
+    ]
+    assert used["mika/poses/turned.png"] == used["pip/fade_in.gif"] == "cutout"
+    assert used["mika/poses/link.png"] == used["biscuit/line.png"] == "left out"
+    text = "\n".join(warnings)
+    assert (
+        f"reference folder {refs / 'mika' / 'poses' / 'again'} is a link to a folder already read (a loop); "
+        "its pictures are taken once" in text
+    )
+    assert "missing file" not in text
+    assert (
+        f"references {refs / 'mika' / 'poses' / 'link.png'} of 'mika' are the same picture as "
+        f"{refs / 'mika' / 'poses' / 'turned.png'}; it is taken once" in text
+    )
+    assert f"reference {refs / 'biscuit' / 'line.png'} is too small: 1x500 px" in text
+    usb = tmp_path / "usb" / "owl"
+    dead = (
+        f"character folder {refs / 'owl'} is a link to a folder that is not there ({usb}); "
+        "connect the drive it is on or copy the folder itself here; left out"
+    )
+    assert dead in warnings
+    assert dead in load_references(refs, DetectSettings())[1]  # the faces-only reading says it too
+    assert "fully transparent" not in text and "pip" not in text
+    assert pictures.drawn() == ["biscuit", "mika", "pip"]
+
+
 def test_loose_gifs_in_the_reference_folder_are_counted_in_its_line(tmp_path):
     """A folder of loose sprites (GIFs, as game wikis serve them) is told to sort them into a
     folder per character; GIFs were not counted, so the line said nothing of them."""

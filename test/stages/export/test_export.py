@@ -886,6 +886,17 @@ def test_crop_settings_that_leave_nothing_or_do_nothing_say_so():
         load_config(None, {"export.half_body_face_heights": 1.9})
 
 
+def test_a_half_body_crop_is_judged_as_its_face_crop_is():
+    """The half-body crop was exempt from both checks: that of a 64 px face (192x256) went to
+    the trainer to be enlarged 2.3 times, and that of a face out of focus went too."""
+    cfg = ExportSettings(crop_resolution=512, max_upscale=2.0)
+    sharp = {"sharpness": 150.0, "sharpness_floor": 100.0}
+    assert crop_problem(sharp, (0, 0, 192, 256), "half_body", cfg) == "upscaled"
+    assert crop_problem(sharp, (0, 0, 300, 400), "half_body", cfg) is None
+    soft = {"sharpness": 1.0, "sharpness_floor": 100.0}
+    assert crop_problem(soft, (0, 0, 300, 400), "half_body", cfg) == "blurry"
+
+
 def test_crops_are_captioned_with_the_words_their_frames_were_captioned_with(export_copy):
     """A new trigger word run with ``--stages export`` only (stage 05 out of date): the frames'
     captions kept the old word and the crops' own captions took the new one, two trigger words in

@@ -243,9 +243,13 @@ def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]
     names = list(facts["characters"] or [])
     unknown = int(facts["unknown_faces"] or 0)
     if names:
-        said = [
-            f"{n}, {cfg.character_descriptions[n]}" if cfg.character_descriptions.get(n) else n for n in names
-        ]
+        described = cfg.character_descriptions
+        if len(names) == 1 and not unknown:
+            said = [f"{names[0]}, {described[names[0]]}" if described.get(names[0]) else names[0]]
+        else:
+            # In brackets beside others: "fatbat, a cartoon bat and owl, a cartoon owl" read as one
+            # bat-and-owl and an owl, whichever name each description belonged to.
+            said = [f"{n} ({described[n]})" if described.get(n) else n for n in names]
         who = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
         if unknown:
             who += f" and {unknown} other {'person' if unknown == 1 else 'people'}"

@@ -37,9 +37,11 @@ from diffusion_bunny.media.images import eight_bit
 from diffusion_bunny.media.probe import shown
 from diffusion_bunny.models import dlib_faces
 from diffusion_bunny.models.faces import (
+    LOOP_READ_ONCE,
     REFERENCE_SUFFIXES,
     ReferenceSet,
     character_folders,
+    dead_folder_links,
     holds_any,
     loose_pictures,
     misnamed_paths,
@@ -120,7 +122,7 @@ class ReferenceProblem(Exception):
 
 def read_picture(path: Path) -> np.ndarray:
     """A picture file as RGBA uint8 (opaque where the file has no transparency), upright. Palette
-    and grey pictures, 16-bit PNGs and animated ones (first frame) are converted.
+    and grey pictures, 16-bit PNGs and animated ones (:func:`_first_shown_frame`) are converted.
 
     Upright: a phone stores a photo as its sensor saw it and says in the EXIF orientation how to
     turn it; read without that, a portrait lies on its side, the face detector finds no face, and
@@ -131,15 +133,38 @@ def read_picture(path: Path) -> np.ndarray:
     decode) and RuntimeError (no image item), not OSError, and such a file stopped stage 03."""
     try:
         with Image.open(path) as im:
-            im.seek(0)
-            rgba = np.asarray(eight_bit(ImageOps.exif_transpose(im)).convert("RGBA"))
+            rgba = _first_shown_frame(im)
     except Image.DecompressionBombError:
         raise ReferenceProblem("is too large to read (over 179 megapixels); scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
         raise ReferenceProblem(f"cannot be read as a picture ({type(exc).__name__})") from None
-    if rgba.ndim != 3 or rgba.shape[0] < 2 or rgba.shape[1] < 2:
+    if rgba.ndim != 3 or rgba.size == 0:
         raise ReferenceProblem("is empty")
+    if min(rgba.shape[:2]) < 2:  # a line of pixels: "empty" said the file held nothing
+        raise ReferenceProblem(
+            f"is too small: {rgba.shape[1]}x{rgba.shape[0]} px (at least {MIN_SUBJECT_PX} px a side)"
+        )
     return np.ascontiguousarray(rgba)
+
+
+#: Frames of an animated picture searched for one that shows something.
+MAX_ANIMATION_FRAMES = 300
+
+
+def _first_shown_frame(im: Image.Image) -> np.ndarray:
+    """An opened picture as RGBA, upright: its first frame, or for an animation (GIF, WebP, APNG)
+    its first frame that shows something. A sprite's animation often fades in from a blank
+    frame, and the reference was "fully transparent" while the user saw the character move."""
+    first = None
+    for index in range(min(getattr(im, "n_frames", 1), MAX_ANIMATION_FRAMES)):
+        im.seek(index)
+        rgba = np.asarray(eight_bit(ImageOps.exif_transpose(im)).convert("RGBA"))
+        if first is None:
+            first = rgba
+        opaque = rgba[..., 3] > 0
+        if opaque.any() and float(rgba[..., :3][opaque].std(axis=0).max(initial=0.0)) >= 2.0:
+            return rgba
+    return first
 
 
 #: What a typed name and a known one may differ by and still be one character: a run of spaces,
@@ -396,10 +421,10 @@ def _screened(
     out`` row per picture (per character, for the reference sheet and ``references_taken``, which
     show what was taken from every picture: without them a character's "N of M pictures used"
     missed its doubled pictures): a folder whose name is one the workspace keeps for unnamed
-    appearances (or only spaces), and a picture found under two characters (one drawing taught as
+    appearances (or only spaces), a picture found under two characters (one drawing taught as
     each of them makes the fit learn to tell it from itself; the same face photo gives two
-    characters one encoding). A user copying a sprite into the wrong folder is told which files,
-    and keeps the folder it belongs in."""
+    characters one encoding), and a picture's second copy in one character. A user copying a
+    sprite into the wrong folder is told which files, and keeps the folder it belongs in."""
     kept: dict[str, list[Path]] = {}
     warnings = []
     left: dict[str, list[Taken]] = {}
@@ -427,6 +452,19 @@ def _screened(
     doubled: set[Path] = set()
     for group in owners.values():
         names = sorted({n for n, _ in group})
+        if len(names) == 1 and len(group) > 1:
+            # One picture twice in one folder (a copy, a link to it beside it): taught twice as
+            # often as the character's other pictures. Taken once (the file itself rather than a
+            # link to it), the others named.
+            name, first = names[0], min((p for _, p in group), key=lambda p: (p.is_symlink(), p))
+            again = sorted(p for _, p in group if p != first)
+            doubled |= set(again)
+            warnings.append(
+                f"references {', '.join(shown(p) for p in again)} of '{name}' are the same picture as "
+                f"{shown(first)}; it is taken once"
+            )
+            problem = f"is the same picture as {shown(first)}, which is taken"
+            left.setdefault(name, []).extend(Taken(p, name, "left out", "", None, problem) for p in again)
         if len(names) > 1:
             doubled |= {p for _, p in group}
             what = f"one picture under {len(names)} characters ({', '.join(names)})"
@@ -450,7 +488,8 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
         _name_warnings(ref_dir, names)
         + loose_pictures(ref_dir)
         + [
-            f"reference folder {shown(path)} {why}; its pictures are left out"
+            f"reference folder {shown(path)} {why}"
+            + ("" if why.endswith(LOOP_READ_ONCE) else "; its pictures are left out")
             + (
                 ": fix its permissions (or copy them into a folder of your own)"
                 if why.startswith("cannot")
@@ -458,6 +497,7 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
             )
             for path, why in unreadable.items()
         ]
+        + dead_folder_links(ref_dir)
     )
 
 

@@ -275,10 +275,11 @@ def _frame_items(
 
 
 def crop_problem(face: dict[str, Any], box: Box, crop: str, cfg: ExportSettings) -> str | None:
-    """Why a face or character crop is not worth learning from (``upscaled`` or ``blurry``), or
-    None. ``face["sharpness_floor"]`` is the least sharpness its kind allows in this movie."""
-    if crop == "half_body":
-        return None
+    """Why a face, half-body or character crop is not worth learning from (``upscaled`` or
+    ``blurry``), or None. ``face["sharpness_floor"]`` is the least sharpness its kind allows in
+    this movie; a half-body crop is judged by its face's (it was exempt, and the half-body crop
+    of a 64 px face, 192x256, went to the trainer to be enlarged 2.3 times, and that of a face
+    out of focus went too)."""
     w, h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     # As written: export.max_side shrinks a crop after this check, and one kept at 206 px was
     # written at 64 for the trainer to enlarge 8 times.
