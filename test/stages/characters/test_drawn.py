@@ -1179,6 +1179,33 @@ def test_a_loop_of_links_a_dead_folder_link_a_copy_a_line_and_a_fade_in(tmp_path
     assert pictures.drawn() == ["biscuit", "mika", "pip"]
 
 
+def test_a_large_picture_is_read_shrunk_and_its_box_is_in_its_own_pixels(tmp_path):
+    """A 24-megapixel poster took 11.5 s and 1.1 GB to read and cut out; pictures are read at
+    most MAX_PICTURE_SIDE a side (a JPEG decoded at a fraction of its size), and what the
+    reference sheet crops, the box, stays in the file's own pixels."""
+    from diffusion_bunny.stages.characters.references import MAX_PICTURE_SIDE, read_shrunk
+
+    refs = tmp_path / "refs"
+    poster = Image.new("RGB", (6000, 3000), (90, 140, 200))
+    figure = Image.fromarray(draw(cast("rin"), Pose(), 2400).rgba)
+    poster.paste(figure, (2000, 300), figure)
+    poster.save(tmp_path / "poster.jpg", quality=92)
+    rgba, scale = read_shrunk(tmp_path / "poster.jpg")
+    assert max(rgba.shape[:2]) == MAX_PICTURE_SIDE and scale == pytest.approx(
+        MAX_PICTURE_SIDE / 6000, rel=1e-3
+    )
+    sprite = Image.new("RGBA", (6000, 3000), (0, 0, 0, 0))
+    sprite.paste(figure, (2000, 300), figure)
+    (refs / "rin").mkdir(parents=True)
+    sprite.save(refs / "rin" / "sprite.png")
+    _, pictures, warnings = load_character_references(refs, DetectSettings())
+    (taken,) = pictures.taken
+    assert taken.use == "cutout" and taken.how == "transparency" and not warnings
+    ys, xs = np.nonzero(np.asarray(figure)[..., 3] > 0)  # the figure's own box, in the sprite
+    own = (2000 + xs.min(), 300 + ys.min(), 2001 + xs.max(), 301 + ys.max())
+    assert np.abs(np.subtract(taken.box, own)).max() <= 4, (taken.box, own)
+
+
 def test_loose_gifs_in_the_reference_folder_are_counted_in_its_line(tmp_path):
     """A folder of loose sprites (GIFs, as game wikis serve them) is told to sort them into a
     folder per character; GIFs were not counted, so the line said nothing of them."""

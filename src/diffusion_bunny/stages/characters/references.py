@@ -121,8 +121,14 @@ class ReferenceProblem(Exception):
 
 
 def read_picture(path: Path) -> np.ndarray:
-    """A picture file as RGBA uint8 (opaque where the file has no transparency), upright. Palette
-    and grey pictures, 16-bit PNGs and animated ones (:func:`_first_shown_frame`) are converted.
+    """:func:`read_shrunk`'s picture."""
+    return read_shrunk(path)[0]
+
+
+def read_shrunk(path: Path) -> tuple[np.ndarray, float]:
+    """A picture file as RGBA uint8 (opaque where the file has no transparency), upright, at most
+    :data:`MAX_PICTURE_SIDE` a side, and the factor it was shrunk by (1 for most). Palette and
+    grey pictures, 16-bit PNGs and animated ones (:func:`_first_shown_frame`) are converted.
 
     Upright: a phone stores a photo as its sensor saw it and says in the EXIF orientation how to
     turn it; read without that, a portrait lies on its side, the face detector finds no face, and
@@ -133,7 +139,7 @@ def read_picture(path: Path) -> np.ndarray:
     decode) and RuntimeError (no image item), not OSError, and such a file stopped stage 03."""
     try:
         with Image.open(path) as im:
-            rgba = _first_shown_frame(im)
+            rgba, scale = _first_shown_frame(im)
     except Image.DecompressionBombError:
         raise ReferenceProblem("is too large to read (over 179 megapixels); scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
@@ -144,27 +150,55 @@ def read_picture(path: Path) -> np.ndarray:
         raise ReferenceProblem(
             f"is too small: {rgba.shape[1]}x{rgba.shape[0]} px (at least {MIN_SUBJECT_PX} px a side)"
         )
-    return np.ascontiguousarray(rgba)
+    return np.ascontiguousarray(rgba), scale
 
 
 #: Frames of an animated picture searched for one that shows something.
 MAX_ANIMATION_FRAMES = 300
+#: The longest side a picture is read at. The fit pastes a character at most a frame's size and
+#: a face is encoded from a 150 px chip, so more pixels teach nothing; a 24-megapixel poster took
+#: 11.5 s and 1.1 GB to read and cut out (a 12000 px one 40 s and 5.2 GB), 1.2 s at this size.
+MAX_PICTURE_SIDE = 2048
 
 
-def _first_shown_frame(im: Image.Image) -> np.ndarray:
-    """An opened picture as RGBA, upright: its first frame, or for an animation (GIF, WebP, APNG)
-    its first frame that shows something. A sprite's animation often fades in from a blank
-    frame, and the reference was "fully transparent" while the user saw the character move."""
-    first = None
-    for index in range(min(getattr(im, "n_frames", 1), MAX_ANIMATION_FRAMES)):
+def _first_shown_frame(im: Image.Image) -> tuple[np.ndarray, float]:
+    """An opened picture as RGBA, upright, its longest side at most :data:`MAX_PICTURE_SIDE`, and
+    the factor it was shrunk by: its first frame, or for an animation (GIF, WebP, APNG) its first
+    frame that shows something. A sprite's animation often fades in from a blank frame, and the
+    reference was "fully transparent" while the user saw the character move."""
+    longest = max(im.size)  # the file's own (a turn keeps it)
+    frames = min(getattr(im, "n_frames", 1), MAX_ANIMATION_FRAMES)
+    if frames == 1 and longest > MAX_PICTURE_SIDE:
+        # A JPEG decoded at a whole fraction of its size, still at least the size it is shrunk to.
+        scale = MAX_PICTURE_SIDE / longest
+        im.draft(im.mode, (int(im.width * scale) + 1, int(im.height * scale) + 1))
+    chosen = None
+    for index in range(frames):
         im.seek(index)
-        rgba = np.asarray(eight_bit(ImageOps.exif_transpose(im)).convert("RGBA"))
-        if first is None:
-            first = rgba
-        opaque = rgba[..., 3] > 0
-        if opaque.any() and float(rgba[..., :3][opaque].std(axis=0).max(initial=0.0)) >= 2.0:
-            return rgba
-    return first
+        rgba = _upright_rgba(im)
+        if chosen is None or frames == 1 or _shows_something(rgba):
+            chosen = rgba
+        if frames == 1 or _shows_something(rgba):
+            break
+    return chosen, max(chosen.shape[:2]) / max(longest, 1)
+
+
+def _shows_something(rgba: np.ndarray) -> bool:
+    """Whether a frame has a visible pixel and more than one colour."""
+    opaque = rgba[..., 3] > 0
+    return bool(opaque.any()) and float(rgba[..., :3][opaque].std(axis=0).max(initial=0.0)) >= 2.0
+
+
+def _upright_rgba(im: Image.Image) -> np.ndarray:
+    """The current frame of ``im`` as RGBA, turned as its EXIF says, shrunk to
+    :data:`MAX_PICTURE_SIDE` (premultiplied, so that transparent pixels' colours do not bleed into
+    the character's edge)."""
+    picture = eight_bit(ImageOps.exif_transpose(im)).convert("RGBA")
+    if max(picture.size) > MAX_PICTURE_SIDE:
+        scale = MAX_PICTURE_SIDE / max(picture.size)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.convert("RGBa").resize(size, Image.Resampling.LANCZOS).convert("RGBA")
+    return np.asarray(picture)
 
 
 #: What a typed name and a known one may differ by and still be one character: a run of spaces,
@@ -543,6 +577,14 @@ def same_photo(
     return None
 
 
+def _in_file_pixels(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
+    """A box found in a picture read shrunk by ``scale`` (:func:`read_shrunk`), in the file's own
+    upright pixels, where the reference sheet crops it."""
+    if scale == 1.0:
+        return box
+    return tuple(round(v / scale) for v in box)  # type: ignore[return-value]
+
+
 def load_character_references(ref_dir: Path, settings) -> tuple[object, ReferencePictures, list[str]]:
     """Every picture under ``ref_dir`` (one sub-folder per character): the human faces' encodings
     (a :class:`~diffusion_bunny.models.faces.ReferenceSet`), the drawn characters' cut-outs and
@@ -565,7 +607,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
         for path in files:
             try:
                 _check_file(path)
-                rgba = read_picture(path)
+                rgba, scale = read_shrunk(path)
                 rgb = on_grey(rgba)
                 found = portrait_faces(rgb, ref_settings)  # transparent too: a cut-out portrait
                 photographed = [
@@ -575,7 +617,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                     raise ReferenceProblem(f"shows {len(photographed)} faces (a reference must show one)")
                 if photographed:
                     f = photographed[0]
-                    box = (f.left, f.top, f.right, f.bottom)
+                    box = _in_file_pixels((f.left, f.top, f.right, f.bottom), scale)
                     hashed = picture_hash(rgb)
                     copy = same_photo((hashed, f.encoding), [(p, h, e) for p, e, _, h in human])
                     if copy is not None:
@@ -583,6 +625,7 @@ def load_character_references(ref_dir: Path, settings) -> tuple[object, Referenc
                     human.append((path, f.encoding, box, hashed))
                     continue
                 cutout, how, box = cut_out(rgba)
+                box = _in_file_pixels(box, scale)
             except ReferenceProblem as problem:
                 pictures.taken.append(Taken(path, name, "left out", "", None, str(problem)))
                 warnings.append(f"reference {path} {problem}; left out")
