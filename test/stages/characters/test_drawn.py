@@ -400,6 +400,12 @@ def test_fitted_detector_file_round_trip_and_key(fitted, tmp_path):
     # Nor for where it trains: a fit made on a GPU serves the CPU and the other way round.
     assert fit_key(cutouts, backgrounds, settings.model_copy(update={"device": "cpu"})) == key
     assert fit_key(cutouts, backgrounds, settings) == key
+    # Nor for torch's threads (0 and 1 are one setting), nor for a picture renamed so that it
+    # sorts elsewhere: each refitted and searched every frame again.
+    assert fit_key(cutouts, backgrounds, settings.model_copy(update={"threads": 1})) == key
+    two = {**cutouts, "mika": [cutouts["mika"][0], cutouts["mika"][0][:, ::-1].copy()]}
+    swapped = {**cutouts, "mika": two["mika"][::-1]}
+    assert fit_key(swapped, backgrounds, settings) == fit_key(two, backgrounds, settings) != key
 
 
 def test_the_fit_trains_where_its_device_says_and_comes_back_on_the_cpu(fitted, monkeypatch):
@@ -985,22 +991,35 @@ def test_demo_drawn_characters_found_in_their_shots_and_nowhere_else(demo_run, d
     assert 0.05 < (alpha < 128).mean() < 0.9
     json.dumps(facts)  # the manifest holds plain JSON
 
-    # A rerun searches no frame again; a fit made anew under the same key (on a GPU the same
-    # pictures and frames give other weights) is another network, and every frame is searched.
-    cfg = load_config(None, overrides)
-    run_stage(run, "characters", cfg, progress=False, force=True)
+    # A rerun (a new threshold) searches no frame again; a fit made anew under the same key (on
+    # a GPU the same pictures and frames give other weights) is another network, and every frame
+    # is searched.
+    run_stage(
+        run,
+        "characters",
+        load_config(None, {**overrides, "characters.fitted.min_score": 0.45}),
+        progress=False,
+    )
     again = run.read_manifest("characters")["facts"]
     assert again["frames_detected"] == 0 and again["frames_cached"] == facts["frames_detected"] > 0
+    assert again["fitted"]["fitted_now"] is False
     path = Path(facts["fitted"]["file"])
     other = FittedDetector.load(path)
     with torch.no_grad():
         next(other.net.parameters()).mul_(1.01)
     path.write_bytes(other.to_bytes())
     path.with_suffix(".onnx").write_bytes(other.onnx_bytes())
-    run_stage(run, "characters", cfg, progress=False, force=True)
+    cfg = load_config(None, overrides)
+    run_stage(run, "characters", cfg, progress=False)
     refitted = run.read_manifest("characters")["facts"]
     assert refitted["fitted"]["fitted_now"] is False
     assert refitted["frames_cached"] == 0 and refitted["frames_detected"] == facts["frames_detected"]
+    # --force reuses nothing: the detector is fitted again and every frame searched (it reused
+    # both, and no setting made stage 03 search again short of deleting its cache by hand).
+    run_stage(run, "characters", cfg, progress=False, force=True)
+    forced = run.read_manifest("characters")["facts"]
+    assert forced["fitted"]["fitted_now"] is True
+    assert forced["frames_cached"] == 0 and forced["frames_detected"] == facts["frames_detected"]
 
 
 def test_the_reference_sheet_shows_a_cut_out_on_grey_and_the_box_when_its_file_is_gone(tmp_path):

@@ -604,9 +604,14 @@ def fit_key(
     digest = hashlib.sha256()
     for name in sorted(cutouts):
         digest.update(name.encode() + b"\0")
-        for rgba in cutouts[name]:
-            digest.update(str(rgba.shape).encode())
-            digest.update(hashlib.sha256(np.ascontiguousarray(rgba).tobytes()).digest())
+        # The pictures as a set, not in their files' order: a picture renamed so that it sorts
+        # elsewhere (or a copy of one, taken once) refitted the detector and searched every
+        # frame again, minutes at the default steps, for the pictures it had.
+        for picture in sorted(
+            str(rgba.shape).encode() + hashlib.sha256(np.ascontiguousarray(rgba).tobytes()).digest()
+            for rgba in cutouts[name]
+        ):
+            digest.update(picture)
     for frame in backgrounds:
         digest.update(hashlib.sha256(np.ascontiguousarray(frame[::4, ::4]).tobytes()).digest())
     # min_score is applied to the detections afterwards (stage 03 keeps them from a lower score):
@@ -614,8 +619,9 @@ def fit_key(
     # The device changes only the arithmetic's order, as another CPU does: a fit made on a GPU
     # serves a run on the CPU and the other way round.
     # Nor do the threads that make the batches: another count draws other pictures of the same
-    # kind, a fit as good (as another device's arithmetic is), not one to make again.
-    kept = settings.model_dump(exclude={"min_score", "device", "batch_threads"})
+    # kind, a fit as good (as another device's arithmetic is), not one to make again. Nor torch's
+    # own threads (0 and 1 are the same, and 2 only adds in another order).
+    kept = settings.model_dump(exclude={"min_score", "device", "batch_threads", "threads"})
     digest.update(json.dumps(kept, sort_keys=True).encode())
     digest.update(code_hash(__name__).encode())
     return digest.hexdigest()[:16]

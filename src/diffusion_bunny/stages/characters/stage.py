@@ -497,19 +497,20 @@ def fitted_detector_file(
     settings: FittedSettings,
     *,
     progress: bool = True,
+    refit: bool = False,
 ) -> tuple[Path, bool, list[str]]:
     """The file of the detector fitted to ``pictures``'s drawn characters on the film's frames
     (``<run>/cache/characters/fitted-<key>.pt``), fitted now unless a file of the same key is
-    there; returns it, whether it was fitted now and the characters it finds (those of the
-    pictures that are in the film, :func:`fit_film_detector`). Beside it, ``fitted-<key>.onnx``
-    is what the search runs (:class:`FittedSearch`). Older fits are removed."""
+    there (or ``refit``: ``--force``); returns it, whether it was fitted now and the characters
+    it finds (those of the pictures that are in the film, :func:`fit_film_detector`). Beside it,
+    ``fitted-<key>.onnx`` is what the search runs (:class:`FittedSearch`). Older fits are removed."""
     backgrounds = background_frames(run_dir, frames, quality, settings.backgrounds)
     if not backgrounds:
         raise StageError("no frame to fit the character detector on; run stages extract and quality first")
     key = fit_key(pictures.cutouts, backgrounds, settings)
     folder = Path(run_dir) / CHARACTERS_CACHE
     path = folder / f"fitted-{key}.pt"
-    detector = FittedDetector.load(path)
+    detector = None if refit else FittedDetector.load(path)
     fitted_now = detector is None
     if detector is None:
         detector = fit_film_detector(pictures.cutouts, backgrounds, settings, progress=progress, key=key)
@@ -695,7 +696,7 @@ def _drawn_backend(
         return None, {}, None
     started = time.perf_counter()
     fitted, fitted_now, cast = fitted_detector_file(
-        ctx.run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress
+        ctx.run_dir, pictures, scan, quality, cfg.fitted, progress=ctx.progress, refit=ctx.forced
     )
     facts = {
         "file": str(fitted),
@@ -722,9 +723,10 @@ def compute(ctx: Context) -> StageOutput:
     # The last run's detections are reused, never its faces: labelling drops sightings (a drawn one
     # under its score, a face on a drawn figure) and widens boxes, which a new threshold or rule must
     # see again. A run from before the detections table searches its frames once more.
+    # With --force nothing kept is reused (the detector is fitted again too), as the contract says.
     previous = None
     old_detections, old_frames = ctx.own_previous("detections"), ctx.own_previous("face_frames")
-    if old_detections is not None and old_frames is not None:
+    if old_detections is not None and old_frames is not None and not ctx.forced:
         previous = (old_detections, old_frames)
     settings = DetectSettings.from_config(cfg)
     require_detector(settings.detector)
