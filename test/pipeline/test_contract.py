@@ -26,6 +26,7 @@ from diffusion_bunny.pipeline.contract import (
     Stage,
     StageOutput,
     UndeclaredSetting,
+    behind_producers,
     config_changes,
     run_stage,
     stage_state,
@@ -377,9 +378,27 @@ def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_ed
     with pytest.warns(StageWarning, match=behind):  # which the notebooks leave out: they print it
         run_stage(pipeline, run, "double", lower, force=True, progress=False)
     assert len(run.read_manifest("double")["warnings"]) == 1
+    # With a stage between the two, the advice names it too: "characters,export" exported new
+    # crops beside old captions, and warned again that stage 05 was behind.
+    middle = replace(make, name="middle", reads=(), edits=(), writes=("other",))
+    (line,) = behind_producers(
+        Pipeline((make, middle, pipeline.get("double"))), run, pipeline.get("double"), lower
+    )
+    assert line.endswith(
+        "run stage make again, then middle, double "
+        "(bunny run MOVIE --stages make,middle,double, or their notebooks)"
+    )
+    # ``bunny run --stages double`` skips it as up to date, and says that make is behind (it
+    # said "up to date" and nothing else); with make in the command, make's own turn does.
+    from diffusion_bunny.pipeline.runner import _behind_outside
+
+    (skipped,) = _behind_outside(pipeline, run, "double", ["double"], lower)
+    assert skipped.startswith("stage double read numbers from stage make, which is out of date")
+    assert _behind_outside(pipeline, run, "double", ["make", "double"], lower) == []
     run_stage(pipeline, run, "make", lower, progress=False)
     run_stage(pipeline, run, "double", lower, progress=False)
     assert run.read_manifest("double")["warnings"] == []
+    assert _behind_outside(pipeline, run, "double", ["double"], lower) == []
 
     run.manifest_path("make").unlink()  # a run of it stopped halfway: its old table stays
     with pytest.warns(UserWarning, match=r"out of date \(its last run did not finish\)"):

@@ -202,3 +202,30 @@ def test_a_restored_table_is_one_warning_line_on_the_terminal(tmp_path, capsys):
     other = warnings.formatwarning("old", DeprecationWarning, "/venv/site-packages/x/y.py", 3, "call()")
     record = logging.LogRecord("py.warnings", logging.WARNING, "", 0, other, None, None)
     assert _terminal_text(record) == other
+
+
+def test_a_table_of_corrections_that_is_gone_while_its_backup_is_there_is_said(tmp_path):
+    """``rm tables/caption_edits.parquet``: the edits were read as none and dropped without a
+    word, their backup beside them. The table is not put back on its own (deleting it may be how
+    a person starts over), but a warning says where the edits are and what to do."""
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.stages import PIPELINE
+
+    assert "caption_edits" in {e for stage in PIPELINE.stages for e in stage.edits}
+    run = Run(tmp_path / "run")
+    path = run.table_path("caption_edits")
+    path.parent.mkdir(parents=True)
+    write_kept(path, pl.DataFrame({"frame_id": ["f1"], "caption": ["my words"]}))
+    assert run.has_table("caption_edits")
+    path.unlink()
+    with pytest.warns(UserWarning) as caught:
+        assert not run.has_table("caption_edits")
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(f"{path} is gone, so the corrections made by hand in it are not applied")
+    assert f"cp '{backup_path(path)}' '{path}'" in message
+    backup_path(path).unlink()  # both gone: no corrections, nothing to say
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not run.has_table("caption_edits") and not run.has_table("frames")

@@ -581,10 +581,15 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
             continue  # folder moved): its own run says so; this stage reads only its tables
         if reason is not None:
             tables = ", ".join(r.table for r in read if r.producer == name)
+            # Every stage from the producer to this one: those between may read the producer's
+            # tables too (stage 05's captions name stage 03's characters), and "characters,export"
+            # exported new crops beside old captions, with the next warning.
+            order = [s.name for s in pipeline.stages]
+            then = order[order.index(name) + 1 : order.index(stage.name) + 1] or [stage.name]
             lines.append(
                 f"stage {stage.name} read {tables} from stage {name}, which is out of date ({reason}): "
-                f"run stage {name} again, then {stage.name} (bunny run MOVIE --stages {name},{stage.name}, "
-                "or its notebook)"
+                f"run stage {name} again, then {', '.join(then)} (bunny run MOVIE --stages "
+                f"{','.join([name, *then])}, or their notebooks)"
             )
     return lines
 

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,7 +436,22 @@ class Run:
         return self.tables_dir / f"{name}.parquet"
 
     def has_table(self, name: str) -> bool:
-        return self.table_path(name).is_file()
+        """Whether the table is there. A table of corrections made by hand that is gone while its
+        backup is not (deleted by hand, left out of a copy) is a warning: read as "no corrections
+        yet", its edits were dropped without a word, the backup beside it. Not put back on its
+        own: deleting the table may be how a person meant to start over."""
+        path = self.table_path(name)
+        if path.is_file():
+            return True
+        backup = backup_path(path)
+        if name in HAND_MADE and backup.is_file():
+            warnings.warn(
+                f"{path} is gone, so the corrections made by hand in it are not applied; its backup "
+                f"{backup} still holds them: copy it back to keep them (cp '{backup}' '{path}'), or "
+                "delete the backup to confirm (the next correction replaces it)",
+                stacklevel=2,
+            )
+        return False
 
     def read_table(self, name: str) -> pl.DataFrame:
         """Read a stage table; a missing one names the stage to run first."""

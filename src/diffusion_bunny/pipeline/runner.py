@@ -44,7 +44,7 @@ from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import atomic_path, temp_path, writer_alive
-from diffusion_bunny.pipeline.contract import Pipeline, stage_state
+from diffusion_bunny.pipeline.contract import Pipeline, behind_producers, stage_state
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
 from diffusion_bunny.pipeline.run import (
@@ -809,6 +809,8 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
             if state == "done" and not force:
                 report.stages.append(StageReport(stage, "skipped", "up to date"))
                 _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
+                for line in _behind_outside(pipeline, run, stage, options.stages, cfg):
+                    _say(f"{movie.name}: warning: {line}")
                 continue
             _say(f"{movie.name}: {stage} ({'forced' if force and state == 'done' else reason})")
             t0 = time.monotonic()
@@ -832,6 +834,19 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
     finally:
         kernel.close()
     return report
+
+
+def _behind_outside(
+    pipeline: Pipeline, run: Run, stage: str, stages: Sequence[str], cfg: RunConfig
+) -> list[str]:
+    """For a stage skipped as up to date, the stages it reads from that this command does not run
+    and that are out of date (:func:`~.contract.behind_producers`): ``--stages export`` after a
+    new stage 03 setting said "up to date" and nothing else, so the old names were what the
+    user kept. Producers this command runs are checked by their own turn."""
+    declared = pipeline.get(stage)
+    if not {r.producer for r in declared.reads} - {*stages, stage}:
+        return []
+    return behind_producers(pipeline, run, declared, cfg)
 
 
 def _say(text: str) -> None:
