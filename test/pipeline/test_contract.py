@@ -501,3 +501,22 @@ def test_a_recorded_folder_that_cannot_be_resolved_is_a_change_not_a_crash():
     fresh = {"characters": {"reference_dir": "/data/refs"}}
     assert settings_moved(stored, fresh) == ["characters.reference_dir"]
     assert "'~no_such_user_here/refs' -> '/data/refs'" in config_changes(stored, fresh)
+
+
+def test_a_damaged_table_a_person_edited_is_restored_before_its_stage_is_judged(toy):
+    """``bunny status`` on a run whose edited table was damaged said "restored from its backup",
+    then "stale (its output changed since it ran)": it had hashed the damaged bytes first."""
+    from diffusion_bunny.pipeline.userwork import backup_path
+
+    pipeline, run, _ = toy
+    cfg = load_config(None, {}, use_local=False)
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    with run.commit("numbers", by_hand=True) as tables:  # a person's fix: the table gets a backup
+        tables["numbers"] = pl.DataFrame({"n": [1, 2, 4], "other": [0, 0, 0]})
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    assert backup_path(run.table_path("numbers")).is_file()
+    assert stage_state(pipeline, run, "make", cfg) == ("done", "up to date")
+    path = run.table_path("numbers")
+    path.write_bytes(path.read_bytes()[:-20])  # torn: no parquet footer
+    with pytest.warns(UserWarning, match="restored from its backup"):
+        assert stage_state(pipeline, run, "make", cfg) == ("done", "up to date")

@@ -297,9 +297,18 @@ def output_fingerprints(run: Run, tables: Sequence[str], owned: dict[str, Path])
     (None for an owned path the stage did not write this time, e.g. an adapter without
     corrections)."""
     return {
-        "tables": {name: table_fingerprint(run.table_path(name)) for name in tables},
+        "tables": {name: _output_fingerprint(run, name) for name in tables},
         "owned": {label: path_fingerprint(path) for label, path in owned.items()},
     }
+
+
+def _output_fingerprint(run: Run, name: str) -> dict[str, Any]:
+    """A written table's fingerprint; one a person's edit wrote (it has a backup) restored first
+    when damaged: ``bunny status`` said "restored from its backup", then "stale (its output
+    changed since it ran)" of the damaged bytes it had hashed before the restore."""
+    if not run.hand_made(name):
+        return table_fingerprint(run.table_path(name))
+    return {k: v for k, v in run.table_fingerprint(name).items() if k != "table"}
 
 
 def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:

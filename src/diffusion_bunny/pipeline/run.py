@@ -460,7 +460,7 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
-        if self._hand_made(name):  # restored from its backup if damaged
+        if self.hand_made(name):  # restored from its backup if damaged
             return read_kept(path)
         with damaged_table(path):
             return pl.read_parquet(path)
@@ -530,7 +530,7 @@ class Run:
         path = self.table_path(name)
         stage_table(stack, path, df, kept=by_hand or backup_path(path).is_file())
 
-    def _hand_made(self, name: str) -> bool:
+    def hand_made(self, name: str) -> bool:
         """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:
         it has a backup): read with :func:`read_kept`, never sent to be rebuilt with --force."""
         return name in HAND_MADE or backup_path(self.table_path(name)).is_file()
@@ -539,7 +539,7 @@ class Run:
         """Rows of a table, without reading it when it is not one made by hand (those are read,
         so a damaged one is restored from its backup first)."""
         path = self.table_path(name)
-        if self._hand_made(name):
+        if self.hand_made(name):
             return read_kept(path).height
         with damaged_table(path):
             return int(pl.scan_parquet(path).select(pl.len()).collect().item())
@@ -549,7 +549,7 @@ class Run:
         :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`. A damaged table made by
         hand is restored from its backup first."""
         path = self.table_path(name)
-        if path.is_file() and self._hand_made(name):
+        if path.is_file() and self.hand_made(name):
             read_kept(path)
             try:
                 pl.read_parquet_schema(path)
