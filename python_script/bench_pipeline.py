@@ -565,11 +565,8 @@ def compare_detectors(length: LengthRun, refs: Path, sets: list[str], work: Path
         f"{'low conf':>8}"
     )
     for name in names:
-        # Stage 03 reuses a frame's detections from its last run when the detector's settings match,
-        # even forced (nothing is lost between runs): the detector the ingest ran with would take
-        # every frame from that cache. The comparison wants every frame searched, so the cache
-        # (the last run's per-frame table, in this benchmark's own run folder) goes first.
-        (out / "tables" / "face_frames.parquet").unlink(missing_ok=True)
+        # --force: stage 03 reuses none of its last run's detections (the detector the ingest ran
+        # with would take every frame from them), so every frame is searched.
         cmd = [str(bunny), "run", str(length.movie), "--out", str(out), "--stages", "characters", "--quiet"]
         cmd += ["--force", "--characters", str(refs), *sets, "--set", f"characters.detector={name}"]
         wall, _, rc, _, err, _ = measure(cmd, work / "logs" / "detectors", name)

@@ -360,7 +360,8 @@ def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]
     top, own = Path(os.path.realpath(ref_dir)), Path(os.path.realpath(sub))
     # Folders read so far, as they really are: a link to one of them (``poses/again -> ../poses``)
     # is a loop, which os.walk follows until the system refuses (40 levels): one picture was
-    # taken 41 times, and the path where it stopped was named as a link to a missing file.
+    # taken 41 times, and the path where it stopped was named as a link to a missing file. A
+    # link into the character's own folder is not followed at all: that folder is read anyway.
     read = {own}
 
     def failed(exc: OSError) -> None:
@@ -375,9 +376,15 @@ def _walk(sub: Path, ref_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]
                 left.append((Path(root) / d, "is a link to the reference folder or a folder above it"))
             elif real.is_relative_to(top) and not real.is_relative_to(own):
                 left.append((Path(root) / d, "is a link into another character's folder"))
+            elif os.path.islink(Path(root) / d) and real.is_relative_to(own):
+                # Read where it is, under its own name (a link sorting before it took its
+                # pictures, and the real folder was called the link).
+                left.append(
+                    (Path(root) / d, f"is a link to {shown(real)}, read in this folder; {LOOP_READ_ONCE}")
+                )
             elif real in read or here.is_relative_to(real):
-                loop = f"is a link to a folder already read (a loop); {LOOP_READ_ONCE}"
-                left.append((Path(root) / d, loop))
+                loop = "(a loop)" if here.is_relative_to(real) else "(a second link to it)"
+                left.append((Path(root) / d, f"is a link to a folder already read {loop}; {LOOP_READ_ONCE}"))
             else:
                 read.add(real)
                 kept.append(d)

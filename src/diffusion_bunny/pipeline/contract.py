@@ -306,9 +306,10 @@ def _output_fingerprint(run: Run, name: str) -> dict[str, Any]:
     """A written table's fingerprint; one a person's edit wrote (it has a backup) restored first
     when damaged: ``bunny status`` said "restored from its backup", then "stale (its output
     changed since it ran)" of the damaged bytes it had hashed before the restore."""
-    if not run.hand_made(name):
-        return table_fingerprint(run.table_path(name))
-    return {k: v for k, v in run.table_fingerprint(name).items() if k != "table"}
+    path = run.table_path(name)
+    if path.is_file() and run.hand_made(name) and not run.table_whole(name):
+        return {k: v for k, v in run.table_fingerprint(name).items() if k != "table"}
+    return table_fingerprint(path)
 
 
 def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:

@@ -535,6 +535,14 @@ class Run:
         it has a backup): read with :func:`read_kept`, never sent to be rebuilt with --force."""
         return name in HAND_MADE or backup_path(self.table_path(name)).is_file()
 
+    def table_whole(self, name: str) -> bool:
+        """Whether a table's file reads as parquet (its footer and schema, without the table)."""
+        try:
+            pl.read_parquet_schema(self.table_path(name))
+        except (pl.exceptions.PolarsError, OSError):
+            return False
+        return True
+
     def table_height(self, name: str) -> int:
         """Rows of a table, without reading it when it is not one made by hand (those are read,
         so a damaged one is restored from its backup first)."""

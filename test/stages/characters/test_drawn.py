@@ -1155,6 +1155,13 @@ def test_a_loop_of_links_a_dead_folder_link_a_copy_a_line_and_a_fade_in(tmp_path
     save(refs / "mika" / "poses" / "turned.png", draw(cast("mika"), Pose(turn=0.4), 120).rgba)
     (refs / "mika" / "poses" / "again").symlink_to(Path("..") / "poses")
     (refs / "mika" / "poses" / "link.png").symlink_to(Path("turned.png"))  # a link beside the file
+    (refs / "mika" / "more").symlink_to(Path("poses"))  # sorts before the folder it links to
+    save(tmp_path / "usb" / "art" / "side.png", draw(cast("mika"), Pose(turn=-0.4), 120).rgba)
+    (refs / "mika" / "art").symlink_to(tmp_path / "usb" / "art")
+    (refs / "mika" / "art_too").symlink_to(tmp_path / "usb" / "art")
+    (refs / "mika" / "front").write_bytes(
+        (refs / "mika" / "front.png").read_bytes()
+    )  # saved again, no extension
     save(refs / "biscuit" / "dog.png", draw(cast("biscuit"), Pose(), 120).rgba)
     save(refs / "biscuit" / "line.png", np.full((500, 1, 3), 90, np.uint8))
     (refs / "owl").symlink_to(tmp_path / "usb" / "owl")  # the drive is not mounted
@@ -1169,19 +1176,29 @@ def test_a_loop_of_links_a_dead_folder_link_a_copy_a_line_and_a_fade_in(tmp_path
     assert taken == [
         ("biscuit", "biscuit/dog.png"),
         ("biscuit", "biscuit/line.png"),
+        ("mika", "mika/art/side.png"),
+        ("mika", "mika/front"),
         ("mika", "mika/front.png"),
         ("mika", "mika/poses/link.png"),
         ("mika", "mika/poses/turned.png"),
         ("pip", "pip/fade_in.gif"),
     ]
-    assert used["mika/poses/turned.png"] == used["pip/fade_in.gif"] == "cutout"
-    assert used["mika/poses/link.png"] == used["biscuit/line.png"] == "left out"
+    assert used["mika/poses/turned.png"] == used["pip/fade_in.gif"] == used["mika/front.png"] == "cutout"
+    assert used["mika/poses/link.png"] == used["biscuit/line.png"] == used["mika/front"] == "left out"
+    assert used["mika/art/side.png"] == "cutout"
     text = "\n".join(warnings)
     assert (
-        f"reference folder {refs / 'mika' / 'poses' / 'again'} is a link to a folder already read (a loop); "
-        "its pictures are taken once" in text
+        f"reference folder {refs / 'mika' / 'poses' / 'again'} is a link to {refs / 'mika' / 'poses'}, read "
+        "in this folder; its pictures are taken once" in text
     )
     assert "missing file" not in text
+    assert (
+        f"reference folder {refs / 'mika' / 'more'} is a link to {refs / 'mika' / 'poses'}, read in" in text
+    )
+    assert not any(w.startswith(f"reference folder {refs / 'mika' / 'poses'} ") for w in warnings)
+    assert (
+        f"reference folder {refs / 'mika' / 'art_too'} is a link to a folder already read (a second" in text
+    )
     assert (
         f"references {refs / 'mika' / 'poses' / 'link.png'} of 'mika' are the same picture as "
         f"{refs / 'mika' / 'poses' / 'turned.png'}; it is taken once" in text

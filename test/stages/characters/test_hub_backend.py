@@ -42,8 +42,8 @@ def copy_run(demo_run: Run, dest: Path) -> Run:
 
 def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, tmp_path, monkeypatch):
     """With references, the hub's sightings are drawn appearances under the references' names,
-    boxes in the frame; the manifest says what found them and nothing was fitted. A rerun with
-    the same settings reuses every frame's sightings and loads no model; weights saved over a
+    boxes in the frame; the manifest says what found them and nothing was fitted. A rerun for a
+    setting applied after the search reuses every frame's sightings and loads no model; weights saved over a
     model folder in place are another model, and every frame is searched again."""
     refs = build_demo_references(tmp_path / "refs")
     run = copy_run(demo_run, tmp_path / "run")
@@ -70,9 +70,11 @@ def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, 
     def no_model(*args, **kwargs):
         raise AssertionError("a rerun that reuses every frame's sightings loads no model")
 
+    # A rerun for a setting applied after the search (how near a cluster's sightings are).
+    relabel = load_config(None, {**overrides, "characters.hub.cluster_distance": 0.3})
     with monkeypatch.context() as patch:
         patch.setattr(characters_stage, "HubFinder", no_model)
-        again = run_stage(run, "characters", cfg, force=True, progress=False)["faces"]
+        again = run_stage(run, "characters", relabel, progress=False)["faces"]
     assert again.filter(pl.col("kind") == "drawn").height == drawn.height
     assert run.read_manifest("characters")["facts"]["frames_detected"] == 0
 
@@ -80,7 +82,7 @@ def test_named_by_their_pictures_and_a_rerun_loads_no_model(demo_run, tiny_hub, 
     weights = max(Path(tiny_hub["characters.hub.detector"]).iterdir(), key=lambda f: f.stat().st_size)
     later = weights.stat().st_mtime_ns + 2_000_000_000
     os.utime(weights, ns=(later, later))
-    run_stage(run, "characters", cfg, force=True, progress=False)
+    run_stage(run, "characters", cfg, progress=False)
     searched = run.read_manifest("characters")["facts"]
     assert searched["frames_detected"] == facts["frames_detected"] > 0 and searched["frames_cached"] == 0
     assert searched["detect_key"] != facts["detect_key"]

@@ -490,7 +490,7 @@ def _screened(
             # One picture twice in one folder (a copy, a link to it beside it): taught twice as
             # often as the character's other pictures. Taken once (the file itself rather than a
             # link to it), the others named.
-            name, first = names[0], min((p for _, p in group), key=lambda p: (p.is_symlink(), p))
+            name, first = names[0], min((p for _, p in group), key=_first_kept)
             again = sorted(p for _, p in group if p != first)
             doubled |= set(again)
             warnings.append(
@@ -511,6 +511,13 @@ def _screened(
                 left.setdefault(name, []).append(Taken(path, name, "left out", "", None, problem))
     kept = {n: [p for p in files if p not in doubled] for n, files in kept.items()}
     return kept, warnings, left
+
+
+def _first_kept(path: Path) -> tuple[bool, bool, Path]:
+    """Which of a picture's copies in one folder is taken: one whose name says it is a picture
+    (a copy saved without its extension is refused later, and the good one was left out for
+    it), the file itself rather than a link to it, then the first by name."""
+    return path.suffix.lower() not in REFERENCE_SUFFIXES, path.is_symlink(), path
 
 
 def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str]) -> list[str]:
