@@ -722,8 +722,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     # The last run's detections are reused, never its faces: labelling drops sightings (a drawn one
     # under its score, a face on a drawn figure) and widens boxes, which a new threshold or rule must
-    # see again. A run from before the detections table searches its frames once more.
-    # With --force nothing kept is reused (the detector is fitted again too), as the contract says.
+    # see again. With --force nothing kept is reused (the detector is fitted again too).
     previous = None
     old_detections, old_frames = ctx.own_previous("detections"), ctx.own_previous("face_frames")
     if old_detections is not None and old_frames is not None and not ctx.forced:
