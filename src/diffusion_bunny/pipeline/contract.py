@@ -54,7 +54,6 @@ from diffusion_bunny.pipeline.manifest import (
     code_hash,
     path_fingerprint,
     plain,
-    table_fingerprint,
 )
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RECORDED_AS
@@ -303,13 +302,10 @@ def output_fingerprints(run: Run, tables: Sequence[str], owned: dict[str, Path])
 
 
 def _output_fingerprint(run: Run, name: str) -> dict[str, Any]:
-    """A written table's fingerprint; one a person's edit wrote (it has a backup) restored first
-    when damaged: ``bunny status`` said "restored from its backup", then "stale (its output
-    changed since it ran)" of the damaged bytes it had hashed before the restore."""
-    path = run.table_path(name)
-    if path.is_file() and run.hand_made(name) and not run.table_whole(name):
-        return {k: v for k, v in run.table_fingerprint(name).items() if k != "table"}
-    return table_fingerprint(path)
+    """A written table's fingerprint as :meth:`Run.table_fingerprint` takes it: one a person's
+    edit wrote restored first when damaged (``bunny status`` said "restored from its backup",
+    then "stale (its output changed since it ran)" of the damaged bytes it had hashed before)."""
+    return {k: v for k, v in run.table_fingerprint(name).items() if k != "table"}
 
 
 def _changed(stored: dict[str, Any], fresh: dict[str, Any]) -> list[str]:

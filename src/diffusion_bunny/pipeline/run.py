@@ -77,6 +77,15 @@ def damaged_table(path: Path) -> Iterator[None]:
         ) from None
 
 
+def _whole(path: Path) -> bool:
+    """Whether a table's file reads as parquet (its footer and schema, without the table)."""
+    try:
+        pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError):
+        return False
+    return True
+
+
 def slugify(text: str) -> str:
     """Lower-case ASCII slug for folder names (``"Mon Film (2019)"`` -> ``"mon-film-2019"``)."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
@@ -460,7 +469,7 @@ class Run:
             raise StageError(
                 f"table '{name}' is missing in {self.run_dir}; run the stage that writes it first"
             )
-        if self.hand_made(name):  # restored from its backup if damaged
+        if self._hand_made(name):  # restored from its backup if damaged
             return read_kept(path)
         with damaged_table(path):
             return pl.read_parquet(path)
@@ -530,24 +539,16 @@ class Run:
         path = self.table_path(name)
         stage_table(stack, path, df, kept=by_hand or backup_path(path).is_file())
 
-    def hand_made(self, name: str) -> bool:
+    def _hand_made(self, name: str) -> bool:
         """Whether a table is a person's (a stage's ``edits``, or any table a person's edit wrote:
         it has a backup): read with :func:`read_kept`, never sent to be rebuilt with --force."""
         return name in HAND_MADE or backup_path(self.table_path(name)).is_file()
-
-    def table_whole(self, name: str) -> bool:
-        """Whether a table's file reads as parquet (its footer and schema, without the table)."""
-        try:
-            pl.read_parquet_schema(self.table_path(name))
-        except (pl.exceptions.PolarsError, OSError):
-            return False
-        return True
 
     def table_height(self, name: str) -> int:
         """Rows of a table, without reading it when it is not one made by hand (those are read,
         so a damaged one is restored from its backup first)."""
         path = self.table_path(name)
-        if self.hand_made(name):
+        if self._hand_made(name):
             return read_kept(path).height
         with damaged_table(path):
             return int(pl.scan_parquet(path).select(pl.len()).collect().item())
@@ -557,12 +558,11 @@ class Run:
         :func:`~diffusion_bunny.pipeline.manifest.table_fingerprint`. A damaged table made by
         hand is restored from its backup first."""
         path = self.table_path(name)
-        if path.is_file() and self.hand_made(name):
+        # Only a file whose footer does not read is read whole: a whole one is hashed as it is.
+        if path.is_file() and self._hand_made(name) and not _whole(path):
             read_kept(path)
-            try:
-                pl.read_parquet_schema(path)
-            except (pl.exceptions.PolarsError, OSError):  # damaged, and not restored: the folder
-                path = backup_path(path)  # cannot be written (``bunny status`` on a read-only run)
+            if not _whole(path):  # damaged, and not restored: the folder cannot be written
+                path = backup_path(path)  # (``bunny status`` on a read-only run)
         with damaged_table(path):
             return {"table": name, **table_fingerprint(path, columns)}
 

@@ -51,7 +51,7 @@ from diffusion_bunny.stages.characters.references import (
     load_character_references,
     on_grey,
     rare_colour_mask,
-    read_picture,
+    read_shrunk,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import DETECTIONS_SCHEMA
@@ -265,7 +265,7 @@ def test_a_picture_too_large_to_open_is_one_line(tmp_path, monkeypatch):
     save(tmp_path / "poster.png", np.full((120, 120, 3), 90, np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
     with pytest.raises(ReferenceProblem, match="too large to read"):
-        read_picture(tmp_path / "poster.png")
+        read_shrunk(tmp_path / "poster.png")[0]
 
 
 def test_a_damaged_avif_reference_is_one_line_and_the_run_goes_on(tmp_path):
@@ -290,7 +290,7 @@ def test_a_sixteen_bit_grey_picture_is_read_as_its_greys(tmp_path):
     grey[10:30, 20:40] = 40
     cv2.imwrite(str(tmp_path / "lineart.png"), grey.astype(np.uint16) * 257)
     assert Image.open(tmp_path / "lineart.png").mode.startswith("I")
-    rgba = read_picture(tmp_path / "lineart.png")
+    rgba = read_shrunk(tmp_path / "lineart.png")[0]
     assert rgba.dtype == np.uint8 and rgba.shape == (48, 64, 4)
     assert np.abs(rgba[..., 0].astype(int) - grey).max() <= 1 and (rgba[..., 3] == 255).all()
     assert (rgba[..., 0] == rgba[..., 2]).all()
@@ -300,15 +300,15 @@ def test_a_sixteen_bit_grey_picture_is_read_as_its_greys(tmp_path):
         assert np.abs(np.asarray(as_rgb(im))[..., 1].astype(int) - grey).max() <= 1
     # A dark one (no value over 255) is still 16-bit: near black, not 257 times as bright.
     cv2.imwrite(str(tmp_path / "dark.png"), (grey // 16).astype(np.uint16))
-    assert read_picture(tmp_path / "dark.png")[..., 0].max() <= 1
+    assert read_shrunk(tmp_path / "dark.png")[0][..., 0].max() <= 1
     # Its transparent value (tRNS) is transparency, not black.
     with Image.open(tmp_path / "lineart.png") as im:
         im.save(tmp_path / "keyed.png", transparency=40 * 257)
-    keyed = read_picture(tmp_path / "keyed.png")
+    keyed = read_shrunk(tmp_path / "keyed.png")[0]
     assert (keyed[10:30, 20:40, 3] == 0).all() and keyed[0, 63, 3] == 255
     # A 0-1 float TIFF is its greys, not black.
     Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
-    assert np.abs(read_picture(tmp_path / "float.tif")[..., 0].astype(int) - grey).max() <= 1
+    assert np.abs(read_shrunk(tmp_path / "float.tif")[0][..., 0].astype(int) - grey).max() <= 1
 
 
 def frames_with(names: list[str], poses: list[Pose], seed: int) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
@@ -1219,7 +1219,7 @@ def test_a_large_picture_is_read_shrunk_and_its_box_is_in_its_own_pixels(tmp_pat
     """A 24-megapixel poster took 11.5 s and 1.1 GB to read and cut out; pictures are read at
     most MAX_PICTURE_SIDE a side (a JPEG decoded at a fraction of its size), and what the
     reference sheet crops, the box, stays in the file's own pixels."""
-    from diffusion_bunny.stages.characters.references import MAX_PICTURE_SIDE, read_shrunk
+    from diffusion_bunny.stages.characters.references import MAX_PICTURE_SIDE
 
     refs = tmp_path / "refs"
     poster = Image.new("RGB", (6000, 3000), (90, 140, 200))

@@ -120,11 +120,6 @@ class ReferenceProblem(Exception):
     """A picture that cannot serve as a reference; the message says why, in a few words."""
 
 
-def read_picture(path: Path) -> np.ndarray:
-    """:func:`read_shrunk`'s picture."""
-    return read_shrunk(path)[0]
-
-
 def read_shrunk(path: Path) -> tuple[np.ndarray, float]:
     """A picture file as RGBA uint8 (opaque where the file has no transparency), upright, at most
     :data:`MAX_PICTURE_SIDE` a side, and the factor it was shrunk by (1 for most). Palette and
@@ -176,9 +171,10 @@ def _first_shown_frame(im: Image.Image) -> tuple[np.ndarray, float]:
     for index in range(frames):
         im.seek(index)
         rgba = _upright_rgba(im)
-        if chosen is None or frames == 1 or _shows_something(rgba):
+        shown = frames == 1 or _shows_something(rgba)
+        if chosen is None or shown:
             chosen = rgba
-        if frames == 1 or _shows_something(rgba):
+        if shown:
             break
     return chosen, max(chosen.shape[:2]) / max(longest, 1)
 
