@@ -602,7 +602,7 @@ def score_shots(outdir: Path, movie: Path) -> str | None:
     from diffusion_bunny.demo.metrics import match_boundaries
 
     truth = json.loads(truth_file.read_text())["cuts"]
-    found = pl.read_parquet(shots_file)["start_frame"].to_list()[1:]
+    found = pl.read_parquet(shots_file, glob=False)["start_frame"].to_list()[1:]
     score = match_boundaries(found, truth, tolerance=1)
     return (
         f"{len(found) + 1} shots found vs {len(truth) + 1} true; cuts at +-1 frame: "

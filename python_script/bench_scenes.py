@@ -65,7 +65,7 @@ def synthetic(n: int, places: int, noise_share: float, dim: int, seed: int):
 def tiled(path: Path, n: int, seed: int):
     import polars as pl
 
-    base = normalise(np.asarray(pl.read_parquet(path)["vector"].to_list(), dtype=np.float32))
+    base = normalise(np.asarray(pl.read_parquet(path, glob=False)["vector"].to_list(), dtype=np.float32))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(base), size=n)
     vecs = base[idx] + rng.normal(scale=0.1 / np.sqrt(base.shape[1]), size=(n, base.shape[1]))

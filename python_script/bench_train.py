@@ -98,7 +98,7 @@ from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import train_lora
 
 run_dir, out_dir, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-images, _ = read_dataset(run_dir, pl.read_parquet(run_dir / "tables" / "dataset_items.parquet"))
+images, _ = read_dataset(run_dir, pl.read_parquet(run_dir / "tables" / "dataset_items.parquet", glob=False))
 cfg = TrainSettings(**settings)
 trainer = trainer_class_for(cfg)
 train_lora(images, cfg, out_dir, progress=True, cache_dir=out_dir / "cache", trainer_class=trainer)

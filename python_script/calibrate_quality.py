@@ -252,10 +252,10 @@ def night_scores(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The run's frames table and stage 02's scores of them (computed once, kept beside them)."""
     from diffusion_bunny.stages.quality.scores import score_frames
 
-    frames = pl.read_parquet(folder / "tables" / "frames.parquet")
+    frames = pl.read_parquet(folder / "tables" / "frames.parquet", glob=False)
     cached = folder / "night_scores.parquet"
     if cached.is_file():
-        return frames, pl.read_parquet(cached)
+        return frames, pl.read_parquet(cached, glob=False)
     scores = score_frames(folder, frames, progress=False)
     scores.write_parquet(cached)
     return frames, scores

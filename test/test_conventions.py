@@ -254,3 +254,21 @@ def test_every_import_inside_a_function_says_why():
         if not any(re.search(r"# lazy: \S", line) for line in near):
             silent.append(f"{path.name}:{node.lineno} {func}: {lines[node.lineno - 1].strip()}")
     assert not silent, "imports inside functions without a `# lazy:` reason:\n" + "\n".join(silent)
+
+
+def test_every_parquet_read_takes_its_path_as_a_name_not_a_pattern():
+    """polars reads a path as a glob pattern unless told not to: a run folder named like a
+    release (``Film (2019) [1080p]``) then "has no table" where the table is. Every read of a
+    table in ``src/`` says ``glob=False``, and none uses ``read_parquet_schema`` (which cannot)."""
+    import ast
+
+    patterned = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name = node.func.attr
+            globbed = any(k.arg == "glob" for k in node.keywords)
+            if name == "read_parquet_schema" or (name in ("read_parquet", "scan_parquet") and not globbed):
+                patterned.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert not patterned, "parquet reads that take a path as a pattern:\n" + "\n".join(patterned)

@@ -149,6 +149,32 @@ def test_a_damaged_stage_table_is_one_line_and_its_stage_rebuilds_it(tmp_path):
     assert run.read_table("quality").equals(quality)
 
 
+def test_a_run_folder_named_like_a_release_reads_its_tables(tmp_path):
+    """Brackets and the other characters of a glob pattern in a run folder's path (``Film (2019)
+    [1080p]``, a common folder name) are a name: its stages read their tables, ``bunny status``
+    sees them done, a hand-made table and its damage check work there too."""
+    from clips import write_clip
+
+    from diffusion_bunny.pipeline.run import Run
+    from diffusion_bunny.pipeline.status import run_status
+    from diffusion_bunny.stages import PIPELINE, run_stage
+
+    movie = tmp_path / "tiny.mp4"
+    write_clip(movie, [(51, 12, 0.0), (52, 12, 0.0)], width=96, height=64)
+    cfg = load_config(root=tmp_path / "nocfg")
+    run = Run.create(tmp_path / "Film (2019) [1080p] {a,b} *?", movie)
+    run_stage(run, "extract", cfg, progress=False)
+    run_stage(run, "quality", cfg, progress=False)
+    assert run.read_table("frames").height == run.table_height("frames") > 0
+    states = dict((s, st) for s, st, _ in run_status(PIPELINE, run.run_dir, cfg, ["extract", "quality"]))
+    assert states == {"extract": "done", "quality": "done"}
+    kept = run.table_path("feedback")
+    write_kept(kept, pl.DataFrame({"event_id": ["a"]}))
+    _damage(kept)
+    with pytest.warns(UserWarning, match="restored from its backup"):
+        assert read_kept(kept)["event_id"].to_list() == ["a"]
+
+
 def test_a_restore_cut_short_leaves_the_damaged_table_not_none(tmp_path, monkeypatch):
     """The damaged table was moved aside before the backup was copied in: a kill or a full disk
     between the two left no table, read as "no edits yet", and the next edit wrote a table of

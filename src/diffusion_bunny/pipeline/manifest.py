@@ -112,7 +112,7 @@ def table_fingerprint(path: Path, columns: Sequence[str] | None = None) -> dict[
     if columns is None:
         return {"sha256": _digest(path.read_bytes())}
     # JSON lines, not CSV: a declared column may hold lists (face encodings), which CSV cannot.
-    df = pl.read_parquet(path, columns=list(columns))
+    df = pl.read_parquet(path, columns=list(columns), glob=False)
     return {"columns": list(columns), "sha256": _digest(df.write_ndjson().encode())}
 
 

@@ -80,7 +80,7 @@ def damaged_table(path: Path) -> Iterator[None]:
 def _whole(path: Path) -> bool:
     """Whether a table's file reads as parquet (its footer and schema, without the table)."""
     try:
-        pl.read_parquet_schema(path)
+        pl.scan_parquet(path, glob=False).collect_schema()
     except (pl.exceptions.PolarsError, OSError):
         return False
     return True
@@ -244,7 +244,7 @@ def _owner_key(folder: Path) -> str | None:
     name of the user's own may end in eight hex digits (``shots-20261129``)."""
     frames = folder / "tables" / "frames.parquet"
     with contextlib.suppress(Exception):  # a damaged or missing table tells nothing
-        first = pl.read_parquet(frames, columns=["frame_id"], n_rows=1)["frame_id"]
+        first = pl.read_parquet(frames, columns=["frame_id"], n_rows=1, glob=False)["frame_id"]
         if len(first) and re.fullmatch(r"[0-9a-f]{8}_\d+", str(first[0])):
             return str(first[0]).partition("_")[0]
     return None
@@ -472,7 +472,7 @@ class Run:
         if self._hand_made(name):  # restored from its backup if damaged
             return read_kept(path)
         with damaged_table(path):
-            return pl.read_parquet(path)
+            return pl.read_parquet(path, glob=False)
 
     def optional_table(self, name: str) -> pl.DataFrame | None:
         """A table an earlier stage may not have written (its stage is optional or did not run)."""
@@ -551,7 +551,7 @@ class Run:
         if self._hand_made(name):
             return read_kept(path).height
         with damaged_table(path):
-            return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+            return int(pl.scan_parquet(path, glob=False).select(pl.len()).collect().item())
 
     def table_fingerprint(self, name: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """Fingerprint of a table (of ``columns`` only, when given): see

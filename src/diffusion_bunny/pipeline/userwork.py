@@ -66,7 +66,7 @@ def stage_table(stack: contextlib.ExitStack, path: Path, df: pl.DataFrame, *, ke
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-    return pl.read_parquet(path, columns=columns)
+    return pl.read_parquet(path, columns=columns, glob=False)
 
 
 def read_kept(path: Path, columns: list[str] | None = None) -> pl.DataFrame:

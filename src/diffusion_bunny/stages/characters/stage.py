@@ -878,7 +878,7 @@ def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...
     path = run.table_path("detections")
     with damaged_table(path):  # one row's box: not the whole table with its embeddings, per fix
         found = (
-            pl.scan_parquet(path)
+            pl.scan_parquet(path, glob=False)
             .filter(
                 (pl.col("face_id") == appearance["face_id"])
                 & (pl.col("frame_id") == appearance["frame_id"])

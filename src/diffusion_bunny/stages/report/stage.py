@@ -180,13 +180,15 @@ def _movie_counts(
     """Fill ``row``'s counts and report link from the run folder; the stages' states."""
     run = Run.open(run_dir)
     if run.has_table("frames"):
-        row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"]).height
+        row["frames"] = pl.read_parquet(run.table_path("frames"), columns=["frame_id"], glob=False).height
     if run.has_table("quality"):
-        row["kept"] = int(pl.read_parquet(run.table_path("quality"), columns=["keep"])["keep"].sum())
+        row["kept"] = int(
+            pl.read_parquet(run.table_path("quality"), columns=["keep"], glob=False)["keep"].sum()
+        )
     if run.has_table("shots"):
-        row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"]).height
+        row["shots"] = pl.read_parquet(run.table_path("shots"), columns=["shot_id"], glob=False).height
     if run.has_table("faces"):
-        names = pl.read_parquet(run.table_path("faces"), columns=["character"])["character"]
+        names = pl.read_parquet(run.table_path("faces"), columns=["character"], glob=False)["character"]
         row["appearances"] = names.len()
         row["named_characters"] = names.drop_nulls().n_unique()
     html = report_dir(run.run_dir) / "index.html"

@@ -1100,7 +1100,7 @@ def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame
     read: no stage of one movie can rebuild it (every movie of the library added to it), so "run
     again" is no answer."""
     try:
-        return pl.read_parquet(path, columns=columns)
+        return pl.read_parquet(path, columns=columns, glob=False)
     except (pl.exceptions.PolarsError, OSError) as exc:
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise StageError(
@@ -1111,7 +1111,7 @@ def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame
 
 def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
     emb = (
-        pl.scan_parquet(run.table_path("embeddings"))
+        pl.scan_parquet(run.table_path("embeddings"), glob=False)
         .filter(pl.col("frame_id").is_in(list(frame_ids)))
         .select("frame_id", "vector")
         .collect()
