@@ -19,6 +19,7 @@ Two halves, as everywhere in this workspace (scores once, thresholds separately)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -473,6 +474,23 @@ def loose_pictures(ref_dir: Path) -> list[str]:
     ]
 
 
+def hidden_folders(ref_dir: Path) -> list[str]:
+    """One line for each hidden folder of ``ref_dir`` (its name starts with '.') that holds
+    pictures: hidden folders are the system's and the tools' (``.git``, ``.ipynb_checkpoints``)
+    and are not read, so a character folder ``.villain`` was left out without a word. Looked
+    into two levels deep only: a tool's folder may hold thousands of files."""
+    out = []
+    for folder in sorted(p for p in ref_dir.iterdir() if p.name.startswith(".") and p.is_dir()):
+        with contextlib.suppress(OSError):
+            inside = [*folder.glob("*"), *folder.glob("*/*")]
+            if any(q.suffix.lower() in REFERENCE_SUFFIXES for q in inside):
+                out.append(
+                    f"folder {shown(folder)} is hidden (its name starts with '.'), so its pictures "
+                    "are not read; rename it without the '.' if it is a character's"
+                )
+    return out
+
+
 def portrait_faces(rgb: np.ndarray, ref_settings: DetectSettings) -> list[Face]:
     """The faces of a reference picture that could be its subject.
 
@@ -504,7 +522,8 @@ def load_references(ref_dir: Path, settings: DetectSettings) -> tuple[ReferenceS
     owners: list[int] = []
     # References are portraits, often small; they need no minimum face size.
     ref_settings = replace(settings, min_face_px=0)
-    warns += misnamed_references(ref_dir) + loose_pictures(ref_dir) + dead_folder_links(ref_dir)
+    warns += misnamed_references(ref_dir) + loose_pictures(ref_dir) + hidden_folders(ref_dir)
+    warns += dead_folder_links(ref_dir)
     folders_of = character_folders(ref_dir)
     for name, files in reference_images(ref_dir).items():
         usable = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import cv2
@@ -237,7 +238,11 @@ def test_names_must_be_usable_folder_names():
     assert check_name("  Grace Hopper ") == "Grace Hopper"
     for name in ("リン・マニュエル", "迈克尔·杰克逊", "Zoë", "Mr. O'Neil"):
         assert check_name(name) == name
-    for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65):
+    # Scripts whose vowels are combining marks (Hindi, Thai, Tamil, pointed Hebrew) and the
+    # apostrophe a Mac types: their reference folders worked, naming a cluster so was refused.
+    for name in ("राम", "สุดา", "தமிழ்", "שָׁלוֹם", "Priya राम", "o\u2019brien"):
+        assert check_name(name) == unicodedata.normalize("NFC", name)
+    for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65, "\u093e\u092e", "a+b"):
         with pytest.raises(UserError, match="not usable"):
             check_name(bad)
     # One name however it is typed: composed (a Mac writes Zoë decomposed, which was refused),

@@ -166,6 +166,7 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     save(refs / "blank" / "white.png", np.full((120, 120, 3), 255, np.uint8))
     save(refs / "tiny" / "speck.png", np.pad(sprite[::20, ::20], ((2, 2), (2, 2), (0, 0))))
     save(refs / "Smith, John" / "empty.png", np.full((90, 90, 3), 255, np.uint8))  # "last, first"
+    save(refs / "Tom+Jerry" / "empty.png", np.full((90, 90, 3), 255, np.uint8))
     (refs / "broken").mkdir()
     (refs / "broken" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
     # What the operating system leaves: a zip made on a Mac, Windows' thumbnail cache
@@ -182,6 +183,11 @@ def test_reference_pictures_of_every_kind_say_what_was_taken(tmp_path):
     assert not any("MACOSX" in w or "Thumbs.db" in w or "desktop.ini" in w for w in warnings)
     commas = [w for w in warnings if "character 'Smith, John'" in w and "reads as 2 tags" in w]
     assert len(commas) == 1 and "'John Smith'" in commas[0]
+    # '+' joins a picture's characters in the kohya folders: "Tom+Jerry" would read as two.
+    assert [w for w in warnings if "'+'" in w] == [
+        "character 'Tom+Jerry': '+' joins the characters a picture shows in the dataset's kohya folders, "
+        "so its folder reads as 'Tom' and 'Jerry' together; name its folder without '+'"
+    ]
     misnamed = [w for w in warnings if "is not UTF-8 text" in w]
     assert len(misnamed) == 2 and "Zo\\xeb" in "".join(misnamed) and "caf\\xe9.png" in "".join(misnamed)
     assert all(t.character.isascii() and "\udce9" not in str(t.path) for t in pictures.taken)
@@ -1268,6 +1274,10 @@ def test_a_picture_beside_the_character_folders_is_one_line_each(tmp_path):
     (refs / "README.txt").write_text("one folder per character")
     (refs / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (refs / ".hidden.png").write_bytes(b"")
+    # A hidden folder of pictures is left out with a line (a tool's folder without any, none).
+    save(refs / ".villain" / "front.png", np.full((40, 40, 3), 90, np.uint8))
+    (refs / ".ipynb_checkpoints").mkdir()
+    (refs / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("")
     _, _, warnings = load_character_references(refs, DetectSettings())
     _, face_warnings = load_references(refs, DetectSettings())
     for lines in (warnings, face_warnings):
@@ -1276,6 +1286,11 @@ def test_a_picture_beside_the_character_folders_is_one_line_each(tmp_path):
             f"reference {refs / name} is in no character folder; move it into {refs}/<name>/, "
             "the folder of the character it shows; left out"
             for name in ("Zoë.GIF", "villain.png")
+        ]
+        hidden = [w for w in lines if "is hidden" in w]
+        assert hidden == [
+            f"folder {refs / '.villain'} is hidden (its name starts with '.'), so its pictures are not "
+            "read; rename it without the '.' if it is a character's"
         ]
 
 

@@ -462,6 +462,30 @@ def test_when_every_shot_overshoots_the_smallest_goes_to_validation():
     assert set(halves["split"]) == {"train"} and "no validation pictures" in warned[0]
 
 
+def test_a_character_named_as_the_unnamed_concept_or_the_trigger_word_is_said():
+    """A character named "Scene" shared the kohya folder of the pictures of nobody named
+    (``export.unnamed_concept``), which took its repeats: those get a concept of their own now,
+    and a character named as the trigger word is one line (its captions open with it twice)."""
+    frames, quality, faces, captions = small_tables()
+    faces = faces.with_columns(pl.col("character").replace({"bob": "Scene"}))
+    nobody = frames["frame_id"][0]
+    faces = faces.filter(pl.col("frame_id") != nobody)
+    plan = plan_export(
+        frames, quality, faces, captions, ExportSettings(), CaptionsSettings(trigger_word="Anna")
+    )
+    concepts = dict(plan.items.select("frame_id", "concept").filter(pl.col("frame_id") == nobody).iter_rows())
+    assert concepts == {nobody: "scene_unnamed"}
+    assert "Scene" in set(plan.items["concept"]) and "scene" not in set(plan.items["concept"])
+    clash, trigger = (w for w in plan.warnings if "a character is named" in w)
+    assert "export.unnamed_concept" in clash and "'scene_unnamed'" in clash
+    assert "captions.trigger_word" in trigger and "'Anna'" in trigger
+    plain = plan_export(
+        frames, quality, faces.with_columns(pl.lit("bob").alias("character")), captions, ExportSettings()
+    )
+    assert not [w for w in plain.warnings if "a character is named" in w]
+    assert set(plain.items["concept"]) == {"bob", "scene"}
+
+
 def test_balancing_gives_smaller_characters_more_repeats():
     concepts = ["anna"] * 12 + ["bob"] * 4 + ["cleo"] * 1 + ["scene"] * 30 + ["bob"] * 2
     chars = [[c] if c != "scene" else [] for c in concepts]

@@ -42,6 +42,7 @@ from diffusion_bunny.models.faces import (
     ReferenceSet,
     character_folders,
     dead_folder_links,
+    hidden_folders,
     holds_any,
     loose_pictures,
     misnamed_paths,
@@ -209,7 +210,7 @@ def name_key(name: str) -> str:
 
 def _name_warnings(ref_dir: Path, names: list[str]) -> list[str]:
     """One line per folder or picture of ``ref_dir`` whose name cannot serve (not UTF-8 text),
-    per character of ``names`` whose name holds a comma, and per group of names that differ only
+    per character of ``names`` whose name holds a comma or a '+', and per group of names that differ only
     by case, spaces, '-' or '_' (a name typed so before it was read as the known one made a
     folder of its own: two characters, two kohya folders, each drawn in stage 08)."""
     groups: dict[str, list[str]] = {}
@@ -222,6 +223,13 @@ def _name_warnings(ref_dir: Path, names: list[str]) -> list[str]:
             f"{name.count(',') + 1} tags there; name its folder without a comma (e.g. '{_uncomma(name)}')"
             for name in names
             if "," in name
+        ]
+        + [
+            f"character '{name}': '+' joins the characters a picture shows in the dataset's kohya "
+            f"folders, so its folder reads as {' and '.join(repr(p) for p in name.split('+'))} together; "
+            "name its folder without '+'"
+            for name in names
+            if "+" in name
         ]
         + [
             f"character folders {', '.join(repr(n) for n in sorted(same))} in {ref_dir} are one name "
@@ -524,6 +532,7 @@ def _folder_warnings(ref_dir: Path, names: list[str], unreadable: dict[Path, str
     return (
         _name_warnings(ref_dir, names)
         + loose_pictures(ref_dir)
+        + hidden_folders(ref_dir)
         + [
             f"reference folder {shown(path)} {why}"
             + ("" if why.endswith(LOOP_READ_ONCE) else "; its pictures are left out")

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import types
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -900,7 +901,18 @@ def _detected_box(run: Run, appearance: dict[str, Any]) -> tuple[int | None, ...
 #: and Chinese (迈克尔·杰克逊): a reference folder so named worked, and naming a cluster after it in
 #: notebook 03 was refused.
 _NAME_DOTS = "\u00b7\u30fb\uff65"
-_NAME = re.compile(rf"^[\w][\w .'{_NAME_DOTS}-]{{0,63}}$")
+#: The apostrophe as macOS and phones type it (o\u2019brien) beside the plain one.
+_NAME_MARKS = "'\u2019"
+_NAME = re.compile(rf"^[\w][\w .{_NAME_MARKS}{_NAME_DOTS}-]{{0,63}}$")
+
+
+def _name_pattern(name: str) -> bool:
+    """Whether ``name`` is made of what :data:`_NAME` allows. The combining marks Hindi, Thai,
+    Tamil and pointed Hebrew write their vowels with (Unicode's ``M`` categories: ``राम``
+    is ra, the vowel sign aa, ma) are no ``\\w`` to Python's ``re``, which refused those names
+    while their reference folders worked; after a letter they are part of it."""
+    letters = "".join("a" if unicodedata.category(c).startswith("M") else c for c in name)
+    return bool(_NAME.match(name[:1] + letters[1:]))
 
 
 def check_name(name: str, known: Iterable[str] = ()) -> str:
@@ -930,7 +942,7 @@ def check_name(name: str, known: Iterable[str] = ()) -> str:
             f"character name {name!r} could be any of the characters {', '.join(map(repr, same))} "
             "(names that differ only in case, spaces, '-' or '_'); type one of them as it is spelt"
         )
-    if not _NAME.match(name):
+    if not _name_pattern(name):
         raise UserError(
             f"character name {name!r} is not usable: use letters, digits, spaces, '.', \"'\", '-', '_' "
             "or a middle dot (at most 64, not starting with a symbol), and not 'unknown' or 'noise'"

@@ -586,9 +586,12 @@ def plan_export(
 ) -> ExportPlan:
     """Everything the export decides, before writing: items with ``split``, ``repeats``,
     ``file_name``, ``width`` and ``height`` (of the written picture), in frame order."""
+    names = set(faces["character"].drop_nulls().to_list()) if faces is not None and faces.height else set()
+    cfg, clashes = _name_clashes(names, cfg, captioning)
     items, counts, dropped = select_items(frames, quality, faces, captions, cfg, captioning)
     groups = shot_groups(items, quality, cfg.split_phash_distance)
     items, warnings = assign_split(items, groups, cfg.validation_fraction, cfg.seed)
+    warnings = clashes + warnings
     items = file_names(balance_repeats(items, cfg), cfg.image_format)
     sizes = [output_size(b, cfg.max_side) for b in items.select("left", "top", "right", "bottom").iter_rows()]
     items = items.with_columns(
@@ -612,6 +615,36 @@ def plan_export(
         }
     )
     return ExportPlan(items=items, counts=counts, warnings=warnings, dropped=dropped)
+
+
+def _name_clashes(
+    names: set[str], cfg: ExportSettings, captioning: CaptionsSettings | None
+) -> tuple[ExportSettings, list[str]]:
+    """The export's settings and a line per character named as a word the dataset gives
+    something else. A character named ``export.unnamed_concept`` (``scene``) shared one kohya
+    folder with the pictures of nobody named, which then took its repeats: they get a concept of
+    their own. A character named ``captions.trigger_word`` opens its captions with that word
+    twice and is taught as the style: said, not changed (the captions are stage 05's)."""
+    lines = []
+    taken = {n.casefold() for n in names}  # one folder on a disk that ignores case
+    if cfg.unnamed_concept.casefold() in taken:
+        concept = cfg.unnamed_concept
+        while concept.casefold() in taken:
+            concept += "_unnamed"
+        lines.append(
+            f"a character is named {cfg.unnamed_concept!r}, as export.unnamed_concept names the pictures "
+            f"of nobody named: those are in the concept {concept!r}; set export.unnamed_concept to "
+            "another word to choose it"
+        )
+        cfg = cfg.model_copy(update={"unnamed_concept": concept})
+    word = captioning.trigger_word if captioning is not None else None
+    if word and word.casefold() in taken:
+        lines.append(
+            f"a character is named {word!r}, the trigger word (captions.trigger_word) every caption "
+            "opens with: the LoRA cannot tell that character from the style; rename its reference "
+            "folder, or set captions.trigger_word to another word and rerun stage captions"
+        )
+    return cfg, lines
 
 
 def concept_table(items: pl.DataFrame) -> pl.DataFrame:
