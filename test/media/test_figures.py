@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import gc
+import io
+import warnings
 import weakref
 
 import numpy as np
@@ -189,3 +191,62 @@ def test_the_sheets_fall_back_to_pillows_font_without_their_own(monkeypatch):
         assert _ink("Zoe").any()
     finally:
         figures.load_font.cache_clear()
+
+
+def _cjk_font(path, family: str, extra: str) -> None:
+    """A TrueType font ``family`` at ``path`` that draws printable ASCII and the letters of
+    ``extra``, each as a filled square (no CJK font is installed on the test machines)."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    letters = [chr(c) for c in range(0x21, 0x7F)] + list(extra)
+    names = [".notdef", "space"] + [f"g{ord(c):05x}" for c in letters]
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(names)
+    builder.setupCharacterMap({0x20: "space", **{ord(c): f"g{ord(c):05x}" for c in letters}})
+    glyphs = {}
+    for name in names:
+        pen = TTGlyphPen(None)
+        if name not in (".notdef", "space"):
+            pen.moveTo((100, 0)), pen.lineTo((100, 700)), pen.lineTo((800, 700)), pen.lineTo((800, 0))
+            pen.closePath()
+        glyphs[name] = pen.glyph()
+    builder.setupGlyf(glyphs)
+    builder.setupHorizontalMetrics({name: (900, 100) for name in names})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": family, "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    builder.save(str(path))
+
+
+def test_names_in_a_script_the_sheets_font_lacks_are_drawn_in_a_font_that_has_it(tmp_path, monkeypatch):
+    """DejaVu Sans has no CJK: characters named 山田 and 佐藤 were two rows of the same empty
+    boxes on the sheets and charts, where a font that draws them was installed. The sheets and
+    the charts that name characters now take such a font; names DejaVu draws keep it."""
+    from matplotlib import font_manager
+
+    from diffusion_bunny.stages.characters.plots import character_counts_plot
+
+    file = tmp_path / "BunnyTestSans.ttf"
+    _cjk_font(file, "Bunny Test Sans", "山田佐藤")
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    font_manager.fontManager.addfont(str(file))
+    dejavu = figures.sheet_font_file(["Zoë"])
+    assert dejavu.endswith(figures.SHEET_FONT) and figures.sheet_font_file(["Zoe"]) == dejavu
+    assert figures.sheet_font_file(["山田", "Zoe"]) == str(file)
+
+    face = _frame(tmp_path / "face.png", (200, 30, 30), (20, 20))
+    lay = Layout((20, 20), columns=1, gap=4, label_h=0, title_h=16)
+    block = [Block([Tile(face)], title="山田 (1 of 1 faces)")]
+    drawn = np.asarray(tile_sheet(block, lay))
+    monkeypatch.setattr(figures, "sheet_font_file", lambda texts: dejavu)
+    assert not np.array_equal(drawn, np.asarray(tile_sheet(block, lay)))  # not DejaVu's boxes
+
+    import polars as pl
+
+    counts = pl.DataFrame({"character": ["山田", "佐藤"], "faces": [3, 2], "low_confidence": [0, 1]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        character_counts_plot(counts).draw().savefig(io.BytesIO(), format="png")
+    assert not [w for w in caught if "missing from font" in str(w.message)]

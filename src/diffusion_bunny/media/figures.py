@@ -45,15 +45,32 @@ LINE_RED = "#C0392B"
 SHEET_FONT = "DejaVuSans.ttf"
 
 
-@cache
-def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """:data:`SHEET_FONT` at ``size`` pixels; Pillow's built-in font where it cannot be loaded (a
-    matplotlib without its fonts, a Pillow without FreeType). Cached: a sheet asks for two sizes,
-    and reading the file each time cost a millisecond a sheet."""
+def _sheet_font_file() -> str:
     import matplotlib  # lazy: matplotlib takes 0.15 s to import
 
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / SHEET_FONT)
+
+
+def sheet_font_file(texts: Sequence[str]) -> str:
+    """The font file a sheet draws ``texts`` with: :data:`SHEET_FONT` where it draws them all,
+    else the installed font that draws the most of them (:func:`text_font`). DejaVu Sans has no
+    CJK: characters named 山田 and 佐藤 were two rows of the same empty boxes on notebook 03's
+    strips and the report's sheets, where a font that draws them was installed."""
+    default = _sheet_font_file()
+    needs = frozenset(ord(c) for text in texts for c in text)
+    if needs <= _ASCII or needs <= _glyphs(default):
+        return default
+    family, drawn = text_font(list(texts))
+    return _family_file(family) if any(drawn) else default
+
+
+@cache
+def load_font(size: int, file: str | None = None) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font ``file`` (:data:`SHEET_FONT` when None) at ``size`` pixels; Pillow's built-in font
+    where it cannot be loaded (a matplotlib without its fonts, a Pillow without FreeType). Cached:
+    a sheet asks for two sizes, and reading the file each time cost a millisecond a sheet."""
     try:
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / SHEET_FONT), size)
+        return ImageFont.truetype(file or _sheet_font_file(), size)
     except OSError:
         pass
     try:
@@ -103,11 +120,17 @@ def chart_png(chart: p9.ggplot, dpi: int = 72, **savefig: Any) -> bytes:
 # ------------------------------------------------------------------------------------- charts
 
 
-def minimal_theme(width: float, height: float, **settings: Any) -> p9.theme:
+def minimal_theme(width: float, height: float, *, names: Sequence[str] = (), **settings: Any) -> p9.theme:
     """The look of every stage's charts: plotnine's minimal theme, ``width`` x ``height`` inches,
-    and any other theme ``settings`` (a legend's position, rotated axis labels)."""
+    and any other theme ``settings`` (a legend's position, rotated axis labels). The chart's
+    text is drawn in a font that draws ``names`` (the characters or movies it names:
+    :func:`text_font`), where plotnine's own does not (a Japanese name was a row of boxes)."""
     import plotnine as p9  # lazy: plotnine takes 0.44 s to import
 
+    if names and not all(ord(c) < 0x7F for name in names for c in name):
+        family, drawn = text_font(list(names))
+        if any(drawn) and "text" not in settings:
+            settings["text"] = p9.element_text(family=family)
     return p9.theme_minimal() + p9.theme(figure_size=(width, height), **settings)
 
 
@@ -136,10 +159,10 @@ def _base_glyphs(family: str) -> frozenset[int]:
     return _glyphs(str(font_manager.findfont(font_manager.FontProperties(family=[family]))))
 
 
-def _family_glyphs(entries: list[Any]) -> frozenset[int]:
-    """The code points of the regular upright font of one family (of its ``font_manager`` entries),
-    the one matplotlib draws it with. Read from the entries, not ``findfont``: that logs a warning
-    for each family without a regular weight (DejaVu Sans Light) as it falls back."""
+def _regular_file(entries: list[Any]) -> str:
+    """The file of the regular upright font of one family (of its ``font_manager`` entries), the
+    one matplotlib draws it with. Read from the entries, not ``findfont``: that logs a warning for
+    each family without a regular weight (DejaVu Sans Light) as it falls back."""
     from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
 
     def off_regular(entry: Any) -> tuple[bool, float]:
@@ -147,7 +170,24 @@ def _family_glyphs(entries: list[Any]) -> frozenset[int]:
         weight = weight if isinstance(weight, int) else font_manager.weight_dict.get(weight, 400)
         return entry.style != "normal", abs(weight - 400)
 
-    return _glyphs(str(min(entries, key=off_regular).fname))
+    return str(min(entries, key=off_regular).fname)
+
+
+def _families() -> dict[str, list[Any]]:
+    """The installed fonts' ``font_manager`` entries by family, placeholders left out."""
+    from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
+
+    by_family: dict[str, list[Any]] = {}
+    for entry in font_manager.fontManager.ttflist:
+        if not entry.name.startswith(_PLACEHOLDER_FONTS):
+            by_family.setdefault(entry.name, []).append(entry)
+    return by_family
+
+
+def _family_file(family: str) -> str:
+    """The file of ``family``'s regular font (:data:`SHEET_FONT` where none is installed)."""
+    entries = _families().get(family)
+    return _regular_file(entries) if entries else _sheet_font_file()
 
 
 #: What a font must draw to label a chart: printable ASCII (the labels' fallbacks are ASCII).
@@ -162,7 +202,6 @@ def text_font(texts: Sequence[str]) -> tuple[str, list[bool]]:
     missing from font(s) DejaVu Sans" for each character on the terminal; a text the font does
     not draw is to be labelled another way. One family, not a list to fall back through:
     plotnine spreads a list over a chart's tick labels, one family to each, when they are as many."""
-    from matplotlib import font_manager  # lazy: matplotlib takes 0.15 s to import
     from plotnine.options import get_option  # lazy: plotnine takes 0.44 s to import
 
     needs = [frozenset(ord(c) for c in text) for text in texts]
@@ -170,13 +209,10 @@ def text_font(texts: Sequence[str]) -> tuple[str, list[bool]]:
     drawn = [need <= _base_glyphs(best) for need in needs]
     if all(drawn):
         return best, drawn
-    by_family: dict[str, list[Any]] = {}
-    for entry in font_manager.fontManager.ttflist:
-        if not entry.name.startswith(_PLACEHOLDER_FONTS):
-            by_family.setdefault(entry.name, []).append(entry)
+    by_family = _families()
     # sans fonts first: the look of the rest of the chart
     for name in sorted(by_family, key=lambda name: ("Sans" not in name, "Mono" in name, name)):
-        glyphs = _family_glyphs(by_family[name])
+        glyphs = _glyphs(_regular_file(by_family[name]))
         those = [need <= glyphs for need in needs]
         if glyphs >= _ASCII and sum(those) > sum(drawn):
             best, drawn = name, those
@@ -368,7 +404,7 @@ def horizontal_bars(
         + p9.coord_flip()
         + p9.scale_fill_manual(values=colours)
         + p9.labs(**labels)
-        + minimal_theme(width, max(2.0, 0.45 * len(order) + 1))
+        + minimal_theme(width, max(2.0, 0.45 * len(order) + 1), names=order)
     )
 
 
@@ -473,7 +509,11 @@ def tile_sheet(
     above everything (the first in the larger font), ``column_titles`` over the columns."""
     lay = layout
     tile_w, tile_h = lay.tile
-    font, small = load_font(13), load_font(11)
+    texts = [*header, *column_titles]
+    for b in blocks:
+        texts += [b.title or "", *b.side, *(t.label for t in b.tiles), *(t.missing for t in b.tiles)]
+    file = sheet_font_file(texts)
+    font, small = load_font(13, file), load_font(11, file)
     lead = lay.gap if lay.lead_gap else 0
     cell_w, cell_h = tile_w + lay.gap, tile_h + lay.label_h + lay.gap
 

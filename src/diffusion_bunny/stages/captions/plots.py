@@ -42,5 +42,5 @@ def word_frequency_plot(freq: pl.DataFrame) -> p9.ggplot:
         + p9.geom_col(fill="#4C78A8")
         + p9.coord_flip()
         + p9.labs(x="", y="captions containing it", title="most frequent words")
-        + minimal_theme(6, max(2.5, 0.22 * len(order)))
+        + minimal_theme(6, max(2.5, 0.22 * len(order)), names=order)
     )

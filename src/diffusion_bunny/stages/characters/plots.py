@@ -96,7 +96,7 @@ def screen_time_plot(faces: pl.DataFrame, shots: pl.DataFrame) -> p9.ggplot:
         + p9.scale_shape_manual(values={"confident": "o", "low confidence": "x", UNKNOWN: "."})
         + p9.scale_x_continuous(limits=(0, max(total, 1e-6)))
         + p9.labs(x="time in the movie (s)", y="", shape="", title=title)
-        + minimal_theme(9, max(2.0, 0.5 * len(order) + 1.2))
+        + minimal_theme(9, max(2.0, 0.5 * len(order) + 1.2), names=order)
     )
 
 

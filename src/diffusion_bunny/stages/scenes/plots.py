@@ -46,7 +46,7 @@ def cluster_sizes_plot(clusters: pl.DataFrame, level: str = "scene") -> p9.ggplo
             y="frames",
             title=f"{level} clusters: {n_clusters}, noise {share:.0%} of frames",
         )
-        + minimal_theme(8, 3.2, axis_text_x=p9.element_text(rotation=60, ha="right"))
+        + minimal_theme(8, 3.2, names=order, axis_text_x=p9.element_text(rotation=60, ha="right"))
     )
 
 
