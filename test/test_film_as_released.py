@@ -204,6 +204,35 @@ def test_keyframes_alone_of_interlaced_video_are_deinterlaced(tmp_path):
     assert combs[True] < 0.2 * combs[False], combs
 
 
+def test_hard_telecined_film_stored_as_progressive_is_deinterlaced(tmp_path):
+    """A DVD rip of film is often hard-telecined: 24 pictures a second spread over 30 frames, two
+    of every five woven from two pictures, and the file says progressive. Its combed frames went
+    into the dataset; the pictures are asked now whatever the flags, away from the opening."""
+    import av
+    from clips import render_shot
+
+    from diffusion_bunny.media.video import VideoReader
+
+    pictures = render_shot(7, 120, 320, 240, pan=6.0)  # film's pictures, a fast pan
+    movie = tmp_path / "telecined.mp4"
+    with av.open(str(movie), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.options = {"crf": "16"}
+        for a, b, c, d in zip(*(iter(pictures),) * 4, strict=False):  # 3:2 pulldown: AA AB BC CC DD
+            bc, cd = b.copy(), c.copy()
+            bc[1::2], cd[1::2] = c[1::2], d[1::2]
+            for frame in (a, b, bc, cd, d):
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    reader = VideoReader(movie, deinterlace=None)
+    assert reader.deinterlace and reader.interlace["tff"] >= 24 and not reader.info.interlaced_flag
+    kept = [d.frame.to_ndarray(format="gray") for d in reader.frames()]
+    woven = [d.frame.to_ndarray(format="gray") for d in VideoReader(movie, deinterlace=False).frames()]
+    assert len(kept) == len(woven) == 150
+    assert np.mean([comb(f) for f in kept]) < 0.2 * np.mean([comb(f) for f in woven])
+
+
 def test_progressive_sources_are_not_deinterlaced(extracted):
     for variant in ("sdr", "anamorphic", "hdr"):
         assert not extracted[variant][0].facts["deinterlaced"]

@@ -36,9 +36,8 @@ from diffusion_bunny.media.video import (
     Display,
     decode_past_damage,
     frame_to_bgr,
-    interlace_verdict,
+    interlace_decision,
     probe_video,
-    should_deinterlace,
 )
 
 
@@ -61,8 +60,7 @@ class ClipSource:
         info = probe_video(self.movie)
         self.fps = info.fps  # the film's mean rate, as stage 01 reads it (a Matroska file's measured)
         self.display = Display.of(info)
-        flagged = should_deinterlace(info, None)
-        self.deinterlace = flagged and should_deinterlace(info, interlace_verdict(self.movie))
+        self.deinterlace, _ = interlace_decision(info)
 
     def clip(
         self,

@@ -16,6 +16,7 @@ the pictures that the flags are right (:func:`interlace_verdict`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "decode_past_damage",
     "decode_threads",
     "frame_to_bgr",
+    "interlace_decision",
     "interlace_verdict",
     "luma_profiles",
     "probe_video",
@@ -339,14 +341,29 @@ class FieldDoubler:
         return [self.graph.pull()]
 
 
-def interlace_verdict(path: str | Path, max_frames: int = 240) -> dict[str, int]:
-    """FFmpeg's ``idet`` over the first ``max_frames`` frames: how many it judged top field
-    first, bottom field first, progressive and undetermined (multi-frame detection). Flags lie
-    (telecined film and progressive encodes are often flagged interlaced), so stage 01 asks the
-    pictures before deinterlacing."""
+#: Where in a film not flagged interlaced its pictures are asked (a share of its length): away
+#: from its opening, whose logos and black frames (still or empty) show no combs.
+UNFLAGGED_SAMPLE_AT = 1 / 3
+
+#: Frames ``idet`` must judge interlaced before a film not flagged so is deinterlaced (a second
+#: at 24 fps): a few frames it takes for combed among progressive ones decide nothing.
+COMBED_MIN_FRAMES = 24
+
+
+def interlace_verdict(path: str | Path, max_frames: int = 240, start_share: float = 0.0) -> dict[str, int]:
+    """FFmpeg's ``idet`` over ``max_frames`` frames from ``start_share`` of the film (its start
+    where the rest is shorter): how many it judged top field first, bottom field first,
+    progressive and undetermined (multi-frame detection). Flags lie both ways (telecined film and
+    progressive encodes are often flagged interlaced; a DVD rip of hard-telecined film is stored
+    as progressive, two combed frames in five), so stage 01 asks the pictures."""
     with av.open(str(path), metadata_errors="ignore") as container:
         stream = picture_stream(container)
         stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or 25)
+        seconds = container.duration / av.time_base if container.duration else 0.0
+        if start_share > 0 and seconds * (1 - start_share) > 2 * max_frames / fps:
+            with contextlib.suppress(av.error.FFmpegError):  # not seekable: judge from the start
+                container.seek(round(seconds * start_share * av.time_base))
         graph = av.filter.Graph()
         source = graph.add_buffer(template=stream)
         idet = graph.add("idet")
@@ -371,15 +388,31 @@ def interlace_verdict(path: str | Path, max_frames: int = 240) -> dict[str, int]
     return {k: round(float(last.get(f"lavfi.idet.multiple.{k}", 0))) for k in keys}
 
 
+def flagged_interlaced(info: VideoInfo) -> bool:
+    """Whether the file says its video is interlaced."""
+    return bool(info.interlaced_flag or info.field_order in ("tt", "bb", "tb", "bt"))
+
+
 def should_deinterlace(info: VideoInfo, verdict: dict[str, int] | None) -> bool:
-    """Deinterlace when the file says it is interlaced and ``idet`` does not find progressive
-    pictures in the majority (with nothing to judge, e.g. black frames, the flags decide)."""
-    if not (info.interlaced_flag or info.field_order in ("tt", "bb", "tb", "bt")):
-        return False
+    """Deinterlace when ``idet`` does not find progressive pictures in the majority: of a file
+    that says it is interlaced (with nothing to judge, e.g. black frames, the flags decide), and
+    of one that does not when it finds :data:`COMBED_MIN_FRAMES` combed frames or more (hard
+    telecine: ``idet`` judges its pattern interlaced throughout)."""
+    interlaced = verdict["tff"] + verdict["bff"] if verdict else 0
+    if not flagged_interlaced(info):
+        return bool(verdict) and interlaced >= max(verdict["progressive"], COMBED_MIN_FRAMES)
     if not verdict:
         return True
-    interlaced = verdict["tff"] + verdict["bff"]
     return interlaced >= verdict["progressive"] or interlaced + verdict["progressive"] == 0
+
+
+def interlace_decision(info: VideoInfo) -> tuple[bool, dict[str, int]]:
+    """Whether ``info``'s film is deinterlaced (:func:`should_deinterlace`), and the verdict of
+    ``idet`` behind it (:func:`interlace_verdict`): the pictures of a film flagged interlaced are
+    asked from its start, those of any other from :data:`UNFLAGGED_SAMPLE_AT` on."""
+    at = 0.0 if flagged_interlaced(info) else UNFLAGGED_SAMPLE_AT
+    verdict = interlace_verdict(info.path, start_share=at)
+    return should_deinterlace(info, verdict), verdict
 
 
 def decode_threads() -> int:
@@ -545,9 +578,7 @@ class VideoReader:
         self.profile_every = profile_every
         self.interlace: dict[str, int] | None = None
         if deinterlace is None:
-            flagged = should_deinterlace(self.info, None)
-            self.interlace = interlace_verdict(self.info.path) if flagged else None
-            deinterlace = flagged and should_deinterlace(self.info, self.interlace)
+            deinterlace, self.interlace = interlace_decision(self.info)
         # Keyframe-only decoding gives frames seconds apart, no neighbours in time: those are
         # deinterlaced from one field (:class:`FieldDoubler`). They were not deinterlaced at all,
         # and ``extract.deinterlace: on`` did nothing there.
