@@ -242,7 +242,19 @@ def test_names_must_be_usable_folder_names():
     # apostrophe a Mac types: their reference folders worked, naming a cluster so was refused.
     for name in ("राम", "สุดา", "தமிழ்", "שָׁלוֹם", "Priya राम", "o\u2019brien"):
         assert check_name(name) == unicodedata.normalize("NFC", name)
-    for bad in ("", "../x", "a/b", ".hidden", "unknown", "x" * 65, "\u093e\u092e", "a+b"):
+    for bad in (
+        "",
+        "../x",
+        "a/b",
+        ".hidden",
+        "unknown",
+        "x" * 65,
+        "\u093e\u092e",
+        "a+b",
+        "Anna\ufe0f",
+        "Anna\u034f",
+        "Anna \u0301",
+    ):
         with pytest.raises(UserError, match="not usable"):
             check_name(bad)
     # One name however it is typed: composed (a Mac writes Zoë decomposed, which was refused),

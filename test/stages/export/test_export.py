@@ -477,8 +477,10 @@ def test_a_character_named_as_the_unnamed_concept_or_the_trigger_word_is_said():
     assert concepts == {nobody: "scene_unnamed"}
     assert "Scene" in set(plan.items["concept"]) and "scene" not in set(plan.items["concept"])
     clash, trigger = (w for w in plan.warnings if "a character is named" in w)
-    assert "export.unnamed_concept" in clash and "'scene_unnamed'" in clash
-    assert "captions.trigger_word" in trigger and "'Anna'" in trigger
+    assert "named 'Scene'" in clash and "export.unnamed_concept" in clash and "'scene_unnamed'" in clash
+    alone = plan_export(frames, quality, faces, captions, ExportSettings(include_unnamed=False))
+    assert not [w for w in alone.warnings if "a character is named" in w]  # no picture of nobody
+    assert "captions.trigger_word" in trigger and "named 'anna'" in trigger
     plain = plan_export(
         frames, quality, faces.with_columns(pl.lit("bob").alias("character")), captions, ExportSettings()
     )

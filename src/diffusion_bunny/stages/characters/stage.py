@@ -906,13 +906,27 @@ _NAME_MARKS = "'\u2019"
 _NAME = re.compile(rf"^[\w][\w .{_NAME_MARKS}{_NAME_DOTS}-]{{0,63}}$")
 
 
+#: Marks that show nothing (variation selectors, the combining grapheme joiner): a name with one
+#: prints as the name without it, and would be another character.
+_INVISIBLE_MARKS = re.compile("[\u034f\u180b-\u180d\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+
+
 def _name_pattern(name: str) -> bool:
     """Whether ``name`` is made of what :data:`_NAME` allows. The combining marks Hindi, Thai,
     Tamil and pointed Hebrew write their vowels with (Unicode's ``M`` categories: ``राम``
     is ra, the vowel sign aa, ma) are no ``\\w`` to Python's ``re``, which refused those names
-    while their reference folders worked; after a letter they are part of it."""
-    letters = "".join("a" if unicodedata.category(c).startswith("M") else c for c in name)
-    return bool(_NAME.match(name[:1] + letters[1:]))
+    while their reference folders worked; after a letter (or its marks) they are part of it.
+    None that shows nothing (:data:`_INVISIBLE_MARKS`)."""
+    if _INVISIBLE_MARKS.search(name):
+        return False
+    letters = []
+    for i, c in enumerate(name):
+        if unicodedata.category(c).startswith("M"):
+            if i == 0 or unicodedata.category(name[i - 1])[0] not in "LM":
+                return False
+            c = "a"
+        letters.append(c)
+    return bool(_NAME.match(name[:1] + "".join(letters[1:])))
 
 
 def check_name(name: str, known: Iterable[str] = ()) -> str:

@@ -626,13 +626,14 @@ def _name_clashes(
     their own. A character named ``captions.trigger_word`` opens its captions with that word
     twice and is taught as the style: said, not changed (the captions are stage 05's)."""
     lines = []
-    taken = {n.casefold() for n in names}  # one folder on a disk that ignores case
-    if cfg.unnamed_concept.casefold() in taken:
+    taken = {n.casefold(): n for n in sorted(names)}  # one folder on a disk that ignores case
+    clash = taken.get(cfg.unnamed_concept.casefold())
+    if clash is not None and cfg.include_unnamed:
         concept = cfg.unnamed_concept
         while concept.casefold() in taken:
             concept += "_unnamed"
         lines.append(
-            f"a character is named {cfg.unnamed_concept!r}, as export.unnamed_concept names the pictures "
+            f"a character is named {clash!r}, as export.unnamed_concept names the pictures "
             f"of nobody named: those are in the concept {concept!r}; set export.unnamed_concept to "
             "another word to choose it"
         )
@@ -640,9 +641,9 @@ def _name_clashes(
     word = captioning.trigger_word if captioning is not None else None
     if word and word.casefold() in taken:
         lines.append(
-            f"a character is named {word!r}, the trigger word (captions.trigger_word) every caption "
-            "opens with: the LoRA cannot tell that character from the style; rename its reference "
-            "folder, or set captions.trigger_word to another word and rerun stage captions"
+            f"a character is named {taken[word.casefold()]!r}, the trigger word (captions.trigger_word) "
+            "every caption opens with: the LoRA cannot tell that character from the style; rename its "
+            "reference folder, or set captions.trigger_word to another word and rerun stage captions"
         )
     return cfg, lines
 
