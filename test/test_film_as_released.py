@@ -233,6 +233,37 @@ def test_hard_telecined_film_stored_as_progressive_is_deinterlaced(tmp_path):
     assert np.mean([comb(f) for f in kept]) < 0.2 * np.mean([comb(f) for f in woven])
 
 
+def test_a_telecined_film_is_asked_away_from_its_black_opening_whatever_its_first_timestamp(tmp_path):
+    """An unflagged film's pictures are asked from a third of its length on (12 s of black open
+    this one, which show no combs), counted from its first timestamp: a broadcast capture's
+    starts far from 0, and the seek landed before it, in the opening."""
+    from fractions import Fraction
+
+    import av
+    from clips import render_shot
+
+    from diffusion_bunny.media.video import interlace_decision, probe_video
+
+    pictures = render_shot(7, 480, 320, 240, pan=3.0)
+    frames = [np.zeros((240, 320, 3), np.uint8)] * 360
+    for a, b, c, d in zip(*(iter(pictures),) * 4, strict=False):  # 3:2 pulldown, as above
+        bc, cd = b.copy(), c.copy()
+        bc[1::2], cd[1::2] = c[1::2], d[1::2]
+        frames += [a, b, bc, cd, d]
+    for name, first in (("film.mp4", 0), ("capture.ts", 3000)):
+        with av.open(str(tmp_path / name), "w") as out:
+            stream = out.add_stream("libx264", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+            stream.options = {"crf": "23", "preset": "ultrafast"}
+            for n, picture in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts, frame.time_base = first + n, Fraction(1, 30)
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        deinterlace, verdict = interlace_decision(probe_video(tmp_path / name))
+        assert deinterlace and verdict["tff"] >= 48, (name, verdict)
+
+
 def test_progressive_sources_are_not_deinterlaced(extracted):
     for variant in ("sdr", "anamorphic", "hdr"):
         assert not extracted[variant][0].facts["deinterlaced"]

@@ -55,12 +55,14 @@ class ClipSource:
     """A movie to cut clips from, shown as stage 01 shows it: the display (square pixels,
     rotation, HDR tone mapping) and whether it is deinterlaced are decided once per movie."""
 
-    def __init__(self, movie: Path):
+    def __init__(self, movie: Path, deinterlace: bool | None = None):
+        """``deinterlace``: as stage 01 was told (``extract.deinterlace``: on, off, or None for
+        auto, decided as stage 01 decides: :func:`~diffusion_bunny.media.video.interlace_decision`)."""
         self.movie = Path(movie)
         info = probe_video(self.movie)
         self.fps = info.fps  # the film's mean rate, as stage 01 reads it (a Matroska file's measured)
         self.display = Display.of(info)
-        self.deinterlace, _ = interlace_decision(info)
+        self.deinterlace = interlace_decision(info)[0] if deinterlace is None else deinterlace
 
     def clip(
         self,

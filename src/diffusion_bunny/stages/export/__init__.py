@@ -87,7 +87,14 @@ STAGE = Stage(
         # Shot boundaries, for the clips (export.video_clips): a clip never crosses a cut.
         Reads("shots", "extract", ("shot_id", "start_s", "end_s", *BOX_COLUMNS), optional=True),
     ),
-    config=("export", "captions.trigger_word", "captions.character_descriptions", "captions.scene_names"),
+    config=(
+        "export",
+        "captions.trigger_word",
+        "captions.character_descriptions",
+        "captions.scene_names",
+        # The clips are deinterlaced as stage 01's frames were (export.video_clips).
+        "extract.deinterlace",
+    ),
     writes=("dataset_items", "clips"),
     owns=_owns,
     inputs=_inputs,

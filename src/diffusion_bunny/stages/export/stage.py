@@ -193,16 +193,24 @@ def _readme(plan_items: pl.DataFrame, cfg: ExportSettings, root: Path) -> str:
 
 
 def write_clips(
-    movie: Path, shots: pl.DataFrame, clips: pl.DataFrame, root: Path, clip_fps: float, warnings: list[str]
+    movie: Path,
+    shots: pl.DataFrame,
+    clips: pl.DataFrame,
+    root: Path,
+    clip_fps: float,
+    warnings: list[str],
+    deinterlace: str = "auto",
 ) -> pl.DataFrame:
     """Cut every planned clip into ``root/video`` with its caption file and the two dataset
     configs (paths in them are where the folder lands after the swap, ``dataset_dir/video``).
     Returns the clips written: a shot whose frames cannot be decoded again (a damaged stretch)
-    gives none, with a line in ``warnings``, and the rest of the dataset is still written."""
+    gives none, with a line in ``warnings``, and the rest of the dataset is still written.
+    ``deinterlace``: ``extract.deinterlace``, so the clips are deinterlaced as the frames were."""
     video = root / VIDEO_DIR
     video.mkdir(parents=True)
     bounds = {r["shot_id"]: (r["start_s"], r["end_s"]) for r in shots.iter_rows(named=True)}
-    source = ClipSource(movie)  # how stage 01 shows the movie: square pixels, deinterlaced, SDR
+    # how stage 01 shows the movie: square pixels, deinterlaced, SDR
+    source = ClipSource(movie, {"auto": None, "on": True, "off": False}[deinterlace])
     failed: list[str] = []
     for clip in clips.iter_rows(named=True):
         size = (clip["width"], clip["height"])
@@ -266,7 +274,9 @@ def compute(ctx: Context) -> StageOutput:
     clips, short = _plan_clips(items, shots, movie, cfg, plan.warnings, timestamp_joins(ctx.run), captions)
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
-            clips = _write_video(run_dir, staging, movie, shots, clips, cfg, plan.warnings)
+            clips = _write_video(
+                run_dir, staging, movie, shots, clips, cfg, plan.warnings, ctx.cfg.extract.deinterlace
+            )
         written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
     table = items.select(ITEMS_COLUMNS)
     facts = {
@@ -342,12 +352,13 @@ def _write_video(
     clips: pl.DataFrame,
     cfg: ExportSettings,
     warnings: list[str],
+    deinterlace: str,
 ) -> pl.DataFrame:
     """The clips and the two video trainers' dataset files, which name the folder the staging
     folder becomes; returns the clips written. No clip, no dataset files: they named an empty
     folder, which a trainer stops on ("had no images/videos")."""
     size = (cfg.clip_width, cfg.clip_height)
-    clips = write_clips(Path(movie), shots, clips, staging, cfg.clip_fps, warnings)
+    clips = write_clips(Path(movie), shots, clips, staging, cfg.clip_fps, warnings, deinterlace)
     if clips.is_empty():
         warnings.append(
             "export.video_clips: no clip was made, so no video dataset file (musubi_dataset.toml, "
