@@ -352,7 +352,7 @@ def _write_video(
     clips: pl.DataFrame,
     cfg: ExportSettings,
     warnings: list[str],
-    deinterlace: str,
+    deinterlace: str = "auto",
 ) -> pl.DataFrame:
     """The clips and the two video trainers' dataset files, which name the folder the staging
     folder becomes; returns the clips written. No clip, no dataset files: they named an empty
