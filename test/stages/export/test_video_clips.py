@@ -300,3 +300,19 @@ def test_a_clip_without_full_pictures_is_captioned_as_its_frame_and_an_exact_sho
     captions = {"m_0000010": "bs, bob, medium shot, a stage"}
     clips, _ = plan_clips(shots, items, 25.0, 16.0, 33, (320, 192), captions)
     assert clips["caption"].to_list() == ["bs, bob, medium shot, a stage"]
+
+
+def test_clips_are_deinterlaced_as_stage_01_recorded_its_frames():
+    """Stage 06 cut its clips after asking the film's pictures (``idet``) again: it takes stage
+    01's recorded decision now, and the setting only where stage 01 recorded none."""
+    from types import SimpleNamespace
+
+    from diffusion_bunny.stages.export.stage import deinterlaced
+
+    def run(manifest):
+        return SimpleNamespace(read_manifest=lambda stage: manifest if stage == "extract" else None)
+
+    assert deinterlaced(run({"facts": {"deinterlaced": True}}), "auto") is True
+    assert deinterlaced(run({"facts": {"deinterlaced": False}}), "on") is False
+    assert deinterlaced(run(None), "auto") is None and deinterlaced(run({"facts": []}), "on") is True
+    assert deinterlaced(run({"facts": {"deinterlaced": "yes"}}), "off") is False  # edited by hand

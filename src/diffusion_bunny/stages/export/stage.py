@@ -199,18 +199,18 @@ def write_clips(
     root: Path,
     clip_fps: float,
     warnings: list[str],
-    deinterlace: str = "auto",
+    deinterlace: bool | None = None,
 ) -> pl.DataFrame:
     """Cut every planned clip into ``root/video`` with its caption file and the two dataset
     configs (paths in them are where the folder lands after the swap, ``dataset_dir/video``).
     Returns the clips written: a shot whose frames cannot be decoded again (a damaged stretch)
     gives none, with a line in ``warnings``, and the rest of the dataset is still written.
-    ``deinterlace``: ``extract.deinterlace``, so the clips are deinterlaced as the frames were."""
+    ``deinterlace``: whether stage 01 deinterlaced the frames (:func:`deinterlaced`; None: decide
+    as it does)."""
     video = root / VIDEO_DIR
     video.mkdir(parents=True)
     bounds = {r["shot_id"]: (r["start_s"], r["end_s"]) for r in shots.iter_rows(named=True)}
-    # how stage 01 shows the movie: square pixels, deinterlaced, SDR
-    source = ClipSource(movie, {"auto": None, "on": True, "off": False}[deinterlace])
+    source = ClipSource(movie, deinterlace)  # how stage 01 shows the movie: square pixels, deinterlaced, SDR
     failed: list[str] = []
     for clip in clips.iter_rows(named=True):
         size = (clip["width"], clip["height"])
@@ -234,6 +234,15 @@ def write_clips(
 
 #: The captions settings a crop's own caption is told with (``crop_template_caption``).
 TEMPLATE_WORDS = ("trigger_word", "character_descriptions", "scene_names")
+
+
+def deinterlaced(run: Run, setting: str) -> bool | None:
+    """Whether stage 01 deinterlaced the film's frames, as its manifest records it, so the clips
+    are cut as those frames were without asking the film's pictures (``idet``) a second time; the
+    setting ``extract.deinterlace`` where the manifest does not say (None: auto, decided anew)."""
+    facts = (run.read_manifest("extract") or {}).get("facts")
+    recorded = facts.get("deinterlaced") if isinstance(facts, dict) else None
+    return recorded if isinstance(recorded, bool) else {"auto": None, "on": True, "off": False}[setting]
 
 
 def captioned_with(run: Run, current: Any) -> Any:
@@ -275,7 +284,14 @@ def compute(ctx: Context) -> StageOutput:
     with staged_folder(dataset_dir(run_dir)) as staging:
         if cfg.video_clips:
             clips = _write_video(
-                run_dir, staging, movie, shots, clips, cfg, plan.warnings, ctx.cfg.extract.deinterlace
+                run_dir,
+                staging,
+                movie,
+                shots,
+                clips,
+                cfg,
+                plan.warnings,
+                deinterlaced(ctx.run, ctx.cfg.extract.deinterlace),
             )
         written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
     table = items.select(ITEMS_COLUMNS)
@@ -352,7 +368,7 @@ def _write_video(
     clips: pl.DataFrame,
     cfg: ExportSettings,
     warnings: list[str],
-    deinterlace: str = "auto",
+    deinterlace: bool | None = None,
 ) -> pl.DataFrame:
     """The clips and the two video trainers' dataset files, which name the folder the staging
     folder becomes; returns the clips written. No clip, no dataset files: they named an empty
