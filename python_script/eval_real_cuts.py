@@ -19,11 +19,13 @@ first on the path (``PYTHONPATH=../other/src``) to get that version's figures on
 movies ("before" and "after").
 
     uv run python python_script/eval_real_cuts.py [MOVIE ...] [--minutes 10] [--seeds 0,1]
-        [--night] [--work data/real] [--set extract.KEY=VALUE ...] [--json OUT]
+        [--night] [--flicker] [--work data/real] [--set extract.KEY=VALUE ...] [--json OUT]
 
 ``--night`` grades every movie to a night look (:func:`diffusion_bunny.demo.realclips.night_grade`:
 mean luma ~24 of 255, a third of the contrast, sensor noise, a blue tint), the footage on which
-an absolute candidate threshold loses cuts between dark frames.
+an absolute candidate threshold loses cuts between dark frames. ``--flicker`` gives every movie
+old film's flicker and grain (:func:`diffusion_bunny.demo.realclips.flicker_grade`: each frame's
+exposure drawn anew within +-6%), on which frame differences alone take every frame for a cut.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="night-graded movies (realclips.night_grade: mean luma ~24, a third of the contrast, noise)",
     )
+    ap.add_argument(
+        "--flicker",
+        action="store_true",
+        help="old-film movies (realclips.flicker_grade: each frame's exposure +-12%% and +-6 gray "
+        "levels, film grain)",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "real")
     ap.add_argument("--tolerance", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extract KEY=VALUE (JSON value)")
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 params = realclips.replace(params, speed=(float(lo), float(hi)))
             if args.night:
                 params = realclips.replace(params, night=True)
+            if args.flicker:
+                params = realclips.replace(params, flicker=True)
             print(f"movie: {args.minutes:g} min, seed {seed} (made once, then reused) ...", file=sys.stderr)
             movies.append(realclips.make_movie(params, args.work, verbose=True))
     rows = []

@@ -107,3 +107,20 @@ def test_a_whole_number_of_minutes_names_one_movie():
     assert realclips.movie_name(whole, HAMILTON) != realclips.movie_name(
         replace(whole, minutes=30.0), HAMILTON
     )
+
+
+def test_an_old_print_flickers_frame_by_frame_and_names_its_own_movie(tmp_path):
+    """The cut evaluation's old-film grade: each frame its own gain and lift within the bounds,
+    drawn anew from frame to frame, with grain; a flickering loop is another movie."""
+    flat = np.full((90, 160, 3), 100, np.uint8)
+    means = [float(realclips.flicker_grade(flat, np.random.default_rng([1, i])).mean()) for i in range(40)]
+    lo = 100 * (1 - realclips.FLICKER_GAIN) - realclips.FLICKER_LIFT
+    hi = 100 * (1 + realclips.FLICKER_GAIN) + realclips.FLICKER_LIFT
+    assert lo - 1 <= min(means) and max(means) <= hi + 1
+    assert np.median(np.abs(np.diff(means))) > 3  # a still picture is not still
+    one = realclips.flicker_grade(flat, np.random.default_rng(0)).astype(np.float32)
+    assert 4 < float(one.std()) < 8  # grain of FLICKER_GRAIN gray levels
+    source = tmp_path / "source.mp4"
+    source.write_bytes(b"x" * 100)
+    params = realclips.Params(minutes=1)
+    assert realclips.movie_name(replace(params, flicker=True), source) != realclips.movie_name(params, source)

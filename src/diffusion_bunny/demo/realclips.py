@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -147,6 +147,8 @@ class Params:
     titles: bool = False
     # A night film: every frame through :func:`night_grade` after its repeat's own grade.
     night: bool = False
+    # Old film: every frame's exposure drawn anew and film grain (:func:`flicker_grade`).
+    flicker: bool = False
 
     def digest(self, source: Path) -> str:
         st = source.stat()
@@ -154,7 +156,7 @@ class Params:
         # minutes=60 and minutes=60.0 are one movie (the benchmarks parse floats): one name.
         doc["minutes"] = float(doc["minutes"])
         # Settings added later leave the names of movies made without them unchanged.
-        for key, default in (("subtitles_p", 0.0), ("titles", False), ("night", False)):
+        for key, default in (("subtitles_p", 0.0), ("titles", False), ("night", False), ("flicker", False)):
             if doc[key] == default:
                 del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
@@ -362,6 +364,12 @@ def night_graded_copy(movie: Path, out: Path) -> Path:
     """``movie`` night-graded (:func:`night_grade`, noise seeded by the frame index) into
     ``out`` (H.264 through PyAV, same size and frame rate; made once, reused while newer than
     ``movie``). The cut evaluation's real clip in a night grade."""
+    return graded_copy(movie, out, lambda rgb, i: night_grade(rgb, np.random.default_rng([47, i])))
+
+
+def graded_copy(movie: Path, out: Path, grade: Callable[[np.ndarray, int], np.ndarray]) -> Path:
+    """``movie``'s frames through ``grade(rgb, frame_index)`` into ``out`` (H.264 through PyAV,
+    same size and frame rate, crf 18; made once, reused while newer than ``movie``)."""
     out = Path(out)
     if out.is_file() and out.stat().st_mtime >= Path(movie).stat().st_mtime:
         return out
@@ -371,10 +379,32 @@ def night_graded_copy(movie: Path, out: Path) -> Path:
         fps = Fraction(stream.average_rate)
         rgb = [f.to_ndarray(format="rgb24") for f in src.decode(stream)]
     h, w = rgb[0].shape[:2]
-    frames = (night_grade(f, np.random.default_rng([47, i])) for i, f in enumerate(rgb))
+    frames = (grade(f, i) for i, f in enumerate(rgb))
     _encode(tmp, frames, Params(width=w, height=h, crf=18), fps)
     tmp.replace(out)
     return out
+
+
+#: Old film's flicker (:func:`flicker_grade`): each frame's exposure drawn anew, uniformly within
+#: +- this share of its gain and +- this many gray levels of lift, and film grain of this many
+#: gray levels (sigma, per pixel).
+FLICKER_GAIN = 0.12
+FLICKER_LIFT = 6.0
+FLICKER_GRAIN = 6.0
+
+
+def flicker_grade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rgb`` (uint8) as a worn print of old film shows it: the exposure of every frame differs
+    (a projector's or a printer's light that is not steady, uneven development), by a gain of up
+    to :data:`FLICKER_GAIN` and a lift of up to :data:`FLICKER_LIFT` either way, independently
+    from frame to frame, and the grain of the emulsion (:data:`FLICKER_GRAIN`, new in every
+    frame). On the Hamilton clip's grades (mean gray 40-75) a frame then moves by up to 15-24
+    gray levels against its neighbour: in a still shot, as much as the change at a real cut
+    between two shots of one scene. The cut evaluation's old-film movies (``Params.flicker``)."""
+    gain = np.float32(1.0 + rng.uniform(-FLICKER_GAIN, FLICKER_GAIN))
+    y = rgb.astype(np.float32) * gain + np.float32(rng.uniform(-FLICKER_LIFT, FLICKER_LIFT))
+    y += rng.standard_normal(y.shape[:2], dtype=np.float32)[..., None] * np.float32(FLICKER_GRAIN)
+    return np.clip(y + 0.5, 0, 255).astype(np.uint8)
 
 
 @functools.cache
@@ -642,10 +672,15 @@ def _movie_frames(
 
     def graded(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         for rgb in frames:
-            yield night_grade(rgb, np.random.default_rng([params.seed, 47, next(counter)]))
+            i = next(counter)
+            if params.night:
+                rgb = night_grade(rgb, np.random.default_rng([params.seed, 47, i]))
+            if params.flicker:
+                rgb = flicker_grade(rgb, np.random.default_rng([params.seed, 48, i]))
+            yield rgb
 
     counter = itertools.count()
-    grade = graded if params.night else (lambda frames: frames)
+    grade = graded if params.night or params.flicker else (lambda frames: frames)
     if cards:
         yield from grade(cards.frames(OPENING))
     for plan in plans:
