@@ -15,7 +15,9 @@ Sets:
 * ``../shared/testdata/face_recognition_examples/short_hamilton_clip.mp4`` (real footage; cuts
   at frames 20, 82, 211), skipped with a note when that folder is absent, and the same clip
   night-graded (:func:`diffusion_bunny.demo.realclips.night_grade`: its dark stage at about a
-  third of the contrast, mean luma ~15; ``hamilton night (real)``).
+  third of the contrast, mean luma ~15; ``hamilton night (real)``), and as a worn print of old
+  film (:func:`diffusion_bunny.demo.realclips.flicker_grade`: every frame's exposure +-12% and
+  +-6 gray levels, grain; ``hamilton flicker (real)``).
 
 Scoring: precision, recall and F1 with TRECVID-style greedy one-to-one matching
 (:func:`diffusion_bunny.demo.metrics.match_boundaries`) at each ``--tolerances`` (frames). A gradual
@@ -71,6 +73,7 @@ SET_ORDER = (
     "fast pans",
     "hamilton (real)",
     "hamilton night (real)",
+    "hamilton flicker (real)",
 )
 
 
@@ -95,11 +98,13 @@ def make_items(work: Path, variants: int) -> list[Item]:
             sets = (SET_OF_KIND[kind], "gradual") if kind in GRADUAL_KINDS else (SET_OF_KIND[kind],)
             items.append(Item(path, sets, clip.truth()))
     if HAMILTON.is_file():
-        from diffusion_bunny.demo.realclips import night_graded_copy
+        from diffusion_bunny.demo.realclips import flickering_copy, night_graded_copy
 
         items.append(Item(HAMILTON, ("hamilton (real)",), list(HAMILTON_CUTS)))
         night = night_graded_copy(HAMILTON, work / "hamilton-night.mp4")
         items.append(Item(night, ("hamilton night (real)",), list(HAMILTON_CUTS)))
+        old = flickering_copy(HAMILTON, work / "hamilton-flicker.mp4")
+        items.append(Item(old, ("hamilton flicker (real)",), list(HAMILTON_CUTS)))
     else:
         print(f"note: {HAMILTON} is absent here; the real-footage row is left out")
     return items
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return BoundaryScore(tp, fp, fn), n_truth
 
     sets = [s for s in SET_ORDER if any(s in it.sets for it in items)]
-    head = f"{'detector':<11}{'set':<22}{'true':>5}"
+    head = f"{'detector':<11}{'set':<24}{'true':>5}"
     for tol in tolerances:
         head += f" | {'P@' + str(tol):>6}{'R@' + str(tol):>6}{'F1@' + str(tol):>7}"
     head += f" | {'frames/s':>8}{'model frames':>13}"
@@ -205,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     print("-" * len(head))
     print(
-        f"{'decode only':<11}{'all clips':<22}{'':>5}"
+        f"{'decode only':<11}{'all clips':<24}{'':>5}"
         + "".join(f" | {'':>6}{'':>6}{'':>7}" for _ in tolerances)
         + f" | {frames['decode only'] / seconds['decode only']:>8.0f}{'':>13}"
     )
     for det in detectors:
         for i, set_name in enumerate(sets):
-            row = f"{det if i == 0 else '':<11}{set_name:<22}"
+            row = f"{det if i == 0 else '':<11}{set_name:<24}"
             for j, tol in enumerate(tolerances):
                 s, n_truth = score(det, set_name, tol)
                 if j == 0:

@@ -367,6 +367,14 @@ def night_graded_copy(movie: Path, out: Path) -> Path:
     return graded_copy(movie, out, lambda rgb, i: night_grade(rgb, np.random.default_rng([47, i])))
 
 
+def flickering_copy(movie: Path, out: Path, seed: int = 1) -> Path:
+    """``movie`` with old film's flicker and grain (:func:`flicker_grade`, seeded by ``seed`` and
+    the frame index) into ``out``, as :func:`night_graded_copy` does. The cut evaluation's real
+    clip as an old print (seed 1: the draw on which frame differences alone lost its second
+    cut)."""
+    return graded_copy(movie, out, lambda rgb, i: flicker_grade(rgb, np.random.default_rng([seed, i])))
+
+
 def graded_copy(movie: Path, out: Path, grade: Callable[[np.ndarray, int], np.ndarray]) -> Path:
     """``movie``'s frames through ``grade(rgb, frame_index)`` into ``out`` (H.264 through PyAV,
     same size and frame rate, crf 18; made once, reused while newer than ``movie``)."""
@@ -398,7 +406,7 @@ def flicker_grade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     (a projector's or a printer's light that is not steady, uneven development), by a gain of up
     to :data:`FLICKER_GAIN` and a lift of up to :data:`FLICKER_LIFT` either way, independently
     from frame to frame, and the grain of the emulsion (:data:`FLICKER_GRAIN`, new in every
-    frame). On the Hamilton clip's grades (mean gray 40-75) a frame then moves by up to 15-24
+    frame). On the Hamilton clip's grades (mean gray 40-75) a frame then moves by up to 20-30
     gray levels against its neighbour: in a still shot, as much as the change at a real cut
     between two shots of one scene. The cut evaluation's old-film movies (``Params.flicker``)."""
     gain = np.float32(1.0 + rng.uniform(-FLICKER_GAIN, FLICKER_GAIN))
