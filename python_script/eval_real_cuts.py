@@ -25,7 +25,8 @@ movies ("before" and "after").
 mean luma ~24 of 255, a third of the contrast, sensor noise, a blue tint), the footage on which
 an absolute candidate threshold loses cuts between dark frames. ``--flicker`` gives every movie
 old film's flicker and grain (:func:`diffusion_bunny.demo.realclips.flicker_grade`: each frame's
-exposure drawn anew within +-6%), on which frame differences alone take every frame for a cut.
+exposure drawn anew within +-12% and +-6 gray levels), on which frame differences alone take
+flickering frames for cuts.
 """
 
 from __future__ import annotations

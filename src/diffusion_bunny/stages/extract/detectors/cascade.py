@@ -170,9 +170,13 @@ class CascadeBoundaries(Boundaries):
     run with each frame brought to the median exposure of the five around it
     (:func:`steadied`), by no more than the film flickers there (:meth:`_flicker_bounds`: a
     multiple of the spread of the exposure changes of the frames before, only where the frames'
-    mean turned up and down by turns). Steady footage, fades and pans have no such bounds, so
-    they are judged exactly as before: the ordinary and night-graded loops gave the same cuts
-    and network frames, and the ``eval_shots.py`` lists stayed. That movie: 1.000 and 0.937 at
+    mean turned up and down by turns). Steady footage, fades and ordinary pans have no such
+    bounds, so they are judged exactly as before: the ordinary and night-graded loops gave the
+    same cuts and network frames, and the ``eval_shots.py`` lists stayed. A camera that shakes
+    hard (1-4 of 48 px a frame, over fine texture) or a pan that crosses the picture in a few
+    frames can wobble the mean by turns too; there the pixels' exposure changes are small and
+    so are the bounds, but candidates' scores move a little (measured on synthetic shake; see
+    ``docs/shot-detection.md``). That movie: 1.000 and 0.937 at
     0.20 network frames per decoded frame; a held-out one at the evaluation's grade: precision
     0.918 -> 1.000, recall 0.987, network 0.70 -> 0.14 (``docs/shot-detection.md``). Gradual
     candidates keep the frames as they are (a fade is a change of exposure).
@@ -1095,14 +1099,14 @@ EXPOSURE_OFFSET = 20.0
 EXPOSURE_MIN_STD = 2.0
 #: Pixels darker than this say nothing of a gain (their noise would) in :func:`exposure_change`.
 EXPOSURE_MIN_GRAY = 16
-#: A frame's exposure is matched by up to this many times the median change of exposure between
-#: the FLICKER_WINDOW pairs of frames before it (a flicker drawn anew each frame changes by up to
-#: about 3.4 times its median between two frames).
+#: A frame's exposure is matched by up to this many times the spread (median absolute deviation)
+#: of the changes of exposure between the FLICKER_WINDOW pairs of frames before it (a flicker
+#: drawn anew each frame changes by up to about 3.4 times its median between two frames).
 FLICKER_SPAN = 3.0
 FLICKER_WINDOW = 12
 #: ...and only where the frames' mean turns from brightening to darkening or back (by more than
 #: FLICKER_STEP gray levels a frame) at least FLICKER_TURNS times over those pairs: a frame
-#: drawn anew each frame turns about every other one, a fade or a pan once or not at all.
+#: drawn anew each frame turns about every other one, a fade or an ordinary pan once or not at all.
 FLICKER_TURNS = 4
 FLICKER_STEP = 0.5
 DECISIONS = ("accepted_fast", "rejected_fast", "confirmed", "rejected")
