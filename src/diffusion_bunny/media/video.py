@@ -429,6 +429,12 @@ def should_deinterlace(info: VideoInfo, verdict: dict[str, int] | None) -> bool:
     return interlaced >= verdict["progressive"] or interlaced + verdict["progressive"] == 0
 
 
+#: ``extract.deinterlace``'s words as :class:`VideoReader`'s and ``ClipSource``'s ``deinterlace``
+#: (None: decide by :func:`interlace_decision`), so stage 01's frames and stage 06's clips read
+#: the setting alike.
+DEINTERLACE_SETTING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 def interlace_decision(info: VideoInfo) -> tuple[bool, dict[str, int]]:
     """Whether ``info``'s film is deinterlaced (:func:`should_deinterlace`), and the verdict of
     ``idet`` behind it (:func:`interlace_verdict`): the pictures of a film flagged interlaced are

@@ -42,6 +42,7 @@ from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.media.probe import probe_video
+from diffusion_bunny.media.video import DEINTERLACE_SETTING
 from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
@@ -242,7 +243,7 @@ def deinterlaced(run: Run, setting: str) -> bool | None:
     setting ``extract.deinterlace`` where the manifest does not say (None: auto, decided anew)."""
     facts = (run.read_manifest("extract") or {}).get("facts")
     recorded = facts.get("deinterlaced") if isinstance(facts, dict) else None
-    return recorded if isinstance(recorded, bool) else {"auto": None, "on": True, "off": False}[setting]
+    return recorded if isinstance(recorded, bool) else DEINTERLACE_SETTING[setting]
 
 
 def captioned_with(run: Run, current: Any) -> Any:

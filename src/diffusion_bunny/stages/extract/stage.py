@@ -41,6 +41,7 @@ from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.logs import bar_options
 from diffusion_bunny.media.images import laplacian_variance, opencv_threads
 from diffusion_bunny.media.video import (
+    DEINTERLACE_SETTING,
     Decoded,
     DecodeReport,
     Display,
@@ -421,7 +422,7 @@ def extract_frames(
         cfg.analysis_width,
         keyframes_only=cfg.method == "keyframe",
         detect_width=cfg.detect_width,
-        deinterlace={"auto": None, "on": True, "off": False}[cfg.deinterlace],
+        deinterlace=DEINTERLACE_SETTING[cfg.deinterlace],
         # Every 4th frame is plenty for a box that must hold for the whole shot (and costs a
         # quarter of 0.36 ms a 1080p frame on the decoding thread).
         profile_every=0 if cfg.picture_box == "off" else PROFILE_EVERY,
