@@ -275,16 +275,19 @@ class CascadeBoundaries(Boundaries):
     def _mad(self, a: np.ndarray, b: np.ndarray) -> float:
         return float(cv2.norm(a, b, cv2.NORM_L1)) / a.size
 
-    def _exposure(self, t: int, s: int, at: int | None = None) -> tuple[float, float]:
-        """The gain and offset that bring frame ``t``'s exposure to frame ``s``'s, by no more than
-        the film flickers before frame ``at`` (the later of the two by default; see
-        :func:`exposure_change`): (1, 0) on steady footage."""
-        k = max(t, s) % RING if at is None else at % RING
-        return exposure_change(self.gray[t % RING], self.gray[s % RING], float(self.bg[k]), float(self.bo[k]))
+    def _flickers(self, t: int) -> bool:
+        """Whether frame ``t`` may be matched at all (:meth:`_flicker_bounds` gave it bounds)."""
+        return bool(self.bg[t % RING] > 1.0 or self.bo[t % RING] > 0.0)
 
     def _matched(self, t: int, s: int, at: int | None = None) -> np.ndarray:
-        """Frame ``t`` brought to frame ``s``'s exposure (see :meth:`_exposure`)."""
-        return exposure_matched(self._f(t), *self._exposure(t, s, at))
+        """Frame ``t`` brought to frame ``s``'s exposure by no more than the film flickers before
+        frame ``at`` (the later of the two by default; see :func:`exposure_change`): as it is on
+        steady footage."""
+        k = max(t, s) % RING if at is None else at % RING
+        change = exposure_change(
+            self.gray[t % RING], self.gray[s % RING], float(self.bg[k]), float(self.bo[k])
+        )
+        return exposure_matched(self._f(t), *change)
 
     def _flicker_bounds(self, t: int) -> None:
         """How far frame ``t``'s exposure may be matched to its neighbours' (``bg``: a gain,
@@ -419,7 +422,7 @@ class CascadeBoundaries(Boundaries):
         """(raw, motion-compensated) change from frame ``t - 1`` to ``t``, memoised; with
         ``matched``, from frame ``t - 1`` at ``t``'s exposure (hard candidates: a flicker is no
         change; gradual ones keep the exposure, a fade is one)."""
-        matched = matched and self._exposure(t - 1, t) != (1.0, 0.0)
+        matched = matched and self._flickers(t)
         hit = self._comp.get((t, matched))
         if hit is None:
             before = self._matched(t - 1, t) if matched else self._f(t - 1)
@@ -638,11 +641,10 @@ class CascadeBoundaries(Boundaries):
         if t >= 1:
             self.d1[t % RING] = self._mad(f, self._f(t - 1))
             self.hd[t % RING] = 0.5 * float(np.abs(self.hist[t % RING] - self.hist[(t - 1) % RING]).sum())
-            change = self._exposure(t - 1, t)
-            if change == (1.0, 0.0):  # steady footage: nothing matched, the same signals
+            if not self._flickers(t):  # steady footage: nothing matched, the same signals
                 self.d1g[t % RING], self.hdg[t % RING] = self.d1[t % RING], self.hd[t % RING]
             else:
-                before = exposure_matched(self._f(t - 1), *change)
+                before = self._matched(t - 1, t)
                 self.d1g[t % RING] = self._mad(f, before)
                 self.hdg[t % RING] = 0.5 * float(np.abs(self.hist[t % RING] - colour_histogram(before)).sum())
         if t >= LAG:
