@@ -204,6 +204,17 @@ def test_keyframes_alone_of_interlaced_video_are_deinterlaced(tmp_path):
     assert combs[True] < 0.2 * combs[False], combs
 
 
+def _pulled_down(pictures: list[np.ndarray]) -> list[np.ndarray]:
+    """Film's pictures as hard telecine stores them at 30 frames a second (3:2 pulldown: AA AB BC
+    CC DD, two frames in five woven from two pictures)."""
+    frames = []
+    for a, b, c, d in zip(*(iter(pictures),) * 4, strict=False):
+        bc, cd = b.copy(), c.copy()
+        bc[1::2], cd[1::2] = c[1::2], d[1::2]
+        frames += [a, b, bc, cd, d]
+    return frames
+
+
 def test_hard_telecined_film_stored_as_progressive_is_deinterlaced(tmp_path):
     """A DVD rip of film is often hard-telecined: 24 pictures a second spread over 30 frames, two
     of every five woven from two pictures, and the file says progressive. Its combed frames went
@@ -219,11 +230,8 @@ def test_hard_telecined_film_stored_as_progressive_is_deinterlaced(tmp_path):
         stream = out.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
         stream.options = {"crf": "16"}
-        for a, b, c, d in zip(*(iter(pictures),) * 4, strict=False):  # 3:2 pulldown: AA AB BC CC DD
-            bc, cd = b.copy(), c.copy()
-            bc[1::2], cd[1::2] = c[1::2], d[1::2]
-            for frame in (a, b, bc, cd, d):
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for frame in _pulled_down(pictures):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode(None))
     reader = VideoReader(movie, deinterlace=None)
     assert reader.deinterlace and reader.interlace["tff"] >= 24 and not reader.info.interlaced_flag
@@ -245,11 +253,7 @@ def test_a_telecined_film_is_asked_away_from_its_black_opening_whatever_its_firs
     from diffusion_bunny.media.video import interlace_decision, probe_video
 
     pictures = render_shot(7, 480, 320, 240, pan=3.0)
-    frames = [np.zeros((240, 320, 3), np.uint8)] * 360
-    for a, b, c, d in zip(*(iter(pictures),) * 4, strict=False):  # 3:2 pulldown, as above
-        bc, cd = b.copy(), c.copy()
-        bc[1::2], cd[1::2] = c[1::2], d[1::2]
-        frames += [a, b, bc, cd, d]
+    frames = [np.zeros((240, 320, 3), np.uint8)] * 360 + _pulled_down(pictures)
     for name, first in (("film.mp4", 0), ("capture.ts", 3000)):
         with av.open(str(tmp_path / name), "w") as out:
             stream = out.add_stream("libx264", rate=30)
