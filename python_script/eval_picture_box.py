@@ -6,6 +6,9 @@ Sources (all from ``../shared/testdata``'s Hamilton clip, whose stage is dark: m
   (2.39:1 in 16:9) or pillarboxed (4:3 in 16:9) at random, so the film changes aspect every few
   shots; seeds 0-2 are the ones the thresholds were looked at on, seed 3 is held out;
 * a dark loop (every grade darkened to 25-55% of the source: a night film) with the same bars;
+* with ``--vignette ANGLE``, the seeds' loops again with old film's dark corners
+  (:func:`diffusion_bunny.demo.realclips.vignette_gain` inside the bars: pi/4 = 0.785 darkens the
+  corners to a quarter), where the picture's outer columns light little more than its bars;
 * the four variants of the film as released (:mod:`diffusion_bunny.demo.release`: letterboxed
   1080p with title cards and credits on black, anamorphic DVD, HDR, interlaced).
 
@@ -15,6 +18,7 @@ row or column inside the box: the failure that costs the dataset) or ``cropped``
 slack of picture lost). Prints one row per movie and the shots that went wrong.
 
     uv run python python_script/eval_picture_box.py [--minutes 3] [--seeds 0,1,2,3] [--dark-seed 4]
+        [--vignette 0.785] [--vignette-seeds 0,3]
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slack", type=int, default=6, help="picture pixels a box may lose per side")
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "real")
     ap.add_argument("--no-release", action="store_true", help="leave out the film-as-released variants")
+    ap.add_argument("--vignette", type=float, default=0.0, help="also vignetted loops (radians; 0: none)")
+    ap.add_argument("--vignette-seeds", default="", help="their seeds (default: --seeds)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     from diffusion_bunny.demo import realclips, release
@@ -135,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loop seed {seed} ({role}) ...", file=sys.stderr)
         movie = realclips.make_movie(params, args.work)
         movies.append((f"loop {role}", movie, loop_truth(movie)))
+    vignette_seeds = [int(s) for s in (args.vignette_seeds or args.seeds).split(",") if s]
+    for seed in vignette_seeds if args.vignette else []:
+        params = realclips.Params(
+            minutes=args.minutes, width=int(width), height=int(height), seed=seed,
+            frames=("full", "letterbox", "pillarbox"), vignette=args.vignette,
+        )  # fmt: skip
+        print(f"vignetted loop seed {seed} ...", file=sys.stderr)
+        movie = realclips.make_movie(params, args.work)
+        movies.append((f"vignette seed {seed}", movie, loop_truth(movie)))
     if args.dark_seed >= 0:
         params = realclips.Params(
             minutes=args.minutes, width=int(width), height=int(height), seed=args.dark_seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -124,3 +125,25 @@ def test_an_old_print_flickers_frame_by_frame_and_names_its_own_movie(tmp_path):
     source.write_bytes(b"x" * 100)
     params = realclips.Params(minutes=1)
     assert realclips.movie_name(replace(params, flicker=True), source) != realclips.movie_name(params, source)
+
+
+def test_an_old_lens_darkens_the_picture_inside_its_bars(tmp_path):
+    """The picture-box evaluation's vignette: the picture's corners at cos(angle)^4 of its middle,
+    the pillarbox bars around it still black, and a vignetted loop is another movie."""
+    gain = realclips.vignette_gain(40, 30, np.pi / 4)
+    assert gain.shape == (30, 40, 1) and gain.max() <= 1.0 and gain[15, 20, 0] > 0.99
+    assert abs(float(gain[0, 0, 0]) - np.cos(np.pi / 4) ** 4) < 0.03  # the corner pixel's centre
+    source = realclips.Source(np.full((4, 90, 160, 3), 200, np.uint8), Fraction(25), (0,))
+    plan = realclips.plan_movie(realclips.Params(minutes=0.01, frames=("pillarbox",), light=0.0), source)[0]
+    plain = realclips.Renderer(source, plan, (160, 90)).frame(plan.shots[0], 0)
+    old = realclips.Renderer(source, plan, (160, 90), vignette=np.pi / 4).frame(plan.shots[0], 0)
+    left, right = (160 - 120) // 2, (160 + 120) // 2
+    assert old[:, :left].max() == 0 and old[:, right:].max() == 0
+    middle = (slice(40, 50), slice(75, 85))
+    assert abs(float(old[middle].mean()) - float(plain[middle].mean())) < 3
+    corner = (slice(0, 4), slice(left, left + 4))
+    assert float(old[corner].mean()) < 0.35 * float(plain[corner].mean())
+    movie = tmp_path / "source.mp4"
+    movie.write_bytes(b"x" * 100)
+    params = realclips.Params(minutes=1)
+    assert realclips.movie_name(replace(params, vignette=0.785), movie) != realclips.movie_name(params, movie)

@@ -149,6 +149,9 @@ class Params:
     night: bool = False
     # Old film: every frame's exposure drawn anew and film grain (:func:`flicker_grade`).
     flicker: bool = False
+    # Old film's dark corners: a lens's cos^4 vignette of the picture (inside its bars) that
+    # reaches this angle in radians at the corners (:func:`vignette_gain`; pi/4 darkens them to a quarter).
+    vignette: float = 0.0
 
     def digest(self, source: Path) -> str:
         st = source.stat()
@@ -156,7 +159,8 @@ class Params:
         # minutes=60 and minutes=60.0 are one movie (the benchmarks parse floats): one name.
         doc["minutes"] = float(doc["minutes"])
         # Settings added later leave the names of movies made without them unchanged.
-        for key, default in (("subtitles_p", 0.0), ("titles", False), ("night", False), ("flicker", False)):
+        later = {"subtitles_p": 0.0, "titles": False, "night": False, "flicker": False, "vignette": 0.0}
+        for key, default in later.items():
             if doc[key] == default:
                 del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
@@ -416,6 +420,17 @@ def flicker_grade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 @functools.cache
+def vignette_gain(width: int, height: int, angle: float) -> np.ndarray:
+    """A lens's natural vignette over a ``width`` x ``height`` picture: the cos^4 law of
+    illumination, ``cos(angle * d) ** 4`` with ``d`` the distance from the centre over the
+    corner's (1 in the middle, ``cos(angle) ** 4`` in the corners), as ``[h, w, 1]`` float32.
+    Old film shows it strongly (early lenses, a projector's gate); inside pillarbox bars it dims
+    the picture's outer columns so far that they light little more than the bars do."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    d = np.hypot((xx + 0.5) / width - 0.5, (yy + 0.5) / height - 0.5) / math.hypot(0.5, 0.5)
+    return (np.cos(angle * d) ** 4).astype(np.float32)[..., None]
+
+
 def _night_lut() -> np.ndarray:
     """The night grade without its noise as a per-channel table for ``cv2.LUT``, [256, 1, 3] uint8."""
     x = np.arange(256, dtype=np.float64) / 255.0
@@ -436,7 +451,7 @@ class Renderer:
     720p costs 15 ms a frame here, against ~1 ms for the warp at box size plus 2 ms to resize.)
     """
 
-    def __init__(self, source: Source, plan: RepeatPlan, size: tuple[int, int]):
+    def __init__(self, source: Source, plan: RepeatPlan, size: tuple[int, int], vignette: float = 0.0):
         self.source = source
         self.plan = plan
         self.size = size
@@ -451,6 +466,7 @@ class Renderer:
         else:
             self.inner = (2 * round(out_h * aspect / 2), out_h)
         self._ramps: dict[tuple[int, int], np.ndarray] = {}
+        self.vignette = vignette_gain(*self.inner, vignette) if vignette > 0 else None
 
     def _ramp(self, w: int, h: int) -> np.ndarray:
         ramp = self._ramps.get((w, h))
@@ -504,6 +520,8 @@ class Renderer:
         part = cv2.LUT(part, self.lut)
         inter = cv2.INTER_AREA if mid_w > in_w else cv2.INTER_LINEAR
         part = cv2.resize(part, (in_w, in_h), interpolation=inter)
+        if self.vignette is not None:
+            part = (part * self.vignette).astype(np.uint8)
         if subtitle:
             part = burn_subtitles(part, subtitle)
         return self.framed(part)
@@ -692,7 +710,7 @@ def _movie_frames(
     if cards:
         yield from grade(cards.frames(OPENING))
     for plan in plans:
-        yield from grade(Renderer(source, plan, (params.width, params.height)).frames())
+        yield from grade(Renderer(source, plan, (params.width, params.height), params.vignette).frames())
         if verbose:
             print(f"\rrepeat {plan.index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
     if cards:

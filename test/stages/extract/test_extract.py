@@ -1030,3 +1030,51 @@ def test_a_motion_jpeg_clip_whose_frames_carry_exif_is_read(tmp_path):
     assert (info.width, info.height, info.rotation, info.mirrored) == (96, 64, 0, False)
     result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
     assert result.tables["frames"].height >= 1
+
+
+def _dark_vignetted(img: np.ndarray, gain: float, lift: float) -> np.ndarray:
+    """A picture as a dark stage filmed through an old lens: ``gain`` of its light plus ``lift``
+    gray levels, and corners at a quarter of that (a cos^4 vignette, as old film shows it)."""
+    from diffusion_bunny.demo.realclips import vignette_gain
+
+    h, w = img.shape[:2]
+    return ((img * gain + lift) * vignette_gain(w, h, np.pi / 4)).astype(np.uint8)
+
+
+def test_a_vignetted_pillarboxed_picture_loses_its_bars(tmp_path):
+    """Old film in a 4:3 pillarbox: a vignette dims the picture's outer columns until they light
+    10-40% of their pixels, under what a confident edge needed, and every shot kept the full
+    frame: the bars went into the dataset. A bar is black in every frame; the picture runs lit
+    from its border, however dim."""
+    from clips import render_shot
+
+    picture = (40, 0, 280, 180)
+    frames = []
+    for seed in (4, 9):
+        for img in render_shot(seed, 30, 240, 180, 1.5):
+            canvas = np.zeros((180, 320, 3), np.uint8)
+            canvas[:, 40:280] = _dark_vignetted(img, 0.06, 4)
+            frames.append(canvas)
+    path = _write_frames(tmp_path / "old_film.mp4", frames)
+    result = extract_frames(path, cfg(detector="content"), tmp_path / "run", progress=False)
+    for row in result.tables["shots"].iter_rows(named=True):
+        got = (row["box_left"], row["box_top"], row["box_right"], row["box_bottom"])
+        assert picture[0] <= got[0] <= picture[0] + 6 and picture[2] - 6 <= got[2] <= picture[2], got
+        assert (got[1], got[3]) == (0, 180)
+
+
+def test_text_on_black_is_no_bar_and_picture():
+    """Lines of a title or of credits on black light a column here and there, with black between
+    their letters: no picture runs lit from a bar there, so they give no confident edge."""
+    from diffusion_bunny.stages.extract.picturebox import Edges, own_edges
+
+    cols = np.zeros(320, np.float32)
+    for left in range(60, 260, 12):  # letters 8 px wide, 4 px apart
+        cols[left : left + 8] = 0.3
+    edges = own_edges(cols)
+    assert not edges.start_ok and not edges.end_ok
+    dim = np.full(320, 0.15, np.float32)  # a dim picture edge with no bar beside it
+    dim[40:280] = 0.3
+    assert not own_edges(dim).start_ok
+    dim[:20] = dim[-20:] = 0.0  # the same picture between bars
+    assert own_edges(dim) == Edges(20, 300, True, True, True)

@@ -14,7 +14,11 @@ fixed black threshold; this module finds it per shot, from many frames, so that
 * content that merely touches the edge dark (a black night sky, burned-in subtitles sitting in
   the bottom bar) does not move the box: an edge is *confident* only where the picture starts
   with broadly lit rows, and a shot's own bars are believed only in symmetric pairs (bars are
-  centred; a dark sky or a subtitle line is one-sided) or where they match the film's.
+  centred; a dark sky or a subtitle line is one-sided) or where they match the film's;
+* a picture whose edges are dim (a lens or projector vignette, old film's dark frame edges) still
+  has its box: a bar is black in every sampled frame, so where the picture is lit without a
+  break from a black bar to the bar on its other side (:func:`_cliffs`), the bar's inner
+  border is the picture's edge, confident however dim the picture is there.
 
 :func:`decide_boxes` then gives every shot its box, axis by axis: its own confident, symmetric
 edges; else the nearest shot's within a minute (a film changes aspect by scene, and a dark or
@@ -51,6 +55,13 @@ MIN_TOLERANCE_PX = 4
 #: A box narrower or lower than this share of the frame is a logo or a title on black, not a
 #: picture: such edges are not believed.
 MIN_SIDE = 0.25
+#: A bar is black in every sampled frame of its shot: at most this share of a bar's row (codec
+#: specks) is ever lit.
+BAR_LIT = 0.01
+#: Between its bars, a picture with dim edges (a vignette) lights at least this share of every row
+#: in some sampled frame: a vignetted 4:3 picture of a dark stage (the Hamilton clip, corners at a
+#: quarter) lit 8-13% of its outermost columns where the middle of the picture lit 40%.
+CLIFF_LIT = 0.05
 #: Stored pixels trimmed inward at an edge that has a bar: the row where a bar meets the picture
 #: is a blend of both (codec ringing, chroma bleed), and a thin dark line at the border of every
 #: exported image is what this module exists to prevent.
@@ -101,8 +112,33 @@ def _confident(profile: np.ndarray, edge: int, step: int) -> bool:
     return inner.size > 0 and float(inner.min()) >= CONFIDENT_LIT
 
 
+def _cliffs(profile: np.ndarray) -> tuple[int | None, int | None]:
+    """The inner borders of the bars at the start and at the end of an axis (the first and the
+    last picture row, each None where there is no bar), when the picture runs lit without a break
+    from one border to the other; else ``(None, None)``.
+
+    Why: a vignette or old film's dark frame edge dims the picture's outer rows under
+    :data:`CONFIDENT_LIT` (and under :data:`EDGE_LIT`: the box shrank inward), so no edge was
+    confident and a pillarboxed film kept its bars. What a bar is does not depend on the picture's
+    light: black in every sampled frame (:data:`BAR_LIT`), then picture lit in every row
+    (:data:`CLIFF_LIT`) up to the bar on the other side. Text on black (a title, credits) leaves
+    black between its letters and lines; an edge found so is still believed only in symmetric
+    pairs or where it matches the film's (:func:`_own`)."""
+    seen = np.flatnonzero(profile > BAR_LIT)
+    if seen.size == 0:
+        return None, None
+    first, last = int(seen[0]), int(seen[-1])
+    # The border rows themselves may blend bar and picture (codec ringing): judged inside them.
+    inner = profile[first + 1 : last]
+    if inner.size < CONFIDENT_ROWS or float(inner.min()) < CLIFF_LIT:
+        return None, None
+    return (first if first > 0 else None), (last if last < profile.size - 1 else None)
+
+
 def own_edges(profile: np.ndarray | None) -> Edges:
-    """Where the picture starts and ends along one axis of a shot (rows or columns)."""
+    """Where the picture starts and ends along one axis of a shot (rows or columns): where it is
+    broadly lit (:data:`EDGE_LIT`), or at the inner border of a bar it runs lit from
+    (:func:`_cliffs`) when that broadly lit edge is not confident."""
     if profile is None or profile.size == 0:
         return Edges(0, 0, False, False, False)
     n = profile.size
@@ -110,15 +146,16 @@ def own_edges(profile: np.ndarray | None) -> Edges:
     if lit.size == 0:
         return Edges(0, n, False, False, bool(profile.max() >= ANY_LIT))
     start, last = int(lit[0]), int(lit[-1])
+    start_ok, end_ok = _confident(profile, start, 1), _confident(profile, last, -1)
+    if not (start_ok and end_ok):
+        first, final = _cliffs(profile)
+        if not start_ok and first is not None:
+            start, start_ok = first, True
+        if not end_ok and final is not None:
+            last, end_ok = final, True
     end = last + 1
     big_enough = end - start >= MIN_SIDE * n
-    return Edges(
-        start,
-        end,
-        big_enough and _confident(profile, start, 1),
-        big_enough and _confident(profile, last, -1),
-        True,
-    )
+    return Edges(start, end, big_enough and start_ok, big_enough and end_ok, True)
 
 
 def _tolerance(n: int) -> int:
