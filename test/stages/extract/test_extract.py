@@ -1077,4 +1077,20 @@ def test_text_on_black_is_no_bar_and_picture():
     dim[40:280] = 0.3
     assert not own_edges(dim).start_ok
     dim[:20] = dim[-20:] = 0.0  # the same picture between bars
-    assert own_edges(dim) == Edges(20, 300, True, True, True)
+    assert own_edges(dim) == Edges(20, 300, True, True, True, cliff=True)
+
+
+def test_an_edge_found_at_a_bar_only_is_not_lent_to_a_neighbour():
+    """Scrolling credits on black light every row between their first and last line in some
+    frame, and can pass for a dim picture between two bars: such an edge holds for its own shot,
+    but a dark shot beside it takes the full frame (or a lit neighbour's box), not the credits'."""
+    from diffusion_bunny.stages.extract.picturebox import ShotProfile, decide_boxes
+
+    credits, dark = ShotProfile(), ShotProfile()
+    rows = np.zeros(180, np.float32)
+    rows[12:168] = 0.3  # lines of text scrolled through every row, none in the top and bottom 12
+    credits.add((rows, np.full(320, 0.3, np.float32)))
+    dark.add((np.full(180, 0.1, np.float32), np.full(320, 0.1, np.float32)))
+    decision = decide_boxes([dark, credits], [100, 100], (320, 180), [0.0, 10.0])
+    assert decision.boxes[1][1] > 0  # its own edge, believed for itself
+    assert decision.boxes[0] == (0, 0, 320, 180) and decision.film is None

@@ -16,9 +16,10 @@ fixed black threshold; this module finds it per shot, from many frames, so that
   with broadly lit rows, and a shot's own bars are believed only in symmetric pairs (bars are
   centred; a dark sky or a subtitle line is one-sided) or where they match the film's;
 * a picture whose edges are dim (a lens or projector vignette, old film's dark frame edges) still
-  has its box: a bar is black in every sampled frame, so where the picture is lit without a
-  break from a black bar to the bar on its other side (:func:`_cliffs`), the bar's inner
-  border is the picture's edge, confident however dim the picture is there.
+  has its box: a bar is black in every sampled frame, so where the picture is broadly lit
+  somewhere and lit without a break from a black bar to the bar on its other side
+  (:func:`_cliffs`), the bar's inner border is the picture's edge, however dim the picture is
+  there; such an edge holds for its own shot only.
 
 :func:`decide_boxes` then gives every shot its box, axis by axis: its own confident, symmetric
 edges; else the nearest shot's within a minute (a film changes aspect by scene, and a dark or
@@ -59,8 +60,8 @@ MIN_SIDE = 0.25
 #: specks) is ever lit.
 BAR_LIT = 0.01
 #: Between its bars, a picture with dim edges (a vignette) lights at least this share of every row
-#: in some sampled frame: a vignetted 4:3 picture of a dark stage (the Hamilton clip, corners at a
-#: quarter) lit 8-13% of its outermost columns where the middle of the picture lit 40%.
+#: in some sampled frame: the Hamilton clip's dark stage cut to 4:3 and vignetted (FFmpeg's
+#: ``vignette=PI/4``, corners at a quarter) lit 8-13% of its outermost columns.
 CLIFF_LIT = 0.05
 #: Stored pixels trimmed inward at an edge that has a bar: the row where a bar meets the picture
 #: is a blend of both (codec ringing, chroma bleed), and a thin dark line at the border of every
@@ -91,13 +92,15 @@ class ShotProfile:
 @dataclass(frozen=True)
 class Edges:
     """One axis of a shot's own box, in stored pixels: ``start`` inclusive, ``end`` exclusive,
-    whether each edge is confident, and whether anything was lit at all."""
+    whether each edge is confident, whether anything was lit at all, and whether an edge was
+    found only at a bar's border (:func:`_cliffs`: believed for this shot, never lent to others)."""
 
     start: int
     end: int
     start_ok: bool
     end_ok: bool
     lit: bool
+    cliff: bool = False
 
     @property
     def confident(self) -> bool:
@@ -121,9 +124,11 @@ def _cliffs(profile: np.ndarray) -> tuple[int | None, int | None]:
     :data:`CONFIDENT_LIT` (and under :data:`EDGE_LIT`: the box shrank inward), so no edge was
     confident and a pillarboxed film kept its bars. What a bar is does not depend on the picture's
     light: black in every sampled frame (:data:`BAR_LIT`), then picture lit in every row
-    (:data:`CLIFF_LIT`) up to the bar on the other side. Text on black (a title, credits) leaves
-    black between its letters and lines; an edge found so is still believed only in symmetric
-    pairs or where it matches the film's (:func:`_own`)."""
+    (:data:`CLIFF_LIT`) up to the bar on the other side. A static title on black leaves black
+    between its letters; scrolling credits (their rows lit in one frame or another) or a
+    subtitle plate reaching into the bars can still pass, so an edge found so is believed only
+    for its own shot, in symmetric pairs or where it matches the film's (:func:`_own`), and is
+    never lent to a neighbour nor counted in the film's box (:func:`decide_boxes`)."""
     seen = np.flatnonzero(profile > BAR_LIT)
     if seen.size == 0:
         return None, None
@@ -147,15 +152,16 @@ def own_edges(profile: np.ndarray | None) -> Edges:
         return Edges(0, n, False, False, bool(profile.max() >= ANY_LIT))
     start, last = int(lit[0]), int(lit[-1])
     start_ok, end_ok = _confident(profile, start, 1), _confident(profile, last, -1)
+    cliff = False
     if not (start_ok and end_ok):
         first, final = _cliffs(profile)
         if not start_ok and first is not None:
-            start, start_ok = first, True
+            start, start_ok, cliff = first, True, True
         if not end_ok and final is not None:
-            last, end_ok = final, True
+            last, end_ok, cliff = final, True, True
     end = last + 1
     big_enough = end - start >= MIN_SIDE * n
-    return Edges(start, end, big_enough and start_ok, big_enough and end_ok, True)
+    return Edges(start, end, big_enough and start_ok, big_enough and end_ok, True, cliff)
 
 
 def _tolerance(n: int) -> int:
@@ -180,7 +186,7 @@ def consensus(axes: list[tuple[Edges, int]], n: int) -> tuple[int, int] | None:
     votes: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], tuple[int, int]] = {}
     for edges, weight in axes:
-        if not edges.confident or not symmetric(edges, n):
+        if not edges.confident or edges.cliff or not symmetric(edges, n):
             continue
         key = (round(edges.start / tol), round(edges.end / tol))
         votes[key] += weight
@@ -266,10 +272,14 @@ def decide_boxes(
         decision.film = (x0, y0, x1, y1)
     own_v = [_own(r, film_v, height) if r.lit else None for r in rows]
     own_h = [_own(c, film_h, width) if c.lit else None for c in cols]
+    # What a shot may lend its neighbours: not an edge found at a bar's border alone (scrolling
+    # credits or a subtitle plate reaching into the bars can pass for a dim picture there).
+    lend_v = [None if r.cliff else own for r, own in zip(rows, own_v, strict=True)]
+    lend_h = [None if c.cliff else own for c, own in zip(cols, own_h, strict=True)]
     for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
         picked = []
-        for owns, film, n in ((own_v, film_v, height), (own_h, film_h, width)):
-            near = _neighbour(owns, times, i, NEIGHBOUR_S)
+        for owns, lend, film, n in ((own_v, lend_v, film_v, height), (own_h, lend_h, film_h, width)):
+            near = _neighbour(lend, times, i, NEIGHBOUR_S)
             if owns[i] is not None:
                 picked.append((owns[i], "own"))
             elif near is not None:
