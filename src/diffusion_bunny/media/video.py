@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,6 +288,30 @@ def _lit(cols_sampled: np.ndarray, rows_sampled: np.ndarray, black: int) -> tupl
     return rows, cols
 
 
+class _MaxProfiles:
+    """:func:`luma_profiles` of every ``every``-th frame it is called with, kept as the most lit
+    share of each row and column (as stage 01's per-shot profiles are)."""
+
+    def __init__(self, step: int, every: int = 4):
+        self.step, self.every, self.seen = step, every, 0
+        self.profiles: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> None:
+        self.seen += 1
+        if (self.seen - 1) % self.every:
+            return
+        rows, cols = luma_profiles(frame, self.step)
+        if (
+            self.profiles is None
+            or self.profiles[0].shape != rows.shape
+            or self.profiles[1].shape != cols.shape
+        ):
+            self.profiles = (rows, cols)
+        else:
+            np.maximum(self.profiles[0], rows, out=self.profiles[0])
+            np.maximum(self.profiles[1], cols, out=self.profiles[1])
+
+
 class Deinterlacer:
     """FFmpeg's ``bwdif`` (motion-adaptive, from both fields and their neighbours in time), one
     output frame per input frame, through PyAV's filter graph. It holds one frame back: push
@@ -359,14 +383,19 @@ COMBED_MARGIN = 2
 
 
 def interlace_verdict(
-    path: str | Path, max_frames: int = 240, start_share: float = 0.0, seconds: float | None = None
+    path: str | Path,
+    max_frames: int = 240,
+    start_share: float = 0.0,
+    seconds: float | None = None,
+    each: Callable[[av.VideoFrame], None] | None = None,
 ) -> dict[str, int]:
     """FFmpeg's ``idet`` over ``max_frames`` frames from ``start_share`` of the film, ``seconds``
     long (from its start where the rest is shorter or its length is not known): how many it
     judged top field first, bottom field first, progressive and undetermined (multi-frame
-    detection). Flags lie both ways (telecined film and progressive encodes are often flagged
-    interlaced; a DVD rip of hard-telecined film is stored as progressive, two combed frames in
-    five), so stage 01 asks the pictures."""
+    detection). ``each`` sees every judged frame too (stage 01's sample of the picture box,
+    :attr:`VideoReader.sample`, paid by the same decode). Flags lie both ways (telecined film
+    and progressive encodes are often flagged interlaced; a DVD rip of hard-telecined film is
+    stored as progressive, two combed frames in five), so stage 01 asks the pictures."""
     with av.open(str(path), metadata_errors="ignore") as container:
         stream = picture_stream(container)
         stream.thread_type = "AUTO"
@@ -398,6 +427,8 @@ def interlace_verdict(
                 if n >= max_frames:
                     break
                 n += 1
+                if each is not None:
+                    each(frame)
                 graph.push(frame)
                 while True:
                     try:
@@ -435,14 +466,19 @@ def should_deinterlace(info: VideoInfo, verdict: dict[str, int] | None) -> bool:
 DEINTERLACE_SETTING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
-def interlace_decision(info: VideoInfo) -> tuple[bool, dict[str, int]]:
+def interlace_decision(
+    info: VideoInfo, each: Callable[[av.VideoFrame], None] | None = None
+) -> tuple[bool, dict[str, int]]:
     """Whether ``info``'s film is deinterlaced (:func:`should_deinterlace`), and the verdict of
-    ``idet`` behind it (:func:`interlace_verdict`): the pictures of a film flagged interlaced are
-    asked from its start, :data:`UNFLAGGED_FRAMES` of any other from :data:`UNFLAGGED_SAMPLE_AT` on."""
+    ``idet`` behind it (:func:`interlace_verdict`, ``each`` seeing its frames): the pictures of a
+    film flagged interlaced are asked from its start, :data:`UNFLAGGED_FRAMES` of any other from
+    :data:`UNFLAGGED_SAMPLE_AT` on."""
     if flagged_interlaced(info):
-        verdict = interlace_verdict(info.path)
+        verdict = interlace_verdict(info.path, each=each)
     else:
-        verdict = interlace_verdict(info.path, UNFLAGGED_FRAMES, UNFLAGGED_SAMPLE_AT, info.duration_s)
+        verdict = interlace_verdict(
+            info.path, UNFLAGGED_FRAMES, UNFLAGGED_SAMPLE_AT, info.duration_s, each=each
+        )
     return should_deinterlace(info, verdict), verdict
 
 
@@ -596,10 +632,12 @@ class VideoReader:
         *,
         deinterlace: bool | None = False,
         profile_every: int = 0,
+        sample_profiles: bool = False,
     ):
         """``deinterlace``: True / False, or None to decide from the file's flags confirmed by
         ``idet`` (:func:`should_deinterlace`). ``profile_every``: measure :func:`luma_profiles`
-        on every N-th frame (0: never)."""
+        on every N-th frame (0: never). ``sample_profiles``: measure them before the pass as
+        well, on the frames the interlace check decodes (:attr:`sample`)."""
         self.info = probe_video(path)
         self.analysis_step = max(1, self.info.width // analysis_width)
         detect_step = max(1, self.info.width // (detect_width or analysis_width))
@@ -608,8 +646,19 @@ class VideoReader:
         self.report = DecodeReport()
         self.profile_every = profile_every
         self.interlace: dict[str, int] | None = None
+        #: The most lit share of every stored row and column over every 4th frame of the interlace
+        #: check's sample (a third of the way in, where the film is the film and not its logos),
+        #: known before the pass: where stage 01's shot detector looks (its picture box).
+        self.sample: tuple[np.ndarray, np.ndarray] | None = None
+        sampled = _MaxProfiles(self.analysis_step) if sample_profiles else None
         if deinterlace is None:
-            deinterlace, self.interlace = interlace_decision(self.info)
+            deinterlace, self.interlace = interlace_decision(self.info, sampled)
+        elif sampled is not None:  # the same frames, decoded for the sample alone
+            interlace_verdict(
+                self.info.path, UNFLAGGED_FRAMES, UNFLAGGED_SAMPLE_AT, self.info.duration_s, sampled
+            )
+        if sampled is not None:
+            self.sample = sampled.profiles
         # Keyframe-only decoding gives frames seconds apart, no neighbours in time: those are
         # deinterlaced from one field (:class:`FieldDoubler`). They were not deinterlaced at all,
         # and ``extract.deinterlace: on`` did nothing there.

@@ -1094,3 +1094,50 @@ def test_an_edge_found_at_a_bar_only_is_not_lent_to_a_neighbour():
     decision = decide_boxes([dark, credits], [100, 100], (320, 180), [0.0, 10.0])
     assert decision.boxes[1][1] > 0  # its own edge, believed for itself
     assert decision.boxes[0] == (0, 0, 320, 180) and decision.film is None
+
+
+def test_a_bar_edge_counts_for_the_film_where_a_sample_of_the_film_saw_the_same_bars():
+    """Every shot of a vignetted pillarboxed film finds its bars at their borders alone; a dark
+    shot among them had no box to take and kept its bars. The film's sample (a third of the way
+    in, taken before the pass) saw the same bars: those edges count for the film's box, and the
+    dark shot takes it. Without such a witness they do not (credits on black could pass)."""
+    from diffusion_bunny.stages.extract.picturebox import ShotProfile, decide_boxes
+
+    vignetted, dark = ShotProfile(), ShotProfile()
+    cols = np.zeros(320, np.float32)
+    cols[40:280] = 0.3  # dim edges: no confident edge but at the bars
+    vignetted.add((np.full(180, 0.8, np.float32), cols))
+    dark.add((np.full(180, 0.1, np.float32), np.where(cols > 0, 0.1, 0.0).astype(np.float32)))
+    shots = [vignetted, dark, vignetted]
+    times = [0.0, 100.0, 200.0]  # further apart than a neighbour is looked for
+    alone = decide_boxes(shots, [100, 50, 100], (320, 180), times)
+    assert alone.boxes[1][0] == 0 and (alone.film is None or alone.film[0] == 0)
+    seen = decide_boxes(shots, [100, 50, 100], (320, 180), times, witness=(40, 0, 280, 180))
+    assert seen.sources[1] == "film" and 40 <= seen.boxes[1][0] <= 44 and 276 <= seen.boxes[1][2] <= 280
+    other = decide_boxes(shots, [100, 50, 100], (320, 180), times, witness=(0, 0, 320, 180))
+    assert other.film is None or (other.film[0], other.film[2]) == (0, 320)
+
+
+@pytest.mark.parametrize("deinterlace", [None, False])
+def test_the_reader_samples_the_picture_box_before_the_pass(tmp_path, deinterlace):
+    """The picture box of the frames the interlace check decodes, known before the pass: from
+    the same decode when the check runs, decoded for it alone when the setting forces the answer."""
+    from clips import render_shot
+
+    from diffusion_bunny.media.video import VideoReader
+    from diffusion_bunny.stages.extract.picturebox import sample_box
+
+    frames = []
+    for img in render_shot(3, 40, 120, 90, 1.0):
+        canvas = np.zeros((90, 160, 3), np.uint8)
+        canvas[:, 20:140] = img
+        frames.append(canvas)
+    path = _write_frames(tmp_path / "pillarbox.mp4", frames)
+    reader = VideoReader(path, 160, deinterlace=deinterlace, sample_profiles=True)
+    assert reader.sample is not None
+    rows, cols = reader.sample
+    assert rows.shape == (90,) and cols.shape == (160,) and cols[:16].max() == 0 and cols[22:138].min() > 0.5
+    box = sample_box(reader.sample, (160, 90))
+    assert box is not None and abs(box[0] - 20) <= 2 and abs(box[2] - 140) <= 2
+    assert (box[1], box[3]) == (0, 90)
+    assert VideoReader(path, 160, deinterlace=deinterlace).sample is None

@@ -19,7 +19,8 @@ fixed black threshold; this module finds it per shot, from many frames, so that
   has its box: a bar is black in every sampled frame, so where the picture is broadly lit
   somewhere and lit without a break from a black bar to the bar on its other side
   (:func:`_cliffs`), the bar's inner border is the picture's edge, however dim the picture is
-  there; such an edge holds for its own shot only.
+  there; such an edge holds for its own shot, and for the film's box where it matches the box of
+  a sample of the film taken a third of the way in.
 
 :func:`decide_boxes` then gives every shot its box, axis by axis: its own confident, symmetric
 edges; else the nearest shot's within a minute (a film changes aspect by scene, and a dark or
@@ -127,8 +128,9 @@ def _cliffs(profile: np.ndarray) -> tuple[int | None, int | None]:
     (:data:`CLIFF_LIT`) up to the bar on the other side. A static title on black leaves black
     between its letters; scrolling credits (their rows lit in one frame or another) or a
     subtitle plate reaching into the bars can still pass, so an edge found so is believed only
-    for its own shot, in symmetric pairs or where it matches the film's (:func:`_own`), and is
-    never lent to a neighbour nor counted in the film's box (:func:`decide_boxes`)."""
+    for its own shot, in symmetric pairs or where it matches the film's (:func:`_own`), is
+    never lent to a neighbour, and counts for the film's box only where it matches the box of a
+    sample of the film taken before (:func:`consensus`, :func:`sample_box`)."""
     seen = np.flatnonzero(profile > BAR_LIT)
     if seen.size == 0:
         return None, None
@@ -178,15 +180,21 @@ def _matches(pair: tuple[int, int], other: tuple[int, int] | None, n: int) -> bo
     return other is not None and abs(pair[0] - other[0]) <= tol and abs(pair[1] - other[1]) <= tol
 
 
-def consensus(axes: list[tuple[Edges, int]], n: int) -> tuple[int, int] | None:
+def consensus(
+    axes: list[tuple[Edges, int]], n: int, witness: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
     """The film's commonest (start, end) along one axis among the shots whose edges there are
     confident and symmetric, weighted by their frame counts; None when no shot qualifies.
-    Positions within the tolerance of each other vote together."""
+    Positions within the tolerance of each other vote together. An edge found at a bar's border
+    alone (:func:`_cliffs`) votes only where it matches ``witness``, the box of a sample of the
+    film taken before (:func:`sample_box`: a third of the way in, never its credits)."""
     tol = _tolerance(n)
     votes: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], tuple[int, int]] = {}
     for edges, weight in axes:
-        if not edges.confident or edges.cliff or not symmetric(edges, n):
+        if not edges.confident or not symmetric(edges, n):
+            continue
+        if edges.cliff and not _matches((edges.start, edges.end), witness, n):
             continue
         key = (round(edges.start / tol), round(edges.end / tol))
         votes[key] += weight
@@ -254,18 +262,21 @@ def decide_boxes(
     weights: list[int],
     size: tuple[int, int],
     times: list[float] | None = None,
+    witness: tuple[int, int, int, int] | None = None,
 ) -> BoxDecision:
     """Every shot's picture box ``(left, top, right, bottom)`` in stored pixels (see the module
     docstring), with its source: ``own`` (both axes its own), ``near`` (an axis from the nearest
     shot with a box of its own within :data:`NEIGHBOUR_S` of ``times``, the shots' start times),
     ``film`` / ``full`` (an axis taken from the film's consensus / the frame), ``black`` (nothing
-    lit: the neighbours', the film's or the full frame)."""
+    lit: the neighbours', the film's or the full frame). ``witness``: the box of the film's sample
+    (:func:`sample_box`), which edges found at a bar alone must match to count for the film."""
     width, height = size
     times = times if times is not None else [float(i) for i in range(len(profiles))]
     rows = [own_edges(p.rows) for p in profiles]
     cols = [own_edges(p.cols) for p in profiles]
-    film_v = consensus(list(zip(rows, weights, strict=True)), height)
-    film_h = consensus(list(zip(cols, weights, strict=True)), width)
+    seen_h, seen_v = ((witness[0], witness[2]), (witness[1], witness[3])) if witness else (None, None)
+    film_v = consensus(list(zip(rows, weights, strict=True)), height, seen_v)
+    film_h = consensus(list(zip(cols, weights, strict=True)), width, seen_h)
     decision = BoxDecision()
     if film_v is not None or film_h is not None:
         (x0, x1), (y0, y1) = _trim(film_h or (0, width), width), _trim(film_v or (0, height), height)
@@ -322,3 +333,31 @@ def to_display(
     x0, x1 = inward(left * sx, right * sx, upright[0])
     y0, y1 = inward(top * sy, bottom * sy, upright[1])
     return x0, y0, x1, y1
+
+
+def sample_box(
+    sample: tuple[np.ndarray, np.ndarray] | None, size: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """The picture box of a sample of the film, ``(left, top, right, bottom)`` in stored pixels,
+    or None where it has none to believe: the frames the interlace check decodes a third of the
+    way in (``sample``: their rows' and columns' most lit shares,
+    :attr:`~diffusion_bunny.media.video.VideoReader.sample`), on each axis whose edges are
+    confident and symmetric there (:func:`own_edges`, a bar's border included), the full side on
+    any other. Known before the pass and taken where the film is the film (not its logos nor its
+    credits), it is the witness an edge found at a bar alone must match to count for the film's
+    box (:func:`consensus`)."""
+    if sample is None:
+        return None
+    rows, cols = sample
+    width, height = size
+    if rows.size != height or cols.size != width:
+        return None
+    pairs = []
+    for profile, n in ((cols, width), (rows, height)):
+        edges = own_edges(profile)
+        believed = edges.confident and symmetric(edges, n)
+        pairs.append((edges.start, edges.end) if believed else (0, n))
+    (left, right), (top, bottom) = pairs
+    if (left, top, right, bottom) == (0, 0, width, height):
+        return None
+    return left, top, right, bottom
