@@ -393,9 +393,10 @@ def interlace_verdict(
     long (from its start where the rest is shorter or its length is not known): how many it
     judged top field first, bottom field first, progressive and undetermined (multi-frame
     detection). ``each`` sees every judged frame too (stage 01's sample of the picture box,
-    :attr:`VideoReader.sample`, paid by the same decode). Flags lie both ways (telecined film
-    and progressive encodes are often flagged interlaced; a DVD rip of hard-telecined film is
-    stored as progressive, two combed frames in five), so stage 01 asks the pictures."""
+    :attr:`VideoReader.sample`: the same decode for a film not flagged interlaced). Flags lie
+    both ways (telecined film and progressive encodes are often flagged interlaced; a DVD rip of
+    hard-telecined film is stored as progressive, two combed frames in five), so stage 01 asks
+    the pictures."""
     with av.open(str(path), metadata_errors="ignore") as container:
         stream = picture_stream(container)
         stream.thread_type = "AUTO"
@@ -646,17 +647,21 @@ class VideoReader:
         self.report = DecodeReport()
         self.profile_every = profile_every
         self.interlace: dict[str, int] | None = None
-        #: The most lit share of every stored row and column over every 4th frame of the interlace
-        #: check's sample (a third of the way in, where the film is the film and not its logos),
-        #: known before the pass: where stage 01's shot detector looks (its picture box).
+        #: The most lit share of every stored row and column over every 4th frame of the
+        #: :data:`UNFLAGGED_FRAMES` from :data:`UNFLAGGED_SAMPLE_AT` of the film (the interlace
+        #: check's own frames where it looks there; a film under ~15 s: from its start), known
+        #: before the pass: a witness of the film's picture box (``picturebox.sample_box``).
         self.sample: tuple[np.ndarray, np.ndarray] | None = None
         sampled = _MaxProfiles(self.analysis_step) if sample_profiles else None
-        if deinterlace is None:
+        if deinterlace is None and not flagged_interlaced(self.info):
+            # One decode for both: the check's frames are a third of the way in.
             deinterlace, self.interlace = interlace_decision(self.info, sampled)
-        elif sampled is not None:  # the same frames, decoded for the sample alone
-            interlace_verdict(
-                self.info.path, UNFLAGGED_FRAMES, UNFLAGGED_SAMPLE_AT, self.info.duration_s, sampled
-            )
+        else:
+            if deinterlace is None:  # a film flagged interlaced is checked from its start
+                deinterlace, self.interlace = interlace_decision(self.info)
+            if sampled is not None:  # the frames a third of the way in, decoded for the sample
+                info = self.info
+                interlace_verdict(info.path, UNFLAGGED_FRAMES, UNFLAGGED_SAMPLE_AT, info.duration_s, sampled)
         if sampled is not None:
             self.sample = sampled.profiles
         # Keyframe-only decoding gives frames seconds apart, no neighbours in time: those are

@@ -1141,3 +1141,36 @@ def test_the_reader_samples_the_picture_box_before_the_pass(tmp_path, deinterlac
     assert box is not None and abs(box[0] - 20) <= 2 and abs(box[2] - 140) <= 2
     assert (box[1], box[3]) == (0, 90)
     assert VideoReader(path, 160, deinterlace=deinterlace).sample is None
+
+
+def test_a_film_flagged_interlaced_is_sampled_past_its_opening(tmp_path):
+    """The interlace check of a film flagged interlaced reads its first frames, which may be a
+    letterboxed opening or credits on black: the picture box's sample is still taken a third of
+    the way in (the film, pillarboxed here), not from the check's frames."""
+    from clips import render_shot
+
+    from diffusion_bunny.media.video import VideoReader, flagged_interlaced
+    from diffusion_bunny.stages.extract.picturebox import sample_box
+
+    frames = []
+    for img in render_shot(1, 250, 160, 60, 1.0):  # a 10 s letterboxed opening
+        canvas = np.zeros((120, 160, 3), np.uint8)
+        canvas[30:90] = img
+        frames.append(canvas)
+    for img in render_shot(2, 500, 120, 120, 1.0):  # the film, pillarboxed
+        canvas = np.zeros((120, 160, 3), np.uint8)
+        canvas[:, 20:140] = img
+        frames.append(canvas)
+    path = tmp_path / "flagged.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "interlaced=1:tff=1"}
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode(None))
+    reader = VideoReader(path, 160, deinterlace=None, sample_profiles=True)
+    assert flagged_interlaced(reader.info)
+    box = sample_box(reader.sample, (160, 120))
+    assert box is not None and abs(box[0] - 20) <= 2 and abs(box[2] - 140) <= 2
+    assert (box[1], box[3]) == (0, 120)

@@ -187,7 +187,8 @@ def consensus(
     confident and symmetric, weighted by their frame counts; None when no shot qualifies.
     Positions within the tolerance of each other vote together. An edge found at a bar's border
     alone (:func:`_cliffs`) votes only where it matches ``witness``, the box of a sample of the
-    film taken before (:func:`sample_box`: a third of the way in, never its credits)."""
+    film taken before (:func:`sample_box`: a third of the way in, past the opening's logos and
+    before the credits)."""
     tol = _tolerance(n)
     votes: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], tuple[int, int]] = {}
@@ -339,13 +340,13 @@ def sample_box(
     sample: tuple[np.ndarray, np.ndarray] | None, size: tuple[int, int]
 ) -> tuple[int, int, int, int] | None:
     """The picture box of a sample of the film, ``(left, top, right, bottom)`` in stored pixels,
-    or None where it has none to believe: the frames the interlace check decodes a third of the
-    way in (``sample``: their rows' and columns' most lit shares,
+    or None where it has none to believe: frames from a third of the way in (``sample``: their
+    rows' and columns' most lit shares,
     :attr:`~diffusion_bunny.media.video.VideoReader.sample`), on each axis whose edges are
     confident and symmetric there (:func:`own_edges`, a bar's border included), the full side on
-    any other. Known before the pass and taken where the film is the film (not its logos nor its
-    credits), it is the witness an edge found at a bar alone must match to count for the film's
-    box (:func:`consensus`)."""
+    any other. Known before the pass and taken where the film is the film (past its logos,
+    before its credits; a film under ~15 s is sampled from its start), it is the witness an edge
+    found at a bar alone must match to count for the film's box (:func:`consensus`)."""
     if sample is None:
         return None
     rows, cols = sample
