@@ -393,7 +393,7 @@ def interlace_verdict(
     long (from its start where the rest is shorter or its length is not known): how many it
     judged top field first, bottom field first, progressive and undetermined (multi-frame
     detection). ``each`` sees every judged frame too (stage 01's sample of the picture box,
-    :attr:`VideoReader.sample`: the same decode for a film not flagged interlaced). Flags lie
+    ``VideoReader.sample``: the same decode for a film not flagged interlaced). Flags lie
     both ways (telecined film and progressive encodes are often flagged interlaced; a DVD rip of
     hard-telecined film is stored as progressive, two combed frames in five), so stage 01 asks
     the pictures."""

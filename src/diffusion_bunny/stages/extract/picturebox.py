@@ -342,7 +342,7 @@ def sample_box(
     """The picture box of a sample of the film, ``(left, top, right, bottom)`` in stored pixels,
     or None where it has none to believe: frames from a third of the way in (``sample``: their
     rows' and columns' most lit shares,
-    :attr:`~diffusion_bunny.media.video.VideoReader.sample`), on each axis whose edges are
+    :class:`~diffusion_bunny.media.video.VideoReader`'s ``sample``), on each axis whose edges are
     confident and symmetric there (:func:`own_edges`, a bar's border included), the full side on
     any other. Known before the pass and taken where the film is the film (past its logos,
     before its credits; a film under ~15 s is sampled from its start), it is the witness an edge
