@@ -638,7 +638,7 @@ class VideoReader:
         """``deinterlace``: True / False, or None to decide from the file's flags confirmed by
         ``idet`` (:func:`should_deinterlace`). ``profile_every``: measure :func:`luma_profiles`
         on every N-th frame (0: never). ``sample_profiles``: measure them before the pass as
-        well, on the frames the interlace check decodes (:attr:`sample`)."""
+        well, on frames from a third of the way in (``sample``)."""
         self.info = probe_video(path)
         self.analysis_step = max(1, self.info.width // analysis_width)
         detect_step = max(1, self.info.width // (detect_width or analysis_width))
