@@ -419,7 +419,6 @@ def flicker_grade(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(y + 0.5, 0, 255).astype(np.uint8)
 
 
-@functools.cache
 def vignette_gain(width: int, height: int, angle: float) -> np.ndarray:
     """A lens's natural vignette over a ``width`` x ``height`` picture: the cos^4 law of
     illumination, ``cos(angle * d) ** 4`` with ``d`` the distance from the centre over the
@@ -431,6 +430,7 @@ def vignette_gain(width: int, height: int, angle: float) -> np.ndarray:
     return (np.cos(angle * d) ** 4).astype(np.float32)[..., None]
 
 
+@functools.cache
 def _night_lut() -> np.ndarray:
     """The night grade without its noise as a per-channel table for ``cv2.LUT``, [256, 1, 3] uint8."""
     x = np.arange(256, dtype=np.float64) / 255.0
