@@ -145,6 +145,31 @@ def test_a_kernel_started_ahead_is_the_first_notebooks():
     assert kernel._km is None
 
 
+def test_a_kernel_start_interrupted_before_its_launch_returned_leaves_no_kernel(monkeypatch):
+    """An interrupt (Ctrl-C, SIGTERM raised as one) landing after the kernel's fork and before
+    ``Popen`` returned: the manager never learnt of the process, so closing did nothing and the
+    kernel ran on until it noticed its parent gone, seconds later under load (a CI failure)."""
+    import psutil
+    from jupyter_client.provisioning import local_provisioner
+
+    launched: list[psutil.Process] = []
+    launch = local_provisioner.launch_kernel
+
+    def interrupted(cmd, **kwargs):
+        launched.append(psutil.Process(launch(cmd, **kwargs).pid))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_provisioner, "launch_kernel", interrupted)
+    kernel = StageKernel("python3")
+    with pytest.raises(KeyboardInterrupt):
+        kernel.start()
+    [process] = launched
+    assert process.is_running() and not kernel._km.has_kernel  # running, and unknown to its manager
+    kernel.close()
+    assert not process.is_running()  # ended and reaped, not left to ipykernel's parent poll
+    assert kernel._km is None
+
+
 def _slow_kernel(folder) -> None:
     """A Jupyter kernel named ``slow``: the project's ipykernel, started 3 s after its process (a
     cold machine: the first import of ipykernel, IPython and zmq compiled from source)."""

@@ -417,7 +417,10 @@ class StageKernel:
     def close(self) -> None:
         """Shut the kernel down (a no-op when none runs)."""
         km, self._km = self._km, None
-        if km is None or not km.has_kernel:
+        if km is None:
+            return
+        if not km.has_kernel:
+            _kill_unrecorded_kernel(getattr(km, "connection_file", ""))
             return
         try:
             if run_sync(km.is_alive)():
@@ -427,6 +430,29 @@ class StageKernel:
                 run_sync(km.shutdown_kernel)(now=True)
         finally:
             run_sync(km.cleanup_resources)()
+
+
+def _kill_unrecorded_kernel(connection_file: str) -> None:
+    """End a kernel this process launched but never recorded, found by its connection file.
+
+    Why: an interrupt (Ctrl-C, or SIGTERM raised as one) that lands while jupyter_client launches
+    the kernel, after the fork and before ``Popen`` returns, leaves the kernel running without
+    its manager knowing it. ipykernel ends itself only once it notices its parent gone (polled
+    each second, after its start-up imports): seconds later on a loaded machine, never where
+    orphans are adopted by a process other than init (the SIGTERM test found it under load).
+    The kernel leads a session of its own (``start_new_session``), so its group goes with it."""
+    if not connection_file:
+        return
+    import psutil  # lazy: only a kernel start that was interrupted needs it
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, OSError):
+            if connection_file in child.cmdline():
+                if hasattr(os, "killpg"):  # POSIX: the kernel's own children too
+                    with contextlib.suppress(OSError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                child.kill()
+                child.wait(timeout=10)
 
 
 def _kernel_sockets() -> dict[str, str]:
