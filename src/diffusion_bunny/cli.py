@@ -372,8 +372,19 @@ def _stopped(signum: int | None, started: float, note: str = "") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bunny`` console script."""
+    started = time.monotonic()
     with _signals_as_interrupts():
-        return _main(argv)
+        try:
+            return _main(argv)
+        # Stopped before the command's own handling began (its imports, reading its arguments: the
+        # first second or two of every command): one line as later, not an import's traceback
+        # (SIGTERM 1.2 s into `bunny run`, stopping runs at random moments).
+        except KeyboardInterrupt as exc:
+            return _stopped(exc.signum if isinstance(exc, Stopped) else None, started)
+        except Exception as exc:
+            if _signalled is None:
+                raise
+            return _stopped(_signalled, started, f" ({type(exc).__name__})")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -885,6 +885,28 @@ def test_a_stopped_command_that_cannot_end_is_ended_with_its_children():
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("how", ["interrupt", "turned into an import error"])
+def test_a_command_stopped_while_it_starts_says_one_line(monkeypatch, capsys, how):
+    """SIGTERM in the first second of ``bunny run`` (its imports, reading its arguments: before the
+    command's own error handling) printed an import's traceback and exited 1."""
+    import signal
+
+    from diffusion_bunny import cli
+
+    def stopped_here():
+        if how == "interrupt":
+            cli._raise_stopped(signal.SIGTERM, None)
+        try:  # an import that turned the interrupt into its own error
+            cli._raise_stopped(signal.SIGTERM, None)
+        except cli.Stopped:
+            raise ImportError("cannot import name 'x' (interrupted)") from None
+
+    monkeypatch.setattr(cli, "_build_parser", stopped_here)
+    assert cli.main(["run", "movie.mp4"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "SIGTERM; finished stages are kept, rerun to continue\n"
+    assert cli._signalled is None and cli._stop_timer.finished.is_set()  # no os._exit 20 s later
+
+
 def test_a_signal_ignored_by_whoever_started_bunny_stays_ignored():
     """``nohup bunny run`` ignores SIGHUP so that the run outlives its terminal: the handler
     that turns SIGHUP into an interrupt was put over that, and closing the SSH session stopped
