@@ -165,8 +165,11 @@ def test_a_kernel_start_interrupted_before_its_launch_returned_leaves_no_kernel(
         kernel.start()
     [process] = launched
     assert process.is_running() and not kernel._km.has_kernel  # running, and unknown to its manager
+    connection = Path(kernel._km.connection_file)
+    assert connection.is_file()
     kernel.close()
     assert not process.is_running()  # ended and reaped, not left to ipykernel's parent poll
+    assert not connection.exists()  # nor its connection file left for a later run to sweep
     assert kernel._km is None
 
 

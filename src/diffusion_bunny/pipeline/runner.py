@@ -420,7 +420,11 @@ class StageKernel:
         if km is None:
             return
         if not km.has_kernel:
-            _kill_unrecorded_kernel(getattr(km, "connection_file", ""))
+            try:
+                _kill_unrecorded_kernel(getattr(km, "connection_file", ""))
+            finally:
+                with contextlib.suppress(Exception):  # its connection and socket files, if written
+                    run_sync(km.cleanup_resources)()
             return
         try:
             if run_sync(km.is_alive)():
