@@ -288,28 +288,43 @@ def _lit(cols_sampled: np.ndarray, rows_sampled: np.ndarray, black: int) -> tupl
     return rows, cols
 
 
-class _MaxProfiles:
-    """:func:`luma_profiles` of every ``every``-th frame it is called with, kept as the most lit
-    share of each row and column (as stage 01's per-shot profiles are)."""
+@dataclass
+class ShotProfile:
+    """The maximum lit share of every stored row and column (:func:`luma_profiles`) over the
+    frames profiled: a shot's in stage 01 (``picturebox``), or the film's sample (:class:`_Sampled`)."""
+
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    samples: int = 0
+
+    def add(self, profiles: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if profiles is None:
+            return
+        rows, cols = profiles
+        if self.rows is None or self.rows.shape != rows.shape or self.cols is None:
+            self.rows, self.cols = rows.copy(), cols.copy()
+        else:
+            np.maximum(self.rows, rows, out=self.rows)
+            np.maximum(self.cols, cols, out=self.cols)
+        self.samples += 1
+
+
+class _Sampled:
+    """The :class:`ShotProfile` of every ``every``-th frame it is called with."""
 
     def __init__(self, step: int, every: int = 4):
         self.step, self.every, self.seen = step, every, 0
-        self.profiles: tuple[np.ndarray, np.ndarray] | None = None
+        self.profile = ShotProfile()
 
     def __call__(self, frame: av.VideoFrame) -> None:
         self.seen += 1
-        if (self.seen - 1) % self.every:
-            return
-        rows, cols = luma_profiles(frame, self.step)
-        if (
-            self.profiles is None
-            or self.profiles[0].shape != rows.shape
-            or self.profiles[1].shape != cols.shape
-        ):
-            self.profiles = (rows, cols)
-        else:
-            np.maximum(self.profiles[0], rows, out=self.profiles[0])
-            np.maximum(self.profiles[1], cols, out=self.profiles[1])
+        if not (self.seen - 1) % self.every:
+            self.profile.add(luma_profiles(frame, self.step))
+
+    @property
+    def profiles(self) -> tuple[np.ndarray, np.ndarray] | None:
+        p = self.profile
+        return None if p.rows is None or p.cols is None else (p.rows, p.cols)
 
 
 class Deinterlacer:
@@ -652,7 +667,7 @@ class VideoReader:
         #: check's own frames where it looks there; a film under ~15 s: from its start), known
         #: before the pass: a witness of the film's picture box (``picturebox.sample_box``).
         self.sample: tuple[np.ndarray, np.ndarray] | None = None
-        sampled = _MaxProfiles(self.analysis_step) if sample_profiles else None
+        sampled = _Sampled(self.analysis_step) if sample_profiles else None
         if deinterlace is None and not flagged_interlaced(self.info):
             # One decode for both: the check's frames are a third of the way in.
             deinterlace, self.interlace = interlace_decision(self.info, sampled)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffusion_bunny.media.video import ShotProfile
+
 #: A row (column) is where the picture starts when at least this share of its pixels is lit in
 #: some sampled frame of the shot.
 EDGE_LIT = 0.25
@@ -68,26 +70,6 @@ CLIFF_LIT = 0.05
 #: is a blend of both (codec ringing, chroma bleed), and a thin dark line at the border of every
 #: exported image is what this module exists to prevent.
 EDGE_TRIM = 2
-
-
-@dataclass
-class ShotProfile:
-    """The maximum lit share of every stored row and column over a shot's profiled frames."""
-
-    rows: np.ndarray | None = None
-    cols: np.ndarray | None = None
-    samples: int = 0
-
-    def add(self, profiles: tuple[np.ndarray, np.ndarray] | None) -> None:
-        if profiles is None:
-            return
-        rows, cols = profiles
-        if self.rows is None or self.rows.shape != rows.shape or self.cols is None:
-            self.rows, self.cols = rows.copy(), cols.copy()
-        else:
-            np.maximum(self.rows, rows, out=self.rows)
-            np.maximum(self.cols, cols, out=self.cols)
-        self.samples += 1
 
 
 @dataclass(frozen=True)

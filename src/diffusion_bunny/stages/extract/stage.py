@@ -45,6 +45,7 @@ from diffusion_bunny.media.video import (
     Decoded,
     DecodeReport,
     Display,
+    ShotProfile,
     VideoInfo,
     VideoReader,
     analysis_in_video_range,
@@ -61,7 +62,6 @@ from diffusion_bunny.stages.extract.detectors import ContentSettings, make_bound
 from diffusion_bunny.stages.extract.keyframes import FrameCandidate, OpenShot
 from diffusion_bunny.stages.extract.picturebox import (
     BoxDecision,
-    ShotProfile,
     decide_boxes,
     sample_box,
     to_display,
