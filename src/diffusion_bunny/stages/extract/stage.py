@@ -130,11 +130,12 @@ class _ShotAssembler:
         info: Any,
         folders: tuple[Path, Path],
         writer: _Writer,
+        sampled: tuple[int, int, int, int] | None = None,
     ):
         self.cfg = cfg
         self.movie_key = movie_key
         #: The picture box of a sample of the film taken before the pass (:func:`sample_box`).
-        self.sampled: tuple[int, int, int, int] | None = None
+        self.sampled = sampled
         self.display = Display.of(info)
         self.rotation = info.rotation
         self.size = self.display.size
@@ -447,8 +448,7 @@ def extract_frames(
     with staged_folder(run_dir / "frames") as frames_dir, staged_folder(run_dir / "thumbs") as thumbs_dir:
         writer = _Writer(cfg.jpeg_quality)
         try:
-            assembler = _ShotAssembler(cfg, movie_key, info, (frames_dir, thumbs_dir), writer)
-            assembler.sampled = sampled
+            assembler = _ShotAssembler(cfg, movie_key, info, (frames_dir, thumbs_dir), writer, sampled)
             with opencv_threads(1):
                 last_index, last_time = _decode(
                     reader, detector, assembler, progress=progress, progress_path=progress_path
