@@ -18,6 +18,7 @@ round fails: the command's last lines (printed) and its log in the run folder (`
 
     uv run python python_script/stop_at_random.py MOVIE [--out DIR] [--rounds 12] [--seed 0]
         [--signals TERM,INT,HUP,KILL] [--max-wait 40] [--characters DIR] [--stages ...]
+        [--run-args "--engine ray"]
 
 Found with it (2026-11-30): SIGTERM 1.2 s into a run, while the command imported its modules,
 printed an import's traceback and exited 1; a kernel whose launch an interrupt cut short (after
@@ -31,6 +32,7 @@ import contextlib
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=90.0, help="seconds a stopped run has to end")
     parser.add_argument("--characters", type=Path)
     parser.add_argument("--stages", default=STAGES)
+    parser.add_argument("--run-args", default="", help='more for bunny run, e.g. "--engine ray"')
     args = parser.parse_args(argv)
     if not Path("/proc/self/stat").is_file():
         parser.error("reads processes from /proc: Linux only")
     out = args.out or Path(tempfile.mkdtemp(prefix="stop_at_random-")) / "run"
     command = [sys.executable, "-m", "diffusion_bunny.cli", "run", str(args.movie), "--out", str(out)]
     command += ["--stages", args.stages] + (["--characters", str(args.characters)] if args.characters else [])
+    command += shlex.split(args.run_args)
     signals = [getattr(signal, f"SIG{name.strip().upper()}") for name in args.signals.split(",")]
     rng = random.Random(args.seed)
     failed = 0

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         # first second or two of every command): one line as later, not an import's traceback
         # (SIGTERM 1.2 s into `bunny run`, stopping runs at random moments).
         except KeyboardInterrupt as exc:
-            return _stopped(exc.signum if isinstance(exc, Stopped) else None, started)
+            return _stopped(exc.signum if isinstance(exc, Stopped) else _signalled, started)
         except Exception as exc:
             if _signalled is None:
                 raise
@@ -438,7 +438,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {storage} (log: {path})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        return _stopped(exc.signum if isinstance(exc, Stopped) else None, started)
+        # A plain KeyboardInterrupt after a signal: code it hit made one of ours (Ray's wait does)
+        return _stopped(exc.signum if isinstance(exc, Stopped) else _signalled, started)
     except Exception as exc:
         if _signalled is not None:  # the signal's interrupt, turned into this by the code it hit
             return _stopped(_signalled, started, f" ({type(exc).__name__})")

@@ -330,6 +330,45 @@ def test_ray_without_address_starts_a_local_cluster_whatever_ray_address_says(mo
     assert fake.addresses == ["10.0.0.9:6379"]
 
 
+class _SignalTakingRay(_SlowRay):
+    """Stands in for the ``ray`` module whose ``init`` does what Ray's does to SIGTERM: puts a
+    handler of its own in the driver that exits with status 15 (``sys.exit``); with
+    ``signalled``, a SIGTERM then comes while it starts."""
+
+    def __init__(self, signalled: bool):
+        super().__init__(fail=0)
+        self.signalled = signalled
+
+    def init(self, **kwargs) -> None:
+        import signal
+
+        super().init(**kwargs)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        if self.signalled:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_bunnys_sigterm_handler_stays_through_rays_start(monkeypatch):
+    """``ray.init`` put its own SIGTERM handler over bunny's: a SIGTERM to a folder run on Ray
+    printed nothing and exited 15 instead of stopping the run with its line and exit 143. One
+    that came while Ray started reaches bunny's handler too."""
+    import signal
+
+    from diffusion_bunny.cli import Stopped, _raise_stopped, _signals_as_interrupts
+    from diffusion_bunny.pipeline.engine import start_ray
+
+    cfg = load_config(None, {"engine.num_cpus": 2})
+    with _signals_as_interrupts():
+        monkeypatch.setitem(sys.modules, "ray", _SignalTakingRay(signalled=False))
+        assert start_ray(cfg) is True
+        assert signal.getsignal(signal.SIGTERM) == _raise_stopped
+        monkeypatch.setitem(sys.modules, "ray", _SignalTakingRay(signalled=True))
+        with pytest.raises(Stopped) as stopped:
+            start_ray(cfg)
+        assert stopped.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == _raise_stopped
+
+
 class _SmallCluster:
     """Stands in for an initialised ``ray`` module: a cluster of two live nodes of 1 CPU each and
     a dead one of 8 (tasks must never be handed out here)."""

@@ -887,7 +887,7 @@ def test_a_stopped_command_that_cannot_end_is_ended_with_its_children():
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("how", ["interrupt", "turned into an import error"])
+@pytest.mark.parametrize("how", ["interrupt", "turned into an import error", "turned into a plain interrupt"])
 def test_a_command_stopped_while_it_starts_says_one_line(monkeypatch, capsys, how):
     """SIGTERM in the first second of ``bunny run`` (its imports, reading its arguments: before the
     command's own error handling) printed an import's traceback and exited 1."""
@@ -898,9 +898,11 @@ def test_a_command_stopped_while_it_starts_says_one_line(monkeypatch, capsys, ho
     def stopped_here():
         if how == "interrupt":
             cli._raise_stopped(signal.SIGTERM, None)
-        try:  # an import that turned the interrupt into its own error
+        try:  # code that turned the interrupt into its own error (Ray's wait: a KeyboardInterrupt)
             cli._raise_stopped(signal.SIGTERM, None)
         except cli.Stopped:
+            if how == "turned into a plain interrupt":
+                raise KeyboardInterrupt from None
             raise ImportError("cannot import name 'x' (interrupted)") from None
 
     monkeypatch.setattr(cli, "_build_parser", stopped_here)

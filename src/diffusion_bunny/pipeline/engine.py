@@ -30,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -183,7 +185,31 @@ def _quiet_ray_logs() -> None:
 def _init_ray(ray: Any, engine: Any) -> None:
     """Join ``engine.address``, else start a local cluster: ``address="local"``, because Ray's
     default joins whatever ``RAY_ADDRESS`` or a ``ray start --head`` left in /tmp/ray names, and
-    then refused this call's local settings (object_store_memory) instead of starting one."""
+    then refused this call's local settings (object_store_memory) instead of starting one.
+
+    SIGTERM keeps the handler it had: ``ray.init`` puts its own in the driver, which exits with
+    status 15 (``sys.exit``), over ``bunny``'s, which stops the run with its one line, exit 143
+    and its kernels closed. A SIGTERM to a folder run on Ray printed nothing and exited 15
+    (stopping runs at random moments, python_script/stop_at_random.py). Ray's cluster is still
+    shut down: the interrupt passes through :func:`run_ray`'s cleanup, or Ray's exit hook."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        _ray_init(ray, engine)
+    except SystemExit as exc:
+        # Ray's handler took a SIGTERM that came while Ray started: the signal again, to the
+        # handler it was meant for (bunny's raises its interrupt here).
+        if before is None or exc.code != signal.SIGTERM:
+            raise
+        signal.signal(signal.SIGTERM, before)
+        signal.raise_signal(signal.SIGTERM)
+        raise
+    finally:
+        if before is not None:  # None: not set from Python; nothing to put back
+            signal.signal(signal.SIGTERM, before)
+
+
+def _ray_init(ray: Any, engine: Any) -> None:
     if engine.address:
         ray.init(address=engine.address, log_to_driver=True, configure_logging=False)
     else:
@@ -425,6 +451,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     import ray  # lazy: ray takes 1.2 s to import
 
     tokens: dict[int, list[tuple[Path, str]]] = {}
+    bar = None
     try:
         _check_fits(ray, cfg)
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
@@ -471,8 +498,9 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
                     results[i] = _timed_out(jobs[i], limits[i])
                     _remove_tokens(tokens.pop(i, []))
                     bar.update(1)
-        bar.close()
     finally:
+        if bar is not None:  # stopped too: a bar left open drew itself again below the stop's line
+            bar.close()
         for left in tokens.values():
             _remove_tokens(left)
         if started:
