@@ -347,6 +347,12 @@ class _SignalTakingRay(_SlowRay):
         if self.signalled:
             signal.raise_signal(signal.SIGTERM)
 
+    def shutdown(self) -> None:
+        import signal
+
+        super().shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's leaves the system's default in place
+
 
 def test_bunnys_sigterm_handler_stays_through_rays_start(monkeypatch):
     """``ray.init`` put its own SIGTERM handler over bunny's: a SIGTERM to a folder run on Ray
@@ -355,18 +361,22 @@ def test_bunnys_sigterm_handler_stays_through_rays_start(monkeypatch):
     import signal
 
     from diffusion_bunny.cli import Stopped, _raise_stopped, _signals_as_interrupts
-    from diffusion_bunny.pipeline.engine import start_ray
+    from diffusion_bunny.pipeline.engine import _shutdown_ray, start_ray
 
     cfg = load_config(None, {"engine.num_cpus": 2})
     with _signals_as_interrupts():
         monkeypatch.setitem(sys.modules, "ray", _SignalTakingRay(signalled=False))
         assert start_ray(cfg) is True
         assert signal.getsignal(signal.SIGTERM) == _raise_stopped
+        _shutdown_ray(sys.modules["ray"])  # the run's end: a SIGTERM during its last lines too
+        assert signal.getsignal(signal.SIGTERM) == _raise_stopped
         monkeypatch.setitem(sys.modules, "ray", _SignalTakingRay(signalled=True))
         with pytest.raises(Stopped) as stopped:
             start_ray(cfg)
         assert stopped.value.signum == signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) == _raise_stopped
+        # what Ray had started by then is shut down (run_ray's own cleanup is not reached yet)
+        assert sys.modules["ray"].shutdowns == 1
 
 
 class _SmallCluster:

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,7 @@ def start_ray(cfg: RunConfig) -> bool:
             raise _start_error(engine, exc) from None
         # A local start that only ran out of time: once more, after cleaning up.
         log.warning("starting a local Ray cluster timed out (%s); trying once more", _first_line(exc))
-        ray.shutdown()
+        _shutdown_ray(ray)
         try:
             _init_ray(ray, engine)
         except Exception as again:
@@ -182,6 +182,26 @@ def _quiet_ray_logs() -> None:
         logging.getLogger("ray").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[Any]:
+    """SIGTERM's handler as it was before the block, put back after it (the one before, or None
+    off the main thread, where none can be set). Ray's start puts its own in the driver, and Ray's
+    shutdown leaves the signal to the system's default (the process ends on it, no line, no
+    cleanup), though Python still names bunny's handler: setting it again installs it again."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield before
+    finally:
+        if before is not None:  # None: not set from Python; nothing to put back
+            signal.signal(signal.SIGTERM, before)
+
+
+def _shutdown_ray(ray: Any) -> None:
+    with _sigterm_kept():
+        ray.shutdown()
+
+
 def _init_ray(ray: Any, engine: Any) -> None:
     """Join ``engine.address``, else start a local cluster: ``address="local"``, because Ray's
     default joins whatever ``RAY_ADDRESS`` or a ``ray start --head`` left in /tmp/ray names, and
@@ -191,22 +211,25 @@ def _init_ray(ray: Any, engine: Any) -> None:
     status 15 (``sys.exit``), over ``bunny``'s, which stops the run with its one line, exit 143
     and its kernels closed. A SIGTERM to a folder run on Ray printed nothing and exited 15
     (stopping runs at random moments, python_script/stop_at_random.py). Ray's cluster is still
-    shut down: the interrupt passes through :func:`run_ray`'s cleanup, or Ray's exit hook."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
-    try:
-        _ray_init(ray, engine)
-    except SystemExit as exc:
-        # Ray's handler took a SIGTERM that came while Ray started: the signal again, to the
-        # handler it was meant for (bunny's raises its interrupt here).
-        if before is None or exc.code != signal.SIGTERM:
+    shut down: by :func:`run_ray`'s cleanup, or here when the stop came while Ray started."""
+    with _sigterm_kept() as before:
+        try:
+            try:
+                _ray_init(ray, engine)
+            except SystemExit as exc:
+                # Ray's handler took a SIGTERM that came while Ray started: the signal again,
+                # to the handler it was meant for (bunny's raises its interrupt here).
+                if before is None or exc.code != signal.SIGTERM:
+                    raise
+                signal.signal(signal.SIGTERM, before)
+                signal.raise_signal(signal.SIGTERM)
+                raise
+        except KeyboardInterrupt:
+            # Stopped while Ray started: what it started so far (its node's processes, its
+            # agents) would outlive the command, since run_ray's cleanup is not reached yet.
+            with contextlib.suppress(Exception):
+                ray.shutdown()
             raise
-        signal.signal(signal.SIGTERM, before)
-        signal.raise_signal(signal.SIGTERM)
-        raise
-    finally:
-        if before is not None:  # None: not set from Python; nothing to put back
-            signal.signal(signal.SIGTERM, before)
 
 
 def _ray_init(ray: Any, engine: Any) -> None:
@@ -504,7 +527,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
         for left in tokens.values():
             _remove_tokens(left)
         if started:
-            ray.shutdown()
+            _shutdown_ray(ray)
         # a worker killed with its task (cancelled) left its kernel's socket files on this node
         remove_orphan_sockets(tempfile.gettempdir())
     return [results[i] for i in range(len(jobs))]
