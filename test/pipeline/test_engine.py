@@ -379,6 +379,29 @@ def test_bunnys_sigterm_handler_stays_through_rays_start(monkeypatch):
         assert sys.modules["ray"].shutdowns == 1
 
 
+def test_a_sigterm_ignored_where_bunny_runs_that_cuts_rays_start_short_is_one_line(monkeypatch):
+    """Started with SIGTERM ignored (``trap '' TERM``), bunny keeps it so, but Ray's start puts its
+    own handler first: a SIGTERM then cut the start short and ended the command with status 15
+    and no line. It is a failed start, one line, and the signal stays ignored."""
+    import signal
+
+    from diffusion_bunny.cli import _signals_as_interrupts
+    from diffusion_bunny.errors import EngineError
+    from diffusion_bunny.pipeline.engine import start_ray
+
+    fake = _SignalTakingRay(signalled=True)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _signals_as_interrupts():
+            with pytest.raises(EngineError, match=r"could not start a local Ray cluster \(a SIGTERM cut"):
+                start_ray(load_config(None, {"engine.num_cpus": 2}))
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert fake.shutdowns >= 1
+
+
 class _SmallCluster:
     """Stands in for an initialised ``ray`` module: a cluster of two live nodes of 1 CPU each and
     a dead one of 8 (tasks must never be handed out here)."""

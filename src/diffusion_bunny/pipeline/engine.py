@@ -223,7 +223,11 @@ def _init_ray(ray: Any, engine: Any) -> None:
                     raise
                 signal.signal(signal.SIGTERM, before)
                 signal.raise_signal(signal.SIGTERM)
-                raise
+                # Still here: the signal is ignored where bunny runs (or its handler returns), but
+                # Ray's start is cut short all the same: a failed start, one line, not exit 15.
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                raise RuntimeError("a SIGTERM cut its start short") from None
         except KeyboardInterrupt:
             # Stopped while Ray started: what it started so far (its node's processes, its
             # agents) would outlive the command, since run_ray's cleanup is not reached yet.
@@ -470,12 +474,12 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     cfg = options.cfg
     jobs = [(Path(movie).resolve(), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
     probed = [_movie_seconds(movie) for movie, _ in jobs]
-    started = start_ray(cfg)
-    import ray  # lazy: ray takes 1.2 s to import
-
     tokens: dict[int, list[tuple[Path, str]]] = {}
-    bar = None
-    try:
+    bar, started = None, False
+    try:  # from Ray's start on: a stop right after it still shuts it down
+        started = start_ray(cfg)
+        import ray  # lazy: ray takes 1.2 s to import
+
         _check_fits(ray, cfg)
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
@@ -527,6 +531,8 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
         for left in tokens.values():
             _remove_tokens(left)
         if started:
+            import ray  # lazy: ray takes 1.2 s to import (start_ray has imported it)
+
             _shutdown_ray(ray)
         # a worker killed with its task (cancelled) left its kernel's socket files on this node
         remove_orphan_sockets(tempfile.gettempdir())
