@@ -54,6 +54,7 @@ def test_report_opens_in_chromium_with_every_section(scenes_demo_run, tmp_path):
         page.wait_for_load_state("networkidle")
         assert [u for u in requested if not u.startswith(("file:", "data:"))] == [], requested
         SCREENS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENS / "report.png"))
-        page.screenshot(path=str(SCREENS / "report_full.png"), full_page=True)
+        # Playwright's default 30 s ran out for a screenshot on a loaded CI machine (2026-11-30).
+        page.screenshot(path=str(SCREENS / "report.png"), timeout=180_000)
+        page.screenshot(path=str(SCREENS / "report_full.png"), full_page=True, timeout=180_000)
     assert (SCREENS / "report.png").stat().st_size > 10_000
