@@ -730,6 +730,39 @@ def test_a_still_of_a_face_too_small_to_tell_anyone_by_is_refused(discovered, tm
     assert add_still(run.run_dir, frame["frame_id"], boxes[1], "grace", cfg.characters).is_file()
 
 
+def test_a_still_of_a_person_that_shows_no_face_from_the_front_is_refused(discovered, tmp_path):
+    """A still of a person whose face is turned away (a profile: the Hamilton clip's pianist seen
+    from the side) was written, then left out by the next run ("shows no face a detector of
+    photographs finds"), whose line went on asking for a still: such a still is refused in one
+    line that says what to box instead. The same person seen from the front is taken; a drawn
+    character needs no face at all."""
+    from PIL import Image as PILImage
+
+    from diffusion_bunny.media.samples import load_source
+
+    run = _copy(discovered, tmp_path)
+    cfg = _cfg(tmp_path)
+    name_cluster(run.run_dir, "cluster_00", "first person", load_config(None, dict(DEMO_SETTINGS)))
+    frame = run.read_table("frames").sort("frame_index").row(0, named=True)
+    grace = np.asarray(PILImage.fromarray(load_source("grace_hopper")).resize((120, 150)))
+    turn = cv2.getRotationMatrix2D((60, 75), 60, 1.0)
+    turned = cv2.warpAffine(grace, turn, (120, 150), borderValue=(128,) * 3)
+    picture = read_rgb(run.run_dir / frame["path"]).copy()
+    picture[20:170, 20:140], picture[20:170, 300:420] = turned, grace
+    PILImage.fromarray(picture).save(run.run_dir / frame["path"], quality=95)
+    folder = run.run_dir / "references" / "first person"
+    before = sorted(folder.iterdir())
+    person = cfg.characters
+    with pytest.raises(UserError, match="holds a face turned away from the camera: a still of it names"):
+        add_still(run.run_dir, frame["frame_id"], (20, 20, 140, 170), "first person", person)
+    with pytest.raises(UserError, match=r"holds no face.*where the face looks toward the camera, or add"):
+        add_still(run.run_dir, frame["frame_id"], (450, 200, 600, 340), "first person", person)
+    assert sorted(folder.iterdir()) == before
+    assert add_still(run.run_dir, frame["frame_id"], (300, 20, 420, 170), "first person", person).is_file()
+    # Not a person: the turned face is taken as a still of a drawn character.
+    assert add_still(run.run_dir, frame["frame_id"], (20, 20, 140, 170), "biscuit", cfg.characters).is_file()
+
+
 def test_still_from_the_film_becomes_a_reference_picture(discovered, tmp_path):
     """add_still writes the frame's box with DRAWN_MARGIN around it into the reference folder (the
     run's own references/ when none is configured); the picker widget does the same, and what a

@@ -596,7 +596,8 @@ def not_found_warnings(names: list[str], not_in_film: Sequence[str] = ()) -> lis
     missed = [name for name in names if name not in left_out]
     still = (
         "add a still from the film of each (notebook 03, 'Add a still from the film', or confirm one "
-        "of its likely sightings there; add_still from Python)"
+        "of its likely sightings there; add_still from Python; of a person, where the face looks "
+        "toward the camera)"
     )
     lines = []
     if missed:
@@ -1120,12 +1121,20 @@ def add_still(
             "side inside the frame: draw it around the character"
         )
     crop = still_crop(rgb, (left, top, right, bottom))
-    small = _small_face(crop, characters)
+    faces = _still_faces(crop, characters)
+    small = next((tall for tall, front in faces if front and tall < characters.trust_min_px), None)
     if small is not None:
         raise UserError(
             f"the face in the box on frame {frame_id} is {small} px tall, under characters.trust_min_px "
             f"({characters.trust_min_px}): too small to tell {name} by, other people's faces would be "
             f"named {name}; box {name} in a frame where the face is larger, or add a photo"
+        )
+    if not any(photographed for _, photographed in faces) and _named_by_face(run, name):
+        seen = "a face turned away from the camera" if faces else "no face"
+        raise UserError(
+            f"{name} is a person, named by the face, and the box on frame {frame_id} holds {seen}: "
+            "a still of it names nobody (people are told apart by faces seen from the front); box "
+            f"{name} in a frame where the face looks toward the camera, or add a photo"
         )
     target = naming_dir(run.run_dir, characters) / name
     target.mkdir(parents=True, exist_ok=True)
@@ -1152,20 +1161,37 @@ def still_crop(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return out
 
 
-def _small_face(crop: np.ndarray, characters: CharactersSettings) -> int | None:
-    """The height of a photographed face in a still that is under ``characters.trust_min_px``
-    (None when there is none). Why: a still becomes a reference face as a portrait does, at any
-    size; a face of 24 px from the film gave an encoding close to another person's, and the next
-    run named that person after the still (the Hamilton clip's pianist boxed at the piano named
-    the singer). Names are trusted from faces this large only (``identify.trusted_faces``)."""
+def _still_faces(crop: np.ndarray, characters: CharactersSettings) -> list[tuple[int, bool]]:
+    """The faces the detector finds in a still: each one's height and whether dlib's detector of
+    photographed faces finds it too (:func:`~.references.photographed_face`: a human face seen
+    from the front, which is what reading the references takes as a person's face).
+
+    Why both: a still becomes a reference face as a portrait does, at any size; a face of 24 px
+    from the film gave an encoding close to another person's, and the next run named that person
+    after the still (the Hamilton clip's pianist boxed at the piano named the singer), so a face
+    under ``characters.trust_min_px`` is refused. And a face the detector finds but dlib's does not
+    (a profile: the Hamilton clip's pianist seen from the side) is no face to reading the
+    references, which left such a still of a person out with a warning while the run's own line
+    went on asking for a still."""
     settings = replace(DetectSettings.from_config(characters), min_face_px=0)
-    for face in portrait_faces(crop, settings):
-        tall = face.bottom - face.top
-        if tall < characters.trust_min_px and photographed_face(
-            crop, (face.top, face.right, face.bottom, face.left)
-        ):
-            return tall
-    return None
+    return [
+        (face.bottom - face.top, photographed_face(crop, (face.top, face.right, face.bottom, face.left)))
+        for face in portrait_faces(crop, settings)
+    ]
+
+
+def _named_by_face(run: Run, name: str) -> bool:
+    """Whether the last run of stage 03 took ``name`` for a person: a human face among its
+    reference pictures, or faces named after it and no drawn figure (a face on a drawn
+    character's figure is named after the character too: it is not a person for that)."""
+    manifest = run.read_manifest("characters") or {}
+    taken = (manifest.get("facts") or {}).get("references_taken") or []
+    if any(t.get("character") == name and t.get("use") == "face" for t in taken):
+        return True
+    if not run.has_table("faces"):
+        return False
+    kinds = set(run.read_table("faces").filter(pl.col("character") == name)["kind"].to_list())
+    return kinds == {"face"}
 
 
 def promote_cluster(

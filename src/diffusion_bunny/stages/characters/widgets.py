@@ -423,7 +423,7 @@ class StillPicker:
         )
         self.hint.value = (
             f"Found in no frame by the last run of stage 03: {names}. Go to where you saw one, box it and "
-            "add a still; then rerun stage characters."
+            "add a still (a person where the face looks toward the camera); then rerun stage characters."
         )
 
     def known_names(self) -> list[str]:
