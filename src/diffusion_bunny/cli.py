@@ -182,10 +182,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
-    """``--characters DIR`` as ``characters.reference_dir`` (absolute); a folder that is not there
-    is one line naming it."""
+    """``--characters DIR`` as ``characters.reference_dir`` (absolute); a folder that is not there,
+    or holds no picture in a character sub-folder, is one line naming it."""
     if not args.characters:
         return
+    from diffusion_bunny.stages.characters.tables import (  # lazy: after _keep_bytecode(), for its bytecode
+        check_reference_folder,
+    )
+
     characters = Path(args.characters).expanduser().resolve()
     if not characters.is_dir():
         what = "is not a folder" if characters.exists() else "does not exist"
@@ -193,6 +197,9 @@ def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
             f"--characters {args.characters}: {characters} {what}; give a folder with one "
             "sub-folder of reference images per character"
         )
+    # Its pictures too, before any stage runs (stage 01 decoded the whole film before stage 03
+    # found a folder without pictures) and before the run records the folder in settings.json.
+    check_reference_folder(characters)
     overrides["characters.reference_dir"] = str(characters)
 
 

@@ -824,12 +824,15 @@ def _remove_leftover_relays(run_dir: Path) -> None:
 def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float | None) -> MovieReport:
     pipeline, cfg, force = options.pipeline, options.cfg, options.force
     report = MovieReport(movie=movie, run_dir=run.run_dir)
-    run.write_settings(options.config_path, options.overrides)
     kernel = StageKernel(cfg.run.kernel)
     try:
         first = next(
             (s for s in options.stages if force or stage_state(pipeline, run, s, cfg)[0] != "done"), None
         )
+        # Recorded once the stages' states are read: a setting they refuse (a reference folder
+        # without pictures) stops the command in one line, and a notebook opened on the run later
+        # must not start from settings no stage ran with.
+        run.write_settings(options.config_path, options.overrides)
         if first is not None:
             # boots, importing the first notebook's modules, while this process checks the
             # stages and imports papermill

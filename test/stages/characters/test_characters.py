@@ -427,15 +427,26 @@ def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
 
 
 def test_cli_empty_reference_folder_fails_the_movie_with_one_line(tmp_path, cut_clip, capsys):
+    """A reference folder without pictures is one line, before any stage runs: found by stage
+    03's check alone, it let stage 01 decode the whole film first. Given as a setting, it is
+    found before the run records its settings: a refused command wrote them to settings.json, and
+    notebook 03 opened on the run then started from the refused folder and failed."""
     path, _ = cut_clip
-    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "nobody").mkdir(parents=True)
     out = tmp_path / "run"
-    args = ["run", str(path), "--out", str(out), "--stages", "extract,quality,characters"]
-    code = main([*args, "--characters", str(tmp_path / "refs"), "--quiet"])
+    args = ["run", str(path), "--out", str(out), "--stages", "extract,quality,characters", "--quiet"]
+    code = main([*args, "--characters", str(tmp_path / "refs")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 2 and not out.exists()
     assert "holds no images in character sub-folders" in err and "Traceback" not in err
-    assert (out / "tables" / "quality.parquet").is_file()  # earlier stages' results are kept
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract", "--quiet"]) == 0
+    recorded = (out / "settings.json").read_text()
+    refused = [f"--set=characters.reference_dir={tmp_path / 'refs'}", "--stages", "characters"]
+    code = main(["run", str(path), "--out", str(out), "--quiet", *refused])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no images in character sub-folders" in err and "Traceback" not in err
+    assert (out / "settings.json").read_text() == recorded
+    assert (out / "tables" / "frames.parquet").is_file()  # earlier stages' results are kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,31 +270,39 @@ def reference_dir(run_dir: Path, cfg: CharactersSettings) -> Path | None:
     ``references/`` once a person has named a cluster, else None (discovery only)."""
     configured = configured_reference_dir(cfg)
     if configured is not None:
-        if not configured.is_dir():
-            what = "is not a folder" if configured.exists() else "does not exist"
-            raise BadInputError(
-                f"reference folder {configured} {what} (characters.reference_dir or --characters); "
-                "give a folder with one sub-folder of images per character"
-            )
-        try:
-            given = reference_images(configured)
-        except OSError as exc:  # its permissions: a read, not the run folder's "could not write"
-            raise BadInputError(
-                f"reference folder {configured} cannot be read ({exc.strerror or type(exc).__name__}); "
-                "fix its permissions, or give another folder (characters.reference_dir or --characters)"
-            ) from None
-        if not any(given.values()):
-            loose = sum(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in configured.iterdir())
-            found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
-            raise BadInputError(
-                f"reference folder {configured} holds no images in character sub-folders{found}; add "
-                "one sub-folder per character (its name is the character's) with pictures of it (a "
-                "photo of the face, a drawing, a sprite, a still), or unset characters.reference_dir "
-                "to discover characters without references"
-            )
+        check_reference_folder(configured)
         return configured
     own = Path(run_dir) / RUN_REFERENCES
     return own if own.is_dir() and any(reference_images(own).values()) else None
+
+
+def check_reference_folder(folder: Path) -> None:
+    """One line (:class:`BadInputError`) when ``folder``, the configured reference folder, is
+    missing, unreadable or holds no picture in a character sub-folder. ``bunny run`` checks a
+    ``--characters`` folder so before any stage runs: found by stage 03's check alone, a folder
+    without pictures let stage 01 decode the whole film first."""
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise BadInputError(
+            f"reference folder {folder} {what} (characters.reference_dir or --characters); "
+            "give a folder with one sub-folder of images per character"
+        )
+    try:
+        given = reference_images(folder)
+    except OSError as exc:  # its permissions: a read, not the run folder's "could not write"
+        raise BadInputError(
+            f"reference folder {folder} cannot be read ({exc.strerror or type(exc).__name__}); "
+            "fix its permissions, or give another folder (characters.reference_dir or --characters)"
+        ) from None
+    if not any(given.values()):
+        loose = sum(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in folder.iterdir())
+        found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
+        raise BadInputError(
+            f"reference folder {folder} holds no images in character sub-folders{found}; add "
+            "one sub-folder per character (its name is the character's) with pictures of it (a "
+            "photo of the face, a drawing, a sprite, a still), or unset characters.reference_dir "
+            "to discover characters without references"
+        )
 
 
 def naming_dir(run_dir: Path, cfg: CharactersSettings) -> Path:
