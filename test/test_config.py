@@ -109,6 +109,23 @@ def test_bad_values_name_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_dotted_key_in_a_settings_file_says_to_nest_it(tmp_path):
+    """``paths.output_dir: x`` in a file (the form --set takes, and the one docs/configuration.md
+    quotes in the text) was "unknown key 'paths.output_dir'", with no word on what to write."""
+    settings = tmp_path / "mine.yaml"
+    settings.write_text("paths.output_dir: sub/out\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(settings, root=tmp_path)
+    assert str(err.value).endswith(
+        "unknown key 'paths.output_dir' (allowed here: captions, characters, engine, export, extract, "
+        "generate, paths, pipeline, quality, report, run, scenes, train); a settings file nests its keys: "
+        "'paths:', then '  output_dir: ...' indented under it"
+    )
+    settings.write_text("extract:\n  detector.name: content\n")  # one level down, the same
+    with pytest.raises(ConfigError, match=r"nests its keys: 'detector:', then '  name: \.\.\.' indented"):
+        load_config(settings, root=tmp_path)
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

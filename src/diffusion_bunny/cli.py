@@ -84,7 +84,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stages",
         metavar="NAMES",
-        help=f"comma-separated stage names (default: all, in this order): {', '.join(stage_names())}",
+        help=(
+            "comma-separated stage names or their notebooks' numbers, spans too (1-6, extract-export; "
+            f"default: all, in this order): {', '.join(stage_names())}"
+        ),
     )
     run.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     run.add_argument(
@@ -261,7 +264,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _characters_override(args, overrides)
     cfg = load_config(config_path, overrides)
     target = args.target[0] if len(args.target) == 1 else args.target
-    print(format_status(status_table(PIPELINE, resolve_runs(target, cfg, args.out), cfg)))
+    asked = {"config_path": config_path, "overrides": overrides}
+    print(format_status(status_table(PIPELINE, resolve_runs(target, cfg, args.out), cfg, asked)))
     return 0
 
 

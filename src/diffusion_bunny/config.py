@@ -309,7 +309,11 @@ def _format_validation_error(exc: ValidationError) -> str:
     key = _shown(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
-        return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)})"
+        nested = ""
+        head, _, rest = str(loc[-1]).partition(".")
+        if rest and head in allowed:  # a settings file's ``paths.output_dir: x``: --set's form
+            nested = f"; a settings file nests its keys: '{head}:', then '  {rest}: ...' indented under it"
+        return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)}){nested}"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     if err["type"] == "string_type" and isinstance(value, int | float | list | tuple):

@@ -42,6 +42,21 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert "  extract     done\n" in out and "  quality     missing  (never ran)" in out
     assert main(["status", str(run.run_dir), "--set", "extract.motion_threshold=200"]) == 0
     assert f"  extract     stale  ({moved})" in capsys.readouterr().out
+    # Judged by the command's own settings, and said so where the run's last bunny run had others
+    # (a stage made with --characters read "stale" to a status typed without it, unexplained).
+    assert "its last bunny run was given" not in out  # no settings.json: nothing to compare
+    run.write_settings(None, {"extract.motion_threshold": 200, "engine.kind": "local"})
+    assert main(["status", str(run.run_dir)]) == 0
+    said = capsys.readouterr().out
+    assert (
+        "  its last bunny run was given --set extract.motion_threshold=200; judged here by this "
+        "command's (no settings of its own): give the same to judge by those\n"
+    ) in said
+    assert "  extract     done\n" in said
+    assert main(["status", str(run.run_dir), "--set", "extract.motion_threshold=200"]) == 0
+    said = capsys.readouterr().out
+    assert "its last bunny run was given" not in said and f"  extract     stale  ({moved})" in said
+    run.write_settings(None, {})
     # --characters as bunny run takes it: a folder that is not there is one line, exit status 2.
     assert main(["status", str(run.run_dir), "--characters", str(tmp_path / "nope")]) == 2
     assert f"--characters {tmp_path / 'nope'}: " in capsys.readouterr().err

@@ -74,6 +74,8 @@ def recorded_name(declared: str) -> str:
 class RunSettings(Section):
     """Settings of a whole run, shared by every stage."""
 
+    #: The captions' sampling seed (stage 05), recorded in every manifest; the stages that draw
+    #: at random have seeds of their own (``scenes.seed``, ``export.seed``, ``train.seed``...).
     seed: int = Field(0, ge=0)
     video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     kernel: str = "python3"

@@ -259,12 +259,49 @@ def _replaced_movie(run_dir: Path) -> str | None:
     )
 
 
-def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.DataFrame:
+def _flags(record: dict[str, Any]) -> str:
+    """A run's recorded settings (``settings.json``) as the flags that give them."""
+    overrides = dict(record.get("overrides") or {})
+    words = [f"--config {record['config_path']}"] if record.get("config_path") else []
+    if "characters.reference_dir" in overrides:
+        words.append(f"--characters {overrides.pop('characters.reference_dir')}")
+    words += [f"--set {key}={value}" for key, value in overrides.items()]
+    return " ".join(words) or "no settings of its own"
+
+
+def _of_stages(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded ``config_path`` and ``overrides`` without the engine's settings."""
+    overrides = {k: v for k, v in (record.get("overrides") or {}).items() if not k.startswith("engine.")}
+    return {"config_path": record.get("config_path"), "overrides": overrides}
+
+
+def settings_note(run: Run, asked: dict[str, Any]) -> str | None:
+    """A line when the run's last ``bunny run`` was given other settings than this command
+    (``asked``: its ``config_path`` and ``overrides``), else None. Why: a stage of a run made with
+    ``--characters`` read "stale (its config changed: characters.reference_dir ... -> None)" to a
+    ``bunny status`` typed without it, with nothing saying that the command's own settings are
+    what the stages are judged by."""
+    recorded = run.settings()
+    if recorded is None:
+        return None
+    # Where the stages run is in no stage's settings (engine.kind, engine.address)
+    recorded, asked = (_of_stages(r) for r in (recorded, asked))
+    if recorded == asked:
+        return None
+    return (
+        f"its last bunny run was given {_flags(recorded)}; judged here by this command's "
+        f"({_flags(asked)}): give the same to judge by those"
+    )
+
+
+def status_table(
+    pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig, asked: dict[str, Any] | None = None
+) -> pl.DataFrame:
     """One row per movie and stage: ``movie``, ``run_dir``, ``stage``, ``state``, ``reason``,
-    ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07) and
-    ``in_use`` (the process holding the run folder now, if any). ``state`` is ``replaced`` in
-    each row of a run folder whose movie's path now holds another file, ``reason`` the line
-    saying so."""
+    ``kept`` (what the stage keeps beside its outputs, e.g. every LoRA of stage 07), ``in_use``
+    (the process holding the run folder now, if any) and ``note`` (:func:`settings_note`, when
+    ``asked`` is given). ``state`` is ``replaced`` in each row of a run folder whose movie's path
+    now holds another file, ``reason`` the line saying so."""
     rows = []
     for ref in refs:
         states: list[tuple[str, str, str, list[str]]]
@@ -280,6 +317,7 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
         else:
             states = _run_rows(pipeline, ref.run_dir, cfg, run=run)
         holder = current_holder(ref.run_dir, cfg.pipeline.lock_stale_s) if is_run else None
+        note = settings_note(run, asked) if run is not None and asked is not None else None
         for stage, state, reason, kept in states:
             rows.append(
                 {
@@ -290,6 +328,7 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
                     "reason": reason,
                     "kept": kept,
                     "in_use": holder.describe() if holder is not None else None,
+                    "note": note,
                 }
             )
     return pl.DataFrame(
@@ -302,6 +341,7 @@ def status_table(pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig) -> pl.D
             "reason": pl.Utf8,
             "kept": pl.List(pl.Utf8),
             "in_use": pl.Utf8,
+            "note": pl.Utf8,
         },
     )
 
@@ -319,6 +359,9 @@ def format_status(table: pl.DataFrame) -> str:
         in_use = part["in_use"][0] if "in_use" in part.columns else None
         if in_use:
             lines.append(f"  in use by {in_use}")
+        note = part["note"][0] if "note" in part.columns else None
+        if note:
+            lines.append(f"  {note}")
         if replaced:  # one line for the run folder, not one stale line per stage
             lines.append(f"  {part['reason'][0]}")
         for row in part.iter_rows(named=True):
