@@ -100,6 +100,19 @@ def test_layers_later_wins(tmp_path):
             ["extract.motion_threshold=abc"],
             "extract.motion_threshold = 'abc': Input should be a valid number",
         ),
+        (  # nothing after '=': was "Input should be a valid dictionary or object to extract fields"
+            ["extract.detector="],
+            "config error: extract.detector is empty; give it a value, or leave the key out for its default",
+        ),
+        (["train.seed="], "config error: train.seed is empty; give it a value"),
+        (  # was "Input should be a valid integer" of a setting that takes a list
+            ["generate.seeds=1,2"],
+            "config error: generate.seeds = '1,2': a list is written in brackets: [1,2]",
+        ),
+        (  # the key once, not "extract.detector: extract.detector: 'bogus' ..."
+            ["extract.detector.name=bogus"],
+            "config error: extract.detector: 'bogus' is not a shot detector; choose one of adaptive,",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

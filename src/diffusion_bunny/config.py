@@ -314,8 +314,15 @@ def _format_validation_error(exc: ValidationError) -> str:
         if rest and head in allowed:  # a settings file's ``paths.output_dir: x``: --set's form
             nested = f"; a settings file nests its keys: '{head}:', then '  {rest}: ...' indented under it"
         return f"config error: unknown key '{key}' (allowed here: {', '.join(allowed)}){nested}"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{key}: ")  # a validator naming it too
     value = err.get("input")
+    if value is None and err["type"] != "string_type":
+        # ``--set extract.detector=`` (nothing after the '='): not "Input should be a valid
+        # dictionary or object to extract fields from"
+        return f"config error: {key} is empty; give it a value, or leave the key out for its default"
+    if isinstance(value, str) and "," in value and len(err["loc"]) > len(loc):  # an item of a list
+        # ``--set generate.seeds=1,2``: the list's items are what the message names
+        return f"config error: {key} = {value!r}: a list is written in brackets: [{value}]"
     if err["type"] == "string_type" and isinstance(value, int | float | list | tuple):
         # A number, a yes/no or a list where text goes: YAML read it so.
         return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
