@@ -577,6 +577,8 @@ class DecodeReport:
     #: The longest time between two frames decoded (keyframes only: the longest group of
     #: pictures), how far the last frame decoded may lie before the end of a whole file.
     longest_gap_s: float = 0.0
+    #: When that gap began (the time of the frame before it).
+    longest_gap_at_s: float = 0.0
 
 
 #: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
@@ -745,7 +747,9 @@ class VideoReader:
                 if every and (self.keyframes_only or index % every == 0):
                     profiles = luma_profiles(frame, self.analysis_step)
                 if report.decoded:
-                    report.longest_gap_s = max(report.longest_gap_s, t - report.last_time_s)
+                    if t - report.last_time_s > report.longest_gap_s:
+                        report.longest_gap_s = t - report.last_time_s
+                        report.longest_gap_at_s = report.last_time_s
                 else:
                     report.first_time_s = t
                 report.decoded += 1
@@ -770,6 +774,18 @@ class VideoReader:
         )
         return f"{head}; the rest was read" if rest is None else f"{head}; and {rest}"
 
+    def _gap_lost(self) -> str:
+        """`` N s of picture from T s are missing;`` where damage left a stretch without a frame
+        longer than half a second (and three frames), else empty. Why: damage that took whole
+        packets with it (60 kB overwritten in a Matroska file) read "1 packet(s) could not be
+        decoded, and the 0 frame(s) ... were left out" while 1.2 s of picture was gone. Said only
+        of a damaged file: a variable-rate film may hold a still that long."""
+        report, frame_s = self.report, 1.0 / self.info.fps
+        lost = report.longest_gap_s - frame_s
+        if self.keyframes_only or lost <= max(0.5, 3 * frame_s):
+            return ""
+        return f" {lost:.1f} s of picture from {report.longest_gap_at_s:.1f} s are missing;"
+
     def _rest_lost(self) -> str | None:
         info, report = self.info, self.report
         frame_s = 1.0 / info.fps
@@ -788,8 +804,8 @@ class VideoReader:
             return (
                 f"{info.path.name}: the picture is damaged in places: {report.damaged_packets} packet(s) "
                 f"could not be decoded, and the {report.damaged_frames} frame(s) decoded from damaged "
-                "data up to the next keyframe (smeared with pieces of other pictures) were left out; "
-                "the rest was read"
+                f"data up to the next keyframe (smeared with pieces of other pictures) were left out;"
+                f"{self._gap_lost()} the rest was read"
             )
         if expected_s and lost_s > 0:
             pct = 100.0 * lost_s / expected_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 from fractions import Fraction
 
 import av
@@ -698,6 +699,32 @@ def test_a_damaged_stretch_is_left_out_and_the_rest_read(tmp_path):
     assert result.facts["damaged_packets"] == report.damaged_packets
     assert result.tables["shots"]["end_frame"][-1] == len(read) and len(result.tables["shots"]) == 3
     assert any("damaged in places" in w for w in result.warnings)
+
+
+def test_damage_that_took_whole_packets_says_how_much_picture_is_missing(tmp_path):
+    """A tenth of a Matroska file overwritten halfway (a broken copy): the demuxer skips to the
+    next cluster, so few packets fail to decode while a stretch of the film has no frame at all.
+    The line said "1 packet(s) could not be decoded, and the 2 frame(s) ... were left out"; it
+    now says how many seconds from where are missing (the truth: 125 frames at 25 fps)."""
+    import random
+
+    clean = remux(_glitched_clip(tmp_path).with_name("clean.mp4"), tmp_path / "clean.mkv")
+    data = bytearray(clean.read_bytes())
+    size = len(data) // 10
+    start = len(data) // 2 - size // 2
+    rng = random.Random(0)
+    data[start : start + size] = bytes(rng.randrange(256) for _ in range(size))
+    path = tmp_path / "broken.mkv"
+    path.write_bytes(bytes(data))
+    reader = VideoReader(path)
+    read = [d.time_s for d in reader.frames()]
+    missing = r"; (\d+\.\d) s of picture from (\d+\.\d) s are missing; the rest was read$"
+    said = re.search(missing, reader.loss_message())
+    assert said is not None, reader.loss_message()
+    gaps = np.diff(read)
+    assert float(said.group(1)) == pytest.approx(gaps.max() - 1 / reader.info.fps, abs=0.06)
+    assert float(said.group(2)) == pytest.approx(read[int(gaps.argmax())], abs=0.06)
+    assert float(said.group(1)) >= 1.0 and (125 - len(read)) / 25 >= float(said.group(1)) - 0.2
 
 
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):
