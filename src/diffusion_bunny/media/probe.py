@@ -256,6 +256,13 @@ def _standard(rate: float) -> float:
     return near if abs(near - rate) <= 0.001 * near else rate
 
 
+def still_picture(format_name: str) -> bool:
+    """Whether FFmpeg read a file as one picture: its image demuxers (``image2`` for a JPEG,
+    ``png_pipe``, ``webp_pipe`` and the other ``*_pipe``). A photo given as the movie ran every
+    stage on one frame, without a word. An animated GIF is a film (``gif``)."""
+    return format_name == "image2" or any(name.endswith("_pipe") for name in format_name.split(","))
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Open ``path`` and describe its first video stream.
 
@@ -284,6 +291,12 @@ def probe_video(path: str | Path) -> VideoInfo:
             "truncated or of another type",
         ) from None
     with container:
+        if still_picture(container.format.name):
+            raise _fail(
+                path,
+                "is a still picture, not a film; give a video file (a picture of a character goes "
+                "in the --characters folder, in a sub-folder named after it)",
+            )
         stream = picture_stream(container)
         if stream is None:
             what = "only a cover picture" if container.streams.video else "no video stream"

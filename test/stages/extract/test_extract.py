@@ -538,6 +538,23 @@ def test_bad_input_messages(tmp_path, make, message):
     assert not (tmp_path / "run" / "frames").exists()
 
 
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.webp", "photo.mp4"])
+def test_a_still_picture_given_as_the_movie_is_one_line(tmp_path, name):
+    """A photo given as the movie (a picture meant for --characters) ran every stage on one frame
+    without a word; it is refused in one line, whatever its name says. An animated GIF is a film
+    and is read as one."""
+    from PIL import Image as PILImage
+
+    picture = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    path = tmp_path / name
+    picture.save(path, format={".jpg": "JPEG", ".mp4": "JPEG"}.get(path.suffix, path.suffix[1:].upper()))
+    with pytest.raises(BadInputError, match="is a still picture, not a film; give a video file"):
+        probe_video(path)
+    frames = [picture.rotate(angle) for angle in (0, 90, 180)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    assert probe_video(tmp_path / "moving.gif").width == 160
+
+
 def test_audio_only_file_is_rejected(tmp_path):
     path = write_tone(tmp_path / "sound.mp4")
     with pytest.raises(BadInputError, match="no video stream"):
