@@ -385,6 +385,14 @@ def display_turn(frame: av.VideoFrame, codec: str = "") -> tuple[int, bool]:
     return quarter_turn(angle), mirrored
 
 
+def repeats_a_frame(packet: av.Packet) -> bool:
+    """Whether ``packet`` is an empty one with a time: Theora's way of showing the frame before
+    for longer (a still, a variable-rate clip), which the decoder refuses ("Invalid argument") as
+    ``ffmpeg`` never hands it one. Stage 01 stopped at the first, and a Theora film read as
+    corrupt. The empty packet without a time that ends a demux flushes the decoder: kept."""
+    return packet.size == 0 and (packet.pts is not None or packet.dts is not None)
+
+
 #: Damaged packets passed over at the start of a stream before it is taken as undecodable.
 FIRST_FRAME_TRIES = 250
 
@@ -398,6 +406,8 @@ def _first_frame(
     error: av.error.FFmpegError | None = None
     try:
         for tries, packet in enumerate(container.demux(stream)):
+            if repeats_a_frame(packet):
+                continue
             try:
                 frames = stream.decode(packet)
             except av.error.InvalidDataError as exc:

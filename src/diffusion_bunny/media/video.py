@@ -28,7 +28,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from diffusion_bunny.media import hdr as hdr_tone
-from diffusion_bunny.media.probe import VideoInfo, picture_stream, probe_video
+from diffusion_bunny.media.probe import VideoInfo, picture_stream, probe_video, repeats_a_frame
 
 __all__ = [
     "DecodeReport",
@@ -533,6 +533,8 @@ def decode_past_damage(
     while True:
         try:
             packet = next(packets)
+            if repeats_a_frame(packet):
+                continue
             frames = stream.decode(packet)
         except StopIteration:
             return

@@ -6,6 +6,7 @@ import io
 import itertools
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import cv2
@@ -742,6 +743,23 @@ def test_damage_that_took_whole_packets_says_how_much_picture_is_missing(tmp_pat
     assert float(said.group(1)) == pytest.approx(gaps.max() - 1 / reader.info.fps, abs=0.06)
     assert float(said.group(2)) == pytest.approx(read[int(gaps.argmax())], abs=0.06)
     assert float(said.group(1)) >= 1.0 and (125 - len(read)) / 25 >= float(said.group(1)) - 0.2
+
+
+def test_a_theora_film_that_repeats_frames_is_read_whole(tmp_path):
+    """Theora shows a frame for longer with an empty packet (``data/theora_repeats.ogv``: FFmpeg's
+    test pattern at 5 fps stored at 25, ``ffmpeg -f lavfi -i testsrc=size=160x96:rate=5:duration=2
+    -r 25 -c:v libtheora -q:v 5``: 29 of its packets empty). The decoder refuses such a packet
+    ("Invalid argument"), which stopped stage 01 at the first: a Theora film read as corrupt, or
+    its last 72% lost. They are passed over, as ``ffmpeg`` passes them over."""
+    path = Path(__file__).with_name("data") / "theora_repeats.ogv"
+    info = probe_video(path)
+    assert (info.codec, info.width, info.height) == ("theora", 160, 96)
+    reader = VideoReader(path)
+    times = [d.time_s for d in reader.frames()]
+    assert reader.report.stopped_by_error is None and reader.loss_message() is None
+    assert len(times) == 20 and times[0] == 0.0 and times[-1] == pytest.approx(1.92)
+    result = extract_frames(path, cfg(), tmp_path / "run", progress=False)
+    assert result.tables["frames"].height >= 1 and not any("lost" in w for w in result.warnings)
 
 
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):
