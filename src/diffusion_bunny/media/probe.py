@@ -211,8 +211,16 @@ def _measured_rate_of(path: str, size: int, mtime_ns: int, limit: int | None) ->
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else 0.0
 
 
+#: FFmpeg's demuxers of bare video streams, with no container to time them.
+RAW_STREAMS = frozenset({"h264", "hevc", "vvc", "mpegvideo", "m4v", "cavsvideo", "avs2", "avs3", "obu"})
+
+
 def _frame_rate(
-    path: Path, stream: av.video.stream.VideoStream, matroska: bool, duration_s: float | None
+    path: Path,
+    stream: av.video.stream.VideoStream,
+    matroska: bool,
+    duration_s: float | None,
+    raw: bool = False,
 ) -> float:
     """The picture's mean frames a second, which every window in seconds that stage 01 counts
     in frames (a keyframe's window, the shortest shot, a shot clip) needs.
@@ -231,6 +239,12 @@ def _frame_rate(
     mkvmerge's statistics tags (NUMBER_OF_FRAMES) are not read: a cut made from a release by
     FFmpeg keeps the release's count. Other files without a count (MPEG-TS, FLV) keep their
     declared rate unless it is a time base: a joined recording's times restart."""
+    if raw and stream.guessed_rate:
+        # A bare H.264/H.265 stream (a camera's, a drone's .h264) has no container to time it:
+        # FFmpeg's demuxer gives every one 25 frames a second, and its frames no times, while the
+        # stream's own timing (the rate ``ffmpeg`` encodes it on at) is the guessed rate. A 29.97
+        # camera file read at 25 made every shot a fifth too long, and its EDL 25 fps.
+        return _standard(float(stream.guessed_rate))
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     declared = float(rate) if rate else 0.0
     if stream.frames:
@@ -310,7 +324,8 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first_frame is None:
             raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
         rotation, mirrored = display_turn(first_frame, ctx.name)
-        fps = _frame_rate(path, stream, "matroska" in container.format.name, duration_s)
+        name = container.format.name
+        fps = _frame_rate(path, stream, "matroska" in name, duration_s, name in RAW_STREAMS)
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)

@@ -762,6 +762,28 @@ def test_a_theora_film_that_repeats_frames_is_read_whole(tmp_path):
     assert result.tables["frames"].height >= 1 and not any("lost" in w for w in result.warnings)
 
 
+def test_a_bare_h264_stream_keeps_its_own_frame_rate(tmp_path):
+    """A bare H.264 stream (a camera's or a drone's ``.h264``) has no container to time it:
+    FFmpeg's demuxer says 25 frames a second and gives its frames no times. A 29.97 camera file
+    was read at 25 (every shot a fifth too long, its EDL at 25 fps); the stream's own timing is
+    the rate, as ``ffmpeg`` encodes it on."""
+    path = tmp_path / "camera.h264"
+    with av.open(str(path), "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=Fraction(30000, 1001))
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 160, 3), 40 if i < 30 else 200, np.uint8))
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_video(path)
+    assert info.container == "h264" and info.fps == 30000 / 1001
+    times = [d.time_s for d in VideoReader(path).frames()]
+    assert len(times) == 60 and times[-1] == pytest.approx(59 * 1001 / 30000)
+
+
 def test_truncated_without_index_is_a_clear_error(cut_clip, tmp_path):
     src, _ = cut_clip  # PyAV writes the mp4 index at the end: cut it off and nothing is readable
     data = src.read_bytes()
