@@ -530,11 +530,17 @@ def decode_past_damage(
     recording why."""
     packets = container.demux(stream)
     seen, tainted = 0, -1  # frames decoded since the last damage, -1 when whole
+    earliest: float | None = None  # the earliest packet's time before the first frame came out
     while True:
         try:
             packet = next(packets)
             if repeats_a_frame(packet):
                 continue
+            # (a packet before a trimmed MP4's edit point is decoded and not shown, by design)
+            timed = packet.pts is not None and packet.time_base is not None
+            if report.head_lost_s is None and timed and not packet.is_discard:
+                at = float(packet.pts * packet.time_base)
+                earliest = at if earliest is None else min(earliest, at)
             frames = stream.decode(packet)
         except StopIteration:
             return
@@ -553,6 +559,9 @@ def decode_past_damage(
                     report.damaged_frames += 1
                     continue
                 tainted = -1
+            if report.head_lost_s is None:
+                timed = frame.time is not None and earliest is not None
+                report.head_lost_s = max(0.0, frame.time - earliest) if timed else -1.0
             yield frame
 
 
@@ -581,6 +590,10 @@ class DecodeReport:
     longest_gap_s: float = 0.0
     #: When that gap began (the time of the frame before it).
     longest_gap_at_s: float = 0.0
+    #: How far the first frame decoded lies after the earliest packet read before it: the
+    #: frames up to the first keyframe that could not be decoded (-1.0 where the packets carry
+    #: no times; None before the first frame).
+    head_lost_s: float | None = None
 
 
 #: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
@@ -766,9 +779,14 @@ class VideoReader:
         its start (frames before the first keyframe), its end, damaged stretches."""
         rest = self._rest_lost()
         first = self.report.first_time_s
+        unread = self.report.head_lost_s
+        least = max(0.5, 3.0 / self.info.fps)
         # Keyframes alone: the first decoded is the first keyframe, which a trimmed MP4 (an edit
         # list) has seconds in while every frame before it decodes. Said only of a full decode.
-        if first is None or self.keyframes_only or first <= max(0.5, 3.0 / self.info.fps):
+        # Nor of a film whose picture starts late by design (an Xvid AVI's first frame, a
+        # keyframe, timed 1 s in): only frames read before the first one decoded are lost.
+        read_whole = unread is not None and 0 <= unread <= least
+        if first is None or self.keyframes_only or first <= least or read_whole:
             return rest
         head = (
             f"{self.info.path.name}: the first {first:.1f} s could not be decoded (the file begins partway "

@@ -635,6 +635,26 @@ def test_a_recording_that_begins_partway_through_a_group_of_pictures_says_what_i
     )
 
 
+def test_an_avi_whose_picture_starts_late_loses_nothing(tmp_path):
+    """An Xvid AVI with B-frames whose first frame, a keyframe, is timed 1 s in (its source's
+    picture began late): the first packet read is that keyframe, so nothing before it was lost,
+    yet the run said "the first 1.0 s could not be decoded (the file begins partway through a
+    group of pictures ...)"."""
+    path = tmp_path / "late.avi"
+    pictures = np.random.default_rng(0).integers(0, 255, (50, 96, 160, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=25, options={"bf": "2"})
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        for i, img in enumerate(pictures):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = 25 + i, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    reader = VideoReader(path)
+    assert len(list(reader.frames())) == 50 and reader.report.first_time_s == pytest.approx(1.0)
+    assert reader.loss_message() is None
+
+
 def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_path):
     """The Segment's duration is the longest track's: a 2 s picture with 4 s of sound was said
     to have lost its last half, "truncated or corrupt". The picture's own DURATION tag tells."""
