@@ -648,6 +648,13 @@ def test_a_folder_of_the_users_own_or_another_movies_run_is_refused_before_anyth
     assert sorted((run_dir / "frames").iterdir()) == frames
     assert main(["run", str(moved), "--stages", "extract", "--quiet", "--out", str(run_dir)]) == 0
     assert Run.open(run_dir).movie == moved.resolve() and sorted((run_dir / "frames").iterdir()) == frames
+    # The same path with new content (a new cut, a download cut short): said so, not "the run
+    # folder of another movie (renamed.mp4)", the very file given.
+    write_clip(moved, [(6, 30, 0.0)])
+    assert main(["run", str(moved), "--stages", "extract", "--quiet", "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is the run folder of renamed.mp4 as it was: the file has changed since" in err
+    assert sorted((run_dir / "frames").iterdir()) == frames
 
 
 def test_notebook_01_interactive_path_runs_headless(cut_clip, tmp_path):

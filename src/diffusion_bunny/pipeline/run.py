@@ -224,6 +224,14 @@ def check_run_folder(run_dir: str | Path, movie: str | Path) -> None:
         return
     if meta is not None:
         if meta.get("movie_key") not in (None, movie_key(movie)):
+            if Path(str(meta.get("movie"))) == Path(movie).resolve():
+                # The same path with other content: "the run folder of another movie (movie.mp4)"
+                # named the very file given, with no word of its change.
+                raise StageError(
+                    f"{folder} is the run folder of {Path(movie).name} as it was: the file has changed "
+                    "since (a new cut, a download finished or cut short, damage); give --out a new "
+                    f"folder for it as it is now, or remove that one to run it there again"
+                )
             raise StageError(
                 f"{folder} is the run folder of another movie ({Path(meta['movie']).name}); give --out "
                 f"a new folder for {Path(movie).name}, or remove that one to reuse its name"
