@@ -302,7 +302,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise _fail(
             path,
             f"not a video FFmpeg can read ({exc.strerror or exc}); the file may be corrupt, "
-            "truncated or of another type",
+            "truncated or of another type: copy or download it again, or check that it plays",
         ) from None
     with container:
         if still_picture(container.format.name):
@@ -320,9 +320,17 @@ def probe_video(path: str | Path) -> VideoInfo:
         first_frame = _first_frame(container, stream)
         if isinstance(first_frame, av.error.FFmpegError):
             reason = first_frame.strerror or first_frame
-            raise _fail(path, f"the video stream cannot be decoded ({reason})") from None
+            raise _fail(
+                path,
+                f"the video stream cannot be decoded ({reason}); the file is damaged: copy or download "
+                "it again, or check that it plays",
+            ) from None
         if first_frame is None:
-            raise _fail(path, "the video stream holds no decodable frame; the file is corrupt or truncated")
+            raise _fail(
+                path,
+                "the video stream holds no decodable frame; the file is corrupt or truncated: copy or "
+                "download it again, or check that it plays",
+            )
         rotation, mirrored = display_turn(first_frame, ctx.name)
         name = container.format.name
         fps = _frame_rate(path, stream, "matroska" in name, duration_s, name in RAW_STREAMS)

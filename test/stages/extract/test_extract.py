@@ -525,7 +525,10 @@ def test_keyframes_of_variable_frame_rate_footage_never_share_an_index(tmp_path)
         (lambda p: None, "no such file"),
         (lambda p: p.mkdir(), "is a folder"),
         (lambda p: p.write_bytes(b""), r"the file is empty \(0 bytes\)"),
-        (lambda p: p.write_text("hello, I am not a movie\n" * 100), "not a video FFmpeg can read"),
+        (
+            lambda p: p.write_text("hello, I am not a movie\n" * 100),
+            "not a video FFmpeg can read .*: copy or download it again, or check that it plays",
+        ),
         (lambda p: p.write_bytes(np.random.default_rng(0).bytes(50_000)), "not a video FFmpeg can read"),
     ],
 )
