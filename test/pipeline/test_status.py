@@ -12,7 +12,7 @@ from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
-from diffusion_bunny.pipeline.status import resolve_runs, run_status
+from diffusion_bunny.pipeline.status import resolve_runs, run_status, settings_note
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_names
 
 
@@ -56,6 +56,14 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert main(["status", str(run.run_dir), "--set", "extract.motion_threshold=200"]) == 0
     said = capsys.readouterr().out
     assert "its last bunny run was given" not in said and f"  extract     stale  ({moved})" in said
+    # --characters is said as typed; where the stages run (engine.*) is in no stage's settings.
+    refs = {"characters.reference_dir": "/films/refs"}
+    run.write_settings("/films/mine.yaml", {**refs, "engine.kind": "ray"})
+    assert settings_note(run, {"config_path": "/films/mine.yaml", "overrides": refs}) is None
+    assert settings_note(run, {"config_path": None, "overrides": {"engine.kind": "local"}}) == (
+        "its last bunny run was given --config /films/mine.yaml --characters /films/refs; judged here "
+        "by this command's (no settings of its own): give the same to judge by those"
+    )
     run.write_settings(None, {})
     # --characters as bunny run takes it: a folder that is not there is one line, exit status 2.
     assert main(["status", str(run.run_dir), "--characters", str(tmp_path / "nope")]) == 2

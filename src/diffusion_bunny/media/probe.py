@@ -270,11 +270,29 @@ def _standard(rate: float) -> float:
     return near if abs(near - rate) <= 0.001 * near else rate
 
 
-def still_picture(format_name: str) -> bool:
-    """Whether FFmpeg read a file as one picture: its image demuxers (``image2`` for a JPEG,
-    ``png_pipe``, ``webp_pipe`` and the other ``*_pipe``). A photo given as the movie ran every
-    stage on one frame, without a word. An animated GIF is a film (``gif``)."""
-    return format_name == "image2" or any(name.endswith("_pipe") for name in format_name.split(","))
+def image_demuxer(name: str) -> bool:
+    """Whether FFmpeg's demuxer ``name`` is one of its picture readers (``image2``, ``*_pipe``)."""
+    return name == "image2" or any(part.endswith("_pipe") for part in name.split(","))
+
+
+def still_picture(container: av.container.InputContainer) -> bool:
+    """Whether FFmpeg read a file as one picture: an image demuxer (``image2`` for a JPEG,
+    ``png_pipe``, ``webp_pipe`` and the other ``*_pipe``) that finds no second picture. A photo
+    given as the movie ran every stage on one frame, without a word. A bare Motion-JPEG stream (a
+    webcam's ``.mjpeg``) is read by ``jpeg_pipe`` too, and is a film; so is an animated GIF
+    (``gif``). Reads at most two packets: the caller reopens the file to decode it."""
+    if not image_demuxer(container.format.name):
+        return False
+    stream = picture_stream(container)
+    if stream is None:
+        return False
+    pictures = 0
+    with contextlib.suppress(av.error.FFmpegError):
+        for packet in container.demux(stream):
+            pictures += packet.size > 0
+            if pictures > 1:
+                return False
+    return True
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -304,13 +322,17 @@ def probe_video(path: str | Path) -> VideoInfo:
             f"not a video FFmpeg can read ({exc.strerror or exc}); the file may be corrupt, "
             "truncated or of another type: copy or download it again, or check that it plays",
         ) from None
+    if still_picture(container):
+        container.close()
+        raise _fail(
+            path,
+            "is a still picture, not a film; give a video file (a picture of a character goes "
+            "in the --characters folder, in a sub-folder named after it)",
+        )
+    if image_demuxer(container.format.name):
+        container.close()  # read from its start again: the check took its first packets
+        container = av.open(str(path), metadata_errors="ignore")
     with container:
-        if still_picture(container.format.name):
-            raise _fail(
-                path,
-                "is a still picture, not a film; give a video file (a picture of a character goes "
-                "in the --characters folder, in a sub-folder named after it)",
-            )
         stream = picture_stream(container)
         if stream is None:
             what = "only a cover picture" if container.streams.video else "no video stream"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -588,8 +588,11 @@ class DecodeReport:
     #: The longest time between two frames decoded (keyframes only: the longest group of
     #: pictures), how far the last frame decoded may lie before the end of a whole file.
     longest_gap_s: float = 0.0
-    #: When that gap began (the time of the frame before it).
-    longest_gap_at_s: float = 0.0
+    #: Stretches of over half a second without a frame decoded: (the time of the frame before
+    #: it, its length), at most :data:`GAPS_KEPT`.
+    gaps: list[tuple[float, float]] = field(default_factory=list)
+    #: When damage was met (the time of the last frame decoded before it), at most :data:`GAPS_KEPT`.
+    damage_at: list[float] = field(default_factory=list)
     #: How far the first frame decoded lies after the earliest packet read before it: the
     #: frames up to the first keyframe that could not be decoded (-1.0 where the packets carry
     #: no times; None before the first frame).
@@ -598,6 +601,10 @@ class DecodeReport:
 
 #: Seconds after damage a stream without a keyframe (intra refresh) is taken as whole again.
 RECOVERY_S = 10.0
+
+#: Stretches without a frame, and places of damage, a decode report keeps (a film damaged all
+#: through needs no more to be told so).
+GAPS_KEPT = 1000
 
 #: A leap forward of more than this between two frames of a container whose timestamps may jump
 #: (MPEG-TS and the like) is a discontinuity, not a pause: FFmpeg's own threshold for such formats.
@@ -737,7 +744,7 @@ class VideoReader:
                 stream.codec_context.skip_frame = "NONKEY"
             tb = float(stream.time_base) if stream.time_base else None
             start = stream.start_time * tb if (stream.start_time is not None and tb) else None
-            index = 0
+            index = damage_seen = 0
             every = self.profile_every
             clock = MonotonicClock.of(container, info.fps)
             for frame in self._decoded(container):
@@ -762,9 +769,14 @@ class VideoReader:
                 if every and (self.keyframes_only or index % every == 0):
                     profiles = luma_profiles(frame, self.analysis_step)
                 if report.decoded:
-                    if t - report.last_time_s > report.longest_gap_s:
-                        report.longest_gap_s = t - report.last_time_s
-                        report.longest_gap_at_s = report.last_time_s
+                    gap = t - report.last_time_s
+                    report.longest_gap_s = max(report.longest_gap_s, gap)
+                    if gap > 0.5 and len(report.gaps) < GAPS_KEPT:
+                        report.gaps.append((report.last_time_s, gap))
+                    damage = report.damaged_packets + report.damaged_frames
+                    if damage != damage_seen and len(report.damage_at) < GAPS_KEPT:
+                        report.damage_at.append(report.last_time_s)
+                    damage_seen = damage
                 else:
                     report.first_time_s = t
                 report.decoded += 1
@@ -798,13 +810,25 @@ class VideoReader:
         """`` N s of picture from T s are missing;`` where damage left a stretch without a frame
         longer than half a second (and three frames), else empty. Why: damage that took whole
         packets with it (60 kB overwritten in a Matroska file) read "1 packet(s) could not be
-        decoded, and the 0 frame(s) ... were left out" while 1.2 s of picture was gone. Said only
-        of a damaged file: a variable-rate film may hold a still that long."""
+        decoded, and the 0 frame(s) ... were left out" while 1.2 s of picture was gone. Only a
+        stretch with damage in it counts: a variable-rate film may hold a still that long."""
         report, frame_s = self.report, 1.0 / self.info.fps
-        lost = report.longest_gap_s - frame_s
-        if self.keyframes_only or lost <= max(0.5, 3 * frame_s):
+
+        # A stretch is the damage's when damage was met in it or within a second of it (the
+        # demuxer may pass over unreadable data silently, failing on a packet before or after),
+        # the nearest such stretch: a still of a variable-rate film near the damage is not it.
+        def away(at: float, length: float) -> float:
+            return min(max(0.0, at - when, when - at - length) for when in report.damage_at)
+
+        near = [(away(at, length), -length, at, length) for at, length in report.gaps if report.damage_at]
+        near = [n for n in near if n[0] <= 1.0]
+        if self.keyframes_only or not near:
             return ""
-        return f" {lost:.1f} s of picture from {report.longest_gap_at_s:.1f} s are missing;"
+        *_, at, length = min(near)  # the nearest, then the longest
+        lost = length - frame_s
+        if lost <= max(0.5, 3 * frame_s):
+            return ""
+        return f" {lost:.1f} s of picture from {at:.1f} s are missing;"
 
     def _rest_lost(self) -> str | None:
         info, report = self.info, self.report

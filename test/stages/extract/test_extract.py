@@ -557,6 +557,14 @@ def test_a_still_picture_given_as_the_movie_is_one_line(tmp_path, name):
     frames = [picture.rotate(angle) for angle in (0, 90, 180)]
     frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
     assert probe_video(tmp_path / "moving.gif").width == 160
+    # A bare Motion-JPEG stream (a webcam's .mjpeg: JPEGs one after another) is read by the same
+    # picture reader as a photo, and is a film.
+    stream = io.BytesIO()
+    for frame in frames:
+        frame.save(stream, format="JPEG")
+    (tmp_path / "webcam.mjpeg").write_bytes(stream.getvalue())
+    info = probe_video(tmp_path / "webcam.mjpeg")
+    assert info.container == "jpeg_pipe" and len(list(VideoReader(tmp_path / "webcam.mjpeg").frames())) == 3
 
 
 def test_audio_only_file_is_rejected(tmp_path):
@@ -766,6 +774,38 @@ def test_damage_that_took_whole_packets_says_how_much_picture_is_missing(tmp_pat
     assert float(said.group(1)) == pytest.approx(gaps.max() - 1 / reader.info.fps, abs=0.06)
     assert float(said.group(2)) == pytest.approx(read[int(gaps.argmax())], abs=0.06)
     assert float(said.group(1)) >= 1.0 and (125 - len(read)) / 25 >= float(said.group(1)) - 0.2
+
+
+def test_a_still_of_a_variable_rate_film_is_not_the_damages_loss(tmp_path):
+    """A variable-rate film holds its first shot's last frame for 2 s, and damage two seconds
+    later costs a second of picture: the line names the second the damage took (from 4.0 s), not
+    the still, the film's longest stretch without a new frame."""
+    import random
+
+    from clips import render_shot
+
+    path = tmp_path / "still.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25, options={"x264-params": "keyint=25"})
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        pictures = [*render_shot(1, 25, 160, 96, 1.0), *render_shot(2, 100, 160, 96, 2.0)]
+        for i, img in enumerate(pictures):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = i if i < 25 else i + 50, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    reader = VideoReader(path)
+    assert len(list(reader.frames())) == 125 and reader.loss_message() is None  # the still is no loss
+    data = bytearray(path.read_bytes())
+    start, rng = int(len(data) * 0.6), random.Random(0)
+    data[start : start + 512] = bytes(rng.randrange(256) for _ in range(512))
+    damaged = tmp_path / "damaged.mkv"
+    damaged.write_bytes(bytes(data))
+    reader = VideoReader(damaged)
+    read = len(list(reader.frames()))
+    assert read < 125 and reader.loss_message().endswith(
+        f"; {(125 - read) / 25 - 0.04:.1f} s of picture from 4.0 s are missing; the rest was read"
+    )
 
 
 def test_a_theora_film_that_repeats_frames_is_read_whole(tmp_path):
