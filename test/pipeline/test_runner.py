@@ -1054,7 +1054,8 @@ def test_a_notebooks_overrides_in_any_form_keep_the_last_runs_other_settings(cut
     from diffusion_bunny.nbtools import notebook_config
 
     refs = tmp_path / "refs"
-    refs.mkdir()
+    (refs / "someone").mkdir(parents=True)  # --characters must hold a picture (cli checks it)
+    (refs / "someone" / "face.png").write_bytes(b"")
     out = tmp_path / "run"
     args = ["run", str(cut_clip[0]), "--out", str(out), "--stages", "extract", "--quiet"]
     args += ["--set", "characters.detector.name=mtcnn", "--set", "characters.detector.min_score=0.9"]
