@@ -295,6 +295,30 @@ def still_picture(container: av.container.InputContainer) -> bool:
     return True
 
 
+def _open_film(path: Path) -> av.container.InputContainer:
+    """``path`` opened by FFmpeg, or one line (:class:`BadInputError`) where FFmpeg cannot read it
+    or finds one still picture in it (:func:`still_picture`)."""
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise _fail(
+            path,
+            f"not a video FFmpeg can read ({exc.strerror or exc}); the file may be corrupt, "
+            "truncated or of another type: copy or download it again, or check that it plays",
+        ) from None
+    if not image_demuxer(container.format.name):
+        return container
+    with container:
+        if still_picture(container):
+            raise _fail(
+                path,
+                "is a still picture, not a film; give a video file (a picture of a character goes "
+                "in the --characters folder, in a sub-folder named after it)",
+            )
+    # read from its start again: the check took its first packets
+    return av.open(str(path), metadata_errors="ignore")
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Open ``path`` and describe its first video stream.
 
@@ -314,25 +338,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         path.open("rb").close()
     except OSError as exc:  # FFmpeg's "Permission denied" read as a corrupt file
         raise unreadable(path, exc) from None
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        raise _fail(
-            path,
-            f"not a video FFmpeg can read ({exc.strerror or exc}); the file may be corrupt, "
-            "truncated or of another type: copy or download it again, or check that it plays",
-        ) from None
-    if still_picture(container):
-        container.close()
-        raise _fail(
-            path,
-            "is a still picture, not a film; give a video file (a picture of a character goes "
-            "in the --characters folder, in a sub-folder named after it)",
-        )
-    if image_demuxer(container.format.name):
-        container.close()  # read from its start again: the check took its first packets
-        container = av.open(str(path), metadata_errors="ignore")
-    with container:
+    with _open_film(path) as container:
         stream = picture_stream(container)
         if stream is None:
             what = "only a cover picture" if container.streams.video else "no video stream"

@@ -30,7 +30,7 @@ def test_model_is_the_old_name_of_detector(tmp_path, caplog):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["characters.detector=retina"], root=tmp_path)
     assert str(info.value) == (
-        "config error: characters.detector = 'retina': characters.detector: 'retina' is not a face "
+        "config error: characters.detector = 'retina': 'retina' is not a face "
         "detector; choose one of centerface, cnn, hog, mediapipe, mtcnn"
     )
 
