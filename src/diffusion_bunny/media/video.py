@@ -820,9 +820,11 @@ class VideoReader:
         def away(at: float, length: float) -> float:
             return min(max(0.0, at - when, when - at - length) for when in report.damage_at)
 
-        near = [(away(at, length), -length, at, length) for at, length in report.gaps if report.damage_at]
+        if self.keyframes_only or not report.damage_at:
+            return ""
+        near = [(away(at, length), -length, at, length) for at, length in report.gaps]
         near = [n for n in near if n[0] <= 1.0]
-        if self.keyframes_only or not near:
+        if not near:
             return ""
         *_, at, length = min(near)  # the nearest, then the longest
         lost = length - frame_s
