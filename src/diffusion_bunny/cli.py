@@ -23,6 +23,7 @@ from pathlib import Path
 
 from diffusion_bunny.errors import BadInputError, ConfigError, UserError, storage_error
 from diffusion_bunny.logs import log_hint, version
+from diffusion_bunny.paths import absolute_path_variables
 
 
 def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -408,6 +409,7 @@ def _main(argv: list[str] | None) -> int:
     )
 
     args = _build_parser().parse_args(argv)
+    absolute_path_variables()  # HF_HOME=hfcache means here, not in the kernel's notebook folder
     for name in ("out", "config", "characters"):  # `--out=~/runs` or a quoted "~/x": the shell left the ~
         if getattr(args, name, None):
             setattr(args, name, os.path.expanduser(getattr(args, name)))

@@ -62,3 +62,43 @@ def is_clutter(name: str) -> bool:
     user's: a reference pack unzipped on Linux held a character named ``__MACOSX``, and a
     ``Thumbs.db`` was a reference picture that "cannot be read"."""
     return name.startswith(".") or name.lower() in _CLUTTER
+
+
+#: Environment variables naming a folder or file that the libraries a stage uses read (the
+#: Hugging Face and torch caches, the workspace's own cache, cloud credentials files).
+PATH_VARIABLES = (
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_TOKEN_PATH",
+    "TRANSFORMERS_CACHE",
+    "TORCH_HOME",
+    "XDG_CACHE_HOME",
+    "DIFFUSION_BUNNY_CACHE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+def absolute_path_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """Make the relative values of :data:`PATH_VARIABLES` absolute against the working folder, in
+    ``environ`` (``os.environ``), and return the names changed.
+
+    Why: a stage runs in a kernel whose working folder is the notebooks' folder (papermill's way),
+    and Ray's workers run in folders of their own, so ``HF_HOME=hfcache bunny run ...`` typed in
+    the workspace was read as ``notebook/hfcache``: the models there were "not in the local
+    Hugging Face cache", and a download would have gone into the checkout. Such a value means
+    the folder where the command was typed, as ``--out`` and ``--characters`` do."""
+    environ = os.environ if environ is None else environ
+    changed = []
+    for name in PATH_VARIABLES:
+        value = environ.get(name)
+        if not value:
+            continue
+        path = os.path.expanduser(value)
+        if not os.path.isabs(path):
+            environ[name] = os.path.abspath(path)
+            changed.append(name)
+    return changed

@@ -300,3 +300,32 @@ def test_the_sockets_of_a_kernel_whose_run_was_killed_are_removed_by_the_next_ru
     finally:
         live.unlink()
         other.unlink()
+
+
+def test_a_relative_cache_folder_means_where_bunny_was_typed(tmp_path, monkeypatch):
+    """``HF_HOME=hfcache bunny run ...``: the stages run in a kernel whose working folder is the
+    notebooks' one, which read the value as ``notebook/hfcache`` (a model in ``./hfcache`` was
+    "not in the local Hugging Face cache", and a download would have gone into the checkout).
+    The command makes such a value absolute before any kernel starts."""
+    from diffusion_bunny import cli
+    from diffusion_bunny.paths import absolute_path_variables
+
+    env = {"HF_HOME": "~/hf", "TORCH_HOME": "/abs/torch", "XDG_CACHE_HOME": "", "HF_HUB_CACHE": "c/hub"}
+    assert absolute_path_variables(env) == ["HF_HUB_CACHE"]  # ~ is the user's home to every library
+    assert env["HF_HOME"] == "~/hf" and env["TORCH_HOME"] == "/abs/torch"
+    assert env["HF_HUB_CACHE"] == os.path.join(os.getcwd(), "c", "hub") and env["XDG_CACHE_HOME"] == ""
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", "hfcache")
+    monkeypatch.setenv("DIFFUSION_BUNNY_CACHE", "bunnycache")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    cli.main(["status", "-q", str(tmp_path)])  # any command
+    assert os.environ["HF_HOME"] == str(tmp_path / "hfcache")
+    assert os.environ["DIFFUSION_BUNNY_CACHE"] == str(tmp_path / "bunnycache")
+    kernel = StageKernel("python3")
+    try:
+        kernel.start()  # as `bunny run` starts it, from the command's environment
+        code = "import huggingface_hub.constants as c\nprint(c.HF_HUB_CACHE)"
+        assert _run(kernel._km, code).strip() == str(tmp_path / "hfcache" / "hub")
+    finally:
+        kernel.close()

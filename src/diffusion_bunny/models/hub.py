@@ -158,8 +158,9 @@ def hub_model(repo_id: str, setting: str, patterns: list[str], *, instead: str) 
     variable = offline()
     if variable is not None:
         raise ModelError(
-            f"{setting} = {repo_id!r} is not in the local Hugging Face cache and {variable}=1 forbids "
-            f"downloading it; unset {variable} to download it, or set {setting} to {instead}"
+            f"{setting} = {repo_id!r} is not in the local Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}) and {variable}=1 forbids downloading it; unset "
+            f"{variable} to download it, or set {setting} to {instead}"
         )
     return download(repo_id, setting, patterns, instead=instead)
 
