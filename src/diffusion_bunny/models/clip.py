@@ -24,10 +24,11 @@ from diffusion_bunny.paths import local_model_path
 # CLIP
 # --------------------------------------------------------------------------------------------
 
-CLIP_HINT = (
-    "download it once on a machine with network (`hf download openai/clip-vit-base-patch32`, then "
-    "copy the Hugging Face cache or the folder here), or set scenes.clip_model to a local folder "
-    "holding a CLIP model, or use scenes.embedder: descriptor"
+#: What ``scenes.clip_model`` may be set to instead of a hub id that cannot be had (the tail of
+#: :func:`hub_model`'s "... or set scenes.clip_model to <this>").
+CLIP_INSTEAD = (
+    "a local folder holding a CLIP model (`hf download openai/clip-vit-base-patch32` on a machine "
+    "with network, then copy the Hugging Face cache or the folder here), or use scenes.embedder: descriptor"
 )
 
 
@@ -51,10 +52,13 @@ class ClipEmbedder:
         batch_size: int = 32,
         *,
         setting: str = "scenes.clip_model",
-        hint: str = CLIP_HINT,
+        instead: str = CLIP_INSTEAD,
     ):
-        # ``setting``/``hint``: the config key a load failure names (stage 08 loads its CLIP from
-        # generate.clip_model through this same code) and what the message suggests.
+        # ``setting``/``instead``: the config key a load failure names (stage 08 loads its CLIP from
+        # generate.clip_model through this same code) and what it may be set to instead. Each
+        # message says "set <setting> to <instead>" once (the hub's message ends in those words,
+        # and it used to be given a whole hint that said them again inside its parentheses).
+        hint = f"set {setting} to {instead}"
         import torch  # lazy: torch takes 1.1 s to import
         from transformers import (
             AutoConfig,
@@ -72,7 +76,7 @@ class ClipEmbedder:
             raise ModelError(f"{setting} '{model}' is a file, not a model folder; {hint}")
         if not path.exists() and HUB_ID.match(model):
             # Not a folder here: a hub id, from the cache or downloaded now.
-            source = str(hub_model(model, setting, TRANSFORMERS_FILES, instead=f"a local folder ({hint})"))
+            source = str(hub_model(model, setting, TRANSFORMERS_FILES, instead=instead))
         try:
             kind = AutoConfig.from_pretrained(source, local_files_only=True).model_type
             if kind != "clip":  # loaded as CLIP anyway, with random weights and a warning table

@@ -306,6 +306,28 @@ def test_clip_missing_model_says_what_to_do(tmp_path):
         assert "\n" not in message
 
 
+def test_clip_hub_id_offline_says_the_fix_once(monkeypatch, tmp_path):
+    """A hub id not in the cache under HF_HUB_OFFLINE: the hub's line ends in "set <setting> to
+    <what instead>", which once held the whole hint again ("... to a local folder (download it
+    once ..., or set scenes.clip_model to a local folder ..."), for stage 04 and stage 08 alike."""
+    import huggingface_hub
+
+    from diffusion_bunny.stages.generate.identity import load_clip
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError) as err:
+        _clip("openai/clip-vit-base-patch32")
+    message = str(err.value)
+    assert message.count("set scenes.clip_model to") == 1 and message.count("(") == 1, message
+    assert "hf download" in message and message.endswith("or use scenes.embedder: descriptor"), message
+    with pytest.raises(ModelError) as err:
+        load_clip("openai/clip-vit-base-patch32", "cpu")
+    message = str(err.value)
+    assert message.count("set generate.clip_model to") == 1, message
+    assert message.endswith("or to null for no CLIP score"), message
+
+
 @pytest.mark.parametrize("damage", ["weights", "config", "tokenizer"])
 def test_clip_corrupt_folder_says_what_to_do(tiny_clip, tmp_path, damage):
     folder = Path(shutil.copytree(tiny_clip, tmp_path / "clip"))

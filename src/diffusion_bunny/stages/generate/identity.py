@@ -167,11 +167,8 @@ def clip_scores(
 def load_clip(model: str, device: str) -> Any:
     """The CLIP model of ``generate.clip_model`` through the loading code of stage 04 (local
     files only); a failure is one ModelError naming ``generate.clip_model``."""
-    hint = (
-        "download it once where there is network, or set generate.clip_model to a local CLIP "
-        "folder, or to null for no CLIP score"
-    )
-    return ClipEmbedder(model, device=device, setting="generate.clip_model", hint=hint)
+    instead = "a local CLIP folder (downloaded once where there is network), or to null for no CLIP score"
+    return ClipEmbedder(model, device=device, setting="generate.clip_model", instead=instead)
 
 
 # ---------------------------------------------------------------------------------------------
