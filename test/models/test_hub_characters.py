@@ -147,7 +147,10 @@ def test_what_is_no_model_is_one_line_naming_the_setting(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.bin").write_bytes(b"x")
     cases = [
-        ({"detector": str(tmp_path / "empty")}, "characters.hub.detector"),
+        (
+            {"detector": str(tmp_path / "empty")},
+            "characters.hub.detector = '%s' holds no config.json" % (tmp_path / "empty"),
+        ),
         ({"detector": str(folders["dino"])}, "not OWLv2"),
         ({"detector": str(tmp_path / "file.bin")}, "is a file, not a model folder"),
         ({"detector": "not a path nor an id"}, "no hub id"),

@@ -3,6 +3,7 @@ the choice of checkpoint, CLIP scores, the bad-input messages, the figures and n
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -526,7 +527,8 @@ def test_with_the_hub_backend_drawn_pictures_are_scored_by_owlv2_guided_by_stage
     """Stage 03 ran with characters.backend: hub: stage 08 scores a drawn character's pictures with
     OWLv2 guided by the cut-outs stage 03 wrote (found in the run folder's own cache when the
     manifest's paths moved), its score the one ``detect`` names a sighting from; cut-outs or a
-    model that cannot be had are one line each, and the pictures are drawn all the same."""
+    model that does not load are one line each, and the pictures are drawn all the same; a model
+    that cannot be had stops the stage before any drawing."""
     import cv2
     from tiny_models import write_tiny_dinov2, write_tiny_owlv2
 
@@ -578,21 +580,26 @@ def test_with_the_hub_backend_drawn_pictures_are_scored_by_owlv2_guided_by_stage
     assert load_drawn_scorer(seen, ["mika"], None)[1] == [
         "the pictures of mika are drawn but not scored: no characters.hub settings given"
     ]
-    # A folder holding no model passes the first look and fails to load at the first picture: the
-    # pictures stay unscored and the scorer says why, once.
+    # A folder whose model does not load (a config, no weights) passes the first look and fails at
+    # the first picture: the pictures stay unscored and the scorer says why, once.
     (tmp_path / "empty-owl").mkdir()
+    shutil.copy(tmp_path / "owl" / "config.json", tmp_path / "empty-owl" / "config.json")
     empty = settings.model_copy(update={"detector": str(tmp_path / "empty-owl")})
     scorer, warnings = load_drawn_scorer(seen, ["mika"], empty)
     assert scorer is not None and scorer.failed is None and scorer._finder is None  # nothing loaded yet
     assert scorer.score(picture, "mika") is None and scorer.score(picture, "mika") is None
     assert scorer.failed.startswith("cannot load characters.hub.detector")
+    # A detector that cannot be had stops the stage before any drawing, as a missing CLIP model
+    # does (a warning after the drawing left the stage done, its best checkpoint picked unscored).
     broken = settings.model_copy(update={"detector": str(tmp_path / "no-owl")})
-    scorer, warnings = load_drawn_scorer(seen, ["mika"], broken)
-    assert scorer is None and len(warnings) == 1
-    assert (
-        warnings[0].startswith("the pictures of mika are drawn but not scored: ")
-        and "characters.hub.detector" in warnings[0]
-    )
+    with pytest.raises(ModelError) as err:
+        load_drawn_scorer(seen, ["mika"], broken)
+    message = str(err.value)
+    assert message.startswith("characters.hub.detector") and str(tmp_path / "no-owl") in message, message
+    assert message.endswith(
+        "the pictures of mika with it (stage 03 ran with characters.backend: hub), "
+        "or leave them out of generate.characters"
+    ), message
 
 
 def mika_on(background: np.ndarray, seed: int, side: int = 128) -> np.ndarray:

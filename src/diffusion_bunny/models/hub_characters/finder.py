@@ -109,6 +109,14 @@ def model_folder(model: str, setting: str) -> str:
             raise ModelError(
                 f"{setting} = {model!r} is a file, not a model folder; set {setting} to {_WHAT_INSTEAD}"
             )
+        if not (path / "config.json").is_file():
+            # transformers' own words for this ("should have a `model_type` key in its
+            # config.json") name a file that is not there.
+            raise ModelError(
+                f"{setting} = {model!r} holds no config.json, so no model (a folder a hub download or "
+                f"save_pretrained made holds one beside its weights); point {setting} at such a folder, "
+                "or use the offline default, characters.backend: offline"
+            )
         return str(path)
     if HUB_ID.match(model):
         return str(hub_model(model, setting, TRANSFORMERS_FILES, instead=_WHAT_INSTEAD))

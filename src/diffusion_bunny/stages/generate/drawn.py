@@ -111,8 +111,9 @@ class HubDrawnScorer:
     03 searched the film with ``characters.backend: hub`` (:meth:`HubFinder.character_scores`).
 
     OWLv2 is loaded at the first picture scored, not before: stage 08 draws every picture first
-    and lets the diffusion model go, so the two never share the GPU's memory. A model that fails to
-    load then leaves the pictures unscored and says why in :attr:`failed` (a warning line)."""
+    and lets the diffusion model go, so the two never share the GPU's memory. Whether it can be had
+    is checked before (:func:`_hub_scorer`); one whose folder is there but fails to load then
+    leaves the pictures unscored and says why in :attr:`failed` (a warning line)."""
 
     model = "OWLv2 (characters.hub.detector)"
     setting = "characters.hub.min_score"
@@ -178,8 +179,14 @@ def _hub_scorer(
     try:
         model_folder(settings.detector, "characters.hub.detector")
     except ModelError as exc:
+        # Before any drawing, as a CLIP model that cannot be had stops it: a warning after minutes
+        # of drawing left the stage done with its best checkpoint picked unscored, and the model
+        # once back, a rerun skipped the stage as up to date.
         scored = ", ".join(sorted(cutouts))
-        return None, [*warnings, f"the pictures of {scored} are drawn but not scored: {exc}"]
+        raise ModelError(
+            f"{exc}; stage 08 scores the pictures of {scored} with it (stage 03 ran with "
+            "characters.backend: hub), or leave them out of generate.characters"
+        ) from None
     return HubDrawnScorer(settings, cutouts), warnings
 
 

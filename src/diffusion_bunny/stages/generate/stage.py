@@ -290,7 +290,10 @@ def _score_warnings(
             "gives the identity score more to measure"
         )
     if drawn is not None and drawn.failed:
-        out.append(f"the pictures of drawn characters are drawn but not scored: {drawn.failed}")
+        out.append(
+            f"the pictures of drawn characters are drawn but not scored: {drawn.failed}; once it loads, "
+            "bunny run MOVIE --stages generate --force scores them (drawing them again)"
+        )
     scored = generations.filter(pl.col("drawn_found").is_not_null())
     missed = int((~scored["drawn_found"]).sum())
     if drawn is not None and missed:
