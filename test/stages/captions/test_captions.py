@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -667,7 +668,8 @@ def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(ca
     assert (captions["provider"] == "template").all()
     manifest = run.read_manifest("captions")
     assert "cannot reach the caption server" in manifest["facts"]["open_circuits"]["local"]
-    assert any("provider local's circuit opened" in w for w in manifest["warnings"])
+    warning = next(w for w in manifest["warnings"] if "provider local's circuit opened" in w)
+    assert "captions.fallback" not in warning, warning  # it told a chain ending in template to end so
 
     cfg = _cfg(tmp_path, overrides, captions__fallback=[], **down)
     with pytest.raises(ProviderError, match="cannot reach the caption server"):
@@ -796,22 +798,39 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
 
     run, overrides = cap_run
     cfg = _cfg(tmp_path, {**overrides, **FAST}, captions__provider="bedrock", captions__concurrency=1)
-    client = boto3.client(
-        "bedrock-runtime",
-        region_name="us-east-1",
-        aws_access_key_id="AKIDTEST",
-        aws_secret_access_key="secret",
-    )
+
+    def bedrock_at(endpoint: str):
+        # The stubbed calls never leave the process; the stage's unsigned "is it there?" does.
+        return boto3.client(
+            "bedrock-runtime",
+            region_name="us-east-1",
+            endpoint_url=endpoint,
+            aws_access_key_id="AKIDTEST",
+            aws_secret_access_key="secret",
+        )
+
     kept = run.read_table("quality").filter("keep").height
     seen: list[dict] = []
 
-    def caption_with_bedrock():
+    def caption_with_bedrock(client):
         tables = {name: None for name in ("shots", "clusters", "caption_edits")}
         tables.update({name: run.read_table(name) for name in ("frames", "quality", "faces", "face_frames")})
         ctx = Context("captions", run, STAGE.view(cfg), tables, progress=False, writes=STAGE.writes)
         return compute(ctx, bedrock_client=client)
 
-    with Stubber(client) as stub:
+    # An endpoint that does not answer stops the stage before the first request (it asked for
+    # every frame, and counted each as paid, before it stopped).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = bedrock_at(closed)
+    with Stubber(client), pytest.raises(ProviderError) as err:  # a request would fail unstubbed
+        caption_with_bedrock(client)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the caption server at {closed}/") and "\n" not in message
+    assert "captions.bedrock.region" in message and "captions.fallback with template" in message
+
+    with FakeLLMServer() as there, Stubber(client := bedrock_at(there.root_url)) as stub:
         stub.add_client_error("converse", service_error_code="ThrottlingException", http_status_code=429)
         for i in range(kept):
             stub.add_response(
@@ -844,7 +863,7 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
             seen.append(params)
 
         client.meta.events.register("provide-client-params.bedrock-runtime.Converse", record)
-        result = caption_with_bedrock()
+        result = caption_with_bedrock(client)
         stub.assert_no_pending_responses()
     captions = result.tables["captions"]
     assert captions["caption"].to_list() == [f"bunnystyle, frame {i}" for i in range(kept)]
@@ -855,9 +874,11 @@ def test_bedrock_through_botocore_stubber(cap_run, tmp_path):
     assert image["format"] == "jpeg" and image["source"]["bytes"][:2] == b"\xff\xd8"
     assert "bunnystyle" in json.dumps([b.get("text", "") for b in content])
     assert seen[0]["system"][0]["text"].startswith("Your input fields are")
-    # Cached: a second run with a client that would fail on any call makes none.
+    # Cached: a second run with a client that would fail on any call makes none (and, with every
+    # frame answered already, asks no endpoint whether it is there).
+    client = bedrock_at(closed)
     with Stubber(client):
-        again = caption_with_bedrock()
+        again = caption_with_bedrock(client)
     assert again.tables["captions"]["caption"].to_list() == captions["caption"].to_list()
 
 

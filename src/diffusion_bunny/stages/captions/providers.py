@@ -915,17 +915,19 @@ def _raw_first_adapter(
     return RawFirstAdapter(use_json_adapter_fallback=False)
 
 
-def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float, key_variable: str) -> None:
-    """Is anything answering at ``url``? Any HTTP status means yes, except 401/403: the key is
-    refused, and the line names the variable that holds it (``key_variable``): the base URL
-    setting it named before sent people to fix an address that was right. A refused connection,
-    unknown host or timeout is the one clear error, naming ``setting``."""
+def _probe_http(
+    url: str, setting: str, headers: dict[str, str], timeout: float, key_variable: str | None
+) -> None:
+    """Is anything answering at ``url``? Any HTTP status means yes, except 401/403 when a key was
+    sent (``key_variable`` names the variable holding it): the key is refused, and the line names
+    that variable: the base URL setting it named before sent people to fix an address that was
+    right. A refused connection, unknown host or timeout is the one clear error, naming ``setting``."""
     request = urllib.request.Request(url, headers=headers, method="GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
+        if exc.code in (401, 403) and key_variable is not None:
             raise ProviderError(
                 f"the caption server at {urlparse(url).netloc} refused the key in {key_variable} "
                 f"(HTTP {exc.code}); set the right key in {key_variable} (in the environment or .env)"
@@ -935,9 +937,17 @@ def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float,
         reason = getattr(exc, "reason", exc)
         raise ProviderError(
             f"cannot reach the caption server at {url} ({reason}); check the network (or start the "
-            f"server, if it is your own) or fix {setting}; or choose another captions.provider, or "
-            "end captions.fallback with template to caption from the tables when it is down"
+            f"server, if it is your own) or fix {setting}; {FALLBACK_ADVICE}"
         ) from None
+
+
+#: The end of a line saying a provider does not answer: what else to do. Left out where a provider
+#: after it in ``captions.fallback`` captions in its place (the stage's warning then said to add
+#: template to a chain that already ended with it).
+FALLBACK_ADVICE = (
+    "or choose another captions.provider, or end captions.fallback with template to caption from "
+    "the tables when it is down"
+)
 
 
 def _require_key(provider: str, variable: str) -> str:
@@ -1140,10 +1150,17 @@ def _bedrock(cfg: CaptionsSettings, client: Any | None = None) -> DspyProvider:
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
     )
-    # Credentials and region are checked when the client is made; the endpoint itself is only
-    # known to answer at the first call (a dropped connection there is retried, then opens the
-    # circuit), since probing AWS needs a signed request of its own.
-    return DspyProvider("bedrock", cfg.bedrock.model_id, lm, cfg, lambda: None)
+    # Credentials and region are checked when the client is made. Whether the endpoint answers
+    # is asked unsigned (AWS answers 403 "missing authentication token": it is there): without it
+    # an unreachable endpoint was asked for every frame, 35 requests counted as paid, before the
+    # stage stopped. Whether the keys are accepted is known at the first call (a signed probe
+    # would need a permission of its own, bedrock:ListFoundationModels, that a key may lack).
+    endpoint = client.meta.endpoint_url.rstrip("/") + "/"
+
+    def preflight() -> None:
+        _probe_http(endpoint, "captions.bedrock.region", {}, min(10.0, cfg.timeout_s), None)
+
+    return DspyProvider("bedrock", cfg.bedrock.model_id, lm, cfg, preflight)
 
 
 def make_provider(name: str, cfg: CaptionsSettings, *, bedrock: Any | None = None) -> Provider:

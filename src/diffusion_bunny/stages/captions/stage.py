@@ -51,6 +51,7 @@ from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.captions.facts import caption_facts
 from diffusion_bunny.stages.captions.providers import (
     ANSWER_STATUSES,
+    FALLBACK_ADVICE,
     PROMPT_VERSION,
     PROVIDER_DOWN,
     RETRY,
@@ -901,7 +902,7 @@ def _preflight(providers: list[Provider]) -> dict[str, str]:
                 prov.preflight()
             except ProviderError as exc:
                 first = first or exc
-                down[prov.name] = str(exc)
+                down[prov.name] = str(exc).removesuffix(f"; {FALLBACK_ADVICE}")
     if first is not None and len(down) == len(providers):
         raise first
     return down
