@@ -513,6 +513,9 @@ def test_what_stage_08_reads_of_stage_03_and_a_scorer_that_cannot_be_had_is_one_
     (tmp_path / "fitted.pt").write_bytes(fitted_mika.to_bytes())
     scorer, warnings = load_drawn_scorer(seen, ["mika"])
     assert warnings == [] and scorer.names == ["mika"] and scorer.min_score == 0.5
+    # The run's own min_score, not the one of the run that fitted the file (a fit is reused across
+    # it): at 0.75 the pictures were counted found at 0.5.
+    assert load_drawn_scorer(seen, ["mika"], None, 0.75)[0].min_score == 0.75  # drawn_found's level
     # A drawn character named by hand in notebook 03 (no pictures, so not in the fit): one line,
     # where its pictures were drawn and silently left out of every score and count.
     scorer, warnings = load_drawn_scorer(seen, ["mika", "penguin"])

@@ -83,8 +83,9 @@ class DrawnScorer:
     #: Why the pictures went unscored (the detector is loaded before: never here).
     failed: str | None = None
 
-    def __init__(self, detector: FittedDetector) -> None:
+    def __init__(self, detector: FittedDetector, min_score: float | None = None) -> None:
         self.detector = detector
+        self._min_score = min_score
 
     @property
     def names(self) -> list[str]:
@@ -92,8 +93,12 @@ class DrawnScorer:
 
     @property
     def min_score(self) -> float:
-        """The score from which a sighting names the character (the detector's own setting)."""
-        return float(self.detector.settings.min_score)
+        """The score from which a sighting names the character: the run's own
+        ``characters.fitted.min_score``, as stage 03 names with it. A fit is reused across that
+        setting (it is no part of the fit's key), so the detector's file holds the value of the
+        run that fitted it: a run at 0.75 counted the pictures found at 0.5. The file's value only
+        where no setting is given."""
+        return float(self._min_score if self._min_score is not None else self.detector.settings.min_score)
 
     def score(self, rgb: np.ndarray, name: str) -> float | None:
         """The detector's highest peak for ``name`` in ``rgb`` (0 where it finds nothing of it);
@@ -191,12 +196,16 @@ def _hub_scorer(
 
 
 def load_drawn_scorer(
-    characters: Stage03Characters, wanted: list[str], hub: HubCharacterSettings | None = None
+    characters: Stage03Characters,
+    wanted: list[str],
+    hub: HubCharacterSettings | None = None,
+    min_score: float | None = None,
 ) -> tuple[DrawnScorer | HubDrawnScorer | None, list[str]]:
     """The scorer for the drawn characters among ``wanted`` and the warnings: one line when they
-    cannot be scored (a fitted detector file or cut-outs that are gone or damaged, a hub model that
-    cannot be had). None when no drawn character is wanted. ``hub``: the settings of the hub's
-    models, used when stage 03 ran with ``characters.backend: hub``."""
+    cannot be scored (a fitted detector file or cut-outs that are gone or damaged). None when no
+    drawn character is wanted. ``hub``: the settings of the hub's models, used when stage 03 ran
+    with ``characters.backend: hub`` (one that cannot be had is a :class:`ModelError`);
+    ``min_score``: ``characters.fitted.min_score`` of the run (:attr:`DrawnScorer.min_score`)."""
     if not wanted:
         return None, []
     if characters.backend == "hub":
@@ -211,7 +220,7 @@ def load_drawn_scorer(
             f"{characters.fitted_file} is gone or cannot be read; rerun stage characters "
             "(bunny run MOVIE --stages characters --force) to fit it again"
         ]
-    scorer = DrawnScorer(detector)
+    scorer = DrawnScorer(detector, min_score)
     return scorer, _unknown_to(scorer, wanted)
 
 

@@ -104,7 +104,10 @@ def compute(ctx: Context) -> StageOutput:
     )
     wanted = cfg.generate.characters if cfg.generate.characters is not None else references.names
     drawn, drawn_warnings = load_drawn_scorer(
-        stage03, [n for n in references.drawn if n in wanted], cfg.characters.hub
+        stage03,
+        [n for n in references.drawn if n in wanted],
+        cfg.characters.hub,
+        cfg.characters.fitted.min_score,
     )
     ref_warnings += drawn_warnings
     with cpu_threads_for(ref.source, cfg.generate.device, "generate.device"):
