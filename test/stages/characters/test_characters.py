@@ -396,6 +396,29 @@ def test_reference_folder_bad_inputs_are_named_and_left_out(tmp_path):
     assert ".DS_Store" not in text
 
 
+def test_pictures_in_the_runs_own_references_unread_beside_a_given_folder_are_said(tmp_path):
+    """Stills boxed and clusters named in a run without pictures go to <run>/references; a later
+    run with --characters read only its folder and dropped them without a word."""
+    from diffusion_bunny.stages.characters.tables import unread_run_references
+
+    run, given = tmp_path / "run", tmp_path / "refs"
+    (given / "marshal").mkdir(parents=True)
+    (given / "marshal" / "poster.png").write_bytes(b"")
+    with_folder = CharactersSettings(reference_dir=str(given))
+    assert unread_run_references(run, with_folder) == []  # nothing of its own
+    for name in ("Marshal", "orc ruler"):
+        (run / "references" / name).mkdir(parents=True)
+        (run / "references" / name / "still-0001.png").write_bytes(b"")
+    assert unread_run_references(run, CharactersSettings()) == []  # read: they are the references
+    assert unread_run_references(run, CharactersSettings(reference_dir=str(run / "references"))) == []
+    (line,) = unread_run_references(run, with_folder)
+    assert line == (
+        f"2 picture(s) of Marshal, orc ruler in {run / 'references'} (stills and named clusters of a run "
+        f"without pictures) are not read while characters.reference_dir (--characters) is {given}; move "
+        f"each character's folder into {given} to use them"
+    )
+
+
 def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
     missing = CharactersSettings(reference_dir=str(tmp_path / "nope"))
     with pytest.raises(BadInputError, match="does not exist"):

@@ -102,6 +102,7 @@ from diffusion_bunny.stages.characters.tables import (
     kept_by_id,
     naming_dir,
     reference_dir,
+    unread_run_references,
     with_edit_columns,
 )
 from diffusion_bunny.stages.extract.tables import frame_regions, region_of
@@ -734,7 +735,7 @@ def compute(ctx: Context) -> StageOutput:
     anchor_old_fixes(ctx.run)
     scan = frames_to_scan(frames, quality, cfg)
     ref_dir = reference_dir(run_dir, cfg)
-    warnings: list[str] = []
+    warnings = unread_run_references(run_dir, cfg)
     refs, pictures = _references(ref_dir, settings, warnings)
     fitted, fitted_facts, hub = _drawn_backend(ctx, pictures, scan, quality)
     detections, face_frames, facts = detect_faces(

@@ -305,6 +305,27 @@ def check_reference_folder(folder: Path) -> None:
         )
 
 
+def unread_run_references(run_dir: Path, cfg: CharactersSettings) -> list[str]:
+    """One line when a reference folder is configured and the run's own ``references/`` holds
+    pictures: stills boxed and clusters named while no folder was given went there, and a later
+    run with ``--characters`` read only that folder, dropping them without a word (the boxed
+    stills of a run that had started without pictures)."""
+    configured = configured_reference_dir(cfg)
+    own = Path(run_dir) / RUN_REFERENCES
+    if configured is None or not own.is_dir() or own.resolve() == configured.resolve():
+        return []
+    held = {name: files for name, files in reference_images(own).items() if files}
+    if not held:
+        return []
+    names = ", ".join(sorted(held))
+    count = sum(len(files) for files in held.values())
+    return [
+        f"{count} picture(s) of {names} in {own} (stills and named clusters of a run without "
+        f"pictures) are not read while characters.reference_dir (--characters) is {configured}; "
+        f"move each character's folder into {configured} to use them"
+    ]
+
+
 def naming_dir(run_dir: Path, cfg: CharactersSettings) -> Path:
     """Where naming a cluster writes its reference images."""
     return configured_reference_dir(cfg) or Path(run_dir) / RUN_REFERENCES
