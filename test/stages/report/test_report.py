@@ -198,7 +198,7 @@ def test_funnel_counts_every_step_with_reasons():
     # saying every frame goes on).
     named = summary["with a named character"]
     assert (named["frames in"], named["frames out"]) == (6, 6)
-    assert named["dropped"] == "none (1 unknown faces only, 2 no face, 1 not searched, all go on)"
+    assert named["dropped"] == "none (1 unnamed only, 2 no one found, 1 not searched, all go on)"
     clustered = summary["in a scene cluster"]
     assert (clustered["frames out"], clustered["dropped"]) == (6, "none (1 noise, all go on)")
     assert summary["captioned"]["frames out"] == 5 and summary["captioned"]["dropped"] == "1 failed"
@@ -210,7 +210,7 @@ def test_funnel_counts_every_step_with_reasons():
     assert labels["in a scene cluster"] == "5 of 6, all go on"
     order = table["outcome"].unique(maintain_order=True).to_list()
     colours = funnel_colours(table, order)
-    assert {colours[o] for o in ("unknown faces only", "no face", "not searched", "noise")} <= set(
+    assert {colours[o] for o in ("unnamed only", "no one found", "not searched", "noise")} <= set(
         _DESCRIBED_COLOURS
     )
     assert colours["blurry"] not in _DESCRIBED_COLOURS and colours["failed"] not in _DESCRIBED_COLOURS

@@ -23,7 +23,7 @@ REASON_COLOURS = {
     "failed": "#E45756",
 }
 _OTHER_COLOURS = ["#4C78A8", "#F58518", "#72B7B2", "#FF9DA6", "#9D755D", "#EECA3B", "#79706E"]
-#: Greys for what the steps that drop no frame say of them (no face, unknown faces, noise).
+#: Greys for what the steps that drop no frame say of them (no one found, unnamed only, noise).
 _DESCRIBED_COLOURS = ["#BDBDBD", "#8C8C8C", "#D9D9D9", "#6E6E6E"]
 
 
@@ -161,8 +161,10 @@ def _quality_step(steps: _Steps, quality: pl.DataFrame, frames: pl.DataFrame | N
 def _characters_step(
     steps: _Steps, faces: pl.DataFrame, face_frames: pl.DataFrame | None, kept_set: set[str]
 ) -> None:
-    """Stage 03's step over the kept frames: a named character, unknown faces only, no face, or
-    not searched (frames the detector never looked at, when ``face_frames`` says which it did)."""
+    """Stage 03's step over the kept frames: a named character, only unnamed appearances (unknown
+    faces, unnamed drawn sightings), no one found, or not searched (frames the detector never
+    looked at, when ``face_frames`` says which it did). Words for every kind: a cartoon's frames
+    without a named character read "no face"."""
     on_kept = faces.filter(pl.col("frame_id").is_in(kept_set))
     named = set(on_kept.filter(pl.col("character").is_not_null())["frame_id"].to_list())
     with_faces = set(on_kept["frame_id"].to_list())
@@ -172,8 +174,8 @@ def _characters_step(
         "characters",
         len(named),
         {
-            "unknown faces only": len(with_faces - named),
-            "no face": len(searched - with_faces),
+            "unnamed only": len(with_faces - named),
+            "no one found": len(searched - with_faces),
             "not searched": len(kept_set - searched - with_faces),
         },
     )
@@ -194,7 +196,7 @@ def _export_step(steps: _Steps, dataset_items: pl.DataFrame, source: int | None)
 def funnel_summary(funnel: pl.DataFrame) -> pl.DataFrame:
     """One row per step: frames in, frames out, and the dropped ones by reason as text. A step
     that drops no frame (:data:`_NOT_A_GATE`) lets every frame out, and says what it noted of
-    them in its ``dropped`` cell ("none (6 no face, all go on)"): the table read "20 -> 14, 6 no
+    them in its ``dropped`` cell ("none (6 no one found, all go on)"): the table read "20 -> 14, 6 no
     face" beside a text saying every frame goes on."""
     steps = funnel["step"].unique(maintain_order=True).to_list()
     out = []
@@ -235,7 +237,7 @@ def last_gate(summary: pl.DataFrame) -> dict[str, Any]:
 
 def funnel_colours(funnel: pl.DataFrame, order: list[str]) -> dict[str, str]:
     """A colour per outcome of ``order``; what only the steps that drop no frame say of the frames
-    (no face, unknown faces, noise) in greys, not in the colours of the drops: the report read
+    (no one found, unnamed only, noise) in greys, not in the colours of the drops: the report read
     "with a named character 8 -> 3" in the drops' colours, then exported all 8."""
     colours = _colours(order)
     gates = set(funnel.filter(~pl.col("step").is_in(list(_NOT_A_GATE)))["outcome"].to_list())
