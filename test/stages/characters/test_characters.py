@@ -318,6 +318,12 @@ def test_a_fix_typed_with_other_separators_names_the_known_character(tmp_path):
     )
     run.write_table("faces", faces)
     settings = CharactersSettings(reference_dir=str(refs))
+    # Without the settings (the call notebook 03 printed): the folder stage 03 last read, from
+    # its manifest (it made "Alex Lacamoire" a new character beside the folder alex_lacamoire).
+    (run.run_dir / "manifests").mkdir()
+    run.manifest_path("characters").write_text(json.dumps({"facts": {"reference_dir": str(refs)}}))
+    fixed = fix_appearance(run.run_dir, "f_00", "Alex Lacamoire")
+    assert fixed.select("character", "edited").row(0) == ("alex_lacamoire", True)
     fixed = fix_appearance(run.run_dir, "f_00", "Alex Lacamoire", settings)
     assert fixed.select("character", "edited").row(0) == ("alex_lacamoire", True)
     (refs / "Alex-Lacamoire").mkdir()
@@ -1545,3 +1551,10 @@ def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_stil
     assert still == run.run_dir / "references" / "owl" / f"still_{d['frame_id']}_100_50_200_150.png"
     assert still.is_file() and "rerun stage characters" in confirmer.status.value
     assert confirmer.confirm("owl", 1) is None and "added already" in confirmer.status.value
+    # Spelt another way, the same strip (it was empty without a word); a sighting a person fixed
+    # to none is not offered again once min_score rises over its score.
+    assert likely_sightings(run, "Owl", cfg.characters).equals(offered)
+    fix_appearance(run.run_dir, rows[0]["face_id"], None, cfg.characters)
+    fitted = cfg.characters.fitted.model_copy(update={"min_score": 0.9})
+    raised = likely_sightings(run, "owl", cfg.characters.model_copy(update={"fitted": fitted}))
+    assert raised["face_id"].to_list() == [rows[4]["face_id"], rows[2]["face_id"], rows[1]["face_id"]]

@@ -15,6 +15,7 @@ import polars as pl
 
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.settings import CharactersSettings
+from diffusion_bunny.stages.characters.stage import check_name, known_names, read_appearance_edits
 
 #: How many likely sightings are offered per character: enough that a right one is among them
 #: when the detector saw the character at all, few enough to look through at a glance.
@@ -27,16 +28,22 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
     teaches the fit nothing new) and none in a frame where ``name`` is named already. Columns:
     ``face_id``, ``frame_id``, ``shot_id``, the box (``left``, ``top``, ``right``, ``bottom`` in the
     frame's pixels) and ``detector_score``. Empty when stage 03 has not run with a fitted
-    detector."""
+    detector. A sighting a person fixed (:func:`fix_appearance`) is not offered again."""
     if not run.has_table("detections") or not run.has_table("faces"):
         return pl.DataFrame(schema=_SCHEMA)
     detections = run.read_table("detections")
+    # The name as the run spells it (``Fat Bat`` for the folder ``fat bat``, as add_still and
+    # fix_appearance take it: an empty strip said nothing), and no sighting a person has fixed
+    # already (one fixed to none of the characters was offered again once min_score rose).
+    name = check_name(name, known_names(run, characters))
+    fixed = read_appearance_edits(run.run_dir)["face_id"]
     named = run.read_table("faces").filter(pl.col("character") == name)["frame_id"]
     weak = detections.filter(
         (pl.col("kind") == "drawn")
         & (pl.col("label") == name)
         & (pl.col("detector_score") < characters.fitted.min_score)
         & ~pl.col("frame_id").is_in(named.implode())
+        & ~pl.col("face_id").is_in(fixed.implode())
     )
     shots = run.read_table("frames").select("frame_id", "shot_id")
     return (

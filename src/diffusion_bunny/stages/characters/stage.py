@@ -974,13 +974,20 @@ def _folder_name(name: str) -> bool:
 
 def known_names(run: Run, characters: CharactersSettings | None = None) -> set[str]:
     """The characters a run knows: named in its appearances, or a folder of pictures where
-    naming writes (``characters.reference_dir``, else the run's ``references/``)."""
+    naming writes (``characters.reference_dir``, else the run's ``references/``). Without the
+    settings (``fix_appearance(run_dir, face_id, name)`` as notebook 03 printed it), also the
+    folder stage 03 last read: a character named in no frame was otherwise a new name ("Fat_Bat"
+    beside the folder "fat bat", a caption name and a kohya folder of its own)."""
     names = (
         set(run.read_table("faces")["character"].drop_nulls().to_list()) if run.has_table("faces") else set()
     )
-    folder = naming_dir(run.run_dir, characters) if characters is not None else run.run_dir / RUN_REFERENCES
-    if folder.is_dir():
-        names |= set(reference_images(folder))
+    folders = [run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)]
+    if characters is None:
+        read = ((run.read_manifest("characters") or {}).get("facts") or {}).get("reference_dir")
+        folders += [Path(read)] if read else []
+    for folder in folders:
+        if folder.is_dir():
+            names |= set(reference_images(folder))
     return names
 
 
