@@ -412,3 +412,14 @@ def test_a_repository_with_pytorch_bin_weights_only_is_fetched_and_loads_offline
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert ClipEmbedder("someone/clip-bin", device="cpu").dim > 0
+
+
+def test_a_librarys_reason_is_one_line_cut_at_a_word():
+    """A loader's or a download's reason inside our line, on one line and cut where a word ends
+    (it read "...we cannot find the appropriate sna...")."""
+    long = OSError("We couldn't connect to 'https://huggingface.co'\n to load the files, and " + "x y " * 60)
+    text = hub.short_reason(long, 60)
+    assert text == "We couldn't connect to 'https://huggingface.co' to load..."
+    assert hub.short_reason(ValueError()) == "ValueError" and hub.short_reason(OSError("short")) == "short"
+    assert hub.short_reason(OSError("a" * 300), 50) == "a" * 47 + "..."  # no word to cut at
+    assert hub._reason(OSError("")) == "OSError" and hub._reason(OSError("gone")) == "OSError: gone"

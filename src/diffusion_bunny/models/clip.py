@@ -17,7 +17,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.logs import bar_options, relay_bar_class
 from diffusion_bunny.media.images import Region, l2_rows, read_image
 from diffusion_bunny.models.device import resolve_device
-from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, snapshot_hint
+from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, short_reason, snapshot_hint
 from diffusion_bunny.paths import local_model_path
 
 # --------------------------------------------------------------------------------------------
@@ -30,11 +30,6 @@ CLIP_INSTEAD = (
     "a local folder holding a CLIP model (`hf download openai/clip-vit-base-patch32` on a machine "
     "with network, then copy the Hugging Face cache or the folder here), or use scenes.embedder: descriptor"
 )
-
-
-def _short_reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class ClipEmbedder:
@@ -90,9 +85,9 @@ class ClipEmbedder:
             # transformers' own text for a missing hub id talks about the internet connection,
             # which misleads offline; for a folder that exists, its reason names what is broken.
             if path.exists():
-                where = f"from that folder: {_short_reason(exc)}"
+                where = f"from that folder: {short_reason(exc)}"
             elif source != model:  # a hub id whose cached snapshot does not load
-                where = f"from its cached snapshot {source}: {_short_reason(exc)}{snapshot_hint(source, exc)}"
+                where = f"from its cached snapshot {source}: {short_reason(exc)}{snapshot_hint(source, exc)}"
             else:
                 where = "(no such folder here, and not a hub id: owner/name)"
             message = f"cannot load the CLIP model {setting}='{model}' {where}; {hint}"

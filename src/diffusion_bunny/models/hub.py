@@ -205,12 +205,22 @@ def download(repo_id: str, setting: str, patterns: list[str], *, instead: str) -
 _CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC}
 
 
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """``exc``'s text on one line (its class name when it has none), cut at a word to at most
+    ``limit`` characters: a library's reason inside one of our lines (a loader's, a download's)
+    was cut mid-word ("...we cannot find the appropriate sna...")."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."
+
+
 def _reason(exc: BaseException) -> str:
     name = type(exc).__name__
     if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
         return "no such model on the hub, or it is private"
     if name == "GatedRepoError":
         return "a gated model: accept its licence on the hub and log in"
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 160 else text[:157] + "..."
+    text = short_reason(exc, 160) if str(exc).strip() else ""
     return f"{name}: {text}" if text else name

@@ -36,7 +36,7 @@ from diffusion_bunny.errors import ModelError
 from diffusion_bunny.media.images import l2_rows
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.fitted.detector import Hit, content_box, iou, suppress
-from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, snapshot_hint
+from diffusion_bunny.models.hub import HUB_ID, TRANSFORMERS_FILES, hub_model, short_reason, snapshot_hint
 from diffusion_bunny.models.hub_characters import HubCharacterSettings
 from diffusion_bunny.paths import local_model_path
 
@@ -127,8 +127,7 @@ def model_folder(model: str, setting: str) -> str:
 
 
 def _load_failed(setting: str, model: str, exc: BaseException, source: str = "") -> ModelError:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = text if len(text) <= 200 else text[:197] + "..."
+    text = short_reason(exc)
     return ModelError(
         f"cannot load {setting} = {model!r}: {text}{snapshot_hint(source, exc) if source else ''}; "
         f"set {setting} to {_WHAT_INSTEAD}"
