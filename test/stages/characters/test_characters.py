@@ -1554,7 +1554,13 @@ def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_stil
     # Spelt another way, the same strip (it was empty without a word); a sighting a person fixed
     # to none is not offered again once min_score rises over its score.
     assert likely_sightings(run, "Owl", cfg.characters).equals(offered)
+    # The fix follows its box: a refit that renumbered frame a (the fixed box now a_01, a new one
+    # a_00) offers the new one, not the fixed one under its new id.
     fix_appearance(run.run_dir, rows[0]["face_id"], None, cfg.characters)
+    moved = {**rows[1], "face_id": rows[0]["face_id"], "left": 400, "right": 500}
+    refit = [{**rows[0], "face_id": rows[1]["face_id"]}, moved, *rows[2:]]
+    run.write_table("detections", pl.DataFrame(refit, schema=DETECTIONS_SCHEMA))
     fitted = cfg.characters.fitted.model_copy(update={"min_score": 0.9})
     raised = likely_sightings(run, "owl", cfg.characters.model_copy(update={"fitted": fitted}))
-    assert raised["face_id"].to_list() == [rows[4]["face_id"], rows[2]["face_id"], rows[1]["face_id"]]
+    assert raised["face_id"].to_list() == [rows[4]["face_id"], rows[2]["face_id"], rows[0]["face_id"]]
+    assert raised["left"].to_list()[-1] == 400

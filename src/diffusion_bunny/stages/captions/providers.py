@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ProfileNotFound
 from PIL import Image
@@ -915,19 +916,17 @@ def _raw_first_adapter(
     return RawFirstAdapter(use_json_adapter_fallback=False)
 
 
-def _probe_http(
-    url: str, setting: str, headers: dict[str, str], timeout: float, key_variable: str | None
-) -> None:
-    """Is anything answering at ``url``? Any HTTP status means yes, except 401/403 when a key was
-    sent (``key_variable`` names the variable holding it): the key is refused, and the line names
-    that variable: the base URL setting it named before sent people to fix an address that was
-    right. A refused connection, unknown host or timeout is the one clear error, naming ``setting``."""
+def _probe_http(url: str, setting: str, headers: dict[str, str], timeout: float, key_variable: str) -> None:
+    """Is anything answering at ``url``? Any HTTP status means yes, except 401/403: the key is
+    refused, and the line names the variable that holds it (``key_variable``): the base URL
+    setting it named before sent people to fix an address that was right. A refused connection,
+    unknown host or timeout is the one clear error, naming ``setting``."""
     request = urllib.request.Request(url, headers=headers, method="GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403) and key_variable is not None:
+        if exc.code in (401, 403):
             raise ProviderError(
                 f"the caption server at {urlparse(url).netloc} refused the key in {key_variable} "
                 f"(HTTP {exc.code}); set the right key in {key_variable} (in the environment or .env)"
@@ -1150,17 +1149,30 @@ def _bedrock(cfg: CaptionsSettings, client: Any | None = None) -> DspyProvider:
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
     )
-    # Credentials and region are checked when the client is made. Whether the endpoint answers
-    # is asked unsigned (AWS answers 403 "missing authentication token": it is there): without it
-    # an unreachable endpoint was asked for every frame, 35 requests counted as paid, before the
-    # stage stopped. Whether the keys are accepted is known at the first call (a signed probe
-    # would need a permission of its own, bedrock:ListFoundationModels, that a key may lack).
+    return DspyProvider("bedrock", cfg.bedrock.model_id, lm, cfg, lambda: _probe_bedrock(client))
+
+
+def _probe_bedrock(client: Any) -> None:
+    """Does the Bedrock endpoint answer? Credentials and region are checked when the client is
+    made; without this, an unreachable endpoint was asked for every frame (35 requests counted
+    against ``captions.max_paid_requests``) before the stage stopped.
+
+    Asked unsigned (AWS answers 403 "missing authentication token": it is there), so any HTTP
+    status means yes; whether the keys are accepted shows at the first call, since a signed probe
+    needs a permission of its own (``bedrock:ListFoundationModels``) that a key may lack. Sent
+    through the client's own HTTP session, so its proxies, ``AWS_CA_BUNDLE`` and timeouts apply as
+    to the real calls (urllib's certificate store refused an endpoint botocore reached)."""
     endpoint = client.meta.endpoint_url.rstrip("/") + "/"
-
-    def preflight() -> None:
-        _probe_http(endpoint, "captions.bedrock.region", {}, min(10.0, cfg.timeout_s), None)
-
-    return DspyProvider("bedrock", cfg.bedrock.model_id, lm, cfg, preflight)
+    try:
+        # botocore has no public "send this plain request"; its endpoint's session is what every
+        # call of the client goes through.
+        client._endpoint.http_session.send(AWSRequest(method="GET", url=endpoint).prepare())
+    except BotoCoreError as exc:  # no connection, a proxy or TLS refused, a timeout
+        raise ProviderError(
+            f"cannot reach the caption server at {endpoint} ({exc}); check the network (and a proxy "
+            "or AWS_CA_BUNDLE, where one is set) or fix captions.bedrock.region (or the endpoint your "
+            f"AWS settings name); {FALLBACK_ADVICE}"
+        ) from None
 
 
 def make_provider(name: str, cfg: CaptionsSettings, *, bedrock: Any | None = None) -> Provider:

@@ -16,6 +16,7 @@ import polars as pl
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.stage import check_name, known_names, read_appearance_edits
+from diffusion_bunny.stages.characters.tables import edit_targets
 
 #: How many likely sightings are offered per character: enough that a right one is among them
 #: when the detector saw the character at all, few enough to look through at a glance.
@@ -36,7 +37,10 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
     # fix_appearance take it: an empty strip said nothing), and no sighting a person has fixed
     # already (one fixed to none of the characters was offered again once min_score rose).
     name = check_name(name, known_names(run, characters))
-    fixed = read_appearance_edits(run.run_dir)["face_id"]
+    # A fix follows its box, as stage 03 applies it (an id is a sighting's place in its frame,
+    # which a refit can renumber), to the detections whether or not ``faces`` still shows them.
+    targets = edit_targets(detections, read_appearance_edits(run.run_dir)).values()
+    fixed = pl.Series([t for t in targets if t is not None], dtype=pl.String)
     named = run.read_table("faces").filter(pl.col("character") == name)["frame_id"]
     weak = detections.filter(
         (pl.col("kind") == "drawn")
