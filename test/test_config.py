@@ -330,6 +330,23 @@ def test_a_dotenv_not_in_utf8_is_one_line(tmp_path, monkeypatch):
         load_dotenv_once()
 
 
+def test_a_dotenv_folder_is_under_the_dotenv_s_own_folder(tmp_path, monkeypatch):
+    """``HF_HOME=hfcache`` in the workspace's ``.env`` reached the stages, which run in the
+    notebooks' folder, as ``notebook/hfcache``. A value given in the environment wins, as any."""
+    (tmp_path / ".env").write_text("HF_HOME=hfcache\nTORCH_HOME=/abs/torch\nAWS_CONFIG_FILE=aws/config\n")
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "mine")  # set before: the .env does not touch it
+    monkeypatch.chdir(tmp_path.parent)
+    try:
+        load_config(root=tmp_path)
+        assert os.environ["HF_HOME"] == str(tmp_path / "hfcache")
+        assert os.environ["TORCH_HOME"] == "/abs/torch" and os.environ["AWS_CONFIG_FILE"] == "mine"
+    finally:  # set by the .env, outside monkeypatch's records
+        os.environ.pop("HF_HOME", None)
+        os.environ.pop("TORCH_HOME", None)
+
+
 def test_section_hash_moves_only_with_its_section():
     a = load_config()
     b = load_config(None, ["run.seed=5"])

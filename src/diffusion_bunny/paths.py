@@ -9,6 +9,7 @@ import it back.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 
 
@@ -82,9 +83,15 @@ PATH_VARIABLES = (
 )
 
 
-def absolute_path_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """Make the relative values of :data:`PATH_VARIABLES` absolute against the working folder, in
-    ``environ`` (``os.environ``), and return the names changed.
+def absolute_path_variables(
+    environ: MutableMapping[str, str] | None = None,
+    base: Path | None = None,
+    names: Iterable[str] = PATH_VARIABLES,
+) -> list[str]:
+    """Make the relative values of ``names`` (:data:`PATH_VARIABLES`) absolute against ``base``
+    (the working folder), in ``environ`` (``os.environ``), and return the names changed. A
+    ``.env`` file's values are made absolute against its own folder (:func:`load_env_file
+    <diffusion_bunny.secrets.load_env_file>`).
 
     Why: a stage runs in a kernel whose working folder is the notebooks' folder (papermill's way),
     and Ray's workers run in folders of their own, so ``HF_HOME=hfcache bunny run ...`` typed in
@@ -93,12 +100,12 @@ def absolute_path_variables(environ: dict[str, str] | None = None) -> list[str]:
     the folder where the command was typed, as ``--out`` and ``--characters`` do."""
     environ = os.environ if environ is None else environ
     changed = []
-    for name in PATH_VARIABLES:
+    for name in names:
         value = environ.get(name)
         if not value:
             continue
         path = os.path.expanduser(value)
         if not os.path.isabs(path):
-            environ[name] = os.path.abspath(path)
+            environ[name] = os.path.abspath(os.path.join(base, path) if base is not None else path)
             changed.append(name)
     return changed

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 from dotenv import load_dotenv
 
 from diffusion_bunny.errors import ConfigError
+from diffusion_bunny.paths import PATH_VARIABLES, absolute_path_variables
 
 REDACTED = "[redacted]"
 #: Variables whose values are secrets whatever their name (provider keys, AWS credentials).
@@ -46,13 +47,17 @@ _extra_lock = threading.Lock()
 def load_env_file(path: Path) -> None:
     """The variables of a ``.env`` file into the environment; those already set win. A file not
     in UTF-8 (a Windows editor's Latin-1 ``# clé API``) is one line naming it: it stopped every
-    command with a ``UnicodeDecodeError`` as a bug."""
+    command with a ``UnicodeDecodeError`` as a bug. A folder or file it names relatively
+    (``HF_HOME=hfcache``, :data:`~diffusion_bunny.paths.PATH_VARIABLES`) is under the file's own
+    folder: the stages run elsewhere (the notebooks' folder) and read it there."""
+    unset = [name for name in PATH_VARIABLES if not os.environ.get(name)]
     try:
         load_dotenv(path, override=False)
     except UnicodeDecodeError:
         raise ConfigError(
             f"config error: {path} is not UTF-8 text; save it as UTF-8 (it holds KEY=value lines)"
         ) from None
+    absolute_path_variables(base=Path(path).parent, names=unset)
 
 
 def register_secret(value: str | None) -> None:
