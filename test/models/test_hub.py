@@ -423,3 +423,12 @@ def test_a_librarys_reason_is_one_line_cut_at_a_word():
     assert hub.short_reason(ValueError()) == "ValueError" and hub.short_reason(OSError("short")) == "short"
     assert hub.short_reason(OSError("a" * 300), 50) == "a" * 47 + "..."  # no word to cut at
     assert hub._reason(OSError("")) == "OSError" and hub._reason(OSError("gone")) == "OSError: gone"
+
+
+def test_the_workspace_cache_expands_a_home_in_xdg_cache_home(monkeypatch):
+    """A quoted ``XDG_CACHE_HOME="~/c"`` was a folder named ``~`` in the working folder."""
+    from diffusion_bunny.models.cache import cache_dir
+
+    monkeypatch.delenv("DIFFUSION_BUNNY_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/c")
+    assert cache_dir() == Path.home() / "c" / "diffusion-bunny"

@@ -17,4 +17,4 @@ def cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "diffusion-bunny"
+    return Path(base).expanduser() / "diffusion-bunny"  # a quoted "~/c" is the home's, as above
