@@ -363,6 +363,10 @@ def test_crops_of_a_template_captioned_frame_name_only_who_they_show():
 def test_crop_caption_tag():
     assert crop_caption("a woman at a desk.", "close-up") == "a woman at a desk, close-up"
     assert crop_caption("a woman", "") == "a woman"
+    # A caption that says its framing already (typed by hand) does not say it twice.
+    typed = "lin sings into a microphone, Close-up, dark stage"
+    assert crop_caption(typed, "close-up") == typed
+    assert crop_caption("a close-up of lin", "close-up") == "a close-up of lin, close-up"  # a word, no tag
 
 
 @pytest.mark.parametrize(

@@ -152,8 +152,13 @@ def _character_framing(cfg: ExportSettings) -> tuple[float, float, float, float]
 
 def crop_caption(caption: str, tag: str) -> str:
     """The frame's caption for a crop: ``tag`` (``close-up``, ``upper body``) added at the end,
-    since the frame's caption describes the framing of the whole frame."""
+    since the frame's caption describes the framing of the whole frame; not when one of its
+    comma-separated parts is that tag already (a caption typed "..., close-up, dark stage" read
+    "..., close-up, dark stage, close-up")."""
     if not tag:
+        return caption
+    parts = {part.strip(" .;").casefold() for part in caption.split(",")}
+    if tag.strip().casefold() in parts:
         return caption
     return f"{caption.rstrip(' ,.;')}, {tag}"
 
