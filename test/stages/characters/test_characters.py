@@ -1082,8 +1082,11 @@ def test_fixes_by_hand_are_counted_and_those_waiting_for_their_appearance_said(d
     assert gone["face_id"] not in again["face_id"].to_list()
     manifest = run.read_manifest("characters")
     assert (manifest["counts"]["fixed_by_hand"], manifest["counts"]["fixes_waiting"]) == (1, 1)
-    # The fix in force is to none (a false sighting): said, as the later stages count it nobody.
+    # The fix in force is to none (a false sighting): said, as the later stages count it nobody,
+    # and not among the unknown ones (as the report counts them).
     assert manifest["counts"]["fixed_to_none"] == 1
+    unknown = manifest["counts"]["unknown_faces"] - 1
+    assert f" named, {unknown} unknown in " in summary(manifest)
     assert (
         "; 1 fixed by hand, 1 of them to none (1 more waiting for appearances this run no longer has)"
         in summary(manifest)

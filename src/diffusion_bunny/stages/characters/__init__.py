@@ -54,10 +54,12 @@ def summary(manifest: dict[str, Any]) -> str:
         hand += f", {c['fixed_to_none']} of them to none"
     if waiting:
         hand += f" ({waiting} more waiting for appearances this run no longer has)"
+    # A sighting fixed to none is no unknown one (the report counted 9 where this line said 10).
+    unknown = c["unknown_faces"] - c.get("fixed_to_none", 0)
     return (
         f"{c['frames_scanned']} frames searched ({f['frames_cached']} from the cache){speed}; "
         f"{c['faces']} appearances in {c['frames_with_faces']} frames ({per_char or 'none'}); "
-        f"{c['named_faces']} named, {c['unknown_faces']} unknown in {c['clusters']} "
+        f"{c['named_faces']} named, {unknown} unknown in {c['clusters']} "
         f"cluster{'' if c['clusters'] == 1 else 's'}{hand}{fit}"
     )
 
