@@ -175,6 +175,13 @@ def test_clusters_keep_tracks_together_and_are_numbered_by_size():
     labels = cluster_faces(enc, [0, 0, 1, 2, 3], threshold=0.5)
     assert labels == [0, 0, 0, 1, 1]
     assert cluster_faces(np.zeros((0, 128)), [], 0.5) == []
+    # Two faces of one frame are two people, however near (an audience's faces shared a cluster
+    # that then named two people alike, or could not be named): the one of another frame joins
+    # the nearer of them; tracks keep their faces together.
+    frames = ["f1", "f2", "f1", "f3", "f4"]
+    near = np.stack([p, p + 0.01 * _unit(rng)[0], p + 0.05 * _unit(rng)[0], p + 0.06 * _unit(rng)[0], q])
+    assert cluster_faces(near, [0, 0, 1, 2, 3], 0.5) == [0, 0, 0, 0, 1]  # without frames: one person
+    assert cluster_faces(near, [0, 0, 1, 2, 3], 0.5, frames) == [0, 0, 2, 0, 1]  # f1 apart from track 0
 
 
 def test_profile_or_tiny_face_is_not_named_by_its_own_encoding():

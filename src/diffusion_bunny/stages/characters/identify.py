@@ -177,15 +177,26 @@ def vote_tracks(
 
 
 def _cluster_tracks(
-    features: np.ndarray, tracks: list[int], cluster: Callable[[np.ndarray], Sequence[int]], min_size: int = 1
+    features: np.ndarray,
+    tracks: list[int],
+    cluster: Callable[[np.ndarray], Sequence[int]],
+    min_size: int = 1,
+    frames: Sequence[str] | None = None,
 ) -> list[int]:
     """Cluster the tracks' mean features with ``cluster`` (means -> one label per track, -1 for
     noise), so a track's sightings share a cluster: one label per sighting, clusters numbered by
-    size, largest first (0, 1, ...), and -1 for noise or a cluster under ``min_size`` sightings."""
+    size, largest first (0, 1, ...), and -1 for noise or a cluster under ``min_size`` sightings.
+    ``frames``: each sighting's frame, when two sightings of one frame are never one individual
+    (:func:`_apart`)."""
     track_ids = sorted(set(tracks))
     tracks_arr = np.asarray(tracks)
     means = np.stack([features[tracks_arr == t].mean(axis=0) for t in track_ids])
     per_track = dict(zip(track_ids, cluster(means), strict=True))
+    if frames is not None:
+        seen: dict[int, set[str]] = {}
+        for t, f in zip(tracks, frames, strict=True):
+            seen.setdefault(t, set()).add(f)
+        per_track = _apart(per_track, dict(zip(track_ids, means, strict=True)), seen)
     raw = [per_track[t] for t in tracks]
     sizes = Counter(r for r in raw if r >= 0)
     kept = sorted(((k, v) for k, v in sizes.items() if v >= min_size), key=lambda kv: (-kv[1], kv[0]))
@@ -193,9 +204,42 @@ def _cluster_tracks(
     return [order.get(r, -1) for r in raw]
 
 
-def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
+def _apart(
+    labels: dict[int, int], means: dict[int, np.ndarray], frames: dict[int, set[str]]
+) -> dict[int, int]:
+    """``labels`` (track -> cluster) with the tracks of a cluster that share a frame in different
+    clusters: two faces in one picture are two people, and a cluster holding both (an audience's
+    faces, near one another in dlib's space) named them alike, or could not be named at all. The
+    longest track stays; each other one joins the part of its cluster whose mean is nearest among
+    those it shares no frame with, else starts a new cluster (a greedy colouring: no library
+    clusters under "cannot link" constraints, and a cluster here holds a handful of tracks)."""
+    out = dict(labels)
+    fresh = max(labels.values(), default=-1) + 1
+    for label in sorted({v for v in labels.values() if v >= 0}):
+        members = sorted((t for t, v in labels.items() if v == label), key=lambda t: (-len(frames[t]), t))
+        parts: list[tuple[list[int], set[str]]] = []
+        for t in members:
+            free = [p for p in parts if not p[1] & frames[t]]
+            if not free:
+                parts.append(([t], set(frames[t])))
+                continue
+            best = min(
+                free, key=lambda p: float(np.linalg.norm(np.mean([means[m] for m in p[0]], 0) - means[t]))
+            )
+            best[0].append(t)
+            best[1].update(frames[t])
+        for k, (part, _) in enumerate(parts[1:]):
+            out.update(dict.fromkeys(part, fresh + k))
+        fresh += max(0, len(parts) - 1)
+    return out
+
+
+def cluster_faces(
+    encodings: np.ndarray, tracks: list[int], threshold: float, frames: Sequence[str] | None = None
+) -> list[int]:
     """Cluster faces with dlib's Chinese whispers on their tracks' mean encodings, so the faces of
-    one track always share a cluster. Clusters are numbered by size, largest first (0, 1, ...).
+    one track always share a cluster, and (given each face's frame) two faces of one frame never
+    do. Clusters are numbered by size, largest first (0, 1, ...).
 
     Chinese whispers needs no number of clusters and finds singletons as their own clusters; dlib
     ships it next to the descriptor it was designed for, with the same 0.5-0.6 edge threshold.
@@ -207,7 +251,7 @@ def cluster_faces(encodings: np.ndarray, tracks: list[int], threshold: float) ->
         vectors = [dlib.vector(m.astype(float).tolist()) for m in means]
         return dlib.chinese_whispers_clustering(vectors, threshold)
 
-    return _cluster_tracks(encodings, tracks, whispers)
+    return _cluster_tracks(encodings, tracks, whispers, frames=frames)
 
 
 def cluster_drawn(features: np.ndarray, tracks: list[int], threshold: float) -> list[int]:
@@ -292,7 +336,10 @@ def _label_kind(
     cluster: list[str | None] = [None] * n
     unknown = np.flatnonzero(~named)
     if unknown.size and kind == "face":
-        labels = cluster_faces(enc[unknown], [tracks[i] for i in unknown], cfg.cluster_threshold)
+        ids = base["frame_id"].to_list()
+        labels = cluster_faces(
+            enc[unknown], [tracks[i] for i in unknown], cfg.cluster_threshold, [ids[i] for i in unknown]
+        )
         for i, label in zip(unknown, labels, strict=True):
             cluster[i] = f"cluster_{label:02d}"
     elif unknown.size:
