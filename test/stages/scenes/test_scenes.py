@@ -485,6 +485,29 @@ def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     assert run.read_table("feedback").height == 2  # the stage, on its own, never rewrites feedback
 
 
+def test_frames_moved_into_a_folder_leave_its_own_frames_in_it(scenes_run):
+    """Two frames moved into a folder of one frame: the rerun gave the folder's id to the cluster
+    they came from (two of its members had it), and the folder's own frame, never moved, went to
+    a new id apart from them (the Hamilton clip's frame 235)."""
+    from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"])
+    small, big = sizes["cluster_id"][0], sizes["cluster_id"][-1]
+    own = scene.filter(pl.col("cluster_id") == small)["frame_id"].sort().to_list()
+    members = scene.filter(pl.col("cluster_id") == big)["frame_id"].sort().to_list()
+    moved, stay = members[: len(own) + 1], members[len(own) + 1 :]
+    assert stay, "the largest cluster must keep a frame of its own"
+    for frame in moved:
+        move_to_cluster(run.run_dir, frame, small)
+    run_stage(run, "scenes", cfg, progress=False)
+    after = scene_map(run.read_table("clusters"))
+    assert {after[f] for f in own + moved} == {small}
+    assert big in {after[f] for f in stay}  # (the adapter, learning from the moves, may split the rest)
+
+
 def test_bad_moves_are_clear_errors(scenes_run):
     from diffusion_bunny.stages.scenes.stage import move_to_cluster
 

@@ -251,8 +251,14 @@ def _fresh_clusters(
     result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
     old_scene = {}
     if prev_clusters is not None:
+        # The frames a person placed are left out: their clusters come from the corrections, re-
+        # applied after this. Counted, two frames moved into a folder won its id for the cluster
+        # they came from, and the folder's own frames, never moved, went to a new id.
+        placed = pl.col("manual").fill_null(False) if "manual" in prev_clusters.columns else pl.lit(False)
         old_scene = dict(
-            prev_clusters.filter(pl.col("level") == "scene").select("frame_id", "cluster_id").iter_rows()
+            prev_clusters.filter((pl.col("level") == "scene") & ~placed)
+            .select("frame_id", "cluster_id")
+            .iter_rows()
         )
     if old_scene or reserved:
         mapping = stable_ids(result.labels, fids, old_scene, sorted(reserved))
