@@ -1094,6 +1094,25 @@ def _hand_feedback(frame: str, source: str, target: str | None) -> pl.DataFrame:
     )
 
 
+def test_corrections_dated_in_the_future_are_said(tmp_path):
+    """A row typed by hand in local time east of UTC (read as UTC) is dated in the future, and the
+    latest move of a frame wins by its time: it undid the board's moves made after it, unsaid."""
+    from datetime import UTC, datetime
+
+    from diffusion_bunny.stages.scenes.stage import checked_feedback, future_moves
+
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    typed = _hand_feedback("m_0000081", "s001", "s005").with_columns(ts=pl.lit("2026-12-01T13:00:00"))
+    feedback = checked_feedback(typed, tmp_path / "feedback.parquet")
+    assert future_moves(feedback, now) == [
+        "1 correction(s) in feedback.parquet are dated in the future (first: frame m_0000081 at "
+        "2026-12-01 13:00 UTC), so they win over every move made since; write their ts in UTC (or "
+        "with its zone)"
+    ]
+    assert future_moves(feedback, datetime(2026, 12, 1, 12, 59, 30, tzinfo=UTC)) == []  # a minute's grace
+    assert future_moves(checked_feedback(_hand_feedback("m", "s001", "s005"), tmp_path / "f"), now) == []
+
+
 def test_a_feedback_table_made_by_hand_is_read_or_refused_in_one_line(scenes_run):
     """A feedback table with DESIGN.md's columns (no level), ``ts`` as text or ``label`` as Int32 is
     read (every move a scene move); an unknown level, a move with no target or a missing column is

@@ -27,7 +27,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -299,13 +299,29 @@ def _corrections(ctx: Context) -> pl.DataFrame:
     return checked_feedback(feedback, ctx.run.table_path("feedback"))
 
 
+def future_moves(feedback: pl.DataFrame, now: datetime | None = None) -> list[str]:
+    """One line when corrections are dated after ``now`` (a minute's grace): the latest move of a
+    frame wins by its time, so such a row, typed by hand in local time east of UTC (a time
+    without a zone is read as UTC, the board's), undid the moves made after it on the board."""
+    now = now or datetime.now(UTC)
+    ahead = feedback.filter(pl.col("ts") > now + timedelta(minutes=1)).sort("ts")
+    if ahead.is_empty():
+        return []
+    first = ahead.row(0, named=True)
+    return [
+        f"{ahead.height} correction(s) in feedback.parquet are dated in the future (first: frame "
+        f"{first['anchor_id']} at {first['ts']:%Y-%m-%d %H:%M} UTC), so they win over every move made "
+        "since; write their ts in UTC (or with its zone)"
+    ]
+
+
 def compute(ctx: Context) -> StageOutput:
     """Stage 04 on a run (see the module docstring for the steps): embed (reusing the embeddings
     of unchanged frames), cluster, apply every correction a person made."""
     run_dir, cfg, quality = ctx.run_dir, ctx.cfg.scenes, ctx.table("quality")
     previous = {name: df for name in ctx.writes if (df := ctx.own_previous(name)) is not None}
     feedback = _corrections(ctx)
-    warnings: list[str] = []
+    warnings = future_moves(feedback)
     chosen = frames_to_cluster(ctx.table("frames"), quality, cfg.frames)
     if chosen.is_empty():
         if ctx.table("frames").is_empty():
