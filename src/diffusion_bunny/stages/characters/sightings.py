@@ -29,7 +29,8 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
     teaches the fit nothing new) and none in a frame where ``name`` is named already. Columns:
     ``face_id``, ``frame_id``, ``shot_id``, the box (``left``, ``top``, ``right``, ``bottom`` in the
     frame's pixels) and ``detector_score``. Empty when stage 03 has not run with a fitted
-    detector. A sighting a person fixed (:func:`fix_appearance`) is not offered again."""
+    detector. A sighting a person fixed
+    (:func:`~diffusion_bunny.stages.characters.stage.fix_appearance`) is not offered again."""
     if not run.has_table("detections") or not run.has_table("faces"):
         return pl.DataFrame(schema=_SCHEMA)
     detections = run.read_table("detections")
