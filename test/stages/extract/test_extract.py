@@ -1227,6 +1227,33 @@ def test_text_on_black_is_no_bar_and_picture():
     assert own_edges(dim) == Edges(20, 300, True, True, True, cliff=True)
 
 
+@pytest.mark.parametrize("bar", ["bottom", "top"])
+def test_a_subtitle_in_a_bar_does_not_cost_the_other_bar(bar):
+    """A 2.39:1 release subtitled in its bottom bar, in every shot: the subtitle's rows were the
+    lit edge, not confident, and the whole axis went with it (the confident top edge too): with
+    no clean shot near and no film box, every picture kept both bars. The picture's edge is
+    found past the text and the black between them; a dark band inside a picture with no bar
+    opposite it is not cut off."""
+    from diffusion_bunny.stages.extract.picturebox import ShotProfile, decide_boxes, own_edges
+
+    rows = np.zeros(360, np.float32)
+    rows[46:314] = 0.9  # the picture
+    text = slice(322, 340) if bar == "bottom" else slice(20, 38)
+    rows[text] = 0.33  # a subtitle line in the bar, 8 black rows from the picture
+    rows[text.start + 5 : text.start + 7] = 0.43  # its busiest rows (a bold font, measured)
+    edges = own_edges(rows)
+    assert (edges.start, edges.end, edges.start_ok, edges.end_ok) == (46, 314, True, True)
+    shot = ShotProfile()
+    shot.add((rows, np.full(640, 0.9, np.float32)))
+    decision = decide_boxes([shot], [100], (640, 360))
+    assert decision.boxes == [(0, 48, 640, 312)] and decision.sources == ["own"]
+    unbarred = np.full(360, 0.9, np.float32)
+    unbarred[300:314], unbarred[314:] = 0.0, 0.3  # a dark band, a dim floor; no bar on top
+    shot = ShotProfile()
+    shot.add((unbarred, np.full(640, 0.9, np.float32)))
+    assert decide_boxes([shot], [100], (640, 360)).boxes == [(0, 0, 640, 360)]
+
+
 def test_an_edge_found_at_a_bar_only_is_not_lent_to_a_neighbour():
     """Scrolling credits on black light every row between their first and last line in some
     frame, and can pass for a dim picture between two bars: such an edge holds for its own shot,

@@ -66,6 +66,10 @@ BAR_LIT = 0.01
 #: in some sampled frame: the Hamilton clip's dark stage cut to 4:3 and vignetted (FFmpeg's
 #: ``vignette=PI/4``, corners at a quarter) lit 8-13% of its outermost columns.
 CLIFF_LIT = 0.05
+#: How far inward from a lit edge that is not confident a line of text in a bar is looked past
+#: (:func:`_past_text`), as a share of the axis: a 2.40:1 picture's bar is 13% of a 16:9
+#: frame's height, 22% of a 4:3 one's.
+TEXT_REACH = 0.25
 #: Stored pixels trimmed inward at an edge that has a bar: the row where a bar meets the picture
 #: is a blend of both (codec ringing, chroma bleed), and a thin dark line at the border of every
 #: exported image is what this module exists to prevent.
@@ -124,10 +128,37 @@ def _cliffs(profile: np.ndarray) -> tuple[int | None, int | None]:
     return (first if first > 0 else None), (last if last < profile.size - 1 else None)
 
 
+def _past_text(profile: np.ndarray, edge: int, inward: int) -> int | None:
+    """The picture's edge inside a bar that carries text: from a lit ``edge`` that is not
+    confident, past the text and at least one black row (the bar between the text and the
+    picture), the first confident edge within :data:`TEXT_REACH` of the axis; None where there
+    is no such edge.
+
+    Why: a release subtitled in its bottom bar (common for 2.39:1 films) lights rows of the bar
+    (a bold line lit 43% of its busiest rows on the Hamilton clip), so the bottom's lit edge was
+    the subtitle's, not confident, and the whole axis was thrown away with it, the confident top
+    included: a clip subtitled throughout kept both bars in every exported picture. The box
+    this gives is still believed only in symmetric pairs or where it matches the film's
+    (:func:`_own`), so a dark band inside a picture with no bar opposite it is not cut off."""
+    n = profile.size
+    dark = False
+    i = edge
+    for _ in range(round(TEXT_REACH * n)):
+        if not 0 <= i < n:
+            return None
+        if profile[i] <= BAR_LIT:
+            dark = True
+        elif dark and profile[i] >= EDGE_LIT and _confident(profile, i, inward):
+            return i
+        i += inward
+    return None
+
+
 def own_edges(profile: np.ndarray | None) -> Edges:
     """Where the picture starts and ends along one axis of a shot (rows or columns): where it is
-    broadly lit (:data:`EDGE_LIT`), or at the inner border of a bar it runs lit from
-    (:func:`_cliffs`) when that broadly lit edge is not confident."""
+    broadly lit (:data:`EDGE_LIT`), past a line of text in a bar (:func:`_past_text`), or at the
+    inner border of a bar it runs lit from (:func:`_cliffs`) when that broadly lit edge is not
+    confident."""
     if profile is None or profile.size == 0:
         return Edges(0, 0, False, False, False)
     n = profile.size
@@ -136,6 +167,10 @@ def own_edges(profile: np.ndarray | None) -> Edges:
         return Edges(0, n, False, False, bool(profile.max() >= ANY_LIT))
     start, last = int(lit[0]), int(lit[-1])
     start_ok, end_ok = _confident(profile, start, 1), _confident(profile, last, -1)
+    if not start_ok and (inner := _past_text(profile, start, 1)) is not None:
+        start, start_ok = inner, True
+    if not end_ok and (inner := _past_text(profile, last, -1)) is not None:
+        last, end_ok = inner, True
     cliff = False
     if not (start_ok and end_ok):
         first, final = _cliffs(profile)
