@@ -415,6 +415,42 @@ def test_a_stage_made_from_an_out_of_date_stages_tables_says_so_and_a_persons_ed
     assert run.read_manifest("double")["warnings"] == []
 
 
+def test_a_stage_that_reads_every_table_is_told_every_stage_behind_in_one_line(toy):
+    """``bunny run --stages quality,report``: the report drew stage 06's dataset of the old
+    frames beside stage 02's new ones, an export of 7 frames out of 5 kept, as if they belonged
+    together. A stage that reads every table hears of each stage behind, in one line that says
+    what to run (the stages behind and every later one that ran), and :class:`Context` carries
+    it to the stage (the report puts it on its page)."""
+    pipeline, run, pkg = toy
+    (pkg.parent / "toy_report").mkdir()
+    (pkg.parent / "toy_report" / "__init__.py").write_text("")
+    (pkg.parent / "toy_report" / "stage.py").write_text(
+        "from diffusion_bunny.pipeline.contract import StageOutput\n\n\n"
+        "def compute(ctx):\n    return StageOutput(tables={}, facts={'behind': list(ctx.behind)})\n"
+    )
+    report = Stage(name="report", notebook="none.ipynb", package="toy_report", summary=str, reads_every_table=True)
+    last = Stage(name="last", notebook="none.ipynb", package="toy_last", summary=str, writes=("never",))
+    pipeline = Pipeline((*pipeline.stages, last, report))
+    cfg = load_config(None, {}, use_local=False)
+    run_stage(pipeline, run, "make", cfg, progress=False)
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    assert behind_producers(pipeline, run, report, cfg) == []
+    (run.run_dir / "tables" / "numbers.parquet").unlink()  # make's table rewritten: 4 rows now
+    pl.DataFrame({"n": [1, 2, 3, 4], "other": [0, 0, 0, 0]}).write_parquet(run.table_path("numbers"))
+    (line,) = behind_producers(pipeline, run, report, cfg)
+    assert line == (
+        "stages out of date, whose tables stage report read as they are: double (its inputs changed "
+        "(numbers)); run them again (bunny run MOVIE --stages double,report, or their notebooks)"
+    )
+    with pytest.warns(StageWarning, match="stages out of date"):
+        run_stage(pipeline, run, "report", cfg, progress=False)
+    assert run.read_manifest("report")["facts"]["behind"] == [line]
+    sys.modules.pop("toy_report", None), sys.modules.pop("toy_report.stage", None)
+    other = load_config(None, {"extract.motion_threshold": 7}, use_local=False)
+    (line,) = behind_producers(pipeline, run, report, other)  # "last" never ran and wrote nothing
+    assert ": double (its config changed: extract.motion_threshold" in line and "--stages double,report" in line
+
+
 def test_a_damaged_manifest_is_a_stage_not_run_and_a_setting_is_named_before_the_code(toy):
     """A manifest that is not text or not a JSON object stopped ``bunny status`` and ``bunny
     run`` as a bug (UnicodeDecodeError, AttributeError); it now counts as not run. A switch of

@@ -384,6 +384,10 @@ def test_find_movies_and_stage_lists(tmp_path):
     for name in ("00001.m2ts", "CLIP0001.MTS", "phone.3gp", "notes.txt"):
         (disc / name).write_bytes(b"")
     assert [p.name for p in find_movies(disc, cfg)] == ["00001.m2ts", "CLIP0001.MTS", "phone.3gp"]
+    # One file typed two ways is one movie, in the order first typed (it was "the same file as
+    # phone.3gp" of itself)
+    twice = [disc / "phone.3gp", disc, disc / ".." / "BDMV" / "phone.3gp"]
+    assert find_movies(twice, cfg) == [disc / "phone.3gp", disc / "00001.m2ts", disc / "CLIP0001.MTS"]
     assert parse_stages(PIPELINE, None) == list(STAGE_ORDER)
     assert parse_stages(PIPELINE, "extract") == ["extract"]
     assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]

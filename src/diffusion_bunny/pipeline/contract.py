@@ -167,6 +167,9 @@ class Context:
     writes: tuple[str, ...] = ()
     #: The run was forced (``--force``): work kept from the last run is not reused.
     forced: bool = False
+    #: One line per stage whose tables this stage reads and which is out of date
+    #: (:func:`behind_producers`; also the manifest's warnings): the report shows them.
+    behind: tuple[str, ...] = ()
 
     def table(self, name: str) -> pl.DataFrame:
         """A declared table (an optional one that is absent is a bug to ask for here)."""
@@ -577,9 +580,13 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
 
     ``bunny run`` runs the stages in order, so this only speaks in a notebook run out of order:
     stage 03 run again in notebook 03 and then stage 06 without stage 05 would otherwise export
-    captions naming the old characters beside crops naming the new ones, without a word."""
-    lines: list[str] = []
+    captions naming the old characters beside crops naming the new ones, without a word. A stage
+    that reads every table (the report) gets one line naming every stage behind
+    (:func:`_behind_every_table`)."""
+    if stage.reads_every_table:
+        return _behind_every_table(pipeline, run, stage, cfg)
     read = [r for r in stage.reads if r.producer != stage.name and _present(run, r)]
+    lines: list[str] = []
     for name in dict.fromkeys(r.producer for r in read):
         try:
             reason = _behind(pipeline, run, pipeline.get(name), cfg)
@@ -598,6 +605,36 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
                 f"{','.join([name, *then])}, or their notebooks)"
             )
     return lines
+
+
+def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
+    """The one line for a stage that reads every table (the report), or none: the stages whose
+    tables are there and which are out of date, and what to run again (each of them and every
+    stage after the first that has run, then this one).
+
+    Why: ``bunny run --stages quality,report`` drew stage 06's dataset of the old frames beside
+    stage 02's new ones (an export of 7 frames out of 5 kept, 2 of them dropped since) as if
+    they belonged together; the page now says which stages its figures are behind."""
+    behind: dict[str, str] = {}
+    for other in pipeline.stages:
+        if other.name == stage.name or not any(run.has_table(t) for t in other.writes):
+            continue
+        try:
+            reason = _behind(pipeline, run, other, cfg)
+        except (UserError, OSError):  # it cannot tell (its inputs gone): its own run says so
+            continue
+        if reason is not None:
+            behind[other.name] = reason
+    if not behind:
+        return []
+    order = [s.name for s in pipeline.stages]
+    later = order[order.index(next(iter(behind))) : order.index(stage.name)]
+    again = [n for n in later if n in behind or run.read_manifest(n) is not None] + [stage.name]
+    named = "; ".join(f"{name} ({reason})" for name, reason in behind.items())
+    return [
+        f"stages out of date, whose tables stage {stage.name} read as they are: {named}; "
+        f"run them again (bunny run MOVIE --stages {','.join(again)}, or their notebooks)"
+    ]
 
 
 def _read_declared(run: Run, stage: Stage) -> dict[str, pl.DataFrame | None]:
@@ -672,6 +709,7 @@ def _run_stage_locked(
         previous=previous,
         writes=stage.writes,
         forced=force,
+        behind=tuple(behind),
     )
     for line in behind:
         log.warning("%s: %s", run.run_dir.name, line)

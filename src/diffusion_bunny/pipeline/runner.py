@@ -110,12 +110,24 @@ def _holds_video(folder: Path, exts: set[str]) -> bool:
         return False
 
 
+def _same_path(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:  # a loop of links: as typed (its probe says what is wrong)
+        return path
+
+
 def find_movies(target: str | Path | Sequence[str | Path], cfg: RunConfig) -> list[Path]:
     """The movie itself, or every video file directly inside a folder (sorted by name); of
     several targets (a shell's ``*.mkv``), each one's movies in their order, each file once."""
     if not isinstance(target, (str, Path)):
         found = [movie for one in target for movie in find_movies(one, cfg)]
-        return list(dict.fromkeys(found))
+        # Once per file, however it was typed (``dir/a.mp4`` and ``dir/../dir/a.mp4``): kept apart,
+        # the second was "the same file as a.mp4" of itself.
+        once: dict[Path, Path] = {}
+        for movie in found:
+            once.setdefault(_same_path(movie), movie)
+        return list(once.values())
     target = check_exists(target)
     if target.is_file():
         return [target]

@@ -3,6 +3,7 @@ the HTML has every section and no code, and notebook 09 runs headless on the dem
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import replace
@@ -424,6 +425,20 @@ def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
     steps = funnel_summary(run.read_table("report_funnel"))
     assert steps["step"].to_list()[-2:] == ["captioned", "exported"]
     assert steps.filter(pl.col("step") == "exported")["frames out"][0] == len(kept) - 2
+    # Tables no finished run of their stage wrote: the page says its figures are behind, and
+    # what to run (``--stages quality,report`` drew an old export beside new frames, unsaid).
+    html = (run.run_dir / "report" / "index.html").read_text()
+    assert "<strong>Out of date: Stages out of date, whose tables stage report read as they are: " in html
+    assert "captions (its last run did not finish); export (its last run did not finish)" in html
+
+    # The movie renamed (its run folder goes on with it): the page's title named the old file,
+    # the report skipped as up to date.
+    meta = json.loads((run.run_dir / "run.json").read_text())
+    meta["movie"] = str(Path(meta["movie"]).with_name("renamed.mp4"))
+    (run.run_dir / "run.json").write_text(json.dumps(meta))
+    assert stage_state(run, "report", cfg)[0] == "stale"
+    run_stage(run, "report", cfg, progress=False)
+    assert "<title>QA report: renamed.mp4</title>" in (run.run_dir / "report" / "index.html").read_text()
 
 
 def test_html_has_every_section_and_no_code(scenes_demo_run, tmp_path):

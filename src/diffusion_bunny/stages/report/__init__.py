@@ -39,6 +39,9 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     facts = manifest("characters").get("facts") or {}
     characters = [facts.get("characters_not_found"), facts.get("reference_dir"), "hub" in facts]
     return {
+        # The page's title names the movie: a movie renamed (its run folder goes on) kept its
+        # old name there, the report skipped as up to date.
+        "movie name": Path(str((run.meta() or {}).get("movie", run.run_dir.name))).name,
         "manifests read": {
             "quality config": manifest("quality").get("config"),
             "decoded frames": (manifest("extract").get("counts") or {}).get("decoded_frames"),

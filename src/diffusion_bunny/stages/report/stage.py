@@ -138,7 +138,7 @@ def compute(ctx: Context) -> StageOutput:
         run.run_dir,
         figures,
         title=f"QA report: {movie}",
-        intro=f"Run folder `{run.run_dir}`. Figures are also in `report/figures/` as PNG.",
+        intro=_intro(run.run_dir, ctx.behind),
         tables={"funnel": table_html(funnel_summary(funnel))} if funnel.height else None,
     )
     html = render_report_html(doc, report_dir(run.run_dir) / "index.html")
@@ -153,6 +153,16 @@ def compute(ctx: Context) -> StageOutput:
         counts=counts,
         facts={"html": str(Path(html).relative_to(run.run_dir)), "html_path": str(html)},
     )
+
+
+def _intro(run_dir: Path, behind: tuple[str, ...]) -> str:
+    """The page's first words: the run folder, and in bold the stages whose figures are behind
+    the others (:attr:`~diffusion_bunny.pipeline.contract.Context.behind`): the funnel and the
+    sections show their last run's tables beside newer ones."""
+    text = f"Run folder `{run_dir}`. Figures are also in `report/figures/` as PNG."
+    for line in behind:
+        text += f"\n\n**Out of date: {line[0].upper()}{line[1:]}.**"
+    return text
 
 
 def display_section(run_dir: str | Path, figures: pl.DataFrame, key: str) -> None:
