@@ -428,7 +428,9 @@ def test_a_stage_that_reads_every_table_is_told_every_stage_behind_in_one_line(t
         "from diffusion_bunny.pipeline.contract import StageOutput\n\n\n"
         "def compute(ctx):\n    return StageOutput(tables={}, facts={'behind': list(ctx.behind)})\n"
     )
-    report = Stage(name="report", notebook="none.ipynb", package="toy_report", summary=str, reads_every_table=True)
+    report = Stage(
+        name="report", notebook="none.ipynb", package="toy_report", summary=str, reads_every_table=True
+    )
     last = Stage(name="last", notebook="none.ipynb", package="toy_last", summary=str, writes=("never",))
     pipeline = Pipeline((*pipeline.stages, last, report))
     cfg = load_config(None, {}, use_local=False)
@@ -448,7 +450,9 @@ def test_a_stage_that_reads_every_table_is_told_every_stage_behind_in_one_line(t
     sys.modules.pop("toy_report", None), sys.modules.pop("toy_report.stage", None)
     other = load_config(None, {"extract.motion_threshold": 7}, use_local=False)
     (line,) = behind_producers(pipeline, run, report, other)  # "last" never ran and wrote nothing
-    assert ": double (its config changed: extract.motion_threshold" in line and "--stages double,report" in line
+    assert (
+        ": double (its config changed: extract.motion_threshold" in line and "--stages double,report" in line
+    )
 
 
 def test_a_damaged_manifest_is_a_stage_not_run_and_a_setting_is_named_before_the_code(toy):
