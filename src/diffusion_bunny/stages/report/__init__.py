@@ -46,7 +46,7 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
             "quality config": manifest("quality").get("config"),
             "decoded frames": (manifest("extract").get("counts") or {}).get("decoded_frames"),
             "characters": characters,
-        }
+        },
     }
 
 
