@@ -355,6 +355,21 @@ def read_lora_state_dict(pipe: Any, path: str | os.PathLike[str]) -> dict[str, A
     return out[0] if isinstance(out, tuple) else out
 
 
+def _lora_file(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A LoRA folder (what stage 07 writes, and what diffusers' ``load_lora_weights`` takes) stands
+    for the diffusers file inside it: given the folder, the line said the LoRA file was not found."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    inside = folder / "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+    if inside.is_file():
+        return inside
+    raise ModelError(
+        f"LoRA folder {folder} holds no pytorch_lora_weights.safetensors; give a LoRA file (a kohya "
+        "one ends in _kohya.safetensors) or a folder stage train wrote"
+    )
+
+
 def load_lora(
     pipe: Any,
     path: str | os.PathLike[str],
@@ -363,7 +378,8 @@ def load_lora(
     adapter_name: str = "default",
     base_model: str | None = None,
 ) -> str:
-    """Load a LoRA file (diffusers or kohya format) into ``pipe`` at strength ``scale`` and return
+    """Load a LoRA file (diffusers or kohya format, or a folder holding a diffusers one) into
+    ``pipe`` at strength ``scale`` and return
     its adapter name. Before anything is loaded, every LoRA layer is checked against the base model
     (:func:`lora_mismatches`); a file made for another base model (other family, other sizes,
     other layer names) raises one ModelError naming the file, the base model and the first problem.
@@ -371,6 +387,7 @@ def load_lora(
     The loaded adapter becomes the only active one (``pipe.set_adapters`` to combine several);
     loading again under the same ``adapter_name`` replaces the earlier file.
     """
+    path = _lora_file(path)
     ref = getattr(pipe, "bunny_base", None)
     base = base_model or (
         ref.name if ref is not None else str(getattr(pipe, "name_or_path", "the base model"))

@@ -1088,6 +1088,26 @@ def test_stage_generates_from_the_trained_lora_and_skips_when_up_to_date(generat
     assert counts["reused"] == gen.height and counts["rendered_now"] == gen.height
 
 
+def test_a_lora_trained_under_another_output_dir_is_named_where_none_is_found(tmp_path):
+    """Trained with ``--set train.output_dir=...``, drawn without it: the line said "no trained
+    LoRA in <run>/loras" and to train again, though stage train's last LoRA was whole elsewhere."""
+    import polars as pl
+
+    from diffusion_bunny.stages.generate.stage import _no_lora
+
+    trained = tmp_path / "other" / "tiny-4steps-0123456789ab"
+    trained.mkdir(parents=True)
+    loras = pl.DataFrame({"folder": [str(tmp_path / "gone"), str(trained)], "current": [False, True]})
+    line = _no_lora(tmp_path / "run" / "loras", loras)
+    assert line.startswith(
+        f"no trained LoRA in {tmp_path / 'run' / 'loras'}: stage train's last LoRA is {trained}"
+    )
+    assert f"--set train.output_dir={trained.parent}" in line
+    trained.rmdir()
+    assert "run stage train first" in _no_lora(tmp_path / "run" / "loras", loras)
+    assert "run stage train first" in _no_lora(tmp_path / "run" / "loras", None)
+
+
 def test_missing_training_output_and_base_model_are_one_clear_error(generate_run, trained_output, tmp_path):
     from diffusion_bunny.config import load_config
     from diffusion_bunny.errors import StageError

@@ -306,6 +306,12 @@ def test_saved_lora_reloads_to_the_same_outputs(trained):
     # Scale 0 is the base model.
     load_lora(pipe, lora_path, scale=0.0)
     assert torch.allclose(unet_output(pipe.unet), plain, atol=1e-6)
+    # The LoRA's folder, as diffusers takes it (it was "LoRA file not found" of a folder there).
+    pipe = load_pipeline("tiny")
+    load_lora(pipe, lora_path.parent)
+    assert torch.allclose(unet_output(pipe.unet), expected, atol=1e-5)
+    with pytest.raises(ModelError, match=r"LoRA folder .* holds no pytorch_lora_weights.safetensors"):
+        load_lora(pipe, lora_path.parent.parent)
 
 
 def test_kohya_copy_has_kohya_keys_and_the_real_alpha(trained):
@@ -321,6 +327,29 @@ def test_kohya_copy_has_kohya_keys_and_the_real_alpha(trained):
         k.endswith(".lora_up.weight") for k in keys
     )
     assert len(alphas) == 4 * 12 and set(alphas) == {8.0}
+
+
+def test_the_kohya_copy_of_one_text_encoder_is_named_as_sd_1x_loras_are(tmp_path):
+    """diffusers' converter names every text encoder ``lora_te1_``, which kohya's sd-scripts and
+    A1111 read as SDXL's first: an SD 1.x LoRA trained with ``train.train_text_encoder`` carries
+    ``lora_te_`` (SDXL's two keep ``lora_te1_`` and ``lora_te2_``, above)."""
+    import torch
+    from safetensors import safe_open
+
+    from diffusion_bunny.stages.train.lora import save_kohya
+
+    layer = "text_model.encoder.layers.0.self_attn.q_proj"
+    down, up = torch.zeros(4, 32), torch.zeros(32, 4)
+    state = {
+        "unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": down.clone()},
+        "text_encoder": {f"{layer}.lora_A.weight": down, f"{layer}.lora_B.weight": up},
+    }
+    path = save_kohya(state, tmp_path / "one_kohya.safetensors", alpha=8)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert not any(k.startswith("lora_te1") for k in keys)
 
 
 def test_lora_of_another_base_model_is_refused_before_loading(trained):
@@ -762,7 +791,8 @@ def test_sdxl_prior_preservation_text_encoder_min_snr_accumulation(tmp_path):
         prefixes = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     with safe_open(str(result.kohya_path), "pt") as f:
-        assert {k.split("_")[1] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"unet", "te1", "te2"}
+        kohya = {k.split("_")[1] for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert kohya == {"unet", "te1", "te2"}  # the comparison stood in the comment, never made
     pipe = load_pipeline("tiny-sdxl")
     load_lora(pipe, result.lora_path)
     image = pipe("bunnystyle", num_inference_steps=2, height=64, width=64).images[0]

@@ -82,11 +82,26 @@ def selected_checkpoints(run: Run, cfg: ConfigView) -> list[Checkpoint]:
     folder = checkpoint_dir(run, cfg)
     found = find_checkpoints(folder)
     if not found:
-        raise StageError(
-            f"no trained LoRA in {folder} (pytorch_lora_weights.safetensors); run stage train first "
-            "(bunny run MOVIE runs every stage up to it), or point train.output_dir at a training output"
-        )
+        raise StageError(_no_lora(folder, run.optional_table("loras")))
     return select_checkpoints(found, cfg.generate.checkpoints)
+
+
+def _no_lora(folder: Path, loras: pl.DataFrame | None) -> str:
+    """Why no LoRA was found in ``folder``. Where stage 07's last training lies under another
+    ``train.output_dir`` (trained with one, drawn without it), that folder is named: the line
+    said "no trained LoRA in <run>/loras" beside a finished LoRA there, and to train again."""
+    current = loras.filter(pl.col("current")) if loras is not None and "current" in loras.columns else None
+    if current is not None and current.height and Path(current["folder"][0]).is_dir():
+        trained = Path(current["folder"][0])
+        return (
+            f"no trained LoRA in {folder}: stage train's last LoRA is {trained}, under another "
+            f"train.output_dir; give it as stage train had it (--set train.output_dir={trained.parent}), "
+            "or run stage train with these settings"
+        )
+    return (
+        f"no trained LoRA in {folder} (pytorch_lora_weights.safetensors); run stage train first "
+        "(bunny run MOVIE runs every stage up to it), or point train.output_dir at a training output"
+    )
 
 
 def compute(ctx: Context) -> StageOutput:

@@ -673,9 +673,9 @@ def write_lora_file(folder: Path, write: Callable[[Path], Any]) -> Path:
 
 
 def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: float) -> Path:
-    """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``, ``lora_te1_``,
-    ``lora_te2_``, an ``alpha`` per layer; diffusers' converter writes alpha = rank, so the real
-    alpha is put back), atomically."""
+    """Write the adapters in kohya/A1111 key format (``lora_unet_...lora_down.weight``,
+    ``lora_te_`` for SD 1.x, ``lora_te1_`` and ``lora_te2_`` for SDXL, an ``alpha`` per layer;
+    diffusers' converter writes alpha = rank, so the real alpha is put back), atomically."""
     import torch  # lazy: torch takes 1.1 s to import
     from diffusers.utils.state_dict_utils import (  # lazy: diffusers takes 2.7 s to import
         convert_state_dict_to_kohya,
@@ -684,8 +684,14 @@ def save_kohya(state: dict[str, dict[str, torch.Tensor]], path: Path, alpha: flo
 
     flat = {f"{component}.{key}": value for component, sd in state.items() for key, value in sd.items()}
     kohya = convert_state_dict_to_kohya(flat)
+    # diffusers names any text encoder ``lora_te1_``; kohya's sd-scripts (networks/lora.py) and
+    # A1111 read ``lora_te1_``/``lora_te2_`` for SDXL's two, ``lora_te_`` for SD 1.x's one.
+    single = not any(k.startswith("lora_te2") for k in kohya)
     kohya = {
-        k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()
+        (f"lora_te{k[8:]}" if single and k.startswith("lora_te1") else k): (
+            torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()
+        )
+        for k, v in kohya.items()
     }
     with disk_errors(path), atomic_path(path) as tmp:
         save_file(kohya, tmp, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
