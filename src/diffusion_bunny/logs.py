@@ -242,12 +242,53 @@ _previous_env: str | None = None
 _previous_quiet: str | None = None
 
 
+class _HeldHandler(logging.Handler):
+    """What the terminal's handler would show, kept in :attr:`lines` (:func:`held_lines`)."""
+
+    def __init__(self, quiet: bool):
+        super().__init__()
+        self.lines: list[str] = []
+        self.addFilter(_SayFilter(logging.ERROR if quiet else logging.WARNING, quiet=quiet))
+        self.setFormatter(_TerminalFormatter())
+        self.set_name(f"{LOGGER}-terminal")  # :func:`say` and :func:`terminal_attached` find it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def held_lines(quiet: bool) -> Iterator[list[str]]:
+    """For the block, the lines this process would show on a terminal (as ``bunny``'s terminal
+    handler formats them, ``quiet`` as ``--quiet``) are kept in the list yielded instead.
+
+    Why: a Ray worker's standard error reaches the command's terminal through Ray's log
+    forwarding, which is asynchronous: its lines came glued to the movies' bar, and none at all
+    when the run ended before they were forwarded (a failed movie's one line among them, under
+    "3 of 4 movies failed (see the messages above)"). The worker returns them with its report and
+    the head prints them (:mod:`diffusion_bunny.pipeline.engine`)."""
+    logger = logging.getLogger(LOGGER)
+    handler = _HeldHandler(quiet)
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def terminal_attached() -> bool:
+    """Whether ``bunny``'s terminal handler (or :func:`held_lines`) shows this package's records."""
+    return any((h.get_name() or "") == f"{LOGGER}-terminal" for h in logging.getLogger(LOGGER).handlers)
+
+
 def say(logger: logging.Logger, text: str) -> None:
     """One INFO line for the log file and the terminal (unless --quiet); outside ``bunny`` (no
     terminal handler: a stage's kernel, the Python API, tests) it goes to standard error as
     before (not under ``bunny --quiet``: :data:`QUIET_ENV`, e.g. in a Ray worker), and under
     ``bunny run`` to the terminal through the stage's relay (:func:`relaying`)."""
-    if any((h.get_name() or "") == f"{LOGGER}-terminal" for h in logging.getLogger(LOGGER).handlers):
+    if terminal_attached():
         logger.info(text, extra=SAY)
         return
     logger.info(text)

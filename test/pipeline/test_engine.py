@@ -763,11 +763,20 @@ def test_quiet_reaches_the_ray_workers(movies, extracted, tmp_path, monkeypatch,
     monkeypatch.delenv(QUIET_ENV, raising=False)
     options = RunOptions(PIPELINE, load_config(None, {}), stages=("extract",), progress=False)
     capsys.readouterr()
-    assert engine._ray_task(movies / "a.mp4", out, options, quiet=True).error is None
-    assert capsys.readouterr().err == ""
+    report = engine._ray_task(movies / "a.mp4", out, options, quiet=True)
+    assert report.error is None and report.lines == []
     assert QUIET_ENV not in os.environ  # the worker's next task starts as it was
-    assert engine._ray_task(movies / "a.mp4", out, options).error is None
-    assert "a.mp4: extract is up to date, skipped" in capsys.readouterr().err
+    report = engine._ray_task(movies / "a.mp4", out, options)
+    assert report.error is None and report.lines == [
+        "a.mp4: extract is up to date, skipped (--force reruns it)"
+    ]
+    # A worker's lines come back with its report, for the head to print: forwarded by Ray, they
+    # came glued to the movies' bar, or not at all when the run ended first.
+    assert capsys.readouterr().err == ""
+    unseen = [(tmp_path / "elsewhere", "token")]  # a folder this node does not see: one error line
+    report = engine._ray_task(movies / "a.mp4", out, options, tokens=unseen, quiet=True)
+    assert report.lines == [f"error: {report.error}"] and "cannot see" in report.error
+    assert capsys.readouterr().err == ""
 
 
 def test_quiet_keeps_rays_own_warnings_off_the_terminal(monkeypatch):

@@ -53,7 +53,9 @@ from diffusion_bunny.logs import (
     QUIET_ENV,
     attach_from_env,
     bar_options,
+    held_lines,
     log_hint,
+    terminal_attached,
 )
 from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
@@ -123,9 +125,13 @@ def _bug(movie: Path, run_dir: Path | None, exc: Exception) -> MovieReport:
 
 
 def _tell(text: str) -> None:
-    """One error line on the terminal and in the log file (written, not logged to the terminal:
-    outside ``bunny`` there is no terminal handler and the line must still show), through
-    ``tqdm.write`` so that it starts a line of its own under the movies' bar, not glued to it."""
+    """One error line on the terminal and in the log file: through ``bunny``'s terminal handler
+    (or a Ray task's :func:`~diffusion_bunny.logs.held_lines`), else (no such handler: the
+    Python API) written, through ``tqdm.write`` so that it starts a line of its own under the
+    movies' bar, not glued to it."""
+    if terminal_attached():
+        log.error(text)
+        return
     log.error(text, extra=FILE_ONLY)
     tqdm.write(f"error: {text}", file=sys.stderr)
 
@@ -306,8 +312,25 @@ def _ray_task(
     On the head's node it logs to the command's file (the stage kernels it starts inherit the
     path); on another node (``head_node`` is not this one) into ``<run>/log/``, TensorBoard's
     events too, since the head's log folder is on a disk that node does not see. ``quiet``
-    (``bunny --quiet``): its lines go to the log file only, errors still to the terminal (a
-    worker has no terminal handler, and its standard error is forwarded to the driver's)."""
+    (``bunny --quiet``): its lines go to the log file only, errors still to the terminal. The
+    lines it would show on a terminal come back in the report's ``lines``, which the head prints
+    (:func:`~diffusion_bunny.logs.held_lines`)."""
+    with held_lines(quiet) as lines:  # the head prints them (held_lines says why)
+        report = _ray_movie(movie, run_dir, options, log_file, tokens, head_node, workspace, quiet)
+    return replace(report, lines=list(lines))
+
+
+def _ray_movie(
+    movie: Path,
+    run_dir: Path | None,
+    options: RunOptions,
+    log_file: str | None,
+    tokens: Sequence[tuple[Path, str]],
+    head_node: str | None,
+    workspace: str | None,
+    quiet: bool,
+) -> MovieReport:
+    """:func:`_ray_task`'s work, its terminal lines held."""
     import ray  # lazy: ray takes 1.2 s to import
 
     problem = _check_visible(tokens) or _foreign_run_folder(movie, run_dir)
@@ -561,9 +584,14 @@ def _movie_seconds(movie: Path) -> tuple[bool, float | None]:
 
 
 def _ray_result(ray: Any, ref: Any, job: tuple[Path, Path | None]) -> MovieReport:
+    """A task's report, its terminal lines printed here (under the movies' bar, in one block per
+    movie); a task that died is a bug's report and line."""
     movie, run_dir = job
     try:
-        return ray.get(ref)
+        report = ray.get(ref)
+        for line in report.lines:
+            tqdm.write(line, file=sys.stderr)
+        return report
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None) or exc
         lines = str(cause).strip().splitlines() or [""]

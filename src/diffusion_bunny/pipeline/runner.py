@@ -101,6 +101,8 @@ class MovieReport:
     stages: list[StageReport] = field(default_factory=list)
     error: str | None = None
     bug: bool = False  # the error was a bug (a folder run reports those on either engine)
+    #: A Ray task's terminal lines, which the head prints (``logs.held_lines``); empty otherwise.
+    lines: list[str] = field(default_factory=list)
 
 
 def _holds_video(folder: Path, exts: set[str]) -> bool:
