@@ -441,10 +441,10 @@ def test_a_stage_that_reads_every_table_is_told_every_stage_behind_in_one_line(t
     pl.DataFrame({"n": [1, 2, 3, 4], "other": [0, 0, 0, 0]}).write_parquet(run.table_path("numbers"))
     (line,) = behind_producers(pipeline, run, report, cfg)
     assert line == (
-        "stages out of date, whose tables stage report read as they are: double (its inputs changed "
+        "stage report read the tables of stages that are out of date: double (its inputs changed "
         "(numbers)); run them again (bunny run MOVIE --stages double,report, or their notebooks)"
     )
-    with pytest.warns(StageWarning, match="stages out of date"):
+    with pytest.warns(StageWarning, match="tables of stages that are out of date"):
         run_stage(pipeline, run, "report", cfg, progress=False)
     assert run.read_manifest("report")["facts"]["behind"] == [line]
     sys.modules.pop("toy_report", None), sys.modules.pop("toy_report.stage", None)

@@ -632,7 +632,7 @@ def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConf
     again = [n for n in later if n in behind or run.read_manifest(n) is not None] + [stage.name]
     named = "; ".join(f"{name} ({reason})" for name, reason in behind.items())
     return [
-        f"stages out of date, whose tables stage {stage.name} read as they are: {named}; "
+        f"stage {stage.name} read the tables of stages that are out of date: {named}; "
         f"run them again (bunny run MOVIE --stages {','.join(again)}, or their notebooks)"
     ]
 

@@ -428,7 +428,7 @@ def test_stages_that_did_not_run_say_so_then_appear(demo_run, tmp_path):
     # Tables no finished run of their stage wrote: the page says its figures are behind, and
     # what to run (``--stages quality,report`` drew an old export beside new frames, unsaid).
     html = (run.run_dir / "report" / "index.html").read_text()
-    assert "<strong>Out of date: Stages out of date, whose tables stage report read as they are: " in html
+    assert "<strong>Stage report read the tables of stages that are out of date: " in html
     assert "captions (its last run did not finish); export (its last run did not finish)" in html
 
     # The movie renamed (its run folder goes on with it): the page's title named the old file,

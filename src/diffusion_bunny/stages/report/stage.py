@@ -161,7 +161,7 @@ def _intro(run_dir: Path, behind: tuple[str, ...]) -> str:
     sections show their last run's tables beside newer ones."""
     text = f"Run folder `{run_dir}`. Figures are also in `report/figures/` as PNG."
     for line in behind:
-        text += f"\n\n**Out of date: {line[0].upper()}{line[1:]}.**"
+        text += f"\n\n**{line[0].upper()}{line[1:]}.**"
     return text
 
 
