@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from diffusion_bunny.errors import BadInputError
 from diffusion_bunny.media import hdr as hdr_tone
 from diffusion_bunny.media.probe import VideoInfo, picture_stream, probe_video, repeats_a_frame
 
@@ -653,6 +654,19 @@ class MonotonicClock:
         return t
 
 
+def _keyframes_out_of_order(path: Path, last: float, now: float) -> BadInputError:
+    """The line for a film whose keyframes FFmpeg's decoder, told to skip every other frame, gives
+    out of time order. Why: an open-GOP H.264 encode (its keyframes not IDR, B-frames across them)
+    gave 5 of its 7 keyframes at 0, 5.5, 3.5, 7.9 and 1.5 s; each picture took the index of a
+    time it was not shown at (the thumbnail of frame 166 was frame 105), two keyframes never came
+    out, and the run called the whole file truncated at 1.5 s. Every frame decodes in order."""
+    return BadInputError(
+        f"{path.name}: with extract.method: keyframe its keyframes come out of the decoder out of order "
+        f"({last:.2f} s, then {now:.2f} s: an open-GOP encode, whose keyframes cannot be decoded on their "
+        "own); use extract.method: shots (the default), which decodes every frame"
+    )
+
+
 class VideoReader:
     """Streams a movie once: yields :class:`Decoded` frames in presentation order.
 
@@ -764,6 +778,8 @@ class VideoReader:
                     # (Counting packets instead broke trimmed files' edit lists and joined
                     # recordings, whose packet times restart.)
                     index = max(round(t * info.fps), index)
+                    if report.decoded and t < report.last_time_s:
+                        raise _keyframes_out_of_order(info.path, report.last_time_s, t)
                 small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 profiles = None
                 if every and (self.keyframes_only or index % every == 0):

@@ -493,6 +493,19 @@ def test_keyframe_method_decodes_only_codec_keyframes(cut_clip, tmp_path):
     (tmp_path / "cut.mkv").write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.5)])
     cut = extract_frames(tmp_path / "cut.mkv", cfg(method="keyframe"), tmp_path / "runcut", progress=False)
     assert any("were lost" in w for w in cut.warnings), cut.warnings
+    # An open-GOP encode (keyframes that are not IDR, B-frames across them): the decoder told to
+    # skip every other frame gave its keyframes out of order (2, 1, 0 s), each saved under the
+    # index of a time it was not shown at, and the file was said to be truncated. One line now.
+    open_gop = transcode(
+        src,
+        tmp_path / "open_gop.mp4",
+        "libx264",
+        gop=30,
+        options={"x264-params": "open-gop=1:keyint=30:min-keyint=30:bframes=3:scenecut=0"},
+    )
+    with pytest.raises(BadInputError, match=r"open_gop.mp4: with extract.method: keyframe .* out of order"):
+        extract_frames(open_gop, cfg(method="keyframe"), tmp_path / "runopen", progress=False)
+    assert extract_frames(open_gop, cfg(), tmp_path / "runall", progress=False).facts["decoded_frames"] == 125
     assert cut.tables["shots"]["end_frame"][-1] <= cut.tables["keyframe_candidates"]["frame_index"].max() + 11
 
 
