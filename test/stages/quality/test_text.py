@@ -72,6 +72,19 @@ def test_text_rules_are_pure_over_the_lines():
     assert text_verdict(page, cfg.model_copy(update={"max_text_area": 0.5}))[0] is None
 
 
+def test_a_timecode_in_a_corner_of_a_dark_picture_is_no_title_card():
+    """A burned-in timecode in the top-left corner of the Hamilton clip's dark stage (2% of the
+    picture) held 51-77% of its edges: every frame of three of its four shots was dropped as
+    ``text``. A mark in a corner is weighed as subtitles are; the same line across the middle
+    (a title card) is still text, and so is a title beside it."""
+    cfg = QualitySettings()
+    timecode = [line(0.029, 0.019, 0.329, 0.096, edges=0.77, area=0.023)]  # as measured
+    assert text_verdict(timecode, cfg) == (None, 0.0, 1.0)
+    assert text_verdict([line(0.78, 0.88, 0.97, 0.95, edges=0.6)], cfg) == (None, 0.0, 1.0)  # bottom right
+    assert text_verdict([line(0.4, 0.45, 0.58, 0.52, edges=0.7, area=0.023)], cfg)[0] == "text"
+    assert text_verdict(timecode + TITLE, cfg)[0] == "text"
+
+
 def test_a_box_shaped_like_a_figure_is_not_text():
     cfg = QualitySettings()
     wide = 1280 / 720
