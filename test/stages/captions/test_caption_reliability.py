@@ -691,6 +691,31 @@ def test_paid_requests_are_capped_before_the_first_and_during_the_run(cap_run, t
         assert set(srv.answered.values()) == {1}
 
 
+def test_answers_in_flight_when_the_cap_is_reached_are_kept(cap_run, tmp_path):
+    """With ``captions.concurrency`` above 1, the worker that reached the cap stopped the stage at
+    once: the requests the other workers had sent (paid already) were answered, but their answers
+    never reached the store, and the next run asked and paid for those frames again. The frames
+    still queued are not asked; those in flight are waited for and kept."""
+    run, overrides = cap_run
+    n = _kept_frames(run).height
+    before = len(_store(run))
+    with FakeLLMServer(script=["500", "500"], delay_s=0.4) as srv:
+        base = {
+            **overrides,
+            **FAST,
+            "captions.provider": "local",
+            "captions.local.base_url": srv.base_url,
+            "captions.concurrency": 4,
+        }
+        with pytest.raises(StageError, match=rf"stopped after {n} paid request\(s\)"):
+            run_stage(
+                run, "captions", _cfg(tmp_path, {**base, "captions.max_paid_requests": n}), progress=False
+            )
+        assert len(_store(run)) - before == sum(srv.answered.values())  # every answer paid for
+        run_stage(run, "captions", _cfg(tmp_path, base), progress=False)
+        assert set(srv.answered.values()) == {1}  # no frame paid twice
+
+
 # ------------------------------------------------------------------ paid once per user
 
 

@@ -670,6 +670,9 @@ def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(ca
     assert "cannot reach the caption server" in manifest["facts"]["open_circuits"]["local"]
     warning = next(w for w in manifest["warnings"] if "provider local's circuit opened" in w)
     assert "captions.fallback" not in warning, warning  # it told a chain ending in template to end so
+    # Rerun with the server back, the stage is up to date: the line says what brings its frames
+    # back to the provider.
+    assert warning.endswith("they keep those captions until the stage runs with --force once local answers")
 
     cfg = _cfg(tmp_path, overrides, captions__fallback=[], **down)
     with pytest.raises(ProviderError, match="cannot reach the caption server"):

@@ -549,6 +549,12 @@ class _Captioner:
                 for fut in as_completed([pool.submit(self.caption, rec) for rec in records]):
                     done(fut.result())
                 pfile.update(len(rows), note=self.paid_note(), force=True)
+            except StageError:
+                # The paid-request cap, reached in one worker: the requests the others have sent
+                # are paid for already, and each worker stores its answer before it returns. Not
+                # waited for, they were lost with the stage and paid again by the next run.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
             except BaseException:
                 # Ctrl-C in the notebook, or a failure such as a full disk under the cache: frames
                 # still queued must not go on being asked (and paid for) behind the error.
@@ -884,7 +890,14 @@ def _warnings(
         after = (
             f"later frames {went}" if still_open else f"frames {went} until a probe succeeded and closed it"
         )
-        warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}")
+        # A rerun with the provider back finds the stage up to date (its settings did not
+        # change): said here, or the fallback's captions went into the dataset unnoticed.
+        keep = (
+            ""
+            if name == last
+            else f"; they keep those captions until the stage runs with --force once {name} answers"
+        )
+        warnings.append(f"provider {name}'s circuit opened {times} time(s) ({reason}); {after}{keep}")
     return warnings
 
 
