@@ -120,6 +120,26 @@ def test_threshold_is_applied_by_pure_functions(cut_clip, tmp_path):
     assert picked["frame_index"].to_list() == result.tables["frames"]["frame_index"].to_list()
 
 
+def test_the_slider_shows_a_long_shots_extra_frames_as_a_rerun_saves_them(cut_clip, tmp_path):
+    """A shot longer than ``keyframe_gap_seconds`` keeps extra frames where its kind's frames
+    leave a stretch empty, so which ones depends on the kind: the slider showed the kind's of the
+    run for either, and a rerun at another motion threshold saved others."""
+    path, _ = cut_clip
+    result = extract_frames(path, cfg(keyframe_gap_seconds=0.5), tmp_path / "run", progress=False)
+    cands, shots = result.tables["keyframe_candidates"], result.tables["shots"]
+    assert {"extra_static", "extra_dynamic"} & set(cands["role"])
+    for threshold in (0.0, 255.0):
+        again = extract_frames(
+            path,
+            cfg(keyframe_gap_seconds=0.5, motion_threshold=threshold),
+            tmp_path / f"{threshold}",
+            progress=False,
+        )
+        shown = select_keyframes(cands, shots, threshold)["frame_index"].to_list()
+        assert shown == again.tables["frames"]["frame_index"].to_list(), threshold
+    assert set(result.tables["frames"]["role"]) <= {"start", "middle", "end", "extra"}
+
+
 def test_middle_buckets_stay_bounded_and_centred():
     shot = OpenShot(0, 0, 0.0, window=12)
     for i in range(10_000):

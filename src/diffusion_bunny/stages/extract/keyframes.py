@@ -120,13 +120,16 @@ def classify_shots(shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame
 
 def select_keyframes(candidates: pl.DataFrame, shots: pl.DataFrame, motion_threshold: float) -> pl.DataFrame:
     """The candidates to keep: a static shot keeps its middle frame, a dynamic one start, middle
-    and end (one frame kept once if windows overlap); a long shot also its ``extra`` frames
-    (:meth:`OpenShot.extras`). Interval and codec-keyframe candidates are all kept. Pure over the
+    and end (one frame kept once if windows overlap); a long shot also its extra frames
+    (:meth:`OpenShot.extras`: ``extra``, or ``extra_static`` / ``extra_dynamic`` where the shot's
+    kind decides them). Interval and codec-keyframe candidates are all kept. Pure over the
     tables, so a slider can call it on every move."""
     kinds = classify_shots(shots, motion_threshold).select("shot_id", "kind")
     joined = candidates.join(kinds, on="shot_id", how="left")
-    keep = pl.col("role").is_in(["interval", "keyframe", "middle", "extra"]) | (
-        (pl.col("kind") == "dynamic") & pl.col("role").is_in(["start", "end"])
+    keep = (
+        pl.col("role").is_in(["interval", "keyframe", "middle", "extra"])
+        | ((pl.col("kind") == "dynamic") & pl.col("role").is_in(["start", "end", "extra_dynamic"]))
+        | ((pl.col("kind") == "static") & (pl.col("role") == "extra_static"))
     )
     return (
         joined.filter(keep)

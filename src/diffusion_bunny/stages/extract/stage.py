@@ -255,9 +255,27 @@ class _ShotAssembler:
                 saved.add(c.index)
                 bgr = self.save_full(c, shot.shot_id, role)
             self.save_candidate(c, shot.shot_id, role, bgr)
-        for c in shot.extras(self.keyframe_gap, sorted(saved)):
-            bgr = self.save_full(c, shot.shot_id, "extra")
-            self.save_candidate(c, shot.shot_id, "extra", bgr)
+        # The extras of a long shot depend on its kind (what they add to: the middle frame, or
+        # start, middle and end); both kinds' are candidates (roles "extra_static" and
+        # "extra_dynamic" where they differ), so notebook 01's slider shows what a rerun at
+        # another motion threshold saves (it showed this kind's extras for either).
+        static = {c.index: c for c in shot.extras(self.keyframe_gap, [picks["middle"].index])}
+        dynamic = {
+            c.index: c for c in shot.extras(self.keyframe_gap, sorted({c.index for c in picks.values()}))
+        }
+        mine = static if kind == "static" else dynamic
+        for index in sorted(static.keys() | dynamic.keys()):
+            c = static.get(index) or dynamic[index]
+            role = (
+                "extra"
+                if index in static and index in dynamic
+                else f"extra_{'static' if index in static else 'dynamic'}"
+            )
+            bgr = None
+            if index in mine and index not in saved:
+                saved.add(index)
+                bgr = self.save_full(c, shot.shot_id, "extra")
+            self.save_candidate(c, shot.shot_id, role, bgr)
 
     def flush_interval(self) -> None:
         if self.interval_best is not None and self.current is not None:
