@@ -654,6 +654,38 @@ class MonotonicClock:
         return t
 
 
+class _KeyframeOrder:
+    """Tells keyframes the decoder gives out of time order (:func:`_keyframes_out_of_order`) from
+    a recording joined from several, on the stream's own times (an MPEG-TS clock makes any step
+    back a timestamp reset): a step back then a step past the latest time so far, or two steps
+    back running, is out of order (0, 5.5, 3.5, 7.9 s; 2, 1, 0 s); a step back then on forward
+    below it is a second recording starting (joined recordings' times restart)."""
+
+    def __init__(self) -> None:
+        self.prev: float | None = None
+        self.top = 0.0
+        self.back: tuple[float, float] | None = None
+
+    def see(self, t: float | None) -> tuple[float, float] | None:
+        """``(earlier, later)`` times of the step back, where ``t`` shows the order is wrong."""
+        if t is None:
+            return None
+        prev, self.prev = self.prev, t
+        if prev is None:
+            self.top = t
+            return None
+        if t < prev:
+            if self.back is not None:
+                return self.back
+            self.back = (prev, t)
+        elif self.back is not None:
+            if t > self.top:
+                return self.back
+            self.back = None
+        self.top = max(self.top, t)
+        return None
+
+
 def _keyframes_out_of_order(path: Path, last: float, now: float) -> BadInputError:
     """The line for a film whose keyframes FFmpeg's decoder, told to skip every other frame, gives
     out of time order. Why: an open-GOP H.264 encode (its keyframes not IDR, B-frames across them)
@@ -663,7 +695,8 @@ def _keyframes_out_of_order(path: Path, last: float, now: float) -> BadInputErro
     return BadInputError(
         f"{path.name}: with extract.method: keyframe its keyframes come out of the decoder out of order "
         f"({last:.2f} s, then {now:.2f} s: an open-GOP encode, whose keyframes cannot be decoded on their "
-        "own); use extract.method: shots (the default), which decodes every frame"
+        "own, as Blu-ray and broadcast streams often are); use extract.method: shots (the default), "
+        "which decodes every frame"
     )
 
 
@@ -761,6 +794,7 @@ class VideoReader:
             index = damage_seen = 0
             every = self.profile_every
             clock = MonotonicClock.of(container, info.fps)
+            order = _KeyframeOrder()
             for frame in self._decoded(container):
                 t = frame.time
                 if t is None:
@@ -778,8 +812,9 @@ class VideoReader:
                     # (Counting packets instead broke trimmed files' edit lists and joined
                     # recordings, whose packet times restart.)
                     index = max(round(t * info.fps), index)
-                    if report.decoded and t < report.last_time_s:
-                        raise _keyframes_out_of_order(info.path, report.last_time_s, t)
+                    backwards = order.see(frame.time)
+                    if backwards is not None:
+                        raise _keyframes_out_of_order(info.path, *backwards)
                 small_bgr, small_gray = analysis_copy(frame, self.analysis_step, self.detect_factor)
                 profiles = None
                 if every and (self.keyframes_only or index % every == 0):

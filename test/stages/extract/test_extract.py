@@ -120,6 +120,23 @@ def test_threshold_is_applied_by_pure_functions(cut_clip, tmp_path):
     assert picked["frame_index"].to_list() == result.tables["frames"]["frame_index"].to_list()
 
 
+def test_keyframes_out_of_order_are_told_from_a_joined_recording():
+    """On the stream's own times (an MPEG-TS clock makes any step back a reset, and the check
+    after it never fired for .ts/.m2ts, the commonest open-GOP files): a step back then past the
+    latest time, or two steps back running, is out of order; a restart that goes on below the
+    earlier times is a second recording."""
+    from diffusion_bunny.media.video import _KeyframeOrder
+
+    def first_wrong(times):
+        order = _KeyframeOrder()
+        return next((found for t in times if (found := order.see(t)) is not None), None)
+
+    assert first_wrong([1.467, 6.972, 4.97, 9.341, 2.968]) == (6.972, 4.97)  # open GOP in MPEG-TS
+    assert first_wrong([2.0, 1.0, 0.0]) == (2.0, 1.0)
+    assert first_wrong([10.0, 20.0, 30.0, 1.0, 11.0, 21.0, 31.0, 41.0]) is None  # joined recordings
+    assert first_wrong([0.0, None, 2.0, 4.0]) is None
+
+
 def test_the_slider_shows_a_long_shots_extra_frames_as_a_rerun_saves_them(cut_clip, tmp_path):
     """A shot longer than ``keyframe_gap_seconds`` keeps extra frames where its kind's frames
     leave a stretch empty, so which ones depends on the kind: the slider showed the kind's of the
