@@ -83,6 +83,10 @@ def test_a_timecode_in_a_corner_of_a_dark_picture_is_no_title_card():
     assert text_verdict([line(0.78, 0.88, 0.97, 0.95, edges=0.6)], cfg) == (None, 0.0, 1.0)  # bottom right
     assert text_verdict([line(0.4, 0.45, 0.58, 0.52, edges=0.7, area=0.023)], cfg)[0] == "text"
     assert text_verdict(timecode + TITLE, cfg)[0] == "text"
+    # Credits set in a corner: two lines there, or one large line, are text as before.
+    credit = [line(0.05, 0.8, 0.35, 0.86, edges=0.4), line(0.05, 0.87, 0.3, 0.93, edges=0.4)]
+    assert text_verdict(credit, cfg)[0] == "text"
+    assert text_verdict([line(0.02, 0.78, 0.38, 0.98, edges=0.8)], cfg)[0] == "text"
 
 
 def test_a_box_shaped_like_a_figure_is_not_text():
