@@ -271,11 +271,14 @@ def held_lines(quiet: bool) -> Iterator[list[str]]:
     the head prints them (:mod:`diffusion_bunny.pipeline.engine`)."""
     logger = logging.getLogger(LOGGER)
     handler = _HeldHandler(quiet)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # a worker with no log file to attach left it at WARNING
     logger.addHandler(handler)
     try:
         yield handler.lines
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def terminal_attached() -> bool:

@@ -607,7 +607,8 @@ def _timed_out(job: tuple[Path, Path | None], limit: float) -> MovieReport:
         f"did not finish within {limit:g} s on Ray and was cancelled (engine.task_timeout_s, else scaled "
         "from pipeline.stage_timeout_s); finished stages are kept, rerun to go on"
     )
-    _tell(f"{movie.name}: {text}")
+    # A cancelled task's lines never come back (held_lines): the log file has them.
+    _tell(f"{movie.name}: {text}{log_hint('its lines')}")
     return MovieReport(movie=movie, run_dir=run_dir, error=text)
 
 

@@ -1097,13 +1097,15 @@ def test_a_lora_trained_under_another_output_dir_is_named_where_none_is_found(tm
 
     trained = tmp_path / "other" / "tiny-4steps-0123456789ab"
     trained.mkdir(parents=True)
+    (trained / "pytorch_lora_weights.safetensors").write_bytes(b"")
     loras = pl.DataFrame({"folder": [str(tmp_path / "gone"), str(trained)], "current": [False, True]})
     line = _no_lora(tmp_path / "run" / "loras", loras)
     assert line.startswith(
         f"no trained LoRA in {tmp_path / 'run' / 'loras'}: stage train's last LoRA is {trained}"
     )
     assert f"--set train.output_dir={trained.parent}" in line
-    trained.rmdir()
+    assert "run stage train first" in _no_lora(trained, loras)  # the folder looked in: no other to name
+    (trained / "pytorch_lora_weights.safetensors").unlink()  # a folder without weights is none
     assert "run stage train first" in _no_lora(tmp_path / "run" / "loras", loras)
     assert "run stage train first" in _no_lora(tmp_path / "run" / "loras", None)
 

@@ -332,7 +332,7 @@ def test_kohya_copy_has_kohya_keys_and_the_real_alpha(trained):
 def test_the_kohya_copy_of_one_text_encoder_is_named_as_sd_1x_loras_are(tmp_path):
     """diffusers' converter names every text encoder ``lora_te1_``, which kohya's sd-scripts and
     A1111 read as SDXL's first: an SD 1.x LoRA trained with ``train.train_text_encoder`` carries
-    ``lora_te_`` (SDXL's two keep ``lora_te1_`` and ``lora_te2_``, above)."""
+    ``lora_te_`` (SDXL's two keep ``lora_te1_`` and ``lora_te2_``: the SDXL training test)."""
     import torch
     from safetensors import safe_open
 

@@ -91,8 +91,8 @@ def _no_lora(folder: Path, loras: pl.DataFrame | None) -> str:
     ``train.output_dir`` (trained with one, drawn without it), that folder is named: the line
     said "no trained LoRA in <run>/loras" beside a finished LoRA there, and to train again."""
     current = loras.filter(pl.col("current")) if loras is not None and "current" in loras.columns else None
-    if current is not None and current.height and Path(current["folder"][0]).is_dir():
-        trained = Path(current["folder"][0])
+    trained = Path(current["folder"][0]) if current is not None and current.height else None
+    if trained is not None and trained.resolve() != Path(folder).resolve() and find_checkpoints(trained):
         return (
             f"no trained LoRA in {folder}: stage train's last LoRA is {trained}, under another "
             f"train.output_dir; give it as stage train had it (--set train.output_dir={trained.parent}), "
