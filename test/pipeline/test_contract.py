@@ -447,6 +447,15 @@ def test_a_stage_that_reads_every_table_is_told_every_stage_behind_in_one_line(t
     with pytest.warns(StageWarning, match="tables of stages that are out of date"):
         run_stage(pipeline, run, "report", cfg, progress=False)
     assert run.read_manifest("report")["facts"]["behind"] == [line]
+    # The stages behind are among its inputs: brought up to date, the page is stale (it went on
+    # naming them); a setting changed with no rerun makes it stale too (it was up to date).
+    assert stage_state(pipeline, run, "report", cfg)[0] == "done"
+    run_stage(pipeline, run, "double", cfg, progress=False)
+    assert "stages behind" in stage_state(pipeline, run, "report", cfg)[1]
+    run_stage(pipeline, run, "report", cfg, progress=False)
+    assert run.read_manifest("report")["facts"]["behind"] == []
+    moved = load_config(None, {"extract.motion_threshold": 9}, use_local=False)
+    assert stage_state(pipeline, run, "report", moved) == ("stale", "its inputs changed (stages behind)")
     sys.modules.pop("toy_report", None), sys.modules.pop("toy_report.stage", None)
     other = load_config(None, {"extract.motion_threshold": 7}, use_local=False)
     (line,) = behind_producers(pipeline, run, report, other)  # "last" never ran and wrote nothing

@@ -549,7 +549,7 @@ def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> tupl
         name,
         code=stage.code(cfg),
         config_hash=cfg.section_hash(*stage.config),
-        inputs=declared_inputs(run, pipeline, stage, view),
+        inputs=_inputs_now(pipeline, run, stage, view, cfg),
         tables=stage.writes,
         owned=owned_paths(run, stage, view),
         config=cfg.section_values(*stage.config),
@@ -607,14 +607,21 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
     return lines
 
 
-def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
-    """The one line for a stage that reads every table (the report), or none: the stages whose
-    tables are there and which are out of date, and what to run again (each of them and every
-    stage after the first that has run, then this one).
+def _inputs_now(
+    pipeline: Pipeline, run: Run, stage: Stage, view: ConfigView, cfg: RunConfig
+) -> dict[str, Any]:
+    """:func:`declared_inputs`, and for a stage that reads every table (the report) the names of
+    the stages behind (:func:`_stages_behind`): its page names them, so it is stale when they
+    change (it kept naming a stage that a rerun had brought up to date with the same tables,
+    and a setting changed with no rerun found it up to date, unsaid)."""
+    inputs = declared_inputs(run, pipeline, stage, view)
+    if stage.reads_every_table:
+        inputs["stages behind"] = sorted(_stages_behind(pipeline, run, stage, cfg))
+    return inputs
 
-    Why: ``bunny run --stages quality,report`` drew stage 06's dataset of the old frames beside
-    stage 02's new ones (an export of 7 frames out of 5 kept, 2 of them dropped since) as if
-    they belonged together; the page now says which stages its figures are behind."""
+
+def _stages_behind(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> dict[str, str]:
+    """``{stage: why it is out of date}`` of the other stages whose tables are there."""
     behind: dict[str, str] = {}
     for other in pipeline.stages:
         if other.name == stage.name or not any(run.has_table(t) for t in other.writes):
@@ -625,6 +632,18 @@ def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConf
             continue
         if reason is not None:
             behind[other.name] = reason
+    return behind
+
+
+def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
+    """The one line for a stage that reads every table (the report), or none: the stages whose
+    tables are there and which are out of date, and what to run again (each of them and every
+    stage after the first that has run, then this one).
+
+    Why: ``bunny run --stages quality,report`` drew stage 06's dataset of the old frames beside
+    stage 02's new ones (an export of 7 frames out of 5 kept, 2 of them dropped since) as if
+    they belonged together; the page now says which stages its figures are behind."""
+    behind = _stages_behind(pipeline, run, stage, cfg)
     if not behind:
         return []
     order = [s.name for s in pipeline.stages]
@@ -669,7 +688,7 @@ def _run_stage_locked(
 ) -> dict[str, pl.DataFrame]:
     stage = pipeline.get(name)
     view = stage.view(cfg)
-    inputs = declared_inputs(run, pipeline, stage, view)
+    inputs = _inputs_now(pipeline, run, stage, view, cfg)
     config_hash = cfg.section_hash(*stage.config)
     code = stage.code(cfg)
     owned = owned_paths(run, stage, view)
