@@ -355,17 +355,22 @@ def read_lora_state_dict(pipe: Any, path: str | os.PathLike[str]) -> dict[str, A
     return out[0] if isinstance(out, tuple) else out
 
 
+#: The diffusers LoRA file in a LoRA folder (diffusers' ``LORA_WEIGHT_NAME_SAFE``); stage 07 writes
+#: it, stage 08 and :func:`load_lora` read it.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
 def _lora_file(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """A LoRA folder (what stage 07 writes, and what diffusers' ``load_lora_weights`` takes) stands
     for the diffusers file inside it: given the folder, the line said the LoRA file was not found."""
     folder = Path(path)
     if not folder.is_dir():
         return path
-    inside = folder / "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+    inside = folder / LORA_FILE
     if inside.is_file():
         return inside
     raise ModelError(
-        f"LoRA folder {folder} holds no pytorch_lora_weights.safetensors; give a LoRA file (a kohya "
+        f"LoRA folder {folder} holds no {LORA_FILE}; give a LoRA file (a kohya "
         "one ends in _kohya.safetensors) or a folder stage train wrote"
     )
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from diffusion_bunny.models.diffusion import LORA_FILE
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes
 from diffusion_bunny.stages.train.settings import TrainSettings
@@ -21,8 +22,6 @@ from diffusion_bunny.stages.train.settings import TrainSettings
 if TYPE_CHECKING:
     from diffusion_bunny.stages.train.settings import TrainSettings
 
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 TRAINING_LOG_SCHEMA = {
     "step": pl.Int64,
