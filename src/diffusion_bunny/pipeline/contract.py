@@ -549,7 +549,7 @@ def stage_state(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> tupl
         name,
         code=stage.code(cfg),
         config_hash=cfg.section_hash(*stage.config),
-        inputs=_inputs_now(pipeline, run, stage, view, cfg),
+        inputs=_inputs_now(pipeline, run, stage, view, cfg)[0],
         tables=stage.writes,
         owned=owned_paths(run, stage, view),
         config=cfg.section_values(*stage.config),
@@ -575,16 +575,19 @@ def _behind(pipeline: Pipeline, run: Run, producer: Stage, cfg: RunConfig) -> st
     return f"its inputs changed ({', '.join(changed)})" if changed else None
 
 
-def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
+def behind_producers(
+    pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig, every: dict[str, str] | None = None
+) -> list[str]:
     """One warning per stage whose tables ``stage`` reads and which is out of date.
 
     ``bunny run`` runs the stages in order, so this only speaks in a notebook run out of order:
     stage 03 run again in notebook 03 and then stage 06 without stage 05 would otherwise export
     captions naming the old characters beside crops naming the new ones, without a word. A stage
     that reads every table (the report) gets one line naming every stage behind
-    (:func:`_behind_every_table`)."""
+    (:func:`_behind_every_table`; ``every``: those stages, when the caller has them already)."""
     if stage.reads_every_table:
-        return _behind_every_table(pipeline, run, stage, cfg)
+        every = every if every is not None else _stages_behind(pipeline, run, stage, cfg)
+        return _behind_every_table(pipeline, run, stage, every)
     read = [r for r in stage.reads if r.producer != stage.name and _present(run, r)]
     lines: list[str] = []
     for name in dict.fromkeys(r.producer for r in read):
@@ -609,15 +612,17 @@ def behind_producers(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig)
 
 def _inputs_now(
     pipeline: Pipeline, run: Run, stage: Stage, view: ConfigView, cfg: RunConfig
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, str] | None]:
     """:func:`declared_inputs`, and for a stage that reads every table (the report) the names of
-    the stages behind (:func:`_stages_behind`): its page names them, so it is stale when they
-    change (it kept naming a stage that a rerun had brought up to date with the same tables,
-    and a setting changed with no rerun found it up to date, unsaid)."""
+    the stages behind (:func:`_stages_behind`, also returned: judged once per run of the stage):
+    its page names them, so it is stale when they change (it kept naming a stage that a rerun
+    had brought up to date with the same tables, and a setting changed with no rerun found it
+    up to date, unsaid)."""
     inputs = declared_inputs(run, pipeline, stage, view)
-    if stage.reads_every_table:
-        inputs["stages behind"] = sorted(_stages_behind(pipeline, run, stage, cfg))
-    return inputs
+    behind = _stages_behind(pipeline, run, stage, cfg) if stage.reads_every_table else None
+    if behind is not None:
+        inputs["stages behind"] = sorted(behind)
+    return inputs, behind
 
 
 def _stages_behind(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> dict[str, str]:
@@ -635,7 +640,7 @@ def _stages_behind(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -
     return behind
 
 
-def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConfig) -> list[str]:
+def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, behind: dict[str, str]) -> list[str]:
     """The one line for a stage that reads every table (the report), or none: the stages whose
     tables are there and which are out of date, and what to run again (each of them and every
     stage after the first that has run, then this one).
@@ -643,7 +648,6 @@ def _behind_every_table(pipeline: Pipeline, run: Run, stage: Stage, cfg: RunConf
     Why: ``bunny run --stages quality,report`` drew stage 06's dataset of the old frames beside
     stage 02's new ones (an export of 7 frames out of 5 kept, 2 of them dropped since) as if
     they belonged together; the page now says which stages its figures are behind."""
-    behind = _stages_behind(pipeline, run, stage, cfg)
     if not behind:
         return []
     order = [s.name for s in pipeline.stages]
@@ -688,7 +692,7 @@ def _run_stage_locked(
 ) -> dict[str, pl.DataFrame]:
     stage = pipeline.get(name)
     view = stage.view(cfg)
-    inputs = _inputs_now(pipeline, run, stage, view, cfg)
+    inputs, ahead = _inputs_now(pipeline, run, stage, view, cfg)
     config_hash = cfg.section_hash(*stage.config)
     code = stage.code(cfg)
     owned = owned_paths(run, stage, view)
@@ -715,7 +719,7 @@ def _run_stage_locked(
         code,
     )
     t0 = time.monotonic()
-    behind = behind_producers(pipeline, run, stage, cfg)
+    behind = behind_producers(pipeline, run, stage, cfg, ahead)
     previous = run.read_manifest(name)
     remove_manifest(run, name)  # from here on a killed run leaves the stage missing, never done
     started = datetime.now(UTC)
