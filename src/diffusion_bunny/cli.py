@@ -168,7 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = [r for r in reports if r.error]
     for r in reports:
         if not r.error:
-            print(f"{r.movie.name}: {r.run_dir}")
+            _say(f"{r.movie.name}: {r.run_dir}")
     if any(_DAMAGED_BYTECODE.search(r.error) for r in failed):  # a movie of a folder failed on it
         removed = _remove_damaged_bytecode(_bytecode_roots())
         print(
@@ -266,7 +266,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(config_path, overrides)
     target = args.target[0] if len(args.target) == 1 else args.target
     asked = {"config_path": config_path, "overrides": overrides}
-    print(format_status(status_table(PIPELINE, resolve_runs(target, cfg, args.out), cfg, asked)))
+    _say(format_status(status_table(PIPELINE, resolve_runs(target, cfg, args.out), cfg, asked)))
     return 0
 
 
@@ -283,8 +283,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
     )
-    print(summary)
+    _say(summary)
     return 0
+
+
+def _say(text: str) -> None:
+    """Print a command's result on stdout; a reader that stopped early (``bunny status | head``)
+    ends it quietly.
+
+    Why: by the time these lines are printed the work is done, and a ``BrokenPipeError`` from
+    them was an "error: bug" with exit status 1. Python's advice for SIGPIPE (the ``signal``
+    module's notes) is followed: stdout is pointed at ``os.devnull``, so the interpreter's own
+    flush at exit does not raise again; the exit status stays the command's."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _keep_bytecode() -> None:

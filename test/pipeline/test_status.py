@@ -4,6 +4,8 @@ missing), for a run folder, a folder of run folders, a movie or a folder of movi
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 from clips import write_clip
@@ -348,3 +350,16 @@ def test_the_run_folder_of_a_movie_since_replaced_says_so_in_one_line(tmp_path, 
     text = capsys.readouterr().out
     assert f"ep1.mp4  ({old.run_dir}; 1 of {n} stages done)\n  extract     done" in text
     assert "an earlier file's run" not in text
+
+
+def test_a_reader_that_stops_early_ends_the_lines_quietly(cut_clip, tmp_path):
+    """``bunny status | true`` (or ``| head``): the reader closed the pipe, the work was done, and
+    the BrokenPipeError of printing it was "error: bug", exit status 1."""
+    path, _ = cut_clip
+    script = "import sys; from diffusion_bunny.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "status", str(path), "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # as `| true` does, before a line is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""

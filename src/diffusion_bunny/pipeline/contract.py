@@ -363,8 +363,17 @@ _PRESENT = {old: new for new, old in RECORDED_AS.items()}
 
 
 def _short(value: Any, width: int = 40) -> str:
+    """``value`` as Python writes it, its end kept when longer than ``width``: a folder's last
+    names say which it is. A text is cut inside its quotes, at a folder's name ("'...iew_setup/"
+    lost the opening quote and half a name)."""
     text = repr(value)
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
+    if len(text) <= width:
+        return text
+    if not isinstance(value, str):
+        return "..." + text[-(width - 3) :]
+    tail = value[-(width - 5) :]  # room for the quotes and "..."
+    cut = max(tail.find("/"), tail.find(os.sep))
+    return repr("..." + (tail[cut:] if 0 < cut < len(tail) - 1 else tail))
 
 
 def config_changes(stored: dict[str, Any] | None, fresh: dict[str, Any] | None, most: int = 3) -> str:
