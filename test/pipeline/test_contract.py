@@ -220,7 +220,8 @@ def test_a_config_change_is_named_key_by_key_old_value_to_new():
     )
     # A long text with no folder in it keeps its end; a long list keeps its last items.
     assert config_changes({"k": "x" * 60}, {"k": "y"}) == f"k '...{'x' * 35}' -> 'y'"
-    assert config_changes({"k": list(range(30))}, {}) == "k ..., 21, 22, 23, 24, 25, 26, 27, 28, 29] -> (unset)"
+    listed = config_changes({"k": list(range(30))}, {})
+    assert listed == "k ..., 21, 22, 23, 24, 25, 26, 27, 28, 29] -> (unset)"
     many = config_changes({k: 1 for k in "abcde"}, {k: 2 for k in "abcde"})
     assert many == "a 1 -> 2; b 1 -> 2; c 1 -> 2; 2 more"
     # Another detector: its name first, not hidden among its settings' "-> None".
