@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -428,6 +429,17 @@ def character_name(name: str) -> str:
     ``Zoë`` typed (composed) and ``Zoë`` of a folder made on a Mac (decomposed) were two
     characters, each fitted from part of the pictures."""
     return " ".join(unicodedata.normalize("NFC", name).split())
+
+
+#: What a typed name and a known one may differ by and still be one character: a run of spaces,
+#: '-' and '_' (and the case).
+_NAME_GAPS = re.compile(r"[\s_-]+")
+
+
+def name_key(name: str) -> str:
+    """``name`` as a character's name is compared (``check_name``, the reference folders, the
+    fixes of notebook 03)."""
+    return _NAME_GAPS.sub(" ", name.casefold()).strip()
 
 
 def _usable(name: str) -> bool:

@@ -17,7 +17,7 @@ from paths import ROOT
 
 from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
-from diffusion_bunny.demo.movie import build_demo_references
+from diffusion_bunny.demo.movie import REFERENCE_CROPS, build_demo_references
 from diffusion_bunny.demo.run import DEMO_SETTINGS
 from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
 from diffusion_bunny.models.dlib_detect import CnnSettings, HogSettings
@@ -50,12 +50,14 @@ from diffusion_bunny.stages.characters.stage import (
     not_found_warnings,
     nothing_found_warnings,
     promote_cluster,
+    read_appearance_edits,
 )
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
     character_counts,
     reference_dir,
+    spelt_as_known,
 )
 
 EXAMPLES = ROOT.parent / "shared" / "testdata" / "face_recognition_examples"
@@ -1574,3 +1576,27 @@ def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_stil
     raised = likely_sightings(run, "owl", cfg.characters.model_copy(update={"fitted": fitted}))
     assert raised["face_id"].to_list() == [rows[4]["face_id"], rows[2]["face_id"], rows[0]["face_id"]]
     assert raised["left"].to_list()[-1] == 400
+
+
+def test_a_fix_follows_its_character_when_the_reference_folder_is_spelt_anew(demo_run, tmp_path):
+    """A fix keeps the spelling of its day: after the reference folder ``grace_hopper`` was
+    renamed ``Grace Hopper``, the fixed appearance was a character ``grace_hopper`` of its own
+    beside the folder's (two characters, one with no picture, a scene sub-cluster each)."""
+    run = _copy(demo_run, tmp_path)
+    demo_refs, refs = build_demo_references(tmp_path / "demo_refs"), tmp_path / "refs"
+    for person in REFERENCE_CROPS:  # the people alone: no drawn detector to fit (minutes)
+        shutil.copytree(demo_refs / person, refs / person)
+    cfg = _cfg(tmp_path, reference_dir=str(refs))
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    unnamed = faces.filter((pl.col("kind") == "face") & (pl.col("character") != "grace_hopper"))
+    face_id = unnamed.row(0, named=True)["face_id"]
+    fix_appearance(run.run_dir, face_id, "grace_hopper", cfg.characters)
+    (refs / "grace_hopper").rename(refs / "Grace Hopper")
+    again = run_stage(run, "characters", cfg, progress=False)["faces"]
+    row = again.filter(pl.col("face_id") == face_id).row(0, named=True)
+    assert (row["character"], row["edited"]) == ("Grace Hopper", True)
+    assert "grace_hopper" not in again["character"].to_list()
+    # Two folders the old name could be: left as it was fixed (the reference reader warns of them).
+    assert spelt_as_known(read_appearance_edits(run.run_dir), ["Grace Hopper", "grace-hopper"])[
+        "character"
+    ].to_list() == ["grace_hopper"]

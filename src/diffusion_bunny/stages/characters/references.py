@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from diffusion_bunny.models.faces import (
     loose_pictures,
     misnamed_paths,
     misnamed_references,
+    name_key,
     portrait_faces,
     walk_references,
 )
@@ -196,16 +196,6 @@ def _upright_rgba(im: Image.Image) -> np.ndarray:
         size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
         picture = picture.convert("RGBa").resize(size, Image.Resampling.LANCZOS).convert("RGBA")
     return np.asarray(picture)
-
-
-#: What a typed name and a known one may differ by and still be one character: a run of spaces,
-#: '-' and '_' (and the case).
-_NAME_GAPS = re.compile(r"[\s_-]+")
-
-
-def name_key(name: str) -> str:
-    """``name`` as a character's name is compared (``check_name``, and the folders below)."""
-    return _NAME_GAPS.sub(" ", name.casefold()).strip()
 
 
 def _name_warnings(ref_dir: Path, names: list[str]) -> list[str]:

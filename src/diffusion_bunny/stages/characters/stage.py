@@ -52,6 +52,7 @@ from diffusion_bunny.models.faces import (
     character_name,
     detect_and_encode,
     face_sharpness,
+    name_key,
     portrait_faces,
     read_rgb,
     reference_images,
@@ -84,7 +85,6 @@ from diffusion_bunny.stages.characters.references import (
     RESERVED_NAMES,
     ReferencePictures,
     load_character_references,
-    name_key,
     photographed_face,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
@@ -102,6 +102,7 @@ from diffusion_bunny.stages.characters.tables import (
     kept_by_id,
     naming_dir,
     reference_dir,
+    spelt_as_known,
     unread_run_references,
     with_edit_columns,
 )
@@ -752,7 +753,7 @@ def compute(ctx: Context) -> StageOutput:
     )
     failed = face_frames.filter(pl.col("status") == "failed")
     warnings.extend(failed_warnings(failed))
-    faces = label_faces(detections, frames, refs, cfg, edits := read_appearance_edits(run_dir))
+    faces = label_faces(detections, frames, refs, cfg, edits := _fixes(run_dir, ref_dir))
     if fitted is not None:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
         facts["fitted"] = fitted_facts
@@ -791,13 +792,20 @@ def compute(ctx: Context) -> StageOutput:
         # Fixes saved while the stage ran are read again under the tables' locks.
         merge=lambda tables: {
             **tables,
-            "faces": apply_appearance_edits(tables["faces"], read_appearance_edits(run_dir)),
+            "faces": apply_appearance_edits(tables["faces"], _fixes(run_dir, ref_dir)),
         },
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # A person's fixes
+
+
+def _fixes(run_dir: Path, ref_dir: Path | None) -> pl.DataFrame:
+    """Every fix so far, each name spelt as the reference folder of ``ref_dir`` it names
+    (:func:`~diffusion_bunny.stages.characters.tables.spelt_as_known`)."""
+    known = reference_images(ref_dir) if ref_dir is not None else {}
+    return spelt_as_known(read_appearance_edits(run_dir), known)
 
 
 def read_appearance_edits(run_dir: str | Path) -> pl.DataFrame:

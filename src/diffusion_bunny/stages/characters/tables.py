@@ -5,7 +5,7 @@ where the reference photos of the characters are (``characters.reference_dir``, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from diffusion_bunny.models.faces import (
     REFERENCE_SUFFIXES,
     DetectSettings,
     ReferenceSet,
+    name_key,
     reference_images,
     references_fingerprint,
 )
@@ -187,6 +188,25 @@ def anchor_by_id(
             row.update(zip(_RAW_BOX, raw_box(seen), strict=True))
         rows.append(row)
     return pl.DataFrame(rows, schema=APPEARANCE_EDIT_SCHEMA)
+
+
+def spelt_as_known(edits: pl.DataFrame, known: Iterable[str]) -> pl.DataFrame:
+    """``edits`` with each name spelt as the one character of ``known`` (the reference folders
+    of this run) it names whatever the case, spaces, '-' or '_', as a name typed today is
+    (``check_name``). Why: a fix keeps the spelling of its day, and a folder renamed since
+    (``lin`` to ``Lin``) made the fixed appearance a character of its own beside the folder's
+    (``Lin 3, lin 1``), with no picture and a scene sub-cluster of its own. Names two folders
+    share (a warning of the reference reader) are left as they are."""
+    folders: dict[str, set[str]] = {}
+    for name in known:
+        folders.setdefault(name_key(name), set()).add(name)
+    given = edits["character"].drop_nulls().unique().to_list() if edits.height else []
+    spelt = {}
+    for name in given:
+        same = folders.get(name_key(name), set())
+        if len(same) == 1 and name not in same:
+            spelt[name] = next(iter(same))
+    return edits.with_columns(pl.col("character").replace(spelt)) if spelt else edits
 
 
 def apply_appearance_edits(faces: pl.DataFrame, edits: pl.DataFrame | None) -> pl.DataFrame:
