@@ -654,6 +654,13 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     # relabelled run's cluster_00 is the other person's, whose faces serve as references).
     written, _ = promote_cluster(run, "cluster_00", "First_Person", load_config(None, dict(DEMO_SETTINGS)))
     assert written and {p.parent for p in written} == {run.run_dir / "references" / "first person"}
+    # Every picture naming wrote is one reading the references keeps: none is the same photo as
+    # another (naming wrote copies that every later run left out, each with a warning).
+    from diffusion_bunny.stages.characters.references import load_character_references
+
+    settings = DetectSettings.from_config(cfg.characters)
+    _, _, said = load_character_references(run.run_dir / "references", settings)
+    assert [w for w in said if "same photo" in w] == []
 
 
 def test_a_cluster_that_gives_no_reference_leaves_no_empty_character_folder(

@@ -84,8 +84,13 @@ from diffusion_bunny.stages.characters.references import (
     MIN_SUBJECT_PX,
     RESERVED_NAMES,
     ReferencePictures,
+    ReferenceProblem,
     load_character_references,
+    on_grey,
     photographed_face,
+    picture_hash,
+    read_shrunk,
+    same_photo,
 )
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.tables import (
@@ -1041,7 +1046,10 @@ def promote_faces(
     in ``target``; only crops that reading the references takes for a photo of one face (the
     detector finds one face and dlib's HOG confirms it, :func:`~.references.photographed_face`)
     are kept. A crop kept on the detector alone (a profile, a small face) was read back as a
-    drawing: the person became a drawn character, and a detector was fitted to his face."""
+    drawing: the person became a drawn character, and a detector was fitted to his face. Nor is
+    a crop kept that reading takes for the same photo as one kept before it or already in
+    ``target`` (:func:`~.references.same_photo`): each was left out again, with a warning, by
+    every later run (naming a second cluster into a character wrote six such copies)."""
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
@@ -1051,6 +1059,7 @@ def promote_faces(
     target.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     ref_settings = replace(settings, min_face_px=0)
+    kept = [(p, *held) for p in sorted(target.iterdir()) if (held := _photo(p, ref_settings)) is not None]
     for row in ranked.iter_rows(named=True):
         if len(written) >= max_faces:
             break
@@ -1062,10 +1071,27 @@ def promote_faces(
         box = (found[0].top, found[0].right, found[0].bottom, found[0].left) if len(found) == 1 else None
         if box is None or not photographed_face(crop, box):
             continue
+        mine = (picture_hash(crop), found[0].encoding)
+        if same_photo(mine, kept) is not None:
+            continue
         out = target / f"{row['face_id']}.png"
         if _write_png(out, crop):
             written.append(out)
+            kept.append((out, *mine))
     return written
+
+
+def _photo(path: Path, settings: DetectSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """A reference picture's hash and face encoding as reading the references takes them, or
+    None where it is no photo of one face (or not a picture)."""
+    try:
+        rgb = on_grey(read_shrunk(path)[0])
+    except (OSError, ValueError, ReferenceProblem):
+        return None
+    found = [
+        f for f in portrait_faces(rgb, settings) if photographed_face(rgb, (f.top, f.right, f.bottom, f.left))
+    ]
+    return (picture_hash(rgb), found[0].encoding) if len(found) == 1 else None
 
 
 #: A drawn character's reference is its box with this share of the box's size around it on every
