@@ -663,6 +663,31 @@ def test_discovery_clusters_then_naming_relabels(discovered, tmp_path):
     assert [w for w in said if "same photo" in w] == []
 
 
+def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(discovered, tmp_path):
+    """Naming a cluster took its best faces as the character's reference pictures; a face fixed
+    by hand to someone else afterwards stayed one of them, naming that look as the old character
+    on every later run."""
+    from diffusion_bunny.stages.characters.stage import _unpromote
+    from diffusion_bunny.stages.characters.widgets import AppearanceFixer
+
+    run = _copy(discovered, tmp_path)
+    name_cluster(run.run_dir, "cluster_00", "Lin Manuel", load_config(None, dict(DEMO_SETTINGS)))
+    folder = run.run_dir / "references" / "Lin Manuel"
+    taken = sorted(folder.glob("*.png"))
+    own = folder / "photo.png"  # a picture of the user's own beside them
+    shutil.copy(build_demo_references(tmp_path / "demo_refs") / "astronaut" / "astronaut.png", own)
+    fixer = AppearanceFixer(run)
+    shown = fixer.members("Lin Manuel")["face_id"].to_list()
+    fixer.fix("Lin Manuel", shown.index(taken[0].stem) + 1, "Pianist")
+    assert not taken[0].exists() and own.exists() and all(p.exists() for p in taken[1:])
+    assert "its picture among Lin Manuel's references removed" in fixer.status.value
+    # A character's last picture stays: the character would be lost with it.
+    for picture in taken[1:]:
+        picture.unlink()
+    _unpromote(own)
+    assert own.exists()
+
+
 def test_a_cluster_that_gives_no_reference_leaves_no_empty_character_folder(
     discovered, tmp_path, monkeypatch
 ):

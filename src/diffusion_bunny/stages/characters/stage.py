@@ -47,6 +47,7 @@ from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.face_detect import require as require_detector
 from diffusion_bunny.models.faces import (
+    REFERENCE_SUFFIXES,
     DetectSettings,
     ReferenceSet,
     character_name,
@@ -866,7 +867,29 @@ def fix_appearance(
         )
         tables["appearance_edits"] = pl.concat([before, row])
         tables["faces"] = faces = apply_appearance_edits(faces, row)
+    if fixed["character"] not in (None, name):
+        _unpromote(promoted_picture(run, characters, face_id, fixed["character"]))
     return faces
+
+
+def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: str, name: str) -> Path | None:
+    """The reference picture naming a cluster ``name`` took from the appearance ``face_id``
+    (``<folder>/<name>/<face_id>.png`` in the folder naming writes to), where there is one."""
+    folders = [run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)]
+    found = [folder / name / f"{face_id}.png" for folder in folders]
+    return next((path for path in found if path.is_file()), None)
+
+
+def _unpromote(picture: Path | None) -> None:
+    """Take away a reference picture naming took from an appearance a person has since fixed to
+    another name: it went on naming that face's look as the old character (a face fixed to
+    "Pianist" stayed one of "Lin Manuel"'s pictures). Kept where it is the character's only
+    picture: the character would be lost with it."""
+    if picture is None:
+        return
+    others = [p for p in picture.parent.iterdir() if p != picture and p.suffix.lower() in REFERENCE_SUFFIXES]
+    if others:
+        picture.unlink(missing_ok=True)
 
 
 def anchor_old_fixes(run: Run) -> None:

@@ -22,7 +22,7 @@ from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters.sightings import likely_sightings
-from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster
+from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster, promoted_picture
 from diffusion_bunny.stages.characters.tables import naming_dir
 
 
@@ -337,6 +337,8 @@ class AppearanceFixer:
                 "labelled again); the strip is drawn again: check the number and fix again"
             )
             return None
+        was = now["character"][0]
+        picture = promoted_picture(self.run, self.characters, face_id, was) if was else None
         try:
             faces = fix_appearance(self.run.run_dir, face_id, name.strip() or None, self.characters)
         except UserError as exc:
@@ -344,6 +346,9 @@ class AppearanceFixer:
             return None
         saved = faces.filter(pl.col("face_id") == face_id)["character"][0]  # as spelt in the table
         self.status.value = f"{face_id} is now <b>{html.escape(saved or 'none of the characters')}</b>"
+        if picture is not None and saved != was:
+            gone = "removed" if not picture.exists() else "kept (the character's only picture)"
+            self.status.value += f"; its picture among {html.escape(was)}'s references {gone}"
         self.refresh()
         return faces
 
