@@ -173,7 +173,7 @@ def write_litert_reference(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--detectors", default=",".join(RUNTIMES), help="comma-separated")
     parser.add_argument("--frames", type=int, default=240)
     parser.add_argument("--rounds", type=int, default=3)

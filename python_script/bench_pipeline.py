@@ -427,7 +427,7 @@ def report(runs: list[LengthRun], stages: list[str], kind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="10,30,60", help="movie lengths in minutes (the longest is made)")
     ap.add_argument("--train-steps", type=int, default=10, help="stage 07 steps on the tiny preset (0: skip)")
     ap.add_argument(

@@ -221,7 +221,7 @@ def run_measured(cmd: list[str], warmup: int, log_path: Path, threads: int) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--diffusers-script", required=True, type=Path, help="train_text_to_image_lora.py")
     parser.add_argument(
         "--base-model", default="tiny", help="tiny, a hub id in the cache or a pipeline folder"

@@ -347,7 +347,7 @@ def reference_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(TRANSFORMERS))
     parser.add_argument("--reference-script", type=Path, default=None)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
@@ -368,12 +368,28 @@ def main(argv: list[str] | None = None) -> int:
         "torch 2.11+cu130 on an H100 its backward failed on FLUX.1-dev's bf16 shapes in both tools",
     )
     args = parser.parse_args(argv)
+    # Both checks come before the model folder is built (minutes and gigabytes at full size), so a
+    # typo or a CPU-only machine costs one line, not a traceback after the build.
+    script = args.reference_script
+    if script is not None and "reference" in args.tools and not script.is_file():
+        print(
+            f"error: --reference-script {script} not found (give diffusers' train_dreambooth_lora_*.py)",
+            file=sys.stderr,
+        )
+        return 2
     if args.no_cudnn_attention:
         os.environ["BENCH_NO_CUDNN_SDP"] = "1"
 
     import diffusers
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"error: --device cuda, but torch {torch.__version__} sees no CUDA GPU here "
+            "(run on a GPU machine, or use --device cpu with --model flux-small or sd3-small)",
+            file=sys.stderr,
+        )
+        return 2
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"{args.model}: torch {torch.__version__}, diffusers {diffusers.__version__}, {gpu}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)

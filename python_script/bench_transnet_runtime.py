@@ -92,7 +92,7 @@ def probabilities(sess, windows: list[np.ndarray]) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="best of N passes")
     ap.add_argument("--windows", type=int, default=12, help="runs of the network per pass")
     ap.add_argument(

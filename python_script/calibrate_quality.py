@@ -480,7 +480,7 @@ def part_text(text_width: int | None, dump: Path | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("brightness", "text", "night"), required=True)
     parser.add_argument("--seeds", default="0,1,2,3", help="night: one looped movie per seed (last held out)")
     parser.add_argument("--minutes", type=float, default=3.0, help="night: length of the looped movies")

@@ -376,7 +376,9 @@ def pooled(results: list[dict], kind: str) -> dict:
 def write_refusal(previous: dict | None, results: list[dict], stills: int) -> str | None:
     """Why ``--write`` must not replace ``previous`` (the stored table the docs quote) with this
     run's ``results``, or None. A run of fewer sources, or one without the without-references
-    clusters the stored table has, would silently drop what the docs cite: it happened once."""
+    clusters the stored table has, would silently drop what the docs cite: it happened once.
+    Its advice can always be taken: main refuses ``--without-references`` with ``--stills`` or
+    ``--confirm`` (and ``--confirm`` with ``--write``) before anything runs."""
     if not previous:
         return None
     missing = sorted({r["source"] for r in previous.get("sources", [])} - {r["source"] for r in results})
@@ -429,14 +431,35 @@ def main() -> None:
     args = parser.parse_args()
     if args.stills_only and not args.stills:
         parser.error("--stills-only needs --stills N (how many stills per character)")
+    # Only the plain run (run_source) has a second, reference-less stage 03 to score clusters on;
+    # the stills and confirm runs would drop the flag without a word.
+    if args.without_references and (args.stills or args.confirm):
+        parser.error(
+            f"--without-references scores the plain run only: leave it out of "
+            f"{'--stills' if args.stills else '--confirm'}, or run it alone"
+        )
+    if args.confirm and args.stills:
+        parser.error("--confirm and --stills are separate runs (--confirm adds a still of its own): give one")
+    if args.confirm and args.write:
+        # Its table has no file of its own: --write would replace eval_results.json (the
+        # references-only table the docs quote) with the confirmed scores.
+        parser.error("--confirm has no stored table (docs/characters.md quotes it): leave out --write")
     truth = load_character_truth()
     folder = truth_dir()
     overrides = dict(parse_override(text) for text in args.set)
-    wanted = set(args.sources.split(",")) if args.sources else None
+    names = [source["name"] for source in truth["sources"]]
+    wanted = {name for name in args.sources.split(",") if name} if args.sources else None
+    if wanted and (unknown := sorted(wanted - set(names))):
+        parser.error(f"--sources: no source {', '.join(unknown)} (choose from {', '.join(names)})")
+    chosen = [
+        source
+        for source in truth["sources"]
+        if (not wanted or source["name"] in wanted) and (not args.split or source["split"] == args.split)
+    ]
+    if not chosen:
+        parser.error(f"--sources {args.sources}: none of them is in --split {args.split}")
     results = []
-    for source in truth["sources"]:
-        if (wanted and source["name"] not in wanted) or (args.split and source["split"] != args.split):
-            continue
+    for source in chosen:
         if args.confirm:
             result = run_source_confirmed(source, folder, overrides, args.force)
             b = result["references_only_same_shots"]["overall"]

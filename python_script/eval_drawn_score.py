@@ -119,10 +119,14 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=8, help="score every N-th frame (default 8)")
     args = parser.parse_args()
     truth = json.loads((truth_dir() / "truth.json").read_text())
-    wanted = set(args.sources.split(",")) if args.sources else None
+    names = [source["name"] for source in truth["sources"]]
+    wanted = {name for name in args.sources.split(",") if name} if args.sources else None
+    if wanted and (unknown := sorted(wanted - set(names))):
+        # A mistyped name would otherwise score nothing and exit 0, as if all went well.
+        parser.error(f"--sources: no source {', '.join(unknown)} (choose from {', '.join(names)})")
     rng = np.random.default_rng(0)
     for source in truth["sources"]:
-        if wanted is not None and source["name"] not in wanted:
+        if wanted and source["name"] not in wanted:
             continue
         folder = workspace_root() / "data" / "eval_characters" / source["name"]
         if not (folder / "run.json").is_file():

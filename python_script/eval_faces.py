@@ -207,7 +207,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated setting labels or detector names to run")
     ap.add_argument("--workers", type=int, default=2, help="worker processes of the speed figure")
     ap.add_argument("--speed-repeat", type=int, default=2, help="passes over the 44 frames per speed figure")
@@ -311,10 +311,16 @@ def evaluate(args: argparse.Namespace) -> int:
             measure_speed([r for r, _ in measured], [st for _, st in measured], paths, args)
     print()
     print(table(rows))
-    print(
-        f"\nload average at end: {load()}; fps: frames/s of 1280x720 JPEGs on {args.workers} "
-        f"worker processes, median of {args.rounds} rounds"
-    )
+    # Say how frames/s were measured only when this run measured them (--no-speed measures none).
+    footer = f"\nload average at end: {load()}"
+    if measured:
+        footer += (
+            f"; fps: frames/s of 1280x720 JPEGs on {args.workers} worker processes, "
+            f"median of {args.rounds} rounds"
+        )
+    elif any(r.get("speed_kept") for r in rows):
+        footer += "; fps: kept from the stored table (not measured in this run)"
+    print(footer)
     if args.write:
         out = ft.truth_dir() / ft.RESULTS_FILE
         doc = {

@@ -115,7 +115,7 @@ def judge(movie: Path, truth, slack: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--seeds", default="0,1,2,3", help="real loops with bars (the last one is the held-out)")
     ap.add_argument("--dark-seed", type=int, default=4, help="a dark loop (-1: none)")
@@ -129,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from diffusion_bunny.demo import realclips, release
 
+    # Every movie here is rendered from the testdata (even a cached loop's name holds the clip's
+    # size): say what is absent in one line before anything is rendered, not as a traceback.
+    needed = [realclips.HAMILTON] + ([] if args.no_release else [release.LIN_REFERENCE, release.KNN])
+    if missing := next((p for p in needed if not p.exists()), None):
+        print(
+            f"error: {missing} is missing: the movies are made from ../shared/testdata "
+            "(put the testdata there or point DIFFUSION_BUNNY_TESTDATA at it)",
+            file=sys.stderr,
+        )
+        return 2
     width, _, height = args.size.partition("x")
     movies: list[tuple[str, Path, list]] = []
     seeds = [int(s) for s in args.seeds.split(",") if s]

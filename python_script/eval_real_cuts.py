@@ -119,8 +119,36 @@ def evaluate(movie: Path, work: Path, overrides: dict[str, object], tolerance: i
     }
 
 
+def missing_input(movies: list[Path]) -> str | None:
+    """What is missing for this run, said in one line, or None.
+
+    Checked before anything is decoded or rendered, so a mistyped path or an absent testdata
+    folder costs one line rather than a traceback minutes in. A MOVIE is only worth scoring
+    with the cut truth beside it; without MOVIEs the movies are rendered from the Hamilton clip
+    (whose size is part of every cached movie's name, so even a cached movie needs it).
+    """
+    for movie in movies:
+        if not movie.is_file():
+            return f"{movie} not found (give a movie made by diffusion_bunny.demo.realclips)"
+        truth = movie.with_suffix(".cuts.json")
+        if not truth.is_file():
+            return (
+                f"{truth} not found: every MOVIE needs its cut truth beside it "
+                "(give a movie made by diffusion_bunny.demo.realclips, or no MOVIE to make them)"
+            )
+    if not movies:
+        from diffusion_bunny.demo.realclips import HAMILTON
+
+        if not HAMILTON.is_file():
+            return (
+                f"{HAMILTON} is missing: the movies are made from ../shared/testdata's Hamilton clip "
+                "(put the testdata there, point DIFFUSION_BUNNY_TESTDATA at it, or give MOVIEs)"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("movies", nargs="*", type=Path, help="movies with a .cuts.json beside them")
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the movies made here")
     ap.add_argument("--seeds", default="0,1", help="one movie per seed is made when no MOVIE is given")
@@ -151,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.set:
         key, _, value = kv.partition("=")
         overrides[key.removeprefix("extract.")] = json.loads(value)
-    args.work.mkdir(parents=True, exist_ok=True)
     movies = list(args.movies)
+    if problem := missing_input(movies):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
     if not movies:
         from diffusion_bunny.demo import realclips
 

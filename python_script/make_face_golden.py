@@ -8,8 +8,10 @@ against it after face_recognition is gone. Run once, with a Python that has face
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,10 +23,25 @@ EXAMPLES = (
 OUT = ROOT / "test" / "models" / "data" / "faces_golden.json"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    # argparse so that --help only shows help: a bare run rewrites the golden file the tests read.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args(argv)
+    if not EXAMPLES.is_dir():
+        print(f"error: {EXAMPLES} is missing: the golden file is made from its pictures", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import face_recognition as fr
+        try:
+            import face_recognition as fr
+        except ImportError:
+            print(
+                "error: face_recognition is not installed: run this with a Python that has it (see --help)",
+                file=sys.stderr,
+            )
+            return 2
     from importlib.metadata import version
 
     doc: dict = {
@@ -60,7 +77,8 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(doc) + "\n")
     print(f"{OUT}: {len(doc['images'])} images, {OUT.stat().st_size} bytes")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

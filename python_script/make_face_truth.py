@@ -272,7 +272,7 @@ def draw(truth: dict, folder: Path, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draw", type=Path, help="also write every frame with its boxes drawn into DIR")
     args = parser.parse_args(argv)
     if not EXAMPLES.is_dir():

@@ -149,7 +149,7 @@ def one_round(command: list[str], sig: signal.Signals, wait: float, grace: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("movie", type=Path)
     parser.add_argument("--out", type=Path, help="the run folder (default: a new temporary one)")
     parser.add_argument("--rounds", type=int, default=12)
