@@ -508,6 +508,27 @@ def test_frames_moved_into_a_folder_leave_its_own_frames_in_it(scenes_run):
     assert big in {after[f] for f in stay}  # (the adapter, learning from the moves, may split the rest)
 
 
+def test_moves_keep_their_frames_together_when_the_clusters_table_is_gone(scenes_run):
+    """With ``clusters.parquet`` deleted, the rerun handed out fresh ids: each move's folder id
+    then named a folder of the moved frame alone, and the frames it had joined went elsewhere
+    (s001 = [the moved frame], s012 = the folder's own frames), without a word. The last run's
+    exemplars (a frame per cluster) still say which cluster each id was."""
+    from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    sizes = scene.group_by("cluster_id").len().sort(["len", "cluster_id"])
+    small, big = sizes["cluster_id"][0], sizes["cluster_id"][-1]
+    own = scene.filter(pl.col("cluster_id") == small)["frame_id"].sort().to_list()
+    moved = scene.filter(pl.col("cluster_id") == big)["frame_id"].sort().to_list()[0]
+    move_to_cluster(run.run_dir, moved, small)
+    (run.run_dir / "tables" / "clusters.parquet").unlink()
+    run_stage(run, "scenes", cfg, progress=False)
+    after = scene_map(run.read_table("clusters"))
+    assert {after[f] for f in [*own, moved]} == {small}
+
+
 def test_bad_moves_are_clear_errors(scenes_run):
     from diffusion_bunny.stages.scenes.stage import move_to_cluster
 

@@ -472,6 +472,11 @@ def _cluster(
         return _assign_library(library, movie_id, fids, vectors, space, cfg, reserved, held=held)
     if same_setup:
         return _assign_new(fids, vectors, prev_clusters, prev_ex, cfg, movie_id, space, reserved)
+    if prev_clusters is None and prev_ex is not None:
+        # The clusters table was lost (deleted by hand): the exemplars, a frame per cluster, still
+        # say which id was which. Without them every id was fresh, and a move's folder id named a
+        # folder of the moved frame alone, the frames it had joined gone to another id.
+        prev_clusters = prev_ex.select("frame_id", "cluster_id").with_columns(pl.lit("scene").alias("level"))
     labels, sims, exemplars = _fresh_clusters(
         vectors, fids, prev_clusters, cfg, movie_id, embedder_name, space, thresholds, reserved
     )
