@@ -771,9 +771,15 @@ def test_cluster_namer_widget(discovered, tmp_path):
     # Named elsewhere meanwhile (another namer; the fixer does the same): the run is labelled and
     # its unknown faces grouped again, so this namer's rows, drawn before, show faces their ids no
     # longer hold. Naming one names nothing (it named the faces the id holds now); redrawn.
-    other = ClusterNamer(run, load_config(None, {}))
+    from diffusion_bunny.stages.characters.widgets import AppearanceFixer
+
+    fixer = AppearanceFixer(run)
+    other = ClusterNamer(run, load_config(None, {}), then=fixer.refresh)
+    assert "second" not in fixer.character.options
     result = other.name("cluster_01", "second")
     assert result is not None and "second" in other.status.value
+    # The fixer drawn before the naming lists the character just named (it offered 'unknown' alone).
+    assert "second" in fixer.character.options
     assert other.clusters().height == 3 and len(other.rows.children) == 3
     stale = next(c for c, faces in namer.shown.items() if faces != other.shown.get(c))
     named_before = run.read_table("faces")["character"].to_list()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ class ClusterNamer:
     Naming copies the cluster's best faces into the reference folder (``characters.reference_dir``,
     or the run's own ``references/``) and re-labels the run from the stored encodings (no face is
     detected again), then the rows are rebuilt: faces of other clusters that the new references
-    now match leave the list too. :meth:`name` does the same from Python.
+    now match leave the list too. :meth:`name` does the same from Python. ``then``: called after
+    each naming, so that a widget drawn from the faces table before it (notebook 03's fixer,
+    whose list of characters lacked the one just named) is drawn again.
     """
 
     def __init__(
@@ -48,9 +51,11 @@ class ClusterNamer:
         *,
         max_clusters: int = 12,
         max_faces: int = 16,
+        then: Callable[[], Any] | None = None,
     ):
         self.run = run
         self.cfg = cfg
+        self.then = then
         self.max_clusters = max_clusters
         self.max_faces = max_faces
         self.status = widgets.HTML()
@@ -134,6 +139,8 @@ class ClusterNamer:
             f"image(s) added; {result['named_faces']} faces are now {result['character']}"
         )
         self.refresh()
+        if self.then is not None:
+            self.then()
         return result
 
 
