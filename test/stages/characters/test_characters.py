@@ -681,11 +681,35 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
     fixer.fix("Lin Manuel", shown.index(taken[0].stem) + 1, "Pianist")
     assert not taken[0].exists() and own.exists() and all(p.exists() for p in taken[1:])
     assert "its picture among Lin Manuel's references removed" in fixer.status.value
+    # A picture under a face's id that shows another face (a later run gave the id to another
+    # face) is not that face's: it stays.
+    shown = fixer.members("Lin Manuel")["face_id"].to_list()
+    other = next(f for f in shown if not (folder / f"{f}.png").exists())
+    shutil.copy(
+        FACE_TRUTH / "alex_lacamoire1.jpg", impostor := folder / f"{other}.png"
+    )  # PNG-named JPEG: read
+    fixer.fix("Lin Manuel", shown.index(other) + 1, "Pianist")
+    assert impostor.exists() and "references removed" not in fixer.status.value
+    impostor.unlink()
     # A character's last picture stays: the character would be lost with it.
     for picture in taken[1:]:
         picture.unlink()
     _unpromote(own)
     assert own.exists()
+
+
+def test_a_cluster_named_again_whose_faces_are_its_references_already_says_so(discovered, tmp_path):
+    """Faces stage 03 names by no reference of their own (under characters.trust_min_px) stay a
+    cluster after naming; named again, every crop is a copy of a picture already there, and the
+    line said "the detector does not find them again in a crop", which was not why."""
+    run = _copy(discovered, tmp_path)
+    cfg = load_config(None, {**DEMO_SETTINGS, "characters.trust_min_px": 4096})  # no face names itself
+    before = run.read_table("faces").filter(pl.col("cluster") == "cluster_00")["face_id"].to_list()
+    name_cluster(run.run_dir, "cluster_00", "first", cfg)
+    still = run.read_table("faces").filter(pl.col("face_id").is_in(before))["cluster"].unique().to_list()
+    assert len(still) == 1 and still[0] is not None  # unnamed, a cluster again
+    with pytest.raises(UserError, match=r"are first's reference photos already \(.*\.png"):
+        name_cluster(run.run_dir, still[0], "first", cfg)
 
 
 def test_a_cluster_that_gives_no_reference_leaves_no_empty_character_folder(
@@ -815,6 +839,14 @@ def test_a_still_of_a_face_too_small_to_tell_anyone_by_is_refused(discovered, tm
         (run.run_dir / "references" / "grace").iterdir()
     )
     assert add_still(run.run_dir, frame["frame_id"], boxes[1], "grace", cfg.characters).is_file()
+    # The same face boxed again a few pixels off: a copy that reading the references would leave
+    # out, with a warning on every run, is refused in one line.
+    left, top, right, bottom = boxes[1]
+    with pytest.raises(UserError, match=r"is the same photo of grace's face as .*a copy adds nothing"):
+        add_still(
+            run.run_dir, frame["frame_id"], (left - 6, top, right + 6, bottom + 4), "grace", cfg.characters
+        )
+    assert len(list((run.run_dir / "references" / "grace").iterdir())) == 1
 
 
 def test_a_still_of_a_person_that_shows_no_face_from_the_front_is_refused(discovered, tmp_path):

@@ -84,6 +84,7 @@ from diffusion_bunny.stages.characters.references import (
     GREY,
     MIN_SUBJECT_PX,
     RESERVED_NAMES,
+    SAME_PHOTO_DISTANCE,
     ReferencePictures,
     ReferenceProblem,
     load_character_references,
@@ -873,11 +874,30 @@ def fix_appearance(
 
 
 def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: str, name: str) -> Path | None:
-    """The reference picture naming a cluster ``name`` took from the appearance ``face_id``
-    (``<folder>/<name>/<face_id>.png`` in the folder naming writes to), where there is one."""
-    folders = [run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)]
-    found = [folder / name / f"{face_id}.png" for folder in folders]
-    return next((path for path in found if path.is_file()), None)
+    """The reference picture naming a cluster ``name`` took from the human face ``face_id``
+    (``<folder>/<name>/<face_id>.png`` in the folder naming writes to), where there is one and it
+    still shows that face. An id is the face's place in its frame, which a later run may give
+    another face: the picture is that face's only where its face is within
+    :data:`~.references.SAME_PHOTO_DISTANCE` of the face's encoding. Drawn characters' pictures
+    are not looked for (their ids move with every fit, and their features tell no picture)."""
+    folder = run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)
+    picture = folder / name / f"{face_id}.png"
+    if not picture.is_file() or not run.has_table("detections"):
+        return None
+    path = run.table_path("detections")
+    with damaged_table(path):
+        found = (
+            pl.scan_parquet(path, glob=False)
+            .filter((pl.col("face_id") == face_id) & (pl.col("kind").fill_null("face") == "face"))
+            .select("embedding")
+            .collect()
+        )
+    settings = DetectSettings() if characters is None else DetectSettings.from_config(characters)
+    held = _photo(picture, replace(settings, min_face_px=0))
+    if found.is_empty() or held is None:
+        return None
+    distance = float(np.linalg.norm(np.asarray(found["embedding"][0], np.float32) - held[1]))
+    return picture if distance < SAME_PHOTO_DISTANCE else None
 
 
 def _unpromote(picture: Path | None) -> None:
@@ -887,9 +907,12 @@ def _unpromote(picture: Path | None) -> None:
     picture: the character would be lost with it."""
     if picture is None:
         return
-    others = [p for p in picture.parent.iterdir() if p != picture and p.suffix.lower() in REFERENCE_SUFFIXES]
-    if others:
-        picture.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the fix is saved: a folder made read-only since keeps it
+        others = [
+            p for p in picture.parent.iterdir() if p != picture and p.suffix.lower() in REFERENCE_SUFFIXES
+        ]
+        if others:
+            picture.unlink(missing_ok=True)
 
 
 def anchor_old_fixes(run: Run) -> None:
@@ -1064,6 +1087,7 @@ def promote_faces(
     settings: DetectSettings,
     *,
     max_faces: int = 5,
+    already: list[Path] | None = None,
 ) -> list[Path]:
     """Save the best faces of ``faces`` (sharpest of the largest, one per frame) as reference images
     in ``target``; only crops that reading the references takes for a photo of one face (the
@@ -1072,7 +1096,8 @@ def promote_faces(
     drawing: the person became a drawn character, and a detector was fitted to his face. Nor is
     a crop kept that reading takes for the same photo as one kept before it or already in
     ``target`` (:func:`~.references.same_photo`): each was left out again, with a warning, by
-    every later run (naming a second cluster into a character wrote six such copies)."""
+    every later run (naming a second cluster into a character wrote six such copies). The
+    pictures of ``target`` a crop was a copy of are added to ``already``, where given."""
     paths = dict(frames.select("frame_id", "path").iter_rows())
     ranked = (
         faces.with_columns((pl.col("bottom") - pl.col("top")).alias("_h"))
@@ -1095,7 +1120,9 @@ def promote_faces(
         if box is None or not photographed_face(crop, box):
             continue
         mine = (picture_hash(crop), found[0].encoding)
-        if same_photo(mine, kept) is not None:
+        if (copy := same_photo(mine, kept)) is not None:
+            if already is not None and copy not in written and copy not in already:
+                already.append(copy)
             continue
         out = target / f"{row['face_id']}.png"
         if _write_png(out, crop):
@@ -1111,6 +1138,21 @@ def _photo(path: Path, settings: DetectSettings) -> tuple[np.ndarray, np.ndarray
         rgb = on_grey(read_shrunk(path)[0])
     except (OSError, ValueError, ReferenceProblem):
         return None
+    return _photo_of(rgb, settings)
+
+
+def _copy_in(rgb: np.ndarray, target: Path, settings: DetectSettings) -> Path | None:
+    """The picture of the folder ``target`` that reading the references would take ``rgb`` for
+    a copy of (:func:`~.references.same_photo`), or None."""
+    mine = _photo_of(rgb, settings)
+    if mine is None or not target.is_dir():
+        return None
+    kept = [(p, *held) for p in sorted(target.iterdir()) if (held := _photo(p, settings)) is not None]
+    return same_photo(mine, kept)
+
+
+def _photo_of(rgb: np.ndarray, settings: DetectSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_photo` of a picture in memory."""
     found = [
         f for f in portrait_faces(rgb, settings) if photographed_face(rgb, (f.top, f.right, f.bottom, f.left))
     ]
@@ -1202,6 +1244,12 @@ def add_still(
             f"{name} in a frame where the face looks toward the camera, or add a photo"
         )
     target = naming_dir(run.run_dir, characters) / name
+    copy = _copy_in(crop, target, replace(DetectSettings.from_config(characters), min_face_px=0))
+    if copy is not None:  # reading would leave it out, with a warning on every run
+        raise UserError(
+            f"the still of frame {frame_id} is the same photo of {name}'s face as {copy} (a copy adds "
+            f"nothing); box {name} in a shot where the face looks otherwise"
+        )
     target.mkdir(parents=True, exist_ok=True)
     out = target / f"still_{frame_id}_{left}_{top}_{right}_{bottom}.png"
     if not _write_png(out, crop):  # pragma: no cover - the box is at least 16 px a side
@@ -1277,21 +1325,25 @@ def promote_cluster(
     target = naming_dir(run.run_dir, cfg.characters) / name
     existed = target.exists()
     frames = run.read_table("frames")
+    already: list[Path] = []
     if (members["kind"] == "drawn").all():
         written = promote_drawn(run.run_dir, members, frames, target, max_pictures=max_faces)
     else:
+        settings = DetectSettings.from_config(cfg.characters)
         written = promote_faces(
-            run.run_dir,
-            members,
-            frames,
-            target,
-            DetectSettings.from_config(cfg.characters),
-            max_faces=max_faces,
+            run.run_dir, members, frames, target, settings, max_faces=max_faces, already=already
         )
     if not written:
         if not existed:  # an empty folder made here was a character "with no pictures" in every run
             with contextlib.suppress(OSError):
                 target.rmdir()
+        if already:  # named before: its faces were left unnamed by the labelling, not by the detector
+            raise UserError(
+                f"the faces of {cluster} that could serve are {name}'s reference photos already "
+                f"({', '.join(p.name for p in already[:3])}): nothing to add. Stage 03 names no face "
+                "too small or too turned by itself (characters.trust_min_px, trust_max_yaw): fix those "
+                "one by one in notebook 03's fixer"
+            )
         raise UserError(
             f"no face of {cluster} could serve as a reference (the detector does not find them again "
             "in a crop); add photos of this person to "

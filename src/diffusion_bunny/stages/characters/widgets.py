@@ -354,7 +354,9 @@ class AppearanceFixer:
         saved = faces.filter(pl.col("face_id") == face_id)["character"][0]  # as spelt in the table
         self.status.value = f"{face_id} is now <b>{html.escape(saved or 'none of the characters')}</b>"
         if picture is not None and saved != was:
-            gone = "removed" if not picture.exists() else "kept (the character's only picture)"
+            gone = (
+                "removed" if not picture.exists() else "kept (the character's only picture, or not writable)"
+            )
             self.status.value += f"; its picture among {html.escape(was)}'s references {gone}"
         self.refresh()
         return faces
