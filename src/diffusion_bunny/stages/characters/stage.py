@@ -1107,7 +1107,7 @@ def promote_faces(
     target.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     ref_settings = replace(settings, min_face_px=0)
-    kept = [(p, *held) for p in sorted(target.iterdir()) if (held := _photo(p, ref_settings)) is not None]
+    kept = _photos_in(target, ref_settings)
     for row in ranked.iter_rows(named=True):
         if len(written) >= max_faces:
             break
@@ -1145,10 +1145,15 @@ def _copy_in(rgb: np.ndarray, target: Path, settings: DetectSettings) -> Path | 
     """The picture of the folder ``target`` that reading the references would take ``rgb`` for
     a copy of (:func:`~.references.same_photo`), or None."""
     mine = _photo_of(rgb, settings)
-    if mine is None or not target.is_dir():
-        return None
-    kept = [(p, *held) for p in sorted(target.iterdir()) if (held := _photo(p, settings)) is not None]
-    return same_photo(mine, kept)
+    return None if mine is None else same_photo(mine, _photos_in(target, settings))
+
+
+def _photos_in(target: Path, settings: DetectSettings) -> list[tuple[Path, np.ndarray, np.ndarray]]:
+    """Each photo of one face in the folder ``target`` (none where there is no folder) with its
+    hash and face encoding, as :func:`~.references.same_photo` compares them."""
+    if not target.is_dir():
+        return []
+    return [(p, *held) for p in sorted(target.iterdir()) if (held := _photo(p, settings)) is not None]
 
 
 def _photo_of(rgb: np.ndarray, settings: DetectSettings) -> tuple[np.ndarray, np.ndarray] | None:
