@@ -16,6 +16,7 @@ the pictures that the flags are right (:func:`interlace_verdict`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -518,6 +519,7 @@ def decode_past_damage(
     stream: av.video.stream.VideoStream,
     report: DecodeReport,
     fps: float,
+    cover: FileCoverage | None = None,
 ) -> Iterator[av.VideoFrame]:
     """``stream``'s whole frames from where ``container`` stands, past damaged data.
 
@@ -528,13 +530,18 @@ def decode_past_damage(
     real clip's frame of two shots mixed was kept for the dataset) until a keyframe starts afresh,
     so they are left out (counted) up to the next keyframe, or for :data:`RECOVERY_S` in a stream
     without keyframes (intra refresh). Data the container cannot read past ends the frames,
-    recording why."""
-    packets = container.demux(stream)
+    recording why. With ``cover``, every stream's packets are demuxed and their bytes noted in it
+    (:class:`FileCoverage`); only ``stream``'s are decoded."""
+    packets = container.demux() if cover is not None else container.demux(stream)
     seen, tainted = 0, -1  # frames decoded since the last damage, -1 when whole
     earliest: float | None = None  # the earliest packet's time before the first frame came out
     while True:
         try:
             packet = next(packets)
+            if cover is not None:
+                cover.add(packet)
+                if packet.stream.index != stream.index:  # (flush packets say stream_index 0)
+                    continue
             if repeats_a_frame(packet):
                 continue
             # (a packet before a trimmed MP4's edit point is decoded and not shown, by design)
@@ -594,6 +601,11 @@ class DecodeReport:
     gaps: list[tuple[float, float]] = field(default_factory=list)
     #: When damage was met (the time of the last frame decoded before it), at most :data:`GAPS_KEPT`.
     damage_at: list[float] = field(default_factory=list)
+    #: Stretches of the file no packet was read from, between packets (:class:`FileCoverage`):
+    #: (the time of the first packet after it, seconds from the first frame; its bytes), at
+    #: most :data:`GAPS_KEPT`. Damage the demuxer passed over in silence, resyncing at the next
+    #: cluster, leaves one and no packet that fails to decode.
+    unread: list[tuple[float, int]] = field(default_factory=list)
     #: How far the first frame decoded lies after the earliest packet read before it: the
     #: frames up to the first keyframe that could not be decoded (-1.0 where the packets carry
     #: no times; None before the first frame).
@@ -613,6 +625,56 @@ TIMESTAMP_LEAP_S = 10.0
 
 #: libavformat's ``AVFMT_TS_DISCONT``: the format allows timestamp discontinuities.
 _TS_DISCONT = 0x0200
+
+#: Bytes between two packets a container may hold without damage: Matroska's block and cluster
+#: headers (7-24 bytes between packets measured), AVI's chunk headers (9-16), an OpenDML AVI's
+#: standard index chunks, an MP4 fragment's ``moof``. More than this that no packet covers is
+#: data the demuxer passed over.
+UNREAD_BYTES = 4096
+
+
+class FileCoverage:
+    """Which bytes of a file the demuxer read as packets: what it passed over between them.
+
+    Why: Matroska's demuxer (and AVI's) resyncs past damage to the next cluster without an
+    error, and without a packet that fails to decode when the damage began at a cluster's edge:
+    2.3 s of a film's picture gone was reported as nothing lost. Packets come in time order, not
+    the file's (an MP4 fragment holds its video, then its audio), so the bytes read are kept as
+    merged stretches and the holes judged once the file is read. Our own code: FFmpeg says it
+    only in log lines, and a pass-wide log capture would catch every other library's too. Not
+    for MPEG-TS and the like, whose packets are spread over 188-byte cells among other streams'
+    and padding."""
+
+    def __init__(self) -> None:
+        #: Merged stretches read, sorted: [start, end, time of the packet that starts it].
+        self.spans: list[list[float]] = []
+        self._last = 0
+
+    def add(self, packet: av.Packet) -> None:
+        """Note ``packet``'s bytes (packets without a position, or empty, are passed over)."""
+        pos, size = packet.pos, packet.size
+        if pos is None or pos < 0 or not size:
+            return
+        spans, end = self.spans, pos + size
+        i = self._last  # the common case: the packet follows the one before in the file
+        if not (i < len(spans) and spans[i][0] <= pos and (i + 1 == len(spans) or spans[i + 1][0] > pos)):
+            i = bisect.bisect_right(spans, pos, key=lambda span: span[0]) - 1
+        if i >= 0 and spans[i][1] + UNREAD_BYTES >= pos:
+            spans[i][1] = max(spans[i][1], end)
+        else:  # (the time only here: a Fraction's product costs more than the rest)
+            when = packet.pts if packet.pts is not None else packet.dts
+            t = float(when * packet.time_base) if when is not None and packet.time_base else float("nan")
+            i += 1
+            spans.insert(i, [pos, end, t])
+        while i + 1 < len(spans) and spans[i + 1][0] <= spans[i][1] + UNREAD_BYTES:
+            spans[i][1] = max(spans[i][1], spans.pop(i + 1)[1])
+        self._last = i
+
+    def holes(self) -> list[tuple[float, int]]:
+        """(the time of the packet after it, seconds in the stream's time; its bytes) of each
+        stretch between packets no packet was read from, in file order."""
+        pairs = zip(self.spans, self.spans[1:], strict=False)
+        return [(after[2], int(after[0] - before[1])) for before, after in pairs]
 
 
 class MonotonicClock:
@@ -755,7 +817,9 @@ class VideoReader:
         # and ``extract.deinterlace: on`` did nothing there.
         self.deinterlace = bool(deinterlace)
 
-    def _decoded(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+    def _decoded(
+        self, container: av.container.InputContainer, cover: FileCoverage | None = None
+    ) -> Iterator[av.VideoFrame]:
         """The stream's whole frames (:func:`decode_past_damage`), deinterlaced when asked."""
         stream = picture_stream(container)
         stored = (self.info.width, self.info.height)
@@ -765,7 +829,7 @@ class VideoReader:
             deinterlacer = FieldDoubler(stream, stored, top=verdict.get("bff", 0) <= verdict.get("tff", 0))
         elif self.deinterlace:
             deinterlacer = Deinterlacer(stream)
-        for frame in decode_past_damage(container, stream, self.report, self.info.fps):
+        for frame in decode_past_damage(container, stream, self.report, self.info.fps, cover):
             if (frame.width, frame.height) != stored:
                 # Every measure, box and saved frame is in the movie's stored pixels: a piece of
                 # another size gave analysis copies and profiles of another shape.
@@ -795,7 +859,9 @@ class VideoReader:
             every = self.profile_every
             clock = MonotonicClock.of(container, info.fps)
             order = _KeyframeOrder()
-            for frame in self._decoded(container):
+            # Keyframes alone leave gaps by design; MPEG-TS spreads packets over cells.
+            cover = None if self.keyframes_only or clock.discontinuous else FileCoverage()
+            for frame in self._decoded(container, cover):
                 t = frame.time
                 if t is None:
                     t = index / info.fps
@@ -834,6 +900,9 @@ class VideoReader:
                 report.last_time_s = t
                 yield Decoded(index, t, frame, small_bgr, small_gray, profiles)
                 index += 1
+            if cover is not None and start is not None:
+                holes = [(round(at - start, 6), size) for at, size in cover.holes() if at == at]
+                report.unread = holes[:GAPS_KEPT]
         finally:
             container.close()
 
@@ -869,9 +938,10 @@ class VideoReader:
         # demuxer may pass over unreadable data silently, failing on a packet before or after),
         # the nearest such stretch: a still of a variable-rate film near the damage is not it.
         def away(at: float, length: float) -> float:
-            return min(max(0.0, at - when, when - at - length) for when in report.damage_at)
+            return min(max(0.0, at - when, when - at - length) for when in damage_at)
 
-        if self.keyframes_only or not report.damage_at:
+        damage_at = [*report.damage_at, *(at for at, _ in report.unread)]
+        if self.keyframes_only or not damage_at:
             return ""
         near = [(away(at, length), -length, at, length) for at, length in report.gaps]
         near = [n for n in near if n[0] <= 1.0]
@@ -896,14 +966,21 @@ class VideoReader:
             lost_s -= report.longest_gap_s
         skipped = report.damaged_packets + report.damaged_frames
         if report.stopped_by_error is None and lost_s <= max(0.5, 3 * frame_s):
-            if not skipped:
+            gap = self._gap_lost()
+            if not skipped and not gap:
                 return None
-            return (
-                f"{info.path.name}: the picture is damaged in places: {report.damaged_packets} packet(s) "
-                f"could not be decoded, and the {report.damaged_frames} frame(s) decoded from damaged "
-                f"data up to the next keyframe (smeared with pieces of other pictures) were left out;"
-                f"{self._gap_lost()} the rest was read"
-            )
+            said = []
+            if skipped:
+                said.append(
+                    f"{report.damaged_packets} packet(s) could not be decoded, and the "
+                    f"{report.damaged_frames} frame(s) decoded from damaged data up to the next keyframe "
+                    "(smeared with pieces of other pictures) were left out"
+                )
+            if report.unread and gap:
+                unread_kb = sum(size for _, size in report.unread) / 1024
+                said.append(f"{unread_kb:.0f} kB of the file could not be read and were passed over")
+            damaged = ", and ".join(said)
+            return f"{info.path.name}: the picture is damaged in places: {damaged};{gap} the rest was read"
         if expected_s and lost_s > 0:
             pct = 100.0 * lost_s / expected_s
             msg = (
