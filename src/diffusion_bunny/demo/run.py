@@ -14,6 +14,7 @@ from diffusion_bunny.demo.metrics import adjusted_rand, match_boundaries
 from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie, build_demo_references
 from diffusion_bunny.errors import StageError
 from diffusion_bunny.paths import workspace_root
+from diffusion_bunny.pipeline.contract import stage_summary
 from diffusion_bunny.pipeline.engine import run_target
 from diffusion_bunny.pipeline.run import Run, movie_key
 from diffusion_bunny.stages import PIPELINE
@@ -70,7 +71,7 @@ def summarize(run: Run, truth: dict[str, Any]) -> str:
         manifest = run.read_manifest(stage.name)
         if manifest is None:
             continue
-        line = f"{stage.name}: {stage.summary(manifest)}"
+        line = f"{stage.name}: {stage_summary(stage, manifest, run.run_dir)}"
         if stage.name in compare:
             line += f"; {compare[stage.name](run, truth)}"
         lines.append(line)

@@ -215,6 +215,8 @@ class Stage:
     #: is the stage (:meth:`stage_module`); that module and what it imports make the code hash
     #: (:func:`~diffusion_bunny.pipeline.manifest.code_hash`).
     package: str
+    #: One line on the stage's last run from its manifest (:func:`stage_summary` adds
+    #: ``run_folder``, which facts of files inside it are relative to).
     summary: Callable[[dict[str, Any]], str]
     reads: tuple[Reads, ...] = ()
     config: tuple[str, ...] = ()
@@ -234,6 +236,11 @@ class Stage:
     #: What the stage keeps beside its outputs, one line each, for ``bunny status`` (stage 07:
     #: the LoRA of every training configuration, none deleted by a retrain).
     kept: Callable[[Run, ConfigView], list[str]] | None = None
+    #: Rewrites the files beside its outputs that name the run folder's place, when the folder
+    #: was moved or copied (stage 06: the dataset's README and the video trainers' files, which a
+    #: trainer reads from anywhere, so they hold absolute paths); returns the facts that changed
+    #: (empty: nothing to rewrite). Called when the stage is up to date (:func:`_relocated`).
+    relocate: Callable[[Run, ConfigView, dict[str, Any]], dict[str, Any]] | None = None
     #: The detectors its settings choose, as ``(every detector's module, the chosen one's)``
     #: pairs (:meth:`~diffusion_bunny.registry.Registry.code_choice`): its code hash covers the
     #: chosen detector and not the others.
@@ -545,6 +552,13 @@ def declared_inputs(run: Run, pipeline: Pipeline, stage: Stage, view: ConfigView
     return inputs
 
 
+def stage_summary(stage: Stage, manifest: dict[str, Any], run_dir: Path) -> str:
+    """``stage``'s one line on its last run, its manifest given ``run_folder``: a fact of a file
+    in the run folder is relative to it (:func:`~diffusion_bunny.pipeline.run.run_fact`), so a
+    moved or copied folder's summary names its own files."""
+    return stage.summary({**manifest, "run_folder": str(run_dir)})
+
+
 def owned_paths(run: Run, stage: Stage, view: ConfigView) -> dict[str, Path]:
     return stage.owns(run, view) if stage.owns is not None else {}
 
@@ -696,6 +710,23 @@ def run_stage(
         return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
 
 
+def _relocated(run: Run, stage: Stage, view: ConfigView) -> None:
+    """An up-to-date stage's files that name the run folder's place rewritten where the folder
+    moved (:attr:`Stage.relocate`), and its manifest's facts and fingerprints of what it owns
+    taken again: the stage stays up to date, its work not done twice for a copy of a folder."""
+    manifest = run.read_manifest(stage.name)
+    if stage.relocate is None or manifest is None:
+        return
+    changed = stage.relocate(run, view, manifest.get("facts") or {})
+    if not changed:
+        return
+    manifest["facts"] = {**(manifest.get("facts") or {}), **changed}
+    owned = owned_paths(run, stage, view)
+    manifest["outputs"]["owned"] = plain({label: path_fingerprint(path) for label, path in owned.items()})
+    run.write_manifest(stage.name, manifest)
+    log.info("%s: %s's files rewritten for the folder's new place", run.run_dir.name, stage.name)
+
+
 def _run_stage_locked(
     pipeline: Pipeline, run: Run, name: str, cfg: RunConfig, *, force: bool, progress: bool
 ) -> dict[str, pl.DataFrame]:
@@ -716,6 +747,7 @@ def _run_stage_locked(
         config=cfg.section_values(*stage.config),
     )
     if state == "done" and not force:
+        _relocated(run, stage, view)
         log.info("%s: %s up to date (config %s), tables read back", run.run_dir.name, name, config_hash)
         return {table: run.read_table(table) for table in stage.writes}
     log.info(

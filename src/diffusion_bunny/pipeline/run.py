@@ -48,6 +48,20 @@ log = logging.getLogger(__name__)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def run_fact(path: str | Path, run_dir: str | Path) -> str:
+    """A file a manifest's facts or a table record: relative to the run folder when it lies inside
+    it, absolute otherwise. Absolute facts pointed into the old folder once a run folder was moved
+    or copied (notebook 08 printed a snippet loading another run's LoRA; notebook 07 listed the
+    old folder's files, or failed where it was gone)."""
+    path, run_dir = Path(path).absolute(), Path(run_dir).absolute()
+    return path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else str(path)
+
+
+def from_run_fact(fact: str | None, run_dir: str | Path) -> Path | None:
+    """The file a fact of :func:`run_fact` names, in the run folder where it is relative."""
+    return None if not fact else Path(run_dir) / fact
+
+
 def check_exists(target: str | Path) -> Path:
     """``target`` as a path that exists, or one line: a web address is named as such (a user
     pastes a video's link; it read "https:/www...: no such file or folder")."""

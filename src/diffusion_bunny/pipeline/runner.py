@@ -44,7 +44,7 @@ from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import atomic_path, temp_path, writer_alive
-from diffusion_bunny.pipeline.contract import Pipeline, behind_producers, stage_state
+from diffusion_bunny.pipeline.contract import Pipeline, behind_producers, stage_state, stage_summary
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
 from diffusion_bunny.pipeline.run import (
@@ -874,7 +874,7 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
                 stage, "ran", reason, manifest.get("counts", {}), manifest.get("warnings", [])
             )
             report.stages.append(stage_report)
-            summary = pipeline.get(stage).summary(manifest) if manifest else reason
+            summary = stage_summary(pipeline.get(stage), manifest, run.run_dir) if manifest else reason
             _say(f"{movie.name}: {stage} done: {summary}")
             for warning in stage_report.warnings:
                 _say(f"{movie.name}: warning: {warning}")

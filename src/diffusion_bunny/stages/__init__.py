@@ -73,7 +73,7 @@ def summary(run: Run, name: str) -> str:
     manifest = run.read_manifest(name)
     if manifest is None:
         return f"stage {name} has not run"
-    return PIPELINE.get(name).summary(manifest)
+    return contract.stage_summary(PIPELINE.get(name), manifest, run.run_dir)
 
 
 __all__ = ["PIPELINE", "run_stage", "stage_names", "stage_state", "summary"]

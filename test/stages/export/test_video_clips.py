@@ -13,7 +13,7 @@ from diffusion_bunny.config import load_config
 from diffusion_bunny.errors import ConfigError
 from diffusion_bunny.media.clips import clip_frames_rgb, cover_crop, decode_clip, encode_mp4
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.stages import run_stage
+from diffusion_bunny.stages import run_stage, stage_state, summary
 from diffusion_bunny.stages.export.clips import clip_span, plan_clips
 from diffusion_bunny.stages.export.plots import clip_strips
 from diffusion_bunny.stages.export.settings import ExportSettings
@@ -275,6 +275,24 @@ def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
     assert not held_out & set(clips["shot_id"])
     strip = clip_strips(video, clips)
     assert strip is not None and strip.height >= 96
+
+    # The run folder moved: the export stays up to date (nothing exported again), and its README
+    # and trainer files name the dataset where it is now (they named the old folder: a musubi
+    # training from a copy cached into the other run).
+    old_root = dataset_dir(run.run_dir)
+    run = Run.open(shutil.move(run.run_dir, tmp_path / "moved"))
+    root = dataset_dir(run.run_dir)
+    started = run.read_manifest("export")["started"]
+    assert stage_state(run, "export", cfg) == ("done", "up to date")
+    run_stage(run, "export", cfg, progress=False)
+    manifest = run.read_manifest("export")
+    assert manifest["started"] == started and manifest["facts"]["dataset_folder"] == str(root)
+    for name in ("musubi_dataset.toml", "diffusion_pipe_dataset.toml", "README.md"):
+        text = (root / name).read_text()
+        assert str(root) in text and str(old_root) not in text, name
+    assert f"data_dir={str(root / 'hf')!r}" in (root / "README.md").read_text()
+    assert stage_state(run, "export", cfg) == ("done", "up to date")
+    assert summary(run, "export").endswith(f") in {root}")
 
 
 def test_a_clip_without_full_pictures_is_captioned_as_its_frame_and_an_exact_shot_gives_one():

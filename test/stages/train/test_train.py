@@ -592,6 +592,41 @@ def test_tensorboard_off_writes_no_events_and_a_resume_purges_the_steps_it_redoe
         load_config(None, {"train.tensorboard": "sometimes"}, root=tmp_path)
 
 
+def test_a_moved_run_folder_names_its_own_lora_and_validation_pictures(tmp_path):
+    """A run trained into its own ``loras/`` and then moved: notebook 07 named the old folder's
+    LoRA ("LoRA in /old/run/loras/..."), drew every validation picture as a grey box, and its
+    last cell failed (``FileNotFoundError`` on the old ``output_dir``). The facts and the
+    validation table name files relative to the run folder now; nothing is trained again."""
+    from diffusion_bunny.stages import run_stage, stage_state, summary
+    from diffusion_bunny.stages.train import kept
+    from diffusion_bunny.stages.train.plots import validation_grid
+
+    (tmp_path / "old").mkdir()
+    run = make_run(tmp_path / "old", n_train=3, n_val=0)
+    overrides = fast_overrides(tmp_path, validation_every=2)
+    del overrides["train.output_dir"]  # the run folder's own loras/
+    cfg = load_config(None, overrides, root=tmp_path)
+    run_stage(run, "train", cfg, progress=False)
+    facts = run.read_manifest("train")["facts"]
+    assert facts["output_dir"] == facts["lora_folder"] and facts["output_dir"].startswith("loras/")
+    old = run.run_dir
+    run = Run.open(shutil.move(run.run_dir, tmp_path / "moved"))
+    assert stage_state(run, "train", cfg) == ("done", "up to date")
+    validation = run_stage(run, "train", cfg, progress=False)["training_validation"]
+    facts = run.read_manifest("train")["facts"]
+    out = run.run_dir / facts["output_dir"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (run.run_dir / facts["kohya_path"]).is_file()
+    line = summary(run, "train")
+    assert f"LoRA in {out / 'pytorch_lora_weights.safetensors'}" in line and str(old) not in line
+    assert validation.height and all((run.run_dir / p).is_file() for p in validation["path"])
+    grid = validation_grid(validation, run.run_dir, thumb=40)
+    first = Image.open(run.run_dir / validation["path"][0]).convert("RGB").resize((40, 40))
+    tile = np.asarray(grid.crop((90, 36, 130, 76)), dtype=int)
+    assert np.abs(tile - np.asarray(first, dtype=int)).max() == 0  # the picture, not a grey box
+    assert any(str(out) in line for line in kept(run, cfg))
+
+
 def check_figures(log: pl.DataFrame, validation: pl.DataFrame) -> None:
     """The notebook's figures: the loss curve (points + running mean) and the validation grid
     (a row per step, a column per prompt; a missing picture becomes a grey box, not an error)."""

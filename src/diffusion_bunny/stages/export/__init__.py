@@ -16,7 +16,7 @@ from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
 from diffusion_bunny.pipeline.manifest import file_fingerprint
-from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.run import Run, from_run_fact
 from diffusion_bunny.stages.export.tables import dataset_dir
 from diffusion_bunny.stages.extract.tables import BOX_COLUMNS, REGION_COLUMNS
 
@@ -32,13 +32,21 @@ def _inputs(run: Run, cfg: ConfigView) -> dict[str, Any]:
     return {"movie": file_fingerprint(run.movie)} if run.movie.is_file() else {"movie": None}
 
 
+def _relocate(run: Run, cfg: ConfigView, facts: dict[str, Any]) -> dict[str, Any]:
+    # lazy: the stage module (image and video writers) loads only when a folder moved
+    from diffusion_bunny.stages.export.stage import relocate
+
+    return relocate(run, cfg, facts)
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 06: pictures by crop and split, and where they are."""
     c, f = manifest["counts"], manifest["facts"]
     return (
         f"{c['items']} pictures from {c['captioned_frames']} captioned frames ({c['train']} train, "
         f"{c['validation']} validation; {c['crop_full']} full, {c['crop_face']} face, "
-        f"{c['crop_half_body']} half-body, {c.get('crop_character', 0)} character) in {f['dataset_dir']}"
+        f"{c['crop_half_body']} half-body, {c.get('crop_character', 0)} character) in "
+        f"{from_run_fact(f['dataset_dir'], manifest.get('run_folder', ''))}"
         + (
             f"; left out: {c.get('upscaled_crops', 0)} crop(s) too small (upscaled), "
             f"{c.get('blurry_crops', 0)} out of focus"
@@ -98,4 +106,5 @@ STAGE = Stage(
     writes=("dataset_items", "clips"),
     owns=_owns,
     inputs=_inputs,
+    relocate=_relocate,
 )

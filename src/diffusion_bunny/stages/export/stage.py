@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,15 +39,15 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from diffusion_bunny.errors import BadInputError
+from diffusion_bunny.errors import BadInputError, StageWarning
 from diffusion_bunny.media.clips import ClipSource, encode_mp4
 from diffusion_bunny.media.images import read_rgb
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.media.video import DEINTERLACE_SETTING
-from diffusion_bunny.pipeline.atomic import disk_errors, staged_folder
-from diffusion_bunny.pipeline.contract import Context, StageOutput
+from diffusion_bunny.pipeline.atomic import atomic_write_bytes, disk_errors, staged_folder
+from diffusion_bunny.pipeline.contract import ConfigView, Context, StageOutput
 from diffusion_bunny.pipeline.progress import map_tracked
-from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.run import Run, run_fact
 from diffusion_bunny.stages.captions.tables import recorded_settings, usable_captions
 from diffusion_bunny.stages.export.clips import diffusion_pipe_toml, musubi_toml, plan_clips
 from diffusion_bunny.stages.export.plan import concept_table, kohya_folder, plan_export
@@ -297,7 +298,8 @@ def compute(ctx: Context) -> StageOutput:
         written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
     table = items.select(ITEMS_COLUMNS)
     facts = {
-        "dataset_dir": str(dataset_dir(run_dir)),
+        "dataset_dir": run_fact(dataset_dir(run_dir), run_dir),
+        "dataset_folder": str(dataset_dir(run_dir)),  # as its README and trainer files name it
         "image_format": cfg.image_format,
         "metadata_format": cfg.metadata_format,
         "seed": cfg.seed,
@@ -374,7 +376,6 @@ def _write_video(
     """The clips and the two video trainers' dataset files, which name the folder the staging
     folder becomes; returns the clips written. No clip, no dataset files: they named an empty
     folder, which a trainer stops on ("had no images/videos")."""
-    size = (cfg.clip_width, cfg.clip_height)
     clips = write_clips(Path(movie), shots, clips, staging, cfg.clip_fps, warnings, deinterlace)
     if clips.is_empty():
         warnings.append(
@@ -383,15 +384,48 @@ def _write_video(
             "export.clip_fps fit more shots"
         )
         return clips
-    final = dataset_dir(run_dir) / VIDEO_DIR
-    (staging / "musubi_dataset.toml").write_text(
-        musubi_toml(str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames),
-        encoding="utf-8",
-    )
-    (staging / "diffusion_pipe_dataset.toml").write_text(
-        diffusion_pipe_toml(str(final), size, cfg.clip_frames), encoding="utf-8"
-    )
+    for name, text in _trainer_files(run_dir, cfg).items():
+        (staging / name).write_text(text, encoding="utf-8")
     return clips
+
+
+def _trainer_files(run_dir: Path, cfg: ExportSettings) -> dict[str, str]:
+    """The video trainers' dataset files by name: they name the dataset's folder by its absolute
+    path, as a trainer reads them from its own folder."""
+    size, final = (cfg.clip_width, cfg.clip_height), dataset_dir(run_dir) / VIDEO_DIR
+    return {
+        "musubi_dataset.toml": musubi_toml(
+            str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames
+        ),
+        "diffusion_pipe_dataset.toml": diffusion_pipe_toml(str(final), size, cfg.clip_frames),
+    }
+
+
+def relocate(run: Run, cfg: ConfigView, facts: dict[str, Any]) -> dict[str, Any]:
+    """The README and the video trainers' files of a run folder moved or copied since the export,
+    rewritten to name the dataset where it is now (they named the old folder: a musubi training
+    from a copy cached into the other run, and the README's ``load_dataset`` read the other
+    dataset); the ``dataset_folder`` fact that changed, or nothing. A folder that cannot be
+    written keeps them as they are, with a warning."""
+    root = dataset_dir(run.run_dir)
+    if facts.get("dataset_folder") in (None, str(root)) or not root.is_dir():
+        return {}
+    files = _trainer_files(run.run_dir, cfg.export) if (root / "musubi_dataset.toml").is_file() else {}
+    try:
+        if (root / "README.md").is_file():
+            files["README.md"] = _readme(run.read_table("dataset_items"), cfg.export, root)
+        for name, text in files.items():
+            atomic_write_bytes(root / name, text.encode("utf-8"))
+    except OSError as exc:
+        warnings.warn(
+            f"{root}: the dataset's README and trainer files still name {facts['dataset_folder']} (the "
+            f"folder this run was exported in): they could not be rewritten here ({exc.strerror or exc}); "
+            "rerun stage export with --force where the folder can be written",
+            StageWarning,
+            stacklevel=2,
+        )
+        return {}
+    return {"dataset_folder": str(root)}
 
 
 def _write_pictures(

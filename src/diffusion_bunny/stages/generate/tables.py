@@ -7,6 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
+from diffusion_bunny.pipeline.run import from_run_fact, run_fact
+
 #: Checkpoint name of the images rendered with LoRA scale 0 (the base model alone).
 BASE = "base"
 #: Character name used when stage 03 named nobody: the prompts then carry the trigger word only.
@@ -49,14 +51,12 @@ SCORES_SCHEMA = {
 
 
 def lora_fact(path: Path, run_dir: Path) -> str:
-    """A LoRA file as the manifest's facts record it (``best_lora``, ``checkpoints``): relative to
-    the run folder when it lies inside it, absolute otherwise. Absolute facts pointed into the old
-    folder once a run folder was moved or copied (notebook 08 printed a snippet loading another
-    run's LoRA)."""
-    path, run_dir = Path(path).absolute(), Path(run_dir).absolute()
-    return path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else str(path)
+    """A LoRA file as the manifest's facts record it (``best_lora``, ``checkpoints``):
+    :func:`~diffusion_bunny.pipeline.run.run_fact`."""
+    return run_fact(path, run_dir)
 
 
 def lora_file(fact: str | None, run_dir: Path) -> Path | None:
-    """The LoRA file a fact of :func:`lora_fact` names, in the run folder where it is relative."""
-    return None if not fact else Path(run_dir) / fact
+    """The LoRA file a fact of :func:`lora_fact` names
+    (:func:`~diffusion_bunny.pipeline.run.from_run_fact`)."""
+    return from_run_fact(fact, run_dir)

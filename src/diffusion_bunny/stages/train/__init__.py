@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_bunny.pipeline.contract import ConfigView, Reads, Stage
-from diffusion_bunny.pipeline.run import Run
+from diffusion_bunny.pipeline.run import Run, from_run_fact
 from diffusion_bunny.stages.train.tables import checkpoint_dir, current_lora_dir, describe_loras, kept_loras
 
 
@@ -41,9 +41,10 @@ def summary(manifest: dict[str, Any]) -> str:
     if f.get("resumed_from_folder"):
         resumed += f" of {Path(f['resumed_from_folder']).name}"
     kept = f" ({f['loras_kept']} LoRAs kept)" if f.get("loras_kept", 1) > 1 else ""
+    lora = from_run_fact(f["lora_path"], manifest.get("run_folder", ""))
     return (
         f"{c['steps']} steps on {c['images']} images ({f['base_model']}, {f['device']}){resumed}, "
-        f"final loss {loss}; LoRA in {f['lora_path']}{kept}"
+        f"final loss {loss}; LoRA in {lora}{kept}"
     )
 
 

@@ -52,16 +52,17 @@ def loss_curve_plot(log: pl.DataFrame, smoothing: int = SMOOTHING) -> p9.ggplot:
     )
 
 
-def validation_grid(validation: pl.DataFrame, thumb: int = 160) -> Image.Image:
+def validation_grid(validation: pl.DataFrame, run_dir: Path | str = "", thumb: int = 160) -> Image.Image:
     """The validation images as one picture: a row per step (0 = the base model before
-    training), a column per prompt, labelled; a missing file is drawn as a grey box."""
+    training), a column per prompt, labelled; a missing file is drawn as a grey box. Their
+    ``path`` is relative to ``run_dir`` (absolute in a table of an earlier version)."""
     steps = sorted(validation["step"].unique().to_list())
     prompts = validation.sort("index").unique("index", keep="first", maintain_order=True)
     columns = prompts["index"].to_list()
     blocks = []
     for step in steps:
         by_index = {
-            r["index"]: Path(r["path"])
+            r["index"]: Path(run_dir) / r["path"]
             for r in validation.filter(pl.col("step") == step).iter_rows(named=True)
         }
         tiles = [Tile(by_index.get(index)) for index in columns]

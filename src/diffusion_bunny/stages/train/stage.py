@@ -27,6 +27,7 @@ from diffusion_bunny.models.device import cpu_threads_for
 from diffusion_bunny.models.diffusion import resolve_base_model
 from diffusion_bunny.pipeline.contract import Context, StageOutput
 from diffusion_bunny.pipeline.lock import current_holder
+from diffusion_bunny.pipeline.run import run_fact
 from diffusion_bunny.stages.train.data import TrainImage, dataset_key, read_dataset
 from diffusion_bunny.stages.train.flow import trainer_class_for
 from diffusion_bunny.stages.train.lora import checkpoint_steps, resume_keys, train_lora
@@ -126,6 +127,12 @@ def compute(ctx: Context) -> StageOutput:
         )
     result.facts["lora_folder"] = str(folder)
     result.facts["loras_kept"] = loras.height
+    for key in ("output_dir", "lora_path", "kohya_path", "resumed_from_folder", "lora_folder"):
+        if result.facts.get(key):  # (a moved or copied run folder's facts name its own files)
+            result.facts[key] = run_fact(result.facts[key], run_dir)
+    validation = result.validation.with_columns(
+        pl.col("path").map_elements(lambda path: run_fact(path, run_dir), return_dtype=pl.String)
+    )
     counts = {
         "images": len(images),
         "steps": int(log["step"].max()) if log.height else 0,
@@ -133,7 +140,7 @@ def compute(ctx: Context) -> StageOutput:
         "validation_images": result.validation.height,
     }
     return StageOutput(
-        tables={"training_log": log, "training_validation": result.validation, "loras": loras},
+        tables={"training_log": log, "training_validation": validation, "loras": loras},
         counts=counts,
         warnings=result.warnings,
         facts=result.facts,
