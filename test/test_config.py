@@ -109,6 +109,10 @@ def test_layers_later_wins(tmp_path):
             ["generate.seeds=1,2"],
             "config error: generate.seeds = '1,2': a list is written in brackets: [1,2]",
         ),
+        (  # was the one extension '.mp4,mkv': a folder of movies held "no video file"
+            ["run.video_extensions=mp4,mkv"],
+            "config error: run.video_extensions = ['mp4,mkv']: a list is written in brackets: [mp4,mkv]",
+        ),
         (  # the key once, not "extract.detector: extract.detector: 'bogus' ..."
             ["extract.detector.name=bogus"],
             "config error: extract.detector: 'bogus' is not a shot detector; choose one of adaptive,",
@@ -216,6 +220,11 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
     cfg = load_config(None, overrides_from_args(described, text_setting))
     assert cfg.captions.character_descriptions == {"biscuit": "a cartoon dog"}
     assert cfg.captions.scene_names == {}
+    # One name's text in it is text as typed (``style: dog`` was a mapping, refused with no hint).
+    named = ["captions.character_descriptions.biscuit=style: dog", "captions.scene_names.hall=2024"]
+    cfg = load_config(None, overrides_from_args(named, text_setting))
+    assert cfg.captions.character_descriptions == {"biscuit": "style: dog"}
+    assert cfg.captions.scene_names == {"hall": "2024"}
     with pytest.raises(ConfigError) as info:
         load_config(None, {"generate.negative_prompt": 2024})
     assert str(info.value) == (
@@ -288,6 +297,11 @@ def test_a_settings_file_reads_a_value_as_set_does(tmp_path):
     layer.write_text("run:\n  seed: 0xC0FFEE\nreport:\n  dpi: 0o144\n")
     cfg = load_config(layer, root=tmp_path)
     assert (cfg.run.seed, cfg.report.dpi) == (0xC0FFEE, 100)
+    # No dates in YAML 1.2: a trigger word 2024-01-01 was datetime.date(2024, 1, 1), refused.
+    dated = "captions:\n  trigger_word: 2024-01-01\ngenerate:\n  negative_prompt: 2024-01-01 12:00:00\n"
+    layer.write_text(dated)
+    cfg = load_config(layer, root=tmp_path)
+    assert (cfg.captions.trigger_word, cfg.generate.negative_prompt) == ("2024-01-01", "2024-01-01 12:00:00")
 
 
 def test_a_widget_saving_its_choice_keeps_the_values_it_did_not_set(tmp_path):

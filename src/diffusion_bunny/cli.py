@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from diffusion_bunny.errors import BadInputError, ConfigError, UserError, storage_error
 from diffusion_bunny.logs import log_hint, version
@@ -133,6 +134,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from diffusion_bunny.pipeline.runner import (  # lazy: after _keep_bytecode(), to cache its bytecode
         overrides_from_args,
+        parse_stages,
     )
     from diffusion_bunny.stages import PIPELINE  # lazy: after _keep_bytecode(), to cache its bytecode
 
@@ -154,6 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"engine.address {cfg.engine.address} (from the settings) joins a Ray cluster: use it with "
             "--engine ray, or add --set engine.address=null to run here"
         )
+    _check_reference_setting(args, cfg, parse_stages(PIPELINE, args.stages))
     reports = run_target(
         PIPELINE,
         args.target[0] if len(args.target) == 1 else args.target,
@@ -205,6 +208,25 @@ def _characters_override(args: argparse.Namespace, overrides: dict) -> None:
     # found a folder without pictures) and before the run records the folder in settings.json.
     check_reference_folder(characters)
     overrides["characters.reference_dir"] = str(characters)
+
+
+def _check_reference_setting(args: argparse.Namespace, cfg: Any, stages: list[str]) -> None:
+    """``characters.reference_dir`` from ``--set`` or a settings file, checked as ``--characters``
+    is before any stage runs, when a stage that reads it will: stages 01 and 02 ran (a film's
+    whole decode), then stage 03 said the folder was not there."""
+    if args.characters or not cfg.characters.reference_dir or not {"characters", "generate"} & set(stages):
+        return
+    from diffusion_bunny.stages.characters.tables import (  # lazy: after _keep_bytecode(), for its bytecode
+        configured_reference_dir,
+    )
+
+    folder = configured_reference_dir(cfg.characters)
+    if folder is not None and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise BadInputError(
+            f"characters.reference_dir {cfg.characters.reference_dir}: {folder} {what}; give a folder with "
+            "one sub-folder of reference images per character, or leave the setting out"
+        )
 
 
 #: Options whose empty value is a mistake, with what to give (``--out "$DIR"`` with ``DIR``

@@ -114,6 +114,11 @@ def text_setting(dotted: str) -> bool:
     if len(parts) == 2 and tuple(parts) in MOVED_KEYS:
         parts = list(MOVED_KEYS[(parts[0], parts[1])])
     annotation = _annotation(parts)
+    if annotation is None and len(parts) >= 3:
+        # A name's text in a ``dict[str, str]`` (``captions.character_descriptions.biscuit=style:
+        # dog`` was a mapping, refused with no hint): kept as typed like any text setting.
+        outer = _annotation(parts[:2])
+        return typing.get_origin(outer) is dict and typing.get_args(outer)[1:] == (str,)
     if annotation is None:
         return False
     # Only a union is its arguments: ``dict[str, str]`` (captions.character_descriptions) has

@@ -30,6 +30,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -177,7 +178,10 @@ def start_cli_log(verbosity: int = 0, folder: Path | None = None, command: list[
     folder = folder or log_dir()
     path = folder / f"bunny-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file of that name (exist_ok covers a folder only): one line too
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
         handler = _file_handler(path)
     except OSError as exc:  # a read-only or full disk under log/: one line (the caller's)
         if exc.filename is None:

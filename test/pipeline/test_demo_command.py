@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import nbformat
 import polars as pl
+import pytest
 from notebooks import pictures
 
 from diffusion_bunny.demo.run import run_demo
+from diffusion_bunny.errors import ConfigError
 
 
 def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
@@ -104,3 +106,12 @@ def test_demo_runs_notebook_01_and_matches_ground_truth(demo, tmp_path):
     # training loss, the drawn characters per checkpoint (identity per checkpoint has no face to
     # score on the tiny model's noise): every figure of the report
     assert len(shown) == 19
+
+
+def test_a_mistyped_setting_is_said_before_the_demo_movie_is_built(tmp_path):
+    """``bunny demo --set extract.treshold=1`` built the movie and its reference pictures (50 s)
+    before it said the key was unknown; now nothing is built."""
+    with pytest.raises(ConfigError, match=r"unknown key 'extract\.treshold'"):
+        typo = {"extract.treshold": 1}
+        run_demo(out=tmp_path / "run", movie_dir=tmp_path / "movie", progress=False, overrides=typo)
+    assert not (tmp_path / "movie").exists() and not (tmp_path / "run").exists()

@@ -136,6 +136,14 @@ def test_a_log_file_that_cannot_be_written_is_one_line(extracted, tmp_path, monk
         and "(nothing ran)" in done.stderr
     )
     assert len(done.stderr.splitlines()) == 1
+    # A file where the log folder should be: mkdir's exist_ok passed FileExistsError on, a traceback.
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("DIFFUSION_BUNNY_LOG_DIR", str(tmp_path / "a-file"))
+    command = [sys.executable, "-m", "diffusion_bunny.cli", "status", str(extracted)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    said = f"error: could not write {tmp_path / 'a-file'}: Not a directory (a file stands"
+    assert done.stderr.startswith(said), done.stderr
 
 
 def test_status_with_a_damaged_run_json_says_so_in_one_row(clip, extracted, tmp_path, capsys):

@@ -174,7 +174,9 @@ def run_demo(
     progress: bool = True,
     movie_dir: Path | None = None,
 ) -> str:
-    """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary."""
+    """Build the demo movie (once, in ``movie_dir``) and run every stage on it; returns a summary.
+    The settings are checked first: a mistyped key was said after the movie's build (50 s)."""
+    load_config(None, {**DEMO_SETTINGS, **(overrides or {})})
     demo = demo_movie(force=force, progress=progress, movie_dir=movie_dir)
     overrides = demo_overrides(demo, overrides)
     cfg = load_config(None, overrides)

@@ -727,6 +727,23 @@ def _relocated(run: Run, stage: Stage, view: ConfigView) -> None:
     log.info("%s: %s's files rewritten for the folder's new place", run.run_dir.name, stage.name)
 
 
+def _commit_tables(
+    pipeline: Pipeline, run: Run, stage: Stage, view: ConfigView, out: StageOutput, inputs: dict[str, Any]
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    """Write a stage's tables, merged with what people edited meanwhile, and the inputs it settled on.
+
+    The locks of the tables people edit are held too, so no edit lands between the merge and the writes.
+    """
+    with run.commit(*stage.writes, *stage.edits) as tables:
+        merged = out.merge(out.tables) if out.merge is not None else out.tables
+        tables.update({table: merged[table] for table in stage.writes})
+        if out.settled:
+            fresh = declared_inputs(run, pipeline, stage, view)
+            given = {key: value for key, value in out.settled.items() if value is not None}
+            inputs = {**inputs, **{k: fresh[k] for k in out.settled if k in fresh}, **given}
+    return tables, inputs
+
+
 def _run_stage_locked(
     pipeline: Pipeline, run: Run, name: str, cfg: RunConfig, *, force: bool, progress: bool
 ) -> dict[str, pl.DataFrame]:
@@ -782,14 +799,7 @@ def _run_stage_locked(
     unexpected = set(out.tables) - set(stage.writes)
     if unexpected:  # pragma: no cover - a declaration bug
         raise RuntimeError(f"stage {name} returned tables it does not declare: {sorted(unexpected)}")
-    # The locks of the tables people edit too: no edit lands between the merge and the writes.
-    with run.commit(*stage.writes, *stage.edits) as tables:
-        merged = out.merge(out.tables) if out.merge is not None else out.tables
-        tables.update({table: merged[table] for table in stage.writes})
-        if out.settled:
-            fresh = declared_inputs(run, pipeline, stage, view)
-            given = {key: value for key, value in out.settled.items() if value is not None}
-            inputs = {**inputs, **{k: fresh[k] for k in out.settled if k in fresh}, **given}
+    tables, inputs = _commit_tables(pipeline, run, stage, view, out, inputs)
     manifest = build_manifest(
         name,
         code=code,

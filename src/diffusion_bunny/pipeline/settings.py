@@ -86,6 +86,9 @@ class RunSettings(Section):
         """Each extension as a movie's suffix (``.mp4``): a folder's movies are found by
         ``Path.suffix``, so ``[mp4, mkv]`` (no dot) or ``[]`` matched nothing, and a folder of
         movies ran none."""
+        joined = next((e for e in value if "," in e), None)
+        if joined is not None:  # ``--set run.video_extensions=mp4,mkv``: one extension '.mp4,mkv'
+            raise ValueError(f"a list is written in brackets: [{joined}]")
         out = tuple(dict.fromkeys("." + e.strip().lower().lstrip(".") for e in value))
         if not out or "." in out:
             raise ValueError("give one or more extensions, none blank, e.g. [.mp4, .mkv]")
@@ -178,6 +181,7 @@ def output_root(cfg: RunConfig) -> Path:
 
 
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -185,10 +189,11 @@ class Yaml12Loader(yaml.SafeLoader):
     where ``yes``, ``no``, ``on`` and ``off`` are booleans and ``010`` is octal 8 (``--set
     run.seed=010`` gave seed 8, ``--set generate.negative_prompt=no`` the boolean False; a file
     and ``--set`` read one value alike), and a float needs a dot (``1e4`` was the text '1e4'). A
-    setting that is a boolean still takes ``yes``/``no``."""
+    setting that is a boolean still takes ``yes``/``no``. Nor has YAML 1.2 dates: a trigger word
+    ``2024-01-01`` was ``datetime.date(2024, 1, 1)`` and refused as no text."""
 
     yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIMESTAMP)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 

@@ -967,6 +967,13 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
         edit_caption(run.run_dir, fid, "   ")
     with pytest.raises(BadInputError, match="no caption row"):
         edit_caption(run.run_dir, "nope", "x")
+    # The box opens with the trigger word: the description deleted left "hamstyle," alone, saved,
+    # marked edited and exported as a training caption.
+    before, edits = run.read_table("captions"), read_edits(run.run_dir).height
+    for lone in ("hamstyle", "Hamstyle, ", "hamstyle ."):
+        with pytest.raises(BadInputError, match=r"is only the trigger word 'hamstyle'; type what"):
+            edit_caption(run.run_dir, fid, lone)
+    assert run.read_table("captions").equals(before) and read_edits(run.run_dir).height == edits
 
 
 def test_an_edit_of_a_frame_no_longer_kept_is_said_and_kept(cap_run, tmp_path):

@@ -434,7 +434,7 @@ def test_pictures_in_the_runs_own_references_unread_beside_a_given_folder_are_sa
     )
 
 
-def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
+def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip, capsys):
     missing = CharactersSettings(reference_dir=str(tmp_path / "nope"))
     with pytest.raises(BadInputError, match="does not exist"):
         reference_dir(tmp_path, missing)
@@ -462,6 +462,12 @@ def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip):
     out = tmp_path / "run"
     code = main(["run", str(path), "--out", str(out), "--characters", str(tmp_path / "nope"), "--quiet"])
     assert code == 2 and not out.exists()
+    # Given as a setting, the same: stages 01 and 02 ran before stage 03 said it was not there.
+    stages = ["--stages", "extract,quality,characters"]
+    nope = ["--set", f"characters.reference_dir={tmp_path / 'nope'}", *stages]
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--quiet", *nope]) == 2 and not out.exists()
+    assert capsys.readouterr().err.startswith(f"error: characters.reference_dir {tmp_path / 'nope'}: ")
 
 
 def test_cli_empty_reference_folder_fails_the_movie_with_one_line(tmp_path, cut_clip, capsys):

@@ -1012,6 +1012,14 @@ def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFra
     # kept without it, so that a later word is put in its place, never beside it.
     trigger = _recorded_trigger(run.read_manifest("captions")) or ""
     text = without_trigger(text, trigger)
+    said = text.strip(" ,;:.")
+    if trigger and (not said or said.casefold() == trigger.casefold()):
+        # The editor's box opens with the trigger word: the description deleted left it alone,
+        # marked edited and trained on as a caption that says nothing.
+        raise BadInputError(
+            f"the caption of {frame_id} is only the trigger word {trigger!r}; type what the frame shows "
+            "after it (or leave it as it was)"
+        )
     with run.commit("caption_edits", "captions", by_hand=True) as tables:
         if not run.has_table("captions"):
             raise BadInputError(f"no captions in {run_dir}; run stage captions first")
