@@ -245,6 +245,28 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
     assert main(argv) == 0, capsys.readouterr().err
 
 
+def test_a_bad_value_names_the_settings_file_that_set_it(tmp_path):
+    # Three layers can set a key: the error says which file to open, and a value typed in
+    # --set, which overrides the files, is named by key alone.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "main.yaml").write_text("run:\n  seed: 3\nquality:\n  min_sharpness: 20\n")
+    local = tmp_path / "config" / "local_me.yaml"
+    local.write_text("quality:\n  min_sharpness: sharp\n")
+    in_local = r"^config error in .*local_me\.yaml: "
+    with pytest.raises(ConfigError, match=in_local + r"quality\.min_sharpness = 'sharp'"):
+        load_config(root=tmp_path)
+    with pytest.raises(ConfigError) as typed:
+        load_config(None, ["quality.min_sharpness=blunt"], root=tmp_path)
+    assert str(typed.value).startswith("config error: quality.min_sharpness = 'blunt'")
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("run:\n  seed: [1]\n")
+    with pytest.raises(ConfigError, match=r"^config error in .*mine\.yaml: run\.seed"):
+        load_config(extra, ["quality.min_sharpness=5"], root=tmp_path)
+    local.write_text("quality:\n  sharpnes: 5\n")
+    with pytest.raises(ConfigError, match=in_local + r"unknown key 'quality\.sharpnes'"):
+        load_config(root=tmp_path)
+
+
 def test_bad_config_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extraction: [1, 2\n")

@@ -341,14 +341,43 @@ def _format_validation_error(exc: ValidationError) -> str:
     return f"config error: {key} = {value!r}: {msg}"
 
 
-def validate_config(data: dict[str, Any]) -> Config:
-    """Validate a merged dict, raising :class:`ConfigError` with one line naming the key."""
+def validate_config(data: dict[str, Any], origins: dict[tuple[str, ...], str] | None = None) -> Config:
+    """Validate a merged dict, raising :class:`ConfigError` with one line naming the key, and
+    the settings file that set it where ``origins`` knows one (a bad value in one of three
+    layered files was named by key alone, and people looked in the wrong file)."""
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping of sections")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        line = _format_validation_error(exc)
+        source = _origin_of(exc, origins or {})
+        if source:  # "config error in FILE: key = value: why"
+            line = line.replace("config error:", f"config error in {source}:", 1)
+        raise ConfigError(line) from None
+
+
+def _origins(
+    tree: dict[str, Any], source: str, into: dict[tuple[str, ...], str], at: tuple[str, ...] = ()
+) -> None:
+    """Record ``source`` as where every key of a settings layer was last set, mapping by mapping."""
+    for key, value in tree.items():
+        into[(*at, str(key))] = source
+        if isinstance(value, dict):
+            _origins(value, source, into, (*at, str(key)))
+
+
+def _origin_of(exc: ValidationError, origins: dict[tuple[str, ...], str]) -> str | None:
+    """The settings file that set the key the first error is about: the longest recorded key
+    path its location begins with (a union's member name or a list's index is no key)."""
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    if err["type"] == YES_NO_FOR_A_NUMBER:
+        loc = (*loc, str(err["ctx"]["key"]))
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    return None
 
 
 def load_config(
@@ -360,20 +389,22 @@ def load_config(
 ) -> Config:
     """Load every layer and validate. ``root`` defaults to :func:`project_root`."""
     root = root if root is not None else project_root()
-    merged: dict[str, Any] = {}
+    files: list[Path] = []
     if root is not None:
         main = root / "config" / "main.yaml"
-        if main.is_file():
-            merged = _deep_merge(merged, _rename_sections(read_settings_file(main), str(main)))
-        if use_local:
-            for local in sorted((root / "config").glob("local_*.yaml")):
-                merged = _deep_merge(merged, _rename_sections(read_settings_file(local), str(local)))
+        files += [main] if main.is_file() else []
+        files += sorted((root / "config").glob("local_*.yaml")) if use_local else []
         # Secrets for later stages (API keys) come from .env into the environment, never into
         # the config object, so they cannot leak into manifests or notebooks.
         load_env_file(root / ".env")
-    if config_path:
-        merged = _deep_merge(
-            merged, _rename_sections(read_settings_file(Path(config_path).expanduser()), str(config_path))
-        )
-    merged = _deep_merge(merged, _rename_sections(overrides_to_tree(overrides), "--set"))
-    return validate_config(merged)
+    files += [Path(config_path).expanduser()] if config_path else []
+    merged: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for path in files:
+        layer = _rename_sections(read_settings_file(path), str(path))
+        merged = _deep_merge(merged, layer)
+        _origins(layer, str(path), origins)
+    # What --set or a notebook's parameters give is named by key alone: the person just typed it.
+    given = _rename_sections(overrides_to_tree(overrides), "--set")
+    _origins(given, "", origins)
+    return validate_config(_deep_merge(merged, given), origins)
