@@ -231,10 +231,13 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
         "config error: generate.negative_prompt = 2024: Input should be a valid string; "
         "put the text in quotes"
     )
-    # A mapping is not repeated (it may hold a secret); an empty value is not fixed by quotes.
+    # A mapping's values are not repeated (one may be a secret); an empty value is not fixed by quotes.
     with pytest.raises(ConfigError) as info:
         load_config(None, {"generate.negative_prompt": {"password": "hunter2"}})
-    assert str(info.value) == "config error: generate.negative_prompt: Input should be a valid string"
+    assert str(info.value) == (
+        "config error: generate.negative_prompt.password: generate.negative_prompt takes one value, "
+        "not settings under it: Input should be a valid string"
+    )
     with pytest.raises(
         ConfigError, match=r"captions.trigger_word is empty: .*give it text, or leave the key out"
     ):
@@ -265,6 +268,19 @@ def test_a_bad_value_names_the_settings_file_that_set_it(tmp_path):
     local.write_text("quality:\n  sharpnes: 5\n")
     with pytest.raises(ConfigError, match=in_local + r"unknown key 'quality\.sharpnes'"):
         load_config(root=tmp_path)
+
+
+def test_a_key_under_a_setting_of_one_value_is_named_as_such():
+    # ``run.seed.x=1`` said "run.seed: Input should be a valid integer", as if the seed were wrong.
+    for given, expected in {
+        "run.seed.x=1": "config error: run.seed.x: run.seed takes one value, not settings under it: ",
+        "extract.method.every=2": "config error: extract.method.every: extract.method takes one value",
+    }.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [given])
+        assert str(err.value).startswith(expected)
+    # A group of settings given as a group is no such error.
+    assert load_config(None, ["characters.detector.min_score=0.7"]).characters.detector.min_score == 0.7
 
 
 def test_bad_config_files(tmp_path):

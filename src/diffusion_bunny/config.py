@@ -298,6 +298,12 @@ def _shown(loc: tuple[Any, ...]) -> str:
 _UNION_MEMBER = re.compile(r"^(literal\[|constrained-|function-|nullable|none$|int$|float$|str$|bool$)")
 
 
+# Refusals of a mapping given where a group of settings goes: the mapping is the right kind there.
+_GROUP_ERRORS = frozenset(
+    {"model_type", "dict_type", "model_attributes_type", "value_error", "assertion_error"}
+)
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     errors = exc.errors()
     err = errors[0]
@@ -333,6 +339,11 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
     if err["type"] == "string_type" and value is None:
         return f"config error: {key} is empty: {msg}; give it text, or leave the key out for its default"
+    if isinstance(value, dict) and value and err["type"] not in _GROUP_ERRORS:
+        # ``--set run.seed.x=1``: keys under a setting that takes one value ("run.seed: Input
+        # should be a valid integer" sent people to look at the seed's value).
+        under = f"{key}.{next(iter(value))}"
+        return f"config error: {under}: {key} takes one value, not settings under it: {msg}"
     # A value refused for carrying credentials or a key is not repeated (the error may be stored).
     if isinstance(value, dict) or "must not carry" in msg:
         return f"config error: {key}: {msg}"
