@@ -283,6 +283,21 @@ def test_a_key_under_a_setting_of_one_value_is_named_as_such():
     assert load_config(None, ["characters.detector.min_score=0.7"]).characters.detector.min_score == 0.7
 
 
+def test_a_number_where_a_key_goes_is_named_as_a_key(tmp_path):
+    # YAML reads ``1:`` as a number: "run = 1: Keys should be strings" named it as a value.
+    settings = tmp_path / "s.yaml"
+    settings.write_text("run:\n  1: 2\n")
+    with pytest.raises(ConfigError, match=r": unknown key 'run\.1' \(allowed here: kernel, seed, video_ext"):
+        load_config(settings, root=tmp_path)
+    settings.write_text("captions:\n  scene_names:\n    1: hall\n")
+    with pytest.raises(
+        ConfigError, match=r": captions\.scene_names: the name 1 is a number here; put it in quotes"
+    ):
+        load_config(settings, root=tmp_path)
+    settings.write_text("captions:\n  scene_names:\n    '1': hall\n")
+    assert load_config(settings, root=tmp_path).captions.scene_names == {"1": "hall"}
+
+
 def test_bad_config_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extraction: [1, 2\n")

@@ -317,6 +317,12 @@ def _format_validation_error(exc: ValidationError) -> str:
     if err["type"] == YES_NO_FOR_A_NUMBER:  # raised by the section: its context names the key
         ctx = err["ctx"]
         loc, err = (*loc, ctx["key"]), {**err, "msg": ctx["refusal"], "input": ctx["value"]}
+    if err["type"] == "invalid_key":  # ``1: 2`` under a section: "run = 1: Keys should be strings"
+        allowed = ", ".join(_allowed_keys(Config, (*loc, str(err["input"]))))
+        return f"config error: unknown key '{_shown((*loc, str(err['input'])))}' (allowed here: {allowed})"
+    if loc and loc[-1] == "[key]":  # ``1: hall`` under a name's mapping: YAML read a number
+        at, name = _shown(loc[:-1]), err["input"]
+        return f"config error: {at}: the name {name!r} is a number here; put it in quotes ('{name}')"
     key = _shown(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
