@@ -492,6 +492,47 @@ def test_a_character_named_as_the_unnamed_concept_or_the_trigger_word_is_said():
     assert set(plain.items["concept"]) == {"bob", "scene"}
 
 
+def test_a_typed_caption_naming_a_character_not_in_its_frame_is_said():
+    """A caption a person typed is never overwritten: when stage 03 no longer finds the
+    character it names in that frame (a fix, a rerun), the caption and the character folders
+    disagree, and only the export can say so."""
+    frames, quality, faces, captions = small_tables()
+    bobs_frame, annas_frame, both = frames["frame_id"][4], frames["frame_id"][0], frames["frame_id"][2]
+    typed = {
+        bobs_frame: "bunnystyle, Anna waves at Bob",
+        annas_frame: "bunnystyle, anna",
+        both: "bunnystyle, Anna, Bob",
+    }
+    captions = captions.with_columns(
+        pl.col("frame_id").replace_strict(typed, default=pl.col("caption")).alias("caption"),
+        pl.when(pl.col("frame_id").is_in(list(typed)))
+        .then(pl.lit("edited"))
+        .otherwise("status")
+        .alias("status"),
+    )
+    plan = plan_export(frames, quality, faces, captions, ExportSettings())
+    (line,) = [w for w in plan.warnings if "typed by hand" in w]
+    assert line.startswith(
+        "1 frame(s) whose caption, typed by hand, names a character stage 03 does not find"
+    )
+    assert f"{bobs_frame} (anna)" in line and annas_frame not in line and both not in line
+    # The same words from a model (not edited) are the model's: no line.
+    plain = captions.with_columns(pl.lit("ok").alias("status"))
+    assert not [
+        w for w in plan_export(frames, quality, faces, plain, ExportSettings()).warnings if "typed" in w
+    ]
+    # A name with an underscore, typed with a space, is the same name.
+    renamed = faces.with_columns(pl.col("character").replace({"anna": "anna_lee"}))
+    lee = {bobs_frame: "Anna Lee waves"}
+    typed_lee = captions.with_columns(
+        pl.col("frame_id").replace_strict(lee, default=pl.col("caption")).alias("caption")
+    )
+    (line,) = [
+        w for w in plan_export(frames, quality, renamed, typed_lee, ExportSettings()).warnings if "typed" in w
+    ]
+    assert f"{bobs_frame} (anna_lee)" in line
+
+
 def test_balancing_gives_smaller_characters_more_repeats():
     concepts = ["anna"] * 12 + ["bob"] * 4 + ["cleo"] * 1 + ["scene"] * 30 + ["bob"] * 2
     chars = [[c] if c != "scene" else [] for c in concepts]

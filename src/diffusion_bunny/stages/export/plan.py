@@ -608,6 +608,7 @@ def plan_export(
             f"{counts['uncaptioned_frames']} kept frame(s) left out: no usable caption (failed or missing); "
             "fix them in notebook 05 or rerun stage captions"
         )
+    warnings += _typed_names_not_found(items, captions, names)
     n_val = int((items["split"] == "validation").sum())
     counts.update(
         {
@@ -620,6 +621,36 @@ def plan_export(
         }
     )
     return ExportPlan(items=items, counts=counts, warnings=warnings, dropped=dropped)
+
+
+def _typed_names_not_found(items: pl.DataFrame, captions: pl.DataFrame, names: set[str]) -> list[str]:
+    """One line for the pictures whose caption a person typed (notebook 05) names a character
+    that stage 03 does not find in them: a sighting fixed away or lost to a rerun after the
+    caption was written, or one stage 03 missed. Either way the caption and the character folders
+    now disagree, and the edit is never overwritten, so nothing else would say it."""
+    edited = set(captions.filter(pl.col("status") == "edited")["frame_id"].to_list())
+    if not edited or not names:
+        return []
+    spelt = {
+        name: re.compile(rf"(?<!\w){re.escape(name).replace('_', '[_ ]')}(?!\w)", re.I) for name in names
+    }
+    found: dict[str, list[str]] = {}
+    for frame_id, characters, text in (
+        items.filter(pl.col("frame_id").is_in(list(edited)) & (pl.col("crop") == "full"))
+        .select("frame_id", "characters", "text")
+        .iter_rows()
+    ):
+        typed = [name for name, pattern in spelt.items() if name not in characters and pattern.search(text)]
+        if typed:
+            found[frame_id] = sorted(typed)
+    if not found:
+        return []
+    shown = "; ".join(f"{f} ({', '.join(n)})" for f, n in list(found.items())[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return [
+        f"{len(found)} frame(s) whose caption, typed by hand, names a character stage 03 does not find "
+        f"in them: {shown}{more}; fix the caption (notebook 05) or the sighting (notebook 03)"
+    ]
 
 
 def _name_clashes(
