@@ -489,6 +489,14 @@ def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_
     data = report_data(run, {"faces": run.read_table("faces"), "frames": run.read_table("frames")})
     section = _characters_section(data, cfg)
     assert section.status == "ok" and "found in no frame" not in section.message
+    # tables/frames.parquet deleted: the counts stay, the sheets (which need it) go, said in one
+    # phrase (it was a KeyError, "error: bug" from bunny run).
+    frameless = _characters_section(replace(data, tables={"faces": data.tables["faces"]}), cfg)
+    assert not [f for f in frameless.figures if f.name.startswith("contact_")]
+    assert [f for f in section.figures if f.name.startswith("contact_")]
+    assert (
+        "no contact sheets: tables/frames.parquet is missing (run stage extract again)" in frameless.message
+    )
     # Appearances on both sides of the count ("1 named characters, 11 unknown" left out the named).
     faces = run.read_table("faces")
     named = faces["character"].drop_nulls()
@@ -527,6 +535,20 @@ def test_characters_found_nowhere_are_named_in_the_section(scenes_demo_run, tmp_
     hub = {**bare, "facts": {**bare["facts"], "hub": {"appearances": 0}}}
     empty = replace(empty, manifests={**data.manifests, "characters": hub})
     assert _characters_section(empty, cfg).message == "stage characters found no character"
+
+
+def test_a_moved_run_folder_s_report_names_the_folder_it_is_in():
+    """The page and the summary named the folder the report was built in: after a move, the
+    report (up to date) pointed at the old place."""
+    from diffusion_bunny.stages.report import summary
+    from diffusion_bunny.stages.report.stage import _intro
+
+    assert _intro(Path("/old/place/demo"), ()).startswith("Run folder `demo`. ")
+    manifest = {"counts": {"figures": 3}, "facts": {"html": "report/index.html"}}
+    assert (
+        summary({**manifest, "run_folder": "/new/place/demo"})
+        == "3 figures in /new/place/demo/report/index.html"
+    )
 
 
 def test_report_document_without_figures(tmp_path):

@@ -54,7 +54,8 @@ def summary(manifest: dict[str, Any]) -> str:
     """One line about a run of stage 09: where the page is, and which stages it could not show."""
     c, f = manifest["counts"], manifest["facts"]
     missing = c.get("stages_not_run") or []
-    line = f"{c['figures']} figures in {f.get('html_path', f['html'])}"
+    page = Path(manifest.get("run_folder", "")) / f["html"]
+    line = f"{c['figures']} figures in {page}"
     return line + (f"; stages that did not run: {', '.join(missing)}" if missing else "")
 
 

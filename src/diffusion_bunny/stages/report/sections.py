@@ -377,8 +377,10 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
         figures.append(Figure("screen_time", "Screen time", screen_time_plot(faces, run.read_table("shots"))))
     named = faces.filter(pl.col("character").is_not_null())
     counts = named.group_by("character").len().sort(["len", "character"], descending=[True, False])
-    frames = run.read_table("frames")
-    shown = counts.head(cfg.report.max_characters)
+    # The contact sheets find each face's picture through stage 01's frames table; without it
+    # (deleted) the section keeps its counts and screen time and says what is missing.
+    frames = run.optional_table("frames")
+    shown = counts.head(cfg.report.max_characters if frames is not None else 0)
     slugs = file_slugs(shown["character"].to_list())
     for name in shown["character"].to_list():
         members = named.filter(pl.col("character") == name)
@@ -394,7 +396,7 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
         if exported is not None:
             figures.append(Figure(f"exported_{slugs[name]}", f"Exported pictures: {name}", exported))
     unknown = faces.height - named.height
-    more = f" (contact sheets for the first {shown.height})" if counts.height > shown.height else ""
+    more = f" (contact sheets for the first {shown.height})" if 0 < shown.height < counts.height else ""
     message = (
         f"{found.height} appearances: {named.height} named ({counts.height} "
         f"character{'s' if counts.height != 1 else ''}{more}), {unknown} {UNKNOWN}"
@@ -402,6 +404,8 @@ def _characters_section(run: ReportData, cfg: ConfigView) -> Section:
         else f"{found.height} appearances, none named (name them in notebook 03)"
     )
     fixed = f", {false} fixed to none (false sightings)" if false else ""
+    if frames is None and counts.height:
+        fixed += "; no contact sheets: tables/frames.parquet is missing (run stage extract again)"
     return Section("characters", "ok", message + fixed + not_found_note(run), figures)
 
 

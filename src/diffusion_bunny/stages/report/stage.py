@@ -151,7 +151,8 @@ def compute(ctx: Context) -> StageOutput:
     return StageOutput(
         tables={"report_figures": figures, "report_funnel": funnel},
         counts=counts,
-        facts={"html": str(Path(html).relative_to(run.run_dir)), "html_path": str(html)},
+        # Relative to the run folder: a moved or copied folder's summary names its own page.
+        facts={"html": str(Path(html).relative_to(run.run_dir))},
     )
 
 
@@ -159,7 +160,9 @@ def _intro(run_dir: Path, behind: tuple[str, ...]) -> str:
     """The page's first words: the run folder, and in bold the stages whose figures are behind
     the others (:attr:`~diffusion_bunny.pipeline.contract.Context.behind`): the funnel and the
     sections show their last run's tables beside newer ones."""
-    text = f"Run folder `{run_dir}`. Figures are also in `report/figures/` as PNG."
+    # The folder's name, not its path: the page goes with the folder when it is moved or copied,
+    # and a path written into it named the old place, with the report judged up to date.
+    text = f"Run folder `{run_dir.name}`. Figures are also in `report/figures/` as PNG."
     for line in behind:
         text += f"\n\n**{line[0].upper()}{line[1:]}.**"
     return text
