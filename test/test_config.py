@@ -298,6 +298,19 @@ def test_a_number_where_a_key_goes_is_named_as_a_key(tmp_path):
     assert load_config(settings, root=tmp_path).captions.scene_names == {"1": "hall"}
 
 
+def test_a_list_of_prompts_yaml_cannot_read_is_refused_not_drawn_as_one():
+    # ``{`` opens a mapping in YAML: the list was kept as one text and drawn as one prompt,
+    # brackets and all.
+    typed = "generate.prompts=[{trigger} {character} portrait, {trigger} {character} full body]"
+    with pytest.raises(ConfigError, match=r"^config error: generate\.prompts = .*put each item in quotes"):
+        overrides_from_args([typed], text_setting)
+    quoted = 'generate.prompts=["{trigger} {character} portrait", "{trigger} {character} full body"]'
+    assert len(load_config(None, overrides_from_args([quoted], text_setting)).generate.prompts) == 2
+    # A text setting keeps such text as typed.
+    kept = overrides_from_args(["generate.negative_prompt=[{blurry}]"], text_setting)
+    assert load_config(None, kept).generate.negative_prompt == "[{blurry}]"
+
+
 def test_bad_config_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extraction: [1, 2\n")

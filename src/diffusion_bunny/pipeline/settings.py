@@ -235,8 +235,19 @@ def parse_override(text: str, text_setting: Callable[[str], bool] | None = None)
     valid string" and ``negative_prompt=- blurry`` became a list; quoted, null, or already text,
     YAML's reading stands."""
     key, value = _parse_override(text)
-    if value is not None and not isinstance(value, str) and text_setting is not None and text_setting(key):
-        value = text.partition("=")[2].strip()
+    raw = text.partition("=")[2].strip()
+    if text_setting is None:
+        return key, value
+    if value is not None and not isinstance(value, str) and text_setting(key):
+        value = raw
+    elif value == raw and raw.startswith("[") and raw.endswith("]") and not text_setting(key):
+        # A list YAML could not read (``generate.prompts=[{trigger} a, {trigger} b]``: a brace
+        # opens a mapping in YAML) was kept as one text, then taken as a list of one: one prompt,
+        # brackets and all, drawn without a word.
+        raise ConfigError(
+            f"config error: {key} = {raw!r}: this list could not be read (a '{{', ':' or '#' in an "
+            'item ends it); put each item in quotes: ["...", "..."]'
+        )
     return key, value
 
 
