@@ -3,6 +3,7 @@ missing), for a run folder, a folder of run folders, a movie or a folder of movi
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import pytest
 from clips import write_clip
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import load_config
+from diffusion_bunny.config import load_config, text_setting
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
+from diffusion_bunny.pipeline.runner import overrides_from_args
 from diffusion_bunny.pipeline.status import resolve_runs, run_status, settings_note
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_names
 
@@ -65,6 +67,26 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert settings_note(run, {"config_path": None, "overrides": {"engine.kind": "local"}}) == (
         "its last bunny run was given --config /films/mine.yaml --characters /films/refs; judged here "
         "by this command's (no settings of its own): give the same to judge by those"
+    )
+    # The flags said can be typed back: values as --set reads them, words quoted for the shell
+    # ("=None" read back as the text None; "blurry, ugly" unquoted was two words).
+    typed = {
+        "generate.trigger_word": None,
+        "generate.negative_prompt": "blurry, ugly",
+        "generate.seeds": [1, 2],
+    }
+    run.write_settings(None, typed)
+    note = settings_note(run, {"config_path": None, "overrides": {}})
+    flags = note.removeprefix("its last bunny run was given ").partition(";")[0]
+    assert flags == (
+        "--set generate.trigger_word=null --set 'generate.negative_prompt=blurry, ugly' "
+        "--set 'generate.seeds=[1, 2]'"
+    )
+    words = shlex.split(flags)
+    assert overrides_from_args(words[1::2], text_setting) == typed
+    assert (
+        settings_note(run, {"config_path": None, "overrides": overrides_from_args(words[1::2], text_setting)})
+        is None
     )
     run.write_settings(None, {})
     # --characters as bunny run takes it: a folder that is not there is one line, exit status 2.

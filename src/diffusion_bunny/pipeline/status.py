@@ -10,6 +10,8 @@ before it decides to skip a stage.
 from __future__ import annotations
 
 import contextlib
+import json
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,13 +262,23 @@ def _replaced_movie(run_dir: Path) -> str | None:
 
 
 def _flags(record: dict[str, Any]) -> str:
-    """A run's recorded settings (``settings.json``) as the flags that give them."""
+    """A run's recorded settings (``settings.json``) as the flags that give them, to be typed
+    back: each value as ``--set`` reads it (``null``, ``true``, a list in brackets) and each word
+    quoted for the shell. Python's spelling (``None``, ``['a', 'b']``) read back as other text,
+    and ``negative_prompt=blurry, ugly`` unquoted was two words, one refused by ``bunny``."""
     overrides = dict(record.get("overrides") or {})
-    words = [f"--config {record['config_path']}"] if record.get("config_path") else []
-    if "characters.reference_dir" in overrides:
-        words.append(f"--characters {overrides.pop('characters.reference_dir')}")
-    words += [f"--set {key}={value}" for key, value in overrides.items()]
+    words = [f"--config {shlex.quote(str(record['config_path']))}"] if record.get("config_path") else []
+    if overrides.get("characters.reference_dir"):
+        words.append(f"--characters {shlex.quote(str(overrides.pop('characters.reference_dir')))}")
+    words += [f"--set {shlex.quote(f'{key}={_as_typed(value)}')}" for key, value in overrides.items()]
     return " ".join(words) or "no settings of its own"
+
+
+def _as_typed(value: Any) -> str:
+    """A recorded setting's value as ``--set`` reads it back (YAML 1.2; JSON is YAML)."""
+    if value is None or isinstance(value, bool | list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _of_stages(record: dict[str, Any]) -> dict[str, Any]:
