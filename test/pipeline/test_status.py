@@ -310,6 +310,15 @@ def test_a_movie_bunny_run_refuses_has_no_run_folder_and_says_why(tmp_path, caps
     # each of their stages says why, not "never ran" (only a.mp4's and b.mp4's do)
     assert text.count("the file is empty (0 bytes)") == n and text.count("is not UTF-8 text") == n
     assert text.count("(no run folder;") == 3 and not out.exists()
+    # Two refused movies of one file name in two folders are two blocks, each named by its path
+    # (the second, and its problem, were dropped as the first's duplicate).
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "empty.mp4").write_text("not a video")
+    assert main(["status", str(movies / "empty.mp4"), str(tmp_path / "s2" / "empty.mp4")]) == 0
+    text = capsys.readouterr().out
+    assert f"{movies / 'empty.mp4'}  (no run folder; 0 of {n} stages done)" in text
+    assert f"{tmp_path / 's2' / 'empty.mp4'}  (no run folder; 0 of {n} stages done)" in text
+    assert text.count("the file is empty (0 bytes)") == n and text.count("not a video FFmpeg can read") == n
 
 
 def test_a_movie_named_is_a_movie_whatever_its_extension_as_bunny_run_takes_it(tmp_path, capsys):

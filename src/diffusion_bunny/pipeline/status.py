@@ -13,7 +13,7 @@ import contextlib
 import json
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,18 @@ def resolve_runs(
             elsewhere = item.run_dir is None or not _is_run(item.run_dir)
             if not out and elsewhere and item.problem is None and _key_of(movie) in ran:
                 continue
-        refs.setdefault(item.run_dir or item.movie, item)
-    return list(refs.values())
+        refs.setdefault(item.run_dir or item.path or item.movie, item)
+    return _named_apart(list(refs.values()))
+
+
+def _named_apart(refs: list[RunRef]) -> list[RunRef]:
+    """Movies of one file name in two folders, each named by its path: two refused ``E01.mkv``
+    (no run folder) were one block, the second's problem never shown."""
+    names = [ref.movie for ref in refs]
+    return [
+        replace(ref, movie=str(ref.path)) if names.count(ref.movie) > 1 and ref.path is not None else ref
+        for ref in refs
+    ]
 
 
 def _run_key(run_dir: Path | None) -> str | None:
@@ -121,20 +131,20 @@ def _of_movie(movie: Path, cfg: RunConfig, out: str | Path | None, single: bool)
     try:
         probe_video(movie)
     except BadInputError as exc:
-        return RunRef(movie.name, None, str(exc))
+        return RunRef(movie.name, None, str(exc), path=movie)
     try:
         # ``out`` of a folder run (or of several movies) holds one run folder per movie
         own = given_run_folder(out, movie) if (out and single) else run_folder_in(root, movie)
     except OSError as exc:  # its id reads the file: no run folder to name
-        return RunRef(movie.name, None, str(unreadable(movie, exc)))
+        return RunRef(movie.name, None, str(unreadable(movie, exc)), path=movie)
     run_dir = own
     if out and single and run_dir == Path(out):
         try:  # another movie's run folder: its stages are not this movie's (bunny run refuses it)
             check_run_folder(run_dir, movie)
         except StageError as exc:
-            return RunRef(movie.name, None, str(exc))
+            return RunRef(movie.name, None, str(exc), path=movie)
         except OSError as exc:
-            return RunRef(movie.name, None, str(unreadable(movie, exc)))
+            return RunRef(movie.name, None, str(unreadable(movie, exc)), path=movie)
     return RunRef(movie.name, run_dir.resolve(), path=movie)
 
 
