@@ -747,6 +747,35 @@ def test_demo_export_reruns_only_when_a_caption_changes(export_copy):
         assert (kohya / row["file_name"]).with_suffix(".txt").read_text() == "bunnystyle, edited by hand\n"
 
 
+def test_files_put_into_the_dataset_are_moved_aside_not_lost(export_copy):
+    """The export swaps in a new dataset/ and removes the old one whole: pictures a person added
+    (regularisation images) and a kohya caption fixed by hand there were lost in silence on the
+    next export, which the change itself set off (its output changed)."""
+    run, _, cfg = export_copy
+    run_stage(run, "export", cfg, progress=False)  # up to date, found copied: what changes now is a person's
+    root = dataset_dir(run.run_dir)
+    added = root / "reg" / "1_person" / "a.png"
+    added.parent.mkdir(parents=True)
+    added.write_bytes(b"a picture of mine")
+    fixed = sorted((root / "kohya").rglob("*.txt"))[0]
+    fixed.write_text("bunnystyle, my own words\n")
+    assert stage_state(run, "export", cfg) == ("stale", "its output changed since it ran (dataset/)")
+    with pytest.warns(UserWarning) as said:
+        run_stage(run, "export", cfg, progress=False)
+    (line,) = [str(w.message) for w in said if "since the last export" in str(w.message)]
+    assert line.startswith("2 file(s) put into or changed in dataset/ since the last export (first: kohya/")
+    (aside,) = (run.run_dir / "dataset_added").iterdir()
+    assert f"were moved to {aside}: " in line
+    assert (aside / "reg" / "1_person" / "a.png").read_bytes() == b"a picture of mine"
+    assert (aside / fixed.relative_to(root)).read_text() == "bunnystyle, my own words\n"
+    assert fixed.read_text() != "bunnystyle, my own words\n" and not (root / "reg").exists()
+    # Exported again with nothing added, nothing is moved.
+    with pytest.warns(UserWarning) as said:
+        run_stage(run, "export", cfg, force=True, progress=False)
+    assert not [w for w in said if "since the last export" in str(w.message)]
+    assert len(list((run.run_dir / "dataset_added").iterdir())) == 1
+
+
 def test_demo_export_as_png_with_jsonl_and_no_kohya(export_copy, tmp_path, monkeypatch):
     import diffusion_bunny.stages.export.stage as stage
 

@@ -4,6 +4,7 @@ movie checked for frame count, fps, size and never spanning a cut; planning and 
 from __future__ import annotations
 
 import shutil
+import tomllib
 
 import numpy as np
 import polars as pl
@@ -267,6 +268,9 @@ def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
         assert clip["characters"]
     for name in ("musubi_dataset.toml", "diffusion_pipe_dataset.toml"):
         assert str(video) in (dataset_dir(run.run_dir) / name).read_text()
+    # musubi's latent cache outside dataset/, which each export replaces whole (it was removed).
+    musubi = tomllib.loads((dataset_dir(run.run_dir) / "musubi_dataset.toml").read_text())
+    assert musubi["datasets"][0]["cache_directory"] == str(run.run_dir / "cache" / "musubi")
     # Only the training pictures' shots give clips: a validation shot was trained on as video.
     items = run.read_table("dataset_items")
     held_out = set(items.filter(pl.col("split") == "validation")["shot_id"]) - set(

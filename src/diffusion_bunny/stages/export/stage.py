@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -296,10 +297,13 @@ def compute(ctx: Context) -> StageOutput:
                 deinterlaced(ctx.run, ctx.cfg.extract.deinterlace),
             )
         written = _write_pictures(run_dir, staging, items, cfg, ctx.progress, ctx.progress_path)
+        _set_aside_added(run_dir, staging, ctx.previous, plan.warnings)
     table = items.select(ITEMS_COLUMNS)
     facts = {
         "dataset_dir": run_fact(dataset_dir(run_dir), run_dir),
         "dataset_folder": str(dataset_dir(run_dir)),  # as its README and trainer files name it
+        # What dataset/ holds from this time on is a person's (_set_aside_added)
+        "dataset_written": time.time(),
         "image_format": cfg.image_format,
         "metadata_format": cfg.metadata_format,
         "seed": cfg.seed,
@@ -389,13 +393,53 @@ def _write_video(
     return clips
 
 
+def _set_aside_added(
+    run_dir: Path, staging: Path, previous: dict[str, Any] | None, warnings: list[str]
+) -> None:
+    """Files put into ``dataset/`` since the last export finished (regularisation pictures, a
+    trainer's cache) and kohya captions changed there by hand: moved to
+    ``<run>/dataset_added/<time>/`` under their own paths, in one line, before the new folder is
+    swapped in. The swap removes the old folder whole, and they were lost in silence. A file is
+    judged by when it was last made or changed (its inode's ctime, which a copy cannot carry
+    over) against when the export wrote the folder, or found it moved or copied (the
+    ``dataset_written`` fact: every file of a copy is new by its ctime); a folder moved or copied
+    since, not yet found so, is not judged."""
+    root = dataset_dir(run_dir)
+    facts = (previous or {}).get("facts") or {}
+    since = facts.get("dataset_written")
+    if not isinstance(since, int | float) or facts.get("dataset_folder") != str(root) or not root.is_dir():
+        return
+    added = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_ctime > since):
+        twin = staging / path.relative_to(root)
+        # The export's own files are its to rewrite; a caption's .txt is what people fix by hand.
+        if not twin.is_file() or (path.suffix == ".txt" and twin.read_bytes() != path.read_bytes()):
+            added.append(path.relative_to(root))
+    if not added:
+        return
+    aside = run_dir / "dataset_added" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    for rel in added:
+        (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(root / rel, aside / rel)
+    warnings.append(
+        f"{len(added)} file(s) put into or changed in dataset/ since the last export (first: {added[0]}) "
+        f"were moved to {aside}: the export writes dataset/ whole; keep your own files beside it, and "
+        "make caption edits in notebook 05, where they are kept"
+    )
+
+
 def _trainer_files(run_dir: Path, cfg: ExportSettings) -> dict[str, str]:
     """The video trainers' dataset files by name: they name the dataset's folder by its absolute
     path, as a trainer reads them from its own folder."""
     size, final = (cfg.clip_width, cfg.clip_height), dataset_dir(run_dir) / VIDEO_DIR
     return {
         "musubi_dataset.toml": musubi_toml(
-            str(final), str(dataset_dir(run_dir) / "musubi_cache"), size, cfg.clip_frames
+            # Not under dataset/: the export writes that folder whole, and a cache there was
+            # removed with the old folder on the next export (minutes of latents on a GPU).
+            str(final),
+            str(run_dir / "cache" / "musubi"),
+            size,
+            cfg.clip_frames,
         ),
         "diffusion_pipe_dataset.toml": diffusion_pipe_toml(str(final), size, cfg.clip_frames),
     }
@@ -425,7 +469,8 @@ def relocate(run: Run, cfg: ConfigView, facts: dict[str, Any]) -> dict[str, Any]
             stacklevel=2,
         )
         return {}
-    return {"dataset_folder": str(root)}
+    # Every file of a copied folder is new by its ctime: from now on, what changes is a person's.
+    return {"dataset_folder": str(root), "dataset_written": time.time()}
 
 
 def _write_pictures(
