@@ -121,6 +121,17 @@ def test_framing_light_and_template_caption():
     # Nobody found where that proves nothing (a drawn film, a frame not searched): nothing said.
     text, tags = template_caption({**empty, "nobody_known": False}, cfg)
     assert text == "bunnystyle, close-up, static shot" and "no people" not in tags
+    # A YAML block (``>``) ends in a line break, which kohya took for the caption's end; a name
+    # that has its article ("the kitchen") was said "in the the kitchen".
+    blocks = load_config(
+        None, {"captions.character_descriptions": {"astronaut": "a woman in\na space suit\n"}}
+    ).captions
+    assert blocks.character_descriptions == {"astronaut": "a woman in a space suit"}
+    named = CaptionsSettings(scene_names={"s002": "the  kitchen\n", "s003": "A cave"})
+    assert template_caption({**facts, "characters": ["astronaut"], "unknown_faces": 0}, named)[0].endswith(
+        ", dark, in the kitchen"
+    )
+    assert template_caption({**facts, "scene": "s003"}, named)[0].endswith(", dark, in A cave")
 
 
 def test_a_crop_gets_the_template_caption_of_what_it_shows():
@@ -653,6 +664,25 @@ def test_missing_key_and_unreachable_server_fail_before_any_work(cap_run, tmp_pa
     ):
         run_stage(run, "captions", cfg, progress=False)
     assert not run.has_table("captions")
+
+
+def test_a_key_no_header_can_carry_is_one_line_that_never_repeats_it(monkeypatch):
+    """A key copied shortened from a dashboard (``…``) ended in UnicodeEncodeError's traceback
+    as the request was made; with a space inside, in a refusal from the server."""
+    from diffusion_bunny.stages.captions.providers import make_provider
+
+    for key, at in (("sk-proj-Ab3\u2026x9Qz", 12), ("sk-ab cd", 6)):
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+        with pytest.raises(ProviderError) as err:
+            make_provider("openai", CaptionsSettings(provider="openai"))
+        assert str(err.value).startswith(
+            "captions.provider 'openai': the key in OPENAI_API_KEY has a character no key has "
+            f"at position {at} of"
+        )
+        assert key not in str(err.value) and "x9Qz" not in str(err.value)
+    monkeypatch.setenv("LOCAL_LLM_API_KEY", "tok\u00e9n")
+    with pytest.raises(ProviderError, match="the key in LOCAL_LLM_API_KEY has a character no key has"):
+        make_provider("local", CaptionsSettings(provider="local"))
 
 
 def test_a_provider_down_before_the_first_frame_falls_back_when_the_chain_can(cap_run, tmp_path):

@@ -231,7 +231,10 @@ def _scene_phrase(scene: str, cfg: CaptionsSettings) -> str:
     if not scene or scene == "noise":
         return ""
     name = cfg.scene_names.get(scene)
-    return f"in the {name}" if name else f"scene {scene}"
+    if not name:
+        return f"scene {scene}"
+    # "the kitchen" or "a cave" as the name: "in the the kitchen" said the article twice
+    return f"in {name}" if name.split()[0].casefold() in ("the", "a", "an") else f"in the {name}"
 
 
 def template_caption(facts: dict, cfg: CaptionsSettings) -> tuple[str, list[str]]:

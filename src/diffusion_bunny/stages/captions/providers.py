@@ -956,7 +956,22 @@ def _require_key(provider: str, variable: str) -> str:
             f"captions.provider '{provider}' needs the environment variable {variable}; set it in the "
             "environment or in .env at the workspace root (never in a config file or notebook)"
         )
-    return value
+    return _printable_key(provider, variable, value)
+
+
+def _printable_key(provider: str, variable: str, value: str) -> str:
+    """A key as an HTTP header can carry it: printable ASCII. A key copied from a dashboard that
+    shows it shortened (``sk-proj-Ab3…x9Qz``) or with a quote or space in it went as far as the
+    request and ended in a traceback (UnicodeEncodeError), the template fallback never reached.
+    The key itself is never repeated: only where the first character that cannot be is."""
+    bad = next((i for i, c in enumerate(value) if not (c.isascii() and c.isprintable()) or c == " "), None)
+    if bad is None:
+        return value
+    raise ProviderError(
+        f"captions.provider '{provider}': the key in {variable} has a character no key has at position "
+        f"{bad + 1} of {len(value)} (a key shown shortened with '…', or copied with a space or a line "
+        "break); copy the whole key again"
+    )
 
 
 def _dspy_lm(model: str, cfg: CaptionsSettings, key: str, base: str | None) -> Any:
@@ -981,6 +996,7 @@ def _openai_like(name: str, cfg: CaptionsSettings) -> DspyProvider:
     else:
         variable = cfg.local.api_key_env
         key = os.environ.get(variable, "").strip() or "not-needed"
+        key = _printable_key(name, variable, key)
         if key != "not-needed":
             register_secret(key)  # whatever the variable is called
         model, base = cfg.local.model, cfg.local.base_url

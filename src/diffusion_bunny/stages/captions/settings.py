@@ -135,6 +135,14 @@ class CaptionsSettings(Section):
     local: LocalProviderSettings = LocalProviderSettings()
     bedrock: BedrockProviderSettings = BedrockProviderSettings()
 
+    @field_validator("scene_names", "character_descriptions")
+    @classmethod
+    def _one_line(cls, value: dict[str, str]) -> dict[str, str]:
+        """Each text on one line, its spaces single: a YAML block (``>`` or ``|``) ends in a line
+        break, which went into every template caption, and kohya reads a caption's first line
+        only (the framing, motion, light and scene after it were lost)."""
+        return {name: " ".join(text.split()) for name, text in value.items()}
+
     @field_validator("trigger_word")
     @classmethod
     def _one_token(cls, value: str) -> str:
