@@ -448,6 +448,14 @@ def test_a_caption_whose_tags_are_not_a_json_list_is_kept_fresh_and_from_the_sto
     assert provider.status(RawAnswer(cut, finish_reason="length"))[0] == "truncated"
     assert provider.status(RawAnswer(cut, finish_reason="content_filter"))[0] == "refused"
     assert provider.status(RawAnswer(cut + "es.", finish_reason="stop"))[0] == "ok"
+    # An answer whose caption says nothing (the trigger word alone, quotes, "N/A") was stored ok,
+    # exported, and never asked again: it is no caption, and captions.retry can ask it again.
+    for nothing in ("bunnystyle", '""', "N/A", "bunnystyle, none."):
+        said = f"[[ ## caption ## ]]\n{nothing}\n\n[[ ## tags ## ]]\nstage\n\n[[ ## completed ## ]]"
+        status, detail = provider.status(RawAnswer(said, finish_reason="stop"))
+        assert status == "unparsable" and "caption says nothing" in detail, (nothing, status, detail)
+    said = "[[ ## caption ## ]]\nbunnystyle, N/A sign\n\n[[ ## tags ## ]]\nsign\n\n[[ ## completed ## ]]"
+    assert provider.status(RawAnswer(said, finish_reason="stop"))[0] == "ok"
 
 
 def test_credentials_in_a_base_url_are_refused(tmp_path):

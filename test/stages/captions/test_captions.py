@@ -950,7 +950,7 @@ def test_bedrock_settings_missing_are_named(tmp_path, monkeypatch):
         bedrock_client(CaptionsSettings(provider="bedrock"))
 
 
-def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
+def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path, caplog):
     run, overrides = cap_run
     cfg = _cfg(tmp_path, overrides)
     captions = run_stage(run, "captions", cfg, progress=False)["captions"]
@@ -1004,6 +1004,22 @@ def test_edits_are_kept_marked_and_never_overwritten(cap_run, tmp_path):
         with pytest.raises(BadInputError, match=r"is only the trigger word 'hamstyle'; type what"):
             edit_caption(run.run_dir, fid, lone)
     assert run.read_table("captions").equals(before) and read_edits(run.run_dir).height == edits
+    # An edit changed by hand to no caption (the table is a parquet file) stopped the stage with
+    # a TypeError naming nothing: it is left out, in a line naming the table and the frame.
+    table = run.read_table("caption_edits")
+    run.write_table(
+        "caption_edits",
+        table.with_columns(
+            pl.when(pl.col("frame_id") == second).then(None).otherwise("caption").alias("caption")
+        ),
+    )
+    with caplog.at_level("WARNING"):
+        rows = run_stage(run, "captions", later, progress=False, force=True)["captions"]
+    assert rows.filter(pl.col("frame_id") == second)["status"][0] != "edited"
+    assert rows.filter(pl.col("frame_id") == fid)["caption"][0] == "hamstyle, my own words"
+    assert any(
+        "caption_edits" in r.getMessage() and f"left out ({second})" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_an_edit_of_a_frame_no_longer_kept_is_said_and_kept(cap_run, tmp_path):

@@ -692,6 +692,19 @@ def _with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {text}"
 
 
+#: Answers that stand for no caption at all.
+_NON_ANSWERS = frozenset(
+    {"n/a", "na", "none", "null", "nothing", "no caption", "unknown", "caption", "empty"}
+)
+
+
+def _says_something(text: str, trigger: str) -> bool:
+    """Whether a caption, once its trigger word is set apart, has words of its own."""
+    rest = text[len(trigger) :] if trigger and text.casefold().startswith(trigger.casefold()) else text
+    words = " ".join(re.sub(r"[^\w/ ]+", " ", rest).split()).casefold()
+    return bool(words) and words not in _NON_ANSWERS
+
+
 #: Pairs of quotes a model may wrap a whole answer in.
 _QUOTES = {('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`")}
 
@@ -796,8 +809,13 @@ class DspyProvider:
         caption = str(caption or "").strip()
         if not caption:
             raise ValueError("the answer had an empty caption")
+        text = _with_trigger(caption, self.cfg.trigger_word)
+        if not _says_something(text, self.cfg.trigger_word):
+            # The trigger word alone, a pair of quotes or "N/A" was stored ``ok``, exported as a
+            # caption that says nothing, and never asked again (captions.retry takes statuses).
+            raise ValueError(f"the answer's caption says nothing ({caption[:40]!r})")
         tags = [str(t).strip() for t in (tags or []) if str(t).strip()]
-        return CaptionResult(_with_trigger(caption, self.cfg.trigger_word), tags, inp, out)
+        return CaptionResult(text, tags, inp, out)
 
 
 _FIELD_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")

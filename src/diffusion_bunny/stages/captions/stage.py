@@ -991,7 +991,25 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
     run = Run.open(run_dir)
     if not run.has_table("caption_edits"):
         return pl.DataFrame(schema=EDIT_SCHEMA)
-    return run.read_table("caption_edits")
+    edits = run.read_table("caption_edits")
+    # A row changed by hand to no caption or no frame (the table is a parquet file anyone can
+    # write) stopped the stage and every edit after it with a TypeError naming nothing.
+    blank = (
+        pl.col("frame_id").is_null()
+        | pl.col("caption").is_null()
+        | (pl.col("caption").str.strip_chars() == "")
+    )
+    if edits.filter(blank).height:
+        frames = edits.filter(blank)["frame_id"].drop_nulls().head(3).to_list()
+        log.warning(
+            "%s: %d edit(s) without a caption or a frame left out (%s); edit those frames again "
+            "in notebook 05",
+            run.table_path("caption_edits"),
+            edits.filter(blank).height,
+            ", ".join(frames) or "no frame named",
+        )
+        edits = edits.filter(~blank)
+    return edits
 
 
 def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
