@@ -175,7 +175,9 @@ def read_image(path: str | Path, min_side: int = MIN_DECODE_SIDE, region: Region
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
-        raise BadInputError(f"cannot read frame image {path}: {exc.strerror or exc}") from None
+        raise BadInputError(
+            f"cannot read frame image {path}: {exc.strerror or exc}; rerun stage extract with --force"
+        ) from None
     if data.size == 0:
         raise BadInputError(f"frame image {path} is empty; rerun stage extract with --force")
     if jpeg_truncated(data):

@@ -485,6 +485,42 @@ def test_move_to_cluster_appends_feedback_and_survives_a_rerun(scenes_run):
     assert run.read_table("feedback").height == 2  # the stage, on its own, never rewrites feedback
 
 
+def test_damaged_embeddings_or_adapter_and_unreadable_frames_are_said_not_bugs(scenes_run):
+    """A damaged embeddings table failed every move on the board as a bug (a parquet error), a
+    damaged adapter did the same to "shots like this one", and ``scenes.frames: all`` stopped on
+    the first frame stage 02 had already found unreadable."""
+    from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.stages import run_stage
+    from diffusion_bunny.stages.scenes.stage import frames_to_cluster, shots_like
+    from diffusion_bunny.stages.scenes.tables import ADAPTER_FILE
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter(pl.col("level") == "scene")
+    ids = sorted(set(scene["cluster_id"]) - {NOISE})
+    frame = scene.filter(pl.col("cluster_id") == ids[0])["frame_id"][0]
+    run.table_path("embeddings").write_bytes(b"garbage")
+    move_to_cluster(run.run_dir, frame, ids[1])  # the move lands; its similarity comes with the rerun
+    after = run.read_table("clusters").filter((pl.col("frame_id") == frame) & (pl.col("level") == "scene"))
+    assert after["cluster_id"][0] == ids[1] and after["manual"][0]
+    with pytest.raises(StageError, match="embeddings"):
+        shots_like(run.run_dir, frame)
+    run_stage(run, "scenes", cfg, progress=False)  # rewrites the table, trains the adapter from the move
+    assert (run.run_dir / ADAPTER_FILE).is_file()
+    (run.run_dir / ADAPTER_FILE).write_bytes(b"not an adapter")
+    with pytest.raises(BadInputError, match=r"scene_adapter\.npz is damaged .*rerun stage scenes"):
+        shots_like(run.run_dir, frame)
+    frames, quality = run.read_table("frames"), run.read_table("quality")
+    unreadable = frames["frame_id"][3]
+    quality = quality.with_columns(
+        pl.when(pl.col("frame_id") == unreadable)
+        .then(pl.lit("unreadable"))
+        .otherwise("reject_reason")
+        .alias("reject_reason")
+    )
+    every = frames_to_cluster(frames, quality, "all")["frame_id"].to_list()
+    assert unreadable not in every and len(every) == frames.height - 1
+
+
 def test_frames_moved_into_a_folder_leave_its_own_frames_in_it(scenes_run):
     """Two frames moved into a folder of one frame: the rerun gave the folder's id to the cluster
     they came from (two of its members had it), and the folder's own frame, never moved, went to
@@ -1282,7 +1318,6 @@ def test_a_new_folder_of_a_library_run_whose_library_is_not_reachable_is_one_lin
     folder created it (or, where it could not be made, failed with a PermissionError traceback)."""
     import json
 
-    from diffusion_bunny.errors import BadInputError
     from diffusion_bunny.pipeline.run import Run
     from diffusion_bunny.stages.scenes.stage import _new_folder_id
     from diffusion_bunny.stages.scenes.tables import FEEDBACK_SCHEMA

@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 from filelock import FileLock
 
-from diffusion_bunny.errors import BadInputError, StageError, UserError
+from diffusion_bunny.errors import BadInputError, DamagedTableError, StageError, UserError
 from diffusion_bunny.paths import workspace_root
 from diffusion_bunny.pipeline.atomic import atomic_write_bytes, atomic_write_parquet
 from diffusion_bunny.pipeline.contract import Context, StageOutput
@@ -105,10 +105,15 @@ EXEMPLAR_SCHEMA = {
 
 
 def frames_to_cluster(frames: pl.DataFrame, quality: pl.DataFrame | None, which: str) -> pl.DataFrame:
-    """The frames stage 04 works on, in frame order."""
+    """The frames stage 04 works on, in frame order: with ``scenes.frames: all`` every frame but
+    those stage 02 found it could not read (their files are missing or damaged: the stage
+    stopped on the first, with no clusters at all)."""
     if which == "kept" and quality is not None:
         kept = quality.filter(pl.col("keep")).select("frame_id")
         frames = frames.join(kept, on="frame_id", how="semi")
+    elif quality is not None and "reject_reason" in quality.columns:
+        unreadable = quality.filter(pl.col("reject_reason") == "unreadable").select("frame_id")
+        frames = frames.join(unreadable, on="frame_id", how="anti")
     return frames.sort("frame_index")
 
 
@@ -1016,7 +1021,10 @@ def move_to_cluster(
             members = clusters.filter((pl.col("level") == "scene") & (pl.col("cluster_id") == scene))[
                 "frame_id"
             ]
-            vectors = _vectors(run, {frame_id, *members.to_list()})
+            try:
+                vectors = _vectors(run, {frame_id, *members.to_list()})
+            except DamagedTableError:  # the move lands; the next run of the stage rewrites the table
+                vectors = None
         tables["clusters"] = apply_feedback(clusters, feedback.tail(1), vectors)
     return event
 
@@ -1137,11 +1145,12 @@ def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame
 
 
 def _vectors(run, frame_ids: set[str]) -> dict[str, np.ndarray]:
+    # Through the run (not a scan of the file): a damaged table is its one line, which says to
+    # rerun stage scenes, not a parquet error the board showed as a bug.
     emb = (
-        pl.scan_parquet(run.table_path("embeddings"), glob=False)
+        run.read_table("embeddings")
         .filter(pl.col("frame_id").is_in(list(frame_ids)))
         .select("frame_id", "vector")
-        .collect()
     )
     if emb.is_empty():
         return {}
@@ -1211,7 +1220,14 @@ def _run_vectors(run, adapted: bool) -> tuple[list[str], np.ndarray]:
     vectors = normalise(np.asarray(emb["vector"].to_list(), dtype=np.float32))
     adapter_path = run.run_dir / ADAPTER_FILE
     if adapted and adapter_path.is_file():
-        vectors = Adapter.load(adapter_path).transform(vectors)
+        try:
+            adapter = Adapter.load(adapter_path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            raise BadInputError(
+                f"{adapter_path} is damaged (it does not load); rerun stage scenes, which trains it again "
+                "from the corrections"
+            ) from None
+        vectors = adapter.transform(vectors)
     return emb["frame_id"].to_list(), vectors
 
 
