@@ -1202,6 +1202,11 @@ def test_a_feedback_table_made_by_hand_is_read_or_refused_in_one_line(scenes_run
         r"column ts \(String\) does not read as Datetime": _hand_feedback(frame, ids[0], ids[1]).with_columns(
             ts=pl.lit("yesterday")
         ),
+        # "new" is the board's word for a folder not made yet; "kitchen" was shown as "scene 00".
+        r"to_cluster 'new' is no cluster; a move's target is noise, a scene such as s003": _hand_feedback(
+            frame, ids[0], "new"
+        ),
+        r"to_cluster 'kitchen' is no cluster": _hand_feedback(frame, ids[0], "kitchen"),
     }
     for message, table in bad.items():
         run.write_table("feedback", table)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 import warnings
 import zipfile
@@ -940,7 +941,20 @@ def checked_feedback(feedback: pl.DataFrame, path: Path) -> pl.DataFrame:
             raise BadInputError(
                 f"{path}: {nulls} row(s) have no {name}; every move needs a frame and a target"
             )
+    # A target typed by hand must be a place: "new" is the board's word for a folder not made yet
+    # (a frame dropped on a stored "new" went to another new folder), and an id not of the form
+    # sNNN was named "scene 00" beside every other such id.
+    odd = feedback.filter(~pl.col("to_cluster").str.contains(_TARGET.pattern))["to_cluster"].unique().sort()
+    if odd.len():
+        raise BadInputError(
+            f"{path}: to_cluster {odd[0]!r} is no cluster; a move's target is noise, a scene such as "
+            "s003, or one of its character sub-clusters (s003/anna); fix or remove that row"
+        )
     return feedback
+
+
+#: A move's target: noise, a scene (``s003``) or a character sub-cluster of one (``s003/anna+bob``).
+_TARGET = re.compile(rf"^(?:{NOISE}|s\d+(?:/.+)?)$")
 
 
 def _feedback_column(feedback: pl.DataFrame, name: str, dtype: Any, path: Path) -> pl.Series:
