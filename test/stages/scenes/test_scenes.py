@@ -330,6 +330,25 @@ def test_the_adapter_learns_where_a_later_character_move_put_the_frame():
     assert set(triplet.positives) == {1, 2} and set(triplet.negatives) == {3, 4, 5, 6, 7, 8}
 
 
+def test_a_moved_frame_the_last_clusters_lack_still_teaches_the_adapter(tmp_path):
+    """A frame moved by hand, then left out of one run by stage 02 (a stricter threshold) and
+    put back: the previous clusters lack it, so it counted as noise and trained nothing, and
+    the run that said "no adapter" was judged up to date from then on."""
+    from diffusion_bunny.stages.scenes.settings import ScenesSettings
+    from diffusion_bunny.stages.scenes.stage import _adapted_vectors
+
+    vecs, ids, _ = blobs(4, 3, dim=16, seed=5)
+    fb = feedback_rows((ids[0], "s001", "s002", "scene"))
+    # The last run's clusters: every frame but the moved one (stage 02 had dropped it).
+    table = clusters_table(
+        ids[1:], [f"s{i // 4 + 1:03d}" for i in range(1, 12)], np.full(11, 0.9), [0] * 11, {}
+    )
+    _, key, facts = _adapted_vectors(
+        vecs, ids, fb, table, ScenesSettings(), tmp_path / "adapter.npz", learn=True, embedder="test"
+    )
+    assert key is not None and facts["triplets"] == 1 and (tmp_path / "adapter.npz").is_file()
+
+
 def test_adapter_round_trips_through_a_file(tmp_path):
     vecs, ids, _ = blobs(3, 2, dim=8, seed=6)
     labels = {fid: ("s001" if i < 3 else "s002") for i, fid in enumerate(ids)}

@@ -54,6 +54,7 @@ from diffusion_bunny.stages.scenes.clustering import (
     new_cluster_id,
     next_cluster_number,
     normalise,
+    ordered_moves,
     renumber_by_size,
     scene_name,
     similar_frames,
@@ -225,11 +226,19 @@ def _adapted_vectors(
         saved = _saved_adapter(adapter_path, key, raw.shape[1])
         if saved is not None:
             return saved.transform(raw), feedback_key, {"triplets": saved.triplets, "reused": True}
-        # Where a person sees each frame now: the previous clusters with every correction applied.
+        # Where a person sees each frame now: the previous clusters with every correction applied,
+        # and a moved frame those clusters lack (stage 02 left it out of the last run, and a
+        # threshold put back now) where its last move put it: it counted as noise and taught
+        # nothing, and the run that recorded "no adapter" was then judged up to date.
         labels = {f: NOISE for f in fids}
+        placed: set[str] = set()
         if prev_clusters is not None and not prev_clusters.is_empty():
             scene_rows = apply_feedback(prev_clusters, feedback).filter(pl.col("level") == "scene")
-            labels = dict(scene_rows.select("frame_id", "cluster_id").iter_rows()) or labels
+            labels.update(scene_rows.select("frame_id", "cluster_id").iter_rows())
+            placed = set(scene_rows["frame_id"].to_list())
+        for fid, _, target in ordered_moves(feedback):
+            if fid not in placed:
+                labels[fid] = target.partition("/")[0]
         triplets = triplets_from_feedback(feedback, fids, labels)
         if triplets:
             adapter = train_adapter_for(raw, triplets, cfg)
