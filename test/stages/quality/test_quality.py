@@ -468,7 +468,7 @@ def test_config_out_of_range_is_one_line_naming_the_key():
         "quality.min_sharpness=-1": "quality.min_sharpness = -1",
         "quality.batch=0": "quality.batch = 0: must be 'shot' or a positive number",
         "quality.batch=scene": "quality.batch = 'scene'",
-        "quality.best_per_batch=0": "quality.best_per_batch = 0",
+        "quality.best_per_batch=-1": "quality.best_per_batch = -1",
         "quality.min_brightness=240": "min_brightness (240.0) must be under max_brightness (230.0)",
         "quality.reference_contrast=0": "quality.reference_contrast = 0",
         "extract.detector.reference_contrast=200": "extract.detector.reference_contrast = 200",
@@ -479,6 +479,8 @@ def test_config_out_of_range_is_one_line_naming_the_key():
             load_config(None, [override])
         assert message in str(info.value) and "\n" not in str(info.value)
     assert load_config(None, ["quality.batch=12"]).quality.batch == 12
+    # 0 keeps every frame of a batch, as notebook 02's slider says (it was refused).
+    assert load_config(None, ["quality.best_per_batch=0"]).quality.best_per_batch is None
 
 
 def test_filtering_is_the_old_name_of_quality(tmp_path, caplog):

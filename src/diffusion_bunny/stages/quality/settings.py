@@ -68,6 +68,13 @@ class QualitySettings(Section):
             return value
         raise ValueError("must be 'shot' or a positive number of consecutive frames")
 
+    @field_validator("best_per_batch", mode="before")
+    @classmethod
+    def _zero_keeps_all(cls, value: Any) -> Any:
+        # Notebook 02's slider says "0 keeps all": the same 0 in a settings file or --set was
+        # refused ("greater than or equal to 1"). 0 is null here too: every frame of a batch.
+        return None if value == 0 and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _brightness_window(self) -> QualitySettings:
         if self.min_brightness >= self.max_brightness:
