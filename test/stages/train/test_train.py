@@ -713,6 +713,14 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
         run.read_table("training_validation"),
         64,
     )
+    # The newest checkpoint (the one resumable state) removed to free space: the rerun stops in
+    # one line before any model loads. It trained from step 0 over the finished LoRA.
+    lora = (finished / "pytorch_lora_weights.safetensors").read_bytes()
+    for state in (tmp_path / "lora").glob("*/checkpoint-*/training_state.pt"):  # the killed one's too
+        shutil.rmtree(state.parent)
+    with pytest.raises(StageError, match=r"holds the finished LoRA.* but no training state to resume from"):
+        run_stage(run, "train", cfg, progress=False, force=True)
+    assert (finished / "pytorch_lora_weights.safetensors").read_bytes() == lora
 
 
 def test_empty_dataset_and_missing_inputs_fail_in_one_line(tmp_path):
@@ -1055,6 +1063,27 @@ def test_more_steps_continue_a_run_only_where_the_schedule_does_not_depend_on_th
     given = prior.model_copy(update={"class_data_dir": "dogs"})
     assert resume_key(given, "d") == resume_key(
         given.model_copy(update={"validation_inference_steps": 20}), "d"
+    )
+
+
+def test_a_full_disk_with_start_over_still_set_says_the_rerun_starts_over(tmp_path):
+    """``train.start_over: true`` stays set (a settings file, settings.json, the flags bunny status
+    gives back): the storage line said "a rerun resumes from checkpoint-N", and the rerun removed it."""
+    import errno
+
+    from diffusion_bunny.stages.train.stage import _storage_advice
+    from diffusion_bunny.stages.train.tables import LORA_FILE
+
+    folder = tmp_path / "loras" / "tiny-30steps-abc" / "checkpoint-20"
+    folder.mkdir(parents=True)
+    (folder / LORA_FILE).write_bytes(b"weights")
+    torch.save({"step": 20, "resume_key": "k"}, folder / "training_state.pt")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    base, lora = tmp_path / "loras", folder.parent
+    assert _storage_advice(full, base, lora).endswith("a rerun resumes from checkpoint-20")
+    assert _storage_advice(full, base, lora, start_over=True).endswith(
+        "set train.start_over back to false first, or a rerun removes checkpoint-20 and starts the "
+        "training again"
     )
 
 

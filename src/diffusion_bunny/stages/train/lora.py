@@ -1086,6 +1086,8 @@ def _train_locked(
     resume_state, resumed_from, resumed_folder = _resume_point(
         output_dir, [] if cfg.start_over else list(resume_from), cfg, keys, warnings
     )
+    if resume_state is None and not cfg.start_over:
+        _refuse_to_start_over_unasked(output_dir)
     trainer = (trainer_class or LoraTrainer)(
         cfg,
         cache_dir=cache_dir or output_dir,
@@ -1119,6 +1121,28 @@ def _train_locked(
     finally:
         if trainer.accelerator.trackers:
             trainer.accelerator.end_training()  # closes the TensorBoard writer, also after an error
+
+
+def _refuse_to_start_over_unasked(output_dir: Path) -> None:
+    """One line, before any model loads, when ``output_dir`` holds a trained LoRA or checkpoints
+    but no state to resume from (the newest checkpoint's folder deleted to free space, or its
+    state found damaged): training from step 0 there replaced the finished LoRA, its checkpoints
+    and its TensorBoard history without a word, which only ``train.start_over`` is to do."""
+    steps = [step for step, _ in _checkpoints(output_dir)]
+    finished = (Path(output_dir) / LORA_FILE).is_file()
+    if not steps and not finished:
+        return
+    held = " and ".join(
+        [
+            *(["the finished LoRA"] if finished else []),
+            *([f"checkpoints up to step {max(steps)}"] if steps else []),
+        ]
+    )
+    raise StageError(
+        f"{output_dir} holds {held} but no training state to resume from (no checkpoint-N/{STATE_FILE}: "
+        "the newest checkpoint was removed or is damaged); training from step 0 would replace them: "
+        "put the removed checkpoint back, or set train.start_over: true to train this LoRA again"
+    )
 
 
 #: Where a damaged training state is set aside, in the LoRA's folder.

@@ -107,7 +107,7 @@ def compute(ctx: Context) -> StageOutput:
                 resume_from=resumable_folders(base, resume, exclude=folder),
             )
     except OSError as exc:
-        error = storage_error(exc, _storage_advice(exc, base, folder))
+        error = storage_error(exc, _storage_advice(exc, base, folder, cfg.start_over))
         if error is None:
             raise
         raise error from None
@@ -162,12 +162,18 @@ def _dropped_unless_started(folder: Path, created: bool) -> Iterator[None]:
         raise
 
 
-def _storage_advice(exc: OSError, base: Path, folder: Path) -> str:
+def _storage_advice(exc: OSError, base: Path, folder: Path, start_over: bool = False) -> str:
     """What to do when a write of the training fails, and what a rerun does: free space on a full
     disk; else (a read-only folder, a file where the LoRA folders go) another ``train.output_dir``,
-    not the generic "choose another --out", which leaves the setting as it was."""
+    not the generic "choose another --out", which leaves the setting as it was. With
+    ``train.start_over`` still set, a rerun removes the checkpoints again: said, not "resumes"."""
     steps = checkpoint_steps(folder) if folder != base else []
     resume = f"a rerun resumes from checkpoint-{steps[-1]}" if steps else "a rerun starts the training again"
+    if steps and start_over:
+        resume = (
+            f"set train.start_over back to false first, or a rerun removes checkpoint-{steps[-1]} "
+            "and starts the training again"
+        )
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return f"make {base} a folder you can write to, or set train.output_dir to one; {resume}"
     return (
