@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -325,6 +326,20 @@ class ReferenceSet:
         return {name: int((self.owners == i).sum()) for i, name in enumerate(self.names)}
 
 
+def file_digest(path: Path) -> bytes:
+    """sha256 of a reference file, read in chunks (a film dropped among the pictures was read
+    whole into memory); of anything but a regular file, its kind alone: a named pipe's read waits
+    for a writer, and the run hung there."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        return f"not a file {stat.S_IFMT(info.st_mode)}".encode()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
 def reference_images(ref_dir: Path) -> dict[str, list[Path]]:
     """``{character: [image files]}`` from one sub-folder per character, the pictures in folders
     inside it too (``refs/mika/poses/*.png``: a user sorting a character's pictures had them
@@ -579,7 +594,7 @@ def references_fingerprint(ref_dir: Path | None) -> dict[str, Any]:
         for path in files:
             digest.update(f"{name}/{path.name}\0".encode())
             try:
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(file_digest(path))
             except OSError as exc:  # the loader leaves it out with a line; it stops nothing here
                 digest.update(f"unreadable {type(exc).__name__}".encode())
     return {"dir": str(ref_dir), "sha256": digest.hexdigest()[:16]}

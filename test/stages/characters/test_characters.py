@@ -341,6 +341,27 @@ def test_a_fix_typed_with_other_separators_names_the_known_character(tmp_path):
         fix_appearance(run.run_dir, "f_00", "alex lacamoire", settings)
 
 
+def test_empty_files_notes_and_pipes_are_named_for_what_they_are(tmp_path):
+    """Two empty files (failed downloads) or one note copied into two character folders were
+    "one picture under 2 characters", what they are unsaid; a named pipe hung the run."""
+    import os
+
+    from diffusion_bunny.models.faces import references_fingerprint
+    from diffusion_bunny.stages.characters.references import load_character_references
+
+    for name in ("alice", "bob"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.png").write_bytes(b"")
+        (tmp_path / name / "credits.txt").write_text("from the wiki")
+    os.mkfifo(tmp_path / "alice" / "pipe.png")
+    _, _, warnings = load_character_references(tmp_path, DetectSettings())
+    text = "\n".join(warnings)
+    assert "one picture under 2 characters" not in text, text
+    assert "is empty (0 bytes" in text and "is not a file (a pipe or a device)" in text
+    assert "is not a picture the workspace reads (.txt)" in text
+    assert references_fingerprint(tmp_path)["sha256"]  # read without waiting on the pipe
+
+
 def test_folders_of_one_name_written_two_ways_are_one_character(tmp_path):
     """``Zoë`` made on a Mac (decomposed) and ``Zoë`` typed in notebook 03 (composed) were two
     characters, each fitted from part of the pictures."""
@@ -447,6 +468,15 @@ def test_missing_or_empty_reference_folder_is_a_clear_error(tmp_path, cut_clip, 
     with pytest.raises(BadInputError, match=r"\(it holds 2 picture\(s\) of its own, in no sub-folder\)"):
         reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "empty")))
     assert reference_dir(tmp_path, CharactersSettings()) is None  # discovery only
+    # iPhone photos and notes only: every one left out by stage 03, after the film was decoded.
+    (tmp_path / "phone" / "alice").mkdir(parents=True)
+    (tmp_path / "phone" / "bob").mkdir()
+    for name in ("alice/IMG_1.HEIC", "bob/IMG_2.heic", "bob/notes.txt"):
+        (tmp_path / "phone" / name).write_bytes(b"x")
+    with pytest.raises(BadInputError, match=r"holds no picture bunny reads \(2 \.heic, 1 \.txt\); save the"):
+        reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "phone")))
+    (tmp_path / "phone" / "bob" / "bob.png").write_bytes(b"x")  # one picture: stage 03 reads what it can
+    assert reference_dir(tmp_path, CharactersSettings(reference_dir=str(tmp_path / "phone"))) is not None
     # Through a link or "..": the folder itself, as --characters gives it (a notebook's setting
     # of the same folder found stage 03 stale under bunny run).
     from diffusion_bunny.stages.characters.tables import configured_reference_dir

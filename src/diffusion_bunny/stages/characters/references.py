@@ -23,8 +23,8 @@ Transparent pixels are composited on neutral grey (:data:`GREY`), never read as 
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from diffusion_bunny.models.faces import (
     ReferenceSet,
     character_folders,
     dead_folder_links,
+    file_digest,
     hidden_folders,
     holds_any,
     loose_pictures,
@@ -440,6 +441,11 @@ def _check_file(path: Path) -> None:
             f"is not a picture the workspace reads ({path.suffix or 'no extension'}); if it is one, "
             f"rename it to end in .png or .jpg"
         )
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a pipe's read waits for a writer: the run hung there
+        raise ReferenceProblem("is not a file (a pipe or a device); put the picture itself here")
+    if info.st_size == 0:
+        raise ReferenceProblem("is empty (0 bytes: a download or copy that failed); copy the picture again")
 
 
 def _screened(
@@ -474,8 +480,11 @@ def _screened(
     for name, files in kept.items():
         for path in files:
             try:
-                owners.setdefault(hashlib.sha256(path.read_bytes()).digest(), []).append((name, path))
-            except OSError:
+                # Only what may be a picture: two empty files or two copies of one note were "one
+                # picture under 2 characters", and what they are went unsaid.
+                _check_file(path)
+                owners.setdefault(file_digest(path), []).append((name, path))
+            except (OSError, ReferenceProblem):
                 continue  # read again, and named, when it is loaded
     doubled: set[Path] = set()
     for group in owners.values():

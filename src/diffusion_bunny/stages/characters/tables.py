@@ -5,6 +5,7 @@ where the reference photos of the characters are (``characters.reference_dir``, 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,16 @@ def check_reference_folder(folder: Path) -> None:
             f"reference folder {folder} cannot be read ({exc.strerror or type(exc).__name__}); "
             "fix its permissions, or give another folder (characters.reference_dir or --characters)"
         ) from None
+    files = [path for paths in given.values() for path in paths]
+    if files and not any(path.suffix.lower() in REFERENCE_SUFFIXES for path in files):
+        # iPhone photos (.heic), raw files, notes: every one left out by stage 03 after stages 01
+        # and 02 had decoded the film, and the run went on with every face unknown.
+        kinds = Counter(path.suffix.lower() or "(no suffix)" for path in files)
+        shown = ", ".join(f"{n} {suffix}" for suffix, n in kinds.most_common(4))
+        raise BadInputError(
+            f"reference folder {folder} holds no picture bunny reads ({shown}); save the pictures as "
+            "JPEG, PNG or WebP (HEIC and raw photos are not read), one sub-folder per character"
+        )
     if not any(given.values()):
         loose = sum(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in folder.iterdir())
         found = f" (it holds {loose} picture(s) of its own, in no sub-folder)" if loose else ""
