@@ -886,6 +886,13 @@ def test_class_images_from_a_folder(tmp_path):
     assert [p.path.name for p in found] == ["0.png", "1.png"] and {p.text for p in found} == {
         "a photo of a cat"
     }
+    # One that does not open is one line now, naming the setting: it stopped the training at the
+    # step its batch came up, saying to rerun stage export.
+    (folder / "1.png").write_bytes(b"<html>hotlink blocked</html>")
+    with pytest.raises(
+        BadInputError, match=r"class image .*1\.png in train\.class_data_dir cannot be read \("
+    ):
+        class_images(None, cfg, 64)
     with pytest.raises(StageError, match="class images need the base model"):
         class_images(None, cfg.model_copy(update={"class_data_dir": None}), 64)
 

@@ -66,9 +66,20 @@ def read_dataset(run_dir: Path, items: pl.DataFrame) -> tuple[list[TrainImage], 
 
 
 def class_images_from_dir(folder: Path, class_prompt: str, limit: int) -> list[TrainImage]:
-    """Up to ``limit`` images of a class folder (sorted by name), captioned with the class prompt."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [TrainImage(path=p, text=class_prompt) for p in files[:limit]]
+    """Up to ``limit`` images of a class folder (sorted by name), captioned with the class prompt,
+    each header read now: one that does not open stopped the training at the step its batch came
+    up (minutes or hours in), saying to rerun stage export, which does not write this folder."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:  # PIL's errors are of many classes; each says why in its text
+            why = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise BadInputError(
+                f"class image {path} in train.class_data_dir cannot be read ({why}); remove or replace it"
+            ) from None
+    return [TrainImage(path=p, text=class_prompt) for p in files]
 
 
 # ---------------------------------------------------------------------------------------------
