@@ -1485,6 +1485,58 @@ def test_a_library_that_lost_its_id_is_one_line_not_a_new_library(tmp_path):
     path.unlink()
     other = library_key(library)  # missing, and no run knows it: a library older than its id
     assert other != key and library_key(library) == other
+    # Nothing of it there (a share not mounted, moved away) for a run that knows it: one line, and
+    # no library made again under its id, which a new movie then filled from s001.
+    library.rename(tmp_path / "unmounted")
+    with pytest.raises(
+        StageError, match=r"scene library .* is not there, though this movie was placed in it"
+    ):
+        library_key(library, known=key)
+    assert not library.exists()
+
+
+def test_a_library_table_put_back_from_an_older_copy_gives_no_id_twice(tmp_path):
+    """The damaged table's line says to put back a copy: an older one numbered the next movie's
+    places with the ids other movies had opened since (their scene tokens collided). A table
+    rewritten by hand without a column, or with vectors of another type, failed as a bug."""
+    import shutil
+
+    import numpy as np
+
+    from diffusion_bunny.stages.scenes.settings import ScenesSettings
+    from diffusion_bunny.stages.scenes.stage import _assign_library
+
+    library = tmp_path / "library"
+    library_key(library)
+    table = library / "scene_exemplars.parquet"
+    rng = np.random.default_rng(1)
+
+    def place(movie: str) -> set[str]:
+        # Two places of two frames each, a place of its own per movie (random directions).
+        base = rng.normal(size=(2, 64))
+        vectors = np.repeat(base, 2, axis=0) + 0.05 * rng.normal(size=(4, 64))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+        fids = [f"{movie}_{i}" for i in range(4)]
+        labels, *_ = _assign_library(
+            library, movie, fids, vectors, "descriptor-v1", ScenesSettings(), held=table.is_file()
+        )
+        return set(labels) - {NOISE}
+
+    first = place("m0vie00a")
+    shutil.copy(table, tmp_path / "older.parquet")
+    second = place("m0vie00b")
+    shutil.copy(tmp_path / "older.parquet", table)  # the older copy put back
+    third = place("m0vie00e")
+    assert len(first) == len(second) == len(third) == 2
+    assert not third & second and not third & first, (first, second, third)
+    # Rewritten by hand: one line naming the table, not a polars error.
+    lib = pl.read_parquet(table)
+    for spoilt in (lib.drop("space"), lib.with_columns(pl.lit(None, pl.List(pl.Float32)).alias("vector"))):
+        spoilt.write_parquet(table)
+        with pytest.raises(StageError, match=r"scene library's table .*scene_exemplars\.parquet is damaged"):
+            place("m0vie00f")
+    lib.with_columns(pl.col("vector").cast(pl.List(pl.Float64))).write_parquet(table)
+    assert len(place("m0vie00f")) == 2  # Float64 vectors are read as the Float32 they were
 
 
 def test_a_library_that_lost_its_exemplar_table_is_one_line_not_an_empty_library(scenes_run, tmp_path):

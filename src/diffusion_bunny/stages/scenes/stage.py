@@ -600,7 +600,11 @@ def _assign_library(
                 "back a copy of it, or give scenes.library_dir a new folder (its movies' scenes are then "
                 "numbered again)"
             )
-        lib = _library_table(path) if path.is_file() else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
+        lib = (
+            _library_table(path, schema=EXEMPLAR_SCHEMA)
+            if path.is_file()
+            else pl.DataFrame(schema=EXEMPLAR_SCHEMA)
+        )
         _keep_hand_made(library, made, lib)
         held = len(lib["vector"][0]) if lib.height else vectors.shape[1]
         if lib.height and (lib["space"][0] != space or held != vectors.shape[1]):
@@ -622,12 +626,18 @@ def _assign_library(
             noise_threshold=cfg.noise_threshold,
             index_min_frames=cfg.index_min_frames,
             exemplars=index,
-            first_number=next_cluster_number(
-                [
-                    *lib["cluster_id"].to_list(),
-                    *_hand_made(library),
-                    *(c.partition("/")[0] for c in made if c),
-                ]
+            # Past every number the library ever gave: a table put back from an older copy (as
+            # the damaged table's line advises) gave the next movie the ids of the places other
+            # movies had opened since, which their scene tokens still name.
+            first_number=max(
+                _noted_next_number(library),
+                next_cluster_number(
+                    [
+                        *lib["cluster_id"].to_list(),
+                        *_hand_made(library),
+                        *(c.partition("/")[0] for c in made if c),
+                    ]
+                ),
             ),
         )
         added = _exemplar_rows(
@@ -635,7 +645,7 @@ def _assign_library(
         )
         lib = pl.concat([lib, added])
         atomic_write_parquet(path, lib)
-        _note_exemplars(library, lib.height)
+        _note_exemplars(library, lib.height, next_cluster_number(lib["cluster_id"].to_list()))
     mine = lib.filter(pl.col("movie_id") == movie_id)
     return result.labels, result.similarity, mine, f"library ({added.height} new clusters)"
 
@@ -711,6 +721,16 @@ def library_key(library: Path, known: str | None = None) -> str:
     back from ``known`` (the id this run's own record holds for this library); with none known
     (a new movie, or a library used before it had an id, whose runs hold none) a new one is made."""
     path = library / LIBRARY_FILE
+    kept = (path, library / "scene_exemplars.parquet", library / HAND_MADE_FILE)
+    if known is not None and not any(p.exists() for p in kept):
+        # A library this run was placed in, now with nothing of it: a share not mounted (its
+        # empty mount point), moved or deleted. Made again here under the known id, a new movie
+        # then filled it from s001, ids the real library had given other places.
+        raise StageError(
+            f"the scene library {library} (scenes.library_dir) is not there, though this movie was "
+            "placed in it: moved, deleted, or a share not mounted; mount it, point scenes.library_dir "
+            "at it, or give a new folder (its movies' scenes are then numbered again)"
+        )
     _library_folder(library)
     with FileLock(str(library / ".library.lock"), timeout=120):
         key = library_id(library)
@@ -728,13 +748,23 @@ def library_key(library: Path, known: str | None = None) -> str:
         return key
 
 
-def _note_exemplars(library: Path, count: int) -> None:
+def _note_exemplars(library: Path, count: int, next_number: int = 1) -> None:
     """Write how many exemplars the library's table holds into ``library.json`` beside its id
     (under the library's lock, after the table): a table deleted is then known lost by any movie,
-    also one never placed in the library, which took it for a new library and started it empty."""
+    also one never placed in the library, which took it for a new library and started it empty.
+    And the next cluster number, never to go down (:func:`_noted_next_number`)."""
     record = _read_record(library / LIBRARY_FILE)
-    if record is not None and record.get("exemplars") != count:  # a damaged one: library_key's to judge
-        atomic_write_bytes(library / LIBRARY_FILE, json.dumps({**record, "exemplars": count}).encode())
+    if record is None:  # a damaged one: library_key's to judge
+        return
+    noted = {"exemplars": count, "next_number": max(next_number, _noted_next_number(library))}
+    if {k: record.get(k) for k in noted} != noted:
+        atomic_write_bytes(library / LIBRARY_FILE, json.dumps({**record, **noted}).encode())
+
+
+def _noted_next_number(library: Path) -> int:
+    """The next cluster number the library gives, as :func:`_note_exemplars` wrote it (1 before)."""
+    number = (_read_record(library / LIBRARY_FILE) or {}).get("next_number", 1)
+    return number if isinstance(number, int) and not isinstance(number, bool) else 1
 
 
 def _noted_exemplars(library: Path) -> int:
@@ -1139,7 +1169,7 @@ def _write_hand_made(library: Path, ids: list[str]) -> None:
 def _hand_made(library: Path) -> set[str]:
     """The ids of the folders people made by hand in the library's movies."""
     path = library / HAND_MADE_FILE
-    return set(_library_table(path)["cluster_id"].to_list()) if path.is_file() else set()
+    return set(_library_table(path, ["cluster_id"])["cluster_id"].to_list()) if path.is_file() else set()
 
 
 def _library_folder(library: Path) -> None:
@@ -1153,13 +1183,22 @@ def _library_folder(library: Path) -> None:
         ) from None
 
 
-def _library_table(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """A table of the shared scene library (``columns`` of it), or one line when it does not
-    read: no stage of one movie can rebuild it (every movie of the library added to it), so "run
-    again" is no answer."""
+def _library_table(
+    path: Path, columns: list[str] | None = None, schema: dict[str, Any] | None = None
+) -> pl.DataFrame:
+    """A table of the shared scene library (``columns`` of it; in ``schema``'s types, every
+    column there, when given), or one line when it does not read: no stage of one movie can
+    rebuild it (every movie of the library added to it), so "run again" is no answer. A table
+    rewritten by hand without a column, with vectors of another float type or none, failed as a
+    bug when the movie's rows were added to it."""
     try:
-        return pl.read_parquet(path, columns=columns, glob=False)
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        table = pl.read_parquet(path, columns=columns, glob=False)
+        if schema is not None:
+            table = table.select(pl.col(name).cast(dtype) for name, dtype in schema.items())
+            if "vector" in schema and table["vector"].null_count():
+                raise ValueError(f"{table['vector'].null_count()} row(s) without a vector")
+        return table
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise StageError(
             f"the scene library's table {path} is damaged ({why}); put back a copy of it, or give "
