@@ -18,7 +18,7 @@ from paths import ROOT, STAGE_ORDER
 from diffusion_bunny import logs
 from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
-from diffusion_bunny.errors import UserError
+from diffusion_bunny.errors import BadInputError, UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
 from diffusion_bunny.pipeline.runner import (
     RunOptions,
@@ -354,7 +354,7 @@ def test_stage_callable_without_papermill(cut_clip, tmp_path):
     assert stage_state(run, "extract", cfg) == ("missing", "table frames is gone")
 
 
-def test_find_movies_and_stage_lists(tmp_path):
+def test_find_movies_and_stage_lists(tmp_path, caplog):
     cfg = load_config()
     with pytest.raises(UserError, match=r"holds no video file \(looked for [^)]*\)$"):
         find_movies(tmp_path, cfg)
@@ -388,6 +388,25 @@ def test_find_movies_and_stage_lists(tmp_path):
     # phone.3gp" of itself)
     twice = [disc / "phone.3gp", disc, disc / ".." / "BDMV" / "phone.3gp"]
     assert find_movies(twice, cfg) == [disc / "phone.3gp", disc / "00001.m2ts", disc / "CLIP0001.MTS"]
+    # A shell's DIR/* runs as the folder would: subtitles, a poster and a folder without videos
+    # are passed over in one line (the folder stopped the command; each file was a failed movie).
+    show = tmp_path / "show"
+    (show / "extras").mkdir(parents=True)
+    for name in ("film.mkv", "film.srt", "poster.jpg"):
+        (show / name).write_bytes(b"")
+    given = sorted(show.iterdir())
+    with caplog.at_level("INFO", logger="diffusion_bunny.pipeline.runner"):
+        assert find_movies(given, cfg) == [show / "film.mkv"]
+    (line,) = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
+    assert line.startswith("3 of the 4 targets passed over: film.srt (not a video by its name), poster.jpg")
+    assert "extras/ (no video in it)" in line
+    # Files named otherwise alone are taken as typed; folders alone without videos are one line.
+    assert find_movies([show / "film.srt", show / "poster.jpg"], cfg) == [
+        show / "film.srt",
+        show / "poster.jpg",
+    ]
+    with pytest.raises(BadInputError, match=r"none of the 2 targets holds a video file \(extras/ \(no video"):
+        find_movies([show / "extras", show / "extras"], cfg)
     assert parse_stages(PIPELINE, None) == list(STAGE_ORDER)
     assert parse_stages(PIPELINE, "extract") == ["extract"]
     assert parse_stages(PIPELINE, "quality, extract") == ["extract", "quality"]

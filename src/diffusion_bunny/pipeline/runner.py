@@ -123,7 +123,7 @@ def find_movies(target: str | Path | Sequence[str | Path], cfg: RunConfig) -> li
     """The movie itself, or every video file directly inside a folder (sorted by name); of
     several targets (a shell's ``*.mkv``), each one's movies in their order, each file once."""
     if not isinstance(target, (str, Path)):
-        found = [movie for one in target for movie in find_movies(one, cfg)]
+        found = _movies_of_targets(list(target), cfg)
         # Once per file, however it was typed (``dir/a.mp4`` and ``dir/../dir/a.mp4``): kept apart,
         # the second was "the same file as a.mp4" of itself.
         once: dict[Path, Path] = {}
@@ -153,6 +153,45 @@ def find_movies(target: str | Path | Sequence[str | Path], cfg: RunConfig) -> li
             f"{target}: the folder holds no video file (looked for {', '.join(sorted(exts))}){hint}"
         )
     return movies
+
+
+def _movies_of_targets(targets: list[str | Path], cfg: RunConfig) -> list[Path]:
+    """The movies of several targets (a shell's ``DIR/*``), as one folder would give them: files
+    not named as videos (``run.video_extensions``: subtitles, a poster) and folders holding none
+    (``extras/``) are passed over in one line. Each was a "movie" that failed, or stopped the
+    whole command. Named files are taken whatever their names when no target gives a video by
+    its name (``bunny run a.gif b.gif``)."""
+    if len(targets) == 1:
+        return find_movies(targets[0], cfg)
+    exts = {e.lower() for e in cfg.run.video_extensions}
+    found: list[Path] = []
+    files: list[Path] = []
+    skipped: list[str] = []
+    for one in targets:
+        path = check_exists(one)
+        if path.is_file():
+            (found if path.suffix.lower() in exts else files).append(path)
+            continue
+        try:
+            found += find_movies(path, cfg)
+        except BadInputError:
+            skipped.append(f"{path.name}/ (no video in it)")
+    if not found:
+        if not files:
+            raise BadInputError(
+                f"none of the {len(targets)} targets holds a video file ({', '.join(skipped[:4])}); give "
+                "movie files or the folders that hold them"
+            )
+        return files  # only files named otherwise: taken as typed, one by one
+    skipped = [f"{p.name} (not a video by its name)" for p in files] + skipped
+    if skipped:
+        more = f" and {len(skipped) - 4} more" if len(skipped) > 4 else ""
+        say(
+            log,
+            f"{len(skipped)} of the {len(targets)} targets passed over: {', '.join(skipped[:4])}{more}; "
+            "a movie named alone runs whatever its name (run.video_extensions lists the ones taken here)",
+        )
+    return found
 
 
 #: Pictures an animation or a render is often exported as, one file per frame.
