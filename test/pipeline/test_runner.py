@@ -123,6 +123,14 @@ def test_a_copy_of_a_movie_in_the_folder_is_run_once(tmp_path, capsys):
     assert "empty1.mp4: the file is empty" in err and "empty2.mp4: the file is empty" in err
     made = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in ("report", ".locks"))
     assert made == sorted([movie_id(folder / "a.mp4"), movie_id(folder / "b.mp4")])
+    # Of one name in two folders, the folders are said: "a.mp4: the same file as a.mp4" did not
+    # say which one runs.
+    from diffusion_bunny.pipeline.runner import drop_copies
+
+    (tmp_path / "backup").mkdir()
+    shutil.copy(folder / "a.mp4", tmp_path / "backup" / "a.mp4")
+    assert drop_copies([folder / "a.mp4", tmp_path / "backup" / "a.mp4"]) == [folder / "a.mp4"]
+    assert f"{tmp_path / 'backup' / 'a.mp4'}: the same file as {folder / 'a.mp4'}" in capsys.readouterr().err
 
 
 def test_several_movies_named_on_the_command_line_run_as_a_folder(tmp_path, capsys):

@@ -241,10 +241,15 @@ def drop_copies(movies: list[Path]) -> list[Path]:
         kept.add(first)
         for copy in group:
             if copy != first:
-                _say(
-                    f"{shown(copy.name)}: the same file as {shown(first.name)} "
-                    "(size, first and last megabyte); run once"
+                # Of one name in two folders (``s1/E01.mkv``, ``backup/E01.mkv``) the folders
+                # too: "E01.mkv: the same file as E01.mkv" did not say which one runs.
+                one_name = copy.name == first.name
+                said = (
+                    (shown(str(copy)), shown(str(first)))
+                    if one_name
+                    else (shown(copy.name), shown(first.name))
                 )
+                _say(f"{said[0]}: the same file as {said[1]} (size, first and last megabyte); run once")
     return [m for m in movies if m in kept]
 
 
