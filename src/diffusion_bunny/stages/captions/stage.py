@@ -999,14 +999,14 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
         | pl.col("caption").is_null()
         | (pl.col("caption").str.strip_chars() == "")
     )
-    if edits.filter(blank).height:
-        frames = edits.filter(blank)["frame_id"].drop_nulls().head(3).to_list()
+    left = edits.filter(blank)
+    if left.height:
         log.warning(
             "%s: %d edit(s) without a caption or a frame left out (%s); edit those frames again "
             "in notebook 05",
             run.table_path("caption_edits"),
-            edits.filter(blank).height,
-            ", ".join(frames) or "no frame named",
+            left.height,
+            ", ".join(left["frame_id"].drop_nulls().head(3).to_list()) or "no frame named",
         )
         edits = edits.filter(~blank)
     return edits

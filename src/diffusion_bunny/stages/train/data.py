@@ -17,6 +17,7 @@ import polars as pl
 from PIL import Image
 
 from diffusion_bunny.errors import BadInputError, StageError
+from diffusion_bunny.models.hub import short_reason
 
 if TYPE_CHECKING:
     import torch
@@ -75,9 +76,9 @@ def class_images_from_dir(folder: Path, class_prompt: str, limit: int) -> list[T
             with Image.open(path) as image:
                 image.verify()
         except Exception as exc:  # PIL's errors are of many classes; each says why in its text
-            why = " ".join(str(exc).split())[:160] or type(exc).__name__
             raise BadInputError(
-                f"class image {path} in train.class_data_dir cannot be read ({why}); remove or replace it"
+                f"class image {path} in train.class_data_dir cannot be read ({short_reason(exc)}); "
+                "remove or replace it"
             ) from None
     return [TrainImage(path=p, text=class_prompt) for p in files]
 
