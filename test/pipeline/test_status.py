@@ -349,6 +349,30 @@ def test_a_movie_named_is_a_movie_whatever_its_extension_as_bunny_run_takes_it(t
     assert f"notes.txt  (no run folder; 0 of {len(stage_names())} stages done)" in capsys.readouterr().out
 
 
+def test_a_shells_star_lists_what_bunny_run_of_it_runs(tmp_path, capsys):
+    """``bunny status DIR/*`` takes the targets as ``bunny run DIR/*`` does: a subtitle file and a
+    poster were listed as movies that can never run, and a folder with no video (``extras/``)
+    stopped the command, while ``bunny run`` of the same targets passed them over."""
+    cfg = load_config(root=tmp_path / "noconfig")
+    movies = tmp_path / "movies"
+    (movies / "extras").mkdir(parents=True)
+    (movies / "extras" / "notes.txt").write_text("behind the scenes")
+    write_clip(movies / "a.mp4", [(21, 15, 0.0)])
+    (movies / "a.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhi\n")
+    (movies / "poster.jpg").write_bytes(b"not really a picture")
+    targets = sorted(movies.iterdir())
+    refs = resolve_runs(targets, cfg, tmp_path / "out")
+    assert [(r.movie, r.problem) for r in refs] == [("a.mp4", None)]
+    assert main(["status", *map(str, targets), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "a.mp4  (" in text and "a.srt" not in text and "poster.jpg" not in text
+    # files named otherwise alone are still each a movie as typed, and nothing at all is one line
+    [ref] = resolve_runs([movies / "a.srt", movies / "extras"], cfg)
+    assert ref.movie == "a.srt" and "holds no video stream" in ref.problem
+    with pytest.raises(UserError, match=r"none of the 2 targets .*\(extras/, extras/\)"):
+        resolve_runs([movies / "extras", movies / "extras"], cfg)
+
+
 def test_the_run_folder_of_a_movie_since_replaced_says_so_in_one_line(tmp_path, capsys):
     """A movie replaced by another file of the same name (a folder run on ``ep1.webm``, then a new
     ``ep1.webm``, run again) left its old run folder shown as "extract stale (its inputs changed

@@ -76,7 +76,7 @@ def resolve_runs(
     from diffusion_bunny.pipeline.runner import drop_copies
 
     targets = [target] if isinstance(target, (str, Path)) else list(target)
-    found = [item for one in targets for item in _scan(one, cfg)]
+    found = _scan_targets(targets, cfg)
     movies = list(dict.fromkeys(item[0] for item in found if isinstance(item, tuple)))
     kept = set(drop_copies(movies))
     # A movie whose run folder the targets hold already (``bunny run FOLDER --out FOLDER``) is
@@ -174,6 +174,37 @@ def _scan(target: str | Path, cfg: RunConfig) -> list[RunRef | tuple[Path, bool]
         f"{target}: neither a run folder (with run.json), a folder of run folders, a movie nor a folder "
         "of movies; give one of those"
     )
+
+
+def _scan_targets(targets: list[str | Path], cfg: RunConfig) -> list[RunRef | tuple[Path, bool]]:
+    """What several targets (a shell's ``DIR/*``) hold, as ``bunny run`` takes them
+    (``runner._movies_of_targets``): a file not named as a video (subtitles, a poster) and a
+    folder that holds neither run folders nor movies (``extras/``) are passed over when another
+    target gives something. Each file was a movie refused, and such a folder stopped the command,
+    while ``bunny run`` of the same targets ran."""
+    if len(targets) == 1:
+        return _scan(targets[0], cfg)
+    exts = {e.lower() for e in cfg.run.video_extensions}
+    found: list[RunRef | tuple[Path, bool]] = []
+    files: list[RunRef | tuple[Path, bool]] = []
+    folders: list[Path] = []
+    for one in targets:
+        path = check_exists(one)
+        if path.is_file() and path.suffix.lower() not in exts:
+            files.append((path, True))
+            continue
+        try:
+            found += _scan(path, cfg)
+        except BadInputError:
+            folders.append(path)
+    if not found:
+        if not files:
+            raise BadInputError(
+                f"none of the {len(targets)} targets is a run folder, a movie or a folder of either "
+                f"({', '.join(p.name + '/' for p in folders[:4])}); give one of those"
+            )
+        return files  # only files named otherwise: each a movie as typed, as bunny run takes them
+    return found
 
 
 def run_status(
