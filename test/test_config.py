@@ -19,7 +19,7 @@ from diffusion_bunny.config import (
     text_setting,
 )
 from diffusion_bunny.errors import ConfigError
-from diffusion_bunny.paths import project_root, workspace_root
+from diffusion_bunny.paths import file_sha256, project_root, workspace_root
 from diffusion_bunny.pipeline.runner import overrides_from_args
 from diffusion_bunny.stages.captions.providers import load_dotenv_once
 
@@ -650,3 +650,20 @@ def test_a_number_with_an_exponent_is_a_number(tmp_path):
     with pytest.raises(ConfigError, match="fractional part"):
         load_config(None, ["train.max_train_steps=1.55e1"], use_local=False)
     assert load_config(None, ["captions.trigger_word=1e4"], use_local=False).captions.trigger_word == "1e4"
+
+
+def test_one_content_hash_for_every_key_that_names_a_file_by_its_bytes(tmp_path):
+    """References, latent caches and model files are keyed by one chunked sha256: a file over
+    several chunks hashes as the whole file does, and the three keys agree with it."""
+    import hashlib
+
+    from diffusion_bunny.models.faces import file_digest
+    from diffusion_bunny.stages.train.data import file_hash
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (5 * 4096 + 7))  # 5 MiB and a piece: several chunks
+    whole = hashlib.sha256(big.read_bytes()).hexdigest()
+    assert file_sha256(big) == whole
+    assert file_digest(big) == bytes.fromhex(whole) and file_hash(big) == whole[:24]
+    big.write_bytes(big.read_bytes()[:-1] + b"x")  # one byte changed at the end
+    assert file_sha256(big) != whole

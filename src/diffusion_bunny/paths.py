@@ -8,6 +8,7 @@ import it back.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
@@ -56,6 +57,17 @@ def local_model_path(name: str) -> Path:
 #: Files and folders the operating system leaves beside a user's own (a zip made on a Mac holds
 #: ``__MACOSX/``; Windows writes ``Thumbs.db`` and ``desktop.ini`` into folders it shows).
 _CLUTTER = {"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin"}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hex, read a MiB at a time: a reference folder holding a film,
+    or a multi-gigabyte model file, is not read whole into memory. One function for every key that
+    names a file by its content (references, latent caches, model files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_clutter(name: str) -> bool:

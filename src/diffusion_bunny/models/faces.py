@@ -41,7 +41,7 @@ from diffusion_bunny.media.probe import is_text, shown
 from diffusion_bunny.models import dlib_faces as fr
 from diffusion_bunny.models.face_common import Detection, FaceDetectorSettings
 from diffusion_bunny.models.face_detect import make_detector, settings_of
-from diffusion_bunny.paths import is_clutter
+from diffusion_bunny.paths import file_sha256, is_clutter
 from diffusion_bunny.registry import FACE_DETECTORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".avif", ".tif", ".tiff")
@@ -333,11 +333,7 @@ def file_digest(path: Path) -> bytes:
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         return f"not a file {stat.S_IFMT(info.st_mode)}".encode()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.digest()
+    return bytes.fromhex(file_sha256(path))
 
 
 def reference_images(ref_dir: Path) -> dict[str, list[Path]]:

@@ -21,7 +21,6 @@ process, or raises :class:`~diffusion_bunny.errors.ModelError` naming ``quality.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 
 from diffusion_bunny.codegraph import code_hash
 from diffusion_bunny.errors import ModelError
+from diffusion_bunny.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def model_path() -> Path:
 
 @cache
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 _LOCK = threading.Lock()

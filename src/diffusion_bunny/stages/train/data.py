@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffusion_bunny.errors import BadInputError, StageError
 from diffusion_bunny.models.hub import short_reason
+from diffusion_bunny.paths import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -201,11 +202,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def file_hash(path: Path) -> str:
     """sha256 of a file's bytes (the latent cache key: a changed image is encoded again)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:24]
+    return file_sha256(path)[:24]
 
 
 def epoch_batches(
