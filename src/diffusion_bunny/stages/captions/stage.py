@@ -1000,7 +1000,7 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
         | (pl.col("caption").str.strip_chars() == "")
     )
     left = edits.filter(blank)
-    if left.height:
+    if left.height and _first_time_said(run.table_path("caption_edits")):
         log.warning(
             "%s: %d edit(s) without a caption or a frame left out (%s); edit those frames again "
             "in notebook 05",
@@ -1008,8 +1008,25 @@ def read_edits(run_dir: str | Path) -> pl.DataFrame:
             left.height,
             ", ".join(left["frame_id"].drop_nulls().head(3).to_list()) or "no frame named",
         )
-        edits = edits.filter(~blank)
-    return edits
+    return edits.filter(~blank) if left.height else edits
+
+
+#: The versions of ``caption_edits`` whose blank rows were said (:func:`_first_time_said`).
+_SAID: set[tuple[str, int, int]] = set()
+
+
+def _first_time_said(path: Path) -> bool:
+    """Whether the blank rows of this version of the table (path, size, time) are still to be said:
+    one run of stage 05 reads the edits three times, and the line came three times."""
+    try:
+        info = path.stat()
+    except OSError:
+        return True
+    version = (str(path), info.st_size, info.st_mtime_ns)
+    if version in _SAID:
+        return False
+    _SAID.add(version)
+    return True
 
 
 def edit_caption(run_dir: str | Path, frame_id: str, caption: str) -> pl.DataFrame:
