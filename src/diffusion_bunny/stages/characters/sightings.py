@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.stages.characters.settings import CharactersSettings
 from diffusion_bunny.stages.characters.stage import check_name, known_names, read_appearance_edits
@@ -37,7 +38,14 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
     # The name as the run spells it (``Fat Bat`` for the folder ``fat bat``, as add_still and
     # fix_appearance take it: an empty strip said nothing), and no sighting a person has fixed
     # already (one fixed to none of the characters was offered again once min_score rose).
-    name = check_name(name, known_names(run, characters))
+    known = known_names(run, characters)
+    name = check_name(name, known)
+    if name not in known and name not in set(detections["label"].drop_nulls().to_list()):
+        # A name mistyped gave an empty strip, read as "no likely sighting of it".
+        raise UserError(
+            f"{name!r} is no character of {run.run_dir} (its characters: "
+            f"{', '.join(sorted(known)) or 'none'}); type one of those"
+        )
     # A fix follows its box, as stage 03 applies it (an id is a sighting's place in its frame,
     # which a refit can renumber), to the detections whether or not ``faces`` still shows them.
     targets = edit_targets(detections, read_appearance_edits(run.run_dir)).values()

@@ -1040,6 +1040,9 @@ def known_names(run: Run, characters: CharactersSettings | None = None) -> set[s
     names = (
         set(run.read_table("faces")["character"].drop_nulls().to_list()) if run.has_table("faces") else set()
     )
+    # The names of fixes waiting for their frame (stage 02 left it out for a run): "pianist"
+    # typed then was a second character beside the waiting "Pianist" once the frame came back.
+    names |= set(read_appearance_edits(run.run_dir)["character"].drop_nulls().to_list())
     folders = [run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)]
     if characters is None:
         read = ((run.read_manifest("characters") or {}).get("facts") or {}).get("reference_dir")
@@ -1224,7 +1227,7 @@ def add_still(
     rgb = read_rgb(path)
     if rgb is None:
         raise UserError(f"frame file {path} cannot be read; rerun stage extract with --force")
-    left, top, right, bottom = (int(v) for v in box)
+    left, top, right, bottom = _box_of(box, frame_id)
     height, width = rgb.shape[:2]
     left, top, right, bottom = max(0, left), max(0, top), min(width, right), min(height, bottom)
     if min(right - left, bottom - top) < MIN_SUBJECT_PX:
@@ -1321,7 +1324,8 @@ def promote_cluster(
     re-labels the run."""
     name = check_name(name, known_names(run, cfg.characters))
     faces = run.read_table("faces")
-    members = faces.filter(pl.col("cluster") == cluster)
+    # A cluster typed as None or a number: no cluster, said below (compared, polars warned first).
+    members = faces.filter(pl.col("cluster") == cluster) if isinstance(cluster, str) else faces.clear()
     if members.height == 0:
         known = sorted(c for c in faces["cluster"].unique().to_list() if c)
         raise UserError(
@@ -1355,6 +1359,19 @@ def promote_cluster(
             f"{target} by hand"
         )
     return written, members
+
+
+def _box_of(box: Any, frame_id: str) -> tuple[int, int, int, int]:
+    """A still's box as four whole pixels (left, top, right, bottom): a box typed as text or with
+    a value missing was a ValueError naming nothing."""
+    try:
+        left, top, right, bottom = (round(float(v)) for v in box)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(
+            f"the box {box!r} for frame {frame_id} is not four numbers (left, top, right, bottom in the "
+            "frame's pixels); draw it with notebook 03's still picker or type four numbers"
+        ) from None
+    return left, top, right, bottom
 
 
 def name_cluster(
