@@ -765,18 +765,10 @@ def compute(ctx: Context) -> StageOutput:
         fitted_facts["appearances"] = int((faces["kind"] == "drawn").sum())
         facts["fitted"] = fitted_facts
     if hub is not None:
-        drawn = faces.filter(pl.col("kind") == "drawn")
-        facts["hub"] = {
-            "key": hub[0],
-            "appearances": drawn.height,
-            "named": int(drawn["character"].is_not_null().sum()),
-            "clusters": int(drawn["cluster"].drop_nulls().n_unique()),
-            "noise": int((drawn["character"].is_null() & drawn["cluster"].is_null()).sum()),
-        }
+        facts["hub"] = _hub_facts(faces, hub[0])
     references = {**refs.counts(), **{n: len(v) for n, v in pictures.cutouts.items()}}
-    missed = characters_not_found(faces, references)
     facts.update(
-        characters_not_found=missed,
+        characters_not_found=characters_not_found(faces, references),
         reference_dir=str(ref_dir) if ref_dir else None,
         reference_files=refs.files,
         references_taken=taken_facts(run_dir, pictures),
@@ -793,8 +785,9 @@ def compute(ctx: Context) -> StageOutput:
         tables={"faces": faces, "face_frames": face_frames, "detections": detections},
         counts=_counts(faces, scan, failed.height, references, edits),
         warnings=warnings
-        + not_found_warnings(missed, fitted_facts.get("not_in_film", ()))
-        + nothing_found_warnings(faces.height, scan.height, len(pictures.cutouts), cfg.backend),
+        + _found_warnings(
+            ctx.previous, faces, references, facts, (scan.height, len(pictures.cutouts), cfg.backend)
+        ),
         facts=facts,
         # Fixes saved while the stage ran are read again under the tables' locks.
         merge=lambda tables: {
@@ -802,6 +795,67 @@ def compute(ctx: Context) -> StageOutput:
             "faces": apply_appearance_edits(tables["faces"], _fixes(run_dir, ref_dir)),
         },
     )
+
+
+def _hub_facts(faces: pl.DataFrame, key: str) -> dict[str, Any]:
+    """What the hub backend found, for the manifest: its key and its drawn appearances' counts."""
+    drawn = faces.filter(pl.col("kind") == "drawn")
+    return {
+        "key": key,
+        "appearances": drawn.height,
+        "named": int(drawn["character"].is_not_null().sum()),
+        "clusters": int(drawn["cluster"].drop_nulls().n_unique()),
+        "noise": int((drawn["character"].is_null() & drawn["cluster"].is_null()).sum()),
+    }
+
+
+def _found_warnings(
+    previous: dict[str, Any] | None,
+    faces: pl.DataFrame,
+    references: dict[str, int],
+    facts: dict,
+    searched: tuple[int, int, str],
+) -> list[str]:
+    """The run's lines on whom it found: characters with pictures named nowhere, nobody found at
+    all (``searched``: the frames searched, the drawn characters with pictures, the backend), and
+    fixes by hand naming a character whose pictures are gone."""
+    return (
+        not_found_warnings(facts["characters_not_found"], (facts.get("fitted") or {}).get("not_in_film", ()))
+        + nothing_found_warnings(faces.height, *searched)
+        + fixes_without_pictures(previous, faces, references, facts)
+    )
+
+
+def fixes_without_pictures(
+    previous: dict[str, Any] | None, faces: pl.DataFrame, references: dict[str, int], facts: dict[str, Any]
+) -> list[str]:
+    """A line for the appearances fixed by hand to a character whose reference pictures the last
+    run had and this one has not (its folder renamed or removed). The fixes keep their name, as a
+    name given by a fix alone is a character too, and the run said nothing: after a rename one
+    person was two characters, and after a removal a fixed face kept a name nobody else had.
+    Such names are kept in ``facts.fixed_names_without_pictures`` and said on every run until
+    their pictures are back or the fixes name someone else. ``previous``: the stage's manifest of
+    its last run."""
+    last = (previous or {}).get("facts") or {}
+    taken = last.get("references_taken") or []
+    before = {t.get("character") for t in taken if isinstance(t, dict) and not t.get("problem")}
+    before |= set(last.get("fixed_names_without_pictures") or ())
+    now = {name for name, count in references.items() if count}
+    fixed = faces.filter(pl.col("edited").fill_null(False) & pl.col("character").is_not_null())
+    gone = [
+        (name, n) for name, n in fixed.group_by("character").len().sort("character").iter_rows()
+        if name in before - now
+    ]  # fmt: skip
+    facts["fixed_names_without_pictures"] = [name for name, _ in gone]
+    if not gone:
+        return []
+    listed = ", ".join(f"{name} ({n})" for name, n in gone)
+    where = facts.get("reference_dir") or "the reference folder"
+    return [
+        f"appearances fixed by hand name characters whose reference pictures are gone since an earlier "
+        f"run: {listed}; give the folder its old name back in {where}, or fix those appearances "
+        "again in notebook 03"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
