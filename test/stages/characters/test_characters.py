@@ -52,6 +52,7 @@ from diffusion_bunny.stages.characters.stage import (
     nothing_found_warnings,
     promote_cluster,
     read_appearance_edits,
+    undo_fix,
 )
 from diffusion_bunny.stages.characters.tables import (
     DETECTIONS_SCHEMA,
@@ -1767,3 +1768,44 @@ def test_fixes_naming_a_character_whose_pictures_are_gone_are_said_until_mended(
     manifest = run.read_manifest("characters")
     assert not any("pictures are gone" in w for w in manifest["warnings"])
     assert manifest["facts"]["fixed_names_without_pictures"] == []
+
+
+def test_a_fix_made_by_mistake_is_taken_back_and_the_face_is_in_its_cluster_again(demo_run, tmp_path):
+    """A face marked a false sighting by mistake stayed out of its cluster after every rerun: a
+    fix could only be replaced by another fix. undo_fix (and the fixer's **undo fix**) takes the
+    appearance's fixes back and labels the run again."""
+    from diffusion_bunny.stages.characters.plots import UNKNOWN
+    from diffusion_bunny.stages.characters.widgets import AppearanceFixer
+
+    run = _copy(demo_run, tmp_path)
+    cfg = _cfg(tmp_path)
+    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
+    clustered = faces.filter(pl.col("cluster").is_not_null())
+    first, second = clustered.row(0, named=True), clustered.row(1, named=True)
+    fix_appearance(run.run_dir, first["face_id"], None, cfg.characters)  # by mistake, twice over
+    fix_appearance(run.run_dir, first["face_id"], "nobody_really", cfg.characters)
+    fix_appearance(run.run_dir, second["face_id"], "grace", cfg.characters)
+    again = run_stage(run, "characters", cfg, progress=False, force=True)["faces"]
+    assert again.filter(pl.col("face_id") == first["face_id"])["cluster"][0] is None  # a fix holds
+    back = undo_fix(run.run_dir, first["face_id"], cfg)
+    row = back.filter(pl.col("face_id") == first["face_id"]).row(0, named=True)
+    assert (row["character"], row["cluster"], row["edited"]) == (None, first["cluster"], False)
+    # the other appearance's fix is untouched, and the undo holds through a rerun
+    assert back.filter(pl.col("edited"))["face_id"].to_list() == [second["face_id"]]
+    assert read_appearance_edits(run.run_dir)["face_id"].to_list() == [second["face_id"]]
+    rerun = run_stage(run, "characters", cfg, progress=False, force=True)["faces"]
+    assert rerun.filter(pl.col("face_id") == first["face_id"])["cluster"][0] == first["cluster"]
+    with pytest.raises(UserError, match=f"appearance {first['face_id']} has no fix to undo"):
+        undo_fix(run.run_dir, first["face_id"], cfg)
+    with pytest.raises(UserError, match="appearance nope_00 is not in the faces table"):
+        undo_fix(run.run_dir, "nope_00", cfg)
+    # The fixer's button: the number on grace's strip, back to unknown in its cluster.
+    fixer = AppearanceFixer(run, cfg)
+    fixer.show("grace")
+    assert fixer.unfix("grace", 1) is not None
+    assert (
+        f"fixes of {second['face_id']} taken back: it is now <b>{second['cluster']}</b>" in fixer.status.value
+    )
+    assert "grace" not in fixer.character.options and UNKNOWN in fixer.character.options
+    assert fixer.unfix(UNKNOWN, 999) is None and "has no appearance #999" in fixer.status.value
+    assert AppearanceFixer(run).unfix(UNKNOWN, 1) is None

@@ -106,6 +106,7 @@ from diffusion_bunny.stages.characters.tables import (
     apply_appearance_edits,
     character_counts,
     edit_targets,
+    fixes_of,
     kept_by_id,
     naming_dir,
     reference_dir,
@@ -925,6 +926,34 @@ def fix_appearance(
     if fixed["character"] not in (None, name):
         _unpromote(promoted_picture(run, characters, face_id, fixed["character"]))
     return faces
+
+
+def undo_fix(run_dir: str | Path, face_id: str, cfg: RunConfig) -> pl.DataFrame:
+    """Take back every fix of appearance ``face_id`` and label the run again (detections are
+    reused: seconds), so the appearance is what stage 03 makes of it: named by its references, or
+    unknown in its cluster. Returns the updated ``faces`` table. ``cfg``: the run's settings (the
+    notebook's ``cfg``).
+
+    Why: a fix is re-applied after every rerun, and a fix made by mistake (a face marked a false
+    sighting, a name given to the wrong face) could only be replaced by another fix: none gave
+    the appearance back to its cluster, where naming the cluster names it. The fixes are removed
+    from ``appearance_edits`` (its backup keeps the version before); a reference picture that an
+    earlier fix took away is not put back."""
+    run = Run.open(Path(run_dir))
+    with run.lock(f"undoing the fix of {face_id}", cfg.pipeline.lock_stale_s):
+        with run.commit("appearance_edits", "faces", by_hand=True) as tables:
+            faces = run.read_table("faces") if run.has_table("faces") else None
+            if faces is None or face_id not in set(faces["face_id"].to_list()):
+                raise UserError(
+                    f"appearance {face_id} is not in the faces table of {run.run_dir}; "
+                    "pick one from notebook 03's strip"
+                )
+            edits = read_appearance_edits(run.run_dir)
+            mine = fixes_of(faces, edits, face_id)
+            if not mine.any():
+                raise UserError(f"appearance {face_id} has no fix to undo (fixes show in notebook 03)")
+            tables["appearance_edits"] = edits.filter(~mine)
+        return run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
 
 
 def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: str, name: str) -> Path | None:

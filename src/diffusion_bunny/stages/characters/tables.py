@@ -157,6 +157,14 @@ def edit_targets(faces: pl.DataFrame, edits: pl.DataFrame | None) -> dict[tuple,
     return targets
 
 
+def fixes_of(faces: pl.DataFrame, edits: pl.DataFrame, face_id: str) -> pl.Series:
+    """Which rows of ``edits`` go to appearance ``face_id`` of ``faces`` (:func:`edit_targets`),
+    as a boolean column: the fixes an undo takes back."""
+    targets = edit_targets(faces, edits)
+    anchors = with_edit_columns(edits).select(_ANCHOR).iter_rows()
+    return pl.Series([targets.get(anchor) == face_id for anchor in anchors], dtype=pl.Boolean)
+
+
 def kept_by_id(edits: pl.DataFrame) -> bool:
     """Whether ``edits`` (with every column) hold a fix kept by its id alone, without its box."""
     return bool((edits["frame_id"].is_null() | edits["left"].is_null()).any())

@@ -23,7 +23,13 @@ from diffusion_bunny.models.face_detect import detector_names
 from diffusion_bunny.pipeline.run import Run
 from diffusion_bunny.pipeline.settings import RunConfig
 from diffusion_bunny.stages.characters.sightings import likely_sightings
-from diffusion_bunny.stages.characters.stage import add_still, fix_appearance, name_cluster, promoted_picture
+from diffusion_bunny.stages.characters.stage import (
+    add_still,
+    fix_appearance,
+    name_cluster,
+    promoted_picture,
+    undo_fix,
+)
 from diffusion_bunny.stages.characters.tables import naming_dir
 
 
@@ -195,7 +201,9 @@ class AppearanceFixer:
 
     def __init__(self, run: Run, cfg: RunConfig | None = None, *, per_page: int = 24):
         self.run = run
-        #: The run's settings: a name typed is spelt as a character of ``characters.reference_dir``.
+        #: The run's settings: a name typed is spelt as a character of ``characters.reference_dir``;
+        #: **undo fix** labels the run again with them.
+        self.cfg = cfg
         self.characters = cfg.characters if cfg is not None else None
         self.per_page = max(1, per_page)
         #: The character whose strip is shown, and its page (0: the first).
@@ -210,6 +218,7 @@ class AppearanceFixer:
         self.face = widgets.HTML()
         self.new_name = widgets.Text(placeholder="right name (empty: none of them)")
         self.button = widgets.Button(description="fix", icon="check", layout=widgets.Layout(width="90px"))
+        self.undo = widgets.Button(description="undo fix", icon="undo", layout=widgets.Layout(width="110px"))
         self.status = widgets.HTML()
         self._drawing = False  # the number box set while a strip is drawn turns no page
         self.character.observe(lambda change: self.show(change["new"], page=0), names="value")
@@ -217,12 +226,13 @@ class AppearanceFixer:
         self.next.on_click(lambda _: self.turn(1))
         self.number.observe(lambda change: self._typed(change["new"]), names="value")
         self.button.on_click(lambda _: self.fix(self.character.value, self.number.value, self.new_name.value))
+        self.undo.on_click(lambda _: self.unfix(self.character.value, self.number.value))
         self.widget = widgets.VBox(
             [
                 self.character,
                 widgets.HBox([self.previous, self.next, self.part]),
                 self.image,
-                widgets.HBox([self.number, self.new_name, self.button]),
+                widgets.HBox([self.number, self.new_name, self.button, self.undo]),
                 self.face,
                 self.status,
             ]
@@ -358,6 +368,31 @@ class AppearanceFixer:
                 "removed" if not picture.exists() else "kept (the character's only picture, or not writable)"
             )
             self.status.value += f"; its picture among {html.escape(was)}'s references {gone}"
+        self.refresh()
+        return faces
+
+    def unfix(self, character: str, number: int) -> pl.DataFrame | None:
+        """Take back the fixes of appearance ``number`` of ``character``'s strip, as it was drawn
+        (as **undo fix** does; :func:`~.stage.undo_fix`): the run is labelled again and the
+        appearance is what stage 03 makes of it. The updated faces table, or None after a user
+        error (shown). A face marked a false sighting by mistake is in the ``unknown`` strip."""
+        shown = self.shown.get(character) or self.members(character)["face_id"].to_list()
+        if not 1 <= number <= len(shown):
+            self.status.value = _error(f"{character} has no appearance #{number}")
+            return None
+        if self.cfg is None:
+            self.status.value = _error("undo needs the run's settings: AppearanceFixer(run, cfg)")
+            return None
+        face_id = shown[number - 1]
+        self.status.value = f"labelling the run again without the fixes of {face_id} ..."
+        try:
+            faces = undo_fix(self.run.run_dir, face_id, self.cfg)
+        except UserError as exc:
+            self.status.value = _error(str(exc))
+            return None
+        row = faces.filter(pl.col("face_id") == face_id)
+        now = "gone from the faces table" if row.is_empty() else (row["character"][0] or row["cluster"][0])
+        self.status.value = f"fixes of {face_id} taken back: it is now <b>{html.escape(now or 'unknown')}</b>"
         self.refresh()
         return faces
 
