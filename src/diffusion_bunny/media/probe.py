@@ -126,7 +126,7 @@ def check_utf8_name(path: str | Path, what: str = "the movie") -> None:
 
 
 def _picture_duration(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path | None = None
 ) -> float | None:
     """The picture's own length in seconds, or None where the file does not say.
 
@@ -151,9 +151,50 @@ def _picture_duration(
         # from 0 here (FFmpeg's does; mkvmerge starts its tracks at 0).
         whole_s = container.duration / av.time_base
         own = _tagged_seconds(stream, whole_s)
+        if own is None and path is not None and len(container.streams) > 1:
+            own = _untagged_picture_end(path, stream.index, whole_s)
         end_s = own if own is not None and own > start_s else whole_s
         return end_s - start_s
     return container.duration / av.time_base - start_s
+
+
+#: How much of a Matroska file's end is read for its picture's last packet (seconds).
+TAIL_S = 10.0
+
+
+def _untagged_picture_end(path: Path, index: int, whole_s: float) -> float | None:
+    """Where a Matroska picture without a ``DURATION`` tag ends (mkvmerge with
+    ``--disable-track-statistics-tags``, older mkvmerge, GStreamer), read from the packets of the
+    file's last :data:`TAIL_S`: the picture's last packet, where another track runs to the file's
+    end and the picture stops more than a second before it. None otherwise: a file cut short
+    stops every track early, and its lost end is still said. Why: the Segment's duration is the
+    longest track's, and 3 s of picture with 10 s of sound were "the last 6.2 s (62%) lost; the
+    file is truncated or corrupt" while every frame was read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    picture, other = _tail_ends(str(path), stat.st_size, stat.st_mtime_ns, index, whole_s)
+    if picture is None or other is None or other < whole_s - 1.0 or picture > whole_s - 1.0:
+        return None
+    return picture
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_ends(path: str, size: int, mtime_ns: int, index: int, whole_s: float) -> tuple[float | None, ...]:
+    """The end (seconds) of the last packet of stream ``index`` and of any other stream, in the
+    last :data:`TAIL_S` of the file (read without decoding, in a container of its own; kept per
+    file for the process, as every stage probes the movie)."""
+    ends: dict[bool, float] = {}
+    with contextlib.suppress(av.error.FFmpegError, OSError), av.open(path, metadata_errors="ignore") as c:
+        c.seek(int(max(0.0, whole_s - TAIL_S) * av.time_base))
+        for packet in c.demux():
+            if packet.pts is None or packet.time_base is None:
+                continue
+            end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            own = packet.stream.index == index
+            ends[own] = max(ends.get(own, end), end)
+    return ends.get(True), ends.get(False)
 
 
 #: A declared rate at or above this is a time base (Matroska's 1 ms, FLV's), not a film's.
@@ -344,7 +385,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             what = "only a cover picture" if container.streams.video else "no video stream"
             raise _fail(path, f"holds {what} (audio only, or not a movie)")
         ctx = stream.codec_context
-        duration_s = _picture_duration(container, stream)
+        duration_s = _picture_duration(container, stream, path)
         first_frame = _first_frame(container, stream)
         if isinstance(first_frame, av.error.FFmpegError):
             reason = first_frame.strerror or first_frame

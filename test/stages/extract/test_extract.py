@@ -664,6 +664,19 @@ def test_a_film_alone_in_its_file_starting_late_loses_nothing(tmp_path, containe
     assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
     reader = VideoReader(path)
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+    # Without the tags (mkvmerge --disable-track-statistics-tags, GStreamer): the picture's own
+    # last packet tells. The tags' names are spoilt in place, so the file stays whole.
+    untagged = tmp_path / "untagged.mkv"
+    untagged.write_bytes(path.read_bytes().replace(b"DURATION", b"DURATIOX"))
+    assert probe_video(untagged).duration_s == pytest.approx(2.0, abs=0.1)
+    reader = VideoReader(untagged)
+    assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+    # A file cut short stops every track early: its lost end is still said.
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(untagged.read_bytes()[: untagged.stat().st_size * 2 // 5])
+    reader = VideoReader(cut)
+    list(reader.frames())
+    assert "truncated or corrupt" in (reader.loss_message() or "")
 
 
 def test_a_recording_that_begins_partway_through_a_group_of_pictures_says_what_it_lost(tmp_path):
