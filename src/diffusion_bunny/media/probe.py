@@ -262,6 +262,7 @@ def _frame_rate(
     matroska: bool,
     duration_s: float | None,
     raw: bool = False,
+    gif: bool = False,
 ) -> float:
     """The picture's mean frames a second, which every window in seconds that stage 01 counts
     in frames (a keyframe's window, the shortest shot, a shot clip) needs.
@@ -286,6 +287,11 @@ def _frame_rate(
         # stream's own timing (the rate ``ffmpeg`` encodes it on at) is the guessed rate. A 29.97
         # camera file read at 25 made every shot a fifth too long, and its EDL 25 fps.
         return _standard(float(stream.guessed_rate))
+    if gif and stream.frames and duration_s:
+        # A GIF times each frame by its own delay, and FFmpeg's average rate is its guess from the
+        # first ones: 50/3 for a GIF of 47 frames in 3.12 s (15.1 a second), so every window
+        # stage 01 counts in frames was a tenth off.
+        return stream.frames / duration_s
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     declared = float(rate) if rate else 0.0
     if stream.frames:
@@ -402,7 +408,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             )
         rotation, mirrored = display_turn(first_frame, ctx.name)
         name = container.format.name
-        fps = _frame_rate(path, stream, "matroska" in name, duration_s, name in RAW_STREAMS)
+        fps = _frame_rate(path, stream, "matroska" in name, duration_s, name in RAW_STREAMS, name == "gif")
         if not fps or not math.isfinite(fps):
             fps = 25.0
         sar, warnings = _sample_aspect(path, stream)

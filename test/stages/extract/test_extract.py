@@ -664,19 +664,6 @@ def test_a_film_alone_in_its_file_starting_late_loses_nothing(tmp_path, containe
     assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
     reader = VideoReader(path)
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
-    # Without the tags (mkvmerge --disable-track-statistics-tags, GStreamer): the picture's own
-    # last packet tells. The tags' names are spoilt in place, so the file stays whole.
-    untagged = tmp_path / "untagged.mkv"
-    untagged.write_bytes(path.read_bytes().replace(b"DURATION", b"DURATIOX"))
-    assert probe_video(untagged).duration_s == pytest.approx(2.0, abs=0.1)
-    reader = VideoReader(untagged)
-    assert len(list(reader.frames())) == 50 and reader.loss_message() is None
-    # A file cut short stops every track early: its lost end is still said.
-    cut = tmp_path / "cut.mkv"
-    cut.write_bytes(untagged.read_bytes()[: untagged.stat().st_size * 2 // 5])
-    reader = VideoReader(cut)
-    list(reader.frames())
-    assert "truncated or corrupt" in (reader.loss_message() or "")
 
 
 def test_a_recording_that_begins_partway_through_a_group_of_pictures_says_what_it_lost(tmp_path):
@@ -752,6 +739,19 @@ def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_pat
     assert probe_video(path).duration_s == pytest.approx(2.0, abs=0.1)
     reader = VideoReader(path)
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+    # Without the tags (mkvmerge --disable-track-statistics-tags, GStreamer): the picture's own
+    # last packet tells. The tags' names are spoilt in place, so the file stays whole.
+    untagged = tmp_path / "untagged.mkv"
+    untagged.write_bytes(path.read_bytes().replace(b"DURATION", b"DURATIOX"))
+    assert probe_video(untagged).duration_s == pytest.approx(2.0, abs=0.1)
+    reader = VideoReader(untagged)
+    assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+    # A file cut short stops every track early: its lost end is still said.
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(untagged.read_bytes()[: untagged.stat().st_size * 4 // 5])
+    reader = VideoReader(cut)
+    list(reader.frames())
+    assert "truncated or corrupt" in (reader.loss_message() or "")
 
 
 def _glitched_clip(tmp_path, start: int | None = None, size: int = 2048):
@@ -1147,6 +1147,40 @@ def test_an_animated_gif_is_measured_from_its_picture_not_its_bgra_bytes(tmp_pat
     for shot in shots.iter_rows(named=True):
         assert (shot["box_left"], shot["box_right"]) == (0, 160)
         assert 10 <= shot["box_top"] <= 14 and 82 <= shot["box_bottom"] <= 86, shot
+
+
+def test_a_gifs_rate_is_its_frames_over_its_length_not_ffmpegs_guess(tmp_path):
+    """A GIF times each frame by its own delay; FFmpeg's average rate is a guess from its first
+    frames (100/7 here, 50/3 for a 15 fps GIF made by ffmpeg), and stage 01 counted its windows
+    in frames with it."""
+    frames = [Image.fromarray(np.full((40, 60, 3), i * 12, np.uint8)) for i in range(20)]
+    path = tmp_path / "delays.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[60] * 5 + [80] * 15)
+    info = probe_video(path)
+    assert info.duration_s == pytest.approx(1.5) and info.fps == pytest.approx(20 / 1.5)
+
+
+def test_a_variable_rate_films_last_shot_ends_with_the_film(tmp_path):
+    """The last frame was given the film's mean frame length (1/17 s here), not its own (1/30 s):
+    the last shot ended after the picture did."""
+    from clips import render_shot
+
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, img in enumerate([*render_shot(3, 40, 160, 96, 1.0), *render_shot(5, 40, 160, 96, 1.0)]):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+            pts += 100 if 20 <= i < 50 else 33  # a slow stretch in the middle
+        out.mux(stream.encode(None))
+    info = probe_video(path)
+    assert info.fps < 20  # the mean rate: 80 frames in 4.65 s
+    shots = extract_frames(path, cfg(), tmp_path / "run", progress=False).tables["shots"]
+    assert shots["end_s"].max() == pytest.approx(info.duration_s)
 
 
 def _joined_recording(tmp_path):

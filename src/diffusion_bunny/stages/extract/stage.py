@@ -330,15 +330,27 @@ class _ShotAssembler:
         elif self.interval_best is not None and cand.sharp > self.interval_best.sharp:
             self.interval_best = cand
 
-    def finish(self, last_index: int, last_time: float, fps: float, duration_s: float | None = None) -> None:
+    def finish(
+        self,
+        last_index: int,
+        last_time: float,
+        fps: float,
+        duration_s: float | None = None,
+        picture_end_s: float | None = None,
+    ) -> None:
         """Close the last shot at the end of the movie, then give every shot its picture box.
         ``duration_s``: the movie's length, where the last frame decoded is not its end (keyframes
         only: the last keyframe, which may be seconds before it; the last shot was cut to one
-        frame and marked too short)."""
+        frame and marked too short). ``picture_end_s``: where the file says its picture ends,
+        which the last frame's mean length may overshoot: a variable-rate film's last frame
+        lasts its own time (1/29.97 s), not the film's mean frame's (1/19.7), and its last shot
+        ended after the film."""
         if self.current is not None:
             self.flush_interval()
             whole = not self.shots
             end_index, end_s = last_index + 1, last_time + 1.0 / fps
+            if picture_end_s is not None and last_time < picture_end_s < end_s:
+                end_s = picture_end_s
             if duration_s is not None and duration_s > end_s:
                 end_index, end_s = max(end_index, round(duration_s * fps)), duration_s
             self.close_shot(self.current, end_index, end_s, whole_movie=whole)
@@ -474,7 +486,8 @@ def extract_frames(
             end_s = None  # keyframes only: the end of the movie, at most a group of pictures on
             if cfg.method == "keyframe" and reader.report.stopped_by_error is None and info.duration_s:
                 end_s = min(info.duration_s, last_time + reader.report.longest_gap_s + 1.0 / info.fps)
-            assembler.finish(last_index, last_time, info.fps, end_s)
+            whole_read = reader.report.stopped_by_error is None
+            assembler.finish(last_index, last_time, info.fps, end_s, info.duration_s if whole_read else None)
             writer.close()
         except BaseException:
             writer.pool.shutdown(wait=True, cancel_futures=True)
