@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import Image
 
 from diffusion_bunny.config import (
@@ -26,7 +25,7 @@ from diffusion_bunny.media.figures import chart_png, jpeg_bytes, png_bytes
 from diffusion_bunny.media.probe import probe_video
 from diffusion_bunny.pipeline.contract import flat_settings
 from diffusion_bunny.pipeline.run import Run, run_folder_in
-from diffusion_bunny.pipeline.settings import Yaml12Loader, parse_override
+from diffusion_bunny.pipeline.settings import dotted_overrides
 
 
 def open_run(run_dir: str | Path | None, movie: str | Path | None, cfg: Config) -> Run:
@@ -68,43 +67,10 @@ def notebook_overrides(
 
 
 def _as_settings(overrides: Any) -> dict[str, Any]:
-    """A notebook's ``overrides`` as ``{dotted key: value}``, whatever form they came in:
-    papermill's ``-p overrides '{...}'`` hands the text (``dict()`` of it raised "dictionary
-    update sequence element #0"), ``--set``'s list of ``key=value`` is as ``bunny run`` reads it,
-    and a nested mapping (``{"characters": {"frames": "all"}}``) is flattened: merged as one key
-    over the last run's dotted ones, it took the whole section's place and dropped the recorded
-    ``characters.reference_dir`` (every name lost). A mapping that is one setting's value
-    (``captions.character_descriptions``, whose names may hold a dot) stays one key."""
-    if overrides is None:
-        return {}
-    if isinstance(overrides, str):
-        try:
-            overrides = yaml.load(overrides, Loader=Yaml12Loader) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"overrides is not a mapping of settings ({str(exc).splitlines()[0]}); pass "
-                "{'section.key': value} (papermill: -y '{\"overrides\": {...}}')"
-            ) from None
-    if isinstance(overrides, list | tuple):
-        return dict(parse_override(str(item), text_setting) for item in overrides)
-    if not isinstance(overrides, dict):
-        raise ConfigError(
-            f"overrides must be a mapping of settings ({{'section.key': value}}), "
-            f"not {type(overrides).__name__}"
-        )
-    return _flat(overrides, "")
-
-
-def _flat(overrides: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Nested groups of settings as dotted keys; a setting whose value is a mapping stays one."""
-    flat: dict[str, Any] = {}
-    for key, value in overrides.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and settings_group(dotted):
-            flat.update(_flat(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
+    """A notebook's ``overrides`` as ``{dotted key: value}``, whatever form they came in
+    (:func:`~diffusion_bunny.pipeline.settings.dotted_overrides`), with the configuration's
+    knowledge of which settings take text and which are groups."""
+    return dotted_overrides(overrides, text_setting, settings_group)
 
 
 def notebook_config(

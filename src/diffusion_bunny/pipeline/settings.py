@@ -375,6 +375,53 @@ def save_from_widget(
     return path, f"saved to <code>{path}</code>; {RERUN_HINT.format(stage=stage)}"
 
 
+def dotted_overrides(
+    overrides: Any,
+    text_setting: Callable[[str], bool] | None = None,
+    group: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    """A notebook's ``overrides`` as ``{dotted key: value}``, whatever form they came in:
+    papermill's ``-p overrides '{...}'`` hands the text (``dict()`` of it raised "dictionary
+    update sequence element #0", in the notebook's config and in notebooks 01 and 02's widgets),
+    ``--set``'s list of ``key=value`` is as ``bunny run`` reads it, and a nested mapping
+    (``{"characters": {"frames": "all"}}``) is flattened: merged as one key over the last run's
+    dotted ones, it took the whole section's place and dropped the recorded
+    ``characters.reference_dir`` (every name lost), and a widget did not see that it hid a saved
+    threshold. ``group`` says which keys hold settings under them (the configuration knows;
+    without it, the sections): a mapping that is one setting's value
+    (``captions.character_descriptions``, whose names may hold a dot) stays one key."""
+    is_group = group or (lambda dotted: "." not in dotted)
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = yaml.load(overrides, Loader=Yaml12Loader) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"overrides is not a mapping of settings ({str(exc).splitlines()[0]}); pass "
+                "{'section.key': value} (papermill: -y '{\"overrides\": {...}}')"
+            ) from None
+    if isinstance(overrides, list | tuple):
+        return dict(parse_override(str(item), text_setting) for item in overrides)
+    if not isinstance(overrides, dict):
+        raise ConfigError(
+            f"overrides must be a mapping of settings ({{'section.key': value}}), "
+            f"not {type(overrides).__name__}"
+        )
+
+    def flat(given: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value and is_group(dotted):
+                out.update(flat(value, f"{dotted}."))
+            else:
+                out[dotted] = value
+        return out
+
+    return flat(overrides, "")
+
+
 def later_layers(config_path: str | Path | None, overrides: dict[str, Any], section: str) -> dict[str, Any]:
     """The ``section`` settings a notebook's ``config_path`` (its ``section``) and ``overrides``
     (``section.<key>``) set: loaded after ``config/local_*.yaml``, they win over a widget's saved
@@ -395,15 +442,22 @@ def later_layers(config_path: str | Path | None, overrides: dict[str, Any], sect
 
 
 def overridden_note(
-    section: str, saved: dict[str, Any], config_path: str | Path | None, overrides: dict[str, Any]
+    section: str,
+    saved: dict[str, Any],
+    config_path: str | Path | None,
+    overrides: dict[str, Any],
+    same: Callable[[str, Any, Any], bool] | None = None,
 ) -> str:
     """The line a widget adds under "saved to" when the notebook's own ``config_path`` or
     ``overrides`` set one of the ``saved`` settings otherwise (they win over the saved file, so
-    the choice would silently not apply); empty when none does."""
+    the choice would silently not apply); empty when none does. ``same(key, a, b)``: whether two
+    values mean one setting (the section's model knows: ``best_per_batch`` 0 is null, "keep
+    all", and the line said a recorded 0 hid the saved null)."""
+    alike = same or (lambda _key, a, b: a == b)
     lost = [
         f"{section}.{k}"
         for k, v in later_layers(config_path, overrides, section).items()
-        if k in saved and v != saved[k]
+        if k in saved and not alike(k, v, saved[k])
     ]
     if not lost:
         return ""

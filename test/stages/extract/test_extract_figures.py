@@ -92,6 +92,15 @@ def test_slider_sheet_is_the_notebooks_and_save_names_the_overrides_that_win(cli
     explorer.set_threshold(2.0)
     explorer.save()
     assert "win over the saved file" not in explorer.saved.value
+    for form in (
+        '{"extract.motion_threshold": 2.0}',
+        ["extract.motion_threshold=2"],
+        {"extract": {"motion_threshold": 2}},
+    ):
+        formed = MotionThresholdExplorer(clip_run, 1.5, config_root=tmp_path, overrides=form)
+        formed.set_threshold(0.5)
+        formed.save()
+        assert "extract.motion_threshold is set by this notebook" in formed.saved.value, form
     # A --set of the last bunny run of the folder is a layer the notebook opens with: said too.
     clip_run.write_settings(None, {"extract.motion_threshold": 3.0})
     try:

@@ -682,6 +682,19 @@ def test_quality_explorer_moves_keep_without_rescoring(demo_run, tmp_path, monke
         "but quality.dup_distance is set by this notebook's config_path or overrides" in layered.saved.value
     )
     assert "rerun the notebook from its config cell" in layered.saved.value
+    # The overrides in every form a notebook takes them (text from papermill's -p, --set's list,
+    # nested): the widget did not open on the first two, and said nothing on the third.
+    for form in ('{"quality.dup_distance": 3}', ["quality.dup_distance=3"], {"quality": {"dup_distance": 3}}):
+        formed = QualityThresholdExplorer(demo_run, QualitySettings(), config_root=tmp_path, overrides=form)
+        formed.set_thresholds(dup_distance=7)
+        formed.save()
+        assert "but quality.dup_distance is set by this notebook's" in formed.saved.value, form
+    # A value that means the saved one (best_per_batch 0 is null, "keep all") hides nothing.
+    alike = QualityThresholdExplorer(
+        demo_run, QualitySettings(), config_root=tmp_path, overrides={"quality.best_per_batch": 0}
+    )
+    alike.save()
+    assert "win over the saved file" not in alike.saved.value
     # Under the section's old name (which still loads) too: it hid the saved choice unwarned.
     for old_name in ({"filtering.dup_distance": 3}, None):
         config_path = None

@@ -13,7 +13,7 @@ import polars as pl
 
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import overridden_note, save_from_widget
+from diffusion_bunny.pipeline.settings import dotted_overrides, overridden_note, save_from_widget
 from diffusion_bunny.stages.extract.keyframes import classify_shots, select_keyframes
 
 
@@ -38,7 +38,8 @@ class MotionThresholdExplorer:
         self.config_root = config_root
         #: The notebook's own layers over the saved file: a threshold they set wins over "use this
         #: threshold", which then says so (as notebook 02's widget does).
-        self.layers = run.layers(config_path, overrides)[:2]  # with the last bunny run's settings
+        # with the last bunny run's settings; the overrides in any form a notebook takes them
+        self.layers = run.layers(config_path, dotted_overrides(overrides))[:2]
         facts = (run.read_manifest("extract") or {}).get("facts") or {}
         #: The film's size: the sheet draws each frame's picture box (bars) as the notebook's does.
         self.frame_size = (

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from diffusion_bunny.media.figures import chart_png, jpeg_bytes
 from diffusion_bunny.pipeline.run import Run
-from diffusion_bunny.pipeline.settings import overridden_note, save_from_widget
+from diffusion_bunny.pipeline.settings import dotted_overrides, overridden_note, save_from_widget
 from diffusion_bunny.stages.quality.rules import (
     apply_quality_rules,
     exposure_thresholds,
@@ -115,7 +115,8 @@ class QualityThresholdExplorer:
         self.base = cfg
         #: The notebook's own layers over the saved file (its ``config_path`` and ``overrides``,
         #: as ``bunny run --config/--set``): a threshold they set wins over "use these thresholds".
-        self.layers = run.layers(config_path, overrides)[:2]  # with the last bunny run's settings
+        # with the last bunny run's settings; the overrides in any form a notebook takes them
+        self.layers = run.layers(config_path, dotted_overrides(overrides))[:2]
         self.scores = run.read_table("quality")
         self.frames = run.read_table("frames")
         self.max_per_group = max_per_group
@@ -289,5 +290,14 @@ class QualityThresholdExplorer:
         path, self.saved.value = save_from_widget("thresholds", {"quality": settings}, self.config_root, "02")
         if path is None:
             return None
-        self.saved.value += overridden_note("quality", settings, *self.layers)
+        self.saved.value += overridden_note("quality", settings, *self.layers, same=_same_setting)
         return path
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of a quality setting mean the same (read by the settings' own model:
+    ``best_per_batch`` 0 is null); as written where either does not read."""
+    try:
+        return getattr(QualitySettings(**{key: a}), key) == getattr(QualitySettings(**{key: b}), key)
+    except (ValidationError, TypeError):
+        return a == b
