@@ -160,13 +160,16 @@ def _picture_duration(
 
 #: How much of a Matroska file's end is read for its picture's last packet (seconds).
 TAIL_S = 10.0
+#: A Matroska file without an index is read whole for its tail only up to this size (bytes).
+TAIL_READ_WHOLE = 64 << 20
 
 
 def _untagged_picture_end(path: Path, index: int, whole_s: float) -> float | None:
     """Where a Matroska picture without a ``DURATION`` tag ends (mkvmerge with
     ``--disable-track-statistics-tags``, older mkvmerge, GStreamer), read from the packets of the
     file's last :data:`TAIL_S`: the picture's last packet, where another track runs to the file's
-    end and the picture stops more than a second before it. None otherwise: a file cut short
+    end and the picture stops more than a second before it (a file without an index to seek by
+    is read whole only up to :data:`TAIL_READ_WHOLE`). None otherwise: a file cut short
     stops every track early, and its lost end is still said. Why: the Segment's duration is the
     longest track's, and 3 s of picture with 10 s of sound were "the last 6.2 s (62%) lost; the
     file is truncated or corrupt" while every frame was read."""
@@ -186,12 +189,17 @@ def _tail_ends(path: str, size: int, mtime_ns: int, index: int, whole_s: float) 
     last :data:`TAIL_S` of the file (read without decoding, in a container of its own; kept per
     file for the process, as every stage probes the movie)."""
     ends: dict[bool, float] = {}
+    target = max(0.0, whole_s - TAIL_S)
     with contextlib.suppress(av.error.FFmpegError, OSError), av.open(path, metadata_errors="ignore") as c:
-        c.seek(int(max(0.0, whole_s - TAIL_S) * av.time_base))
+        c.seek(int(target * av.time_base))
         for packet in c.demux():
             if packet.pts is None or packet.time_base is None:
                 continue
             end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            if not ends and end < target - TAIL_S and size > TAIL_READ_WHOLE:
+                # No index to seek by (no Cues: written last, so a file cut short has none): the
+                # demuxer reads from the start, the whole of a 20 GB remux on every probe.
+                return None, None
             own = packet.stream.index == index
             ends[own] = max(ends.get(own, end), end)
     return ends.get(True), ends.get(False)

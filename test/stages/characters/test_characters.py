@@ -1763,6 +1763,9 @@ def test_fixes_naming_a_character_whose_pictures_are_gone_are_said_until_mended(
     ]  # "Pianist", a name given by a fix alone, was never a folder: no line for it
     run_stage(run, "characters", cfg, progress=False, force=True)  # said again, not once only
     assert any("grace_hopper (1)" in w for w in run.read_manifest("characters")["warnings"])
+    run.manifest_path("characters").unlink()  # what a run killed meanwhile leaves: still said
+    run_stage(run, "characters", cfg, progress=False)
+    assert any("grace_hopper (1)" in w for w in run.read_manifest("characters")["warnings"])
     (refs / "admiral").rename(refs / "grace_hopper")
     run_stage(run, "characters", cfg, progress=False)
     manifest = run.read_manifest("characters")

@@ -717,7 +717,7 @@ def test_an_avi_whose_picture_starts_late_loses_nothing(tmp_path):
     assert reader.loss_message() is None
 
 
-def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_path):
+def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_path, monkeypatch):
     """The Segment's duration is the longest track's: a 2 s picture with 4 s of sound was said
     to have lost its last half, "truncated or corrupt". The picture's own DURATION tag tells."""
     from clips import render_shot
@@ -746,6 +746,16 @@ def test_a_matroska_film_whose_sound_runs_past_its_picture_loses_nothing(tmp_pat
     assert probe_video(untagged).duration_s == pytest.approx(2.0, abs=0.1)
     reader = VideoReader(untagged)
     assert len(list(reader.frames())) == 50 and reader.loss_message() is None
+    # Where the seek finds no index near the end (it lands at the start), a large file is not
+    # read whole for its tail on every probe: the picture is then taken to end with the file.
+    from diffusion_bunny.media import probe
+
+    monkeypatch.setattr(probe, "TAIL_S", 0.5)
+    monkeypatch.setattr(probe, "TAIL_READ_WHOLE", 0)
+    probe._tail_ends.cache_clear()
+    assert probe_video(untagged).duration_s == pytest.approx(4.0, abs=0.1)
+    monkeypatch.undo()
+    probe._tail_ends.cache_clear()
     # A file cut short stops every track early: its lost end is still said.
     cut = tmp_path / "cut.mkv"
     cut.write_bytes(untagged.read_bytes()[: untagged.stat().st_size * 4 // 5])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -787,7 +788,7 @@ def compute(ctx: Context) -> StageOutput:
         counts=_counts(faces, scan, failed.height, references, edits),
         warnings=warnings
         + _found_warnings(
-            ctx.previous, faces, references, facts, (scan.height, len(pictures.cutouts), cfg.backend)
+            run_dir, ctx.previous, faces, references, facts, (scan.height, len(pictures.cutouts), cfg.backend)
         ),
         facts=facts,
         # Fixes saved while the stage ran are read again under the tables' locks.
@@ -811,6 +812,7 @@ def _hub_facts(faces: pl.DataFrame, key: str) -> dict[str, Any]:
 
 
 def _found_warnings(
+    run_dir: Path,
     previous: dict[str, Any] | None,
     faces: pl.DataFrame,
     references: dict[str, int],
@@ -823,25 +825,42 @@ def _found_warnings(
     return (
         not_found_warnings(facts["characters_not_found"], (facts.get("fitted") or {}).get("not_in_film", ()))
         + nothing_found_warnings(faces.height, *searched)
-        + fixes_without_pictures(previous, faces, references, facts)
+        + fixes_without_pictures(run_dir, previous, faces, references, facts)
     )
 
 
+#: Every character the run's reference folder ever gave pictures of (``fixes_without_pictures``):
+#: kept beside the fitted detectors, as the manifest a failed or killed run removes cannot.
+REFERENCE_NAMES_FILE = "reference_names.json"
+
+
 def fixes_without_pictures(
-    previous: dict[str, Any] | None, faces: pl.DataFrame, references: dict[str, int], facts: dict[str, Any]
+    run_dir: Path,
+    previous: dict[str, Any] | None,
+    faces: pl.DataFrame,
+    references: dict[str, int],
+    facts: dict[str, Any],
 ) -> list[str]:
-    """A line for the appearances fixed by hand to a character whose reference pictures the last
+    """A line for the appearances fixed by hand to a character whose reference pictures an earlier
     run had and this one has not (its folder renamed or removed). The fixes keep their name, as a
     name given by a fix alone is a character too, and the run said nothing: after a rename one
     person was two characters, and after a removal a fixed face kept a name nobody else had.
-    Such names are kept in ``facts.fixed_names_without_pictures`` and said on every run until
-    their pictures are back or the fixes name someone else. ``previous``: the stage's manifest of
-    its last run."""
+    Said on every run until the pictures are back or the fixes name someone else: the names that
+    ever had pictures are kept in the run's :data:`REFERENCE_NAMES_FILE` (and read from the last
+    run's manifest, ``previous``, for a run made before it), the ones said in
+    ``facts.fixed_names_without_pictures``. A folder still there whose pictures no longer serve
+    is not gone (the reference reader says what is wrong with its pictures)."""
+    memory = run_dir / CHARACTERS_CACHE / REFERENCE_NAMES_FILE
     last = (previous or {}).get("facts") or {}
     taken = last.get("references_taken") or []
     before = {t.get("character") for t in taken if isinstance(t, dict) and not t.get("problem")}
-    before |= set(last.get("fixed_names_without_pictures") or ())
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        before |= set(json.loads(memory.read_text()))
+    folder = facts.get("reference_dir")
     now = {name for name, count in references.items() if count}
+    now |= set(reference_images(Path(folder))) if folder and Path(folder).is_dir() else set()
+    with contextlib.suppress(OSError):  # a read-only run folder: the manifest's names still serve
+        atomic_write_bytes(memory, json.dumps(sorted((before | now) - {None})).encode())
     fixed = faces.filter(pl.col("edited").fill_null(False) & pl.col("character").is_not_null())
     gone = [
         (name, n) for name, n in fixed.group_by("character").len().sort("character").iter_rows()
@@ -851,11 +870,10 @@ def fixes_without_pictures(
     if not gone:
         return []
     listed = ", ".join(f"{name} ({n})" for name, n in gone)
-    where = facts.get("reference_dir") or "the reference folder"
     return [
         f"appearances fixed by hand name characters whose reference pictures are gone since an earlier "
-        f"run: {listed}; give the folder its old name back in {where}, or fix those appearances "
-        "again in notebook 03"
+        f"run: {listed}; give the folder its old name back in {folder or 'the reference folder'}, or fix "
+        "those appearances again in notebook 03"
     ]
 
 
