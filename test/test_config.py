@@ -667,3 +667,15 @@ def test_one_content_hash_for_every_key_that_names_a_file_by_its_bytes(tmp_path)
     assert file_digest(big) == bytes.fromhex(whole) and file_hash(big) == whole[:24]
     big.write_bytes(big.read_bytes()[:-1] + b"x")  # one byte changed at the end
     assert file_sha256(big) != whole
+
+
+def test_a_settings_files_empty_group_loads_as_an_empty_section_does(tmp_path):
+    """Every key under ``fitted:`` commented out was "characters.fitted is empty; give it a
+    value" while an empty section beside it loaded; a setting left empty is still said."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("characters:\n  fitted:\n  workers: 1\ncaptions:\n")
+    cfg = load_config(path, root=tmp_path / "none")
+    assert cfg.characters.workers == 1 and cfg.characters.fitted == load_config(None).characters.fitted
+    path.write_text("characters:\n  min_face_px:\n")
+    with pytest.raises(ConfigError, match=r"characters.min_face_px is empty; give it a value"):
+        load_config(path, root=tmp_path / "none")

@@ -136,6 +136,24 @@ def settings_group(dotted: str) -> bool:
     return annotation is not None and _holds_settings(annotation)
 
 
+def _empty_groups_as_defaults(layer: dict[str, Any], at: tuple[str, ...]) -> dict[str, Any]:
+    """A settings file's groups left empty (``fitted:`` with every key under it commented out)
+    as no settings, as an empty section is: the file's group was "empty; give it a value" while
+    an empty section beside it loaded. Only a group that cannot be null (its declared type is a
+    settings model alone) is read so; a value left empty elsewhere is still said."""
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        parts = (*at, str(key))
+        if isinstance(value, dict):
+            value = _empty_groups_as_defaults(value, parts)
+        elif value is None and len(parts) > 1:
+            annotation = _annotation(current_name(".".join(parts)).split("."))
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                value = {}
+        out[key] = value
+    return out
+
+
 def _annotation(parts: list[str]) -> Any:
     """The declared type of the setting at ``parts`` (section, then keys), through the settings
     models; None where no such setting is declared."""
@@ -418,7 +436,7 @@ def load_config(
     merged: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     for path in files:
-        layer = _rename_sections(read_settings_file(path), str(path))
+        layer = _empty_groups_as_defaults(_rename_sections(read_settings_file(path), str(path)), ())
         merged = _deep_merge(merged, layer)
         _origins(layer, str(path), origins)
     # What --set or a notebook's parameters give is named by key alone: the person just typed it.
