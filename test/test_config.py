@@ -242,6 +242,12 @@ def test_a_text_setting_on_the_command_line_keeps_the_text_as_typed(tmp_path, ca
         ConfigError, match=r"captions.trigger_word is empty: .*give it text, or leave the key out"
     ):
         load_config(None, {"captions.trigger_word": None})
+    # A text that takes '' (a tag adding nothing) says how to give it; the trigger word, which
+    # refuses it, does not (above).
+    with pytest.raises(
+        ConfigError, match=r"""give it text \('' for none: --set "export.half_body_tag=''"\)"""
+    ):
+        load_config(None, {"export.half_body_tag": None})
     movie = tmp_path / "x.mp4"
     movie.write_bytes(b"x")
     argv = ["status", str(movie), "--out", str(tmp_path / "out"), "--set", "captions.trigger_word=2024"]

@@ -154,6 +154,25 @@ def _empty_groups_as_defaults(layer: dict[str, Any], at: tuple[str, ...]) -> dic
     return out
 
 
+def _takes_empty_text(loc: tuple[Any, ...]) -> bool:
+    """Whether the text setting at ``loc`` takes ``''`` (a tag that adds nothing): then the line
+    for a value left empty says how to give it. ``--set export.half_body_tag=`` was "is empty"
+    with no word of ``''``; a setting that refuses it (a trigger word) is not sent there."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return False
+    try:
+        model(**{str(loc[-1]): ""})
+    except ValidationError as exc:
+        return not any(error["loc"][:1] == (str(loc[-1]),) for error in exc.errors())
+    except TypeError:
+        return False
+    return True
+
+
 def _annotation(parts: list[str]) -> Any:
     """The declared type of the setting at ``parts`` (section, then keys), through the settings
     models; None where no such setting is declared."""
@@ -362,7 +381,10 @@ def _format_validation_error(exc: ValidationError) -> str:
         # A number, a yes/no or a list where text goes: YAML read it so.
         return f"config error: {key} = {value!r}: {msg}; put the text in quotes"
     if err["type"] == "string_type" and value is None:
-        return f"config error: {key} is empty: {msg}; give it text, or leave the key out for its default"
+        none = f" ('' for none: --set \"{key}=''\")" if _takes_empty_text(loc) else ""
+        return (
+            f"config error: {key} is empty: {msg}; give it text{none}, or leave the key out for its default"
+        )
     if isinstance(value, dict) and value and err["type"] not in _GROUP_ERRORS:
         # ``--set run.seed.x=1``: keys under a setting that takes one value ("run.seed: Input
         # should be a valid integer" sent people to look at the seed's value).

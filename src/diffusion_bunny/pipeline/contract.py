@@ -710,6 +710,15 @@ def run_stage(
         return _run_stage_locked(pipeline, run, name, cfg, force=force, progress=progress)
 
 
+def relocate_if_moved(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -> None:
+    """Rewrite an up-to-date stage's files that name the run folder's place where the folder
+    moved (:func:`_relocated`): what ``bunny run`` does for a stage it skips. Run only by
+    :func:`run_stage`, a copied folder's export was "up to date, skipped" under ``bunny run``
+    and its trainer files pointed into the other run."""
+    stage = pipeline.get(name)
+    _relocated(run, stage, stage.view(cfg))
+
+
 def _relocated(run: Run, stage: Stage, view: ConfigView) -> None:
     """An up-to-date stage's files that name the run folder's place rewritten where the folder
     moved (:attr:`Stage.relocate`), and its manifest's facts and fingerprints of what it owns

@@ -44,7 +44,13 @@ from diffusion_bunny.media.probe import probe_video, shown
 from diffusion_bunny.paths import project_root
 from diffusion_bunny.pipeline import lock
 from diffusion_bunny.pipeline.atomic import atomic_path, temp_path, writer_alive
-from diffusion_bunny.pipeline.contract import Pipeline, behind_producers, stage_state, stage_summary
+from diffusion_bunny.pipeline.contract import (
+    Pipeline,
+    behind_producers,
+    relocate_if_moved,
+    stage_state,
+    stage_summary,
+)
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
 from diffusion_bunny.pipeline.run import (
@@ -898,6 +904,7 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
         for stage in options.stages:
             state, reason = stage_state(pipeline, run, stage, cfg)
             if state == "done" and not force:
+                relocate_if_moved(pipeline, run, stage, cfg)
                 report.stages.append(StageReport(stage, "skipped", "up to date"))
                 _say(f"{movie.name}: {stage} is up to date, skipped (--force reruns it)")
                 for line in _behind_outside(pipeline, run, stage, options.stages, cfg):

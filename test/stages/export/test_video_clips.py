@@ -37,6 +37,10 @@ def test_trainer_configs_read_back_whatever_the_run_folder_is_called():
         assert musubi["datasets"][0]["video_directory"] == folder
         assert musubi["datasets"][0]["cache_directory"] == folder + "_cache"
         assert tomllib.loads(diffusion_pipe_toml(folder, (256, 144), 17))["directory"][0]["path"] == folder
+    # The aspect buckets take in the clips' own shape (they stopped at 2:1 whatever the clips).
+    for size, span in (((256, 144), (0.5, 2.0)), ((1024, 256), (0.5, 4.0)), ((256, 1024), (0.25, 2.0))):
+        config = tomllib.loads(diffusion_pipe_toml("/v", size, 17))
+        assert (config["min_ar"], config["max_ar"]) == span
 
 
 def test_clip_span_lies_inside_the_shot_or_is_none():
@@ -297,6 +301,20 @@ def test_demo_export_writes_clips_inside_shots(scenes_demo_run, tmp_path):
     assert f"data_dir={str(root / 'hf')!r}" in (root / "README.md").read_text()
     assert stage_state(run, "export", cfg) == ("done", "up to date")
     assert summary(run, "export").endswith(f") in {root}")
+    # Copied again and run by bunny run, which skips an up-to-date stage before run_stage could
+    # rewrite them: the copy's trainer files named the folder it was copied from.
+    from diffusion_bunny.pipeline.runner import RunOptions, run_movie
+    from diffusion_bunny.stages import PIPELINE
+
+    copy = Run.open(shutil.copytree(run.run_dir, tmp_path / "copied"))
+    options = RunOptions(PIPELINE, cfg, stages=("export",), overrides=over, progress=False)
+    report = run_movie(copy.movie, copy.run_dir, options)
+    assert report.error is None and [s.status for s in report.stages] == ["skipped"]
+    new_root = dataset_dir(copy.run_dir)
+    for name in ("musubi_dataset.toml", "diffusion_pipe_dataset.toml", "README.md"):
+        text = (new_root / name).read_text()
+        assert str(new_root) in text and str(root) not in text, name
+    assert copy.read_manifest("export")["facts"]["dataset_folder"] == str(new_root)
 
 
 def test_a_clip_without_full_pictures_is_captioned_as_its_frame_and_an_exact_shot_gives_one():

@@ -131,14 +131,17 @@ def toml_string(text: str) -> str:
 
 def diffusion_pipe_toml(video_dir: str, size: tuple[int, int], frames: int) -> str:
     """diffusion-pipe dataset config (examples/dataset.toml): ``resolutions`` is a side whose square
-    gives the pixel area, ``frame_buckets`` the clip lengths (1 for still pictures)."""
+    gives the pixel area, ``frame_buckets`` the clip lengths (1 for still pictures). The aspect
+    buckets span 0.5 to 2.0 (the example's) and the clips' own shape: 1024x256 clips beside buckets
+    that stopped at 2:1 were trained squeezed into the nearest one."""
     side = round((size[0] * size[1]) ** 0.5)
+    aspect = size[0] / size[1]
     return (
         "# diffusion-pipe dataset config written by diffusion-bunny (stage 06, export.video_clips)\n"
         f"resolutions = [{side}]\n"
         "enable_ar_bucket = true\n"
-        "min_ar = 0.5\n"
-        "max_ar = 2.0\n"
+        f"min_ar = {round(min(0.5, aspect), 4)!r}\n"
+        f"max_ar = {round(max(2.0, aspect), 4)!r}\n"
         "num_ar_buckets = 7\n"
         f"frame_buckets = [1, {frames}]\n\n"
         "[[directory]]\n"
