@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -1171,3 +1172,23 @@ def test_a_rerun_removes_the_progress_files_a_killed_run_left(tmp_path):
     assert run_movie(movie, out, options).error is None
     assert not [name for name in left if (out / name).exists()]
     assert (out / "notes.progress").read_text() == "kept"
+
+
+def test_a_dead_kernels_unretrieved_task_is_no_traceback_after_the_line(caplog):
+    """A Ctrl-C sometimes printed asyncio's "Task exception was never retrieved" with nbclient's
+    DeadKernelError after "interrupted; finished stages are kept": Python's last-resort handler
+    (warnings and up) wrote it to the terminal. The runner's own line says why the kernel died,
+    so that record is put at debug level; any other is left as it is."""
+    from nbclient.exceptions import DeadKernelError
+
+    from diffusion_bunny.pipeline.runner import _route_papermill_logs
+
+    _route_papermill_logs()
+    echo = logging.getLogger("asyncio")
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        for exc in (DeadKernelError("Kernel died"), ValueError("something else")):
+            echo.error("Task exception was never retrieved", exc_info=(type(exc), exc, None))
+    levels = [
+        (type(r.exc_info[1]).__name__, r.levelno) for r in caplog.records if "never retrieved" in r.message
+    ]
+    assert levels == [("DeadKernelError", logging.DEBUG), ("ValueError", logging.ERROR)]

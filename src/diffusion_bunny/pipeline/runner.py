@@ -804,6 +804,22 @@ def _route_papermill_logs() -> None:
     pm = logging.getLogger("papermill")
     if not any(isinstance(h, _PapermillToLog) for h in pm.handlers):
         pm.addHandler(_PapermillToLog())
+    echo = logging.getLogger("asyncio")
+    if not any(isinstance(f, _KernelDeathEcho) for f in echo.filters):
+        echo.addFilter(_KernelDeathEcho())
+
+
+class _KernelDeathEcho(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for the cell nbclient was running when its
+    kernel died, put at debug level (Python's last-resort handler printed it to the terminal): the
+    runner has said why in one line (interrupted, timed out, out of memory), and a Ctrl-C printed
+    this traceback after it about one time in five."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "DeadKernelError":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 class _Deadline:
