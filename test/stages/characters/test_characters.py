@@ -1717,17 +1717,24 @@ def test_a_missed_characters_likely_sightings_are_offered_and_one_becomes_a_stil
     assert raised["left"].to_list()[-1] == 400
 
 
-def test_a_fix_follows_its_character_when_the_reference_folder_is_spelt_anew(demo_run, tmp_path):
-    """A fix keeps the spelling of its day: after the reference folder ``grace_hopper`` was
-    renamed ``Grace Hopper``, the fixed appearance was a character ``grace_hopper`` of its own
-    beside the folder's (two characters, one with no picture, a scene sub-cluster each)."""
+def _named_from_people(demo_run, tmp_path):
+    """A copy of the demo run labelled by its two people's reference folders alone (no drawn
+    detector to fit: minutes): the run, the folder, the settings and the faces not grace's."""
     run = _copy(demo_run, tmp_path)
     demo_refs, refs = build_demo_references(tmp_path / "demo_refs"), tmp_path / "refs"
-    for person in REFERENCE_CROPS:  # the people alone: no drawn detector to fit (minutes)
+    for person in REFERENCE_CROPS:
         shutil.copytree(demo_refs / person, refs / person)
     cfg = _cfg(tmp_path, reference_dir=str(refs))
     faces = run_stage(run, "characters", cfg, progress=False)["faces"]
     unnamed = faces.filter((pl.col("kind") == "face") & (pl.col("character") != "grace_hopper"))
+    return run, refs, cfg, unnamed
+
+
+def test_a_fix_follows_its_character_when_the_reference_folder_is_spelt_anew(demo_run, tmp_path):
+    """A fix keeps the spelling of its day: after the reference folder ``grace_hopper`` was
+    renamed ``Grace Hopper``, the fixed appearance was a character ``grace_hopper`` of its own
+    beside the folder's (two characters, one with no picture, a scene sub-cluster each)."""
+    run, refs, cfg, unnamed = _named_from_people(demo_run, tmp_path)
     face_id = unnamed.row(0, named=True)["face_id"]
     fix_appearance(run.run_dir, face_id, "grace_hopper", cfg.characters)
     (refs / "grace_hopper").rename(refs / "Grace Hopper")
@@ -1744,13 +1751,7 @@ def test_a_fix_follows_its_character_when_the_reference_folder_is_spelt_anew(dem
 def test_fixes_naming_a_character_whose_pictures_are_gone_are_said_until_mended(demo_run, tmp_path):
     """A reference folder renamed (not respelt) or removed after a fix: the fixed appearance kept
     the old name, a character of its own with no picture, and the run said nothing."""
-    run = _copy(demo_run, tmp_path)
-    demo_refs, refs = build_demo_references(tmp_path / "demo_refs"), tmp_path / "refs"
-    for person in REFERENCE_CROPS:  # the people alone: no drawn detector to fit (minutes)
-        shutil.copytree(demo_refs / person, refs / person)
-    cfg = _cfg(tmp_path, reference_dir=str(refs))
-    faces = run_stage(run, "characters", cfg, progress=False)["faces"]
-    unnamed = faces.filter((pl.col("kind") == "face") & (pl.col("character") != "grace_hopper"))
+    run, refs, cfg, unnamed = _named_from_people(demo_run, tmp_path)
     fix_appearance(run.run_dir, unnamed.row(0, named=True)["face_id"], "grace_hopper", cfg.characters)
     fix_appearance(run.run_dir, unnamed.row(1, named=True)["face_id"], "Pianist", cfg.characters)
     (refs / "grace_hopper").rename(refs / "admiral")
