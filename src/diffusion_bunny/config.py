@@ -158,10 +158,7 @@ def _takes_empty_text(loc: tuple[Any, ...]) -> bool:
     """Whether the text setting at ``loc`` takes ``''`` (a tag that adds nothing): then the line
     for a value left empty says how to give it. ``--set export.half_body_tag=`` was "is empty"
     with no word of ``''``; a setting that refuses it (a trigger word) is not sent there."""
-    model: Any = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        model = field.annotation if field is not None else None
+    model = _annotation([str(part) for part in loc[:-1]]) if len(loc) > 1 else None
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return False
     try:

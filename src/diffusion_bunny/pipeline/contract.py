@@ -716,7 +716,8 @@ def relocate_if_moved(pipeline: Pipeline, run: Run, name: str, cfg: RunConfig) -
     :func:`run_stage`, a copied folder's export was "up to date, skipped" under ``bunny run``
     and its trainer files pointed into the other run."""
     stage = pipeline.get(name)
-    _relocated(run, stage, stage.view(cfg))
+    if stage.relocate is not None:  # most stages name no place: no manifest to read for them
+        _relocated(run, stage, stage.view(cfg))
 
 
 def _relocated(run: Run, stage: Stage, view: ConfigView) -> None:

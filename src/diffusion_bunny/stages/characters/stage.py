@@ -857,8 +857,10 @@ def fixes_without_pictures(
     with contextlib.suppress(OSError, ValueError, TypeError):
         before |= set(json.loads(memory.read_text()))
     folder = facts.get("reference_dir")
+    # Every picture this run read, usable or not (``facts.references_taken``), names a character
+    # whose folder is still there.
     now = {name for name, count in references.items() if count}
-    now |= set(reference_images(Path(folder))) if folder and Path(folder).is_dir() else set()
+    now |= {t.get("character") for t in facts.get("references_taken") or []}
     with contextlib.suppress(OSError):  # a read-only run folder: the manifest's names still serve
         atomic_write_bytes(memory, json.dumps(sorted((before | now) - {None})).encode())
     fixed = faces.filter(pl.col("edited").fill_null(False) & pl.col("character").is_not_null())
