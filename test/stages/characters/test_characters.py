@@ -723,6 +723,14 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
     fixer.fix("Lin Manuel", shown.index(taken[0].stem) + 1, "Pianist")
     assert not taken[0].exists() and own.exists() and all(p.exists() for p in taken[1:])
     assert "its picture among Lin Manuel's references removed" in fixer.status.value
+    # Set aside, not deleted: undoing the fix puts it back (it was lost for good before).
+    assert (run.run_dir / "cache" / "characters" / "set_aside" / "Lin Manuel" / taken[0].name).is_file()
+    undo_fix(run.run_dir, taken[0].stem, load_config(None, dict(DEMO_SETTINGS)))
+    assert taken[0].is_file()
+    assert not (run.run_dir / "cache" / "characters" / "set_aside" / "Lin Manuel" / taken[0].name).exists()
+    fixer.show("Lin Manuel")  # the strip as drawn now: its numbers are what fix() reads
+    fixer.fix("Lin Manuel", fixer.shown["Lin Manuel"].index(taken[0].stem) + 1, "Pianist")
+    assert not taken[0].exists(), fixer.status.value
     # A picture under a face's id that shows another face (a later run gave the id to another
     # face) is not that face's: it stays.
     shown = fixer.members("Lin Manuel")["face_id"].to_list()
@@ -736,7 +744,7 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
     # A character's last picture stays: the character would be lost with it.
     for picture in taken[1:]:
         picture.unlink()
-    _unpromote(own)
+    _unpromote(own, run.run_dir)
     assert own.exists()
 
 

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -130,6 +131,9 @@ MIN_FRAMES_FOR_POOL = 24
 KEEP_SCORE = 0.25
 #: Width of the frames the fitted detector is trained on (it pastes characters on pieces of them).
 BACKGROUND_WIDTH = 640
+
+#: Reference pictures a fix took away (:func:`_unpromote`), kept for :func:`undo_fix` to put back.
+SET_ASIDE = Path(CHARACTERS_CACHE) / "set_aside"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,7 +948,7 @@ def fix_appearance(
         tables["appearance_edits"] = pl.concat([before, row])
         tables["faces"] = faces = apply_appearance_edits(faces, row)
     if fixed["character"] not in (None, name):
-        _unpromote(promoted_picture(run, characters, face_id, fixed["character"]))
+        _unpromote(promoted_picture(run, characters, face_id, fixed["character"]), run.run_dir)
     return faces
 
 
@@ -957,8 +961,9 @@ def undo_fix(run_dir: str | Path, face_id: str, cfg: RunConfig) -> pl.DataFrame:
     Why: a fix is re-applied after every rerun, and a fix made by mistake (a face marked a false
     sighting, a name given to the wrong face) could only be replaced by another fix: none gave
     the appearance back to its cluster, where naming the cluster names it. The fixes are removed
-    from ``appearance_edits`` (its backup keeps the version before); a reference picture that an
-    earlier fix took away is not put back."""
+    from ``appearance_edits`` (its backup keeps the version before), and a reference picture a
+    fix took away (:func:`_unpromote`) is put back in its character's folder first, so the
+    relabelling names with it again."""
     run = Run.open(Path(run_dir))
     with run.lock(f"undoing the fix of {face_id}", cfg.pipeline.lock_stale_s):
         with run.commit("appearance_edits", "faces", by_hand=True) as tables:
@@ -973,6 +978,7 @@ def undo_fix(run_dir: str | Path, face_id: str, cfg: RunConfig) -> pl.DataFrame:
             if not mine.any():
                 raise UserError(f"appearance {face_id} has no fix to undo (fixes show in notebook 03)")
             tables["appearance_edits"] = edits.filter(~mine)
+            _put_back(run.run_dir, face_id, naming_dir(run.run_dir, cfg.characters))
         return run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
 
 
@@ -1003,11 +1009,13 @@ def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: s
     return picture if distance < SAME_PHOTO_DISTANCE else None
 
 
-def _unpromote(picture: Path | None) -> None:
+def _unpromote(picture: Path | None, run_dir: Path) -> None:
     """Take away a reference picture naming took from an appearance a person has since fixed to
     another name: it went on naming that face's look as the old character (a face fixed to
     "Pianist" stayed one of "Lin Manuel"'s pictures). Kept where it is the character's only
-    picture: the character would be lost with it."""
+    picture: the character would be lost with it. Set aside in the run's cache
+    (:data:`SET_ASIDE`), not deleted, so that :func:`undo_fix` can put it back: an undone fix
+    otherwise left the character one picture short for good."""
     if picture is None:
         return
     with contextlib.suppress(OSError):  # the fix is saved: a folder made read-only since keeps it
@@ -1015,7 +1023,23 @@ def _unpromote(picture: Path | None) -> None:
             p for p in picture.parent.iterdir() if p != picture and p.suffix.lower() in REFERENCE_SUFFIXES
         ]
         if others:
-            picture.unlink(missing_ok=True)
+            kept = Path(run_dir) / SET_ASIDE / picture.parent.name / picture.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(picture, kept)  # the reference folder may be on another drive
+
+
+def _put_back(run_dir: Path, face_id: str, folder: Path) -> list[Path]:
+    """The reference pictures :func:`_unpromote` set aside for appearance ``face_id``, moved back
+    into their characters' folders under ``folder`` (where the character's folder is still there
+    and holds no file of that name); returns where they went."""
+    back = []
+    for kept in sorted((Path(run_dir) / SET_ASIDE).glob(f"*/{face_id}.png")):
+        home = folder / kept.parent.name
+        if home.is_dir() and not (home / kept.name).exists():
+            with contextlib.suppress(OSError):  # a read-only folder: the undo itself still holds
+                shutil.move(kept, home / kept.name)
+                back.append(home / kept.name)
+    return back
 
 
 def anchor_old_fixes(run: Run) -> None:
