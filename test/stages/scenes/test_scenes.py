@@ -174,6 +174,27 @@ def test_ids_by_size_and_kept_across_reclustering():
     assert mapping["p"] == "s007" and mapping["q"] == "s002" and mapping["r"] == "s008"
 
 
+def test_a_cluster_of_frames_a_person_placed_takes_the_id_of_where_they_went():
+    """A place split off into a folder made by hand (s009), or merged into another cluster (s002),
+    came back under a fresh id at the next clustering: the folder kept only the frames moved into
+    it, and the merged place's exemplar drew its new frames to an id no frame showed."""
+    ids = list("abcdefgh")
+    previous = {"a": "s002", "b": "s002", "c": "s003"}  # the frames nobody moved
+    # d-f were moved from s003 to a new folder s009; g-h merged from s004 into s002.
+    placed = {"d": "s009", "e": "s009", "f": "s009", "g": "s002", "h": "s002"}
+    labels = ["p", "p", "q", "r", "r", "r", "t", "t"]
+    mapping = stable_ids(labels, ids, previous, ["s004", "s009"], placed)
+    assert mapping == {"p": "s002", "q": "s003", "r": "s009", "t": "s002"}
+    # A folder whose frames joined an unclaimed cluster of other frames names it (a split the
+    # adapter learned); a claimed id is shared only when the person's frames are half of it.
+    mapping = stable_ids(["p", "p", "q", "r", "r", "r", "r", "r"], ids, previous, (), {"d": "s002"})
+    assert mapping["r"] == "s004"
+    mapping = stable_ids(["p", "p", "q", "r", "u", "u", "u", "u"], ids, previous, (), {"d": "s009"})
+    assert mapping["r"] == "s009" and mapping["u"] == "s010"
+    # The fresh ids go past every id a person placed frames in.
+    assert stable_ids(["p", "z"], ["a", "z"], {"a": "s002"}, (), {"y": "s012"})["z"] == "s013"
+
+
 def faces_table(rows):
     return pl.DataFrame(rows, schema={"frame_id": pl.String, "character": pl.String}, orient="row")
 
@@ -184,6 +205,10 @@ def test_character_sub_clusters_follow_stage_03_names():
     # Stage 03 searched a-d only: e was never looked at, d was and shows nobody.
     searched = frame_characters(faces_table([("a", "ann")]), ["a", "d", "e"], scanned={"a", "b", "c", "d"})
     assert searched == {"a": ("ann",), "e": ("unscanned",)}
+    # Stage 04 without stage 03's tables (--stages extract,quality,scenes): nobody was looked for.
+    from diffusion_bunny.stages.scenes.stage import _characters
+
+    assert _characters(None, None, ["a", "b"]) == {"a": ("unscanned",), "b": ("unscanned",)}
     # A face fixed to none in notebook 03 (edited, no name) is nobody: c shows no one unknown.
     fixed = faces_table([("a", "ann"), ("a", None), ("c", None)]).with_columns(
         pl.Series("edited", [False, True, True])
@@ -425,13 +450,16 @@ def test_stage_clusters_the_demo_by_place(scenes_run):
     assert set(ex["cluster_id"]) == set(scene["cluster_id"]) - {NOISE}
     # The summary says how many character sub-clusters are a scene's frames with nobody named.
     character = clusters.filter((pl.col("level") == "character") & (pl.col("cluster_id") != NOISE))
-    nobody = character.filter(pl.col("characters") == "nobody")["cluster_id"].n_unique()
+    unscanned = character.filter(pl.col("characters") == "unscanned")["cluster_id"].n_unique()
     counts = run.read_manifest("scenes")["counts"]
-    # (stage 03 did not run on this copy: every scene's frames are one sub-cluster of nobody)
-    assert counts["nobody_clusters"] == nobody == counts["character_clusters"] > 0
+    # Stage 03 did not run on this copy: every scene's frames are one sub-cluster of frames not
+    # searched (they were filed as showing nobody).
+    assert counts["unscanned_clusters"] == unscanned == counts["character_clusters"] > 0
+    assert counts["nobody_clusters"] == 0
     line = summary_of(run.read_manifest("scenes"))
     assert (
-        f"({counts['character_clusters']} character sub-clusters, {nobody} of them with nobody named)" in line
+        f"({counts['character_clusters']} character sub-clusters, {unscanned} of them in frames stage 03 "
+        "did not search)" in line
     )
     assert "of them with nobody" not in summary_of(
         {**run.read_manifest("scenes"), "counts": {**counts, "nobody_clusters": 0}}
@@ -561,6 +589,25 @@ def test_frames_moved_into_a_folder_leave_its_own_frames_in_it(scenes_run):
     after = scene_map(run.read_table("clusters"))
     assert {after[f] for f in own + moved} == {small}
     assert big in {after[f] for f in stay}  # (the adapter, learning from the moves, may split the rest)
+
+
+def test_an_emptied_cluster_id_is_not_given_to_another_place(scenes_run):
+    """Every frame of one cluster moved into another, then a rerun: the emptied id went to an
+    unrelated place, which `captions.scene_names` then named with the old place's name."""
+    from diffusion_bunny import move_to_cluster
+    from diffusion_bunny.stages import run_stage
+
+    run, cfg = scenes_run
+    scene = run.read_table("clusters").filter((pl.col("level") == "scene") & (pl.col("cluster_id") != NOISE))
+    top = max(scene["cluster_id"].unique().to_list())
+    into = min(scene["cluster_id"].unique().to_list())
+    for frame in scene.filter(pl.col("cluster_id") == top)["frame_id"].to_list():
+        move_to_cluster(run.run_dir, frame, into)
+    run_stage(run, "scenes", cfg, progress=False)  # the adapter learns the moves: clustered afresh
+    assert run.read_manifest("scenes")["facts"]["mode"] == "full"
+    after = run.read_table("clusters").filter(pl.col("level") == "scene")
+    assert top not in set(after["cluster_id"].to_list())
+    assert top not in set(run.read_table("scene_exemplars")["cluster_id"].to_list())
 
 
 def test_moves_keep_their_frames_together_when_the_clusters_table_is_gone(scenes_run):
@@ -1226,6 +1273,14 @@ def test_a_feedback_table_made_by_hand_is_read_or_refused_in_one_line(scenes_run
             frame, ids[0], "new"
         ),
         r"to_cluster 'kitchen' is no cluster": _hand_feedback(frame, ids[0], "kitchen"),
+        # A scene move into a sub-cluster was stored as the scene "s002/biden" (its character row
+        # "s002/biden/nobody"); a character move to a bare scene as the sub-cluster "s002".
+        rf"a scene move's to_cluster '{ids[1]}/ann' is not a scene such as s003": _hand_feedback(
+            frame, ids[0], f"{ids[1]}/ann"
+        ),
+        rf"a character move's to_cluster '{ids[1]}' is not a sub-cluster": _hand_feedback(
+            frame, ids[0], ids[1]
+        ).with_columns(level=pl.lit("character")),
     }
     for message, table in bad.items():
         run.write_table("feedback", table)
@@ -1638,7 +1693,7 @@ def _join_after_moves(
     assert len(in_a) >= 4, sizes
     moved, crossed, alone = in_a[:3]
     move_to_cluster(run.run_dir, moved, b)
-    move_to_cluster(run.run_dir, crossed, f"{b}/nobody", level="character")
+    move_to_cluster(run.run_dir, crossed, f"{b}/unscanned", level="character")
     made = move_to_cluster(run.run_dir, alone, "new")["to_cluster"]
     library = tmp_path / "library"
     shifted = _library_of_another_movie(run, library)
@@ -1701,10 +1756,10 @@ def test_moves_made_before_a_movie_joins_a_library_keep_their_frames_together(sc
     theirs = _most(j.companions, now)
     assert now[j.moved] == now[j.crossed] == theirs != _most(j.left, now)
     character = clusters.filter(pl.col("level") == "character").select("frame_id", "cluster_id")
-    assert dict(character.iter_rows())[j.crossed] == f"{theirs}/nobody"
+    assert dict(character.iter_rows())[j.crossed] == f"{theirs}/unscanned"
     # The feedback is rewritten in the library's ids (a backup kept); the manifest says how.
     to = dict(j.run.read_table("feedback").select("anchor_id", "to_cluster").iter_rows())
-    assert to[j.moved] == theirs and to[j.crossed] == f"{theirs}/nobody"
+    assert to[j.moved] == theirs and to[j.crossed] == f"{theirs}/unscanned"
     assert (j.run.run_dir / "tables" / "backup" / "feedback.parquet").is_file()
     assert j.run.read_manifest("scenes")["facts"]["library_join"][j.b] == theirs
     (line,) = [w for w in j.said if "made before this movie joined the scene library" in w]

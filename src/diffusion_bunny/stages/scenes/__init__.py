@@ -52,6 +52,8 @@ def summary(manifest: dict[str, Any]) -> str:
     adapter = (f.get("adapter") or {}).get("triplets") or 0
     nobody = c.get("nobody_clusters")
     nobody = f", {nobody} of them with nobody named" if nobody else ""
+    unscanned = c.get("unscanned_clusters")
+    nobody += f", {unscanned} of them in frames stage 03 did not search" if unscanned else ""
     gone = c.get("corrections_on_frames_gone")
     # A move of a frame that stage 01 or 02 no longer keeps places nothing (the adapter still
     # learns from it): said, so the count is not read as moves on the board.

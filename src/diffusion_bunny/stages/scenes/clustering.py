@@ -285,15 +285,28 @@ def renumber_by_size(labels: Sequence[str], frame_ids: Sequence[str]) -> dict[st
 
 
 def stable_ids(
-    labels: Sequence[str], frame_ids: Sequence[str], previous: dict[str, str], reserved: Sequence[str] = ()
+    labels: Sequence[str],
+    frame_ids: Sequence[str],
+    previous: dict[str, str],
+    reserved: Sequence[str] = (),
+    placed: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """New cluster id -> the id to show: the previous id of the cluster it overlaps most (greedy,
     largest overlaps first, each previous id used once), fresh ids after the largest previous one
     for the rest. ``previous`` maps frame id -> previous cluster id; fresh ids also go past
     ``reserved``, the ids a person's corrections use (a folder made by hand has no exemplar, and
     once its frame left the clusters nothing else held its id: an unrelated cluster took it, and
-    the frame, back, was put in with that cluster's)."""
+    the frame, back, was put in with that cluster's).
+
+    ``placed`` maps the frames a person put somewhere (left out of ``previous``) to where they put
+    them. A cluster no previous one claims takes the id of the folder most of its placed frames
+    went to, when no other cluster has that id; or even when one has, when the placed frames are
+    at least half of it (a person merged its place into that folder: two clusters, one id). Without
+    this a folder made by hand kept only the frames moved into it, the rest of the place it split
+    off going to a fresh id, and a cluster merged into another came back under a fresh id, its
+    exemplar drawing the place's new frames there."""
     overlap: Counter[tuple[str, str]] = Counter()
+    votes: Counter[tuple[str, str]] = Counter()
     sizes: Counter[str] = Counter()
     for label, fid in zip(labels, frame_ids, strict=True):
         if label == NOISE:
@@ -302,6 +315,9 @@ def stable_ids(
         old = previous.get(fid)
         if old is not None and old != NOISE:
             overlap[(label, old)] += 1
+        put = (placed or {}).get(fid)
+        if put is not None and put != NOISE:
+            votes[(label, put)] += 1
     mapping: dict[str, str] = {}
     used: set[str] = set()
     for (new, old), _ in sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -309,7 +325,11 @@ def stable_ids(
             continue
         mapping[new] = old
         used.add(old)
-    number = next_cluster_number([*previous.values(), *used, *reserved])
+    for (new, put), count in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0])):
+        if new not in mapping and (put not in used or 2 * count >= sizes[new]):
+            mapping[new] = put
+            used.add(put)
+    number = next_cluster_number([*previous.values(), *used, *reserved, *(placed or {}).values()])
     for new in sorted(sizes, key=lambda c: (-sizes[c], c)):
         if new not in mapping:
             mapping[new] = cluster_id(number)

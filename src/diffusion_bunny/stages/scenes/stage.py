@@ -26,7 +26,7 @@ import uuid
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +70,7 @@ from diffusion_bunny.stages.scenes.tables import (
     NEW,
     NOBODY,
     NOISE,
+    UNSCANNED,
     empty_feedback,
 )
 from diffusion_bunny.stages.scenes.timeline import (
@@ -264,25 +265,25 @@ def _fresh_clusters(
     """Cluster from scratch, keeping the ids (and so the board's folders) of the clusters a
     previous run made when it reproduces them; the others take ids past those and ``reserved``."""
     result = cluster_scenes(vectors, fids, index_min_frames=cfg.index_min_frames, **thresholds)
-    old_scene = {}
+    old_scene: dict[str, str] = {}
+    placed: dict[str, str] = {}
     if prev_clusters is not None:
         # The frames a person placed are left out: their clusters come from the corrections, re-
         # applied after this. Counted, two frames moved into a folder won its id for the cluster
-        # they came from, and the folder's own frames, never moved, went to a new id.
-        placed = pl.col("manual").fill_null(False) if "manual" in prev_clusters.columns else pl.lit(False)
-        old_scene = dict(
-            prev_clusters.filter((pl.col("level") == "scene") & ~placed)
-            .select("frame_id", "cluster_id")
-            .iter_rows()
-        )
-    if old_scene or reserved:
-        mapping = stable_ids(result.labels, fids, old_scene, sorted(reserved))
+        # they came from, and the folder's own frames, never moved, went to a new id. Where they
+        # were put names a cluster no previous one claims (stable_ids' ``placed``).
+        manual = pl.col("manual").fill_null(False) if "manual" in prev_clusters.columns else pl.lit(False)
+        scene = prev_clusters.filter(pl.col("level") == "scene")
+        old_scene = dict(scene.filter(~manual).select("frame_id", "cluster_id").iter_rows())
+        placed = dict(scene.filter(manual).select("frame_id", "cluster_id").iter_rows())
+    if old_scene or placed or reserved:
+        mapping = stable_ids(result.labels, fids, old_scene, sorted(reserved), placed)
     else:
         mapping = renumber_by_size(result.labels, fids)
     labels = [mapping.get(label, NOISE) for label in result.labels]
+    # Two clusters may share an id (a place a person merged into another): each keeps its exemplar.
     exemplars = _exemplar_rows(
-        {mapping[c]: f for c, f in result.exemplars.items()},
-        {mapping[c]: v for c, v in result.exemplar_vectors.items()},
+        [(mapping[c], f, result.exemplar_vectors[c]) for c, f in result.exemplars.items()],
         movie_id,
         embedder_name,
         space,
@@ -299,6 +300,9 @@ def _cluster_counts(clusters: pl.DataFrame) -> dict[str, int]:
         # A scene's frames where nobody is named are a sub-cluster of their own: say how many, so
         # a run that named nobody does not read as one that found characters.
         "nobody_clusters": character.filter(pl.col("cluster_id").str.ends_with(f"/{NOBODY}"))[
+            "cluster_id"
+        ].n_unique(),
+        "unscanned_clusters": character.filter(pl.col("cluster_id").str.ends_with(f"/{UNSCANNED}"))[
             "cluster_id"
         ].n_unique(),
         "noise": int((scene["cluster_id"] == NOISE).sum()),
@@ -364,13 +368,11 @@ def compute(ctx: Context) -> StageOutput:
     space = _space(embedder_name, adapter_key)
     thresholds = dict(assign_threshold=cfg.assign_threshold, noise_threshold=cfg.noise_threshold)
     join, key = _library_join(ctx, library, feedback, previous)
-    # Ids a correction used (a folder made by hand has no exemplar to hold its id): none is reused.
-    # Those of a clustering this run leaves for a library name nothing there (they are translated).
-    reserved = (
-        set()
-        if join is not None
-        else {c.partition("/")[0] for c in feedback["to_cluster"].to_list()} - {NOISE, NEW}
-    )
+    # Ids a correction used (a folder made by hand has no exemplar to hold its id, and one a person
+    # emptied holds no frame): none is reused. An emptied id given to another place named that
+    # place with the old one's `captions.scene_names` entry. Those of a clustering this run leaves
+    # for a library name nothing there (they are translated).
+    reserved = set() if join is not None else {c.partition("/")[0] for c in _named(feedback)} - {NOISE, NEW}
     labels, sims, exemplars, mode = _cluster(
         ctx, previous, fids, vectors, library, embedder_name, space, thresholds, reserved
     )
@@ -502,28 +504,37 @@ def _characters(
     faces: pl.DataFrame | None, face_frames: pl.DataFrame | None, fids: list[str]
 ) -> dict[str, tuple[str, ...]]:
     """Who stage 03 named in each frame (the character level), with the frames it searched
-    (its ``face_frames`` with status ok) told apart from those it never looked at."""
-    scanned = None
+    (its ``face_frames`` with status ok) told apart from those it never looked at. Without stage
+    03's tables (``--stages extract,quality,scenes``) no frame was searched: every frame was filed
+    under "nobody", as if it showed no one."""
+    scanned = None if faces is not None else set()
     if face_frames is not None:
         scanned = set(face_frames.filter(pl.col("status") == "ok")["frame_id"].to_list())
     return frame_characters(faces, fids, scanned)
 
 
 def _exemplar_rows(
-    ids: dict[str, str], vectors: dict[str, np.ndarray], movie_id: str, embedder: str, space: str
+    exemplars: Iterable[tuple[str, str, np.ndarray]], movie_id: str, embedder: str, space: str
 ) -> pl.DataFrame:
+    """The ``scene_exemplars`` rows of ``(cluster id, frame id, vector)`` triples, by id and frame
+    (an id may have several: clusters a person merged)."""
     rows = [
         {
             "cluster_id": cid,
-            "frame_id": ids[cid],
+            "frame_id": fid,
             "movie_id": movie_id,
             "embedder": embedder,
             "space": space,
-            "vector": vectors[cid].astype(np.float32).tolist(),
+            "vector": vector.astype(np.float32).tolist(),
         }
-        for cid in sorted(ids)
+        for cid, fid, vector in sorted(exemplars, key=lambda row: (row[0], row[1]))
     ]
     return pl.DataFrame(rows, schema=EXEMPLAR_SCHEMA)
+
+
+def _triples(result: Any) -> list[tuple[str, str, np.ndarray]]:
+    """A clustering result's exemplars as :func:`_exemplar_rows` takes them."""
+    return [(c, f, result.exemplar_vectors[c]) for c, f in result.exemplars.items()]
 
 
 def _index_from(exemplars: pl.DataFrame, dim: int, index_min_frames: int) -> ExemplarIndex:
@@ -569,9 +580,7 @@ def _assign_new(
             labels[i] = result.labels[j]
             sims[i] = result.similarity[j]
         embedder = prev_ex["embedder"][0] if prev_ex.height else space.split("+")[0]
-        exemplars = pl.concat(
-            [prev_ex, _exemplar_rows(result.exemplars, result.exemplar_vectors, movie_id, embedder, space)]
-        )
+        exemplars = pl.concat([prev_ex, _exemplar_rows(_triples(result), movie_id, embedder, space)])
     return labels, sims, exemplars, f"incremental ({len(new_rows)} new frames)"
 
 
@@ -640,9 +649,7 @@ def _assign_library(
                 ),
             ),
         )
-        added = _exemplar_rows(
-            result.exemplars, result.exemplar_vectors, movie_id, space.split("+")[0], space
-        )
+        added = _exemplar_rows(_triples(result), movie_id, space.split("+")[0], space)
         lib = pl.concat([lib, added])
         atomic_write_parquet(path, lib)
         _note_exemplars(library, lib.height, next_cluster_number(lib["cluster_id"].to_list()))
@@ -988,6 +995,19 @@ def checked_feedback(feedback: pl.DataFrame, path: Path) -> pl.DataFrame:
         raise BadInputError(
             f"{path}: to_cluster {odd[0]!r} is no cluster; a move's target is noise, a scene such as "
             "s003, or one of its character sub-clusters (s003/anna); fix or remove that row"
+        )
+    # A scene move's target is a scene, a character move's a sub-cluster: a scene move to
+    # s002/biden was stored as the scene s002/biden, its character row s002/biden/nobody.
+    crossed = feedback.filter(
+        (pl.col("to_cluster") != NOISE)
+        & ((pl.col("level") == "scene") == pl.col("to_cluster").str.contains("/", literal=True))
+    )
+    if crossed.height:
+        row = crossed.row(0, named=True)
+        wanted = "a scene such as s003" if row["level"] == "scene" else "a sub-cluster such as s003/anna"
+        raise BadInputError(
+            f"{path}: a {row['level']} move's to_cluster {row['to_cluster']!r} is not {wanted} "
+            "(or noise); fix its level or target, or remove that row"
         )
     return feedback
 
