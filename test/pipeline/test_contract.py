@@ -175,6 +175,12 @@ def test_done_then_stale_for_code_config_input_and_output_and_missing_for_a_dele
     )
     shutil.rmtree(run.run_dir / "doubled")
     assert stage_state(pipeline, run, "double", cfg) == ("missing", "its output doubled/ is gone")
+    # Under settings that moved, those are the reason: an output's place may be a setting, and a
+    # LoRA folder looked for under another train.output_dir was said to be gone (it was not).
+    assert stage_state(pipeline, run, "double", moved) == (
+        "stale",
+        f"its config changed: extract.motion_threshold {cfg.extract.motion_threshold} -> 7.0",
+    )
     run_stage(pipeline, run, "double", cfg, progress=False)
     assert stage_state(pipeline, run, "double", cfg)[0] == "done"
     # A table gone that the stage wrote is missing; one its last run did not write yet (the stage

@@ -16,7 +16,7 @@ from diffusion_bunny.config import load_config, text_setting
 from diffusion_bunny.errors import UserError
 from diffusion_bunny.pipeline.run import Run, movie_id
 from diffusion_bunny.pipeline.runner import overrides_from_args
-from diffusion_bunny.pipeline.status import resolve_runs, run_status, settings_note
+from diffusion_bunny.pipeline.status import dropped_settings_note, resolve_runs, run_status, settings_note
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_names
 
 
@@ -67,6 +67,17 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     assert settings_note(run, {"config_path": None, "overrides": {"engine.kind": "local"}}) == (
         "its last bunny run was given --config /films/mine.yaml --characters /films/refs; judged here "
         "by this command's (no settings of its own): give the same to judge by those"
+    )
+    # bunny run says only what it leaves out (other values given are a choice, said by the stages).
+    recorded = {"config_path": "/films/mine.yaml", "overrides": {**refs, "engine.kind": "ray"}}
+    assert dropped_settings_note(recorded, {"config_path": "/films/mine.yaml", "overrides": refs}) is None
+    other = {"characters.reference_dir": "/films/other"}
+    assert dropped_settings_note(recorded, {"config_path": "/films/b.yaml", "overrides": other}) is None
+    assert dropped_settings_note(None, {"config_path": None, "overrides": {}}) is None
+    assert dropped_settings_note(recorded, {"config_path": None, "overrides": {"engine.kind": "local"}}) == (
+        "its last bunny run was given --config /films/mine.yaml --characters /films/refs, this one not: "
+        "the stages those settings touch run without them (and the folder's notebooks start without "
+        "them); give the same to keep them"
     )
     # The flags said can be typed back: values as --set reads them, words quoted for the shell
     # ("=None" read back as the text None; "blurry, ugly" unquoted was two words).

@@ -464,12 +464,14 @@ def manifest_state(
     if not isinstance(recorded, dict):  # a manifest written before outputs were fingerprinted
         return "stale", "its manifest predates output fingerprints"
     recorded_owned = recorded.get("owned") or {}
-    for label, path in owned.items():
-        if recorded_owned.get(label) is not None and not path.exists():
-            return "missing", f"its output {label} is gone"
+    # The settings first: an output's place may be one (train.output_dir), and a LoRA folder read
+    # under another one than the stage wrote it to was said to be gone.
     moved = _settings_or_code_moved(manifest, config_hash, config, code)
     if moved is not None:
         return "stale", moved
+    for label, path in owned.items():
+        if recorded_owned.get(label) is not None and not path.exists():
+            return "missing", f"its output {label} is gone"
     changed = _changed(manifest.get("inputs") or {}, plain(inputs))
     if changed:
         return "stale", f"its inputs changed ({', '.join(changed)})"

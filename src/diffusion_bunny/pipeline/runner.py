@@ -61,6 +61,7 @@ from diffusion_bunny.pipeline.run import (
     run_folder_in,
 )
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
+from diffusion_bunny.pipeline.status import dropped_settings_note
 
 log = logging.getLogger(__name__)
 #: Terminal colour codes in IPython's tracebacks (unreadable in a log file).
@@ -912,6 +913,9 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
         # Recorded once the stages' states are read: a setting they refuse (a reference folder
         # without pictures) stops the command in one line, and a notebook opened on the run later
         # must not start from settings no stage ran with.
+        asked = {"config_path": options.config_path, "overrides": options.overrides}
+        if (note := dropped_settings_note(run.settings(), asked)) is not None:
+            _say(f"{movie.name}: warning: {note}")
         run.write_settings(options.config_path, options.overrides)
         if first is not None:
             # boots, importing the first notebook's modules, while this process checks the

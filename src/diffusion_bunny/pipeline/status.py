@@ -347,6 +347,27 @@ def settings_note(run: Run, asked: dict[str, Any]) -> str | None:
     )
 
 
+def dropped_settings_note(recorded: dict[str, Any] | None, asked: dict[str, Any]) -> str | None:
+    """A line when ``bunny run`` on a run folder leaves out settings its last ``bunny run`` was
+    given (a ``--config`` or a ``--set``/``--characters`` key ``asked`` lacks), else None: the
+    stages they touch are judged and run without them. Why: ``bunny run MOVIE --stages report``
+    typed without the first run's ``--characters`` said stage 03 was out of date and to run it
+    again, which would have named nobody; and the folder's settings then dropped the references
+    for its notebooks. Giving other values is a choice, and said by the stages' reasons."""
+    if recorded is None:
+        return None
+    recorded, asked = (_of_stages(r) for r in (recorded, asked))
+    left_out = {k: v for k, v in recorded["overrides"].items() if k not in asked["overrides"]}
+    config = recorded["config_path"] if recorded["config_path"] and not asked["config_path"] else None
+    if not left_out and config is None:
+        return None
+    flags = _flags({"config_path": config, "overrides": left_out})
+    return (
+        f"its last bunny run was given {flags}, this one not: the stages those settings touch run "
+        "without them (and the folder's notebooks start without them); give the same to keep them"
+    )
+
+
 def status_table(
     pipeline: Pipeline, refs: list[RunRef], cfg: RunConfig, asked: dict[str, Any] | None = None
 ) -> pl.DataFrame:

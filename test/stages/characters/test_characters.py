@@ -523,6 +523,18 @@ def test_cli_empty_reference_folder_fails_the_movie_with_one_line(tmp_path, cut_
     assert code == 2 and "holds no images in character sub-folders" in err and "Traceback" not in err
     assert (out / "settings.json").read_text() == recorded
     assert (out / "tables" / "frames.parquet").is_file()  # earlier stages' results are kept
+    # A later run that leaves out the settings the last one was given says so: its stages run
+    # without them (the stale reasons' advice, typed without them, lost stage 03's names).
+    assert (
+        main(["run", str(path), "--out", str(out), "--stages", "extract", "--set", "extract.thumb_width=300"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--stages", "extract"]) == 0
+    assert (
+        "warning: its last bunny run was given --set extract.thumb_width=300, this one not: the stages "
+        "those settings touch run without them"
+    ) in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
