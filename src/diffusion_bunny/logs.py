@@ -249,10 +249,11 @@ _previous_quiet: str | None = None
 class _HeldHandler(logging.Handler):
     """What the terminal's handler would show, kept in :attr:`lines` (:func:`held_lines`)."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, verbose: bool = False):
         super().__init__()
         self.lines: list[str] = []
-        self.addFilter(_SayFilter(logging.ERROR if quiet else logging.WARNING, quiet=quiet))
+        level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+        self.addFilter(_SayFilter(level, quiet=quiet))
         self.setFormatter(_TerminalFormatter())
         self.set_name(f"{LOGGER}-terminal")  # :func:`say` and :func:`terminal_attached` find it
 
@@ -264,9 +265,10 @@ class _HeldHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def held_lines(quiet: bool) -> Iterator[list[str]]:
+def held_lines(quiet: bool, verbose: bool = False) -> Iterator[list[str]]:
     """For the block, the lines this process would show on a terminal (as ``bunny``'s terminal
-    handler formats them, ``quiet`` as ``--quiet``) are kept in the list yielded instead.
+    handler formats them, ``quiet`` as ``--quiet``, ``verbose`` as ``--verbose``: a Ray task
+    showed no INFO line under ``-v``) are kept in the list yielded instead.
 
     Why: a Ray worker's standard error reaches the command's terminal through Ray's log
     forwarding, which is asynchronous: its lines came glued to the movies' bar, and none at all
@@ -274,7 +276,7 @@ def held_lines(quiet: bool) -> Iterator[list[str]]:
     "3 of 4 movies failed (see the messages above)"). The worker returns them with its report and
     the head prints them (:mod:`diffusion_bunny.pipeline.engine`)."""
     logger = logging.getLogger(LOGGER)
-    handler = _HeldHandler(quiet)
+    handler = _HeldHandler(quiet, verbose)
     level = logger.level
     logger.setLevel(logging.INFO)  # a worker with no log file to attach left it at WARNING
     logger.addHandler(handler)
@@ -283,6 +285,14 @@ def held_lines(quiet: bool) -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def terminal_verbose() -> bool:
+    """Whether ``bunny``'s terminal handler shows INFO records (``--verbose``)."""
+    for handler in logging.getLogger(LOGGER).handlers:
+        if (handler.get_name() or "") == f"{LOGGER}-terminal":
+            return any(isinstance(f, _SayFilter) and f.level <= logging.INFO for f in handler.filters)
+    return False
 
 
 def terminal_attached() -> bool:

@@ -795,3 +795,69 @@ def test_quiet_keeps_rays_own_warnings_off_the_terminal(monkeypatch):
     monkeypatch.setenv(QUIET_ENV, "1")
     _quiet_ray_logs()
     assert ray_log.level == logging.ERROR and not ray_log.isEnabledFor(logging.WARNING)
+
+
+def test_an_unreadable_movie_on_ray_fails_in_one_line_before_ray_starts(tmp_path, monkeypatch):
+    """``bunny run broken.mp4 --engine ray`` started a Ray cluster (about 30 s) before the movie's
+    line, then said "1 of 1 movies failed" under it: the local engine's one line at once now."""
+    from diffusion_bunny.errors import UserError
+    from diffusion_bunny.pipeline import engine
+    from diffusion_bunny.stages import PIPELINE
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a movie at all" * 64)
+    monkeypatch.setattr(engine, "start_ray", lambda cfg: pytest.fail("Ray was started"))
+    cfg = load_config(None, {"engine.kind": "ray"})
+    with pytest.raises(UserError, match=r"broken\.mp4"):
+        engine.run_target(PIPELINE, bad, cfg, stages="extract", out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_movie_keeps_its_name_on_ray(movies, tmp_path):
+    """Ray's head resolved each movie, so a link (a season folder of links to release-named
+    files) was reported under its target's name, where the local engine used the link's."""
+    from diffusion_bunny.pipeline.engine import _ray_jobs
+
+    link = tmp_path / "episode1.mp4"
+    link.symlink_to(movies / "a.mp4")
+    cfg = load_config(None, {"paths.output_dir": str(tmp_path / "out")})
+    [(movie, run_dir)] = _ray_jobs([(link, None)], cfg)
+    assert movie == link and movie.is_absolute() and run_dir.name.startswith("episode1-")
+
+
+def test_verbose_reaches_the_ray_workers_and_a_join_sends_the_token_ray_made(tmp_path, monkeypatch):
+    """``bunny run -v --engine ray`` showed no INFO line of its tasks. And after one local Ray run
+    (which writes ``~/.ray/auth_token``) a ``ray start --head`` there turns token authentication
+    on, but a join by ``--address`` sent no token: every join was refused."""
+    import logging
+
+    from diffusion_bunny.logs import held_lines, start_cli_log, stop_cli_log, terminal_verbose
+    from diffusion_bunny.pipeline import engine
+
+    said = logging.getLogger("diffusion_bunny.test")
+    for verbose in (False, True):
+        with held_lines(False, verbose) as lines:
+            said.info("a stage took 6.3 s")
+        assert lines == (["a stage took 6.3 s"] if verbose else [])
+    try:
+        start_cli_log(1, tmp_path / "log")
+        assert terminal_verbose()
+        start_cli_log(0, tmp_path / "log")
+        assert not terminal_verbose()
+    finally:
+        stop_cli_log()
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    engine._prepare_ray_environment("10.0.0.2:6379")
+    assert "RAY_AUTH_MODE" not in os.environ  # no token here: nothing to send
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("secret")
+    engine._prepare_ray_environment(None)  # a local cluster: Ray decides itself
+    assert "RAY_AUTH_MODE" not in os.environ
+    engine._prepare_ray_environment("10.0.0.2:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a mode set by the user is kept
+    engine._prepare_ray_environment("10.0.0.2:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"

@@ -56,6 +56,7 @@ from diffusion_bunny.logs import (
     held_lines,
     log_hint,
     terminal_attached,
+    terminal_verbose,
 )
 from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.paths import WORKSPACE_ENV, workspace_root
@@ -142,18 +143,36 @@ def run_local(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> 
     return [run_one(movie, run_dir, options) for movie, run_dir in bar]
 
 
-def _prepare_ray_environment() -> None:
-    # Before ray is imported: no copy of the checkout into a per-session venv (the workers run this
-    # venv's Python already), and no usage statistics sent anywhere.
+def _prepare_ray_environment(address: str | None = None) -> None:
+    """Before ray is imported: no copy of the checkout into a per-session venv (the workers run
+    this venv's Python already), and no usage statistics sent anywhere.
+
+    Joining a cluster (``address``) with a Ray token on this machine, and ``RAY_AUTH_MODE`` not
+    set: the token is sent (``RAY_AUTH_MODE=token``). Ray 2.60's local ``ray.init`` writes
+    ``~/.ray/auth_token``, and from then on ``ray start --head`` on that machine turns token
+    authentication on, but a join by address sends no token unless told: after one local
+    ``--engine ray`` run, the cluster the walkthrough starts next refused every ``--address``
+    (the client sending a token joins a cluster without authentication all the same)."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address and "RAY_AUTH_MODE" not in os.environ and _ray_token_here():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ray_token_here() -> bool:
+    """Whether Ray finds an authentication token here: in ``RAY_AUTH_TOKEN``, the file
+    ``RAY_AUTH_TOKEN_PATH`` names, or ``~/.ray/auth_token`` (where Ray looks, in that order)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(named).expanduser().is_file() if named else (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def start_ray(cfg: RunConfig) -> bool:
     """Connect to the cluster ``engine.address`` names, or start a local one; returns whether
     this call started Ray (and should shut it down). An already initialised Ray (a caller's own
     cluster, as the tests make) is used as it is."""
-    _prepare_ray_environment()
+    _prepare_ray_environment(cfg.engine.address)
     import ray  # lazy: ray takes 1.2 s to import
 
     _quiet_ray_logs()
@@ -265,9 +284,17 @@ def _start_error(engine: Any, exc: BaseException) -> EngineError:
     """One line for a Ray that would not start or join, with what to check."""
     first = _first_line(exc)
     if engine.address:
+        token = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            else (
+                "; a cluster with token authentication needs its token here (RAY_AUTH_TOKEN, or the "
+                "head's ~/.ray/auth_token: ray get-auth-token on the head prints it)"
+            )
+        )
         return EngineError(
             f"could not join the Ray cluster at {engine.address} ({first}); "
-            "check --address (ray start --head prints it) or leave it out for a local cluster"
+            f"check --address (ray start --head prints it) or leave it out for a local cluster{token}"
         )
     busy = " (a busy machine makes Ray's start time out)" if "timed out" in first else ""
     return EngineError(
@@ -306,16 +333,18 @@ def _ray_task(
     head_node: str | None = None,
     workspace: str | None = None,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> MovieReport:
     """What one Ray worker does for one movie: exactly what the local engine does, once it has
     seen the folders it writes to as the head wrote them (``tokens``, :func:`_check_visible`).
     On the head's node it logs to the command's file (the stage kernels it starts inherit the
     path); on another node (``head_node`` is not this one) into ``<run>/log/``, TensorBoard's
     events too, since the head's log folder is on a disk that node does not see. ``quiet``
-    (``bunny --quiet``): its lines go to the log file only, errors still to the terminal. The
+    (``bunny --quiet``): its lines go to the log file only, errors still to the terminal;
+    ``verbose`` (``--verbose``): its INFO lines are shown too. The
     lines it would show on a terminal come back in the report's ``lines``, which the head prints
     (:func:`~diffusion_bunny.logs.held_lines`)."""
-    with held_lines(quiet) as lines:  # the head prints them (held_lines says why)
+    with held_lines(quiet, verbose) as lines:  # the head prints them (held_lines says why)
         report = _ray_movie(movie, run_dir, options, log_file, tokens, head_node, workspace, quiet)
     return replace(report, lines=list(lines))
 
@@ -495,7 +524,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
     any starts (:func:`_check_fits`).
     Every task first checks that its node sees the folders it writes to (the module docstring)."""
     cfg = options.cfg
-    jobs = [(Path(movie).resolve(), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
+    jobs = _ray_jobs(jobs, cfg)
     probed = [_movie_seconds(movie) for movie, _ in jobs]
     tokens: dict[int, list[tuple[Path, str]]] = {}
     bar, started = None, False
@@ -507,7 +536,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
         task = ray.remote(num_cpus=cfg.engine.cpus_per_movie, max_retries=0)(_ray_task)
         # Workers draw no terminal bars (their stderr is forwarded line by line).
         remote = replace(options, progress=False)
-        log_file, quiet = os.environ.get(ENV), bool(os.environ.get(QUIET_ENV))
+        log_file, quiet, verbose = os.environ.get(ENV), bool(os.environ.get(QUIET_ENV)), terminal_verbose()
         head = ray.get_runtime_context().get_node_id()
         capacity = _capacity(ray, cfg)
         waiting = list(range(len(jobs)))
@@ -529,7 +558,7 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
                     continue
                 tokens[i] = written
                 ref = task.remote(
-                    movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()), quiet
+                    movie, run_dir, remote, log_file, tokens[i], head, str(workspace_root()), quiet, verbose
                 )
                 running[ref] = (i, time.monotonic())
             bounded = [t0 + limits[i] for i, t0 in running.values() if limits[i] is not None]
@@ -560,6 +589,13 @@ def run_ray(jobs: Sequence[tuple[Path, Path | None]], options: RunOptions) -> li
         # a worker killed with its task (cancelled) left its kernel's socket files on this node
         remove_orphan_sockets(tempfile.gettempdir())
     return [results[i] for i in range(len(jobs))]
+
+
+def _ray_jobs(jobs: Sequence[tuple[Path, Path | None]], cfg: RunConfig) -> list[tuple[Path, Path | None]]:
+    """Each movie absolute, as the workers need it, but named as given: a link's target's name
+    was shown for it (and in the report's movies table), where the local engine showed the link's;
+    and its run folder (:func:`_run_folder`)."""
+    return [(Path(os.path.abspath(movie)), _run_folder(movie, run_dir, cfg)) for movie, run_dir in jobs]
 
 
 def _run_folder(movie: Path, run_dir: Path | None, cfg: RunConfig) -> Path | None:
@@ -687,7 +723,9 @@ def run_target(
     )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and isinstance(target, (str, Path)) and Path(target).expanduser().is_file()
-    if single and engine_kind(cfg) == "local":
+    # A movie that cannot be read fails as on the local engine, in one line: on Ray it started a
+    # cluster first (about 30 s) and said "1 of 1 movies failed" under the movie's own line.
+    if single and (engine_kind(cfg) == "local" or not _movie_seconds(movies[0])[0]):
         return [run_movie(movies[0], Path(out) if out else None, options)]
     if single:
         run_dir = None
