@@ -126,6 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from diffusion_bunny.config import (  # lazy: after _keep_bytecode(), to cache its bytecode
+        current_name,
         load_config,
         text_setting,
     )
@@ -167,6 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         force=args.force,
         progress=not args.quiet,
+        current_name=current_name,
     )
     failed = [r for r in reports if r.error]
     for r in reports:

@@ -848,7 +848,8 @@ def test_verbose_reaches_the_ray_workers_and_a_join_sends_the_token_ray_made(tmp
         stop_cli_log()
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded by monkeypatch, so put back as it was after the test
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     engine._prepare_ray_environment("10.0.0.2:6379")
     assert "RAY_AUTH_MODE" not in os.environ  # no token here: nothing to send

@@ -12,11 +12,12 @@ import pytest
 from clips import write_clip
 
 from diffusion_bunny.cli import main
-from diffusion_bunny.config import load_config, text_setting
+from diffusion_bunny.config import current_name, load_config, text_setting
 from diffusion_bunny.errors import UserError
+from diffusion_bunny.pipeline.recorded import dropped_settings_note
 from diffusion_bunny.pipeline.run import Run, movie_id
 from diffusion_bunny.pipeline.runner import overrides_from_args
-from diffusion_bunny.pipeline.status import dropped_settings_note, resolve_runs, run_status, settings_note
+from diffusion_bunny.pipeline.status import resolve_runs, run_status, settings_note
 from diffusion_bunny.stages import PIPELINE, run_stage, stage_names
 
 
@@ -74,6 +75,11 @@ def test_done_stale_after_a_config_change_and_missing(cut_clip, tmp_path, capsys
     other = {"characters.reference_dir": "/films/other"}
     assert dropped_settings_note(recorded, {"config_path": "/films/b.yaml", "overrides": other}) is None
     assert dropped_settings_note(None, {"config_path": None, "overrides": {}}) is None
+    # A setting given under its name today is not left out under the name the last run used.
+    old_name = {"config_path": None, "overrides": {"extract.threshold": 30}}
+    new_name = {"config_path": None, "overrides": {"extract.detector.threshold": 30}}
+    assert dropped_settings_note(old_name, new_name, current_name) is None
+    assert "--set extract.threshold=30, this one not" in dropped_settings_note(old_name, new_name)
     assert dropped_settings_note(recorded, {"config_path": None, "overrides": {"engine.kind": "local"}}) == (
         "its last bunny run was given --config /films/mine.yaml --characters /films/refs, this one not: "
         "the stages those settings touch run without them (and the folder's notebooks start without "

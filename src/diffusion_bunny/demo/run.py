@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from diffusion_bunny.config import load_config, output_root
+from diffusion_bunny.config import current_name, load_config, output_root
 from diffusion_bunny.demo.metrics import adjusted_rand, match_boundaries
 from diffusion_bunny.demo.movie import DemoMovie, build_demo_movie, build_demo_references
 from diffusion_bunny.errors import StageError
@@ -183,7 +183,16 @@ def run_demo(
     run_dir = out if out is not None else output_root(cfg) / "demo"
     if out is None:
         _forget_older_demo(run_dir, demo.path)
-    run_target(PIPELINE, demo.path, cfg, overrides=overrides, out=run_dir, force=force, progress=progress)
+    run_target(
+        PIPELINE,
+        demo.path,
+        cfg,
+        overrides=overrides,
+        out=run_dir,
+        force=force,
+        progress=progress,
+        current_name=current_name,
+    )
     return summarize(Run.open(run_dir), demo.ground_truth())
 
 

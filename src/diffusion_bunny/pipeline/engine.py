@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -698,6 +698,7 @@ def run_target(
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    current_name: Callable[[str], str] | None = None,
 ) -> list[MovieReport]:
     """``bunny run``: one movie, or every movie of a folder, or of several targets (a shell's
     ``*.mkv``), on an engine (``local``: one after another, ``ray``: one Ray task per movie;
@@ -710,7 +711,7 @@ def run_target(
 
     ``cfg`` is the configuration loaded from ``config_path`` and ``overrides`` (by the caller,
     which knows every stage's settings: the machinery knows none); each stage's kernel loads the
-    same two again.
+    same two again. ``current_name``: a setting's name today (:class:`RunOptions`).
     """
     options = RunOptions(
         pipeline=pipeline,
@@ -720,6 +721,7 @@ def run_target(
         overrides=dict(overrides or {}),
         force=force,
         progress=progress,
+        current_name=current_name,
     )
     movies = find_movies(target, cfg)
     single = len(movies) == 1 and isinstance(target, (str, Path)) and Path(target).expanduser().is_file()

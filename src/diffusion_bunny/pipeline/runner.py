@@ -53,6 +53,7 @@ from diffusion_bunny.pipeline.contract import (
 )
 from diffusion_bunny.pipeline.manifest import file_fingerprint
 from diffusion_bunny.pipeline.progress import remove_relay_files, start_following, stop_following
+from diffusion_bunny.pipeline.recorded import dropped_settings_note
 from diffusion_bunny.pipeline.run import (
     Run,
     check_exists,
@@ -61,7 +62,6 @@ from diffusion_bunny.pipeline.run import (
     run_folder_in,
 )
 from diffusion_bunny.pipeline.settings import RunConfig, output_root, parse_override
-from diffusion_bunny.pipeline.status import dropped_settings_note
 
 log = logging.getLogger(__name__)
 #: Terminal colour codes in IPython's tracebacks (unreadable in a log file).
@@ -86,6 +86,9 @@ class RunOptions:
     force: bool = False
     #: Terminal progress bars (off for ``--quiet`` and inside Ray workers).
     progress: bool = True
+    #: A setting's name today (``config.current_name``: this module may not import the config),
+    #: to compare the settings given with those the folder's last run recorded.
+    current_name: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -914,7 +917,7 @@ def _run_movie_locked(movie: Path, run: Run, options: RunOptions, movie_s: float
         # without pictures) stops the command in one line, and a notebook opened on the run later
         # must not start from settings no stage ran with.
         asked = {"config_path": options.config_path, "overrides": options.overrides}
-        if (note := dropped_settings_note(run.settings(), asked)) is not None:
+        if (note := dropped_settings_note(run.settings(), asked, options.current_name)) is not None:
             _say(f"{movie.name}: warning: {note}")
         run.write_settings(options.config_path, options.overrides)
         if first is not None:

@@ -10,8 +10,6 @@ before it decides to skip a stage.
 from __future__ import annotations
 
 import contextlib
-import json
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +21,7 @@ from diffusion_bunny.errors import BadInputError, StageError, UserError
 from diffusion_bunny.media.probe import probe_video, shown, unreadable
 from diffusion_bunny.pipeline.contract import Pipeline, stage_state
 from diffusion_bunny.pipeline.lock import current_holder
+from diffusion_bunny.pipeline.recorded import as_flags, of_stages
 from diffusion_bunny.pipeline.run import (
     Run,
     check_exists,
@@ -302,32 +301,6 @@ def _replaced_movie(run_dir: Path) -> str | None:
     )
 
 
-def _flags(record: dict[str, Any]) -> str:
-    """A run's recorded settings (``settings.json``) as the flags that give them, to be typed
-    back: each value as ``--set`` reads it (``null``, ``true``, a list in brackets) and each word
-    quoted for the shell. Python's spelling (``None``, ``['a', 'b']``) read back as other text,
-    and ``negative_prompt=blurry, ugly`` unquoted was two words, one refused by ``bunny``."""
-    overrides = dict(record.get("overrides") or {})
-    words = [f"--config {shlex.quote(str(record['config_path']))}"] if record.get("config_path") else []
-    if overrides.get("characters.reference_dir"):
-        words.append(f"--characters {shlex.quote(str(overrides.pop('characters.reference_dir')))}")
-    words += [f"--set {shlex.quote(f'{key}={_as_typed(value)}')}" for key, value in overrides.items()]
-    return " ".join(words) or "no settings of its own"
-
-
-def _as_typed(value: Any) -> str:
-    """A recorded setting's value as ``--set`` reads it back (YAML 1.2; JSON is YAML)."""
-    if value is None or isinstance(value, bool | list | dict):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def _of_stages(record: dict[str, Any]) -> dict[str, Any]:
-    """A recorded ``config_path`` and ``overrides`` without the engine's settings."""
-    overrides = {k: v for k, v in (record.get("overrides") or {}).items() if not k.startswith("engine.")}
-    return {"config_path": record.get("config_path"), "overrides": overrides}
-
-
 def settings_note(run: Run, asked: dict[str, Any]) -> str | None:
     """A line when the run's last ``bunny run`` was given other settings than this command
     (``asked``: its ``config_path`` and ``overrides``), else None. Why: a stage of a run made with
@@ -338,33 +311,12 @@ def settings_note(run: Run, asked: dict[str, Any]) -> str | None:
     if recorded is None:
         return None
     # Where the stages run is in no stage's settings (engine.kind, engine.address)
-    recorded, asked = (_of_stages(r) for r in (recorded, asked))
+    recorded, asked = (of_stages(r) for r in (recorded, asked))
     if recorded == asked:
         return None
     return (
-        f"its last bunny run was given {_flags(recorded)}; judged here by this command's "
-        f"({_flags(asked)}): give the same to judge by those"
-    )
-
-
-def dropped_settings_note(recorded: dict[str, Any] | None, asked: dict[str, Any]) -> str | None:
-    """A line when ``bunny run`` on a run folder leaves out settings its last ``bunny run`` was
-    given (a ``--config`` or a ``--set``/``--characters`` key ``asked`` lacks), else None: the
-    stages they touch are judged and run without them. Why: ``bunny run MOVIE --stages report``
-    typed without the first run's ``--characters`` said stage 03 was out of date and to run it
-    again, which would have named nobody; and the folder's settings then dropped the references
-    for its notebooks. Giving other values is a choice, and said by the stages' reasons."""
-    if recorded is None:
-        return None
-    recorded, asked = (_of_stages(r) for r in (recorded, asked))
-    left_out = {k: v for k, v in recorded["overrides"].items() if k not in asked["overrides"]}
-    config = recorded["config_path"] if recorded["config_path"] and not asked["config_path"] else None
-    if not left_out and config is None:
-        return None
-    flags = _flags({"config_path": config, "overrides": left_out})
-    return (
-        f"its last bunny run was given {flags}, this one not: the stages those settings touch run "
-        "without them (and the folder's notebooks start without them); give the same to keep them"
+        f"its last bunny run was given {as_flags(recorded)}; judged here by this command's "
+        f"({as_flags(asked)}): give the same to judge by those"
     )
 
 

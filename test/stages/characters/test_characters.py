@@ -20,7 +20,7 @@ from diffusion_bunny.cli import main
 from diffusion_bunny.config import load_config
 from diffusion_bunny.demo.movie import REFERENCE_CROPS, build_demo_references
 from diffusion_bunny.demo.run import DEMO_SETTINGS
-from diffusion_bunny.errors import BadInputError, ConfigError, StageError, UserError
+from diffusion_bunny.errors import BadInputError, ConfigError, StageError, StageWarning, UserError
 from diffusion_bunny.models.dlib_detect import CnnSettings, HogSettings
 from diffusion_bunny.models.faces import (
     DetectSettings,
@@ -758,6 +758,13 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
         picture.unlink()
     _unpromote(own, run.run_dir)
     assert own.exists()
+    # A picture whose folder is gone when its fix is undone stays set aside, said in one line.
+    set_aside = run.run_dir / "cache" / "characters" / "set_aside" / "Lin Manuel" / taken[0].name
+    assert set_aside.is_file() and set_aside.with_suffix(".json").is_file()
+    folder.rename(folder.with_name("Lin"))
+    with pytest.warns(StageWarning, match=r"stays set aside: .*Lin Manuel is gone"):
+        undo_fix(run.run_dir, taken[0].stem, load_config(None, dict(DEMO_SETTINGS)))
+    assert set_aside.is_file()
 
 
 def test_a_cluster_named_again_whose_faces_are_its_references_already_says_so(discovered, tmp_path):

@@ -191,6 +191,11 @@ def test_a_cluster_of_frames_a_person_placed_takes_the_id_of_where_they_went():
     assert mapping["r"] == "s004"
     mapping = stable_ids(["p", "p", "q", "r", "u", "u", "u", "u"], ids, previous, (), {"d": "s009"})
     assert mapping["r"] == "s009" and mapping["u"] == "s010"
+    # A cluster that split keeps its id on one part; the other part, which took in frames moved
+    # to a claimed folder, is not merged there (its own frames were never moved).
+    split = {**previous, "d": "s007", "e": "s007", "f": "s007", "g": "s007"}
+    mapping = stable_ids(["p", "p", "q", "u", "u", "u", "r", "r"], ids, split, (), {"h": "s002"})
+    assert mapping["u"] == "s007" and mapping["r"] == "s008"
     # The fresh ids go past every id a person placed frames in.
     assert stable_ids(["p", "z"], ["a", "z"], {"a": "s002"}, (), {"y": "s012"})["z"] == "s013"
 
@@ -608,6 +613,8 @@ def test_an_emptied_cluster_id_is_not_given_to_another_place(scenes_run):
     after = run.read_table("clusters").filter(pl.col("level") == "scene")
     assert top not in set(after["cluster_id"].to_list())
     assert top not in set(run.read_table("scene_exemplars")["cluster_id"].to_list())
+    # Nor to a folder the board makes.
+    assert move_to_cluster(run.run_dir, after["frame_id"][0], "new")["to_cluster"] > top
 
 
 def test_moves_keep_their_frames_together_when_the_clusters_table_is_gone(scenes_run):

@@ -32,6 +32,7 @@ import time
 import types
 import unicodedata
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from diffusion_bunny.errors import StageError, UserError
+from diffusion_bunny.errors import StageError, StageWarning, UserError
 from diffusion_bunny.media.images import crop_region, read_image
 from diffusion_bunny.models.device import resolve_device
 from diffusion_bunny.models.face_detect import require as require_detector
@@ -978,21 +979,27 @@ def undo_fix(run_dir: str | Path, face_id: str, cfg: RunConfig) -> pl.DataFrame:
             if not mine.any():
                 raise UserError(f"appearance {face_id} has no fix to undo (fixes show in notebook 03)")
             tables["appearance_edits"] = edits.filter(~mine)
-            _put_back(run.run_dir, face_id, naming_dir(run.run_dir, cfg.characters))
+            _put_back(run, face_id, cfg.characters)
         return run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
 
 
 def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: str, name: str) -> Path | None:
     """The reference picture naming a cluster ``name`` took from the human face ``face_id``
     (``<folder>/<name>/<face_id>.png`` in the folder naming writes to), where there is one and it
-    still shows that face. An id is the face's place in its frame, which a later run may give
-    another face: the picture is that face's only where its face is within
-    :data:`~.references.SAME_PHOTO_DISTANCE` of the face's encoding. Drawn characters' pictures
-    are not looked for (their ids move with every fit, and their features tell no picture)."""
+    still shows that face (:func:`_shows_face`). Drawn characters' pictures are not looked for
+    (their ids move with every fit, and their features tell no picture)."""
     folder = run.run_dir / RUN_REFERENCES if characters is None else naming_dir(run.run_dir, characters)
     picture = folder / name / f"{face_id}.png"
+    return picture if _shows_face(run, picture, face_id, characters) else None
+
+
+def _shows_face(run: Run, picture: Path, face_id: str, characters: CharactersSettings | None) -> bool:
+    """Whether ``picture`` shows the face that is ``face_id`` in the run's detections. An id is
+    the face's place in its frame, which a later run may give another face: the picture is that
+    face's only where its face is within :data:`~.references.SAME_PHOTO_DISTANCE` of the face's
+    encoding."""
     if not picture.is_file() or not run.has_table("detections"):
-        return None
+        return False
     path = run.table_path("detections")
     with damaged_table(path):
         found = (
@@ -1004,9 +1011,9 @@ def promoted_picture(run: Run, characters: CharactersSettings | None, face_id: s
     settings = DetectSettings() if characters is None else DetectSettings.from_config(characters)
     held = _photo(picture, replace(settings, min_face_px=0))
     if found.is_empty() or held is None:
-        return None
+        return False
     distance = float(np.linalg.norm(np.asarray(found["embedding"][0], np.float32) - held[1]))
-    return picture if distance < SAME_PHOTO_DISTANCE else None
+    return distance < SAME_PHOTO_DISTANCE
 
 
 def _unpromote(picture: Path | None, run_dir: Path) -> None:
@@ -1014,8 +1021,8 @@ def _unpromote(picture: Path | None, run_dir: Path) -> None:
     another name: it went on naming that face's look as the old character (a face fixed to
     "Pianist" stayed one of "Lin Manuel"'s pictures). Kept where it is the character's only
     picture: the character would be lost with it. Set aside in the run's cache
-    (:data:`SET_ASIDE`), not deleted, so that :func:`undo_fix` can put it back: an undone fix
-    otherwise left the character one picture short for good."""
+    (:data:`SET_ASIDE`, with the path it came from), not deleted, so that :func:`undo_fix` can
+    put it back: an undone fix otherwise left the character one picture short for good."""
     if picture is None:
         return
     with contextlib.suppress(OSError):  # the fix is saved: a folder made read-only since keeps it
@@ -1025,20 +1032,35 @@ def _unpromote(picture: Path | None, run_dir: Path) -> None:
         if others:
             kept = Path(run_dir) / SET_ASIDE / picture.parent.name / picture.name
             kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(kept.with_suffix(".json"), json.dumps({"from": str(picture)}).encode())
             shutil.move(picture, kept)  # the reference folder may be on another drive
 
 
-def _put_back(run_dir: Path, face_id: str, folder: Path) -> list[Path]:
+def _put_back(run: Run, face_id: str, characters: CharactersSettings) -> list[Path]:
     """The reference pictures :func:`_unpromote` set aside for appearance ``face_id``, moved back
-    into their characters' folders under ``folder`` (where the character's folder is still there
-    and holds no file of that name); returns where they went."""
+    where they came from; returns where they went. One still showing that face only (a later run
+    may have given its id to another face). One whose folder is gone, or holds a file of that
+    name, stays set aside, said in one warning."""
     back = []
-    for kept in sorted((Path(run_dir) / SET_ASIDE).glob(f"*/{face_id}.png")):
-        home = folder / kept.parent.name
-        if home.is_dir() and not (home / kept.name).exists():
-            with contextlib.suppress(OSError):  # a read-only folder: the undo itself still holds
-                shutil.move(kept, home / kept.name)
-                back.append(home / kept.name)
+    for kept in sorted((run.run_dir / SET_ASIDE).glob(f"*/{face_id}.png")):
+        try:
+            home = Path(json.loads(kept.with_suffix(".json").read_text())["from"])
+        except (OSError, ValueError, KeyError, TypeError):  # set aside without its record
+            home = naming_dir(run.run_dir, characters) / kept.parent.name / kept.name
+        if not _shows_face(run, kept, face_id, characters):
+            continue
+        if not home.parent.is_dir() or home.exists():
+            warnings.warn(
+                f"{kept} stays set aside: {home.parent} is gone or holds {home.name} already; "
+                "copy it into the character's folder by hand if it should name them again",
+                StageWarning,
+                stacklevel=3,
+            )
+            continue
+        with contextlib.suppress(OSError):  # a read-only folder: the undo itself still holds
+            shutil.move(kept, home)
+            kept.with_suffix(".json").unlink(missing_ok=True)
+            back.append(home)
     return back
 
 

@@ -325,8 +325,14 @@ def stable_ids(
             continue
         mapping[new] = old
         used.add(old)
+    carried: Counter[str] = Counter()  # frames nobody moved that had an id in the last clustering
+    for (new, _old), count in overlap.items():
+        carried[new] += count
     for (new, put), count in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0])):
-        if new not in mapping and (put not in used or 2 * count >= sizes[new]):
+        # A merge also outnumbers the frames the cluster carries from a cluster of the last
+        # clustering: the part of a split cluster that took in a few moved frames is no merge.
+        merged = 2 * count >= sizes[new] and count > carried[new]
+        if new not in mapping and (put not in used or merged):
             mapping[new] = put
             used.add(put)
     number = next_cluster_number([*previous.values(), *used, *reserved, *(placed or {}).values()])

@@ -1108,7 +1108,7 @@ def _new_folder_id(run: Run, existing: set[str], feedback: pl.DataFrame) -> str:
     cluster) or a move. In a library, not one of the other movies' clusters or folders made by
     hand either: chosen and recorded in :data:`HAND_MADE_FILE` under the library's lock, so no
     movie's stage, nor its board, opens another place under it."""
-    taken = set(existing) | set(feedback["to_cluster"].to_list())
+    taken = set(existing) | set(_named(feedback))  # an id a person emptied too
     if run.has_table("scene_exemplars"):
         taken |= set(run.read_table("scene_exemplars")["cluster_id"].to_list())
     library = _board_library(run)
