@@ -727,6 +727,11 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
     run = _copy(discovered, tmp_path)
     name_cluster(run.run_dir, "cluster_00", "Lin Manuel", load_config(None, dict(DEMO_SETTINGS)))
     folder = run.run_dir / "references" / "Lin Manuel"
+    # Likely sightings are the drawn detector's: asked of a person, said (an empty strip said nothing).
+    from diffusion_bunny.stages.characters.sightings import likely_sightings
+
+    with pytest.raises(UserError, match=r"Lin Manuel is a person \(named from face photos\)"):
+        likely_sightings(run, "Lin Manuel", load_config(None, dict(DEMO_SETTINGS)).characters)
     taken = sorted(folder.glob("*.png"))
     own = folder / "photo.png"  # a picture of the user's own beside them
     shutil.copy(build_demo_references(tmp_path / "demo_refs") / "astronaut" / "astronaut.png", own)
@@ -770,11 +775,19 @@ def test_a_face_fixed_to_another_name_leaves_the_references_naming_took_from_it(
 def test_a_cluster_named_again_whose_faces_are_its_references_already_says_so(discovered, tmp_path):
     """Faces stage 03 names by no reference of their own (under characters.trust_min_px) stay a
     cluster after naming; named again, every crop is a copy of a picture already there, and the
-    line said "the detector does not find them again in a crop", which was not why."""
+    line said "the detector does not find them again in a crop", which was not why. A cluster of
+    only such faces is refused at once."""
     run = _copy(discovered, tmp_path)
-    cfg = load_config(None, {**DEMO_SETTINGS, "characters.trust_min_px": 4096})  # no face names itself
+    cfg = load_config(None, dict(DEMO_SETTINGS))
+    strict = load_config(None, {**DEMO_SETTINGS, "characters.trust_min_px": 4096})  # no face names itself
     before = run.read_table("faces").filter(pl.col("cluster") == "cluster_00")["face_id"].to_list()
+    # A cluster of faces stage 03 would not name by themselves is said at once: their crops were
+    # written as references, named none of them, and the naming said it had worked.
+    with pytest.raises(UserError, match="too small or too turned for stage 03 to name by themselves"):
+        name_cluster(run.run_dir, "cluster_00", "first", strict)
+    assert not (run.run_dir / "references" / "first").exists()
     name_cluster(run.run_dir, "cluster_00", "first", cfg)
+    run_stage(run, "characters", strict, progress=False)  # its faces no longer name themselves
     still = run.read_table("faces").filter(pl.col("face_id").is_in(before))["cluster"].unique().to_list()
     assert len(still) == 1 and still[0] is not None  # unnamed, a cluster again
     with pytest.raises(UserError, match=r"are first's reference photos already \(.*\.png"):
@@ -1144,6 +1157,60 @@ KNN_TRUTH = {
     "kit_with_rose.jpg": {"kit_harington", "rose_leslie"},
     "obama_and_biden.jpg": {"obama", "biden"},
 }
+
+
+def test_a_photo_of_someone_else_or_one_person_under_two_names_is_said(tmp_path):
+    """Reference folders are held against each other: a photo of Biden in Obama's folder was
+    taken in silence (Biden then named Obama in 3 of his 5 shots), one man's photos in two
+    folders split his faces between two names unsaid, and the same face under two names named
+    both."""
+    from PIL import Image
+
+    from diffusion_bunny.stages.characters.references import load_character_references
+
+    train = _examples() / "knn_examples" / "train"
+    settings = DetectSettings()
+
+    def load_references(folder: Path, settings: DetectSettings) -> tuple[ReferenceSet, list[str]]:
+        faces, _, warns = load_character_references(folder, settings)
+        return faces, warns
+
+    def folders(name: str, moves: dict[str, str]) -> Path:
+        root = tmp_path / name
+        shutil.copytree(train, root)
+        for source, target in moves.items():
+            (root / target).mkdir(exist_ok=True)
+            shutil.move(root / source, root / target / Path(source).name)
+        return root
+
+    misplaced = folders("misplaced", {"biden/biden2.jpg": "obama"})
+    refs, warns = load_references(misplaced, settings)
+    assert [w for w in warns if "biden2.jpg" in w] == [
+        next(
+            w
+            for w in warns
+            if w.startswith(f"reference {misplaced / 'obama' / 'biden2.jpg'} looks like 'biden'")
+        )
+    ]
+    assert len(warns) == 1 and warns[0].endswith("move it to biden's folder if it is of them; left out")
+    assert str(misplaced / "obama" / "biden2.jpg") not in refs.files and refs.names.count("obama") == 1
+    split = folders("split", {"obama/obama2.jpg": "barack"})
+    refs, warns = load_references(split, settings)
+    assert len(warns) == 1 and warns[0].startswith("characters 'barack' and 'obama' look like one person")
+    assert "barack" in refs.names  # said, not refused: twins exist
+    doubled = folders("doubled", {})
+    with Image.open(train / "biden" / "biden.jpg") as photo:  # re-saved smaller: not the same bytes
+        photo.resize((photo.width * 3 // 4, photo.height * 3 // 4)).save(
+            doubled / "alex_lacamoire" / "biden_copy.jpg", quality=85
+        )
+    refs, warns = load_references(doubled, settings)
+    same = [w for w in warns if "one face cannot name two characters" in w]
+    assert len(same) == 2 and not {str(p) for p in refs.files} & {
+        str(doubled / "biden" / "biden.jpg"),
+        str(doubled / "alex_lacamoire" / "biden_copy.jpg"),
+    }
+    # The photos as given: nothing said (the test below names every face with them).
+    assert load_references(train, settings)[1] == []
 
 
 def test_knn_examples_every_known_face_named_and_none_wrong():
@@ -1617,12 +1684,12 @@ def test_a_portrait_with_its_background_removed_is_a_photo_of_a_face(tmp_path):
 
     from diffusion_bunny.stages.characters.references import load_character_references
 
-    rgba = np.asarray(Image.open(_examples() / "obama2.jpg").convert("RGBA")).copy()
-    rgba[:, :40, 3] = rgba[:, -40:, 3] = 0  # the background at both sides taken away
-    for name in ("barack", "only_cutout"):
+    # (two people: one face under two characters' names is left out of both)
+    for name, photo in (("barack", "obama2.jpg"), ("only_cutout", "biden.jpg")):
+        rgba = np.asarray(Image.open(_examples() / photo).convert("RGBA")).copy()
+        rgba[:, :40, 3] = rgba[:, -40:, 3] = 0  # the background at both sides taken away
         (tmp_path / "refs" / name).mkdir(parents=True)
         Image.fromarray(rgba).save(tmp_path / "refs" / name / "cutout.png")
-        rgba[:, 40, 3] = 0  # not one picture under two characters (that is left out)
     shutil.copy(_examples() / "obama.jpg", tmp_path / "refs" / "barack" / "photo.jpg")
     settings = DetectSettings.from_config(load_config(None, {}, use_local=False).characters)
     refs, pictures, warnings = load_character_references(tmp_path / "refs", settings)

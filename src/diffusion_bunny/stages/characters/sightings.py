@@ -46,6 +46,13 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
             f"{name!r} is no character of {run.run_dir} (its characters: "
             f"{', '.join(sorted(known)) or 'none'}); type one of those"
         )
+    if _human(run, name):
+        # A person's character is named by its face encodings: an empty strip said nothing.
+        raise UserError(
+            f"{name} is a person (named from face photos): likely sightings are the drawn-character "
+            "detector's; to find them, name a cluster of unknown faces, or add a still from the film "
+            "where the face looks toward the camera"
+        )
     # A fix follows its box, as stage 03 applies it (an id is a sighting's place in its frame,
     # which a refit can renumber), to the detections whether or not ``faces`` still shows them.
     targets = edit_targets(detections, read_appearance_edits(run.run_dir)).values()
@@ -66,6 +73,12 @@ def likely_sightings(run: Run, name: str, characters: CharactersSettings, most: 
         .head(most)
         .select(list(_SCHEMA))
     )
+
+
+def _human(run: Run, name: str) -> bool:
+    """Whether stage 03's last run took face photos of ``name`` (``facts.references_taken``)."""
+    taken = ((run.read_manifest("characters") or {}).get("facts") or {}).get("references_taken") or []
+    return any(row.get("character") == name and row.get("use") == "face" for row in taken)
 
 
 _SCHEMA = {

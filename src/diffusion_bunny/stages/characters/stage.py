@@ -82,6 +82,7 @@ from diffusion_bunny.stages.characters.identify import (
     frame_face_sharpness,
     frames_to_scan,
     label_faces,
+    trusted_faces,
 )
 from diffusion_bunny.stages.characters.references import (
     GREY,
@@ -1488,8 +1489,19 @@ def promote_cluster(
         written = promote_drawn(run.run_dir, members, frames, target, max_pictures=max_faces)
     else:
         settings = DetectSettings.from_config(cfg.characters)
+        # Only faces stage 03 would name by themselves: crops of small or turned ones were written
+        # as references (upscaled, as add_still refuses), named none of the cluster, and the
+        # naming said it had worked.
+        usable = members.filter(pl.Series(trusted_faces(members, cfg.characters)))
+        if usable.is_empty():
+            raise UserError(
+                f"the faces of {cluster} are too small or too turned for stage 03 to name by themselves "
+                f"(under characters.trust_min_px {cfg.characters.trust_min_px} px, or turned past "
+                f"trust_max_yaw): fix them one by one in notebook 03's fixer, or name a cluster of "
+                f"larger faces of {name}"
+            )
         written = promote_faces(
-            run.run_dir, members, frames, target, settings, max_faces=max_faces, already=already
+            run.run_dir, usable, frames, target, settings, max_faces=max_faces, already=already
         )
     if not written:
         if not existed:  # an empty folder made here was a character "with no pictures" in every run
