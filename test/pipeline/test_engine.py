@@ -839,13 +839,13 @@ def test_verbose_reaches_the_ray_workers_and_a_join_sends_the_token_ray_made(tmp
         with held_lines(False, verbose) as lines:
             said.info("a stage took 6.3 s")
         assert lines == (["a stage took 6.3 s"] if verbose else [])
-    try:
-        start_cli_log(1, tmp_path / "log")
-        assert terminal_verbose()
-        start_cli_log(0, tmp_path / "log")
-        assert not terminal_verbose()
-    finally:
-        stop_cli_log()
+    for verbosity in (1, 0):  # each started and stopped: a second start kept the first's file as "before"
+        try:
+            start_cli_log(verbosity, tmp_path / "log")
+            assert terminal_verbose() == (verbosity > 0)
+        finally:
+            stop_cli_log()
+    assert not terminal_verbose()
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.setenv(name, "")  # recorded by monkeypatch, so put back as it was after the test
