@@ -23,6 +23,7 @@ Transparent pixels are composited on neutral grey (:data:`GREY`), never read as 
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -716,36 +717,38 @@ def _across_characters(
     another character's and unlike its own character's others (:data:`LIKE_ANOTHER`,
     :data:`UNLIKE_OWN`) is left out of its folder; two characters whose pictures come within
     :data:`ONE_PERSON` are said (one man's photos in two folders split his faces between them)."""
-    everyone = [(name, path, enc) for name, rows in faces_of.items() for path, enc in rows]
+    everyone = [(name, path) for name, rows in faces_of.items() for path, _ in rows]
+    if not everyone:
+        return set()
+    encodings = np.stack([enc for rows in faces_of.values() for _, enc in rows])
+    apart = np.linalg.norm(encodings[:, None, :] - encodings[None, :, :], axis=2)  # every pair, once
+    names = np.array([name for name, _ in everyone])
     dropped: dict[Path, tuple[str, str]] = {}
-    for name, path, enc in everyone:
-        own = [float(np.linalg.norm(enc - e)) for n, p, e in everyone if n == name and p != path]
-        others = [(float(np.linalg.norm(enc - e)), n, p) for n, p, e in everyone if n != name]
-        if not others:
+    for i, (name, path) in enumerate(everyone):
+        own, others = (names == name), (names != name)
+        own[i] = False
+        if not others.any():
             continue
-        distance, other, theirs = min(others, key=lambda row: row[0])
+        j = int(np.flatnonzero(others)[np.argmin(apart[i, others])])
+        distance, (other, theirs) = float(apart[i, j]), everyone[j]
         if distance < CROP_DISTANCE:
             dropped[path] = (
                 name,
                 f"is the same face as {theirs} (of '{other}'): one face cannot name two characters",
             )
-        elif own and min(own) >= UNLIKE_OWN and distance < LIKE_ANOTHER:
+        elif own.any() and apart[i, own].min() >= UNLIKE_OWN and distance < LIKE_ANOTHER:
             dropped[path] = (
                 name,
                 f"looks like '{other}' ({distance:.2f} from {theirs.name}), unlike the other pictures of "
-                f"'{name}' ({min(own):.2f} or more apart): move it to {other}'s folder if it is of them",
+                f"'{name}' ({apart[i, own].min():.2f} or more apart): move it to {other}'s folder if it "
+                "is of them",
             )
     for path, (name, problem) in dropped.items():
         pictures.taken.append(Taken(path, name, "left out", "", None, problem))
         warnings.append(f"reference {path} {problem}; left out")
-    close: dict[tuple[str, str], float] = {}
-    kept = [row for row in everyone if row[1] not in dropped]
-    for i, (a, _, enc) in enumerate(kept):
-        for b, _, theirs in kept[i + 1 :]:
-            if a != b:
-                pair = (min(a, b), max(a, b))
-                close[pair] = min(close.get(pair, 1.0), float(np.linalg.norm(enc - theirs)))
-    for (a, b), distance in sorted(close.items()):
+    kept = np.array([path not in dropped for _, path in everyone])
+    for a, b in itertools.combinations(sorted(set(names[kept])), 2):
+        distance = float(apart[np.ix_(kept & (names == a), kept & (names == b))].min())
         if distance < ONE_PERSON and name_key(a) != name_key(b):  # one name spelt two ways: said
             warnings.append(
                 f"characters '{a}' and '{b}' look like one person (pictures {distance:.2f} apart; two "

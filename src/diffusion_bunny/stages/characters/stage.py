@@ -980,7 +980,7 @@ def undo_fix(run_dir: str | Path, face_id: str, cfg: RunConfig) -> pl.DataFrame:
             if not mine.any():
                 raise UserError(f"appearance {face_id} has no fix to undo (fixes show in notebook 03)")
             tables["appearance_edits"] = edits.filter(~mine)
-            _put_back(run, face_id, cfg.characters)
+        _put_back(run, face_id, cfg.characters)  # once the fixes' removal is saved
         return run_stage(Pipeline((STAGE,)), run, "characters", cfg, progress=False)["faces"]
 
 
@@ -1037,12 +1037,11 @@ def _unpromote(picture: Path | None, run_dir: Path) -> None:
             shutil.move(picture, kept)  # the reference folder may be on another drive
 
 
-def _put_back(run: Run, face_id: str, characters: CharactersSettings) -> list[Path]:
+def _put_back(run: Run, face_id: str, characters: CharactersSettings) -> None:
     """The reference pictures :func:`_unpromote` set aside for appearance ``face_id``, moved back
-    where they came from; returns where they went. One still showing that face only (a later run
-    may have given its id to another face). One whose folder is gone, or holds a file of that
-    name, stays set aside, said in one warning."""
-    back = []
+    where they came from. One still showing that face only (a later run may have given its id to
+    another face). One whose folder is gone, or holds a file of that name, stays set aside, said
+    in one warning."""
     for kept in sorted((run.run_dir / SET_ASIDE).glob(f"*/{face_id}.png")):
         try:
             home = Path(json.loads(kept.with_suffix(".json").read_text())["from"])
@@ -1061,8 +1060,6 @@ def _put_back(run: Run, face_id: str, characters: CharactersSettings) -> list[Pa
         with contextlib.suppress(OSError):  # a read-only folder: the undo itself still holds
             shutil.move(kept, home)
             kept.with_suffix(".json").unlink(missing_ok=True)
-            back.append(home)
-    return back
 
 
 def anchor_old_fixes(run: Run) -> None:

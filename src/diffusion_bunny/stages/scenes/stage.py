@@ -283,7 +283,7 @@ def _fresh_clusters(
     labels = [mapping.get(label, NOISE) for label in result.labels]
     # Two clusters may share an id (a place a person merged into another): each keeps its exemplar.
     exemplars = _exemplar_rows(
-        [(mapping[c], f, result.exemplar_vectors[c]) for c, f in result.exemplars.items()],
+        [(mapping[c], f, v) for c, f, v in _triples(result)],
         movie_id,
         embedder_name,
         space,
